@@ -1,0 +1,452 @@
+"""Load a gpt-oss checkpoint: find it, read its config, map its tensors, check them, load lazily.
+
+Three layouts are understood (gpt-oss.md 2.1, 2.2):
+- ``hf``: the published Hugging Face layout, ``model.layers.N.mlp.experts.*_blocks``/``*_scales``;
+- ``original``: OpenAI's ``original/`` layout, ``block.N.attn.qkv``, ``mlp1_weight.blocks``, ...;
+- ``mlx``: mlx-lm conversions, split ``gate_proj``/``up_proj`` experts and affine-quantized
+  dense layers (``.scales``/``.biases``).
+
+The MXFP4 bytes of both OpenAI layouts are already MLX's ``mxfp4`` layout: a block tensor
+[E, out, in/32, 16] of uint8 is viewed as [E, out, in/8] uint32, no copy and no dequantization.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ConfigError, ModelConfig
+from .model import Model
+from .tokenizer import HarmonyEncoding, load_tokenizer
+
+DEFAULT_MODEL = "openai/gpt-oss-20b"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken"]
+HUB_IGNORE = ["original/*", "metal/*"]
+
+_SAFETENSORS_DTYPES = {
+    "BOOL": mx.bool_, "U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I16": mx.int16,
+    "U32": mx.uint32, "I32": mx.int32, "U64": mx.uint64, "I64": mx.int64,
+    "F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, corrupt, or not gpt-oss."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+# --------------------------------------------------------------------------- finding files
+def resolve_checkpoint(path_or_repo: str | os.PathLike | None) -> Path:
+    """A local directory as is; otherwise a Hugging Face repo id, downloaded or from the cache."""
+    source = str(path_or_repo or DEFAULT_MODEL)
+    local = Path(source).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise CheckpointError(f"{local}: expected a checkpoint directory, found a file")
+        return local
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or source.startswith((".", "/", "~")):
+        raise CheckpointError(f"{source}: no such directory (and not a Hugging Face repo id)")
+    return _download(source)
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+        )
+    except ImportError as e:  # pragma: no cover - a dependency
+        raise CheckpointError(f"huggingface-hub is needed to download {repo_id}: {e}") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        # Progress bars and resuming come from huggingface-hub; the cache is reused.
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS,
+                                      ignore_patterns=HUB_IGNORE, local_files_only=offline))
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{repo_id}: no such model on the Hugging Face Hub") from None
+    except GatedRepoError:
+        raise CheckpointError(f"{repo_id}: gated; log in with `hf auth login` first") from None
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        raise CheckpointError(
+            f"{repo_id} is not in the local Hugging Face cache and {why}. Download it on a "
+            f"connected machine (`hf download {repo_id} --exclude 'original/*' 'metal/*'`) or "
+            "pass a local checkpoint directory."
+        ) from None
+    except OSError as e:
+        raise CheckpointError(f"{repo_id}: download failed ({e}); run again to resume") from None
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Tensor names, dtypes and shapes of one file, checked against the file's size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(size - 8, 100 * 2**20):
+                raise CheckpointError(f"{path}: corrupt safetensors header (length {header_len})")
+            header = json.loads(f.read(header_len))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing checkpoint file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_size = size - 8 - header_len
+    infos = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors entry for {name}") from None
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        if not 0 <= begin <= end <= data_size:
+            raise CheckpointError(
+                f"{path}: tensor {name} lies outside the file (bytes {begin}..{end} of "
+                f"{data_size}); the file is truncated or corrupt"
+            )
+        infos[name] = TensorInfo(path, dtype, shape)
+    return infos
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        files = sorted({directory / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{f}: missing checkpoint file (listed in {index.name})")
+        return files
+    return sorted(directory.glob("*.safetensors"))
+
+
+def find_layout(directory: Path) -> tuple[str, Path]:
+    """(layout, directory holding its config.json and weights)."""
+    for candidate in (directory, directory / "original"):
+        files = _weight_files(candidate) if candidate.is_dir() else []
+        if not files:
+            continue
+        if not (candidate / "config.json").exists():
+            raise CheckpointError(f"{candidate}: safetensors found but no config.json")
+        names = set()
+        for f in files[:1]:
+            names |= read_safetensors_header(f).keys()
+        all_names = " ".join(names)
+        if "block." in all_names or "embedding.weight" in names:
+            return "original", candidate
+        if "_blocks" in all_names:
+            return "hf", candidate
+        config = json.loads((candidate / "config.json").read_text())
+        if "quantization" in config or ".experts.gate_proj." in all_names:
+            return "mlx", candidate
+        return "hf", candidate
+    raise CheckpointError(f"{directory}: no *.safetensors weights found")
+
+
+# --------------------------------------------------------------------------- name mapping
+_ORIGINAL_RENAMES = [
+    (r"^embedding\.weight$", "embed_tokens.weight"),
+    (r"^unembedding\.weight$", "lm_head.weight"),
+    (r"^norm\.scale$", "norm.weight"),
+    (r"^block\.(\d+)\.attn\.norm\.scale$", r"layers.\1.input_layernorm.weight"),
+    (r"^block\.(\d+)\.attn\.sinks$", r"layers.\1.self_attn.sinks"),
+    (r"^block\.(\d+)\.attn\.out\.(weight|bias)$", r"layers.\1.self_attn.o_proj.\2"),
+    (r"^block\.(\d+)\.mlp\.norm\.scale$", r"layers.\1.post_attention_layernorm.weight"),
+    (r"^block\.(\d+)\.mlp\.gate\.(weight|bias)$", r"layers.\1.mlp.router.\2"),
+    (r"^block\.(\d+)\.mlp\.mlp1_weight\.blocks$", r"layers.\1.mlp.experts.gate_up_proj.weight"),
+    (r"^block\.(\d+)\.mlp\.mlp1_weight\.scales$", r"layers.\1.mlp.experts.gate_up_proj.scales"),
+    (r"^block\.(\d+)\.mlp\.mlp1_bias$", r"layers.\1.mlp.experts.gate_up_proj.bias"),
+    (r"^block\.(\d+)\.mlp\.mlp2_weight\.blocks$", r"layers.\1.mlp.experts.down_proj.weight"),
+    (r"^block\.(\d+)\.mlp\.mlp2_weight\.scales$", r"layers.\1.mlp.experts.down_proj.scales"),
+    (r"^block\.(\d+)\.mlp\.mlp2_bias$", r"layers.\1.mlp.experts.down_proj.bias"),
+]
+
+
+def _rename_hf(name: str) -> str:
+    name = re.sub(r"^model\.", "", name)
+    name = re.sub(r"experts\.(gate_up_proj|down_proj)_blocks$", r"experts.\1.weight", name)
+    name = re.sub(r"experts\.(gate_up_proj|down_proj)_scales$", r"experts.\1.scales", name)
+    return re.sub(r"experts\.(gate_up_proj|down_proj)_bias$", r"experts.\1.bias", name)
+
+
+def _rename_original(name: str) -> str | None:
+    for pattern, replacement in _ORIGINAL_RENAMES:
+        if re.match(pattern, name):
+            return re.sub(pattern, replacement, name)
+    return None  # block.N.attn.qkv.* is split separately
+
+
+def _is_packed_blocks(name: str, info: TensorInfo) -> bool:
+    return info.dtype == "U8" and len(info.shape) == 4 and name.endswith(("_blocks", ".blocks"))
+
+
+def map_tensors(layout: str, infos: dict[str, TensorInfo], config: ModelConfig):
+    """Plan: our parameter name -> (expected source shape, a function of the loaded arrays).
+
+    Returns (plan, origin) where origin names the checkpoint tensor(s) behind each parameter,
+    so errors can say which tensor in which file is wrong.
+    """
+    plan, origin = {}, {}
+
+    def add(ours, theirs, fn=None):
+        plan[ours] = (theirs, fn)
+        origin[ours] = theirs
+
+    for name, info in infos.items():
+        if layout == "hf" or layout == "mlx":
+            ours = _rename_hf(name)
+        else:
+            ours = _rename_original(name)
+            if ours is None:
+                m = re.match(r"^block\.(\d+)\.attn\.qkv\.(weight|bias)$", name)
+                if not m:
+                    raise CheckpointError(f"{info.file}: unexpected tensor {name}")
+                layer, kind = m.groups()
+                q = config.num_attention_heads * config.head_dim
+                kv = config.num_key_value_heads * config.head_dim
+                bounds = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
+                for proj, (a, b) in bounds.items():
+                    add(f"layers.{layer}.self_attn.{proj}.{kind}", name,
+                        lambda t, a=a, b=b: t[a:b])
+                continue
+        if _is_packed_blocks(name, info):
+            # [E, out, in/32, 16] uint8 -> MLX mxfp4 [E, out, in/8] uint32, a free view
+            add(ours, name, lambda t: t.view(mx.uint32).flatten(-2))
+        else:
+            add(ours, name)
+
+    if layout == "mlx":
+        _interleave_split_experts(plan, origin)
+    return plan, origin
+
+
+def _interleave_split_experts(plan, origin):
+    """mlx-lm splits gate_up rows into gate_proj (even) and up_proj (odd); put them back."""
+    for name in [n for n in plan if ".experts.gate_proj." in n]:
+        up_name = name.replace(".gate_proj.", ".up_proj.")
+        if up_name not in plan:
+            raise CheckpointError(f"tensor {origin[name]} has no matching up_proj tensor")
+        gate_src, up_src = plan.pop(name), plan.pop(up_name)
+        target = name.replace(".gate_proj.", ".gate_up_proj.")
+        plan[target] = ((gate_src, up_src), "interleave")
+        origin[target] = f"{origin.pop(name)} + {origin.pop(up_name)}"
+
+
+# --------------------------------------------------------------------------- building the model
+def _dense_quantization(infos_by_param: dict[str, tuple], config: ModelConfig) -> dict:
+    """Per module path: (group_size, bits, mode) of affine/fp-quantized dense layers (mlx layout)."""
+    quant = config.quantization or {}
+    out = {}
+    for name, (shape_w, shape_s, has_biases) in infos_by_param.items():
+        path = name[: -len(".weight")]
+        in_dims = config.hidden_size if not path.endswith("o_proj") else (
+            config.num_attention_heads * config.head_dim)
+        bits = shape_w[-1] * 32 // in_dims
+        group_size = in_dims // shape_s[-1]
+        override = quant.get(f"model.{path}") or quant.get(path) or {}
+        mode = override.get("mode", quant.get("mode", "affine" if has_biases else "mxfp4"))
+        out[path] = {"group_size": group_size, "bits": bits, "mode": mode}
+    return out
+
+
+def _expert_quantization(infos: dict[str, TensorInfo], layout: str, config: ModelConfig) -> dict:
+    if layout != "mlx":
+        return {}
+    for name, info in infos.items():
+        if ".experts.gate_proj.weight" in name or ".experts.down_proj.weight" in name:
+            in_dims = config.hidden_size if "gate_proj" in name else config.intermediate_size
+            scales = infos.get(name.replace(".weight", ".scales"))
+            if scales is None:
+                raise CheckpointError(f"{info.file}: {name} has no .scales tensor")
+            has_biases = name.replace(".weight", ".biases") in infos
+            bits = info.shape[-1] * 32 // in_dims
+            group_size = in_dims // scales.shape[-1]
+            mode = "affine" if has_biases else "mxfp4"
+            return {"mode": mode, "group_size": group_size, "bits": bits}
+    return {}
+
+
+def build_model(config: ModelConfig, infos: dict[str, TensorInfo] | None = None,
+                layout: str = "hf") -> Model:
+    infos = infos or {}
+    model = Model(config, **_expert_quantization(infos, layout, config))
+    if layout == "mlx":
+        dense = {}
+        for name, info in infos.items():
+            ours = _rename_hf(name)
+            if ours.endswith(".weight") and ".experts." not in ours:
+                scales = infos.get(name.replace(".weight", ".scales"))
+                if scales is not None:
+                    has_biases = name.replace(".weight", ".biases") in infos
+                    dense[ours] = (info.shape, scales.shape, has_biases)
+        if dense:
+            params = _dense_quantization(dense, config)
+            nn.quantize(model, class_predicate=lambda path, m: params.get(path, False))
+    return model
+
+
+def _check_against_model(model: Model, plan, infos, origin) -> None:
+    expected = dict(nn.utils.tree_flatten(model.parameters()))
+    # Derived shapes of a plan entry, without loading anything.
+    for ours in plan:
+        if ours not in expected:
+            src = origin[ours].split(" + ")[0]
+            raise CheckpointError(f"{infos[src].file}: unexpected tensor {src}")
+    for ours, param in expected.items():
+        if ours not in plan:
+            raise CheckpointError(f"checkpoint is missing the tensor for {ours}")
+        source, fn = plan[ours]
+        shape = _planned_shape(source, fn, infos)
+        if tuple(shape) != tuple(param.shape):
+            src = origin[ours]
+            file = infos[src.split(" + ")[0]].file
+            raise CheckpointError(
+                f"{file}: tensor {src} has shape {list(shape)} but a {list(param.shape)} "
+                f"tensor is needed for {ours} by this config"
+            )
+
+
+def _planned_shape(source, fn, infos) -> tuple[int, ...]:
+    if fn == "interleave":
+        g = infos[source[0][0]].shape
+        return (g[0], 2 * g[1], *g[2:])
+    shape = infos[source].shape
+    if fn is None:
+        return shape
+    return fn(mx.zeros(shape, dtype=_SAFETENSORS_DTYPES[infos[source].dtype])).shape
+
+
+def _materialize(plan, arrays):
+    """The loaded (still lazy) arrays for each of our parameter names."""
+    out = {}
+    for ours, (source, fn) in plan.items():
+        if fn == "interleave":
+            gate, up = arrays[source[0][0]], arrays[source[1][0]]
+            out[ours] = mx.stack([gate, up], axis=2).reshape(
+                gate.shape[0], 2 * gate.shape[1], *gate.shape[2:])
+        elif fn is None:
+            out[ours] = arrays[source]
+        else:
+            out[ours] = fn(arrays[source])
+    return out
+
+
+def _cast(name: str, array: mx.array, dtype: mx.Dtype) -> mx.array:
+    if not mx.issubdtype(array.dtype, mx.floating):
+        return array  # packed weights, uint8 scales
+    if name.endswith("layernorm.weight") or name == "norm.weight":
+        return array.astype(mx.float32)  # RMSNorm gains stay float32 (the reference keeps them so)
+    if name.endswith(".scales") or name.endswith(".biases"):
+        return array  # affine quantization parameters keep the dtype they were made in
+    return array.astype(dtype)
+
+
+def load_model(directory: Path, dtype: mx.Dtype = mx.bfloat16) -> Model:
+    layout, weights_dir = find_layout(directory)
+    config = ModelConfig.from_file(weights_dir / "config.json")
+    config = _merge_generation_config(config, directory)
+    infos: dict[str, TensorInfo] = {}
+    for f in _weight_files(weights_dir):
+        for name, info in read_safetensors_header(f).items():
+            if name in infos:
+                raise CheckpointError(f"{f}: tensor {name} also appears in {infos[name].file}")
+            infos[name] = info
+    plan, origin = map_tensors(layout, infos, config)
+    model = build_model(config, infos, layout)
+    _check_against_model(model, plan, infos, origin)
+
+    arrays = {}
+    for f in sorted({info.file for info in infos.values()}):
+        try:
+            arrays.update(mx.load(str(f)))  # lazy: read when evaluated
+        except Exception as e:  # noqa: BLE001 - MLX raises plain exceptions for bad files
+            raise CheckpointError(f"{f}: cannot read safetensors ({e})") from None
+    weights = {k: _cast(k, v, dtype) for k, v in _materialize(plan, arrays).items()}
+    model.load_weights(list(weights.items()), strict=True)
+    del arrays, weights
+    # Evaluate one layer at a time so the peak stays close to the final size.
+    try:
+        mx.eval(model.embed_tokens.parameters())
+        for layer in model.layers:
+            mx.eval(layer.parameters())
+        mx.eval(model.norm.parameters(), model.lm_head.parameters())
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{weights_dir}: reading the weights failed ({e})") from None
+    model.eval()
+    return model
+
+
+def _merge_generation_config(config: ModelConfig, directory: Path) -> ModelConfig:
+    path = directory / "generation_config.json"
+    if not path.exists():
+        return config
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if eos is None:
+        return config
+    eos = [eos] if isinstance(eos, int) else list(eos)
+    return config.replace(eos_token_ids=tuple(dict.fromkeys(list(config.eos_token_ids) + eos)))
+
+
+def _parse_dtype(dtype) -> mx.Dtype:
+    if dtype is None:
+        return mx.bfloat16
+    if isinstance(dtype, str):
+        names = {"bfloat16": mx.bfloat16, "bf16": mx.bfloat16, "float32": mx.float32,
+                 "fp32": mx.float32, "float16": mx.float16, "fp16": mx.float16}
+        if dtype not in names:
+            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
+        return names[dtype]
+    if dtype not in (mx.bfloat16, mx.float32, mx.float16):
+        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+    return dtype
+
+
+def load(path_or_repo: str | os.PathLike | None = None, dtype=None,
+         ) -> tuple[Model, HarmonyEncoding]:
+    """Load a gpt-oss checkpoint and its tokenizer.
+
+    ``path_or_repo``: a local directory (Hugging Face, ``original/`` or mlx-lm layout) or a
+    Hugging Face repo id (default ``openai/gpt-oss-20b``). ``dtype``: bfloat16 (default) or
+    float32 for the non-expert weights and activations; experts stay MXFP4.
+    """
+    dtype = _parse_dtype(dtype)
+    directory = resolve_checkpoint(path_or_repo)
+    model = load_model(directory, dtype)
+    return model, _checkpoint_tokenizer(directory)
+
+
+def _checkpoint_tokenizer(directory: Path) -> HarmonyEncoding:
+    """The checkpoint's own tokenizer files (an ``original/`` directory's are one level up),
+    else o200k_base.tiktoken from the environment or tiktoken's cache."""
+    names = ("tokenizer.json", "o200k_base.tiktoken")
+    candidates = [directory] + ([directory.parent] if directory.name == "original" else [])
+    for candidate in candidates:
+        if any((candidate / n).exists() for n in names):
+            return load_tokenizer(candidate)
+    return load_tokenizer()

@@ -1,0 +1,237 @@
+"""gpt-oss in MLX, following OpenAI's reference (gpt_oss/torch/model.py; gpt-oss.md section 1).
+
+    x = embed_tokens[tokens]
+    for each block:  x = x + attention(rmsnorm(x));  x = x + moe(rmsnorm(x))
+    logits = lm_head(rmsnorm(x))
+
+Module names follow the Hugging Face checkpoint (q_proj, self_attn.sinks, mlp.router, ...), so
+its tensors load with few renames. The experts stay packed in MXFP4 and run through MLX's
+``gather_qmm``; they are never dequantized.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache, RotatingKVCache
+from .config import ModelConfig, yarn_parameters
+
+SWIGLU_ALPHA = 1.702
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in float32 with a plain gain (no 1 + w, no bias); the weight stays float32."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,), dtype=mx.float32)
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x.astype(mx.float32), self.weight, self.eps).astype(x.dtype)
+
+
+class YarnRoPE(nn.Module):
+    """Half-split (NeoX) RoPE with YaRN frequencies.
+
+    The YaRN concentration multiplies both cos and sin, so it scales every q.k by
+    concentration**2; the attention folds that into its softmax scale instead of scaling here.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        inv_freq, self.concentration = yarn_parameters(config)
+        self.dims = config.head_dim
+        self._periods = mx.array([1.0 / f for f in inv_freq], dtype=mx.float32)
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        return mx.fast.rope(
+            x, self.dims, traditional=False, base=None, scale=1.0, offset=offset,
+            freqs=self._periods,
+        )
+
+
+def attention_mask(offset: int, num_queries: int, num_keys: int, window: int | None):
+    """Mask for queries at positions offset .. offset+L-1 over keys that end at the last query.
+
+    A key at position k is visible from query position q when k <= q and, on sliding layers,
+    q - window < k (exactly ``window`` keys, the query's own included). Returns None when every
+    key is visible, "causal" when plain causality is enough, else a boolean (L, K) array.
+    """
+    L, K = num_queries, num_keys
+    if L == 1 and (window is None or K <= window):
+        return None
+    oldest_key = offset + L - K
+    if window is None or (offset + L - 1) - oldest_key < window:
+        return "causal"
+    q = mx.arange(offset, offset + L)[:, None]
+    k = mx.arange(oldest_key, offset + L)[None, :]
+    return (k <= q) & (k > q - window)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, sliding: bool):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.window = config.sliding_window if sliding else None
+        d_model, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(d_model, self.num_heads * d, bias=True)
+        self.k_proj = nn.Linear(d_model, self.num_kv_heads * d, bias=True)
+        self.v_proj = nn.Linear(d_model, self.num_kv_heads * d, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * d, d_model, bias=True)
+        self.sinks = mx.zeros((self.num_heads,))  # one learned logit per query head
+        self.rope = YarnRoPE(config)
+        self.scale = self.rope.concentration**2 / math.sqrt(d)
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        offset = cache.offset if cache is not None else 0
+        # (B, heads, L, head_dim); query head h reads KV head h // (heads / kv_heads).
+        q = self.q_proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = self.rope(q, offset)
+        k = self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        mask = attention_mask(offset, L, k.shape[2], self.window)
+        # Sinks: an extra softmax column per head that takes weight but adds no value.
+        out = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=self.scale, mask=mask, sinks=self.sinks.astype(q.dtype)
+        )
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class SwitchLinear(nn.Module):
+    """``num_experts`` quantized linears [out, in] applied to each token's chosen experts.
+
+    MXFP4 (the checkpoints): weight uint32 [E, out, in/8], scales uint8 [E, out, in/32].
+    An mlx-lm affine conversion also has ``biases`` (the quantization zero points).
+    ``bias`` [E, out] is the layer's own additive bias.
+    """
+
+    def __init__(self, in_dims: int, out_dims: int, num_experts: int,
+                 mode: str = "mxfp4", group_size: int = 32, bits: int = 4):
+        super().__init__()
+        self.mode, self.group_size, self.bits = mode, group_size, bits
+        per_word = 32 // bits
+        self.weight = mx.zeros((num_experts, out_dims, in_dims // per_word), dtype=mx.uint32)
+        self.scales = mx.zeros((num_experts, out_dims, in_dims // group_size), dtype=mx.uint8)
+        if mode == "affine":
+            self.scales = self.scales.astype(mx.float16)
+            self.biases = mx.zeros_like(self.scales)
+        self.bias = mx.zeros((num_experts, out_dims))
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        y = mx.gather_qmm(
+            x, self.weight, self.scales, self.get("biases"), rhs_indices=indices,
+            transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
+            sorted_indices=sorted_indices,
+        )
+        return y + mx.expand_dims(self.bias[indices], -2)
+
+
+def swiglu(x_glu: mx.array, x_linear: mx.array, limit: float) -> mx.array:
+    """gpt-oss's clamped SwiGLU: gate clamped above only, linear part clamped and shifted by +1."""
+    x_glu = mx.minimum(x_glu, limit)
+    x_linear = mx.clip(x_linear, -limit, limit)
+    return x_glu * mx.sigmoid(SWIGLU_ALPHA * x_glu) * (x_linear + 1)
+
+
+class Experts(nn.Module):
+    def __init__(self, config: ModelConfig, mode="mxfp4", group_size=32, bits=4):
+        super().__init__()
+        D, I, E = config.hidden_size, config.intermediate_size, config.num_local_experts
+        self.swiglu_limit = config.swiglu_limit
+        # gate_up_proj rows are interleaved: even rows are the gate, odd rows the linear part.
+        self.gate_up_proj = SwitchLinear(D, 2 * I, E, mode, group_size, bits)
+        self.down_proj = SwitchLinear(I, D, E, mode, group_size, bits)
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        """x (T, D), indices (T, k) -> each chosen expert's output (T, k, D)."""
+        x = mx.expand_dims(x, (-2, -3))  # (T, 1, 1, D)
+        # Many tokens: group rows by expert so each expert's weights are read once.
+        do_sort = indices.size >= 64
+        if do_sort:
+            order = mx.argsort(indices.flatten())
+            inverse = mx.argsort(order)
+            x = x.flatten(0, -3)[order // indices.shape[-1]]  # (T*k, 1, D)
+            idx = indices.flatten()[order]
+        else:
+            idx = indices
+        h = self.gate_up_proj(x, idx, sorted_indices=do_sort)  # (..., 1, 2I)
+        h = swiglu(h[..., ::2], h[..., 1::2], self.swiglu_limit)
+        y = self.down_proj(h, idx, sorted_indices=do_sort)  # (..., 1, D)
+        if do_sort:
+            y = y[inverse].reshape(*indices.shape, 1, -1)
+        return y.squeeze(-2)
+
+
+class MLP(nn.Module):
+    """The mixture of experts: route each token to its top-k experts, then mix their outputs."""
+
+    def __init__(self, config: ModelConfig, **expert_quantization):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=True)
+        self.experts = Experts(config, **expert_quantization)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (T, D)
+        logits = self.router(x)
+        # top-k first, then softmax over the k chosen logits only (not over all experts).
+        indices = mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[:, : self.top_k]
+        chosen = mx.take_along_axis(logits, indices, axis=-1)
+        weights = mx.softmax(chosen.astype(mx.float32), axis=-1)  # (T, k)
+        y = self.experts(x, mx.stop_gradient(indices))  # (T, k, D)
+        y = (y * mx.expand_dims(weights, -1)).sum(axis=-2)
+        return y.astype(x.dtype).reshape(shape)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, sliding: bool, **expert_quantization):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, sliding)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config, **expert_quantization)
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        x = x + self.self_attn(self.input_layernorm(x), cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig, **expert_quantization):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [
+            TransformerBlock(config, sliding, **expert_quantization)
+            for sliding in config.sliding_layers
+        ]
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        """inputs (B, L) token ids -> logits (B, L, vocab). With a cache, positions continue
+        from ``cache[0].offset`` and the cache is updated in place."""
+        if cache is None:
+            cache = [None] * len(self.layers)
+        x = self.embed_tokens(inputs)
+        for layer, layer_cache in zip(self.layers, cache):
+            x = layer(x, layer_cache)
+        return self.lm_head(self.norm(x))
+
+    def make_cache(self) -> list:
+        """One cache per layer: a 128-slot ring buffer on sliding layers, a growing one on full."""
+        return [
+            RotatingKVCache(self.config.sliding_window) if sliding else KVCache()
+            for sliding in self.config.sliding_layers
+        ]

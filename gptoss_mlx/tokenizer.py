@@ -1,0 +1,212 @@
+"""The o200k_harmony tokenizer as a tiktoken ``Encoding``.
+
+o200k_harmony = the o200k_base BPE ranks (ids 0..199997) + the harmony special tokens at
+199998..200012 + ``<|reserved_N|>`` padding up to the 201088-row vocabulary (gpt-oss.md 4.1, 4.8).
+The special ids below are the single source of truth for the whole package.
+
+Sources, in order: a checkpoint's ``tokenizer.json`` (byte-level BPE vocabulary), or an
+``o200k_base.tiktoken`` file given explicitly, through ``$GPTOSS_MLX_TIKTOKEN_FILE``, in
+``$TIKTOKEN_ENCODINGS_BASE`` (the variable openai-harmony reads), or in tiktoken's own cache.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import tiktoken
+
+# Harmony special tokens (gpt-oss.md 4.1).
+SPECIAL_TOKENS: dict[str, int] = {
+    "<|startoftext|>": 199998,
+    "<|endoftext|>": 199999,
+    "<|return|>": 200002,
+    "<|constrain|>": 200003,
+    "<|channel|>": 200005,
+    "<|start|>": 200006,
+    "<|end|>": 200007,
+    "<|message|>": 200008,
+    "<|call|>": 200012,
+}
+NUM_BPE_TOKENS = 199998
+VOCAB_SIZE = 201088
+
+# The o200k regex (identical for o200k_base and o200k_harmony).
+O200K_PATTERN = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
+O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
+TIKTOKEN_FILE_ENV = "GPTOSS_MLX_TIKTOKEN_FILE"
+
+
+class TokenizerError(ValueError):
+    """No usable tokenizer vocabulary."""
+
+
+def harmony_special_tokens() -> dict[str, int]:
+    """All 1090 special tokens: the harmony ones plus ``<|reserved_N|>`` for every other id."""
+    named = set(SPECIAL_TOKENS.values())
+    specials = dict(SPECIAL_TOKENS)
+    for i in range(NUM_BPE_TOKENS, VOCAB_SIZE):
+        if i not in named:
+            specials[f"<|reserved_{i}|>"] = i
+    return specials
+
+
+class HarmonyEncoding(tiktoken.Encoding):
+    """o200k_harmony. ``encode`` treats all text as ordinary text: a user who types ``<|start|>``
+    gets the BPE tokens for those characters, never the control token (gpt-oss.md 7.11).
+    Use :meth:`special` or ``allowed_special`` to produce control tokens on purpose."""
+
+    def encode(self, text, *, allowed_special=frozenset(), disallowed_special=()):  # noqa: D401
+        return super().encode(
+            text, allowed_special=allowed_special, disallowed_special=disallowed_special
+        )
+
+    def special(self, name: str) -> int:
+        """Id of a special token, by name with or without the ``<|...|>`` brackets."""
+        key = name if name.startswith("<|") else f"<|{name}|>"
+        try:
+            return self._special_tokens[key]
+        except KeyError:
+            raise KeyError(f"no special token {key} in o200k_harmony") from None
+
+
+def _make_encoding(ranks: dict[bytes, int], pattern: str = O200K_PATTERN) -> HarmonyEncoding:
+    if len(ranks) != NUM_BPE_TOKENS:
+        raise TokenizerError(f"expected {NUM_BPE_TOKENS} BPE ranks, found {len(ranks)}")
+    return HarmonyEncoding(
+        name="o200k_harmony",
+        pat_str=pattern,
+        mergeable_ranks=ranks,
+        special_tokens=harmony_special_tokens(),
+        explicit_n_vocab=VOCAB_SIZE,
+    )
+
+
+@lru_cache(maxsize=None)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: the printable stand-in character of each byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def ranks_from_tokenizer_json(path: str | Path) -> tuple[dict[bytes, int], str]:
+    """BPE ranks and the split regex from a Hugging Face ``tokenizer.json`` (optionally .gz)."""
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            data = json.load(f)
+        vocab = data["model"]["vocab"]
+    except FileNotFoundError:
+        raise TokenizerError(f"{path}: no such file") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TokenizerError(f"{path}: not a readable tokenizer.json ({e})") from None
+    decoder = _byte_decoder()
+    ranks: dict[bytes, int] = {}
+    for token, rank in vocab.items():
+        if rank >= NUM_BPE_TOKENS:
+            continue
+        try:
+            ranks[bytes(decoder[ch] for ch in token)] = rank
+        except KeyError:
+            raise TokenizerError(f"{path}: token {token!r} is not byte-level BPE") from None
+    for added in data.get("added_tokens", []):
+        expected = harmony_special_tokens().get(added.get("content"))
+        if added.get("id") in SPECIAL_TOKENS.values() and expected != added.get("id"):
+            raise TokenizerError(
+                f"{path}: special token {added.get('content')!r} has id {added.get('id')}, "
+                "which does not match o200k_harmony"
+            )
+    pattern = O200K_PATTERN
+    for pre in (data.get("pre_tokenizer") or {}).get("pretokenizers", []):
+        regex = (pre.get("pattern") or {}).get("Regex")
+        if pre.get("type") == "Split" and regex:
+            pattern = regex
+    return ranks, pattern
+
+
+def ranks_from_tiktoken_file(path: str | Path, check_hash: bool = True) -> dict[bytes, int]:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TokenizerError(f"{path}: no such file") from None
+    if check_hash and hashlib.sha256(data).hexdigest() != O200K_SHA256:
+        raise TokenizerError(
+            f"{path}: sha256 does not match o200k_base ({O200K_SHA256[:12]}...); "
+            "the file is corrupt or a different vocabulary"
+        )
+    ranks = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _tiktoken_cache_candidates() -> list[Path]:
+    """Where o200k_base.tiktoken may already be on disk, without any network access."""
+    out = []
+    if os.environ.get(TIKTOKEN_FILE_ENV):
+        out.append(Path(os.environ[TIKTOKEN_FILE_ENV]))
+    if os.environ.get("TIKTOKEN_ENCODINGS_BASE"):
+        out.append(Path(os.environ["TIKTOKEN_ENCODINGS_BASE"]) / "o200k_base.tiktoken")
+    cache_key = hashlib.sha1(O200K_URL.encode()).hexdigest()
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if os.environ.get(var):
+            out.append(Path(os.environ[var]) / cache_key)
+    out.append(Path(tempfile.gettempdir()) / "data-gym-cache" / cache_key)
+    return out
+
+
+def load_tokenizer(path: str | Path | None = None) -> HarmonyEncoding:
+    """o200k_harmony from a checkpoint directory, a tokenizer.json, or an o200k_base.tiktoken.
+
+    With no path, look in ``$GPTOSS_MLX_TIKTOKEN_FILE``, ``$TIKTOKEN_ENCODINGS_BASE`` and
+    tiktoken's cache.
+    """
+    if path is not None:
+        path = Path(path)
+        if path.is_dir():
+            for name in ("tokenizer.json", "tokenizer.json.gz", "o200k_base.tiktoken"):
+                if (path / name).exists():
+                    return load_tokenizer(path / name)
+            raise TokenizerError(
+                f"{path}: no tokenizer.json or o200k_base.tiktoken in this directory"
+            )
+        if path.name.endswith((".json", ".json.gz")):
+            ranks, pattern = ranks_from_tokenizer_json(path)
+            return _make_encoding(ranks, pattern)
+        return _make_encoding(ranks_from_tiktoken_file(path))
+    for candidate in _tiktoken_cache_candidates():
+        if candidate.exists():
+            return _make_encoding(ranks_from_tiktoken_file(candidate))
+    raise TokenizerError(
+        "no o200k_base vocabulary found: pass a checkpoint with tokenizer.json, or set "
+        f"{TIKTOKEN_FILE_ENV} to an o200k_base.tiktoken file (sha256 {O200K_SHA256[:12]}...)"
+    )

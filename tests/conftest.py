@@ -1,0 +1,54 @@
+"""Shared fixtures: small random checkpoints in the published layouts, and the real tokenizer
+files from ../shared/data when they are there."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import make_tiny_checkpoint as mtc  # noqa: E402
+
+SHARED_DATA = Path(os.environ.get("GPTOSS_MLX_SHARED", ROOT.parent / "shared")) / "data"
+TOKENIZER_JSON = SHARED_DATA / "gpt-oss-tokenizer.json.gz"
+TIKTOKEN_FILE = SHARED_DATA / "o200k_base.tiktoken"
+
+# Small but structurally complete: GQA 8/2, window 8 (shorter than the prompts), 8 experts top-4.
+TINY = mtc.TINY.replace(vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """{"hf": dir, "original": dir, "mlx": dir, "mlx_q8": dir} holding the same random weights."""
+    root = tmp_path_factory.mktemp("ckpt")
+    hf = mtc.write_hf(root / "hf", TINY, seed=1, keep=True)
+    mtc.write_original(root / "hf" / "original", TINY, hf)
+    mtc.write_mlx(root / "mlx", TINY, hf)
+    mtc.write_mlx(root / "mlx_q8", TINY, hf, dense_bits=8, group_size=32)
+    return {"hf": root / "hf", "original": root / "hf" / "original", "mlx": root / "mlx",
+            "mlx_q8": root / "mlx_q8"}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json():
+    if not TOKENIZER_JSON.exists():
+        pytest.skip(f"real tokenizer files not found in {SHARED_DATA} (../shared/data)")
+    return TOKENIZER_JSON
+
+
+@pytest.fixture(scope="session")
+def tiktoken_file():
+    if not TIKTOKEN_FILE.exists():
+        pytest.skip(f"o200k_base.tiktoken not found in {SHARED_DATA} (../shared/data)")
+    return TIKTOKEN_FILE

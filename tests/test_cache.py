@@ -1,0 +1,78 @@
+"""Incremental decoding with the KV cache gives the logits of one full forward pass."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from gptoss_mlx.cache import KVCache, RotatingKVCache
+from gptoss_mlx.loading import load_model
+
+TOKENS = [(i * 37 + 11) % 512 for i in range(40)]  # 40 tokens, window 8: wraps the ring 5 times
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints):
+    return load_model(checkpoints["hf"], mx.float32)
+
+
+@pytest.fixture(scope="module")
+def full_logits(model):
+    return np.array(model(mx.array([TOKENS]))[0])
+
+
+def run_in_chunks(model, sizes):
+    cache = model.make_cache()
+    out, start = [], 0
+    for size in sizes:
+        out.append(np.array(model(mx.array([TOKENS[start : start + size]]), cache=cache)[0]))
+        start += size
+    assert start == len(TOKENS)
+    assert all(c.offset == len(TOKENS) for c in cache)
+    return np.concatenate(out)
+
+
+def test_make_cache_has_ring_buffers_on_sliding_layers(model, tiny_config):
+    cache = model.make_cache()
+    kinds = [type(c) for c in cache]
+    assert kinds == [RotatingKVCache if s else KVCache for s in tiny_config.sliding_layers]
+    assert kinds[0] is RotatingKVCache  # sliding on even layers, as the reference
+
+
+def test_token_by_token_matches_full_forward(model, full_logits):
+    logits = run_in_chunks(model, [1] * len(TOKENS))
+    np.testing.assert_allclose(logits, full_logits, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [3] * 13 + [1],  # chunks shorter than the window
+        [8] * 5,  # exactly the window
+        [13, 13, 14],  # longer than the window
+        [7, 1, 9, 1, 1, 21],  # a mix, crossing the window boundary at odd places
+        [1, 39],  # one token, then a long chunk over a barely-filled ring
+    ],
+)
+def test_chunked_prefill_matches_full_forward(model, full_logits, sizes):
+    np.testing.assert_allclose(run_in_chunks(model, sizes), full_logits, atol=2e-5)
+
+
+def test_ring_buffer_holds_exactly_the_window():
+    cache = RotatingKVCache(window=4)
+    for pos in range(10):
+        k = mx.full((1, 1, 1, 1), float(pos))
+        keys, _ = cache.update_and_fetch(k, k)
+    assert sorted(np.array(keys)[0, 0, :, 0].tolist()) == [6.0, 7.0, 8.0, 9.0]
+    keys, _ = cache.update_and_fetch(*(2 * [mx.arange(10, 13, dtype=mx.float32).reshape(1, 1, 3, 1)]))
+    # a chunk sees the 3 previous positions (window - 1) in order, then itself
+    assert np.array(keys)[0, 0, :, 0].tolist() == [7, 8, 9, 10, 11, 12]
+    assert sorted(np.array(cache.keys)[0, 0, :, 0].tolist()) == [9, 10, 11, 12]
+    assert cache.keys[0, 0, 12 % 4, 0].item() == 12  # slot = position % window
+
+
+def test_full_cache_grows_past_its_step():
+    cache = KVCache()
+    k = mx.ones((1, 2, 300, 4))
+    keys, _ = cache.update_and_fetch(k, k)
+    keys, _ = cache.update_and_fetch(k[:, :, :1], k[:, :, :1])
+    assert keys.shape == (1, 2, 301, 4) and cache.offset == 301

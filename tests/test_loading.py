@@ -1,0 +1,166 @@
+"""Loading: the three checkpoint layouts, dtypes, and a clear error for every kind of bad input."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import gptoss_mlx
+from gptoss_mlx.loading import CheckpointError, find_layout, load_model
+from gptoss_mlx.model import Model
+
+PROMPT = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]])
+
+
+@pytest.fixture(scope="module")
+def hf_logits(checkpoints):
+    return np.array(load_model(checkpoints["hf"], mx.float32)(PROMPT))
+
+
+@pytest.mark.parametrize("layout", ["original", "mlx"])
+def test_all_layouts_give_the_same_logits(checkpoints, hf_logits, layout):
+    assert find_layout(checkpoints[layout])[0] == layout
+    logits = np.array(load_model(checkpoints[layout], mx.float32)(PROMPT))
+    np.testing.assert_array_equal(logits, hf_logits)
+
+
+def test_hf_directory_with_original_subfolder_prefers_hf(checkpoints):
+    layout, where = find_layout(checkpoints["hf"])
+    assert (layout, where) == ("hf", checkpoints["hf"])
+
+
+def test_mlx_conversion_with_8bit_dense_layers(checkpoints, hf_logits):
+    model = load_model(checkpoints["mlx_q8"], mx.float32)
+    assert type(model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
+    assert type(model.embed_tokens).__name__ == "QuantizedEmbedding"
+    logits = np.array(model(PROMPT))
+    assert np.corrcoef(logits.ravel(), hf_logits.ravel())[0, 1] > 0.99
+
+
+def test_experts_stay_packed_mxfp4(checkpoints):
+    model = load_model(checkpoints["hf"])
+    experts = model.layers[0].mlp.experts
+    assert experts.gate_up_proj.weight.dtype == mx.uint32
+    assert experts.gate_up_proj.scales.dtype == mx.uint8
+    assert experts.gate_up_proj.mode == "mxfp4"
+
+
+def test_dtypes(checkpoints):
+    bf16 = load_model(checkpoints["hf"])
+    assert bf16.layers[0].self_attn.q_proj.weight.dtype == mx.bfloat16
+    assert bf16.layers[0].input_layernorm.weight.dtype == mx.float32  # norms stay fp32
+    assert bf16(PROMPT).dtype == mx.bfloat16
+    f32 = load_model(checkpoints["hf"], mx.float32)
+    assert f32(PROMPT).dtype == mx.float32
+
+
+def test_load_returns_model_and_tokenizer(checkpoints, tmp_path, tokenizer_json):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["hf"], ckpt)
+    import make_tiny_checkpoint as mtc
+    mtc.copy_tokenizer(ckpt, tokenizer_json)
+    model, tokenizer = gptoss_mlx.load(ckpt)
+    assert isinstance(model, Model)
+    assert tokenizer.encode("hello world") == [24912, 2375]
+    # the original/ layout finds the tokenizer one level up
+    _, tokenizer2 = gptoss_mlx.load(ckpt / "original", dtype="float32")
+    assert tokenizer2.n_vocab == 201088
+
+
+def test_bad_dtype(checkpoints):
+    with pytest.raises(ValueError, match="dtype"):
+        gptoss_mlx.load(checkpoints["hf"], dtype="int8")
+
+
+# ---------------------------------------------------------------- error cases
+@pytest.fixture()
+def broken(checkpoints, tmp_path):
+    """A fresh writable copy of the tiny HF checkpoint."""
+    dest = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["hf"], dest, ignore=shutil.ignore_patterns("original"))
+    return dest
+
+
+def _rewrite(path, drop=(), change=None):
+    tensors = mx.load(str(path))
+    for name in drop:
+        del tensors[name]
+    if change:
+        tensors.update(change)
+    mx.save_safetensors(str(path), tensors)
+
+
+def test_missing_directory():
+    with pytest.raises(CheckpointError, match="no such directory"):
+        gptoss_mlx.load("/nonexistent/gpt-oss")
+
+
+def test_no_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        gptoss_mlx.load(tmp_path)
+
+
+def test_missing_tensor(broken):
+    _rewrite(broken / "model.safetensors", drop=["model.layers.2.self_attn.sinks"])
+    with pytest.raises(CheckpointError, match="layers.2.self_attn.sinks"):
+        load_model(broken)
+
+
+def test_misshapen_tensor_names_file_and_tensor(broken):
+    _rewrite(broken / "model.safetensors",
+             change={"model.layers.1.self_attn.o_proj.bias": mx.zeros((7,), mx.bfloat16)})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*o_proj\.bias.*\[7\]"):
+        load_model(broken)
+
+
+def test_unexpected_tensor(broken):
+    _rewrite(broken / "model.safetensors", change={"model.layers.0.mystery": mx.zeros((3,))})
+    with pytest.raises(CheckpointError, match="unexpected tensor model.layers.0.mystery"):
+        load_model(broken)
+
+
+def test_corrupt_header(broken):
+    path = broken / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[10:20] = b"\xff" * 10
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt safetensors header"):
+        load_model(broken)
+
+
+def test_truncated_file(broken):
+    path = broken / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(broken)
+
+
+def test_missing_shard(broken):
+    index = {"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors: missing"):
+        load_model(broken)
+
+
+def test_config_that_does_not_match_weights(broken):
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["num_local_experts"] = 16
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="router"):
+        load_model(broken)
+
+
+def test_invalid_config(broken):
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(gptoss_mlx.ConfigError, match="config.json: not valid JSON"):
+        load_model(broken)
+
+
+def test_offline_repo_id_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache.*HF_HUB_OFFLINE"):
+        gptoss_mlx.load("openai/gpt-oss-20b")

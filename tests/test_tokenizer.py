@@ -1,0 +1,110 @@
+"""o200k_harmony built from tokenizer.json or o200k_base.tiktoken equals tiktoken's encoding."""
+
+import inspect
+import json
+import random
+
+import pytest
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+from gptoss_mlx.tokenizer import (
+    O200K_PATTERN, SPECIAL_TOKENS, TokenizerError, harmony_special_tokens, load_tokenizer,
+)
+
+
+def varied_text(size=300_000, seed=0) -> str:
+    """A few hundred KB: Python source, prose, many scripts, emoji, numbers, odd whitespace."""
+    rng = random.Random(seed)
+    import argparse, email, json as json_mod, textwrap  # noqa: E401 - sources as sample text
+    parts = [inspect.getsource(m) for m in (argparse, email, json_mod, textwrap)]
+    alphabets = [
+        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", "αβγδεζηθικλμνξοπρστυφχψω",
+        "абвгдеёжзийклмнопрстуфхцчшщъыьэюя", "日本語の文章と漢字カタカナ", "中文字符测试数据",
+        "한국어텍스트", "العربيةنص", "עברית", "हिन्दी", "ไทย", "🙂🚀👍🏽👩‍💻🇫🇷",
+        "0123456789", " \t\n\r", "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~", "éèêëàâäôöûüçñ",
+        "\u200b\u00a0\ufeff", "'s 're 've 'll 'd 't 'm 'S 'LL",
+    ]
+    out_len = sum(map(len, parts))
+    while out_len < size:
+        alphabet = rng.choice(alphabets)
+        word = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+        parts.append(word + rng.choice([" ", "  ", "\n", "\n\n", "", "\t", ". ", ", "]))
+        out_len += len(parts[-1])
+    parts.append("<|start|>user<|message|>hi<|end|> <|endoftext|> <|reserved_200013|>")
+    return "".join(parts)
+
+
+@pytest.fixture(scope="module")
+def reference(tiktoken_file):
+    return tiktoken.Encoding(
+        name="o200k_harmony_reference", pat_str=O200K_PATTERN,
+        mergeable_ranks=load_tiktoken_bpe(str(tiktoken_file)),
+        special_tokens=harmony_special_tokens(),
+    )
+
+
+@pytest.fixture(scope="module")
+def from_json(tokenizer_json):
+    return load_tokenizer(tokenizer_json)
+
+
+def test_tokenizer_json_matches_tiktoken_on_varied_text(reference, from_json):
+    text = varied_text()
+    assert len(text.encode()) > 300_000
+    ids = from_json.encode(text)
+    assert ids == reference.encode_ordinary(text)
+    assert from_json.decode(ids) == text
+
+
+def test_tiktoken_file_gives_the_same_encoding(tiktoken_file, from_json):
+    enc = load_tokenizer(tiktoken_file)
+    text = varied_text(20_000, seed=3)
+    assert enc.encode(text) == from_json.encode(text)
+
+
+def test_special_ids(from_json):
+    for name, i in SPECIAL_TOKENS.items():
+        assert from_json.encode(name, allowed_special="all") == [i]
+        assert from_json.decode([i]) == name
+    assert from_json.special("call") == 200012
+    assert from_json.n_vocab == 201088
+    assert from_json.decode([201087]) == "<|reserved_201087|>"
+    assert from_json.encode("assistant") == [173781]
+
+
+def test_special_looking_text_is_ordinary_text(from_json):
+    ids = from_json.encode("<|start|>assistant<|channel|>")
+    assert not set(ids) & set(SPECIAL_TOKENS.values())
+    assert from_json.decode(ids) == "<|start|>assistant<|channel|>"
+
+
+def test_tokenizer_from_env(monkeypatch, tiktoken_file, tmp_path):
+    monkeypatch.setenv("GPTOSS_MLX_TIKTOKEN_FILE", str(tiktoken_file))
+    assert load_tokenizer().encode("hello world") == [24912, 2375]
+    monkeypatch.delenv("GPTOSS_MLX_TIKTOKEN_FILE")
+    monkeypatch.setenv("TIKTOKEN_ENCODINGS_BASE", str(tiktoken_file.parent))
+    assert load_tokenizer().encode("hello") == [24912]
+
+
+def test_no_vocabulary_anywhere(monkeypatch, tmp_path):
+    for var in ("GPTOSS_MLX_TIKTOKEN_FILE", "TIKTOKEN_ENCODINGS_BASE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path))
+    with pytest.raises(TokenizerError, match="GPTOSS_MLX_TIKTOKEN_FILE"):
+        load_tokenizer()
+
+
+def test_corrupt_tiktoken_file(tmp_path):
+    bad = tmp_path / "o200k_base.tiktoken"
+    bad.write_text("aGVsbG8= 0\n")
+    with pytest.raises(TokenizerError, match="sha256 does not match"):
+        load_tokenizer(bad)
+
+
+def test_broken_tokenizer_json(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text(json.dumps({"model": {}}))
+    with pytest.raises(TokenizerError, match="not a readable tokenizer.json"):
+        load_tokenizer(tmp_path)
