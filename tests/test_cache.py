@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from gptoss_mlx.cache import KVCache, RotatingKVCache
+from conftest import FP32_ATOL
 from gptoss_mlx.loading import load_model
 
 TOKENS = [(i * 37 + 11) % 512 for i in range(40)]  # 40 tokens, window 8: wraps the ring 5 times
@@ -40,7 +41,7 @@ def test_make_cache_has_ring_buffers_on_sliding_layers(model, tiny_config):
 
 def test_token_by_token_matches_full_forward(model, full_logits):
     logits = run_in_chunks(model, [1] * len(TOKENS))
-    np.testing.assert_allclose(logits, full_logits, atol=2e-5)
+    np.testing.assert_allclose(logits, full_logits, atol=FP32_ATOL)
 
 
 @pytest.mark.parametrize(
@@ -54,7 +55,7 @@ def test_token_by_token_matches_full_forward(model, full_logits):
     ],
 )
 def test_chunked_prefill_matches_full_forward(model, full_logits, sizes):
-    np.testing.assert_allclose(run_in_chunks(model, sizes), full_logits, atol=2e-5)
+    np.testing.assert_allclose(run_in_chunks(model, sizes), full_logits, atol=FP32_ATOL)
 
 
 def test_ring_buffer_holds_exactly_the_window():
