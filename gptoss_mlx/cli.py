@@ -1,18 +1,103 @@
-"""The ``gptoss-mlx`` command."""
+"""The ``gptoss-mlx`` command: ``chat``, ``generate``, ``render``, ``doctor``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from . import __version__
 
 
+class CLIError(Exception):
+    """A user-facing failure: printed as ``gptoss-mlx: error: ...`` with exit status 2."""
+
+
+def add_model_argument(p: argparse.ArgumentParser, required_for: str = "") -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="local checkpoint directory or Hugging Face repo id "
+                        "(default: openai/gpt-oss-20b)" + required_for)
+
+
+def add_effort_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reasoning-effort", "-e", choices=["low", "medium", "high"], default=None,
+                   help="reasoning effort written into the system message (default: medium)")
+
+
+# ----------------------------------------------------------------------------- render
+def cmd_render(args) -> int:
+    from .harmony import HarmonyError, from_chat_completions, render_conversation
+    from .harmony import segments_to_text, segments_to_tokens, today
+
+    raw = sys.stdin.read() if args.file == "-" else _read(args.file)
+    try:
+        request = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CLIError(f"{args.file}: not valid JSON ({e})") from None
+    if isinstance(request, list):  # a bare list of messages
+        request = {"messages": request}
+    if args.reasoning_effort:
+        request = {**request, "reasoning_effort": args.reasoning_effort}
+    tools = set(args.tools.split(",")) if args.tools else set()
+    try:
+        messages = from_chat_completions(request, date=args.date or today(),
+                                         browser="browser" in tools, python="python" in tools)
+    except HarmonyError as e:
+        raise CLIError(f"{args.file}: {e}") from None
+    segments = render_conversation(messages)
+    if args.tokens:
+        tokenizer = _tokenizer(args.model)
+        print(" ".join(map(str, segments_to_tokens(segments, tokenizer))))
+    else:
+        print(segments_to_text(segments))
+    return 0
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise CLIError(f"{path}: {e.strerror or e}") from None
+
+
+def _tokenizer(model: str | None):
+    from .loading import CheckpointError, resolve_checkpoint
+    from .tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        if model is None:
+            try:
+                return load_tokenizer()
+            except TokenizerError:
+                pass
+        return load_tokenizer(resolve_checkpoint(model))
+    except (CheckpointError, TokenizerError) as e:
+        raise CLIError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gptoss-mlx", description="Run OpenAI's gpt-oss models locally with MLX.")
     parser.add_argument("--version", action="version", version=f"gptoss-mlx {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("render", help="print the exact harmony prompt for a conversation",
+                       description="Print the exact prompt gpt-oss sees for a conversation in "
+                                   "Chat Completions JSON ({'messages': [...], 'tools': [...]}).")
+    p.add_argument("file", help="conversation JSON file, or - for standard input")
+    p.add_argument("--tokens", action="store_true",
+                   help="print token ids (one line, space-separated) instead of text")
+    add_effort_argument(p)
+    p.add_argument("--date", help="current date for the system message (default: today)")
+    p.add_argument("--tools", default="", help="built-in tools to declare: python,browser")
+    add_model_argument(p, "; only its tokenizer is used, for --tokens")
+    p.set_defaults(func=cmd_render)
+
+    from . import commands  # chat, generate, doctor: they need the model machinery
+
+    commands.register(sub)
     return parser
 
 
@@ -22,7 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    try:
+        return args.func(args)
+    except CLIError as e:
+        print(f"gptoss-mlx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
