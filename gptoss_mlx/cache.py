@@ -42,11 +42,20 @@ class KVCache:
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
-    def trim(self, n: int) -> int:
-        """Forget the last ``n`` tokens; returns how many were forgotten."""
-        n = min(self.offset, n)
+    def can_trim(self, n: int) -> bool:
+        return n <= self.offset
+
+    def trim(self, n: int) -> None:
+        """Forget the last ``n`` tokens (later writes overwrite them)."""
+        if not self.can_trim(n):
+            raise ValueError(f"cannot trim {n} tokens from a cache holding {self.offset}")
         self.offset -= n
-        return n
+
+    def snapshot(self):
+        return self.offset  # earlier positions are never overwritten
+
+    def restore(self, snapshot) -> None:
+        self.trim(self.offset - snapshot)
 
     @property
     def state(self) -> list[mx.array]:
@@ -116,6 +125,30 @@ class RotatingKVCache:
         last = ordered[..., -W:, :]  # positions offset - W .. offset - 1
         shift = self.offset % W  # slot of position offset - W
         return mx.concatenate([last[..., W - shift :, :], last[..., : W - shift, :]], axis=2)
+
+    def can_trim(self, n: int) -> bool:
+        """Rewinding past one token would need keys the ring has already overwritten (the
+        classic prompt-cache bug), unless nothing has wrapped yet."""
+        return n <= self.offset and (n <= 1 or self.offset <= self.window)
+
+    def trim(self, n: int) -> None:
+        if not self.can_trim(n):
+            raise ValueError(
+                f"cannot rewind a {self.window}-slot ring buffer by {n} tokens at offset "
+                f"{self.offset}: those keys were overwritten; restore a snapshot instead")
+        self.offset -= n
+
+    def snapshot(self):
+        """A copy of the ring (small: window slots) to rewind to this position later."""
+        if self.keys is None:
+            return (0, None, None)
+        return (self.offset, mx.array(self.keys), mx.array(self.values))
+
+    def restore(self, snapshot) -> None:
+        self.offset, keys, values = snapshot
+        # copies again, so a restored snapshot can be restored a second time
+        self.keys = None if keys is None else mx.array(keys)
+        self.values = None if values is None else mx.array(values)
 
     @property
     def state(self) -> list[mx.array]:

@@ -1,5 +1,290 @@
-"""Subcommands that run the model (added by the generation engine)."""
+"""``gptoss-mlx chat``, ``generate`` and ``doctor``: the subcommands that run the model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+HELP = """Commands:
+  /effort low|medium|high   reasoning effort from the next reply
+  /reasoning show|hide      show or hide the chain of thought
+  /system TEXT              set the instructions (empty: remove them)
+  /reset                    start a new conversation
+  /save PATH, /load PATH    save or load the conversation (JSON)
+  /stats                    statistics of the last reply
+  /help, /exit
+Multi-line input: end a line with \\ to continue it, or wrap the text in triple quotes.
+Ctrl-C stops the reply (the conversation stays); Ctrl-D or /exit quits."""
+
+DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
 def register(sub) -> None:
-    return None
+    p = sub.add_parser("chat", help="chat in the terminal (reads standard input when piped)",
+                       description="Chat with gpt-oss. Piped input is answered once: the answer "
+                                   "goes to standard output, the reasoning to standard error.")
+    _model_options(p)
+    p.add_argument("--system", help="instructions for the model (the developer message)")
+    p.add_argument("--hide-reasoning", action="store_true", help="do not show the chain of thought")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="answer one prompt and exit")
+    _model_options(p)
+    p.add_argument("--prompt", "-p", required=True, help="the user message")
+    p.add_argument("--system", help="instructions for the model (the developer message)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("doctor", help="MLX, memory limits, what fits, and kernel status")
+    p.set_defaults(func=cmd_doctor)
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    from .cli import add_effort_argument, add_model_argument
+
+    add_model_argument(p)
+    add_effort_argument(p)
+    p.add_argument("--max-context", type=int, default=None,
+                   help="context length to plan memory for and to allow (default: 32768)")
+    p.add_argument("--dense-bits", type=int, choices=[8, 4], default=None,
+                   help="quantize attention, router and embeddings at load (saves memory)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="load even if the memory estimate says it will not fit")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None, help="cap on tokens per reply")
+
+
+def _load_chat(args, out=sys.stderr):
+    """Check memory, load the model, and make a Chat, turning failures into CLIErrors."""
+    from .chat import Chat
+    from .cli import CLIError
+    from .config import ConfigError, ModelConfig
+    from .generate import SamplingParams
+    from .loading import CheckpointError, find_layout, load, resolve_checkpoint
+    from .memory import MemoryPlanError, check_fits
+    from .tokenizer import TokenizerError
+
+    try:
+        sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p,
+                                  args.seed, args.max_tokens)
+        directory = resolve_checkpoint(args.model)
+        _, weights_dir = find_layout(directory)
+        config = ModelConfig.from_file(weights_dir / "config.json")
+        context = min(args.max_context or 32768, config.max_position_embeddings)
+        if not args.no_memory_check:
+            check_fits(config, context, args.dense_bits)
+        t0 = time.perf_counter()
+        print(f"Loading {directory} ...", file=out, flush=True)
+        model, tokenizer = load(directory, dense_bits=args.dense_bits)
+        print(f"Loaded in {time.perf_counter() - t0:.1f}s.", file=out, flush=True)
+        return Chat(model, tokenizer, instructions=getattr(args, "system", None),
+                    reasoning_effort=args.reasoning_effort or "medium", sampling=sampling,
+                    max_context=context)
+    except (CheckpointError, ConfigError, TokenizerError, MemoryPlanError, ValueError) as e:
+        raise CLIError(str(e)) from None
+
+
+def _stream(chat, events, show_reasoning: bool, answer_out, reasoning_out, dim: bool) -> object:
+    """Print a reply's events; returns the Done event."""
+    from .chat import AnswerDelta, Done, ReasoningDelta, ToolCall
+
+    in_reasoning = False
+    done = None
+    for event in events:
+        if isinstance(event, ReasoningDelta):
+            if show_reasoning:
+                if not in_reasoning and dim:
+                    reasoning_out.write(DIM)
+                in_reasoning = True
+                reasoning_out.write(event.text)
+                reasoning_out.flush()
+        elif isinstance(event, AnswerDelta):
+            if in_reasoning:
+                reasoning_out.write((RESET if dim else "") + "\n\n")
+                reasoning_out.flush()
+                in_reasoning = False
+            answer_out.write(event.text)
+            answer_out.flush()
+        elif isinstance(event, ToolCall):
+            answer_out.write(f"\n[tool call to {event.recipient}: {event.arguments}]\n")
+        elif isinstance(event, Done):
+            done = event
+    if in_reasoning:
+        reasoning_out.write(RESET if dim else "")
+    answer_out.write("\n")
+    answer_out.flush()
+    return done
+
+
+def cmd_generate(args) -> int:
+    from .cli import CLIError
+    from .generate import ContextLengthError
+
+    chat = _load_chat(args)
+    try:
+        _stream(chat, chat.send(args.prompt), True, sys.stdout, sys.stderr, sys.stderr.isatty())
+    except ContextLengthError as e:
+        raise CLIError(str(e)) from None
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .cli import CLIError
+    from .generate import ContextLengthError
+
+    if not sys.stdin.isatty():  # piped: answer once
+        question = sys.stdin.read().strip()
+        if not question:
+            raise CLIError("no question on standard input")
+        chat = _load_chat(args)
+        try:
+            _stream(chat, chat.send(question), not args.hide_reasoning, sys.stdout, sys.stderr,
+                    False)
+        except ContextLengthError as e:
+            raise CLIError(str(e)) from None
+        return 0
+    chat = _load_chat(args)
+    return Repl(chat, show_reasoning=not args.hide_reasoning).run()
+
+
+class Repl:
+    def __init__(self, chat, show_reasoning: bool = True, out=sys.stdout):
+        self.chat, self.show_reasoning, self.out = chat, show_reasoning, out
+        self.last_stats = None
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def run(self) -> int:
+        self.say(f"gpt-oss ready (reasoning effort {self.chat.reasoning_effort}). /help for commands.")
+        while True:
+            try:
+                text = self.read_message()
+            except EOFError:
+                self.say("")
+                return 0
+            except KeyboardInterrupt:
+                self.say("")
+                continue
+            if not text.strip():
+                continue
+            if text.startswith("/"):
+                if self.command(text.strip()) == "exit":
+                    return 0
+                continue
+            self.turn(text)
+
+    def read_message(self) -> str:
+        first = input(">>> ")
+        if first.strip().startswith('"""'):
+            lines = [first.strip()[3:]]
+            while not lines[-1].rstrip().endswith('"""'):
+                lines.append(input("... "))
+            lines[-1] = lines[-1].rstrip()[:-3]
+            return "\n".join(lines).strip("\n")
+        lines = [first]
+        while lines[-1].endswith("\\"):
+            lines[-1] = lines[-1][:-1]
+            lines.append(input("... "))
+        return "\n".join(lines)
+
+    def turn(self, text: str) -> None:
+        from .generate import ContextLengthError
+
+        events = self.chat.send(text)
+        try:
+            done = _stream(self.chat, events, self.show_reasoning, self.out, self.out,
+                           self.out.isatty())
+            self.last_stats = done.stats if done else None
+            if done and done.finish_reason in ("length", "context"):
+                self.say(f"[reply cut off: {done.finish_reason} limit]")
+        except KeyboardInterrupt:
+            events.close()  # keeps the partial answer in the history now, not at GC time
+            self.say(RESET + "\n[stopped]")
+            self.last_stats = self.chat.engine.stats
+        except ContextLengthError as e:
+            self.chat.messages.pop()  # the user message that did not fit
+            self.say(f"error: {e}")
+
+    def command(self, line: str) -> str | None:
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name in ("/exit", "/quit"):
+            return "exit"
+        if name == "/help":
+            self.say(HELP)
+        elif name == "/effort":
+            if arg not in ("low", "medium", "high"):
+                self.say("usage: /effort low|medium|high")
+            else:
+                self.chat.reasoning_effort = arg
+                self.say(f"reasoning effort: {arg} (from the next reply)")
+        elif name == "/reasoning":
+            if arg not in ("show", "hide"):
+                self.say("usage: /reasoning show|hide")
+            else:
+                self.show_reasoning = arg == "show"
+                self.say(f"reasoning: {arg}")
+        elif name == "/system":
+            self.chat.instructions = arg or None
+            self.say("instructions set" if arg else "instructions removed")
+        elif name == "/reset":
+            self.chat.reset()
+            self.say("new conversation")
+        elif name in ("/save", "/load"):
+            self._file_command(name, arg)
+        elif name == "/stats":
+            self.say(self.last_stats.summary() if self.last_stats else "no reply yet")
+        else:
+            self.say(f"unknown command {name}; /help lists them")
+        return None
+
+    def _file_command(self, name: str, arg: str) -> None:
+        from .chat import ChatFileError
+
+        if not arg:
+            self.say(f"usage: {name} PATH")
+            return
+        try:
+            if name == "/save":
+                self.say(f"saved to {self.chat.save(arg)}")
+            else:
+                self.chat.load(arg)
+                self.say(f"loaded {len(self.chat.messages)} messages from {arg}")
+        except (ChatFileError, OSError) as e:
+            self.say(f"error: {e}")
+
+
+def cmd_doctor(args) -> int:
+    import platform
+
+    import mlx.core as mx
+
+    from .config import PRESETS
+    from .memory import GB, device_limit, plan
+
+    limit, source = device_limit()
+    print(f"gptoss-mlx on {platform.system()} {platform.machine()}, Python {platform.python_version()}")
+    print(f"MLX {mx.__version__}, default device {mx.default_device()}")
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    for key in ("device_name", "architecture", "memory_size", "max_recommended_working_set_size"):
+        if key in info:
+            value = info[key]
+            print(f"  {key}: {value / GB:.1f} GB" if key.endswith("size") else f"  {key}: {value}")
+    print(f"Memory the model may use: {limit / GB:.1f} GB ({source})")
+    print("\nWhat fits (weights + KV cache + 1 GB working memory):")
+    header = f"  {'model':<14}{'context':>9}  " + "  ".join(f"{b:>14}" for b in ("bf16 dense", "--dense-bits 8", "--dense-bits 4"))
+    print(header)
+    for name, config in PRESETS.items():
+        for ctx in (4096, 32768, 131072):
+            cells = []
+            for bits in (None, 8, 4):
+                p = plan(config, ctx, bits, limit)
+                cells.append(f"{('yes ' if p.fits else 'no  ') + f'{p.total / GB:5.1f} GB':>14}")
+            print(f"  {name:<14}{ctx:>9}  " + "  ".join(cells))
+    print("\nCustom kernels: none yet; every op runs on MLX's built-in kernels.")
+    return 0

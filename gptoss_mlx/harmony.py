@@ -465,7 +465,7 @@ class MessageEnd:
 Event = Union[MessageStart, ContentDelta, MessageEnd]
 
 _RECIPIENT_RE = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-]+)*$")
-_MAX_IMPLIED_HEADER_TOKENS = 32
+_MAX_HEADER_TOKENS = 32
 
 
 class StreamParser:
@@ -523,7 +523,7 @@ class StreamParser:
         # Text without <|start|>: often "assistant<|channel|>final<|message|>..." written out.
         self._state, self._header, self._role = "header", [token], None
         self._implied_start = True
-        return self._check_implied_header()
+        return self._check_header()
 
     def _in_header(self, token: int) -> list[Event]:
         if token == ID[MESSAGE]:
@@ -535,7 +535,7 @@ class StreamParser:
             self._state, self._header, self._role = "header", [], None
             return events
         self._header.append(token)
-        return self._check_implied_header() if self._implied_start else []
+        return self._check_header()
 
     def _in_content(self, token: int) -> list[Event]:
         if token in MESSAGE_END_TOKENS:
@@ -559,12 +559,13 @@ class StreamParser:
     def _header_text(self, tokens: list[int]) -> str:
         return b"".join(self._token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
-    def _check_implied_header(self) -> list[Event]:
-        """Plain text that is clearly not a header becomes an assistant message's content."""
+    def _check_header(self) -> list[Event]:
+        """Plain text that is clearly not a header becomes an assistant message's content:
+        too long, several lines, or (without a <|start|>) not starting with a role."""
         text = self._header_text(self._header)
-        looks_like_header = (
-            len(self._header) <= _MAX_IMPLIED_HEADER_TOKENS and "\n" not in text
-            and text.lstrip().split(" ")[0].split("<|")[0] in ROLES + ("",))
+        looks_like_header = len(self._header) <= _MAX_HEADER_TOKENS and "\n" not in text
+        if self._implied_start:
+            looks_like_header &= text.lstrip().split(" ")[0].split("<|")[0] in ROLES + ("",)
         if looks_like_header:
             return []
         tokens, self._header = self._header, []

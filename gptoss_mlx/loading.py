@@ -364,7 +364,20 @@ def _cast(name: str, array: mx.array, dtype: mx.Dtype) -> mx.array:
     return array.astype(dtype)
 
 
-def load_model(directory: Path, dtype: mx.Dtype = mx.bfloat16) -> Model:
+def quantize_dense(model: Model, bits: int, group_size: int = 64) -> None:
+    """Affine-quantize attention, router, embedding and unembedding in place (lazily: nothing
+    is materialized until evaluated). Experts are already MXFP4 and stay as they are."""
+    if bits not in (4, 8):
+        raise ValueError(f"dense bits must be 4 or 8, got {bits}")
+
+    def dense(path: str, module: nn.Module) -> bool:
+        return isinstance(module, (nn.Linear, nn.Embedding)) and ".experts." not in path
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=dense)
+
+
+def load_model(directory: Path, dtype: mx.Dtype = mx.bfloat16,
+               dense_bits: int | None = None) -> Model:
     layout, weights_dir = find_layout(directory)
     config = ModelConfig.from_file(weights_dir / "config.json")
     config = _merge_generation_config(config, directory)
@@ -387,6 +400,8 @@ def load_model(directory: Path, dtype: mx.Dtype = mx.bfloat16) -> Model:
     weights = {k: _cast(k, v, dtype) for k, v in _materialize(plan, arrays).items()}
     model.load_weights(list(weights.items()), strict=True)
     del arrays, weights
+    if dense_bits:
+        quantize_dense(model, dense_bits)
     # Evaluate one layer at a time so the peak stays close to the final size.
     try:
         mx.eval(model.embed_tokens.parameters())
@@ -427,17 +442,18 @@ def _parse_dtype(dtype) -> mx.Dtype:
     return dtype
 
 
-def load(path_or_repo: str | os.PathLike | None = None, dtype=None,
+def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: int | None = None,
          ) -> tuple[Model, HarmonyEncoding]:
     """Load a gpt-oss checkpoint and its tokenizer.
 
     ``path_or_repo``: a local directory (Hugging Face, ``original/`` or mlx-lm layout) or a
     Hugging Face repo id (default ``openai/gpt-oss-20b``). ``dtype``: bfloat16 (default) or
-    float32 for the non-expert weights and activations; experts stay MXFP4.
+    float32 for the non-expert weights and activations; experts stay MXFP4. ``dense_bits``
+    (8 or 4) quantizes attention, router and embeddings while loading, to save memory.
     """
     dtype = _parse_dtype(dtype)
     directory = resolve_checkpoint(path_or_repo)
-    model = load_model(directory, dtype)
+    model = load_model(directory, dtype, dense_bits)
     return model, _checkpoint_tokenizer(directory)
 
 

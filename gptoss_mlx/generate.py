@@ -1,0 +1,256 @@
+"""Token generation: chunked prefill, KV-cache decoding, sampling, stop tokens, a context guard,
+and a prompt cache that reuses the longest common prefix across turns.
+
+    engine = Engine(model, max_context=8192)
+    for token in engine.generate(prompt_ids, SamplingParams(temperature=1.0)):
+        ...
+    engine.stats  # prompt tokens, reused tokens, TTFT, prefill/decode tok/s, peak memory
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import mlx.core as mx
+
+from .harmony import STOP_TOKENS_FOR_SAMPLING
+from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS
+
+
+class ContextLengthError(ValueError):
+    """The prompt does not fit the context window."""
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # OpenAI's recommendation for gpt-oss: temperature 1, top_p 1
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    seed: int | None = None
+    max_tokens: int | None = None  # None: until a stop token or the context is full
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+def banned_token_mask(vocab_size: int) -> mx.array:
+    """Additive mask: 0 for tokens the model may emit, -inf for reserved ids (gpt-oss.md 7.11)."""
+    allowed = set(range(NUM_BPE_TOKENS)) | set(SPECIAL_TOKENS.values())
+    allowed.discard(SPECIAL_TOKENS["<|startoftext|>"])
+    mask = [0.0 if i in allowed else float("-inf") for i in range(vocab_size)]
+    return mx.array(mask, dtype=mx.float32)
+
+
+def make_sampler(params: SamplingParams, vocab_size: int):
+    """logits (B, V) -> token ids (B,). Greedy at temperature 0."""
+    banned = banned_token_mask(vocab_size)
+
+    def sample(logits: mx.array) -> mx.array:
+        logits = logits.astype(mx.float32) + banned
+        if params.temperature == 0:
+            return mx.argmax(logits, axis=-1)
+        logits = logits / params.temperature
+        if params.top_k:
+            kth = mx.sort(logits, axis=-1)[:, -min(params.top_k, logits.shape[-1])][:, None]
+            logits = mx.where(logits < kth, float("-inf"), logits)
+        if params.min_p:
+            top = logits.max(axis=-1, keepdims=True)
+            logits = mx.where(logits < top + mx.log(mx.array(params.min_p)), float("-inf"), logits)
+        if params.top_p < 1.0:
+            order = mx.argsort(-logits, axis=-1)
+            sorted_probs = mx.softmax(mx.take_along_axis(logits, order, axis=-1), axis=-1)
+            before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass ranked above each
+            drop_sorted = before >= params.top_p  # keep the smallest set reaching top_p
+            drop = mx.put_along_axis(mx.zeros_like(drop_sorted), order, drop_sorted, axis=-1)
+            logits = mx.where(drop, float("-inf"), logits)
+        return mx.random.categorical(logits, axis=-1)
+
+    return sample
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens found in the prompt cache
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    generated_tokens: int = 0
+    decode_s: float = 0.0
+    peak_memory_gb: float = 0.0
+    finish_reason: str | None = None  # "stop", "length", "context", "interrupted"
+
+    @property
+    def prefill_tps(self) -> float:
+        n = self.prompt_tokens - self.reused_tokens
+        return n / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        n = self.generated_tokens - 1  # the first token's time is the TTFT
+        return n / self.decode_s if self.decode_s > 0 and n > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.prompt_tokens} prompt tokens ({self.reused_tokens} cached), "
+                f"TTFT {self.ttft_s:.2f}s, prefill {self.prefill_tps:.0f} tok/s, "
+                f"{self.generated_tokens} tokens at {self.decode_tps:.1f} tok/s, "
+                f"peak {self.peak_memory_gb:.2f} GB")
+
+
+@dataclass
+class PromptCache:
+    """The model's KV cache, the tokens it holds, and snapshots to rewind sliding layers to.
+
+    A ring buffer cannot be rewound by more than one token (its older keys are overwritten), so
+    a snapshot is taken at the end of every prefill: the next turn usually diverges right after
+    it (earlier reasoning is dropped from the history), and resumes from there.
+    """
+
+    cache: list
+    tokens: list[int] = field(default_factory=list)
+    snapshots: dict[int, list] = field(default_factory=dict)
+    max_snapshots: int = 8
+
+    def rewind_to(self, keep: int) -> int:
+        """Drop cached tokens past ``keep``; returns how many remain (possibly fewer)."""
+        extra = len(self.tokens) - keep
+        if extra <= 0:
+            return len(self.tokens)
+        if all(c.can_trim(extra) for c in self.cache):
+            for c in self.cache:
+                c.trim(extra)
+        else:
+            keep = max((p for p in self.snapshots if p <= keep), default=0)
+            states = self.snapshots.get(keep) or [_empty_state(c) for c in self.cache]
+            for c, state in zip(self.cache, states):
+                c.restore(state)
+        del self.tokens[keep:]
+        self.snapshots = {p: s for p, s in self.snapshots.items() if p <= keep}
+        return keep
+
+    def take_snapshot(self) -> None:
+        self.snapshots[len(self.tokens)] = [c.snapshot() for c in self.cache]
+        while len(self.snapshots) > self.max_snapshots:
+            del self.snapshots[min(self.snapshots)]
+
+
+def _empty_state(cache):
+    """The state of a cache that holds nothing."""
+    return 0 if not hasattr(cache, "window") else (0, None, None)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Engine:
+    """Runs a model over a growing token sequence with a reusable KV cache."""
+
+    def __init__(self, model, max_context: int | None = None, prefill_step: int = 512):
+        self.model = model
+        limit = model.config.max_position_embeddings
+        if max_context is not None and not 0 < max_context <= limit:
+            raise ValueError(f"max_context must be between 1 and {limit}, got {max_context}")
+        self.max_context = max_context or limit
+        self.prefill_step = prefill_step
+        self.prompt_cache = PromptCache(model.make_cache())
+        self.stats = Stats()
+
+    def reset(self) -> None:
+        self.prompt_cache = PromptCache(self.model.make_cache())
+
+    def _forward(self, tokens: list[int]) -> mx.array:
+        """Feed tokens through the model (updating the cache); logits of the last one, (1, V)."""
+        logits = self.model(mx.array([tokens]), cache=self.prompt_cache.cache)
+        self.prompt_cache.tokens.extend(tokens)
+        return logits[:, -1, :]
+
+    def prefill(self, prompt: list[int]) -> mx.array:
+        """Bring the cache to ``prompt``, reusing the longest common prefix; returns the logits
+        for the token after it."""
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) >= self.max_context:
+            raise ContextLengthError(
+                f"the conversation is {len(prompt)} tokens but the context limit is "
+                f"{self.max_context}: start a new chat, shorten it, or raise --max-context")
+        pc = self.prompt_cache
+        reuse = min(common_prefix(pc.tokens, prompt), len(prompt) - 1)  # always feed >= 1 token
+        reuse = pc.rewind_to(reuse)
+        self.stats = Stats(prompt_tokens=len(prompt), reused_tokens=reuse)
+        rest = prompt[reuse:]
+        while len(rest) > self.prefill_step:  # bounded activation memory
+            chunk, rest = rest[: self.prefill_step], rest[self.prefill_step :]
+            self._forward(chunk)
+            mx.eval([c.state for c in pc.cache])
+        logits = self._forward(rest)
+        pc.take_snapshot()
+        return logits
+
+    def generate(self, prompt: list[int], params: SamplingParams | None = None,
+                 stop_tokens=STOP_TOKENS_FOR_SAMPLING) -> Iterator[int]:
+        """Yield sampled tokens until a stop token (yielded too), max_tokens or the context end.
+
+        The next step's graph is built and queued before the host waits for the current
+        token, so the GPU never idles on Python (asynchronous evaluation)."""
+        params = params or SamplingParams()
+        if params.seed is not None:
+            mx.random.seed(params.seed)
+        sampler = make_sampler(params, self.model.config.vocab_size)
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        logits = self.prefill(prompt)
+        y = sampler(logits)
+        mx.async_eval(y)
+        stats = self.stats
+        budget = min(params.max_tokens or self.max_context, self.max_context - len(prompt))
+        first_token_at = None
+        try:
+            for n in range(1, budget + 1):
+                next_y = None
+                if n < budget:
+                    # queue the next step before blocking on this token
+                    next_y = sampler(self._forward_async(y))
+                    mx.async_eval(next_y)
+                token = y.item()
+                if next_y is not None:
+                    self.prompt_cache.tokens[-1] = token
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                    stats.prefill_s = stats.ttft_s = first_token_at - start
+                stats.generated_tokens = n
+                yield token
+                if token in stop_tokens:
+                    stats.finish_reason = "stop"
+                    break
+                y = next_y
+            else:
+                stats.finish_reason = "length" if params.max_tokens and budget == params.max_tokens else "context"
+        except GeneratorExit:
+            stats.finish_reason = "interrupted"
+            raise
+        finally:
+            if first_token_at is not None:
+                stats.decode_s = time.perf_counter() - first_token_at
+            stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+
+    def _forward_async(self, y: mx.array) -> mx.array:
+        """Queue one decode step for token ``y``, whose id the host does not know yet."""
+        logits = self.model(y.reshape(1, 1), cache=self.prompt_cache.cache)
+        self.prompt_cache.tokens.append(-1)  # the caller writes the id once it has it
+        return logits[:, -1, :]
