@@ -161,7 +161,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class Engine:
     """Runs a model over a growing token sequence with a reusable KV cache."""
 
-    def __init__(self, model, max_context: int | None = None, prefill_step: int = 512):
+    def __init__(self, model, max_context: int | None = None, prefill_step: int = 2048):
         self.model = model
         limit = model.config.max_position_embeddings
         if max_context is not None and not 0 < max_context <= limit:
@@ -193,12 +193,14 @@ class Engine:
         reuse = min(common_prefix(pc.tokens, prompt), len(prompt) - 1)  # always feed >= 1 token
         reuse = pc.rewind_to(reuse)
         self.stats = Stats(prompt_tokens=len(prompt), reused_tokens=reuse)
-        rest = prompt[reuse:]
-        while len(rest) > self.prefill_step:  # bounded activation memory
+        # All but the last token in bounded chunks, evaluating only the cache: the unembedding
+        # (201088 x 2880) never runs for them. Then the last token alone gives the logits.
+        rest = prompt[reuse:-1]
+        while rest:
             chunk, rest = rest[: self.prefill_step], rest[self.prefill_step :]
             self._forward(chunk)
             mx.eval([c.state for c in pc.cache])
-        logits = self._forward(rest)
+        logits = self._forward(prompt[-1:])
         pc.take_snapshot()
         return logits
 

@@ -1,5 +1,5 @@
-"""A stand-in model that "generates" a fixed token script, for testing the engine, the Chat
-and the CLI without depending on what a random model happens to sample."""
+"""A stand-in model that "generates" fixed token scripts, for testing the engine, the Chat and
+the CLI without depending on what a random model happens to sample."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import mlx.core as mx
 from gptoss_mlx.cache import KVCache
 
 VOCAB = 201088
+START_ASSISTANT = [200006, 173781]  # <|start|>assistant, how every prompt ends
 
 
 @dataclass
@@ -20,31 +21,41 @@ class ScriptConfig:
 
 
 class ScriptedModel:
-    """After any prompt, emits ``replies[k]`` token by token on the k-th call to generate."""
+    """The k-th reply (a new one starts after each prompt's ``<|start|>assistant``) is
+    ``replies[k]`` (the last one repeats). The next token continues whatever prefix of the
+    current script the fed tokens end with, so prefill chunking does not matter."""
 
     def __init__(self, replies: list[list[int]], max_context: int = 4096):
         self.config = ScriptConfig(max_position_embeddings=max_context)
         self.replies = replies
-        self.turn = 0
-        self._step = 0
+        self.turn = -1
+        self.fed: list[int] = []
 
     def make_cache(self):
+        self.fed = []
         return [KVCache()]
 
     def __call__(self, inputs: mx.array, cache=None):
-        B, L = inputs.shape
+        L = inputs.shape[1]
         cache[0].update_and_fetch(*(2 * [mx.zeros((1, 1, L, 1))]))
-        return self._logits(L)
-
-    def begin_turn(self):
-        """Call before each reply (prompts in tests are one prefill chunk: one call)."""
-        self.turn += 1
-        self._step = 0
-
-    def _logits(self, L: int) -> mx.array:
-        script = self.replies[min(self.turn, len(self.replies) - 1)]
-        token = script[min(self._step, len(script) - 1)]
-        self._step += 1
+        del self.fed[cache[0].offset - L:]  # the engine may have rewound the cache
+        self.fed += inputs[0].tolist()
+        if self.fed[-2:] == START_ASSISTANT:
+            self.turn += 1
+            token = self._script[0]
+        else:
+            token = self._script[self._progress()]
         logits = mx.full((1, L, self.config.vocab_size), -1e9)
         logits[:, -1, token] = 0.0
         return logits
+
+    @property
+    def _script(self) -> list[int]:
+        return self.replies[max(0, min(self.turn, len(self.replies) - 1))]
+
+    def _progress(self) -> int:
+        script = self._script
+        for k in range(min(len(script) - 1, len(self.fed)), 0, -1):
+            if self.fed[-k:] == script[:k]:
+                return k
+        return 0
