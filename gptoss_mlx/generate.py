@@ -19,6 +19,9 @@ from .harmony import STOP_TOKENS_FOR_SAMPLING
 from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS
 
 
+ATTENTION_BUDGET = 1 << 30  # bytes of attention scores one prefill chunk may need
+
+
 class ContextLengthError(ValueError):
     """The prompt does not fit the context window."""
 
@@ -197,12 +200,22 @@ class Engine:
         # (201088 x 2880) never runs for them. Then the last token alone gives the logits.
         rest = prompt[reuse:-1]
         while rest:
-            chunk, rest = rest[: self.prefill_step], rest[self.prefill_step :]
+            step = self._chunk_size(len(pc.tokens))
+            chunk, rest = rest[:step], rest[step:]
             self._forward(chunk)
             mx.eval([c.state for c in pc.cache])
         logits = self._forward(prompt[-1:])
         pc.take_snapshot()
         return logits
+
+    def _chunk_size(self, cached: int) -> int:
+        """Prefill chunk: up to ``prefill_step`` tokens, fewer late in a long prompt so that
+        attention scores (heads x chunk x keys, float32) stay within ATTENTION_BUDGET where
+        the attention kernel materializes them."""
+        heads = getattr(self.model.config, "num_attention_heads", 64)
+        keys = cached + self.prefill_step
+        fit = ATTENTION_BUDGET // (4 * heads * keys)
+        return max(128, min(self.prefill_step, fit))
 
     def generate(self, prompt: list[int], params: SamplingParams | None = None,
                  stop_tokens=STOP_TOKENS_FOR_SAMPLING) -> Iterator[int]:

@@ -357,8 +357,6 @@ def _materialize(plan, arrays):
 def _cast(name: str, array: mx.array, dtype: mx.Dtype) -> mx.array:
     if not mx.issubdtype(array.dtype, mx.floating):
         return array  # packed weights, uint8 scales
-    if name.endswith("layernorm.weight") or name == "norm.weight":
-        return array.astype(mx.float32)  # RMSNorm gains stay float32 (the reference keeps them so)
     if name.endswith(".scales") or name.endswith(".biases"):
         return array  # affine quantization parameters keep the dtype they were made in
     return array.astype(dtype)

@@ -43,6 +43,7 @@ def bench_ours(directory: Path, prompts: list[int], decode: int, history: int) -
     weights_gb = mx.get_active_memory() / 1e9
     greedy = SamplingParams(temperature=0, max_tokens=1)
     out = {"weights_gb": round(weights_gb, 2), "prefill_tps": {}}
+    list(Engine(model).generate(random_prompt(256, 0), greedy, stop_tokens=frozenset()))  # warm-up
     for n in prompts:
         engine = Engine(model)
         mx.reset_peak_memory()
@@ -89,6 +90,7 @@ def bench_mlx_lm(directory: Path, prompts: list[int], decode: int, history: int)
             break
         return time.perf_counter() - t0
 
+    ttft(random_prompt(256, 0))  # warm-up
     for n in prompts:
         mx.reset_peak_memory()
         out["prefill_tps"][n] = round(n / ttft(random_prompt(n, n)), 1)

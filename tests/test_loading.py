@@ -50,7 +50,7 @@ def test_experts_stay_packed_mxfp4(checkpoints):
 def test_dtypes(checkpoints):
     bf16 = load_model(checkpoints["hf"])
     assert bf16.layers[0].self_attn.q_proj.weight.dtype == mx.bfloat16
-    assert bf16.layers[0].input_layernorm.weight.dtype == mx.float32  # norms stay fp32
+    assert bf16.layers[0].input_layernorm.weight.dtype == mx.bfloat16  # bf16 values, fp32 math
     assert bf16(PROMPT).dtype == mx.bfloat16
     f32 = load_model(checkpoints["hf"], mx.float32)
     assert f32(PROMPT).dtype == mx.float32
