@@ -40,11 +40,10 @@ class ScriptedModel:
         cache[0].update_and_fetch(*(2 * [mx.zeros((1, 1, L, 1))]))
         del self.fed[cache[0].offset - L:]  # the engine may have rewound the cache
         self.fed += inputs[0].tolist()
-        if self.fed[-2:] == START_ASSISTANT:
+        progress = self._progress()
+        if self.fed[-2:] == START_ASSISTANT and progress == 0:  # a prompt ended: next reply
             self.turn += 1
-            token = self._script[0]
-        else:
-            token = self._script[self._progress()]
+        token = self._script[progress]
         logits = mx.full((1, L, self.config.vocab_size), -1e9)
         logits[:, -1, token] = 0.0
         return logits
