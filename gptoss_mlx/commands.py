@@ -88,7 +88,7 @@ def _load_chat(args, out=sys.stderr):
         raise CLIError(str(e)) from None
 
 
-def _stream(chat, events, show_reasoning: bool, answer_out, reasoning_out, dim: bool) -> object:
+def _stream(events, show_reasoning: bool, answer_out, reasoning_out, dim: bool) -> object:
     """Print a reply's events; returns the Done event."""
     from .chat import AnswerDelta, Done, ReasoningDelta, ToolCall
 
@@ -126,7 +126,7 @@ def cmd_generate(args) -> int:
 
     chat = _load_chat(args)
     try:
-        _stream(chat, chat.send(args.prompt), True, sys.stdout, sys.stderr, sys.stderr.isatty())
+        _stream(chat.send(args.prompt), True, sys.stdout, sys.stderr, sys.stderr.isatty())
     except ContextLengthError as e:
         raise CLIError(str(e)) from None
     return 0
@@ -142,7 +142,7 @@ def cmd_chat(args) -> int:
             raise CLIError("no question on standard input")
         chat = _load_chat(args)
         try:
-            _stream(chat, chat.send(question), not args.hide_reasoning, sys.stdout, sys.stderr,
+            _stream(chat.send(question), not args.hide_reasoning, sys.stdout, sys.stderr,
                     False)
         except ContextLengthError as e:
             raise CLIError(str(e)) from None
@@ -197,7 +197,7 @@ class Repl:
 
         events = self.chat.send(text)
         try:
-            done = _stream(self.chat, events, self.show_reasoning, self.out, self.out,
+            done = _stream(events, self.show_reasoning, self.out, self.out,
                            self.out.isatty())
             self.last_stats = done.stats if done else None
             if done and done.finish_reason in ("length", "context"):

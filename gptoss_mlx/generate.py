@@ -15,6 +15,7 @@ from typing import Iterator
 
 import mlx.core as mx
 
+from .cache import RotatingKVCache
 from .harmony import STOP_TOKENS_FOR_SAMPLING
 from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS
 
@@ -149,8 +150,8 @@ class PromptCache:
 
 
 def _empty_state(cache):
-    """The state of a cache that holds nothing."""
-    return 0 if not hasattr(cache, "window") else (0, None, None)
+    """The snapshot of a cache that holds nothing."""
+    return (0, None, None) if isinstance(cache, RotatingKVCache) else 0
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -25,7 +25,7 @@ ENDOFTEXT = "<|endoftext|>"
 ROLES = ("system", "developer", "user", "assistant", "tool")
 EFFORTS = ("low", "medium", "high")
 CHANNELS = ("analysis", "commentary", "final")
-ID = {name: i for name, i in SPECIAL_TOKENS.items()}
+ID = SPECIAL_TOKENS
 NAME = {i: name for name, i in SPECIAL_TOKENS.items()}
 
 # Sampling stops only on these (gpt-oss.md 4.5, 7.7): <|end|> would cut the reply after its
