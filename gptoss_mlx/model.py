@@ -104,9 +104,9 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         mask = attention_mask(offset, L, k.shape[2], self.window)
         # Sinks: an extra softmax column per head that takes weight but adds no value.
-        out = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=self.scale, mask=mask, sinks=self.sinks.astype(q.dtype)
-        )
+        # (Loaded models hold them in the activation dtype already: no cast per token.)
+        sinks = self.sinks if self.sinks.dtype == q.dtype else self.sinks.astype(q.dtype)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=sinks)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
