@@ -66,13 +66,13 @@ def _tokenizer(model: str | None):
     from .tokenizer import TokenizerError, load_tokenizer
 
     try:
-        if model is None:
-            try:
-                return load_tokenizer()
-            except TokenizerError:
-                pass
+        if model is None:  # never download a whole checkpoint just for its tokenizer
+            return load_tokenizer()
         return load_tokenizer(resolve_checkpoint(model))
-    except (CheckpointError, TokenizerError) as e:
+    except TokenizerError as e:
+        hint = "" if model else " (or pass --model with a checkpoint that has tokenizer.json)"
+        raise CLIError(f"{e}{hint}") from None
+    except CheckpointError as e:
         raise CLIError(str(e)) from None
 
 

@@ -10,12 +10,12 @@ and a prompt cache that reuses the longest common prefix across turns.
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import mlx.core as mx
 
-from .cache import RotatingKVCache
 from .harmony import STOP_TOKENS_FOR_SAMPLING
 from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS
 
@@ -49,12 +49,16 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
 
+@lru_cache(maxsize=4)
 def banned_token_mask(vocab_size: int) -> mx.array:
-    """Additive mask: 0 for tokens the model may emit, -inf for reserved ids (gpt-oss.md 7.11)."""
-    allowed = set(range(NUM_BPE_TOKENS)) | set(SPECIAL_TOKENS.values())
-    allowed.discard(SPECIAL_TOKENS["<|startoftext|>"])
-    mask = [0.0 if i in allowed else float("-inf") for i in range(vocab_size)]
-    return mx.array(mask, dtype=mx.float32)
+    """Additive mask: 0 for tokens the model may emit, -inf for reserved ids (gpt-oss.md 7.11).
+    Built once per vocabulary size."""
+    mask = mx.where(mx.arange(vocab_size) < NUM_BPE_TOKENS, 0.0, float("-inf"))
+    never = SPECIAL_TOKENS["<|startoftext|>"]
+    allowed = [i for i in SPECIAL_TOKENS.values() if i < vocab_size and i != never]
+    if allowed:
+        mask[mx.array(allowed)] = 0.0
+    return mask.astype(mx.float32)
 
 
 def make_sampler(params: SamplingParams, vocab_size: int):
@@ -126,6 +130,9 @@ class PromptCache:
     snapshots: dict[int, list] = field(default_factory=dict)
     max_snapshots: int = 8
 
+    def __post_init__(self):
+        self.take_snapshot()  # position 0: rewinding can always fall back to an empty cache
+
     def rewind_to(self, keep: int) -> int:
         """Drop cached tokens past ``keep``; returns how many remain (possibly fewer)."""
         extra = len(self.tokens) - keep
@@ -135,9 +142,8 @@ class PromptCache:
             for c in self.cache:
                 c.trim(extra)
         else:
-            keep = max((p for p in self.snapshots if p <= keep), default=0)
-            states = self.snapshots.get(keep) or [_empty_state(c) for c in self.cache]
-            for c, state in zip(self.cache, states):
+            keep = max(p for p in self.snapshots if p <= keep)
+            for c, state in zip(self.cache, self.snapshots[keep]):
                 c.restore(state)
         del self.tokens[keep:]
         self.snapshots = {p: s for p, s in self.snapshots.items() if p <= keep}
@@ -146,12 +152,7 @@ class PromptCache:
     def take_snapshot(self) -> None:
         self.snapshots[len(self.tokens)] = [c.snapshot() for c in self.cache]
         while len(self.snapshots) > self.max_snapshots:
-            del self.snapshots[min(self.snapshots)]
-
-
-def _empty_state(cache):
-    """The snapshot of a cache that holds nothing."""
-    return (0, None, None) if isinstance(cache, RotatingKVCache) else 0
+            del self.snapshots[min(p for p in self.snapshots if p > 0)]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
