@@ -286,5 +286,9 @@ def cmd_doctor(args) -> int:
                 p = plan(config, ctx, bits, limit)
                 cells.append(f"{('yes ' if p.fits else 'no  ') + f'{p.total / GB:5.1f} GB':>14}")
             print(f"  {name:<14}{ctx:>9}  " + "  ".join(cells))
-    print("\nCustom kernels: none yet; every op runs on MLX's built-in kernels.")
+    from .kernels import registry
+
+    print(f"\nCustom kernels ({registry.ENV_VAR}={registry.mode()}; checked on a small input before use):")
+    for name, state, description in registry.status(mx.bfloat16):
+        print(f"  {name:<16} {state}\n  {'':<16} {description}")
     return 0

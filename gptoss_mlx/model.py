@@ -19,6 +19,7 @@ import mlx.nn as nn
 
 from .cache import KVCache, RotatingKVCache
 from .config import ModelConfig, yarn_parameters
+from .kernels import add_rms_norm
 
 SWIGLU_ALPHA = 1.702
 
@@ -212,8 +213,10 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(config, **expert_quantization)
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
-        x = x + self.self_attn(self.input_layernorm(x), cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # h = x + attention(...), and its norm, in one kernel where that kernel is active.
+        norm = self.post_attention_layernorm
+        h, normed = add_rms_norm(x, self.self_attn(self.input_layernorm(x), cache), norm.weight, norm.eps)
+        return h + self.mlp(normed)
 
 
 class Model(nn.Module):

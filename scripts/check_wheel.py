@@ -29,10 +29,12 @@ def wheel_files(out: Path) -> list[str]:
 def check(names: list[str]) -> list[str]:
     problems = []
     for required in ("gptoss_mlx/__init__.py", "gptoss_mlx/tui/__init__.py",
-                     "gptoss_mlx/metal/__init__.py"):
+                     "gptoss_mlx/metal/__init__.py", "gptoss_mlx/kernels/__init__.py",
+                     "gptoss_mlx/metal/msl_cuda.h", "gptoss_mlx/metal/README.md"):
         if required not in names:
             problems.append(f"missing {required}")
     metal_sources = sorted(p.name for p in (ROOT / "metal").glob("*.metal"))
+    metal_sources += sorted(p.name for p in (ROOT / "metal").glob("*.h"))
     for name in metal_sources:
         if f"gptoss_mlx/metal/{name}" not in names:
             problems.append(f"missing kernel source gptoss_mlx/metal/{name}")

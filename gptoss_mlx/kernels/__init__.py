@@ -1,0 +1,10 @@
+"""Custom kernels for the hot paths: Metal sources in metal/, verified before they are trusted.
+
+Each kernel module pairs a launcher with its plain-MLX reference; ``registry`` decides at run
+time which one runs (see its docstring for ``GPTOSS_MLX_KERNELS``).
+"""
+
+from . import registry
+from .add_rms_norm import add_rms_norm, add_rms_norm_reference
+
+__all__ = ["add_rms_norm", "add_rms_norm_reference", "registry"]

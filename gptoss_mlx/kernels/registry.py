@@ -1,0 +1,137 @@
+"""Which custom kernels run, checked once per process before they are trusted.
+
+Every kernel is registered with its plain-MLX reference and sample inputs. On a GPU backend the
+first use of a kernel (per activation dtype) runs it and the reference on a small sample; a
+compile error or a mismatch disables that kernel with one warning, and the reference runs from
+then on. ``GPTOSS_MLX_KERNELS`` chooses:
+
+- ``check`` (default): verify on first use as above;
+- ``on``: use the kernels without the first-use check;
+- ``off``: always the plain-MLX reference.
+
+On the CPU there is no GPU kernel to run: the reference path is used.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+
+from .source import Kernel, Launch, gpu_backend
+
+MODES = ("check", "on", "off")
+ENV_VAR = "GPTOSS_MLX_KERNELS"
+
+
+@dataclass
+class KernelSpec:
+    name: str
+    kernel: Kernel
+    plan: Callable[..., Launch]  # the public function's arguments -> one launch
+    reference: Callable[..., tuple]  # same arguments -> the outputs, in plain MLX
+    samples: Callable[[mx.Dtype], list[tuple]]  # argument tuples; the first is the run-time check
+    dtypes: tuple = (mx.float32, mx.float16, mx.bfloat16)
+    description: str = ""
+
+    def launch(self, *args) -> list[mx.array]:
+        return self.kernel(self.plan(*args))
+
+
+REGISTRY: dict[str, KernelSpec] = {}
+_state: dict[tuple[str, mx.Dtype], str] = {}  # "active", "active (unchecked)", "disabled: why"
+
+
+def register(spec: KernelSpec) -> KernelSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def mode() -> str:
+    value = os.environ.get(ENV_VAR, "check").strip().lower() or "check"
+    if value not in MODES:
+        warnings.warn(f"{ENV_VAR}={value!r} is not one of {', '.join(MODES)}; using 'check'", stacklevel=3)
+        return "check"
+    return value
+
+
+def tolerance(dtype: mx.Dtype) -> float:
+    """Allowed |kernel - reference| relative to max(1, |reference|): a few ulps of the dtype."""
+    return {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 3e-2}.get(dtype, 0.0)
+
+
+def max_error(outputs, expected) -> float:
+    """Largest |a - b| / max(1, |b|) over all outputs (inf on a shape mismatch or a NaN)."""
+    worst = 0.0
+    for a, b in zip(outputs, expected, strict=True):
+        if a.shape != b.shape:
+            return float("inf")
+        a, b = a.astype(mx.float32), b.astype(mx.float32)
+        err = mx.abs(a - b) / mx.maximum(mx.abs(b), 1.0)
+        err = mx.where(mx.isnan(a) != mx.isnan(b), mx.inf, mx.where(mx.isnan(b), 0.0, err))
+        worst = max(worst, err.max().item() if err.size else 0.0)
+    return worst
+
+
+def verify(name: str, dtype: mx.Dtype) -> str:
+    """Run kernel and reference on the first sample; returns and records the kernel's state."""
+    spec = REGISTRY[name]
+    args = spec.samples(dtype)[0]
+    try:
+        got = spec.launch(*args)
+        mx.eval(got)
+        expected = spec.reference(*args)
+        err = max_error(got, expected)
+    except Exception as e:  # a compile error surfaces here, at evaluation
+        state = f"disabled: failed to run ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+    else:
+        if err <= tolerance(dtype):
+            state = "active"
+        else:
+            state = f"disabled: differs from the reference by {err:.3g} (allowed {tolerance(dtype):.1g})"
+    if state.startswith("disabled"):
+        warnings.warn(
+            f"gptoss-mlx kernel {name!r} ({dtype}) {state}; using the plain-MLX path instead.",
+            RuntimeWarning, stacklevel=3,
+        )
+    _state[(name, dtype)] = state
+    return state
+
+
+def active(name: str, dtype: mx.Dtype) -> bool:
+    """Whether to launch kernel ``name`` for activations of ``dtype`` (checking it first)."""
+    state = _state.get((name, dtype))
+    if state is None:
+        if gpu_backend() is None or mode() == "off" or dtype not in REGISTRY[name].dtypes:
+            return False
+        state = "active (unchecked)" if mode() == "on" else verify(name, dtype)
+        _state[(name, dtype)] = state
+    return state.startswith("active")
+
+
+def status(dtype: mx.Dtype = mx.bfloat16, check: bool = True) -> list[tuple[str, str, str]]:
+    """(name, state, description) of every kernel for ``dtype``, verifying them if asked."""
+    backend, current = gpu_backend(), mode()
+    rows = []
+    for name, spec in REGISTRY.items():
+        if backend is None:
+            state = "reference path (no GPU backend here)"
+        elif current == "off":
+            state = f"off ({ENV_VAR}=off)"
+        elif (name, dtype) in _state:
+            state = _state[(name, dtype)]
+        elif check:
+            active(name, dtype)
+            state = _state[(name, dtype)]
+        else:
+            state = "not used yet"
+        rows.append((name, f"{state} [{backend}]" if backend and state.startswith("active") else state, spec.description))
+    return rows
+
+
+def reset() -> None:
+    """Forget every kernel's state (tests; a changed GPTOSS_MLX_KERNELS)."""
+    _state.clear()

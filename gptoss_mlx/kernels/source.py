@@ -1,0 +1,200 @@
+"""A kernel's Metal source, and how it becomes an MLX Metal kernel or its CUDA mirror.
+
+``metal/<name>.metal`` holds, in this order: a header comment (grid, threadgroup, layout, what
+it fuses), optional helper functions (``#include "x.h"`` lines name other files in metal/ and are
+inlined), a line ``// ---- body ----``, and the body that ``mx.fast.metal_kernel`` wraps in the
+signature it generates. On CUDA the same helpers and body are compiled by
+``mx.fast.cuda_kernel`` after metal/msl_cuda.h, with a short preamble that defines the Metal
+thread attributes the body uses (metal/README.md lists the supported subset).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import mlx.core as mx
+
+BODY_MARKER = "// ---- body ----"
+
+# The thread attributes MLX adds to a Metal signature when their name appears in the body
+# (mlx/backend/common/metal_kernel.cpp), with the CUDA expression each one mirrors as.
+_CUDA_ATTRIBUTES = {
+    "thread_position_in_grid": "uint3 thread_position_in_grid = make_uint3("
+    "blockIdx.x * blockDim.x + threadIdx.x, blockIdx.y * blockDim.y + threadIdx.y, "
+    "blockIdx.z * blockDim.z + threadIdx.z);",
+    "thread_position_in_threadgroup": "uint3 thread_position_in_threadgroup = "
+    "make_uint3(threadIdx.x, threadIdx.y, threadIdx.z);",
+    "threadgroup_position_in_grid": "uint3 threadgroup_position_in_grid = "
+    "make_uint3(blockIdx.x, blockIdx.y, blockIdx.z);",
+    "threads_per_threadgroup": "uint3 threads_per_threadgroup = "
+    "make_uint3(blockDim.x, blockDim.y, blockDim.z);",
+    "threadgroups_per_grid": "uint3 threadgroups_per_grid = make_uint3(gridDim.x, gridDim.y, gridDim.z);",
+    "threads_per_grid": "uint3 threads_per_grid = make_uint3("
+    "gridDim.x * blockDim.x, gridDim.y * blockDim.y, gridDim.z * blockDim.z);",
+    "thread_index_in_threadgroup": "uint thread_index_in_threadgroup = threadIdx.x + "
+    "blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);",
+    "thread_index_in_simdgroup": "uint thread_index_in_simdgroup = (threadIdx.x + "
+    "blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32;",
+    "simdgroup_index_in_threadgroup": "uint simdgroup_index_in_threadgroup = (threadIdx.x + "
+    "blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) / 32;",
+    "simdgroups_per_threadgroup": "uint simdgroups_per_threadgroup = "
+    "(blockDim.x * blockDim.y * blockDim.z) / 32;",
+    "threads_per_simdgroup": "uint threads_per_simdgroup = 32;",
+    "thread_execution_width": "uint thread_execution_width = 32;",
+}
+
+_CUDA_TYPES = {
+    mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16",
+    mx.int32: "int32_t", mx.uint32: "uint32_t", mx.uint8: "uint8_t", mx.int64: "int64_t",
+    mx.uint16: "uint16_t", mx.int8: "int8_t", mx.bool_: "bool",
+}
+
+
+class KernelSourceError(ValueError):
+    pass
+
+
+def metal_dir() -> Path:
+    """Installed: the gptoss_mlx.metal package; a bare checkout on PYTHONPATH: its metal/."""
+    try:
+        return Path(str(resources.files("gptoss_mlx.metal")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "metal"
+
+
+def read_metal_file(name: str) -> str:
+    return (metal_dir() / name).read_text()
+
+
+def _inline_includes(text: str, seen: set[str]) -> str:
+    def include(match: re.Match) -> str:
+        name = match.group(1)
+        if name in seen:
+            return ""
+        seen.add(name)
+        return _inline_includes(read_metal_file(name), seen)
+
+    return re.sub(r'^\s*#include\s+"([^"]+)"\s*$', include, text, flags=re.MULTILINE)
+
+
+@cache
+def kernel_source(name: str) -> tuple[str, str]:
+    """(header, body) of metal/<name>.metal, includes inlined."""
+    text = read_metal_file(f"{name}.metal")
+    if BODY_MARKER not in text:
+        raise KernelSourceError(f"metal/{name}.metal has no '{BODY_MARKER}' line")
+    header, body = text.split(BODY_MARKER, 1)
+    # The header comment documents the file; MLX re-sends the source on every call, so the
+    # comment lines stay out of what it compiles.
+    header = "\n".join(line for line in header.splitlines() if not line.lstrip().startswith("//"))
+    return _inline_includes(header, set()).strip() + "\n", body.strip() + "\n"
+
+
+@dataclass
+class Launch:
+    """One call of a kernel: its inputs (arrays or Python scalars) and launch geometry.
+
+    ``grid`` counts threads, as in mx.fast.metal_kernel; it must be a multiple of
+    ``threadgroup`` (whole threadgroups, whole simdgroups: metal/README.md).
+    """
+
+    inputs: list
+    output_shapes: list[tuple[int, ...]]
+    output_dtypes: list[mx.Dtype]
+    grid: tuple[int, int, int]
+    threadgroup: tuple[int, int, int]
+    template: list[tuple[str, object]] = field(default_factory=list)
+    init_value: float | None = None
+
+    def __post_init__(self):
+        size = self.threadgroup[0] * self.threadgroup[1] * self.threadgroup[2]
+        if size % 32 or size > 1024:
+            raise KernelSourceError(f"threadgroup {self.threadgroup}: size must be a multiple of 32, at most 1024")
+        if any(g % t for g, t in zip(self.grid, self.threadgroup)):
+            raise KernelSourceError(f"grid {self.grid} is not a multiple of threadgroup {self.threadgroup}")
+
+
+class Kernel:
+    """The kernel in metal/<name>.metal, built once per backend and launched with a Launch."""
+
+    def __init__(self, name: str, input_names: list[str], output_names: list[str],
+                 source: tuple[str, str] | None = None):
+        """``source`` (header, body) replaces metal/<name>.metal (tests plant mutants this way)."""
+        self.name = name
+        self.source = source
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+        self._metal = None
+        self._cuda = {}
+
+    def metal(self):
+        if self._metal is None:
+            header, body = self.source or kernel_source(self.name)
+            self._metal = mx.fast.metal_kernel(
+                name=self.name, input_names=self.input_names, output_names=self.output_names,
+                source=body, header=header,
+            )
+        return self._metal
+
+    def cuda(self, scalar_dtypes: tuple):
+        """The CUDA mirror. Scalar inputs arrive as pointers there, so they are renamed and
+        read back under their own name in a preamble (one build per scalar-dtype pattern)."""
+        if scalar_dtypes not in self._cuda:
+            header, body = self.source or kernel_source(self.name)
+            names, preamble = [], []
+            for name, dtype in zip(self.input_names, scalar_dtypes):
+                if dtype is None:
+                    names.append(name)
+                else:
+                    names.append(f"{name}__ptr")
+                    preamble.append(f"const {_CUDA_TYPES[dtype]} {name} = *{name}__ptr;")
+            preamble += [decl for attr, decl in _CUDA_ATTRIBUTES.items() if attr in body]
+            self._cuda[scalar_dtypes] = mx.fast.cuda_kernel(
+                name=self.name, input_names=names, output_names=self.output_names,
+                source="\n".join(preamble) + "\n" + body,
+                header=read_metal_file("msl_cuda.h") + "\n" + header,
+            )
+        return self._cuda[scalar_dtypes]
+
+    def __call__(self, launch: Launch, backend: str | None = None) -> list[mx.array]:
+        backend = backend or gpu_backend()
+        kwargs = dict(
+            output_shapes=launch.output_shapes, output_dtypes=launch.output_dtypes,
+            grid=launch.grid, threadgroup=launch.threadgroup, init_value=launch.init_value,
+        )
+        if launch.template:
+            kwargs["template"] = launch.template
+        if backend == "metal":
+            return self.metal()(inputs=launch.inputs, **kwargs)
+        if backend == "cuda":
+            scalar_dtypes = tuple(_scalar_dtype(x) for x in launch.inputs)
+            inputs = [mx.array(x, dtype=d) if d is not None else x for x, d in zip(launch.inputs, scalar_dtypes)]
+            return self.cuda(scalar_dtypes)(inputs=inputs, **kwargs)
+        raise KernelSourceError(f"no GPU backend to run kernel {self.name!r} on")
+
+
+def _scalar_dtype(x):
+    if isinstance(x, bool):
+        return mx.bool_
+    if isinstance(x, int):
+        return mx.int32
+    if isinstance(x, float):
+        return mx.float32
+    if isinstance(x, mx.array) and x.ndim == 0:
+        return x.dtype
+    return None
+
+
+def gpu_backend() -> str | None:
+    """'metal', 'cuda' or None (CPU only), for the default device."""
+    if mx.default_device() != mx.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    return None

@@ -1,0 +1,284 @@
+"""Every kernel in metal/: clang type-checks the Metal source MLX generates for it, and the CPU
+emulator runs that same source against the plain-MLX reference, in both scheduling orders.
+Planted bugs (a missing barrier, an off-by-one, a typo) must be caught; the run-time safety
+check must disable a kernel that is wrong."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import mlx.core as mx
+import pytest
+
+from gptoss_mlx import kernels  # noqa: F401  (registers every kernel)
+from gptoss_mlx.kernels import registry, toolchain
+from gptoss_mlx.kernels.source import Kernel, Launch, kernel_source
+
+REQUIRE = os.environ.get("GPTOSS_MLX_REQUIRE_TOOLCHAIN") == "1"  # set by .ci/run
+
+
+def _need(tool, what):
+    if tool is None:
+        if REQUIRE:
+            pytest.fail(f"{what} not found, and GPTOSS_MLX_REQUIRE_TOOLCHAIN=1")
+        pytest.skip(f"{what} not found")
+    return tool
+
+
+@pytest.fixture(scope="module")
+def clang():
+    return _need(toolchain.find_clang(), "clang++ >= 15 (apt-get install clang-16)")
+
+
+@pytest.fixture(scope="module")
+def cxx():
+    return _need(toolchain.find_cxx(), "a C++ compiler (g++ >= 12)")
+
+
+CASES = [
+    (name, dtype, i)
+    for name, spec in registry.REGISTRY.items()
+    for dtype in spec.dtypes
+    for i in range(len(spec.samples(dtype)))
+]
+
+
+def _ids(case):
+    name, dtype, i = case
+    return f"{name}-{str(dtype).split('.')[-1]}-sample{i}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_generated_metal_source_type_checks(case, clang):
+    name, dtype, i = case
+    spec = registry.REGISTRY[name]
+    source = toolchain.generated_metal_source(spec.kernel, spec.plan(*spec.samples(dtype)[i]))
+    assert "[[kernel]]" in source
+    toolchain.check_metal_syntax(source, clang)
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_emulated_kernel_matches_reference(case, order, cxx):
+    name, dtype, i = case
+    spec = registry.REGISTRY[name]
+    args = spec.samples(dtype)[i]
+    got = toolchain.emulate(spec.kernel, spec.plan(*args), order)
+    err = registry.max_error(got, spec.reference(*args))
+    assert err <= registry.tolerance(dtype), f"{name} {dtype} sample {i}: error {err}"
+
+
+# ---- planted bugs ----------------------------------------------------------------------------
+
+BARRIER = "threadgroup_barrier(mem_flags::mem_threadgroup);"
+
+
+def _mutant(body: str) -> Kernel:
+    header, _ = kernel_source("add_rms_norm")
+    spec = registry.REGISTRY["add_rms_norm"]
+    return Kernel("add_rms_norm_mutant", spec.kernel.input_names, spec.kernel.output_names, (header, body))
+
+
+def _worst_error(kernel: Kernel) -> float:
+    """The largest error over both scheduling orders and the first three samples."""
+    spec = registry.REGISTRY["add_rms_norm"]
+    worst = 0.0
+    for order in ("forward", "reverse"):
+        for args in spec.samples(mx.float32)[:3]:
+            got = toolchain.emulate(kernel, spec.plan(*args), order)
+            worst = max(worst, registry.max_error(got, spec.reference(*args)))
+    return worst
+
+
+def _drop_barrier(body: str, which: int) -> str:
+    start = -1
+    for _ in range(which + 1):
+        start = body.index(BARRIER, start + 1)
+    return body[:start] + body[start + len(BARRIER):]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["first-barrier", "second-barrier"])
+def test_emulator_catches_a_missing_barrier(which, cxx):
+    _, body = kernel_source("add_rms_norm")
+    assert body.count(BARRIER) == 2
+    assert _worst_error(_mutant(body)) <= registry.tolerance(mx.float32)  # the unmutated source passes
+    assert _worst_error(_mutant(_drop_barrier(body, which))) > 1e-2
+
+
+def test_emulator_catches_an_off_by_one(cxx):
+    _, body = kernel_source("add_rms_norm")
+    mutant = body.replace("for (uint i = tid; i < D;", "for (uint i = tid + 1; i < D;", 1)
+    assert mutant != body
+    assert _worst_error(_mutant(mutant)) == float("inf")  # column 0 never written: NaN
+
+
+def test_emulator_catches_a_partial_reduction(cxx):
+    _, body = kernel_source("add_rms_norm")
+    mutant = body.replace("lane < tg_size / 32", "lane < tg_size / 32 - 1")
+    assert mutant != body
+    assert _worst_error(_mutant(mutant)) > 1e-2
+
+
+def test_compile_check_reports_a_planted_error_with_its_line(clang):
+    spec = registry.REGISTRY["add_rms_norm"]
+    _, body = kernel_source("add_rms_norm")
+    bad = _mutant(body.replace("v = simd_sum(v);", "v = simd_summ(v);"))
+    source = toolchain.generated_metal_source(bad, spec.plan(*spec.samples(mx.float16)[0]))
+    with pytest.raises(toolchain.ToolchainError, match=r"kernel\.metal\.cpp:\d+:\d+: error: use of undeclared identifier 'simd_summ'"):
+        toolchain.check_metal_syntax(source, clang)
+    bad = _mutant(body.replace("h_row[i] = hi;", "h_row[i] = hi"))
+    source = toolchain.generated_metal_source(bad, spec.plan(*spec.samples(mx.float16)[0]))
+    with pytest.raises(toolchain.ToolchainError, match="expected ';'"):
+        toolchain.check_metal_syntax(source, clang)
+
+
+# ---- what the emulator refuses (undefined on Metal, or unportable to CUDA) ---------------------
+
+def _tiny_kernel(body: str, n: int = 64, threadgroup=64):
+    k = Kernel("emulator_probe", ["x"], ["out"], ("", body))
+    x = mx.arange(n, dtype=mx.float32)
+    return k, Launch([x], [(n,)], [mx.float32], (n, 1, 1), (threadgroup, 1, 1))
+
+
+def test_emulator_rejects_a_barrier_after_an_early_return(cxx):
+    k, launch = _tiny_kernel("""
+uint i = thread_position_in_grid.x;
+if (i % 2 == 1) return;
+threadgroup_barrier(mem_flags::mem_threadgroup);
+out[i] = x[i];
+""")
+    with pytest.raises(toolchain.ToolchainError, match="threadgroup_barrier"):
+        toolchain.emulate(k, launch)
+
+
+def test_emulator_rejects_a_simd_op_with_an_inactive_lane(cxx):
+    k, launch = _tiny_kernel("""
+uint i = thread_position_in_grid.x;
+if (thread_index_in_simdgroup == 3) return;
+out[i] = simd_sum(x[i]);
+""")
+    with pytest.raises(toolchain.ToolchainError, match=r"lane.*simd_\* operation|simd_\* operation with an inactive lane"):
+        toolchain.emulate(k, launch)
+
+
+def test_emulator_simd_functions(cxx):
+    k, launch = _tiny_kernel("""
+uint i = thread_position_in_grid.x;
+uint lane = thread_index_in_simdgroup;
+float v = x[i];
+float r = simd_sum(v) + 1000.0f * simd_max(v) + simd_shuffle_down(v, 1) * 0.5f
+        + simd_shuffle_xor(v, 5) * 0.25f + simd_broadcast(v, 7) * 0.125f + simd_shuffle_up(v, 2) * 2.0f;
+out[i] = r + float(lane);
+""")
+    got = toolchain.emulate(k, launch)[0].tolist()
+    for i in range(64):
+        base, lane = i - i % 32, i % 32
+        group = list(range(base, base + 32))
+        down = i + 1 if lane + 1 < 32 else i
+        up = i - 2 if lane >= 2 else i
+        expect = (sum(group) + 1000 * max(group) + 0.5 * down + 0.25 * (base + (lane ^ 5))
+                  + 0.125 * (base + 7) + 2 * up + lane)
+        assert got[i] == pytest.approx(expect), i
+
+
+def test_launch_geometry_is_checked():
+    x = mx.zeros((8,))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Launch([x], [(8,)], [mx.float32], (48, 1, 1), (48, 1, 1))
+    with pytest.raises(ValueError, match="not a multiple"):
+        Launch([x], [(8,)], [mx.float32], (96, 1, 1), (64, 1, 1))
+
+
+# ---- the run-time safety check, with the emulator standing in for the GPU -----------------------
+
+@pytest.fixture
+def emulated_gpu(monkeypatch, cxx):
+    """Pretend a GPU backend exists and run kernels in the emulator."""
+    monkeypatch.setattr(registry, "gpu_backend", lambda: "metal")
+    monkeypatch.setattr(Kernel, "__call__", lambda self, launch, backend=None: toolchain.emulate(self, launch))
+    registry.reset()
+    yield
+    registry.reset()
+
+
+def test_a_correct_kernel_is_checked_once_and_used(emulated_gpu, monkeypatch):
+    spec = registry.REGISTRY["add_rms_norm"]
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert registry.active("add_rms_norm", mx.float16)
+    assert registry.status(mx.float16)[0][1].startswith("active")
+    calls = []
+    monkeypatch.setattr(registry, "verify", lambda *a: calls.append(a) or "active")
+    assert registry.active("add_rms_norm", mx.float16)  # remembered: no second check
+    assert calls == []
+    x, r, w, eps = spec.samples(mx.float16)[0]
+    h, y = kernels.add_rms_norm(x, r, w, eps)
+    assert registry.max_error([h, y], spec.reference(x, r, w, eps)) < registry.tolerance(mx.float16)
+
+
+def test_a_wrong_kernel_is_disabled_with_one_warning(emulated_gpu, monkeypatch):
+    spec = registry.REGISTRY["add_rms_norm"]
+    _, body = kernel_source("add_rms_norm")
+    monkeypatch.setattr(spec, "kernel", _mutant(_drop_barrier(body, 0)))
+    with pytest.warns(RuntimeWarning, match="add_rms_norm.*differs from the reference.*plain-MLX"):
+        assert not registry.active("add_rms_norm", mx.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        x, r, w, eps = spec.samples(mx.float32)[0]
+        h, y = kernels.add_rms_norm(x, r, w, eps)  # the reference runs
+    assert registry.max_error([h, y], spec.reference(x, r, w, eps)) == 0.0
+    assert "disabled" in registry.status(mx.float32)[0][1]
+
+
+def test_a_kernel_that_fails_to_compile_is_disabled(emulated_gpu, monkeypatch):
+    spec = registry.REGISTRY["add_rms_norm"]
+    _, body = kernel_source("add_rms_norm")
+    monkeypatch.setattr(spec, "kernel", _mutant(body.replace("h_row[i] = hi;", "h_row[i] = hi")))
+    with pytest.warns(RuntimeWarning, match="failed to run"):
+        assert not registry.active("add_rms_norm", mx.bfloat16)
+
+
+@pytest.mark.parametrize("value,expect", [("off", False), ("on", True)])
+def test_the_environment_variable_chooses(emulated_gpu, monkeypatch, value, expect):
+    monkeypatch.setenv(registry.ENV_VAR, value)
+    monkeypatch.setattr(registry, "verify", lambda *a: pytest.fail("no check in 'on' or 'off' mode"))
+    assert registry.active("add_rms_norm", mx.float16) is expect
+
+
+def test_on_the_cpu_the_reference_runs(monkeypatch):
+    registry.reset()
+    monkeypatch.setattr(registry, "gpu_backend", lambda: None)
+    assert not registry.active("add_rms_norm", mx.float32)
+    assert registry.status()[0][1] == "reference path (no GPU backend here)"
+
+
+def test_model_forward_with_emulated_kernels_matches_the_reference(emulated_gpu, checkpoints):
+    """The kernel wired into the model (shapes, the residual it returns) gives the same logits."""
+    from gptoss_mlx.loading import load_model
+
+    model = load_model(checkpoints["hf"], dtype=mx.float32)
+    tokens = mx.array([[1, 5, 9, 200, 3, 77, 12]])
+    with_kernels = model(tokens)
+    assert registry.status(mx.float32)[0][1].startswith("active")
+    os.environ[registry.ENV_VAR] = "off"
+    try:
+        registry.reset()
+        reference = model(tokens)
+    finally:
+        del os.environ[registry.ENV_VAR]
+    assert mx.abs(with_kernels - reference).max().item() < 1e-4
+
+
+def test_doctor_lists_every_kernel_and_its_state(capsys, monkeypatch):
+    from gptoss_mlx.cli import main
+
+    registry.reset()
+    monkeypatch.setenv(registry.ENV_VAR, "off")
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "Custom kernels (GPTOSS_MLX_KERNELS=off" in out
+    for name in registry.REGISTRY:
+        assert name in out
+    assert ("reference path (no GPU backend here)" in out) or ("off (GPTOSS_MLX_KERNELS=off)" in out)
