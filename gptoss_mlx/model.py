@@ -12,17 +12,13 @@ its tensors load with few renames. The experts stay packed in MXFP4 and run thro
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import KVCache, RotatingKVCache
 from .config import ModelConfig, yarn_parameters
-from .kernels import add_rms_norm
-
-SWIGLU_ALPHA = 1.702
-
+from .kernels import add_rms_norm, combine_experts, fused_experts, fused_experts_apply, swiglu
 
 class RMSNorm(nn.Module):
     """RMSNorm with a plain gain (no 1 + w, no bias). MLX's kernel accumulates and scales in
@@ -140,14 +136,6 @@ class SwitchLinear(nn.Module):
         return y + mx.expand_dims(self.bias[indices], -2)
 
 
-@partial(mx.compile, shapeless=True)  # one fused kernel instead of seven at every decode step
-def swiglu(x_glu: mx.array, x_linear: mx.array, limit: float) -> mx.array:
-    """gpt-oss's clamped SwiGLU: gate clamped above only, linear part clamped and shifted by +1."""
-    x_glu = mx.minimum(x_glu, limit)
-    x_linear = mx.clip(x_linear, -limit, limit)
-    return x_glu * mx.sigmoid(SWIGLU_ALPHA * x_glu) * (x_linear + 1)
-
-
 class Experts(nn.Module):
     def __init__(self, config: ModelConfig, mode="mxfp4", group_size=32, bits=4):
         super().__init__()
@@ -177,12 +165,6 @@ class Experts(nn.Module):
         return y.squeeze(-2)
 
 
-@partial(mx.compile, shapeless=True)
-def combine_experts(y: mx.array, weights: mx.array) -> mx.array:
-    """sum_e weight_e * y_e: (T, k, D), (T, k) -> (T, D)."""
-    return (y * mx.expand_dims(weights, -1)).sum(axis=-2)
-
-
 class MLP(nn.Module):
     """The mixture of experts: route each token to its top-k experts, then mix their outputs."""
 
@@ -192,16 +174,20 @@ class MLP(nn.Module):
         self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=True)
         self.experts = Experts(config, **expert_quantization)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
+        """residual + moe(x): the block's residual add is fused into the experts' last step."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D)
+        residual = residual.reshape(x.shape)
         logits = self.router(x)
         # top-k first, then softmax over the k chosen logits only (not over all experts).
         indices = mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[:, : self.top_k]
         chosen = mx.take_along_axis(logits, indices, axis=-1)
         weights = mx.softmax(chosen, axis=-1, precise=True)  # (T, k), computed in float32
+        if fused_experts_apply(x, self.experts):  # decode-sized batches: two fused kernels
+            return fused_experts(x, indices, weights, self.experts, residual).reshape(shape)
         y = self.experts(x, mx.stop_gradient(indices))  # (T, k, D)
-        return combine_experts(y, weights).reshape(shape)
+        return combine_experts(y, weights, residual).reshape(shape)
 
 
 class TransformerBlock(nn.Module):
@@ -216,7 +202,7 @@ class TransformerBlock(nn.Module):
         # h = x + attention(...), and its norm, in one kernel where that kernel is active.
         norm = self.post_attention_layernorm
         h, normed = add_rms_norm(x, self.self_attn(self.input_layernorm(x), cache), norm.weight, norm.eps)
-        return h + self.mlp(normed)
+        return self.mlp(normed, residual=h)  # h + moe(normed)
 
 
 class Model(nn.Module):

@@ -65,7 +65,7 @@ def test_emulated_kernel_matches_reference(case, order, cxx):
     spec = registry.REGISTRY[name]
     args = spec.samples(dtype)[i]
     got = toolchain.emulate(spec.kernel, spec.plan(*args), order)
-    err = registry.max_error(got, spec.reference(*args))
+    err = registry.max_error(got, spec.expected(*args))
     assert err <= registry.tolerance(dtype), f"{name} {dtype} sample {i}: error {err}"
 
 
@@ -255,13 +255,13 @@ def test_on_the_cpu_the_reference_runs(monkeypatch):
 
 
 def test_model_forward_with_emulated_kernels_matches_the_reference(emulated_gpu, checkpoints):
-    """The kernel wired into the model (shapes, the residual it returns) gives the same logits."""
+    """The kernels wired into the model (shapes, routing, the residual) give the same logits."""
     from gptoss_mlx.loading import load_model
 
     model = load_model(checkpoints["hf"], dtype=mx.float32)
-    tokens = mx.array([[1, 5, 9, 200, 3, 77, 12]])
+    tokens = mx.array([[1, 200, 77]])
     with_kernels = model(tokens)
-    assert registry.status(mx.float32)[0][1].startswith("active")
+    assert all(state.startswith("active") for _, state, _ in registry.status(mx.float32))
     os.environ[registry.ENV_VAR] = "off"
     try:
         registry.reset()

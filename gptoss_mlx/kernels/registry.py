@@ -36,9 +36,20 @@ class KernelSpec:
     samples: Callable[[mx.Dtype], list[tuple]]  # argument tuples; the first is the run-time check
     dtypes: tuple = (mx.float32, mx.float16, mx.bfloat16)
     description: str = ""
+    # The kernel accumulates in float32 and rounds once; an MLX path in half precision rounds
+    # (and on the CPU accumulates) in that precision at every step. Such kernels are compared
+    # with the reference computed from the same inputs in float32.
+    reference_in_float32: bool = False
 
     def launch(self, *args) -> list[mx.array]:
         return self.kernel(self.plan(*args))
+
+    def expected(self, *args) -> tuple:
+        """What the kernel must produce for these arguments (within ``tolerance``)."""
+        if self.reference_in_float32:
+            args = [a.astype(mx.float32) if isinstance(a, mx.array) and mx.issubdtype(a.dtype, mx.floating) else a
+                    for a in args]
+        return self.reference(*args)
 
 
 REGISTRY: dict[str, KernelSpec] = {}
@@ -60,7 +71,7 @@ def mode() -> str:
 
 def tolerance(dtype: mx.Dtype) -> float:
     """Allowed |kernel - reference| relative to max(1, |reference|): a few ulps of the dtype."""
-    return {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 3e-2}.get(dtype, 0.0)
+    return {mx.float32: 1e-4, mx.float16: 2e-3, mx.bfloat16: 1e-2}.get(dtype, 0.0)
 
 
 def max_error(outputs, expected) -> float:
@@ -83,8 +94,7 @@ def verify(name: str, dtype: mx.Dtype) -> str:
     try:
         got = spec.launch(*args)
         mx.eval(got)
-        expected = spec.reference(*args)
-        err = max_error(got, expected)
+        err = max_error(got, spec.expected(*args))
     except Exception as e:  # a compile error surfaces here, at evaluation
         state = f"disabled: failed to run ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
     else:
@@ -103,27 +113,26 @@ def verify(name: str, dtype: mx.Dtype) -> str:
 
 def active(name: str, dtype: mx.Dtype) -> bool:
     """Whether to launch kernel ``name`` for activations of ``dtype`` (checking it first)."""
-    state = _state.get((name, dtype))
+    state = _state.get((name, dtype))  # decided once: this runs for every layer of every token
     if state is None:
-        if gpu_backend() is None or mode() == "off" or dtype not in REGISTRY[name].dtypes:
-            return False
-        state = "active (unchecked)" if mode() == "on" else verify(name, dtype)
+        if gpu_backend() is None:
+            state = "reference path (no GPU backend here)"
+        elif mode() == "off":
+            state = f"off ({ENV_VAR}=off)"
+        elif dtype not in REGISTRY[name].dtypes:
+            state = f"reference path (no {dtype} variant)"
+        else:
+            state = "active (unchecked)" if mode() == "on" else verify(name, dtype)
         _state[(name, dtype)] = state
     return state.startswith("active")
 
 
 def status(dtype: mx.Dtype = mx.bfloat16, check: bool = True) -> list[tuple[str, str, str]]:
     """(name, state, description) of every kernel for ``dtype``, verifying them if asked."""
-    backend, current = gpu_backend(), mode()
+    backend = gpu_backend()
     rows = []
     for name, spec in REGISTRY.items():
-        if backend is None:
-            state = "reference path (no GPU backend here)"
-        elif current == "off":
-            state = f"off ({ENV_VAR}=off)"
-        elif (name, dtype) in _state:
-            state = _state[(name, dtype)]
-        elif check:
+        if (name, dtype) in _state or check or backend is None or mode() == "off":
             active(name, dtype)
             state = _state[(name, dtype)]
         else:

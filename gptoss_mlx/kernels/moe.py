@@ -1,0 +1,174 @@
+"""The MoE at decode: two fused MXFP4 kernels (metal/moe_*.metal) next to their plain-MLX
+references, and :func:`fused_experts`, which the model calls for small batches.
+
+The references are what the model's generic path computes (``gather_qmm`` on the packed
+experts, bias gathers, the clamped SwiGLU, the weighted sum), written out for one purpose:
+being what the kernels must equal.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import mlx.core as mx
+
+from . import registry
+from .source import Kernel, Launch
+
+SWIGLU_ALPHA = 1.702
+SIMDGROUPS = 8  # per threadgroup: 256 threads, one output row each (mlx-kernels.md 5.3, 5.4)
+
+# Up to this many tokens the kernels replace gather_qmm (each token re-reads its experts' rows,
+# as gather_qmv does); above it the sorted gather_qmm path shares rows between tokens.
+# Measured by scripts/bench_moe.py (see its docstring).
+MAX_TOKENS = 16
+
+GATE_UP = Kernel("moe_gate_up_swiglu", ["x", "w", "scales", "bias", "indices", "limit"], ["act"])
+DOWN = Kernel("moe_down_combine", ["act", "w", "scales", "bias", "indices", "weights", "residual"], ["y"])
+
+
+@partial(mx.compile, shapeless=True)  # one fused kernel instead of seven
+def swiglu(x_glu: mx.array, x_linear: mx.array, limit: float) -> mx.array:
+    """gpt-oss's clamped SwiGLU: gate clamped above only, linear part clamped and shifted by +1."""
+    x_glu = mx.minimum(x_glu, limit)
+    x_linear = mx.clip(x_linear, -limit, limit)
+    return x_glu * mx.sigmoid(SWIGLU_ALPHA * x_glu) * (x_linear + 1)
+
+
+def _gather_mxfp4(x, w, scales, bias, indices):
+    """x (T, 1, 1, K) through experts ``indices`` (T, k): (T, k, 1, N), bias added."""
+    y = mx.gather_qmm(x, w, scales, rhs_indices=indices, transpose=True, group_size=32, bits=4, mode="mxfp4")
+    return y + mx.expand_dims(bias[indices], -2)
+
+
+# ---- kernel A: gate/up + SwiGLU ----------------------------------------------------------------
+
+def gate_up_swiglu_reference(x, indices, w, scales, bias, limit):
+    """x (T, D), indices (T, k), w [E, 2I, D/8] interleaved rows -> act (T, k, I)."""
+    h = _gather_mxfp4(mx.expand_dims(x, (-2, -3)), w, scales, bias, indices)  # (T, k, 1, 2I)
+    return (swiglu(h[..., ::2], h[..., 1::2], limit).squeeze(-2),)
+
+
+def gate_up_swiglu_plan(x, indices, w, scales, bias, limit) -> Launch:
+    T, D = x.shape
+    k = indices.shape[-1]
+    I = w.shape[1] // 2
+    return Launch(
+        inputs=[x, w, scales, bias, indices, float(limit)],
+        output_shapes=[(T, k, I)], output_dtypes=[x.dtype],
+        grid=(32 * SIMDGROUPS, -(-I // SIMDGROUPS), T * k), threadgroup=(32 * SIMDGROUPS, 1, 1),
+        template=[("T_", x.dtype), ("D", D), ("I", I), ("TOP_K", k)],
+    )
+
+
+# ---- kernel B: down + routing weights + sum over experts ----------------------------------------
+
+@partial(mx.compile, shapeless=True)
+def combine_experts(y: mx.array, weights: mx.array, residual: mx.array) -> mx.array:
+    """residual + sum_j weights_j * y_j: (T, k, D), (T, k), (T, D) -> (T, D)."""
+    return residual + (y * mx.expand_dims(weights, -1)).sum(axis=-2)
+
+
+def down_combine_reference(act, indices, weights, w, scales, bias, residual):
+    """act (T, k, I), indices/weights (T, k), w [E, D, I/8], residual (T, D) -> (T, D)."""
+    y = _gather_mxfp4(mx.expand_dims(act, -2), w, scales, bias, indices).squeeze(-2)  # (T, k, D)
+    return (combine_experts(y, weights, residual),)
+
+
+def down_combine_plan(act, indices, weights, w, scales, bias, residual) -> Launch:
+    T, k, I = act.shape
+    D = w.shape[1]
+    return Launch(
+        inputs=[act, w, scales, bias, indices, weights, residual],
+        output_shapes=[(T, D)], output_dtypes=[act.dtype],
+        grid=(32 * SIMDGROUPS, -(-D // SIMDGROUPS), T), threadgroup=(32 * SIMDGROUPS, 1, 1),
+        template=[("T_", act.dtype), ("D", D), ("I", I), ("TOP_K", k)],
+    )
+
+
+# ---- samples: random packed experts ---------------------------------------------------------------
+
+def random_experts(key, E, N, K, dtype):
+    """MXFP4 weights [E, N, K/8], scales [E, N, K/32] of 2^-9..2^-5 (outputs of order 1 for
+    unit inputs at K = 2880, like the real model's), bias [E, N]."""
+    k1, k2, k3 = mx.random.split(key, 3)
+    w = mx.random.randint(0, 256, (E, N, K // 2), key=k1).astype(mx.uint8).view(mx.uint32)
+    scales = mx.random.randint(118, 123, (E, N, K // 32), key=k2).astype(mx.uint8)
+    bias = (0.5 * mx.random.normal((E, N), key=k3)).astype(dtype)
+    return w, scales, bias
+
+
+def _routing(key, T, E, k):
+    """T tokens' top-k experts (distinct, unsorted) and softmaxed weights."""
+    k1, k2 = mx.random.split(key)
+    indices = mx.argsort(mx.random.uniform(shape=(T, E), key=k1), axis=-1)[:, :k].astype(mx.uint32)
+    weights = mx.softmax(mx.random.normal((T, k), key=k2), axis=-1)
+    return indices, weights
+
+
+# (tokens, D, I, experts, top-k), small first (the run-time check). The lanes stride over the
+# blocks of the input dimension — D for kernel A, I for kernel B — so each kernel gets the
+# model's 2880 there (90 blocks: lanes 0-25 take three, the rest two), a short one (3 blocks:
+# most lanes idle), 1056 (33 blocks: one lane takes two), and several tokens; the output
+# dimension stays small to keep the emulator quick.
+GATE_UP_SHAPES = [(1, 64, 64, 4, 2), (1, 2880, 64, 8, 4), (3, 96, 96, 4, 4), (2, 1056, 160, 6, 4)]
+DOWN_SHAPES = [(1, 64, 64, 4, 2), (1, 64, 2880, 8, 4), (3, 96, 96, 4, 4), (2, 160, 1056, 6, 4)]
+
+
+def gate_up_samples(dtype):
+    out = []
+    for n, (T, D, I, E, k) in enumerate(GATE_UP_SHAPES):
+        key = mx.random.key(100 + n)
+        k1, k2, k3 = mx.random.split(key, 3)
+        w, scales, bias = random_experts(k1, E, 2 * I, D, dtype)
+        indices, _ = _routing(k2, T, E, k)
+        x = mx.random.normal((T, D), key=k3).astype(dtype)
+        out.append((x, indices, w, scales, bias, 7.0))
+    return out
+
+
+def down_samples(dtype):
+    out = []
+    for n, (T, D, I, E, k) in enumerate(DOWN_SHAPES):
+        key = mx.random.key(200 + n)
+        k1, k2, k3 = mx.random.split(key, 3)
+        w, scales, bias = random_experts(k1, E, D, I, dtype)
+        indices, weights = _routing(k2, T, E, k)
+        k3, k4 = mx.random.split(k3)
+        act = mx.random.normal((T, k, I), key=k3).astype(dtype)
+        residual = mx.random.normal((T, D), key=k4).astype(dtype)
+        out.append((act, indices, weights.astype(dtype), w, scales, bias, residual))
+    return out
+
+
+GATE_UP_SPEC = registry.register(registry.KernelSpec(
+    "moe_gate_up_swiglu", GATE_UP, gate_up_swiglu_plan, gate_up_swiglu_reference, gate_up_samples,
+    description="MoE decode A: MXFP4 gate/up rows in one pass + biases + clamped SwiGLU",
+    reference_in_float32=True,
+))
+DOWN_SPEC = registry.register(registry.KernelSpec(
+    "moe_down_combine", DOWN, down_combine_plan, down_combine_reference, down_samples,
+    description="MoE decode B: MXFP4 down + bias, weighted sum over experts, residual add",
+    reference_in_float32=True,
+))
+
+
+def fused_experts_apply(x: mx.array, experts) -> bool:
+    """Whether :func:`fused_experts` runs the kernels for this batch (else use the MLX path)."""
+    gu = experts.gate_up_proj
+    return (
+        x.shape[0] <= MAX_TOKENS
+        and gu.mode == "mxfp4"
+        and x.dtype == gu.bias.dtype
+        and registry.active(GATE_UP_SPEC.name, x.dtype)
+        and registry.active(DOWN_SPEC.name, x.dtype)
+    )
+
+
+def fused_experts(x, indices, weights, experts, residual) -> mx.array:
+    """residual + sum_j weights[:, j] * expert_{indices[:, j]}(x): (T, D) -> (T, D), with
+    kernels A and B."""
+    gu, down = experts.gate_up_proj, experts.down_proj
+    (act,) = GATE_UP_SPEC.launch(x, indices, gu.weight, gu.scales, gu.bias, experts.swiglu_limit)
+    (y,) = DOWN_SPEC.launch(act, indices, weights.astype(x.dtype), down.weight, down.scales, down.bias, residual)
+    return y

@@ -1,0 +1,54 @@
+// mxfp4.h — MXFP4 helpers shared by the expert kernels (included by moe_*.metal).
+//
+// Layout (the checkpoints' and MLX's, byte-identical): a row of K values is K/8 uint32 words of
+// packed E2M1 nibbles — element 8w + n in nibble n (low first) of word w — and K/32 E8M0 scale
+// bytes (2^(s - 127)), one per 32-value block (4 words), in a separate [rows, K/32] array.
+// The kernels give each lane whole words: lane l of a simdgroup takes words l, l + 32, ... so a
+// simdgroup's loads of one row are 128 contiguous bytes, and its loads of x are 512.
+
+// One E2M1 nibble as a float times 2^-14: the three magnitude bits land in a half's exponent
+// and mantissa (MLX's fp4.h trick), so no table and no branch. mxfp4_scale() folds 2^14 back.
+METAL_FUNC float e2m1_scaled(uint nibble) {
+  return static_cast<float>(as_type<half>(ushort(((nibble & 7u) << 9) | ((nibble & 8u) << 12))));
+}
+
+// The block scale 2^(s - 127), times 2^14 for e2m1_scaled (s = 0 reads as 0).
+METAL_FUNC float mxfp4_scale(uint s) {
+  return as_type<float>(s << 23) * 16384.0f;
+}
+
+// Dot product of one packed word (8 values) with xv[0..7], unscaled.
+METAL_FUNC float dot8(uint q, thread const float* xv) {
+  float acc = 0.0f;
+  for (int n = 0; n < 8; ++n) {
+    acc += e2m1_scaled((q >> (4 * n)) & 15u) * xv[n];
+  }
+  return acc;
+}
+
+// Eight consecutive activations as floats, in one 16-byte load for 16-bit types (p is 16-byte
+// aligned: rows are multiples of 32 values and p advances by 8).
+METAL_FUNC void load8(const device float* p, thread float* out) {
+  const float4 a = ((const device float4*)p)[0];
+  const float4 b = ((const device float4*)p)[1];
+  out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+  out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+}
+
+METAL_FUNC void load8(const device half* p, thread float* out) {
+  const uint4 q = *(const device uint4*)p;
+  const uint words[4] = {q.x, q.y, q.z, q.w};
+  for (int k = 0; k < 4; ++k) {
+    out[2 * k] = static_cast<float>(as_type<half>(ushort(words[k] & 0xffffu)));
+    out[2 * k + 1] = static_cast<float>(as_type<half>(ushort(words[k] >> 16)));
+  }
+}
+
+METAL_FUNC void load8(const device bfloat16_t* p, thread float* out) {
+  const uint4 q = *(const device uint4*)p;
+  const uint words[4] = {q.x, q.y, q.z, q.w};
+  for (int k = 0; k < 4; ++k) {  // a bfloat16 is the top half of a float32
+    out[2 * k] = as_type<float>(words[k] << 16);
+    out[2 * k + 1] = as_type<float>(words[k] & 0xffff0000u);
+  }
+}
