@@ -179,9 +179,9 @@ class Engine:
     def reset(self) -> None:
         self.prompt_cache = PromptCache(self.model.make_cache())
 
-    def _forward(self, tokens: list[int]) -> mx.array:
+    def _forward(self, tokens: list[int], evaluate_layers: bool = False) -> mx.array:
         """Feed tokens through the model (updating the cache); logits of the last one, (1, V)."""
-        logits = self.model(mx.array([tokens]), cache=self.prompt_cache.cache)
+        logits = self.model(mx.array([tokens]), cache=self.prompt_cache.cache, evaluate_layers=evaluate_layers)
         self.prompt_cache.tokens.extend(tokens)
         return logits[:, -1, :]
 
@@ -204,7 +204,7 @@ class Engine:
         while rest:
             step = self._chunk_size(len(pc.tokens))
             chunk, rest = rest[:step], rest[step:]
-            self._forward(chunk)
+            self._forward(chunk, evaluate_layers=True)  # bounds the temporaries to one layer's
             mx.eval([c.state for c in pc.cache])
         logits = self._forward(prompt[-1:])
         pc.take_snapshot()
