@@ -172,15 +172,10 @@ class Chat:
         data["date"] = self.date
         return data
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the chat as Chat Completions JSON (reasoning included), atomically."""
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_json(), f, indent=2, ensure_ascii=False)
-        os.replace(tmp, path)
-        return path
+    def save(self, path: str | os.PathLike, **metadata) -> Path:
+        """Write the chat as Chat Completions JSON (reasoning included), atomically.
+        ``metadata`` (e.g. a title) is stored beside it and ignored by :meth:`load`."""
+        return write_json_atomic(path, {**self.to_json(), **metadata})
 
     def load(self, path: str | os.PathLike) -> None:
         """Replace this chat's history, instructions, tools and effort with a saved one."""
@@ -201,3 +196,18 @@ class Chat:
         else:
             self.instructions, self.functions = None, []
         self.messages = rest
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> Path:
+    """Write JSON through a temporary file and a rename: a crash never leaves half a file."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -35,6 +35,11 @@ def register(sub) -> None:
     p.add_argument("--system", help="instructions for the model (the developer message)")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("tui", help="the full-screen chat app (live reasoning, effort switch, saved chats)")
+    _model_options(p)
+    p.add_argument("--system", help="instructions for the model (the developer message)")
+    p.set_defaults(func=cmd_tui)
+
     p = sub.add_parser("doctor", help="MLX, memory limits, what fits, and kernel status")
     p.set_defaults(func=cmd_doctor)
 
@@ -257,6 +262,19 @@ class Repl:
                 self.say(f"loaded {len(self.chat.messages)} messages from {arg}")
         except (ChatFileError, OSError) as e:
             self.say(f"error: {e}")
+
+
+def cmd_tui(args) -> int:
+    """The Textual app; the model loads inside it, with a visible loading state."""
+    import io
+
+    from .tui import ChatApp
+
+    name = args.model or "openai/gpt-oss-20b"
+    app = ChatApp(loader=lambda: _load_chat(args, out=io.StringIO()),
+                  model_name=name.rstrip("/").split("/")[-1], effort=args.reasoning_effort)
+    app.run()
+    return 0
 
 
 def cmd_doctor(args) -> int:

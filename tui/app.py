@@ -1,0 +1,591 @@
+"""The gptoss-mlx chat TUI: live chain of thought, a reasoning-effort switch, saved chats.
+
+    gptoss-mlx tui [--model M] [-e low|medium|high]      (or: python -m gptoss_mlx.tui)
+
+The app drives a :class:`gptoss_mlx.chat.Chat` from a thread worker; every event (reasoning
+delta, answer delta, tool call, done) is handed to the UI thread, which streams it into the
+current turn. Conversations are saved after each reply (tui/store.py).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable
+
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message as TextualMessage
+from textual.reactive import reactive
+from textual.screen import ModalScreen
+from textual.widgets import (
+    Button, Collapsible, Footer, Input, Label, LoadingIndicator, Markdown, OptionList, Static,
+    TextArea,
+)
+from textual.widgets.option_list import Option
+
+from gptoss_mlx.chat import AnswerDelta, Chat, ChatFileError, Done, ReasoningDelta, ToolCall
+from gptoss_mlx.harmony import EFFORTS
+
+from .store import ConversationStore, title_for, to_markdown  # noqa: F401  (to_markdown: API)
+
+CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
+
+
+# ---- widgets ----------------------------------------------------------------------------------
+
+class PromptInput(TextArea):
+    """Multi-line prompt: Enter sends, Shift+Enter or Ctrl+J adds a line, Up/Down on the first
+    or last line recall earlier prompts."""
+
+    class Submitted(TextualMessage):
+        def __init__(self, text: str):
+            super().__init__()
+            self.text = text
+
+    def __init__(self, **kwargs):
+        super().__init__(soft_wrap=True, show_line_numbers=False, compact=True, **kwargs)
+        self.sent: list[str] = []  # earlier prompts, oldest first
+        self._recall = 0  # 0 = not recalling; k = the k-th most recent prompt
+
+    async def _on_key(self, event) -> None:
+        if event.key == "enter":
+            event.prevent_default()
+            event.stop()
+            text = self.text.strip()
+            if text:
+                self.post_message(self.Submitted(text))
+            return
+        if event.key in ("shift+enter", "ctrl+j"):
+            event.prevent_default()
+            event.stop()
+            self.insert("\n")
+            return
+        if event.key == "up" and self.cursor_location[0] == 0 and self._recall < len(self.sent):
+            event.prevent_default()
+            event.stop()
+            self._recall += 1
+            self._show_recalled()
+            return
+        if event.key == "down" and self._recall > 0 and self.cursor_location[0] == self.document.line_count - 1:
+            event.prevent_default()
+            event.stop()
+            self._recall -= 1
+            self._show_recalled()
+            return
+        await super()._on_key(event)
+
+    def _show_recalled(self) -> None:
+        self.text = self.sent[-self._recall] if self._recall else ""
+        self.move_cursor(self.document.end)
+
+    def remember(self, text: str) -> None:
+        if not self.sent or self.sent[-1] != text:
+            self.sent.append(text)
+        self._recall = 0
+
+
+class EffortSwitch(Horizontal):
+    """low · medium · high, always visible; click one (or Ctrl+T) to switch."""
+
+    def compose(self) -> ComposeResult:
+        yield Label("effort:", classes="effort-label")
+        for level in EFFORTS:
+            yield Label(level, id=f"effort-{level}", classes="effort-choice")
+
+    def show(self, effort: str) -> None:
+        for level in EFFORTS:  # a marker as well as a colour: readable without colours too
+            label = self.query_one(f"#effort-{level}", Label)
+            label.set_class(level == effort, "-active")
+            label.update(f"● {level}" if level == effort else f"○ {level}")
+
+    def on_click(self, event) -> None:
+        widget = event.widget
+        if widget is not None and widget.id and widget.id.startswith("effort-"):
+            self.app.set_effort(widget.id.removeprefix("effort-"))
+
+
+class UserMessage(Static):
+    def __init__(self, text: str):
+        super().__init__(text, markup=False, classes="user")
+
+
+class AssistantTurn(Vertical):
+    """One reply: a collapsible Reasoning section that streams live, tool-call rows, the
+    answer as Markdown, and a stats line."""
+
+    def __init__(self, collapse_on_answer: bool, show_reasoning: bool, saved: list | None = None):
+        """``saved``: the messages of a reply from a resumed conversation, shown at once."""
+        super().__init__(classes="assistant")
+        self.collapse_on_answer = collapse_on_answer
+        self.saved = saved or []
+        self.reasoning_text = ""
+        self.answer_text = ""
+        self._streams = {}
+        self.set_class(not show_reasoning, "-hide-reasoning")
+
+    def compose(self) -> ComposeResult:
+        with Collapsible(title="Reasoning · thinking…", collapsed=False, classes="reasoning"):
+            yield Markdown(classes="reasoning-md")
+        yield Markdown(classes="answer")
+        yield Static("", classes="stats")
+
+    async def on_mount(self) -> None:
+        if not self.saved:
+            return
+        for m in self.saved:
+            if m.role == "tool":
+                await self.handle(ToolCall(f"result from {m.name}", m.text))
+            elif m.is_tool_call:
+                await self.handle(ToolCall(m.recipient, m.text, m.channel))
+            elif m.channel == "analysis":
+                self.reasoning_text += m.text
+            else:
+                self.answer_text += m.text
+        await self.finish()
+        self.reasoning.collapsed = bool(self.answer_text)
+
+    @property
+    def reasoning(self) -> Collapsible:
+        return self.query_one(".reasoning", Collapsible)
+
+    async def _write(self, selector: str, text: str) -> None:
+        md = self.query_one(selector, Markdown)
+        if selector not in self._streams:
+            self._streams[selector] = Markdown.get_stream(md)
+        await self._streams[selector].write(text)
+
+    async def handle(self, event) -> None:
+        if isinstance(event, ReasoningDelta):
+            self.reasoning_text += event.text
+            await self._write(".reasoning-md", event.text)
+        elif isinstance(event, AnswerDelta):
+            if not self.answer_text and self.collapse_on_answer:
+                self.reasoning.collapsed = True  # the answer starts: fold the thinking away
+            self.answer_text += event.text
+            await self._write(".answer", event.text)
+        elif isinstance(event, ToolCall):
+            row = Collapsible(Static(event.arguments, markup=False, classes="tool-args"),
+                              title=f"tool call · {event.recipient}", collapsed=True, classes="tool-call")
+            await self.mount(row, before=self.query_one(".answer"))
+        elif isinstance(event, Done):
+            self.query_one(".stats", Static).update(_stats_line(event))
+
+    async def finish(self) -> None:
+        """End the streams and re-parse the full texts (a code fence closed mid-stream can
+        leave the streamed Markdown blank otherwise: oterm #308)."""
+        for stream in self._streams.values():
+            await stream.stop()
+        self._streams.clear()
+        await self.query_one(".reasoning-md", Markdown).update(self.reasoning_text)
+        await self.query_one(".answer", Markdown).update(self.answer_text)
+        words = len(self.reasoning_text.split())
+        self.reasoning.title = f"Reasoning · {words} words"
+        if not words:
+            self.reasoning.display = False  # no empty section (showing is left to the CSS)
+
+
+def _stats_line(done: Done) -> str:
+    s = done.stats
+    cut = {"length": " · cut off: token limit", "context": " · cut off: context full",
+           "interrupted": " · stopped"}.get(done.finish_reason or "", "")
+    return (f"{s.generated_tokens} tokens · {s.decode_tps:.1f} tok/s · TTFT {s.ttft_s:.2f}s · "
+            f"prompt {s.prompt_tokens} ({s.reused_tokens} cached) · peak {s.peak_memory_gb:.1f} GB{cut}")
+
+
+# ---- screens ----------------------------------------------------------------------------------
+
+class TextPrompt(ModalScreen[str | None]):
+    """Ask for a line or a block of text (rename, system prompt)."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save")]
+
+    def __init__(self, title: str, value: str, multiline: bool):
+        super().__init__()
+        self.title_text, self.value, self.multiline = title, value, multiline
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label(self.title_text, classes="dialog-title")
+            if self.multiline:
+                yield TextArea(self.value, id="value", soft_wrap=True)
+            else:
+                yield Input(self.value, id="value")
+            with Horizontal(classes="buttons"):
+                yield Button("Save (Ctrl+S)", id="save", variant="primary")
+                yield Button("Cancel (Esc)", id="cancel")
+
+    def _value(self) -> str:
+        w = self.query_one("#value")
+        return w.text if isinstance(w, TextArea) else w.value
+
+    def action_save(self) -> None:
+        self.dismiss(self._value())
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    @on(Input.Submitted)
+    def _submitted(self) -> None:
+        self.action_save()
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        self.action_save() if event.button.id == "save" else self.action_cancel()
+
+
+class ConversationList(ModalScreen[str | None]):
+    """Saved conversations: Enter resumes, R renames, Delete removes, Esc closes."""
+
+    BINDINGS = [Binding("escape", "close", "Close"), Binding("r", "rename", "Rename"),
+                Binding("delete,d", "delete", "Delete")]
+
+    def __init__(self, store: ConversationStore):
+        super().__init__()
+        self.store = store
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("Conversations — Enter: open · R: rename · D: delete · Esc: close", classes="dialog-title")
+            yield OptionList(id="chats")
+
+    def on_mount(self) -> None:
+        self.refresh_list()
+
+    def refresh_list(self, keep: str | None = None) -> None:
+        """Rebuild the list; the highlight stays on ``keep`` if it is still there."""
+        chats = self.query_one(OptionList)
+        chats.clear_options()
+        entries = self.store.list()
+        for e in entries:
+            n = "?" if e.messages < 0 else str(e.messages)
+            chats.add_option(Option(f"{e.title}  ({n} messages)", id=e.id))
+        if not entries:
+            chats.add_option(Option("No saved conversations yet", id="", disabled=True))
+        else:
+            ids = [e.id for e in entries]
+            chats.highlighted = ids.index(keep) if keep in ids else 0
+        chats.focus()
+
+    def _selected(self) -> str | None:
+        chats = self.query_one(OptionList)
+        if chats.highlighted is None:
+            return None
+        return chats.get_option_at_index(chats.highlighted).id or None
+
+    @on(OptionList.OptionSelected)
+    def _open(self, event: OptionList.OptionSelected) -> None:
+        if event.option.id:
+            self.dismiss(event.option.id)
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+    def action_delete(self) -> None:
+        chat_id = self._selected()
+        if chat_id:
+            self.store.delete(chat_id)
+            self.app.notify("Conversation deleted")
+            self.refresh_list()
+
+    @work
+    async def action_rename(self) -> None:
+        chat_id = self._selected()
+        if not chat_id:
+            return
+        title = await self.app.push_screen_wait(TextPrompt("Rename conversation", "", multiline=False))
+        if title and title.strip():
+            try:
+                self.store.rename(chat_id, title.strip())
+            except (OSError, ValueError) as e:
+                self.app.notify(f"Could not rename: {e}", severity="error")
+            self.refresh_list(keep=chat_id)
+
+
+# ---- the app ----------------------------------------------------------------------------------
+
+class ChatApp(App):
+    """Chat with gpt-oss. ``chat``: a ready Chat; or ``loader``: a function returning one, run
+    in a worker with a visible loading state (errors become notifications, never a crash)."""
+
+    TITLE = "gptoss-mlx"
+    CSS_PATH = "app.tcss"
+    BINDINGS = [
+        Binding("escape", "stop", "Stop reply", id="stop"),
+        Binding("ctrl+t", "cycle_effort", "Effort", id="effort"),
+        Binding("ctrl+r", "toggle_reasoning", "Show/hide reasoning", id="toggle.reasoning"),
+        Binding("ctrl+o", "conversations", "Chats", id="chats"),
+        Binding("ctrl+n", "new_chat", "New chat", id="new.chat"),
+        Binding("ctrl+s", "edit_system", "System prompt", id="system"),
+        Binding("alt+c", "copy_answer", "Copy answer", id="copy"),
+        Binding("ctrl+q", "quit", "Quit", id="quit"),
+    ]
+
+    effort = reactive("medium")
+    show_reasoning = reactive(True)
+    generating = reactive(False)
+
+    def __init__(self, chat: Chat | None = None, *, loader: Callable[[], Chat] | None = None,
+                 model_name: str = "", store: ConversationStore | None = None,
+                 collapse_on_answer: bool = True, effort: str | None = None):
+        super().__init__()
+        self.chat = chat
+        self.loader = loader
+        self.model_name = model_name
+        self.store = store or ConversationStore()
+        self.collapse_on_answer = collapse_on_answer
+        self.chat_id = self.store.new_id()
+        self.chat_title = "New chat"
+        self.last_prompt = ""
+        self.last_done: Done | None = None
+        self.replies_finished = 0  # completed (or stopped, or failed) replies
+        effort = effort or (chat.reasoning_effort if chat is not None else "medium")
+        self.set_reactive(ChatApp.effort, effort)  # before mounting: no watcher yet
+        if chat is not None:
+            chat.reasoning_effort = effort
+
+    # -- layout
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="topbar"):
+            yield Label(self.model_name or "gpt-oss", id="model")
+            yield EffortSwitch(id="effort")
+        yield VerticalScroll(id="transcript")
+        yield LoadingIndicator(id="loading")
+        yield PromptInput(id="prompt", placeholder="Message gpt-oss — Enter sends, Shift+Enter or Ctrl+J: new line")
+        yield Static("", id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(EffortSwitch).show(self.effort)
+        self.query_one("#loading").display = False
+        if self.chat is None and self.loader is not None:
+            self.load_model()
+        self.update_status()
+        self.query_one(PromptInput).focus()
+
+    # -- model loading
+    @work(thread=True, exclusive=True, group="load")
+    def load_model(self) -> None:
+        self.call_from_thread(self._loading, True)
+        try:
+            chat = self.loader()
+        except Exception as e:  # noqa: BLE001  — shown to the user, the app stays up
+            self.call_from_thread(self._load_failed, str(e) or type(e).__name__)
+        else:
+            self.call_from_thread(self._loaded, chat)
+        finally:
+            self.call_from_thread(self._loading, False)
+
+    def _loading(self, on: bool) -> None:
+        self.query_one("#loading").display = on
+        self.update_status("Loading the model…" if on else None)
+
+    def _loaded(self, chat: Chat) -> None:
+        chat.reasoning_effort = self.effort
+        self.chat = chat
+        self.notify("Model loaded", timeout=3)
+
+    def _load_failed(self, message: str) -> None:
+        self.notify(message, title="Could not load the model", severity="error", timeout=30)
+        self.query_one("#transcript").mount(Static(f"Could not load the model:\n{message}", markup=False, classes="error"))
+
+    # -- state
+    def watch_effort(self, effort: str) -> None:
+        if self.chat is not None:
+            self.chat.reasoning_effort = effort
+        self.query_one(EffortSwitch).show(effort)
+        self.update_status()
+
+    def watch_show_reasoning(self, show: bool) -> None:
+        for turn in self.query(AssistantTurn):
+            turn.set_class(not show, "-hide-reasoning")
+
+    def set_effort(self, effort: str) -> None:
+        self.effort = effort
+        self.notify(f"Reasoning effort: {effort} (from the next reply)", timeout=2)
+
+    def update_status(self, message: str | None = None) -> None:
+        parts = [self.model_name or "gpt-oss", f"effort {self.effort}"]
+        if self.chat is not None:
+            engine = self.chat.engine
+            parts.append(f"context {len(engine.prompt_cache.tokens)}/{engine.max_context}")
+        if self.last_done is not None:
+            s = self.last_done.stats
+            parts += [f"TTFT {s.ttft_s:.2f}s", f"{s.decode_tps:.1f} tok/s", f"peak {s.peak_memory_gb:.1f} GB"]
+        if message:
+            parts.append(message)
+        elif self.generating:
+            parts.append("replying… (Esc stops)")
+        self.query_one("#status", Static).update(" · ".join(parts))
+
+    # -- sending
+    @on(PromptInput.Submitted)
+    def _submit(self, event: PromptInput.Submitted) -> None:
+        if self.chat is None:
+            self.notify("No model loaded yet", severity="warning")
+            return
+        if self.generating:
+            self.notify("A reply is still being written (Esc stops it)", severity="warning")
+            return
+        prompt = self.query_one(PromptInput)
+        prompt.remember(event.text)
+        prompt.text = ""
+        self.last_prompt = event.text
+        if self.chat_title == "New chat":
+            self.chat_title = title_for(event.text)
+        transcript = self.query_one("#transcript", VerticalScroll)
+        turn = AssistantTurn(self.collapse_on_answer, self.show_reasoning)
+        transcript.mount(UserMessage(event.text))
+        transcript.mount(turn)
+        transcript.anchor()
+        self.generating = True
+        self.update_status()
+        self.reply(event.text, turn)
+
+    @work(thread=True, exclusive=True, group="reply")
+    def reply(self, text: str, turn: AssistantTurn) -> None:
+        from gptoss_mlx.generate import ContextLengthError
+
+        try:
+            for event in self.chat.send(text):
+                self.call_from_thread(turn.handle, event)
+                if isinstance(event, Done):
+                    self.last_done = event
+        except ContextLengthError as e:
+            self.chat.messages.pop()  # the user message that did not fit
+            self.call_from_thread(self.notify, str(e), title="Too long", severity="error", timeout=15)
+        except Exception as e:  # noqa: BLE001  — a failed reply is reported; the chat stays
+            self.call_from_thread(self.notify, f"{type(e).__name__}: {e}", title="The reply failed",
+                                  severity="error", timeout=15)
+        finally:
+            self.call_from_thread(self._reply_finished, turn)
+
+    async def _reply_finished(self, turn: AssistantTurn) -> None:
+        await turn.finish()
+        self.generating = False
+        self.autosave()
+        self.update_status()
+        self.replies_finished += 1
+
+    def autosave(self) -> None:
+        if self.chat is None or not self.chat.messages:
+            return
+        try:
+            self.store.save(self.chat, self.chat_id, self.chat_title)
+        except OSError as e:
+            self.notify(f"Could not save the conversation: {e}", severity="error")
+
+    # -- actions
+    def action_stop(self) -> None:
+        if self.generating and self.chat is not None:
+            self.chat.stop()
+            prompt = self.query_one(PromptInput)
+            if not prompt.text:
+                prompt.text = self.last_prompt  # the prompt comes back, ready to edit or resend
+                prompt.move_cursor(prompt.document.end)
+            self.notify("Stopped; the partial answer is kept", timeout=3)
+
+    def action_cycle_effort(self) -> None:
+        self.set_effort(EFFORTS[(EFFORTS.index(self.effort) + 1) % len(EFFORTS)])
+
+    def action_toggle_reasoning(self) -> None:
+        self.show_reasoning = not self.show_reasoning
+        self.notify("Reasoning shown" if self.show_reasoning else "Reasoning hidden", timeout=2)
+
+    def action_toggle_collapse(self) -> None:
+        self.collapse_on_answer = not self.collapse_on_answer
+        state = "on" if self.collapse_on_answer else "off"
+        self.notify(f"Collapse reasoning when the answer starts: {state}", timeout=3)
+
+    def action_new_chat(self) -> None:
+        if self.generating or self.chat is None:
+            return
+        self.chat.reset()
+        self.chat_id, self.chat_title = self.store.new_id(), "New chat"
+        self.query_one("#transcript").remove_children()
+        self.last_done = None
+        self.update_status()
+
+    @work
+    async def action_conversations(self) -> None:
+        if self.generating or self.chat is None:
+            return
+        chat_id = await self.push_screen_wait(ConversationList(self.store))
+        if chat_id:
+            self.open_conversation(chat_id)
+
+    def open_conversation(self, chat_id: str) -> None:
+        try:
+            title = self.store.load(self.chat, chat_id)
+        except (ChatFileError, ValueError) as e:
+            self.notify(str(e), title="Could not open the conversation", severity="error", timeout=10)
+            return
+        self.chat_id, self.chat_title = chat_id, title
+        self.effort = self.chat.reasoning_effort
+        self.last_done = None
+        self.render_history()
+        self.update_status()
+
+    def render_history(self) -> None:
+        """Rebuild the transcript from the chat's messages (a resumed conversation)."""
+        transcript = self.query_one("#transcript", VerticalScroll)
+        transcript.remove_children()
+        reply: list = []
+        for m in self.chat.messages + [None]:
+            if (m is None or m.role == "user") and reply:
+                transcript.mount(AssistantTurn(True, self.show_reasoning, saved=reply))
+                reply = []
+            if m is not None and m.role == "user":
+                transcript.mount(UserMessage(m.text))
+            elif m is not None:
+                reply.append(m)
+
+    @work
+    async def action_edit_system(self) -> None:
+        if self.chat is None:
+            return
+        text = await self.push_screen_wait(TextPrompt(
+            "System prompt (the developer message's instructions; empty: none)",
+            self.chat.instructions or "", multiline=True))
+        if text is not None:
+            self.chat.instructions = text.strip() or None
+            self.notify("System prompt set" if text.strip() else "System prompt removed", timeout=3)
+
+    def action_copy_answer(self) -> None:
+        turns = list(self.query(AssistantTurn))
+        if turns and turns[-1].answer_text:
+            self.copy_to_clipboard(turns[-1].answer_text)
+            self.notify("Answer copied (OSC 52)", timeout=2)
+
+    def action_copy_code(self) -> None:
+        turns = [t for t in self.query(AssistantTurn) if CODE_BLOCK.search(t.answer_text)]
+        if turns:
+            self.copy_to_clipboard(CODE_BLOCK.findall(turns[-1].answer_text)[-1])
+            self.notify("Code block copied (OSC 52)", timeout=2)
+        else:
+            self.notify("No code block in the answers yet", severity="warning")
+
+    def action_export(self) -> None:
+        if self.chat is None or not self.chat.messages:
+            self.notify("Nothing to export yet", severity="warning")
+            return
+        path = self.store.export_markdown(self.chat, self.chat_title, self.chat_id)
+        self.notify(f"Exported to {path}", timeout=8)
+
+    def get_system_commands(self, screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for level in EFFORTS:
+            yield SystemCommand(f"Reasoning effort: {level}", "Applies from the next reply",
+                                lambda level=level: self.set_effort(level))
+        yield SystemCommand("Show or hide all reasoning", "Ctrl+R", self.action_toggle_reasoning)
+        yield SystemCommand("Collapse reasoning when the answer starts (toggle)",
+                            "On by default", self.action_toggle_collapse)
+        yield SystemCommand("Conversations", "Resume, rename or delete saved chats (Ctrl+O)",
+                            self.action_conversations)
+        yield SystemCommand("New conversation", "Ctrl+N", self.action_new_chat)
+        yield SystemCommand("Edit system prompt", "Ctrl+S", self.action_edit_system)
+        yield SystemCommand("Export conversation to Markdown", "Into the data directory's exports/",
+                            self.action_export)
+        yield SystemCommand("Copy last answer", "Alt+C (OSC 52)", self.action_copy_answer)
+        yield SystemCommand("Copy last code block", "OSC 52", self.action_copy_code)
