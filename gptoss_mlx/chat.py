@@ -56,7 +56,7 @@ class ChatFileError(ValueError):
 class Chat:
     def __init__(self, model, tokenizer, *, instructions: str | None = None,
                  reasoning_effort: str = "medium", functions: list[harmony.ToolSpec] | None = None,
-                 browser: bool = False, python: bool = False,
+                 browser: bool = False, python: bool = False, python_description: str | None = None,
                  sampling: SamplingParams | None = None, max_context: int | None = None,
                  date: str | None = None, engine: Engine | None = None):
         self.tokenizer = tokenizer
@@ -64,6 +64,7 @@ class Chat:
         self.instructions = instructions
         self.functions = list(functions or [])
         self.browser, self.python = browser, python
+        self.python_description = python_description  # what this python tool really does
         self.sampling = sampling or SamplingParams()
         self.date = date or harmony.today()
         self.messages: list[Message] = []  # user, assistant and tool messages, reasoning included
@@ -90,7 +91,8 @@ class Chat:
 
     # -- prompt
     def conversation(self) -> list[Message]:
-        prefix = [harmony.system_message(self._effort, self.date, self.browser, self.python)]
+        prefix = [harmony.system_message(self._effort, self.date, self.browser, self.python,
+                                         python_description=self.python_description)]
         if self.instructions is not None or self.functions:
             prefix.append(Message("developer", DeveloperContent(self.instructions, self.functions)))
         return prefix + self.messages

@@ -61,9 +61,68 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=None, help="cap on tokens per reply")
+    tools = p.add_argument_group("tools")
+    tools.add_argument("--tools", default="", metavar="python,browser",
+                       help="built-in tools to enable: python (sandboxed code), browser (search needs EXA_API_KEY)")
+    tools.add_argument("--functions", metavar="FILE.py", action="append", default=[],
+                       help="Python file whose functions (or TOOLS list) the model may call")
+    tools.add_argument("--auto-approve", action="store_true",
+                       help="run the model's Python code without asking first")
+    tools.add_argument("--python-timeout", type=float, default=30.0, help="seconds per code run (default 30)")
+    tools.add_argument("--python-stateless", action="store_true",
+                       help="a fresh interpreter per code run (default: one session per chat)")
+    tools.add_argument("--python-network", action="store_true", help="allow the Python code network access")
 
 
-def _load_chat(args, out=sys.stderr):
+def make_toolbox(args, approve=None):
+    """The Toolbox the flags ask for (None if none); bad flags or files become CLIErrors.
+    ``approve(code) -> bool`` is asked before code runs unless --auto-approve."""
+    from .cli import CLIError
+    from .tools import Browser, PythonSandbox, SandboxLimits, ToolError, Toolbox, load_functions
+
+    names = {t.strip() for t in (args.tools or "").split(",") if t.strip()}
+    unknown = names - {"python", "browser"}
+    if unknown:
+        raise CLIError(f"unknown tool(s) {', '.join(sorted(unknown))}: --tools takes python,browser")
+    try:
+        functions = [f for path in args.functions for f in load_functions(path)]
+    except ToolError as e:
+        raise CLIError(str(e)) from None
+    if not names and not functions:
+        return None
+    python = None
+    if "python" in names:
+        python = PythonSandbox(stateful=not args.python_stateless, limits=SandboxLimits(
+            timeout_s=args.python_timeout, network=args.python_network))
+    return Toolbox(functions=functions, python=python,
+                   browser=Browser() if "browser" in names else None,
+                   approve_code=None if args.auto_approve else approve)
+
+
+def _ask_on_terminal(code: str) -> bool:
+    """Show the model's code and ask before running it (standard input is the terminal)."""
+    print(f"{DIM}The model wants to run this Python code:{RESET}\n{code}", file=sys.stderr)
+    try:
+        return input("Run it? [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+def _decline_when_piped(code: str) -> bool:
+    print("[python code not run: pass --auto-approve to allow it without a terminal]", file=sys.stderr)
+    return False
+
+
+def _replies(chat, text, toolbox):
+    """One user turn: with tools, the loop that answers tool calls until the model is done."""
+    if toolbox is None:
+        return chat.send(text)
+    from .tools import run_with_tools
+
+    return run_with_tools(chat, text, toolbox)
+
+
+def _load_chat(args, out=sys.stderr, toolbox=None):
     """Check memory, load the model, and make a Chat, turning failures into CLIErrors."""
     from .chat import Chat
     from .cli import CLIError
@@ -88,7 +147,7 @@ def _load_chat(args, out=sys.stderr):
         print(f"Loaded in {time.perf_counter() - t0:.1f}s.", file=out, flush=True)
         return Chat(model, tokenizer, instructions=getattr(args, "system", None),
                     reasoning_effort=args.reasoning_effort or "medium", sampling=sampling,
-                    max_context=context)
+                    max_context=context, **(toolbox.chat_options() if toolbox else {}))
     except (CheckpointError, ConfigError, TokenizerError, MemoryPlanError, ValueError) as e:
         raise CLIError(str(e)) from None
 
@@ -96,6 +155,7 @@ def _load_chat(args, out=sys.stderr):
 def _stream(events, show_reasoning: bool, answer_out, reasoning_out, dim: bool) -> object:
     """Print a reply's events; returns the Done event."""
     from .chat import AnswerDelta, Done, ReasoningDelta, ToolCall
+    from .tools import ToolResult
 
     in_reasoning = False
     done = None
@@ -115,7 +175,15 @@ def _stream(events, show_reasoning: bool, answer_out, reasoning_out, dim: bool) 
             answer_out.write(event.text)
             answer_out.flush()
         elif isinstance(event, ToolCall):
-            answer_out.write(f"\n[tool call to {event.recipient}: {event.arguments}]\n")
+            if in_reasoning:
+                reasoning_out.write((RESET if dim else "") + "\n")
+                in_reasoning = False
+            reasoning_out.write(f"\n[tool call → {event.recipient}] {event.arguments.strip()}\n")
+            reasoning_out.flush()
+        elif isinstance(event, ToolResult):
+            text = event.content if len(event.content) <= 2000 else event.content[:2000] + " …"
+            reasoning_out.write(f"[result ← {event.name}] {text.strip()}\n\n")
+            reasoning_out.flush()
         elif isinstance(event, Done):
             done = event
     if in_reasoning:
@@ -129,11 +197,15 @@ def cmd_generate(args) -> int:
     from .cli import CLIError
     from .generate import ContextLengthError
 
-    chat = _load_chat(args)
+    toolbox = make_toolbox(args, _ask_on_terminal if sys.stdin.isatty() else _decline_when_piped)
+    chat = _load_chat(args, toolbox=toolbox)
     try:
-        _stream(chat.send(args.prompt), True, sys.stdout, sys.stderr, sys.stderr.isatty())
+        _stream(_replies(chat, args.prompt, toolbox), True, sys.stdout, sys.stderr, sys.stderr.isatty())
     except ContextLengthError as e:
         raise CLIError(str(e)) from None
+    finally:
+        if toolbox:
+            toolbox.close()
     return 0
 
 
@@ -145,20 +217,30 @@ def cmd_chat(args) -> int:
         question = sys.stdin.read().strip()
         if not question:
             raise CLIError("no question on standard input")
-        chat = _load_chat(args)
+        toolbox = make_toolbox(args, _decline_when_piped)
+        chat = _load_chat(args, toolbox=toolbox)
         try:
-            _stream(chat.send(question), not args.hide_reasoning, sys.stdout, sys.stderr,
-                    False)
+            _stream(_replies(chat, question, toolbox), not args.hide_reasoning, sys.stdout,
+                    sys.stderr, False)
         except ContextLengthError as e:
             raise CLIError(str(e)) from None
+        finally:
+            if toolbox:
+                toolbox.close()
         return 0
-    chat = _load_chat(args)
-    return Repl(chat, show_reasoning=not args.hide_reasoning).run()
+    toolbox = make_toolbox(args, _ask_on_terminal)
+    chat = _load_chat(args, toolbox=toolbox)
+    try:
+        return Repl(chat, show_reasoning=not args.hide_reasoning, toolbox=toolbox).run()
+    finally:
+        if toolbox:
+            toolbox.close()
 
 
 class Repl:
-    def __init__(self, chat, show_reasoning: bool = True, out=sys.stdout):
+    def __init__(self, chat, show_reasoning: bool = True, out=sys.stdout, toolbox=None):
         self.chat, self.show_reasoning, self.out = chat, show_reasoning, out
+        self.toolbox = toolbox
         self.last_stats = None
 
     def say(self, text: str) -> None:
@@ -200,7 +282,7 @@ class Repl:
     def turn(self, text: str) -> None:
         from .generate import ContextLengthError
 
-        events = self.chat.send(text)
+        events = _replies(self.chat, text, self.toolbox)
         try:
             done = _stream(events, self.show_reasoning, self.out, self.out,
                            self.out.isatty())
@@ -271,8 +353,10 @@ def cmd_tui(args) -> int:
     from .tui import ChatApp
 
     name = args.model or "openai/gpt-oss-20b"
-    app = ChatApp(loader=lambda: _load_chat(args, out=io.StringIO()),
-                  model_name=name.rstrip("/").split("/")[-1], effort=args.reasoning_effort)
+    toolbox = make_toolbox(args)  # the app asks before code runs (unless --auto-approve)
+    app = ChatApp(loader=lambda: _load_chat(args, out=io.StringIO(), toolbox=toolbox),
+                  model_name=name.rstrip("/").split("/")[-1], effort=args.reasoning_effort,
+                  toolbox=toolbox, ask_before_running_code=not args.auto_approve)
     app.run()
     return 0
 

@@ -430,8 +430,9 @@ def render_conversation(messages: list[Message], for_completion: bool = True,
 
 def system_message(reasoning_effort: str = "medium", date: str | None = None,
                    browser: bool = False, python: bool = False,
-                   model_identity: str = DEFAULT_IDENTITY) -> Message:
-    tools = ([browser_namespace()] if browser else []) + ([python_namespace()] if python else [])
+                   model_identity: str = DEFAULT_IDENTITY, python_description: str | None = None) -> Message:
+    python_tool = python_namespace(python_description or PYTHON_DESCRIPTION)
+    tools = ([browser_namespace()] if browser else []) + ([python_tool] if python else [])
     return Message("system", SystemContent(
         model_identity=model_identity, conversation_start_date=date,
         reasoning_effort=reasoning_effort, tools=tools))

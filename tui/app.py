@@ -10,6 +10,7 @@ current turn. Conversations are saved after each reply (tui/store.py).
 from __future__ import annotations
 
 import re
+import threading
 from typing import Callable, Iterable
 
 from textual import on, work
@@ -27,6 +28,7 @@ from textual.widgets.option_list import Option
 
 from gptoss_mlx.chat import AnswerDelta, Chat, ChatFileError, Done, ReasoningDelta, ToolCall
 from gptoss_mlx.harmony import EFFORTS
+from gptoss_mlx.tools import Toolbox, ToolResult, run_with_tools
 
 from .store import ConversationStore, title_for, to_markdown  # noqa: F401  (to_markdown: API)
 
@@ -136,7 +138,7 @@ class AssistantTurn(Vertical):
             return
         for m in self.saved:
             if m.role == "tool":
-                await self.handle(ToolCall(f"result from {m.name}", m.text))
+                await self.handle(ToolResult(m.name or "tool", m.text, not m.text.startswith("Error:")))
             elif m.is_tool_call:
                 await self.handle(ToolCall(m.recipient, m.text, m.channel))
             elif m.channel == "analysis":
@@ -168,6 +170,11 @@ class AssistantTurn(Vertical):
         elif isinstance(event, ToolCall):
             row = Collapsible(Static(event.arguments, markup=False, classes="tool-args"),
                               title=f"tool call · {event.recipient}", collapsed=True, classes="tool-call")
+            await self.mount(row, before=self.query_one(".answer"))
+        elif isinstance(event, ToolResult):
+            mark = "result" if event.ok else "error"
+            row = Collapsible(Static(event.content, markup=False, classes="tool-args"),
+                              title=f"{mark} · {event.name}", collapsed=True, classes="tool-call")
             await self.mount(row, before=self.query_one(".answer"))
         elif isinstance(event, Done):
             self.query_one(".stats", Static).update(_stats_line(event))
@@ -233,6 +240,31 @@ class TextPrompt(ModalScreen[str | None]):
     @on(Button.Pressed)
     def _pressed(self, event: Button.Pressed) -> None:
         self.action_save() if event.button.id == "save" else self.action_cancel()
+
+
+class ApproveCode(ModalScreen[bool]):
+    """The model wants to run Python code: show it, run only on Y."""
+
+    BINDINGS = [Binding("y", "answer(True)", "Run it"), Binding("n,escape", "answer(False)", "Don't run")]
+
+    def __init__(self, code: str):
+        super().__init__()
+        self.code = code
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("The model wants to run this Python code (sandboxed). Run it?", classes="dialog-title")
+            yield Static(self.code, markup=False, classes="code")
+            with Horizontal(classes="buttons"):
+                yield Button("Run (Y)", id="yes", variant="warning")
+                yield Button("Don't run (N)", id="no")
+
+    def action_answer(self, run: bool) -> None:
+        self.dismiss(run)
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
 
 
 class ConversationList(ModalScreen[str | None]):
@@ -328,9 +360,15 @@ class ChatApp(App):
 
     def __init__(self, chat: Chat | None = None, *, loader: Callable[[], Chat] | None = None,
                  model_name: str = "", store: ConversationStore | None = None,
-                 collapse_on_answer: bool = True, effort: str | None = None):
+                 collapse_on_answer: bool = True, effort: str | None = None,
+                 toolbox: Toolbox | None = None, ask_before_running_code: bool = True):
+        """``toolbox``: tools the model may call; with ``ask_before_running_code`` every piece of
+        Python code waits for the user's Y in a dialog."""
         super().__init__()
         self.chat = chat
+        self.toolbox = toolbox
+        if toolbox is not None and toolbox.python is not None and ask_before_running_code:
+            toolbox.approve_code = self.approve_code
         self.loader = loader
         self.model_name = model_name
         self.store = store or ConversationStore()
@@ -443,12 +481,27 @@ class ChatApp(App):
         self.update_status()
         self.reply(event.text, turn)
 
+    def approve_code(self, code: str) -> bool:
+        """Called from the reply worker: ask in a dialog and wait for the answer."""
+        answered, result = threading.Event(), []
+
+        def ask():
+            self.push_screen(ApproveCode(code), lambda ok: (result.append(bool(ok)), answered.set()))
+
+        self.call_from_thread(ask)
+        while not answered.wait(0.2):
+            if self.chat is not None and self.chat._stop:  # Esc while the dialog is open
+                self.call_from_thread(self.pop_screen)
+                return False
+        return result[0]
+
     @work(thread=True, exclusive=True, group="reply")
     def reply(self, text: str, turn: AssistantTurn) -> None:
         from gptoss_mlx.generate import ContextLengthError
 
+        events = run_with_tools(self.chat, text, self.toolbox) if self.toolbox else self.chat.send(text)
         try:
-            for event in self.chat.send(text):
+            for event in events:
                 self.call_from_thread(turn.handle, event)
                 if isinstance(event, Done):
                     self.last_done = event
@@ -477,6 +530,10 @@ class ChatApp(App):
             self.notify(f"Could not save the conversation: {e}", severity="error")
 
     # -- actions
+    def on_unmount(self) -> None:
+        if self.toolbox is not None:
+            self.toolbox.close()
+
     def action_stop(self) -> None:
         if self.generating and self.chat is not None:
             self.chat.stop()

@@ -1,0 +1,111 @@
+"""The tools a chat may use, and the loop that runs them.
+
+    toolbox = Toolbox(functions=[FunctionTool.from_callable(get_weather)], python=PythonSandbox())
+    chat = Chat(model, tokenizer, **toolbox.chat_options())
+    for event in run_with_tools(chat, "What's the weather in Oslo?", toolbox):
+        ...   # ReasoningDelta, AnswerDelta, ToolCall, ToolResult, Done (one per model reply)
+
+The model calls a function as ``functions.NAME`` on the commentary channel (sometimes on
+analysis: both are accepted), the built-ins as ``python`` and ``browser.search|open|find``.
+Every call gets a result message back — invalid JSON, an unknown tool, a declined or failing
+call become error texts the model can react to — until it answers, or ``max_rounds`` is reached.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from ..chat import Chat, Done, ToolCall
+from .browser import Browser
+from .functions import FunctionTool, ToolError, parse_arguments
+from .python_tool import PythonSandbox
+
+
+@dataclass
+class ToolResult:
+    name: str  # the tool's author name: "functions.get_weather", "python", "browser.open"
+    content: str
+    ok: bool = True
+
+
+@dataclass
+class Toolbox:
+    functions: list[FunctionTool] = field(default_factory=list)
+    python: PythonSandbox | None = None
+    browser: Browser | None = None
+    # Asked before the python tool runs code: (code) -> True to run it. None runs it at once.
+    approve_code: Callable[[str], bool] | None = None
+
+    def chat_options(self) -> dict:
+        """Keyword arguments for Chat: which tools the system and developer messages declare."""
+        return {"functions": [f.spec for f in self.functions], "browser": self.browser is not None,
+                "python": self.python is not None,
+                "python_description": self.python.description if self.python else None}
+
+    def execute(self, call: ToolCall) -> ToolResult:
+        recipient = call.recipient.strip()
+        try:
+            return ToolResult(recipient, self._dispatch(recipient, call.arguments))
+        except ToolError as e:
+            return ToolResult(recipient, f"Error: {e}", ok=False)
+
+    def _dispatch(self, recipient: str, arguments: str) -> str:
+        namespace, _, name = recipient.partition(".")
+        if namespace == "functions":
+            for f in self.functions:
+                if f.name == name:
+                    return f.call(arguments)
+            known = ", ".join(f"functions.{f.name}" for f in self.functions) or "none"
+            raise ToolError(f"there is no function {recipient!r} (available: {known})")
+        if recipient == "python" and self.python is not None:
+            code = _python_code(arguments)
+            if self.approve_code is not None and not self.approve_code(code):
+                raise ToolError("the user declined to run this code")
+            return self.python.run(code)
+        if namespace == "browser" and self.browser is not None:
+            return self.browser.call(name, parse_arguments(arguments))
+        raise ToolError(f"there is no tool {recipient!r}")
+
+    def close(self) -> None:
+        if self.python is not None:
+            self.python.close()
+
+
+def _python_code(arguments: str) -> str:
+    """The model sends python code as plain text; accept a JSON {"code": ...} too."""
+    text = arguments.strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+            if isinstance(data, dict) and isinstance(data.get("code"), str):
+                return data["code"]
+        except json.JSONDecodeError:
+            pass
+    return arguments
+
+
+def run_with_tools(chat: Chat, text: str | None, toolbox: Toolbox, max_rounds: int = 8) -> Iterator:
+    """Send ``text`` (or, if None, continue the conversation) and keep answering tool calls
+    until the model stops calling tools. Yields the chat's events plus a ToolResult per call."""
+    events = chat.send(text) if text is not None else chat.reply()
+    for round_ in range(max_rounds + 1):
+        calls, done = [], None
+        for event in events:
+            yield event
+            if isinstance(event, ToolCall):
+                calls.append(event)
+            elif isinstance(event, Done):
+                done = event
+        if not calls or done is None or done.finish_reason in ("interrupted", "length", "context"):
+            return
+        for call in calls:
+            if round_ == max_rounds:
+                result = ToolResult(call.recipient, f"Error: tool-call limit reached ({max_rounds} "
+                                    "rounds); answer with what you have", ok=False)
+            else:
+                result = toolbox.execute(call)
+            chat.add_tool_result(result.name, result.content, channel=call.channel or "commentary")
+            yield result
+        events = chat.reply()

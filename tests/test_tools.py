@@ -1,0 +1,457 @@
+"""Tool use: function tools from callables, the tool loop over scripted harmony output (both
+recipient positions, both channels, bad JSON, unknown tools, round limits), the python sandbox
+holding against escapes, and the browser against a local HTTP server."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import socket
+import threading
+import time
+from enum import Enum
+from typing import Literal
+
+import pytest
+
+from gptoss_mlx.chat import AnswerDelta, Chat, Done, ToolCall
+from gptoss_mlx.harmony import render_conversation, segments_to_text
+from gptoss_mlx.tokenizer import load_tokenizer
+from gptoss_mlx.tools import (
+    Browser, FunctionTool, PythonSandbox, SandboxLimits, SearchResult, ToolError, Toolbox, ToolResult,
+    load_functions, run_with_tools,
+)
+from scripted import ScriptedModel
+
+
+# ---- function tools -------------------------------------------------------------------------
+
+class Unit(Enum):
+    C = "c"
+    F = "f"
+
+
+def get_weather(city: str, unit: Literal["c", "f"] = "c", days: int = 1, alerts: bool | None = None) -> dict:
+    """Current weather in a city.
+
+    Args:
+        city: the city's name, e.g. Oslo
+        unit: temperature unit
+        days (int): how many days
+            of forecast to include
+    """
+    return {"city": city, "temp": 21 if unit == "c" else 70, "days": days}
+
+
+def test_schema_from_type_hints_and_docstring():
+    tool = FunctionTool.from_callable(get_weather)
+    assert tool.name == "get_weather" and tool.description == "Current weather in a city."
+    assert tool.parameters == {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "description": "the city's name, e.g. Oslo"},
+            "unit": {"type": "string", "enum": ["c", "f"], "description": "temperature unit", "default": "c"},
+            "days": {"type": "integer", "description": "how many days of forecast to include", "default": 1},
+            "alerts": {"type": "boolean", "nullable": True},
+        },
+        "required": ["city"],
+    }
+    assert json.loads(tool.call('{"city": "Oslo", "unit": "f"}')) == {"city": "Oslo", "temp": 70, "days": 1}
+
+
+@pytest.mark.parametrize("arguments,message", [
+    ('{"city": "Oslo"', "not valid JSON"),
+    ('["Oslo"]', "must be a JSON object"),
+    ("{}", "missing required city"),
+    ('{"city": 3}', "arguments.city must be of type string"),
+    ('{"city": "Oslo", "unit": "k"}', 'must be one of \\["c", "f"\\]'),
+    ('{"city": "Oslo", "days": true}', "must be of type integer"),
+    ('{"city": "Oslo", "country": "NO"}', "unknown argument 'country'"),
+])
+def test_bad_calls_are_tool_errors(arguments, message):
+    with pytest.raises(ToolError, match=message):
+        FunctionTool.from_callable(get_weather).call(arguments)
+
+
+def test_exceptions_in_the_function_are_reported():
+    def divide(a: float, b: float) -> float:
+        """Divide."""
+        return a / b
+
+    with pytest.raises(ToolError, match="ZeroDivisionError: division by zero"):
+        FunctionTool.from_callable(divide).call('{"a": 1, "b": 0}')
+
+
+def test_raw_schema_tools_and_enums():
+    tool = FunctionTool.from_schema("lookup", "Look up a key.", {
+        "type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"]},
+        lambda key: {"key": key, "value": 42})
+    assert json.loads(tool.call('{"key": "x"}')) == {"key": "x", "value": 42}
+
+    def convert(unit: Unit) -> str:
+        """Convert."""
+        return unit
+
+    assert FunctionTool.from_callable(convert).parameters["properties"]["unit"] == {"type": "string", "enum": ["c", "f"]}
+
+
+def test_load_functions_from_a_file(tmp_path):
+    path = tmp_path / "mytools.py"
+    path.write_text('def add(a: int, b: int) -> int:\n    """Add two numbers."""\n    return a + b\n\n'
+                    'def _private():\n    pass\n\nimport os\n')
+    (tool,) = load_functions(path)
+    assert tool.name == "add" and tool.call('{"a": 2, "b": 3}') == "5"
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(ToolError, match="bad.py: RuntimeError: boom"):
+        load_functions(bad)
+    with pytest.raises(ToolError, match="no such file"):
+        load_functions(tmp_path / "missing.py")
+
+
+# ---- the loop over scripted harmony output ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_json):
+    return load_tokenizer(tokenizer_json)
+
+
+def tokens(tok, text):
+    return tok.encode(text, allowed_special="all")
+
+
+def call_script(tok, recipient, args, channel="commentary", recipient_first=False, think="Need a tool."):
+    head = (f"<|start|>assistant to={recipient}<|channel|>{channel} <|constrain|>json<|message|>"
+            if recipient_first else
+            f"<|start|>assistant<|channel|>{channel} to={recipient} <|constrain|>json<|message|>")
+    return tokens(tok, f"<|channel|>analysis<|message|>{think}<|end|>{head}{args}<|call|>")
+
+
+def answer_script(tok, text):
+    return tokens(tok, f"<|channel|>analysis<|message|>Got it.<|end|>"
+                       f"<|start|>assistant<|channel|>final<|message|>{text}<|return|>")
+
+
+def run(tok, replies, toolbox, text="What's the weather in Oslo?", max_rounds=8):
+    chat = Chat(ScriptedModel(replies), tok, date="2025-08-05", **toolbox.chat_options())
+    events = list(run_with_tools(chat, text, toolbox, max_rounds=max_rounds))
+    return chat, events
+
+
+def rendered_until_tool_result(chat):
+    """The prompt as the model saw it right after the last tool result (before its answer,
+    which drops the turn's analysis from later prompts)."""
+    conversation = chat.conversation()
+    last_tool = max(i for i, m in enumerate(conversation) if m.role == "tool")
+    return segments_to_text(render_conversation(conversation[: last_tool + 1]))
+
+
+def results(events):
+    return [e for e in events if isinstance(e, ToolResult)]
+
+
+@pytest.mark.parametrize("channel", ["commentary", "analysis"])
+@pytest.mark.parametrize("recipient_first", [False, True])
+def test_function_call_loop(tok, channel, recipient_first):
+    toolbox = Toolbox(functions=[FunctionTool.from_callable(get_weather)])
+    chat, events = run(tok, [call_script(tok, "functions.get_weather", '{"city": "Oslo"}', channel, recipient_first),
+                             answer_script(tok, "It is 21°C in Oslo.")], toolbox)
+    (call,) = [e for e in events if isinstance(e, ToolCall)]
+    assert call.recipient == "functions.get_weather" and call.channel == channel
+    (result,) = results(events)
+    assert result.ok and json.loads(result.content)["temp"] == 21
+    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == "It is 21°C in Oslo."
+    tool_message = [m for m in chat.messages if m.role == "tool"][0]
+    assert (tool_message.name, tool_message.channel, tool_message.recipient) == ("functions.get_weather", channel, "assistant")
+    prompt = rendered_until_tool_result(chat)  # what the model saw for its second reply
+    assert f"<|start|>functions.get_weather to=assistant<|channel|>{channel}<|message|>" in prompt
+    assert "namespace functions {" in prompt and "type get_weather = (_: {" in prompt
+    assert sum(isinstance(e, Done) for e in events) == 2
+
+
+@pytest.mark.parametrize("recipient,args,expect", [
+    ("functions.get_weather", '{"city": "Oslo"', "Error: the arguments are not valid JSON"),
+    ("functions.get_wether", '{"city": "Oslo"}', "Error: there is no function 'functions.get_wether' (available: functions.get_weather)"),
+    ("database.query", '{"q": 1}', "Error: there is no tool 'database.query'"),
+    ("functions.get_weather", '{"town": "Oslo"}', "Error: arguments: missing required city"),
+])
+def test_bad_calls_go_back_to_the_model(tok, recipient, args, expect):
+    toolbox = Toolbox(functions=[FunctionTool.from_callable(get_weather)])
+    chat, events = run(tok, [call_script(tok, recipient, args), answer_script(tok, "Sorry.")], toolbox)
+    (result,) = results(events)
+    assert not result.ok and result.content.startswith(expect)
+    assert [m for m in chat.messages if m.role == "tool"][0].text == result.content
+    assert events[-1].finish_reason == "stop"  # the model answered after seeing the error
+
+
+def test_round_limit(tok):
+    toolbox = Toolbox(functions=[FunctionTool.from_callable(get_weather)])
+    loop = call_script(tok, "functions.get_weather", '{"city": "Oslo"}')
+    chat, events = run(tok, [loop, loop, loop, loop, answer_script(tok, "Done.")], toolbox, max_rounds=2)
+    contents = [r.content for r in results(events)]
+    assert contents[-1].startswith("Error: tool-call limit reached (2 rounds)")
+    assert len(contents) == 3
+
+
+def test_python_tool_in_the_loop_with_approval(tok):
+    asked = []
+    toolbox = Toolbox(python=PythonSandbox(limits=SandboxLimits(timeout_s=10)),
+                      approve_code=lambda code: asked.append(code) or "rm" not in code)
+    try:
+        replies = [tokens(tok, "<|channel|>analysis to=python<|message|>print(6*7)<|call|>"),
+                   tokens(tok, "<|channel|>analysis to=python<|message|>import os; os.rmdir('x')<|call|>"),
+                   answer_script(tok, "42")]
+        chat, events = run(tok, replies, toolbox, "6*7?")
+        assert [r.content.strip() for r in results(events)] == ["42", "Error: the user declined to run this code"]
+        assert asked == ["print(6*7)", "import os; os.rmdir('x')"]
+        system = tok.decode(chat.prompt_tokens()).split("<|end|>")[0]
+        assert "## python" in system and "time out after 10.0 seconds" in system and "Internet access for this session is disabled" in system
+    finally:
+        toolbox.close()
+
+
+# ---- the python sandbox holds -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sandbox():
+    box = PythonSandbox(limits=SandboxLimits(timeout_s=5, memory_mb=512, max_output=2000))
+    yield box
+    box.close()
+
+
+def test_sandbox_state_and_notebook_style_output(sandbox):
+    assert sandbox.run("x = 20\nx + 1").strip() == "21"
+    assert sandbox.run("print(x * 2)").strip() == "40"
+    assert "ZeroDivisionError" in sandbox.run("1/0")
+    assert sandbox.run("x").strip() == "20"  # an error does not lose the session
+
+
+def test_stateless_mode_forgets():
+    with PythonSandbox(stateful=False) as box:
+        box.run("y = 1")
+        assert "NameError" in box.run("print(y)")
+        assert "STATELESS" in box.description
+
+
+def test_no_writes_outside_the_working_directory(sandbox, tmp_path):
+    target = tmp_path / "outside.txt"
+    target.write_text("keep")
+    for code in (f"open({str(target)!r}, 'w').write('x')", f"import os; os.remove({str(target)!r})",
+                 f"import pathlib; pathlib.Path({str(tmp_path / 'new.txt')!r}).write_text('x')",
+                 f"import os; os.rename({str(target)!r}, 'stolen.txt')",
+                 f"import shutil; shutil.rmtree({str(tmp_path)!r})"):
+        assert "PermissionError" in sandbox.run(code), code
+    assert target.read_text() == "keep" and not (tmp_path / "new.txt").exists()
+    assert sandbox.run("open('inside.txt', 'w').write('ok'); open('inside.txt').read()").strip() == "'ok'"
+    assert (sandbox.workdir / "inside.txt").exists()
+
+
+def test_no_network(sandbox):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(0.5)
+    port = server.getsockname()[1]
+    out = sandbox.run(f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)")
+    assert "network access is disabled" in out
+    with pytest.raises(socket.timeout):
+        server.accept()  # nothing connected
+    server.close()
+    assert "network access is disabled" in sandbox.run("import urllib.request; urllib.request.urlopen('http://127.0.0.1:1')")
+
+
+def test_no_processes_fork_bomb_or_native_code(sandbox, tmp_path):
+    marker = tmp_path / "pwned"
+    assert "not allowed" in sandbox.run("import os\nwhile True:\n    os.fork()")
+    assert "not allowed" in sandbox.run(f"import subprocess; subprocess.run(['touch', {str(marker)!r}])")
+    assert "not allowed" in sandbox.run(f"import os; os.system('touch {marker}')")
+    assert "not allowed" in sandbox.run(f"import ctypes; ctypes.CDLL(None).system(b'touch {marker}')")
+    assert not marker.exists()
+    assert sandbox.run("import numpy as np; int(np.arange(5).sum())").strip() == "10"  # NumPy still works
+
+
+def test_infinite_loop_times_out_and_session_restarts():
+    with PythonSandbox(limits=SandboxLimits(timeout_s=1.5)) as box:
+        box.run("z = 5")
+        t0 = time.monotonic()
+        out = box.run("while True:\n    pass")
+        assert time.monotonic() - t0 < 5
+        assert "timed out after 1.5 seconds" in out and "restarted" in out
+        assert "NameError" in box.run("z")  # a fresh interpreter
+        assert box.run("2 + 2").strip() == "4"
+
+
+def test_huge_output_and_memory_are_contained(sandbox):
+    out = sandbox.run("print('x' * 10_000_000)")
+    assert len(out) < 2200 and "[output truncated: 9998001 more characters]" in out
+    out = sandbox.run("b = bytearray(4 * 2**30)")
+    assert "MemoryError" in out or "ended unexpectedly" in out
+    assert sandbox.run("1 + 1").strip() == "2"
+
+
+# ---- the browser ------------------------------------------------------------------------------
+
+PAGES = {
+    "/": "<html><head><title>Home page</title><script>var x=1;</script></head><body>"
+         "<h1>Welcome</h1><p>The answer is <b>42</b>.</p><p>See <a href='/doc'>the docs</a> "
+         "and <a href='https://example.org/x'>elsewhere</a>.</p></body></html>",
+    "/doc": "<html><head><title>Docs</title></head><body>" + "".join(f"<p>Line number {i} about MLX.</p>" for i in range(100)) + "</body></html>",
+    "/plain": "just text\nsecond line",
+}
+
+
+@pytest.fixture(scope="module")
+def site():
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = PAGES.get(self.path)
+            if body is None:
+                self.send_error(404, "Not Found")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain" if self.path == "/plain" else "text/html; charset=utf-8")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_browser_open_follow_links_scroll_and_find(site):
+    b = Browser(backend=None, view_lines=10)
+    page = b.open(id=site + "/")
+    assert page.startswith("[0] Home page (127.0.0.1:")
+    assert "L0: Welcome" in page and "L1: The answer is 42." in page and "var x" not in page
+    assert "【0†the docs】" in page and "【1†elsewhere】" in page
+    doc = b.open(id=0)  # follow link 0 of the current page
+    assert doc.startswith("[1] Docs") and "**viewing lines [0 - 9] of 99**" in doc
+    scrolled = b.open(loc=50, num_lines=3)
+    assert "**viewing lines [50 - 52] of 99**" in scrolled and "L51: Line number 51 about MLX." in scrolled
+    found = b.find("number 7", cursor=1)
+    assert found.startswith("[2] Find results") and "L0: 【0†match at L7】 Line number 7 about MLX." in found
+    assert "【1†match at L70】 Line number 70" in found
+    assert "L0: just text" in b.open(id=site + "/plain")
+
+
+def test_browser_errors_are_tool_errors(site):
+    b = Browser(backend=None)
+    with pytest.raises(ToolError, match="no page is open yet"):
+        b.find("x")
+    with pytest.raises(ToolError, match="HTTP 404"):
+        b.open(id=site + "/missing")
+    with pytest.raises(ToolError, match="only http"):
+        b.open(id="file:///etc/passwd")
+    with pytest.raises(ToolError, match="no search backend is configured"):
+        b.search("mlx")
+    b.open(id=site + "/")
+    with pytest.raises(ToolError, match="has no link 7"):
+        b.open(id=7)
+
+
+def test_browser_search_with_a_backend_in_the_loop(tok, site):
+    class Backend:
+        def search(self, query, topn):
+            return [SearchResult("MLX docs", site + "/doc", "Docs about MLX."),
+                    SearchResult("Home", site + "/", "The answer.")][:topn]
+
+    toolbox = Toolbox(browser=Browser(backend=Backend()))
+    replies = [tokens(tok, '<|channel|>analysis to=browser.search<|message|>{"query": "mlx", "topn": 2}<|call|>'),
+               tokens(tok, '<|channel|>analysis to=browser.open<|message|>{"id": 1}<|call|>'),
+               answer_script(tok, "The answer is 42 【1†L1-L1】.")]
+    chat, events = run(tok, replies, toolbox, "What is the answer?")
+    search, opened = results(events)
+    assert search.name == "browser.search" and "【0†MLX docs†127.0.0.1:" in search.content
+    assert opened.content.startswith("[1] Home page") and "The answer is 42." in opened.content
+    prompt = rendered_until_tool_result(chat)
+    assert "## browser" in prompt and "<|start|>browser.open to=assistant<|channel|>analysis<|message|>" in prompt
+
+
+# ---- the CLI ------------------------------------------------------------------------------------
+
+def _scripted_cli(monkeypatch, tok, replies):
+    """gptoss-mlx's own flag handling and loop, with the model's outputs scripted."""
+    from gptoss_mlx import commands
+
+    def load_chat(args, out=None, toolbox=None):
+        return Chat(ScriptedModel(replies), tok, date="2025-08-05", reasoning_effort="low",
+                    **(toolbox.chat_options() if toolbox else {}))
+
+    monkeypatch.setattr(commands, "_load_chat", load_chat)
+
+
+def test_cli_tool_loop_transcript(tok, tmp_path, monkeypatch, capsys):
+    from gptoss_mlx.cli import main
+
+    functions = tmp_path / "weather.py"
+    functions.write_text('def get_weather(city: str) -> dict:\n    """Current weather in a city."""\n'
+                         '    return {"city": city, "temp_c": 21}\n')
+    _scripted_cli(monkeypatch, tok, [
+        call_script(tok, "functions.get_weather", '{"city": "Oslo"}', think="Look up Oslo's weather."),
+        tokens(tok, "<|channel|>analysis<|message|>Convert to F with python.<|end|>"
+                    "<|start|>assistant<|channel|>analysis to=python<|message|>print(21 * 9 / 5 + 32)<|call|>"),
+        answer_script(tok, "It is 21 °C (69.8 °F) in Oslo.")])
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Weather in Oslo, in Fahrenheit?\n"))
+    assert main(["chat", "--functions", str(functions), "--tools", "python", "--auto-approve"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "It is 21 °C (69.8 °F) in Oslo."
+    assert '[tool call → functions.get_weather] {"city": "Oslo"}' in err
+    assert '[result ← functions.get_weather] {"city": "Oslo", "temp_c": 21}' in err
+    assert "[tool call → python] print(21 * 9 / 5 + 32)" in err and "[result ← python] 69.8" in err
+
+
+def test_cli_piped_code_needs_auto_approve(tok, monkeypatch, capsys):
+    from gptoss_mlx.cli import main
+
+    _scripted_cli(monkeypatch, tok, [
+        tokens(tok, "<|channel|>analysis to=python<|message|>print('hi')<|call|>"),
+        answer_script(tok, "I could not run code.")])
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Run something\n"))
+    assert main(["chat", "--tools", "python"]) == 0
+    out, err = capsys.readouterr()
+    assert "pass --auto-approve" in err
+    assert "[result ← python] Error: the user declined to run this code" in err
+    assert out.strip() == "I could not run code."
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tools", "python,shell"], "unknown tool(s) shell: --tools takes python,browser"),
+    (["--functions", "/nonexistent/tools.py"], "/nonexistent/tools.py: no such file"),
+])
+def test_cli_tool_flag_errors(argv, message, capsys, monkeypatch):
+    from gptoss_mlx.cli import main
+
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hi\n"))
+    assert main(["chat", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+async def test_tui_runs_tools_after_approval(tok, tmp_path):
+    from gptoss_mlx.tui import ChatApp, ConversationStore
+    from gptoss_mlx.tui.app import ApproveCode, PromptInput
+
+    toolbox = Toolbox(python=PythonSandbox(limits=SandboxLimits(timeout_s=10)))
+    chat = Chat(ScriptedModel([tokens(tok, "<|channel|>analysis to=python<|message|>print(6 * 7)<|call|>"),
+                               answer_script(tok, "42.")]), tok, date="2025-08-05", **toolbox.chat_options())
+    app = ChatApp(chat, store=ConversationStore(tmp_path), toolbox=toolbox)
+    async with app.run_test(size=(100, 32)) as pilot:
+        app.query_one(PromptInput).text = "6 times 7?"
+        await pilot.press("enter")
+        deadline = time.monotonic() + 20
+        while not isinstance(app.screen, ApproveCode):
+            assert time.monotonic() < deadline, "no approval dialog"
+            await pilot.pause(0.05)
+        assert "print(6 * 7)" in app.screen.query_one(".code").render().plain
+        await pilot.press("y")
+        while app.replies_finished < 1:
+            assert time.monotonic() < deadline, "the reply did not finish"
+            await pilot.pause(0.05)
+        rows = [r.title for r in app.query(".tool-call")]
+        assert rows == ["tool call · python", "result · python"]
+    saved = json.loads(next(tmp_path.glob("chats/*.json")).read_text())
+    assert any(m.get("role") == "tool" and m.get("content", "").strip() == "42" for m in saved["messages"])
