@@ -14,6 +14,7 @@ typedef unsigned short ushort;
 typedef unsigned char uchar;
 typedef __half half;
 typedef __half float16_t;
+typedef __half2 half2;
 typedef __nv_bfloat16 bfloat16_t;
 struct __align__(8) half4 {
   __half x, y, z, w;

@@ -6,13 +6,16 @@
 // The kernels give each lane whole words: lane l of a simdgroup takes words l, l + 32, ... so a
 // simdgroup's loads of one row are 128 contiguous bytes, and its loads of x are 512.
 
-// One E2M1 nibble as a float times 2^-14: the three magnitude bits land in a half's exponent
-// and mantissa (MLX's fp4.h trick), so no table and no branch. mxfp4_scale() folds 2^14 back.
-METAL_FUNC float e2m1_scaled(uint nibble) {
-  return static_cast<float>(as_type<half>(ushort(((nibble & 7u) << 9) | ((nibble & 8u) << 12))));
+// E2M1 -> half, two at a time: nibbles n and n+4 of a word sit at the same offset in its two
+// 16-bit halves, so one shift-and-mask places both magnitudes (3 bits) into a half's exponent
+// and mantissa (bits 9-11) and both signs into bit 15 (MLX's fp4.h trick, paired as in
+// gpt-oss's Metal kernel). The halves hold value * 2^-14; mxfp4_scale() folds 2^14 back.
+METAL_FUNC half2 e2m1_pair(uint q, uint n) {
+  const uint t = q >> (4 * n);
+  return as_type<half2>(((t << 9) & 0x0E000E00u) | ((t << 12) & 0x80008000u));
 }
 
-// The block scale 2^(s - 127), times 2^14 for e2m1_scaled (s = 0 reads as 0).
+// The block scale 2^(s - 127), times 2^14 for e2m1_pair (s = 0 reads as 0).
 METAL_FUNC float mxfp4_scale(uint s) {
   return as_type<float>(s << 23) * 16384.0f;
 }
@@ -20,8 +23,9 @@ METAL_FUNC float mxfp4_scale(uint s) {
 // Dot product of one packed word (8 values) with xv[0..7], unscaled.
 METAL_FUNC float dot8(uint q, thread const float* xv) {
   float acc = 0.0f;
-  for (int n = 0; n < 8; ++n) {
-    acc += e2m1_scaled((q >> (4 * n)) & 15u) * xv[n];
+  for (uint n = 0; n < 4; ++n) {
+    const half2 w = e2m1_pair(q, n);
+    acc += static_cast<float>(w.x) * xv[n] + static_cast<float>(w.y) * xv[n + 4];
   }
   return acc;
 }

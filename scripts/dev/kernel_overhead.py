@@ -49,8 +49,8 @@ acts = [mx.random.normal((1, K, I)).astype(mx.bfloat16) for _ in range(8)]
 mx.eval(wgu, sgu, bgu, wd, sd, bd, idx, wts, acts)
 
 per_call("kernel A (gate/up + SwiGLU)", lambda i: moe.GATE_UP_SPEC.launch(xs[i % 8], idx[i % 8], wgu, sgu, bgu, 7.0)[0])
-per_call("kernel B (down + combine)", lambda i: moe.DOWN_SPEC.launch(acts[i % 8], idx[i % 8], wts, wd, sd, bd)[0])
+per_call("kernel B (down + combine)", lambda i: moe.DOWN_SPEC.launch(acts[i % 8], idx[i % 8], wts, wd, sd, bd, xs[i % 8])[0])
 per_call("gather_qmm gate_up (no bias)", lambda i: mx.gather_qmm(mx.expand_dims(xs[i % 8], (-2, -3)), wgu, sgu, rhs_indices=idx[i % 8], transpose=True, group_size=32, bits=4, mode="mxfp4"))
 per_call("gather_qmm down (no bias)", lambda i: mx.gather_qmm(mx.expand_dims(acts[i % 8], -2), wd, sd, rhs_indices=idx[i % 8], transpose=True, group_size=32, bits=4, mode="mxfp4"))
 per_call("reference A (gather_qmm+bias+swiglu)", lambda i: moe.gate_up_swiglu_reference(xs[i % 8], idx[i % 8], wgu, sgu, bgu, 7.0)[0])
-per_call("reference B (gather_qmm+bias+combine)", lambda i: moe.down_combine_reference(acts[i % 8], idx[i % 8], wts, wd, sd, bd)[0])
+per_call("reference B (gather_qmm+bias+combine)", lambda i: moe.down_combine_reference(acts[i % 8], idx[i % 8], wts, wd, sd, bd, xs[i % 8])[0])
