@@ -352,8 +352,14 @@ def cmd_tui(args) -> int:
 
     from .tui import ChatApp
 
+    from .loading import CheckpointError, resolve_checkpoint
+
     name = args.model or "openai/gpt-oss-20b"
     toolbox = make_toolbox(args)  # the app asks before code runs (unless --auto-approve)
+    try:  # a download happens here, in the terminal, where its progress bars show
+        args.model = str(resolve_checkpoint(args.model))
+    except CheckpointError:
+        pass  # the app's loader raises it again and shows it as a notification
     app = ChatApp(loader=lambda: _load_chat(args, out=io.StringIO(), toolbox=toolbox),
                   model_name=name.rstrip("/").split("/")[-1], effort=args.reasoning_effort,
                   toolbox=toolbox, ask_before_running_code=not args.auto_approve)
