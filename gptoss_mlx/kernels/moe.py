@@ -107,9 +107,9 @@ def _routing(key, T, E, k):
 
 
 # (tokens, D, I, experts, top-k), small first (the run-time check). The lanes stride over the
-# blocks of the input dimension — D for kernel A, I for kernel B — so each kernel gets the
-# model's 2880 there (90 blocks: lanes 0-25 take three, the rest two), a short one (3 blocks:
-# most lanes idle), 1056 (33 blocks: one lane takes two), and several tokens; the output
+# packed words of the input dimension — D for kernel A, I for kernel B — so each kernel gets the
+# model's 2880 there (360 words: lanes 0-7 take twelve, the rest eleven), short ones (8 and 12
+# words: most lanes idle), 1056 (132 words: lanes 0-3 take five), and several tokens; the output
 # dimension stays small to keep the emulator quick.
 GATE_UP_SHAPES = [(1, 64, 64, 4, 2), (1, 2880, 64, 8, 4), (3, 96, 96, 4, 4), (2, 1056, 160, 6, 4)]
 DOWN_SHAPES = [(1, 64, 64, 4, 2), (1, 64, 2880, 8, 4), (3, 96, 96, 4, 4), (2, 160, 1056, 6, 4)]
