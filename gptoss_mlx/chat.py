@@ -89,6 +89,10 @@ class Chat:
         """Ask the reply being generated to stop after the current token."""
         self._stop = True
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop
+
     # -- prompt
     def conversation(self) -> list[Message]:
         prefix = [harmony.system_message(self._effort, self.date, self.browser, self.python,

@@ -30,7 +30,7 @@ from gptoss_mlx.chat import AnswerDelta, Chat, ChatFileError, Done, ReasoningDel
 from gptoss_mlx.harmony import EFFORTS
 from gptoss_mlx.tools import Toolbox, ToolResult, run_with_tools
 
-from .store import ConversationStore, title_for, to_markdown  # noqa: F401  (to_markdown: API)
+from .store import ConversationStore, title_for
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -490,7 +490,7 @@ class ChatApp(App):
 
         self.call_from_thread(ask)
         while not answered.wait(0.2):
-            if self.chat is not None and self.chat._stop:  # Esc while the dialog is open
+            if self.chat is not None and self.chat.stop_requested:  # Esc while the dialog is open
                 self.call_from_thread(self.pop_screen)
                 return False
         return result[0]
