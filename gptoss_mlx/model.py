@@ -18,7 +18,9 @@ import mlx.nn as nn
 
 from .cache import KVCache, RotatingKVCache
 from .config import ModelConfig, yarn_parameters
-from .kernels import add_rms_norm, combine_experts, fused_experts, fused_experts_apply, swiglu
+from .kernels import (
+    add_rms_norm, combine_experts, fused_experts, fused_experts_apply, sdpa_decode, sdpa_decode_apply, swiglu,
+)
 
 class RMSNorm(nn.Module):
     """RMSNorm with a plain gain (no 1 + w, no bias). MLX's kernel accumulates and scales in
@@ -99,11 +101,16 @@ class Attention(nn.Module):
         k = self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        mask = attention_mask(offset, L, k.shape[2], self.window)
         # Sinks: an extra softmax column per head that takes weight but adds no value.
         # (Loaded models hold them in the activation dtype already: no cast per token.)
         sinks = self.sinks if self.sinks.dtype == q.dtype else self.sinks.astype(q.dtype)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=sinks)
+        if cache is not None and sdpa_decode_apply(q, cache.keys, k.shape[2]):
+            # One token over a long cache: read the cache buffer directly, each KV head's keys
+            # once for all of its query heads, split across threadgroups.
+            out = sdpa_decode(q, cache.keys, cache.values, k.shape[2], sinks, self.scale)
+        else:
+            mask = attention_mask(offset, L, k.shape[2], self.window)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=sinks)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

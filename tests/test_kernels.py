@@ -58,8 +58,12 @@ def test_generated_metal_source_type_checks(case, clang):
     toolchain.check_metal_syntax(source, clang)
 
 
+EMULATED = [(name, dtype, i) for name, dtype, i in CASES
+            if dtype in (registry.REGISTRY[name].emulated_dtypes or registry.REGISTRY[name].dtypes)]
+
+
 @pytest.mark.parametrize("order", ["forward", "reverse"])
-@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("case", EMULATED, ids=_ids)
 def test_emulated_kernel_matches_reference(case, order, cxx):
     name, dtype, i = case
     spec = registry.REGISTRY[name]
@@ -282,3 +286,43 @@ def test_doctor_lists_every_kernel_and_its_state(capsys, monkeypatch):
     for name in registry.REGISTRY:
         assert name in out
     assert ("reference path (no GPU backend here)" in out) or ("off (GPTOSS_MLX_KERNELS=off)" in out)
+
+
+def test_decode_attention_kernel_in_the_model_across_the_window(emulated_gpu, monkeypatch):
+    """Decode steps through the attention kernels (emulated) equal MLX's sdpa path, on a sliding
+    layer (window 8: positions 7/8/9 and the ring wrapping) and a full layer."""
+    import mlx.nn as nn
+
+    import importlib
+
+    sdpa_module = importlib.import_module("gptoss_mlx.kernels.sdpa_decode")
+    monkeypatch.setattr(sdpa_module, "MIN_KEYS", 1)  # the kernels for every cache length here
+    from conftest import TINY
+    from gptoss_mlx.model import Model
+
+    config = TINY.replace(num_hidden_layers=2, layer_types=("sliding_attention", "full_attention"),
+                          head_dim=32, num_attention_heads=8, num_key_value_heads=2)
+    mx.random.seed(3)
+    model = Model(config)
+    model.update(nn.utils.tree_map(lambda p: mx.random.normal(p.shape) * 0.2 if p.dtype == mx.float32 else p,
+                                   model.parameters()))
+    for name in registry.REGISTRY:  # only the attention kernels run
+        if not name.startswith("sdpa_decode"):
+            registry._state[(name, mx.float32)] = "off (this test)"
+
+    def decode(steps):
+        cache = model.make_cache()
+        logits = [model(mx.array([[5, 9, 2, 7, 1, 3]]), cache=cache)[:, -1]]
+        for t in range(steps):
+            logits.append(model(mx.array([[10 + t]]), cache=cache)[:, -1])
+        return mx.stack(logits)
+
+    with_kernels = decode(6)  # positions 6..11: the window of 8 fills at 7, wraps from 8 on
+    assert registry._state[("sdpa_decode_partial", mx.float32)].startswith("active")
+    os.environ[registry.ENV_VAR] = "off"
+    try:
+        registry.reset()
+        reference = decode(6)
+    finally:
+        del os.environ[registry.ENV_VAR]
+    assert mx.abs(with_kernels - reference).max().item() < 1e-4

@@ -40,6 +40,9 @@ class KernelSpec:
     # (and on the CPU accumulates) in that precision at every step. Such kernels are compared
     # with the reference computed from the same inputs in float32.
     reference_in_float32: bool = False
+    # Dtypes the CPU emulator runs every sample in (None: all of ``dtypes``); the compile check
+    # always covers all of them.
+    emulated_dtypes: tuple | None = None
 
     def launch(self, *args) -> list[mx.array]:
         return self.kernel(self.plan(*args))

@@ -1,0 +1,144 @@
+"""Decode attention with sinks and GQA (metal/sdpa_decode_*.metal) next to plain-MLX references.
+
+One query token; the keys and values come straight from the cache buffers (a full layer's
+growing cache, or a sliding layer's 128-slot ring — at decode the ring's order does not matter
+and every slot is inside the window). Pass 1 splits the keys into partitions and lets the query
+heads of a KV head share each K/V read; pass 2 merges the partitions with the sink.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from . import registry
+from .source import Kernel, Launch
+
+CHUNK = 256  # keys per partition (threadgroup) in pass 1
+# Below this many cached keys MLX's single sdpa launch wins (two launches cost more than they
+# save: 0.36x at 128 keys, 0.93x at 1k, 1.77x at 8k, 3.28x at 32k on the GPU machine,
+# scripts/bench_attention.py); so sliding layers (128 keys) keep MLX's path.
+MIN_KEYS = 2048
+
+PARTIAL = Kernel("sdpa_decode_partial", ["q", "k", "v", "scale", "n_keys"], ["partial"])
+COMBINE = Kernel("sdpa_decode_combine", ["partial", "sinks", "n_parts"], ["out"])
+
+
+def _parts(n_keys: int) -> int:
+    return max(1, -(-n_keys // CHUNK))
+
+
+# ---- pass 1 -----------------------------------------------------------------------------------
+
+def partial_plan(q, k, v, scale, n_keys) -> Launch:
+    """q (HEADS, D); k, v (1, KV_HEADS, CAPACITY, D) cache buffers, the first n_keys valid."""
+    heads, D = q.shape
+    kv_heads = k.shape[1]
+    gqa = heads // kv_heads
+    P = _parts(n_keys)
+    return Launch(
+        inputs=[q, k, v, float(scale), int(n_keys)],
+        output_shapes=[(heads, P, D + 2)], output_dtypes=[mx.float32],
+        grid=(32 * gqa, kv_heads, P), threadgroup=(32 * gqa, 1, 1),
+        template=[("T", q.dtype), ("D", D), ("GQA", gqa), ("CHUNK", CHUNK)],
+    )
+
+
+def partial_reference(q, k, v, scale, n_keys):
+    """(m, l, acc) of every (query head, partition), as pass 1 defines them."""
+    heads, D = q.shape
+    kv_heads = k.shape[1]
+    gqa = heads // kv_heads
+    P = _parts(n_keys)
+    keys = mx.repeat(k[0, :, :n_keys].astype(mx.float32), gqa, axis=0)  # (HEADS, n, D)
+    values = mx.repeat(v[0, :, :n_keys].astype(mx.float32), gqa, axis=0)
+    scores = (keys @ (q.astype(mx.float32) * scale)[:, :, None])[..., 0]  # (HEADS, n)
+    out = []
+    for p in range(P):
+        s = scores[:, p * CHUNK:(p + 1) * CHUNK]
+        m = s.max(axis=-1, keepdims=True)
+        e = mx.exp(s - m)
+        acc = (e[:, None, :] @ values[:, p * CHUNK:(p + 1) * CHUNK])[:, 0]
+        out.append(mx.concatenate([m, e.sum(axis=-1, keepdims=True), acc], axis=-1))
+    return (mx.stack(out, axis=1),)
+
+
+# ---- pass 2 -----------------------------------------------------------------------------------
+
+def combine_plan(partial, sinks, dtype) -> Launch:
+    """partial (HEADS, P, D + 2) float32, sinks (HEADS,); the output in ``dtype``."""
+    heads, P, D2 = partial.shape
+    return Launch(
+        inputs=[partial, sinks, int(P)],
+        output_shapes=[(heads, D2 - 2)], output_dtypes=[dtype],
+        grid=(32, heads, 1), threadgroup=(32, 1, 1),
+        template=[("T", dtype), ("S_T", sinks.dtype), ("D", D2 - 2)],
+    )
+
+
+def combine_reference(partial, sinks, dtype):
+    m, l, acc = partial[..., :1], partial[..., 1:2], partial[..., 2:]
+    sink = sinks.astype(mx.float32)[:, None, None]
+    M = mx.maximum(m.max(axis=1, keepdims=True), sink)
+    w = mx.exp(m - M)
+    L = mx.exp(sink - M)[:, 0] + (l * w).sum(axis=1)
+    return (((acc * w).sum(axis=1) / L).astype(dtype),)
+
+
+# ---- samples ----------------------------------------------------------------------------------
+
+# (heads, kv heads, D, capacity, n_keys): small first (the run-time check); the window's edges
+# 127/128/129, a ring buffer (capacity 128) full, several partitions with a ragged last one.
+SHAPES = [(8, 1, 32, 40, 33), (16, 2, 64, 256, 127), (16, 2, 64, 256, 128), (64, 8, 64, 256, 129),
+          (16, 2, 64, 128, 128), (16, 2, 64, 384, 300)]
+
+
+def _qkv(n: int, dtype):
+    heads, kv_heads, D, capacity, n_keys = SHAPES[n]
+    k1, k2, k3, k4 = mx.random.split(mx.random.key(300 + n), 4)
+    q = mx.random.normal((heads, D), key=k1).astype(dtype)
+    k = mx.random.normal((1, kv_heads, capacity, D), key=k2).astype(dtype)
+    v = mx.random.normal((1, kv_heads, capacity, D), key=k3).astype(dtype)
+    sinks = mx.random.normal((heads,), key=k4).astype(dtype)
+    return q, k, v, sinks, n_keys, D ** -0.5
+
+
+def partial_samples(dtype):
+    return [(q, k, v, scale, n_keys) for q, k, v, _, n_keys, scale in (_qkv(n, dtype) for n in range(len(SHAPES)))]
+
+
+def combine_samples(dtype):
+    out = []
+    for n in range(len(SHAPES)):
+        q, k, v, sinks, n_keys, scale = _qkv(n, dtype)
+        (partial,) = partial_reference(q, k, v, scale, n_keys)
+        out.append((partial, sinks, dtype))
+    return out
+
+
+PARTIAL_SPEC = registry.register(registry.KernelSpec(
+    "sdpa_decode_partial", PARTIAL, partial_plan, partial_reference, partial_samples,
+    description="decode attention pass 1: K/V tiles shared by a KV head's query heads, split keys",
+    reference_in_float32=True, emulated_dtypes=(mx.float32, mx.bfloat16),  # the slowest to emulate
+))
+COMBINE_SPEC = registry.register(registry.KernelSpec(
+    "sdpa_decode_combine", COMBINE, combine_plan, combine_reference, combine_samples,
+    description="decode attention pass 2: merge partitions and the sink",
+    reference_in_float32=True,
+))
+
+
+def sdpa_decode_apply(q: mx.array, keys: mx.array, n_keys: int) -> bool:
+    """One query token, batch 1, enough keys, head_dim a multiple of 32, both kernels active."""
+    B, heads, L, D = q.shape
+    return (L == 1 and B == 1 and n_keys >= MIN_KEYS and D % 32 == 0 and heads % keys.shape[1] == 0
+            and 32 * (heads // keys.shape[1]) <= 1024
+            and registry.active(PARTIAL_SPEC.name, q.dtype) and registry.active(COMBINE_SPEC.name, q.dtype))
+
+
+def sdpa_decode(q, keys, values, n_keys: int, sinks, scale: float) -> mx.array:
+    """softmax([q.k_t * scale, sink]) . v over the first n_keys cache positions:
+    q (1, HEADS, 1, D), keys/values the cache buffers (1, KV_HEADS, CAPACITY, D) -> (1, HEADS, 1, D)."""
+    heads, D = q.shape[1], q.shape[3]
+    (partial,) = PARTIAL_SPEC.launch(q.reshape(heads, D), keys, values, scale, n_keys)
+    (out,) = COMBINE_SPEC.launch(partial, sinks, q.dtype)
+    return out.reshape(1, heads, 1, D)

@@ -1,0 +1,37 @@
+// sdpa_decode_combine — decode attention, pass 2 of flash-decoding: merges the partitions of
+// sdpa_decode_partial and the learned sink of each query head into the output.
+//
+//   M = max(sink_h, max_p m_p),  L = exp(sink_h - M) + sum_p l_p exp(m_p - M)
+//   out_h = sum_p acc_p exp(m_p - M) / L          (the sink takes weight, adds no value)
+//
+// Grid (32, HEADS, 1) threads, threadgroup (32, 1, 1): one simdgroup per query head; each lane
+// owns D/32 output dimensions.
+// Data: partial [HEADS, P, D + 2] float32 (m, l, acc[D]); sinks [HEADS] of S_T; n_parts int.
+// out [HEADS, D] of T. Template: T, S_T (the sinks' dtype), D (a multiple of 32).
+// Fuses: the sink column of the softmax and the final normalisation.
+// ---- body ----
+constexpr uint DL = D / 32;
+const uint lane = thread_index_in_simdgroup;
+const uint head = threadgroup_position_in_grid.y;
+const device float* base = partial + size_t(head) * n_parts * (D + 2);
+const float sink = static_cast<float>(sinks[head]);
+float M = sink;
+for (int p = 0; p < n_parts; ++p) {
+  M = metal::max(M, base[p * (D + 2)]);
+}
+float L = metal::exp(sink - M);
+float acc[DL];
+for (uint i = 0; i < DL; ++i) {
+  acc[i] = 0.0f;
+}
+for (int p = 0; p < n_parts; ++p) {
+  const device float* part = base + p * (D + 2);
+  const float w = metal::exp(part[0] - M);
+  L += part[1] * w;
+  for (uint i = 0; i < DL; ++i) {
+    acc[i] += part[2 + lane + 32 * i] * w;
+  }
+}
+for (uint i = 0; i < DL; ++i) {
+  out[size_t(head) * D + lane + 32 * i] = static_cast<T>(acc[i] / L);
+}
