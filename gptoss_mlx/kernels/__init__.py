@@ -9,4 +9,7 @@ from .add_rms_norm import add_rms_norm, add_rms_norm_reference
 from .moe import combine_experts, fused_experts, fused_experts_apply, swiglu
 from .sdpa_decode import sdpa_decode, sdpa_decode_apply
 
-__all__ = ["add_rms_norm", "combine_experts", "add_rms_norm_reference", "fused_experts", "fused_experts_apply", "registry", "sdpa_decode", "sdpa_decode_apply", "swiglu"]
+__all__ = [
+    "add_rms_norm", "add_rms_norm_reference", "combine_experts", "fused_experts", "fused_experts_apply",
+    "registry", "sdpa_decode", "sdpa_decode_apply", "swiglu",
+]

@@ -263,7 +263,6 @@ def emulate(kernel: Kernel, launch: Launch, order: str = "forward") -> list[mx.a
     lib = build_emulator(source)
     inputs = [_as_mx(x) for x in launch.inputs]
     buffers, keep = [], []
-    body = source
     for name, x in zip(kernel.input_names, inputs):
         a = mx.array(x) if not isinstance(x, mx.array) else x
         arr = np.ascontiguousarray(_to_numpy(a))
@@ -272,7 +271,7 @@ def emulate(kernel: Kernel, launch: Launch, order: str = "forward") -> list[mx.a
         for suffix, values, dtype in (
             ("_shape", a.shape, np.int32), ("_strides", _strides(a.shape), np.int64), ("_ndim", [a.ndim], np.int32),
         ):
-            if f"{name}{suffix}" in body and any(p[1] == f"{name}{suffix}" for p in sig.params):
+            if any(p[1] == f"{name}{suffix}" for p in sig.params):  # MLX added the buffer
                 extra = np.array(values if values else [0], dtype=dtype)
                 keep.append(extra)
                 buffers.append(extra.ctypes.data)
