@@ -159,6 +159,14 @@ def _stream(events, show_reasoning: bool, answer_out, reasoning_out, dim: bool) 
 
     in_reasoning = False
     done = None
+
+    def end_reasoning(gap: str) -> None:
+        nonlocal in_reasoning
+        if in_reasoning:
+            reasoning_out.write((RESET if dim else "") + gap)
+            reasoning_out.flush()
+            in_reasoning = False
+
     for event in events:
         if isinstance(event, ReasoningDelta):
             if show_reasoning:
@@ -168,16 +176,11 @@ def _stream(events, show_reasoning: bool, answer_out, reasoning_out, dim: bool) 
                 reasoning_out.write(event.text)
                 reasoning_out.flush()
         elif isinstance(event, AnswerDelta):
-            if in_reasoning:
-                reasoning_out.write((RESET if dim else "") + "\n\n")
-                reasoning_out.flush()
-                in_reasoning = False
+            end_reasoning("\n\n")
             answer_out.write(event.text)
             answer_out.flush()
         elif isinstance(event, ToolCall):
-            if in_reasoning:
-                reasoning_out.write((RESET if dim else "") + "\n")
-                in_reasoning = False
+            end_reasoning("\n")
             reasoning_out.write(f"\n[tool call → {event.recipient}] {event.arguments.strip()}\n")
             reasoning_out.flush()
         elif isinstance(event, ToolResult):
@@ -186,21 +189,26 @@ def _stream(events, show_reasoning: bool, answer_out, reasoning_out, dim: bool) 
             reasoning_out.flush()
         elif isinstance(event, Done):
             done = event
-    if in_reasoning:
-        reasoning_out.write(RESET if dim else "")
+    end_reasoning("")
     answer_out.write("\n")
     answer_out.flush()
     return done
 
 
 def cmd_generate(args) -> int:
+    approve = _ask_on_terminal if sys.stdin.isatty() else _decline_when_piped
+    return _answer_once(args, args.prompt, approve, show_reasoning=True, dim=sys.stderr.isatty())
+
+
+def _answer_once(args, text: str, approve, show_reasoning: bool, dim: bool) -> int:
+    """Load, answer ``text`` (running tools if asked): the answer to stdout, the rest to stderr."""
     from .cli import CLIError
     from .generate import ContextLengthError
 
-    toolbox = make_toolbox(args, _ask_on_terminal if sys.stdin.isatty() else _decline_when_piped)
+    toolbox = make_toolbox(args, approve)
     chat = _load_chat(args, toolbox=toolbox)
     try:
-        _stream(_replies(chat, args.prompt, toolbox), True, sys.stdout, sys.stderr, sys.stderr.isatty())
+        _stream(_replies(chat, text, toolbox), show_reasoning, sys.stdout, sys.stderr, dim)
     except ContextLengthError as e:
         raise CLIError(str(e)) from None
     finally:
@@ -211,23 +219,12 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from .cli import CLIError
-    from .generate import ContextLengthError
 
     if not sys.stdin.isatty():  # piped: answer once
         question = sys.stdin.read().strip()
         if not question:
             raise CLIError("no question on standard input")
-        toolbox = make_toolbox(args, _decline_when_piped)
-        chat = _load_chat(args, toolbox=toolbox)
-        try:
-            _stream(_replies(chat, question, toolbox), not args.hide_reasoning, sys.stdout,
-                    sys.stderr, False)
-        except ContextLengthError as e:
-            raise CLIError(str(e)) from None
-        finally:
-            if toolbox:
-                toolbox.close()
-        return 0
+        return _answer_once(args, question, _decline_when_piped, not args.hide_reasoning, dim=False)
     toolbox = make_toolbox(args, _ask_on_terminal)
     chat = _load_chat(args, toolbox=toolbox)
     try:

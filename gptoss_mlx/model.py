@@ -19,7 +19,8 @@ import mlx.nn as nn
 from .cache import KVCache, RotatingKVCache
 from .config import ModelConfig, yarn_parameters
 from .kernels import (
-    add_rms_norm, combine_experts, fused_experts, fused_experts_apply, sdpa_decode, sdpa_decode_apply, swiglu,
+    add_rms_norm, combine_experts, fused_experts, fused_experts_apply, gather_linear, sdpa_decode,
+    sdpa_decode_apply, swiglu,
 )
 
 class RMSNorm(nn.Module):
@@ -135,12 +136,9 @@ class SwitchLinear(nn.Module):
         self.bias = mx.zeros((num_experts, out_dims))
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        y = mx.gather_qmm(
-            x, self.weight, self.scales, self.get("biases"), rhs_indices=indices,
-            transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
-            sorted_indices=sorted_indices,
-        )
-        return y + mx.expand_dims(self.bias[indices], -2)
+        return gather_linear(x, self.weight, self.scales, self.bias, indices, biases=self.get("biases"),
+                             mode=self.mode, group_size=self.group_size, bits=self.bits,
+                             sorted_indices=sorted_indices)
 
 
 class Experts(nn.Module):

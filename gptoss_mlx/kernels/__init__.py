@@ -6,10 +6,10 @@ time which one runs (see its docstring for ``GPTOSS_MLX_KERNELS``).
 
 from . import registry
 from .add_rms_norm import add_rms_norm, add_rms_norm_reference
-from .moe import combine_experts, fused_experts, fused_experts_apply, swiglu
+from .moe import combine_experts, fused_experts, fused_experts_apply, gather_linear, swiglu
 from .sdpa_decode import sdpa_decode, sdpa_decode_apply
 
 __all__ = [
     "add_rms_norm", "add_rms_norm_reference", "combine_experts", "fused_experts", "fused_experts_apply",
-    "registry", "sdpa_decode", "sdpa_decode_apply", "swiglu",
+    "gather_linear", "registry", "sdpa_decode", "sdpa_decode_apply", "swiglu",
 ]

@@ -35,9 +35,13 @@ def swiglu(x_glu: mx.array, x_linear: mx.array, limit: float) -> mx.array:
     return x_glu * mx.sigmoid(SWIGLU_ALPHA * x_glu) * (x_linear + 1)
 
 
-def _gather_mxfp4(x, w, scales, bias, indices):
-    """x (T, 1, 1, K) through experts ``indices`` (T, k): (T, k, 1, N), bias added."""
-    y = mx.gather_qmm(x, w, scales, rhs_indices=indices, transpose=True, group_size=32, bits=4, mode="mxfp4")
+def gather_linear(x, weight, scales, bias, indices, *, biases=None, mode="mxfp4", group_size=32,
+                  bits=4, sorted_indices=False):
+    """Quantized expert linears: x (T, 1, 1, K) through experts ``indices`` (T, k) ->
+    (T, k, 1, N), each expert's bias added. ``biases``: an affine mode's zero points.
+    The model's SwitchLinear and the kernels' references both run this."""
+    y = mx.gather_qmm(x, weight, scales, biases, rhs_indices=indices, transpose=True,
+                      group_size=group_size, bits=bits, mode=mode, sorted_indices=sorted_indices)
     return y + mx.expand_dims(bias[indices], -2)
 
 
@@ -45,7 +49,7 @@ def _gather_mxfp4(x, w, scales, bias, indices):
 
 def gate_up_swiglu_reference(x, indices, w, scales, bias, limit):
     """x (T, D), indices (T, k), w [E, 2I, D/8] interleaved rows -> act (T, k, I)."""
-    h = _gather_mxfp4(mx.expand_dims(x, (-2, -3)), w, scales, bias, indices)  # (T, k, 1, 2I)
+    h = gather_linear(mx.expand_dims(x, (-2, -3)), w, scales, bias, indices)  # (T, k, 1, 2I)
     return (swiglu(h[..., ::2], h[..., 1::2], limit).squeeze(-2),)
 
 
@@ -71,7 +75,7 @@ def combine_experts(y: mx.array, weights: mx.array, residual: mx.array) -> mx.ar
 
 def down_combine_reference(act, indices, weights, w, scales, bias, residual):
     """act (T, k, I), indices/weights (T, k), w [E, D, I/8], residual (T, D) -> (T, D)."""
-    y = _gather_mxfp4(mx.expand_dims(act, -2), w, scales, bias, indices).squeeze(-2)  # (T, k, D)
+    y = gather_linear(mx.expand_dims(act, -2), w, scales, bias, indices).squeeze(-2)  # (T, k, D)
     return (combine_experts(y, weights, residual),)
 
 

@@ -190,9 +190,12 @@ def _scalar_dtype(x):
 
 
 def gpu_backend() -> str | None:
-    """'metal', 'cuda' or None (CPU only), for the default device."""
-    if mx.default_device() != mx.gpu:
-        return None
+    """'metal', 'cuda' or None (CPU only), for the default device (called per launch)."""
+    return _installed_gpu_backend() if mx.default_device() == mx.gpu else None
+
+
+@cache
+def _installed_gpu_backend() -> str | None:
     if mx.metal.is_available():
         return "metal"
     if hasattr(mx, "cuda") and mx.cuda.is_available():
