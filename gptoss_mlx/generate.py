@@ -20,7 +20,12 @@ from .harmony import STOP_TOKENS_FOR_SAMPLING
 from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS
 
 
-ATTENTION_BUDGET = 1 << 30  # bytes of attention scores one prefill chunk may need
+# Bytes of attention scores one prefill chunk may need where MLX's sdpa materializes them: on
+# the CPU it is composed of ops (scores, softmax, matmul). Its GPU kernels (Metal's steel
+# attention, cuDNN on CUDA; sliding layers our sdpa_prefill) never hold the (chunk, keys) scores:
+# a 2048-token chunk over 32768 keys needed 17 MB above its inputs on the GPU machine
+# (scripts/bench_attention.py), so there the chunk keeps its full size.
+ATTENTION_BUDGET = 1 << 30
 
 
 class ContextLengthError(ValueError):
@@ -211,9 +216,10 @@ class Engine:
         return logits
 
     def _chunk_size(self, cached: int) -> int:
-        """Prefill chunk: up to ``prefill_step`` tokens, fewer late in a long prompt so that
-        attention scores (heads x chunk x keys, float32) stay within ATTENTION_BUDGET where
-        the attention kernel materializes them."""
+        """Prefill chunk: ``prefill_step`` tokens; on the CPU fewer late in a long prompt, so
+        that attention scores (heads x chunk x keys, float32) stay within ATTENTION_BUDGET."""
+        if mx.default_device() != mx.cpu:
+            return self.prefill_step
         heads = getattr(self.model.config, "num_attention_heads", 64)
         keys = cached + self.prefill_step
         fit = ATTENTION_BUDGET // (4 * heads * keys)

@@ -20,7 +20,7 @@ from .cache import KVCache, RotatingKVCache
 from .config import ModelConfig, yarn_parameters
 from .kernels import (
     add_rms_norm, combine_experts, fused_experts, fused_experts_apply, gather_linear, sdpa_decode,
-    sdpa_decode_apply, swiglu,
+    sdpa_decode_apply, sdpa_prefill, sdpa_prefill_apply, swiglu, window_mask,
 )
 
 class RMSNorm(nn.Module):
@@ -70,9 +70,7 @@ def attention_mask(offset: int, num_queries: int, num_keys: int, window: int | N
     oldest_key = offset + L - K
     if window is None or (offset + L - 1) - oldest_key < window:
         return "causal"
-    q = mx.arange(offset, offset + L)[:, None]
-    k = mx.arange(oldest_key, offset + L)[None, :]
-    return (k <= q) & (k > q - window)
+    return window_mask(L, K, window)
 
 
 class Attention(nn.Module):
@@ -108,11 +106,15 @@ class Attention(nn.Module):
         if cache is not None and sdpa_decode_apply(q, cache.keys, k.shape[2]):
             # One token over a long cache: read the cache buffer directly, each KV head's keys
             # once for all of its query heads, split across threadgroups.
-            out = sdpa_decode(q, cache.keys, cache.values, k.shape[2], sinks, self.scale)
+            out = sdpa_decode(q, cache.keys, cache.values, k.shape[2], sinks, self.scale).transpose(0, 2, 1, 3)
+        elif sdpa_prefill_apply(q, k, self.window):
+            # Many queries on a sliding layer: only the key tiles inside each window, no mask array.
+            out = sdpa_prefill(q, k, v, sinks, self.scale, self.window)
         else:
             mask = attention_mask(offset, L, k.shape[2], self.window)
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=sinks)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+            out = out.transpose(0, 2, 1, 3)
+        return self.o_proj(out.reshape(B, L, -1))  # out (B, L, heads, head_dim)
 
 
 class SwitchLinear(nn.Module):

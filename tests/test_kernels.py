@@ -288,41 +288,69 @@ def test_doctor_lists_every_kernel_and_its_state(capsys, monkeypatch):
     assert ("reference path (no GPU backend here)" in out) or ("off (GPTOSS_MLX_KERNELS=off)" in out)
 
 
-def test_decode_attention_kernel_in_the_model_across_the_window(emulated_gpu, monkeypatch):
-    """Decode steps through the attention kernels (emulated) equal MLX's sdpa path, on a sliding
-    layer (window 8: positions 7/8/9 and the ring wrapping) and a full layer."""
+def _attention_test_model(seed: int, kernels: tuple[str, ...]):
+    """A two-layer tiny model (sliding window 8, then full attention) with random weights, in
+    which only ``kernels`` may run."""
     import mlx.nn as nn
 
-    import importlib
-
-    sdpa_module = importlib.import_module("gptoss_mlx.kernels.sdpa_decode")
-    monkeypatch.setattr(sdpa_module, "MIN_KEYS", 1)  # the kernels for every cache length here
     from conftest import TINY
     from gptoss_mlx.model import Model
 
     config = TINY.replace(num_hidden_layers=2, layer_types=("sliding_attention", "full_attention"),
                           head_dim=32, num_attention_heads=8, num_key_value_heads=2)
-    mx.random.seed(3)
+    mx.random.seed(seed)
     model = Model(config)
     model.update(nn.utils.tree_map(lambda p: mx.random.normal(p.shape) * 0.2 if p.dtype == mx.float32 else p,
                                    model.parameters()))
-    for name in registry.REGISTRY:  # only the attention kernels run
-        if not name.startswith("sdpa_decode"):
+    for name in registry.REGISTRY:
+        if name not in kernels:
             registry._state[(name, mx.float32)] = "off (this test)"
+    return model
 
-    def decode(steps):
-        cache = model.make_cache()
-        logits = [model(mx.array([[5, 9, 2, 7, 1, 3]]), cache=cache)[:, -1]]
-        for t in range(steps):
-            logits.append(model(mx.array([[10 + t]]), cache=cache)[:, -1])
-        return mx.stack(logits)
 
-    with_kernels = decode(6)  # positions 6..11: the window of 8 fills at 7, wraps from 8 on
-    assert registry._state[("sdpa_decode_partial", mx.float32)].startswith("active")
+def _kernels_vs_reference(run, kernel: str) -> float:
+    """Max |difference| between ``run()`` with the kernels (``kernel`` must have been active)
+    and with GPTOSS_MLX_KERNELS=off."""
+    with_kernels = run()
+    assert registry._state[(kernel, mx.float32)].startswith("active")
     os.environ[registry.ENV_VAR] = "off"
     try:
         registry.reset()
-        reference = decode(6)
+        reference = run()
     finally:
         del os.environ[registry.ENV_VAR]
-    assert mx.abs(with_kernels - reference).max().item() < 1e-4
+    return mx.abs(with_kernels - reference).max().item()
+
+
+def test_decode_attention_kernel_in_the_model_across_the_window(emulated_gpu, monkeypatch):
+    """Decode steps through the attention kernels (emulated) equal MLX's sdpa path, on a sliding
+    layer (window 8: positions 7/8/9 and the ring wrapping) and a full layer."""
+    import importlib
+
+    sdpa_module = importlib.import_module("gptoss_mlx.kernels.sdpa_decode")
+    monkeypatch.setattr(sdpa_module, "MIN_KEYS", 1)  # the kernels for every cache length here
+    model = _attention_test_model(3, ("sdpa_decode_partial", "sdpa_decode_combine"))
+
+    def decode():  # positions 6..11: the window of 8 fills at 7, wraps from 8 on
+        cache = model.make_cache()
+        logits = [model(mx.array([[5, 9, 2, 7, 1, 3]]), cache=cache)[:, -1]]
+        for t in range(6):
+            logits.append(model(mx.array([[10 + t]]), cache=cache)[:, -1])
+        return mx.stack(logits)
+
+    assert _kernels_vs_reference(decode, "sdpa_decode_partial") < 1e-4
+
+
+def test_prefill_attention_kernel_in_the_model_across_the_window(emulated_gpu):
+    """Chunked prefill through the prefill kernel (emulated) equals MLX's masked sdpa path on a
+    sliding layer (window 8): chunks that start before, at and after the window fills, with the
+    ring's history prepended, and a full layer alongside."""
+    model = _attention_test_model(4, ("sdpa_prefill",))
+    tokens = [(7 * t + 3) % model.config.vocab_size for t in range(23)]
+
+    def prefill():  # positions 0-5 (window not yet full), 6-12 (fills at 7), 13-22 (ring wraps)
+        cache = model.make_cache()
+        return mx.concatenate([model(mx.array([tokens[a:b]]), cache=cache)
+                               for a, b in ((0, 6), (6, 13), (13, 23))], axis=1)
+
+    assert _kernels_vs_reference(prefill, "sdpa_prefill") < 1e-4
