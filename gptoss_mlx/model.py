@@ -20,7 +20,7 @@ from .cache import KVCache, RotatingKVCache
 from .config import ModelConfig, yarn_parameters
 from .kernels import (
     add_rms_norm, combine_experts, fused_experts, fused_experts_apply, gather_linear, sdpa_decode,
-    sdpa_decode_apply, sdpa_prefill, sdpa_prefill_apply, swiglu, window_mask,
+    route, sdpa_decode_apply, sdpa_prefill, sdpa_prefill_apply, swiglu, window_mask,
 )
 
 class RMSNorm(nn.Module):
@@ -186,11 +186,8 @@ class MLP(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D)
         residual = residual.reshape(x.shape)
-        logits = self.router(x)
         # top-k first, then softmax over the k chosen logits only (not over all experts).
-        indices = mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[:, : self.top_k]
-        chosen = mx.take_along_axis(logits, indices, axis=-1)
-        weights = mx.softmax(chosen, axis=-1, precise=True)  # (T, k), computed in float32
+        indices, weights = route(x, self.router, self.top_k)  # (T, k) each, highest first
         if fused_experts_apply(x, self.experts):  # decode-sized batches: two fused kernels
             return fused_experts(x, indices, weights, self.experts, residual).reshape(shape)
         y = self.experts(x, mx.stop_gradient(indices))  # (T, k, D)

@@ -39,6 +39,31 @@ def random_prompt(n: int, seed: int) -> list[int]:
     return [rng.randrange(1000, 199000) for _ in range(n)]
 
 
+def ours_decode_rate(model, seed: int, tokens: int) -> float:
+    """Our engine's decode tok/s over ``tokens`` greedy tokens after a 128-token prompt."""
+    from gptoss_mlx.generate import Engine, SamplingParams
+
+    engine = Engine(model)
+    list(engine.generate(random_prompt(128, seed), SamplingParams(temperature=0, max_tokens=tokens),
+                         stop_tokens=frozenset()))
+    return engine.stats.decode_tps
+
+
+def mlx_lm_decode_rate(model, seed: int, tokens: int) -> float:
+    """mlx-lm's decode tok/s, measured the same way (from the first token on)."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    count, t_first = 0, None
+    for tok, _ in generate_step(mx.array(random_prompt(128, seed)), model, max_tokens=tokens,
+                                sampler=lambda logits: mx.argmax(logits, axis=-1)):
+        tok = tok.item() if hasattr(tok, "item") else tok
+        count += 1
+        if t_first is None:
+            t_first = time.perf_counter()
+    return (count - 1) / (time.perf_counter() - t_first)
+
+
 def bench_ours(directory: Path, prompts: list[int], decode: int, history: int) -> dict:
     import mlx.core as mx
 
@@ -59,15 +84,8 @@ def bench_ours(directory: Path, prompts: list[int], decode: int, history: int) -
             out["peak_gb_at_%d" % n] = round(mx.get_peak_memory() / 1e9, 2)
             del engine
             mx.clear_cache()
-    engine = Engine(model)
-    list(engine.generate(random_prompt(128, 1), SamplingParams(temperature=0, max_tokens=8),
-                         stop_tokens=frozenset()))  # warm-up
-    rates = []
-    for seed in DECODE_SEEDS:
-        engine = Engine(model)
-        list(engine.generate(random_prompt(128, seed), SamplingParams(temperature=0, max_tokens=decode),
-                             stop_tokens=frozenset()))
-        rates.append(engine.stats.decode_tps)
+    ours_decode_rate(model, 1, 8)  # warm-up
+    rates = [ours_decode_rate(model, seed, decode) for seed in DECODE_SEEDS]
     out["decode_tps"] = round(statistics.median(rates), 1)
     out["decode_tps_runs"] = [round(r, 1) for r in rates]
     # follow-up turn after `history` tokens
@@ -108,17 +126,8 @@ def bench_mlx_lm(directory: Path, prompts: list[int], decode: int, history: int)
             out["prefill_tps"][n] = round(n / ttft(random_prompt(n, n + attempt)), 1)
             out["peak_gb_at_%d" % n] = round(mx.get_peak_memory() / 1e9, 2)
             mx.clear_cache()
-    rates = []
-    for run, seed in [("warm-up", 1)] + [("timed", s) for s in DECODE_SEEDS]:
-        count, t_first = 0, None
-        for tok, _ in generate_step(mx.array(random_prompt(128, seed)), model,
-                                    max_tokens=8 if run == "warm-up" else decode, sampler=greedy):
-            tok = tok.item() if hasattr(tok, "item") else tok
-            count += 1
-            if t_first is None:
-                t_first = time.perf_counter()
-        if run == "timed":
-            rates.append((count - 1) / (time.perf_counter() - t_first))
+    mlx_lm_decode_rate(model, 1, 8)  # warm-up
+    rates = [mlx_lm_decode_rate(model, seed, decode) for seed in DECODE_SEEDS]
     out["decode_tps"] = round(statistics.median(rates), 1)
     out["decode_tps_runs"] = [round(r, 1) for r in rates]
     out["history_cold_ttft_s"] = round(ttft(random_prompt(history + 40, 3)), 3)

@@ -1,5 +1,6 @@
-"""The MoE at decode: two fused MXFP4 kernels (metal/moe_*.metal) next to their plain-MLX
-references, and :func:`fused_experts`, which the model calls for small batches.
+"""The MoE at decode: a router kernel and two fused MXFP4 expert kernels (metal/moe_*.metal)
+next to their plain-MLX references; :func:`route` and :func:`fused_experts` are what the model
+calls (kernels for small batches).
 
 The references are what the model's generic path computes (``gather_qmm`` on the packed
 experts, bias gathers, the clamped SwiGLU, the weighted sum), written out for one purpose:
@@ -23,6 +24,7 @@ SIMDGROUPS = 8  # per threadgroup: 256 threads, one output row each (mlx-kernels
 # Measured by scripts/bench_moe.py (see its docstring).
 MAX_TOKENS = 16
 
+ROUTER = Kernel("moe_router", ["x", "weight", "bias"], ["indices", "weights"])
 GATE_UP = Kernel("moe_gate_up_swiglu", ["x", "w", "scales", "bias", "indices", "limit"], ["act"])
 DOWN = Kernel("moe_down_combine", ["act", "w", "scales", "bias", "indices", "weights", "residual"], ["y"])
 
@@ -43,6 +45,44 @@ def gather_linear(x, weight, scales, bias, indices, *, biases=None, mode="mxfp4"
     y = mx.gather_qmm(x, weight, scales, biases, rhs_indices=indices, transpose=True,
                       group_size=group_size, bits=bits, mode=mode, sorted_indices=sorted_indices)
     return y + mx.expand_dims(bias[indices], -2)
+
+
+# ---- the router -------------------------------------------------------------------------------
+
+def top_k_softmax(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """Each row's k largest logits, highest first (the lower expert on a tie), and a softmax
+    over those k only: (T, E) -> indices (T, k) uint32, weights (T, k) in the logits' dtype."""
+    indices = mx.argsort(-logits, axis=-1)[:, :k]
+    weights = mx.softmax(mx.take_along_axis(logits, indices, axis=-1), axis=-1, precise=True)
+    return indices.astype(mx.uint32), weights
+
+
+def router_reference(x, weight, bias, k):
+    """x (T, D), the router's weight (E, D) and bias (E,) -> (indices, weights), each (T, k)."""
+    return top_k_softmax(mx.addmm(bias, x, weight.T), k)
+
+
+def router_plan(x, weight, bias, k) -> Launch:
+    T, D = x.shape
+    E = weight.shape[0]
+    simdgroups = min(E, 32)
+    return Launch(
+        inputs=[x, weight, bias],
+        output_shapes=[(T, k), (T, k)], output_dtypes=[mx.uint32, x.dtype],
+        grid=(32 * simdgroups, T, 1), threadgroup=(32 * simdgroups, 1, 1),
+        template=[("T_", x.dtype), ("D", D), ("E", E), ("TOP_K", k), ("SG", simdgroups)],
+    )
+
+
+def route(x: mx.array, router, k: int) -> tuple[mx.array, mx.array]:
+    """The top-k experts of each token of x (T, D), highest first, and their softmaxed weights,
+    through ``router`` (an nn.Linear, or a quantized one): one kernel for small batches."""
+    weight = router.weight
+    if x.shape[0] <= MAX_TOKENS and weight.dtype == x.dtype and "bias" in router \
+            and registry.active(ROUTER_SPEC.name, x.dtype):
+        indices, weights = ROUTER_SPEC.launch(x, weight, router.bias, k)
+        return indices, weights
+    return top_k_softmax(router(x), k)
 
 
 # ---- kernel A: gate/up + SwiGLU ----------------------------------------------------------------
@@ -145,6 +185,26 @@ def down_samples(dtype):
     return out
 
 
+# (tokens, D, experts, top-k): small first (the run-time check); gpt-oss-20b's router (2880 x
+# 32, top-4) and 120b's (128 experts: four slots per lane); an expert count that leaves lanes empty.
+ROUTER_SHAPES = [(2, 64, 8, 4), (1, 2880, 32, 4), (3, 160, 128, 4), (2, 96, 40, 3)]
+
+
+def router_samples(dtype):
+    out = []
+    for n, (T, D, E, k) in enumerate(ROUTER_SHAPES):
+        k1, k2, k3 = mx.random.split(mx.random.key(500 + n), 3)
+        x = mx.random.normal((T, D), key=k1).astype(dtype)
+        weight = (mx.random.normal((E, D), key=k2) * D ** -0.5).astype(dtype)
+        bias = (0.1 * mx.random.normal((E,), key=k3)).astype(dtype)
+        out.append((x, weight, bias, k))
+    return out
+
+
+ROUTER_SPEC = registry.register(registry.KernelSpec(
+    "moe_router", ROUTER, router_plan, router_reference, router_samples,
+    description="MoE router: logits, top-k experts and their softmax in one launch",
+))
 GATE_UP_SPEC = registry.register(registry.KernelSpec(
     "moe_gate_up_swiglu", GATE_UP, gate_up_swiglu_plan, gate_up_swiglu_reference, gate_up_samples,
     description="MoE decode A: MXFP4 gate/up rows in one pass + biases + clamped SwiGLU",
