@@ -172,6 +172,7 @@ _ORIGINAL_RENAMES = [
     (r"^unembedding\.weight$", "lm_head.weight"),
     (r"^norm\.scale$", "norm.weight"),
     (r"^block\.(\d+)\.attn\.norm\.scale$", r"layers.\1.input_layernorm.weight"),
+    (r"^block\.(\d+)\.attn\.qkv\.(weight|bias)$", r"layers.\1.self_attn.qkv_proj.\2"),
     (r"^block\.(\d+)\.attn\.sinks$", r"layers.\1.self_attn.sinks"),
     (r"^block\.(\d+)\.attn\.out\.(weight|bias)$", r"layers.\1.self_attn.o_proj.\2"),
     (r"^block\.(\d+)\.mlp\.norm\.scale$", r"layers.\1.post_attention_layernorm.weight"),
@@ -196,7 +197,7 @@ def _rename_original(name: str) -> str | None:
     for pattern, replacement in _ORIGINAL_RENAMES:
         if re.match(pattern, name):
             return re.sub(pattern, replacement, name)
-    return None  # block.N.attn.qkv.* is split separately
+    return None
 
 
 def _is_packed_blocks(name: str, info: TensorInfo) -> bool:
@@ -221,17 +222,7 @@ def map_tensors(layout: str, infos: dict[str, TensorInfo], config: ModelConfig):
         else:
             ours = _rename_original(name)
             if ours is None:
-                m = re.match(r"^block\.(\d+)\.attn\.qkv\.(weight|bias)$", name)
-                if not m:
-                    raise CheckpointError(f"{info.file}: unexpected tensor {name}")
-                layer, kind = m.groups()
-                q = config.num_attention_heads * config.head_dim
-                kv = config.num_key_value_heads * config.head_dim
-                bounds = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
-                for proj, (a, b) in bounds.items():
-                    add(f"layers.{layer}.self_attn.{proj}.{kind}", name,
-                        lambda t, a=a, b=b: t[a:b])
-                continue
+                raise CheckpointError(f"{info.file}: unexpected tensor {name}")
         if _is_packed_blocks(name, info):
             # [E, out, in/32, 16] uint8 -> MLX mxfp4 [E, out, in/8] uint32, a free view
             add(ours, name, lambda t: t.view(mx.uint32).flatten(-2))
@@ -240,7 +231,22 @@ def map_tensors(layout: str, infos: dict[str, TensorInfo], config: ModelConfig):
 
     if layout == "mlx":
         _interleave_split_experts(plan, origin)
+    if layout in ("hf", "mlx"):
+        _fuse_qkv(plan, origin)
     return plan, origin
+
+
+def _fuse_qkv(plan, origin):
+    """q_proj, k_proj and v_proj (weight, bias; an mlx conversion's scales and biases too)
+    become one qkv_proj, their rows stacked in that order (the original layout's attn.qkv)."""
+    for name in [n for n in plan if ".self_attn.q_proj." in n]:
+        parts = [name.replace(".q_proj.", f".{proj}.") for proj in ("q_proj", "k_proj", "v_proj")]
+        for part in parts[1:]:
+            if part not in plan:
+                raise CheckpointError(f"tensor {origin[name]} has no matching {part.split('.')[-2]} tensor")
+        target = name.replace(".q_proj.", ".qkv_proj.")
+        plan[target] = (tuple(plan.pop(part) for part in parts), "concat")
+        origin[target] = " + ".join(origin.pop(part) for part in parts)
 
 
 def _interleave_split_experts(plan, origin):
@@ -266,7 +272,8 @@ def _dense_quantization(infos_by_param: dict[str, tuple], config: ModelConfig) -
             config.num_attention_heads * config.head_dim)
         bits = shape_w[-1] * 32 // in_dims
         group_size = in_dims // shape_s[-1]
-        override = quant.get(f"model.{path}") or quant.get(path) or {}
+        source = path.replace(".qkv_proj", ".q_proj")  # the checkpoint's name for it
+        override = quant.get(f"model.{source}") or quant.get(source) or {}
         mode = override.get("mode", quant.get("mode", "affine" if has_biases else "mxfp4"))
         out[path] = {"group_size": group_size, "bits": bits, "mode": mode}
     return out
@@ -301,7 +308,12 @@ def build_model(config: ModelConfig, infos: dict[str, TensorInfo] | None = None,
                 scales = infos.get(name.replace(".weight", ".scales"))
                 if scales is not None:
                     has_biases = name.replace(".weight", ".biases") in infos
-                    dense[ours] = (info.shape, scales.shape, has_biases)
+                    fused = re.sub(r"\.self_attn\.[qkv]_proj\.", ".self_attn.qkv_proj.", ours)
+                    quant = (tuple(info.shape[1:]), tuple(scales.shape[1:]), has_biases)
+                    if fused != ours and dense.get(fused, quant) != quant:
+                        raise CheckpointError(f"{info.file}: {name} is quantized unlike the other "
+                                              "attention projections of its layer")
+                    dense[fused] = quant
         if dense:
             params = _dense_quantization(dense, config)
             nn.quantize(model, class_predicate=lambda path, m: params.get(path, False))
@@ -330,6 +342,13 @@ def _check_against_model(model: Model, plan, infos, origin) -> None:
 
 
 def _planned_shape(source, fn, infos) -> tuple[int, ...]:
+    if fn == "concat":
+        shapes = [_planned_shape(src, f, infos) for src, f in source]
+        if any(shape[1:] != shapes[0][1:] for shape in shapes):
+            names = " + ".join(src for src, _ in source)
+            raise CheckpointError(f"{infos[source[0][0]].file}: tensors {names} cannot be stacked: "
+                                  f"shapes {[list(shape) for shape in shapes]}")
+        return (sum(shape[0] for shape in shapes), *shapes[0][1:])
     if fn == "interleave":
         g = infos[source[0][0]].shape
         return (g[0], 2 * g[1], *g[2:])
@@ -347,6 +366,8 @@ def _materialize(plan, arrays):
             gate, up = arrays[source[0][0]], arrays[source[1][0]]
             out[ours] = mx.stack([gate, up], axis=2).reshape(
                 gate.shape[0], 2 * gate.shape[1], *gate.shape[2:])
+        elif fn == "concat":
+            out[ours] = mx.concatenate([arrays[src] if f is None else f(arrays[src]) for src, f in source])
         elif fn is None:
             out[ours] = arrays[source]
         else:

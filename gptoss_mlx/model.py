@@ -4,8 +4,9 @@
     for each block:  x = x + attention(rmsnorm(x));  x = x + moe(rmsnorm(x))
     logits = lm_head(rmsnorm(x))
 
-Module names follow the Hugging Face checkpoint (q_proj, self_attn.sinks, mlp.router, ...), so
-its tensors load with few renames. The experts stay packed in MXFP4 and run through MLX's
+Module names follow the Hugging Face checkpoint (self_attn.sinks, mlp.router, ...), so its
+tensors load with few renames; q_proj, k_proj and v_proj are loaded into one qkv_proj, as in
+the reference (one matmul and one RoPE instead of three and two, per layer and token). The experts stay packed in MXFP4 and run through MLX's
 ``gather_qmm``; they are never dequantized.
 """
 
@@ -81,9 +82,8 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.window = config.sliding_window if sliding else None
         d_model, d = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(d_model, self.num_heads * d, bias=True)
-        self.k_proj = nn.Linear(d_model, self.num_kv_heads * d, bias=True)
-        self.v_proj = nn.Linear(d_model, self.num_kv_heads * d, bias=True)
+        # rows: the query heads, then the KV heads' keys, then their values
+        self.qkv_proj = nn.Linear(d_model, (self.num_heads + 2 * self.num_kv_heads) * d, bias=True)
         self.o_proj = nn.Linear(self.num_heads * d, d_model, bias=True)
         self.sinks = mx.zeros((self.num_heads,))  # one learned logit per query head
         self.rope = YarnRoPE(config)
@@ -92,12 +92,11 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0
-        # (B, heads, L, head_dim); query head h reads KV head h // (heads / kv_heads).
-        q = self.q_proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
-        q = self.rope(q, offset)
-        k = self.rope(k, offset)
+        H, KV = self.num_heads, self.num_kv_heads
+        # (B, H + 2 KV, L, head_dim); query head h reads KV head h // (H / KV).
+        qkv = self.qkv_proj(x).reshape(B, L, H + 2 * KV, -1).transpose(0, 2, 1, 3)
+        qk = self.rope(qkv[:, : H + KV], offset)  # queries and keys share their positions
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         # Sinks: an extra softmax column per head that takes weight but adds no value.

@@ -33,7 +33,7 @@ def test_hf_directory_with_original_subfolder_prefers_hf(checkpoints):
 
 def test_mlx_conversion_with_8bit_dense_layers(checkpoints, hf_logits):
     model = load_model(checkpoints["mlx_q8"], mx.float32)
-    assert type(model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
+    assert type(model.layers[0].self_attn.qkv_proj).__name__ == "QuantizedLinear"
     assert type(model.embed_tokens).__name__ == "QuantizedEmbedding"
     logits = np.array(model(PROMPT))
     assert np.corrcoef(logits.ravel(), hf_logits.ravel())[0, 1] > 0.99
@@ -49,7 +49,7 @@ def test_experts_stay_packed_mxfp4(checkpoints):
 
 def test_dtypes(checkpoints):
     bf16 = load_model(checkpoints["hf"])
-    assert bf16.layers[0].self_attn.q_proj.weight.dtype == mx.bfloat16
+    assert bf16.layers[0].self_attn.qkv_proj.weight.dtype == mx.bfloat16
     assert bf16.layers[0].input_layernorm.weight.dtype == mx.bfloat16  # bf16 values, fp32 math
     assert bf16(PROMPT).dtype == mx.bfloat16
     f32 = load_model(checkpoints["hf"], mx.float32)
@@ -113,6 +113,20 @@ def test_misshapen_tensor_names_file_and_tensor(broken):
     _rewrite(broken / "model.safetensors",
              change={"model.layers.1.self_attn.o_proj.bias": mx.zeros((7,), mx.bfloat16)})
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*o_proj\.bias.*\[7\]"):
+        load_model(broken)
+
+
+def test_misshapen_attention_projection_is_named(broken):
+    """q/k/v are stacked into one qkv_proj at load: a wrong one still names its tensor."""
+    _rewrite(broken / "model.safetensors",
+             change={"model.layers.1.self_attn.k_proj.weight": mx.zeros((32, 60), mx.bfloat16)})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight.*cannot be stacked"):
+        load_model(broken)
+
+
+def test_missing_attention_projection(broken):
+    _rewrite(broken / "model.safetensors", drop=["model.layers.3.self_attn.v_proj.bias"])
+    with pytest.raises(CheckpointError, match=r"layers\.3\.self_attn\.q_proj\.bias has no matching v_proj"):
         load_model(broken)
 
 
