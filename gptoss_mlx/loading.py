@@ -204,7 +204,7 @@ def _is_packed_blocks(name: str, info: TensorInfo) -> bool:
     return info.dtype == "U8" and len(info.shape) == 4 and name.endswith(("_blocks", ".blocks"))
 
 
-def map_tensors(layout: str, infos: dict[str, TensorInfo], config: ModelConfig):
+def map_tensors(layout: str, infos: dict[str, TensorInfo]):
     """Plan: our parameter name -> (expected source shape, a function of the loaded arrays).
 
     Returns (plan, origin) where origin names the checkpoint tensor(s) behind each parameter,
@@ -406,7 +406,7 @@ def load_model(directory: Path, dtype: mx.Dtype = mx.bfloat16,
             if name in infos:
                 raise CheckpointError(f"{f}: tensor {name} also appears in {infos[name].file}")
             infos[name] = info
-    plan, origin = map_tensors(layout, infos, config)
+    plan, origin = map_tensors(layout, infos)
     model = build_model(config, infos, layout)
     _check_against_model(model, plan, infos, origin)
 

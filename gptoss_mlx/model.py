@@ -105,7 +105,7 @@ class Attention(nn.Module):
         if cache is not None and sdpa_decode_apply(q, cache.keys, k.shape[2]):
             # One token over a long cache: read the cache buffer directly, each KV head's keys
             # once for all of its query heads, split across threadgroups.
-            out = sdpa_decode(q, cache.keys, cache.values, k.shape[2], sinks, self.scale).transpose(0, 2, 1, 3)
+            out = sdpa_decode(q, cache.keys, cache.values, k.shape[2], sinks, self.scale)
         elif sdpa_prefill_apply(q, k, self.window):
             # Many queries on a sliding layer: only the key tiles inside each window, no mask array.
             out = sdpa_prefill(q, k, v, sinks, self.scale, self.window)

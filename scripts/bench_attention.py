@@ -92,8 +92,9 @@ def decode_table(contexts: list[int], iters: int) -> None:
             return sdpa_decode(qs[i % 4], k, v, n, sinks, scale)
 
         def mlx(i):
-            return mx.fast.scaled_dot_product_attention(qs[i % 4], k[:, :, :n], v[:, :, :n], scale=scale,
-                                                        sinks=sinks)
+            out = mx.fast.scaled_dot_product_attention(qs[i % 4], k[:, :, :n], v[:, :, :n], scale=scale,
+                                                       sinks=sinks)
+            return out.transpose(0, 2, 1, 3)  # token-major, as the kernels return it
 
         diff = _max_diff(ours(0), mlx(0))
         times = {label: _time(fn, iters) * 1e6 for label, fn in (("mlx", mlx), ("ours", ours))}

@@ -80,8 +80,7 @@ def route(x: mx.array, router, k: int) -> tuple[mx.array, mx.array]:
     weight = router.weight
     if x.shape[0] <= MAX_TOKENS and weight.dtype == x.dtype and "bias" in router \
             and registry.active(ROUTER_SPEC.name, x.dtype):
-        indices, weights = ROUTER_SPEC.launch(x, weight, router.bias, k)
-        return indices, weights
+        return tuple(ROUTER_SPEC.launch(x, weight, router.bias, k))
     return top_k_softmax(router(x), k)
 
 

@@ -137,8 +137,9 @@ def sdpa_decode_apply(q: mx.array, keys: mx.array, n_keys: int) -> bool:
 
 def sdpa_decode(q, keys, values, n_keys: int, sinks, scale: float) -> mx.array:
     """softmax([q.k_t * scale, sink]) . v over the first n_keys cache positions:
-    q (1, HEADS, 1, D), keys/values the cache buffers (1, KV_HEADS, CAPACITY, D) -> (1, HEADS, 1, D)."""
+    q (1, HEADS, 1, D), keys/values the cache buffers (1, KV_HEADS, CAPACITY, D) -> (1, 1, HEADS, D),
+    token-major like sdpa_prefill's output."""
     heads, D = q.shape[1], q.shape[3]
     (partial,) = PARTIAL_SPEC.launch(q.reshape(heads, D), keys, values, scale, n_keys)
     (out,) = COMBINE_SPEC.launch(partial, sinks, q.dtype)
-    return out.reshape(1, heads, 1, D)
+    return out.reshape(1, 1, heads, D)
