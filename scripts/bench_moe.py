@@ -40,6 +40,7 @@ def main() -> int:
 
     import mlx.core as mx
 
+    os.environ.setdefault("GPTOSS_MLX_KERNELS", "on")  # the expert kernels are held back by default
     import make_tiny_checkpoint as mtc
     from gptoss_mlx.kernels import moe, registry
     from gptoss_mlx.model import MLP
@@ -106,12 +107,13 @@ def main() -> int:
 def kernels_off():
     from gptoss_mlx.kernels import registry
 
+    mode = os.environ.get(registry.ENV_VAR)
     os.environ[registry.ENV_VAR] = "off"
     registry.reset()
     try:
         yield
     finally:
-        del os.environ[registry.ENV_VAR]
+        os.environ[registry.ENV_VAR] = mode or "check"
         registry.reset()
 
 

@@ -204,15 +204,20 @@ ROUTER_SPEC = registry.register(registry.KernelSpec(
     "moe_router", ROUTER, router_plan, router_reference, router_samples,
     description="MoE router: logits, top-k experts and their softmax in one launch",
 ))
+# On the GPU machine (CUDA mirror, 20b shapes, scripts/dev/gpu_kernels_in_model.py) one decode
+# step of eight came out of A and B 1.35 away from the float32 model's logits (scale 5.4) while
+# MLX's path was 0.06 away; every sample, emulated or on the GPU, agrees. Until that is explained
+# the two expert kernels are not used by default.
+EXPERTS_HELD_BACK = "one real decode step differed from float32 on the GPU machine, unexplained"
 GATE_UP_SPEC = registry.register(registry.KernelSpec(
     "moe_gate_up_swiglu", GATE_UP, gate_up_swiglu_plan, gate_up_swiglu_reference, gate_up_samples,
     description="MoE decode A: MXFP4 gate/up rows in one pass + biases + clamped SwiGLU",
-    reference_in_float32=True,
+    reference_in_float32=True, held_back=EXPERTS_HELD_BACK,
 ))
 DOWN_SPEC = registry.register(registry.KernelSpec(
     "moe_down_combine", DOWN, down_combine_plan, down_combine_reference, down_samples,
     description="MoE decode B: MXFP4 down + bias, weighted sum over experts, residual add",
-    reference_in_float32=True,
+    reference_in_float32=True, held_back=EXPERTS_HELD_BACK,
 ))
 
 
