@@ -259,13 +259,13 @@ def test_on_the_cpu_the_reference_runs(monkeypatch):
 
 
 def test_model_forward_with_emulated_kernels_matches_the_reference(emulated_gpu, checkpoints, monkeypatch):
-    """The kernels wired into the model (shapes, routing, the residual) give the same logits,
-    held-back ones included (GPTOSS_MLX_KERNELS=on)."""
+    """By default (each kernel checked on first use) every kernel passes its check and is wired
+    into the model (shapes, routing, the residual) to give the same logits."""
     from gptoss_mlx.loading import load_model
 
     model = load_model(checkpoints["hf"], dtype=mx.float32)
     tokens = mx.array([[1, 200, 77]])
-    monkeypatch.setenv(registry.ENV_VAR, "on")
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
     with_kernels = model(tokens)
     assert all(state.startswith("active") for _, state, _ in registry.status(mx.float32))
     os.environ[registry.ENV_VAR] = "off"
@@ -273,19 +273,8 @@ def test_model_forward_with_emulated_kernels_matches_the_reference(emulated_gpu,
         registry.reset()
         reference = model(tokens)
     finally:
-        os.environ[registry.ENV_VAR] = "on"
+        del os.environ[registry.ENV_VAR]
     assert mx.abs(with_kernels - reference).max().item() < 1e-4
-
-
-def test_held_back_kernels_run_only_when_asked(emulated_gpu, monkeypatch):
-    held = [name for name, spec in registry.REGISTRY.items() if spec.held_back]
-    assert held == ["moe_gate_up_swiglu", "moe_down_combine"]
-    monkeypatch.delenv(registry.ENV_VAR, raising=False)
-    assert not registry.active(held[0], mx.float32)
-    assert "held back" in dict((n, s) for n, s, _ in registry.status(mx.float32, check=False))[held[0]]
-    monkeypatch.setenv(registry.ENV_VAR, "on")
-    registry.reset()
-    assert registry.active(held[0], mx.float32)
 
 
 def test_doctor_lists_every_kernel_and_its_state(capsys, monkeypatch):

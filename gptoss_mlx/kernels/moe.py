@@ -17,7 +17,10 @@ from . import registry
 from .source import Kernel, Launch
 
 SWIGLU_ALPHA = 1.702
-SIMDGROUPS = 8  # per threadgroup: 256 threads, one output row each (mlx-kernels.md 5.3, 5.4)
+# Per threadgroup: 256 threads, one output per simdgroup (mlx-kernels.md 5.3, 5.4). On the GPU
+# machine this beat two or four outputs per simdgroup and whole MX blocks (uint4) per lane by
+# 10-25 % (scripts/dev/moe_variants.py).
+SIMDGROUPS = 8
 
 # Up to this many tokens the kernels replace gather_qmm (each token re-reads its experts' rows,
 # as gather_qmv does); above it the sorted gather_qmm path shares rows between tokens.
@@ -153,9 +156,12 @@ def _routing(key, T, E, k):
 # packed words of the input dimension — D for kernel A, I for kernel B — so each kernel gets the
 # model's 2880 there (360 words: lanes 0-7 take twelve, the rest eleven), short ones (8 and 12
 # words: most lanes idle), 1056 (132 words: lanes 0-3 take five), and several tokens; the output
-# dimension stays small to keep the emulator quick.
-GATE_UP_SHAPES = [(1, 64, 64, 4, 2), (1, 2880, 64, 8, 4), (3, 96, 96, 4, 4), (2, 1056, 160, 6, 4)]
-DOWN_SHAPES = [(1, 64, 64, 4, 2), (1, 64, 2880, 8, 4), (3, 96, 96, 4, 4), (2, 160, 1056, 6, 4)]
+# dimension stays small to keep the emulator quick: 100 and 33 leave simdgroups of the last
+# threadgroup without an output.
+GATE_UP_SHAPES = [(1, 64, 64, 4, 2), (1, 2880, 64, 8, 4), (3, 96, 100, 4, 4), (2, 1056, 160, 6, 4),
+                  (1, 64, 33, 4, 3)]
+DOWN_SHAPES = [(1, 64, 64, 4, 2), (1, 64, 2880, 8, 4), (3, 100, 96, 4, 4), (2, 160, 1056, 6, 4),
+               (1, 33, 64, 4, 3)]
 
 
 def gate_up_samples(dtype):
@@ -204,20 +210,15 @@ ROUTER_SPEC = registry.register(registry.KernelSpec(
     "moe_router", ROUTER, router_plan, router_reference, router_samples,
     description="MoE router: logits, top-k experts and their softmax in one launch",
 ))
-# On the GPU machine (CUDA mirror, 20b shapes, scripts/dev/gpu_kernels_in_model.py) one decode
-# step of eight came out of A and B 1.35 away from the float32 model's logits (scale 5.4) while
-# MLX's path was 0.06 away; every sample, emulated or on the GPU, agrees. Until that is explained
-# the two expert kernels are not used by default.
-EXPERTS_HELD_BACK = "one real decode step differed from float32 on the GPU machine, unexplained"
 GATE_UP_SPEC = registry.register(registry.KernelSpec(
     "moe_gate_up_swiglu", GATE_UP, gate_up_swiglu_plan, gate_up_swiglu_reference, gate_up_samples,
     description="MoE decode A: MXFP4 gate/up rows in one pass + biases + clamped SwiGLU",
-    reference_in_float32=True, held_back=EXPERTS_HELD_BACK,
+    reference_in_float32=True,
 ))
 DOWN_SPEC = registry.register(registry.KernelSpec(
     "moe_down_combine", DOWN, down_combine_plan, down_combine_reference, down_samples,
     description="MoE decode B: MXFP4 down + bias, weighted sum over experts, residual add",
-    reference_in_float32=True, held_back=EXPERTS_HELD_BACK,
+    reference_in_float32=True,
 ))
 
 
@@ -235,8 +236,15 @@ def fused_experts_apply(x: mx.array, experts) -> bool:
 
 def fused_experts(x, indices, weights, experts, residual) -> mx.array:
     """residual + sum_j weights[:, j] * expert_{indices[:, j]}(x): (T, D) -> (T, D), with
-    kernels A and B."""
+    kernels A and B.
+
+    They accumulate in float32 and round once, so on real decode inputs they land 2-3x closer to
+    the float32 block than MLX's bf16 path does. Either rounding can still decide a near-tie in
+    the next layer's router (4th and 5th logits within a bf16 ulp) differently from float32,
+    which moves that token's logits visibly: scripts/dev/router_flips.py shows such a step."""
     gu, down = experts.gate_up_proj, experts.down_proj
     (act,) = GATE_UP_SPEC.launch(x, indices, gu.weight, gu.scales, gu.bias, experts.swiglu_limit)
-    (y,) = DOWN_SPEC.launch(act, indices, weights.astype(x.dtype), down.weight, down.scales, down.bias, residual)
+    if weights.dtype != x.dtype:
+        weights = weights.astype(x.dtype)
+    (y,) = DOWN_SPEC.launch(act, indices, weights, down.weight, down.scales, down.bias, residual)
     return y

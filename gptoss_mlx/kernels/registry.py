@@ -5,9 +5,8 @@ first use of a kernel (per activation dtype) runs it and the reference on a smal
 compile error or a mismatch disables that kernel with one warning, and the reference runs from
 then on. ``GPTOSS_MLX_KERNELS`` chooses:
 
-- ``check`` (default): verify on first use as above; a kernel registered with
-  ``held_back`` (a reason) is not used at all;
-- ``on``: use every kernel, held back or not, without the first-use check;
+- ``check`` (default): verify on first use as above;
+- ``on``: use every kernel without the first-use check;
 - ``off``: always the plain-MLX reference.
 
 On the CPU there is no GPU kernel to run: the reference path is used.
@@ -44,8 +43,6 @@ class KernelSpec:
     # Dtypes the CPU emulator runs every sample in (None: all of ``dtypes``); the compile check
     # always covers all of them.
     emulated_dtypes: tuple | None = None
-    # Why this kernel is not used by default (an open correctness question), or "" when it is.
-    held_back: str = ""
 
     def launch(self, *args) -> list[mx.array]:
         return self.kernel(self.plan(*args))
@@ -132,8 +129,6 @@ def active(name: str, dtype: mx.Dtype) -> bool:
             state = f"off ({ENV_VAR}=off)"
         elif dtype not in REGISTRY[name].dtypes:
             state = f"reference path (no {dtype} variant)"
-        elif REGISTRY[name].held_back and mode() == "check":
-            state = f"held back: {REGISTRY[name].held_back} ({ENV_VAR}=on uses it)"
         else:
             state = "active (unchecked)" if mode() == "on" else verify(name, dtype)
         _state[(name, dtype)] = state
