@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """The MoE block alone: fused MXFP4 kernels vs MLX's gather_qmm path, at full model size.
 
-    python scripts/bench_moe.py [--preset 20b] [--tokens 1,4,16,32] [--iters 50] [--bandwidth-gbs 3350]
+    python scripts/bench_moe.py [--preset 20b] [--tokens 1,4,16,32] [--iters 50] [--rounds 7] [--bandwidth-gbs 3350]
 
 Random packed experts of the preset's size (20b: 32 experts of 2880x5760 gate/up + 2880x2880
 down, top-4). For each batch of tokens, ``--iters`` MoE calls are chained (each one's output is
-the next one's input) and evaluated once. Two measures per path:
+the next one's input) and evaluated once; ``--rounds`` rounds time the four cases below back to
+back (the GPU machine's speed drifts between runs), and the table gives each case's median and
+the median of the per-round speedups. Two measures per path:
 - experts: from the activations and given routing to the combined output plus residual (the
   two expert kernels vs gather_qmm, bias gathers, SwiGLU, weighted sum);
 - block: the whole MoE block as the model runs it, router included (router kernel + the two
@@ -13,12 +15,19 @@ the next one's input) and evaluated once. Two measures per path:
 Achieved GB/s counts the distinct expert bytes one call must read (MXFP4 weights, scales,
 biases). Also checks the paths agree. Pick ``MAX_TOKENS`` in gptoss_mlx/kernels/moe.py from the
 crossover.
+
+These wall-clock times include MLX's host cost per operation, which on MLX-CUDA (10-20 µs per
+launch on the GPU machine) is far above Metal's and favours the path with fewer launches.
+``--ncu`` (CUDA machines with Nsight Compute) reports instead the GPU time of the kernels each
+path launches, summed per block call (``ncu --metrics gpu__time_duration.sum``; kernels are
+serialized under the profiler, so caches are cold-ish for both paths alike).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -34,13 +43,17 @@ def main() -> int:
     ap.add_argument("--preset", default="20b", choices=["20b", "120b"])
     ap.add_argument("--tokens", default="1,4,16,32")
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--bandwidth-gbs", type=float, default=3350.0,
                     help="the machine's memory bandwidth, for the percentage (H100 SXM: 3350)")
+    ap.add_argument("--ncu", action="store_true", help="GPU time per path from Nsight Compute instead")
+    ap.add_argument("--ncu-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.ncu:
+        return ncu_report(args)
 
     import mlx.core as mx
 
-    os.environ.setdefault("GPTOSS_MLX_KERNELS", "on")  # the expert kernels are held back by default
     import make_tiny_checkpoint as mtc
     from gptoss_mlx.kernels import moe, registry
     from gptoss_mlx.model import MLP
@@ -68,19 +81,35 @@ def main() -> int:
         return mlp(x, residual=x)
 
     def chained(fn, x0, indices, weights) -> float:
-        """µs per call of ``--iters`` chained calls (the second round: the first compiles)."""
-        for attempt in range(2):
-            x = x0
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                x = fn(x, indices, weights)  # each call's output is the next one's input
-            mx.eval(x)
+        """µs per call of ``--iters`` chained calls, evaluated together."""
+        x = x0
+        mx.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            x = fn(x, indices, weights)  # each call's output is the next one's input
+        mx.eval(x)
         return (time.perf_counter() - t0) / args.iters * 1e6
+
+    def timed_rounds(cases: dict, x0, indices, weights) -> dict:
+        """{label: [µs per call, one per round]}: each round runs every case once, back to back
+        (a case is (fn, kernel mode)); round 0 compiles and is not counted."""
+        times = {label: [] for label in cases}
+        for r in range(args.rounds + 1):
+            for label, (fn, mode) in cases.items():
+                with kernel_mode(mode):
+                    t = chained(fn, x0, indices, weights)
+                if r:
+                    times[label].append(t)
+        return times
+
+    if args.ncu_worker:
+        return ncu_worker(args, block, D, E, k)
 
     registry.reset()
     print(f"device: {mx.default_device()}, MLX {mx.__version__}, {args.preset}: D={D} I={I} E={E} top-{k}")
-    for name in ("moe_router", "moe_gate_up_swiglu", "moe_down_combine"):
-        print(f"  run-time check {name}: ", "active" if registry.active(name, mx.bfloat16) else "DISABLED")
+    with kernel_mode("check"):  # the timings below skip the check ("on"), so it runs here once
+        for name in ("moe_router", "moe_gate_up_swiglu", "moe_down_combine"):
+            print(f"  run-time check {name}: ", "active" if registry.active(name, mx.bfloat16) else "DISABLED")
     print(f"{'tokens':>6} {'gather_qmm µs':>14} {'kernels µs':>11} {'speedup':>8} {'kernels GB/s':>13} {'% of peak':>9} "
           f"{'max |diff|':>10} {'block MLX µs':>13} {'block ours µs':>14} {'speedup':>8} {'max |diff|':>10}")
     for T in [int(t) for t in args.tokens.split(",")]:
@@ -89,31 +118,97 @@ def main() -> int:
         indices = mx.argsort(mx.random.uniform(shape=(T, E), key=ki), axis=-1)[:, :k].astype(mx.uint32)
         weights = mx.softmax(mx.random.normal((T, k), key=kw), axis=-1).astype(mx.bfloat16)
         diff = max_diff(kernels(x0, indices, weights), mlx_path(x0, indices, weights))
-        times = {label: chained(fn, x0, indices, weights) for label, fn in (("mlx", mlx_path), ("kernels", kernels))}
-        ours_block = block(x0, indices, weights)
-        times["block ours"] = chained(block, x0, indices, weights)
-        with kernels_off():
+        with kernel_mode("on"):
+            ours_block = block(x0, indices, weights)
+        with kernel_mode("off"):
             block_diff = max_diff(ours_block, block(x0, indices, weights))
-            times["block mlx"] = chained(block, x0, indices, weights)
+        times = timed_rounds({"mlx": (mlx_path, "on"), "kernels": (kernels, "on"),
+                              "block mlx": (block, "off"), "block ours": (block, "on")}, x0, indices, weights)
+        med = {label: statistics.median(ts) for label, ts in times.items()}
+        speedup = statistics.median(a / b for a, b in zip(times["mlx"], times["kernels"]))
+        block_speedup = statistics.median(a / b for a, b in zip(times["block mlx"], times["block ours"]))
         distinct = len(set(indices.flatten().tolist()))
-        gbs = distinct * bytes_per_expert / (times["kernels"] * 1e-6) / 1e9
-        print(f"{T:>6} {times['mlx']:>14.1f} {times['kernels']:>11.1f} {times['mlx'] / times['kernels']:>7.2f}x "
-              f"{gbs:>13.0f} {100 * gbs / args.bandwidth_gbs:>8.0f}% {diff:>10.3g} {times['block mlx']:>13.1f} "
-              f"{times['block ours']:>14.1f} {times['block mlx'] / times['block ours']:>7.2f}x {block_diff:>10.3g}")
+        gbs = distinct * bytes_per_expert / (med["kernels"] * 1e-6) / 1e9
+        print(f"{T:>6} {med['mlx']:>14.1f} {med['kernels']:>11.1f} {speedup:>7.2f}x "
+              f"{gbs:>13.0f} {100 * gbs / args.bandwidth_gbs:>8.0f}% {diff:>10.3g} {med['block mlx']:>13.1f} "
+              f"{med['block ours']:>14.1f} {block_speedup:>7.2f}x {block_diff:>10.3g}")
+    return 0
+
+
+NCU_CALLS = 5  # block calls per path and batch size under the profiler
+
+
+def ncu_worker(args, block, D, E, k) -> int:
+    """Under ncu: per batch size and path, a marker kernel, NCU_CALLS block calls, an end marker."""
+    import mlx.core as mx
+
+    from gptoss_mlx.kernels.source import Kernel, Launch
+
+    def marker(label):
+        kernel = Kernel(f"marker_{label}", ["inp"], ["out"], source=("", "out[0] = inp[0];\n"))
+        mx.eval(kernel(Launch(inputs=[mx.zeros((8,))], output_shapes=[(1,)], output_dtypes=[mx.float32],
+                              grid=(32, 1, 1), threadgroup=(32, 1, 1))))
+
+    for T in [int(t) for t in args.tokens.split(",")]:
+        x = mx.random.normal((T, D), key=mx.random.key(T)).astype(mx.bfloat16)
+        for path, mode in (("mlx", "off"), ("ours", "check")):
+            with kernel_mode(mode):
+                mx.eval(block(x, None, None))  # compiles (and checks) outside the measured range
+                marker(f"{path}_{T}")
+                for _ in range(NCU_CALLS):
+                    mx.eval(block(x, None, None))
+                marker("end")
+    return 0
+
+
+def ncu_report(args) -> int:
+    """Runs this script under ncu and sums each path's kernel time per block call."""
+    import csv
+    import io
+    import re
+    import subprocess
+
+    cmd = ["ncu", "--csv", "--metrics", "gpu__time_duration.sum", sys.executable, __file__, "--ncu-worker",
+           "--preset", args.preset, "--tokens", args.tokens]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    rows = [r for r in csv.DictReader(io.StringIO(run.stdout[run.stdout.find('"ID"'):]))
+            if r.get("Metric Name") == "gpu__time_duration.sum"]
+    if run.returncode or not rows:
+        print(run.stdout[-3000:], run.stderr[-3000:])
+        return 1
+    scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
+    sums, launches, current = {}, {}, None
+    for r in rows:
+        marker = re.search(r"marker_(mlx|ours|end)_?(\d*)", r["Kernel Name"])
+        if marker:
+            current = None if marker[1] == "end" else (marker[1], int(marker[2]))
+            continue
+        if current:
+            us = float(r["Metric Value"].replace(",", "")) * scale[r["Metric Unit"]]
+            sums[current] = sums.get(current, 0.0) + us / NCU_CALLS
+            launches[current] = launches.get(current, 0) + 1 / NCU_CALLS
+    print(f"GPU time per MoE block call (ncu gpu__time_duration.sum, {NCU_CALLS} calls per path, "
+          f"{args.preset}, bf16, router included)")
+    print(f"{'tokens':>6} {'MLX path µs':>12} {'kernels µs':>11} {'speedup':>8} {'launches MLX / ours':>20}")
+    for T in [int(t) for t in args.tokens.split(",")]:
+        mlx_us, ours_us = sums[("mlx", T)], sums[("ours", T)]
+        print(f"{T:>6} {mlx_us:>12.1f} {ours_us:>11.1f} {mlx_us / ours_us:>7.2f}x "
+              f"{launches[('mlx', T)]:>12.0f} / {launches[('ours', T)]:.0f}")
     return 0
 
 
 @contextmanager
-def kernels_off():
+def kernel_mode(mode: str):
+    """GPTOSS_MLX_KERNELS=mode inside the block."""
     from gptoss_mlx.kernels import registry
 
-    mode = os.environ.get(registry.ENV_VAR)
-    os.environ[registry.ENV_VAR] = "off"
+    before = os.environ.get(registry.ENV_VAR)
+    os.environ[registry.ENV_VAR] = mode
     registry.reset()
     try:
         yield
     finally:
-        os.environ[registry.ENV_VAR] = mode or "check"
+        os.environ[registry.ENV_VAR] = before or "check"
         registry.reset()
 
 

@@ -110,11 +110,13 @@ class Launch:
     template: list[tuple[str, object]] = field(default_factory=list)
     init_value: float | None = None
 
-    def __post_init__(self):
-        size = self.threadgroup[0] * self.threadgroup[1] * self.threadgroup[2]
+    def __post_init__(self):  # runs for every launch: plain arithmetic, no generators
+        tx, ty, tz = self.threadgroup
+        gx, gy, gz = self.grid
+        size = tx * ty * tz
         if size % 32 or size > 1024:
             raise KernelSourceError(f"threadgroup {self.threadgroup}: size must be a multiple of 32, at most 1024")
-        if any(g % t for g, t in zip(self.grid, self.threadgroup)):
+        if gx % tx or gy % ty or gz % tz:
             raise KernelSourceError(f"grid {self.grid} is not a multiple of threadgroup {self.threadgroup}")
 
 
@@ -171,21 +173,23 @@ class Kernel:
         if backend == "metal":
             return self.metal()(inputs=launch.inputs, **kwargs)
         if backend == "cuda":
-            scalar_dtypes = tuple(_scalar_dtype(x) for x in launch.inputs)
-            inputs = [mx.array(x, dtype=d) if d is not None else x for x, d in zip(launch.inputs, scalar_dtypes)]
+            scalar_dtypes = tuple(map(_scalar_dtype, launch.inputs))
+            inputs = launch.inputs
+            if any(d is not None for d in scalar_dtypes):
+                inputs = [mx.array(x, dtype=d) if d is not None else x for x, d in zip(inputs, scalar_dtypes)]
             return self.cuda(scalar_dtypes)(inputs=inputs, **kwargs)
         raise KernelSourceError(f"no GPU backend to run kernel {self.name!r} on")
 
 
 def _scalar_dtype(x):
+    if isinstance(x, mx.array):  # the common case first: this runs for every input of every launch
+        return x.dtype if x.ndim == 0 else None
     if isinstance(x, bool):
         return mx.bool_
     if isinstance(x, int):
         return mx.int32
     if isinstance(x, float):
         return mx.float32
-    if isinstance(x, mx.array) and x.ndim == 0:
-        return x.dtype
     return None
 
 
