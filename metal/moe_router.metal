@@ -7,13 +7,16 @@
 //   weights = T_(softmax(logit_indices))  computed in float
 //
 // Grid (32 * SG, tokens, 1) threads, threadgroup (32 * SG, 1, 1): one threadgroup per token.
-// Simdgroup s computes the logits of experts s, s + SG, ... (lanes stride over D, then
-// simd_sum) into threadgroup memory; after a barrier simdgroup 0 holds them as E/32 slots per
+// Simdgroup s computes the logits of experts s, s + SG, ... (lanes stride over D in chunks of
+// 8 values, one 16-byte load each of x and the weight row — mxfp4.h's load8 — then simd_sum)
+// into threadgroup memory; after a barrier simdgroup 0 holds them as E/32 slots per
 // lane and picks the top k with TOP_K rounds of simd_max / simd_min.
 // Data: x [tokens, D] of T_; weight [E, D] of T_ (nn.Linear's layout); bias [E] of T_.
 // indices [tokens, TOP_K] uint32; weights [tokens, TOP_K] of T_.
-// Template: T_, D, E, TOP_K (<= E), SG (simdgroups: min(E, 32)).
+// Template: T_, D (a multiple of 8; the config makes hidden_size one of 32), E, TOP_K (<= E),
+// SG (simdgroups: min(E, 32)).
 // Fuses: four MLX dispatches into one (at decode each costs more than the work it does).
+#include "mxfp4.h"
 // ---- body ----
 constexpr uint SLOTS = (E + 31) / 32;  // logits per lane in the selection
 const uint lane = thread_index_in_simdgroup;
@@ -26,8 +29,14 @@ const device T_* x_row = x + size_t(token) * D;
 for (uint e = sg; e < E; e += SG) {
   const device T_* w_row = weight + size_t(e) * D;
   float acc = 0.0f;
-  for (uint d = lane; d < D; d += 32) {
-    acc += static_cast<float>(x_row[d]) * static_cast<float>(w_row[d]);
+  for (uint c = lane; c < D / 8; c += 32) {
+    float xv[8];
+    float wv[8];
+    load8(x_row + 8 * c, xv);
+    load8(w_row + 8 * c, wv);
+    for (uint n = 0; n < 8; ++n) {
+      acc += xv[n] * wv[n];
+    }
   }
   acc = simd_sum(acc);
   if (lane == 0) {

@@ -19,7 +19,7 @@ crossover.
 These wall-clock times include MLX's host cost per operation, which on MLX-CUDA (10-20 µs per
 launch on the GPU machine) is far above Metal's and favours the path with fewer launches.
 ``--ncu`` (CUDA machines with Nsight Compute) reports instead the GPU time of the kernels each
-path launches, summed per block call (``ncu --metrics gpu__time_duration.sum``; kernels are
+path launches, summed per block call and averaged over ``--iters`` calls (``ncu --metrics gpu__time_duration.sum``; kernels are
 serialized under the profiler, so caches are cold-ish for both paths alike).
 """
 
@@ -135,11 +135,8 @@ def main() -> int:
     return 0
 
 
-NCU_CALLS = 5  # block calls per path and batch size under the profiler
-
-
 def ncu_worker(args, block, D, E, k) -> int:
-    """Under ncu: per batch size and path, a marker kernel, NCU_CALLS block calls, an end marker."""
+    """Under ncu: per batch size and path, a marker kernel, --iters block calls, an end marker."""
     import mlx.core as mx
 
     from gptoss_mlx.kernels.source import Kernel, Launch
@@ -155,7 +152,7 @@ def ncu_worker(args, block, D, E, k) -> int:
             with kernel_mode(mode):
                 mx.eval(block(x, None, None))  # compiles (and checks) outside the measured range
                 marker(f"{path}_{T}")
-                for _ in range(NCU_CALLS):
+                for _ in range(args.iters):
                     mx.eval(block(x, None, None))
                 marker("end")
     return 0
@@ -169,7 +166,7 @@ def ncu_report(args) -> int:
     import subprocess
 
     cmd = ["ncu", "--csv", "--metrics", "gpu__time_duration.sum", sys.executable, __file__, "--ncu-worker",
-           "--preset", args.preset, "--tokens", args.tokens]
+           "--preset", args.preset, "--tokens", args.tokens, "--iters", str(args.iters)]
     run = subprocess.run(cmd, capture_output=True, text=True)
     rows = [r for r in csv.DictReader(io.StringIO(run.stdout[run.stdout.find('"ID"'):]))
             if r.get("Metric Name") == "gpu__time_duration.sum"]
@@ -177,7 +174,7 @@ def ncu_report(args) -> int:
         print(run.stdout[-3000:], run.stderr[-3000:])
         return 1
     scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
-    sums, launches, current = {}, {}, None
+    sums, launches, per_kernel, current = {}, {}, {}, None
     for r in rows:
         marker = re.search(r"marker_(mlx|ours|end)_?(\d*)", r["Kernel Name"])
         if marker:
@@ -185,15 +182,19 @@ def ncu_report(args) -> int:
             continue
         if current:
             us = float(r["Metric Value"].replace(",", "")) * scale[r["Metric Unit"]]
-            sums[current] = sums.get(current, 0.0) + us / NCU_CALLS
-            launches[current] = launches.get(current, 0) + 1 / NCU_CALLS
-    print(f"GPU time per MoE block call (ncu gpu__time_duration.sum, {NCU_CALLS} calls per path, "
+            sums[current] = sums.get(current, 0.0) + us / args.iters
+            launches[current] = launches.get(current, 0) + 1 / args.iters
+            if current[0] == "ours":  # "custom_kernel_<name><template hash>(...)": keep the name part
+                key = (current[1], r["Kernel Name"].split("(")[0].split("::")[-1].removeprefix("custom_kernel_")[:24])
+                per_kernel[key] = per_kernel.get(key, 0.0) + us / args.iters
+    print(f"GPU time per MoE block call (ncu gpu__time_duration.sum, {args.iters} calls per path, "
           f"{args.preset}, bf16, router included)")
     print(f"{'tokens':>6} {'MLX path µs':>12} {'kernels µs':>11} {'speedup':>8} {'launches MLX / ours':>20}")
     for T in [int(t) for t in args.tokens.split(",")]:
         mlx_us, ours_us = sums[("mlx", T)], sums[("ours", T)]
         print(f"{T:>6} {mlx_us:>12.1f} {ours_us:>11.1f} {mlx_us / ours_us:>7.2f}x "
-              f"{launches[('mlx', T)]:>12.0f} / {launches[('ours', T)]:.0f}")
+              f"{launches[('mlx', T)]:>12.0f} / {launches[('ours', T)]:.0f}   "
+              + ", ".join(f"{name} {us:.1f}" for (t, name), us in per_kernel.items() if t == T))
     return 0
 
 

@@ -17,9 +17,10 @@ from . import registry
 from .source import Kernel, Launch
 
 SWIGLU_ALPHA = 1.702
-# Per threadgroup: 256 threads, one output per simdgroup (mlx-kernels.md 5.3, 5.4). On the GPU
-# machine this beat two or four outputs per simdgroup and whole MX blocks (uint4) per lane by
-# 10-25 % (scripts/dev/moe_variants.py).
+# Per threadgroup: 256 threads (mlx-kernels.md 5.3, 5.4); one simdgroup per output row — A:
+# per column (its gate and linear row), B: per (output, expert). On the GPU machine this beat
+# two or four outputs per simdgroup and whole MX blocks (uint4) per lane by 10-25 %
+# (scripts/dev/moe_variants.py).
 SIMDGROUPS = 8
 
 # Up to this many tokens the kernels replace gather_qmm (each token re-reads its experts' rows,
@@ -124,11 +125,13 @@ def down_combine_reference(act, indices, weights, w, scales, bias, residual):
 def down_combine_plan(act, indices, weights, w, scales, bias, residual) -> Launch:
     T, k, I = act.shape
     D = w.shape[1]
+    outs = max(1, SIMDGROUPS // k)  # outputs per threadgroup: one simdgroup per (output, expert)
+    threads = 32 * k * outs
     return Launch(
         inputs=[act, w, scales, bias, indices, weights, residual],
         output_shapes=[(T, D)], output_dtypes=[act.dtype],
-        grid=(32 * SIMDGROUPS, -(-D // SIMDGROUPS), T), threadgroup=(32 * SIMDGROUPS, 1, 1),
-        template=[("T_", act.dtype), ("D", D), ("I", I), ("TOP_K", k)],
+        grid=(threads, -(-D // outs), T), threadgroup=(threads, 1, 1),
+        template=[("T_", act.dtype), ("D", D), ("I", I), ("TOP_K", k), ("OUTS", outs)],
     )
 
 

@@ -1,13 +1,16 @@
 """Dev timing on a GPU: the MoE decode kernels A and B alone, as shipped in metal/ (lanes over
 packed words, one output per simdgroup) against the variants in scripts/dev/moe_variants/
-(lanes over whole MX blocks read as uint4; COLS / OUTS outputs per simdgroup), plus the router
-kernel and an empty launch. 20b size, bf16, batch 1 and 4. Interleaved rounds; median µs per
+(lanes over whole MX blocks read as uint4; COLS / OUTS outputs per simdgroup, B's covering all
+of an output's experts) and the shipped kernel A with 2, 4 or 16 simdgroups per threadgroup
+instead of 8, plus the router kernel and an empty launch. 20b size, bf16, batch 1 and 4. Interleaved rounds; median µs per
 launch (each round: --iters launches of the same inputs, evaluated together).
 
     python scripts/dev/moe_variants.py
 
-On the GPU machine (H100, MLX 0.32.4) the shipped kernels were the fastest: A 39 µs vs 43/45/49
-(COLS 1/2/4), B 30 µs vs 34/33 (OUTS 1/2) at batch 1; 98 vs 106-138 and 73 vs 76-98 at batch 4.
+On the GPU machine (H100, MLX 0.32.4; wall time per launch, an empty launch 10 µs) the shipped
+kernels were the fastest: A 32.5 µs vs 35.5/37.3/41.5 (COLS 1/2/4; 31.5-32.9 with 2/4/16
+simdgroups per threadgroup), B 23.3 µs vs 26.1/29.0 (OUTS 1/2) at batch 1; at batch 4 A 94 vs
+103-130, B 65 vs 80/89.
 """
 import dataclasses
 import re
@@ -40,10 +43,19 @@ def variant_kernel(spec):
     return Kernel(k.name + "_variant", k.input_names, k.output_names, source=(inline(header), body))
 
 
-def with_rows(plan: Launch, name: str, n: int) -> Launch:
-    """plan with n outputs per simdgroup: grid y divided by n, template name=n."""
+def with_simdgroups(plan: Launch, n: int) -> Launch:
+    """plan with n simdgroups per threadgroup (the shipped kernels read it at run time)."""
     gx, gy, gz = plan.grid
-    return dataclasses.replace(plan, grid=(gx, -(-gy // n), gz), template=plan.template + [(name, n)])
+    outputs = gy * (gx // 32)  # one output per simdgroup
+    return dataclasses.replace(plan, grid=(32 * n, -(-outputs // n), gz), threadgroup=(32 * n, 1, 1))
+
+
+def with_rows(plan: Launch, name: str, n: int, outputs: int) -> Launch:
+    """A variant's plan: 8 simdgroups of n outputs each (of ``outputs``), template name=n."""
+    gz = plan.grid[2]
+    template = [(k, v) for k, v in plan.template if k not in ("OUTS", "COLS")] + [(name, n)]
+    return dataclasses.replace(plan, grid=(256, -(-outputs // (8 * n)), gz), threadgroup=(256, 1, 1),
+                               template=template)
 
 
 FLOOR = Kernel("floor", ["inp"], ["out"], source=("", "if (thread_position_in_grid.x == 0) { out[0] = inp[0]; }\n"))
@@ -70,13 +82,15 @@ for T in (1, 4):
              "router": (moe.ROUTER_SPEC.kernel, moe.router_plan(x, router_w, router_b, K)),
              "A shipped": (moe.GATE_UP_SPEC.kernel, a_plan)}
     for c in (1, 2, 4):
-        cases[f"A COLS={c}"] = (var_a, with_rows(a_plan, "COLS", c))
+        cases[f"A COLS={c}"] = (var_a, with_rows(a_plan, "COLS", c, I))
+    for n in (2, 4, 16):
+        cases[f"A shipped, {n} simdgroups"] = (moe.GATE_UP_SPEC.kernel, with_simdgroups(a_plan, n))
     cases["B shipped"] = (moe.DOWN_SPEC.kernel, b_plan)
     for o in (1, 2):
-        cases[f"B OUTS={o}"] = (var_b, with_rows(b_plan, "OUTS", o))
+        cases[f"B OUTS={o}"] = (var_b, with_rows(b_plan, "OUTS", o, D))
     outs = {name: kern(plan)[0] for name, (kern, plan) in cases.items()}
     for name in outs:
-        if name[0] in "AB" and "shipped" not in name:
+        if name[0] in "AB" and name not in ("A shipped", "B shipped"):
             shipped = outs[f"{name[0]} shipped"]
             diff = mx.abs(outs[name].astype(mx.float32) - shipped.astype(mx.float32)).max().item()
             print(f"T={T} {name}: max |variant - shipped| {diff:.3g}")
