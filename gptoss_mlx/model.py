@@ -6,8 +6,9 @@
 
 Module names follow the Hugging Face checkpoint (self_attn.sinks, mlp.router, ...), so its
 tensors load with few renames; q_proj, k_proj and v_proj are loaded into one qkv_proj, as in
-the reference (one matmul and one RoPE instead of three and two, per layer and token). The experts stay packed in MXFP4 and run through MLX's
-``gather_qmm``; they are never dequantized.
+the reference (one matmul and one RoPE instead of three and two, per layer and token). The
+experts stay packed in MXFP4 and run through MLX's ``gather_qmm`` (or, for decode-sized
+batches, the fused kernels); they are never dequantized.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def main() -> int:
         return times
 
     if args.ncu_worker:
-        return ncu_worker(args, block, D, E, k)
+        return ncu_worker(args, block, D)
 
     registry.reset()
     print(f"device: {mx.default_device()}, MLX {mx.__version__}, {args.preset}: D={D} I={I} E={E} top-{k}")
@@ -135,7 +135,7 @@ def main() -> int:
     return 0
 
 
-def ncu_worker(args, block, D, E, k) -> int:
+def ncu_worker(args, block, D) -> int:
     """Under ncu: per batch size and path, a marker kernel, --iters block calls, an end marker."""
     import mlx.core as mx
 
