@@ -4,7 +4,7 @@ Both take keys and values of shape (batch, kv_heads, tokens, head_dim) after RoP
 keys and values the new queries attend to. ``offset`` counts the tokens seen so far.
 
 For a multi-token update the returned keys are in temporal order and end at the last new token,
-so the caller knows key ``j`` sits at position ``offset + L - K + j`` (see ``model.attention_mask``).
+so the caller knows key ``j`` sits at position ``offset + L - K + j`` (see ``ops.attention_mask``).
 For a single-token update on a sliding layer they are the ring buffer's slots in slot order: every
 slot is inside the window, so no mask is needed and order does not matter.
 """

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,34 +318,6 @@ def _read_rope(raw: dict, kw: dict) -> None:
         if "max_position_embeddings" not in kw:
             factor = kw.get("rope_scaling_factor", ModelConfig.rope_scaling_factor)
             kw["max_position_embeddings"] = int(init_ctx * factor)
-
-
-def yarn_parameters(config: ModelConfig) -> tuple[list[float], float]:
-    """YaRN inverse frequencies (head_dim/2 values) and the concentration (gpt-oss.md 1.4).
-
-    Computed in float64 exactly as the reference `_compute_concentration_and_inv_freq`.
-    """
-    d = config.head_dim
-    base = config.rope_theta
-    freqs = [base ** (2 * i / d) for i in range(d // 2)]
-    factor = config.rope_scaling_factor
-    if factor <= 1.0:
-        return [1.0 / f for f in freqs], 1.0
-    concentration = 0.1 * math.log(factor) + 1.0
-    ctx = config.rope_original_max_position_embeddings
-
-    def correction_dim(beta: float) -> float:
-        return d / 2 * math.log(ctx / (beta * 2 * math.pi)) / math.log(base)
-
-    low, high = correction_dim(config.rope_beta_fast), correction_dim(config.rope_beta_slow)
-    if config.rope_truncate:
-        low, high = math.floor(low), math.ceil(high)
-    inv_freq = []
-    for i, f in enumerate(freqs):
-        ramp = min(max((i - low) / (high - low), 0.0), 1.0)
-        mask = 1.0 - ramp  # 1: keep the original frequency (extrapolate), 0: interpolate
-        inv_freq.append((1.0 / (factor * f)) * (1.0 - mask) + (1.0 / f) * mask)
-    return inv_freq, concentration
 
 
 GPT_OSS_20B = ModelConfig(num_hidden_layers=24, num_local_experts=32)

@@ -1,4 +1,4 @@
-"""gpt-oss in MLX, following OpenAI's reference (gpt_oss/torch/model.py; gpt-oss.md section 1).
+"""gpt-oss in MLX, following OpenAI's reference (``gpt_oss/torch/model.py`` in github.com/openai/gpt-oss).
 
     x = embed_tokens[tokens]
     for each block:  x = x + attention(rmsnorm(x));  x = x + moe(rmsnorm(x))
@@ -9,6 +9,10 @@ tensors load with few renames; q_proj, k_proj and v_proj are loaded into one qkv
 the reference (one matmul and one RoPE instead of three and two, per layer and token). The
 experts stay packed in MXFP4 and run through MLX's ``gather_qmm`` (or, for decode-sized
 batches, the fused kernels); they are never dequantized.
+
+The plain-MLX operations (clamped SwiGLU, top-k routing, the experts' gather, the attention
+mask) are in ``ops``; each custom kernel is one call into ``kernels`` that runs the kernel where
+it applies and the ``ops`` form otherwise.
 """
 
 from __future__ import annotations
@@ -18,12 +22,10 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels, ops
 from .cache import KVCache, RotatingKVCache
-from .config import ModelConfig, yarn_parameters
-from .kernels import (
-    add_rms_norm, combine_experts, fused_experts, fused_experts_apply, gather_linear, sdpa_decode,
-    route, sdpa_decode_apply, sdpa_prefill, sdpa_prefill_apply, swiglu, window_mask,
-)
+from .config import ModelConfig
+
 
 class RMSNorm(nn.Module):
     """RMSNorm with a plain gain (no 1 + w, no bias). MLX's kernel accumulates and scales in
@@ -37,6 +39,34 @@ class RMSNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+def yarn_parameters(config: ModelConfig) -> tuple[list[float], float]:
+    """YaRN inverse frequencies (head_dim/2 values) and the concentration.
+
+    Computed in float64 exactly as the reference's ``RotaryEmbedding._compute_concentration_and_inv_freq``.
+    """
+    d = config.head_dim
+    base = config.rope_theta
+    freqs = [base ** (2 * i / d) for i in range(d // 2)]
+    factor = config.rope_scaling_factor
+    if factor <= 1.0:
+        return [1.0 / f for f in freqs], 1.0
+    concentration = 0.1 * math.log(factor) + 1.0
+    ctx = config.rope_original_max_position_embeddings
+
+    def correction_dim(beta: float) -> float:
+        return d / 2 * math.log(ctx / (beta * 2 * math.pi)) / math.log(base)
+
+    low, high = correction_dim(config.rope_beta_fast), correction_dim(config.rope_beta_slow)
+    if config.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    inv_freq = []
+    for i, f in enumerate(freqs):
+        ramp = min(max((i - low) / (high - low), 0.0), 1.0)
+        mask = 1.0 - ramp  # 1: keep the original frequency (extrapolate), 0: interpolate
+        inv_freq.append((1.0 / (factor * f)) * (1.0 - mask) + (1.0 / f) * mask)
+    return inv_freq, concentration
 
 
 class YarnRoPE(nn.Module):
@@ -57,22 +87,6 @@ class YarnRoPE(nn.Module):
             x, self.dims, traditional=False, base=None, scale=1.0, offset=offset,
             freqs=self._periods,
         )
-
-
-def attention_mask(offset: int, num_queries: int, num_keys: int, window: int | None):
-    """Mask for queries at positions offset .. offset+L-1 over keys that end at the last query.
-
-    A key at position k is visible from query position q when k <= q and, on sliding layers,
-    q - window < k (exactly ``window`` keys, the query's own included). Returns None when every
-    key is visible, "causal" when plain causality is enough, else a boolean (L, K) array.
-    """
-    L, K = num_queries, num_keys
-    if L == 1 and (window is None or K <= window):
-        return None
-    oldest_key = offset + L - K
-    if window is None or (offset + L - 1) - oldest_key < window:
-        return "causal"
-    return window_mask(L, K, window)
 
 
 class Attention(nn.Module):
@@ -103,18 +117,9 @@ class Attention(nn.Module):
         # Sinks: an extra softmax column per head that takes weight but adds no value.
         # (Loaded models hold them in the activation dtype already: no cast per token.)
         sinks = self.sinks if self.sinks.dtype == q.dtype else self.sinks.astype(q.dtype)
-        if cache is not None and sdpa_decode_apply(q, cache.keys, k.shape[2]):
-            # One token over a long cache: read the cache buffer directly, each KV head's keys
-            # once for all of its query heads, split across threadgroups.
-            out = sdpa_decode(q, cache.keys, cache.values, k.shape[2], sinks, self.scale)
-        elif sdpa_prefill_apply(q, k, self.window):
-            # Many queries on a sliding layer: only the key tiles inside each window, no mask array.
-            out = sdpa_prefill(q, k, v, sinks, self.scale, self.window)
-        else:
-            mask = attention_mask(offset, L, k.shape[2], self.window)
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=sinks)
-            out = out.transpose(0, 2, 1, 3)
-        return self.o_proj(out.reshape(B, L, -1))  # out (B, L, heads, head_dim)
+        # softmax([q.k * scale over the keys inside the window, sink]) . v  -> (B, L, H, head_dim)
+        out = kernels.attention(q, k, v, sinks, self.scale, self.window, offset, cache)
+        return self.o_proj(out.reshape(B, L, -1))
 
 
 class SwitchLinear(nn.Module):
@@ -138,7 +143,7 @@ class SwitchLinear(nn.Module):
         self.bias = mx.zeros((num_experts, out_dims))
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        return gather_linear(x, self.weight, self.scales, self.bias, indices, biases=self.get("biases"),
+        return ops.gather_linear(x, self.weight, self.scales, self.bias, indices, biases=self.get("biases"),
                              mode=self.mode, group_size=self.group_size, bits=self.bits,
                              sorted_indices=sorted_indices)
 
@@ -165,7 +170,7 @@ class Experts(nn.Module):
         else:
             idx = indices
         h = self.gate_up_proj(x, idx, sorted_indices=do_sort)  # (..., 1, 2I)
-        h = swiglu(h[..., ::2], h[..., 1::2], self.swiglu_limit)
+        h = ops.swiglu(h[..., ::2], h[..., 1::2], self.swiglu_limit)
         y = self.down_proj(h, idx, sorted_indices=do_sort)  # (..., 1, D)
         if do_sort:
             y = y[inverse].reshape(*indices.shape, 1, -1)
@@ -187,11 +192,9 @@ class MLP(nn.Module):
         x = x.reshape(-1, shape[-1])  # (T, D)
         residual = residual.reshape(x.shape)
         # top-k first, then softmax over the k chosen logits only (not over all experts).
-        indices, weights = route(x, self.router, self.top_k)  # (T, k) each, highest first
-        if fused_experts_apply(x, self.experts):  # decode-sized batches: two fused kernels
-            return fused_experts(x, indices, weights, self.experts, residual).reshape(shape)
-        y = self.experts(x, mx.stop_gradient(indices))  # (T, k, D)
-        return combine_experts(y, weights, residual).reshape(shape)
+        indices, weights = kernels.route(x, self.router, self.top_k)  # (T, k) each, highest first
+        # residual + sum_j weights_j * experts(x)_j
+        return kernels.experts(x, indices, weights, self.experts, residual).reshape(shape)
 
 
 class TransformerBlock(nn.Module):
@@ -205,7 +208,7 @@ class TransformerBlock(nn.Module):
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         # h = x + attention(...), and its norm, in one kernel where that kernel is active.
         norm = self.post_attention_layernorm
-        h, normed = add_rms_norm(x, self.self_attn(self.input_layernorm(x), cache), norm.weight, norm.eps)
+        h, normed = kernels.add_rms_norm(x, self.self_attn(self.input_layernorm(x), cache), norm.weight, norm.eps)
         return self.mlp(normed, residual=h)  # h + moe(normed)
 
 
@@ -229,7 +232,7 @@ class Model(nn.Module):
         ``evaluate_layers`` evaluates each layer's output as soon as it is built (long prefill
         chunks, not inside mx.compile): evaluated as one graph, every layer's temporaries stay
         allocated until the last layer finishes — at 2048 tokens that doubled the 20b model's
-        peak memory (28.4 GB vs 15.5 GB, scripts/dev/prefill_peak.py)."""
+        peak memory (28.4 GB vs 15.5 GB, docs/measurements.md)."""
         if cache is None:
             cache = [None] * len(self.layers)
         x = self.embed_tokens(inputs)

@@ -1,7 +1,7 @@
 // msl_check.h — lets clang type-check the Metal source MLX generates, on a machine without Metal.
 //
 // Used as: clang++ -x c++ -std=c++17 -fsyntax-only -Werror -Wno-unknown-attributes
-//          -include msl_check.h kernel.metal.cpp   (gptoss_mlx/kernels/toolchain.py)
+//          -include msl_check.h kernel.metal.cpp   (gptoss_mlx/testing/toolchain.py)
 // Only declarations: nothing here runs. Address-space words are empty (not checked), vector types
 // are clang ext_vector_types (component access, swizzles and arithmetic as in MSL), and the
 // Metal standard library functions a kernel may call are declared as templates. What is

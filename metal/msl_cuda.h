@@ -1,7 +1,7 @@
 // msl_cuda.h — compiles a Metal kernel body with mx.fast.cuda_kernel (the CUDA mirror).
 //
 // MLX places this header after its own CUDA includes and before the kernel, which lives in
-// namespace mlx::core::cu (mlx/backend/cuda/custom_kernel.cpp). gptoss_mlx/kernels/source.py
+// namespace mlx::core::cu (mlx/backend/cuda/custom_kernel.cpp). gptoss_mlx/kernels/launch.py
 // prepends to the body the Metal thread attributes it uses (from threadIdx/blockIdx) and reads
 // scalar inputs, which CUDA passes as pointers, back under their own names.
 // A simdgroup is a warp (32 lanes); simd_* are warp shuffles over the full mask, so they need

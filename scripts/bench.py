@@ -24,9 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 DECODE_SEEDS = (2, 5, 6, 7, 8)  # decode is timed five times (after a 128-token prompt); the median counts
@@ -195,7 +192,7 @@ def main() -> None:
         print(json.dumps(fn(args.dir, prompts, args.decode, args.history)))
         return
     if args.make:
-        import make_tiny_checkpoint as mtc
+        from gptoss_mlx.testing import checkpoints as mtc
 
         mtc.write_hf(args.dir, mtc.PRESETS[args.preset])
     import mlx.core as mx

@@ -20,9 +20,6 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def main() -> int:
@@ -37,7 +34,7 @@ def main() -> int:
     import mlx.core as mx
     from mlx_lm.utils import load_model as load_mlx_lm
 
-    import make_tiny_checkpoint as mtc
+    from gptoss_mlx.testing import checkpoints as mtc
     from bench import mlx_lm_decode_rate, ours_decode_rate
     from gptoss_mlx.kernels import registry
     from gptoss_mlx.loading import load_model

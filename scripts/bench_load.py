@@ -19,9 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def measure(directory: Path) -> dict:
@@ -64,7 +61,7 @@ def main() -> None:
         print(json.dumps(measure(args.dir)))
         return
     if args.make:
-        import make_tiny_checkpoint as mtc
+        from gptoss_mlx.testing import checkpoints as mtc
 
         t0 = time.perf_counter()
         mtc.write_hf(args.dir, mtc.PRESETS[args.preset])

@@ -31,11 +31,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def main() -> int:
@@ -54,9 +50,10 @@ def main() -> int:
 
     import mlx.core as mx
 
-    import make_tiny_checkpoint as mtc
+    from gptoss_mlx import ops
     from gptoss_mlx.kernels import moe, registry
     from gptoss_mlx.model import MLP
+    from gptoss_mlx.testing import checkpoints as mtc
 
     config = mtc.PRESETS[args.preset]
     D, I, E, k = config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_experts_per_tok
@@ -75,7 +72,7 @@ def main() -> int:
         return moe.fused_experts(x, indices, weights, ex, x)
 
     def mlx_path(x, indices, weights):
-        return moe.combine_experts(ex(x, indices), weights, x)
+        return ops.combine_experts(ex(x, indices), weights, x)
 
     def block(x, indices, weights):  # the model's MoE block; the registry picks kernels or not
         return mlp(x, residual=x)
@@ -139,7 +136,7 @@ def ncu_worker(args, block, D) -> int:
     """Under ncu: per batch size and path, a marker kernel, --iters block calls, an end marker."""
     import mlx.core as mx
 
-    from gptoss_mlx.kernels.source import Kernel, Launch
+    from gptoss_mlx.kernels.launch import Kernel, Launch
 
     def marker(label):
         kernel = Kernel(f"marker_{label}", ["inp"], ["out"], source=("", "out[0] = inp[0];\n"))

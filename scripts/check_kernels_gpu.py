@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def time_call(fn, iters: int) -> float:
@@ -43,7 +41,8 @@ def main(argv=None) -> int:
     import mlx.core as mx
 
     from gptoss_mlx.kernels import registry
-    from gptoss_mlx.kernels.source import gpu_backend
+    from gptoss_mlx.kernels.launch import gpu_backend
+    from gptoss_mlx.testing.samples import samples
 
     backend = gpu_backend()
     if backend is None:
@@ -56,7 +55,7 @@ def main(argv=None) -> int:
     for name in names:
         spec = registry.REGISTRY[name]
         for dtype in spec.dtypes:
-            for sample in spec.samples(dtype):
+            for sample in samples(name, dtype):
                 shapes = " ".join(
                     "x".join(map(str, a.shape)) if isinstance(a, mx.array) and a.ndim else "s"
                     for a in sample

@@ -16,7 +16,7 @@ SESSION=gptoss-tui-$$
 mkdir -p "$OUT"
 if [ -z "$MODEL" ]; then
   MODEL=$(mktemp -d)/tiny
-  python3 scripts/make_tiny_checkpoint.py "$MODEL" --tokenizer ../shared/data/gpt-oss-tokenizer.json.gz >/dev/null
+  python3 -m gptoss_mlx.testing.checkpoints "$MODEL" --tokenizer ../shared/data/gpt-oss-tokenizer.json.gz >/dev/null
 fi
 export GPTOSS_MLX_DATA_DIR=$(mktemp -d)  # saved chats go here, not into the user's data dir
 

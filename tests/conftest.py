@@ -4,17 +4,14 @@ files from ../shared/data when they are there."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests"))
+from gptoss_mlx.testing import checkpoints as mtc
 
-import make_tiny_checkpoint as mtc  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED_DATA = Path(os.environ.get("GPTOSS_MLX_SHARED", ROOT.parent / "shared")) / "data"
 TOKENIZER_JSON = SHARED_DATA / "gpt-oss-tokenizer.json.gz"

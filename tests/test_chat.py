@@ -110,7 +110,7 @@ def test_repl_commands(chat, tmp_path, monkeypatch):
 
 
 def test_cli_chat_from_stdin(tmp_path, tokenizer_json):
-    import make_tiny_checkpoint as mtc
+    from gptoss_mlx.testing import checkpoints as mtc
     ckpt = tmp_path / "tiny"
     mtc.write_hf(ckpt, mtc.TINY)
     mtc.copy_tokenizer(ckpt, tokenizer_json)

@@ -4,9 +4,8 @@ import json
 
 import pytest
 
-from gptoss_mlx.config import (
-    FULL, GPT_OSS_20B, GPT_OSS_120B, SLIDING, ConfigError, ModelConfig, yarn_parameters,
-)
+from gptoss_mlx.config import FULL, GPT_OSS_20B, GPT_OSS_120B, SLIDING, ConfigError, ModelConfig
+from gptoss_mlx.model import yarn_parameters
 
 # openai/gpt-oss-120b config.json as published (gpt-oss.md 1.1)
 HF_120B = {

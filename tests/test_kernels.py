@@ -11,9 +11,11 @@ import warnings
 import mlx.core as mx
 import pytest
 
-from gptoss_mlx import kernels  # noqa: F401  (registers every kernel)
-from gptoss_mlx.kernels import registry, toolchain
-from gptoss_mlx.kernels.source import Kernel, Launch, kernel_source
+from gptoss_mlx import kernels
+from gptoss_mlx.kernels import registry
+from gptoss_mlx.kernels.launch import Kernel, Launch, kernel_source
+from gptoss_mlx.testing import toolchain
+from gptoss_mlx.testing.samples import emulated_dtypes, samples
 
 REQUIRE = os.environ.get("GPTOSS_MLX_REQUIRE_TOOLCHAIN") == "1"  # set by .ci/run
 
@@ -40,7 +42,7 @@ CASES = [
     (name, dtype, i)
     for name, spec in registry.REGISTRY.items()
     for dtype in spec.dtypes
-    for i in range(len(spec.samples(dtype)))
+    for i in range(len(samples(name, dtype)))
 ]
 
 
@@ -53,13 +55,12 @@ def _ids(case):
 def test_generated_metal_source_type_checks(case, clang):
     name, dtype, i = case
     spec = registry.REGISTRY[name]
-    source = toolchain.generated_metal_source(spec.kernel, spec.plan(*spec.samples(dtype)[i]))
+    source = toolchain.generated_metal_source(spec.kernel, spec.plan(*samples(name, dtype)[i]))
     assert "[[kernel]]" in source
     toolchain.check_metal_syntax(source, clang)
 
 
-EMULATED = [(name, dtype, i) for name, dtype, i in CASES
-            if dtype in (registry.REGISTRY[name].emulated_dtypes or registry.REGISTRY[name].dtypes)]
+EMULATED = [(name, dtype, i) for name, dtype, i in CASES if dtype in emulated_dtypes(name)]
 
 
 @pytest.mark.parametrize("order", ["forward", "reverse"])
@@ -67,10 +68,24 @@ EMULATED = [(name, dtype, i) for name, dtype, i in CASES
 def test_emulated_kernel_matches_reference(case, order, cxx):
     name, dtype, i = case
     spec = registry.REGISTRY[name]
-    args = spec.samples(dtype)[i]
+    args = samples(name, dtype)[i]
     got = toolchain.emulate(spec.kernel, spec.plan(*args), order)
     err = registry.max_error(got, spec.expected(*args))
     assert err <= registry.tolerance(dtype), f"{name} {dtype} sample {i}: error {err}"
+
+
+@pytest.mark.parametrize("name", list(registry.REGISTRY))
+def test_the_run_time_check_is_the_first_tested_sample(name):
+    """What a Mac checks on first use is among what CI proves (and equal to it)."""
+    spec = registry.REGISTRY[name]
+    for dtype in spec.dtypes:
+        check, first = spec.check_args(dtype), samples(name, dtype)[0]
+        assert len(check) == len(first)
+        for a, b in zip(check, first):
+            if isinstance(a, mx.array):
+                assert a.dtype == b.dtype and a.shape == b.shape and mx.array_equal(a, b).item()
+            else:
+                assert a == b
 
 
 # ---- planted bugs ----------------------------------------------------------------------------
@@ -89,7 +104,7 @@ def _worst_error(kernel: Kernel) -> float:
     spec = registry.REGISTRY["add_rms_norm"]
     worst = 0.0
     for order in ("forward", "reverse"):
-        for args in spec.samples(mx.float32)[:3]:
+        for args in samples("add_rms_norm", mx.float32)[:3]:
             got = toolchain.emulate(kernel, spec.plan(*args), order)
             worst = max(worst, registry.max_error(got, spec.reference(*args)))
     return worst
@@ -128,11 +143,11 @@ def test_compile_check_reports_a_planted_error_with_its_line(clang):
     spec = registry.REGISTRY["add_rms_norm"]
     _, body = kernel_source("add_rms_norm")
     bad = _mutant(body.replace("v = simd_sum(v);", "v = simd_summ(v);"))
-    source = toolchain.generated_metal_source(bad, spec.plan(*spec.samples(mx.float16)[0]))
+    source = toolchain.generated_metal_source(bad, spec.plan(*samples("add_rms_norm", mx.float16)[0]))
     with pytest.raises(toolchain.ToolchainError, match=r"kernel\.metal\.cpp:\d+:\d+: error: use of undeclared identifier 'simd_summ'"):
         toolchain.check_metal_syntax(source, clang)
     bad = _mutant(body.replace("h_row[i] = hi;", "h_row[i] = hi"))
-    source = toolchain.generated_metal_source(bad, spec.plan(*spec.samples(mx.float16)[0]))
+    source = toolchain.generated_metal_source(bad, spec.plan(*samples("add_rms_norm", mx.float16)[0]))
     with pytest.raises(toolchain.ToolchainError, match="expected ';'"):
         toolchain.check_metal_syntax(source, clang)
 
@@ -217,7 +232,7 @@ def test_a_correct_kernel_is_checked_once_and_used(emulated_gpu, monkeypatch):
     monkeypatch.setattr(registry, "verify", lambda *a: calls.append(a) or "active")
     assert registry.active("add_rms_norm", mx.float16)  # remembered: no second check
     assert calls == []
-    x, r, w, eps = spec.samples(mx.float16)[0]
+    x, r, w, eps = samples("add_rms_norm", mx.float16)[0]
     h, y = kernels.add_rms_norm(x, r, w, eps)
     assert registry.max_error([h, y], spec.reference(x, r, w, eps)) < registry.tolerance(mx.float16)
 
@@ -230,7 +245,7 @@ def test_a_wrong_kernel_is_disabled_with_one_warning(emulated_gpu, monkeypatch):
         assert not registry.active("add_rms_norm", mx.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning
-        x, r, w, eps = spec.samples(mx.float32)[0]
+        x, r, w, eps = samples("add_rms_norm", mx.float32)[0]
         h, y = kernels.add_rms_norm(x, r, w, eps)  # the reference runs
     assert registry.max_error([h, y], spec.reference(x, r, w, eps)) == 0.0
     assert "disabled" in registry.status(mx.float32)[0][1]

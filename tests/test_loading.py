@@ -59,7 +59,7 @@ def test_dtypes(checkpoints):
 def test_load_returns_model_and_tokenizer(checkpoints, tmp_path, tokenizer_json):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(checkpoints["hf"], ckpt)
-    import make_tiny_checkpoint as mtc
+    from gptoss_mlx.testing import checkpoints as mtc
     mtc.copy_tokenizer(ckpt, tokenizer_json)
     model, tokenizer = gptoss_mlx.load(ckpt)
     assert isinstance(model, Model)

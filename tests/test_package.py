@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-import check_wheel
+from gptoss_mlx.testing import wheel as check_wheel
 
 
 def test_wheel_ships_tui_and_metal_sources(tmp_path):

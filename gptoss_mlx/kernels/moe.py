@@ -1,26 +1,21 @@
-"""The MoE at decode: a router kernel and two fused MXFP4 expert kernels (metal/moe_*.metal)
-next to their plain-MLX references; :func:`route` and :func:`fused_experts` are what the model
-calls (kernels for small batches).
-
-The references are what the model's generic path computes (``gather_qmm`` on the packed
-experts, bias gathers, the clamped SwiGLU, the weighted sum), written out for one purpose:
-being what the kernels must equal.
+"""The MoE at decode: a router kernel and two fused MXFP4 expert kernels (metal/moe_*.metal).
+:func:`route` and :func:`experts` are what the model calls; each runs the kernels for small
+batches and the plain-MLX path of ``ops`` otherwise. The references are what the model's
+generic path computes (``gather_qmm`` on the packed experts, bias gathers, the clamped SwiGLU,
+the weighted sum): what the kernels must equal.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import mlx.core as mx
 
+from .. import ops
 from . import registry
-from .source import Kernel, Launch
+from .launch import Kernel, Launch
 
-SWIGLU_ALPHA = 1.702
-# Per threadgroup: 256 threads (mlx-kernels.md 5.3, 5.4); one simdgroup per output row — A:
-# per column (its gate and linear row), B: per (output, expert). On the GPU machine this beat
-# two or four outputs per simdgroup and whole MX blocks (uint4) per lane by 10-25 %
-# (scripts/dev/moe_variants.py).
+# Per threadgroup: 256 threads; one simdgroup per output row — A: per column (its gate and
+# linear row), B: per (output, expert). On the GPU machine this beat two or four outputs per
+# simdgroup and whole MX blocks (uint4) per lane by 10-25 % (docs/measurements.md).
 SIMDGROUPS = 8
 
 # Up to this many tokens the kernels replace gather_qmm (each token re-reads its experts' rows,
@@ -33,37 +28,11 @@ GATE_UP = Kernel("moe_gate_up_swiglu", ["x", "w", "scales", "bias", "indices", "
 DOWN = Kernel("moe_down_combine", ["act", "w", "scales", "bias", "indices", "weights", "residual"], ["y"])
 
 
-@partial(mx.compile, shapeless=True)  # one fused kernel instead of seven
-def swiglu(x_glu: mx.array, x_linear: mx.array, limit: float) -> mx.array:
-    """gpt-oss's clamped SwiGLU: gate clamped above only, linear part clamped and shifted by +1."""
-    x_glu = mx.minimum(x_glu, limit)
-    x_linear = mx.clip(x_linear, -limit, limit)
-    return x_glu * mx.sigmoid(SWIGLU_ALPHA * x_glu) * (x_linear + 1)
-
-
-def gather_linear(x, weight, scales, bias, indices, *, biases=None, mode="mxfp4", group_size=32,
-                  bits=4, sorted_indices=False):
-    """Quantized expert linears: x (T, 1, 1, K) through experts ``indices`` (T, k) ->
-    (T, k, 1, N), each expert's bias added. ``biases``: an affine mode's zero points.
-    The model's SwitchLinear and the kernels' references both run this."""
-    y = mx.gather_qmm(x, weight, scales, biases, rhs_indices=indices, transpose=True,
-                      group_size=group_size, bits=bits, mode=mode, sorted_indices=sorted_indices)
-    return y + mx.expand_dims(bias[indices], -2)
-
-
 # ---- the router -------------------------------------------------------------------------------
-
-def top_k_softmax(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
-    """Each row's k largest logits, highest first (the lower expert on a tie), and a softmax
-    over those k only: (T, E) -> indices (T, k) uint32, weights (T, k) in the logits' dtype."""
-    indices = mx.argsort(-logits, axis=-1)[:, :k]
-    weights = mx.softmax(mx.take_along_axis(logits, indices, axis=-1), axis=-1, precise=True)
-    return indices.astype(mx.uint32), weights
-
 
 def router_reference(x, weight, bias, k):
     """x (T, D), the router's weight (E, D) and bias (E,) -> (indices, weights), each (T, k)."""
-    return top_k_softmax(mx.addmm(bias, x, weight.T), k)
+    return ops.top_k_softmax(mx.addmm(bias, x, weight.T), k)
 
 
 def router_plan(x, weight, bias, k) -> Launch:
@@ -78,22 +47,22 @@ def router_plan(x, weight, bias, k) -> Launch:
     )
 
 
-def route(x: mx.array, router, k: int) -> tuple[mx.array, mx.array]:
-    """The top-k experts of each token of x (T, D), highest first, and their softmaxed weights,
-    through ``router`` (an nn.Linear, or a quantized one): one kernel for small batches."""
-    weight = router.weight
-    if x.shape[0] <= MAX_TOKENS and weight.dtype == x.dtype and "bias" in router \
-            and registry.active(ROUTER_SPEC.name, x.dtype):
-        return tuple(ROUTER_SPEC.launch(x, weight, router.bias, k))
-    return top_k_softmax(router(x), k)
+def router_sample(shape, key, dtype):
+    """Random (x, weight, bias, k) for ``shape`` (tokens, D, experts, top-k)."""
+    T, D, E, k = shape
+    k1, k2, k3 = mx.random.split(key, 3)
+    x = mx.random.normal((T, D), key=k1).astype(dtype)
+    weight = (mx.random.normal((E, D), key=k2) * D ** -0.5).astype(dtype)
+    bias = (0.1 * mx.random.normal((E,), key=k3)).astype(dtype)
+    return x, weight, bias, k
 
 
 # ---- kernel A: gate/up + SwiGLU ----------------------------------------------------------------
 
 def gate_up_swiglu_reference(x, indices, w, scales, bias, limit):
     """x (T, D), indices (T, k), w [E, 2I, D/8] interleaved rows -> act (T, k, I)."""
-    h = gather_linear(mx.expand_dims(x, (-2, -3)), w, scales, bias, indices)  # (T, k, 1, 2I)
-    return (swiglu(h[..., ::2], h[..., 1::2], limit).squeeze(-2),)
+    h = ops.gather_linear(mx.expand_dims(x, (-2, -3)), w, scales, bias, indices)  # (T, k, 1, 2I)
+    return (ops.swiglu(h[..., ::2], h[..., 1::2], limit).squeeze(-2),)
 
 
 def gate_up_swiglu_plan(x, indices, w, scales, bias, limit) -> Launch:
@@ -110,16 +79,10 @@ def gate_up_swiglu_plan(x, indices, w, scales, bias, limit) -> Launch:
 
 # ---- kernel B: down + routing weights + sum over experts ----------------------------------------
 
-@partial(mx.compile, shapeless=True)
-def combine_experts(y: mx.array, weights: mx.array, residual: mx.array) -> mx.array:
-    """residual + sum_j weights_j * y_j: (T, k, D), (T, k), (T, D) -> (T, D)."""
-    return residual + (y * mx.expand_dims(weights, -1)).sum(axis=-2)
-
-
 def down_combine_reference(act, indices, weights, w, scales, bias, residual):
     """act (T, k, I), indices/weights (T, k), w [E, D, I/8], residual (T, D) -> (T, D)."""
-    y = gather_linear(mx.expand_dims(act, -2), w, scales, bias, indices).squeeze(-2)  # (T, k, D)
-    return (combine_experts(y, weights, residual),)
+    y = ops.gather_linear(mx.expand_dims(act, -2), w, scales, bias, indices).squeeze(-2)  # (T, k, D)
+    return (ops.combine_experts(y, weights, residual),)
 
 
 def down_combine_plan(act, indices, weights, w, scales, bias, residual) -> Launch:
@@ -135,7 +98,7 @@ def down_combine_plan(act, indices, weights, w, scales, bias, residual) -> Launc
     )
 
 
-# ---- samples: random packed experts ---------------------------------------------------------------
+# ---- random inputs: packed experts and routings ---------------------------------------------------
 
 def random_experts(key, E, N, K, dtype):
     """MXFP4 weights [E, N, K/8], scales [E, N, K/32] of 2^-9..2^-5 (outputs of order 1 for
@@ -155,79 +118,60 @@ def _routing(key, T, E, k):
     return indices, weights
 
 
-# (tokens, D, I, experts, top-k), small first (the run-time check). The lanes stride over the
-# packed words of the input dimension — D for kernel A, I for kernel B — so each kernel gets the
-# model's 2880 there (360 words: lanes 0-7 take twelve, the rest eleven), short ones (8 and 12
-# words: most lanes idle), 1056 (132 words: lanes 0-3 take five), and several tokens; the output
-# dimension stays small to keep the emulator quick: 100 and 33 leave simdgroups of the last
-# threadgroup without an output.
-GATE_UP_SHAPES = [(1, 64, 64, 4, 2), (1, 2880, 64, 8, 4), (3, 96, 100, 4, 4), (2, 1056, 160, 6, 4),
-                  (1, 64, 33, 4, 3)]
-DOWN_SHAPES = [(1, 64, 64, 4, 2), (1, 64, 2880, 8, 4), (3, 100, 96, 4, 4), (2, 160, 1056, 6, 4),
-               (1, 33, 64, 4, 3)]
+def gate_up_sample(shape, key, dtype):
+    """Random kernel A arguments for ``shape`` (tokens, D, I, experts, top-k)."""
+    T, D, I, E, k = shape
+    k1, k2, k3 = mx.random.split(key, 3)
+    w, scales, bias = random_experts(k1, E, 2 * I, D, dtype)
+    indices, _ = _routing(k2, T, E, k)
+    x = mx.random.normal((T, D), key=k3).astype(dtype)
+    return x, indices, w, scales, bias, 7.0
 
 
-def gate_up_samples(dtype):
-    out = []
-    for n, (T, D, I, E, k) in enumerate(GATE_UP_SHAPES):
-        key = mx.random.key(100 + n)
-        k1, k2, k3 = mx.random.split(key, 3)
-        w, scales, bias = random_experts(k1, E, 2 * I, D, dtype)
-        indices, _ = _routing(k2, T, E, k)
-        x = mx.random.normal((T, D), key=k3).astype(dtype)
-        out.append((x, indices, w, scales, bias, 7.0))
-    return out
-
-
-def down_samples(dtype):
-    out = []
-    for n, (T, D, I, E, k) in enumerate(DOWN_SHAPES):
-        key = mx.random.key(200 + n)
-        k1, k2, k3 = mx.random.split(key, 3)
-        w, scales, bias = random_experts(k1, E, D, I, dtype)
-        indices, weights = _routing(k2, T, E, k)
-        k3, k4 = mx.random.split(k3)
-        act = mx.random.normal((T, k, I), key=k3).astype(dtype)
-        residual = mx.random.normal((T, D), key=k4).astype(dtype)
-        out.append((act, indices, weights.astype(dtype), w, scales, bias, residual))
-    return out
-
-
-# (tokens, D, experts, top-k): small first (the run-time check); gpt-oss-20b's router (2880 x
-# 32, top-4) and 120b's (128 experts: four slots per lane); an expert count that leaves lanes empty.
-ROUTER_SHAPES = [(2, 64, 8, 4), (1, 2880, 32, 4), (3, 160, 128, 4), (2, 96, 40, 3)]
-
-
-def router_samples(dtype):
-    out = []
-    for n, (T, D, E, k) in enumerate(ROUTER_SHAPES):
-        k1, k2, k3 = mx.random.split(mx.random.key(500 + n), 3)
-        x = mx.random.normal((T, D), key=k1).astype(dtype)
-        weight = (mx.random.normal((E, D), key=k2) * D ** -0.5).astype(dtype)
-        bias = (0.1 * mx.random.normal((E,), key=k3)).astype(dtype)
-        out.append((x, weight, bias, k))
-    return out
+def down_sample(shape, key, dtype):
+    """Random kernel B arguments for ``shape`` (tokens, D, I, experts, top-k)."""
+    T, D, I, E, k = shape
+    k1, k2, k3 = mx.random.split(key, 3)
+    w, scales, bias = random_experts(k1, E, D, I, dtype)
+    indices, weights = _routing(k2, T, E, k)
+    k3, k4 = mx.random.split(k3)
+    act = mx.random.normal((T, k, I), key=k3).astype(dtype)
+    residual = mx.random.normal((T, D), key=k4).astype(dtype)
+    return act, indices, weights.astype(dtype), w, scales, bias, residual
 
 
 ROUTER_SPEC = registry.register(registry.KernelSpec(
-    "moe_router", ROUTER, router_plan, router_reference, router_samples,
+    "moe_router", ROUTER, router_plan, router_reference, router_sample, check=((2, 64, 8, 4), 500),
     description="MoE router: logits, top-k experts and their softmax in one launch",
 ))
 GATE_UP_SPEC = registry.register(registry.KernelSpec(
-    "moe_gate_up_swiglu", GATE_UP, gate_up_swiglu_plan, gate_up_swiglu_reference, gate_up_samples,
+    "moe_gate_up_swiglu", GATE_UP, gate_up_swiglu_plan, gate_up_swiglu_reference, gate_up_sample,
+    check=((1, 64, 64, 4, 2), 100),
     description="MoE decode A: MXFP4 gate/up rows in one pass + biases + clamped SwiGLU",
     reference_in_float32=True,
 ))
 DOWN_SPEC = registry.register(registry.KernelSpec(
-    "moe_down_combine", DOWN, down_combine_plan, down_combine_reference, down_samples,
+    "moe_down_combine", DOWN, down_combine_plan, down_combine_reference, down_sample,
+    check=((1, 64, 64, 4, 2), 200),
     description="MoE decode B: MXFP4 down + bias, weighted sum over experts, residual add",
     reference_in_float32=True,
 ))
 
 
-def fused_experts_apply(x: mx.array, experts) -> bool:
-    """Whether :func:`fused_experts` runs the kernels for this batch (else use the MLX path)."""
-    gu = experts.gate_up_proj
+# ---- what the model calls ----------------------------------------------------------------------
+
+def route(x: mx.array, router, k: int) -> tuple[mx.array, mx.array]:
+    """The top-k experts of each token of x (T, D), highest first, and their softmaxed weights,
+    through ``router`` (an nn.Linear, or a quantized one): one kernel for small batches."""
+    weight = router.weight
+    if x.shape[0] <= MAX_TOKENS and weight.dtype == x.dtype and "bias" in router \
+            and registry.active(ROUTER_SPEC.name, x.dtype):
+        return tuple(ROUTER_SPEC.launch(x, weight, router.bias, k))
+    return ops.top_k_softmax(router(x), k)
+
+
+def _fused_fits(x: mx.array, layer) -> bool:
+    gu = layer.gate_up_proj
     return (
         x.shape[0] <= MAX_TOKENS
         and gu.mode == "mxfp4"
@@ -237,16 +181,24 @@ def fused_experts_apply(x: mx.array, experts) -> bool:
     )
 
 
-def fused_experts(x, indices, weights, experts, residual) -> mx.array:
-    """residual + sum_j weights[:, j] * expert_{indices[:, j]}(x): (T, D) -> (T, D), with
-    kernels A and B.
+def experts(x, indices, weights, layer, residual) -> mx.array:
+    """residual + sum_j weights[:, j] * expert_{indices[:, j]}(x): (T, D) -> (T, D), through
+    ``layer`` (the model's Experts): :func:`fused_experts` for decode-sized batches of MXFP4
+    experts, else ``layer`` and ``ops.combine_experts``."""
+    if _fused_fits(x, layer):
+        return fused_experts(x, indices, weights, layer, residual)
+    return ops.combine_experts(layer(x, mx.stop_gradient(indices)), weights, residual)
+
+
+def fused_experts(x, indices, weights, layer, residual) -> mx.array:
+    """What :func:`experts` computes, with kernels A and B (whatever the batch size).
 
     They accumulate in float32 and round once, so on real decode inputs they land 2-3x closer to
     the float32 block than MLX's bf16 path does. Either rounding can still decide a near-tie in
     the next layer's router (4th and 5th logits within a bf16 ulp) differently from float32,
-    which moves that token's logits visibly: scripts/dev/router_flips.py shows such a step."""
-    gu, down = experts.gate_up_proj, experts.down_proj
-    (act,) = GATE_UP_SPEC.launch(x, indices, gu.weight, gu.scales, gu.bias, experts.swiglu_limit)
+    which moves that token's logits visibly (docs/measurements.md)."""
+    gu, down = layer.gate_up_proj, layer.down_proj
+    (act,) = GATE_UP_SPEC.launch(x, indices, gu.weight, gu.scales, gu.bias, layer.swiglu_limit)
     if weights.dtype != x.dtype:
         weights = weights.astype(x.dtype)
     (y,) = DOWN_SPEC.launch(act, indices, weights, down.weight, down.scales, down.bias, residual)

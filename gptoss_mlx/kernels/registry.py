@@ -1,7 +1,7 @@
 """Which custom kernels run, checked once per process before they are trusted.
 
-Every kernel is registered with its plain-MLX reference and sample inputs. On a GPU backend the
-first use of a kernel (per activation dtype) runs it and the reference on a small sample; a
+Every kernel is registered with its plain-MLX reference and a builder of random inputs. On a GPU
+backend the first use of a kernel (per activation dtype) runs it and the reference on a small input; a
 compile error or a mismatch disables that kernel with one warning, and the reference runs from
 then on. ``GPTOSS_MLX_KERNELS`` chooses:
 
@@ -21,7 +21,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from .source import Kernel, Launch, gpu_backend
+from .launch import Kernel, Launch, gpu_backend
 
 MODES = ("check", "on", "off")
 ENV_VAR = "GPTOSS_MLX_KERNELS"
@@ -33,16 +33,19 @@ class KernelSpec:
     kernel: Kernel
     plan: Callable[..., Launch]  # the public function's arguments -> one launch
     reference: Callable[..., tuple]  # same arguments -> the outputs, in plain MLX
-    samples: Callable[[mx.Dtype], list[tuple]]  # argument tuples; the first is the run-time check
+    sample: Callable[[tuple, mx.array, mx.Dtype], tuple]  # (shape, random key, dtype) -> arguments
+    check: tuple[tuple, int]  # the run-time check's (shape, seed): small, so it runs fast
     dtypes: tuple = (mx.float32, mx.float16, mx.bfloat16)
     description: str = ""
     # The kernel accumulates in float32 and rounds once; an MLX path in half precision rounds
     # (and on the CPU accumulates) in that precision at every step. Such kernels are compared
     # with the reference computed from the same inputs in float32.
     reference_in_float32: bool = False
-    # Dtypes the CPU emulator runs every sample in (None: all of ``dtypes``); the compile check
-    # always covers all of them.
-    emulated_dtypes: tuple | None = None
+
+    def check_args(self, dtype: mx.Dtype) -> tuple:
+        """The arguments of the run-time check for ``dtype``."""
+        shape, seed = self.check
+        return self.sample(shape, mx.random.key(seed), dtype)
 
     def launch(self, *args) -> list[mx.array]:
         return self.kernel(self.plan(*args))
@@ -96,9 +99,9 @@ def max_error(outputs, expected) -> float:
 
 
 def verify(name: str, dtype: mx.Dtype) -> str:
-    """Run kernel and reference on the first sample; returns and records the kernel's state."""
+    """Run kernel and reference on the check's input; returns and records the kernel's state."""
     spec = REGISTRY[name]
-    args = spec.samples(dtype)[0]
+    args = spec.check_args(dtype)
     try:
         got = spec.launch(*args)
         mx.eval(got)

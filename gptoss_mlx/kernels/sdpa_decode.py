@@ -4,6 +4,7 @@ One query token; the keys and values come straight from the cache buffers (a ful
 growing cache, or a sliding layer's 128-slot ring — at decode the ring's order does not matter
 and every slot is inside the window). Pass 1 splits the keys into partitions and lets the query
 heads of a KV head share each K/V read; pass 2 merges the partitions with the sink.
+The model reaches them through ``kernels.attention``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import registry
-from .source import Kernel, Launch
+from .launch import Kernel, Launch
 
 CHUNK = 256  # keys per partition (threadgroup) in pass 1
 # Below this many cached keys MLX's single sdpa launch wins (two launches cost more than they
@@ -84,17 +85,12 @@ def combine_reference(partial, sinks, dtype):
     return (((acc * w).sum(axis=1) / L).astype(dtype),)
 
 
-# ---- samples ----------------------------------------------------------------------------------
+# ---- random inputs ----------------------------------------------------------------------------
 
-# (heads, kv heads, D, capacity, n_keys): small first (the run-time check); the window's edges
-# 127/128/129, a ring buffer (capacity 128) full, several partitions with a ragged last one.
-SHAPES = [(8, 1, 32, 40, 33), (16, 2, 64, 256, 127), (16, 2, 64, 256, 128), (64, 8, 64, 256, 129),
-          (16, 2, 64, 128, 128), (16, 2, 64, 384, 300)]
-
-
-def _qkv(n: int, dtype):
-    heads, kv_heads, D, capacity, n_keys = SHAPES[n]
-    k1, k2, k3, k4 = mx.random.split(mx.random.key(300 + n), 4)
+def _qkv(shape, key, dtype):
+    """Random q, cache buffers k and v, and sinks for ``shape`` (heads, kv heads, D, capacity, n_keys)."""
+    heads, kv_heads, D, capacity, n_keys = shape
+    k1, k2, k3, k4 = mx.random.split(key, 4)
     q = mx.random.normal((heads, D), key=k1).astype(dtype)
     k = mx.random.normal((1, kv_heads, capacity, D), key=k2).astype(dtype)
     v = mx.random.normal((1, kv_heads, capacity, D), key=k3).astype(dtype)
@@ -102,32 +98,31 @@ def _qkv(n: int, dtype):
     return q, k, v, sinks, n_keys, D ** -0.5
 
 
-def partial_samples(dtype):
-    return [(q, k, v, scale, n_keys) for q, k, v, _, n_keys, scale in (_qkv(n, dtype) for n in range(len(SHAPES)))]
+def partial_sample(shape, key, dtype):
+    q, k, v, _, n_keys, scale = _qkv(shape, key, dtype)
+    return q, k, v, scale, n_keys
 
 
-def combine_samples(dtype):
-    out = []
-    for n in range(len(SHAPES)):
-        q, k, v, sinks, n_keys, scale = _qkv(n, dtype)
-        (partial,) = partial_reference(q, k, v, scale, n_keys)
-        out.append((partial, sinks, dtype))
-    return out
+def combine_sample(shape, key, dtype):
+    q, k, v, sinks, n_keys, scale = _qkv(shape, key, dtype)
+    (partial,) = partial_reference(q, k, v, scale, n_keys)
+    return partial, sinks, dtype
 
 
+CHECK = ((8, 1, 32, 40, 33), 300)
 PARTIAL_SPEC = registry.register(registry.KernelSpec(
-    "sdpa_decode_partial", PARTIAL, partial_plan, partial_reference, partial_samples,
+    "sdpa_decode_partial", PARTIAL, partial_plan, partial_reference, partial_sample, CHECK,
     description="decode attention pass 1: K/V tiles shared by a KV head's query heads, split keys",
-    reference_in_float32=True, emulated_dtypes=(mx.float32, mx.bfloat16),  # the slowest to emulate
+    reference_in_float32=True,
 ))
 COMBINE_SPEC = registry.register(registry.KernelSpec(
-    "sdpa_decode_combine", COMBINE, combine_plan, combine_reference, combine_samples,
+    "sdpa_decode_combine", COMBINE, combine_plan, combine_reference, combine_sample, CHECK,
     description="decode attention pass 2: merge partitions and the sink",
     reference_in_float32=True,
 ))
 
 
-def sdpa_decode_apply(q: mx.array, keys: mx.array, n_keys: int) -> bool:
+def fits(q: mx.array, keys: mx.array, n_keys: int) -> bool:
     """One query token, batch 1, enough keys, head_dim a multiple of 32, both kernels active."""
     B, heads, L, D = q.shape
     return (L == 1 and B == 1 and n_keys >= MIN_KEYS and D % 32 == 0 and heads % keys.shape[1] == 0
@@ -135,10 +130,10 @@ def sdpa_decode_apply(q: mx.array, keys: mx.array, n_keys: int) -> bool:
             and registry.active(PARTIAL_SPEC.name, q.dtype) and registry.active(COMBINE_SPEC.name, q.dtype))
 
 
-def sdpa_decode(q, keys, values, n_keys: int, sinks, scale: float) -> mx.array:
+def run(q, keys, values, n_keys: int, sinks, scale: float) -> mx.array:
     """softmax([q.k_t * scale, sink]) . v over the first n_keys cache positions:
     q (1, HEADS, 1, D), keys/values the cache buffers (1, KV_HEADS, CAPACITY, D) -> (1, 1, HEADS, D),
-    token-major like sdpa_prefill's output."""
+    token-major like ``ops.sdpa``'s output."""
     heads, D = q.shape[1], q.shape[3]
     (partial,) = PARTIAL_SPEC.launch(q.reshape(heads, D), keys, values, scale, n_keys)
     (out,) = COMBINE_SPEC.launch(partial, sinks, q.dtype)

@@ -4,25 +4,18 @@ its plain-MLX reference.
 A prefill chunk of L queries attends to K >= L keys in position order that end at its last
 token (what the caches return). On a sliding layer MLX's sdpa needs an (L, K) mask array and
 computes every score; the kernel visits only the key tiles inside each query block's window.
+The model reaches it through ``kernels.attention``.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
+from .. import ops
 from . import registry
-from .source import Kernel, Launch
+from .launch import Kernel, Launch
 
 KERNEL = Kernel("sdpa_prefill", ["q", "k", "v", "sinks", "scale"], ["out"])
-
-
-def window_mask(num_queries: int, num_keys: int, window: int | None) -> mx.array:
-    """(L, K) bool: query i (at key index i + K - L) sees key j when j <= i + K - L and, with a
-    window, j > i + K - L - window (exactly ``window`` keys, its own included)."""
-    newest = mx.arange(num_keys - num_queries, num_keys)[:, None]
-    key = mx.arange(num_keys)[None, :]
-    visible = key <= newest
-    return visible if window is None else visible & (key > newest - window)
 
 
 def _queries_per_group(gqa: int) -> int:
@@ -57,40 +50,31 @@ def reference(q, k, v, sinks, scale, window):
     keys = mx.repeat(k, gqa, axis=0)  # (HEADS, K, D)
     values = mx.repeat(v, gqa, axis=0)
     scores = (q * scale) @ keys.swapaxes(1, 2)  # (HEADS, L, K)
-    scores = mx.where(window_mask(L, K, window), scores, -mx.inf)
+    scores = mx.where(ops.window_mask(L, K, window), scores, -mx.inf)
     sink = mx.broadcast_to(sinks.astype(scores.dtype)[:, None, None], (heads, L, 1))
     weights = mx.softmax(mx.concatenate([scores, sink], axis=-1), axis=-1)[..., :K]
     return ((weights @ values).transpose(1, 0, 2).astype(q.dtype),)
 
 
-# (heads, kv heads, D, L, K, window): small first (the run-time check); a first chunk over
-# several tiles; query positions 127/128/129 around a 128-key window; a chunk after history
-# (K > L) whose L is not a multiple of the query block; a full (causal) layer over several tiles;
-# GQA 8 as in gpt-oss. Kept small: the emulator runs every sample in two orders and two dtypes.
-SHAPES = [(8, 2, 32, 12, 20, 8), (4, 2, 32, 24, 24, 16), (8, 2, 64, 3, 130, 128),
-          (4, 2, 32, 7, 135, 128), (4, 2, 32, 10, 70, None), (16, 2, 64, 5, 40, 16)]
-
-
-def samples(dtype):
-    out = []
-    for n, (heads, kv_heads, D, L, K, window) in enumerate(SHAPES):
-        k1, k2, k3, k4 = mx.random.split(mx.random.key(400 + n), 4)
-        q = mx.random.normal((heads, L, D), key=k1).astype(dtype)
-        k = mx.random.normal((kv_heads, K, D), key=k2).astype(dtype)
-        v = mx.random.normal((kv_heads, K, D), key=k3).astype(dtype)
-        sinks = mx.random.normal((heads,), key=k4).astype(dtype)
-        out.append((q, k, v, sinks, D ** -0.5, window))
-    return out
+def sample(shape, key, dtype):
+    """Random (q, k, v, sinks, scale, window) for ``shape`` (heads, kv heads, D, L, K, window)."""
+    heads, kv_heads, D, L, K, window = shape
+    k1, k2, k3, k4 = mx.random.split(key, 4)
+    q = mx.random.normal((heads, L, D), key=k1).astype(dtype)
+    k = mx.random.normal((kv_heads, K, D), key=k2).astype(dtype)
+    v = mx.random.normal((kv_heads, K, D), key=k3).astype(dtype)
+    sinks = mx.random.normal((heads,), key=k4).astype(dtype)
+    return q, k, v, sinks, D ** -0.5, window
 
 
 SPEC = registry.register(registry.KernelSpec(
-    "sdpa_prefill", KERNEL, plan, reference, samples,
+    "sdpa_prefill", KERNEL, plan, reference, sample, check=((8, 2, 32, 12, 20, 8), 400),
     description="prefill attention: window and causality from indices (no mask), sinks, GQA",
-    reference_in_float32=True, emulated_dtypes=(mx.float32, mx.bfloat16),
+    reference_in_float32=True,
 ))
 
 
-def sdpa_prefill_apply(q: mx.array, keys: mx.array, window: int | None) -> bool:
+def fits(q: mx.array, keys: mx.array, window: int | None) -> bool:
     """Several queries of batch 1 on a sliding layer, head_dim a multiple of 32, kernel active.
     Full layers keep MLX's fused causal attention (it needs no mask array there)."""
     B, heads, L, D = q.shape
@@ -98,7 +82,7 @@ def sdpa_prefill_apply(q: mx.array, keys: mx.array, window: int | None) -> bool:
             and registry.active(SPEC.name, q.dtype))
 
 
-def sdpa_prefill(q, keys, values, sinks, scale: float, window: int | None) -> mx.array:
+def run(q, keys, values, sinks, scale: float, window: int | None) -> mx.array:
     """q (1, HEADS, L, D); keys/values (1, KV_HEADS, K, D) in position order ending at the last
     query -> (1, L, HEADS, D), token-major."""
     (out,) = SPEC.launch(q[0], keys[0], values[0], sinks, scale, window)

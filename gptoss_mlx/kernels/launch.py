@@ -1,4 +1,4 @@
-"""A kernel's Metal source, and how it becomes an MLX Metal kernel or its CUDA mirror.
+"""A kernel's Metal source, and how it is launched: as an MLX Metal kernel or its CUDA mirror.
 
 ``metal/<name>.metal`` holds, in this order: a header comment (grid, threadgroup, layout, what
 it fuses), optional helper functions (``#include "x.h"`` lines name other files in metal/ and are

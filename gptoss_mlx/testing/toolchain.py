@@ -1,4 +1,4 @@
-"""Checking Metal kernels without a Mac (mlx-kernels.md section 6).
+"""Checking Metal kernels without a Mac (metal/README.md, steps 2 and 3).
 
 - :func:`generated_metal_source` — the exact source MLX would hand the Metal compiler for one
   launch, obtained by tracing the call under ``mx.export_function(verbose=True)``, which works
@@ -7,7 +7,8 @@
 - :func:`emulate` — compiles the same source as C++ against metal/msl_emulate.h and runs it on
   the CPU (real threads, real barriers, 32-lane simdgroups) on NumPy inputs.
 
-Development and CI tooling: the library itself never needs a C++ compiler.
+Development and CI tooling (tests/test_kernels.py): the library never imports it, and never
+needs a C++ compiler.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .source import Kernel, Launch, metal_dir
+from ..kernels.launch import Kernel, Launch, metal_dir
 
 
 class ToolchainError(RuntimeError):

@@ -1,7 +1,7 @@
-#!/usr/bin/env python3
-"""Build the wheel and check it ships the TUI as gptoss_mlx.tui and the Metal kernel sources.
+"""Build the wheel of this checkout and check it ships the TUI as gptoss_mlx.tui and the Metal
+kernel sources.
 
-    python scripts/check_wheel.py [--out DIR]
+    python -m gptoss_mlx.testing.wheel [--out DIR]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (an editable install)
 
 
 def wheel_files(out: Path) -> list[str]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write a random gpt-oss checkpoint in the exact published layout, any size from tiny to 120b.
 
-    python scripts/make_tiny_checkpoint.py OUT_DIR [--preset tiny|20b|120b] [--layers N]
+    python -m gptoss_mlx.testing.checkpoints OUT_DIR [--preset tiny|20b|120b] [--layers N]
         [--experts E] [--hidden D] [--vocab V] [--window W] [--original] [--mlx-dir DIR]
         [--tokenizer PATH/tokenizer.json(.gz)] [--seed S]
 
@@ -19,13 +19,11 @@ import gzip
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import mlx.core as mx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gptoss_mlx.config import GPT_OSS_20B, GPT_OSS_120B, MXFP4_BLOCK, ModelConfig  # noqa: E402
+from ..config import GPT_OSS_20B, GPT_OSS_120B, MXFP4_BLOCK, ModelConfig
 
 TINY = ModelConfig(
     num_hidden_layers=4, num_local_experts=8, num_experts_per_tok=4, hidden_size=64,
@@ -137,7 +135,7 @@ def write_hf(out: Path, config: ModelConfig, seed: int = 0, shard_bytes: int = 4
 
 
 def write_original(out: Path, config: ModelConfig, hf: dict[str, mx.array]) -> None:
-    """OpenAI's original/ layout (gpt-oss.md 2.2) holding the same weights."""
+    """OpenAI's original/ layout (as openai/gpt-oss-20b ships it) holding the same weights."""
     t = {
         "embedding.weight": hf["model.embed_tokens.weight"],
         "norm.scale": hf["model.norm.weight"],

@@ -1,0 +1,81 @@
+"""The inputs each kernel is checked on (tests/test_kernels.py, scripts/check_kernels_gpu.py):
+shapes chosen for the kernels' edge cases, built by each kernel module's random-input builder.
+The first sample of every kernel is its run-time check (``KernelSpec.check``)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..kernels import registry
+
+# (rows, D): then edge shapes: D not a multiple of 32, one row, the model's D = 2880 (TG 256,
+# 11.25 columns a thread).
+ADD_RMS_NORM_SHAPES = [(3, 96), (1, 33), (2, 200), (5, 2880)]
+
+# (tokens, D, I, experts, top-k). The lanes stride over the packed words of the input
+# dimension — D for kernel A, I for kernel B — so each kernel gets the model's 2880 there (360
+# words: lanes 0-7 take twelve, the rest eleven), short ones (8 and 12 words: most lanes idle),
+# 1056 (132 words: lanes 0-3 take five), and several tokens; the output dimension stays small to
+# keep the emulator quick: 100 and 33 leave simdgroups of the last threadgroup without an output.
+GATE_UP_SHAPES = [(1, 64, 64, 4, 2), (1, 2880, 64, 8, 4), (3, 96, 100, 4, 4), (2, 1056, 160, 6, 4),
+                  (1, 64, 33, 4, 3)]
+DOWN_SHAPES = [(1, 64, 64, 4, 2), (1, 64, 2880, 8, 4), (3, 100, 96, 4, 4), (2, 160, 1056, 6, 4),
+               (1, 33, 64, 4, 3)]
+
+# (tokens, D, experts, top-k): gpt-oss-20b's router (2880 x 32, top-4) and 120b's (128 experts:
+# four slots per lane); an expert count that leaves lanes empty.
+ROUTER_SHAPES = [(2, 64, 8, 4), (1, 2880, 32, 4), (3, 160, 128, 4), (2, 96, 40, 3)]
+
+# (heads, kv heads, D, capacity, n_keys): the window's edges 127/128/129, a ring buffer
+# (capacity 128) full, several partitions with a ragged last one.
+SDPA_DECODE_SHAPES = [(8, 1, 32, 40, 33), (16, 2, 64, 256, 127), (16, 2, 64, 256, 128),
+                      (64, 8, 64, 256, 129), (16, 2, 64, 128, 128), (16, 2, 64, 384, 300)]
+
+# (heads, kv heads, D, L, K, window): a first chunk over several tiles; query positions
+# 127/128/129 around a 128-key window; a chunk after history (K > L) whose L is not a multiple of
+# the query block; a full (causal) layer over several tiles; GQA 8 as in gpt-oss. Kept small:
+# the emulator runs every sample in two orders and two dtypes.
+SDPA_PREFILL_SHAPES = [(8, 2, 32, 12, 20, 8), (4, 2, 32, 24, 24, 16), (8, 2, 64, 3, 130, 128),
+                       (4, 2, 32, 7, 135, 128), (4, 2, 32, 10, 70, None), (16, 2, 64, 5, 40, 16)]
+
+
+def _seeded(shapes, seed):
+    """Sample n gets the key ``seed + n``."""
+    return [(shape, mx.random.key(seed + n)) for n, shape in enumerate(shapes)]
+
+
+def _chained(shapes, seed):
+    """Each sample's key is split from the previous one's."""
+    out, key = [], mx.random.key(seed)
+    for shape in shapes:
+        out.append((shape, key))
+        key = mx.random.split(key, 4)[3]
+    return out
+
+
+CASES = {
+    "add_rms_norm": lambda: _chained(ADD_RMS_NORM_SHAPES, 7),
+    "moe_router": lambda: _seeded(ROUTER_SHAPES, 500),
+    "moe_gate_up_swiglu": lambda: _seeded(GATE_UP_SHAPES, 100),
+    "moe_down_combine": lambda: _seeded(DOWN_SHAPES, 200),
+    "sdpa_decode_partial": lambda: _seeded(SDPA_DECODE_SHAPES, 300),
+    "sdpa_decode_combine": lambda: _seeded(SDPA_DECODE_SHAPES, 300),
+    "sdpa_prefill": lambda: _seeded(SDPA_PREFILL_SHAPES, 400),
+}
+
+# Dtypes the CPU emulator runs every sample in (the compile check covers all of a kernel's
+# dtypes); these two are the slowest to emulate.
+EMULATED_DTYPES = {
+    "sdpa_decode_partial": (mx.float32, mx.bfloat16),
+    "sdpa_prefill": (mx.float32, mx.bfloat16),
+}
+
+
+def samples(name: str, dtype: mx.Dtype) -> list[tuple]:
+    """Argument tuples for kernel ``name`` in ``dtype``; the first is its run-time check."""
+    spec = registry.REGISTRY[name]
+    return [spec.sample(shape, key, dtype) for shape, key in CASES[name]()]
+
+
+def emulated_dtypes(name: str) -> tuple:
+    return EMULATED_DTYPES.get(name, registry.REGISTRY[name].dtypes)
