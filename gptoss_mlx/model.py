@@ -144,8 +144,8 @@ class SwitchLinear(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         return ops.gather_linear(x, self.weight, self.scales, self.bias, indices, biases=self.get("biases"),
-                             mode=self.mode, group_size=self.group_size, bits=self.bits,
-                             sorted_indices=sorted_indices)
+                                 mode=self.mode, group_size=self.group_size, bits=self.bits,
+                                 sorted_indices=sorted_indices)
 
 
 class Experts(nn.Module):

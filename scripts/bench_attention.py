@@ -76,7 +76,7 @@ def _inputs(queries: int, keys: int, n_q: int):
 def decode_table(contexts: list[int], iters: int) -> None:
     import mlx.core as mx
 
-    from gptoss_mlx.kernels import sdpa_decode
+    from gptoss_mlx.kernels.attention import sdpa_decode
 
     scale = D ** -0.5
     print("\ndecode: one query token")
@@ -85,7 +85,7 @@ def decode_table(contexts: list[int], iters: int) -> None:
         qs, k, v, sinks = _inputs(1, -(-n // 256) * 256, 4)  # a cache buffer grown in steps of 256
 
         def ours(i):
-            return sdpa_decode.run(qs[i % 4], k, v, n, sinks, scale)
+            return sdpa_decode(qs[i % 4], k, v, n, sinks, scale)
 
         def mlx(i):
             out = mx.fast.scaled_dot_product_attention(qs[i % 4], k[:, :, :n], v[:, :, :n], scale=scale,
@@ -100,7 +100,7 @@ def decode_table(contexts: list[int], iters: int) -> None:
 def prefill_table(chunk: int, histories: list[int], iters: int) -> None:
     import mlx.core as mx
 
-    from gptoss_mlx.kernels import sdpa_prefill
+    from gptoss_mlx.kernels.attention import sdpa_prefill
     from gptoss_mlx.ops import window_mask
 
     scale = D ** -0.5
@@ -113,7 +113,7 @@ def prefill_table(chunk: int, histories: list[int], iters: int) -> None:
             qs, k, v, sinks = _inputs(chunk, K, 2)
 
             def ours(i):
-                return sdpa_prefill.run(qs[i % 2], k, v, sinks, scale, window)
+                return sdpa_prefill(qs[i % 2], k, v, sinks, scale, window)
 
             def mlx(i):  # as the model calls it: a mask array only where causality is not enough
                 mask = window_mask(chunk, K, window) if window and K > WINDOW else "causal"

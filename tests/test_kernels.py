@@ -344,7 +344,7 @@ def test_decode_attention_kernel_in_the_model_across_the_window(emulated_gpu, mo
     layer (window 8: positions 7/8/9 and the ring wrapping) and a full layer."""
     import importlib
 
-    sdpa_module = importlib.import_module("gptoss_mlx.kernels.sdpa_decode")
+    sdpa_module = importlib.import_module("gptoss_mlx.kernels.attention")
     monkeypatch.setattr(sdpa_module, "MIN_KEYS", 1)  # the kernels for every cache length here
     model = _attention_test_model(3, ("sdpa_decode_partial", "sdpa_decode_combine"))
 

@@ -1,23 +1,239 @@
-"""Attention with sinks and the window: the decode kernels (``sdpa_decode``) for one token over
-a long cache, the prefill kernel (``sdpa_prefill``) for many queries on a sliding layer, and
-``ops.sdpa`` (MLX's fused attention) otherwise."""
+"""Attention with sinks and GQA: two decode kernels for one token over a long cache
+(metal/sdpa_decode_*.metal), a prefill kernel for many queries on a sliding layer
+(metal/sdpa_prefill.metal), and ``ops.sdpa`` (MLX's fused attention) otherwise. The model calls
+:func:`attention`.
+
+Decode: the keys and values come straight from the cache buffers (a full layer's growing cache,
+or a sliding layer's 128-slot ring — at decode the ring's order does not matter and every slot
+is inside the window). Pass 1 splits the keys into partitions and lets the query heads of a KV
+head share each K/V read; pass 2 merges the partitions with the sink.
+
+Prefill: a chunk of L queries attends to K >= L keys in position order that end at its last
+token (what the caches return). On a sliding layer MLX's sdpa needs an (L, K) mask array and
+computes every score; the kernel visits only the key tiles inside each query block's window.
+"""
 
 from __future__ import annotations
 
 import mlx.core as mx
 
 from .. import ops
-from . import sdpa_decode, sdpa_prefill
+from . import registry
+from .launch import Kernel, Launch
 
+CHUNK = 256  # keys per partition (threadgroup) in pass 1
+# Below this many cached keys MLX's single sdpa launch wins (two launches cost more than they
+# save: 0.36x at 128 keys, 0.93x at 1k, 1.77x at 8k, 3.28x at 32k on the GPU machine,
+# scripts/bench_attention.py); so sliding layers (128 keys) keep MLX's path.
+MIN_KEYS = 2048
+
+PARTIAL = Kernel("sdpa_decode_partial", ["q", "k", "v", "scale", "n_keys"], ["partial"])
+COMBINE = Kernel("sdpa_decode_combine", ["partial", "sinks", "n_parts"], ["out"])
+
+
+def _parts(n_keys: int) -> int:
+    return max(1, -(-n_keys // CHUNK))
+
+
+# ---- decode, pass 1 ----------------------------------------------------------------------------
+
+def partial_plan(q, k, v, scale, n_keys) -> Launch:
+    """q (HEADS, D); k, v (1, KV_HEADS, CAPACITY, D) cache buffers, the first n_keys valid."""
+    heads, D = q.shape
+    kv_heads = k.shape[1]
+    gqa = heads // kv_heads
+    P = _parts(n_keys)
+    return Launch(
+        inputs=[q, k, v, float(scale), int(n_keys)],
+        output_shapes=[(heads, P, D + 2)], output_dtypes=[mx.float32],
+        grid=(32 * gqa, kv_heads, P), threadgroup=(32 * gqa, 1, 1),
+        template=[("T", q.dtype), ("D", D), ("GQA", gqa), ("CHUNK", CHUNK)],
+    )
+
+
+def partial_reference(q, k, v, scale, n_keys):
+    """(m, l, acc) of every (query head, partition), as pass 1 defines them."""
+    heads, D = q.shape
+    kv_heads = k.shape[1]
+    gqa = heads // kv_heads
+    P = _parts(n_keys)
+    keys = mx.repeat(k[0, :, :n_keys].astype(mx.float32), gqa, axis=0)  # (HEADS, n, D)
+    values = mx.repeat(v[0, :, :n_keys].astype(mx.float32), gqa, axis=0)
+    scores = (keys @ (q.astype(mx.float32) * scale)[:, :, None])[..., 0]  # (HEADS, n)
+    out = []
+    for p in range(P):
+        s = scores[:, p * CHUNK:(p + 1) * CHUNK]
+        m = s.max(axis=-1, keepdims=True)
+        e = mx.exp(s - m)
+        acc = (e[:, None, :] @ values[:, p * CHUNK:(p + 1) * CHUNK])[:, 0]
+        out.append(mx.concatenate([m, e.sum(axis=-1, keepdims=True), acc], axis=-1))
+    return (mx.stack(out, axis=1),)
+
+
+# ---- decode, pass 2 ----------------------------------------------------------------------------
+
+def combine_plan(partial, sinks, dtype) -> Launch:
+    """partial (HEADS, P, D + 2) float32, sinks (HEADS,); the output in ``dtype``."""
+    heads, P, D2 = partial.shape
+    return Launch(
+        inputs=[partial, sinks, int(P)],
+        output_shapes=[(heads, D2 - 2)], output_dtypes=[dtype],
+        grid=(32, heads, 1), threadgroup=(32, 1, 1),
+        template=[("T", dtype), ("S_T", sinks.dtype), ("D", D2 - 2)],
+    )
+
+
+def combine_reference(partial, sinks, dtype):
+    m, l, acc = partial[..., :1], partial[..., 1:2], partial[..., 2:]
+    sink = sinks.astype(mx.float32)[:, None, None]
+    M = mx.maximum(m.max(axis=1, keepdims=True), sink)
+    w = mx.exp(m - M)
+    L = mx.exp(sink - M)[:, 0] + (l * w).sum(axis=1)
+    return (((acc * w).sum(axis=1) / L).astype(dtype),)
+
+
+# ---- decode: inputs, the run-time check, the launch --------------------------------------------
+
+def _qkv(shape, key, dtype):
+    """Random q, cache buffers k and v, and sinks for ``shape`` (heads, kv heads, D, capacity, n_keys)."""
+    heads, kv_heads, D, capacity, n_keys = shape
+    k1, k2, k3, k4 = mx.random.split(key, 4)
+    q = mx.random.normal((heads, D), key=k1).astype(dtype)
+    k = mx.random.normal((1, kv_heads, capacity, D), key=k2).astype(dtype)
+    v = mx.random.normal((1, kv_heads, capacity, D), key=k3).astype(dtype)
+    sinks = mx.random.normal((heads,), key=k4).astype(dtype)
+    return q, k, v, sinks, n_keys, D ** -0.5
+
+
+def partial_sample(shape, key, dtype):
+    q, k, v, _, n_keys, scale = _qkv(shape, key, dtype)
+    return q, k, v, scale, n_keys
+
+
+def combine_sample(shape, key, dtype):
+    q, k, v, sinks, n_keys, scale = _qkv(shape, key, dtype)
+    (partial,) = partial_reference(q, k, v, scale, n_keys)
+    return partial, sinks, dtype
+
+
+DECODE_CHECK = ((8, 1, 32, 40, 33), 300)
+PARTIAL_SPEC = registry.register(registry.KernelSpec(
+    "sdpa_decode_partial", PARTIAL, partial_plan, partial_reference, partial_sample, DECODE_CHECK,
+    description="decode attention pass 1: K/V tiles shared by a KV head's query heads, split keys",
+    reference_in_float32=True,
+))
+COMBINE_SPEC = registry.register(registry.KernelSpec(
+    "sdpa_decode_combine", COMBINE, combine_plan, combine_reference, combine_sample, DECODE_CHECK,
+    description="decode attention pass 2: merge partitions and the sink",
+    reference_in_float32=True,
+))
+
+
+def _decode_fits(q: mx.array, keys: mx.array, n_keys: int) -> bool:
+    """One query token, batch 1, enough keys, head_dim a multiple of 32, both kernels active."""
+    B, heads, L, D = q.shape
+    return (L == 1 and B == 1 and n_keys >= MIN_KEYS and D % 32 == 0 and heads % keys.shape[1] == 0
+            and 32 * (heads // keys.shape[1]) <= 1024
+            and registry.active(PARTIAL_SPEC.name, q.dtype) and registry.active(COMBINE_SPEC.name, q.dtype))
+
+
+def sdpa_decode(q, keys, values, n_keys: int, sinks, scale: float) -> mx.array:
+    """softmax([q.k_t * scale, sink]) . v over the first n_keys cache positions:
+    q (1, HEADS, 1, D), keys/values the cache buffers (1, KV_HEADS, CAPACITY, D) -> (1, 1, HEADS, D),
+    token-major like ``ops.sdpa``'s output."""
+    heads, D = q.shape[1], q.shape[3]
+    (partial,) = PARTIAL_SPEC.launch(q.reshape(heads, D), keys, values, scale, n_keys)
+    (out,) = COMBINE_SPEC.launch(partial, sinks, q.dtype)
+    return out.reshape(1, 1, heads, D)
+
+
+# ---- prefill ------------------------------------------------------------------------------------
+
+PREFILL = Kernel("sdpa_prefill", ["q", "k", "v", "sinks", "scale"], ["out"])
+
+
+def _queries_per_group(gqa: int) -> int:
+    # (query head, query) pairs per threadgroup, one per simdgroup: at most 16 simdgroups (512
+    # threads, safe for any Metal pipeline's register budget), at least one query.
+    return max(1, min(4, 16 // gqa))
+
+
+def prefill_plan(q, k, v, sinks, scale, window) -> Launch:
+    """q (HEADS, L, D); k, v (KV_HEADS, K, D), K >= L; sinks (HEADS,); window None or a size."""
+    heads, L, D = q.shape
+    kv_heads, K = k.shape[:2]
+    if K < L or heads % kv_heads or D % 32:
+        raise ValueError(f"sdpa_prefill: q {q.shape}, k {k.shape}: needs K >= L, GQA, head_dim % 32 == 0")
+    gqa = heads // kv_heads
+    bq = _queries_per_group(gqa)
+    threads = 32 * gqa * bq
+    return Launch(
+        inputs=[q, k, v, sinks, float(scale)],
+        output_shapes=[(L, heads, D)], output_dtypes=[q.dtype],
+        grid=(threads * -(-L // bq), kv_heads, 1), threadgroup=(threads, 1, 1),
+        template=[("T", q.dtype), ("S_T", sinks.dtype), ("D", D), ("GQA", gqa), ("BQ", bq),
+                  ("WINDOW", int(window or 0))],
+    )
+
+
+def prefill_reference(q, k, v, sinks, scale, window):
+    """Written out in full (scores, mask, sink column, softmax): (L, HEADS, D)."""
+    heads, L, D = q.shape
+    kv_heads, K = k.shape[:2]
+    gqa = heads // kv_heads
+    keys = mx.repeat(k, gqa, axis=0)  # (HEADS, K, D)
+    values = mx.repeat(v, gqa, axis=0)
+    scores = (q * scale) @ keys.swapaxes(1, 2)  # (HEADS, L, K)
+    scores = mx.where(ops.window_mask(L, K, window), scores, -mx.inf)
+    sink = mx.broadcast_to(sinks.astype(scores.dtype)[:, None, None], (heads, L, 1))
+    weights = mx.softmax(mx.concatenate([scores, sink], axis=-1), axis=-1)[..., :K]
+    return ((weights @ values).transpose(1, 0, 2).astype(q.dtype),)
+
+
+def prefill_sample(shape, key, dtype):
+    """Random (q, k, v, sinks, scale, window) for ``shape`` (heads, kv heads, D, L, K, window)."""
+    heads, kv_heads, D, L, K, window = shape
+    k1, k2, k3, k4 = mx.random.split(key, 4)
+    q = mx.random.normal((heads, L, D), key=k1).astype(dtype)
+    k = mx.random.normal((kv_heads, K, D), key=k2).astype(dtype)
+    v = mx.random.normal((kv_heads, K, D), key=k3).astype(dtype)
+    sinks = mx.random.normal((heads,), key=k4).astype(dtype)
+    return q, k, v, sinks, D ** -0.5, window
+
+
+PREFILL_SPEC = registry.register(registry.KernelSpec(
+    "sdpa_prefill", PREFILL, prefill_plan, prefill_reference, prefill_sample,
+    check=((8, 2, 32, 12, 20, 8), 400),
+    description="prefill attention: window and causality from indices (no mask), sinks, GQA",
+    reference_in_float32=True,
+))
+
+
+def _prefill_fits(q: mx.array, keys: mx.array, window: int | None) -> bool:
+    """Several queries of batch 1 on a sliding layer, head_dim a multiple of 32, kernel active.
+    Full layers keep MLX's fused causal attention (it needs no mask array there)."""
+    B, heads, L, D = q.shape
+    return (window is not None and L > 1 and B == 1 and D % 32 == 0 and heads % keys.shape[1] == 0
+            and registry.active(PREFILL_SPEC.name, q.dtype))
+
+
+def sdpa_prefill(q, keys, values, sinks, scale: float, window: int | None) -> mx.array:
+    """q (1, HEADS, L, D); keys/values (1, KV_HEADS, K, D) in position order ending at the last
+    query -> (1, L, HEADS, D), token-major."""
+    (out,) = PREFILL_SPEC.launch(q[0], keys[0], values[0], sinks, scale, window)
+    return out[None]
+
+
+# ---- what the model calls ----------------------------------------------------------------------
 
 def attention(q, k, v, sinks, scale: float, window: int | None, offset: int, cache=None) -> mx.array:
     """``ops.sdpa(q, k, v, sinks, scale, window, offset)``: q (B, H, L, D) at positions offset ..,
     k/v (B, KV, K, D) as ``cache.update_and_fetch`` returned them -> (B, L, H, D)."""
-    if cache is not None and sdpa_decode.fits(q, cache.keys, k.shape[2]):
+    if cache is not None and _decode_fits(q, cache.keys, k.shape[2]):
         # One token over a long cache: read the cache buffer directly, each KV head's keys
         # once for all of its query heads, split across threadgroups.
-        return sdpa_decode.run(q, cache.keys, cache.values, k.shape[2], sinks, scale)
-    if sdpa_prefill.fits(q, k, window):
+        return sdpa_decode(q, cache.keys, cache.values, k.shape[2], sinks, scale)
+    if _prefill_fits(q, k, window):
         # Many queries on a sliding layer: only the key tiles inside each window, no mask array.
-        return sdpa_prefill.run(q, k, v, sinks, scale, window)
+        return sdpa_prefill(q, k, v, sinks, scale, window)
     return ops.sdpa(q, k, v, sinks, scale, window, offset)
