@@ -17,6 +17,7 @@ ENDOFTEXT = "<|endoftext|>"
 ROLES = ("system", "developer", "user", "assistant", "tool")
 EFFORTS = ("low", "medium", "high")
 CHANNELS = ("analysis", "commentary", "final")
+BUILTIN_TOOLS = ("browser", "python")  # called on the analysis channel, declared in the system message
 ID = SPECIAL_TOKENS
 NAME = {i: name for name, i in SPECIAL_TOKENS.items()}
 

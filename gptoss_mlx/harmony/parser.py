@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Iterable, Union
 
 from .messages import (
-    CHANNEL, CHANNELS, CONSTRAIN, ENDOFTEXT, ID, MESSAGE, MESSAGE_END_TOKENS, NAME, ROLES, START,
+    BUILTIN_TOOLS, CHANNEL, CHANNELS, CONSTRAIN, ENDOFTEXT, ID, MESSAGE, MESSAGE_END_TOKENS, NAME, ROLES, START,
     Message,
 )
 
@@ -34,8 +34,62 @@ class MessageEnd:
 
 Event = Union[MessageStart, ContentDelta, MessageEnd]
 
-_RECIPIENT_RE = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-]+)*$")
+_TOOL_NAME = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-]+)+$")  # functions.get_weather, browser.search
 _MAX_HEADER_TOKENS = 32
+
+
+def parse_header(text: str, role: str | None, complete: bool = True) -> tuple[MessageStart, str]:
+    """A message header's text (between ``<|start|>`` and ``<|message|>``) -> (the header, the
+    words it does not account for, which the caller keeps as text).
+
+    ``role`` is the role already given (the prompt ended with ``<|start|>assistant``), else the
+    header's first word names it: a role, or a tool's name for a tool result. A recipient needs
+    ``to=``, and only one: a stray word never turns a message into a tool call, and two ``to=``
+    stay text rather than one being picked. With ``complete=False`` (a header cut short by a
+    stop token or the end of the stream) only the role and channel are taken and the rest is
+    returned verbatim, as the message's text (e.g. a refusal written without ``<|message|>``).
+    """
+    channel, text = _take_channel(text.replace(CONSTRAIN, " " + CONSTRAIN))
+    role, name, rest = _take_role(text, role)
+    if not complete:
+        return MessageStart(role, channel, None, None, name), rest
+    words = rest.split()
+    to = [w for w in words if w.startswith("to=")]
+    recipient = content_type = None
+    if len(to) == 1 and len(to[0]) > len("to="):
+        recipient = to[0][len("to="):]
+        words.remove(to[0])
+    constrained = [w for w in words if w.startswith(CONSTRAIN)]
+    if len(constrained) == 1:
+        content_type = constrained[0]
+        words.remove(content_type)
+    elif recipient and len(words) == 1 and words[0] not in CHANNELS:  # "to=x json" (harmony)
+        content_type = words.pop()
+    if channel is None and len(words) == 1 and words[0] in CHANNELS:  # "assistant final"
+        channel = words.pop()
+    return MessageStart(role, channel, recipient, content_type, name), " ".join(words)
+
+
+def _take_channel(text: str) -> tuple[str | None, str]:
+    """The word after the first ``<|channel|>`` (up to whitespace or ``<``), and the rest."""
+    before, marker, after = text.partition(CHANNEL)
+    if not marker:
+        return None, text
+    word = re.match(r"[^\s<]*", after).group(0)
+    return word or None, f"{before} {after[len(word):]}"
+
+
+def _take_role(text: str, role: str | None) -> tuple[str, str | None, str]:
+    """(role, tool name or None, the text after the role word)."""
+    first = re.match(r"\s*(\S*)\s*", text)
+    word, rest = first.group(1), text[first.end():]
+    if role is None and word in ROLES and word != "tool":  # tool results are headed by their name
+        return word, None, rest
+    if role is None and (_TOOL_NAME.match(word) or word in BUILTIN_TOOLS):
+        return "tool", word, rest
+    if word == role:  # the given role written out again
+        return role, None, rest
+    return role or "assistant", None, text.strip()
 
 
 class StreamParser:
@@ -97,7 +151,7 @@ class StreamParser:
 
     def _in_header(self, token: int) -> list[Event]:
         if token == ID[MESSAGE]:
-            return self._open(self._parse_header(self._header))
+            return self._open(parse_header(self._header_text(self._header), self._role))
         if token in MESSAGE_END_TOKENS or token == ID[ENDOFTEXT]:
             return self._salvage_header(NAME.get(token))
         if token == ID[START]:  # a header that never got its <|message|>
@@ -123,7 +177,7 @@ class StreamParser:
     def _token_bytes(self, token: int) -> bytes:
         try:
             return self.tokenizer.decode_single_token_bytes(token)
-        except KeyError:
+        except (KeyError, OverflowError):  # not an id of this vocabulary
             return f"<|unknown_{token}|>".encode()
 
     def _header_text(self, tokens: list[int]) -> str:
@@ -141,51 +195,6 @@ class StreamParser:
         tokens, self._header = self._header, []
         events = self._open(MessageStart("assistant", None, None, None))
         return events + self._emit(self._decoder.decode(b"".join(self._token_bytes(t) for t in tokens)))
-
-    def _parse_header(self, tokens: list[int], metadata: bool = True) -> tuple[MessageStart, str]:
-        """(header, leftover text that was not header metadata). With ``metadata=False`` (a
-        header that never reached ``<|message|>``) only the role and channel are taken; the
-        rest is text."""
-        text = self._header_text(tokens)
-        channel = None
-        if CHANNEL in text:
-            idx = text.index(CHANNEL)
-            rest = text[idx + len(CHANNEL):]
-            m = re.match(r"[^\s<]*", rest)
-            channel = m.group(0) or None
-            text = text[:idx] + rest[m.end():]
-        text = text.replace(CONSTRAIN, " " + CONSTRAIN).strip()
-        parts = text.split()
-        role, name = self._role, None
-        if role is None:
-            first = parts[0] if parts else "assistant"
-            if first in ROLES:
-                role = first
-            elif _RECIPIENT_RE.match(first):
-                role, name = "tool", first
-            else:
-                role = "assistant"
-        if parts and (parts[0] == role or parts[0] == name):
-            parts.pop(0)
-        if not metadata:
-            return MessageStart(role, channel, None, None, name if role == "tool" else None), " ".join(parts)
-        recipient = content_type = None
-        leftover = []
-        for part in parts:
-            if part.startswith("to="):
-                recipient = part[3:]
-            elif part.startswith(CONSTRAIN) or (recipient and content_type is None
-                                                and part in ("json", "code", "text")):
-                content_type = part
-            elif recipient is None and _RECIPIENT_RE.match(part) and part not in CHANNELS:
-                recipient = part
-            elif channel is None and part in CHANNELS:
-                channel = part
-            else:
-                leftover.append(part)
-        if role == "tool" and name is None:
-            name = recipient or "tool"
-        return MessageStart(role, channel, recipient, content_type, name), " ".join(leftover)
 
     def _open(self, parsed) -> list[Event]:
         start, leftover = parsed if isinstance(parsed, tuple) else (parsed, "")
@@ -217,7 +226,7 @@ class StreamParser:
 
     def _salvage_header(self, stop: str | None) -> list[Event]:
         """A header that ended without <|message|>: keep its metadata, the rest becomes text."""
-        start, leftover = self._parse_header(self._header, metadata=False)
+        start, leftover = parse_header(self._header_text(self._header), self._role, complete=False)
         events = self._open((start, ""))
         events += self._emit(leftover)
         return events + self._end(stop)
