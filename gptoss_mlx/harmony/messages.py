@@ -107,3 +107,114 @@ class Message:
     def is_tool_call(self) -> bool:
         return self.role == "assistant" and self.recipient not in (None, "all", "assistant")
 
+
+
+# Limits on a tool's JSON Schema: the TypeScript rendering recurses once per level, and a
+# schema is a few hundred values in practice (harmony's own are under 50).
+MAX_SCHEMA_DEPTH = 32
+MAX_SCHEMA_VALUES = 10_000
+
+
+def check_message(msg: Message, where: str = "message") -> None:
+    """Raise one :class:`HarmonyError` naming the message (``where``) and the field when
+    ``msg`` cannot be rendered: wrong types, None content, recursive or huge JSON schemas."""
+    if not isinstance(msg, Message):
+        raise HarmonyError(f"{where}: expected a harmony Message, got {_kind(msg)}")
+    _need(msg.role in ROLES, where, "role", f"one of {', '.join(ROLES)}", msg.role)
+    role = msg.role
+    where = f"{where} ({role})"
+    for name in ("channel", "recipient", "content_type", "name"):
+        _need(isinstance(getattr(msg, name), (str, type(None))), where, name, "a string or None",
+              getattr(msg, name))
+    if role == "tool":
+        _need(bool(msg.name), where, "name", "the tool's name (e.g. functions.get_weather)", msg.name)
+    content = msg.content
+    if isinstance(content, SystemContent) and role == "system":
+        _check_system(content, where)
+    elif isinstance(content, DeveloperContent) and role == "developer":
+        _check_developer(content, where)
+    else:
+        _need(isinstance(content, str), where, "content", "a string", content)
+
+
+def _check_system(sys: SystemContent, where: str) -> None:
+    for name in ("model_identity", "knowledge_cutoff", "conversation_start_date"):
+        _need(isinstance(getattr(sys, name), (str, type(None))), where, name, "a string or None",
+              getattr(sys, name))
+    _need(sys.reasoning_effort in EFFORTS + (None,), where, "reasoning_effort",
+          f"one of {', '.join(EFFORTS)}", sys.reasoning_effort)
+    _need(isinstance(sys.valid_channels, (tuple, list))
+          and all(isinstance(c, str) for c in sys.valid_channels),
+          where, "valid_channels", "a list of strings", sys.valid_channels)
+    _need(isinstance(sys.tools, list), where, "tools", "a list of tool namespaces", sys.tools)
+    for i, ns in enumerate(sys.tools):
+        field_ = f"tools[{i}]"
+        _need(isinstance(ns, ToolNamespace), where, field_, "a ToolNamespace", ns)
+        _need(isinstance(ns.name, str), where, f"{field_}.name", "a string", ns.name)
+        _need(isinstance(ns.description, (str, type(None))), where, f"{field_}.description",
+              "a string or None", ns.description)
+        _check_functions(ns.tools, where, f"{field_}.tools")
+
+
+def _check_developer(dev: DeveloperContent, where: str) -> None:
+    _need(isinstance(dev.instructions, (str, type(None))), where, "instructions", "a string or None",
+          dev.instructions)
+    _check_functions(dev.functions, where, "functions")
+    _need(isinstance(dev.response_formats, list), where, "response_formats", "a list",
+          dev.response_formats)
+    for i, fmt in enumerate(dev.response_formats):
+        field_ = f"response_formats[{i}]"
+        _need(isinstance(fmt, ResponseFormat), where, field_, "a ResponseFormat", fmt)
+        _need(isinstance(fmt.name, str), where, f"{field_}.name", "a string", fmt.name)
+        _need(isinstance(fmt.description, (str, type(None))), where, f"{field_}.description",
+              "a string or None", fmt.description)
+        check_schema(fmt.schema, where, f"{field_}.schema")
+
+
+def _check_functions(functions, where: str, field_: str) -> None:
+    _need(isinstance(functions, list), where, field_, "a list of tools", functions)
+    for i, fn in enumerate(functions):
+        f = f"{field_}[{i}]"
+        _need(isinstance(fn, ToolSpec), where, f, "a ToolSpec", fn)
+        _need(isinstance(fn.name, str) and fn.name, where, f"{f}.name", "a non-empty string", fn.name)
+        _need(isinstance(fn.description, str), where, f"{f}.description", "a string", fn.description)
+        if fn.parameters is not None:
+            check_schema(fn.parameters, where, f"{f}.parameters")
+
+
+def check_schema(schema, where: str, field_: str) -> None:
+    """A JSON Schema object of JSON values, at most MAX_SCHEMA_DEPTH deep (a schema that
+    contains itself is reported as too deep) and MAX_SCHEMA_VALUES values in all."""
+    _need(isinstance(schema, dict), where, field_, "a JSON Schema object", schema)
+    stack, count = [(schema, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if depth > MAX_SCHEMA_DEPTH:
+            raise HarmonyError(f"{where}: {field_}: the JSON Schema is nested deeper than "
+                               f"{MAX_SCHEMA_DEPTH} levels (or contains itself)")
+        if count > MAX_SCHEMA_VALUES:
+            raise HarmonyError(f"{where}: {field_}: the JSON Schema has more than "
+                               f"{MAX_SCHEMA_VALUES} values")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _need(isinstance(key, str), where, f"{field_} key", "a string", key)
+                stack.append((item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+        else:
+            _need(value is None or isinstance(value, (str, int, float, bool)), where, field_,
+                  "made of JSON values", value)
+
+
+def _need(ok: bool, where: str, field_: str, expected: str, value) -> None:
+    if not ok:
+        raise HarmonyError(f"{where}: {field_} must be {expected}, got {_kind(value)}")
+
+
+def _kind(value) -> str:
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value[:40])
+    return type(value).__name__

@@ -12,8 +12,8 @@ import datetime as _dt
 from typing import Iterable, Union
 
 from .messages import (
-    CALL, CHANNEL, CONSTRAIN, DEFAULT_IDENTITY, END, ID, MESSAGE, START, DeveloperContent, Message,
-    SystemContent, ToolNamespace,
+    CALL, CHANNEL, CONSTRAIN, DEFAULT_IDENTITY, END, ID, MESSAGE, START, DeveloperContent, HarmonyError,
+    Message, SystemContent, ToolNamespace, check_message,
 )
 from .namespaces import PYTHON_DESCRIPTION, browser_namespace, json_compact, python_namespace, tools_section
 
@@ -78,8 +78,14 @@ def _developer_text(dev: DeveloperContent) -> str:
     return "\n\n".join(sections)
 
 
-def render_message(msg: Message, has_functions: bool = False) -> list[Segment]:
-    """``<|start|>{role}[ to=R][<|channel|>C][ type]<|message|>{content}<|end|> or <|call|>``."""
+def render_message(msg: Message, has_functions: bool = False, where: str = "message") -> list[Segment]:
+    """``<|start|>{role}[ to=R][<|channel|>C][ type]<|message|>{content}<|end|> or <|call|>``.
+    A message that cannot be rendered raises one HarmonyError naming ``where`` and the field."""
+    check_message(msg, where)
+    return _segments(msg, has_functions)
+
+
+def _segments(msg: Message, has_functions: bool) -> list[Segment]:
     segs: list[Segment] = [Special(START)]
     header = msg.name if msg.role == "tool" else msg.role
     if msg.role != "tool" and msg.name:
@@ -108,25 +114,31 @@ def render_message(msg: Message, has_functions: bool = False) -> list[Segment]:
 
 
 def drop_earlier_analysis(messages: list[Message]) -> list[Message]:
-    """harmony's auto_drop_analysis: once the last assistant message is ``final``, drop the
-    analysis messages that come before the first ``final`` message. A turn still doing tool
-    calls (last assistant message not final) keeps all of its reasoning."""
-    last_assistant = next((m for m in reversed(messages) if m.role == "assistant"), None)
-    if last_assistant is None or last_assistant.channel != "final":
-        return list(messages)
-    first_final = next(i for i, m in enumerate(messages) if m.channel == "final")
-    return [m for i, m in enumerate(messages) if not (i < first_final and m.channel == "analysis")]
+    """Drop the chain of thought of every completed turn: the analysis messages before the last
+    ``final`` message (harmony's docs and OpenAI's "handle raw CoT" guide). The turn under way,
+    still calling tools after the last final, keeps its reasoning. Built-in tool calls and their
+    results are on the analysis channel too, so they go together; function calls (commentary)
+    stay. (openai-harmony's ``auto_drop_analysis`` drops only before the *first* final, which
+    keeps stale reasoning from the second turn on.)"""
+    last_final = max((i for i, m in enumerate(messages)
+                      if m.role == "assistant" and m.channel == "final"), default=-1)
+    return [m for i, m in enumerate(messages) if not (i < last_final and m.channel == "analysis")]
 
 
 def render_conversation(messages: list[Message], for_completion: bool = True,
                         auto_drop_analysis: bool = True) -> list[Segment]:
-    """The prompt for a conversation; for completion it ends with ``<|start|>assistant``."""
+    """The prompt for a conversation; for completion it ends with ``<|start|>assistant``.
+    Invalid input raises one HarmonyError naming the message (``messages[i]``) and field."""
+    if not isinstance(messages, (list, tuple)):
+        raise HarmonyError(f"messages must be a list of harmony Messages, got {type(messages).__name__}")
+    for i, msg in enumerate(messages):
+        check_message(msg, f"messages[{i}]")
     has_functions = any(
         isinstance(m.content, DeveloperContent) and m.content.functions for m in messages)
     kept = drop_earlier_analysis(messages) if auto_drop_analysis else list(messages)
     segs: list[Segment] = []
     for msg in kept:
-        segs += render_message(msg, has_functions)
+        segs += _segments(msg, has_functions)
     if for_completion:
         segs += [Special(START), "assistant"]
     return segs
