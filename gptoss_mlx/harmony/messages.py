@@ -148,12 +148,8 @@ def _check_system(sys: SystemContent, where: str) -> None:
           where, "valid_channels", "a list of strings", sys.valid_channels)
     _need(isinstance(sys.tools, list), where, "tools", "a list of tool namespaces", sys.tools)
     for i, ns in enumerate(sys.tools):
-        field_ = f"tools[{i}]"
-        _need(isinstance(ns, ToolNamespace), where, field_, "a ToolNamespace", ns)
-        _need(isinstance(ns.name, str), where, f"{field_}.name", "a string", ns.name)
-        _need(isinstance(ns.description, (str, type(None))), where, f"{field_}.description",
-              "a string or None", ns.description)
-        _check_functions(ns.tools, where, f"{field_}.tools")
+        _check_named(ns, ToolNamespace, where, f"tools[{i}]")
+        _check_functions(ns.tools, where, f"tools[{i}].tools")
 
 
 def _check_developer(dev: DeveloperContent, where: str) -> None:
@@ -163,12 +159,16 @@ def _check_developer(dev: DeveloperContent, where: str) -> None:
     _need(isinstance(dev.response_formats, list), where, "response_formats", "a list",
           dev.response_formats)
     for i, fmt in enumerate(dev.response_formats):
-        field_ = f"response_formats[{i}]"
-        _need(isinstance(fmt, ResponseFormat), where, field_, "a ResponseFormat", fmt)
-        _need(isinstance(fmt.name, str), where, f"{field_}.name", "a string", fmt.name)
-        _need(isinstance(fmt.description, (str, type(None))), where, f"{field_}.description",
-              "a string or None", fmt.description)
-        check_schema(fmt.schema, where, f"{field_}.schema")
+        _check_named(fmt, ResponseFormat, where, f"response_formats[{i}]")
+        check_schema(fmt.schema, where, f"response_formats[{i}].schema")
+
+
+def _check_named(value, cls, where: str, field_: str) -> None:
+    """A ToolNamespace or ResponseFormat: its name a string, its description a string or None."""
+    _need(isinstance(value, cls), where, field_, f"a {cls.__name__}", value)
+    _need(isinstance(value.name, str), where, f"{field_}.name", "a string", value.name)
+    _need(isinstance(value.description, (str, type(None))), where, f"{field_}.description",
+          "a string or None", value.description)
 
 
 def _check_functions(functions, where: str, field_: str) -> None:
