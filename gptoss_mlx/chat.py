@@ -79,7 +79,7 @@ class Chat:
     @reasoning_effort.setter
     def reasoning_effort(self, effort: str) -> None:
         if effort not in harmony.EFFORTS:
-            raise ValueError(f"reasoning effort must be low, medium or high, got {effort!r}")
+            raise ValueError(f"reasoning effort must be one of {', '.join(harmony.EFFORTS)}, got {effort!r}")
         self._effort = effort  # applies from the next reply
 
     def reset(self) -> None:

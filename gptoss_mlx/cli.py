@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .harmony import EFFORTS
 
 
 class CLIError(Exception):
@@ -21,7 +22,7 @@ def add_model_argument(p: argparse.ArgumentParser, required_for: str = "") -> No
 
 
 def add_effort_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reasoning-effort", "-e", choices=["low", "medium", "high"], default=None,
+    p.add_argument("--reasoning-effort", "-e", choices=EFFORTS, default=None,
                    help="reasoning effort written into the system message (default: medium)")
 
 

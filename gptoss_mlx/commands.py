@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from .harmony import EFFORTS
+
 HELP = """Commands:
   /effort low|medium|high   reasoning effort from the next reply
   /reasoning show|hide      show or hide the chain of thought
@@ -302,8 +304,8 @@ class Repl:
         if name == "/help":
             self.say(HELP)
         elif name == "/effort":
-            if arg not in ("low", "medium", "high"):
-                self.say("usage: /effort low|medium|high")
+            if arg not in EFFORTS:
+                self.say(f"usage: /effort {'|'.join(EFFORTS)}")
             else:
                 self.chat.reasoning_effort = arg
                 self.say(f"reasoning effort: {arg} (from the next reply)")

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .tokenizer import SPECIAL_TOKENS
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 MXFP4_BLOCK = 32  # values per MX block (one E8M0 scale each)
@@ -47,7 +49,7 @@ class ModelConfig:
     rope_original_max_position_embeddings: int = 4096  # original: initial_context_length
     rope_truncate: bool = False  # False: the correction range is not rounded (the reference)
     max_position_embeddings: int = 131072
-    eos_token_ids: tuple[int, ...] = (200002, 199999, 200012)
+    eos_token_ids: tuple[int, ...] = tuple(SPECIAL_TOKENS[t] for t in ("<|return|>", "<|endoftext|>", "<|call|>"))
     # MLX affine quantization of dense layers ({"group_size", "bits", "mode", per-path overrides})
     # as written by mlx-lm conversions; None for the published bf16 checkpoints.
     quantization: dict | None = field(default=None, compare=False)
@@ -151,7 +153,7 @@ class ModelConfig:
             "hidden_act": "silu",
             "tie_word_embeddings": False,
             "eos_token_id": list(self.eos_token_ids)[0],
-            "pad_token_id": 199999,
+            "pad_token_id": SPECIAL_TOKENS["<|endoftext|>"],
             "router_aux_loss_coef": 0.9,
             "output_router_logits": False,
             "use_cache": True,

@@ -68,7 +68,7 @@ def test_docs_function_calling_example():
     assert text(weather_conversation()) == (GOLDEN / "functions_docs_example.txt").read_text()
 
 
-def test_multi_turn_drops_analysis_only_before_first_final():
+def test_multi_turn_tool_call_keeps_its_analysis():
     code = (GOLDEN / "multi_turn_auto_drop_analysis.txt").read_text()
     msgs = [
         Message("developer", "You are a helpful assistant that analyzes code and provides detailed feedback."),

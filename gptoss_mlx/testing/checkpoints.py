@@ -24,6 +24,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..config import GPT_OSS_20B, GPT_OSS_120B, MXFP4_BLOCK, ModelConfig
+from ..tokenizer import SPECIAL_TOKENS
 
 TINY = ModelConfig(
     num_hidden_layers=4, num_local_experts=8, num_experts_per_tok=4, hidden_size=64,
@@ -110,8 +111,8 @@ def write_hf(out: Path, config: ModelConfig, seed: int = 0, shard_bytes: int = 4
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
     (out / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": 199998, "eos_token_id": [200002, 199999, 200012],
-        "pad_token_id": 199999, "do_sample": True,
+        "bos_token_id": SPECIAL_TOKENS["<|startoftext|>"], "eos_token_id": list(config.eos_token_ids),
+        "pad_token_id": SPECIAL_TOKENS["<|endoftext|>"], "do_sample": True,
     }, indent=2))
     everything: dict[str, mx.array] = {}
     shards, current, size = [], {}, 0

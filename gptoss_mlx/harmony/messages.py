@@ -1,0 +1,220 @@
+"""Harmony messages and the special tokens that frame them (gpt-oss.md 4.1, 4.2).
+
+The special ids themselves live in :mod:`gptoss_mlx.tokenizer`; this module names the ones the
+format uses, the roles, channels and reasoning efforts, and the message dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from ..tokenizer import SPECIAL_TOKENS
+
+START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel|>"
+CALL, RETURN, CONSTRAIN = "<|call|>", "<|return|>", "<|constrain|>"
+ENDOFTEXT = "<|endoftext|>"
+ROLES = ("system", "developer", "user", "assistant", "tool")
+EFFORTS = ("low", "medium", "high")
+CHANNELS = ("analysis", "commentary", "final")
+BUILTIN_TOOLS = ("browser", "python")  # called on the analysis channel, declared in the system message
+ID = SPECIAL_TOKENS
+NAME = {i: name for name, i in SPECIAL_TOKENS.items()}
+
+# Sampling stops only on these (gpt-oss.md 4.5, 7.7): <|end|> would cut the reply after its
+# analysis message. <|endoftext|> is the checkpoint's EOS and also ends a reply.
+STOP_TOKENS_FOR_SAMPLING = frozenset({ID[RETURN], ID[CALL], ID[ENDOFTEXT]})
+MESSAGE_END_TOKENS = frozenset({ID[END], ID[CALL], ID[RETURN]})
+
+DEFAULT_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
+DEFAULT_CUTOFF = "2024-06"
+
+
+class HarmonyError(ValueError):
+    """A conversation that cannot be rendered (bad role, bad effort, malformed tool call...)."""
+
+
+@dataclass
+class ToolSpec:
+    """One function of a tool namespace; ``parameters`` is a JSON Schema object or None."""
+
+    name: str
+    description: str = ""
+    parameters: dict | None = None
+
+
+@dataclass
+class ToolNamespace:
+    name: str
+    description: str | None = None
+    tools: list[ToolSpec] = field(default_factory=list)
+
+
+@dataclass
+class SystemContent:
+    model_identity: str | None = DEFAULT_IDENTITY
+    knowledge_cutoff: str | None = DEFAULT_CUTOFF
+    conversation_start_date: str | None = None
+    reasoning_effort: str | None = "medium"
+    tools: list[ToolNamespace] = field(default_factory=list)  # built-in: browser, python
+    valid_channels: tuple[str, ...] = CHANNELS
+    channel_required: bool = True
+
+    def __post_init__(self):
+        if self.reasoning_effort is not None and self.reasoning_effort not in EFFORTS:
+            raise HarmonyError(
+                f"reasoning effort must be one of {', '.join(EFFORTS)}, got {self.reasoning_effort!r}")
+
+
+@dataclass
+class ResponseFormat:
+    name: str
+    schema: dict
+    description: str | None = None
+
+
+@dataclass
+class DeveloperContent:
+    instructions: str | None = None
+    functions: list[ToolSpec] = field(default_factory=list)
+    response_formats: list[ResponseFormat] = field(default_factory=list)
+
+
+@dataclass
+class Message:
+    role: str
+    content: Union[str, SystemContent, DeveloperContent] = ""
+    channel: str | None = None
+    recipient: str | None = None
+    content_type: str | None = None
+    name: str | None = None  # for role "tool": the tool's name, e.g. "functions.get_weather"
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise HarmonyError(f"unknown role {self.role!r}; expected one of {', '.join(ROLES)}")
+        if self.role == "tool" and not self.name:
+            raise HarmonyError("a tool message needs the tool's name (e.g. functions.get_weather)")
+        if isinstance(self.content, SystemContent) and self.role != "system":
+            raise HarmonyError("SystemContent may only appear in system messages")
+        if isinstance(self.content, DeveloperContent) and self.role != "developer":
+            raise HarmonyError("DeveloperContent may only appear in developer messages")
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else ""
+
+    @property
+    def is_tool_call(self) -> bool:
+        return self.role == "assistant" and self.recipient not in (None, "all", "assistant")
+
+
+
+# Limits on a tool's JSON Schema: the TypeScript rendering recurses once per level, and a
+# schema is a few hundred values in practice (harmony's own are under 50).
+MAX_SCHEMA_DEPTH = 32
+MAX_SCHEMA_VALUES = 10_000
+
+
+def check_message(msg: Message, where: str = "message") -> None:
+    """Raise one :class:`HarmonyError` naming the message (``where``) and the field when
+    ``msg`` cannot be rendered: wrong types, None content, recursive or huge JSON schemas."""
+    if not isinstance(msg, Message):
+        raise HarmonyError(f"{where}: expected a harmony Message, got {_kind(msg)}")
+    _need(msg.role in ROLES, where, "role", f"one of {', '.join(ROLES)}", msg.role)
+    role = msg.role
+    where = f"{where} ({role})"
+    for name in ("channel", "recipient", "content_type", "name"):
+        _need(isinstance(getattr(msg, name), (str, type(None))), where, name, "a string or None",
+              getattr(msg, name))
+    if role == "tool":
+        _need(bool(msg.name), where, "name", "the tool's name (e.g. functions.get_weather)", msg.name)
+    content = msg.content
+    if isinstance(content, SystemContent) and role == "system":
+        _check_system(content, where)
+    elif isinstance(content, DeveloperContent) and role == "developer":
+        _check_developer(content, where)
+    else:
+        _need(isinstance(content, str), where, "content", "a string", content)
+
+
+def _check_system(sys: SystemContent, where: str) -> None:
+    for name in ("model_identity", "knowledge_cutoff", "conversation_start_date"):
+        _need(isinstance(getattr(sys, name), (str, type(None))), where, name, "a string or None",
+              getattr(sys, name))
+    _need(sys.reasoning_effort in EFFORTS + (None,), where, "reasoning_effort",
+          f"one of {', '.join(EFFORTS)}", sys.reasoning_effort)
+    _need(isinstance(sys.valid_channels, (tuple, list))
+          and all(isinstance(c, str) for c in sys.valid_channels),
+          where, "valid_channels", "a list of strings", sys.valid_channels)
+    _need(isinstance(sys.tools, list), where, "tools", "a list of tool namespaces", sys.tools)
+    for i, ns in enumerate(sys.tools):
+        _check_named(ns, ToolNamespace, where, f"tools[{i}]")
+        _check_functions(ns.tools, where, f"tools[{i}].tools")
+
+
+def _check_developer(dev: DeveloperContent, where: str) -> None:
+    _need(isinstance(dev.instructions, (str, type(None))), where, "instructions", "a string or None",
+          dev.instructions)
+    _check_functions(dev.functions, where, "functions")
+    _need(isinstance(dev.response_formats, list), where, "response_formats", "a list",
+          dev.response_formats)
+    for i, fmt in enumerate(dev.response_formats):
+        _check_named(fmt, ResponseFormat, where, f"response_formats[{i}]")
+        check_schema(fmt.schema, where, f"response_formats[{i}].schema")
+
+
+def _check_named(value, cls, where: str, field_: str) -> None:
+    """A ToolNamespace or ResponseFormat: its name a string, its description a string or None."""
+    _need(isinstance(value, cls), where, field_, f"a {cls.__name__}", value)
+    _need(isinstance(value.name, str), where, f"{field_}.name", "a string", value.name)
+    _need(isinstance(value.description, (str, type(None))), where, f"{field_}.description",
+          "a string or None", value.description)
+
+
+def _check_functions(functions, where: str, field_: str) -> None:
+    _need(isinstance(functions, list), where, field_, "a list of tools", functions)
+    for i, fn in enumerate(functions):
+        f = f"{field_}[{i}]"
+        _need(isinstance(fn, ToolSpec), where, f, "a ToolSpec", fn)
+        _need(isinstance(fn.name, str) and fn.name, where, f"{f}.name", "a non-empty string", fn.name)
+        _need(isinstance(fn.description, str), where, f"{f}.description", "a string", fn.description)
+        if fn.parameters is not None:
+            check_schema(fn.parameters, where, f"{f}.parameters")
+
+
+def check_schema(schema, where: str, field_: str) -> None:
+    """A JSON Schema object of JSON values, at most MAX_SCHEMA_DEPTH deep (a schema that
+    contains itself is reported as too deep) and MAX_SCHEMA_VALUES values in all."""
+    _need(isinstance(schema, dict), where, field_, "a JSON Schema object", schema)
+    stack, count = [(schema, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if depth > MAX_SCHEMA_DEPTH:
+            raise HarmonyError(f"{where}: {field_}: the JSON Schema is nested deeper than "
+                               f"{MAX_SCHEMA_DEPTH} levels (or contains itself)")
+        if count > MAX_SCHEMA_VALUES:
+            raise HarmonyError(f"{where}: {field_}: the JSON Schema has more than "
+                               f"{MAX_SCHEMA_VALUES} values")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _need(isinstance(key, str), where, f"{field_} key", "a string", key)
+                stack.append((item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+        else:
+            _need(value is None or isinstance(value, (str, int, float, bool)), where, field_,
+                  "made of JSON values", value)
+
+
+def _need(ok: bool, where: str, field_: str, expected: str, value) -> None:
+    if not ok:
+        raise HarmonyError(f"{where}: {field_} must be {expected}, got {_kind(value)}")
+
+
+def _kind(value) -> str:
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value[:40])
+    return type(value).__name__

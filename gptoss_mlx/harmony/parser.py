@@ -1,0 +1,241 @@
+"""The streaming parser: sampled token ids -> harmony messages, one token at a time."""
+
+from __future__ import annotations
+
+import codecs
+import re
+from dataclasses import dataclass
+from typing import Iterable, Union
+
+from .messages import (
+    BUILTIN_TOOLS, CHANNEL, CHANNELS, CONSTRAIN, ENDOFTEXT, ID, MESSAGE, MESSAGE_END_TOKENS, NAME, ROLES, START,
+    Message,
+)
+
+@dataclass
+class MessageStart:
+    role: str
+    channel: str | None
+    recipient: str | None
+    content_type: str | None
+    name: str | None = None
+
+
+@dataclass
+class ContentDelta:
+    text: str
+
+
+@dataclass
+class MessageEnd:
+    message: Message
+    stop: str | None  # "<|end|>", "<|call|>", "<|return|>", or None (stream ended/recovered)
+
+
+Event = Union[MessageStart, ContentDelta, MessageEnd]
+
+_TOOL_NAME = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-]+)+$")  # functions.get_weather, browser.search
+_MAX_HEADER_TOKENS = 32
+
+
+def parse_header(text: str, role: str | None, complete: bool = True) -> tuple[MessageStart, str]:
+    """A message header's text (between ``<|start|>`` and ``<|message|>``) -> (the header, the
+    words it does not account for, which the caller keeps as text).
+
+    ``role`` is the role already given (the prompt ended with ``<|start|>assistant``), else the
+    header's first word names it: a role, or a tool's name for a tool result. A recipient needs
+    ``to=``, and only one: a stray word never turns a message into a tool call, and two ``to=``
+    stay text rather than one being picked. With ``complete=False`` (a header cut short by a
+    stop token or the end of the stream) only the role and channel are taken and the rest is
+    returned verbatim, as the message's text (e.g. a refusal written without ``<|message|>``).
+    """
+    channel, text = _take_channel(text.replace(CONSTRAIN, " " + CONSTRAIN))
+    role, name, rest = _take_role(text, role)
+    if not complete:
+        return MessageStart(role, channel, None, None, name), rest
+    words = rest.split()
+    to = [w for w in words if w.startswith("to=")]
+    recipient = content_type = None
+    if len(to) == 1 and len(to[0]) > len("to="):
+        recipient = to[0][len("to="):]
+        words.remove(to[0])
+    constrained = [w for w in words if w.startswith(CONSTRAIN)]
+    if len(constrained) == 1:
+        content_type = constrained[0]
+        words.remove(content_type)
+    elif recipient and len(words) == 1 and words[0] not in CHANNELS:  # "to=x json" (harmony)
+        content_type = words.pop()
+    if channel is None and len(words) == 1 and words[0] in CHANNELS:  # "assistant final"
+        channel = words.pop()
+    return MessageStart(role, channel, recipient, content_type, name), " ".join(words)
+
+
+def _take_channel(text: str) -> tuple[str | None, str]:
+    """The word after the first ``<|channel|>`` (up to whitespace or ``<``), and the rest."""
+    before, marker, after = text.partition(CHANNEL)
+    if not marker:
+        return None, text
+    word = re.match(r"[^\s<]*", after).group(0)
+    return word or None, f"{before} {after[len(word):]}"
+
+
+def _take_role(text: str, role: str | None) -> tuple[str, str | None, str]:
+    """(role, tool name or None, the text after the role word)."""
+    first = re.match(r"\s*(\S*)\s*", text)
+    word, rest = first.group(1), text[first.end():]
+    if role is None and word in ROLES and word != "tool":  # tool results are headed by their name
+        return word, None, rest
+    if role is None and (_TOOL_NAME.match(word) or word in BUILTIN_TOOLS):
+        return "tool", word, rest
+    if word == role:  # the given role written out again
+        return role, None, rest
+    return role or "assistant", None, text.strip()
+
+
+class StreamParser:
+    """Turns sampled token ids into message events, one token at a time, and never raises.
+
+    Starts inside an assistant header (the prompt ended with ``<|start|>assistant``) unless
+    ``role=None``. Malformed output is recovered as text: a missing ``<|message|>``, control-token
+    names written as plain text, a stop token or end of stream inside a header, special tokens
+    inside content. Content deltas are always valid UTF-8 text (multi-byte characters split
+    over tokens are held back until complete; invalid bytes become U+FFFD).
+    """
+
+    def __init__(self, tokenizer, role: str | None = "assistant"):
+        self.tokenizer = tokenizer
+        self.messages: list[Message] = []
+        self.tokens: list[int] = []
+        self._role = role
+        self._state = "header" if role else "expect_start"
+        self._implied_start = False
+        self._header: list[int] = []
+        self._current: MessageStart | None = None
+        self._text: list[str] = []
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    # -- public
+    @property
+    def current(self) -> MessageStart | None:
+        return self._current
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def feed(self, token: int) -> list[Event]:
+        self.tokens.append(token)
+        return getattr(self, f"_in_{self._state}")(token)
+
+    def finish(self) -> list[Event]:
+        """End of stream: close whatever is open, keeping every byte as text."""
+        if self._state == "content":
+            return self._end(None)
+        if self._state == "header" and self._header:
+            return self._salvage_header(None)
+        self._state = "expect_start"
+        return []
+
+    # -- states
+    def _in_expect_start(self, token: int) -> list[Event]:
+        if token == ID[START]:
+            self._state, self._header, self._role = "header", [], None
+            self._implied_start = False
+            return []
+        if token in MESSAGE_END_TOKENS or token == ID[ENDOFTEXT]:
+            return []  # a stray stop token carries no text
+        # Text without <|start|>: often "assistant<|channel|>final<|message|>..." written out.
+        self._state, self._header, self._role = "header", [token], None
+        self._implied_start = True
+        return self._check_header()
+
+    def _in_header(self, token: int) -> list[Event]:
+        if token == ID[MESSAGE]:
+            return self._open(parse_header(self._header_text(self._header), self._role))
+        if token in MESSAGE_END_TOKENS or token == ID[ENDOFTEXT]:
+            return self._salvage_header(NAME.get(token))
+        if token == ID[START]:  # a header that never got its <|message|>
+            events = self._salvage_header(None)
+            self._state, self._header, self._role = "header", [], None
+            return events
+        self._header.append(token)
+        return self._check_header()
+
+    def _in_content(self, token: int) -> list[Event]:
+        if token in MESSAGE_END_TOKENS:
+            return self._end(NAME[token])
+        if token == ID[ENDOFTEXT]:
+            return self._end(ENDOFTEXT)
+        if token == ID[START]:  # the model forgot <|end|>
+            events = self._end(None)
+            self._state, self._header, self._role = "header", [], None
+            return events
+        text = self._decoder.decode(self._token_bytes(token))
+        return self._emit(text)
+
+    # -- helpers
+    def _token_bytes(self, token: int) -> bytes:
+        try:
+            return self.tokenizer.decode_single_token_bytes(token)
+        except (KeyError, OverflowError):  # not an id of this vocabulary
+            return f"<|unknown_{token}|>".encode()
+
+    def _header_text(self, tokens: list[int]) -> str:
+        return b"".join(self._token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def _check_header(self) -> list[Event]:
+        """Plain text that is clearly not a header becomes an assistant message's content:
+        too long, several lines, or (without a <|start|>) not starting with a role."""
+        text = self._header_text(self._header)
+        looks_like_header = len(self._header) <= _MAX_HEADER_TOKENS and "\n" not in text
+        if self._implied_start:
+            looks_like_header &= text.lstrip().split(" ")[0].split("<|")[0] in ROLES + ("",)
+        if looks_like_header:
+            return []
+        tokens, self._header = self._header, []
+        events = self._open(MessageStart("assistant", None, None, None))
+        return events + self._emit(self._decoder.decode(b"".join(self._token_bytes(t) for t in tokens)))
+
+    def _open(self, parsed) -> list[Event]:
+        start, leftover = parsed if isinstance(parsed, tuple) else (parsed, "")
+        self._state, self._header, self._role = "content", [], None
+        self._implied_start = False
+        self._current, self._text = start, []
+        self._decoder.reset()
+        events: list[Event] = [start]
+        if leftover:  # unparseable header words are kept as text, never dropped
+            events += self._emit(leftover + " ")
+        return events
+
+    def _emit(self, text: str) -> list[Event]:
+        if not text:
+            return []
+        self._text.append(text)
+        return [ContentDelta(text)]
+
+    def _end(self, stop: str | None) -> list[Event]:
+        events = self._emit(self._decoder.decode(b"", final=True))
+        start = self._current
+        message = Message(
+            role=start.role, content="".join(self._text), channel=start.channel,
+            recipient=start.recipient, content_type=start.content_type,
+            name=start.name if start.role == "tool" else None)
+        self.messages.append(message)
+        self._state, self._current, self._text = "expect_start", None, []
+        return events + [MessageEnd(message, stop)]
+
+    def _salvage_header(self, stop: str | None) -> list[Event]:
+        """A header that ended without <|message|>: keep its metadata, the rest becomes text."""
+        start, leftover = parse_header(self._header_text(self._header), self._role, complete=False)
+        events = self._open((start, ""))
+        events += self._emit(leftover)
+        return events + self._end(stop)
+
+
+def parse_completion(tokens: Iterable[int], tokenizer, role: str | None = "assistant") -> list[Message]:
+    parser = StreamParser(tokenizer, role)
+    for t in tokens:
+        parser.feed(t)
+    parser.finish()
+    return parser.messages
+

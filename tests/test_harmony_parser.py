@@ -1,0 +1,69 @@
+"""The streaming parser on hostile input: it never raises, never drops text and never invents
+it, over harmony-shaped sequences (headers, channels, recipients, constrain, special tokens in
+every position) with the real tokenizer; and the header cases that used to go wrong."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from conftest import TOKENIZER_JSON
+from gptoss_mlx.harmony import ContentDelta, StreamParser, parse_completion
+from gptoss_mlx.tokenizer import load_tokenizer
+from harmony_shapes import account, harmony_sequences
+
+if not TOKENIZER_JSON.exists():
+    pytest.skip(f"real tokenizer not found at {TOKENIZER_JSON}", allow_module_level=True)
+TOK = load_tokenizer(TOKENIZER_JSON)
+
+
+def encode(s):
+    return TOK.encode(s, allowed_special="all")
+
+
+def parse(s, role="assistant"):
+    return parse_completion(encode(s), TOK, role)
+
+
+# 3000 sequences take about 15 s on one CI core: enough to meet every special token in every
+# state many times over (tests/fuzz_harmony.py runs 20,000 with counts).
+@settings(max_examples=3000, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(harmony_sequences(TOK))
+def test_parser_never_raises_loses_or_invents_text(case):
+    tokens, role = case
+    parser = StreamParser(TOK, role)
+    events = [e for t in tokens for e in parser.feed(t)] + parser.finish()
+    lost, invented = account(TOK, tokens, parser.messages)
+    assert (lost, invented) == ("", "")
+    deltas = "".join(e.text for e in events if isinstance(e, ContentDelta))
+    assert deltas == "".join(m.content for m in parser.messages)
+    assert parser.state == "expect_start"
+
+
+def test_tool_role_without_a_name_is_text():
+    (msg,) = parse("<|start|>tool<|end|>", role=None)
+    assert (msg.role, msg.content) == ("assistant", "tool")
+
+
+def test_two_recipients_stay_text():
+    (msg,) = parse("<|channel|>commentary to=functions.a to=functions.b<|message|>{}<|call|>")
+    assert not msg.is_tool_call
+    assert msg.content == "to=functions.a to=functions.b {}"
+
+
+@pytest.mark.parametrize("word", ["hello", "functions.get_weather", "python"])
+def test_stray_header_word_is_not_a_hidden_tool_call(word):
+    (msg,) = parse(f"<|channel|>final {word}<|message|>The answer.<|return|>")
+    assert (msg.channel, msg.recipient, msg.is_tool_call) == ("final", None, False)
+    assert msg.content == f"{word} The answer."
+
+
+def test_builtin_tool_messages_parse():
+    call, result = parse("<|start|>assistant to=python<|channel|>analysis code<|message|>print(1)<|call|>"
+                         "<|start|>python to=assistant<|channel|>analysis<|message|>1<|end|>", role=None)
+    assert (call.recipient, call.channel, call.content_type, call.content) == ("python", "analysis", "code", "print(1)")
+    assert (result.role, result.name, result.recipient, result.content) == ("tool", "python", "assistant", "1")
+
+
+def test_ids_outside_the_vocabulary_do_not_raise():
+    messages = parse_completion(encode("<|channel|>final<|message|>a") + [-1, 201088, 2**40], TOK)
+    assert messages[0].content.startswith("a")
