@@ -205,13 +205,18 @@ class Chat:
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> Path:
-    """Write JSON through a temporary file and a rename: a crash never leaves half a file."""
+    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write through a temporary file and a rename: a crash never leaves half a file (the
+    store removes temporary files that a killed save left behind)."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ from .config import MXFP4_BLOCK, ModelConfig
 GB = 1e9
 WORKING_BYTES = 1.0 * GB  # activations of a 512-token prefill chunk, logits, MLX's own buffers
 AFFINE_GROUP = 64
+DEFAULT_CONTEXT = 32768  # tokens the front ends plan memory for and allow without --max-context
 
 
 class MemoryPlanError(RuntimeError):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from gptoss_mlx import commands
+from gptoss_mlx.cli.chat import Repl
 from gptoss_mlx.chat import AnswerDelta, Chat, ChatFileError, Done, ReasoningDelta, ToolCall
 from gptoss_mlx.tokenizer import load_tokenizer
 from scripted import ScriptedModel
@@ -101,7 +101,7 @@ def test_repl_commands(chat, tmp_path, monkeypatch):
                   "/reset", f"/load {tmp_path}/s.json", "/bogus", '"""multi', 'line"""', "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     out = io.StringIO()
-    assert commands.Repl(chat, out=out).run() == 0
+    assert Repl(chat, out=out).run() == 0
     text = out.getvalue()
     assert "reasoning effort: high" in text and "Add them." not in text
     assert "\n4\n" in text and "prompt tokens" in text

@@ -375,13 +375,13 @@ def test_browser_search_with_a_backend_in_the_loop(tok, site):
 
 def _scripted_cli(monkeypatch, tok, replies):
     """gptoss-mlx's own flag handling and loop, with the model's outputs scripted."""
-    from gptoss_mlx import commands
+    from gptoss_mlx.cli import common
 
     def load_chat(args, out=None, toolbox=None):
         return Chat(ScriptedModel(replies), tok, date="2025-08-05", reasoning_effort="low",
                     **(toolbox.chat_options() if toolbox else {}))
 
-    monkeypatch.setattr(commands, "_load_chat", load_chat)
+    monkeypatch.setattr(common, "load_chat", load_chat)
 
 
 def test_cli_tool_loop_transcript(tok, tmp_path, monkeypatch, capsys):

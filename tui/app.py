@@ -28,9 +28,8 @@ from textual.widgets.option_list import Option
 
 from gptoss_mlx.chat import AnswerDelta, Chat, ChatFileError, Done, ReasoningDelta, ToolCall
 from gptoss_mlx.harmony import EFFORTS
+from gptoss_mlx.store import ConversationStore, title_for
 from gptoss_mlx.tools import Toolbox, ToolResult, run_with_tools
-
-from .store import ConversationStore, title_for
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 

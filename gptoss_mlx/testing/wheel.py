@@ -31,7 +31,8 @@ def check(names: list[str]) -> list[str]:
     for required in ("gptoss_mlx/__init__.py", "gptoss_mlx/tui/__init__.py",
                      "gptoss_mlx/metal/__init__.py", "gptoss_mlx/kernels/__init__.py",
                      "gptoss_mlx/metal/msl_cuda.h", "gptoss_mlx/metal/README.md",
-                     "gptoss_mlx/tui/app.py", "gptoss_mlx/tui/app.tcss", "gptoss_mlx/tui/store.py"):
+                     "gptoss_mlx/tui/app.py", "gptoss_mlx/tui/app.tcss", "gptoss_mlx/store.py",
+                     "gptoss_mlx/cli/__init__.py", "gptoss_mlx/cli/chat.py"):
         if required not in names:
             problems.append(f"missing {required}")
     metal_sources = sorted(p.name for p in (ROOT / "metal").glob("*.metal"))

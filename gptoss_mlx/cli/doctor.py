@@ -1,0 +1,44 @@
+"""``gptoss-mlx doctor``: MLX, memory limits, what fits, and kernel status."""
+
+from __future__ import annotations
+
+import platform
+
+import mlx.core as mx
+
+from ..config import PRESETS
+from ..kernels import registry
+from ..memory import DEFAULT_CONTEXT, GB, device_limit, plan
+
+
+def register(sub) -> None:
+    p = sub.add_parser("doctor", help="MLX, memory limits, what fits, and kernel status",
+                       description="Print the MLX version and device, the memory the model may "
+                                   "use, which model sizes fit, and the custom kernels' status.")
+    p.set_defaults(func=cmd_doctor)
+
+
+def cmd_doctor(args) -> int:
+    limit, source = device_limit()
+    print(f"gptoss-mlx on {platform.system()} {platform.machine()}, Python {platform.python_version()}")
+    print(f"MLX {mx.__version__}, default device {mx.default_device()}")
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    for key in ("device_name", "architecture", "memory_size", "max_recommended_working_set_size"):
+        if key in info:
+            value = info[key]
+            print(f"  {key}: {value / GB:.1f} GB" if key.endswith("size") else f"  {key}: {value}")
+    print(f"Memory the model may use: {limit / GB:.1f} GB ({source})")
+    print("\nWhat fits (weights + KV cache + 1 GB working memory):")
+    header = f"  {'model':<14}{'context':>9}  " + "  ".join(f"{b:>14}" for b in ("bf16 dense", "--dense-bits 8", "--dense-bits 4"))
+    print(header)
+    for name, config in PRESETS.items():
+        for ctx in (4096, DEFAULT_CONTEXT, config.max_position_embeddings):
+            cells = []
+            for bits in (None, 8, 4):
+                p = plan(config, ctx, bits, limit)
+                cells.append(f"{('yes ' if p.fits else 'no  ') + f'{p.total / GB:5.1f} GB':>14}")
+            print(f"  {name:<14}{ctx:>9}  " + "  ".join(cells))
+    print(f"\nCustom kernels ({registry.ENV_VAR}={registry.mode()}; checked on a small input before use):")
+    for name, state, description in registry.status(mx.bfloat16):
+        print(f"  {name:<16} {state}\n  {'':<16} {description}")
+    return 0

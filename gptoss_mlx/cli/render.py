@@ -1,0 +1,73 @@
+"""``gptoss-mlx render``: the exact harmony prompt for a conversation."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..harmony import (
+    HarmonyError, from_chat_completions, render_conversation, segments_to_text, segments_to_tokens,
+    today,
+)
+from ..loading import CheckpointError, resolve_checkpoint
+from ..tokenizer import TokenizerError, load_tokenizer
+from .common import CLIError, add_effort_argument, add_model_argument
+
+
+def register(sub) -> None:
+    p = sub.add_parser("render", help="print the exact harmony prompt for a conversation",
+                       description="Print the exact prompt gpt-oss sees for a conversation in "
+                                   "Chat Completions JSON ({'messages': [...], 'tools': [...]}).")
+    p.add_argument("file", help="conversation JSON file, or - for standard input")
+    p.add_argument("--tokens", action="store_true",
+                   help="print token ids (one line, space-separated) instead of text")
+    add_effort_argument(p)
+    p.add_argument("--date", help="current date for the system message (default: today)")
+    p.add_argument("--tools", default="", help="built-in tools to declare: python,browser")
+    add_model_argument(p, "; only its tokenizer is used, for --tokens")
+    p.set_defaults(func=cmd_render)
+
+
+def cmd_render(args) -> int:
+    raw = sys.stdin.read() if args.file == "-" else _read(args.file)
+    try:
+        request = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CLIError(f"{args.file}: not valid JSON ({e})") from None
+    if isinstance(request, list):  # a bare list of messages
+        request = {"messages": request}
+    if args.reasoning_effort:
+        request = {**request, "reasoning_effort": args.reasoning_effort}
+    tools = set(args.tools.split(",")) if args.tools else set()
+    try:
+        messages = from_chat_completions(request, date=args.date or today(),
+                                         browser="browser" in tools, python="python" in tools)
+    except HarmonyError as e:
+        raise CLIError(f"{args.file}: {e}") from None
+    segments = render_conversation(messages)
+    if args.tokens:
+        tokenizer = _tokenizer(args.model)
+        print(" ".join(map(str, segments_to_tokens(segments, tokenizer))))
+    else:
+        print(segments_to_text(segments))
+    return 0
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise CLIError(f"{path}: {e.strerror or e}") from None
+
+
+def _tokenizer(model: str | None):
+    try:
+        if model is None:  # never download a whole checkpoint just for its tokenizer
+            return load_tokenizer()
+        return load_tokenizer(resolve_checkpoint(model))
+    except TokenizerError as e:
+        hint = "" if model else " (or pass --model with a checkpoint that has tokenizer.json)"
+        raise CLIError(f"{e}{hint}") from None
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None

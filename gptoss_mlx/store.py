@@ -1,0 +1,262 @@
+"""Saved conversations, shared by ``gptoss-mlx chat`` and the TUI: one JSON file per chat in
+the platform's data directory, written atomically after every completed reply.
+
+Each file is what ``Chat.save`` writes (Chat Completions JSON, reasoning and tool calls
+included) plus ``title``, ``updated`` and ``format``. A file is checked field by field before it
+replaces the conversation (:func:`check_chat_file`), so a damaged or hostile file is refused
+with its name and field and the conversation on screen stays.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .chat import Chat, ChatFileError, write_text_atomic
+from .harmony import EFFORTS
+
+FORMAT_VERSION = 1  # files without "format" are version 1
+MAX_FILE_BYTES = 64 * 2**20
+MAX_DEPTH = 64  # JSON nesting; a tool's parameter schema needs a handful of levels
+ORPHAN_AGE_S = 60.0  # a temporary file this old belongs to a save that was killed
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def data_dir() -> Path:
+    """$GPTOSS_MLX_DATA_DIR, else ~/Library/Application Support/gptoss-mlx on macOS and
+    $XDG_DATA_HOME/gptoss-mlx (~/.local/share/gptoss-mlx) elsewhere."""
+    if os.environ.get("GPTOSS_MLX_DATA_DIR"):
+        return Path(os.environ["GPTOSS_MLX_DATA_DIR"]).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "gptoss-mlx"
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "gptoss-mlx"
+
+
+# ----------------------------------------------------------------------------- checking a file
+def check_chat_file(path: Path) -> dict:
+    """The file's JSON if it has the shape of a saved chat; else ChatFileError naming the file
+    and the first field that is wrong."""
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ChatFileError(f"{path}: not a saved chat (larger than {MAX_FILE_BYTES >> 20} MB)")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ChatFileError(f"{path}: {e.strerror or e}") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ChatFileError(f"{path}: not a saved chat (not UTF-8 text at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ChatFileError(f"{path}: not a saved chat (not valid JSON: {e})") from None
+    except RecursionError:
+        raise ChatFileError(f"{path}: not a saved chat (JSON nested too deeply)") from None
+    problem = chat_file_problem(data)
+    if problem:
+        raise ChatFileError(f"{path}: {problem}")
+    return data
+
+
+def chat_file_problem(data) -> str | None:
+    """What is wrong with a saved chat's JSON, naming the field; None if nothing."""
+    if _depth(data) > MAX_DEPTH:
+        return f"not a saved chat (JSON nested deeper than {MAX_DEPTH} levels)"
+    if not isinstance(data, dict):
+        return "not a saved chat (expected a JSON object)"
+    version = data.get("format", 1)
+    if not _is_int(version) or version < 1:
+        return f"format must be a positive integer, got {version!r}"
+    if version > FORMAT_VERSION:
+        return (f"format {version} was written by a newer gptoss-mlx (this one reads format "
+                f"{FORMAT_VERSION}); upgrade to open it")
+    for name, ok, expected in (
+        ("title", lambda v: isinstance(v, str), "a string"),
+        ("date", lambda v: isinstance(v, str), "a string"),
+        ("updated", lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a time in seconds"),
+        ("reasoning_effort", lambda v: v in EFFORTS, " or ".join(EFFORTS)),
+        ("tools", lambda v: isinstance(v, list) and all(isinstance(t, dict) for t in v),
+         "a list of objects"),
+    ):
+        if name in data and data[name] is not None and not ok(data[name]):
+            return f"{name} must be {expected}, got {_show(data[name])}"
+    if not isinstance(data.get("messages"), list):
+        return f"messages must be a list, got {_show(data.get('messages'))}"
+    for i, m in enumerate(data["messages"]):
+        problem = _message_problem(m)
+        if problem:
+            return f"messages[{i}]{problem}"
+    return None
+
+
+def _message_problem(m) -> str | None:
+    if not isinstance(m, dict):
+        return f" must be an object, got {_show(m)}"
+    if m.get("role") not in ROLES:
+        return f".role must be one of {', '.join(ROLES)}, got {_show(m.get('role'))}"
+    content = m.get("content")
+    if content is not None and not isinstance(content, str):
+        if not isinstance(content, list) or not all(
+                isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
+            return f".content must be a string or a list of text parts, got {_show(content)}"
+    for name in ("reasoning", "reasoning_content", "name", "tool_call_id"):
+        if m.get(name) is not None and not isinstance(m[name], str):
+            return f".{name} must be a string, got {_show(m[name])}"
+    calls = m.get("tool_calls")
+    if calls is None:
+        return None
+    if not isinstance(calls, list):
+        return f".tool_calls must be a list, got {_show(calls)}"
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            return f".tool_calls[{j}].function.name must be a non-empty string"
+        if not isinstance(fn.get("arguments", ""), (str, dict)):
+            return f".tool_calls[{j}].function.arguments must be a string, got {_show(fn['arguments'])}"
+    return None
+
+
+def _depth(value) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            if d <= MAX_DEPTH:
+                stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _show(v) -> str:
+    text = json.dumps(v, ensure_ascii=False) if not isinstance(v, float) else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# ----------------------------------------------------------------------------- the store
+@dataclass
+class Entry:
+    id: str
+    title: str
+    updated: float
+    messages: int  # user and assistant messages; -1 when the file cannot be read
+    problem: str = ""  # why it cannot be read
+
+
+def title_for(text: str) -> str:
+    line = " ".join(text.split())
+    return line[:60] + ("…" if len(line) > 60 else "") or "New chat"
+
+
+class ConversationStore:
+    """``root`` is the data directory; chats live in ``root/chats``, Markdown exports in
+    ``root/exports``, the terminal chat's input history in ``root/input-history``."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = (root or data_dir()) / "chats"
+        self.exports = self.root.parent / "exports"
+        self.history_file = self.root.parent / "input-history"
+        self.remove_orphans()
+
+    def remove_orphans(self) -> None:
+        """Delete temporary files of saves that were killed before their rename."""
+        now = time.time()
+        for folder in (self.root, self.exports):
+            for tmp in folder.glob(".*.tmp"):
+                try:
+                    if tmp.is_file() and now - tmp.stat().st_mtime > ORPHAN_AGE_S:
+                        tmp.unlink()
+                except OSError:
+                    pass  # another process removed or renamed it first
+
+    def new_id(self) -> str:
+        return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+    def path(self, chat_id: str) -> Path:
+        if not re.fullmatch(r"[\w.-]+", chat_id) or chat_id.strip(".") == "":
+            raise ChatFileError(f"not a conversation id: {chat_id!r}")
+        return self.root / f"{chat_id}.json"
+
+    def save(self, chat: Chat, chat_id: str, title: str) -> Path:
+        return self.save_as(chat, self.path(chat_id), title)
+
+    def save_as(self, chat: Chat, path: Path, title: str) -> Path:
+        return chat.save(path, title=title, updated=time.time(), format=FORMAT_VERSION)
+
+    def load(self, chat: Chat, chat_id: str) -> str:
+        """Load into ``chat``; returns the title. A bad file raises ChatFileError and leaves
+        ``chat`` as it was."""
+        return self.load_path(chat, self.path(chat_id), default_title=chat_id)
+
+    def load_path(self, chat: Chat, path: Path, default_title: str = "") -> str:
+        data = check_chat_file(path)
+        chat.load(path)
+        return data.get("title") or default_title or path.stem
+
+    def list(self) -> list[Entry]:
+        """Newest first. Unreadable files are listed (so they can be deleted), not skipped."""
+        entries = []
+        for path in self.root.glob("*.json"):
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue  # deleted meanwhile
+            try:
+                data = check_chat_file(path)
+            except ChatFileError as e:
+                problem = str(e).removeprefix(f"{path}: ")
+                entries.append(Entry(path.stem, f"{path.stem} (unreadable)", mtime, -1, problem))
+                continue
+            n = sum(1 for m in data["messages"] if m["role"] in ("user", "assistant"))
+            entries.append(Entry(path.stem, data.get("title") or path.stem,
+                                 data.get("updated") or mtime, n))
+        return sorted(entries, key=lambda e: e.updated, reverse=True)
+
+    def latest(self) -> str | None:
+        """The id of the most recently updated readable chat."""
+        return next((e.id for e in self.list() if e.messages >= 0), None)
+
+    def rename(self, chat_id: str, title: str) -> None:
+        path = self.path(chat_id)
+        data = check_chat_file(path)
+        data["title"] = title
+        write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))
+
+    def delete(self, chat_id: str) -> None:
+        self.path(chat_id).unlink(missing_ok=True)
+
+    def export_markdown(self, chat: Chat, title: str, chat_id: str) -> Path:
+        return write_text_atomic(self.exports / f"{chat_id}.md", to_markdown(chat, title))
+
+
+def to_markdown(chat: Chat, title: str) -> str:
+    """The conversation as Markdown: instructions, each turn, reasoning in <details>."""
+    out = [f"# {title}", "", f"*gpt-oss · reasoning effort {chat.reasoning_effort}*", ""]
+    if chat.instructions:
+        out += ["## Instructions", "", chat.instructions, ""]
+    for m in chat.messages:
+        if m.role == "user":
+            out += ["## User", "", m.text, ""]
+        elif m.role == "tool":
+            out += [f"**Tool result ({m.name})**", "", "```", m.text, "```", ""]
+        elif m.is_tool_call:
+            out += [f"**Tool call `{m.recipient}`**", "", "```json", m.text, "```", ""]
+        elif m.channel == "analysis":
+            out += ["<details><summary>Reasoning</summary>", "", m.text, "", "</details>", ""]
+        else:
+            out += ["## Assistant", "", m.text, ""]
+    return "\n".join(out).rstrip() + "\n"

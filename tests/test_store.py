@@ -1,0 +1,187 @@
+"""Saved chats (gptoss_mlx/store.py, shared by the terminal chat and the TUI): a damaged or hostile
+file is refused with its name and the wrong field, the conversation in memory stays, one bad
+file never breaks the list, killed saves leave nothing behind."""
+
+import json
+import os
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gptoss_mlx import chat as chat_module
+from gptoss_mlx.chat import Chat, ChatFileError
+from gptoss_mlx.harmony import Message
+from gptoss_mlx.store import FORMAT_VERSION, ConversationStore
+
+from scripted import ScriptedModel
+
+GOOD = {
+    "format": FORMAT_VERSION, "title": "Weather", "updated": 1764590000.0, "date": "2025-08-05",
+    "reasoning_effort": "low",
+    "messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "reasoning": "Use the tool.", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "-3 C"},
+        {"role": "assistant", "content": "It is -3 C."},
+    ],
+}
+
+
+def current_chat() -> Chat:
+    chat = Chat(ScriptedModel([[0]]), None, reasoning_effort="high", date="2026-01-01")
+    chat.messages = [Message("user", "the conversation on screen"),
+                     Message("assistant", "stays", channel="final")]
+    return chat
+
+
+@pytest.fixture()
+def store(tmp_path):
+    return ConversationStore(tmp_path / "data")
+
+
+def put(store, chat_id: str, content) -> None:
+    store.root.mkdir(parents=True, exist_ok=True)
+    raw = content if isinstance(content, bytes) else json.dumps(content).encode()
+    (store.root / f"{chat_id}.json").write_bytes(raw)
+
+
+def with_field(path, value):
+    """GOOD with the field at ``path`` (a tuple of keys and indexes) replaced by ``value``."""
+    data = json.loads(json.dumps(GOOD))
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return data
+
+
+def nested(depth: int):
+    value = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+BAD = {
+    "tool_calls_int": (with_field(("messages", 1, "tool_calls"), 5), "messages[1].tool_calls"),
+    "deep_list": (with_field(("messages", 0, "content"), nested(100)), "nested"),
+    "deeper_than_json": (b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested"),
+    "not_utf8": (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "UTF-8"),
+    "updated_text": (with_field(("updated",), "yesterday"), "updated"),
+    "updated_nan": (json.dumps(GOOD).replace("1764590000.0", "NaN").encode(), "updated"),
+    "newer_format": (with_field(("format",), FORMAT_VERSION + 1), "newer gptoss-mlx"),
+    "effort": (with_field(("reasoning_effort",), "max"), "reasoning_effort"),
+    "messages_dict": (with_field(("messages",), {"a": 1}), "messages must be a list"),
+    "role": (with_field(("messages", 0, "role"), "wizard"), "messages[0].role"),
+    "content_int": (with_field(("messages", 3, "content"), 7), "messages[3].content"),
+    "call_name": (with_field(("messages", 1, "tool_calls", 0, "function", "name"), None),
+                  "messages[1].tool_calls[0].function.name"),
+    "not_json": (b"{not json", "not a saved chat"),
+    "top_list": ([1, 2], "expected a JSON object"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_file_is_refused_naming_file_and_field_and_the_chat_stays(store, name):
+    content, field = BAD[name]
+    put(store, name, content)
+    chat = current_chat()
+    before = (list(chat.messages), chat.reasoning_effort, chat.date)
+    with pytest.raises(ChatFileError) as e:
+        store.load(chat, name)
+    assert str(store.root / f"{name}.json") in str(e.value) and field in str(e.value)
+    assert (chat.messages, chat.reasoning_effort, chat.date) == before
+
+
+def test_good_file_loads(store):
+    put(store, "good", GOOD)
+    chat = current_chat()
+    assert store.load(chat, "good") == "Weather"
+    assert chat.reasoning_effort == "low" and chat.messages[-1].text == "It is -3 C."
+
+
+def test_one_bad_file_never_breaks_the_list(store):
+    put(store, "good", GOOD)
+    for name, (content, _) in BAD.items():
+        put(store, name, content)
+    (store.root / "folder.json").mkdir()
+    entries = store.list()
+    good = [e for e in entries if e.messages >= 0]
+    assert [(e.id, e.title, e.messages) for e in good] == [("good", "Weather", 3)]
+    bad = {e.id: e for e in entries if e.messages < 0}
+    assert set(BAD) <= set(bad)
+    assert all("unreadable" in e.title and e.problem for e in bad.values())
+    assert "messages[1].tool_calls" in bad["tool_calls_int"].problem
+    assert store.latest() == "good"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8)
+FIELDS = [("format",), ("title",), ("updated",), ("date",), ("reasoning_effort",), ("tools",),
+          ("messages",), ("messages", 0), ("messages", 0, "role"), ("messages", 0, "content"),
+          ("messages", 1, "reasoning"), ("messages", 1, "tool_calls"),
+          ("messages", 1, "tool_calls", 0), ("messages", 1, "tool_calls", 0, "function"),
+          ("messages", 1, "tool_calls", 0, "function", "arguments"), ("messages", 2, "name"),
+          ("messages", 2, "tool_call_id"), ("messages", 3, "content")]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(FIELDS), value=json_values)
+def test_any_value_in_any_field_loads_or_is_refused_cleanly(store, field, value):
+    """Whatever a file holds, loading it either works or raises ChatFileError; never another
+    exception, and a refused file leaves the conversation as it was."""
+    put(store, "fuzz", with_field(field, value))
+    chat = current_chat()
+    before = list(chat.messages)
+    try:
+        store.load(chat, "fuzz")
+    except ChatFileError as e:
+        assert "fuzz.json" in str(e)
+        assert chat.messages == before
+    store.list()
+
+
+def test_temporary_files_of_a_killed_save_are_removed_at_the_next_start(store, tmp_path):
+    put(store, "good", GOOD)
+    store.exports.mkdir(parents=True)
+    old = [store.root / ".good.json.abc123.tmp", store.exports / ".good.md.def456.tmp"]
+    for path in old:
+        path.write_text('{"half": ')
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    in_flight = store.root / ".other.json.xyz789.tmp"  # another process saving right now
+    in_flight.write_text("{")
+    ConversationStore(tmp_path / "data")
+    assert not any(p.exists() for p in old) and in_flight.exists()
+    assert (store.root / "good.json").exists()
+
+
+def test_markdown_export_is_atomic(store, monkeypatch):
+    chat = current_chat()
+    path = store.export_markdown(chat, "First", "c1")
+    first = path.read_text()
+    chat.messages.append(Message("user", "more"))
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # the process dies between writing and renaming
+
+    monkeypatch.setattr(chat_module.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.export_markdown(chat, "Second", "c1")
+    assert path.read_text() == first
+    assert [p.name for p in store.exports.iterdir()] == ["c1.md"]
+
+
+def test_save_writes_the_format_version_and_round_trips(store):
+    chat = current_chat()
+    path = store.save(chat, "c2", "Saved")
+    data = json.loads(path.read_text())
+    assert data["format"] == FORMAT_VERSION and data["title"] == "Saved"
+    other = Chat(ScriptedModel([[0]]), None)
+    assert store.load(other, "c2") == "Saved"
+    assert [m.text for m in other.messages] == [m.text for m in chat.messages]
