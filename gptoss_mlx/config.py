@@ -9,11 +9,13 @@ Defaults live here and nowhere else.
 from __future__ import annotations
 
 import dataclasses
-import json
+import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import read_json_file
 from .tokenizer import SPECIAL_TOKENS
 
 SLIDING = "sliding_attention"
@@ -23,6 +25,20 @@ MXFP4_BLOCK = 32  # values per MX block (one E8M0 scale each)
 
 class ConfigError(ValueError):
     """A config.json that cannot describe a gpt-oss model."""
+
+
+# Fields every published config.json form has (any one alias); the rest have defaults.
+REQUIRED = {
+    "num_hidden_layers": ("num_hidden_layers",),
+    "num_local_experts": ("num_local_experts", "num_experts"),
+    "num_experts_per_tok": ("num_experts_per_tok", "experts_per_token"),
+    "vocab_size": ("vocab_size",),
+    "hidden_size": ("hidden_size",),
+    "intermediate_size": ("intermediate_size",),
+    "head_dim": ("head_dim",),
+    "num_attention_heads": ("num_attention_heads",),
+    "num_key_value_heads": ("num_key_value_heads",),
+}
 
 
 @dataclass(frozen=True)
@@ -77,8 +93,9 @@ class ModelConfig:
         for name in ["rms_norm_eps", "swiglu_limit", "rope_theta", "rope_scaling_factor",
                      "rope_beta_fast", "rope_beta_slow"]:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
+                    or not math.isfinite(value)):
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
         if self.num_experts_per_tok > self.num_local_experts:
             raise ConfigError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
@@ -110,8 +127,25 @@ class ModelConfig:
                 f"YaRN beta_fast ({self.rope_beta_fast}) must exceed beta_slow "
                 f"({self.rope_beta_slow})"
             )
-        if any(not isinstance(t, int) or t < 0 for t in self.eos_token_ids):
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.eos_token_ids):
             raise ConfigError(f"eos_token_id must hold token ids, got {self.eos_token_ids!r}")
+        if self.rope_scaling_factor > 1.0:
+            self._validate_yarn_range()
+
+    def _validate_yarn_range(self) -> None:
+        """The reference asserts 0 < low < high < head_dim/2 - 1 (transformers clamps instead);
+        a config outside it is refused here rather than silently clamped."""
+        if self.rope_theta <= 1.0:
+            raise ConfigError(f"rope_theta must exceed 1 for YaRN, got {self.rope_theta!r}")
+        low, high = yarn_correction_range(self)
+        limit = self.head_dim / 2 - 1
+        if not 0 < low < high < limit:
+            raise ConfigError(
+                f"YaRN correction range [{low:.3f}, {high:.3f}] (from beta_fast="
+                f"{self.rope_beta_fast}, beta_slow={self.rope_beta_slow}, "
+                f"original_max_position_embeddings={self.rope_original_max_position_embeddings}, "
+                f"rope_theta={self.rope_theta}) must lie inside (0, head_dim/2 - 1 = {limit:g})"
+            )
 
     # ------------------------------------------------------------------ views
     @property
@@ -203,6 +237,8 @@ class ModelConfig:
             raise ConfigError("tie_word_embeddings is true, but gpt-oss has an untied unembedding")
         if raw.get("attention_bias") is False:
             raise ConfigError("attention_bias is false, but gpt-oss attention has biases")
+        _check_required(raw)
+        _check_quantization_config(raw.get("quantization_config"))
 
         kw: dict[str, Any] = {}
         _take(raw, kw, "num_hidden_layers", ["num_hidden_layers"])
@@ -214,16 +250,19 @@ class ModelConfig:
             _take(raw, kw, name, [name])
         if raw.get("sliding_window") is not None:
             kw["sliding_window"] = raw["sliding_window"]
-        if raw.get("layer_types") is not None:
-            kw["layer_types"] = tuple(raw["layer_types"])
+        layer_types = raw.get("layer_types")
+        if layer_types is not None:
+            if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+                raise ConfigError(f"layer_types must be a list of strings, got {layer_types!r}")
+            kw["layer_types"] = tuple(layer_types)
 
         _read_rope(raw, kw)
 
         eos = raw.get("eos_token_id")
         if eos is not None:
-            eos = [eos] if isinstance(eos, int) else list(eos)
             # <|return|>, <|endoftext|> and <|call|> always end an assistant action.
-            kw["eos_token_ids"] = tuple(dict.fromkeys(eos + list(cls.eos_token_ids)))
+            kw["eos_token_ids"] = tuple(dict.fromkeys(token_ids(eos, "eos_token_id")
+                                                      + list(cls.eos_token_ids)))
         quant = raw.get("quantization")
         if quant is not None:
             if not isinstance(quant, dict) or not {"group_size", "bits"} <= quant.keys():
@@ -241,12 +280,7 @@ class ModelConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        raw = read_json_file(path, ConfigError)
         try:
             return cls.from_dict(raw)
         except ConfigError as e:
@@ -254,6 +288,50 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def token_ids(value, name: str) -> list[int]:
+    """A token id or a list of them (``eos_token_id``); ConfigError naming ``name`` otherwise."""
+    ids = value if isinstance(value, list) else [value]
+    if not ids or any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids):
+        raise ConfigError(f"{name} must be a token id or a list of token ids, got {value!r}")
+    return ids
+
+
+def _check_required(raw: dict) -> None:
+    """A missing required field is named, with the unknown key that looks like a misspelling."""
+    known = {alias for aliases in REQUIRED.values() for alias in aliases}
+    known |= set(ModelConfig().to_hf_dict()) | set(ModelConfig().to_original_dict())
+    unknown = [k for k in raw if k not in known]
+    for name, aliases in REQUIRED.items():
+        if not any(raw.get(a) is not None for a in aliases):
+            close = difflib.get_close_matches(name, unknown, n=1, cutoff=0.8)
+            hint = f" (is {close[0]!r} a misspelling of it?)" if close else ""
+            raise ConfigError(f"required field {name} is missing{hint}")
+
+
+def _check_quantization_config(quant) -> None:
+    """The published checkpoints say mxfp4; mlx-lm conversions copy their own settings here."""
+    if quant is None:
+        return
+    if not isinstance(quant, dict):
+        raise ConfigError(f"quantization_config must be a JSON object, got {quant!r}")
+    method = quant.get("quant_method", "mxfp4")
+    if method != "mxfp4":
+        raise ConfigError(f"quantization_config.quant_method is {method!r}; only mxfp4 checkpoints "
+                          "(as published) and MLX conversions can be loaded")
+
+
+def _number(value, name: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _integer(value, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    return value
 
 
 def _take(raw: dict, kw: dict, name: str, aliases: list[str]) -> None:
@@ -269,13 +347,17 @@ def _read_rope(raw: dict, kw: dict) -> None:
     """rope_theta and YaRN from rope_scaling, rope_parameters, or the original names."""
     scaling = raw.get("rope_scaling")
     params = raw.get("rope_parameters")
+    for name, value in [("rope_scaling", scaling), ("rope_parameters", params)]:
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a JSON object, got {value!r}")
     if scaling is not None and params is not None:
         common = set(scaling) & set(params) - {"rope_theta"}
         clash = {k: (scaling[k], params[k]) for k in common if scaling[k] != params[k]}
         if clash:
             raise ConfigError(f"rope_scaling and rope_parameters disagree: {clash}")
     rope = {**(params or {}), **(scaling or {})}
-    thetas = {v for v in [raw.get("rope_theta"), rope.get("rope_theta")] if v is not None}
+    thetas = {_number(v, "rope_theta") for v in [raw.get("rope_theta"), rope.get("rope_theta")]
+              if v is not None}
     if len(thetas) > 1:
         raise ConfigError(f"contradictory rope_theta values {sorted(thetas)}")
     if thetas:
@@ -292,9 +374,10 @@ def _read_rope(raw: dict, kw: dict) -> None:
                                  ("rope_beta_fast", "beta_fast"),
                                  ("rope_beta_slow", "beta_slow")]:
                 if rope.get(theirs) is not None:
-                    kw[ours] = float(rope[theirs])
+                    kw[ours] = _number(rope[theirs], f"rope_scaling.{theirs}")
             if rope.get("original_max_position_embeddings") is not None:
-                kw["rope_original_max_position_embeddings"] = rope["original_max_position_embeddings"]
+                kw["rope_original_max_position_embeddings"] = _integer(
+                    rope["original_max_position_embeddings"], "rope_scaling.original_max_position_embeddings")
             if rope.get("truncate") is not None:
                 if not isinstance(rope["truncate"], bool):
                     raise ConfigError(f"rope truncate must be true or false, got {rope['truncate']!r}")
@@ -305,11 +388,13 @@ def _read_rope(raw: dict, kw: dict) -> None:
                          ("rope_beta_slow", "rope_ntk_alpha"),
                          ("rope_beta_fast", "rope_ntk_beta")]:
         if raw.get(theirs) is not None:
-            if ours in kw and kw[ours] != float(raw[theirs]):
-                raise ConfigError(f"contradictory values for {ours}: {kw[ours]} and {theirs}={raw[theirs]}")
-            kw[ours] = float(raw[theirs])
+            value = _number(raw[theirs], theirs)
+            if ours in kw and kw[ours] != value:
+                raise ConfigError(f"contradictory values for {ours}: {kw[ours]} and {theirs}={value}")
+            kw[ours] = value
     init_ctx = raw.get("initial_context_length")
     if init_ctx is not None:
+        init_ctx = _integer(init_ctx, "initial_context_length")
         orig = kw.get("rope_original_max_position_embeddings")
         if orig is not None and orig != init_ctx:
             raise ConfigError(
@@ -320,6 +405,18 @@ def _read_rope(raw: dict, kw: dict) -> None:
         if "max_position_embeddings" not in kw:
             factor = kw.get("rope_scaling_factor", ModelConfig.rope_scaling_factor)
             kw["max_position_embeddings"] = int(init_ctx * factor)
+
+
+def yarn_correction_range(config: ModelConfig) -> tuple[float, float]:
+    """YaRN's (low, high) dimensions, unrounded (gpt-oss.md 1.4: 8.092779, 17.398025)."""
+    d, base = config.head_dim, config.rope_theta
+    ctx = config.rope_original_max_position_embeddings
+
+    def correction_dim(beta: float) -> float:
+        return d / 2 * math.log(ctx / (beta * 2 * math.pi)) / math.log(base)
+
+    return correction_dim(config.rope_beta_fast), correction_dim(config.rope_beta_slow)
+
 
 
 GPT_OSS_20B = ModelConfig(num_hidden_layers=24, num_local_experts=32)

@@ -32,6 +32,10 @@ class ContextLengthError(ValueError):
     """The prompt does not fit the context window."""
 
 
+class NonFiniteLogitsError(ValueError):
+    """The model computed NaN or infinite logits (corrupt weights, or float16 overflow)."""
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0  # OpenAI's recommendation for gpt-oss: temperature 1, top_p 1
@@ -212,6 +216,10 @@ class Engine:
             self._forward(chunk, evaluate_layers=True)  # bounds the temporaries to one layer's
             mx.eval([c.state for c in pc.cache])
         logits = self._forward(prompt[-1:])
+        if not mx.isfinite(logits).all().item():
+            self.reset()  # the cache holds the same NaNs
+            raise NonFiniteLogitsError("the model computed NaN or infinite logits: its weights are "
+                                       "corrupt, or float16 overflowed (use bfloat16 or float32)")
         pc.take_snapshot()
         return logits
 

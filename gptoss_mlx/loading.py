@@ -13,6 +13,7 @@ The MXFP4 bytes of both OpenAI layouts are already MLX's ``mxfp4`` layout: a blo
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -22,13 +23,18 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, token_ids
+from .files import read_json_file, regular_file_problem
 from .model import Model
 from .tokenizer import HarmonyEncoding, load_tokenizer
 
 DEFAULT_MODEL = "openai/gpt-oss-20b"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken"]
 HUB_IGNORE = ["original/*", "metal/*"]
+
+FLOAT_DTYPES = ("F16", "BF16", "F32")
+PACKED_DTYPES = ("U8", "U32")  # MXFP4 blocks and scales, MLX-quantized weights
+FINITE_SAMPLE = 1 << 14  # values per tensor checked for NaN/Inf at load
 
 _SAFETENSORS_DTYPES = {
     "BOOL": mx.bool_, "U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I16": mx.int16,
@@ -48,14 +54,22 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
+def _check_file(path: Path) -> None:
+    """CheckpointError naming ``path`` unless it is a regular file (checked before opening)."""
+    problem = regular_file_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+
+
 # --------------------------------------------------------------------------- finding files
 def resolve_checkpoint(path_or_repo: str | os.PathLike | None) -> Path:
     """A local directory as is; otherwise a Hugging Face repo id, downloaded or from the cache."""
     source = str(path_or_repo or DEFAULT_MODEL)
     local = Path(source).expanduser()
-    if local.exists():
+    if os.path.lexists(local):
         if not local.is_dir():
-            raise CheckpointError(f"{local}: expected a checkpoint directory, found a file")
+            what = regular_file_problem(local) or "is a file"
+            raise CheckpointError(f"{local}: expected a checkpoint directory, but it {what}")
         return local
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or source.startswith((".", "/", "~")):
         raise CheckpointError(f"{source}: no such directory (and not a Hugging Face repo id)")
@@ -91,7 +105,9 @@ def _download(repo_id: str) -> Path:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor names, dtypes and shapes of one file, checked against the file's size."""
+    """Tensor names, dtypes and shapes of one file, checked against the file's size: every
+    tensor's bytes lie inside the data, match its dtype and shape, and overlap no other's."""
+    _check_file(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -102,45 +118,85 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             if header_len > min(size - 8, 100 * 2**20):
                 raise CheckpointError(f"{path}: corrupt safetensors header (length {header_len})")
             header = json.loads(f.read(header_len))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing checkpoint file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    if not isinstance(header.get("__metadata__") or {}, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
     data_size = size - 8 - header_len
-    infos = {}
+    infos, spans = {}, []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors entry for {name}") from None
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        dtype, shape, (begin, end) = _header_entry(path, name, entry)
         if not 0 <= begin <= end <= data_size:
             raise CheckpointError(
                 f"{path}: tensor {name} lies outside the file (bytes {begin}..{end} of "
                 f"{data_size}); the file is truncated or corrupt"
             )
+        nbytes = math.prod(shape) * _SAFETENSORS_DTYPES[dtype].size
+        if end - begin != nbytes:
+            raise CheckpointError(f"{path}: tensor {name} is {dtype} {list(shape)} ({nbytes} bytes) "
+                                  f"but its data_offsets span {end - begin} bytes")
         infos[name] = TensorInfo(path, dtype, shape)
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path}: tensors {first} and {second} overlap (data_offsets)")
     return infos
 
 
-def _weight_files(directory: Path) -> list[Path]:
+def _header_entry(path: Path, name: str, entry) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """(dtype, shape, (begin, end)) of one header entry, each of the right JSON type."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors entry for {name} (not an object)")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: tensor {name} has an invalid shape {shape!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(o) for o in offsets):
+        raise CheckpointError(f"{path}: tensor {name} has invalid data_offsets {offsets!r} "
+                              "(expected two integers)")
+    return dtype, tuple(shape), tuple(offsets)
+
+
+def _weight_map(directory: Path) -> dict[str, Path] | None:
+    """model.safetensors.index.json's tensor -> shard file, checked; None without an index."""
     index = directory / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-        files = sorted({directory / f for f in weight_map.values()})
-        for f in files:
-            if not f.exists():
-                raise CheckpointError(f"{f}: missing checkpoint file (listed in {index.name})")
-        return files
-    return sorted(directory.glob("*.safetensors"))
+    if not os.path.lexists(index):
+        return None
+    data = read_json_file(index, CheckpointError)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: weight_map must be a non-empty JSON object of tensor "
+                              f"name -> file name, got {weight_map!r:.80}")
+    out = {}
+    for name, file in weight_map.items():
+        if (not isinstance(file, str) or Path(file).name != file or file in (".", "..")
+                or not file.endswith(".safetensors")):
+            raise CheckpointError(f"{index}: weight_map[{name!r}] must name a .safetensors file "
+                                  f"in {directory}, got {file!r}")
+        out[name] = directory / file
+    return out
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    weight_map = _weight_map(directory)
+    files = sorted(set(weight_map.values())) if weight_map else sorted(directory.glob("*.safetensors"))
+    for f in files:
+        if not os.path.lexists(f):
+            raise CheckpointError(f"{f}: missing checkpoint file (listed in "
+                                  "model.safetensors.index.json)")
+        _check_file(f)
+    return files
 
 
 def find_layout(directory: Path) -> tuple[str, Path]:
@@ -149,7 +205,7 @@ def find_layout(directory: Path) -> tuple[str, Path]:
         files = _weight_files(candidate) if candidate.is_dir() else []
         if not files:
             continue
-        if not (candidate / "config.json").exists():
+        if not os.path.lexists(candidate / "config.json"):
             raise CheckpointError(f"{candidate}: safetensors found but no config.json")
         names = set()
         for f in files[:1]:
@@ -159,8 +215,8 @@ def find_layout(directory: Path) -> tuple[str, Path]:
             return "original", candidate
         if "_blocks" in all_names:
             return "hf", candidate
-        config = json.loads((candidate / "config.json").read_text())
-        if "quantization" in config or ".experts.gate_proj." in all_names:
+        config = read_json_file(candidate / "config.json", ConfigError)
+        if isinstance(config, dict) and "quantization" in config or ".experts.gate_proj." in all_names:
             return "mlx", candidate
         return "hf", candidate
     raise CheckpointError(f"{directory}: no *.safetensors weights found")
@@ -329,8 +385,14 @@ def _check_against_model(model: Model, plan, infos, origin) -> None:
             raise CheckpointError(f"{infos[src].file}: unexpected tensor {src}")
     for ours, param in expected.items():
         if ours not in plan:
-            raise CheckpointError(f"checkpoint is missing the tensor for {ours}")
+            where = next(iter(infos.values())).file.parent if infos else "the checkpoint"
+            raise CheckpointError(f"{where}: no tensor for {ours} in the checkpoint")
         source, fn = plan[ours]
+        wanted = FLOAT_DTYPES if mx.issubdtype(param.dtype, mx.floating) else PACKED_DTYPES
+        for src in _sources(source, fn):
+            if infos[src].dtype not in wanted:
+                raise CheckpointError(f"{infos[src].file}: tensor {src} has dtype {infos[src].dtype}"
+                                      f", but {ours} needs one of {', '.join(wanted)}")
         shape = _planned_shape(source, fn, infos)
         if tuple(shape) != tuple(param.shape):
             src = origin[ours]
@@ -355,7 +417,16 @@ def _planned_shape(source, fn, infos) -> tuple[int, ...]:
     shape = infos[source].shape
     if fn is None:
         return shape
-    return fn(mx.zeros(shape, dtype=_SAFETENSORS_DTYPES[infos[source].dtype])).shape
+    try:
+        return fn(mx.zeros(shape, dtype=_SAFETENSORS_DTYPES[infos[source].dtype])).shape
+    except ValueError as e:  # e.g. packed blocks whose last dimension cannot be viewed as uint32
+        raise CheckpointError(f"{infos[source].file}: tensor {source} {list(shape)} cannot be "
+                              f"read as packed MXFP4 ({e})") from None
+
+
+def _sources(source, fn) -> list[str]:
+    """The checkpoint tensor names behind one plan entry."""
+    return [src for src, _ in source] if fn in ("concat", "interleave") else [source]
 
 
 def _materialize(plan, arrays):
@@ -406,6 +477,7 @@ def load_model(directory: Path, dtype: mx.Dtype = mx.bfloat16,
             if name in infos:
                 raise CheckpointError(f"{f}: tensor {name} also appears in {infos[name].file}")
             infos[name] = info
+    _check_weight_map(_weight_map(weights_dir), infos)
     plan, origin = map_tensors(layout, infos)
     model = build_model(config, infos, layout)
     _check_against_model(model, plan, infos, origin)
@@ -429,21 +501,61 @@ def load_model(directory: Path, dtype: mx.Dtype = mx.bfloat16,
         mx.eval(model.norm.parameters(), model.lm_head.parameters())
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{weights_dir}: reading the weights failed ({e})") from None
+    _check_finite_sample(model, origin, infos)
     model.eval()
     return model
 
 
+def _check_weight_map(weight_map: dict[str, Path] | None, infos: dict[str, TensorInfo]) -> None:
+    """The index must say where each tensor really is."""
+    if weight_map is None:
+        return
+    for name, info in infos.items():
+        if weight_map.get(name) != info.file:
+            where = f"puts it in {weight_map[name].name}" if name in weight_map else "does not list it"
+            raise CheckpointError(f"{info.file.parent / 'model.safetensors.index.json'}: {name} is "
+                                  f"in {info.file.name}, but weight_map {where}")
+    for name, file in weight_map.items():
+        if name not in infos:
+            raise CheckpointError(f"{file.parent / 'model.safetensors.index.json'}: weight_map "
+                                  f"lists {name}, which {file.name} does not hold")
+
+
+def _check_finite_sample(model: Model, origin: dict, infos: dict[str, TensorInfo]) -> None:
+    """NaN/Inf in a strided sample of every weight (FINITE_SAMPLE values each), and E8M0 scale
+    255 (NaN) in MXFP4 scales: one small evaluation that catches a corrupt checkpoint at load."""
+    names, flags = [], []
+    for name, param in nn.utils.tree_flatten(model.parameters()):
+        flat = param.reshape(-1)
+        sample = flat[:: max(1, flat.size // FINITE_SAMPLE)]
+        if mx.issubdtype(param.dtype, mx.floating):
+            flags.append(mx.logical_not(mx.isfinite(sample).all()))
+        elif param.dtype == mx.uint8 and name.endswith(".scales"):
+            flags.append((sample == 255).any())
+        else:
+            continue
+        names.append(name)
+    for name, bad in zip(names, mx.stack(flags).tolist()):
+        if bad:
+            src = origin.get(name) or origin.get(name.rsplit(".", 1)[0] + ".weight") or name
+            file = infos[src.split(" + ")[0]].file if src.split(" + ")[0] in infos else "checkpoint"
+            raise CheckpointError(f"{file}: tensor {src} holds NaN or infinite values; the "
+                                  "checkpoint is corrupt")
+
+
 def _merge_generation_config(config: ModelConfig, directory: Path) -> ModelConfig:
     path = directory / "generation_config.json"
-    if not path.exists():
+    if not os.path.lexists(path):
+        return config
+    data = read_json_file(path, ConfigError)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a JSON object, got {type(data).__name__}")
+    if data.get("eos_token_id") is None:
         return config
     try:
-        eos = json.loads(path.read_text()).get("eos_token_id")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if eos is None:
-        return config
-    eos = [eos] if isinstance(eos, int) else list(eos)
+        eos = token_ids(data["eos_token_id"], "eos_token_id")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return config.replace(eos_token_ids=tuple(dict.fromkeys(list(config.eos_token_ids) + eos)))
 
 
@@ -479,9 +591,9 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
 def _checkpoint_tokenizer(directory: Path) -> HarmonyEncoding:
     """The checkpoint's own tokenizer files (an ``original/`` directory's are one level up),
     else o200k_base.tiktoken from the environment or tiktoken's cache."""
-    names = ("tokenizer.json", "o200k_base.tiktoken")
+    names = ("tokenizer.json", "tokenizer.json.gz", "o200k_base.tiktoken")
     candidates = [directory] + ([directory.parent] if directory.name == "original" else [])
     for candidate in candidates:
-        if any((candidate / n).exists() for n in names):
+        if any(os.path.lexists(candidate / n) for n in names):
             return load_tokenizer(candidate)
     return load_tokenizer()

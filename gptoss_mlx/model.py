@@ -24,7 +24,7 @@ import mlx.nn as nn
 
 from . import kernels, ops
 from .cache import KVCache, RotatingKVCache
-from .config import ModelConfig
+from .config import ModelConfig, yarn_correction_range
 
 
 class RMSNorm(nn.Module):
@@ -53,12 +53,7 @@ def yarn_parameters(config: ModelConfig) -> tuple[list[float], float]:
     if factor <= 1.0:
         return [1.0 / f for f in freqs], 1.0
     concentration = 0.1 * math.log(factor) + 1.0
-    ctx = config.rope_original_max_position_embeddings
-
-    def correction_dim(beta: float) -> float:
-        return d / 2 * math.log(ctx / (beta * 2 * math.pi)) / math.log(base)
-
-    low, high = correction_dim(config.rope_beta_fast), correction_dim(config.rope_beta_slow)
+    low, high = yarn_correction_range(config)  # unrounded unless truncate
     if config.rope_truncate:
         low, high = math.floor(low), math.ceil(high)
     inv_freq = []

@@ -12,15 +12,15 @@ Sources, in order: a checkpoint's ``tokenizer.json`` (byte-level BPE vocabulary)
 from __future__ import annotations
 
 import base64
-import gzip
 import hashlib
-import json
 import os
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import tiktoken
+
+from .files import read_json_file, regular_file_problem
 
 # Harmony special tokens (gpt-oss.md 4.1).
 SPECIAL_TOKENS: dict[str, int] = {
@@ -87,16 +87,21 @@ class HarmonyEncoding(tiktoken.Encoding):
             raise KeyError(f"no special token {key} in o200k_harmony") from None
 
 
-def _make_encoding(ranks: dict[bytes, int], pattern: str = O200K_PATTERN) -> HarmonyEncoding:
-    if len(ranks) != NUM_BPE_TOKENS:
-        raise TokenizerError(f"expected {NUM_BPE_TOKENS} BPE ranks, found {len(ranks)}")
-    return HarmonyEncoding(
-        name="o200k_harmony",
-        pat_str=pattern,
-        mergeable_ranks=ranks,
-        special_tokens=harmony_special_tokens(),
-        explicit_n_vocab=VOCAB_SIZE,
-    )
+def _make_encoding(ranks: dict[bytes, int], pattern: str = O200K_PATTERN,
+                   source: str | Path = "o200k_base") -> HarmonyEncoding:
+    if len(ranks) != NUM_BPE_TOKENS or len(set(ranks.values())) != NUM_BPE_TOKENS:
+        raise TokenizerError(f"{source}: expected the {NUM_BPE_TOKENS} distinct BPE ranks "
+                             f"0..{NUM_BPE_TOKENS - 1}, found {len(set(ranks.values()))}")
+    try:
+        return HarmonyEncoding(
+            name="o200k_harmony",
+            pat_str=pattern,
+            mergeable_ranks=ranks,
+            special_tokens=harmony_special_tokens(),
+            explicit_n_vocab=VOCAB_SIZE,
+        )
+    except ValueError as e:  # e.g. a split regex the Rust engine rejects
+        raise TokenizerError(f"{source}: not a usable tokenizer ({e})") from None
 
 
 @lru_cache(maxsize=None)
@@ -117,55 +122,75 @@ def _byte_decoder() -> dict[str, int]:
 def ranks_from_tokenizer_json(path: str | Path) -> tuple[dict[bytes, int], str]:
     """BPE ranks and the split regex from a Hugging Face ``tokenizer.json`` (optionally .gz)."""
     path = Path(path)
-    try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            data = json.load(f)
-        vocab = data["model"]["vocab"]
-    except FileNotFoundError:
-        raise TokenizerError(f"{path}: no such file") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TokenizerError(f"{path}: not a readable tokenizer.json ({e})") from None
+    data = read_json_file(path, TokenizerError)
+    vocab = _field(path, data, "model", dict)
+    vocab = _field(path, vocab, "vocab", dict, "model.vocab")
     decoder = _byte_decoder()
     ranks: dict[bytes, int] = {}
     for token, rank in vocab.items():
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+            raise TokenizerError(f"{path}: model.vocab[{token!r}] must be a token id, got {rank!r}")
         if rank >= NUM_BPE_TOKENS:
             continue
         try:
             ranks[bytes(decoder[ch] for ch in token)] = rank
         except KeyError:
             raise TokenizerError(f"{path}: token {token!r} is not byte-level BPE") from None
-    for added in data.get("added_tokens", []):
-        expected = harmony_special_tokens().get(added.get("content"))
+    specials = harmony_special_tokens()
+    for added in _field(path, data, "added_tokens", list, default=[]):
+        if not isinstance(added, dict):
+            raise TokenizerError(f"{path}: added_tokens holds {added!r}, not an object")
+        expected = specials.get(added.get("content"))
         if added.get("id") in SPECIAL_TOKENS.values() and expected != added.get("id"):
             raise TokenizerError(
                 f"{path}: special token {added.get('content')!r} has id {added.get('id')}, "
                 "which does not match o200k_harmony"
             )
     pattern = O200K_PATTERN
-    for pre in (data.get("pre_tokenizer") or {}).get("pretokenizers", []):
-        regex = (pre.get("pattern") or {}).get("Regex")
-        if pre.get("type") == "Split" and regex:
+    pre_tokenizer = _field(path, data, "pre_tokenizer", dict, default={})
+    for pre in _field(path, pre_tokenizer, "pretokenizers", list, "pre_tokenizer.pretokenizers", []):
+        split = pre.get("pattern") if isinstance(pre, dict) and pre.get("type") == "Split" else None
+        regex = split.get("Regex") if isinstance(split, dict) else None
+        if isinstance(regex, str) and regex:
             pattern = regex
     return ranks, pattern
 
 
+def _field(path: Path, data, key: str, kind: type, name: str | None = None, default=None):
+    """``data[key]`` of JSON type ``kind`` (absent: ``default``, or an error without one)."""
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: not a tokenizer.json (expected a JSON object, got "
+                             f"{type(data).__name__})")
+    value = data.get(key, default)
+    if not isinstance(value, kind):
+        what = "missing" if value is None else f"a {type(value).__name__}"
+        raise TokenizerError(f"{path}: {name or key} must be a JSON {_JSON_NAMES[kind]}, "
+                             f"but it is {what}")
+    return value
+
+
+_JSON_NAMES = {dict: "object", list: "array"}
+
+
 def ranks_from_tiktoken_file(path: str | Path, check_hash: bool = True) -> dict[bytes, int]:
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise TokenizerError(f"{path}: no such file") from None
+    problem = regular_file_problem(path)
+    if problem:
+        raise TokenizerError(f"{path}: {problem}")
+    data = path.read_bytes()
     if check_hash and hashlib.sha256(data).hexdigest() != O200K_SHA256:
         raise TokenizerError(
             f"{path}: sha256 does not match o200k_base ({O200K_SHA256[:12]}...); "
             "the file is corrupt or a different vocabulary"
         )
     ranks = {}
-    for line in data.splitlines():
+    for number, line in enumerate(data.splitlines(), 1):
         if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:  # binascii.Error is a ValueError
+                raise TokenizerError(f"{path}: line {number} is not 'base64-token rank'") from None
     return ranks
 
 
@@ -194,18 +219,18 @@ def load_tokenizer(path: str | Path | None = None) -> HarmonyEncoding:
         path = Path(path)
         if path.is_dir():
             for name in ("tokenizer.json", "tokenizer.json.gz", "o200k_base.tiktoken"):
-                if (path / name).exists():
+                if os.path.lexists(path / name):
                     return load_tokenizer(path / name)
             raise TokenizerError(
                 f"{path}: no tokenizer.json or o200k_base.tiktoken in this directory"
             )
         if path.name.endswith((".json", ".json.gz")):
             ranks, pattern = ranks_from_tokenizer_json(path)
-            return _make_encoding(ranks, pattern)
-        return _make_encoding(ranks_from_tiktoken_file(path))
+            return _make_encoding(ranks, pattern, path)
+        return _make_encoding(ranks_from_tiktoken_file(path), source=path)
     for candidate in _tiktoken_cache_candidates():
         if candidate.exists():
-            return _make_encoding(ranks_from_tiktoken_file(candidate))
+            return _make_encoding(ranks_from_tiktoken_file(candidate), source=candidate)
     raise TokenizerError(
         "no o200k_base vocabulary found: pass a checkpoint with tokenizer.json, or set "
         f"{TIKTOKEN_FILE_ENV} to an o200k_base.tiktoken file (sha256 {O200K_SHA256[:12]}...)"

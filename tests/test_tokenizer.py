@@ -106,5 +106,5 @@ def test_corrupt_tiktoken_file(tmp_path):
 def test_broken_tokenizer_json(tmp_path):
     bad = tmp_path / "tokenizer.json"
     bad.write_text(json.dumps({"model": {}}))
-    with pytest.raises(TokenizerError, match="not a readable tokenizer.json"):
+    with pytest.raises(TokenizerError, match="tokenizer.json: model.vocab must be a JSON object"):
         load_tokenizer(tmp_path)
