@@ -34,7 +34,7 @@ from .sandbox import (LINUX_WORKDIR, WORKER, SandboxLimits, make_policy, require
 __all__ = ["PythonSandbox", "SandboxLimits", "description"]
 
 STARTUP_S = 20.0  # for the sandbox and the interpreter to come up
-IDLE_CPU_S = 1.0  # CPU seconds a session may use between cells before it is restarted
+IDLE_CPU_S = 0.2  # CPU seconds a session may use between cells before it is restarted
 
 
 def description(stateful: bool, limits: SandboxLimits, workdir: str = LINUX_WORKDIR) -> str:
