@@ -23,7 +23,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gptoss_mlx.tools.python_tool import PythonSandbox  # noqa: E402
-from gptoss_mlx.tools.sandbox import SandboxLimits, python_paths  # noqa: E402
+from gptoss_mlx.tools.sandbox import SandboxLimits, python_paths, sandbox_env  # noqa: E402
 
 SECRET = "gptoss-canary-secret-4f1d"
 
@@ -71,6 +71,18 @@ def _failed(out: str) -> bool:
 
 def _no_write(out: str, ctx: Context) -> bool:
     return ctx.untouched()
+
+
+def _parent_environ_in(out: str) -> bool:
+    """Whether ``out`` shows an entry of this process's environment as the kernel keeps it
+    (/proc/self/environ: the environment it started with)."""
+    try:
+        entries = Path("/proc/self/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    ours = set(sandbox_env("/"))  # names the sandbox sets itself
+    return any(repr(e)[2:-1] in out for e in entries
+               if len(e) > 12 and e.split(b"=")[0].decode() not in ours)
 
 
 def _only_python(line: str) -> bool:
@@ -129,7 +141,7 @@ CASES = [
     Case("read /proc/<parent>/environ and every environ in /proc",
          "import os, glob\nfor p in ['/proc/{parent}/environ'] + glob.glob('/proc/*/environ'):\n"
          "    try:\n        print(p, open(p, 'rb').read())\n    except OSError as e:\n        print(p, e)",
-         lambda out, ctx: SECRET not in out),
+         lambda out, ctx: SECRET not in out and not _parent_environ_in(out)),
     Case("write /proc/<parent>/mem",
          "open('/proc/{parent}/mem', 'r+b').write(b'x')",
          lambda out, ctx: _failed(out)),

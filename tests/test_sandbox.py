@@ -14,26 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from gptoss_mlx.tools import python_tool
 from gptoss_mlx.tools import sandbox as sb
 from gptoss_mlx.tools.approval import hidden_char_count, render_code_ansi, render_code_text
 from gptoss_mlx.tools.python_tool import PythonSandbox, description
 from gptoss_mlx.tools.sandbox import (Policy, SandboxLimits, SandboxUnavailable, bwrap_argv,
                                       make_policy, seatbelt_profile, seccomp_filter)
 
-REQUIRE = os.environ.get("GPTOSS_MLX_REQUIRE_TOOLCHAIN") == "1"  # set by .ci/run
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_sandbox.py"
 _spec = importlib.util.spec_from_file_location("check_sandbox", SCRIPT)
 check = sys.modules["check_sandbox"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(check)
-
-
-@pytest.fixture(scope="module")
-def os_sandbox():
-    problem = sb._probe()
-    if problem:
-        if REQUIRE:
-            pytest.fail(f"{problem}, and GPTOSS_MLX_REQUIRE_TOOLCHAIN=1")
-        pytest.skip(problem)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +49,29 @@ def test_escape_is_contained(case, ctx):
     contained, out = check.run_case(case, ctx)
     assert contained, f"{case.name} escaped:\n{out}"
     assert ctx.untouched() and not ctx.connected() and not ctx.survivors()
+
+
+# Cases that are safe to run with no sandbox at all: each must then be judged escaped, which
+# shows that its judge can fail.
+UNCONFINED = ["subprocess (_posixsubprocess.fork_exec)", "os.open with dir_fd", "sqlite3 database outside",
+              "hard link and rename of a file outside", "read /proc/<parent>/environ and every environ in /proc",
+              "network: TCP to the host's 127.0.0.1", "read the home directory and ~/.ssh"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("name", UNCONFINED)
+def test_the_judges_see_an_escape_without_the_sandbox(name, monkeypatch, tmp_path):
+    monkeypatch.setattr(python_tool, "require_sandbox", lambda: None)
+    monkeypatch.setattr(python_tool, "sandboxed_command", lambda policy, command: sb.Launch(command, ()))
+    monkeypatch.chdir(tmp_path)
+    for key in ("HF_TOKEN", "OPENAI_API_KEY"):
+        monkeypatch.setenv(key, "")  # restored after check.context() sets them
+    context = check.context(tmp_path)
+    try:
+        contained, out = check.run_case(next(c for c in check.CASES if c.name == name), context)
+    finally:
+        context.server.close()
+    assert not contained, out
 
 
 def test_the_sandbox_still_does_what_the_model_needs(os_sandbox):

@@ -69,11 +69,13 @@ class Policy:
 
 
 def python_paths() -> tuple[str, ...]:
-    """The directories this Python needs: its prefixes, its stdlib and its site-packages."""
+    """The directories this Python needs: its prefixes, its stdlib and its site-packages (also
+    those a .pth file or PYTHONPATH put on sys.path; never the current or a project directory)."""
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
              os.path.dirname(os.path.realpath(sys.executable)),
              sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"],
-             *site.getsitepackages()}
+             *site.getsitepackages(),
+             *(p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages"))}
     return tuple(sorted(os.path.realpath(p) for p in paths if p and os.path.isdir(p)))
 
 
