@@ -126,6 +126,9 @@ CASES = [
          "os.open('{outside}'.lstrip('/') + '/pwned', os.O_CREAT | os.O_WRONLY, dir_fd=fd)", _no_write),
     Case("sqlite3 database outside",
          "import sqlite3\nsqlite3.connect('{outside}/db.sqlite').execute('create table t (x)')", _no_write),
+    Case("native writers outside (numpy.save, mx.save)",
+         "import numpy as np\ntry:\n    np.save('{outside}/a.npy', np.zeros(3))\nexcept OSError as e:\n    print(e)\n"
+         "import mlx.core as mx\nmx.save('{outside}/b.npy', mx.zeros(3))", _no_write),
     Case("mkfifo / mknod outside",
          "import os, stat\ntry:\n    os.mkfifo('{outside}/fifo')\nexcept OSError as e:\n    print(e)\n"
          "os.mknod('{outside}/node', stat.S_IFREG | 0o600)", _no_write),
@@ -135,6 +138,14 @@ CASES = [
          lambda out, ctx: ctx.untouched() and "keep" not in out),
     Case("symlink out of the working directory",
          "import os\nos.symlink('/', 'root')\nopen('root{outside}/pwned', 'w').write('x')", _no_write),
+    Case("write anywhere but the working directory (/, /etc, /dev, /dev/shm, /tmp, $HOME)",
+         "import os\nfor p in ['/x', '/etc/x', '/dev/x', '/dev/shm/x', '/tmp/x', {home!r} + '/x']:\n"
+         "    try:\n        open(p, 'w').write('x')\n        print('WROTE', p)\n    except OSError as e:\n"
+         "        print(p, e)",
+         lambda out, ctx: "WROTE" not in out and not os.path.exists(os.path.expanduser("~/x"))),
+    Case("write a kernel setting (/proc/sys, same value)",
+         "v = open('/proc/sys/fs/file-max').read()\nopen('/proc/sys/fs/file-max', 'w').write(v)\nprint('WROTE')",
+         lambda out, ctx: "WROTE" not in out and _failed(out)),
     Case("write into the Python installation",
          "import json\nopen(json.__file__, 'a').write('# pwned')",
          lambda out, ctx: _failed(out) and "# pwned" not in Path(__import__("json").__file__).read_text()),

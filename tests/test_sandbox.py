@@ -124,7 +124,10 @@ def test_bwrap_argv_confines():
                  "--unshare-uts", "--die-with-parent", "--new-session", "--clearenv",
                  "--disable-userns"):
         assert flag in argv
-    assert argv[argv.index("--cap-drop") + 1] == "ALL"
+    assert argv[argv.index("--cap-drop") + 1] == "ALL" and "--proc" not in argv
+    mounts = [i for i, a in enumerate(argv) if a in ("--ro-bind-try", "--tmpfs", "--dev")]
+    remounts = [i for i, a in enumerate(argv) if a == "--remount-ro"]
+    assert [argv[i + 1] for i in remounts] == ["/dev", "/"] and min(remounts) > max(mounts)
     assert argv[argv.index("--seccomp") + 1] == "7"
     size = argv.index("--size")
     assert argv[size:size + 4] == ["--size", str(32 * 2**20), "--tmpfs", "/mnt/data"]

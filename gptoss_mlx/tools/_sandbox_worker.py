@@ -37,6 +37,7 @@ try:
     _limit(resource.RLIMIT_FSIZE, int(config["max_file_mb"]) * 2**20)
     _limit(resource.RLIMIT_CPU, int(config["cpu_s"]))
     _limit(resource.RLIMIT_NOFILE, int(config["open_files"]))
+    _limit(resource.RLIMIT_NPROC, int(config["processes"]))  # threads count too; root is exempt
     _limit(resource.RLIMIT_CORE, 0)
 except ImportError:  # no rlimits on this platform
     pass

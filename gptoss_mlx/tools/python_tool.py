@@ -78,7 +78,7 @@ class PythonSandbox:
     def _start(self) -> subprocess.Popen:
         config = {"memory_mb": self.limits.memory_mb, "cpu_s": self.limits.cpu_s,
                   "max_output": self.limits.max_output, "max_file_mb": self.limits.max_file_mb,
-                  "open_files": self.limits.open_files}
+                  "open_files": self.limits.open_files, "processes": self.limits.max_processes}
         launch = sandboxed_command(self.policy, [sys.executable, "-I", WORKER, json.dumps(config)])
         try:
             proc = subprocess.Popen(

@@ -6,8 +6,8 @@ off, new processes on or off) is turned into the confinement of the platform:
 - Linux: a bubblewrap (``bwrap``) command line — new user, PID, network, IPC, UTS and cgroup
   namespaces, no capabilities, a root that holds only read-only binds of the Python
   installation and system libraries, the working directory as a size-capped tmpfs (the only
-  writable place, and a hard cap on the bytes written), a /proc of the sandbox's own
-  processes, a cleared environment, ``--die-with-parent`` (killing bwrap ends the PID
+  writable place, and a hard cap on the bytes written; the rest of the root is read-only), no
+  /proc, a cleared environment, ``--die-with-parent`` (killing bwrap ends the PID
   namespace and every process in it), plus a seccomp filter (``seccomp_filter``) that refuses
   new processes, ptrace, namespaces, mounts, pidfds, keyrings, BPF and io_uring.
 - macOS: a Seatbelt profile (``seatbelt_profile``) for ``sandbox-exec``, deny by default, after
@@ -50,6 +50,7 @@ class SandboxLimits:
     max_file_mb: int = 64  # the largest file the code may write
     disk_mb: int = 256  # everything the code may write, together (Linux: the tmpfs size)
     open_files: int = 256
+    max_processes: int = 256  # processes and threads of the sandbox (RLIMIT_NPROC)
     network: bool = False
     processes: bool = False  # may the code start new processes (subprocess, os.fork)?
 
@@ -109,9 +110,10 @@ def bwrap_argv(policy: Policy, seccomp_fd: int | None) -> list[str]:
         argv.append("--unshare-net")
     for path in policy.read_paths + policy.read_files:
         argv += ["--ro-bind-try", path, path]
-    argv += ["--proc", "/proc", "--dev", "/dev",
-             "--size", str(policy.disk_mb * 2**20), "--tmpfs", policy.workdir,
-             "--chdir", policy.workdir]
+    # No /proc at all: it would show bwrap's init, and as root its /proc/sys is writable.
+    # The root and /dev tmpfs that bwrap builds are made read-only once everything is mounted.
+    argv += ["--dev", "/dev", "--size", str(policy.disk_mb * 2**20), "--tmpfs", policy.workdir,
+             "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", policy.workdir]
     for name, value in sandbox_env(policy.workdir).items():
         argv += ["--setenv", name, value]
     if seccomp_fd is not None:
@@ -206,7 +208,9 @@ def seatbelt_profile(policy: Policy, executable: str) -> str:
     lines = [
         "(version 1)",
         "(deny default)",
-        f"(allow process-exec {' '.join(f'(literal {_sbpl_string(p)})' for p in sorted(exe))})",
+        # exec of Python itself (a framework build re-execs Python.app inside its prefix); without
+        # process-fork an exec can only replace the worker, inside the same sandbox
+        f"(allow process-exec {' '.join(f'(literal {_sbpl_string(p)})' for p in sorted(exe))} {reads})",
         "(allow signal (target self))",
         "(allow process-info* (target self))",
         "(allow file-read-metadata)",  # stat() of path components; contents stay closed
