@@ -54,3 +54,16 @@ def tiktoken_file():
     if not TIKTOKEN_FILE.exists():
         pytest.skip(f"o200k_base.tiktoken not found in {SHARED_DATA} (../shared/data)")
     return TIKTOKEN_FILE
+
+
+@pytest.fixture(scope="session")
+def os_sandbox():
+    """The python tool's OS sandbox (bubblewrap on Linux): skip without it, but fail in CI, where
+    .ci/run installs it and sets GPTOSS_MLX_REQUIRE_TOOLCHAIN=1."""
+    from gptoss_mlx.tools.sandbox import _probe
+
+    problem = _probe()
+    if problem:
+        if os.environ.get("GPTOSS_MLX_REQUIRE_TOOLCHAIN") == "1":
+            pytest.fail(f"{problem}, and GPTOSS_MLX_REQUIRE_TOOLCHAIN=1")
+        pytest.skip(problem)

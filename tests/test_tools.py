@@ -1,12 +1,11 @@
 """Tool use: function tools from callables, the tool loop over scripted harmony output (both
-recipient positions, both channels, bad JSON, unknown tools, round limits), the python sandbox
-holding against escapes, and the browser against a local HTTP server."""
+recipient positions, both channels, bad JSON, unknown tools, round limits), the python tool's
+sessions, timeouts and output caps, and the browser against a local HTTP server."""
 
 from __future__ import annotations
 
 import http.server
 import json
-import socket
 import threading
 import time
 from enum import Enum
@@ -193,7 +192,7 @@ def test_round_limit(tok):
     assert len(contents) == 3
 
 
-def test_python_tool_in_the_loop_with_approval(tok):
+def test_python_tool_in_the_loop_with_approval(tok, os_sandbox):
     asked = []
     toolbox = Toolbox(python=PythonSandbox(limits=SandboxLimits(timeout_s=10)),
                       approve_code=lambda code: asked.append(code) or "rm" not in code)
@@ -210,10 +209,10 @@ def test_python_tool_in_the_loop_with_approval(tok):
         toolbox.close()
 
 
-# ---- the python sandbox holds -----------------------------------------------------------------
+# ---- the python tool (its escape suite is tests/test_sandbox.py) -----------------------------
 
 @pytest.fixture(scope="module")
-def sandbox():
+def sandbox(os_sandbox):
     box = PythonSandbox(limits=SandboxLimits(timeout_s=5, memory_mb=512, max_output=2000))
     yield box
     box.close()
@@ -226,51 +225,14 @@ def test_sandbox_state_and_notebook_style_output(sandbox):
     assert sandbox.run("x").strip() == "20"  # an error does not lose the session
 
 
-def test_stateless_mode_forgets():
+def test_stateless_mode_forgets(os_sandbox):
     with PythonSandbox(stateful=False) as box:
         box.run("y = 1")
         assert "NameError" in box.run("print(y)")
         assert "STATELESS" in box.description
 
 
-def test_no_writes_outside_the_working_directory(sandbox, tmp_path):
-    target = tmp_path / "outside.txt"
-    target.write_text("keep")
-    for code in (f"open({str(target)!r}, 'w').write('x')", f"import os; os.remove({str(target)!r})",
-                 f"import pathlib; pathlib.Path({str(tmp_path / 'new.txt')!r}).write_text('x')",
-                 f"import os; os.rename({str(target)!r}, 'stolen.txt')",
-                 f"import shutil; shutil.rmtree({str(tmp_path)!r})"):
-        assert "PermissionError" in sandbox.run(code), code
-    assert target.read_text() == "keep" and not (tmp_path / "new.txt").exists()
-    assert sandbox.run("open('inside.txt', 'w').write('ok'); open('inside.txt').read()").strip() == "'ok'"
-    assert (sandbox.workdir / "inside.txt").exists()
-
-
-def test_no_network(sandbox):
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    server.settimeout(0.5)
-    port = server.getsockname()[1]
-    out = sandbox.run(f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)")
-    assert "network access is disabled" in out
-    with pytest.raises(socket.timeout):
-        server.accept()  # nothing connected
-    server.close()
-    assert "network access is disabled" in sandbox.run("import urllib.request; urllib.request.urlopen('http://127.0.0.1:1')")
-
-
-def test_no_processes_fork_bomb_or_native_code(sandbox, tmp_path):
-    marker = tmp_path / "pwned"
-    assert "not allowed" in sandbox.run("import os\nwhile True:\n    os.fork()")
-    assert "not allowed" in sandbox.run(f"import subprocess; subprocess.run(['touch', {str(marker)!r}])")
-    assert "not allowed" in sandbox.run(f"import os; os.system('touch {marker}')")
-    assert "not allowed" in sandbox.run(f"import ctypes; ctypes.CDLL(None).system(b'touch {marker}')")
-    assert not marker.exists()
-    assert sandbox.run("import numpy as np; int(np.arange(5).sum())").strip() == "10"  # NumPy still works
-
-
-def test_infinite_loop_times_out_and_session_restarts():
+def test_infinite_loop_times_out_and_session_restarts(os_sandbox):
     with PythonSandbox(limits=SandboxLimits(timeout_s=1.5)) as box:
         box.run("z = 5")
         t0 = time.monotonic()
@@ -285,7 +247,7 @@ def test_huge_output_and_memory_are_contained(sandbox):
     out = sandbox.run("print('x' * 10_000_000)")
     assert len(out) < 2200 and "[output truncated: 9998001 more characters]" in out
     out = sandbox.run("b = bytearray(4 * 2**30)")
-    assert "MemoryError" in out or "ended unexpectedly" in out
+    assert "MemoryError" in out or "ended" in out
     assert sandbox.run("1 + 1").strip() == "2"
 
 

@@ -1,52 +1,52 @@
-"""The built-in ``python`` tool: the model's code runs in a sandboxed subprocess.
+"""The built-in ``python`` tool: the model's code runs in a Python process inside an OS sandbox.
 
-Each sandbox has its own temporary working directory, a wall-clock timeout per call (the
-process is killed and, in session mode, restarted), a memory limit, truncated output, no
-network unless allowed, no child processes, and no writes outside its directory
-(_sandbox_worker.py). ``stateful=True`` keeps one interpreter across calls, like the
+The sandbox (sandbox.py: bubblewrap + seccomp on Linux, Seatbelt on macOS) lets the code read
+Python and the system libraries and write only its working directory (on Linux a tmpfs capped
+at ``disk_mb``); no network unless allowed, no new processes, nothing of the user's (home,
+keys, environment, other processes). The worker (_sandbox_worker.py) sets hard resource
+limits. Each run has a wall-clock timeout, after which the whole sandbox is killed (and, in
+session mode, restarted). ``stateful=True`` keeps one interpreter across calls, like the
 notebook the model was trained with; ``stateful=False`` starts a fresh one per call, like
-OpenAI's reference tool.
+OpenAI's reference tool. Without a working OS sandbox the tool refuses to start.
+
+Replies come back one JSON line per request, tagged with the request's random id. The code
+runs in the worker's process and could write to that channel, so the parent believes only one
+well-formed reply with the right id, read before a deadline; anything else (malformed,
+unmatched, extra bytes, silence) kills the worker and tells the model what happened.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import select
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
-WORKER = Path(__file__).with_name("_sandbox_worker.py")
+from ..harmony import PYTHON_DESCRIPTION
+from .sandbox import (LINUX_WORKDIR, WORKER, SandboxLimits, make_policy, require_sandbox,
+                      sandbox_env, sandboxed_command)
 
+__all__ = ["PythonSandbox", "SandboxLimits", "description"]
 
-@dataclass
-class SandboxLimits:
-    timeout_s: float = 30.0
-    memory_mb: int = 2048
-    max_output: int = 16_000  # characters of output returned to the model
-    max_file_mb: int = 64
-    network: bool = False
+STARTUP_S = 20.0  # for the sandbox and the interpreter to come up
+IDLE_CPU_S = 0.2  # CPU seconds a session may use between cells before it is restarted
 
 
-def description(stateful: bool, limits: SandboxLimits) -> str:
-    """The tool's description in the system message: the training-time text where it is true,
-    adjusted to what this sandbox really does (directory, timeout, network)."""
+def description(stateful: bool, limits: SandboxLimits, workdir: str = LINUX_WORKDIR) -> str:
+    """The tool's description in the system message: the training-time text (harmony's
+    PYTHON_DESCRIPTION) with what this sandbox really does (timeout, directory, network); for
+    a stateless tool, the text of OpenAI's reference tool."""
     network = "enabled" if limits.network else "disabled"
     if stateful:
-        return (
-            "Use this tool to execute Python code in your chain of thought. The code will not be "
-            "shown to the user. This tool should be used for internal reasoning, but not for code "
-            "that is intended to be visible to the user (e.g. when creating plots, tables, or "
-            "files).\n\nWhen you send a message containing Python code to python, it will be "
-            "executed in a stateful Jupyter notebook environment. python will respond with the "
-            f"output of the execution or time out after {limits.timeout_s:.1f} seconds. The "
-            "current working directory can be used to save and persist files. Internet access "
-            f"for this session is {network}.")
+        return (PYTHON_DESCRIPTION
+                .replace("120.0 seconds", f"{limits.timeout_s:.1f} seconds")
+                .replace("'/mnt/data'", f"'{workdir}'")
+                .replace("UNKNOWN. Depends on the cluster.", f"{network}."))
     return (
         "Use this tool to execute STATELESS Python code in your chain of thought. The code will "
         "not be shown to the user. This tool should be used for internal reasoning, but not for "
@@ -59,78 +59,156 @@ def description(stateful: bool, limits: SandboxLimits) -> str:
 
 
 class PythonSandbox:
-    def __init__(self, stateful: bool = True, limits: SandboxLimits | None = None,
-                 workdir: str | os.PathLike | None = None):
+    def __init__(self, stateful: bool = True, limits: SandboxLimits | None = None):
+        require_sandbox()  # raises SandboxUnavailable: never a run without the OS sandbox
         self.stateful = stateful
         self.limits = limits or SandboxLimits()
-        self._own_dir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="gptoss-python-")).resolve()
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        # Linux: a tmpfs inside the sandbox; macOS: a fresh directory the profile opens.
+        self._own_dir = None if sys.platform.startswith("linux") else tempfile.mkdtemp(prefix="gptoss-python-")
+        self.workdir = os.path.realpath(self._own_dir) if self._own_dir else LINUX_WORKDIR
+        self.policy = make_policy(self.limits, self.workdir)
         self._proc: subprocess.Popen | None = None
+        self._pending: bytes = b""  # bytes read past the last reply
+        self._idle_cpu: float | None = None  # CPU time of the sandbox when the last cell ended
 
     @property
     def description(self) -> str:
-        return description(self.stateful, self.limits)
+        return description(self.stateful, self.limits, self.workdir)
 
     def _start(self) -> subprocess.Popen:
-        config = {"workdir": str(self.workdir), "memory_mb": self.limits.memory_mb,
+        config = {"memory_mb": self.limits.memory_mb, "cpu_s": self.limits.cpu_s,
                   "max_output": self.limits.max_output, "max_file_mb": self.limits.max_file_mb,
-                  "network": self.limits.network}
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(self.workdir), "LANG": "C.UTF-8",
-               "TMPDIR": str(self.workdir)}
-        return subprocess.Popen(
-            [sys.executable, "-I", str(WORKER), json.dumps(config)], cwd=self.workdir, env=env,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            text=True, start_new_session=True,  # its own process group: killed as a whole
-        )
+                  "open_files": self.limits.open_files, "processes": self.limits.max_processes}
+        launch = sandboxed_command(self.policy, [sys.executable, "-I", WORKER, json.dumps(config)])
+        try:
+            proc = subprocess.Popen(
+                launch.argv, pass_fds=launch.pass_fds, env=sandbox_env(self.workdir),
+                cwd=self._own_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            if launch.keep is not None:
+                launch.keep.close()
+        os.set_blocking(proc.stdin.fileno(), False)
+        self._proc, self._pending, self._idle_cpu = proc, b"", None
+        if self._read_reply(time.monotonic() + STARTUP_S) != {"ready": True}:
+            self._kill()
+            raise RuntimeError("the python sandbox did not start")
+        return proc
 
     def run(self, code: str) -> str:
         """Run ``code``; returns what it printed (and its last expression's value), a traceback,
-        or a note that it timed out. Never raises for anything the code does."""
-        if self._proc is None or self._proc.poll() is not None:
-            self._proc = self._start()
-        proc = self._proc
+        or a note saying why there is no result. Never raises for anything the code does."""
+        note = self._check_idle() or self._check_quiet()
         try:
-            proc.stdin.write(json.dumps({"code": code}) + "\n")
-            proc.stdin.flush()
-            line = self._read_line(proc, self.limits.timeout_s)
-        except (BrokenPipeError, OSError):
-            line = None
-        if line is None:
-            timed_out = proc.poll() is None
+            if self._proc is None or self._proc.poll() is not None:
+                self._start()
+        except (OSError, RuntimeError) as e:
             self._kill()
+            return f"[the Python sandbox could not start: {e}]"
+        request_id = secrets.token_hex(16)
+        deadline = time.monotonic() + self.limits.timeout_s
+        sent = self._send(json.dumps({"id": request_id, "code": code}).encode() + b"\n", deadline)
+        reply = self._read_reply(deadline) if sent else None
+        timed_out = time.monotonic() >= deadline
+        if not isinstance(reply, dict) or reply.get("id") != request_id or self._pending \
+                or not isinstance(reply.get("output"), str):
+            alive = self._proc is not None and self._proc.poll() is None
+            self._kill()
+            lost = "; the session was restarted and its variables are lost" if self.stateful else ""
             if timed_out:
-                note = "the session was restarted; its variables are lost" if self.stateful else ""
-                return f"[execution timed out after {self.limits.timeout_s:.1f} seconds{'; ' + note if note else ''}]"
-            return "[the Python process ended unexpectedly (out of memory?); the session was restarted]"
-        if not self.stateful:
+                why = f"execution timed out after {self.limits.timeout_s:.1f} seconds"
+            elif reply is None and not alive:
+                why = ("the Python process ended (out of memory, over its CPU-time limit, or "
+                       "killed)")
+            else:
+                why = ("the Python process's reply was malformed or out of order (the code "
+                       "wrote to the tool's reply channel?)")
+            return note + f"[{why}{lost}]"
+        if self.stateful:
+            self._idle_cpu = self._sandbox_cpu()
+        else:
             self._kill()
-        try:
-            return json.loads(line)["output"] or "[no output]"
-        except (json.JSONDecodeError, KeyError, TypeError):
-            self._kill()
-            return "[the Python process wrote an unreadable reply; the session was restarted]"
+        return note + (reply["output"] or "[no output]")
 
-    @staticmethod
-    def _read_line(proc: subprocess.Popen, timeout: float) -> str | None:
-        deadline = time.monotonic() + timeout
-        fd = proc.stdout.fileno()
-        chunks = b""
+    def _check_idle(self) -> str:
+        """Restart a session that kept computing after its last cell returned (a thread left
+        running); returns a note for the model, or ''."""
+        if self._proc is None or self._idle_cpu is None:
+            return ""
+        used = self._sandbox_cpu()
+        if used is None or used - self._idle_cpu <= IDLE_CPU_S:
+            return ""
+        self._kill()
+        return ("[the previous session kept using the CPU after its code returned (a background "
+                "thread?); it was stopped and its variables are lost]\n")
+
+    def _check_quiet(self) -> str:
+        """Restart a session that wrote to the reply channel after its last reply (a forged
+        reply came first and the real one after it); returns a note for the model, or ''."""
+        if self._proc is None:
+            return ""
+        if not self._pending and not select.select([self._proc.stdout.fileno()], [], [], 0)[0]:
+            return ""
+        self._kill()
+        return ("[the previous cell wrote extra data to the tool's reply channel; the session "
+                "was restarted and its variables are lost]\n")
+
+    def _send(self, data: bytes, deadline: float) -> bool:
+        """Write all of ``data`` to the worker before ``deadline``; False if it did not take it."""
+        fd = self._proc.stdin.fileno()
+        while data:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([], [fd], [], left)[1]:
+                return False
+            try:
+                data = data[os.write(fd, data):]
+            except BlockingIOError:
+                continue
+            except OSError:  # the worker is gone
+                return False
+        return True
+
+    def _read_reply(self, deadline: float):
+        """One JSON line from the worker, read before ``deadline`` (None on silence, death, an
+        oversized or malformed line). Bytes after the line stay in self._pending."""
+        fd = self._proc.stdout.fileno()
+        limit = 8 * self.limits.max_output + 65536  # JSON escapes at most ~6 bytes a character
+        chunks = self._pending
         while b"\n" not in chunks:
             left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            ready, _, _ = select.select([fd], [], [], left)
-            if not ready:
+            if left <= 0 or len(chunks) > limit or not select.select([fd], [], [], left)[0]:
                 return None
             data = os.read(fd, 1 << 16)
             if not data:
                 return None  # the process died
             chunks += data
-        return chunks.split(b"\n", 1)[0].decode("utf-8", "replace")
+        line, self._pending = chunks.split(b"\n", 1)
+        try:
+            return json.loads(line)
+        except (ValueError, OSError):
+            return None
+
+    def _sandbox_cpu(self) -> float | None:
+        """CPU seconds used so far by every process of the sandbox (Linux; None elsewhere)."""
+        if self._proc is None or not os.path.isdir("/proc"):
+            return None
+        total, todo, tick = 0.0, [self._proc.pid], os.sysconf("SC_CLK_TCK")
+        try:
+            while todo:
+                pid = todo.pop()
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/children") as f:
+                        todo += [int(p) for p in f.read().split()]
+        except (OSError, ValueError, IndexError):
+            return None
+        return total
 
     def _kill(self) -> None:
-        proc, self._proc = self._proc, None
+        """Kill the sandbox: bwrap's death ends its PID namespace and every process in it."""
+        proc, self._proc, self._idle_cpu = self._proc, None, None
         if proc is None:
             return
         try:
@@ -147,7 +225,7 @@ class PythonSandbox:
     def close(self) -> None:
         self._kill()
         if self._own_dir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            shutil.rmtree(self._own_dir, ignore_errors=True)
 
     def __enter__(self):
         return self

@@ -1,0 +1,76 @@
+"""How the model's code is shown before the user approves it: every character that could hide or
+reorder text on a terminal (carriage return, escape sequences, other control characters, bidi
+overrides and isolates, zero-width and invisible characters) is replaced by a visible, highlighted
+marker, so what the person reads is what will run. Newlines and tabs stay as they are.
+
+    print(render_code_ansi(code), file=sys.stderr)      # the terminal prompt
+    dialog_body = render_code_text(code)                 # a rich Text for the TUI dialog
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+from rich.text import Text
+
+_NAMES = {"\r": "\\r", "\x1b": "ESC", "\x00": "NUL", "\x08": "BS", "\x7f": "DEL", "\x0b": "\\v",
+          "\x0c": "\\f"}
+_KEPT = {"\n", "\t"}
+
+
+def hidden_char_marker(ch: str) -> str | None:
+    """The visible stand-in for ``ch`` (e.g. ``<\\r>``, ``<ESC>``, ``<U+202E>``), or None for a
+    character that shows as itself."""
+    if ch in _KEPT:
+        return None
+    if ch in _NAMES:
+        return f"<{_NAMES[ch]}>"
+    # Cc: controls (C0, C1); Cf: format (bidi, zero-width, soft hyphen...); Zl/Zp: line and
+    # paragraph separators; Co/Cn: private and unassigned; Zs other than the plain space.
+    category = unicodedata.category(ch)
+    if category in ("Cc", "Cf", "Zl", "Zp", "Co", "Cn", "Cs") or (category == "Zs" and ch != " "):
+        return f"<U+{ord(ch):04X}>"
+    return None
+
+
+def _pieces(code: str) -> list[tuple[str, bool]]:
+    """``code`` as (text, is_marker) runs."""
+    out: list[tuple[str, bool]] = []
+    for ch in code:
+        marker = hidden_char_marker(ch)
+        if marker is not None:
+            out.append((marker, True))
+        elif out and not out[-1][1]:
+            out[-1] = (out[-1][0] + ch, False)
+        else:
+            out.append((ch, False))
+    return out
+
+
+def hidden_char_count(code: str) -> int:
+    return sum(hidden_char_marker(ch) is not None for ch in code)
+
+
+def _warning(code: str) -> str:
+    n = hidden_char_count(code)
+    return (f"warning: {n} hidden or control character{'s' if n != 1 else ''} in this code, "
+            "shown highlighted") if n else ""
+
+
+def render_code_ansi(code: str) -> str:
+    """The whole of ``code`` for a terminal, markers in reverse-video red; with a warning line
+    first when there are any. Nothing in the result can move the cursor or reorder text."""
+    body = "".join(f"\x1b[1;7;31m{t}\x1b[0m" if marker else t for t, marker in _pieces(code))
+    warning = _warning(code)
+    return (f"\x1b[1;31m{warning}\x1b[0m\n" if warning else "") + body
+
+
+def render_code_text(code: str) -> Text:
+    """The same for the TUI: a rich Text, markers styled "bold reverse red"."""
+    text = Text()
+    warning = _warning(code)
+    if warning:
+        text.append(warning + "\n", style="bold red")
+    for t, marker in _pieces(code):
+        text.append(t, style="bold reverse red" if marker else None)
+    return text

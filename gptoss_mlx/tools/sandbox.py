@@ -1,0 +1,306 @@
+"""The operating-system sandbox the python tool's code runs in.
+
+One policy (``Policy``: what the code may read, the one directory it may write, network on or
+off, new processes on or off) is turned into the confinement of the platform:
+
+- Linux: a bubblewrap (``bwrap``) command line — new user, PID, network, IPC, UTS and cgroup
+  namespaces, no capabilities, a root that holds only read-only binds of the Python
+  installation and system libraries, the working directory as a size-capped tmpfs (the only
+  writable place, and a hard cap on the bytes written; the rest of the root is read-only), no
+  /proc, a cleared environment, ``--die-with-parent`` (killing bwrap ends the PID
+  namespace and every process in it), plus a seccomp filter (``seccomp_filter``) that refuses
+  new processes, ptrace, namespaces, mounts, pidfds, keyrings, BPF and io_uring.
+- macOS: a Seatbelt profile (``seatbelt_profile``) for ``sandbox-exec``, deny by default, after
+  the pattern of OpenAI's Codex CLI: reads of the same paths, writes only in the working
+  directory, no network, no process-fork unless allowed, signals and process info only for
+  itself.
+
+There is no fallback: where neither works, ``require_sandbox`` raises ``SandboxUnavailable``
+with one line saying what to install. Resource limits (set by the worker, hard = soft, so the
+code cannot raise them) and the wall-clock kill are in python_tool.py / _sandbox_worker.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import shutil
+import site
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .functions import ToolError
+
+WORKER = str(Path(__file__).with_name("_sandbox_worker.py"))
+LINUX_WORKDIR = "/mnt/data"  # where the tmpfs working directory appears inside the sandbox
+
+
+@dataclass
+class SandboxLimits:
+    timeout_s: float = 30.0  # wall clock per code run; then the whole sandbox is killed
+    memory_mb: int = 2048  # address space of the Python process
+    cpu_s: int = 600  # CPU seconds for the life of one interpreter (a session)
+    max_output: int = 16_000  # characters of output returned to the model
+    max_file_mb: int = 64  # the largest file the code may write
+    disk_mb: int = 256  # everything the code may write, together (Linux: the tmpfs size)
+    open_files: int = 256
+    max_processes: int = 256  # processes and threads of the sandbox (RLIMIT_NPROC)
+    network: bool = False
+    processes: bool = False  # may the code start new processes (subprocess, os.fork)?
+
+
+class SandboxUnavailable(ToolError):
+    """No operating-system sandbox on this machine; the message says what to install."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    workdir: str  # the code's working directory: the only place it may write
+    read_paths: tuple[str, ...]  # readable, never writable: Python and the system libraries
+    disk_mb: int = 256
+    network: bool = False
+    processes: bool = False
+    read_files: tuple[str, ...] = field(default=())  # single readable files (the worker script)
+
+
+def python_paths() -> tuple[str, ...]:
+    """The directories this Python needs: its prefixes, its stdlib and its site-packages (also
+    those a .pth file or PYTHONPATH put on sys.path; never the current or a project directory)."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+             os.path.dirname(os.path.realpath(sys.executable)),
+             sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"],
+             *site.getsitepackages(),
+             *(p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages"))}
+    return tuple(sorted(os.path.realpath(p) for p in paths if p and os.path.isdir(p)))
+
+
+LINUX_SYSTEM_PATHS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache",
+                      "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives")
+LINUX_NETWORK_PATHS = ("/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/ssl",
+                       "/etc/ca-certificates", "/etc/pki")
+MACOS_SYSTEM_PATHS = ("/usr/lib", "/usr/share", "/System", "/Library/Frameworks",
+                      "/private/var/db/timezone", "/private/var/db/dyld", "/dev/urandom",
+                      "/dev/random", "/dev/null", "/private/etc/localtime")
+MACOS_NETWORK_PATHS = ("/private/etc/resolv.conf", "/private/etc/hosts", "/private/etc/ssl",
+                       "/private/var/run/resolv.conf")
+
+
+def make_policy(limits: SandboxLimits, workdir: str, system: str | None = None) -> Policy:
+    system = system or platform.system()
+    base = LINUX_SYSTEM_PATHS if system == "Linux" else MACOS_SYSTEM_PATHS
+    net = (LINUX_NETWORK_PATHS if system == "Linux" else MACOS_NETWORK_PATHS) if limits.network else ()
+    return Policy(workdir=workdir, read_paths=tuple(dict.fromkeys(base + python_paths() + net)),
+                  disk_mb=limits.disk_mb, network=limits.network, processes=limits.processes,
+                  read_files=(WORKER,))
+
+
+# ---------------------------------------------------------------------------------- Linux
+def bwrap_argv(policy: Policy, seccomp_fd: int | None) -> list[str]:
+    """The bwrap options (up to, not including, the command) that enforce ``policy``."""
+    argv = ["bwrap", "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session",
+            "--cap-drop", "ALL", "--hostname", "sandbox", "--clearenv"]
+    if not policy.network:
+        argv.append("--unshare-net")
+    for path in policy.read_paths + policy.read_files:
+        argv += ["--ro-bind-try", path, path]
+    # No /proc at all: it would show bwrap's init, and as root its /proc/sys is writable.
+    # The root and /dev tmpfs that bwrap builds are made read-only once everything is mounted.
+    argv += ["--dev", "/dev", "--size", str(policy.disk_mb * 2**20), "--tmpfs", policy.workdir,
+             "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", policy.workdir]
+    for name, value in sandbox_env(policy.workdir).items():
+        argv += ["--setenv", name, value]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
+    return argv + ["--"]
+
+
+def sandbox_env(workdir: str) -> dict[str, str]:
+    """The whole environment the code sees: no tokens, keys or paths of the user's."""
+    return {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "Agg"}
+
+
+# Syscalls by number per architecture (audit arch, number table). From the kernel's
+# arch/x86/entry/syscalls/syscall_64.tbl and include/uapi/asm-generic/unistd.h (arm64).
+_SYSCALLS = {
+    "x86_64": (0xC000003E, {
+        "fork": 57, "vfork": 58, "clone": 56, "clone3": 435, "ptrace": 101,
+        "process_vm_readv": 310, "process_vm_writev": 311, "unshare": 272, "setns": 308,
+        "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "keyctl": 250,
+        "add_key": 248, "request_key": 249, "bpf": 321, "perf_event_open": 298,
+        "userfaultfd": 323, "kexec_load": 246, "init_module": 175, "finit_module": 313,
+        "delete_module": 176, "reboot": 169, "swapon": 167, "swapoff": 168, "acct": 163}),
+    "aarch64": (0xC00000B7, {
+        "clone": 220, "clone3": 435, "ptrace": 117, "process_vm_readv": 270,
+        "process_vm_writev": 271, "unshare": 97, "setns": 268, "mount": 40, "umount2": 39,
+        "pivot_root": 41, "chroot": 51, "keyctl": 219, "add_key": 217, "request_key": 218,
+        "bpf": 280, "perf_event_open": 241, "userfaultfd": 282, "kexec_load": 104,
+        "init_module": 105, "finit_module": 273, "delete_module": 106, "reboot": 142,
+        "swapon": 224, "swapoff": 225, "acct": 89}),
+}
+# Numbered alike on both: io_uring, pidfds, the new mount API.
+_COMMON = {"pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 426,
+           "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
+           "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_open": 434, "pidfd_getfd": 438,
+           "mount_setattr": 442}
+_ALWAYS_DENIED = ("ptrace", "process_vm_readv", "process_vm_writev", "unshare", "setns", "mount",
+                  "umount2", "pivot_root", "chroot", "keyctl", "add_key", "request_key", "bpf",
+                  "perf_event_open", "userfaultfd", "kexec_load", "init_module", "finit_module",
+                  "delete_module", "reboot", "swapon", "swapoff", "acct", *_COMMON)
+_CLONE_THREAD = 0x00010000
+_EPERM, _ENOSYS = 1, 38
+_RET_ALLOW, _RET_KILL = 0x7FFF0000, 0x80000000
+
+
+def _ret_errno(errno: int) -> int:
+    return 0x00050000 | errno
+
+
+def seccomp_filter(processes: bool, machine: str | None = None) -> bytes:
+    """A classic-BPF seccomp program (struct sock_filter[]) for bwrap --seccomp.
+
+    Refuses with EPERM: everything in _ALWAYS_DENIED, and unless ``processes``, fork, vfork and
+    clone without CLONE_THREAD (threads stay allowed). clone3 answers ENOSYS, so the C library
+    falls back to clone, whose flags a filter can see. Another architecture is killed. execve
+    stays allowed: bwrap execs the worker after loading the filter, and without fork an exec
+    can only replace the worker inside the same sandbox."""
+    machine = machine or platform.machine()
+    if machine not in _SYSCALLS:
+        raise SandboxUnavailable(f"no seccomp syscall table for {machine}")
+    arch, numbers = _SYSCALLS[machine]
+    numbers = {**numbers, **_COMMON}
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+
+    def op(code, k, jt=0, jf=0):
+        return struct.pack("=HBBI", code, jt, jf, k)
+
+    prog = [op(ld, 4), op(jeq, arch, 1, 0), op(ret, _RET_KILL), op(ld, 0)]
+    if machine == "x86_64":  # the x32 ABI (numbers with bit 30 set) is refused outright
+        prog += [op(jge, 0x40000000, 0, 1), op(ret, _ret_errno(_ENOSYS))]
+    denied = list(_ALWAYS_DENIED) + ([] if processes else ["fork", "vfork"])
+    for name in denied:
+        if name in numbers:
+            prog += [op(jeq, numbers[name], 0, 1), op(ret, _ret_errno(_EPERM))]
+    prog += [op(jeq, numbers["clone3"], 0, 1), op(ret, _ret_errno(_ENOSYS))]
+    if not processes:  # clone: allowed only for a thread (flags are the low word of args[0])
+        prog += [op(jeq, numbers["clone"], 0, 3), op(ld, 16), op(jset, _CLONE_THREAD, 1, 0),
+                 op(ret, _ret_errno(_EPERM))]
+    return b"".join(prog + [op(ret, _RET_ALLOW)])
+
+
+# ---------------------------------------------------------------------------------- macOS
+def _sbpl_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def seatbelt_profile(policy: Policy, executable: str) -> str:
+    """The Seatbelt (SBPL) profile for ``sandbox-exec -p`` that enforces ``policy``."""
+    reads = " ".join(f"(subpath {_sbpl_string(p)})" for p in policy.read_paths)
+    files = " ".join(f"(literal {_sbpl_string(p)})" for p in policy.read_files)
+    exe = {executable, os.path.realpath(executable)}
+    lines = [
+        "(version 1)",
+        "(deny default)",
+        # exec of Python itself (a framework build re-execs Python.app inside its prefix); without
+        # process-fork an exec can only replace the worker, inside the same sandbox
+        f"(allow process-exec {' '.join(f'(literal {_sbpl_string(p)})' for p in sorted(exe))} {reads})",
+        "(allow signal (target self))",
+        "(allow process-info* (target self))",
+        "(allow file-read-metadata)",  # stat() of path components; contents stay closed
+        f"(allow file-read* {reads} {files})",
+        f"(allow file-read* file-write* (subpath {_sbpl_string(policy.workdir)}))",
+        '(allow file-write-data (literal "/dev/null"))',
+        "(allow sysctl-read (sysctl-name-prefix \"hw.\") (sysctl-name \"kern.osrelease\")"
+        " (sysctl-name \"kern.ostype\") (sysctl-name \"kern.osversion\") (sysctl-name"
+        " \"kern.version\") (sysctl-name \"kern.argmax\") (sysctl-name \"kern.maxfilesperproc\")"
+        " (sysctl-name \"kern.osproductversion\") (sysctl-name \"machdep.cpu.brand_string\")"
+        " (sysctl-name \"vm.loadavg\"))",  # never kern.proc* or kern.procargs*: other processes
+        "(allow mach-host*)",
+    ]
+    if policy.processes:
+        lines += ["(allow process-fork)", "(allow process-exec)",
+                  "(allow signal (target same-sandbox))"]
+    if policy.network:
+        lines += ["(allow network*)", "(allow system-socket)",
+                  '(allow mach-lookup (global-name "com.apple.dnssd.service"))']
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- choosing one
+@dataclass
+class Launch:
+    argv: list[str]  # the whole command line: the sandbox, then Python and the worker
+    pass_fds: tuple[int, ...]
+    keep: object = None  # what must stay open until the process has started (the filter file)
+
+
+def sandboxed_command(policy: Policy, command: list[str]) -> Launch:
+    """The command line that runs ``command`` (Python and its arguments) under ``policy``."""
+    if sys.platform == "darwin":
+        return Launch(["/usr/bin/sandbox-exec", "-p", seatbelt_profile(policy, command[0]),
+                       *command], ())
+    bpf = tempfile.TemporaryFile()
+    bpf.write(seccomp_filter(policy.processes))
+    bpf.flush()
+    bpf.seek(0)
+    return Launch(bwrap_argv(policy, bpf.fileno()) + command, (bpf.fileno(),), bpf)
+
+
+@functools.cache
+def _probe() -> str | None:
+    """None if the sandbox works here, else one line saying what is missing."""
+    if sys.platform == "darwin":
+        if not os.path.exists("/usr/bin/sandbox-exec"):
+            return "sandbox-exec (Seatbelt) is missing from /usr/bin"
+        workdir = tempfile.gettempdir()
+    elif sys.platform.startswith("linux"):
+        if shutil.which("bwrap") is None:
+            return ("bubblewrap is not installed: install it (apt install bubblewrap, "
+                    "dnf install bubblewrap or pacman -S bubblewrap)")
+        if platform.machine() not in _SYSCALLS:
+            return f"no seccomp filter for this CPU ({platform.machine()})"
+        workdir = LINUX_WORKDIR
+    else:
+        return f"no OS sandbox for {sys.platform} (Linux with bubblewrap or macOS is needed)"
+    launch = sandboxed_command(make_policy(SandboxLimits(), workdir),
+                               [sys.executable, "-I", "-c", "print('ok')"])
+    try:
+        done = subprocess.run(launch.argv, pass_fds=launch.pass_fds, capture_output=True,
+                              text=True, timeout=30, env=sandbox_env(workdir),
+                              cwd=workdir if sys.platform == "darwin" else None)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"the sandbox did not start: {e}"
+    finally:
+        if launch.keep is not None:
+            launch.keep.close()
+    if done.stdout.strip() != "ok":
+        why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        return (f"{launch.argv[0]} cannot create the sandbox here ({why}); user namespaces may be "
+                "disabled (sysctl kernel.unprivileged_userns_clone=1, or an AppArmor profile for bwrap)")
+    return None
+
+
+def require_sandbox() -> None:
+    """Raise SandboxUnavailable (one line: what to install or enable) unless the OS sandbox works."""
+    problem = _probe()
+    if problem:
+        raise SandboxUnavailable(f"the python tool needs an OS sandbox: {problem}")
+
+
+def sandbox_status() -> str:
+    """One line for ``gptoss-mlx doctor``: the sandbox the python tool uses, or why there is none."""
+    problem = _probe()
+    if problem:
+        return f"none — the python tool is off: {problem}"
+    if sys.platform == "darwin":
+        return "Seatbelt (sandbox-exec): deny-by-default profile, writes only in its directory"
+    version = subprocess.run(["bwrap", "--version"], capture_output=True, text=True).stdout.strip()
+    return (f"{version or 'bubblewrap'}: user/pid/net/ipc/uts namespaces, seccomp, "
+            "read-only system, size-capped tmpfs working directory")

@@ -1,0 +1,264 @@
+"""Run escape attempts against the python tool's sandbox and print contained/escaped per case.
+
+    python scripts/check_sandbox.py            # on a Mac (Seatbelt) or on Linux (bubblewrap)
+
+Each case runs model-style code in a fresh PythonSandbox and then judges, from the output and
+from what it can see outside (a canary directory, this process's environment, priority and
+limits, the process list, a listening socket), whether the code got out. tests/test_sandbox.py
+runs the same cases. Exit status 1 if anything escaped.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gptoss_mlx.tools.python_tool import PythonSandbox  # noqa: E402
+from gptoss_mlx.tools.sandbox import SandboxLimits, python_paths, sandbox_env  # noqa: E402
+
+SECRET = "gptoss-canary-secret-4f1d"
+
+
+@dataclass
+class Context:
+    outside: Path  # a directory of the user's, with a canary file, that the code must not touch
+    parent: int  # this process: the chat the code must not reach
+    server: socket.socket  # listening on 127.0.0.1: nothing may connect
+    marker: str  # a word in the command line of any process the code starts
+
+    @property
+    def port(self) -> int:
+        return self.server.getsockname()[1]
+
+    def untouched(self) -> bool:
+        return sorted(p.name for p in self.outside.iterdir()) == ["canary"] and \
+            (self.outside / "canary").read_text() == "keep"
+
+    def connected(self) -> bool:
+        self.server.settimeout(0.05)
+        try:
+            self.server.accept()[0].close()
+            return True
+        except OSError:
+            return False
+
+    def survivors(self) -> list[str]:
+        ps = subprocess.run(["ps", "-axo", "pid=,command="], capture_output=True, text=True).stdout
+        return [line for line in ps.splitlines() if self.marker in line and "ps -axo" not in line]
+
+
+@dataclass
+class Case:
+    name: str
+    code: str  # formatted with the Context's fields ({outside}, {parent}, {port}, {marker})
+    contained: Callable[[str, Context], bool]  # (output, context) -> True if nothing got out
+    limits: dict | None = None  # SandboxLimits fields for this case
+    after: str | None = None  # a second cell; its output is what `contained` sees
+
+
+def _failed(out: str) -> bool:
+    return "Error" in out or "denied" in out or "not permitted" in out
+
+
+def _no_write(out: str, ctx: Context) -> bool:
+    return ctx.untouched()
+
+
+def _parent_environ_in(out: str) -> bool:
+    """Whether ``out`` shows an entry of this process's environment as the kernel keeps it
+    (/proc/self/environ: the environment it started with)."""
+    try:
+        entries = Path("/proc/self/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    ours = set(sandbox_env("/"))  # names the sandbox sets itself
+    return any(repr(e)[2:-1] in out for e in entries
+               if len(e) > 12 and e.split(b"=")[0].decode() not in ours)
+
+
+def _only_python(line: str) -> bool:
+    """A listing of the home directory may show only the way to a Python installed below it."""
+    if not line.startswith("LIST "):
+        return True
+    home = Path(os.path.expanduser("~"))
+    allowed = {Path(p).relative_to(home).parts[0] for p in python_paths()
+               if Path(p).is_relative_to(home) and Path(p) != home}
+    return set(eval(line[5:])) <= allowed  # noqa: S307 — a list of names we printed
+
+
+FIND_REPLY_FD = ("import os, stat, sys\n"
+                 "fds = [fd for fd in range(3, 64) if _ok(fd)]\n")
+_OK = ("def _ok(fd):\n"
+       "    try:\n"
+       "        return stat.S_ISFIFO(os.fstat(fd).st_mode) and os.get_blocking(fd) is not None\n"
+       "    except OSError:\n"
+       "        return False\n")
+
+CASES = [
+    Case("audit-hook tampering, then write outside",
+         "import __main__\nvars(__main__).clear()\nopen('{outside}/pwned', 'w').write('x')", _no_write),
+    Case("subprocess (_posixsubprocess.fork_exec)",
+         "import subprocess\nsubprocess.run(['/bin/sh', '-c', 'echo {marker}; touch {outside}/pwned'])",
+         lambda out, ctx: ctx.untouched() and _failed(out)),
+    Case("ctypes fork() and system()",
+         "import ctypes\nlibc = ctypes.CDLL(None)\nprint('fork', libc.fork())\n"
+         "print('system', libc.system(b'touch {outside}/pwned'))",
+         lambda out, ctx: ctx.untouched() and "fork -1" in out and "system 0" not in out),
+    Case("fork bomb", "import os\nwhile True:\n    os.fork()",
+         lambda out, ctx: "PermissionError" in out),
+    Case("child in its own session survives the timeout",
+         "import subprocess, time\n"
+         "subprocess.Popen(['/bin/sh', '-c', 'exec sleep 30 # {marker}'], start_new_session=True)\n"
+         "time.sleep(60)",
+         lambda out, ctx: "timed out" in out and not ctx.survivors(),
+         limits={"processes": True, "timeout_s": 2.0}),
+    Case("os.open with dir_fd",
+         "import os\nfd = os.open('/', os.O_RDONLY)\n"
+         "os.open('{outside}'.lstrip('/') + '/pwned', os.O_CREAT | os.O_WRONLY, dir_fd=fd)", _no_write),
+    Case("sqlite3 database outside",
+         "import sqlite3\nsqlite3.connect('{outside}/db.sqlite').execute('create table t (x)')", _no_write),
+    Case("native writers outside (numpy.save, mx.save)",
+         "import numpy as np\ntry:\n    np.save('{outside}/a.npy', np.zeros(3))\nexcept OSError as e:\n    print(e)\n"
+         "import mlx.core as mx\nmx.save('{outside}/b.npy', mx.zeros(3))", _no_write),
+    Case("mkfifo / mknod outside",
+         "import os, stat\ntry:\n    os.mkfifo('{outside}/fifo')\nexcept OSError as e:\n    print(e)\n"
+         "os.mknod('{outside}/node', stat.S_IFREG | 0o600)", _no_write),
+    Case("hard link and rename of a file outside",
+         "import os\ntry:\n    os.link('{outside}/canary', 'stolen')\nexcept OSError as e:\n    print(e)\n"
+         "os.rename('{outside}/canary', 'moved')",
+         lambda out, ctx: ctx.untouched() and "keep" not in out),
+    Case("symlink out of the working directory",
+         "import os\nos.symlink('/', 'root')\nopen('root{outside}/pwned', 'w').write('x')", _no_write),
+    Case("write anywhere but the working directory (/, /etc, /dev, /dev/shm, /tmp, $HOME)",
+         "import os\nfor p in ['/x', '/etc/x', '/dev/x', '/dev/shm/x', '/tmp/x', {home!r} + '/x']:\n"
+         "    try:\n        open(p, 'w').write('x')\n        print('WROTE', p)\n    except OSError as e:\n"
+         "        print(p, e)",
+         lambda out, ctx: "WROTE" not in out and not os.path.exists(os.path.expanduser("~/x"))),
+    Case("write a kernel setting (/proc/sys, same value)",
+         "v = open('/proc/sys/fs/file-max').read()\nopen('/proc/sys/fs/file-max', 'w').write(v)\nprint('WROTE')",
+         lambda out, ctx: "WROTE" not in out and _failed(out)),
+    Case("write into the Python installation",
+         "import json\nopen(json.__file__, 'a').write('# pwned')",
+         lambda out, ctx: _failed(out) and "# pwned" not in Path(__import__("json").__file__).read_text()),
+    Case("read /proc/<parent>/environ and every environ in /proc",
+         "import os, glob\nfor p in ['/proc/{parent}/environ'] + glob.glob('/proc/*/environ'):\n"
+         "    try:\n        print(p, open(p, 'rb').read())\n    except OSError as e:\n        print(p, e)",
+         lambda out, ctx: SECRET not in out and not _parent_environ_in(out)),
+    Case("write /proc/<parent>/mem",
+         "open('/proc/{parent}/mem', 'r+b').write(b'x')",
+         lambda out, ctx: _failed(out)),
+    Case("signal the parent: kill and pidfd_send_signal",
+         "import os, signal\ntry:\n    os.kill({parent}, 0)\n    print('kill ok')\nexcept OSError as e:\n"
+         "    print(e)\nsignal.pidfd_send_signal(os.pidfd_open({parent}), 0)\nprint('pidfd ok')",
+         lambda out, ctx: "ok" not in out),
+    Case("renice the parent",
+         "import os\nos.setpriority(os.PRIO_PROCESS, {parent}, 19)",
+         lambda out, ctx: os.getpriority(os.PRIO_PROCESS, 0) != 19 and _failed(out)),
+    Case("set the parent's file-size limit (prlimit)",
+         "import resource\nresource.prlimit({parent}, resource.RLIMIT_FSIZE, (0, 0))",
+         lambda out, ctx: resource.getrlimit(resource.RLIMIT_FSIZE)[0] != 0 and _failed(out)),
+    Case("raise its own limits",
+         "import resource\nfor kind in ('RLIMIT_AS', 'RLIMIT_CPU', 'RLIMIT_FSIZE', 'RLIMIT_NOFILE'):\n"
+         "    k = getattr(resource, kind)\n    soft, hard = resource.getrlimit(k)\n"
+         "    try:\n        resource.setrlimit(k, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))\n"
+         "        print(kind, 'raised')\n    except (ValueError, OSError):\n        print(kind, 'held')",
+         lambda out, ctx: "raised" not in out and out.count("held") == 4),
+    Case("background thread burning CPU after the cell returns",
+         "import threading\ndef burn():\n    while True:\n        pass\n"
+         "threading.Thread(target=burn, daemon=True).start()",
+         lambda out, ctx: "kept using the CPU" in out,
+         after="import time\ntime.sleep(0)\nprint('next cell')"),
+    Case("fill the disk",
+         "n = 0\nwith open('fill', 'wb') as f:\n    while n < 2**30:\n        f.write(b'x' * 2**20)\n"
+         "        n += 2**20\n        f.flush()",
+         lambda out, ctx: "Error" in out, limits={"disk_mb": 16, "max_file_mb": 512}),
+    Case("fill the disk with many files",
+         "for i in range(1000):\n    open(f'f{{i}}', 'wb').write(b'x' * 2**20)",
+         lambda out, ctx: "Error" in out, limits={"disk_mb": 16}),
+    Case("forged reply line",
+         _OK + FIND_REPLY_FD +
+         "for fd in fds:\n    os.write(fd, b'{{\"id\": \"x\", \"output\": \"FORGED\", \"ok\": true}}\\n')",
+         lambda out, ctx: "FORGED" not in out and "reply" in out),
+    Case("forged reply with the right id, then a large cell",
+         _OK + FIND_REPLY_FD + "import gc, json\n"
+         "ids = [o['id'] for o in gc.get_objects() if isinstance(o, dict) and 'id' in o and 'code' in o]\n"
+         "for fd in fds:\n    os.write(fd, json.dumps({{'id': ids[-1], 'output': 'FORGED', 'ok': True}}).encode() + b'\\n')",
+         lambda out, ctx: "FORGED" not in out and out.rstrip().endswith("large done"),
+         after="x = '" + "y" * 3_000_000 + "'\nprint('large done')"),
+    Case("network: TCP to the host's 127.0.0.1",
+         "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)",
+         lambda out, ctx: _failed(out) and not ctx.connected()),
+    Case("network: abstract unix socket of the host",
+         "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('\\0gptoss-sandbox-check')",
+         lambda out, ctx: _failed(out)),
+    Case("read the home directory and ~/.ssh",
+         "import os\nfor p in [{home!r}, {home!r} + '/.ssh', '{outside}']:\n"
+         "    try:\n        print('LIST', sorted(os.listdir(p)))\n    except OSError as e:\n        print(e)\n"
+         "print(open('{outside}/canary').read())",
+         lambda out, ctx: "keep" not in out and all(_only_python(line) for line in out.splitlines())),
+    Case("environment variables (tokens, keys)", "import os\ndict(os.environ)",
+         lambda out, ctx: SECRET not in out and "HOME" in out),
+    Case("unshare a new user namespace",
+         "import ctypes\nprint('unshare', ctypes.CDLL(None).unshare(0x10000000))",
+         lambda out, ctx: "unshare -1" in out),
+    Case("memory bomb", "b = bytearray(8 * 2**30)",
+         lambda out, ctx: "MemoryError" in out or "ended" in out, limits={"memory_mb": 512}),
+]
+
+
+def run_case(case: Case, ctx: Context) -> tuple[bool, str]:
+    """(contained, output) for one case in a fresh sandbox."""
+    limits = SandboxLimits(**{"timeout_s": 10.0, **(case.limits or {})})
+    fields = {"outside": ctx.outside, "parent": ctx.parent, "port": ctx.port, "marker": ctx.marker,
+              "home": os.path.expanduser("~")}
+    with PythonSandbox(limits=limits) as box:
+        out = box.run(case.code.format(**fields))
+        if case.after is not None:
+            time.sleep(2.0)  # give a leftover thread time to show itself
+            out = box.run(case.after)
+    time.sleep(0.2 if case.limits and case.limits.get("processes") else 0)
+    return case.contained(out, ctx), out
+
+
+def context(tmp: Path) -> Context:
+    outside = tmp / "outside"
+    outside.mkdir()
+    (outside / "canary").write_text("keep")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    os.environ["HF_TOKEN"] = os.environ["OPENAI_API_KEY"] = SECRET
+    return Context(outside, os.getpid(), server, f"gptoss-marker-{os.getpid()}")
+
+
+def main() -> int:
+    os.nice(1)  # "renice the parent" checks that this stays 1
+    escaped = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = context(Path(tmp))
+        abstract = socket.socket(socket.AF_UNIX) if sys.platform.startswith("linux") else None
+        if abstract:
+            abstract.bind("\0gptoss-sandbox-check")
+            abstract.listen(1)
+        print(f"{'case':58} result")
+        for case in CASES:
+            ok, out = run_case(case, ctx)
+            escaped += not ok
+            print(f"{case.name:58} {'contained' if ok else 'ESCAPED'}")
+            if not ok:
+                print("    " + out.strip().replace("\n", "\n    ")[:2000])
+    print(f"\n{len(CASES) - escaped} of {len(CASES)} contained")
+    return 1 if escaped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
