@@ -8,7 +8,7 @@ builder of random inputs for its checks.
 
 from . import registry
 from .add_rms_norm import add_rms_norm
+from .moe import experts, route  # registered before attention: the order `gptoss-mlx doctor` lists
 from .attention import attention
-from .moe import experts, route
 
 __all__ = ["add_rms_norm", "attention", "experts", "registry", "route"]

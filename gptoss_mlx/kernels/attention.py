@@ -118,12 +118,12 @@ def combine_sample(shape, key, dtype):
 
 DECODE_CHECK = ((8, 1, 32, 40, 33), 300)
 PARTIAL_SPEC = registry.register(registry.KernelSpec(
-    "sdpa_decode_partial", PARTIAL, partial_plan, partial_reference, partial_sample, DECODE_CHECK,
+    "sdpa_decode_partial", PARTIAL, partial_plan, partial_reference, partial_sample, check=DECODE_CHECK,
     description="decode attention pass 1: K/V tiles shared by a KV head's query heads, split keys",
     reference_in_float32=True,
 ))
 COMBINE_SPEC = registry.register(registry.KernelSpec(
-    "sdpa_decode_combine", COMBINE, combine_plan, combine_reference, combine_sample, DECODE_CHECK,
+    "sdpa_decode_combine", COMBINE, combine_plan, combine_reference, combine_sample, check=DECODE_CHECK,
     description="decode attention pass 2: merge partitions and the sink",
     reference_in_float32=True,
 ))
