@@ -215,6 +215,11 @@ class Engine:
     def _prefill(self, prompt: list[int]) -> mx.array:
         if not prompt:
             raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if not 0 <= min(prompt) <= max(prompt) < vocab:  # out of range, the embedding reads past its end
+            bad = next(t for t in prompt if not 0 <= t < vocab)
+            raise ValueError(f"token id {bad} is outside the model's vocabulary of {vocab} ids: "
+                             "the tokenizer does not belong to this checkpoint")
         if len(prompt) >= self.max_context:
             raise ContextLengthError(
                 f"the conversation is {len(prompt)} tokens but the context limit is "
