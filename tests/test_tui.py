@@ -435,8 +435,13 @@ def _snapshot_app(tmp_path, collapse: bool):
     return app
 
 
+async def _still_cursor(pilot):
+    pilot.app.query_one(PromptInput).cursor_blink = False  # a blinking cursor made snapshots flaky
+
+
 async def _run_turn(pilot):
     app = pilot.app
+    await _still_cursor(pilot)
     app.query_one(PromptInput).text = "Write a haiku about MLX"
     await pilot.press("enter")
     await wait_until(pilot, lambda: app.replies_finished == 1)
@@ -460,4 +465,4 @@ def test_snapshot_effort_switched_to_high(snap_compare, tmp_path):
 
 def test_snapshot_empty_chat(snap_compare, tmp_path):
     app = ChatApp(ScriptedChat(), model_name="gpt-oss-20b", store=ConversationStore(tmp_path))
-    assert snap_compare(app, terminal_size=SIZE)
+    assert snap_compare(app, terminal_size=SIZE, run_before=_still_cursor)
