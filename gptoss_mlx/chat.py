@@ -157,8 +157,8 @@ class Chat:
                  f"{self.reply_reserve} of them kept free for the reply")
         if self.context_overflow == "error":
             raise ContextLengthError(
-                f"the conversation is {len(prompt)} tokens and {limit}: start a new chat "
-                "(/reset), or raise --max-context")
+                f"the conversation is {len(prompt)} tokens and {limit}: start a new chat, "
+                "or raise --max-context")
         candidates = trimmed_histories(self.messages)  # dropping more and more
         tokens = {}
         lo, hi = 0, len(candidates)
@@ -168,8 +168,9 @@ class Chat:
             lo, hi = (lo, mid) if len(tokens[mid]) <= room else (mid + 1, hi)
         if lo == len(candidates):
             raise ContextLengthError(
-                f"the last message alone makes a prompt of {len(tokens.get(lo - 1, prompt))} "
-                f"tokens and {limit}: shorten it, or raise --max-context")
+                f"the instructions and the last user message alone are "
+                f"{len(tokens.get(lo - 1, prompt))} tokens and {limit}: shorten the message, "
+                "or raise --max-context")
         kept = tokens[lo]
         return kept, ContextTrimmed(len(self.messages) - len(candidates[lo]), len(prompt) - len(kept))
 

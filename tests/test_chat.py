@@ -261,7 +261,7 @@ def test_error_mode_names_the_limit_and_leaves_the_chat_as_it_was(tok):
 def test_a_message_too_long_on_its_own_is_an_error_and_nothing_changes(tok):
     chat = overflowing_chat(tok, turns(2), drop_at_least=60)
     before = list(chat.messages)
-    with pytest.raises(ContextLengthError, match="the last message alone"):
+    with pytest.raises(ContextLengthError, match="the instructions and the last user message alone are"):
         list(chat.send("last question " + "very long " * 400))
     assert chat.messages == before
 
