@@ -11,7 +11,7 @@ import pytest
 from textual.widgets import Markdown, OptionList
 
 from gptoss_mlx.chat import AnswerDelta, Chat, ContextTrimmed, Done, ReasoningDelta, ToolCall
-from gptoss_mlx.generate import SamplingParams, Stats
+from gptoss_mlx.generate import ContextLengthError, SamplingParams, Stats
 from gptoss_mlx.harmony import Message
 from gptoss_mlx.tui import ChatApp, ConversationStore
 from gptoss_mlx.tui.app import AssistantTurn, PromptInput, UserMessage
@@ -28,7 +28,8 @@ class FakeEngine:
 
 class ScriptedChat(Chat):
     """A Chat whose replies are scripted event lists: ("analysis" | "final", text),
-    ("call", recipient, args), ("wait",) blocks until stop(), ("fail", message) raises."""
+    ("call", recipient, args), ("wait",) blocks until stop(), ("fail", message) raises, and so
+    does ("too long", message), as a ContextLengthError."""
 
     def __init__(self, *replies, **kwargs):
         super().__init__(None, None, engine=FakeEngine(), **kwargs)
@@ -53,6 +54,8 @@ class ScriptedChat(Chat):
                     time.sleep(0.01)
             elif kind == "fail":
                 raise RuntimeError(step[1])
+            elif kind == "too long":
+                raise ContextLengthError(step[1])
             elif kind == "analysis":
                 reasoning += step[1]
                 yield ReasoningDelta(step[1])
@@ -291,6 +294,19 @@ async def test_a_failed_reply_is_a_notification_and_the_chat_survives(store):
         await send(pilot, app, "first")
         assert any("GPU fell over" in n.message for n in app._notifications)
         await send(pilot, app, "second")
+        assert chat.messages[-1].text == "fine"
+
+
+async def test_a_message_that_does_not_fit_is_reported_and_the_history_stays(store):
+    chat = ScriptedChat([("final", "first answer")],
+                        [("too long", "the context limit is 4096 tokens")], [("final", "fine")])
+    app = make_app(chat, store)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "short")
+        await send(pilot, app, "far too long")
+        assert any("context limit is 4096" in n.message for n in app._notifications)
+        assert [m.text for m in chat.messages] == ["short", "first answer"]  # taken back, no more
+        await send(pilot, app, "shorter")
         assert chat.messages[-1].text == "fine"
 
 
