@@ -338,3 +338,17 @@ def test_fitting_keeps_the_newest_messages_whole_and_as_many_as_fit(tok, history
     first_fit = fits.index(True)
     assert prompt == chat.prompt_tokens(options[first_fit])  # the fewest messages dropped
     assert (trimmed is None) == (first_fit == 0)
+
+
+def test_a_reply_streams_to_asyncio(chat):
+    """How a server consumes a reply: the chat's own stream, handed to the event loop."""
+    import asyncio
+
+    from gptoss_mlx.engine_thread import engine_thread
+
+    async def answer(text):
+        return [e async for e in engine_thread().astream(chat.send(text))]
+
+    events = asyncio.run(answer("2+2?"))
+    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == "4"
+    assert isinstance(events[-1], Done) and chat.messages[-1].text == "4"
