@@ -6,6 +6,15 @@
         elif isinstance(event, AnswerDelta): ...    # the user-visible answer, live
         elif isinstance(event, Done): print(event.stats.summary())
     chat.save("chat.json")                          # Chat Completions JSON, reasoning included
+
+Any thread may call ``send``/``reply``: the reply is generated on the engine thread
+(gptoss_mlx/engine_thread.py) and its events come back to the caller as they are made.
+
+A conversation longer than the context window is fitted before each reply: with
+``context_overflow="truncate"`` (the default) the oldest turns are left out of the prompt and a
+:class:`ContextTrimmed` event says so; with ``"error"`` a :class:`ContextLengthError` names the
+limit and the history is left as it was. Either way :meth:`Chat.reply_reserve` tokens stay free
+for the reply. The history itself (``chat.messages``, saved chats) keeps every message.
 """
 
 from __future__ import annotations
@@ -18,7 +27,8 @@ from pathlib import Path
 from typing import Iterator
 
 from . import harmony
-from .generate import Engine, SamplingParams, Stats
+from .engine_thread import engine_thread
+from .generate import ContextLengthError, Engine, SamplingParams, Stats
 from .harmony import ContentDelta, DeveloperContent, Message, MessageEnd, MessageStart
 
 
@@ -46,7 +56,20 @@ class Done:
     messages: list[Message] = field(default_factory=list)  # what this reply added to history
 
 
-ChatEvent = ReasoningDelta | AnswerDelta | ToolCall | Done
+@dataclass
+class ContextTrimmed:
+    """The conversation did not fit: this reply's prompt leaves out its oldest messages."""
+    dropped_messages: int
+    dropped_tokens: int
+
+
+ChatEvent = ReasoningDelta | AnswerDelta | ToolCall | ContextTrimmed | Done
+
+CONTEXT_OVERFLOW = ("truncate", "error")
+# Tokens kept free for the reply when fitting a long conversation into the context: room for a
+# medium-effort chain of thought and its answer. Never more than max_tokens (when set) or a
+# quarter of the context window (see Chat.reply_reserve).
+REPLY_RESERVE = 2048
 
 
 class ChatFileError(ValueError):
@@ -58,7 +81,11 @@ class Chat:
                  reasoning_effort: str = "medium", functions: list[harmony.ToolSpec] | None = None,
                  browser: bool = False, python: bool = False, python_description: str | None = None,
                  sampling: SamplingParams | None = None, max_context: int | None = None,
-                 date: str | None = None, engine: Engine | None = None):
+                 context_overflow: str = "truncate", date: str | None = None,
+                 engine: Engine | None = None):
+        if context_overflow not in CONTEXT_OVERFLOW:
+            raise ValueError(f"context_overflow must be truncate or error, got {context_overflow!r}")
+        self.context_overflow = context_overflow
         self.tokenizer = tokenizer
         self.engine = engine or Engine(model, max_context=max_context)
         self.instructions = instructions
@@ -95,15 +122,57 @@ class Chat:
 
     # -- prompt
     def conversation(self) -> list[Message]:
+        return self._prefix() + self.messages
+
+    def _prefix(self) -> list[Message]:
+        """The system message, and the developer message when there are instructions or tools."""
         prefix = [harmony.system_message(self._effort, self.date, self.browser, self.python,
                                          python_description=self.python_description)]
         if self.instructions is not None or self.functions:
             prefix.append(Message("developer", DeveloperContent(self.instructions, self.functions)))
-        return prefix + self.messages
+        return prefix
 
-    def prompt_tokens(self) -> list[int]:
-        segments = harmony.render_conversation(self.conversation())
+    def prompt_tokens(self, messages: list[Message] | None = None) -> list[int]:
+        """The prompt for the next reply, from ``messages`` (default: the whole history)."""
+        messages = self.messages if messages is None else messages
+        segments = harmony.render_conversation(self._prefix() + messages)
         return harmony.segments_to_tokens(segments, self.tokenizer)
+
+    @property
+    def reply_reserve(self) -> int:
+        """Tokens that must stay free for the reply: REPLY_RESERVE, or max_tokens when that is
+        smaller, and never more than a quarter of the context window."""
+        return min(REPLY_RESERVE, self.sampling.max_tokens or REPLY_RESERVE,
+                   self.engine.max_context // 4)
+
+    def fitted_prompt(self) -> tuple[list[int], ContextTrimmed | None]:
+        """The prompt for the next reply with room for it, and what was left out to make room.
+        Raises ContextLengthError (naming the limit) when it does not fit and may not be trimmed,
+        or when even the last user message alone is too long."""
+        room = self.engine.max_context - self.reply_reserve
+        prompt = self.prompt_tokens()
+        if len(prompt) <= room:
+            return prompt, None
+        limit = (f"the context limit is {self.engine.max_context} tokens, "
+                 f"{self.reply_reserve} of them kept free for the reply")
+        if self.context_overflow == "error":
+            raise ContextLengthError(
+                f"the conversation is {len(prompt)} tokens and {limit}: start a new chat, "
+                "or raise --max-context")
+        candidates = trimmed_histories(self.messages)  # dropping more and more
+        tokens = {}
+        lo, hi = 0, len(candidates)
+        while lo < hi:  # the first candidate that fits
+            mid = (lo + hi) // 2
+            tokens[mid] = self.prompt_tokens(candidates[mid])
+            lo, hi = (lo, mid) if len(tokens[mid]) <= room else (mid + 1, hi)
+        if lo == len(candidates):
+            raise ContextLengthError(
+                f"the instructions and the last user message alone are "
+                f"{len(tokens.get(lo - 1, prompt))} tokens and {limit}: shorten the message, "
+                "or raise --max-context")
+        kept = tokens[lo]
+        return kept, ContextTrimmed(len(self.messages) - len(candidates[lo]), len(prompt) - len(kept))
 
     @property
     def history(self) -> list[Message]:
@@ -112,9 +181,19 @@ class Chat:
 
     # -- turns
     def send(self, text: str) -> Iterator[ChatEvent]:
-        """Add a user message and stream the reply."""
-        self.messages.append(Message("user", text))
-        yield from self.reply()
+        """Add a user message and stream the reply. If it does not fit the context
+        (ContextLengthError), the message is taken back out: the chat goes on as before."""
+        return engine_thread().stream(self._send(text))
+
+    def _send(self, text: str) -> Iterator[ChatEvent]:
+        message = Message("user", text)
+        self.messages.append(message)
+        try:
+            yield from self.reply()
+        except ContextLengthError:
+            if self.messages and self.messages[-1] is message:
+                self.messages.pop()
+            raise
 
     def add_tool_result(self, name: str, content: str, channel: str = "commentary") -> None:
         self.messages.append(Message("tool", content, channel=channel, recipient="assistant",
@@ -124,10 +203,17 @@ class Chat:
         """Generate the assistant's next messages; stops at a final answer or a tool call.
         If interrupted (``stop()``, Ctrl-C, or the consumer closing the stream), the partial
         answer is kept and the session goes on."""
+        return engine_thread().stream(self._reply())
+
+    def _reply(self) -> Iterator[ChatEvent]:
+        """The reply, on the engine thread: ``stop()`` is honoured at the next token."""
         self._stop = False
         self._channel = self._recipient = None
         parser = harmony.StreamParser(self.tokenizer, role="assistant")
-        stream = self.engine.generate(self.prompt_tokens(), self.sampling)
+        prompt, trimmed = self.fitted_prompt()
+        if trimmed:
+            yield trimmed
+        stream = self.engine.generate(prompt, self.sampling)
         finish = None
         try:
             for token in stream:
@@ -135,7 +221,7 @@ class Chat:
                 if self._stop:
                     finish = "interrupted"
                     break
-        except (KeyboardInterrupt, GeneratorExit):
+        except GeneratorExit:  # the consumer closed the stream (Ctrl-C, quit)
             stream.close()
             self._keep(parser, interrupted=True)
             raise
@@ -202,6 +288,19 @@ class Chat:
         else:
             self.instructions, self.functions = None, []
         self.messages = rest
+
+
+def trimmed_histories(messages: list[Message]) -> list[list[Message]]:
+    """Shorter and shorter histories, the oldest messages dropped first: whole turns (a user
+    message and what followed it), then, inside the last turn, the assistant's and tools'
+    messages after its user message. A tool call and its results are dropped together."""
+    users = [i for i, m in enumerate(messages) if m.role == "user"]
+    last = users[-1] if users else -1
+    whole_turns = [messages[i:] for i in users if i > 0]
+    pinned = messages[last:last + 1] if users else []
+    inside = [pinned + messages[j:] for j in range(last + 2, len(messages) + 1)
+              if j == len(messages) or messages[j].role != "tool"]  # never an orphaned result
+    return whole_turns + inside
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> Path:

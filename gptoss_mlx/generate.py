@@ -1,7 +1,7 @@
 """Token generation: chunked prefill, KV-cache decoding, sampling, stop tokens, a context guard,
 and a prompt cache that reuses the longest common prefix across turns.
 
-    engine = Engine(model, max_context=8192)
+    engine = Engine(model, max_context=8192)  # from any thread: the work runs on the engine thread
     for token in engine.generate(prompt_ids, SamplingParams(temperature=1.0)):
         ...
     engine.stats  # prompt tokens, reused tokens, TTFT, prefill/decode tok/s, peak memory
@@ -16,6 +16,7 @@ from typing import Iterator
 
 import mlx.core as mx
 
+from .engine_thread import engine_thread
 from .harmony import STOP_TOKENS_FOR_SAMPLING
 from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS
 
@@ -67,7 +68,9 @@ def banned_token_mask(vocab_size: int) -> mx.array:
     allowed = [i for i in SPECIAL_TOKENS.values() if i < vocab_size and i != never]
     if allowed:
         mask[mx.array(allowed)] = 0.0
-    return mask.astype(mx.float32)
+    mask = mask.astype(mx.float32)
+    mx.eval(mask)  # cached: evaluated, so that no thread's stream is baked into it
+    return mask
 
 
 def make_sampler(params: SamplingParams, vocab_size: int):
@@ -164,6 +167,17 @@ class PromptCache:
             del self.snapshots[min(p for p in self.snapshots if p > 0)]
 
 
+def check_max_context(max_context: int | None, limit: int) -> int:
+    """The context window to use: ``max_context`` tokens, or the model's ``limit``
+    (config ``max_position_embeddings``) when None; anything outside 1..limit is a ValueError."""
+    if max_context is None:
+        return limit
+    if isinstance(max_context, bool) or not isinstance(max_context, int) or not 0 < max_context <= limit:
+        raise ValueError(f"max_context must be a whole number of tokens from 1 to {limit} "
+                         f"(the model's max_position_embeddings), got {max_context!r}")
+    return max_context
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -173,19 +187,22 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Engine:
-    """Runs a model over a growing token sequence with a reusable KV cache."""
+    """Runs a model over a growing token sequence with a reusable KV cache.
+
+    Any thread may call it: :meth:`generate`, :meth:`prefill` and :meth:`reset` run on the
+    process's engine thread (gptoss_mlx/engine_thread.py), where all MLX work happens."""
 
     def __init__(self, model, max_context: int | None = None, prefill_step: int = 2048):
         self.model = model
-        limit = model.config.max_position_embeddings
-        if max_context is not None and not 0 < max_context <= limit:
-            raise ValueError(f"max_context must be between 1 and {limit}, got {max_context}")
-        self.max_context = max_context or limit
+        self.max_context = check_max_context(max_context, model.config.max_position_embeddings)
         self.prefill_step = prefill_step
         self.prompt_cache = PromptCache(model.make_cache())
         self.stats = Stats()
 
     def reset(self) -> None:
+        engine_thread().call(self._reset)
+
+    def _reset(self) -> None:
         self.prompt_cache = PromptCache(self.model.make_cache())
 
     def _forward(self, tokens: list[int], evaluate_layers: bool = False) -> mx.array:
@@ -196,9 +213,17 @@ class Engine:
 
     def prefill(self, prompt: list[int]) -> mx.array:
         """Bring the cache to ``prompt``, reusing the longest common prefix; returns the logits
-        for the token after it."""
+        for the token after it (evaluated when called from another thread than the engine's)."""
+        return engine_thread().call(self._prefill, prompt)
+
+    def _prefill(self, prompt: list[int]) -> mx.array:
         if not prompt:
             raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if not 0 <= min(prompt) <= max(prompt) < vocab:  # out of range, the embedding reads past its end
+            bad = next(t for t in prompt if not 0 <= t < vocab)
+            raise ValueError(f"token id {bad} is outside the model's vocabulary of {vocab} ids: "
+                             "the tokenizer does not belong to this checkpoint")
         if len(prompt) >= self.max_context:
             raise ContextLengthError(
                 f"the conversation is {len(prompt)} tokens but the context limit is "
@@ -236,8 +261,12 @@ class Engine:
     def generate(self, prompt: list[int], params: SamplingParams | None = None,
                  stop_tokens=STOP_TOKENS_FOR_SAMPLING) -> Iterator[int]:
         """Yield sampled tokens until a stop token (yielded too), max_tokens or the context end.
+        They are made on the engine thread; closing the iterator stops at the next token."""
+        return engine_thread().stream(self._generate(prompt, params, stop_tokens))
 
-        The next step's graph is built and queued before the host waits for the current
+    def _generate(self, prompt: list[int], params: SamplingParams | None,
+                  stop_tokens) -> Iterator[int]:
+        """The decoding loop, on the engine thread. The next step's graph is built and queued before the host waits for the current
         token, so the GPU never idles on Python (asynchronous evaluation)."""
         params = params or SamplingParams()
         if params.seed is not None:
@@ -245,7 +274,7 @@ class Engine:
         sampler = make_sampler(params, self.model.config.vocab_size)
         mx.reset_peak_memory()
         start = time.perf_counter()
-        logits = self.prefill(prompt)
+        logits = self._prefill(prompt)
         y = sampler(logits)
         mx.async_eval(y)
         stats = self.stats

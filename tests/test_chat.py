@@ -5,11 +5,18 @@ import io
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gptoss_mlx.cli.chat import Repl
-from gptoss_mlx.chat import AnswerDelta, Chat, ChatFileError, Done, ReasoningDelta, ToolCall
+from gptoss_mlx.chat import (
+    AnswerDelta, Chat, ChatFileError, ContextTrimmed, Done, ReasoningDelta, ToolCall, trimmed_histories,
+)
+from gptoss_mlx.generate import ContextLengthError, SamplingParams
+from gptoss_mlx.harmony import Message
 from gptoss_mlx.tokenizer import load_tokenizer
 from scripted import ScriptedModel
 
@@ -128,3 +135,220 @@ def test_cli_errors_are_clear(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gptoss_mlx", "generate", "--model", "x", "-p", "hi",
                            "--top-p", "0"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "top_p" in proc.stderr
+
+
+# ------------------------------------------------------------------ threads (issue 15)
+TWO_THREADS = """
+import json, sys
+from concurrent.futures import ThreadPoolExecutor
+from gptoss_mlx.chat import Chat, Done
+from gptoss_mlx.generate import SamplingParams
+from gptoss_mlx.loading import load
+
+model, tok = load(sys.argv[1])
+
+def new_chat():
+    return Chat(model, tok, sampling=SamplingParams(temperature=0, max_tokens=6), date="2025-08-05")
+
+def turn(chat, text):
+    done = list(chat.send(text))[-1]
+    assert isinstance(done, Done), done
+    return [done.stats.generated_tokens, done.stats.reused_tokens, chat.messages[-1].text]
+
+texts = [f"Turn {n}: tell me more." for n in range(5)]
+reference = new_chat()
+expected = [turn(reference, t) for t in texts]  # all from the main thread
+chat = new_chat()
+with ThreadPoolExecutor(1) as a, ThreadPoolExecutor(1) as b:  # two threads, taking turns
+    got = [(a, b)[n % 2].submit(turn, chat, t).result() for n, t in enumerate(texts)]
+print(json.dumps({"expected": expected, "got": got}))
+"""
+
+
+def test_send_from_two_threads_taking_turns(tmp_path, tokenizer_json):
+    """Issue 15: the second reply from another thread failed ("There is no Stream(cpu, 1) in current
+    thread") and the process aborted at exit (134). In a subprocess, so an abort fails the test."""
+    import make_tiny_checkpoint as mtc
+    ckpt = tmp_path / "tiny"
+    mtc.write_hf(ckpt, mtc.TINY)
+    mtc.copy_tokenizer(ckpt, tokenizer_json)
+    script = tmp_path / "two_threads.py"
+    script.write_text(TWO_THREADS)
+    proc = subprocess.run([sys.executable, str(script), str(ckpt)], capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["got"] == result["expected"]  # the same replies as from one thread
+    assert all(n == 6 for n, _, _ in result["got"])
+    assert all(reused > 0 for _, reused, _ in result["got"][1:])  # the cache carried over
+
+
+def test_closing_the_stream_keeps_the_partial_answer_and_the_chat_goes_on(tok):
+    model = ScriptedModel([reply_script(tok, "Think.", "one two three four five six"),
+                           reply_script(tok, "Again.", "fine")])
+    chat = Chat(model, tok, date="2025-08-05")
+    events = chat.send("count")
+    answer = ""
+    for event in events:
+        if isinstance(event, AnswerDelta):
+            answer += event.text
+            break
+    events.close()  # as Ctrl-C or quitting does: the reply stops there
+    assert chat.messages[0].text == "count"
+    assert chat.messages[-1].channel == "final" and chat.messages[-1].text.startswith(answer)
+    assert "six" not in chat.messages[-1].text
+    assert collect(chat.send("go on"))[1] == "fine"
+
+
+def test_stop_from_another_thread(tok):
+    model = ScriptedModel([reply_script(tok, "Think.", " ".join(["word"] * 200))])
+    chat = Chat(model, tok, date="2025-08-05")
+    done = None
+    for event in chat.send("talk"):
+        if isinstance(event, AnswerDelta):
+            threading.Thread(target=chat.stop).start()
+        done = event
+    assert done.finish_reason == "interrupted"
+    assert 0 < chat.messages[-1].text.count("word") < 200
+
+
+# ------------------------------------------------------------------ context overflow (issue 15)
+def turns(n: int) -> list[Message]:
+    out = []
+    for k in range(n):
+        out += [Message("user", f"question {k}: " + "tell me more " * 10),
+                Message("assistant", f"answer {k}", channel="final")]
+    return out
+
+
+def overflowing_chat(tok, history, drop_at_least: int, **kwargs) -> Chat:
+    """A chat whose next prompt (with "last question") is ``drop_at_least`` tokens too long."""
+    model = ScriptedModel([reply_script(tok, "Hm.", "ok")])
+    probe = Chat(model, tok, instructions="Be brief.", date="2025-08-05")
+    size = len(probe.prompt_tokens(history + [Message("user", "last question")]))
+    sampling = SamplingParams(temperature=0, max_tokens=16)  # the reply reserve: 16 tokens
+    chat = Chat(model, tok, instructions="Be brief.", date="2025-08-05", sampling=sampling,
+                max_context=size + 16 - drop_at_least, **kwargs)
+    chat.messages = list(history)
+    return chat
+
+
+def test_a_full_context_drops_the_oldest_turns_with_a_notice(tok):
+    chat = overflowing_chat(tok, turns(6), drop_at_least=60)
+    events = list(chat.send("last question"))
+    trimmed = events[0]
+    assert isinstance(trimmed, ContextTrimmed) and trimmed.dropped_tokens >= 60
+    assert trimmed.dropped_messages in (4, 6)  # whole turns: question and answer together
+    prompt = tok.decode(chat.engine.prompt_cache.tokens)
+    assert "Reasoning: medium" in prompt and "Be brief." in prompt  # system and developer stay
+    assert "question 0" not in prompt and "question 5" in prompt and "last question" in prompt
+    assert chat.engine.stats.prompt_tokens + chat.reply_reserve <= chat.engine.max_context
+    assert events[-1].finish_reason == "stop" and chat.messages[-1].text == "ok"
+    assert len(chat.messages) == 12 + 3  # all kept (saved chats too), + question, reasoning, answer
+
+
+def test_error_mode_names_the_limit_and_leaves_the_chat_as_it_was(tok):
+    chat = overflowing_chat(tok, turns(6), drop_at_least=60, context_overflow="error")
+    before = list(chat.messages)
+    with pytest.raises(ContextLengthError, match=f"the context limit is {chat.engine.max_context} tokens, "
+                                                 "16 of them kept free for the reply"):
+        list(chat.send("last question"))
+    assert chat.messages == before
+    chat.context_overflow = "truncate"
+    assert collect(chat.send("last question"))[1] == "ok"
+
+
+def test_a_message_too_long_on_its_own_is_an_error_and_nothing_changes(tok):
+    chat = overflowing_chat(tok, turns(2), drop_at_least=60)
+    before = list(chat.messages)
+    with pytest.raises(ContextLengthError, match="the instructions and the last user message alone are"):
+        list(chat.send("last question " + "very long " * 400))
+    assert chat.messages == before
+
+
+def test_a_tool_call_and_its_overflowing_result_go_together(tok):
+    call = Message("assistant", '{"city": "Oslo"}', channel="commentary", recipient="functions.get_weather")
+    result = Message("tool", "sunny " * 300, channel="commentary", recipient="assistant",
+                     name="functions.get_weather")
+    history = turns(1) + [Message("user", "last question"), call, result]
+    chat = overflowing_chat(tok, history[:-3], drop_at_least=-40)  # room for the question, not the result
+    chat.messages = history
+    events = list(chat.reply())
+    assert events[0] == ContextTrimmed(dropped_messages=4, dropped_tokens=events[0].dropped_tokens)
+    prompt = tok.decode(chat.engine.prompt_cache.tokens)
+    assert "last question" in prompt and "Oslo" not in prompt and "sunny" not in prompt
+
+
+def test_bad_context_settings():
+    with pytest.raises(ValueError, match="context_overflow must be truncate or error, got 'drop'"):
+        Chat(ScriptedModel([[0]]), None, context_overflow="drop")
+    with pytest.raises(ValueError, match="max_context must be a whole number of tokens from 1 to 4096"):
+        Chat(ScriptedModel([[0]]), None, max_context=0)
+
+
+def histories():
+    """Conversations of turns: a user message, then reasoning, tool calls with one or two results,
+    and usually a final answer."""
+    steps = st.lists(st.sampled_from(["analysis", "call", "call2", "final"]), max_size=4)
+    turn = st.tuples(st.integers(1, 30), steps)
+
+    def build(spec):
+        out = []
+        for k, (words, parts) in enumerate(spec):
+            out.append(Message("user", f"q{k} " + "word " * words))
+            for p in parts:
+                if p == "analysis":
+                    out.append(Message("assistant", "thinking " * words, channel="analysis"))
+                elif p == "final":
+                    out.append(Message("assistant", f"a{k}", channel="final"))
+                else:
+                    out.append(Message("assistant", "{}", channel="commentary", recipient="functions.f"))
+                    for _ in range(1 + (p == "call2")):
+                        out.append(Message("tool", "result " * words, channel="commentary",
+                                           recipient="assistant", name="functions.f"))
+        return out
+
+    return st.lists(turn, min_size=1, max_size=6).map(build)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(history=histories(), limit=st.integers(100, 1200))
+def test_fitting_keeps_the_newest_messages_whole_and_as_many_as_fit(tok, history, limit):
+    candidates = trimmed_histories(history)
+    last_user = [m for m in history if m.role == "user"][-1]
+    for shorter, longer in zip(candidates[1:], [history] + candidates):
+        assert len(shorter) < len(longer)
+    for kept in candidates:
+        assert kept[0] is last_user or kept[0].role == "user"
+        assert last_user in kept
+        for i, m in enumerate(kept):  # a result always follows its call
+            if m.role == "tool":
+                assert i > 0 and (kept[i - 1].role == "tool" or kept[i - 1].is_tool_call)
+    chat = Chat(ScriptedModel([[0]], max_context=limit), tok, date="2025-08-05")
+    chat.messages = history
+    room = limit - chat.reply_reserve
+    options = [history] + candidates
+    fits = [len(chat.prompt_tokens(h)) <= room for h in options]
+    try:
+        prompt, trimmed = chat.fitted_prompt()
+    except ContextLengthError:
+        assert not fits[-1]
+        return
+    assert len(prompt) <= room
+    first_fit = fits.index(True)
+    assert prompt == chat.prompt_tokens(options[first_fit])  # the fewest messages dropped
+    assert (trimmed is None) == (first_fit == 0)
+
+
+def test_a_reply_streams_to_asyncio(chat):
+    """How a server consumes a reply: the chat's own stream, handed to the event loop."""
+    import asyncio
+
+    from gptoss_mlx.engine_thread import engine_thread
+
+    async def answer(text):
+        return [e async for e in engine_thread().astream(chat.send(text))]
+
+    events = asyncio.run(answer("2+2?"))
+    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == "4"
+    assert isinstance(events[-1], Done) and chat.messages[-1].text == "4"

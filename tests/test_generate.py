@@ -1,10 +1,15 @@
-"""The engine: sampling, stop tokens, limits, and the prompt cache across turns."""
+"""The engine: sampling, stop tokens, limits, the prompt cache across turns, the engine thread."""
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from conftest import FP32_ATOL
+from gptoss_mlx.engine_thread import EngineThread
 from gptoss_mlx.generate import (
     ContextLengthError, Engine, SamplingParams, banned_token_mask, make_sampler,
 )
@@ -141,3 +146,92 @@ def test_chunked_prefill_matches(model):
     prompt = [(i * 13) % 500 for i in range(100)]
     np.testing.assert_allclose(np.array(engine.prefill(prompt))[0], fresh_logits(model, prompt),
                                atol=FP32_ATOL)
+
+
+# ------------------------------------------------------------------ limits
+@pytest.mark.parametrize("bad", [0, -1, 4097, 131073, 1.5, True])
+def test_max_context_is_checked_against_the_model(bad):
+    with pytest.raises(ValueError, match=r"max_context must be a whole number of tokens from 1 to 4096 "
+                                         r"\(the model's max_position_embeddings\)"):
+        Engine(ScriptedModel([[7]], max_context=4096), max_context=bad)
+    assert Engine(ScriptedModel([[7]], max_context=4096), max_context=4096).max_context == 4096
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(model, tiny_config):
+    with pytest.raises(ValueError, match=f"token id 200006 is outside the model's vocabulary of {tiny_config.vocab_size}"):
+        Engine(model).prefill([1, 2, 200006])
+
+
+# ------------------------------------------------------------------ the engine thread
+def test_engine_thread_calls_and_streams_with_errors_raised_here():
+    thread = EngineThread()
+    try:
+        assert thread.call(lambda: threading.current_thread().name) == "gptoss-mlx-engine"
+        with pytest.raises(KeyError, match="boom"):
+            thread.call(lambda: {}["boom"])
+        lazy = thread.call(lambda: mx.arange(4) * 2)  # built there, evaluated before it comes back
+        assert lazy.tolist() == [0, 2, 4, 6]
+
+        def made_there():
+            yield threading.current_thread().name
+            yield thread.call(lambda: "inline")  # from the engine thread itself: runs inline
+            raise RuntimeError("failed mid-stream")
+
+        items = thread.stream(made_there())
+        assert next(items) == "gptoss-mlx-engine" and next(items) == "inline"
+        with pytest.raises(RuntimeError, match="failed mid-stream"):
+            next(items)
+    finally:
+        thread.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        thread.call(lambda: None)
+
+
+def test_closing_a_stream_stops_the_generator_there_and_waits_for_its_clean_up():
+    thread = EngineThread()
+    cleaned_up = []
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                n += 1
+                yield n
+        finally:
+            cleaned_up.append(threading.current_thread().name)
+
+    try:
+        items = thread.stream(endless())
+        assert [next(items) for _ in range(3)] == [1, 2, 3]
+        items.close()
+        assert cleaned_up == ["gptoss-mlx-engine"]  # already done when close() returns
+    finally:
+        thread.shutdown()
+
+
+def test_astream_delivers_on_the_event_loop():
+    thread = EngineThread()
+
+    async def collect():
+        return [x async for x in thread.astream(iter(range(5)))]
+
+    try:
+        assert asyncio.run(collect()) == [0, 1, 2, 3, 4]
+    finally:
+        thread.shutdown()
+
+
+def test_generate_from_two_threads_matches_one_thread(model):
+    """Tokens made on the engine thread, whichever thread asks; the cache is reused across them."""
+    prompt = [(i * 7) % 500 for i in range(40)]
+    params = SamplingParams(temperature=0, max_tokens=8)
+    reference = Engine(model)
+    first = list(reference.generate(prompt, params))
+    follow = prompt + first + [5, 6, 7]
+    second = list(reference.generate(follow, params))
+
+    engine = Engine(model)
+    with ThreadPoolExecutor(1) as a, ThreadPoolExecutor(1) as b:
+        assert a.submit(lambda: list(engine.generate(prompt, params))).result() == first
+        assert b.submit(lambda: list(engine.generate(follow, params))).result() == second
+    assert engine.stats.reused_tokens >= len(prompt)

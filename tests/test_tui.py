@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 from textual.widgets import Markdown, OptionList
 
-from gptoss_mlx.chat import AnswerDelta, Chat, Done, ReasoningDelta, ToolCall
-from gptoss_mlx.generate import SamplingParams, Stats
+from gptoss_mlx.chat import AnswerDelta, Chat, ContextTrimmed, Done, ReasoningDelta, ToolCall
+from gptoss_mlx.generate import ContextLengthError, SamplingParams, Stats
 from gptoss_mlx.harmony import Message
 from gptoss_mlx.tui import ChatApp, ConversationStore
 from gptoss_mlx.tui.app import AssistantTurn, PromptInput, UserMessage
@@ -28,7 +28,8 @@ class FakeEngine:
 
 class ScriptedChat(Chat):
     """A Chat whose replies are scripted event lists: ("analysis" | "final", text),
-    ("call", recipient, args), ("wait",) blocks until stop(), ("fail", message) raises."""
+    ("call", recipient, args), ("wait",) blocks until stop(), ("fail", message) raises, and so
+    does ("too long", message), as a ContextLengthError."""
 
     def __init__(self, *replies, **kwargs):
         super().__init__(None, None, engine=FakeEngine(), **kwargs)
@@ -53,6 +54,8 @@ class ScriptedChat(Chat):
                     time.sleep(0.01)
             elif kind == "fail":
                 raise RuntimeError(step[1])
+            elif kind == "too long":
+                raise ContextLengthError(step[1])
             elif kind == "analysis":
                 reasoning += step[1]
                 yield ReasoningDelta(step[1])
@@ -294,6 +297,19 @@ async def test_a_failed_reply_is_a_notification_and_the_chat_survives(store):
         assert chat.messages[-1].text == "fine"
 
 
+async def test_a_message_that_does_not_fit_is_reported_and_the_history_stays(store):
+    chat = ScriptedChat([("final", "first answer")],
+                        [("too long", "the context limit is 4096 tokens")], [("final", "fine")])
+    app = make_app(chat, store)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "short")
+        await send(pilot, app, "far too long")
+        assert any("context limit is 4096" in n.message for n in app._notifications)
+        assert [m.text for m in chat.messages] == ["short", "first answer"]  # taken back, no more
+        await send(pilot, app, "shorter")
+        assert chat.messages[-1].text == "fine"
+
+
 async def test_model_loading_shows_progress_and_errors_do_not_crash(store):
     release = threading.Event()
 
@@ -315,19 +331,27 @@ async def test_model_loading_shows_progress_and_errors_do_not_crash(store):
         assert any("No model loaded" in n.message for n in app._notifications)
 
 
-async def test_with_a_tiny_real_model(checkpoints, tokenizer_json, tmp_path, store):
-    """The real stack: tiny random checkpoint, real tokenizer, real Chat and Engine."""
-    import gzip
-    import shutil
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tokenizer_json, tmp_path_factory):
+    """A tiny random checkpoint with the real tokenizer's vocabulary, and that tokenizer."""
+    import make_tiny_checkpoint as mtc
 
+    ckpt = tmp_path_factory.mktemp("tui") / "tiny"
+    mtc.write_hf(ckpt, mtc.TINY)
+    mtc.copy_tokenizer(ckpt, tokenizer_json)
+    return ckpt
+
+
+def tiny_chat(ckpt, **sampling) -> Chat:
     from gptoss_mlx.loading import load
 
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(checkpoints["hf"], ckpt)
-    with gzip.open(tokenizer_json) as src, open(ckpt / "tokenizer.json", "wb") as dst:
-        shutil.copyfileobj(src, dst)
     model, tokenizer = load(ckpt)
-    chat = Chat(model, tokenizer, sampling=SamplingParams(temperature=0, max_tokens=12), date="2025-08-05")
+    return Chat(model, tokenizer, sampling=SamplingParams(temperature=0, **sampling), date="2025-08-05")
+
+
+async def test_with_a_tiny_real_model(tiny_checkpoint, store):
+    """The real stack: tiny random checkpoint, real tokenizer, real Chat and Engine."""
+    chat = tiny_chat(tiny_checkpoint, max_tokens=12)
     app = make_app(chat, store)
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, app, "Hi there")
@@ -343,6 +367,79 @@ async def test_with_a_tiny_real_model(checkpoints, tokenizer_json, tmp_path, sto
     assert len(store.list()) == 1
 
 
+@pytest.mark.parametrize("turns", [2, 5])
+async def test_follow_ups_with_the_same_effort_on_a_tiny_real_model(tiny_checkpoint, store, turns):
+    """Issue 15: each reply runs on a new worker thread; every follow-up used to fail with
+    "There is no Stream(cpu, 1) in current thread". The model loads in the app, as it does for
+    users (on the engine thread)."""
+    app = ChatApp(loader=lambda: tiny_chat(tiny_checkpoint, max_tokens=8), model_name="tiny", store=store)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.chat is not None, timeout=60)
+        for n in range(turns):
+            await send(pilot, app, f"Message number {n + 1}")
+        assert not [n.message for n in app._notifications if n.severity == "error"]
+        stats = [t.query_one(".stats").render().plain for t in app.query(AssistantTurn)]
+        assert len(stats) == turns and all("8 tokens ·" in s for s in stats), stats
+        assert all(" cached)" in s and "(0 cached)" not in s for s in stats[1:]), stats  # cache reused
+        assert app.chat.reasoning_effort == "medium"
+    assert [m.role for m in app.chat.messages].count("user") == turns
+
+
+QUIT_MID_REPLY = """
+import asyncio, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from test_tui import tiny_chat, wait_until
+from gptoss_mlx.tui import ChatApp, ConversationStore
+from gptoss_mlx.tui.app import PromptInput
+
+async def main():
+    chat = tiny_chat(sys.argv[1], max_tokens=200000)
+    app = ChatApp(chat, store=ConversationStore(Path(sys.argv[3])))
+    async with app.run_test(size=(100, 32)) as pilot:
+        app.query_one(PromptInput).text = "Write forever"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: chat.engine.stats.generated_tokens > 20, timeout=60)
+        await pilot.press("ctrl+q")
+    print(f"quit after {chat.engine.stats.generated_tokens} tokens", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_ctrl_q_during_a_reply_exits_cleanly(tiny_checkpoint, tmp_path):
+    """Quitting mid-reply stops the reply at its next token; the process ends with status 0
+    (it used to abort: "terminate called without an active exception", exit 134)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "quit.py"
+    script.write_text(QUIT_MID_REPLY)
+    tests = Path(__file__).parent
+    proc = subprocess.run([sys.executable, str(script), str(tiny_checkpoint), str(tests), str(tmp_path / "data")],
+                          capture_output=True, text=True, timeout=120, cwd=tests)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "quit after" in proc.stdout and "terminate" not in proc.stderr
+    generated = int(proc.stdout.split("quit after ")[1].split()[0])
+    assert generated < 200000  # stopped, not run to the end
+
+
+async def test_context_trimmed_shows_a_notice(store):
+    class TrimmingChat(ScriptedChat):
+        def reply(self):
+            yield ContextTrimmed(dropped_messages=4, dropped_tokens=1234)
+            yield from super().reply()
+
+    app = make_app(TrimmingChat([("final", "fine")]), store)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "long chat")
+        notice = "the oldest 4 messages (1234 tokens) are left out"
+        assert notice in app.query_one(".notice").render().plain
+        assert any(notice in n.message for n in app._notifications)
+        assert app.query_one(AssistantTurn).answer_text == "fine"
+
+
 # ---- snapshots (pytest-textual-snapshot; review with --snapshot-update) ---------------------------
 
 def _snapshot_app(tmp_path, collapse: bool):
@@ -354,8 +451,13 @@ def _snapshot_app(tmp_path, collapse: bool):
     return app
 
 
+async def _still_cursor(pilot):
+    pilot.app.query_one(PromptInput).cursor_blink = False  # a blinking cursor made snapshots flaky
+
+
 async def _run_turn(pilot):
     app = pilot.app
+    await _still_cursor(pilot)
     app.query_one(PromptInput).text = "Write a haiku about MLX"
     await pilot.press("enter")
     await wait_until(pilot, lambda: app.replies_finished == 1)
@@ -379,4 +481,4 @@ def test_snapshot_effort_switched_to_high(snap_compare, tmp_path):
 
 def test_snapshot_empty_chat(snap_compare, tmp_path):
     app = ChatApp(ScriptedChat(), model_name="gpt-oss-20b", store=ConversationStore(tmp_path))
-    assert snap_compare(app, terminal_size=SIZE)
+    assert snap_compare(app, terminal_size=SIZE, run_before=_still_cursor)

@@ -2,9 +2,10 @@
 
     gptoss-mlx tui [--model M] [-e low|medium|high]      (or: python -m gptoss_mlx.tui)
 
-The app drives a :class:`gptoss_mlx.chat.Chat` from a thread worker; every event (reasoning
-delta, answer delta, tool call, done) is handed to the UI thread, which streams it into the
-current turn. Conversations are saved after each reply (tui/store.py).
+The app drives a :class:`gptoss_mlx.chat.Chat` from a thread worker; the model itself loads and
+runs on the engine thread (gptoss_mlx/engine_thread.py), whatever worker asks. Every event
+(reasoning delta, answer delta, tool call, context trimmed, done) is handed to the UI thread,
+which streams it into the current turn. Conversations are saved after each reply (tui/store.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ from textual.widgets import (
 )
 from textual.widgets.option_list import Option
 
-from gptoss_mlx.chat import AnswerDelta, Chat, ChatFileError, Done, ReasoningDelta, ToolCall
+from gptoss_mlx.chat import (
+    AnswerDelta, Chat, ChatFileError, ContextTrimmed, Done, ReasoningDelta, ToolCall,
+)
+from gptoss_mlx.engine_thread import engine_thread
+from gptoss_mlx.generate import ContextLengthError
 from gptoss_mlx.harmony import EFFORTS
 from gptoss_mlx.store import ConversationStore, title_for
 from gptoss_mlx.tools import Toolbox, ToolResult, run_with_tools
@@ -175,6 +180,8 @@ class AssistantTurn(Vertical):
             row = Collapsible(Static(event.content, markup=False, classes="tool-args"),
                               title=f"{mark} · {event.name}", collapsed=True, classes="tool-call")
             await self.mount(row, before=self.query_one(".answer"))
+        elif isinstance(event, ContextTrimmed):
+            await self.mount(Static(context_notice(event), markup=False, classes="notice"), before=0)
         elif isinstance(event, Done):
             self.query_one(".stats", Static).update(_stats_line(event))
 
@@ -190,6 +197,11 @@ class AssistantTurn(Vertical):
         self.reasoning.title = f"Reasoning · {words} words"
         if not words:
             self.reasoning.display = False  # no empty section (showing is left to the CSS)
+
+
+def context_notice(event: ContextTrimmed) -> str:
+    return (f"Context full: the oldest {event.dropped_messages} messages ({event.dropped_tokens} "
+            "tokens) are left out of this reply's prompt")
 
 
 def _stats_line(done: Done) -> str:
@@ -406,7 +418,7 @@ class ChatApp(App):
     def load_model(self) -> None:
         self.call_from_thread(self._loading, True)
         try:
-            chat = self.loader()
+            chat = engine_thread().call(self.loader)  # MLX work belongs on the engine thread
         except Exception as e:  # noqa: BLE001  — shown to the user, the app stays up
             self.call_from_thread(self._load_failed, str(e) or type(e).__name__)
         else:
@@ -496,16 +508,16 @@ class ChatApp(App):
 
     @work(thread=True, exclusive=True, group="reply")
     def reply(self, text: str, turn: AssistantTurn) -> None:
-        from gptoss_mlx.generate import ContextLengthError
-
         events = run_with_tools(self.chat, text, self.toolbox) if self.toolbox else self.chat.send(text)
         try:
             for event in events:
                 self.call_from_thread(turn.handle, event)
-                if isinstance(event, Done):
+                if isinstance(event, ContextTrimmed):
+                    self.call_from_thread(self.notify, context_notice(event), severity="warning",
+                                          timeout=8)
+                elif isinstance(event, Done):
                     self.last_done = event
-        except ContextLengthError as e:
-            self.chat.messages.pop()  # the user message that did not fit
+        except ContextLengthError as e:  # the chat took its message back: nothing else changed
             self.call_from_thread(self.notify, str(e), title="Too long", severity="error", timeout=15)
         except Exception as e:  # noqa: BLE001  — a failed reply is reported; the chat stays
             self.call_from_thread(self.notify, f"{type(e).__name__}: {e}", title="The reply failed",
@@ -532,6 +544,12 @@ class ChatApp(App):
     def on_unmount(self) -> None:
         if self.toolbox is not None:
             self.toolbox.close()
+
+    async def action_quit(self) -> None:
+        """Quit; a reply being written stops at its next token first."""
+        if self.generating and self.chat is not None:
+            self.chat.stop()
+        self.exit()
 
     def action_stop(self) -> None:
         if self.generating and self.chat is not None:
