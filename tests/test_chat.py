@@ -168,7 +168,7 @@ print(json.dumps({"expected": expected, "got": got}))
 def test_send_from_two_threads_taking_turns(tmp_path, tokenizer_json):
     """Issue 15: the second reply from another thread failed ("There is no Stream(cpu, 1) in current
     thread") and the process aborted at exit (134). In a subprocess, so an abort fails the test."""
-    import make_tiny_checkpoint as mtc
+    from gptoss_mlx.testing import checkpoints as mtc
     ckpt = tmp_path / "tiny"
     mtc.write_hf(ckpt, mtc.TINY)
     mtc.copy_tokenizer(ckpt, tokenizer_json)

@@ -45,8 +45,9 @@ def test_nan_the_load_sample_misses_is_caught_at_the_first_step(checkpoints):
     engine = Engine(model)
     good = engine.prefill([1, 2, 3])
     weight = model.layers[1].self_attn.o_proj.weight
-    model.layers[1].self_attn.o_proj.weight = mx.concatenate(
-        [mx.full((1, weight.shape[1]), float("nan"), weight.dtype), weight[1:]])
+    poisoned = mx.concatenate([mx.full((1, weight.shape[1]), float("nan"), weight.dtype), weight[1:]])
+    mx.eval(poisoned)  # evaluated here: the engine thread cannot evaluate this thread's lazy arrays
+    model.layers[1].self_attn.o_proj.weight = poisoned
     with pytest.raises(NonFiniteLogitsError, match="NaN or infinite logits"):
         engine.prefill([1, 2, 3, 4])
     assert engine.prompt_cache.tokens == []  # the poisoned cache is dropped

@@ -334,7 +334,7 @@ async def test_model_loading_shows_progress_and_errors_do_not_crash(store):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tokenizer_json, tmp_path_factory):
     """A tiny random checkpoint with the real tokenizer's vocabulary, and that tokenizer."""
-    import make_tiny_checkpoint as mtc
+    from gptoss_mlx.testing import checkpoints as mtc
 
     ckpt = tmp_path_factory.mktemp("tui") / "tiny"
     mtc.write_hf(ckpt, mtc.TINY)
