@@ -52,8 +52,8 @@ class Context:
             return False
 
     def survivors(self) -> list[str]:
-        ps = subprocess.run(["ps", "-axo", "pid=,command="], capture_output=True, text=True).stdout
-        return [line for line in ps.splitlines() if self.marker in line and "ps -axo" not in line]
+        ps = subprocess.run(["ps", "-axww", "-o", "pid=,command="], capture_output=True, text=True).stdout
+        return [line for line in ps.splitlines() if self.marker in line and "ps -axww" not in line]
 
 
 @dataclass
@@ -116,11 +116,14 @@ CASES = [
     Case("fork bomb", "import os\nwhile True:\n    os.fork()",
          lambda out, ctx: "PermissionError" in out),
     Case("child in its own session survives the timeout",
-         "import subprocess, time\n"
-         "subprocess.Popen(['/bin/sh', '-c', 'exec sleep 30 # {marker}'], start_new_session=True)\n"
-         "time.sleep(60)",
+         "import subprocess, sys, time\n"
+         "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)  # {marker}'],\n"
+         "                 start_new_session=True)\ntime.sleep(60)",
          lambda out, ctx: "timed out" in out and not ctx.survivors(),
          limits={"processes": True, "timeout_s": 2.0}),
+    Case("signal every process (kill -1, with the harmless SIGCONT)",
+         "import os, signal\nos.kill(-1, signal.SIGCONT)\nprint('signalled')",
+         lambda out, ctx: "signalled" not in out and _failed(out)),
     Case("os.open with dir_fd",
          "import os\nfd = os.open('/', os.O_RDONLY)\n"
          "os.open('{outside}'.lstrip('/') + '/pwned', os.O_CREAT | os.O_WRONLY, dir_fd=fd)", _no_write),

@@ -53,7 +53,7 @@ def test_escape_is_contained(case, ctx):
 
 # Cases that are safe to run with no sandbox at all: each must then be judged escaped, which
 # shows that its judge can fail.
-UNCONFINED = ["subprocess (_posixsubprocess.fork_exec)", "os.open with dir_fd", "sqlite3 database outside",
+UNCONFINED = ["subprocess (_posixsubprocess.fork_exec)", "child in its own session survives the timeout", "os.open with dir_fd", "sqlite3 database outside",
               "hard link and rename of a file outside", "read /proc/<parent>/environ and every environ in /proc",
               "network: TCP to the host's 127.0.0.1", "read the home directory and ~/.ssh"]
 
@@ -71,6 +71,8 @@ def test_the_judges_see_an_escape_without_the_sandbox(name, monkeypatch, tmp_pat
         contained, out = check.run_case(next(c for c in check.CASES if c.name == name), context)
     finally:
         context.server.close()
+        for line in context.survivors():
+            os.kill(int(line.split()[0]), 9)
     assert not contained, out
 
 
@@ -82,6 +84,14 @@ def test_the_sandbox_still_does_what_the_model_needs(os_sandbox):
         threads = "import threading; t = threading.Thread(target=print, args=('thread',)); t.start(); t.join()"
         assert box.run(threads).strip() == "thread"
         assert box.run("import tempfile; tempfile.NamedTemporaryFile().name").startswith(f"'{box.workdir}")
+
+
+def test_network_and_processes_when_allowed(ctx):
+    with PythonSandbox(limits=SandboxLimits(timeout_s=10, network=True, processes=True)) as box:
+        code = f"import socket; socket.create_connection(('127.0.0.1', {ctx.port}), timeout=2).close(); 'connected'"
+        assert box.run(code).strip() == "'connected'" and ctx.connected()
+        run = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'print(6 * 7)'], capture_output=True).stdout"
+        assert box.run(run).strip() == "b'42\\n'"
 
 
 def test_forged_reply_does_not_shift_later_results(os_sandbox):
