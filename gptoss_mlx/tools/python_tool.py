@@ -75,7 +75,7 @@ class PythonSandbox:
     def description(self) -> str:
         return description(self.stateful, self.limits, self.workdir)
 
-    def _start(self) -> subprocess.Popen:
+    def _start(self) -> None:
         config = {"memory_mb": self.limits.memory_mb, "cpu_s": self.limits.cpu_s,
                   "max_output": self.limits.max_output, "max_file_mb": self.limits.max_file_mb,
                   "open_files": self.limits.open_files, "processes": self.limits.max_processes}
@@ -93,7 +93,6 @@ class PythonSandbox:
         if self._read_reply(time.monotonic() + STARTUP_S) != {"ready": True}:
             self._kill()
             raise RuntimeError("the python sandbox did not start")
-        return proc
 
     def run(self, code: str) -> str:
         """Run ``code``; returns what it printed (and its last expression's value), a traceback,

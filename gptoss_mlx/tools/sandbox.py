@@ -202,8 +202,9 @@ def _sbpl_string(text: str) -> str:
 
 def seatbelt_profile(policy: Policy, executable: str) -> str:
     """The Seatbelt (SBPL) profile for ``sandbox-exec -p`` that enforces ``policy``."""
-    reads = " ".join(f"(subpath {_sbpl_string(p)})" for p in policy.read_paths)
-    files = " ".join(f"(literal {_sbpl_string(p)})" for p in policy.read_files)
+    # (A rule with no filter would allow everything: each list below is never empty.)
+    reads = " ".join([f"(subpath {_sbpl_string(p)})" for p in policy.read_paths] +
+                     [f"(literal {_sbpl_string(p)})" for p in policy.read_files + (executable,)])
     exe = {executable, os.path.realpath(executable)}
     lines = [
         "(version 1)",
@@ -214,7 +215,7 @@ def seatbelt_profile(policy: Policy, executable: str) -> str:
         "(allow signal (target self))",
         "(allow process-info* (target self))",
         "(allow file-read-metadata)",  # stat() of path components; contents stay closed
-        f"(allow file-read* {reads} {files})",
+        f"(allow file-read* {reads})",
         f"(allow file-read* file-write* (subpath {_sbpl_string(policy.workdir)}))",
         '(allow file-write-data (literal "/dev/null"))',
         "(allow sysctl-read (sysctl-name-prefix \"hw.\") (sysctl-name \"kern.osrelease\")"
@@ -259,7 +260,7 @@ def _probe() -> str | None:
     if sys.platform == "darwin":
         if not os.path.exists("/usr/bin/sandbox-exec"):
             return "sandbox-exec (Seatbelt) is missing from /usr/bin"
-        workdir = tempfile.gettempdir()
+        workdir = os.path.realpath(tempfile.gettempdir())
     elif sys.platform.startswith("linux"):
         if shutil.which("bwrap") is None:
             return ("bubblewrap is not installed: install it (apt install bubblewrap, "
