@@ -34,10 +34,20 @@ class Context:
     parent: int  # this process: the chat the code must not reach
     server: socket.socket  # listening on 127.0.0.1: nothing may connect
     marker: str  # a word in the command line of any process the code starts
+    abstract: socket.socket | None  # Linux: listening on an abstract unix address
 
     @property
     def port(self) -> int:
         return self.server.getsockname()[1]
+
+    @property
+    def abstract_name(self) -> str:
+        return self.abstract.getsockname()[1:].decode() if self.abstract else "none"
+
+    def close(self) -> None:
+        self.server.close()
+        if self.abstract:
+            self.abstract.close()
 
     def untouched(self) -> bool:
         return sorted(p.name for p in self.outside.iterdir()) == ["canary"] and \
@@ -201,7 +211,7 @@ CASES = [
          "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)",
          lambda out, ctx: _failed(out) and not ctx.connected()),
     Case("network: abstract unix socket of the host",
-         "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('\\0gptoss-sandbox-check')",
+         "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('\\0{abstract}')",
          lambda out, ctx: _failed(out)),
     Case("read the home directory and ~/.ssh",
          "import os\nfor p in [{home!r}, {home!r} + '/.ssh', '{outside}']:\n"
@@ -222,7 +232,7 @@ def run_case(case: Case, ctx: Context) -> tuple[bool, str]:
     """(contained, output) for one case in a fresh sandbox."""
     limits = SandboxLimits(**{"timeout_s": 10.0, **(case.limits or {})})
     fields = {"outside": ctx.outside, "parent": ctx.parent, "port": ctx.port, "marker": ctx.marker,
-              "home": os.path.expanduser("~")}
+              "home": os.path.expanduser("~"), "abstract": ctx.abstract_name}
     with PythonSandbox(limits=limits) as box:
         out = box.run(case.code.format(**fields))
         if case.after is not None:
@@ -239,8 +249,13 @@ def context(tmp: Path) -> Context:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(4)
+    abstract = None
+    if sys.platform.startswith("linux"):
+        abstract = socket.socket(socket.AF_UNIX)
+        abstract.bind(f"\0gptoss-sandbox-check-{os.getpid()}-{outside.stat().st_ino}")
+        abstract.listen(1)
     os.environ["HF_TOKEN"] = os.environ["OPENAI_API_KEY"] = SECRET
-    return Context(outside, os.getpid(), server, f"gptoss-marker-{os.getpid()}")
+    return Context(outside, os.getpid(), server, f"gptoss-marker-{os.getpid()}", abstract)
 
 
 def main() -> int:
@@ -248,10 +263,6 @@ def main() -> int:
     escaped = 0
     with tempfile.TemporaryDirectory() as tmp:
         ctx = context(Path(tmp))
-        abstract = socket.socket(socket.AF_UNIX) if sys.platform.startswith("linux") else None
-        if abstract:
-            abstract.bind("\0gptoss-sandbox-check")
-            abstract.listen(1)
         print(f"{'case':58} result")
         for case in CASES:
             ok, out = run_case(case, ctx)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import struct
 import sys
 from pathlib import Path
@@ -31,15 +30,8 @@ _spec.loader.exec_module(check)
 def ctx(os_sandbox, tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("HF_TOKEN", "OPENAI_API_KEY")}
     context = check.context(tmp_path_factory.mktemp("escape"))
-    abstract = None
-    if sys.platform.startswith("linux"):
-        abstract = socket.socket(socket.AF_UNIX)
-        abstract.bind("\0gptoss-sandbox-check")
-        abstract.listen(1)
     yield context
-    context.server.close()
-    if abstract:
-        abstract.close()
+    context.close()
     for k, v in saved.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
@@ -70,7 +62,7 @@ def test_the_judges_see_an_escape_without_the_sandbox(name, monkeypatch, tmp_pat
     try:
         contained, out = check.run_case(next(c for c in check.CASES if c.name == name), context)
     finally:
-        context.server.close()
+        context.close()
         for line in context.survivors():
             os.kill(int(line.split()[0]), 9)
     assert not contained, out
