@@ -94,6 +94,14 @@ def test_forged_reply_does_not_shift_later_results(os_sandbox):
         assert [box.run(f"{i} * 10").strip() for i in range(3)] == ["0", "10", "20"]
 
 
+def test_cpu_time_of_a_process_from_ps():  # how macOS (no /proc) sees a session burning CPU
+    import time
+    start = time.process_time()
+    while time.process_time() - start < 1.1:
+        pass
+    assert python_tool._ps_cpu(os.getpid()) >= 1.0 and python_tool._ps_cpu(2**22 + 7) is None
+
+
 def test_reads_never_block_past_the_deadline(os_sandbox):
     import time
     with PythonSandbox(limits=SandboxLimits(timeout_s=1.5)) as box:

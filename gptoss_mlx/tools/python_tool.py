@@ -58,6 +58,20 @@ def description(stateful: bool, limits: SandboxLimits, workdir: str = LINUX_WORK
         f"Internet access for this session is {network}.")
 
 
+def _ps_cpu(pid: int) -> float | None:
+    """CPU seconds of one process from ``ps -o time=`` ("[[dd-]hh:]mm:ss[.ss]"), or None."""
+    try:
+        text = subprocess.run(["ps", "-o", "time=", "-p", str(pid)], capture_output=True,
+                              text=True, timeout=5).stdout.strip()
+        days, _, clock = text.rpartition("-")
+        seconds = 0.0
+        for part in clock.split(":"):
+            seconds = seconds * 60 + float(part)
+        return seconds + 86400 * int(days or 0)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
 class PythonSandbox:
     def __init__(self, stateful: bool = True, limits: SandboxLimits | None = None):
         require_sandbox()  # raises SandboxUnavailable: never a run without the OS sandbox
@@ -188,9 +202,11 @@ class PythonSandbox:
             return None
 
     def _sandbox_cpu(self) -> float | None:
-        """CPU seconds used so far by every process of the sandbox (Linux; None elsewhere)."""
-        if self._proc is None or not os.path.isdir("/proc"):
+        """CPU seconds used so far by every process of the sandbox (None if unknown)."""
+        if self._proc is None:
             return None
+        if not os.path.isdir("/proc"):  # macOS: the worker is the sandbox (no process-fork)
+            return _ps_cpu(self._proc.pid)
         total, todo, tick = 0.0, [self._proc.pid], os.sysconf("SC_CLK_TCK")
         try:
             while todo:
