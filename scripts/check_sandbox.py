@@ -218,6 +218,11 @@ CASES = [
          "    try:\n        print('LIST', sorted(os.listdir(p)))\n    except OSError as e:\n        print(e)\n"
          "print(open('{outside}/canary').read())",
          lambda out, ctx: "keep" not in out and all(_only_python(line) for line in out.splitlines())),
+    Case("read /etc/shadow, type into the terminal (/dev/tty)",
+         "import fcntl, termios\nfor p in ['/etc/shadow', '/etc/passwd']:\n    try:\n"
+         "        print('READ', open(p).read()[:20])\n    except OSError as e:\n        print(e)\n"
+         "tty = open('/dev/tty', 'w')\nfcntl.ioctl(tty, termios.TIOCSTI, b'x')\nprint('TYPED')",
+         lambda out, ctx: "READ" not in out and "TYPED" not in out),
     Case("environment variables (tokens, keys)", "import os\ndict(os.environ)",
          lambda out, ctx: SECRET not in out and "HOME" in out),
     Case("unshare a new user namespace",
