@@ -1,6 +1,7 @@
 """Run escape attempts against the python tool's sandbox and print contained/escaped per case.
 
     python scripts/check_sandbox.py            # on a Mac (Seatbelt) or on Linux (bubblewrap)
+    python scripts/check_sandbox.py network    # only the cases whose names contain a word
 
 Each case runs model-style code in a fresh PythonSandbox and then judges, from the output and
 from what it can see outside (a canary directory, this process's environment, priority and
@@ -11,7 +12,9 @@ runs the same cases. Exit status 1 if anything escaped.
 from __future__ import annotations
 
 import os
+import re
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -48,6 +51,12 @@ class Context:
         self.server.close()
         if self.abstract:
             self.abstract.close()
+
+    def reset(self) -> None:
+        """Put the outside directory back as it was (one case's escape must not fail the next)."""
+        for p in self.outside.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        (self.outside / "canary").write_text("keep")
 
     def untouched(self) -> bool:
         return sorted(p.name for p in self.outside.iterdir()) == ["canary"] and \
@@ -122,14 +131,14 @@ CASES = [
     Case("ctypes fork() and system()",
          "import ctypes\nlibc = ctypes.CDLL(None)\nprint('fork', libc.fork())\n"
          "print('system', libc.system(b'touch {outside}/pwned'))",
-         lambda out, ctx: ctx.untouched() and "fork -1" in out and "system 0" not in out),
+         lambda out, ctx: ctx.untouched() and not re.search(r"fork [1-9]", out) and "system 0" not in out),
     Case("fork bomb", "import os\nwhile True:\n    os.fork()",
          lambda out, ctx: "PermissionError" in out),
     Case("child in its own session survives the timeout",
          "import subprocess, sys, time\n"
          "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)  # {marker}'],\n"
          "                 start_new_session=True)\ntime.sleep(60)",
-         lambda out, ctx: "timed out" in out and not ctx.survivors(),
+         lambda out, ctx: not ctx.survivors(),
          limits={"processes": True, "timeout_s": 2.0}),
     Case("signal every process (kill -1, with the harmless SIGCONT)",
          "import os, signal\nos.kill(-1, signal.SIGCONT)\nprint('signalled')",
@@ -151,7 +160,7 @@ CASES = [
          lambda out, ctx: ctx.untouched() and "keep" not in out),
     Case("symlink out of the working directory",
          "import os\nos.symlink('/', 'root')\nopen('root{outside}/pwned', 'w').write('x')", _no_write),
-    Case("write anywhere but the working directory (/, /etc, /dev, /dev/shm, /tmp, $HOME)",
+    Case("write anywhere else (/, /etc, /dev, /dev/shm, /tmp, $HOME)",
          "import os\nfor p in ['/x', '/etc/x', '/dev/x', '/dev/shm/x', '/tmp/x', {home!r} + '/x']:\n"
          "    try:\n        open(p, 'w').write('x')\n        print('WROTE', p)\n    except OSError as e:\n"
          "        print(p, e)",
@@ -166,9 +175,11 @@ CASES = [
          "import os, glob\nfor p in ['/proc/{parent}/environ'] + glob.glob('/proc/*/environ'):\n"
          "    try:\n        print(p, open(p, 'rb').read())\n    except OSError as e:\n        print(p, e)",
          lambda out, ctx: SECRET not in out and not _parent_environ_in(out)),
-    Case("write /proc/<parent>/mem",
-         "open('/proc/{parent}/mem', 'r+b').write(b'x')",
-         lambda out, ctx: _failed(out)),
+    Case("open /proc/<parent>/mem for writing (also through dir_fd)",
+         "import os\ntry:\n    os.open('/proc/{parent}/mem', os.O_RDWR)\n    print('OPENED')\n"
+         "except OSError as e:\n    print(e)\n"
+         "os.open('mem', os.O_RDWR, dir_fd=os.open('/proc/{parent}', os.O_RDONLY))\nprint('OPENED')",
+         lambda out, ctx: "OPENED" not in out),
     Case("signal the parent: kill and pidfd_send_signal",
          "import os, signal\ntry:\n    os.kill({parent}, 0)\n    print('kill ok')\nexcept OSError as e:\n"
          "    print(e)\nsignal.pidfd_send_signal(os.pidfd_open({parent}), 0)\nprint('pidfd ok')",
@@ -238,6 +249,7 @@ def run_case(case: Case, ctx: Context) -> tuple[bool, str]:
     limits = SandboxLimits(**{"timeout_s": 10.0, **(case.limits or {})})
     fields = {"outside": ctx.outside, "parent": ctx.parent, "port": ctx.port, "marker": ctx.marker,
               "home": os.path.expanduser("~"), "abstract": ctx.abstract_name}
+    ctx.reset()
     with PythonSandbox(limits=limits) as box:
         out = box.run(case.code.format(**fields))
         if case.after is not None:
@@ -263,21 +275,22 @@ def context(tmp: Path) -> Context:
     return Context(outside, os.getpid(), server, f"gptoss-marker-{os.getpid()}", abstract)
 
 
-def main() -> int:
-    os.nice(1)  # "renice the parent" checks that this stays 1
+def main(words: list[str]) -> int:
+    """Runs the cases whose names contain one of ``words`` (all cases without any)."""
+    cases = [c for c in CASES if not words or any(w in c.name for w in words)]
     escaped = 0
     with tempfile.TemporaryDirectory() as tmp:
         ctx = context(Path(tmp))
         print(f"{'case':58} result")
-        for case in CASES:
+        for case in cases:
             ok, out = run_case(case, ctx)
             escaped += not ok
             print(f"{case.name:58} {'contained' if ok else 'ESCAPED'}")
             if not ok:
                 print("    " + out.strip().replace("\n", "\n    ")[:2000])
-    print(f"\n{len(CASES) - escaped} of {len(CASES)} contained")
+    print(f"\n{len(cases) - escaped} of {len(cases)} contained")
     return 1 if escaped else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
