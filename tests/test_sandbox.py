@@ -117,7 +117,7 @@ def test_reads_never_block_past_the_deadline(os_sandbox):
 def test_no_sandbox_means_no_python_tool(monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(sb.shutil, "which", lambda name: None)
-    sb._probe.cache_clear()
+    sb.sandbox_problem.cache_clear()
     try:
         with pytest.raises(SandboxUnavailable) as e:
             PythonSandbox()
@@ -125,7 +125,19 @@ def test_no_sandbox_means_no_python_tool(monkeypatch):
         assert "\n" not in message and "install bubblewrap" in message
         assert sb.sandbox_status().startswith("none") and "bubblewrap" in sb.sandbox_status()
     finally:
-        sb._probe.cache_clear()
+        sb.sandbox_problem.cache_clear()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bubblewrap")
+def test_an_unusable_bwrap_means_no_python_tool(monkeypatch, os_sandbox):
+    monkeypatch.setattr(sb, "bwrap_argv", lambda policy, fd: ["bwrap", "--uid", "x", "--"])
+    sb.sandbox_problem.cache_clear()
+    try:
+        with pytest.raises(SandboxUnavailable) as e:
+            PythonSandbox()
+        assert "\n" not in str(e.value) and "bwrap cannot create the sandbox here" in str(e.value)
+    finally:
+        sb.sandbox_problem.cache_clear()
 
 
 # ---- the generators ---------------------------------------------------------------------------
