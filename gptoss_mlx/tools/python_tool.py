@@ -47,11 +47,9 @@ def description(stateful: bool, limits: SandboxLimits, workdir: str = LINUX_WORK
                 .replace("120.0 seconds", f"{limits.timeout_s:.1f} seconds")
                 .replace("'/mnt/data'", f"'{workdir}'")
                 .replace("UNKNOWN. Depends on the cluster.", f"{network}."))
+    intro = PYTHON_DESCRIPTION.split("\n\n")[0].replace("execute Python", "execute STATELESS Python")
     return (
-        "Use this tool to execute STATELESS Python code in your chain of thought. The code will "
-        "not be shown to the user. This tool should be used for internal reasoning, but not for "
-        "code that is intended to be visible to the user (e.g. when creating plots, tables, or "
-        "files).\n\nWhen you send a message containing python code to python, it will be "
+        f"{intro}\n\nWhen you send a message containing python code to python, it will be "
         "executed in a stateless environment, and it will respond with the output of the "
         f"execution or time out after {limits.timeout_s:.1f} seconds. You have to use print "
         "statements to access the output; the environment is not shared between calls. "
