@@ -1,6 +1,7 @@
 """Run escape attempts against the python tool's sandbox and print contained/escaped per case.
 
     python scripts/check_sandbox.py            # on a Mac (Seatbelt) or on Linux (bubblewrap)
+    python scripts/check_sandbox.py network    # only the cases whose names contain a word
 
 Each case runs model-style code in a fresh PythonSandbox and then judges, from the output and
 from what it can see outside (a canary directory, this process's environment, priority and
@@ -11,7 +12,9 @@ runs the same cases. Exit status 1 if anything escaped.
 from __future__ import annotations
 
 import os
+import re
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,10 +37,26 @@ class Context:
     parent: int  # this process: the chat the code must not reach
     server: socket.socket  # listening on 127.0.0.1: nothing may connect
     marker: str  # a word in the command line of any process the code starts
+    abstract: socket.socket | None  # Linux: listening on an abstract unix address
 
     @property
     def port(self) -> int:
         return self.server.getsockname()[1]
+
+    @property
+    def abstract_name(self) -> str:
+        return self.abstract.getsockname()[1:].decode() if self.abstract else "none"
+
+    def close(self) -> None:
+        self.server.close()
+        if self.abstract:
+            self.abstract.close()
+
+    def reset(self) -> None:
+        """Put the outside directory back as it was (one case's escape must not fail the next)."""
+        for p in self.outside.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        (self.outside / "canary").write_text("keep")
 
     def untouched(self) -> bool:
         return sorted(p.name for p in self.outside.iterdir()) == ["canary"] and \
@@ -52,8 +71,8 @@ class Context:
             return False
 
     def survivors(self) -> list[str]:
-        ps = subprocess.run(["ps", "-axo", "pid=,command="], capture_output=True, text=True).stdout
-        return [line for line in ps.splitlines() if self.marker in line and "ps -axo" not in line]
+        ps = subprocess.run(["ps", "-axww", "-o", "pid=,command="], capture_output=True, text=True).stdout
+        return [line for line in ps.splitlines() if self.marker in line and "ps -axww" not in line]
 
 
 @dataclass
@@ -112,15 +131,18 @@ CASES = [
     Case("ctypes fork() and system()",
          "import ctypes\nlibc = ctypes.CDLL(None)\nprint('fork', libc.fork())\n"
          "print('system', libc.system(b'touch {outside}/pwned'))",
-         lambda out, ctx: ctx.untouched() and "fork -1" in out and "system 0" not in out),
+         lambda out, ctx: ctx.untouched() and not re.search(r"fork [1-9]", out) and "system 0" not in out),
     Case("fork bomb", "import os\nwhile True:\n    os.fork()",
          lambda out, ctx: "PermissionError" in out),
     Case("child in its own session survives the timeout",
-         "import subprocess, time\n"
-         "subprocess.Popen(['/bin/sh', '-c', 'exec sleep 30 # {marker}'], start_new_session=True)\n"
-         "time.sleep(60)",
-         lambda out, ctx: "timed out" in out and not ctx.survivors(),
+         "import subprocess, sys, time\n"
+         "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)  # {marker}'],\n"
+         "                 start_new_session=True)\ntime.sleep(60)",
+         lambda out, ctx: not ctx.survivors(),
          limits={"processes": True, "timeout_s": 2.0}),
+    Case("signal every process (kill -1, with the harmless SIGCONT)",
+         "import os, signal\nos.kill(-1, signal.SIGCONT)\nprint('signalled')",
+         lambda out, ctx: "signalled" not in out and _failed(out)),
     Case("os.open with dir_fd",
          "import os\nfd = os.open('/', os.O_RDONLY)\n"
          "os.open('{outside}'.lstrip('/') + '/pwned', os.O_CREAT | os.O_WRONLY, dir_fd=fd)", _no_write),
@@ -138,7 +160,7 @@ CASES = [
          lambda out, ctx: ctx.untouched() and "keep" not in out),
     Case("symlink out of the working directory",
          "import os\nos.symlink('/', 'root')\nopen('root{outside}/pwned', 'w').write('x')", _no_write),
-    Case("write anywhere but the working directory (/, /etc, /dev, /dev/shm, /tmp, $HOME)",
+    Case("write anywhere else (/, /etc, /dev, /dev/shm, /tmp, $HOME)",
          "import os\nfor p in ['/x', '/etc/x', '/dev/x', '/dev/shm/x', '/tmp/x', {home!r} + '/x']:\n"
          "    try:\n        open(p, 'w').write('x')\n        print('WROTE', p)\n    except OSError as e:\n"
          "        print(p, e)",
@@ -153,9 +175,11 @@ CASES = [
          "import os, glob\nfor p in ['/proc/{parent}/environ'] + glob.glob('/proc/*/environ'):\n"
          "    try:\n        print(p, open(p, 'rb').read())\n    except OSError as e:\n        print(p, e)",
          lambda out, ctx: SECRET not in out and not _parent_environ_in(out)),
-    Case("write /proc/<parent>/mem",
-         "open('/proc/{parent}/mem', 'r+b').write(b'x')",
-         lambda out, ctx: _failed(out)),
+    Case("open /proc/<parent>/mem for writing (also through dir_fd)",
+         "import os\ntry:\n    os.open('/proc/{parent}/mem', os.O_RDWR)\n    print('OPENED')\n"
+         "except OSError as e:\n    print(e)\n"
+         "os.open('mem', os.O_RDWR, dir_fd=os.open('/proc/{parent}', os.O_RDONLY))\nprint('OPENED')",
+         lambda out, ctx: "OPENED" not in out),
     Case("signal the parent: kill and pidfd_send_signal",
          "import os, signal\ntry:\n    os.kill({parent}, 0)\n    print('kill ok')\nexcept OSError as e:\n"
          "    print(e)\nsignal.pidfd_send_signal(os.pidfd_open({parent}), 0)\nprint('pidfd ok')",
@@ -198,18 +222,23 @@ CASES = [
          "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)",
          lambda out, ctx: _failed(out) and not ctx.connected()),
     Case("network: abstract unix socket of the host",
-         "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('\\0gptoss-sandbox-check')",
+         "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('\\0{abstract}')",
          lambda out, ctx: _failed(out)),
     Case("read the home directory and ~/.ssh",
          "import os\nfor p in [{home!r}, {home!r} + '/.ssh', '{outside}']:\n"
          "    try:\n        print('LIST', sorted(os.listdir(p)))\n    except OSError as e:\n        print(e)\n"
          "print(open('{outside}/canary').read())",
          lambda out, ctx: "keep" not in out and all(_only_python(line) for line in out.splitlines())),
+    Case("read /etc/shadow, type into the terminal (/dev/tty)",
+         "import fcntl, termios\nfor p in ['/etc/shadow', '/etc/passwd']:\n    try:\n"
+         "        print('READ', open(p).read()[:20])\n    except OSError as e:\n        print(e)\n"
+         "tty = open('/dev/tty', 'w')\nfcntl.ioctl(tty, termios.TIOCSTI, b'x')\nprint('TYPED')",
+         lambda out, ctx: "READ" not in out and "TYPED" not in out),
     Case("environment variables (tokens, keys)", "import os\ndict(os.environ)",
          lambda out, ctx: SECRET not in out and "HOME" in out),
     Case("unshare a new user namespace",
          "import ctypes\nprint('unshare', ctypes.CDLL(None).unshare(0x10000000))",
-         lambda out, ctx: "unshare -1" in out),
+         lambda out, ctx: "unshare 0" not in out),
     Case("memory bomb", "b = bytearray(8 * 2**30)",
          lambda out, ctx: "MemoryError" in out or "ended" in out, limits={"memory_mb": 512}),
 ]
@@ -219,7 +248,8 @@ def run_case(case: Case, ctx: Context) -> tuple[bool, str]:
     """(contained, output) for one case in a fresh sandbox."""
     limits = SandboxLimits(**{"timeout_s": 10.0, **(case.limits or {})})
     fields = {"outside": ctx.outside, "parent": ctx.parent, "port": ctx.port, "marker": ctx.marker,
-              "home": os.path.expanduser("~")}
+              "home": os.path.expanduser("~"), "abstract": ctx.abstract_name}
+    ctx.reset()
     with PythonSandbox(limits=limits) as box:
         out = box.run(case.code.format(**fields))
         if case.after is not None:
@@ -236,29 +266,31 @@ def context(tmp: Path) -> Context:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(4)
+    abstract = None
+    if sys.platform.startswith("linux"):
+        abstract = socket.socket(socket.AF_UNIX)
+        abstract.bind(f"\0gptoss-sandbox-check-{os.getpid()}-{outside.stat().st_ino}")
+        abstract.listen(1)
     os.environ["HF_TOKEN"] = os.environ["OPENAI_API_KEY"] = SECRET
-    return Context(outside, os.getpid(), server, f"gptoss-marker-{os.getpid()}")
+    return Context(outside, os.getpid(), server, f"gptoss-marker-{os.getpid()}", abstract)
 
 
-def main() -> int:
-    os.nice(1)  # "renice the parent" checks that this stays 1
+def main(words: list[str]) -> int:
+    """Runs the cases whose names contain one of ``words`` (all cases without any)."""
+    cases = [c for c in CASES if not words or any(w in c.name for w in words)]
     escaped = 0
     with tempfile.TemporaryDirectory() as tmp:
         ctx = context(Path(tmp))
-        abstract = socket.socket(socket.AF_UNIX) if sys.platform.startswith("linux") else None
-        if abstract:
-            abstract.bind("\0gptoss-sandbox-check")
-            abstract.listen(1)
         print(f"{'case':58} result")
-        for case in CASES:
+        for case in cases:
             ok, out = run_case(case, ctx)
             escaped += not ok
             print(f"{case.name:58} {'contained' if ok else 'ESCAPED'}")
             if not ok:
                 print("    " + out.strip().replace("\n", "\n    ")[:2000])
-    print(f"\n{len(CASES) - escaped} of {len(CASES)} contained")
+    print(f"\n{len(cases) - escaped} of {len(cases)} contained")
     return 1 if escaped else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -60,9 +60,9 @@ def tiktoken_file():
 def os_sandbox():
     """The python tool's OS sandbox (bubblewrap on Linux): skip without it, but fail in CI, where
     .ci/run installs it and sets GPTOSS_MLX_REQUIRE_TOOLCHAIN=1."""
-    from gptoss_mlx.tools.sandbox import _probe
+    from gptoss_mlx.tools.sandbox import sandbox_problem
 
-    problem = _probe()
+    problem = sandbox_problem()
     if problem:
         if os.environ.get("GPTOSS_MLX_REQUIRE_TOOLCHAIN") == "1":
             pytest.fail(f"{problem}, and GPTOSS_MLX_REQUIRE_TOOLCHAIN=1")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import struct
 import sys
 from pathlib import Path
@@ -31,15 +30,8 @@ _spec.loader.exec_module(check)
 def ctx(os_sandbox, tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("HF_TOKEN", "OPENAI_API_KEY")}
     context = check.context(tmp_path_factory.mktemp("escape"))
-    abstract = None
-    if sys.platform.startswith("linux"):
-        abstract = socket.socket(socket.AF_UNIX)
-        abstract.bind("\0gptoss-sandbox-check")
-        abstract.listen(1)
     yield context
-    context.server.close()
-    if abstract:
-        abstract.close()
+    context.close()
     for k, v in saved.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
@@ -53,7 +45,10 @@ def test_escape_is_contained(case, ctx):
 
 # Cases that are safe to run with no sandbox at all: each must then be judged escaped, which
 # shows that its judge can fail.
-UNCONFINED = ["subprocess (_posixsubprocess.fork_exec)", "os.open with dir_fd", "sqlite3 database outside",
+UNCONFINED = ["subprocess (_posixsubprocess.fork_exec)", "child in its own session survives the timeout",
+              "native writers outside (numpy.save, mx.save)", "mkfifo / mknod outside",
+              "open /proc/<parent>/mem for writing (also through dir_fd)",
+              "signal the parent: kill and pidfd_send_signal", "read /etc/shadow, type into the terminal (/dev/tty)", "os.open with dir_fd", "sqlite3 database outside",
               "hard link and rename of a file outside", "read /proc/<parent>/environ and every environ in /proc",
               "network: TCP to the host's 127.0.0.1", "read the home directory and ~/.ssh"]
 
@@ -70,7 +65,9 @@ def test_the_judges_see_an_escape_without_the_sandbox(name, monkeypatch, tmp_pat
     try:
         contained, out = check.run_case(next(c for c in check.CASES if c.name == name), context)
     finally:
-        context.server.close()
+        context.close()
+        for line in context.survivors():
+            os.kill(int(line.split()[0]), 9)
     assert not contained, out
 
 
@@ -84,12 +81,28 @@ def test_the_sandbox_still_does_what_the_model_needs(os_sandbox):
         assert box.run("import tempfile; tempfile.NamedTemporaryFile().name").startswith(f"'{box.workdir}")
 
 
+def test_network_and_processes_when_allowed(ctx):
+    with PythonSandbox(limits=SandboxLimits(timeout_s=10, network=True, processes=True)) as box:
+        code = f"import socket; socket.create_connection(('127.0.0.1', {ctx.port}), timeout=2).close(); 'connected'"
+        assert box.run(code).strip() == "'connected'" and ctx.connected()
+        run = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'print(6 * 7)'], capture_output=True).stdout"
+        assert box.run(run).strip() == "b'42\\n'"
+
+
 def test_forged_reply_does_not_shift_later_results(os_sandbox):
     with PythonSandbox(limits=SandboxLimits(timeout_s=5)) as box:
         forged = box.run(check._OK + check.FIND_REPLY_FD.replace("{{", "{") +
                          "for fd in fds:\n    os.write(fd, b'{\"id\": \"x\", \"output\": \"1\"}\\n{\"id\": \"y\", \"output\": \"2\"}\\n')")
         assert "malformed or out of order" in forged and "restarted" in forged
         assert [box.run(f"{i} * 10").strip() for i in range(3)] == ["0", "10", "20"]
+
+
+def test_cpu_time_of_a_process_from_ps():  # how macOS (no /proc) sees a session burning CPU
+    import time
+    start = time.process_time()
+    while time.process_time() - start < 1.1:
+        pass
+    assert python_tool._ps_cpu(os.getpid()) >= 1.0 and python_tool._ps_cpu(2**22 + 7) is None
 
 
 def test_reads_never_block_past_the_deadline(os_sandbox):
@@ -104,7 +117,7 @@ def test_reads_never_block_past_the_deadline(os_sandbox):
 def test_no_sandbox_means_no_python_tool(monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(sb.shutil, "which", lambda name: None)
-    sb._probe.cache_clear()
+    sb.sandbox_problem.cache_clear()
     try:
         with pytest.raises(SandboxUnavailable) as e:
             PythonSandbox()
@@ -112,7 +125,19 @@ def test_no_sandbox_means_no_python_tool(monkeypatch):
         assert "\n" not in message and "install bubblewrap" in message
         assert sb.sandbox_status().startswith("none") and "bubblewrap" in sb.sandbox_status()
     finally:
-        sb._probe.cache_clear()
+        sb.sandbox_problem.cache_clear()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bubblewrap")
+def test_an_unusable_bwrap_means_no_python_tool(monkeypatch, os_sandbox):
+    monkeypatch.setattr(sb, "bwrap_argv", lambda policy, fd: ["bwrap", "--uid", "x", "--"])
+    sb.sandbox_problem.cache_clear()
+    try:
+        with pytest.raises(SandboxUnavailable) as e:
+            PythonSandbox()
+        assert "\n" not in str(e.value) and "bwrap cannot create the sandbox here" in str(e.value)
+    finally:
+        sb.sandbox_problem.cache_clear()
 
 
 # ---- the generators ---------------------------------------------------------------------------

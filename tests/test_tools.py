@@ -392,7 +392,7 @@ def test_cli_tool_flag_errors(argv, message, capsys, monkeypatch):
     assert message in capsys.readouterr().err
 
 
-async def test_tui_runs_tools_after_approval(tok, tmp_path):
+async def test_tui_runs_tools_after_approval(tok, tmp_path, os_sandbox):
     from gptoss_mlx.tui import ChatApp, ConversationStore
     from gptoss_mlx.tui.app import ApproveCode, PromptInput
 

@@ -101,6 +101,7 @@ def main():
         output, ok = _run(request["code"], namespace)
         reply.write(json.dumps({"id": request["id"], "output": output, "ok": ok}) + "\n")
         reply.flush()
+    os._exit(0)  # the parent is gone: end now, whatever threads the code left running
 
 
 main()

@@ -47,15 +47,27 @@ def description(stateful: bool, limits: SandboxLimits, workdir: str = LINUX_WORK
                 .replace("120.0 seconds", f"{limits.timeout_s:.1f} seconds")
                 .replace("'/mnt/data'", f"'{workdir}'")
                 .replace("UNKNOWN. Depends on the cluster.", f"{network}."))
+    intro = PYTHON_DESCRIPTION.split("\n\n")[0].replace("execute Python", "execute STATELESS Python")
     return (
-        "Use this tool to execute STATELESS Python code in your chain of thought. The code will "
-        "not be shown to the user. This tool should be used for internal reasoning, but not for "
-        "code that is intended to be visible to the user (e.g. when creating plots, tables, or "
-        "files).\n\nWhen you send a message containing python code to python, it will be "
+        f"{intro}\n\nWhen you send a message containing python code to python, it will be "
         "executed in a stateless environment, and it will respond with the output of the "
         f"execution or time out after {limits.timeout_s:.1f} seconds. You have to use print "
         "statements to access the output; the environment is not shared between calls. "
         f"Internet access for this session is {network}.")
+
+
+def _ps_cpu(pid: int) -> float | None:
+    """CPU seconds of one process from ``ps -o time=`` ("[[dd-]hh:]mm:ss[.ss]"), or None."""
+    try:
+        text = subprocess.run(["ps", "-o", "time=", "-p", str(pid)], capture_output=True,
+                              text=True, timeout=5).stdout.strip()
+        days, _, clock = text.rpartition("-")
+        seconds = 0.0
+        for part in clock.split(":"):
+            seconds = seconds * 60 + float(part)
+        return seconds + 86400 * int(days or 0)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
 
 
 class PythonSandbox:
@@ -75,7 +87,7 @@ class PythonSandbox:
     def description(self) -> str:
         return description(self.stateful, self.limits, self.workdir)
 
-    def _start(self) -> subprocess.Popen:
+    def _start(self) -> None:
         config = {"memory_mb": self.limits.memory_mb, "cpu_s": self.limits.cpu_s,
                   "max_output": self.limits.max_output, "max_file_mb": self.limits.max_file_mb,
                   "open_files": self.limits.open_files, "processes": self.limits.max_processes}
@@ -93,7 +105,6 @@ class PythonSandbox:
         if self._read_reply(time.monotonic() + STARTUP_S) != {"ready": True}:
             self._kill()
             raise RuntimeError("the python sandbox did not start")
-        return proc
 
     def run(self, code: str) -> str:
         """Run ``code``; returns what it printed (and its last expression's value), a traceback,
@@ -189,9 +200,11 @@ class PythonSandbox:
             return None
 
     def _sandbox_cpu(self) -> float | None:
-        """CPU seconds used so far by every process of the sandbox (Linux; None elsewhere)."""
-        if self._proc is None or not os.path.isdir("/proc"):
+        """CPU seconds used so far by every process of the sandbox (None if unknown)."""
+        if self._proc is None:
             return None
+        if not os.path.isdir("/proc"):  # macOS: the worker is the sandbox (no process-fork)
+            return _ps_cpu(self._proc.pid)
         total, todo, tick = 0.0, [self._proc.pid], os.sysconf("SC_CLK_TCK")
         try:
             while todo:

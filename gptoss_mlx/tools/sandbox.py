@@ -32,7 +32,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .functions import ToolError
@@ -48,7 +48,7 @@ class SandboxLimits:
     cpu_s: int = 600  # CPU seconds for the life of one interpreter (a session)
     max_output: int = 16_000  # characters of output returned to the model
     max_file_mb: int = 64  # the largest file the code may write
-    disk_mb: int = 256  # everything the code may write, together (Linux: the tmpfs size)
+    disk_mb: int = 256  # everything the code may write, together (the Linux tmpfs; macOS: none)
     open_files: int = 256
     max_processes: int = 256  # processes and threads of the sandbox (RLIMIT_NPROC)
     network: bool = False
@@ -66,7 +66,7 @@ class Policy:
     disk_mb: int = 256
     network: bool = False
     processes: bool = False
-    read_files: tuple[str, ...] = field(default=())  # single readable files (the worker script)
+    read_files: tuple[str, ...] = ()  # single readable files (the worker script)
 
 
 def python_paths() -> tuple[str, ...]:
@@ -202,8 +202,9 @@ def _sbpl_string(text: str) -> str:
 
 def seatbelt_profile(policy: Policy, executable: str) -> str:
     """The Seatbelt (SBPL) profile for ``sandbox-exec -p`` that enforces ``policy``."""
-    reads = " ".join(f"(subpath {_sbpl_string(p)})" for p in policy.read_paths)
-    files = " ".join(f"(literal {_sbpl_string(p)})" for p in policy.read_files)
+    # (A rule with no filter would allow everything: each list below is never empty.)
+    reads = " ".join([f"(subpath {_sbpl_string(p)})" for p in policy.read_paths] +
+                     [f"(literal {_sbpl_string(p)})" for p in policy.read_files + (executable,)])
     exe = {executable, os.path.realpath(executable)}
     lines = [
         "(version 1)",
@@ -214,7 +215,7 @@ def seatbelt_profile(policy: Policy, executable: str) -> str:
         "(allow signal (target self))",
         "(allow process-info* (target self))",
         "(allow file-read-metadata)",  # stat() of path components; contents stay closed
-        f"(allow file-read* {reads} {files})",
+        f"(allow file-read* {reads})",
         f"(allow file-read* file-write* (subpath {_sbpl_string(policy.workdir)}))",
         '(allow file-write-data (literal "/dev/null"))',
         "(allow sysctl-read (sysctl-name-prefix \"hw.\") (sysctl-name \"kern.osrelease\")"
@@ -254,12 +255,12 @@ def sandboxed_command(policy: Policy, command: list[str]) -> Launch:
 
 
 @functools.cache
-def _probe() -> str | None:
-    """None if the sandbox works here, else one line saying what is missing."""
+def sandbox_problem() -> str | None:
+    """None if the OS sandbox works here, else one line saying what is missing (tried once)."""
     if sys.platform == "darwin":
         if not os.path.exists("/usr/bin/sandbox-exec"):
             return "sandbox-exec (Seatbelt) is missing from /usr/bin"
-        workdir = tempfile.gettempdir()
+        workdir = os.path.realpath(tempfile.gettempdir())
     elif sys.platform.startswith("linux"):
         if shutil.which("bwrap") is None:
             return ("bubblewrap is not installed: install it (apt install bubblewrap, "
@@ -282,21 +283,22 @@ def _probe() -> str | None:
             launch.keep.close()
     if done.stdout.strip() != "ok":
         why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        return (f"{launch.argv[0]} cannot create the sandbox here ({why}); user namespaces may be "
-                "disabled (sysctl kernel.unprivileged_userns_clone=1, or an AppArmor profile for bwrap)")
+        hint = ("; user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone=1, "
+                "or an AppArmor profile for bwrap)") if sys.platform.startswith("linux") else ""
+        return f"{launch.argv[0]} cannot create the sandbox here ({why}){hint}"
     return None
 
 
 def require_sandbox() -> None:
     """Raise SandboxUnavailable (one line: what to install or enable) unless the OS sandbox works."""
-    problem = _probe()
+    problem = sandbox_problem()
     if problem:
         raise SandboxUnavailable(f"the python tool needs an OS sandbox: {problem}")
 
 
 def sandbox_status() -> str:
     """One line for ``gptoss-mlx doctor``: the sandbox the python tool uses, or why there is none."""
-    problem = _probe()
+    problem = sandbox_problem()
     if problem:
         return f"none — the python tool is off: {problem}"
     if sys.platform == "darwin":
