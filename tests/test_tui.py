@@ -214,6 +214,27 @@ async def test_tool_calls_show_as_expandable_rows(store):
         assert '{"city": "Oslo"}' in row.query_one(".tool-args").render().plain
 
 
+async def test_code_approval_shows_hidden_characters_and_all_of_the_code(store):
+    """Issue 16: a carriage return in a comment must not hide the line before it from the person
+    approving; long code scrolls instead of being cut."""
+    from gptoss_mlx.tui.app import ApproveCode
+
+    hidden = "import shutil; shutil.rmtree('/Users/me')\r# tidy up the cache (harmless)\n"
+    code = hidden + "".join(f"print({i})\n" for i in range(60))
+    app = make_app(ScriptedChat(), store)
+    async with app.run_test(size=SIZE) as pilot:
+        answers = []
+        app.push_screen(ApproveCode(code), answers.append)
+        await pilot.pause()
+        body = app.screen.query_one(".code Static").render()
+        assert "warning: 1 hidden or control character" in body.plain
+        assert "shutil.rmtree('/Users/me')<\\r># tidy up" in body.plain
+        assert "print(59)" in body.plain
+        assert "\r" not in body.plain
+        await pilot.press("n")
+        assert answers == [False]
+
+
 async def test_conversations_resume_rename_delete_and_export(store):
     first = ScriptedChat(THOUGHT)
     app = make_app(first, store)

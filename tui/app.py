@@ -35,6 +35,7 @@ from gptoss_mlx.generate import ContextLengthError
 from gptoss_mlx.harmony import EFFORTS
 from gptoss_mlx.store import ConversationStore, title_for
 from gptoss_mlx.tools import Toolbox, ToolResult, run_with_tools
+from gptoss_mlx.tools.approval import render_code_text
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -265,7 +266,8 @@ class ApproveCode(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label("The model wants to run this Python code (sandboxed). Run it?", classes="dialog-title")
-            yield Static(self.code, markup=False, classes="code")
+            with VerticalScroll(classes="code"):  # the whole code, scrollable, hidden characters shown
+                yield Static(render_code_text(self.code))
             with Horizontal(classes="buttons"):
                 yield Button("Run (Y)", id="yes", variant="warning")
                 yield Button("Don't run (N)", id="no")
