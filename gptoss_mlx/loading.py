@@ -522,22 +522,23 @@ def _check_weight_map(weight_map: dict[str, Path] | None, infos: dict[str, Tenso
 
 def _check_finite_sample(model: Model, origin: dict, infos: dict[str, TensorInfo]) -> None:
     """NaN/Inf in a strided sample of every weight (FINITE_SAMPLE values each), and E8M0 scale
-    255 (NaN) in MXFP4 scales: one small evaluation that catches a corrupt checkpoint at load."""
-    names, flags = [], []
+    255 (NaN) in MXFP4 scales. One small evaluation over all samples together; only when it
+    fails are the tensors looked at one by one, to name the culprit."""
+    samples = {}
     for name, param in nn.utils.tree_flatten(model.parameters()):
         flat = param.reshape(-1)
         sample = flat[:: max(1, flat.size // FINITE_SAMPLE)]
         if mx.issubdtype(param.dtype, mx.floating):
-            flags.append(mx.logical_not(mx.isfinite(sample).all()))
+            samples[name] = sample.astype(mx.float32)
         elif param.dtype == mx.uint8 and name.endswith(".scales"):
-            flags.append((sample == 255).any())
-        else:
-            continue
-        names.append(name)
-    for name, bad in zip(names, mx.stack(flags).tolist()):
-        if bad:
+            samples[name] = mx.where(sample == 255, float("nan"), 0.0)
+    if not samples or mx.isfinite(mx.concatenate(list(samples.values()))).all().item():
+        return
+    for name, sample in samples.items():
+        if not mx.isfinite(sample).all().item():
             src = origin.get(name) or origin.get(name.rsplit(".", 1)[0] + ".weight") or name
-            file = infos[src.split(" + ")[0]].file if src.split(" + ")[0] in infos else "checkpoint"
+            first = src.split(" + ")[0]
+            file = infos[first].file if first in infos else "checkpoint"
             raise CheckpointError(f"{file}: tensor {src} holds NaN or infinite values; the "
                                   "checkpoint is corrupt")
 

@@ -80,7 +80,8 @@ def is_public_address(ip: str) -> bool:
 
 def system_resolve(host: str, port: int) -> list[str]:
     """The addresses DNS gives for ``host``, in the system's order of preference."""
-    return list(dict.fromkeys(info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)))
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
 
 
 def system_connect(ip: str, port: int, timeout: float) -> socket.socket:
@@ -139,8 +140,9 @@ class WebClient:
             raise ToolError(f"{url}: cannot resolve {host} ({e})") from None
         allowed = [ip for ip in addresses if self.allow_private or is_public_address(ip)]
         if not allowed:
-            raise ToolError(f"{url}: {host} is a private or local address ({', '.join(addresses) or 'none'}); "
-                            "the browser only opens public addresses (--browser-allow-private)")
+            found = ", ".join(addresses) or "none"
+            raise ToolError(f"{url}: {host} is a private or local address ({found}); the browser "
+                            "only opens public addresses (--browser-allow-private)")
         return allowed[0]
 
     def _send(self, url: str, method: str, headers: dict, body: bytes | None, deadline: float) -> Response:
@@ -208,7 +210,8 @@ class WebClient:
         inflater = zlib.decompressobj(32 + zlib.MAX_WBITS) if encoding != "identity" else None
         out, size = [], 0
         while size <= self.max_bytes:
-            chunk = response.read(min(READ_CHUNK, self.max_bytes + 1 - size) if inflater is None else READ_CHUNK)
+            # plain: never read past the cap; compressed: the inflater is what is capped
+            chunk = response.read(READ_CHUNK if inflater else min(READ_CHUNK, self.max_bytes + 1 - size))
             if not chunk:
                 break
             while chunk and size <= self.max_bytes:
@@ -346,7 +349,8 @@ def fetch_page(url: str, client: WebClient | None = None) -> Page:
     text = _decode(response.body, response.headers.get_content_charset())
     if response.truncated:
         text += f"\n\n[truncated: the page is longer than {len(response.body)} bytes]"
-    if kind in ("text/html", "application/xhtml+xml") or text.lstrip()[:15].lower().startswith(("<!doctype html", "<html")):
+    sniffed_html = text.lstrip()[:15].lower().startswith(("<!doctype html", "<html"))
+    if kind in ("text/html", "application/xhtml+xml") or sniffed_html:
         parser = _TextExtractor(response.url)
         parser.feed(text)
         parser.close()
@@ -415,7 +419,8 @@ class Browser:
             domain = urllib.parse.urlsplit(r.url).netloc
             lines.append(f"【{n}†{r.title[:MAX_TITLE]}†{domain}】")
             lines += _wrap(r.snippet)
-        page = Page(f"search:{query}", f"Search results for {query[:MAX_TITLE]!r}", lines or ["No results."], links)
+        title = f"Search results for {query[:MAX_TITLE]!r}"
+        page = Page(f"search:{query}", title, lines or ["No results."], links)
         return self._push_and_show(page, 0, -1)
 
     def open(self, id: int | str = -1, cursor: int = -1, loc: int = -1, num_lines: int = -1,
