@@ -157,12 +157,12 @@ def _header_entry(path: Path, name: str, entry) -> tuple[str, tuple[int, ...], t
     if not isinstance(entry, dict):
         raise CheckpointError(f"{path}: corrupt safetensors entry for {name} (not an object)")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in _SAFETENSORS_DTYPES:
-        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype!r:.100}")
     if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
-        raise CheckpointError(f"{path}: tensor {name} has an invalid shape {shape!r}")
+        raise CheckpointError(f"{path}: tensor {name} has an invalid shape {shape!r:.100}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(o) for o in offsets):
-        raise CheckpointError(f"{path}: tensor {name} has invalid data_offsets {offsets!r} "
+        raise CheckpointError(f"{path}: tensor {name} has invalid data_offsets {offsets!r:.100} "
                               "(expected two integers)")
     return dtype, tuple(shape), tuple(offsets)
 
@@ -181,8 +181,8 @@ def _weight_map(directory: Path) -> dict[str, Path] | None:
     for name, file in weight_map.items():
         if (not isinstance(file, str) or Path(file).name != file or file in (".", "..")
                 or not file.endswith(".safetensors")):
-            raise CheckpointError(f"{index}: weight_map[{name!r}] must name a .safetensors file "
-                                  f"in {directory}, got {file!r}")
+            raise CheckpointError(f"{index}: weight_map[{name!r:.100}] must name a .safetensors file "
+                                  f"in {directory}, got {file!r:.100}")
         out[name] = directory / file
     return out
 
@@ -585,7 +585,11 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
     dtype = _parse_dtype(dtype)
     directory = resolve_checkpoint(path_or_repo)
     model = load_model(directory, dtype, dense_bits)
-    return model, _checkpoint_tokenizer(directory)
+    tokenizer = _checkpoint_tokenizer(directory)
+    if model.config.vocab_size < tokenizer.n_vocab:  # ids past the embedding give NaN logits
+        raise CheckpointError(f"{directory}: vocab_size is {model.config.vocab_size} but the "
+                              f"tokenizer has {tokenizer.n_vocab} ids; they must match")
+    return model, tokenizer
 
 
 def _checkpoint_tokenizer(directory: Path) -> HarmonyEncoding:

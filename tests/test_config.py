@@ -3,6 +3,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gptoss_mlx.config import (
     FULL, GPT_OSS_20B, GPT_OSS_120B, SLIDING, ConfigError, ModelConfig, yarn_parameters,
@@ -146,3 +148,35 @@ def test_a_fifo_config_is_refused_without_blocking(tmp_path):
     os.mkfifo(path)
     with pytest.raises(ConfigError, match="is a FIFO"):
         ModelConfig.from_file(path)
+
+
+def test_a_huge_config_is_refused_unread(tmp_path, monkeypatch):
+    import gptoss_mlx.config as config
+    path = tmp_path / "config.json"
+    path.write_text("{}" + " " * 100)
+    monkeypatch.setattr(config, "MAX_JSON_BYTES", 64)
+    with pytest.raises(ConfigError, match="102 bytes is too large for a JSON file"):
+        ModelConfig.from_file(path)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(HF_120B) + ["rope_parameters", "num_experts", "rope_ntk_beta",
+                                                          "initial_context_length", "quantization"]),
+                       JSON_VALUES, min_size=1, max_size=4),
+       st.sampled_from(["replace", "into_rope_scaling"]))
+def test_any_field_of_any_type_gives_a_config_or_a_config_error(changes, where):
+    raw = json.loads(json.dumps(HF_120B))
+    if where == "replace":
+        raw.update(changes)
+    else:
+        raw["rope_scaling"].update(changes)
+    try:
+        ModelConfig.from_dict(raw)
+    except ConfigError as e:
+        assert "\n" not in str(e)

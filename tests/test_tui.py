@@ -315,15 +315,16 @@ async def test_model_loading_shows_progress_and_errors_do_not_crash(store):
         assert any("No model loaded" in n.message for n in app._notifications)
 
 
-async def test_with_a_tiny_real_model(checkpoints, tokenizer_json, tmp_path, store):
+async def test_with_a_tiny_real_model(tokenizer_json, tmp_path, store):
     """The real stack: tiny random checkpoint, real tokenizer, real Chat and Engine."""
     import gzip
     import shutil
 
+    import make_tiny_checkpoint as mtc
     from gptoss_mlx.loading import load
 
     ckpt = tmp_path / "ckpt"
-    shutil.copytree(checkpoints["hf"], ckpt)
+    mtc.write_hf(ckpt, mtc.TINY, seed=1)  # the full vocabulary: every id the tokenizer makes
     with gzip.open(tokenizer_json) as src, open(ckpt / "tokenizer.json", "wb") as dst:
         shutil.copyfileobj(src, dst)
     model, tokenizer = load(ckpt)
