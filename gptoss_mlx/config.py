@@ -89,13 +89,13 @@ class ModelConfig:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r:.100}")
         for name in ["rms_norm_eps", "swiglu_limit", "rope_theta", "rope_scaling_factor",
                      "rope_beta_fast", "rope_beta_slow"]:
             value = getattr(self, name)
             if (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
                     or not math.isfinite(value)):
-                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r:.100}")
         if self.num_experts_per_tok > self.num_local_experts:
             raise ConfigError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
@@ -128,7 +128,7 @@ class ModelConfig:
                 f"({self.rope_beta_slow})"
             )
         if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.eos_token_ids):
-            raise ConfigError(f"eos_token_id must hold token ids, got {self.eos_token_ids!r}")
+            raise ConfigError(f"eos_token_id must hold token ids, got {self.eos_token_ids!r:.100}")
         if self.rope_scaling_factor > 1.0:
             self._validate_yarn_range()
 
@@ -232,7 +232,7 @@ class ModelConfig:
             raise ConfigError(f"config must be a JSON object, got {type(raw).__name__}")
         model_type = raw.get("model_type")
         if model_type is not None and model_type != "gpt_oss":
-            raise ConfigError(f"model_type is {model_type!r}, not 'gpt_oss'")
+            raise ConfigError(f"model_type is {model_type!r:.100}, not 'gpt_oss'")
         if raw.get("tie_word_embeddings"):
             raise ConfigError("tie_word_embeddings is true, but gpt-oss has an untied unembedding")
         if raw.get("attention_bias") is False:
@@ -253,7 +253,7 @@ class ModelConfig:
         layer_types = raw.get("layer_types")
         if layer_types is not None:
             if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
-                raise ConfigError(f"layer_types must be a list of strings, got {layer_types!r}")
+                raise ConfigError(f"layer_types must be a list of strings, got {layer_types!r:.100}")
             kw["layer_types"] = tuple(layer_types)
 
         _read_rope(raw, kw)
@@ -266,7 +266,7 @@ class ModelConfig:
         quant = raw.get("quantization")
         if quant is not None:
             if not isinstance(quant, dict) or not {"group_size", "bits"} <= quant.keys():
-                raise ConfigError(f"quantization must hold group_size and bits, got {quant!r}")
+                raise ConfigError(f"quantization must hold group_size and bits, got {quant!r:.100}")
             kw["quantization"] = quant
         if any(t == SLIDING for t in kw.get("layer_types", ())) and "sliding_window" not in kw:
             raise ConfigError("layer_types names sliding_attention layers but sliding_window is missing")
@@ -294,7 +294,7 @@ def token_ids(value, name: str) -> list[int]:
     """A token id or a list of them (``eos_token_id``); ConfigError naming ``name`` otherwise."""
     ids = value if isinstance(value, list) else [value]
     if not ids or any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids):
-        raise ConfigError(f"{name} must be a token id or a list of token ids, got {value!r}")
+        raise ConfigError(f"{name} must be a token id or a list of token ids, got {value!r:.100}")
     return ids
 
 
@@ -315,22 +315,22 @@ def _check_quantization_config(quant) -> None:
     if quant is None:
         return
     if not isinstance(quant, dict):
-        raise ConfigError(f"quantization_config must be a JSON object, got {quant!r}")
+        raise ConfigError(f"quantization_config must be a JSON object, got {quant!r:.100}")
     method = quant.get("quant_method", "mxfp4")
     if method != "mxfp4":
-        raise ConfigError(f"quantization_config.quant_method is {method!r}; only mxfp4 checkpoints "
+        raise ConfigError(f"quantization_config.quant_method is {method!r:.100}; only mxfp4 checkpoints "
                           "(as published) and MLX conversions can be loaded")
 
 
 def _number(value, name: str) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
+        raise ConfigError(f"{name} must be a number, got {value!r:.100}")
     return float(value)
 
 
 def _integer(value, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
+        raise ConfigError(f"{name} must be an integer, got {value!r:.100}")
     return value
 
 
@@ -349,7 +349,7 @@ def _read_rope(raw: dict, kw: dict) -> None:
     params = raw.get("rope_parameters")
     for name, value in [("rope_scaling", scaling), ("rope_parameters", params)]:
         if value is not None and not isinstance(value, dict):
-            raise ConfigError(f"{name} must be a JSON object, got {value!r}")
+            raise ConfigError(f"{name} must be a JSON object, got {value!r:.100}")
     if scaling is not None and params is not None:
         common = set(scaling) & set(params) - {"rope_theta"}
         clash = {k: (scaling[k], params[k]) for k in common if scaling[k] != params[k]}
@@ -368,7 +368,7 @@ def _read_rope(raw: dict, kw: dict) -> None:
         if rope_type in ("default", None) and rope.get("factor") in (None, 1, 1.0):
             kw["rope_scaling_factor"] = 1.0
         elif rope_type != "yarn":
-            raise ConfigError(f"unsupported rope type {rope_type!r}; gpt-oss uses 'yarn'")
+            raise ConfigError(f"unsupported rope type {rope_type!r:.100}; gpt-oss uses 'yarn'")
         else:
             for ours, theirs in [("rope_scaling_factor", "factor"),
                                  ("rope_beta_fast", "beta_fast"),
@@ -380,7 +380,7 @@ def _read_rope(raw: dict, kw: dict) -> None:
                     rope["original_max_position_embeddings"], "rope_scaling.original_max_position_embeddings")
             if rope.get("truncate") is not None:
                 if not isinstance(rope["truncate"], bool):
-                    raise ConfigError(f"rope truncate must be true or false, got {rope['truncate']!r}")
+                    raise ConfigError(f"rope truncate must be true or false, got {rope['truncate']!r:.100}")
                 kw["rope_truncate"] = rope["truncate"]
             # Absent: the reference never rounds (transformers would default to rounding).
     # original/config.json names

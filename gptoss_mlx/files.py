@@ -11,6 +11,8 @@ import stat
 import zlib
 from pathlib import Path
 
+MAX_JSON_BYTES = 256 << 20  # config, index, tokenizer.json (27 MB) are far smaller
+
 
 def regular_file_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot be read as a checkpoint file, or None if it is a regular file.
@@ -39,6 +41,9 @@ def read_json_file(path: Path, error: type[Exception]):
     problem = regular_file_problem(path)
     if problem:
         raise error(f"{path}: {problem}")
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise error(f"{path}: {size} bytes is too large for a JSON file; is it the right file?")
     try:
         data = path.read_bytes()
         text = (gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8")

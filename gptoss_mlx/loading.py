@@ -158,12 +158,12 @@ def _header_entry(path: Path, name: str, entry) -> tuple[str, tuple[int, ...], t
     if not isinstance(entry, dict):
         raise CheckpointError(f"{path}: corrupt safetensors entry for {name} (not an object)")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in _SAFETENSORS_DTYPES:
-        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype!r:.100}")
     if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
-        raise CheckpointError(f"{path}: tensor {name} has an invalid shape {shape!r}")
+        raise CheckpointError(f"{path}: tensor {name} has an invalid shape {shape!r:.100}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(o) for o in offsets):
-        raise CheckpointError(f"{path}: tensor {name} has invalid data_offsets {offsets!r} "
+        raise CheckpointError(f"{path}: tensor {name} has invalid data_offsets {offsets!r:.100} "
                               "(expected two integers)")
     return dtype, tuple(shape), tuple(offsets)
 
@@ -182,8 +182,8 @@ def _weight_map(directory: Path) -> dict[str, Path] | None:
     for name, file in weight_map.items():
         if (not isinstance(file, str) or Path(file).name != file or file in (".", "..")
                 or not file.endswith(".safetensors")):
-            raise CheckpointError(f"{index}: weight_map[{name!r}] must name a .safetensors file "
-                                  f"in {directory}, got {file!r}")
+            raise CheckpointError(f"{index}: weight_map[{name!r:.100}] must name a .safetensors file "
+                                  f"in {directory}, got {file!r:.100}")
         out[name] = directory / file
     return out
 
@@ -523,22 +523,23 @@ def _check_weight_map(weight_map: dict[str, Path] | None, infos: dict[str, Tenso
 
 def _check_finite_sample(model: Model, origin: dict, infos: dict[str, TensorInfo]) -> None:
     """NaN/Inf in a strided sample of every weight (FINITE_SAMPLE values each), and E8M0 scale
-    255 (NaN) in MXFP4 scales: one small evaluation that catches a corrupt checkpoint at load."""
-    names, flags = [], []
+    255 (NaN) in MXFP4 scales. One small evaluation over all samples together; only when it
+    fails are the tensors looked at one by one, to name the culprit."""
+    samples = {}
     for name, param in nn.utils.tree_flatten(model.parameters()):
         flat = param.reshape(-1)
         sample = flat[:: max(1, flat.size // FINITE_SAMPLE)]
         if mx.issubdtype(param.dtype, mx.floating):
-            flags.append(mx.logical_not(mx.isfinite(sample).all()))
+            samples[name] = sample.astype(mx.float32)
         elif param.dtype == mx.uint8 and name.endswith(".scales"):
-            flags.append((sample == 255).any())
-        else:
-            continue
-        names.append(name)
-    for name, bad in zip(names, mx.stack(flags).tolist()):
-        if bad:
+            samples[name] = mx.where(sample == 255, float("nan"), 0.0)
+    if not samples or mx.isfinite(mx.concatenate(list(samples.values()))).all().item():
+        return
+    for name, sample in samples.items():
+        if not mx.isfinite(sample).all().item():
             src = origin.get(name) or origin.get(name.rsplit(".", 1)[0] + ".weight") or name
-            file = infos[src.split(" + ")[0]].file if src.split(" + ")[0] in infos else "checkpoint"
+            first = src.split(" + ")[0]
+            file = infos[first].file if first in infos else "checkpoint"
             raise CheckpointError(f"{file}: tensor {src} holds NaN or infinite values; the "
                                   "checkpoint is corrupt")
 
@@ -585,7 +586,11 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
     dtype = _parse_dtype(dtype)
     directory = resolve_checkpoint(path_or_repo)
     model = load_model(directory, dtype, dense_bits)
-    return model, _checkpoint_tokenizer(directory)
+    tokenizer = _checkpoint_tokenizer(directory)
+    if model.config.vocab_size < tokenizer.n_vocab:  # ids past the embedding give NaN logits
+        raise CheckpointError(f"{directory}: vocab_size is {model.config.vocab_size} but the "
+                              f"tokenizer has {tokenizer.n_vocab} ids; they must match")
+    return model, tokenizer
 
 
 def _checkpoint_tokenizer(directory: Path) -> HarmonyEncoding:

@@ -129,17 +129,17 @@ def ranks_from_tokenizer_json(path: str | Path) -> tuple[dict[bytes, int], str]:
     ranks: dict[bytes, int] = {}
     for token, rank in vocab.items():
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
-            raise TokenizerError(f"{path}: model.vocab[{token!r}] must be a token id, got {rank!r}")
+            raise TokenizerError(f"{path}: model.vocab[{token!r:.100}] must be a token id, got {rank!r:.100}")
         if rank >= NUM_BPE_TOKENS:
             continue
         try:
             ranks[bytes(decoder[ch] for ch in token)] = rank
         except KeyError:
-            raise TokenizerError(f"{path}: token {token!r} is not byte-level BPE") from None
+            raise TokenizerError(f"{path}: token {token!r:.100} is not byte-level BPE") from None
     specials = harmony_special_tokens()
     for added in _field(path, data, "added_tokens", list, default=[]):
         if not isinstance(added, dict):
-            raise TokenizerError(f"{path}: added_tokens holds {added!r}, not an object")
+            raise TokenizerError(f"{path}: added_tokens holds {added!r:.100}, not an object")
         expected = specials.get(added.get("content"))
         if added.get("id") in SPECIAL_TOKENS.values() and expected != added.get("id"):
             raise TokenizerError(

@@ -300,6 +300,7 @@ DAMAGES: list[tuple[str, str, str, Callable[[Path], None], bool]] = [
      _write("generation_config.json", "[1]"), False),
     ("generation eos_token_id is a float", "config", "generation_config.json",
      _json_edit("generation_config.json", lambda g: g.update(eos_token_id=[200002.5])), False),
+    ("vocab_size smaller than the tokenizer", "config", "vocab_size is 512", lambda d: None, True),
     # ---- tokenizer.json
     ("empty tokenizer.json", "tokenizer", "tokenizer.json", _tokenizer_json(""), True),
     ("tokenizer.json is not JSON", "tokenizer", "tokenizer.json", _tokenizer_json("{"), True),

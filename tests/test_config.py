@@ -3,6 +3,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gptoss_mlx.config import FULL, GPT_OSS_20B, GPT_OSS_120B, SLIDING, ConfigError, ModelConfig
 from gptoss_mlx.model import yarn_parameters
@@ -91,6 +93,15 @@ def test_eos_ids_always_include_return_and_call():
         ({"num_hidden_layers": "36"}, "num_hidden_layers must be a positive integer"),
         ({"rope_parameters": {"rope_type": "yarn", "factor": 16.0}}, "disagree"),
         ({"initial_context_length": 8192}, "contradictory values"),
+        ({"rope_scaling": [32.0]}, "rope_scaling must be a JSON object"),
+        ({"layer_types": 36}, "layer_types must be a list of strings"),
+        ({"eos_token_id": 200002.0}, "eos_token_id must be a token id"),
+        ({"eos_token_id": True}, "eos_token_id must be a token id"),
+        ({"rope_theta": float("inf")}, "rope_theta must be a positive finite number"),
+        ({"rope_scaling": {**HF_120B["rope_scaling"], "factor": "32"}}, "rope_scaling.factor must be a number"),
+        ({"quantization_config": {"quant_method": "gptq"}}, "quant_method is 'gptq'"),
+        ({"rope_scaling": {**HF_120B["rope_scaling"], "beta_slow": 1e-9}}, r"YaRN correction range \[8.093, 73.038\].*head_dim/2 - 1 = 31"),
+        ({"rope_scaling": {**HF_120B["rope_scaling"], "beta_fast": 1e9}}, r"YaRN correction range \[-"),
     ],
 )
 def test_bad_configs_give_clear_errors(change, message):
@@ -103,3 +114,68 @@ def test_from_file_names_the_file(tmp_path):
     path.write_text(json.dumps({**HF_120B, "model_type": "bert"}))
     with pytest.raises(ConfigError, match=f"{path}: model_type"):
         ModelConfig.from_file(path)
+
+
+def test_a_misspelled_required_field_is_named():
+    raw = {k: v for k, v in HF_120B.items() if k != "hidden_size"}
+    with pytest.raises(ConfigError, match="required field hidden_size is missing .*'hiden_size'"):
+        ModelConfig.from_dict({**raw, "hiden_size": 2880})
+    with pytest.raises(ConfigError, match="required field hidden_size is missing$"):
+        ModelConfig.from_dict(raw)
+
+
+def test_yarn_range_of_the_published_config_is_accepted():
+    """The reference asserts 0 < low < high < head_dim/2 - 1; gpt-oss sits well inside."""
+    from gptoss_mlx.config import yarn_correction_range
+    low, high = yarn_correction_range(GPT_OSS_120B)
+    assert (low, high) == (pytest.approx(8.092779), pytest.approx(17.398025))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "the file is empty"), ("{", "not valid JSON"), ("[" * 50_000, r"not valid JSON \(nested too deeply\)"),
+], ids=["empty", "not-json", "deep"])
+def test_unreadable_config_files(tmp_path, content, message):
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=f"{path}: {message}"):
+        ModelConfig.from_file(path)
+
+
+def test_a_fifo_config_is_refused_without_blocking(tmp_path):
+    import os
+    path = tmp_path / "config.json"
+    os.mkfifo(path)
+    with pytest.raises(ConfigError, match="is a FIFO"):
+        ModelConfig.from_file(path)
+
+
+def test_a_huge_config_is_refused_unread(tmp_path, monkeypatch):
+    import gptoss_mlx.files as files
+    path = tmp_path / "config.json"
+    path.write_text("{}" + " " * 100)
+    monkeypatch.setattr(files, "MAX_JSON_BYTES", 64)
+    with pytest.raises(ConfigError, match="102 bytes is too large for a JSON file"):
+        ModelConfig.from_file(path)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(HF_120B) + ["rope_parameters", "num_experts", "rope_ntk_beta",
+                                                          "initial_context_length", "quantization"]),
+                       JSON_VALUES, min_size=1, max_size=4),
+       st.sampled_from(["replace", "into_rope_scaling"]))
+def test_any_field_of_any_type_gives_a_config_or_a_config_error(changes, where):
+    raw = json.loads(json.dumps(HF_120B))
+    if where == "replace":
+        raw.update(changes)
+    else:
+        raw["rope_scaling"].update(changes)
+    try:
+        ModelConfig.from_dict(raw)
+    except ConfigError as e:
+        assert "\n" not in str(e)

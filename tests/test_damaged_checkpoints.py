@@ -2,13 +2,19 @@
 file or field: never a traceback, a hang, or a model that loads and prints '!!!'."""
 
 import gzip
+import tempfile
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from damaged_checkpoints import DAMAGES, make_damaged, make_healthy, try_load
+from damaged_checkpoints import (
+    DAMAGES, make_damaged, make_healthy, read_safetensors, try_load, write_safetensors,
+)
 from gptoss_mlx.generate import Engine, NonFiniteLogitsError
-from gptoss_mlx.loading import load_model
+from gptoss_mlx.loading import CheckpointError, load_model, read_safetensors_header
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +59,30 @@ def test_nan_the_load_sample_misses_is_caught_at_the_first_step(checkpoints):
     assert engine.prompt_cache.tokens == []  # the poisoned cache is dropped
     model.layers[1].self_attn.o_proj.weight = weight
     assert mx.array_equal(engine.prefill([1, 2, 3]), good).item()
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**65, 2**65) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.sampled_from(["model.layers.0.input_layernorm.weight", "lm_head.weight",
+                             "model.layers.1.mlp.experts.down_proj_blocks", "__metadata__"]),
+       key=st.sampled_from(["dtype", "shape", "data_offsets", "extra", None]), value=JSON_VALUES)
+def test_any_header_damage_is_a_checkpoint_error(checkpoints, name, key, value):
+    """Hypothesis over header entries: a CheckpointError or a header that checks out, never
+    another exception."""
+    header, data = read_safetensors(checkpoints["hf"] / "model.safetensors")
+    if key is None:
+        header[name] = value
+    elif isinstance(header.get(name), dict):
+        header[name][key] = value
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        write_safetensors(path, header, data)
+        try:
+            read_safetensors_header(path)
+        except CheckpointError as e:
+            assert "\n" not in str(e) and str(path) in str(e)

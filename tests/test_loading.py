@@ -56,10 +56,11 @@ def test_dtypes(checkpoints):
     assert f32(PROMPT).dtype == mx.float32
 
 
-def test_load_returns_model_and_tokenizer(checkpoints, tmp_path, tokenizer_json):
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(checkpoints["hf"], ckpt)
+def test_load_returns_model_and_tokenizer(tmp_path, tokenizer_json):
     from gptoss_mlx.testing import checkpoints as mtc
+    ckpt = tmp_path / "ckpt"
+    hf = mtc.write_hf(ckpt, mtc.TINY, seed=1, keep=True)  # the full vocabulary, as the tokenizer's
+    mtc.write_original(ckpt / "original", mtc.TINY, hf)
     mtc.copy_tokenizer(ckpt, tokenizer_json)
     model, tokenizer = gptoss_mlx.load(ckpt)
     assert isinstance(model, Model)

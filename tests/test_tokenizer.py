@@ -108,3 +108,11 @@ def test_broken_tokenizer_json(tmp_path):
     bad.write_text(json.dumps({"model": {}}))
     with pytest.raises(TokenizerError, match="tokenizer.json: model.vocab must be a JSON object"):
         load_tokenizer(tmp_path)
+
+
+def test_malformed_tiktoken_lines_name_the_line(tmp_path):
+    from gptoss_mlx.tokenizer import ranks_from_tiktoken_file
+    bad = tmp_path / "o200k_base.tiktoken"
+    bad.write_text("aGVsbG8= 0\nnot-base64!! 1\n")
+    with pytest.raises(TokenizerError, match="line 2 is not 'base64-token rank'"):
+        ranks_from_tiktoken_file(bad, check_hash=False)

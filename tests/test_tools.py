@@ -285,7 +285,7 @@ def site():
 
 
 def test_browser_open_follow_links_scroll_and_find(site):
-    b = Browser(backend=None, view_lines=10)
+    b = Browser(backend=None, view_lines=10, allow_private=True)
     page = b.open(id=site + "/")
     assert page.startswith("[0] Home page (127.0.0.1:")
     assert "L0: Welcome" in page and "L1: The answer is 42." in page and "var x" not in page
@@ -301,7 +301,7 @@ def test_browser_open_follow_links_scroll_and_find(site):
 
 
 def test_browser_errors_are_tool_errors(site):
-    b = Browser(backend=None)
+    b = Browser(backend=None, allow_private=True)
     with pytest.raises(ToolError, match="no page is open yet"):
         b.find("x")
     with pytest.raises(ToolError, match="HTTP 404"):
@@ -321,7 +321,7 @@ def test_browser_search_with_a_backend_in_the_loop(tok, site):
             return [SearchResult("MLX docs", site + "/doc", "Docs about MLX."),
                     SearchResult("Home", site + "/", "The answer.")][:topn]
 
-    toolbox = Toolbox(browser=Browser(backend=Backend()))
+    toolbox = Toolbox(browser=Browser(backend=Backend(), allow_private=True))
     replies = [tokens(tok, '<|channel|>analysis to=browser.search<|message|>{"query": "mlx", "topn": 2}<|call|>'),
                tokens(tok, '<|channel|>analysis to=browser.open<|message|>{"id": 1}<|call|>'),
                answer_script(tok, "The answer is 42 【1†L1-L1】.")]
@@ -407,7 +407,7 @@ async def test_tui_runs_tools_after_approval(tok, tmp_path, os_sandbox):
         while not isinstance(app.screen, ApproveCode):
             assert time.monotonic() < deadline, "no approval dialog"
             await pilot.pause(0.05)
-        assert "print(6 * 7)" in app.screen.query_one(".code").render().plain
+        assert "print(6 * 7)" in app.screen.query_one(".code Static").render().plain
         await pilot.press("y")
         while app.replies_finished < 1:
             assert time.monotonic() < deadline, "the reply did not finish"

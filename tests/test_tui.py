@@ -235,6 +235,21 @@ async def test_code_approval_shows_hidden_characters_and_all_of_the_code(store):
         assert answers == [False]
 
 
+async def test_quitting_with_the_approval_dialog_open_does_not_hang(store):
+    """The reply worker waits for the dialog; quitting the app must end that wait (it hung)."""
+    from gptoss_mlx.tui.app import ApproveCode
+
+    app = make_app(ScriptedChat(), store)
+    answers = []
+    async with app.run_test(size=SIZE) as pilot:
+        worker = app.run_worker(lambda: answers.append(app.approve_code("print(1)")), thread=True)
+        await wait_until(pilot, lambda: isinstance(app.screen, ApproveCode))
+    worker_done = time.monotonic() + 5
+    while not answers and time.monotonic() < worker_done:
+        time.sleep(0.05)
+    assert answers == [False] and worker.is_finished
+
+
 async def test_conversations_resume_rename_delete_and_export(store):
     first = ScriptedChat(THOUGHT)
     app = make_app(first, store)

@@ -21,6 +21,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message as TextualMessage
 from textual.reactive import reactive
 from textual.screen import ModalScreen
+from textual.worker import get_current_worker
 from textual.widgets import (
     Button, Collapsible, Footer, Input, Label, LoadingIndicator, Markdown, OptionList, Static,
     TextArea,
@@ -501,8 +502,11 @@ class ChatApp(App):
         def ask():
             self.push_screen(ApproveCode(code), lambda ok: (result.append(bool(ok)), answered.set()))
 
+        worker = get_current_worker()
         self.call_from_thread(ask)
         while not answered.wait(0.2):
+            if worker.is_cancelled:  # the app is quitting with the dialog open
+                return False
             if self.chat is not None and self.chat.stop_requested:  # Esc while the dialog is open
                 self.call_from_thread(self.pop_screen)
                 return False

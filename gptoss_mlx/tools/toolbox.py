@@ -22,6 +22,8 @@ from .browser import Browser
 from .functions import FunctionTool, ToolError, parse_arguments
 from .python_tool import PythonSandbox
 
+MAX_RESULT_CHARS = 100_000  # a tool result longer than this is cut (it would flood the context)
+
 
 @dataclass
 class ToolResult:
@@ -45,11 +47,22 @@ class Toolbox:
                 "python_description": self.python.description if self.python else None}
 
     def execute(self, call: ToolCall) -> ToolResult:
-        recipient = call.recipient.strip()
+        """Run one call. Whatever happens (a bad argument, any exception but Ctrl-C, a result
+        that is not text or is huge) comes back as a result the model sees: the loop goes on."""
+        recipient = str(call.recipient).strip()
         try:
-            return ToolResult(recipient, self._dispatch(recipient, call.arguments))
+            content, ok = self._dispatch(recipient, call.arguments), True
+            if not isinstance(content, str):
+                raise ToolError(f"the tool returned {type(content).__name__}, not text")
+        except KeyboardInterrupt:
+            raise
         except ToolError as e:
-            return ToolResult(recipient, f"Error: {e}", ok=False)
+            content, ok = f"Error: {_text(e)}", False
+        except RecursionError:
+            content, ok = "Error: the arguments or the result are nested too deeply", False
+        except BaseException as e:  # noqa: BLE001 - SystemExit, GeneratorExit... must not end the loop
+            content, ok = f"Error: the tool failed ({type(e).__name__}: {_text(e)})", False
+        return ToolResult(recipient, _bounded(content), ok)
 
     def _dispatch(self, recipient: str, arguments: str) -> str:
         namespace, _, name = recipient.partition(".")
@@ -71,6 +84,22 @@ class Toolbox:
     def close(self) -> None:
         if self.python is not None:
             self.python.close()
+
+
+def _text(error: BaseException) -> str:
+    try:
+        return str(error)
+    except Exception:  # noqa: BLE001 - an exception whose __str__ fails
+        return "(no message)"
+
+
+def _bounded(content: str) -> str:
+    """At most MAX_RESULT_CHARS characters, valid UTF-8 (lone surrogates replaced)."""
+    content = content.encode("utf-8", "replace").decode("utf-8")
+    if len(content) > MAX_RESULT_CHARS:
+        cut = len(content) - MAX_RESULT_CHARS
+        content = f"{content[:MAX_RESULT_CHARS]}\n[truncated: {cut} more characters]"
+    return content
 
 
 def _python_code(arguments: str) -> str:
