@@ -15,8 +15,8 @@ from .messages import (
     DeveloperContent, HarmonyError, Message, ResponseFormat, SystemContent, ToolNamespace, ToolSpec, check_message,
 )
 from .namespaces import (
-    BROWSER_DESCRIPTION, BROWSER_TOOLS, PYTHON_DESCRIPTION, browser_namespace, python_namespace,
-    schema_to_typescript, tools_section,
+    BROWSER_DESCRIPTION, BROWSER_TOOLS, PYTHON_DESCRIPTION, browser_namespace, python_description,
+    python_namespace, schema_to_typescript, tools_section,
 )
 from .parser import ContentDelta, Event, MessageEnd, MessageStart, StreamParser, parse_completion
 from .render import (

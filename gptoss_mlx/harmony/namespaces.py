@@ -227,15 +227,22 @@ BROWSER_TOOLS = [
     }),
 ]
 
-PYTHON_DESCRIPTION = (
-    "Use this tool to execute Python code in your chain of thought. The code will not be shown "
-    "to the user. This tool should be used for internal reasoning, but not for code that is "
-    "intended to be visible to the user (e.g. when creating plots, tables, or files).\n\n"
-    "When you send a message containing Python code to python, it will be executed in a "
-    "stateful Jupyter notebook environment. python will respond with the output of the "
-    "execution or time out after 120.0 seconds. The drive at '/mnt/data' can be used to save "
-    "and persist user files. Internet access for this session is UNKNOWN. Depends on the cluster."
-)
+def python_description(timeout_s: float = 120.0,
+                       files: str = "The drive at '/mnt/data' can be used to save and persist user files.",
+                       internet: str = "UNKNOWN. Depends on the cluster.") -> str:
+    """The python tool's description as the model was trained on it (harmony's
+    ``ToolNamespaceConfig::python``); a sandbox passes what it really does."""
+    return (
+        "Use this tool to execute Python code in your chain of thought. The code will not be shown "
+        "to the user. This tool should be used for internal reasoning, but not for code that is "
+        "intended to be visible to the user (e.g. when creating plots, tables, or files).\n\n"
+        "When you send a message containing Python code to python, it will be executed in a "
+        "stateful Jupyter notebook environment. python will respond with the output of the "
+        f"execution or time out after {timeout_s:.1f} seconds. {files} "
+        f"Internet access for this session is {internet}")
+
+
+PYTHON_DESCRIPTION = python_description()
 
 
 def browser_namespace() -> ToolNamespace:
