@@ -66,7 +66,7 @@ def from_chat_completions(request: dict, date: str | None = None, browser: bool 
     return out
 
 
-def recipient_of(name: str, declared: set[str]) -> str:
+def _recipient_of(name: str, declared: set[str]) -> str:
     """The harmony recipient of a Chat Completions function name: ``python`` and dotted names
     (``browser.search``) as they are, unless declared as functions; others ``functions.NAME``."""
     builtin = name in BUILTIN_TOOLS and name not in declared
@@ -150,7 +150,7 @@ def _assistant_messages(m: dict, i: int, declared: set[str], calls: dict) -> lis
         args = fn.get("arguments", "{}")
         if not isinstance(args, str):
             args = json.dumps(args)
-        recipient = _override(call, "recipient", None, where) or recipient_of(fn["name"], declared)
+        recipient = _override(call, "recipient", None, where) or _recipient_of(fn["name"], declared)
         channel, content_type = _call_defaults(recipient)
         channel = _override(call, "channel", channel, where)
         content_type = _override(call, "content_type", content_type, where)
@@ -165,7 +165,7 @@ def _tool_result(m: dict, i: int, declared: set[str], calls: dict) -> Message:
     if isinstance(call_id, str) and call_id in calls:
         recipient, channel = calls[call_id]
     elif isinstance(name, str) and name:
-        recipient = recipient_of(name, declared)
+        recipient = _recipient_of(name, declared)
         channel = _call_defaults(recipient)[0]
     else:
         raise HarmonyError(f"messages[{i}]: tool result without a name or a known tool_call_id")
@@ -237,7 +237,7 @@ def _assistant_to_chat(group: list[Message], declared: set[str], calls: dict) ->
 def _call_to_chat(m: Message, call_id: str, declared: set[str]) -> dict:
     name = _function_name(m.recipient)
     call: dict = {"id": call_id, "type": "function", "function": {"name": name, "arguments": m.text}}
-    if recipient_of(name, declared) != m.recipient:
+    if _recipient_of(name, declared) != m.recipient:
         call["recipient"] = m.recipient
     channel, content_type = _call_defaults(m.recipient)
     if m.channel != channel:
@@ -249,7 +249,7 @@ def _call_to_chat(m: Message, call_id: str, declared: set[str]) -> dict:
 
 def _tool_to_chat(m: Message, declared: set[str], calls: dict) -> dict:
     name = _function_name(m.name)
-    call_id, channel = calls.get(m.name, ("", _call_defaults(recipient_of(name, declared))[0]))
+    call_id, channel = calls.get(m.name, ("", _call_defaults(_recipient_of(name, declared))[0]))
     msg = {"role": "tool", "tool_call_id": call_id, "name": name, "content": m.text}
     if m.channel != channel:
         msg["channel"] = m.channel
