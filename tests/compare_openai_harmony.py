@@ -63,6 +63,33 @@ def theirs(enc, name: str, description: str, parameters) -> str:
     return enc.decode(enc.render_conversation(conv))
 
 
+def conversation(lib, enc=None) -> str:
+    """A tool-calling turn, rendered without dropping analysis (the two differ there on purpose:
+    see ``drop_earlier_analysis``)."""
+    tool_calls = [("commentary", "functions.get_weather", "<|constrain|>json", '{"city":"Paris"}', '{"t":21}'),
+                  ("analysis", "python", "code", "print(1)", "1")]
+    if lib is harmony:
+        msgs = [harmony.Message("user", "hi"), harmony.Message("assistant", "think", channel="analysis"),
+                harmony.Message("assistant", "Checking.", channel="commentary")]
+        for channel, recipient, ctype, args, result in tool_calls:
+            msgs += [harmony.Message("assistant", args, channel=channel, recipient=recipient, content_type=ctype),
+                     harmony.Message("tool", result, channel=channel, recipient="assistant", name=recipient)]
+        msgs.append(harmony.Message("assistant", "done", channel="final"))
+        return harmony.segments_to_text(harmony.render_conversation(msgs, auto_drop_analysis=False))
+    a = oh.Role.ASSISTANT
+    msgs = [oh.Message.from_role_and_content(oh.Role.USER, "hi"),
+            oh.Message.from_role_and_content(a, "think").with_channel("analysis"),
+            oh.Message.from_role_and_content(a, "Checking.").with_channel("commentary")]
+    for channel, recipient, ctype, args, result in tool_calls:
+        msgs.append(oh.Message.from_role_and_content(a, args).with_channel(channel)
+                    .with_recipient(recipient).with_content_type(ctype))
+        msgs.append(oh.Message.from_author_and_content(oh.Author.new(oh.Role.TOOL, recipient), result)
+                    .with_recipient("assistant").with_channel(channel))
+    msgs.append(oh.Message.from_role_and_content(a, "done").with_channel("final"))
+    config = oh.RenderConversationConfig(auto_drop_analysis=False)
+    return enc.decode(enc.render_conversation_for_completion(oh.Conversation.from_messages(msgs), a, config))
+
+
 def main() -> int:
     enc = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
     cases = [(label, "f", "Does f.", schema) for label, schema in SCHEMAS.items()]
@@ -82,7 +109,10 @@ def main() -> int:
     if ours_system != enc.decode(enc.render_conversation(conv)):
         differ += 1
         print("DIFFERS: system message with the browser and python tools")
-    print(f"{len(cases) + 1} cases, {differ} differ")
+    if conversation(harmony) != conversation(oh, enc):
+        differ += 1
+        print("DIFFERS: a tool-calling conversation (preamble, function and python calls, results)")
+    print(f"{len(cases) + 2} cases, {differ} differ")
     return 1 if differ else 0
 
 
