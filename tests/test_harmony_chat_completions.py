@@ -1,11 +1,12 @@
 """Chat Completions <-> harmony: built-in tool calls, preambles before calls, and an exact
 round trip (what a chat renders is what its saved file renders)."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gptoss_mlx.harmony import (
-    DeveloperContent, Message, ToolSpec, from_chat_completions, render_conversation,
+    DeveloperContent, HarmonyError, Message, ToolSpec, from_chat_completions, render_conversation,
     segments_to_text, system_message, to_chat_completions,
 )
 
@@ -77,3 +78,20 @@ def test_round_trip_renders_token_for_token(history, with_functions):
     saved = to_chat_completions(head + history)
     loaded = from_chat_completions(saved, date="2025-01-01", python=True, browser=True)
     assert text(loaded) == text(head + history)
+
+
+@pytest.mark.parametrize("request_, field", [
+    ({"messages": [{"role": "assistant", "tool_calls": 5}]}, r"messages\[0\].tool_calls must be a list"),
+    ({"messages": [{"role": "user", "content": [{"text": 5}]}]}, r"messages\[0\].content must be a string"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {1}}}]}]},
+     r"tool_calls\[0\].function.arguments must be a JSON string"),
+    ({"messages": [], "tools": [{"function": {"name": "f", "parameters": "x"}}]}, r"tools\[0\] \(f\)"),
+    ({"messages": [], "tools": 5}, "tools must be a list"),
+    ({"messages": [{"role": "tool", "tool_call_id": ["x"], "content": "a"}]}, "tool result without a name"),
+    ({"messages": [], "response_format": {"type": "json_schema", "json_schema": 5}}, "json_schema must be an object"),
+    ({"messages": [{"role": "assistant", "content": "x", "channel": 5}]}, r"messages\[0\].channel"),
+    ({"messages": [{"role": "assistant", "reasoning": 5}]}, r"messages\[0\].reasoning"),
+])
+def test_bad_chat_completions_name_the_field(request_, field):
+    with pytest.raises(HarmonyError, match=field):
+        render_conversation(from_chat_completions(request_))

@@ -124,6 +124,8 @@ def _response_formats(fmt) -> list[ResponseFormat]:
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
         return []
     js = fmt.get("json_schema") or {}
+    if not isinstance(js, dict):
+        raise HarmonyError("response_format.json_schema must be an object")
     return [ResponseFormat(js.get("name", "response"), js.get("schema", {}), js.get("description"))]
 
 
@@ -149,7 +151,10 @@ def _assistant_messages(m: dict, i: int, declared: set[str], calls: dict) -> lis
             raise HarmonyError(f"{where} has no function name")
         args = fn.get("arguments", "{}")
         if not isinstance(args, str):
-            args = json.dumps(args)
+            try:
+                args = json.dumps(args)
+            except (TypeError, ValueError):
+                raise HarmonyError(f"{where}.function.arguments must be a JSON string") from None
         recipient = _override(call, "recipient", None, where) or _recipient_of(fn["name"], declared)
         channel, content_type = _call_defaults(recipient)
         channel = _override(call, "channel", channel, where)
