@@ -80,12 +80,20 @@ def test_round_trip_renders_token_for_token(history, with_functions):
     assert text(loaded) == text(head + history)
 
 
+DEEP = {"type": "string"}
+for _ in range(40):
+    DEEP = {"type": "object", "properties": {"x": DEEP}}
+
+
 @pytest.mark.parametrize("request_, field", [
     ({"messages": [{"role": "assistant", "tool_calls": 5}]}, r"messages\[0\].tool_calls must be a list"),
     ({"messages": [{"role": "user", "content": [{"text": 5}]}]}, r"messages\[0\].content must be a string"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {1}}}]}]},
      r"tool_calls\[0\].function.arguments must be a JSON string"),
-    ({"messages": [], "tools": [{"function": {"name": "f", "parameters": "x"}}]}, r"tools\[0\] \(f\)"),
+    ({"messages": [], "tools": [{"function": {"name": "f", "parameters": "x"}}]},
+     r"tools\[0\] \(f\): parameters must be a JSON Schema object, got 'x'"),
+    ({"messages": [], "tools": [{"function": {"name": "f", "parameters": DEEP}}]},
+     r"tools\[0\] \(f\): parameters: the JSON Schema is nested deeper than 32"),
     ({"messages": [], "tools": 5}, "tools must be a list"),
     ({"messages": [{"role": "tool", "tool_call_id": ["x"], "content": "a"}]}, "tool result without a name"),
     ({"messages": [], "response_format": {"type": "json_schema", "json_schema": 5}}, "json_schema must be an object"),

@@ -18,7 +18,7 @@ import json
 
 from .messages import (
     BUILTIN_TOOLS, CONSTRAIN, DeveloperContent, HarmonyError, Message, ResponseFormat,
-    SystemContent, ToolSpec,
+    SystemContent, ToolSpec, check_schema,
 )
 from .render import system_message
 
@@ -114,9 +114,10 @@ def _function_spec(tool, j: int) -> ToolSpec:
         raise HarmonyError(f"tools[{j}] has no function name")
     description = fn.get("description") or ""
     params = fn.get("parameters")
-    if not isinstance(description, str) or not isinstance(params, (dict, type(None))):
-        raise HarmonyError(f"tools[{j}] ({fn['name']}): description must be a string and "
-                           "parameters a JSON Schema object")
+    if not isinstance(description, str):
+        raise HarmonyError(f"tools[{j}] ({fn['name']}): description must be a string")
+    if params is not None:
+        check_schema(params, f"tools[{j}] ({fn['name']})", "parameters")
     return ToolSpec(fn["name"], description, params)
 
 
@@ -126,6 +127,7 @@ def _response_formats(fmt) -> list[ResponseFormat]:
     js = fmt.get("json_schema") or {}
     if not isinstance(js, dict):
         raise HarmonyError("response_format.json_schema must be an object")
+    check_schema(js.get("schema", {}), "response_format", "json_schema.schema")
     return [ResponseFormat(js.get("name", "response"), js.get("schema", {}), js.get("description"))]
 
 
