@@ -103,3 +103,14 @@ for _ in range(40):
 def test_bad_chat_completions_name_the_field(request_, field):
     with pytest.raises(HarmonyError, match=field):
         render_conversation(from_chat_completions(request_))
+
+
+def test_call_ids_are_distinct():
+    history = []
+    for n in range(3):
+        history += [Message("assistant", "{}", channel="commentary", recipient="functions.f"),
+                    Message("tool", str(n), channel="commentary", recipient="assistant", name="functions.f")]
+    saved = to_chat_completions(history)["messages"]
+    ids = [m["tool_calls"][0]["id"] for m in saved if m["role"] == "assistant"]
+    assert len(set(ids)) == 3
+    assert [m["tool_call_id"] for m in saved if m["role"] == "tool"] == ids

@@ -14,6 +14,7 @@ chat renders token for token as it was.
 
 from __future__ import annotations
 
+import itertools
 import json
 
 from .messages import (
@@ -188,10 +189,11 @@ def to_chat_completions(messages: list[Message]) -> dict:
     declared: set[str] = set()
     calls: dict[str, tuple[str, str | None]] = {}  # recipient -> (id of its last call, channel)
     group: list[Message] = []  # assistant messages that fit in one Chat Completions message
+    ids = itertools.count(1)
 
     def flush():
         if group:
-            out.append(_assistant_to_chat(group, declared, calls))
+            out.append(_assistant_to_chat(group, declared, calls, ids))
             group.clear()
 
     for m in messages:
@@ -220,7 +222,8 @@ def _slot(m: Message) -> int:
     return 2 if m.is_tool_call else 0 if m.channel == "analysis" else 1
 
 
-def _assistant_to_chat(group: list[Message], declared: set[str], calls: dict) -> dict:
+def _assistant_to_chat(group: list[Message], declared: set[str], calls: dict, ids) -> dict:
+    """One Chat Completions assistant message from harmony messages in ``_slot`` order."""
     msg: dict = {"role": "assistant", "content": None}
     tool_calls = []
     for m in group:
@@ -228,14 +231,13 @@ def _assistant_to_chat(group: list[Message], declared: set[str], calls: dict) ->
             msg["reasoning"] = m.text
         elif _slot(m) == 1:
             msg["content"] = m.text
-            text = m
+            # the channel is kept where it does not follow from the calls (or empty text would hide it)
+            if m.channel != ("commentary" if group[-1].is_tool_call else "final") or not m.text:
+                msg["channel"] = m.channel
         else:
-            call_id = f"call_{len(calls) + 1}"
+            call_id = f"call_{next(ids)}"
             calls[m.recipient] = (call_id, m.channel)
             tool_calls.append(_call_to_chat(m, call_id, declared))
-    if msg["content"] is not None and (text.channel != ("commentary" if tool_calls else "final")
-                                       or tool_calls and not text.text):
-        msg["channel"] = text.channel
     if tool_calls:
         msg["tool_calls"] = tool_calls
     return msg
