@@ -352,3 +352,68 @@ def test_a_reply_streams_to_asyncio(chat):
     events = asyncio.run(answer("2+2?"))
     assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == "4"
     assert isinstance(events[-1], Done) and chat.messages[-1].text == "4"
+
+
+# ------------------------------------------------------------------ resumed chats render as live ones
+TOOL_TURN = [
+    '<|channel|>analysis<|message|>Need the weather.<|end|>'
+    '<|start|>assistant<|channel|>commentary<|message|>Checking.<|end|>'
+    '<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json'
+    '<|message|>{"city": "Paris"}<|call|>',
+    '<|channel|>analysis<|message|>Convert it.<|end|>'
+    '<|start|>assistant<|channel|>analysis to=python code<|message|>print(21*9/5+32)<|call|>',
+    '<|channel|>analysis<|message|>Done.<|end|>'
+    '<|start|>assistant<|channel|>final<|message|>21 C (69.8 F).<|return|>',
+    '<|channel|>analysis<|message|>Polite.<|end|>'
+    '<|start|>assistant<|channel|>final<|message|>You are welcome.<|return|>',
+]
+
+
+def resumed(tok, chat, path):
+    chat.save(path)
+    other = Chat(ScriptedModel([[0]]), tok, python=True)
+    other.load(path)
+    return other
+
+
+def test_resumed_chat_renders_token_for_token(tok, tmp_path):
+    from gptoss_mlx.harmony import ToolSpec
+    weather = ToolSpec("get_weather", "Weather.", {"type": "object", "properties": {"city": {"type": "string"}}})
+    chat = Chat(ScriptedModel([script(tok, s) for s in TOOL_TURN]), tok, functions=[weather],
+                python=True, reasoning_effort="high", date="2025-08-05")
+    calls = [e for e in chat.send("Weather in Paris, in F?") if isinstance(e, ToolCall)]
+    chat.add_tool_result("functions.get_weather", '{"temp": 21}', channel=calls[0].channel)
+    ongoing = chat.prompt_tokens()
+    assert resumed(tok, chat, tmp_path / "a.json").prompt_tokens() == ongoing
+    assert "Need the weather." in tok.decode(ongoing)  # the turn under way keeps its reasoning
+    calls = [e for e in chat.reply() if isinstance(e, ToolCall)]
+    assert calls == [ToolCall("python", "print(21*9/5+32)", "analysis")]
+    chat.add_tool_result("python", "69.8", channel="analysis")
+    assert resumed(tok, chat, tmp_path / "b.json").prompt_tokens() == chat.prompt_tokens()
+    list(chat.reply())
+    list(chat.send("Thanks!"))
+    final = chat.prompt_tokens()
+    assert resumed(tok, chat, tmp_path / "c.json").prompt_tokens() == final
+    rendered = tok.decode(final)
+    assert "<|start|>assistant<|channel|>commentary<|message|>Checking.<|end|>" in rendered
+    assert "Need the weather." not in rendered and "Polite." not in rendered
+    assert "print(21*9/5+32)" not in rendered  # the built-in call went with its turn's analysis
+    assert "to=functions.get_weather" in rendered and "21 C (69.8 F)." in rendered
+
+
+def test_third_turn_drops_stale_reasoning_and_reuses_the_cache(tok):
+    from gptoss_mlx.generate import common_prefix
+    from gptoss_mlx.harmony import Message
+    replies = [reply_script(tok, f"Think {n}.", f"Answer {n}.") for n in range(3)]
+    chat = Chat(ScriptedModel(replies), tok, date="2025-08-05")
+    collect(chat.send("one"))
+    collect(chat.send("two"))
+    cached = list(chat.engine.prompt_cache.tokens)  # prompt 2 and reply 2
+    chat.messages.append(Message("user", "three"))
+    prompt3 = chat.prompt_tokens()
+    assert "Think" not in tok.decode(prompt3)  # not even turn 2's, which harmony's library keeps
+    collect(chat.reply())
+    reused = chat.engine.stats.reused_tokens
+    assert reused == common_prefix(cached, prompt3)
+    # reused right up to the dropped reasoning of turn 2: only the rest is computed again
+    assert tok.decode(prompt3[reused:]).startswith("final<|message|>Answer 1.<|end|>")

@@ -89,3 +89,30 @@ def test_turn_under_way_keeps_its_analysis_and_builtin_calls_go_with_it():
     done = text(history + [Message("assistant", "It is 1.", channel="final"), Message("user", "thanks")])
     assert "use python" not in done and "print(1)" not in done and "python to=assistant" not in done
     assert "It is 1." in done
+
+
+# ------------------------------------------------------------------ tool schemas as harmony writes them
+# Expected strings are openai-harmony 0.0.8's output (tests/compare_openai_harmony.py checks more).
+def function_text(description, parameters):
+    rendered = text([dev(ToolSpec("f", description, parameters))], for_completion=False)
+    return rendered.split("namespace functions {\n\n")[1].split("\n\n} // namespace")[0]
+
+
+@pytest.mark.parametrize("default, shown", [
+    (1e-6, "1e-6"), (1e20, "1e20"), (2.5e-5, "0.000025"), (1e16, "1e16"), (1e15, "1000000000000000.0"),
+    (3.0, "3.0"), (3, "3"), (-0.5, "-0.5"), ({"b": 1, "a": [1e-7]}, '{"b":1,"a":[1e-7]}'),
+])
+def test_number_defaults_as_harmony_prints_them(default, shown):
+    schema = {"type": "object", "properties": {"x": {"type": "number", "default": default}}}
+    assert function_text("F.", schema) == f"// F.\ntype f = (_: {{\nx?: number, // default: {shown}\n}}) => any;"
+
+
+def test_enum_default_inside_one_of_is_quoted():
+    schema = {"type": "object", "properties": {"u": {"type": "array", "items": {"oneOf": [
+        {"type": "string", "enum": ["a"], "default": "a"}, {"type": "number"}]}}}}
+    assert function_text("F.", schema) == (
+        '// F.\ntype f = (_: {\nu?: \n     | "a" // default: "a"\n     | number[],\n}) => any;')
+
+
+def test_description_lines_split_on_newline_only():
+    assert function_text("a\nb\r\nc\rd\u2028e\n", None) == "// a\n// b\n// c\rd\u2028e\ntype f = () => any;"

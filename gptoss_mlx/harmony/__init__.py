@@ -12,11 +12,12 @@ from .chat_completions import from_chat_completions, to_chat_completions
 from .messages import (
     BUILTIN_TOOLS, CALL, CHANNEL, CHANNELS, CONSTRAIN, DEFAULT_CUTOFF, DEFAULT_IDENTITY, EFFORTS, END,
     ENDOFTEXT, MESSAGE, MESSAGE_END_TOKENS, RETURN, ROLES, START, STOP_TOKENS_FOR_SAMPLING,
-    DeveloperContent, HarmonyError, Message, ResponseFormat, SystemContent, ToolNamespace, ToolSpec, check_message,
+    DeveloperContent, HarmonyError, Message, ResponseFormat, SystemContent, ToolNamespace, ToolSpec,
+    check_message,
 )
 from .namespaces import (
-    BROWSER_DESCRIPTION, BROWSER_TOOLS, PYTHON_DESCRIPTION, browser_namespace, python_namespace,
-    schema_to_typescript, tools_section,
+    BROWSER_DESCRIPTION, BROWSER_TOOLS, PYTHON_DESCRIPTION, browser_namespace, python_description,
+    python_namespace, schema_to_typescript, tools_section,
 )
 from .parser import ContentDelta, Event, MessageEnd, MessageStart, StreamParser, parse_completion
 from .render import (

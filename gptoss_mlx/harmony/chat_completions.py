@@ -1,35 +1,56 @@
 """Conversion between harmony messages and the OpenAI Chat Completions shape (saved chats,
-``gptoss-mlx render``)."""
+``gptoss-mlx render``), exact in both directions for what a chat produces.
+
+One Chat Completions assistant message holds, in harmony's order, the reasoning (an
+``analysis`` message, as ``reasoning``), the text (``content``: a ``final`` answer, or a
+``commentary`` preamble when tool calls follow) and the tool calls. A function call
+``get_weather`` is harmony's ``to=functions.get_weather`` on ``commentary`` with
+``<|constrain|>json``; a built-in call (``python``, ``browser.search``) is ``to=python`` on
+``analysis``; a tool's result comes back on its caller's channel. Where a message differs from
+these defaults (a call on another channel, a ``code`` content type, a preamble without a call),
+the difference is kept as an extra ``channel``/``content_type``/``recipient`` key, so a saved
+chat renders token for token as it was.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 from .messages import (
-    CONSTRAIN, DeveloperContent, HarmonyError, Message, ResponseFormat, SystemContent, ToolSpec,
+    BUILTIN_TOOLS, CONSTRAIN, DeveloperContent, HarmonyError, Message, ResponseFormat,
+    SystemContent, ToolSpec, check_schema,
 )
 from .render import system_message
+
+FUNCTIONS = "functions."
+
 
 def from_chat_completions(request: dict, date: str | None = None, browser: bool = False,
                           python: bool = False) -> list[Message]:
     """Harmony messages for a Chat Completions request: ``messages`` (system/developer/user/
     assistant with ``reasoning``/``reasoning_content`` and ``tool_calls``, tool results),
-    ``tools`` and ``reasoning_effort``. A leading system or developer message becomes the
-    developer ``# Instructions``; the harmony system message is built from the options."""
+    ``tools``, ``response_format`` and ``reasoning_effort``. A leading system or developer
+    message becomes the developer ``# Instructions``; the harmony system message is built from
+    the options. Bad input raises one HarmonyError naming the message and field."""
     if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
         raise HarmonyError("expected a JSON object with a 'messages' list")
     effort = request.get("reasoning_effort") or "medium"
     out = [system_message(effort, date, browser, python)]
-    functions = [_function_spec(t) for t in request.get("tools") or []]
+    tools = request.get("tools") or []
+    if not isinstance(tools, list):
+        raise HarmonyError("tools must be a list")
+    functions = [_function_spec(t, j) for j, t in enumerate(tools)]
+    declared = {f.name for f in functions}
     formats = _response_formats(request.get("response_format"))
-    msgs = list(request["messages"])
+    msgs = list(enumerate(request["messages"]))
     instructions = None
-    if msgs and isinstance(msgs[0], dict) and msgs[0].get("role") in ("system", "developer"):
-        instructions = _text_of(msgs.pop(0), 0)
+    if msgs and isinstance(msgs[0][1], dict) and msgs[0][1].get("role") in ("system", "developer"):
+        instructions = _text_of(msgs.pop(0)[1], 0)
     if instructions is not None or functions or formats:
         out.append(Message("developer", DeveloperContent(instructions, functions, formats)))
-    call_names: dict[str, str] = {}
-    for i, m in enumerate(msgs):
+    calls: dict[str, tuple[str, str | None]] = {}  # tool_call_id -> (recipient, channel)
+    for i, m in msgs:
         if not isinstance(m, dict):
             raise HarmonyError(f"messages[{i}] is not an object")
         role = m.get("role")
@@ -38,123 +59,224 @@ def from_chat_completions(request: dict, date: str | None = None, browser: bool 
         elif role == "user":
             out.append(Message("user", _text_of(m, i)))
         elif role == "assistant":
-            out += _assistant_messages(m, i, call_names)
+            out += _assistant_messages(m, i, declared, calls)
         elif role == "tool":
-            name = m.get("name") or call_names.get(m.get("tool_call_id"))
-            if not name:
-                raise HarmonyError(f"messages[{i}]: tool result without a name or a known tool_call_id")
-            name = name if "." in name else f"functions.{name}"
-            out.append(Message("tool", _text_of(m, i), channel="commentary",
-                               recipient="assistant", name=name))
+            out.append(_tool_result(m, i, declared, calls))
         else:
             raise HarmonyError(f"messages[{i}]: unknown role {role!r}")
     return out
 
 
-def _text_of(m: dict, i: int) -> str:
-    content = m.get("content")
+def _recipient_of(name: str, declared: set[str]) -> str:
+    """The harmony recipient of a Chat Completions function name: ``python`` and dotted names
+    (``browser.search``) as they are, unless declared as functions; others ``functions.NAME``."""
+    builtin = name in BUILTIN_TOOLS and name not in declared
+    return name if "." in name or builtin else FUNCTIONS + name
+
+
+def _function_name(recipient: str) -> str:
+    name = recipient.removeprefix(FUNCTIONS)
+    return name if "." not in name else recipient
+
+
+def _call_defaults(recipient: str) -> tuple[str, str | None]:
+    """(channel, content type) of a call as harmony writes it: built-ins on analysis, plain;
+    functions on commentary, JSON."""
+    if recipient.split(".")[0] in BUILTIN_TOOLS:
+        return "analysis", None
+    return "commentary", f"{CONSTRAIN}json"
+
+
+def _text_of(m: dict, i: int, key: str = "content") -> str:
+    content = m.get(key)
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    raise HarmonyError(f"messages[{i}]: content must be a string or a list of text parts")
+        parts = [p.get("text", "") for p in content if isinstance(p, dict)]
+        if all(isinstance(p, str) for p in parts):
+            return "".join(parts)
+    raise HarmonyError(f"messages[{i}].{key} must be a string or a list of text parts")
 
 
-def _function_spec(tool: dict) -> ToolSpec:
+def _override(m: dict, key: str, default, where: str):
+    """``m[key]`` when present (a string or null), else ``default``."""
+    if key not in m:
+        return default
+    if not isinstance(m[key], (str, type(None))):
+        raise HarmonyError(f"{where}.{key} must be a string or null")
+    return m[key]
+
+
+def _function_spec(tool, j: int) -> ToolSpec:
     fn = tool.get("function", tool) if isinstance(tool, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise HarmonyError(f"tool {tool!r} has no function name")
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise HarmonyError(f"tools[{j}] has no function name")
+    description = fn.get("description") or ""
     params = fn.get("parameters")
-    if isinstance(params, dict) and not params.get("properties") and params.get("type") == "object":
-        params = None  # no arguments: `() => any`
-    return ToolSpec(fn["name"], fn.get("description") or "", params)
+    if not isinstance(description, str):
+        raise HarmonyError(f"tools[{j}] ({fn['name']}): description must be a string")
+    if params is not None:
+        check_schema(params, f"tools[{j}] ({fn['name']})", "parameters")
+    return ToolSpec(fn["name"], description, params)
 
 
 def _response_formats(fmt) -> list[ResponseFormat]:
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
         return []
     js = fmt.get("json_schema") or {}
+    if not isinstance(js, dict):
+        raise HarmonyError("response_format.json_schema must be an object")
+    check_schema(js.get("schema", {}), "response_format", "json_schema.schema")
     return [ResponseFormat(js.get("name", "response"), js.get("schema", {}), js.get("description"))]
 
 
-def _assistant_messages(m: dict, i: int, call_names: dict) -> list[Message]:
+def _assistant_messages(m: dict, i: int, declared: set[str], calls: dict) -> list[Message]:
     out = []
-    reasoning = m.get("reasoning") or m.get("reasoning_content")
-    if reasoning:
-        out.append(Message("assistant", reasoning, channel="analysis"))
-    for j, call in enumerate(m.get("tool_calls") or []):
+    key = "reasoning" if m.get("reasoning") is not None else "reasoning_content"
+    if m.get(key) is not None:
+        out.append(Message("assistant", _text_of(m, i, key), channel="analysis"))
+    tool_calls = m.get("tool_calls") or []
+    if not isinstance(tool_calls, list):
+        raise HarmonyError(f"messages[{i}].tool_calls must be a list")
+    content = _text_of(m, i)
+    # Empty text beside tool calls is no preamble (clients send "" or null alike) unless its
+    # channel is given.
+    present = content or m.get("content") is not None and (not tool_calls or "channel" in m)
+    if present or not (out or tool_calls):
+        channel = "commentary" if tool_calls else "final"  # a preamble comes before its calls
+        out.append(Message("assistant", content, channel=_override(m, "channel", channel, f"messages[{i}]")))
+    for j, call in enumerate(tool_calls):
+        where = f"messages[{i}].tool_calls[{j}]"
         fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not fn.get("name"):
-            raise HarmonyError(f"messages[{i}].tool_calls[{j}] has no function name")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise HarmonyError(f"{where} has no function name")
         args = fn.get("arguments", "{}")
         if not isinstance(args, str):
-            args = json.dumps(args)
-        name = fn["name"] if "." in fn["name"] else f"functions.{fn['name']}"
-        call_names[call.get("id", f"call_{i}_{j}")] = name
-        builtin = name.split(".")[0] in ("browser", "python")
-        out.append(Message("assistant", args, channel="analysis" if builtin else "commentary",
-                           recipient=name, content_type=None if builtin else f"{CONSTRAIN}json"))
-    content = _text_of(m, i)
-    if content or not out:
-        out.append(Message("assistant", content, channel="final"))
+            try:
+                args = json.dumps(args)
+            except (TypeError, ValueError):
+                raise HarmonyError(f"{where}.function.arguments must be a JSON string") from None
+        recipient = _override(call, "recipient", None, where) or _recipient_of(fn["name"], declared)
+        channel, content_type = _call_defaults(recipient)
+        channel = _override(call, "channel", channel, where)
+        content_type = _override(call, "content_type", content_type, where)
+        calls[str(call.get("id", f"call_{i}_{j}"))] = (recipient, channel)
+        out.append(Message("assistant", args, channel=channel, recipient=recipient,
+                           content_type=content_type))
     return out
 
 
-def to_chat_completions(messages: list[Message]) -> dict:
-    """The inverse of :func:`from_chat_completions` (reasoning kept as ``reasoning``)."""
-    out: list[dict] = []
-    effort = "medium"
-    tools: list[dict] = []
-    pending: dict | None = None
-    counter = 0
-    last_call_ids: dict[str, str] = {}
+def _tool_result(m: dict, i: int, declared: set[str], calls: dict) -> Message:
+    call_id, name = m.get("tool_call_id"), m.get("name")
+    if isinstance(call_id, str) and call_id in calls:
+        recipient, channel = calls[call_id]
+    elif isinstance(name, str) and name:
+        recipient = _recipient_of(name, declared)
+        channel = _call_defaults(recipient)[0]
+    else:
+        raise HarmonyError(f"messages[{i}]: tool result without a name or a known tool_call_id")
+    channel = _override(m, "channel", channel, f"messages[{i}]")
+    return Message("tool", _text_of(m, i), channel=channel, recipient="assistant", name=recipient)
 
-    def assistant() -> dict:
-        nonlocal pending
-        if pending is None:
-            pending = {"role": "assistant", "content": None}
-            out.append(pending)
-        return pending
+
+def to_chat_completions(messages: list[Message]) -> dict:
+    """The inverse of :func:`from_chat_completions`: ``from_chat_completions(to_chat_completions(
+    ms))`` renders exactly as ``ms`` does, for the messages a chat produces."""
+    out: list[dict] = []
+    result: dict = {"messages": out, "reasoning_effort": "medium"}
+    declared: set[str] = set()
+    calls: dict[str, tuple[str, str | None]] = {}  # recipient -> (id of its last call, channel)
+    group: list[Message] = []  # assistant messages that fit in one Chat Completions message
+    ids = itertools.count(1)
+
+    def flush():
+        if group:
+            out.append(_assistant_to_chat(group, declared, calls, ids))
+            group.clear()
 
     for m in messages:
-        if m.role == "system" and isinstance(m.content, SystemContent):
-            effort = m.content.reasoning_effort or effort
-            continue
-        if m.role == "developer":
-            dev = m.content if isinstance(m.content, DeveloperContent) else DeveloperContent(m.text)
-            if dev.instructions is not None:
-                out.append({"role": "system", "content": dev.instructions})
-            for fn in dev.functions:
-                spec = {"name": fn.name, "description": fn.description}
-                spec["parameters"] = fn.parameters or {"type": "object", "properties": {}}
-                tools.append({"type": "function", "function": spec})
-            pending = None
-            continue
         if m.role == "assistant":
-            target = assistant()
-            if m.is_tool_call:
-                counter += 1
-                call_id = f"call_{counter}"
-                name = m.recipient.removeprefix("functions.")
-                last_call_ids[m.recipient] = call_id
-                target.setdefault("tool_calls", []).append(
-                    {"id": call_id, "type": "function", "function": {"name": name, "arguments": m.text}})
-            elif m.channel == "analysis":
-                target["reasoning"] = (target.get("reasoning") or "") + m.text
-            else:
-                target["content"] = (target.get("content") or "") + m.text
-                if m.channel == "final":
-                    pending = None
+            if group and (_slot(m) < _slot(group[-1]) or _slot(m) == _slot(group[-1]) < 2):
+                flush()
+            group.append(m)
             continue
-        pending = None
-        if m.role == "tool":
-            out.append({"role": "tool", "tool_call_id": last_call_ids.get(m.name, ""),
-                        "name": m.name.removeprefix("functions."), "content": m.text})
+        flush()
+        if m.role == "system" and isinstance(m.content, SystemContent):
+            result["reasoning_effort"] = m.content.reasoning_effort or "medium"
+        elif m.role == "developer":
+            dev = m.content if isinstance(m.content, DeveloperContent) else DeveloperContent(m.text)
+            _developer_to_chat(dev, out, result, declared)
+        elif m.role == "tool":
+            out.append(_tool_to_chat(m, declared, calls))
         else:
             out.append({"role": m.role, "content": m.text})
-    result: dict = {"messages": out, "reasoning_effort": effort}
-    if tools:
-        result["tools"] = tools
+    flush()
     return result
+
+
+def _slot(m: Message) -> int:
+    """Where a message goes in a Chat Completions assistant message: 0 reasoning, 1 content,
+    2 tool calls (harmony's order)."""
+    return 2 if m.is_tool_call else 0 if m.channel == "analysis" else 1
+
+
+def _assistant_to_chat(group: list[Message], declared: set[str], calls: dict, ids) -> dict:
+    """One Chat Completions assistant message from harmony messages in ``_slot`` order."""
+    msg: dict = {"role": "assistant", "content": None}
+    tool_calls = []
+    for m in group:
+        if _slot(m) == 0:
+            msg["reasoning"] = m.text
+        elif _slot(m) == 1:
+            msg["content"] = m.text
+            # the channel is kept where it does not follow from the calls (or empty text would hide it)
+            if m.channel != ("commentary" if group[-1].is_tool_call else "final") or not m.text:
+                msg["channel"] = m.channel
+        else:
+            call_id = f"call_{next(ids)}"
+            calls[m.recipient] = (call_id, m.channel)
+            tool_calls.append(_call_to_chat(m, call_id, declared))
+    if tool_calls:
+        msg["tool_calls"] = tool_calls
+    return msg
+
+
+def _call_to_chat(m: Message, call_id: str, declared: set[str]) -> dict:
+    name = _function_name(m.recipient)
+    call: dict = {"id": call_id, "type": "function", "function": {"name": name, "arguments": m.text}}
+    if _recipient_of(name, declared) != m.recipient:
+        call["recipient"] = m.recipient
+    channel, content_type = _call_defaults(m.recipient)
+    if m.channel != channel:
+        call["channel"] = m.channel
+    if m.content_type != content_type:
+        call["content_type"] = m.content_type
+    return call
+
+
+def _tool_to_chat(m: Message, declared: set[str], calls: dict) -> dict:
+    name = _function_name(m.name)
+    call_id, channel = calls.get(m.name, ("", _call_defaults(_recipient_of(name, declared))[0]))
+    msg = {"role": "tool", "tool_call_id": call_id, "name": name, "content": m.text}
+    if m.channel != channel:
+        msg["channel"] = m.channel
+    return msg
+
+
+def _developer_to_chat(dev: DeveloperContent, out: list, result: dict, declared: set[str]) -> None:
+    if dev.instructions is not None:
+        out.append({"role": "system", "content": dev.instructions})
+    for fn in dev.functions:
+        spec = {"name": fn.name, "description": fn.description}
+        if fn.parameters is not None:
+            spec["parameters"] = fn.parameters
+        result.setdefault("tools", []).append({"type": "function", "function": spec})
+        declared.add(fn.name)
+    if dev.response_formats:  # Chat Completions has room for one
+        fmt = dev.response_formats[0]
+        schema = {"name": fmt.name, "schema": fmt.schema}
+        if fmt.description is not None:
+            schema["description"] = fmt.description
+        result["response_format"] = {"type": "json_schema", "json_schema": schema}

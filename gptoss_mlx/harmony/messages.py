@@ -1,7 +1,8 @@
 """Harmony messages and the special tokens that frame them (gpt-oss.md 4.1, 4.2).
 
 The special ids themselves live in :mod:`gptoss_mlx.tokenizer`; this module names the ones the
-format uses, the roles, channels and reasoning efforts, and the message dataclasses.
+format uses, the roles, channels and reasoning efforts, the message dataclasses, and the check
+that a message can be rendered (:func:`check_message`).
 """
 
 from __future__ import annotations

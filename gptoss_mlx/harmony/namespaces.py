@@ -6,6 +6,7 @@ the built-in browser and python tools (gpt-oss.md 4.4, 5).
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 
 from .messages import ToolNamespace, ToolSpec
@@ -16,14 +17,53 @@ def _is_enum(schema: dict) -> bool:
 
 
 def json_compact(value) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    """JSON as harmony's serde_json writes it: no spaces, keys in order, floats as Rust prints
+    them (``1e-6``, ``1e20``, ``0.000025``, ``3.0``)."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json_compact(str(k))}:{json_compact(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(json_compact(v) for v in value) + "]"
+    if isinstance(value, float):
+        return _rust_float(value)
+    return json.dumps(value, ensure_ascii=False)
 
 
-def _default_comment(schema: dict) -> str:
+def _rust_float(x: float) -> str:
+    """A float laid out as Rust's ryu does, from Python's shortest round-trip digits."""
+    if x != x or x in (float("inf"), float("-inf")):
+        return "null"  # serde_json has no NaN or infinity
+    sign, digits, exp = Decimal(repr(x)).normalize().as_tuple()
+    digits = "".join(map(str, digits)) if x else "0"
+    exp = exp if x else 0
+    point = len(digits) + exp  # where the decimal point goes, counted from the first digit
+    if 0 <= exp and point <= 16:
+        text = digits + "0" * exp + ".0"
+    elif 0 < point <= 16:
+        text = f"{digits[:point]}.{digits[point:]}"
+    elif -5 < point <= 0:
+        text = "0." + "0" * -point + digits
+    else:
+        mantissa = digits if len(digits) == 1 else f"{digits[0]}.{digits[1:]}"
+        text = f"{mantissa}e{point - 1}"
+    return ("-" if sign else "") + text
+
+
+def _default_comment(schema: dict, enum_aware: bool = True) -> str:
+    """``default: X``; a string is quoted unless the schema is an enum (and ``enum_aware``:
+    harmony quotes every string default of a oneOf variant outside an object property)."""
     default = schema["default"]
     if isinstance(default, str):
-        return f"default: {default}" if _is_enum(schema) else f'default: "{default}"'
+        return f"default: {default}" if enum_aware and _is_enum(schema) else f'default: "{default}"'
     return f"default: {json_compact(default)}"
+
+
+def _lines(text: str) -> list[str]:
+    """Rust's ``str::lines``: split on "\\n" only, dropping one trailing "\\r" of each line
+    and a final empty line."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
 
 
 def _nullable(schema: dict, type_str: str) -> str:
@@ -46,7 +86,7 @@ def schema_to_typescript(schema: Any, indent: str = "") -> str:
             if isinstance(variant, dict) and isinstance(variant.get("description"), str):
                 trailing.append(variant["description"])
             if isinstance(variant, dict) and "default" in variant:
-                trailing.append(_default_comment(variant))
+                trailing.append(_default_comment(variant, enum_aware=False))
             if trailing:
                 out += " // " + " ".join(trailing)
         return out
@@ -132,12 +172,12 @@ def tools_section(namespaces: list[ToolNamespace]) -> str:
     sections = ["# Tools"]
     for ns in namespaces:
         lines = [f"## {ns.name}\n"]
-        for line in (ns.description or "").splitlines() if ns.description else []:
+        for line in _lines(ns.description or ""):
             lines.append(f"// {line}" if ns.tools else line)
         if ns.tools:
             lines.append(f"namespace {ns.name} {{\n")
             for tool in ns.tools:
-                lines.extend(f"// {line}" for line in tool.description.splitlines())
+                lines.extend(f"// {line}" for line in _lines(tool.description))
                 if tool.parameters is not None:
                     lines.append(f"type {tool.name} = (_: {schema_to_typescript(tool.parameters)}) => any;\n")
                 else:
@@ -187,15 +227,22 @@ BROWSER_TOOLS = [
     }),
 ]
 
-PYTHON_DESCRIPTION = (
-    "Use this tool to execute Python code in your chain of thought. The code will not be shown "
-    "to the user. This tool should be used for internal reasoning, but not for code that is "
-    "intended to be visible to the user (e.g. when creating plots, tables, or files).\n\n"
-    "When you send a message containing Python code to python, it will be executed in a "
-    "stateful Jupyter notebook environment. python will respond with the output of the "
-    "execution or time out after 120.0 seconds. The drive at '/mnt/data' can be used to save "
-    "and persist user files. Internet access for this session is UNKNOWN. Depends on the cluster."
-)
+def python_description(timeout_s: float = 120.0,
+                       files: str = "The drive at '/mnt/data' can be used to save and persist user files.",
+                       internet: str = "UNKNOWN. Depends on the cluster.") -> str:
+    """The python tool's description as the model was trained on it (harmony's
+    ``ToolNamespaceConfig::python``); a sandbox passes what it really does."""
+    return (
+        "Use this tool to execute Python code in your chain of thought. The code will not be shown "
+        "to the user. This tool should be used for internal reasoning, but not for code that is "
+        "intended to be visible to the user (e.g. when creating plots, tables, or files).\n\n"
+        "When you send a message containing Python code to python, it will be executed in a "
+        "stateful Jupyter notebook environment. python will respond with the output of the "
+        f"execution or time out after {timeout_s:.1f} seconds. {files} "
+        f"Internet access for this session is {internet}")
+
+
+PYTHON_DESCRIPTION = python_description()
 
 
 def browser_namespace() -> ToolNamespace:

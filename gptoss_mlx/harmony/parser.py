@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Iterable, Union
 
 from .messages import (
-    BUILTIN_TOOLS, CHANNEL, CHANNELS, CONSTRAIN, ENDOFTEXT, ID, MESSAGE, MESSAGE_END_TOKENS, NAME, ROLES, START,
-    Message,
+    BUILTIN_TOOLS, CHANNEL, CHANNELS, CONSTRAIN, ENDOFTEXT, ID, MESSAGE, MESSAGE_END_TOKENS, NAME,
+    ROLES, START, Message,
 )
 
 @dataclass

@@ -1,0 +1,116 @@
+"""Chat Completions <-> harmony: built-in tool calls, preambles before calls, and an exact
+round trip (what a chat renders is what its saved file renders)."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gptoss_mlx.harmony import (
+    DeveloperContent, HarmonyError, Message, ToolSpec, from_chat_completions, render_conversation,
+    segments_to_text, system_message, to_chat_completions,
+)
+
+
+def text(messages):
+    return segments_to_text(render_conversation(messages))
+
+
+def test_builtin_python_call_renders_as_harmony():
+    history = from_chat_completions({"messages": [
+        {"role": "user", "content": "2**10?"},
+        {"role": "assistant", "content": None, "reasoning": "Compute.",
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "python", "arguments": "print(2**10)"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "1024"},
+    ]}, date="2025-01-01", python=True)
+    assert text(history).endswith(
+        "<|start|>assistant<|channel|>analysis<|message|>Compute.<|end|>"
+        "<|start|>assistant to=python<|channel|>analysis<|message|>print(2**10)<|call|>"
+        "<|start|>python to=assistant<|channel|>analysis<|message|>1024<|end|><|start|>assistant")
+
+
+def test_text_with_tool_calls_is_a_preamble_before_them_and_keeps_the_reasoning():
+    rendered = text(from_chat_completions({"tools": [{"type": "function", "function": {"name": "f"}}], "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Let me check.", "reasoning": "Need f.",
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+    ]}))
+    assert rendered.endswith(
+        "<|start|>assistant<|channel|>analysis<|message|>Need f.<|end|>"
+        "<|start|>assistant<|channel|>commentary<|message|>Let me check.<|end|>"
+        "<|start|>assistant to=functions.f<|channel|>commentary <|constrain|>json<|message|>{}<|call|>"
+        "<|start|>functions.f to=assistant<|channel|>commentary<|message|>ok<|end|><|start|>assistant")
+
+
+# What a chat's history is made of: the model's messages as the parser gives them (any channel,
+# content type, recipient), tool results on the caller's channel, user turns.
+RECIPIENTS = ["functions.get_weather", "functions.python", "python", "browser.search", "get_weather"]
+words = st.text(st.sampled_from("ab \n{}"), max_size=5)
+assistant_text = st.builds(lambda c, t: Message("assistant", t, channel=c),
+                           st.sampled_from(["analysis", "commentary", "final"]), words)
+call = st.builds(lambda r, c, ct, t: Message("assistant", t, channel=c, recipient=r, content_type=ct),
+                 st.sampled_from(RECIPIENTS), st.sampled_from(["analysis", "commentary"]),
+                 st.sampled_from([None, "<|constrain|>json", "code", "json"]), words)
+
+
+@st.composite
+def histories(draw):
+    messages = []
+    for step in draw(st.lists(st.sampled_from(["user", "text", "call"]), max_size=12)):
+        if step == "user":
+            messages.append(Message("user", draw(words)))
+        elif step == "text":
+            messages.append(draw(assistant_text))
+        else:
+            c = draw(call)
+            messages.append(c)
+            if draw(st.booleans()):  # its result, unless the turn was cut short
+                messages.append(Message("tool", draw(words), channel=c.channel, recipient="assistant", name=c.recipient))
+    return messages
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, database=None)
+@given(histories(), st.booleans())
+def test_round_trip_renders_token_for_token(history, with_functions):
+    functions = [ToolSpec("get_weather", "Weather.", {"type": "object", "properties": {}})] if with_functions else []
+    head = [system_message("low", "2025-01-01", python=True, browser=True)]
+    head += [Message("developer", DeveloperContent("Be brief.", functions))]
+    saved = to_chat_completions(head + history)
+    loaded = from_chat_completions(saved, date="2025-01-01", python=True, browser=True)
+    assert text(loaded) == text(head + history)
+
+
+DEEP = {"type": "string"}
+for _ in range(40):
+    DEEP = {"type": "object", "properties": {"x": DEEP}}
+
+
+@pytest.mark.parametrize("request_, field", [
+    ({"messages": [{"role": "assistant", "tool_calls": 5}]}, r"messages\[0\].tool_calls must be a list"),
+    ({"messages": [{"role": "user", "content": [{"text": 5}]}]}, r"messages\[0\].content must be a string"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {1}}}]}]},
+     r"tool_calls\[0\].function.arguments must be a JSON string"),
+    ({"messages": [], "tools": [{"function": {"name": "f", "parameters": "x"}}]},
+     r"tools\[0\] \(f\): parameters must be a JSON Schema object, got 'x'"),
+    ({"messages": [], "tools": [{"function": {"name": "f", "parameters": DEEP}}]},
+     r"tools\[0\] \(f\): parameters: the JSON Schema is nested deeper than 32"),
+    ({"messages": [], "tools": 5}, "tools must be a list"),
+    ({"messages": [{"role": "tool", "tool_call_id": ["x"], "content": "a"}]}, "tool result without a name"),
+    ({"messages": [], "response_format": {"type": "json_schema", "json_schema": 5}}, "json_schema must be an object"),
+    ({"messages": [{"role": "assistant", "content": "x", "channel": 5}]}, r"messages\[0\].channel"),
+    ({"messages": [{"role": "assistant", "reasoning": 5}]}, r"messages\[0\].reasoning"),
+])
+def test_bad_chat_completions_name_the_field(request_, field):
+    with pytest.raises(HarmonyError, match=field):
+        render_conversation(from_chat_completions(request_))
+
+
+def test_call_ids_are_distinct():
+    history = []
+    for n in range(3):
+        history += [Message("assistant", "{}", channel="commentary", recipient="functions.f"),
+                    Message("tool", str(n), channel="commentary", recipient="assistant", name="functions.f")]
+    saved = to_chat_completions(history)["messages"]
+    ids = [m["tool_calls"][0]["id"] for m in saved if m["role"] == "assistant"]
+    assert len(set(ids)) == 3
+    assert [m["tool_call_id"] for m in saved if m["role"] == "tool"] == ids
