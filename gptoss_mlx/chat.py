@@ -46,6 +46,13 @@ class Done:
     messages: list[Message] = field(default_factory=list)  # what this reply added to history
 
 
+@dataclass
+class ContextTrimmed:
+    """The conversation no longer fit: its oldest turns were dropped before this reply."""
+    dropped_messages: int
+    dropped_tokens: int
+
+
 ChatEvent = ReasoningDelta | AnswerDelta | ToolCall | Done
 
 

@@ -28,8 +28,19 @@ def add_model_argument(p: argparse.ArgumentParser, required_for: str = "") -> No
                         f"(default: {DEFAULT_MODEL})" + required_for)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_effort_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reasoning-effort", "-e", choices=EFFORTS, default=None,
+    p.add_argument("--reasoning-effort", "--effort", "-e", choices=EFFORTS, default=None,
                    help="reasoning effort written into the system message (default: medium)")
 
 
@@ -38,18 +49,27 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     add_model_argument(p)
     add_effort_argument(p)
     p.add_argument("--system", help="instructions for the model (the developer message)")
-    p.add_argument("--max-context", type=int, default=None,
-                   help=f"context length to plan memory for and to allow (default: {DEFAULT_CONTEXT})")
+    p.add_argument("--max-context", type=positive_int, default=None, metavar="TOKENS",
+                   help="context length to plan memory for and to allow (default: "
+                        f"{DEFAULT_CONTEXT}; at most the model's max_position_embeddings)")
+    p.add_argument("--context-overflow", choices=["truncate", "error"], default=None,
+                   help="when the conversation outgrows the context: drop the oldest turns with "
+                        "a notice (truncate, the default) or stop with an error")
     p.add_argument("--dense-bits", type=int, choices=[8, 4], default=None,
                    help="quantize attention, router and embeddings at load (saves memory)")
     p.add_argument("--no-memory-check", action="store_true",
                    help="load even if the memory estimate says it will not fit")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=None, help="cap on tokens per reply")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature; 0 always takes the likeliest token (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens this probable (default 1.0: all)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample from the k likeliest tokens (default 0: no limit)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than this fraction of the likeliest (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable replies")
+    p.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="cap on tokens per reply (reasoning included)")
     tools = p.add_argument_group("tools")
     tools.add_argument("--tools", default="", metavar="python,browser",
                        help="built-in tools to enable: python (sandboxed code), browser (search needs EXA_API_KEY)")
@@ -99,6 +119,17 @@ def decline_when_piped(code: str) -> bool:
     return False
 
 
+def planned_context(max_context: int | None, config: ModelConfig, config_file) -> int:
+    """--max-context, checked against the model's positions; by default DEFAULT_CONTEXT."""
+    limit = config.max_position_embeddings
+    if max_context is None:
+        return min(DEFAULT_CONTEXT, limit)
+    if max_context > limit:
+        raise CLIError(f"--max-context {max_context} is more than this model's {limit} positions "
+                       f"(max_position_embeddings in {config_file}); use at most {limit}")
+    return max_context
+
+
 def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
     """Check memory, load the model, and make a Chat, turning failures into CLIErrors."""
     try:
@@ -107,15 +138,18 @@ def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
         directory = resolve_checkpoint(args.model)
         _, weights_dir = find_layout(directory)
         config = ModelConfig.from_file(weights_dir / "config.json")
-        context = min(args.max_context or DEFAULT_CONTEXT, config.max_position_embeddings)
+        context = planned_context(args.max_context, config, weights_dir / "config.json")
         if not args.no_memory_check:
             check_fits(config, context, args.dense_bits)
         t0 = time.perf_counter()
         print(f"Loading {directory} ...", file=out, flush=True)
         model, tokenizer = load(directory, dense_bits=args.dense_bits)
         print(f"Loaded in {time.perf_counter() - t0:.1f}s.", file=out, flush=True)
+        options = toolbox.chat_options() if toolbox else {}
+        if args.context_overflow:  # otherwise Chat's default: truncate
+            options["context_overflow"] = args.context_overflow
         return Chat(model, tokenizer, instructions=getattr(args, "system", None),
                     reasoning_effort=args.reasoning_effort or "medium", sampling=sampling,
-                    max_context=context, **(toolbox.chat_options() if toolbox else {}))
+                    max_context=context, **options)
     except (CheckpointError, ConfigError, TokenizerError, MemoryPlanError, ValueError) as e:
         raise CLIError(str(e)) from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..chat import AnswerDelta, Done, ReasoningDelta, ToolCall
+from ..chat import AnswerDelta, ContextTrimmed, Done, ReasoningDelta, ToolCall
 from ..generate import ContextLengthError
 from ..tools import ToolResult, run_with_tools
 from . import common
@@ -49,6 +49,11 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
         elif isinstance(event, ToolResult):
             text = event.content if len(event.content) <= 2000 else event.content[:2000] + " …"
             reasoning_out.write(f"[result ← {event.name}] {text.strip()}\n\n")
+            reasoning_out.flush()
+        elif isinstance(event, ContextTrimmed):
+            end_reasoning("\n")
+            reasoning_out.write(f"[context full: dropped the {event.dropped_messages} oldest "
+                                f"messages ({event.dropped_tokens} tokens) to make room]\n")
             reasoning_out.flush()
         elif isinstance(event, Done):
             done = event
