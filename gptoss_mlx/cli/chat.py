@@ -52,7 +52,8 @@ def cmd_chat(args) -> int:
         question = sys.stdin.read().strip()
         if not question:
             raise CLIError("no question on standard input")
-        return answer_once(args, question, decline_when_piped, not args.hide_reasoning, dim=False)
+        answer_once(args, question, decline_when_piped, not args.hide_reasoning, dim=False)
+        return 0
     store = ConversationStore()
     chat_id = resumed_id(store, args.resume) if args.resume is not None else None
     toolbox = make_toolbox(args, ask_on_terminal)
