@@ -105,18 +105,23 @@ def test_real_program_json_strict_from_stdin(tmp_path, tokenizer_json):
     assert "cut off by --max-tokens" in proc.stderr and STATS.search(proc.stderr)
 
 
-def subcommands():
-    parser = build_parser()
-    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return sub.choices
+def subcommands(parser=None, prefix=""):
+    """Every subcommand's parser by its full name ("models pull"), nested ones included."""
+    parser = parser or build_parser()
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found[prefix + name] = sub
+                found |= subcommands(sub, prefix + name + " ")
+    return found
 
 
 @pytest.mark.parametrize("name", sorted(subcommands()))
 def test_every_subcommand_and_flag_has_help(name):
     p = subcommands()[name]
     assert p.description, f"{name} --help has no description"
-    missing = [a.option_strings or a.dest for a in p._actions
-               if a.help in (None, "") and a.help != argparse.SUPPRESS]
+    missing = [a.option_strings or a.dest for a in p._actions if not a.help]
     assert not missing, f"{name}: no help for {missing}"
 
 

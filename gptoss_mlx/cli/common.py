@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from ..chat import Chat
 from ..config import ConfigError, ModelConfig
 from ..generate import SamplingParams
 from ..harmony import EFFORTS
+from ..hub import check_free_disk, fetch_config
 from ..loading import DEFAULT_MODEL, CheckpointError, find_layout, load, resolve_checkpoint
-from ..memory import DEFAULT_CONTEXT, MemoryPlanError, check_fits
+from ..memory import DEFAULT_CONTEXT, MemoryPlanError, check_fits, checkpoint_dense_bits
 from ..tokenizer import TokenizerError
 from ..tools import Browser, PythonSandbox, SandboxLimits, ToolError, Toolbox, load_functions
 
@@ -44,21 +46,26 @@ def add_effort_argument(p: argparse.ArgumentParser) -> None:
                    help="reasoning effort written into the system message (default: medium)")
 
 
+def add_plan_options(p: argparse.ArgumentParser) -> None:
+    """What the memory plan depends on: context length and dense-layer bits."""
+    p.add_argument("--max-context", type=positive_int, default=None, metavar="TOKENS",
+                   help="context length to plan memory for and to allow (default: "
+                        f"{DEFAULT_CONTEXT}; at most the model's max_position_embeddings)")
+    p.add_argument("--dense-bits", type=int, choices=[8, 4], default=None,
+                   help="quantize attention, router and embeddings at load (saves memory)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="load even if the memory estimate says it will not fit")
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """The options of every subcommand that runs the model: chat, generate, tui."""
     add_model_argument(p)
     add_effort_argument(p)
     p.add_argument("--system", help="instructions for the model (the developer message)")
-    p.add_argument("--max-context", type=positive_int, default=None, metavar="TOKENS",
-                   help="context length to plan memory for and to allow (default: "
-                        f"{DEFAULT_CONTEXT}; at most the model's max_position_embeddings)")
     p.add_argument("--context-overflow", choices=["truncate", "error"], default=None,
                    help="when the conversation outgrows the context: drop the oldest turns with "
                         "a notice (truncate, the default) or stop with an error")
-    p.add_argument("--dense-bits", type=int, choices=[8, 4], default=None,
-                   help="quantize attention, router and embeddings at load (saves memory)")
-    p.add_argument("--no-memory-check", action="store_true",
-                   help="load even if the memory estimate says it will not fit")
+    add_plan_options(p)
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature; 0 always takes the likeliest token (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0,
@@ -130,17 +137,34 @@ def planned_context(max_context: int | None, config: ModelConfig, config_file) -
     return max_context
 
 
+def prepare(args) -> tuple[Path, int]:
+    """(checkpoint directory, context). The config comes first (a repo's config.json alone),
+    so --max-context and the memory plan are checked before any weights are downloaded."""
+    source = args.model or DEFAULT_MODEL
+    try:
+        if Path(source).expanduser().exists():
+            directory = resolve_checkpoint(source)
+            config_file = find_layout(directory)[1] / "config.json"
+        else:
+            directory, config_file = None, fetch_config(source)
+        config = ModelConfig.from_file(config_file)
+        context = planned_context(args.max_context, config, config_file)
+        if not args.no_memory_check:
+            check_fits(config, context, checkpoint_dense_bits(config, args.dense_bits))
+        if directory is None:
+            check_free_disk(source)
+            directory = resolve_checkpoint(source)  # the weights: progress bars, resumable
+        return directory, context
+    except (CheckpointError, ConfigError, MemoryPlanError) as e:
+        raise CLIError(str(e)) from None
+
+
 def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
-    """Check memory, load the model, and make a Chat, turning failures into CLIErrors."""
+    """Plan, load the model, and make a Chat, turning failures into CLIErrors."""
     try:
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p,
                                   args.seed, args.max_tokens)
-        directory = resolve_checkpoint(args.model)
-        _, weights_dir = find_layout(directory)
-        config = ModelConfig.from_file(weights_dir / "config.json")
-        context = planned_context(args.max_context, config, weights_dir / "config.json")
-        if not args.no_memory_check:
-            check_fits(config, context, args.dense_bits)
+        directory, context = prepare(args)
         t0 = time.perf_counter()
         print(f"Loading {directory} ...", file=out, flush=True)
         model, tokenizer = load(directory, dense_bits=args.dense_bits)
