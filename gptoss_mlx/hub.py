@@ -109,7 +109,7 @@ def cached_models() -> tuple[list[CachedModel], int]:
             try:
                 layout, _ = find_layout(rev.snapshot_path)
             except CheckpointError as e:
-                layout = f"incomplete: {e}"
+                layout = "incomplete: " + str(e).removeprefix(f"{rev.snapshot_path}: ")
             revisions.append(CachedModel(repo.repo_id, rev.commit_hash, tuple(sorted(rev.refs)),
                                          rev.size_on_disk, rev.snapshot_path, layout, config))
         found += revisions

@@ -100,6 +100,7 @@ def test_generate_plans_memory_from_config_before_fetching_weights(cache, monkey
 
 
 @pytest.mark.parametrize("argv", [["models", "pull", "openai/gpt-oss-20b"],
+                                  ["models", "pull", "openai/gpt-oss-120b", "--no-memory-check"],
                                   ["generate", "-p", "hi"],
                                   ["chat", "--model", "nobody/missing"]])
 def test_offline_without_the_model_is_one_clear_line(cache, argv):

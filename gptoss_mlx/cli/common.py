@@ -12,7 +12,9 @@ from ..config import ConfigError, ModelConfig
 from ..generate import SamplingParams
 from ..harmony import EFFORTS
 from ..hub import check_free_disk, fetch_config
-from ..loading import DEFAULT_MODEL, CheckpointError, find_layout, load, resolve_checkpoint
+from ..loading import (
+    DEFAULT_MODEL, CheckpointError, find_layout, load, not_downloaded, offline, resolve_checkpoint,
+)
 from ..memory import DEFAULT_CONTEXT, MemoryPlanError, check_fits, checkpoint_dense_bits
 from ..tokenizer import TokenizerError
 from ..tools import Browser, PythonSandbox, SandboxLimits, ToolError, Toolbox, load_functions
@@ -154,9 +156,20 @@ def prepare(args) -> tuple[Path, int]:
         if directory is None:
             check_free_disk(source)
             directory = resolve_checkpoint(source)  # the weights: progress bars, resumable
+            weights_present(source, directory)
         return directory, context
     except (CheckpointError, ConfigError, MemoryPlanError) as e:
         raise CLIError(str(e)) from None
+
+
+def weights_present(repo_id: str, directory: Path) -> None:
+    """Offline, the cache may hold a repo's config.json and no weights (a refused pull)."""
+    try:
+        find_layout(directory)
+    except CheckpointError:
+        if offline():
+            raise CheckpointError(not_downloaded(repo_id)) from None
+        raise
 
 
 def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
