@@ -73,6 +73,15 @@ def test_arrow_keys_multiline_history_across_sessions_and_ctrl_r(tmp_path):
             read(">>> ")
 
 
+def test_unwritable_history_file_still_edits(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with create_pipe_input() as keys:
+        read = line_reader(blocker / "input-history", keys, DummyOutput())
+        keys.send_text(f"ok{LEFT}!\r")
+        assert read(">>> ") == "o!k"
+
+
 def test_read_message_line_by_line(tmp_path):
     repl = cli_chat.Repl(None, ConversationStore(tmp_path), reading(["one \\", "two", '"""three', 'four"""']))
     assert repl.read_message() == "one \ntwo"
@@ -142,6 +151,15 @@ def test_resume_of_a_bad_file_fails_before_loading_the_model(store, monkeypatch,
     assert "nope.json" in capsys.readouterr().err
 
 
+def test_a_loaded_chat_is_saved_on_exit_where_it_says(tok, store, monkeypatch):
+    first = scripted_chat(tok, "Four.")
+    list(first.send("2+2?"))
+    path = store.save_as(first, store.root.parent / "elsewhere.json", "Elsewhere")
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "unused"), [f"/load {path}"])
+    (saved_path,) = store.root.glob("*.json")
+    assert f"Saved to {saved_path}" in out
+
+
 def test_load_of_a_bad_file_keeps_the_conversation(tok, store, tmp_path, monkeypatch):
     bad = tmp_path / "bad.json"
     bad.write_bytes(b'{"messages": [], "updated": "soon"}')
@@ -173,6 +191,7 @@ def test_load_by_path_continues_in_the_store(tok, store, tmp_path, monkeypatch):
     status, out = run_chat(monkeypatch, chat, [f"/load {path}", "times 2?"])
     assert f"loaded 3 messages from {path}" in out
     assert path.read_text() == before  # replies go to the store, not over the loaded file
+    assert run_chat(monkeypatch, chat, [f"/save {tmp_path}"])[1].count("is a directory") == 1
     (data,) = saved(store).values()
     assert data["title"] == "Elsewhere" and data["messages"][-1]["content"] == "Eight."
 

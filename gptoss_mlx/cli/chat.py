@@ -118,6 +118,7 @@ class Repl:
                 continue
             self.turn(text)
         if self.chat.messages:
+            self.autosave()  # a loaded chat without a new reply is saved here
             self.say(f"Saved to {self.store.path(self.chat_id)}\n"
                      f"Continue with: gptoss-mlx chat --resume {self.chat_id}")
         return 0
@@ -241,6 +242,9 @@ class Repl:
             self.say("usage: /save PATH")
             return
         path = Path(arg).expanduser()
+        if path.is_dir():
+            self.say(f"not saved: {path} is a directory")
+            return
         try:
             if path.exists():
                 answer = self.read(f"{path} exists. Overwrite it? [y/N] ")

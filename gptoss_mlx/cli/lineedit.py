@@ -18,7 +18,7 @@ from typing import Callable
 from prompt_toolkit import PromptSession
 from prompt_toolkit.enums import DEFAULT_BUFFER
 from prompt_toolkit.filters import has_focus
-from prompt_toolkit.history import FileHistory
+from prompt_toolkit.history import FileHistory, InMemoryHistory
 from prompt_toolkit.input import Input
 from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.output import Output
@@ -56,7 +56,12 @@ def line_reader(history_file: Path, input: Input | None = None,
                 output: Output | None = None) -> Callable[[str], str]:
     """``read(prompt) -> message``: EOFError on Ctrl-D at an empty prompt, KeyboardInterrupt on
     Ctrl-C, like ``input``. Messages are added to ``history_file`` as they are sent."""
-    history_file.parent.mkdir(parents=True, exist_ok=True)
-    session = PromptSession(history=FileHistory(str(history_file)), key_bindings=_keys(),
+    try:
+        history_file.parent.mkdir(parents=True, exist_ok=True)
+        history_file.touch()
+        history = FileHistory(str(history_file))
+    except OSError:  # an unwritable data directory: the chat still works, without old history
+        history = InMemoryHistory()
+    session = PromptSession(history=history, key_bindings=_keys(),
                             prompt_continuation="... ", input=input, output=output)
     return lambda prompt: session.prompt(prompt)
