@@ -123,7 +123,7 @@ def test_saves_after_every_reply_says_where_and_resume_continues(tok, store, mon
     monkeypatch.setattr(ConversationStore, "save", lambda self, *a: counting_save(*a))
     status, out = run_chat(monkeypatch, chat, ["2+2?", "times 2?"])
     monkeypatch.undo()
-    assert status == 0 and counts == [1, 2]
+    assert status == 0 and counts == [1, 2, 2]  # after each reply, and at the exit
     ((chat_id, data),) = saved(store).items()
     assert data["title"] == "2+2?" and data["messages"][-1]["content"] == "Eight."
     assert f"Saved to {store.root / chat_id}.json" in out
@@ -180,6 +180,8 @@ def test_save_asks_before_overwriting(tok, store, tmp_path, monkeypatch):
     assert "not saved" in out and target.read_text() == "keep me"
     status, out = run_chat(monkeypatch, chat, [f"/save {target}", "y"])
     assert f"saved to {target}" in out and json.loads(target.read_text())["messages"]
+    status, out = run_chat(monkeypatch, chat, [f"/save {tmp_path}"])
+    assert f"not saved: {tmp_path} is a directory" in out
 
 
 def test_load_by_path_continues_in_the_store(tok, store, tmp_path, monkeypatch):
@@ -191,7 +193,6 @@ def test_load_by_path_continues_in_the_store(tok, store, tmp_path, monkeypatch):
     status, out = run_chat(monkeypatch, chat, [f"/load {path}", "times 2?"])
     assert f"loaded 3 messages from {path}" in out
     assert path.read_text() == before  # replies go to the store, not over the loaded file
-    assert run_chat(monkeypatch, chat, [f"/save {tmp_path}"])[1].count("is a directory") == 1
     (data,) = saved(store).values()
     assert data["title"] == "Elsewhere" and data["messages"][-1]["content"] == "Eight."
 
