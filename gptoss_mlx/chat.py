@@ -28,7 +28,7 @@ from typing import Iterator
 
 from . import harmony
 from .engine_thread import engine_thread
-from .generate import ContextLengthError, Engine, SamplingParams, Stats
+from .generate import ContextLengthError, Engine, NonFiniteLogitsError, SamplingParams, Stats
 from .harmony import ContentDelta, DeveloperContent, Message, MessageEnd, MessageStart
 
 
@@ -182,7 +182,8 @@ class Chat:
     # -- turns
     def send(self, text: str) -> Iterator[ChatEvent]:
         """Add a user message and stream the reply. If it does not fit the context
-        (ContextLengthError), the message is taken back out: the chat goes on as before."""
+        (ContextLengthError) or the model computes NaNs (NonFiniteLogitsError), the message is taken
+        back out: the chat goes on as before."""
         return engine_thread().stream(self._send(text))
 
     def _send(self, text: str) -> Iterator[ChatEvent]:
@@ -190,7 +191,7 @@ class Chat:
         self.messages.append(message)
         try:
             yield from self.reply()
-        except ContextLengthError:
+        except (ContextLengthError, NonFiniteLogitsError):  # nothing was generated
             if self.messages and self.messages[-1] is message:
                 self.messages.pop()
             raise

@@ -84,24 +84,29 @@ def _download(repo_id: str) -> Path:
         )
     except ImportError as e:  # pragma: no cover - a dependency
         raise CheckpointError(f"huggingface-hub is needed to download {repo_id}: {e}") from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
         # Progress bars and resuming come from huggingface-hub; the cache is reused.
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS,
-                                      ignore_patterns=HUB_IGNORE, local_files_only=offline))
+                                      ignore_patterns=HUB_IGNORE, local_files_only=offline()))
     except RepositoryNotFoundError:
         raise CheckpointError(f"{repo_id}: no such model on the Hugging Face Hub") from None
     except GatedRepoError:
         raise CheckpointError(f"{repo_id}: gated; log in with `hf auth login` first") from None
     except LocalEntryNotFoundError:
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
-        raise CheckpointError(
-            f"{repo_id} is not in the local Hugging Face cache and {why}. Download it on a "
-            f"connected machine (`hf download {repo_id} --exclude 'original/*' 'metal/*'`) or "
-            "pass a local checkpoint directory."
-        ) from None
+        raise CheckpointError(not_downloaded(repo_id)) from None
     except OSError as e:
         raise CheckpointError(f"{repo_id}: download failed ({e}); run again to resume") from None
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def not_downloaded(repo_id: str) -> str:
+    """One line for a repo that is not in the cache while the Hub cannot be used."""
+    why = "HF_HUB_OFFLINE is set" if offline() else "the Hub cannot be reached"
+    return (f"{repo_id} is not downloaded and {why}: run `gptoss-mlx models pull {repo_id}` "
+            "when online, or pass --model with a local checkpoint directory")
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:

@@ -66,6 +66,11 @@ def weight_bytes(config: ModelConfig, dense_bits: int | None = None) -> float:
     return config.num_hidden_layers * per_layer + embed + D * 4
 
 
+def checkpoint_dense_bits(config: ModelConfig, dense_bits: int | None = None) -> int | None:
+    """--dense-bits if given, else the bits a converted checkpoint stores its dense layers in."""
+    return dense_bits or (config.quantization or {}).get("bits")
+
+
 def kv_cache_bytes(config: ModelConfig, context: int, bytes_per_value: int = 2) -> float:
     per_token = 2 * config.num_key_value_heads * config.head_dim * bytes_per_value  # K and V
     total = 0

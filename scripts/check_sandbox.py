@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gptoss_mlx.tools.python_tool import PythonSandbox  # noqa: E402
-from gptoss_mlx.tools.sandbox import SandboxLimits, python_paths, sandbox_env  # noqa: E402
+from gptoss_mlx.tools.python_tool import PythonSandbox
+from gptoss_mlx.tools.sandbox import SandboxLimits, python_paths, sandbox_env
 
 SECRET = "gptoss-canary-secret-4f1d"
 

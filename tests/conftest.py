@@ -45,14 +45,16 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer_json():
     if not TOKENIZER_JSON.exists():
-        pytest.skip(f"real tokenizer files not found in {SHARED_DATA} (../shared/data)")
+        pytest.skip(f"real tokenizer not found: {TOKENIZER_JSON.name} in {SHARED_DATA} "
+                    "(set GPTOSS_MLX_SHARED; README, Tests)")
     return TOKENIZER_JSON
 
 
 @pytest.fixture(scope="session")
 def tiktoken_file():
     if not TIKTOKEN_FILE.exists():
-        pytest.skip(f"o200k_base.tiktoken not found in {SHARED_DATA} (../shared/data)")
+        pytest.skip(f"o200k_base.tiktoken not found in {SHARED_DATA} "
+                    "(set GPTOSS_MLX_SHARED; README, Tests)")
     return TIKTOKEN_FILE
 
 
@@ -67,3 +69,20 @@ def os_sandbox():
         if os.environ.get("GPTOSS_MLX_REQUIRE_TOOLCHAIN") == "1":
             pytest.fail(f"{problem}, and GPTOSS_MLX_REQUIRE_TOOLCHAIN=1")
         pytest.skip(problem)
+
+
+def _tokenizer_status() -> str:
+    found = "found" if TOKENIZER_JSON.exists() else "MISSING, the tests that need it skip"
+    return f"real tokenizer ({TOKENIZER_JSON}): {found}"
+
+
+def pytest_report_header(config):
+    return [_tokenizer_status()]
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = len(terminalreporter.stats.get("skipped", []))
+    if skipped:
+        terminalreporter.write_line(f"{skipped} tests skipped; the short test summary names what "
+                                    f"each needs. {_tokenizer_status()}. README, Tests, says how "
+                                    "to run them all.")

@@ -13,15 +13,13 @@ import argparse
 import importlib.util
 import sys
 from collections import Counter
-from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import TOKENIZER_JSON  # noqa: E402
-from harmony_shapes import account, harmony_sequences  # noqa: E402
+from conftest import TOKENIZER_JSON  # run as a script: its folder, tests/, is on sys.path
+from harmony_shapes import account, harmony_sequences
 
-from gptoss_mlx.tokenizer import load_tokenizer  # noqa: E402
+from gptoss_mlx.tokenizer import load_tokenizer
 
 
 def load_parser(path: str | None):

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptoss_mlx.cli.chat import Repl
+from gptoss_mlx.store import ConversationStore
 from gptoss_mlx.chat import (
     AnswerDelta, Chat, ChatFileError, ContextTrimmed, Done, ReasoningDelta, ToolCall, trimmed_histories,
 )
@@ -103,12 +104,12 @@ def test_load_errors(chat, tmp_path):
         chat.load(tmp_path / "missing.json")
 
 
-def test_repl_commands(chat, tmp_path, monkeypatch):
+def test_repl_commands(chat, tmp_path):
     lines = iter(["/effort high", "/reasoning hide", "2+2?", "/stats", f"/save {tmp_path}/s.json",
                   "/reset", f"/load {tmp_path}/s.json", "/bogus", '"""multi', 'line"""', "/exit"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     out = io.StringIO()
-    assert Repl(chat, out=out).run() == 0
+    store = ConversationStore(tmp_path / "data")
+    assert Repl(chat, store, lambda prompt="": next(lines), out=out).run() == 0
     text = out.getvalue()
     assert "reasoning effort: high" in text and "Add them." not in text
     assert "\n4\n" in text and "prompt tokens" in text

@@ -177,5 +177,5 @@ def test_invalid_config(broken):
 def test_offline_repo_id_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache.*HF_HUB_OFFLINE"):
+    with pytest.raises(CheckpointError, match="not downloaded and HF_HUB_OFFLINE is set.*models pull"):
         gptoss_mlx.load("openai/gpt-oss-20b")

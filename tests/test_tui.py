@@ -424,14 +424,13 @@ async def test_follow_ups_with_the_same_effort_on_a_tiny_real_model(tiny_checkpo
 QUIT_MID_REPLY = """
 import asyncio, sys
 from pathlib import Path
-sys.path.insert(0, sys.argv[2])
 from test_tui import tiny_chat, wait_until
 from gptoss_mlx.tui import ChatApp, ConversationStore
 from gptoss_mlx.tui.app import PromptInput
 
 async def main():
     chat = tiny_chat(sys.argv[1], max_tokens=200000)
-    app = ChatApp(chat, store=ConversationStore(Path(sys.argv[3])))
+    app = ChatApp(chat, store=ConversationStore(Path(sys.argv[2])))
     async with app.run_test(size=(100, 32)) as pilot:
         app.query_one(PromptInput).text = "Write forever"
         await pilot.press("enter")
@@ -446,6 +445,7 @@ asyncio.run(main())
 def test_ctrl_q_during_a_reply_exits_cleanly(tiny_checkpoint, tmp_path):
     """Quitting mid-reply stops the reply at its next token; the process ends with status 0
     (it used to abort: "terminate called without an active exception", exit 134)."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -453,8 +453,9 @@ def test_ctrl_q_during_a_reply_exits_cleanly(tiny_checkpoint, tmp_path):
     script = tmp_path / "quit.py"
     script.write_text(QUIT_MID_REPLY)
     tests = Path(__file__).parent
-    proc = subprocess.run([sys.executable, str(script), str(tiny_checkpoint), str(tests), str(tmp_path / "data")],
-                          capture_output=True, text=True, timeout=120, cwd=tests)
+    env = {**os.environ, "PYTHONPATH": str(tests)}  # the script imports test_tui's helpers
+    proc = subprocess.run([sys.executable, str(script), str(tiny_checkpoint), str(tmp_path / "data")],
+                          capture_output=True, text=True, timeout=120, cwd=tests, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "quit after" in proc.stdout and "terminate" not in proc.stderr
     generated = int(proc.stdout.split("quit after ")[1].split()[0])

@@ -1,36 +1,49 @@
-"""``gptoss-mlx chat``: the terminal chat (a REPL), or one answer when standard input is piped."""
+"""``gptoss-mlx chat``: the terminal chat (a REPL with line editing, saved after every reply),
+or one answer when standard input is piped."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Callable
 
-from ..chat import ChatFileError
-from ..generate import ContextLengthError
+from ..chat import Chat, ChatFileError
+from ..generate import ContextLengthError, NonFiniteLogitsError
 from ..harmony import EFFORTS
+from ..store import ConversationStore, check_chat_file, title_for
 from . import common
 from .common import (
     RESET, CLIError, add_model_options, ask_on_terminal, decline_when_piped, make_toolbox,
 )
+from .lineedit import is_unfinished, line_reader
 from .stream import answer_once, print_events, replies
 
-HELP = """Commands:
-  /effort low|medium|high   reasoning effort from the next reply
+HELP = f"""Commands:
+  /effort {'|'.join(EFFORTS)}   reasoning effort from the next reply
   /reasoning show|hide      show or hide the chain of thought
   /system TEXT              set the instructions (empty: remove them)
   /reset                    start a new conversation
-  /save PATH, /load PATH    save or load the conversation (JSON)
+  /chats                    the saved conversations, newest first
+  /load ID|PATH             continue a saved conversation
+  /save PATH                save a copy (asks before overwriting)
   /stats                    statistics of the last reply
   /help, /exit
-Multi-line input: end a line with \\ to continue it, or wrap the text in triple quotes.
+Editing: arrow keys, Ctrl-R searches earlier messages (also from earlier sessions).
+Multi-line input: Alt-Enter (Esc Enter) starts a new line; so does Enter after a line ending
+in \\ or inside triple quotes. Every reply is saved; `gptoss-mlx chat --resume` continues.
 Ctrl-C stops the reply (the conversation stays); Ctrl-D or /exit quits."""
 
 
 def register(sub) -> None:
     p = sub.add_parser("chat", help="chat in the terminal (reads standard input when piped)",
-                       description="Chat with gpt-oss. Piped input is answered once: the answer "
-                                   "goes to standard output, the reasoning to standard error.")
+                       description="Chat with gpt-oss, with line editing and history; the "
+                                   "conversation is saved after every reply. Piped input is "
+                                   "answered once: the answer goes to standard output, the "
+                                   "reasoning to standard error.")
     add_model_options(p)
     p.add_argument("--hide-reasoning", action="store_true", help="do not show the chain of thought")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="ID",
+                   help="continue a saved conversation (no ID: the latest); /chats lists them")
     p.set_defaults(func=cmd_chat)
 
 
@@ -39,20 +52,48 @@ def cmd_chat(args) -> int:
         question = sys.stdin.read().strip()
         if not question:
             raise CLIError("no question on standard input")
-        return answer_once(args, question, decline_when_piped, not args.hide_reasoning, dim=False)
+        answer_once(args, question, decline_when_piped, not args.hide_reasoning, dim=False)
+        return 0
+    store = ConversationStore()
+    chat_id = resumed_id(store, args.resume) if args.resume is not None else None
     toolbox = make_toolbox(args, ask_on_terminal)
     chat = common.load_chat(args, toolbox=toolbox)
     try:
-        return Repl(chat, show_reasoning=not args.hide_reasoning, toolbox=toolbox).run()
+        repl = Repl(chat, store, line_reader(store.history_file),
+                    show_reasoning=not args.hide_reasoning, toolbox=toolbox)
+        if chat_id:
+            repl.open(chat_id)
+            if args.reasoning_effort:  # flags given with --resume win over the saved ones
+                chat.reasoning_effort = args.reasoning_effort
+            if args.system is not None:
+                chat.instructions = args.system
+        return repl.run()
     finally:
         if toolbox:
             toolbox.close()
 
 
+def resumed_id(store: ConversationStore, chat_id: str) -> str:
+    """The chat --resume names (the latest if none), checked before the model loads."""
+    chat_id = chat_id or store.latest()
+    if not chat_id:
+        raise CLIError(f"no saved conversations to resume in {store.root}")
+    try:
+        check_chat_file(store.path(chat_id))
+    except ChatFileError as e:
+        raise CLIError(str(e)) from None
+    return chat_id
+
+
 class Repl:
-    def __init__(self, chat, show_reasoning: bool = True, out=sys.stdout, toolbox=None):
-        self.chat, self.show_reasoning, self.out = chat, show_reasoning, out
-        self.toolbox = toolbox
+    """The terminal chat. ``read(prompt) -> str`` reads one message (``input`` works; the
+    terminal uses :func:`line_reader`); the conversation is saved in ``store`` after each reply."""
+
+    def __init__(self, chat: Chat, store: ConversationStore, read: Callable[[str], str],
+                 show_reasoning: bool = True, out=None, toolbox=None):
+        self.chat, self.store, self.read = chat, store, read
+        self.show_reasoning, self.out, self.toolbox = show_reasoning, out or sys.stdout, toolbox
+        self.chat_id, self.title = store.new_id(), None
         self.last_stats = None
 
     def say(self, text: str) -> None:
@@ -65,7 +106,7 @@ class Repl:
                 text = self.read_message()
             except EOFError:
                 self.say("")
-                return 0
+                break
             except KeyboardInterrupt:
                 self.say("")
                 continue
@@ -73,29 +114,32 @@ class Repl:
                 continue
             if text.startswith("/"):
                 if self.command(text.strip()) == "exit":
-                    return 0
+                    break
                 continue
             self.turn(text)
+        if self.chat.messages:
+            self.autosave()  # a loaded chat without a new reply is saved here
+            self.say(f"Saved to {self.store.path(self.chat_id)}\n"
+                     f"Continue with: gptoss-mlx chat --resume {self.chat_id}")
+        return 0
 
     def read_message(self) -> str:
-        first = input(">>> ")
-        if first.strip().startswith('"""'):
-            lines = [first.strip()[3:]]
-            while not lines[-1].rstrip().endswith('"""'):
-                lines.append(input("... "))
-            lines[-1] = lines[-1].rstrip()[:-3]
-            return "\n".join(lines).strip("\n")
-        lines = [first]
-        while lines[-1].endswith("\\"):
-            lines[-1] = lines[-1][:-1]
-            lines.append(input("... "))
-        return "\n".join(lines)
+        """One message; a triple-quoted one loses its quotes. Reading line by line (``input``),
+        a trailing backslash or an open triple quote asks for the next line."""
+        lines = [self.read(">>> ")]
+        while is_unfinished("\n".join(lines)):
+            if lines[-1].endswith("\\"):
+                lines[-1] = lines[-1][:-1]
+            lines.append(self.read("... "))
+        text = "\n".join(lines)
+        if text.strip().startswith('"""'):
+            return text.strip()[3:-3].strip("\n")
+        return text
 
     def turn(self, text: str) -> None:
         events = replies(self.chat, text, self.toolbox)
         try:
-            done = print_events(events, self.show_reasoning, self.out, self.out,
-                           self.out.isatty())
+            done = print_events(events, self.show_reasoning, self.out, self.out, self.out.isatty())
             self.last_stats = done.stats if done else None
             if done and done.finish_reason in ("length", "context"):
                 self.say(f"[reply cut off: {done.finish_reason} limit]")
@@ -103,9 +147,28 @@ class Repl:
             events.close()  # keeps the partial answer in the history now, not at GC time
             self.say(RESET + "\n[stopped]")
             self.last_stats = self.chat.engine.stats
-        except ContextLengthError as e:
-            self.chat.messages.pop()  # the user message that did not fit
+        except (ContextLengthError, NonFiniteLogitsError) as e:  # the chat took its message back
             self.say(f"error: {e}")
+            return
+        self.autosave()
+
+    def autosave(self) -> None:
+        if self.title is None:
+            first = next((m.text for m in self.chat.messages if m.role == "user"), "")
+            self.title = title_for(first)
+        try:
+            self.store.save(self.chat, self.chat_id, self.title)
+        except OSError as e:
+            self.say(f"error: could not save the conversation: {e}")
+
+    def open(self, chat_id: str) -> None:
+        """Continue a saved chat (raises ChatFileError; the current one then stays)."""
+        self.title = self.store.load(self.chat, chat_id)
+        self.chat_id = chat_id
+        shown = [m for m in self.chat.messages if m.role == "user" or m.channel == "final"]
+        self.say(f"Resumed \"{self.title}\" ({len(shown)} messages).")
+        for m in shown[-2:]:
+            self.say(("you: " if m.role == "user" else "gpt-oss: ") + m.text)
 
     def command(self, line: str) -> str | None:
         name, _, arg = line.partition(" ")
@@ -131,24 +194,65 @@ class Repl:
             self.say("instructions set" if arg else "instructions removed")
         elif name == "/reset":
             self.chat.reset()
+            self.chat_id, self.title = self.store.new_id(), None
             self.say("new conversation")
-        elif name in ("/save", "/load"):
-            self._file_command(name, arg)
+        elif name == "/chats":
+            self.list_chats()
+        elif name == "/load":
+            self.load(arg)
+        elif name == "/save":
+            self.save(arg)
         elif name == "/stats":
             self.say(self.last_stats.summary() if self.last_stats else "no reply yet")
         else:
             self.say(f"unknown command {name}; /help lists them")
         return None
 
-    def _file_command(self, name: str, arg: str) -> None:
+    def list_chats(self) -> None:
+        entries = self.store.list()[:20]
+        for e in entries:
+            what = f"{e.messages} messages" if e.messages >= 0 else e.problem
+            self.say(f"  {e.id}  {e.title}  ({what})")
+        self.say("" if entries else f"no saved conversations in {self.store.root}")
+
+    def load(self, arg: str) -> None:
+        """/load ID continues a saved chat; /load PATH continues a copy of a chat file."""
         if not arg:
-            self.say(f"usage: {name} PATH")
+            self.say("usage: /load ID|PATH")
             return
         try:
-            if name == "/save":
-                self.say(f"saved to {self.chat.save(arg)}")
-            else:
-                self.chat.load(arg)
-                self.say(f"loaded {len(self.chat.messages)} messages from {arg}")
-        except (ChatFileError, OSError) as e:
-            self.say(f"error: {e}")
+            if self._is_saved_id(arg):
+                self.open(arg)
+                return
+            self.title = self.store.load_path(self.chat, Path(arg).expanduser())
+            self.chat_id = self.store.new_id()  # replies are saved in the store, not over PATH
+            self.say(f"loaded {len(self.chat.messages)} messages from {arg}")
+        except ChatFileError as e:
+            self.say(f"error: {e}\n(the current conversation stays)")
+
+    def _is_saved_id(self, arg: str) -> bool:
+        try:
+            return self.store.path(arg).is_file()
+        except ChatFileError:  # not an id: a path
+            return False
+
+    def save(self, arg: str) -> None:
+        if not arg:
+            self.say("usage: /save PATH")
+            return
+        path = Path(arg).expanduser()
+        if path.is_dir():
+            self.say(f"not saved: {path} is a directory")
+            return
+        try:
+            if path.exists():
+                answer = self.read(f"{path} exists. Overwrite it? [y/N] ")
+                if answer.strip().lower() not in ("y", "yes"):
+                    self.say("not saved")
+                    return
+            path = self.store.save_as(self.chat, path, self.title or "Chat")
+        except (OSError, EOFError, KeyboardInterrupt) as e:
+            self.say(f"not saved: {e}" if isinstance(e, OSError) else "not saved")
+            return
+        self.say(f"saved to {path}")
+

@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
-from ..chat import Chat
+from ..chat import CONTEXT_OVERFLOW, Chat
 from ..config import ConfigError, ModelConfig
 from ..generate import SamplingParams
 from ..harmony import EFFORTS
-from ..loading import DEFAULT_MODEL, CheckpointError, find_layout, load, resolve_checkpoint
-from ..memory import DEFAULT_CONTEXT, MemoryPlanError, check_fits
+from ..hub import check_free_disk, fetch_config
+from ..loading import (
+    DEFAULT_MODEL, CheckpointError, find_layout, load, not_downloaded, offline, resolve_checkpoint,
+)
+from ..memory import DEFAULT_CONTEXT, MemoryPlanError, check_fits, checkpoint_dense_bits
 from ..tokenizer import TokenizerError
 from ..tools import Browser, PythonSandbox, SandboxLimits, ToolError, Toolbox, load_functions
+from ..tools.approval import render_code_ansi
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
@@ -28,9 +33,31 @@ def add_model_argument(p: argparse.ArgumentParser, required_for: str = "") -> No
                         f"(default: {DEFAULT_MODEL})" + required_for)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_effort_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reasoning-effort", "-e", choices=EFFORTS, default=None,
+    p.add_argument("--reasoning-effort", "--effort", "-e", choices=EFFORTS, default=None,
                    help="reasoning effort written into the system message (default: medium)")
+
+
+def add_plan_options(p: argparse.ArgumentParser) -> None:
+    """What the memory plan depends on: context length and dense-layer bits."""
+    p.add_argument("--max-context", type=positive_int, default=None, metavar="TOKENS",
+                   help="context length to plan memory for and to allow (default: "
+                        f"{DEFAULT_CONTEXT}; at most the model's max_position_embeddings)")
+    p.add_argument("--dense-bits", type=int, choices=[8, 4], default=None,
+                   help="quantize attention, router and embeddings at load (saves memory)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="load even if the memory estimate says it will not fit")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -38,18 +65,21 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     add_model_argument(p)
     add_effort_argument(p)
     p.add_argument("--system", help="instructions for the model (the developer message)")
-    p.add_argument("--max-context", type=int, default=None,
-                   help=f"context length to plan memory for and to allow (default: {DEFAULT_CONTEXT})")
-    p.add_argument("--dense-bits", type=int, choices=[8, 4], default=None,
-                   help="quantize attention, router and embeddings at load (saves memory)")
-    p.add_argument("--no-memory-check", action="store_true",
-                   help="load even if the memory estimate says it will not fit")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=None, help="cap on tokens per reply")
+    p.add_argument("--context-overflow", choices=CONTEXT_OVERFLOW, default=CONTEXT_OVERFLOW[0],
+                   help="when the conversation outgrows the context: drop the oldest turns with "
+                        "a notice (truncate, the default) or stop with an error")
+    add_plan_options(p)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature; 0 always takes the likeliest token (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens this probable (default 1.0: all)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample from the k likeliest tokens (default 0: no limit)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than this fraction of the likeliest (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable replies")
+    p.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="cap on tokens per reply (reasoning included)")
     tools = p.add_argument_group("tools")
     tools.add_argument("--tools", default="", metavar="python,browser",
                        help="built-in tools to enable: python (sandboxed code), browser (search needs EXA_API_KEY)")
@@ -61,6 +91,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     tools.add_argument("--python-stateless", action="store_true",
                        help="a fresh interpreter per code run (default: one session per chat)")
     tools.add_argument("--python-network", action="store_true", help="allow the Python code network access")
+    tools.add_argument("--browser-allow-private", action="store_true",
+                       help="let the browser open loopback, private and link-local addresses "
+                            "(refused by default: a page could steer the model at your network)")
 
 
 def make_toolbox(args, approve=None) -> Toolbox | None:
@@ -78,16 +111,20 @@ def make_toolbox(args, approve=None) -> Toolbox | None:
         return None
     python = None
     if "python" in names:
-        python = PythonSandbox(stateful=not args.python_stateless, limits=SandboxLimits(
-            timeout_s=args.python_timeout, network=args.python_network))
-    return Toolbox(functions=functions, python=python,
-                   browser=Browser() if "browser" in names else None,
+        try:  # no OS sandbox on this machine: refuse, naming what to install
+            python = PythonSandbox(stateful=not args.python_stateless, limits=SandboxLimits(
+                timeout_s=args.python_timeout, network=args.python_network))
+        except ToolError as e:
+            raise CLIError(str(e)) from None
+    browser = Browser(allow_private=args.browser_allow_private) if "browser" in names else None
+    return Toolbox(functions=functions, python=python, browser=browser,
                    approve_code=None if args.auto_approve else approve)
 
 
 def ask_on_terminal(code: str) -> bool:
     """Show the model's code and ask before running it (standard input is the terminal)."""
-    print(f"{DIM}The model wants to run this Python code:{RESET}\n{code}", file=sys.stderr)
+    print(f"{DIM}The model wants to run this Python code:{RESET}\n{render_code_ansi(code)}",
+          file=sys.stderr)
     try:
         return input("Run it? [y/N] ").strip().lower() in ("y", "yes")
     except EOFError:
@@ -99,23 +136,63 @@ def decline_when_piped(code: str) -> bool:
     return False
 
 
+def planned_context(max_context: int | None, config: ModelConfig, config_file) -> int:
+    """--max-context, checked against the model's positions; by default DEFAULT_CONTEXT."""
+    limit = config.max_position_embeddings
+    if max_context is None:
+        return min(DEFAULT_CONTEXT, limit)
+    if max_context > limit:
+        raise CLIError(f"--max-context {max_context} is more than this model's {limit} positions "
+                       f"(max_position_embeddings in {config_file}); use at most {limit}")
+    return max_context
+
+
+def prepare(args) -> tuple[Path, int]:
+    """(checkpoint directory, context). The config comes first (a repo's config.json alone),
+    so --max-context and the memory plan are checked before any weights are downloaded."""
+    source = args.model or DEFAULT_MODEL
+    try:
+        if Path(source).expanduser().exists():
+            directory = resolve_checkpoint(source)
+            config_file = find_layout(directory)[1] / "config.json"
+        else:
+            directory, config_file = None, fetch_config(source)
+        config = ModelConfig.from_file(config_file)
+        context = planned_context(args.max_context, config, config_file)
+        if not args.no_memory_check:
+            check_fits(config, context, checkpoint_dense_bits(config, args.dense_bits))
+        if directory is None:
+            check_free_disk(source)
+            directory = resolve_checkpoint(source)  # the weights: progress bars, resumable
+            weights_present(source, directory)
+        return directory, context
+    except (CheckpointError, ConfigError, MemoryPlanError) as e:
+        raise CLIError(str(e)) from None
+
+
+def weights_present(repo_id: str, directory: Path) -> None:
+    """Offline, the cache may hold a repo's config.json and no weights (a refused pull)."""
+    try:
+        find_layout(directory)
+    except CheckpointError:
+        if offline():
+            raise CheckpointError(not_downloaded(repo_id)) from None
+        raise
+
+
 def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
-    """Check memory, load the model, and make a Chat, turning failures into CLIErrors."""
+    """Plan, load the model, and make a Chat, turning failures into CLIErrors."""
     try:
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p,
                                   args.seed, args.max_tokens)
-        directory = resolve_checkpoint(args.model)
-        _, weights_dir = find_layout(directory)
-        config = ModelConfig.from_file(weights_dir / "config.json")
-        context = min(args.max_context or DEFAULT_CONTEXT, config.max_position_embeddings)
-        if not args.no_memory_check:
-            check_fits(config, context, args.dense_bits)
+        directory, context = prepare(args)
         t0 = time.perf_counter()
         print(f"Loading {directory} ...", file=out, flush=True)
         model, tokenizer = load(directory, dense_bits=args.dense_bits)
         print(f"Loaded in {time.perf_counter() - t0:.1f}s.", file=out, flush=True)
+        options = toolbox.chat_options() if toolbox else {}
         return Chat(model, tokenizer, instructions=getattr(args, "system", None),
                     reasoning_effort=args.reasoning_effort or "medium", sampling=sampling,
-                    max_context=context, **(toolbox.chat_options() if toolbox else {}))
+                    max_context=context, context_overflow=args.context_overflow, **options)
     except (CheckpointError, ConfigError, TokenizerError, MemoryPlanError, ValueError) as e:
         raise CLIError(str(e)) from None

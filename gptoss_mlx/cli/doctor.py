@@ -1,4 +1,4 @@
-"""``gptoss-mlx doctor``: MLX, memory limits, what fits, and kernel status."""
+"""``gptoss-mlx doctor``: MLX, memory limits, what fits, the python sandbox, and kernel status."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import mlx.core as mx
 from ..config import PRESETS
 from ..kernels import registry
 from ..memory import DEFAULT_CONTEXT, GB, device_limit, plan
+from ..tools.sandbox import sandbox_status
 
 
 def register(sub) -> None:
@@ -38,6 +39,7 @@ def cmd_doctor(args) -> int:
                 p = plan(config, ctx, bits, limit)
                 cells.append(f"{('yes ' if p.fits else 'no  ') + f'{p.total / GB:5.1f} GB':>14}")
             print(f"  {name:<14}{ctx:>9}  " + "  ".join(cells))
+    print(f"\nPython tool sandbox: {sandbox_status()}")
     print(f"\nCustom kernels ({registry.ENV_VAR}={registry.mode()}; checked on a small input before use):")
     for name, state, description in registry.status(mx.bfloat16):
         print(f"  {name:<16} {state}\n  {'':<16} {description}")

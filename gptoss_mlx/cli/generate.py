@@ -1,20 +1,63 @@
-"""``gptoss-mlx generate``: answer one prompt and exit."""
+"""``gptoss-mlx generate``: answer one prompt and exit, for scripts."""
 
 from __future__ import annotations
 
+import json
 import sys
 
-from .common import add_model_options, ask_on_terminal, decline_when_piped
-from .stream import answer_once
+from .common import CLIError, add_model_options, ask_on_terminal, decline_when_piped
+from .stream import Outcome, answer_once
+
+CUT = {"length": "--max-tokens", "context": "the context length (--max-context)"}
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="answer one prompt and exit")
+    p = sub.add_parser("generate", help="answer one prompt and exit",
+                       description="Answer one prompt: the answer on standard output; the "
+                                   "reasoning and, at the end, generation statistics on "
+                                   "standard error.")
     add_model_options(p)
-    p.add_argument("--prompt", "-p", required=True, help="the user message")
+    p.add_argument("--prompt", "-p", required=True, help="the user message; - reads standard input")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object instead of streaming: answer, reasoning, tool "
+                        "calls, usage, finish reason")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 when the reply is cut off by --max-tokens or the context")
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args) -> int:
+    prompt = args.prompt
+    if prompt == "-":
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            raise CLIError("-p -: no prompt on standard input")
     approve = ask_on_terminal if sys.stdin.isatty() else decline_when_piped
-    return answer_once(args, args.prompt, approve, show_reasoning=True, dim=sys.stderr.isatty())
+    outcome = answer_once(args, prompt, approve, show_reasoning=True, dim=sys.stderr.isatty(),
+                          quiet=args.json)
+    if args.json:
+        print(json.dumps({"answer": outcome.answer, "reasoning": outcome.reasoning,
+                          "tool_calls": outcome.tool_calls, "usage": outcome.usage(),
+                          "finish_reason": outcome.finish_reason}, ensure_ascii=False))
+    print_stats(outcome)
+    if outcome.finish_reason in CUT:
+        print(f"gptoss-mlx: the reply was cut off by {CUT[outcome.finish_reason]} "
+              f"(finish reason: {outcome.finish_reason})", file=sys.stderr)
+        return 1 if args.strict else 0
+    return 0
+
+
+def print_stats(outcome: Outcome) -> None:
+    """The statistics as ``mlx_lm.generate`` prints them, to standard error."""
+    prefilled = sum(s.prompt_tokens - s.reused_tokens for s in outcome.stats)
+    prefill_s = sum(s.prefill_s for s in outcome.stats)
+    generated = sum(s.generated_tokens for s in outcome.stats)
+    timed = sum(max(s.generated_tokens - 1, 0) for s in outcome.stats)  # the first is in the TTFT
+    decode_s = sum(s.decode_s for s in outcome.stats)
+    peak = max((s.peak_memory_gb for s in outcome.stats), default=0.0)
+    print("=" * 10, file=sys.stderr)
+    print(f"Prompt: {prefilled} tokens, {prefilled / prefill_s if prefill_s else 0:.3f} "
+          "tokens-per-sec", file=sys.stderr)
+    print(f"Generation: {generated} tokens, {timed / decode_s if decode_s else 0:.3f} "
+          "tokens-per-sec", file=sys.stderr)
+    print(f"Peak memory: {peak:.3f} GB", file=sys.stderr)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 
-from ..chat import AnswerDelta, Done, ReasoningDelta, ToolCall
-from ..generate import ContextLengthError
+from ..chat import AnswerDelta, ContextTrimmed, Done, ReasoningDelta, ToolCall
+from ..generate import ContextLengthError, NonFiniteLogitsError, Stats
 from ..tools import ToolResult, run_with_tools
 from . import common
 from .common import DIM, RESET, CLIError, make_toolbox
@@ -50,6 +51,11 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
             text = event.content if len(event.content) <= 2000 else event.content[:2000] + " …"
             reasoning_out.write(f"[result ← {event.name}] {text.strip()}\n\n")
             reasoning_out.flush()
+        elif isinstance(event, ContextTrimmed):
+            end_reasoning("\n")
+            reasoning_out.write(f"[context full: dropped the {event.dropped_messages} oldest "
+                                f"messages ({event.dropped_tokens} tokens) to make room]\n")
+            reasoning_out.flush()
         elif isinstance(event, Done):
             done = event
     end_reasoning("")
@@ -58,15 +64,55 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
     return done
 
 
-def answer_once(args, text: str, approve, show_reasoning: bool, dim: bool) -> int:
-    """Load, answer ``text`` (running tools if asked): the answer to stdout, the rest to stderr."""
+@dataclass
+class Outcome:
+    """What one user turn produced, over every reply of a tool loop."""
+    answer: str = ""
+    reasoning: str = ""
+    tool_calls: list[dict] = field(default_factory=list)
+    stats: list[Stats] = field(default_factory=list)  # one per reply
+    finish_reason: str | None = None
+
+    def record(self, events):
+        """Pass ``events`` through, keeping what they say."""
+        for event in events:
+            if isinstance(event, ReasoningDelta):
+                self.reasoning += event.text
+            elif isinstance(event, AnswerDelta):
+                self.answer += event.text
+            elif isinstance(event, ToolCall):
+                self.tool_calls.append({"name": event.recipient, "arguments": event.arguments})
+            elif isinstance(event, ToolResult) and self.tool_calls:
+                self.tool_calls[-1]["result"] = event.content
+            elif isinstance(event, Done):
+                self.stats.append(event.stats)
+                self.finish_reason = event.finish_reason
+            yield event
+
+    def usage(self) -> dict:
+        prompt = sum(s.prompt_tokens for s in self.stats)
+        completion = sum(s.generated_tokens for s in self.stats)
+        return {"prompt_tokens": prompt, "cached_tokens": sum(s.reused_tokens for s in self.stats),
+                "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def answer_once(args, text: str, approve, show_reasoning: bool, dim: bool,
+                quiet: bool = False) -> Outcome:
+    """Load and answer ``text`` (running tools if asked), streaming the answer to stdout and the
+    rest to stderr unless ``quiet``."""
     toolbox = make_toolbox(args, approve)
     chat = common.load_chat(args, toolbox=toolbox)
+    outcome = Outcome()
     try:
-        print_events(replies(chat, text, toolbox), show_reasoning, sys.stdout, sys.stderr, dim)
-    except ContextLengthError as e:
+        events = outcome.record(replies(chat, text, toolbox))
+        if quiet:
+            for _ in events:
+                pass
+        else:
+            print_events(events, show_reasoning, sys.stdout, sys.stderr, dim)
+    except (ContextLengthError, NonFiniteLogitsError) as e:
         raise CLIError(str(e)) from None
     finally:
         if toolbox:
             toolbox.close()
-    return 0
+    return outcome

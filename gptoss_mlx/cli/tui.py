@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from ..loading import DEFAULT_MODEL, CheckpointError, resolve_checkpoint
+from ..loading import DEFAULT_MODEL
 from . import common
 from .common import add_model_options, make_toolbox
 
@@ -22,11 +22,9 @@ def cmd_tui(args) -> int:
     from ..tui import ChatApp  # Textual loads only for this subcommand
 
     name = args.model or DEFAULT_MODEL
+    # The plan and a download happen here, in the terminal, where the progress bars show.
+    args.model = str(common.prepare(args)[0])
     toolbox = make_toolbox(args)  # the app asks before code runs (unless --auto-approve)
-    try:  # a download happens here, in the terminal, where its progress bars show
-        args.model = str(resolve_checkpoint(args.model))
-    except CheckpointError:
-        pass  # the app's loader raises it again and shows it as a notification
     app = ChatApp(loader=lambda: common.load_chat(args, out=io.StringIO(), toolbox=toolbox),
                   model_name=name.rstrip("/").split("/")[-1], effort=args.reasoning_effort,
                   toolbox=toolbox, ask_before_running_code=not args.auto_approve)

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from ..harmony import PYTHON_DESCRIPTION
+from ..harmony import PYTHON_DESCRIPTION, python_description
 from .sandbox import (LINUX_WORKDIR, WORKER, SandboxLimits, make_policy, require_sandbox,
                       sandbox_env, sandboxed_command)
 
@@ -43,10 +43,9 @@ def description(stateful: bool, limits: SandboxLimits, workdir: str = LINUX_WORK
     a stateless tool, the text of OpenAI's reference tool."""
     network = "enabled" if limits.network else "disabled"
     if stateful:
-        return (PYTHON_DESCRIPTION
-                .replace("120.0 seconds", f"{limits.timeout_s:.1f} seconds")
-                .replace("'/mnt/data'", f"'{workdir}'")
-                .replace("UNKNOWN. Depends on the cluster.", f"{network}."))
+        return python_description(
+            limits.timeout_s, f"The drive at '{workdir}' can be used to save and persist user files.",
+            f"{network}.")
     intro = PYTHON_DESCRIPTION.split("\n\n")[0].replace("execute Python", "execute STATELESS Python")
     return (
         f"{intro}\n\nWhen you send a message containing python code to python, it will be "

@@ -1,0 +1,67 @@
+"""Line editing for the terminal chat, with prompt_toolkit.
+
+Python's ``readline`` is GNU readline only where Python was built against it; on macOS
+(Apple's Python, python.org and uv builds) it is libedit, with its own configuration syntax, its
+own history file format and no editing of a multi-line message. prompt_toolkit gives every
+platform the same editor: arrow keys and Emacs keys, history kept across sessions in a file,
+Ctrl-R reverse search, and one buffer for a multi-line message:
+
+- Enter sends the message; Alt-Enter (Esc then Enter) starts a new line;
+- a line ending in ``\\`` continues on the next line, and so does an open triple quote.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.enums import DEFAULT_BUFFER
+from prompt_toolkit.filters import has_focus
+from prompt_toolkit.history import FileHistory, InMemoryHistory
+from prompt_toolkit.input import Input
+from prompt_toolkit.key_binding import KeyBindings
+from prompt_toolkit.output import Output
+
+
+def is_unfinished(text: str) -> bool:
+    """True when Enter should start a new line: a trailing backslash or an open triple quote."""
+    stripped = text.strip()
+    opened = stripped.startswith('"""') and not (len(stripped) >= 6 and stripped.endswith('"""'))
+    return text.endswith("\\") or opened
+
+
+def _keys() -> KeyBindings:
+    keys = KeyBindings()
+    editing = has_focus(DEFAULT_BUFFER)  # not while Ctrl-R searches
+
+    @keys.add("enter", filter=editing)
+    def _(event) -> None:
+        buffer = event.current_buffer
+        if buffer.document.is_cursor_at_the_end and is_unfinished(buffer.text):
+            if buffer.text.endswith("\\"):
+                buffer.delete_before_cursor(1)
+            buffer.newline(copy_margin=False)
+        else:
+            buffer.validate_and_handle()
+
+    @keys.add("escape", "enter", filter=editing)
+    def _(event) -> None:
+        event.current_buffer.newline(copy_margin=False)
+
+    return keys
+
+
+def line_reader(history_file: Path, input: Input | None = None,
+                output: Output | None = None) -> Callable[[str], str]:
+    """``read(prompt) -> message``: EOFError on Ctrl-D at an empty prompt, KeyboardInterrupt on
+    Ctrl-C, like ``input``. Messages are added to ``history_file`` as they are sent."""
+    try:
+        history_file.parent.mkdir(parents=True, exist_ok=True)
+        history_file.touch()
+        history = FileHistory(str(history_file))
+    except OSError:  # an unwritable data directory: the chat still works, without old history
+        history = InMemoryHistory()
+    session = PromptSession(history=history, key_bindings=_keys(),
+                            prompt_continuation="... ", input=input, output=output)
+    return lambda prompt: session.prompt(prompt)

@@ -1,0 +1,164 @@
+"""``gptoss-mlx models``: the checkpoints in the local Hugging Face cache; pull, remove, convert."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import ConfigError, ModelConfig
+from ..hub import cache_dir, cached_models, remove
+from ..loading import CheckpointError, find_layout, load_model, resolve_checkpoint
+from ..memory import DEFAULT_CONTEXT, GB, AFFINE_GROUP, checkpoint_dense_bits, plan
+from . import common
+from .common import CLIError, add_plan_options
+
+SHARD_BYTES = 4 * 2**30
+COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+          "o200k_base.tiktoken", "generation_config.json", "chat_template.jinja")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("models", help="list, download, remove and convert checkpoints",
+                       description="The gpt-oss checkpoints in the local Hugging Face cache "
+                                   "(HF_HUB_CACHE), and commands to pull, remove and convert them.")
+    models = p.add_subparsers(dest="models_command", metavar="ACTION", required=True,
+                              help="list, pull, rm or convert")
+
+    q = models.add_parser("list", help="the gpt-oss checkpoints in the cache",
+                          description="Repo, revision, size on disk, layout, and whether it "
+                                      f"fits this machine at a {DEFAULT_CONTEXT}-token context.")
+    q.set_defaults(func=cmd_list)
+
+    q = models.add_parser("pull", help="download a checkpoint (checks memory and disk first)",
+                          description="Download a checkpoint into the cache. Its config.json "
+                                      "comes first: the memory plan and the free disk space "
+                                      "are checked before the weights are fetched. An "
+                                      "interrupted download resumes.")
+    q.add_argument("repo", help="Hugging Face repo id, e.g. openai/gpt-oss-20b")
+    add_plan_options(q)
+    q.set_defaults(func=cmd_pull)
+
+    q = models.add_parser("rm", help="delete a checkpoint from the cache",
+                          description="Delete every cached revision of a repo.")
+    q.add_argument("repo", help="Hugging Face repo id")
+    q.add_argument("--yes", "-y", action="store_true", help="do not ask before deleting")
+    q.set_defaults(func=cmd_rm)
+
+    q = models.add_parser("convert", help="save a checkpoint with quantized dense layers",
+                          description="Quantize attention, router and embeddings once and save "
+                                      "the result (experts stay MXFP4), so loading it needs "
+                                      "no --dense-bits and less memory while loading.")
+    q.add_argument("src", help="checkpoint directory or Hugging Face repo id")
+    q.add_argument("out", type=Path, help="new directory for the converted checkpoint")
+    q.add_argument("--dense-bits", type=int, choices=[8, 4], required=True,
+                   help="bits of the quantized dense layers")
+    q.set_defaults(func=cmd_convert)
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", GB), ("MB", 1e6)):
+        if n >= 0.1 * scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.1f} kB"
+
+
+def fits(config: ModelConfig) -> str:
+    context = min(DEFAULT_CONTEXT, config.max_position_embeddings)
+    p = plan(config, context, checkpoint_dense_bits(config))
+    return f"{'yes' if p.fits else 'no'} ({p.total / GB:.1f} of {p.limit / GB:.1f} GB)"
+
+
+def cmd_list(args) -> int:
+    models, others = cached_models()
+    if not models:
+        print(f"No gpt-oss checkpoints in {cache_dir()}. Download one with "
+              "`gptoss-mlx models pull openai/gpt-oss-20b`.")
+    else:
+        rows = [("REPO", "REVISION", "SIZE", "LAYOUT", f"FITS AT {DEFAULT_CONTEXT} TOKENS")]
+        for m in models:
+            refs = f" ({', '.join(m.refs)})" if m.refs else ""
+            rows.append((m.repo_id, m.revision[:8] + refs, _size(m.size), m.layout, fits(m.config)))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+        print(f"\nCache: {cache_dir()}")
+    if others:
+        print(f"({others} other model repo{'s' if others > 1 else ''} in the cache not shown)")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    args.model = args.repo
+    directory, context = common.prepare(args)
+    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    config = ModelConfig.from_file(find_layout(directory)[1] / "config.json")
+    print(f"{args.repo} is ready: {directory} ({_size(size)}); fits at {DEFAULT_CONTEXT} tokens: "
+          f"{fits(config)}")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise CLIError(f"pass --yes to delete {args.repo} without a terminal to ask on")
+        if input(f"Delete {args.repo} from {cache_dir()}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("Nothing deleted.")
+            return 0
+    try:
+        freed = remove(args.repo)
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None
+    print(f"Deleted {args.repo} ({_size(freed)} freed).")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    if args.out.exists() and any(args.out.iterdir()):
+        raise CLIError(f"{args.out}: exists and is not empty; choose a new directory")
+    try:
+        directory = resolve_checkpoint(args.src)
+        weights_dir = find_layout(directory)[1]
+        raw = json.loads((weights_dir / "config.json").read_text())
+        if ModelConfig.from_dict(raw).quantization:
+            raise CLIError(f"{args.src}: its dense layers are already quantized")
+        print(f"Loading {directory} and quantizing the dense layers to {args.dense_bits} bits ...",
+              file=sys.stderr, flush=True)
+        model = load_model(directory, dense_bits=args.dense_bits)
+    except (CheckpointError, ConfigError, json.JSONDecodeError) as e:
+        raise CLIError(str(e)) from None
+    raw["quantization"] = {"group_size": AFFINE_GROUP, "bits": args.dense_bits, "mode": "affine"}
+    save_weights(args.out, dict(nn.utils.tree_flatten(model.parameters())))
+    (args.out / "config.json").write_text(json.dumps(raw, indent=2))
+    for name in COPIED:  # an original/ layout keeps its tokenizer one level up
+        for folder in (weights_dir, directory):
+            if (folder / name).is_file():
+                shutil.copy(folder / name, args.out / name)
+                break
+    size = sum(f.stat().st_size for f in args.out.iterdir())
+    print(f"Saved {args.out} ({_size(size)}); load it with --model {args.out}")
+    return 0
+
+
+def save_weights(out: Path, weights: dict[str, mx.array]) -> None:
+    """Our parameter names, in safetensors shards of at most SHARD_BYTES with an index."""
+    out.mkdir(parents=True, exist_ok=True)
+    shards, size = [{}], 0
+    for name, array in weights.items():
+        if shards[-1] and size + array.nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    weight_map = {}
+    for k, shard in enumerate(shards, 1):
+        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(out / file), shard, metadata={"format": "mlx"})
+        weight_map.update(dict.fromkeys(shard, file))
+    index = {"metadata": {"total_size": sum(a.nbytes for a in weights.values())},
+             "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,132 @@
+"""Models in the local Hugging Face cache: what is there, its config before its weights, how much
+a download still needs, and removing one. Downloads themselves go through
+``loading.resolve_checkpoint`` (huggingface-hub's progress bars, resuming and cache)."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import HfApi, hf_hub_download, scan_cache_dir
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import (
+    CacheNotFound, EntryNotFoundError, GatedRepoError, HfHubHTTPError, HFValidationError,
+    LocalEntryNotFoundError, RepositoryNotFoundError,
+)
+
+from .config import ConfigError, ModelConfig
+from .loading import HUB_IGNORE, HUB_PATTERNS, CheckpointError, find_layout, not_downloaded, offline as _offline
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HF_HUB_CACHE") or hub_constants.HF_HUB_CACHE)
+
+
+def fetch_config(repo_id: str) -> Path:
+    """The repo's config.json alone (from the cache, else downloaded): enough to plan memory
+    before any weights are fetched."""
+    try:
+        path = hf_hub_download(repo_id, "config.json", cache_dir=cache_dir(),
+                               local_files_only=_offline())
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{repo_id}: no such model on the Hugging Face Hub") from None
+    except GatedRepoError:
+        raise CheckpointError(f"{repo_id}: gated; log in with `hf auth login` first") from None
+    except (LocalEntryNotFoundError, OSError):  # before EntryNotFoundError, its base; OSError: no connection
+        raise CheckpointError(not_downloaded(repo_id)) from None
+    except EntryNotFoundError:
+        raise CheckpointError(f"{repo_id}: the repo has no config.json; not a gpt-oss model") from None
+    except HFValidationError:
+        raise CheckpointError(f"{repo_id}: no such directory (and not a Hugging Face repo id)") from None
+    return Path(path)
+
+
+def wanted(filename: str) -> bool:
+    """Whether ``models pull`` / ``load`` fetch this file of a repo."""
+    return (any(fnmatch.fnmatch(filename, p) for p in HUB_PATTERNS)
+            and not any(fnmatch.fnmatch(filename, p) for p in HUB_IGNORE))
+
+
+def download_bytes(repo_id: str) -> int:
+    """Bytes a pull still has to download (0 when offline: nothing can be fetched anyway)."""
+    if _offline():
+        return 0
+    try:
+        info = HfApi().model_info(repo_id, files_metadata=True)
+    except (HfHubHTTPError, OSError):
+        return 0  # unknown: the download itself falls back to the cache or says what failed
+    blobs = cache_dir() / f"models--{repo_id.replace('/', '--')}" / "blobs"
+    total = 0
+    for f in info.siblings or []:
+        sha = f.lfs.sha256 if f.lfs else f.blob_id
+        if wanted(f.rfilename) and not (blobs / str(sha)).exists():
+            total += f.size or 0
+    return total
+
+
+def check_free_disk(repo_id: str) -> None:
+    """Refuse a download that the disk holding the cache cannot take."""
+    need = download_bytes(repo_id)
+    folder = cache_dir()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise CheckpointError(f"{repo_id} needs {need / 1e9:.1f} GB more on disk but {folder} has "
+                              f"{free / 1e9:.1f} GB free; free some space or set HF_HUB_CACHE")
+
+
+@dataclass
+class CachedModel:
+    repo_id: str
+    revision: str  # commit hash
+    refs: tuple[str, ...]
+    size: int  # bytes on disk
+    path: Path  # the snapshot directory
+    layout: str  # hf, original, mlx, or why it cannot load ("incomplete: ...")
+    config: ModelConfig | None
+
+
+def cached_models() -> tuple[list[CachedModel], int]:
+    """gpt-oss snapshots in the cache, and how many other model repos the cache holds."""
+    try:
+        info = scan_cache_dir(cache_dir())
+    except CacheNotFound:
+        return [], 0
+    found, others = [], 0
+    for repo in sorted(info.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
+            continue
+        revisions = []
+        for rev in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
+            try:
+                config = ModelConfig.from_file(rev.snapshot_path / "config.json")
+            except (ConfigError, OSError, ValueError):
+                continue
+            try:
+                layout, _ = find_layout(rev.snapshot_path)
+            except CheckpointError as e:
+                layout = "incomplete: " + str(e).removeprefix(f"{rev.snapshot_path}: ")
+            revisions.append(CachedModel(repo.repo_id, rev.commit_hash, tuple(sorted(rev.refs)),
+                                         rev.size_on_disk, rev.snapshot_path, layout, config))
+        found += revisions
+        others += not revisions
+    return found, others
+
+
+def remove(repo_id: str) -> int:
+    """Delete every cached revision of ``repo_id``; returns the bytes freed."""
+    try:
+        info = scan_cache_dir(cache_dir())
+    except CacheNotFound:
+        info = None
+    repos = [r for r in (info.repos if info else []) if r.repo_id == repo_id and r.repo_type == "model"]
+    if not repos:
+        raise CheckpointError(f"{repo_id} is not in the Hugging Face cache ({cache_dir()})")
+    freed = sum(r.size_on_disk for r in repos)
+    for r in repos:  # the whole folder: snapshots, blobs, and parts of interrupted downloads
+        shutil.rmtree(r.repo_path)
+    return freed

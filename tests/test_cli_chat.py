@@ -1,0 +1,299 @@
+"""`gptoss-mlx chat` in a terminal: line editing and history (prompt_toolkit driven through a
+pipe), autosave after every reply, --resume, /load and /save, --max-context and
+--context-overflow, with a scripted model behind the real command."""
+
+import io
+import json
+
+import pytest
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+
+from gptoss_mlx.chat import AnswerDelta, Chat, ContextTrimmed, Done
+from gptoss_mlx.cli import chat as cli_chat
+from gptoss_mlx.cli import build_parser, common, main
+from gptoss_mlx.cli.lineedit import line_reader
+from gptoss_mlx.generate import Stats
+from gptoss_mlx.store import ConversationStore
+from gptoss_mlx.tokenizer import load_tokenizer
+from scripted import ScriptedModel
+
+LEFT, UP, ALT_ENTER, CTRL_R = "\x1b[D", "\x1b[A", "\x1b\r", "\x12"
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_json):
+    return load_tokenizer(tokenizer_json)
+
+
+def answers(tok, *texts):
+    return [tok.encode(f"<|channel|>analysis<|message|>Think {i}.<|end|><|start|>assistant"
+                       f"<|channel|>final<|message|>{t}<|return|>", allowed_special="all")
+            for i, t in enumerate(texts)]
+
+
+def scripted_chat(tok, *texts) -> Chat:
+    return Chat(ScriptedModel(answers(tok, *texts)), tok, reasoning_effort="low", date="2025-08-05")
+
+
+def reading(lines):
+    """A ``read(prompt)`` that types ``lines`` and then Ctrl-D."""
+    lines = iter(lines)
+
+    def read(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+    return read
+
+
+# ---- line editing ------------------------------------------------------------------------------
+
+def test_arrow_keys_multiline_history_across_sessions_and_ctrl_r(tmp_path):
+    history = tmp_path / "data" / "input-history"
+    with create_pipe_input() as keys:
+        read = line_reader(history, keys, DummyOutput())
+        keys.send_text(f"helo{LEFT}l\r")  # the cursor moves back; the l goes before the o
+        assert read(">>> ") == "hello"
+        keys.send_text("first line\\\rsecond line\r")  # a trailing backslash continues
+        assert read(">>> ") == "first line\nsecond line"
+        keys.send_text(f"a{ALT_ENTER}b\r")
+        assert read(">>> ") == "a\nb"
+        keys.send_text('"""x\ry"""\r')  # an open triple quote continues
+        assert read(">>> ") == '"""x\ny"""'
+    with create_pipe_input() as keys:  # a new session reads the same history file
+        read = line_reader(history, keys, DummyOutput())
+        keys.send_text(f"{UP}{UP}{UP}{UP}{UP}\r")  # two lines of two multi-line messages
+        assert read(">>> ") == "first line\nsecond line"
+        keys.send_text(f"{CTRL_R}hel\r world\r")
+        assert read(">>> ") == " worldhello"  # found, cursor at the match, then edited
+        keys.send_text("\x04")
+        with pytest.raises(EOFError):
+            read(">>> ")
+
+
+def test_unwritable_history_file_still_edits(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with create_pipe_input() as keys:
+        read = line_reader(blocker / "input-history", keys, DummyOutput())
+        keys.send_text(f"ok{LEFT}!\r")
+        assert read(">>> ") == "o!k"
+
+
+def test_read_message_line_by_line(tmp_path):
+    repl = cli_chat.Repl(None, ConversationStore(tmp_path), reading(["one \\", "two", '"""three', 'four"""']))
+    assert repl.read_message() == "one \ntwo"
+    assert repl.read_message() == "three\nfour"
+
+
+# ---- autosave, resume, load, save --------------------------------------------------------------
+
+def run_chat(monkeypatch, chat, lines, argv=()):
+    """``gptoss-mlx chat`` on a terminal, with ``chat`` as the loaded model and ``lines`` typed."""
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr(common, "load_chat", lambda args, out=None, toolbox=None: chat)
+    monkeypatch.setattr(cli_chat, "line_reader", lambda history_file: reading(lines))
+    monkeypatch.setattr("sys.stdout", out)
+    status = main(["chat", *argv])
+    return status, out.getvalue()
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(tmp_path / "data"))
+    return ConversationStore()
+
+
+def saved(store):
+    return {p.stem: json.loads(p.read_text()) for p in store.root.glob("*.json")}
+
+
+def test_saves_after_every_reply_says_where_and_resume_continues(tok, store, monkeypatch, capsys):
+    chat = scripted_chat(tok, "Four.", "Eight.")
+    counts = []
+    save = store.save
+
+    def counting_save(chat, chat_id, title):
+        counts.append(sum(m.role == "user" for m in chat.messages))
+        return save(chat, chat_id, title)
+
+    monkeypatch.setattr(ConversationStore, "save", lambda self, *a: counting_save(*a))
+    status, out = run_chat(monkeypatch, chat, ["2+2?", "times 2?"])
+    monkeypatch.undo()
+    assert status == 0 and counts == [1, 2, 2]  # after each reply, and at the exit
+    ((chat_id, data),) = saved(store).items()
+    assert data["title"] == "2+2?" and data["messages"][-1]["content"] == "Eight."
+    assert f"Saved to {store.root / chat_id}.json" in out
+    assert f"gptoss-mlx chat --resume {chat_id}" in out
+
+    monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(store.root.parent))
+    again = scripted_chat(tok, "Sixteen.")
+    status, out = run_chat(monkeypatch, again, ["and again?"], ["--resume"])
+    assert status == 0 and 'Resumed "2+2?" (4 messages)' in out and "gpt-oss: Eight." in out
+    ((same_id, data),) = saved(store).items()  # continued in the same file
+    assert same_id == chat_id
+    assert [m["content"] for m in data["messages"] if m["role"] == "user"] == [
+        "2+2?", "times 2?", "and again?"]
+
+
+def test_resume_of_a_bad_file_fails_before_loading_the_model(store, monkeypatch, capsys):
+    store.root.mkdir(parents=True)
+    (store.root / "bad.json").write_text('{"messages": [{"role": "assistant", "tool_calls": 5}]}')
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr(common, "load_chat", lambda *a, **k: pytest.fail("model loaded"))
+    assert main(["chat", "--resume", "bad"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.json" in err and "messages[0].tool_calls" in err and "Traceback" not in err
+    assert main(["chat", "--resume", "nope"]) == 2
+    assert "nope.json" in capsys.readouterr().err
+
+
+def test_a_loaded_chat_is_saved_on_exit_where_it_says(tok, store, monkeypatch):
+    first = scripted_chat(tok, "Four.")
+    list(first.send("2+2?"))
+    path = store.save_as(first, store.root.parent / "elsewhere.json", "Elsewhere")
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "unused"), [f"/load {path}"])
+    (saved_path,) = store.root.glob("*.json")
+    assert f"Saved to {saved_path}" in out
+
+
+def test_load_of_a_bad_file_keeps_the_conversation(tok, store, tmp_path, monkeypatch):
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'{"messages": [], "updated": "soon"}')
+    chat = scripted_chat(tok, "Four.")
+    status, out = run_chat(monkeypatch, chat, ["2+2?", f"/load {bad}", "/chats"])
+    assert f"error: {bad}: updated must be a time in seconds" in out
+    assert "(the current conversation stays)" in out
+    assert [m.text for m in chat.messages if m.channel == "final"] == ["Four."]
+    assert "2+2?  (2 messages)" in out  # /chats
+
+
+def test_save_asks_before_overwriting(tok, store, tmp_path, monkeypatch):
+    target = tmp_path / "mine.json"
+    target.write_text("keep me")
+    chat = scripted_chat(tok, "Four.")
+    status, out = run_chat(monkeypatch, chat, ["2+2?", f"/save {target}", "n"])
+    assert "Overwrite" not in out  # asked through read(), answered n
+    assert "not saved" in out and target.read_text() == "keep me"
+    status, out = run_chat(monkeypatch, chat, [f"/save {target}", "y"])
+    assert f"saved to {target}" in out and json.loads(target.read_text())["messages"]
+    status, out = run_chat(monkeypatch, chat, [f"/save {tmp_path}"])
+    assert f"not saved: {tmp_path} is a directory" in out
+
+
+def test_load_by_path_continues_in_the_store(tok, store, tmp_path, monkeypatch):
+    first = scripted_chat(tok, "Four.")
+    list(first.send("2+2?"))
+    path = ConversationStore().save_as(first, tmp_path / "elsewhere.json", "Elsewhere")
+    before = path.read_text()
+    chat = scripted_chat(tok, "Eight.")
+    status, out = run_chat(monkeypatch, chat, [f"/load {path}", "times 2?"])
+    assert f"loaded 3 messages from {path}" in out
+    assert path.read_text() == before  # replies go to the store, not over the loaded file
+    (data,) = saved(store).values()
+    assert data["title"] == "Elsewhere" and data["messages"][-1]["content"] == "Eight."
+
+
+# ---- context ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "must be at least 1"), ("-5", "must be at least 1"), ("lots", "expected a whole number"),
+])
+def test_max_context_must_be_positive(value, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--max-context", value])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_max_context_beyond_the_models_positions_is_refused(checkpoints, capsys, monkeypatch):
+    monkeypatch.setattr(common, "load", lambda *a, **k: pytest.fail("weights loaded"))
+    assert main(["generate", "--model", str(checkpoints["hf"]), "-p", "hi",
+                 "--max-context", "999999999"]) == 2
+    err = capsys.readouterr().err
+    assert "999999999 is more than this model's 131072 positions" in err
+    assert "max_position_embeddings" in err and str(checkpoints["hf"]) in err
+
+
+def test_context_overflow_is_passed_to_chat(checkpoints, monkeypatch):
+    made = []
+    monkeypatch.setattr(common, "load", lambda *a, **k: (None, None))
+    monkeypatch.setattr(common, "Chat", lambda *a, **kwargs: made.append(kwargs))
+    parser = build_parser()
+    for flags, expected in (([], "truncate"), (["--context-overflow", "error"], "error"),
+                            (["--context-overflow", "truncate"], "truncate")):
+        ns = parser.parse_args(["chat", "--model", str(checkpoints["hf"]), *flags])
+        common.load_chat(ns, out=io.StringIO())
+        assert made[-1].get("context_overflow") == expected
+
+
+def test_trimmed_context_is_announced(tok, store, monkeypatch):
+    chat = scripted_chat(tok, "unused")
+    stats = Stats(finish_reason="stop")
+
+    def send(text):
+        yield ContextTrimmed(dropped_messages=4, dropped_tokens=1234)
+        yield AnswerDelta("Still here.")
+        yield Done(stats, "stop")
+
+    monkeypatch.setattr(chat, "send", send)
+    status, out = run_chat(monkeypatch, chat, ["one more?"])
+    assert "[context full: dropped the 4 oldest messages (1234 tokens) to make room]" in out
+    assert out.index("context full") < out.index("Still here.")
+
+
+# ---- tools wired into the terminal --------------------------------------------------------------
+
+def test_approval_prompt_shows_hidden_characters(monkeypatch, capsys):
+    """Issue 16: a carriage return must not hide the dangerous line from the person approving."""
+    monkeypatch.setattr("builtins.input", lambda prompt="": "n")
+    code = "import shutil; shutil.rmtree('/Users/me')\r# tidy up the cache (harmless)\nprint('done')"
+    assert common.ask_on_terminal(code) is False
+    err = capsys.readouterr().err
+    assert "\r" not in err and "hidden or control character" in err
+    assert "shutil.rmtree('/Users/me')" in err and "<\\r>" in err
+
+
+def test_python_tool_without_an_os_sandbox_is_refused_in_one_line(monkeypatch, capsys):
+    import gptoss_mlx.tools.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "sandbox_problem", lambda: "bubblewrap is not installed: install it")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat", "--model", "unused", "--tools", "python"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("gptoss-mlx: error: the python tool needs an OS sandbox: "
+                   "bubblewrap is not installed: install it")
+
+
+def test_browser_refuses_local_addresses_unless_allowed():
+    from gptoss_mlx.tools import ToolError
+
+    parser = build_parser()
+    strict = common.make_toolbox(parser.parse_args(["chat", "--tools", "browser"]))
+    loose = common.make_toolbox(parser.parse_args(["chat", "--tools", "browser", "--browser-allow-private"]))
+    with pytest.raises(ToolError, match="private or local address"):
+        strict.browser.fetch("http://127.0.0.1:9/")
+    with pytest.raises(ToolError) as refused:  # allowed: it connects (nothing listens on port 9)
+        loose.browser.fetch("http://127.0.0.1:9/")
+    assert "private or local" not in str(refused.value)
+
+
+def test_a_model_computing_nans_is_an_error_and_the_chat_goes_on(tok, store, monkeypatch):
+    from gptoss_mlx.generate import NonFiniteLogitsError
+
+    chat = scripted_chat(tok, "Fine again.")
+    real_reply, calls = chat._reply, []
+
+    def reply():
+        calls.append(1)
+        if len(calls) == 1:
+            raise NonFiniteLogitsError("the model computed NaN or infinite logits")
+        return real_reply()
+
+    monkeypatch.setattr(chat, "_reply", reply)
+    status, out = run_chat(monkeypatch, chat, ["first?", "second?"])
+    assert status == 0
+    assert "error: the model computed NaN or infinite logits" in out and "Fine again." in out
+    assert [m.text for m in chat.messages if m.role == "user"] == ["second?"]

@@ -1,0 +1,132 @@
+"""`gptoss-mlx generate` for scripts: -p -, --max-tokens cut-offs and --strict, statistics as
+mlx_lm.generate prints them, --json; and help texts for every subcommand and flag."""
+
+import argparse
+import io
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from gptoss_mlx.chat import Chat
+from gptoss_mlx.cli import build_parser, common, main
+from gptoss_mlx.generate import SamplingParams
+from gptoss_mlx.tokenizer import load_tokenizer
+from scripted import ScriptedModel
+
+STATS = re.compile(r"==========\nPrompt: \d+ tokens, [\d.]+ tokens-per-sec\n"
+                   r"Generation: \d+ tokens, [\d.]+ tokens-per-sec\nPeak memory: [\d.]+ GB\n")
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_json):
+    return load_tokenizer(tokenizer_json)
+
+
+def script(tok, text):
+    return tok.encode(text, allowed_special="all")
+
+
+REPLY = ("<|channel|>analysis<|message|>Add them.<|end|>"
+         "<|start|>assistant<|channel|>final<|message|>It is 4.<|return|>")
+
+
+def use_chat(monkeypatch, tok, replies, max_tokens=None):
+    chat = Chat(ScriptedModel([script(tok, r) for r in replies]), tok, date="2025-08-05",
+                sampling=SamplingParams(max_tokens=max_tokens))
+    monkeypatch.setattr(common, "load_chat", lambda args, out=None, toolbox=None: (
+        chat if not toolbox else Chat(chat.engine.model, tok, engine=chat.engine,
+                                      sampling=chat.sampling, **toolbox.chat_options())))
+    return chat
+
+
+def test_prompt_from_stdin_and_stats_on_stderr(tok, monkeypatch, capsys):
+    chat = use_chat(monkeypatch, tok, [REPLY])
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2+2?\nAnswer briefly.\n"))
+    assert main(["generate", "-p", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert chat.messages[0].text == "What is 2+2?\nAnswer briefly."
+    assert out == "It is 4.\n"
+    assert "Add them." in err and STATS.search(err), err
+
+
+def test_empty_stdin_prompt_is_an_error(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("  \n"))
+    assert main(["generate", "-p", "-"]) == 2
+    assert "no prompt on standard input" in capsys.readouterr().err
+
+
+def test_cut_by_max_tokens_says_so_and_fails_only_when_strict(tok, monkeypatch, capsys):
+    use_chat(monkeypatch, tok, [REPLY], max_tokens=3)
+    assert main(["generate", "-p", "2+2?"]) == 0
+    assert "cut off by --max-tokens (finish reason: length)" in capsys.readouterr().err
+    use_chat(monkeypatch, tok, [REPLY], max_tokens=3)
+    assert main(["generate", "-p", "2+2?", "--strict"]) == 1
+    assert "cut off by --max-tokens" in capsys.readouterr().err
+    use_chat(monkeypatch, tok, [REPLY])
+    assert main(["generate", "-p", "2+2?", "--strict"]) == 0
+    assert "cut off" not in capsys.readouterr().err
+
+
+def test_json_is_one_object_with_answer_reasoning_tool_calls_usage(tok, tmp_path, monkeypatch, capsys):
+    functions = tmp_path / "weather.py"
+    functions.write_text('def get_weather(city: str) -> dict:\n    """Current weather."""\n'
+                         '    return {"city": city, "temp_c": -3}\n')
+    use_chat(monkeypatch, tok, [
+        "<|channel|>commentary to=functions.get_weather <|constrain|>json"
+        '<|message|>{"city": "Oslo"}<|call|>', REPLY])
+    assert main(["generate", "-p", "Weather in Oslo?", "--json", "--functions", str(functions)]) == 0
+    out, err = capsys.readouterr()
+    data = json.loads(out)  # the whole of standard output
+    assert data["answer"] == "It is 4." and data["reasoning"] == "Add them."
+    assert data["tool_calls"] == [{"name": "functions.get_weather", "arguments": '{"city": "Oslo"}',
+                                   "result": '{"city": "Oslo", "temp_c": -3}'}]
+    usage = data["usage"]
+    assert usage["completion_tokens"] > 0 and usage["prompt_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert data["finish_reason"] == "stop"
+    assert "Add them." not in err and STATS.search(err)
+
+
+def test_real_program_json_strict_from_stdin(tmp_path, tokenizer_json):
+    from gptoss_mlx.testing import checkpoints as mtc
+    ckpt = tmp_path / "tiny"
+    mtc.write_hf(ckpt, mtc.TINY)
+    mtc.copy_tokenizer(ckpt, tokenizer_json)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptoss_mlx", "generate", "--model", str(ckpt), "-p", "-", "--json",
+         "--max-tokens", "4", "--seed", "0", "--strict", "--effort", "low"],
+        input="Hello?", capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["finish_reason"] == "length" and data["usage"]["completion_tokens"] == 4
+    assert "cut off by --max-tokens" in proc.stderr and STATS.search(proc.stderr)
+
+
+def subcommands(parser=None, prefix=""):
+    """Every subcommand's parser by its full name ("models pull"), nested ones included."""
+    parser = parser or build_parser()
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found[prefix + name] = sub
+                found |= subcommands(sub, prefix + name + " ")
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(subcommands()))
+def test_every_subcommand_and_flag_has_help(name):
+    p = subcommands()[name]
+    assert p.description, f"{name} --help has no description"
+    missing = [a.option_strings or a.dest for a in p._actions if not a.help]
+    assert not missing, f"{name}: no help for {missing}"
+
+
+@pytest.mark.parametrize("flag", ["--effort", "--reasoning-effort", "-e"])
+def test_effort_spellings(flag):
+    for name in ("chat", "generate", "tui", "render"):
+        extra = ["-p", "x"] if name == "generate" else ["f.json"] if name == "render" else []
+        assert build_parser().parse_args([name, flag, "high", *extra]).reasoning_effort == "high"
