@@ -2,8 +2,8 @@
 //
 // A threadgroup is a set of real OS threads with real barriers; a simdgroup is 32 of those
 // threads, and simd_sum / simd_max / simd_shuffle* / simd_broadcast* exchange values through a
-// per-simdgroup slot array behind a barrier of its 32 lanes. Threadgroup memory is one copy
-// per threadgroup (``threadgroup`` becomes ``static``; threadgroups run one after another).
+// per-simdgroup slot array behind a barrier of its 32 lanes. Threadgroup memory is one static
+// copy of each array (a ``threadgroup_array``), used by the threadgroups one after another.
 //
 // Scheduling is deterministic and adversarial: exactly one thread runs at a time, and after
 // every barrier or simd operation the runnable thread with the highest priority continues —

@@ -17,6 +17,9 @@ in a process of its own that instruments only that kernel, and prints per kernel
 memory) and the shared-memory hazards (racecheck) found over all its dtypes and samples. Each
 tool is first held to a probe kernel with a planted fault of its kind: a tool that misses it
 checks nothing here, and its clean results are reported as meaningless. Exits 1 on any finding.
+On the GPU machine (metal/README.md; ../shared/README.md for .device):
+
+    source .device/setup.sh && python3 scripts/check_kernels_gpu.py --sanitize --jobs 12
 """
 
 from __future__ import annotations
@@ -107,12 +110,14 @@ def find_sanitizer(path: str | None) -> str | None:
 
 def sanitizer_command(sanitizer: str, tool: str, kernel: str, log: str, child: list[str]) -> list[str]:
     """compute-sanitizer running ``child`` (this script) with only MLX's build of ``kernel``
-    instrumented: mx.fast.cuda_kernel names it custom_kernel_<name>... (a substring of the
-    mangled name). API errors are left out: a kernel's failure shows in the child's exit code."""
+    instrumented: mx.fast.cuda_kernel names it mlx::core::cu::custom_kernel_<name><template
+    values>, so ``custom_kernel_<name>`` is a substring of the mangled name. A device error ends
+    only that launch (the other samples are still checked); API errors are left out: a kernel's
+    failure shows in the child's exit code."""
     return [
         sanitizer, "--tool", tool, "--kernel-name", f"kns=custom_kernel_{kernel}",
-        "--report-api-errors", "no", "--print-limit", "100", "--log-file", log,
-        sys.executable, str(Path(__file__).resolve()), *child,
+        "--destroy-on-device-error", "kernel", "--report-api-errors", "no", "--print-limit", "100",
+        "--log-file", log, sys.executable, str(Path(__file__).resolve()), *child,
     ]
 
 
@@ -283,7 +288,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sanitize", action="store_true", help="run every kernel under compute-sanitizer")
     parser.add_argument("--tools", type=_tools, default=list(TOOLS), help="with --sanitize: which tools")
     parser.add_argument("--jobs", type=int, default=4, help="with --sanitize: runs at a time")
-    parser.add_argument("--timeout", type=float, default=900, help="with --sanitize: seconds per run")
+    parser.add_argument("--timeout", type=float, default=480, help="with --sanitize: seconds per run")
     parser.add_argument("--compute-sanitizer", help="its path (default: on PATH or in /usr/local/cuda/bin)")
     parser.add_argument("--probe", choices=TOOLS, help=argparse.SUPPRESS)  # a --sanitize child
     args = parser.parse_args(argv)
