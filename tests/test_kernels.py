@@ -6,9 +6,11 @@ check must disable a kernel that is wrong."""
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from gptoss_mlx import kernels
@@ -93,10 +95,16 @@ def test_the_run_time_check_is_the_first_tested_sample(name):
 BARRIER = "threadgroup_barrier(mem_flags::mem_threadgroup);"
 
 
-def _mutant(body: str) -> Kernel:
-    header, _ = kernel_source("add_rms_norm")
-    spec = registry.REGISTRY["add_rms_norm"]
-    return Kernel("add_rms_norm_mutant", spec.kernel.input_names, spec.kernel.output_names, (header, body))
+def _mutant(body: str, name: str = "add_rms_norm") -> Kernel:
+    header, _ = kernel_source(name)
+    spec = registry.REGISTRY[name]
+    return Kernel(name, spec.kernel.input_names, spec.kernel.output_names, (header, body))
+
+
+def _planted(name: str, old: str, new: str) -> Kernel:
+    _, body = kernel_source(name)
+    assert body.count(old) == 1, f"{old!r} is not in metal/{name}.metal once"
+    return _mutant(body.replace(old, new), name)
 
 
 def _worst_error(kernel: Kernel) -> float:
@@ -139,6 +147,44 @@ def test_emulator_catches_a_partial_reduction(cxx):
     assert _worst_error(_mutant(mutant)) > 1e-2
 
 
+# Memory errors that leave the result right on some runs (or on the CPU) and wrong on a Mac: the
+# checked emulator reports them by kernel, buffer and index (metal/msl_emulate.h).
+MEMORY_MUTANTS = {
+    "router-expert-loop-past-E": (
+        "moe_router", "e < E; e += SG", "e <= E; e += SG",
+        r"kernel 'moe_router' failed in the emulator: out-of-bounds access: "
+        r"(buffer 'weight'|buffer 'bias'|threadgroup array 'logits') at index \d+, outside \[0, \d+\)"),
+    "decode-q-staging-past-the-tile": (
+        "sdpa_decode_partial", "i < GQA * D; i += threads", "i <= GQA * D; i += threads",
+        r"kernel 'sdpa_decode_partial' failed in the emulator: out-of-bounds access: "
+        r"(buffer 'q'|threadgroup array 'q_tile') at index \d+, outside \[0, \d+\)"),
+    "prefill-acc-initialised-one-off": (
+        "sdpa_prefill", "acc[i] = 0.0f;", "acc[i + 1] = 0.0f;",
+        r"kernel 'sdpa_prefill' failed in the emulator: out-of-bounds access: "
+        r"thread array 'acc' at index (\d+), outside \[0, \1\)"),
+}
+
+
+@pytest.mark.parametrize("mutant", list(MEMORY_MUTANTS))
+def test_emulator_reports_an_out_of_bounds_access(mutant, cxx):
+    name, old, new, message = MEMORY_MUTANTS[mutant]
+    spec = registry.REGISTRY[name]
+    args = samples(name, mx.float32)[0]
+    for order in ("forward", "reverse"):
+        with pytest.raises(toolchain.ToolchainError, match=message):
+            toolchain.emulate(_planted(name, old, new), spec.plan(*args), order)
+
+
+def test_emulator_shows_a_thread_array_element_never_written(cxx):
+    """acc[0] left uninitialised (no access out of bounds): it starts as NaN, so the output is."""
+    name = "sdpa_prefill"
+    mutant = _planted(name, "for (uint i = 0; i < DL; ++i) {\n  acc[i] = 0.0f;",
+                      "for (uint i = 1; i < DL; ++i) {\n  acc[i] = 0.0f;")
+    args = samples(name, mx.float32)[0]
+    got = toolchain.emulate(mutant, registry.REGISTRY[name].plan(*args))
+    assert registry.max_error(got, registry.REGISTRY[name].expected(*args)) == float("inf")
+
+
 def test_compile_check_reports_a_planted_error_with_its_line(clang):
     spec = registry.REGISTRY["add_rms_norm"]
     _, body = kernel_source("add_rms_norm")
@@ -179,6 +225,72 @@ out[i] = simd_sum(x[i]);
 """)
     with pytest.raises(toolchain.ToolchainError, match=r"lane.*simd_\* operation|simd_\* operation with an inactive lane"):
         toolchain.emulate(k, launch)
+
+
+def test_emulator_poisons_threadgroup_memory_for_every_threadgroup(cxx):
+    """Threadgroup 0 writes its threadgroup array, threadgroup 1 only reads it: on Metal it gets
+    whatever that memory held, so here it gets NaN (not threadgroup 0's values)."""
+    k, launch = _tiny_kernel("""
+threadgroup float shared[64];
+uint t = thread_index_in_threadgroup;
+if (threadgroup_position_in_grid.x == 0) {
+  shared[t] = x[thread_position_in_grid.x];
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+out[thread_position_in_grid.x] = shared[t];
+""", n=128)
+    got = np.array(toolchain.emulate(k, launch)[0])
+    assert got[:64].tolist() == list(range(64))
+    assert np.isnan(got[64:]).all()
+
+
+def test_emulator_poisons_thread_arrays(cxx):
+    k, launch = _tiny_kernel("""
+uint i = thread_position_in_grid.x;
+float f[2];
+uint u[2];
+f[0] = x[i];
+u[0] = 1;
+out[i] = i % 2 == 0 ? f[1] : (u[1] == 0xFFFFFFFFu ? f[0] : 0.0f);
+""")
+    got = np.array(toolchain.emulate(k, launch)[0])
+    assert np.isnan(got[0::2]).all()
+    assert got[1::2].tolist() == list(range(1, 64, 2))
+
+
+@pytest.mark.parametrize("access,message", [
+    ("out[i] = x[i + 1];", r"buffer 'x' at index 64, outside \[0, 64\) \(elements of 4 bytes\)"),
+    ("out[i] = x[int(i) - 1];", r"buffer 'x' at index -1, outside \[0, 64\) \(elements of 4 bytes\)"),
+    ("out[i + 1] = x[i];", r"buffer 'out' at index 64, outside \[0, 64\) \(elements of 4 bytes\)"),
+    ("out[i] = ((const device float4*)x)[i / 4 + 1].x;",
+     r"buffer 'x' at index 16, outside \[0, 16\) \(elements of 16 bytes\)"),
+    ("threadgroup float t[64];\nt[i + 1] = x[i];\nout[i] = 0.0f;",
+     r"threadgroup array 't' at index 64, outside \[0, 64\) \(elements of 4 bytes\)"),
+    ("float a[3];\nfor (uint j = 0; j <= 3; ++j) a[j] = x[i];\nout[i] = a[0];",
+     r"thread array 'a' at index 3, outside \[0, 3\) \(elements of 4 bytes\)"),
+], ids=["read-past-end", "read-before-start", "write-past-end", "vector-read-past-end", "threadgroup-array",
+        "thread-array"])
+def test_emulator_reports_the_buffer_and_index_of_a_bad_access(access, message, cxx):
+    k, launch = _tiny_kernel("uint i = thread_position_in_grid.x;\n" + access)
+    with pytest.raises(toolchain.ToolchainError, match=r"kernel 'emulator_probe' failed in the emulator: "
+                       r"out-of-bounds access: " + message + r", by thread \d+ of threadgroup \(0, 0, 0\)$"):
+        toolchain.emulate(k, launch, "reverse")
+
+
+def test_emulator_reports_a_misaligned_vector_load(cxx):
+    k, launch = _tiny_kernel("""
+uint i = thread_position_in_grid.x;
+out[i] = ((const device float4*)(x + 1))[0].x;
+""")
+    with pytest.raises(toolchain.ToolchainError, match=r"misaligned access: buffer 'x' at byte offset 4 as a 16-byte type"):
+        toolchain.emulate(k, launch)
+
+
+@pytest.mark.parametrize("declaration", ["float a[2][2];", "float a[2], b[2];", "threadgroup float s;"])
+def test_emulator_refuses_memory_it_cannot_check(declaration):
+    source = f"void k() {{\n{declaration}\n}}\n"
+    with pytest.raises(toolchain.ToolchainError, match="the emulator cannot check"):
+        toolchain.checked_source(source)
 
 
 def test_emulator_simd_functions(cxx):
@@ -371,3 +483,136 @@ def test_prefill_attention_kernel_in_the_model_across_the_window(emulated_gpu):
                                for a, b in ((0, 6), (6, 13), (13, 23))], axis=1)
 
     assert _kernels_vs_reference(prefill, "sdpa_prefill") < 1e-4
+
+
+# ---- scripts/check_kernels_gpu.py --sanitize, without the GPU ------------------------------------
+
+def _gpu_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "check_kernels_gpu.py"
+    spec = importlib.util.spec_from_file_location("check_kernels_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+# compute-sanitizer's output in the layout NVIDIA documents (--print-limit, --log-file).
+MEMCHECK_LOG = """\
+========= COMPUTE-SANITIZER
+========= Invalid __global__ read of size 16 bytes
+=========     at custom_kernel_moe_router_float_64_8_4_8+0x2d0
+=========     by thread (0,0,0) in block (0,1,0)
+=========     Address 0x7f1c2e000800 is out of bounds
+=========     and is 1 bytes after the nearest allocation at 0x7f1c2e000000 of size 2048 bytes
+=========     Saved host backtrace up to driver entry point at kernel launch time
+=========         Host Frame: [0x2db39f] in libcuda.so.1
+=========
+========= Invalid __global__ read of size 16 bytes
+=========     at custom_kernel_moe_router_float_64_8_4_8+0x2d0
+=========     by thread (32,0,0) in block (0,1,0)
+=========     Address 0x7f1c2e000800 is out of bounds
+=========
+========= Invalid __shared__ write of size 4 bytes
+=========     at custom_kernel_moe_router_float_64_8_4_8+0x310
+=========     by thread (0,0,0) in block (0,1,0)
+=========
+========= ERROR SUMMARY: 3 errors
+"""
+RACECHECK_LOG = """\
+========= COMPUTE-SANITIZER
+========= Error: Race reported between Write access at custom_kernel_sanitizer_probe+0x90
+=========     and Read access at custom_kernel_sanitizer_probe+0xc0 [64 hazards]
+=========
+========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)
+"""
+
+
+def test_sanitizer_log_parser():
+    gpu = _gpu_script()
+    memcheck = gpu.parse_sanitizer_log(MEMCHECK_LOG, "memcheck")
+    assert memcheck.count == 3
+    assert memcheck.findings == [
+        "Invalid __global__ read of size 16 bytes at custom_kernel_moe_router_float_64_8_4_8+0x2d0",
+        "Invalid __shared__ write of size 4 bytes at custom_kernel_moe_router_float_64_8_4_8+0x310",
+    ]
+    race = gpu.parse_sanitizer_log(RACECHECK_LOG, "racecheck")
+    assert race.count == 1
+    assert race.findings == ["Error: Race reported between Write access at custom_kernel_sanitizer_probe+0x90 "
+                             "and Read access at custom_kernel_sanitizer_probe+0xc0 [64 hazards]"]
+    clean = gpu.parse_sanitizer_log("========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n", "initcheck")
+    assert (clean.count, clean.findings) == (0, [])
+    crashed = gpu.parse_sanitizer_log("========= COMPUTE-SANITIZER\nTraceback (most recent call last):\n", "memcheck")
+    assert crashed.count is None  # no summary: the run did not finish, which is not "clean"
+    assert gpu.parse_sanitizer_log(RACECHECK_LOG, "memcheck").count is None
+
+
+def test_sanitizer_command_instruments_one_kernel():
+    gpu = _gpu_script()
+    cmd = gpu.sanitizer_command("/cuda/compute-sanitizer", "initcheck", "sdpa_prefill", "/tmp/l.log",
+                                ["--kernels", "sdpa_prefill", "--iters", "0"])
+    assert cmd[:5] == ["/cuda/compute-sanitizer", "--tool", "initcheck", "--kernel-name",
+                       "kns=custom_kernel_sdpa_prefill"]
+    assert cmd[cmd.index("--destroy-on-device-error") + 1] == "kernel"  # the other samples still run
+    assert cmd[cmd.index("--log-file") + 1] == "/tmp/l.log"
+    assert cmd[-6:] == [sys.executable, gpu.__file__, "--kernels", "sdpa_prefill", "--iters", "0"]
+
+
+FAKE_SANITIZER = '''#!{python}
+import json, sys
+args = sys.argv[1:]
+if args == ["--version"]:
+    print("Compute Sanitizer (fake)"); sys.exit(0)
+tool, kernel = args[args.index("--tool") + 1], args[args.index("--kernel-name") + 1].split("custom_kernel_")[1]
+child = args[args.index("--log-file") + 2:]
+if "--json" in child:
+    json.dump([{{}}] * 3, open(child[child.index("--json") + 1], "w"))
+logs = {{("memcheck", "moe_router"): {memcheck!r}, ("racecheck", "sanitizer_probe"): {race!r}}}
+summary = "RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)" if tool == "racecheck" else "ERROR SUMMARY: 1 error"
+if kernel == "sanitizer_probe" and tool == "initcheck":
+    summary = "ERROR SUMMARY: 0 errors"  # this tool misses its planted fault
+elif kernel != "sanitizer_probe":
+    summary = summary.replace("1 hazard", "0 hazards").replace("(1 error", "(0 errors").replace(": 1 error", ": 0 errors")
+text = logs.get((tool, kernel), "========= COMPUTE-SANITIZER\\n========= " + summary + "\\n")
+open(args[args.index("--log-file") + 1], "w").write(text)
+'''
+
+
+def test_sanitize_runs_every_kernel_under_every_tool_and_holds_each_tool_to_its_probe(tmp_path, capsys):
+    gpu = _gpu_script()
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text(FAKE_SANITIZER.format(python=sys.executable, memcheck=MEMCHECK_LOG, race=RACECHECK_LOG))
+    fake.chmod(0o755)
+    rc = gpu.main(["--sanitize", "--compute-sanitizer", str(fake), "--kernels", "add_rms_norm,moe_router",
+                   "--jobs", "3"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("sanitizer_probe", "add_rms_norm",
+                                                                                  "moe_router"))}
+    assert rows["sanitizer_probe"].split()[2:] == ["1", "1", "error", "(caught)", "1", "hazard", "(caught)",
+                                                   "0", "errors", "(MISSED)"]
+    assert rows["add_rms_norm"].split()[1:] == ["3", "0", "errors", "0", "hazards", "0", "errors"]
+    assert rows["moe_router"].split()[1:] == ["3", "3", "errors", "0", "hazards", "0", "errors"]
+    assert "Invalid __global__ read of size 16 bytes at custom_kernel_moe_router_float_64_8_4_8+0x2d0" in out
+    assert "initcheck's results here check nothing" in out
+    assert "7 of 9 runs clean" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sanitize", "--tools", "memcheck,leakcheck"], "unknown tool leakcheck"),
+    (["--sanitize", "--kernels", "moe_routr"], "unknown kernel moe_routr"),
+    (["--sanitize", "--compute-sanitizer", "/nonexistent/compute-sanitizer"], "compute-sanitizer not found"),
+])
+def test_sanitize_refuses_bad_arguments_with_one_line(argv, message, capsys, monkeypatch):
+    gpu = _gpu_script()
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(gpu.os, "access", lambda path, mode: False)  # no /usr/local/cuda here either
+    try:
+        rc = gpu.main(argv)
+    except SystemExit as e:
+        rc = e.code
+    captured = capsys.readouterr()
+    assert rc not in (0, None)
+    assert message in (captured.err + captured.out + (rc if isinstance(rc, str) else ""))

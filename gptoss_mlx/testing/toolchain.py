@@ -191,6 +191,45 @@ def _cache_dir() -> Path:
     return path
 
 
+# Rewrites of the generated source for the emulator (metal/msl_emulate.h, "checked memory"):
+# every address-space pointer becomes msl_emu::ptr, every array a checked msl_emu array.
+_POINTER = re.compile(r"\b(const\s+)?(?:device|constant|thread)\s+(const\s+)?(\w+)\s*\*")
+_THREADGROUP_ARRAY = re.compile(r"\bthreadgroup\s+(\w+)\s+(\w+)\s*\[([^\[\]]+)\]\s*;")
+_NOT_A_TYPE = r"(?!(?:return|else|case|goto|delete|throw)\b)"
+_LOCAL_ARRAY = re.compile(
+    r"^(\s*)(const\s+)?" + _NOT_A_TYPE + r"(\w+)\s+(\w+)\s*\[([^\[\]]+)\]\s*(?:=\s*\{([^{};]*)\})?\s*;",
+    re.MULTILINE)
+_ANY_ARRAY = re.compile(r"\b" + _NOT_A_TYPE + r"\w+\s+\w+\s*\[(?!\[)")
+
+
+def checked_source(source: str) -> str:
+    """The generated source with every pointer and array in the checked types of msl_emulate.h.
+
+    ``const device T* p`` (also ``constant``, ``thread``, and casts) becomes
+    ``msl_emu::ptr<const T> p``; ``threadgroup T a[N];`` a static ``threadgroup_array``;
+    ``T a[N];`` and ``T a[N] = {...};`` an ``array``. Any other array or threadgroup declaration
+    would escape the checks, so it is refused (metal/README.md, the supported subset)."""
+    source = re.sub(r"//[^\n]*", "", source)  # comments may say "threadgroup" or "a[i]"
+    source = _THREADGROUP_ARRAY.sub(
+        lambda m: f'static msl_emu::threadgroup_array<{m[1]}, ({m[3]})> {m[2]}("{m[2]}");', source)
+    source = _POINTER.sub(lambda m: f"msl_emu::ptr<{'const ' if m[1] or m[2] else ''}{m[3]}>", source)
+
+    def local_array(m: re.Match) -> str:
+        init = f", {{{m[6]}}}" if m[6] is not None else ""
+        return f'{m[1]}{m[2] or ""}msl_emu::array<{m[3]}, ({m[5]})> {m[4]}("thread array", "{m[4]}"{init});'
+
+    source = _LOCAL_ARRAY.sub(local_array, source)
+    for pattern, what in ((r"\bthreadgroup\b[^;{]*", "threadgroup declaration"), (_ANY_ARRAY, "array declaration")):
+        left = re.search(pattern, source)
+        if left:
+            line = source[source.rfind("\n", 0, left.start()) + 1:source.find("\n", left.start())].strip()
+            raise ToolchainError(
+                f"the emulator cannot check the {what} {line!r}: declare threadgroup memory as "
+                "`threadgroup T name[N];` and thread arrays as `T name[N];`, one per statement, "
+                "one-dimensional (metal/README.md)")
+    return source
+
+
 def _driver(sig: Signature) -> str:
     args, buffer = [], 0
     for ctype, name, attr in sig.params:
@@ -199,7 +238,8 @@ def _driver(sig: Signature) -> str:
             if ctype.endswith("&"):
                 args.append(f"*reinterpret_cast<const {base}*>(bufs[{buffer}])")
             else:
-                args.append(f"reinterpret_cast<{ctype.replace('device', '').replace('constant', '')}>(bufs[{buffer}])")
+                const = "const " if re.match(r"\s*const\b", ctype) else ""
+                args.append(f'msl_emu::ptr<{const}{base}>(bufs[{buffer}], sizes[{buffer}], "buffer", "{name}")')
             buffer += 1
         elif attr in _CONSTANT_ATTRIBUTES:
             args.append(_CONSTANT_ATTRIBUTES[attr])
@@ -209,8 +249,8 @@ def _driver(sig: Signature) -> str:
             raise ToolchainError(f"the emulator does not provide the attribute [[{attr}]]")
     template = f"<{sig.template_args}>" if sig.template_args else ""
     return (
-        '\nextern "C" int gptoss_emulate(void** bufs, const int* grid, const int* tg, int reverse,'
-        " char* err, int errlen) {\n"
+        '\nextern "C" int gptoss_emulate(void** bufs, const long* sizes, const int* grid, const int* tg,'
+        " int reverse, char* err, int errlen) {\n"
         "  return msl_emu::launch(grid, tg, reverse != 0, [&](const msl_emu::Ids& ids) {\n"
         f"    {sig.function}{template}({', '.join(args)});\n"
         "  }, err, errlen);\n}\n"
@@ -225,7 +265,7 @@ def build_emulator(source: str, cxx: str | None = None) -> ctypes.CDLL:
     sig = parse_signature(source)
     # The explicit instantiation line carries Metal-only attributes; the driver instantiates.
     body = re.sub(r"^template \[\[host_name.*$", "", source, flags=re.MULTILINE)
-    unit = '#include "msl_emulate.h"\n' + body + _driver(sig)
+    unit = '#include "msl_emulate.h"\n' + checked_source(body) + _driver(sig)
     header = (metal_dir() / "msl_emulate.h").read_text()
     key = hashlib.sha256((unit + header + cxx).encode()).hexdigest()[:24]
     lib = _cache_dir() / f"k_{key}.so"
@@ -257,45 +297,40 @@ def emulate(kernel: Kernel, launch: Launch, order: str = "forward") -> list[mx.a
     """Run the kernel's generated Metal source on the CPU; returns MLX arrays like the kernel.
 
     ``order``: "forward" or "reverse" scheduling priority (msl_emulate.h). Outputs start as NaN
-    (0xFF bytes), so an element the kernel forgets to write shows up.
+    (0xFF bytes), so an element the kernel forgets to write shows up; an access outside a buffer
+    or array raises ToolchainError naming the kernel, the buffer, the index and the thread.
     """
     source = generated_metal_source(kernel, launch)
     sig = parse_signature(source)
     lib = build_emulator(source)
     inputs = [_as_mx(x) for x in launch.inputs]
-    buffers, keep = [], []
+    buffers = []  # NumPy arrays in binding order; the kernel sees each one's exact extent
     for name, x in zip(kernel.input_names, inputs):
         a = mx.array(x) if not isinstance(x, mx.array) else x
-        arr = np.ascontiguousarray(_to_numpy(a))
-        keep.append(arr)
-        buffers.append(arr.ctypes.data)
+        buffers.append(np.ascontiguousarray(_to_numpy(a)))
         for suffix, values, dtype in (
             ("_shape", a.shape, np.int32), ("_strides", _strides(a.shape), np.int64), ("_ndim", [a.ndim], np.int32),
         ):
             if any(p[1] == f"{name}{suffix}" for p in sig.params):  # MLX added the buffer
-                extra = np.array(values if values else [0], dtype=dtype)
-                keep.append(extra)
-                buffers.append(extra.ctypes.data)
+                buffers.append(np.array(values if values else [0], dtype=dtype))
     outputs = []
     for shape, dtype in zip(launch.output_shapes, launch.output_dtypes):
         if launch.init_value is None:
-            raw = np.full(max(1, int(np.prod(shape, dtype=np.int64)) * dtype.size), 0xFF, dtype=np.uint8)
+            raw = np.full(int(np.prod(shape, dtype=np.int64)) * dtype.size, 0xFF, dtype=np.uint8)
         else:
             raw = np.array(mx.full(shape, launch.init_value, dtype=dtype).view(mx.uint8)).reshape(-1).copy()
         outputs.append(raw)
-        buffers.append(raw.ctypes.data)
-    bufs = (ctypes.c_void_p * len(buffers))(*buffers)
+    buffers += outputs
+    bufs = (ctypes.c_void_p * len(buffers))(*(a.ctypes.data for a in buffers))
+    sizes = (ctypes.c_long * len(buffers))(*(a.nbytes for a in buffers))
     grid = (ctypes.c_int * 3)(*launch.grid)
     tg = (ctypes.c_int * 3)(*launch.threadgroup)
     err = ctypes.create_string_buffer(1024)
-    rc = lib.gptoss_emulate(bufs, grid, tg, ctypes.c_int(order == "reverse"), err, ctypes.c_int(1024))
+    rc = lib.gptoss_emulate(bufs, sizes, grid, tg, ctypes.c_int(order == "reverse"), err, ctypes.c_int(1024))
     if rc != 0:
         raise ToolchainError(f"kernel {kernel.name!r} failed in the emulator: {err.value.decode()}")
-    results = []
-    for raw, shape, dtype in zip(outputs, launch.output_shapes, launch.output_dtypes):
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.size
-        results.append(mx.array(raw[:nbytes]).view(dtype).reshape(shape))
-    return results
+    return [mx.array(raw).view(dtype).reshape(shape)
+            for raw, shape, dtype in zip(outputs, launch.output_shapes, launch.output_dtypes)]
 
 
 def _strides(shape) -> list[int]:
