@@ -7,10 +7,10 @@ import argparse
 import sys
 
 from .. import __version__
-from . import chat, doctor, generate, render, tui
+from . import chat, doctor, generate, render, serve, tui
 from .common import CLIError
 
-SUBCOMMANDS = (render, chat, generate, tui, doctor)
+SUBCOMMANDS = (render, chat, generate, tui, doctor, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,342 @@
+"""gptoss-mlx serve: a real uvicorn server on 127.0.0.1 (a free port), driven by OpenAI's official
+client. The tiny random checkpoint (full vocabulary, real tokenizer) runs every endpoint end to
+end; a scripted model stands in where random weights cannot reach a path (reasoning, calls)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import uvicorn
+
+from gptoss_mlx.generate import Engine, SamplingParams
+from gptoss_mlx.server import Scheduler, Service, create_app
+from gptoss_mlx.tokenizer import load_tokenizer
+from scripted import ScriptedModel
+
+GREEDY = {"temperature": 0}
+WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                          "required": ["city"]}}
+CHAT_WEATHER = {"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}
+
+
+@contextlib.contextmanager
+def serving(model, tokenizer, *, max_context=4096, max_concurrency=4, api_key=None):
+    """A uvicorn server on a free loopback port, in a thread; yields its /v1 base URL."""
+    engine = Engine(model, max_context=max_context)
+    service = Service("gpt-oss-tiny", tokenizer, engine,
+                      Scheduler(engine, max_concurrency, cache_bytes=1 << 30))
+    config = uvicorn.Config(create_app(service, api_key=api_key), host="127.0.0.1", port=0,
+                            log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def client(url, key="none", **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_json):
+    return load_tokenizer(tokenizer_json)
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer_json, tmp_path_factory):
+    """A tiny random checkpoint with the real tokenizer's vocabulary, loaded."""
+    from gptoss_mlx.loading import load
+    from gptoss_mlx.testing import checkpoints as mtc
+
+    ckpt = tmp_path_factory.mktemp("server") / "tiny"
+    mtc.write_hf(ckpt, mtc.TINY)
+    mtc.copy_tokenizer(ckpt, tokenizer_json)
+    return load(ckpt)
+
+
+@pytest.fixture(scope="module")
+def url(tiny):
+    with serving(*tiny) as url:
+        yield url
+
+
+def script(tok, text):
+    return tok.encode(text, allowed_special="all")
+
+
+def answer(tok, reasoning, text):
+    return script(tok, f"<|channel|>analysis<|message|>{reasoning}<|end|>"
+                       f"<|start|>assistant<|channel|>final<|message|>{text}<|return|>")
+
+
+def call(tok, reasoning, name, arguments):
+    return script(tok, f"<|channel|>analysis<|message|>{reasoning}<|end|><|start|>assistant"
+                       f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>"
+                       f"{arguments}<|call|>")
+
+
+# -- the tiny real model, end to end
+
+def test_chat_completions_end_to_end(url):
+    c = client(url)
+    r = c.chat.completions.create(model="gpt-oss-tiny", max_tokens=12, reasoning_effort="low",
+                                  messages=[{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "Hello"}], **GREEDY)
+    choice = r.choices[0]
+    assert choice.finish_reason == "length" and r.usage.completion_tokens == 12
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + 12
+    text = (choice.message.content or "") + (getattr(choice.message, "reasoning_content", None) or "")
+    assert text and "<|" not in (choice.message.content or "")
+
+    chunks = list(c.chat.completions.create(
+        model="gpt-oss-tiny", max_tokens=12, reasoning_effort="low", stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+        **GREEDY))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert streamed == (choice.message.content or "")
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_responses_end_to_end(url):
+    c = client(url)
+    r = c.responses.create(model="gpt-oss-tiny", input="Hello", instructions="Be brief.",
+                           max_output_tokens=10, reasoning={"effort": "low"}, **GREEDY)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 10 and r.usage.input_tokens > 0
+    assert r.reasoning.effort == "low"
+    with c.responses.stream(model="gpt-oss-tiny", input="Hello", instructions="Be brief.",
+                            max_output_tokens=10, reasoning={"effort": "low"}, **GREEDY) as stream:
+        events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.incomplete"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    final = events[-1].response
+    assert final.output_text == r.output_text
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+
+
+def test_follow_up_reuses_the_prompt_cache(url):
+    c = client(url)
+    history = [{"role": "user", "content": "Tell me about the sea " * 20}]
+    first = c.chat.completions.create(model="gpt-oss-tiny", messages=history, max_tokens=6, **GREEDY)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And rivers?"}]
+    second = c.chat.completions.create(model="gpt-oss-tiny", messages=history, max_tokens=6, **GREEDY)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    # the Responses API reports it too, continuing by previous_response_id
+    r1 = c.responses.create(model="gpt-oss-tiny", input="Tell me about lakes " * 20, max_output_tokens=6, **GREEDY)
+    r2 = c.responses.create(model="gpt-oss-tiny", input="More?", previous_response_id=r1.id,
+                            max_output_tokens=6, **GREEDY)
+    assert r2.usage.input_tokens_details.cached_tokens >= r1.usage.input_tokens
+
+
+def test_forced_function_call_on_the_real_model(url):
+    c = client(url)
+    r = c.chat.completions.create(model="gpt-oss-tiny", max_tokens=8, tools=[CHAT_WEATHER],
+                                  tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                  messages=[{"role": "user", "content": "Weather in Oslo?"}], **GREEDY)
+    calls = r.choices[0].message.tool_calls
+    assert [t.function.name for t in calls] == ["get_weather"] and calls[0].id.startswith("call_")
+
+
+def test_concurrent_greedy_streams_equal_their_solo_output(url):
+    c = client(url)
+    prompts = ["Count to ten", "Name a colour"]
+
+    def run(prompt):
+        stream = c.chat.completions.create(model="gpt-oss-tiny", max_tokens=16, stream=True,
+                                           messages=[{"role": "user", "content": prompt}], **GREEDY)
+        return "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+
+    solo = [run(p) for p in prompts]
+    together = [None, None]
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, run(prompts[i])))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == solo and solo[0] != solo[1]
+
+
+def test_a_disconnect_frees_its_slot_and_a_full_server_answers_429(tiny):
+    with serving(*tiny, max_concurrency=1) as url:
+        c = client(url)
+        stream = c.chat.completions.create(model="gpt-oss-tiny", max_tokens=3000, stream=True,
+                                           messages=[{"role": "user", "content": "Go on"}])
+        next(iter(stream))
+        with pytest.raises(openai.RateLimitError) as busy:
+            c.chat.completions.create(model="gpt-oss-tiny", max_tokens=2,
+                                      messages=[{"role": "user", "content": "Me too"}])
+        assert busy.value.response.headers["retry-after"] == "1"
+        stream.close()  # the client goes away mid-reply
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                r = c.chat.completions.create(model="gpt-oss-tiny", max_tokens=2,
+                                              messages=[{"role": "user", "content": "Now?"}])
+                break
+            except openai.RateLimitError:
+                assert time.monotonic() < deadline, "the slot was never freed"
+                time.sleep(0.05)
+        assert r.usage.completion_tokens == 2
+
+
+# -- errors
+
+def post(url, path, data: bytes, key=None):
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json",
+                                                                   **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(req) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 5}', 400, "temperature"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400, "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "max"}', 400, "reasoning_effort"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}', 400, "tool_choice"),
+    (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, None),
+    (b'{"messages": [{"role": "tool", "content": "72F"}]}', 400, None),
+])
+def test_bad_chat_requests_get_openai_shaped_errors(url, body, status, param):
+    code, data = post(url, "/chat/completions", body)
+    assert code == status
+    assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["param"] == param
+
+
+def test_bad_responses_requests_and_unknown_routes(url):
+    assert post(url, "/responses", b'{"input": 5}')[0] == 400
+    code, data = post(url, "/responses", b'{"input": "hi", "previous_response_id": "resp_nope"}')
+    assert code == 404 and data["error"]["code"] == "previous_response_not_found"
+    code, data = post(url, "/responses", b'{"input": [{"type": "function_call_output", "call_id": "x", "output": "1"}]}')
+    assert code == 400 and "tool result" in data["error"]["message"]
+    assert post(url, "/nowhere", b"{}")[0] == 404
+
+
+def test_a_prompt_over_the_context_is_context_length_exceeded(url):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(url).chat.completions.create(model="gpt-oss-tiny",
+                                            messages=[{"role": "user", "content": "word " * 5000}])
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_api_key(tiny):
+    with serving(*tiny, api_key="sesame") as url:
+        with pytest.raises(openai.AuthenticationError):
+            client(url, key="wrong").models.list()
+        assert post(url, "/chat/completions", b"{}")[0] == 401
+        assert [m.id for m in client(url, key="sesame").models.list()] == ["gpt-oss-tiny"]
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/health") as resp:  # no key needed
+            assert json.loads(resp.read())["status"] == "ok"
+
+
+# -- a scripted model: reasoning fields, function calls, stops
+
+def test_reasoning_fields_in_both_apis(tok):
+    model = ScriptedModel([answer(tok, "Two plus two.", "It is 4.")])
+    with serving(model, tok) as url:
+        c = client(url)
+        m = c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "2+2?"}])
+        message = m.choices[0].message
+        assert (message.content, message.reasoning_content, message.reasoning) == (
+            "It is 4.", "Two plus two.", "Two plus two.")
+        assert m.choices[0].finish_reason == "stop"
+        assert m.usage.completion_tokens_details.reasoning_tokens > 0
+
+        chunks = list(c.chat.completions.create(model="gpt-oss-tiny", stream=True,
+                                                messages=[{"role": "user", "content": "2+2?"}]))
+        deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Two plus two."
+        assert "".join(d.content or "" for d in deltas) == "It is 4."
+
+        r = c.responses.create(model="gpt-oss-tiny", input="2+2?")
+        assert [o.type for o in r.output] == ["reasoning", "message"]
+        assert r.output[0].content[0].text == "Two plus two." and r.output_text == "It is 4."
+        with c.responses.stream(model="gpt-oss-tiny", input="2+2?") as stream:
+            kinds = [e.type for e in stream]
+        assert kinds == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added",
+                         *["response.reasoning_text.delta"] * kinds.count("response.reasoning_text.delta"),
+                         "response.reasoning_text.done", "response.content_part.done",
+                         "response.output_item.done",
+                         "response.output_item.added", "response.content_part.added",
+                         *["response.output_text.delta"] * kinds.count("response.output_text.delta"),
+                         "response.output_text.done", "response.content_part.done",
+                         "response.output_item.done", "response.completed"]
+
+
+def test_function_call_round_trip_through_function_call_output(tok):
+    weather = call(tok, "Need the weather.", "get_weather", '{"city":"Oslo"}')
+    model = ScriptedModel([weather, answer(tok, "It said rain.", "Rainy, 12 C."), weather])
+    with serving(model, tok) as url:
+        c = client(url)
+        r = c.responses.create(model="gpt-oss-tiny", input="Weather in Oslo?", tools=[
+            WEATHER, {"type": "web_search"}, {"type": "local_shell"}])  # Codex-style extras are ignored
+        fc = r.output[-1]
+        assert (fc.type, fc.name, json.loads(fc.arguments)) == ("function_call", "get_weather", {"city": "Oslo"})
+        r2 = c.responses.create(model="gpt-oss-tiny", previous_response_id=r.id, tools=[WEATHER], input=[
+            {"type": "function_call_output", "call_id": fc.call_id, "output": "rain, 12 C"}])
+        assert r2.output_text == "Rainy, 12 C." and r2.status == "completed"
+        prompt = tok.decode(model.fed)
+        assert "functions.get_weather to=assistant" in prompt and "rain, 12 C" in prompt
+        assert "Need the weather." in prompt  # the ongoing turn's reasoning is kept (harmony)
+
+        with c.responses.stream(model="gpt-oss-tiny", input="Weather in Oslo?", tools=[WEATHER]) as stream:
+            events = list(stream)
+        args = [e for e in events if e.type == "response.function_call_arguments.done"]
+        assert args and json.loads(args[0].arguments) == {"city": "Oslo"}
+
+
+def test_function_call_round_trip_through_tool_messages(tok):
+    model = ScriptedModel([call(tok, "Look it up.", "get_weather", '{"city":"Oslo"}'),
+                           answer(tok, "Done.", "Rainy.")])
+    with serving(model, tok) as url:
+        c = client(url)
+        messages = [{"role": "user", "content": "Weather in Oslo?"}]
+        r = c.chat.completions.create(model="gpt-oss-tiny", messages=messages, tools=[CHAT_WEATHER])
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+        tc = r.choices[0].message.tool_calls[0]
+        messages += [r.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": tc.id, "content": "rain"}]
+        r2 = c.chat.completions.create(model="gpt-oss-tiny", messages=messages, tools=[CHAT_WEATHER])
+        assert r2.choices[0].message.content == "Rainy."
+        assert "Look it up." in tok.decode(model.fed)  # reasoning accepted back in history
+
+
+def test_stop_strings_and_control_tokens_never_reach_content(tok):
+    model = ScriptedModel([answer(tok, "Hm.", "Hello<|channel|> world. Bye")])
+    with serving(model, tok) as url:
+        c = client(url)
+        r = c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "hi"}])
+        assert r.choices[0].message.content == "Hello world. Bye"
+        r = c.chat.completions.create(model="gpt-oss-tiny", stop=["d. B"], stream=True,
+                                      messages=[{"role": "user", "content": "hi"}])
+        chunks = [ch for ch in r if ch.choices]
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "Hello worl"
+        assert chunks[-1].choices[0].finish_reason == "stop"
