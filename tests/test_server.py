@@ -14,9 +14,12 @@ import urllib.request
 import openai
 import pytest
 import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gptoss_mlx.generate import Engine, SamplingParams
 from gptoss_mlx.server import Scheduler, Service, create_app
+from gptoss_mlx.server.output import Closed, Delta, ReplyStream
 from gptoss_mlx.tokenizer import load_tokenizer
 from scripted import ScriptedModel
 
@@ -340,3 +343,19 @@ def test_stop_strings_and_control_tokens_never_reach_content(tok):
         chunks = [ch for ch in r if ch.choices]
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "Hello worl"
         assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet="ab c.é\n", max_size=40),
+       stops=st.lists(st.text(alphabet="ab c.é\n", min_size=1, max_size=4), max_size=3))
+def test_stop_strings_cut_the_answer_at_the_earliest_one(tok, text, stops):
+    stream = ReplyStream(tok, stops)
+    events = []
+    for token in script(tok, f"<|channel|>final<|message|>{text}<|return|>"):
+        events += stream.feed(token)
+    events += stream.finish()
+    cuts = [text.find(s) for s in stops if s in text]
+    expected = text[:min(cuts)] if cuts else text
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == expected
+    assert stream.items[0].text == expected and stream.stopped == bool(cuts)
+    assert sum(isinstance(e, Closed) for e in events) == 1

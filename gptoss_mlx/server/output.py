@@ -101,13 +101,13 @@ class ReplyStream:
             item.text += text
             return [Delta(item, text)]
         pending = self._held + text
-        for stop in self.stops:
-            if stop in pending:
-                self.stopped = True
-                self._held = ""
-                head = pending[:pending.index(stop)]
-                item.text += head
-                return ([Delta(item, head)] if head else []) + [Closed(item)]
+        cut = min((pending.find(s) for s in self.stops if s in pending), default=-1)
+        if cut >= 0:  # the earliest stop string ends the answer
+            self.stopped = True
+            self._held = ""
+            head = pending[:cut]
+            item.text += head
+            return ([Delta(item, head)] if head else []) + [Closed(item)]
         keep = max((k for s in self.stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
         self._held = pending[len(pending) - keep:] if keep else ""
         head = pending[:len(pending) - keep]
