@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -17,7 +20,10 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gptoss_mlx.generate import Engine, SamplingParams
+from gptoss_mlx.cli import build_parser as cli_parser
+from gptoss_mlx.cli import main as cli_main
+from gptoss_mlx.cli.serve import check_binding
+from gptoss_mlx.generate import Engine
 from gptoss_mlx.server import Scheduler, Service, create_app
 from gptoss_mlx.server.output import Closed, Delta, ReplyStream
 from gptoss_mlx.tokenizer import load_tokenizer
@@ -61,15 +67,21 @@ def tok(tokenizer_json):
 
 
 @pytest.fixture(scope="module")
-def tiny(tokenizer_json, tmp_path_factory):
-    """A tiny random checkpoint with the real tokenizer's vocabulary, loaded."""
-    from gptoss_mlx.loading import load
+def tiny_checkpoint(tokenizer_json, tmp_path_factory):
+    """A tiny random checkpoint with the real tokenizer's vocabulary (the default TINY has 512)."""
     from gptoss_mlx.testing import checkpoints as mtc
 
     ckpt = tmp_path_factory.mktemp("server") / "tiny"
     mtc.write_hf(ckpt, mtc.TINY)
     mtc.copy_tokenizer(ckpt, tokenizer_json)
-    return load(ckpt)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    from gptoss_mlx.loading import load
+
+    return load(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -359,3 +371,46 @@ def test_stop_strings_cut_the_answer_at_the_earliest_one(tok, text, stops):
     assert "".join(e.text for e in events if isinstance(e, Delta)) == expected
     assert stream.items[0].text == expected and stream.stopped == bool(cuts)
     assert sum(isinstance(e, Closed) for e in events) == 1
+
+
+# -- the command
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gptoss_mlx_serve_runs_and_logs_one_line_per_request(tiny_checkpoint):
+    ckpt = tiny_checkpoint
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gptoss_mlx", "serve", "--model", str(ckpt),
+                             "--port", str(port), "--max-context", "2048", "--max-tokens", "4"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health")
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        c = client(f"http://127.0.0.1:{port}/v1")
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+        assert r.usage.completion_tokens == 4 and r.model == str(ckpt)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    lines = [line for line in err.splitlines() if r.id in line]
+    assert len(lines) == 1 and "prompt tokens (0 cached), 4 generated, TTFT" in lines[0]
+
+
+def test_serve_refuses_a_public_address_without_a_key(capsys):
+    assert cli_main(["serve", "--host", "0.0.0.0", "--model", "/nonexistent"]) == 2
+    assert "--api-key" in capsys.readouterr().err
+    check_binding(cli_parser().parse_args(["serve", "--host", "0.0.0.0", "--allow-remote-without-key"]))
+    assert "warning: serving on 0.0.0.0 without an API key" in capsys.readouterr().err
+    check_binding(cli_parser().parse_args(["serve", "--host", "::1"]))  # loopback: fine
+    assert cli_main(["serve", "--tools", "python", "--model", "/nonexistent"]) == 2
+    assert "does not run tools" in capsys.readouterr().err
