@@ -414,3 +414,69 @@ def test_serve_refuses_a_public_address_without_a_key(capsys):
     check_binding(cli_parser().parse_args(["serve", "--host", "::1"]))  # loopback: fine
     assert cli_main(["serve", "--tools", "python", "--model", "/nonexistent"]) == 2
     assert "does not run tools" in capsys.readouterr().err
+
+
+# -- hostile bodies: never a 5xx, always OpenAI's error shape
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8)
+CHAT_KEYS = ["model", "messages", "tools", "tool_choice", "reasoning_effort", "stream", "stream_options",
+             "max_tokens", "max_completion_tokens", "stop", "seed", "temperature", "top_p", "n",
+             "response_format"]
+RESPONSES_KEYS = ["model", "input", "instructions", "tools", "tool_choice", "reasoning", "stream",
+                  "max_output_tokens", "previous_response_id", "store", "temperature", "top_p", "text"]
+CALL = st.fixed_dictionaries({"function": st.fixed_dictionaries(
+    {}, optional={"name": JSON_VALUES, "arguments": JSON_VALUES}) | JSON_VALUES}, optional={"id": JSON_VALUES})
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "tool", "system", "x"]),
+                                 "content": JSON_VALUES},
+                                optional={"tool_calls": st.lists(CALL, max_size=2) | JSON_VALUES,
+                                          "tool_call_id": JSON_VALUES, "name": JSON_VALUES,
+                                          "reasoning_content": JSON_VALUES})
+SHAPED = {  # values shaped like the real thing, wrong inside
+    "tool_choice": st.fixed_dictionaries({"type": st.just("function")},
+                                         optional={"name": JSON_VALUES, "function": JSON_VALUES}),
+    "response_format": st.fixed_dictionaries({"type": st.sampled_from(["json_schema", "text", "x"])},
+                                             optional={"json_schema": JSON_VALUES}),
+    "text": st.fixed_dictionaries({"format": st.fixed_dictionaries(
+        {"type": st.sampled_from(["json_schema", "text"])}, optional={"name": JSON_VALUES, "schema": JSON_VALUES})}),
+    "tools": st.lists(st.fixed_dictionaries({"type": st.just("function")}, optional={
+        "name": JSON_VALUES, "parameters": JSON_VALUES, "function": JSON_VALUES}), max_size=2),
+    "reasoning": st.fixed_dictionaries({}, optional={"effort": JSON_VALUES}),
+}
+ITEM = st.fixed_dictionaries({"type": st.sampled_from(["message", "reasoning", "function_call",
+                                                       "function_call_output", "custom"])},
+                             optional={"role": st.sampled_from(["user", "assistant"]), "content": JSON_VALUES,
+                                       "call_id": JSON_VALUES, "name": JSON_VALUES, "output": JSON_VALUES})
+
+
+@pytest.fixture(scope="module")
+def scripted_url(tok):
+    with serving(ScriptedModel([answer(tok, "Hm.", "ok")]), tok, max_context=1024) as url:
+        yield url
+
+
+def check_answer(url, path, body):
+    code, data = post(url, path, json.dumps(body).encode())
+    assert code < 500, data
+    if code >= 400:
+        assert set(data["error"]) == {"message", "type", "param", "code"}
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.dictionaries(st.sampled_from(CHAT_KEYS), JSON_VALUES, max_size=5),
+       shaped=st.dictionaries(st.sampled_from(["tool_choice", "response_format", "tools"]),
+                              st.deferred(lambda: st.one_of(*SHAPED.values())), max_size=2),
+       messages=st.lists(MESSAGE, max_size=3))
+def test_hostile_chat_bodies_get_4xx_not_5xx(scripted_url, body, shaped, messages):
+    check_answer(scripted_url, "/chat/completions", {"messages": messages, **body, **shaped, "max_tokens": 3})
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.dictionaries(st.sampled_from(RESPONSES_KEYS), JSON_VALUES, max_size=5),
+       shaped=st.dictionaries(st.sampled_from(["tool_choice", "text", "tools", "reasoning"]),
+                              st.deferred(lambda: st.one_of(*SHAPED.values())), max_size=2),
+       items=st.lists(ITEM, max_size=3) | st.text(max_size=5))
+def test_hostile_responses_bodies_get_4xx_not_5xx(scripted_url, body, shaped, items):
+    check_answer(scripted_url, "/responses", {"input": items, **body, **shaped, "max_output_tokens": 3})

@@ -24,7 +24,10 @@ def tool_choice(body: dict, tools_key: str = "tools") -> tuple[dict, str | None]
     if choice == "none":
         return {**body, tools_key: []}, None
     if isinstance(choice, dict) and choice.get("type") == "function":
-        name = choice.get("name") or (choice.get("function") or {}).get("name")
+        fn = choice.get("function")
+        name = choice.get("name") or (fn.get("name") if isinstance(fn, dict) else None)
+        if not isinstance(name, str):
+            raise bad_request(f"tool_choice {choice!r} names no function", "tool_choice")
         declared = {(t.get("function") or t).get("name") for t in body.get(tools_key) or []
                     if isinstance(t, dict)}
         if name in declared:
@@ -35,16 +38,50 @@ def tool_choice(body: dict, tools_key: str = "tools") -> tuple[dict, str | None]
                       "function ({\"type\": \"function\", ...})", "tool_choice")
 
 
-def check_request(body: dict) -> None:
-    if not isinstance(body.get("messages"), list) or not body["messages"]:
+def check_messages(messages) -> None:
+    """The shapes the harmony conversion relies on, with one message naming the field."""
+    if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list", "messages")
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad_request(f"{where} must be an object", "messages")
+        for key in ("name", "tool_call_id", "reasoning", "reasoning_content"):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise bad_request(f"{where}.{key} must be a string", "messages")
+        calls = m.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            raise bad_request(f"{where}.tool_calls must be a list", "messages")
+        for j, call in enumerate(calls or []):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if (not isinstance(fn, dict) or not isinstance(fn.get("name"), str)
+                    or not isinstance(call.get("id", ""), str)
+                    or not isinstance(fn.get("arguments", ""), (str, dict))):
+                raise bad_request(f"{where}.tool_calls[{j}] must be {{\"id\": str, \"function\": "
+                                  "{\"name\": str, \"arguments\": str}}", "messages")
+
+
+def check_response_format(fmt, param: str = "response_format") -> None:
+    """``text``, or a ``json_schema`` (given to the model as harmony's response format; the output
+    is not constrained)."""
+    if fmt is None or isinstance(fmt, dict) and fmt.get("type") == "text":
+        return
+    schema = fmt.get("json_schema") if isinstance(fmt, dict) else None
+    if (not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(schema, dict)
+            or not isinstance(schema.get("name", ""), str) or not isinstance(schema.get("schema", {}), dict)):
+        raise bad_request(f"{param} must be {{\"type\": \"text\"}} or {{\"type\": \"json_schema\", "
+                          "\"json_schema\": {\"name\": str, \"schema\": {...}}} (json_object is not "
+                          "supported)", param)
+
+
+def check_request(body: dict) -> None:
+    check_messages(body.get("messages"))
+    params.typed(body, "tools", list, "a list of tools")
+    params.typed(body, "stream", bool, "true or false")
+    params.typed(body, "stream_options", dict, "an object")
     if body.get("n") not in (None, 1):
         raise bad_request(f"'n' must be 1 (one choice per request), got {body['n']!r}", "n")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_schema")):
-        raise bad_request("response_format must be {\"type\": \"text\"} or a json_schema (given to the "
-                          "model as harmony's response format; output is not constrained)",
-                          "response_format")
+    check_response_format(body.get("response_format"))
     for key in ("presence_penalty", "frequency_penalty"):
         if body.get(key) not in (None, 0, 0.0):
             raise bad_request(f"'{key}' is not supported", key)

@@ -49,6 +49,8 @@ def sampling(body: dict, default: SamplingParams, max_tokens_keys: tuple[str, ..
 def effort(value, default: str, param: str) -> str:
     if value is None:
         return default
+    if not isinstance(value, str):
+        raise bad_request(f"'{param}' must be one of {', '.join(EFFORTS)}, got {value!r}", param)
     value = EFFORT_ALIASES.get(value, value)
     if value not in EFFORTS:
         raise bad_request(f"'{param}' must be one of {', '.join(EFFORTS)}, got {value!r}", param)
@@ -65,3 +67,11 @@ def stop_strings(body: dict) -> list[str]:
         raise bad_request(f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS} "
                           f"of them, got {stop!r}", "stop")
     return stops
+
+
+def typed(body: dict, key: str, kind: type | tuple[type, ...], what: str):
+    """``body[key]`` when it is None or of ``kind``; else a 400 saying it must be ``what``."""
+    value = body.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise bad_request(f"'{key}' must be {what}, got {value!r}", key)
+    return value

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from starlette.responses import JSONResponse, StreamingResponse
 
 from . import params
-from .chat_completions import tool_choice
+from .chat_completions import check_response_format, tool_choice
 from .errors import APIError, bad_request
 from .output import CALL, REASONING, Closed, Delta, Item, Opened
 from .service import Reply, Service, new_id
@@ -104,6 +104,8 @@ def chat_messages(items: list) -> list[dict]:
                 {"id": item["call_id"], "type": "function",
                  "function": {"name": item["name"], "arguments": str(item.get("arguments") or "{}")}})
         elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise bad_request(f"{where}: a function_call_output needs the 'call_id' of its call", "input")
             out.append({"role": "tool", "tool_call_id": item.get("call_id"),
                         "content": _text(item.get("output"), where)})
             assistant = None
@@ -126,12 +128,14 @@ def function_tools(tools) -> list[dict]:
     return functions
 
 
-def text_format(body: dict) -> dict:
+def response_format(body: dict) -> dict | None:
+    """``text.format`` as Chat Completions' ``response_format`` (the schema's fields sit one
+    level up in the Responses API)."""
     text = body.get("text") or {}
-    fmt = text.get("format") or {} if isinstance(text, dict) else None
-    if not isinstance(fmt, dict) or fmt.get("type") not in (None, "text", "json_schema"):
-        raise bad_request("text.format must be {\"type\": \"text\"} or a json_schema (given to the "
-                          "model as harmony's response format; output is not constrained)", "text")
+    fmt = text.get("format") if isinstance(text, dict) else text
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        fmt = {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
+    check_response_format(fmt, "text.format")
     return fmt
 
 
@@ -142,7 +146,8 @@ def input_items(body: dict, store: ResponseStore) -> list[dict]:
         given = [{"type": "message", "role": "user", "content": given}]
     elif not isinstance(given, list):
         raise bad_request("'input' must be a string or a list of items", "input")
-    previous = store.get(body["previous_response_id"]) if body.get("previous_response_id") else []
+    previous_id = params.typed(body, "previous_response_id", str, "a response id")
+    previous = store.get(previous_id) if previous_id else []
     return previous + given
 
 
@@ -168,6 +173,9 @@ class ResponseRun:
     def __init__(self, service: Service, store: ResponseStore, body: dict, request):
         service.check_model(body)
         self.service, self.store, self.body, self.request = service, store, body, request
+        params.typed(body, "instructions", str, "a string")
+        params.typed(body, "stream", bool, "true or false")
+        params.typed(body, "store", bool, "true or false")
         self.items = input_items(body, store)
         reasoning = body.get("reasoning") or {}
         if not isinstance(reasoning, dict):
@@ -177,9 +185,7 @@ class ResponseRun:
                              if body.get("instructions") else []) + chat_messages(self.items),
                 "tools": function_tools(body.get("tools")), "tool_choice": body.get("tool_choice"),
                 "reasoning_effort": self.effort}
-        fmt = text_format(body)
-        if fmt.get("type") == "json_schema":
-            chat["response_format"] = {"type": "json_schema", "json_schema": fmt}
+        chat["response_format"] = response_format(body)
         chat, forced_name = tool_choice(chat)
         if not chat["messages"]:
             raise bad_request("'input' is empty", "input")
