@@ -37,11 +37,11 @@ CHAT_WEATHER = {"type": "function", "function": {k: v for k, v in WEATHER.items(
 
 
 @contextlib.contextmanager
-def serving(model, tokenizer, *, max_context=4096, max_concurrency=4, api_key=None):
+def serving(model, tokenizer, *, max_context=4096, max_concurrency=4, api_key=None, cache_bytes=1 << 30):
     """A uvicorn server on a free loopback port, in a thread; yields its /v1 base URL."""
     engine = Engine(model, max_context=max_context)
     service = Service("gpt-oss-tiny", tokenizer, engine,
-                      Scheduler(engine, max_concurrency, cache_bytes=1 << 30))
+                      Scheduler(engine, max_concurrency, cache_bytes=cache_bytes))
     config = uvicorn.Config(create_app(service, api_key=api_key), host="127.0.0.1", port=0,
                             log_level="warning")
     server = uvicorn.Server(config)
@@ -161,6 +161,24 @@ def test_follow_up_reuses_the_prompt_cache(url):
     r2 = c.responses.create(model="gpt-oss-tiny", input="More?", previous_response_id=r1.id,
                             max_output_tokens=6, **GREEDY)
     assert r2.usage.input_tokens_details.cached_tokens >= r1.usage.input_tokens
+
+
+def test_interleaved_conversations_keep_their_caches_within_the_budget(tiny):
+    def turns(url):
+        c, cached = client(url), []
+        history = {k: [{"role": "user", "content": f"Tell me about {k} " * 30}] for k in ("lakes", "hills")}
+        for k in ("lakes", "hills", "lakes", "hills"):
+            r = c.chat.completions.create(model="gpt-oss-tiny", messages=history[k], max_tokens=4, **GREEDY)
+            cached.append(r.usage.prompt_tokens_details.cached_tokens)
+            history[k] += [{"role": "assistant", "content": r.choices[0].message.content},
+                           {"role": "user", "content": "More?"}]
+        return cached
+
+    with serving(*tiny) as url:
+        first_lakes, first_hills, again_lakes, again_hills = turns(url)
+        assert first_lakes == first_hills == 0 and again_lakes > 100 and again_hills > 100
+    with serving(*tiny, cache_bytes=1) as url:  # a budget no cache fits: nothing is kept
+        assert turns(url) == [0, 0, 0, 0]
 
 
 def test_forced_function_call_on_the_real_model(url):

@@ -40,8 +40,11 @@ def create_app(service: Service, api_key: str | None = None) -> Starlette:
                            code="invalid_api_key")
 
     async def json_body(request: Request) -> dict:
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
         raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
+        if len(raw) > MAX_BODY_BYTES:  # sent in chunks, without a length
             raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
         try:
             body = json.loads(raw)
