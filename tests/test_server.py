@@ -254,6 +254,9 @@ def post(url, path, data: bytes, key=None):
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400, "max_tokens"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "max"}', 400, "reasoning_effort"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}', 400, "tool_choice"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true}', 400, "logprobs"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}', 400,
+     "response_format"),
     (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, None),
     (b'{"messages": [{"role": "tool", "content": "72F"}]}', 400, None),
 ])
@@ -336,6 +339,7 @@ def test_function_call_round_trip_through_function_call_output(tok):
         r2 = c.responses.create(model="gpt-oss-tiny", previous_response_id=r.id, tools=[WEATHER], input=[
             {"type": "function_call_output", "call_id": fc.call_id, "output": "rain, 12 C"}])
         assert r2.output_text == "Rainy, 12 C." and r2.status == "completed"
+        assert r2.usage.input_tokens_details.cached_tokens >= r.usage.input_tokens  # the call's turn
         prompt = tok.decode(model.fed)
         assert "functions.get_weather to=assistant" in prompt and "rain, 12 C" in prompt
         assert "Need the weather." in prompt  # the ongoing turn's reasoning is kept (harmony)
@@ -359,6 +363,7 @@ def test_function_call_round_trip_through_tool_messages(tok):
                      {"role": "tool", "tool_call_id": tc.id, "content": "rain"}]
         r2 = c.chat.completions.create(model="gpt-oss-tiny", messages=messages, tools=[CHAT_WEATHER])
         assert r2.choices[0].message.content == "Rainy."
+        assert r2.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens
         assert "Look it up." in tok.decode(model.fed)  # reasoning accepted back in history
 
 

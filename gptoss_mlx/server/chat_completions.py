@@ -85,8 +85,9 @@ def check_request(body: dict) -> None:
     for key in ("presence_penalty", "frequency_penalty"):
         if body.get(key) not in (None, 0, 0.0):
             raise bad_request(f"'{key}' is not supported", key)
-    if body.get("logit_bias"):
-        raise bad_request("'logit_bias' is not supported", "logit_bias")
+    for key in ("logit_bias", "logprobs", "top_logprobs", "audio", "prediction"):
+        if body.get(key):
+            raise bad_request(f"'{key}' is not supported by this server", key)
 
 
 async def chat_completions(service: Service, body: dict, request):
