@@ -92,17 +92,22 @@ def chat_messages(items: list) -> list[dict]:
             out.append({"role": item.get("role"), "content": _text(item.get("content"), where)})
             assistant = None
         elif kind == "reasoning":
-            text = "".join(str(p.get("text", "")) for p in item.get("content") or []
+            parts = item.get("content") or []
+            if not isinstance(parts, list):
+                raise bad_request(f"{where}: a reasoning item's content must be a list of "
+                                  "reasoning_text parts", "input")
+            text = "".join(str(p.get("text", "")) for p in parts
                            if isinstance(p, dict) and p.get("type") == "reasoning_text")
             if text:
                 target = turn("tool_calls", "content")
                 target["reasoning"] = (target.get("reasoning") or "") + text
         elif kind == "function_call":
-            if not isinstance(item.get("name"), str) or not isinstance(item.get("call_id"), str):
-                raise bad_request(f"{where}: a function_call needs 'name' and 'call_id'", "input")
+            if not all(isinstance(item.get(k), str) for k in ("name", "call_id", "arguments")):
+                raise bad_request(f"{where}: a function_call needs 'name', 'call_id' and 'arguments' "
+                                  "(strings)", "input")
             turn("content").setdefault("tool_calls", []).append(
                 {"id": item["call_id"], "type": "function",
-                 "function": {"name": item["name"], "arguments": str(item.get("arguments") or "{}")}})
+                 "function": {"name": item["name"], "arguments": item["arguments"]}})
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str):
                 raise bad_request(f"{where}: a function_call_output needs the 'call_id' of its call", "input")

@@ -72,6 +72,8 @@ class PromptCachePool:
 
 
 class Scheduler:
+    """Admits requests and runs their generations on ``engine``, one at a time."""
+
     def __init__(self, engine: Engine, max_concurrency: int, cache_bytes: int):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -119,6 +121,8 @@ class Scheduler:
 
 
 class Slot:
+    """A request's place among the ``max_concurrency`` in flight; released exactly once."""
+
     def __init__(self, scheduler: Scheduler):
         self._scheduler = scheduler
 
