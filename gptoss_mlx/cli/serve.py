@@ -66,7 +66,11 @@ def cmd_serve(args) -> int:
                       Scheduler(engine, args.max_concurrency, int(args.prompt_cache_gb * (1 << 30))),
                       sampling=chat.sampling, reasoning_effort=chat.reasoning_effort,
                       instructions=chat.instructions)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log = logging.getLogger("gptoss_mlx.server")  # one line per request; uvicorn's own: warnings
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     print(f"Serving {service.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(create_app(service, api_key=args.api_key), host=args.host, port=args.port,
                 log_level="warning")
