@@ -222,16 +222,23 @@ def test_a_disconnect_frees_its_slot_and_a_full_server_answers_429(tiny):
                                       messages=[{"role": "user", "content": "Me too"}])
         assert busy.value.response.headers["retry-after"] == "1"
         stream.close()  # the client goes away mid-reply
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                r = c.chat.completions.create(model="gpt-oss-tiny", max_tokens=2,
-                                              messages=[{"role": "user", "content": "Now?"}])
-                break
-            except openai.RateLimitError:
-                assert time.monotonic() < deadline, "the slot was never freed"
-                time.sleep(0.05)
-        assert r.usage.completion_tokens == 2
+        assert eventually_served(c).usage.completion_tokens == 2
+        with pytest.raises(openai.APITimeoutError):  # a client that gives up on a plain request
+            client(url, timeout=0.5).chat.completions.create(
+                model="gpt-oss-tiny", max_tokens=3000, messages=[{"role": "user", "content": "Go on"}])
+        assert eventually_served(c).usage.completion_tokens == 2
+
+
+def eventually_served(c, within_s: float = 10):
+    """A small request, retried while the server answers 429 (a slot not freed yet)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return c.chat.completions.create(model="gpt-oss-tiny", max_tokens=2,
+                                             messages=[{"role": "user", "content": "Now?"}])
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "the slot was never freed"
+            time.sleep(0.05)
 
 
 # -- errors

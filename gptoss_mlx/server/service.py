@@ -125,7 +125,8 @@ class Service:
         if stats is None:  # never reached the engine (the client left while it waited)
             log.info("%s %s: cancelled before generation", reply.id, request.url.path)
             return
-        gone = " (client disconnected)" if stats.finish_reason == "interrupted" else ""
-        log.info("%s %s: %d prompt tokens (%d cached), %d generated, TTFT %.3fs, %.1f tok/s, "
-                 "finish %s%s", reply.id, request.url.path, stats.prompt_tokens, stats.reused_tokens,
-                 stats.generated_tokens, stats.ttft_s, stats.decode_tps, reply.finish_reason, gone)
+        end = ("client disconnected" if stats.finish_reason == "interrupted" and not reply.stream.stopped
+               else f"finish {reply.finish_reason}")
+        log.info("%s %s: %d prompt tokens (%d cached), %d generated, TTFT %.3fs, %.1f tok/s, %s",
+                 reply.id, request.url.path, stats.prompt_tokens, stats.reused_tokens,
+                 stats.generated_tokens, stats.ttft_s, stats.decode_tps, end)
