@@ -26,6 +26,8 @@ from gptoss_mlx.cli.serve import check_binding
 from gptoss_mlx.generate import Engine
 from gptoss_mlx.server import Scheduler, Service, create_app
 from gptoss_mlx.server.output import Closed, Delta, ReplyStream
+from gptoss_mlx.server.tools import ServerTools
+from gptoss_mlx.tools import FunctionTool, SandboxLimits
 from gptoss_mlx.tokenizer import load_tokenizer
 from scripted import ScriptedModel
 
@@ -37,11 +39,12 @@ CHAT_WEATHER = {"type": "function", "function": {k: v for k, v in WEATHER.items(
 
 
 @contextlib.contextmanager
-def serving(model, tokenizer, *, max_context=4096, max_concurrency=4, api_key=None, cache_bytes=1 << 30):
+def serving(model, tokenizer, *, max_context=4096, max_concurrency=4, api_key=None, cache_bytes=1 << 30,
+            tools=None):
     """A uvicorn server on a free loopback port, in a thread; yields its /v1 base URL."""
     engine = Engine(model, max_context=max_context)
     service = Service("gpt-oss-tiny", tokenizer, engine,
-                      Scheduler(engine, max_concurrency, cache_bytes=cache_bytes))
+                      Scheduler(engine, max_concurrency, cache_bytes=cache_bytes), tools=tools)
     config = uvicorn.Config(create_app(service, api_key=api_key), host="127.0.0.1", port=0,
                             log_level="warning")
     server = uvicorn.Server(config)
@@ -443,8 +446,49 @@ def test_serve_refuses_a_public_address_without_a_key(capsys):
     check_binding(cli_parser().parse_args(["serve", "--host", "0.0.0.0", "--allow-remote-without-key"]))
     assert "warning: serving on 0.0.0.0 without an API key" in capsys.readouterr().err
     check_binding(cli_parser().parse_args(["serve", "--host", "::1"]))  # loopback: fine
-    assert cli_main(["serve", "--tools", "python", "--model", "/nonexistent"]) == 2
-    assert "does not run tools" in capsys.readouterr().err
+    assert cli_main(["serve", "--tools", "shell", "--model", "/nonexistent"]) == 2
+    assert "unknown tool(s) shell" in capsys.readouterr().err
+
+
+# -- tools the server runs itself (--functions, --tools python)
+
+def add(a: int, b: int) -> int:
+    """Add two numbers."""
+    return a + b
+
+
+def test_server_functions_run_on_the_server_and_stay_out_of_the_output(tok):
+    model = ScriptedModel([call(tok, "Use add.", "add", '{"a": 2, "b": 3}'), answer(tok, "It gave 5.", "5")])
+    tools = ServerTools(functions=[FunctionTool.from_callable(add)])
+    with serving(model, tok, tools=tools) as url:
+        c = client(url)
+        r = c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "2+3?"}],
+                                      tools=[CHAT_WEATHER])
+        message = r.choices[0].message
+        assert (message.content, message.tool_calls, r.choices[0].finish_reason) == ("5", None, "stop")
+        assert message.reasoning_content == "Use add.It gave 5."
+        prompt = tok.decode(model.fed)
+        assert "type add = (_: {" in prompt and "type get_weather" in prompt  # both declared
+        assert "<|start|>functions.add to=assistant<|channel|>commentary<|message|>5<|end|>" in prompt
+        assert r.usage.prompt_tokens > len(script(tok, prompt)) // 2  # both rounds' prompts
+        with pytest.raises(openai.BadRequestError, match="runs its own function"):
+            c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "x"}],
+                                      tools=[{"type": "function", "function": {"name": "add"}}])
+
+
+def test_server_python_tool_in_the_responses_stream(tok, os_sandbox):
+    model = ScriptedModel([script(tok, "<|channel|>analysis to=python<|message|>print(6 * 7)<|call|>"),
+                           answer(tok, "It printed 42.", "42")])
+    with serving(model, tok, tools=ServerTools(python=SandboxLimits())) as url:
+        with client(url).responses.stream(model="gpt-oss-tiny", input="6*7?") as stream:
+            events = list(stream)
+        response = events[-1].response
+        assert response.status == "completed" and response.output_text == "42"
+        assert [o.type for o in response.output] == ["reasoning", "message"]
+        assert not any("function_call" in e.type for e in events)
+        prompt = tok.decode(model.fed)
+        assert "## python" in prompt and "STATELESS" in prompt
+        assert "<|start|>python to=assistant<|channel|>analysis<|message|>42" in prompt
 
 
 # -- hostile bodies: never a 5xx, always OpenAI's error shape

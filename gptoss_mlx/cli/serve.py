@@ -7,7 +7,7 @@ import logging
 import sys
 
 from . import common
-from .common import CLIError, add_model_options
+from .common import CLIError, add_model_options, make_toolbox
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -16,7 +16,9 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                        description="Serve /v1/responses, /v1/chat/completions and /v1/models. "
                                    "Sampling and effort flags are defaults that requests override; "
-                                   "--system is used by requests that bring no instructions.")
+                                   "--system is used by requests that bring no instructions. "
+                                   "--tools and --functions run on the server, for every client "
+                                   "(the flag is the approval; python is stateless per call).")
     add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -53,19 +55,21 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from ..server import Scheduler, Service, create_app
+    from ..server.tools import ServerTools
 
     check_binding(args)
     if args.max_concurrency < 1:
         raise CLIError(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
-    if args.tools or args.functions:
-        raise CLIError("serve does not run tools itself yet: declare function tools in the requests "
-                       "(--tools and --functions are for chat and tui)")
+    toolbox = make_toolbox(args)  # checks the flags, the files and the sandbox
+    tools = ServerTools.from_toolbox(toolbox) if toolbox else None
+    if toolbox:
+        toolbox.close()
     chat = common.load_chat(args)
     engine = chat.engine
     service = Service(args.model or common.DEFAULT_MODEL, chat.tokenizer, engine,
                       Scheduler(engine, args.max_concurrency, int(args.prompt_cache_gb * (1 << 30))),
                       sampling=chat.sampling, reasoning_effort=chat.reasoning_effort,
-                      instructions=chat.instructions)
+                      instructions=chat.instructions, tools=tools)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log = logging.getLogger("gptoss_mlx.server")  # one line per request; uvicorn's own: warnings

@@ -98,8 +98,7 @@ async def chat_completions(service: Service, body: dict, request):
                                                       service.reasoning_effort, "reasoning_effort")}
     sampling = params.sampling(body, service.sampling, ("max_completion_tokens", "max_tokens"))
     stops = params.stop_strings(body)
-    prompt, forced = service.prompt(body, forced_name)
-    reply = service.new_reply("chatcmpl", prompt, forced, sampling, stops)
+    reply = service.new_reply("chatcmpl", body, forced_name, sampling, stops)
     if body.get("stream"):
         options = body.get("stream_options") or {}
         chunks = stream_chunks(service, reply, request, bool(options.get("include_usage")))
@@ -156,7 +155,7 @@ async def stream_chunks(service: Service, reply: Reply, request, include_usage: 
                     yield chunk({"tool_calls": [{"index": calls, "function": {"arguments": event.text}}]})
                 elif isinstance(event, Delta) and item.kind == REASONING:
                     yield chunk({"reasoning_content": event.text, "reasoning": event.text})
-                elif isinstance(event, Delta):
+                elif isinstance(event, Delta) and item.kind == TEXT:
                     yield chunk({"content": event.text})
                 elif isinstance(event, Closed) and item.kind == CALL:
                     calls += 1

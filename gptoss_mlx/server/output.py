@@ -9,20 +9,24 @@ strings cut the answer text (the tail that could begin a stop string is held bac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .. import harmony
 from ..harmony import ContentDelta, MessageEnd, MessageStart
 from ..tokenizer import NUM_BPE_TOKENS
 
-REASONING, TEXT, CALL = "reasoning", "text", "call"
+# SERVER_CALL: a call to a tool the server runs itself (gptoss_mlx/server/tools.py).
+REASONING, TEXT, CALL, SERVER_CALL = "reasoning", "text", "call", "server_call"
 
 
 @dataclass
 class Item:
-    kind: str  # REASONING, TEXT or CALL
+    kind: str  # REASONING, TEXT, CALL or SERVER_CALL
     name: str | None = None  # a call's function name ("get_weather"; "browser.search")
     text: str = ""  # so far; the whole of it once ended
     tokens: int = 0
+    recipient: str | None = None  # a call's recipient ("functions.get_weather")
+    channel: str | None = None
 
 
 @dataclass
@@ -56,13 +60,23 @@ def item_kind(start: MessageStart) -> tuple[str, str | None]:
 class ReplyStream:
     tokenizer: object
     stops: list[str] = field(default_factory=list)
+    server_tool: Callable[[str], bool] = lambda recipient: False  # a tool the server runs?
     items: list[Item] = field(default_factory=list)
     stopped: bool = False  # a stop string ended the answer
 
     def __post_init__(self):
+        self.next_round()
+
+    def next_round(self) -> None:
+        """Parse a new generation (after a tool result), continuing the same items."""
         self._parser = harmony.StreamParser(self.tokenizer, role="assistant")
         self._current: Item | None = None
         self._held = ""  # answer text that may be the start of a stop string
+
+    @property
+    def messages(self) -> list[harmony.Message]:
+        """This round's assistant messages, as harmony messages (for the next round's prompt)."""
+        return [m for m in self._parser.messages if m.role == "assistant"]
 
     def feed(self, token: int) -> list[OutputEvent]:
         if self._current is not None:
@@ -86,7 +100,9 @@ class ReplyStream:
                 break
             if isinstance(event, MessageStart):
                 kind, name = item_kind(event)
-                self._current = Item(kind, name)
+                if kind == CALL and self.server_tool(event.recipient):
+                    kind = SERVER_CALL
+                self._current = Item(kind, name, recipient=event.recipient, channel=event.channel)
                 self.items.append(self._current)
                 out.append(Opened(self._current))
             elif isinstance(event, ContentDelta):

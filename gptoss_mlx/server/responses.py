@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from . import params
 from .chat_completions import check_response_format, tool_choice
 from .errors import APIError, bad_request
-from .output import CALL, REASONING, Closed, Delta, Item, Opened
+from .output import CALL, REASONING, SERVER_CALL, Closed, Delta, Item, Opened
 from .service import Reply, Service, new_id
 
 log = logging.getLogger("gptoss_mlx.server")
@@ -195,8 +195,7 @@ class ResponseRun:
         if not chat["messages"]:
             raise bad_request("'input' is empty", "input")
         sampling = params.sampling(body, service.sampling, ("max_output_tokens",))
-        prompt, forced = service.prompt(chat, forced_name)
-        self.reply: Reply = service.new_reply("resp", prompt, forced, sampling, [])
+        self.reply: Reply = service.new_reply("resp", chat, forced_name, sampling, [])
         self.ids: dict[int, tuple[str, str | None]] = {}
         self.error: APIError | None = None
 
@@ -261,6 +260,8 @@ class ResponseRun:
 
     def _item_events(self, event):
         item = event.item
+        if item.kind == SERVER_CALL:  # the server's own tool: not the client's business
+            return
         if isinstance(event, Opened):
             index = self.open(item)
             yield "response.output_item.added", {"output_index": index,
@@ -305,7 +306,7 @@ async def responses(service: Service, store: ResponseStore, body: dict, request)
         return StreamingResponse(sse(run), media_type="text/event-stream")
     async with contextlib.aclosing(service.generate(run.reply, request)) as events:
         async for event in events:
-            if isinstance(event, Opened):
+            if isinstance(event, Opened) and event.item.kind != SERVER_CALL:
                 run.open(event.item)
     return JSONResponse(run.finish())
 
