@@ -7,10 +7,10 @@ import argparse
 import sys
 
 from .. import __version__
-from . import chat, doctor, generate, models, render, tui
+from . import chat, doctor, generate, models, render, serve, tui
 from .common import CLIError
 
-SUBCOMMANDS = (render, chat, generate, tui, models, doctor)
+SUBCOMMANDS = (render, chat, generate, tui, serve, models, doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,81 @@
+"""``gptoss-mlx serve``: the OpenAI-compatible server (gptoss_mlx/server/) on uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+
+from . import common
+from .common import CLIError, add_model_options, make_toolbox
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                       description="Serve /v1/responses, /v1/chat/completions and /v1/models. "
+                                   "Sampling and effort flags are defaults that requests override; "
+                                   "--system is used by requests that bring no instructions. "
+                                   "--tools and --functions run on the server, for every client "
+                                   "(the flag is the approval; python is stateless per call).")
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--allow-remote-without-key", action="store_true",
+                   help="bind a non-loopback --host without --api-key (anyone who can reach it can use it)")
+    p.add_argument("--max-concurrency", type=int, default=4,
+                   help="requests in flight (queued or generating) before answering 429 (default 4)")
+    p.add_argument("--prompt-cache-gb", type=float, default=4.0,
+                   help="memory for the prompt caches of recent conversations (default 4)")
+    p.set_defaults(func=cmd_serve)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_binding(args) -> None:
+    if is_loopback(args.host) or args.api_key:
+        return
+    if not args.allow_remote_without_key:
+        raise CLIError(f"--host {args.host} is reachable from other machines: set --api-key KEY, or "
+                       "pass --allow-remote-without-key to serve it without one")
+    print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can "
+          "use the model", file=sys.stderr)
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from ..server import Scheduler, Service, create_app
+    from ..server.tools import ServerTools
+
+    check_binding(args)
+    if args.max_concurrency < 1:
+        raise CLIError(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
+    toolbox = make_toolbox(args)  # checks the flags, the files and the sandbox
+    tools = ServerTools.from_toolbox(toolbox) if toolbox else None
+    if toolbox:
+        toolbox.close()
+    chat = common.load_chat(args)
+    engine = chat.engine
+    service = Service(args.model or common.DEFAULT_MODEL, chat.tokenizer, engine,
+                      Scheduler(engine, args.max_concurrency, int(args.prompt_cache_gb * (1 << 30))),
+                      sampling=chat.sampling, reasoning_effort=chat.reasoning_effort,
+                      instructions=chat.instructions, tools=tools)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log = logging.getLogger("gptoss_mlx.server")  # one line per request; uvicorn's own: warnings
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    print(f"Serving {service.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(create_app(service, api_key=args.api_key), host=args.host, port=args.port,
+                log_level="warning")
+    return 0

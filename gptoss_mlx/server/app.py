@@ -1,0 +1,114 @@
+"""The ASGI app (Starlette): routes, the API key, request bodies, and errors in OpenAI's shape.
+Generation runs on the engine thread (gptoss_mlx/server/scheduler.py); the event loop only
+parses, renders and streams, so one slow or failing request never blocks or breaks another."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from .chat_completions import chat_completions
+from .errors import APIError, bad_request
+from .responses import ResponseStore, responses
+from .service import Service
+
+log = logging.getLogger("gptoss_mlx.server")
+
+MAX_BODY_BYTES = 64 << 20
+
+
+def create_app(service: Service, api_key: str | None = None) -> Starlette:
+    store = ResponseStore()
+    started = int(time.time())
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY' "
+                           "(the key given to gptoss-mlx serve --api-key)",
+                           code="invalid_api_key")
+
+    async def json_body(request: Request) -> dict:
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:  # sent in chunks, without a length
+            raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad_request(f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object")
+        return body
+
+    async def admitted(request: Request, handler, *args):
+        """Run ``handler`` in a scheduler slot, held until its response (or stream) has ended."""
+        authorize(request)
+        body = await json_body(request)
+        slot = service.scheduler.admit()
+        try:
+            response = await handler(*args, body, request)
+        except BaseException:
+            slot.release()
+            raise
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = _released_after(response.body_iterator, slot)
+        else:
+            slot.release()
+        return response
+
+    async def post_chat(request: Request):
+        return await admitted(request, chat_completions, service)
+
+    async def post_responses(request: Request):
+        return await admitted(request, responses, service, store)
+
+    async def models(request: Request):
+        authorize(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": service.model_name, "object": "model", "created": started, "owned_by": "openai"}]})
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok", "model": service.model_name,
+                             "requests_in_flight": service.scheduler.in_flight})
+
+    async def api_error(request: Request, exc: APIError):
+        log.info("%s %s: %d %s", request.method, request.url.path, exc.status, exc.message)
+        return exc.response()
+
+    async def http_error(request: Request, exc: HTTPException):
+        return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                        code="not_found" if exc.status_code == 404 else None).response()
+
+    async def server_error(request: Request, exc: Exception):
+        log.exception("%s %s failed", request.method, request.url.path)
+        return APIError(500, f"the server failed: {type(exc).__name__}: {exc}", type="server_error",
+                        code="server_error").response()
+
+    return Starlette(
+        routes=[Route("/v1/chat/completions", post_chat, methods=["POST"]),
+                Route("/v1/responses", post_responses, methods=["POST"]),
+                Route("/v1/models", models), Route("/health", health)],
+        exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
+
+
+async def _released_after(chunks, slot):
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        slot.release()
+        await chunks.aclose()

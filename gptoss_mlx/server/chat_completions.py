@@ -1,0 +1,168 @@
+"""``POST /v1/chat/completions``: OpenAI's Chat Completions, streaming or not. The chain of
+thought comes back in ``reasoning_content`` and ``reasoning`` (and is accepted back in history
+under either name), function calls in ``tool_calls``; ``content`` is only the final answer."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+from starlette.responses import JSONResponse, StreamingResponse
+
+from . import params
+from .errors import bad_request
+from .output import CALL, REASONING, TEXT, Closed, Delta, Opened
+from .service import Reply, Service, new_id
+
+
+def tool_choice(body: dict, tools_key: str = "tools") -> tuple[dict, str | None]:
+    """(the request with the tools the model may see, the function it must call, if named).
+    ``none`` hides the tools; a named function is forced by writing its call header."""
+    choice = body.get("tool_choice")
+    if choice in (None, "auto"):
+        return body, None
+    if choice == "none":
+        return {**body, tools_key: []}, None
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        fn = choice.get("function")
+        name = choice.get("name") or (fn.get("name") if isinstance(fn, dict) else None)
+        if not isinstance(name, str):
+            raise bad_request(f"tool_choice {choice!r} names no function", "tool_choice")
+        declared = {(t.get("function") or t).get("name") for t in body.get(tools_key) or []
+                    if isinstance(t, dict)}
+        if name in declared:
+            return body, name
+        raise bad_request(f"tool_choice names the function {name!r}, which is not in 'tools'",
+                          "tool_choice")
+    raise bad_request(f"tool_choice {choice!r} is not supported: use auto, none, or name a "
+                      "function ({\"type\": \"function\", ...})", "tool_choice")
+
+
+def check_messages(messages) -> None:
+    """The shapes the harmony conversion relies on, with one message naming the field."""
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list", "messages")
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad_request(f"{where} must be an object", "messages")
+        for key in ("name", "tool_call_id", "reasoning", "reasoning_content"):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise bad_request(f"{where}.{key} must be a string", "messages")
+        calls = m.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            raise bad_request(f"{where}.tool_calls must be a list", "messages")
+        for j, call in enumerate(calls or []):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if (not isinstance(fn, dict) or not isinstance(fn.get("name"), str)
+                    or not isinstance(call.get("id", ""), str)
+                    or not isinstance(fn.get("arguments", ""), (str, dict))):
+                raise bad_request(f"{where}.tool_calls[{j}] must be {{\"id\": str, \"function\": "
+                                  "{\"name\": str, \"arguments\": str}}", "messages")
+
+
+def check_response_format(fmt, param: str = "response_format") -> None:
+    """``text``, or a ``json_schema`` (given to the model as harmony's response format; the output
+    is not constrained)."""
+    if fmt is None or isinstance(fmt, dict) and fmt.get("type") == "text":
+        return
+    schema = fmt.get("json_schema") if isinstance(fmt, dict) else None
+    if (not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(schema, dict)
+            or not isinstance(schema.get("name", ""), str) or not isinstance(schema.get("schema", {}), dict)):
+        raise bad_request(f"{param} must be {{\"type\": \"text\"}} or {{\"type\": \"json_schema\", "
+                          "\"json_schema\": {\"name\": str, \"schema\": {...}}} (json_object is not "
+                          "supported)", param)
+
+
+def check_request(body: dict) -> None:
+    check_messages(body.get("messages"))
+    params.typed(body, "tools", list, "a list of tools")
+    params.typed(body, "stream", bool, "true or false")
+    params.typed(body, "stream_options", dict, "an object")
+    if body.get("n") not in (None, 1):
+        raise bad_request(f"'n' must be 1 (one choice per request), got {body['n']!r}", "n")
+    check_response_format(body.get("response_format"))
+    for key in ("presence_penalty", "frequency_penalty"):
+        if body.get(key) not in (None, 0, 0.0):
+            raise bad_request(f"'{key}' is not supported", key)
+    for key in ("logit_bias", "logprobs", "top_logprobs", "audio", "prediction"):
+        if body.get(key):
+            raise bad_request(f"'{key}' is not supported by this server", key)
+
+
+async def chat_completions(service: Service, body: dict, request):
+    service.check_model(body)
+    check_request(body)
+    body, forced_name = tool_choice(body)
+    body = {**body, "reasoning_effort": params.effort(body.get("reasoning_effort"),
+                                                      service.reasoning_effort, "reasoning_effort")}
+    sampling = params.sampling(body, service.sampling, ("max_completion_tokens", "max_tokens"))
+    stops = params.stop_strings(body)
+    reply = service.new_reply("chatcmpl", body, forced_name, sampling, stops)
+    if body.get("stream"):
+        options = body.get("stream_options") or {}
+        chunks = stream_chunks(service, reply, request, bool(options.get("include_usage")))
+        return StreamingResponse(chunks, media_type="text/event-stream")
+    async with contextlib.aclosing(service.generate(reply, request)) as events:
+        async for _ in events:
+            pass
+    return JSONResponse(completion(service, reply))
+
+
+def usage(reply: Reply) -> dict:
+    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.output_tokens,
+            "total_tokens": reply.prompt_tokens + reply.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": reply.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": reply.stream.reasoning_tokens}}
+
+
+def completion(service: Service, reply: Reply) -> dict:
+    items = reply.stream.items
+    reasoning = "".join(i.text for i in items if i.kind == REASONING)
+    content = "".join(i.text for i in items if i.kind == TEXT)
+    message = {"role": "assistant", "content": content or None}
+    if reasoning:
+        message["reasoning_content"] = message["reasoning"] = reasoning
+    calls = [{"id": new_id("call"), "type": "function",
+              "function": {"name": i.name, "arguments": i.text}} for i in items if i.kind == CALL]
+    if calls:
+        message["tool_calls"] = calls
+    return {"id": reply.id, "object": "chat.completion", "created": reply.created,
+            "model": service.model_name, "system_fingerprint": None,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": reply.finish_reason}],
+            "usage": usage(reply)}
+
+
+async def stream_chunks(service: Service, reply: Reply, request, include_usage: bool):
+    def chunk(delta: dict | None, finish: str | None = None, **extra) -> str:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+                                             "finish_reason": finish}]
+        data = {"id": reply.id, "object": "chat.completion.chunk", "created": reply.created,
+                "model": service.model_name, "system_fingerprint": None, "choices": choices, **extra}
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    calls = 0
+    try:
+        async with contextlib.aclosing(service.generate(reply, request)) as events:
+            async for event in events:
+                item = event.item
+                if isinstance(event, Opened) and item.kind == CALL:
+                    yield chunk({"tool_calls": [{"index": calls, "id": new_id("call"), "type": "function",
+                                                 "function": {"name": item.name, "arguments": ""}}]})
+                elif isinstance(event, Delta) and item.kind == CALL:
+                    yield chunk({"tool_calls": [{"index": calls, "function": {"arguments": event.text}}]})
+                elif isinstance(event, Delta) and item.kind == REASONING:
+                    yield chunk({"reasoning_content": event.text, "reasoning": event.text})
+                elif isinstance(event, Delta) and item.kind == TEXT:
+                    yield chunk({"content": event.text})
+                elif isinstance(event, Closed) and item.kind == CALL:
+                    calls += 1
+    except Exception as e:  # noqa: BLE001 - the stream has begun: report it in the stream
+        yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+        return
+    yield chunk({}, reply.finish_reason)
+    if include_usage:
+        yield chunk(None, usage=usage(reply))
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,140 @@
+"""Sampled tokens -> the reply's output items, as both APIs describe them: reasoning, text, and
+function calls, each opened, streamed in deltas and closed.
+
+Built on the harmony StreamParser (which never raises). Two things are done here for HTTP
+clients: a control token the model writes inside a message never reaches their text, and stop
+strings cut the answer text (the tail that could begin a stop string is held back meanwhile).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .. import harmony
+from ..harmony import ContentDelta, MessageEnd, MessageStart
+from ..tokenizer import NUM_BPE_TOKENS
+
+# SERVER_CALL: a call to a tool the server runs itself (gptoss_mlx/server/tools.py).
+REASONING, TEXT, CALL, SERVER_CALL = "reasoning", "text", "call", "server_call"
+
+
+@dataclass
+class Item:
+    kind: str  # REASONING, TEXT, CALL or SERVER_CALL
+    name: str | None = None  # a call's function name ("get_weather"; "browser.search")
+    text: str = ""  # so far; the whole of it once ended
+    tokens: int = 0
+    recipient: str | None = None  # a call's recipient ("functions.get_weather")
+    channel: str | None = None
+
+
+@dataclass
+class Opened:
+    item: Item
+
+
+@dataclass
+class Delta:
+    item: Item
+    text: str
+
+
+@dataclass
+class Closed:
+    item: Item
+
+
+OutputEvent = Opened | Delta | Closed
+
+
+def item_kind(start: MessageStart) -> tuple[str, str | None]:
+    """An assistant message's kind: a tool call when it has a recipient (on any channel), the
+    chain of thought on the analysis channel, else text the user sees (final, preambles)."""
+    if start.recipient not in (None, "all", "assistant"):
+        return CALL, start.recipient.removeprefix("functions.")
+    return (REASONING if start.channel == "analysis" else TEXT), None
+
+
+@dataclass
+class ReplyStream:
+    tokenizer: object
+    stops: list[str] = field(default_factory=list)
+    server_tool: Callable[[str], bool] = lambda recipient: False  # a tool the server runs?
+    items: list[Item] = field(default_factory=list)
+    stopped: bool = False  # a stop string ended the answer
+
+    def __post_init__(self):
+        self.next_round()
+
+    def next_round(self) -> None:
+        """Parse a new generation (after a tool result), continuing the same items."""
+        self._parser = harmony.StreamParser(self.tokenizer, role="assistant")
+        self._current: Item | None = None
+        self._held = ""  # answer text that may be the start of a stop string
+
+    @property
+    def messages(self) -> list[harmony.Message]:
+        """This round's assistant messages, as harmony messages (for the next round's prompt)."""
+        return [m for m in self._parser.messages if m.role == "assistant"]
+
+    def feed(self, token: int) -> list[OutputEvent]:
+        if self._current is not None:
+            self._current.tokens += 1
+        events = self._parser.feed(token)
+        if token >= NUM_BPE_TOKENS:  # a control token inside a message is not text
+            events = [e for e in events if not isinstance(e, ContentDelta)]
+        return self._convert(events)
+
+    def finish(self) -> list[OutputEvent]:
+        return self._convert(self._parser.finish())
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return sum(i.tokens for i in self.items if i.kind == REASONING)
+
+    def _convert(self, events) -> list[OutputEvent]:
+        out: list[OutputEvent] = []
+        for event in events:
+            if self.stopped:
+                break
+            if isinstance(event, MessageStart):
+                kind, name = item_kind(event)
+                if kind == CALL and self.server_tool(event.recipient):
+                    kind = SERVER_CALL
+                self._current = Item(kind, name, recipient=event.recipient, channel=event.channel)
+                self.items.append(self._current)
+                out.append(Opened(self._current))
+            elif isinstance(event, ContentDelta):
+                out += self._text(event.text)
+            elif isinstance(event, MessageEnd) and self._current is not None:
+                out += self._close()
+        return out
+
+    def _text(self, text: str) -> list[OutputEvent]:
+        item = self._current
+        if item.kind != TEXT or not self.stops:
+            item.text += text
+            return [Delta(item, text)]
+        pending = self._held + text
+        cut = min((pending.find(s) for s in self.stops if s in pending), default=-1)
+        if cut >= 0:  # the earliest stop string ends the answer
+            self.stopped = True
+            self._held = ""
+            head = pending[:cut]
+            item.text += head
+            return ([Delta(item, head)] if head else []) + [Closed(item)]
+        keep = max((k for s in self.stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+        self._held = pending[len(pending) - keep:] if keep else ""
+        head = pending[:len(pending) - keep]
+        item.text += head
+        return [Delta(item, head)] if head else []
+
+    def _close(self) -> list[OutputEvent]:
+        item, self._current = self._current, None
+        out: list[OutputEvent] = []
+        if self._held:
+            item.text += self._held
+            out.append(Delta(item, self._held))
+            self._held = ""
+        return out + [Closed(item)]

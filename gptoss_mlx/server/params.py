@@ -1,0 +1,77 @@
+"""Reading a request's common fields: sampling, token limits, reasoning effort, stop strings."""
+
+from __future__ import annotations
+
+from ..generate import SamplingParams
+from ..harmony import EFFORTS
+from .errors import bad_request
+
+# Efforts other clients send, mapped to gpt-oss's three (its system message knows only these).
+EFFORT_ALIASES = {"minimal": "low", "none": "low", "xhigh": "high"}
+MAX_STOP_STRINGS = 4  # as OpenAI's API
+
+
+def number(body: dict, key: str, default, lo: float, hi: float, *, lo_open: bool = False):
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad_request(f"'{key}' must be a number, got {value!r}", key)
+    if not (lo < value if lo_open else lo <= value) or value > hi:
+        low = f"> {lo}" if lo_open else f">= {lo}"
+        raise bad_request(f"'{key}' must be {low} and <= {hi}, got {value!r}", key)
+    return value
+
+
+def integer(body: dict, key: str, lo: int = 1, hi: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+        raise bad_request(f"'{key}' must be a whole number {bound}, got {value!r}", key)
+    return value
+
+
+def sampling(body: dict, default: SamplingParams, max_tokens_keys: tuple[str, ...]) -> SamplingParams:
+    """The request's sampling parameters over the server's defaults; ``max_tokens_keys`` are
+    the fields that cap the reply (the first one given wins)."""
+    max_tokens = next((integer(body, k) for k in max_tokens_keys if body.get(k) is not None),
+                      default.max_tokens)
+    return SamplingParams(
+        temperature=number(body, "temperature", default.temperature, 0, 2),
+        top_p=number(body, "top_p", default.top_p, 0, 1, lo_open=True),
+        top_k=default.top_k, min_p=default.min_p,
+        seed=integer(body, "seed", lo=0) if body.get("seed") is not None else default.seed,
+        max_tokens=max_tokens)
+
+
+def effort(value, default: str, param: str) -> str:
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise bad_request(f"'{param}' must be one of {', '.join(EFFORTS)}, got {value!r}", param)
+    value = EFFORT_ALIASES.get(value, value)
+    if value not in EFFORTS:
+        raise bad_request(f"'{param}' must be one of {', '.join(EFFORTS)}, got {value!r}", param)
+    return value
+
+
+def stop_strings(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise bad_request(f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS} "
+                          f"of them, got {stop!r}", "stop")
+    return stops
+
+
+def typed(body: dict, key: str, kind: type | tuple[type, ...], what: str):
+    """``body[key]`` when it is None or of ``kind``; else a 400 saying it must be ``what``."""
+    value = body.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise bad_request(f"'{key}' must be {what}, got {value!r}", key)
+    return value

@@ -1,0 +1,319 @@
+"""``POST /v1/responses``: OpenAI's Responses API, as ``gpt_oss.responses_api`` serves it.
+
+``input`` (a string, or items: messages, ``reasoning``, ``function_call``,
+``function_call_output``) becomes a Chat Completions-shaped conversation, then harmony. Output
+items are ``reasoning`` (the chain of thought as ``reasoning_text``), ``message`` and
+``function_call``. With ``store`` (the default) a response is kept, in memory and bounded, so a
+later request can continue it with ``previous_response_id``.
+
+Tools other than functions (Codex sends ``web_search``, ``local_shell``, ``custom`` ones...)
+are not declared to the model and are listed in the log: a request that brings them still works
+with its function tools.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections import OrderedDict
+
+from starlette.responses import JSONResponse, StreamingResponse
+
+from . import params
+from .chat_completions import check_response_format, tool_choice
+from .errors import APIError, bad_request
+from .output import CALL, REASONING, SERVER_CALL, Delta, Item, Opened
+from .service import Reply, Service, new_id
+
+log = logging.getLogger("gptoss_mlx.server")
+
+STORED_RESPONSES = 256
+
+
+class ResponseStore:
+    """The conversations of the last ``size`` stored responses (their input and output items)."""
+
+    def __init__(self, size: int = STORED_RESPONSES):
+        self.size = size
+        self._items: OrderedDict[str, list[dict]] = OrderedDict()
+
+    def get(self, response_id) -> list[dict]:
+        if response_id not in self._items:
+            raise APIError(404, f"no stored response {response_id!r} (responses are kept in memory, "
+                           f"the last {self.size}, and only with store=true)",
+                           param="previous_response_id", code="previous_response_not_found")
+        self._items.move_to_end(response_id)
+        return self._items[response_id]
+
+    def put(self, response_id: str, items: list[dict]) -> None:
+        self._items[response_id] = items
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
+def _text(content, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise bad_request(f"{where}.content[{j}]: {kind!r} content is not supported (text only)",
+                                  "input")
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+    raise bad_request(f"{where}: content must be a string or a list of text parts", "input")
+
+
+def chat_messages(items: list) -> list[dict]:
+    """Responses items -> Chat Completions messages: an assistant turn's reasoning, calls and
+    text are gathered into one assistant message, in order."""
+    out: list[dict] = []
+    assistant: dict | None = None
+
+    def turn(*clash: str) -> dict:
+        nonlocal assistant
+        if assistant is None or any(assistant.get(k) for k in clash):
+            assistant = {"role": "assistant", "content": None}
+            out.append(assistant)
+        return assistant
+
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise bad_request(f"{where} must be an object", "input")
+        kind = item.get("type") or ("message" if "role" in item else None)
+        if kind == "message" and item.get("role") == "assistant":
+            target = turn("content")
+            target["content"] = _text(item.get("content"), where)
+        elif kind == "message":
+            out.append({"role": item.get("role"), "content": _text(item.get("content"), where)})
+            assistant = None
+        elif kind == "reasoning":
+            parts = item.get("content") or []
+            if not isinstance(parts, list):
+                raise bad_request(f"{where}: a reasoning item's content must be a list of "
+                                  "reasoning_text parts", "input")
+            text = "".join(str(p.get("text", "")) for p in parts
+                           if isinstance(p, dict) and p.get("type") == "reasoning_text")
+            if text:
+                target = turn("tool_calls", "content")
+                target["reasoning"] = (target.get("reasoning") or "") + text
+        elif kind == "function_call":
+            if not all(isinstance(item.get(k), str) for k in ("name", "call_id", "arguments")):
+                raise bad_request(f"{where}: a function_call needs 'name', 'call_id' and 'arguments' "
+                                  "(strings)", "input")
+            turn("content").setdefault("tool_calls", []).append(
+                {"id": item["call_id"], "type": "function",
+                 "function": {"name": item["name"], "arguments": item["arguments"]}})
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise bad_request(f"{where}: a function_call_output needs the 'call_id' of its call", "input")
+            out.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                        "content": _text(item.get("output"), where)})
+            assistant = None
+        else:
+            raise bad_request(f"{where}: items of type {kind!r} are not supported (messages, reasoning, "
+                              "function_call and function_call_output are)", "input")
+    return out
+
+
+def function_tools(tools) -> list[dict]:
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise bad_request("'tools' must be a list", "tools")
+    functions = [t for t in tools if isinstance(t, dict) and t.get("type") == "function"]
+    others = [t.get("type") if isinstance(t, dict) else repr(t) for t in tools if t not in functions]
+    if others:
+        log.info("ignoring tools of types %s: only function tools are given to the model",
+                 ", ".join(sorted(set(map(str, others)))))
+    return functions
+
+
+def response_format(body: dict) -> dict | None:
+    """``text.format`` as Chat Completions' ``response_format`` (the schema's fields sit one
+    level up in the Responses API)."""
+    text = body.get("text") or {}
+    fmt = text.get("format") if isinstance(text, dict) else text
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        fmt = {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
+    check_response_format(fmt, "text.format")
+    return fmt
+
+
+def input_items(body: dict, store: ResponseStore) -> list[dict]:
+    """The whole conversation's items: the previous response's, then this request's input."""
+    given = body.get("input")
+    if isinstance(given, str):
+        given = [{"type": "message", "role": "user", "content": given}]
+    elif not isinstance(given, list):
+        raise bad_request("'input' must be a string or a list of items", "input")
+    previous_id = params.typed(body, "previous_response_id", str, "a response id")
+    previous = store.get(previous_id) if previous_id else []
+    return previous + given
+
+
+def output_item(item: Item, ids: dict, status: str = "completed") -> dict:
+    item_id, call_id = ids[id(item)]
+    if item.kind == REASONING:
+        return {"id": item_id, "type": "reasoning", "summary": [], "status": status,
+                "content": [{"type": "reasoning_text", "text": item.text}]}
+    if item.kind == CALL:
+        return {"id": item_id, "type": "function_call", "call_id": call_id, "name": item.name,
+                "arguments": item.text, "status": status}
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status,
+            "content": [] if status == "in_progress" else [_text_part(item.text)]}
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+class ResponseRun:
+    """One /v1/responses request: its reply, the ids of its output items, its response object."""
+
+    def __init__(self, service: Service, store: ResponseStore, body: dict, request):
+        service.check_model(body)
+        self.service, self.store, self.body, self.request = service, store, body, request
+        params.typed(body, "instructions", str, "a string")
+        params.typed(body, "stream", bool, "true or false")
+        params.typed(body, "store", bool, "true or false")
+        self.items = input_items(body, store)
+        reasoning = body.get("reasoning") or {}
+        if not isinstance(reasoning, dict):
+            raise bad_request("'reasoning' must be an object like {\"effort\": \"low\"}", "reasoning")
+        self.effort = params.effort(reasoning.get("effort"), service.reasoning_effort, "reasoning.effort")
+        chat = {"messages": ([{"role": "system", "content": body["instructions"]}]
+                             if body.get("instructions") else []) + chat_messages(self.items),
+                "tools": function_tools(body.get("tools")), "tool_choice": body.get("tool_choice"),
+                "reasoning_effort": self.effort}
+        chat["response_format"] = response_format(body)
+        chat, forced_name = tool_choice(chat)
+        if not chat["messages"]:
+            raise bad_request("'input' is empty", "input")
+        sampling = params.sampling(body, service.sampling, ("max_output_tokens",))
+        self.reply: Reply = service.new_reply("resp", chat, forced_name, sampling, [])
+        self.ids: dict[int, tuple[str, str | None]] = {}
+        self.error: APIError | None = None
+
+    def open(self, item: Item) -> int:
+        prefix = {REASONING: "rs", CALL: "fc"}.get(item.kind, "msg")
+        self.ids[id(item)] = (new_id(prefix), new_id("call") if item.kind == CALL else None)
+        return len(self.ids) - 1
+
+    def response(self, status: str) -> dict:
+        reply, body = self.reply, self.body
+        done = [i for i in reply.stream.items if id(i) in self.ids]
+        out = {"id": reply.id, "object": "response", "created_at": reply.created, "status": status,
+               "model": self.service.model_name, "output": [output_item(i, self.ids) for i in done],
+               "error": self.error.body()["error"] if self.error else None,
+               "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+               "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+               "previous_response_id": body.get("previous_response_id"),
+               "reasoning": {"effort": self.effort, "summary": None},
+               "store": self.stored, "temperature": reply.run.params.temperature,
+               "top_p": reply.run.params.top_p, "tool_choice": body.get("tool_choice") or "auto",
+               "tools": body.get("tools") or [], "parallel_tool_calls": False,
+               "text": body.get("text") or {"format": {"type": "text"}}, "metadata": body.get("metadata") or {},
+               "usage": None}
+        if status != "in_progress":
+            out["usage"] = {"input_tokens": reply.prompt_tokens,
+                            "input_tokens_details": {"cached_tokens": reply.cached_tokens},
+                            "output_tokens": reply.output_tokens,
+                            "output_tokens_details": {"reasoning_tokens": reply.stream.reasoning_tokens},
+                            "total_tokens": reply.prompt_tokens + reply.output_tokens}
+        return out
+
+    @property
+    def stored(self) -> bool:
+        return self.body.get("store") is not False
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return "failed"
+        return "incomplete" if self.reply.finish_reason == "length" else "completed"
+
+    def finish(self) -> dict:
+        response = self.response(self.status)
+        if self.stored and not self.error:
+            self.store.put(self.reply.id, self.items + response["output"])
+        return response
+
+    async def events(self):
+        """The streamed events, as (type, payload) pairs, in OpenAI's order."""
+        yield "response.created", {"response": self.response("in_progress")}
+        yield "response.in_progress", {"response": self.response("in_progress")}
+        try:
+            async with contextlib.aclosing(self.service.generate(self.reply, self.request)) as events:
+                async for event in events:
+                    for pair in self._item_events(event):
+                        yield pair
+        except Exception as e:  # noqa: BLE001 - the stream has begun: it fails in the stream
+            log.exception("%s failed", self.reply.id)
+            self.error = APIError(500, str(e), type="server_error", code="server_error")
+        response = self.finish()
+        yield f"response.{response['status']}", {"response": response}
+
+    def _item_events(self, event):
+        item = event.item
+        if item.kind == SERVER_CALL:  # the server's own tool: not the client's business
+            return
+        if isinstance(event, Opened):
+            index = self.open(item)
+            yield "response.output_item.added", {"output_index": index,
+                                                 "item": output_item(item, self.ids, "in_progress")}
+            if item.kind != CALL:
+                yield "response.content_part.added", {**self._where(item), "part": self._part(item, "")}
+            return
+        if isinstance(event, Delta):
+            kind = {REASONING: "reasoning_text", CALL: "function_call_arguments"}.get(item.kind, "output_text")
+            extra = {"logprobs": []} if kind == "output_text" else {}
+            where = self._where(item)
+            if item.kind == CALL:
+                del where["content_index"]
+            yield f"response.{kind}.delta", {**where, "delta": event.text, **extra}
+            return
+        where = self._where(item)
+        if item.kind == CALL:
+            del where["content_index"]
+            yield "response.function_call_arguments.done", {**where, "name": item.name, "arguments": item.text}
+        else:
+            kind = "reasoning_text" if item.kind == REASONING else "output_text"
+            yield f"response.{kind}.done", {**where, "text": item.text,
+                                             **({"logprobs": []} if kind == "output_text" else {})}
+            yield "response.content_part.done", {**where, "part": self._part(item, item.text)}
+        yield "response.output_item.done", {"output_index": where["output_index"],
+                                            "item": output_item(item, self.ids)}
+
+    def _where(self, item: Item) -> dict:
+        index = list(self.ids).index(id(item))
+        return {"item_id": self.ids[id(item)][0], "output_index": index, "content_index": 0}
+
+    @staticmethod
+    def _part(item: Item, text: str) -> dict:
+        if item.kind == REASONING:
+            return {"type": "reasoning_text", "text": text}
+        return _text_part(text)
+
+
+async def responses(service: Service, store: ResponseStore, body: dict, request):
+    run = ResponseRun(service, store, body, request)
+    if body.get("stream"):
+        return StreamingResponse(sse(run), media_type="text/event-stream")
+    async with contextlib.aclosing(service.generate(run.reply, request)) as events:
+        async for event in events:
+            if isinstance(event, Opened) and event.item.kind != SERVER_CALL:
+                run.open(event.item)
+    return JSONResponse(run.finish())
+
+
+async def sse(run: ResponseRun):
+    sequence = 0
+    async for kind, payload in run.events():
+        data = {"type": kind, "sequence_number": sequence, **payload}
+        sequence += 1
+        yield f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"

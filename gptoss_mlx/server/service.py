@@ -1,0 +1,191 @@
+"""What both APIs share: the loaded model, building the prompt, and generating one reply into
+output items (gptoss_mlx/server/output.py), with its usage and one log line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from .. import harmony
+from ..chat import ToolCall
+from ..generate import Engine, SamplingParams
+from ..harmony import CHANNEL, CONSTRAIN, MESSAGE, HarmonyError, Message, Special
+from .errors import APIError, bad_request
+from .output import CALL, SERVER_CALL, OutputEvent, ReplyStream
+from .scheduler import Run, Scheduler
+from .tools import MAX_ROUNDS, ServerTools
+
+log = logging.getLogger("gptoss_mlx.server")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+@dataclass
+class Reply:
+    """One request's reply, as it is generated and after: one run, or one per round when the
+    server answers tool calls itself."""
+    id: str
+    messages: list[Message]  # the conversation so far, in harmony
+    runs: list[Run]
+    stream: ReplyStream
+    forced: list[int] = field(default_factory=list)  # a forced tool call's header tokens
+    finish_reason: str | None = None  # "stop", "length", "tool_calls"
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def run(self) -> Run:
+        return self.runs[-1]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(r.prompt) for r in self.runs)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(r.stats.reused_tokens for r in self.runs if r.stats)
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.forced) + sum(r.stats.generated_tokens for r in self.runs if r.stats)
+
+
+@dataclass
+class Service:
+    model_name: str
+    tokenizer: object
+    engine: Engine
+    scheduler: Scheduler
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # the server's defaults
+    reasoning_effort: str = "medium"
+    instructions: str | None = None  # for requests that bring none
+    tools: ServerTools | None = None  # tools the server runs itself
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.max_context
+
+    def check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model is not None and model not in (self.model_name, self.model_name.rsplit("/", 1)[-1]):
+            raise APIError(404, f"the model {model!r} does not exist: this server serves "
+                           f"{self.model_name!r}", param="model", code="model_not_found")
+
+    def conversation(self, request: dict) -> list[Message]:
+        """Harmony messages for a Chat Completions-shaped ``request`` (its tools, effort and
+        messages), with the server's instructions and tools where it has them."""
+        first = request["messages"][0] if request["messages"] else None
+        if self.instructions is not None and not (isinstance(first, dict) and
+                                                  first.get("role") in ("system", "developer")):
+            request = {**request, "messages": [{"role": "system", "content": self.instructions},
+                                               *request["messages"]]}
+        if self.tools:
+            clash = {(t.get("function") or t).get("name") for t in request.get("tools") or []
+                     if isinstance(t, dict)} & {f.name for f in self.tools.functions}
+            if clash:
+                raise bad_request(f"the server runs its own function(s) named {', '.join(sorted(clash))}: "
+                                  "rename the request's tool", "tools")
+            request = {**request, "tools": [*(request.get("tools") or []), *self.tools.chat_tools()]}
+        try:
+            messages = harmony.from_chat_completions(request, date=harmony.today())
+        except HarmonyError as e:
+            raise bad_request(str(e)) from None
+        if self.tools:
+            messages[0] = self.tools.system_message(request["reasoning_effort"], harmony.today())
+        return messages
+
+    def tokens(self, messages: list[Message], forced: list[int] = ()) -> list[int]:
+        """The prompt for ``messages`` (then the ``forced`` header); context_length_exceeded
+        when it leaves no room for a reply."""
+        try:
+            tokens = harmony.segments_to_tokens(harmony.render_conversation(messages), self.tokenizer)
+        except HarmonyError as e:
+            raise bad_request(str(e)) from None
+        if len(tokens) + len(forced) >= self.max_context:
+            raise APIError(400, f"the prompt is {len(tokens)} tokens and this server's context limit "
+                           f"is {self.max_context} tokens (--max-context): shorten the conversation",
+                           param="messages", code="context_length_exceeded")
+        return tokens + list(forced)
+
+    def new_reply(self, prefix: str, request: dict, forced_function: str | None,
+                  params: SamplingParams, stops: list[str]) -> Reply:
+        """A reply to a Chat Completions-shaped ``request``. A forced function call is written
+        into the prompt as the reply's header."""
+        messages = self.conversation(request)
+        forced = []
+        if forced_function:
+            header = [Special(CHANNEL), f"commentary to=functions.{forced_function} ",
+                      Special(CONSTRAIN), "json", Special(MESSAGE)]
+            forced = harmony.segments_to_tokens(header, self.tokenizer)
+        prompt = self.tokens(messages, forced)
+        stream = ReplyStream(self.tokenizer, stops)
+        if self.tools:
+            stream.server_tool = self.tools.handles
+        return Reply(new_id(prefix), messages, [Run(prompt, params)], stream, forced)
+
+    async def generate(self, reply: Reply, request) -> AsyncIterator[OutputEvent]:
+        """The reply's output events. Stops at a stop string or when the client has gone. A call
+        to one of the server's own tools is answered and the generation goes on."""
+        stream = reply.stream
+        for token in reply.forced:
+            for event in stream.feed(token):
+                yield event
+        toolbox = self.tools.toolbox() if self.tools else None
+        try:
+            for round_ in range(MAX_ROUNDS + 1):
+                gone = False
+                async with contextlib.aclosing(self.scheduler.generate(reply.run)) as tokens:
+                    async for token in tokens:
+                        for event in stream.feed(token):
+                            yield event
+                        gone = await request.is_disconnected()
+                        if stream.stopped or gone:
+                            break
+                for event in stream.finish():
+                    yield event
+                call = stream.items[-1] if stream.items else None
+                if (gone or round_ == MAX_ROUNDS or call is None or call.kind != SERVER_CALL
+                        or reply.run.stats is None or reply.run.stats.finish_reason != "stop"):
+                    break
+                result = await asyncio.to_thread(
+                    toolbox.execute, ToolCall(call.recipient, call.text, call.channel))
+                reply.messages += stream.messages + [Message(
+                    "tool", result.content, channel=call.channel or "commentary", recipient="assistant",
+                    name=result.name)]
+                try:
+                    prompt = self.tokens(reply.messages)
+                except APIError:  # the tool's result filled the context
+                    break
+                reply.runs.append(Run(prompt, reply.run.params))
+                stream.next_round()
+        finally:
+            if toolbox is not None:
+                await asyncio.to_thread(toolbox.close)
+        stats = reply.run.stats
+        if stream.stopped:
+            reply.finish_reason = "stop"
+        elif stats is not None and stats.finish_reason in ("length", "context"):
+            reply.finish_reason = "length"
+        elif stream.items and stream.items[-1].kind == CALL:
+            reply.finish_reason = "tool_calls"
+        else:
+            reply.finish_reason = "stop"
+        self.log(reply, request)
+
+    def log(self, reply: Reply, request) -> None:
+        first, last = reply.runs[0].stats, reply.run.stats
+        if last is None:  # never reached the engine (the client left while it waited)
+            log.info("%s %s: cancelled before generation", reply.id, request.url.path)
+            return
+        end = ("client disconnected" if last.finish_reason == "interrupted" and not reply.stream.stopped
+               else f"finish {reply.finish_reason}")
+        rounds = f", {len(reply.runs)} rounds (server tools)" if len(reply.runs) > 1 else ""
+        log.info("%s %s: %d prompt tokens (%d cached), %d generated, TTFT %.3fs, %.1f tok/s, %s%s",
+                 reply.id, request.url.path, reply.prompt_tokens, reply.cached_tokens,
+                 reply.output_tokens, first.ttft_s, last.decode_tps, end, rounds)

@@ -1,0 +1,56 @@
+"""Tools the server runs itself (``serve --tools python,browser --functions FILE``).
+
+They are declared to the model beside the client's own functions (the built-ins in the system
+message, as harmony does), run between the generation rounds of the same request, and stay out
+of the API's output: the client sees the answer they led to, not the calls. Each request gets
+its own browser and a stateless python sandbox, so nothing passes from one client to another.
+Starting the server with these flags is the approval to run them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .. import harmony
+from ..harmony import Message
+from ..tools import Browser, FunctionTool, PythonSandbox, SandboxLimits, Toolbox
+from ..tools.python_tool import description
+
+MAX_ROUNDS = 8  # tool calls the server answers in one request
+
+
+@dataclass
+class ServerTools:
+    functions: list[FunctionTool] = field(default_factory=list)
+    python: SandboxLimits | None = None  # the python tool, with these limits, when enabled
+    browser: bool = False
+
+    @classmethod
+    def from_toolbox(cls, toolbox: Toolbox) -> "ServerTools":
+        return cls(list(toolbox.functions), toolbox.python.limits if toolbox.python else None,
+                   toolbox.browser is not None)
+
+    def handles(self, recipient: str) -> bool:
+        namespace, _, name = recipient.partition(".")
+        if recipient == "python":
+            return self.python is not None
+        if namespace == "browser":
+            return self.browser
+        return namespace == "functions" and any(f.name == name for f in self.functions)
+
+    def toolbox(self) -> Toolbox:
+        """A request's own tools."""
+        return Toolbox(functions=self.functions,
+                       python=PythonSandbox(stateful=False, limits=self.python) if self.python else None,
+                       browser=Browser() if self.browser else None)
+
+    def chat_tools(self) -> list[dict]:
+        """The server's functions, in the Chat Completions shape of a request's ``tools``."""
+        return [{"type": "function", "function": {"name": f.spec.name, "description": f.spec.description,
+                                                  "parameters": f.spec.parameters or {"type": "object", "properties": {}}}}
+                for f in self.functions]
+
+    def system_message(self, effort: str, date: str) -> Message:
+        python = description(False, self.python) if self.python else None
+        return harmony.system_message(effort, date, self.browser, self.python is not None,
+                                      python_description=python)

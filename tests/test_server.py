@@ -1,0 +1,559 @@
+"""gptoss-mlx serve: a real uvicorn server on 127.0.0.1 (a free port), driven by OpenAI's official
+client. The tiny random checkpoint (full vocabulary, real tokenizer) runs every endpoint end to
+end; a scripted model stands in where random weights cannot reach a path (reasoning, calls)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gptoss_mlx.cli import build_parser as cli_parser
+from gptoss_mlx.cli import main as cli_main
+from gptoss_mlx.cli.serve import check_binding
+from gptoss_mlx.generate import Engine
+from gptoss_mlx.server import Scheduler, Service, create_app
+from gptoss_mlx.server.output import Closed, Delta, ReplyStream
+from gptoss_mlx.server.tools import ServerTools
+from gptoss_mlx.tools import FunctionTool, SandboxLimits
+from gptoss_mlx.tokenizer import load_tokenizer
+from scripted import ScriptedModel
+
+GREEDY = {"temperature": 0}
+WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                          "required": ["city"]}}
+CHAT_WEATHER = {"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}
+
+
+@contextlib.contextmanager
+def serving(model, tokenizer, *, max_context=4096, max_concurrency=4, api_key=None, cache_bytes=1 << 30,
+            tools=None):
+    """A uvicorn server on a free loopback port, in a thread; yields its /v1 base URL."""
+    engine = Engine(model, max_context=max_context)
+    service = Service("gpt-oss-tiny", tokenizer, engine,
+                      Scheduler(engine, max_concurrency, cache_bytes=cache_bytes), tools=tools)
+    config = uvicorn.Config(create_app(service, api_key=api_key), host="127.0.0.1", port=0,
+                            log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def client(url, key="none", **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_json):
+    return load_tokenizer(tokenizer_json)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tokenizer_json, tmp_path_factory):
+    """A tiny random checkpoint with the real tokenizer's vocabulary (the default TINY has 512)."""
+    from gptoss_mlx.testing import checkpoints as mtc
+
+    ckpt = tmp_path_factory.mktemp("server") / "tiny"
+    mtc.write_hf(ckpt, mtc.TINY)
+    mtc.copy_tokenizer(ckpt, tokenizer_json)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    from gptoss_mlx.loading import load
+
+    return load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def url(tiny):
+    with serving(*tiny, max_concurrency=8) as url:
+        yield url
+
+
+def script(tok, text):
+    return tok.encode(text, allowed_special="all")
+
+
+def answer(tok, reasoning, text):
+    return script(tok, f"<|channel|>analysis<|message|>{reasoning}<|end|>"
+                       f"<|start|>assistant<|channel|>final<|message|>{text}<|return|>")
+
+
+def call(tok, reasoning, name, arguments):
+    return script(tok, f"<|channel|>analysis<|message|>{reasoning}<|end|><|start|>assistant"
+                       f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>"
+                       f"{arguments}<|call|>")
+
+
+# -- the tiny real model, end to end
+
+def test_chat_completions_end_to_end(url):
+    c = client(url)
+    r = c.chat.completions.create(model="gpt-oss-tiny", max_tokens=12, reasoning_effort="low",
+                                  messages=[{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "Hello"}], **GREEDY)
+    choice = r.choices[0]
+    assert choice.finish_reason == "length" and r.usage.completion_tokens == 12
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + 12
+    text = (choice.message.content or "") + (getattr(choice.message, "reasoning_content", None) or "")
+    assert text and "<|" not in (choice.message.content or "")
+
+    chunks = list(c.chat.completions.create(
+        model="gpt-oss-tiny", max_tokens=12, reasoning_effort="low", stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+        **GREEDY))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert streamed == (choice.message.content or "")
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_responses_end_to_end(url):
+    c = client(url)
+    r = c.responses.create(model="gpt-oss-tiny", input="Hello", instructions="Be brief.",
+                           max_output_tokens=10, reasoning={"effort": "low"}, **GREEDY)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 10 and r.usage.input_tokens > 0
+    assert r.reasoning.effort == "low"
+    with c.responses.stream(model="gpt-oss-tiny", input="Hello", instructions="Be brief.",
+                            max_output_tokens=10, reasoning={"effort": "low"}, **GREEDY) as stream:
+        events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.incomplete"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    final = events[-1].response
+    assert final.output_text == r.output_text
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+
+
+def test_follow_up_reuses_the_prompt_cache(url):
+    c = client(url)
+    history = [{"role": "user", "content": "Tell me about the sea " * 20}]
+    first = c.chat.completions.create(model="gpt-oss-tiny", messages=history, max_tokens=6, **GREEDY)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And rivers?"}]
+    second = c.chat.completions.create(model="gpt-oss-tiny", messages=history, max_tokens=6, **GREEDY)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    # the Responses API reports it too, continuing by previous_response_id
+    r1 = c.responses.create(model="gpt-oss-tiny", input="Tell me about lakes " * 20, max_output_tokens=6, **GREEDY)
+    r2 = c.responses.create(model="gpt-oss-tiny", input="More?", previous_response_id=r1.id,
+                            max_output_tokens=6, **GREEDY)
+    assert r2.usage.input_tokens_details.cached_tokens >= r1.usage.input_tokens
+
+
+def test_interleaved_conversations_keep_their_caches_within_the_budget(tiny):
+    def turns(url):
+        c, cached = client(url), []
+        history = {k: [{"role": "user", "content": f"Tell me about {k} " * 30}] for k in ("lakes", "hills")}
+        for k in ("lakes", "hills", "lakes", "hills"):
+            r = c.chat.completions.create(model="gpt-oss-tiny", messages=history[k], max_tokens=4, **GREEDY)
+            cached.append(r.usage.prompt_tokens_details.cached_tokens)
+            history[k] += [{"role": "assistant", "content": r.choices[0].message.content},
+                           {"role": "user", "content": "More?"}]
+        return cached
+
+    with serving(*tiny) as url:
+        first_lakes, first_hills, again_lakes, again_hills = turns(url)
+        assert first_lakes == first_hills == 0 and again_lakes > 100 and again_hills > 100
+    with serving(*tiny, cache_bytes=1) as url:  # a budget no cache fits: nothing is kept
+        assert turns(url) == [0, 0, 0, 0]
+
+
+def test_forced_function_call_on_the_real_model(url):
+    c = client(url)
+    r = c.chat.completions.create(model="gpt-oss-tiny", max_tokens=8, tools=[CHAT_WEATHER],
+                                  tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                  messages=[{"role": "user", "content": "Weather in Oslo?"}], **GREEDY)
+    calls = r.choices[0].message.tool_calls
+    assert [t.function.name for t in calls] == ["get_weather"] and calls[0].id.startswith("call_")
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_concurrent_greedy_streams_equal_their_solo_output(url, n):
+    c = client(url)
+    prompts = [f"Name colour number {i}" for i in range(n)]
+
+    def run(prompt):
+        stream = c.chat.completions.create(model="gpt-oss-tiny", max_tokens=16, stream=True,
+                                           messages=[{"role": "user", "content": prompt}], **GREEDY)
+        return "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+
+    solo = [run(p) for p in prompts]
+    together = [None] * n
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, run(prompts[i])))
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == solo and len(set(solo)) > 1
+
+
+def test_a_disconnect_frees_its_slot_and_a_full_server_answers_429(tiny):
+    with serving(*tiny, max_concurrency=1) as url:
+        c = client(url)
+        stream = c.chat.completions.create(model="gpt-oss-tiny", max_tokens=3000, stream=True,
+                                           messages=[{"role": "user", "content": "Go on"}])
+        next(iter(stream))
+        with pytest.raises(openai.RateLimitError) as busy:
+            c.chat.completions.create(model="gpt-oss-tiny", max_tokens=2,
+                                      messages=[{"role": "user", "content": "Me too"}])
+        assert busy.value.response.headers["retry-after"] == "1"
+        stream.close()  # the client goes away mid-reply
+        assert eventually_served(c).usage.completion_tokens == 2
+        with pytest.raises(openai.APITimeoutError):  # a client that gives up on a plain request
+            client(url, timeout=0.5).chat.completions.create(
+                model="gpt-oss-tiny", max_tokens=3000, messages=[{"role": "user", "content": "Go on"}])
+        assert eventually_served(c).usage.completion_tokens == 2
+
+
+def eventually_served(c, within_s: float = 10):
+    """A small request, retried while the server answers 429 (a slot not freed yet)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return c.chat.completions.create(model="gpt-oss-tiny", max_tokens=2,
+                                             messages=[{"role": "user", "content": "Now?"}])
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "the slot was never freed"
+            time.sleep(0.05)
+
+
+# -- errors
+
+def post(url, path, data: bytes, key=None):
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json",
+                                                                   **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(req) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 5}', 400, "temperature"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400, "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "max"}', 400, "reasoning_effort"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}', 400, "tool_choice"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true}', 400, "logprobs"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}', 400,
+     "response_format"),
+    (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, None),
+    (b'{"messages": [{"role": "tool", "content": "72F"}]}', 400, None),
+])
+def test_bad_chat_requests_get_openai_shaped_errors(url, body, status, param):
+    code, data = post(url, "/chat/completions", body)
+    assert code == status
+    assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["param"] == param
+
+
+def test_bad_responses_requests_and_unknown_routes(url):
+    assert post(url, "/responses", b'{"input": 5}')[0] == 400
+    code, data = post(url, "/responses", b'{"input": "hi", "previous_response_id": "resp_nope"}')
+    assert code == 404 and data["error"]["code"] == "previous_response_not_found"
+    code, data = post(url, "/responses", b'{"input": [{"type": "function_call_output", "call_id": "x", "output": "1"}]}')
+    assert code == 400 and "tool result" in data["error"]["message"]
+    assert post(url, "/nowhere", b"{}")[0] == 404
+
+
+def test_a_prompt_over_the_context_is_context_length_exceeded(url):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(url).chat.completions.create(model="gpt-oss-tiny",
+                                            messages=[{"role": "user", "content": "word " * 5000}])
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_api_key(tiny):
+    with serving(*tiny, api_key="sesame") as url:
+        with pytest.raises(openai.AuthenticationError):
+            client(url, key="wrong").models.list()
+        assert post(url, "/chat/completions", b"{}")[0] == 401
+        assert [m.id for m in client(url, key="sesame").models.list()] == ["gpt-oss-tiny"]
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/health") as resp:  # no key needed
+            assert json.loads(resp.read())["status"] == "ok"
+
+
+# -- a scripted model: reasoning fields, function calls, stops
+
+def test_reasoning_fields_in_both_apis(tok):
+    model = ScriptedModel([answer(tok, "Two plus two.", "It is 4.")])
+    with serving(model, tok) as url:
+        c = client(url)
+        m = c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "2+2?"}])
+        message = m.choices[0].message
+        assert (message.content, message.reasoning_content, message.reasoning) == (
+            "It is 4.", "Two plus two.", "Two plus two.")
+        assert m.choices[0].finish_reason == "stop"
+        assert m.usage.completion_tokens_details.reasoning_tokens > 0
+
+        chunks = list(c.chat.completions.create(model="gpt-oss-tiny", stream=True,
+                                                messages=[{"role": "user", "content": "2+2?"}]))
+        deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Two plus two."
+        assert "".join(d.content or "" for d in deltas) == "It is 4."
+
+        r = c.responses.create(model="gpt-oss-tiny", input="2+2?")
+        assert [o.type for o in r.output] == ["reasoning", "message"]
+        assert r.output[0].content[0].text == "Two plus two." and r.output_text == "It is 4."
+        with c.responses.stream(model="gpt-oss-tiny", input="2+2?") as stream:
+            kinds = [e.type for e in stream]
+        assert kinds == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added",
+                         *["response.reasoning_text.delta"] * kinds.count("response.reasoning_text.delta"),
+                         "response.reasoning_text.done", "response.content_part.done",
+                         "response.output_item.done",
+                         "response.output_item.added", "response.content_part.added",
+                         *["response.output_text.delta"] * kinds.count("response.output_text.delta"),
+                         "response.output_text.done", "response.content_part.done",
+                         "response.output_item.done", "response.completed"]
+
+
+def test_function_call_round_trip_through_function_call_output(tok):
+    weather = call(tok, "Need the weather.", "get_weather", '{"city":"Oslo"}')
+    model = ScriptedModel([weather, answer(tok, "It said rain.", "Rainy, 12 C."), weather])
+    with serving(model, tok) as url:
+        c = client(url)
+        r = c.responses.create(model="gpt-oss-tiny", input="Weather in Oslo?", tools=[
+            WEATHER, {"type": "web_search"}, {"type": "local_shell"}])  # Codex-style extras are ignored
+        fc = r.output[-1]
+        assert (fc.type, fc.name, json.loads(fc.arguments)) == ("function_call", "get_weather", {"city": "Oslo"})
+        r2 = c.responses.create(model="gpt-oss-tiny", previous_response_id=r.id, tools=[WEATHER], input=[
+            {"type": "function_call_output", "call_id": fc.call_id, "output": "rain, 12 C"}])
+        assert r2.output_text == "Rainy, 12 C." and r2.status == "completed"
+        assert r2.usage.input_tokens_details.cached_tokens >= r.usage.input_tokens  # the call's turn
+        prompt = tok.decode(model.fed)
+        assert "functions.get_weather to=assistant" in prompt and "rain, 12 C" in prompt
+        assert "Need the weather." in prompt  # the ongoing turn's reasoning is kept (harmony)
+
+        with c.responses.stream(model="gpt-oss-tiny", input="Weather in Oslo?", tools=[WEATHER]) as stream:
+            events = list(stream)
+        args = [e for e in events if e.type == "response.function_call_arguments.done"]
+        assert args and json.loads(args[0].arguments) == {"city": "Oslo"}
+
+
+def test_function_call_round_trip_through_tool_messages(tok):
+    model = ScriptedModel([call(tok, "Look it up.", "get_weather", '{"city":"Oslo"}'),
+                           answer(tok, "Done.", "Rainy.")])
+    with serving(model, tok) as url:
+        c = client(url)
+        messages = [{"role": "user", "content": "Weather in Oslo?"}]
+        r = c.chat.completions.create(model="gpt-oss-tiny", messages=messages, tools=[CHAT_WEATHER])
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+        tc = r.choices[0].message.tool_calls[0]
+        messages += [r.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": tc.id, "content": "rain"}]
+        r2 = c.chat.completions.create(model="gpt-oss-tiny", messages=messages, tools=[CHAT_WEATHER])
+        assert r2.choices[0].message.content == "Rainy."
+        assert r2.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens
+        assert "Look it up." in tok.decode(model.fed)  # reasoning accepted back in history
+
+
+def test_stop_strings_and_control_tokens_never_reach_content(tok):
+    model = ScriptedModel([answer(tok, "Hm.", "Hello<|channel|> world. Bye")])
+    with serving(model, tok) as url:
+        c = client(url)
+        r = c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "hi"}])
+        assert r.choices[0].message.content == "Hello world. Bye"
+        r = c.chat.completions.create(model="gpt-oss-tiny", stop=["d. B"], stream=True,
+                                      messages=[{"role": "user", "content": "hi"}])
+        chunks = [ch for ch in r if ch.choices]
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "Hello worl"
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet="ab c.é\n", max_size=40),
+       stops=st.lists(st.text(alphabet="ab c.é\n", min_size=1, max_size=4), max_size=3))
+def test_stop_strings_cut_the_answer_at_the_earliest_one(tok, text, stops):
+    stream = ReplyStream(tok, stops)
+    events = []
+    for token in script(tok, f"<|channel|>final<|message|>{text}<|return|>"):
+        events += stream.feed(token)
+    events += stream.finish()
+    cuts = [text.find(s) for s in stops if s in text]
+    expected = text[:min(cuts)] if cuts else text
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == expected
+    assert stream.items[0].text == expected and stream.stopped == bool(cuts)
+    assert sum(isinstance(e, Closed) for e in events) == 1
+
+
+# -- the command
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gptoss_mlx_serve_runs_and_logs_one_line_per_request(tiny_checkpoint):
+    ckpt = tiny_checkpoint
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gptoss_mlx", "serve", "--model", str(ckpt),
+                             "--port", str(port), "--max-context", "2048", "--max-tokens", "4"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health")
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        c = client(f"http://127.0.0.1:{port}/v1")
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+        assert r.usage.completion_tokens == 4 and r.model == str(ckpt)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    lines = [line for line in err.splitlines() if r.id in line]
+    assert len(lines) == 1 and "prompt tokens (0 cached), 4 generated, TTFT" in lines[0]
+
+
+def test_serve_refuses_a_public_address_without_a_key(capsys):
+    assert cli_main(["serve", "--host", "0.0.0.0", "--model", "/nonexistent"]) == 2
+    assert "--api-key" in capsys.readouterr().err
+    check_binding(cli_parser().parse_args(["serve", "--host", "0.0.0.0", "--allow-remote-without-key"]))
+    assert "warning: serving on 0.0.0.0 without an API key" in capsys.readouterr().err
+    check_binding(cli_parser().parse_args(["serve", "--host", "::1"]))  # loopback: fine
+    assert cli_main(["serve", "--tools", "shell", "--model", "/nonexistent"]) == 2
+    assert "unknown tool(s) shell" in capsys.readouterr().err
+
+
+# -- tools the server runs itself (--functions, --tools python)
+
+def add(a: int, b: int) -> int:
+    """Add two numbers."""
+    return a + b
+
+
+def test_server_functions_run_on_the_server_and_stay_out_of_the_output(tok):
+    model = ScriptedModel([call(tok, "Use add.", "add", '{"a": 2, "b": 3}'), answer(tok, "It gave 5.", "5")])
+    tools = ServerTools(functions=[FunctionTool.from_callable(add)])
+    with serving(model, tok, tools=tools) as url:
+        c = client(url)
+        r = c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "2+3?"}],
+                                      tools=[CHAT_WEATHER])
+        message = r.choices[0].message
+        assert (message.content, message.tool_calls, r.choices[0].finish_reason) == ("5", None, "stop")
+        assert message.reasoning_content == "Use add.It gave 5."
+        prompt = tok.decode(model.fed)
+        assert "type add = (_: {" in prompt and "type get_weather" in prompt  # both declared
+        assert "<|start|>functions.add to=assistant<|channel|>commentary<|message|>5<|end|>" in prompt
+        assert r.usage.prompt_tokens > len(script(tok, prompt)) // 2  # both rounds' prompts
+        with pytest.raises(openai.BadRequestError, match="runs its own function"):
+            c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "x"}],
+                                      tools=[{"type": "function", "function": {"name": "add"}}])
+
+
+def test_server_python_tool_in_the_responses_stream(tok, os_sandbox):
+    model = ScriptedModel([script(tok, "<|channel|>analysis to=python<|message|>print(6 * 7)<|call|>"),
+                           answer(tok, "It printed 42.", "42")])
+    with serving(model, tok, tools=ServerTools(python=SandboxLimits())) as url:
+        with client(url).responses.stream(model="gpt-oss-tiny", input="6*7?") as stream:
+            events = list(stream)
+        response = events[-1].response
+        assert response.status == "completed" and response.output_text == "42"
+        assert [o.type for o in response.output] == ["reasoning", "message"]
+        assert not any("function_call" in e.type for e in events)
+        prompt = tok.decode(model.fed)
+        assert "## python" in prompt and "STATELESS" in prompt
+        assert "<|start|>python to=assistant<|channel|>analysis<|message|>42" in prompt
+
+
+# -- hostile bodies: never a 5xx, always OpenAI's error shape
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda children: st.one_of(st.lists(children, max_size=3),
+                               st.dictionaries(st.text(max_size=6), children, max_size=3)),
+    max_leaves=8)
+CHAT_KEYS = ["model", "messages", "tools", "tool_choice", "reasoning_effort", "stream", "stream_options",
+             "max_tokens", "max_completion_tokens", "stop", "seed", "temperature", "top_p", "n",
+             "response_format"]
+RESPONSES_KEYS = ["model", "input", "instructions", "tools", "tool_choice", "reasoning", "stream",
+                  "max_output_tokens", "previous_response_id", "store", "temperature", "top_p", "text"]
+CALL = st.fixed_dictionaries({"function": st.fixed_dictionaries(
+    {}, optional={"name": JSON_VALUES, "arguments": JSON_VALUES}) | JSON_VALUES}, optional={"id": JSON_VALUES})
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "tool", "system", "x"]),
+                                 "content": JSON_VALUES},
+                                optional={"tool_calls": st.lists(CALL, max_size=2) | JSON_VALUES,
+                                          "tool_call_id": JSON_VALUES, "name": JSON_VALUES,
+                                          "reasoning_content": JSON_VALUES})
+SHAPED = {  # values shaped like the real thing, wrong inside
+    "tool_choice": st.fixed_dictionaries({"type": st.just("function")},
+                                         optional={"name": JSON_VALUES, "function": JSON_VALUES}),
+    "response_format": st.fixed_dictionaries({"type": st.sampled_from(["json_schema", "text", "x"])},
+                                             optional={"json_schema": JSON_VALUES}),
+    "text": st.fixed_dictionaries({"format": st.fixed_dictionaries(
+        {"type": st.sampled_from(["json_schema", "text"])}, optional={"name": JSON_VALUES, "schema": JSON_VALUES})}),
+    "tools": st.lists(st.fixed_dictionaries({"type": st.just("function")}, optional={
+        "name": JSON_VALUES, "parameters": JSON_VALUES, "function": JSON_VALUES}), max_size=2),
+    "reasoning": st.fixed_dictionaries({}, optional={"effort": JSON_VALUES}),
+}
+ITEM = st.fixed_dictionaries({"type": st.sampled_from(["message", "reasoning", "function_call",
+                                                       "function_call_output", "custom"])},
+                             optional={"role": st.sampled_from(["user", "assistant", "tool"]),
+                                       "content": JSON_VALUES, "call_id": st.just("c") | JSON_VALUES,
+                                       "name": JSON_VALUES, "arguments": JSON_VALUES, "output": JSON_VALUES})
+
+
+@pytest.fixture(scope="module")
+def scripted_url(tok):
+    with serving(ScriptedModel([answer(tok, "Hm.", "ok")]), tok, max_context=1024) as url:
+        yield url
+
+
+def check_answer(url, path, body):
+    code, data = post(url, path, json.dumps(body).encode())
+    assert code < 500, data
+    if code >= 400:
+        assert set(data["error"]) == {"message", "type", "param", "code"}
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.dictionaries(st.sampled_from(CHAT_KEYS), JSON_VALUES, max_size=5),
+       shaped=st.dictionaries(st.sampled_from(["tool_choice", "response_format", "tools"]),
+                              st.deferred(lambda: st.one_of(*SHAPED.values())), max_size=2),
+       messages=st.lists(MESSAGE, max_size=3))
+def test_hostile_chat_bodies_get_4xx_not_5xx(scripted_url, body, shaped, messages):
+    check_answer(scripted_url, "/chat/completions", {"messages": messages, **body, **shaped, "max_tokens": 3})
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.dictionaries(st.sampled_from(RESPONSES_KEYS), JSON_VALUES, max_size=5),
+       shaped=st.dictionaries(st.sampled_from(["tool_choice", "text", "tools", "reasoning"]),
+                              st.deferred(lambda: st.one_of(*SHAPED.values())), max_size=2),
+       items=st.lists(ITEM, max_size=3) | st.text(max_size=5))
+def test_hostile_responses_bodies_get_4xx_not_5xx(scripted_url, body, shaped, items):
+    check_answer(scripted_url, "/responses", {"input": items, **body, **shaped, "max_output_tokens": 3})
