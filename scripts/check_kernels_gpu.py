@@ -198,8 +198,8 @@ def sanitize(names: list[str], tools: list[str], sanitizer: str, jobs: int, time
             print(f"  {finding}")
         if r.kernel == PROBE:
             print(f"  the planted fault was not reported: {r.tool}'s results here check nothing")
-        if r.returncode != 0 or r.report.count is None:
-            print("  " + "\n  ".join(r.output.strip().splitlines()[-15:]))
+        if (r.kernel == PROBE or r.returncode != 0 or r.report.count is None) and r.output.strip():
+            print("  " + "\n  ".join(r.output.strip().splitlines()[-15:]))  # a probe that did not build says so
     print(f"\n{len(runs) - len(bad)} of {len(runs)} runs clean" + ("" if bad else " (every planted fault caught)"))
     return 1 if bad else 0
 
