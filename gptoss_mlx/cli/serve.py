@@ -21,7 +21,7 @@ def register(sub) -> None:
                                    "(the flag is the approval; python is stateless per call).")
     add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--allow-remote-without-key", action="store_true",
                    help="bind a non-loopback --host without --api-key (anyone who can reach it can use it)")
