@@ -14,23 +14,17 @@ fails to build.
 ``--sanitize`` (CUDA only) runs the same check once per kernel under each compute-sanitizer tool,
 in a process of its own that instruments only that kernel, and prints per kernel the errors
 (memcheck: out-of-bounds and misaligned accesses; initcheck: reads of uninitialised global
-memory) and the shared-memory hazards (racecheck) found over all its dtypes and samples.
-initcheck counts memory as written only when an instrumented kernel or a CUDA copy wrote it, not
-when MLX's uninstrumented kernels or its CPU code (into managed memory) did: so under initcheck
-every input is uploaded again with cudaMemcpy before the launch, and buffers are not reused (an
-output the kernel reads before writing is a fresh allocation). Each tool is first held to a probe
-kernel with a planted fault of its kind: a tool that misses it checks nothing here, and its clean
-results are reported as meaningless. Exits 1 on any finding. On the GPU machine (metal/README.md;
-../shared/README.md for .device):
+memory) and the shared-memory hazards (racecheck) found over all its dtypes and samples. Each
+tool is first held to a probe kernel with a planted fault of its kind: a tool that misses it
+checks nothing here, and its clean results are reported as meaningless. Exits 1 on any finding.
+On the GPU machine (metal/README.md; ../shared/README.md for .device):
 
-    source .device/setup.sh && python3 scripts/check_kernels_gpu.py --sanitize --jobs 12 --timeout 200
+    source .device/setup.sh && python3 scripts/check_kernels_gpu.py --sanitize --jobs 12
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import glob
 import json
 import os
 import re
@@ -50,10 +44,8 @@ PROBE = "sanitizer_probe"
 PROBES = {
     # A read 1 GiB past the end of x: outside any allocation.
     "memcheck": "out[i] = x[i + (1u << 28)];",
-    # Every thread writes its slot; thread 0 then reads all 64 in a loop (loads the compiler
-    # cannot fold into its own store), the other simdgroup's too, with no barrier between.
-    "racecheck": ("threadgroup float s[64];\ns[t] = x[i];\nfloat sum = 0.0f;\n"
-                  "if (t == 0) {\n  for (uint j = 0; j < 64; j++) sum += s[j];\n}\nout[i] = sum;"),
+    # Threads read the slot another simdgroup writes, with no barrier between.
+    "racecheck": "threadgroup float s[64];\ns[t] = x[i];\nout[i] = s[(t + 32) % 64];",
     # out is read before anything wrote it (a fresh allocation: no init_value).
     "initcheck": "out[i] = out[i] + x[i];",
 }
@@ -119,16 +111,13 @@ def find_sanitizer(path: str | None) -> str | None:
 def sanitizer_command(sanitizer: str, tool: str, kernel: str, log: str, child: list[str]) -> list[str]:
     """compute-sanitizer running ``child`` (this script) with only MLX's build of ``kernel``
     instrumented: mx.fast.cuda_kernel names it mlx::core::cu::custom_kernel_<name><template
-    values>, so ``custom_kernel_<name>`` is a substring of the mangled name. Under initcheck the
-    child uploads the inputs with cudaMemcpy first (--upload-inputs). A device error ends only
-    that launch (the other samples are still checked); API errors are left out: a kernel's failure
-    shows in the child's exit code. At most 100 findings are printed, without backtraces: printing
-    is what makes a noisy run slow."""
+    values>, so ``custom_kernel_<name>`` is a substring of the mangled name. A device error ends
+    only that launch (the other samples are still checked); API errors are left out: a kernel's
+    failure shows in the child's exit code."""
     return [
         sanitizer, "--tool", tool, "--kernel-name", f"kns=custom_kernel_{kernel}",
-        "--destroy-on-device-error", "kernel", "--report-api-errors", "no", "--show-backtrace", "no",
-        "--print-limit", "100", "--log-file", log, sys.executable, str(Path(__file__).resolve()), *child,
-        *(["--upload-inputs"] if tool == "initcheck" else []),
+        "--destroy-on-device-error", "kernel", "--report-api-errors", "no", "--print-limit", "100",
+        "--log-file", log, sys.executable, str(Path(__file__).resolve()), *child,
     ]
 
 
@@ -181,8 +170,7 @@ def sanitize(names: list[str], tools: list[str], sanitizer: str, jobs: int, time
     version = subprocess.run([sanitizer, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     print(f"{sanitizer}: {version[-1] if version else '?'}; tools: {', '.join(tools)}; "
           f"{jobs} runs at a time")
-    # initcheck first: its runs are the slowest, so they start while the others fill the slots.
-    work = [(tool, kernel) for tool in sorted(tools, key=lambda t: t != "initcheck") for kernel in [PROBE, *names]]
+    work = [(tool, kernel) for tool in tools for kernel in [PROBE, *names]]
     with ThreadPoolExecutor(jobs) as pool:  # subprocesses only: no MLX work on these threads
         runs = list(pool.map(lambda tk: run_sanitized(sanitizer, tk[0], tk[1], timeout), work))
     by = {(r.tool, r.kernel): r for r in runs}
@@ -198,63 +186,13 @@ def sanitize(names: list[str], tools: list[str], sanitizer: str, jobs: int, time
             print(f"  {finding}")
         if r.kernel == PROBE:
             print(f"  the planted fault was not reported: {r.tool}'s results here check nothing")
-        if (r.kernel == PROBE or r.returncode != 0 or r.report.count is None) and r.output.strip():
-            print("  " + "\n  ".join(r.output.strip().splitlines()[-15:]))  # a probe that did not build says so
+        if r.returncode != 0 or r.report.count is None:
+            print("  " + "\n  ".join(r.output.strip().splitlines()[-15:]))
     print(f"\n{len(runs) - len(bad)} of {len(runs)} runs clean" + ("" if bad else " (every planted fault caught)"))
     return 1 if bad else 0
 
 
-def as_given(launch):
-    return launch
-
-
-def uploaded(launch):
-    """``launch`` with every input (Python scalars included) contiguous, evaluated and written
-    again by cudaMemcpy, so that initcheck sees it written: MLX's own kernels are not instrumented
-    (only the kernel checked is), and its CPU code fills managed memory directly."""
-    import dataclasses
-
-    import mlx.core as mx
-    import numpy as np
-
-    inputs = [mx.contiguous(x) if isinstance(x, mx.array) else mx.array(x) for x in launch.inputs]
-    mx.eval(inputs)
-    cudart = _cudart()
-    for x in inputs:
-        device = np.asarray(x.reshape(-1).view(mx.uint8))  # the buffer itself: unified addresses
-        attributes = _PointerAttributes()
-        err = cudart.cudaPointerGetAttributes(ctypes.byref(attributes), ctypes.c_void_p(device.ctypes.data))
-        if err or attributes.type != 3:  # cudaMemoryTypeManaged: what MLX allocates
-            raise RuntimeError(f"a {x.dtype} {x.shape} input is not in MLX's managed memory "
-                               f"(CUDA error {err}, memory type {attributes.type})")
-        host = device.copy()
-        err = cudart.cudaMemcpy(ctypes.c_void_p(device.ctypes.data), ctypes.c_void_p(host.ctypes.data),
-                                ctypes.c_size_t(host.nbytes), 4)  # cudaMemcpyDefault
-        if err:
-            raise RuntimeError(f"cudaMemcpy of a {x.dtype} {x.shape} input failed: CUDA error {err}")
-    return dataclasses.replace(launch, inputs=inputs)
-
-
-class _PointerAttributes(ctypes.Structure):  # struct cudaPointerAttributes (CUDA >= 11)
-    _fields_ = [("type", ctypes.c_int), ("device", ctypes.c_int),
-                ("devicePointer", ctypes.c_void_p), ("hostPointer", ctypes.c_void_p)]
-
-
-def _cudart():
-    """The CUDA runtime MLX loaded (else one found where CUDA or its pip packages install it)."""
-    loaded = [line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
-              if "/libcudart.so" in line]
-    found = sorted(glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages", "nvidia", "*", "lib",
-                                          "libcudart.so*")) + glob.glob("/usr/local/cuda/lib64/libcudart.so*"))
-    for path in loaded + found + ["libcudart.so"]:
-        try:
-            return ctypes.CDLL(path)
-        except OSError:
-            continue
-    raise RuntimeError("libcudart not found: it is needed to upload the inputs under initcheck")
-
-
-def run_probe(tool: str, prepare) -> int:
+def run_probe(tool: str) -> int:
     """The child of a probe run: the tool's planted fault, launched once through the CUDA mirror."""
     import mlx.core as mx
 
@@ -264,7 +202,7 @@ def run_probe(tool: str, prepare) -> int:
     kernel = Kernel(PROBE, ["x"], ["out"], ("", body))
     x = mx.arange(PROBE_SIZE, dtype=mx.float32)
     try:
-        mx.eval(kernel(prepare(Launch([x], [(PROBE_SIZE,)], [mx.float32], (PROBE_SIZE, 1, 1), (64, 1, 1)))))
+        mx.eval(kernel(Launch([x], [(PROBE_SIZE,)], [mx.float32], (PROBE_SIZE, 1, 1), (64, 1, 1))))
     except Exception as e:  # memcheck stops the kernel: MLX may report that, which is expected
         print(f"probe: {e}")
     return 0
@@ -272,8 +210,7 @@ def run_probe(tool: str, prepare) -> int:
 
 # ---- the reference check ------------------------------------------------------------------------
 
-def check(names: list[str], iters: int, json_path: str | None, prepare) -> int:
-    """``prepare`` turns each sample's launch into the one checked (not those timed)."""
+def check(names: list[str], iters: int, json_path: str | None) -> int:
     import mlx.core as mx
 
     from gptoss_mlx.kernels import registry
@@ -291,7 +228,7 @@ def check(names: list[str], iters: int, json_path: str | None, prepare) -> int:
                     for a in sample
                 )
                 try:
-                    got = spec.kernel(prepare(spec.plan(*sample)))
+                    got = spec.launch(*sample)
                     mx.eval(got)
                     err = registry.max_error(got, spec.expected(*sample))
                     t_kernel = time_call(lambda: spec.launch(*sample), iters) if iters else float("nan")
@@ -351,10 +288,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sanitize", action="store_true", help="run every kernel under compute-sanitizer")
     parser.add_argument("--tools", type=_tools, default=list(TOOLS), help="with --sanitize: which tools")
     parser.add_argument("--jobs", type=int, default=4, help="with --sanitize: runs at a time")
-    parser.add_argument("--timeout", type=float, default=240, help="with --sanitize: seconds per run")
+    parser.add_argument("--timeout", type=float, default=480, help="with --sanitize: seconds per run")
     parser.add_argument("--compute-sanitizer", help="its path (default: on PATH or in /usr/local/cuda/bin)")
     parser.add_argument("--probe", choices=TOOLS, help=argparse.SUPPRESS)  # a --sanitize child
-    parser.add_argument("--upload-inputs", action="store_true", help=argparse.SUPPRESS)  # an initcheck child
     args = parser.parse_args(argv)
     if args.iters < 0 or args.jobs < 1:
         parser.error("--iters must be >= 0 and --jobs >= 1")
@@ -369,15 +305,9 @@ def main(argv=None) -> int:
     if gpu_backend_name() is None:
         print("no GPU backend: run this on the GPU machine or a Mac", file=sys.stderr)
         return 2
-    prepare = as_given
-    if args.upload_inputs:
-        import mlx.core as mx
-
-        mx.set_cache_limit(0)  # every output a fresh allocation: one never written reads as such
-        prepare = uploaded
     if args.probe:
-        return run_probe(args.probe, prepare)
-    return check(names, args.iters, args.json, prepare)
+        return run_probe(args.probe)
+    return check(names, args.iters, args.json)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ check must disable a kernel that is wrong."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 import warnings
@@ -558,69 +557,7 @@ def test_sanitizer_command_instruments_one_kernel():
                        "kns=custom_kernel_sdpa_prefill"]
     assert cmd[cmd.index("--destroy-on-device-error") + 1] == "kernel"  # the other samples still run
     assert cmd[cmd.index("--log-file") + 1] == "/tmp/l.log"
-    assert cmd[cmd.index("--print-limit") + 1] == "100"  # millions of reports took 300 s to print
-    # initcheck sees only what instrumented kernels and CUDA copies wrote: its child uploads the inputs
-    assert cmd[-7:] == [sys.executable, gpu.__file__, "--kernels", "sdpa_prefill", "--iters", "0", "--upload-inputs"]
-    memcheck = gpu.sanitizer_command("/cuda/compute-sanitizer", "memcheck", "sdpa_prefill", "/tmp/l.log", ["--probe", "memcheck"])
-    assert memcheck[-4:] == [sys.executable, gpu.__file__, "--probe", "memcheck"]
-
-
-class _FakeCudart:
-    """cudaPointerGetAttributes and cudaMemcpy on the CPU: memory is of ``memory_type``; copies
-    are done with memmove and recorded as (destination, bytes)."""
-
-    def __init__(self, memory_type=3):
-        self.memory_type, self.copies = memory_type, []
-
-    def cudaPointerGetAttributes(self, attributes, pointer):
-        attributes._obj.type = self.memory_type
-        return 0
-
-    def cudaMemcpy(self, dst, src, size, kind):
-        assert kind == 4  # cudaMemcpyDefault: the managed buffer's address is valid on both sides
-        ctypes.memmove(dst.value, src.value, size.value)
-        self.copies.append((dst.value, size.value))
-        return 0
-
-
-def test_sanitizer_uploads_every_input_into_the_buffer_the_kernel_reads(monkeypatch):
-    """Under initcheck each input the kernel reads (Python scalars as the 0-d arrays they are
-    passed as, non-contiguous ones as the contiguous copy MLX would pass) is written in full by
-    cudaMemcpy, into its own buffer, with its values unchanged."""
-    gpu = _gpu_script()
-    cudart = _FakeCudart()
-    monkeypatch.setattr(gpu, "_cudart", lambda: cudart)
-    x = mx.arange(12, dtype=mx.bfloat16).reshape(3, 4)
-    launch = Launch([x.T, mx.array([1, 2, 3], dtype=mx.uint32), 1e-5, 7, True], [(3,)], [mx.float32],
-                    (32, 1, 1), (32, 1, 1))
-    inputs = gpu.uploaded(launch).inputs
-    assert [(a.dtype, a.shape) for a in inputs] == [(mx.bfloat16, (4, 3)), (mx.uint32, (3,)), (mx.float32, ()),
-                                                    (mx.int32, ()), (mx.bool_, ())]
-    assert mx.array_equal(inputs[0], x.T) and inputs[2].item() == pytest.approx(1e-5) and inputs[4].item() is True
-    buffers = [np.asarray(a.reshape(-1).view(mx.uint8)) for a in inputs]
-    assert cudart.copies == [(b.ctypes.data, b.nbytes) for b in buffers]
-
-
-def test_sanitizer_upload_refuses_memory_that_is_not_managed(monkeypatch):
-    gpu = _gpu_script()
-    monkeypatch.setattr(gpu, "_cudart", lambda: _FakeCudart(memory_type=1))  # host memory
-    launch = Launch([mx.arange(4, dtype=mx.float32)], [(4,)], [mx.float32], (32, 1, 1), (32, 1, 1))
-    with pytest.raises(RuntimeError, match=r"float32 \(4,\) input is not in MLX's managed memory"):
-        gpu.uploaded(launch)
-
-
-def test_racecheck_probe_is_a_race(cxx):
-    """The racecheck probe's result depends on the order the threads run in (the emulator runs
-    them lowest first, then highest first, with no barrier to order them): a hazard between the
-    two simdgroups of each threadgroup, which racecheck must report."""
-    gpu = _gpu_script()
-    body = "uint i = thread_position_in_grid.x;\nuint t = thread_index_in_threadgroup;\n" + gpu.PROBES["racecheck"]
-    k = Kernel("racecheck_probe", ["x"], ["out"], ("", body))
-    launch = Launch([mx.arange(128, dtype=mx.float32)], [(128,)], [mx.float32], (128, 1, 1), (64, 1, 1))
-    forward = np.array(toolchain.emulate(k, launch, "forward")[0])
-    reverse = np.array(toolchain.emulate(k, launch, "reverse")[0])
-    assert np.isnan(forward[[0, 64]]).all()  # thread 0 ran first: the other slots were never written
-    assert reverse[[0, 64]].tolist() == [sum(range(64)), sum(range(64, 128))]  # it ran last
+    assert cmd[-6:] == [sys.executable, gpu.__file__, "--kernels", "sdpa_prefill", "--iters", "0"]
 
 
 FAKE_SANITIZER = '''#!{python}
@@ -636,7 +573,6 @@ logs = {{("memcheck", "moe_router"): {memcheck!r}, ("racecheck", "sanitizer_prob
 summary = "RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)" if tool == "racecheck" else "ERROR SUMMARY: 1 error"
 if kernel == "sanitizer_probe" and tool == "initcheck":
     summary = "ERROR SUMMARY: 0 errors"  # this tool misses its planted fault
-    print("probe: [compile] error: identifier 'oops' is undefined")
 elif kernel != "sanitizer_probe":
     summary = summary.replace("1 hazard", "0 hazards").replace("(1 error", "(0 errors").replace(": 1 error", ": 0 errors")
 text = logs.get((tool, kernel), "========= COMPUTE-SANITIZER\\n========= " + summary + "\\n")
@@ -661,7 +597,6 @@ def test_sanitize_runs_every_kernel_under_every_tool_and_holds_each_tool_to_its_
     assert rows["moe_router"].split()[1:] == ["3", "3", "errors", "0", "hazards", "0", "errors"]
     assert "Invalid __global__ read of size 16 bytes at custom_kernel_moe_router_float_64_8_4_8+0x2d0" in out
     assert "initcheck's results here check nothing" in out
-    assert "probe: [compile] error: identifier 'oops' is undefined" in out  # why it missed, when it says
     assert "7 of 9 runs clean" in out
 
 
