@@ -240,7 +240,55 @@ CASES = [
          lambda out, ctx: "unshare 0" not in out),
     Case("memory bomb", "b = bytearray(8 * 2**30)",
          lambda out, ctx: "MemoryError" in out or "ended" in out, limits={"memory_mb": 512}),
+    Case("SysV shared memory outside the memory limit (shmget, shmat, populate, shmdt)",
+         "import ctypes\nlibc = ctypes.CDLL(None)\nlibc.shmat.restype = ctypes.c_void_p\n"
+         "libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]\n"
+         "for i in range(2):\n    sid = libc.shmget(0, ctypes.c_size_t(2**28), 0o1600)\n"
+         "    a = libc.shmat(sid, None, 0)\n    if sid >= 0 and a not in (None, 2**64 - 1):\n"
+         "        ctypes.memset(a, 1, 2**28)\n        libc.shmdt(ctypes.c_void_p(a))\n"
+         "        print('HELD 256 MB')",
+         lambda out, ctx: "HELD" not in out, limits={"memory_mb": 512}),
+    Case("memfd outside the memory and disk limits",
+         "import os\nfor i in range(4):\n    fd = os.memfd_create('m')\n"
+         "    os.posix_fallocate(fd, 0, 60 * 2**20)\n    print('HELD 60 MB')",
+         lambda out, ctx: "HELD" not in out, limits={"memory_mb": 512, "disk_mb": 16}),
+    Case("thread bomb (native threads, past max_processes)",
+         "import ctypes\nlibc = ctypes.CDLL(None)\nattr = ctypes.create_string_buffer(64)\n"
+         "libc.pthread_attr_init(attr)\nlibc.pthread_attr_setstacksize(attr, ctypes.c_size_t(16384))\n"
+         "libc.pthread_attr_setdetachstate(attr, 1)\ntid = ctypes.c_ulong()\n"
+         "start = ctypes.cast(libc.pause, ctypes.c_void_p)\nn = 0\n"
+         "while n < 2000 and libc.pthread_create(ctypes.byref(tid), attr, start, None) == 0:\n"
+         "    n += 1\nprint('THREADS', n)",
+         lambda out, ctx: (m := re.search(r"THREADS (\d+)", out)) is None or int(m[1]) <= 64,
+         limits={"max_processes": 64}),
+    Case("inode flood (empty files in the working directory)",
+         "import os\nfor i in range(200_000):\n    os.close(os.open(f'f{{i}}', os.O_CREAT | os.O_WRONLY))\n"
+         "print('CREATED', i + 1)",
+         lambda out, ctx: "CREATED" not in out and "more than 5000 files" in out,
+         limits={"max_files": 5000}),
+    Case("forged reply with the right id and a huge output",
+         _OK + FIND_REPLY_FD + "import gc, json\n"
+         "ids = [o['id'] for o in gc.get_objects() if isinstance(o, dict) and 'id' in o and 'code' in o]\n"
+         "for fd in fds:\n    os.write(fd, json.dumps({{'id': ids[-1], 'output': 'A' * 7000, 'ok': True}}).encode() + b'\\n')\n"
+         "import time\ntime.sleep(2)",
+         lambda out, ctx: len(out) <= 1100, limits={"max_output": 1000}),
+    Case("forged reply with the right id, then exit: the next cell must run",
+         _OK + FIND_REPLY_FD + "import gc, json\n"
+         "ids = [o['id'] for o in gc.get_objects() if isinstance(o, dict) and 'id' in o and 'code' in o]\n"
+         "for fd in fds:\n    os.write(fd, json.dumps({{'id': ids[-1], 'output': 'x', 'ok': True}}).encode() + b'\\n')\n"
+         "os._exit(0)",
+         lambda out, ctx: "next ran" in out, after="print('next ran')"),
+    Case("a lone surrogate in the output", "print('\\ud800')",
+         lambda out, ctx: _valid(out)),
 ]
+
+
+def _valid(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def run_case(case: Case, ctx: Context) -> tuple[bool, str]:
