@@ -106,13 +106,10 @@ class PythonSandbox:
                   "max_output": self.limits.max_output, "max_file_mb": self.limits.max_file_mb,
                   "open_files": self.limits.open_files, "processes": self.limits.max_processes}
         launch = sandboxed_command(self.policy, [sys.executable, "-I", WORKER, json.dumps(config)])
-        argv = launch.argv
-        if sys.platform.startswith("linux") and os.geteuid() == 0:  # RLIMIT_NPROC exempts root
-            self._cgroup = PidsCgroup(self.limits.max_processes)
-            argv = self._cgroup.wrap(argv)
+        self._cgroup = launch.cgroup
         try:
             proc = subprocess.Popen(
-                argv, pass_fds=launch.pass_fds, env=sandbox_env(self.workdir),
+                launch.argv, pass_fds=launch.pass_fds, env=sandbox_env(self.workdir),
                 cwd=self._own_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL, start_new_session=True)
         finally:

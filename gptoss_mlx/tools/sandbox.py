@@ -72,6 +72,7 @@ class Policy:
     network: bool = False
     processes: bool = False
     read_files: tuple[str, ...] = ()  # single readable files (the worker script)
+    max_processes: int = 256  # processes and threads together (as root on Linux: a pids cgroup)
 
 
 def python_paths() -> tuple[str, ...]:
@@ -102,7 +103,7 @@ def make_policy(limits: SandboxLimits, workdir: str, system: str | None = None) 
     net = (LINUX_NETWORK_PATHS if system == "Linux" else MACOS_NETWORK_PATHS) if limits.network else ()
     return Policy(workdir=workdir, read_paths=tuple(dict.fromkeys(base + python_paths() + net)),
                   disk_mb=limits.disk_mb, network=limits.network, processes=limits.processes,
-                  read_files=(WORKER,))
+                  read_files=(WORKER,), max_processes=limits.max_processes)
 
 
 # ---------------------------------------------------------------------------------- Linux
@@ -300,6 +301,7 @@ class Launch:
     argv: list[str]  # the whole command line: the sandbox, then Python and the worker
     pass_fds: tuple[int, ...]
     keep: object = None  # what must stay open until the process has started (the filter file)
+    cgroup: PidsCgroup | None = None  # to remove once the process has ended
 
 
 def sandboxed_command(policy: Policy, command: list[str]) -> Launch:
@@ -311,7 +313,11 @@ def sandboxed_command(policy: Policy, command: list[str]) -> Launch:
     bpf.write(seccomp_filter(policy.processes))
     bpf.flush()
     bpf.seek(0)
-    return Launch(bwrap_argv(policy, bpf.fileno()) + command, (bpf.fileno(),), bpf)
+    argv = bwrap_argv(policy, bpf.fileno()) + command
+    if os.geteuid() != 0:
+        return Launch(argv, (bpf.fileno(),), bpf)
+    cgroup = PidsCgroup(policy.max_processes)  # RLIMIT_NPROC does not hold for root
+    return Launch(cgroup.wrap(argv), (bpf.fileno(),), bpf, cgroup)
 
 
 @functools.cache
@@ -344,11 +350,14 @@ def sandbox_problem() -> str | None:
     finally:
         if launch.keep is not None:
             launch.keep.close()
+        if launch.cgroup is not None:
+            launch.cgroup.remove()
     if done.stdout.strip() != "ok":
         why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
         hint = ("; user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone=1, "
                 "or an AppArmor profile for bwrap)") if sys.platform.startswith("linux") else ""
-        return f"{launch.argv[0]} cannot create the sandbox here ({why}){hint}"
+        tool = "sandbox-exec" if sys.platform == "darwin" else "bwrap"
+        return f"{tool} cannot create the sandbox here ({why}){hint}"
     return None
 
 
