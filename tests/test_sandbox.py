@@ -125,44 +125,39 @@ def test_as_root_threads_are_capped_by_a_cgroup_that_goes_away(os_sandbox):
     assert not os.path.exists(path)
 
 
-def test_root_without_a_pids_cgroup_means_no_python_tool(monkeypatch):
+@pytest.fixture
+def refusal():
+    """Runs PythonSandbox() expecting a refusal and returns its message, checked to be one line
+    (the probe's cached result is forgotten before and after)."""
+    def refuse() -> str:
+        sb.sandbox_problem.cache_clear()
+        with pytest.raises(SandboxUnavailable) as e:
+            PythonSandbox()
+        assert "\n" not in str(e.value)
+        return str(e.value)
+    yield refuse
+    sb.sandbox_problem.cache_clear()
+
+
+def test_root_without_a_pids_cgroup_means_no_python_tool(monkeypatch, refusal):
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(sb.shutil, "which", lambda name: "/usr/bin/bwrap")
     monkeypatch.setattr(sb.os, "geteuid", lambda: 0)
     monkeypatch.setattr(sb, "pids_cgroup_base", lambda: None)
-    sb.sandbox_problem.cache_clear()
-    try:
-        with pytest.raises(SandboxUnavailable) as e:
-            PythonSandbox()
-        assert "\n" not in str(e.value) and "pids cgroup" in str(e.value)
-    finally:
-        sb.sandbox_problem.cache_clear()
+    assert "no pids cgroup is writable" in refusal()
 
 
-def test_no_sandbox_means_no_python_tool(monkeypatch):
+def test_no_sandbox_means_no_python_tool(monkeypatch, refusal):
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(sb.shutil, "which", lambda name: None)
-    sb.sandbox_problem.cache_clear()
-    try:
-        with pytest.raises(SandboxUnavailable) as e:
-            PythonSandbox()
-        message = str(e.value)
-        assert "\n" not in message and "install bubblewrap" in message
-        assert sb.sandbox_status().startswith("none") and "bubblewrap" in sb.sandbox_status()
-    finally:
-        sb.sandbox_problem.cache_clear()
+    assert "install bubblewrap" in refusal()
+    assert sb.sandbox_status().startswith("none") and "bubblewrap" in sb.sandbox_status()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bubblewrap")
-def test_an_unusable_bwrap_means_no_python_tool(monkeypatch, os_sandbox):
+def test_an_unusable_bwrap_means_no_python_tool(monkeypatch, os_sandbox, refusal):
     monkeypatch.setattr(sb, "bwrap_argv", lambda policy, fd: ["bwrap", "--uid", "x", "--"])
-    sb.sandbox_problem.cache_clear()
-    try:
-        with pytest.raises(SandboxUnavailable) as e:
-            PythonSandbox()
-        assert "\n" not in str(e.value) and "bwrap cannot create the sandbox here" in str(e.value)
-    finally:
-        sb.sandbox_problem.cache_clear()
+    assert "bwrap cannot create the sandbox here" in refusal()
 
 
 # ---- the generators ---------------------------------------------------------------------------

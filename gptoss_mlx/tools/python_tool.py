@@ -17,8 +17,8 @@ unmatched, extra bytes, silence) kills the worker and tells the model what happe
 
 from __future__ import annotations
 
-import json
 import fcntl
+import json
 import os
 import secrets
 import select

@@ -181,11 +181,11 @@ def _ret_errno(errno: int) -> int:
 def seccomp_filter(processes: bool, machine: str | None = None) -> bytes:
     """A classic-BPF seccomp program (struct sock_filter[]) for bwrap --seccomp.
 
-    Refuses with EPERM: everything in _ALWAYS_DENIED (SysV IPC and memfds included), and unless ``processes``, fork, vfork and
-    clone without CLONE_THREAD (threads stay allowed). clone3 answers ENOSYS, so the C library
-    falls back to clone, whose flags a filter can see. Another architecture is killed. execve
-    stays allowed: bwrap execs the worker after loading the filter, and without fork an exec
-    can only replace the worker inside the same sandbox."""
+    Refuses with EPERM: everything in _ALWAYS_DENIED (SysV IPC and memfds included), and unless
+    ``processes``, fork, vfork and clone without CLONE_THREAD (threads stay allowed). clone3
+    answers ENOSYS, so the C library falls back to clone, whose flags a filter can see. Another
+    architecture is killed. execve stays allowed: bwrap execs the worker after loading the
+    filter, and without fork an exec can only replace the worker inside the same sandbox."""
     machine = machine or platform.machine()
     if machine not in _SYSCALLS:
         raise SandboxUnavailable(f"no seccomp syscall table for {machine}")
