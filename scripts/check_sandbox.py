@@ -302,6 +302,10 @@ CASES = [
          "print('CREATED', i + 1)",
          lambda out, ctx: "CREATED" not in out,
          limits={"max_files": 5000}),
+    Case("inode flood with hard links and symlinks (quicker than one poll)",
+         "import os\nopen('a', 'w').close()\nfor i in range(20_000):\n    os.link('a', f'l{{i}}')\n"
+         "    os.symlink('a', f's{{i}}')\nprint('CREATED')",
+         lambda out, ctx: "CREATED" not in out, limits={"max_files": 5000}),
     Case("forged reply with the right id and a huge output",
          forge("'A' * 7000") + "import time\ntime.sleep(2)",
          lambda out, ctx: len(out) <= 1100, limits={"max_output": 1000}),

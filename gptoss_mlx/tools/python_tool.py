@@ -37,7 +37,7 @@ __all__ = ["PythonSandbox", "SandboxLimits", "description"]
 
 STARTUP_S = 20.0  # for the sandbox and the interpreter to come up
 IDLE_CPU_S = 0.2  # CPU seconds a session may use between cells before it is restarted
-POLL_S = 0.25  # how often a running cell's file count is checked (Linux)
+POLL_S = 0.1  # how often a running cell's file count is checked (Linux), and at its end
 NOTE_ROOM = 100  # characters the worker may add past max_output (its truncation note)
 
 
@@ -143,6 +143,8 @@ class PythonSandbox:
             # The worker was ending before it read the request (a cell that forged its reply,
             # then exited): run the code in a fresh one.
             self._kill()
+        if reply is not None and self._over_files():
+            reply = None  # a cell quicker than one poll: its files stay, so the session goes
         if not isinstance(reply, dict) or reply.get("id") != request_id or self._pending \
                 or not isinstance(reply.get("output"), str):
             alive = self._proc is not None and self._proc.poll() is None
