@@ -37,6 +37,7 @@ class Context:
     server: socket.socket  # listening on 127.0.0.1: nothing may connect
     marker: str  # a word in the command line of any process the code starts
     abstract: socket.socket | None  # Linux: listening on an abstract unix address
+    grown: int = 0  # how much the case's host-side count grew while its sandbox was open
 
     @property
     def port(self) -> int:
@@ -81,6 +82,30 @@ class Case:
     contained: Callable[[str, Context], bool]  # (output, context) -> True if nothing got out
     limits: dict | None = None  # SandboxLimits fields for this case
     after: str | None = None  # a second cell; its output is what `contained` sees
+    gap: float = 2.0  # seconds between the two cells (a leftover thread shows itself)
+    host: Callable[[], int] | None = None  # a host-side count, read before and after the cells
+
+
+def _meminfo_kb(field: str) -> int:
+    """A field of the host's /proc/meminfo in kB (0 where there is none: macOS)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def _shmem_kb() -> int:  # SysV segments and memfds are shmem
+    return _meminfo_kb("Shmem")
+
+
+def _host_threads() -> int:
+    """Threads of every process on the host (0 where /proc is missing)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return int(f.read().split()[3].split("/")[1])
+    except OSError:
+        return 0
 
 
 def _failed(out: str) -> bool:
@@ -120,6 +145,17 @@ _OK = ("def _ok(fd):\n"
        "        return stat.S_ISFIFO(os.fstat(fd).st_mode) and os.get_blocking(fd) is not None\n"
        "    except OSError:\n"
        "        return False\n")
+
+
+
+def forge(output: str) -> str:
+    """Code that writes a reply with the request's real id (found in the worker's frame) and
+    ``output`` (a Python expression) to every pipe it can find."""
+    return (_OK + FIND_REPLY_FD + "import json\nf = sys._getframe()\n"
+            "while 'request' not in f.f_locals:\n    f = f.f_back\n"
+            "line = json.dumps({{'id': f.f_locals['request']['id'], 'output': " + output +
+            ", 'ok': True}}).encode() + b'\\n'\nfor fd in fds:\n    os.write(fd, line)\n")
+
 
 CASES = [
     Case("audit-hook tampering, then write outside",
@@ -211,10 +247,7 @@ CASES = [
          _OK + FIND_REPLY_FD +
          "for fd in fds:\n    os.write(fd, b'{{\"id\": \"x\", \"output\": \"FORGED\", \"ok\": true}}\\n')",
          lambda out, ctx: "FORGED" not in out and "reply" in out),
-    Case("forged reply with the right id, then a large cell",
-         _OK + FIND_REPLY_FD + "import gc, json\n"
-         "ids = [o['id'] for o in gc.get_objects() if isinstance(o, dict) and 'id' in o and 'code' in o]\n"
-         "for fd in fds:\n    os.write(fd, json.dumps({{'id': ids[-1], 'output': 'FORGED', 'ok': True}}).encode() + b'\\n')",
+    Case("forged reply with the right id, then a large cell", forge("'FORGED'"),
          lambda out, ctx: "FORGED" not in out and out.rstrip().endswith("large done"),
          after="x = '" + "y" * 3_000_000 + "'\nprint('large done')"),
     Case("network: TCP to the host's 127.0.0.1",
@@ -240,7 +273,56 @@ CASES = [
          lambda out, ctx: "unshare 0" not in out),
     Case("memory bomb", "b = bytearray(8 * 2**30)",
          lambda out, ctx: "MemoryError" in out or "ended" in out, limits={"memory_mb": 512}),
+    Case("SysV shared memory outside the memory limit (shmget, shmat, populate, shmdt)",
+         "import ctypes\nlibc = ctypes.CDLL(None)\nlibc.shmat.restype = ctypes.c_void_p\n"
+         "libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]\n"
+         "for i in range(2):\n    sid = libc.shmget(0, ctypes.c_size_t(2**28), 0o1600)\n"
+         "    a = libc.shmat(sid, None, 0)\n    if sid >= 0 and a not in (None, 2**64 - 1):\n"
+         "        ctypes.memset(a, 1, 2**28)\n        libc.shmdt(ctypes.c_void_p(a))\n"
+         "        print('HELD 256 MB')",
+         lambda out, ctx: "HELD" not in out and ctx.grown < 2**17, limits={"memory_mb": 512},
+         host=_shmem_kb),
+    Case("memfd outside the memory and disk limits",
+         "import os\nfor i in range(4):\n    fd = os.memfd_create('m')\n"
+         "    os.posix_fallocate(fd, 0, 60 * 2**20)\n    print('HELD 60 MB')",
+         lambda out, ctx: "HELD" not in out and ctx.grown < 2**17,
+         limits={"memory_mb": 512, "disk_mb": 16}, host=_shmem_kb),
+    Case("thread bomb (native threads, past max_processes)",
+         "import ctypes\nlibc = ctypes.CDLL(None)\nattr = ctypes.create_string_buffer(64)\n"
+         "libc.pthread_attr_init(attr)\nlibc.pthread_attr_setstacksize(attr, ctypes.c_size_t(16384))\n"
+         "libc.pthread_attr_setdetachstate(attr, 1)\ntid = ctypes.c_ulong()\n"
+         "start = ctypes.cast(libc.pause, ctypes.c_void_p)\nn = 0\n"
+         "while n < 2000 and libc.pthread_create(ctypes.byref(tid), attr, start, None) == 0:\n"
+         "    n += 1\nprint('THREADS', n)",
+         lambda out, ctx: ctx.grown < 500 and ((m := re.search(r"THREADS (\d+)", out)) is None
+                                               or int(m[1]) <= 64),
+         limits={"max_processes": 64}, host=_host_threads),
+    Case("inode flood (empty files in the working directory)",
+         "import os\nfor i in range(200_000):\n    os.close(os.open(f'f{{i}}', os.O_CREAT | os.O_WRONLY))\n"
+         "print('CREATED', i + 1)",
+         lambda out, ctx: "CREATED" not in out,
+         limits={"max_files": 5000}),
+    Case("inode flood with hard links and symlinks (quicker than one poll)",
+         "import os\nopen('a', 'w').close()\nfor i in range(20_000):\n    os.link('a', f'l{{i}}')\n"
+         "    os.symlink('a', f's{{i}}')\nprint('CREATED')",
+         lambda out, ctx: "CREATED" not in out, limits={"max_files": 5000}),
+    Case("forged reply with the right id and a huge output",
+         forge("'A' * 7000") + "import time\ntime.sleep(2)",
+         lambda out, ctx: len(out) <= 1100, limits={"max_output": 1000}),
+    Case("forged reply with the right id, then exit: the next cell must run",
+         forge("'x'") + "os._exit(0)", lambda out, ctx: "next ran" in out, after="print('next ran')",
+         gap=0.0),
+    Case("a lone surrogate in the output", "print('\\ud800')",
+         lambda out, ctx: _valid(out)),
 ]
+
+
+def _valid(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def run_case(case: Case, ctx: Context) -> tuple[bool, str]:
@@ -250,10 +332,12 @@ def run_case(case: Case, ctx: Context) -> tuple[bool, str]:
               "home": os.path.expanduser("~"), "abstract": ctx.abstract_name}
     ctx.reset()
     with PythonSandbox(limits=limits) as box:
+        before = case.host() if case.host else 0
         out = box.run(case.code.format(**fields))
         if case.after is not None:
-            time.sleep(2.0)  # give a leftover thread time to show itself
+            time.sleep(case.gap)
             out = box.run(case.after)
+        ctx.grown = case.host() - before if case.host else 0
     time.sleep(0.2 if case.limits and case.limits.get("processes") else 0)
     return case.contained(out, ctx), out
 
@@ -286,7 +370,8 @@ def main(words: list[str]) -> int:
             escaped += not ok
             print(f"{case.name:58} {'contained' if ok else 'ESCAPED'}")
             if not ok:
-                print("    " + out.strip().replace("\n", "\n    ")[:2000])
+                shown = out.strip().encode("utf-8", "backslashreplace").decode()
+                print("    " + shown.replace("\n", "\n    ")[:2000])
     print(f"\n{len(cases) - escaped} of {len(cases)} contained")
     return 1 if escaped else 0
 

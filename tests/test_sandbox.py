@@ -50,7 +50,8 @@ UNCONFINED = ["subprocess (_posixsubprocess.fork_exec)", "child in its own sessi
               "open /proc/<parent>/mem for writing (also through dir_fd)",
               "signal the parent: kill and pidfd_send_signal", "read /etc/shadow, type into the terminal (/dev/tty)", "os.open with dir_fd", "sqlite3 database outside",
               "hard link and rename of a file outside", "read /proc/<parent>/environ and every environ in /proc",
-              "network: TCP to the host's 127.0.0.1", "read the home directory and ~/.ssh"]
+              "network: TCP to the host's 127.0.0.1", "read the home directory and ~/.ssh",
+              "memfd outside the memory and disk limits"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -114,30 +115,49 @@ def test_reads_never_block_past_the_deadline(os_sandbox):
         assert box.run("2 + 2").strip() == "4"
 
 
-def test_no_sandbox_means_no_python_tool(monkeypatch):
-    monkeypatch.setattr(sys, "platform", "linux")
-    monkeypatch.setattr(sb.shutil, "which", lambda name: None)
-    sb.sandbox_problem.cache_clear()
-    try:
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0, reason="root on Linux")
+def test_as_root_threads_are_capped_by_a_cgroup_that_goes_away(os_sandbox):
+    with PythonSandbox(limits=SandboxLimits(timeout_s=10, max_processes=32)) as box:
+        code = "import threading\nfor i in range(100):\n    threading.Thread(target=input, daemon=True).start()"
+        assert "can't start new thread" in box.run(code)
+        path = box._cgroup.path
+        assert open(f"{path}/pids.max").read().strip() == "32"
+    assert not os.path.exists(path)
+
+
+@pytest.fixture
+def refusal():
+    """Runs PythonSandbox() expecting a refusal and returns its message, checked to be one line
+    (the probe's cached result is forgotten before and after)."""
+    def refuse() -> str:
+        sb.sandbox_problem.cache_clear()
         with pytest.raises(SandboxUnavailable) as e:
             PythonSandbox()
-        message = str(e.value)
-        assert "\n" not in message and "install bubblewrap" in message
-        assert sb.sandbox_status().startswith("none") and "bubblewrap" in sb.sandbox_status()
-    finally:
-        sb.sandbox_problem.cache_clear()
+        assert "\n" not in str(e.value)
+        return str(e.value)
+    yield refuse
+    sb.sandbox_problem.cache_clear()
+
+
+def test_root_without_a_pids_cgroup_means_no_python_tool(monkeypatch, refusal):
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(sb.shutil, "which", lambda name: "/usr/bin/bwrap")
+    monkeypatch.setattr(sb.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(sb, "pids_cgroup_base", lambda: None)
+    assert "no pids cgroup is writable" in refusal()
+
+
+def test_no_sandbox_means_no_python_tool(monkeypatch, refusal):
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(sb.shutil, "which", lambda name: None)
+    assert "install bubblewrap" in refusal()
+    assert sb.sandbox_status().startswith("none") and "bubblewrap" in sb.sandbox_status()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bubblewrap")
-def test_an_unusable_bwrap_means_no_python_tool(monkeypatch, os_sandbox):
+def test_an_unusable_bwrap_means_no_python_tool(monkeypatch, os_sandbox, refusal):
     monkeypatch.setattr(sb, "bwrap_argv", lambda policy, fd: ["bwrap", "--uid", "x", "--"])
-    sb.sandbox_problem.cache_clear()
-    try:
-        with pytest.raises(SandboxUnavailable) as e:
-            PythonSandbox()
-        assert "\n" not in str(e.value) and "bwrap cannot create the sandbox here" in str(e.value)
-    finally:
-        sb.sandbox_problem.cache_clear()
+    assert "bwrap cannot create the sandbox here" in refusal()
 
 
 # ---- the generators ---------------------------------------------------------------------------
@@ -201,6 +221,9 @@ def test_seccomp_filter_decisions(machine):
     for name in ("ptrace", "unshare", "mount", "process_vm_writev", "bpf"):
         assert _bpf_run(opened, nrs[name], arch) == eperm, name
     assert _bpf_run(closed, 434, arch) == eperm  # pidfd_open
+    for name in ("shmget", "shmat", "shmctl", "msgget", "semget", "memfd_create"):  # uncounted memory
+        assert _bpf_run(opened, nrs[name], arch) == eperm, name
+    assert _bpf_run(opened, 447, arch) == eperm  # memfd_secret
     assert _bpf_run(closed, read, 0x40000003) == kill  # another architecture (i386)
     if machine == "x86_64":
         assert _bpf_run(closed, nrs["fork"], arch) == eperm and _bpf_run(opened, nrs["fork"], arch) == allow

@@ -17,6 +17,7 @@ unmatched, extra bytes, silence) kills the worker and tells the model what happe
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -25,16 +26,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 
 from ..harmony import PYTHON_DESCRIPTION, python_description
-from .sandbox import (LINUX_WORKDIR, WORKER, SandboxLimits, make_policy, require_sandbox,
-                      sandbox_env, sandboxed_command)
+from .sandbox import (LINUX_WORKDIR, WORKER, PidsCgroup, SandboxLimits, make_policy,
+                      require_sandbox, sandbox_env, sandboxed_command)
 
 __all__ = ["PythonSandbox", "SandboxLimits", "description"]
 
 STARTUP_S = 20.0  # for the sandbox and the interpreter to come up
 IDLE_CPU_S = 0.2  # CPU seconds a session may use between cells before it is restarted
+POLL_S = 0.1  # how often a running cell's file count is checked (Linux), and at its end
+NOTE_ROOM = 100  # characters the worker may add past max_output (its truncation note)
 
 
 def description(stateful: bool, limits: SandboxLimits, workdir: str = LINUX_WORKDIR) -> str:
@@ -69,6 +73,15 @@ def _ps_cpu(pid: int) -> float | None:
         return None
 
 
+def _clean(output: str, max_output: int) -> str:
+    """What the worker sent, as valid text (a lone surrogate becomes U+FFFD) no longer than the
+    worker itself would make it (a forged reply can be longer)."""
+    output = output.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if len(output) > max_output + NOTE_ROOM:
+        output = output[:max_output] + "\n[output truncated]"
+    return output
+
+
 class PythonSandbox:
     def __init__(self, stateful: bool = True, limits: SandboxLimits | None = None):
         require_sandbox()  # raises SandboxUnavailable: never a run without the OS sandbox
@@ -81,6 +94,8 @@ class PythonSandbox:
         self._proc: subprocess.Popen | None = None
         self._pending: bytes = b""  # bytes read past the last reply
         self._idle_cpu: float | None = None  # CPU time of the sandbox when the last cell ended
+        self._cgroup: PidsCgroup | None = None  # as root on Linux: the cap on its threads
+        self._too_many_files = False
 
     @property
     def description(self) -> str:
@@ -91,6 +106,7 @@ class PythonSandbox:
                   "max_output": self.limits.max_output, "max_file_mb": self.limits.max_file_mb,
                   "open_files": self.limits.open_files, "processes": self.limits.max_processes}
         launch = sandboxed_command(self.policy, [sys.executable, "-I", WORKER, json.dumps(config)])
+        self._cgroup = launch.cgroup
         try:
             proc = subprocess.Popen(
                 launch.argv, pass_fds=launch.pass_fds, env=sandbox_env(self.workdir),
@@ -109,23 +125,36 @@ class PythonSandbox:
         """Run ``code``; returns what it printed (and its last expression's value), a traceback,
         or a note saying why there is no result. Never raises for anything the code does."""
         note = self._check_idle() or self._check_quiet()
-        try:
-            if self._proc is None or self._proc.poll() is not None:
-                self._start()
-        except (OSError, RuntimeError) as e:
+        for _ in range(2):
+            try:
+                if self._proc is None or self._proc.poll() is not None:
+                    self._start()
+            except (OSError, RuntimeError) as e:
+                self._kill()
+                return f"[the Python sandbox could not start: {e}]"
+            request_id = secrets.token_hex(16)
+            request = json.dumps({"id": request_id, "code": code}).encode() + b"\n"
+            deadline = time.monotonic() + self.limits.timeout_s
+            sent = self._send(request, deadline)
+            reply = self._read_reply(deadline) if sent else None
+            timed_out = time.monotonic() >= deadline
+            if reply is not None or timed_out or not self._never_taken(request, sent):
+                break
+            # The worker was ending before it read the request (a cell that forged its reply,
+            # then exited): run the code in a fresh one.
             self._kill()
-            return f"[the Python sandbox could not start: {e}]"
-        request_id = secrets.token_hex(16)
-        deadline = time.monotonic() + self.limits.timeout_s
-        sent = self._send(json.dumps({"id": request_id, "code": code}).encode() + b"\n", deadline)
-        reply = self._read_reply(deadline) if sent else None
-        timed_out = time.monotonic() >= deadline
+        if reply is not None and self._over_files():
+            reply = None  # a cell quicker than one poll: its files stay, so the session goes
         if not isinstance(reply, dict) or reply.get("id") != request_id or self._pending \
                 or not isinstance(reply.get("output"), str):
             alive = self._proc is not None and self._proc.poll() is None
+            too_many_files = self._too_many_files
             self._kill()
             lost = "; the session was restarted and its variables are lost" if self.stateful else ""
-            if timed_out:
+            if too_many_files:
+                why = (f"the code created more than {self.limits.max_files} files in its "
+                       "directory")
+            elif timed_out:
                 why = f"execution timed out after {self.limits.timeout_s:.1f} seconds"
             elif reply is None and not alive:
                 why = ("the Python process ended (out of memory, over its CPU-time limit, or "
@@ -138,7 +167,7 @@ class PythonSandbox:
             self._idle_cpu = self._sandbox_cpu()
         else:
             self._kill()
-        return note + (reply["output"] or "[no output]")
+        return note + (_clean(reply["output"], self.limits.max_output) or "[no output]")
 
     def _check_idle(self) -> str:
         """Restart a session that kept computing after its last cell returned (a thread left
@@ -178,6 +207,30 @@ class PythonSandbox:
                 return False
         return True
 
+    def _never_taken(self, request: bytes, sent: bool) -> bool:
+        """Whether a worker that gave no reply had ended without reading ``request``: the pipe
+        refused it, or (Linux) all of it is still unread in the pipe."""
+        if not sent:
+            return True
+        if not sys.platform.startswith("linux"):
+            return False
+        unread = fcntl.ioctl(self._proc.stdin.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        return int.from_bytes(unread, sys.byteorder) == len(request)
+
+    def _over_files(self) -> bool:
+        """Whether the Linux sandbox's working directory holds more than max_files inodes (each
+        an empty file costs kernel memory that the tmpfs size cap does not count)."""
+        if not sys.platform.startswith("linux") or self._proc is None:
+            return False
+        try:
+            with open(f"/proc/{self._proc.pid}/task/{self._proc.pid}/children") as f:
+                inner = f.read().split()[0]  # bwrap's process inside the sandbox
+            st = os.statvfs(f"/proc/{inner}/root{self.workdir}")
+        except (OSError, IndexError):
+            return False
+        self._too_many_files = st.f_files - st.f_ffree > self.limits.max_files
+        return self._too_many_files
+
     def _read_reply(self, deadline: float):
         """One JSON line from the worker, read before ``deadline`` (None on silence, death, an
         oversized or malformed line). Bytes after the line stay in self._pending."""
@@ -186,8 +239,12 @@ class PythonSandbox:
         chunks = self._pending
         while b"\n" not in chunks:
             left = deadline - time.monotonic()
-            if left <= 0 or len(chunks) > limit or not select.select([fd], [], [], left)[0]:
+            if left <= 0 or len(chunks) > limit:
                 return None
+            if not select.select([fd], [], [], min(left, POLL_S))[0]:
+                if self._over_files():
+                    return None
+                continue
             data = os.read(fd, 1 << 16)
             if not data:
                 return None  # the process died
@@ -221,18 +278,20 @@ class PythonSandbox:
     def _kill(self) -> None:
         """Kill the sandbox: bwrap's death ends its PID namespace and every process in it."""
         proc, self._proc, self._idle_cpu = self._proc, None, None
-        if proc is None:
-            return
-        try:
-            os.killpg(proc.pid, 9)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
-        for stream in (proc.stdin, proc.stdout):
+        cgroup, self._cgroup, self._too_many_files = self._cgroup, None, False
+        if proc is not None:
             try:
-                stream.close()
-            except OSError:
+                os.killpg(proc.pid, 9)
+            except (ProcessLookupError, PermissionError):
                 pass
+            proc.wait()
+            for stream in (proc.stdin, proc.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        if cgroup is not None:
+            cgroup.remove()
 
     def close(self) -> None:
         self._kill()

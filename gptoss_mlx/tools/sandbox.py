@@ -9,7 +9,10 @@ off, new processes on or off) is turned into the confinement of the platform:
   writable place, and a hard cap on the bytes written; the rest of the root is read-only), no
   /proc, a cleared environment, ``--die-with-parent`` (killing bwrap ends the PID
   namespace and every process in it), plus a seccomp filter (``seccomp_filter``) that refuses
-  new processes, ptrace, namespaces, mounts, pidfds, keyrings, BPF and io_uring.
+  new processes, ptrace, namespaces, mounts, pidfds, keyrings, BPF, io_uring, SysV shared
+  memory and memfds (memory no limit counts). As root, RLIMIT_NPROC does not hold (uid 0 is
+  exempt), so the sandbox's processes and threads go into a pids cgroup of their own instead
+  (``PidsCgroup``).
 - macOS: a Seatbelt profile (``seatbelt_profile``) for ``sandbox-exec``, deny by default, after
   the pattern of OpenAI's Codex CLI: reads of the same paths, writes only in the working
   directory, no network, no process-fork unless allowed, signals and process info only for
@@ -32,6 +35,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +54,8 @@ class SandboxLimits:
     max_file_mb: int = 64  # the largest file the code may write
     disk_mb: int = 256  # everything the code may write, together (the Linux tmpfs; macOS: none)
     open_files: int = 256
-    max_processes: int = 256  # processes and threads of the sandbox (RLIMIT_NPROC)
+    max_processes: int = 256  # processes and threads (RLIMIT_NPROC; as root, a pids cgroup)
+    max_files: int = 100_000  # files and directories in the working directory (Linux: polled)
     network: bool = False
     processes: bool = False  # may the code start new processes (subprocess, os.fork)?
 
@@ -67,6 +72,7 @@ class Policy:
     network: bool = False
     processes: bool = False
     read_files: tuple[str, ...] = ()  # single readable files (the worker script)
+    max_processes: int = 256  # processes and threads together (as root on Linux: a pids cgroup)
 
 
 def python_paths() -> tuple[str, ...]:
@@ -97,7 +103,7 @@ def make_policy(limits: SandboxLimits, workdir: str, system: str | None = None) 
     net = (LINUX_NETWORK_PATHS if system == "Linux" else MACOS_NETWORK_PATHS) if limits.network else ()
     return Policy(workdir=workdir, read_paths=tuple(dict.fromkeys(base + python_paths() + net)),
                   disk_mb=limits.disk_mb, network=limits.network, processes=limits.processes,
-                  read_files=(WORKER,))
+                  read_files=(WORKER,), max_processes=limits.max_processes)
 
 
 # ---------------------------------------------------------------------------------- Linux
@@ -136,24 +142,33 @@ _SYSCALLS = {
         "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "keyctl": 250,
         "add_key": 248, "request_key": 249, "bpf": 321, "perf_event_open": 298,
         "userfaultfd": 323, "kexec_load": 246, "init_module": 175, "finit_module": 313,
-        "delete_module": 176, "reboot": 169, "swapon": 167, "swapoff": 168, "acct": 163}),
+        "delete_module": 176, "reboot": 169, "swapon": 167, "swapoff": 168, "acct": 163,
+        "shmget": 29, "shmat": 30, "shmctl": 31, "shmdt": 67, "semget": 64, "semop": 65,
+        "semctl": 66, "semtimedop": 220, "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71,
+        "memfd_create": 319}),
     "aarch64": (0xC00000B7, {
         "clone": 220, "clone3": 435, "ptrace": 117, "process_vm_readv": 270,
         "process_vm_writev": 271, "unshare": 97, "setns": 268, "mount": 40, "umount2": 39,
         "pivot_root": 41, "chroot": 51, "keyctl": 219, "add_key": 217, "request_key": 218,
         "bpf": 280, "perf_event_open": 241, "userfaultfd": 282, "kexec_load": 104,
         "init_module": 105, "finit_module": 273, "delete_module": 106, "reboot": 142,
-        "swapon": 224, "swapoff": 225, "acct": 89}),
+        "swapon": 224, "swapoff": 225, "acct": 89, "msgget": 186, "msgctl": 187, "msgrcv": 188,
+        "msgsnd": 189, "semget": 190, "semctl": 191, "semtimedop": 192, "semop": 193,
+        "shmget": 194, "shmctl": 195, "shmat": 196, "shmdt": 197, "memfd_create": 279}),
 }
 # Numbered alike on both: io_uring, pidfds, the new mount API.
 _COMMON = {"pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 426,
            "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
            "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_open": 434, "pidfd_getfd": 438,
-           "mount_setattr": 442}
+           "mount_setattr": 442, "memfd_secret": 447}
+# SysV IPC and memfds: memory that no rlimit of the sandbox counts (it outlives shmdt/close).
+_UNCOUNTED_MEMORY = ("shmget", "shmat", "shmctl", "shmdt", "semget", "semop", "semctl",
+                     "semtimedop", "msgget", "msgsnd", "msgrcv", "msgctl", "memfd_create")
 _ALWAYS_DENIED = ("ptrace", "process_vm_readv", "process_vm_writev", "unshare", "setns", "mount",
                   "umount2", "pivot_root", "chroot", "keyctl", "add_key", "request_key", "bpf",
                   "perf_event_open", "userfaultfd", "kexec_load", "init_module", "finit_module",
-                  "delete_module", "reboot", "swapon", "swapoff", "acct", *_COMMON)
+                  "delete_module", "reboot", "swapon", "swapoff", "acct", *_UNCOUNTED_MEMORY,
+                  *_COMMON)
 _CLONE_THREAD = 0x00010000
 _EPERM, _ENOSYS = 1, 38
 _RET_ALLOW, _RET_KILL = 0x7FFF0000, 0x80000000
@@ -166,11 +181,11 @@ def _ret_errno(errno: int) -> int:
 def seccomp_filter(processes: bool, machine: str | None = None) -> bytes:
     """A classic-BPF seccomp program (struct sock_filter[]) for bwrap --seccomp.
 
-    Refuses with EPERM: everything in _ALWAYS_DENIED, and unless ``processes``, fork, vfork and
-    clone without CLONE_THREAD (threads stay allowed). clone3 answers ENOSYS, so the C library
-    falls back to clone, whose flags a filter can see. Another architecture is killed. execve
-    stays allowed: bwrap execs the worker after loading the filter, and without fork an exec
-    can only replace the worker inside the same sandbox."""
+    Refuses with EPERM: everything in _ALWAYS_DENIED (SysV IPC and memfds included), and unless
+    ``processes``, fork, vfork and clone without CLONE_THREAD (threads stay allowed). clone3
+    answers ENOSYS, so the C library falls back to clone, whose flags a filter can see. Another
+    architecture is killed. execve stays allowed: bwrap execs the worker after loading the
+    filter, and without fork an exec can only replace the worker inside the same sandbox."""
     machine = machine or platform.machine()
     if machine not in _SYSCALLS:
         raise SandboxUnavailable(f"no seccomp syscall table for {machine}")
@@ -193,6 +208,52 @@ def seccomp_filter(processes: bool, machine: str | None = None) -> bytes:
         prog += [op(jeq, numbers["clone"], 0, 3), op(ld, 16), op(jset, _CLONE_THREAD, 1, 0),
                  op(ret, _ret_errno(_EPERM))]
     return b"".join(prog + [op(ret, _RET_ALLOW)])
+
+
+PIDS_CGROUP_V1 = "/sys/fs/cgroup/pids"
+CGROUP_V2 = "/sys/fs/cgroup"
+
+
+def pids_cgroup_base() -> str | None:
+    """The writable pids cgroup hierarchy where a sandbox's own cgroup can go, or None."""
+    if os.path.isfile(f"{PIDS_CGROUP_V1}/cgroup.procs") and os.access(PIDS_CGROUP_V1, os.W_OK):
+        return PIDS_CGROUP_V1
+    try:
+        with open(f"{CGROUP_V2}/cgroup.subtree_control") as f:
+            enabled = "pids" in f.read().split()
+    except OSError:
+        return None
+    return CGROUP_V2 if enabled and os.access(CGROUP_V2, os.W_OK) else None
+
+
+class PidsCgroup:
+    """One sandbox's pids cgroup: caps its processes and threads together where RLIMIT_NPROC
+    cannot (the host's root is exempt from it). ``wrap`` makes a command join it before exec."""
+
+    def __init__(self, limit: int):
+        base = pids_cgroup_base()
+        if base is None:
+            raise SandboxUnavailable("no writable pids cgroup")
+        self.path = tempfile.mkdtemp(prefix="gptoss-python-", dir=base)
+        with open(f"{self.path}/pids.max", "w") as f:
+            f.write(str(limit))
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', f"{self.path}/cgroup.procs", *argv]
+
+    def remove(self) -> None:
+        """Kill whatever is left in it, then remove it (a moment after the kill)."""
+        for _ in range(50):
+            try:
+                with open(f"{self.path}/cgroup.procs") as f:
+                    for pid in f.read().split():
+                        os.kill(int(pid), 9)
+                os.rmdir(self.path)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------------------- macOS
@@ -240,6 +301,7 @@ class Launch:
     argv: list[str]  # the whole command line: the sandbox, then Python and the worker
     pass_fds: tuple[int, ...]
     keep: object = None  # what must stay open until the process has started (the filter file)
+    cgroup: PidsCgroup | None = None  # to remove once the process has ended
 
 
 def sandboxed_command(policy: Policy, command: list[str]) -> Launch:
@@ -251,7 +313,11 @@ def sandboxed_command(policy: Policy, command: list[str]) -> Launch:
     bpf.write(seccomp_filter(policy.processes))
     bpf.flush()
     bpf.seek(0)
-    return Launch(bwrap_argv(policy, bpf.fileno()) + command, (bpf.fileno(),), bpf)
+    argv = bwrap_argv(policy, bpf.fileno()) + command
+    if os.geteuid() != 0:
+        return Launch(argv, (bpf.fileno(),), bpf)
+    cgroup = PidsCgroup(policy.max_processes)  # RLIMIT_NPROC does not hold for root
+    return Launch(cgroup.wrap(argv), (bpf.fileno(),), bpf, cgroup)
 
 
 @functools.cache
@@ -267,6 +333,9 @@ def sandbox_problem() -> str | None:
                     "dnf install bubblewrap or pacman -S bubblewrap)")
         if platform.machine() not in _SYSCALLS:
             return f"no seccomp filter for this CPU ({platform.machine()})"
+        if os.geteuid() == 0 and pids_cgroup_base() is None:
+            return ("running as root, where RLIMIT_NPROC does not cap threads, and no pids "
+                    "cgroup is writable (mount the cgroup pids controller, or run as a user)")
         workdir = LINUX_WORKDIR
     else:
         return f"no OS sandbox for {sys.platform} (Linux with bubblewrap or macOS is needed)"
@@ -281,11 +350,14 @@ def sandbox_problem() -> str | None:
     finally:
         if launch.keep is not None:
             launch.keep.close()
+        if launch.cgroup is not None:
+            launch.cgroup.remove()
     if done.stdout.strip() != "ok":
         why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
         hint = ("; user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone=1, "
                 "or an AppArmor profile for bwrap)") if sys.platform.startswith("linux") else ""
-        return f"{launch.argv[0]} cannot create the sandbox here ({why}){hint}"
+        tool = "sandbox-exec" if sys.platform == "darwin" else "bwrap"
+        return f"{tool} cannot create the sandbox here ({why}){hint}"
     return None
 
 
