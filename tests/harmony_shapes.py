@@ -56,7 +56,7 @@ def harmony_sequences(tok):
         tokens = [t for m in draw(st.lists(message(), min_size=1, max_size=4)) for t in m]
         for _ in range(draw(st.integers(0, 3))):  # specials anywhere
             tokens.insert(draw(st.integers(0, len(tokens))), draw(st.sampled_from(ALL_SPECIAL_IDS)))
-        return tokens, draw(st.sampled_from(["assistant", None]))
+        return tokens, draw(st.sampled_from(["assistant", "tool", None]))
 
     return sequence()
 

@@ -80,6 +80,9 @@ def test_round_trip_renders_token_for_token(history, with_functions):
     assert text(loaded) == text(head + history)
 
 
+NESTED = 1
+for _ in range(1200):
+    NESTED = [NESTED]
 DEEP = {"type": "string"}
 for _ in range(40):
     DEEP = {"type": "object", "properties": {"x": DEEP}}
@@ -87,7 +90,13 @@ for _ in range(40):
 
 @pytest.mark.parametrize("request_, field", [
     ({"messages": [{"role": "assistant", "tool_calls": 5}]}, r"messages\[0\].tool_calls must be a list"),
-    ({"messages": [{"role": "user", "content": [{"text": 5}]}]}, r"messages\[0\].content must be a string"),
+    ({"messages": [{"role": "user", "content": [{"text": 5}]}]}, r"messages\[0\].content\[0\] must be a text part"),
+    ({"messages": [{"role": "user", "content": ["hi", 3]}]}, r"messages\[0\].content\[1\] must be a text part .*got 3"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     r"messages\[0\].content\[0\] must be a text part .*got type 'image_url'"),
+    ({"messages": [{"role": "assistant", "reasoning": [{"type": "text"}]}]}, r"messages\[0\].reasoning\[0\]"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": NESTED}}]}]},
+     r"messages\[0\].tool_calls\[0\].function.arguments is nested too deeply"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {1}}}]}]},
      r"tool_calls\[0\].function.arguments must be a JSON string"),
     ({"messages": [], "tools": [{"function": {"name": "f", "parameters": "x"}}]},
@@ -114,3 +123,8 @@ def test_call_ids_are_distinct():
     ids = [m["tool_calls"][0]["id"] for m in saved if m["role"] == "assistant"]
     assert len(set(ids)) == 3
     assert [m["tool_call_id"] for m in saved if m["role"] == "tool"] == ids
+
+
+def test_bare_strings_in_content_parts_are_text():
+    (_, user) = from_chat_completions({"messages": [{"role": "user", "content": ["hello", {"type": "text", "text": "!"}]}]})
+    assert user.content == "hello!"

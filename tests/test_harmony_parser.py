@@ -44,6 +44,21 @@ def test_tool_role_without_a_name_is_text():
     assert (msg.role, msg.content) == ("assistant", "tool")
 
 
+@pytest.mark.parametrize("header", ["", "tool", " to=assistant<|channel|>commentary"])
+def test_tool_role_given_without_a_name_keeps_the_text(header):
+    parser = StreamParser(TOK, role="tool")
+    tokens = encode(header) + [200008] + encode("sunny, 20 C") + [200007]
+    events = [e for t in tokens for e in parser.feed(t)] + parser.finish()
+    (msg,) = parser.messages
+    assert msg.content.endswith("sunny, 20 C") and msg.role == "assistant"
+    assert "".join(e.text for e in events if isinstance(e, ContentDelta)) == msg.content
+
+
+def test_tool_role_given_with_its_name():
+    (msg,) = parse("functions.get_weather to=assistant<|channel|>commentary<|message|>sunny<|end|>", role="tool")
+    assert (msg.role, msg.name, msg.channel, msg.content) == ("tool", "functions.get_weather", "commentary", "sunny")
+
+
 def test_two_recipients_stay_text():
     (msg,) = parse("<|channel|>commentary to=functions.a to=functions.b<|message|>{}<|call|>")
     assert not msg.is_tool_call

@@ -3,10 +3,12 @@ RecursionError), the chain of thought of completed turns, and tool-schema text a
 writes it."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gptoss_mlx.harmony import (
     DeveloperContent, HarmonyError, Message, ResponseFormat, SystemContent, ToolSpec,
-    render_conversation, render_message, segments_to_text, system_message,
+    from_chat_completions, render_conversation, render_message, segments_to_text, system_message,
 )
 
 
@@ -116,3 +118,57 @@ def test_enum_default_inside_one_of_is_quoted():
 
 def test_description_lines_split_on_newline_only():
     assert function_text("a\nb\r\nc\rd\u2028e\n", None) == "// a\n// b\n// c\rd\u2028e\ntype f = () => any;"
+
+
+# ------------------------------------------------------------------ tool schemas of the wrong shape
+def tool_request(parameters):
+    return {"messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"function": {"name": "f", "parameters": parameters}}]}
+
+
+@pytest.mark.parametrize("parameters, field", [
+    ({"type": "object", "properties": [1]}, r"parameters.properties must be an object, got list"),
+    ({"type": "object", "properties": {}, "required": 5}, r"parameters.required must be a list of strings, got 5"),
+    ({"type": "object", "required": "ab"}, r"parameters.required must be a list of strings"),
+    ({"type": "object", "properties": {"x": {"type": "string", "enum": 3}}},
+     r"parameters.properties.x.enum must be a list, got 3"),
+    ({"type": "object", "properties": {"x": {"type": "array", "items": 5}}},
+     r"parameters.properties.x.items must be a JSON Schema object, got 5"),
+    ({"type": "object", "properties": {"x": {"oneOf": [1]}}}, r"parameters.properties.x.oneOf\[0\] must be"),
+    ({"oneOf": {"type": "string"}}, r"parameters.oneOf must be a list of schemas, got dict"),
+    ({"anyOf": [{"type": 3}]}, r"parameters.anyOf\[0\].type must be a string or a list of strings, got 3"),
+    ({"type": ["string", None]}, r"parameters.type must be a string or a list of strings"),
+])
+def test_tool_schema_of_the_wrong_shape_is_one_error_naming_tool_and_path(parameters, field):
+    with pytest.raises(HarmonyError, match=r"tools\[0\] \(f\): " + field):
+        from_chat_completions(tool_request(parameters))
+    with pytest.raises(HarmonyError, match=r"functions\[0\]\." + field):
+        render_conversation([Message("user", "hi"), dev(ToolSpec("f", "", parameters))])
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8)
+SCHEMA_KEYS = ("type", "properties", "required", "items", "enum", "anyOf", "oneOf", "allOf",
+               "description", "title", "default", "examples", "nullable")
+TYPE_NAMES = st.sampled_from(["object", "string", "array", "number", "integer", "boolean", "null"])
+
+
+def schemas():
+    """Schemas with any JSON value, a schema, a list or map of schemas, or a type name in
+    every keyword position."""
+    return st.recursive(JSON_VALUES, lambda inner: st.dictionaries(st.sampled_from(SCHEMA_KEYS), st.one_of(
+        inner, TYPE_NAMES, st.lists(TYPE_NAMES, max_size=3), st.lists(inner, max_size=3),
+        st.dictionaries(st.text(max_size=3), inner, max_size=3)), max_size=5), max_leaves=20)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(schemas())
+def test_any_tool_schema_renders_or_is_one_harmony_error(parameters):
+    for build in (lambda: from_chat_completions(tool_request(parameters)),
+                  lambda: [dev(ToolSpec("f", "", parameters), formats=[ResponseFormat("r", parameters)])]):
+        try:
+            text(build())
+        except HarmonyError:
+            pass

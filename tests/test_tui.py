@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -28,8 +29,9 @@ class FakeEngine:
 
 class ScriptedChat(Chat):
     """A Chat whose replies are scripted event lists: ("analysis" | "final", text),
-    ("call", recipient, args), ("wait",) blocks until stop(), ("fail", message) raises, and so
-    does ("too long", message), as a ContextLengthError."""
+    ("call", recipient, args), ("wait",) blocks until stop() (("wait", seconds): and then as long
+    again, a slow last token), ("fail", message) raises, and so does ("too long", message), as a
+    ContextLengthError."""
 
     def __init__(self, *replies, **kwargs):
         super().__init__(None, None, engine=FakeEngine(), **kwargs)
@@ -52,6 +54,7 @@ class ScriptedChat(Chat):
                 deadline = time.time() + 10
                 while not self._stop and time.time() < deadline:
                     time.sleep(0.01)
+                time.sleep(step[1] if len(step) > 1 else 0)
             elif kind == "fail":
                 raise RuntimeError(step[1])
             elif kind == "too long":
@@ -183,6 +186,23 @@ async def test_escape_stops_the_reply_and_keeps_the_session_and_the_prompt(store
         assert [m.text for m in chat.messages] == ["long question", "Partial ans"]
         await send(pilot, app, "go on")  # the session continues
         assert chat.messages[-1].text == "next"
+
+
+async def test_quitting_during_the_first_reply_saves_the_question_and_the_partial_answer(store):
+    chat = ScriptedChat([("analysis", "thinking"), ("final", "Partial ans"), ("wait", 0.5), ("final", "never")])
+    app = make_app(chat, store)
+    async with app.run_test(size=SIZE) as pilot:
+        app.query_one(PromptInput).text = "hello there"
+        await pilot.press("enter")
+        turn = app.query_one(AssistantTurn)
+        await wait_until(pilot, lambda: "Partial ans" in turn.answer_text)
+        await pilot.press("ctrl+q")
+        deadline = time.monotonic() + 10
+        while app.is_running and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+    (saved,) = store.root.glob("*.json")
+    messages = json.loads(saved.read_text())["messages"]
+    assert [(m["role"], m["content"]) for m in messages] == [("user", "hello there"), ("assistant", "Partial ans")]
 
 
 async def test_multiline_input_and_prompt_history(store):

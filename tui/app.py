@@ -392,6 +392,7 @@ class ChatApp(App):
         self.last_prompt = ""
         self.last_done: Done | None = None
         self.replies_finished = 0  # completed (or stopped, or failed) replies
+        self.quitting = False  # Ctrl+Q came during a reply: exit once it is stopped and saved
         effort = effort or (chat.reasoning_effort if chat is not None else "medium")
         self.set_reactive(ChatApp.effort, effort)  # before mounting: no watcher yet
         if chat is not None:
@@ -537,6 +538,8 @@ class ChatApp(App):
         self.autosave()
         self.update_status()
         self.replies_finished += 1
+        if self.quitting:
+            self.exit()
 
     def autosave(self) -> None:
         if self.chat is None or not self.chat.messages:
@@ -552,9 +555,15 @@ class ChatApp(App):
             self.toolbox.close()
 
     async def action_quit(self) -> None:
-        """Quit; a reply being written stops at its next token first."""
-        if self.generating and self.chat is not None:
+        """Quit. A reply being written stops at its next token first, and the app exits once
+        the chat is saved with the partial answer (``_reply_finished``); a second Ctrl+Q while
+        that takes long saves what is there and quits at once."""
+        if self.generating and self.chat is not None and not self.quitting:
+            self.quitting = True
             self.chat.stop()
+            self.update_status("stopping the reply and saving…")
+            return
+        self.autosave()
         self.exit()
 
     def action_stop(self) -> None:

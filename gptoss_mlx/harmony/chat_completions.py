@@ -19,7 +19,7 @@ import json
 
 from .messages import (
     BUILTIN_TOOLS, CONSTRAIN, DeveloperContent, HarmonyError, Message, ResponseFormat,
-    SystemContent, ToolSpec, check_schema,
+    SystemContent, ToolSpec, _kind, check_schema,
 )
 from .render import system_message
 
@@ -93,11 +93,26 @@ def _text_of(m: dict, i: int, key: str = "content") -> str:
         return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-        parts = [p.get("text", "") for p in content if isinstance(p, dict)]
-        if all(isinstance(p, str) for p in parts):
-            return "".join(parts)
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]; bare strings too
+        return "".join(_text_part(p, f"messages[{i}].{key}[{j}]") for j, p in enumerate(content))
     raise HarmonyError(f"messages[{i}].{key} must be a string or a list of text parts")
+
+
+def _text_part(part, where: str) -> str:
+    """A content part's text: a string, or ``{"type": "text", "text": ...}``; other parts
+    (images, audio...) are an error rather than silently left out."""
+    if isinstance(part, str):
+        return part
+    if isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    if not isinstance(part, dict):
+        got = _kind(part)
+    elif part.get("type", "text") == "text":
+        got = f"text {_kind(part.get('text'))}"
+    else:
+        got = f"type {_kind(part['type'])}"
+    raise HarmonyError(f"{where} must be a text part (a string or "
+                       f"{{\"type\": \"text\", \"text\": \"...\"}}), got {got}")
 
 
 def _override(m: dict, key: str, default, where: str):
@@ -158,6 +173,8 @@ def _assistant_messages(m: dict, i: int, declared: set[str], calls: dict) -> lis
                 args = json.dumps(args)
             except (TypeError, ValueError):
                 raise HarmonyError(f"{where}.function.arguments must be a JSON string") from None
+            except RecursionError:
+                raise HarmonyError(f"{where}.function.arguments is nested too deeply") from None
         recipient = _override(call, "recipient", None, where) or _recipient_of(fn["name"], declared)
         channel, content_type = _call_defaults(recipient)
         channel = _override(call, "channel", channel, where)

@@ -185,7 +185,8 @@ def _check_functions(functions, where: str, field_: str) -> None:
 
 def check_schema(schema, where: str, field_: str) -> None:
     """A JSON Schema object of JSON values, at most MAX_SCHEMA_DEPTH deep (a schema that
-    contains itself is reported as too deep) and MAX_SCHEMA_VALUES values in all."""
+    contains itself is reported as too deep) and MAX_SCHEMA_VALUES values in all, its keywords
+    in the shapes the TypeScript writer handles (``_check_shape``)."""
     _need(isinstance(schema, dict), where, field_, "a JSON Schema object", schema)
     stack, count = [(schema, 1)], 0
     while stack:
@@ -206,6 +207,39 @@ def check_schema(schema, where: str, field_: str) -> None:
         else:
             _need(value is None or isinstance(value, (str, int, float, bool)), where, field_,
                   "made of JSON values", value)
+    _check_shape(schema, where, field_)
+
+
+def _check_shape(schema, where: str, path: str) -> None:
+    """The keywords the TypeScript writer reads, in shapes it can write: a schema is an object
+    (or a JSON Schema boolean), ``type`` a string or list of strings, ``properties`` an object of
+    schemas, ``required`` and ``enum`` lists, ``items`` a schema, ``anyOf``/``oneOf``/``allOf``
+    lists of schemas. Recurses at most MAX_SCHEMA_DEPTH deep (``check_schema`` checked that)."""
+    if isinstance(schema, bool):
+        return
+    _need(isinstance(schema, dict), where, path, "a JSON Schema object", schema)
+    if "type" in schema:
+        kind = schema["type"]
+        _need(isinstance(kind, str) or isinstance(kind, list) and all(isinstance(t, str) for t in kind),
+              where, f"{path}.type", "a string or a list of strings", kind)
+    if "properties" in schema:
+        _need(isinstance(schema["properties"], dict), where, f"{path}.properties", "an object",
+              schema["properties"])
+        for key, prop in schema["properties"].items():
+            _check_shape(prop, where, f"{path}.properties.{key}")
+    if "required" in schema:
+        required = schema["required"]
+        _need(isinstance(required, list) and all(isinstance(r, str) for r in required),
+              where, f"{path}.required", "a list of strings", required)
+    if "enum" in schema:
+        _need(isinstance(schema["enum"], list), where, f"{path}.enum", "a list", schema["enum"])
+    if "items" in schema:
+        _check_shape(schema["items"], where, f"{path}.items")
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in schema:
+            _need(isinstance(schema[key], list), where, f"{path}.{key}", "a list of schemas", schema[key])
+            for j, variant in enumerate(schema[key]):
+                _check_shape(variant, where, f"{path}.{key}[{j}]")
 
 
 def _need(ok: bool, where: str, field_: str, expected: str, value) -> None:

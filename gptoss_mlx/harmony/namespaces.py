@@ -66,8 +66,8 @@ def _lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in lines]
 
 
-def _nullable(schema: dict, type_str: str) -> str:
-    if schema.get("nullable") is True and "null" not in type_str:
+def _nullable(schema, type_str: str) -> str:
+    if isinstance(schema, dict) and schema.get("nullable") is True and "null" not in type_str:
         return f"{type_str} | null"
     return type_str
 

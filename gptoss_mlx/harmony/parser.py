@@ -80,16 +80,18 @@ def _take_channel(text: str) -> tuple[str | None, str]:
 
 
 def _take_role(text: str, role: str | None) -> tuple[str, str | None, str]:
-    """(role, tool name or None, the text after the role word)."""
+    """(role, tool name or None, the text after the role word). A tool message is headed by
+    the tool's name; one without it (``role="tool"`` given, the name missing) has no tool to
+    answer for, so it is kept as assistant text, as ``<|start|>tool`` is."""
     first = re.match(r"\s*(\S*)\s*", text)
     word, rest = first.group(1), text[first.end():]
-    if role is None and word in ROLES and word != "tool":  # tool results are headed by their name
-        return word, None, rest
-    if role is None and (_TOOL_NAME.match(word) or word in BUILTIN_TOOLS):
+    if role in (None, "tool") and (_TOOL_NAME.match(word) or word in BUILTIN_TOOLS):
         return "tool", word, rest
-    if word == role:  # the given role written out again
+    if role is None and word in ROLES and word != "tool":
+        return word, None, rest
+    if word == role != "tool":  # the given role written out again
         return role, None, rest
-    return role or "assistant", None, text.strip()
+    return role if role not in (None, "tool") else "assistant", None, text.strip()
 
 
 class StreamParser:
