@@ -117,24 +117,33 @@ class ReplyStream:
             item.text += text
             return [Delta(item, text)]
         pending = self._held + text
-        cut = min((pending.find(s) for s in self.stops if s in pending), default=-1)
-        if cut >= 0:  # the earliest stop string ends the answer
-            self.stopped = True
-            self._held = ""
-            head = pending[:cut]
-            item.text += head
-            return ([Delta(item, head)] if head else []) + [Closed(item)]
+        # The longest tail that may still grow into a stop string starts at `start`; a complete
+        # stop string ends the answer only if none could still complete earlier than it.
         keep = max((k for s in self.stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-        self._held = pending[len(pending) - keep:] if keep else ""
-        head = pending[:len(pending) - keep]
+        start = len(pending) - keep
+        cut = self._earliest_stop(pending)
+        if 0 <= cut <= start:
+            return self._stop_at(item, pending, cut)
+        self._held = pending[start:]
+        head = pending[:start]
         item.text += head
         return [Delta(item, head)] if head else []
 
+    def _earliest_stop(self, text: str) -> int:
+        return min((text.find(s) for s in self.stops if s in text), default=-1)
+
+    def _stop_at(self, item: Item, pending: str, cut: int) -> list[OutputEvent]:
+        self.stopped = True
+        self._held = ""
+        head = pending[:cut]
+        item.text += head
+        return ([Delta(item, head)] if head else []) + [Closed(item)]
+
     def _close(self) -> list[OutputEvent]:
         item, self._current = self._current, None
-        out: list[OutputEvent] = []
-        if self._held:
-            item.text += self._held
-            out.append(Delta(item, self._held))
-            self._held = ""
-        return out + [Closed(item)]
+        held, self._held = self._held, ""
+        cut = self._earliest_stop(held)  # the text ended: what is held is all there is
+        if cut >= 0:
+            return self._stop_at(item, held, cut)
+        item.text += held
+        return ([Delta(item, held)] if held else []) + [Closed(item)]
