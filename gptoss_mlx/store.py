@@ -92,6 +92,9 @@ def chat_file_problem(data) -> str | None:
         problem = _message_problem(m)
         if problem:
             return f"messages[{i}]{problem}"
+    field = _lone_surrogate_field(data)
+    if field:
+        return f"{field} holds a lone surrogate (a \\ud800-\\udfff escape), which is not text"
     return None
 
 
@@ -132,6 +135,23 @@ def _depth(value) -> int:
             if d <= MAX_DEPTH:
                 stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
     return deepest
+
+
+def _lone_surrogate_field(data) -> str | None:
+    """The first field (``messages[2].content``) whose key or text holds a lone surrogate, which
+    no terminal can print and no file can store as UTF-8; None if none."""
+    stack = [(data, "")]
+    while stack:
+        v, where = stack.pop()
+        if isinstance(v, str):
+            if any("\ud800" <= ch <= "\udfff" for ch in v):
+                return where or "the file"
+        elif isinstance(v, dict):
+            stack.extend((c, f"{where}.{k}" if where else str(k)) for k, c in v.items())
+            stack.extend((k, where or "the file") for k in v)
+        elif isinstance(v, list):
+            stack.extend((c, f"{where}[{i}]") for i, c in enumerate(v))
+    return None
 
 
 def _is_int(v) -> bool:

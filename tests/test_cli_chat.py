@@ -297,3 +297,42 @@ def test_a_model_computing_nans_is_an_error_and_the_chat_goes_on(tok, store, mon
     assert status == 0
     assert "error: the model computed NaN or infinite logits" in out and "Fine again." in out
     assert [m.text for m in chat.messages if m.role == "user"] == ["second?"]
+
+
+# ---- terminal safety (F24, F8, F9) ---------------------------------------------------------------
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\u202ehi\x9b\ud800"
+
+
+def test_model_and_tool_text_cannot_drive_the_terminal():
+    from gptoss_mlx.chat import ReasoningDelta, ToolCall
+    from gptoss_mlx.tools import ToolResult
+    from gptoss_mlx.cli.stream import print_events
+
+    out = io.StringIO()
+    events = [ReasoningDelta("think" + HOSTILE), ToolCall("functions.f", "{}" + HOSTILE),
+              ToolResult("f", "page" + HOSTILE), AnswerDelta(HOSTILE + "\n\tok")]
+    print_events(events, True, out, out, dim=False)
+    text = out.getvalue()
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text and "\x9b" not in text
+    assert "<ESC>]0;pwned<U+0007><ESC>[2J<U+202E>hi<U+009B><U+D800>" in text
+    assert "\n\tok" in text  # newlines and tabs stay
+    text.encode("utf-8")  # no lone surrogate left to crash the print
+
+
+def test_hostile_titles_show_escaped_in_chats_and_resume(tok, store, monkeypatch, capsys):
+    escapes = HOSTILE.replace("\ud800", "")
+    store.root.mkdir(parents=True)
+    (store.root / "h.json").write_text(json.dumps(
+        {"title": "t" + escapes, "messages": [{"role": "user", "content": "q" + escapes},
+                                              {"role": "assistant", "content": "a"}]}))
+    (store.root / "s.json").write_text('{"title": "surr \\ud800", "messages": []}')
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "x"), ["/chats"], ["--resume", "h"])
+    assert status == 0 and "\x1b" not in out and "\u202e" not in out
+    assert 'Resumed "t<ESC>]0;pwned' in out and "you: q<ESC>]0;pwned" in out
+    assert "  h  t<ESC>]0;pwned" in out
+    assert "  s  s (unreadable)  (title holds a lone surrogate" in out  # listed, not a crash
+    out.encode("utf-8")
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "x"), [], ["--resume", "s"])
+    err = capsys.readouterr().err
+    assert status == 2 and "s.json: title holds a lone surrogate" in err

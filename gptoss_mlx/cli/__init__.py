@@ -8,7 +8,7 @@ import sys
 
 from .. import __version__
 from . import chat, doctor, generate, models, render, serve, tui
-from .common import CLIError
+from .common import CLIError, terminal_safe
 
 SUBCOMMANDS = (render, chat, generate, tui, serve, models, doctor)
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except CLIError as e:
-        print(f"gptoss-mlx: error: {e}", file=sys.stderr)
+        print(f"gptoss-mlx: error: {terminal_safe(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)

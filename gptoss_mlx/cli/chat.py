@@ -14,6 +14,7 @@ from ..store import ConversationStore, check_chat_file, title_for
 from . import common
 from .common import (
     RESET, CLIError, add_model_options, ask_on_terminal, decline_when_piped, make_toolbox,
+    terminal_safe,
 )
 from .lineedit import is_unfinished, line_reader
 from .stream import answer_once, print_events, replies
@@ -166,9 +167,9 @@ class Repl:
         self.title = self.store.load(self.chat, chat_id)
         self.chat_id = chat_id
         shown = [m for m in self.chat.messages if m.role == "user" or m.channel == "final"]
-        self.say(f"Resumed \"{self.title}\" ({len(shown)} messages).")
+        self.say(terminal_safe(f"Resumed \"{self.title}\" ({len(shown)} messages)."))
         for m in shown[-2:]:
-            self.say(("you: " if m.role == "user" else "gpt-oss: ") + m.text)
+            self.say(("you: " if m.role == "user" else "gpt-oss: ") + terminal_safe(m.text))
 
     def command(self, line: str) -> str | None:
         name, _, arg = line.partition(" ")
@@ -212,7 +213,7 @@ class Repl:
         entries = self.store.list()[:20]
         for e in entries:
             what = f"{e.messages} messages" if e.messages >= 0 else e.problem
-            self.say(f"  {e.id}  {e.title}  ({what})")
+            self.say(terminal_safe(f"  {e.id}  {e.title}  ({what})"))
         self.say("" if entries else f"no saved conversations in {self.store.root}")
 
     def load(self, arg: str) -> None:
@@ -228,7 +229,7 @@ class Repl:
             self.chat_id = self.store.new_id()  # replies are saved in the store, not over PATH
             self.say(f"loaded {len(self.chat.messages)} messages from {arg}")
         except ChatFileError as e:
-            self.say(f"error: {e}\n(the current conversation stays)")
+            self.say(terminal_safe(f"error: {e}\n(the current conversation stays)"))
 
     def _is_saved_id(self, arg: str) -> bool:
         try:
