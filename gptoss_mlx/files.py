@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import stat
+import sys
 import zlib
 from pathlib import Path
 
@@ -59,3 +60,6 @@ def read_json_file(path: Path, error: type[Exception]):
         raise error(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise error(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError:  # int(): a number of more than sys.get_int_max_str_digits() digits
+        digits = sys.get_int_max_str_digits()
+        raise error(f"{path}: not valid JSON (a number of more than {digits} digits)") from None

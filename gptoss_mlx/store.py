@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .chat import Chat, ChatFileError, write_text_atomic
-from .harmony import EFFORTS
+from .files import regular_file_problem
+from .harmony import EFFORTS, HarmonyError, from_chat_completions, render_conversation
 
 FORMAT_VERSION = 1  # files without "format" are version 1
 MAX_FILE_BYTES = 64 * 2**20
@@ -44,6 +45,9 @@ def data_dir() -> Path:
 def check_chat_file(path: Path) -> dict:
     """The file's JSON if it has the shape of a saved chat; else ChatFileError naming the file
     and the first field that is wrong."""
+    problem = regular_file_problem(path)  # never open a FIFO (it would block) or a device
+    if problem:
+        raise ChatFileError(f"{path}: {problem}")
     try:
         if path.stat().st_size > MAX_FILE_BYTES:
             raise ChatFileError(f"{path}: not a saved chat (larger than {MAX_FILE_BYTES >> 20} MB)")
@@ -58,6 +62,9 @@ def check_chat_file(path: Path) -> dict:
         raise ChatFileError(f"{path}: not a saved chat (not valid JSON: {e})") from None
     except RecursionError:
         raise ChatFileError(f"{path}: not a saved chat (JSON nested too deeply)") from None
+    except ValueError:  # int(): a number of more than sys.get_int_max_str_digits() digits
+        digits = sys.get_int_max_str_digits()
+        raise ChatFileError(f"{path}: not a saved chat (a number of more than {digits} digits)") from None
     problem = chat_file_problem(data)
     if problem:
         raise ChatFileError(f"{path}: {problem}")
@@ -95,6 +102,10 @@ def chat_file_problem(data) -> str | None:
     field = _lone_surrogate_field(data)
     if field:
         return f"{field} holds a lone surrogate (a \\ud800-\\udfff escape), which is not text"
+    try:  # what only rendering finds (a tool's parameter schema of the wrong shape)
+        render_conversation(from_chat_completions(data, date=data.get("date")))
+    except (HarmonyError, AttributeError, TypeError) as e:
+        return f"not a saved chat ({e})"
     return None
 
 
