@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .chat import Chat, ChatFileError, write_text_atomic
-from .files import regular_file_problem
+from .files import JSONProblem, lone_surrogate_problem, parse_json, regular_file_problem
 from .harmony import EFFORTS, HarmonyError, from_chat_completions, render_conversation
 
 FORMAT_VERSION = 1  # files without "format" are version 1
@@ -55,16 +55,9 @@ def check_chat_file(path: Path) -> dict:
     except OSError as e:
         raise ChatFileError(f"{path}: {e.strerror or e}") from None
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ChatFileError(f"{path}: not a saved chat (not UTF-8 text at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ChatFileError(f"{path}: not a saved chat (not valid JSON: {e})") from None
-    except RecursionError:
-        raise ChatFileError(f"{path}: not a saved chat (JSON nested too deeply)") from None
-    except ValueError:  # int(): a number of more than sys.get_int_max_str_digits() digits
-        digits = sys.get_int_max_str_digits()
-        raise ChatFileError(f"{path}: not a saved chat (a number of more than {digits} digits)") from None
+        data = parse_json(raw)
+    except JSONProblem as e:
+        raise ChatFileError(f"{path}: not a saved chat ({e})") from None
     problem = chat_file_problem(data)
     if problem:
         raise ChatFileError(f"{path}: {problem}")
@@ -99,9 +92,9 @@ def chat_file_problem(data) -> str | None:
         problem = _message_problem(m)
         if problem:
             return f"messages[{i}]{problem}"
-    field = _lone_surrogate_field(data)
-    if field:
-        return f"{field} holds a lone surrogate (a \\ud800-\\udfff escape), which is not text"
+    problem = lone_surrogate_problem(data)
+    if problem:
+        return problem
     try:  # what only rendering finds (a tool's parameter schema of the wrong shape)
         render_conversation(from_chat_completions(data, date=data.get("date")))
     except (HarmonyError, AttributeError, TypeError) as e:
@@ -146,23 +139,6 @@ def _depth(value) -> int:
             if d <= MAX_DEPTH:
                 stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
     return deepest
-
-
-def _lone_surrogate_field(data) -> str | None:
-    """The first field (``messages[2].content``) whose key or text holds a lone surrogate, which
-    no terminal can print and no file can store as UTF-8; None if none."""
-    stack = [(data, "")]
-    while stack:
-        v, where = stack.pop()
-        if isinstance(v, str):
-            if any("\ud800" <= ch <= "\udfff" for ch in v):
-                return where or "the file"
-        elif isinstance(v, dict):
-            stack.extend((c, f"{where}.{k}" if where else str(k)) for k, c in v.items())
-            stack.extend((k, where or "the file") for k in v)
-        elif isinstance(v, list):
-            stack.extend((c, f"{where}[{i}]") for i, c in enumerate(v))
-    return None
 
 
 def _is_int(v) -> bool:
