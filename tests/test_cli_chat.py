@@ -336,3 +336,21 @@ def test_hostile_titles_show_escaped_in_chats_and_resume(tok, store, monkeypatch
     status, out = run_chat(monkeypatch, scripted_chat(tok, "x"), [], ["--resume", "s"])
     err = capsys.readouterr().err
     assert status == 2 and "s.json: title holds a lone surrogate" in err
+
+
+def test_piped_chat_with_resume_continues_and_saves_the_chat(tok, store, monkeypatch, capsys):
+    first = scripted_chat(tok, "Four.")
+    list(first.send("2+2?"))
+    store.save(first, "mine", "Sums")
+    monkeypatch.setattr("sys.stdin", io.StringIO("times 2?\n"))
+    monkeypatch.setattr(common, "load_chat", lambda args, out=None, toolbox=None:
+                        scripted_chat(tok, "Eight."))
+    assert main(["chat", "--resume", "mine"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "Eight." and f"Saved to {store.root / 'mine.json'}" in err
+    data = saved(store)["mine"]
+    assert data["title"] == "Sums"
+    assert [m["content"] for m in data["messages"] if m["role"] == "user"] == ["2+2?", "times 2?"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("again?\n"))
+    assert main(["chat", "--resume", "nonexist"]) == 2
+    assert "nonexist.json: does not exist" in capsys.readouterr().err

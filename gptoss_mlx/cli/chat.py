@@ -53,7 +53,10 @@ def cmd_chat(args) -> int:
         question = sys.stdin.read().strip()
         if not question:
             raise CLIError("no question on standard input")
-        answer_once(args, question, decline_when_piped, not args.hide_reasoning, dim=False)
+        if args.resume is not None:
+            answer_resumed(args, question)
+        else:
+            answer_once(args, question, decline_when_piped, not args.hide_reasoning, dim=False)
         return 0
     store = ConversationStore()
     chat_id = resumed_id(store, args.resume) if args.resume is not None else None
@@ -64,14 +67,42 @@ def cmd_chat(args) -> int:
                     show_reasoning=not args.hide_reasoning, toolbox=toolbox)
         if chat_id:
             repl.open(chat_id)
-            if args.reasoning_effort:  # flags given with --resume win over the saved ones
-                chat.reasoning_effort = args.reasoning_effort
-            if args.system is not None:
-                chat.instructions = args.system
+            flags_over_saved(chat, args)
         return repl.run()
     finally:
         if toolbox:
             toolbox.close()
+
+
+def answer_resumed(args, question: str) -> None:
+    """Piped ``chat --resume``: answer ``question`` in the saved chat (the answer on standard
+    output, the rest on standard error) and save it there, as the terminal chat would."""
+    store = ConversationStore()
+    chat_id = resumed_id(store, args.resume)
+    toolbox = make_toolbox(args, decline_when_piped)
+    chat = common.load_chat(args, toolbox=toolbox)
+    try:
+        title = store.load(chat, chat_id)
+        flags_over_saved(chat, args)
+        print_events(replies(chat, question, toolbox), not args.hide_reasoning, sys.stdout,
+                     sys.stderr, dim=False)
+    except (ChatFileError, ContextLengthError, NonFiniteLogitsError) as e:
+        raise CLIError(str(e)) from None
+    finally:
+        if toolbox:
+            toolbox.close()
+    try:
+        print(f"Saved to {store.save(chat, chat_id, title)}", file=sys.stderr)
+    except OSError as e:
+        raise CLIError(f"could not save the conversation: {e}") from None
+
+
+def flags_over_saved(chat: Chat, args) -> None:
+    """Flags given with --resume win over the saved chat's settings."""
+    if args.reasoning_effort:
+        chat.reasoning_effort = args.reasoning_effort
+    if args.system is not None:
+        chat.instructions = args.system
 
 
 def resumed_id(store: ConversationStore, chat_id: str) -> str:
