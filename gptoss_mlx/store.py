@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import time
 import uuid
@@ -154,6 +155,14 @@ def _show(v) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def save_target_problem(path: Path) -> str | None:
+    """Why a chat must not be saved over ``path`` (it is a symbolic link, directory, FIFO or
+    device); None for a new path or a regular file."""
+    if path.is_symlink():
+        return "is a symbolic link; save to the file it points to"
+    return regular_file_problem(path) if path.exists() else None
+
+
 # ----------------------------------------------------------------------------- the store
 @dataclass
 class Entry:
@@ -202,7 +211,16 @@ class ConversationStore:
         return self.save_as(chat, self.path(chat_id), title)
 
     def save_as(self, chat: Chat, path: Path, title: str) -> Path:
-        return chat.save(path, title=title, updated=time.time(), format=FORMAT_VERSION)
+        """Save at ``path``; an existing file keeps its permissions. A symbolic link, FIFO or
+        device there is never replaced (OSError saying what it is)."""
+        problem = save_target_problem(path)
+        if problem:
+            raise OSError(f"{path} {problem}")
+        mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
+        saved = chat.save(path, title=title, updated=time.time(), format=FORMAT_VERSION)
+        if mode is not None:
+            os.chmod(saved, mode)
+        return saved
 
     def load(self, chat: Chat, chat_id: str) -> str:
         """Load into ``chat``; returns the title. A bad file raises ChatFileError and leaves

@@ -184,6 +184,26 @@ def test_save_asks_before_overwriting(tok, store, tmp_path, monkeypatch):
     assert f"not saved: {tmp_path} is a directory" in out
 
 
+def test_save_never_replaces_a_fifo_or_link_and_keeps_a_files_mode(tok, store, tmp_path, monkeypatch):
+    import os
+    os.mkfifo(tmp_path / "pipe.json")
+    (tmp_path / "real.json").write_text("keep me")
+    os.symlink(tmp_path / "real.json", tmp_path / "link.json")
+    chat = scripted_chat(tok, "Four.")
+    status, out = run_chat(monkeypatch, chat, ["2+2?", f"/save {tmp_path / 'pipe.json'}", "y",
+                                               f"/save {tmp_path / 'link.json'}", "y"])
+    assert f"not saved: {tmp_path / 'pipe.json'} is a FIFO (named pipe), not a regular file" in out
+    assert f"not saved: {tmp_path / 'link.json'} is a symbolic link" in out
+    assert (tmp_path / "pipe.json").is_fifo() and (tmp_path / "link.json").is_symlink()
+    assert (tmp_path / "real.json").read_text() == "keep me"
+    mine = tmp_path / "mine.json"
+    mine.write_text("old")
+    mine.chmod(0o644)
+    status, out = run_chat(monkeypatch, chat, [f"/save {mine}", "y"])
+    assert f"saved to {mine}" in out and json.loads(mine.read_text())["messages"]
+    assert mine.stat().st_mode & 0o777 == 0o644
+
+
 def test_load_by_path_continues_in_the_store(tok, store, tmp_path, monkeypatch):
     first = scripted_chat(tok, "Four.")
     list(first.send("2+2?"))

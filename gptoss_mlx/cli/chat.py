@@ -10,7 +10,7 @@ from typing import Callable
 from ..chat import Chat, ChatFileError
 from ..generate import ContextLengthError, NonFiniteLogitsError
 from ..harmony import EFFORTS
-from ..store import ConversationStore, check_chat_file, title_for
+from ..store import ConversationStore, check_chat_file, save_target_problem, title_for
 from . import common
 from .common import (
     RESET, CLIError, add_model_options, ask_on_terminal, decline_when_piped, make_toolbox,
@@ -273,8 +273,9 @@ class Repl:
             self.say("usage: /save PATH")
             return
         path = Path(arg).expanduser()
-        if path.is_dir():
-            self.say(f"not saved: {path} is a directory")
+        problem = save_target_problem(path)
+        if problem:
+            self.say(f"not saved: {path} {problem}")
             return
         try:
             if path.exists():
