@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import stat
+import sys
 import zlib
 from pathlib import Path
 
@@ -46,16 +47,51 @@ def read_json_file(path: Path, error: type[Exception]):
         raise error(f"{path}: {size} bytes is too large for a JSON file; is it the right file?")
     try:
         data = path.read_bytes()
-        text = (gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8")
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
     except (OSError, EOFError, zlib.error) as e:  # gzip: BadGzipFile is an OSError
         raise error(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not text.strip():
+    if not data.strip():
         raise error(f"{path}: the file is empty")
     try:
-        return json.loads(text)
+        return parse_json(data)
+    except JSONProblem as e:
+        raise error(f"{path}: {e}") from None
+
+
+class JSONProblem(Exception):
+    """Why some bytes hold no JSON value (the caller adds the file's name)."""
+
+
+def parse_json(raw: bytes):
+    """The JSON value in UTF-8 ``raw``; JSONProblem saying what is wrong if it holds none."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise JSONProblem(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
+        raise JSONProblem(f"not valid JSON ({e})") from None
     except RecursionError:
-        raise error(f"{path}: not valid JSON (nested too deeply)") from None
+        raise JSONProblem("not valid JSON (nested too deeply)") from None
+    except ValueError:  # int(): a number of more than sys.get_int_max_str_digits() digits
+        digits = sys.get_int_max_str_digits()
+        raise JSONProblem(f"not valid JSON (a number of more than {digits} digits)") from None
+
+
+def lone_surrogate_problem(data) -> str | None:
+    """Which field of parsed JSON (``messages[2].content``) holds a lone surrogate (a ``\\ud800``
+    escape in a key or text), which no terminal can print and no file can store as UTF-8; None
+    if none."""
+    stack = [(data, "")]
+    while stack:
+        v, where = stack.pop()
+        if isinstance(v, str):
+            if any("\ud800" <= ch <= "\udfff" for ch in v):
+                return (f"{where or 'the file'} holds a lone surrogate (a \\ud800-\\udfff "
+                        "escape), which is not text")
+        elif isinstance(v, dict):
+            stack.extend((c, f"{where}.{k}" if where else str(k)) for k, c in v.items())
+            stack.extend((k, where or "the file") for k in v)
+        elif isinstance(v, list):
+            stack.extend((c, f"{where}[{i}]") for i, c in enumerate(v))
+    return None

@@ -9,6 +9,7 @@ and a prompt cache that reuses the longest common prefix across turns.
 
 from __future__ import annotations
 
+import math
 import time
 from functools import lru_cache
 from dataclasses import dataclass, field
@@ -47,14 +48,16 @@ class SamplingParams:
     max_tokens: int | None = None  # None: until a stop token or the context is full
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 <= self.min_p < 1:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:  # what mx.random.seed takes
+            raise ValueError(f"seed must be a whole number from 0 to 2**64 - 1, got {self.seed}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 

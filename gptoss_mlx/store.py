@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import time
 import uuid
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .chat import Chat, ChatFileError, write_text_atomic
-from .harmony import EFFORTS
+from .files import JSONProblem, lone_surrogate_problem, parse_json, regular_file_problem
+from .harmony import EFFORTS, HarmonyError, from_chat_completions, render_conversation
 
 FORMAT_VERSION = 1  # files without "format" are version 1
 MAX_FILE_BYTES = 64 * 2**20
@@ -44,6 +46,9 @@ def data_dir() -> Path:
 def check_chat_file(path: Path) -> dict:
     """The file's JSON if it has the shape of a saved chat; else ChatFileError naming the file
     and the first field that is wrong."""
+    problem = regular_file_problem(path)  # never open a FIFO (it would block) or a device
+    if problem:
+        raise ChatFileError(f"{path}: {problem}")
     try:
         if path.stat().st_size > MAX_FILE_BYTES:
             raise ChatFileError(f"{path}: not a saved chat (larger than {MAX_FILE_BYTES >> 20} MB)")
@@ -51,13 +56,9 @@ def check_chat_file(path: Path) -> dict:
     except OSError as e:
         raise ChatFileError(f"{path}: {e.strerror or e}") from None
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ChatFileError(f"{path}: not a saved chat (not UTF-8 text at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ChatFileError(f"{path}: not a saved chat (not valid JSON: {e})") from None
-    except RecursionError:
-        raise ChatFileError(f"{path}: not a saved chat (JSON nested too deeply)") from None
+        data = parse_json(raw)
+    except JSONProblem as e:
+        raise ChatFileError(f"{path}: not a saved chat ({e})") from None
     problem = chat_file_problem(data)
     if problem:
         raise ChatFileError(f"{path}: {problem}")
@@ -92,6 +93,13 @@ def chat_file_problem(data) -> str | None:
         problem = _message_problem(m)
         if problem:
             return f"messages[{i}]{problem}"
+    problem = lone_surrogate_problem(data)
+    if problem:
+        return problem
+    try:  # what only rendering finds (a tool's parameter schema of the wrong shape)
+        render_conversation(from_chat_completions(data, date=data.get("date")))
+    except (HarmonyError, AttributeError, TypeError) as e:
+        return f"not a saved chat ({e})"
     return None
 
 
@@ -147,6 +155,14 @@ def _show(v) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def save_target_problem(path: Path) -> str | None:
+    """Why a chat must not be saved over ``path`` (it is a symbolic link, directory, FIFO or
+    device); None for a new path or a regular file."""
+    if path.is_symlink():
+        return "is a symbolic link; save to the file it points to"
+    return regular_file_problem(path) if path.exists() else None
+
+
 # ----------------------------------------------------------------------------- the store
 @dataclass
 class Entry:
@@ -195,7 +211,16 @@ class ConversationStore:
         return self.save_as(chat, self.path(chat_id), title)
 
     def save_as(self, chat: Chat, path: Path, title: str) -> Path:
-        return chat.save(path, title=title, updated=time.time(), format=FORMAT_VERSION)
+        """Save at ``path``; an existing file keeps its permissions. A symbolic link, FIFO or
+        device there is never replaced (OSError saying what it is)."""
+        problem = save_target_problem(path)
+        if problem:
+            raise OSError(f"{path} {problem}")
+        mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
+        saved = chat.save(path, title=title, updated=time.time(), format=FORMAT_VERSION)
+        if mode is not None:
+            os.chmod(saved, mode)
+        return saved
 
     def load(self, chat: Chat, chat_id: str) -> str:
         """Load into ``chat``; returns the title. A bad file raises ChatFileError and leaves

@@ -184,6 +184,26 @@ def test_save_asks_before_overwriting(tok, store, tmp_path, monkeypatch):
     assert f"not saved: {tmp_path} is a directory" in out
 
 
+def test_save_never_replaces_a_fifo_or_link_and_keeps_a_files_mode(tok, store, tmp_path, monkeypatch):
+    import os
+    os.mkfifo(tmp_path / "pipe.json")
+    (tmp_path / "real.json").write_text("keep me")
+    os.symlink(tmp_path / "real.json", tmp_path / "link.json")
+    chat = scripted_chat(tok, "Four.")
+    status, out = run_chat(monkeypatch, chat, ["2+2?", f"/save {tmp_path / 'pipe.json'}", "y",
+                                               f"/save {tmp_path / 'link.json'}", "y"])
+    assert f"not saved: {tmp_path / 'pipe.json'} is a FIFO (named pipe), not a regular file" in out
+    assert f"not saved: {tmp_path / 'link.json'} is a symbolic link" in out
+    assert (tmp_path / "pipe.json").is_fifo() and (tmp_path / "link.json").is_symlink()
+    assert (tmp_path / "real.json").read_text() == "keep me"
+    mine = tmp_path / "mine.json"
+    mine.write_text("old")
+    mine.chmod(0o644)
+    status, out = run_chat(monkeypatch, chat, [f"/save {mine}", "y"])
+    assert f"saved to {mine}" in out and json.loads(mine.read_text())["messages"]
+    assert mine.stat().st_mode & 0o777 == 0o644
+
+
 def test_load_by_path_continues_in_the_store(tok, store, tmp_path, monkeypatch):
     first = scripted_chat(tok, "Four.")
     list(first.send("2+2?"))
@@ -297,3 +317,60 @@ def test_a_model_computing_nans_is_an_error_and_the_chat_goes_on(tok, store, mon
     assert status == 0
     assert "error: the model computed NaN or infinite logits" in out and "Fine again." in out
     assert [m.text for m in chat.messages if m.role == "user"] == ["second?"]
+
+
+# ---- terminal safety (F24, F8, F9) ---------------------------------------------------------------
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\u202ehi\x9b\ud800"
+
+
+def test_model_and_tool_text_cannot_drive_the_terminal():
+    from gptoss_mlx.chat import ReasoningDelta, ToolCall
+    from gptoss_mlx.tools import ToolResult
+    from gptoss_mlx.cli.stream import print_events
+
+    out = io.StringIO()
+    events = [ReasoningDelta("think" + HOSTILE), ToolCall("functions.f", "{}" + HOSTILE),
+              ToolResult("f", "page" + HOSTILE), AnswerDelta(HOSTILE + "\n\tok")]
+    print_events(events, True, out, out, dim=False)
+    text = out.getvalue()
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text and "\x9b" not in text
+    assert "<ESC>]0;pwned<U+0007><ESC>[2J<U+202E>hi<U+009B><U+D800>" in text
+    assert "\n\tok" in text  # newlines and tabs stay
+    text.encode("utf-8")  # no lone surrogate left to crash the print
+
+
+def test_hostile_titles_show_escaped_in_chats_and_resume(tok, store, monkeypatch, capsys):
+    escapes = HOSTILE.replace("\ud800", "")
+    store.root.mkdir(parents=True)
+    (store.root / "h.json").write_text(json.dumps(
+        {"title": "t" + escapes, "messages": [{"role": "user", "content": "q" + escapes},
+                                              {"role": "assistant", "content": "a"}]}))
+    (store.root / "s.json").write_text('{"title": "surr \\ud800", "messages": []}')
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "x"), ["/chats"], ["--resume", "h"])
+    assert status == 0 and "\x1b" not in out and "\u202e" not in out
+    assert 'Resumed "t<ESC>]0;pwned' in out and "you: q<ESC>]0;pwned" in out
+    assert "  h  t<ESC>]0;pwned" in out
+    assert "  s  s (unreadable)  (title holds a lone surrogate" in out  # listed, not a crash
+    out.encode("utf-8")
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "x"), [], ["--resume", "s"])
+    err = capsys.readouterr().err
+    assert status == 2 and "s.json: title holds a lone surrogate" in err
+
+
+def test_piped_chat_with_resume_continues_and_saves_the_chat(tok, store, monkeypatch, capsys):
+    first = scripted_chat(tok, "Four.")
+    list(first.send("2+2?"))
+    store.save(first, "mine", "Sums")
+    monkeypatch.setattr("sys.stdin", io.StringIO("times 2?\n"))
+    monkeypatch.setattr(common, "load_chat", lambda args, out=None, toolbox=None:
+                        scripted_chat(tok, "Eight."))
+    assert main(["chat", "--resume", "mine"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "Eight." and f"Saved to {store.root / 'mine.json'}" in err
+    data = saved(store)["mine"]
+    assert data["title"] == "Sums"
+    assert [m["content"] for m in data["messages"] if m["role"] == "user"] == ["2+2?", "times 2?"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("again?\n"))
+    assert main(["chat", "--resume", "nonexist"]) == 2
+    assert "nonexist.json: does not exist" in capsys.readouterr().err

@@ -130,3 +130,37 @@ def test_effort_spellings(flag):
     for name in ("chat", "generate", "tui", "render"):
         extra = ["-p", "x"] if name == "generate" else ["f.json"] if name == "render" else []
         assert build_parser().parse_args([name, flag, "high", *extra]).reasoning_effort == "high"
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--seed=-1", "seed must be a whole number from 0 to 2**64 - 1, got -1"),
+    ("--seed=99999999999999999999999", "seed must be a whole number from 0 to 2**64 - 1"),
+    ("--temperature=nan", "temperature must be a finite number >= 0, got nan"),
+    ("--temperature=inf", "temperature must be a finite number >= 0, got inf"),
+    ("--top-p=nan", "top_p must be in (0, 1], got nan"),
+    ("--min-p=nan", "min_p must be in [0, 1), got nan"),
+])
+def test_bad_sampling_flags_are_one_error_before_loading(flag, message, capsys):
+    assert main(["generate", "--model", "/nonexistent", "-p", "x", flag]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gptoss-mlx: error: {message}") and err.count("\n") == 1
+
+
+@pytest.fixture()
+def conversation(tmp_path):
+    path = tmp_path / "conv.json"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "x" * 200_000}]}))
+    return path
+
+
+@pytest.mark.parametrize("redirect, status, error", [
+    ("| head -c1 >/dev/null", 141, ""),  # the reader went away: quiet, as shell tools are
+    (">/dev/full", 1, "gptoss-mlx: error: cannot write the output: No space left on device\n"),
+    (">&-", 1, "gptoss-mlx: error: standard output is closed\n"),
+])
+def test_output_that_cannot_be_written_is_one_line_never_a_traceback(conversation, redirect,
+                                                                      status, error):
+    proc = subprocess.run(
+        ["bash", "-c", f'"$0" -m gptoss_mlx render "$1" {redirect}; exit ${{PIPESTATUS[0]}}',
+         sys.executable, str(conversation)], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (status, error)

@@ -47,7 +47,7 @@ def test_render_tokens_from_stdin(conv_file, capsys, monkeypatch, tokenizer_json
     ckpt = tmp_path / "tok"
     ckpt.mkdir()
     shutil.copy(tokenizer_json, ckpt / "tokenizer.json.gz")
-    monkeypatch.setattr("sys.stdin", io.StringIO(conv_file.read_text()))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(conv_file.read_bytes())))
     assert main(["render", "-", "--tokens", "--date", "2025-08-05", "--model", str(ckpt)]) == 0
     ids = list(map(int, capsys.readouterr().out.split()))
     assert ids[:3] == [200006, 17360, 200008] and ids[-2:] == [200006, 173781]
@@ -55,14 +55,43 @@ def test_render_tokens_from_stdin(conv_file, capsys, monkeypatch, tokenizer_json
 
 
 @pytest.mark.parametrize("content, message", [
-    ("{not json", "not valid JSON"),
-    ('{"messages": [{"role": "wizard"}]}', "unknown role"),
+    (b"{not json", "not valid JSON"),
+    (b'{"messages": [{"role": "wizard"}]}', "unknown role"),
+    (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "not UTF-8 text"),
+    (b"[" * 200000, "nested too deeply"),
+    (b'{"messages": [{"role": "user", "content": "a\\ud800"}]}',
+     "messages[0].content holds a lone surrogate"),
+    (b'{"messages": [], "x": ' + b"9" * 5000 + b"}", "a number of more than 4300 digits"),
+    (b"5", "expected a JSON object"),
 ])
 def test_render_errors(tmp_path, capsys, content, message):
+    """One error line naming the file, never a traceback (issue 17)."""
     path = tmp_path / "bad.json"
-    path.write_text(content)
+    path.write_bytes(content)
     assert main(["render", str(path)]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"gptoss-mlx: error: {path}: ") and message in err
+    assert err.count("\n") == 1
+
+
+def test_render_error_found_while_rendering_names_the_file(tmp_path, capsys, monkeypatch):
+    from gptoss_mlx.cli import render
+    from gptoss_mlx.harmony import HarmonyError
+
+    def refuse(messages):
+        raise HarmonyError("messages[1] (developer): functions[0].parameters is wrong")
+    monkeypatch.setattr(render, "render_conversation", refuse)
+    path = tmp_path / "conv.json"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}]}')
+    assert main(["render", str(path)]) == 2
+    assert f"{path}: messages[1] (developer): functions[0]" in capsys.readouterr().err
+
+
+def test_render_of_a_fifo_is_refused_without_blocking(tmp_path, capsys):
+    import os
+    os.mkfifo(tmp_path / "pipe.json")
+    assert main(["render", str(tmp_path / "pipe.json")]) == 2
+    assert "pipe.json: is a FIFO" in capsys.readouterr().err
 
 
 def test_render_missing_file(capsys):

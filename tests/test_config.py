@@ -149,6 +149,13 @@ def test_a_fifo_config_is_refused_without_blocking(tmp_path):
         ModelConfig.from_file(path)
 
 
+def test_a_number_with_thousands_of_digits_names_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"hidden_size": ' + "9" * 5000 + "}")
+    with pytest.raises(ConfigError, match=r"config.json: not valid JSON \(a number of more than"):
+        ModelConfig.from_file(path)
+
+
 def test_a_huge_config_is_refused_unread(tmp_path, monkeypatch):
     import gptoss_mlx.files as files
     path = tmp_path / "config.json"

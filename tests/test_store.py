@@ -82,6 +82,14 @@ BAD = {
                   "messages[1].tool_calls[0].function.name"),
     "not_json": (b"{not json", "not a saved chat"),
     "top_list": ([1, 2], "expected a JSON object"),
+    "huge_number": (b'{"title": "x", "updated": ' + b"9" * 5000 + b', "messages": []}',
+                    "more than 4300 digits"),
+    "lone_surrogate": (b'{"title": "surr \\ud800", "messages": []}', "title holds a lone surrogate"),
+    "schema_properties_list": (with_field(("tools",), [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": [1]}}}]), "not a saved chat"),
+    "schema_required_int": (with_field(("tools",), [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {}, "required": 7}}}]),
+        "not a saved chat"),
 }
 
 
@@ -95,6 +103,22 @@ def test_bad_file_is_refused_naming_file_and_field_and_the_chat_stays(store, nam
         store.load(chat, name)
     assert str(store.root / f"{name}.json") in str(e.value) and field in str(e.value)
     assert (chat.messages, chat.reasoning_effort, chat.date) == before
+
+
+def test_a_fifo_is_listed_as_unreadable_and_never_opened(store, tmp_path):
+    """A FIFO named like a chat would block list(), --resume and /load forever if opened."""
+    put(store, "good", GOOD)
+    os.mkfifo(store.root / "pipe.json")
+    entries = {e.id: e for e in store.list()}
+    assert entries["pipe"].messages == -1 and "is a FIFO" in entries["pipe"].problem
+    assert store.latest() == "good"
+    chat = current_chat()
+    with pytest.raises(ChatFileError, match="pipe.json: is a FIFO"):
+        store.load(chat, "pipe")
+    os.mkfifo(tmp_path / "elsewhere.json")
+    with pytest.raises(ChatFileError, match="elsewhere.json: is a FIFO"):
+        store.load_path(chat, tmp_path / "elsewhere.json")
+    assert chat.messages == current_chat().messages
 
 
 def test_good_file_loads(store):

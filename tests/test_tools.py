@@ -104,8 +104,30 @@ def test_load_functions_from_a_file(tmp_path):
     bad.write_text("raise RuntimeError('boom')\n")
     with pytest.raises(ToolError, match="bad.py: RuntimeError: boom"):
         load_functions(bad)
-    with pytest.raises(ToolError, match="no such file"):
+    with pytest.raises(ToolError, match="missing.py: does not exist"):
         load_functions(tmp_path / "missing.py")
+
+
+@pytest.mark.parametrize("source, message", [
+    ("TOOLS = 5\n", "TOOLS must be a list of functions, got int"),
+    ('def f(a: "not a type"):\n    pass\n', "f: SyntaxError"),
+    ('def f(a: "Undefined"):\n    pass\n', "f: NameError"),
+    ("import sys\nsys.exit(3)\n", "calls sys.exit(3) while it is imported"),
+    ("TOOLS = [5]\n", "5: "),
+])
+def test_a_bad_functions_file_is_one_error_naming_it(tmp_path, source, message):
+    path = tmp_path / "tools.py"
+    path.write_text(source)
+    with pytest.raises(ToolError) as e:
+        load_functions(path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+def test_a_fifo_functions_file_is_refused_unopened(tmp_path):
+    import os
+    os.mkfifo(tmp_path / "tools.py")
+    with pytest.raises(ToolError, match="tools.py: is a FIFO"):
+        load_functions(tmp_path / "tools.py")
 
 
 # ---- the loop over scripted harmony output ----------------------------------------------------
@@ -382,7 +404,7 @@ def test_cli_piped_code_needs_auto_approve(tok, monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--tools", "python,shell"], "unknown tool(s) shell: --tools takes python,browser"),
-    (["--functions", "/nonexistent/tools.py"], "/nonexistent/tools.py: no such file"),
+    (["--functions", "/nonexistent/tools.py"], "/nonexistent/tools.py: does not exist"),
 ])
 def test_cli_tool_flag_errors(argv, message, capsys, monkeypatch):
     from gptoss_mlx.cli import main

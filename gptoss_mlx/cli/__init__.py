@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 from .. import __version__
 from . import chat, doctor, generate, models, render, serve, tui
-from .common import CLIError
+from .common import CLIError, terminal_safe
 
 SUBCOMMANDS = (render, chat, generate, tui, serve, models, doctor)
+# what writing to standard output raises when it cannot go on: a closed pipe, a full disk
+OUTPUT_ERRORS = (errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,14 +33,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if sys.stdout is None:  # started with standard output closed (`>&-`)
+        print("gptoss-mlx: error: standard output is closed", file=sys.stderr)
+        return 1
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a write error shows here, not as a traceback at exit
+        return status
     except CLIError as e:
-        print(f"gptoss-mlx: error: {e}", file=sys.stderr)
+        print(f"gptoss-mlx: error: {terminal_safe(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.filename is not None or e.errno not in OUTPUT_ERRORS:
+            raise  # not the output's fault
+        discard_stdout()
+        if e.errno == errno.EPIPE:  # the reader went away (`| head`): stop quietly
+            return 141  # 128 + SIGPIPE, as a shell tool killed by it reports
+        print(f"gptoss-mlx: error: cannot write the output: {e.strerror}", file=sys.stderr)
+        return 1
+
+
+def discard_stdout() -> None:
+    """Point standard output at the null device, so the final flush at exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

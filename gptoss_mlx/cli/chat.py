@@ -10,10 +10,11 @@ from typing import Callable
 from ..chat import Chat, ChatFileError
 from ..generate import ContextLengthError, NonFiniteLogitsError
 from ..harmony import EFFORTS
-from ..store import ConversationStore, check_chat_file, title_for
+from ..store import ConversationStore, check_chat_file, save_target_problem, title_for
 from . import common
 from .common import (
     RESET, CLIError, add_model_options, ask_on_terminal, decline_when_piped, make_toolbox,
+    terminal_safe,
 )
 from .lineedit import is_unfinished, line_reader
 from .stream import answer_once, print_events, replies
@@ -52,7 +53,10 @@ def cmd_chat(args) -> int:
         question = sys.stdin.read().strip()
         if not question:
             raise CLIError("no question on standard input")
-        answer_once(args, question, decline_when_piped, not args.hide_reasoning, dim=False)
+        if args.resume is not None:
+            answer_resumed(args, question)
+        else:
+            answer_once(args, question, decline_when_piped, not args.hide_reasoning, dim=False)
         return 0
     store = ConversationStore()
     chat_id = resumed_id(store, args.resume) if args.resume is not None else None
@@ -63,14 +67,42 @@ def cmd_chat(args) -> int:
                     show_reasoning=not args.hide_reasoning, toolbox=toolbox)
         if chat_id:
             repl.open(chat_id)
-            if args.reasoning_effort:  # flags given with --resume win over the saved ones
-                chat.reasoning_effort = args.reasoning_effort
-            if args.system is not None:
-                chat.instructions = args.system
+            flags_over_saved(chat, args)
         return repl.run()
     finally:
         if toolbox:
             toolbox.close()
+
+
+def answer_resumed(args, question: str) -> None:
+    """Piped ``chat --resume``: answer ``question`` in the saved chat (the answer on standard
+    output, the rest on standard error) and save it there, as the terminal chat would."""
+    store = ConversationStore()
+    chat_id = resumed_id(store, args.resume)
+    toolbox = make_toolbox(args, decline_when_piped)
+    chat = common.load_chat(args, toolbox=toolbox)
+    try:
+        title = store.load(chat, chat_id)
+        flags_over_saved(chat, args)
+        print_events(replies(chat, question, toolbox), not args.hide_reasoning, sys.stdout,
+                     sys.stderr, dim=False)
+    except (ChatFileError, ContextLengthError, NonFiniteLogitsError) as e:
+        raise CLIError(str(e)) from None
+    finally:
+        if toolbox:
+            toolbox.close()
+    try:
+        print(f"Saved to {store.save(chat, chat_id, title)}", file=sys.stderr)
+    except OSError as e:
+        raise CLIError(f"could not save the conversation: {e}") from None
+
+
+def flags_over_saved(chat: Chat, args) -> None:
+    """Flags given with --resume win over the saved chat's settings."""
+    if args.reasoning_effort:
+        chat.reasoning_effort = args.reasoning_effort
+    if args.system is not None:
+        chat.instructions = args.system
 
 
 def resumed_id(store: ConversationStore, chat_id: str) -> str:
@@ -166,9 +198,9 @@ class Repl:
         self.title = self.store.load(self.chat, chat_id)
         self.chat_id = chat_id
         shown = [m for m in self.chat.messages if m.role == "user" or m.channel == "final"]
-        self.say(f"Resumed \"{self.title}\" ({len(shown)} messages).")
+        self.say(terminal_safe(f"Resumed \"{self.title}\" ({len(shown)} messages)."))
         for m in shown[-2:]:
-            self.say(("you: " if m.role == "user" else "gpt-oss: ") + m.text)
+            self.say(("you: " if m.role == "user" else "gpt-oss: ") + terminal_safe(m.text))
 
     def command(self, line: str) -> str | None:
         name, _, arg = line.partition(" ")
@@ -212,7 +244,7 @@ class Repl:
         entries = self.store.list()[:20]
         for e in entries:
             what = f"{e.messages} messages" if e.messages >= 0 else e.problem
-            self.say(f"  {e.id}  {e.title}  ({what})")
+            self.say(terminal_safe(f"  {e.id}  {e.title}  ({what})"))
         self.say("" if entries else f"no saved conversations in {self.store.root}")
 
     def load(self, arg: str) -> None:
@@ -228,7 +260,7 @@ class Repl:
             self.chat_id = self.store.new_id()  # replies are saved in the store, not over PATH
             self.say(f"loaded {len(self.chat.messages)} messages from {arg}")
         except ChatFileError as e:
-            self.say(f"error: {e}\n(the current conversation stays)")
+            self.say(terminal_safe(f"error: {e}\n(the current conversation stays)"))
 
     def _is_saved_id(self, arg: str) -> bool:
         try:
@@ -241,8 +273,9 @@ class Repl:
             self.say("usage: /save PATH")
             return
         path = Path(arg).expanduser()
-        if path.is_dir():
-            self.say(f"not saved: {path} is a directory")
+        problem = save_target_problem(path)
+        if problem:
+            self.say(f"not saved: {path} {problem}")
             return
         try:
             if path.exists():

@@ -18,13 +18,20 @@ from ..loading import (
 from ..memory import DEFAULT_CONTEXT, MemoryPlanError, check_fits, checkpoint_dense_bits
 from ..tokenizer import TokenizerError
 from ..tools import Browser, PythonSandbox, SandboxLimits, ToolError, Toolbox, load_functions
-from ..tools.approval import render_code_ansi
+from ..tools.approval import hidden_char_marker, render_code_ansi
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
 class CLIError(Exception):
     """A user-facing failure: printed as ``gptoss-mlx: error: ...`` with exit status 2."""
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` from the model, a tool or a file, made safe to print: newlines and tabs stay;
+    escape sequences, other controls, bidi overrides and lone surrogates become visible markers
+    (``<ESC>``, ``<U+202E>``), so nothing printed can drive the terminal."""
+    return "".join(hidden_char_marker(ch) or ch for ch in text)
 
 
 def add_model_argument(p: argparse.ArgumentParser, required_for: str = "") -> None:

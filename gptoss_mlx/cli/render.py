@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from ..files import JSONProblem, lone_surrogate_problem, parse_json, regular_file_problem
 from ..harmony import (
     HarmonyError, from_chat_completions, render_conversation, segments_to_text, segments_to_tokens,
     today,
@@ -30,22 +30,16 @@ def register(sub) -> None:
 
 
 def cmd_render(args) -> int:
-    raw = sys.stdin.read() if args.file == "-" else _read(args.file)
-    try:
-        request = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CLIError(f"{args.file}: not valid JSON ({e})") from None
-    if isinstance(request, list):  # a bare list of messages
-        request = {"messages": request}
+    request = _request(args.file)
     if args.reasoning_effort:
         request = {**request, "reasoning_effort": args.reasoning_effort}
     tools = set(args.tools.split(",")) if args.tools else set()
     try:
         messages = from_chat_completions(request, date=args.date or today(),
                                          browser="browser" in tools, python="python" in tools)
+        segments = render_conversation(messages)
     except HarmonyError as e:
         raise CLIError(f"{args.file}: {e}") from None
-    segments = render_conversation(messages)
     if args.tokens:
         tokenizer = _tokenizer(args.model)
         print(" ".join(map(str, segments_to_tokens(segments, tokenizer))))
@@ -54,11 +48,31 @@ def cmd_render(args) -> int:
     return 0
 
 
-def _read(path: str) -> str:
+def _request(file: str) -> dict:
+    """The Chat Completions request in ``file`` (- for standard input), or one CLIError naming
+    the file and what is wrong."""
+    if file == "-":
+        raw = sys.stdin.buffer.read()
+    else:
+        problem = regular_file_problem(file)  # a FIFO would block, a device stream forever
+        if problem:
+            raise CLIError(f"{file}: {problem}")
+        try:
+            raw = Path(file).read_bytes()
+        except OSError as e:
+            raise CLIError(f"{file}: {e.strerror or e}") from None
     try:
-        return Path(path).read_text()
-    except OSError as e:
-        raise CLIError(f"{path}: {e.strerror or e}") from None
+        request = parse_json(raw)
+    except JSONProblem as e:
+        raise CLIError(f"{file}: {e}") from None
+    if isinstance(request, list):  # a bare list of messages
+        request = {"messages": request}
+    if not isinstance(request, dict):
+        raise CLIError(f"{file}: expected a JSON object with messages, or a list of messages")
+    problem = lone_surrogate_problem(request)
+    if problem:
+        raise CLIError(f"{file}: {problem}")
+    return request
 
 
 def _tokenizer(model: str | None):

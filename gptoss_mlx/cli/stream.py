@@ -9,7 +9,7 @@ from ..chat import AnswerDelta, ContextTrimmed, Done, ReasoningDelta, ToolCall
 from ..generate import ContextLengthError, NonFiniteLogitsError, Stats
 from ..tools import ToolResult, run_with_tools
 from . import common
-from .common import DIM, RESET, CLIError, make_toolbox
+from .common import DIM, RESET, CLIError, make_toolbox, terminal_safe
 
 
 def replies(chat, text, toolbox):
@@ -37,19 +37,19 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
                 if not in_reasoning and dim:
                     reasoning_out.write(DIM)
                 in_reasoning = True
-                reasoning_out.write(event.text)
+                reasoning_out.write(terminal_safe(event.text))
                 reasoning_out.flush()
         elif isinstance(event, AnswerDelta):
             end_reasoning("\n\n")
-            answer_out.write(event.text)
+            answer_out.write(terminal_safe(event.text))
             answer_out.flush()
         elif isinstance(event, ToolCall):
             end_reasoning("\n")
-            reasoning_out.write(f"\n[tool call → {event.recipient}] {event.arguments.strip()}\n")
+            reasoning_out.write(terminal_safe(f"\n[tool call → {event.recipient}] {event.arguments.strip()}\n"))
             reasoning_out.flush()
         elif isinstance(event, ToolResult):
             text = event.content if len(event.content) <= 2000 else event.content[:2000] + " …"
-            reasoning_out.write(f"[result ← {event.name}] {text.strip()}\n\n")
+            reasoning_out.write(terminal_safe(f"[result ← {event.name}] {text.strip()}\n\n"))
             reasoning_out.flush()
         elif isinstance(event, ContextTrimmed):
             end_reasoning("\n")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..files import regular_file_problem
 from ..harmony import ToolSpec
 
 
@@ -184,24 +185,30 @@ def load_functions(path: str | Path) -> list[FunctionTool]:
     """The tools a Python file defines: its ``TOOLS`` list if it has one, else every public
     function defined in it. Errors name the file."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ToolError(f"{path}: no such file")
+    problem = regular_file_problem(path)
+    if problem:
+        raise ToolError(f"{path}: {problem}")
     spec = importlib.util.spec_from_file_location(f"gptoss_user_tools_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
+    except SystemExit as e:
+        raise ToolError(f"{path}: calls sys.exit({e.code!r}) while it is imported") from None
     except Exception as e:  # noqa: BLE001
         raise ToolError(f"{path}: {type(e).__name__}: {e}") from None
     items = getattr(module, "TOOLS", None)
     if items is None:
         items = [f for name, f in vars(module).items()
                  if inspect.isfunction(f) and f.__module__ == module.__name__ and not name.startswith("_")]
+    if not isinstance(items, (list, tuple)):
+        raise ToolError(f"{path}: TOOLS must be a list of functions, got {type(items).__name__}")
     tools = []
     for item in items:
         try:
             tools.append(item if isinstance(item, FunctionTool) else FunctionTool.from_callable(item))
-        except TypeError as e:
-            raise ToolError(f"{path}: {getattr(item, '__name__', item)}: {e}") from None
+        except Exception as e:  # noqa: BLE001  — type hints are the file's code, evaluated here
+            why = str(e) if isinstance(e, TypeError) else f"{type(e).__name__}: {e}"
+            raise ToolError(f"{path}: {getattr(item, '__name__', repr(item))}: {why}") from None
     if not tools:
         raise ToolError(f"{path}: defines no functions")
     return tools
