@@ -98,7 +98,7 @@ def chat_file_problem(data) -> str | None:
         return problem
     try:  # what only rendering finds (a tool's parameter schema of the wrong shape)
         render_conversation(from_chat_completions(data, date=data.get("date")))
-    except (HarmonyError, AttributeError, TypeError) as e:
+    except HarmonyError as e:
         return f"not a saved chat ({e})"
     return None
 
