@@ -374,3 +374,19 @@ def test_piped_chat_with_resume_continues_and_saves_the_chat(tok, store, monkeyp
     monkeypatch.setattr("sys.stdin", io.StringIO("again?\n"))
     assert main(["chat", "--resume", "nonexist"]) == 2
     assert "nonexist.json: does not exist" in capsys.readouterr().err
+
+
+def test_serve_offers_no_interactive_tool_flags_and_timeouts_must_be_positive(capsys):
+    """serve has no one to approve code and no chat to keep a python session for: the two flags
+    that would do nothing there are not offered; a NaN or negative --python-timeout is refused."""
+    parser = build_parser()
+    serve = parser.parse_args(["serve"])
+    assert serve.auto_approve and serve.python_stateless
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--auto-approve"])
+    assert "unrecognized arguments: --auto-approve" in capsys.readouterr().err
+    for value in ("nan", "-1", "0", "inf"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["chat", "--python-timeout", value])
+        assert "must be a number of seconds above 0" in capsys.readouterr().err
+    assert parser.parse_args(["chat", "--python-timeout", "2.5"]).python_timeout == 2.5

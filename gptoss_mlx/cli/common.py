@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text}")
+    return value
+
+
 def add_effort_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reasoning-effort", "--effort", "-e", choices=EFFORTS, default=None,
                    help="reasoning effort written into the system message (default: medium)")
@@ -67,8 +79,9 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="load even if the memory estimate says it will not fit")
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    """The options of every subcommand that runs the model: chat, generate, tui."""
+def add_model_options(p: argparse.ArgumentParser, interactive: bool = True) -> None:
+    """The options of every subcommand that runs the model: chat, generate, tui, and serve
+    (``interactive=False``: no one to approve code, no chat to keep a python session for)."""
     add_model_argument(p)
     add_effort_argument(p)
     p.add_argument("--system", help="instructions for the model (the developer message)")
@@ -92,11 +105,15 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                        help="built-in tools to enable: python (sandboxed code), browser (search needs EXA_API_KEY)")
     tools.add_argument("--functions", metavar="FILE.py", action="append", default=[],
                        help="Python file whose functions (or TOOLS list) the model may call")
-    tools.add_argument("--auto-approve", action="store_true",
-                       help="run the model's Python code without asking first")
-    tools.add_argument("--python-timeout", type=float, default=30.0, help="seconds per code run (default 30)")
-    tools.add_argument("--python-stateless", action="store_true",
-                       help="a fresh interpreter per code run (default: one session per chat)")
+    if interactive:
+        tools.add_argument("--auto-approve", action="store_true",
+                           help="run the model's Python code without asking first")
+        tools.add_argument("--python-stateless", action="store_true",
+                           help="a fresh interpreter per code run (default: one session per chat)")
+    else:  # the server: enabling a tool is the approval, and every python run starts fresh
+        p.set_defaults(auto_approve=True, python_stateless=True)
+    tools.add_argument("--python-timeout", type=positive_seconds, default=30.0,
+                       help="seconds per code run (default 30)")
     tools.add_argument("--python-network", action="store_true", help="allow the Python code network access")
     tools.add_argument("--browser-allow-private", action="store_true",
                        help="let the browser open loopback, private and link-local addresses "

@@ -19,7 +19,7 @@ def register(sub) -> None:
                                    "--system is used by requests that bring no instructions. "
                                    "--tools and --functions run on the server, for every client "
                                    "(the flag is the approval; python is stateless per call).")
-    add_model_options(p)
+    add_model_options(p, interactive=False)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
