@@ -551,10 +551,13 @@ def test_sanitizer_log_parser():
 
 def test_sanitizer_command_instruments_one_kernel():
     gpu = _gpu_script()
-    cmd = gpu.sanitizer_command("/cuda/compute-sanitizer", "initcheck", "sdpa_prefill", "/tmp/l.log",
+    cmd = gpu.sanitizer_command("/cuda/compute-sanitizer", "racecheck", "sdpa_prefill", "/tmp/l.log",
                                 ["--kernels", "sdpa_prefill", "--iters", "0"])
-    assert cmd[:5] == ["/cuda/compute-sanitizer", "--tool", "initcheck", "--kernel-name",
-                       "kns=custom_kernel_sdpa_prefill"]
+    assert cmd[:7] == ["/cuda/compute-sanitizer", "--tool", "racecheck", "--kernel-name",
+                       "kns=custom_kernel_sdpa_prefill", "--racecheck-report", "all"]
+    init = gpu.sanitizer_command("/cuda/compute-sanitizer", "initcheck", "sdpa_prefill", "/tmp/l.log", [])
+    assert "--kernel-name" not in init  # MLX's kernels write the inputs: they must be instrumented too
+    assert init[init.index("--check-api-memory-access") + 1] == "no"
     assert cmd[cmd.index("--destroy-on-device-error") + 1] == "kernel"  # the other samples still run
     assert cmd[cmd.index("--log-file") + 1] == "/tmp/l.log"
     assert cmd[-6:] == [sys.executable, gpu.__file__, "--kernels", "sdpa_prefill", "--iters", "0"]
@@ -565,8 +568,9 @@ import json, sys
 args = sys.argv[1:]
 if args == ["--version"]:
     print("Compute Sanitizer (fake)"); sys.exit(0)
-tool, kernel = args[args.index("--tool") + 1], args[args.index("--kernel-name") + 1].split("custom_kernel_")[1]
 child = args[args.index("--log-file") + 2:]
+tool = args[args.index("--tool") + 1]
+kernel = child[child.index("--kernels") + 1] if "--kernels" in child else "sanitizer_probe"
 if "--json" in child:
     json.dump([{{}}] * 3, open(child[child.index("--json") + 1], "w"))
 logs = {{("memcheck", "moe_router"): {memcheck!r}, ("racecheck", "sanitizer_probe"): {race!r}}}
