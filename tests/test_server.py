@@ -277,6 +277,37 @@ def test_bad_chat_requests_get_openai_shaped_errors(url, body, status, param):
     assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["param"] == param
 
 
+HI = '"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2'
+
+
+@pytest.mark.parametrize("path, body, param", [  # a second attack run: each was a 500 before
+    ("/chat/completions", '{%s, "seed": 18446744073709551616}' % HI, "seed"),
+    ("/chat/completions", '{"max_tokens": %s}' % ("9" * 5000), None),
+    ("/chat/completions", "[" * 100000 + "]" * 100000, None),
+    ("/chat/completions", '{"messages": %s}' % ("[" * 100000 + "]" * 100000), None),
+    ("/responses", '{"input": "hi", "max_output_tokens": 2, "metadata": {"a": "\\ud800"}}', None),
+    ("/responses", '{"input": "hi", "max_output_tokens": 2, "instructions": "\\ud800"}', None),
+    ("/chat/completions", '{%s, "tools": [{"type": "function", "function": "abc"}], '
+                          '"tool_choice": {"type": "function", "function": {"name": "x"}}}' % HI, "tool_choice"),
+    ("/responses", '{"input": "hi", "tools": [{"type": "function", "function": "abc"}], '
+                   '"tool_choice": {"type": "function", "name": "x"}}', "tool_choice"),
+])
+def test_hostile_bodies_are_400s_never_500s(url, path, body, param):
+    code, data = post(url, path, body.encode())
+    assert code == 400, data
+    assert data["error"]["type"] == "invalid_request_error" and data["error"]["param"] == param
+
+
+def test_a_stream_that_cannot_be_encoded_never_keeps_its_slot(tiny):
+    """Lone surrogates echoed into a stream's first event used to fail inside Starlette, and the
+    slot was never freed: after max_concurrency such requests every request was a 429."""
+    with serving(*tiny, max_concurrency=2) as url:
+        bad = b'{"input": "hi", "max_output_tokens": 2, "stream": true, "instructions": "\\ud800"}'
+        for _ in range(4):
+            assert post(url, "/responses", bad)[0] == 400
+        assert eventually_served(client(url), within_s=2).usage.completion_tokens == 2
+
+
 def test_bad_responses_requests_and_unknown_routes(url):
     assert post(url, "/responses", b'{"input": 5}')[0] == 400
     code, data = post(url, "/responses", b'{"input": "hi", "previous_response_id": "resp_nope"}')

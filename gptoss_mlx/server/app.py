@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from ..files import lone_surrogate_problem
 from .chat_completions import chat_completions
 from .errors import APIError, bad_request
 from .responses import ResponseStore, responses
@@ -43,15 +44,21 @@ def create_app(service: Service, api_key: str | None = None) -> Starlette:
         declared = request.headers.get("content-length", "0")
         if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
             raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:  # sent in chunks, without a length
-            raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
+        raw = bytearray()
+        async for chunk in request.stream():  # sent in chunks, without a length: capped as it comes
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad_request(f"the request body is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # ValueError: bad JSON, UTF-8, a 5000-digit number
+            what = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise bad_request(f"the request body is not valid JSON: {what}") from None
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object")
+        problem = lone_surrogate_problem(body)  # it could not be echoed back as UTF-8
+        if problem:
+            raise bad_request(f"the request body's {problem}")
         return body
 
     async def admitted(request: Request, handler, *args):
@@ -106,9 +113,11 @@ def create_app(service: Service, api_key: str | None = None) -> Starlette:
 
 
 async def _released_after(chunks, slot):
+    """The stream's chunks as UTF-8 bytes (nothing left for Starlette to fail on while the slot
+    is held), releasing the slot when the stream ends, however it ends."""
     try:
         async for chunk in chunks:
-            yield chunk
+            yield chunk.encode("utf-8", "replace") if isinstance(chunk, str) else chunk
     finally:
         slot.release()
         await chunks.aclose()

@@ -28,9 +28,7 @@ def tool_choice(body: dict, tools_key: str = "tools") -> tuple[dict, str | None]
         name = choice.get("name") or (fn.get("name") if isinstance(fn, dict) else None)
         if not isinstance(name, str):
             raise bad_request(f"tool_choice {choice!r} names no function", "tool_choice")
-        declared = {(t.get("function") or t).get("name") for t in body.get(tools_key) or []
-                    if isinstance(t, dict)}
-        if name in declared:
+        if name in params.function_names(body.get(tools_key)):
             return body, name
         raise bad_request(f"tool_choice names the function {name!r}, which is not in 'tools'",
                           "tool_choice")

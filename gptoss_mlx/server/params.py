@@ -23,6 +23,17 @@ def number(body: dict, key: str, default, lo: float, hi: float, *, lo_open: bool
     return value
 
 
+def function_names(tools) -> set[str]:
+    """The names a request's ``tools`` declare (Chat Completions' ``{"function": {"name"}}`` or the
+    Responses API's ``{"name"}``); entries of another shape name nothing here."""
+    names = set()
+    for t in tools if isinstance(tools, list) else []:
+        fn = t.get("function", t) if isinstance(t, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            names.add(fn["name"])
+    return names
+
+
 def integer(body: dict, key: str, lo: int = 1, hi: int | None = None) -> int | None:
     value = body.get(key)
     if value is None:
@@ -42,7 +53,7 @@ def sampling(body: dict, default: SamplingParams, max_tokens_keys: tuple[str, ..
         temperature=number(body, "temperature", default.temperature, 0, 2),
         top_p=number(body, "top_p", default.top_p, 0, 1, lo_open=True),
         top_k=default.top_k, min_p=default.min_p,
-        seed=integer(body, "seed", lo=0) if body.get("seed") is not None else default.seed,
+        seed=integer(body, "seed", lo=0, hi=2**64 - 1) if body.get("seed") is not None else default.seed,
         max_tokens=max_tokens)
 
 

@@ -17,6 +17,7 @@ from ..generate import Engine, SamplingParams
 from ..harmony import CHANNEL, CONSTRAIN, MESSAGE, HarmonyError, Message, Special
 from .errors import APIError, bad_request
 from .output import CALL, SERVER_CALL, OutputEvent, ReplyStream
+from .params import function_names
 from .scheduler import Run, Scheduler
 from .tools import MAX_ROUNDS, ServerTools
 
@@ -86,8 +87,7 @@ class Service:
             request = {**request, "messages": [{"role": "system", "content": self.instructions},
                                                *request["messages"]]}
         if self.tools:
-            clash = {(t.get("function") or t).get("name") for t in request.get("tools") or []
-                     if isinstance(t, dict)} & {f.name for f in self.tools.functions}
+            clash = function_names(request.get("tools")) & {f.name for f in self.tools.functions}
             if clash:
                 raise bad_request(f"the server runs its own function(s) named {', '.join(sorted(clash))}: "
                                   "rename the request's tool", "tools")
