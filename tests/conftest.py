@@ -51,6 +51,16 @@ def tokenizer_json():
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tokenizer_json, tmp_path_factory):
+    """A tiny random checkpoint with the real tokenizer and its full vocabulary (the `checkpoints`
+    above have 512 ids: enough for the model tests, not for real text)."""
+    ckpt = tmp_path_factory.mktemp("tiny") / "tiny"
+    mtc.write_hf(ckpt, mtc.TINY)
+    mtc.copy_tokenizer(ckpt, tokenizer_json)
+    return ckpt
+
+
+@pytest.fixture(scope="session")
 def tiktoken_file():
     if not TIKTOKEN_FILE.exists():
         pytest.skip(f"o200k_base.tiktoken not found in {SHARED_DATA} "

@@ -117,11 +117,8 @@ def test_repl_commands(chat, tmp_path):
     assert chat.messages[-3].content == "multi\nline"
 
 
-def test_cli_chat_from_stdin(tmp_path, tokenizer_json):
-    from gptoss_mlx.testing import checkpoints as mtc
-    ckpt = tmp_path / "tiny"
-    mtc.write_hf(ckpt, mtc.TINY)
-    mtc.copy_tokenizer(ckpt, tokenizer_json)
+def test_cli_chat_from_stdin(tiny_checkpoint):
+    ckpt = tiny_checkpoint
     proc = subprocess.run(
         [sys.executable, "-m", "gptoss_mlx", "chat", "--model", str(ckpt), "--max-tokens", "12",
          "--seed", "0"], input="Hello?\n", capture_output=True, text=True, timeout=120)
@@ -166,13 +163,10 @@ print(json.dumps({"expected": expected, "got": got}))
 """
 
 
-def test_send_from_two_threads_taking_turns(tmp_path, tokenizer_json):
+def test_send_from_two_threads_taking_turns(tmp_path, tiny_checkpoint):
     """Issue 15: the second reply from another thread failed ("There is no Stream(cpu, 1) in current
     thread") and the process aborted at exit (134). In a subprocess, so an abort fails the test."""
-    from gptoss_mlx.testing import checkpoints as mtc
-    ckpt = tmp_path / "tiny"
-    mtc.write_hf(ckpt, mtc.TINY)
-    mtc.copy_tokenizer(ckpt, tokenizer_json)
+    ckpt = tiny_checkpoint
     script = tmp_path / "two_threads.py"
     script.write_text(TWO_THREADS)
     proc = subprocess.run([sys.executable, str(script), str(ckpt)], capture_output=True, text=True,

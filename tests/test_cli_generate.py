@@ -90,11 +90,8 @@ def test_json_is_one_object_with_answer_reasoning_tool_calls_usage(tok, tmp_path
     assert "Add them." not in err and STATS.search(err)
 
 
-def test_real_program_json_strict_from_stdin(tmp_path, tokenizer_json):
-    from gptoss_mlx.testing import checkpoints as mtc
-    ckpt = tmp_path / "tiny"
-    mtc.write_hf(ckpt, mtc.TINY)
-    mtc.copy_tokenizer(ckpt, tokenizer_json)
+def test_real_program_json_strict_from_stdin(tiny_checkpoint):
+    ckpt = tiny_checkpoint
     proc = subprocess.run(
         [sys.executable, "-m", "gptoss_mlx", "generate", "--model", str(ckpt), "-p", "-", "--json",
          "--max-tokens", "4", "--seed", "0", "--strict", "--effort", "low"],

@@ -70,17 +70,6 @@ def tok(tokenizer_json):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tokenizer_json, tmp_path_factory):
-    """A tiny random checkpoint with the real tokenizer's vocabulary (the default TINY has 512)."""
-    from gptoss_mlx.testing import checkpoints as mtc
-
-    ckpt = tmp_path_factory.mktemp("server") / "tiny"
-    mtc.write_hf(ckpt, mtc.TINY)
-    mtc.copy_tokenizer(ckpt, tokenizer_json)
-    return ckpt
-
-
-@pytest.fixture(scope="module")
 def tiny(tiny_checkpoint):
     from gptoss_mlx.loading import load
 

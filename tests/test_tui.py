@@ -387,17 +387,6 @@ async def test_model_loading_shows_progress_and_errors_do_not_crash(store):
         assert any("No model loaded" in n.message for n in app._notifications)
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tokenizer_json, tmp_path_factory):
-    """A tiny random checkpoint with the real tokenizer's vocabulary, and that tokenizer."""
-    from gptoss_mlx.testing import checkpoints as mtc
-
-    ckpt = tmp_path_factory.mktemp("tui") / "tiny"
-    mtc.write_hf(ckpt, mtc.TINY)
-    mtc.copy_tokenizer(ckpt, tokenizer_json)
-    return ckpt
-
-
 def tiny_chat(ckpt, **sampling) -> Chat:
     from gptoss_mlx.loading import load
 

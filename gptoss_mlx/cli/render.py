@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..files import JSONProblem, lone_surrogate_problem, parse_json, regular_file_problem
+from ..files import JSONProblem, lone_surrogate_problem, parse_json, read_json_file
 from ..harmony import (
     HarmonyError, from_chat_completions, render_conversation, segments_to_text, segments_to_tokens,
     today,
@@ -51,20 +51,13 @@ def cmd_render(args) -> int:
 def _request(file: str) -> dict:
     """The Chat Completions request in ``file`` (- for standard input), or one CLIError naming
     the file and what is wrong."""
-    if file == "-":
-        raw = sys.stdin.buffer.read()
+    if file != "-":  # checked before it is opened: a FIFO would block, a device stream forever
+        request = read_json_file(Path(file), CLIError)
     else:
-        problem = regular_file_problem(file)  # a FIFO would block, a device stream forever
-        if problem:
-            raise CLIError(f"{file}: {problem}")
         try:
-            raw = Path(file).read_bytes()
-        except OSError as e:
-            raise CLIError(f"{file}: {e.strerror or e}") from None
-    try:
-        request = parse_json(raw)
-    except JSONProblem as e:
-        raise CLIError(f"{file}: {e}") from None
+            request = parse_json(sys.stdin.buffer.read())
+        except JSONProblem as e:
+            raise CLIError(f"{file}: {e}") from None
     if isinstance(request, list):  # a bare list of messages
         request = {"messages": request}
     if not isinstance(request, dict):

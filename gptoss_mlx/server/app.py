@@ -5,7 +5,6 @@ parses, renders and streams, so one slow or failing request never blocks or brea
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 
@@ -15,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from ..files import lone_surrogate_problem
+from ..files import JSONProblem, lone_surrogate_problem, parse_json
 from .chat_completions import chat_completions
 from .errors import APIError, bad_request
 from .responses import ResponseStore, responses
@@ -50,10 +49,9 @@ def create_app(service: Service, api_key: str | None = None) -> Starlette:
             if len(raw) > MAX_BODY_BYTES:
                 raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
         try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as e:  # ValueError: bad JSON, UTF-8, a 5000-digit number
-            what = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-            raise bad_request(f"the request body is not valid JSON: {what}") from None
+            body = parse_json(bytes(raw))
+        except JSONProblem as e:
+            raise bad_request(f"the request body holds no JSON value: {e}") from None
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object")
         problem = lone_surrogate_problem(body)  # it could not be echoed back as UTF-8
