@@ -24,7 +24,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ConfigError, ModelConfig, token_ids
+from .expert_pool import EXPERT_TENSORS, ExpertPool, ExpertSource, ExpertTensor
 from .files import read_json_file, regular_file_problem
+from .memory import DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan
 from .model import Model
 from .tokenizer import HarmonyEncoding, load_tokenizer
 
@@ -52,6 +54,7 @@ class TensorInfo:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # of the tensor's first byte in the file
 
 
 def _check_file(path: Path) -> None:
@@ -146,7 +149,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if end - begin != nbytes:
             raise CheckpointError(f"{path}: tensor {name} is {dtype} {list(shape)} ({nbytes} bytes) "
                                   f"but its data_offsets span {end - begin} bytes")
-        infos[name] = TensorInfo(path, dtype, shape)
+        infos[name] = TensorInfo(path, dtype, shape, 8 + header_len + begin)
         spans.append((begin, end, name))
     spans.sort()
     for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
@@ -471,11 +474,38 @@ def quantize_dense(model: Model, bits: int, group_size: int = 64) -> None:
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=dense)
 
 
-def load_model(directory: Path, dtype: mx.Dtype = mx.bfloat16,
-               dense_bits: int | None = None) -> Model:
+def read_config(directory: Path) -> ModelConfig:
+    """The checkpoint's config.json (wherever its layout keeps it) with generation_config's stops."""
+    config = ModelConfig.from_file(find_layout(directory)[1] / "config.json")
+    return _merge_generation_config(config, directory)
+
+
+def _expert_source(model: Model, plan, infos: dict[str, TensorInfo]) -> ExpertSource:
+    """Where each layer's expert tensors lie, for streaming; a CheckpointError for checkpoints
+    whose experts are not stored one MXFP4 tensor per projection (mlx-lm's split gate/up)."""
+    experts = model.layers[0].mlp.experts
+    tensors = {}
+    for i in range(len(model.layers)):
+        for name in EXPERT_TENSORS:
+            source, fn = plan[f"layers.{i}.mlp.experts.{name}"]
+            if experts.gate_up_proj.mode != "mxfp4" or fn in ("concat", "interleave"):
+                raise CheckpointError(
+                    f"{infos[_sources(source, fn)[0]].file}: experts can be streamed only from "
+                    "MXFP4 experts stored with gate and up together (the published layouts); "
+                    "this checkpoint needs more memory (--memory-limit) or the original checkpoint")
+            info = infos[source]
+            tensors[i, name] = ExpertTensor(info.file, info.offset, info.dtype, info.shape[1:])
+    return ExpertSource(tensors)
+
+
+def load_model(directory: Path, dtype: mx.Dtype = mx.bfloat16, dense_bits: int | None = None,
+               memory_plan: MemoryPlan | None = None) -> Model:
+    """The model, with every weight resident (dense layers quantized to ``dense_bits``) or as
+    ``memory_plan`` arranges it (its dense bits; experts streamed when it says so)."""
+    if memory_plan is not None:
+        dense_bits = None if memory_plan.dense_bits == 16 else memory_plan.dense_bits
     layout, weights_dir = find_layout(directory)
-    config = ModelConfig.from_file(weights_dir / "config.json")
-    config = _merge_generation_config(config, directory)
+    config = read_config(directory)
     infos: dict[str, TensorInfo] = {}
     for f in _weight_files(weights_dir):
         for name, info in read_safetensors_header(f).items():
@@ -486,6 +516,13 @@ def load_model(directory: Path, dtype: mx.Dtype = mx.bfloat16,
     plan, origin = map_tensors(layout, infos)
     model = build_model(config, infos, layout)
     _check_against_model(model, plan, infos, origin)
+    if memory_plan is not None and memory_plan.streamed:
+        source = _expert_source(model, plan, infos)
+        pool = ExpertPool(config, source, memory_plan.expert_slots, dtype)
+        for i, layer in enumerate(model.layers):
+            layer.mlp.experts = pool.layer(i)  # its parameters leave the model: never loaded
+        plan = {k: v for k, v in plan.items() if ".mlp.experts." not in k}
+        model.expert_pool = pool
 
     arrays = {}
     for f in sorted({info.file for info in infos.values()}):
@@ -496,7 +533,7 @@ def load_model(directory: Path, dtype: mx.Dtype = mx.bfloat16,
     weights = {k: _cast(k, v, dtype) for k, v in _materialize(plan, arrays).items()}
     model.load_weights(list(weights.items()), strict=True)
     del arrays, weights
-    if dense_bits:
+    if dense_bits and not config.quantization:
         quantize_dense(model, dense_bits)
     # Evaluate one layer at a time so the peak stays close to the final size.
     try:
@@ -580,17 +617,27 @@ def _parse_dtype(dtype) -> mx.Dtype:
 
 
 def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: int | None = None,
+         memory_limit: float | str | None = None, max_context: int | None = None,
          ) -> tuple[Model, HarmonyEncoding]:
-    """Load a gpt-oss checkpoint and its tokenizer.
+    """Load a gpt-oss checkpoint and its tokenizer, arranged by the memory plan.
 
     ``path_or_repo``: a local directory (Hugging Face, ``original/`` or mlx-lm layout) or a
     Hugging Face repo id (default ``openai/gpt-oss-20b``). ``dtype``: bfloat16 (default) or
-    float32 for the non-expert weights and activations; experts stay MXFP4. ``dense_bits``
-    (8 or 4) quantizes attention, router and embeddings while loading, to save memory.
+    float32 for the non-expert weights and activations; experts stay MXFP4. ``memory_limit``
+    (bytes, or a size such as "10GB"; default: the device's) and ``max_context`` (tokens of KV
+    cache to plan for; default 32768) decide the arrangement (``memory.choose_plan``): everything
+    resident, dense layers quantized to 8 or 4 bits, or experts streamed (``model.expert_pool``).
+    ``dense_bits`` (16, 8 or 4) fixes the dense precision. Raises ``MemoryPlanError`` when not
+    even the dense layers and one layer's experts fit.
     """
     dtype = _parse_dtype(dtype)
+    if dense_bits not in (None, *DENSE_BITS):
+        raise ValueError(f"dense_bits must be 16, 8 or 4, got {dense_bits!r}")
     directory = resolve_checkpoint(path_or_repo)
-    model = load_model(directory, dtype, dense_bits)
+    config = read_config(directory)
+    context = min(max_context or DEFAULT_CONTEXT, config.max_position_embeddings)
+    memory_plan = choose_plan(config, context, checkpoint_dense_bits(config, dense_bits), memory_limit)
+    model = load_model(directory, dtype, memory_plan=memory_plan)
     tokenizer = _checkpoint_tokenizer(directory)
     if model.config.vocab_size < tokenizer.n_vocab:  # ids past the embedding give NaN logits
         raise CheckpointError(f"{directory}: vocab_size is {model.config.vocab_size} but the "

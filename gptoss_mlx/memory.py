@@ -1,14 +1,19 @@
-"""Memory planning: will this model, at this context length, fit in what the GPU may use?
+"""Memory planning: how to arrange this model, at this context length, in what the GPU may use.
 
-Estimated before loading from the config alone, so a 16 GB Mac gets options instead of swap:
-a shorter ``--max-context``, ``--dense-bits 8|4`` (affine-quantize attention, router, embedding
-and unembedding at load time; experts stay MXFP4), or raising ``iogpu.wired_limit_mb``.
+Estimated before loading from the config alone. The plan takes the first arrangement that fits
+(:data:`LADDER`): everything resident with bf16 dense layers, then dense layers (attention,
+router, embedding and unembedding) affine-quantized to 8 and to 4 bits at load time, then experts
+streamed: the dense layers resident and a fixed GPU pool of expert slots, the other experts read
+on demand from the checkpoint (``expert_pool.py``). ``--dense-bits`` fixes the dense precision
+and ``--memory-limit`` the budget; by default the budget is the device's (on a Mac, Metal's
+recommended working set), and the KV cache and working memory are planned inside it.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import platform
+import re
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -19,56 +24,75 @@ GB = 1e9
 WORKING_BYTES = 1.0 * GB  # activations of a 512-token prefill chunk, logits, MLX's own buffers
 AFFINE_GROUP = 64
 DEFAULT_CONTEXT = 32768  # tokens the front ends plan memory for and allow without --max-context
+DENSE_BITS = (16, 8, 4)  # 16: the checkpoint's own bf16 dense layers
+# Sets the device's limit (e.g. 10.7GB, a 16 GB Mac's working set), to see a smaller Mac's plans.
+DEVICE_MEMORY_ENV = "GPTOSS_MLX_DEVICE_MEMORY"
+
+_UNITS = {"": GB, "K": 1e3, "M": 1e6, "G": GB, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
+          "TI": 2**40}
 
 
 class MemoryPlanError(RuntimeError):
-    """The model will not fit; the message lists what to do instead."""
+    """The model will not fit; the message says what would. ``smallest_limit``: bytes that would."""
+
+    def __init__(self, message: str, smallest_limit: float):
+        super().__init__(message)
+        self.smallest_limit = smallest_limit
 
 
-@dataclass
-class MemoryPlan:
-    weights: float
-    kv_cache: float
-    working: float
-    limit: float
-    limit_source: str
-
-    @property
-    def total(self) -> float:
-        return self.weights + self.kv_cache + self.working
-
-    @property
-    def fits(self) -> bool:
-        return self.total <= self.limit
-
-    def describe(self) -> str:
-        return (f"weights {self.weights / GB:.1f} GB + KV cache {self.kv_cache / GB:.2f} GB + "
-                f"working {self.working / GB:.1f} GB = {self.total / GB:.1f} GB of "
-                f"{self.limit / GB:.1f} GB ({self.limit_source})")
+def parse_size(text: str) -> float:
+    """Bytes of a size such as ``10GB``, ``8.5G``, ``800MB`` or ``12GiB`` (a bare number is GB)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
+    if not match:
+        raise ValueError(f"expected a size such as 10GB, 8.5G or 800MB, got {text!r:.40}")
+    number, unit, binary = match.groups()
+    size = float(number) * _UNITS[(unit + binary).upper()]
+    if size <= 0:
+        raise ValueError(f"a memory size must be more than 0, got {text!r:.40}")
+    return size
 
 
-def _dense_bytes(n_params: int, dense_bits: int | None) -> float:
-    if dense_bits is None:
+def device_limit() -> tuple[float, str]:
+    """Bytes the GPU may use and where that number comes from."""
+    if os.environ.get(DEVICE_MEMORY_ENV):
+        return parse_size(os.environ[DEVICE_MEMORY_ENV]), f"simulated by {DEVICE_MEMORY_ENV}"
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    if info.get("max_recommended_working_set_size"):
+        return float(info["max_recommended_working_set_size"]), "Metal recommended working set"
+    if mx.default_device() == mx.gpu and info.get("memory_size"):
+        return float(info["memory_size"]), "GPU memory"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return float(ram), "system RAM"
+
+
+# ---- sizes -------------------------------------------------------------------------------------
+
+def _dense_bytes(n_params: int, dense_bits: int) -> float:
+    if dense_bits == 16:
         return 2.0 * n_params  # bf16
     return n_params * (dense_bits + 32 / AFFINE_GROUP) / 8  # + fp16 scale and bias per group
 
 
-def weight_bytes(config: ModelConfig, dense_bits: int | None = None) -> float:
-    D, I, E = config.hidden_size, config.intermediate_size, config.num_local_experts
+def expert_bytes(config: ModelConfig) -> float:
+    """One expert of one layer: MXFP4 gate/up and down (4 bits + a uint8 scale per 32) + bf16 biases."""
+    D, I = config.hidden_size, config.intermediate_size
+    mxfp4 = (4 + 8 / MXFP4_BLOCK) / 8
+    return (2 * I * D + D * I) * mxfp4 + (2 * I + D) * 2
+
+
+def dense_bytes(config: ModelConfig, dense_bits: int = 16) -> float:
+    """Everything but the experts: attention, router, norms, sinks, embedding and unembedding."""
+    D, E = config.hidden_size, config.num_local_experts
     H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    mxfp4 = (4 + 8 / MXFP4_BLOCK) / 8  # 4-bit values + one uint8 scale per 32
-    experts = E * (2 * I * D + D * I) * mxfp4 + E * (2 * I + D) * 2
     attn_weights = D * H * hd * 2 + D * KV * hd * 2
     attn_other = (H * hd + 2 * KV * hd + D + H) * 2 + 2 * D * 4  # biases, sinks, fp32 norms
-    router = E * D
-    per_layer = experts + _dense_bytes(attn_weights + router, dense_bits) + attn_other + E * 2
+    per_layer = _dense_bytes(attn_weights + E * D, dense_bits) + attn_other + E * 2  # + router bias
     embed = _dense_bytes(2 * config.vocab_size * D, dense_bits)
     return config.num_hidden_layers * per_layer + embed + D * 4
 
 
-def checkpoint_dense_bits(config: ModelConfig, dense_bits: int | None = None) -> int | None:
-    """--dense-bits if given, else the bits a converted checkpoint stores its dense layers in."""
-    return dense_bits or (config.quantization or {}).get("bits")
+def total_experts(config: ModelConfig) -> int:
+    return config.num_hidden_layers * config.num_local_experts
 
 
 def kv_cache_bytes(config: ModelConfig, context: int, bytes_per_value: int = 2) -> float:
@@ -79,48 +103,108 @@ def kv_cache_bytes(config: ModelConfig, context: int, bytes_per_value: int = 2) 
     return total
 
 
-def device_limit() -> tuple[float, str]:
-    """Bytes the GPU may use and where that number comes from."""
-    info = mx.device_info() if hasattr(mx, "device_info") else {}
-    if info.get("max_recommended_working_set_size"):
-        return float(info["max_recommended_working_set_size"]), "Metal recommended working set"
-    if mx.default_device() == mx.gpu and info.get("memory_size"):
-        return float(info["memory_size"]), "GPU memory"
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return float(ram), "system RAM"
+def checkpoint_dense_bits(config: ModelConfig, dense_bits: int | None = None) -> int | None:
+    """--dense-bits if given, else the bits a converted checkpoint stores its dense layers in."""
+    return dense_bits or (config.quantization or {}).get("bits")
+
+
+# ---- plans -------------------------------------------------------------------------------------
+
+@dataclass
+class MemoryPlan:
+    dense_bits: int  # 16: bf16 as in the checkpoint; 8 or 4: affine-quantized
+    expert_slots: int  # experts held on the GPU; fewer than total_experts: the rest are streamed
+    total_experts: int
+    dense: float  # bytes of everything but the experts
+    experts: float  # bytes of the resident experts (all of them, or the pool's slots)
+    kv_cache: float
+    working: float
+    limit: float
+    limit_source: str
+
+    @property
+    def streamed(self) -> bool:
+        return self.expert_slots < self.total_experts
+
+    @property
+    def weights(self) -> float:
+        return self.dense + self.experts
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.kv_cache + self.working
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.limit
+
+    @property
+    def arrangement(self) -> str:
+        dense = "bf16" if self.dense_bits == 16 else f"{self.dense_bits}-bit"
+        if not self.streamed:
+            return f"everything resident, dense layers {dense}"
+        share = self.expert_slots / self.total_experts
+        return (f"experts streamed ({self.expert_slots} of {self.total_experts} on the GPU, "
+                f"{share:.0%}), dense layers {dense}")
+
+    def describe(self) -> str:
+        return (f"{self.arrangement}: weights {self.weights / GB:.1f} GB + KV cache "
+                f"{self.kv_cache / GB:.2f} GB + working {self.working / GB:.1f} GB = "
+                f"{self.total / GB:.1f} GB of {self.limit / GB:.1f} GB ({self.limit_source})")
+
+
+def resolve_limit(limit: float | str | None = None) -> tuple[float, str]:
+    """(bytes, where they come from): ``limit`` (bytes, or a size such as "10GB"), else the device's."""
+    if limit is None:
+        return device_limit()
+    limit = parse_size(limit) if isinstance(limit, str) else float(limit)
+    return limit, "--memory-limit" if math.isfinite(limit) else "not checked"
+
+
+def _arrange(config, context, bits, slots, limit, source) -> MemoryPlan:
+    n = total_experts(config)
+    slots = min(slots, n)
+    return MemoryPlan(bits, slots, n, dense_bytes(config, bits), slots * expert_bytes(config),
+                      kv_cache_bytes(config, context), WORKING_BYTES, limit, source)
 
 
 def plan(config: ModelConfig, context: int, dense_bits: int | None = None,
-         limit: float | None = None) -> MemoryPlan:
-    source = "given"
-    if limit is None:
-        limit, source = device_limit()
-    return MemoryPlan(weight_bytes(config, dense_bits), kv_cache_bytes(config, context),
-                      WORKING_BYTES, limit, source)
+         limit: float | str | None = None, expert_slots: int | None = None) -> MemoryPlan:
+    """One arrangement: dense layers at ``dense_bits`` (None: bf16), ``expert_slots`` experts on
+    the GPU (None: all of them)."""
+    limit, source = resolve_limit(limit)
+    slots = total_experts(config) if expert_slots is None else expert_slots
+    return _arrange(config, context, dense_bits or 16, slots, limit, source)
 
 
-def check_fits(config: ModelConfig, context: int, dense_bits: int | None = None,
-               limit: float | None = None) -> MemoryPlan:
-    """The plan, or a MemoryPlanError that says what would fit."""
-    p = plan(config, context, dense_bits, limit)
-    if p.fits:
-        return p
-    options = []
-    for ctx in (32768, 16384, 8192, 4096, 2048):
-        if ctx < context and plan(config, ctx, dense_bits, p.limit).fits:
-            options.append(f"  --max-context {ctx}")
-            break
-    for bits in (8, 4):
-        if dense_bits in (None, 16) or bits < dense_bits:
-            q = plan(config, context, bits, p.limit)
-            if q.fits:
-                options.append(f"  --dense-bits {bits}  ({q.total / GB:.1f} GB; attention, router "
-                               "and embeddings quantized, experts stay MXFP4)")
-                break
-    if platform.system() == "Darwin":
-        need_mb = int(p.total / 2**20) + 512
-        options.append(
-            f"  sudo sysctl iogpu.wired_limit_mb={need_mb}  (lets the GPU wire more memory until "
-            "reboot; leave macOS at least 3-4 GB or it may freeze or swap - close other apps)")
-    hint = "\n".join(options) if options else "  use a machine with more memory"
-    raise MemoryPlanError(f"the model will not fit: {p.describe()}.\nOptions:\n{hint}")
+def choose_plan(config: ModelConfig, context: int, dense_bits: int | None = None,
+                limit: float | str | None = None) -> MemoryPlan:
+    """The first arrangement that fits: everything resident with bf16, 8-bit, then 4-bit dense
+    layers, then experts streamed (4-bit dense layers, the largest pool that fits).
+    ``dense_bits`` fixes the dense precision. The pool holds at least one layer's experts (a
+    prefill chunk may route to all of them); below that, a MemoryPlanError names the smallest
+    limit that works."""
+    limit, source = resolve_limit(limit)
+    ladder = DENSE_BITS if dense_bits is None else (dense_bits,)
+    n = total_experts(config)
+    for bits in ladder:
+        p = _arrange(config, context, bits, n, limit, source)
+        if p.fits:
+            return p
+    bits = ladder[-1]
+    without_experts = _arrange(config, context, bits, 0, limit, source)
+    slots = math.floor((limit - without_experts.total) / expert_bytes(config))
+    if slots >= config.num_local_experts:
+        return _arrange(config, context, bits, slots, limit, source)
+    smallest = _arrange(config, context, bits, config.num_local_experts, limit, source)
+    need = math.ceil(smallest.total / GB * 10) / 10
+    fix = f"pass --memory-limit {need}GB or more" if source == "--memory-limit" else "use a Mac with more memory"
+    shorter = _arrange(config, 4096, bits, config.num_local_experts, limit, source)
+    if context > 4096 and shorter.fits:
+        fix += ", or a shorter --max-context (4096 fits)"
+    raise MemoryPlanError(
+        f"the model will not fit in {limit / GB:.1f} GB ({source}), not even with its experts "
+        f"streamed: dense layers ({bits}-bit) {smallest.dense / GB:.1f} GB + one layer's "
+        f"{config.num_local_experts} experts {smallest.experts / GB:.2f} GB + KV cache "
+        f"{smallest.kv_cache / GB:.2f} GB ({context} tokens) + working {smallest.working / GB:.1f} GB. "
+        f"The smallest limit that works is {need:.1f} GB: {fix}", need * GB)

@@ -152,6 +152,11 @@ class Experts(nn.Module):
         self.gate_up_proj = SwitchLinear(D, 2 * I, E, mode, group_size, bits)
         self.down_proj = SwitchLinear(I, D, E, mode, group_size, bits)
 
+    def resident(self, indices: mx.array) -> tuple[mx.array, "Experts"]:
+        """(indices into the Experts that hold them, those Experts): here, the layer's own. A
+        streamed layer's experts live in slots of a shared pool instead (expert_pool.py)."""
+        return indices, self
+
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         """x (T, D), indices (T, k) -> each chosen expert's output (T, k, D)."""
         x = mx.expand_dims(x, (-2, -3))  # (T, 1, 1, D)
@@ -188,8 +193,9 @@ class MLP(nn.Module):
         residual = residual.reshape(x.shape)
         # top-k first, then softmax over the k chosen logits only (not over all experts).
         indices, weights = kernels.route(x, self.router, self.top_k)  # (T, k) each, highest first
+        indices, experts = self.experts.resident(indices)
         # residual + sum_j weights_j * experts(x)_j
-        return kernels.experts(x, indices, weights, self.experts, residual).reshape(shape)
+        return kernels.experts(x, indices, weights, experts, residual).reshape(shape)
 
 
 class TransformerBlock(nn.Module):
@@ -218,6 +224,7 @@ class Model(nn.Module):
         ]
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.expert_pool = None  # an ExpertPool when the experts are streamed (loading.py)
 
     def __call__(self, inputs: mx.array, cache: list | None = None, *,
                  evaluate_layers: bool = False) -> mx.array:

@@ -77,12 +77,12 @@ def test_pull_of_a_cached_checkpoint_is_ready(cache):
 
 
 def test_pull_checks_memory_before_downloading(cache, monkeypatch, capsys):
-    monkeypatch.setattr(memory, "device_limit", lambda: (16e9, "test limit"))
+    monkeypatch.setattr(memory, "device_limit", lambda: (3e9, "test limit"))
     monkeypatch.setattr("gptoss_mlx.cli.common.resolve_checkpoint",
                         lambda *a: pytest.fail("weights fetched before the memory plan"))
     assert main(["models", "pull", "openai/gpt-oss-120b"]) == 2
     err = capsys.readouterr().err
-    assert "the model will not fit" in err and "16.0 GB (test limit)" in err
+    assert "the model will not fit in 3.0 GB (test limit)" in err
 
 
 def test_pull_checks_free_disk_before_downloading(cache, monkeypatch, capsys):
@@ -94,7 +94,7 @@ def test_pull_checks_free_disk_before_downloading(cache, monkeypatch, capsys):
 
 
 def test_generate_plans_memory_from_config_before_fetching_weights(cache, monkeypatch, capsys):
-    monkeypatch.setattr(memory, "device_limit", lambda: (16e9, "test limit"))
+    monkeypatch.setattr(memory, "device_limit", lambda: (3e9, "test limit"))
     assert main(["generate", "--model", "openai/gpt-oss-120b", "-p", "hi"]) == 2
     assert "the model will not fit" in capsys.readouterr().err
 

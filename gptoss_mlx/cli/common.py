@@ -16,7 +16,10 @@ from ..hub import check_free_disk, fetch_config
 from ..loading import (
     DEFAULT_MODEL, CheckpointError, find_layout, load, not_downloaded, offline, resolve_checkpoint,
 )
-from ..memory import DEFAULT_CONTEXT, MemoryPlanError, check_fits, checkpoint_dense_bits
+from ..memory import (
+    DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, MemoryPlanError, checkpoint_dense_bits, choose_plan,
+    parse_size,
+)
 from ..tokenizer import TokenizerError
 from ..tools import Browser, PythonSandbox, SandboxLimits, ToolError, Toolbox, load_functions
 from ..tools.approval import hidden_char_marker, render_code_ansi
@@ -68,13 +71,26 @@ def add_effort_argument(p: argparse.ArgumentParser) -> None:
                    help="reasoning effort written into the system message (default: medium)")
 
 
+def memory_size(text: str) -> float:
+    """argparse type: a memory size such as 10GB, 8.5G or 800MB, in bytes."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_plan_options(p: argparse.ArgumentParser) -> None:
-    """What the memory plan depends on: context length and dense-layer bits."""
+    """What the memory plan depends on: context length, memory limit and dense-layer bits."""
     p.add_argument("--max-context", type=positive_int, default=None, metavar="TOKENS",
                    help="context length to plan memory for and to allow (default: "
                         f"{DEFAULT_CONTEXT}; at most the model's max_position_embeddings)")
-    p.add_argument("--dense-bits", type=int, choices=[8, 4], default=None,
-                   help="quantize attention, router and embeddings at load (saves memory)")
+    p.add_argument("--memory-limit", type=memory_size, default=None, metavar="SIZE",
+                   help="memory the model may use, e.g. 10GB or 800MB (default: the device's, "
+                        "on a Mac Metal's recommended working set); the plan keeps everything "
+                        "resident, quantizes the dense layers, or streams experts to stay inside")
+    p.add_argument("--dense-bits", type=int, choices=DENSE_BITS, default=None,
+                   help="dense layers (attention, router, embeddings) in bf16 (16) or quantized "
+                        "to 8 or 4 bits at load (default: the memory plan's choice)")
     p.add_argument("--no-memory-check", action="store_true",
                    help="load even if the memory estimate says it will not fit")
 
@@ -171,9 +187,10 @@ def planned_context(max_context: int | None, config: ModelConfig, config_file) -
     return max_context
 
 
-def prepare(args) -> tuple[Path, int]:
-    """(checkpoint directory, context). The config comes first (a repo's config.json alone),
-    so --max-context and the memory plan are checked before any weights are downloaded."""
+def prepare(args) -> tuple[Path, int, MemoryPlan]:
+    """(checkpoint directory, context, memory plan). The config comes first (a repo's
+    config.json alone), so --max-context and the memory plan are checked before any weights are
+    downloaded."""
     source = args.model or DEFAULT_MODEL
     try:
         if Path(source).expanduser().exists():
@@ -183,13 +200,13 @@ def prepare(args) -> tuple[Path, int]:
             directory, config_file = None, fetch_config(source)
         config = ModelConfig.from_file(config_file)
         context = planned_context(args.max_context, config, config_file)
-        if not args.no_memory_check:
-            check_fits(config, context, checkpoint_dense_bits(config, args.dense_bits))
+        limit = math.inf if args.no_memory_check else args.memory_limit
+        memory_plan = choose_plan(config, context, checkpoint_dense_bits(config, args.dense_bits), limit)
         if directory is None:
             check_free_disk(source)
             directory = resolve_checkpoint(source)  # the weights: progress bars, resumable
             weights_present(source, directory)
-        return directory, context
+        return directory, context, memory_plan
     except (CheckpointError, ConfigError, MemoryPlanError) as e:
         raise CLIError(str(e)) from None
 
@@ -209,10 +226,11 @@ def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
     try:
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p,
                                   args.seed, args.max_tokens)
-        directory, context = prepare(args)
+        directory, context, memory_plan = prepare(args)
         t0 = time.perf_counter()
-        print(f"Loading {directory} ...", file=out, flush=True)
-        model, tokenizer = load(directory, dense_bits=args.dense_bits)
+        print(f"Loading {directory} ...\nMemory plan: {memory_plan.describe()}", file=out, flush=True)
+        model, tokenizer = load(directory, dense_bits=memory_plan.dense_bits,
+                                memory_limit=memory_plan.limit, max_context=context)
         print(f"Loaded in {time.perf_counter() - t0:.1f}s.", file=out, flush=True)
         options = toolbox.chat_options() if toolbox else {}
         return Chat(model, tokenizer, instructions=getattr(args, "system", None),

@@ -8,7 +8,7 @@ import mlx.core as mx
 
 from ..config import PRESETS
 from ..kernels import registry
-from ..memory import DEFAULT_CONTEXT, GB, device_limit, plan
+from ..memory import DEFAULT_CONTEXT, DENSE_BITS, GB, MemoryPlanError, choose_plan, device_limit, plan
 from ..tools.sandbox import sandbox_status
 
 
@@ -29,16 +29,25 @@ def cmd_doctor(args) -> int:
             value = info[key]
             print(f"  {key}: {value / GB:.1f} GB" if key.endswith("size") else f"  {key}: {value}")
     print(f"Memory the model may use: {limit / GB:.1f} GB ({source})")
-    print("\nWhat fits (weights + KV cache + 1 GB working memory):")
+    print("\nWhat fits with everything resident (weights + KV cache + 1 GB working memory):")
     header = f"  {'model':<14}{'context':>9}  " + "  ".join(f"{b:>14}" for b in ("bf16 dense", "--dense-bits 8", "--dense-bits 4"))
     print(header)
-    for name, config in PRESETS.items():
-        for ctx in (4096, DEFAULT_CONTEXT, config.max_position_embeddings):
-            cells = []
-            for bits in (None, 8, 4):
-                p = plan(config, ctx, bits, limit)
-                cells.append(f"{('yes ' if p.fits else 'no  ') + f'{p.total / GB:5.1f} GB':>14}")
-            print(f"  {name:<14}{ctx:>9}  " + "  ".join(cells))
+    rows = [(name, config, ctx) for name, config in PRESETS.items()
+            for ctx in (4096, DEFAULT_CONTEXT, config.max_position_embeddings)]
+    for name, config, ctx in rows:
+        cells = []
+        for bits in DENSE_BITS:
+            p = plan(config, ctx, bits, limit)
+            cells.append(f"{('yes ' if p.fits else 'no  ') + f'{p.total / GB:5.1f} GB':>14}")
+        print(f"  {name:<14}{ctx:>9}  " + "  ".join(cells))
+    print(f"\nMemory plan (the first arrangement that fits in {limit / GB:.1f} GB; "
+          "--memory-limit and --dense-bits change it):")
+    for name, config, ctx in rows:
+        try:
+            p = choose_plan(config, ctx, limit=limit)
+            print(f"  {name:<14}{ctx:>9}  {p.arrangement}, {p.total / GB:.1f} GB")
+        except MemoryPlanError as e:
+            print(f"  {name:<14}{ctx:>9}  does not fit (needs at least {e.smallest_limit / GB:.1f} GB)")
     print(f"\nPython tool sandbox: {sandbox_status()}")
     print(f"\nCustom kernels ({registry.ENV_VAR}={registry.mode()}; checked on a small input before use):")
     for name, state, description in registry.status(mx.bfloat16):

@@ -94,7 +94,7 @@ def cmd_list(args) -> int:
 
 def cmd_pull(args) -> int:
     args.model = args.repo
-    directory, context = common.prepare(args)
+    directory, context, _ = common.prepare(args)
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     config = ModelConfig.from_file(find_layout(directory)[1] / "config.json")
     print(f"{args.repo} is ready: {directory} ({_size(size)}); fits at {DEFAULT_CONTEXT} tokens: "

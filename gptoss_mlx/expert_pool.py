@@ -1,0 +1,209 @@
+"""Expert streaming: the experts of every layer share a fixed GPU pool of slots, filled on demand
+from the checkpoint, so that a model whose experts do not all fit still runs on the GPU.
+
+A token uses ``top_k`` of a layer's experts (4 of 32 on 20b, 4 of 128 on 120b). Each layer's
+``mlp.experts`` is a :class:`StreamedExperts`: after the router, the layer's expert ids are read
+back once, the missing experts are read from the checkpoint's safetensors (memory-mapped: the
+OS page cache keeps what RAM allows) into free or evicted slots, one read per missing expert,
+and the gather runs on the pool's :class:`~gptoss_mlx.model.Experts` with slot indices instead
+of expert ids. The bytes are the checkpoint's own, so the logits equal the resident model's.
+
+Eviction (``policy``): ``lru`` (least recently used), ``lfu`` (least often used), or ``decay``
+(use counts halved every ``half_life`` tokens, the default). The slots a step needs are never
+evicted in that step, so the pool must hold one layer's experts at least.
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .config import ModelConfig
+from .model import Experts
+
+# One expert's six tensors, as the model names them under ``layers.N.mlp.experts``.
+EXPERT_TENSORS = ("gate_up_proj.weight", "gate_up_proj.scales", "gate_up_proj.bias",
+                  "down_proj.weight", "down_proj.scales", "down_proj.bias")
+POLICIES = ("lru", "lfu", "decay")
+LOAD_BATCH = 16  # experts staged per copy into the pool: bounds the staging memory (~210 MB)
+
+_NUMPY_DTYPES = {"U8": np.uint8, "U32": np.uint32, "BF16": np.uint16, "F16": np.float16,
+                 "F32": np.float32}
+_MX_DTYPES = {"U8": mx.uint8, "U32": mx.uint32, "BF16": mx.bfloat16, "F16": mx.float16,
+              "F32": mx.float32}
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """Where one layer's [E, ...] tensor lies in its safetensors file."""
+    file: Path
+    offset: int  # of expert 0's bytes in the file
+    dtype: str  # safetensors dtype
+    shape: tuple[int, ...]  # one expert's, as stored
+
+
+class ExpertSource:
+    """Reads single experts from the checkpoint's files, memory-mapped once each."""
+
+    def __init__(self, tensors: dict[tuple[int, str], ExpertTensor]):
+        self.tensors = tensors  # (layer, one of EXPERT_TENSORS) -> where
+        self._maps: dict[Path, mmap.mmap] = {}
+        for t in tensors.values():
+            if t.file not in self._maps:
+                with open(t.file, "rb") as f:
+                    self._maps[t.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def _span(self, layer: int, name: str, expert: int) -> tuple[mmap.mmap, int, int]:
+        t = self.tensors[layer, name]
+        count = int(np.prod(t.shape))
+        nbytes = count * np.dtype(_NUMPY_DTYPES[t.dtype]).itemsize
+        return self._maps[t.file], t.offset + expert * nbytes, count
+
+    def will_need(self, layer: int, experts) -> None:
+        """Ask the OS to start reading these experts now (in parallel, from a cold page cache)."""
+        if not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        for name in EXPERT_TENSORS:
+            for e in experts:
+                mm, start, count = self._span(layer, name, int(e))
+                t = self.tensors[layer, name]
+                end = start + count * np.dtype(_NUMPY_DTYPES[t.dtype]).itemsize
+                aligned = start - start % mmap.PAGESIZE
+                mm.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
+
+    def read(self, layer: int, name: str, expert: int) -> mx.array:
+        """One expert's tensor as stored (one copy, out of the page cache)."""
+        t = self.tensors[layer, name]
+        mm, start, count = self._span(layer, name, expert)
+        values = np.frombuffer(mm, dtype=_NUMPY_DTYPES[t.dtype], count=count, offset=start)
+        array = mx.array(values)
+        return array.view(mx.bfloat16) if t.dtype == "BF16" else array
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            mm.close()
+        self._maps.clear()
+
+
+@dataclass
+class PoolStats:
+    tokens: int = 0  # token positions that went through the model
+    hits: int = 0  # (layer, expert) needs found in the pool
+    misses: int = 0  # ... read from the checkpoint
+    bytes_read: int = 0
+    read_s: float = 0.0  # reading and copying into the pool
+    readback_s: float = 0.0  # waiting for each layer's routing (the GPU's work up to it)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def summary(self) -> str:
+        per_token = self.bytes_read / self.tokens if self.tokens else 0.0
+        return (f"experts: hit rate {self.hit_rate:.1%}, {per_token / 1e6:.0f} MB read per token, "
+                f"{self.read_s:.2f}s in reads")
+
+
+class ExpertPool:
+    """``slots`` experts of any layers on the GPU, in one :class:`Experts` of ``slots`` experts."""
+
+    def __init__(self, config: ModelConfig, source: ExpertSource, slots: int,
+                 dtype: mx.Dtype = mx.bfloat16, policy: str = "decay", half_life: float = 32.0):
+        L, E = config.num_hidden_layers, config.num_local_experts
+        if slots < E:
+            raise ValueError(f"an expert pool needs at least one layer's {E} experts, got {slots} slots")
+        if policy not in POLICIES:
+            raise ValueError(f"eviction policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.config, self.source, self.policy = config, source, policy
+        self.decay = 0.5 ** (1.0 / half_life) if policy == "decay" else 1.0
+        self.experts = Experts(config.replace(num_local_experts=slots))
+        for proj in (self.experts.gate_up_proj, self.experts.down_proj):
+            proj.bias = proj.bias.astype(dtype)
+        mx.eval(self.experts.parameters())
+        self.slot_of = np.full((L, E), -1, dtype=np.int64)  # (layer, expert) -> slot, -1: absent
+        self.owner = np.full(slots, -1, dtype=np.int64)  # slot -> layer * E + expert, -1: free
+        self.score = np.full(slots, -np.inf)  # eviction takes the lowest; free slots first
+        self.clock = 0
+        self.stats = PoolStats()
+
+    @property
+    def slots(self) -> int:
+        return len(self.owner)
+
+    def layer(self, index: int) -> "StreamedExperts":
+        return StreamedExperts(self, index)
+
+    def fetch(self, layer: int, indices: mx.array) -> mx.array:
+        """Make the experts in ``indices`` (T, k) of ``layer`` resident; their slots, (T, k)."""
+        t0 = time.perf_counter()
+        ids = np.array(indices)  # the layer's one read-back: waits for the GPU up to here
+        self.stats.readback_s += time.perf_counter() - t0
+        if layer == 0:
+            self.stats.tokens += ids.shape[0]
+            self.clock += 1
+            self.score *= self.decay
+        needed, uses = np.unique(ids, return_counts=True)
+        slots = self.slot_of[layer, needed]
+        present = slots >= 0
+        self.stats.hits += int(present.sum())
+        missing = needed[~present]
+        if len(missing):
+            self._load(layer, missing, protect=slots[present])
+        slots = self.slot_of[layer, needed]
+        if self.policy == "lru":
+            self.score[slots] = self.clock
+        else:
+            self.score[slots] += uses
+        table = mx.array(self.slot_of[layer].clip(0).astype(np.uint32))
+        return table[indices]
+
+    def _load(self, layer: int, missing: np.ndarray, protect: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        E = self.config.num_local_experts
+        score = self.score.copy()
+        score[protect] = np.inf  # needed by this step: never evicted
+        victims = np.argpartition(score, len(missing) - 1)[: len(missing)]
+        victims = victims[np.argsort(score[victims])]
+        for slot in victims:
+            old = self.owner[slot]
+            if old >= 0:
+                self.slot_of[old // E, old % E] = -1
+        self.source.will_need(layer, missing)
+        projections = {"gate_up_proj": self.experts.gate_up_proj, "down_proj": self.experts.down_proj}
+        for a in range(0, len(missing), LOAD_BATCH):
+            batch, targets = missing[a:a + LOAD_BATCH], victims[a:a + LOAD_BATCH]
+            where = mx.array(targets.astype(np.uint32))
+            written = []
+            for name in EXPERT_TENSORS:
+                module, param = name.split(".")
+                proj = projections[module]
+                pool_array = proj[param]
+                rows = mx.stack([self.source.read(layer, name, int(e)) for e in batch])
+                rows = rows.view(pool_array.dtype) if rows.dtype != mx.bfloat16 else rows
+                self.stats.bytes_read += rows.nbytes
+                pool_array[where] = rows.reshape(len(batch), *pool_array.shape[1:]).astype(pool_array.dtype)
+                written.append(pool_array)
+            mx.eval(written)  # in place (the pool's buffers are donated), before the next batch
+        self.owner[victims] = layer * E + missing
+        self.slot_of[layer, missing] = victims
+        self.score[victims] = 0.0
+        self.stats.misses += len(missing)
+        self.stats.read_s += time.perf_counter() - t0
+
+
+class StreamedExperts:
+    """A layer's experts in an :class:`ExpertPool`: what ``MLP`` calls instead of its own
+    :class:`Experts` (see ``Experts.resident``)."""
+
+    def __init__(self, pool: ExpertPool, layer: int):
+        self.pool, self.layer = pool, layer
+
+    def resident(self, indices: mx.array) -> tuple[mx.array, Experts]:
+        """(slot indices (T, k), the pool's Experts): the experts ``indices`` made resident."""
+        return self.pool.fetch(self.layer, indices), self.pool.experts

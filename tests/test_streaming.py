@@ -1,0 +1,194 @@
+"""Expert streaming (expert_pool.py): a pool smaller than the experts computes exactly what the
+resident model computes, counts what it reads, and the memory plan chooses it only when needed."""
+
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from gptoss_mlx.config import GPT_OSS_20B, GPT_OSS_120B
+from gptoss_mlx.generate import Engine, SamplingParams
+from gptoss_mlx.loading import CheckpointError, load_model, read_config
+from gptoss_mlx.memory import (
+    DEVICE_MEMORY_ENV, GB, MemoryPlanError, choose_plan, device_limit, expert_bytes, parse_size, plan,
+)
+
+PROMPT = [(37 * t + 11) % 500 for t in range(45)]
+
+
+def streamed(directory, slots, dtype=mx.bfloat16, **kw):
+    config = read_config(directory)
+    return load_model(directory, dtype, memory_plan=plan(config, 64, 16, 1e12, expert_slots=slots), **kw)
+
+
+@pytest.fixture(scope="module")
+def models(checkpoints):
+    """The resident tiny model and the same one streamed through one layer's worth of slots
+    (8 of its 4 x 8 experts: every decode step evicts)."""
+    return load_model(checkpoints["hf"]), streamed(checkpoints["hf"], 8)
+
+
+@pytest.mark.parametrize("layout", ["hf", "original"])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_streamed_logits_equal_the_resident_model_through_prefill_and_decode(checkpoints, layout, dtype):
+    resident, pooled = load_model(checkpoints[layout], dtype), streamed(checkpoints[layout], 8, dtype)
+    assert pooled.expert_pool.slots == 8 and resident.expert_pool is None
+    caches = resident.make_cache(), pooled.make_cache()
+    chunks = [PROMPT[:20], PROMPT[20:]] + [[t] for t in (5, 77, 301, 5, 499, 12)]
+    pool = pooled.expert_pool
+    for chunk in chunks:
+        misses = pool.stats.misses
+        a, b = (m(mx.array([chunk]), cache=c) for m, c in zip((resident, pooled), caches))
+        np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
+        assert pool.stats.misses > misses  # the pool is too small: every step reads experts
+
+
+def test_greedy_tokens_equal_over_several_turns_with_the_prompt_cache(models):
+    engines = [Engine(m, max_context=512, prefill_step=16) for m in models]
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    histories = [list(PROMPT), list(PROMPT)]
+    for turn in range(3):
+        replies = []
+        for engine, history in zip(engines, histories):
+            replies.append(list(engine.generate(history, greedy, stop_tokens=())))
+            assert engine.stats.reused_tokens == (0 if turn == 0 else len(history) - 4 - 1)
+            history += replies[-1] + [turn + 7, 400 - turn, 3, 9]
+        assert replies[0] == replies[1] and len(replies[0]) == 8
+
+
+def test_the_pool_counts_hits_misses_and_bytes(checkpoints):
+    model = streamed(checkpoints["hf"], 8)  # 4 layers x 8 experts, 8 slots
+    pool, per_expert = model.expert_pool, expert_bytes(model.config)
+    slots = pool.fetch(0, mx.array([[0, 1, 2, 3], [3, 2, 1, 0]]))  # two tokens, four experts
+    assert (pool.stats.hits, pool.stats.misses, pool.stats.bytes_read) == (0, 4, 4 * per_expert)
+    assert pool.stats.tokens == 2
+    assert np.array_equal(np.array(slots), pool.slot_of[0][[[0, 1, 2, 3], [3, 2, 1, 0]]])
+    pool.fetch(0, mx.array([[3, 2, 1, 0]]))
+    assert (pool.stats.hits, pool.stats.misses, pool.stats.tokens) == (4, 4, 3)
+    pool.fetch(1, mx.array([[4, 5, 6, 7]]))  # the four free slots
+    pool.fetch(2, mx.array([[0, 1, 2, 3]]))  # evicts four
+    assert (pool.stats.hits, pool.stats.misses, pool.stats.bytes_read) == (4, 12, 12 * per_expert)
+    assert (pool.slot_of >= 0).sum() == 8 and (pool.slot_of[2, :4] >= 0).all()
+    assert "hit rate 25.0%" in pool.stats.summary()
+
+
+def test_the_pool_holds_the_checkpoint_bytes_of_each_expert(checkpoints):
+    resident, model = load_model(checkpoints["hf"]), streamed(checkpoints["hf"], 8)
+    slots = np.array(model.expert_pool.fetch(3, mx.array([[6, 1, 4, 2]])))[0]
+    for proj in ("gate_up_proj", "down_proj"):
+        mine, theirs = getattr(model.expert_pool.experts, proj), getattr(resident.layers[3].mlp.experts, proj)
+        for name in ("weight", "scales", "bias"):
+            for expert, slot in zip((6, 1, 4, 2), slots):
+                assert mx.array_equal(mine[name][int(slot)], theirs[name][expert]).item(), (proj, name)
+
+
+@pytest.mark.parametrize("policy, half_life, kept", [
+    ("lru", None, 2), ("lfu", None, 4), ("decay", 1.0, 2), ("decay", 100.0, 4)])
+def test_eviction_policies_keep_what_they_should(models, policy, half_life, kept):
+    """Layer 0's experts 0-3 used in 4 tokens, then 4-7 in the 2 tokens after (the pool is full);
+    then layer 1 needs 2 slots: recency evicts two of 0-3, frequency two of 4-7."""
+    from gptoss_mlx.expert_pool import ExpertPool
+
+    pool = models[1].expert_pool
+    pool = ExpertPool(pool.config, pool.source, 8, policy=policy, half_life=half_life or 1.0)
+    for _ in range(4):
+        pool.fetch(0, mx.array([[0, 1, 2, 3]]))
+    for _ in range(2):
+        pool.fetch(0, mx.array([[4, 5, 6, 7]]))
+    pool.fetch(1, mx.array([[0, 1]]))
+    assert (pool.slot_of[0, :4] >= 0).sum() == kept
+    assert (pool.slot_of[0, 4:] >= 0).sum() == 6 - kept
+
+
+def test_a_pool_smaller_than_one_layer_is_refused(models):
+    from gptoss_mlx.expert_pool import ExpertPool
+
+    with pytest.raises(ValueError, match="at least one layer's 8 experts, got 7"):
+        ExpertPool(models[1].config, models[1].expert_pool.source, 7)
+
+
+def test_split_expert_checkpoints_cannot_stream_and_say_so(checkpoints):
+    with pytest.raises(CheckpointError, match="experts can be streamed only from MXFP4 experts"):
+        streamed(checkpoints["mlx"], 8)
+
+
+# ---- the plan ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, size", [("10GB", 10e9), ("8.5G", 8.5e9), ("800MB", 8e8), ("800mb", 8e8),
+                                        ("12GiB", 12 * 2**30), ("2", 2e9), (" 1.5 gb ", 1.5e9)])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "ten", "10 GBs", "-1GB", "0GB", "1e9", "GB", "10PB"])
+def test_bad_sizes_are_one_clear_error(text):
+    with pytest.raises(ValueError, match="expected a size such as 10GB|more than 0"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("limit, arrangement", [
+    (16e9, "everything resident, dense layers bf16"),
+    (14e9, "everything resident, dense layers 8-bit"),
+    (13.5e9, "everything resident, dense layers 4-bit"),
+    (10e9, "experts streamed (542 of 768 on the GPU, 71%), dense layers 4-bit"),
+    (6e9, "experts streamed (240 of 768 on the GPU, 31%), dense layers 4-bit"),
+])
+def test_the_plan_takes_the_first_arrangement_that_fits(limit, arrangement):
+    p = choose_plan(GPT_OSS_20B, 32768, limit=limit)
+    assert p.arrangement == arrangement and p.total <= limit
+
+
+def test_dense_bits_fix_the_precision_and_leave_the_rest_to_the_plan():
+    p = choose_plan(GPT_OSS_20B, 32768, 16, "10GB")
+    q = choose_plan(GPT_OSS_20B, 32768, 8, "10GB")
+    assert (p.dense_bits, q.dense_bits) == (16, 8) and p.streamed and q.streamed
+    assert p.expert_slots < q.expert_slots < choose_plan(GPT_OSS_20B, 32768, 4, "10GB").expert_slots
+    assert not choose_plan(GPT_OSS_20B, 32768, 16, "16GB").streamed
+
+
+def test_120b_streams_inside_a_64gb_macs_working_set():
+    p = choose_plan(GPT_OSS_120B, 32768, limit=48e9)
+    assert p.streamed and p.total <= 48e9 and p.expert_slots > 0.7 * p.total_experts
+
+
+def test_too_small_a_limit_names_the_smallest_that_works():
+    with pytest.raises(MemoryPlanError) as e:
+        choose_plan(GPT_OSS_20B, 32768, limit="3GB")
+    message = str(e.value)
+    assert "will not fit in 3.0 GB (--memory-limit)" in message
+    assert "The smallest limit that works is 3.3 GB: pass --memory-limit 3.3GB or more" in message
+    smallest = choose_plan(GPT_OSS_20B, 32768, limit=e.value.smallest_limit)
+    assert smallest.streamed and smallest.expert_slots >= GPT_OSS_20B.num_local_experts
+    with pytest.raises(MemoryPlanError):
+        choose_plan(GPT_OSS_20B, 32768, limit=e.value.smallest_limit - 0.1 * GB)
+
+
+def test_the_device_limit_can_be_simulated(monkeypatch):
+    monkeypatch.setenv(DEVICE_MEMORY_ENV, "10.7GB")
+    assert device_limit() == (10.7e9, f"simulated by {DEVICE_MEMORY_ENV}")
+    assert choose_plan(GPT_OSS_20B, 32768).streamed
+
+
+def run(*argv, env=None):
+    import os
+    return subprocess.run([sys.executable, "-m", "gptoss_mlx", *argv], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_doctor_shows_the_plans_of_a_simulated_16gb_mac():
+    proc = run("doctor", env={DEVICE_MEMORY_ENV: "10.7GB"})
+    assert proc.returncode == 0, proc.stderr
+    assert f"10.7 GB (simulated by {DEVICE_MEMORY_ENV})" in proc.stdout
+    assert "gpt-oss-20b       32768  experts streamed (595 of 768 on the GPU, 77%), dense layers 4-bit" in proc.stdout
+
+
+def test_cli_memory_limit_streams_or_refuses_in_one_line(tiny_checkpoint):
+    proc = run("generate", "--model", str(tiny_checkpoint), "--memory-limit", "1GB", "-p", "hi",
+               "--max-tokens", "3", "--temperature", "0")
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()[-1:]
+    assert "will not fit in 1.0 GB (--memory-limit)" in line and "--memory-limit 1.1GB or more" in line
+    proc = run("generate", "--model", str(tiny_checkpoint), "--memory-limit", "lots", "-p", "hi")
+    assert proc.returncode == 2 and "expected a size such as 10GB" in proc.stderr
