@@ -118,10 +118,8 @@ class ExpertPool:
         L, E = config.num_hidden_layers, config.num_local_experts
         if slots < E:
             raise ValueError(f"an expert pool needs at least one layer's {E} experts, got {slots} slots")
-        if policy not in POLICIES:
-            raise ValueError(f"eviction policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-        self.config, self.source, self.policy = config, source, policy
-        self.decay = 0.5 ** (1.0 / half_life) if policy == "decay" else 1.0
+        self.config, self.source = config, source
+        self.set_policy(policy, half_life)
         self.experts = Experts(config.replace(num_local_experts=slots))
         for proj in (self.experts.gate_up_proj, self.experts.down_proj):
             proj.bias = proj.bias.astype(dtype)
@@ -131,6 +129,13 @@ class ExpertPool:
         self.score = np.full(slots, -np.inf)  # eviction takes the lowest; free slots first
         self.clock = 0
         self.stats = PoolStats()
+
+    def set_policy(self, policy: str, half_life: float = 32.0) -> None:
+        """How slots are chosen for eviction from now on (see the module's docstring)."""
+        if policy not in POLICIES:
+            raise ValueError(f"eviction policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.policy = policy
+        self.decay = 0.5 ** (1.0 / half_life) if policy == "decay" else 1.0
 
     @property
     def slots(self) -> int:
@@ -177,19 +182,19 @@ class ExpertPool:
         self.source.will_need(layer, missing)
         projections = {"gate_up_proj": self.experts.gate_up_proj, "down_proj": self.experts.down_proj}
         for a in range(0, len(missing), LOAD_BATCH):
-            batch, targets = missing[a:a + LOAD_BATCH], victims[a:a + LOAD_BATCH]
-            where = mx.array(targets.astype(np.uint32))
             written = []
-            for name in EXPERT_TENSORS:
-                module, param = name.split(".")
-                proj = projections[module]
-                pool_array = proj[param]
-                rows = mx.stack([self.source.read(layer, name, int(e)) for e in batch])
-                rows = rows.view(pool_array.dtype) if rows.dtype != mx.bfloat16 else rows
-                self.stats.bytes_read += rows.nbytes
-                pool_array[where] = rows.reshape(len(batch), *pool_array.shape[1:]).astype(pool_array.dtype)
-                written.append(pool_array)
-            mx.eval(written)  # in place (the pool's buffers are donated), before the next batch
+            for expert, slot in zip(missing[a:a + LOAD_BATCH], victims[a:a + LOAD_BATCH]):
+                for name in EXPERT_TENSORS:
+                    module, param = name.split(".")
+                    pool_array = projections[module][param]
+                    values = self.source.read(layer, name, int(expert))
+                    self.stats.bytes_read += values.nbytes
+                    if values.dtype != pool_array.dtype:  # packed bytes: a view; biases: a cast
+                        values = (values.view(pool_array.dtype) if values.dtype == mx.uint8
+                                  else values.astype(pool_array.dtype))
+                    pool_array[int(slot)] = values.reshape(pool_array.shape[1:])
+                    written.append(pool_array)
+            mx.eval(written)  # in place (the pool's buffers are donated); bounds the staging
         self.owner[victims] = layer * E + missing
         self.slot_of[layer, missing] = victims
         self.score[victims] = 0.0

@@ -192,3 +192,21 @@ def test_cli_memory_limit_streams_or_refuses_in_one_line(tiny_checkpoint):
     assert "will not fit in 1.0 GB (--memory-limit)" in line and "--memory-limit 1.1GB or more" in line
     proc = run("generate", "--model", str(tiny_checkpoint), "--memory-limit", "lots", "-p", "hi")
     assert proc.returncode == 2 and "expected a size such as 10GB" in proc.stderr
+
+
+def test_reading_experts_writes_into_the_pool_in_place(tmp_path):
+    """The pool's buffers are updated in place: filling slots never holds a second copy of it."""
+    from gptoss_mlx.testing import checkpoints as mtc
+
+    config = mtc.TINY.replace(vocab_size=512, hidden_size=256, intermediate_size=256,
+                              num_hidden_layers=2, layer_types=(), num_local_experts=16)
+    mtc.write_hf(tmp_path / "m", config)
+    model = streamed(tmp_path / "m", 31)  # 2 layers x 16 experts
+    pool = model.expert_pool
+    pool_bytes = 31 * expert_bytes(config)
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    pool.fetch(0, mx.array([list(range(4)), list(range(4, 8))]))  # 8 experts staged, then written
+    pool.fetch(1, mx.array([list(range(8))]))
+    assert pool.stats.misses == 16
+    assert mx.get_peak_memory() - before < pool_bytes / 2

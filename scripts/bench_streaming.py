@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Expert streaming: decode and prefill speed, hit rate, bytes read and peak memory per memory limit.
+
+    python scripts/bench_streaming.py --dir /tmp/g20 --make --preset 20b --limits 14,10,8,6
+    python scripts/bench_streaming.py --dir /tmp/g120 --make --preset 120b --layers 24 --limits 48,32 --scale-to 120b
+    python scripts/bench_streaming.py --dir /tmp/tiny --make --preset tiny --limits 1.01,1.0007   # any machine
+
+Each row runs in its own process (its peak memory is its own): the memory plan for the limit
+(``memory.choose_plan`` at 32768 tokens of context, as the front ends plan), the model loaded
+that way, ``mx.set_memory_limit(limit)``, then a ``--prompt``-token prefill and ``--tokens``
+greedy decode tokens after a 128-token prompt. ``warm``: the checkpoint's files are read once
+first, so the page cache holds them; ``dropped``: the page cache is emptied first (root:
+``echo 3 > /proc/sys/vm/drop_caches``, else ``posix_fadvise(DONTNEED)`` on each file). One
+extra row keeps all but one expert in the pool: the cost of reading routing back once per
+layer, without reads. ``--policies`` adds rows with other eviction policies at the first
+streamed limit.
+
+Random weights route almost uniformly, so every expert is equally likely: the hit rates here are
+a floor (real checkpoints reuse experts strongly from token to token).
+``--scale-to 120b`` with a checkpoint of fewer layers (``--layers N``, for a small disk) gives
+each row the share of experts on the GPU that the full model gets at that limit, so the
+per-token reads match the full model's per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONTEXT = 32768
+PROMPT_SEED = 3
+
+
+def random_prompt(n: int, seed: int) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(1000, 199000) for _ in range(n)]
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
+def warm_page_cache(directory: Path) -> None:
+    for f in checkpoint_files(directory):
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+
+
+def drop_page_cache(directory: Path) -> str:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        for f in checkpoint_files(directory):
+            fd = os.open(f, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        return "fadvise"
+
+
+def row_plan(config, limit_gb: float, scale_to: str | None, slots: str | None, dense_bits):
+    """The memory plan of one row, and the limit it must stay under (bytes)."""
+    from gptoss_mlx.config import PRESETS
+    from gptoss_mlx.memory import GB, choose_plan, plan
+
+    if slots == "all-but-one":
+        p = plan(config, CONTEXT, dense_bits or 4, 1e15, expert_slots=config.num_hidden_layers
+                 * config.num_local_experts - 1)
+        return p, p.total
+    if scale_to:
+        full = choose_plan(PRESETS[f"gpt-oss-{scale_to}"], CONTEXT, dense_bits, limit_gb * GB)
+        share = full.expert_slots / full.total_experts
+        total = config.num_hidden_layers * config.num_local_experts
+        p = plan(config, CONTEXT, full.dense_bits, 1e15,
+                 expert_slots=max(config.num_local_experts, round(share * total)))
+        return p, p.total
+    p = choose_plan(config, CONTEXT, dense_bits, limit_gb * GB)
+    return p, limit_gb * GB
+
+
+def run_row(args) -> dict:
+    """One row, in this process (on the engine thread, where all MLX work belongs)."""
+    import mlx.core as mx
+
+    from gptoss_mlx.expert_pool import PoolStats
+    from gptoss_mlx.generate import Engine, SamplingParams
+    from gptoss_mlx.loading import load_model, read_config
+
+    config = read_config(args.dir)
+    memory_plan, limit = row_plan(config, args.limit, args.scale_to, args.slots, args.dense_bits)
+    how = drop_page_cache(args.dir) if args.cache == "dropped" else warm_page_cache(args.dir) or "read"
+    mx.set_memory_limit(int(limit))
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    model = load_model(args.dir, memory_plan=memory_plan)
+    if model.expert_pool is not None and args.policy:
+        model.expert_pool.set_policy(args.policy)
+    load_s = time.perf_counter() - t0
+    pool = model.expert_pool
+    stats = pool.stats if pool else PoolStats()
+
+    def delta(before: PoolStats, n: int) -> dict:
+        now = stats
+        hits, misses = now.hits - before.hits, now.misses - before.misses
+        return {"hit_rate": hits / (hits + misses) if hits + misses else 1.0,
+                "mb_per_token": (now.bytes_read - before.bytes_read) / n / 1e6,
+                "read_ms_per_token": (now.read_s - before.read_s) / n * 1e3,
+                "readback_ms_per_token": (now.readback_s - before.readback_s) / n * 1e3}
+
+    greedy = SamplingParams(temperature=0, max_tokens=1)
+    engine = Engine(model, max_context=CONTEXT)
+    before = PoolStats(**vars(stats))
+    list(engine.generate(random_prompt(args.prompt, PROMPT_SEED), greedy, stop_tokens=frozenset()))
+    prefill = {"prefill_tps": args.prompt / engine.stats.ttft_s, **{
+        f"prefill_{k}": v for k, v in delta(before, args.prompt).items()}}
+    engine = Engine(model, max_context=CONTEXT)
+    prompt = random_prompt(128, PROMPT_SEED + 1)
+    engine.prefill(prompt)
+    before = PoolStats(**vars(stats))
+    list(engine.generate(prompt, SamplingParams(temperature=0, max_tokens=args.tokens),
+                         stop_tokens=frozenset()))
+    return {"arrangement": memory_plan.arrangement, "planned_gb": memory_plan.total / 1e9,
+            "limit_gb": limit / 1e9, "cache": how, "policy": pool.policy if pool else "-",
+            "load_s": load_s, "decode_tps": engine.stats.decode_tps, **delta(before, args.tokens),
+            **prefill, "peak_gb": mx.get_peak_memory() / 1e9}
+
+
+def child(args) -> int:
+    from gptoss_mlx.engine_thread import engine_thread
+
+    print("ROW " + json.dumps(engine_thread().call(run_row, args)), flush=True)
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", type=Path, required=True)
+    ap.add_argument("--make", action="store_true", help="write a random checkpoint first")
+    ap.add_argument("--preset", default="20b", choices=["tiny", "20b", "120b"])
+    ap.add_argument("--layers", type=int, default=None, help="write only this many layers (--make)")
+    ap.add_argument("--limits", default="14,10,8,6", help="memory limits in GB, comma-separated")
+    ap.add_argument("--cache", default="warm,dropped", help="page cache states: warm,dropped")
+    ap.add_argument("--scale-to", choices=["20b", "120b"], default=None,
+                    help="give each row the expert share the full model gets at that limit")
+    ap.add_argument("--dense-bits", type=int, choices=[16, 8, 4], default=None)
+    ap.add_argument("--policies", default="", help="extra eviction policies to compare, e.g. lru,lfu")
+    ap.add_argument("--prompt", type=int, default=1024, help="prefill prompt tokens")
+    ap.add_argument("--tokens", type=int, default=48, help="decode tokens")
+    # one row, in a child process
+    ap.add_argument("--limit", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--slots", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--policy", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.limit is not None or args.slots:
+        return child(args)
+
+    import mlx.core as mx
+
+    from gptoss_mlx.testing import checkpoints as mtc
+
+    if args.make:
+        t0 = time.perf_counter()
+        mtc.main([str(args.dir), "--preset", args.preset] + (["--layers", str(args.layers)] if args.layers else []))
+        size = sum(f.stat().st_size for f in checkpoint_files(args.dir)) / 1e9
+        print(f"{size:.1f} GB in {time.perf_counter() - t0:.0f}s", flush=True)
+
+    limits = [float(x) for x in args.limits.split(",")]
+    caches = [c for c in args.cache.split(",") if c]
+    rows = [dict(limit=limit, cache=cache) for limit in limits for cache in caches]
+    rows.insert(0, dict(limit=limits[0], cache="warm", slots="all-but-one"))
+    for policy in filter(None, args.policies.split(",")):
+        rows.append(dict(limit=limits[1] if len(limits) > 1 else limits[0], cache="warm", policy=policy))
+    results = []
+    for row in rows:
+        cmd = [sys.executable, __file__, "--dir", str(args.dir), "--limit", str(row["limit"]),
+               "--cache", row["cache"], "--prompt", str(args.prompt), "--tokens", str(args.tokens)]
+        for flag, value in (("--slots", row.get("slots")), ("--policy", row.get("policy")),
+                            ("--scale-to", args.scale_to), ("--dense-bits", args.dense_bits)):
+            if value:
+                cmd += [flag, str(value)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("ROW ")), None)
+        if line is None:
+            print(f"row {row} failed:\n{proc.stderr[-3000:]}", flush=True)
+            continue
+        result = {**row, **json.loads(line[4:])}
+        results.append(result)
+        print(json.dumps(result), flush=True)
+
+    resident = next((r["decode_tps"] for r in results if "everything resident" in r["arrangement"]
+                     and r.get("slots") is None), None)
+    print(f"\ndevice: {mx.default_device()}, MLX {mx.__version__}, checkpoint {args.dir}; "
+          f"prefill {args.prompt} tokens, decode {args.tokens} greedy tokens after 128; plans for "
+          f"{CONTEXT} tokens of context")
+    print("| limit GB | arrangement | page cache | policy | decode tok/s | % of resident | hit rate "
+          "| MB read/token | reads ms/token | read-back ms/token | prefill tok/s | prefill MB/token "
+          "| peak GB |")
+    print("|" + "---|" * 13)
+    for r in results:
+        share = f"{100 * r['decode_tps'] / resident:.0f}%" if resident else "-"
+        limit = "-" if r.get("slots") else f"{r['limit_gb']:.2f}"
+        print(f"| {limit} | {r['arrangement']} | {r['cache']} | {r['policy']} | {r['decode_tps']:.1f} "
+              f"| {share} | {r['hit_rate']:.1%} | {r['mb_per_token']:.0f} | {r['read_ms_per_token']:.1f} "
+              f"| {r['readback_ms_per_token']:.1f} | {r['prefill_tps']:.0f} | "
+              f"{r['prefill_mb_per_token']:.1f} | {r['peak_gb']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
