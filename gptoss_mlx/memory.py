@@ -148,9 +148,10 @@ class MemoryPlan:
                 f"{share:.0%}), dense layers {dense}")
 
     def describe(self) -> str:
+        of = f" of {self.limit / GB:.1f} GB" if math.isfinite(self.limit) else ""
         return (f"{self.arrangement}: weights {self.weights / GB:.1f} GB + KV cache "
                 f"{self.kv_cache / GB:.2f} GB + working {self.working / GB:.1f} GB = "
-                f"{self.total / GB:.1f} GB of {self.limit / GB:.1f} GB ({self.limit_source})")
+                f"{self.total / GB:.1f} GB{of} ({self.limit_source})")
 
 
 def resolve_limit(limit: float | str | None = None) -> tuple[float, str]:
@@ -158,7 +159,7 @@ def resolve_limit(limit: float | str | None = None) -> tuple[float, str]:
     if limit is None:
         return device_limit()
     limit = parse_size(limit) if isinstance(limit, str) else float(limit)
-    return limit, "--memory-limit" if math.isfinite(limit) else "not checked"
+    return limit, "--memory-limit" if math.isfinite(limit) else "memory not checked"
 
 
 def _arrange(config, context, bits, slots, limit, source) -> MemoryPlan:

@@ -30,10 +30,20 @@ def models(checkpoints):
     return load_model(checkpoints["hf"]), streamed(checkpoints["hf"], 8)
 
 
-@pytest.mark.parametrize("layout", ["hf", "original"])
+@pytest.fixture(scope="module")
+def layouts(checkpoints, tmp_path_factory):
+    """The published layouts and a `gptoss-mlx models convert` output (8-bit dense layers)."""
+    from gptoss_mlx.cli import main
+
+    converted = tmp_path_factory.mktemp("converted") / "q8"
+    assert main(["models", "convert", str(checkpoints["hf"]), str(converted), "--dense-bits", "8"]) == 0
+    return {**checkpoints, "converted": converted}
+
+
+@pytest.mark.parametrize("layout", ["hf", "original", "converted"])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
-def test_streamed_logits_equal_the_resident_model_through_prefill_and_decode(checkpoints, layout, dtype):
-    resident, pooled = load_model(checkpoints[layout], dtype), streamed(checkpoints[layout], 8, dtype)
+def test_streamed_logits_equal_the_resident_model_through_prefill_and_decode(layouts, layout, dtype):
+    resident, pooled = load_model(layouts[layout], dtype), streamed(layouts[layout], 8, dtype)
     assert pooled.expert_pool.slots == 8 and resident.expert_pool is None
     caches = resident.make_cache(), pooled.make_cache()
     chunks = [PROMPT[:20], PROMPT[20:]] + [[t] for t in (5, 77, 301, 5, 499, 12)]
