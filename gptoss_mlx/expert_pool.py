@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import mmap
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -104,10 +104,17 @@ class PoolStats:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
 
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes_read / self.tokens if self.tokens else 0.0
+
+    def since(self, earlier: "PoolStats") -> "PoolStats":
+        """What happened after ``earlier`` (a copy of these stats taken then)."""
+        return PoolStats(*(now - then for now, then in zip(astuple(self), astuple(earlier))))
+
     def summary(self) -> str:
-        per_token = self.bytes_read / self.tokens if self.tokens else 0.0
-        return (f"experts: hit rate {self.hit_rate:.1%}, {per_token / 1e6:.0f} MB read per token, "
-                f"{self.read_s:.2f}s in reads")
+        return (f"experts: hit rate {self.hit_rate:.1%}, {self.bytes_per_token / 1e6:.0f} MB read "
+                f"per token, {self.read_s:.2f}s in reads")
 
 
 class ExpertPool:

@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 CONTEXT = 32768
@@ -110,23 +111,20 @@ def run_row(args) -> dict:
     stats = pool.stats if pool else PoolStats()
 
     def delta(before: PoolStats, n: int) -> dict:
-        now = stats
-        hits, misses = now.hits - before.hits, now.misses - before.misses
-        return {"hit_rate": hits / (hits + misses) if hits + misses else 1.0,
-                "mb_per_token": (now.bytes_read - before.bytes_read) / n / 1e6,
-                "read_ms_per_token": (now.read_s - before.read_s) / n * 1e3,
-                "readback_ms_per_token": (now.readback_s - before.readback_s) / n * 1e3}
+        d = stats.since(before)
+        return {"hit_rate": d.hit_rate if d.hits + d.misses else 1.0, "mb_per_token": d.bytes_read / n / 1e6,
+                "read_ms_per_token": d.read_s / n * 1e3, "readback_ms_per_token": d.readback_s / n * 1e3}
 
     greedy = SamplingParams(temperature=0, max_tokens=1)
     engine = Engine(model, max_context=CONTEXT)
-    before = PoolStats(**vars(stats))
+    before = replace(stats)
     list(engine.generate(random_prompt(args.prompt, PROMPT_SEED), greedy, stop_tokens=frozenset()))
     prefill = {"prefill_tps": args.prompt / engine.stats.ttft_s, **{
         f"prefill_{k}": v for k, v in delta(before, args.prompt).items()}}
     engine = Engine(model, max_context=CONTEXT)
     prompt = random_prompt(128, PROMPT_SEED + 1)
     engine.prefill(prompt)
-    before = PoolStats(**vars(stats))
+    before = replace(stats)
     list(engine.generate(prompt, SamplingParams(temperature=0, max_tokens=args.tokens),
                          stop_tokens=frozenset()))
     return {"arrangement": memory_plan.arrangement, "planned_gb": memory_plan.total / 1e9,

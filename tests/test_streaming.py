@@ -3,6 +3,7 @@ resident model computes, counts what it reads, and the memory plan chooses it on
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -77,11 +78,15 @@ def test_the_pool_counts_hits_misses_and_bytes(checkpoints):
     assert np.array_equal(np.array(slots), pool.slot_of[0][[[0, 1, 2, 3], [3, 2, 1, 0]]])
     pool.fetch(0, mx.array([[3, 2, 1, 0]]))
     assert (pool.stats.hits, pool.stats.misses, pool.stats.tokens) == (4, 4, 3)
+    earlier = replace(pool.stats)
     pool.fetch(1, mx.array([[4, 5, 6, 7]]))  # the four free slots
     pool.fetch(2, mx.array([[0, 1, 2, 3]]))  # evicts four
     assert (pool.stats.hits, pool.stats.misses, pool.stats.bytes_read) == (4, 12, 12 * per_expert)
     assert (pool.slot_of >= 0).sum() == 8 and (pool.slot_of[2, :4] >= 0).all()
     assert "hit rate 25.0%" in pool.stats.summary()
+    recent = pool.stats.since(earlier)  # what one request did
+    assert (recent.tokens, recent.hits, recent.misses, recent.bytes_read) == (0, 0, 8, 8 * per_expert)
+    assert recent.hit_rate == 0.0 and recent.read_s > 0
 
 
 def test_the_pool_holds_the_checkpoint_bytes_of_each_expert(checkpoints):
