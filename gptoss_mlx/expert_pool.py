@@ -9,7 +9,8 @@ and the gather runs on the pool's :class:`~gptoss_mlx.model.Experts` with slot i
 of expert ids. The bytes are the checkpoint's own, so the logits equal the resident model's.
 
 Eviction (``policy``): ``lru`` (least recently used), ``lfu`` (least often used), or ``decay``
-(use counts halved every ``half_life`` tokens, the default). The slots a step needs are never
+(use counts halved every ``half_life`` steps, the default); a step is a decode token or a
+prefill chunk. The slots a step needs are never
 evicted in that step, so the pool must hold one layer's experts at least.
 """
 
@@ -33,9 +34,7 @@ POLICIES = ("lru", "lfu", "decay")
 LOAD_BATCH = 16  # experts staged per copy into the pool: bounds the staging memory (~210 MB)
 
 _NUMPY_DTYPES = {"U8": np.uint8, "U32": np.uint32, "BF16": np.uint16, "F16": np.float16,
-                 "F32": np.float32}
-_MX_DTYPES = {"U8": mx.uint8, "U32": mx.uint32, "BF16": mx.bfloat16, "F16": mx.float16,
-              "F32": mx.float32}
+                 "F32": np.float32}  # bf16 is read as its bits, then viewed in MLX
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,10 @@ class ExpertTensor:
     offset: int  # of expert 0's bytes in the file
     dtype: str  # safetensors dtype
     shape: tuple[int, ...]  # one expert's, as stored
+
+    @property
+    def expert_bytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(_NUMPY_DTYPES[self.dtype]).itemsize
 
 
 class ExpertSource:
@@ -58,36 +61,24 @@ class ExpertSource:
                 with open(t.file, "rb") as f:
                     self._maps[t.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
-    def _span(self, layer: int, name: str, expert: int) -> tuple[mmap.mmap, int, int]:
-        t = self.tensors[layer, name]
-        count = int(np.prod(t.shape))
-        nbytes = count * np.dtype(_NUMPY_DTYPES[t.dtype]).itemsize
-        return self._maps[t.file], t.offset + expert * nbytes, count
-
     def will_need(self, layer: int, experts) -> None:
         """Ask the OS to start reading these experts now (in parallel, from a cold page cache)."""
         if not hasattr(mmap, "MADV_WILLNEED"):
             return
         for name in EXPERT_TENSORS:
+            t = self.tensors[layer, name]
             for e in experts:
-                mm, start, count = self._span(layer, name, int(e))
-                t = self.tensors[layer, name]
-                end = start + count * np.dtype(_NUMPY_DTYPES[t.dtype]).itemsize
+                start = t.offset + int(e) * t.expert_bytes
                 aligned = start - start % mmap.PAGESIZE
-                mm.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
+                self._maps[t.file].madvise(mmap.MADV_WILLNEED, aligned, start + t.expert_bytes - aligned)
 
     def read(self, layer: int, name: str, expert: int) -> mx.array:
-        """One expert's tensor as stored (one copy, out of the page cache)."""
+        """One expert's tensor as stored, flat (one copy, out of the page cache)."""
         t = self.tensors[layer, name]
-        mm, start, count = self._span(layer, name, expert)
-        values = np.frombuffer(mm, dtype=_NUMPY_DTYPES[t.dtype], count=count, offset=start)
+        values = np.frombuffer(self._maps[t.file], dtype=_NUMPY_DTYPES[t.dtype],
+                               count=int(np.prod(t.shape)), offset=t.offset + expert * t.expert_bytes)
         array = mx.array(values)
         return array.view(mx.bfloat16) if t.dtype == "BF16" else array
-
-    def close(self) -> None:
-        for mm in self._maps.values():
-            mm.close()
-        self._maps.clear()
 
 
 @dataclass
@@ -160,7 +151,7 @@ class ExpertPool:
             self.stats.tokens += ids.shape[0]
             self.clock += 1
             self.score *= self.decay
-        needed, uses = np.unique(ids, return_counts=True)
+        needed = np.unique(ids)
         slots = self.slot_of[layer, needed]
         present = slots >= 0
         self.stats.hits += int(present.sum())
@@ -170,8 +161,8 @@ class ExpertPool:
         slots = self.slot_of[layer, needed]
         if self.policy == "lru":
             self.score[slots] = self.clock
-        else:
-            self.score[slots] += uses
+        else:  # one use per step (a prefill chunk's thousands of tokens count once)
+            self.score[slots] += 1
         table = mx.array(self.slot_of[layer].clip(0).astype(np.uint32))
         return table[indices]
 
@@ -181,7 +172,6 @@ class ExpertPool:
         score = self.score.copy()
         score[protect] = np.inf  # needed by this step: never evicted
         victims = np.argpartition(score, len(missing) - 1)[: len(missing)]
-        victims = victims[np.argsort(score[victims])]
         for slot in victims:
             old = self.owner[slot]
             if old >= 0:
