@@ -1,19 +1,19 @@
 #!/usr/bin/env python3
 """Expert streaming: decode and prefill speed, hit rate, bytes read and peak memory per memory limit.
 
-    python scripts/bench_streaming.py --dir /tmp/g20 --make --preset 20b --limits 14,10,8,6
-    python scripts/bench_streaming.py --dir /tmp/g120 --make --preset 120b --layers 24 --limits 48,32 --scale-to 120b
-    python scripts/bench_streaming.py --dir /tmp/tiny --make --preset tiny --limits 1.01,1.0007   # any machine
+    python scripts/bench_streaming.py --dir /tmp/g20 --make --preset 20b --limits 14,10,8,6 --dense-bits 4
+    python scripts/bench_streaming.py --dir /tmp/g120 --make --preset 120b --layers 28 --limits 66,48,32 --dense-bits 4 --scale-to 120b
+    python scripts/bench_streaming.py --dir /tmp/tiny --make --preset tiny --limits 1.03,1.02309 --dense-bits 4 --cache warm   # any machine
 
 Each row runs in its own process (its peak memory is its own): the memory plan for the limit
 (``memory.choose_plan`` at 32768 tokens of context, as the front ends plan), the model loaded
 that way, ``mx.set_memory_limit(limit)``, then a ``--prompt``-token prefill and ``--tokens``
 greedy decode tokens after a 128-token prompt. ``warm``: the checkpoint's files are read once
 first, so the page cache holds them; ``dropped``: the page cache is emptied first (root:
-``echo 3 > /proc/sys/vm/drop_caches``, else ``posix_fadvise(DONTNEED)`` on each file). One
-extra row keeps all but one expert in the pool: the cost of reading routing back once per
-layer, without reads. ``--policies`` adds rows with other eviction policies at the first
-streamed limit.
+``echo 3 > /proc/sys/vm/drop_caches``, else ``posix_fadvise(DONTNEED)`` on each file); a row
+whose plan keeps everything resident runs warm only. ``--sync-row`` adds a row with all but one
+expert in the pool: the cost of reading routing back once per layer, without reads.
+``--policies`` adds rows with other eviction policies at the second limit.
 
 Random weights route almost uniformly, so every expert is equally likely: the hit rates here are
 a floor (real checkpoints reuse experts strongly from token to token).
@@ -152,6 +152,8 @@ def main() -> int:
                     help="give each row the expert share the full model gets at that limit")
     ap.add_argument("--dense-bits", type=int, choices=[16, 8, 4], default=None)
     ap.add_argument("--policies", default="", help="extra eviction policies to compare, e.g. lru,lfu")
+    ap.add_argument("--sync-row", action="store_true",
+                    help="add a row with all but one expert in the pool (the per-layer read-back alone)")
     ap.add_argument("--prompt", type=int, default=1024, help="prefill prompt tokens")
     ap.add_argument("--tokens", type=int, default=48, help="decode tokens")
     # one row, in a child process
@@ -180,7 +182,8 @@ def main() -> int:
     # A resident model reads nothing after loading: its row once, with a warm page cache.
     rows = [dict(limit=limit, cache=cache) for limit in limits for cache in caches
             if cache == "warm" or row_plan(config, limit, args.scale_to, None, args.dense_bits)[0].streamed]
-    rows.insert(0, dict(limit=limits[0], cache="warm", slots="all-but-one"))
+    if args.sync_row:
+        rows.insert(0, dict(limit=limits[0], cache="warm", slots="all-but-one"))
     for policy in filter(None, args.policies.split(",")):
         rows.append(dict(limit=limits[1] if len(limits) > 1 else limits[0], cache="warm", policy=policy))
     results = []
@@ -205,13 +208,15 @@ def main() -> int:
     print(f"\ndevice: {mx.default_device()}, MLX {mx.__version__}, checkpoint {args.dir}; "
           f"prefill {args.prompt} tokens, decode {args.tokens} greedy tokens after 128; plans for "
           f"{CONTEXT} tokens of context")
-    print("| limit GB | arrangement | page cache | policy | decode tok/s | % of resident | hit rate "
+    print("| limit (GB) | arrangement | page cache | policy | decode tok/s | % of resident | hit rate "
           "| MB read/token | reads ms/token | read-back ms/token | prefill tok/s | prefill MB/token "
           "| peak GB |")
     print("|" + "---|" * 13)
     for r in results:
         share = f"{100 * r['decode_tps'] / resident:.0f}%" if resident else "-"
         limit = "-" if r.get("slots") else f"{r['limit_gb']:.2f}"
+        if args.scale_to and not r.get("slots"):  # the full model's limit, and this model's share of it
+            limit = f"{r['limit']:g} for {args.scale_to}: {limit}"
         print(f"| {limit} | {r['arrangement']} | {r['cache']} | {r['policy']} | {r['decode_tps']:.1f} "
               f"| {share} | {r['hit_rate']:.1%} | {r['mb_per_token']:.1f} | {r['read_ms_per_token']:.1f} "
               f"| {r['readback_ms_per_token']:.1f} | {r['prefill_tps']:.0f} | "
