@@ -24,7 +24,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ConfigError, ModelConfig, token_ids
-from .expert_pool import EXPERT_TENSORS, ExpertPool, ExpertSource, ExpertTensor
 from .files import read_json_file, regular_file_problem
 from .memory import DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan
 from .model import Model
@@ -480,9 +479,13 @@ def read_config(directory: Path) -> ModelConfig:
     return _merge_generation_config(config, directory)
 
 
-def _expert_source(model: Model, plan, infos: dict[str, TensorInfo]) -> ExpertSource:
-    """Where each layer's expert tensors lie, for streaming; a CheckpointError for checkpoints
-    whose experts are not stored one MXFP4 tensor per projection (mlx-lm's split gate/up)."""
+def _stream_experts(model: Model, plan, infos: dict[str, TensorInfo], slots: int, dtype) -> None:
+    """Give every layer's MLP its experts in a shared pool of ``slots`` (``model.expert_pool``),
+    read on demand from where the checkpoint holds them; a CheckpointError for checkpoints whose
+    experts are not stored one MXFP4 tensor per projection (mlx-lm's split gate/up)."""
+    # Imported here: it needs numpy, which `import gptoss_mlx` does not load.
+    from .expert_pool import EXPERT_TENSORS, ExpertPool, ExpertSource, ExpertTensor
+
     experts = model.layers[0].mlp.experts
     tensors = {}
     for i in range(len(model.layers)):
@@ -495,7 +498,9 @@ def _expert_source(model: Model, plan, infos: dict[str, TensorInfo]) -> ExpertSo
                     "this checkpoint needs more memory (--memory-limit) or the original checkpoint")
             info = infos[source]
             tensors[i, name] = ExpertTensor(info.file, info.offset, info.dtype, info.shape[1:])
-    return ExpertSource(tensors)
+    model.expert_pool = ExpertPool(model.config, ExpertSource(tensors), slots, dtype)
+    for i, layer in enumerate(model.layers):
+        layer.mlp.experts = model.expert_pool.layer(i)  # its parameters leave the model: never loaded
 
 
 def load_model(directory: Path, dtype: mx.Dtype = mx.bfloat16, dense_bits: int | None = None,
@@ -517,12 +522,8 @@ def load_model(directory: Path, dtype: mx.Dtype = mx.bfloat16, dense_bits: int |
     model = build_model(config, infos, layout)
     _check_against_model(model, plan, infos, origin)
     if memory_plan is not None and memory_plan.streamed:
-        source = _expert_source(model, plan, infos)
-        pool = ExpertPool(config, source, memory_plan.expert_slots, dtype)
-        for i, layer in enumerate(model.layers):
-            layer.mlp.experts = pool.layer(i)  # its parameters leave the model: never loaded
+        _stream_experts(model, plan, infos, memory_plan.expert_slots, dtype)
         plan = {k: v for k, v in plan.items() if ".mlp.experts." not in k}
-        model.expert_pool = pool
 
     arrays = {}
     for f in sorted({info.file for info in infos.values()}):

@@ -92,7 +92,7 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="dense layers (attention, router, embeddings) in bf16 (16) or quantized "
                         "to 8 or 4 bits at load (default: the memory plan's choice)")
     p.add_argument("--no-memory-check", action="store_true",
-                   help="load even if the memory estimate says it will not fit")
+                   help="load everything resident, whatever the memory estimate says")
 
 
 def add_model_options(p: argparse.ArgumentParser, interactive: bool = True) -> None:
