@@ -225,3 +225,17 @@ def test_reading_experts_writes_into_the_pool_in_place(tmp_path):
     pool.fetch(1, mx.array([list(range(8))]))
     assert pool.stats.misses == 16
     assert mx.get_peak_memory() - before < pool_bytes / 2
+
+
+def test_load_plans_by_memory_limit(tiny_checkpoint):
+    from gptoss_mlx import load
+
+    config = read_config(tiny_checkpoint)
+    limit = plan(config, 4096, 4, 1e12, expert_slots=12).total
+    model, _ = load(tiny_checkpoint, memory_limit=limit, max_context=4096)
+    assert model.expert_pool.slots == 12
+    assert type(model.layers[0].self_attn.qkv_proj).__name__ == "QuantizedLinear"  # dense 4-bit
+    model, _ = load(tiny_checkpoint, memory_limit="100GB")
+    assert model.expert_pool is None and model.layers[0].self_attn.qkv_proj.weight.dtype == mx.bfloat16
+    with pytest.raises(MemoryPlanError, match="smallest limit that works is 1.1 GB"):
+        load(tiny_checkpoint, memory_limit="0.5GB")
