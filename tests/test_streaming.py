@@ -8,6 +8,8 @@ from dataclasses import replace
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gptoss_mlx.config import GPT_OSS_20B, GPT_OSS_120B
 from gptoss_mlx.generate import Engine, SamplingParams
@@ -239,3 +241,28 @@ def test_load_plans_by_memory_limit(tiny_checkpoint):
     assert model.expert_pool is None and model.layers[0].self_attn.qkv_proj.weight.dtype == mx.bfloat16
     with pytest.raises(MemoryPlanError, match="smallest limit that works is 1.1 GB"):
         load(tiny_checkpoint, memory_limit="0.5GB")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["lru", "lfu", "decay"]), st.integers(8, 31), st.lists(
+    st.tuples(st.integers(0, 3), st.lists(st.lists(st.integers(0, 7), min_size=4, max_size=4,
+                                                    unique=True), min_size=1, max_size=5)),
+    min_size=1, max_size=12))
+def test_any_sequence_of_steps_keeps_the_pool_consistent(models, policy, slots, steps):
+    """Whatever the routing, after each step every expert it needs holds that expert's bytes in
+    the slot it was given, the bookkeeping agrees both ways, and each miss read one expert."""
+    from gptoss_mlx.expert_pool import ExpertPool
+
+    resident, streamed_model = models
+    pool = ExpertPool(resident.config, streamed_model.expert_pool.source, slots, policy=policy)
+    for layer, routing in steps:
+        got = np.array(pool.fetch(layer, mx.array(routing)))
+        theirs = resident.layers[layer].mlp.experts.down_proj
+        for expert, slot in zip(np.array(routing).ravel(), got.ravel()):
+            assert pool.owner[slot] == layer * 8 + expert and pool.slot_of[layer, expert] == slot
+            assert mx.array_equal(pool.experts.down_proj.weight[int(slot)], theirs.weight[int(expert)]).item()
+        held = np.flatnonzero(pool.owner >= 0)
+        assert len(held) <= slots and len(np.unique(pool.owner[held])) == len(held)
+        assert all(pool.slot_of[o // 8, o % 8] == s for s, o in zip(held, pool.owner[held]))
+        assert (pool.slot_of >= 0).sum() == len(held)
+    assert pool.stats.bytes_read == pool.stats.misses * expert_bytes(resident.config)
