@@ -212,21 +212,25 @@ def test_cli_memory_limit_streams_or_refuses_in_one_line(tiny_checkpoint):
 
 
 def test_reading_experts_writes_into_the_pool_in_place(tmp_path):
-    """The pool's buffers are updated in place: filling slots never holds a second copy of it."""
+    """The pool's buffers are updated in place: filling slots never holds a second copy of the
+    pool, neither alone nor inside the engine's asynchronous decode loop."""
     from gptoss_mlx.testing import checkpoints as mtc
 
     config = mtc.TINY.replace(vocab_size=512, hidden_size=256, intermediate_size=256,
                               num_hidden_layers=2, layer_types=(), num_local_experts=16)
     mtc.write_hf(tmp_path / "m", config)
-    model = streamed(tmp_path / "m", 31)  # 2 layers x 16 experts
+    model = streamed(tmp_path / "m", 24)  # 2 layers x 16 experts
     pool = model.expert_pool
-    pool_bytes = 31 * expert_bytes(config)
+    pool_bytes = 24 * expert_bytes(config)
     mx.reset_peak_memory()
     before = mx.get_active_memory()
     pool.fetch(0, mx.array([list(range(4)), list(range(4, 8))]))  # 8 experts staged, then written
     pool.fetch(1, mx.array([list(range(8))]))
     assert pool.stats.misses == 16
     assert mx.get_peak_memory() - before < pool_bytes / 2
+    engine = Engine(model, max_context=256, prefill_step=16)
+    list(engine.generate(PROMPT[:40], SamplingParams(temperature=0, max_tokens=12), stop_tokens=()))
+    assert pool.stats.misses > 40 and engine.stats.peak_memory_gb * 1e9 - before < pool_bytes / 2
 
 
 def test_load_plans_by_memory_limit(tiny_checkpoint):
