@@ -1,7 +1,7 @@
 """Memory planning: how to arrange this model, at this context length, in what the GPU may use.
 
 Estimated before loading from the config alone. The plan takes the first arrangement that fits
-(:data:`LADDER`): everything resident with bf16 dense layers, then dense layers (attention,
+(:data:`DENSE_BITS`, then streaming): everything resident with bf16 dense layers, then dense layers (attention,
 router, embedding and unembedding) affine-quantized to 8 and to 4 bits at load time, then experts
 streamed: the dense layers resident and a fixed GPU pool of expert slots, the other experts read
 on demand from the checkpoint (``expert_pool.py``). ``--dense-bits`` fixes the dense precision
@@ -42,11 +42,11 @@ class MemoryPlanError(RuntimeError):
 
 def parse_size(text: str) -> float:
     """Bytes of a size such as ``10GB``, ``8.5G``, ``800MB`` or ``12GiB`` (a bare number is GB)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kKmMgGtT])(i?))?[bB]?\s*", str(text))
     if not match:
         raise ValueError(f"expected a size such as 10GB, 8.5G or 800MB, got {text!r:.40}")
     number, unit, binary = match.groups()
-    size = float(number) * _UNITS[(unit + binary).upper()]
+    size = float(number) * _UNITS[(unit + binary).upper() if unit else ""]
     if size <= 0:
         raise ValueError(f"a memory size must be more than 0, got {text!r:.40}")
     return size
@@ -55,7 +55,10 @@ def parse_size(text: str) -> float:
 def device_limit() -> tuple[float, str]:
     """Bytes the GPU may use and where that number comes from."""
     if os.environ.get(DEVICE_MEMORY_ENV):
-        return parse_size(os.environ[DEVICE_MEMORY_ENV]), f"simulated by {DEVICE_MEMORY_ENV}"
+        try:
+            return parse_size(os.environ[DEVICE_MEMORY_ENV]), f"simulated by {DEVICE_MEMORY_ENV}"
+        except ValueError as e:
+            raise ValueError(f"{DEVICE_MEMORY_ENV}: {e}") from None
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     if info.get("max_recommended_working_set_size"):
         return float(info["max_recommended_working_set_size"]), "Metal recommended working set"

@@ -139,10 +139,25 @@ def test_sizes(text, size):
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "ten", "10 GBs", "-1GB", "0GB", "1e9", "GB", "10PB"])
+@pytest.mark.parametrize("text", ["", "ten", "10 GBs", "-1GB", "0GB", "1e9", "GB", "10PB", "10iB", "10i"])
 def test_bad_sizes_are_one_clear_error(text):
     with pytest.raises(ValueError, match="expected a size such as 10GB|more than 0"):
         parse_size(text)
+
+
+@given(st.text(max_size=12))
+def test_any_text_is_a_size_or_one_clear_error(text):
+    try:
+        assert parse_size(text) > 0
+    except ValueError as e:
+        assert "size" in str(e)
+
+
+def test_a_bad_simulated_device_is_one_clear_line(monkeypatch):
+    proc = run("doctor", env={DEVICE_MEMORY_ENV: "lots"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"gptoss-mlx: error: {DEVICE_MEMORY_ENV}: expected a size such "
+                                   "as 10GB, 8.5G or 800MB, got 'lots'")
 
 
 @pytest.mark.parametrize("limit, arrangement", [

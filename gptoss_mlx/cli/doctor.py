@@ -10,6 +10,7 @@ from ..config import PRESETS
 from ..kernels import registry
 from ..memory import DEFAULT_CONTEXT, DENSE_BITS, GB, MemoryPlanError, choose_plan, device_limit, plan
 from ..tools.sandbox import sandbox_status
+from .common import CLIError
 
 
 def register(sub) -> None:
@@ -20,7 +21,10 @@ def register(sub) -> None:
 
 
 def cmd_doctor(args) -> int:
-    limit, source = device_limit()
+    try:
+        limit, source = device_limit()
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     print(f"gptoss-mlx on {platform.system()} {platform.machine()}, Python {platform.python_version()}")
     print(f"MLX {mx.__version__}, default device {mx.default_device()}")
     info = mx.device_info() if hasattr(mx, "device_info") else {}
