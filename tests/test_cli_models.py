@@ -70,6 +70,17 @@ def test_list_shows_repo_revision_size_layout_and_fit(cache):
     assert lines[0].split()[:4] == ["REPO", "REVISION", "SIZE", "LAYOUT"]
 
 
+def test_list_says_when_a_model_fits_only_with_its_experts_streamed(cache):
+    # 120b on a 64 GB Mac (48 GB for the GPU): it runs, with part of its experts on the GPU
+    proc = run("models", "list", env={"GPTOSS_MLX_DEVICE_MEMORY": "48GB"})
+    assert proc.returncode == 0, proc.stderr
+    big = next(line for line in proc.stdout.splitlines() if line.startswith("openai/gpt-oss-120b"))
+    assert "yes, experts streamed (" in big and "of 4608 on the GPU" in big, big
+    proc = run("models", "list", env={"GPTOSS_MLX_DEVICE_MEMORY": "3GB"})
+    big = next(line for line in proc.stdout.splitlines() if line.startswith("openai/gpt-oss-120b"))
+    assert "no (needs " in big, big
+
+
 def test_pull_of_a_cached_checkpoint_is_ready(cache):
     proc = run("models", "pull", "test/gpt-oss-tiny")
     assert proc.returncode == 0, proc.stderr

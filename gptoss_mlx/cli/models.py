@@ -13,7 +13,7 @@ import mlx.nn as nn
 from ..config import ConfigError, ModelConfig
 from ..hub import cache_dir, cached_models, remove
 from ..loading import CheckpointError, find_layout, load_model, resolve_checkpoint
-from ..memory import DEFAULT_CONTEXT, GB, AFFINE_GROUP, checkpoint_dense_bits, plan
+from ..memory import DEFAULT_CONTEXT, GB, AFFINE_GROUP, MemoryPlanError, checkpoint_dense_bits, choose_plan
 from . import common
 from .common import CLIError, add_plan_options
 
@@ -69,8 +69,13 @@ def _size(n: float) -> str:
 
 def fits(config: ModelConfig) -> str:
     context = min(DEFAULT_CONTEXT, config.max_position_embeddings)
-    p = plan(config, context, checkpoint_dense_bits(config))
-    return f"{'yes' if p.fits else 'no'} ({p.total / GB:.1f} of {p.limit / GB:.1f} GB)"
+    try:
+        p = choose_plan(config, context, checkpoint_dense_bits(config))
+    except MemoryPlanError as e:
+        return f"no (needs {e.smallest_limit / GB:.1f} GB)"
+    if p.streamed:
+        return f"yes, {p.arrangement}"
+    return f"yes ({p.total / GB:.1f} of {p.limit / GB:.1f} GB)"
 
 
 def cmd_list(args) -> int:
