@@ -33,7 +33,8 @@ from ...store import FORMAT_VERSION, ConversationStore, chat_file_problem, check
 from ..errors import APIError, bad_request
 from ..service import Service
 
-ASSETS = {"app.js": "text/javascript", "markdown.js": "text/javascript", "style.css": "text/css"}
+ASSETS = {"app.js": "text/javascript", "markdown.js": "text/javascript", "style.css": "text/css",
+          "icon.svg": "image/svg+xml"}
 # The page runs only its own files: no inline script or style, nothing from another origin.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")

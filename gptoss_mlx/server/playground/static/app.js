@@ -105,7 +105,7 @@ function chatRow(entry) {
   rename.type = "button";
   rename.setAttribute("aria-label", `Rename ${entry.title}`);
   rename.addEventListener("click", () => renameRow(li, entry));
-  const remove = el("button", "delete", "🗑");
+  const remove = el("button", "delete", "×");
   remove.type = "button";
   remove.setAttribute("aria-label", `Delete ${entry.title}`);
   remove.addEventListener("click", () => deleteRow(remove, entry));
@@ -255,8 +255,9 @@ class AssistantTurn {
       set: (value) => {
         section.text = value;
         body.replaceChildren(renderMarkdown(value));
-        const words = value.split(/\s+/).filter(Boolean).length;
-        summary.textContent = details.open && open ? `Reasoning · thinking… (${words} words)` : `Reasoning · ${words} words`;
+        const count = value.split(/\s+/).filter(Boolean).length;
+        const words = `${count} word${count === 1 ? "" : "s"}`;
+        summary.textContent = details.open && open ? `Reasoning · thinking… (${words})` : `Reasoning · ${words}`;
       },
       fold: () => {
         open = false;
@@ -280,7 +281,8 @@ class AssistantTurn {
   toolRow(name, args, onServer) {
     const details = el("details", "tool");
     details.dataset.name = name;
-    const summary = el("summary", null, `tool call · ${name}${onServer ? " · run by the server" : ""}`);
+    const title = `tool call · ${name}${onServer ? " · run by the server" : ""}`;
+    const summary = el("summary", null, title);
     const label = el("div", "label", name === "python" ? "code that ran (without asking: --tools python)" : "arguments");
     const body = el("div");
     details.append(summary, label, body);
@@ -297,7 +299,7 @@ class AssistantTurn {
         const block = el("div", "result-block");
         block.append(el("div", "label", "result"), el("div", "result", text));
         details.append(block);
-        summary.textContent = `tool call · ${name} · done`;
+        summary.textContent = `${title} · done`;
       },
     };
     row.set(args);
@@ -458,7 +460,7 @@ async function reply() {
   $("#messages").append(turn.node);
   const items = new Map(); // item id -> {type, text, ..., view}
   const order = [];
-  const times = { start: performance.now(), first: null, end: null };
+  const times = { start: performance.now(), first: null, end: null, deltas: 0 };
   let usage = null;
   let status = "stopped";
   let answered = false;
@@ -466,6 +468,7 @@ async function reply() {
   setBusy(true);
   const streamed = (item, key, delta) => {
     times.first ??= performance.now();
+    times.deltas += 1;
     item[key] += delta;
     item.view.set(item[key]);
     scrollDown();
@@ -473,7 +476,7 @@ async function reply() {
   try {
     const response = await request("/v1/responses", { method: "POST", body: requestBody(), signal: state.controller.signal });
     for await (const event of serverEvents(response)) {
-      const item = items.get(event.item_id);
+      const item = items.get(event.item_id ?? event.item?.id);
       switch (event.type) {
         case "response.output_item.added": {
           const given = event.item;
@@ -539,15 +542,18 @@ async function reply() {
   }
 }
 
+// Tokens, tok/s and TTFT; a stopped reply has no usage, so its tokens are the streamed deltas
+// (one a token), marked ≈.
 function statsLine(usage, times, status) {
   const parts = [];
-  if (usage) {
+  const tokens = usage ? usage.output_tokens : times.deltas;
+  if (tokens) {
     const seconds = times.first === null ? 0 : (times.end - times.first) / 1000;
-    parts.push(`${usage.output_tokens} tokens`);
-    if (seconds > 0) parts.push(`${(usage.output_tokens / seconds).toFixed(1)} tok/s`);
+    parts.push(`${usage ? "" : "≈"}${tokens} tokens`);
+    if (seconds > 0) parts.push(`${(tokens / seconds).toFixed(1)} tok/s`);
     if (times.first !== null) parts.push(`TTFT ${((times.first - times.start) / 1000).toFixed(2)}s`);
-    parts.push(`prompt ${usage.input_tokens} (${usage.input_tokens_details?.cached_tokens ?? 0} cached)`);
   }
+  if (usage) parts.push(`prompt ${usage.input_tokens} (${usage.input_tokens_details?.cached_tokens ?? 0} cached)`);
   const end = { stopped: "stopped", incomplete: "cut off: token limit", failed: "failed" }[status];
   if (end) parts.push(end);
   return parts.join(" · ");

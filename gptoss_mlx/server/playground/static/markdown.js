@@ -116,14 +116,14 @@ export function safeUrl(href) {
   }
 }
 
-function link(href, label) {
+// A link opening in a new tab, or null for anything but http(s).
+function link(href) {
   const url = safeUrl(href);
   if (!url) return null;
   const a = el("a");
   a.href = url;
   a.rel = "noopener noreferrer nofollow";
   a.target = "_blank";
-  inline(a, label);
   return a;
 }
 
@@ -135,8 +135,13 @@ export function inline(parent, text) {
     else if (m[3] !== undefined || m[4] !== undefined) node = inline(el("strong"), m[3] ?? m[4]);
     else if (m[5] !== undefined || m[6] !== undefined) node = inline(el("em"), m[5] ?? m[6]);
     else if (m[7] !== undefined) node = inline(el("del"), m[7]);
-    else if (m[8] !== undefined) node = link(m[9], m[8]);
-    else if (m[10] !== undefined) node = link(m[10], m[10]);
+    else if (m[8] !== undefined) {
+      node = link(m[9]);
+      if (node) inline(node, m[8]);
+    } else if (m[10] !== undefined) {
+      node = link(m[10]);
+      if (node) node.textContent = m[10]; // a URL's text is not Markdown
+    }
     if (!node) continue; // a link to something other than http(s) stays text
     parent.append(document.createTextNode(text.slice(last, m.index)), node);
     last = m.index + m[0].length;
