@@ -269,6 +269,7 @@ def test_a_function_tool_from_a_pasted_schema_shows_its_row_and_takes_a_result(b
         page.find("#settings-toggle").click()
         page.find("#tools").send_keys(json.dumps(WEATHER_TOOL))
         page.find("#instructions").send_keys("Answer in one sentence.")
+        page.find("#schema").send_keys('{"type": "object", "properties": {"sky": {"type": "string"}}}')
         page.send("Weather in Oslo?")
         reply = page.wait_reply(1)
         row = reply.find_element("css selector", "details.tool")
@@ -282,6 +283,7 @@ def test_a_function_tool_from_a_pasted_schema_shows_its_row_and_takes_a_result(b
         prompt = prompts(tok, model)
         assert "functions.get_weather to=assistant<|channel|>commentary<|message|>rain, 12 C" in prompt
         assert "Answer in one sentence." in prompt and "type get_weather" in prompt
+        assert '# Response Formats\n\n## output\n\n{"type":"object","properties":{"sky":{"type":"string"}}}' in prompt
         assert row.find_element("css selector", ".result").text == "rain, 12 C"
         shots(browser, "4b-function-call-answered")
 
@@ -406,6 +408,26 @@ def test_a_tui_chat_resumes_in_the_page_and_the_page_chat_opens_in_the_tui(brows
         page.until(lambda: "20260101-110000-123456" not in [e.id for e in chats.list()])
 
 
+def test_errors_are_shown_and_the_prompt_comes_back(browser, tok, tmp_path, shots):
+    chats = ConversationStore(tmp_path)
+    with serving(ScriptedModel([answer(tok, "Hm.", "ok")]), tok, chats=chats, max_context=256) as url:
+        page = Page(browser, url)
+        page.find("#settings-toggle").click()
+        page.find("#tools").send_keys('[{"type": "function", "name": ')
+        page.send("Hello")
+        assert page.find("#settings-error").text.startswith("Function tools: not JSON")
+        assert page.find("#prompt").get_attribute("value") == "Hello" and not page.replies()
+        page.find("#tools").clear()
+        page.find("#prompt").clear()
+        page.send("word " * 300)
+        page.until(lambda: page.all(".turn.assistant .error"), "no error shown")
+        error = page.find(".turn.assistant .error").text
+        assert "context limit is 256 tokens" in error, error
+        assert page.find("#prompt").get_attribute("value").strip() == ("word " * 300).strip()
+        assert not page.all(".turn.user") and chats.list() == []  # nothing half-sent is kept
+        shots(browser, "9-error-prompt-comes-back")
+
+
 def test_phone_width_keeps_the_effort_prompt_and_stop_in_reach(browser, tok, tmp_path, shots):
     model = ScriptedModel([answer(tok, "Short.", "A reply that wraps on a narrow screen, with `code` in it.")])
     with serving(model, tok, chats=ConversationStore(tmp_path)) as url:
@@ -480,6 +502,7 @@ def test_chat_endpoints_validate_ids_bodies_and_keys(tok, tmp_path):
         assert code == 403 and data["error"]["code"] == "forbidden"
         code, _ = call_api(root, "GET", "/v1/playground/chats", headers={"Host": "evil.example"})
         assert code == 403 and chats.list() == []
+        assert call_api(root, "GET", "/v1/playground/info", headers={"Host": "evil.example"})[0] == 200
     with serving(ScriptedModel([answer(tok, "Hm.", "ok")]), tok, chats=chats, api_key="sesame") as url:
         root = url.removesuffix("/v1")
         assert get(root, "/")[0] == 200  # the page itself holds nothing secret
@@ -502,3 +525,31 @@ def test_the_page_asks_for_the_api_key_and_then_works(browser, tok, tmp_path):
         page.send("Hi")
         assert page.wait_reply(1).find_element("css selector", ".answer").text == "Keyed reply."
         page.js("sessionStorage.clear()")
+
+
+def add(a: int, b: int) -> int:
+    """Add two numbers."""
+    return a + b
+
+
+def test_server_tool_calls_are_mcp_call_items_and_read_back_as_input(tok):
+    """What the page's tool rows are built from: a call the server ran, with its output, in the
+    plain (not streamed) Responses API too; sent back as input it renders as call and result."""
+    from test_server import client
+
+    model = ScriptedModel([call(tok, "Use add.", "add", '{"a": 2, "b": 3}'), answer(tok, "It gave 5.", "5")])
+    with serving(model, tok, tools=ServerTools(functions=[FunctionTool.from_callable(add)])) as url:
+        r = client(url).responses.create(model="gpt-oss-tiny", input="2+3?")
+        assert [o.type for o in r.output] == ["reasoning", "mcp_call", "reasoning", "message"]
+        ran = r.output[1].model_dump()
+        assert {k: ran[k] for k in ("name", "arguments", "output", "status", "server_label")} == {
+            "name": "add", "arguments": '{"a": 2, "b": 3}', "output": "5", "status": "completed",
+            "server_label": "gptoss-mlx"}
+        again = client(url).responses.create(model="gpt-oss-tiny", input=[
+            {"type": "message", "role": "user", "content": "2+3?"}, ran,
+            {"type": "message", "role": "assistant", "content": "5"},
+            {"type": "message", "role": "user", "content": "Again?"}])
+        assert again.status == "completed"
+        assert ("<|start|>assistant to=functions.add<|channel|>commentary <|constrain|>json<|message|>"
+                "{\"a\": 2, \"b\": 3}<|call|>"
+                "<|start|>functions.add to=assistant<|channel|>commentary<|message|>5<|end|>") in tok.decode(model.fed)

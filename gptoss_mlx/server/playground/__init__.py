@@ -91,7 +91,7 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
         write_json_atomic(path, data)
 
     async def info(request: Request):
-        guard(request)
+        authorize(request)  # nothing private: the page needs it wherever it is opened
         tools = service.tools
         return JSONResponse({
             "model": service.model_name, "reasoning_effort": service.reasoning_effort,

@@ -455,6 +455,8 @@ function setBusy(busy) {
   $("#stop").hidden = !busy;
 }
 
+// Streams one reply into the page and the chat; false when nothing came (an error, or a stop
+// before the first token).
 async function reply() {
   const turn = new AssistantTurn();
   $("#messages").append(turn.node);
@@ -531,7 +533,7 @@ async function reply() {
   const kept = order.filter((i) => (i.type === "function_call" || i.type === "mcp_call" ? i.done : true));
   const messages = replyMessages(kept);
   turn.stats(statsLine(usage, times, status));
-  if (!messages.length) return;
+  if (!messages.length) return false;
   state.chat.messages.push(...messages);
   state.pending = status === "completed" ? kept.filter((i) => i.type === "function_call") : [];
   if (state.pending.length) askForResults(turn);
@@ -540,6 +542,7 @@ async function reply() {
   } catch (e) {
     turn.error(`not saved: ${e.message}`);
   }
+  return true;
 }
 
 // Tokens, tok/s and TTFT; a stopped reply has no usage, so its tokens are the streamed deltas
@@ -598,9 +601,14 @@ async function send() {
   if (!state.chat.messages.length) state.chat.title = titleFor(text);
   state.pending = [];
   state.chat.messages.push({ role: "user", content: text });
-  $("#messages").append(userTurn(text));
+  const bubble = userTurn(text);
+  $("#messages").append(bubble);
   scrollDown();
-  await reply();
+  if (!(await reply())) { // nothing to keep: the prompt comes back, to edit or resend
+    state.chat.messages.pop();
+    bubble.remove();
+    if (!prompt.value) prompt.value = text;
+  }
 }
 
 function stop() {
