@@ -14,6 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gptoss_mlx.chat import Chat
 from gptoss_mlx.generate import SamplingParams
@@ -23,7 +25,7 @@ from gptoss_mlx.server.tools import ServerTools
 from gptoss_mlx.store import ConversationStore
 from gptoss_mlx.tools import FunctionTool, SandboxLimits
 from scripted import ScriptedModel
-from test_server import answer, call, script, serving, tiny, tok  # noqa: F401 (fixtures)
+from test_server import JSON_VALUES, MESSAGE, answer, call, script, serving, tiny, tok  # noqa: F401 (fixtures)
 
 STATIC = Path(__file__).parent.parent / "gptoss_mlx" / "server" / "playground" / "static"
 WEATHER_TOOL = [{"type": "function", "name": "get_weather", "description": "Weather in a city",
@@ -487,15 +489,19 @@ def test_chat_endpoints_validate_ids_bodies_and_keys(tok, tmp_path):
             code, data = call_api(root, "GET", f"/v1/playground/chats/{bad_id}")
             assert code == status, (bad_id, data)
             assert set(data["error"]) == {"message", "type", "param", "code"}
-        for body, param in (({"messages": []}, "title"),
-                            ({**good, "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
-                            ({**good, "reasoning_effort": "max"}, "messages"),
-                            ({**good, "messages": "hi"}, "messages")):
+        for body, message in (({**good, "title": " "}, "'title' must not be empty"),
+                              ({**good, "title": 5}, "title must be a string, got 5"),
+                              ({**good, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role must be"),
+                              ({**good, "reasoning_effort": "max"}, "reasoning_effort must be low or medium or high"),
+                              ({**good, "messages": "hi"}, 'messages must be a list, got "hi"')):
             code, data = call_api(root, "PUT", f"/v1/playground/chats/{made['id']}", body)
-            assert (code, data["error"]["param"]) == (400, param), data
+            assert code == 400 and message in data["error"]["message"], data
+        untitled = {"messages": [{"role": "user", "content": "Why is the sea salty?"}]}
+        assert call_api(root, "POST", "/v1/playground/chats", untitled)[1]["title"] == "Why is the sea salty?"
         assert call_api(root, "PATCH", "/v1/playground/chats/nope", {"title": "x"})[0] == 404
         assert call_api(root, "PATCH", f"/v1/playground/chats/{made['id']}", {"title": ""})[0] == 400
-        assert call_api(root, "DELETE", f"/v1/playground/chats/{made['id']}")[0] == 200
+        for entry in chats.list():
+            assert call_api(root, "DELETE", f"/v1/playground/chats/{entry.id}")[0] == 200
         assert chats.list() == [] and (tmp_path / "secret.json").exists()
         # another site's page may not touch them; a rebinding name may not read them
         code, data = call_api(root, "POST", "/v1/playground/chats", good, {"Origin": "http://evil.example"})
@@ -553,3 +559,62 @@ def test_server_tool_calls_are_mcp_call_items_and_read_back_as_input(tok):
         assert ("<|start|>assistant to=functions.add<|channel|>commentary <|constrain|>json<|message|>"
                 "{\"a\": 2, \"b\": 3}<|call|>"
                 "<|start|>functions.add to=assistant<|channel|>commentary<|message|>5<|end|>") in tok.decode(model.fed)
+
+
+# ---- hostile text, fuzzed ---------------------------------------------------------------------
+
+MARKDOWNISH = st.lists(st.sampled_from(list("*_`[]()<>#-|~!:/=\"' \n\tax1.") + [
+    "https://", "javascript:", "<img src=x onerror=", "<script>", "```", "\n- ", "\n1. ", "\n> ", "|---|"]),
+    max_size=40).map("".join)
+SAFE_TAGS = {"P", "BR", "H3", "H4", "H5", "H6", "UL", "OL", "LI", "BLOCKQUOTE", "PRE", "CODE", "SPAN", "STRONG",
+             "EM", "DEL", "A", "HR", "TABLE", "TR", "TH", "TD", "DIV"}
+RENDER_ALL = """
+const [texts, done] = arguments;
+import('/playground/markdown.js').then(({renderMarkdown}) => done(texts.map((text) => {
+  const box = document.createElement('div');
+  try { box.append(renderMarkdown(text)); } catch (e) { return {error: String(e)}; }
+  const nodes = [...box.querySelectorAll('*')];
+  return {tags: nodes.map((n) => n.tagName),
+          attributes: nodes.flatMap((n) => n.getAttributeNames()),
+          hrefs: nodes.filter((n) => n.tagName === 'A').map((n) => n.getAttribute('href'))};
+})));
+"""
+
+
+@pytest.fixture(scope="module")
+def markdown_page(browser, tok, tmp_path_factory):
+    with serving(ScriptedModel([answer(tok, "Hm.", "ok")]), tok,
+                 chats=ConversationStore(tmp_path_factory.mktemp("md"))) as url:
+        yield Page(browser, url)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(MARKDOWNISH, min_size=20, max_size=20))
+def test_markdown_of_any_text_builds_only_safe_elements(markdown_page, texts):
+    for text, out in zip(texts, markdown_page.b.execute_async_script(RENDER_ALL, texts)):
+        assert "error" not in out, (text, out)
+        assert set(out["tags"]) <= SAFE_TAGS, (text, out)
+        assert set(out["attributes"]) <= {"class", "href", "rel", "target", "start", "data-lang"}, (text, out)
+        assert all(h.startswith(("http://", "https://")) for h in out["hrefs"]), (text, out)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.dictionaries(st.sampled_from(["title", "messages", "reasoning_effort", "tools", "date", "x"]),
+                            JSON_VALUES, max_size=4),
+       messages=st.lists(MESSAGE, max_size=3))
+def test_hostile_chat_bodies_are_4xx_and_never_reach_the_store(scripted_chats, body, messages):
+    url, chats = scripted_chats
+    for method, path in (("POST", "/v1/playground/chats"), ("PUT", "/v1/playground/chats/fuzzed")):
+        code, data = call_api(url, method, path, {"messages": messages, **body})
+        assert code < 500, data
+        if code >= 400:
+            assert set(data["error"]) == {"message", "type", "param", "code"}
+    for entry in chats.list():  # whatever was accepted opens as a chat
+        assert entry.messages >= 0, entry.problem
+
+
+@pytest.fixture(scope="module")
+def scripted_chats(tok, tmp_path_factory):
+    chats = ConversationStore(tmp_path_factory.mktemp("fuzz"))
+    with serving(ScriptedModel([answer(tok, "Hm.", "ok")]), tok, chats=chats) as url:
+        yield url.removesuffix("/v1"), chats

@@ -29,7 +29,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ...chat import ChatFileError, write_json_atomic
-from ...store import FORMAT_VERSION, ConversationStore, chat_file_problem, check_chat_file, save_target_problem
+from ...store import (
+    FORMAT_VERSION, ConversationStore, chat_file_problem, check_chat_file, save_target_problem, title_for,
+)
 from ..errors import APIError, bad_request
 from ..service import Service
 
@@ -75,13 +77,18 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
         return chat_id, path
 
     async def saved_body(request: Request) -> dict:
+        """The chat to save, checked as the store checks a file; without a title, its first
+        user message names it (as in the TUI)."""
         body = await json_body(request)
         data = {k: body[k] for k in SAVED_KEYS if k in body}
-        if not isinstance(data.get("title"), str) or not data["title"].strip():
-            raise bad_request("'title' must be a non-empty string", "title")
         problem = chat_file_problem(data)
         if problem:
-            raise bad_request(f"not a chat that can be saved: {problem}", "messages")
+            raise bad_request(f"not a chat that can be saved: {problem}")  # it names the field
+        if data.get("title") is None:
+            first = next((m for m in data["messages"] if m["role"] == "user"), {})
+            data["title"] = title_for(first.get("content") if isinstance(first.get("content"), str) else "")
+        if not data["title"].strip():
+            raise bad_request("'title' must not be empty", "title")
         return {**data, "updated": time.time(), "format": FORMAT_VERSION}
 
     def write(path, data: dict) -> None:

@@ -51,20 +51,15 @@ function askForKey() {
 }
 
 // ---- conversations -----------------------------------------------------------------------
-function newChat() {
-  return { id: null, title: "New chat", messages: [], tools: [], response_format: null,
+function newChat() { // untitled until saved: the server names it after its first message
+  return { id: null, title: null, messages: [], tools: [], response_format: null,
            reasoning_effort: state.info?.reasoning_effort ?? "medium" };
-}
-
-function titleFor(text) {
-  const line = text.split(/\s+/).join(" ").trim();
-  return line.length > 60 ? `${line.slice(0, 60)}…` : line || "New chat";
 }
 
 function savedForm() {
   const chat = state.chat;
   const instructions = $("#instructions").value;
-  const data = { title: chat.title, reasoning_effort: chat.reasoning_effort,
+  const data = { ...(chat.title && { title: chat.title }), reasoning_effort: chat.reasoning_effort,
                  messages: [...(instructions.trim() ? [{ role: "system", content: instructions }] : []), ...chat.messages] };
   if (chat.tools.length) data.tools = chat.tools.map((t) => ({ type: "function", function: t }));
   if (chat.response_format) data.response_format = chat.response_format;
@@ -77,6 +72,7 @@ async function save() {
     ? await api(`/v1/playground/chats/${encodeURIComponent(state.chat.id)}`, { method: "PUT", body: data })
     : await api("/v1/playground/chats", { method: "POST", body: data });
   state.chat.id = saved.id;
+  state.chat.title = saved.title;
   await listChats();
 }
 
@@ -598,7 +594,6 @@ async function send() {
   const text = prompt.value.trim();
   if (!text || state.controller || !readSettings()) return;
   prompt.value = "";
-  if (!state.chat.messages.length) state.chat.title = titleFor(text);
   state.pending = [];
   state.chat.messages.push({ role: "user", content: text });
   const bubble = userTurn(text);
