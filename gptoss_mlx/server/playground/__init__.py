@@ -11,13 +11,15 @@ JSON endpoints over the saved conversations (gptoss_mlx/store.py, the TUI's and 
     PATCH  /v1/playground/chats/{id}    {"title": ...}
     DELETE /v1/playground/chats/{id}
 
-They follow the server's API key. Without one, they answer only a loopback Host (a web page
+The store's files are read and written off the event loop, so a long list never holds up a
+reply that is streaming. They follow the server's API key. Without one, they answer only a loopback Host (a web page
 that rebinds its own name to 127.0.0.1 cannot read your chats) and only requests from this
 server's own origin (another site cannot change them). Errors have OpenAI's shape.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from importlib import resources
@@ -81,7 +83,7 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
         user message names it (as in the TUI)."""
         body = await json_body(request)
         data = {k: body[k] for k in SAVED_KEYS if k in body}
-        problem = chat_file_problem(data)
+        problem = await asyncio.to_thread(chat_file_problem, data)  # renders the conversation
         if problem:
             raise bad_request(f"not a chat that can be saved: {problem}")  # it names the field
         if data.get("title") is None:
@@ -91,11 +93,11 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
             raise bad_request("'title' must not be empty", "title")
         return {**data, "updated": time.time(), "format": FORMAT_VERSION}
 
-    def write(path, data: dict) -> None:
+    async def write(path, data: dict) -> None:
         problem = save_target_problem(path)
         if problem:
             raise APIError(409, f"{path} {problem}", code="cannot_save")
-        write_json_atomic(path, data)
+        await asyncio.to_thread(write_json_atomic, path, data)
 
     async def info(request: Request):
         authorize(request)  # nothing private: the page needs it wherever it is opened
@@ -108,21 +110,21 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
 
     async def list_chats(request: Request):
         guard(request)
-        return JSONResponse({"object": "list", "data": [dataclasses.asdict(e) for e in chats.list()]})
+        entries = await asyncio.to_thread(chats.list)
+        return JSONResponse({"object": "list", "data": [dataclasses.asdict(e) for e in entries]})
 
     async def create_chat(request: Request):
         guard(request)
         data = await saved_body(request)
         chat_id = chats.new_id()
-        chats.root.mkdir(parents=True, exist_ok=True)
-        write(chats.path(chat_id), data)
+        await write(chats.path(chat_id), data)
         return JSONResponse({"id": chat_id, "title": data["title"], "updated": data["updated"]}, status_code=201)
 
     async def get_chat(request: Request):
         guard(request)
         chat_id, path = chat_path(request)
         try:
-            data = check_chat_file(path)
+            data = await asyncio.to_thread(check_chat_file, path)
         except ChatFileError as e:
             raise APIError(422, str(e), param="chat_id", code="unreadable_chat") from None
         return JSONResponse({"id": chat_id, **data})
@@ -131,8 +133,7 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
         guard(request)
         chat_id, path = chat_path(request, must_exist=False)
         data = await saved_body(request)
-        chats.root.mkdir(parents=True, exist_ok=True)
-        write(path, data)
+        await write(path, data)
         return JSONResponse({"id": chat_id, "title": data["title"], "updated": data["updated"]})
 
     async def patch_chat(request: Request):
@@ -142,7 +143,7 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
         if not isinstance(title, str) or not title.strip():
             raise bad_request("'title' must be a non-empty string", "title")
         try:
-            chats.rename(chat_id, title.strip())
+            await asyncio.to_thread(chats.rename, chat_id, title.strip())
         except ChatFileError as e:
             raise APIError(422, str(e), param="chat_id", code="unreadable_chat") from None
         return JSONResponse({"id": chat_id, "title": title.strip()})

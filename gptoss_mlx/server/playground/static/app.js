@@ -3,15 +3,9 @@
 // Completions JSON: a leading system message for the instructions, assistant messages with
 // `reasoning` and `tool_calls`, tool results). Model text only ever reaches the page as text
 // nodes (markdown.js); nothing here parses HTML.
-import { codeBlock, renderMarkdown } from "./markdown.js";
+import { codeBlock, el, renderMarkdown } from "./markdown.js";
 
 const $ = (selector) => document.querySelector(selector);
-const el = (tag, cls, text) => {
-  const node = document.createElement(tag);
-  if (cls) node.className = cls;
-  if (text !== undefined) node.textContent = text;
-  return node;
-};
 const EFFORTS = ["low", "medium", "high"];
 
 const state = {

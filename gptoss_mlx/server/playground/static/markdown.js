@@ -3,7 +3,8 @@
 // Blocks: fenced code (highlighted), headings, lists, quotes, tables, rules, paragraphs.
 // Inline: code, bold, italic, strikethrough, links and bare URLs (http and https only).
 
-const el = (tag, cls, text) => {
+// An element with a class and text (set as text, never parsed).
+export const el = (tag, cls, text) => {
   const node = document.createElement(tag);
   if (cls) node.className = cls;
   if (text !== undefined) node.textContent = text;
