@@ -277,6 +277,7 @@ def test_a_function_tool_from_a_pasted_schema_shows_its_row_and_takes_a_result(b
         row = reply.find_element("css selector", "details.tool")
         assert row.find_element("css selector", "summary").text == "tool call · get_weather"
         assert json.loads(row.find_element("css selector", "pre").text) == {"city": "Oslo"}
+        page.find("#settings-toggle").click()  # folded away, to show the row
         shots(browser, "4a-function-call-row-waiting-for-its-result")
         row.find_element("css selector", "textarea").send_keys("rain, 12 C")
         reply.find_element("css selector", ".send-results").click()
@@ -346,8 +347,9 @@ def test_model_and_tool_text_never_becomes_html(browser, tok, tmp_path, shots):
         text = page.text()
         assert text.count(IMG) >= 6 and text.count(SCRIPT) >= 5  # shown as the text it is
         assert f"<html>{SCRIPT}{IMG}</html>" in page.find("details.tool .result").text
-        page.js("document.querySelector('.turn.assistant .answer').scrollIntoView()")
+        browser.set_window_size(1100, 1500)  # the whole reply in one picture
         shots(browser, "6-injection-stays-text")
+        browser.set_window_size(1100, 800)
         # a hostile title in the list stays text too
         chat_id = chats.list()[0].id
         assert call_api(url.removesuffix("/v1"), "PATCH", f"/v1/playground/chats/{chat_id}",

@@ -3,7 +3,7 @@ build step, nothing fetched from elsewhere) talking to this server's Responses A
 JSON endpoints over the saved conversations (gptoss_mlx/store.py, the TUI's and ``chat
 --resume``'s store and format):
 
-    GET    /v1/playground/info          the model, its default effort, the tools the server runs
+    GET    /v1/playground/info          the model, the efforts and its default, the tools the server runs
     GET    /v1/playground/chats         saved chats, newest first
     POST   /v1/playground/chats         save a new chat              -> {"id": ...}
     GET    /v1/playground/chats/{id}    one chat, as the store keeps it
@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ...chat import ChatFileError, write_json_atomic
+from ...harmony import EFFORTS
 from ...store import (
     FORMAT_VERSION, ConversationStore, chat_file_problem, check_chat_file, save_target_problem, title_for,
 )
@@ -103,7 +104,7 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
         authorize(request)  # nothing private: the page needs it wherever it is opened
         tools = service.tools
         return JSONResponse({
-            "model": service.model_name, "reasoning_effort": service.reasoning_effort,
+            "model": service.model_name, "efforts": list(EFFORTS), "reasoning_effort": service.reasoning_effort,
             "max_context": service.max_context,
             "python": bool(tools and tools.python is not None), "browser": bool(tools and tools.browser),
             "functions": [f.name for f in tools.functions] if tools else []})

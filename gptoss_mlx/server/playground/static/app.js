@@ -6,7 +6,6 @@
 import { codeBlock, el, renderMarkdown } from "./markdown.js";
 
 const $ = (selector) => document.querySelector(selector);
-const EFFORTS = ["low", "medium", "high"];
 
 const state = {
   info: null,
@@ -158,7 +157,7 @@ async function openChat(id) {
   const format = data.response_format?.json_schema;
   $("#schema").value = format?.schema ? JSON.stringify(format.schema, null, 2) : "";
   state.chat = { id: data.id, title: data.title || data.id, messages, tools, response_format: data.response_format || null,
-                 reasoning_effort: EFFORTS.includes(data.reasoning_effort) ? data.reasoning_effort : "medium" };
+                 reasoning_effort: data.reasoning_effort || "medium" }; // the server checked it
   state.pending = [];
   showEffort();
   renderChat();
@@ -621,12 +620,6 @@ function wire() {
   });
   $("#stop").addEventListener("click", stop);
   $("#new-chat").addEventListener("click", startChat);
-  for (const button of document.querySelectorAll("#effort button")) {
-    button.addEventListener("click", () => {
-      state.chat.reasoning_effort = button.dataset.effort; // applies from the next reply
-      showEffort();
-    });
-  }
   $("#settings-toggle").addEventListener("click", () => {
     const settings = $("#settings");
     settings.hidden = !settings.hidden;
@@ -645,8 +638,25 @@ function wire() {
   });
 }
 
+// The effort switch, one button per effort the server knows.
+function effortButtons(efforts) {
+  const buttons = efforts.map((effort) => {
+    const button = el("button", null, effort);
+    button.type = "button";
+    button.setAttribute("role", "radio");
+    button.dataset.effort = effort;
+    button.addEventListener("click", () => {
+      state.chat.reasoning_effort = effort; // applies from the next reply
+      showEffort();
+    });
+    return button;
+  });
+  $("#effort").replaceChildren($("#effort .label"), ...buttons);
+}
+
 function showInfo(info) {
   $("#model").textContent = info.model;
+  effortButtons(info.efforts);
   const notes = [];
   if (info.python) notes.push("python runs on this server without asking: it was started with --tools python (that flag is the approval); each call's code is shown in its row");
   if (info.browser) notes.push("the browser tool fetches public web pages from this server");
