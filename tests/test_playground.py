@@ -185,7 +185,7 @@ def test_tiny_model_streams_a_reply_with_stats_and_stops_mid_reply(browser, tiny
         [entry] = chats.list()
         assert entry.title == "Hello there" and entry.messages == 2  # saved after the reply
 
-    with serving(*tiny, chats=chats, sampling=SamplingParams(max_tokens=3000)) as url:
+    with serving(*tiny, chats=chats, sampling=SamplingParams(max_tokens=3000, temperature=0)) as url:
         page = Page(browser, url)
         page.send("Now talk for a long time")
         page.until(lambda: len(page.js("return document.querySelector('.turn.assistant')?.textContent || ''")) > 20,
