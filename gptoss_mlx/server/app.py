@@ -15,9 +15,9 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from ..files import JSONProblem, lone_surrogate_problem, parse_json
-from .chat_completions import chat_completions
 from ..store import ConversationStore
 from . import playground
+from .chat_completions import chat_completions
 from .errors import APIError, bad_request
 from .responses import ResponseStore, responses
 from .service import Service

@@ -4,8 +4,9 @@
 ``function_call_output``, ``mcp_call``) becomes a Chat Completions-shaped conversation, then
 harmony. Output items are ``reasoning`` (the chain of thought as ``reasoning_text``),
 ``message``, ``function_call`` (the client's tools) and ``mcp_call`` (a tool the server ran
-itself, ``serve --tools/--functions``: its name, arguments or code, and output). With ``store`` (the default) a response is kept, in memory and bounded, so a
-later request can continue it with ``previous_response_id``.
+itself, ``serve --tools/--functions``: its name, arguments or code, and output). With
+``store`` (the default) a response is kept, in memory and bounded, so a later request can
+continue it with ``previous_response_id``.
 
 Tools other than functions (Codex sends ``web_search``, ``local_shell``, ``custom`` ones...)
 are not declared to the model and are listed in the log: a request that brings them still works
