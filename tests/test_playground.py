@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -213,8 +214,16 @@ def test_tiny_model_streams_a_reply_with_stats_and_stops_mid_reply(browser, tiny
 
 # ---- a scripted model: reasoning, effort, tools, hostile text ----------------------------------
 
+class SlowScriptedModel(ScriptedModel):
+    """A scripted model at a few tokens a second, so the page can be seen mid-reply."""
+
+    def __call__(self, inputs, cache=None, evaluate_layers=False):
+        time.sleep(0.08)
+        return super().__call__(inputs, cache, evaluate_layers)
+
+
 def test_reasoning_streams_then_folds_and_markdown_renders(browser, tok, tmp_path, shots):
-    model = ScriptedModel([answer(tok, "The user asks about **sorting**. Use sorted().",
+    model = SlowScriptedModel([answer(tok, "The user asks about **sorting**. Use sorted().",
                                   "## Sorting\n\nUse `sorted()`:\n\n```python\nnums = [3, 1, 2]\n"
                                   "print(sorted(nums))  # [1, 2, 3]\n```\n\n- stable\n- *O(n log n)*\n\n"
                                   "See [the docs](https://docs.python.org/3/howto/sorting.html).")])
@@ -222,6 +231,9 @@ def test_reasoning_streams_then_folds_and_markdown_renders(browser, tok, tmp_pat
         page = Page(browser, url)
         page.js(WATCH_REASONING)
         page.send("How do I sort a list?")
+        page.until(lambda: "Reasoning · thinking… (" in page.text(".turn.assistant")
+                   and not page.all(".turn.assistant .answer"), "no live reasoning")
+        shots(browser, "2a-reasoning-streaming")
         reply = page.wait_reply(1)
         seen = page.js("return window.seen")  # (reasoning open?, answer shown?) at each change
         assert [True, False] in seen and seen[-1] == [False, True]  # open while it streamed alone
@@ -239,7 +251,7 @@ def test_reasoning_streams_then_folds_and_markdown_renders(browser, tok, tmp_pat
         assert link.get_attribute("rel") == "noopener noreferrer nofollow"
         reasoning.find_element("css selector", "summary").click()  # re-open it
         assert "Use sorted()." in reasoning.text
-        shots(browser, "2-reply-with-reasoning-and-markdown")
+        shots(browser, "2b-reply-with-reasoning-and-markdown")
 
 
 def test_effort_is_always_visible_and_applies_to_the_next_reply(browser, tok, tmp_path, shots):
