@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from gptoss_mlx.cli import build_parser as cli_parser
 from gptoss_mlx.cli import main as cli_main
 from gptoss_mlx.cli.serve import check_binding
-from gptoss_mlx.generate import Engine
+from gptoss_mlx.generate import Engine, SamplingParams
 from gptoss_mlx.server import Scheduler, Service, create_app
 from gptoss_mlx.server.output import Closed, Delta, ReplyStream
 from gptoss_mlx.server.tools import ServerTools
@@ -40,12 +40,14 @@ CHAT_WEATHER = {"type": "function", "function": {k: v for k, v in WEATHER.items(
 
 @contextlib.contextmanager
 def serving(model, tokenizer, *, max_context=4096, max_concurrency=4, api_key=None, cache_bytes=1 << 30,
-            tools=None):
-    """A uvicorn server on a free loopback port, in a thread; yields its /v1 base URL."""
+            tools=None, chats=None, sampling=None):
+    """A uvicorn server on a free loopback port, in a thread; yields its /v1 base URL.
+    ``chats``: the playground's ConversationStore (the user's data directory by default)."""
     engine = Engine(model, max_context=max_context)
     service = Service("gpt-oss-tiny", tokenizer, engine,
-                      Scheduler(engine, max_concurrency, cache_bytes=cache_bytes), tools=tools)
-    config = uvicorn.Config(create_app(service, api_key=api_key), host="127.0.0.1", port=0,
+                      Scheduler(engine, max_concurrency, cache_bytes=cache_bytes), tools=tools,
+                      sampling=sampling or SamplingParams())
+    config = uvicorn.Config(create_app(service, api_key=api_key, chats=chats), host="127.0.0.1", port=0,
                             log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -505,11 +507,18 @@ def test_server_python_tool_in_the_responses_stream(tok, os_sandbox):
             events = list(stream)
         response = events[-1].response
         assert response.status == "completed" and response.output_text == "42"
-        assert [o.type for o in response.output] == ["reasoning", "message"]
+        assert [o.type for o in response.output] == ["mcp_call", "reasoning", "message"]
+        ran = response.output[0]  # the call the server ran, as an item: its code and output
+        assert (ran.name, ran.arguments, ran.output.strip(), ran.status) == ("python", "print(6 * 7)", "42", "completed")
         assert not any("function_call" in e.type for e in events)
+        done = [e.item for e in events if e.type == "response.output_item.done"]
+        assert done[0].type == "mcp_call" and done[0].output.strip() == "42"  # streamed once it ran
         prompt = tok.decode(model.fed)
         assert "## python" in prompt and "STATELESS" in prompt
         assert "<|start|>python to=assistant<|channel|>analysis<|message|>42" in prompt
+        follow_up = client(url).responses.create(model="gpt-oss-tiny", input="And 7*7?",
+                                                 previous_response_id=response.id)
+        assert follow_up.status == "completed"  # the stored mcp_call item is read back
 
 
 # -- hostile bodies: never a 5xx, always OpenAI's error shape

@@ -15,6 +15,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from ..files import JSONProblem, lone_surrogate_problem, parse_json
+from ..store import ConversationStore
+from . import playground
 from .chat_completions import chat_completions
 from .errors import APIError, bad_request
 from .responses import ResponseStore, responses
@@ -25,7 +27,9 @@ log = logging.getLogger("gptoss_mlx.server")
 MAX_BODY_BYTES = 64 << 20
 
 
-def create_app(service: Service, api_key: str | None = None) -> Starlette:
+def create_app(service: Service, api_key: str | None = None, chats: ConversationStore | None = None) -> Starlette:
+    """``chats``: the saved conversations the playground at ``/`` lists and saves (the TUI's
+    store by default)."""
     store = ResponseStore()
     started = int(time.time())
 
@@ -106,7 +110,8 @@ def create_app(service: Service, api_key: str | None = None) -> Starlette:
     return Starlette(
         routes=[Route("/v1/chat/completions", post_chat, methods=["POST"]),
                 Route("/v1/responses", post_responses, methods=["POST"]),
-                Route("/v1/models", models), Route("/health", health)],
+                Route("/v1/models", models), Route("/health", health),
+                *playground.routes(service, chats or ConversationStore(), api_key, authorize, json_body)],
         exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
 
 

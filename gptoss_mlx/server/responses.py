@@ -1,10 +1,12 @@
 """``POST /v1/responses``: OpenAI's Responses API, as ``gpt_oss.responses_api`` serves it.
 
 ``input`` (a string, or items: messages, ``reasoning``, ``function_call``,
-``function_call_output``) becomes a Chat Completions-shaped conversation, then harmony. Output
-items are ``reasoning`` (the chain of thought as ``reasoning_text``), ``message`` and
-``function_call``. With ``store`` (the default) a response is kept, in memory and bounded, so a
-later request can continue it with ``previous_response_id``.
+``function_call_output``, ``mcp_call``) becomes a Chat Completions-shaped conversation, then
+harmony. Output items are ``reasoning`` (the chain of thought as ``reasoning_text``),
+``message``, ``function_call`` (the client's tools) and ``mcp_call`` (a tool the server ran
+itself, ``serve --tools/--functions``: its name, arguments or code, and output). With
+``store`` (the default) a response is kept, in memory and bounded, so a later request can
+continue it with ``previous_response_id``.
 
 Tools other than functions (Codex sends ``web_search``, ``local_shell``, ``custom`` ones...)
 are not declared to the model and are listed in the log: a request that brings them still works
@@ -108,6 +110,15 @@ def chat_messages(items: list) -> list[dict]:
             turn("content").setdefault("tool_calls", []).append(
                 {"id": item["call_id"], "type": "function",
                  "function": {"name": item["name"], "arguments": item["arguments"]}})
+        elif kind == "mcp_call":  # a tool the server ran: its call, then its result
+            if not all(isinstance(item.get(k), str) for k in ("name", "arguments")):
+                raise bad_request(f"{where}: an mcp_call needs 'name' and 'arguments' (strings)", "input")
+            call_id = str(item.get("id") or f"mcp_{i}")
+            turn("content").setdefault("tool_calls", []).append(
+                {"id": call_id, "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}})
+            if isinstance(item.get("output"), str):
+                out.append({"role": "tool", "tool_call_id": call_id, "content": item["output"]})
+                assistant = None
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str):
                 raise bad_request(f"{where}: a function_call_output needs the 'call_id' of its call", "input")
@@ -116,7 +127,7 @@ def chat_messages(items: list) -> list[dict]:
             assistant = None
         else:
             raise bad_request(f"{where}: items of type {kind!r} are not supported (messages, reasoning, "
-                              "function_call and function_call_output are)", "input")
+                              "function_call, function_call_output and mcp_call are)", "input")
     return out
 
 
@@ -156,8 +167,17 @@ def input_items(body: dict, store: ResponseStore) -> list[dict]:
     return previous + given
 
 
-def output_item(item: Item, ids: dict, status: str = "completed") -> dict:
+SERVER_LABEL = "gptoss-mlx"  # the "MCP server" of the tools a server runs itself
+
+
+def output_item(item: Item, ids: dict, status: str = "completed", result: str | None = None) -> dict:
+    """``result``: a server tool call's output (None while it runs, or when it never ran)."""
     item_id, call_id = ids[id(item)]
+    if item.kind == SERVER_CALL:
+        done = "completed" if result is not None else "incomplete"
+        return {"id": item_id, "type": "mcp_call", "server_label": SERVER_LABEL, "name": item.name,
+                "arguments": item.text, "output": result, "error": None,
+                "status": "in_progress" if status == "in_progress" else done}
     if item.kind == REASONING:
         return {"id": item_id, "type": "reasoning", "summary": [], "status": status,
                 "content": [{"type": "reasoning_text", "text": item.text}]}
@@ -198,9 +218,11 @@ class ResponseRun:
         self.reply: Reply = service.new_reply("resp", chat, forced_name, sampling, [])
         self.ids: dict[int, tuple[str, str | None]] = {}
         self.error: APIError | None = None
+        self.results: dict[int, str] = {}  # id(server tool call) -> its result
+        self._history = len(self.reply.messages)  # where the server's tool results are appended
 
     def open(self, item: Item) -> int:
-        prefix = {REASONING: "rs", CALL: "fc"}.get(item.kind, "msg")
+        prefix = {REASONING: "rs", CALL: "fc", SERVER_CALL: "mcp"}.get(item.kind, "msg")
         self.ids[id(item)] = (new_id(prefix), new_id("call") if item.kind == CALL else None)
         return len(self.ids) - 1
 
@@ -208,7 +230,7 @@ class ResponseRun:
         reply, body = self.reply, self.body
         done = [i for i in reply.stream.items if id(i) in self.ids]
         out = {"id": reply.id, "object": "response", "created_at": reply.created, "status": status,
-               "model": self.service.model_name, "output": [output_item(i, self.ids) for i in done],
+               "model": self.service.model_name, "output": [self._output(i) for i in done],
                "error": self.error.body()["error"] if self.error else None,
                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
@@ -226,6 +248,18 @@ class ResponseRun:
                             "output_tokens_details": {"reasoning_tokens": reply.stream.reasoning_tokens},
                             "total_tokens": reply.prompt_tokens + reply.output_tokens}
         return out
+
+    def _output(self, item: Item, status: str = "completed") -> dict:
+        return output_item(item, self.ids, status, self.results.get(id(item)))
+
+    def answered_calls(self) -> list[Item]:
+        """The server's tool calls whose results have come back since last asked. The service
+        appends the k-th call's result to the reply's messages before it generates on."""
+        results = [m.text for m in self.reply.messages[self._history:] if m.role == "tool"]
+        calls = [i for i in self.reply.stream.items if i.kind == SERVER_CALL]
+        new = [c for c, _ in zip(calls, results) if id(c) not in self.results]
+        self.results.update((id(c), r) for c, r in zip(calls, results))
+        return new
 
     @property
     def stored(self) -> bool:
@@ -250,17 +284,43 @@ class ResponseRun:
         try:
             async with contextlib.aclosing(self.service.generate(self.reply, self.request)) as events:
                 async for event in events:
+                    for pair in self._server_call_results():
+                        yield pair
                     for pair in self._item_events(event):
                         yield pair
         except Exception as e:  # noqa: BLE001 - the stream has begun: it fails in the stream
             log.exception("%s failed", self.reply.id)
             self.error = APIError(500, str(e), type="server_error", code="server_error")
+        for pair in self._server_call_results(final=True):
+            yield pair
         response = self.finish()
         yield f"response.{response['status']}", {"response": response}
 
+    def _server_call_results(self, final: bool = False):
+        """``output_item.done`` of each server tool call answered since the last event (and, at
+        the end, of those that never ran)."""
+        for item in self.answered_calls():
+            yield self._item_done(item)
+        if final:
+            for item in self.reply.stream.items:
+                if item.kind == SERVER_CALL and id(item) in self.ids and id(item) not in self.results:
+                    yield self._item_done(item)
+
+    def _item_done(self, item: Item):
+        return "response.output_item.done", {"output_index": self._where(item)["output_index"],
+                                             "item": self._output(item)}
+
     def _item_events(self, event):
         item = event.item
-        if item.kind == SERVER_CALL:  # the server's own tool: not the client's business
+        if item.kind == SERVER_CALL:  # the server's own tool: added, its arguments, done once it ran
+            if isinstance(event, Opened):
+                index = self.open(item)
+                yield "response.output_item.added", {"output_index": index,
+                                                     "item": self._output(item, "in_progress")}
+            elif isinstance(event, Delta):
+                where = self._where(item)
+                del where["content_index"]
+                yield "response.mcp_call_arguments.delta", {**where, "delta": event.text}
             return
         if isinstance(event, Opened):
             index = self.open(item)
@@ -306,8 +366,9 @@ async def responses(service: Service, store: ResponseStore, body: dict, request)
         return StreamingResponse(sse(run), media_type="text/event-stream")
     async with contextlib.aclosing(service.generate(run.reply, request)) as events:
         async for event in events:
-            if isinstance(event, Opened) and event.item.kind != SERVER_CALL:
+            if isinstance(event, Opened):
                 run.open(event.item)
+    run.answered_calls()
     return JSONResponse(run.finish())
 
 

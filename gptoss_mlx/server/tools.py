@@ -1,8 +1,8 @@
 """Tools the server runs itself (``serve --tools python,browser --functions FILE``).
 
 They are declared to the model beside the client's own functions (the built-ins in the system
-message, as harmony does), run between the generation rounds of the same request, and stay out
-of the API's output: the client sees the answer they led to, not the calls. Each request gets
+message, as harmony does) and run between the generation rounds of the same request: the client
+gets the answer they led to, and in the Responses API each call as an ``mcp_call`` item. Each request gets
 its own browser and a stateless python sandbox, so nothing passes from one client to another.
 Starting the server with these flags is the approval to run them.
 """

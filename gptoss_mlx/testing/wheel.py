@@ -1,5 +1,5 @@
-"""Build the wheel of this checkout and check it ships the TUI as gptoss_mlx.tui and the Metal
-kernel sources.
+"""Build the wheel of this checkout and check it ships the TUI as gptoss_mlx.tui, the Metal
+kernel sources and the server's playground page.
 
     python -m gptoss_mlx.testing.wheel [--out DIR]
 """
@@ -40,6 +40,9 @@ def check(names: list[str]) -> list[str]:
     for name in metal_sources:
         if f"gptoss_mlx/metal/{name}" not in names:
             problems.append(f"missing kernel source gptoss_mlx/metal/{name}")
+    for asset in sorted((ROOT / "gptoss_mlx" / "server" / "playground" / "static").iterdir()):
+        if f"gptoss_mlx/server/playground/static/{asset.name}" not in names:
+            problems.append(f"missing playground file gptoss_mlx/server/playground/static/{asset.name}")
     if not any(n.endswith("entry_points.txt") for n in names):
         problems.append("no entry_points.txt (the gptoss-mlx command)")
     return problems

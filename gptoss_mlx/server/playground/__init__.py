@@ -1,0 +1,174 @@
+"""The browser playground that ``gptoss-mlx serve`` serves at ``/``: one page (``static/``, no
+build step, nothing fetched from elsewhere) talking to this server's Responses API, and small
+JSON endpoints over the saved conversations (gptoss_mlx/store.py, the TUI's and ``chat
+--resume``'s store and format):
+
+    GET    /v1/playground/info          the model, the efforts and its default, the tools the server runs
+    GET    /v1/playground/chats         saved chats, newest first
+    POST   /v1/playground/chats         save a new chat              -> {"id": ...}
+    GET    /v1/playground/chats/{id}    one chat, as the store keeps it
+    PUT    /v1/playground/chats/{id}    replace it
+    PATCH  /v1/playground/chats/{id}    {"title": ...}
+    DELETE /v1/playground/chats/{id}
+
+The store's files are read and written off the event loop, so a long list never holds up a
+reply that is streaming. They follow the server's API key. Without one, they answer only a loopback Host (a web page
+that rebinds its own name to 127.0.0.1 cannot read your chats) and only requests from this
+server's own origin (another site cannot change them). Errors have OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from importlib import resources
+from typing import Awaitable, Callable
+from urllib.parse import urlsplit
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ...chat import ChatFileError, write_json_atomic
+from ...harmony import EFFORTS
+from ...store import (
+    FORMAT_VERSION, ConversationStore, chat_file_problem, check_chat_file, save_target_problem, title_for,
+)
+from ..errors import APIError, bad_request
+from ..service import Service
+
+ASSETS = {"app.js": "text/javascript", "markdown.js": "text/javascript", "style.css": "text/css",
+          "icon.svg": "image/svg+xml"}
+# The page runs only its own files: no inline script or style, nothing from another origin.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+SAVED_KEYS = ("title", "messages", "reasoning_effort", "tools", "date")  # what the page may save
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _static(name: str) -> bytes:
+    return (resources.files(__package__) / "static" / name).read_bytes()
+
+
+def routes(service: Service, chats: ConversationStore, api_key: str | None,
+           authorize: Callable[[Request], None], json_body: Callable[[Request], Awaitable[dict]]) -> list[Route]:
+    """The page, its assets and the chat endpoints. ``authorize`` and ``json_body`` are the
+    server's (the API key, the capped body reader)."""
+
+    def guard(request: Request) -> None:
+        authorize(request)
+        host = urlsplit(f"//{request.headers.get('host', '')}").hostname or ""
+        if api_key is None and host not in LOOPBACK_HOSTS:
+            raise APIError(403, f"saved chats are served to {host or 'an unnamed host'} only when the server "
+                           "has an API key (gptoss-mlx serve --api-key)", code="forbidden")
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+            raise APIError(403, f"requests from {origin} may not use this server's saved chats",
+                           code="forbidden")
+
+    def chat_path(request: Request, must_exist: bool = True):
+        chat_id = request.path_params["chat_id"]
+        try:
+            path = chats.path(chat_id)
+        except ChatFileError as e:
+            raise bad_request(str(e), "chat_id", "invalid_chat_id") from None
+        if must_exist and not path.exists():
+            raise APIError(404, f"no saved chat {chat_id!r}", param="chat_id", code="chat_not_found")
+        return chat_id, path
+
+    async def saved_body(request: Request) -> dict:
+        """The chat to save, checked as the store checks a file; without a title, its first
+        user message names it (as in the TUI)."""
+        body = await json_body(request)
+        data = {k: body[k] for k in SAVED_KEYS if k in body}
+        problem = await asyncio.to_thread(chat_file_problem, data)  # renders the conversation
+        if problem:
+            raise bad_request(f"not a chat that can be saved: {problem}")  # it names the field
+        if data.get("title") is None:
+            first = next((m for m in data["messages"] if m["role"] == "user"), {})
+            data["title"] = title_for(first.get("content") if isinstance(first.get("content"), str) else "")
+        if not data["title"].strip():
+            raise bad_request("'title' must not be empty", "title")
+        return {**data, "updated": time.time(), "format": FORMAT_VERSION}
+
+    async def write(path, data: dict) -> None:
+        problem = save_target_problem(path)
+        if problem:
+            raise APIError(409, f"{path} {problem}", code="cannot_save")
+        await asyncio.to_thread(write_json_atomic, path, data)
+
+    async def info(request: Request):
+        authorize(request)  # nothing private: the page needs it wherever it is opened
+        tools = service.tools
+        return JSONResponse({
+            "model": service.model_name, "efforts": list(EFFORTS), "reasoning_effort": service.reasoning_effort,
+            "max_context": service.max_context,
+            "python": bool(tools and tools.python is not None), "browser": bool(tools and tools.browser),
+            "functions": [f.name for f in tools.functions] if tools else []})
+
+    async def list_chats(request: Request):
+        guard(request)
+        entries = await asyncio.to_thread(chats.list)
+        return JSONResponse({"object": "list", "data": [dataclasses.asdict(e) for e in entries]})
+
+    async def create_chat(request: Request):
+        guard(request)
+        data = await saved_body(request)
+        chat_id = chats.new_id()
+        await write(chats.path(chat_id), data)
+        return JSONResponse({"id": chat_id, "title": data["title"], "updated": data["updated"]}, status_code=201)
+
+    async def get_chat(request: Request):
+        guard(request)
+        chat_id, path = chat_path(request)
+        try:
+            data = await asyncio.to_thread(check_chat_file, path)
+        except ChatFileError as e:
+            raise APIError(422, str(e), param="chat_id", code="unreadable_chat") from None
+        return JSONResponse({"id": chat_id, **data})
+
+    async def put_chat(request: Request):
+        guard(request)
+        chat_id, path = chat_path(request, must_exist=False)
+        data = await saved_body(request)
+        await write(path, data)
+        return JSONResponse({"id": chat_id, "title": data["title"], "updated": data["updated"]})
+
+    async def patch_chat(request: Request):
+        guard(request)
+        chat_id, _ = chat_path(request)
+        title = (await json_body(request)).get("title")
+        if not isinstance(title, str) or not title.strip():
+            raise bad_request("'title' must be a non-empty string", "title")
+        try:
+            await asyncio.to_thread(chats.rename, chat_id, title.strip())
+        except ChatFileError as e:
+            raise APIError(422, str(e), param="chat_id", code="unreadable_chat") from None
+        return JSONResponse({"id": chat_id, "title": title.strip()})
+
+    async def delete_chat(request: Request):
+        guard(request)
+        chat_id, _ = chat_path(request)
+        chats.delete(chat_id)
+        return JSONResponse({"id": chat_id, "deleted": True})
+
+    async def page(request: Request):
+        return Response(_static("index.html"), media_type="text/html", headers=PAGE_HEADERS)
+
+    async def asset(request: Request):
+        name = request.path_params["name"]
+        if name not in ASSETS:
+            raise APIError(404, f"no playground file {name!r}", code="not_found")
+        return Response(_static(name), media_type=ASSETS[name], headers=PAGE_HEADERS)
+
+    return [Route("/", page), Route("/playground/{name}", asset),
+            Route("/v1/playground/info", info),
+            Route("/v1/playground/chats", list_chats, methods=["GET"]),
+            Route("/v1/playground/chats", create_chat, methods=["POST"]),
+            Route("/v1/playground/chats/{chat_id}", get_chat, methods=["GET"]),
+            Route("/v1/playground/chats/{chat_id}", put_chat, methods=["PUT"]),
+            Route("/v1/playground/chats/{chat_id}", patch_chat, methods=["PATCH"]),
+            Route("/v1/playground/chats/{chat_id}", delete_chat, methods=["DELETE"])]
