@@ -14,7 +14,7 @@ LOOPBACK_NAMES = ("localhost",)
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
-                       description="Serve /v1/responses, /v1/chat/completions and /v1/models. "
+                       description="Serve /v1/responses, /v1/chat/completions, /v1/models and a browser playground at /. "
                                    "Sampling and effort flags are defaults that requests override; "
                                    "--system is used by requests that bring no instructions. "
                                    "--tools and --functions run on the server, for every client "
@@ -75,7 +75,8 @@ def cmd_serve(args) -> int:
     log = logging.getLogger("gptoss_mlx.server")  # one line per request; uvicorn's own: warnings
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    print(f"Serving {service.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    print(f"Serving {service.model_name} on http://{args.host}:{args.port}/v1 "
+          f"(playground: http://{args.host}:{args.port}/)", file=sys.stderr)
     uvicorn.run(create_app(service, api_key=args.api_key), host=args.host, port=args.port,
                 log_level="warning")
     return 0
