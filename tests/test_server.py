@@ -237,9 +237,10 @@ def eventually_served(c, within_s: float = 10):
 
 # -- errors
 
-def post(url, path, data: bytes, key=None):
+def post(url, path, data: bytes, key=None, headers=None):
     req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json",
-                                                                   **({"Authorization": f"Bearer {key}"} if key else {})})
+                                                                   **({"Authorization": f"Bearer {key}"} if key else {}),
+                                                                   **(headers or {})})
     try:
         with urllib.request.urlopen(req) as resp:
             return resp.status, json.loads(resp.read())
@@ -306,6 +307,16 @@ def test_bad_responses_requests_and_unknown_routes(url):
     code, data = post(url, "/responses", b'{"input": [{"type": "function_call_output", "call_id": "x", "output": "1"}]}')
     assert code == 400 and "tool result" in data["error"]["message"]
     assert post(url, "/nowhere", b"{}")[0] == 404
+
+
+def test_a_page_of_another_site_cannot_make_the_server_generate(url):
+    # A plain-text POST needs no CORS preflight: any web page the user has open could send one.
+    body = b'{"input": "hi", "max_output_tokens": 2}'
+    code, data = post(url, "/responses", body, headers={"Content-Type": "text/plain", "Origin": "https://evil.example"})
+    assert code == 403 and "https://evil.example" in data["error"]["message"]
+    assert post(url, "/chat/completions", b"{}", headers={"Origin": "http://localhost:1"})[0] == 403
+    own = "http://" + url.split("/")[2]  # the playground's own pages may
+    assert post(url, "/responses", body, headers={"Origin": own})[0] == 200
 
 
 def test_a_prompt_over_the_context_is_context_length_exceeded(url):

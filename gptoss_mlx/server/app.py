@@ -18,7 +18,7 @@ from ..files import JSONProblem, lone_surrogate_problem, parse_json
 from ..store import ConversationStore
 from . import playground
 from .chat_completions import chat_completions
-from .errors import APIError, bad_request
+from .errors import APIError, bad_request, refuse_other_origins
 from .responses import ResponseStore, responses
 from .service import Service
 
@@ -66,6 +66,7 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
     async def admitted(request: Request, handler, *args):
         """Run ``handler`` in a scheduler slot, held until its response (or stream) has ended."""
         authorize(request)
+        refuse_other_origins(request, "this server")
         body = await json_body(request)
         slot = service.scheduler.admit()
         try:

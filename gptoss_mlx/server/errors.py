@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 
@@ -26,3 +29,13 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def refuse_other_origins(request: Request, what: str) -> None:
+    """403 for a browser request sent by a page of another site (its ``Origin`` is not this
+    server). Without this, any web page open on the user's machine could make the local server
+    generate (a plain-text POST needs no CORS preflight) or change the saved chats. Clients
+    other than browsers send no Origin and are not affected."""
+    origin = request.headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+        raise APIError(403, f"requests from {origin} may not use {what}", code="forbidden")

@@ -35,7 +35,7 @@ from ...harmony import EFFORTS
 from ...store import (
     FORMAT_VERSION, ConversationStore, chat_file_problem, check_chat_file, save_target_problem, title_for,
 )
-from ..errors import APIError, bad_request
+from ..errors import APIError, bad_request, refuse_other_origins
 from ..service import Service
 
 ASSETS = {"app.js": "text/javascript", "markdown.js": "text/javascript", "style.css": "text/css",
@@ -64,10 +64,7 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
         if api_key is None and host not in LOOPBACK_HOSTS:
             raise APIError(403, f"saved chats are served to {host or 'an unnamed host'} only when the server "
                            "has an API key (gptoss-mlx serve --api-key)", code="forbidden")
-        origin = request.headers.get("origin")
-        if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
-            raise APIError(403, f"requests from {origin} may not use this server's saved chats",
-                           code="forbidden")
+        refuse_other_origins(request, "this server's saved chats")
 
     def chat_path(request: Request, must_exist: bool = True):
         chat_id = request.path_params["chat_id"]
