@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gptoss_mlx import kernels
-from gptoss_mlx.kernels import registry
+from gptoss_mlx.kernels import moe, registry
 from gptoss_mlx.kernels.launch import Kernel, Launch, kernel_source
 from gptoss_mlx.testing import toolchain
 from gptoss_mlx.testing.samples import emulated_dtypes, samples
@@ -74,6 +74,45 @@ def test_emulated_kernel_matches_reference(case, order, cxx):
     got = toolchain.emulate(spec.kernel, spec.plan(*args), order)
     err = registry.max_error(got, spec.expected(*args))
     assert err <= registry.tolerance(dtype), f"{name} {dtype} sample {i}: error {err}"
+
+
+def _variant_kernels(name: str) -> list[str]:
+    """The expert kernels whose launch a variant changes (the others run as in "base")."""
+    v, base = moe.VARIANTS[name], moe.VARIANTS["base"]
+    changed = []
+    if (v.rows_a, v.stage_x, v.simdgroups) != (base.rows_a, base.stage_x, base.simdgroups):
+        changed.append("moe_gate_up_swiglu")
+    if (v.rows_b, v.split_b, v.simdgroups) != (base.rows_b, base.split_b, base.simdgroups):
+        changed.append("moe_down_combine")
+    return changed
+
+
+VARIANT_CASES = [
+    (variant, name, dtype, i)
+    for variant in moe.VARIANTS if variant != "base"
+    for name in _variant_kernels(variant)
+    for dtype in (mx.float32, mx.bfloat16)
+    for i in range(len(samples(name, dtype)))
+]
+
+
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=lambda c: f"{c[0]}-" + _ids(c[1:]))
+def test_every_expert_kernel_variant_type_checks_and_matches_the_reference(case, clang, cxx, monkeypatch):
+    """The variants scripts/bench_moe.py times on the GPU pass the same checks as the default:
+    clang on the generated source, the emulator in both orders on every sample."""
+    variant, name, dtype, i = case
+    monkeypatch.setattr(moe, "VARIANT", moe.VARIANTS[variant])
+    spec = registry.REGISTRY[name]
+    args = samples(name, dtype)[i]
+    launch = spec.plan(*args)
+    toolchain.check_metal_syntax(toolchain.generated_metal_source(spec.kernel, launch), clang)
+    for order in ("forward", "reverse"):
+        err = registry.max_error(toolchain.emulate(spec.kernel, launch, order), spec.expected(*args))
+        assert err <= registry.tolerance(dtype), f"{variant} {name} {dtype} sample {i} {order}: error {err}"
+
+
+def test_every_variant_changes_one_expert_kernel():
+    assert all(len(_variant_kernels(v)) == 1 for v in moe.VARIANTS if v != "base")
 
 
 @pytest.mark.parametrize("name", list(registry.REGISTRY))
@@ -173,6 +212,36 @@ def test_emulator_reports_an_out_of_bounds_access(mutant, cxx):
     for order in ("forward", "reverse"):
         with pytest.raises(toolchain.ToolchainError, match=message):
             toolchain.emulate(_planted(name, old, new), spec.plan(*args), order)
+
+
+# Bugs in the expert kernels' variants: each is caught by the emulator on the variant's samples.
+VARIANT_MUTANTS = {
+    "gate-up-x-staged-without-a-barrier": ("moe_gate_up_swiglu", "a-xtg", BARRIER, ""),
+    "gate-up-second-column-written-over-the-first": (
+        "moe_gate_up_swiglu", "a-rows2", "act[size_t(slot) * I + first + r]", "act[size_t(slot) * I + first]"),
+    "down-split-parts-in-one-slot": (
+        "moe_down_combine", "b-split2", "* SPLIT + part] = acc[r]", "* SPLIT] = acc[r]"),
+    "down-second-row-reads-the-first-rows-scales": (
+        "moe_down_combine", "b-rows2", "(first_row + metal::min(d0 + r, uint(D - 1))) * (I / 32)",
+        "(first_row + d0) * (I / 32)"),
+}
+
+
+@pytest.mark.parametrize("mutant", list(VARIANT_MUTANTS))
+def test_emulator_catches_a_bug_in_a_kernel_variant(mutant, cxx, monkeypatch):
+    name, variant, old, new = VARIANT_MUTANTS[mutant]
+    monkeypatch.setattr(moe, "VARIANT", moe.VARIANTS[variant])
+    spec = registry.REGISTRY[name]
+    kernel = _planted(name, old, new)
+    worst = 0.0
+    for args in samples(name, mx.float32):
+        for order in ("forward", "reverse"):
+            try:
+                worst = max(worst, registry.max_error(toolchain.emulate(kernel, spec.plan(*args), order),
+                                                      spec.expected(*args)))
+            except toolchain.ToolchainError:
+                worst = float("inf")  # an access outside a buffer or array
+    assert worst > 1e-2
 
 
 def test_emulator_shows_a_thread_array_element_never_written(cxx):

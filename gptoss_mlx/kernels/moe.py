@@ -7,16 +7,43 @@ the weighted sum): what the kernels must equal.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 
 from .. import ops
 from . import registry
 from .launch import Kernel, Launch
 
-# Per threadgroup: 256 threads; one simdgroup per output row — A: per column (its gate and
-# linear row), B: per (output, expert). On the GPU machine this beat two or four outputs per
-# simdgroup and whole MX blocks (uint4) per lane by 10-25 % (docs/measurements.md).
-SIMDGROUPS = 8
+@dataclass(frozen=True)
+class Variant:
+    """How the expert kernels spread the work (metal/moe_*.metal headers). All variants compute
+    the same sums in the same order per partial sum; scripts/bench_moe.py --ncu --variants
+    times them side by side on the GPU."""
+
+    rows_a: int = 1  # kernel A: output columns per simdgroup (their gate and linear rows)
+    stage_x: bool = False  # kernel A: x staged once per threadgroup in threadgroup memory
+    rows_b: int = 1  # kernel B: outputs per simdgroup
+    split_b: int = 1  # kernel B: simdgroups sharing one row's inputs (split-K)
+    simdgroups: int = 8  # per threadgroup, both kernels
+
+
+# "base": one simdgroup per output row, lanes over packed words, 8 simdgroups per threadgroup. On
+# the GPU machine this beat two or four outputs per simdgroup (without the staging and split-K
+# below) and whole MX blocks (uint4) per lane by 10-25 % in wall time (docs/measurements.md).
+VARIANTS = {
+    "base": Variant(),
+    "a-rows2": Variant(rows_a=2),
+    "a-rows4": Variant(rows_a=4),
+    "a-xtg": Variant(stage_x=True),
+    "a-rows2-xtg": Variant(rows_a=2, stage_x=True),
+    "a-rows4-xtg": Variant(rows_a=4, stage_x=True),
+    "b-rows2": Variant(rows_b=2),
+    "b-split2": Variant(split_b=2),
+    "b-rows2-split2": Variant(rows_b=2, split_b=2),
+    "b-rows4-split2": Variant(rows_b=4, split_b=2),
+}
+VARIANT = VARIANTS["base"]  # what the model runs
 
 # Up to this many tokens the kernels replace gather_qmm (each token re-reads its experts' rows,
 # as gather_qmv does); above it the sorted gather_qmm path shares rows between tokens.
@@ -69,11 +96,12 @@ def gate_up_swiglu_plan(x, indices, w, scales, bias, limit) -> Launch:
     T, D = x.shape
     k = indices.shape[-1]
     I = w.shape[1] // 2
+    v = VARIANT
     return Launch(
         inputs=[x, w, scales, bias, indices, float(limit)],
         output_shapes=[(T, k, I)], output_dtypes=[x.dtype],
-        grid=(32 * SIMDGROUPS, -(-I // SIMDGROUPS), T * k), threadgroup=(32 * SIMDGROUPS, 1, 1),
-        template=[("T_", x.dtype), ("D", D), ("I", I), ("TOP_K", k)],
+        grid=(32 * v.simdgroups, -(-I // (v.simdgroups * v.rows_a)), T * k), threadgroup=(32 * v.simdgroups, 1, 1),
+        template=[("T_", x.dtype), ("D", D), ("I", I), ("TOP_K", k), ("ROWS", v.rows_a), ("STAGE_X", int(v.stage_x))],
     )
 
 
@@ -88,13 +116,17 @@ def down_combine_reference(act, indices, weights, w, scales, bias, residual):
 def down_combine_plan(act, indices, weights, w, scales, bias, residual) -> Launch:
     T, k, I = act.shape
     D = w.shape[1]
-    outs = max(1, SIMDGROUPS // k)  # outputs per threadgroup: one simdgroup per (output, expert)
-    threads = 32 * k * outs
+    v = VARIANT
+    per_group = k * v.split_b  # simdgroups per group of outputs: one per (expert, part)
+    groups = max(1, v.simdgroups // per_group)
+    outs = groups * v.rows_b  # outputs per threadgroup
+    threads = 32 * per_group * groups
     return Launch(
         inputs=[act, w, scales, bias, indices, weights, residual],
         output_shapes=[(T, D)], output_dtypes=[act.dtype],
         grid=(threads, -(-D // outs), T), threadgroup=(threads, 1, 1),
-        template=[("T_", act.dtype), ("D", D), ("I", I), ("TOP_K", k), ("OUTS", outs)],
+        template=[("T_", act.dtype), ("D", D), ("I", I), ("TOP_K", k), ("OUTS", outs), ("ROWS", v.rows_b),
+                  ("SPLIT", v.split_b)],
     )
 
 
