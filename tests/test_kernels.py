@@ -556,16 +556,21 @@ def test_prefill_attention_kernel_in_the_model_across_the_window(emulated_gpu):
 
 # ---- scripts/check_kernels_gpu.py --sanitize, without the GPU ------------------------------------
 
-def _gpu_script():
+def _script(name: str):
+    """scripts/<name>.py as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "check_kernels_gpu.py"
-    spec = importlib.util.spec_from_file_location("check_kernels_gpu", path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def _gpu_script():
+    return _script("check_kernels_gpu")
 
 
 # compute-sanitizer's output in the layout NVIDIA documents (--print-limit, --log-file).
@@ -689,3 +694,108 @@ def test_sanitize_refuses_bad_arguments_with_one_line(argv, message, capsys, mon
     captured = capsys.readouterr()
     assert rc not in (0, None)
     assert message in (captured.err + captured.out + (rc if isinstance(rc, str) else ""))
+
+
+# ---- scripts/profile_decode.py: Nsight Compute's CSV to the table, without the GPU -----------
+
+NCU_HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+              '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
+
+
+def _ncu_line(n: int, name: str, grid: str, value: str, unit: str = "usecond") -> str:
+    return (f'"{n}","4242","python3.12","127.0.0.1","{name}","1","7","(256, 1, 1)","{grid}","0","9.0",'
+            f'"Command line profiler metrics","gpu__time_duration.sum","{unit}","{value}"')
+
+
+def _ncu_csv(steps: int) -> str:
+    """What ncu prints for the worker: its log lines, then per engine a marker, ``steps`` tokens
+    of kernels (ours: 5 a token; off: 3; mlx-lm: 4), an end marker; warm-up kernels around."""
+    gemv = "void gemv2T_kernel_val<int, int, __nv_bfloat16, float, 128, 16, 4, 4, false, false>(T13, T14, T14)"
+    per_token = {
+        "ours": [("custom_kernel_moe_gate_up_swiglu_e3b0_bfloat16_uint32_uint8_bfloat16_uint32c_float_bfloat16",
+                  "(3, 360, 4)", "35.5"),
+                 ("custom_kernel_moe_down_combine_9f2c_bfloat16", "(1, 1440, 1)", "28.0"),
+                 (gemv, "(1, 80, 1)", "11.25"), (gemv, "(1, 6284, 1)", "268.0"),
+                 ("void mlx::core::cu::rms_norm<__nv_bfloat16, 256, 8>(const T1 *, const T1 *, T1 *, float, int, long)",
+                  "(1, 1, 1)", "4,800", "nsecond")],
+        "ours_kernels_off": [(gemv, "(1, 6284, 1)", "270.0"), ("void mlx::core::cu::gather_qmv<__nv_bfloat16>(const T1 *)",
+                                                               "(1, 720, 4)", "60.0"),
+                             ("void (anonymous namespace)::argsort_kernel<float>(int)", "(1, 1, 1)", "0.01", "msecond")],
+        "mlx_lm": [(gemv, "(1, 6284, 1)", "269.0")] * 4,
+    }
+    lines = ["==PROF== Connected to process 4242 (/usr/bin/python3.12)", "prompt done", NCU_HEADER]
+    n = 0
+
+    def add(name, grid="(1, 1, 1)", value="2.0", unit="usecond"):
+        nonlocal n
+        lines.append(_ncu_line(n, name, grid, value, unit))
+        n += 1
+
+    add(gemv, "(1, 6284, 1)", "999")  # prefill: outside every range
+    for engine, kernels in per_token.items():
+        add(f"custom_kernel_marker__{engine}___float_float")
+        for _ in range(steps):
+            for k in kernels:
+                add(*k)
+        add("custom_kernel_marker__end___float_float")
+        add(gemv, "(1, 6284, 1)", "999")  # the next engine's warm-up
+    return "\n".join(lines) + "\n==PROF== Disconnected from process 4242\n"
+
+
+def test_profile_decode_table_from_an_ncu_csv(tmp_path, capsys):
+    prof = _script("profile_decode")
+    csv_file = tmp_path / "ncu.csv"
+    csv_file.write_text(_ncu_csv(steps=3))
+    assert prof.main(["--from-csv", str(csv_file), "--steps", "3", "--bytes-per-token", "3.7e9"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| ")}
+    # ours: 35.5 + 28 + 11.25 + 268 + 4.8 = 347.55 µs a token, 5 kernels; 3.7 GB / 347.55 µs = 10.65 TB/s
+    assert rows["ours"] == ["5", "0.348", "10.65"]
+    assert rows["ours_kernels_off"] == ["3", "0.340", "10.88"]  # 270 + 60 + 10 µs (0.01 ms)
+    assert rows["mlx_lm"] == ["4", "1.076", "3.44"]
+    # Families: our kernels by their metal/ name, MLX's by function name, a GEMV split by its grids.
+    assert rows["moe_gate_up_swiglu"] == ["35.5", "1", "35.5"]
+    assert rows["moe_down_combine"] == ["28.0", "1", "28.0"]
+    assert rows["rms_norm"] == ["4.8", "1", "4.8"]
+    assert rows["gemv2T_kernel_val (1, 80, 1)"] == ["11.2", "1", "11.2"]
+    assert rows["argsort_kernel"] == ["10.0", "1", "10.0"]
+    assert "gemv2T_kernel_val" in rows  # mlx-lm and ours-off run it at one grid only
+    assert "bytes one token must read: 3.700 GB" in out
+
+
+FAKE_NCU = """#!{python}
+import subprocess, sys
+args = sys.argv[1:]
+assert args[:5] == ["--csv", "--clock-control", "none", "--metrics", "gpu__time_duration.sum"], args
+worker = subprocess.run(args[5:], capture_output=True, text=True)  # the profiled program, on the CPU here
+if worker.returncode:
+    sys.exit(worker.stderr)
+sys.stdout.write(worker.stdout + open({csv!r}).read())
+"""
+
+
+def test_profile_decode_runs_every_engine_under_ncu(tmp_path, capsys):
+    """The whole script with a stand-in for ncu that runs the worker (all three engines decode
+    on a tiny checkpoint, on the CPU) and then prints a saved profile."""
+    from gptoss_mlx.testing import checkpoints as mtc
+
+    prof = _script("profile_decode")
+    ckpt = tmp_path / "tiny"
+    mtc.write_hf(ckpt, mtc.TINY.replace(num_hidden_layers=2, layer_types=("sliding_attention", "full_attention")))
+    (tmp_path / "ncu.csv").write_text(_ncu_csv(steps=2))
+    fake = tmp_path / "ncu"
+    fake.write_text(FAKE_NCU.format(python=sys.executable, csv=str(tmp_path / "ncu.csv")))
+    fake.chmod(0o755)
+    assert prof.main(["--dir", str(ckpt), "--steps", "2", "--ncu", str(fake)]) == 0
+    out = capsys.readouterr().out
+    assert "| ours | 5 | 0.348 |" in out and "| mlx_lm | 4 | 1.076 |" in out
+    per_token = float(out.split("bytes one token must read: ")[1].split()[0]) * 1e9
+    model_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    assert 0 < per_token < model_bytes  # one embedding row and 4 of 8 experts: less than the file
+
+
+def test_profile_decode_says_what_is_missing_without_ncu(tmp_path, capsys):
+    prof = _script("profile_decode")
+    assert prof.main(["--dir", str(tmp_path), "--ncu", str(tmp_path / "no-ncu")]) == 1
+    assert "no-ncu not found: Nsight Compute is needed" in capsys.readouterr().err
