@@ -174,14 +174,15 @@ def test_emulator_catches_a_missing_barrier(which, cxx):
 
 def test_emulator_catches_an_off_by_one(cxx):
     _, body = kernel_source("add_rms_norm")
-    mutant = body.replace("for (uint i = tid; i < D;", "for (uint i = tid + 1; i < D;", 1)
-    assert mutant != body
-    assert _worst_error(_mutant(mutant)) == float("inf")  # column 0 never written: NaN
+    old = "for (uint k = 0; k < PER; ++k) {\n  const uint col"
+    assert body.count(old) == 1
+    mutant = body.replace(old, "for (uint k = 1; k < PER; ++k) {\n  const uint col")
+    assert _worst_error(_mutant(mutant)) == float("inf")  # the first columns never written: NaN
 
 
 def test_emulator_catches_a_partial_reduction(cxx):
     _, body = kernel_source("add_rms_norm")
-    mutant = body.replace("lane < tg_size / 32", "lane < tg_size / 32 - 1")
+    mutant = body.replace("lane < TG / 32", "lane < TG / 32 - 1")
     assert mutant != body
     assert _worst_error(_mutant(mutant)) > 1e-2
 
@@ -261,7 +262,7 @@ def test_compile_check_reports_a_planted_error_with_its_line(clang):
     source = toolchain.generated_metal_source(bad, spec.plan(*samples("add_rms_norm", mx.float16)[0]))
     with pytest.raises(toolchain.ToolchainError, match=r"kernel\.metal\.cpp:\d+:\d+: error: use of undeclared identifier 'simd_summ'"):
         toolchain.check_metal_syntax(source, clang)
-    bad = _mutant(body.replace("h_row[i] = hi;", "h_row[i] = hi"))
+    bad = _mutant(body.replace("h_row[col] = hi;", "h_row[col] = hi"))
     source = toolchain.generated_metal_source(bad, spec.plan(*samples("add_rms_norm", mx.float16)[0]))
     with pytest.raises(toolchain.ToolchainError, match="expected ';'"):
         toolchain.check_metal_syntax(source, clang)
@@ -435,7 +436,7 @@ def test_a_wrong_kernel_is_disabled_with_one_warning(emulated_gpu, monkeypatch):
 def test_a_kernel_that_fails_to_compile_is_disabled(emulated_gpu, monkeypatch):
     spec = registry.REGISTRY["add_rms_norm"]
     _, body = kernel_source("add_rms_norm")
-    monkeypatch.setattr(spec, "kernel", _mutant(body.replace("h_row[i] = hi;", "h_row[i] = hi")))
+    monkeypatch.setattr(spec, "kernel", _mutant(body.replace("h_row[col] = hi;", "h_row[col] = hi")))
     with pytest.warns(RuntimeWarning, match="failed to run"):
         assert not registry.active("add_rms_norm", mx.bfloat16)
 

@@ -8,9 +8,9 @@ import mlx.core as mx
 
 from ..kernels import registry
 
-# (rows, D): then edge shapes: D not a multiple of 32, one row, the model's D = 2880 (TG 256,
-# 11.25 columns a thread).
-ADD_RMS_NORM_SHAPES = [(3, 96), (1, 33), (2, 200), (5, 2880)]
+# (rows, D): then edge shapes: D not a multiple of 32, one row, the model's D = 2880 (TG 1024,
+# 2.8 columns a thread), and a row just past 1024 columns (two columns for a few threads).
+ADD_RMS_NORM_SHAPES = [(3, 96), (1, 33), (2, 200), (5, 2880), (1, 1030)]
 
 # (tokens, D, I, experts, top-k). The lanes stride over the packed words of the input
 # dimension — D for kernel A, I for kernel B — so each kernel gets the model's 2880 there (360
