@@ -13,8 +13,8 @@
 // bias [E, D] of T_; indices [T, TOP_K] uint32; weights [T, TOP_K] of T_; residual [T, D] of T_.
 // y [T, D] of T_.
 // Template: T_ (activation dtype), D, I, TOP_K, OUTS, ROWS (outputs per simdgroup), SPLIT.
-// Lanes stride over their part's packed words of the row (mxfp4.h), all loaded first (ROWS rows,
-// 12 words each at I = 2880 without split), then decoded against 8 activations at a time, which
+// Lanes stride over their part's packed words of the row (mxfp4.h), all loaded first with their
+// scale bytes (ROWS rows, 12 words each at I = 2880 without split), then decoded against 8 activations at a time, which
 // the ROWS rows share; fp32 accumulation, simd_sum. The partial sums meet in threadgroup memory,
 // where one thread per output adds, in slot order, weights[j] * (its parts + bias) to the residual.
 // Every weight row is read once. A ragged last group reads row D - 1 for outputs past the end
@@ -34,6 +34,7 @@ const uint slot = t * TOP_K + j;
 constexpr uint WORDS = I / 8;
 constexpr uint PART = (WORDS + SPLIT - 1) / SPLIT;  // words per part
 constexpr uint STEPS = (PART + 31) / 32;
+constexpr uint PACKED = (STEPS + 3) / 4;
 
 threadgroup float partial[OUTS * TOP_K * SPLIT];  // [output][slot][part]
 
@@ -41,14 +42,24 @@ threadgroup float partial[OUTS * TOP_K * SPLIT];  // [output][slot][part]
 // simdgroup computes nothing and its results are never read.
 if (d0 < D) {
   const size_t first_row = size_t(indices[slot]) * D;
-  // All of this lane's weight words first, so they are in flight together.
+  // All of this lane's weight words and scale bytes first, so they are in flight together.
   uint q[ROWS * STEPS];  // [row][step]
+  uint sc[ROWS * PACKED];  // the rows' scale bytes, step s in byte s % 4 of word s / 4
+  for (uint k = 0; k < ROWS * PACKED; ++k) {
+    sc[k] = 0u;
+  }
   for (uint r = 0; r < ROWS; ++r) {
-    const device uint32_t* w_row = w + (first_row + metal::min(d0 + r, uint(D - 1))) * WORDS;
+    const size_t row = first_row + metal::min(d0 + r, uint(D - 1));
+    const device uint32_t* w_row = w + row * WORDS;
+    const device uint8_t* s_row = scales + row * (I / 32);
     for (uint step = 0; step < STEPS; ++step) {
       const uint at = lane + 32 * step;
       const uint word = part * PART + at;
-      q[r * STEPS + step] = at < PART && word < WORDS ? w_row[word] : 0u;
+      const bool mine = at < PART && word < WORDS;
+      q[r * STEPS + step] = mine ? w_row[word] : 0u;
+      if (mine) {
+        sc[r * PACKED + step / 4] |= uint(s_row[word / 4]) << (8 * (step % 4));
+      }
     }
   }
   const device T_* a = act + size_t(slot) * I;
@@ -63,8 +74,8 @@ if (d0 < D) {
       float av[8];
       load8(a + 8 * word, av);
       for (uint r = 0; r < ROWS; ++r) {
-        const device uint8_t* s_row = scales + (first_row + metal::min(d0 + r, uint(D - 1))) * (I / 32);
-        acc[r] += dot8(q[r * STEPS + step], av) * mxfp4_scale(s_row[word / 4]);
+        const uint s = (sc[r * PACKED + step / 4] >> (8 * (step % 4))) & 0xFFu;
+        acc[r] += dot8(q[r * STEPS + step], av) * mxfp4_scale(s);
       }
     }
   }

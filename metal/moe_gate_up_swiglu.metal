@@ -12,9 +12,9 @@
 // act [T, TOP_K, I] of T_. Template: T_ (activation dtype), D, I, TOP_K, ROWS (columns per
 // simdgroup), STAGE_X (1: the threadgroup first stages x in threadgroup memory as float, word-major
 // so lanes reading consecutive words hit distinct banks; 0: each lane loads its x words itself).
-// Lanes stride over the D/8 packed words (mxfp4.h); each lane first loads all its words of the
-// gate and linear rows of its ROWS columns (2 * ROWS * 12 words at D = 2880, all in flight
-// together), then per word 8 activations decoded against every row; fp32 accumulation, then
+// Lanes stride over the D/8 packed words (mxfp4.h); each lane first loads all its words and
+// scale bytes of the gate and linear rows of its ROWS columns (2 * ROWS * 12 words at D = 2880,
+// all in flight together), then per word 8 activations decoded against every row; fp32 accumulation, then
 // simd_sum. A ragged last simdgroup reads column I - 1 for the columns past the end and writes
 // none of them. The expert id is read on the GPU: no host sync.
 // Fuses: 2 gather_qmm-equivalents over the same x (gate and up as one pass), 2 bias gathers and
@@ -28,6 +28,7 @@ const uint t = slot / TOP_K;
 const uint e = indices[slot];
 constexpr uint WORDS = D / 8;
 constexpr uint STEPS = (WORDS + 31) / 32;
+constexpr uint PACKED = (STEPS + 3) / 4;
 const device T_* x_t = x + size_t(t) * D;
 
 threadgroup float xs[STAGE_X ? D : 8];  // xs[n * WORDS + word] = x[8 * word + n]
@@ -42,15 +43,25 @@ if (STAGE_X) {
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }
 if (first < I) {  // uniform per simdgroup; no barrier follows
-  // All of this lane's weight words of its 2 * ROWS rows first, so they are in flight together.
+  // All of this lane's weight words and scale bytes of its 2 * ROWS rows first, so they are in
+  // flight together: the loop below then waits on nothing but x.
   uint q[2 * ROWS * STEPS];  // [row r][gate, linear][step]
+  uint sc[2 * ROWS * PACKED];  // the same rows' scale bytes, step s in byte s % 4 of word s / 4
+  for (uint k = 0; k < 2 * ROWS * PACKED; ++k) {
+    sc[k] = 0u;
+  }
   for (uint r = 0; r < ROWS; ++r) {
     const size_t gate_row = size_t(e) * (2 * I) + 2 * metal::min(first + r, uint(I - 1));
     const device uint32_t* w_gate = w + gate_row * WORDS;
+    const device uint8_t* s_gate = scales + gate_row * (D / 32);
     for (uint step = 0; step < STEPS; ++step) {
       const uint word = lane + 32 * step;
       q[(2 * r) * STEPS + step] = word < WORDS ? w_gate[word] : 0u;
       q[(2 * r + 1) * STEPS + step] = word < WORDS ? w_gate[WORDS + word] : 0u;
+      if (word < WORDS) {
+        sc[(2 * r) * PACKED + step / 4] |= uint(s_gate[word / 4]) << (8 * (step % 4));
+        sc[(2 * r + 1) * PACKED + step / 4] |= uint(s_gate[D / 32 + word / 4]) << (8 * (step % 4));
+      }
     }
   }
   float acc[2 * ROWS];  // [row r][gate, linear]
@@ -68,11 +79,9 @@ if (first < I) {  // uniform per simdgroup; no barrier follows
       } else {
         load8(x_t + 8 * word, xv);
       }
-      for (uint r = 0; r < ROWS; ++r) {
-        const size_t gate_row = size_t(e) * (2 * I) + 2 * metal::min(first + r, uint(I - 1));
-        const device uint8_t* s_gate = scales + gate_row * (D / 32);
-        acc[2 * r] += dot8(q[(2 * r) * STEPS + step], xv) * mxfp4_scale(s_gate[word / 4]);
-        acc[2 * r + 1] += dot8(q[(2 * r + 1) * STEPS + step], xv) * mxfp4_scale(s_gate[D / 32 + word / 4]);
+      for (uint k = 0; k < 2 * ROWS; ++k) {
+        const uint s = (sc[k * PACKED + step / 4] >> (8 * (step % 4))) & 0xFFu;
+        acc[k] += dot8(q[k * STEPS + step], xv) * mxfp4_scale(s);
       }
     }
   }

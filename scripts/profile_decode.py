@@ -4,6 +4,7 @@ with GPTOSS_MLX_KERNELS=off, and mlx-lm, on the same checkpoint in one profiled 
 
     python scripts/profile_decode.py --dir /tmp/g20 [--make --preset 20b] [--steps 4] [--top 18]
     python scripts/profile_decode.py --from-csv ncu.csv --steps 4   # the table from a saved ncu run
+    python scripts/profile_decode.py --host [--steps 50]            # host time per token, any machine
 
 Each engine prefills the same 128-token prompt, decodes two tokens (compiles, checks the
 kernels), then decodes ``--steps`` more between two marker kernels; ``ncu --csv --clock-control
@@ -14,6 +15,15 @@ one embedding row, the KV cache) over that time, and the time and count of each 
 name runs at several grids — qkv, o_proj and the unembedding share a GEMV). Kernels run
 serialized with cold caches under the profiler, so only the sum of GPU time carries over, not
 wall time (scripts/bench_decode.py measures that).
+
+``--host`` measures the other half of a token's cost, the host's: the time Python and MLX take
+to build one decode step's graph (model and greedy sampling, as Engine.generate queues it), and
+the graph's size in operations, for gpt-oss-20b's structure (24 layers, 32 experts top-4, 64/8
+heads, its window) at small widths: host time depends on the number of operations, not on their
+sizes. A CPU has no GPU kernel to build, and MLX's fast operations (rms_norm, rope, sdpa) fall
+back to several operations there: each of those calls, and with kernels "on" each of our kernel
+launches (whose plans and checks run as on a GPU), is stood in for by one node that depends on
+its inputs (counted as one operation: "Depends"). "off" is MLX's path.
 
 The marker helpers and the CSV parsing here are also what ``scripts/bench_moe.py --ncu`` uses.
 """
@@ -237,6 +247,102 @@ def worker(directory: Path, steps: int, out: Path) -> int:
     return 0
 
 
+# ---- host time per token --------------------------------------------------------------------
+
+def host_config():
+    """gpt-oss-20b's structure (layers, experts, heads, window) at small widths."""
+    from gptoss_mlx.config import GPT_OSS_20B
+
+    return GPT_OSS_20B.replace(hidden_size=64, intermediate_size=64, head_dim=16, vocab_size=1024)
+
+
+def graph_ops(*outputs) -> dict[str, int]:
+    """{primitive: count} of the graph that evaluating ``outputs`` would run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "g.dot"
+        import mlx.core as mx
+
+        mx.export_to_dot(str(path), *outputs)
+        labels = re.findall(r'\[label ="(\w+)", shape=rectangle\]', path.read_text())
+    counts = defaultdict(int)
+    for label in labels:
+        counts[label] += 1
+    return dict(counts)
+
+
+def host_time(kernels: str, steps: int) -> dict:
+    """Median ms to build one decode step's graph, and its operations, after a 128-token prompt."""
+    import statistics
+    import time
+    from unittest import mock
+
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from gptoss_mlx.generate import SamplingParams, make_sampler
+    from gptoss_mlx.kernels import registry
+    from gptoss_mlx.kernels.launch import Kernel
+    from gptoss_mlx.model import Model
+
+    config = host_config()
+    mx.random.seed(0)
+    model = Model(config)
+    model.update(nn.utils.tree_map(lambda p: mx.random.normal(p.shape).astype(mx.bfloat16) * 0.1
+                                   if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
+    mx.eval(model.parameters())
+    sample = make_sampler(SamplingParams(temperature=0), config.vocab_size)
+    stood_in = []  # outputs made by stand-ins in this step (each adds a Broadcast node)
+
+    def stand_in(shapes, dtypes, deps):
+        """One node (Depends) that waits for ``deps`` and gives outputs of these shapes."""
+        stood_in.append(len(shapes))
+        outs = [mx.broadcast_to(mx.array(0, dtype=d), s) for s, d in zip(shapes, dtypes)]
+        return mx.depends(outs, [a for a in deps if isinstance(a, mx.array)])
+
+    def kernel(self, launch, backend=None):
+        return stand_in(launch.output_shapes, launch.output_dtypes, launch.inputs)
+
+    def fast(x, *args, **kwargs):  # mx.fast.rms_norm, rope, sdpa: one GPU kernel, a composite on the CPU
+        return stand_in([x.shape], [x.dtype], [x, *args, *kwargs.values()])[0]
+
+    with mock.patch.dict(os.environ, {registry.ENV_VAR: kernels}), \
+            mock.patch.object(registry, "gpu_backend", lambda: "metal" if kernels == "on" else None), \
+            mock.patch.object(Kernel, "__call__", kernel), mock.patch.object(mx.fast, "rms_norm", fast), \
+            mock.patch.object(mx.fast, "rope", fast), mock.patch.object(mx.fast, "scaled_dot_product_attention", fast):
+        registry.reset()
+        cache = model.make_cache()
+        y = sample(model(mx.array([list(range(PROMPT))]), cache=cache)[:, -1, :])
+        mx.eval(y)
+        build = []
+        for n in range(WARMUP + steps):
+            del stood_in[:]
+            t0 = time.perf_counter()
+            y = sample(model(y.reshape(1, 1), cache=cache)[:, -1, :])
+            t1 = time.perf_counter()
+            if n == WARMUP:
+                ops = graph_ops(y)
+                ops["Broadcast"] -= sum(stood_in)
+                launches = len(stood_in)
+            mx.eval(y)
+            if n >= WARMUP:
+                build.append(t1 - t0)
+        registry.reset()
+    return {"ms": 1e3 * statistics.median(build), "ops": sum(ops.values()), "stand_ins": launches, "by_op": ops}
+
+
+def host_report(steps: int) -> str:
+    lines = [f"Host time per decode token: building one step's graph (gpt-oss-20b structure at small widths, "
+             f"{steps} steps, median), on {__import__('platform').processor() or 'this CPU'}", "",
+             "| kernels | host ms / token | graph ops / token | of which fast ops and our kernels |", "|---|---|---|---|"]
+    results = {mode: host_time(mode, steps) for mode in ("on", "off")}
+    for mode, r in results.items():
+        lines.append(f"| {mode} | {r['ms']:.2f} | {r['ops']} | {r['stand_ins']} |")
+    for mode, r in results.items():
+        top = sorted(r["by_op"].items(), key=lambda kv: -kv[1])
+        lines.append(f"\nops with kernels {mode}: " + ", ".join(f"{k} {v}" for k, v in top))
+    return "\n".join(lines)
+
+
 # ---- the parent: run ncu, print the table -----------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,12 +356,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-csv", type=Path, help="print the table from a saved `ncu --csv` output instead")
     ap.add_argument("--bytes-per-token", type=float, help="with --from-csv: for the TB/s column")
     ap.add_argument("--save-csv", type=Path, help="keep ncu's CSV output here")
+    ap.add_argument("--host", action="store_true", help="host time per token instead (no GPU, no checkpoint)")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # runs under ncu; writes a JSON here
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be at least 1")
     if args.worker:
         return worker(args.dir, args.steps, args.worker)
+    if args.host:
+        print(host_report(args.steps))
+        return 0
     if args.from_csv:
         print(report(parse_ncu_csv(args.from_csv.read_text()), args.steps, args.bytes_per_token, args.top))
         return 0

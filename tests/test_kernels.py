@@ -87,12 +87,13 @@ def _variant_kernels(name: str) -> list[str]:
     return changed
 
 
+# The samples with the model's input width (2880), several tokens, and a ragged last threadgroup
+# (gptoss_mlx/testing/samples.py), in bfloat16; the dtypes' loads are the default variant's.
 VARIANT_CASES = [
-    (variant, name, dtype, i)
+    (variant, name, mx.bfloat16, i)
     for variant in moe.VARIANTS if variant != "base"
     for name in _variant_kernels(variant)
-    for dtype in (mx.float32, mx.bfloat16)
-    for i in range(len(samples(name, dtype)))
+    for i in (1, 2, 4)
 ]
 
 
@@ -223,8 +224,7 @@ VARIANT_MUTANTS = {
     "down-split-parts-in-one-slot": (
         "moe_down_combine", "b-split2", "* SPLIT + part] = acc[r]", "* SPLIT] = acc[r]"),
     "down-second-row-reads-the-first-rows-scales": (
-        "moe_down_combine", "b-rows2", "(first_row + metal::min(d0 + r, uint(D - 1))) * (I / 32)",
-        "(first_row + d0) * (I / 32)"),
+        "moe_down_combine", "b-rows2", "sc[r * PACKED + step / 4] >>", "sc[step / 4] >>"),
 }
 
 
@@ -235,7 +235,8 @@ def test_emulator_catches_a_bug_in_a_kernel_variant(mutant, cxx, monkeypatch):
     spec = registry.REGISTRY[name]
     kernel = _planted(name, old, new)
     worst = 0.0
-    for args in samples(name, mx.float32):
+    for i in (1, 2, 4):
+        args = samples(name, mx.float32)[i]
         for order in ("forward", "reverse"):
             try:
                 worst = max(worst, registry.max_error(toolchain.emulate(kernel, spec.plan(*args), order),
