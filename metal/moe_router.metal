@@ -6,44 +6,72 @@
 //   indices = the TOP_K largest logits, highest first (the lower expert on a tie)
 //   weights = T_(softmax(logit_indices))  computed in float
 //
-// Grid (32 * SG, tokens, 1) threads, threadgroup (32 * SG, 1, 1): one threadgroup per token.
-// Simdgroup s computes the logits of experts s, s + SG, ... (lanes stride over D in chunks of
-// 8 values, one 16-byte load each of x and the weight row — mxfp4.h's load8 — then simd_sum)
-// into threadgroup memory; after a barrier simdgroup 0 holds them as E/32 slots per
-// lane and picks the top k with TOP_K rounds of simd_max / simd_min.
+// Grid (32 * SG, tokens, 1) threads, threadgroup (32 * SG, 1, 1): one threadgroup per token,
+// SG = ceil(D / 256) simdgroups, so that thread c holds chunk c (8 values) of x. For each block
+// of EB experts a thread first loads its chunk of all EB weight rows (8 loads in flight together:
+// at decode the router's time is latency, not bytes), forms its EB partial dot products, and
+// each simdgroup's simd_sum goes to threadgroup memory, where thread e adds the SG partials of
+// expert e (in simdgroup order) and the bias. After the last block simdgroup 0 holds the logits
+// as E/32 slots per lane and picks the top k with TOP_K rounds of simd_max / simd_min.
 // Data: x [tokens, D] of T_; weight [E, D] of T_ (nn.Linear's layout); bias [E] of T_.
 // indices [tokens, TOP_K] uint32; weights [tokens, TOP_K] of T_.
-// Template: T_, D (a multiple of 8; the config makes hidden_size one of 32), E, TOP_K (<= E),
-// SG (simdgroups: min(E, 32)).
+// Template: T_, D (a multiple of 8, at most 8192; the config makes hidden_size one of 32), E,
+// TOP_K (<= E), SG.
 // Fuses: four MLX dispatches into one (at decode each costs more than the work it does).
 #include "mxfp4.h"
 // ---- body ----
+constexpr uint CHUNKS = D / 8;
+constexpr uint EB = E < 8 ? E : 8;  // experts per block
 constexpr uint SLOTS = (E + 31) / 32;  // logits per lane in the selection
 const uint lane = thread_index_in_simdgroup;
 const uint sg = simdgroup_index_in_threadgroup;
+const uint c = thread_index_in_threadgroup;  // this thread's chunk of x
 const uint token = threadgroup_position_in_grid.y;
 
+threadgroup float partial[SG * EB];  // [simdgroup][expert of the block]
 threadgroup float logits[E];
 
-const device T_* x_row = x + size_t(token) * D;
-for (uint e = sg; e < E; e += SG) {
-  const device T_* w_row = weight + size_t(e) * D;
-  float acc = 0.0f;
-  for (uint c = lane; c < D / 8; c += 32) {
-    float xv[8];
-    float wv[8];
-    load8(x_row + 8 * c, xv);
-    load8(w_row + 8 * c, wv);
+float xv[8];
+for (uint n = 0; n < 8; ++n) {
+  xv[n] = 0.0f;
+}
+if (c < CHUNKS) {
+  load8(x + size_t(token) * D + 8 * c, xv);
+}
+for (uint e0 = 0; e0 < E; e0 += EB) {
+  float wv[8 * EB];  // [expert][value]: every load of the block first
+  for (uint k = 0; k < EB; ++k) {
+    float v[8];
     for (uint n = 0; n < 8; ++n) {
-      acc += xv[n] * wv[n];
+      v[n] = 0.0f;
+    }
+    if (c < CHUNKS && e0 + k < E) {
+      load8(weight + size_t(e0 + k) * D + 8 * c, v);
+    }
+    for (uint n = 0; n < 8; ++n) {
+      wv[8 * k + n] = v[n];
     }
   }
-  acc = simd_sum(acc);
-  if (lane == 0) {
-    logits[e] = static_cast<float>(static_cast<T_>(acc + static_cast<float>(bias[e])));
+  for (uint k = 0; k < EB; ++k) {
+    float acc = 0.0f;
+    for (uint n = 0; n < 8; ++n) {
+      acc += xv[n] * wv[8 * k + n];
+    }
+    acc = simd_sum(acc);
+    if (lane == 0) {
+      partial[sg * EB + k] = acc;
+    }
   }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (c < EB && e0 + c < E) {
+    float sum = 0.0f;
+    for (uint s = 0; s < SG; ++s) {
+      sum += partial[s * EB + c];
+    }
+    logits[e0 + c] = static_cast<float>(static_cast<T_>(sum + static_cast<float>(bias[e0 + c])));
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);  // partial is reused; logits are complete
 }
-threadgroup_barrier(mem_flags::mem_threadgroup);
 if (sg != 0) {
   return;
 }

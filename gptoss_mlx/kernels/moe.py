@@ -65,7 +65,7 @@ def router_reference(x, weight, bias, k):
 def router_plan(x, weight, bias, k) -> Launch:
     T, D = x.shape
     E = weight.shape[0]
-    simdgroups = min(E, 32)
+    simdgroups = -(-D // 256)  # a chunk of 8 values of x per thread
     return Launch(
         inputs=[x, weight, bias],
         output_shapes=[(T, k), (T, k)], output_dtypes=[mx.uint32, x.dtype],
@@ -196,7 +196,7 @@ def route(x: mx.array, router, k: int) -> tuple[mx.array, mx.array]:
     """The top-k experts of each token of x (T, D), highest first, and their softmaxed weights,
     through ``router`` (an nn.Linear, or a quantized one): one kernel for small batches."""
     weight = router.weight
-    if x.shape[0] <= MAX_TOKENS and weight.dtype == x.dtype and "bias" in router \
+    if x.shape[0] <= MAX_TOKENS and x.shape[1] <= 8192 and weight.dtype == x.dtype and "bias" in router \
             and registry.active(ROUTER_SPEC.name, x.dtype):
         return tuple(ROUTER_SPEC.launch(x, weight, router.bias, k))
     return ops.top_k_softmax(router(x), k)
