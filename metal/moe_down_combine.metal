@@ -12,7 +12,9 @@
 // Data: act [T, TOP_K, I] of T_; w [E, D, I/8] uint32; scales [E, D, I/32] uint8;
 // bias [E, D] of T_; indices [T, TOP_K] uint32; weights [T, TOP_K] of T_; residual [T, D] of T_.
 // y [T, D] of T_.
-// Template: T_ (activation dtype), D, I, TOP_K, OUTS, ROWS (outputs per simdgroup), SPLIT.
+// Template: T_ (activation dtype), D, I, TOP_K, OUTS, ROWS (outputs per simdgroup), SPLIT,
+// ACT_AHEAD (1: the lane's activations loaded into registers with the weights, before the loop;
+// 0: loaded in the loop, 16 bytes per step).
 // Lanes stride over their part's packed words of the row (mxfp4.h), all loaded first with their
 // scale bytes (ROWS rows, 12 words each at I = 2880 without split), then decoded against 8 activations at a time, which
 // the ROWS rows share; fp32 accumulation, simd_sum. The partial sums meet in threadgroup memory,
@@ -63,6 +65,19 @@ if (d0 < D) {
     }
   }
   const device T_* a = act + size_t(slot) * I;
+  // With ACT_AHEAD the lane's activations are loaded here too, all at once, as floats.
+  float ahead[ACT_AHEAD ? 8 * STEPS : 8];
+  for (uint step = 0; ACT_AHEAD && step < STEPS; ++step) {
+    const uint at = lane + 32 * step;
+    const uint word = part * PART + at;
+    if (at < PART && word < WORDS) {
+      float av[8];
+      load8(a + 8 * word, av);
+      for (uint n = 0; n < 8; ++n) {
+        ahead[8 * step + n] = av[n];
+      }
+    }
+  }
   float acc[ROWS];
   for (uint r = 0; r < ROWS; ++r) {
     acc[r] = 0.0f;
@@ -72,7 +87,13 @@ if (d0 < D) {
     const uint word = part * PART + at;
     if (at < PART && word < WORDS) {
       float av[8];
-      load8(a + 8 * word, av);
+      if (ACT_AHEAD) {
+        for (uint n = 0; n < 8; ++n) {
+          av[n] = ahead[8 * step + n];
+        }
+      } else {
+        load8(a + 8 * word, av);
+      }
       for (uint r = 0; r < ROWS; ++r) {
         const uint s = (sc[r * PACKED + step / 4] >> (8 * (step % 4))) & 0xFFu;
         acc[r] += dot8(q[r * STEPS + step], av) * mxfp4_scale(s);

@@ -25,6 +25,7 @@ class Variant:
     stage_x: bool = False  # kernel A: x staged once per threadgroup in threadgroup memory
     rows_b: int = 1  # kernel B: outputs per simdgroup
     split_b: int = 1  # kernel B: simdgroups sharing one row's inputs (split-K)
+    act_ahead: bool = False  # kernel B: a lane's activations loaded with its weights, before the loop
     simdgroups: int = 8  # per threadgroup, both kernels
 
 
@@ -42,6 +43,9 @@ VARIANTS = {
     "b-split2": Variant(split_b=2),
     "b-rows2-split2": Variant(rows_b=2, split_b=2),
     "b-rows4-split2": Variant(rows_b=4, split_b=2),
+    "b-act": Variant(act_ahead=True),
+    "b-split2-act": Variant(split_b=2, act_ahead=True),
+    "b-rows2-split2-act": Variant(rows_b=2, split_b=2, act_ahead=True),
 }
 VARIANT = VARIANTS["base"]  # what the model runs
 
@@ -126,7 +130,7 @@ def down_combine_plan(act, indices, weights, w, scales, bias, residual) -> Launc
         output_shapes=[(T, D)], output_dtypes=[act.dtype],
         grid=(threads, -(-D // outs), T), threadgroup=(threads, 1, 1),
         template=[("T_", act.dtype), ("D", D), ("I", I), ("TOP_K", k), ("OUTS", outs), ("ROWS", v.rows_b),
-                  ("SPLIT", v.split_b)],
+                  ("SPLIT", v.split_b), ("ACT_AHEAD", int(v.act_ahead))],
     )
 
 
