@@ -8,19 +8,17 @@
 //
 // Grid (32 * SG, tokens, 1) threads, threadgroup (32 * SG, 1, 1): one threadgroup per token,
 // SG = ceil(D / 256) simdgroups, so that thread c holds chunk c (8 values) of x. For each block
-// of EB experts a thread first loads its chunk of all EB weight rows (8 loads in flight together:
-// at decode the router's time is latency, not bytes), forms its EB partial dot products, and
-// each simdgroup's simd_sum goes to threadgroup memory, where thread e adds the SG partials of
-// expert e (in simdgroup order) and the bias. After the last block simdgroup 0 holds the logits
-// as E/32 slots per lane and picks the top k with TOP_K rounds of simd_max / simd_min.
+// of EB experts a thread forms its EB partial dot products (router.h: the block's weight loads
+// in flight together), each simdgroup's simd_sum goes to threadgroup memory, where thread e adds
+// the SG partials of expert e (in simdgroup order) and the bias. After the last block
+// simdgroup 0 holds the logits as E/32 slots per lane and picks the top k (router.h).
 // Data: x [tokens, D] of T_; weight [E, D] of T_ (nn.Linear's layout); bias [E] of T_.
 // indices [tokens, TOP_K] uint32; weights [tokens, TOP_K] of T_.
 // Template: T_, D (a multiple of 8, at most 8192; the config makes hidden_size one of 32), E,
 // TOP_K (<= E), SG.
 // Fuses: four MLX dispatches into one (at decode each costs more than the work it does).
-#include "mxfp4.h"
+#include "router.h"
 // ---- body ----
-constexpr uint CHUNKS = D / 8;
 constexpr uint EB = E < 8 ? E : 8;  // experts per block
 constexpr uint SLOTS = (E + 31) / 32;  // logits per lane in the selection
 const uint lane = thread_index_in_simdgroup;
@@ -35,31 +33,16 @@ float xv[8];
 for (uint n = 0; n < 8; ++n) {
   xv[n] = 0.0f;
 }
-if (c < CHUNKS) {
+if (c < D / 8) {
   load8(x + size_t(token) * D + 8 * c, xv);
 }
 for (uint e0 = 0; e0 < E; e0 += EB) {
-  float wv[8 * EB];  // [expert][value]: every load of the block first
+  float acc[EB];
+  router_block<T_, D, E, EB>(weight, e0, c, xv, acc);
   for (uint k = 0; k < EB; ++k) {
-    float v[8];
-    for (uint n = 0; n < 8; ++n) {
-      v[n] = 0.0f;
-    }
-    if (c < CHUNKS && e0 + k < E) {
-      load8(weight + size_t(e0 + k) * D + 8 * c, v);
-    }
-    for (uint n = 0; n < 8; ++n) {
-      wv[8 * k + n] = v[n];
-    }
-  }
-  for (uint k = 0; k < EB; ++k) {
-    float acc = 0.0f;
-    for (uint n = 0; n < 8; ++n) {
-      acc += xv[n] * wv[8 * k + n];
-    }
-    acc = simd_sum(acc);
+    acc[k] = simd_sum(acc[k]);
     if (lane == 0) {
-      partial[sg * EB + k] = acc;
+      partial[sg * EB + k] = acc[k];
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -79,35 +62,4 @@ float slot[SLOTS];
 for (uint i = 0; i < SLOTS; ++i) {
   slot[i] = lane + 32 * i < E ? logits[lane + 32 * i] : -INFINITY;
 }
-float chosen[TOP_K];
-for (uint j = 0; j < TOP_K; ++j) {
-  // This lane's best remaining logit (slots rise in expert index: '>' keeps the lower one).
-  float best = -INFINITY;
-  uint best_expert = E;
-  for (uint i = 0; i < SLOTS; ++i) {
-    if (lane + 32 * i < E && slot[i] > best) {
-      best = slot[i];
-      best_expert = lane + 32 * i;
-    }
-  }
-  const float top = simd_max(best);
-  const uint winner = simd_min(best == top ? best_expert : uint(E));
-  chosen[j] = top;
-  for (uint i = 0; i < SLOTS; ++i) {
-    if (lane + 32 * i == winner) {
-      slot[i] = -INFINITY;  // taken
-    }
-  }
-  if (lane == 0) {
-    indices[size_t(token) * TOP_K + j] = winner;
-  }
-}
-if (lane == 0) {
-  float total = 0.0f;
-  for (uint j = 0; j < TOP_K; ++j) {
-    total += metal::exp(chosen[j] - chosen[0]);  // chosen[0] is the largest
-  }
-  for (uint j = 0; j < TOP_K; ++j) {
-    weights[size_t(token) * TOP_K + j] = static_cast<T_>(metal::exp(chosen[j] - chosen[0]) / total);
-  }
-}
+select_top_k<T_, E, TOP_K>(slot, lane, indices + size_t(token) * TOP_K, weights + size_t(token) * TOP_K);

@@ -155,7 +155,7 @@ def ncu_worker(args, block, D) -> int:
     import mlx.core as mx
 
     from gptoss_mlx.kernels import moe
-    from profile_decode import marker
+    from profile_decode import range_end, range_start
 
     errors = {}
     for T in [int(t) for t in args.tokens.split(",")]:
@@ -163,19 +163,19 @@ def ncu_worker(args, block, D) -> int:
         with kernel_mode("off"):
             reference = block(x, None, None)
             mx.eval(reference)
-            marker(f"mlx_t{T}")
+            range_start(f"mlx_t{T}")
             for _ in range(args.iters):
                 mx.eval(block(x, None, None))
-            marker("end")
+            range_end()
         for n, variant in enumerate(args.variants):
             moe.VARIANT = moe.VARIANTS[variant]
             with kernel_mode("check"):
                 out = block(x, None, None)  # compiles (and checks) outside the measured range
                 errors[f"{variant} {T}"] = max_diff(out, reference)
-                marker(f"v{n}_t{T}")
+                range_start(f"v{n}_t{T}")
                 for _ in range(args.iters):
                     mx.eval(block(x, None, None))
-                marker("end")
+                range_end()
     args.ncu_worker.write_text(json.dumps(errors))
     return 0
 
@@ -183,18 +183,16 @@ def ncu_worker(args, block, D) -> int:
 def ncu_report(args) -> int:
     """Runs this script under ncu; per batch size and path, the GPU time of one block call."""
     import json
-    import subprocess
     import tempfile
-    from pathlib import Path
 
-    from profile_decode import NCU_ARGS, family, parse_ncu_csv, ranges
+    from profile_decode import family, profile, ranges
 
     with tempfile.TemporaryDirectory() as tmp:
         side = Path(tmp) / "errors.json"
-        cmd = ["ncu", *NCU_ARGS, sys.executable, __file__, "--ncu-worker", str(side), "--preset", args.preset,
-               "--tokens", args.tokens, "--iters", str(args.iters), "--variants", ",".join(args.variants)]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        measured = ranges(parse_ncu_csv(run.stdout))
+        run, rows = profile("ncu", [sys.executable, __file__, "--ncu-worker", str(side), "--preset", args.preset,
+                                    "--tokens", args.tokens, "--iters", str(args.iters),
+                                    "--variants", ",".join(args.variants)])
+        measured = ranges(rows)
         if run.returncode or not measured:
             print(run.stdout[-3000:], run.stderr[-3000:])
             return 1

@@ -72,6 +72,27 @@ def marker(label: str) -> None:
                                    grid=(32, 1, 1), threadgroup=(32, 1, 1))))
 
 
+def _profiler(call: str) -> None:
+    """cuProfilerStart/Stop: under ``ncu --profile-from-start off`` only what runs between them
+    is profiled (loading and prefill are thousands of kernels, slow under the profiler)."""
+    import ctypes
+
+    from gptoss_mlx.kernels.launch import gpu_backend
+
+    if gpu_backend() == "cuda":
+        getattr(ctypes.CDLL("libcuda.so.1"), call)()
+
+
+def range_start(label: str) -> None:
+    _profiler("cuProfilerStart")
+    marker(label)
+
+
+def range_end() -> None:
+    marker("end")
+    _profiler("cuProfilerStop")
+
+
 @dataclass
 class KernelTime:
     name: str  # the function name: no return type, namespace, template arguments or parameters
@@ -223,10 +244,10 @@ def worker(directory: Path, steps: int, out: Path) -> int:
         y = sample(ours(mx.array([prompt]), cache=cache)[:, -1, :])
         for n in range(WARMUP + steps):
             if n == WARMUP:
-                marker(label)
+                range_start(label)
             y = sample(ours(y.reshape(1, 1), cache=cache)[:, -1, :])  # what Engine.generate queues
             mx.eval(y)
-        marker("end")
+        range_end()
 
     decode_ours("warmup", "check")  # every kernel checked once, outside the measured ranges
     decode_ours("ours", "on")
@@ -238,9 +259,9 @@ def worker(directory: Path, steps: int, out: Path) -> int:
     for n, _ in enumerate(generate_step(mx.array(prompt), theirs, max_tokens=WARMUP + steps + 2,
                                         sampler=lambda logits: mx.argmax(logits, axis=-1)), start=1):
         if n == WARMUP:
-            marker("mlx_lm")
+            range_start("mlx_lm")
         if n == WARMUP + steps:
-            marker("end")
+            range_end()
     out.write_text(json.dumps({"bytes_per_token": bytes_per_token(ours, PROMPT + WARMUP + steps // 2)}))
     return 0
 
@@ -343,6 +364,19 @@ def host_report(steps: int) -> str:
 
 # ---- the parent: run ncu, print the table -----------------------------------------------------
 
+def profile(ncu: str, child: list[str]) -> tuple[subprocess.CompletedProcess, list[KernelTime]]:
+    """Run ``child`` under ncu, profiling only between range_start and range_end; if that
+    profiled nothing (a driver without cuProfilerStart), once more profiling everything (the
+    markers still cut out the ranges, slowly)."""
+    for when in (["--profile-from-start", "off"], []):
+        run = subprocess.run([ncu, *NCU_ARGS, *when, *child], capture_output=True, text=True)
+        rows = parse_ncu_csv(run.stdout)
+        if ranges(rows) or run.returncode:
+            break
+        print("ncu --profile-from-start off profiled nothing; profiling everything", file=sys.stderr)
+    return run, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, help="the checkpoint (all three engines load it)")
@@ -375,16 +409,14 @@ def main(argv: list[str] | None = None) -> int:
         mtc.write_hf(args.dir, mtc.PRESETS[args.preset])
     with tempfile.TemporaryDirectory() as tmp:
         side = Path(tmp) / "worker.json"
-        cmd = [args.ncu, *NCU_ARGS, sys.executable, __file__, "--dir", str(args.dir), "--steps", str(args.steps),
-               "--worker", str(side)]
+        child = [sys.executable, __file__, "--dir", str(args.dir), "--steps", str(args.steps), "--worker", str(side)]
         try:
-            run = subprocess.run(cmd, capture_output=True, text=True)
+            run, rows = profile(args.ncu, child)
         except FileNotFoundError:
             print(f"{args.ncu} not found: Nsight Compute is needed (or --from-csv a saved run)", file=sys.stderr)
             return 1
         if args.save_csv:
             args.save_csv.write_text(run.stdout)
-        rows = parse_ncu_csv(run.stdout)
         if run.returncode or not ranges(rows):
             print(run.stdout[-3000:], run.stderr[-3000:], file=sys.stderr)
             return 1

@@ -248,6 +248,21 @@ def test_emulator_catches_a_bug_in_a_kernel_variant(mutant, cxx, monkeypatch):
     assert worst > 1e-2
 
 
+@pytest.mark.parametrize("old,new", [
+    ("  sums[sg] = sumsq;\n}\n" + BARRIER, "  sums[sg] = sumsq;\n}\n"),  # the norm's sum read too early
+    ("xv[n] = static_cast<float>(static_cast<T_>(gv[n]", "xv[n] = static_cast<float>(static_cast<T_>(hv[n]"),
+], ids=["norm-barrier-dropped", "router-reads-h-not-y"])
+def test_emulator_catches_a_bug_in_the_fused_norm_and_router(old, new, cxx):
+    name = "add_rms_norm_route"
+    spec, kernel = registry.REGISTRY[name], _planted(name, old, new)
+    worst = 0.0
+    for args in samples(name, mx.float32):
+        for order in ("forward", "reverse"):
+            worst = max(worst, registry.max_error(toolchain.emulate(kernel, spec.plan(*args), order),
+                                                  spec.expected(*args)))
+    assert worst > 1e-2
+
+
 def test_emulator_shows_a_thread_array_element_never_written(cxx):
     """acc[0] left uninitialised (no access out of bounds): it starts as NaN, so the output is."""
     name = "sdpa_prefill"
@@ -772,16 +787,21 @@ FAKE_NCU = """#!{python}
 import subprocess, sys
 args = sys.argv[1:]
 assert args[:5] == ["--csv", "--clock-control", "none", "--metrics", "gpu__time_duration.sum"], args
-worker = subprocess.run(args[5:], capture_output=True, text=True)  # the profiled program, on the CPU here
+ranged = args[5:7] == ["--profile-from-start", "off"]
+worker = subprocess.run(args[7 if ranged else 5:], capture_output=True, text=True)  # on the CPU here
 if worker.returncode:
     sys.exit(worker.stderr)
-sys.stdout.write(worker.stdout + open({csv!r}).read())
+sys.stdout.write(worker.stdout)
+if not ranged or {ranges_work}:  # a driver without cuProfilerStart profiles nothing in a range
+    sys.stdout.write(open({csv!r}).read())
 """
 
 
-def test_profile_decode_runs_every_engine_under_ncu(tmp_path, capsys):
+@pytest.mark.parametrize("ranges_work", [True, False], ids=["profiler-range", "profile-everything"])
+def test_profile_decode_runs_every_engine_under_ncu(ranges_work, tmp_path, capsys):
     """The whole script with a stand-in for ncu that runs the worker (all three engines decode
-    on a tiny checkpoint, on the CPU) and then prints a saved profile."""
+    on a tiny checkpoint, on the CPU) and then prints a saved profile; when profiling only the
+    ranges gives nothing, the script profiles everything."""
     from gptoss_mlx.testing import checkpoints as mtc
 
     prof = _script("profile_decode")
@@ -789,10 +809,12 @@ def test_profile_decode_runs_every_engine_under_ncu(tmp_path, capsys):
     mtc.write_hf(ckpt, mtc.TINY.replace(num_hidden_layers=2, layer_types=("sliding_attention", "full_attention")))
     (tmp_path / "ncu.csv").write_text(_ncu_csv(steps=2))
     fake = tmp_path / "ncu"
-    fake.write_text(FAKE_NCU.format(python=sys.executable, csv=str(tmp_path / "ncu.csv")))
+    fake.write_text(FAKE_NCU.format(python=sys.executable, csv=str(tmp_path / "ncu.csv"), ranges_work=ranges_work))
     fake.chmod(0o755)
     assert prof.main(["--dir", str(ckpt), "--steps", "2", "--ncu", str(fake)]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert ("profiling everything" in captured.err) is not ranges_work
     assert "| ours | 5 | 0.348 |" in out and "| mlx_lm | 4 | 1.076 |" in out
     per_token = float(out.split("bytes one token must read: ")[1].split()[0]) * 1e9
     model_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))

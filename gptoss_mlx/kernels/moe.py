@@ -13,6 +13,7 @@ import mlx.core as mx
 
 from .. import ops
 from . import registry
+from .add_rms_norm import add_rms_norm
 from .launch import Kernel, Launch
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ VARIANT = VARIANTS["base"]  # what the model runs
 MAX_TOKENS = 16
 
 ROUTER = Kernel("moe_router", ["x", "weight", "bias"], ["indices", "weights"])
+NORM_ROUTER = Kernel("add_rms_norm_route", ["x", "residual", "gain", "eps", "weight", "bias"],
+                     ["h", "y", "indices", "weights"])
 GATE_UP = Kernel("moe_gate_up_swiglu", ["x", "w", "scales", "bias", "indices", "limit"], ["act"])
 DOWN = Kernel("moe_down_combine", ["act", "w", "scales", "bias", "indices", "weights", "residual"], ["y"])
 
@@ -86,6 +89,36 @@ def router_sample(shape, key, dtype):
     weight = (mx.random.normal((E, D), key=k2) * D ** -0.5).astype(dtype)
     bias = (0.1 * mx.random.normal((E,), key=k3)).astype(dtype)
     return x, weight, bias, k
+
+
+# ---- the add + RMSNorm before the MoE, and the router, in one launch -------------------------
+
+def norm_router_reference(x, residual, gain, eps, weight, bias, k):
+    """(h, y) = ops.add_rms_norm(x, residual, gain, eps); (indices, weights) of y's rows."""
+    h, y = ops.add_rms_norm(x, residual, gain, eps)
+    return (h, y, *router_reference(y.reshape(-1, y.shape[-1]), weight, bias, k))
+
+
+def norm_router_plan(x, residual, gain, eps, weight, bias, k) -> Launch:
+    D = x.shape[-1]
+    T = x.size // D
+    simdgroups = -(-D // 256)  # a chunk of 8 values of the row per thread
+    return Launch(
+        inputs=[x, residual, gain, float(eps), weight, bias],
+        output_shapes=[x.shape, x.shape, (T, k), (T, k)], output_dtypes=[x.dtype, x.dtype, mx.uint32, x.dtype],
+        grid=(32 * simdgroups, T, 1), threadgroup=(32 * simdgroups, 1, 1),
+        template=[("T_", x.dtype), ("D", D), ("E", weight.shape[0]), ("TOP_K", k), ("SG", simdgroups)],
+    )
+
+
+def norm_router_sample(shape, key, dtype):
+    """Random (x, residual, gain, eps, weight, bias, k) for ``shape`` (tokens, D, experts, top-k)."""
+    T, D, E, k = shape
+    k1, k2, k3 = mx.random.split(key, 3)
+    x, weight, bias, _ = router_sample(shape, k1, dtype)
+    residual = mx.random.normal((T, D), key=k2).astype(dtype)
+    gain = (1 + 0.2 * mx.random.normal((D,), key=k3)).astype(dtype)
+    return x, residual, gain, 1e-5, weight, bias, k
 
 
 # ---- kernel A: gate/up + SwiGLU ----------------------------------------------------------------
@@ -180,6 +213,11 @@ ROUTER_SPEC = registry.register(registry.KernelSpec(
     "moe_router", ROUTER, router_plan, router_reference, router_sample, check=((2, 64, 8, 4), 500),
     description="MoE router: logits, top-k experts and their softmax in one launch",
 ))
+NORM_ROUTER_SPEC = registry.register(registry.KernelSpec(
+    "add_rms_norm_route", NORM_ROUTER, norm_router_plan, norm_router_reference, norm_router_sample,
+    check=((2, 64, 8, 4), 600),
+    description="residual add + RMSNorm + MoE router: one launch per layer before the experts",
+))
 GATE_UP_SPEC = registry.register(registry.KernelSpec(
     "moe_gate_up_swiglu", GATE_UP, gate_up_swiglu_plan, gate_up_swiglu_reference, gate_up_sample,
     check=((1, 64, 64, 4, 2), 100),
@@ -204,6 +242,20 @@ def route(x: mx.array, router, k: int) -> tuple[mx.array, mx.array]:
             and registry.active(ROUTER_SPEC.name, x.dtype):
         return tuple(ROUTER_SPEC.launch(x, weight, router.bias, k))
     return ops.top_k_softmax(router(x), k)
+
+
+def add_rms_norm_route(x, residual, gain, eps: float, router, k: int):
+    """(h, y, routing): ``add_rms_norm(x, residual, gain, eps)`` and, from the same kernel for
+    decode-sized batches, routing = :func:`route` of y's rows (indices, weights); where that
+    kernel does not apply, routing is None and the caller routes y (the MoE block does)."""
+    D = x.shape[-1]
+    weight = router.weight
+    if (x.size // D <= MAX_TOKENS and D % 8 == 0 and D <= 8192 and x.shape == residual.shape
+            and x.dtype == residual.dtype == gain.dtype == weight.dtype and "bias" in router
+            and registry.active(NORM_ROUTER_SPEC.name, x.dtype)):
+        h, y, indices, weights = NORM_ROUTER_SPEC.launch(x, residual, gain, eps, weight, router.bias, k)
+        return h, y, (indices, weights)
+    return (*add_rms_norm(x, residual, gain, eps), None)
 
 
 def _fused_fits(x: mx.array, layer) -> bool:

@@ -56,6 +56,7 @@ def _chained(shapes, seed):
 CASES = {
     "add_rms_norm": lambda: _chained(ADD_RMS_NORM_SHAPES, 7),
     "moe_router": lambda: _seeded(ROUTER_SHAPES, 500),
+    "add_rms_norm_route": lambda: _seeded(ROUTER_SHAPES, 600),
     "moe_gate_up_swiglu": lambda: _seeded(GATE_UP_SHAPES, 100),
     "moe_down_combine": lambda: _seeded(DOWN_SHAPES, 200),
     "sdpa_decode_partial": lambda: _seeded(SDPA_DECODE_SHAPES, 300),
