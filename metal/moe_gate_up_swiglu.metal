@@ -10,8 +10,9 @@
 // Data: x [T, D] of T_; w [E, 2I, D/8] uint32 (rows interleaved: gate 2i, linear 2i+1);
 // scales [E, 2I, D/32] uint8; bias [E, 2I] of T_; indices [T, TOP_K] uint32; limit float.
 // act [T, TOP_K, I] of T_. Template: T_ (activation dtype), D, I, TOP_K, ROWS (columns per
-// simdgroup), STAGE_X (1: the threadgroup first stages x in threadgroup memory as float, word-major
-// so lanes reading consecutive words hit distinct banks; 0: each lane loads its x words itself).
+// simdgroup), X_FROM (how a lane gets its x words: 0 loaded in the loop, 16 bytes per step; 1 the
+// threadgroup first stages x in threadgroup memory as float, word-major so lanes reading
+// consecutive words hit distinct banks; 2 loaded into registers with the weights, before the loop).
 // Lanes stride over the D/8 packed words (mxfp4.h); each lane first loads all its words and
 // scale bytes of the gate and linear rows of its ROWS columns (2 * ROWS * 12 words at D = 2880,
 // all in flight together), then per word 8 activations decoded against every row; fp32 accumulation, then
@@ -31,8 +32,8 @@ constexpr uint STEPS = (WORDS + 31) / 32;
 constexpr uint PACKED = (STEPS + 3) / 4;
 const device T_* x_t = x + size_t(t) * D;
 
-threadgroup float xs[STAGE_X ? D : 8];  // xs[n * WORDS + word] = x[8 * word + n]
-if (STAGE_X) {
+threadgroup float xs[X_FROM == 1 ? D : 8];  // xs[n * WORDS + word] = x[8 * word + n]
+if (X_FROM == 1) {
   for (uint word = thread_index_in_threadgroup; word < WORDS; word += threads_per_threadgroup.x) {
     float xv[8];
     load8(x_t + 8 * word, xv);
@@ -64,6 +65,17 @@ if (first < I) {  // uniform per simdgroup; no barrier follows
       }
     }
   }
+  float ahead[X_FROM == 2 ? 8 * STEPS : 8];
+  for (uint step = 0; X_FROM == 2 && step < STEPS; ++step) {
+    const uint word = lane + 32 * step;
+    if (word < WORDS) {
+      float xv[8];
+      load8(x_t + 8 * word, xv);
+      for (uint n = 0; n < 8; ++n) {
+        ahead[8 * step + n] = xv[n];
+      }
+    }
+  }
   float acc[2 * ROWS];  // [row r][gate, linear]
   for (uint k = 0; k < 2 * ROWS; ++k) {
     acc[k] = 0.0f;
@@ -72,11 +84,10 @@ if (first < I) {  // uniform per simdgroup; no barrier follows
     const uint word = lane + 32 * step;
     if (word < WORDS) {
       float xv[8];
-      if (STAGE_X) {
-        for (uint n = 0; n < 8; ++n) {
-          xv[n] = xs[n * WORDS + word];
-        }
-      } else {
+      for (uint n = 0; X_FROM != 0 && n < 8; ++n) {
+        xv[n] = X_FROM == 1 ? xs[n * WORDS + word] : ahead[8 * step + n];
+      }
+      if (X_FROM == 0) {
         load8(x_t + 8 * word, xv);
       }
       for (uint k = 0; k < 2 * ROWS; ++k) {

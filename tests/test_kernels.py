@@ -80,7 +80,7 @@ def _variant_kernels(name: str) -> list[str]:
     """The expert kernels whose launch a variant changes (the others run as in "base")."""
     v, base = moe.VARIANTS[name], moe.VARIANTS["base"]
     changed = []
-    if (v.rows_a, v.stage_x, v.simdgroups) != (base.rows_a, base.stage_x, base.simdgroups):
+    if (v.rows_a, v.x_a, v.simdgroups) != (base.rows_a, base.x_a, base.simdgroups):
         changed.append("moe_gate_up_swiglu")
     if (v.rows_b, v.split_b, v.act_ahead, v.simdgroups) != (base.rows_b, base.split_b, base.act_ahead, base.simdgroups):
         changed.append("moe_down_combine")
@@ -223,6 +223,8 @@ VARIANT_MUTANTS = {
         "moe_gate_up_swiglu", "a-rows2", "act[size_t(slot) * I + first + r]", "act[size_t(slot) * I + first]"),
     "down-split-parts-in-one-slot": (
         "moe_down_combine", "b-split2", "* SPLIT + part] = acc[r]", "* SPLIT] = acc[r]"),
+    "gate-up-x-ahead-one-step-off": (
+        "moe_gate_up_swiglu", "a-xahead", "ahead[8 * step + n] = xv[n];", "ahead[8 * (step + 1) % (8 * STEPS) + n] = xv[n];"),
     "down-activations-ahead-one-step-off": (
         "moe_down_combine", "b-act", "av[n] = ahead[8 * step + n];", "av[n] = ahead[8 * (step + 1) % (8 * STEPS) + n];"),
     "down-second-row-reads-the-first-rows-scales": (

@@ -23,7 +23,7 @@ class Variant:
     times them side by side on the GPU."""
 
     rows_a: int = 1  # kernel A: output columns per simdgroup (their gate and linear rows)
-    stage_x: bool = False  # kernel A: x staged once per threadgroup in threadgroup memory
+    x_a: int = 0  # kernel A's x: 0 loaded in the loop, 1 staged in threadgroup memory, 2 in registers ahead
     rows_b: int = 1  # kernel B: outputs per simdgroup
     split_b: int = 1  # kernel B: simdgroups sharing one row's inputs (split-K)
     act_ahead: bool = False  # kernel B: a lane's activations loaded with its weights, before the loop
@@ -37,9 +37,11 @@ VARIANTS = {
     "base": Variant(),
     "a-rows2": Variant(rows_a=2),
     "a-rows4": Variant(rows_a=4),
-    "a-xtg": Variant(stage_x=True),
-    "a-rows2-xtg": Variant(rows_a=2, stage_x=True),
-    "a-rows4-xtg": Variant(rows_a=4, stage_x=True),
+    "a-xtg": Variant(x_a=1),
+    "a-rows2-xtg": Variant(rows_a=2, x_a=1),
+    "a-rows4-xtg": Variant(rows_a=4, x_a=1),
+    "a-xahead": Variant(x_a=2),
+    "a-rows2-xahead": Variant(rows_a=2, x_a=2),
     "b-rows2": Variant(rows_b=2),
     "b-split2": Variant(split_b=2),
     "b-rows2-split2": Variant(rows_b=2, split_b=2),
@@ -138,7 +140,7 @@ def gate_up_swiglu_plan(x, indices, w, scales, bias, limit) -> Launch:
         inputs=[x, w, scales, bias, indices, float(limit)],
         output_shapes=[(T, k, I)], output_dtypes=[x.dtype],
         grid=(32 * v.simdgroups, -(-I // (v.simdgroups * v.rows_a)), T * k), threadgroup=(32 * v.simdgroups, 1, 1),
-        template=[("T_", x.dtype), ("D", D), ("I", I), ("TOP_K", k), ("ROWS", v.rows_a), ("STAGE_X", int(v.stage_x))],
+        template=[("T_", x.dtype), ("D", D), ("I", I), ("TOP_K", k), ("ROWS", v.rows_a), ("X_FROM", v.x_a)],
     )
 
 
