@@ -209,8 +209,10 @@ def ncu_report(args) -> int:
             per_kernel = {}
             for r in kernels:
                 per_kernel[family(r)] = per_kernel.get(family(r), 0.0) + r.us / args.iters
+            disabled = {"moe_gate_up_swiglu", "moe_down_combine"} - set(per_kernel)  # failed the run-time check
             print(f"{T:>6} {variant:<16} {us:>8.1f} {mlx_us / us:>6.2f}x {len(kernels) / args.iters:>8.0f} "
-                  f"{errors[f'{variant} {T}']:>10.3g}   " + ", ".join(f"{k} {v:.1f}" for k, v in per_kernel.items()))
+                  f"{errors[f'{variant} {T}']:>10.3g}   " + ", ".join(f"{k} {v:.1f}" for k, v in per_kernel.items())
+                  + (f"  (NOT RUN: {', '.join(sorted(disabled))})" if disabled else ""))
     return 0
 
 
