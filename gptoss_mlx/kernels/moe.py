@@ -1,4 +1,5 @@
-"""The MoE at decode: a router kernel and two fused MXFP4 expert kernels (metal/moe_*.metal).
+"""The MoE at decode: the router (alone, or with the add + RMSNorm before it) and two fused MXFP4
+expert kernels (metal/moe_*.metal, metal/add_rms_norm_route.metal). :func:`add_rms_norm_route`,
 :func:`route` and :func:`experts` are what the model calls; each runs the kernels for small
 batches and the plain-MLX path of ``ops`` otherwise. The references are what the model's
 generic path computes (``gather_qmm`` on the packed experts, bias gathers, the clamped SwiGLU,
@@ -16,11 +17,12 @@ from . import registry
 from .add_rms_norm import add_rms_norm
 from .launch import Kernel, Launch
 
+
 @dataclass(frozen=True)
 class Variant:
-    """How the expert kernels spread the work (metal/moe_*.metal headers). All variants compute
-    the same sums in the same order per partial sum; scripts/bench_moe.py --ncu --variants
-    times them side by side on the GPU."""
+    """How the expert kernels spread the work (metal/moe_*.metal headers). Every variant computes
+    the same sums in float32 (split-K adds its parts in a fixed order); scripts/bench_moe.py
+    --ncu --variants times them side by side on the GPU."""
 
     rows_a: int = 1  # kernel A: output columns per simdgroup (their gate and linear rows)
     x_a: int = 0  # kernel A's x: 0 loaded in the loop, 1 staged in threadgroup memory, 2 in registers ahead
