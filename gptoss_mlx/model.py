@@ -186,13 +186,14 @@ class MLP(nn.Module):
         self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=True)
         self.experts = Experts(config, **expert_quantization)
 
-    def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
-        """residual + moe(x): the block's residual add is fused into the experts' last step."""
+    def __call__(self, x: mx.array, residual: mx.array, routing=None) -> mx.array:
+        """residual + moe(x): the block's residual add is fused into the experts' last step.
+        ``routing``: x's (indices, weights) when the caller has routed it already, else None."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D)
         residual = residual.reshape(x.shape)
         # top-k first, then softmax over the k chosen logits only (not over all experts).
-        indices, weights = kernels.route(x, self.router, self.top_k)  # (T, k) each, highest first
+        indices, weights = routing or kernels.route(x, self.router, self.top_k)  # (T, k) each, highest first
         indices, experts = self.experts.resident(indices)
         # residual + sum_j weights_j * experts(x)_j
         return kernels.experts(x, indices, weights, experts, residual).reshape(shape)
@@ -207,10 +208,11 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(config, **expert_quantization)
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
-        # h = x + attention(...), and its norm, in one kernel where that kernel is active.
+        # h = x + attention(...), its norm and the MoE's routing, in one kernel where it is active.
         norm = self.post_attention_layernorm
-        h, normed = kernels.add_rms_norm(x, self.self_attn(self.input_layernorm(x), cache), norm.weight, norm.eps)
-        return self.mlp(normed, residual=h)  # h + moe(normed)
+        h, normed, routing = kernels.add_rms_norm_route(x, self.self_attn(self.input_layernorm(x), cache),
+                                                        norm.weight, norm.eps, self.mlp.router, self.mlp.top_k)
+        return self.mlp(normed, residual=h, routing=routing)  # h + moe(normed)
 
 
 class Model(nn.Module):

@@ -4,60 +4,108 @@
 //   act[t, j, i] = swiglu(x[t] . W_e[2i] + b_e[2i],  x[t] . W_e[2i+1] + b_e[2i+1]),  e = indices[t, j]
 //   swiglu(g, l) = min(g, limit) * sigmoid(1.702 * min(g, limit)) * (clamp(l, -limit, limit) + 1)
 //
-// Grid (32 * SG, ceil(I / SG), T * TOP_K) threads, threadgroup (32 * SG, 1, 1): one simdgroup
-// per output column i, SG simdgroups per threadgroup, one threadgroup row per (token, slot).
+// Grid (32 * SG, ceil(I / (SG * ROWS)), T * TOP_K) threads, threadgroup (32 * SG, 1, 1): one
+// simdgroup per ROWS consecutive output columns i, SG simdgroups per threadgroup, one threadgroup
+// row per (token, slot).
 // Data: x [T, D] of T_; w [E, 2I, D/8] uint32 (rows interleaved: gate 2i, linear 2i+1);
 // scales [E, 2I, D/32] uint8; bias [E, 2I] of T_; indices [T, TOP_K] uint32; limit float.
-// act [T, TOP_K, I] of T_. Template: T_ (activation dtype), D, I, TOP_K.
-// Lanes stride over the D/8 packed words (mxfp4.h); each lane first loads all its words of the
-// gate and linear rows, then per word 8 activations (16 bytes) decoded against both rows;
-// fp32 accumulation, then simd_sum. The expert id is read on the GPU: no host sync.
+// act [T, TOP_K, I] of T_. Template: T_ (activation dtype), D, I, TOP_K, ROWS (columns per
+// simdgroup), X_FROM (how a lane gets its x words: 0 loaded in the loop, 16 bytes per step; 1 the
+// threadgroup first stages x in threadgroup memory as float, word-major so lanes reading
+// consecutive words hit distinct banks; 2 loaded into registers with the weights, before the loop).
+// Lanes stride over the D/8 packed words (mxfp4.h); each lane first loads all its words and
+// scale bytes of the gate and linear rows of its ROWS columns (2 * ROWS * 12 words at D = 2880,
+// all in flight together), then per word 8 activations decoded against every row; fp32 accumulation, then
+// simd_sum. A ragged last simdgroup reads column I - 1 for the columns past the end and writes
+// none of them. The expert id is read on the GPU: no host sync.
 // Fuses: 2 gather_qmm-equivalents over the same x (gate and up as one pass), 2 bias gathers and
 // adds, the de-interleaving slices and the SwiGLU.
 #include "mxfp4.h"
 // ---- body ----
 const uint lane = thread_index_in_simdgroup;
-const uint i = threadgroup_position_in_grid.y * simdgroups_per_threadgroup + simdgroup_index_in_threadgroup;
+const uint first = (threadgroup_position_in_grid.y * simdgroups_per_threadgroup + simdgroup_index_in_threadgroup) * ROWS;
 const uint slot = threadgroup_position_in_grid.z;  // t * TOP_K + j
-if (i >= I) {
-  return;  // the whole simdgroup leaves together
-}
 const uint t = slot / TOP_K;
 const uint e = indices[slot];
 constexpr uint WORDS = D / 8;
-const size_t gate_row = size_t(e) * (2 * I) + 2 * i;
-const device uint32_t* w_gate = w + gate_row * WORDS;
-const device uint32_t* w_lin = w_gate + WORDS;
-const device uint8_t* s_gate = scales + gate_row * (D / 32);
-const device uint8_t* s_lin = s_gate + D / 32;
+constexpr uint STEPS = (WORDS + 31) / 32;
+constexpr uint PACKED = (STEPS + 3) / 4;
 const device T_* x_t = x + size_t(t) * D;
 
-// All of this lane's weight words first (at most 12 per row at D = 2880), so they are in flight
-// together instead of two at a time.
-constexpr uint STEPS = (WORDS + 31) / 32;
-uint q_gate[STEPS];
-uint q_lin[STEPS];
-for (uint step = 0; step < STEPS; ++step) {
-  const uint word = lane + 32 * step;
-  q_gate[step] = word < WORDS ? w_gate[word] : 0u;
-  q_lin[step] = word < WORDS ? w_lin[word] : 0u;
-}
-float acc_gate = 0.0f;
-float acc_lin = 0.0f;
-for (uint step = 0; step < STEPS; ++step) {
-  const uint word = lane + 32 * step;
-  if (word < WORDS) {
+threadgroup float xs[X_FROM == 1 ? D : 8];  // xs[n * WORDS + word] = x[8 * word + n]
+if (X_FROM == 1) {
+  for (uint word = thread_index_in_threadgroup; word < WORDS; word += threads_per_threadgroup.x) {
     float xv[8];
     load8(x_t + 8 * word, xv);
-    acc_gate += dot8(q_gate[step], xv) * mxfp4_scale(s_gate[word / 4]);
-    acc_lin += dot8(q_lin[step], xv) * mxfp4_scale(s_lin[word / 4]);
+    for (uint n = 0; n < 8; ++n) {
+      xs[n * WORDS + word] = xv[n];
+    }
   }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
 }
-acc_gate = simd_sum(acc_gate);
-acc_lin = simd_sum(acc_lin);
-if (lane == 0) {
-  const float gate = metal::min(acc_gate + static_cast<float>(bias[gate_row]), limit);
-  const float lin = metal::clamp(acc_lin + static_cast<float>(bias[gate_row + 1]), -limit, limit);
-  const float glu = gate / (1.0f + metal::exp(-1.702f * gate));
-  act[size_t(slot) * I + i] = static_cast<T_>(glu * (lin + 1.0f));
+if (first < I) {  // uniform per simdgroup; no barrier follows
+  // All of this lane's weight words and scale bytes of its 2 * ROWS rows first, so they are in
+  // flight together: the loop below then waits on nothing but x.
+  uint q[2 * ROWS * STEPS];  // [row r][gate, linear][step]
+  uint sc[2 * ROWS * PACKED];  // the same rows' scale bytes, step s in byte s % 4 of word s / 4
+  for (uint k = 0; k < 2 * ROWS * PACKED; ++k) {
+    sc[k] = 0u;
+  }
+  for (uint r = 0; r < ROWS; ++r) {
+    const size_t gate_row = size_t(e) * (2 * I) + 2 * metal::min(first + r, uint(I - 1));
+    const device uint32_t* w_gate = w + gate_row * WORDS;
+    const device uint8_t* s_gate = scales + gate_row * (D / 32);
+    for (uint step = 0; step < STEPS; ++step) {
+      const uint word = lane + 32 * step;
+      q[(2 * r) * STEPS + step] = word < WORDS ? w_gate[word] : 0u;
+      q[(2 * r + 1) * STEPS + step] = word < WORDS ? w_gate[WORDS + word] : 0u;
+      if (word < WORDS) {
+        sc[(2 * r) * PACKED + step / 4] |= uint(s_gate[word / 4]) << (8 * (step % 4));
+        sc[(2 * r + 1) * PACKED + step / 4] |= uint(s_gate[D / 32 + word / 4]) << (8 * (step % 4));
+      }
+    }
+  }
+  float ahead[X_FROM == 2 ? 8 * STEPS : 8];
+  for (uint step = 0; X_FROM == 2 && step < STEPS; ++step) {
+    const uint word = lane + 32 * step;
+    if (word < WORDS) {
+      float xv[8];
+      load8(x_t + 8 * word, xv);
+      for (uint n = 0; n < 8; ++n) {
+        ahead[8 * step + n] = xv[n];
+      }
+    }
+  }
+  float acc[2 * ROWS];  // [row r][gate, linear]
+  for (uint k = 0; k < 2 * ROWS; ++k) {
+    acc[k] = 0.0f;
+  }
+  for (uint step = 0; step < STEPS; ++step) {
+    const uint word = lane + 32 * step;
+    if (word < WORDS) {
+      float xv[8];
+      for (uint n = 0; X_FROM != 0 && n < 8; ++n) {
+        xv[n] = X_FROM == 1 ? xs[n * WORDS + word] : ahead[8 * step + n];
+      }
+      if (X_FROM == 0) {
+        load8(x_t + 8 * word, xv);
+      }
+      for (uint k = 0; k < 2 * ROWS; ++k) {
+        const uint s = (sc[k * PACKED + step / 4] >> (8 * (step % 4))) & 0xFFu;
+        acc[k] += dot8(q[k * STEPS + step], xv) * mxfp4_scale(s);
+      }
+    }
+  }
+  for (uint k = 0; k < 2 * ROWS; ++k) {
+    acc[k] = simd_sum(acc[k]);
+  }
+  if (lane == 0) {
+    for (uint r = 0; r < ROWS && first + r < I; ++r) {
+      const size_t gate_row = size_t(e) * (2 * I) + 2 * (first + r);
+      const float gate = metal::min(acc[2 * r] + static_cast<float>(bias[gate_row]), limit);
+      const float lin = metal::clamp(acc[2 * r + 1] + static_cast<float>(bias[gate_row + 1]), -limit, limit);
+      const float glu = gate / (1.0f + metal::exp(-1.702f * gate));
+      act[size_t(slot) * I + first + r] = static_cast<T_>(glu * (lin + 1.0f));
+    }
+  }
 }

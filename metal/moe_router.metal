@@ -6,44 +6,55 @@
 //   indices = the TOP_K largest logits, highest first (the lower expert on a tie)
 //   weights = T_(softmax(logit_indices))  computed in float
 //
-// Grid (32 * SG, tokens, 1) threads, threadgroup (32 * SG, 1, 1): one threadgroup per token.
-// Simdgroup s computes the logits of experts s, s + SG, ... (lanes stride over D in chunks of
-// 8 values, one 16-byte load each of x and the weight row — mxfp4.h's load8 — then simd_sum)
-// into threadgroup memory; after a barrier simdgroup 0 holds them as E/32 slots per
-// lane and picks the top k with TOP_K rounds of simd_max / simd_min.
+// Grid (32 * SG, tokens, 1) threads, threadgroup (32 * SG, 1, 1): one threadgroup per token,
+// SG = ceil(D / 256) simdgroups, so that thread c holds chunk c (8 values) of x. For each block
+// of EB experts a thread forms its EB partial dot products (router.h: the block's weight loads
+// in flight together), each simdgroup's simd_sum goes to threadgroup memory, where thread e adds
+// the SG partials of expert e (in simdgroup order) and the bias. After the last block
+// simdgroup 0 holds the logits as E/32 slots per lane and picks the top k (router.h).
 // Data: x [tokens, D] of T_; weight [E, D] of T_ (nn.Linear's layout); bias [E] of T_.
 // indices [tokens, TOP_K] uint32; weights [tokens, TOP_K] of T_.
-// Template: T_, D (a multiple of 8; the config makes hidden_size one of 32), E, TOP_K (<= E),
-// SG (simdgroups: min(E, 32)).
+// Template: T_, D (a multiple of 8, at most 8192; the config makes hidden_size one of 32), E,
+// TOP_K (<= E), SG.
 // Fuses: four MLX dispatches into one (at decode each costs more than the work it does).
-#include "mxfp4.h"
+#include "router.h"
 // ---- body ----
+constexpr uint EB = E < 8 ? E : 8;  // experts per block
 constexpr uint SLOTS = (E + 31) / 32;  // logits per lane in the selection
 const uint lane = thread_index_in_simdgroup;
 const uint sg = simdgroup_index_in_threadgroup;
+const uint c = thread_index_in_threadgroup;  // this thread's chunk of x
 const uint token = threadgroup_position_in_grid.y;
 
+threadgroup float partial[SG * EB];  // [simdgroup][expert of the block]
 threadgroup float logits[E];
 
-const device T_* x_row = x + size_t(token) * D;
-for (uint e = sg; e < E; e += SG) {
-  const device T_* w_row = weight + size_t(e) * D;
-  float acc = 0.0f;
-  for (uint c = lane; c < D / 8; c += 32) {
-    float xv[8];
-    float wv[8];
-    load8(x_row + 8 * c, xv);
-    load8(w_row + 8 * c, wv);
-    for (uint n = 0; n < 8; ++n) {
-      acc += xv[n] * wv[n];
+float xv[8];
+for (uint n = 0; n < 8; ++n) {
+  xv[n] = 0.0f;
+}
+if (c < D / 8) {
+  load8(x + size_t(token) * D + 8 * c, xv);
+}
+for (uint e0 = 0; e0 < E; e0 += EB) {
+  float acc[EB];
+  router_block<T_, D, E, EB>(weight, e0, c, xv, acc);
+  for (uint k = 0; k < EB; ++k) {
+    acc[k] = simd_sum(acc[k]);
+    if (lane == 0) {
+      partial[sg * EB + k] = acc[k];
     }
   }
-  acc = simd_sum(acc);
-  if (lane == 0) {
-    logits[e] = static_cast<float>(static_cast<T_>(acc + static_cast<float>(bias[e])));
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (c < EB && e0 + c < E) {
+    float sum = 0.0f;
+    for (uint s = 0; s < SG; ++s) {
+      sum += partial[s * EB + c];
+    }
+    logits[e0 + c] = static_cast<float>(static_cast<T_>(sum + static_cast<float>(bias[e0 + c])));
   }
+  threadgroup_barrier(mem_flags::mem_threadgroup);  // partial is reused; logits are complete
 }
-threadgroup_barrier(mem_flags::mem_threadgroup);
 if (sg != 0) {
   return;
 }
@@ -51,35 +62,4 @@ float slot[SLOTS];
 for (uint i = 0; i < SLOTS; ++i) {
   slot[i] = lane + 32 * i < E ? logits[lane + 32 * i] : -INFINITY;
 }
-float chosen[TOP_K];
-for (uint j = 0; j < TOP_K; ++j) {
-  // This lane's best remaining logit (slots rise in expert index: '>' keeps the lower one).
-  float best = -INFINITY;
-  uint best_expert = E;
-  for (uint i = 0; i < SLOTS; ++i) {
-    if (lane + 32 * i < E && slot[i] > best) {
-      best = slot[i];
-      best_expert = lane + 32 * i;
-    }
-  }
-  const float top = simd_max(best);
-  const uint winner = simd_min(best == top ? best_expert : uint(E));
-  chosen[j] = top;
-  for (uint i = 0; i < SLOTS; ++i) {
-    if (lane + 32 * i == winner) {
-      slot[i] = -INFINITY;  // taken
-    }
-  }
-  if (lane == 0) {
-    indices[size_t(token) * TOP_K + j] = winner;
-  }
-}
-if (lane == 0) {
-  float total = 0.0f;
-  for (uint j = 0; j < TOP_K; ++j) {
-    total += metal::exp(chosen[j] - chosen[0]);  // chosen[0] is the largest
-  }
-  for (uint j = 0; j < TOP_K; ++j) {
-    weights[size_t(token) * TOP_K + j] = static_cast<T_>(metal::exp(chosen[j] - chosen[0]) / total);
-  }
-}
+select_top_k<T_, E, TOP_K>(slot, lane, indices + size_t(token) * TOP_K, weights + size_t(token) * TOP_K);

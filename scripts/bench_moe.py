@@ -19,8 +19,13 @@ crossover.
 These wall-clock times include MLX's host cost per operation, which on MLX-CUDA (10-20 µs per
 launch on the GPU machine) is far above Metal's and favours the path with fewer launches.
 ``--ncu`` (CUDA machines with Nsight Compute) reports instead the GPU time of the kernels each
-path launches, summed per block call and averaged over ``--iters`` calls (``ncu --metrics gpu__time_duration.sum``; kernels are
-serialized under the profiler, so caches are cold-ish for both paths alike).
+path launches, summed per block call and averaged over ``--iters`` calls (``ncu --clock-control
+none --metrics gpu__time_duration.sum``; kernels are serialized under the profiler, so caches are
+cold-ish for both paths alike), for each expert-kernel variant of ``--variants`` (kernels/moe.py
+``VARIANTS``: rows per simdgroup, x staged in threadgroup memory, split-K) side by side, each
+with its largest difference from the MLX path:
+
+    python scripts/bench_moe.py --ncu --tokens 1,4 --iters 20 --variants all
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 
 
@@ -43,8 +49,16 @@ def main() -> int:
     ap.add_argument("--bandwidth-gbs", type=float, default=3350.0,
                     help="the machine's memory bandwidth, for the percentage (H100 SXM: 3350)")
     ap.add_argument("--ncu", action="store_true", help="GPU time per path from Nsight Compute instead")
-    ap.add_argument("--ncu-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--variants", default="base",
+                    help="with --ncu: expert-kernel variants to time, comma-separated, or 'all' (kernels/moe.py VARIANTS)")
+    ap.add_argument("--ncu-worker", type=Path, help=argparse.SUPPRESS)  # runs under ncu; writes errors here
     args = ap.parse_args()
+    from gptoss_mlx.kernels.moe import VARIANTS
+
+    args.variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
     if args.ncu:
         return ncu_report(args)
 
@@ -133,65 +147,72 @@ def main() -> int:
 
 
 def ncu_worker(args, block, D) -> int:
-    """Under ncu: per batch size and path, a marker kernel, --iters block calls, an end marker."""
+    """Under ncu: per batch size, the MLX path and each variant of the kernels, between markers
+    (profile_decode.marker), ``--iters`` block calls each; writes each variant's largest
+    difference from the MLX path to ``--ncu-worker`` (on CUDA: the variants' CUDA mirror check)."""
+    import json
+
     import mlx.core as mx
 
-    from gptoss_mlx.kernels.launch import Kernel, Launch
+    from gptoss_mlx.kernels import moe
+    from profile_decode import range_end, range_start
 
-    def marker(label):
-        kernel = Kernel(f"marker_{label}", ["inp"], ["out"], source=("", "out[0] = inp[0];\n"))
-        mx.eval(kernel(Launch(inputs=[mx.zeros((8,))], output_shapes=[(1,)], output_dtypes=[mx.float32],
-                              grid=(32, 1, 1), threadgroup=(32, 1, 1))))
-
+    errors = {}
     for T in [int(t) for t in args.tokens.split(",")]:
         x = mx.random.normal((T, D), key=mx.random.key(T)).astype(mx.bfloat16)
-        for path, mode in (("mlx", "off"), ("ours", "check")):
-            with kernel_mode(mode):
-                mx.eval(block(x, None, None))  # compiles (and checks) outside the measured range
-                marker(f"{path}_{T}")
+        with kernel_mode("off"):
+            reference = block(x, None, None)
+            mx.eval(reference)
+            range_start(f"mlx_t{T}")
+            for _ in range(args.iters):
+                mx.eval(block(x, None, None))
+            range_end()
+        for n, variant in enumerate(args.variants):
+            moe.VARIANT = moe.VARIANTS[variant]
+            with kernel_mode("check"):
+                out = block(x, None, None)  # compiles (and checks) outside the measured range
+                errors[f"{variant} {T}"] = max_diff(out, reference)
+                range_start(f"v{n}_t{T}")
                 for _ in range(args.iters):
                     mx.eval(block(x, None, None))
-                marker("end")
+                range_end()
+    args.ncu_worker.write_text(json.dumps(errors))
     return 0
 
 
 def ncu_report(args) -> int:
-    """Runs this script under ncu and sums each path's kernel time per block call."""
-    import csv
-    import io
-    import re
-    import subprocess
+    """Runs this script under ncu; per batch size and path, the GPU time of one block call."""
+    import json
+    import tempfile
 
-    cmd = ["ncu", "--csv", "--metrics", "gpu__time_duration.sum", sys.executable, __file__, "--ncu-worker",
-           "--preset", args.preset, "--tokens", args.tokens, "--iters", str(args.iters)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    rows = [r for r in csv.DictReader(io.StringIO(run.stdout[run.stdout.find('"ID"'):]))
-            if r.get("Metric Name") == "gpu__time_duration.sum"]
-    if run.returncode or not rows:
-        print(run.stdout[-3000:], run.stderr[-3000:])
-        return 1
-    scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
-    sums, launches, per_kernel, current = {}, {}, {}, None
-    for r in rows:
-        marker = re.search(r"marker_(mlx|ours|end)_?(\d*)", r["Kernel Name"])
-        if marker:
-            current = None if marker[1] == "end" else (marker[1], int(marker[2]))
-            continue
-        if current:
-            us = float(r["Metric Value"].replace(",", "")) * scale[r["Metric Unit"]]
-            sums[current] = sums.get(current, 0.0) + us / args.iters
-            launches[current] = launches.get(current, 0) + 1 / args.iters
-            if current[0] == "ours":  # "custom_kernel_<name><template hash>(...)": keep the name part
-                key = (current[1], r["Kernel Name"].split("(")[0].split("::")[-1].removeprefix("custom_kernel_")[:24])
-                per_kernel[key] = per_kernel.get(key, 0.0) + us / args.iters
-    print(f"GPU time per MoE block call (ncu gpu__time_duration.sum, {args.iters} calls per path, "
-          f"{args.preset}, bf16, router included)")
-    print(f"{'tokens':>6} {'MLX path µs':>12} {'kernels µs':>11} {'speedup':>8} {'launches MLX / ours':>20}")
+    from profile_decode import family, profile, ranges
+
+    with tempfile.TemporaryDirectory() as tmp:
+        side = Path(tmp) / "errors.json"
+        run, rows = profile("ncu", [sys.executable, __file__, "--ncu-worker", str(side), "--preset", args.preset,
+                                    "--tokens", args.tokens, "--iters", str(args.iters),
+                                    "--variants", ",".join(args.variants)])
+        measured = ranges(rows)
+        if run.returncode or not measured:
+            print(run.stdout[-3000:], run.stderr[-3000:])
+            return 1
+        errors = json.loads(side.read_text())
+    print(f"GPU time per MoE block call (ncu gpu__time_duration.sum, --clock-control none, {args.iters} calls "
+          f"per path, {args.preset}, bf16, router included); max |diff| from the MLX path")
+    print(f"{'tokens':>6} {'path':<16} {'µs':>8} {'vs MLX':>7} {'launches':>8} {'max |diff|':>10}   µs per kernel")
     for T in [int(t) for t in args.tokens.split(",")]:
-        mlx_us, ours_us = sums[("mlx", T)], sums[("ours", T)]
-        print(f"{T:>6} {mlx_us:>12.1f} {ours_us:>11.1f} {mlx_us / ours_us:>7.2f}x "
-              f"{launches[('mlx', T)]:>12.0f} / {launches[('ours', T)]:.0f}   "
-              + ", ".join(f"{name} {us:.1f}" for (t, name), us in per_kernel.items() if t == T))
+        mlx_us = sum(r.us for r in measured[f"mlx_t{T}"]) / args.iters
+        print(f"{T:>6} {'MLX (gather_qmm)':<16} {mlx_us:>8.1f} {'':>7} {len(measured[f'mlx_t{T}']) / args.iters:>8.0f}")
+        for n, variant in enumerate(args.variants):
+            kernels = measured[f"v{n}_t{T}"]
+            us = sum(r.us for r in kernels) / args.iters
+            per_kernel = {}
+            for r in kernels:
+                per_kernel[family(r)] = per_kernel.get(family(r), 0.0) + r.us / args.iters
+            disabled = {"moe_gate_up_swiglu", "moe_down_combine"} - set(per_kernel)  # failed the run-time check
+            print(f"{T:>6} {variant:<16} {us:>8.1f} {mlx_us / us:>6.2f}x {len(kernels) / args.iters:>8.0f} "
+                  f"{errors[f'{variant} {T}']:>10.3g}   " + ", ".join(f"{k} {v:.1f}" for k, v in per_kernel.items())
+                  + (f"  (NOT RUN: {', '.join(sorted(disabled))})" if disabled else ""))
     return 0
 
 

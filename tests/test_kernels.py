@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gptoss_mlx import kernels
-from gptoss_mlx.kernels import registry
+from gptoss_mlx.kernels import moe, registry
 from gptoss_mlx.kernels.launch import Kernel, Launch, kernel_source
 from gptoss_mlx.testing import toolchain
 from gptoss_mlx.testing.samples import emulated_dtypes, samples
@@ -76,6 +76,46 @@ def test_emulated_kernel_matches_reference(case, order, cxx):
     assert err <= registry.tolerance(dtype), f"{name} {dtype} sample {i}: error {err}"
 
 
+def _variant_kernels(name: str) -> list[str]:
+    """The expert kernels whose launch a variant changes (the others run as in "base")."""
+    v, base = moe.VARIANTS[name], moe.VARIANTS["base"]
+    changed = []
+    if (v.rows_a, v.x_a, v.simdgroups) != (base.rows_a, base.x_a, base.simdgroups):
+        changed.append("moe_gate_up_swiglu")
+    if (v.rows_b, v.split_b, v.act_ahead, v.simdgroups) != (base.rows_b, base.split_b, base.act_ahead, base.simdgroups):
+        changed.append("moe_down_combine")
+    return changed
+
+
+# The samples with the model's input width (2880), several tokens, and a ragged last threadgroup
+# (gptoss_mlx/testing/samples.py), in bfloat16; the dtypes' loads are the default variant's.
+VARIANT_CASES = [
+    (variant, name, mx.bfloat16, i)
+    for variant in moe.VARIANTS if variant != "base"
+    for name in _variant_kernels(variant)
+    for i in (1, 2, 4)
+]
+
+
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=lambda c: f"{c[0]}-" + _ids(c[1:]))
+def test_every_expert_kernel_variant_type_checks_and_matches_the_reference(case, clang, cxx, monkeypatch):
+    """The variants scripts/bench_moe.py times on the GPU pass the same checks as the default:
+    clang on the generated source, the emulator in both orders on every sample."""
+    variant, name, dtype, i = case
+    monkeypatch.setattr(moe, "VARIANT", moe.VARIANTS[variant])
+    spec = registry.REGISTRY[name]
+    args = samples(name, dtype)[i]
+    launch = spec.plan(*args)
+    toolchain.check_metal_syntax(toolchain.generated_metal_source(spec.kernel, launch), clang)
+    for order in ("forward", "reverse"):
+        err = registry.max_error(toolchain.emulate(spec.kernel, launch, order), spec.expected(*args))
+        assert err <= registry.tolerance(dtype), f"{variant} {name} {dtype} sample {i} {order}: error {err}"
+
+
+def test_every_variant_changes_one_expert_kernel():
+    assert all(len(_variant_kernels(v)) == 1 for v in moe.VARIANTS if v != "base")
+
+
 @pytest.mark.parametrize("name", list(registry.REGISTRY))
 def test_the_run_time_check_is_the_first_tested_sample(name):
     """What a Mac checks on first use is among what CI proves (and equal to it)."""
@@ -135,14 +175,15 @@ def test_emulator_catches_a_missing_barrier(which, cxx):
 
 def test_emulator_catches_an_off_by_one(cxx):
     _, body = kernel_source("add_rms_norm")
-    mutant = body.replace("for (uint i = tid; i < D;", "for (uint i = tid + 1; i < D;", 1)
-    assert mutant != body
-    assert _worst_error(_mutant(mutant)) == float("inf")  # column 0 never written: NaN
+    old = "for (uint k = 0; k < PER; ++k) {\n  const uint col"
+    assert body.count(old) == 1
+    mutant = body.replace(old, "for (uint k = 1; k < PER; ++k) {\n  const uint col")
+    assert _worst_error(_mutant(mutant)) == float("inf")  # the first columns never written: NaN
 
 
 def test_emulator_catches_a_partial_reduction(cxx):
     _, body = kernel_source("add_rms_norm")
-    mutant = body.replace("lane < tg_size / 32", "lane < tg_size / 32 - 1")
+    mutant = body.replace("lane < TG / 32", "lane < TG / 32 - 1")
     assert mutant != body
     assert _worst_error(_mutant(mutant)) > 1e-2
 
@@ -150,10 +191,10 @@ def test_emulator_catches_a_partial_reduction(cxx):
 # Memory errors that leave the result right on some runs (or on the CPU) and wrong on a Mac: the
 # checked emulator reports them by kernel, buffer and index (metal/msl_emulate.h).
 MEMORY_MUTANTS = {
-    "router-expert-loop-past-E": (
-        "moe_router", "e < E; e += SG", "e <= E; e += SG",
+    "router-one-expert-past-the-block": (
+        "moe_router", "if (c < EB && e0 + c < E) {", "if (c <= EB && e0 + c <= E) {",
         r"kernel 'moe_router' failed in the emulator: out-of-bounds access: "
-        r"(buffer 'weight'|buffer 'bias'|threadgroup array 'logits') at index \d+, outside \[0, \d+\)"),
+        r"(buffer 'bias'|threadgroup array 'partial'|threadgroup array 'logits') at index \d+, outside \[0, \d+\)"),
     "decode-q-staging-past-the-tile": (
         "sdpa_decode_partial", "i < GQA * D; i += threads", "i <= GQA * D; i += threads",
         r"kernel 'sdpa_decode_partial' failed in the emulator: out-of-bounds access: "
@@ -175,6 +216,55 @@ def test_emulator_reports_an_out_of_bounds_access(mutant, cxx):
             toolchain.emulate(_planted(name, old, new), spec.plan(*args), order)
 
 
+# Bugs in the expert kernels' variants: each is caught by the emulator on the variant's samples.
+VARIANT_MUTANTS = {
+    "gate-up-x-staged-without-a-barrier": ("moe_gate_up_swiglu", "a-xtg", BARRIER, ""),
+    "gate-up-second-column-written-over-the-first": (
+        "moe_gate_up_swiglu", "a-rows2", "act[size_t(slot) * I + first + r]", "act[size_t(slot) * I + first]"),
+    "down-split-parts-in-one-slot": (
+        "moe_down_combine", "b-split2", "* SPLIT + part] = acc[r]", "* SPLIT] = acc[r]"),
+    "gate-up-x-ahead-one-step-off": (
+        "moe_gate_up_swiglu", "a-xahead", "ahead[8 * step + n] = xv[n];", "ahead[8 * (step + 1) % (8 * STEPS) + n] = xv[n];"),
+    "down-activations-ahead-one-step-off": (
+        "moe_down_combine", "b-act", "av[n] = ahead[8 * step + n];", "av[n] = ahead[8 * (step + 1) % (8 * STEPS) + n];"),
+    "down-second-row-reads-the-first-rows-scales": (
+        "moe_down_combine", "b-rows2", "sc[r * PACKED + step / 4] >>", "sc[step / 4] >>"),
+}
+
+
+@pytest.mark.parametrize("mutant", list(VARIANT_MUTANTS))
+def test_emulator_catches_a_bug_in_a_kernel_variant(mutant, cxx, monkeypatch):
+    name, variant, old, new = VARIANT_MUTANTS[mutant]
+    monkeypatch.setattr(moe, "VARIANT", moe.VARIANTS[variant])
+    spec = registry.REGISTRY[name]
+    kernel = _planted(name, old, new)
+    worst = 0.0
+    for i in (1, 2, 4):
+        args = samples(name, mx.float32)[i]
+        for order in ("forward", "reverse"):
+            try:
+                worst = max(worst, registry.max_error(toolchain.emulate(kernel, spec.plan(*args), order),
+                                                      spec.expected(*args)))
+            except toolchain.ToolchainError:
+                worst = float("inf")  # an access outside a buffer or array
+    assert worst > 1e-2
+
+
+@pytest.mark.parametrize("old,new", [
+    ("  sums[sg] = sumsq;\n}\n" + BARRIER, "  sums[sg] = sumsq;\n}\n"),  # the norm's sum read too early
+    ("xv[n] = static_cast<float>(static_cast<T_>(gv[n]", "xv[n] = static_cast<float>(static_cast<T_>(hv[n]"),
+], ids=["norm-barrier-dropped", "router-reads-h-not-y"])
+def test_emulator_catches_a_bug_in_the_fused_norm_and_router(old, new, cxx):
+    name = "add_rms_norm_route"
+    spec, kernel = registry.REGISTRY[name], _planted(name, old, new)
+    worst = 0.0
+    for args in samples(name, mx.float32):
+        for order in ("forward", "reverse"):
+            worst = max(worst, registry.max_error(toolchain.emulate(kernel, spec.plan(*args), order),
+                                                  spec.expected(*args)))
+    assert worst > 1e-2
+
+
 def test_emulator_shows_a_thread_array_element_never_written(cxx):
     """acc[0] left uninitialised (no access out of bounds): it starts as NaN, so the output is."""
     name = "sdpa_prefill"
@@ -192,7 +282,7 @@ def test_compile_check_reports_a_planted_error_with_its_line(clang):
     source = toolchain.generated_metal_source(bad, spec.plan(*samples("add_rms_norm", mx.float16)[0]))
     with pytest.raises(toolchain.ToolchainError, match=r"kernel\.metal\.cpp:\d+:\d+: error: use of undeclared identifier 'simd_summ'"):
         toolchain.check_metal_syntax(source, clang)
-    bad = _mutant(body.replace("h_row[i] = hi;", "h_row[i] = hi"))
+    bad = _mutant(body.replace("h_row[col] = hi;", "h_row[col] = hi"))
     source = toolchain.generated_metal_source(bad, spec.plan(*samples("add_rms_norm", mx.float16)[0]))
     with pytest.raises(toolchain.ToolchainError, match="expected ';'"):
         toolchain.check_metal_syntax(source, clang)
@@ -366,7 +456,7 @@ def test_a_wrong_kernel_is_disabled_with_one_warning(emulated_gpu, monkeypatch):
 def test_a_kernel_that_fails_to_compile_is_disabled(emulated_gpu, monkeypatch):
     spec = registry.REGISTRY["add_rms_norm"]
     _, body = kernel_source("add_rms_norm")
-    monkeypatch.setattr(spec, "kernel", _mutant(body.replace("h_row[i] = hi;", "h_row[i] = hi")))
+    monkeypatch.setattr(spec, "kernel", _mutant(body.replace("h_row[col] = hi;", "h_row[col] = hi")))
     with pytest.warns(RuntimeWarning, match="failed to run"):
         assert not registry.active("add_rms_norm", mx.bfloat16)
 
@@ -487,16 +577,21 @@ def test_prefill_attention_kernel_in_the_model_across_the_window(emulated_gpu):
 
 # ---- scripts/check_kernels_gpu.py --sanitize, without the GPU ------------------------------------
 
-def _gpu_script():
+def _script(name: str):
+    """scripts/<name>.py as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "check_kernels_gpu.py"
-    spec = importlib.util.spec_from_file_location("check_kernels_gpu", path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def _gpu_script():
+    return _script("check_kernels_gpu")
 
 
 # compute-sanitizer's output in the layout NVIDIA documents (--print-limit, --log-file).
@@ -620,3 +715,115 @@ def test_sanitize_refuses_bad_arguments_with_one_line(argv, message, capsys, mon
     captured = capsys.readouterr()
     assert rc not in (0, None)
     assert message in (captured.err + captured.out + (rc if isinstance(rc, str) else ""))
+
+
+# ---- scripts/profile_decode.py: Nsight Compute's CSV to the table, without the GPU -----------
+
+NCU_HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+              '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
+
+
+def _ncu_line(n: int, name: str, grid: str, value: str, unit: str = "usecond") -> str:
+    return (f'"{n}","4242","python3.12","127.0.0.1","{name}","1","7","(256, 1, 1)","{grid}","0","9.0",'
+            f'"Command line profiler metrics","gpu__time_duration.sum","{unit}","{value}"')
+
+
+def _ncu_csv(steps: int) -> str:
+    """What ncu prints for the worker: its log lines, then per engine a marker, ``steps`` tokens
+    of kernels (ours: 5 a token; off: 3; mlx-lm: 4), an end marker; warm-up kernels around."""
+    gemv = "void gemv2T_kernel_val<int, int, __nv_bfloat16, float, 128, 16, 4, 4, false, false>(T13, T14, T14)"
+    per_token = {
+        "ours": [("custom_kernel_moe_gate_up_swiglu_e3b0_bfloat16_uint32_uint8_bfloat16_uint32c_float_bfloat16",
+                  "(3, 360, 4)", "35.5"),
+                 ("custom_kernel_moe_down_combine_9f2c_bfloat16", "(1, 1440, 1)", "28.0"),
+                 (gemv, "(1, 80, 1)", "11.25"), (gemv, "(1, 6284, 1)", "268.0"),
+                 ("void mlx::core::cu::rms_norm<__nv_bfloat16, 256, 8>(const T1 *, const T1 *, T1 *, float, int, long)",
+                  "(1, 1, 1)", "4,800", "nsecond")],
+        "ours_kernels_off": [(gemv, "(1, 6284, 1)", "270.0"), ("void mlx::core::cu::gather_qmv<__nv_bfloat16>(const T1 *)",
+                                                               "(1, 720, 4)", "60.0"),
+                             ("void (anonymous namespace)::argsort_kernel<float>(int)", "(1, 1, 1)", "0.01", "msecond")],
+        "mlx_lm": [(gemv, "(1, 6284, 1)", "269.0")] * 4,
+    }
+    lines = ["==PROF== Connected to process 4242 (/usr/bin/python3.12)", "prompt done", NCU_HEADER]
+    n = 0
+
+    def add(name, grid="(1, 1, 1)", value="2.0", unit="usecond"):
+        nonlocal n
+        lines.append(_ncu_line(n, name, grid, value, unit))
+        n += 1
+
+    add(gemv, "(1, 6284, 1)", "999")  # prefill: outside every range
+    for engine, kernels in per_token.items():
+        add(f"custom_kernel_marker__{engine}___float_float")
+        for _ in range(steps):
+            for k in kernels:
+                add(*k)
+        add("custom_kernel_marker__end___float_float")
+        add(gemv, "(1, 6284, 1)", "999")  # the next engine's warm-up
+    return "\n".join(lines) + "\n==PROF== Disconnected from process 4242\n"
+
+
+def test_profile_decode_table_from_an_ncu_csv(tmp_path, capsys):
+    prof = _script("profile_decode")
+    csv_file = tmp_path / "ncu.csv"
+    csv_file.write_text(_ncu_csv(steps=3))
+    assert prof.main(["--from-csv", str(csv_file), "--steps", "3", "--bytes-per-token", "3.7e9"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| ")}
+    # ours: 35.5 + 28 + 11.25 + 268 + 4.8 = 347.55 µs a token, 5 kernels; 3.7 GB / 347.55 µs = 10.65 TB/s
+    assert rows["ours"] == ["5", "0.348", "10.65"]
+    assert rows["ours_kernels_off"] == ["3", "0.340", "10.88"]  # 270 + 60 + 10 µs (0.01 ms)
+    assert rows["mlx_lm"] == ["4", "1.076", "3.44"]
+    # Families: our kernels by their metal/ name, MLX's by function name, a GEMV split by its grids.
+    assert rows["moe_gate_up_swiglu"] == ["35.5", "1", "35.5"]
+    assert rows["moe_down_combine"] == ["28.0", "1", "28.0"]
+    assert rows["rms_norm"] == ["4.8", "1", "4.8"]
+    assert rows["gemv2T_kernel_val (1, 80, 1)"] == ["11.2", "1", "11.2"]
+    assert rows["argsort_kernel"] == ["10.0", "1", "10.0"]
+    assert "gemv2T_kernel_val" in rows  # mlx-lm and ours-off run it at one grid only
+    assert "bytes one token must read: 3.700 GB" in out
+
+
+FAKE_NCU = """#!{python}
+import subprocess, sys
+args = sys.argv[1:]
+assert args[:5] == ["--csv", "--clock-control", "none", "--metrics", "gpu__time_duration.sum"], args
+ranged = args[5:7] == ["--profile-from-start", "off"]
+worker = subprocess.run(args[7 if ranged else 5:], capture_output=True, text=True)  # on the CPU here
+if worker.returncode:
+    sys.exit(worker.stderr)
+sys.stdout.write(worker.stdout)
+if not ranged or {ranges_work}:  # a driver without cuProfilerStart profiles nothing in a range
+    sys.stdout.write(open({csv!r}).read())
+"""
+
+
+@pytest.mark.parametrize("ranges_work", [True, False], ids=["profiler-range", "profile-everything"])
+def test_profile_decode_runs_every_engine_under_ncu(ranges_work, tmp_path, capsys):
+    """The whole script with a stand-in for ncu that runs the worker (all three engines decode
+    on a tiny checkpoint, on the CPU) and then prints a saved profile; when profiling only the
+    ranges gives nothing, the script profiles everything."""
+    from gptoss_mlx.testing import checkpoints as mtc
+
+    prof = _script("profile_decode")
+    ckpt = tmp_path / "tiny"
+    mtc.write_hf(ckpt, mtc.TINY.replace(num_hidden_layers=2, layer_types=("sliding_attention", "full_attention")))
+    (tmp_path / "ncu.csv").write_text(_ncu_csv(steps=2))
+    fake = tmp_path / "ncu"
+    fake.write_text(FAKE_NCU.format(python=sys.executable, csv=str(tmp_path / "ncu.csv"), ranges_work=ranges_work))
+    fake.chmod(0o755)
+    assert prof.main(["--dir", str(ckpt), "--steps", "2", "--ncu", str(fake)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert ("profiling everything" in captured.err) is not ranges_work
+    assert "| ours | 5 | 0.348 |" in out and "| mlx_lm | 4 | 1.076 |" in out
+    per_token = float(out.split("bytes one token must read: ")[1].split()[0]) * 1e9
+    model_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    assert 0 < per_token < model_bytes  # one embedding row and 4 of 8 experts: less than the file
+
+
+def test_profile_decode_says_what_is_missing_without_ncu(tmp_path, capsys):
+    prof = _script("profile_decode")
+    assert prof.main(["--dir", str(tmp_path), "--ncu", str(tmp_path / "no-ncu")]) == 1
+    assert "no-ncu not found: Nsight Compute is needed" in capsys.readouterr().err

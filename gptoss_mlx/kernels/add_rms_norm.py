@@ -18,12 +18,12 @@ MAX_ROWS = 16
 def plan(x: mx.array, residual: mx.array, weight: mx.array, eps: float) -> Launch:
     D = x.shape[-1]
     rows = x.size // D
-    threads = min(256, -(-D // 32) * 32)
+    threads = min(1024, -(-D // 32) * 32)  # a column per thread where D allows: one load round
     return Launch(
         inputs=[x, residual, weight, float(eps)],
         output_shapes=[x.shape, x.shape], output_dtypes=[x.dtype, x.dtype],
         grid=(threads, rows, 1), threadgroup=(threads, 1, 1),
-        template=[("T", x.dtype), ("D", D)],
+        template=[("T", x.dtype), ("D", D), ("TG", threads)],
     )
 
 

@@ -1,4 +1,5 @@
-"""The MoE at decode: a router kernel and two fused MXFP4 expert kernels (metal/moe_*.metal).
+"""The MoE at decode: the router (alone, or with the add + RMSNorm before it) and two fused MXFP4
+expert kernels (metal/moe_*.metal, metal/add_rms_norm_route.metal). :func:`add_rms_norm_route`,
 :func:`route` and :func:`experts` are what the model calls; each runs the kernels for small
 batches and the plain-MLX path of ``ops`` otherwise. The references are what the model's
 generic path computes (``gather_qmm`` on the packed experts, bias gathers, the clamped SwiGLU,
@@ -7,16 +8,51 @@ the weighted sum): what the kernels must equal.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 
 from .. import ops
 from . import registry
+from .add_rms_norm import add_rms_norm
 from .launch import Kernel, Launch
 
-# Per threadgroup: 256 threads; one simdgroup per output row — A: per column (its gate and
-# linear row), B: per (output, expert). On the GPU machine this beat two or four outputs per
-# simdgroup and whole MX blocks (uint4) per lane by 10-25 % (docs/measurements.md).
-SIMDGROUPS = 8
+
+@dataclass(frozen=True)
+class Variant:
+    """How the expert kernels spread the work (metal/moe_*.metal headers). Every variant computes
+    the same sums in float32 (split-K adds its parts in a fixed order); scripts/bench_moe.py
+    --ncu --variants times them side by side on the GPU."""
+
+    rows_a: int = 1  # kernel A: output columns per simdgroup (their gate and linear rows)
+    x_a: int = 0  # kernel A's x: 0 loaded in the loop, 1 staged in threadgroup memory, 2 in registers ahead
+    rows_b: int = 1  # kernel B: outputs per simdgroup
+    split_b: int = 1  # kernel B: simdgroups sharing one row's inputs (split-K)
+    act_ahead: bool = False  # kernel B: a lane's activations loaded with its weights, before the loop
+    simdgroups: int = 8  # per threadgroup, both kernels
+
+
+# "base": one simdgroup per output row, lanes over packed words, 8 simdgroups per threadgroup. On
+# the GPU machine this beat two or four outputs per simdgroup (without the staging and split-K
+# below) and whole MX blocks (uint4) per lane by 10-25 % in wall time (docs/measurements.md).
+VARIANTS = {
+    "base": Variant(),
+    "a-rows2": Variant(rows_a=2),
+    "a-rows4": Variant(rows_a=4),
+    "a-xtg": Variant(x_a=1),
+    "a-rows2-xtg": Variant(rows_a=2, x_a=1),
+    "a-rows4-xtg": Variant(rows_a=4, x_a=1),
+    "a-xahead": Variant(x_a=2),
+    "a-rows2-xahead": Variant(rows_a=2, x_a=2),
+    "b-rows2": Variant(rows_b=2),
+    "b-split2": Variant(split_b=2),
+    "b-rows2-split2": Variant(rows_b=2, split_b=2),
+    "b-rows4-split2": Variant(rows_b=4, split_b=2),
+    "b-act": Variant(act_ahead=True),
+    "b-split2-act": Variant(split_b=2, act_ahead=True),
+    "b-rows2-split2-act": Variant(rows_b=2, split_b=2, act_ahead=True),
+}
+VARIANT = VARIANTS["base"]  # what the model runs
 
 # Up to this many tokens the kernels replace gather_qmm (each token re-reads its experts' rows,
 # as gather_qmv does); above it the sorted gather_qmm path shares rows between tokens.
@@ -24,6 +60,8 @@ SIMDGROUPS = 8
 MAX_TOKENS = 16
 
 ROUTER = Kernel("moe_router", ["x", "weight", "bias"], ["indices", "weights"])
+NORM_ROUTER = Kernel("add_rms_norm_route", ["x", "residual", "gain", "eps", "weight", "bias"],
+                     ["h", "y", "indices", "weights"])
 GATE_UP = Kernel("moe_gate_up_swiglu", ["x", "w", "scales", "bias", "indices", "limit"], ["act"])
 DOWN = Kernel("moe_down_combine", ["act", "w", "scales", "bias", "indices", "weights", "residual"], ["y"])
 
@@ -38,7 +76,7 @@ def router_reference(x, weight, bias, k):
 def router_plan(x, weight, bias, k) -> Launch:
     T, D = x.shape
     E = weight.shape[0]
-    simdgroups = min(E, 32)
+    simdgroups = -(-D // 256)  # a chunk of 8 values of x per thread
     return Launch(
         inputs=[x, weight, bias],
         output_shapes=[(T, k), (T, k)], output_dtypes=[mx.uint32, x.dtype],
@@ -57,6 +95,36 @@ def router_sample(shape, key, dtype):
     return x, weight, bias, k
 
 
+# ---- the add + RMSNorm before the MoE, and the router, in one launch -------------------------
+
+def norm_router_reference(x, residual, gain, eps, weight, bias, k):
+    """(h, y) = ops.add_rms_norm(x, residual, gain, eps); (indices, weights) of y's rows."""
+    h, y = ops.add_rms_norm(x, residual, gain, eps)
+    return (h, y, *router_reference(y.reshape(-1, y.shape[-1]), weight, bias, k))
+
+
+def norm_router_plan(x, residual, gain, eps, weight, bias, k) -> Launch:
+    D = x.shape[-1]
+    T = x.size // D
+    simdgroups = -(-D // 256)  # a chunk of 8 values of the row per thread
+    return Launch(
+        inputs=[x, residual, gain, float(eps), weight, bias],
+        output_shapes=[x.shape, x.shape, (T, k), (T, k)], output_dtypes=[x.dtype, x.dtype, mx.uint32, x.dtype],
+        grid=(32 * simdgroups, T, 1), threadgroup=(32 * simdgroups, 1, 1),
+        template=[("T_", x.dtype), ("D", D), ("E", weight.shape[0]), ("TOP_K", k), ("SG", simdgroups)],
+    )
+
+
+def norm_router_sample(shape, key, dtype):
+    """Random (x, residual, gain, eps, weight, bias, k) for ``shape`` (tokens, D, experts, top-k)."""
+    T, D, E, k = shape
+    k1, k2, k3 = mx.random.split(key, 3)
+    x, weight, bias, _ = router_sample(shape, k1, dtype)
+    residual = mx.random.normal((T, D), key=k2).astype(dtype)
+    gain = (1 + 0.2 * mx.random.normal((D,), key=k3)).astype(dtype)
+    return x, residual, gain, 1e-5, weight, bias, k
+
+
 # ---- kernel A: gate/up + SwiGLU ----------------------------------------------------------------
 
 def gate_up_swiglu_reference(x, indices, w, scales, bias, limit):
@@ -69,11 +137,12 @@ def gate_up_swiglu_plan(x, indices, w, scales, bias, limit) -> Launch:
     T, D = x.shape
     k = indices.shape[-1]
     I = w.shape[1] // 2
+    v = VARIANT
     return Launch(
         inputs=[x, w, scales, bias, indices, float(limit)],
         output_shapes=[(T, k, I)], output_dtypes=[x.dtype],
-        grid=(32 * SIMDGROUPS, -(-I // SIMDGROUPS), T * k), threadgroup=(32 * SIMDGROUPS, 1, 1),
-        template=[("T_", x.dtype), ("D", D), ("I", I), ("TOP_K", k)],
+        grid=(32 * v.simdgroups, -(-I // (v.simdgroups * v.rows_a)), T * k), threadgroup=(32 * v.simdgroups, 1, 1),
+        template=[("T_", x.dtype), ("D", D), ("I", I), ("TOP_K", k), ("ROWS", v.rows_a), ("X_FROM", v.x_a)],
     )
 
 
@@ -88,13 +157,17 @@ def down_combine_reference(act, indices, weights, w, scales, bias, residual):
 def down_combine_plan(act, indices, weights, w, scales, bias, residual) -> Launch:
     T, k, I = act.shape
     D = w.shape[1]
-    outs = max(1, SIMDGROUPS // k)  # outputs per threadgroup: one simdgroup per (output, expert)
-    threads = 32 * k * outs
+    v = VARIANT
+    per_group = k * v.split_b  # simdgroups per group of outputs: one per (expert, part)
+    groups = max(1, v.simdgroups // per_group)
+    outs = groups * v.rows_b  # outputs per threadgroup
+    threads = 32 * per_group * groups
     return Launch(
         inputs=[act, w, scales, bias, indices, weights, residual],
         output_shapes=[(T, D)], output_dtypes=[act.dtype],
         grid=(threads, -(-D // outs), T), threadgroup=(threads, 1, 1),
-        template=[("T_", act.dtype), ("D", D), ("I", I), ("TOP_K", k), ("OUTS", outs)],
+        template=[("T_", act.dtype), ("D", D), ("I", I), ("TOP_K", k), ("OUTS", outs), ("ROWS", v.rows_b),
+                  ("SPLIT", v.split_b), ("ACT_AHEAD", int(v.act_ahead))],
     )
 
 
@@ -144,6 +217,11 @@ ROUTER_SPEC = registry.register(registry.KernelSpec(
     "moe_router", ROUTER, router_plan, router_reference, router_sample, check=((2, 64, 8, 4), 500),
     description="MoE router: logits, top-k experts and their softmax in one launch",
 ))
+NORM_ROUTER_SPEC = registry.register(registry.KernelSpec(
+    "add_rms_norm_route", NORM_ROUTER, norm_router_plan, norm_router_reference, norm_router_sample,
+    check=((2, 64, 8, 4), 600),
+    description="residual add + RMSNorm + MoE router: one launch per layer before the experts",
+))
 GATE_UP_SPEC = registry.register(registry.KernelSpec(
     "moe_gate_up_swiglu", GATE_UP, gate_up_swiglu_plan, gate_up_swiglu_reference, gate_up_sample,
     check=((1, 64, 64, 4, 2), 100),
@@ -164,10 +242,24 @@ def route(x: mx.array, router, k: int) -> tuple[mx.array, mx.array]:
     """The top-k experts of each token of x (T, D), highest first, and their softmaxed weights,
     through ``router`` (an nn.Linear, or a quantized one): one kernel for small batches."""
     weight = router.weight
-    if x.shape[0] <= MAX_TOKENS and weight.dtype == x.dtype and "bias" in router \
+    if x.shape[0] <= MAX_TOKENS and x.shape[1] <= 8192 and weight.dtype == x.dtype and "bias" in router \
             and registry.active(ROUTER_SPEC.name, x.dtype):
         return tuple(ROUTER_SPEC.launch(x, weight, router.bias, k))
     return ops.top_k_softmax(router(x), k)
+
+
+def add_rms_norm_route(x, residual, gain, eps: float, router, k: int):
+    """(h, y, routing): ``add_rms_norm(x, residual, gain, eps)`` and, from the same kernel for
+    decode-sized batches, routing = :func:`route` of y's rows (indices, weights); where that
+    kernel does not apply, routing is None and the caller routes y (the MoE block does)."""
+    D = x.shape[-1]
+    weight = router.weight
+    if (x.size // D <= MAX_TOKENS and D % 8 == 0 and D <= 8192 and x.shape == residual.shape
+            and x.dtype == residual.dtype == gain.dtype == weight.dtype and "bias" in router
+            and registry.active(NORM_ROUTER_SPEC.name, x.dtype)):
+        h, y, indices, weights = NORM_ROUTER_SPEC.launch(x, residual, gain, eps, weight, router.bias, k)
+        return h, y, (indices, weights)
+    return (*add_rms_norm(x, residual, gain, eps), None)
 
 
 def _fused_fits(x: mx.array, layer) -> bool:

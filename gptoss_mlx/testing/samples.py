@@ -8,9 +8,9 @@ import mlx.core as mx
 
 from ..kernels import registry
 
-# (rows, D): then edge shapes: D not a multiple of 32, one row, the model's D = 2880 (TG 256,
-# 11.25 columns a thread).
-ADD_RMS_NORM_SHAPES = [(3, 96), (1, 33), (2, 200), (5, 2880)]
+# (rows, D): then edge shapes: D not a multiple of 32, one row, the model's D = 2880 (TG 1024,
+# 2.8 columns a thread), and a row just past 1024 columns (two columns for a few threads).
+ADD_RMS_NORM_SHAPES = [(3, 96), (1, 33), (2, 200), (5, 2880), (1, 1030)]
 
 # (tokens, D, I, experts, top-k). The lanes stride over the packed words of the input
 # dimension — D for kernel A, I for kernel B — so each kernel gets the model's 2880 there (360
@@ -56,6 +56,7 @@ def _chained(shapes, seed):
 CASES = {
     "add_rms_norm": lambda: _chained(ADD_RMS_NORM_SHAPES, 7),
     "moe_router": lambda: _seeded(ROUTER_SHAPES, 500),
+    "add_rms_norm_route": lambda: _seeded(ROUTER_SHAPES, 600),
     "moe_gate_up_swiglu": lambda: _seeded(GATE_UP_SHAPES, 100),
     "moe_down_combine": lambda: _seeded(DOWN_SHAPES, 200),
     "sdpa_decode_partial": lambda: _seeded(SDPA_DECODE_SHAPES, 300),
