@@ -362,15 +362,16 @@ class Prefill:
         self.rest = prompt[self.reused:-1]
 
     def step(self, max_tokens: int | None = None) -> mx.array | None:
-        """Prefill the next chunk (at most ``max_tokens``): None, or once the whole prompt is in,
-        the logits for the token after it (1, V)."""
+        """Prefill the next chunk (at most ``max_tokens``), and the last token once the rest is
+        in: then returns the logits for the token after the prompt (1, V), before that None."""
         pc, model = self.pc, self.engine.model
         if self.rest:
             size = min(self.engine._chunk_size(len(pc.tokens)), max_tokens or self.engine.prefill_step)
             chunk, self.rest = self.rest[:size], self.rest[size:]
             forward(model, pc, chunk, evaluate_layers=True)  # bounds the temporaries to one layer's
             mx.eval([c.state for c in pc.cache])
-            return None
+            if self.rest:
+                return None
         logits = forward(model, pc, self.prompt[-1:])
         if not mx.isfinite(logits).all().item():
             raise NonFiniteLogitsError("the model computed NaN or infinite logits: its weights are "

@@ -3,9 +3,9 @@ full), continuous batching on the engine thread, and a pool of prompt caches so 
 conversation's follow-up reuses the cache its previous turn left.
 
 Requests enter through :meth:`Scheduler.generate` (a prompt and sampling parameters in, token
-ids out). On the engine thread one loop runs every admitted sequence: each step it prefills one
-chunk of the oldest newcomer (so a long prompt never stops the others for its whole length),
-then runs one decode step for all the sequences past their prefill: one forward pass over their
+ids out). On the engine thread one loop runs every admitted sequence: each step it prefills
+newcomers, oldest first, within a budget of prompt tokens (while others decode a small one, so
+a long prompt never stops them for its whole length), then runs one decode step for all the sequences past their prefill: one forward pass over their
 B current tokens, each row attending to its own cache (``cache.merge_caches``), each sampled with
 its own parameters, random key, logits processors and stop conditions. A sequence joins the
 batch when its prefill ends and leaves it at a stop token, its max_tokens, or the step after its
@@ -166,7 +166,8 @@ class Scheduler:
                 seq.put(("error", e))
 
     def _step(self) -> bool:
-        """Admit newcomers, prefill one chunk, decode one step; False once there is nothing to do."""
+        """Admit newcomers, prefill within the step's budget, decode one step; False once there is
+        nothing to do."""
         with self._lock:
             self._prefilling += self._waiting
             self._waiting.clear()
@@ -176,28 +177,35 @@ class Scheduler:
         for seq in [s for s in self._prefilling if s.run.cancelled.is_set()]:
             self._prefilling.remove(seq)
             self._finish(seq, "interrupted")
-        if self._prefilling:
-            self._prefill_chunk(self._prefilling[0])
+        self._prefill()
         self._decode()
         return True
 
-    def _prefill_chunk(self, seq: "Sequence") -> None:
-        """One chunk of ``seq``'s prompt; when it is all in, its first token is sampled and it
-        joins the batch."""
-        try:
-            if seq.prefill is None:
-                seq.start(self.engine, self.pool.take(seq.run.prompt))
-            logits = seq.prefill.step(self.interleaved_chunk if self._rows else None)
-        except ValueError as e:  # a prompt the model cannot take, or NaN logits: this one fails
-            self._prefilling.remove(seq)
-            seq.pc = None  # its cache may hold the NaNs: not back to the pool
-            seq.put(("error", e))
-            return
-        if logits is None:
-            return
+    def _prefill(self) -> None:
+        """Prefill newcomers, oldest first, within one step's budget of prompt tokens: while
+        others decode a small one (they wait for it), else a full chunk. A newcomer whose prompt
+        is all in samples its first token and joins the batch."""
+        budget = self.interleaved_chunk if self._rows else self.engine.prefill_step
+        while self._prefilling and budget > 0:
+            seq = self._prefilling[0]
+            try:
+                if seq.prefill is None:
+                    seq.start(self.engine, self.pool.take(seq.run.prompt))
+                before = len(seq.pc.tokens)
+                logits = seq.prefill.step(budget)
+                budget -= len(seq.pc.tokens) - before
+            except ValueError as e:  # a prompt the model cannot take, or NaN logits: this one fails
+                self._prefilling.remove(seq)
+                seq.pc = None  # its cache may hold the NaNs: not back to the pool
+                seq.put(("error", e))
+                continue
+            if logits is not None:
+                self._prefilling.remove(seq)
+                self._join(seq, logits)
+
+    def _join(self, seq: "Sequence", logits: mx.array) -> None:
         seq.pending = seq.sampler(logits)
         mx.async_eval(seq.pending)
-        self._prefilling.remove(seq)
         rows = merge_caches([seq.pc.cache])
         if self._batch is None:
             self._batch = rows
