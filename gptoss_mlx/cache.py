@@ -11,6 +11,9 @@ slot is inside the window, so no mask is needed and order does not matter.
 
 from __future__ import annotations
 
+import threading
+from functools import lru_cache
+
 import mlx.core as mx
 
 
@@ -166,6 +169,28 @@ class RotatingKVCache:
 # sequence keeps its own KVCache / RotatingKVCache (prefill, the prompt-cache pool, rewinding).
 
 
+@lru_cache(maxsize=16)
+def _positions(values: tuple[int, ...]) -> mx.array:
+    """``values`` as a (B,) array. Every layer of a batch holds the same positions, so a step
+    builds each such array once, not once per layer."""
+    return mx.array(values)
+
+
+def _padding_mask(filled: tuple[int, ...]) -> mx.array | None:
+    """(B, 1, 1, K) bool, K = max(filled): row b sees its first filled[b] slots; None when all
+    rows see all K."""
+    K = max(filled)
+    if min(filled) == K:
+        return None
+    # A lazy array must not reach another thread: one memo per thread.
+    return _thread_padding_mask(filled, threading.get_ident())
+
+
+@lru_cache(maxsize=16)
+def _thread_padding_mask(filled: tuple[int, ...], thread: int) -> mx.array:
+    return (mx.arange(max(filled)) < _positions(filled)[:, None]).reshape(len(filled), 1, 1, -1)
+
+
 class _BatchRows:
     """What both batch caches share: the buffers, each row's number of positions, the mask."""
 
@@ -175,18 +200,18 @@ class _BatchRows:
 
     @property
     def offset(self) -> mx.array:
-        return mx.array(self.lengths)  # (B,): each row's next position
+        return _positions(tuple(self.lengths))  # (B,): each row's next position
 
     def _write(self, slots: list[int], keys: mx.array, values: mx.array) -> None:
         """Row b's new key and value (B, KV, 1, D) into slot ``slots[b]``."""
-        index = mx.array(slots).reshape(-1, 1, 1, 1)
+        index = _positions(tuple(slots)).reshape(-1, 1, 1, 1)
         self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
         self.values = mx.put_along_axis(self.values, index, values, axis=2)
 
     def _fetch(self, filled: list[int]) -> tuple[mx.array, mx.array]:
         """The first max(filled) slots of every row, and the mask of each row's ``filled``."""
         K = max(filled)
-        self.mask = None if min(filled) == K else (mx.arange(K) < mx.array(filled)[:, None]).reshape(-1, 1, 1, K)
+        self.mask = _padding_mask(tuple(filled))
         return self.keys[..., :K, :], self.values[..., :K, :]
 
     def _row(self, i: int) -> tuple[mx.array, mx.array]:
