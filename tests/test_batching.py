@@ -4,6 +4,7 @@ and a newcomer's long prompt is prefilled between the others' decode steps."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -14,9 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptoss_mlx.cache import merge_caches
-from gptoss_mlx.generate import Engine, PromptCache, forward
+from gptoss_mlx.generate import Engine, PromptCache, SamplingParams, forward
 from gptoss_mlx.loading import load, load_model
 from gptoss_mlx.server import Scheduler
+from gptoss_mlx.server.scheduler import Run
 from test_server import client, eventually_served, serving
 
 
@@ -210,3 +212,37 @@ def test_a_long_prompt_is_prefilled_between_the_others_decode_steps(tiny):
         for _ in range(5):
             next(chunks)  # and it still streams
         first.close()
+
+
+def test_logits_processors_steer_their_own_sequence_only(tiny):
+    """Run.logits_processors (mlx-lm's convention) see their sequence's ids so far and change
+    only its logits; the sequence beside it in the batch is untouched."""
+    model, tokenizer = tiny
+    scheduler = Scheduler(Engine(model, max_context=4096), max_concurrency=2, cache_bytes=1 << 30)
+    forced = tokenizer.encode("A")[0]
+    seen = []
+
+    def only_forced(tokens, logits):
+        seen.append(tokens.shape[0])
+        return mx.where(mx.arange(logits.shape[-1]) == forced, logits, -mx.inf)
+
+    def run(text, processors=()):
+        return Run(tokenizer.encode(text), SamplingParams(temperature=0, max_tokens=12), list(processors))
+
+    async def tokens(r):
+        return [t async for t in scheduler.generate(r)]
+
+    async def main():
+        alone = await tokens(run("Name a colour"))
+        steps = scheduler.steps.copy()
+        steered, beside = await asyncio.gather(tokens(run("Name a colour", [only_forced])),
+                                               tokens(run("Name a colour")))
+        return alone, steered, beside, scheduler.steps - steps
+
+    alone, steered, beside, shared = asyncio.run(main())
+    assert steered == [forced] * 12 and beside == alone != steered
+    prompt = len(tokenizer.encode("Name a colour"))
+    assert seen == list(range(prompt, prompt + 12)) and max(shared) == 2
+    solo = scheduler.engine.generate(tokenizer.encode("Hi"), SamplingParams(temperature=0, max_tokens=5),
+                                     logits_processors=[only_forced])
+    assert list(solo) == [forced] * 5  # Engine.generate takes them too

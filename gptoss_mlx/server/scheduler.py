@@ -26,8 +26,8 @@ import mlx.core as mx
 
 from ..cache import merge_caches
 from ..engine_thread import engine_thread
-from ..generate import (Engine, Prefill, PromptCache, SamplingParams, SequenceSampler, Stats,
-                        common_prefix, end_reason, token_budget)
+from ..generate import (Engine, NonFiniteLogitsError, Prefill, PromptCache, SamplingParams,
+                        SequenceSampler, Stats, common_prefix, end_reason, token_budget)
 from ..harmony import STOP_TOKENS_FOR_SAMPLING
 from .errors import APIError
 
@@ -196,7 +196,8 @@ class Scheduler:
                 budget -= len(seq.pc.tokens) - before
             except ValueError as e:  # a prompt the model cannot take, or NaN logits: this one fails
                 self._prefilling.remove(seq)
-                seq.pc = None  # its cache may hold the NaNs: not back to the pool
+                if seq.pc is not None and not isinstance(e, NonFiniteLogitsError):
+                    self.pool.put(seq.pc)  # refused before any work: the cache is as it was
                 seq.put(("error", e))
                 continue
             if logits is not None:
@@ -317,6 +318,8 @@ class Sequence:
         stats.decode_s = now - self.first_token_at
         stats.batch_size = self.rows_summed / self.steps if self.steps else 1.0
         self.put(("token", token))
+
+
 class Slot:
     """A request's place among the ``max_concurrency`` in flight; released exactly once."""
 
