@@ -14,11 +14,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import FP32_ATOL
 from gptoss_mlx.cache import merge_caches
-from gptoss_mlx.generate import Engine, PromptCache, SamplingParams, forward
+from gptoss_mlx.engine_thread import engine_thread
+from gptoss_mlx.generate import Engine, Prefill, PromptCache, SamplingParams, forward
 from gptoss_mlx.loading import load, load_model
 from gptoss_mlx.server import Scheduler
 from gptoss_mlx.server.scheduler import Run
+from gptoss_mlx.tokenizer import SPECIAL_TOKENS
 from test_server import client, eventually_served, serving
 
 
@@ -214,6 +217,11 @@ def test_a_long_prompt_is_prefilled_between_the_others_decode_steps(tiny):
         first.close()
 
 
+async def collect(scheduler, run) -> list[int]:
+    """A run's tokens, straight from the scheduler (no HTTP)."""
+    return [t async for t in scheduler.generate(run)]
+
+
 def test_logits_processors_steer_their_own_sequence_only(tiny):
     """Run.logits_processors (mlx-lm's convention) see their sequence's ids so far and change
     only its logits; the sequence beside it in the batch is untouched."""
@@ -229,14 +237,11 @@ def test_logits_processors_steer_their_own_sequence_only(tiny):
     def run(text, processors=()):
         return Run(tokenizer.encode(text), SamplingParams(temperature=0, max_tokens=12), list(processors))
 
-    async def tokens(r):
-        return [t async for t in scheduler.generate(r)]
-
     async def main():
-        alone = await tokens(run("Name a colour"))
+        alone = await collect(scheduler, run("Name a colour"))
         steps = scheduler.steps.copy()
-        steered, beside = await asyncio.gather(tokens(run("Name a colour", [only_forced])),
-                                               tokens(run("Name a colour")))
+        steered, beside = await asyncio.gather(collect(scheduler, run("Name a colour", [only_forced])),
+                                               collect(scheduler, run("Name a colour")))
         return alone, steered, beside, scheduler.steps - steps
 
     alone, steered, beside, shared = asyncio.run(main())
@@ -246,3 +251,45 @@ def test_logits_processors_steer_their_own_sequence_only(tiny):
     solo = scheduler.engine.generate(tokenizer.encode("Hi"), SamplingParams(temperature=0, max_tokens=5),
                                      logits_processors=[only_forced])
     assert list(solo) == [forced] * 5  # Engine.generate takes them too
+
+
+def test_sequences_leave_the_batch_with_their_caches_whole(tiny_checkpoint):
+    """One samples a stop token (forced by a processor) while fed to the next step, the other
+    runs to max_tokens: each leaves its cache in the pool holding exactly what it was fed, and a
+    follow-up on it prefills only its new tokens and computes what a fresh model computes."""
+    model, tokenizer = load(tiny_checkpoint, dtype=mx.float32)
+    engine = Engine(model, max_context=4096)
+    scheduler = Scheduler(engine, max_concurrency=2, cache_bytes=1 << 30)
+    first, second = tokenizer.encode("Name a colour " * 20), tokenizer.encode("Name a river " * 20)
+    stop = SPECIAL_TOKENS["<|return|>"]
+
+    def stop_after_5(tokens, logits):
+        if tokens.shape[0] < len(first) + 5:
+            return logits
+        return mx.where(mx.arange(logits.shape[-1]) == stop, logits, -mx.inf)
+
+    runs = [Run(first, SamplingParams(temperature=0, max_tokens=12), [stop_after_5]),
+            Run(second, SamplingParams(temperature=0, max_tokens=12))]
+
+    async def main():
+        steps = scheduler.steps.copy()
+        outs = await asyncio.gather(*(collect(scheduler, r) for r in runs))
+        return outs, scheduler.steps - steps
+
+    (stopped, full), shared = asyncio.run(main())
+    assert len(stopped) == 6 and stopped[-1] == stop and len(full) == 12 and max(shared) == 2
+    assert [r.stats.finish_reason for r in runs] == ["stop", "length"]
+
+    def follow_up(turn2):
+        prefill = Prefill(engine, scheduler.pool.take(turn2), turn2)
+        while (logits := prefill.step()) is None:
+            pass
+        fresh = model(mx.array([turn2]))[:, -1]
+        mx.eval(logits, fresh)
+        return prefill.reused, logits, fresh
+
+    # the stop token was fed to the step queued beside it; the last token of a full reply was not
+    for turn1, reply, fed in ((first, stopped, len(stopped)), (second, full, len(full) - 1)):
+        reused, logits, fresh = engine_thread().call(follow_up, turn1 + reply + tokenizer.encode(" more"))
+        assert reused == len(turn1) + fed
+        assert mx.allclose(logits, fresh, atol=FP32_ATOL).item()
