@@ -214,11 +214,11 @@ class _BatchRows:
         self.mask = _padding_mask(tuple(filled))
         return self.keys[..., :K, :], self.values[..., :K, :]
 
-    def _row(self, i: int) -> tuple[mx.array, mx.array]:
-        """Row i's keys and values (1, KV, K, D), copied: a slice would keep the whole batch's
-        buffer alive (and uncounted) in the prompt-cache pool."""
+    def _row(self, i: int, slots: int) -> tuple[mx.array, mx.array]:
+        """Row i's first ``slots`` keys and values (1, KV, slots, D), copied: a slice would keep
+        the whole batch's buffer alive (and uncounted) in the prompt-cache pool."""
         index = mx.array([i])
-        return self.keys[index], self.values[index]
+        return self.keys[:, :, :slots][index], self.values[:, :, :slots][index]
 
     def filter(self, keep: list[int]) -> None:
         """Keep only rows ``keep`` (in that order)."""
@@ -265,7 +265,8 @@ class BatchKVCache(_BatchRows):
     def extract(self, i: int) -> KVCache:
         """Row ``i`` as a sequence's own cache again."""
         cache = KVCache()
-        cache.keys, cache.values, cache.offset = *self._row(i), self.lengths[i]
+        slots = -(-self.lengths[i] // KVCache.step) * KVCache.step  # its own storage, not the longest row's
+        cache.keys, cache.values, cache.offset = *self._row(i, slots), self.lengths[i]
         return cache
 
 
@@ -290,7 +291,7 @@ class BatchRotatingKVCache(_BatchRows):
 
     def extract(self, i: int) -> RotatingKVCache:
         cache = RotatingKVCache(self.window)
-        cache.keys, cache.values, cache.offset = *self._row(i), self.lengths[i]
+        cache.keys, cache.values, cache.offset = *self._row(i, self.window), self.lengths[i]
         return cache
 
 

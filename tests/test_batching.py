@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FP32_ATOL
-from gptoss_mlx.cache import merge_caches
+from gptoss_mlx.cache import KVCache, merge_caches
 from gptoss_mlx.engine_thread import engine_thread
 from gptoss_mlx.generate import Engine, Prefill, PromptCache, SamplingParams, forward
 from gptoss_mlx.loading import load, load_model
@@ -86,6 +86,9 @@ def test_a_decode_batch_computes_what_each_sequence_computes_alone(model, sequen
         leaving = [r for r, i in enumerate(rows) if len(got[i]) == sequences[i][2]]
         for r in leaving:  # the rest of its decode alone, from its own cache again
             cache, y = [layer.extract(r) for layer in batch], tokens[r : r + 1]
+            # each takes its own storage along, not the longest row's
+            assert all(c.keys.shape[2] == (-(-c.offset // KVCache.step) * KVCache.step
+                                           if isinstance(c, KVCache) else c.window) for c in cache)
             for _ in range(extra):
                 step_logits, y = greedy_step(model, y, cache)
                 got[rows[r]].append(step_logits)
