@@ -468,6 +468,7 @@ def test_gptoss_mlx_serve_runs_and_logs_one_line_per_request(tiny_checkpoint):
         _, err = proc.communicate(timeout=30)
     lines = [line for line in err.splitlines() if r.id in line]
     assert len(lines) == 1 and "prompt tokens (0 cached), 4 generated, TTFT" in lines[0]
+    assert ", batch 1.0, finish length" in lines[0]  # the batch size it was decoded at
 
 
 def test_serve_refuses_a_public_address_without_a_key(capsys):
