@@ -95,10 +95,20 @@ class Client:
         """One greedy streamed reply: its send, first-text and end times, token count and text."""
         body = json.dumps({"model": self.model, "messages": messages, "max_tokens": max_tokens,
                            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=3600)
         sent = time.perf_counter()
-        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-        resp = conn.getresponse()
+        for attempt in range(5):
+            # mlx_lm.server listens with socketserver's backlog of 5: a burst of connections
+            # can be reset before it accepts them; retrying is what a client would do
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=3600)
+            try:
+                conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                break
+            except (ConnectionResetError, ConnectionRefusedError, http.client.RemoteDisconnected):
+                conn.close()
+                if attempt == 4:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:500]!r}")
         first, chunks, usage, text = None, 0, None, ""
