@@ -11,6 +11,9 @@ slot is inside the window, so no mask is needed and order does not matter.
 
 from __future__ import annotations
 
+import threading
+from functools import lru_cache
+
 import mlx.core as mx
 
 
@@ -153,3 +156,147 @@ class RotatingKVCache:
     @property
     def state(self) -> list[mx.array]:
         return [] if self.keys is None else [self.keys, self.values]
+
+
+# ---- decode batches -----------------------------------------------------------------------------
+#
+# A decode batch runs B sequences one token each per step through one forward pass. Each layer's
+# batch cache holds the B sequences' caches as rows of one buffer (B, kv_heads, K, head_dim); row b
+# is written at its own position. ``offset`` is then an array of the B positions (RoPE takes it as
+# it is), and ``mask`` (B, 1, 1, K) hides the keys a row does not have, or is None when every row
+# has the same number of keys (then the attention is exactly what each sequence alone computes).
+# Sequences join with ``extend`` and leave with ``extract`` + ``filter``; outside a batch each
+# sequence keeps its own KVCache / RotatingKVCache (prefill, the prompt-cache pool, rewinding).
+
+
+@lru_cache(maxsize=16)
+def _positions(values: tuple[int, ...]) -> mx.array:
+    """``values`` as a (B,) array. Every layer of a batch holds the same positions, so a step
+    builds each such array once, not once per layer."""
+    return mx.array(values)
+
+
+def _padding_mask(filled: tuple[int, ...]) -> mx.array | None:
+    """(B, 1, 1, K) bool, K = max(filled): row b sees its first filled[b] slots; None when all
+    rows see all K."""
+    K = max(filled)
+    if min(filled) == K:
+        return None
+    # A lazy array must not reach another thread: one memo per thread.
+    return _thread_padding_mask(filled, threading.get_ident())
+
+
+@lru_cache(maxsize=16)
+def _thread_padding_mask(filled: tuple[int, ...], thread: int) -> mx.array:
+    return (mx.arange(max(filled)) < _positions(filled)[:, None]).reshape(len(filled), 1, 1, -1)
+
+
+class _BatchRows:
+    """What both batch caches share: the buffers, each row's number of positions, the mask."""
+
+    def __init__(self, keys: mx.array, values: mx.array, lengths: list[int]):
+        self.keys, self.values, self.lengths = keys, values, lengths
+        self.mask: mx.array | None = None
+
+    @property
+    def offset(self) -> mx.array:
+        return _positions(tuple(self.lengths))  # (B,): each row's next position
+
+    def _write(self, slots: list[int], keys: mx.array, values: mx.array) -> None:
+        """Row b's new key and value (B, KV, 1, D) into slot ``slots[b]``."""
+        index = _positions(tuple(slots)).reshape(-1, 1, 1, 1)
+        self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
+        self.values = mx.put_along_axis(self.values, index, values, axis=2)
+
+    def _fetch(self, filled: list[int]) -> tuple[mx.array, mx.array]:
+        """The first max(filled) slots of every row, and the mask of each row's ``filled``."""
+        K = max(filled)
+        self.mask = _padding_mask(tuple(filled))
+        return self.keys[..., :K, :], self.values[..., :K, :]
+
+    def _row(self, i: int, slots: int) -> tuple[mx.array, mx.array]:
+        """Row i's first ``slots`` keys and values (1, KV, slots, D), copied: a slice would keep
+        the whole batch's buffer alive (and uncounted) in the prompt-cache pool."""
+        index = mx.array([i])
+        return self.keys[:, :, :slots][index], self.values[:, :, :slots][index]
+
+    def filter(self, keep: list[int]) -> None:
+        """Keep only rows ``keep`` (in that order)."""
+        index = mx.array(keep)
+        self.keys, self.values = self.keys[index], self.values[index]
+        self.lengths = [self.lengths[i] for i in keep]
+
+    def extend(self, other: "_BatchRows") -> None:
+        """Append ``other``'s rows (padding the shorter buffers with empty slots)."""
+        K = max(self.keys.shape[2], other.keys.shape[2])
+        self.keys = mx.concatenate([_pad_slots(self.keys, K), _pad_slots(other.keys, K)])
+        self.values = mx.concatenate([_pad_slots(self.values, K), _pad_slots(other.values, K)])
+        self.lengths = self.lengths + other.lengths
+
+
+def _pad_slots(buffer: mx.array, slots: int) -> mx.array:
+    """``buffer`` (B, H, K, D) with empty slots appended up to ``slots``."""
+    pad = slots - buffer.shape[2]
+    if pad <= 0:
+        return buffer
+    return mx.concatenate([buffer, mx.zeros(buffer.shape[:2] + (pad,) + buffer.shape[3:], buffer.dtype)], axis=2)
+
+
+class BatchKVCache(_BatchRows):
+    """Full attention for a decode batch: row b holds its sequence's keys in position order, then
+    empty slots. Storage grows in KVCache.step slots for all rows at once."""
+
+    @classmethod
+    def merge(cls, caches: list[KVCache]) -> "BatchKVCache":
+        K = max(c.keys.shape[2] for c in caches)
+        return cls(mx.concatenate([_pad_slots(c.keys, K) for c in caches]),
+                   mx.concatenate([_pad_slots(c.values, K) for c in caches]), [c.offset for c in caches])
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """keys, values (B, KV, 1, D) at each row's next position -> every row's keys so far."""
+        end = max(self.lengths) + 1
+        if end > self.keys.shape[2]:
+            capacity = -(-end // KVCache.step) * KVCache.step
+            self.keys, self.values = _pad_slots(self.keys, capacity), _pad_slots(self.values, capacity)
+        self._write(self.lengths, keys, values)
+        self.lengths = [n + 1 for n in self.lengths]
+        return self._fetch(self.lengths)
+
+    def extract(self, i: int) -> KVCache:
+        """Row ``i`` as a sequence's own cache again."""
+        cache = KVCache()
+        slots = -(-self.lengths[i] // KVCache.step) * KVCache.step  # its own storage, not the longest row's
+        cache.keys, cache.values, cache.offset = *self._row(i, slots), self.lengths[i]
+        return cache
+
+
+class BatchRotatingKVCache(_BatchRows):
+    """Sliding-window attention for a decode batch: row b is its sequence's ring buffer (position
+    p in slot p % window). At decode every filled slot is inside the window and order does not
+    matter, so only a row that has not filled its ring yet needs the mask."""
+
+    def __init__(self, keys: mx.array, values: mx.array, lengths: list[int], window: int):
+        super().__init__(keys, values, lengths)
+        self.window = window
+
+    @classmethod
+    def merge(cls, caches: list[RotatingKVCache]) -> "BatchRotatingKVCache":
+        return cls(mx.concatenate([c.keys for c in caches]), mx.concatenate([c.values for c in caches]),
+                   [c.offset for c in caches], caches[0].window)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self._write([n % self.window for n in self.lengths], keys, values)
+        self.lengths = [n + 1 for n in self.lengths]
+        return self._fetch([min(n, self.window) for n in self.lengths])
+
+    def extract(self, i: int) -> RotatingKVCache:
+        cache = RotatingKVCache(self.window)
+        cache.keys, cache.values, cache.offset = *self._row(i, self.window), self.lengths[i]
+        return cache
+
+
+def merge_caches(caches: list[list]) -> list:
+    """Per layer, one batch cache holding the given sequences' caches (each a model.make_cache()
+    list, filled by a prefill) as rows, in order."""
+    batch_type = {KVCache: BatchKVCache, RotatingKVCache: BatchRotatingKVCache}
+    return [batch_type[type(layer[0])].merge(list(layer)) for layer in zip(*caches)]

@@ -77,10 +77,11 @@ def banned_token_mask(vocab_size: int) -> mx.array:
 
 
 def make_sampler(params: SamplingParams, vocab_size: int):
-    """logits (B, V) -> token ids (B,). Greedy at temperature 0."""
+    """(logits (B, V), random key or None for MLX's global one) -> token ids (B,). Greedy at
+    temperature 0."""
     banned = banned_token_mask(vocab_size)
 
-    def sample(logits: mx.array) -> mx.array:
+    def sample(logits: mx.array, key: mx.array | None = None) -> mx.array:
         logits = logits.astype(mx.float32) + banned
         if params.temperature == 0:
             return mx.argmax(logits, axis=-1)
@@ -98,9 +99,37 @@ def make_sampler(params: SamplingParams, vocab_size: int):
             drop_sorted = before >= params.top_p  # keep the smallest set reaching top_p
             drop = mx.put_along_axis(mx.zeros_like(drop_sorted), order, drop_sorted, axis=-1)
             logits = mx.where(drop, float("-inf"), logits)
-        return mx.random.categorical(logits, axis=-1)
+        return mx.random.categorical(logits, axis=-1, key=key)
 
     return sample
+
+
+class SequenceSampler:
+    """One sequence's way from logits (1, V) to its next token (1,): its logits processors, then
+    its sampler with its own random key, so that a seeded sequence draws the same tokens whatever
+    else runs beside it. A processor (mlx-lm's convention) is called as ``processor(tokens,
+    logits)``, ``tokens`` the sequence's ids so far (prompt included), and returns logits."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt: list[int],
+                 logits_processors=None):
+        self.sample = make_sampler(params, vocab_size)
+        self.greedy = params.temperature == 0
+        # a seed gives the key; otherwise one drawn from MLX's global generator (mx.random.seed)
+        self.key = (mx.random.key(params.seed) if params.seed is not None
+                    else mx.random.randint(0, 1 << 31, (2,)).astype(mx.uint32))
+        self.processors = list(logits_processors or [])
+        self.tokens = mx.array(prompt) if self.processors else None
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        for processor in self.processors:
+            logits = processor(self.tokens, logits)
+        key = None
+        if not self.greedy:
+            self.key, key = mx.random.split(self.key)
+        y = self.sample(logits, key)
+        if self.processors:
+            self.tokens = mx.concatenate([self.tokens, y.astype(self.tokens.dtype)])
+        return y
 
 
 @dataclass
@@ -113,6 +142,7 @@ class Stats:
     decode_s: float = 0.0
     peak_memory_gb: float = 0.0
     finish_reason: str | None = None  # "stop", "length", "context", "interrupted"
+    batch_size: float = 1.0  # sequences per decode step it took part in, on average (server)
 
     @property
     def prefill_tps(self) -> float:
@@ -208,47 +238,20 @@ class Engine:
     def _reset(self) -> None:
         self.prompt_cache = PromptCache(self.model.make_cache())
 
-    def _forward(self, tokens: list[int], evaluate_layers: bool = False) -> mx.array:
-        """Feed tokens through the model (updating the cache); logits of the last one, (1, V)."""
-        logits = self.model(mx.array([tokens]), cache=self.prompt_cache.cache, evaluate_layers=evaluate_layers)
-        self.prompt_cache.tokens.extend(tokens)
-        return logits[:, -1, :]
-
     def prefill(self, prompt: list[int]) -> mx.array:
         """Bring the cache to ``prompt``, reusing the longest common prefix; returns the logits
         for the token after it (evaluated when called from another thread than the engine's)."""
         return engine_thread().call(self._prefill, prompt)
 
     def _prefill(self, prompt: list[int]) -> mx.array:
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        vocab = self.model.config.vocab_size
-        if not 0 <= min(prompt) <= max(prompt) < vocab:  # out of range, the embedding reads past its end
-            bad = next(t for t in prompt if not 0 <= t < vocab)
-            raise ValueError(f"token id {bad} is outside the model's vocabulary of {vocab} ids: "
-                             "the tokenizer does not belong to this checkpoint")
-        if len(prompt) >= self.max_context:
-            raise ContextLengthError(
-                f"the conversation is {len(prompt)} tokens but the context limit is "
-                f"{self.max_context}: start a new chat, shorten it, or raise --max-context")
-        pc = self.prompt_cache
-        reuse = min(common_prefix(pc.tokens, prompt), len(prompt) - 1)  # always feed >= 1 token
-        reuse = pc.rewind_to(reuse)
-        self.stats = Stats(prompt_tokens=len(prompt), reused_tokens=reuse)
-        # All but the last token in bounded chunks, evaluating only the cache: the unembedding
-        # (201088 x 2880) never runs for them. Then the last token alone gives the logits.
-        rest = prompt[reuse:-1]
-        while rest:
-            step = self._chunk_size(len(pc.tokens))
-            chunk, rest = rest[:step], rest[step:]
-            self._forward(chunk, evaluate_layers=True)  # bounds the temporaries to one layer's
-            mx.eval([c.state for c in pc.cache])
-        logits = self._forward(prompt[-1:])
-        if not mx.isfinite(logits).all().item():
+        prefill = Prefill(self, self.prompt_cache, prompt)
+        self.stats = Stats(prompt_tokens=len(prompt), reused_tokens=prefill.reused)
+        try:
+            while (logits := prefill.step()) is None:
+                pass
+        except NonFiniteLogitsError:
             self.reset()  # the cache holds the same NaNs
-            raise NonFiniteLogitsError("the model computed NaN or infinite logits: its weights are "
-                                       "corrupt, or float16 overflowed (use bfloat16 or float32)")
-        pc.take_snapshot()
+            raise
         return logits
 
     def _chunk_size(self, cached: int) -> int:
@@ -262,26 +265,25 @@ class Engine:
         return max(128, min(self.prefill_step, fit))
 
     def generate(self, prompt: list[int], params: SamplingParams | None = None,
-                 stop_tokens=STOP_TOKENS_FOR_SAMPLING) -> Iterator[int]:
+                 stop_tokens=STOP_TOKENS_FOR_SAMPLING, logits_processors=None) -> Iterator[int]:
         """Yield sampled tokens until a stop token (yielded too), max_tokens or the context end.
-        They are made on the engine thread; closing the iterator stops at the next token."""
-        return engine_thread().stream(self._generate(prompt, params, stop_tokens))
+        They are made on the engine thread; closing the iterator stops at the next token.
+        ``logits_processors``: see :class:`SequenceSampler`."""
+        return engine_thread().stream(self._generate(prompt, params, stop_tokens, logits_processors))
 
     def _generate(self, prompt: list[int], params: SamplingParams | None,
-                  stop_tokens) -> Iterator[int]:
+                  stop_tokens, logits_processors=None) -> Iterator[int]:
         """The decoding loop, on the engine thread. The next step's graph is built and queued before the host waits for the current
         token, so the GPU never idles on Python (asynchronous evaluation)."""
         params = params or SamplingParams()
-        if params.seed is not None:
-            mx.random.seed(params.seed)
-        sampler = make_sampler(params, self.model.config.vocab_size)
+        sampler = SequenceSampler(params, self.model.config.vocab_size, prompt, logits_processors)
         mx.reset_peak_memory()
         start = time.perf_counter()
         logits = self._prefill(prompt)
         y = sampler(logits)
         mx.async_eval(y)
         stats = self.stats
-        budget = min(params.max_tokens or self.max_context, self.max_context - len(prompt))
+        budget = token_budget(params, self.max_context, len(prompt))
         first_token_at = None
         try:
             for n in range(1, budget + 1):
@@ -303,7 +305,7 @@ class Engine:
                     break
                 y = next_y
             else:
-                stats.finish_reason = "length" if params.max_tokens and budget == params.max_tokens else "context"
+                stats.finish_reason = end_reason(params, budget)
         except GeneratorExit:
             stats.finish_reason = "interrupted"
             raise
@@ -317,3 +319,62 @@ class Engine:
         logits = self.model(y.reshape(1, 1), cache=self.prompt_cache.cache)
         self.prompt_cache.tokens.append(-1)  # the caller writes the id once it has it
         return logits[:, -1, :]
+
+
+def token_budget(params: SamplingParams, max_context: int, prompt_tokens: int) -> int:
+    """How many tokens a reply may have: max_tokens, or what is left of the context."""
+    return min(params.max_tokens or max_context, max_context - prompt_tokens)
+
+
+def end_reason(params: SamplingParams, budget: int) -> str:
+    """Why a reply that used its whole budget ended: "length" (max_tokens) or "context"."""
+    return "length" if params.max_tokens and budget == params.max_tokens else "context"
+
+
+def forward(model, pc: PromptCache, tokens: list[int], evaluate_layers: bool = False) -> mx.array:
+    """Feed tokens through the model (updating the cache); logits of the last one, (1, V)."""
+    logits = model(mx.array([tokens]), cache=pc.cache, evaluate_layers=evaluate_layers)
+    pc.tokens.extend(tokens)
+    return logits[:, -1, :]
+
+
+class Prefill:
+    """Bringing a prompt cache to a prompt, reusing their longest common prefix, a chunk at a
+    time: :meth:`Engine.prefill` runs every chunk at once, the server's scheduler interleaves them
+    with other sequences' decode steps. All but the last token go in bounded chunks that evaluate
+    only the cache (the unembedding, 201088 x 2880, never runs for them); the last token alone
+    gives the logits."""
+
+    def __init__(self, engine: Engine, pc: PromptCache, prompt: list[int]):
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        vocab = engine.model.config.vocab_size
+        if not 0 <= min(prompt) <= max(prompt) < vocab:  # out of range, the embedding reads past its end
+            bad = next(t for t in prompt if not 0 <= t < vocab)
+            raise ValueError(f"token id {bad} is outside the model's vocabulary of {vocab} ids: "
+                             "the tokenizer does not belong to this checkpoint")
+        if len(prompt) >= engine.max_context:
+            raise ContextLengthError(
+                f"the conversation is {len(prompt)} tokens but the context limit is "
+                f"{engine.max_context}: start a new chat, shorten it, or raise --max-context")
+        self.engine, self.pc, self.prompt = engine, pc, prompt
+        self.reused = pc.rewind_to(min(common_prefix(pc.tokens, prompt), len(prompt) - 1))  # feed >= 1
+        self.rest = prompt[self.reused:-1]
+
+    def step(self, max_tokens: int | None = None) -> mx.array | None:
+        """Prefill the next chunk (at most ``max_tokens``), and the last token once the rest is
+        in: then returns the logits for the token after the prompt (1, V), before that None."""
+        pc, model = self.pc, self.engine.model
+        if self.rest:
+            size = min(self.engine._chunk_size(len(pc.tokens)), max_tokens or self.engine.prefill_step)
+            chunk, self.rest = self.rest[:size], self.rest[size:]
+            forward(model, pc, chunk, evaluate_layers=True)  # bounds the temporaries to one layer's
+            mx.eval([c.state for c in pc.cache])
+            if self.rest:
+                return None
+        logits = forward(model, pc, self.prompt[-1:])
+        if not mx.isfinite(logits).all().item():
+            raise NonFiniteLogitsError("the model computed NaN or infinite logits: its weights are "
+                                       "corrupt, or float16 overflowed (use bfloat16 or float32)")
+        pc.take_snapshot()
+        return logits

@@ -113,7 +113,12 @@ class Attention(nn.Module):
         # (Loaded models hold them in the activation dtype already: no cast per token.)
         sinks = self.sinks if self.sinks.dtype == q.dtype else self.sinks.astype(q.dtype)
         # softmax([q.k * scale over the keys inside the window, sink]) . v  -> (B, L, H, head_dim)
-        out = kernels.attention(q, k, v, sinks, self.scale, self.window, offset, cache)
+        mask = getattr(cache, "mask", None)  # a decode batch's (B, 1, 1, K): rows of unequal lengths
+        if mask is None:
+            out = kernels.attention(q, k, v, sinks, self.scale, self.window, offset, cache)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=sinks)
+            out = out.transpose(0, 2, 1, 3)
         return self.o_proj(out.reshape(B, L, -1))
 
 
@@ -231,7 +236,8 @@ class Model(nn.Module):
     def __call__(self, inputs: mx.array, cache: list | None = None, *,
                  evaluate_layers: bool = False) -> mx.array:
         """inputs (B, L) token ids -> logits (B, L, vocab). With a cache, positions continue
-        from ``cache[0].offset`` and the cache is updated in place.
+        from ``cache[0].offset`` and the cache is updated in place. A decode batch (L = 1) passes
+        batch caches (``cache.merge_caches``): each row continues from its own position.
 
         ``evaluate_layers`` evaluates each layer's output as soon as it is built (long prefill
         chunks, not inside mx.compile): evaluated as one graph, every layer's temporaries stay

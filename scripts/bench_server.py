@@ -1,33 +1,55 @@
 #!/usr/bin/env python3
-"""gptoss-mlx serve under load: time to first token through the prompt cache, and aggregate
-decode speed at several concurrent streams, measured with OpenAI's client over HTTP.
+"""Servers under load: gptoss-mlx serve (continuous batching) against mlx_lm.server on the same
+checkpoint, driven by the same load generator over HTTP.
 
-    python scripts/bench_server.py --model DIR [--history 8192] [--streams 1,2,4,8] [--tokens 64]
+    python scripts/bench_server.py --model DIR [--make --preset 20b --tokenizer-dir D]
+        [--engines ours,mlx_lm] [--streams 1,4,8,16] [--tokens 256] [--history 8192]
 
-Starts the server in this process on a free 127.0.0.1 port (the `openai` package of the test
-extra is the client). Prints:
-- cold TTFT for a conversation of about ``--history`` tokens, and the TTFT of its follow-up
-  (the same conversation plus the reply and a short question), which the prompt cache serves:
-  as the engine measured it (prompt to first sampled token) and as the client saw it (to the
-  first text; random weights write no harmony header, so their text shows only once the parser
-  gives up on one, up to 32 tokens later);
-- for each number of concurrent streams: aggregate generated tok/s, and mean / max TTFT as the
-  client saw it.
+Each server runs in its own process on a free 127.0.0.1 port, one after the other (ours: the
+library's Engine, Scheduler and Service under uvicorn, as `gptoss-mlx serve` builds them;
+mlx-lm: `python -m mlx_lm.server`). The load generator is the standard library's http.client
+(streaming Chat Completions, greedy, a fixed max_tokens; random weights almost never sample a
+stop token, so each reply runs to max_tokens). For each number of concurrent streams it prints:
+
+- aggregate tok/s: all streams' generated tokens over the wall time from the first request to
+  the last reply's end, and that over the same server's single-stream figure;
+- newcomer TTFT: the latency of a one-token request sent while the streams decode (a newcomer's
+  time to first token under that load: its queueing, its prefill, one step).
+
+Then the follow-up TTFT after ``--history`` tokens: a one-token request on a long conversation
+(cold), then on the same conversation plus a reply and a question (what a prompt cache serves).
+
+``--make`` writes a random checkpoint of ``--preset`` first, with the tokenizer and chat template
+from ``--tokenizer-dir`` (gpt-oss-tokenizer.json.gz, gpt-oss-tokenizer_config.json and
+gpt-oss-chat_template.jinja, as in ../shared/data; mlx_lm.server needs the template, which goes
+into tokenizer_config.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import http.client
+import json
+import socket
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+EXACT_STREAMS = 8  # greedy replies compared alone and in one batch
+sys.path.insert(0, str(ROOT))
 
 
-def serve(model_dir: str, max_context: int, streams: int):
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_ours(model_dir: str, port: int, max_context: int, max_concurrency: int) -> None:
+    """The server process for ``ours`` (what `gptoss-mlx serve` builds, without the CLI)."""
     import uvicorn
 
     from gptoss_mlx.generate import Engine
@@ -36,74 +58,223 @@ def serve(model_dir: str, max_context: int, streams: int):
 
     model, tokenizer = load(model_dir)
     engine = Engine(model, max_context=max_context)
-    service = Service("bench", tokenizer, engine, Scheduler(engine, streams, cache_bytes=8 << 30))
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0,
-                                           log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1", engine
+    service = Service(model_dir, tokenizer, engine, Scheduler(engine, max_concurrency, cache_bytes=16 << 30))
+    uvicorn.run(create_app(service), host="127.0.0.1", port=port, log_level="warning")
 
 
-def stream(client, messages, tokens: int) -> tuple[float, int, str]:
-    """(TTFT seconds, generated tokens, answer text) of one streamed greedy request."""
-    t0 = time.perf_counter()
-    ttft, text, usage = None, "", None
-    for chunk in client.chat.completions.create(
-            model="bench", messages=messages, max_tokens=tokens, temperature=0, stream=True,
-            stream_options={"include_usage": True}):
-        if chunk.usage:
-            usage = chunk.usage
-        if ttft is None and chunk.choices and (chunk.choices[0].delta.content or
-                                               getattr(chunk.choices[0].delta, "reasoning_content", None)):
-            ttft = time.perf_counter() - t0
-        if chunk.choices:
-            text += chunk.choices[0].delta.content or ""
-    return (ttft if ttft is not None else time.perf_counter() - t0), usage.completion_tokens, text
+def start(engine: str, model_dir: str, port: int, max_context: int, max_concurrency: int) -> subprocess.Popen:
+    if engine == "ours":
+        cmd = [sys.executable, __file__, "--serve-ours", "--model", model_dir, "--port", str(port),
+               "--max-context", str(max_context), "--max-concurrency", str(max_concurrency)]
+    else:
+        cmd = [sys.executable, "-m", "mlx_lm.server", "--model", model_dir, "--port", str(port),
+               "--decode-concurrency", str(max_concurrency), "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/v1/models")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"{engine} server did not start:\n{proc.stderr.read()[-3000:]}")
+        time.sleep(0.5)
+
+
+class Client:
+    """Streaming Chat Completions over http.client (no third-party package on the GPU machine)."""
+
+    def __init__(self, port: int, model: str):
+        self.port, self.model = port, model
+
+    def stream(self, messages: list[dict], max_tokens: int, on_text=None) -> dict:
+        """One greedy streamed reply: its send, first-text and end times, token count and text."""
+        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": max_tokens,
+                           "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
+        sent = time.perf_counter()
+        for attempt in range(5):
+            # mlx_lm.server listens with socketserver's backlog of 5: a burst of connections
+            # can be reset before it accepts them; retrying is what a client would do
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=3600)
+            try:
+                conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                break
+            except (ConnectionResetError, ConnectionRefusedError, http.client.RemoteDisconnected):
+                conn.close()
+                if attempt == 4:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:500]!r}")
+        first, chunks, usage, text = None, 0, None, ""
+        for line in resp:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            usage = data.get("usage") or usage
+            delta = data["choices"][0].get("delta", {}) if data.get("choices") else {}
+            piece = (delta.get("content") or "") + (delta.get("reasoning_content") or delta.get("reasoning") or "")
+            if piece:
+                chunks += 1
+                text += piece
+                if first is None:
+                    first = time.perf_counter()
+                    if on_text:
+                        on_text()
+        end = time.perf_counter()
+        conn.close()
+        tokens = usage["completion_tokens"] if usage else chunks
+        return {"sent": sent, "first": first or end, "end": end, "tokens": tokens, "text": text}
+
+    def latency(self, messages: list[dict]) -> float:
+        """Seconds to a one-token reply: the time to first token as the client sees it."""
+        t0 = time.perf_counter()
+        self.stream(messages, 1)
+        return time.perf_counter() - t0
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def concurrent_streams(client: Client, prompts: list[list[dict]], tokens: int, while_running=None) -> list[dict]:
+    """The prompts' streams, all at once; ``while_running()`` is called once each has text."""
+    results = [None] * len(prompts)
+    started = threading.Semaphore(0)
+
+    def one(i):
+        try:
+            results[i] = client.stream(prompts[i], tokens, on_text=started.release)
+        except Exception as e:  # noqa: BLE001 - raised below, in the caller's thread
+            results[i] = e
+            started.release()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    if while_running:
+        for _ in prompts:
+            started.acquire(timeout=120)
+        while_running()
+    for t in threads:
+        t.join()
+    for r in results:
+        if isinstance(r, Exception):
+            raise r
+    return results
+
+
+def load_round(client: Client, n: int, tokens: int) -> dict:
+    """n concurrent streams, and a newcomer sent once all of them are generating."""
+    newcomer = []
+    results = concurrent_streams(client, [user(f"Count from {i} upward, one number per line.") for i in range(n)],
+                                 tokens, lambda: newcomer.append(client.latency(user("What is two plus two?"))))
+    wall = max(r["end"] for r in results) - min(r["sent"] for r in results)
+    return {"tokens": sum(r["tokens"] for r in results), "wall": wall, "newcomer": newcomer[0]}
+
+
+def same_alone_and_together(client: Client, n: int, tokens: int) -> int:
+    """How many of n greedy replies are the same text in one batch as alone."""
+    prompts = [user(f"Write about the number {i}.") for i in range(n)]
+    alone = [client.stream(p, tokens)["text"] for p in prompts]
+    together = [r["text"] for r in concurrent_streams(client, prompts, tokens)]
+    return sum(a == b for a, b in zip(alone, together))
+
+
+def bench(engine: str, args) -> dict:
+    port = free_port()
+    counts = [int(n) for n in args.streams.split(",")]
+    proc = start(engine, str(args.model), port, args.history * 2 + 4096, max(*counts, EXACT_STREAMS) + 1)
+    try:
+        client = Client(port, str(args.model))
+        for n in counts:  # warm-up: every batch size compiles its shapes once
+            load_round(client, n, 8)
+        rows = {n: load_round(client, n, args.tokens) for n in counts}
+        exact = same_alone_and_together(client, EXACT_STREAMS, 64)
+        history = user("Tell me about the history of the sea. " * (args.history // 9))
+        cold = client.latency(history)
+        follow = client.latency(history + [{"role": "assistant", "content": "It is very old."},
+                                           {"role": "user", "content": "And rivers?"}])
+        return {"rows": rows, "cold": cold, "follow": follow, "exact": exact}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def make_checkpoint(args) -> None:
+    from gptoss_mlx.testing import checkpoints as mtc
+
+    mtc.write_hf(args.model, mtc.PRESETS[args.preset])
+    mtc.copy_tokenizer(args.model, args.tokenizer_dir / "gpt-oss-tokenizer.json.gz")
+    # mlx_lm.server renders chats with the template; in tokenizer_config.json every transformers
+    # version finds it
+    path = args.model / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["chat_template"] = (args.tokenizer_dir / "gpt-oss-chat_template.jinja").read_text()
+    path.unlink()  # copied read-only from the shared folder
+    path.write_text(json.dumps(config))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="checkpoint directory")
-    ap.add_argument("--history", type=int, default=8192, help="tokens of history for the follow-up test")
-    ap.add_argument("--streams", default="1,2,4,8")
-    ap.add_argument("--tokens", type=int, default=64, help="tokens per reply")
+    ap.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    ap.add_argument("--make", action="store_true", help="write a random checkpoint there first")
+    ap.add_argument("--preset", default="20b", choices=["tiny", "20b", "120b"])
+    ap.add_argument("--tokenizer-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--engines", default="ours,mlx_lm")
+    ap.add_argument("--streams", default="1,4,8,16")
+    ap.add_argument("--tokens", type=int, default=256, help="tokens per reply")
+    ap.add_argument("--history", type=int, default=8192, help="tokens of history for the follow-up")
+    ap.add_argument("--serve-ours", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--max-context", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--max-concurrency", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve_ours:
+        serve_ours(str(args.model), args.port, args.max_context, args.max_concurrency)
+        return 0
 
-    import openai
+    import mlx.core as mx
 
-    counts = [int(n) for n in args.streams.split(",")]
-    url, engine = serve(args.model, args.history * 2 + 4096, max(counts))
-    client = openai.OpenAI(base_url=url, api_key="bench", max_retries=0, timeout=3600)
+    if args.make:
+        make_checkpoint(args)
+    results = {}
+    for engine in args.engines.split(","):
+        results[engine] = bench(engine, args)
+        print(f"{engine}: done", flush=True)
 
-    history = [{"role": "user", "content": "Tell me about the history of the sea. " * (args.history // 9)}]
-    cold, _, answer = stream(client, history, args.tokens)
-    cold_stats = engine.stats  # requests run one at a time: this one's
-    follow = history + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And rivers?"}]
-    warm, _, _ = stream(client, follow, args.tokens)
-    warm_stats = engine.stats
-    for name, a, b in (("engine", cold_stats.ttft_s, warm_stats.ttft_s), ("client", cold, warm)):
-        print(f"{name}: cold TTFT {a:.3f}s ({cold_stats.prompt_tokens} prompt tokens), follow-up TTFT "
-              f"{b:.3f}s ({warm_stats.prompt_tokens} tokens, {warm_stats.reused_tokens} cached): "
-              f"{100 * b / a:.1f}% of cold")
-
-    print("streams | aggregate tok/s | mean TTFT s | max TTFT s")
-    for n in counts:
-        results = [None] * n
-
-        def one(i):
-            results[i] = stream(client, [{"role": "user", "content": f"Count from {i} upward."}], args.tokens)
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
-        ttfts = [r[0] for r in results]
-        print(f"{n:7d} | {sum(r[1] for r in results) / wall:15.1f} | {statistics.mean(ttfts):11.3f} | "
-              f"{max(ttfts):10.3f}")
+    print(f"\ndevice: {mx.default_device()}, MLX {mx.__version__}, checkpoint {args.model}; "
+          f"{args.tokens} greedy tokens per stream, prompts of about 100 tokens")
+    print("| engine | streams | aggregate tok/s | x its 1 stream | newcomer TTFT s |")
+    print("|---|---|---|---|---|")
+    for engine, r in results.items():
+        single = None
+        for n, row in r["rows"].items():
+            rate = row["tokens"] / row["wall"]
+            single = single or (rate if n == 1 else None)
+            ratio = f"{rate / single:.2f}x" if single else "-"
+            print(f"| {engine} | {n} | {rate:.1f} | {ratio} | {row['newcomer']:.3f} |")
+    engines = list(results)
+    if len(engines) == 2:
+        a, b = engines
+        for n in results[a]["rows"]:
+            ra, rb = (results[e]["rows"][n] for e in engines)
+            print(f"{a} / {b} at {n} streams: {(ra['tokens'] / ra['wall']) / (rb['tokens'] / rb['wall']):.2f}x")
+    for engine, r in results.items():
+        print(f"{engine}: {r['exact']}/{EXACT_STREAMS} greedy replies (64 tokens) the same in a batch of "
+              f"{EXACT_STREAMS} as alone")
+    print(f"\n| engine | cold TTFT, {args.history}-token history s | follow-up TTFT s | follow-up / cold |")
+    print("|---|---|---|---|")
+    for engine, r in results.items():
+        print(f"| {engine} | {r['cold']:.3f} | {r['follow']:.3f} | {100 * r['follow'] / r['cold']:.1f}% |")
     return 0
 
 

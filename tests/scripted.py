@@ -38,7 +38,10 @@ class ScriptedModel:
     def __call__(self, inputs: mx.array, cache=None, evaluate_layers: bool = False):
         L = inputs.shape[1]
         cache[0].update_and_fetch(*(2 * [mx.zeros((1, 1, L, 1))]))
-        del self.fed[cache[0].offset - L:]  # the engine may have rewound the cache
+        offset = cache[0].offset
+        if not isinstance(offset, int):  # the server's decode batch (of one conversation here)
+            offset = offset.item()
+        del self.fed[offset - L:]  # the engine may have rewound the cache
         self.fed += inputs[0].tolist()
         progress = self._progress()
         if self.fed[-2:] == START_ASSISTANT and progress == 0:  # a prompt ended: next reply

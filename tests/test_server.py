@@ -40,12 +40,13 @@ CHAT_WEATHER = {"type": "function", "function": {k: v for k, v in WEATHER.items(
 
 @contextlib.contextmanager
 def serving(model, tokenizer, *, max_context=4096, max_concurrency=4, api_key=None, cache_bytes=1 << 30,
-            tools=None, chats=None, sampling=None):
+            tools=None, chats=None, sampling=None, scheduler=None):
     """A uvicorn server on a free loopback port, in a thread; yields its /v1 base URL.
-    ``chats``: the playground's ConversationStore (the user's data directory by default)."""
-    engine = Engine(model, max_context=max_context)
-    service = Service("gpt-oss-tiny", tokenizer, engine,
-                      Scheduler(engine, max_concurrency, cache_bytes=cache_bytes), tools=tools,
+    ``chats``: the playground's ConversationStore (the user's data directory by default). A given
+    ``scheduler`` (and its engine) replaces the one built from the other arguments."""
+    if scheduler is None:
+        scheduler = Scheduler(Engine(model, max_context=max_context), max_concurrency, cache_bytes=cache_bytes)
+    service = Service("gpt-oss-tiny", tokenizer, scheduler.engine, scheduler, tools=tools,
                       sampling=sampling or SamplingParams())
     config = uvicorn.Config(create_app(service, api_key=api_key, chats=chats), host="127.0.0.1", port=0,
                             log_level="warning")
@@ -79,8 +80,13 @@ def tiny(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def url(tiny):
-    with serving(*tiny, max_concurrency=8) as url:
+def scheduler(tiny):
+    return Scheduler(Engine(tiny[0], max_context=4096), max_concurrency=8, cache_bytes=1 << 30)
+
+
+@pytest.fixture(scope="module")
+def url(tiny, scheduler):
+    with serving(*tiny, scheduler=scheduler) as url:
         yield url
 
 
@@ -185,7 +191,7 @@ def test_forced_function_call_on_the_real_model(url):
 
 
 @pytest.mark.parametrize("n", [2, 8])
-def test_concurrent_greedy_streams_equal_their_solo_output(url, n):
+def test_concurrent_greedy_streams_equal_their_solo_output(url, scheduler, n):
     c = client(url)
     prompts = [f"Name colour number {i}" for i in range(n)]
 
@@ -195,6 +201,7 @@ def test_concurrent_greedy_streams_equal_their_solo_output(url, n):
         return "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
 
     solo = [run(p) for p in prompts]
+    steps = scheduler.steps.copy()
     together = [None] * n
     threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, run(prompts[i])))
                for i in range(n)]
@@ -203,6 +210,8 @@ def test_concurrent_greedy_streams_equal_their_solo_output(url, n):
     for t in threads:
         t.join()
     assert together == solo and len(set(solo)) > 1
+    shared = scheduler.steps - steps  # decode steps taken meanwhile, by batch size
+    assert max(shared) >= n // 2 + 1, shared  # they really ran in one batch
 
 
 def test_a_disconnect_frees_its_slot_and_a_full_server_answers_429(tiny):
@@ -472,6 +481,7 @@ def test_gptoss_mlx_serve_runs_and_logs_one_line_per_request(tiny_checkpoint):
         _, err = proc.communicate(timeout=30)
     lines = [line for line in err.splitlines() if r.id in line]
     assert len(lines) == 1 and "prompt tokens (0 cached), 4 generated, TTFT" in lines[0]
+    assert ", batch 1.0, finish length" in lines[0]  # the batch size it was decoded at
 
 
 def test_serve_refuses_a_public_address_without_a_key(capsys):

@@ -162,7 +162,7 @@ class Service:
                     prompt = self.tokens(reply.messages)
                 except APIError:  # the tool's result filled the context
                     break
-                reply.runs.append(Run(prompt, reply.run.params))
+                reply.runs.append(Run(prompt, reply.run.params, reply.run.logits_processors))
                 stream.next_round()
         finally:
             if toolbox is not None:
@@ -186,6 +186,7 @@ class Service:
         end = ("client disconnected" if last.finish_reason == "interrupted" and not reply.stream.stopped
                else f"finish {reply.finish_reason}")
         rounds = f", {len(reply.runs)} rounds (server tools)" if len(reply.runs) > 1 else ""
-        log.info("%s %s: %d prompt tokens (%d cached), %d generated, TTFT %.3fs, %.1f tok/s, %s%s",
-                 reply.id, request.url.path, reply.prompt_tokens, reply.cached_tokens,
-                 reply.output_tokens, first.ttft_s, last.decode_tps, end, rounds)
+        log.info("%s %s: %d prompt tokens (%d cached), %d generated, TTFT %.3fs, %.1f tok/s, "
+                 "batch %.1f, %s%s", reply.id, request.url.path, reply.prompt_tokens,
+                 reply.cached_tokens, reply.output_tokens, first.ttft_s, last.decode_tps,
+                 last.batch_size, end, rounds)
