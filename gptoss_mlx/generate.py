@@ -262,23 +262,38 @@ class Engine:
         return max(128, min(self.prefill_step, fit))
 
     def generate(self, prompt: list[int], params: SamplingParams | None = None,
-                 stop_tokens=STOP_TOKENS_FOR_SAMPLING) -> Iterator[int]:
+                 stop_tokens=STOP_TOKENS_FOR_SAMPLING, logits_processors=None) -> Iterator[int]:
         """Yield sampled tokens until a stop token (yielded too), max_tokens or the context end.
-        They are made on the engine thread; closing the iterator stops at the next token."""
-        return engine_thread().stream(self._generate(prompt, params, stop_tokens))
+        They are made on the engine thread; closing the iterator stops at the next token.
+        ``logits_processors`` (mlx-lm's convention): each is called as ``processor(tokens,
+        logits)`` before sampling, with ``tokens`` the ids so far (an mx.array, prompt
+        included) and ``logits`` of shape (1, V), and returns the logits to sample from."""
+        return engine_thread().stream(self._generate(prompt, params, stop_tokens, logits_processors))
 
     def _generate(self, prompt: list[int], params: SamplingParams | None,
-                  stop_tokens) -> Iterator[int]:
+                  stop_tokens, logits_processors=None) -> Iterator[int]:
         """The decoding loop, on the engine thread. The next step's graph is built and queued before the host waits for the current
         token, so the GPU never idles on Python (asynchronous evaluation)."""
         params = params or SamplingParams()
         if params.seed is not None:
             mx.random.seed(params.seed)
         sampler = make_sampler(params, self.model.config.vocab_size)
+        tokens = mx.array(prompt)
+        processors = logits_processors or []
+
+        def sample(logits: mx.array) -> mx.array:
+            # The step's forward is queued first: processors (a grammar's mask, computed on
+            # the CPU) then run while the device computes it.
+            if processors:
+                mx.async_eval(logits)
+                for processor in processors:
+                    logits = processor(tokens, logits)
+            return sampler(logits)
+
         mx.reset_peak_memory()
         start = time.perf_counter()
         logits = self._prefill(prompt)
-        y = sampler(logits)
+        y = sample(logits)
         mx.async_eval(y)
         stats = self.stats
         budget = min(params.max_tokens or self.max_context, self.max_context - len(prompt))
@@ -288,7 +303,9 @@ class Engine:
                 next_y = None
                 if n < budget:
                     # queue the next step before blocking on this token
-                    next_y = sampler(self._forward_async(y))
+                    if processors:
+                        tokens = mx.concatenate([tokens, y])
+                    next_y = sample(self._forward_async(y))
                     mx.async_eval(next_y)
                 token = y.item()
                 if next_y is not None:

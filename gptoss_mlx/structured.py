@@ -1,0 +1,278 @@
+"""Structured outputs: JSON Schema constrained decoding over the harmony stream.
+
+    constraint = HarmonyConstraint(tokenizer, answer=compile_schema(tokenizer, schema),
+                                   functions=function_grammars(tokenizer, specs), max_tokens=512)
+    engine.generate(prompt, params, logits_processors=[constraint])
+
+The constraint watches the sampled tokens through harmony's StreamParser. The analysis channel
+and every header stay free. Once the model opens the final channel, tokens outside the
+answer's grammar are masked (llguidance computes the allowed set on the CPU while the GPU runs
+the step), and when the grammar is complete only ``<|return|>`` is left. A message addressed to
+``functions.NAME`` is held to that function's parameter schema and ends with ``<|call|>``.
+
+Budgets: with ``reasoning_budget`` the engine closes the analysis itself after that many tokens
+and opens the final channel (``<|end|><|start|>assistant<|channel|>final<|message|>``, forced
+one token at a time through the mask); with a constrained answer it does so as well when what
+is left of ``max_tokens`` is just enough for the answer. Inside a constrained message, when the
+tokens left are just enough to close the JSON, the shortest closing the constraint can find is
+forced, so a constrained message always completes within ``max_tokens`` (given room for the
+answer's smallest instance at all; else the reply ends with finish reason "length").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import llguidance
+import mlx.core as mx
+import numpy as np
+from llguidance.tiktoken import lltokenizer_from_encoding
+
+from . import harmony
+from .harmony import CALL, CHANNEL, END, ENDOFTEXT, MESSAGE, RETURN, START, MessageStart
+from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS, VOCAB_SIZE
+
+ID = SPECIAL_TOKENS
+FUNCTIONS = "functions."
+# Compact JSON: no whitespace between tokens. A model can then never spend its budget on
+# blank lines inside the answer, and every answer has a shortest form to close it.
+JSON_OPTIONS = {"whitespace_flexible": False}
+# Bytes a closing may take before it is given up (a pattern the greedy closing cannot satisfy).
+MAX_CLOSING_BYTES = 4096
+# Preference among single bytes when closing: end what is open, then the shortest values.
+CLOSING_BYTES = b'"}]10' + bytes(range(0x20, 0x7F))
+
+
+class SchemaError(ValueError):
+    """A JSON Schema the constraint cannot enforce; the message names the feature."""
+
+
+@lru_cache(maxsize=2)
+def ll_tokenizer(tokenizer) -> llguidance.LLTokenizer:
+    """llguidance's view of o200k_harmony (about a second to build, so kept per tokenizer)."""
+    return lltokenizer_from_encoding(tokenizer, n_vocab=VOCAB_SIZE, eos_token=ID[RETURN])
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A compiled JSON Schema: a fresh matcher per message, and its shortest closing's length."""
+    tokenizer: object
+    grammar: str
+    min_tokens: int  # tokens of the schema's smallest instance, as the closing writes it
+
+    def matcher(self) -> llguidance.LLMatcher:
+        return llguidance.LLMatcher(ll_tokenizer(self.tokenizer), self.grammar, log_level=0)
+
+
+def compile_schema(tokenizer, schema, where: str = "response_format") -> Grammar:
+    """Compile ``schema`` (a JSON Schema object) or raise one SchemaError naming ``where`` and
+    the feature the constraint cannot enforce (e.g. ``uniqueItems``, look-ahead patterns)."""
+    if not isinstance(schema, (dict, bool)):
+        raise SchemaError(f"{where}: the schema must be a JSON object, got {type(schema).__name__}")
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+    except ValueError as e:
+        raise SchemaError(f"{where}: not a JSON Schema the constraint can read ({e})") from None
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+        grammar, ll_tokenizer(tokenizer))
+    if is_error:
+        raise SchemaError(f"{where}: the schema cannot be enforced: {messages[0]}")
+    closing = closing_tokens(tokenizer, llguidance.LLMatcher(ll_tokenizer(tokenizer), grammar, log_level=0))
+    if closing is None:
+        raise SchemaError(f"{where}: the schema cannot be enforced: no instance of it was found "
+                          f"within {MAX_CLOSING_BYTES} bytes")
+    return Grammar(tokenizer, grammar, len(closing))
+
+
+def function_grammars(tokenizer, functions: list[harmony.ToolSpec]) -> dict[str, Grammar]:
+    """The parameter grammar of each function (a function without parameters takes ``{}``)."""
+    return {f.name: compile_schema(tokenizer, f.parameters or {"type": "object", "properties": {},
+                                                               "additionalProperties": False},
+                                   f"tools ({f.name}).parameters")
+            for f in functions}
+
+
+@lru_cache(maxsize=2)
+def _byte_tokens(tokenizer) -> tuple[int, ...]:
+    """The token of each single byte (o200k has one for every byte)."""
+    return tuple(tokenizer.encode_single_token(bytes([b])) for b in range(256))
+
+
+def closing_tokens(tokenizer, matcher: llguidance.LLMatcher) -> list[int] | None:
+    """The tokens of a short text that completes the JSON from ``matcher``'s state (found
+    greedily, byte by byte in CLOSING_BYTES's order of preference, on a copy), or None when
+    none was found within MAX_CLOSING_BYTES."""
+    m = matcher.deep_copy()
+    byte_token = _byte_tokens(tokenizer)
+    text = bytearray()
+    while not m.is_accepting():
+        if m.is_error() or len(text) > MAX_CLOSING_BYTES:
+            return None
+        forced = m.compute_ff_bytes()
+        if forced:
+            if not m.consume_tokens([byte_token[b] for b in forced]):
+                return None
+            text += forced
+            continue
+        for b in CLOSING_BYTES:
+            if m.try_consume_tokens([byte_token[b]]) == 1:
+                text.append(b)
+                break
+        else:
+            return None
+    try:
+        return tokenizer.encode_ordinary(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        return [byte_token[b] for b in text]
+
+
+class HarmonyConstraint:
+    """A logits processor (mlx-lm's convention: ``processor(tokens, logits) -> logits``, with
+    ``tokens`` the sequence so far and ``logits`` of shape (1, V)) for one generation.
+
+    ``answer``: the final channel's grammar (None: the answer is free). ``functions``: grammars
+    of the functions the model may call. ``reasoning_budget``: tokens before the answer after
+    which the final channel is opened. ``max_tokens``: the generation's token budget (what the
+    engine will generate at most), so that a constrained message completes within it.
+    """
+
+    def __init__(self, tokenizer, answer: Grammar | None = None,
+                 functions: dict[str, Grammar] | None = None, reasoning_budget: int | None = None,
+                 max_tokens: int | None = None):
+        if reasoning_budget is not None and reasoning_budget < 0:
+            raise ValueError(f"reasoning_budget must be >= 0, got {reasoning_budget}")
+        self.tokenizer = tokenizer
+        self.answer, self.functions = answer, dict(functions or {})
+        self.reasoning_budget, self.max_tokens = reasoning_budget, max_tokens
+        self.parser = harmony.StreamParser(tokenizer, role="assistant")
+        self.open_final = [ID[END], ID[START], *tokenizer.encode_ordinary("assistant"), ID[CHANNEL],
+                           *tokenizer.encode_ordinary("final"), ID[MESSAGE]]
+        self.generated = -1  # tokens seen; -1 until the first call (the prompt)
+        self.reasoning_tokens = 0  # tokens before the final channel opened
+        self.forced: list[int] = []  # tokens to force, in order
+        self.matcher: llguidance.LLMatcher | None = None  # the constrained message's
+        self.grammar: Grammar | None = None
+        self.end_token: int | None = None  # what ends the constrained message
+        self.in_final = False
+        self.mask_s = 0.0  # CPU time spent computing masks
+        self._bits = np.zeros((VOCAB_SIZE + 31) // 32, dtype=np.int32)
+
+    # -- the processor
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if self.generated < 0:
+            self.generated, self._seen = 0, tokens.size
+        else:
+            for token in tokens[self._seen:].tolist():
+                self._advance(token)
+            self._seen = tokens.size
+        return self._mask(logits)
+
+    @property
+    def remaining(self) -> int | None:
+        """Tokens the engine may still generate, this one included."""
+        return None if self.max_tokens is None else self.max_tokens - self.generated
+
+    @property
+    def answer_complete(self) -> bool:
+        """The constrained answer was written and closed (or there was none to write)."""
+        return self.answer is None or (self.in_final and self.matcher is None)
+
+    def _advance(self, token: int) -> None:
+        self.generated += 1
+        if self.forced and self.forced[0] == token:
+            self.forced.pop(0)
+        if self.matcher is not None:
+            if token == self.end_token:
+                self.matcher = self.grammar = self.end_token = None
+            else:
+                self.matcher.consume_token(token)
+        elif not self.in_final:
+            self.reasoning_tokens += 1
+        for event in self.parser.feed(token):
+            if isinstance(event, MessageStart):
+                self._start(event)
+
+    def _start(self, start: MessageStart) -> None:
+        """A message's content begins: constrain it when it is the answer or a function call."""
+        if start.channel == "final" and start.recipient is None:
+            self.in_final = True
+            self.grammar, self.end_token = self.answer, ID[RETURN]
+        elif (start.recipient or "").startswith(FUNCTIONS) and start.recipient[len(FUNCTIONS):] in self.functions:
+            self.grammar, self.end_token = self.functions[start.recipient[len(FUNCTIONS):]], ID[CALL]
+        else:
+            self.grammar = self.end_token = None
+        self.matcher = self.grammar.matcher() if self.grammar else None
+
+    # -- masks
+    def _mask(self, logits: mx.array) -> mx.array:
+        if not self.forced:
+            self.forced = self._to_force()
+        if self.forced:
+            return mx.where(mx.arange(logits.shape[-1]) == self.forced[0], logits, float("-inf"))
+        if self.matcher is not None:
+            return self._grammar_mask(logits)
+        if self.answer is not None and not self.in_final:
+            return self._no_stop(logits)
+        return logits
+
+    def _to_force(self) -> list[int]:
+        """Tokens the budgets require from here: a closing of the constrained message, or the
+        final channel's opening."""
+        if self.matcher is not None:
+            return self._closing_if_due()
+        if self.in_final or self._in_function_call():
+            return []
+        if self.reasoning_budget is not None and self.reasoning_tokens >= self.reasoning_budget:
+            return list(self.open_final)
+        if (self.answer is not None and self.remaining is not None
+                and self.remaining <= len(self.open_final) + self.answer.min_tokens + margin(self.answer) + 1):
+            return list(self.open_final)
+        return []
+
+    def _in_function_call(self) -> bool:
+        current = self.parser.current if self.parser.state == "content" else None
+        return current is not None and (current.recipient or "").startswith(FUNCTIONS)
+
+    def _closing_if_due(self) -> list[int]:
+        """The closing and the end token once the tokens left are just enough for them, with
+        a margin for what the next token could commit the JSON to."""
+        if self.remaining is None:
+            return []
+        closing = closing_tokens(self.tokenizer, self.matcher)
+        if closing is not None and len(closing) + 1 + margin(self.grammar) >= self.remaining:
+            return closing + [self.end_token]
+        return []
+
+    def _grammar_mask(self, logits: mx.array) -> mx.array:
+        """The grammar's tokens (computed on the CPU), and the end token once it is complete."""
+        t0 = time.perf_counter()
+        self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        end = self.end_token if self.matcher.is_accepting() else -1
+        self.mask_s += time.perf_counter() - t0
+        vocab = mx.arange(logits.shape[-1])
+        allowed = unpack_bits(mx.array(self._bits), logits.shape[-1]) & (vocab < NUM_BPE_TOKENS)
+        return mx.where(allowed | (vocab == end), logits, float("-inf"))
+
+    def _no_stop(self, logits: mx.array) -> mx.array:
+        """Before the answer nothing may end the reply: no <|return|> or end of text, and
+        <|call|> only to end a call (a message with a recipient)."""
+        banned = [ID[RETURN], ID[ENDOFTEXT]]
+        current = self.parser.current if self.parser.state == "content" else None
+        if current is None or current.recipient is None:
+            banned.append(ID[CALL])
+        vocab = mx.arange(logits.shape[-1])
+        return mx.where((vocab[:, None] == mx.array(banned)).any(axis=-1), float("-inf"), logits)
+
+
+def margin(grammar: Grammar) -> int:
+    """Tokens kept free beyond a closing: what one sampled token may commit the JSON to (a key
+    whose value is a nested object, say), bounded by the schema's smallest instance."""
+    return grammar.min_tokens + 8
+
+
+def unpack_bits(words: mx.array, n: int) -> mx.array:
+    """llguidance's bitmask (int32 words, bit i of word w = token 32w + i) -> (n,) booleans."""
+    bits = (words[:, None] >> mx.arange(32, dtype=mx.int32)) & 1
+    return bits.reshape(-1)[:n] == 1
