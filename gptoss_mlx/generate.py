@@ -296,7 +296,7 @@ class Engine:
         y = sample(logits)
         mx.async_eval(y)
         stats = self.stats
-        budget = min(params.max_tokens or self.max_context, self.max_context - len(prompt))
+        budget = self.token_budget(len(prompt), params)
         first_token_at = None
         try:
             for n in range(1, budget + 1):
@@ -328,6 +328,10 @@ class Engine:
             if first_token_at is not None:
                 stats.decode_s = time.perf_counter() - first_token_at
             stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+
+    def token_budget(self, prompt_tokens: int, params: SamplingParams) -> int:
+        """Tokens a generation after a ``prompt_tokens``-token prompt may make at most."""
+        return min(params.max_tokens or self.max_context, self.max_context - prompt_tokens)
 
     def _forward_async(self, y: mx.array) -> mx.array:
         """Queue one decode step for token ``y``, whose id the host does not know yet."""

@@ -40,9 +40,10 @@ FUNCTIONS = "functions."
 # blank lines inside the answer, and every answer has a shortest form to close it.
 JSON_OPTIONS = {"whitespace_flexible": False}
 # Bytes a closing may take before it is given up (a pattern the greedy closing cannot satisfy).
-MAX_CLOSING_BYTES = 4096
+MAX_CLOSING_BYTES = 1024
 # Preference among single bytes when closing: end what is open, then the shortest values.
-CLOSING_BYTES = b'"}]10' + bytes(range(0x20, 0x7F))
+CLOSERS = b'"}],'
+CLOSING_BYTES = CLOSERS + b"10" + bytes(range(0x20, 0x7F))
 
 
 class SchemaError(ValueError):
@@ -102,8 +103,9 @@ def _byte_tokens(tokenizer) -> tuple[int, ...]:
 
 def closing_tokens(tokenizer, matcher: llguidance.LLMatcher) -> list[int] | None:
     """The tokens of a short text that completes the JSON from ``matcher``'s state (found
-    greedily, byte by byte in CLOSING_BYTES's order of preference, on a copy), or None when
-    none was found within MAX_CLOSING_BYTES."""
+    greedily on a copy: forced bytes, else the first byte in CLOSING_BYTES's order the grammar
+    allows, preferring one after which a closer is allowed), or None when none was found
+    within MAX_CLOSING_BYTES."""
     m = matcher.deep_copy()
     byte_token = _byte_tokens(tokenizer)
     text = bytearray()
@@ -111,21 +113,34 @@ def closing_tokens(tokenizer, matcher: llguidance.LLMatcher) -> list[int] | None
         if m.is_error() or len(text) > MAX_CLOSING_BYTES:
             return None
         forced = m.compute_ff_bytes()
-        if forced:
-            if not m.consume_tokens([byte_token[b] for b in forced]):
+        if not forced:
+            forced = _next_byte(m, byte_token)
+            if forced is None:
                 return None
-            text += forced
-            continue
-        for b in CLOSING_BYTES:
-            if m.try_consume_tokens([byte_token[b]]) == 1:
-                text.append(b)
-                break
-        else:
+        if not m.consume_tokens([byte_token[b] for b in forced]):
             return None
+        text += forced
     try:
         return tokenizer.encode_ordinary(text.decode("utf-8"))
     except UnicodeDecodeError:
         return [byte_token[b] for b in text]
+
+
+def _next_byte(m: llguidance.LLMatcher, byte_token) -> bytes | None:
+    """The closing's next byte: the first the grammar allows, unless it leads nowhere near an
+    end (no closer allowed after it, as 'a' in the pattern a+b) and a later one does."""
+    allowed = []
+    for b in CLOSING_BYTES:
+        if m.try_consume_tokens([byte_token[b]]) == 1:
+            closes = b in CLOSERS or m.is_accepting() or any(
+                m.validate_tokens([byte_token[c]]) == 1 for c in CLOSERS)
+            m.rollback(1)
+            if closes:
+                return bytes([b])
+            allowed.append(b)
+            if len(allowed) > 8:
+                break
+    return bytes(allowed[:1]) or None
 
 
 class HarmonyConstraint:
@@ -136,19 +151,19 @@ class HarmonyConstraint:
     of the functions the model may call. ``reasoning_budget``: tokens before the answer after
     which the final channel is opened. ``max_tokens``: the generation's token budget (what the
     engine will generate at most), so that a constrained message completes within it.
+    ``prefix``: tokens of the reply the prompt already ends with (a forced call's header).
     """
 
     def __init__(self, tokenizer, answer: Grammar | None = None,
                  functions: dict[str, Grammar] | None = None, reasoning_budget: int | None = None,
-                 max_tokens: int | None = None):
-        if reasoning_budget is not None and reasoning_budget < 0:
-            raise ValueError(f"reasoning_budget must be >= 0, got {reasoning_budget}")
+                 max_tokens: int | None = None, prefix: list[int] = ()):
         self.tokenizer = tokenizer
         self.answer, self.functions = answer, dict(functions or {})
         self.reasoning_budget, self.max_tokens = reasoning_budget, max_tokens
         self.parser = harmony.StreamParser(tokenizer, role="assistant")
-        self.open_final = [ID[END], ID[START], *tokenizer.encode_ordinary("assistant"), ID[CHANNEL],
-                           *tokenizer.encode_ordinary("final"), ID[MESSAGE]]
+        self._role = tokenizer.encode_ordinary("assistant")
+        self._final_header = [ID[CHANNEL], *tokenizer.encode_ordinary("final"), ID[MESSAGE]]
+        self._last: int | None = None  # the last token of the reply so far
         self.generated = -1  # tokens seen; -1 until the first call (the prompt)
         self.reasoning_tokens = 0  # tokens before the final channel opened
         self.forced: list[int] = []  # tokens to force, in order
@@ -156,8 +171,11 @@ class HarmonyConstraint:
         self.grammar: Grammar | None = None
         self.end_token: int | None = None  # what ends the constrained message
         self.in_final = False
+        self._closing_due = 0  # when (self.generated) to compute the closing next
         self.mask_s = 0.0  # CPU time spent computing masks
         self._bits = np.zeros((VOCAB_SIZE + 31) // 32, dtype=np.int32)
+        for token in prefix:
+            self._observe(token)
 
     # -- the processor
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
@@ -190,6 +208,10 @@ class HarmonyConstraint:
                 self.matcher.consume_token(token)
         elif not self.in_final:
             self.reasoning_tokens += 1
+        self._observe(token)
+
+    def _observe(self, token: int) -> None:
+        self._last = token
         for event in self.parser.feed(token):
             if isinstance(event, MessageStart):
                 self._start(event)
@@ -204,6 +226,7 @@ class HarmonyConstraint:
         else:
             self.grammar = self.end_token = None
         self.matcher = self.grammar.matcher() if self.grammar else None
+        self._closing_due = 0
 
     # -- masks
     def _mask(self, logits: mx.array) -> mx.array:
@@ -224,12 +247,23 @@ class HarmonyConstraint:
             return self._closing_if_due()
         if self.in_final or self._in_function_call():
             return []
+        opening = self._opening()
         if self.reasoning_budget is not None and self.reasoning_tokens >= self.reasoning_budget:
-            return list(self.open_final)
+            return opening
         if (self.answer is not None and self.remaining is not None
-                and self.remaining <= len(self.open_final) + self.answer.min_tokens + margin(self.answer) + 1):
-            return list(self.open_final)
+                and self.remaining <= len(opening) + self.answer.min_tokens + margin(self.answer) + 1):
+            return opening
         return []
+
+    def _opening(self) -> list[int]:
+        """The tokens that open the final channel from here: its header right after
+        ``<|start|>assistant``; else the message under way ends and a new one starts."""
+        if self.parser.state == "header" and self._last is None:  # the prompt's <|start|>assistant
+            return list(self._final_header)
+        if self.parser.state == "header" and self._last == ID[START]:
+            return self._role + self._final_header
+        start = [ID[START], *self._role, *self._final_header]
+        return start if self.parser.state == "expect_start" else [ID[END], *start]
 
     def _in_function_call(self) -> bool:
         current = self.parser.current if self.parser.state == "content" else None
@@ -238,11 +272,16 @@ class HarmonyConstraint:
     def _closing_if_due(self) -> list[int]:
         """The closing and the end token once the tokens left are just enough for them, with
         a margin for what the next token could commit the JSON to."""
-        if self.remaining is None:
+        remaining, extra = self.remaining, margin(self.grammar)
+        if remaining is None or self.generated < self._closing_due:
             return []
         closing = closing_tokens(self.tokenizer, self.matcher)
-        if closing is not None and len(closing) + 1 + margin(self.grammar) >= self.remaining:
+        if closing is None:
+            return []
+        if len(closing) + 1 + extra >= remaining:
             return closing + [self.end_token]
+        # Each token lengthens the closing by at most `extra`: no need to look again before
+        self._closing_due = self.generated + (remaining - len(closing) - 2 - extra) // (extra + 1)
         return []
 
     def _grammar_mask(self, logits: mx.array) -> mx.array:
