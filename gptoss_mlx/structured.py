@@ -36,9 +36,9 @@ from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS, VOCAB_SIZE
 
 ID = SPECIAL_TOKENS
 FUNCTIONS = "functions."
-# Compact JSON: no whitespace between tokens. A model can then never spend its budget on
-# blank lines inside the answer, and every answer has a shortest form to close it.
-JSON_OPTIONS = {"whitespace_flexible": False}
+# Whitespace between JSON tokens as models write it (compact, `{"a": 1}`, or indented), but at
+# most 12 characters a gap: a model can never spend its budget on blank lines inside the answer.
+JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,12}"}
 # Bytes a closing may take before it is given up (a pattern the greedy closing cannot satisfy).
 MAX_CLOSING_BYTES = 1024
 # Preference among single bytes when closing: end what is open, then the shortest values.

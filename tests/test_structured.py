@@ -17,7 +17,7 @@ from gptoss_mlx.chat import AnswerDelta, Chat, Done, ReasoningDelta
 from gptoss_mlx.generate import Engine, SamplingParams
 from gptoss_mlx.harmony import CALL, CHANNEL, CONSTRAIN, MESSAGE, RETURN, Special, ToolSpec
 from gptoss_mlx.structured import HarmonyConstraint, SchemaError, closing_tokens, compile_schema
-from gptoss_mlx.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from gptoss_mlx.tokenizer import SPECIAL_TOKENS
 
 # Enums, a nested object, bounded arrays, optional and required fields, limited numbers/strings.
 PET = {
@@ -44,13 +44,14 @@ WEATHER = ToolSpec("get_weather", "Current weather", {
 
 
 @pytest.fixture(scope="module")
-def tok(tokenizer_json):
-    return load_tokenizer(tokenizer_json)
+def tiny(tiny_checkpoint):
+    """(model, tokenizer): the tiny random model with the real tokenizer."""
+    return load(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_checkpoint):
-    return load(tiny_checkpoint)
+def tok(tiny):
+    return tiny[1]
 
 
 @pytest.fixture(scope="module")

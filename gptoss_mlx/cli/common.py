@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..chat import CONTEXT_OVERFLOW, Chat
 from ..config import ConfigError, ModelConfig
+from ..files import read_json_file
 from ..generate import SamplingParams
 from ..harmony import EFFORTS
 from ..hub import check_free_disk, fetch_config
@@ -17,6 +18,7 @@ from ..loading import (
     DEFAULT_MODEL, CheckpointError, find_layout, load, not_downloaded, offline, resolve_checkpoint,
 )
 from ..memory import DEFAULT_CONTEXT, MemoryPlanError, check_fits, checkpoint_dense_bits
+from ..structured import SchemaError
 from ..tokenizer import TokenizerError
 from ..tools import Browser, PythonSandbox, SandboxLimits, ToolError, Toolbox, load_functions
 from ..tools.approval import hidden_char_marker, render_code_ansi
@@ -41,14 +43,14 @@ def add_model_argument(p: argparse.ArgumentParser, required_for: str = "") -> No
                         f"(default: {DEFAULT_MODEL})" + required_for)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number of at least 1."""
+def positive_int(text: str, least: int = 1) -> int:
+    """argparse type: a whole number of at least 1 (``least``)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
 
 
@@ -118,6 +120,29 @@ def add_model_options(p: argparse.ArgumentParser, interactive: bool = True) -> N
     tools.add_argument("--browser-allow-private", action="store_true",
                        help="let the browser open loopback, private and link-local addresses "
                             "(refused by default: a page could steer the model at your network)")
+
+
+def add_structured_options(p: argparse.ArgumentParser) -> None:
+    """Structured answers (chat, generate): a JSON Schema enforced while decoding, and a cap
+    on the reasoning."""
+    group = p.add_argument_group("structured output")
+    shape = group.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE",
+                       help="the answer must be JSON valid against this JSON Schema (enforced while "
+                            "decoding; the reasoning stays free)")
+    shape.add_argument("--json-object", action="store_true",
+                       help="the answer must be a JSON object (any keys)")
+    group.add_argument("--reasoning-budget", type=lambda text: positive_int(text, 0), default=None,
+                       metavar="TOKENS",
+                       help="close the reasoning after this many tokens and answer")
+
+
+def response_format(args) -> dict | None:
+    """The JSON Schema that --json-schema or --json-object asks for (None: a free answer)."""
+    if getattr(args, "json_object", False):
+        return {"type": "object"}
+    path = getattr(args, "json_schema", None)
+    return None if path is None else read_json_file(Path(path).expanduser(), CLIError)
 
 
 def make_toolbox(args, approve=None) -> Toolbox | None:
@@ -206,6 +231,7 @@ def weights_present(repo_id: str, directory: Path) -> None:
 
 def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
     """Plan, load the model, and make a Chat, turning failures into CLIErrors."""
+    answer_format = response_format(args)  # a bad file stops us before the model loads
     try:
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p,
                                   args.seed, args.max_tokens)
@@ -217,6 +243,11 @@ def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
         options = toolbox.chat_options() if toolbox else {}
         return Chat(model, tokenizer, instructions=getattr(args, "system", None),
                     reasoning_effort=args.reasoning_effort or "medium", sampling=sampling,
-                    max_context=context, context_overflow=args.context_overflow, **options)
+                    max_context=context, context_overflow=args.context_overflow,
+                    response_format=answer_format,
+                    reasoning_budget=getattr(args, "reasoning_budget", None), **options)
+    except SchemaError as e:  # the answer's schema (--json-schema) or a function's (--functions)
+        from_file = getattr(args, "json_schema", None) and str(e).startswith("response format")
+        raise CLIError(f"--json-schema {args.json_schema}: {e}" if from_file else str(e)) from None
     except (CheckpointError, ConfigError, TokenizerError, MemoryPlanError, ValueError) as e:
         raise CLIError(str(e)) from None
