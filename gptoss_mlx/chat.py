@@ -30,7 +30,7 @@ from . import harmony
 from .engine_thread import engine_thread
 from .generate import ContextLengthError, Engine, NonFiniteLogitsError, SamplingParams, Stats
 from .harmony import ContentDelta, DeveloperContent, Message, MessageEnd, MessageStart, ResponseFormat
-from .structured import Grammar, HarmonyConstraint, SchemaError, compile_schema
+from .structured import SchemaError, compile_schema, constraints_for, grammars
 
 
 @dataclass
@@ -99,12 +99,11 @@ class Chat:
         self.messages: list[Message] = []  # user, assistant and tool messages, reasoning included
         self.reasoning_effort = reasoning_effort
         self.response_format = response_format
-        self._turn_format = self._format  # the turn under way's (format, grammar)
+        self._turn_format = self._format  # the turn under way's
         if reasoning_budget is not None and reasoning_budget < 0:
             raise ValueError(f"reasoning_budget must be a whole number >= 0, got {reasoning_budget}")
         self.reasoning_budget = reasoning_budget  # tokens before the answer, at most
-        self._grammars: dict[str, Grammar] = {}
-        self.function_grammars()  # a parameter schema that cannot be enforced fails here
+        grammars(tokenizer, DeveloperContent(functions=self.functions))  # SchemaError here, not later
         self._stop = False
 
     # -- settings
@@ -121,30 +120,20 @@ class Chat:
     @property
     def response_format(self) -> ResponseFormat | None:
         """The shape every answer must have (a JSON Schema, enforced while decoding), or None."""
-        return self._format[0] if self._format else None
+        return self._format
 
     @response_format.setter
     def response_format(self, value: ResponseFormat | dict | None) -> None:
-        self._format = self._compiled_format(value)  # applies from the next turn
+        self._format = self._checked_format(value)  # applies from the next turn
 
-    def _compiled_format(self, value) -> tuple[ResponseFormat, Grammar] | None:
-        """``value`` (a ResponseFormat, or a JSON Schema for one named "response") and its
-        grammar; SchemaError names what cannot be enforced."""
+    def _checked_format(self, value) -> ResponseFormat | None:
+        """``value`` (a ResponseFormat, or a JSON Schema for one named "response"), compiled
+        once here so that SchemaError names what cannot be enforced before anything is sent."""
         if value is None:
             return None
         fmt = value if isinstance(value, ResponseFormat) else ResponseFormat("response", value)
-        return fmt, compile_schema(self.tokenizer, fmt.schema, f"response format {fmt.name!r}")
-
-    def function_grammars(self) -> dict[str, Grammar]:
-        """Each function's parameter grammar: its calls are constrained to it."""
-        grammars = {}
-        for f in self.functions:
-            key = f"{f.name}\0{json.dumps(f.parameters, sort_keys=True)}"
-            if key not in self._grammars:
-                schema = f.parameters or {"type": "object", "properties": {}}
-                self._grammars[key] = compile_schema(self.tokenizer, schema, f"function {f.name!r} parameters")
-            grammars[f.name] = self._grammars[key]
-        return grammars
+        compile_schema(self.tokenizer, fmt.schema, f"response format {fmt.name!r}")
+        return fmt
 
     def reset(self) -> None:
         self.messages = []
@@ -165,7 +154,7 @@ class Chat:
         """The system message, and the developer message when there are instructions or tools."""
         prefix = [harmony.system_message(self._effort, self.date, self.browser, self.python,
                                          python_description=self.python_description)]
-        formats = [self._turn_format[0]] if self._turn_format else []
+        formats = [self._turn_format] if self._turn_format else []
         if self.instructions is not None or self.functions or formats:
             prefix.append(Message("developer", DeveloperContent(self.instructions, self.functions, formats)))
         return prefix
@@ -224,7 +213,7 @@ class Chat:
         back out: the chat goes on as before. ``response_format`` (a JSON Schema, or a
         ResponseFormat) shapes this turn's answer, over :attr:`response_format`; a schema that
         cannot be enforced raises SchemaError before anything is sent."""
-        turn_format = self._compiled_format(response_format) if response_format is not None else self._format
+        turn_format = self._checked_format(response_format) if response_format is not None else self._format
         return engine_thread().stream(self._send(text, turn_format))
 
     def _send(self, text: str, turn_format) -> Iterator[ChatEvent]:
@@ -274,15 +263,11 @@ class Chat:
         stats = self.engine.stats
         yield Done(stats, finish or stats.finish_reason, new)
 
-    def _constraints(self, prompt: list[int]) -> list[HarmonyConstraint]:
+    def _constraints(self, prompt: list[int]) -> list:
         """The reply's logits processor: the answer's shape, valid function calls, the
         reasoning budget (none when there is nothing to enforce)."""
-        answer = self._turn_format[1] if self._turn_format else None
-        functions = self.function_grammars()
-        if answer is None and not functions and self.reasoning_budget is None:
-            return []
-        return [HarmonyConstraint(self.tokenizer, answer, functions, self.reasoning_budget,
-                                  self.engine.token_budget(len(prompt), self.sampling))]
+        return constraints_for(self.tokenizer, self._prefix(), reasoning_budget=self.reasoning_budget,
+                               max_tokens=self.engine.token_budget(len(prompt), self.sampling))
 
     def _chat_events(self, events) -> Iterator[ChatEvent]:
         """Parser events -> chat events: reasoning, answer text, tool calls."""

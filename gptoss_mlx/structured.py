@@ -21,6 +21,7 @@ answer's smallest instance at all; else the reply ends with finish reason "lengt
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,7 +32,7 @@ import numpy as np
 from llguidance.tiktoken import lltokenizer_from_encoding
 
 from . import harmony
-from .harmony import CALL, CHANNEL, END, ENDOFTEXT, MESSAGE, RETURN, START, MessageStart
+from .harmony import CALL, CHANNEL, END, ENDOFTEXT, MESSAGE, RETURN, START, DeveloperContent, MessageStart
 from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS, VOCAB_SIZE
 
 ID = SPECIAL_TOKENS
@@ -69,9 +70,15 @@ class Grammar:
 
 def compile_schema(tokenizer, schema, where: str = "response_format") -> Grammar:
     """Compile ``schema`` (a JSON Schema object) or raise one SchemaError naming ``where`` and
-    the feature the constraint cannot enforce (e.g. ``uniqueItems``, look-ahead patterns)."""
+    the feature the constraint cannot enforce (e.g. ``uniqueItems``, look-ahead patterns).
+    Compiled schemas are kept (a server sees the same tools in every request)."""
     if not isinstance(schema, (dict, bool)):
         raise SchemaError(f"{where}: the schema must be a JSON object, got {type(schema).__name__}")
+    return _compile(tokenizer, json.dumps(schema, sort_keys=True), where)
+
+
+@lru_cache(maxsize=256)
+def _compile(tokenizer, schema: str, where: str) -> Grammar:
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
     except ValueError as e:
@@ -87,12 +94,31 @@ def compile_schema(tokenizer, schema, where: str = "response_format") -> Grammar
     return Grammar(tokenizer, grammar, len(closing))
 
 
-def function_grammars(tokenizer, functions: list[harmony.ToolSpec]) -> dict[str, Grammar]:
-    """The parameter grammar of each function (a function without parameters takes ``{}``)."""
-    return {f.name: compile_schema(tokenizer, f.parameters or {"type": "object", "properties": {},
-                                                               "additionalProperties": False},
-                                   f"tools ({f.name}).parameters")
-            for f in functions}
+def grammars(tokenizer, dev: DeveloperContent | None) -> tuple[Grammar | None, dict[str, Grammar]]:
+    """The grammars a developer message asks for: the answer's (its first response format)
+    and each function's parameters' (a function without parameters takes an object)."""
+    if dev is None:
+        return None, {}
+    answer = None
+    if dev.response_formats:
+        fmt = dev.response_formats[0]
+        answer = compile_schema(tokenizer, fmt.schema, f"response format {fmt.name!r}")
+    functions = {f.name: compile_schema(tokenizer, f.parameters or {"type": "object"},
+                                        f"function {f.name!r} parameters")
+                 for f in dev.functions}
+    return answer, functions
+
+
+def constraints_for(tokenizer, messages: list[harmony.Message], *, max_tokens: int | None,
+                    reasoning_budget: int | None = None, prefix: list[int] = ()) -> list:
+    """The logits processors for a reply to ``messages``: a HarmonyConstraint when their
+    developer message has a response format or functions, or there is a reasoning budget;
+    none otherwise. SchemaError names a schema that cannot be enforced."""
+    dev = next((m.content for m in messages if isinstance(m.content, DeveloperContent)), None)
+    answer, functions = grammars(tokenizer, dev)
+    if answer is None and not functions and reasoning_budget is None:
+        return []
+    return [HarmonyConstraint(tokenizer, answer, functions, reasoning_budget, max_tokens, prefix)]
 
 
 @lru_cache(maxsize=2)

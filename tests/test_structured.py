@@ -170,7 +170,8 @@ def test_chat_send_with_response_format(tok, tiny):
 def test_chat_function_calls_are_constrained(tok, tiny):
     """A Chat with functions constrains every call it makes to the function's parameters."""
     chat = Chat(*tiny, functions=[WEATHER])
-    assert set(chat.function_grammars()) == {"get_weather"}
+    [constraint] = chat._constraints(chat.prompt_tokens())
+    assert set(constraint.functions) == {"get_weather"} and constraint.answer is None
     with pytest.raises(SchemaError, match="function 'bad' parameters"):
         Chat(*tiny, functions=[ToolSpec("bad", "", {"type": "array", "uniqueItems": True})])
 

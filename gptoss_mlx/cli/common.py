@@ -102,6 +102,8 @@ def add_model_options(p: argparse.ArgumentParser, interactive: bool = True) -> N
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable replies")
     p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="cap on tokens per reply (reasoning included)")
+    p.add_argument("--reasoning-budget", type=lambda text: positive_int(text, 0), default=None,
+                   metavar="TOKENS", help="close the reasoning after this many tokens and answer")
     tools = p.add_argument_group("tools")
     tools.add_argument("--tools", default="", metavar="python,browser",
                        help="built-in tools to enable: python (sandboxed code), browser (search needs EXA_API_KEY)")
@@ -123,8 +125,7 @@ def add_model_options(p: argparse.ArgumentParser, interactive: bool = True) -> N
 
 
 def add_structured_options(p: argparse.ArgumentParser) -> None:
-    """Structured answers (chat, generate): a JSON Schema enforced while decoding, and a cap
-    on the reasoning."""
+    """Structured answers (chat, generate): a JSON Schema enforced while decoding."""
     group = p.add_argument_group("structured output")
     shape = group.add_mutually_exclusive_group()
     shape.add_argument("--json-schema", metavar="FILE",
@@ -132,9 +133,6 @@ def add_structured_options(p: argparse.ArgumentParser) -> None:
                             "decoding; the reasoning stays free)")
     shape.add_argument("--json-object", action="store_true",
                        help="the answer must be a JSON object (any keys)")
-    group.add_argument("--reasoning-budget", type=lambda text: positive_int(text, 0), default=None,
-                       metavar="TOKENS",
-                       help="close the reasoning after this many tokens and answer")
 
 
 def response_format(args) -> dict | None:
