@@ -243,7 +243,7 @@ def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
                     reasoning_effort=args.reasoning_effort or "medium", sampling=sampling,
                     max_context=context, context_overflow=args.context_overflow,
                     response_format=answer_format,
-                    reasoning_budget=getattr(args, "reasoning_budget", None), **options)
+                    reasoning_budget=args.reasoning_budget, **options)
     except SchemaError as e:  # the answer's schema (--json-schema) or a function's (--functions)
         from_file = getattr(args, "json_schema", None) and str(e).startswith("response format")
         raise CLIError(f"--json-schema {args.json_schema}: {e}" if from_file else str(e)) from None

@@ -27,6 +27,7 @@ class Run:
     """One generation: what to run, and afterwards its statistics."""
     prompt: list[int]
     params: SamplingParams
+    logits_processors: list = field(default_factory=list)  # e.g. a structured-output constraint
     stats: Stats | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -108,7 +109,7 @@ class Scheduler:
         """On the engine thread: the best cache for the prompt, then the engine's decoding."""
         engine = self.engine
         engine.prompt_cache = self.pool.take(run.prompt)
-        stream = engine.generate(run.prompt, run.params)
+        stream = engine.generate(run.prompt, run.params, logits_processors=run.logits_processors)
         try:
             for token in stream:
                 yield token
