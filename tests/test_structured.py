@@ -6,6 +6,8 @@ writes noise, so only the constraint (and its budgets) can make the answer compl
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import jsonschema
 import mlx.core as mx
@@ -250,3 +252,45 @@ def test_closing_completes_any_prefix(tok, data, cut):
     assert closing is not None
     assert matcher.consume_tokens(closing) and matcher.is_accepting()  # the grammar takes it
     jsonschema.validate(json.loads(tok.decode(prefix + closing)), schema)
+
+
+# -- the CLI
+def run_cli(*args, stdin=""):
+    return subprocess.run([sys.executable, "-m", "gptoss_mlx", *args, "--no-memory-check"],
+                          input=stdin, capture_output=True, text=True, timeout=180)
+
+
+def test_cli_generate_json_schema(tiny_checkpoint, tmp_path):
+    """The answer on standard output is exactly the JSON; the reasoning on standard error."""
+    schema = tmp_path / "pet.json"
+    schema.write_text(json.dumps(PET))
+    proc = run_cli("generate", "-m", str(tiny_checkpoint), "-p", "A pet?", "--json-schema", str(schema),
+                   "--reasoning-budget", "8", "--max-tokens", "90", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    jsonschema.validate(json.loads(proc.stdout), PET)
+    assert "Generation:" in proc.stderr
+
+
+def test_cli_chat_piped_json_object_and_truncation(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(tmp_path))
+    proc = run_cli("chat", "-m", str(tiny_checkpoint), "--json-object", "--max-tokens", "40", "--seed", "1",
+                   stdin="Anything, as JSON.")
+    assert proc.returncode == 0, proc.stderr
+    assert isinstance(json.loads(proc.stdout), dict)
+    proc = run_cli("chat", "-m", str(tiny_checkpoint), "--json-object", "--max-tokens", "3",
+                   stdin="Anything, as JSON.")
+    assert proc.returncode == 2 and "the JSON answer is truncated" in proc.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ('{"type":', "not valid JSON"),
+    ('{"type": "array", "uniqueItems": true}', 'cannot be enforced: Unimplemented keys: ["uniqueItems"]'),
+])
+def test_cli_bad_schema_files_are_named(tiny_checkpoint, tmp_path, content, message):
+    schema = tmp_path / "s.json"
+    if content is not None:
+        schema.write_text(content)
+    proc = run_cli("generate", "-m", str(tiny_checkpoint), "-p", "hi", "--json-schema", str(schema))
+    assert proc.returncode == 2 and message in proc.stderr and str(schema) in proc.stderr
+    assert "Traceback" not in proc.stderr
