@@ -44,9 +44,10 @@ FUNCTIONS = "functions."
 JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"[ \n\t]{0,12}"}
 # Bytes a closing may take before it is given up (a pattern the greedy closing cannot satisfy).
 MAX_CLOSING_BYTES = 1024
-# Preference among single bytes when closing: end what is open, then the shortest values.
+# Preference among single bytes when closing: end what is open, then the shortest values, the
+# other printable characters, and a space last (JSON never needs whitespace; a pattern may).
 CLOSERS = b'"}],'
-CLOSING_BYTES = CLOSERS + b"10" + bytes(range(0x20, 0x7F))
+CLOSING_BYTES = CLOSERS + b"10" + bytes(range(0x21, 0x7F)) + b" "
 
 
 class SchemaError(ValueError):
@@ -76,7 +77,7 @@ def compile_schema(tokenizer, schema, where: str = "response_format") -> Grammar
     Compiled schemas are kept (a server sees the same tools in every request)."""
     if not isinstance(schema, (dict, bool)):
         raise SchemaError(f"{where}: the schema must be a JSON object, got {type(schema).__name__}")
-    return _compile(tokenizer, json.dumps(schema, sort_keys=True), where)
+    return _compile(tokenizer, json.dumps(schema), where)  # key order matters: properties come in it
 
 
 @lru_cache(maxsize=256)
