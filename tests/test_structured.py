@@ -132,6 +132,15 @@ def test_tool_call_arguments_validate(tok, tiny, seed):
     jsonschema.validate(json.loads(tok.decode(out[:-1])), WEATHER.parameters)
 
 
+def test_answers_in_the_declared_key_order_are_accepted(tok, pet):
+    """Properties come in the schema's order (as the prompt shows it), whatever its sorting."""
+    answer = {"name": "Rex", "kind": "dog", "age": 3, "weight": 9.5, "tags": ["good"],
+              "owner": {"email": "a@b.c", "vip": True}}
+    for text in (json.dumps(answer), json.dumps(answer, indent=2), json.dumps(answer, separators=(",", ":"))):
+        matcher = pet.matcher()
+        assert matcher.consume_tokens(tok.encode_ordinary(text)) and matcher.is_accepting(), text
+
+
 def test_an_unenforceable_schema_is_named(tok, tiny):
     with pytest.raises(SchemaError, match="uniqueItems"):
         compile_schema(tok, {"type": "array", "uniqueItems": True})
