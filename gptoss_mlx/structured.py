@@ -37,11 +37,10 @@ from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS, VOCAB_SIZE
 
 ID = SPECIAL_TOKENS
 FUNCTIONS = "functions."
-# Whitespace between JSON tokens as models write it (compact, `{"a": 1}`, or indented with
-# spaces, tabs and newlines), at most 12 characters a gap: a model can never spend its budget on
-# blank lines inside the answer. (Carriage returns, legal JSON whitespace, are left out: the
-# terminal shows them as markers.)
-JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"[ \n\t]{0,12}"}
+# Whitespace between JSON tokens as models write it: none, one space (`{"a": 1}`), or a newline
+# and an indentation of up to 12 spaces or tabs. Bounded, so a model can never spend its budget
+# on blank lines inside the answer (carriage returns, which the terminal would mark, are out).
+JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"( ?|\n[ \t]{0,12})"}
 # Bytes a closing may take before it is given up (a pattern the greedy closing cannot satisfy).
 MAX_CLOSING_BYTES = 1024
 # Preference among single bytes when closing: end what is open, then the shortest values, the
