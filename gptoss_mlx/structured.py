@@ -33,16 +33,16 @@ from llguidance.tiktoken import lltokenizer_from_encoding
 
 from . import harmony
 from .harmony import CALL, CHANNEL, END, ENDOFTEXT, MESSAGE, RETURN, START, DeveloperContent, MessageStart
+from .harmony.chat_completions import FUNCTIONS
 from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS, VOCAB_SIZE
 
 ID = SPECIAL_TOKENS
-FUNCTIONS = "functions."
 # Whitespace between JSON tokens as models write it: none, one space (`{"a": 1}`), or a newline
 # and an indentation of up to 12 spaces or tabs. Bounded, so a model can never spend its budget
 # on blank lines inside the answer (carriage returns, which the terminal would mark, are out).
 JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"( ?|\n[ \t]{0,12})"}
 # Bytes a closing may take before it is given up (a pattern the greedy closing cannot satisfy).
-MAX_CLOSING_BYTES = 1024
+MAX_CLOSING_BYTES = 4096
 # Preference among single bytes when closing: end what is open, then the shortest values, the
 # other printable characters, and a space last (JSON never needs whitespace; a pattern may).
 CLOSERS = b'"}],'
@@ -220,15 +220,10 @@ class HarmonyConstraint:
         """Tokens the engine may still generate, this one included."""
         return None if self.max_tokens is None else self.max_tokens - self.generated
 
-    @property
-    def answer_complete(self) -> bool:
-        """The constrained answer was written and closed (or there was none to write)."""
-        return self.answer is None or (self.in_final and self.matcher is None)
-
     def _advance(self, token: int) -> None:
         self.generated += 1
-        if self.forced and self.forced[0] == token:
-            self.forced.pop(0)
+        if self.forced:  # the forced token was sampled (anything else: decide again)
+            self.forced = self.forced[1:] if self.forced[0] == token else []
         if self.matcher is not None:
             if token == self.end_token:
                 self.matcher = self.grammar = self.end_token = None
@@ -246,11 +241,12 @@ class HarmonyConstraint:
 
     def _start(self, start: MessageStart) -> None:
         """A message's content begins: constrain it when it is the answer or a function call."""
+        function = (start.recipient or "").removeprefix(FUNCTIONS)
         if start.channel == "final" and start.recipient is None:
             self.in_final = True
             self.grammar, self.end_token = self.answer, ID[RETURN]
-        elif (start.recipient or "").startswith(FUNCTIONS) and start.recipient[len(FUNCTIONS):] in self.functions:
-            self.grammar, self.end_token = self.functions[start.recipient[len(FUNCTIONS):]], ID[CALL]
+        elif start.recipient != function and function in self.functions:  # functions.NAME
+            self.grammar, self.end_token = self.functions[function], ID[CALL]
         else:
             self.grammar = self.end_token = None
         self.matcher = self.grammar.matcher() if self.grammar else None
@@ -273,7 +269,7 @@ class HarmonyConstraint:
         final channel's opening."""
         if self.matcher is not None:
             return self._closing_if_due()
-        if self.in_final or self._in_function_call():
+        if self.in_final:
             return []
         opening = self._opening()
         if self.reasoning_budget is not None and self.reasoning_tokens >= self.reasoning_budget:
@@ -292,10 +288,6 @@ class HarmonyConstraint:
             return self._role + self._final_header
         start = [ID[START], *self._role, *self._final_header]
         return start if self.parser.state == "expect_start" else [ID[END], *start]
-
-    def _in_function_call(self) -> bool:
-        current = self.parser.current if self.parser.state == "content" else None
-        return current is not None and (current.recipient or "").startswith(FUNCTIONS)
 
     def _closing_if_due(self) -> list[int]:
         """The closing and the end token once the tokens left are just enough for them, with

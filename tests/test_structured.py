@@ -91,7 +91,6 @@ def test_random_model_answers_validate_over_seeds(tok, tiny, pet, seed):
     out, finish = generate(tiny, prompt_for(tok), constraint, seed, max_tokens)
     assert finish == "stop" and out[-1] == SPECIAL_TOKENS[RETURN] and len(out) <= max_tokens
     jsonschema.validate(json.loads(final_text(tok, out)), PET)
-    assert constraint.answer_complete
 
 
 @pytest.mark.parametrize("seed", range(3))
