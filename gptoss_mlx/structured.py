@@ -129,46 +129,69 @@ def _byte_tokens(tokenizer) -> tuple[int, ...]:
     return tuple(tokenizer.encode_single_token(bytes([b])) for b in range(256))
 
 
-def closing_tokens(tokenizer, matcher: llguidance.LLMatcher) -> list[int] | None:
-    """The tokens of a short text that completes the JSON from ``matcher``'s state (found
-    greedily on a copy: forced bytes, else the first byte in CLOSING_BYTES's order the grammar
-    allows, preferring one after which a closer is allowed), or None when none was found
-    within MAX_CLOSING_BYTES."""
+@dataclass
+class JSONScan:
+    """Whether JSON text so far ends inside a string (its quotes and escapes, nothing more)."""
+    in_string: bool = False
+    escaped: bool = False
+
+    def feed(self, data: bytes) -> None:
+        for b in data:
+            if self.escaped:
+                self.escaped = False
+            elif self.in_string and b == BACKSLASH:
+                self.escaped = True
+            elif b == QUOTE:
+                self.in_string = not self.in_string
+
+
+QUOTE, BACKSLASH = ord('"'), ord("\\")
+
+
+def closing_tokens(tokenizer, matcher: llguidance.LLMatcher, scan: JSONScan = JSONScan()) -> list[int] | None:
+    """The tokens of a short text that completes the JSON from ``matcher``'s state (``scan``:
+    whether the text so far ends inside a string), found greedily on a copy, byte by byte (see
+    :func:`_next_byte`); None when none was found within MAX_CLOSING_BYTES."""
     m = matcher.deep_copy()
+    scan = JSONScan(scan.in_string, scan.escaped)
     byte_token = _byte_tokens(tokenizer)
     text = bytearray()
+    used: dict[int, int] = {}  # bytes written into the string under way
     while not m.is_accepting():
         if m.is_error() or len(text) > MAX_CLOSING_BYTES:
             return None
-        forced = m.compute_ff_bytes()
-        if not forced:
-            forced = _next_byte(m, byte_token)
-            if forced is None:
-                return None
-        if not m.consume_tokens([byte_token[b] for b in forced]):
+        forced = m.compute_ff_bytes() or _next_byte(m, byte_token, scan, used)
+        if forced is None or not m.consume_tokens([byte_token[b] for b in forced]):
             return None
         text += forced
+        scan.feed(forced)
+        if scan.in_string:
+            for b in forced:
+                used[b] = used.get(b, 0) + 1
+        else:
+            used.clear()
     try:
         return tokenizer.encode_ordinary(text.decode("utf-8"))
     except UnicodeDecodeError:
         return [byte_token[b] for b in text]
 
 
-def _next_byte(m: llguidance.LLMatcher, byte_token) -> bytes | None:
-    """The closing's next byte: the first the grammar allows, unless it leads nowhere near an
-    end (no closer allowed after it, as 'a' in the pattern a+b) and a later one does."""
-    allowed = []
+def _next_byte(m: llguidance.LLMatcher, byte_token, scan: JSONScan, used: dict[int, int]) -> bytes | None:
+    """The closing's next byte among those the grammar allows, in CLOSING_BYTES's order. Outside
+    strings, the first (end what is open, else the shortest value). Inside one, the first after
+    which the string may end; failing that, the one written least so far in it, so that a
+    pattern needing some later character (an email's @) gets it instead of one byte forever."""
+    best = None
     for b in CLOSING_BYTES:
-        if m.try_consume_tokens([byte_token[b]]) == 1:
-            closes = b in CLOSERS or m.is_accepting() or any(
-                m.validate_tokens([byte_token[c]]) == 1 for c in CLOSERS)
-            m.rollback(1)
-            if closes:
-                return bytes([b])
-            allowed.append(b)
-            if len(allowed) > 8:
-                break
-    return bytes(allowed[:1]) or None
+        if m.try_consume_tokens([byte_token[b]]) != 1:
+            continue
+        ends = not scan.in_string or b == QUOTE or m.validate_tokens([byte_token[QUOTE]]) == 1
+        m.rollback(1)
+        if ends:
+            return bytes([b])
+        if best is None or used.get(b, 0) < used.get(best, 0):
+            best = b
+    return None if best is None else bytes([best])
 
 
 class HarmonyConstraint:
@@ -200,6 +223,7 @@ class HarmonyConstraint:
         self.end_token: int | None = None  # what ends the constrained message
         self.in_final = False
         self._closing_due = 0  # when (self.generated) to compute the closing next
+        self._scan = JSONScan()  # the constrained message's text: inside a string?
         self.mask_s = 0.0  # CPU time spent computing masks
         self._bits = np.zeros((VOCAB_SIZE + 31) // 32, dtype=np.int32)
         for token in prefix:
@@ -229,6 +253,7 @@ class HarmonyConstraint:
                 self.matcher = self.grammar = self.end_token = None
             else:
                 self.matcher.consume_token(token)
+                self._scan.feed(self.tokenizer.decode_single_token_bytes(token))
         elif not self.in_final:
             self.reasoning_tokens += 1
         self._observe(token)
@@ -250,6 +275,7 @@ class HarmonyConstraint:
         else:
             self.grammar = self.end_token = None
         self.matcher = self.grammar.matcher() if self.grammar else None
+        self._scan = JSONScan()
         self._closing_due = 0
 
     # -- masks
@@ -295,7 +321,7 @@ class HarmonyConstraint:
         remaining, extra = self.remaining, margin(self.grammar)
         if remaining is None or self.generated < self._closing_due:
             return []
-        closing = closing_tokens(self.tokenizer, self.matcher)
+        closing = closing_tokens(self.tokenizer, self.matcher, self._scan)
         if closing is None:
             return []
         if len(closing) + 1 + extra >= remaining:

@@ -18,7 +18,7 @@ from gptoss_mlx import harmony, load
 from gptoss_mlx.chat import AnswerDelta, Chat, Done, ReasoningDelta
 from gptoss_mlx.generate import Engine, SamplingParams
 from gptoss_mlx.harmony import CALL, CHANNEL, CONSTRAIN, MESSAGE, RETURN, Special, ToolSpec
-from gptoss_mlx.structured import HarmonyConstraint, SchemaError, closing_tokens, compile_schema
+from gptoss_mlx.structured import HarmonyConstraint, JSONScan, SchemaError, closing_tokens, compile_schema
 from gptoss_mlx.tokenizer import SPECIAL_TOKENS
 
 # Enums, a nested object, bounded arrays, optional and required fields, limited numbers/strings.
@@ -216,7 +216,7 @@ def test_engine_passes_the_sequence_to_processors(tiny):
 @st.composite
 def schema_and_instance(draw, depth=0):
     """A schema from the kinds above, and a valid instance of it."""
-    kind = draw(st.sampled_from(["enum", "int", "num", "str", "bool", "array", "object"][:7 if depth < 2 else 5]))
+    kind = draw(st.sampled_from(["enum", "int", "num", "str", "fmt", "bool", "array", "object"][:8 if depth < 2 else 6]))
     if kind == "enum":
         values = draw(st.lists(st.text("abcxyz", min_size=1, max_size=6), min_size=1, max_size=4, unique=True))
         return {"enum": values}, draw(st.sampled_from(values))
@@ -230,6 +230,13 @@ def schema_and_instance(draw, depth=0):
         lo = draw(st.integers(0, 3))
         value = draw(st.text("abc xyz\"\\é", min_size=lo, max_size=lo + 5))
         return {"type": "string", "minLength": lo, "maxLength": lo + 5}, value
+    if kind == "fmt":  # formats and patterns: the closing must find their special characters
+        return draw(st.sampled_from([
+            ({"type": "string", "format": "email"}, "ann@example.com"),
+            ({"type": "string", "format": "date-time"}, "2024-01-02T03:04:05Z"),
+            ({"type": "string", "format": "uuid"}, "123e4567-e89b-12d3-a456-426614174000"),
+            ({"type": "string", "format": "ipv4"}, "10.0.0.1"),
+            ({"type": "string", "pattern": "^[A-Z]{2}-[0-9]{2,4}$"}, "AB-123")]))
     if kind == "bool":
         return {"type": "boolean"}, draw(st.booleans())
     if kind == "array":
@@ -245,21 +252,24 @@ def schema_and_instance(draw, depth=0):
              "additionalProperties": False}, present)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=schema_and_instance(), cut=st.floats(0, 1))
 def test_closing_completes_any_prefix(tok, data, cut):
     """Cut a valid answer anywhere: the forced closing makes it valid JSON of the schema."""
     schema, instance = data
-    jsonschema.validate(instance, schema)
+    jsonschema.validate(instance, schema, format_checker=jsonschema.FormatChecker())
     tokens = tok.encode_ordinary(json.dumps(instance, separators=(",", ":"), ensure_ascii=False))
     grammar = compile_schema(tok, schema)
     matcher = grammar.matcher()
     prefix = tokens[:int(cut * len(tokens))]
     assert matcher.consume_tokens(prefix), matcher.get_error()
-    closing = closing_tokens(tok, matcher)
+    scan = JSONScan()
+    scan.feed(tok.decode_bytes(prefix))
+    closing = closing_tokens(tok, matcher, scan)
     assert closing is not None
     assert matcher.consume_tokens(closing) and matcher.is_accepting()  # the grammar takes it
-    jsonschema.validate(json.loads(tok.decode(prefix + closing)), schema)
+    jsonschema.validate(json.loads(tok.decode(prefix + closing)), schema,
+                        format_checker=jsonschema.FormatChecker())
 
 
 # -- the CLI
