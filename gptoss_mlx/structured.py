@@ -74,7 +74,7 @@ def compile_schema(tokenizer, schema, where: str = "response_format") -> Grammar
     """Compile ``schema`` (a JSON Schema object) or raise one SchemaError naming ``where`` and
     the feature the constraint cannot enforce (e.g. ``uniqueItems``, look-ahead patterns).
     Compiled schemas are kept (a server sees the same tools in every request)."""
-    if not isinstance(schema, (dict, bool)):
+    if not isinstance(schema, dict):
         raise SchemaError(f"{where}: the schema must be a JSON object, got {type(schema).__name__}")
     return _compile(tokenizer, json.dumps(schema), where)  # key order matters: properties come in it
 

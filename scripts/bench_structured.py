@@ -48,6 +48,7 @@ def mask_times(tokenizer) -> dict:
     import numpy as np
 
     from gptoss_mlx.structured import closing_tokens, compile_schema, ll_tokenizer
+    from gptoss_mlx.tokenizer import VOCAB_SIZE
 
     t0 = time.perf_counter()
     ll_tokenizer(tokenizer)
@@ -55,7 +56,7 @@ def mask_times(tokenizer) -> dict:
     t0 = time.perf_counter()
     grammar = compile_schema(tokenizer, SCHEMA)
     compile_ms = 1e3 * (time.perf_counter() - t0)
-    bits = np.zeros((201088 + 31) // 32, dtype=np.int32)
+    bits = np.zeros((VOCAB_SIZE + 31) // 32, dtype=np.int32)
     masks, closings = [], []
     for _ in range(3):  # the first pass fills llguidance's caches; all three are counted
         m = grammar.matcher()
