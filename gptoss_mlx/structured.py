@@ -21,6 +21,7 @@ answer's smallest instance at all; else the reply ends with finish reason "lengt
 
 from __future__ import annotations
 
+import array
 import json
 import time
 from dataclasses import dataclass
@@ -28,7 +29,6 @@ from functools import lru_cache
 
 import llguidance
 import mlx.core as mx
-import numpy as np
 from llguidance.tiktoken import lltokenizer_from_encoding
 
 from . import harmony
@@ -225,7 +225,7 @@ class HarmonyConstraint:
         self._closing_due = 0  # when (self.generated) to compute the closing next
         self._scan = JSONScan()  # the constrained message's text: inside a string?
         self.mask_s = 0.0  # CPU time spent computing masks
-        self._bits = np.zeros((VOCAB_SIZE + 31) // 32, dtype=np.int32)
+        self._bits = array.array("i", bytes(4 * ((VOCAB_SIZE + 31) // 32)))  # llguidance's mask
         for token in prefix:
             self._observe(token)
 
@@ -333,7 +333,7 @@ class HarmonyConstraint:
     def _grammar_mask(self, logits: mx.array) -> mx.array:
         """The grammar's tokens (computed on the CPU), and the end token once it is complete."""
         t0 = time.perf_counter()
-        self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        self.matcher.unsafe_compute_mask_ptr(self._bits.buffer_info()[0], len(self._bits) * 4)
         end = self.end_token if self.matcher.is_accepting() else -1
         self.mask_s += time.perf_counter() - t0
         vocab = mx.arange(logits.shape[-1])
