@@ -47,7 +47,7 @@ def mask_times(tokenizer) -> dict:
     """Per-token CPU time of a mask (µs) and of the closing, over ANSWER's tokens."""
     import numpy as np
 
-    from gptoss_mlx.structured import closing_tokens, compile_schema, ll_tokenizer
+    from gptoss_mlx.structured import JSONScan, closing_tokens, compile_schema, ll_tokenizer
     from gptoss_mlx.tokenizer import VOCAB_SIZE
 
     t0 = time.perf_counter()
@@ -59,15 +59,16 @@ def mask_times(tokenizer) -> dict:
     bits = np.zeros((VOCAB_SIZE + 31) // 32, dtype=np.int32)
     masks, closings = [], []
     for _ in range(3):  # the first pass fills llguidance's caches; all three are counted
-        m = grammar.matcher()
+        m, scan = grammar.matcher(), JSONScan()
         for token in tokenizer.encode_ordinary(json.dumps(ANSWER)):
             t0 = time.perf_counter()
             m.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
             masks.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            closing_tokens(tokenizer, m)
+            closing_tokens(tokenizer, m, scan)
             closings.append(time.perf_counter() - t0)
             assert bits[token // 32] >> (token % 32) & 1 and m.consume_token(token)
+            scan.feed(tokenizer.decode_single_token_bytes(token))
     us = lambda xs, q: 1e6 * float(np.percentile(xs, q))  # noqa: E731
     return {"setup_s": setup, "compile_ms": compile_ms, "tokens": len(masks),
             "mask_median_us": us(masks, 50), "mask_p90_us": us(masks, 90), "mask_max_us": 1e6 * max(masks),
