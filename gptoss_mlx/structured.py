@@ -1,8 +1,8 @@
 """Structured outputs: JSON Schema constrained decoding over the harmony stream.
 
-    constraint = HarmonyConstraint(tokenizer, answer=compile_schema(tokenizer, schema),
-                                   functions=function_grammars(tokenizer, specs), max_tokens=512)
-    engine.generate(prompt, params, logits_processors=[constraint])
+    processors = constraints_for(tokenizer, messages, max_tokens=engine.token_budget(len(prompt), params),
+                                 reasoning_budget=256)   # from the developer message's formats and functions
+    engine.generate(prompt, params, logits_processors=processors)
 
 The constraint watches the sampled tokens through harmony's StreamParser. The analysis channel
 and every header stay free. Once the model opens the final channel, tokens outside the
@@ -14,9 +14,9 @@ Budgets: with ``reasoning_budget`` the engine closes the analysis itself after t
 and opens the final channel (``<|end|><|start|>assistant<|channel|>final<|message|>``, forced
 one token at a time through the mask); with a constrained answer it does so as well when what
 is left of ``max_tokens`` is just enough for the answer. Inside a constrained message, when the
-tokens left are just enough to close the JSON, the shortest closing the constraint can find is
-forced, so a constrained message always completes within ``max_tokens`` (given room for the
-answer's smallest instance at all; else the reply ends with finish reason "length").
+tokens left are just enough to close the JSON, a short closing (found greedily) is forced, so
+a constrained message always completes within ``max_tokens`` (given room for the answer's
+smallest instance at all; else the reply ends with finish reason "length").
 """
 
 from __future__ import annotations
