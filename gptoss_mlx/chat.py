@@ -29,7 +29,8 @@ from typing import Iterator
 from . import harmony
 from .engine_thread import engine_thread
 from .generate import ContextLengthError, Engine, NonFiniteLogitsError, SamplingParams, Stats
-from .harmony import ContentDelta, DeveloperContent, Message, MessageEnd, MessageStart
+from .harmony import ContentDelta, DeveloperContent, Message, MessageEnd, MessageStart, ResponseFormat
+from .structured import SchemaError, compile_schema, constraints_for, grammars
 
 
 @dataclass
@@ -82,7 +83,8 @@ class Chat:
                  browser: bool = False, python: bool = False, python_description: str | None = None,
                  sampling: SamplingParams | None = None, max_context: int | None = None,
                  context_overflow: str = "truncate", date: str | None = None,
-                 engine: Engine | None = None):
+                 engine: Engine | None = None, response_format: ResponseFormat | dict | None = None,
+                 reasoning_budget: int | None = None):
         if context_overflow not in CONTEXT_OVERFLOW:
             raise ValueError(f"context_overflow must be truncate or error, got {context_overflow!r}")
         self.context_overflow = context_overflow
@@ -96,6 +98,12 @@ class Chat:
         self.date = date or harmony.today()
         self.messages: list[Message] = []  # user, assistant and tool messages, reasoning included
         self.reasoning_effort = reasoning_effort
+        self.response_format = response_format
+        self._turn_format = self._format  # the turn under way's
+        if reasoning_budget is not None and reasoning_budget < 0:
+            raise ValueError(f"reasoning_budget must be a whole number >= 0, got {reasoning_budget}")
+        self.reasoning_budget = reasoning_budget  # tokens before the answer, at most
+        grammars(tokenizer, DeveloperContent(functions=self.functions))  # SchemaError here, not later
         self._stop = False
 
     # -- settings
@@ -108,6 +116,24 @@ class Chat:
         if effort not in harmony.EFFORTS:
             raise ValueError(f"reasoning effort must be one of {', '.join(harmony.EFFORTS)}, got {effort!r}")
         self._effort = effort  # applies from the next reply
+
+    @property
+    def response_format(self) -> ResponseFormat | None:
+        """The shape every answer must have (a JSON Schema, enforced while decoding), or None."""
+        return self._format
+
+    @response_format.setter
+    def response_format(self, value: ResponseFormat | dict | None) -> None:
+        self._format = self._checked_format(value)  # applies from the next turn
+
+    def _checked_format(self, value) -> ResponseFormat | None:
+        """``value`` (a ResponseFormat, or a JSON Schema for one named "response"), compiled
+        once here so that SchemaError names what cannot be enforced before anything is sent."""
+        if value is None:
+            return None
+        fmt = value if isinstance(value, ResponseFormat) else ResponseFormat("response", value)
+        compile_schema(self.tokenizer, fmt.schema, f"response format {fmt.name!r}")
+        return fmt
 
     def reset(self) -> None:
         self.messages = []
@@ -128,8 +154,9 @@ class Chat:
         """The system message, and the developer message when there are instructions or tools."""
         prefix = [harmony.system_message(self._effort, self.date, self.browser, self.python,
                                          python_description=self.python_description)]
-        if self.instructions is not None or self.functions:
-            prefix.append(Message("developer", DeveloperContent(self.instructions, self.functions)))
+        formats = [self._turn_format] if self._turn_format else []
+        if self.instructions is not None or self.functions or formats:
+            prefix.append(Message("developer", DeveloperContent(self.instructions, self.functions, formats)))
         return prefix
 
     def prompt_tokens(self, messages: list[Message] | None = None) -> list[int]:
@@ -180,18 +207,22 @@ class Chat:
         return harmony.drop_earlier_analysis(self.messages)
 
     # -- turns
-    def send(self, text: str) -> Iterator[ChatEvent]:
+    def send(self, text: str, response_format: ResponseFormat | dict | None = None) -> Iterator[ChatEvent]:
         """Add a user message and stream the reply. If it does not fit the context
         (ContextLengthError) or the model computes NaNs (NonFiniteLogitsError), the message is taken
-        back out: the chat goes on as before."""
-        return engine_thread().stream(self._send(text))
+        back out: the chat goes on as before. ``response_format`` (a JSON Schema, or a
+        ResponseFormat) shapes this turn's answer, over :attr:`response_format`; a schema that
+        cannot be enforced raises SchemaError before anything is sent."""
+        turn_format = self._checked_format(response_format) if response_format is not None else self._format
+        return engine_thread().stream(self._send(text, turn_format))
 
-    def _send(self, text: str) -> Iterator[ChatEvent]:
+    def _send(self, text: str, turn_format) -> Iterator[ChatEvent]:
+        self._turn_format = turn_format  # also for the replies after tool results
         message = Message("user", text)
         self.messages.append(message)
         try:
             yield from self.reply()
-        except (ContextLengthError, NonFiniteLogitsError):  # nothing was generated
+        except (ContextLengthError, NonFiniteLogitsError, SchemaError):  # nothing was generated
             if self.messages and self.messages[-1] is message:
                 self.messages.pop()
             raise
@@ -214,7 +245,7 @@ class Chat:
         prompt, trimmed = self.fitted_prompt()
         if trimmed:
             yield trimmed
-        stream = self.engine.generate(prompt, self.sampling)
+        stream = self.engine.generate(prompt, self.sampling, logits_processors=self._constraints(prompt))
         finish = None
         try:
             for token in stream:
@@ -232,16 +263,27 @@ class Chat:
         stats = self.engine.stats
         yield Done(stats, finish or stats.finish_reason, new)
 
+    def _constraints(self, prompt: list[int]) -> list:
+        """The reply's logits processor: the answer's shape, valid function calls, the
+        reasoning budget (none when there is nothing to enforce)."""
+        return constraints_for(self.tokenizer, self._prefix(), reasoning_budget=self.reasoning_budget,
+                               max_tokens=self.engine.token_budget(len(prompt), self.sampling))
+
     def _chat_events(self, events) -> Iterator[ChatEvent]:
         """Parser events -> chat events: reasoning, answer text, tool calls."""
         for event in events:
             if isinstance(event, MessageStart):
                 self._channel, self._recipient = event.channel, event.recipient
             elif isinstance(event, ContentDelta) and self._recipient is None:
-                yield (ReasoningDelta if self._channel == "analysis" else AnswerDelta)(event.text)
+                yield (AnswerDelta if self._is_answer(self._channel) else ReasoningDelta)(event.text)
             elif isinstance(event, MessageEnd) and event.message.is_tool_call:
                 m = event.message
                 yield ToolCall(m.recipient, m.text, m.channel)
+
+    def _is_answer(self, channel: str | None) -> bool:
+        """Text on ``channel`` is the answer: any but analysis; with a response format only the
+        final channel's (constrained) text, so the answer is exactly the JSON."""
+        return channel == "final" if self._turn_format else channel != "analysis"
 
     def _keep(self, parser: harmony.StreamParser, interrupted: bool) -> list[Message]:
         """Add the reply's messages to the history. An interrupted reply keeps its answer text
@@ -253,8 +295,8 @@ class Chat:
                 continue
             if interrupted and m.channel == "analysis" and not m.is_tool_call:
                 continue
-            if m.channel is None:  # recovered text without a channel: show it as the answer
-                m.channel = "final"
+            if m.channel is None:  # recovered text without a channel: the answer, if it may be
+                m.channel = "final" if self._is_answer(None) else "analysis"
             new.append(m)
         self.messages.extend(new)
         return new

@@ -121,6 +121,10 @@ class SequenceSampler:
         self.tokens = mx.array(prompt) if self.processors else None
 
     def __call__(self, logits: mx.array) -> mx.array:
+        if self.processors:
+            # The step's forward is queued first: the processors (a grammar's mask, computed on
+            # the CPU) then run while the device computes it.
+            mx.async_eval(logits)
         for processor in self.processors:
             logits = processor(self.tokens, logits)
         key = None
@@ -313,6 +317,10 @@ class Engine:
             if first_token_at is not None:
                 stats.decode_s = time.perf_counter() - first_token_at
             stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+
+    def token_budget(self, prompt_tokens: int, params: SamplingParams) -> int:
+        """Tokens a generation after a ``prompt_tokens``-token prompt may make at most."""
+        return token_budget(params, self.max_context, prompt_tokens)
 
     def _forward_async(self, y: mx.array) -> mx.array:
         """Queue one decode step for token ``y``, whose id the host does not know yet."""

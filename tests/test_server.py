@@ -267,7 +267,7 @@ def post(url, path, data: bytes, key=None, headers=None):
     (b'{"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "max"}', 400, "reasoning_effort"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}', 400, "tool_choice"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true}', 400, "logprobs"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}', 400,
+    (b'{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}}', 400,
      "response_format"),
     (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, None),
     (b'{"messages": [{"role": "tool", "content": "72F"}]}', 400, None),

@@ -190,11 +190,21 @@ def test_function_call_loop(tok, channel, recipient_first):
     assert sum(isinstance(e, Done) for e in events) == 2
 
 
+@pytest.mark.parametrize("args,expect", [
+    ('{"city": "Oslo"', "Error: the arguments are not valid JSON"),
+    ('{"town": "Oslo"}', "Error: arguments: missing required city"),
+])
+def test_bad_arguments_are_errors_for_the_model(args, expect):
+    """A Chat's calls to its functions are constrained to their parameters while decoding
+    (gptoss_mlx/structured.py), so these come from other callers of the toolbox."""
+    toolbox = Toolbox(functions=[FunctionTool.from_callable(get_weather)])
+    result = toolbox.execute(ToolCall("functions.get_weather", args))
+    assert not result.ok and result.content.startswith(expect)
+
+
 @pytest.mark.parametrize("recipient,args,expect", [
-    ("functions.get_weather", '{"city": "Oslo"', "Error: the arguments are not valid JSON"),
     ("functions.get_wether", '{"city": "Oslo"}', "Error: there is no function 'functions.get_wether' (available: functions.get_weather)"),
     ("database.query", '{"q": 1}', "Error: there is no tool 'database.query'"),
-    ("functions.get_weather", '{"town": "Oslo"}', "Error: arguments: missing required city"),
 ])
 def test_bad_calls_go_back_to_the_model(tok, recipient, args, expect):
     toolbox = Toolbox(functions=[FunctionTool.from_callable(get_weather)])

@@ -10,11 +10,12 @@ from typing import Callable
 from ..chat import Chat, ChatFileError
 from ..generate import ContextLengthError, NonFiniteLogitsError
 from ..harmony import EFFORTS
+from ..structured import SchemaError
 from ..store import ConversationStore, check_chat_file, save_target_problem, title_for
 from . import common
 from .common import (
-    RESET, CLIError, add_model_options, ask_on_terminal, decline_when_piped, make_toolbox,
-    terminal_safe,
+    RESET, CLIError, add_model_options, add_structured_options, ask_on_terminal,
+    decline_when_piped, make_toolbox, terminal_safe,
 )
 from .lineedit import is_unfinished, line_reader
 from .stream import answer_once, print_events, replies
@@ -42,6 +43,7 @@ def register(sub) -> None:
                                    "answered once: the answer goes to standard output, the "
                                    "reasoning to standard error.")
     add_model_options(p)
+    add_structured_options(p)
     p.add_argument("--hide-reasoning", action="store_true", help="do not show the chain of thought")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="ID",
                    help="continue a saved conversation (no ID: the latest); /chats lists them")
@@ -56,7 +58,10 @@ def cmd_chat(args) -> int:
         if args.resume is not None:
             answer_resumed(args, question)
         else:
-            answer_once(args, question, decline_when_piped, not args.hide_reasoning, dim=False)
+            outcome = answer_once(args, question, decline_when_piped, not args.hide_reasoning, dim=False)
+            if (args.json_schema or args.json_object) and outcome.finish_reason in ("length", "context"):
+                raise CLIError(f"the JSON answer is truncated ({outcome.finish_reason} limit): "
+                               "it is not valid; raise --max-tokens")
         return 0
     store = ConversationStore()
     chat_id = resumed_id(store, args.resume) if args.resume is not None else None
@@ -86,7 +91,7 @@ def answer_resumed(args, question: str) -> None:
         flags_over_saved(chat, args)
         print_events(replies(chat, question, toolbox), not args.hide_reasoning, sys.stdout,
                      sys.stderr, dim=False)
-    except (ChatFileError, ContextLengthError, NonFiniteLogitsError) as e:
+    except (ChatFileError, ContextLengthError, NonFiniteLogitsError, SchemaError) as e:
         raise CLIError(str(e)) from None
     finally:
         if toolbox:
@@ -174,12 +179,13 @@ class Repl:
             done = print_events(events, self.show_reasoning, self.out, self.out, self.out.isatty())
             self.last_stats = done.stats if done else None
             if done and done.finish_reason in ("length", "context"):
-                self.say(f"[reply cut off: {done.finish_reason} limit]")
+                truncated = " (the JSON answer is truncated: it is not valid)" if self.chat.response_format else ""
+                self.say(f"[reply cut off: {done.finish_reason} limit]{truncated}")
         except KeyboardInterrupt:
             events.close()  # keeps the partial answer in the history now, not at GC time
             self.say(RESET + "\n[stopped]")
             self.last_stats = self.chat.engine.stats
-        except (ContextLengthError, NonFiniteLogitsError) as e:  # the chat took its message back
+        except (ContextLengthError, NonFiniteLogitsError, SchemaError) as e:  # the chat took its message back
             self.say(f"error: {e}")
             return
         self.autosave()

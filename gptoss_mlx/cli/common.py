@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..chat import CONTEXT_OVERFLOW, Chat
 from ..config import ConfigError, ModelConfig
+from ..files import read_json_file
 from ..generate import SamplingParams
 from ..harmony import EFFORTS
 from ..hub import check_free_disk, fetch_config
@@ -20,6 +21,7 @@ from ..memory import (
     DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, MemoryPlanError, checkpoint_dense_bits, choose_plan,
     parse_size,
 )
+from ..structured import SchemaError
 from ..tokenizer import TokenizerError
 from ..tools import Browser, PythonSandbox, SandboxLimits, ToolError, Toolbox, load_functions
 from ..tools.approval import hidden_char_marker, render_code_ansi
@@ -44,14 +46,14 @@ def add_model_argument(p: argparse.ArgumentParser, required_for: str = "") -> No
                         f"(default: {DEFAULT_MODEL})" + required_for)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number of at least 1."""
+def positive_int(text: str, least: int = 1) -> int:
+    """argparse type: a whole number of at least 1 (``least``)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
 
 
@@ -116,6 +118,8 @@ def add_model_options(p: argparse.ArgumentParser, interactive: bool = True) -> N
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable replies")
     p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="cap on tokens per reply (reasoning included)")
+    p.add_argument("--reasoning-budget", type=lambda text: positive_int(text, 0), default=None,
+                   metavar="TOKENS", help="close the reasoning after this many tokens and answer")
     tools = p.add_argument_group("tools")
     tools.add_argument("--tools", default="", metavar="python,browser",
                        help="built-in tools to enable: python (sandboxed code), browser (search needs EXA_API_KEY)")
@@ -134,6 +138,25 @@ def add_model_options(p: argparse.ArgumentParser, interactive: bool = True) -> N
     tools.add_argument("--browser-allow-private", action="store_true",
                        help="let the browser open loopback, private and link-local addresses "
                             "(refused by default: a page could steer the model at your network)")
+
+
+def add_structured_options(p: argparse.ArgumentParser) -> None:
+    """Structured answers (chat, generate): a JSON Schema enforced while decoding."""
+    group = p.add_argument_group("structured output")
+    shape = group.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE",
+                       help="the answer must be JSON valid against this JSON Schema (enforced while "
+                            "decoding; the reasoning stays free)")
+    shape.add_argument("--json-object", action="store_true",
+                       help="the answer must be a JSON object (any keys)")
+
+
+def response_format(args) -> dict | None:
+    """The JSON Schema that --json-schema or --json-object asks for (None: a free answer)."""
+    if getattr(args, "json_object", False):
+        return {"type": "object"}
+    path = getattr(args, "json_schema", None)
+    return None if path is None else read_json_file(Path(path).expanduser(), CLIError)
 
 
 def make_toolbox(args, approve=None) -> Toolbox | None:
@@ -223,6 +246,7 @@ def weights_present(repo_id: str, directory: Path) -> None:
 
 def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
     """Plan, load the model, and make a Chat, turning failures into CLIErrors."""
+    answer_format = response_format(args)  # a bad file stops us before the model loads
     try:
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p,
                                   args.seed, args.max_tokens)
@@ -235,6 +259,11 @@ def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
         options = toolbox.chat_options() if toolbox else {}
         return Chat(model, tokenizer, instructions=getattr(args, "system", None),
                     reasoning_effort=args.reasoning_effort or "medium", sampling=sampling,
-                    max_context=context, context_overflow=args.context_overflow, **options)
+                    max_context=context, context_overflow=args.context_overflow,
+                    response_format=answer_format,
+                    reasoning_budget=args.reasoning_budget, **options)
+    except SchemaError as e:  # the answer's schema (--json-schema) or a function's (--functions)
+        from_file = getattr(args, "json_schema", None) and str(e).startswith("response format")
+        raise CLIError(f"--json-schema {args.json_schema}: {e}" if from_file else str(e)) from None
     except (CheckpointError, ConfigError, TokenizerError, MemoryPlanError, ValueError) as e:
         raise CLIError(str(e)) from None

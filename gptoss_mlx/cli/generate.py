@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import CLIError, add_model_options, ask_on_terminal, decline_when_piped
+from .common import (
+    CLIError, add_model_options, add_structured_options, ask_on_terminal, decline_when_piped,
+)
 from .stream import Outcome, answer_once
 
 CUT = {"length": "--max-tokens", "context": "the context length (--max-context)"}
@@ -17,6 +19,7 @@ def register(sub) -> None:
                                    "reasoning and, at the end, generation statistics on "
                                    "standard error.")
     add_model_options(p)
+    add_structured_options(p)
     p.add_argument("--prompt", "-p", required=True, help="the user message; - reads standard input")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object instead of streaming: answer, reasoning, tool "
@@ -43,6 +46,10 @@ def cmd_generate(args) -> int:
     if outcome.finish_reason in CUT:
         print(f"gptoss-mlx: the reply was cut off by {CUT[outcome.finish_reason]} "
               f"(finish reason: {outcome.finish_reason})", file=sys.stderr)
+        if args.json_schema or args.json_object:
+            print("gptoss-mlx: the JSON answer is truncated: it is not valid; raise --max-tokens",
+                  file=sys.stderr)
+            return 1
         return 1 if args.strict else 0
     return 0
 

@@ -69,6 +69,7 @@ def cmd_serve(args) -> int:
     service = Service(args.model or common.DEFAULT_MODEL, chat.tokenizer, engine,
                       Scheduler(engine, args.max_concurrency, int(args.prompt_cache_gb * (1 << 30))),
                       sampling=chat.sampling, reasoning_effort=chat.reasoning_effort,
+                      reasoning_budget=chat.reasoning_budget,
                       instructions=chat.instructions, tools=tools)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))

@@ -137,7 +137,13 @@ def _function_spec(tool, j: int) -> ToolSpec:
     return ToolSpec(fn["name"], description, params)
 
 
+# ``{"type": "json_object"}``: any JSON object, written into the prompt as this format.
+JSON_OBJECT = ResponseFormat("json_object", {"type": "object"}, "Any JSON object.")
+
+
 def _response_formats(fmt) -> list[ResponseFormat]:
+    if isinstance(fmt, dict) and fmt.get("type") == "json_object":
+        return [JSON_OBJECT]
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
         return []
     js = fmt.get("json_schema") or {}

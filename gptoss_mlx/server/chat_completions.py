@@ -60,16 +60,17 @@ def check_messages(messages) -> None:
 
 
 def check_response_format(fmt, param: str = "response_format") -> None:
-    """``text``, or a ``json_schema`` (given to the model as harmony's response format; the output
-    is not constrained)."""
-    if fmt is None or isinstance(fmt, dict) and fmt.get("type") == "text":
+    """``text``, ``json_object`` (any JSON object) or a ``json_schema``: given to the model as
+    harmony's response format, and enforced while decoding (gptoss_mlx/structured.py)."""
+    if fmt is None or isinstance(fmt, dict) and fmt.get("type") in ("text", "json_object"):
         return
     schema = fmt.get("json_schema") if isinstance(fmt, dict) else None
     if (not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(schema, dict)
-            or not isinstance(schema.get("name", ""), str) or not isinstance(schema.get("schema", {}), dict)):
-        raise bad_request(f"{param} must be {{\"type\": \"text\"}} or {{\"type\": \"json_schema\", "
-                          "\"json_schema\": {\"name\": str, \"schema\": {...}}} (json_object is not "
-                          "supported)", param)
+            or not isinstance(schema.get("name", ""), str) or not isinstance(schema.get("schema", {}), dict)
+            or not isinstance(schema.get("description", ""), str)):
+        raise bad_request(f"{param} must be {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or "
+                          "{\"type\": \"json_schema\", \"json_schema\": {\"name\": str, \"schema\": {...}}}",
+                          param)
 
 
 def check_request(body: dict) -> None:
@@ -93,7 +94,8 @@ async def chat_completions(service: Service, body: dict, request):
     check_request(body)
     body, forced_name = tool_choice(body)
     body = {**body, "reasoning_effort": params.effort(body.get("reasoning_effort"),
-                                                      service.reasoning_effort, "reasoning_effort")}
+                                                      service.reasoning_effort, "reasoning_effort"),
+            "reasoning_budget": params.reasoning_budget(body, service.reasoning_budget)}
     sampling = params.sampling(body, service.sampling, ("max_completion_tokens", "max_tokens"))
     stops = params.stop_strings(body)
     reply = service.new_reply("chatcmpl", body, forced_name, sampling, stops)

@@ -61,6 +61,7 @@ class ReplyStream:
     tokenizer: object
     stops: list[str] = field(default_factory=list)
     server_tool: Callable[[str], bool] = lambda recipient: False  # a tool the server runs?
+    final_only: bool = False  # only the final channel's text is the answer (a response format)
     items: list[Item] = field(default_factory=list)
     stopped: bool = False  # a stop string ended the answer
 
@@ -102,6 +103,8 @@ class ReplyStream:
                 kind, name = item_kind(event)
                 if kind == CALL and self.server_tool(event.recipient):
                     kind = SERVER_CALL
+                elif kind == TEXT and self.final_only and event.channel != "final":
+                    kind = REASONING  # a preamble beside JSON would break it for the client
                 self._current = Item(kind, name, recipient=event.recipient, channel=event.channel)
                 self.items.append(self._current)
                 out.append(Opened(self._current))

@@ -57,6 +57,12 @@ def sampling(body: dict, default: SamplingParams, max_tokens_keys: tuple[str, ..
         max_tokens=max_tokens)
 
 
+def reasoning_budget(body: dict, default: int | None) -> int | None:
+    """``reasoning_budget`` (an extension): tokens of reasoning before the model must answer."""
+    given = integer(body, "reasoning_budget", lo=0)
+    return default if given is None else given
+
+
 def effort(value, default: str, param: str) -> str:
     if value is None:
         return default

@@ -209,7 +209,8 @@ class ResponseRun:
         chat = {"messages": ([{"role": "system", "content": body["instructions"]}]
                              if body.get("instructions") else []) + chat_messages(self.items),
                 "tools": function_tools(body.get("tools")), "tool_choice": body.get("tool_choice"),
-                "reasoning_effort": self.effort}
+                "reasoning_effort": self.effort,
+                "reasoning_budget": params.reasoning_budget(body, service.reasoning_budget)}
         chat["response_format"] = response_format(body)
         chat, forced_name = tool_choice(chat)
         if not chat["messages"]:

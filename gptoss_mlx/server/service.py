@@ -14,7 +14,8 @@ from typing import AsyncIterator
 from .. import harmony
 from ..chat import ToolCall
 from ..generate import Engine, SamplingParams
-from ..harmony import CHANNEL, CONSTRAIN, MESSAGE, HarmonyError, Message, Special
+from ..harmony import CHANNEL, CONSTRAIN, MESSAGE, DeveloperContent, HarmonyError, Message, Special
+from ..structured import SchemaError, constraints_for
 from .errors import APIError, bad_request
 from .output import CALL, SERVER_CALL, OutputEvent, ReplyStream
 from .params import function_names
@@ -37,6 +38,7 @@ class Reply:
     runs: list[Run]
     stream: ReplyStream
     forced: list[int] = field(default_factory=list)  # a forced tool call's header tokens
+    reasoning_budget: int | None = None
     finish_reason: str | None = None  # "stop", "length", "tool_calls"
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -66,6 +68,7 @@ class Service:
     sampling: SamplingParams = field(default_factory=SamplingParams)  # the server's defaults
     reasoning_effort: str = "medium"
     instructions: str | None = None  # for requests that bring none
+    reasoning_budget: int | None = None  # for requests that bring none
     tools: ServerTools | None = None  # tools the server runs itself
 
     @property
@@ -125,9 +128,25 @@ class Service:
             forced = harmony.segments_to_tokens(header, self.tokenizer)
         prompt = self.tokens(messages, forced)
         stream = ReplyStream(self.tokenizer, stops)
+        stream.final_only = any(isinstance(m.content, DeveloperContent) and m.content.response_formats
+                                for m in messages)
         if self.tools:
             stream.server_tool = self.tools.handles
-        return Reply(new_id(prefix), messages, [Run(prompt, params)], stream, forced)
+        budget = request.get("reasoning_budget", self.reasoning_budget)
+        run = Run(prompt, params, self.constraints(messages, prompt, params, budget, forced))
+        return Reply(new_id(prefix), messages, [run], stream, forced, budget)
+
+    def constraints(self, messages: list[Message], prompt: list[int], params: SamplingParams,
+                    budget: int | None, forced: list[int] = ()) -> list:
+        """The structured-output constraint of a run (gptoss_mlx/structured.py): the response
+        format, valid function calls, the reasoning budget; a 400 naming a schema it cannot
+        enforce."""
+        try:
+            return constraints_for(self.tokenizer, messages, reasoning_budget=budget, prefix=forced,
+                                   max_tokens=self.engine.token_budget(len(prompt), params))
+        except SchemaError as e:
+            raise bad_request(str(e), "response_format" if str(e).startswith("response format")
+                              else "tools") from None
 
     async def generate(self, reply: Reply, request) -> AsyncIterator[OutputEvent]:
         """The reply's output events. Stops at a stop string or when the client has gone. A call
@@ -162,7 +181,9 @@ class Service:
                     prompt = self.tokens(reply.messages)
                 except APIError:  # the tool's result filled the context
                     break
-                reply.runs.append(Run(prompt, reply.run.params, reply.run.logits_processors))
+                params = reply.run.params
+                reply.runs.append(Run(prompt, params, self.constraints(
+                    reply.messages, prompt, params, reply.reasoning_budget)))
                 stream.next_round()
         finally:
             if toolbox is not None:

@@ -1,0 +1,363 @@
+"""Structured outputs: JSON Schema constrained decoding over the harmony stream.
+
+    processors = constraints_for(tokenizer, messages, max_tokens=engine.token_budget(len(prompt), params),
+                                 reasoning_budget=256)   # from the developer message's formats and functions
+    engine.generate(prompt, params, logits_processors=processors)
+
+The constraint watches the sampled tokens through harmony's StreamParser. The analysis channel
+and every header stay free. Once the model opens the final channel, tokens outside the
+answer's grammar are masked (llguidance computes the allowed set on the CPU while the GPU runs
+the step), and when the grammar is complete only ``<|return|>`` is left. A message addressed to
+``functions.NAME`` is held to that function's parameter schema and ends with ``<|call|>``.
+
+Budgets: with ``reasoning_budget`` the engine closes the analysis itself after that many tokens
+and opens the final channel (``<|end|><|start|>assistant<|channel|>final<|message|>``, forced
+one token at a time through the mask); with a constrained answer it does so as well when what
+is left of ``max_tokens`` is just enough for the answer. Inside a constrained message, when the
+tokens left are just enough to close the JSON, a short closing (found greedily) is forced, so
+a constrained message always completes within ``max_tokens`` (given room for the answer's
+smallest instance at all; else the reply ends with finish reason "length").
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import llguidance
+import mlx.core as mx
+from llguidance.tiktoken import lltokenizer_from_encoding
+
+from . import harmony
+from .harmony import CALL, CHANNEL, END, ENDOFTEXT, MESSAGE, RETURN, START, DeveloperContent, MessageStart
+from .harmony.chat_completions import FUNCTIONS
+from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS, VOCAB_SIZE
+
+ID = SPECIAL_TOKENS
+# Whitespace between JSON tokens as models write it: none, one space (`{"a": 1}`), or a newline
+# and an indentation of up to 12 spaces or tabs. Bounded, so a model can never spend its budget
+# on blank lines inside the answer (carriage returns, which the terminal would mark, are out).
+JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"( ?|\n[ \t]{0,12})"}
+# Bytes a closing may take before it is given up (a pattern the greedy closing cannot satisfy).
+MAX_CLOSING_BYTES = 4096
+# Preference among single bytes when closing: end what is open, then the shortest values, the
+# other printable characters, and a space last (JSON never needs whitespace; a pattern may).
+CLOSERS = b'"}],'
+CLOSING_BYTES = CLOSERS + b"10" + bytes(range(0x21, 0x7F)) + b" "
+
+
+class SchemaError(ValueError):
+    """A JSON Schema the constraint cannot enforce; the message names the feature."""
+
+
+@lru_cache(maxsize=2)
+def ll_tokenizer(tokenizer) -> llguidance.LLTokenizer:
+    """llguidance's view of o200k_harmony (about a second to build, so kept per tokenizer)."""
+    return lltokenizer_from_encoding(tokenizer, n_vocab=VOCAB_SIZE, eos_token=ID[RETURN])
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A compiled JSON Schema: a fresh matcher per message, and its shortest closing's length."""
+    tokenizer: object
+    grammar: str
+    min_tokens: int  # tokens of the schema's smallest instance, as the closing writes it
+
+    def matcher(self) -> llguidance.LLMatcher:
+        return llguidance.LLMatcher(ll_tokenizer(self.tokenizer), self.grammar, log_level=0)
+
+
+def compile_schema(tokenizer, schema, where: str = "response_format") -> Grammar:
+    """Compile ``schema`` (a JSON Schema object) or raise one SchemaError naming ``where`` and
+    the feature the constraint cannot enforce (e.g. ``uniqueItems``, look-ahead patterns).
+    Compiled schemas are kept (a server sees the same tools in every request)."""
+    if not isinstance(schema, dict):
+        raise SchemaError(f"{where}: the schema must be a JSON object, got {type(schema).__name__}")
+    return _compile(tokenizer, json.dumps(schema), where)  # key order matters: properties come in it
+
+
+@lru_cache(maxsize=256)
+def _compile(tokenizer, schema: str, where: str) -> Grammar:
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+    except ValueError as e:
+        raise SchemaError(f"{where}: not a JSON Schema the constraint can read ({e})") from None
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+        grammar, ll_tokenizer(tokenizer))
+    if is_error:
+        raise SchemaError(f"{where}: the schema cannot be enforced: {messages[0]}")
+    closing = closing_tokens(tokenizer, llguidance.LLMatcher(ll_tokenizer(tokenizer), grammar, log_level=0))
+    if closing is None:
+        raise SchemaError(f"{where}: the schema cannot be enforced: no instance of it was found "
+                          f"within {MAX_CLOSING_BYTES} bytes")
+    return Grammar(tokenizer, grammar, len(closing))
+
+
+def grammars(tokenizer, dev: DeveloperContent | None) -> tuple[Grammar | None, dict[str, Grammar]]:
+    """The grammars a developer message asks for: the answer's (its first response format)
+    and each function's parameters' (a function without parameters takes an object)."""
+    if dev is None:
+        return None, {}
+    answer = None
+    if dev.response_formats:
+        fmt = dev.response_formats[0]
+        answer = compile_schema(tokenizer, fmt.schema, f"response format {fmt.name!r}")
+    functions = {f.name: compile_schema(tokenizer, f.parameters or {"type": "object"},
+                                        f"function {f.name!r} parameters")
+                 for f in dev.functions}
+    return answer, functions
+
+
+def constraints_for(tokenizer, messages: list[harmony.Message], *, max_tokens: int | None,
+                    reasoning_budget: int | None = None, prefix: list[int] = ()) -> list:
+    """The logits processors for a reply to ``messages``: a HarmonyConstraint when their
+    developer message has a response format or functions, or there is a reasoning budget;
+    none otherwise. SchemaError names a schema that cannot be enforced."""
+    dev = next((m.content for m in messages if isinstance(m.content, DeveloperContent)), None)
+    answer, functions = grammars(tokenizer, dev)
+    if answer is None and not functions and reasoning_budget is None:
+        return []
+    return [HarmonyConstraint(tokenizer, answer, functions, reasoning_budget, max_tokens, prefix)]
+
+
+@lru_cache(maxsize=2)
+def _byte_tokens(tokenizer) -> tuple[int, ...]:
+    """The token of each single byte (o200k has one for every byte)."""
+    return tuple(tokenizer.encode_single_token(bytes([b])) for b in range(256))
+
+
+@dataclass
+class JSONScan:
+    """Whether JSON text so far ends inside a string (its quotes and escapes, nothing more)."""
+    in_string: bool = False
+    escaped: bool = False
+
+    def feed(self, data: bytes) -> None:
+        for b in data:
+            if self.escaped:
+                self.escaped = False
+            elif self.in_string and b == BACKSLASH:
+                self.escaped = True
+            elif b == QUOTE:
+                self.in_string = not self.in_string
+
+
+QUOTE, BACKSLASH = ord('"'), ord("\\")
+
+
+def closing_tokens(tokenizer, matcher: llguidance.LLMatcher, scan: JSONScan = JSONScan()) -> list[int] | None:
+    """The tokens of a short text that completes the JSON from ``matcher``'s state (``scan``:
+    whether the text so far ends inside a string), found greedily on a copy, byte by byte (see
+    :func:`_next_byte`); None when none was found within MAX_CLOSING_BYTES."""
+    m = matcher.deep_copy()
+    scan = JSONScan(scan.in_string, scan.escaped)
+    byte_token = _byte_tokens(tokenizer)
+    text = bytearray()
+    used: dict[int, int] = {}  # bytes written into the string under way
+    while not m.is_accepting():
+        if m.is_error() or len(text) > MAX_CLOSING_BYTES:
+            return None
+        forced = m.compute_ff_bytes() or _next_byte(m, byte_token, scan, used)
+        if forced is None or not m.consume_tokens([byte_token[b] for b in forced]):
+            return None
+        text += forced
+        scan.feed(forced)
+        if scan.in_string:
+            for b in forced:
+                used[b] = used.get(b, 0) + 1
+        else:
+            used.clear()
+    try:
+        return tokenizer.encode_ordinary(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        return [byte_token[b] for b in text]
+
+
+def _next_byte(m: llguidance.LLMatcher, byte_token, scan: JSONScan, used: dict[int, int]) -> bytes | None:
+    """The closing's next byte among those the grammar allows, in CLOSING_BYTES's order. Outside
+    strings, the first (end what is open, else the shortest value). Inside one, the first after
+    which the string may end; failing that, the one written least so far in it, so that a
+    pattern needing some later character (an email's @) gets it instead of one byte forever."""
+    best = None
+    for b in CLOSING_BYTES:
+        if m.try_consume_tokens([byte_token[b]]) != 1:
+            continue
+        ends = not scan.in_string or b == QUOTE or m.validate_tokens([byte_token[QUOTE]]) == 1
+        m.rollback(1)
+        if ends:
+            return bytes([b])
+        if best is None or used.get(b, 0) < used.get(best, 0):
+            best = b
+    return None if best is None else bytes([best])
+
+
+class HarmonyConstraint:
+    """A logits processor (mlx-lm's convention: ``processor(tokens, logits) -> logits``, with
+    ``tokens`` the sequence so far and ``logits`` of shape (1, V)) for one generation.
+
+    ``answer``: the final channel's grammar (None: the answer is free). ``functions``: grammars
+    of the functions the model may call. ``reasoning_budget``: tokens before the answer after
+    which the final channel is opened. ``max_tokens``: the generation's token budget (what the
+    engine will generate at most), so that a constrained message completes within it.
+    ``prefix``: tokens of the reply the prompt already ends with (a forced call's header).
+    """
+
+    def __init__(self, tokenizer, answer: Grammar | None = None,
+                 functions: dict[str, Grammar] | None = None, reasoning_budget: int | None = None,
+                 max_tokens: int | None = None, prefix: list[int] = ()):
+        self.tokenizer = tokenizer
+        self.answer, self.functions = answer, dict(functions or {})
+        self.reasoning_budget, self.max_tokens = reasoning_budget, max_tokens
+        self.parser = harmony.StreamParser(tokenizer, role="assistant")
+        self._role = tokenizer.encode_ordinary("assistant")
+        self._final_header = [ID[CHANNEL], *tokenizer.encode_ordinary("final"), ID[MESSAGE]]
+        self._last: int | None = None  # the last token of the reply so far
+        self.generated = -1  # tokens seen; -1 until the first call (the prompt)
+        self.reasoning_tokens = 0  # tokens before the final channel opened
+        self.forced: list[int] = []  # tokens to force, in order
+        self.matcher: llguidance.LLMatcher | None = None  # the constrained message's
+        self.grammar: Grammar | None = None
+        self.end_token: int | None = None  # what ends the constrained message
+        self.in_final = False
+        self._closing_due = 0  # when (self.generated) to compute the closing next
+        self._scan = JSONScan()  # the constrained message's text: inside a string?
+        self.mask_s = 0.0  # CPU time spent computing masks
+        self._bits = array.array("i", bytes(4 * ((VOCAB_SIZE + 31) // 32)))  # llguidance's mask
+        for token in prefix:
+            self._observe(token)
+
+    # -- the processor
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if self.generated < 0:
+            self.generated, self._seen = 0, tokens.size
+        else:
+            for token in tokens[self._seen:].tolist():
+                self._advance(token)
+            self._seen = tokens.size
+        return self._mask(logits)
+
+    @property
+    def remaining(self) -> int | None:
+        """Tokens the engine may still generate, this one included."""
+        return None if self.max_tokens is None else self.max_tokens - self.generated
+
+    def _advance(self, token: int) -> None:
+        self.generated += 1
+        if self.forced:  # the forced token was sampled (anything else: decide again)
+            self.forced = self.forced[1:] if self.forced[0] == token else []
+        if self.matcher is not None:
+            if token == self.end_token:
+                self.matcher = self.grammar = self.end_token = None
+            else:
+                self.matcher.consume_token(token)
+                self._scan.feed(self.tokenizer.decode_single_token_bytes(token))
+        elif not self.in_final:
+            self.reasoning_tokens += 1
+        self._observe(token)
+
+    def _observe(self, token: int) -> None:
+        self._last = token
+        for event in self.parser.feed(token):
+            if isinstance(event, MessageStart):
+                self._start(event)
+
+    def _start(self, start: MessageStart) -> None:
+        """A message's content begins: constrain it when it is the answer or a function call."""
+        function = (start.recipient or "").removeprefix(FUNCTIONS)
+        if start.channel == "final" and start.recipient is None:
+            self.in_final = True
+            self.grammar, self.end_token = self.answer, ID[RETURN]
+        elif start.recipient != function and function in self.functions:  # functions.NAME
+            self.grammar, self.end_token = self.functions[function], ID[CALL]
+        else:
+            self.grammar = self.end_token = None
+        self.matcher = self.grammar.matcher() if self.grammar else None
+        self._scan = JSONScan()
+        self._closing_due = 0
+
+    # -- masks
+    def _mask(self, logits: mx.array) -> mx.array:
+        if not self.forced:
+            self.forced = self._to_force()
+        if self.forced:
+            return mx.where(mx.arange(logits.shape[-1]) == self.forced[0], logits, float("-inf"))
+        if self.matcher is not None:
+            return self._grammar_mask(logits)
+        if self.answer is not None and not self.in_final:
+            return self._no_stop(logits)
+        return logits
+
+    def _to_force(self) -> list[int]:
+        """Tokens the budgets require from here: a closing of the constrained message, or the
+        final channel's opening."""
+        if self.matcher is not None:
+            return self._closing_if_due()
+        if self.in_final:
+            return []
+        opening = self._opening()
+        if self.reasoning_budget is not None and self.reasoning_tokens >= self.reasoning_budget:
+            return opening
+        if (self.answer is not None and self.remaining is not None
+                and self.remaining <= len(opening) + self.answer.min_tokens + margin(self.answer) + 1):
+            return opening
+        return []
+
+    def _opening(self) -> list[int]:
+        """The tokens that open the final channel from here: its header right after
+        ``<|start|>assistant``; else the message under way ends and a new one starts."""
+        if self.parser.state == "header" and self._last is None:  # the prompt's <|start|>assistant
+            return list(self._final_header)
+        if self.parser.state == "header" and self._last == ID[START]:
+            return self._role + self._final_header
+        start = [ID[START], *self._role, *self._final_header]
+        return start if self.parser.state == "expect_start" else [ID[END], *start]
+
+    def _closing_if_due(self) -> list[int]:
+        """The closing and the end token once the tokens left are just enough for them, with
+        a margin for what the next token could commit the JSON to."""
+        remaining, extra = self.remaining, margin(self.grammar)
+        if remaining is None or self.generated < self._closing_due:
+            return []
+        closing = closing_tokens(self.tokenizer, self.matcher, self._scan)
+        if closing is None:
+            return []
+        if len(closing) + 1 + extra >= remaining:
+            return closing + [self.end_token]
+        # Each token lengthens the closing by at most `extra`: no need to look again before
+        self._closing_due = self.generated + (remaining - len(closing) - 2 - extra) // (extra + 1)
+        return []
+
+    def _grammar_mask(self, logits: mx.array) -> mx.array:
+        """The grammar's tokens (computed on the CPU), and the end token once it is complete."""
+        t0 = time.perf_counter()
+        self.matcher.unsafe_compute_mask_ptr(self._bits.buffer_info()[0], len(self._bits) * 4)
+        end = self.end_token if self.matcher.is_accepting() else -1
+        self.mask_s += time.perf_counter() - t0
+        vocab = mx.arange(logits.shape[-1])
+        allowed = unpack_bits(mx.array(self._bits), logits.shape[-1]) & (vocab < NUM_BPE_TOKENS)
+        return mx.where(allowed | (vocab == end), logits, float("-inf"))
+
+    def _no_stop(self, logits: mx.array) -> mx.array:
+        """Before the answer nothing may end the reply: no <|return|> or end of text, and
+        <|call|> only to end a call (a message with a recipient)."""
+        banned = [ID[RETURN], ID[ENDOFTEXT]]
+        current = self.parser.current if self.parser.state == "content" else None
+        if current is None or current.recipient is None:
+            banned.append(ID[CALL])
+        vocab = mx.arange(logits.shape[-1])
+        return mx.where((vocab[:, None] == mx.array(banned)).any(axis=-1), float("-inf"), logits)
+
+
+def margin(grammar: Grammar) -> int:
+    """Tokens kept free beyond a closing: what one sampled token may commit the JSON to (a key
+    whose value is a nested object, say), bounded by the schema's smallest instance."""
+    return grammar.min_tokens + 8
+
+
+def unpack_bits(words: mx.array, n: int) -> mx.array:
+    """llguidance's bitmask (int32 words, bit i of word w = token 32w + i) -> (n,) booleans."""
+    bits = (words[:, None] >> mx.arange(32, dtype=mx.int32)) & 1
+    return bits.reshape(-1)[:n] == 1

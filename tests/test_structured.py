@@ -1,0 +1,314 @@
+"""Structured outputs (gptoss_mlx/structured.py): JSON Schema constrained answers and tool calls.
+
+Random weights make this strict: the tiny random model never ends its reasoning by itself and
+writes noise, so only the constraint (and its budgets) can make the answer complete and valid."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jsonschema
+import mlx.core as mx
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from gptoss_mlx import harmony, load
+from gptoss_mlx.chat import AnswerDelta, Chat, Done, ReasoningDelta
+from gptoss_mlx.generate import Engine, SamplingParams
+from gptoss_mlx.harmony import CALL, CHANNEL, CONSTRAIN, MESSAGE, RETURN, Special, ToolSpec
+from gptoss_mlx.structured import HarmonyConstraint, JSONScan, SchemaError, closing_tokens, compile_schema
+from gptoss_mlx.tokenizer import SPECIAL_TOKENS
+
+# Enums, a nested object, bounded arrays, optional and required fields, limited numbers/strings.
+PET = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 24},
+        "kind": {"enum": ["cat", "dog", "bird"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 30},
+        "weight": {"type": "number", "minimum": 0.5, "maximum": 80},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 1, "maxItems": 3},
+        "owner": {"type": "object", "properties": {"email": {"type": "string", "maxLength": 16},
+                                                   "vip": {"type": "boolean"}},
+                  "required": ["email"], "additionalProperties": False},
+    },
+    "required": ["name", "kind", "age", "tags", "owner"],
+    "additionalProperties": False,
+}
+WEATHER = ToolSpec("get_weather", "Current weather", {
+    "type": "object",
+    "properties": {"location": {"type": "string", "minLength": 2, "maxLength": 12},
+                   "unit": {"enum": ["celsius", "fahrenheit"]},
+                   "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["location", "unit"], "additionalProperties": False})
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    """(model, tokenizer): the tiny random model with the real tokenizer."""
+    return load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny):
+    return tiny[1]
+
+
+@pytest.fixture(scope="module")
+def pet(tok):
+    return compile_schema(tok, PET)
+
+
+def prompt_for(tok, *, formats=(), functions=()) -> list[int]:
+    developer = harmony.Message("developer", harmony.DeveloperContent(
+        "Describe a pet.", list(functions), list(formats)))
+    messages = [harmony.system_message("low"), developer, harmony.Message("user", "A pet, please.")]
+    return harmony.segments_to_tokens(harmony.render_conversation(messages), tok)
+
+
+def generate(tiny, prompt, constraint, seed, max_tokens) -> tuple[list[int], str]:
+    model, _ = tiny
+    engine = Engine(model, max_context=2048)
+    out = list(engine.generate(prompt, SamplingParams(seed=seed, max_tokens=max_tokens),
+                               logits_processors=[constraint]))
+    return out, engine.stats.finish_reason
+
+
+def final_text(tok, tokens) -> str:
+    finals = [m for m in harmony.parse_completion(tokens, tok) if m.channel == "final"]
+    assert len(finals) == 1, f"expected one final message in {tok.decode(tokens)!r}"
+    return finals[0].text
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_model_answers_validate_over_seeds(tok, tiny, pet, seed):
+    """Reasoning cut by the budget, the answer sampled inside the grammar and closed in time."""
+    budget = [0, 3, 9, 20][seed % 4]
+    max_tokens = 70 + 7 * seed
+    constraint = HarmonyConstraint(tok, answer=pet, reasoning_budget=budget, max_tokens=max_tokens)
+    out, finish = generate(tiny, prompt_for(tok), constraint, seed, max_tokens)
+    assert finish == "stop" and out[-1] == SPECIAL_TOKENS[RETURN] and len(out) <= max_tokens
+    jsonschema.validate(json.loads(final_text(tok, out)), PET)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_endless_reasoning_is_closed_in_time_for_the_answer(tok, tiny, pet, seed):
+    """No reasoning budget: the model would reason forever; what is left of max_tokens opens
+    the final channel, and the answer still validates within max_tokens."""
+    constraint = HarmonyConstraint(tok, answer=pet, max_tokens=120)
+    out, finish = generate(tiny, prompt_for(tok), constraint, seed, 120)
+    assert finish == "stop" and len(out) <= 120
+    messages = harmony.parse_completion(out, tok)
+    assert messages[0].channel != "final" and messages[0].text  # reasoning came first
+    jsonschema.validate(json.loads(final_text(tok, out)), PET)
+
+
+def test_analysis_is_unconstrained(tok, tiny, pet):
+    """The reasoning's tokens are the model's own: outside the answer's grammar."""
+    constraint = HarmonyConstraint(tok, answer=pet, reasoning_budget=15, max_tokens=100)
+    out, _ = generate(tiny, prompt_for(tok), constraint, 5, 100)
+    first_final = next(i for i, t in enumerate(out) if t == SPECIAL_TOKENS["<|channel|>"] and
+                       tok.decode(out[i + 1:i + 2]) == "final")
+    reasoning = [t for t in out[:first_final] if t < 199998]
+    assert len(reasoning) >= 10
+    assert pet.matcher().validate_tokens(reasoning) < len(reasoning)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tool_call_arguments_validate(tok, tiny, seed):
+    """A call to functions.get_weather (its header in the prompt, as a forced tool_choice
+    writes it) gets arguments that parse and validate, then <|call|>."""
+    functions = {WEATHER.name: compile_schema(tok, WEATHER.parameters)}
+    header = harmony.segments_to_tokens(
+        [Special(CHANNEL), "commentary to=functions.get_weather ", Special(CONSTRAIN), "json",
+         Special(MESSAGE)], tok)
+    prompt = prompt_for(tok, functions=[WEATHER]) + header
+    constraint = HarmonyConstraint(tok, functions=functions, max_tokens=60, prefix=header)
+    out, finish = generate(tiny, prompt, constraint, seed, 60)
+    assert finish == "stop" and out[-1] == SPECIAL_TOKENS[CALL]
+    jsonschema.validate(json.loads(tok.decode(out[:-1])), WEATHER.parameters)
+
+
+def test_answers_in_the_declared_key_order_are_accepted(tok, pet):
+    """Properties come in the schema's order (as the prompt shows it), whatever its sorting."""
+    answer = {"name": "Rex", "kind": "dog", "age": 3, "weight": 9.5, "tags": ["good"],
+              "owner": {"email": "a@b.c", "vip": True}}
+    for text in (json.dumps(answer), json.dumps(answer, indent=2), json.dumps(answer, separators=(",", ":"))):
+        matcher = pet.matcher()
+        assert matcher.consume_tokens(tok.encode_ordinary(text)) and matcher.is_accepting(), text
+
+
+def test_an_unenforceable_schema_is_named(tok, tiny):
+    with pytest.raises(SchemaError, match="uniqueItems"):
+        compile_schema(tok, {"type": "array", "uniqueItems": True})
+    with pytest.raises(SchemaError, match="(?s)text.format: .*look-around"):
+        compile_schema(tok, {"type": "string", "pattern": "a(?=b)"}, "text.format")
+    assert compile_schema(tok, {"type": "string", "pattern": "^a+b$"}).min_tokens <= 3
+    chat = Chat(*tiny, sampling=SamplingParams(max_tokens=8))
+    with pytest.raises(SchemaError, match="response format 'response'.*not"):
+        chat.send("hi", response_format={"not": {"type": "string"}})
+    assert chat.messages == []  # nothing was sent
+
+
+def test_a_cut_answer_is_reported_as_truncated(tok, tiny):
+    """max_tokens below the smallest answer: the reply ends with finish reason length."""
+    chat = Chat(*tiny, sampling=SamplingParams(seed=0, max_tokens=12), response_format=PET)
+    events = list(chat.send("A pet."))
+    done = events[-1]
+    assert isinstance(done, Done) and done.finish_reason == "length"
+    answer = "".join(e.text for e in events if isinstance(e, AnswerDelta))
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(answer)
+
+
+def test_chat_send_with_response_format(tok, tiny):
+    """The developer message carries the schema (harmony's # Response Formats), the answer is
+    exactly the JSON and the reasoning stays apart; the next turn without a format is free."""
+    chat = Chat(*tiny, sampling=SamplingParams(seed=3, max_tokens=90), reasoning_budget=10)
+    events = list(chat.send("A pet.", response_format=PET))
+    assert "# Response Formats\n\n## response\n\n" in tok.decode(chat.prompt_tokens())
+    answer = "".join(e.text for e in events if isinstance(e, AnswerDelta))
+    jsonschema.validate(json.loads(answer), PET)
+    assert "".join(e.text for e in events if isinstance(e, ReasoningDelta))
+    assert chat.messages[-1].channel == "final" and chat.messages[-1].text == answer
+    list(chat.send("again"))  # no format this turn
+    assert "# Response Formats" not in tok.decode(chat.prompt_tokens())
+
+
+def test_chat_function_calls_are_constrained(tok, tiny):
+    """A Chat with functions constrains every call it makes to the function's parameters."""
+    chat = Chat(*tiny, functions=[WEATHER])
+    [constraint] = chat._constraints(chat.prompt_tokens())
+    assert set(constraint.functions) == {"get_weather"} and constraint.answer is None
+    with pytest.raises(SchemaError, match="function 'bad' parameters"):
+        Chat(*tiny, functions=[ToolSpec("bad", "", {"type": "array", "uniqueItems": True})])
+
+
+def test_reasoning_budget_without_a_schema(tok, tiny):
+    """Runaway reasoning ends after the budget: the final channel is opened by the engine."""
+    constraint = HarmonyConstraint(tok, reasoning_budget=12, max_tokens=40)
+    out, _ = generate(tiny, prompt_for(tok), constraint, 1, 40)
+    messages = harmony.parse_completion(out, tok)
+    assert any(m.channel == "final" for m in messages)
+    before = out[:next(i for i, t in enumerate(out) if t == SPECIAL_TOKENS["<|end|>"])]
+    assert len(before) <= 12
+
+
+def test_engine_passes_the_sequence_to_processors(tiny):
+    """mlx-lm's convention: processor(tokens so far, logits (1, V)) before each sample."""
+    model, _ = tiny
+    seen, script = [], [11, 22, 33]
+
+    def force(tokens, logits):
+        seen.append(tokens.tolist())
+        allowed = mx.arange(logits.shape[-1]) == script[len(seen) - 1]
+        return mx.where(allowed, logits, float("-inf"))
+
+    out = list(Engine(model, max_context=256).generate([1, 2, 3], SamplingParams(max_tokens=3),
+                                                       logits_processors=[force]))
+    assert out == script
+    assert seen == [[1, 2, 3], [1, 2, 3, 11], [1, 2, 3, 11, 22]]
+
+
+# -- the closing, fuzzed over schemas and where the text is cut
+@st.composite
+def schema_and_instance(draw, depth=0):
+    """A schema from the kinds above, and a valid instance of it."""
+    kind = draw(st.sampled_from(["enum", "int", "num", "str", "fmt", "bool", "array", "object"][:8 if depth < 2 else 6]))
+    if kind == "enum":
+        values = draw(st.lists(st.text("abcxyz", min_size=1, max_size=6), min_size=1, max_size=4, unique=True))
+        return {"enum": values}, draw(st.sampled_from(values))
+    if kind == "int":
+        lo = draw(st.integers(-50, 50))
+        hi = draw(st.integers(lo, lo + 500))
+        return {"type": "integer", "minimum": lo, "maximum": hi}, draw(st.integers(lo, hi))
+    if kind == "num":
+        return {"type": "number", "minimum": 0.25, "maximum": 9.5}, draw(st.sampled_from([0.25, 1, 3.75, 9.5]))
+    if kind == "str":
+        lo = draw(st.integers(0, 3))
+        value = draw(st.text("abc xyz\"\\é", min_size=lo, max_size=lo + 5))
+        return {"type": "string", "minLength": lo, "maxLength": lo + 5}, value
+    if kind == "fmt":  # formats and patterns: the closing must find their special characters
+        return draw(st.sampled_from([
+            ({"type": "string", "format": "email"}, "ann@example.com"),
+            ({"type": "string", "format": "date-time"}, "2024-01-02T03:04:05Z"),
+            ({"type": "string", "format": "uuid"}, "123e4567-e89b-12d3-a456-426614174000"),
+            ({"type": "string", "format": "ipv4"}, "10.0.0.1"),
+            ({"type": "string", "pattern": "^[A-Z]{2}-[0-9]{2,4}$"}, "AB-123")]))
+    if kind == "bool":
+        return {"type": "boolean"}, draw(st.booleans())
+    if kind == "array":
+        item, value = draw(schema_and_instance(depth + 1))
+        lo = draw(st.integers(0, 2))
+        n = draw(st.integers(lo, lo + 2))
+        return {"type": "array", "items": item, "minItems": lo, "maxItems": lo + 2}, [value] * n
+    props = draw(st.lists(st.sampled_from(["a", "b", "cc", "d_d"]), min_size=1, max_size=3, unique=True))
+    pairs = {p: draw(schema_and_instance(depth + 1)) for p in props}
+    required = [p for p in props if draw(st.booleans())]
+    present = {p: v for p, (_, v) in pairs.items() if p in required or draw(st.booleans())}
+    return ({"type": "object", "properties": {p: s for p, (s, _) in pairs.items()}, "required": required,
+             "additionalProperties": False}, present)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=schema_and_instance(), cut=st.floats(0, 1))
+def test_closing_completes_any_prefix(tok, data, cut):
+    """Cut a valid answer anywhere: the forced closing makes it valid JSON of the schema."""
+    schema, instance = data
+    jsonschema.validate(instance, schema, format_checker=jsonschema.FormatChecker())
+    tokens = tok.encode_ordinary(json.dumps(instance, separators=(",", ":"), ensure_ascii=False))
+    grammar = compile_schema(tok, schema)
+    matcher = grammar.matcher()
+    prefix = tokens[:int(cut * len(tokens))]
+    assert matcher.consume_tokens(prefix), matcher.get_error()
+    scan = JSONScan()
+    scan.feed(tok.decode_bytes(prefix))
+    closing = closing_tokens(tok, matcher, scan)
+    assert closing is not None
+    assert matcher.consume_tokens(closing) and matcher.is_accepting()  # the grammar takes it
+    jsonschema.validate(json.loads(tok.decode(prefix + closing)), schema,
+                        format_checker=jsonschema.FormatChecker())
+
+
+# -- the CLI
+def run_cli(*args, stdin=""):
+    return subprocess.run([sys.executable, "-m", "gptoss_mlx", *args, "--no-memory-check"],
+                          input=stdin, capture_output=True, text=True, timeout=180)
+
+
+def test_cli_generate_json_schema(tiny_checkpoint, tmp_path):
+    """The answer on standard output is exactly the JSON; the reasoning on standard error."""
+    schema = tmp_path / "pet.json"
+    schema.write_text(json.dumps(PET))
+    proc = run_cli("generate", "-m", str(tiny_checkpoint), "-p", "A pet?", "--json-schema", str(schema),
+                   "--reasoning-budget", "8", "--max-tokens", "90", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    jsonschema.validate(json.loads(proc.stdout), PET)
+    assert "Generation:" in proc.stderr
+
+
+def test_cli_chat_piped_json_object_and_truncation(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(tmp_path))
+    proc = run_cli("chat", "-m", str(tiny_checkpoint), "--json-object", "--max-tokens", "40", "--seed", "1",
+                   stdin="Anything, as JSON.")
+    assert proc.returncode == 0, proc.stderr
+    assert isinstance(json.loads(proc.stdout), dict)
+    proc = run_cli("chat", "-m", str(tiny_checkpoint), "--json-object", "--max-tokens", "3",
+                   stdin="Anything, as JSON.")
+    assert proc.returncode == 2 and "the JSON answer is truncated" in proc.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ('{"type":', "not valid JSON"),
+    ('{"type": "array", "uniqueItems": true}', 'cannot be enforced: Unimplemented keys: ["uniqueItems"]'),
+])
+def test_cli_bad_schema_files_are_named(tiny_checkpoint, tmp_path, content, message):
+    schema = tmp_path / "s.json"
+    if content is not None:
+        schema.write_text(content)
+    proc = run_cli("generate", "-m", str(tiny_checkpoint), "-p", "hi", "--json-schema", str(schema))
+    assert proc.returncode == 2 and message in proc.stderr and str(schema) in proc.stderr
+    assert "Traceback" not in proc.stderr
