@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import math
 import sys
 import time
 from pathlib import Path
 
+from .. import distributed
 from ..chat import CONTEXT_OVERFLOW, Chat
 from ..config import ConfigError, ModelConfig
-from ..generate import SamplingParams
+from ..engine_thread import engine_thread
+from ..generate import Engine, SamplingParams
 from ..harmony import EFFORTS
 from ..hub import check_free_disk, fetch_config
 from ..loading import (
-    DEFAULT_MODEL, CheckpointError, find_layout, load, not_downloaded, offline, resolve_checkpoint,
+    DEFAULT_MODEL, CheckpointError, find_layout, load, load_model, not_downloaded, offline,
+    resolve_checkpoint,
 )
 from ..memory import DEFAULT_CONTEXT, MemoryPlanError, check_fits, checkpoint_dense_bits
 from ..tokenizer import TokenizerError
@@ -118,6 +122,13 @@ def add_model_options(p: argparse.ArgumentParser, interactive: bool = True) -> N
     tools.add_argument("--browser-allow-private", action="store_true",
                        help="let the browser open loopback, private and link-local addresses "
                             "(refused by default: a page could steer the model at your network)")
+    machines = p.add_argument_group("across machines (started by mlx.launch; README: Across machines)")
+    machines.add_argument("--sharding", choices=("auto", *distributed.SHARDINGS), default="auto",
+                          help="split the model by layers (pipeline: one small message per machine "
+                               "and token) or by heads and experts (tensor: two all-reduces per "
+                               "layer, for RDMA); auto: pipeline over ring, tensor over jaccl/nccl")
+    machines.add_argument("--backend", choices=("auto", *distributed.BACKENDS), default="auto",
+                          help="mx.distributed backend (default: the one mlx.launch set up)")
 
 
 def make_toolbox(args, approve=None) -> Toolbox | None:
@@ -171,9 +182,10 @@ def planned_context(max_context: int | None, config: ModelConfig, config_file) -
     return max_context
 
 
-def prepare(args) -> tuple[Path, int]:
+def prepare(args, group=None) -> tuple[Path, int]:
     """(checkpoint directory, context). The config comes first (a repo's config.json alone),
-    so --max-context and the memory plan are checked before any weights are downloaded."""
+    so --max-context and the memory plan (of this rank's part, in a ``group``) are checked
+    before any weights are downloaded."""
     source = args.model or DEFAULT_MODEL
     try:
         if Path(source).expanduser().exists():
@@ -183,15 +195,51 @@ def prepare(args) -> tuple[Path, int]:
             directory, config_file = None, fetch_config(source)
         config = ModelConfig.from_file(config_file)
         context = planned_context(args.max_context, config, config_file)
+        if group is not None:
+            distributed.check_shardable(config, group.size(), sharding(args))
         if not args.no_memory_check:
-            check_fits(config, context, checkpoint_dense_bits(config, args.dense_bits))
+            share = config if group is None else distributed.share_config(config, group.size(), sharding(args))
+            check_fits(share, context, checkpoint_dense_bits(config, args.dense_bits))
         if directory is None:
             check_free_disk(source)
             directory = resolve_checkpoint(source)  # the weights: progress bars, resumable
             weights_present(source, directory)
         return directory, context
-    except (CheckpointError, ConfigError, MemoryPlanError) as e:
+    except (CheckpointError, ConfigError, MemoryPlanError, ValueError) as e:
         raise CLIError(str(e)) from None
+
+
+def group_of(args):
+    """The mx.distributed group when mlx.launch started this process (joined once), else None."""
+    backend = distributed.launched_backend()
+    if backend is None:
+        return None
+    try:
+        return distributed.join(backend if args.backend == "auto" else args.backend)
+    except distributed.DistributedError as e:
+        raise CLIError(str(e)) from None
+
+
+def sharding(args) -> str:
+    return distributed.choose_sharding(args.sharding, distributed.launched_backend()
+                                       if args.backend == "auto" else args.backend)
+
+
+def follow_rank0(args) -> bool:
+    """On the ranks other than 0 of a run started by mlx.launch: load this rank's part of the
+    model and run rank 0's engine operations until rank 0 exits, then True (rank 0 does all
+    the I/O: the subcommand does nothing else here). False on rank 0 and in a single process."""
+    group = group_of(args)
+    if group is None or group.rank() == 0:
+        return False
+    directory, context = prepare(args, group)
+    try:
+        model = engine_thread().call(load_model, directory, dense_bits=args.dense_bits, group=group,
+                                     sharding=sharding(args))
+    except (CheckpointError, ConfigError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    engine_thread().call(distributed.follow, Engine(model, max_context=context), group)
+    return True
 
 
 def weights_present(repo_id: str, directory: Path) -> None:
@@ -209,14 +257,22 @@ def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
     try:
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p,
                                   args.seed, args.max_tokens)
-        directory, context = prepare(args)
+        group = group_of(args)
+        directory, context = prepare(args, group)
         t0 = time.perf_counter()
-        print(f"Loading {directory} ...", file=out, flush=True)
-        model, tokenizer = load(directory, dense_bits=args.dense_bits)
+        where = f" (rank 0 of {group.size()}, {sharding(args)} parallel)" if group else ""
+        print(f"Loading {directory}{where} ...", file=out, flush=True)
+        model, tokenizer = load(directory, dense_bits=args.dense_bits, group=group,
+                                sharding=sharding(args) if group else "tensor")
         print(f"Loaded in {time.perf_counter() - t0:.1f}s.", file=out, flush=True)
+        engine = None
+        if group is not None:
+            engine = distributed.Leader(model, group, max_context=context)
+            atexit.register(engine.close)  # the other ranks exit with rank 0
         options = toolbox.chat_options() if toolbox else {}
         return Chat(model, tokenizer, instructions=getattr(args, "system", None),
                     reasoning_effort=args.reasoning_effort or "medium", sampling=sampling,
-                    max_context=context, context_overflow=args.context_overflow, **options)
+                    max_context=context, context_overflow=args.context_overflow, engine=engine,
+                    **options)
     except (CheckpointError, ConfigError, TokenizerError, MemoryPlanError, ValueError) as e:
         raise CLIError(str(e)) from None
