@@ -428,6 +428,8 @@ class Watchdog:
                 data = conn.recv(64)
             except socket.timeout:
                 problem = f"{who} has not answered for {self.timeout_s:.0f}s (hung, or the network is down)"
+            except ConnectionResetError:  # it died with our heartbeats unread
+                problem = f"{who} exited"
             except OSError as e:
                 problem = f"the connection to {who} broke ({e.strerror or e})"
             else:
