@@ -28,6 +28,7 @@ import atexit
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -80,17 +81,18 @@ def init(backend: str = "any", timeout_s: float = CONNECT_TIMEOUT_S):
     """Join the group (``mx.distributed.init``) on the engine thread; a rank that cannot reach
     the others within ``timeout_s`` exits with one message instead of waiting forever."""
     rank = os.environ.get("MLX_RANK", "?")
-    timer = threading.Timer(timeout_s, _die, [f"rank {rank} could not connect to the other ranks "
-                                              f"within {timeout_s:.0f}s ({_where()}); did every "
-                                              "host start, and can they reach each other?"])
-    timer.daemon = True
-    timer.start()
+    message = (f"gptoss-mlx: error: rank {rank} could not connect to the other ranks within "
+               f"{timeout_s:.0f}s ({_where()}); did every host start, and can they reach each other?")
+    # MLX holds the GIL while it connects, so no Python thread could act: a shell does.
+    timer = subprocess.Popen(["sh", "-c", 'sleep "$1"; printf "%s\\n" "$2" >&2; kill -KILL "$3"',
+                              "sh", str(timeout_s), message, str(os.getpid())])
     try:
         return engine_thread().call(mx.distributed.init, strict=True, backend=backend)
     except RuntimeError as e:
         raise DistributedError(f"rank {rank} could not join the group ({_where()}): {e}") from None
     finally:
-        timer.cancel()
+        timer.kill()
+        timer.wait()
 
 
 _joined = None
@@ -257,13 +259,14 @@ class PipelineStage:
         """The previous stage's hidden states for ``inputs`` (B, L) -> (B, L, D). They come
         after ``inputs``, which on rank 0 carry the broadcast token: the receive must not be
         waiting before that broadcast has run."""
-        x = mx.distributed.recv((*inputs.shape, self.hidden_size), dtype, self.rank + 1, group=self.group)
+        x = mx.distributed.recv((*inputs.shape, self.hidden_size), dtype, self.rank + 1,
+                                group=self.group, stream=mx.cpu)  # it waits: see from_rank0
         return mx.depends(x, inputs)
 
     def send(self, x: mx.array, cache: list) -> mx.array:
         """Send ``x`` to the next stage. The engine evaluates only the cache during a prefill,
         so the cache is made to depend on the send."""
-        sent = mx.distributed.send(x, self.rank - 1, group=self.group)
+        sent = mx.distributed.send(x, self.rank - 1, group=self.group, stream=mx.cpu)
         if cache[-1] is not None:
             cache[-1].keys = mx.depends(cache[-1].keys, sent)
         return sent
@@ -274,8 +277,11 @@ STEP, PREFILL, USE, EXIT = 1, 2, 3, 4  # the operations rank 0 broadcasts
 
 
 def from_rank0(x: mx.array, group) -> mx.array:
-    """Rank 0's ``x`` on every rank (the others pass an array of the same shape, ignored)."""
-    return mx.distributed.all_sum(x if group.rank() == 0 else mx.zeros_like(x), group=group)
+    """Rank 0's ``x`` on every rank (the others pass an array of the same shape, ignored). On
+    the CPU stream: a follower may wait here for minutes (rank 0 waits for its user), and Metal
+    ends a command buffer that waits longer than a few seconds."""
+    x = x if group.rank() == 0 else mx.zeros_like(x)
+    return mx.distributed.all_sum(x, group=group, stream=mx.cpu)
 
 
 class Leader(Engine):
@@ -327,8 +333,8 @@ def follow(engine: Engine, group) -> None:
     """Ranks other than 0: run rank 0's engine operations on ``engine`` until rank 0 exits.
     Runs on the engine thread. Errors that rank 0 raises too (a prompt over the context, NaN
     logits) are rank 0's to report; the follower goes on with the next operation."""
-    def receive(n: int) -> list[int]:
-        return from_rank0(mx.zeros((n,), mx.int32), group).tolist()
+    def receive(n: int) -> list[int]:  # as Leader._send: no message for an empty payload
+        return from_rank0(mx.zeros((n,), mx.int32), group).tolist() if n else []
 
     caches: dict[int, PromptCache] = {}
     while True:

@@ -49,13 +49,16 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def launch(n: int, command: list[str], tmp_path: Path, **popen) -> list[subprocess.Popen]:
-    """``command`` in ``n`` processes joined by the ring backend, environment as mlx.launch sets it."""
+def ring_environments(n: int, tmp_path: Path) -> list[dict]:
+    """Each rank's environment for a ring of ``n`` on 127.0.0.1, as mlx.launch sets it."""
     hostfile = tmp_path / f"hosts{n}.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(n)]))
-    return [subprocess.Popen(command, env={**os.environ, "MLX_HOSTFILE": str(hostfile),
-                                           "MLX_RANK": str(rank)}, **popen)
-            for rank in range(n)]
+    return [{**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)} for rank in range(n)]
+
+
+def launch(n: int, command: list[str], tmp_path: Path, **popen) -> list[subprocess.Popen]:
+    """``command`` in ``n`` processes joined by the ring backend."""
+    return [subprocess.Popen(command, env=env, **popen) for env in ring_environments(n, tmp_path)]
 
 
 def wait_all(processes: list[subprocess.Popen]) -> None:
@@ -198,3 +201,13 @@ def test_each_rank_reads_its_part_of_every_layout(layout, sharding, size, checkp
         assert part.keys() == expected.keys()
         for name, value in part.items():
             assert mx.array_equal(value, expected[name]).item(), (layout, rank, name)
+
+
+def test_a_rank_that_cannot_connect_gives_up_saying_so(tmp_path):
+    """Rank 0 of two, and rank 1 never starts: it exits with one line instead of waiting."""
+    code = "from gptoss_mlx import distributed; distributed.init(timeout_s=3)"
+    rank0 = subprocess.Popen([sys.executable, "-c", code], env=ring_environments(2, tmp_path)[0],
+                             stderr=subprocess.PIPE, text=True)
+    _, stderr = rank0.communicate(timeout=60)
+    assert rank0.returncode != 0  # killed: MLX does not let go while it connects
+    assert "gptoss-mlx: error: rank 0 could not connect to the other ranks within 3s" in stderr
