@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -85,13 +86,13 @@ def init(backend: str = "any", timeout_s: float = CONNECT_TIMEOUT_S):
                f"{timeout_s:.0f}s ({_where()}); did every host start, and can they reach each other?")
     # MLX holds the GIL while it connects, so no Python thread could act: a shell does.
     timer = subprocess.Popen(["sh", "-c", 'sleep "$1"; printf "%s\\n" "$2" >&2; kill -KILL "$3"',
-                              "sh", str(timeout_s), message, str(os.getpid())])
+                              "sh", str(timeout_s), message, str(os.getpid())], start_new_session=True)
     try:
         return engine_thread().call(mx.distributed.init, strict=True, backend=backend)
     except RuntimeError as e:
         raise DistributedError(f"rank {rank} could not join the group ({_where()}): {e}") from None
     finally:
-        timer.kill()
+        os.killpg(timer.pid, signal.SIGKILL)  # the shell and its sleep
         timer.wait()
 
 
@@ -296,7 +297,7 @@ class Leader(Engine):
         super().__init__(model, max_context, prefill_step)
 
     def _send(self, op: int, payload: list[int] = ()) -> None:
-        header = mx.array([op, len(payload), 0], dtype=mx.int32)
+        header = mx.array([op, len(payload)], dtype=mx.int32)
         mx.eval(from_rank0(header, self.group))
         if payload:
             mx.eval(from_rank0(mx.array(payload, dtype=mx.int32), self.group))
@@ -320,9 +321,8 @@ class Leader(Engine):
         return super()._prefill(prompt)
 
     def _forward_async(self, y: mx.array) -> mx.array:
-        token = mx.concatenate([mx.array([STEP], mx.int32), y.reshape(1).astype(mx.int32),
-                                mx.array([0], mx.int32)])
-        return super()._forward_async(from_rank0(token, self.group)[1:2])
+        header = mx.concatenate([mx.array([STEP], mx.int32), y.reshape(1).astype(mx.int32)])
+        return super()._forward_async(from_rank0(header, self.group)[1:])
 
     def close(self) -> None:
         """Let the followers exit (they run until this, or until rank 0 is gone)."""
@@ -338,7 +338,7 @@ def follow(engine: Engine, group) -> None:
 
     caches: dict[int, PromptCache] = {}
     while True:
-        op, n, _ = receive(3)
+        op, n = receive(2)  # the operation, and its payload's length or STEP's token
         if op == STEP:  # n: the token rank 0 sampled (broadcast from inside its decode step)
             mx.async_eval(engine._forward([n]))
         elif op == PREFILL:

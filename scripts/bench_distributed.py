@@ -80,18 +80,21 @@ def rank_worker(directory: Path, sharding: str, prompt_len: int, decode: int) ->
                   lambda: list(engine.generate(prompt + [1], greedy, stop_tokens=()))]
     else:
         engine = Engine(model, max_context=prompt_len + decode + 64)
-    counts = []
+    counts, prefilled = [], 0
     for phase in range(3):
         counts.append(sent_bytes())
         if rank == 0:
             phases[phase]()
             engine.close()
+            if phase == 1:  # what the prefill fed (the warm-up's first tokens were cached)
+                prefilled = engine.stats.prompt_tokens - engine.stats.reused_tokens
         else:
             engine_thread().call(distributed.follow, engine, group)
     counts.append(sent_bytes())
     result = {"rank": rank, "prefill_bytes": counts[2] - counts[1], "decode_bytes": counts[3] - counts[2]}
     if rank == 0:
-        result.update(decode_tokens=engine.stats.generated_tokens, decode_s=engine.stats.decode_s)
+        result.update(prefilled=prefilled, decode_tokens=engine.stats.generated_tokens,
+                      decode_s=engine.stats.decode_s)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -174,7 +177,7 @@ def main() -> None:
     measured = {}
     for sharding in ("pipeline", "tensor"):
         results = launch(args, sharding)
-        prefill = sum(r["prefill_bytes"] for r in results) / args.prompt
+        prefill = sum(r["prefill_bytes"] for r in results) / results[0]["prefilled"]
         decode = sum(r["decode_bytes"] for r in results) / results[0]["decode_tokens"]
         ms = 1000 * results[0]["decode_s"] / max(results[0]["decode_tokens"] - 1, 1)
         measured[sharding] = (prefill, decode)
