@@ -383,26 +383,28 @@ class Watchdog:
     """Heartbeats between rank 0 and each other rank over their own TCP connections (not MLX's):
     each side writes a byte every HEARTBEAT_S. A peer whose connection closes, or that stays
     silent for ``timeout_s``, ends this process with one message: otherwise MLX would wait in a
-    collective for it forever. :meth:`close` says goodbye first, so a normal exit is no alarm."""
+    collective for it forever. Rank 0 ends the session: at its exit it says goodbye, and the
+    others, at theirs, wait a moment for that goodbye, so that a normal end is no alarm."""
 
     BEAT, BYE = b".", b"x"
+    LINGER_S = 2.0  # how long a rank other than 0 waits at exit for rank 0's goodbye
 
     def __init__(self, group, timeout_s: float = HEARTBEAT_TIMEOUT_S):
         self.rank, self.timeout_s = group.rank(), timeout_s
         self.peers: dict[int, socket.socket] = {}
         self.closing = False
+        self.goodbye = threading.Event()  # rank 0 said goodbye (on the other ranks)
         listener = None
         if self.rank == 0:
             listener = socket.create_server((rank0_host(), 0))
             listener.settimeout(timeout_s)
         port = mx.array([listener.getsockname()[1] if listener else 0], mx.int32)
         port = engine_thread().call(lambda: from_rank0(port, group).item())
-        deadline = time.monotonic() + timeout_s
         try:
             if listener:
                 while len(self.peers) < group.size() - 1:
                     conn, _ = listener.accept()
-                    conn.settimeout(max(0.1, deadline - time.monotonic()))
+                    conn.settimeout(timeout_s)
                     self.peers[conn.recv(1)[0]] = conn
                 listener.close()
             else:
@@ -413,14 +415,13 @@ class Watchdog:
             raise DistributedError(f"rank {self.rank}: the heartbeat connection to the other ranks "
                                    f"failed ({e})") from None
         for peer, conn in self.peers.items():
-            conn.settimeout(timeout_s)
             threading.Thread(target=self._listen, args=(peer, conn), daemon=True,
                              name=f"gptoss-mlx-heartbeat-{peer}").start()
         threading.Thread(target=self._beat, daemon=True, name="gptoss-mlx-heartbeat").start()
 
     def _beat(self) -> None:
         while not self.closing:
-            for conn in list(self.peers.values()):
+            for conn in self.peers.values():
                 try:
                     conn.sendall(self.BEAT)
                 except OSError:
@@ -440,7 +441,7 @@ class Watchdog:
                 problem = f"the connection to {who} broke ({e.strerror or e})"
             else:
                 if self.BYE in data:
-                    self.peers.pop(peer, None)
+                    self.goodbye.set()
                     return
                 if data:
                     continue
@@ -450,10 +451,13 @@ class Watchdog:
             return
 
     def close(self) -> None:
+        if self.rank != 0:
+            self.goodbye.wait(self.LINGER_S)
         self.closing = True
         for conn in self.peers.values():
             try:
-                conn.sendall(self.BYE)
+                if self.rank == 0:
+                    conn.sendall(self.BYE)
                 conn.close()
             except OSError:
                 pass

@@ -209,3 +209,20 @@ def test_a_rank_that_cannot_connect_gives_up_saying_so(tmp_path):
     _, stderr = rank0.communicate(timeout=60)
     assert rank0.returncode != 0  # killed: MLX does not let go while it connects
     assert "gptoss-mlx: error: rank 0 could not connect to the other ranks within 3s" in stderr
+
+
+def test_a_rank_that_fails_to_load_stops_rank_0(checkpoint, tmp_path):
+    """Rank 1 cannot find its checkpoint: it says so and exits, and rank 0 (which loaded) does
+    not wait for it in a collective forever."""
+    generate = [sys.executable, "-m", "gptoss_mlx", "generate", "--prompt", "hi", "--model"]
+    envs = ring_environments(2, tmp_path)
+    ranks = [subprocess.Popen(generate + [model], env=env, stderr=subprocess.PIPE, text=True)
+             for model, env in ((str(checkpoint), envs[0]), (str(tmp_path / "missing"), envs[1]))]
+    try:
+        errors = [p.communicate(timeout=TIMEOUT_S)[1] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    assert [p.returncode for p in ranks] == [1, 2]
+    assert "gptoss-mlx: error: rank 1 exited; rank 0 stops too" in errors[0]
+    assert f"gptoss-mlx: error: {tmp_path / 'missing'}: no such directory" in errors[1]
