@@ -227,6 +227,7 @@ def shard_model(model, group, mode: str) -> None:
     """Model.shard: keep this rank's modules and parameters (see the module docstring)."""
     config, size, rank = model.config, group.size(), group.rank()
     check_shardable(config, size, mode)
+    model.sharding = mode
     params = nn.utils.tree_flatten(model.parameters())
     kept = [(part.name, part.take(value)) for name, value in params
             if (part := shard_part(config, name, rank, size, mode)) is not None]
@@ -274,7 +275,17 @@ class PipelineStage:
 
 
 # --------------------------------------------------------------------------- following rank 0
-STEP, PREFILL, USE, EXIT = 1, 2, 3, 4  # the operations rank 0 broadcasts
+STEP, PREFILL, USE, EXIT, HELLO = 1, 2, 3, 4, 5  # the operations rank 0 broadcasts
+PROTOCOL = 1  # the version of these operations
+
+
+def fingerprint(engine: Engine) -> dict[str, int]:
+    """What every rank must agree on to run the same operations on the same model."""
+    config, model = engine.model.config, engine.model
+    return {"protocol": PROTOCOL, "sharding (1 tensor, 2 pipeline)": SHARDINGS.index(model.sharding) + 1,
+            "layers": config.num_hidden_layers, "hidden size": config.hidden_size,
+            "vocabulary": config.vocab_size, "experts": config.num_local_experts,
+            "max context": engine.max_context, "prefill step": engine.prefill_step}
 
 
 def from_rank0(x: mx.array, group) -> mx.array:
@@ -294,9 +305,13 @@ class Leader(Engine):
         self.group = group
         self._keys = weakref.WeakValueDictionary()  # key -> PromptCache the followers hold too
         self._next_key = 1
+        self._following = False  # whether the followers are in follow(), past its handshake
         super().__init__(model, max_context, prefill_step)
 
     def _send(self, op: int, payload: list[int] = ()) -> None:
+        if not self._following:  # the first operation since the start or since close()
+            self._following = True
+            self._send(HELLO, list(fingerprint(self).values()))
         header = mx.array([op, len(payload)], dtype=mx.int32)
         mx.eval(from_rank0(header, self.group))
         if payload:
@@ -325,8 +340,12 @@ class Leader(Engine):
         return super()._forward_async(from_rank0(header, self.group)[1:])
 
     def close(self) -> None:
-        """Let the followers exit (they run until this, or until rank 0 is gone)."""
+        """End the followers' follow() (they run until this, or until rank 0 is gone)."""
         engine_thread().call(self._send, EXIT)
+        self._following = False
+
+
+_follower_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # kept from one follow() to the next
 
 
 def follow(engine: Engine, group) -> None:
@@ -336,7 +355,14 @@ def follow(engine: Engine, group) -> None:
     def receive(n: int) -> list[int]:  # as Leader._send: no message for an empty payload
         return from_rank0(mx.zeros((n,), mx.int32), group).tolist() if n else []
 
-    caches: dict[int, PromptCache] = {}
+    op, n = receive(2)
+    theirs, ours = receive(n) if op == HELLO else [], fingerprint(engine)
+    if theirs != list(ours.values()):
+        differ = [f"{name} {mine} here, {theirs[i] if i < len(theirs) else '?'} on rank 0"
+                  for i, (name, mine) in enumerate(ours.items()) if i >= len(theirs) or theirs[i] != mine]
+        raise DistributedError(f"rank {group.rank()} does not run what rank 0 runs ({'; '.join(differ)}): "
+                               "start every rank with the same gptoss-mlx, model and options")
+    caches = _follower_caches.setdefault(engine, {})  # rank 0's key -> this rank's PromptCache
     while True:
         op, n = receive(2)  # the operation, and its payload's length or STEP's token
         if op == STEP:  # n: the token rank 0 sampled (broadcast from inside its decode step)
@@ -349,7 +375,8 @@ def follow(engine: Engine, group) -> None:
         elif op == USE:
             key, *alive = receive(n)
             pc = caches.get(key) or PromptCache(engine.model.make_cache())
-            caches = {k: c for k, c in caches.items() if k in alive}
+            for gone in set(caches) - set(alive):
+                del caches[gone]
             engine.prompt_cache = caches[key] = pc
         elif op == EXIT:
             return

@@ -211,13 +211,19 @@ def test_a_rank_that_cannot_connect_gives_up_saying_so(tmp_path):
     assert "gptoss-mlx: error: rank 0 could not connect to the other ranks within 3s" in stderr
 
 
-def test_a_rank_that_fails_to_load_stops_rank_0(checkpoint, tmp_path):
-    """Rank 1 cannot find its checkpoint: it says so and exits, and rank 0 (which loaded) does
-    not wait for it in a collective forever."""
+@pytest.mark.parametrize("problem", ["no checkpoint", "other options"])
+def test_a_rank_that_cannot_follow_stops_rank_0(problem, checkpoint, tmp_path):
+    """Rank 1 cannot find its checkpoint, or was started with other options than rank 0: it
+    says so and exits, and rank 0 does not wait for it in a collective forever."""
     generate = [sys.executable, "-m", "gptoss_mlx", "generate", "--prompt", "hi", "--model"]
-    envs = ring_environments(2, tmp_path)
-    ranks = [subprocess.Popen(generate + [model], env=env, stderr=subprocess.PIPE, text=True)
-             for model, env in ((str(checkpoint), envs[0]), (str(tmp_path / "missing"), envs[1]))]
+    rank0 = generate + [str(checkpoint), "--sharding", "pipeline"]
+    if problem == "no checkpoint":
+        rank1, said = generate + [str(tmp_path / "missing")], f"{tmp_path / 'missing'}: no such directory"
+    else:
+        rank1 = generate + [str(checkpoint), "--sharding", "tensor"]
+        said = "rank 1 does not run what rank 0 runs (sharding (1 tensor, 2 pipeline) 1 here, 2 on rank 0)"
+    ranks = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+             for command, env in zip((rank0, rank1), ring_environments(2, tmp_path))]
     try:
         errors = [p.communicate(timeout=TIMEOUT_S)[1] for p in ranks]
     finally:
@@ -225,4 +231,4 @@ def test_a_rank_that_fails_to_load_stops_rank_0(checkpoint, tmp_path):
             p.kill()
     assert [p.returncode for p in ranks] == [1, 2]
     assert "gptoss-mlx: error: rank 1 exited; rank 0 stops too" in errors[0]
-    assert f"gptoss-mlx: error: {tmp_path / 'missing'}: no such directory" in errors[1]
+    assert f"gptoss-mlx: error: {said}" in errors[1]

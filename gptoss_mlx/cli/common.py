@@ -238,7 +238,10 @@ def follow_rank0(args) -> bool:
                                      sharding=sharding(args))
     except (CheckpointError, ConfigError, ValueError) as e:
         raise CLIError(str(e)) from None
-    engine_thread().call(distributed.follow, Engine(model, max_context=context), group)
+    try:
+        engine_thread().call(distributed.follow, Engine(model, max_context=context), group)
+    except distributed.DistributedError as e:
+        raise CLIError(str(e)) from None
     return True
 
 
