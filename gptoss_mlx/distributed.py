@@ -15,7 +15,9 @@ Rank 0 does all I/O and sampling. Its engine (:class:`Leader`) broadcasts every 
 touches the model or its cache (a prefill with its prompt, a decode step with its token, a reset,
 a switch of prompt cache), and the other ranks (:func:`follow`) run the same operation on their
 own engine, so every rank's cache (ring buffers, snapshots, rewinds) holds the same positions.
-The decode step's token is broadcast inside rank 0's graph: rank 0 never waits for it.
+The decode step's token is broadcast inside rank 0's graph: rank 0 never waits for it. Each
+session opens with rank 0's :func:`fingerprint`, so that a rank started with another model or
+other options says so instead of running different operations.
 
 A rank that dies or hangs must not leave the others waiting in a collective forever:
 :class:`Watchdog` keeps a TCP heartbeat between rank 0 and every other rank (outside MLX), and
