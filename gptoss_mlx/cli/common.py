@@ -261,6 +261,8 @@ def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p,
                                   args.seed, args.max_tokens)
         group = group_of(args)
+        if group is not None and group.rank() != 0:  # its command did not call follow_rank0 first
+            raise CLIError("this command does not run across machines; chat, generate and serve do")
         directory, context = prepare(args, group)
         t0 = time.perf_counter()
         where = f" (rank 0 of {group.size()}, {sharding(args)} parallel)" if group else ""
