@@ -229,6 +229,8 @@ class Engine:
     Any thread may call it: :meth:`generate`, :meth:`prefill` and :meth:`reset` run on the
     process's engine thread (gptoss_mlx/engine_thread.py), where all MLX work happens."""
 
+    batches = True  # whether the server may run it in a decode batch (distributed.Leader: no)
+
     def __init__(self, model, max_context: int | None = None, prefill_step: int = 2048):
         self.model = model
         self.max_context = check_max_context(max_context, model.config.max_position_embeddings)

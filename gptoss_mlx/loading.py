@@ -24,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ConfigError, ModelConfig, token_ids
+from .distributed import shard_part, share_config
 from .files import read_json_file, regular_file_problem
 from .memory import DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan
 from .model import Model
@@ -436,21 +437,73 @@ def _sources(source, fn) -> list[str]:
     return [src for src, _ in source] if fn in ("concat", "interleave") else [source]
 
 
-def _materialize(plan, arrays):
-    """The loaded (still lazy) arrays for each of our parameter names."""
+def _materialize(plan, arrays, parts=None, infos=None):
+    """The loaded (still lazy) arrays for each of our parameter names. With ``parts`` (one rank
+    of a sharded model, distributed.shard_part by name), each rank's part only, named as in the
+    sharded model: row ranges (experts, heads) are read from the files alone, the rest is cut
+    from the lazily loaded tensor."""
     out = {}
     for ours, (source, fn) in plan.items():
+        part = parts.get(ours) if parts is not None else None
+        if parts is not None and part is None:
+            continue  # another rank's
+        if part is not None and part.rows is not None:
+            out[part.name] = _read_plan_rows(source, fn, part.rows, infos)
+            continue
         if fn == "interleave":
-            gate, up = arrays[source[0][0]], arrays[source[1][0]]
-            out[ours] = mx.stack([gate, up], axis=2).reshape(
-                gate.shape[0], 2 * gate.shape[1], *gate.shape[2:])
+            array = _interleave(arrays[source[0][0]], arrays[source[1][0]])
         elif fn == "concat":
-            out[ours] = mx.concatenate([arrays[src] if f is None else f(arrays[src]) for src, f in source])
+            array = mx.concatenate([arrays[src] if f is None else f(arrays[src]) for src, f in source])
         elif fn is None:
-            out[ours] = arrays[source]
+            array = arrays[source]
         else:
-            out[ours] = fn(arrays[source])
+            array = fn(arrays[source])
+        if part is None:
+            out[ours] = array
+        else:
+            out[part.name] = part.take(array)
     return out
+
+
+def _interleave(gate: mx.array, up: mx.array) -> mx.array:
+    """[E, I, ...] gate and up rows -> [E, 2I, ...], gate rows even, up rows odd."""
+    return mx.stack([gate, up], axis=2).reshape(gate.shape[0], 2 * gate.shape[1], *gate.shape[2:])
+
+
+def _read_plan_rows(source, fn, ranges, infos) -> mx.array:
+    """Rows ``ranges`` (of the first axis) of one plan entry, reading only those bytes."""
+    if fn == "interleave":  # the first axis is the experts', in both halves
+        return _interleave(_read_rows(infos[source[0][0]], ranges), _read_rows(infos[source[1][0]], ranges))
+    if fn == "concat":  # the stacked sources' rows, each range cut at the sources' boundaries
+        pieces, start = [], 0
+        for src, f in source:
+            stop = start + infos[src].shape[0]
+            inside = [(max(a, start) - start, min(b, stop) - start) for a, b in ranges if a < stop and b > start]
+            if inside:
+                rows = _read_rows(infos[src], inside)
+                pieces.append(rows if f is None else f(rows))
+            start = stop
+        return mx.concatenate(pieces)
+    rows = _read_rows(infos[source], ranges)
+    return rows if fn is None else fn(rows)
+
+
+def _read_rows(info: TensorInfo, ranges) -> mx.array:
+    """Rows ``ranges`` of one checkpoint tensor, read from its file: nothing else is read."""
+    dtype = _SAFETENSORS_DTYPES[info.dtype]
+    row = math.prod(info.shape[1:]) * dtype.size
+    data = bytearray()
+    try:
+        with open(info.file, "rb") as f:
+            for a, b in ranges:
+                f.seek(info.offset + a * row)
+                data += f.read((b - a) * row)
+    except OSError as e:
+        raise CheckpointError(f"{info.file}: cannot be read ({e.strerror or e})") from None
+    count = sum(b - a for a, b in ranges)
+    if len(data) != count * row:
+        raise CheckpointError(f"{info.file}: truncated while reading a tensor; the file is corrupt")
+    return mx.array(memoryview(data)).view(dtype).reshape(count, *info.shape[1:])
 
 
 def _cast(name: str, array: mx.array, dtype: mx.Dtype) -> mx.array:
@@ -504,9 +557,16 @@ def _stream_experts(model: Model, plan, infos: dict[str, TensorInfo], slots: int
 
 
 def load_model(directory: Path, dtype: mx.Dtype = mx.bfloat16, dense_bits: int | None = None,
-               memory_plan: MemoryPlan | None = None) -> Model:
+               memory_plan: MemoryPlan | None = None, group=None, sharding: str = "tensor") -> Model:
     """The model, with every weight resident (dense layers quantized to ``dense_bits``) or as
-    ``memory_plan`` arranges it (its dense bits; experts streamed when it says so)."""
+    ``memory_plan`` arranges it (its dense bits; experts streamed when it says so). With a
+    distributed ``group`` of more than one rank, only this rank's part of it (``sharding``:
+    tensor or pipeline, see gptoss_mlx/distributed.py), and only that part is read from the files."""
+    distributed = group is not None and group.size() > 1
+    if memory_plan is not None and memory_plan.streamed and distributed:
+        raise CheckpointError(f"{directory}: this rank's share of the model does not fit in "
+                              f"{memory_plan.limit / 1e9:.1f} GB, and experts are not streamed "
+                              "across machines: use more ranks, or machines with more memory")
     if memory_plan is not None:
         dense_bits = None if memory_plan.dense_bits == 16 else memory_plan.dense_bits
     layout, weights_dir = find_layout(directory)
@@ -524,6 +584,10 @@ def load_model(directory: Path, dtype: mx.Dtype = mx.bfloat16, dense_bits: int |
     if memory_plan is not None and memory_plan.streamed:
         _stream_experts(model, plan, infos, memory_plan.expert_slots, dtype)
         plan = {k: v for k, v in plan.items() if ".mlp.experts." not in k}
+    parts = None
+    if distributed:
+        model.shard(group, sharding)  # this rank's modules, not yet loaded
+        parts = {name: shard_part(config, name, group.rank(), group.size(), sharding) for name in plan}
 
     arrays = {}
     for f in sorted({info.file for info in infos.values()}):
@@ -531,17 +595,18 @@ def load_model(directory: Path, dtype: mx.Dtype = mx.bfloat16, dense_bits: int |
             arrays.update(mx.load(str(f)))  # lazy: read when evaluated
         except Exception as e:  # noqa: BLE001 - MLX raises plain exceptions for bad files
             raise CheckpointError(f"{f}: cannot read safetensors ({e})") from None
-    weights = {k: _cast(k, v, dtype) for k, v in _materialize(plan, arrays).items()}
+    weights = {k: _cast(k, v, dtype) for k, v in _materialize(plan, arrays, parts, infos).items()}
     model.load_weights(list(weights.items()), strict=True)
     del arrays, weights
     if dense_bits and not config.quantization:
         quantize_dense(model, dense_bits)
     # Evaluate one layer at a time so the peak stays close to the final size.
     try:
-        mx.eval(model.embed_tokens.parameters())
+        mx.eval(model.embed_tokens.parameters() if model.embed_tokens is not None else [])
         for layer in model.layers:
             mx.eval(layer.parameters())
-        mx.eval(model.norm.parameters(), model.lm_head.parameters())
+        mx.eval(model.norm.parameters() if model.norm is not None else [],
+                model.lm_head.parameters() if model.lm_head is not None else [])
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{weights_dir}: reading the weights failed ({e})") from None
     _check_finite_sample(model, origin, infos)
@@ -619,7 +684,7 @@ def _parse_dtype(dtype) -> mx.Dtype:
 
 def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: int | None = None,
          memory_limit: float | str | None = None, max_context: int | None = None,
-         ) -> tuple[Model, HarmonyEncoding]:
+         group=None, sharding: str = "tensor") -> tuple[Model, HarmonyEncoding]:
     """Load a gpt-oss checkpoint and its tokenizer, arranged by the memory plan.
 
     ``path_or_repo``: a local directory (Hugging Face, ``original/`` or mlx-lm layout) or a
@@ -629,7 +694,9 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
     cache to plan for; default 32768) decide the arrangement (``memory.choose_plan``): everything
     resident, dense layers quantized to 8 or 4 bits, or experts streamed (``model.expert_pool``).
     ``dense_bits`` (16, 8 or 4) fixes the dense precision. Raises ``MemoryPlanError`` when not
-    even the dense layers and one layer's experts fit.
+    even the dense layers and one layer's experts fit. ``group`` (``mx.distributed``, more than
+    one rank): this rank's part only, split by ``sharding`` (tensor or pipeline;
+    gptoss_mlx/distributed.py), planned as this rank's share.
     """
     dtype = _parse_dtype(dtype)
     if dense_bits not in (None, *DENSE_BITS):
@@ -637,8 +704,9 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
     directory = resolve_checkpoint(path_or_repo)
     config = read_config(directory)
     context = min(max_context or DEFAULT_CONTEXT, config.max_position_embeddings)
-    memory_plan = choose_plan(config, context, checkpoint_dense_bits(config, dense_bits), memory_limit)
-    model = load_model(directory, dtype, memory_plan=memory_plan)
+    share = config if group is None or group.size() == 1 else share_config(config, group.size(), sharding)
+    memory_plan = choose_plan(share, context, checkpoint_dense_bits(config, dense_bits), memory_limit)
+    model = load_model(directory, dtype, memory_plan=memory_plan, group=group, sharding=sharding)
     tokenizer = _checkpoint_tokenizer(directory)
     if model.config.vocab_size < tokenizer.n_vocab:  # ids past the embedding give NaN logits
         raise CheckpointError(f"{directory}: vocab_size is {model.config.vocab_size} but the "

@@ -98,6 +98,7 @@ class Attention(nn.Module):
         self.sinks = mx.zeros((self.num_heads,))  # one learned logit per query head
         self.rope = YarnRoPE(config)
         self.scale = self.rope.concentration**2 / math.sqrt(d)
+        self.group = None  # tensor parallel: this rank's heads; the ranks' outputs are summed
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         B, L, _ = x.shape
@@ -119,7 +120,8 @@ class Attention(nn.Module):
         else:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=sinks)
             out = out.transpose(0, 2, 1, 3)
-        return self.o_proj(out.reshape(B, L, -1))
+        out = self.o_proj(out.reshape(B, L, -1))
+        return out if self.group is None else mx.distributed.all_sum(out, group=self.group)
 
 
 class SwitchLinear(nn.Module):
@@ -190,6 +192,8 @@ class MLP(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=True)
         self.experts = Experts(config, **expert_quantization)
+        self.group = None  # expert parallel: this rank holds experts first_expert, first_expert + 1, ...
+        self.first_expert = 0
 
     def __call__(self, x: mx.array, residual: mx.array, routing=None) -> mx.array:
         """residual + moe(x): the block's residual add is fused into the experts' last step.
@@ -199,9 +203,24 @@ class MLP(nn.Module):
         residual = residual.reshape(x.shape)
         # top-k first, then softmax over the k chosen logits only (not over all experts).
         indices, weights = routing or kernels.route(x, self.router, self.top_k)  # (T, k) each, highest first
+        if self.group is not None:  # only this rank's experts, and the residual on one rank
+            indices, weights = self.local_choices(indices, weights)
+            residual = residual if self.group.rank() == 0 else mx.zeros_like(residual)
         indices, experts = self.experts.resident(indices)
         # residual + sum_j weights_j * experts(x)_j
-        return kernels.experts(x, indices, weights, experts, residual).reshape(shape)
+        out = kernels.experts(x, indices, weights, experts, residual)
+        if self.group is not None:
+            out = mx.distributed.all_sum(out, group=self.group)
+        return out.reshape(shape)
+
+    def local_choices(self, indices: mx.array, weights: mx.array) -> tuple[mx.array, mx.array]:
+        """The chosen experts renumbered to this rank's; a choice held by another rank gets weight
+        0 and points at one of the token's local choices (expert 0 if none), so that it reads
+        no weights that are not read anyway."""
+        local = indices.astype(mx.int32) - self.first_expert
+        mine = (local >= 0) & (local < self.experts.down_proj.weight.shape[0])
+        fallback = mx.max(mx.where(mine, local, 0), axis=-1, keepdims=True)
+        return mx.where(mine, local, fallback).astype(indices.dtype), mx.where(mine, weights, 0)
 
 
 class TransformerBlock(nn.Module):
@@ -232,6 +251,10 @@ class Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.expert_pool = None  # an ExpertPool when the experts are streamed (loading.py)
+        # Pipeline parallel (shard): this rank's stage; then embed_tokens is None on all ranks but
+        # the first stage, lm_head None on all but rank 0 (the last stage), as on tensor followers.
+        self.sharding = None  # after shard: tensor or pipeline
+        self.stage = None
 
     def __call__(self, inputs: mx.array, cache: list | None = None, *,
                  evaluate_layers: bool = False) -> mx.array:
@@ -245,16 +268,33 @@ class Model(nn.Module):
         peak memory (28.4 GB vs 15.5 GB, docs/measurements.md)."""
         if cache is None:
             cache = [None] * len(self.layers)
-        x = self.embed_tokens(inputs)
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(inputs)
+        else:  # a later pipeline stage: the previous stage's output
+            x = self.stage.receive(inputs, self.norm_dtype())
         for layer, layer_cache in zip(self.layers, cache):
             x = layer(x, layer_cache)
             if evaluate_layers:
                 mx.eval(x)
+        if self.lm_head is None:  # the next stage's input; a tensor-parallel follower's last state
+            return x if self.stage is None else self.stage.send(x, cache)
         return self.lm_head(self.norm(x))
+
+    def norm_dtype(self) -> mx.Dtype:
+        """The activations' dtype (the norms' gains are held in it)."""
+        return self.layers[0].input_layernorm.weight.dtype
 
     def make_cache(self) -> list:
         """One cache per layer: a 128-slot ring buffer on sliding layers, a growing one on full."""
         return [
-            RotatingKVCache(self.config.sliding_window) if sliding else KVCache()
-            for sliding in self.config.sliding_layers
+            RotatingKVCache(layer.self_attn.window) if layer.self_attn.window else KVCache()
+            for layer in self.layers
         ]
+
+    def shard(self, group, mode: str = "tensor") -> None:
+        """Keep only this rank's part of the model: ``tensor`` (heads and experts split, two
+        all-reduces per layer) or ``pipeline`` (a range of layers); see gptoss_mlx/distributed.py.
+        Works on a loaded model, and on a built one before its weights are read (the loader)."""
+        from .distributed import shard_model
+
+        shard_model(self, group, mode)

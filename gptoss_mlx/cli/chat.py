@@ -51,6 +51,8 @@ def register(sub) -> None:
 
 
 def cmd_chat(args) -> int:
+    if common.follow_rank0(args):  # another machine's share of the model; rank 0 does the I/O
+        return 0
     if not sys.stdin.isatty():  # piped: answer once
         question = sys.stdin.read().strip()
         if not question:

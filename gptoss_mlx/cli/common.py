@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import math
 import sys
 import time
 from pathlib import Path
 
+from .. import distributed
 from ..chat import CONTEXT_OVERFLOW, Chat
 from ..config import ConfigError, ModelConfig
+from ..engine_thread import engine_thread
 from ..files import read_json_file
-from ..generate import SamplingParams
+from ..generate import Engine, SamplingParams
 from ..harmony import EFFORTS
 from ..hub import check_free_disk, fetch_config
 from ..loading import (
-    DEFAULT_MODEL, CheckpointError, find_layout, load, not_downloaded, offline, resolve_checkpoint,
+    DEFAULT_MODEL, CheckpointError, find_layout, load, load_model, not_downloaded, offline,
+    resolve_checkpoint,
 )
 from ..memory import (
     DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, MemoryPlanError, checkpoint_dense_bits, choose_plan,
@@ -138,6 +142,13 @@ def add_model_options(p: argparse.ArgumentParser, interactive: bool = True) -> N
     tools.add_argument("--browser-allow-private", action="store_true",
                        help="let the browser open loopback, private and link-local addresses "
                             "(refused by default: a page could steer the model at your network)")
+    machines = p.add_argument_group("across machines (started by mlx.launch; README: Across machines)")
+    machines.add_argument("--sharding", choices=("auto", *distributed.SHARDINGS), default="auto",
+                          help="split the model by layers (pipeline: one small message per machine "
+                               "and token) or by heads and experts (tensor: two all-reduces per "
+                               "layer, for RDMA); auto: pipeline over ring, tensor over jaccl/nccl")
+    machines.add_argument("--backend", choices=("auto", *distributed.BACKENDS), default="auto",
+                          help="mx.distributed backend (default: the one mlx.launch set up)")
 
 
 def add_structured_options(p: argparse.ArgumentParser) -> None:
@@ -210,10 +221,10 @@ def planned_context(max_context: int | None, config: ModelConfig, config_file) -
     return max_context
 
 
-def prepare(args) -> tuple[Path, int, MemoryPlan]:
+def prepare(args, group=None) -> tuple[Path, int, MemoryPlan]:
     """(checkpoint directory, context, memory plan). The config comes first (a repo's
-    config.json alone), so --max-context and the memory plan are checked before any weights are
-    downloaded."""
+    config.json alone), so --max-context and the memory plan (of this rank's part, in a
+    ``group``) are checked before any weights are downloaded."""
     source = args.model or DEFAULT_MODEL
     try:
         if Path(source).expanduser().exists():
@@ -223,15 +234,58 @@ def prepare(args) -> tuple[Path, int, MemoryPlan]:
             directory, config_file = None, fetch_config(source)
         config = ModelConfig.from_file(config_file)
         context = planned_context(args.max_context, config, config_file)
+        if group is not None:
+            distributed.check_shardable(config, group.size(), sharding(args))
+        share = config if group is None else distributed.share_config(config, group.size(), sharding(args))
         limit = math.inf if args.no_memory_check else args.memory_limit
-        memory_plan = choose_plan(config, context, checkpoint_dense_bits(config, args.dense_bits), limit)
+        memory_plan = choose_plan(share, context, checkpoint_dense_bits(config, args.dense_bits), limit)
+        if group is not None and memory_plan.streamed:
+            raise MemoryPlanError(f"this rank's share of the model needs more than {memory_plan.limit / 1e9:.1f} GB "
+                                  f"({memory_plan.limit_source}), and experts are not streamed across machines: "
+                                  "use more ranks or machines with more memory", memory_plan.total)
         if directory is None:
             check_free_disk(source)
             directory = resolve_checkpoint(source)  # the weights: progress bars, resumable
             weights_present(source, directory)
         return directory, context, memory_plan
-    except (CheckpointError, ConfigError, MemoryPlanError) as e:
+    except (CheckpointError, ConfigError, MemoryPlanError, ValueError) as e:
         raise CLIError(str(e)) from None
+
+
+def group_of(args):
+    """The mx.distributed group when mlx.launch started this process (joined once), else None."""
+    backend = distributed.launched_backend()
+    if backend is None:
+        return None
+    try:
+        return distributed.join(backend if args.backend == "auto" else args.backend)
+    except distributed.DistributedError as e:
+        raise CLIError(str(e)) from None
+
+
+def sharding(args) -> str:
+    return distributed.choose_sharding(args.sharding, distributed.launched_backend()
+                                       if args.backend == "auto" else args.backend)
+
+
+def follow_rank0(args) -> bool:
+    """On the ranks other than 0 of a run started by mlx.launch: load this rank's part of the
+    model and run rank 0's engine operations until rank 0 exits, then True (rank 0 does all
+    the I/O: the subcommand does nothing else here). False on rank 0 and in a single process."""
+    group = group_of(args)
+    if group is None or group.rank() == 0:
+        return False
+    directory, context, memory_plan = prepare(args, group)
+    try:  # the plan rank 0 makes too (the same share of the same config): the same dense bits
+        model = engine_thread().call(load_model, directory, memory_plan=memory_plan, group=group,
+                                     sharding=sharding(args))
+    except (CheckpointError, ConfigError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    try:
+        engine_thread().call(distributed.follow, Engine(model, max_context=context), group)
+    except distributed.DistributedError as e:
+        raise CLIError(str(e)) from None
+    return True
 
 
 def weights_present(repo_id: str, directory: Path) -> None:
@@ -250,16 +304,25 @@ def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
     try:
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p,
                                   args.seed, args.max_tokens)
-        directory, context, memory_plan = prepare(args)
+        group = group_of(args)
+        if group is not None and group.rank() != 0:  # its command did not call follow_rank0 first
+            raise CLIError("this command does not run across machines; chat, generate and serve do")
+        directory, context, memory_plan = prepare(args, group)
         t0 = time.perf_counter()
-        print(f"Loading {directory} ...\nMemory plan: {memory_plan.describe()}", file=out, flush=True)
+        where = f" (rank 0 of {group.size()}, {sharding(args)} parallel)" if group else ""
+        print(f"Loading {directory}{where} ...\nMemory plan: {memory_plan.describe()}", file=out, flush=True)
         model, tokenizer = load(directory, dense_bits=memory_plan.dense_bits,
-                                memory_limit=memory_plan.limit, max_context=context)
+                                memory_limit=memory_plan.limit, max_context=context, group=group,
+                                sharding=sharding(args) if group else "tensor")
         print(f"Loaded in {time.perf_counter() - t0:.1f}s.", file=out, flush=True)
+        engine = None
+        if group is not None:
+            engine = distributed.Leader(model, group, max_context=context)
+            atexit.register(engine.close)  # the other ranks exit with rank 0
         options = toolbox.chat_options() if toolbox else {}
         return Chat(model, tokenizer, instructions=getattr(args, "system", None),
                     reasoning_effort=args.reasoning_effort or "medium", sampling=sampling,
-                    max_context=context, context_overflow=args.context_overflow,
+                    max_context=context, context_overflow=args.context_overflow, engine=engine,
                     response_format=answer_format,
                     reasoning_budget=args.reasoning_budget, **options)
     except SchemaError as e:  # the answer's schema (--json-schema) or a function's (--functions)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from . import common
 from .common import (
     CLIError, add_model_options, add_structured_options, ask_on_terminal, decline_when_piped,
 )
@@ -30,6 +31,8 @@ def register(sub) -> None:
 
 
 def cmd_generate(args) -> int:
+    if common.follow_rank0(args):  # another machine's share of the model; rank 0 does the I/O
+        return 0
     prompt = args.prompt
     if prompt == "-":
         prompt = sys.stdin.read().strip()

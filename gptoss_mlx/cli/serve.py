@@ -57,6 +57,8 @@ def cmd_serve(args) -> int:
     from ..server import Scheduler, Service, create_app
     from ..server.tools import ServerTools
 
+    if common.follow_rank0(args):  # another machine's share of the model; rank 0 does the I/O
+        return 0
     check_binding(args)
     if args.max_concurrency < 1:
         raise CLIError(f"--max-concurrency must be at least 1, got {args.max_concurrency}")

@@ -21,6 +21,8 @@ def cmd_tui(args) -> int:
     """The Textual app; the model loads inside it, with a visible loading state."""
     from ..tui import ChatApp  # Textual loads only for this subcommand
 
+    if common.follow_rank0(args):  # another machine's share of the model; rank 0 does the I/O
+        return 0
     name = args.model or DEFAULT_MODEL
     # The plan and a download happen here, in the terminal, where the progress bars show.
     args.model = str(common.prepare(args)[0])

@@ -108,6 +108,7 @@ class Scheduler:
         self._prefilling: list[Sequence] = []  # engine thread only, from here on
         self._rows: list[Sequence] = []  # the decode batch, in the order of its caches' rows
         self._batch: list | None = None  # per layer, the rows' batch cache
+        self._turn = asyncio.Lock()  # an engine that cannot batch: one generation at a time
 
     def admit(self) -> "Slot":
         """Admit a request for its whole life (queued, generating, streaming), or raise 429."""
@@ -127,6 +128,10 @@ class Scheduler:
         """The run's tokens (stop tokens included), made on the engine thread. Leaving the loop
         early (a disconnect) takes the sequence out of the batch at the next step; this returns
         once it has (``run.stats`` is final then)."""
+        if not self.engine.batches:
+            async for token in self._generate_alone(run):
+                yield token
+            return
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
         self._enqueue(Sequence(run, lambda entry: loop.call_soon_threadsafe(out.put_nowait, entry)))
@@ -141,6 +146,33 @@ class Scheduler:
                     pass
         if entry[0] == "error":
             raise entry[1]
+
+    async def _generate_alone(self, run: Run) -> AsyncIterator[int]:
+        """For an engine that cannot batch (across machines: its followers replay one
+        sequence's operations): the requests take turns, each with the engine's own decoding."""
+        async with self._turn:
+            tokens = engine_thread().astream(self._engine_generate(run))
+            try:
+                async for token in tokens:
+                    yield token
+            finally:
+                run.cancelled.set()
+                await tokens.aclose()
+
+    def _engine_generate(self, run: Run):
+        """On the engine thread: the best cache for the prompt, then the engine's decoding."""
+        engine = self.engine
+        engine.prompt_cache = self.pool.take(run.prompt)
+        stream = engine.generate(run.prompt, run.params, logits_processors=run.logits_processors)
+        try:
+            for token in stream:
+                yield token
+                if run.cancelled.is_set():
+                    break
+        finally:
+            stream.close()
+            run.stats = engine.stats
+            self.pool.put(engine.prompt_cache)
 
     def _enqueue(self, seq: "Sequence") -> None:
         with self._lock:

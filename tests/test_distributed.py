@@ -1,0 +1,234 @@
+"""The model split over processes with mx.distributed's ring backend on 127.0.0.1, each process
+started the way mlx.launch starts it (MLX_HOSTFILE, MLX_RANK): greedy chats equal to one
+process's, each rank holding and reading only its share, and a killed rank ending the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from hypothesis import given, strategies as st
+
+from gptoss_mlx import distributed
+from gptoss_mlx.loading import load_model
+from gptoss_mlx.testing import checkpoints as mtc
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+# 4 KV heads and 8 experts: both 2 and 4 ranks split them evenly.
+CONFIG = mtc.TINY.replace(num_key_value_heads=4)
+TURNS = 3
+# Tensor parallel: each rank's o_proj and experts make a partial sum that the all-reduce adds,
+# in another order than one process's single matmul accumulates; float32 keeps that to rounding.
+TENSOR_ATOL = 1e-4
+TIMEOUT_S = 240  # the machines we test on are shared: 4 processes may take a while to start
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tokenizer_json, tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("dist") / "tiny"
+    mtc.write_hf(ckpt, CONFIG, seed=3)
+    mtc.copy_tokenizer(ckpt, tokenizer_json)
+    return ckpt
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(n)]
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def ring_environments(n: int, tmp_path: Path) -> list[dict]:
+    """Each rank's environment for a ring of ``n`` on 127.0.0.1, as mlx.launch sets it."""
+    hostfile = tmp_path / f"hosts{n}.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(n)]))
+    return [{**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)} for rank in range(n)]
+
+
+def launch(n: int, command: list[str], tmp_path: Path, **popen) -> list[subprocess.Popen]:
+    """``command`` in ``n`` processes joined by the ring backend."""
+    return [subprocess.Popen(command, env=env, **popen) for env in ring_environments(n, tmp_path)]
+
+
+def wait_all(processes: list[subprocess.Popen]) -> None:
+    try:
+        codes = [p.wait(timeout=TIMEOUT_S) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0] * len(processes)
+
+
+@pytest.fixture(scope="module")
+def one_process(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    subprocess.run([sys.executable, str(WORKER), str(checkpoint), str(out), "tensor"], check=True,
+                   timeout=TIMEOUT_S)
+    return mx.load(f"{out}-tensor.safetensors"), held(out, "tensor", 0)
+
+
+def held(out: Path, sharding: str, rank: int) -> dict:
+    return json.loads(Path(f"{out}-{sharding}.rank{rank}.json").read_text())
+
+
+def layer_bytes(held: dict, *pieces: str) -> int:
+    return sum(b for name, b in held.items() if name.startswith("layers.") and any(p in name for p in pieces))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_ranks_chat_as_one_process(n, checkpoint, one_process, tmp_path):
+    out = tmp_path / "run"
+    wait_all(launch(n, [sys.executable, str(WORKER), str(checkpoint), str(out), "tensor,pipeline"],
+                    tmp_path))
+    reference, whole = one_process
+    for sharding in ("pipeline", "tensor"):
+        result = mx.load(f"{out}-{sharding}.safetensors")
+        for turn in range(TURNS):
+            assert result[f"tokens{turn}"].tolist() == reference[f"tokens{turn}"].tolist(), (sharding, turn)
+            assert result[f"reused{turn}"].item() == reference[f"reused{turn}"].item()
+            logits, expected = result[f"logits{turn}"], reference[f"logits{turn}"]
+            if sharding == "pipeline":  # the same operations in the same order: bit for bit
+                assert mx.array_equal(logits, expected).item(), turn
+            else:
+                assert mx.allclose(logits, expected, rtol=0, atol=TENSOR_ATOL).item(), turn
+        assert reference["reused1"].item() > 0 and reference["reused2"].item() > 0  # the cache was reused
+
+    full = whole["held"]
+    ranks = {s: [held(out, s, r) for r in range(n)] for s in ("tensor", "pipeline")}
+    for rank, part in enumerate(ranks["tensor"]):
+        for piece in (".experts.", ".qkv_proj.", ".o_proj.weight", ".sinks"):
+            assert layer_bytes(part["held"], piece) * n == layer_bytes(full, piece), (rank, piece)
+        assert ("lm_head.weight" in part["held"]) == (rank == 0)
+        if rank > 0:  # it never held the whole model, not even while reading it
+            assert part["peak"] < sum(full.values())
+    for rank, part in enumerate(ranks["pipeline"]):
+        start, stop = distributed.pipeline_layers(CONFIG.num_hidden_layers, rank, n)
+        assert layer_bytes(part["held"], "") * CONFIG.num_hidden_layers == layer_bytes(full, "") * (stop - start)
+        assert ("embed_tokens.weight" in part["held"]) == (rank == n - 1)
+        assert ("lm_head.weight" in part["held"]) == (rank == 0)
+        assert part["peak"] < sum(full.values())
+
+
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_killed_rank_stops_the_others(killed, checkpoint, tmp_path):
+    """gptoss-mlx serve on two ranks: rank 0 waits for requests, rank 1 inside a collective.
+    Killing either ends the other within seconds, with one line naming what happened."""
+    port = free_ports(1)[0]
+    command = [sys.executable, "-m", "gptoss_mlx", "serve", "--model", str(checkpoint),
+               "--port", str(port), "--max-context", "256"]
+    ranks = launch(2, command, tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not _serving(port):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in ranks)
+            time.sleep(0.5)
+        ranks[killed].send_signal(signal.SIGKILL)
+        other = ranks[1 - killed]
+        other.wait(timeout=distributed.HEARTBEAT_TIMEOUT_S)
+        stderr = other.stderr.read()
+        assert other.returncode == 1
+        assert f"gptoss-mlx: error: rank {killed} exited; rank {1 - killed} stops too" in stderr
+        assert "Traceback" not in stderr
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def _serving(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_a_split_that_does_not_divide_is_refused_naming_the_numbers():
+    config = mtc.TINY  # 2 KV heads, 8 experts, 4 layers
+    with pytest.raises(ValueError, match=r"over 4 ranks splits the 2 KV heads and the 8 experts"):
+        distributed.check_shardable(config, 4, "tensor")
+    with pytest.raises(ValueError, match=r"over 5 ranks needs at least 5 layers; this model has 4"):
+        distributed.check_shardable(config, 5, "pipeline")
+    distributed.check_shardable(config, 2, "tensor")
+    distributed.check_shardable(config, 4, "pipeline")
+
+
+@given(layers=st.integers(1, 120), size=st.integers(1, 16))
+def test_pipeline_stages_cover_every_layer_once(layers, size):
+    if size > layers:
+        return
+    ranges = [distributed.pipeline_layers(layers, rank, size) for rank in reversed(range(size))]
+    assert ranges[0][0] == 0 and ranges[-1][1] == layers
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+
+
+def test_auto_sharding_is_pipeline_over_tcp_and_tensor_over_rdma():
+    assert distributed.choose_sharding("auto", "ring") == "pipeline"
+    assert distributed.choose_sharding("auto", "jaccl") == "tensor"
+    assert distributed.choose_sharding("auto", "nccl") == "tensor"
+    assert distributed.choose_sharding("tensor", "ring") == "tensor"
+
+
+@pytest.mark.parametrize("layout", ["hf", "original", "mlx_q8"])
+@pytest.mark.parametrize("sharding,size", [("tensor", 2), ("pipeline", 2), ("pipeline", 3)])
+def test_each_rank_reads_its_part_of_every_layout(layout, sharding, size, checkpoints):
+    """What a rank reads from the files (rows alone) is the part of the whole model that
+    Model.shard keeps of a loaded one. (Reading needs no messages: a stand-in group will do.)"""
+    model = load_model(checkpoints[layout], mx.float32)
+    whole, config = dict(nn.utils.tree_flatten(model.parameters())), model.config
+    for rank in range(size):
+        group = SimpleNamespace(rank=lambda r=rank: r, size=lambda: size)
+        part = dict(nn.utils.tree_flatten(
+            load_model(checkpoints[layout], mx.float32, group=group, sharding=sharding).parameters()))
+        expected = {p.name: p.take(whole[name]) for name in whole
+                    if (p := distributed.shard_part(config, name, rank, size, sharding))}
+        assert part.keys() == expected.keys()
+        for name, value in part.items():
+            assert mx.array_equal(value, expected[name]).item(), (layout, rank, name)
+
+
+def test_a_rank_that_cannot_connect_gives_up_saying_so(tmp_path):
+    """Rank 0 of two, and rank 1 never starts: it exits with one line instead of waiting."""
+    code = "from gptoss_mlx import distributed; distributed.init(timeout_s=3)"
+    rank0 = subprocess.Popen([sys.executable, "-c", code], env=ring_environments(2, tmp_path)[0],
+                             stderr=subprocess.PIPE, text=True)
+    _, stderr = rank0.communicate(timeout=60)
+    assert rank0.returncode != 0  # killed: MLX does not let go while it connects
+    assert "gptoss-mlx: error: rank 0 could not connect to the other ranks within 3s" in stderr
+
+
+@pytest.mark.parametrize("problem", ["no checkpoint", "other options"])
+def test_a_rank_that_cannot_follow_stops_rank_0(problem, checkpoint, tmp_path):
+    """Rank 1 cannot find its checkpoint, or was started with other options than rank 0: it
+    says so and exits, and rank 0 does not wait for it in a collective forever."""
+    generate = [sys.executable, "-m", "gptoss_mlx", "generate", "--prompt", "hi", "--model"]
+    rank0 = generate + [str(checkpoint), "--sharding", "pipeline"]
+    if problem == "no checkpoint":
+        rank1, said = generate + [str(tmp_path / "missing")], f"{tmp_path / 'missing'}: no such directory"
+    else:
+        rank1 = generate + [str(checkpoint), "--sharding", "tensor"]
+        said = "rank 1 does not run what rank 0 runs (sharding (1 tensor, 2 pipeline) 1 here, 2 on rank 0)"
+    ranks = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+             for command, env in zip((rank0, rank1), ring_environments(2, tmp_path))]
+    try:
+        errors = [p.communicate(timeout=TIMEOUT_S)[1] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    assert [p.returncode for p in ranks] == [1, 2]
+    assert "gptoss-mlx: error: rank 1 exited; rank 0 stops too" in errors[0]
+    assert f"gptoss-mlx: error: {said}" in errors[1]
