@@ -25,6 +25,7 @@ import mlx.nn as nn
 
 from .config import ConfigError, ModelConfig, token_ids
 from .files import read_json_file, regular_file_problem
+from .lora import FUSED_EXPERT_ADAPTER, load_adapter
 from .model import Model
 from .tokenizer import HarmonyEncoding, load_tokenizer
 
@@ -580,17 +581,26 @@ def _parse_dtype(dtype) -> mx.Dtype:
 
 
 def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: int | None = None,
-         ) -> tuple[Model, HarmonyEncoding]:
+         adapter: str | os.PathLike | None = None) -> tuple[Model, HarmonyEncoding]:
     """Load a gpt-oss checkpoint and its tokenizer.
 
     ``path_or_repo``: a local directory (Hugging Face, ``original/`` or mlx-lm layout) or a
     Hugging Face repo id (default ``openai/gpt-oss-20b``). ``dtype``: bfloat16 (default) or
     float32 for the non-expert weights and activations; experts stay MXFP4. ``dense_bits``
     (8 or 4) quantizes attention, router and embeddings while loading, to save memory.
+    ``adapter``: a LoRA adapter directory (``gptoss-mlx finetune``) applied to the model. A
+    fused checkpoint's own expert adapter (``gptoss-mlx fuse``) is applied with it always.
     """
     dtype = _parse_dtype(dtype)
     directory = resolve_checkpoint(path_or_repo)
     model = load_model(directory, dtype, dense_bits)
+    if (directory / FUSED_EXPERT_ADAPTER).is_dir():
+        if adapter is not None:
+            raise CheckpointError(f"{directory} is a fused checkpoint with its own expert adapter; "
+                                  "apply another adapter to the base model instead")
+        adapter = directory / FUSED_EXPERT_ADAPTER
+    if adapter is not None:
+        load_adapter(model, adapter)
     tokenizer = _checkpoint_tokenizer(directory)
     if model.config.vocab_size < tokenizer.n_vocab:  # ids past the embedding give NaN logits
         raise CheckpointError(f"{directory}: vocab_size is {model.config.vocab_size} but the "

@@ -83,6 +83,8 @@ def add_model_options(p: argparse.ArgumentParser, interactive: bool = True) -> N
     """The options of every subcommand that runs the model: chat, generate, tui, and serve
     (``interactive=False``: no one to approve code, no chat to keep a python session for)."""
     add_model_argument(p)
+    p.add_argument("--adapter", metavar="DIR", default=None,
+                   help="a LoRA adapter to apply (gptoss-mlx finetune's --adapter-path)")
     add_effort_argument(p)
     p.add_argument("--system", help="instructions for the model (the developer message)")
     p.add_argument("--context-overflow", choices=CONTEXT_OVERFLOW, default=CONTEXT_OVERFLOW[0],
@@ -212,7 +214,7 @@ def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
         directory, context = prepare(args)
         t0 = time.perf_counter()
         print(f"Loading {directory} ...", file=out, flush=True)
-        model, tokenizer = load(directory, dense_bits=args.dense_bits)
+        model, tokenizer = load(directory, dense_bits=args.dense_bits, adapter=args.adapter)
         print(f"Loaded in {time.perf_counter() - t0:.1f}s.", file=out, flush=True)
         options = toolbox.chat_options() if toolbox else {}
         return Chat(model, tokenizer, instructions=getattr(args, "system", None),

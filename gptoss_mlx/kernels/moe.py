@@ -163,10 +163,10 @@ DOWN_SPEC = registry.register(registry.KernelSpec(
 def route(x: mx.array, router, k: int) -> tuple[mx.array, mx.array]:
     """The top-k experts of each token of x (T, D), highest first, and their softmaxed weights,
     through ``router`` (an nn.Linear, or a quantized one): one kernel for small batches."""
-    weight = router.weight
-    if x.shape[0] <= MAX_TOKENS and weight.dtype == x.dtype and "bias" in router \
-            and registry.active(ROUTER_SPEC.name, x.dtype):
-        return tuple(ROUTER_SPEC.launch(x, weight, router.bias, k))
+    # (an adapted router, lora.LoRALinear, holds no weight of its own: the ops path runs it)
+    if x.shape[0] <= MAX_TOKENS and "weight" in router and router.weight.dtype == x.dtype \
+            and "bias" in router and registry.active(ROUTER_SPEC.name, x.dtype):
+        return tuple(ROUTER_SPEC.launch(x, router.weight, router.bias, k))
     return ops.top_k_softmax(router(x), k)
 
 
@@ -174,7 +174,7 @@ def _fused_fits(x: mx.array, layer) -> bool:
     gu = layer.gate_up_proj
     return (
         x.shape[0] <= MAX_TOKENS
-        and gu.mode == "mxfp4"
+        and getattr(gu, "mode", None) == "mxfp4"  # not an adapted layer (lora.LoRASwitchLinear)
         and x.dtype == gu.bias.dtype
         and registry.active(GATE_UP_SPEC.name, x.dtype)
         and registry.active(DOWN_SPEC.name, x.dtype)
