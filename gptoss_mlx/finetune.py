@@ -43,12 +43,14 @@ from .lora import ADAPTER_WEIGHTS, LoRAConfig, apply_lora, read_adapter_config, 
 from .model import Model
 from .store import chat_file_problem
 
-LONG = ("truncate", "skip")  # what to do with a conversation longer than --max-seq-len
+LONG = ("truncate", "skip")
+SCHEDULES = ("cosine", "constant")  # the learning rate over the run: decayed to 0 at --iters, or not
+LOGIT_CHUNK = 512  # trained positions unembedded at once: (512, vocab) float32 logits, 0.4 GB  # what to do with a conversation longer than --max-seq-len
 STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 # Settings a resumed run must share with the run it continues.
-RESUMED = ("rank", "alpha", "targets", "batch_size", "learning_rate", "max_seq_len", "long",
-           "seed", "grad_checkpoint")
+RESUMED = ("rank", "alpha", "targets", "batch_size", "learning_rate", "schedule", "max_seq_len",
+           "long", "seed", "grad_checkpoint")
 
 
 class DataError(ValueError):
@@ -246,11 +248,18 @@ def _checkpointed(layer: nn.Module):
 
 
 def loss_sum(model: Model, inputs, targets, positions, checkpoint: bool = False) -> mx.array:
-    """Summed cross-entropy over the trained positions; logits only where the loss counts."""
+    """Summed cross-entropy over the trained positions. Logits only where the loss counts, and
+    LOGIT_CHUNK rows at a time, recomputed in the backward pass: float32 (rows, vocab) logits
+    never exist for the whole batch at once."""
     x = hidden_states(model, inputs, checkpoint)
-    h = model.norm(x.reshape(-1, x.shape[-1])[positions])  # (N, D)
-    logits = model.lm_head(h).astype(mx.float32)
-    return nn.losses.cross_entropy(logits, targets, reduction="sum")
+    h = x.reshape(-1, x.shape[-1])[positions]  # (N, D)
+
+    def chunk_loss(i: int) -> mx.array:
+        t = targets[i:i + LOGIT_CHUNK]  # ids: no gradient, so not an argument of the checkpoint
+        return mx.checkpoint(lambda h: nn.losses.cross_entropy(
+            model.lm_head(model.norm(h)).astype(mx.float32), t, reduction="sum"))(h[i:i + LOGIT_CHUNK])
+
+    return sum(chunk_loss(i) for i in range(0, targets.size, LOGIT_CHUNK))
 
 
 def mean_loss(model, inputs, targets, positions, checkpoint=False):
@@ -266,6 +275,19 @@ def evaluate(model: Model, examples: list[Example], batch_size: int,
         total += loss_sum(model, inputs, targets, positions).item()
         count += targets.size
     return total / max(count, 1)
+
+
+def make_step(model: Model, optimizer: optim.Optimizer, checkpoint: bool = False):
+    """``step(inputs, targets, positions) -> loss``: one optimizer step, evaluated."""
+    loss_and_grad = nn.value_and_grad(model, mean_loss)
+
+    def step(inputs, targets, positions) -> mx.array:
+        loss, grads = loss_and_grad(model, inputs, targets, positions, checkpoint)
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state, loss)
+        return loss
+
+    return step
 
 
 @contextmanager
@@ -321,6 +343,7 @@ class Settings:
     iters: int = 1000
     batch_size: int = 1
     learning_rate: float = 1e-4
+    schedule: str = "cosine"
     max_seq_len: int = 2048
     long: str = "truncate"
     grad_checkpoint: bool = False
@@ -349,7 +372,7 @@ def read_state(directory: str | os.PathLike) -> dict:
     return state
 
 
-def train(model: Model, tokenizer_name: str, train_set: list[Example], settings: Settings,
+def train(model: Model, base_model: str, train_set: list[Example], settings: Settings,
           out: str | os.PathLike, valid_set: list[Example] | None = None, data_digest: str = "",
           resume: dict | None = None, stop: threading.Event | None = None) -> Iterator[TrainEvent]:
     """Train an adapter on ``model`` (a base model; wrapped in place) and save it in ``out``,
@@ -359,7 +382,10 @@ def train(model: Model, tokenizer_name: str, train_set: list[Example], settings:
     out = Path(out)
     mx.random.seed(settings.seed)
     apply_lora(model, settings.lora)
-    optimizer = optim.Adam(learning_rate=settings.learning_rate)
+    rate = settings.learning_rate
+    if settings.schedule == "cosine":  # a function of the optimizer's step: resumes exactly
+        rate = optim.cosine_decay(rate, settings.iters)
+    optimizer = optim.Adam(learning_rate=rate)
     step = 0
     if resume is not None:
         model.load_weights(str(out / ADAPTER_WEIGHTS), strict=False)
@@ -367,10 +393,10 @@ def train(model: Model, tokenizer_name: str, train_set: list[Example], settings:
         step = resume["step"]
     mx.eval(model.parameters())
     groups = batch_groups(train_set, settings.batch_size)
-    loss_and_grad = nn.value_and_grad(model, mean_loss)
+    step_fn = make_step(model, optimizer, settings.grad_checkpoint)
 
     def save(final: bool) -> Saved:
-        save_adapter(model, out, settings.lora, base_model=tokenizer_name)
+        save_adapter(model, out, settings.lora, base_model=base_model)
         mx.save_safetensors(str(out / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
         write_json(out / STATE_FILE, {"step": step, "settings": _json_settings(settings),
                                       "data": data_digest})
@@ -389,9 +415,7 @@ def train(model: Model, tokenizer_name: str, train_set: list[Example], settings:
             t0 = time.perf_counter()
             inputs, targets, positions, count = make_batch(
                 [train_set[i] for i in batch_for_step(groups, settings.seed, step)])
-            loss, grads = loss_and_grad(model, inputs, targets, positions, settings.grad_checkpoint)
-            optimizer.update(model, grads)
-            mx.eval(model.trainable_parameters(), optimizer.state, loss)
+            loss = step_fn(inputs, targets, positions)
             step += 1
             dt = time.perf_counter() - t0
             losses.append(loss.item())

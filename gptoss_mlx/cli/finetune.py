@@ -52,6 +52,8 @@ def register(sub) -> None:
     train.add_argument("--iters", type=positive_int, help=f"optimizer steps (default {DEFAULTS.iters})")
     train.add_argument("--batch-size", type=positive_int, help=f"conversations per step (default {DEFAULTS.batch_size})")
     train.add_argument("--learning-rate", type=float, help=f"Adam's learning rate (default {DEFAULTS.learning_rate:g})")
+    train.add_argument("--schedule", choices=ft.SCHEDULES,
+                       help="learning rate: cosine decay to 0 at --iters (default), or constant")
     train.add_argument("--max-seq-len", type=positive_int,
                        help=f"tokens per conversation at most (default {DEFAULTS.max_seq_len})")
     train.add_argument("--long", choices=ft.LONG, help="a longer conversation is truncated "
@@ -92,7 +94,7 @@ def targets_list(text: str) -> tuple[str, ...]:
 
 
 SETTING_FLAGS = ("rank", "alpha", "targets", "seed", "iters", "batch_size", "learning_rate",
-                 "max_seq_len", "long", "grad_checkpoint", "steps_per_report", "steps_per_eval",
+                 "schedule", "max_seq_len", "long", "grad_checkpoint", "steps_per_report", "steps_per_eval",
                  "val_batches", "save_every")
 
 
