@@ -5,7 +5,7 @@ serve, and fusing."""
 from __future__ import annotations
 
 import json
-import shutil
+import threading
 
 import mlx.core as mx
 import numpy as np
@@ -177,7 +177,7 @@ def test_an_adapter_loads_in_chat_generate_and_serve(trained, sharp, tok, monkey
     assert main(["generate", "--model", str(sharp), "--adapter", str(out), "--temperature", "0",
                  "--max-tokens", "12", "-p", "France"]) == 0
     assert capsys.readouterr().out.strip() != ""  # a reply; exactness: test above
-    assert main(["chat", "--model", str(sharp), "--adapter", str(out / "missing")]) == 2
+    assert main(["generate", "--model", str(sharp), "--adapter", str(out / "missing"), "-p", "x"]) == 2
     assert "no such adapter directory" in capsys.readouterr().err
 
 
@@ -185,19 +185,21 @@ def test_resuming_equals_an_uninterrupted_run(sharp, tok, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", [capitals_line(*c) for c in CAPITALS[:4]])
     examples, _ = ft.load_data(data, tok, 512)
     settings = ft.Settings(rank=4, alpha=8, targets=("attention", "experts", "router"), iters=4,
-                           batch_size=2, learning_rate=1e-3, steps_per_report=10, save_every=100)
+                           batch_size=2, learning_rate=1e-3, steps_per_report=1, save_every=100)
 
-    def run(out, iters, resume=None):
-        s = ft.resumed_settings(resume, {"iters": iters}) if resume else \
-            ft.Settings(**{**settings.__dict__, "iters": iters})
-        list(ft.train(load(sharp)[0], str(sharp), examples, s, out, resume=resume))
+    def run(out, stop_at=None, resume=None):
+        stop = threading.Event()  # what Ctrl-C sets
+        s = ft.resumed_settings(resume, {}) if resume else settings
+        for event in ft.train(load(sharp)[0], str(sharp), examples, s, out, resume=resume, stop=stop):
+            if isinstance(event, ft.Progress) and event.step == stop_at:
+                stop.set()
         return mx.load(str(out / ADAPTER_WEIGHTS)), mx.load(str(out / ft.OPTIMIZER_FILE))
 
-    straight = run(tmp_path / "straight", 4)
-    run(tmp_path / "resumed", 2)
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "resumed", stop_at=2)
     state = ft.read_state(tmp_path / "resumed")
     assert state["step"] == 2
-    resumed = run(tmp_path / "resumed", 4, state)
+    resumed = run(tmp_path / "resumed", resume=state)
     for a, b in zip(straight, resumed):
         assert a.keys() == b.keys()
         for k in a:
