@@ -242,11 +242,9 @@ class RequantizeReport:
     error_rms: float  # requantized weights minus (weights + change)
 
     def summary(self) -> str:
-        kept = max(0.0, 1 - self.error_rms / self.delta_rms) if self.delta_rms else 1.0
         return (f"requantizing the experts to MXFP4: error RMS {self.error_rms:.3g} against the "
-                f"adapters' change of RMS {self.delta_rms:.3g} "
-                f"(the error is {self.error_rms / max(self.delta_rms, 1e-30):.2f}x the change; "
-                f"roughly {kept:.0%} of it survives)")
+                f"adapters' change of RMS {self.delta_rms:.3g} to the expert weights (the error is "
+                f"{self.error_rms / max(self.delta_rms, 1e-30):.2f}x the change)")
 
 
 def requantize_experts(model: Model) -> RequantizeReport:

@@ -155,7 +155,7 @@ def mac_table(config, ours: dict, args) -> list[str]:
 
     measured_weights = weight_bytes(config) / 1e9
     state_per_param = 16 / 1e9  # float32 adapter, gradient, Adam's two moments
-    adapter8 = ours["adapter_params"] / args.rank  # parameters per unit of rank
+    per_rank = ours["adapter_params"] / args.rank  # adapter parameters per unit of rank
     rows = ["| Mac | GPU limit | dense layers | rank 8 | rank 32 | rank 64 |", "|---|---|---|---|---|---|"]
     for ram, limit in MAC_LIMITS.items():
         for bits, name in ((None, "bf16"), (8, "8-bit"), (4, "4-bit")):
@@ -165,7 +165,7 @@ def mac_table(config, ours: dict, args) -> list[str]:
                 for n, peak in sorted(ours["sweep"].items(), key=lambda kv: int(kv[0])):
                     activations = peak - ours["resident_gb"]
                     resident = (ours["resident_gb"] - measured_weights + weight_bytes(config, bits) / 1e9
-                                + (rank - args.rank) * adapter8 * state_per_param)
+                                + (rank - args.rank) * per_rank * state_per_param)
                     if resident + activations <= limit:
                         fits.append(int(n))
                 cells.append(f"{max(fits)} tokens" if fits else "no")

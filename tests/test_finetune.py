@@ -255,3 +255,14 @@ def test_mlx_lm_loads_a_fused_checkpoint(sharp, tmp_path):
     prompt = mx.array([[200006, 1000, 2000, 3000]])
     theirs, mine = (np.array(m(prompt).astype(mx.float32)) for m in (model, ours))
     assert np.abs(theirs - mine).max() < 0.03 * np.abs(mine).max()  # bf16 arithmetic apart
+
+
+def test_decoding_token_by_token_runs_the_adapted_router_and_experts(sharp, tok, tmp_path):
+    """At decode-sized batches the fused MoE and router kernels would read the packed weights
+    and skip the adapters: adapted layers take the ops path, so decoding equals the full pass."""
+    adapted = random_adapter(sharp, tmp_path / "adapter", ("router", "experts"))
+    model, _ = load(sharp, dtype="float32", adapter=tmp_path / "adapter")
+    tokens = tok.encode("Decode one token at a time")
+    cache = model.make_cache()
+    steps = mx.concatenate([model(mx.array([[t]]), cache=cache) for t in tokens], axis=1)
+    assert mx.allclose(steps, adapted(mx.array([tokens])), atol=1e-3).item()
