@@ -35,8 +35,10 @@ MAC_LIMITS = {16: 16 * 2 / 3, 32: 32 * 2 / 3, 64: 64 * 3 / 4}  # GB the GPU may 
 WARMUP = 2
 
 
-def sequences(batch: int, length: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(1000, 199000, (batch, length)).astype(np.int32)
+def sequences(directory: str, batch: int, length: int, seed: int = 0) -> np.ndarray:
+    """Random token ids below the checkpoint's vocabulary size."""
+    vocab = json.loads((Path(directory) / "config.json").read_text())["vocab_size"]
+    return np.random.default_rng(seed).integers(0, vocab, (batch, length)).astype(np.int32)
 
 
 def time_steps(step, batch, steps: int) -> tuple[float, float]:
@@ -66,7 +68,7 @@ def run_ours(args) -> dict:
     results = {"adapter_params": sum(a.size for a in adapter_weights(model).values())}
 
     def batch(length):
-        tokens = sequences(args.batch_size, length)
+        tokens = sequences(args.dir, args.batch_size, length)
         trained = [False] * (length // 2) + [True] * (length - length // 2)
         return ft.make_batch([ft.Example(list(map(int, t)), trained, 0) for t in tokens])[:3]
 
@@ -140,7 +142,7 @@ def run_mlx_lm(args) -> dict:
             mx.eval(state, loss, toks)
         return step
 
-    tokens = mx.array(sequences(args.batch_size, args.seq_len))
+    tokens = mx.array(sequences(args.dir, args.batch_size, args.seq_len))
     lengths = mx.array([[args.seq_len // 2, args.seq_len]] * args.batch_size)
     results = {"adapter_params": params}
     for checkpoint in (False, True):
