@@ -37,7 +37,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from . import harmony
 from .files import JSONProblem, parse_json, read_json_file
-from .harmony import BUILTIN_TOOLS, CALL, END, RETURN, START, Message, Special
+from .harmony import BUILTIN_TOOLS, END, RETURN, START, Message, Special
 from .kernels import registry
 from .lora import ADAPTER_WEIGHTS, LoRAConfig, apply_lora, read_adapter_config, save_adapter, write_json
 from .model import Model
