@@ -26,6 +26,7 @@ import mlx.nn as nn
 from .config import ConfigError, ModelConfig, token_ids
 from .distributed import shard_part, share_config
 from .files import read_json_file, regular_file_problem
+from .lora import FUSED_EXPERT_ADAPTER, load_adapter
 from .memory import DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan
 from .model import Model
 from .tokenizer import HarmonyEncoding, load_tokenizer
@@ -684,7 +685,8 @@ def _parse_dtype(dtype) -> mx.Dtype:
 
 def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: int | None = None,
          memory_limit: float | str | None = None, max_context: int | None = None,
-         group=None, sharding: str = "tensor") -> tuple[Model, HarmonyEncoding]:
+         group=None, sharding: str = "tensor", adapter: str | os.PathLike | None = None,
+         ) -> tuple[Model, HarmonyEncoding]:
     """Load a gpt-oss checkpoint and its tokenizer, arranged by the memory plan.
 
     ``path_or_repo``: a local directory (Hugging Face, ``original/`` or mlx-lm layout) or a
@@ -696,7 +698,9 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
     ``dense_bits`` (16, 8 or 4) fixes the dense precision. Raises ``MemoryPlanError`` when not
     even the dense layers and one layer's experts fit. ``group`` (``mx.distributed``, more than
     one rank): this rank's part only, split by ``sharding`` (tensor or pipeline;
-    gptoss_mlx/distributed.py), planned as this rank's share.
+    gptoss_mlx/distributed.py), planned as this rank's share. ``adapter``: a LoRA adapter
+    directory (``gptoss-mlx finetune``) applied to the model. A fused checkpoint's own expert
+    adapter (``gptoss-mlx fuse``) is applied with it always.
     """
     dtype = _parse_dtype(dtype)
     if dense_bits not in (None, *DENSE_BITS):
@@ -704,9 +708,20 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
     directory = resolve_checkpoint(path_or_repo)
     config = read_config(directory)
     context = min(max_context or DEFAULT_CONTEXT, config.max_position_embeddings)
-    share = config if group is None or group.size() == 1 else share_config(config, group.size(), sharding)
+    distributed = group is not None and group.size() > 1
+    share = share_config(config, group.size(), sharding) if distributed else config
     memory_plan = choose_plan(share, context, checkpoint_dense_bits(config, dense_bits), memory_limit)
+    if (directory / FUSED_EXPERT_ADAPTER).is_dir():
+        if adapter is not None:
+            raise CheckpointError(f"{directory} is a fused checkpoint with its own expert adapter; "
+                                  "apply another adapter to the base model instead")
+        adapter = directory / FUSED_EXPERT_ADAPTER
+    if adapter is not None and distributed:
+        raise CheckpointError("adapters are not applied across machines yet: fuse the adapter "
+                              "into a checkpoint (gptoss-mlx fuse) and run that")
     model = load_model(directory, dtype, memory_plan=memory_plan, group=group, sharding=sharding)
+    if adapter is not None:
+        load_adapter(model, adapter)
     tokenizer = _checkpoint_tokenizer(directory)
     if model.config.vocab_size < tokenizer.n_vocab:  # ids past the embedding give NaN logits
         raise CheckpointError(f"{directory}: vocab_size is {model.config.vocab_size} but the "

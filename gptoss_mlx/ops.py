@@ -25,7 +25,7 @@ def swiglu(x_glu: mx.array, x_linear: mx.array, limit: float) -> mx.array:
 def top_k_softmax(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
     """Each row's k largest logits, highest first (the lower expert on a tie), and a softmax
     over those k only: (T, E) -> indices (T, k) uint32, weights (T, k) in the logits' dtype."""
-    indices = mx.argsort(-logits, axis=-1)[:, :k]
+    indices = mx.stop_gradient(mx.argsort(-logits, axis=-1)[:, :k])  # a choice: no gradient
     weights = mx.softmax(mx.take_along_axis(logits, indices, axis=-1), axis=-1, precise=True)
     return indices.astype(mx.uint32), weights
 

@@ -9,10 +9,10 @@ import os
 import sys
 
 from .. import __version__
-from . import chat, doctor, generate, models, render, serve, tui
+from . import chat, doctor, finetune, generate, models, render, serve, tui
 from .common import CLIError, terminal_safe
 
-SUBCOMMANDS = (render, chat, generate, tui, serve, models, doctor)
+SUBCOMMANDS = (render, chat, generate, tui, serve, models, finetune, doctor)
 # what writing to standard output raises when it cannot go on: a closed pipe, a full disk
 OUTPUT_ERRORS = (errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT)
 

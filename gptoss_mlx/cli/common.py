@@ -105,6 +105,8 @@ def add_model_options(p: argparse.ArgumentParser, interactive: bool = True) -> N
     """The options of every subcommand that runs the model: chat, generate, tui, and serve
     (``interactive=False``: no one to approve code, no chat to keep a python session for)."""
     add_model_argument(p)
+    p.add_argument("--adapter", metavar="DIR", default=None,
+                   help="a LoRA adapter to apply (gptoss-mlx finetune's --adapter-path)")
     add_effort_argument(p)
     p.add_argument("--system", help="instructions for the model (the developer message)")
     p.add_argument("--context-overflow", choices=CONTEXT_OVERFLOW, default=CONTEXT_OVERFLOW[0],
@@ -313,7 +315,7 @@ def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
         print(f"Loading {directory}{where} ...\nMemory plan: {memory_plan.describe()}", file=out, flush=True)
         model, tokenizer = load(directory, dense_bits=memory_plan.dense_bits,
                                 memory_limit=memory_plan.limit, max_context=context, group=group,
-                                sharding=sharding(args) if group else "tensor")
+                                sharding=sharding(args) if group else "tensor", adapter=args.adapter)
         print(f"Loaded in {time.perf_counter() - t0:.1f}s.", file=out, flush=True)
         engine = None
         if group is not None:

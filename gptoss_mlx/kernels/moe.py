@@ -238,13 +238,19 @@ DOWN_SPEC = registry.register(registry.KernelSpec(
 
 # ---- what the model calls ----------------------------------------------------------------------
 
+def _plain_router(router, dtype) -> bool:
+    """Whether the router kernels can read ``router``: an nn.Linear with a bias, in the
+    activations' dtype. A quantized router (--dense-bits) runs the ops path, and so does an
+    adapted one (lora.LoRALinear holds no weight of its own)."""
+    return "weight" in router and "bias" in router and router.weight.dtype == dtype
+
+
 def route(x: mx.array, router, k: int) -> tuple[mx.array, mx.array]:
     """The top-k experts of each token of x (T, D), highest first, and their softmaxed weights,
     through ``router`` (an nn.Linear, or a quantized one): one kernel for small batches."""
-    weight = router.weight
-    if x.shape[0] <= MAX_TOKENS and x.shape[1] <= 8192 and weight.dtype == x.dtype and "bias" in router \
+    if x.shape[0] <= MAX_TOKENS and x.shape[1] <= 8192 and _plain_router(router, x.dtype) \
             and registry.active(ROUTER_SPEC.name, x.dtype):
-        return tuple(ROUTER_SPEC.launch(x, weight, router.bias, k))
+        return tuple(ROUTER_SPEC.launch(x, router.weight, router.bias, k))
     return ops.top_k_softmax(router(x), k)
 
 
@@ -253,11 +259,11 @@ def add_rms_norm_route(x, residual, gain, eps: float, router, k: int):
     decode-sized batches, routing = :func:`route` of y's rows (indices, weights); where that
     kernel does not apply, routing is None and the caller routes y (the MoE block does)."""
     D = x.shape[-1]
-    weight = router.weight
     if (x.size // D <= MAX_TOKENS and D % 8 == 0 and D <= 8192 and x.shape == residual.shape
-            and x.dtype == residual.dtype == gain.dtype == weight.dtype and "bias" in router
+            and x.dtype == residual.dtype == gain.dtype and _plain_router(router, x.dtype)
             and registry.active(NORM_ROUTER_SPEC.name, x.dtype)):
-        h, y, indices, weights = NORM_ROUTER_SPEC.launch(x, residual, gain, eps, weight, router.bias, k)
+        h, y, indices, weights = NORM_ROUTER_SPEC.launch(x, residual, gain, eps, router.weight,
+                                                         router.bias, k)
         return h, y, (indices, weights)
     return (*add_rms_norm(x, residual, gain, eps), None)
 
@@ -266,7 +272,7 @@ def _fused_fits(x: mx.array, layer) -> bool:
     gu = layer.gate_up_proj
     return (
         x.shape[0] <= MAX_TOKENS
-        and gu.mode == "mxfp4"
+        and getattr(gu, "mode", None) == "mxfp4"  # not an adapted layer (lora.LoRASwitchLinear)
         and x.dtype == gu.bias.dtype
         and registry.active(GATE_UP_SPEC.name, x.dtype)
         and registry.active(DOWN_SPEC.name, x.dtype)

@@ -1,0 +1,241 @@
+"""``gptoss-mlx finetune``: train a LoRA adapter on harmony conversations; ``gptoss-mlx fuse``:
+merge one into a checkpoint. The data and the loop are in gptoss_mlx/finetune.py, the adapters in
+gptoss_mlx/lora.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .. import finetune as ft
+from ..config import ConfigError
+from ..engine_thread import engine_thread
+from ..loading import CheckpointError, find_layout, load, resolve_checkpoint
+from ..lora import (
+    ADAPTER_CONFIG, FUSED_EXPERT_ADAPTER, TARGETS, AdapterError, adapter_weights,
+    expert_adapter_config, fuse_dense, hf_tensors, read_adapter_config, requantize_experts,
+    save_adapter,
+)
+from ..tokenizer import TokenizerError
+from .common import CLIError, add_model_argument, positive_int, terminal_safe
+from .models import COPIED, save_weights
+
+BAR = 24  # characters of the progress bar
+DEFAULTS = ft.Settings()
+
+
+def register(sub) -> None:
+    p = sub.add_parser("finetune", help="train a LoRA adapter on conversations (JSONL)",
+                       description="Train a LoRA adapter on harmony conversations: one Chat "
+                                   "Completions conversation per line, rendered exactly as at "
+                                   "inference; the loss covers the assistant's last turn. "
+                                   "Ctrl-C saves and stops; --resume continues.")
+    add_model_argument(p)
+    p.add_argument("--data", required=True, type=Path, metavar="TRAIN.jsonl", help="training conversations")
+    p.add_argument("--valid", type=Path, metavar="VALID.jsonl", help="validation conversations")
+    p.add_argument("--adapter-path", required=True, type=Path, metavar="OUT",
+                   help="directory for the adapter (and the state --resume needs)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --adapter-path")
+    group = p.add_argument_group("adapter (fixed once a run starts)")
+    group.add_argument("--rank", type=positive_int, help=f"LoRA rank (default {DEFAULTS.rank})")
+    group.add_argument("--alpha", type=float, help=f"LoRA alpha; the update is scaled by alpha/rank "
+                                                   f"(default {DEFAULTS.alpha:g})")
+    group.add_argument("--targets", type=targets_list, metavar=",".join(TARGETS),
+                       help=f"what gets adapters (default {','.join(DEFAULTS.targets)})")
+    group.add_argument("--seed", type=int, help=f"initialization and data order (default {DEFAULTS.seed})")
+    train = p.add_argument_group("training")
+    train.add_argument("--iters", type=positive_int, help=f"optimizer steps (default {DEFAULTS.iters})")
+    train.add_argument("--batch-size", type=positive_int, help=f"conversations per step (default {DEFAULTS.batch_size})")
+    train.add_argument("--learning-rate", type=float, help=f"Adam's learning rate (default {DEFAULTS.learning_rate:g})")
+    train.add_argument("--schedule", choices=ft.SCHEDULES,
+                       help="learning rate: cosine decay to 0 at --iters (default), or constant")
+    train.add_argument("--max-seq-len", type=positive_int,
+                       help=f"tokens per conversation at most (default {DEFAULTS.max_seq_len})")
+    train.add_argument("--long", choices=ft.LONG, help="a longer conversation is truncated "
+                                                      "(default) or skipped; either is reported")
+    train.add_argument("--grad-checkpoint", action="store_const", const=True,
+                       help="recompute each layer in the backward pass: less memory, ~30%% slower")
+    train.add_argument("--dense-bits", type=int, choices=[8, 4],
+                       help="quantize attention, router and embeddings at load (less memory)")
+    report = p.add_argument_group("reporting and saving")
+    report.add_argument("--steps-per-report", type=positive_int, help=f"default {DEFAULTS.steps_per_report}")
+    report.add_argument("--steps-per-eval", type=positive_int,
+                        help=f"validation loss every N steps (default {DEFAULTS.steps_per_eval})")
+    report.add_argument("--val-batches", type=positive_int, help="validation batches (default: all)")
+    report.add_argument("--save-every", type=positive_int, help=f"save every N steps (default {DEFAULTS.save_every})")
+    p.set_defaults(func=cmd_finetune)
+
+    f = sub.add_parser("fuse", help="merge a LoRA adapter into a checkpoint",
+                       description="Write a checkpoint in the published layout with the attention "
+                                   "(and router) adapters merged into their weights. Expert "
+                                   "adapters stay beside the MXFP4 experts (in OUT/"
+                                   f"{FUSED_EXPERT_ADAPTER}, loaded with the checkpoint) unless "
+                                   "--requantize-experts merges them, which rounds them to MXFP4 "
+                                   "and reports the error.")
+    add_model_argument(f)
+    f.add_argument("--adapter", required=True, type=Path, help="the adapter directory")
+    f.add_argument("--out", required=True, type=Path, help="new directory for the fused checkpoint")
+    f.add_argument("--requantize-experts", action="store_true",
+                   help="merge the expert adapters into the MXFP4 weights (lossy; the error is reported)")
+    f.set_defaults(func=cmd_fuse)
+
+
+def targets_list(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(TARGETS)}, got {text!r}")
+    return names
+
+
+SETTING_FLAGS = ("rank", "alpha", "targets", "seed", "iters", "batch_size", "learning_rate",
+                 "schedule", "max_seq_len", "long", "grad_checkpoint", "steps_per_report", "steps_per_eval",
+                 "val_batches", "save_every")
+
+
+def settings_for(args) -> tuple[ft.Settings, dict | None]:
+    """(settings, the saved state when resuming): flags over defaults, or over the saved run."""
+    given = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name) is not None}
+    out = args.adapter_path
+    try:
+        if args.resume:
+            state = ft.read_state(out)
+            settings = ft.resumed_settings(state, given)
+            if state.get("data") != ft.file_digest(args.data):
+                raise CLIError(f"--resume: {args.data} is not the data this run started with")
+            return settings, state
+        if (out / ADAPTER_CONFIG).exists() or (out / ft.STATE_FILE).exists():
+            raise CLIError(f"{out} already holds an adapter: --resume continues its run, or "
+                           "choose a new --adapter-path")
+        return ft.Settings(**given), None
+    except (ft.DataError, AdapterError, OSError) as e:
+        raise CLIError(str(e)) from None
+
+
+def cmd_finetune(args) -> int:
+    settings, state = settings_for(args)
+    if state and state["step"] >= settings.iters:
+        raise CLIError(f"{args.adapter_path} is at step {state['step']} of {settings.iters}: "
+                       "raise --iters to train on")
+    try:
+        directory = resolve_checkpoint(args.model)
+        print(f"Loading {directory} ...", flush=True)
+        model, tokenizer = engine_thread().call(load, directory, dense_bits=args.dense_bits)
+        train_set, report = ft.load_data(args.data, tokenizer, settings.max_seq_len, settings.long)
+        valid_set = None
+        notes = report.lines(settings.max_seq_len)
+        if args.valid:
+            valid_set, valid_report = ft.load_data(args.valid, tokenizer, settings.max_seq_len, settings.long)
+            notes += valid_report.lines(settings.max_seq_len)
+    except (CheckpointError, ConfigError, TokenizerError, ft.DataError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    for note in notes:
+        print(terminal_safe(note))
+    trained = sum(sum(e.mask) for e in train_set)
+    print(f"{len(train_set)} conversations, {sum(len(e.tokens) for e in train_set):,} tokens "
+          f"({trained:,} trained)" + (f"; {len(valid_set)} for validation" if valid_set else ""))
+    where = f"resuming at step {state['step']}" if state else "from step 0"
+    print(f"LoRA rank {settings.rank}, alpha {settings.alpha:g} on {', '.join(settings.targets)}; "
+          f"{settings.iters} steps of {settings.batch_size}, {where}. Ctrl-C saves and stops.")
+    stop = threading.Event()
+    events = ft.train(model, str(directory), train_set, settings, args.adapter_path, valid_set,
+                      ft.file_digest(args.data), state, stop)
+    show = ProgressLine(sys.stdout)
+    previous = signal.signal(signal.SIGINT, lambda *_: request_stop(stop, show))
+    try:
+        for event in engine_thread().stream(events):
+            show.event(event)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        show.end()
+    if stop.is_set():
+        print("Stopped early; the same command with --resume continues the run.")
+        return 130
+    return 0
+
+
+def request_stop(stop: threading.Event, show: ProgressLine) -> None:
+    """First Ctrl-C: finish the step under way, save, stop. A second one stops at once."""
+    if stop.is_set():
+        raise KeyboardInterrupt
+    stop.set()
+    show.note("Ctrl-C: stopping after this step and saving (Ctrl-C again to quit without saving)")
+
+
+class ProgressLine:
+    """One progress line, redrawn in place on a terminal (a line per report otherwise); other
+    messages print above it."""
+
+    def __init__(self, out):
+        self.out, self.tty, self.shown = out, out.isatty(), False
+
+    def event(self, event) -> None:
+        if isinstance(event, ft.Progress):
+            done = event.step / event.total
+            bar = "━" * round(BAR * done) + "─" * (BAR - round(BAR * done))
+            line = (f"step {event.step}/{event.total} {bar} {done:4.0%} · loss {event.loss:.3f} · "
+                    f"{event.tokens_per_s:,.0f} tok/s · peak {event.peak_gb:.2f} GB · "
+                    f"ETA {ft.format_eta(event.eta_s)}")
+            if self.tty:
+                self.out.write(f"\r\x1b[K{line}")
+                self.shown = True
+            else:
+                self.out.write(line + "\n")
+            self.out.flush()
+        elif isinstance(event, ft.Validation):
+            self.note(f"step {event.step}: validation loss {event.loss:.3f}")
+        elif isinstance(event, ft.Saved):
+            self.note(f"{'Saved' if event.final else 'Checkpoint:'} the adapter at step "
+                      f"{event.step} in {event.path}")
+
+    def note(self, text: str) -> None:
+        self.end()
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def end(self) -> None:
+        if self.shown:
+            self.out.write("\n")
+            self.shown = False
+
+
+def cmd_fuse(args) -> int:
+    if args.out.exists() and any(args.out.iterdir()):
+        raise CLIError(f"{args.out}: exists and is not empty; choose a new directory")
+    try:
+        config = read_adapter_config(args.adapter)
+        directory = resolve_checkpoint(args.model)
+        print(f"Loading {directory} with the adapter {args.adapter} ...", file=sys.stderr, flush=True)
+        model, _ = engine_thread().call(load, directory, adapter=args.adapter)
+        report = engine_thread().call(fuse, model, config, args.out, args.requantize_experts)
+    except (CheckpointError, ConfigError, TokenizerError, AdapterError) as e:
+        raise CLIError(str(e)) from None
+    for name in COPIED:  # tokenizer and generation config; an original/ layout's are one level up
+        for folder in (find_layout(directory)[1], directory):
+            if (folder / name).is_file():
+                shutil.copy(folder / name, args.out / name)
+                break
+    if report:
+        print(report.summary())
+    kept = (args.out / FUSED_EXPERT_ADAPTER).is_dir()
+    print(f"Saved {args.out}: {', '.join(t for t in config.targets if t != 'experts' or not kept)} "
+          "merged" + (f"; the expert adapters stay beside the experts in {args.out / FUSED_EXPERT_ADAPTER} "
+                      "(loaded with the checkpoint; --requantize-experts merges them)" if kept else ""))
+    return 0
+
+
+def fuse(model, config, out: Path, requantize: bool):
+    """Merge the dense adapters (and, if asked, the expert adapters), then write ``out``."""
+    fuse_dense(model)
+    report = requantize_experts(model) if requantize and "experts" in config.targets else None
+    save_weights(out, hf_tensors(model))
+    (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
+    experts = expert_adapter_config(config)
+    if experts and adapter_weights(model):
+        save_adapter(model, out / FUSED_EXPERT_ADAPTER, experts)
+    return report

@@ -1,0 +1,463 @@
+"""LoRA fine-tuning on harmony conversations (``gptoss-mlx finetune``): the data and the loop.
+
+Data: JSONL, one conversation per line in the Chat Completions shape saved chats have
+(``messages``, optional ``tools``, ``reasoning_effort``, ``date``). An assistant message's
+``reasoning`` (or ``thinking``, as in OpenAI's Multilingual-Thinking set) is its analysis; tool
+calls and tool results are rendered as harmony does.
+
+Each conversation is rendered exactly as at inference (:func:`render_for_training`): the turns
+before the last user message lose their reasoning, as a chat's history does; the last turn (the
+one trained) keeps it, and its final answer ends with ``<|return|>`` as sampled. The loss covers
+the tokens the model samples at inference: every assistant message of the trained turn, except
+the ``<|start|>assistant`` that the prompt itself ends with (at the turn's start and after each
+tool result).
+
+Training runs MLX's own operations (the custom kernels have no gradients), evaluates each step
+whole, and can stop between steps and resume exactly: the data order is a function of the seed
+and the step, and the optimizer's state is saved beside the adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from . import harmony
+from .files import JSONProblem, parse_json, read_json_file
+from .harmony import BUILTIN_TOOLS, END, RETURN, START, Message, Special
+from .kernels import registry
+from .lora import ADAPTER_WEIGHTS, LoRAConfig, apply_lora, read_adapter_config, save_adapter, write_json
+from .model import Model
+from .store import chat_file_problem
+
+LONG = ("truncate", "skip")
+SCHEDULES = ("cosine", "constant")  # the learning rate over the run: decayed to 0 at --iters, or not
+LOGIT_CHUNK = 512  # trained positions unembedded at once: (512, vocab) float32 logits, 0.4 GB  # what to do with a conversation longer than --max-seq-len
+STATE_FILE = "training_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+# Settings a resumed run must share with the run it continues.
+RESUMED = ("rank", "alpha", "targets", "batch_size", "learning_rate", "schedule", "max_seq_len",
+           "long", "seed", "grad_checkpoint")
+
+
+class DataError(ValueError):
+    """A training file or line that cannot be used, named with its line and field."""
+
+
+# --------------------------------------------------------------------------------- rendering
+def trained_turn_start(messages: list[Message]) -> int:
+    """Index of the first message after the last user, system or developer message."""
+    return 1 + max((i for i, m in enumerate(messages) if m.role != "assistant" and m.role != "tool"),
+                   default=-1)
+
+
+def render_for_training(messages: list[Message], tokenizer) -> tuple[list[int], list[bool]]:
+    """(tokens, mask): the conversation as the model sees it at inference, and which tokens it
+    samples there (mask[i] True: tokens[i] is in the loss)."""
+    start = trained_turn_start(messages)
+    history, turn = messages[:start], messages[start:]
+    tokens = harmony.segments_to_tokens(harmony.render_conversation(history, for_completion=False),
+                                        tokenizer)
+    mask = [False] * len(tokens)
+    prompted = harmony.segments_to_tokens([Special(START), "assistant"], tokenizer)
+    last = max((i for i, m in enumerate(turn) if m.role == "assistant"), default=None)
+    if last is None:
+        raise DataError("no assistant message after the last user message: nothing to train on")
+    for i, m in enumerate(turn):
+        segments = harmony.render_message(m, where=f"messages[{start + i}]")
+        if i == last and segments[-1] == END and m.channel == "final":
+            segments[-1] = Special(RETURN)  # what the model samples to end its reply
+        ids = harmony.segments_to_tokens(segments, tokenizer)
+        tokens += ids
+        if m.role != "assistant":
+            mask += [False] * len(ids)
+            continue
+        previous = turn[i - 1] if i else None
+        # A generation starts here when the prompt ended: at the turn's start, after a tool
+        # result, after a call; then <|start|>assistant was the prompt's, not the model's.
+        starts = previous is None or previous.role != "assistant" or previous.recipient not in (None, "all")
+        given = len(prompted) if starts else 0
+        mask += [False] * given + [True] * (len(ids) - given)
+    return tokens, mask
+
+
+def prompt_points(messages: list[Message]) -> list[int]:
+    """Where generation starts at inference in the trained turn: message indices i such that the
+    prompt is ``messages[:i]`` (for tests: the prompt must be a prefix of the training tokens)."""
+    start = trained_turn_start(messages)
+    return [i for i in range(start, len(messages))
+            if messages[i].role == "assistant" and (
+                i == start or messages[i - 1].role != "assistant"
+                or messages[i - 1].recipient not in (None, "all"))]
+
+
+# ------------------------------------------------------------------------------------- data
+@dataclass
+class Example:
+    tokens: list[int]
+    mask: list[bool]
+    line: int
+
+
+def conversation_messages(data, where: str) -> list[Message]:
+    """Harmony messages for one line's JSON; DataError naming ``where`` and the field."""
+    if isinstance(data, dict) and isinstance(data.get("messages"), list):
+        messages = []
+        for i, m in enumerate(data["messages"]):
+            if isinstance(m, dict) and m.get("thinking") is not None and m.get("reasoning") is None:
+                if not isinstance(m["thinking"], str):
+                    raise DataError(f"{where}: messages[{i}].thinking must be a string, got "
+                                    f"{type(m['thinking']).__name__}")
+                if m.get("role") == "assistant":
+                    m = {**m, "reasoning": m["thinking"]}
+            messages.append(m)
+        data = {**data, "messages": messages}
+    problem = chat_file_problem(data)
+    if problem:
+        raise DataError(f"{where}: {problem}")
+    called = {c["function"]["name"].split(".")[0] for m in data["messages"]
+              for c in m.get("tool_calls") or []}
+    tools = {t: t in called for t in BUILTIN_TOOLS}  # declared in the system message when used
+    try:
+        return harmony.from_chat_completions(data, date=data.get("date"), **tools)
+    except harmony.HarmonyError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+@dataclass
+class DataReport:
+    path: Path
+    examples: int = 0
+    truncated: list[int] = field(default_factory=list)  # line numbers
+    skipped: list[int] = field(default_factory=list)
+
+    def lines(self, max_seq_len: int) -> list[str]:
+        out = []
+        for what, lines in (("truncated", self.truncated), ("skipped", self.skipped)):
+            if lines:
+                shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
+                out.append(f"{self.path}: {len(lines)} conversation(s) longer than {max_seq_len} "
+                           f"tokens {what} (line {shown})")
+        return out
+
+
+def load_data(path: str | os.PathLike, tokenizer, max_seq_len: int,
+              long: str = "truncate") -> tuple[list[Example], DataReport]:
+    """Every conversation of a JSONL file, rendered and masked. A conversation longer than
+    ``max_seq_len`` tokens is cut there (``truncate``; skipped if nothing trained is left) or
+    skipped (``skip``); the report lists them."""
+    path = Path(path).expanduser()
+    if long not in LONG:
+        raise ValueError(f"long must be one of {', '.join(LONG)}, got {long!r}")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: {e.strerror or e}") from None
+    report, examples = DataReport(path), []
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            data = parse_json(line)
+        except JSONProblem as e:
+            raise DataError(f"{where}: not JSON ({e})") from None
+        try:
+            tokens, mask = render_for_training(conversation_messages(data, where), tokenizer)
+        except harmony.HarmonyError as e:
+            raise DataError(f"{where}: {e}") from None
+        except DataError as e:
+            raise DataError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+        if len(tokens) > max_seq_len:
+            if long == "skip" or not any(mask[1:max_seq_len]):
+                report.skipped.append(n)
+                continue
+            report.truncated.append(n)
+            tokens, mask = tokens[:max_seq_len], mask[:max_seq_len]
+        examples.append(Example(tokens, mask, n))
+    if not examples:
+        raise DataError(f"{path}: no conversations to train on")
+    report.examples = len(examples)
+    return examples, report
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------- batches
+def batch_groups(examples: list[Example], batch_size: int) -> list[list[int]]:
+    """Example indices in batches of similar length (less padding); the last may be smaller."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def batch_for_step(groups: list[list[int]], seed: int, step: int) -> list[int]:
+    """The batch of step ``step`` (0-based): each epoch visits every group once, in an order
+    drawn from (seed, epoch), so a resumed run sees what an uninterrupted one would."""
+    epoch, k = divmod(step, len(groups))
+    return groups[np.random.default_rng((seed, epoch)).permutation(len(groups))[k]]
+
+
+def make_batch(examples: list[Example]) -> tuple[mx.array, mx.array, mx.array, int]:
+    """(inputs (B, L), targets at the trained positions (N,), those positions in the flattened
+    (B*L) inputs (N,), tokens in the batch). Padding is never trained."""
+    width = max(len(e.tokens) for e in examples) - 1
+    inputs = np.zeros((len(examples), width), np.int32)
+    targets, positions = [], []
+    for b, e in enumerate(examples):
+        inputs[b, :len(e.tokens) - 1] = e.tokens[:-1]
+        trained = np.flatnonzero(np.asarray(e.mask[1:], bool))  # position i predicts token i+1
+        positions.append(b * width + trained)
+        targets.append(np.asarray(e.tokens, np.int32)[trained + 1])
+    count = sum(len(e.tokens) for e in examples)
+    return (mx.array(inputs), mx.array(np.concatenate(targets)),
+            mx.array(np.concatenate(positions).astype(np.int32)), count)
+
+
+# ------------------------------------------------------------------------------------- loss
+def hidden_states(model: Model, inputs: mx.array, checkpoint: bool = False) -> mx.array:
+    """The layers' output for inputs (B, L), as ``Model.__call__`` computes it without a cache;
+    with ``checkpoint``, each layer's activations are recomputed in the backward pass."""
+    x = model.embed_tokens(inputs)
+    for layer in model.layers:
+        x = _checkpointed(layer)(x) if checkpoint else layer(x)
+    return x
+
+
+def _checkpointed(layer: nn.Module):
+    def run(params, x):
+        layer.update(params)
+        return layer(x)
+
+    fn = mx.checkpoint(run)
+    return lambda x: fn(layer.trainable_parameters(), x)
+
+
+def loss_sum(model: Model, inputs, targets, positions, checkpoint: bool = False) -> mx.array:
+    """Summed cross-entropy over the trained positions. Logits only where the loss counts, and
+    LOGIT_CHUNK rows at a time, recomputed in the backward pass: float32 (rows, vocab) logits
+    never exist for the whole batch at once."""
+    x = hidden_states(model, inputs, checkpoint)
+    h = x.reshape(-1, x.shape[-1])[positions]  # (N, D)
+
+    def chunk_loss(i: int) -> mx.array:
+        t = targets[i:i + LOGIT_CHUNK]  # ids: no gradient, so not an argument of the checkpoint
+        return mx.checkpoint(lambda h: nn.losses.cross_entropy(
+            model.lm_head(model.norm(h)).astype(mx.float32), t, reduction="sum"))(h[i:i + LOGIT_CHUNK])
+
+    return sum(chunk_loss(i) for i in range(0, targets.size, LOGIT_CHUNK))
+
+
+def mean_loss(model, inputs, targets, positions, checkpoint=False):
+    return loss_sum(model, inputs, targets, positions, checkpoint) / targets.size
+
+
+def evaluate(model: Model, examples: list[Example], batch_size: int,
+             max_batches: int | None = None) -> float:
+    """Mean loss per trained token over ``examples``."""
+    total, count = 0.0, 0
+    for group in batch_groups(examples, batch_size)[:max_batches]:
+        inputs, targets, positions, _ = make_batch([examples[i] for i in group])
+        total += loss_sum(model, inputs, targets, positions).item()
+        count += targets.size
+    return total / max(count, 1)
+
+
+def make_step(model: Model, optimizer: optim.Optimizer, checkpoint: bool = False):
+    """``step(inputs, targets, positions) -> loss``: one optimizer step, evaluated."""
+    loss_and_grad = nn.value_and_grad(model, mean_loss)
+
+    def step(inputs, targets, positions) -> mx.array:
+        loss, grads = loss_and_grad(model, inputs, targets, positions, checkpoint)
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state, loss)
+        return loss
+
+    return step
+
+
+@contextmanager
+def reference_ops():
+    """The custom kernels have no gradients: run MLX's own operations while training."""
+    old = os.environ.get(registry.ENV_VAR)
+    os.environ[registry.ENV_VAR] = "off"
+    registry.reset()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(registry.ENV_VAR, None)
+        else:
+            os.environ[registry.ENV_VAR] = old
+        registry.reset()
+
+
+# ------------------------------------------------------------------------------------ events
+@dataclass
+class Progress:
+    step: int
+    total: int
+    loss: float  # mean over the steps since the last report
+    tokens_per_s: float
+    peak_gb: float
+    elapsed_s: float  # training time in this run (not counting validation)
+    eta_s: float
+
+
+@dataclass
+class Validation:
+    step: int
+    loss: float
+
+
+@dataclass
+class Saved:
+    step: int
+    path: Path
+    final: bool
+
+
+TrainEvent = Progress | Validation | Saved
+
+
+@dataclass
+class Settings:
+    """Everything a run depends on (stored with the adapter; a resumed run must match)."""
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("attention", "experts")
+    iters: int = 1000
+    batch_size: int = 1
+    learning_rate: float = 1e-4
+    schedule: str = "cosine"
+    max_seq_len: int = 2048
+    long: str = "truncate"
+    grad_checkpoint: bool = False
+    seed: int = 0
+    steps_per_report: int = 10
+    steps_per_eval: int = 100
+    val_batches: int | None = None
+    save_every: int = 100
+
+    @property
+    def lora(self) -> LoRAConfig:
+        return LoRAConfig(self.rank, self.alpha, tuple(self.targets))
+
+
+def read_state(directory: str | os.PathLike) -> dict:
+    """What an interrupted or finished run left in its adapter directory (for --resume)."""
+    directory = Path(directory)
+    path = directory / STATE_FILE
+    if not path.is_file() or not (directory / OPTIMIZER_FILE).is_file():
+        raise DataError(f"{directory}: nothing to resume (no {STATE_FILE} and {OPTIMIZER_FILE})")
+    state = read_json_file(path, DataError)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) \
+            or not isinstance(state.get("settings"), dict):
+        raise DataError(f"{path}: damaged (step and settings expected)")
+    read_adapter_config(directory)
+    return state
+
+
+def train(model: Model, base_model: str, train_set: list[Example], settings: Settings,
+          out: str | os.PathLike, valid_set: list[Example] | None = None, data_digest: str = "",
+          resume: dict | None = None, stop: threading.Event | None = None) -> Iterator[TrainEvent]:
+    """Train an adapter on ``model`` (a base model; wrapped in place) and save it in ``out``,
+    yielding progress. ``resume``: :func:`read_state`'s dict, continued where it stopped.
+    ``stop`` set: the run saves after the step under way and ends. Runs on the calling thread
+    (give it to the engine thread)."""
+    out = Path(out)
+    mx.random.seed(settings.seed)
+    apply_lora(model, settings.lora)
+    rate = settings.learning_rate
+    if settings.schedule == "cosine":  # a function of the optimizer's step: resumes exactly
+        rate = optim.cosine_decay(rate, settings.iters)
+    optimizer = optim.Adam(learning_rate=rate)
+    step = 0
+    if resume is not None:
+        model.load_weights(str(out / ADAPTER_WEIGHTS), strict=False)
+        optimizer.state = tree_unflatten(list(mx.load(str(out / OPTIMIZER_FILE)).items()))
+        step = resume["step"]
+    mx.eval(model.parameters())
+    groups = batch_groups(train_set, settings.batch_size)
+    step_fn = make_step(model, optimizer, settings.grad_checkpoint)
+
+    def save(final: bool) -> Saved:
+        save_adapter(model, out, settings.lora, base_model=base_model)
+        mx.save_safetensors(str(out / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
+        write_json(out / STATE_FILE, {"step": step, "settings": _json_settings(settings),
+                                      "data": data_digest})
+        return Saved(step, out, final)
+
+    def validate() -> Validation:
+        return Validation(step, evaluate(model, valid_set, settings.batch_size, settings.val_batches))
+
+    with reference_ops():
+        if valid_set and resume is None:
+            yield validate()
+        model.train()
+        losses, tokens, timed, elapsed, first = [], 0, 0.0, 0.0, step
+        mx.reset_peak_memory()
+        while step < settings.iters and not (stop and stop.is_set()):
+            t0 = time.perf_counter()
+            inputs, targets, positions, count = make_batch(
+                [train_set[i] for i in batch_for_step(groups, settings.seed, step)])
+            loss = step_fn(inputs, targets, positions)
+            step += 1
+            dt = time.perf_counter() - t0
+            losses.append(loss.item())
+            tokens, timed, elapsed = tokens + count, timed + dt, elapsed + dt
+            if step % settings.steps_per_report == 0 or step == settings.iters:
+                rate = (step - first) / elapsed
+                yield Progress(step, settings.iters, sum(losses) / len(losses), tokens / timed,
+                               mx.get_peak_memory() / 1e9, elapsed, (settings.iters - step) / rate)
+                losses, tokens, timed = [], 0, 0.0
+            if valid_set and (step % settings.steps_per_eval == 0 or step == settings.iters):
+                yield validate()
+            if step % settings.save_every == 0 and step < settings.iters:
+                yield save(final=False)
+        yield save(final=True)
+
+
+def _json_settings(settings: Settings) -> dict:
+    data = asdict(settings)
+    data["targets"] = list(settings.targets)
+    return data
+
+
+def resumed_settings(state: dict, given: dict) -> Settings:
+    """The saved run's settings, with ``given`` (explicit flags) applied where a resumed run may
+    change them; a flag that contradicts a RESUMED setting is a DataError naming it."""
+    saved = dict(state["settings"])
+    saved["targets"] = tuple(saved.get("targets", ()))
+    for name, value in given.items():
+        if name in RESUMED and value != saved.get(name):
+            flag = "--" + name.replace("_", "-")
+            raise DataError(f"--resume: this run was started with {flag} {saved.get(name)!r}, "
+                            f"not {value!r}; leave {flag} out to keep it")
+        saved[name] = value
+    try:
+        return Settings(**saved)
+    except TypeError as e:
+        raise DataError(f"--resume: damaged {STATE_FILE} ({e})") from None
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"

@@ -1,0 +1,268 @@
+"""LoRA fine-tuning (gptoss_mlx/finetune.py, lora.py, cli/finetune.py): the loss mask against the
+rendering, bad data, the tiny model learning eight conversations, resuming, adapters in chat and
+serve, and fusing."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from gptoss_mlx import finetune as ft
+from gptoss_mlx import harmony
+from gptoss_mlx.chat import AnswerDelta, Chat
+from gptoss_mlx.cli import build_parser, common, main
+from gptoss_mlx.generate import SamplingParams
+from gptoss_mlx.tokenizer import SPECIAL_TOKENS as ID
+from gptoss_mlx.loading import load
+from gptoss_mlx.lora import (
+    ADAPTER_WEIGHTS, FUSED_EXPERT_ADAPTER, LoRAConfig, LoRALinear, LoRASwitchLinear, apply_lora,
+    save_adapter,
+)
+from gptoss_mlx.testing import checkpoints as mtc
+from gptoss_mlx.tokenizer import load_tokenizer
+
+DATE = "2025-08-05"
+STOPS = (ID["<|call|>"], ID["<|return|>"])
+CAPITALS = [("France", "Paris"), ("Peru", "Lima"), ("Japan", "Tokyo"), ("Egypt", "Cairo"),
+            ("Kenya", "Nairobi"), ("Chile", "Santiago"), ("Spain", "Madrid"), ("Cuba", "Havana")]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string"}}}}}
+# Two turns; the second calls a tool and answers: history reasoning, tool call, tool result.
+WITH_TOOLS = {"date": DATE, "tools": [WEATHER], "messages": [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "reasoning": "old thought", "content": "Hello!"},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "reasoning": "need the tool", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather",
+                                                      "arguments": "{\"city\":\"Paris\"}"}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "{\"temp\":20}"},
+    {"role": "assistant", "thinking": "it is 20", "content": "It is 20 degrees."}]}
+
+
+def capitals_line(country, city):
+    return {"date": DATE, "messages": [{"role": "user", "content": country},
+                                       {"role": "assistant", "content": city}]}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_json):
+    return load_tokenizer(tokenizer_json)
+
+
+@pytest.fixture(scope="module")
+def sharp(tokenizer_json, tmp_path_factory):
+    """The tiny random checkpoint with its unembedding scaled 4x: logits spread like a trained
+    model's (std ~4 rather than ~1), so that one token of 201k can become likely at all."""
+    ckpt = tmp_path_factory.mktemp("sharp") / "tiny"
+    mtc.write_hf(ckpt, mtc.TINY, seed=3)
+    weights, metadata = mx.load(str(ckpt / "model.safetensors"), return_metadata=True)
+    weights["lm_head.weight"] = (weights["lm_head.weight"].astype(mx.float32) * 4).astype(mx.bfloat16)
+    mx.save_safetensors(str(ckpt / "model.safetensors"), weights, metadata=metadata)
+    mtc.copy_tokenizer(ckpt, tokenizer_json)
+    return ckpt
+
+
+# ----------------------------------------------------------------------- the mask and the data
+def test_mask_covers_exactly_what_the_model_samples_at_inference(tok):
+    messages = ft.conversation_messages(WITH_TOOLS, "x:1")
+    tokens, mask = ft.render_for_training(messages, tok)
+    expected = [False] * len(tokens)
+    points = ft.prompt_points(messages)
+    assert len(points) == 2  # the turn's start, and after the tool result
+    for i in points:
+        # The prompt at inference (Chat's rendering: earlier reasoning dropped) is a prefix...
+        prompt = harmony.segments_to_tokens(harmony.render_conversation(messages[:i]), tok)
+        assert tokens[:len(prompt)] == prompt
+        # ... and the model samples from there up to the token that stops sampling.
+        end = next(j for j in range(len(prompt), len(tokens)) if tokens[j] in STOPS)
+        expected[len(prompt):end + 1] = [True] * (end + 1 - len(prompt))
+    assert mask == expected
+    assert tokens[-1] == ID["<|return|>"] and tokens.count(ID["<|return|>"]) == 1
+    text = tok.decode(tokens)
+    assert "old thought" not in text and "need the tool" in text and "it is 20" in text  # thinking
+
+
+def test_bad_lines_name_the_line_and_the_field(tok, tmp_path):
+    good = capitals_line("France", "Paris")
+    cases = [
+        ("{not json", "not JSON"),
+        (json.dumps({"messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
+        (json.dumps({"messages": [{"role": "assistant", "thinking": 3, "content": "x"}]}),
+         "messages[0].thinking must be a string"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "nothing to train on"),
+        (json.dumps({"messages": [{"role": "wizard"}]}), "messages[0].role"),
+        (json.dumps([1, 2]), "expected a JSON object"),
+    ]
+    for line, problem in cases:
+        path = tmp_path / "train.jsonl"
+        path.write_text(json.dumps(good) + "\n\n" + line + "\n")
+        with pytest.raises(ft.DataError) as e:
+            ft.load_data(path, tok, 512)
+        assert str(e.value).startswith(f"{path}:3: ") and problem in str(e.value), str(e.value)
+
+
+def test_long_conversations_are_truncated_or_skipped_and_reported(tok, tmp_path):
+    long = capitals_line("France", "Paris " * 200)
+    path = write_jsonl(tmp_path / "train.jsonl", [capitals_line("Peru", "Lima"), long])
+    short = len(ft.load_data(path, tok, 4096)[0][0].tokens)
+    examples, report = ft.load_data(path, tok, short + 20)
+    assert [len(e.tokens) for e in examples] == [short, short + 20]
+    assert report.truncated == [2] and "1 conversation(s) longer than" in report.lines(short + 20)[0]
+    examples, report = ft.load_data(path, tok, short + 20, long="skip")
+    assert len(examples) == 1 and report.skipped == [2]
+
+
+def test_cli_reports_a_bad_line_in_one_message(sharp, tmp_path, capsys):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": 5}]}) + "\n")
+    assert main(["finetune", "--model", str(sharp), "--data", str(path),
+                 "--adapter-path", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:1: messages[0].content must be" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ learning
+SETTINGS = ft.Settings(rank=16, alpha=32, targets=("attention", "experts"), iters=16, batch_size=8,
+                       learning_rate=3e-3, steps_per_report=1, steps_per_eval=16, save_every=100)
+
+
+@pytest.fixture(scope="module")
+def trained(sharp, tok, tmp_path_factory):
+    """The tiny model trained on eight conversations (validation = the same eight)."""
+    out = tmp_path_factory.mktemp("adapter")
+    data = write_jsonl(out.parent / "capitals.jsonl", [capitals_line(*c) for c in CAPITALS])
+    examples, _ = ft.load_data(data, tok, 512)
+    model, _ = load(sharp)
+    events = list(ft.train(model, str(sharp), examples, SETTINGS, out, valid_set=examples))
+    return model, out, events
+
+
+def greedy_answer(model, tok, question):
+    chat = Chat(model, tok, date=DATE, sampling=SamplingParams(temperature=0, max_tokens=12))
+    return "".join(e.text for e in chat.send(question) if isinstance(e, AnswerDelta))
+
+
+def test_the_tiny_model_learns_eight_conversations(trained, sharp, tok):
+    model, out, events = trained
+    validation = [e.loss for e in events if isinstance(e, ft.Validation)]
+    assert validation[-1] <= 0.1 * validation[0], validation
+    assert [e.step for e in events if isinstance(e, ft.Saved)] == [SETTINGS.iters]
+    base, _ = load(sharp)
+    assert greedy_answer(model, tok, "France") == "Paris"
+    assert greedy_answer(base, tok, "France") != "Paris"
+    # Saved and loaded again: the same model.
+    again, _ = load(sharp, adapter=out)
+    prompt = mx.array([tok.encode("France Peru Japan")])
+    assert mx.allclose(again(prompt), model(prompt)).item()
+
+
+def test_an_adapter_loads_in_chat_generate_and_serve(trained, sharp, tok, monkeypatch, capsys):
+    model, out, _ = trained
+    for command in ("chat", "serve", "generate -p x", "tui"):
+        args = build_parser().parse_args([*command.split(), "--model", str(sharp), "--adapter", str(out)])
+        chat = common.load_chat(args)
+        adapted = [m for _, m in chat.engine.model.named_modules() if isinstance(m, LoRASwitchLinear)]
+        assert len(adapted) == 2 * mtc.TINY.num_hidden_layers, command
+    assert main(["generate", "--model", str(sharp), "--adapter", str(out), "--temperature", "0",
+                 "--max-tokens", "12", "-p", "France"]) == 0
+    assert capsys.readouterr().out.strip() != ""  # a reply; exactness: test above
+    assert main(["generate", "--model", str(sharp), "--adapter", str(out / "missing"), "-p", "x"]) == 2
+    assert "no such adapter directory" in capsys.readouterr().err
+
+
+def test_resuming_equals_an_uninterrupted_run(sharp, tok, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", [capitals_line(*c) for c in CAPITALS[:4]])
+    examples, _ = ft.load_data(data, tok, 512)
+    settings = ft.Settings(rank=4, alpha=8, targets=("attention", "experts", "router"), iters=4,
+                           batch_size=2, learning_rate=1e-3, steps_per_report=1, save_every=100)
+
+    def run(out, stop_at=None, resume=None):
+        stop = threading.Event()  # what Ctrl-C sets
+        s = ft.resumed_settings(resume, {}) if resume else settings
+        for event in ft.train(load(sharp)[0], str(sharp), examples, s, out, resume=resume, stop=stop):
+            if isinstance(event, ft.Progress) and event.step == stop_at:
+                stop.set()
+        return mx.load(str(out / ADAPTER_WEIGHTS)), mx.load(str(out / ft.OPTIMIZER_FILE))
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "resumed", stop_at=2)
+    state = ft.read_state(tmp_path / "resumed")
+    assert state["step"] == 2
+    resumed = run(tmp_path / "resumed", resume=state)
+    for a, b in zip(straight, resumed):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert mx.array_equal(a[k], b[k]).item(), k
+    with pytest.raises(ft.DataError, match="--rank 4"):
+        ft.resumed_settings(state, {"rank": 8})
+
+
+# ------------------------------------------------------------------------------------ fusing
+def random_adapter(sharp, out, targets, seed=1):
+    """An adapter with nonzero B everywhere, saved in ``out``; returns the adapted model."""
+    model, _ = load(sharp, dtype="float32")
+    mx.random.seed(seed)
+    config = LoRAConfig(4, 8, targets)
+    apply_lora(model, config)
+    for _, m in model.named_modules():
+        if isinstance(m, (LoRALinear, LoRASwitchLinear)):
+            m.lora_b = 0.05 * mx.random.normal(m.lora_b.shape)
+    save_adapter(model, out, config)
+    return model
+
+
+@pytest.mark.parametrize("targets", [("attention",), ("attention", "experts")])
+def test_a_fused_checkpoint_gives_the_logits_of_base_plus_adapter(sharp, tok, tmp_path, targets, capsys):
+    adapted = random_adapter(sharp, tmp_path / "adapter", targets)
+    fused_dir = tmp_path / "fused"
+    assert main(["fuse", "--model", str(sharp), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(fused_dir)]) == 0
+    assert (fused_dir / FUSED_EXPERT_ADAPTER).is_dir() == ("experts" in targets)
+    prompt = mx.array([tok.encode("The fused model answers like the adapted one.")])
+    base = load(sharp, dtype="float32")[0](prompt)
+    want = adapted(prompt)
+    got = load(fused_dir, dtype="float32")[0](prompt)
+    # The merged weights are stored in bf16, as the base's are: that rounding, nothing more.
+    assert mx.abs(got - want).max().item() < 0.05 * mx.abs(want - base).max().item()
+    assert mx.array_equal(got.argmax(-1), want.argmax(-1)).item()
+    if "experts" in targets:  # merged into MXFP4 on request, with the error reported
+        assert main(["fuse", "--model", str(sharp), "--adapter", str(tmp_path / "adapter"),
+                     "--out", str(tmp_path / "requantized"), "--requantize-experts"]) == 0
+        assert "error RMS" in capsys.readouterr().out
+        assert not (tmp_path / "requantized" / FUSED_EXPERT_ADAPTER).exists()
+        load(tmp_path / "requantized")  # a plain checkpoint in the published layout
+
+
+def test_mlx_lm_loads_a_fused_checkpoint(sharp, tmp_path):
+    random_adapter(sharp, tmp_path / "adapter", ("attention",))
+    assert main(["fuse", "--model", str(sharp), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "fused")]) == 0
+    from mlx_lm import load as mlx_lm_load
+
+    model, _ = mlx_lm_load(str(tmp_path / "fused"))
+    ours, _ = load(tmp_path / "fused")
+    prompt = mx.array([[200006, 1000, 2000, 3000]])
+    theirs, mine = (np.array(m(prompt).astype(mx.float32)) for m in (model, ours))
+    assert np.abs(theirs - mine).max() < 0.03 * np.abs(mine).max()  # bf16 arithmetic apart
+
+
+def test_decoding_token_by_token_runs_the_adapted_router_and_experts(sharp, tok, tmp_path):
+    """At decode-sized batches the fused MoE and router kernels would read the packed weights
+    and skip the adapters: adapted layers take the ops path, so decoding equals the full pass."""
+    adapted = random_adapter(sharp, tmp_path / "adapter", ("router", "experts"))
+    model, _ = load(sharp, dtype="float32", adapter=tmp_path / "adapter")
+    tokens = tok.encode("Decode one token at a time")
+    cache = model.make_cache()
+    steps = mx.concatenate([model(mx.array([[t]]), cache=cache) for t in tokens], axis=1)
+    assert mx.allclose(steps, adapted(mx.array([tokens])), atol=1e-3).item()
