@@ -153,7 +153,10 @@ def run_mlx_lm(args) -> dict:
 
 def mac_table(config, ours: dict, args) -> list[str]:
     """Which rank and sequence length fit on 16/32/64 GB Macs (checkpointing on)."""
-    from gptoss_mlx.memory import weight_bytes
+    from gptoss_mlx.memory import dense_bytes, expert_bytes, total_experts
+
+    def weight_bytes(config, bits=None) -> float:  # everything resident, dense layers at ``bits``
+        return dense_bytes(config, bits or 16) + expert_bytes(config) * total_experts(config)
 
     measured_weights = weight_bytes(config) / 1e9
     state_per_param = 16 / 1e9  # float32 adapter, gradient, Adam's two moments
