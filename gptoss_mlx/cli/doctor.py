@@ -54,6 +54,8 @@ def cmd_doctor(args) -> int:
             print(f"  {name:<14}{ctx:>9}  does not fit (needs at least {e.smallest_limit / GB:.1f} GB)")
     print(f"\nPython tool sandbox: {sandbox_status()}")
     print(f"\nCustom kernels ({registry.ENV_VAR}={registry.mode()}; checked on a small input before use):")
-    for name, state, description in registry.status(mx.bfloat16):
-        print(f"  {name:<16} {state}\n  {'':<16} {description}")
+    kernels = registry.status(mx.bfloat16)
+    width = max(len(name) for name, _, _ in kernels)
+    for name, state, description in kernels:
+        print(f"  {name:<{width}}  {state}\n  {'':<{width}}  {description}")
     return 0
