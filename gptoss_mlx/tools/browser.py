@@ -193,6 +193,8 @@ class WebClient:
             if response.status not in REDIRECTS:
                 result.body, result.truncated = self._read_body(url, response)
         except (OSError, http.client.HTTPException, ValueError) as e:
+            if isinstance(e, TimeoutError):  # the socket's own timeout: the watchdog's deadline too
+                expired.set()
             if not expired.is_set():
                 raise ToolError(f"{url}: could not be fetched ({type(e).__name__}: {e})") from None
         finally:
