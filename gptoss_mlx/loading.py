@@ -738,3 +738,30 @@ def _checkpoint_tokenizer(directory: Path) -> HarmonyEncoding:
         if any(os.path.lexists(candidate / n) for n in names):
             return load_tokenizer(candidate)
     return load_tokenizer()
+
+
+# ---- writing a checkpoint (models convert, fuse) ---------------------------------------------
+
+SHARD_BYTES = 4 * 2**30
+COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+          "o200k_base.tiktoken", "generation_config.json", "chat_template.jinja")
+
+
+def save_weights(out: Path, weights: dict[str, mx.array]) -> None:
+    """Our parameter names, in safetensors shards of at most SHARD_BYTES with an index."""
+    out.mkdir(parents=True, exist_ok=True)
+    shards, size = [{}], 0
+    for name, array in weights.items():
+        if shards[-1] and size + array.nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    weight_map = {}
+    for k, shard in enumerate(shards, 1):
+        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(out / file), shard, metadata={"format": "mlx"})
+        weight_map.update(dict.fromkeys(shard, file))
+    index = {"metadata": {"total_size": sum(a.nbytes for a in weights.values())},
+             "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import finetune as ft
 from ..config import ConfigError
 from ..engine_thread import engine_thread
-from ..loading import CheckpointError, find_layout, load, resolve_checkpoint
+from ..loading import COPIED, CheckpointError, find_layout, load, resolve_checkpoint, save_weights
 from ..lora import (
     ADAPTER_CONFIG, FUSED_EXPERT_ADAPTER, TARGETS, AdapterError, adapter_weights,
     expert_adapter_config, fuse_dense, hf_tensors, read_adapter_config, requantize_experts,
@@ -23,7 +23,6 @@ from ..lora import (
 )
 from ..tokenizer import TokenizerError
 from .common import CLIError, add_model_argument, positive_int, terminal_safe
-from .models import COPIED, save_weights
 
 BAR = 24  # characters of the progress bar
 DEFAULTS = ft.Settings()
