@@ -80,9 +80,10 @@ def _variant_kernels(name: str) -> list[str]:
     """The expert kernels whose launch a variant changes (the others run as in "base")."""
     v, base = moe.VARIANTS[name], moe.VARIANTS["base"]
     changed = []
-    if (v.rows_a, v.x_a, v.simdgroups) != (base.rows_a, base.x_a, base.simdgroups):
+    if (v.rows_a, v.x_a, v.seq_a, v.simdgroups) != (base.rows_a, base.x_a, base.seq_a, base.simdgroups):
         changed.append("moe_gate_up_swiglu")
-    if (v.rows_b, v.split_b, v.act_ahead, v.simdgroups) != (base.rows_b, base.split_b, base.act_ahead, base.simdgroups):
+    if (v.rows_b, v.split_b, v.act_ahead, v.seq_b, v.simdgroups) != (
+            base.rows_b, base.split_b, base.act_ahead, base.seq_b, base.simdgroups):
         changed.append("moe_down_combine")
     return changed
 
@@ -222,7 +223,7 @@ def test_emulator_reports_an_out_of_bounds_access(mutant, cxx):
 VARIANT_MUTANTS = {
     "gate-up-x-staged-without-a-barrier": ("moe_gate_up_swiglu", "a-xtg", BARRIER, ""),
     "gate-up-second-column-written-over-the-first": (
-        "moe_gate_up_swiglu", "a-rows2", "act[size_t(slot) * I + first + r]", "act[size_t(slot) * I + first]"),
+        "moe_gate_up_swiglu", "a-rows2", "act[size_t(slot) * I + col + r]", "act[size_t(slot) * I + col]"),
     "down-split-parts-in-one-slot": (
         "moe_down_combine", "b-split2", "* SPLIT + part] = acc[r]", "* SPLIT] = acc[r]"),
     "gate-up-x-ahead-one-step-off": (
@@ -231,6 +232,12 @@ VARIANT_MUTANTS = {
         "moe_down_combine", "b-act", "av[n] = ahead[8 * step + n];", "av[n] = ahead[8 * (step + 1) % (8 * STEPS) + n];"),
     "down-second-row-reads-the-first-rows-scales": (
         "moe_down_combine", "b-rows2", "sc[r * PACKED + step / 4] >>", "sc[step / 4] >>"),
+    "gate-up-next-turn-words-never-used": ("moe_gate_up_swiglu", "a-seq2", "q[k] = q_next[k];", ""),
+    "gate-up-next-turn-loads-the-same-columns": (
+        "moe_gate_up_swiglu", "a-seq3", "e, col + ROWS, lane, q_next, sc_next", "e, col, lane, q_next, sc_next"),
+    "down-every-turn-in-the-first-turns-slot": (
+        "moe_down_combine", "b-seq2", "turn * ROWS + r) * TOP_K", "r) * TOP_K"),
+    "down-next-turn-scales-never-used": ("moe_down_combine", "b-seq4", "sc[k] = sc_next[k];", ""),
 }
 
 
@@ -254,7 +261,7 @@ def test_emulator_catches_a_bug_in_a_kernel_variant(mutant, cxx, monkeypatch):
 
 @pytest.mark.parametrize("old,new", [
     ("  sums[sg] = sumsq;\n}\n" + BARRIER, "  sums[sg] = sumsq;\n}\n"),  # the norm's sum read too early
-    ("xv[n] = static_cast<float>(static_cast<T_>(gv[n]", "xv[n] = static_cast<float>(static_cast<T_>(hv[n]"),
+    ("xv = static_cast<float>(static_cast<T_>(gv[n]", "xv = static_cast<float>(static_cast<T_>(hv[n]"),
 ], ids=["norm-barrier-dropped", "router-reads-h-not-y"])
 def test_emulator_catches_a_bug_in_the_fused_norm_and_router(old, new, cxx):
     name = "add_rms_norm_route"

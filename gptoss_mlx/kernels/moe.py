@@ -29,6 +29,8 @@ class Variant:
     rows_b: int = 1  # kernel B: outputs per simdgroup
     split_b: int = 1  # kernel B: simdgroups sharing one row's inputs (split-K)
     act_ahead: bool = False  # kernel B: a lane's activations loaded with its weights, before the loop
+    seq_a: int = 1  # kernel A: turns of rows_a columns per simdgroup, the next turn's weights loading during this one's sums
+    seq_b: int = 1  # kernel B: turns of rows_b outputs per simdgroup, likewise
     simdgroups: int = 8  # per threadgroup, both kernels
 
 
@@ -51,6 +53,15 @@ VARIANTS = {
     "b-act": Variant(act_ahead=True),
     "b-split2-act": Variant(split_b=2, act_ahead=True),
     "b-rows2-split2-act": Variant(rows_b=2, split_b=2, act_ahead=True),
+    # Fewer, longer simdgroups whose loads overlap their sums: at 1 token the base kernels' 1440
+    # threadgroups run as about three waves, each loading everything and then computing.
+    "a-seq2": Variant(seq_a=2),
+    "a-seq3": Variant(seq_a=3),
+    "a-seq4": Variant(seq_a=4),
+    "a-seq4-xahead": Variant(seq_a=4, x_a=2),
+    "b-seq2": Variant(seq_b=2),
+    "b-seq4": Variant(seq_b=4),
+    "b-seq4-act": Variant(seq_b=4, act_ahead=True),
 }
 VARIANT = VARIANTS["base"]  # what the model runs
 
@@ -58,6 +69,12 @@ VARIANT = VARIANTS["base"]  # what the model runs
 # as gather_qmv does); above it the sorted gather_qmm path shares rows between tokens.
 # Measured by scripts/bench_moe.py (see its docstring).
 MAX_TOKENS = 16
+
+# add_rms_norm_route: at most this many simdgroups per threadgroup (it holds a router row's slice,
+# 96 floats at D = 2880, in registers: 142 of them per thread on CUDA, where a threadgroup's
+# 65536 registers allow 384 such threads), hence D <= 12 * 256 (a chunk of 8 values per thread).
+NORM_ROUTER_SIMDGROUPS = 12
+NORM_ROUTER_MAX_D = 32 * 8 * NORM_ROUTER_SIMDGROUPS
 
 ROUTER = Kernel("moe_router", ["x", "weight", "bias"], ["indices", "weights"])
 NORM_ROUTER = Kernel("add_rms_norm_route", ["x", "residual", "gain", "eps", "weight", "bias"],
@@ -106,12 +123,14 @@ def norm_router_reference(x, residual, gain, eps, weight, bias, k):
 def norm_router_plan(x, residual, gain, eps, weight, bias, k) -> Launch:
     D = x.shape[-1]
     T = x.size // D
-    simdgroups = -(-D // 256)  # a chunk of 8 values of the row per thread
+    E = weight.shape[0]
+    # A chunk of 8 values of the row per thread; up to 12 simdgroups share the router's rows.
+    simdgroups = max(-(-D // 256), min(E, NORM_ROUTER_SIMDGROUPS))
     return Launch(
         inputs=[x, residual, gain, float(eps), weight, bias],
         output_shapes=[x.shape, x.shape, (T, k), (T, k)], output_dtypes=[x.dtype, x.dtype, mx.uint32, x.dtype],
         grid=(32 * simdgroups, T, 1), threadgroup=(32 * simdgroups, 1, 1),
-        template=[("T_", x.dtype), ("D", D), ("E", weight.shape[0]), ("TOP_K", k), ("SG", simdgroups)],
+        template=[("T_", x.dtype), ("D", D), ("E", E), ("TOP_K", k), ("SG", simdgroups)],
     )
 
 
@@ -141,8 +160,10 @@ def gate_up_swiglu_plan(x, indices, w, scales, bias, limit) -> Launch:
     return Launch(
         inputs=[x, w, scales, bias, indices, float(limit)],
         output_shapes=[(T, k, I)], output_dtypes=[x.dtype],
-        grid=(32 * v.simdgroups, -(-I // (v.simdgroups * v.rows_a)), T * k), threadgroup=(32 * v.simdgroups, 1, 1),
-        template=[("T_", x.dtype), ("D", D), ("I", I), ("TOP_K", k), ("ROWS", v.rows_a), ("X_FROM", v.x_a)],
+        grid=(32 * v.simdgroups, -(-I // (v.simdgroups * v.rows_a * v.seq_a)), T * k),
+        threadgroup=(32 * v.simdgroups, 1, 1),
+        template=[("T_", x.dtype), ("D", D), ("I", I), ("TOP_K", k), ("ROWS", v.rows_a), ("SEQ", v.seq_a),
+                  ("X_FROM", v.x_a)],
     )
 
 
@@ -160,14 +181,14 @@ def down_combine_plan(act, indices, weights, w, scales, bias, residual) -> Launc
     v = VARIANT
     per_group = k * v.split_b  # simdgroups per group of outputs: one per (expert, part)
     groups = max(1, v.simdgroups // per_group)
-    outs = groups * v.rows_b  # outputs per threadgroup
+    outs = groups * v.rows_b * v.seq_b  # outputs per threadgroup
     threads = 32 * per_group * groups
     return Launch(
         inputs=[act, w, scales, bias, indices, weights, residual],
         output_shapes=[(T, D)], output_dtypes=[act.dtype],
         grid=(threads, -(-D // outs), T), threadgroup=(threads, 1, 1),
         template=[("T_", act.dtype), ("D", D), ("I", I), ("TOP_K", k), ("OUTS", outs), ("ROWS", v.rows_b),
-                  ("SPLIT", v.split_b), ("ACT_AHEAD", int(v.act_ahead))],
+                  ("SEQ", v.seq_b), ("SPLIT", v.split_b), ("ACT_AHEAD", int(v.act_ahead))],
     )
 
 
@@ -259,7 +280,7 @@ def add_rms_norm_route(x, residual, gain, eps: float, router, k: int):
     decode-sized batches, routing = :func:`route` of y's rows (indices, weights); where that
     kernel does not apply, routing is None and the caller routes y (the MoE block does)."""
     D = x.shape[-1]
-    if (x.size // D <= MAX_TOKENS and D % 8 == 0 and D <= 8192 and x.shape == residual.shape
+    if (x.size // D <= MAX_TOKENS and D % 8 == 0 and D <= NORM_ROUTER_MAX_D and x.shape == residual.shape
             and x.dtype == residual.dtype == gain.dtype and _plain_router(router, x.dtype)
             and registry.active(NORM_ROUTER_SPEC.name, x.dtype)):
         h, y, indices, weights = NORM_ROUTER_SPEC.launch(x, residual, gain, eps, router.weight,
