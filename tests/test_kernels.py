@@ -6,6 +6,7 @@ check must disable a kernel that is wrong."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import warnings
 
@@ -113,6 +114,34 @@ def test_every_expert_kernel_variant_type_checks_and_matches_the_reference(case,
     for order in ("forward", "reverse"):
         err = registry.max_error(toolchain.emulate(spec.kernel, launch, order), spec.expected(*args))
         assert err <= registry.tolerance(dtype), f"{variant} {name} {dtype} sample {i} {order}: error {err}"
+
+
+# The model-sized launches (gpt-oss-20b and 120b at one and four tokens) of every kernel whose
+# threadgroup is large or whose registers hold rows: MLX compiles CUDA kernels without launch
+# bounds, so more than 65536 registers per threadgroup would fail to launch on the GPU machine.
+MODEL_LAUNCHES = [("add_rms_norm_route", moe.norm_router_sample, (T, 2880, E, 4)) for T in (1, 4) for E in (32, 128)] + [
+    (name, sample, (T, 2880, 2880, 32, 4))
+    for name, sample in (("moe_gate_up_swiglu", moe.gate_up_sample), ("moe_down_combine", moe.down_sample))
+    for T in (1, 4)
+]
+
+
+@pytest.mark.parametrize("launch,variant", [
+    (launch, variant) for launch in MODEL_LAUNCHES for variant in moe.VARIANTS
+    if variant == "base" or launch[0] in _variant_kernels(variant)
+], ids=lambda c: f"{c[0]}-{c[2]}" if isinstance(c, tuple) else c)
+def test_cuda_mirror_fits_a_threadgroups_registers(launch, variant, monkeypatch):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found (the CUDA toolkit)")
+    name, sample, shape = launch
+    monkeypatch.setattr(moe, "VARIANT", moe.VARIANTS[variant])
+    spec = registry.REGISTRY[name]
+    plan = spec.plan(*sample(shape, mx.random.key(0), mx.bfloat16))
+    registers, spilled = toolchain.cuda_registers(spec.kernel, plan, nvcc)
+    threads = plan.threadgroup[0] * plan.threadgroup[1] * plan.threadgroup[2]
+    assert registers * threads <= 65536, f"{registers} registers x {threads} threads"
+    assert spilled == 0
 
 
 def test_every_variant_changes_one_expert_kernel():

@@ -339,3 +339,48 @@ def _strides(shape) -> list[int]:
         strides.append(acc)
         acc *= n
     return list(reversed(strides))
+
+
+# ---- the CUDA mirror's resources (nvcc, where installed) -------------------------------------
+
+def cuda_mirror_source(kernel: Kernel, launch: Launch) -> str:
+    """The CUDA source mx.fast.cuda_kernel compiles for this launch (launch.Kernel.cuda's body and
+    header in a signature like MLX's), with CUDA's own headers in place of MLX's device headers."""
+    from ..kernels import launch as kl
+
+    header, body = kernel.source or kl.kernel_source(kernel.name)
+    params, preamble = [], []
+    for name, x in zip(kernel.input_names, launch.inputs):
+        scalar = kl._scalar_dtype(x)
+        if scalar is None:
+            params.append(f"const {kl._CUDA_TYPES[x.dtype]}* {name}")
+        else:
+            params.append(f"const {kl._CUDA_TYPES[scalar]}* {name}__ptr")
+            preamble.append(f"const {kl._CUDA_TYPES[scalar]} {name} = *{name}__ptr;")
+    params += [f"{kl._CUDA_TYPES[d]}* {n}" for n, d in zip(kernel.output_names, launch.output_dtypes)]
+    preamble += [decl for attr, decl in kl._CUDA_ATTRIBUTES.items() if attr in body]
+    template = [f"using {n} = {kl._CUDA_TYPES[v]};" if isinstance(v, mx.Dtype)
+                else f"constexpr {'bool' if isinstance(v, bool) else 'int'} {n} = {int(v)};"
+                for n, v in launch.template]
+    # nvcc (unlike NVRTC) spells __device__ with the word `device`, which msl_cuda.h defines away.
+    msl_cuda = kl.read_metal_file("msl_cuda.h").replace(
+        "#define device\n", "#define device\n#undef __device__\n#define __device__ __attribute__((__device__))\n")
+    return ("#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include <cooperative_groups.h>\n#include <cstdint>\n"
+            "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n" + msl_cuda + "\n" + header
+            + f"__global__ void kernel({', '.join(params)}) {{\n" + "\n".join(template + preamble) + "\n" + body
+            + "}\n}  // namespace mlx::core::cu\n")
+
+
+def cuda_registers(kernel: Kernel, launch: Launch, nvcc: str, arch: str = "sm_90a") -> tuple[int, int]:
+    """(registers per thread, bytes spilled) of the CUDA mirror, from ptxas. MLX declares no launch
+    bounds, so a threadgroup whose threads need more than 65536 registers in all fails to launch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.cu"
+        src.write_text(cuda_mirror_source(kernel, launch))
+        out = subprocess.run([nvcc, f"-arch={arch}", "-O3", "-cubin", "-Xptxas", "-v", "-o", str(Path(tmp) / "k.cubin"),
+                              str(src)], capture_output=True, text=True, timeout=300)
+    if out.returncode:
+        raise ToolchainError(f"nvcc failed on kernel {kernel.name!r}:\n{out.stderr[-3000:]}")
+    registers = re.search(r"Used (\d+) registers", out.stderr)
+    spilled = re.search(r"(\d+) bytes spill stores", out.stderr)
+    return int(registers.group(1)), int(spilled.group(1)) if spilled else 0
