@@ -105,7 +105,7 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0
         H, KV = self.num_heads, self.num_kv_heads
         # (B, H + 2 KV, L, head_dim); query head h reads KV head h // (H / KV).
-        qkv = self.qkv_proj(x).reshape(B, L, H + 2 * KV, -1).transpose(0, 2, 1, 3)
+        qkv = kernels.linear(x, self.qkv_proj).reshape(B, L, H + 2 * KV, -1).transpose(0, 2, 1, 3)
         qk = self.rope(qkv[:, : H + KV], offset)  # queries and keys share their positions
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
         if cache is not None:
@@ -120,7 +120,7 @@ class Attention(nn.Module):
         else:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=sinks)
             out = out.transpose(0, 2, 1, 3)
-        out = self.o_proj(out.reshape(B, L, -1))
+        out = kernels.linear(out.reshape(B, L, -1), self.o_proj)
         return out if self.group is None else mx.distributed.all_sum(out, group=self.group)
 
 

@@ -109,6 +109,7 @@ for (uint k = 0; k < EPS; ++k) {
         wv[8 * step + n] = v[n];
       }
     }
+    simdgroup_barrier(mem_flags::mem_none);  // keeps the loads above together (ptxas would spread them)
     float acc = 0.0f;
     for (uint step = 0; step < STEPS; ++step) {
       const uint chunk = lane + 32 * step;

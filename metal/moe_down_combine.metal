@@ -93,6 +93,9 @@ if (d0 < D) {
       }
     }
   }
+  // Keeps the loads above issued together: without it the CUDA compiler (ptxas) moves each load
+  // next to its first use, leaving a simdgroup a few loads in flight (kernel SASS).
+  simdgroup_barrier(mem_flags::mem_none);
   for (uint turn = 0; turn < SEQ && d0 + turn * ROWS < D; ++turn) {  // uniform per simdgroup
     const uint row0 = d0 + turn * ROWS;
     uint q_next[ROWS * STEPS];  // the next turn's words, loading while this turn sums
@@ -101,6 +104,7 @@ if (d0 < D) {
     if (more) {
       load_rows<D, I, ROWS, SPLIT>(w, scales, first_row, row0 + ROWS, part, lane, q_next, sc_next);
     }
+    simdgroup_barrier(mem_flags::mem_none);  // the next turn's loads, issued before these sums
     float acc[ROWS];
     for (uint r = 0; r < ROWS; ++r) {
       acc[r] = 0.0f;

@@ -89,6 +89,9 @@ if (first < I) {  // uniform per simdgroup; no barrier follows
       }
     }
   }
+  // Keeps the loads above issued together: without it the CUDA compiler (ptxas) moves each load
+  // next to its first use, leaving a simdgroup a few loads in flight, not 24 (kernel SASS).
+  simdgroup_barrier(mem_flags::mem_none);
   for (uint turn = 0; turn < SEQ && first + turn * ROWS < I; ++turn) {  // uniform per simdgroup
     const uint col = first + turn * ROWS;
     uint q_next[2 * ROWS * STEPS];  // the next turn's words, loading while this turn sums
@@ -97,6 +100,7 @@ if (first < I) {  // uniform per simdgroup; no barrier follows
     if (more) {
       load_columns<D, I, ROWS>(w, scales, e, col + ROWS, lane, q_next, sc_next);
     }
+    simdgroup_barrier(mem_flags::mem_none);  // the next turn's loads, issued before these sums
     float acc[2 * ROWS];  // [row r][gate, linear]
     for (uint k = 0; k < 2 * ROWS; ++k) {
       acc[k] = 0.0f;

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from gptoss_mlx import kernels
-from gptoss_mlx.kernels import moe, registry
+from gptoss_mlx.kernels import dense, moe, registry
 from gptoss_mlx.kernels.launch import Kernel, Launch, kernel_source
 from gptoss_mlx.testing import toolchain
 from gptoss_mlx.testing.samples import emulated_dtypes, samples
@@ -120,6 +120,8 @@ def test_every_expert_kernel_variant_type_checks_and_matches_the_reference(case,
 # threadgroup is large or whose registers hold rows: MLX compiles CUDA kernels without launch
 # bounds, so more than 65536 registers per threadgroup would fail to launch on the GPU machine.
 MODEL_LAUNCHES = [("add_rms_norm_route", moe.norm_router_sample, (T, 2880, E, 4)) for T in (1, 4) for E in (32, 128)] + [
+    ("linear_decode", dense.sample, (T, K, N)) for T in (1, 4) for K, N in ((2880, 5120), (4096, 2880))
+] + [
     (name, sample, (T, 2880, 2880, 32, 4))
     for name, sample in (("moe_gate_up_swiglu", moe.gate_up_sample), ("moe_down_combine", moe.down_sample))
     for T in (1, 4)
@@ -227,6 +229,9 @@ MEMORY_MUTANTS = {
         "moe_router", "if (c < EB && e0 + c < E) {", "if (c <= EB && e0 + c <= E) {",
         r"kernel 'moe_router' failed in the emulator: out-of-bounds access: "
         r"(buffer 'bias'|threadgroup array 'partial'|threadgroup array 'logits') at index \d+, outside \[0, \d+\)"),
+    "linear-one-chunk-past-the-row": (
+        "linear_decode", "if (chunk < CH) {\n      load8(w_row", "if (chunk <= CH) {\n      load8(w_row",
+        r"kernel 'linear_decode' failed in the emulator: out-of-bounds access: buffer 'weight' at index \d+, outside \[0, \d+\)"),
     "decode-q-staging-past-the-tile": (
         "sdpa_decode_partial", "i < GQA * D; i += threads", "i <= GQA * D; i += threads",
         r"kernel 'sdpa_decode_partial' failed in the emulator: out-of-bounds access: "

@@ -16,6 +16,7 @@ from .. import ops
 from . import registry
 from .add_rms_norm import add_rms_norm
 from .launch import Kernel, Launch
+from .dense import plain_linear
 
 
 @dataclass(frozen=True)
@@ -259,17 +260,10 @@ DOWN_SPEC = registry.register(registry.KernelSpec(
 
 # ---- what the model calls ----------------------------------------------------------------------
 
-def _plain_router(router, dtype) -> bool:
-    """Whether the router kernels can read ``router``: an nn.Linear with a bias, in the
-    activations' dtype. A quantized router (--dense-bits) runs the ops path, and so does an
-    adapted one (lora.LoRALinear holds no weight of its own)."""
-    return "weight" in router and "bias" in router and router.weight.dtype == dtype
-
-
 def route(x: mx.array, router, k: int) -> tuple[mx.array, mx.array]:
     """The top-k experts of each token of x (T, D), highest first, and their softmaxed weights,
     through ``router`` (an nn.Linear, or a quantized one): one kernel for small batches."""
-    if x.shape[0] <= MAX_TOKENS and x.shape[1] <= 8192 and _plain_router(router, x.dtype) \
+    if x.shape[0] <= MAX_TOKENS and x.shape[1] <= 8192 and plain_linear(router, x.dtype) \
             and registry.active(ROUTER_SPEC.name, x.dtype):
         return tuple(ROUTER_SPEC.launch(x, router.weight, router.bias, k))
     return ops.top_k_softmax(router(x), k)
@@ -281,7 +275,7 @@ def add_rms_norm_route(x, residual, gain, eps: float, router, k: int):
     kernel does not apply, routing is None and the caller routes y (the MoE block does)."""
     D = x.shape[-1]
     if (x.size // D <= MAX_TOKENS and D % 8 == 0 and D <= NORM_ROUTER_MAX_D and x.shape == residual.shape
-            and x.dtype == residual.dtype == gain.dtype and _plain_router(router, x.dtype)
+            and x.dtype == residual.dtype == gain.dtype and plain_linear(router, x.dtype)
             and registry.active(NORM_ROUTER_SPEC.name, x.dtype)):
         h, y, indices, weights = NORM_ROUTER_SPEC.launch(x, residual, gain, eps, router.weight,
                                                          router.bias, k)

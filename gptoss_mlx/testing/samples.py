@@ -26,6 +26,10 @@ DOWN_SHAPES = [(1, 64, 64, 4, 2), (1, 64, 2880, 8, 4), (3, 100, 96, 4, 4), (2, 1
 # four slots per lane); an expert count that leaves lanes empty.
 ROUTER_SHAPES = [(2, 64, 8, 4), (1, 2880, 32, 4), (3, 160, 128, 4), (2, 96, 40, 3)]
 
+# (tokens, K, N): o_proj's K = 4096 (16 chunks a lane), qkv's 2880 (lanes 0-7 take twelve) with a
+# ragged last threadgroup (33 outputs, 8 a threadgroup), short rows (most lanes idle), 4 tokens.
+LINEAR_SHAPES = [(1, 64, 24), (1, 4096, 40), (2, 2880, 33), (4, 200, 16), (3, 96, 8)]
+
 # (heads, kv heads, D, capacity, n_keys): the window's edges 127/128/129, a ring buffer
 # (capacity 128) full, several partitions with a ragged last one.
 SDPA_DECODE_SHAPES = [(8, 1, 32, 40, 33), (16, 2, 64, 256, 127), (16, 2, 64, 256, 128),
@@ -57,6 +61,7 @@ CASES = {
     "add_rms_norm": lambda: _chained(ADD_RMS_NORM_SHAPES, 7),
     "moe_router": lambda: _seeded(ROUTER_SHAPES, 500),
     "add_rms_norm_route": lambda: _seeded(ROUTER_SHAPES, 600),
+    "linear_decode": lambda: _seeded(LINEAR_SHAPES, 700),
     "moe_gate_up_swiglu": lambda: _seeded(GATE_UP_SHAPES, 100),
     "moe_down_combine": lambda: _seeded(DOWN_SHAPES, 200),
     "sdpa_decode_partial": lambda: _seeded(SDPA_DECODE_SHAPES, 300),
