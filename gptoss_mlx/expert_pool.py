@@ -195,12 +195,12 @@ class ExpertPool:
         for proj in (self.experts.gate_up_proj, self.experts.down_proj):
             proj.bias = proj.bias.astype(dtype)
         mx.eval(self.experts.parameters())
-        self.set_transfer(transfer)
         self.slot_of = np.full((L, E), -1, dtype=np.int64)  # (layer, expert) -> slot, -1: absent
         self.owner = np.full(slots, -1, dtype=np.int64)  # slot -> layer * E + expert, -1: free
         self.score = np.full(slots, -np.inf)  # eviction takes the lowest; free slots first
         self.clock = 0
         self.stats = PoolStats()
+        self.set_transfer(transfer)
 
     def set_policy(self, policy: str, half_life: float = 32.0) -> None:
         """How slots are chosen for eviction from now on (see the module's docstring)."""
@@ -215,19 +215,19 @@ class ExpertPool:
         does not."""
         if transfer not in (None, *TRANSFERS):
             raise ValueError(f"transfer must be one of {', '.join(TRANSFERS)}, got {transfer!r}")
+        self._release(np.array([0]))  # the check below writes slot 0
         self._views = {}  # released first: MLX donates (writes in place) only unshared buffers
         for name in [transfer] if transfer else TRANSFERS:
-            works = name == "mlx" or self._host_copy(name)
-            if works:
+            if name == "mlx" or self._host_copy(name):
                 self.transfer = name
                 return
         raise ValueError(f"the {transfer} transfer does not reach the expert pool on {mx.default_device()}")
 
     def _host_copy(self, transfer: str) -> bool:
         """Set up the ``host`` or ``cuda`` transfer (``self._copy(dst, src)`` into
-        ``self._views``) and say whether it works here. It works if the pool holds the checkpoint's bytes (no cast) and a pattern it writes into
-        slot 0 of each of the pool's arrays is what the device then reads there (slot 0 is free:
-        this runs while the pool is empty, or between steps)."""
+        ``self._views``) and say whether it works here: if the pool holds the checkpoint's bytes
+        (no cast), and a pattern it writes into slot 0 of each of the pool's arrays is what the
+        device then reads there."""
         copy = cuda_memcpy() if transfer == "cuda" else np.copyto
         if copy is None:
             return False
@@ -289,10 +289,7 @@ class ExpertPool:
         score = self.score.copy()
         score[protect] = np.inf  # needed by this step: never evicted
         victims = np.argpartition(score, len(missing) - 1)[: len(missing)]
-        for slot in victims:
-            old = self.owner[slot]
-            if old >= 0:
-                self.slot_of[old // E, old % E] = -1
+        self._release(victims)
         self.source.will_need(layer, missing)
         if self.transfer == "mlx":
             self._copy_through_mlx(layer, missing, victims)
@@ -304,6 +301,14 @@ class ExpertPool:
         self.stats.misses += len(missing)
         self.stats.bytes_read += len(missing) * sum(self.source.tensors[layer, n].expert_bytes
                                                     for n in EXPERT_TENSORS)
+
+    def _release(self, slots: np.ndarray) -> None:
+        """Forget what ``slots`` hold: free, first in line to be filled."""
+        held = self.owner[slots]
+        E = self.config.num_local_experts
+        self.slot_of[held[held >= 0] // E, held[held >= 0] % E] = -1
+        self.owner[slots] = -1
+        self.score[slots] = -np.inf
 
     def _write(self, layer: int, missing: np.ndarray, victims: np.ndarray) -> None:
         """Each missing expert's bytes from the mapped checkpoint straight into its slot's memory,

@@ -105,6 +105,23 @@ def test_a_host_view_that_copies_is_detected_and_mlx_writes_the_pool(checkpoints
     assert pooled.expert_pool.stats.misses > 8
 
 
+def test_changing_the_transfer_between_steps_keeps_every_slot_right(models):
+    """Setting up a transfer writes a check pattern into slot 0: the expert it held is read again."""
+    from gptoss_mlx.expert_pool import ExpertPool
+
+    resident, pooled = models
+    pool = ExpertPool(resident.config, pooled.expert_pool.source, 8)
+    pool.fetch(0, mx.array([[0, 1, 2, 3]]))
+    assert 0 in pool.slot_of[0]
+    pool.set_transfer("host")
+    slots = np.array(pool.fetch(0, mx.array([[0, 1, 2, 3]])))
+    assert pool.stats.misses == 5
+    for expert, slot in enumerate(slots.ravel()):
+        for name in ("gate_up_proj", "down_proj"):
+            ours, theirs = getattr(pool.experts, name), getattr(resident.layers[0].mlp.experts, name)
+            assert mx.array_equal(ours.weight[int(slot)], theirs.weight[expert]).item()
+
+
 def test_a_pass_left_unevaluated_survives_later_passes_rewriting_its_slots(models):
     """Slots are rewritten in place, so a pass's output that nobody has evaluated yet must not
     read experts a later pass has put in its slots since: the model queues each pass's work
