@@ -8,6 +8,18 @@ OS page cache keeps what RAM allows) into free or evicted slots, one read per mi
 and the gather runs on the pool's :class:`~gptoss_mlx.model.Experts` with slot indices instead
 of expert ids. The bytes are the checkpoint's own, so the logits equal the resident model's.
 
+How the bytes reach a slot (``transfer``, the first that works, checked once per pool by
+writing a pattern and reading it back through MLX): ``host`` copies each missing expert from the
+mapped file straight into the slot's memory through a numpy view of the pool (unified memory on
+a Mac, the CPU: that copy is the whole transfer); ``cuda`` does the same with ``cudaMemcpy``
+(MLX-CUDA's memory is managed: a host write would reach the GPU by page faults); ``mlx``, where
+the pool's memory cannot be written from the host, stages each expert in an MLX array and copies
+it into the pool on the device. Writing the pool in place is safe because nothing that reads it
+is still to run: a layer's slots are written right after its routing is read back, which waited
+for everything the device was given before it (every earlier layer's experts), and the model
+queues each pass's last layer before it returns (``Model.__call__``), so a later pass never
+rewrites a slot under an earlier pass's unevaluated output.
+
 Eviction (``policy``): ``lru`` (least recently used), ``lfu`` (least often used), or ``decay``
 (use counts halved every ``half_life`` steps, the default); a step is a decode token or a
 prefill chunk. The slots a step needs are never
@@ -16,7 +28,10 @@ evicted in that step, so the pool must hold one layer's experts at least.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+import os
+import sys
 import time
 from dataclasses import astuple, dataclass
 from pathlib import Path
@@ -31,10 +46,12 @@ from .model import Experts
 EXPERT_TENSORS = ("gate_up_proj.weight", "gate_up_proj.scales", "gate_up_proj.bias",
                   "down_proj.weight", "down_proj.scales", "down_proj.bias")
 POLICIES = ("lru", "lfu", "decay")
+TRANSFERS = ("cuda", "host", "mlx")  # tried in this order
+CUDA_MEMCPY_DEFAULT = 4  # cudaMemcpyKind: the direction from the pointers (unified addressing)
 LOAD_BATCH = 16  # experts staged per copy into the pool: bounds the staging memory (~210 MB)
 
-_NUMPY_DTYPES = {"U8": np.uint8, "U32": np.uint32, "BF16": np.uint16, "F16": np.float16,
-                 "F32": np.float32}  # bf16 is read as its bits, then viewed in MLX
+_MLX_DTYPES = {"U8": mx.uint8, "U32": mx.uint32, "BF16": mx.bfloat16, "F16": mx.float16,
+               "F32": mx.float32}  # safetensors' names
 
 
 @dataclass(frozen=True)
@@ -46,8 +63,12 @@ class ExpertTensor:
     shape: tuple[int, ...]  # one expert's, as stored
 
     @property
+    def mlx_dtype(self) -> mx.Dtype:
+        return _MLX_DTYPES[self.dtype]
+
+    @property
     def expert_bytes(self) -> int:
-        return int(np.prod(self.shape)) * np.dtype(_NUMPY_DTYPES[self.dtype]).itemsize
+        return int(np.prod(self.shape)) * self.mlx_dtype.size
 
 
 class ExpertSource:
@@ -72,13 +93,56 @@ class ExpertSource:
                 aligned = start - start % mmap.PAGESIZE
                 self._maps[t.file].madvise(mmap.MADV_WILLNEED, aligned, start + t.expert_bytes - aligned)
 
-    def read(self, layer: int, name: str, expert: int) -> mx.array:
-        """One expert's tensor as stored, flat (one copy, out of the page cache)."""
+    def raw(self, layer: int, name: str, expert: int) -> np.ndarray:
+        """One expert's tensor as stored: its bytes in the mapped file (no copy)."""
         t = self.tensors[layer, name]
-        values = np.frombuffer(self._maps[t.file], dtype=_NUMPY_DTYPES[t.dtype],
-                               count=int(np.prod(t.shape)), offset=t.offset + expert * t.expert_bytes)
-        array = mx.array(values)
-        return array.view(mx.bfloat16) if t.dtype == "BF16" else array
+        return np.frombuffer(self._maps[t.file], dtype=np.uint8, count=t.expert_bytes,
+                             offset=t.offset + expert * t.expert_bytes)
+
+    def read(self, layer: int, name: str, expert: int) -> mx.array:
+        """One expert's tensor as stored, flat, in MLX (one copy, out of the page cache)."""
+        return mx.array(self.raw(layer, name, expert)).view(self.tensors[layer, name].mlx_dtype)
+
+
+def host_view(array: mx.array) -> np.ndarray:
+    """``array``'s own memory as numpy bytes, one row per slot (S, bytes): no copy where the
+    device's memory is visible to the host (a Mac's unified memory, CUDA's managed memory, the
+    CPU). Whether writing it reaches ``array`` is checked by :meth:`ExpertPool.set_transfer`."""
+    if array.dtype == mx.bfloat16:  # numpy has no bfloat16: the same bytes as uint16
+        array = array.view(mx.uint16)
+    return np.array(array, copy=False).reshape(len(array), -1).view(np.uint8)
+
+
+def cuda_memcpy():
+    """A host-to-slot copy through ``cudaMemcpy`` of the CUDA runtime this process has loaded
+    (MLX's CUDA backend), or None (a Mac, the CPU, a runtime linked in statically).
+
+    Why: MLX-CUDA allocates with ``cudaMallocManaged``. Bytes written through a host view reach
+    the GPU by page faults at its first touch (1.9-2.2 GB/s on an H200 machine), after the write
+    itself has faulted the slot's GPU-resident pages back to the host. ``cudaMemcpy`` from the
+    mapped checkpoint into the slot's managed pointer moves them in one bulk copy instead."""
+    if sys.platform != "linux" or mx.default_device() != mx.gpu:
+        return None
+    with open("/proc/self/maps") as maps:
+        path = next((line.split()[-1] for line in maps if "/libcudart.so" in line), None)
+    if path is None:
+        return None
+    try:
+        cudart = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)  # the loaded one, never another
+        memcpy, sync = cudart.cudaMemcpy, cudart.cudaStreamSynchronize
+    except (OSError, AttributeError):
+        return None
+    memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    sync.argtypes = [ctypes.c_void_p]
+
+    def copy(dst: np.ndarray, src: np.ndarray) -> None:
+        # From pageable memory cudaMemcpy may return before its DMA lands: wait for it, so that
+        # MLX's stream (which need not order itself after the legacy stream) reads the new bytes.
+        error = memcpy(dst.ctypes.data, src.ctypes.data, src.nbytes, CUDA_MEMCPY_DEFAULT) or sync(None)
+        if error:
+            raise OSError(f"cudaMemcpy into the expert pool failed: cudaError {error}")
+
+    return copy
 
 
 @dataclass
@@ -87,7 +151,8 @@ class PoolStats:
     hits: int = 0  # (layer, expert) needs found in the pool
     misses: int = 0  # ... read from the checkpoint
     bytes_read: int = 0
-    read_s: float = 0.0  # reading and copying into the pool
+    read_s: float = 0.0  # copying from the checkpoint into host memory: the pool's, or staging
+    migrate_s: float = 0.0  # moving it into the device's pool: MLX's copy, or cudaMemcpy
     readback_s: float = 0.0  # waiting for each layer's routing (the GPU's work up to it)
 
     @property
@@ -103,16 +168,24 @@ class PoolStats:
         """What happened after ``earlier`` (a copy of these stats taken then)."""
         return PoolStats(*(now - then for now, then in zip(astuple(self), astuple(earlier))))
 
+    @property
+    def transfer_gbps(self) -> float:
+        """Bytes into the pool per second of reading and migrating them."""
+        seconds = self.read_s + self.migrate_s
+        return self.bytes_read / seconds / 1e9 if seconds else 0.0
+
     def summary(self) -> str:
         return (f"experts: hit rate {self.hit_rate:.1%}, {self.bytes_per_token / 1e6:.0f} MB read "
-                f"per token, {self.read_s:.2f}s in reads")
+                f"per token, {self.read_s + self.migrate_s:.2f}s in reads "
+                f"({self.transfer_gbps:.1f} GB/s)")
 
 
 class ExpertPool:
     """``slots`` experts of any layers on the GPU, in one :class:`Experts` of ``slots`` experts."""
 
     def __init__(self, config: ModelConfig, source: ExpertSource, slots: int,
-                 dtype: mx.Dtype = mx.bfloat16, policy: str = "decay", half_life: float = 32.0):
+                 dtype: mx.Dtype = mx.bfloat16, policy: str = "decay", half_life: float = 32.0,
+                 transfer: str | None = None):
         L, E = config.num_hidden_layers, config.num_local_experts
         if slots < E:
             raise ValueError(f"an expert pool needs at least one layer's {E} experts, got {slots} slots")
@@ -127,6 +200,7 @@ class ExpertPool:
         self.score = np.full(slots, -np.inf)  # eviction takes the lowest; free slots first
         self.clock = 0
         self.stats = PoolStats()
+        self.set_transfer(transfer)
 
     def set_policy(self, policy: str, half_life: float = 32.0) -> None:
         """How slots are chosen for eviction from now on (see the module's docstring)."""
@@ -134,6 +208,50 @@ class ExpertPool:
             raise ValueError(f"eviction policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.policy = policy
         self.decay = 0.5 ** (1.0 / half_life) if policy == "decay" else 1.0
+
+    def set_transfer(self, transfer: str | None = None) -> None:
+        """How missing experts reach their slots from now on (see the module's docstring): the
+        one named, or the first of TRANSFERS that works here; a ValueError if the one named
+        does not."""
+        if transfer not in (None, *TRANSFERS):
+            raise ValueError(f"transfer must be one of {', '.join(TRANSFERS)}, got {transfer!r}")
+        self._release(np.array([0]))  # the check below writes slot 0
+        self._views = {}  # released first: MLX donates (writes in place) only unshared buffers
+        for name in [transfer] if transfer else TRANSFERS:
+            if name == "mlx" or self._host_copy(name):
+                self.transfer = name
+                return
+        raise ValueError(f"the {transfer} transfer does not reach the expert pool on {mx.default_device()}")
+
+    def _host_copy(self, transfer: str) -> bool:
+        """Set up the ``host`` or ``cuda`` transfer (``self._copy(dst, src)`` into
+        ``self._views``) and say whether it works here: if the pool holds the checkpoint's bytes
+        (no cast), and a pattern it writes into slot 0 of each of the pool's arrays is what the
+        device then reads there."""
+        copy = cuda_memcpy() if transfer == "cuda" else np.copyto
+        if copy is None:
+            return False
+        try:
+            views = {name: host_view(self._array(name)) for name in EXPERT_TENSORS}
+            for name, view in views.items():
+                stored = self.source.tensors[0, name]
+                if (stored.mlx_dtype not in (mx.uint8, self._array(name).dtype)
+                        or view.shape[1] != stored.expert_bytes):
+                    return False  # the pool holds a cast of the checkpoint's bytes
+                pattern = (np.arange(view.shape[1]) * 7 + 1).astype(np.uint8)
+                copy(view[0], pattern)
+                device = self._array(name)[0].view(mx.uint8).flatten()
+                if not mx.array_equal(device, mx.array(pattern)).item():
+                    return False  # the view was a copy: the pool never saw the write
+        except (ValueError, TypeError, BufferError, OSError):  # no view of MLX's memory, or no copy
+            return False
+        self._copy, self._views = copy, views
+        return True
+
+    def _array(self, name: str) -> mx.array:
+        """The pool's (slots, ...) array for one of EXPERT_TENSORS."""
+        module, param = name.split(".")
+        return getattr(self.experts, module)[param]
 
     @property
     def slots(self) -> int:
@@ -167,36 +285,64 @@ class ExpertPool:
         return table[indices]
 
     def _load(self, layer: int, missing: np.ndarray, protect: np.ndarray) -> None:
-        t0 = time.perf_counter()
         E = self.config.num_local_experts
         score = self.score.copy()
         score[protect] = np.inf  # needed by this step: never evicted
         victims = np.argpartition(score, len(missing) - 1)[: len(missing)]
-        for slot in victims:
-            old = self.owner[slot]
-            if old >= 0:
-                self.slot_of[old // E, old % E] = -1
+        self._release(victims)
         self.source.will_need(layer, missing)
-        projections = {"gate_up_proj": self.experts.gate_up_proj, "down_proj": self.experts.down_proj}
+        if self.transfer == "mlx":
+            self._copy_through_mlx(layer, missing, victims)
+        else:
+            self._write(layer, missing, victims)
+        self.owner[victims] = layer * E + missing
+        self.slot_of[layer, missing] = victims
+        self.score[victims] = 0.0
+        self.stats.misses += len(missing)
+        self.stats.bytes_read += len(missing) * sum(self.source.tensors[layer, n].expert_bytes
+                                                    for n in EXPERT_TENSORS)
+
+    def _release(self, slots: np.ndarray) -> None:
+        """Forget what ``slots`` hold: free, first in line to be filled."""
+        held = self.owner[slots]
+        E = self.config.num_local_experts
+        self.slot_of[held[held >= 0] // E, held[held >= 0] % E] = -1
+        self.owner[slots] = -1
+        self.score[slots] = -np.inf
+
+    def _write(self, layer: int, missing: np.ndarray, victims: np.ndarray) -> None:
+        """Each missing expert's bytes from the mapped checkpoint straight into its slot's memory,
+        one copy per tensor. Nothing still to run reads these slots (see the module's docstring):
+        this runs after the layer's routing read-back."""
+        t0 = time.perf_counter()
+        for expert, slot in zip(missing, victims):
+            for name in EXPERT_TENSORS:
+                self._copy(self._views[name][slot], self.source.raw(layer, name, int(expert)))
+        elapsed = time.perf_counter() - t0
+        if self.transfer == "cuda":  # read and migrated in one copy
+            self.stats.migrate_s += elapsed
+        else:
+            self.stats.read_s += elapsed
+
+    def _copy_through_mlx(self, layer: int, missing: np.ndarray, victims: np.ndarray) -> None:
+        """Each missing expert staged in MLX, then copied into its slot on the device, at most
+        LOAD_BATCH at a time (bounds the staging memory). The pool's buffers are donated: in place."""
         for a in range(0, len(missing), LOAD_BATCH):
+            t0 = time.perf_counter()
             written = []
             for expert, slot in zip(missing[a:a + LOAD_BATCH], victims[a:a + LOAD_BATCH]):
                 for name in EXPERT_TENSORS:
-                    module, param = name.split(".")
-                    pool_array = projections[module][param]
+                    pool_array = self._array(name)
                     values = self.source.read(layer, name, int(expert))
-                    self.stats.bytes_read += values.nbytes
                     if values.dtype != pool_array.dtype:  # packed bytes: a view; biases: a cast
                         values = (values.view(pool_array.dtype) if values.dtype == mx.uint8
                                   else values.astype(pool_array.dtype))
                     pool_array[int(slot)] = values.reshape(pool_array.shape[1:])
                     written.append(pool_array)
-            mx.eval(written)  # in place (the pool's buffers are donated); bounds the staging
-        self.owner[victims] = layer * E + missing
-        self.slot_of[layer, missing] = victims
-        self.score[victims] = 0.0
-        self.stats.misses += len(missing)
-        self.stats.read_s += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            mx.eval(written)
+            self.stats.read_s += t1 - t0
+            self.stats.migrate_s += time.perf_counter() - t1
 
 
 class StreamedExperts:

@@ -278,6 +278,8 @@ class Model(nn.Module):
             x = layer(x, layer_cache)
             if evaluate_layers:
                 mx.eval(x)
+        if self.expert_pool is not None:  # queued now, before a later pass rewrites its slots
+            mx.async_eval(x)
         if self.lm_head is None:  # the next stage's input; a tensor-parallel follower's last state
             return x if self.stage is None else self.stage.send(x, cache)
         return self.lm_head(self.norm(x))

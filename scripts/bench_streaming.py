@@ -13,7 +13,15 @@ first, so the page cache holds them; ``dropped``: the page cache is emptied firs
 ``echo 3 > /proc/sys/vm/drop_caches``, else ``posix_fadvise(DONTNEED)`` on each file); a row
 whose plan keeps everything resident runs warm only. ``--sync-row`` adds a row with all but one
 expert in the pool: the cost of reading routing back once per layer, without reads.
-``--policies`` adds rows with other eviction policies at the second limit.
+``--policies`` adds rows with other eviction policies at the second limit, ``--transfers``
+rows with other ways into the pool (``expert_pool.TRANSFERS``: ``mlx`` is the MLX copy that
+every device can do, the way before host writes).
+
+Per decode token, the time splits into ``read`` (copying experts from the checkpoint into host
+memory: the pool's own, or MLX's staging), ``migrate`` (moving them into the device's pool: MLX's
+copy, or cudaMemcpy; nothing where the pool is host memory, as on a Mac) and ``compute`` (the
+rest, including ``read-back``: waiting for each layer's routing, which on CUDA also pays for
+pages that migrate by faults); transfer GB/s is the bytes read over read + migrate.
 
 Random weights route almost uniformly, so every expert is equally likely: the hit rates here are
 a floor (real checkpoints reuse experts strongly from token to token).
@@ -106,6 +114,8 @@ def run_row(args) -> dict:
     model = load_model(args.dir, memory_plan=memory_plan)
     if model.expert_pool is not None and args.policy:
         model.expert_pool.set_policy(args.policy)
+    if model.expert_pool is not None and args.transfer:
+        model.expert_pool.set_transfer(args.transfer)
     load_s = time.perf_counter() - t0
     pool = model.expert_pool
     stats = pool.stats if pool else PoolStats()
@@ -113,7 +123,8 @@ def run_row(args) -> dict:
     def delta(before: PoolStats, n: int) -> dict:
         d = stats.since(before)
         return {"hit_rate": d.hit_rate if d.hits + d.misses else 1.0, "mb_per_token": d.bytes_read / n / 1e6,
-                "read_ms_per_token": d.read_s / n * 1e3, "readback_ms_per_token": d.readback_s / n * 1e3}
+                "transfer_gbps": d.transfer_gbps, "read_ms_per_token": d.read_s / n * 1e3,
+                "migrate_ms_per_token": d.migrate_s / n * 1e3, "readback_ms_per_token": d.readback_s / n * 1e3}
 
     greedy = SamplingParams(temperature=0, max_tokens=1)
     engine = Engine(model, max_context=CONTEXT)
@@ -127,9 +138,12 @@ def run_row(args) -> dict:
     before = replace(stats)
     list(engine.generate(prompt, SamplingParams(temperature=0, max_tokens=args.tokens),
                          stop_tokens=frozenset()))
+    decode = delta(before, args.tokens)
+    compute_ms = 1e3 / engine.stats.decode_tps - decode["read_ms_per_token"] - decode["migrate_ms_per_token"]
     return {"arrangement": memory_plan.arrangement, "planned_gb": memory_plan.total / 1e9,
             "limit_gb": limit / 1e9, "cache": how, "policy": pool.policy if pool else "-",
-            "load_s": load_s, "decode_tps": engine.stats.decode_tps, **delta(before, args.tokens),
+            "transfer": pool.transfer if pool else "-", "load_s": load_s,
+            "decode_tps": engine.stats.decode_tps, **decode, "compute_ms_per_token": compute_ms,
             **prefill, "peak_gb": mx.get_peak_memory() / 1e9}
 
 
@@ -152,6 +166,7 @@ def main() -> int:
                     help="give each row the expert share the full model gets at that limit")
     ap.add_argument("--dense-bits", type=int, choices=[16, 8, 4], default=None)
     ap.add_argument("--policies", default="", help="extra eviction policies to compare, e.g. lru,lfu")
+    ap.add_argument("--transfers", default="", help="extra ways into the pool to compare, e.g. host,mlx")
     ap.add_argument("--sync-row", action="store_true",
                     help="add a row with all but one expert in the pool (the per-layer read-back alone)")
     ap.add_argument("--prompt", type=int, default=1024, help="prefill prompt tokens")
@@ -160,6 +175,7 @@ def main() -> int:
     ap.add_argument("--limit", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--slots", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--policy", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--transfer", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.limit is not None or args.slots:
         return child(args)
@@ -184,14 +200,16 @@ def main() -> int:
             if cache == "warm" or row_plan(config, limit, args.scale_to, None, args.dense_bits)[0].streamed]
     if args.sync_row:
         rows.insert(0, dict(limit=limits[0], cache="warm", slots="all-but-one"))
-    for policy in filter(None, args.policies.split(",")):
-        rows.append(dict(limit=limits[1] if len(limits) > 1 else limits[0], cache="warm", policy=policy))
+    second = limits[1] if len(limits) > 1 else limits[0]
+    rows += [dict(limit=second, cache="warm", policy=p) for p in filter(None, args.policies.split(","))]
+    rows += [dict(limit=second, cache="warm", transfer=t) for t in filter(None, args.transfers.split(","))]
     results = []
     for row in rows:
         cmd = [sys.executable, __file__, "--dir", str(args.dir), "--limit", str(row["limit"]),
                "--cache", row["cache"], "--prompt", str(args.prompt), "--tokens", str(args.tokens)]
         for flag, value in (("--slots", row.get("slots")), ("--policy", row.get("policy")),
-                            ("--scale-to", args.scale_to), ("--dense-bits", args.dense_bits)):
+                            ("--transfer", row.get("transfer")), ("--scale-to", args.scale_to),
+                            ("--dense-bits", args.dense_bits)):
             if value:
                 cmd += [flag, str(value)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -208,19 +226,20 @@ def main() -> int:
     print(f"\ndevice: {mx.default_device()}, MLX {mx.__version__}, checkpoint {args.dir}; "
           f"prefill {args.prompt} tokens, decode {args.tokens} greedy tokens after 128; plans for "
           f"{CONTEXT} tokens of context")
-    print("| limit (GB) | arrangement | page cache | policy | decode tok/s | % of resident | hit rate "
-          "| MB read/token | reads ms/token | read-back ms/token | prefill tok/s | prefill MB/token "
-          "| peak GB |")
-    print("|" + "---|" * 13)
+    print("| limit (GB) | arrangement | page cache | policy | transfer | decode tok/s | % of resident "
+          "| hit rate | MB read/token | transfer GB/s | read ms/token | migrate ms/token "
+          "| compute ms/token | of which read-back | prefill tok/s | prefill MB/token | peak GB |")
+    print("|" + "---|" * 17)
     for r in results:
         share = f"{100 * r['decode_tps'] / resident:.0f}%" if resident else "-"
         limit = "-" if r.get("slots") else f"{r['limit_gb']:.2f}"
         if args.scale_to and not r.get("slots"):  # the full model's limit, and this model's share of it
             limit = f"{r['limit']:g} for {args.scale_to}: {limit}"
-        print(f"| {limit} | {r['arrangement']} | {r['cache']} | {r['policy']} | {r['decode_tps']:.1f} "
-              f"| {share} | {r['hit_rate']:.1%} | {r['mb_per_token']:.1f} | {r['read_ms_per_token']:.1f} "
-              f"| {r['readback_ms_per_token']:.1f} | {r['prefill_tps']:.0f} | "
-              f"{r['prefill_mb_per_token']:.1f} | {r['peak_gb']:.2f} |")
+        print(f"| {limit} | {r['arrangement']} | {r['cache']} | {r['policy']} | {r['transfer']} "
+              f"| {r['decode_tps']:.1f} | {share} | {r['hit_rate']:.1%} | {r['mb_per_token']:.1f} "
+              f"| {r['transfer_gbps']:.1f} | {r['read_ms_per_token']:.1f} | {r['migrate_ms_per_token']:.1f} "
+              f"| {r['compute_ms_per_token']:.1f} | {r['readback_ms_per_token']:.1f} "
+              f"| {r['prefill_tps']:.0f} | {r['prefill_mb_per_token']:.1f} | {r['peak_gb']:.2f} |")
     return 0
 
 

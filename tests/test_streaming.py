@@ -21,9 +21,12 @@ from gptoss_mlx.memory import (
 PROMPT = [(37 * t + 11) % 500 for t in range(45)]
 
 
-def streamed(directory, slots, dtype=mx.bfloat16, **kw):
+def streamed(directory, slots, dtype=mx.bfloat16, transfer=None, **kw):
     config = read_config(directory)
-    return load_model(directory, dtype, memory_plan=plan(config, 64, 16, 1e12, expert_slots=slots), **kw)
+    model = load_model(directory, dtype, memory_plan=plan(config, 64, 16, 1e12, expert_slots=slots), **kw)
+    if transfer:
+        model.expert_pool.set_transfer(transfer)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +47,9 @@ def layouts(checkpoints, tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", ["hf", "original", "converted"])
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
-def test_streamed_logits_equal_the_resident_model_through_prefill_and_decode(layouts, layout, dtype):
-    resident, pooled = load_model(layouts[layout], dtype), streamed(layouts[layout], 8, dtype)
+@pytest.mark.parametrize("dtype, transfer", [(mx.bfloat16, "host"), (mx.bfloat16, "mlx"), (mx.float32, "mlx")])
+def test_streamed_logits_equal_the_resident_model_through_prefill_and_decode(layouts, layout, dtype, transfer):
+    resident, pooled = load_model(layouts[layout], dtype), streamed(layouts[layout], 8, dtype, transfer)
     assert pooled.expert_pool.slots == 8 and resident.expert_pool is None
     caches = resident.make_cache(), pooled.make_cache()
     chunks = [PROMPT[:20], PROMPT[20:]] + [[t] for t in (5, 77, 301, 5, 499, 12)]
@@ -69,6 +72,66 @@ def test_greedy_tokens_equal_over_several_turns_with_the_prompt_cache(models):
             assert engine.stats.reused_tokens == (0 if turn == 0 else len(history) - 4 - 1)
             history += replies[-1] + [turn + 7, 400 - turn, 3, 9]
         assert replies[0] == replies[1] and len(replies[0]) == 8
+
+
+def test_the_pool_is_written_through_host_memory_where_the_bytes_are_the_checkpoints(checkpoints):
+    """On the CPU (as on a Mac) the pool's memory is the host's: bf16 pools are written by one
+    copy from the mapped file; a float32 pool holds cast biases, so MLX writes it; cudaMemcpy
+    is never taken off a CUDA device."""
+    assert streamed(checkpoints["hf"], 8).expert_pool.transfer == "host"
+    pool = streamed(checkpoints["hf"], 8, mx.float32).expert_pool
+    assert pool.transfer == "mlx"
+    for transfer in ("host", "cuda"):
+        with pytest.raises(ValueError, match=f"the {transfer} transfer does not reach the expert pool"):
+            pool.set_transfer(transfer)
+    with pytest.raises(ValueError, match="transfer must be one of cuda, host, mlx, got 'disk'"):
+        pool.set_transfer("disk")
+
+
+def test_a_host_view_that_copies_is_detected_and_mlx_writes_the_pool(checkpoints, monkeypatch):
+    """If numpy's view of the pool ever stopped being the pool's own memory (a silent copy),
+    writes through it would never reach the device: the pool notices when it sets up, uses
+    MLX's copy instead, and computes what the resident model computes."""
+    from gptoss_mlx import expert_pool
+
+    real_view = expert_pool.host_view
+    monkeypatch.setattr(expert_pool, "host_view", lambda array: real_view(array).copy())
+    resident, pooled = load_model(checkpoints["hf"]), streamed(checkpoints["hf"], 8)
+    assert pooled.expert_pool.transfer == "mlx"
+    caches = resident.make_cache(), pooled.make_cache()
+    for chunk in [PROMPT[:20], [5], [77], [301]]:
+        a, b = (m(mx.array([chunk]), cache=c) for m, c in zip((resident, pooled), caches))
+        np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
+    assert pooled.expert_pool.stats.misses > 8
+
+
+def test_changing_the_transfer_between_steps_keeps_every_slot_right(models):
+    """Setting up a transfer writes a check pattern into slot 0: the expert it held is read again."""
+    from gptoss_mlx.expert_pool import ExpertPool
+
+    resident, pooled = models
+    pool = ExpertPool(resident.config, pooled.expert_pool.source, 8)
+    pool.fetch(0, mx.array([[0, 1, 2, 3]]))
+    assert 0 in pool.slot_of[0]
+    pool.set_transfer("host")
+    slots = np.array(pool.fetch(0, mx.array([[0, 1, 2, 3]])))
+    assert pool.stats.misses == 5
+    for expert, slot in enumerate(slots.ravel()):
+        for name in ("gate_up_proj", "down_proj"):
+            ours, theirs = getattr(pool.experts, name), getattr(resident.layers[0].mlp.experts, name)
+            assert mx.array_equal(ours.weight[int(slot)], theirs.weight[expert]).item()
+
+
+def test_a_pass_left_unevaluated_survives_later_passes_rewriting_its_slots(models):
+    """Slots are rewritten in place, so a pass's output that nobody has evaluated yet must not
+    read experts a later pass has put in its slots since: the model queues each pass's work
+    before it returns."""
+    resident, pooled = models
+    tokens = [PROMPT[:12], PROMPT[12:30], [3, 1, 4, 1, 5]]
+    lazy = [pooled(mx.array([t]), cache=pooled.make_cache()) for t in tokens]  # none evaluated
+    for t, logits in zip(tokens, lazy):
+        want = resident(mx.array([t]), cache=resident.make_cache())
+        np.testing.assert_array_equal(np.array(want.astype(mx.float32)), np.array(logits.astype(mx.float32)))
 
 
 def test_the_pool_counts_hits_misses_and_bytes(checkpoints):
@@ -226,7 +289,8 @@ def test_cli_memory_limit_streams_or_refuses_in_one_line(tiny_checkpoint):
     assert proc.returncode == 2 and "expected a size such as 10GB" in proc.stderr
 
 
-def test_reading_experts_writes_into_the_pool_in_place(tmp_path):
+@pytest.mark.parametrize("transfer", ["host", "mlx"])
+def test_reading_experts_writes_into_the_pool_in_place(tmp_path, transfer):
     """The pool's buffers are updated in place: filling slots never holds a second copy of the
     pool, neither alone nor inside the engine's asynchronous decode loop."""
     from gptoss_mlx.testing import checkpoints as mtc
@@ -234,7 +298,7 @@ def test_reading_experts_writes_into_the_pool_in_place(tmp_path):
     config = mtc.TINY.replace(vocab_size=512, hidden_size=256, intermediate_size=256,
                               num_hidden_layers=2, layer_types=(), num_local_experts=16)
     mtc.write_hf(tmp_path / "m", config)
-    model = streamed(tmp_path / "m", 24)  # 2 layers x 16 experts
+    model = streamed(tmp_path / "m", 24, transfer=transfer)  # 2 layers x 16 experts
     pool = model.expert_pool
     pool_bytes = 24 * expert_bytes(config)
     mx.reset_peak_memory()
