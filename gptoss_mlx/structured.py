@@ -21,7 +21,6 @@ smallest instance at all; else the reply ends with finish reason "length").
 
 from __future__ import annotations
 
-import array
 import json
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from functools import lru_cache
 
 import llguidance
 import mlx.core as mx
+import numpy as np
 from llguidance.tiktoken import lltokenizer_from_encoding
 
 from . import harmony
@@ -225,7 +225,7 @@ class HarmonyConstraint:
         self._closing_due = 0  # when (self.generated) to compute the closing next
         self._scan = JSONScan()  # the constrained message's text: inside a string?
         self.mask_s = 0.0  # CPU time spent computing masks
-        self._bits = array.array("i", bytes(4 * ((VOCAB_SIZE + 31) // 32)))  # llguidance's mask
+        self._bits = np.zeros(MASK_WORDS, np.uint32)  # llguidance's mask
         for token in prefix:
             self._observe(token)
 
@@ -233,8 +233,8 @@ class HarmonyConstraint:
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         if self.generated < 0:
             self.generated, self._seen = 0, tokens.size
-        else:
-            for token in tokens[self._seen:].tolist():
+        else:  # read in place: a slice of `tokens` would wait for the step's forward
+            for token in memoryview(tokens)[self._seen:].tolist():
                 self._advance(token)
             self._seen = tokens.size
         return self._mask(logits)
@@ -331,14 +331,15 @@ class HarmonyConstraint:
         return []
 
     def _grammar_mask(self, logits: mx.array) -> mx.array:
-        """The grammar's tokens (computed on the CPU), and the end token once it is complete."""
+        """The grammar's text tokens (computed on the CPU), and the end token once it is complete."""
         t0 = time.perf_counter()
-        self.matcher.unsafe_compute_mask_ptr(self._bits.buffer_info()[0], len(self._bits) * 4)
-        end = self.end_token if self.matcher.is_accepting() else -1
+        bits = self._bits
+        self.matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+        bits &= text_bits()
+        if self.matcher.is_accepting():
+            bits[self.end_token // 32] |= np.uint32(1 << self.end_token % 32)
         self.mask_s += time.perf_counter() - t0
-        vocab = mx.arange(logits.shape[-1])
-        allowed = unpack_bits(mx.array(self._bits), logits.shape[-1]) & (vocab < NUM_BPE_TOKENS)
-        return mx.where(allowed | (vocab == end), logits, float("-inf"))
+        return apply_bitmask(logits, mx.array(bits))
 
     def _no_stop(self, logits: mx.array) -> mx.array:
         """Before the answer nothing may end the reply: no <|return|> or end of text, and
@@ -357,7 +358,20 @@ def margin(grammar: Grammar) -> int:
     return grammar.min_tokens + 8
 
 
-def unpack_bits(words: mx.array, n: int) -> mx.array:
-    """llguidance's bitmask (int32 words, bit i of word w = token 32w + i) -> (n,) booleans."""
-    bits = (words[:, None] >> mx.arange(32, dtype=mx.int32)) & 1
-    return bits.reshape(-1)[:n] == 1
+# llguidance's bitmask: bit i of word w is token 32w + i.
+MASK_WORDS = (VOCAB_SIZE + 31) // 32
+
+
+@lru_cache(maxsize=1)
+def text_bits() -> np.ndarray:
+    """The bitmask of the text tokens (ids below NUM_BPE_TOKENS), (MASK_WORDS,) uint32."""
+    text = np.arange(32 * MASK_WORDS) < NUM_BPE_TOKENS
+    return np.packbits(text, bitorder="little").view("<u4").astype(np.uint32)
+
+
+@mx.compile
+def apply_bitmask(logits: mx.array, words: mx.array) -> mx.array:
+    """``logits`` (1, V) where the bitmask ``words`` (MASK_WORDS,) has the token's bit, -inf
+    elsewhere: 25 KB go to the device, where one fused kernel expands them."""
+    bits = (words[:, None] >> mx.arange(32, dtype=mx.uint32)) & 1  # (MASK_WORDS, 32)
+    return mx.where(bits.reshape(-1)[: logits.shape[-1]] == 1, logits, float("-inf"))
