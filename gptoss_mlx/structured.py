@@ -280,15 +280,20 @@ class HarmonyConstraint:
 
     # -- masks
     def _mask(self, logits: mx.array) -> mx.array:
+        allowed = self._allowed()
+        return logits if allowed is None else apply_bitmask(logits, mx.array(allowed))
+
+    def _allowed(self) -> np.ndarray | None:
+        """The bitmask of the tokens allowed next (None: any)."""
         if not self.forced:
             self.forced = self._to_force()
         if self.forced:
-            return mx.where(mx.arange(logits.shape[-1]) == self.forced[0], logits, float("-inf"))
+            return only(self.forced[0])
         if self.matcher is not None:
-            return self._grammar_mask(logits)
+            return self._grammar_bits()
         if self.answer is not None and not self.in_final:
-            return self._no_stop(logits)
-        return logits
+            return self._no_stop()
+        return None
 
     def _to_force(self) -> list[int]:
         """Tokens the budgets require from here: a closing of the constrained message, or the
@@ -330,8 +335,8 @@ class HarmonyConstraint:
         self._closing_due = self.generated + (remaining - len(closing) - 2 - extra) // (extra + 1)
         return []
 
-    def _grammar_mask(self, logits: mx.array) -> mx.array:
-        """The grammar's text tokens (computed on the CPU), and the end token once it is complete."""
+    def _grammar_bits(self) -> np.ndarray:
+        """The grammar's text tokens (llguidance's mask), and the end token once it is complete."""
         t0 = time.perf_counter()
         bits = self._bits
         self.matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
@@ -339,17 +344,15 @@ class HarmonyConstraint:
         if self.matcher.is_accepting():
             bits[self.end_token // 32] |= np.uint32(1 << self.end_token % 32)
         self.mask_s += time.perf_counter() - t0
-        return apply_bitmask(logits, mx.array(bits))
+        return bits
 
-    def _no_stop(self, logits: mx.array) -> mx.array:
+    def _no_stop(self) -> np.ndarray:
         """Before the answer nothing may end the reply: no <|return|> or end of text, and
         <|call|> only to end a call (a message with a recipient)."""
-        banned = [ID[RETURN], ID[ENDOFTEXT]]
         current = self.parser.current if self.parser.state == "content" else None
         if current is None or current.recipient is None:
-            banned.append(ID[CALL])
-        vocab = mx.arange(logits.shape[-1])
-        return mx.where((vocab[:, None] == mx.array(banned)).any(axis=-1), float("-inf"), logits)
+            return all_but(ID[RETURN], ID[ENDOFTEXT], ID[CALL])
+        return all_but(ID[RETURN], ID[ENDOFTEXT])
 
 
 def margin(grammar: Grammar) -> int:
@@ -367,6 +370,22 @@ def text_bits() -> np.ndarray:
     """The bitmask of the text tokens (ids below NUM_BPE_TOKENS), (MASK_WORDS,) uint32."""
     text = np.arange(32 * MASK_WORDS) < NUM_BPE_TOKENS
     return np.packbits(text, bitorder="little").view("<u4").astype(np.uint32)
+
+
+def only(token: int) -> np.ndarray:
+    """The bitmask of one token."""
+    bits = np.zeros(MASK_WORDS, np.uint32)
+    bits[token // 32] = 1 << token % 32
+    return bits
+
+
+@lru_cache(maxsize=4)
+def all_but(*tokens: int) -> np.ndarray:
+    """The bitmask of every token but ``tokens`` (kept: never changed in place)."""
+    bits = np.full(MASK_WORDS, 0xFFFFFFFF, np.uint32)
+    for token in tokens:
+        bits[token // 32] &= ~np.uint32(1 << token % 32)
+    return bits
 
 
 @mx.compile

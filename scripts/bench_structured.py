@@ -15,11 +15,12 @@ random model rarely closes the array; the tokens inside it are counted). "constr
 it runs (the mask is computed while the device runs the step's forward); "constrained_serial"
 waits for the forward first, which shows what the overlap saves.
 
---host-times: where the engine thread's time per decoded token goes, plain and constrained (the
-tiny preset on the CPU makes the host's share visible): building the forward's graph, queueing
-work (mx.async_eval), the constraint (reading the new token, advancing the matcher and parser,
-computing the mask, building its application), building the sampler's graph, and the rest (the
-host waiting for the token, and the loop itself).
+--host-times: where the engine thread's time per decoded token goes, plain and constrained:
+building the forward's graph, queueing work (mx.async_eval; on the CPU it also waits there while
+the CPU computes earlier work), the constraint (reading the new token: a wait here is the
+constraint waiting for the device; advancing the matcher and the harmony parser; llguidance's
+mask; the budgets' checks and the mask's application), building the sampler's graph, and the
+rest (the host waiting for the token, handing it over, the loop).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class HostTimes:
     """Seconds the engine thread spends in the decode loop's parts, by wrapping them in place."""
 
     PARTS = ("forward graph", "queue (async_eval)", "constraint: read token", "constraint: advance",
-             "constraint: mask (llguidance)", "constraint: apply mask", "sample graph")
+             "constraint: mask (llguidance)", "constraint: budgets, apply mask", "sample graph")
 
     def __init__(self):
         import mlx.core as mx
@@ -94,12 +95,11 @@ class HostTimes:
         from gptoss_mlx import generate, structured
 
         self.spent = dict.fromkeys(self.PARTS + ("constraint",), 0.0)
-        self.mask_s = 0.0  # llguidance's, as the constraints count it
         self._wrap(generate.Engine, "_forward_async", "forward graph")
         self._wrap(mx, "async_eval", "queue (async_eval)")
         self._wrap(structured.HarmonyConstraint, "__call__", "constraint")
         self._wrap(structured.HarmonyConstraint, "_advance", "constraint: advance")
-        self._wrap(structured.HarmonyConstraint, "_mask", "constraint: apply mask")
+        self._wrap(structured.HarmonyConstraint, "_mask", "constraint: budgets, apply mask")
         make_sampler = generate.make_sampler
 
         def timed_sampler(*args):
@@ -125,8 +125,9 @@ class HostTimes:
         """Exclusive microseconds per token of each part, and of the rest of ``total_s``."""
         s = dict(self.spent)
         s["constraint: mask (llguidance)"] = mask_s
-        s["constraint: apply mask"] -= mask_s
-        s["constraint: read token"] = s.pop("constraint") - s["constraint: advance"] - s["constraint: apply mask"] - mask_s
+        s["constraint: budgets, apply mask"] -= mask_s
+        s["constraint: read token"] = (s.pop("constraint") - s["constraint: advance"]
+                                       - s["constraint: budgets, apply mask"] - mask_s)
         s["rest (waiting for the token, the loop)"] = total_s - sum(s.values())
         return {k: 1e6 * v / tokens for k, v in s.items()}
 
