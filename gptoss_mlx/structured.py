@@ -21,6 +21,7 @@ smallest instance at all; else the reply ends with finish reason "length").
 
 from __future__ import annotations
 
+import array
 import json
 import time
 from dataclasses import dataclass
@@ -28,7 +29,6 @@ from functools import lru_cache
 
 import llguidance
 import mlx.core as mx
-import numpy as np
 from llguidance.tiktoken import lltokenizer_from_encoding
 
 from . import harmony
@@ -225,7 +225,7 @@ class HarmonyConstraint:
         self._closing_due = 0  # when (self.generated) to compute the closing next
         self._scan = JSONScan()  # the constrained message's text: inside a string?
         self.mask_s = 0.0  # CPU time spent computing masks
-        self._bits = np.zeros(MASK_WORDS, np.uint32)  # llguidance's mask
+        self._bits = no_tokens()  # llguidance's mask
         for token in prefix:
             self._observe(token)
 
@@ -283,7 +283,7 @@ class HarmonyConstraint:
         allowed = self._allowed()
         return logits if allowed is None else apply_bitmask(logits, mx.array(allowed))
 
-    def _allowed(self) -> np.ndarray | None:
+    def _allowed(self) -> array.array | None:
         """The bitmask of the tokens allowed next (None: any)."""
         if not self.forced:
             self.forced = self._to_force()
@@ -335,18 +335,21 @@ class HarmonyConstraint:
         self._closing_due = self.generated + (remaining - len(closing) - 2 - extra) // (extra + 1)
         return []
 
-    def _grammar_bits(self) -> np.ndarray:
+    def _grammar_bits(self) -> array.array:
         """The grammar's text tokens (llguidance's mask), and the end token once it is complete."""
         t0 = time.perf_counter()
         bits = self._bits
-        self.matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
-        bits &= text_bits()
+        self.matcher.unsafe_compute_mask_ptr(bits.buffer_info()[0], MASK_WORDS * 4)
+        # text tokens only: clear the bits from NUM_BPE_TOKENS on (specials, reserved ids)
+        first = NUM_BPE_TOKENS // 32
+        bits[first] &= (1 << NUM_BPE_TOKENS % 32) - 1
+        bits[first + 1:] = no_tokens()[first + 1:]
         if self.matcher.is_accepting():
-            bits[self.end_token // 32] |= np.uint32(1 << self.end_token % 32)
+            bits[self.end_token // 32] |= 1 << self.end_token % 32
         self.mask_s += time.perf_counter() - t0
         return bits
 
-    def _no_stop(self) -> np.ndarray:
+    def _no_stop(self) -> array.array:
         """Before the answer nothing may end the reply: no <|return|> or end of text, and
         <|call|> only to end a call (a message with a recipient)."""
         current = self.parser.current if self.parser.state == "content" else None
@@ -365,26 +368,24 @@ def margin(grammar: Grammar) -> int:
 MASK_WORDS = (VOCAB_SIZE + 31) // 32
 
 
-@lru_cache(maxsize=1)
-def text_bits() -> np.ndarray:
-    """The bitmask of the text tokens (ids below NUM_BPE_TOKENS), (MASK_WORDS,) uint32."""
-    text = np.arange(32 * MASK_WORDS) < NUM_BPE_TOKENS
-    return np.packbits(text, bitorder="little").view("<u4").astype(np.uint32)
+def no_tokens() -> array.array:
+    """An empty bitmask, (MASK_WORDS,) uint32."""
+    return array.array("I", bytes(4 * MASK_WORDS))
 
 
-def only(token: int) -> np.ndarray:
+def only(token: int) -> array.array:
     """The bitmask of one token."""
-    bits = np.zeros(MASK_WORDS, np.uint32)
+    bits = no_tokens()
     bits[token // 32] = 1 << token % 32
     return bits
 
 
 @lru_cache(maxsize=4)
-def all_but(*tokens: int) -> np.ndarray:
+def all_but(*tokens: int) -> array.array:
     """The bitmask of every token but ``tokens`` (kept: never changed in place)."""
-    bits = np.full(MASK_WORDS, 0xFFFFFFFF, np.uint32)
+    bits = array.array("I", [0xFFFFFFFF]) * MASK_WORDS
     for token in tokens:
-        bits[token // 32] &= ~np.uint32(1 << token % 32)
+        bits[token // 32] &= ~(1 << token % 32) & 0xFFFFFFFF
     return bits
 
 
