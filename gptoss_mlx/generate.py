@@ -108,7 +108,11 @@ class SequenceSampler:
     """One sequence's way from logits (1, V) to its next token (1,): its logits processors, then
     its sampler with its own random key, so that a seeded sequence draws the same tokens whatever
     else runs beside it. A processor (mlx-lm's convention) is called as ``processor(tokens,
-    logits)``, ``tokens`` the sequence's ids so far (prompt included), and returns logits."""
+    logits)``, ``tokens`` the sequence's ids so far (prompt included), and returns logits.
+
+    ``tokens`` was evaluated with the token before: read in place (``memoryview(tokens)``) it is
+    there at once, while an op on it (a slice) would queue behind the step's forward and wait for
+    it, and the processor's work would no longer overlap the forward's."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt: list[int],
                  logits_processors=None):
@@ -133,6 +137,7 @@ class SequenceSampler:
         y = self.sample(logits, key)
         if self.processors:
             self.tokens = mx.concatenate([self.tokens, y.astype(self.tokens.dtype)])
+            mx.async_eval(self.tokens)  # with y, before anything else is queued
         return y
 
 

@@ -225,7 +225,7 @@ class HarmonyConstraint:
         self._closing_due = 0  # when (self.generated) to compute the closing next
         self._scan = JSONScan()  # the constrained message's text: inside a string?
         self.mask_s = 0.0  # CPU time spent computing masks
-        self._bits = array.array("i", bytes(4 * ((VOCAB_SIZE + 31) // 32)))  # llguidance's mask
+        self._bits = no_tokens()  # llguidance's mask
         for token in prefix:
             self._observe(token)
 
@@ -233,8 +233,8 @@ class HarmonyConstraint:
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         if self.generated < 0:
             self.generated, self._seen = 0, tokens.size
-        else:
-            for token in tokens[self._seen:].tolist():
+        else:  # read in place: a slice of `tokens` would wait for the step's forward
+            for token in memoryview(tokens)[self._seen:].tolist():
                 self._advance(token)
             self._seen = tokens.size
         return self._mask(logits)
@@ -280,15 +280,20 @@ class HarmonyConstraint:
 
     # -- masks
     def _mask(self, logits: mx.array) -> mx.array:
+        allowed = self._allowed()
+        return logits if allowed is None else apply_bitmask(logits, mx.array(allowed))
+
+    def _allowed(self) -> array.array | None:
+        """The bitmask of the tokens allowed next (None: any)."""
         if not self.forced:
             self.forced = self._to_force()
         if self.forced:
-            return mx.where(mx.arange(logits.shape[-1]) == self.forced[0], logits, float("-inf"))
+            return only(self.forced[0])
         if self.matcher is not None:
-            return self._grammar_mask(logits)
+            return self._grammar_bits()
         if self.answer is not None and not self.in_final:
-            return self._no_stop(logits)
-        return logits
+            return self._no_stop()
+        return None
 
     def _to_force(self) -> list[int]:
         """Tokens the budgets require from here: a closing of the constrained message, or the
@@ -330,25 +335,27 @@ class HarmonyConstraint:
         self._closing_due = self.generated + (remaining - len(closing) - 2 - extra) // (extra + 1)
         return []
 
-    def _grammar_mask(self, logits: mx.array) -> mx.array:
-        """The grammar's tokens (computed on the CPU), and the end token once it is complete."""
+    def _grammar_bits(self) -> array.array:
+        """The grammar's text tokens (llguidance's mask), and the end token once it is complete."""
         t0 = time.perf_counter()
-        self.matcher.unsafe_compute_mask_ptr(self._bits.buffer_info()[0], len(self._bits) * 4)
-        end = self.end_token if self.matcher.is_accepting() else -1
+        bits = self._bits
+        self.matcher.unsafe_compute_mask_ptr(bits.buffer_info()[0], MASK_WORDS * 4)
+        # text tokens only: clear the bits from NUM_BPE_TOKENS on (specials, reserved ids)
+        first = NUM_BPE_TOKENS // 32
+        bits[first] &= (1 << NUM_BPE_TOKENS % 32) - 1
+        bits[first + 1:] = no_tokens()[first + 1:]
+        if self.matcher.is_accepting():
+            bits[self.end_token // 32] |= 1 << self.end_token % 32
         self.mask_s += time.perf_counter() - t0
-        vocab = mx.arange(logits.shape[-1])
-        allowed = unpack_bits(mx.array(self._bits), logits.shape[-1]) & (vocab < NUM_BPE_TOKENS)
-        return mx.where(allowed | (vocab == end), logits, float("-inf"))
+        return bits
 
-    def _no_stop(self, logits: mx.array) -> mx.array:
+    def _no_stop(self) -> array.array:
         """Before the answer nothing may end the reply: no <|return|> or end of text, and
         <|call|> only to end a call (a message with a recipient)."""
-        banned = [ID[RETURN], ID[ENDOFTEXT]]
         current = self.parser.current if self.parser.state == "content" else None
         if current is None or current.recipient is None:
-            banned.append(ID[CALL])
-        vocab = mx.arange(logits.shape[-1])
-        return mx.where((vocab[:, None] == mx.array(banned)).any(axis=-1), float("-inf"), logits)
+            return all_but(ID[RETURN], ID[ENDOFTEXT], ID[CALL])
+        return all_but(ID[RETURN], ID[ENDOFTEXT])
 
 
 def margin(grammar: Grammar) -> int:
@@ -357,7 +364,34 @@ def margin(grammar: Grammar) -> int:
     return grammar.min_tokens + 8
 
 
-def unpack_bits(words: mx.array, n: int) -> mx.array:
-    """llguidance's bitmask (int32 words, bit i of word w = token 32w + i) -> (n,) booleans."""
-    bits = (words[:, None] >> mx.arange(32, dtype=mx.int32)) & 1
-    return bits.reshape(-1)[:n] == 1
+# llguidance's bitmask: bit i of word w is token 32w + i.
+MASK_WORDS = (VOCAB_SIZE + 31) // 32
+
+
+def no_tokens() -> array.array:
+    """An empty bitmask, (MASK_WORDS,) uint32."""
+    return array.array("I", bytes(4 * MASK_WORDS))
+
+
+def only(token: int) -> array.array:
+    """The bitmask of one token."""
+    bits = no_tokens()
+    bits[token // 32] = 1 << token % 32
+    return bits
+
+
+@lru_cache(maxsize=4)
+def all_but(*tokens: int) -> array.array:
+    """The bitmask of every token but ``tokens`` (kept: never changed in place)."""
+    bits = array.array("I", [0xFFFFFFFF]) * MASK_WORDS
+    for token in tokens:
+        bits[token // 32] &= ~(1 << token % 32) & 0xFFFFFFFF
+    return bits
+
+
+@mx.compile
+def apply_bitmask(logits: mx.array, words: mx.array) -> mx.array:
+    """``logits`` (1, V) where the bitmask ``words`` (MASK_WORDS,) has the token's bit, -inf
+    elsewhere: 25 KB go to the device, where one fused kernel expands them."""
+    bits = (words[:, None] >> mx.arange(32, dtype=mx.uint32)) & 1  # (MASK_WORDS, 32)
+    return mx.where(bits.reshape(-1)[: logits.shape[-1]] == 1, logits, float("-inf"))

@@ -5,6 +5,7 @@ writes noise, so only the constraint (and its budgets) can make the answer compl
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -210,6 +211,30 @@ def test_engine_passes_the_sequence_to_processors(tiny):
                                                        logits_processors=[force]))
     assert out == script
     assert seen == [[1, 2, 3], [1, 2, 3, 11], [1, 2, 3, 11, 22]]
+
+
+def pending_ops(a: mx.array) -> int:
+    """How many ops of ``a``'s graph are neither evaluated nor queued (mx.async_eval)."""
+    dot = io.StringIO()
+    mx.export_to_dot(dot, a)
+    return dot.getvalue().count("label =")
+
+
+def test_processors_run_while_the_forward_does(tok, tiny, pet):
+    """The pipelining a constraint relies on: when a processor runs, its step's forward is
+    already queued on the device, and the ids it reads need nothing more computed, so the
+    host reads the last token and builds the mask while the forward runs (an op on the ids
+    would queue behind the forward and wait for it)."""
+    constraint = HarmonyConstraint(tok, answer=pet, reasoning_budget=4, max_tokens=40)
+    seen = []
+
+    def watch(tokens, logits):
+        seen.append((pending_ops(tokens), pending_ops(logits)))
+        return constraint(tokens, logits)
+
+    out, finish = generate(tiny, prompt_for(tok), watch, 2, 40)
+    assert finish == "stop" and len(seen) >= len(out) > 4
+    assert set(seen) == {(0, 0)}
 
 
 # -- the closing, fuzzed over schemas and where the text is cut
