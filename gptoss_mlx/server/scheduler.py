@@ -23,6 +23,7 @@ import threading
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import AsyncIterator
 
 import mlx.core as mx
@@ -112,7 +113,6 @@ class Scheduler:
         self._rows: list[Sequence] = []  # the decode batch, in the order of its caches' rows
         self._batch: list | None = None  # per layer, the rows' batch cache
         self._tokens: mx.array | None = None  # (B,): each row's token in flight
-        self._greedy = make_sampler(SamplingParams(temperature=0), engine.model.config.vocab_size)
         self._turn = asyncio.Lock()  # an engine that cannot batch: one generation at a time
 
     def admit(self) -> "Slot":
@@ -303,6 +303,11 @@ class Scheduler:
         greedy = self._greedy(logits) if not all(own) else None
         return mx.concatenate([s.sampler(logits[i : i + 1]) if own[i] else greedy[i : i + 1]
                                for i, s in enumerate(self._rows)])
+
+    @cached_property
+    def _greedy(self):
+        """The greedy sampler, made on the engine thread (its mask is an MLX array)."""
+        return make_sampler(SamplingParams(temperature=0), self.engine.model.config.vocab_size)
 
     @staticmethod
     def _kept(leaving: list[bool]) -> list[int]:
