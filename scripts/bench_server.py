@@ -4,6 +4,7 @@ checkpoint, driven by the same load generator over HTTP.
 
     python scripts/bench_server.py --model DIR [--make --preset 20b --tokenizer-dir D]
         [--engines ours,mlx_lm] [--streams 1,4,8,16] [--tokens 256] [--history 8192]
+    python scripts/bench_server.py --model DIR --scheduler [--streams 1,8] [--rounds N]
 
 Each server runs in its own process on a free 127.0.0.1 port, one after the other (ours: the
 library's Engine, Scheduler and Service under uvicorn, as `gptoss-mlx serve` builds them;
@@ -19,6 +20,16 @@ stop token, so each reply runs to max_tokens). For each number of concurrent str
 Then the follow-up TTFT after ``--history`` tokens: a one-token request on a long conversation
 (cold), then on the same conversation plus a reply and a question (what a prompt cache serves).
 
+``--scheduler`` measures the scheduler alone, in this process (no HTTP, no output parsing):
+for each number of streams, concurrent greedy runs of ``--tokens`` tokens through
+``Scheduler.generate``; it prints aggregate tok/s, the wall time per decode step and the engine
+thread's CPU time per step (the host work of a step: graph building, sampling, handing out
+tokens; the device's work runs on other threads, or on the GPU). ``--rounds`` repeats it,
+interleaving the stream counts, on a noisy machine.
+
+In the HTTP rounds, the server process's CPU time per generated token is split by thread: its
+event loop (HTTP, SSE, output parsing; the main thread) and, for ours, the engine thread.
+
 ``--make`` writes a random checkpoint of ``--preset`` first, with the tokenizer and chat template
 from ``--tokenizer-dir`` (gpt-oss-tokenizer.json.gz, gpt-oss-tokenizer_config.json and
 gpt-oss-chat_template.jinja, as in ../shared/data; mlx_lm.server needs the template, which goes
@@ -30,9 +41,11 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -56,10 +69,25 @@ def serve_ours(model_dir: str, port: int, max_context: int, max_concurrency: int
     from gptoss_mlx.loading import load
     from gptoss_mlx.server import Scheduler, Service, create_app
 
+    from gptoss_mlx.engine_thread import engine_thread
+
     model, tokenizer = load(model_dir)
     engine = Engine(model, max_context=max_context)
     service = Service(model_dir, tokenizer, engine, Scheduler(engine, max_concurrency, cache_bytes=16 << 30))
+    # the engine thread's id, for the parent's per-thread CPU accounting
+    tid_file(port).write_text(str(engine_thread().call(threading.get_native_id)))
     uvicorn.run(create_app(service), host="127.0.0.1", port=port, log_level="warning")
+
+
+def tid_file(port: int) -> Path:
+    """Where the server on ``port`` writes its engine thread's id."""
+    return Path(tempfile.gettempdir()) / f"bench-server-engine-tid-{port}"
+
+
+def thread_cpu(pid: int, tid: int) -> float:
+    """CPU seconds (user + system) thread ``tid`` of process ``pid`` has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start(engine: str, model_dir: str, port: int, max_context: int, max_concurrency: int) -> subprocess.Popen:
@@ -169,13 +197,17 @@ def concurrent_streams(client: Client, prompts: list[list[dict]], tokens: int, w
     return results
 
 
-def load_round(client: Client, n: int, tokens: int) -> dict:
-    """n concurrent streams, and a newcomer sent once all of them are generating."""
+def load_round(client: Client, n: int, tokens: int, threads: dict[str, tuple[int, int]]) -> dict:
+    """n concurrent streams, and a newcomer sent once all of them are generating; ``threads``:
+    the server threads (name: (pid, tid)) whose CPU seconds per generated token are counted."""
     newcomer = []
+    cpu = {name: thread_cpu(*ids) for name, ids in threads.items()}
     results = concurrent_streams(client, [user(f"Count from {i} upward, one number per line.") for i in range(n)],
                                  tokens, lambda: newcomer.append(client.latency(user("What is two plus two?"))))
     wall = max(r["end"] for r in results) - min(r["sent"] for r in results)
-    return {"tokens": sum(r["tokens"] for r in results), "wall": wall, "newcomer": newcomer[0]}
+    generated = sum(r["tokens"] for r in results)
+    cpu = {name: (thread_cpu(*threads[name]) - t0) / (generated + 1) for name, t0 in cpu.items()}
+    return {"tokens": generated, "wall": wall, "newcomer": newcomer[0], "cpu": cpu}
 
 
 def same_alone_and_together(client: Client, n: int, tokens: int) -> int:
@@ -190,11 +222,15 @@ def bench(engine: str, args) -> dict:
     port = free_port()
     counts = [int(n) for n in args.streams.split(",")]
     proc = start(engine, str(args.model), port, args.history * 2 + 4096, max(*counts, EXACT_STREAMS) + 1)
+    threads = {"event loop": (proc.pid, proc.pid)}
+    if engine == "ours":
+        threads["engine thread"] = (proc.pid, int(tid_file(port).read_text()))
+        tid_file(port).unlink()
     try:
         client = Client(port, str(args.model))
         for n in counts:  # warm-up: every batch size compiles its shapes once
-            load_round(client, n, 8)
-        rows = {n: load_round(client, n, args.tokens) for n in counts}
+            load_round(client, n, 8, threads)
+        rows = {n: load_round(client, n, args.tokens, threads) for n in counts}
         exact = same_alone_and_together(client, EXACT_STREAMS, 64)
         history = user("Tell me about the history of the sea. " * (args.history // 9))
         cold = client.latency(history)
@@ -207,6 +243,62 @@ def bench(engine: str, args) -> dict:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def scheduler_round(scheduler, tokenizer, n: int, tokens: int) -> dict:
+    """n concurrent greedy runs straight through Scheduler.generate: tokens made, wall seconds,
+    decode steps, and the engine thread's CPU seconds (prefill included: short prompts)."""
+    import asyncio
+
+    from gptoss_mlx.engine_thread import engine_thread
+    from gptoss_mlx.generate import SamplingParams
+    from gptoss_mlx.server.scheduler import Run
+
+    runs = [Run(tokenizer.encode(f"Count from {i} upward, one number per line."),
+                SamplingParams(temperature=0, max_tokens=tokens)) for i in range(n)]
+
+    async def generate_all():
+        async def one(run):
+            return sum([1 async for _ in scheduler.generate(run)])
+        return await asyncio.gather(*map(one, runs))
+
+    steps, cpu = sum(scheduler.steps.values()), engine_thread().call(time.thread_time)
+    t0 = time.perf_counter()
+    generated = sum(asyncio.run(generate_all()))
+    wall = time.perf_counter() - t0
+    return {"tokens": generated, "wall": wall, "steps": sum(scheduler.steps.values()) - steps,
+            "cpu": engine_thread().call(time.thread_time) - cpu}
+
+
+def bench_scheduler(args) -> None:
+    """The scheduler's decode loop alone, ``--rounds`` times over the stream counts, interleaved."""
+    import statistics
+
+    import mlx.core as mx
+
+    from gptoss_mlx.engine_thread import engine_thread
+    from gptoss_mlx.generate import Engine
+    from gptoss_mlx.loading import load
+    from gptoss_mlx.server import Scheduler
+
+    model, tokenizer = engine_thread().call(load, str(args.model))
+    counts = [int(n) for n in args.streams.split(",")]
+    scheduler = Scheduler(Engine(model, max_context=4096), max(counts), cache_bytes=1 << 30)
+    for n in counts:  # warm-up
+        scheduler_round(scheduler, tokenizer, n, 8)
+    rounds = {n: [] for n in counts}
+    for _ in range(args.rounds):
+        for n in counts:
+            rounds[n].append(scheduler_round(scheduler, tokenizer, n, args.tokens))
+    print(f"device: {mx.default_device()}, MLX {mx.__version__}, checkpoint {args.model}; scheduler alone, "
+          f"{args.tokens} greedy tokens per stream, median of {args.rounds} rounds")
+    print("| streams | aggregate tok/s | decode steps | wall ms/step | engine-thread CPU ms/step |")
+    print("|---|---|---|---|---|")
+    for n, rs in rounds.items():
+        median = lambda f: statistics.median(f(r) for r in rs)  # noqa: E731
+        print(f"| {n} | {median(lambda r: r['tokens'] / r['wall']):.1f} | {median(lambda r: r['steps']):.0f} "
+              f"| {median(lambda r: 1e3 * r['wall'] / r['steps']):.2f} "
+              f"| {median(lambda r: 1e3 * r['cpu'] / r['steps']):.2f} |")
 
 
 def make_checkpoint(args) -> None:
@@ -233,6 +325,8 @@ def main() -> int:
     ap.add_argument("--streams", default="1,4,8,16")
     ap.add_argument("--tokens", type=int, default=256, help="tokens per reply")
     ap.add_argument("--history", type=int, default=8192, help="tokens of history for the follow-up")
+    ap.add_argument("--scheduler", action="store_true", help="measure the scheduler alone, in process")
+    ap.add_argument("--rounds", type=int, default=1, help="--scheduler: rounds, interleaved")
     ap.add_argument("--serve-ours", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--max-context", type=int, help=argparse.SUPPRESS)
@@ -246,6 +340,9 @@ def main() -> int:
 
     if args.make:
         make_checkpoint(args)
+    if args.scheduler:
+        bench_scheduler(args)
+        return 0
     results = {}
     for engine in args.engines.split(","):
         results[engine] = bench(engine, args)
@@ -253,15 +350,18 @@ def main() -> int:
 
     print(f"\ndevice: {mx.default_device()}, MLX {mx.__version__}, checkpoint {args.model}; "
           f"{args.tokens} greedy tokens per stream, prompts of about 100 tokens")
-    print("| engine | streams | aggregate tok/s | x its 1 stream | newcomer TTFT s |")
-    print("|---|---|---|---|---|")
+    print("| engine | streams | aggregate tok/s | x its 1 stream | newcomer TTFT s "
+          "| server CPU ms/token: event loop | engine thread |")
+    print("|---|---|---|---|---|---|---|")
     for engine, r in results.items():
         single = None
         for n, row in r["rows"].items():
             rate = row["tokens"] / row["wall"]
             single = single or (rate if n == 1 else None)
             ratio = f"{rate / single:.2f}x" if single else "-"
-            print(f"| {engine} | {n} | {rate:.1f} | {ratio} | {row['newcomer']:.3f} |")
+            cpu = [f"{1e3 * row['cpu'][name]:.2f}" if name in row["cpu"] else "-"
+                   for name in ("event loop", "engine thread")]
+            print(f"| {engine} | {n} | {rate:.1f} | {ratio} | {row['newcomer']:.3f} | {' | '.join(cpu)} |")
     engines = list(results)
     if len(engines) == 2:
         a, b = engines

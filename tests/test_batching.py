@@ -5,6 +5,7 @@ and a newcomer's long prompt is prefilled between the others' decode steps."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -296,3 +297,122 @@ def test_sequences_leave_the_batch_with_their_caches_whole(tiny_checkpoint):
         reused, logits, fresh = engine_thread().call(follow_up, turn1 + reply + tokenizer.encode(" more"))
         assert reused == len(turn1) + fed
         assert mx.allclose(logits, fresh, atol=FP32_ATOL).item()
+
+
+# -- the one-step lag: step n+1 is queued with step n's tokens before the host has read them
+
+
+STOP = SPECIAL_TOKENS["<|return|>"]
+LAST = 1000  # the counting model's last token before it stops
+
+
+class CountingModel:
+    """The tiny model's caches and shapes, with logits that make the next token the fed one
+    plus 1, and <|return|> after LAST: a prompt ending in token p gives p+1 .. LAST, <|return|>,
+    so each sequence's reply and the step it stops at are known in advance."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, inputs, cache=None, **kw):
+        logits = self.model(inputs, cache=cache, **kw)  # (B, L, V): updates the caches
+        target = mx.where(inputs >= LAST, STOP, inputs + 1)[..., None]
+        return mx.where(mx.arange(logits.shape[-1]) == target, 0.0, -1e9) + 0 * logits
+
+
+def counting(p: int) -> list[int]:
+    return list(range(p + 1, LAST + 1)) + [STOP]
+
+
+def counting_run(p: int, max_tokens: int = 64) -> Run:
+    """A greedy run on ``[<|start|>, p]``, bounded so that a reply that misses its stop token
+    shows as one too long."""
+    return Run([200006, p], SamplingParams(temperature=0, max_tokens=max_tokens))
+
+
+def assert_pool_caches_hold_what_was_fed(scheduler):
+    """Every cache the scheduler gave back holds exactly the token ids it lists: a token fed
+    in a step whose id was never read (an extra step after the end) would leave a -1."""
+    for pc in scheduler.pool._caches.values():
+        assert -1 not in pc.tokens
+        assert all(c.offset == len(pc.tokens) for c in pc.cache)
+
+
+@pytest.fixture
+def counter(tiny):
+    return Scheduler(Engine(CountingModel(tiny[0]), max_context=4096), max_concurrency=8,
+                     cache_bytes=1 << 30)
+
+
+def test_a_stop_token_ends_a_row_without_the_token_queued_after_it(counter):
+    """Rows stop at different steps; each reply ends at its stop token although the step
+    after it was already queued with that token, and the others go on."""
+    starts = [LAST - 2, LAST - 9, LAST - 5, LAST]
+
+    async def main():
+        steps = counter.steps.copy()
+        outs = await asyncio.gather(*(collect(counter, counting_run(p)) for p in starts))
+        return outs, counter.steps - steps
+
+    outs, shared = asyncio.run(main())
+    assert outs == [counting(p) for p in starts] and max(shared) == 4
+    assert_pool_caches_hold_what_was_fed(counter)
+
+
+def test_max_tokens_ends_a_row_at_exactly_that_many_tokens(counter):
+    limits = [1, 2, 5, 7]
+    runs = [counting_run(LAST - 20, max_tokens=n) for n in limits]
+
+    async def main():
+        return await asyncio.gather(*(collect(counter, r) for r in runs))
+
+    outs = asyncio.run(main())
+    assert outs == [counting(LAST - 20)[:n] for n in limits]
+    assert [r.stats.finish_reason for r in runs] == ["length"] * 4
+    assert [r.stats.generated_tokens for r in runs] == limits
+    assert_pool_caches_hold_what_was_fed(counter)
+
+
+def test_a_client_that_leaves_mid_pipeline_gets_no_more_tokens_and_frees_its_row(counter):
+    leaving, staying = counting_run(LAST - 40), counting_run(LAST - 30)
+
+    async def main():
+        got = []
+        other = asyncio.ensure_future(collect(counter, staying))
+        async with contextlib.aclosing(counter.generate(leaving)) as tokens:
+            async for token in tokens:
+                got.append(token)
+                if len(got) == 3:
+                    break  # a step fed with its third token's successor may be in flight
+        rows_after = counter.batch_size
+        return got, await other, rows_after
+
+    got, other, rows_after = asyncio.run(main())
+    assert got == counting(LAST - 40)[:3] and other == counting(LAST - 30)
+    assert leaving.stats.finish_reason == "interrupted" and rows_after <= 1
+    assert leaving.stats.generated_tokens in (3, 4)  # the token in flight may have been read
+    assert_pool_caches_hold_what_was_fed(counter)
+
+
+def test_a_sequence_joins_while_a_step_is_in_flight(counter):
+    """A newcomer's prefill and first token go in between steps of a running row, whose next
+    step is already queued: both replies are what they are alone."""
+    first, second = counting_run(LAST - 30), counting_run(LAST - 12)
+
+    async def main():
+        late = None
+        out = []
+        async for token in counter.generate(first):
+            out.append(token)
+            if len(out) == 5:
+                late = asyncio.ensure_future(collect(counter, second))
+        return out, await late
+
+    steps = counter.steps.copy()
+    a, b = asyncio.run(main())
+    assert a == counting(LAST - 30) and b == counting(LAST - 12)
+    assert (counter.steps - steps)[2] >= 5  # they were decoded together
+    assert_pool_caches_hold_what_was_fed(counter)

@@ -7,9 +7,12 @@ ids out). On the engine thread one loop runs every admitted sequence: each step 
 newcomers, oldest first, within a budget of prompt tokens (while others decode a small one, so
 a long prompt never stops them for its whole length), then runs one decode step for all the sequences past their prefill: one forward pass over their
 B current tokens, each row attending to its own cache (``cache.merge_caches``), each sampled with
-its own parameters, random key, logits processors and stop conditions. A sequence joins the
-batch when its prefill ends and leaves it at a stop token, its max_tokens, or the step after its
-client went away; it then returns its cache to the pool.
+its own parameters, random key, logits processors and stop conditions (the plain greedy rows in
+one argmax). As in Engine.generate, step n+1 is queued, fed with step n's tokens still on the
+device, before the host reads step n's tokens and hands them to the clients (one call into each
+event loop per step). A sequence joins the batch when its prefill ends and leaves it at a stop
+token, its max_tokens, or the step after its client went away; it then returns its cache to the
+pool.
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ import threading
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from functools import cached_property
+from typing import AsyncIterator
 
 import mlx.core as mx
 
 from ..cache import merge_caches
 from ..engine_thread import engine_thread
 from ..generate import (Engine, NonFiniteLogitsError, Prefill, PromptCache, SamplingParams,
-                        SequenceSampler, Stats, common_prefix, end_reason, token_budget)
+                        SequenceSampler, Stats, common_prefix, end_reason, make_sampler, token_budget)
 from ..harmony import STOP_TOKENS_FOR_SAMPLING
 from .errors import APIError
 
@@ -108,6 +112,7 @@ class Scheduler:
         self._prefilling: list[Sequence] = []  # engine thread only, from here on
         self._rows: list[Sequence] = []  # the decode batch, in the order of its caches' rows
         self._batch: list | None = None  # per layer, the rows' batch cache
+        self._tokens: mx.array | None = None  # (B,): each row's token in flight
         self._turn = asyncio.Lock()  # an engine that cannot batch: one generation at a time
 
     def admit(self) -> "Slot":
@@ -132,9 +137,8 @@ class Scheduler:
             async for token in self._generate_alone(run):
                 yield token
             return
-        loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
-        self._enqueue(Sequence(run, lambda entry: loop.call_soon_threadsafe(out.put_nowait, entry)))
+        self._enqueue(Sequence(run, asyncio.get_running_loop(), out))
         entry = ("token", None)
         try:
             while (entry := await out.get())[0] == "token":
@@ -193,7 +197,7 @@ class Scheduler:
             with self._lock:
                 failed, self._looping = [*self._rows, *self._prefilling, *self._waiting], False
                 self._waiting.clear()
-            self._rows, self._prefilling, self._batch = [], [], None
+            self._rows, self._prefilling, self._batch, self._tokens = [], [], None, None
             for seq in failed:
                 seq.put(("error", e))
 
@@ -237,62 +241,90 @@ class Scheduler:
                 self._join(seq, logits)
 
     def _join(self, seq: "Sequence", logits: mx.array) -> None:
-        seq.pending = seq.sampler(logits)
-        mx.async_eval(seq.pending)
+        first = seq.sampler(logits)  # (1,)
+        mx.async_eval(first)
         rows = merge_caches([seq.pc.cache])
         if self._batch is None:
-            self._batch = rows
+            self._batch, self._tokens = rows, first
         else:
             for layer, row in zip(self._batch, rows):
                 layer.extend(row)
+            self._tokens = mx.concatenate([self._tokens, first])
         self._rows.append(seq)
 
     def _decode(self) -> None:
-        """Queue the next decode step, then hand out the tokens of the step before it (the
-        host waits for those while the next one runs)."""
-        # A row whose token in flight is its last, or whose client has gone, leaves first.
-        leaving = [s for s in self._rows if s.run.cancelled.is_set() or s.generated + 1 >= s.budget]
+        """Queue the next decode step, fed with the rows' tokens in flight, then hand those
+        tokens out: the host waits for them while the device runs the step just queued (one
+        step of lag, as in Engine.generate). A row's token in flight is fed only while the row
+        may go on; a row whose handed-out token ends it leaves with the token sampled for it in
+        the queued step, which nobody sees."""
+        rows, tokens = self._rows, self._tokens  # (B,): each row's token in flight
+        # A row whose token in flight is its last, or whose client has gone, leaves unfed.
+        cancelled = [s.run.cancelled.is_set() for s in rows]
+        leaving = [gone or s.generated + 1 >= s.budget for s, gone in zip(rows, cancelled)]
         self._leave(leaving)
-        ready = [*self._rows, *(s for s in leaving if not s.run.cancelled.is_set())]
-        for seq in leaving:
-            if seq.run.cancelled.is_set():
-                self._finish(seq, "interrupted")
-        fed = self._rows
-        if fed:
-            tokens = mx.concatenate([s.pending for s in fed])  # (B,)
-            logits = self.engine.model(tokens[:, None], cache=self._batch)[:, -1, :]  # (B, V)
-            nexts = [s.sampler(logits[i : i + 1]) for i, s in enumerate(fed)]
-            mx.async_eval(nexts)
-            for seq in fed:
-                seq.pc.tokens.append(-1)  # its pending token, whose id comes below
-            self.steps[len(fed)] += 1
-        if not ready:
+        if self._rows:
+            fed = tokens if not any(leaving) else tokens[mx.array(self._kept(leaving))]
+            logits = self.engine.model(fed[:, None], cache=self._batch)[:, -1, :]  # (B', V)
+            self._tokens = self._sample(logits)
+            mx.async_eval(self._tokens)
+            for seq in self._rows:
+                seq.pc.tokens.append(-1)  # its token in flight, whose id comes below
+            self.steps[len(self._rows)] += 1
+        if not rows:
             return
-        now = time.perf_counter()
-        done = []
-        for seq, token in zip(ready, mx.concatenate([s.pending for s in ready]).tolist()):
-            seq.deliver(token, now, len(fed) if seq in fed else None)
+        now, batch_size = time.perf_counter(), len(self._rows)
+        ended, out = {}, []
+        for seq, gone, unfed, token in zip(rows, cancelled, leaving, tokens.tolist()):
+            if gone:
+                ended[seq] = "interrupted"
+                continue
+            seq.deliver(token, now, None if unfed else batch_size)
+            out.append((seq, ("token", token)))
             if token in STOP_TOKENS_FOR_SAMPLING:
-                done.append((seq, "stop"))
+                ended[seq] = "stop"
             elif seq.generated == seq.budget:
-                done.append((seq, end_reason(seq.run.params, seq.budget)))
-        for i, seq in enumerate(fed):
-            seq.pending = nexts[i]
-        self._leave([seq for seq, _ in done if seq in self._rows])
-        for seq, reason in done:
+                ended[seq] = end_reason(seq.run.params, seq.budget)
+        stopped = [seq in ended for seq in self._rows]
+        if any(stopped):
+            self._leave(stopped)
+            if self._rows:
+                self._tokens = self._tokens[mx.array(self._kept(stopped))]
+        hand_out(out)
+        for seq, reason in ended.items():
             self._finish(seq, reason)
 
-    def _leave(self, seqs: list["Sequence"]) -> None:
-        """Take ``seqs`` out of the batch, each with its own cache again."""
-        if not seqs:
+    def _sample(self, logits: mx.array) -> mx.array:
+        """(B, V) -> the rows' next tokens (B,): the greedy rows (no logits processors) in one
+        argmax, every other row with its own sampler (its random key, its processors)."""
+        own = [not s.plain_greedy for s in self._rows]
+        if not any(own):
+            return self._greedy(logits)
+        greedy = self._greedy(logits) if not all(own) else None
+        return mx.concatenate([s.sampler(logits[i : i + 1]) if own[i] else greedy[i : i + 1]
+                               for i, s in enumerate(self._rows)])
+
+    @cached_property
+    def _greedy(self):
+        """The greedy sampler, made on the engine thread (its mask is an MLX array)."""
+        return make_sampler(SamplingParams(temperature=0), self.engine.model.config.vocab_size)
+
+    @staticmethod
+    def _kept(leaving: list[bool]) -> list[int]:
+        return [i for i, gone in enumerate(leaving) if not gone]
+
+    def _leave(self, leaving: list[bool]) -> None:
+        """Take the rows marked in ``leaving`` (one flag per row) out of the batch, each with its
+        own cache again."""
+        if not any(leaving):
             return
-        for seq in seqs:
-            i = self._rows.index(seq)
-            seq.pc.cache = [layer.extract(i) for layer in self._batch]
-        keep = [i for i, s in enumerate(self._rows) if s not in seqs]
+        for i, (seq, gone) in enumerate(zip(self._rows, leaving)):
+            if gone:
+                seq.pc.cache = [layer.extract(i) for layer in self._batch]
+        keep = self._kept(leaving)
         self._rows = [self._rows[i] for i in keep]
         if not keep:
-            self._batch = None
+            self._batch = self._tokens = None
             return
         for layer in self._batch:
             layer.filter(keep)
@@ -308,21 +340,22 @@ class Scheduler:
 
 
 class Sequence:
-    """One run on the engine thread: its prompt cache, prefill, sampler, token in flight and
-    statistics."""
+    """One run on the engine thread: its prompt cache, prefill, sampler and statistics, and the
+    queue on its event loop that its tokens go to."""
 
-    def __init__(self, run: Run, put: Callable[[tuple], None]):
-        self.run, self.put = run, put  # put: ("token", id), ("error", exception) or ("end", None)
+    def __init__(self, run: Run, loop: asyncio.AbstractEventLoop, out: asyncio.Queue):
+        # out receives ("token", id), ("error", exception) or ("end", None)
+        self.run, self.loop, self.out = run, loop, out
         self.stats = Stats(prompt_tokens=len(run.prompt))
         self.pc: PromptCache | None = None
         self.prefill: Prefill | None = None
-        self.pending: mx.array | None = None  # the next token, (1,), being computed
         self.generated = 0
         self.steps = 0  # decode steps fed, and the batch sizes summed over them
         self.rows_summed = 0
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.sampler: SequenceSampler | None = None
+        self.plain_greedy = False
         self.budget = 0
 
     def start(self, engine: Engine, pc: PromptCache) -> None:
@@ -333,10 +366,16 @@ class Sequence:
         self.stats.reused_tokens = self.prefill.reused
         self.sampler = SequenceSampler(run.params, engine.model.config.vocab_size, run.prompt,
                                        run.logits_processors)
+        # sampled with the other such rows of the batch, in one argmax
+        self.plain_greedy = self.sampler.greedy and not self.sampler.processors
         self.budget = token_budget(run.params, engine.max_context, len(run.prompt))
 
+    def put(self, entry: tuple) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, entry)
+
     def deliver(self, token: int, now: float, batch_size: int | None) -> None:
-        """Hand out the token in flight; ``batch_size``: that of the step it was just fed to."""
+        """Count the token in flight as made (the caller hands it out); ``batch_size``: that of
+        the step it was just fed to."""
         if batch_size is not None:
             self.pc.tokens[-1] = token
             self.steps += 1
@@ -349,7 +388,22 @@ class Sequence:
         stats.generated_tokens = self.generated
         stats.decode_s = now - self.first_token_at
         stats.batch_size = self.rows_summed / self.steps if self.steps else 1.0
-        self.put(("token", token))
+
+
+def hand_out(entries: list[tuple[Sequence, tuple]]) -> None:
+    """Put each entry into its sequence's queue, with one call into each event loop for all of
+    them: each call wakes the loop's thread, which then competes for the GIL with the engine
+    thread building the next step."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for seq, entry in entries:
+        by_loop.setdefault(seq.loop, []).append((seq.out, entry))
+    for loop, batch in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, tuple]]) -> None:
+    for out, entry in batch:
+        out.put_nowait(entry)
 
 
 class Slot:
