@@ -62,7 +62,6 @@ CASES = {
     "moe_router": lambda: _seeded(ROUTER_SHAPES, 500),
     "add_rms_norm_route": lambda: _seeded(ROUTER_SHAPES, 600),
     "linear_decode": lambda: _seeded(LINEAR_SHAPES, 700),
-    "rms_norm_linear_decode": lambda: _seeded(LINEAR_SHAPES, 800),
     "moe_gate_up_swiglu": lambda: _seeded(GATE_UP_SHAPES, 100),
     "moe_down_combine": lambda: _seeded(DOWN_SHAPES, 200),
     "sdpa_decode_partial": lambda: _seeded(SDPA_DECODE_SHAPES, 300),
