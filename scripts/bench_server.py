@@ -343,39 +343,43 @@ def main() -> int:
     if args.scheduler:
         bench_scheduler(args)
         return 0
-    results = {}
+    print(f"device: {mx.default_device()}, MLX {mx.__version__}, checkpoint {args.model}; "
+          f"{args.tokens} greedy tokens per stream, prompts of about 100 tokens", flush=True)
+    results, failed = {}, {}
     for engine in args.engines.split(","):
-        results[engine] = bench(engine, args)
-        print(f"{engine}: done", flush=True)
-
-    print(f"\ndevice: {mx.default_device()}, MLX {mx.__version__}, checkpoint {args.model}; "
-          f"{args.tokens} greedy tokens per stream, prompts of about 100 tokens")
-    print("| engine | streams | aggregate tok/s | x its 1 stream | newcomer TTFT s "
-          "| server CPU ms/token: event loop | engine thread |")
-    print("|---|---|---|---|---|---|---|")
-    for engine, r in results.items():
-        single = None
-        for n, row in r["rows"].items():
-            rate = row["tokens"] / row["wall"]
-            single = single or (rate if n == 1 else None)
-            ratio = f"{rate / single:.2f}x" if single else "-"
-            cpu = [f"{1e3 * row['cpu'][name]:.2f}" if name in row["cpu"] else "-"
-                   for name in ("event loop", "engine thread")]
-            print(f"| {engine} | {n} | {rate:.1f} | {ratio} | {row['newcomer']:.3f} | {' | '.join(cpu)} |")
+        try:  # a peer's server that dies must not take the other engine's figures with it
+            results[engine] = bench(engine, args)
+        except Exception as e:  # noqa: BLE001 - reported, the run goes on
+            failed[engine] = f"{type(e).__name__}: {e}"
+            print(f"{engine}: failed: {failed[engine]}", flush=True)
+            continue
+        print_engine(engine, results[engine], args.history)  # as soon as it is known
     engines = list(results)
     if len(engines) == 2:
         a, b = engines
         for n in results[a]["rows"]:
             ra, rb = (results[e]["rows"][n] for e in engines)
             print(f"{a} / {b} at {n} streams: {(ra['tokens'] / ra['wall']) / (rb['tokens'] / rb['wall']):.2f}x")
-    for engine, r in results.items():
-        print(f"{engine}: {r['exact']}/{EXACT_STREAMS} greedy replies (64 tokens) the same in a batch of "
-              f"{EXACT_STREAMS} as alone")
-    print(f"\n| engine | cold TTFT, {args.history}-token history s | follow-up TTFT s | follow-up / cold |")
-    print("|---|---|---|---|")
-    for engine, r in results.items():
-        print(f"| {engine} | {r['cold']:.3f} | {r['follow']:.3f} | {100 * r['follow'] / r['cold']:.1f}% |")
-    return 0
+    return 1 if failed else 0
+
+
+def print_engine(engine: str, r: dict, history: int) -> None:
+    """One engine's rows: throughput by streams, exactness, follow-up TTFT."""
+    print("\n| engine | streams | aggregate tok/s | x its 1 stream | newcomer TTFT s "
+          "| server CPU ms/token: event loop | engine thread |")
+    print("|---|---|---|---|---|---|---|")
+    single = None
+    for n, row in r["rows"].items():
+        rate = row["tokens"] / row["wall"]
+        single = single or (rate if n == 1 else None)
+        ratio = f"{rate / single:.2f}x" if single else "-"
+        cpu = [f"{1e3 * row['cpu'][name]:.2f}" if name in row["cpu"] else "-"
+               for name in ("event loop", "engine thread")]
+        print(f"| {engine} | {n} | {rate:.1f} | {ratio} | {row['newcomer']:.3f} | {' | '.join(cpu)} |")
+    print(f"{engine}: {r['exact']}/{EXACT_STREAMS} greedy replies (64 tokens) the same in a batch of "
+          f"{EXACT_STREAMS} as alone")
+    print(f"{engine}: cold TTFT with a {history}-token history {r['cold']:.3f} s, follow-up "
+          f"{r['follow']:.3f} s ({100 * r['follow'] / r['cold']:.1f}% of cold)", flush=True)
 
 
 if __name__ == "__main__":
