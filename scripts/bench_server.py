@@ -332,6 +332,9 @@ def main() -> int:
     ap.add_argument("--max-context", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--max-concurrency", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    unknown = set(args.engines.split(",")) - {"ours", "mlx_lm"}
+    if unknown:
+        ap.error(f"--engines: unknown engine {', '.join(sorted(unknown))} (ours, mlx_lm)")
     if args.serve_ours:
         serve_ours(str(args.model), args.port, args.max_context, args.max_concurrency)
         return 0
