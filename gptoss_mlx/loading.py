@@ -557,12 +557,13 @@ def _stream_experts(model: Model, plan, infos: dict[str, TensorInfo], slots: int
         layer.mlp.experts = model.expert_pool.layer(i)  # its parameters leave the model: never loaded
 
 
-def load_model(directory: Path, dtype: mx.Dtype = mx.bfloat16, dense_bits: int | None = None,
+def load_model(directory: str | Path, dtype: mx.Dtype = mx.bfloat16, dense_bits: int | None = None,
                memory_plan: MemoryPlan | None = None, group=None, sharding: str = "tensor") -> Model:
     """The model, with every weight resident (dense layers quantized to ``dense_bits``) or as
     ``memory_plan`` arranges it (its dense bits; experts streamed when it says so). With a
     distributed ``group`` of more than one rank, only this rank's part of it (``sharding``:
     tensor or pipeline, see gptoss_mlx/distributed.py), and only that part is read from the files."""
+    directory = Path(directory)
     distributed = group is not None and group.size() > 1
     if memory_plan is not None and memory_plan.streamed and distributed:
         raise CheckpointError(f"{directory}: this rank's share of the model does not fit in "

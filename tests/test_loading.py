@@ -26,6 +26,12 @@ def test_all_layouts_give_the_same_logits(checkpoints, hf_logits, layout):
     np.testing.assert_array_equal(logits, hf_logits)
 
 
+def test_a_directory_given_as_a_string(checkpoints, hf_logits):
+    """load_model takes what a user types, a str, as well as a Path."""
+    logits = np.array(load_model(str(checkpoints["hf"]), mx.float32)(PROMPT))
+    np.testing.assert_array_equal(logits, hf_logits)
+
+
 def test_hf_directory_with_original_subfolder_prefers_hf(checkpoints):
     layout, where = find_layout(checkpoints["hf"])
     assert (layout, where) == ("hf", checkpoints["hf"])
