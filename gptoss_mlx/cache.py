@@ -199,11 +199,21 @@ class _BatchRows:
         self.mask: mx.array | None = None
 
     @property
-    def offset(self) -> mx.array:
-        return _positions(tuple(self.lengths))  # (B,): each row's next position
+    def offset(self) -> int | mx.array:
+        """Each row's next position: one int when the rows agree (RoPE then runs as for one
+        sequence), else a (B,) array."""
+        if min(self.lengths) == max(self.lengths):
+            return self.lengths[0]
+        return _positions(tuple(self.lengths))
 
     def _write(self, slots: list[int], keys: mx.array, values: mx.array) -> None:
-        """Row b's new key and value (B, KV, 1, D) into slot ``slots[b]``."""
+        """Row b's new key and value (B, KV, 1, D) into slot ``slots[b]``: a slice update in
+        place when every row writes the same slot (always at B = 1), as KVCache does, else a
+        scatter."""
+        if min(slots) == max(slots):
+            self.keys[..., slots[0] : slots[0] + 1, :] = keys
+            self.values[..., slots[0] : slots[0] + 1, :] = values
+            return
         index = _positions(tuple(slots)).reshape(-1, 1, 1, 1)
         self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
         self.values = mx.put_along_axis(self.values, index, values, axis=2)
