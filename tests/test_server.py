@@ -433,6 +433,36 @@ def test_stop_strings_and_control_tokens_never_reach_content(tok):
         assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_usage_counts_the_tokens_up_to_the_stop_string_streamed_or_not(tok):
+    """completion_tokens are the tokens the reply took up to the one that completed the stop
+    string, not those the engine made meanwhile, and the same streamed or not."""
+    reply = answer(tok, "Hm.", "Hello world. Bye, and many more words after the stop string.")
+    stream = ReplyStream(tok, ["d. B"])
+    taken = next(k for k, t in enumerate(reply, 1) if (stream.feed(t), stream.stopped)[1])
+    model = ScriptedModel([reply] * 2)
+    with serving(model, tok) as url:
+        c = client(url)
+        ask = dict(model="gpt-oss-tiny", stop=["d. B"], messages=[{"role": "user", "content": "hi"}])
+        whole = c.chat.completions.create(**ask)
+        chunks = list(c.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    assert whole.choices[0].message.content == "Hello worl"
+    assert whole.usage.completion_tokens == chunks[-1].usage.completion_tokens == taken
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 3])
+def test_a_forced_call_header_is_prompt_not_completion(url, max_tokens):
+    """tool_choice naming a function writes the call's header into the prompt: usage counts it
+    there, once, and completion_tokens stays within max_tokens."""
+    c = client(url)
+    ask = dict(model="gpt-oss-tiny", max_tokens=max_tokens, tools=[CHAT_WEATHER],
+               messages=[{"role": "user", "content": "Weather in Oslo?"}], **GREEDY)
+    forced = c.chat.completions.create(**ask, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    free = c.chat.completions.create(**ask)
+    assert forced.usage.completion_tokens <= max_tokens
+    assert forced.usage.prompt_tokens > free.usage.prompt_tokens  # the header, counted once
+    assert forced.usage.total_tokens == forced.usage.prompt_tokens + forced.usage.completion_tokens
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @example(text=".a.", stops=["a", ".a."])  # a longer stop string that starts earlier wins
 @given(text=st.text(alphabet="ab c.é\n", max_size=40),

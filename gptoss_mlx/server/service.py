@@ -41,6 +41,7 @@ class Reply:
     reasoning_budget: int | None = None
     finish_reason: str | None = None  # "stop", "length", "tool_calls"
     created: int = field(default_factory=lambda: int(time.time()))
+    output_tokens: int = 0  # sampled tokens the reply took, up to a stop string (not the forced header)
 
     @property
     def run(self) -> Run:
@@ -53,10 +54,6 @@ class Reply:
     @property
     def cached_tokens(self) -> int:
         return sum(r.stats.reused_tokens for r in self.runs if r.stats)
-
-    @property
-    def output_tokens(self) -> int:
-        return len(self.forced) + sum(r.stats.generated_tokens for r in self.runs if r.stats)
 
 
 @dataclass
@@ -161,6 +158,7 @@ class Service:
                 gone = False
                 async with contextlib.aclosing(self.scheduler.generate(reply.run)) as tokens:
                     async for token in tokens:
+                        reply.output_tokens += 1  # not those the engine made past a stop string
                         for event in stream.feed(token):
                             yield event
                         gone = await request.is_disconnected()
