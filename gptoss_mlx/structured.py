@@ -76,6 +76,10 @@ def compile_schema(tokenizer, schema, where: str = "response_format") -> Grammar
     Compiled schemas are kept (a server sees the same tools in every request)."""
     if not isinstance(schema, dict):
         raise SchemaError(f"{where}: the schema must be a JSON object, got {type(schema).__name__}")
+    try:  # what the developer message can carry (size, depth), checked before the prompt is written
+        harmony.messages.check_schema(schema, where, "schema")
+    except harmony.HarmonyError as e:
+        raise SchemaError(str(e)) from None
     return _compile(tokenizer, json.dumps(schema), where)  # key order matters: properties come in it
 
 

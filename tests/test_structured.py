@@ -153,6 +153,22 @@ def test_an_unenforceable_schema_is_named(tok, tiny):
     assert chat.messages == []  # nothing was sent
 
 
+def test_a_schema_the_prompt_cannot_carry_is_a_schema_error(tok, tiny):
+    """Too many values or too deep for the developer message: refused when compiled (the CLI
+    and Chat report it as the schema's error), not when the prompt is written."""
+    with pytest.raises(SchemaError, match="more than 10000 values"):
+        compile_schema(tok, {"enum": [f"v{i}" for i in range(20_000)]})
+    deep = {"type": "string"}
+    for _ in range(40):
+        deep = {"type": "object", "properties": {"a": deep}}
+    with pytest.raises(SchemaError, match="nested deeper"):
+        compile_schema(tok, deep)
+    chat = Chat(*tiny, sampling=SamplingParams(max_tokens=8))
+    with pytest.raises(SchemaError, match="response format 'response'"):
+        chat.send("hi", response_format={"enum": list(range(20_000))})
+    assert chat.messages == []
+
+
 def test_a_cut_answer_is_reported_as_truncated(tok, tiny):
     """max_tokens below the smallest answer: the reply ends with finish reason length."""
     chat = Chat(*tiny, sampling=SamplingParams(seed=0, max_tokens=12), response_format=PET)
