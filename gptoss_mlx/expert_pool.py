@@ -40,6 +40,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ModelConfig
+from .loading import CheckpointError
 from .model import Experts
 
 # One expert's six tensors, as the model names them under ``layers.N.mlp.experts``.
@@ -96,8 +97,13 @@ class ExpertSource:
     def raw(self, layer: int, name: str, expert: int) -> np.ndarray:
         """One expert's tensor as stored: its bytes in the mapped file (no copy)."""
         t = self.tensors[layer, name]
-        return np.frombuffer(self._maps[t.file], dtype=np.uint8, count=t.expert_bytes,
-                             offset=t.offset + expert * t.expert_bytes)
+        start, mapped = t.offset + expert * t.expert_bytes, self._maps[t.file]
+        # A file cut short after loading: reading past its end would kill the process (SIGBUS).
+        if mapped.size() < start + t.expert_bytes:  # the file's size now (fstat)
+            raise CheckpointError(f"{t.file}: the file was cut to {mapped.size()} bytes while the "
+                                  f"model was using it (expert {expert} of layer {layer} lies past its "
+                                  "end): restore the checkpoint and load it again")
+        return np.frombuffer(mapped, dtype=np.uint8, count=t.expert_bytes, offset=start)
 
     def read(self, layer: int, name: str, expert: int) -> mx.array:
         """One expert's tensor as stored, flat, in MLX (one copy, out of the page cache)."""

@@ -154,6 +154,23 @@ def test_the_pool_counts_hits_misses_and_bytes(checkpoints):
     assert recent.hit_rate == 0.0 and recent.read_s > 0
 
 
+def test_a_checkpoint_cut_short_while_streaming_is_an_error_naming_it(checkpoints, tmp_path):
+    """Reading an expert past the end of a file truncated after loading would kill the process
+    (SIGBUS from the mapping): it is a CheckpointError naming the file instead."""
+    import shutil
+
+    directory = tmp_path / "cut"
+    shutil.copytree(checkpoints["hf"], directory)
+    model = streamed(directory, 8)
+    engine = Engine(model)
+    list(engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=2), stop_tokens=frozenset()))
+    for shard in directory.glob("*.safetensors"):
+        with open(shard, "r+b") as f:
+            f.truncate(1000)
+    with pytest.raises(CheckpointError, match=r"safetensors: the file was cut to 1000 bytes"):
+        list(engine.generate(PROMPT[::-1], SamplingParams(temperature=0, max_tokens=4), stop_tokens=frozenset()))
+
+
 def test_the_pool_holds_the_checkpoint_bytes_of_each_expert(checkpoints):
     resident, model = load_model(checkpoints["hf"]), streamed(checkpoints["hf"], 8)
     slots = np.array(model.expert_pool.fetch(3, mx.array([[6, 1, 4, 2]])))[0]

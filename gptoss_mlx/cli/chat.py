@@ -9,6 +9,7 @@ from typing import Callable
 
 from ..chat import Chat, ChatFileError
 from ..generate import ContextLengthError, NonFiniteLogitsError
+from ..loading import CheckpointError
 from ..harmony import EFFORTS
 from ..structured import SchemaError
 from ..store import ConversationStore, check_chat_file, save_target_problem, title_for
@@ -93,7 +94,7 @@ def answer_resumed(args, question: str) -> None:
         flags_over_saved(chat, args)
         print_events(replies(chat, question, toolbox), not args.hide_reasoning, sys.stdout,
                      sys.stderr, dim=False)
-    except (ChatFileError, ContextLengthError, NonFiniteLogitsError, SchemaError) as e:
+    except (ChatFileError, ContextLengthError, NonFiniteLogitsError, SchemaError, CheckpointError) as e:
         raise CLIError(str(e)) from None
     finally:
         if toolbox:
@@ -187,7 +188,7 @@ class Repl:
             events.close()  # keeps the partial answer in the history now, not at GC time
             self.say(RESET + "\n[stopped]")
             self.last_stats = self.chat.engine.stats
-        except (ContextLengthError, NonFiniteLogitsError, SchemaError) as e:  # the chat took its message back
+        except (ContextLengthError, NonFiniteLogitsError, SchemaError, CheckpointError) as e:  # the chat took its message back
             self.say(f"error: {e}")
             return
         self.autosave()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ..chat import AnswerDelta, ContextTrimmed, Done, ReasoningDelta, ToolCall
 from ..generate import ContextLengthError, NonFiniteLogitsError, Stats
+from ..loading import CheckpointError
 from ..tools import ToolResult, run_with_tools
 from . import common
 from .common import DIM, RESET, CLIError, make_toolbox, terminal_safe
@@ -110,7 +111,7 @@ def answer_once(args, text: str, approve, show_reasoning: bool, dim: bool,
                 pass
         else:
             print_events(events, show_reasoning, sys.stdout, sys.stderr, dim)
-    except (ContextLengthError, NonFiniteLogitsError) as e:
+    except (ContextLengthError, NonFiniteLogitsError, CheckpointError) as e:
         raise CLIError(str(e)) from None
     finally:
         if toolbox:
