@@ -40,7 +40,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ModelConfig
-from .loading import CheckpointError
+from .files import CheckpointError
 from .model import Experts
 
 # One expert's six tensors, as the model names them under ``layers.N.mlp.experts``.

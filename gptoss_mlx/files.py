@@ -15,6 +15,11 @@ from pathlib import Path
 MAX_JSON_BYTES = 256 << 20  # config, index, tokenizer.json (27 MB) are far smaller
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, corrupt, or not gpt-oss (here, not in loading,
+    so that the expert pool, which loading builds, can raise it too)."""
+
+
 def regular_file_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot be read as a checkpoint file, or None if it is a regular file.
 

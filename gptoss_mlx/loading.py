@@ -25,7 +25,7 @@ import mlx.nn as nn
 
 from .config import ConfigError, ModelConfig, token_ids
 from .distributed import shard_part, share_config
-from .files import read_json_file, regular_file_problem
+from .files import CheckpointError, read_json_file, regular_file_problem
 from .lora import FUSED_EXPERT_ADAPTER, load_adapter
 from .memory import DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan
 from .model import Model
@@ -44,10 +44,6 @@ _SAFETENSORS_DTYPES = {
     "U32": mx.uint32, "I32": mx.int32, "U64": mx.uint64, "I64": mx.int64,
     "F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, corrupt, or not gpt-oss."""
 
 
 @dataclass(frozen=True)
