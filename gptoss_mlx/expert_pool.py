@@ -51,25 +51,18 @@ TRANSFERS = ("cuda", "host", "mlx")  # tried in this order
 CUDA_MEMCPY_DEFAULT = 4  # cudaMemcpyKind: the direction from the pointers (unified addressing)
 LOAD_BATCH = 16  # experts staged per copy into the pool: bounds the staging memory (~210 MB)
 
-_MLX_DTYPES = {"U8": mx.uint8, "U32": mx.uint32, "BF16": mx.bfloat16, "F16": mx.float16,
-               "F32": mx.float32}  # safetensors' names
-
 
 @dataclass(frozen=True)
 class ExpertTensor:
     """Where one layer's [E, ...] tensor lies in its safetensors file."""
     file: Path
     offset: int  # of expert 0's bytes in the file
-    dtype: str  # safetensors dtype
+    dtype: mx.Dtype  # as stored
     shape: tuple[int, ...]  # one expert's, as stored
 
     @property
-    def mlx_dtype(self) -> mx.Dtype:
-        return _MLX_DTYPES[self.dtype]
-
-    @property
     def expert_bytes(self) -> int:
-        return int(np.prod(self.shape)) * self.mlx_dtype.size
+        return int(np.prod(self.shape)) * self.dtype.size
 
 
 class ExpertSource:
@@ -107,7 +100,7 @@ class ExpertSource:
 
     def read(self, layer: int, name: str, expert: int) -> mx.array:
         """One expert's tensor as stored, flat, in MLX (one copy, out of the page cache)."""
-        return mx.array(self.raw(layer, name, expert)).view(self.tensors[layer, name].mlx_dtype)
+        return mx.array(self.raw(layer, name, expert)).view(self.tensors[layer, name].dtype)
 
 
 def host_view(array: mx.array) -> np.ndarray:
@@ -241,7 +234,7 @@ class ExpertPool:
             views = {name: host_view(self._array(name)) for name in EXPERT_TENSORS}
             for name, view in views.items():
                 stored = self.source.tensors[0, name]
-                if (stored.mlx_dtype not in (mx.uint8, self._array(name).dtype)
+                if (stored.dtype not in (mx.uint8, self._array(name).dtype)
                         or view.shape[1] != stored.expert_bytes):
                     return False  # the pool holds a cast of the checkpoint's bytes
                 pattern = (np.arange(view.shape[1]) * 7 + 1).astype(np.uint8)

@@ -547,7 +547,8 @@ def _stream_experts(model: Model, plan, infos: dict[str, TensorInfo], slots: int
                     "MXFP4 experts stored with gate and up together (the published layouts); "
                     "this checkpoint needs more memory (--memory-limit) or the original checkpoint")
             info = infos[source]
-            tensors[i, name] = ExpertTensor(info.file, info.offset, info.dtype, info.shape[1:])
+            tensors[i, name] = ExpertTensor(info.file, info.offset, _SAFETENSORS_DTYPES[info.dtype],
+                                             info.shape[1:])
     model.expert_pool = ExpertPool(model.config, ExpertSource(tensors), slots, dtype)
     for i, layer in enumerate(model.layers):
         layer.mlp.experts = model.expert_pool.layer(i)  # its parameters leave the model: never loaded
