@@ -97,7 +97,11 @@ def start(engine: str, model_dir: str, port: int, max_context: int, max_concurre
     else:
         cmd = [sys.executable, "-m", "mlx_lm.server", "--model", model_dir, "--port", str(port),
                "--decode-concurrency", str(max_concurrency), "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # its log goes to a file, not a pipe nobody reads while it runs (a full pipe would block the
+    # server); server_log() reads it back when the server fails
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log = log
     deadline = time.monotonic() + 600
     while True:
         try:
@@ -109,8 +113,15 @@ def start(engine: str, model_dir: str, port: int, max_context: int, max_concurre
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise SystemExit(f"{engine} server did not start:\n{proc.stderr.read()[-3000:]}")
+            raise SystemExit(f"{engine} server did not start:\n{server_log(proc)}")
         time.sleep(0.5)
+
+
+def server_log(proc: subprocess.Popen, chars: int = 3000) -> str:
+    """The end of a server's stderr."""
+    proc.log.flush()
+    proc.log.seek(0)
+    return proc.log.read()[-chars:]
 
 
 class Client:
@@ -210,12 +221,14 @@ def load_round(client: Client, n: int, tokens: int, threads: dict[str, tuple[int
     return {"tokens": generated, "wall": wall, "newcomer": newcomer[0], "cpu": cpu}
 
 
-def same_alone_and_together(client: Client, n: int, tokens: int) -> int:
-    """How many of n greedy replies are the same text in one batch as alone."""
+def same_alone_and_together(client: Client, n: int, tokens: int) -> tuple[int, list[float]]:
+    """How many of n greedy replies are the same text in one batch as alone, and for each the
+    share of its text (alone) that the batched reply repeats before they part."""
     prompts = [user(f"Write about the number {i}.") for i in range(n)]
     alone = [client.stream(p, tokens)["text"] for p in prompts]
     together = [r["text"] for r in concurrent_streams(client, prompts, tokens)]
-    return sum(a == b for a, b in zip(alone, together))
+    shared = [len(os.path.commonprefix([a, b])) / max(1, len(a)) for a, b in zip(alone, together)]
+    return sum(a == b for a, b in zip(alone, together)), shared
 
 
 def bench(engine: str, args) -> dict:
@@ -231,12 +244,14 @@ def bench(engine: str, args) -> dict:
         for n in counts:  # warm-up: every batch size compiles its shapes once
             load_round(client, n, 8, threads)
         rows = {n: load_round(client, n, args.tokens, threads) for n in counts}
-        exact = same_alone_and_together(client, EXACT_STREAMS, 64)
+        exact, shared = same_alone_and_together(client, EXACT_STREAMS, 64)
         history = user("Tell me about the history of the sea. " * (args.history // 9))
         cold = client.latency(history)
         follow = client.latency(history + [{"role": "assistant", "content": "It is very old."},
                                            {"role": "user", "content": "And rivers?"}])
-        return {"rows": rows, "cold": cold, "follow": follow, "exact": exact}
+        return {"rows": rows, "cold": cold, "follow": follow, "exact": exact, "shared": shared}
+    except Exception as e:
+        raise RuntimeError(f"{e}\n--- {engine} server's log, last lines:\n{server_log(proc)}") from e
     finally:
         proc.terminate()
         try:
@@ -305,6 +320,14 @@ def make_checkpoint(args) -> None:
     from gptoss_mlx.testing import checkpoints as mtc
 
     mtc.write_hf(args.model, mtc.PRESETS[args.preset])
+    add_tokenizer(args)
+
+
+def add_tokenizer(args) -> None:
+    """The tokenizer and chat template into the checkpoint: mlx_lm.server loads them from there
+    (without them it dies at its first request, "generation thread died")."""
+    from gptoss_mlx.testing import checkpoints as mtc
+
     mtc.copy_tokenizer(args.model, args.tokenizer_dir / "gpt-oss-tokenizer.json.gz")
     # mlx_lm.server renders chats with the template; in tokenizer_config.json every transformers
     # version finds it
@@ -343,6 +366,8 @@ def main() -> int:
 
     if args.make:
         make_checkpoint(args)
+    elif not (args.model / "tokenizer.json").exists():
+        add_tokenizer(args)
     if args.scheduler:
         bench_scheduler(args)
         return 0
@@ -379,8 +404,11 @@ def print_engine(engine: str, r: dict, history: int) -> None:
         cpu = [f"{1e3 * row['cpu'][name]:.2f}" if name in row["cpu"] else "-"
                for name in ("event loop", "engine thread")]
         print(f"| {engine} | {n} | {rate:.1f} | {ratio} | {row['newcomer']:.3f} | {' | '.join(cpu)} |")
+    # On a GPU the batch's dense matmuls round differently from one row's (cuBLAS GEMM vs GEMV),
+    # and with random weights a router near-tie then sends a token to another expert: replies part.
     print(f"{engine}: {r['exact']}/{EXACT_STREAMS} greedy replies (64 tokens) the same in a batch of "
-          f"{EXACT_STREAMS} as alone")
+          f"{EXACT_STREAMS} as alone; the batched reply repeats "
+          f"{', '.join(f'{100 * x:.0f}%' for x in r['shared'])} of each reply alone before they part")
     print(f"{engine}: cold TTFT with a {history}-token history {r['cold']:.3f} s, follow-up "
           f"{r['follow']:.3f} s ({100 * r['follow'] / r['cold']:.1f}% of cold)", flush=True)
 
