@@ -96,3 +96,16 @@ def test_a_cut_answer_is_reported_as_cut(api):
     r = api.responses.create(model="gpt-oss-tiny", input="A pet.", max_output_tokens=10,
                              text={"format": {"type": "json_schema", "name": "pet", "schema": PET}})
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+
+
+def test_stop_strings_cannot_cut_a_json_answer(api):
+    """A stop string would cut the JSON (finish_reason "stop" on '{'): refused with a 400
+    naming 'stop', and the server goes on answering."""
+    for fmt in (pet_format(), {"type": "json_object"}):
+        with pytest.raises(openai.BadRequestError) as e:
+            api.chat.completions.create(model="gpt-oss-tiny", messages=USER, response_format=fmt,
+                                        stop=['"', "}"], max_tokens=60, seed=1)
+        assert e.value.body["param"] == "stop" and "response_format" in e.value.message
+    r = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, stop=["}"], max_tokens=5,
+                                    response_format={"type": "text"})
+    assert r.choices[0].finish_reason in ("stop", "length")
