@@ -19,6 +19,7 @@ from gptoss_mlx import harmony, load
 from gptoss_mlx.chat import AnswerDelta, Chat, Done, ReasoningDelta
 from gptoss_mlx.generate import Engine, SamplingParams
 from gptoss_mlx.harmony import CALL, CHANNEL, CONSTRAIN, MESSAGE, RETURN, Special, ToolSpec
+from gptoss_mlx.store import ConversationStore
 from gptoss_mlx.structured import HarmonyConstraint, JSONScan, SchemaError, closing_tokens, compile_schema
 from gptoss_mlx.tokenizer import SPECIAL_TOKENS
 
@@ -353,3 +354,16 @@ def test_cli_bad_schema_files_are_named(tiny_checkpoint, tmp_path, content, mess
     proc = run_cli("generate", "-m", str(tiny_checkpoint), "-p", "hi", "--json-schema", str(schema))
     assert proc.returncode == 2 and message in proc.stderr and str(schema) in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_piped_resumed_chat_reports_a_truncated_answer(tiny, tiny_checkpoint, tmp_path, monkeypatch):
+    """``chat --resume`` piped with --json-object: a cut answer is reported as in a new chat
+    (it printed nothing and exited 0); the turn is still saved."""
+    monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(tmp_path))
+    chat = Chat(*tiny, sampling=SamplingParams(max_tokens=4))
+    list(chat.send("hi"))
+    saved = ConversationStore().save(chat, "c1", "earlier")
+    proc = run_cli("chat", "-m", str(tiny_checkpoint), "--resume", "--json-object", "--max-tokens", "3",
+                   stdin="Anything, as JSON.")
+    assert proc.returncode == 2 and "the JSON answer is truncated" in proc.stderr, proc.stderr
+    assert "Anything, as JSON." in saved.read_text()
