@@ -32,7 +32,9 @@ import mlx.core as mx
 from llguidance.tiktoken import lltokenizer_from_encoding
 
 from . import harmony
-from .harmony import CALL, CHANNEL, END, ENDOFTEXT, MESSAGE, RETURN, START, DeveloperContent, MessageStart
+from .harmony import (
+    CALL, CHANNEL, END, ENDOFTEXT, MESSAGE, RETURN, START, DeveloperContent, MessageStart, SystemContent,
+)
 from .harmony.chat_completions import FUNCTIONS
 from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS, VOCAB_SIZE
 
@@ -121,10 +123,19 @@ def constraints_for(tokenizer, messages: list[harmony.Message], *, max_tokens: i
     developer message has a response format or functions, or there is a reasoning budget;
     none otherwise. SchemaError names a schema that cannot be enforced."""
     dev = next((m.content for m in messages if isinstance(m.content, DeveloperContent)), None)
+    system = next((m.content for m in messages if isinstance(m.content, SystemContent)), None)
     answer, functions = grammars(tokenizer, dev)
     if answer is None and not functions and reasoning_budget is None:
         return []
-    return [HarmonyConstraint(tokenizer, answer, functions, reasoning_budget, max_tokens, prefix)]
+    return [HarmonyConstraint(tokenizer, answer, functions, reasoning_budget, max_tokens, prefix,
+                              builtin_tools(system))]
+
+
+def builtin_tools(system: SystemContent | None) -> frozenset[str]:
+    """The recipients of the system message's built-in tools: ``python``, ``browser.search``..."""
+    namespaces = system.tools if system else []
+    return frozenset(name for ns in namespaces
+                     for name in ([f"{ns.name}.{t.name}" for t in ns.tools] if ns.tools else [ns.name]))
 
 
 @lru_cache(maxsize=2)
@@ -207,13 +218,14 @@ class HarmonyConstraint:
     which the final channel is opened. ``max_tokens``: the generation's token budget (what the
     engine will generate at most), so that a constrained message completes within it.
     ``prefix``: tokens of the reply the prompt already ends with (a forced call's header).
+    ``tools``: recipients of the built-in tools the reply may call (``python``, ``browser.search``).
     """
 
     def __init__(self, tokenizer, answer: Grammar | None = None,
                  functions: dict[str, Grammar] | None = None, reasoning_budget: int | None = None,
-                 max_tokens: int | None = None, prefix: list[int] = ()):
+                 max_tokens: int | None = None, prefix: list[int] = (), tools: frozenset[str] = frozenset()):
         self.tokenizer = tokenizer
-        self.answer, self.functions = answer, dict(functions or {})
+        self.answer, self.functions, self.tools = answer, dict(functions or {}), tools
         self.reasoning_budget, self.max_tokens = reasoning_budget, max_tokens
         self.parser = harmony.StreamParser(tokenizer, role="assistant")
         self._role = tokenizer.encode_ordinary("assistant")
@@ -355,9 +367,10 @@ class HarmonyConstraint:
 
     def _no_stop(self) -> array.array:
         """Before the answer nothing may end the reply: no <|return|> or end of text, and
-        <|call|> only to end a call (a message with a recipient)."""
+        <|call|> only to end a call to a built-in tool the reply has (calls to functions are
+        constrained messages; a call to a tool that is not there would end the reply unanswered)."""
         current = self.parser.current if self.parser.state == "content" else None
-        if current is None or current.recipient is None:
+        if current is None or current.recipient not in self.tools:
             return all_but(ID[RETURN], ID[ENDOFTEXT], ID[CALL])
         return all_but(ID[RETURN], ID[ENDOFTEXT])
 
