@@ -109,3 +109,11 @@ def test_stop_strings_cannot_cut_a_json_answer(api):
     r = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, stop=["}"], max_tokens=5,
                                     response_format={"type": "text"})
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_responses_schema_errors_name_text_format(api):
+    """The Responses API's schema lives in text.format: its 400 names that field."""
+    with pytest.raises(openai.BadRequestError) as e:
+        api.responses.create(model="gpt-oss-tiny", input="A pet.", max_output_tokens=10, text={"format": {
+            "type": "json_schema", "name": "pet", "schema": {"type": "array", "uniqueItems": True}}})
+    assert "uniqueItems" in e.value.message and e.value.body["param"] == "text.format"
