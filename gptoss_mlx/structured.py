@@ -78,6 +78,10 @@ def compile_schema(tokenizer, schema, where: str = "response_format") -> Grammar
     Compiled schemas are kept (a server sees the same tools in every request)."""
     if not isinstance(schema, dict):
         raise SchemaError(f"{where}: the schema must be a JSON object, got {type(schema).__name__}")
+    if schema.get("type") in ("json_schema", "json_object"):  # a pasted OpenAI response_format
+        raise SchemaError(f"{where}: {{\"type\": \"{schema['type']}\"}} is an OpenAI response_format, "
+                          "not a JSON Schema: give its json_schema.schema (for any JSON object: "
+                          "{\"type\": \"object\"})")
     try:  # what the developer message can carry (size, depth), checked before the prompt is written
         harmony.messages.check_schema(schema, where, "schema")
     except harmony.HarmonyError as e:

@@ -348,6 +348,8 @@ def test_cli_chat_piped_json_object_and_truncation(tiny_checkpoint, tmp_path, mo
     (None, "does not exist"),
     ('{"type":', "not valid JSON"),
     ('{"type": "array", "uniqueItems": true}', 'cannot be enforced: Unimplemented keys: ["uniqueItems"]'),
+    ('{"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}', "is an OpenAI response_format, "
+                                                                         "not a JSON Schema: give its json_schema.schema"),
 ])
 def test_cli_bad_schema_files_are_named(tiny_checkpoint, tmp_path, content, message):
     schema = tmp_path / "s.json"
