@@ -33,7 +33,8 @@ from llguidance.tiktoken import lltokenizer_from_encoding
 
 from . import harmony
 from .harmony import (
-    CALL, CHANNEL, END, ENDOFTEXT, MESSAGE, RETURN, START, DeveloperContent, MessageStart, SystemContent,
+    CALL, CHANNEL, CONSTRAIN, END, ENDOFTEXT, MESSAGE, RETURN, START, DeveloperContent, MessageStart,
+    Special, SystemContent,
 )
 from .harmony.chat_completions import FUNCTIONS
 from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS, VOCAB_SIZE
@@ -115,10 +116,30 @@ def grammars(tokenizer, dev: DeveloperContent | None) -> tuple[Grammar | None, d
     if dev.response_formats:
         fmt = dev.response_formats[0]
         answer = compile_schema(tokenizer, fmt.schema, f"response format {fmt.name!r}")
-    functions = {f.name: compile_schema(tokenizer, f.parameters or {"type": "object"},
-                                        f"function {f.name!r} parameters")
-                 for f in dev.functions}
+    functions = {}
+    for f in dev.functions:
+        if f.name in functions:
+            raise SchemaError(f"function {f.name!r} is declared twice: which parameters its calls "
+                              "are held to would be a guess")
+        check_callable(tokenizer, f.name)
+        functions[f.name] = compile_schema(tokenizer, f.parameters or {"type": "object"},
+                                           f"function {f.name!r} parameters")
     return answer, functions
+
+
+def check_callable(tokenizer, name: str) -> None:
+    """A call to function ``name``, its header as the model writes it, must read back as a
+    call to it; else its arguments would go unconstrained (a name with a space reads as another
+    function, one with a newline or too long as no header at all)."""
+    header = harmony.segments_to_tokens(
+        [Special(START), "assistant", Special(CHANNEL), f"commentary to={FUNCTIONS}{name} ",
+         Special(CONSTRAIN), "json", Special(MESSAGE)], tokenizer)
+    parser = harmony.StreamParser(tokenizer, role=None)
+    starts = [e for token in header for e in parser.feed(token) if isinstance(e, MessageStart)]
+    if [start.recipient for start in starts] != [FUNCTIONS + name]:
+        raise SchemaError(f"function {name[:80]!r}: a harmony header cannot carry this name, so its "
+                          "calls cannot be held to its parameters: use a short name of letters, digits, "
+                          "_ and - (no whitespace)")
 
 
 def constraints_for(tokenizer, messages: list[harmony.Message], *, max_tokens: int | None,

@@ -117,3 +117,15 @@ def test_responses_schema_errors_name_text_format(api):
         api.responses.create(model="gpt-oss-tiny", input="A pet.", max_output_tokens=10, text={"format": {
             "type": "json_schema", "name": "pet", "schema": {"type": "array", "uniqueItems": True}}})
     assert "uniqueItems" in e.value.message and e.value.body["param"] == "text.format"
+
+
+def test_a_function_name_no_header_can_carry_is_a_400(api):
+    """tool_choice forced a call to "get weather": it came back as a call to "get" with free
+    text for arguments. Now a 400 naming the function; the server goes on serving."""
+    tool = {"type": "function", "function": {"name": "get weather", "parameters": WEATHER.parameters}}
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model="gpt-oss-tiny", messages=USER, max_tokens=30, tools=[tool],
+                                    tool_choice={"type": "function", "function": {"name": "get weather"}})
+    assert "'get weather'" in e.value.message and e.value.body["param"] == "tools"
+    r = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, max_tokens=5)
+    assert r.choices[0].finish_reason == "length"

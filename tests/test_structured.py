@@ -396,3 +396,15 @@ def test_a_call_to_a_tool_the_reply_lacks_cannot_end_it_before_the_answer(tok, t
             response_formats=[harmony.ResponseFormat("pet", PET)]))
         [may_call] = constraints_for(tok, [system, developer], max_tokens=120, prefix=header)
         assert may_call(mx.array([1]), mx.zeros((1, VOCAB_SIZE)))[0, call] == 0
+
+
+@pytest.mark.parametrize("name", ["get weather", "get\nweather", "x" * 300], ids=["space", "newline", "long"])
+def test_a_function_name_no_header_can_carry_is_an_error(tiny, name):
+    """Calls to a function named with whitespace, or too long for a header, are not read back
+    as calls to it ("get weather" reads as a call to "get"), so their arguments went
+    unconstrained: refused, like a schema that cannot be enforced. So is a name declared twice."""
+    with pytest.raises(SchemaError, match="a harmony header cannot carry this name"):
+        Chat(*tiny, functions=[ToolSpec(name, "", WEATHER.parameters)])
+    with pytest.raises(SchemaError, match="function 'get_weather' is declared twice"):
+        Chat(*tiny, functions=[WEATHER, ToolSpec(WEATHER.name, "", {"type": "object"})])
+    Chat(*tiny, functions=[ToolSpec("weather.get-v2", "", WEATHER.parameters)])
