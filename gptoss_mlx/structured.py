@@ -47,9 +47,11 @@ JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"( ?|\n[ \t]
 # Bytes a closing may take before it is given up (a pattern the greedy closing cannot satisfy).
 MAX_CLOSING_BYTES = 4096
 # Preference among single bytes when closing: end what is open, then the shortest values, the
-# other printable characters, and a space last (JSON never needs whitespace; a pattern may).
+# other printable characters, a space (JSON never needs whitespace; a pattern may), and UTF-8
+# continuation bytes last (only ever allowed to end a character the text so far began).
 CLOSERS = b'"}],'
-CLOSING_BYTES = CLOSERS + b"10" + bytes(range(0x21, 0x7F)) + b" "
+CONTINUATION = bytes(range(0x80, 0xC0))
+CLOSING_BYTES = CLOSERS + b"10" + bytes(range(0x21, 0x7F)) + b" " + CONTINUATION
 
 
 class SchemaError(ValueError):
@@ -210,8 +212,9 @@ def closing_tokens(tokenizer, matcher: llguidance.LLMatcher, scan: JSONScan = JS
                 used[b] = used.get(b, 0) + 1
         else:
             used.clear()
+    ends = len(text) - len(text.lstrip(CONTINUATION))  # the bytes that end a character begun before
     try:
-        return tokenizer.encode_ordinary(text.decode("utf-8"))
+        return [byte_token[b] for b in text[:ends]] + tokenizer.encode_ordinary(text[ends:].decode("utf-8"))
     except UnicodeDecodeError:
         return [byte_token[b] for b in text]
 

@@ -408,3 +408,25 @@ def test_a_function_name_no_header_can_carry_is_an_error(tiny, name):
     with pytest.raises(SchemaError, match="function 'get_weather' is declared twice"):
         Chat(*tiny, functions=[WEATHER, ToolSpec(WEATHER.name, "", {"type": "object"})])
     Chat(*tiny, functions=[ToolSpec("weather.get-v2", "", WEATHER.parameters)])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=st.text(st.characters(min_codepoint=0x80, max_codepoint=0x1FFFF, exclude_categories=["Cs"]),
+                     min_size=1, max_size=4), cut=st.floats(0, 1))
+def test_closing_completes_a_character_cut_in_its_bytes(tok, value, cut):
+    """o200k has ~1500 tokens that end inside a UTF-8 character: when the tokens left are just
+    enough to close the JSON, the text may be mid-character, and the closing (which found none,
+    so the answer was cut by max_tokens) must finish the character first."""
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    text = json.dumps({"a": value}, ensure_ascii=False, separators=(",", ":")).encode()
+    prefix = text[:len('{"a":"') + int(cut * len(value.encode()))]
+    byte_token = [tok.encode_single_token(bytes([b])) for b in range(256)]
+    matcher = compile_schema(tok, schema).matcher()
+    assert matcher.consume_tokens([byte_token[b] for b in prefix])
+    scan = JSONScan()
+    scan.feed(prefix)
+    closing = closing_tokens(tok, matcher, scan)
+    assert closing is not None and matcher.consume_tokens(closing) and matcher.is_accepting()
+    assert len(closing) <= 4  # the character's last bytes, then '"}' in one or two tokens
+    answer = json.loads(prefix + tok.decode_bytes(closing))
+    assert answer["a"].startswith(prefix.decode(errors="ignore")[len('{"a":"'):])
