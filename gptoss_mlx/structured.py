@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import array
 import json
+import math
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -89,7 +90,49 @@ def compile_schema(tokenizer, schema, where: str = "response_format") -> Grammar
         harmony.messages.check_schema(schema, where, "schema")
     except harmony.HarmonyError as e:
         raise SchemaError(str(e)) from None
-    return _compile(tokenizer, json.dumps(schema), where)  # key order matters: properties come in it
+    # key order matters: properties come in it
+    return _compile(tokenizer, json.dumps(inclusive_bounds(schema)), where)
+
+
+# Where a schema holds schemas: maps of them, lists of them, one.
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+SCHEMAS = ("items", "additionalProperties", "not", "contains", "propertyNames", "if", "then", "else")
+# How far inside an exclusive bound the inclusive one replacing it lies.
+EXCLUSIVE_MARGIN = 1e-9
+
+
+def inclusive_bounds(schema):
+    """``schema`` with each number's exclusive whole-number bound within 1 of its other bound
+    (``exclusiveMinimum: 0, maximum: 0.5``) made inclusive, EXCLUSIVE_MARGIN inside: llguidance
+    1.9.1 lets such a bound itself through ("0" above). Data (``const``, ``enum``) is left alone."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in SCHEMA_MAPS and isinstance(value, dict):
+            value = {name: inclusive_bounds(s) for name, s in value.items()}
+        elif key in SCHEMA_LISTS and isinstance(value, list) or key in SCHEMAS:
+            value = [inclusive_bounds(s) for s in value] if isinstance(value, list) else inclusive_bounds(value)
+        out[key] = value
+    if out.get("type") == "integer":
+        return out
+    for exclusive, inclusive, other, sign in (("exclusiveMinimum", "minimum", ("maximum", "exclusiveMaximum"), 1),
+                                              ("exclusiveMaximum", "maximum", ("minimum", "exclusiveMinimum"), -1)):
+        bound = out.get(exclusive)
+        if not (_is_number(bound) and math.isfinite(bound) and bound == int(bound)):
+            continue
+        near = any(_is_number(out.get(k)) and abs(out[k] - bound) <= 1 for k in other)
+        given = out.get(inclusive, bound)
+        if near and _is_number(given):
+            del out[exclusive]
+            inside = bound + sign * EXCLUSIVE_MARGIN
+            out[inclusive] = max(inside, given) if sign > 0 else min(inside, given)
+    return out
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @lru_cache(maxsize=256)
