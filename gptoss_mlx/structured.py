@@ -100,6 +100,9 @@ SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 SCHEMAS = ("items", "additionalProperties", "not", "contains", "propertyNames", "if", "then", "else")
 # How far inside an exclusive bound the inclusive one replacing it lies.
 EXCLUSIVE_MARGIN = 1e-9
+# (exclusive bound, the inclusive one, the other side's bounds, the direction of inside)
+BOUNDS = (("exclusiveMinimum", "minimum", ("maximum", "exclusiveMaximum"), 1),
+          ("exclusiveMaximum", "maximum", ("minimum", "exclusiveMinimum"), -1))
 
 
 def inclusive_bounds(schema):
@@ -112,17 +115,18 @@ def inclusive_bounds(schema):
     for key, value in schema.items():
         if key in SCHEMA_MAPS and isinstance(value, dict):
             value = {name: inclusive_bounds(s) for name, s in value.items()}
-        elif key in SCHEMA_LISTS and isinstance(value, list) or key in SCHEMAS:
-            value = [inclusive_bounds(s) for s in value] if isinstance(value, list) else inclusive_bounds(value)
+        elif key in SCHEMA_LISTS + SCHEMAS and isinstance(value, list):  # items may be a list
+            value = [inclusive_bounds(s) for s in value]
+        elif key in SCHEMAS:
+            value = inclusive_bounds(value)
         out[key] = value
     if out.get("type") == "integer":
         return out
-    for exclusive, inclusive, other, sign in (("exclusiveMinimum", "minimum", ("maximum", "exclusiveMaximum"), 1),
-                                              ("exclusiveMaximum", "maximum", ("minimum", "exclusiveMinimum"), -1)):
+    for exclusive, inclusive, others, sign in BOUNDS:
         bound = out.get(exclusive)
         if not (_is_number(bound) and math.isfinite(bound) and bound == int(bound)):
             continue
-        near = any(_is_number(out.get(k)) and abs(out[k] - bound) <= 1 for k in other)
+        near = any(_is_number(out.get(k)) and abs(out[k] - bound) <= 1 for k in others)
         given = out.get(inclusive, bound)
         if near and _is_number(given):
             del out[exclusive]
@@ -257,7 +261,8 @@ def closing_tokens(tokenizer, matcher: llguidance.LLMatcher, scan: JSONScan = JS
             used.clear()
     ends = len(text) - len(text.lstrip(CONTINUATION))  # the bytes that end a character begun before
     try:
-        return [byte_token[b] for b in text[:ends]] + tokenizer.encode_ordinary(text[ends:].decode("utf-8"))
+        return ([byte_token[b] for b in text[:ends]]
+                + tokenizer.encode_ordinary(text[ends:].decode("utf-8")))
     except UnicodeDecodeError:
         return [byte_token[b] for b in text]
 
