@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import array
 import json
+import math
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,7 +33,10 @@ import mlx.core as mx
 from llguidance.tiktoken import lltokenizer_from_encoding
 
 from . import harmony
-from .harmony import CALL, CHANNEL, END, ENDOFTEXT, MESSAGE, RETURN, START, DeveloperContent, MessageStart
+from .harmony import (
+    CALL, CHANNEL, CONSTRAIN, END, ENDOFTEXT, MESSAGE, RETURN, START, DeveloperContent, MessageStart,
+    Special, SystemContent,
+)
 from .harmony.chat_completions import FUNCTIONS
 from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS, VOCAB_SIZE
 
@@ -44,9 +48,11 @@ JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"( ?|\n[ \t]
 # Bytes a closing may take before it is given up (a pattern the greedy closing cannot satisfy).
 MAX_CLOSING_BYTES = 4096
 # Preference among single bytes when closing: end what is open, then the shortest values, the
-# other printable characters, and a space last (JSON never needs whitespace; a pattern may).
+# other printable characters, a space (JSON never needs whitespace; a pattern may), and UTF-8
+# continuation bytes last (only ever allowed to end a character the text so far began).
 CLOSERS = b'"}],'
-CLOSING_BYTES = CLOSERS + b"10" + bytes(range(0x21, 0x7F)) + b" "
+CONTINUATION = bytes(range(0x80, 0xC0))
+CLOSING_BYTES = CLOSERS + b"10" + bytes(range(0x21, 0x7F)) + b" " + CONTINUATION
 
 
 class SchemaError(ValueError):
@@ -76,11 +82,61 @@ def compile_schema(tokenizer, schema, where: str = "response_format") -> Grammar
     Compiled schemas are kept (a server sees the same tools in every request)."""
     if not isinstance(schema, dict):
         raise SchemaError(f"{where}: the schema must be a JSON object, got {type(schema).__name__}")
+    if schema.get("type") in ("json_schema", "json_object"):  # a pasted OpenAI response_format
+        raise SchemaError(f"{where}: {{\"type\": \"{schema['type']}\"}} is an OpenAI response_format, "
+                          "not a JSON Schema: give its json_schema.schema (for any JSON object: "
+                          "{\"type\": \"object\"})")
     try:  # what the developer message can carry (size, depth), checked before the prompt is written
         harmony.messages.check_schema(schema, where, "schema")
     except harmony.HarmonyError as e:
         raise SchemaError(str(e)) from None
-    return _compile(tokenizer, json.dumps(schema), where)  # key order matters: properties come in it
+    # key order matters: properties come in it
+    return _compile(tokenizer, json.dumps(inclusive_bounds(schema)), where)
+
+
+# Where a schema holds schemas: maps of them, lists of them, one.
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+SCHEMAS = ("items", "additionalProperties", "not", "contains", "propertyNames", "if", "then", "else")
+# How far inside an exclusive bound the inclusive one replacing it lies.
+EXCLUSIVE_MARGIN = 1e-9
+# (exclusive bound, the inclusive one, the other side's bounds, the direction of inside)
+BOUNDS = (("exclusiveMinimum", "minimum", ("maximum", "exclusiveMaximum"), 1),
+          ("exclusiveMaximum", "maximum", ("minimum", "exclusiveMinimum"), -1))
+
+
+def inclusive_bounds(schema):
+    """``schema`` with each number's exclusive whole-number bound within 1 of its other bound
+    (``exclusiveMinimum: 0, maximum: 0.5``) made inclusive, EXCLUSIVE_MARGIN inside: llguidance
+    1.9.1 lets such a bound itself through ("0" above). Data (``const``, ``enum``) is left alone."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in SCHEMA_MAPS and isinstance(value, dict):
+            value = {name: inclusive_bounds(s) for name, s in value.items()}
+        elif key in SCHEMA_LISTS + SCHEMAS and isinstance(value, list):  # items may be a list
+            value = [inclusive_bounds(s) for s in value]
+        elif key in SCHEMAS:
+            value = inclusive_bounds(value)
+        out[key] = value
+    if out.get("type") == "integer":
+        return out
+    for exclusive, inclusive, others, sign in BOUNDS:
+        bound = out.get(exclusive)
+        if not (_is_number(bound) and math.isfinite(bound) and bound == int(bound)):
+            continue
+        near = any(_is_number(out.get(k)) and abs(out[k] - bound) <= 1 for k in others)
+        given = out.get(inclusive, bound)
+        if near and _is_number(given):
+            del out[exclusive]
+            inside = bound + sign * EXCLUSIVE_MARGIN
+            out[inclusive] = max(inside, given) if sign > 0 else min(inside, given)
+    return out
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @lru_cache(maxsize=256)
@@ -109,10 +165,30 @@ def grammars(tokenizer, dev: DeveloperContent | None) -> tuple[Grammar | None, d
     if dev.response_formats:
         fmt = dev.response_formats[0]
         answer = compile_schema(tokenizer, fmt.schema, f"response format {fmt.name!r}")
-    functions = {f.name: compile_schema(tokenizer, f.parameters or {"type": "object"},
-                                        f"function {f.name!r} parameters")
-                 for f in dev.functions}
+    functions = {}
+    for f in dev.functions:
+        if f.name in functions:
+            raise SchemaError(f"function {f.name!r} is declared twice: which parameters its calls "
+                              "are held to would be a guess")
+        check_callable(tokenizer, f.name)
+        functions[f.name] = compile_schema(tokenizer, f.parameters or {"type": "object"},
+                                           f"function {f.name!r} parameters")
     return answer, functions
+
+
+def check_callable(tokenizer, name: str) -> None:
+    """A call to function ``name``, its header as the model writes it, must read back as a
+    call to it; else its arguments would go unconstrained (a name with a space reads as another
+    function, one with a newline or too long as no header at all)."""
+    header = harmony.segments_to_tokens(
+        [Special(START), "assistant", Special(CHANNEL), f"commentary to={FUNCTIONS}{name} ",
+         Special(CONSTRAIN), "json", Special(MESSAGE)], tokenizer)
+    parser = harmony.StreamParser(tokenizer, role=None)
+    starts = [e for token in header for e in parser.feed(token) if isinstance(e, MessageStart)]
+    if [start.recipient for start in starts] != [FUNCTIONS + name]:
+        raise SchemaError(f"function {name[:80]!r}: a harmony header cannot carry this name, so its "
+                          "calls cannot be held to its parameters: use a short name of letters, digits, "
+                          "_ and - (no whitespace)")
 
 
 def constraints_for(tokenizer, messages: list[harmony.Message], *, max_tokens: int | None,
@@ -121,10 +197,19 @@ def constraints_for(tokenizer, messages: list[harmony.Message], *, max_tokens: i
     developer message has a response format or functions, or there is a reasoning budget;
     none otherwise. SchemaError names a schema that cannot be enforced."""
     dev = next((m.content for m in messages if isinstance(m.content, DeveloperContent)), None)
+    system = next((m.content for m in messages if isinstance(m.content, SystemContent)), None)
     answer, functions = grammars(tokenizer, dev)
     if answer is None and not functions and reasoning_budget is None:
         return []
-    return [HarmonyConstraint(tokenizer, answer, functions, reasoning_budget, max_tokens, prefix)]
+    return [HarmonyConstraint(tokenizer, answer, functions, reasoning_budget, max_tokens, prefix,
+                              builtin_tools(system))]
+
+
+def builtin_tools(system: SystemContent | None) -> frozenset[str]:
+    """The recipients of the system message's built-in tools: ``python``, ``browser.search``..."""
+    namespaces = system.tools if system else []
+    return frozenset(name for ns in namespaces
+                     for name in ([f"{ns.name}.{t.name}" for t in ns.tools] if ns.tools else [ns.name]))
 
 
 @lru_cache(maxsize=2)
@@ -174,8 +259,10 @@ def closing_tokens(tokenizer, matcher: llguidance.LLMatcher, scan: JSONScan = JS
                 used[b] = used.get(b, 0) + 1
         else:
             used.clear()
+    ends = len(text) - len(text.lstrip(CONTINUATION))  # the bytes that end a character begun before
     try:
-        return tokenizer.encode_ordinary(text.decode("utf-8"))
+        return ([byte_token[b] for b in text[:ends]]
+                + tokenizer.encode_ordinary(text[ends:].decode("utf-8")))
     except UnicodeDecodeError:
         return [byte_token[b] for b in text]
 
@@ -207,13 +294,14 @@ class HarmonyConstraint:
     which the final channel is opened. ``max_tokens``: the generation's token budget (what the
     engine will generate at most), so that a constrained message completes within it.
     ``prefix``: tokens of the reply the prompt already ends with (a forced call's header).
+    ``tools``: recipients of the built-in tools the reply may call (``python``, ``browser.search``).
     """
 
     def __init__(self, tokenizer, answer: Grammar | None = None,
                  functions: dict[str, Grammar] | None = None, reasoning_budget: int | None = None,
-                 max_tokens: int | None = None, prefix: list[int] = ()):
+                 max_tokens: int | None = None, prefix: list[int] = (), tools: frozenset[str] = frozenset()):
         self.tokenizer = tokenizer
-        self.answer, self.functions = answer, dict(functions or {})
+        self.answer, self.functions, self.tools = answer, dict(functions or {}), tools
         self.reasoning_budget, self.max_tokens = reasoning_budget, max_tokens
         self.parser = harmony.StreamParser(tokenizer, role="assistant")
         self._role = tokenizer.encode_ordinary("assistant")
@@ -355,9 +443,10 @@ class HarmonyConstraint:
 
     def _no_stop(self) -> array.array:
         """Before the answer nothing may end the reply: no <|return|> or end of text, and
-        <|call|> only to end a call (a message with a recipient)."""
+        <|call|> only to end a call to a built-in tool the reply has (calls to functions are
+        constrained messages; a call to a tool that is not there would end the reply unanswered)."""
         current = self.parser.current if self.parser.state == "content" else None
-        if current is None or current.recipient is None:
+        if current is None or current.recipient not in self.tools:
             return all_but(ID[RETURN], ID[ENDOFTEXT], ID[CALL])
         return all_but(ID[RETURN], ID[ENDOFTEXT])
 

@@ -96,3 +96,36 @@ def test_a_cut_answer_is_reported_as_cut(api):
     r = api.responses.create(model="gpt-oss-tiny", input="A pet.", max_output_tokens=10,
                              text={"format": {"type": "json_schema", "name": "pet", "schema": PET}})
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+
+
+def test_stop_strings_cannot_cut_a_json_answer(api):
+    """A stop string would cut the JSON (finish_reason "stop" on '{'): refused with a 400
+    naming 'stop', and the server goes on answering."""
+    for fmt in (pet_format(), {"type": "json_object"}):
+        with pytest.raises(openai.BadRequestError) as e:
+            api.chat.completions.create(model="gpt-oss-tiny", messages=USER, response_format=fmt,
+                                        stop=['"', "}"], max_tokens=60, seed=1)
+        assert e.value.body["param"] == "stop" and "response_format" in e.value.message
+    r = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, stop=["}"], max_tokens=5,
+                                    response_format={"type": "text"})
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_responses_schema_errors_name_text_format(api):
+    """The Responses API's schema lives in text.format: its 400 names that field."""
+    with pytest.raises(openai.BadRequestError) as e:
+        api.responses.create(model="gpt-oss-tiny", input="A pet.", max_output_tokens=10, text={"format": {
+            "type": "json_schema", "name": "pet", "schema": {"type": "array", "uniqueItems": True}}})
+    assert "uniqueItems" in e.value.message and e.value.body["param"] == "text.format"
+
+
+def test_a_function_name_no_header_can_carry_is_a_400(api):
+    """tool_choice forced a call to "get weather": it came back as a call to "get" with free
+    text for arguments. Now a 400 naming the function; the server goes on serving."""
+    tool = {"type": "function", "function": {"name": "get weather", "parameters": WEATHER.parameters}}
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model="gpt-oss-tiny", messages=USER, max_tokens=30, tools=[tool],
+                                    tool_choice={"type": "function", "function": {"name": "get weather"}})
+    assert "'get weather'" in e.value.message and e.value.body["param"] == "tools"
+    r = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, max_tokens=5)
+    assert r.choices[0].finish_reason == "length"

@@ -19,8 +19,11 @@ from gptoss_mlx import harmony, load
 from gptoss_mlx.chat import AnswerDelta, Chat, Done, ReasoningDelta
 from gptoss_mlx.generate import Engine, SamplingParams
 from gptoss_mlx.harmony import CALL, CHANNEL, CONSTRAIN, MESSAGE, RETURN, Special, ToolSpec
-from gptoss_mlx.structured import HarmonyConstraint, JSONScan, SchemaError, closing_tokens, compile_schema
-from gptoss_mlx.tokenizer import SPECIAL_TOKENS
+from gptoss_mlx.store import ConversationStore
+from gptoss_mlx.structured import (
+    HarmonyConstraint, JSONScan, SchemaError, closing_tokens, compile_schema, constraints_for,
+)
+from gptoss_mlx.tokenizer import SPECIAL_TOKENS, VOCAB_SIZE
 
 # Enums, a nested object, bounded arrays, optional and required fields, limited numbers/strings.
 PET = {
@@ -345,6 +348,8 @@ def test_cli_chat_piped_json_object_and_truncation(tiny_checkpoint, tmp_path, mo
     (None, "does not exist"),
     ('{"type":', "not valid JSON"),
     ('{"type": "array", "uniqueItems": true}', 'cannot be enforced: Unimplemented keys: ["uniqueItems"]'),
+    ('{"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}', "is an OpenAI response_format, "
+                                                                         "not a JSON Schema: give its json_schema.schema"),
 ])
 def test_cli_bad_schema_files_are_named(tiny_checkpoint, tmp_path, content, message):
     schema = tmp_path / "s.json"
@@ -353,3 +358,131 @@ def test_cli_bad_schema_files_are_named(tiny_checkpoint, tmp_path, content, mess
     proc = run_cli("generate", "-m", str(tiny_checkpoint), "-p", "hi", "--json-schema", str(schema))
     assert proc.returncode == 2 and message in proc.stderr and str(schema) in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_piped_resumed_chat_reports_a_truncated_answer(tiny, tiny_checkpoint, tmp_path, monkeypatch):
+    """``chat --resume`` piped with --json-object: a cut answer is reported as in a new chat
+    (it printed nothing and exited 0); the turn is still saved."""
+    monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(tmp_path))
+    chat = Chat(*tiny, sampling=SamplingParams(max_tokens=4))
+    list(chat.send("hi"))
+    saved = ConversationStore().save(chat, "c1", "earlier")
+    proc = run_cli("chat", "-m", str(tiny_checkpoint), "--resume", "--json-object", "--max-tokens", "3",
+                   stdin="Anything, as JSON.")
+    assert proc.returncode == 2 and "the JSON answer is truncated" in proc.stderr, proc.stderr
+    assert "Anything, as JSON." in saved.read_text()
+
+
+@pytest.mark.parametrize("recipient", ["functions.nope", "python", "browser.search"])
+def test_a_call_to_a_tool_the_reply_lacks_cannot_end_it_before_the_answer(tok, tiny, pet, recipient):
+    """With a response format, a message to a tool that is not there (no such function, no
+    python or browser in the system message) may not end the reply with <|call|>: it would end
+    unanswered (generate --json-schema printed nothing and exited 0). A model eager to call
+    (<|call|> boosted) still gives a valid answer; a built-in tool the reply has may be called."""
+    header = harmony.segments_to_tokens([Special(CHANNEL), f"commentary to={recipient} ", Special(CONSTRAIN),
+                                         "json", Special(MESSAGE)], tok)
+    call = SPECIAL_TOKENS[CALL]
+
+    def eager(tokens, logits):
+        return logits + 100 * (mx.arange(logits.shape[-1]) == call)
+
+    constraint = HarmonyConstraint(tok, answer=pet, max_tokens=120, prefix=header)
+    out, finish = generate(tiny, prompt_for(tok) + header, lambda t, x: constraint(t, eager(t, x)), 0, 120)
+    assert call not in out and finish == "stop"
+    jsonschema.validate(json.loads(final_text(tok, out)), PET)
+    if recipient != "functions.nope":
+        system = harmony.system_message("low", browser=True, python=True)
+        developer = harmony.Message("developer", harmony.DeveloperContent(
+            response_formats=[harmony.ResponseFormat("pet", PET)]))
+        [may_call] = constraints_for(tok, [system, developer], max_tokens=120, prefix=header)
+        assert may_call(mx.array([1]), mx.zeros((1, VOCAB_SIZE)))[0, call] == 0
+
+
+@pytest.mark.parametrize("name", ["get weather", "get\nweather", "x" * 300], ids=["space", "newline", "long"])
+def test_a_function_name_no_header_can_carry_is_an_error(tiny, name):
+    """Calls to a function named with whitespace, or too long for a header, are not read back
+    as calls to it ("get weather" reads as a call to "get"), so their arguments went
+    unconstrained: refused, like a schema that cannot be enforced. So is a name declared twice."""
+    with pytest.raises(SchemaError, match="a harmony header cannot carry this name"):
+        Chat(*tiny, functions=[ToolSpec(name, "", WEATHER.parameters)])
+    with pytest.raises(SchemaError, match="function 'get_weather' is declared twice"):
+        Chat(*tiny, functions=[WEATHER, ToolSpec(WEATHER.name, "", {"type": "object"})])
+    Chat(*tiny, functions=[ToolSpec("weather.get-v2", "", WEATHER.parameters)])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=st.text(st.characters(min_codepoint=0x80, max_codepoint=0x1FFFF, exclude_categories=["Cs"]),
+                     min_size=1, max_size=4), cut=st.floats(0, 1))
+def test_closing_completes_a_character_cut_in_its_bytes(tok, value, cut):
+    """o200k has ~1500 tokens that end inside a UTF-8 character: when the tokens left are just
+    enough to close the JSON, the text may be mid-character, and the closing (which found none,
+    so the answer was cut by max_tokens) must finish the character first."""
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    text = json.dumps({"a": value}, ensure_ascii=False, separators=(",", ":")).encode()
+    prefix = text[:len('{"a":"') + int(cut * len(value.encode()))]
+    byte_token = [tok.encode_single_token(bytes([b])) for b in range(256)]
+    matcher = compile_schema(tok, schema).matcher()
+    assert matcher.consume_tokens([byte_token[b] for b in prefix])
+    scan = JSONScan()
+    scan.feed(prefix)
+    closing = closing_tokens(tok, matcher, scan)
+    assert closing is not None and matcher.consume_tokens(closing) and matcher.is_accepting()
+    assert len(closing) <= 4  # the character's last bytes, then '"}' in one or two tokens
+    answer = json.loads(prefix + tok.decode_bytes(closing))
+    assert answer["a"].startswith(prefix.decode(errors="ignore")[len('{"a":"'):])
+
+
+
+@pytest.mark.parametrize("schema, outside, inside", [
+    ({"type": "number", "exclusiveMinimum": 0, "maximum": 0.5}, "0", "0.25"),
+    ({"type": "number", "exclusiveMinimum": 1, "exclusiveMaximum": 1.5}, "1", "1.2"),
+    ({"type": "number", "minimum": -0.5, "exclusiveMaximum": 0}, "-0", "-0.25"),
+    ({"type": "object", "properties": {"p": {"anyOf": [{"type": "number", "exclusiveMinimum": 0,
+                                                        "exclusiveMaximum": 0.5}]}}}, '{"p":0}', '{"p":0.1}'),
+])
+def test_an_exclusive_bound_is_kept_out(tok, schema, outside, inside):
+    """llguidance lets an exclusive whole-number bound through when the other bound is within 1
+    of it ({"x": 0} for exclusiveMinimum 0, maximum 0.5 came out with finish reason stop)."""
+    def accepts(text):
+        matcher = compile_schema(tok, schema).matcher()
+        return matcher.consume_tokens(tok.encode_ordinary(text)) and matcher.is_accepting()
+    assert not accepts(outside) and accepts(inside)
+    jsonschema.validate(json.loads(inside), schema)
+
+
+# -- whole replies, fuzzed: the answer validates or the reply says it was cut
+@st.composite
+def answer_schema(draw):
+    """The closing fuzz's schemas, under keywords that combine them: anyOf, $ref to $defs,
+    const, nullable types, exclusive bounds."""
+    inner = draw(schema_and_instance())[0]
+    kind = draw(st.sampled_from(["plain", "anyOf", "ref", "const", "nullable", "exclusive"]))
+    if kind == "anyOf":
+        inner = {"anyOf": [inner, draw(schema_and_instance())[0]]}
+    elif kind == "ref":
+        return {"type": "object", "properties": {"x": {"$ref": "#/$defs/x"}}, "required": ["x"],
+                "$defs": {"x": inner}}
+    elif kind == "const":
+        inner = {"const": draw(st.sampled_from(["on", 3, None, {"k": [1, "é"]}]))}
+    elif kind == "nullable":
+        inner = {"type": [draw(st.sampled_from(["string", "integer", "number", "boolean"])), "null"]}
+    elif kind == "exclusive":
+        inner = {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": draw(st.sampled_from([0.5, 1, 100]))}
+    return {"type": "object", "properties": {"x": inner}, "required": ["x"], "additionalProperties": False}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(schema=answer_schema(), seed=st.integers(0, 2**16), max_tokens=st.integers(8, 90),
+       budget=st.sampled_from([None, 0, 1, 5, 10**9]))
+def test_random_model_replies_over_schemas(tok, tiny, schema, seed, max_tokens, budget):
+    """Any schema of these, any seed, small max_tokens, any reasoning budget: a reply that
+    stops has an answer valid against the schema; one cut by max_tokens had too little room."""
+    grammar = compile_schema(tok, schema)
+    constraint = HarmonyConstraint(tok, answer=grammar, reasoning_budget=budget, max_tokens=max_tokens)
+    fmt = harmony.ResponseFormat("answer", schema)
+    out, finish = generate(tiny, prompt_for(tok, formats=[fmt]), constraint, seed, max_tokens)
+    if finish == "stop":
+        jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+                                        ).validate(json.loads(final_text(tok, out)))
+    else:
+        assert finish == "length" and max_tokens < 20 + 2 * grammar.min_tokens

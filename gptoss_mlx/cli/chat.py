@@ -59,12 +59,13 @@ def cmd_chat(args) -> int:
         if not question:
             raise CLIError("no question on standard input")
         if args.resume is not None:
-            answer_resumed(args, question)
+            finish = answer_resumed(args, question)
         else:
-            outcome = answer_once(args, question, decline_when_piped, not args.hide_reasoning, dim=False)
-            if (args.json_schema or args.json_object) and outcome.finish_reason in ("length", "context"):
-                raise CLIError(f"the JSON answer is truncated ({outcome.finish_reason} limit): "
-                               "it is not valid; raise --max-tokens")
+            finish = answer_once(args, question, decline_when_piped, not args.hide_reasoning,
+                                 dim=False).finish_reason
+        if (args.json_schema or args.json_object) and finish in ("length", "context"):
+            raise CLIError(f"the JSON answer is truncated ({finish} limit): it is not valid; "
+                           "raise --max-tokens")
         return 0
     store = ConversationStore()
     chat_id = resumed_id(store, args.resume) if args.resume is not None else None
@@ -82,9 +83,10 @@ def cmd_chat(args) -> int:
             toolbox.close()
 
 
-def answer_resumed(args, question: str) -> None:
+def answer_resumed(args, question: str) -> str | None:
     """Piped ``chat --resume``: answer ``question`` in the saved chat (the answer on standard
-    output, the rest on standard error) and save it there, as the terminal chat would."""
+    output, the rest on standard error) and save it there, as the terminal chat would; returns
+    the reply's finish reason."""
     store = ConversationStore()
     chat_id = resumed_id(store, args.resume)
     toolbox = make_toolbox(args, decline_when_piped)
@@ -92,8 +94,8 @@ def answer_resumed(args, question: str) -> None:
     try:
         title = store.load(chat, chat_id)
         flags_over_saved(chat, args)
-        print_events(replies(chat, question, toolbox), not args.hide_reasoning, sys.stdout,
-                     sys.stderr, dim=False)
+        done = print_events(replies(chat, question, toolbox), not args.hide_reasoning, sys.stdout,
+                            sys.stderr, dim=False)
     except (ChatFileError, ContextLengthError, NonFiniteLogitsError, SchemaError, CheckpointError) as e:
         raise CLIError(str(e)) from None
     finally:
@@ -103,6 +105,7 @@ def answer_resumed(args, question: str) -> None:
         print(f"Saved to {store.save(chat, chat_id, title)}", file=sys.stderr)
     except OSError as e:
         raise CLIError(f"could not save the conversation: {e}") from None
+    return done.finish_reason if done else None
 
 
 def flags_over_saved(chat: Chat, args) -> None:

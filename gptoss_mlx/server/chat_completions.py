@@ -98,6 +98,9 @@ async def chat_completions(service: Service, body: dict, request):
             "reasoning_budget": params.reasoning_budget(body, service.reasoning_budget)}
     sampling = params.sampling(body, service.sampling, ("max_completion_tokens", "max_tokens"))
     stops = params.stop_strings(body)
+    if stops and (body.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
+        raise bad_request("'stop' cannot be used with a JSON response_format: a stop string would "
+                          "cut the JSON answer, which then would not parse", "stop")
     reply = service.new_reply("chatcmpl", body, forced_name, sampling, stops)
     if body.get("stream"):
         options = body.get("stream_options") or {}

@@ -216,7 +216,11 @@ class ResponseRun:
         if not chat["messages"]:
             raise bad_request("'input' is empty", "input")
         sampling = params.sampling(body, service.sampling, ("max_output_tokens",))
-        self.reply: Reply = service.new_reply("resp", chat, forced_name, sampling, [])
+        try:
+            self.reply: Reply = service.new_reply("resp", chat, forced_name, sampling, [])
+        except APIError as e:  # the schema's field is text.format in this API
+            e.param = "text.format" if e.param == "response_format" else e.param
+            raise
         self.ids: dict[int, tuple[str, str | None]] = {}
         self.error: APIError | None = None
         self.results: dict[int, str] = {}  # id(server tool call) -> its result
