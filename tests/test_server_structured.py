@@ -96,3 +96,77 @@ def test_a_cut_answer_is_reported_as_cut(api):
     r = api.responses.create(model="gpt-oss-tiny", input="A pet.", max_output_tokens=10,
                              text={"format": {"type": "json_schema", "name": "pet", "schema": PET}})
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+
+
+# -- tool_choice "required": the model reasons, then calls one of the functions, of its choice
+
+PET_TOOL = {"type": "function", "function": {"name": "describe_pet", "description": "Describe a pet",
+                                             "parameters": PET}}
+SCHEMAS = {WEATHER.name: WEATHER.parameters, "describe_pet": PET}
+
+
+def required_chat(api, seed: int, stream: bool, **extra) -> tuple[str, list[tuple[str, str]], int]:
+    """(finish_reason, the calls as (name, arguments), completion tokens) of a reply under
+    tool_choice "required", streamed or not."""
+    ask = dict(model="gpt-oss-tiny", messages=USER, tools=[WEATHER_TOOL, PET_TOOL], tool_choice="required",
+               max_tokens=120, seed=seed, **extra)
+    if not stream:
+        r = api.chat.completions.create(**ask)
+        calls = [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls or []]
+        return r.choices[0].finish_reason, calls, r.usage.completion_tokens
+    calls, finish, usage = {}, None, None
+    for chunk in api.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for delta in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+            name, arguments = calls.get(delta.index, ("", ""))
+            calls[delta.index] = (name + (delta.function.name or ""), arguments + (delta.function.arguments or ""))
+        finish = chunk.choices[0].finish_reason if chunk.choices else finish
+    return finish, list(calls.values()), usage.completion_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_tool_choice_always_calls_a_function_with_valid_arguments(api, stream):
+    names = set()
+    for seed in range(4):
+        finish, calls, used = required_chat(api, seed, stream)
+        assert finish == "tool_calls" and len(calls) == 1 and used <= 120, (seed, finish, calls)
+        name, arguments = calls[0]
+        jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+        names.add(name)
+    assert names == set(SCHEMAS)  # the model chose which (both, over these seeds)
+
+
+def test_required_tool_choice_within_a_reasoning_budget(api):
+    r = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, tools=[WEATHER_TOOL, PET_TOOL],
+                                    tool_choice="required", max_tokens=400, seed=0,
+                                    extra_body={"reasoning_budget": 8})
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert r.usage.completion_tokens_details.reasoning_tokens <= 8 + 1  # + the <|end|> that closed it
+    [call] = r.choices[0].message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_tool_choice_in_the_responses_api(api, stream):
+    tools = [{"type": "function", **t["function"]} for t in (WEATHER_TOOL, PET_TOOL)]
+    for seed in range(2):
+        ask = dict(model="gpt-oss-tiny", input="Describe a pet.", tools=tools, tool_choice="required",
+                   max_output_tokens=120, extra_body={"seed": seed})
+        if stream:
+            with api.responses.stream(**ask) as events:
+                r = events.get_final_response()
+        else:
+            r = api.responses.create(**ask)
+        assert r.status == "completed" and r.output[-1].type == "function_call", (seed, r.output)
+        jsonschema.validate(json.loads(r.output[-1].arguments), SCHEMAS[r.output[-1].name])
+        assert all(item.type == "reasoning" for item in r.output[:-1])
+
+
+def test_required_tool_choice_needs_tools(api):
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model="gpt-oss-tiny", messages=USER, tool_choice="required")
+    assert "'required'" in e.value.message and e.value.body["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError) as e:
+        api.responses.create(model="gpt-oss-tiny", input="hi", tool_choice="required",
+                             tools=[{"type": "web_search"}])  # no function among them
+    assert "'required'" in e.value.message and e.value.body["param"] == "tool_choice"
