@@ -10,7 +10,7 @@ import json
 from starlette.responses import JSONResponse, StreamingResponse
 
 from . import params
-from .errors import bad_request
+from .errors import APIError, bad_request
 from .output import CALL, REASONING, TEXT, Closed, Delta, Opened
 from .service import REQUIRED, Reply, Service, new_id
 
@@ -165,7 +165,8 @@ async def stream_chunks(service: Service, reply: Reply, request, include_usage: 
                 elif isinstance(event, Closed) and item.kind == CALL:
                     calls += 1
     except Exception as e:  # noqa: BLE001 - the stream has begun: report it in the stream
-        yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+        error = e if isinstance(e, APIError) else APIError(500, str(e), type="server_error")
+        yield f"data: {json.dumps(error.body())}\n\n"
         return
     yield chunk({}, reply.finish_reason)
     if include_usage:
