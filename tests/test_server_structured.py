@@ -11,7 +11,8 @@ import openai
 import pytest
 
 from gptoss_mlx.loading import load
-from test_server import client, serving
+from scripted import ScriptedModel
+from test_server import answer, call, client, serving, tok  # noqa: F401 - tok: a fixture
 from test_structured import PET, WEATHER
 
 USER = [{"role": "user", "content": "Describe a pet as JSON."}]
@@ -160,6 +161,25 @@ def test_required_tool_choice_in_the_responses_api(api, stream):
         assert r.status == "completed" and r.output[-1].type == "function_call", (seed, r.output)
         jsonschema.validate(json.loads(r.output[-1].arguments), SCHEMAS[r.output[-1].name])
         assert all(item.type == "reasoning" for item in r.output[:-1])
+
+
+def test_required_tool_choice_keeps_the_models_own_call_and_turns_an_answer_into_one(tok):
+    """A model that calls a function under "required" makes its call as it would anyway; one
+    that would answer instead has its reasoning kept and its answer replaced by a call."""
+    arguments = '{"location": "Oslo", "unit": "celsius"}'
+    replies = [call(tok, "Need the weather.", "get_weather", arguments), answer(tok, "Easy.", "It is sunny.")]
+    with serving(ScriptedModel(replies), tok) as url:
+        ask = dict(model="gpt-oss-tiny", messages=USER, tools=[PET_TOOL, WEATHER_TOOL], tool_choice="required",
+                   max_tokens=200, temperature=0)
+        calling, answering = (client(url).chat.completions.create(**ask) for _ in replies)
+    assert calling.choices[0].message.reasoning_content == "Need the weather."
+    [made] = calling.choices[0].message.tool_calls
+    assert (made.function.name, made.function.arguments) == ("get_weather", arguments)
+    message = answering.choices[0].message
+    assert answering.choices[0].finish_reason == "tool_calls" and message.content is None
+    assert message.reasoning_content == "Easy."
+    [made] = message.tool_calls
+    jsonschema.validate(json.loads(made.function.arguments), SCHEMAS[made.function.name])
 
 
 def test_required_tool_choice_needs_tools(api):
