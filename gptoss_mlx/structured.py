@@ -17,6 +17,11 @@ is left of ``max_tokens`` is just enough for the answer. Inside a constrained me
 tokens left are just enough to close the JSON, a short closing (found greedily) is forced, so
 a constrained message always completes within ``max_tokens`` (given room for the answer's
 smallest instance at all; else the reply ends with finish reason "length").
+
+A reply that must call a function (``must_call``, tool_choice "required") reasons freely, then
+its next header is one of those functions' call headers (:func:`call_header`): the model picks
+which, token by token among them, and the arguments follow that function's grammar. The
+reasoning budget and what is left of ``max_tokens`` end the reasoning the same way.
 """
 
 from __future__ import annotations
@@ -180,9 +185,7 @@ def check_callable(tokenizer, name: str) -> None:
     """A call to function ``name``, its header as the model writes it, must read back as a
     call to it; else its arguments would go unconstrained (a name with a space reads as another
     function, one with a newline or too long as no header at all)."""
-    header = harmony.segments_to_tokens(
-        [Special(START), "assistant", Special(CHANNEL), f"commentary to={FUNCTIONS}{name} ",
-         Special(CONSTRAIN), "json", Special(MESSAGE)], tokenizer)
+    header = harmony.segments_to_tokens([Special(START), "assistant"], tokenizer) + call_header(tokenizer, name)
     parser = harmony.StreamParser(tokenizer, role=None)
     starts = [e for token in header for e in parser.feed(token) if isinstance(e, MessageStart)]
     if [start.recipient for start in starts] != [FUNCTIONS + name]:
@@ -192,17 +195,19 @@ def check_callable(tokenizer, name: str) -> None:
 
 
 def constraints_for(tokenizer, messages: list[harmony.Message], *, max_tokens: int | None,
-                    reasoning_budget: int | None = None, prefix: list[int] = ()) -> list:
+                    reasoning_budget: int | None = None, prefix: list[int] = (),
+                    must_call: tuple[str, ...] = ()) -> list:
     """The logits processors for a reply to ``messages``: a HarmonyConstraint when their
     developer message has a response format or functions, or there is a reasoning budget;
-    none otherwise. SchemaError names a schema that cannot be enforced."""
+    none otherwise. ``must_call``: functions (declared there) one of which the reply must call.
+    SchemaError names a schema that cannot be enforced."""
     dev = next((m.content for m in messages if isinstance(m.content, DeveloperContent)), None)
     system = next((m.content for m in messages if isinstance(m.content, SystemContent)), None)
     answer, functions = grammars(tokenizer, dev)
     if answer is None and not functions and reasoning_budget is None:
         return []
     return [HarmonyConstraint(tokenizer, answer, functions, reasoning_budget, max_tokens, prefix,
-                              builtin_tools(system))]
+                              builtin_tools(system), must_call)]
 
 
 def builtin_tools(system: SystemContent | None) -> frozenset[str]:
@@ -210,6 +215,13 @@ def builtin_tools(system: SystemContent | None) -> frozenset[str]:
     namespaces = system.tools if system else []
     return frozenset(name for ns in namespaces
                      for name in ([f"{ns.name}.{t.name}" for t in ns.tools] if ns.tools else [ns.name]))
+
+
+def call_header(tokenizer, name: str) -> list[int]:
+    """The header of a call to the function ``name`` with JSON arguments, as the model writes
+    it after ``<|start|>assistant``: ``<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>``."""
+    return harmony.segments_to_tokens([Special(CHANNEL), f"commentary to={FUNCTIONS}{name} ",
+                                       Special(CONSTRAIN), "json", Special(MESSAGE)], tokenizer)
 
 
 @lru_cache(maxsize=2)
@@ -295,17 +307,26 @@ class HarmonyConstraint:
     engine will generate at most), so that a constrained message completes within it.
     ``prefix``: tokens of the reply the prompt already ends with (a forced call's header).
     ``tools``: recipients of the built-in tools the reply may call (``python``, ``browser.search``).
+    ``must_call``: names among ``functions``, one of which the reply must call (then the answer
+    is never opened).
     """
 
     def __init__(self, tokenizer, answer: Grammar | None = None,
                  functions: dict[str, Grammar] | None = None, reasoning_budget: int | None = None,
-                 max_tokens: int | None = None, prefix: list[int] = (), tools: frozenset[str] = frozenset()):
+                 max_tokens: int | None = None, prefix: list[int] = (), tools: frozenset[str] = frozenset(),
+                 must_call: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.answer, self.functions, self.tools = answer, dict(functions or {}), tools
         self.reasoning_budget, self.max_tokens = reasoning_budget, max_tokens
         self.parser = harmony.StreamParser(tokenizer, role="assistant")
         self._role = tokenizer.encode_ordinary("assistant")
         self._final_header = [ID[CHANNEL], *tokenizer.encode_ordinary("final"), ID[MESSAGE]]
+        self._analysis_header = [ID[CHANNEL], *tokenizer.encode_ordinary("analysis"), ID[MESSAGE]]
+        # must_call: each function's call header, and the tokens its smallest call takes
+        self._calls = {name: call_header(tokenizer, name) for name in must_call}
+        self._call_room = max((len(header) + margin(self.functions[name]) + self.functions[name].min_tokens
+                               for name, header in self._calls.items()), default=0)
+        self.headers: list[list[int]] = []  # must_call: the headers the reply may go on with
         self._last: int | None = None  # the last token of the reply so far
         self.generated = -1  # tokens seen; -1 until the first call (the prompt)
         self.reasoning_tokens = 0  # tokens before the final channel opened
@@ -340,6 +361,8 @@ class HarmonyConstraint:
         self.generated += 1
         if self.forced:  # the forced token was sampled (anything else: decide again)
             self.forced = self.forced[1:] if self.forced[0] == token else []
+        if self.headers:  # those that go on with the token, past it
+            self.headers = [h[1:] for h in self.headers if h[0] == token and len(h) > 1]
         if self.matcher is not None:
             if token == self.end_token:
                 self.matcher = self.grammar = self.end_token = None
@@ -383,6 +406,8 @@ class HarmonyConstraint:
             return only(self.forced[0])
         if self.matcher is not None:
             return self._grammar_bits()
+        if self._calls:
+            return self._call_bits()
         if self.answer is not None and not self.in_final:
             return self._no_stop()
         return None
@@ -392,7 +417,7 @@ class HarmonyConstraint:
         final channel's opening."""
         if self.matcher is not None:
             return self._closing_if_due()
-        if self.in_final:
+        if self.in_final or self._calls:
             return []
         opening = self._opening()
         if self.reasoning_budget is not None and self.reasoning_tokens >= self.reasoning_budget:
@@ -403,14 +428,37 @@ class HarmonyConstraint:
         return []
 
     def _opening(self) -> list[int]:
-        """The tokens that open the final channel from here: its header right after
-        ``<|start|>assistant``; else the message under way ends and a new one starts."""
+        """The tokens that open the final channel from here."""
+        return self._before_header() + self._final_header
+
+    def _before_header(self) -> list[int]:
+        """What comes before a new header from here: nothing right after ``<|start|>assistant``;
+        else the message under way ends and a new one starts."""
         if self.parser.state == "header" and self._last is None:  # the prompt's <|start|>assistant
-            return list(self._final_header)
+            return []
         if self.parser.state == "header" and self._last == ID[START]:
-            return self._role + self._final_header
-        start = [ID[START], *self._role, *self._final_header]
+            return list(self._role)
+        start = [ID[START], *self._role]
         return start if self.parser.state == "expect_start" else [ID[END], *start]
+
+    def _call_bits(self) -> array.array:
+        """A reply that must call a function: where a header is due (the reply's first, one
+        after the reasoning, or the reasoning's budgets spent), one of the call headers (or, as
+        the first, the analysis header); nothing ends the reply meanwhile."""
+        if not self.headers:
+            self.headers = self._call_headers()
+        return only(*{h[0] for h in self.headers}) if self.headers else self._no_stop()
+
+    def _call_headers(self) -> list[list[int]]:
+        """The headers the reply may go on with from here, or [] while it reasons on."""
+        first = self.parser.state == "header" and self._last is None
+        spent = ((self.reasoning_budget is not None and self.reasoning_tokens >= self.reasoning_budget)
+                 or (self.remaining is not None and self.remaining <= self._call_room + len(self._role) + 3))
+        if self.parser.state == "content" and not spent:
+            return []
+        before = self._before_header()
+        headers = [before + header for header in self._calls.values()]
+        return headers + [self._analysis_header] if first and not spent else headers
 
     def _closing_if_due(self) -> list[int]:
         """The closing and the end token once the tokens left are just enough for them, with
@@ -466,10 +514,11 @@ def no_tokens() -> array.array:
     return array.array("I", bytes(4 * MASK_WORDS))
 
 
-def only(token: int) -> array.array:
-    """The bitmask of one token."""
+def only(*tokens: int) -> array.array:
+    """The bitmask of ``tokens``."""
     bits = no_tokens()
-    bits[token // 32] = 1 << token % 32
+    for token in tokens:
+        bits[token // 32] |= 1 << token % 32
     return bits
 
 

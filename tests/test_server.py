@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -488,21 +489,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_gptoss_mlx_serve_runs_and_logs_one_line_per_request(tiny_checkpoint):
-    ckpt = tiny_checkpoint
+def serve_process(ckpt, *flags: str) -> tuple[subprocess.Popen, int]:
+    """``gptoss-mlx serve`` in a process of its own, once it answers /health; (it, its port)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gptoss_mlx", "serve", "--model", str(ckpt),
-                             "--port", str(port), "--max-context", "2048", "--max-tokens", "4"],
-                            stderr=subprocess.PIPE, text=True)
+                             "--port", str(port), *flags], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health")
+            return proc, port
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the server did not start: {proc.communicate()[1][-2000:]}")
+            time.sleep(0.2)
+
+
+def test_gptoss_mlx_serve_runs_and_logs_one_line_per_request(tiny_checkpoint):
+    ckpt = tiny_checkpoint
+    proc, port = serve_process(ckpt, "--max-context", "2048", "--max-tokens", "4")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health")
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.2)
         c = client(f"http://127.0.0.1:{port}/v1")
         r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
         assert r.usage.completion_tokens == 4 and r.model == str(ckpt)
@@ -512,6 +519,40 @@ def test_gptoss_mlx_serve_runs_and_logs_one_line_per_request(tiny_checkpoint):
     lines = [line for line in err.splitlines() if r.id in line]
     assert len(lines) == 1 and "prompt tokens (0 cached), 4 generated, TTFT" in lines[0]
     assert ", batch 1.0, finish length" in lines[0]  # the batch size it was decoded at
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_ends_promptly_with_streams_in_flight(tiny_checkpoint, sig):
+    """SIGTERM (or Ctrl-C) with two long streams in flight: one client reading, whose stream
+    ends with an error naming the shutdown, and one that stopped reading (an abandoned stream,
+    its socket left open). The generations stop at their next step and the process exits 0."""
+    proc, port = serve_process(tiny_checkpoint, "--max-context", "8192")
+    body = json.dumps({"stream": True, "max_tokens": 8000, "messages": [{"role": "user", "content": "Go on"}]})
+    abandoned = socket.socket()
+    abandoned.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # its buffers fill soon
+    abandoned.connect(("127.0.0.1", port))
+    abandoned.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                      f"application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+    assert abandoned.recv(15) == b"HTTP/1.1 200 OK"
+    stream = client(f"http://127.0.0.1:{port}/v1").chat.completions.create(
+        model="tiny", stream=True, max_tokens=8000, messages=[{"role": "user", "content": "Go on"}])
+    chunks = iter(stream)
+    next(chunks)
+    ended = []
+    reader = threading.Thread(target=lambda: ended.append(pytest.raises(openai.APIError, list, chunks)))
+    reader.start()
+    time.sleep(2)  # both generate (the abandoned one into full buffers)
+    start = time.monotonic()
+    proc.send_signal(sig)
+    try:
+        code = proc.wait(timeout=10)
+    finally:
+        proc.kill()
+        abandoned.close()
+    took = time.monotonic() - start
+    reader.join(timeout=10)
+    assert code == 0 and took < 3, (code, took, proc.communicate()[1][-2000:])
+    assert "shutting down" in ended[0].value.message
 
 
 def test_serve_refuses_a_public_address_without_a_key(capsys):

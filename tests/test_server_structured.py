@@ -11,7 +11,8 @@ import openai
 import pytest
 
 from gptoss_mlx.loading import load
-from test_server import client, serving
+from scripted import ScriptedModel
+from test_server import answer, call, client, serving, tok  # noqa: F401 - tok: a fixture
 from test_structured import PET, WEATHER
 
 USER = [{"role": "user", "content": "Describe a pet as JSON."}]
@@ -129,3 +130,96 @@ def test_a_function_name_no_header_can_carry_is_a_400(api):
     assert "'get weather'" in e.value.message and e.value.body["param"] == "tools"
     r = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, max_tokens=5)
     assert r.choices[0].finish_reason == "length"
+
+
+# -- tool_choice "required": the model reasons, then calls one of the functions, of its choice
+
+PET_TOOL = {"type": "function", "function": {"name": "describe_pet", "description": "Describe a pet",
+                                             "parameters": PET}}
+SCHEMAS = {WEATHER.name: WEATHER.parameters, "describe_pet": PET}
+
+
+def required_chat(api, seed: int, stream: bool, **extra) -> tuple[str, list[tuple[str, str]], int]:
+    """(finish_reason, the calls as (name, arguments), completion tokens) of a reply under
+    tool_choice "required", streamed or not."""
+    ask = dict(model="gpt-oss-tiny", messages=USER, tools=[WEATHER_TOOL, PET_TOOL], tool_choice="required",
+               max_tokens=120, seed=seed, **extra)
+    if not stream:
+        r = api.chat.completions.create(**ask)
+        calls = [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls or []]
+        return r.choices[0].finish_reason, calls, r.usage.completion_tokens
+    calls, finish, usage = {}, None, None
+    for chunk in api.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for delta in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+            name, arguments = calls.get(delta.index, ("", ""))
+            calls[delta.index] = (name + (delta.function.name or ""), arguments + (delta.function.arguments or ""))
+        finish = chunk.choices[0].finish_reason if chunk.choices else finish
+    return finish, list(calls.values()), usage.completion_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_tool_choice_always_calls_a_function_with_valid_arguments(api, stream):
+    names = set()
+    for seed in range(4):
+        finish, calls, used = required_chat(api, seed, stream)
+        assert finish == "tool_calls" and len(calls) == 1 and used <= 120, (seed, finish, calls)
+        name, arguments = calls[0]
+        jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+        names.add(name)
+    assert names == set(SCHEMAS)  # the model chose which (both, over these seeds)
+
+
+def test_required_tool_choice_within_a_reasoning_budget(api):
+    r = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, tools=[WEATHER_TOOL, PET_TOOL],
+                                    tool_choice="required", max_tokens=400, seed=0,
+                                    extra_body={"reasoning_budget": 8})
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert r.usage.completion_tokens_details.reasoning_tokens <= 8 + 1  # + the <|end|> that closed it
+    [call] = r.choices[0].message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_tool_choice_in_the_responses_api(api, stream):
+    tools = [{"type": "function", **t["function"]} for t in (WEATHER_TOOL, PET_TOOL)]
+    for seed in range(2):
+        ask = dict(model="gpt-oss-tiny", input="Describe a pet.", tools=tools, tool_choice="required",
+                   max_output_tokens=120, extra_body={"seed": seed})
+        if stream:
+            with api.responses.stream(**ask) as events:
+                r = events.get_final_response()
+        else:
+            r = api.responses.create(**ask)
+        assert r.status == "completed" and r.output[-1].type == "function_call", (seed, r.output)
+        jsonschema.validate(json.loads(r.output[-1].arguments), SCHEMAS[r.output[-1].name])
+        assert all(item.type == "reasoning" for item in r.output[:-1])
+
+
+def test_required_tool_choice_keeps_the_models_own_call_and_turns_an_answer_into_one(tok):
+    """A model that calls a function under "required" makes its call as it would anyway; one
+    that would answer instead has its reasoning kept and its answer replaced by a call."""
+    arguments = '{"location": "Oslo", "unit": "celsius"}'
+    replies = [call(tok, "Need the weather.", "get_weather", arguments), answer(tok, "Easy.", "It is sunny.")]
+    with serving(ScriptedModel(replies), tok) as url:
+        ask = dict(model="gpt-oss-tiny", messages=USER, tools=[PET_TOOL, WEATHER_TOOL], tool_choice="required",
+                   max_tokens=200, temperature=0)
+        calling, answering = (client(url).chat.completions.create(**ask) for _ in replies)
+    assert calling.choices[0].message.reasoning_content == "Need the weather."
+    [made] = calling.choices[0].message.tool_calls
+    assert (made.function.name, made.function.arguments) == ("get_weather", arguments)
+    message = answering.choices[0].message
+    assert answering.choices[0].finish_reason == "tool_calls" and message.content is None
+    assert message.reasoning_content == "Easy."
+    [made] = message.tool_calls
+    jsonschema.validate(json.loads(made.function.arguments), SCHEMAS[made.function.name])
+
+
+def test_required_tool_choice_needs_tools(api):
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model="gpt-oss-tiny", messages=USER, tool_choice="required")
+    assert "'required'" in e.value.message and e.value.body["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError) as e:
+        api.responses.create(model="gpt-oss-tiny", input="hi", tool_choice="required",
+                             tools=[{"type": "web_search"}])  # no function among them
+    assert "'required'" in e.value.message and e.value.body["param"] == "tool_choice"

@@ -52,9 +52,7 @@ def check_binding(args) -> None:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
-
-    from ..server import Scheduler, Service, create_app
+    from ..server import Scheduler, Service, serve
     from ..server.tools import ServerTools
 
     if common.follow_rank0(args):  # another machine's share of the model; rank 0 does the I/O
@@ -80,6 +78,5 @@ def cmd_serve(args) -> int:
     log.setLevel(logging.INFO)
     print(f"Serving {service.model_name} on http://{args.host}:{args.port}/v1 "
           f"(playground: http://{args.host}:{args.port}/)", file=sys.stderr)
-    uvicorn.run(create_app(service, api_key=args.api_key), host=args.host, port=args.port,
-                log_level="warning")
+    serve(service, args.host, args.port, api_key=args.api_key)
     return 0

@@ -4,10 +4,13 @@ parses, renders and streams, so one slow or failing request never blocks or brea
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
+import signal
 import time
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -25,6 +28,9 @@ from .service import Service
 log = logging.getLogger("gptoss_mlx.server")
 
 MAX_BODY_BYTES = 64 << 20
+# On shutdown, how long a response may take to end once its generation has stopped (a client
+# that reads no more holds its stream open until then).
+SHUTDOWN_GRACE_S = 1.0
 
 
 def create_app(service: Service, api_key: str | None = None, chats: ConversationStore | None = None) -> Starlette:
@@ -125,3 +131,35 @@ async def _released_after(chunks, slot):
     finally:
         slot.release()
         await chunks.aclose()
+
+
+def serve(service: Service, host: str, port: int, api_key: str | None = None) -> None:
+    """Serve the app on ``host:port`` until SIGTERM or Ctrl-C, then end promptly (see Server)."""
+    config = uvicorn.Config(create_app(service, api_key=api_key), host=host, port=port,
+                            log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    Server(config, service).run()
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, ending promptly with requests in flight: on SIGTERM or Ctrl-C their
+    generations stop at their next step (each client gets a 503 saying so, in its stream when
+    it streams), a response still unsent SHUTDOWN_GRACE_S later is cut off, and the process
+    exits normally (uvicorn would raise the signal again, killing the process by it)."""
+
+    def __init__(self, config: uvicorn.Config, service: Service):
+        super().__init__(config)
+        self.service = service
+
+    async def shutdown(self, sockets=None) -> None:
+        self.service.scheduler.close()
+        await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -10,19 +10,24 @@ import json
 from starlette.responses import JSONResponse, StreamingResponse
 
 from . import params
-from .errors import bad_request
+from .errors import APIError, bad_request
 from .output import CALL, REASONING, TEXT, Closed, Delta, Opened
-from .service import Reply, Service, new_id
+from .service import REQUIRED, Reply, Service, new_id
 
 
 def tool_choice(body: dict, tools_key: str = "tools") -> tuple[dict, str | None]:
-    """(the request with the tools the model may see, the function it must call, if named).
-    ``none`` hides the tools; a named function is forced by writing its call header."""
+    """(the request with the tools the model may see, the function it must call: named, or
+    REQUIRED for any of them). ``none`` hides the tools; a named function is forced by writing
+    its call header, ``required`` by the constraint (gptoss_mlx/structured.py)."""
     choice = body.get("tool_choice")
     if choice in (None, "auto"):
         return body, None
     if choice == "none":
         return {**body, tools_key: []}, None
+    if choice == REQUIRED:
+        if not params.function_names(body.get(tools_key)):
+            raise bad_request("tool_choice 'required' needs at least one function in 'tools'", "tool_choice")
+        return body, REQUIRED
     if isinstance(choice, dict) and choice.get("type") == "function":
         fn = choice.get("function")
         name = choice.get("name") or (fn.get("name") if isinstance(fn, dict) else None)
@@ -32,8 +37,8 @@ def tool_choice(body: dict, tools_key: str = "tools") -> tuple[dict, str | None]
             return body, name
         raise bad_request(f"tool_choice names the function {name!r}, which is not in 'tools'",
                           "tool_choice")
-    raise bad_request(f"tool_choice {choice!r} is not supported: use auto, none, or name a "
-                      "function ({\"type\": \"function\", ...})", "tool_choice")
+    raise bad_request(f"tool_choice {choice!r} is not supported: use auto, none, required, or name "
+                      "a function ({\"type\": \"function\", ...})", "tool_choice")
 
 
 def check_messages(messages) -> None:
@@ -163,7 +168,8 @@ async def stream_chunks(service: Service, reply: Reply, request, include_usage: 
                 elif isinstance(event, Closed) and item.kind == CALL:
                     calls += 1
     except Exception as e:  # noqa: BLE001 - the stream has begun: report it in the stream
-        yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+        error = e if isinstance(e, APIError) else APIError(500, str(e), type="server_error")
+        yield f"data: {json.dumps(error.body())}\n\n"
         return
     yield chunk({}, reply.finish_reason)
     if include_usage:

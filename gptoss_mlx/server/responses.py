@@ -293,6 +293,9 @@ class ResponseRun:
                         yield pair
                     for pair in self._item_events(event):
                         yield pair
+        except APIError as e:  # the server shutting down: the stream has begun, it fails in it
+            log.info("%s failed: %s", self.reply.id, e.message)
+            self.error = e
         except Exception as e:  # noqa: BLE001 - the stream has begun: it fails in the stream
             log.exception("%s failed", self.reply.id)
             self.error = APIError(500, str(e), type="server_error", code="server_error")

@@ -18,6 +18,7 @@ pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -114,6 +115,8 @@ class Scheduler:
         self._batch: list | None = None  # per layer, the rows' batch cache
         self._tokens: mx.array | None = None  # (B,): each row's token in flight
         self._turn = asyncio.Lock()  # an engine that cannot batch: one generation at a time
+        self._runs: list[Run] = []  # the runs under way (see close)
+        self.closing = False
 
     def admit(self) -> "Slot":
         """Admit a request for its whole life (queued, generating, streaming), or raise 429."""
@@ -124,6 +127,13 @@ class Scheduler:
         self.in_flight += 1
         return Slot(self)
 
+    def close(self) -> None:
+        """The server is shutting down: every run under way stops at its next step (its client
+        gets a 503 saying so), and no new one starts."""
+        self.closing = True
+        for run in self._runs:
+            run.cancelled.set()
+
     @property
     def batch_size(self) -> int:
         """Sequences in the decode batch now."""
@@ -132,11 +142,22 @@ class Scheduler:
     async def generate(self, run: Run) -> AsyncIterator[int]:
         """The run's tokens (stop tokens included), made on the engine thread. Leaving the loop
         early (a disconnect) takes the sequence out of the batch at the next step; this returns
-        once it has (``run.stats`` is final then)."""
-        if not self.engine.batches:
-            async for token in self._generate_alone(run):
-                yield token
-            return
+        once it has (``run.stats`` is final then). Stopped by :meth:`close`, it raises a 503."""
+        if self.closing:
+            raise shutting_down()
+        self._runs.append(run)
+        try:
+            tokens = self._generate_batched(run) if self.engine.batches else self._generate_alone(run)
+            async with contextlib.aclosing(tokens):
+                async for token in tokens:
+                    yield token
+        finally:
+            self._runs.remove(run)
+        if self.closing and run.cancelled.is_set():
+            raise shutting_down()
+
+    async def _generate_batched(self, run: Run) -> AsyncIterator[int]:
+        """The run as one row of the engine loop's batch."""
         out: asyncio.Queue = asyncio.Queue()
         self._enqueue(Sequence(run, asyncio.get_running_loop(), out))
         entry = ("token", None)
@@ -404,6 +425,11 @@ def hand_out(entries: list[tuple[Sequence, tuple]]) -> None:
 def _put_all(batch: list[tuple[asyncio.Queue, tuple]]) -> None:
     for out, entry in batch:
         out.put_nowait(entry)
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down: the reply was stopped", type="server_error",
+                    code="server_shutting_down")
 
 
 class Slot:

@@ -14,8 +14,8 @@ from typing import AsyncIterator
 from .. import harmony
 from ..chat import ToolCall
 from ..generate import Engine, SamplingParams
-from ..harmony import CHANNEL, CONSTRAIN, MESSAGE, DeveloperContent, HarmonyError, Message, Special
-from ..structured import SchemaError, constraints_for
+from ..harmony import DeveloperContent, HarmonyError, Message
+from ..structured import SchemaError, call_header, constraints_for
 from .errors import APIError, bad_request
 from .output import CALL, SERVER_CALL, OutputEvent, ReplyStream
 from .params import function_names
@@ -23,6 +23,8 @@ from .scheduler import Run, Scheduler
 from .tools import MAX_ROUNDS, ServerTools
 
 log = logging.getLogger("gptoss_mlx.server")
+
+REQUIRED = "required"  # tool_choice: the reply calls one of the request's functions, the model picks which
 
 
 def new_id(prefix: str) -> str:
@@ -115,14 +117,15 @@ class Service:
 
     def new_reply(self, prefix: str, request: dict, forced_function: str | None,
                   params: SamplingParams, stops: list[str]) -> Reply:
-        """A reply to a Chat Completions-shaped ``request``. A forced function call is written
-        into the prompt as the reply's header."""
+        """A reply to a Chat Completions-shaped ``request``. A named function call is written
+        into the prompt as the reply's header; REQUIRED leaves the reasoning free and the choice
+        of the function to the model, within the constraint."""
         messages = self.conversation(request)
-        forced = []
-        if forced_function:
-            header = [Special(CHANNEL), f"commentary to=functions.{forced_function} ",
-                      Special(CONSTRAIN), "json", Special(MESSAGE)]
-            forced = harmony.segments_to_tokens(header, self.tokenizer)
+        forced, must_call = [], ()
+        if forced_function == REQUIRED:
+            must_call = tuple(sorted(function_names(request.get("tools"))))  # the client's, not the server's
+        elif forced_function:
+            forced = call_header(self.tokenizer, forced_function)
         prompt = self.tokens(messages, forced)
         stream = ReplyStream(self.tokenizer, stops)
         stream.final_only = any(isinstance(m.content, DeveloperContent) and m.content.response_formats
@@ -130,17 +133,18 @@ class Service:
         if self.tools:
             stream.server_tool = self.tools.handles
         budget = request.get("reasoning_budget", self.reasoning_budget)
-        run = Run(prompt, params, self.constraints(messages, prompt, params, budget, forced))
+        run = Run(prompt, params, self.constraints(messages, prompt, params, budget, forced, must_call))
         return Reply(new_id(prefix), messages, [run], stream, forced, budget)
 
     def constraints(self, messages: list[Message], prompt: list[int], params: SamplingParams,
-                    budget: int | None, forced: list[int] = ()) -> list:
+                    budget: int | None, forced: list[int] = (), must_call: tuple[str, ...] = ()) -> list:
         """The structured-output constraint of a run (gptoss_mlx/structured.py): the response
-        format, valid function calls, the reasoning budget; a 400 naming a schema it cannot
-        enforce."""
+        format, valid function calls, a call to one of ``must_call``, the reasoning budget; a 400
+        naming a schema it cannot enforce."""
         try:
             return constraints_for(self.tokenizer, messages, reasoning_budget=budget, prefix=forced,
-                                   max_tokens=self.engine.token_budget(len(prompt), params))
+                                   max_tokens=self.engine.token_budget(len(prompt), params),
+                                   must_call=must_call)
         except SchemaError as e:
             raise bad_request(str(e), "response_format" if str(e).startswith("response format")
                               else "tools") from None
