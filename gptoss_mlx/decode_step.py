@@ -46,14 +46,12 @@ class StepCache:
     """A layer's cache inside the compiled step: ``storage`` (keys, values), each (1, KV, K, D),
     and the position (a () int32 array) the new key is written at: slot ``position`` of a full
     layer's buffer, ``position % K`` of a sliding layer's ring. Attention reads ``offset`` for
-    RoPE and attends over the whole storage through ``mask`` (1, 1, 1, K): the slots filled so
-    far, which in a ring that has wrapped are all of them."""
+    RoPE and attends over the whole storage through ``mask`` (1, 1, 1, K), the slots filled so
+    far: ``arange(K) <= position``, which in a ring that has wrapped are all of them."""
 
-    def __init__(self, keys: mx.array, values: mx.array, position: mx.array, ring: bool):
-        K = keys.shape[2]
-        self.keys, self.values, self.offset = keys, values, position
-        self.slot = (position % K if ring else position).reshape(1)
-        self.mask = (mx.arange(K) <= position).reshape(1, 1, 1, K)
+    def __init__(self, keys: mx.array, values: mx.array, position: mx.array, ring: bool, mask: mx.array):
+        self.keys, self.values, self.offset, self.mask = keys, values, position, mask
+        self.slot = (position % keys.shape[2] if ring else position).reshape(1)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         self.keys = mx.slice_update(self.keys, keys, self.slot, axes=(2,))
@@ -77,7 +75,9 @@ class CompiledDecode:
         """token (1, 1), position (), storage [(keys, values)] per layer -> logits (1, V) and the
         updated storage. Python runs this only while MLX traces it."""
         self.traces += 1
-        caches = [StepCache(keys, values, position, ring=layer.self_attn.window is not None)
+        sizes = {keys.shape[2] for keys, _ in storage}  # the rings' and the full layers' slots
+        masks = {K: (mx.arange(K) <= position).reshape(1, 1, 1, K) for K in sizes}
+        caches = [StepCache(keys, values, position, layer.self_attn.window is not None, masks[keys.shape[2]])
                   for (keys, values), layer in zip(storage, self.model.layers)]
         logits = self.model(token, cache=caches)
         return logits[:, -1, :], [(c.keys, c.values) for c in caches]
