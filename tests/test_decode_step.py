@@ -114,3 +114,36 @@ def test_which_engines_compile(checkpoints, monkeypatch):
     monkeypatch.setattr(model, "sharding", None)
     apply_lora(model, LoRAConfig())
     assert Engine(model).compiled_decode is None
+
+
+def test_the_kernels_are_launched_inside_the_compiled_step(checkpoints, monkeypatch):
+    """As on a GPU backend (kernels on, each launch standing in as its reference in plain MLX):
+    the traced step reaches the kernels through the model's calls, and its logits equal the
+    uncompiled step's with the same kernels."""
+    from gptoss_mlx.kernels import registry
+
+    launched = []
+
+    def launch(spec, *args):
+        launched.append(spec.name)
+        return list(spec.reference(*args))
+
+    monkeypatch.setenv(registry.ENV_VAR, "on")
+    monkeypatch.setattr(registry, "gpu_backend", lambda: "metal")
+    monkeypatch.setattr(registry.KernelSpec, "launch", launch)
+    registry.reset()
+    try:
+        model = load_model(checkpoints["hf"], mx.float32)
+        assert decode_both(model, list(range(1, 12)), 12).traces == 1
+        pc = PromptCache(model.make_cache())
+        y = mx.argmax(forward(model, pc, list(range(1, 12))), axis=-1)
+        launched.clear()
+        step = CompiledDecode(model)
+        step(y, pc.cache)  # traced: 4 launches per layer (o_proj, add+norm+router, the two MoE halves)
+        assert sorted(set(launched)) == ["add_rms_norm_route", "linear_decode", "moe_down_combine",
+                                         "moe_gate_up_swiglu"]
+        assert len(launched) == 4 * len(model.layers)
+        step(y, pc.cache)  # replayed: no Python in between
+        assert len(launched) == 4 * len(model.layers) and step.traces == 1
+    finally:
+        registry.reset()
