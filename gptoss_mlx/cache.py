@@ -30,20 +30,22 @@ class KVCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         B, H, L, D = keys.shape
         start, end = self.offset, self.offset + L
-        if self.keys is None or end > self.keys.shape[2]:
-            capacity = ((end + self.step - 1) // self.step) * self.step
-            grow = (B, H, capacity - (0 if self.keys is None else start), D)
-            new_k = mx.zeros(grow, keys.dtype)
-            new_v = mx.zeros(grow[:3] + (values.shape[3],), values.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., :start, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :start, :], new_v], axis=2)
+        if self.keys is None:
+            self.keys = mx.zeros((B, H, 0, D), keys.dtype)
+            self.values = mx.zeros((B, H, 0, values.shape[3]), values.dtype)
+        self.reserve(end)
         self.keys[..., start:end, :] = keys
         self.values[..., start:end, :] = values
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def reserve(self, end: int) -> None:
+        """Room for positions up to ``end``: the storage grows to a multiple of ``step`` slots,
+        keeping the first ``offset`` positions."""
+        if end > self.keys.shape[2]:
+            capacity = -(-end // self.step) * self.step
+            self.keys = _pad_slots(self.keys[..., : self.offset, :], capacity)
+            self.values = _pad_slots(self.values[..., : self.offset, :], capacity)
 
     def can_trim(self, n: int) -> bool:
         return n <= self.offset

@@ -17,6 +17,7 @@ from typing import Iterator
 
 import mlx.core as mx
 
+from . import decode_step
 from .engine_thread import engine_thread
 from .harmony import STOP_TOKENS_FOR_SAMPLING
 from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS
@@ -236,10 +237,17 @@ class Engine:
 
     batches = True  # whether the server may run it in a decode batch (distributed.Leader: no)
 
-    def __init__(self, model, max_context: int | None = None, prefill_step: int = 2048):
+    def __init__(self, model, max_context: int | None = None, prefill_step: int = 2048,
+                 compile_decode: bool | None = None):
+        """``compile_decode``: run decode steps compiled (decode_step.py) where the model allows;
+        None: unless ``GPTOSS_MLX_COMPILE=off``."""
         self.model = model
         self.max_context = check_max_context(max_context, model.config.max_position_embeddings)
         self.prefill_step = prefill_step
+        if compile_decode is None:
+            compile_decode = decode_step.enabled()
+        self.compiled_decode = (decode_step.CompiledDecode(model)
+                                if compile_decode and decode_step.compilable(model) else None)
         self.prompt_cache = PromptCache(model.make_cache())
         self.stats = Stats()
 
@@ -331,9 +339,12 @@ class Engine:
 
     def _forward_async(self, y: mx.array) -> mx.array:
         """Queue one decode step for token ``y``, whose id the host does not know yet."""
-        logits = self.model(y.reshape(1, 1), cache=self.prompt_cache.cache)
+        cache = self.prompt_cache.cache
+        logits = self.compiled_decode(y, cache) if self.compiled_decode else None
+        if logits is None:
+            logits = self.model(y.reshape(1, 1), cache=cache)[:, -1, :]
         self.prompt_cache.tokens.append(-1)  # the caller writes the id once it has it
-        return logits[:, -1, :]
+        return logits
 
 
 def token_budget(params: SamplingParams, max_context: int, prompt_tokens: int) -> int:

@@ -116,7 +116,8 @@ class Attention(nn.Module):
         # (Loaded models hold them in the activation dtype already: no cast per token.)
         sinks = self.sinks if self.sinks.dtype == q.dtype else self.sinks.astype(q.dtype)
         # softmax([q.k * scale over the keys inside the window, sink]) . v  -> (B, L, H, head_dim)
-        mask = getattr(cache, "mask", None)  # a decode batch's (B, 1, 1, K): rows of unequal lengths
+        # (B, 1, 1, K): a decode batch's rows of unequal lengths, the compiled step's filled slots
+        mask = getattr(cache, "mask", None)
         if mask is None:
             out = kernels.attention(q, k, v, sinks, self.scale, self.window, offset, cache)
         else:

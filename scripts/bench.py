@@ -36,11 +36,12 @@ def random_prompt(n: int, seed: int) -> list[int]:
     return [rng.randrange(1000, 199000) for _ in range(n)]
 
 
-def ours_decode_rate(model, seed: int, tokens: int) -> float:
-    """Our engine's decode tok/s over ``tokens`` greedy tokens after a 128-token prompt."""
+def ours_decode_rate(model, seed: int, tokens: int, compile_decode: bool | None = None) -> float:
+    """Our engine's decode tok/s over ``tokens`` greedy tokens after a 128-token prompt
+    (``compile_decode``: Engine's)."""
     from gptoss_mlx.generate import Engine, SamplingParams
 
-    engine = Engine(model)
+    engine = Engine(model, compile_decode=compile_decode)
     list(engine.generate(random_prompt(128, seed), SamplingParams(temperature=0, max_tokens=tokens),
                          stop_tokens=frozenset()))
     return engine.stats.decode_tps

@@ -8,7 +8,9 @@ scheduling), so timing the engines one after another confounds them with the dri
 models stay loaded (same random weights) and every round times each engine once, back to back, on
 the same prompt; the table gives each engine's median and the median over rounds of the per-round
 ratios. "ours" runs every kernel (each passes its run-time check in the warm-up, which is then
-not repeated: GPTOSS_MLX_KERNELS=on), "ours_nokernels" the plain-MLX path (=off).
+not repeated: GPTOSS_MLX_KERNELS=on), "ours_uncompiled" the same with its decode step built in
+Python per token (Engine(compile_decode=False), decode_step.py), "ours_nokernels" the plain-MLX
+path (=off).
 (scripts/bench.py gives everything else: prefill, memory, follow-up TTFT.)
 """
 
@@ -44,17 +46,18 @@ def main() -> int:
     ours = load_model(args.dir)
     theirs, _ = load_mlx_lm(args.dir)
 
-    def ours_with(kernels: str):
+    def ours_with(kernels: str, compile_decode: bool | None = None):
         def rate(seed):
             os.environ[registry.ENV_VAR] = kernels
             registry.reset()
-            return ours_decode_rate(ours, seed, args.tokens)
+            return ours_decode_rate(ours, seed, args.tokens, compile_decode)
         return rate
 
     ours_with("check")(1)  # warm-up: compiles and checks every kernel for these shapes
     for name, state, _ in registry.status(mx.bfloat16, check=False):
         print(f"  {name:<20} {state}")
-    engines = {"ours": ours_with("on"), "ours_nokernels": ours_with("off"),
+    engines = {"ours": ours_with("on"), "ours_uncompiled": ours_with("on", compile_decode=False),
+               "ours_nokernels": ours_with("off"),
                "mlx_lm": lambda seed: mlx_lm_decode_rate(theirs, seed, args.tokens)}
     for rate in engines.values():
         rate(1)  # warm-up
@@ -69,7 +72,8 @@ def main() -> int:
     print("| engine | median tok/s | min | max |\n|---|---|---|---|")
     for name, values in rates.items():
         print(f"| {name} | {statistics.median(values):.1f} | {min(values):.1f} | {max(values):.1f} |")
-    for a, b in (("ours", "mlx_lm"), ("ours", "ours_nokernels"), ("ours_nokernels", "mlx_lm")):
+    for a, b in (("ours", "mlx_lm"), ("ours", "ours_uncompiled"), ("ours", "ours_nokernels"),
+                 ("ours_nokernels", "mlx_lm")):
         ratios = [x / y for x, y in zip(rates[a], rates[b])]
         print(f"{a} / {b}: median of per-round ratios {statistics.median(ratios):.2f}x "
               f"(range {min(ratios):.2f}-{max(ratios):.2f})")

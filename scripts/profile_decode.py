@@ -17,8 +17,9 @@ serialized with cold caches under the profiler, so only the sum of GPU time carr
 wall time (scripts/bench_decode.py measures that).
 
 ``--host`` measures the other half of a token's cost, the host's: the time Python and MLX take
-to build one decode step's graph (model and greedy sampling, as Engine.generate queues it), and
-the graph's size in operations, for gpt-oss-20b's structure (24 layers, 32 experts top-4, 64/8
+to build one decode step's graph (model and greedy sampling, as Engine.generate queues it) and to
+queue it (``mx.async_eval``), uncompiled and compiled (decode_step.py), and the graph's size in
+operations, for gpt-oss-20b's structure (24 layers, 32 experts top-4, 64/8
 heads, its window) at small widths: host time depends on the number of operations, not on their
 sizes. A CPU has no GPU kernel to build, and MLX's fast operations (rms_norm, rope, sdpa) fall
 back to several operations there: each of those calls, and with kernels "on" each of our kernel
@@ -289,8 +290,9 @@ def graph_ops(*outputs) -> dict[str, int]:
     return dict(counts)
 
 
-def host_time(kernels: str, steps: int) -> dict:
-    """Median ms to build one decode step's graph, and its operations, after a 128-token prompt."""
+def host_time(kernels: str, steps: int, compiled: bool) -> dict:
+    """Median ms to build one decode step's graph and to queue it (mx.async_eval), and its
+    operations, after a 128-token prompt: Engine.generate's step, compiled (decode_step.py) or not."""
     import statistics
     import time
     from unittest import mock
@@ -298,7 +300,7 @@ def host_time(kernels: str, steps: int) -> dict:
     import mlx.core as mx
     import mlx.nn as nn
 
-    from gptoss_mlx.generate import SamplingParams, make_sampler
+    from gptoss_mlx.generate import Engine, SamplingParams, forward, make_sampler
     from gptoss_mlx.kernels import registry
     from gptoss_mlx.kernels.launch import Kernel
     from gptoss_mlx.model import Model
@@ -329,36 +331,45 @@ def host_time(kernels: str, steps: int) -> dict:
             mock.patch.object(Kernel, "__call__", kernel), mock.patch.object(mx.fast, "rms_norm", fast), \
             mock.patch.object(mx.fast, "rope", fast), mock.patch.object(mx.fast, "scaled_dot_product_attention", fast):
         registry.reset()
-        cache = model.make_cache()
-        y = sample(model(mx.array([list(range(PROMPT))]), cache=cache)[:, -1, :])
+        engine = Engine(model, compile_decode=compiled)
+        y = sample(forward(model, engine.prompt_cache, list(range(PROMPT))))
         mx.eval(y)
-        build = []
+        build, queue, step_stand_ins = [], [], []
         for n in range(WARMUP + steps):
             del stood_in[:]
             t0 = time.perf_counter()
-            y = sample(model(y.reshape(1, 1), cache=cache)[:, -1, :])
+            y = sample(engine._forward_async(y))  # what Engine.generate queues
             t1 = time.perf_counter()
+            if stood_in:  # every step's, or (compiled) the traced step's: the graph replayed since
+                step_stand_ins = list(stood_in)
             if n == WARMUP:
                 ops = graph_ops(y)
-                ops["Broadcast"] -= sum(stood_in)
-                launches = len(stood_in)
+            t2 = time.perf_counter()
+            mx.async_eval(y)
+            t3 = time.perf_counter()
             mx.eval(y)
             if n >= WARMUP:
                 build.append(t1 - t0)
+                queue.append(t3 - t2)
         registry.reset()
-    return {"ms": 1e3 * statistics.median(build), "ops": sum(ops.values()), "stand_ins": launches, "by_op": ops}
+    ops["Broadcast"] -= sum(step_stand_ins)
+    return {"build": 1e3 * statistics.median(build), "queue": 1e3 * statistics.median(queue),
+            "ops": sum(ops.values()), "stand_ins": len(step_stand_ins), "by_op": ops}
 
 
 def host_report(steps: int) -> str:
-    lines = [f"Host time per decode token: building one step's graph (gpt-oss-20b structure at small widths, "
-             f"{steps} steps, median), on {__import__('platform').processor() or 'this CPU'}", "",
-             "| kernels | host ms / token | graph ops / token | of which fast ops and our kernels |", "|---|---|---|---|"]
-    results = {mode: host_time(mode, steps) for mode in ("on", "off")}
-    for mode, r in results.items():
-        lines.append(f"| {mode} | {r['ms']:.2f} | {r['ops']} | {r['stand_ins']} |")
-    for mode, r in results.items():
+    lines = [f"Host time per decode token: building one step's graph and queueing it (mx.async_eval), "
+             f"gpt-oss-20b structure at small widths, {steps} steps, median, on "
+             f"{__import__('platform').processor() or 'this CPU'}", "",
+             "| kernels | step | build ms / token | queue ms / token | graph ops / token | of which fast ops and our kernels |",
+             "|---|---|---|---|---|---|"]
+    results = {(mode, step): host_time(mode, steps, step == "compiled")
+               for mode in ("on", "off") for step in ("uncompiled", "compiled")}
+    for (mode, step), r in results.items():
+        lines.append(f"| {mode} | {step} | {r['build']:.2f} | {r['queue']:.2f} | {r['ops']} | {r['stand_ins']} |")
+    for (mode, step), r in results.items():
         top = sorted(r["by_op"].items(), key=lambda kv: -kv[1])
-        lines.append(f"\nops with kernels {mode}: " + ", ".join(f"{k} {v}" for k, v in top))
+        lines.append(f"\nops with kernels {mode}, {step}: " + ", ".join(f"{k} {v}" for k, v in top))
     return "\n".join(lines)
 
 

@@ -129,12 +129,17 @@ COMBINE_SPEC = registry.register(registry.KernelSpec(
 ))
 
 
+def decode_kernels_may_run(n_keys: int, dtype: mx.Dtype) -> bool:
+    """Whether the decode kernels are active for ``dtype`` and ``n_keys`` keys are enough for them."""
+    return (n_keys >= MIN_KEYS and registry.active(PARTIAL_SPEC.name, dtype)
+            and registry.active(COMBINE_SPEC.name, dtype))
+
+
 def _decode_fits(q: mx.array, keys: mx.array, n_keys: int) -> bool:
     """One query token, batch 1, enough keys, head_dim a multiple of 32, both kernels active."""
     B, heads, L, D = q.shape
-    return (L == 1 and B == 1 and n_keys >= MIN_KEYS and D % 32 == 0 and heads % keys.shape[1] == 0
-            and 32 * (heads // keys.shape[1]) <= 1024
-            and registry.active(PARTIAL_SPEC.name, q.dtype) and registry.active(COMBINE_SPEC.name, q.dtype))
+    return (L == 1 and B == 1 and D % 32 == 0 and heads % keys.shape[1] == 0
+            and 32 * (heads // keys.shape[1]) <= 1024 and decode_kernels_may_run(n_keys, q.dtype))
 
 
 def sdpa_decode(q, keys, values, n_keys: int, sinks, scale: float) -> mx.array:

@@ -1,0 +1,118 @@
+"""One sequence's decode step (batch 1, one token) as an ``mx.compile``d function.
+
+Building a decode token's graph in Python (24 layers of module calls, kernel launches, cache
+updates) costs the host about as much as the GPU needs to run it. Compiled, the graph is traced
+once and replayed from MLX's compile cache, and its elementwise operations are fused.
+
+A trace must not bake in what changes per token. Inside the compiled function every layer's cache
+is a :class:`StepCache`: the layer's storage as it is (a full layer's KVCache buffer, a sliding
+layer's 128-slot ring), the position as an array, the new key and value written at an array
+index, and a mask over the filled slots. So MLX traces again only when a full layer's storage
+grows (every ``KVCache.step`` tokens). The logits equal the uncompiled step's bit for bit on the
+CPU (tests/test_decode_step.py).
+
+``GPTOSS_MLX_COMPILE=off`` (or ``Engine(compile_decode=False)``) keeps the uncompiled step.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import mlx.core as mx
+
+from .cache import KVCache, RotatingKVCache
+from .kernels import registry
+from .kernels.attention import decode_kernels_may_run
+
+ENV_VAR = "GPTOSS_MLX_COMPILE"
+
+
+def enabled() -> bool:
+    """Whether ``GPTOSS_MLX_COMPILE`` leaves compiling on (anything but 0, off, false, no)."""
+    return os.environ.get(ENV_VAR, "on").strip().lower() not in ("0", "off", "false", "no")
+
+
+def compilable(model) -> bool:
+    """Whether ``model``'s decode step may be compiled: a gpt-oss Model (model.py; not imported
+    here, it imports the engine through distributed.py), unless its experts stream (a pass
+    rewrites the pool's slots), it is sharded across processes, or it carries an adapter
+    (lora.py's modules, which hold ``lora_a``)."""
+    return (getattr(model, "expert_pool", False) is None and getattr(model, "sharding", False) is None
+            and not any("lora_a" in m for _, m in model.named_modules()))
+
+
+class StepCache:
+    """A layer's cache inside the compiled step: ``storage`` (keys, values), each (1, KV, K, D),
+    and the position (a () int32 array) the new key is written at: slot ``position`` of a full
+    layer's buffer, ``position % K`` of a sliding layer's ring. Attention reads ``offset`` for
+    RoPE and attends over the whole storage through ``mask`` (1, 1, 1, K), the slots filled so
+    far: ``arange(K) <= position``, which in a ring that has wrapped are all of them."""
+
+    def __init__(self, keys: mx.array, values: mx.array, position: mx.array, ring: bool, mask: mx.array):
+        self.keys, self.values, self.offset, self.mask = keys, values, position, mask
+        self.slot = (position % keys.shape[2] if ring else position).reshape(1)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys = mx.slice_update(self.keys, keys, self.slot, axes=(2,))
+        self.values = mx.slice_update(self.values, values, self.slot, axes=(2,))
+        return self.keys, self.values
+
+
+class CompiledDecode:
+    """``model``'s decode step for one sequence, compiled. :meth:`__call__` queues a step and
+    returns its logits, or None where this step must run uncompiled (then the caller runs the
+    model as usual). ``traces`` counts how often MLX traced the step."""
+
+    def __init__(self, model):
+        self.model = model
+        self.traces = 0
+        self.failed = False
+        self._kernels_decided = False
+        self._step = mx.compile(self._trace)
+
+    def _trace(self, token: mx.array, position: mx.array, storage: list) -> tuple[mx.array, list]:
+        """token (1, 1), position (), storage [(keys, values)] per layer -> logits (1, V) and the
+        updated storage. Python runs this only while MLX traces it."""
+        self.traces += 1
+        sizes = {keys.shape[2] for keys, _ in storage}  # the rings' and the full layers' slots
+        masks = {K: (mx.arange(K) <= position).reshape(1, 1, 1, K) for K in sizes}
+        caches = [StepCache(keys, values, position, layer.self_attn.window is not None, masks[keys.shape[2]])
+                  for (keys, values), layer in zip(storage, self.model.layers)]
+        logits = self.model(token, cache=caches)
+        return logits[:, -1, :], [(c.keys, c.values) for c in caches]
+
+    def applies(self, cache: list) -> bool:
+        """Whether this step can run compiled: a filled KVCache / RotatingKVCache per layer, all
+        at one position, short of where the decode attention kernels take over (they read a
+        number of keys the trace would bake in, so that step runs uncompiled)."""
+        if self.failed or not all(type(c) in (KVCache, RotatingKVCache) and c.keys is not None for c in cache):
+            return False
+        position = cache[0].offset
+        return (all(c.offset == position for c in cache)
+                and not decode_kernels_may_run(position + 1, self.model.norm_dtype()))
+
+    def __call__(self, token: mx.array, cache: list) -> mx.array | None:
+        """Queue the step for ``token`` (any shape of one id) on ``cache`` (updated in place)."""
+        if not self._kernels_decided:
+            # Every kernel checked now: a first-use check evaluates, which a trace cannot.
+            registry.status(self.model.norm_dtype())
+            self._kernels_decided = True
+        if not self.applies(cache):
+            return None
+        position = cache[0].offset
+        for c in cache:
+            if isinstance(c, KVCache):
+                c.reserve(position + 1)  # a new capacity: MLX traces once more
+        try:
+            logits, storage = self._step(token.reshape(1, 1), mx.array(position, mx.int32),
+                                         [(c.keys, c.values) for c in cache])
+        except Exception as e:  # any failure to trace: the uncompiled step computes the same
+            self.failed = True
+            warnings.warn(f"gptoss-mlx: compiling the decode step failed ({type(e).__name__}: "
+                          f"{str(e).strip()[:200]}); decoding uncompiled (set {ENV_VAR}=off to skip it).",
+                          RuntimeWarning, stacklevel=2)
+            return None
+        for c, (keys, values) in zip(cache, storage):
+            c.keys, c.values, c.offset = keys, values, position + 1
+        return logits

@@ -1,0 +1,149 @@
+"""The compiled decode step (decode_step.py): the same logits as the uncompiled step, bit for bit,
+through ring wraps, cache growth and rewinds; one trace per full-layer capacity, not per token."""
+
+from __future__ import annotations
+
+import warnings
+
+import mlx.core as mx
+import pytest
+
+from conftest import TINY
+from gptoss_mlx import decode_step
+from gptoss_mlx.decode_step import CompiledDecode
+from gptoss_mlx.generate import Engine, PromptCache, SamplingParams, forward
+from gptoss_mlx.loading import load_model
+from gptoss_mlx.testing import checkpoints as mtc
+
+
+@pytest.fixture(scope="module")
+def window_128(tmp_path_factory):
+    """The tiny model with gpt-oss's 128-token window (TINY's is 8)."""
+    path = tmp_path_factory.mktemp("w128") / "ckpt"
+    mtc.write_hf(path, TINY.replace(sliding_window=128), seed=3)
+    return path
+
+
+def decode_both(model, prompt: list[int], steps: int, rewinds: dict[int, int] = {}):
+    """Greedy decode ``steps`` tokens after ``prompt`` twice side by side, uncompiled and compiled,
+    asserting equal logits at every step; at step n in ``rewinds`` both prompt caches rewind to
+    that many tokens first. Returns the compiled step."""
+    plain, compiled = PromptCache(model.make_cache()), PromptCache(model.make_cache())
+    step = CompiledDecode(model)
+    a = forward(model, plain, prompt)
+    b = forward(model, compiled, prompt)
+    plain.take_snapshot(), compiled.take_snapshot()  # as a prefill does
+    for n in range(steps):
+        if n in rewinds:
+            assert plain.rewind_to(rewinds[n]) == compiled.rewind_to(rewinds[n])
+        y = mx.argmax(a, axis=-1)
+        a = forward(model, plain, [y.item()])
+        b = step(y, compiled.cache)
+        compiled.tokens.append(y.item())
+        assert b is not None
+        assert mx.array_equal(a, b).item(), f"step {n}: the compiled logits differ"
+    return step
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_compiled_logits_equal_uncompiled_through_wraps_growth_and_rewinds(window_128, dtype):
+    """From a 3-token prompt: a rewind (trim) before the 128-slot rings wrap, then they fill and
+    wrap, and the full layers' 256 slots grow to 512. Two traces: one per capacity."""
+    model = load_model(window_128, dtype)
+    step = decode_both(model, [5, 9, 2], 330, rewinds={100: 60})
+    assert step.traces == 2
+
+
+def test_rewinding_a_wrapped_ring_to_a_snapshot(checkpoints):
+    """Window 8: the rings wrap at once; rewinding into the reply restores the prompt's snapshot."""
+    model = load_model(checkpoints["hf"], mx.float32)
+    step = decode_both(model, list(range(1, 30)), 60, rewinds={40: 29, 45: 31})
+    assert step.traces == 1
+
+
+def test_engine_replies_are_the_same_compiled_and_not(checkpoints):
+    """Several turns with the prompt cache reused and rewound: the same greedy tokens, and the
+    step traced once per capacity (prompts and replies stay under 512 positions)."""
+    model = load_model(checkpoints["hf"], mx.float32)
+    replies = {}
+    for compiled in (False, True):
+        engine = Engine(model, compile_decode=compiled)
+        assert (engine.compiled_decode is not None) == compiled
+        history, out = [(i * 7) % 500 for i in range(140)], []
+        for turn in range(3):
+            reply = list(engine.generate(history, SamplingParams(temperature=0, max_tokens=60)))
+            out.append(reply)
+            history = history + reply[:30] + [11 + turn, 12]  # drops the end of the reply
+        replies[compiled] = out
+        if compiled:
+            assert engine.compiled_decode.traces == 2  # 256 slots, then 512
+    assert replies[True] == replies[False]
+
+
+def test_a_failing_compile_warns_once_and_decodes_uncompiled(checkpoints, monkeypatch):
+    model = load_model(checkpoints["hf"], mx.float32)
+    reference = list(Engine(model, compile_decode=False).generate([1, 2, 3], SamplingParams(temperature=0, max_tokens=20)))
+    engine = Engine(model, compile_decode=True)
+
+    def broken(*args):
+        raise ValueError("no such primitive")
+
+    monkeypatch.setattr(engine.compiled_decode, "_step", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reply = list(engine.generate([1, 2, 3], SamplingParams(temperature=0, max_tokens=20)))
+    assert reply == reference
+    assert [str(w.message) for w in caught if "compiling the decode step failed" in str(w.message)] != []
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+
+
+def test_which_engines_compile(checkpoints, monkeypatch):
+    """Off by GPTOSS_MLX_COMPILE=off; never for streamed experts, sharded or adapted models."""
+    from gptoss_mlx.lora import LoRAConfig, apply_lora
+
+    model = load_model(checkpoints["hf"], mx.float32)
+    assert Engine(model).compiled_decode is not None
+    monkeypatch.setenv(decode_step.ENV_VAR, "off")
+    assert Engine(model).compiled_decode is None
+    monkeypatch.delenv(decode_step.ENV_VAR)
+    monkeypatch.setattr(model, "expert_pool", object())
+    assert Engine(model).compiled_decode is None
+    monkeypatch.setattr(model, "expert_pool", None)
+    monkeypatch.setattr(model, "sharding", "tensor")
+    assert Engine(model).compiled_decode is None
+    monkeypatch.setattr(model, "sharding", None)
+    apply_lora(model, LoRAConfig())
+    assert Engine(model).compiled_decode is None
+
+
+def test_the_kernels_are_launched_inside_the_compiled_step(checkpoints, monkeypatch):
+    """As on a GPU backend (kernels on, each launch standing in as its reference in plain MLX):
+    the traced step reaches the kernels through the model's calls, and its logits equal the
+    uncompiled step's with the same kernels."""
+    from gptoss_mlx.kernels import registry
+
+    launched = []
+
+    def launch(spec, *args):
+        launched.append(spec.name)
+        return list(spec.reference(*args))
+
+    monkeypatch.setenv(registry.ENV_VAR, "on")
+    monkeypatch.setattr(registry, "gpu_backend", lambda: "metal")
+    monkeypatch.setattr(registry.KernelSpec, "launch", launch)
+    registry.reset()
+    try:
+        model = load_model(checkpoints["hf"], mx.float32)
+        assert decode_both(model, list(range(1, 12)), 12).traces == 1
+        pc = PromptCache(model.make_cache())
+        y = mx.argmax(forward(model, pc, list(range(1, 12))), axis=-1)
+        launched.clear()
+        step = CompiledDecode(model)
+        step(y, pc.cache)  # traced: 4 launches per layer (o_proj, add+norm+router, the two MoE halves)
+        assert sorted(set(launched)) == ["add_rms_norm_route", "linear_decode", "moe_down_combine",
+                                         "moe_gate_up_swiglu"]
+        assert len(launched) == 4 * len(model.layers)
+        step(y, pc.cache)  # replayed: no Python in between
+        assert len(launched) == 4 * len(model.layers) and step.traces == 1
+    finally:
+        registry.reset()
