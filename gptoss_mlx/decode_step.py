@@ -11,7 +11,8 @@ index, and a mask over the filled slots. So MLX traces again only when a full la
 grows (every ``KVCache.step`` tokens). The logits equal the uncompiled step's bit for bit on the
 CPU (tests/test_decode_step.py).
 
-``GPTOSS_MLX_COMPILE=off`` (or ``Engine(compile_decode=False)``) keeps the uncompiled step.
+``GPTOSS_MLX_COMPILE=off`` (or ``Engine(compile_decode=False)``) keeps the uncompiled step; on a
+GPU it is off unless ``GPTOSS_MLX_COMPILE=on`` (see :func:`enabled`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,16 @@ ENV_VAR = "GPTOSS_MLX_COMPILE"
 
 
 def enabled() -> bool:
-    """Whether ``GPTOSS_MLX_COMPILE`` leaves compiling on (anything but 0, off, false, no)."""
-    return os.environ.get(ENV_VAR, "on").strip().lower() not in ("0", "off", "false", "no")
+    """Whether ``GPTOSS_MLX_COMPILE`` asks for the compiled step: ``on``, ``off`` (or 0, false,
+    no), or ``auto`` (the default): on the CPU, and not yet on a GPU, where our kernels launched
+    inside ``mx.compile`` have not been checked against the uncompiled step on the device
+    (scripts/check_compiled_decode.py); ``on`` takes it there."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return False
+    if value in ("1", "on", "true", "yes"):
+        return True
+    return mx.default_device() == mx.cpu
 
 
 def compilable(model) -> bool:

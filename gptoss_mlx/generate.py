@@ -240,7 +240,7 @@ class Engine:
     def __init__(self, model, max_context: int | None = None, prefill_step: int = 2048,
                  compile_decode: bool | None = None):
         """``compile_decode``: run decode steps compiled (decode_step.py) where the model allows;
-        None: unless ``GPTOSS_MLX_COMPILE=off``."""
+        None: as ``GPTOSS_MLX_COMPILE`` says (decode_step.enabled: on the CPU, on a GPU only when asked)."""
         self.model = model
         self.max_context = check_max_context(max_context, model.config.max_position_embeddings)
         self.prefill_step = prefill_step

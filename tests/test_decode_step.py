@@ -147,3 +147,15 @@ def test_the_kernels_are_launched_inside_the_compiled_step(checkpoints, monkeypa
         assert len(launched) == 4 * len(model.layers) and step.traces == 1
     finally:
         registry.reset()
+
+
+def test_a_gpu_compiles_only_when_asked(monkeypatch):
+    """auto (the default): compiled on the CPU; on a GPU only with GPTOSS_MLX_COMPILE=on, until
+    the kernels inside mx.compile have been checked there."""
+    monkeypatch.delenv(decode_step.ENV_VAR, raising=False)
+    assert decode_step.enabled()
+    monkeypatch.setattr(decode_step.mx, "default_device", lambda: mx.gpu)
+    assert not decode_step.enabled()
+    for value, expected in (("on", True), ("auto", False), ("off", False)):
+        monkeypatch.setenv(decode_step.ENV_VAR, value)
+        assert decode_step.enabled() is expected
