@@ -41,7 +41,9 @@ def run(checkpoint: Path, out: str, group, sharding: str) -> None:
         distributed.follow(Engine(model, max_context=CONTEXT), group)
         return
     engine = distributed.Leader(model, group, CONTEXT) if group else Engine(model, CONTEXT)
-    chat = Chat(model, load_tokenizer(checkpoint), engine=engine, reasoning_effort="low",
+    # one date for every process: the system message carries it, and a run that crossed midnight
+    # compared replies to different prompts (CI failed at 00:05 UTC)
+    chat = Chat(model, load_tokenizer(checkpoint), engine=engine, reasoning_effort="low", date="2026-12-01",
                 sampling=SamplingParams(temperature=0, max_tokens=12))
     results = {}
     for turn, question in enumerate(QUESTIONS):
