@@ -483,7 +483,7 @@ class HarmonyConstraint:
         # text tokens only: clear the bits from NUM_BPE_TOKENS on (specials, reserved ids)
         first = NUM_BPE_TOKENS // 32
         bits[first] &= (1 << NUM_BPE_TOKENS % 32) - 1
-        bits[first + 1:] = no_tokens()[first + 1:]
+        bits[first + 1:] = _NO_SPECIAL_WORDS
         if self.matcher.is_accepting():
             bits[self.end_token // 32] |= 1 << self.end_token % 32
         self.mask_s += time.perf_counter() - t0
@@ -507,6 +507,9 @@ def margin(grammar: Grammar) -> int:
 
 # llguidance's bitmask: bit i of word w is token 32w + i.
 MASK_WORDS = (VOCAB_SIZE + 31) // 32
+# The words past the last text token's: special and reserved ids only (cleared from every grammar
+# mask; one zero array, not one per token)
+_NO_SPECIAL_WORDS = array.array("I", bytes(4 * (MASK_WORDS - NUM_BPE_TOKENS // 32 - 1)))
 
 
 def no_tokens() -> array.array:
