@@ -120,6 +120,9 @@ def _where() -> str:
 def _die(message: str) -> None:
     """End the process from any thread, even while MLX waits in a collective."""
     print(f"gptoss-mlx: error: {message}", file=sys.stderr, flush=True)
+    # The one line is all: the main thread's collective fails too as the peer goes, and its
+    # traceback, printed while this thread ends the process, would follow it half-written.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
     os._exit(1)
 
 
