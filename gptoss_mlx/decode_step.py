@@ -73,12 +73,14 @@ class CompiledDecode:
     returns its logits, or None where this step must run uncompiled (then the caller runs the
     model as usual). ``traces`` counts how often MLX traced the step."""
 
-    def __init__(self, model):
+    def __init__(self, model, compiled: bool = True):
+        # compiled=False runs the same step (StepCache, masked attention over the storage)
+        # through the plain forward: what scripts/check_compiled_decode.py tells apart from mx.compile
         self.model = model
         self.traces = 0
         self.failed = False
         self._kernels_decided = False
-        self._step = mx.compile(self._trace)
+        self._step = mx.compile(self._trace) if compiled else self._trace
 
     def _trace(self, token: mx.array, position: mx.array, storage: list) -> tuple[mx.array, list]:
         """token (1, 1), position (), storage [(keys, values)] per layer -> logits (1, V) and the

@@ -14,7 +14,13 @@ from their own threads: the CLI's main thread, the TUI's workers, or a server's 
         ...
 
 Work submitted from the engine thread itself runs inline, so code that already runs there can
-use the same calls. The thread is a daemon that is joined at interpreter exit. A stream that is
+use the same calls.
+
+Starting the engine thread lowers the interpreter's GIL switch interval to ``SWITCH_INTERVAL_S``
+(if it is higher). Decoding is host-bound: each token's step is Python building a graph, and when
+a front end's thread (a server's event loop, the TUI) holds the GIL, the engine thread waiting
+for it gets it only when that thread blocks or after the switch interval, 5 ms by default: as
+long as a token's step (docs/measurements.md: through the server, on the GPU machine). The thread is a daemon that is joined at interpreter exit. A stream that is
 still running stops at its next item, so exit never tears MLX down under a running step.
 """
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import queue
+import sys
 import threading
 from concurrent.futures import Future
 from typing import AsyncIterator, Callable, Iterator, TypeVar
@@ -32,12 +39,15 @@ import mlx.core as mx
 T = TypeVar("T")
 
 _ITEM, _ERROR, _END = "item", "error", "end"
+# The GIL switch interval while an engine thread runs (see above).
+SWITCH_INTERVAL_S = 0.0005
 
 
 class EngineThread:
     """A thread that runs submitted callables and generators one at a time, in order."""
 
     def __init__(self, name: str = "gptoss-mlx-engine"):
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)

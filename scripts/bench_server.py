@@ -48,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,12 +72,110 @@ def serve_ours(model_dir: str, port: int, max_context: int, max_concurrency: int
 
     from gptoss_mlx.engine_thread import engine_thread
 
+    engine_thread()  # started: it sets its switch interval, which BENCH_SWITCH_INTERVAL overrides
+    apply_switch_interval()
     model, tokenizer = load(model_dir)
     engine = Engine(model, max_context=max_context)
-    service = Service(model_dir, tokenizer, engine, Scheduler(engine, max_concurrency, cache_bytes=16 << 30))
+    scheduler = Scheduler(engine, max_concurrency, cache_bytes=16 << 30)
+    service = Service(model_dir, tokenizer, engine, scheduler)
+    if os.environ.get("BENCH_STEP_TIMES"):
+        report_step_times(time_steps(scheduler), Path(os.environ["BENCH_STEP_TIMES"]))
     # the engine thread's id, for the parent's per-thread CPU accounting
     tid_file(port).write_text(str(engine_thread().call(threading.get_native_id)))
-    uvicorn.run(create_app(service), host="127.0.0.1", port=port, log_level="warning")
+    # BENCH_HTTP=h11: uvicorn's pure-Python HTTP parser instead of httptools (a before/after)
+    uvicorn.run(create_app(service), host="127.0.0.1", port=port, log_level="warning",
+                http=os.environ.get("BENCH_HTTP", "auto"))
+
+
+def apply_switch_interval() -> None:
+    """BENCH_SWITCH_INTERVAL (seconds): the interpreter's GIL switch interval in the process that
+    runs the engine (engine_thread.SWITCH_INTERVAL_S unless set; Python's default is 0.005). A
+    thread that wants the GIL waits that long before it asks the holder to let go."""
+    if os.environ.get("BENCH_SWITCH_INTERVAL"):
+        sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
+
+
+def time_steps(scheduler) -> Counter:
+    """Wall seconds of the engine loop's decode steps, split: building the forward graph,
+    building the sampling, handing the tokens out, and the rest of the step (mostly waiting for
+    the device to finish the step before: the read of its tokens); and the time between decode
+    steps (prefill, admitting). Counts accumulate in the returned Counter."""
+    import gptoss_mlx.server.scheduler as sm
+
+    acc, in_decode = Counter(), [False]
+    model = scheduler.engine.model
+
+    class TimedModel:
+        def __call__(self, *a, **k):
+            t = time.perf_counter()
+            try:
+                return model(*a, **k)
+            finally:
+                if in_decode[0]:
+                    acc["forward"] += time.perf_counter() - t
+
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+    def timed(name, f):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                acc[name] += time.perf_counter() - t
+        return wrapper
+
+    scheduler.engine.model = TimedModel()
+    sample, hand_out, decode = scheduler._sample, sm.hand_out, scheduler._decode
+    scheduler._sample = timed("sample", sample)
+    sm.hand_out = timed("hand_out", hand_out)
+    last_end = [None]
+
+    def timed_decode():
+        t = time.perf_counter()
+        if last_end[0] is not None:
+            acc["between"] += t - last_end[0]
+        in_decode[0] = True
+        try:
+            decode()
+        finally:
+            in_decode[0] = False
+            last_end[0] = time.perf_counter() if scheduler.batch_size else None
+            acc["decode"] += time.perf_counter() - t
+            acc["steps"] += 1 if scheduler.batch_size else 0
+
+    scheduler._decode = timed_decode
+    return acc
+
+
+def step_time_table(acc: Counter) -> str:
+    steps = max(acc["steps"], 1)
+    rest = acc["decode"] - acc["forward"] - acc["sample"] - acc["hand_out"]
+    parts = {"forward graph": acc["forward"], "sampling graph": acc["sample"], "hand out": acc["hand_out"],
+             "read tokens + rest": rest, "between steps": acc["between"]}
+    return "; ".join(f"{name} {1e3 * v / steps:.2f}" for name, v in parts.items()) + f" (ms per step, {steps} steps)"
+
+
+def report_step_times(acc: Counter, path: Path) -> None:
+    """Keep ``path`` holding the step-time counts as JSON (a server has no other way out for
+    them); read_step_times() reads them back."""
+    def write():
+        while True:
+            time.sleep(0.2)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(acc))
+            tmp.replace(path)
+    threading.Thread(target=write, daemon=True).start()
+
+
+def step_times_file(port: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"bench-server-steps-{port}.json"
+
+
+def read_step_times(path: Path) -> Counter:
+    time.sleep(0.5)  # the server writes them every 0.2 s
+    return Counter(json.loads(path.read_text())) if path.exists() else Counter()
 
 
 def tid_file(port: int) -> Path:
@@ -100,7 +199,8 @@ def start(engine: str, model_dir: str, port: int, max_context: int, max_concurre
     # its log goes to a file, not a pipe nobody reads while it runs (a full pipe would block the
     # server); server_log() reads it back when the server fails
     log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    env = {**os.environ, "BENCH_STEP_TIMES": str(step_times_file(port))} if engine == "ours" else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
     proc.log = log
     deadline = time.monotonic() + 600
     while True:
@@ -243,8 +343,17 @@ def bench(engine: str, args) -> dict:
         client = Client(port, str(args.model))
         for n in counts:  # warm-up: every batch size compiles its shapes once
             load_round(client, n, 8, threads)
-        rows = {n: load_round(client, n, args.tokens, threads) for n in counts}
+        rows = {}
+        for n in counts:
+            before = read_step_times(step_times_file(port))
+            rows[n] = load_round(client, n, args.tokens, threads)
+            split = read_step_times(step_times_file(port))
+            split.subtract(before)
+            if engine == "ours":
+                print(f"ours, {n} streams: {step_time_table(split)}", flush=True)
         exact, shared = same_alone_and_together(client, EXACT_STREAMS, 64)
+        if not args.history:
+            return {"rows": rows, "cold": None, "follow": None, "exact": exact, "shared": shared}
         history = user("Tell me about the history of the sea. " * (args.history // 9))
         cold = client.latency(history)
         follow = client.latency(history + [{"role": "assistant", "content": "It is very old."},
@@ -254,6 +363,7 @@ def bench(engine: str, args) -> dict:
         raise RuntimeError(f"{e}\n--- {engine} server's log, last lines:\n{server_log(proc)}") from e
     finally:
         proc.terminate()
+        step_times_file(port).unlink(missing_ok=True)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -296,15 +406,21 @@ def bench_scheduler(args) -> None:
     from gptoss_mlx.loading import load
     from gptoss_mlx.server import Scheduler
 
+    engine_thread()  # started: it sets its switch interval, which BENCH_SWITCH_INTERVAL overrides
+    apply_switch_interval()
     model, tokenizer = engine_thread().call(load, str(args.model))
     counts = [int(n) for n in args.streams.split(",")]
     scheduler = Scheduler(Engine(model, max_context=4096), max(counts), cache_bytes=1 << 30)
+    acc = time_steps(scheduler)
     for n in counts:  # warm-up
         scheduler_round(scheduler, tokenizer, n, 8)
     rounds = {n: [] for n in counts}
+    split = {n: Counter() for n in counts}
     for _ in range(args.rounds):
         for n in counts:
+            acc.clear()
             rounds[n].append(scheduler_round(scheduler, tokenizer, n, args.tokens))
+            split[n].update(acc)
     print(f"device: {mx.default_device()}, MLX {mx.__version__}, checkpoint {args.model}; scheduler alone, "
           f"{args.tokens} greedy tokens per stream, median of {args.rounds} rounds")
     print("| streams | aggregate tok/s | decode steps | wall ms/step | engine-thread CPU ms/step |")
@@ -314,6 +430,8 @@ def bench_scheduler(args) -> None:
         print(f"| {n} | {median(lambda r: r['tokens'] / r['wall']):.1f} | {median(lambda r: r['steps']):.0f} "
               f"| {median(lambda r: 1e3 * r['wall'] / r['steps']):.2f} "
               f"| {median(lambda r: 1e3 * r['cpu'] / r['steps']):.2f} |")
+    for n in counts:
+        print(f"{n} streams: {step_time_table(split[n])}")
 
 
 def make_checkpoint(args) -> None:
@@ -347,7 +465,7 @@ def main() -> int:
     ap.add_argument("--engines", default="ours,mlx_lm")
     ap.add_argument("--streams", default="1,4,8,16")
     ap.add_argument("--tokens", type=int, default=256, help="tokens per reply")
-    ap.add_argument("--history", type=int, default=8192, help="tokens of history for the follow-up")
+    ap.add_argument("--history", type=int, default=8192, help="tokens of history for the follow-up (0: skip it)")
     ap.add_argument("--scheduler", action="store_true", help="measure the scheduler alone, in process")
     ap.add_argument("--rounds", type=int, default=1, help="--scheduler: rounds, interleaved")
     ap.add_argument("--serve-ours", action="store_true", help=argparse.SUPPRESS)
@@ -409,6 +527,8 @@ def print_engine(engine: str, r: dict, history: int) -> None:
     print(f"{engine}: {r['exact']}/{EXACT_STREAMS} greedy replies (64 tokens) the same in a batch of "
           f"{EXACT_STREAMS} as alone; the batched reply repeats "
           f"{', '.join(f'{100 * x:.0f}%' for x in r['shared'])} of each reply alone before they part")
+    if r["cold"] is None:
+        return
     print(f"{engine}: cold TTFT with a {history}-token history {r['cold']:.3f} s, follow-up "
           f"{r['follow']:.3f} s ({100 * r['follow'] / r['cold']:.1f}% of cold)", flush=True)
 

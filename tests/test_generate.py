@@ -1,6 +1,7 @@
 """The engine: sampling, stop tokens, limits, the prompt cache across turns, the engine thread."""
 
 import asyncio
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import FP32_ATOL
-from gptoss_mlx.engine_thread import EngineThread
+from gptoss_mlx.engine_thread import SWITCH_INTERVAL_S, EngineThread
 from gptoss_mlx.generate import (
     ContextLengthError, Engine, SamplingParams, banned_token_mask, make_sampler,
 )
@@ -185,6 +186,21 @@ def test_engine_thread_calls_and_streams_with_errors_raised_here():
         thread.shutdown()
     with pytest.raises(RuntimeError, match="shut down"):
         thread.call(lambda: None)
+
+
+def test_the_engine_thread_gets_the_gil_back_within_its_switch_interval():
+    # A front end's thread holding the GIL would delay each decode step by up to Python's
+    # default 5 ms (a whole token's step): starting the engine thread lowers it, never raises it.
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        EngineThread().shutdown()
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S, rel=0.05) and SWITCH_INTERVAL_S <= 0.001
+        sys.setswitchinterval(0.0001)  # a lower one set by the application stays
+        EngineThread().shutdown()
+        assert sys.getswitchinterval() == pytest.approx(0.0001, rel=0.05)
+    finally:
+        sys.setswitchinterval(before)
 
 
 def test_closing_a_stream_stops_the_generator_there_and_waits_for_its_clean_up():
