@@ -3,17 +3,19 @@
 checkpoint, driven by the same load generator over HTTP.
 
     python scripts/bench_server.py --model DIR [--make --preset 20b --tokenizer-dir D]
-        [--engines ours,mlx_lm] [--streams 1,4,8,16] [--tokens 256] [--history 8192]
+        [--engines ours,mlx_lm] [--streams 1,4,8,16] [--tokens 256] [--history 8192] [--rounds N]
     python scripts/bench_server.py --model DIR --scheduler [--streams 1,8] [--rounds N]
 
-Each server runs in its own process on a free 127.0.0.1 port, one after the other (ours: the
+Each server runs in its own process on a free 127.0.0.1 port, all of them at once, and the load
+rounds interleave: for each round, each stream count, engine after engine (ours: the
 library's Engine, Scheduler and Service under uvicorn, as `gptoss-mlx serve` builds them;
 mlx-lm: `python -m mlx_lm.server`). The load generator is the standard library's http.client
 (streaming Chat Completions, greedy, a fixed max_tokens; random weights almost never sample a
 stop token, so each reply runs to max_tokens). For each number of concurrent streams it prints:
 
 - aggregate tok/s: all streams' generated tokens over the wall time from the first request to
-  the last reply's end, and that over the same server's single-stream figure;
+  the last reply's end (the median of the rounds, and each round's), and that over the same
+  server's single-stream figure; ours over mlx-lm is the median of the rounds' ratios;
 - newcomer TTFT: the latency of a one-token request sent while the streams decode (a newcomer's
   time to first token under that load: its queueing, its prefill, one step).
 
@@ -331,43 +333,83 @@ def same_alone_and_together(client: Client, n: int, tokens: int) -> tuple[int, l
     return sum(a == b for a, b in zip(alone, together)), shared
 
 
-def bench(engine: str, args) -> dict:
-    port = free_port()
-    counts = [int(n) for n in args.streams.split(",")]
-    proc = start(engine, str(args.model), port, args.history * 2 + 4096, max(*counts, EXACT_STREAMS) + 1)
-    threads = {"event loop": (proc.pid, proc.pid)}
-    if engine == "ours":
-        threads["engine thread"] = (proc.pid, int(tid_file(port).read_text()))
-        tid_file(port).unlink()
-    try:
-        client = Client(port, str(args.model))
-        for n in counts:  # warm-up: every batch size compiles its shapes once
-            load_round(client, n, 8, threads)
-        rows = {}
-        for n in counts:
-            before = read_step_times(step_times_file(port))
-            rows[n] = load_round(client, n, args.tokens, threads)
-            split = read_step_times(step_times_file(port))
-            split.subtract(before)
-            if engine == "ours":
-                print(f"ours, {n} streams: {step_time_table(split)}", flush=True)
-        exact, shared = same_alone_and_together(client, EXACT_STREAMS, 64)
-        if not args.history:
-            return {"rows": rows, "cold": None, "follow": None, "exact": exact, "shared": shared}
-        history = user("Tell me about the history of the sea. " * (args.history // 9))
-        cold = client.latency(history)
-        follow = client.latency(history + [{"role": "assistant", "content": "It is very old."},
-                                           {"role": "user", "content": "And rivers?"}])
-        return {"rows": rows, "cold": cold, "follow": follow, "exact": exact, "shared": shared}
-    except Exception as e:
-        raise RuntimeError(f"{e}\n--- {engine} server's log, last lines:\n{server_log(proc)}") from e
-    finally:
-        proc.terminate()
-        step_times_file(port).unlink(missing_ok=True)
+class Server:
+    """One engine's server process under test, its client, and the threads whose CPU is counted."""
+
+    def __init__(self, engine: str, args, max_concurrency: int):
+        self.engine, self.port = engine, free_port()
+        self.proc = start(engine, str(args.model), self.port, args.history * 2 + 4096, max_concurrency)
+        self.threads = {"event loop": (self.proc.pid, self.proc.pid)}
+        if engine == "ours":
+            self.threads["engine thread"] = (self.proc.pid, int(tid_file(self.port).read_text()))
+            tid_file(self.port).unlink()
+        self.client = Client(self.port, str(args.model))
+
+    def round(self, n: int, tokens: int) -> dict:
+        """One load round; for ours, with the engine loop's step-time split."""
+        before = read_step_times(step_times_file(self.port))
+        row = load_round(self.client, n, tokens, self.threads)
+        row["steps"] = read_step_times(step_times_file(self.port))
+        row["steps"].subtract(before)
+        return row
+
+    def failed(self, e: Exception) -> RuntimeError:
+        return RuntimeError(f"{e}\n--- {self.engine} server's log, last lines:\n{server_log(self.proc)}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        step_times_file(self.port).unlink(missing_ok=True)
         try:
-            proc.wait(timeout=60)
+            self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            self.proc.kill()
+
+
+def bench(args) -> tuple[dict, dict]:
+    """Every engine's server up at once; the load rounds interleaved (each stream count, engine
+    after engine, ``--rounds`` times), so a machine that slows down for a while slows them alike.
+    Returns each engine's results and each failed engine's error."""
+    counts = [int(n) for n in args.streams.split(",")]
+    servers, failed = {}, {}
+    for engine in args.engines.split(","):
+        try:  # a peer's server that dies must not take the other engine's figures with it
+            servers[engine] = Server(engine, args, max(*counts, EXACT_STREAMS) + 1)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - reported, the run goes on
+            failed[engine] = f"{type(e).__name__}: {e}"
+    rounds = {engine: {n: [] for n in counts} for engine in servers}
+
+    def each(what, f):
+        for engine, server in list(servers.items()):
+            try:
+                f(engine, server)
+            except Exception as e:  # noqa: BLE001
+                failed[engine] = f"{what}: {server.failed(e)}"
+                print(f"{engine}: failed: {failed[engine]}", flush=True)
+                server.stop()
+                del servers[engine]
+
+    try:
+        for n in counts:  # warm-up: every batch size compiles its shapes once
+            each("warm-up", lambda engine, server: server.round(n, 8))
+        for _ in range(args.rounds):
+            for n in counts:
+                each(f"{n} streams", lambda engine, server: rounds[engine][n].append(server.round(n, args.tokens)))
+        results = {engine: {"rounds": rounds[engine]} for engine in servers}
+
+        def rest(engine, server):
+            r = results[engine]
+            r["exact"], r["shared"] = same_alone_and_together(server.client, EXACT_STREAMS, 64)
+            r["cold"] = r["follow"] = None
+            if args.history:
+                history = user("Tell me about the history of the sea. " * (args.history // 9))
+                r["cold"] = server.client.latency(history)
+                r["follow"] = server.client.latency(history + [{"role": "assistant", "content": "It is very old."},
+                                                              {"role": "user", "content": "And rivers?"}])
+        each("exactness and follow-up", rest)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {engine: results[engine] for engine in servers}, failed
 
 
 def scheduler_round(scheduler, tokenizer, n: int, tokens: int) -> dict:
@@ -467,7 +509,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=256, help="tokens per reply")
     ap.add_argument("--history", type=int, default=8192, help="tokens of history for the follow-up (0: skip it)")
     ap.add_argument("--scheduler", action="store_true", help="measure the scheduler alone, in process")
-    ap.add_argument("--rounds", type=int, default=1, help="--scheduler: rounds, interleaved")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds, interleaved (HTTP: engine after engine)")
     ap.add_argument("--serve-ours", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--max-context", type=int, help=argparse.SUPPRESS)
@@ -490,38 +532,51 @@ def main() -> int:
         bench_scheduler(args)
         return 0
     print(f"device: {mx.default_device()}, MLX {mx.__version__}, checkpoint {args.model}; "
-          f"{args.tokens} greedy tokens per stream, prompts of about 100 tokens", flush=True)
-    results, failed = {}, {}
-    for engine in args.engines.split(","):
-        try:  # a peer's server that dies must not take the other engine's figures with it
-            results[engine] = bench(engine, args)
-        except Exception as e:  # noqa: BLE001 - reported, the run goes on
-            failed[engine] = f"{type(e).__name__}: {e}"
-            print(f"{engine}: failed: {failed[engine]}", flush=True)
-            continue
-        print_engine(engine, results[engine], args.history)  # as soon as it is known
+          f"{args.tokens} greedy tokens per stream, prompts of about 100 tokens; {args.rounds} rounds, "
+          "the engines' servers up together and their rounds interleaved", flush=True)
+    results, failed = bench(args)
+    for engine, error in failed.items():
+        print(f"{engine}: failed: {error}", flush=True)
+    for engine, r in results.items():
+        print_engine(engine, r, args.history)
     engines = list(results)
     if len(engines) == 2:
+        import statistics
+
         a, b = engines
-        for n in results[a]["rows"]:
-            ra, rb = (results[e]["rows"][n] for e in engines)
-            print(f"{a} / {b} at {n} streams: {(ra['tokens'] / ra['wall']) / (rb['tokens'] / rb['wall']):.2f}x")
+        for n in results[a]["rounds"]:
+            ratios = [rate(ra) / rate(rb) for ra, rb in zip(results[a]["rounds"][n], results[b]["rounds"][n])]
+            print(f"{a} / {b} at {n} streams: {statistics.median(ratios):.2f}x (median of the rounds' ratios: "
+                  f"{', '.join(f'{x:.2f}' for x in ratios)})")
     return 1 if failed else 0
 
 
+def rate(row: dict) -> float:
+    return row["tokens"] / row["wall"]
+
+
 def print_engine(engine: str, r: dict, history: int) -> None:
-    """One engine's rows: throughput by streams, exactness, follow-up TTFT."""
-    print("\n| engine | streams | aggregate tok/s | x its 1 stream | newcomer TTFT s "
+    """One engine's rows (medians over the rounds): throughput by streams, exactness, follow-up TTFT."""
+    import statistics
+
+    print("\n| engine | streams | aggregate tok/s (median; rounds) | x its 1 stream | newcomer TTFT s "
           "| server CPU ms/token: event loop | engine thread |")
     print("|---|---|---|---|---|---|---|")
     single = None
-    for n, row in r["rows"].items():
-        rate = row["tokens"] / row["wall"]
-        single = single or (rate if n == 1 else None)
-        ratio = f"{rate / single:.2f}x" if single else "-"
-        cpu = [f"{1e3 * row['cpu'][name]:.2f}" if name in row["cpu"] else "-"
+    for n, rows in r["rounds"].items():
+        rates = [rate(row) for row in rows]
+        median = statistics.median(rates)
+        single = single or (median if n == 1 else None)
+        ratio = f"{median / single:.2f}x" if single else "-"
+        cpu = [f"{1e3 * statistics.median(row['cpu'][name] for row in rows):.2f}" if name in rows[0]["cpu"] else "-"
                for name in ("event loop", "engine thread")]
-        print(f"| {engine} | {n} | {rate:.1f} | {ratio} | {row['newcomer']:.3f} | {' | '.join(cpu)} |")
+        newcomer = statistics.median(row["newcomer"] for row in rows)
+        print(f"| {engine} | {n} | {median:.1f} ({', '.join(f'{x:.0f}' for x in rates)}) | {ratio} "
+              f"| {newcomer:.3f} | {' | '.join(cpu)} |")
+    for n, rows in r["rounds"].items():
+        steps = sum((row["steps"] for row in rows), Counter())
+        if steps["steps"]:
+            print(f"{engine}, {n} streams, engine loop: {step_time_table(steps)}")
     # On a GPU the batch's dense matmuls round differently from one row's (cuBLAS GEMM vs GEMV),
     # and with random weights a router near-tie then sends a token to another expert: replies part.
     print(f"{engine}: {r['exact']}/{EXACT_STREAMS} greedy replies (64 tokens) the same in a batch of "
