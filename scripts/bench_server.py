@@ -55,6 +55,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EXACT_STREAMS = 8  # greedy replies compared alone and in one batch
+STARTED_S = 0.5  # after every stream's first event, before the newcomer is sent
 sys.path.insert(0, str(ROOT))
 
 
@@ -232,8 +233,11 @@ class Client:
     def __init__(self, port: int, model: str):
         self.port, self.model = port, model
 
-    def stream(self, messages: list[dict], max_tokens: int, on_text=None) -> dict:
-        """One greedy streamed reply: its send, first-text and end times, token count and text."""
+    def stream(self, messages: list[dict], max_tokens: int, on_started=None) -> dict:
+        """One greedy streamed reply: its send, first-text and end times, token count and text.
+        ``on_started()`` is called at its first event (of any kind): random weights rarely write
+        a channel header, and ours then holds their text until the end (it does not know
+        whether it is reasoning or answer), so a first text can be the last event."""
         body = json.dumps({"model": self.model, "messages": messages, "max_tokens": max_tokens,
                            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
         sent = time.perf_counter()
@@ -256,6 +260,9 @@ class Client:
         for line in resp:
             if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
                 continue
+            if on_started:
+                on_started()
+                on_started = None
             data = json.loads(line[6:])
             usage = data.get("usage") or usage
             delta = data["choices"][0].get("delta", {}) if data.get("choices") else {}
@@ -265,8 +272,6 @@ class Client:
                 text += piece
                 if first is None:
                     first = time.perf_counter()
-                    if on_text:
-                        on_text()
         end = time.perf_counter()
         conn.close()
         tokens = usage["completion_tokens"] if usage else chunks
@@ -284,13 +289,15 @@ def user(text: str) -> list[dict]:
 
 
 def concurrent_streams(client: Client, prompts: list[list[dict]], tokens: int, while_running=None) -> list[dict]:
-    """The prompts' streams, all at once; ``while_running()`` is called once each has text."""
+    """The prompts' streams, all at once; ``while_running()`` is called once each has sent its
+    first event and then STARTED_S more have passed (every stream's prefill then done: a
+    newcomer then meets them decoding)."""
     results = [None] * len(prompts)
     started = threading.Semaphore(0)
 
     def one(i):
         try:
-            results[i] = client.stream(prompts[i], tokens, on_text=started.release)
+            results[i] = client.stream(prompts[i], tokens, on_started=started.release)
         except Exception as e:  # noqa: BLE001 - raised below, in the caller's thread
             results[i] = e
             started.release()
@@ -301,6 +308,7 @@ def concurrent_streams(client: Client, prompts: list[list[dict]], tokens: int, w
     if while_running:
         for _ in prompts:
             started.acquire(timeout=120)
+        time.sleep(STARTED_S)
         while_running()
     for t in threads:
         t.join()
