@@ -402,6 +402,9 @@ def bench(args) -> tuple[dict, dict]:
         for _ in range(args.rounds):
             for n in counts:
                 each(f"{n} streams", lambda engine, server: rounds[engine][n].append(server.round(n, args.tokens)))
+                print(f"round {len(next(iter(rounds.values()))[n]) if rounds else 0}, {n} streams: "
+                      + ", ".join(f"{engine} {rate(rs[n][-1]):.1f} tok/s" for engine, rs in rounds.items()
+                                  if engine in servers and rs[n]), flush=True)
         results = {engine: {"rounds": rounds[engine]} for engine in servers}
 
         def rest(engine, server):
