@@ -117,8 +117,25 @@ def _where() -> str:
     return f"hostfile {hostfile}" if hostfile else "backend " + (launched_backend() or "none")
 
 
+_dying = threading.Event()  # set by _die: the process is ending with its one line
+DYING_GRACE_S = 3.0  # how long a failure of the main thread waits to see if a peer's end explains it
+
+
+def _quiet_while_dying(hook):
+    """``sys.excepthook`` for a rank with a watchdog. When a peer goes, the main thread's
+    collective fails too, often a moment before the watchdog notices; its traceback would then
+    precede or interleave the watchdog's one line. So an uncaught exception first waits a moment
+    for _die: if the watchdog is ending the process, it stays silent and lets it."""
+    def excepthook(*exc_info):
+        if _dying.wait(DYING_GRACE_S):
+            threading.Event().wait()  # _die's os._exit ends the process
+        hook(*exc_info)
+    return excepthook
+
+
 def _die(message: str) -> None:
     """End the process from any thread, even while MLX waits in a collective."""
+    _dying.set()
     print(f"gptoss-mlx: error: {message}", file=sys.stderr, flush=True)
     # The one line is all: the main thread's collective fails too as the peer goes, and its
     # traceback, printed while this thread ends the process, would follow it half-written.
@@ -448,6 +465,7 @@ class Watchdog:
         except (OSError, IndexError) as e:
             raise DistributedError(f"rank {self.rank}: the heartbeat connection to the other ranks "
                                    f"failed ({e})") from None
+        sys.excepthook = _quiet_while_dying(sys.excepthook)
         for peer, conn in self.peers.items():
             threading.Thread(target=self._listen, args=(peer, conn), daemon=True,
                              name=f"gptoss-mlx-heartbeat-{peer}").start()
