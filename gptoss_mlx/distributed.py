@@ -126,10 +126,14 @@ def _quiet_while_dying(hook):
     collective fails too, often a moment before the watchdog notices; its traceback would then
     precede or interleave the watchdog's one line. So an uncaught exception first waits a moment
     for _die: if the watchdog is ending the process, it stays silent and lets it."""
+    if getattr(hook, "quiet_while_dying", False):  # installed already (another Watchdog)
+        return hook
+
     def excepthook(*exc_info):
         if _dying.wait(DYING_GRACE_S):
             threading.Event().wait()  # _die's os._exit ends the process
         hook(*exc_info)
+    excepthook.quiet_while_dying = True
     return excepthook
 
 

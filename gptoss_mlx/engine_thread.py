@@ -14,14 +14,14 @@ from their own threads: the CLI's main thread, the TUI's workers, or a server's 
         ...
 
 Work submitted from the engine thread itself runs inline, so code that already runs there can
-use the same calls.
+use the same calls. The thread is a daemon that is joined at interpreter exit. A stream that is
+still running stops at its next item, so exit never tears MLX down under a running step.
 
 Starting the engine thread lowers the interpreter's GIL switch interval to ``SWITCH_INTERVAL_S``
 (if it is higher). Decoding is host-bound: each token's step is Python building a graph, and when
 a front end's thread (a server's event loop, the TUI) holds the GIL, the engine thread waiting
 for it gets it only when that thread blocks or after the switch interval, 5 ms by default: as
-long as a token's step (docs/measurements.md: through the server, on the GPU machine). The thread is a daemon that is joined at interpreter exit. A stream that is
-still running stops at its next item, so exit never tears MLX down under a running step.
+long as a token's step (docs/measurements.md: through the server, on the GPU machine).
 """
 
 from __future__ import annotations

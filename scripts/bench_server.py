@@ -67,11 +67,9 @@ def free_port() -> int:
 
 def serve_ours(model_dir: str, port: int, max_context: int, max_concurrency: int) -> None:
     """The server process for ``ours`` (what `gptoss-mlx serve` builds, without the CLI)."""
-    import uvicorn
-
     from gptoss_mlx.generate import Engine
     from gptoss_mlx.loading import load
-    from gptoss_mlx.server import Scheduler, Service, create_app
+    from gptoss_mlx.server import Scheduler, Service, serve
 
     from gptoss_mlx.engine_thread import engine_thread
 
@@ -85,9 +83,7 @@ def serve_ours(model_dir: str, port: int, max_context: int, max_concurrency: int
         report_step_times(time_steps(scheduler), Path(os.environ["BENCH_STEP_TIMES"]))
     # the engine thread's id, for the parent's per-thread CPU accounting
     tid_file(port).write_text(str(engine_thread().call(threading.get_native_id)))
-    # BENCH_HTTP=h11: uvicorn's pure-Python HTTP parser instead of httptools (a before/after)
-    uvicorn.run(create_app(service), host="127.0.0.1", port=port, log_level="warning",
-                http=os.environ.get("BENCH_HTTP", "auto"))
+    serve(service, "127.0.0.1", port)
 
 
 def apply_switch_interval() -> None:

@@ -121,6 +121,12 @@ def test_ranks_chat_as_one_process(n, checkpoint, one_process, tmp_path):
         assert part["peak"] < sum(full.values())
 
 
+def test_the_quiet_excepthook_is_installed_once():
+    # each Watchdog installs it; a second layer would make a real failure wait twice as long
+    once = distributed._quiet_while_dying(sys.excepthook)
+    assert distributed._quiet_while_dying(once) is once and once is not sys.excepthook
+
+
 @pytest.mark.parametrize("killed", [1, 0])
 def test_a_killed_rank_stops_the_others(killed, checkpoint, tmp_path):
     """gptoss-mlx serve on two ranks: rank 0 waits for requests, rank 1 inside a collective.
