@@ -11,8 +11,9 @@ of expert ids. The bytes are the checkpoint's own, so the logits equal the resid
 How the bytes reach a slot (``transfer``, the first that works, checked once per pool by
 writing a pattern and reading it back through MLX): ``host`` copies each missing expert from the
 mapped file straight into the slot's memory through a numpy view of the pool (unified memory on
-a Mac, the CPU: that copy is the whole transfer); ``cuda`` does the same with ``cudaMemcpy``
-(MLX-CUDA's memory is managed: a host write would reach the GPU by page faults); ``mlx``, where
+a Mac, the CPU: that copy is the whole transfer); ``cuda`` does the same by DMA with the CUDA
+driver's ``cuMemcpyAsync`` from the checkpoint's files, page-locked (MLX-CUDA's memory is managed:
+a host write would reach the GPU by page faults; see :class:`CudaDriver`); ``mlx``, where
 the pool's memory cannot be written from the host, stages each expert in an MLX array and copies
 it into the pool on the device. Writing the pool in place is safe because nothing that reads it
 is still to run: a layer's slots are written right after its routing is read back, which waited
@@ -33,6 +34,7 @@ import mmap
 import os
 import sys
 import time
+import weakref
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
@@ -48,7 +50,7 @@ EXPERT_TENSORS = ("gate_up_proj.weight", "gate_up_proj.scales", "gate_up_proj.bi
                   "down_proj.weight", "down_proj.scales", "down_proj.bias")
 POLICIES = ("lru", "lfu", "decay")
 TRANSFERS = ("cuda", "host", "mlx")  # tried in this order
-CUDA_MEMCPY_DEFAULT = 4  # cudaMemcpyKind: the direction from the pointers (unified addressing)
+PIN_SHARE = 0.5  # of the machine's RAM: the most checkpoint bytes the cuda transfer page-locks
 LOAD_BATCH = 16  # experts staged per copy into the pool: bounds the staging memory (~210 MB)
 
 
@@ -75,6 +77,21 @@ class ExpertSource:
             if t.file not in self._maps:
                 with open(t.file, "rb") as f:
                     self._maps[t.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def pin(self, driver: CudaDriver, budget: int) -> int:
+        """Page-lock whole files for ``driver``'s DMA, in order, while their sizes stay within
+        ``budget`` bytes (reading them in now if the page cache lacks them); the bytes locked.
+        Unlocked when this source is collected."""
+        pinned, locked = [], 0
+        for mapped in self._maps.values():
+            if locked + mapped.size() <= budget:
+                buffer = np.frombuffer(mapped, dtype=np.uint8)
+                if driver.pin(buffer):
+                    pinned.append(buffer)
+                    locked += buffer.nbytes
+        if pinned:
+            weakref.finalize(self, driver.unpin, pinned).atexit = False  # the process's end unlocks
+        return locked
 
     def will_need(self, layer: int, experts) -> None:
         """Ask the OS to start reading these experts now (in parallel, from a cold page cache)."""
@@ -112,36 +129,61 @@ def host_view(array: mx.array) -> np.ndarray:
     return np.array(array, copy=False).reshape(len(array), -1).view(np.uint8)
 
 
-def cuda_memcpy():
-    """A host-to-slot copy through ``cudaMemcpy`` of the CUDA runtime this process has loaded
-    (MLX's CUDA backend), or None (a Mac, the CPU, a runtime linked in statically).
+class CudaDriver:
+    """The CUDA driver this process has loaded (MLX's CUDA backend links its runtime statically
+    and loads ``libcuda``), for the ``cuda`` transfer; ``find()`` gives None on a Mac or the CPU.
 
     Why: MLX-CUDA allocates with ``cudaMallocManaged``. Bytes written through a host view reach
-    the GPU by page faults at its first touch (1.9-2.2 GB/s on an H200 machine), after the write
-    itself has faulted the slot's GPU-resident pages back to the host. ``cudaMemcpy`` from the
-    mapped checkpoint into the slot's managed pointer moves them in one bulk copy instead."""
-    if sys.platform != "linux" or mx.default_device() != mx.gpu:
-        return None
-    with open("/proc/self/maps") as maps:
-        path = next((line.split()[-1] for line in maps if "/libcudart.so" in line), None)
-    if path is None:
-        return None
-    try:
-        cudart = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)  # the loaded one, never another
-        memcpy, sync = cudart.cudaMemcpy, cudart.cudaStreamSynchronize
-    except (OSError, AttributeError):
-        return None
-    memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    sync.argtypes = [ctypes.c_void_p]
+    the GPU by page faults at its first touch (about 2 GB/s on an H200 machine, after the write
+    has faulted the slot's GPU-resident pages back to the host). ``cuMemcpyAsync`` from the mapped
+    checkpoint into the slot's managed pointer moves them by DMA instead: 6.9 GB/s from pageable
+    memory, 45 GB/s from page-locked memory, so the checkpoint's files are page-locked first
+    (:meth:`pin`, read-only) within a share of the machine's RAM (docs/measurements.md)."""
 
-    def copy(dst: np.ndarray, src: np.ndarray) -> None:
-        # From pageable memory cudaMemcpy may return before its DMA lands: wait for it, so that
-        # MLX's stream (which need not order itself after the legacy stream) reads the new bytes.
-        error = memcpy(dst.ctypes.data, src.ctypes.data, src.nbytes, CUDA_MEMCPY_DEFAULT) or sync(None)
-        if error:
-            raise OSError(f"cudaMemcpy into the expert pool failed: cudaError {error}")
+    READ_ONLY = 0x08  # CU_MEMHOSTREGISTER_READ_ONLY
 
-    return copy
+    @classmethod
+    def find(cls) -> "CudaDriver | None":
+        if sys.platform != "linux" or mx.default_device() != mx.gpu:
+            return None
+        with open("/proc/self/maps") as maps:
+            path = next((line.split()[-1] for line in maps if "/libcuda.so" in line), None)
+        try:
+            return cls(ctypes.CDLL(path, mode=os.RTLD_NOLOAD)) if path else None  # the loaded one
+        except (OSError, AttributeError):
+            return None
+
+    def __init__(self, lib: ctypes.CDLL):
+        def function(name, *argtypes):
+            f = getattr(lib, name)
+            f.argtypes, f.restype = list(argtypes), ctypes.c_int
+            return f
+
+        pointer, size = ctypes.c_void_p, ctypes.c_size_t
+        self._memcpy = function("cuMemcpyAsync", ctypes.c_uint64, ctypes.c_uint64, size, pointer)
+        self._synchronize = function("cuStreamSynchronize", pointer)
+        self._register = function("cuMemHostRegister_v2", pointer, size, ctypes.c_uint)
+        self._unregister = function("cuMemHostUnregister", pointer)
+
+    def copy(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """Queue ``src``'s bytes into ``dst`` (a slot's managed memory); :meth:`finish` waits."""
+        if error := self._memcpy(dst.ctypes.data, src.ctypes.data, src.nbytes, None):
+            raise OSError(f"cuMemcpyAsync into the expert pool failed: CUresult {error}")
+
+    def finish(self) -> None:
+        """Wait for the copies queued (on the legacy stream, which MLX's streams need not wait
+        for): MLX then reads the new bytes."""
+        if error := self._synchronize(None):
+            raise OSError(f"waiting for the expert pool's copies failed: CUresult {error}")
+
+    def pin(self, buffer: np.ndarray) -> bool:
+        """Page-lock ``buffer`` (a mapped file, from its first page) for DMA; False if refused."""
+        length = -(-buffer.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE  # the mapping's whole last page
+        return self._register(buffer.ctypes.data, length, self.READ_ONLY) == 0
+
+    def unpin(self, buffers: list[np.ndarray]) -> None:
+        for buffer in buffers:
+            self._unregister(buffer.ctypes.data)
 
 
 @dataclass
@@ -199,6 +241,7 @@ class ExpertPool:
         self.score = np.full(slots, -np.inf)  # eviction takes the lowest; free slots first
         self.clock = 0
         self.stats = PoolStats()
+        self.pinned_bytes = 0  # of the checkpoint, page-locked for the cuda transfer
         self.set_transfer(transfer)
 
     def set_policy(self, policy: str, half_life: float = 32.0) -> None:
@@ -223,13 +266,14 @@ class ExpertPool:
         raise ValueError(f"the {transfer} transfer does not reach the expert pool on {mx.default_device()}")
 
     def _host_copy(self, transfer: str) -> bool:
-        """Set up the ``host`` or ``cuda`` transfer (``self._copy(dst, src)`` into
-        ``self._views``) and say whether it works here: if the pool holds the checkpoint's bytes
-        (no cast), and a pattern it writes into slot 0 of each of the pool's arrays is what the
-        device then reads there."""
-        copy = cuda_memcpy() if transfer == "cuda" else np.copyto
-        if copy is None:
+        """Set up the ``host`` or ``cuda`` transfer (``self._copy(dst, src)`` and
+        ``self._finish()``, the views in ``self._views``) and say whether it works here: if the
+        pool holds the checkpoint's bytes (no cast), and a pattern it writes into slot 0 of each
+        of the pool's arrays is what the device then reads there."""
+        driver = CudaDriver.find() if transfer == "cuda" else None
+        if transfer == "cuda" and driver is None:
             return False
+        copy, finish = (driver.copy, driver.finish) if driver else (np.copyto, lambda: None)
         try:
             views = {name: host_view(self._array(name)) for name in EXPERT_TENSORS}
             for name, view in views.items():
@@ -239,12 +283,16 @@ class ExpertPool:
                     return False  # the pool holds a cast of the checkpoint's bytes
                 pattern = (np.arange(view.shape[1]) * 7 + 1).astype(np.uint8)
                 copy(view[0], pattern)
+                finish()
                 device = self._array(name)[0].view(mx.uint8).flatten()
                 if not mx.array_equal(device, mx.array(pattern)).item():
                     return False  # the view was a copy: the pool never saw the write
         except (ValueError, TypeError, BufferError, OSError):  # no view of MLX's memory, or no copy
             return False
-        self._copy, self._views = copy, views
+        if driver and not self.pinned_bytes:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            self.pinned_bytes = self.source.pin(driver, int(PIN_SHARE * ram))
+        self._copy, self._finish, self._views = copy, finish, views
         return True
 
     def _array(self, name: str) -> mx.array:
@@ -317,6 +365,7 @@ class ExpertPool:
         for expert, slot in zip(missing, victims):
             for name in EXPERT_TENSORS:
                 self._copy(self._views[name][slot], self.source.raw(layer, name, int(expert)))
+        self._finish()
         elapsed = time.perf_counter() - t0
         if self.transfer == "cuda":  # read and migrated in one copy
             self.stats.migrate_s += elapsed

@@ -88,6 +88,64 @@ def test_the_pool_is_written_through_host_memory_where_the_bytes_are_the_checkpo
         pool.set_transfer("disk")
 
 
+class QueuedCopies:
+    """A stand-in for the CUDA driver on the CPU: copies land only when ``finish`` is called
+    (as DMA on a stream does), and page-locking is recorded (or refused)."""
+
+    def __init__(self, pins: bool):
+        self.pins, self.queued, self.pinned, self.unpinned = pins, [], [], []
+
+    def copy(self, dst, src):
+        self.queued.append((dst, np.array(src)))
+
+    def finish(self):
+        for dst, src in self.queued:
+            np.copyto(dst, src)
+        self.queued.clear()
+
+    def pin(self, buffer):
+        if self.pins:
+            self.pinned.append(buffer.nbytes)
+        return self.pins
+
+    def unpin(self, buffers):
+        self.unpinned += [b.nbytes for b in buffers]
+
+
+@pytest.mark.parametrize("pins", [True, False])
+def test_the_cuda_transfer_waits_for_its_copies_and_page_locks_the_checkpoint(checkpoints, monkeypatch, pins):
+    """Where the CUDA driver is found, the pool copies by DMA from the page-locked files: the
+    copies are queued and waited for once per layer, before the layer computes; a driver that
+    refuses to page-lock still copies (from pageable memory)."""
+    import gc
+
+    from gptoss_mlx import expert_pool
+
+    driver = QueuedCopies(pins)
+    monkeypatch.setattr(expert_pool.CudaDriver, "find", classmethod(lambda cls: driver))
+    resident, pooled = load_model(checkpoints["hf"]), streamed(checkpoints["hf"], 8)
+    pool = pooled.expert_pool
+    files = sum(f.stat().st_size for f in checkpoints["hf"].glob("*.safetensors"))
+    assert pool.transfer == "cuda" and pool.pinned_bytes == (files if pins else 0)
+    caches = resident.make_cache(), pooled.make_cache()
+    for chunk in [PROMPT[:20], [5], [77], [301], [12]]:
+        a, b = (m(mx.array([chunk]), cache=c) for m, c in zip((resident, pooled), caches))
+        np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
+    assert pool.stats.misses > 8 and not driver.queued
+    del pooled, pool
+    gc.collect()
+    assert driver.unpinned == driver.pinned  # a collected pool unlocks what it locked
+
+
+def test_the_cuda_transfer_page_locks_only_within_its_share_of_memory(checkpoints, monkeypatch):
+    from gptoss_mlx import expert_pool
+
+    driver = QueuedCopies(pins=True)
+    monkeypatch.setattr(expert_pool.CudaDriver, "find", classmethod(lambda cls: driver))
+    monkeypatch.setattr(expert_pool, "PIN_SHARE", 1e-12)
+    assert streamed(checkpoints["hf"], 8).expert_pool.pinned_bytes == 0 and driver.pinned == []
+
+
 def test_a_host_view_that_copies_is_detected_and_mlx_writes_the_pool(checkpoints, monkeypatch):
     """If numpy's view of the pool ever stopped being the pool's own memory (a silent copy),
     writes through it would never reach the device: the pool notices when it sets up, uses
