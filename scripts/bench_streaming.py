@@ -7,8 +7,10 @@
 
 Each row runs in its own process (its peak memory is its own): the memory plan for the limit
 (``memory.choose_plan`` at 32768 tokens of context, as the front ends plan), the model loaded
-that way, ``mx.set_memory_limit(limit)``, then a ``--prompt``-token prefill and ``--tokens``
-greedy decode tokens after a 128-token prompt. ``warm``: the checkpoint's files are read once
+that way, ``mx.set_memory_limit(limit)``, a warm-up (a fresh process compiles its kernels on its
+first passes), then a ``--prompt``-token prefill and ``--tokens`` greedy decode tokens after a
+128-token prompt; each row's greedy tokens are compared with the resident row's (the same bytes
+must make the same tokens). ``warm``: the checkpoint's files are read once
 first, so the page cache holds them; ``dropped``: the page cache is emptied first (root:
 ``echo 3 > /proc/sys/vm/drop_caches``, else ``posix_fadvise(DONTNEED)`` on each file); a row
 whose plan keeps everything resident runs warm only. ``--sync-row`` adds a row with all but one
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -97,6 +100,12 @@ def row_plan(config, limit_gb: float, scale_to: str | None, slots: str | None, d
     return p, limit_gb * GB
 
 
+def progress(what: str, t0: float = time.perf_counter()) -> None:
+    """A row's progress on stderr (its parent passes it through): a row cut short by a time
+    limit still says how far it got."""
+    print(f"  [{time.perf_counter() - t0:6.1f}s] {what}", file=sys.stderr, flush=True)
+
+
 def run_row(args) -> dict:
     """One row, in this process (on the engine thread, where all MLX work belongs)."""
     import mlx.core as mx
@@ -107,7 +116,9 @@ def run_row(args) -> dict:
 
     config = read_config(args.dir)
     memory_plan, limit = row_plan(config, args.limit, args.scale_to, args.slots, args.dense_bits)
+    progress(f"plan: {memory_plan.arrangement}; page cache: {args.cache}")
     how = drop_page_cache(args.dir) if args.cache == "dropped" else warm_page_cache(args.dir)
+    progress("loading")
     mx.set_memory_limit(int(limit))
     mx.reset_peak_memory()
     t0 = time.perf_counter()
@@ -118,6 +129,8 @@ def run_row(args) -> dict:
         model.expert_pool.set_transfer(args.transfer)
     load_s = time.perf_counter() - t0
     pool = model.expert_pool
+    progress(f"loaded in {load_s:.1f}s" + (f"; transfer {pool.transfer}, {pool.slots} slots, "
+                                           f"{pool.pinned_bytes / 1e9:.1f} GB page-locked" if pool else ""))
     stats = pool.stats if pool else PoolStats()
 
     def delta(before: PoolStats, n: int) -> dict:
@@ -126,29 +139,46 @@ def run_row(args) -> dict:
                 "transfer_gbps": d.transfer_gbps, "read_ms_per_token": d.read_s / n * 1e3,
                 "migrate_ms_per_token": d.migrate_s / n * 1e3, "readback_ms_per_token": d.readback_s / n * 1e3}
 
+    # Warm-up: a fresh process's first passes compile (and on CUDA load) their kernels.
+    list(Engine(model, max_context=CONTEXT).generate(random_prompt(args.prompt, PROMPT_SEED + 2),
+                                                     SamplingParams(temperature=0, max_tokens=3),
+                                                     stop_tokens=frozenset()))
+    progress("warmed up")
     greedy = SamplingParams(temperature=0, max_tokens=1)
     engine = Engine(model, max_context=CONTEXT)
     before = replace(stats)
     list(engine.generate(random_prompt(args.prompt, PROMPT_SEED), greedy, stop_tokens=frozenset()))
+    progress(f"prefill of {args.prompt} tokens: {engine.stats.ttft_s:.1f}s")
     prefill = {"prefill_tps": args.prompt / engine.stats.ttft_s, **{
         f"prefill_{k}": v for k, v in delta(before, args.prompt).items()}}
     engine = Engine(model, max_context=CONTEXT)
     prompt = random_prompt(128, PROMPT_SEED + 1)
     engine.prefill(prompt)
     before = replace(stats)
-    list(engine.generate(prompt, SamplingParams(temperature=0, max_tokens=args.tokens),
-                         stop_tokens=frozenset()))
+    tokens = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=args.tokens),
+                             stop_tokens=frozenset())
+    made = []
+    for n, token in enumerate(tokens, 1):
+        made.append(token)
+        if n % 8 == 0:
+            progress(f"{n} tokens; " + (stats.since(before).summary() if pool else "resident"))
     decode = delta(before, args.tokens)
+    progress(f"decode: {engine.stats.decode_tps:.1f} tok/s")
     compute_ms = 1e3 / engine.stats.decode_tps - decode["read_ms_per_token"] - decode["migrate_ms_per_token"]
     return {"arrangement": memory_plan.arrangement, "planned_gb": memory_plan.total / 1e9,
             "limit_gb": limit / 1e9, "cache": how, "policy": pool.policy if pool else "-",
             "transfer": pool.transfer if pool else "-", "load_s": load_s,
             "decode_tps": engine.stats.decode_tps, **decode, "compute_ms_per_token": compute_ms,
-            **prefill, "peak_gb": mx.get_peak_memory() / 1e9}
+            **prefill, "peak_gb": mx.get_peak_memory() / 1e9, "tokens": made}
 
 
 def child(args) -> int:
+    import faulthandler
+    import signal
+
     from gptoss_mlx.engine_thread import engine_thread
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where a row that ran too long was
 
     print("ROW " + json.dumps(engine_thread().call(run_row, args)), flush=True)
     return 0
@@ -171,6 +201,7 @@ def main() -> int:
                     help="add a row with all but one expert in the pool (the per-layer read-back alone)")
     ap.add_argument("--prompt", type=int, default=1024, help="prefill prompt tokens")
     ap.add_argument("--tokens", type=int, default=48, help="decode tokens")
+    ap.add_argument("--row-timeout", type=float, default=None, help="seconds a row may take")
     # one row, in a child process
     ap.add_argument("--limit", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--slots", default=None, help=argparse.SUPPRESS)
@@ -212,24 +243,36 @@ def main() -> int:
                             ("--dense-bits", args.dense_bits)):
             if value:
                 cmd += [flag, str(value)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("ROW ")), None)
+        print(f"row {row}", flush=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)  # its progress: our stderr
+        try:
+            out, _ = proc.communicate(timeout=args.row_timeout)
+        except subprocess.TimeoutExpired:
+            print(f"row {row} took more than {args.row_timeout:g}s: stopped; where it was:", flush=True)
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            proc.kill()
+            proc.communicate()
+            continue
+        line = next((x for x in out.splitlines() if x.startswith("ROW ")), None)
         if line is None:
-            print(f"row {row} failed:\n{proc.stderr[-3000:]}", flush=True)
+            print(f"row {row} failed (exit {proc.returncode})", flush=True)
             continue
         result = {**row, **json.loads(line[4:])}
         results.append(result)
-        print(json.dumps(result), flush=True)
+        print(json.dumps({k: v for k, v in result.items() if k != "tokens"}), flush=True)
 
-    resident = next((r["decode_tps"] for r in results if "everything resident" in r["arrangement"]
-                     and r.get("slots") is None), None)
+    resident_row = next((r for r in results if "everything resident" in r["arrangement"]
+                         and r.get("slots") is None), None)
+    resident = resident_row and resident_row["decode_tps"]
     print(f"\ndevice: {mx.default_device()}, MLX {mx.__version__}, checkpoint {args.dir}; "
           f"prefill {args.prompt} tokens, decode {args.tokens} greedy tokens after 128; plans for "
           f"{CONTEXT} tokens of context")
     print("| limit (GB) | arrangement | page cache | policy | transfer | decode tok/s | % of resident "
           "| hit rate | MB read/token | transfer GB/s | read ms/token | migrate ms/token "
-          "| compute ms/token | of which read-back | prefill tok/s | prefill MB/token | peak GB |")
-    print("|" + "---|" * 17)
+          "| compute ms/token | of which read-back | prefill tok/s | prefill MB/token | peak GB "
+          "| greedy tokens as resident |")
+    print("|" + "---|" * 18)
     for r in results:
         share = f"{100 * r['decode_tps'] / resident:.0f}%" if resident else "-"
         limit = "-" if r.get("slots") else f"{r['limit_gb']:.2f}"
@@ -239,8 +282,18 @@ def main() -> int:
               f"| {r['decode_tps']:.1f} | {share} | {r['hit_rate']:.1%} | {r['mb_per_token']:.1f} "
               f"| {r['transfer_gbps']:.1f} | {r['read_ms_per_token']:.1f} | {r['migrate_ms_per_token']:.1f} "
               f"| {r['compute_ms_per_token']:.1f} | {r['readback_ms_per_token']:.1f} "
-              f"| {r['prefill_tps']:.0f} | {r['prefill_mb_per_token']:.1f} | {r['peak_gb']:.2f} |")
+              f"| {r['prefill_tps']:.0f} | {r['prefill_mb_per_token']:.1f} | {r['peak_gb']:.2f} "
+              f"| {same_tokens(r, resident_row)} |")
     return 0
+
+
+def same_tokens(row: dict, resident: dict | None) -> str:
+    """Whether the row's greedy decode made the resident row's tokens (exactness: the same bytes)."""
+    if resident is None:
+        return "-"
+    a, b = row["tokens"], resident["tokens"]
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return "yes" if a == b else f"no: the first {same} of {len(b)}"
 
 
 if __name__ == "__main__":
