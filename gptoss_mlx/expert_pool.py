@@ -193,7 +193,7 @@ class PoolStats:
     misses: int = 0  # ... read from the checkpoint
     bytes_read: int = 0
     read_s: float = 0.0  # copying from the checkpoint into host memory: the pool's, or staging
-    migrate_s: float = 0.0  # moving it into the device's pool: MLX's copy, or cudaMemcpy
+    migrate_s: float = 0.0  # moving it into the device's pool: MLX's copy, or the CUDA driver's DMA
     readback_s: float = 0.0  # waiting for each layer's routing (the GPU's work up to it)
 
     @property

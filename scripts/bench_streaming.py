@@ -21,7 +21,7 @@ every device can do, the way before host writes).
 
 Per decode token, the time splits into ``read`` (copying experts from the checkpoint into host
 memory: the pool's own, or MLX's staging), ``migrate`` (moving them into the device's pool: MLX's
-copy, or cudaMemcpy; nothing where the pool is host memory, as on a Mac) and ``compute`` (the
+copy, or the CUDA driver's DMA; nothing where the pool is host memory, as on a Mac) and ``compute`` (the
 rest, including ``read-back``: waiting for each layer's routing, which on CUDA also pays for
 pages that migrate by faults); transfer GB/s is the bytes read over read + migrate.
 

@@ -76,7 +76,7 @@ def test_greedy_tokens_equal_over_several_turns_with_the_prompt_cache(models):
 
 def test_the_pool_is_written_through_host_memory_where_the_bytes_are_the_checkpoints(checkpoints):
     """On the CPU (as on a Mac) the pool's memory is the host's: bf16 pools are written by one
-    copy from the mapped file; a float32 pool holds cast biases, so MLX writes it; cudaMemcpy
+    copy from the mapped file; a float32 pool holds cast biases, so MLX writes it; the CUDA driver
     is never taken off a CUDA device."""
     assert streamed(checkpoints["hf"], 8).expert_pool.transfer == "host"
     pool = streamed(checkpoints["hf"], 8, mx.float32).expert_pool

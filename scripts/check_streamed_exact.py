@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Streamed experts must compute exactly what resident ones do: logits of a model whose experts
+stream through a pool, bit for bit against the resident model, per pass length and transfer;
+then MLX's gather alone, the same experts in a larger weight array (a pool holds more slots than
+a layer has experts), to find where a difference comes from.
+
+    python3 -m gptoss_mlx.testing.checkpoints /tmp/x20 --preset 20b --layers 2
+    python3 scripts/check_streamed_exact.py /tmp/x20 [--lengths 1,8,16,17,24,32,48,128]
+
+On the CPU every case is bit-identical (tests/test_streaming.py). On the H200 (2026-12-02) a
+32-token pass differed with both transfers while 24 and 48 did not (docs/measurements.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from gptoss_mlx.kernels.moe import random_experts
+from gptoss_mlx.loading import load_model, read_config
+from gptoss_mlx.memory import plan
+
+
+def differing(a: mx.array, b: mx.array) -> str:
+    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+    return f"{int((a != b).sum())} of {a.size} differ (max {float(np.abs(a - b).max()):.3g})"
+
+
+def models(directory: Path, extra_slots: int):
+    config = read_config(directory)
+    resident = load_model(directory)
+    streamed = {}
+    for transfer in ("host", "cuda", "mlx"):
+        model = load_model(directory, memory_plan=plan(config, 64, 16, 1e12,
+                                                       expert_slots=config.num_local_experts + extra_slots))
+        try:
+            model.expert_pool.set_transfer(transfer)
+        except ValueError:
+            continue  # not on this device
+        streamed[transfer] = model
+    return config, resident, streamed
+
+
+def gather_alone(config, lengths: list[int], pool_sizes: list[int]) -> None:
+    """One gate/up projection through mx.gather_qmm (sorted rows, as a prefill chunk's): the
+    layer's experts alone, and the same experts as the first of a larger array."""
+    E, k, D, N = config.num_local_experts, config.num_experts_per_tok, config.hidden_size, 2 * config.intermediate_size
+    w, scales, _ = random_experts(mx.random.key(0), E, N, D, mx.bfloat16)
+    for slots in pool_sizes:
+        reps = -(-slots // E)
+        w_pool, s_pool = mx.concatenate([w] * reps)[:slots], mx.concatenate([scales] * reps)[:slots]
+        for T in lengths:
+            if T * k < 64:
+                continue  # the model sorts only from 64 rows
+            x = mx.random.normal((T * k, 1, 1, D), key=mx.random.key(T)).astype(mx.bfloat16)
+            idx = mx.sort(mx.random.randint(0, E, (T * k,), key=mx.random.key(T + 1)).astype(mx.uint32))
+            out = [mx.gather_qmm(x, ws, ss, None, rhs_indices=idx, transpose=True, group_size=32, bits=4,
+                                 mode="mxfp4", sorted_indices=True) for ws, ss in ((w, scales), (w_pool, s_pool))]
+            print(f"gather_qmm, {T} tokens, {E} experts vs the same in {slots} slots: {differing(*out)}", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dir", type=Path)
+    ap.add_argument("--lengths", default="1,8,16,17,24,32,48,128")
+    ap.add_argument("--extra-slots", type=int, default=8, help="pool slots beyond one layer's experts")
+    args = ap.parse_args()
+    lengths = [int(n) for n in args.lengths.split(",")]
+    config, resident, streamed = models(args.dir, args.extra_slots)
+    print(f"device {mx.default_device()}, MLX {mx.__version__}; transfers {', '.join(streamed)}")
+    rng = np.random.default_rng(0)
+    for T in lengths:
+        ids = mx.array(rng.integers(1000, min(190000, config.vocab_size), (1, T)))
+        reference = resident(ids)
+        again = differing(reference, resident(ids))
+        print(f"{T} tokens: resident again {again}; "
+              + "; ".join(f"{name} {differing(reference, m(ids))}" for name, m in streamed.items()), flush=True)
+    E = config.num_local_experts
+    gather_alone(config, lengths, [E + args.extra_slots, 17 * E, 47 * E])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
