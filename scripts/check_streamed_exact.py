@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Streamed experts must compute exactly what resident ones do: logits of a model whose experts
 stream through a pool, bit for bit against the resident model, per pass length and transfer;
-then MLX's gather alone, the same experts in a larger weight array (a pool holds more slots than
-a layer has experts), to find where a difference comes from.
+each pass again layer by layer to find the first part that differs; then MLX's gather alone, the
+same experts in a larger weight array (a pool holds more slots than a layer has experts).
 
     python3 -m gptoss_mlx.testing.checkpoints /tmp/x20 --preset 20b --layers 2
     python3 scripts/check_streamed_exact.py /tmp/x20 [--lengths 1,8,16,17,24,32,48,128]
@@ -44,6 +44,32 @@ def models(directory: Path, extra_slots: int):
     return config, resident, streamed
 
 
+def first_difference(resident, streamed, ids: mx.array) -> str:
+    """Where a pass first differs: each layer run on both models from the same input, its parts
+    compared (attention, the add + norm, the routing, the experts' output)."""
+    from gptoss_mlx import kernels
+
+    x = resident.embed_tokens(ids)
+    for i, (a, b) in enumerate(zip(resident.layers, streamed.layers)):
+        parts = {}
+        for name, layer in (("resident", a), ("streamed", b)):
+            attn = layer.self_attn(layer.input_layernorm(x), None)
+            norm = layer.post_attention_layernorm
+            h, normed, routing = kernels.add_rms_norm_route(x, attn, norm.weight, norm.eps, layer.mlp.router,
+                                                            layer.mlp.top_k)
+            flat = normed.reshape(-1, normed.shape[-1])
+            indices, weights = routing or kernels.route(flat, layer.mlp.router, layer.mlp.top_k)
+            out = layer.mlp(normed, residual=h, routing=(indices, weights))
+            parts[name] = {"attention": attn, "add+norm": normed, "expert ids": indices,
+                           "routing weights": weights, "block output": out}
+        for part in parts["resident"]:
+            u, v = parts["resident"][part], parts["streamed"][part]
+            if not mx.array_equal(u, v).item():
+                return f"layer {i}, {part}: {differing(u, v)}"
+        x = parts["resident"]["block output"]
+    return "no layer differs"
+
+
 def gather_alone(config, lengths: list[int], pool_sizes: list[int]) -> None:
     """One gate/up projection through mx.gather_qmm (sorted rows, as a prefill chunk's): the
     layer's experts alone, and the same experts as the first of a larger array."""
@@ -78,6 +104,8 @@ def main() -> int:
         again = differing(reference, resident(ids))
         print(f"{T} tokens: resident again {again}; "
               + "; ".join(f"{name} {differing(reference, m(ids))}" for name, m in streamed.items()), flush=True)
+        for name, m in streamed.items():
+            print(f"   {name}: {first_difference(resident, m, ids)}", flush=True)
     E = config.num_local_experts
     gather_alone(config, lengths, [E + args.extra_slots, 17 * E, 47 * E])
     return 0
