@@ -40,6 +40,13 @@ class MemoryPlanError(RuntimeError):
         self.smallest_limit = smallest_limit
 
 
+def size(n: float) -> str:
+    """Bytes for a person: "3.3 GB", "420 MB", "12 KB"."""
+    if n >= 0.1 * GB:
+        return f"{n / GB:.1f} GB" if n >= GB else f"{n / GB:.2f} GB"
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
+
+
 def parse_size(text: str) -> float:
     """Bytes of a size such as ``10GB``, ``8.5G``, ``800MB`` or ``12GiB`` (a bare number is GB)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kKmMgGtT])(i?))?[bB]?\s*", str(text))
@@ -207,8 +214,8 @@ def choose_plan(config: ModelConfig, context: int, dense_bits: int | None = None
     if context > 4096 and shorter.fits:
         fix += ", or a shorter --max-context (4096 fits)"
     raise MemoryPlanError(
-        f"the model will not fit in {limit / GB:.1f} GB ({source}), not even with its experts "
-        f"streamed: dense layers ({bits}-bit) {smallest.dense / GB:.1f} GB + one layer's "
-        f"{config.num_local_experts} experts {smallest.experts / GB:.2f} GB + KV cache "
-        f"{smallest.kv_cache / GB:.2f} GB ({context} tokens) + working {smallest.working / GB:.1f} GB. "
+        f"the model will not fit in {size(limit)} ({source}), not even with its experts "
+        f"streamed: dense layers ({bits}-bit) {size(smallest.dense)} + one layer's "
+        f"{config.num_local_experts} experts {size(smallest.experts)} + KV cache "
+        f"{size(smallest.kv_cache)} ({context} tokens) + working {size(smallest.working)}. "
         f"The smallest limit that works is {need:.1f} GB: {fix}", need * GB)
