@@ -7,6 +7,7 @@ import errno
 import gzip
 import json
 import os
+import re
 import stat
 import sys
 import zlib
@@ -83,6 +84,9 @@ def parse_json(raw: bytes):
         raise JSONProblem(f"not valid JSON (a number of more than {digits} digits)") from None
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what strict UTF-8 cannot encode
+
+
 def lone_surrogate_problem(data) -> str | None:
     """Which field of parsed JSON (``messages[2].content``) holds a lone surrogate (a ``\\ud800``
     escape in a key or text), which no terminal can print and no file can store as UTF-8; None
@@ -91,7 +95,7 @@ def lone_surrogate_problem(data) -> str | None:
     while stack:
         v, where = stack.pop()
         if isinstance(v, str):
-            if any("\ud800" <= ch <= "\udfff" for ch in v):
+            if LONE_SURROGATE.search(v):
                 return (f"{where or 'the file'} holds a lone surrogate (a \\ud800-\\udfff "
                         "escape), which is not text")
         elif isinstance(v, dict):

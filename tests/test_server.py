@@ -233,6 +233,71 @@ def test_a_disconnect_frees_its_slot_and_a_full_server_answers_429(tiny):
         assert eventually_served(c).usage.completion_tokens == 2
 
 
+class SlowPrefill:
+    """The tiny model, each prefill chunk (a pass over several tokens) taking ``pause`` s more."""
+
+    def __init__(self, model, pause: float):
+        self.model, self.pause, self.chunks = model, pause, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, inputs, cache=None, **kw):
+        if inputs.shape[1] > 1:
+            self.chunks += 1
+            time.sleep(self.pause)
+        return self.model(inputs, cache=cache, **kw)
+
+
+def test_a_plain_request_whose_client_leaves_during_prefill_stops_there(tiny):
+    """A non-streaming client that gives up while its long prompt is prefilled frees its slot at
+    the next chunk, not after the whole prompt (it used to hold the engine and the slot to the end)."""
+    model = SlowPrefill(tiny[0], pause=0.2)
+    scheduler = Scheduler(Engine(model, max_context=4096, prefill_step=16), max_concurrency=1, cache_bytes=1 << 30)
+    prompt = [{"role": "user", "content": "many more words " * 120}]
+    with serving(*tiny, scheduler=scheduler) as url:
+        with pytest.raises(openai.APITimeoutError):
+            client(url, timeout=0.6).chat.completions.create(model="gpt-oss-tiny", max_tokens=5, messages=prompt)
+        abandoned = model.chunks
+        assert eventually_served(client(url), within_s=4).usage.completion_tokens == 2
+        chunks_of_the_long_prompt = len(tiny[1].encode("many more words " * 120)) // 16
+        assert model.chunks - abandoned < chunks_of_the_long_prompt // 2  # it stopped, the newcomer ran
+
+
+def test_a_stream_whose_client_leaves_is_logged(tiny, caplog):
+    with serving(*tiny) as url, caplog.at_level("INFO", logger="gptoss_mlx.server"):
+        for create in (lambda c, m: c.chat.completions.create(model="gpt-oss-tiny", max_tokens=3000,
+                                                              stream=True, messages=m),
+                       lambda c, m: c.responses.create(model="gpt-oss-tiny", max_output_tokens=3000,
+                                                       stream=True, input=m)):
+            stream = create(client(url), [{"role": "user", "content": "Go on"}])
+            for _, _ in zip(range(3), stream):
+                pass
+            stream.close()
+        deadline = time.monotonic() + 10
+        while sum("client disconnected" in r.getMessage() for r in caplog.records) < 2:
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
+
+
+def test_a_huge_prompt_does_not_freeze_the_other_requests(url):
+    """A 60 MB message (under the 64 MB body cap) is refused as over the context, and while the
+    server reads and tokenizes it the other requests are still answered (it took 3.7 s of the
+    event loop: a per-character scan for lone surrogates, then the tokenizer, on the loop)."""
+    body = json.dumps({"messages": [{"role": "user", "content": "hello world " * 5_000_000}]}).encode()
+    result, delays = [], []
+    thread = threading.Thread(target=lambda: result.append(post(url, "/chat/completions", body)))
+    thread.start()
+    while thread.is_alive():
+        t0 = time.monotonic()
+        urllib.request.urlopen(url.removesuffix("/v1") + "/health").read()
+        delays.append(time.monotonic() - t0)
+        time.sleep(0.05)
+    status, error = result[0]
+    assert status == 400 and error["error"]["code"] == "context_length_exceeded"
+    assert len(delays) > 3 and max(delays) < 1.5, delays
+
+
 def eventually_served(c, within_s: float = 10):
     """A small request, retried while the server answers 429 (a slot not freed yet)."""
     deadline = time.monotonic() + within_s

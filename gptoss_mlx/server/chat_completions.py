@@ -106,7 +106,7 @@ async def chat_completions(service: Service, body: dict, request):
     if stops and (body.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
         raise bad_request("'stop' cannot be used with a JSON response_format: a stop string would "
                           "cut the JSON answer, which then would not parse", "stop")
-    reply = service.new_reply("chatcmpl", body, forced_name, sampling, stops)
+    reply = await service.new_reply("chatcmpl", body, forced_name, sampling, stops)
     if body.get("stream"):
         options = body.get("stream_options") or {}
         chunks = stream_chunks(service, reply, request, bool(options.get("include_usage")))

@@ -215,16 +215,22 @@ class ResponseRun:
         chat, forced_name = tool_choice(chat)
         if not chat["messages"]:
             raise bad_request("'input' is empty", "input")
-        sampling = params.sampling(body, service.sampling, ("max_output_tokens",))
-        try:
-            self.reply: Reply = service.new_reply("resp", chat, forced_name, sampling, [])
-        except APIError as e:  # the schema's field is text.format in this API
-            e.param = "text.format" if e.param == "response_format" else e.param
-            raise
+        self._request = (chat, forced_name, params.sampling(body, service.sampling, ("max_output_tokens",)))
+        self.reply: Reply | None = None  # made by prepare()
         self.ids: dict[int, tuple[str, str | None]] = {}
         self.error: APIError | None = None
         self.results: dict[int, str] = {}  # id(server tool call) -> its result
-        self._history = len(self.reply.messages)  # where the server's tool results are appended
+        self._history = 0  # where the server's tool results are appended
+
+    async def prepare(self) -> None:
+        """The reply (its prompt rendered and tokenized: see Service.new_reply)."""
+        chat, forced_name, sampling = self._request
+        try:
+            self.reply = await self.service.new_reply("resp", chat, forced_name, sampling, [])
+        except APIError as e:  # the schema's field is text.format in this API
+            e.param = "text.format" if e.param == "response_format" else e.param
+            raise
+        self._history = len(self.reply.messages)
 
     def open(self, item: Item) -> int:
         prefix = {REASONING: "rs", CALL: "fc", SERVER_CALL: "mcp"}.get(item.kind, "msg")
@@ -370,6 +376,7 @@ class ResponseRun:
 
 async def responses(service: Service, store: ResponseStore, body: dict, request):
     run = ResponseRun(service, store, body, request)
+    await run.prepare()
     if body.get("stream"):
         return StreamingResponse(sse(run), media_type="text/event-stream")
     async with contextlib.aclosing(service.generate(run.reply, request)) as events:

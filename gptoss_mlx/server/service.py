@@ -24,6 +24,7 @@ from .tools import MAX_ROUNDS, ServerTools
 
 log = logging.getLogger("gptoss_mlx.server")
 
+DISCONNECT_POLL_S = 0.2  # how often a reply that has no token yet checks that its client is there
 REQUIRED = "required"  # tool_choice: the reply calls one of the request's functions, the model picks which
 
 
@@ -44,6 +45,7 @@ class Reply:
     finish_reason: str | None = None  # "stop", "length", "tool_calls"
     created: int = field(default_factory=lambda: int(time.time()))
     output_tokens: int = 0  # sampled tokens the reply took, up to a stop string (not the forced header)
+    gone: bool = False  # the client went away before the reply was done
 
     @property
     def run(self) -> Run:
@@ -115,11 +117,17 @@ class Service:
                            param="messages", code="context_length_exceeded")
         return tokens + list(forced)
 
-    def new_reply(self, prefix: str, request: dict, forced_function: str | None,
-                  params: SamplingParams, stops: list[str]) -> Reply:
+    async def new_reply(self, prefix: str, request: dict, forced_function: str | None,
+                        params: SamplingParams, stops: list[str]) -> Reply:
         """A reply to a Chat Completions-shaped ``request``. A named function call is written
         into the prompt as the reply's header; REQUIRED leaves the reasoning free and the choice
-        of the function to the model, within the constraint."""
+        of the function to the model, within the constraint. Rendered and tokenized in a worker
+        thread: a long conversation takes seconds (the tokenizer lets go of the GIL), during
+        which the event loop goes on serving the other requests."""
+        return await asyncio.to_thread(self._new_reply, prefix, request, forced_function, params, stops)
+
+    def _new_reply(self, prefix: str, request: dict, forced_function: str | None,
+                   params: SamplingParams, stops: list[str]) -> Reply:
         messages = self.conversation(request)
         forced, must_call = [], ()
         if forced_function == REQUIRED:
@@ -150,8 +158,30 @@ class Service:
                               else "tools") from None
 
     async def generate(self, reply: Reply, request) -> AsyncIterator[OutputEvent]:
-        """The reply's output events. Stops at a stop string or when the client has gone. A call
-        to one of the server's own tools is answered and the generation goes on."""
+        """The reply's output events. Stops at a stop string or when the client has gone (seen
+        at each token, and while the reply waits or its prompt is prefilled). A call to one of
+        the server's own tools is answered and the generation goes on."""
+        watcher = asyncio.create_task(self._watch(reply, request))
+        try:
+            async for event in self._generate(reply, request):
+                yield event
+        except (GeneratorExit, asyncio.CancelledError):  # a stream's client went away
+            reply.gone = True
+            self.log(reply, request)
+            raise
+        finally:
+            watcher.cancel()
+        self.log(reply, request)
+
+    async def _watch(self, reply: Reply, request) -> None:
+        """When the client goes away before the reply's first token (a non-streaming client
+        waits for its whole reply), the run in progress stops at the engine's next step."""
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        reply.gone = True
+        reply.run.cancelled.set()
+
+    async def _generate(self, reply: Reply, request) -> AsyncIterator[OutputEvent]:
         stream = reply.stream
         for token in reply.forced:
             for event in stream.feed(token):
@@ -159,19 +189,18 @@ class Service:
         toolbox = self.tools.toolbox() if self.tools else None
         try:
             for round_ in range(MAX_ROUNDS + 1):
-                gone = False
                 async with contextlib.aclosing(self.scheduler.generate(reply.run)) as tokens:
                     async for token in tokens:
                         reply.output_tokens += 1  # not those the engine made past a stop string
                         for event in stream.feed(token):
                             yield event
-                        gone = await request.is_disconnected()
-                        if stream.stopped or gone:
+                        reply.gone = reply.gone or await request.is_disconnected()
+                        if stream.stopped or reply.gone:
                             break
                 for event in stream.finish():
                     yield event
                 call = stream.items[-1] if stream.items else None
-                if (gone or round_ == MAX_ROUNDS or call is None or call.kind != SERVER_CALL
+                if (reply.gone or round_ == MAX_ROUNDS or call is None or call.kind != SERVER_CALL
                         or reply.run.stats is None or reply.run.stats.finish_reason != "stop"):
                     break
                 result = await asyncio.to_thread(
@@ -199,14 +228,17 @@ class Service:
             reply.finish_reason = "tool_calls"
         else:
             reply.finish_reason = "stop"
-        self.log(reply, request)
 
     def log(self, reply: Reply, request) -> None:
+        """One line per request: id, prompt / cached / generated tokens, TTFT, tok/s, batch, end."""
         first, last = reply.runs[0].stats, reply.run.stats
-        if last is None:  # never reached the engine (the client left while it waited)
-            log.info("%s %s: cancelled before generation", reply.id, request.url.path)
+        if last is None or (reply.gone and not reply.output_tokens):  # left before its first token
+            log.info("%s %s: %d prompt tokens, %d generated, %s", reply.id, request.url.path,
+                     reply.prompt_tokens, reply.output_tokens,
+                     "client disconnected" if reply.gone else "cancelled before generation")
             return
-        end = ("client disconnected" if last.finish_reason == "interrupted" and not reply.stream.stopped
+        end = ("client disconnected" if reply.gone or (last.finish_reason == "interrupted"
+                                                      and not reply.stream.stopped)
                else f"finish {reply.finish_reason}")
         rounds = f", {len(reply.runs)} rounds (server tools)" if len(reply.runs) > 1 else ""
         log.info("%s %s: %d prompt tokens (%d cached), %d generated, TTFT %.3fs, %.1f tok/s, "
