@@ -298,6 +298,42 @@ def test_a_huge_prompt_does_not_freeze_the_other_requests(url):
     assert len(delays) > 3 and max(delays) < 1.5, delays
 
 
+def test_a_stream_whose_client_stops_reading_ends_and_frees_its_slot(monkeypatch):
+    """A client that keeps its connection but reads nothing: once a chunk has waited
+    STALLED_CLIENT_S to be sent, the stream ends and its generator (holding the slot) is closed."""
+    import asyncio
+
+    from starlette.responses import StreamingResponse
+
+    from gptoss_mlx.server import app
+
+    monkeypatch.setattr(app, "STALLED_CLIENT_S", 0.2)
+    closed, sent = [], []
+
+    async def chunks():
+        try:
+            while True:
+                yield "data: {}\n\n"
+        finally:
+            closed.append(True)
+
+    async def send(message):  # the socket's buffers fill after two chunks
+        sent.append(message)
+        if len(sent) > 2:
+            await asyncio.Event().wait()
+
+    async def receive():
+        await asyncio.Event().wait()
+
+    async def run():
+        started = time.monotonic()
+        await app.ReadInTime(StreamingResponse(chunks()))({"type": "http", "asgi": {"spec_version": "2.4"},
+                                                          "path": "/v1/chat/completions"}, receive, send)
+        return time.monotonic() - started
+
+    assert asyncio.run(run()) < 2 and closed == [True] and len(sent) == 3
+
+
 def eventually_served(c, within_s: float = 10):
     """A small request, retried while the server answers 429 (a slot not freed yet)."""
     deadline = time.monotonic() + within_s

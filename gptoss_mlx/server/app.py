@@ -10,6 +10,7 @@ import logging
 import signal
 import time
 
+import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -31,6 +32,9 @@ MAX_BODY_BYTES = 64 << 20
 # On shutdown, how long a response may take to end once its generation has stopped (a client
 # that reads no more holds its stream open until then).
 SHUTDOWN_GRACE_S = 1.0
+# A streaming client that keeps its connection but reads nothing for this long loses its stream
+# (and its slot: --max-concurrency such clients would otherwise make every request a 429).
+STALLED_CLIENT_S = 60.0
 
 
 def create_app(service: Service, api_key: str | None = None, chats: ConversationStore | None = None) -> Starlette:
@@ -80,11 +84,11 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
         except BaseException:
             slot.release()
             raise
-        if isinstance(response, StreamingResponse):
-            response.body_iterator = _released_after(response.body_iterator, slot)
-        else:
+        if not isinstance(response, StreamingResponse):
             slot.release()
-        return response
+            return response
+        response.body_iterator = _released_after(response.body_iterator, slot)
+        return ReadInTime(response)
 
     async def post_chat(request: Request):
         return await admitted(request, chat_completions, service)
@@ -120,6 +124,34 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
                 Route("/v1/models", models), Route("/health", health),
                 *playground.routes(service, chats or ConversationStore(), api_key, authorize, json_body)],
         exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
+
+
+class ClientStalled(Exception):
+    """A streaming client took nothing for STALLED_CLIENT_S."""
+
+
+class ReadInTime:
+    """A streamed response whose client must keep reading: a chunk it has not taken within
+    STALLED_CLIENT_S ends the stream, and the generation and the slot with it."""
+
+    def __init__(self, response: StreamingResponse):
+        self.response = response
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def send_in_time(message) -> None:
+            try:
+                with anyio.fail_after(STALLED_CLIENT_S):
+                    await send(message)
+            except TimeoutError:  # an OSError, which Starlette would take for a disconnect
+                raise ClientStalled from None
+
+        try:
+            await self.response(scope, receive, send_in_time)
+        except ClientStalled:
+            log.info("%s: the client read nothing for %.0f s: its stream is ended", scope.get("path"),
+                     STALLED_CLIENT_S)
+        finally:
+            await self.response.body_iterator.aclose()
 
 
 async def _released_after(chunks, slot):

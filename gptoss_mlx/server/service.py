@@ -174,8 +174,9 @@ class Service:
         self.log(reply, request)
 
     async def _watch(self, reply: Reply, request) -> None:
-        """When the client goes away before the reply's first token (a non-streaming client
-        waits for its whole reply), the run in progress stops at the engine's next step."""
+        """When the client goes away, the run in progress stops at the engine's next step, also
+        before the reply's first token (while it waits, or its prompt is prefilled) and when no
+        token is sent to it (a non-streaming client waits for the whole reply)."""
         while not await request.is_disconnected():
             await asyncio.sleep(DISCONNECT_POLL_S)
         reply.gone = True
