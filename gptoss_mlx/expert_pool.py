@@ -144,13 +144,22 @@ class CudaDriver:
 
     @classmethod
     def find(cls) -> "CudaDriver | None":
+        lib = cls.library()
+        try:
+            return cls(lib) if lib else None
+        except AttributeError:  # a driver without these entry points
+            return None
+
+    @staticmethod
+    def library() -> ctypes.CDLL | None:
+        """The libcuda this process has loaded (never another), or None."""
         if sys.platform != "linux" or mx.default_device() != mx.gpu:
             return None
         with open("/proc/self/maps") as maps:
             path = next((line.split()[-1] for line in maps if "/libcuda.so" in line), None)
         try:
-            return cls(ctypes.CDLL(path, mode=os.RTLD_NOLOAD)) if path else None  # the loaded one
-        except (OSError, AttributeError):
+            return ctypes.CDLL(path, mode=os.RTLD_NOLOAD) if path else None
+        except OSError:
             return None
 
     def __init__(self, lib: ctypes.CDLL):

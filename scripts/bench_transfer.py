@@ -24,7 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 import mlx.core as mx
 import numpy as np
 
-READ_ONLY = 0x08  # CU_MEMHOSTREGISTER_READ_ONLY
+from gptoss_mlx.expert_pool import CudaDriver
+
+
 
 
 class Location(ctypes.Structure):  # CUmemLocation
@@ -32,11 +34,10 @@ class Location(ctypes.Structure):  # CUmemLocation
 
 
 def driver() -> ctypes.CDLL:
-    with open("/proc/self/maps") as maps:
-        path = next((line.split()[-1] for line in maps if "/libcuda.so" in line), None)
-    if path is None:
+    lib = CudaDriver.library()
+    if lib is None:
         raise SystemExit("no CUDA driver in this process (run it on the GPU machine)")
-    return ctypes.CDLL(path, mode=os.RTLD_NOLOAD)
+    return lib
 
 
 def main() -> int:
@@ -121,7 +122,7 @@ def main() -> int:
     def register_each(r):
         for i in range(n):
             p = source(r, i).ctypes.data
-            ok(register(p, size, READ_ONLY), "cuMemHostRegister")
+            ok(register(p, size, CudaDriver.READ_ONLY), "cuMemHostRegister")
             ok(memcpy(view[i].ctypes.data, p, size, None), "cuMemcpyAsync")
             ok(synchronize(), "sync")
             ok(unregister(p), "cuMemHostUnregister")
@@ -129,7 +130,7 @@ def main() -> int:
     def register_once(r):
         if not locked:
             t0 = time.perf_counter()
-            ok(register(src.ctypes.data, src.nbytes, READ_ONLY), "cuMemHostRegister")
+            ok(register(src.ctypes.data, src.nbytes, CudaDriver.READ_ONLY), "cuMemHostRegister")
             locked.append(src)
             print(f"  page-locking {src.nbytes / 1e9:.2f} GB took {time.perf_counter() - t0:.3f}s")
         for i in range(n):

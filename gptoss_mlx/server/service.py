@@ -158,9 +158,9 @@ class Service:
                               else "tools") from None
 
     async def generate(self, reply: Reply, request) -> AsyncIterator[OutputEvent]:
-        """The reply's output events. Stops at a stop string or when the client has gone (seen
-        at each token, and while the reply waits or its prompt is prefilled). A call to one of
-        the server's own tools is answered and the generation goes on."""
+        """The reply's output events. Stops at a stop string or when the client has gone (a
+        watcher polls for that while the reply is made, prefill included). A call to one of the
+        server's own tools is answered and the generation goes on."""
         watcher = asyncio.create_task(self._watch(reply, request))
         try:
             async for event in self._generate(reply, request):
@@ -195,8 +195,7 @@ class Service:
                         reply.output_tokens += 1  # not those the engine made past a stop string
                         for event in stream.feed(token):
                             yield event
-                        reply.gone = reply.gone or await request.is_disconnected()
-                        if stream.stopped or reply.gone:
+                        if stream.stopped or reply.gone:  # gone: seen by _watch
                             break
                 for event in stream.finish():
                     yield event
