@@ -27,8 +27,6 @@ import numpy as np
 from gptoss_mlx.expert_pool import CudaDriver
 
 
-
-
 class Location(ctypes.Structure):  # CUmemLocation
     _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
 
