@@ -30,12 +30,14 @@ evicted in that step, so the pool must hold one layer's experts at least.
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 import sys
 import time
 import weakref
 from dataclasses import astuple, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import mlx.core as mx
@@ -43,7 +45,8 @@ import numpy as np
 
 from .config import ModelConfig
 from .files import CheckpointError
-from .model import Experts
+from .kernels import fused_fits
+from .model import SORTED_GATHER_ROWS, Experts
 
 # One expert's six tensors, as the model names them under ``layers.N.mlp.experts``.
 EXPERT_TENSORS = ("gate_up_proj.weight", "gate_up_proj.scales", "gate_up_proj.bias",
@@ -52,6 +55,7 @@ POLICIES = ("lru", "lfu", "decay")
 TRANSFERS = ("cuda", "host", "mlx")  # tried in this order
 PIN_SHARE = 0.5  # of the machine's RAM: the most checkpoint bytes the cuda transfer page-locks
 LOAD_BATCH = 16  # experts staged per copy into the pool: bounds the staging memory (~210 MB)
+PREFETCH_TOKENS = 4  # guesses are made for steps of up to this many tokens (decode)
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,9 @@ class ExpertTensor:
     dtype: mx.Dtype  # as stored
     shape: tuple[int, ...]  # one expert's, as stored
 
-    @property
+    @cached_property  # read for every expert copied
     def expert_bytes(self) -> int:
-        return int(np.prod(self.shape)) * self.dtype.size
+        return math.prod(self.shape) * self.dtype.size
 
 
 class ExpertSource:
@@ -141,6 +145,7 @@ class CudaDriver:
     (:meth:`pin`, read-only) within a share of the machine's RAM (docs/measurements.md)."""
 
     READ_ONLY = 0x08  # CU_MEMHOSTREGISTER_READ_ONLY
+    NON_BLOCKING = 0x01  # CU_STREAM_NON_BLOCKING
 
     @classmethod
     def find(cls) -> "CudaDriver | None":
@@ -173,16 +178,24 @@ class CudaDriver:
         self._synchronize = function("cuStreamSynchronize", pointer)
         self._register = function("cuMemHostRegister_v2", pointer, size, ctypes.c_uint)
         self._unregister = function("cuMemHostUnregister", pointer)
+        # The copies' own stream, created by the first copy (on the thread whose CUDA context
+        # MLX made current); non-blocking: it neither waits for MLX's work nor holds it up.
+        self._create_stream = function("cuStreamCreate", ctypes.POINTER(pointer), ctypes.c_uint)
+        self._stream = None
 
     def copy(self, dst: np.ndarray, src: np.ndarray) -> None:
         """Queue ``src``'s bytes into ``dst`` (a slot's managed memory); :meth:`finish` waits."""
-        if error := self._memcpy(dst.ctypes.data, src.ctypes.data, src.nbytes, None):
+        if self._stream is None:
+            stream = ctypes.c_void_p()
+            if error := self._create_stream(ctypes.byref(stream), self.NON_BLOCKING):
+                raise OSError(f"cuStreamCreate for the expert pool's copies failed: CUresult {error}")
+            self._stream = stream
+        if error := self._memcpy(dst.ctypes.data, src.ctypes.data, src.nbytes, self._stream):
             raise OSError(f"cuMemcpyAsync into the expert pool failed: CUresult {error}")
 
     def finish(self) -> None:
-        """Wait for the copies queued (on the legacy stream, which MLX's streams need not wait
-        for): MLX then reads the new bytes."""
-        if error := self._synchronize(None):
+        """Wait for the copies queued: MLX then reads the new bytes."""
+        if self._stream is not None and (error := self._synchronize(self._stream)):
             raise OSError(f"waiting for the expert pool's copies failed: CUresult {error}")
 
     def pin(self, buffer: np.ndarray) -> bool:
@@ -204,6 +217,8 @@ class PoolStats:
     read_s: float = 0.0  # copying from the checkpoint into host memory: the pool's, or staging
     migrate_s: float = 0.0  # moving it into the device's pool: MLX's copy, or the CUDA driver's DMA
     readback_s: float = 0.0  # waiting for each layer's routing (the GPU's work up to it)
+    guessed: int = 0  # experts read ahead for the next layer on a guess (not misses: one chosen is a hit)
+    guessed_used: int = 0  # ... that the next layer then chose
 
     @property
     def hit_rate(self) -> float:
@@ -224,10 +239,16 @@ class PoolStats:
         seconds = self.read_s + self.migrate_s
         return self.bytes_read / seconds / 1e9 if seconds else 0.0
 
+    @property
+    def guess_rate(self) -> float:
+        """Of the experts read ahead on a guess, the share the next layer chose."""
+        return self.guessed_used / self.guessed if self.guessed else 0.0
+
     def summary(self) -> str:
+        ahead = f", {self.guessed} read ahead ({self.guess_rate:.0%} chosen)" if self.guessed else ""
         return (f"experts: hit rate {self.hit_rate:.1%}, {self.bytes_per_token / 1e6:.0f} MB read "
                 f"per token, {self.read_s + self.migrate_s:.2f}s in reads "
-                f"({self.transfer_gbps:.1f} GB/s)")
+                f"({self.transfer_gbps:.1f} GB/s){ahead}")
 
 
 class ExpertPool:
@@ -235,7 +256,7 @@ class ExpertPool:
 
     def __init__(self, config: ModelConfig, source: ExpertSource, slots: int,
                  dtype: mx.Dtype = mx.bfloat16, policy: str = "decay", half_life: float = 32.0,
-                 transfer: str | None = None):
+                 transfer: str | None = None, guess: int | None = None):
         L, E = config.num_hidden_layers, config.num_local_experts
         if slots < E:
             raise ValueError(f"an expert pool needs at least one layer's {E} experts, got {slots} slots")
@@ -251,6 +272,11 @@ class ExpertPool:
         self.clock = 0
         self.stats = PoolStats()
         self.pinned_bytes = 0  # of the checkpoint, page-locked for the cuda transfer
+        self.guess = config.num_experts_per_tok if guess is None else guess
+        self._pending: list = []  # copies still under way: futures of the host transfer's worker
+        self._queued = False  # ... or the cuda transfer's stream holds some
+        self._worker = None  # the host transfer's thread for reads ahead, made when first needed
+        self._guessed = (-1, frozenset())  # (layer, experts read ahead for it)
         self.set_transfer(transfer)
 
     def set_policy(self, policy: str, half_life: float = 32.0) -> None:
@@ -266,6 +292,7 @@ class ExpertPool:
         does not."""
         if transfer not in (None, *TRANSFERS):
             raise ValueError(f"transfer must be one of {', '.join(TRANSFERS)}, got {transfer!r}")
+        self._wait_for_copies()
         self._release(np.array([0]))  # the check below writes slot 0
         self._views = {}  # released first: MLX donates (writes in place) only unshared buffers
         for name in [transfer] if transfer else TRANSFERS:
@@ -313,34 +340,56 @@ class ExpertPool:
     def slots(self) -> int:
         return len(self.owner)
 
-    def layer(self, index: int) -> "StreamedExperts":
-        return StreamedExperts(self, index)
+    def layer(self, index: int, following=None) -> "StreamedExperts":
+        return StreamedExperts(self, index, following)
 
-    def fetch(self, layer: int, indices: mx.array) -> mx.array:
-        """Make the experts in ``indices`` (T, k) of ``layer`` resident; their slots, (T, k)."""
+    def fetch(self, layer: int, indices: mx.array, guess: mx.array | None = None) -> mx.array:
+        """Make the experts in ``indices`` (T, k) of ``layer`` resident; their slots, (T, k).
+        ``guess``: experts the next layer will likely choose (T, m), read ahead while the device
+        computes this layer."""
         t0 = time.perf_counter()
+        if guess is not None:
+            mx.eval(indices, guess)
         ids = np.array(indices)  # the layer's one read-back: waits for the GPU up to here
         self.stats.readback_s += time.perf_counter() - t0
+        self._wait_for_copies()  # the reads ahead for this layer
         if layer == 0:
             self.stats.tokens += ids.shape[0]
             self.clock += 1
             self.score *= self.decay
         needed = np.unique(ids)
+        if self._guessed[0] == layer:
+            self.stats.guessed_used += len(self._guessed[1].intersection(needed.tolist()))
+            self._guessed = (-1, frozenset())
         slots = self.slot_of[layer, needed]
         present = slots >= 0
         self.stats.hits += int(present.sum())
         missing = needed[~present]
         if len(missing):
             self._load(layer, missing, protect=slots[present])
+            self.stats.misses += len(missing)
         slots = self.slot_of[layer, needed]
         if self.policy == "lru":
             self.score[slots] = self.clock
         else:  # one use per step (a prefill chunk's thousands of tokens count once)
             self.score[slots] += 1
+        if guess is not None and layer + 1 < self.config.num_hidden_layers:
+            self._read_ahead(layer + 1, np.unique(np.array(guess)), protect=slots)
         table = mx.array(self.slot_of[layer].clip(0).astype(np.uint32))
         return table[indices]
 
-    def _load(self, layer: int, missing: np.ndarray, protect: np.ndarray) -> None:
+    def _read_ahead(self, layer: int, guessed: np.ndarray, protect: np.ndarray) -> None:
+        """Start reading the guessed experts of ``layer`` that the pool lacks, without waiting
+        (the next :meth:`fetch` does). ``protect``: the slots this step computes with."""
+        present = self.slot_of[layer, guessed]
+        protect = np.union1d(protect, present[present >= 0])
+        missing = guessed[present < 0][: self.slots - len(protect)]  # never evicting what is protected
+        if len(missing):
+            self._load(layer, missing, protect, wait=False)
+            self.stats.guessed += len(missing)
+        self._guessed = (layer, frozenset(missing.tolist()))
+
+    def _load(self, layer: int, missing: np.ndarray, protect: np.ndarray, wait: bool = True) -> None:
         E = self.config.num_local_experts
         score = self.score.copy()
         score[protect] = np.inf  # needed by this step: never evicted
@@ -350,13 +399,26 @@ class ExpertPool:
         if self.transfer == "mlx":
             self._copy_through_mlx(layer, missing, victims)
         else:
-            self._write(layer, missing, victims)
+            self._write(layer, missing, victims, wait)
         self.owner[victims] = layer * E + missing
         self.slot_of[layer, missing] = victims
         self.score[victims] = 0.0
-        self.stats.misses += len(missing)
         self.stats.bytes_read += len(missing) * sum(self.source.tensors[layer, n].expert_bytes
                                                     for n in EXPERT_TENSORS)
+
+    def view(self, layer: int) -> Experts:
+        """``layer``'s experts as the resident model holds them: a copy of the pool's slots in
+        expert order (experts not in the pool read slot 0's bytes: the caller must not choose
+        them). A layer through MLX's gather computes on it with the expert ids themselves:
+        MLX-CUDA's gather rounds a few sums differently for the same experts in an array of
+        another size (its sorted path, from SORTED_GATHER_ROWS rows: scripts/check_streamed_exact.py),
+        and on this copy nothing differs."""
+        table = mx.array(self.slot_of[layer].clip(0).astype(np.uint32))
+        view = Experts(self.config)
+        for name in EXPERT_TENSORS:
+            module, param = name.split(".")
+            setattr(getattr(view, module), param, self._array(name)[table])
+        return view
 
     def _release(self, slots: np.ndarray) -> None:
         """Forget what ``slots`` hold: free, first in line to be filled."""
@@ -366,20 +428,47 @@ class ExpertPool:
         self.owner[slots] = -1
         self.score[slots] = -np.inf
 
-    def _write(self, layer: int, missing: np.ndarray, victims: np.ndarray) -> None:
+    def _write(self, layer: int, missing: np.ndarray, victims: np.ndarray, wait: bool = True) -> None:
         """Each missing expert's bytes from the mapped checkpoint straight into its slot's memory,
         one copy per tensor. Nothing still to run reads these slots (see the module's docstring):
-        this runs after the layer's routing read-back."""
+        this runs after the layer's routing read-back. Unless ``wait``, the copies run while the
+        caller goes on (the host transfer's on a worker thread), until :meth:`_wait_for_copies`."""
+        def copies():
+            for expert, slot in zip(missing, victims):
+                for name in EXPERT_TENSORS:
+                    self._copy(self._views[name][slot], self.source.raw(layer, name, int(expert)))
+
+        if not wait:
+            if self.transfer == "cuda":
+                copies()  # queued on the driver's stream
+                self._queued = True
+            else:
+                if self._worker is None:
+                    from concurrent.futures import ThreadPoolExecutor
+                    self._worker = ThreadPoolExecutor(1, thread_name_prefix="expert-reads")
+                self._pending.append(self._worker.submit(copies))
+            return
         t0 = time.perf_counter()
-        for expert, slot in zip(missing, victims):
-            for name in EXPERT_TENSORS:
-                self._copy(self._views[name][slot], self.source.raw(layer, name, int(expert)))
+        copies()
         self._finish()
-        elapsed = time.perf_counter() - t0
+        self._account(time.perf_counter() - t0)
+
+    def _wait_for_copies(self) -> None:
+        """Wait for the copies started without waiting (reads ahead): their slots are then whole."""
+        if not (self._pending or self._queued):
+            return
+        t0 = time.perf_counter()
+        pending, self._pending, self._queued = self._pending, [], False
+        for future in pending:
+            future.result()  # its error (a file cut short) is raised here
+        self._finish()
+        self._account(time.perf_counter() - t0)
+
+    def _account(self, seconds: float) -> None:
         if self.transfer == "cuda":  # read and migrated in one copy
-            self.stats.migrate_s += elapsed
+            self.stats.migrate_s += seconds
         else:
-            self.stats.read_s += elapsed
+            self.stats.read_s += seconds
 
     def _copy_through_mlx(self, layer: int, missing: np.ndarray, victims: np.ndarray) -> None:
         """Each missing expert staged in MLX, then copied into its slot on the device, at most
@@ -404,11 +493,26 @@ class ExpertPool:
 
 class StreamedExperts:
     """A layer's experts in an :class:`ExpertPool`: what ``MLP`` calls instead of its own
-    :class:`Experts` (see ``Experts.resident``)."""
+    :class:`Experts` (see ``Experts.resident``). ``following``: the next TransformerBlock, whose
+    router guesses its experts from this layer's residual."""
 
-    def __init__(self, pool: ExpertPool, layer: int):
-        self.pool, self.layer = pool, layer
+    def __init__(self, pool: ExpertPool, layer: int, following=None):
+        self.pool, self.layer, self.following = pool, layer, following
 
-    def resident(self, indices: mx.array) -> tuple[mx.array, Experts]:
-        """(slot indices (T, k), the pool's Experts): the experts ``indices`` made resident."""
-        return self.pool.fetch(self.layer, indices), self.pool.experts
+    def resident(self, indices: mx.array, x: mx.array, residual: mx.array) -> tuple[mx.array, Experts]:
+        """The experts ``indices`` (T, k) made resident, and where the MoE finds them: the
+        pool's Experts and slot indices for the fused kernels (decode) and MLX's gather of few
+        rows, else (MLX's sorted gather, a prefill chunk) a copy of the layer's experts in expert
+        order and ``indices`` themselves (:meth:`ExpertPool.view`)."""
+        guess = None
+        m = min(self.pool.guess, self.pool.config.num_local_experts)
+        if m and self.following is not None and len(indices) <= PREFETCH_TOKENS:
+            # The residual stream changes little from layer to layer: the next router, on this
+            # residual normed with the next layer's gain, ranks most of its choices highly.
+            norm, router = self.following.post_attention_layernorm, self.following.mlp.router
+            logits = router(mx.fast.rms_norm(residual, norm.weight, norm.eps))
+            guess = mx.argpartition(-logits, m - 1, axis=-1)[..., :m]
+        slots = self.pool.fetch(self.layer, indices, guess)
+        if indices.size < SORTED_GATHER_ROWS or fused_fits(x, self.pool.experts):
+            return slots, self.pool.experts
+        return indices, self.pool.view(self.layer)

@@ -550,8 +550,9 @@ def _stream_experts(model: Model, plan, infos: dict[str, TensorInfo], slots: int
             tensors[i, name] = ExpertTensor(info.file, info.offset, _SAFETENSORS_DTYPES[info.dtype],
                                              info.shape[1:])
     model.expert_pool = ExpertPool(model.config, ExpertSource(tensors), slots, dtype)
-    for i, layer in enumerate(model.layers):
-        layer.mlp.experts = model.expert_pool.layer(i)  # its parameters leave the model: never loaded
+    for i, layer in enumerate(model.layers):  # its parameters leave the model: never loaded
+        following = model.layers[i + 1] if i + 1 < len(model.layers) else None
+        layer.mlp.experts = model.expert_pool.layer(i, following)
 
 
 def load_model(directory: str | Path, dtype: mx.Dtype = mx.bfloat16, dense_bits: int | None = None,

@@ -175,8 +175,11 @@ def resolve_limit(limit: float | str | None = None) -> tuple[float, str]:
 def _arrange(config, context, bits, slots, limit, source) -> MemoryPlan:
     n = total_experts(config)
     slots = min(slots, n)
+    # Streamed, a prefill chunk's gather reads a layer's experts from a copy in expert order
+    # (ExpertPool.view): one layer's worth more working memory.
+    working = WORKING_BYTES + (config.num_local_experts * expert_bytes(config) if slots < n else 0)
     return MemoryPlan(bits, slots, n, dense_bytes(config, bits), slots * expert_bytes(config),
-                      kv_cache_bytes(config, context), WORKING_BYTES, limit, source)
+                      kv_cache_bytes(config, context), working, limit, source)
 
 
 def plan(config: ModelConfig, context: int, dense_bits: int | None = None,

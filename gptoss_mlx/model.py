@@ -153,6 +153,9 @@ class SwitchLinear(nn.Module):
                                  sorted_indices=sorted_indices)
 
 
+SORTED_GATHER_ROWS = 64  # from this many (token, expert) rows the experts' gather sorts them
+
+
 class Experts(nn.Module):
     def __init__(self, config: ModelConfig, mode="mxfp4", group_size=32, bits=4):
         super().__init__()
@@ -162,16 +165,17 @@ class Experts(nn.Module):
         self.gate_up_proj = SwitchLinear(D, 2 * I, E, mode, group_size, bits)
         self.down_proj = SwitchLinear(I, D, E, mode, group_size, bits)
 
-    def resident(self, indices: mx.array) -> tuple[mx.array, "Experts"]:
-        """(indices into the Experts that hold them, those Experts): here, the layer's own. A
-        streamed layer's experts live in slots of a shared pool instead (expert_pool.py)."""
+    def resident(self, indices: mx.array, x: mx.array, residual: mx.array) -> tuple[mx.array, "Experts"]:
+        """(indices into the Experts that hold them, those Experts) for the MoE's input ``x``
+        (T, D): here, the layer's own. A streamed layer's experts live in slots of a shared pool
+        instead, and ``residual`` lets it guess the next layer's (expert_pool.py)."""
         return indices, self
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         """x (T, D), indices (T, k) -> each chosen expert's output (T, k, D)."""
         x = mx.expand_dims(x, (-2, -3))  # (T, 1, 1, D)
         # Many tokens: group rows by expert so each expert's weights are read once.
-        do_sort = indices.size >= 64
+        do_sort = indices.size >= SORTED_GATHER_ROWS
         if do_sort:
             order = mx.argsort(indices.flatten())
             inverse = mx.argsort(order)
@@ -209,7 +213,7 @@ class MLP(nn.Module):
         if self.group is not None:  # only this rank's experts, and the residual on one rank
             indices, weights = self.local_choices(indices, weights)
             residual = residual if self.group.rank() == 0 else mx.zeros_like(residual)
-        indices, experts = self.experts.resident(indices)
+        indices, experts = self.experts.resident(indices, x, residual)
         # residual + sum_j weights_j * experts(x)_j
         out = kernels.experts(x, indices, weights, experts, residual)
         if self.group is not None:
@@ -279,8 +283,11 @@ class Model(nn.Module):
             x = layer(x, layer_cache)
             if evaluate_layers:
                 mx.eval(x)
-        if self.expert_pool is not None:  # queued now, before a later pass rewrites its slots
-            mx.async_eval(x)
+            elif self.expert_pool is not None:
+                # Streamed experts: queued now, so that the device computes them while the next
+                # layer is built (its routing read-back waits for them), and before a later pass
+                # rewrites their slots.
+                mx.async_eval(x)
         if self.lm_head is None:  # the next stage's input; a tensor-parallel follower's last state
             return x if self.stage is None else self.stage.send(x, cache)
         return self.lm_head(self.norm(x))

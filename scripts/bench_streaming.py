@@ -17,7 +17,8 @@ whose plan keeps everything resident runs warm only. ``--sync-row`` adds a row w
 expert in the pool: the cost of reading routing back once per layer, without reads.
 ``--policies`` adds rows with other eviction policies at the second limit, ``--transfers``
 rows with other ways into the pool (``expert_pool.TRANSFERS``: ``mlx`` is the MLX copy that
-every device can do, the way before host writes).
+every device can do, the way before host writes), ``--guesses`` rows that read ahead another
+number of guessed experts per layer (``ExpertPool.guess``; 0: no reads ahead).
 
 Per decode token, the time splits into ``read`` (copying experts from the checkpoint into host
 memory: the pool's own, or MLX's staging), ``migrate`` (moving them into the device's pool: MLX's
@@ -127,6 +128,8 @@ def run_row(args) -> dict:
         model.expert_pool.set_policy(args.policy)
     if model.expert_pool is not None and args.transfer:
         model.expert_pool.set_transfer(args.transfer)
+    if model.expert_pool is not None and args.guess is not None:
+        model.expert_pool.guess = args.guess
     load_s = time.perf_counter() - t0
     pool = model.expert_pool
     progress(f"loaded in {load_s:.1f}s" + (f"; transfer {pool.transfer}, {pool.slots} slots, "
@@ -137,7 +140,8 @@ def run_row(args) -> dict:
         d = stats.since(before)
         return {"hit_rate": d.hit_rate if d.hits + d.misses else 1.0, "mb_per_token": d.bytes_read / n / 1e6,
                 "transfer_gbps": d.transfer_gbps, "read_ms_per_token": d.read_s / n * 1e3,
-                "migrate_ms_per_token": d.migrate_s / n * 1e3, "readback_ms_per_token": d.readback_s / n * 1e3}
+                "migrate_ms_per_token": d.migrate_s / n * 1e3, "readback_ms_per_token": d.readback_s / n * 1e3,
+                "guessed_per_token": d.guessed / n, "guess_rate": d.guess_rate}
 
     # Warm-up: a fresh process's first passes compile (and on CUDA load) their kernels.
     list(Engine(model, max_context=CONTEXT).generate(random_prompt(args.prompt, PROMPT_SEED + 2),
@@ -167,7 +171,7 @@ def run_row(args) -> dict:
     compute_ms = 1e3 / engine.stats.decode_tps - decode["read_ms_per_token"] - decode["migrate_ms_per_token"]
     return {"arrangement": memory_plan.arrangement, "planned_gb": memory_plan.total / 1e9,
             "limit_gb": limit / 1e9, "cache": how, "policy": pool.policy if pool else "-",
-            "transfer": pool.transfer if pool else "-", "load_s": load_s,
+            "transfer": pool.transfer if pool else "-", "guess": pool.guess if pool else "-", "load_s": load_s,
             "decode_tps": engine.stats.decode_tps, **decode, "compute_ms_per_token": compute_ms,
             **prefill, "peak_gb": mx.get_peak_memory() / 1e9, "tokens": made}
 
@@ -197,6 +201,7 @@ def main() -> int:
     ap.add_argument("--dense-bits", type=int, choices=[16, 8, 4], default=None)
     ap.add_argument("--policies", default="", help="extra eviction policies to compare, e.g. lru,lfu")
     ap.add_argument("--transfers", default="", help="extra ways into the pool to compare, e.g. host,mlx")
+    ap.add_argument("--guesses", default="", help="extra numbers of experts read ahead per layer, e.g. 0,6")
     ap.add_argument("--sync-row", action="store_true",
                     help="add a row with all but one expert in the pool (the per-layer read-back alone)")
     ap.add_argument("--prompt", type=int, default=1024, help="prefill prompt tokens")
@@ -207,6 +212,7 @@ def main() -> int:
     ap.add_argument("--slots", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--policy", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--transfer", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--guess", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.limit is not None or args.slots:
         return child(args)
@@ -234,14 +240,15 @@ def main() -> int:
     second = limits[1] if len(limits) > 1 else limits[0]
     rows += [dict(limit=second, cache="warm", policy=p) for p in filter(None, args.policies.split(","))]
     rows += [dict(limit=second, cache="warm", transfer=t) for t in filter(None, args.transfers.split(","))]
+    rows += [dict(limit=second, cache="warm", guess=int(g)) for g in filter(None, args.guesses.split(","))]
     results = []
     for row in rows:
         cmd = [sys.executable, __file__, "--dir", str(args.dir), "--limit", str(row["limit"]),
                "--cache", row["cache"], "--prompt", str(args.prompt), "--tokens", str(args.tokens)]
         for flag, value in (("--slots", row.get("slots")), ("--policy", row.get("policy")),
                             ("--transfer", row.get("transfer")), ("--scale-to", args.scale_to),
-                            ("--dense-bits", args.dense_bits)):
-            if value:
+                            ("--dense-bits", args.dense_bits), ("--guess", row.get("guess"))):
+            if value is not None:
                 cmd += [flag, str(value)]
         print(f"row {row}", flush=True)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)  # its progress: our stderr
@@ -268,18 +275,20 @@ def main() -> int:
     print(f"\ndevice: {mx.default_device()}, MLX {mx.__version__}, checkpoint {args.dir}; "
           f"prefill {args.prompt} tokens, decode {args.tokens} greedy tokens after 128; plans for "
           f"{CONTEXT} tokens of context")
-    print("| limit (GB) | arrangement | page cache | policy | transfer | decode tok/s | % of resident "
-          "| hit rate | MB read/token | transfer GB/s | read ms/token | migrate ms/token "
+    print("| limit (GB) | arrangement | page cache | policy | transfer | read ahead | decode tok/s "
+          "| % of resident | hit rate | read ahead/token (chosen) | MB read/token | transfer GB/s "
+          "| read ms/token | migrate ms/token "
           "| compute ms/token | of which read-back | prefill tok/s | prefill MB/token | peak GB "
           "| greedy tokens as resident |")
-    print("|" + "---|" * 18)
+    print("|" + "---|" * 20)
     for r in results:
         share = f"{100 * r['decode_tps'] / resident:.0f}%" if resident else "-"
         limit = "-" if r.get("slots") else f"{r['limit_gb']:.2f}"
         if args.scale_to and not r.get("slots"):  # the full model's limit, and this model's share of it
             limit = f"{r['limit']:g} for {args.scale_to}: {limit}"
-        print(f"| {limit} | {r['arrangement']} | {r['cache']} | {r['policy']} | {r['transfer']} "
-              f"| {r['decode_tps']:.1f} | {share} | {r['hit_rate']:.1%} | {r['mb_per_token']:.1f} "
+        ahead = f"{r['guessed_per_token']:.1f} ({r['guess_rate']:.0%})" if r["guessed_per_token"] else "-"
+        print(f"| {limit} | {r['arrangement']} | {r['cache']} | {r['policy']} | {r['transfer']} | {r['guess']} "
+              f"| {r['decode_tps']:.1f} | {share} | {r['hit_rate']:.1%} | {ahead} | {r['mb_per_token']:.1f} "
               f"| {r['transfer_gbps']:.1f} | {r['read_ms_per_token']:.1f} | {r['migrate_ms_per_token']:.1f} "
               f"| {r['compute_ms_per_token']:.1f} | {r['readback_ms_per_token']:.1f} "
               f"| {r['prefill_tps']:.0f} | {r['prefill_mb_per_token']:.1f} | {r['peak_gb']:.2f} "

@@ -81,11 +81,26 @@ def gather_alone(config, lengths: list[int], pool_sizes: list[int]) -> None:
         for T in lengths:
             if T * k < 64:
                 continue  # the model sorts only from 64 rows
-            x = mx.random.normal((T * k, 1, 1, D), key=mx.random.key(T)).astype(mx.bfloat16)
+            x = mx.random.normal((T * k, 1, D), key=mx.random.key(T)).astype(mx.bfloat16)  # as the model sorts them
             idx = mx.sort(mx.random.randint(0, E, (T * k,), key=mx.random.key(T + 1)).astype(mx.uint32))
             out = [mx.gather_qmm(x, ws, ss, None, rhs_indices=idx, transpose=True, group_size=32, bits=4,
                                  mode="mxfp4", sorted_indices=True) for ws, ss in ((w, scales), (w_pool, s_pool))]
             print(f"gather_qmm, {T} tokens, {E} experts vs the same in {slots} slots: {differing(*out)}", flush=True)
+            # As the streamed layer runs it: the experts in scattered slots, rows sorted by slot
+            # (another order of the experts' groups than sorted by expert), then put back.
+            where = mx.array(np.random.default_rng(T).permutation(slots)[:E].astype(np.uint32))
+            w_slots = mx.zeros_like(w_pool).at[where].add(w)
+            s_slots = mx.zeros_like(s_pool).at[where].add(scales)
+            ids = mx.random.randint(0, E, (T * k,), key=mx.random.key(T + 2)).astype(mx.uint32)
+            rows = []
+            for table, ws, ss in ((None, w, scales), (where, w_slots, s_slots)):
+                i = ids if table is None else table[ids]
+                order = mx.argsort(i)
+                y = mx.gather_qmm(x[order], ws, ss, None, rhs_indices=i[order], transpose=True, group_size=32,
+                                  bits=4, mode="mxfp4", sorted_indices=True)
+                rows.append(y[mx.argsort(order)])
+            print(f"gather_qmm, {T} tokens, rows sorted by expert vs by scattered slot: {differing(*rows)}",
+                  flush=True)
 
 
 def main() -> int:

@@ -9,8 +9,8 @@ builder of random inputs for its checks.
 
 from . import registry
 from .add_rms_norm import add_rms_norm
-from .moe import add_rms_norm_route, experts, route  # registered before attention: doctor's order
+from .moe import add_rms_norm_route, experts, fused_fits, route  # registered before attention: doctor's order
 from .attention import attention
 from .dense import linear
 
-__all__ = ["add_rms_norm", "add_rms_norm_route", "attention", "experts", "linear", "registry", "route"]
+__all__ = ["add_rms_norm", "add_rms_norm_route", "attention", "experts", "fused_fits", "linear", "registry", "route"]

@@ -283,7 +283,8 @@ def add_rms_norm_route(x, residual, gain, eps: float, router, k: int):
     return (*add_rms_norm(x, residual, gain, eps), None)
 
 
-def _fused_fits(x: mx.array, layer) -> bool:
+def fused_fits(x: mx.array, layer) -> bool:
+    """Whether :func:`experts` runs the fused kernels for ``x`` (T, D) through ``layer``."""
     gu = layer.gate_up_proj
     return (
         x.shape[0] <= MAX_TOKENS
@@ -298,7 +299,7 @@ def experts(x, indices, weights, layer, residual) -> mx.array:
     """residual + sum_j weights[:, j] * expert_{indices[:, j]}(x): (T, D) -> (T, D), through
     ``layer`` (the model's Experts): :func:`fused_experts` for decode-sized batches of MXFP4
     experts, else ``layer`` and ``ops.combine_experts``."""
-    if _fused_fits(x, layer):
+    if fused_fits(x, layer):
         return fused_experts(x, indices, weights, layer, residual)
     return ops.combine_experts(layer(x, mx.stop_gradient(indices)), weights, residual)
 
