@@ -8,8 +8,9 @@ Methods: ``host`` (numpy writes through the host view; the GPU's first touch fau
 over), ``host-mt4`` (four threads), ``+prefetch`` (then ``cuMemPrefetchAsync`` to the GPU),
 ``pinned-stage`` (through a page-locked staging buffer, async DMA), ``memcpy`` (``cuMemcpy``
 from the pageable mapping), ``register-each`` (each buffer page-locked around its copy) and
-``register-once`` (the whole file page-locked once, then ``cuMemcpyAsync``, as the pool does).
-``register-once`` leaves the file locked, so it runs last in each round. CUDA machines only.
+``register-once`` (the whole file page-locked once, then ``cuMemcpyAsync``, as the pool does);
+``register-once-wait-each`` waits for each buffer's copy (as a layer's missing experts are).
+``register-once`` leaves the file locked, so the two run last in each round. CUDA machines only.
 """
 
 from __future__ import annotations
@@ -135,16 +136,22 @@ def main() -> int:
             ok(memcpy(view[i].ctypes.data, source(r, i).ctypes.data, size, None), "cuMemcpyAsync")
         ok(synchronize(), "sync")
 
+    def register_once_each(r):  # after register_once (the file locked): one wait per buffer
+        for i in range(n):
+            ok(memcpy(view[i].ctypes.data, source(r, i).ctypes.data, size, None), "cuMemcpyAsync")
+            ok(synchronize(), "sync")
+
     def touch():
         mx.eval(pool.view(mx.uint32).sum(axis=1))
 
     methods = {"host": host, "host-mt4": host_mt, "host+prefetch": with_prefetch(host),
                "host-mt4+prefetch": with_prefetch(host_mt), "pinned-stage": pinned_stage,
-               "memcpy": pageable, "register-each": register_each, "register-once": register_once}
+               "memcpy": pageable, "register-each": register_each, "register-once": register_once,
+               "register-once-wait-each": register_once_each}
     print(f"{n} buffers of {size / 1e6:.1f} MB ({n * size / 1e9:.2f} GB) per method; device {mx.default_device()}")
     for rnd in range(args.rounds):
         for name, run in methods.items():
-            if locked and name != "register-once":
+            if locked and not name.startswith("register-once"):
                 continue  # the file is page-locked now: the other methods would measure that
             touch()
             t0 = time.perf_counter()

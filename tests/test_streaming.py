@@ -1,6 +1,7 @@
 """Expert streaming (expert_pool.py): a pool smaller than the experts computes exactly what the
 resident model computes, counts what it reads, and the memory plan chooses it only when needed."""
 
+import ctypes
 import subprocess
 import sys
 from dataclasses import replace
@@ -95,12 +96,12 @@ class QueuedCopies:
     def __init__(self, pins: bool):
         self.pins, self.queued, self.pinned, self.unpinned = pins, [], [], []
 
-    def copy(self, dst, src):
-        self.queued.append((dst, np.array(src)))
+    def copy(self, dst, src, n):
+        self.queued.append((dst, ctypes.string_at(src, n)))
 
     def finish(self):
-        for dst, src in self.queued:
-            np.copyto(dst, src)
+        for dst, data in self.queued:
+            ctypes.memmove(dst, data, len(data))
         self.queued.clear()
 
     def pin(self, buffer):
@@ -110,6 +111,49 @@ class QueuedCopies:
 
     def unpin(self, buffers):
         self.unpinned += [b.nbytes for b in buffers]
+
+
+@pytest.mark.parametrize("transfer", ["host", "cuda"])
+def test_reads_ahead_land_before_the_next_layer_computes(checkpoints, monkeypatch, transfer):
+    """Decode guesses the next layer's experts and copies them while the device computes: with
+    copies that land late (a slow worker thread, or a stream waited for only at the next
+    layer), every logit still equals the resident model's, and the guesses are counted."""
+    import threading
+    import time
+
+    from gptoss_mlx import expert_pool
+
+    driver = QueuedCopies(pins=True)
+    monkeypatch.setattr(expert_pool.CudaDriver, "find", classmethod(lambda cls: driver))
+    resident, pooled = load_model(checkpoints["hf"]), streamed(checkpoints["hf"], 8, transfer=transfer)
+    pool = pooled.expert_pool
+    pool.guess = 4
+    if transfer == "host":
+        memmove = pool._copy
+
+        def late(dst, src, n):  # the worker's copies land well after the main thread goes on
+            if threading.current_thread() is not threading.main_thread():
+                time.sleep(0.002)
+            memmove(dst, src, n)
+
+        pool._copy = late
+    caches = resident.make_cache(), pooled.make_cache()
+    for chunk in [PROMPT[:20], [5], [77], [301], [12], [499], [5]]:
+        a, b = (m(mx.array([chunk]), cache=c) for m, c in zip((resident, pooled), caches))
+        np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
+    s = pool.stats
+    assert s.guessed > 0 and 0 < s.guessed_used <= s.guessed and "read ahead" in s.summary()
+    assert not driver.queued and not pool._pending
+
+
+def test_the_host_transfer_guesses_by_default_and_the_others_do_not(checkpoints):
+    assert streamed(checkpoints["hf"], 8).expert_pool.guess == 4
+    assert streamed(checkpoints["hf"], 8, transfer="mlx").expert_pool.guess == 4  # chosen at load: host
+    config = read_config(checkpoints["hf"])
+    from gptoss_mlx.expert_pool import ExpertPool
+
+    mlx_pool = ExpertPool(config, streamed(checkpoints["hf"], 8).expert_pool.source, 8, transfer="mlx")
+    assert mlx_pool.transfer == "mlx" and mlx_pool.guess == 0
 
 
 @pytest.mark.parametrize("pins", [True, False])
