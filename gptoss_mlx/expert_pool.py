@@ -241,6 +241,7 @@ class PoolStats:
     read_s: float = 0.0  # copying from the checkpoint into host memory: the pool's, or staging
     migrate_s: float = 0.0  # moving it into the device's pool: MLX's copy, or the CUDA driver's DMA
     readback_s: float = 0.0  # waiting for each layer's routing (the GPU's work up to it)
+    fetch_s: float = 0.0  # all of the above and the pool's own bookkeeping: the time in fetch
     guessed: int = 0  # experts read ahead for the next layer on a guess (not misses: one chosen is a hit)
     guessed_used: int = 0  # ... that the next layer then chose
 
@@ -377,6 +378,12 @@ class ExpertPool:
         ``guess``: experts the next layer will likely choose (T, m), read ahead while the device
         computes this layer."""
         t0 = time.perf_counter()
+        try:
+            return self._fetch(layer, indices, guess, t0)
+        finally:
+            self.stats.fetch_s += time.perf_counter() - t0
+
+    def _fetch(self, layer: int, indices: mx.array, guess: mx.array | None, t0: float) -> mx.array:
         k = indices.shape[-1]
         if guess is not None:  # read back together: one wait, one copy to the host
             indices = mx.concatenate([indices, guess.astype(indices.dtype)], axis=-1)

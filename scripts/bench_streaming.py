@@ -24,7 +24,8 @@ Per decode token, the time splits into ``read`` (copying experts from the checkp
 memory: the pool's own, or MLX's staging), ``migrate`` (moving them into the device's pool: MLX's
 copy, or the CUDA driver's DMA; nothing where the pool is host memory, as on a Mac) and ``compute`` (the
 rest, including ``read-back``: waiting for each layer's routing, which on CUDA also pays for
-pages that migrate by faults); transfer GB/s is the bytes read over read + migrate.
+pages that migrate by faults, and the pool's own bookkeeping in Python); transfer GB/s is the
+bytes read over read + migrate.
 
 Random weights route almost uniformly, so every expert is equally likely: the hit rates here are
 a floor (real checkpoints reuse experts strongly from token to token).
@@ -141,7 +142,8 @@ def run_row(args) -> dict:
         return {"hit_rate": d.hit_rate if d.hits + d.misses else 1.0, "mb_per_token": d.bytes_read / n / 1e6,
                 "transfer_gbps": d.transfer_gbps, "read_ms_per_token": d.read_s / n * 1e3,
                 "migrate_ms_per_token": d.migrate_s / n * 1e3, "readback_ms_per_token": d.readback_s / n * 1e3,
-                "guessed_per_token": d.guessed / n, "guess_rate": d.guess_rate}
+                "guessed_per_token": d.guessed / n, "guess_rate": d.guess_rate,
+                "pool_ms_per_token": (d.fetch_s - d.readback_s - d.read_s - d.migrate_s) / n * 1e3}
 
     # Warm-up: a fresh process's first passes compile (and on CUDA load) their kernels.
     list(Engine(model, max_context=CONTEXT).generate(random_prompt(args.prompt, PROMPT_SEED + 2),
@@ -278,9 +280,10 @@ def main() -> int:
     print("| limit (GB) | arrangement | page cache | policy | transfer | read ahead | decode tok/s "
           "| % of resident | hit rate | read ahead/token (chosen) | MB read/token | transfer GB/s "
           "| read ms/token | migrate ms/token "
-          "| compute ms/token | of which read-back | prefill tok/s | prefill MB/token | peak GB "
+          "| compute ms/token | of which read-back | of which the pool's own | prefill tok/s "
+          "| prefill MB/token | peak GB "
           "| greedy tokens as resident |")
-    print("|" + "---|" * 20)
+    print("|" + "---|" * 21)
     for r in results:
         share = f"{100 * r['decode_tps'] / resident:.0f}%" if resident else "-"
         limit = "-" if r.get("slots") else f"{r['limit_gb']:.2f}"
@@ -290,7 +293,7 @@ def main() -> int:
         print(f"| {limit} | {r['arrangement']} | {r['cache']} | {r['policy']} | {r['transfer']} | {r['guess']} "
               f"| {r['decode_tps']:.1f} | {share} | {r['hit_rate']:.1%} | {ahead} | {r['mb_per_token']:.1f} "
               f"| {r['transfer_gbps']:.1f} | {r['read_ms_per_token']:.1f} | {r['migrate_ms_per_token']:.1f} "
-              f"| {r['compute_ms_per_token']:.1f} | {r['readback_ms_per_token']:.1f} "
+              f"| {r['compute_ms_per_token']:.1f} | {r['readback_ms_per_token']:.1f} | {r['pool_ms_per_token']:.1f} "
               f"| {r['prefill_tps']:.0f} | {r['prefill_mb_per_token']:.1f} | {r['peak_gb']:.2f} "
               f"| {same_tokens(r, resident_row)} |")
     return 0
