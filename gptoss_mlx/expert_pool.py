@@ -298,7 +298,7 @@ class ExpertPool:
         self.stats = PoolStats()
         self.pinned_bytes = 0  # of the checkpoint, page-locked for the cuda transfer
         self.guess = 0  # experts guessed and read ahead per layer and token (see the module's docstring)
-        self._pending: list = []  # copies still under way: futures of the host transfer's worker
+        self._pending: list = []  # copies still under way: the host transfer's worker's (future, slots)
         self._queued = False  # ... or the cuda transfer's stream holds some
         self._worker = None  # the host transfer's thread for reads ahead, made when first needed
         self._guessed = (-1, frozenset())  # (layer, experts read ahead for it)
@@ -485,7 +485,7 @@ class ExpertPool:
                 if self._worker is None:
                     from concurrent.futures import ThreadPoolExecutor
                     self._worker = ThreadPoolExecutor(1, thread_name_prefix="expert-reads")
-                self._pending.append(self._worker.submit(copies))
+                self._pending.append((self._worker.submit(copies), victims))
             return
         t0 = time.perf_counter()
         copies()
@@ -498,10 +498,13 @@ class ExpertPool:
             return
         t0 = time.perf_counter()
         pending, self._pending, self._queued = self._pending, [], False
-        for future in pending:
-            future.result()  # its error (a file cut short) is raised here
+        failed = [(future.exception(), slots) for future, slots in pending if future.exception()]
+        for _, slots in failed:
+            self._release(slots)  # never whole: read again when chosen
         self._finish()
         self._account(time.perf_counter() - t0)
+        if failed:
+            raise failed[0][0]  # (a file cut short) here, where the model waits for the copies
 
     def _account(self, seconds: float) -> None:
         if self.transfer == "cuda":  # read and migrated in one copy

@@ -273,6 +273,34 @@ def test_a_checkpoint_cut_short_while_streaming_is_an_error_naming_it(checkpoint
         list(engine.generate(PROMPT[::-1], SamplingParams(temperature=0, max_tokens=4), stop_tokens=frozenset()))
 
 
+def test_a_read_ahead_that_fails_is_an_error_and_the_next_turn_reads_those_experts_again(checkpoints):
+    """The worker thread's copy of a guessed expert fails (a file cut short, then restored): the
+    error reaches the caller at the next layer, the slots it was filling count as empty, and the
+    model then computes exactly what the resident model does."""
+    import threading
+
+    resident, pooled = load_model(checkpoints["hf"]), streamed(checkpoints["hf"], 8)
+    source, pool = pooled.expert_pool.source, pooled.expert_pool
+    real_span, failures = source.span, []
+
+    def flaky_span(layer, name, expert):
+        if threading.current_thread() is not threading.main_thread() and not failures:
+            failures.append((layer, expert))
+            raise CheckpointError("the file was cut (simulated)")
+        return real_span(layer, name, expert)
+
+    source.span = flaky_span
+    pooled(mx.array([PROMPT[:20]]), cache=pooled.make_cache())
+    with pytest.raises(CheckpointError, match="simulated"):
+        pooled(mx.array([[5]]), cache=pooled.make_cache())
+    layer, expert = failures[0]
+    assert pool.slot_of[layer, expert] == -1 and not pool._pending
+    caches = resident.make_cache(), pooled.make_cache()  # the failed pass's cache is not kept
+    for chunk in [PROMPT[:20], [5], [77], [301], [12]]:
+        a, b = (m(mx.array([chunk]), cache=c) for m, c in zip((resident, pooled), caches))
+        np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
+
+
 def test_the_pool_holds_the_checkpoint_bytes_of_each_expert(checkpoints):
     resident, model = load_model(checkpoints["hf"]), streamed(checkpoints["hf"], 8)
     slots = np.array(model.expert_pool.fetch(3, mx.array([[6, 1, 4, 2]])))[0]
