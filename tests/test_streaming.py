@@ -500,3 +500,19 @@ def test_any_sequence_of_steps_keeps_the_pool_consistent(models, policy, slots, 
         assert all(pool.slot_of[o // 8, o % 8] == s for s, o in zip(held, pool.owner[held]))
         assert (pool.slot_of >= 0).sum() == len(held)
     assert pool.stats.bytes_read == pool.stats.misses * expert_bytes(resident.config)
+
+
+def test_chat_stats_show_the_pools_reads(tiny_checkpoint, tmp_path):
+    """A streamed model's /stats in `gptoss-mlx chat` says what the expert pool read."""
+    import io
+
+    from gptoss_mlx.chat import Chat
+    from gptoss_mlx.cli.chat import Repl
+    from gptoss_mlx.store import ConversationStore
+    from gptoss_mlx.tokenizer import load_tokenizer
+
+    chat = Chat(streamed(tiny_checkpoint, 8), load_tokenizer(tiny_checkpoint / "tokenizer.json"),
+                sampling=SamplingParams(temperature=0, max_tokens=6))
+    lines, out = iter(["hello", "/stats", "/exit"]), io.StringIO()
+    assert Repl(chat, ConversationStore(tmp_path), lambda prompt="": next(lines), out=out).run() == 0
+    assert "prompt tokens" in out.getvalue() and "experts: hit rate" in out.getvalue(), out.getvalue()

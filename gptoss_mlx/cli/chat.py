@@ -248,6 +248,9 @@ class Repl:
             self.save(arg)
         elif name == "/stats":
             self.say(self.last_stats.summary() if self.last_stats else "no reply yet")
+            pool = getattr(self.chat.engine.model, "expert_pool", None)
+            if pool is not None:  # streamed experts: what the pool read since loading
+                self.say(pool.stats.summary() + " since loading")
         else:
             self.say(f"unknown command {name}; /help lists them")
         return None
