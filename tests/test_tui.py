@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from types import SimpleNamespace
@@ -25,6 +26,7 @@ class FakeEngine:
         self.max_context = 4096
         self.prompt_cache = SimpleNamespace(tokens=[])
         self.stats = Stats()
+        self.model = SimpleNamespace(expert_pool=None)
 
 
 class ScriptedChat(Chat):
@@ -410,6 +412,21 @@ async def test_with_a_tiny_real_model(tiny_checkpoint, store):
         assert chat.reasoning_effort == "high"
         assert "context" in app.query_one("#status").render().plain
     assert len(store.list()) == 1
+
+
+async def test_a_streamed_model_shows_its_expert_pool_in_the_status(tiny_checkpoint, store):
+    """With experts streamed (a memory limit that holds 8 of the tiny model's 32), the status line
+    says how often a chosen expert was in the pool."""
+    from gptoss_mlx.loading import load
+
+    model, tokenizer = load(tiny_checkpoint, memory_limit="1.02309GB", dense_bits=4)
+    assert model.expert_pool is not None
+    chat = Chat(model, tokenizer, sampling=SamplingParams(temperature=0, max_tokens=8), date="2025-08-05")
+    app = make_app(chat, store)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "Hi there")
+        status = app.query_one("#status").render().plain
+        assert re.search(r"experts \d+% in the pool", status), status
 
 
 @pytest.mark.parametrize("turns", [2, 5])

@@ -466,6 +466,9 @@ class ChatApp(App):
         if self.last_done is not None:
             s = self.last_done.stats
             parts += [f"TTFT {s.ttft_s:.2f}s", f"{s.decode_tps:.1f} tok/s", f"peak {s.peak_memory_gb:.1f} GB"]
+            pool = getattr(self.chat.engine.model, "expert_pool", None)
+            if pool is not None:  # streamed experts: how often a chosen expert was in the pool
+                parts.append(f"experts {pool.stats.hit_rate:.0%} in the pool")
         if message:
             parts.append(message)
         elif self.generating:
