@@ -330,9 +330,9 @@ class ExpertPool:
         raise ValueError(f"the {transfer} transfer does not reach the expert pool on {mx.default_device()}")
 
     def _host_copy(self, transfer: str) -> bool:
-        """Set up the ``host`` or ``cuda`` transfer (``self._copy(dst, src)`` and
+        """Set up the ``host`` or ``cuda`` transfer (``self._copy(dst, src, bytes)`` by address and
         ``self._finish()``, the views in ``self._views``) and say whether it works here: if the
-        pool holds the checkpoint's bytes (no cast), and a pattern it writes into slot 0 of each
+        pool holds every layer's stored bytes (no cast), and a pattern it writes into slot 0 of each
         of the pool's arrays is what the device then reads there."""
         driver = CudaDriver.find() if transfer == "cuda" else None
         if transfer == "cuda" and driver is None:
@@ -341,11 +341,11 @@ class ExpertPool:
         copy, finish = (driver.copy, driver.finish) if driver else (ctypes.memmove, lambda: None)
         try:
             views = {name: host_view(self._array(name)) for name in EXPERT_TENSORS}
-            for name, view in views.items():
-                stored = self.source.tensors[0, name]
+            for (_, name), stored in self.source.tensors.items():  # every layer's: dtypes may differ
                 if (stored.dtype not in (mx.uint8, self._array(name).dtype)
-                        or view.shape[1] != stored.expert_bytes):
+                        or views[name].shape[1] != stored.expert_bytes):
                     return False  # the pool holds a cast of the checkpoint's bytes
+            for name, view in views.items():
                 pattern = (np.arange(view.shape[1]) * 7 + 1).astype(np.uint8)
                 copy(view.ctypes.data, pattern.ctypes.data, pattern.nbytes)
                 finish()

@@ -301,6 +301,29 @@ def test_a_read_ahead_that_fails_is_an_error_and_the_next_turn_reads_those_exper
         np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_expert_biases_stored_in_another_dtype_in_one_layer_are_cast_not_copied(checkpoints, tmp_path, dtype):
+    """A checkpoint whose layer 1 keeps its expert biases in another dtype than layer 0's: the
+    pool cannot copy those bytes as they are (a float32 row is twice a bf16 slot's), so it casts
+    them through MLX, and the logits equal the resident model's."""
+    import shutil
+
+    directory = tmp_path / "mixed"
+    shutil.copytree(checkpoints["hf"], directory)
+    (shard,) = directory.glob("*.safetensors")
+    tensors = mx.load(str(shard))
+    for name in tensors:
+        if name.startswith("model.layers.1.mlp.experts.") and name.endswith("_bias"):
+            tensors[name] = tensors[name].astype(dtype)
+    mx.save_safetensors(str(shard), tensors, metadata={"format": "pt"})
+    resident, pooled = load_model(directory), streamed(directory, 8)
+    assert pooled.expert_pool.transfer == "mlx"
+    caches = resident.make_cache(), pooled.make_cache()
+    for chunk in [PROMPT[:20], [5], [77], [301]]:
+        a, b = (m(mx.array([chunk]), cache=c) for m, c in zip((resident, pooled), caches))
+        np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
+
+
 def test_the_pool_holds_the_checkpoint_bytes_of_each_expert(checkpoints):
     resident, model = load_model(checkpoints["hf"]), streamed(checkpoints["hf"], 8)
     slots = np.array(model.expert_pool.fetch(3, mx.array([[6, 1, 4, 2]])))[0]
