@@ -28,6 +28,7 @@ from typing import Iterator
 
 from . import harmony
 from .engine_thread import engine_thread
+from .files import CheckpointError
 from .generate import ContextLengthError, Engine, NonFiniteLogitsError, SamplingParams, Stats
 from .harmony import ContentDelta, DeveloperContent, Message, MessageEnd, MessageStart, ResponseFormat
 from .structured import SchemaError, compile_schema, constraints_for, grammars
@@ -209,8 +210,9 @@ class Chat:
     # -- turns
     def send(self, text: str, response_format: ResponseFormat | dict | None = None) -> Iterator[ChatEvent]:
         """Add a user message and stream the reply. If it does not fit the context
-        (ContextLengthError) or the model computes NaNs (NonFiniteLogitsError), the message is taken
-        back out: the chat goes on as before. ``response_format`` (a JSON Schema, or a
+        (ContextLengthError), the model computes NaNs (NonFiniteLogitsError) or a checkpoint file
+        fails while experts stream from it (CheckpointError) before any reply, the message is
+        taken back out: the chat goes on as before. ``response_format`` (a JSON Schema, or a
         ResponseFormat) shapes this turn's answer, over :attr:`response_format`; a schema that
         cannot be enforced raises SchemaError before anything is sent."""
         turn_format = self._checked_format(response_format) if response_format is not None else self._format
@@ -222,8 +224,8 @@ class Chat:
         self.messages.append(message)
         try:
             yield from self.reply()
-        except (ContextLengthError, NonFiniteLogitsError, SchemaError):  # nothing was generated
-            if self.messages and self.messages[-1] is message:
+        except (ContextLengthError, NonFiniteLogitsError, SchemaError, CheckpointError):
+            if self.messages and self.messages[-1] is message:  # nothing came after it
                 self.messages.pop()
             raise
 

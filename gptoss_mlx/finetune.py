@@ -39,7 +39,8 @@ from . import harmony
 from .files import JSONProblem, parse_json, read_json_file
 from .harmony import BUILTIN_TOOLS, END, RETURN, START, Message, Special
 from .kernels import registry
-from .lora import ADAPTER_WEIGHTS, LoRAConfig, apply_lora, read_adapter_config, save_adapter, write_json
+from .lora import (ADAPTER_WEIGHTS, AdapterError, LoRAConfig, apply_lora, read_adapter_config, save_adapter,
+                   write_json)
 from .model import Model
 from .store import chat_file_problem
 
@@ -372,6 +373,19 @@ def read_state(directory: str | os.PathLike) -> dict:
     return state
 
 
+def check_trainable(model: Model) -> None:
+    """An AdapterError unless every expert is resident. Streamed (expert_pool.py), a layer's
+    experts sit in pool slots that later layers overwrite during the forward pass, so the backward
+    pass would read other experts' weights."""
+    pool = getattr(model, "expert_pool", None)
+    if pool is not None:
+        raise AdapterError(
+            f"fine-tuning needs every expert on the GPU, and at this memory limit they are streamed "
+            f"({pool.slots} of {pool.config.num_hidden_layers * pool.config.num_local_experts} in "
+            "memory): a training step would compute its gradients with experts that later layers "
+            "replaced. Train where the whole model fits (`gptoss-mlx doctor` shows the plans)")
+
+
 def train(model: Model, base_model: str, train_set: list[Example], settings: Settings,
           out: str | os.PathLike, valid_set: list[Example] | None = None, data_digest: str = "",
           resume: dict | None = None, stop: threading.Event | None = None) -> Iterator[TrainEvent]:
@@ -380,6 +394,7 @@ def train(model: Model, base_model: str, train_set: list[Example], settings: Set
     ``stop`` set: the run saves after the step under way and ends. Runs on the calling thread
     (give it to the engine thread)."""
     out = Path(out)
+    check_trainable(model)
     mx.random.seed(settings.seed)
     apply_lora(model, settings.lora)
     rate = settings.learning_rate

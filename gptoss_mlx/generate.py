@@ -204,6 +204,12 @@ class PromptCache:
         self.snapshots = {p: s for p, s in self.snapshots.items() if p <= keep}
         return keep
 
+    def clear(self, cache: list) -> None:
+        """Start over from ``cache`` (empty): after a pass that failed part-way, whose first
+        layers took its tokens and the others not."""
+        self.cache, self.tokens, self.snapshots = cache, [], {}
+        self.take_snapshot()
+
     def take_snapshot(self) -> None:
         self.snapshots[len(self.tokens)] = [c.snapshot() for c in self.cache]
         while len(self.snapshots) > self.max_snapshots:
@@ -340,9 +346,13 @@ class Engine:
     def _forward_async(self, y: mx.array) -> mx.array:
         """Queue one decode step for token ``y``, whose id the host does not know yet."""
         cache = self.prompt_cache.cache
-        logits = self.compiled_decode(y, cache) if self.compiled_decode else None
-        if logits is None:
-            logits = self.model(y.reshape(1, 1), cache=cache)[:, -1, :]
+        try:
+            logits = self.compiled_decode(y, cache) if self.compiled_decode else None
+            if logits is None:
+                logits = self.model(y.reshape(1, 1), cache=cache)[:, -1, :]
+        except Exception:  # a streamed expert's file failed, say: no layer may keep the token
+            self.prompt_cache.clear(self.model.make_cache())
+            raise
         self.prompt_cache.tokens.append(-1)  # the caller writes the id once it has it
         return logits
 
@@ -362,8 +372,13 @@ EVALUATE_ALL_LAYERS_UP_TO = 128
 
 
 def forward(model, pc: PromptCache, tokens: list[int], evaluate_layers: bool = False) -> mx.array:
-    """Feed tokens through the model (updating the cache); logits of the last one, (1, V)."""
-    logits = model(mx.array([tokens]), cache=pc.cache, evaluate_layers=evaluate_layers)
+    """Feed tokens through the model (updating the cache); logits of the last one, (1, V). If
+    the pass fails part-way (a streamed expert's file, say), the cache starts over, empty."""
+    try:
+        logits = model(mx.array([tokens]), cache=pc.cache, evaluate_layers=evaluate_layers)
+    except Exception:
+        pc.clear(model.make_cache())
+        raise
     pc.tokens.extend(tokens)
     return logits[:, -1, :]
 

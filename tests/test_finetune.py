@@ -19,7 +19,7 @@ from gptoss_mlx.generate import SamplingParams
 from gptoss_mlx.tokenizer import SPECIAL_TOKENS as ID
 from gptoss_mlx.loading import load
 from gptoss_mlx.lora import (
-    ADAPTER_WEIGHTS, FUSED_EXPERT_ADAPTER, LoRAConfig, LoRALinear, LoRASwitchLinear, apply_lora,
+    ADAPTER_WEIGHTS, FUSED_EXPERT_ADAPTER, AdapterError, LoRAConfig, LoRALinear, LoRASwitchLinear, apply_lora,
     save_adapter,
 )
 from gptoss_mlx.testing import checkpoints as mtc
@@ -130,6 +130,26 @@ def test_cli_reports_a_bad_line_in_one_message(sharp, tmp_path, capsys):
                  "--adapter-path", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"{path}:1: messages[0].content must be" in err and "Traceback" not in err
+
+
+def test_fine_tuning_a_model_whose_experts_stream_is_refused_in_one_message(sharp, tok, tmp_path, monkeypatch,
+                                                                           capsys):
+    """On a machine where the plan streams the experts (a simulated small GPU), training would
+    compute gradients with experts that later layers replaced in the pool: refused, by the
+    library and by the CLI, naming why."""
+    from gptoss_mlx.memory import DEVICE_MEMORY_ENV
+
+    data = write_jsonl(tmp_path / "capitals.jsonl", [capitals_line(*c) for c in CAPITALS[:2]])
+    model, _ = load(sharp, memory_limit="1.02309GB", dense_bits=4)
+    assert model.expert_pool is not None
+    examples, _ = ft.load_data(data, tok, 512)
+    with pytest.raises(AdapterError, match="fine-tuning needs every expert on the GPU"):
+        next(ft.train(model, str(sharp), examples, SETTINGS, tmp_path / "out"))
+    monkeypatch.setenv(DEVICE_MEMORY_ENV, "1.02309GB")
+    assert main(["finetune", "--model", str(sharp), "--data", str(data), "--dense-bits", "4",
+                 "--targets", "attention", "--adapter-path", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "they are streamed (8 of 32 in memory)" in err and "Traceback" not in err, err
 
 
 # ------------------------------------------------------------------------------ learning

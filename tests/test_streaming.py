@@ -324,6 +324,40 @@ def test_expert_biases_stored_in_another_dtype_in_one_layer_are_cast_not_copied(
         np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
 
 
+@pytest.mark.parametrize("when", ["prefill", "decode"])
+def test_after_a_pass_that_failed_part_way_the_engine_goes_on_exactly(checkpoints, when):
+    """A streamed expert's read fails in the middle of a pass (prefill: a demand read; decode:
+    a read ahead on the worker thread): the first layers have taken the tokens, the others not.
+    The engine starts its cache over, so the next turn makes the resident model's tokens."""
+    import threading
+
+    resident, pooled = load_model(checkpoints["hf"]), streamed(checkpoints["hf"], 8)
+    source = pooled.expert_pool.source
+    real_span, armed = source.span, []
+
+    def flaky_span(layer, name, expert):
+        ahead = threading.current_thread().name.startswith("expert-reads")  # the pool's worker
+        if armed and layer == 2 and ahead == (when == "decode"):
+            armed.clear()
+            raise CheckpointError("the file was cut (simulated)")
+        return real_span(layer, name, expert)
+
+    source.span = flaky_span
+    engines = [Engine(m, max_context=512, prefill_step=16) for m in (resident, pooled)]
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    tokens = iter(engines[1].generate(list(PROMPT), greedy, stop_tokens=()))
+    if when == "decode":
+        made = [next(tokens), next(tokens)]
+    armed.append(True)
+    with pytest.raises(CheckpointError, match="simulated"):
+        made = list(tokens) if when == "decode" else list(engines[1].generate(PROMPT[::-1], greedy, stop_tokens=()))
+    pc = engines[1].prompt_cache
+    assert {c.offset for c in pc.cache} == {len(pc.tokens)}
+    history = list(PROMPT) + [7, 400, 3]
+    assert [list(e.generate(history, greedy, stop_tokens=())) for e in engines][1] == \
+        list(engines[0].generate(history, greedy, stop_tokens=()))
+
+
 def test_the_pool_holds_the_checkpoint_bytes_of_each_expert(checkpoints):
     resident, model = load_model(checkpoints["hf"]), streamed(checkpoints["hf"], 8)
     slots = np.array(model.expert_pool.fetch(3, mx.array([[6, 1, 4, 2]])))[0]
@@ -539,3 +573,29 @@ def test_chat_stats_show_the_pools_reads(tiny_checkpoint, tmp_path):
     lines, out = iter(["hello", "/stats", "/exit"]), io.StringIO()
     assert Repl(chat, ConversationStore(tmp_path), lambda prompt="": next(lines), out=out).run() == 0
     assert "prompt tokens" in out.getvalue() and "experts: hit rate" in out.getvalue(), out.getvalue()
+
+
+def test_a_chat_takes_its_message_back_when_the_checkpoint_fails_under_it(tiny_checkpoint, tmp_path):
+    """The checkpoint is cut while a streamed chat runs, then restored: the turn that failed
+    leaves no trace in the history, and the next turn works."""
+    import shutil
+
+    from gptoss_mlx.chat import Chat
+    from gptoss_mlx.tokenizer import load_tokenizer
+
+    directory = tmp_path / "cut"
+    shutil.copytree(tiny_checkpoint, directory)
+    (shard,) = directory.glob("*.safetensors")
+    original = shard.read_bytes()
+    chat = Chat(streamed(directory, 8), load_tokenizer(directory / "tokenizer.json"),
+                sampling=SamplingParams(temperature=0, max_tokens=6))
+    list(chat.send("Hello there"))
+    before = list(chat.messages)
+    with open(shard, "r+b") as f:
+        f.truncate(len(original) // 2)
+    with pytest.raises(CheckpointError, match="the file was cut"):
+        list(chat.send("Second question"))
+    assert chat.messages == before
+    shard.write_bytes(original)
+    list(chat.send("Second question"))
+    assert [m.role for m in chat.messages[len(before):]][:2] == ["user", "assistant"]

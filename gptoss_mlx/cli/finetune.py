@@ -125,6 +125,7 @@ def cmd_finetune(args) -> int:
         directory = resolve_checkpoint(args.model)
         print(f"Loading {directory} ...", flush=True)
         model, tokenizer = engine_thread().call(load, directory, dense_bits=args.dense_bits)
+        ft.check_trainable(model)
         train_set, report = ft.load_data(args.data, tokenizer, settings.max_seq_len, settings.long)
         valid_set = None
         notes = report.lines(settings.max_seq_len)
