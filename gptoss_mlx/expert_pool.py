@@ -3,16 +3,16 @@ from the checkpoint, so that a model whose experts do not all fit still runs on 
 
 A token uses ``top_k`` of a layer's experts (4 of 32 on 20b, 4 of 128 on 120b). Each layer's
 ``mlp.experts`` is a :class:`StreamedExperts`: after the router, the layer's expert ids are read
-back once, the missing experts are read from the checkpoint's safetensors (memory-mapped: the
-OS page cache keeps what RAM allows) into free or evicted slots, one read per missing expert,
+back once, the missing experts are read from the checkpoint's safetensors (through the OS
+page cache, which keeps what RAM allows) into free or evicted slots, one read per missing expert,
 and the gather runs on the pool's :class:`~gptoss_mlx.model.Experts` with slot indices instead
 of expert ids. The bytes are the checkpoint's own, so the logits equal the resident model's.
 
 How the bytes reach a slot (``transfer``, the first that works, checked once per pool by
-writing a pattern and reading it back through MLX): ``host`` copies each missing expert from the
-mapped file straight into the slot's memory through a numpy view of the pool (unified memory on
-a Mac, the CPU: that copy is the whole transfer); ``cuda`` does the same by DMA with the CUDA
-driver's ``cuMemcpyAsync`` from the checkpoint's files, page-locked (MLX-CUDA's memory is managed:
+writing a pattern and reading it back through MLX): ``host`` reads each missing expert from the
+file (``pread``) straight into the slot's memory, found through a numpy view of the pool (unified
+memory on a Mac, the CPU: that read is the whole transfer); ``cuda`` copies by DMA with the CUDA
+driver's ``cuMemcpyAsync`` from the checkpoint's files, mapped and page-locked (MLX-CUDA's memory is managed:
 a host write would reach the GPU by page faults; see :class:`CudaDriver`); ``mlx``, where
 the pool's memory cannot be written from the host, stages each expert in an MLX array and copies
 it into the pool on the device. Writing the pool in place is safe because nothing that reads it
@@ -84,19 +84,25 @@ class ExpertTensor:
 
 
 class ExpertSource:
-    """Reads single experts from the checkpoint's files, memory-mapped once each."""
+    """Reads single experts from the checkpoint's files: by ``pread`` into the caller's memory
+    (:meth:`read_into`: a file cut short meanwhile gives a short read, where a copy out of a
+    mapping would die of SIGBUS), or, for the CUDA driver's DMA, from the files memory-mapped
+    once each (:meth:`span`)."""
 
     def __init__(self, tensors: dict[tuple[int, str], ExpertTensor]):
         self.tensors = tensors  # (layer, one of EXPERT_TENSORS) -> where
         self._maps: dict[Path, mmap.mmap] = {}
         self._bytes: dict[Path, np.ndarray] = {}  # each mapping's bytes: where it lies in memory
+        self._fds: dict[Path, int] = {}
         self._pinned: set[Path] = set()
         for t in tensors.values():
             if t.file not in self._maps:
                 with open(t.file, "rb") as f:
                     self._maps[t.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 self._bytes[t.file] = np.frombuffer(self._maps[t.file], dtype=np.uint8)
+                self._fds[t.file] = os.open(t.file, os.O_RDONLY)
         self._address = {file: int(b.ctypes.data) for file, b in self._bytes.items()}
+        weakref.finalize(self, lambda fds: [os.close(fd) for fd in fds], list(self._fds.values()))
 
     def pin(self, driver: CudaDriver, budget: int) -> int:
         """Page-lock whole files for ``driver``'s DMA, in order, while their sizes stay within
@@ -131,20 +137,36 @@ class ExpertSource:
         start, mapped = t.offset + expert * t.expert_bytes, self._maps[t.file]
         # A file cut short after loading: reading past its end would kill the process (SIGBUS).
         if mapped.size() < start + t.expert_bytes:  # the file's size now (fstat)
-            raise CheckpointError(f"{t.file}: the file was cut to {mapped.size()} bytes while the "
-                                  f"model was using it (expert {expert} of layer {layer} lies past its "
-                                  "end): restore the checkpoint and load it again")
+            raise self._cut(layer, name, expert)
         return self._address[t.file] + start, t.expert_bytes
 
-    def raw(self, layer: int, name: str, expert: int) -> np.ndarray:
-        """One expert's tensor as stored: its bytes in the mapped file (no copy)."""
-        address, n = self.span(layer, name, expert)
+    def read_into(self, address: int, layer: int, name: str, expert: int) -> None:
+        """One expert's tensor as stored into the memory at ``address`` (its bytes), by ``pread``
+        (which lets go of the GIL)."""
         t = self.tensors[layer, name]
-        return self._bytes[t.file][address - self._address[t.file]:][:n]
+        buffer = (ctypes.c_char * t.expert_bytes).from_address(address)
+        start = t.offset + expert * t.expert_bytes
+        if hasattr(os, "preadv"):
+            n = os.preadv(self._fds[t.file], [buffer], start)
+        else:  # without preadv (older macOS): through a bytes object
+            data = os.pread(self._fds[t.file], t.expert_bytes, start)
+            n = len(data)
+            ctypes.memmove(address, data, n)
+        if n != t.expert_bytes:
+            raise self._cut(layer, name, expert)
 
     def read(self, layer: int, name: str, expert: int) -> mx.array:
-        """One expert's tensor as stored, flat, in MLX (one copy, out of the page cache)."""
-        return mx.array(self.raw(layer, name, expert)).view(self.tensors[layer, name].dtype)
+        """One expert's tensor as stored, flat, in MLX."""
+        t = self.tensors[layer, name]
+        values = np.empty(t.expert_bytes, np.uint8)
+        self.read_into(values.ctypes.data, layer, name, expert)
+        return mx.array(values).view(t.dtype)
+
+    def _cut(self, layer: int, name: str, expert: int) -> CheckpointError:
+        file = self.tensors[layer, name].file
+        return CheckpointError(f"{file}: the file was cut to {os.fstat(self._fds[file]).st_size} bytes "
+                               f"while the model was using it (expert {expert} of layer {layer} lies past "
+                               "its end): restore the checkpoint and load it again")
 
 
 def host_view(array: mx.array) -> np.ndarray:
@@ -330,7 +352,7 @@ class ExpertPool:
         raise ValueError(f"the {transfer} transfer does not reach the expert pool on {mx.default_device()}")
 
     def _host_copy(self, transfer: str) -> bool:
-        """Set up the ``host`` or ``cuda`` transfer (``self._copy(dst, src, bytes)`` by address and
+        """Set up the ``host`` or ``cuda`` transfer (``self._copy(dst address, layer, name, expert)`` and
         ``self._finish()``, the views in ``self._views``) and say whether it works here: if the
         pool holds every layer's stored bytes (no cast), and a pattern it writes into slot 0 of each
         of the pool's arrays is what the device then reads there."""
@@ -339,6 +361,10 @@ class ExpertPool:
             return False
         # (dst, src, bytes) by address; ctypes' memmove lets go of the GIL while it copies
         copy, finish = (driver.copy, driver.finish) if driver else (ctypes.memmove, lambda: None)
+        source = self.source
+        # (dst address, layer, tensor name, expert): DMA out of the mapped file, or pread
+        copy_in = ((lambda dst, *expert: driver.copy(dst, *source.span(*expert))) if driver
+                   else source.read_into)
         try:
             views = {name: host_view(self._array(name)) for name in EXPERT_TENSORS}
             for (_, name), stored in self.source.tensors.items():  # every layer's: dtypes may differ
@@ -357,7 +383,7 @@ class ExpertPool:
         if driver and not self.pinned_bytes:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             self.pinned_bytes = self.source.pin(driver, int(PIN_SHARE * ram))
-        self._copy, self._finish, self._views = copy, finish, views
+        self._copy, self._finish, self._views = copy_in, finish, views
         self._rows = {name: (int(view.ctypes.data), view.strides[0]) for name, view in views.items()}
         return True
 
@@ -467,15 +493,15 @@ class ExpertPool:
         self.score[slots] = -np.inf
 
     def _write(self, layer: int, missing: np.ndarray, victims: np.ndarray, wait: bool = True) -> None:
-        """Each missing expert's bytes from the mapped checkpoint straight into its slot's memory,
-        one copy per tensor. Nothing still to run reads these slots (see the module's docstring):
+        """Each missing expert's bytes from the checkpoint straight into its slot's memory, one
+        read or copy per tensor. Nothing still to run reads these slots (see the module's docstring):
         this runs after the layer's routing read-back. Unless ``wait``, the copies run while the
         caller goes on (the host transfer's on a worker thread), until :meth:`_wait_for_copies`."""
         def copies():
             for expert, slot in zip(missing.tolist(), victims.tolist()):
                 for name in EXPERT_TENSORS:
                     base, stride = self._rows[name]
-                    self._copy(base + slot * stride, *self.source.span(layer, name, expert))
+                    self._copy(base + slot * stride, layer, name, expert)
 
         if not wait:
             if self.transfer == "cuda":

@@ -129,12 +129,12 @@ def test_reads_ahead_land_before_the_next_layer_computes(checkpoints, monkeypatc
     pool = pooled.expert_pool
     pool.guess = 4
     if transfer == "host":
-        memmove = pool._copy
+        read_into = pool._copy
 
-        def late(dst, src, n):  # the worker's copies land well after the main thread goes on
-            if threading.current_thread() is not threading.main_thread():
+        def late(dst, *expert):  # the worker's reads land well after the engine goes on
+            if threading.current_thread().name.startswith("expert-reads"):
                 time.sleep(0.002)
-            memmove(dst, src, n)
+            read_into(dst, *expert)
 
         pool._copy = late
     caches = resident.make_cache(), pooled.make_cache()
@@ -280,16 +280,16 @@ def test_a_read_ahead_that_fails_is_an_error_and_the_next_turn_reads_those_exper
     import threading
 
     resident, pooled = load_model(checkpoints["hf"]), streamed(checkpoints["hf"], 8)
-    source, pool = pooled.expert_pool.source, pooled.expert_pool
-    real_span, failures = source.span, []
+    pool = pooled.expert_pool
+    real_read, failures = pool._copy, []
 
-    def flaky_span(layer, name, expert):
+    def flaky_read(address, layer, name, expert):  # the host transfer's read of one tensor
         if threading.current_thread() is not threading.main_thread() and not failures:
             failures.append((layer, expert))
             raise CheckpointError("the file was cut (simulated)")
-        return real_span(layer, name, expert)
+        return real_read(address, layer, name, expert)
 
-    source.span = flaky_span
+    pool._copy = flaky_read
     pooled(mx.array([PROMPT[:20]]), cache=pooled.make_cache())
     with pytest.raises(CheckpointError, match="simulated"):
         pooled(mx.array([[5]]), cache=pooled.make_cache())
@@ -332,17 +332,17 @@ def test_after_a_pass_that_failed_part_way_the_engine_goes_on_exactly(checkpoint
     import threading
 
     resident, pooled = load_model(checkpoints["hf"]), streamed(checkpoints["hf"], 8)
-    source = pooled.expert_pool.source
-    real_span, armed = source.span, []
+    pool = pooled.expert_pool
+    real_read, armed = pool._copy, []
 
-    def flaky_span(layer, name, expert):
+    def flaky_read(address, layer, name, expert):  # the host transfer's read of one tensor
         ahead = threading.current_thread().name.startswith("expert-reads")  # the pool's worker
         if armed and layer == 2 and ahead == (when == "decode"):
             armed.clear()
             raise CheckpointError("the file was cut (simulated)")
-        return real_span(layer, name, expert)
+        return real_read(address, layer, name, expert)
 
-    source.span = flaky_span
+    pool._copy = flaky_read
     engines = [Engine(m, max_context=512, prefill_step=16) for m in (resident, pooled)]
     greedy = SamplingParams(temperature=0, max_tokens=8)
     tokens = iter(engines[1].generate(list(PROMPT), greedy, stop_tokens=()))
