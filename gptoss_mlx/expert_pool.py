@@ -343,7 +343,8 @@ class ExpertPool:
         if transfer not in (None, *TRANSFERS):
             raise ValueError(f"transfer must be one of {', '.join(TRANSFERS)}, got {transfer!r}")
         self._wait_for_copies()
-        self._release(np.array([0]))  # the check below writes slot 0
+        mx.synchronize()  # the check below writes slot 0: nothing queued may still read it
+        self._release(np.array([0]))
         self._views = {}  # released first: MLX donates (writes in place) only unshared buffers
         for name in [transfer] if transfer else TRANSFERS:
             if name == "mlx" or self._host_copy(name):
@@ -414,7 +415,7 @@ class ExpertPool:
         if guess is not None:  # read back together: one wait, one copy to the host
             indices = mx.concatenate([indices, guess.astype(indices.dtype)], axis=-1)
         ids = np.array(indices)  # the layer's one read-back: waits for the GPU up to here
-        ids, guessed, indices = ids[:, :k], ids[:, k:], indices[:, :k]
+        ids, guessed = ids[:, :k], ids[:, k:]
         self.stats.readback_s += time.perf_counter() - t0
         self._wait_for_copies()  # the reads ahead for this layer
         if layer == 0:
