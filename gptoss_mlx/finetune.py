@@ -280,6 +280,7 @@ def evaluate(model: Model, examples: list[Example], batch_size: int,
 
 def make_step(model: Model, optimizer: optim.Optimizer, checkpoint: bool = False):
     """``step(inputs, targets, positions) -> loss``: one optimizer step, evaluated."""
+    check_trainable(model)
     loss_and_grad = nn.value_and_grad(model, mean_loss)
 
     def step(inputs, targets, positions) -> mx.array:

@@ -8,6 +8,7 @@ import json
 import threading
 
 import mlx.core as mx
+import mlx.optimizers as optim
 import numpy as np
 import pytest
 
@@ -145,6 +146,8 @@ def test_fine_tuning_a_model_whose_experts_stream_is_refused_in_one_message(shar
     examples, _ = ft.load_data(data, tok, 512)
     with pytest.raises(AdapterError, match="fine-tuning needs every expert on the GPU"):
         next(ft.train(model, str(sharp), examples, SETTINGS, tmp_path / "out"))
+    with pytest.raises(AdapterError, match="fine-tuning needs every expert on the GPU"):
+        ft.make_step(model, optim.Adam(learning_rate=1e-3))
     monkeypatch.setenv(DEVICE_MEMORY_ENV, "1.02309GB")
     assert main(["finetune", "--model", str(sharp), "--data", str(data), "--dense-bits", "4",
                  "--targets", "attention", "--adapter-path", str(tmp_path / "out")]) == 2
