@@ -39,9 +39,15 @@ def gather_linear(x, weight, scales, bias, indices, *, biases=None, mode="mxfp4"
     return y + mx.expand_dims(bias[indices], -2)
 
 
-@partial(mx.compile, shapeless=True)
 def combine_experts(y: mx.array, weights: mx.array, residual: mx.array) -> mx.array:
     """residual + sum_j weights_j * y_j: (T, k, D), (T, k), (T, D) -> (T, D)."""
+    if y.shape[-2] == 1:  # one expert per token: MLX 0.32's shapeless compile crashes on a sum over one
+        return residual + y.squeeze(-2) * weights
+    return _combine_experts(y, weights, residual)
+
+
+@partial(mx.compile, shapeless=True)
+def _combine_experts(y: mx.array, weights: mx.array, residual: mx.array) -> mx.array:
     return residual + (y * mx.expand_dims(weights, -1)).sum(axis=-2)
 
 

@@ -599,3 +599,18 @@ def test_a_chat_takes_its_message_back_when_the_checkpoint_fails_under_it(tiny_c
     shard.write_bytes(original)
     list(chat.send("Second question"))
     assert [m.role for m in chat.messages[len(before):]][:2] == ["user", "assistant"]
+
+
+def test_a_model_that_routes_each_token_to_one_expert_runs_resident_and_streamed(tmp_path):
+    """num_experts_per_tok = 1 (a config of one's own): MLX's shapeless compile crashed the
+    process on the experts' weighted sum over one expert; now both arrangements run, equal."""
+    from gptoss_mlx.testing import checkpoints as mtc
+
+    config = mtc.TINY.replace(vocab_size=512, num_local_experts=8, num_experts_per_tok=1)
+    mtc.write_hf(tmp_path / "m", config, seed=3)
+    resident, pooled = load_model(tmp_path / "m"), streamed(tmp_path / "m", 8)
+    caches = resident.make_cache(), pooled.make_cache()
+    for chunk in [PROMPT[:20], [5], [77]]:
+        a, b = (m(mx.array([chunk]), cache=c) for m, c in zip((resident, pooled), caches))
+        assert mx.isfinite(a).all().item()
+        np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
