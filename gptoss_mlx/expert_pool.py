@@ -319,7 +319,6 @@ class ExpertPool:
         self.clock = 0
         self.stats = PoolStats()
         self.pinned_bytes = 0  # of the checkpoint, page-locked for the cuda transfer
-        self.guess = 0  # experts guessed and read ahead per layer and token (see the module's docstring)
         self._pending: list = []  # copies still under way: the host transfer's worker's (future, slots)
         self._queued = False  # ... or the cuda transfer's stream holds some
         self._worker = None  # the host transfer's thread for reads ahead, made when first needed
@@ -327,7 +326,7 @@ class ExpertPool:
         self.set_transfer(transfer)
         if guess is None:  # the host transfer's by default: the only one where it can pay
             guess = config.num_experts_per_tok if self.transfer == "host" else 0
-        self.guess = guess
+        self.guess = guess  # experts guessed and read ahead per layer and token (module docstring)
 
     def set_policy(self, policy: str, half_life: float = 32.0) -> None:
         """How slots are chosen for eviction from now on (see the module's docstring)."""
