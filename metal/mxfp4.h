@@ -3,8 +3,9 @@
 // Layout (the checkpoints' and MLX's, byte-identical): a row of K values is K/8 uint32 words of
 // packed E2M1 nibbles — element 8w + n in nibble n (low first) of word w — and K/32 E8M0 scale
 // bytes (2^(s - 127)), one per 32-value block (4 words), in a separate [rows, K/32] array.
-// The kernels give each lane whole words: lane l of a simdgroup takes words l, l + 32, ... so a
-// simdgroup's loads of one row are 128 contiguous bytes, and its loads of x are 512.
+// The expert kernels give each lane whole blocks: lane l of a simdgroup takes blocks l, l + 32,
+// ... (16 bytes of weights and a scale byte each), so a simdgroup's loads of a row are 512
+// contiguous bytes and 32 consecutive scale bytes, and its loads of x 2 KB (bf16).
 
 // E2M1 -> half, two at a time: nibbles n and n+4 of a word sit at the same offset in its two
 // 16-bit halves, so one shift-and-mask places both magnitudes (3 bits) into a half's exponent
@@ -18,16 +19,6 @@ METAL_FUNC half2 e2m1_pair(uint q, uint n) {
 // The block scale 2^(s - 127), times 2^14 for e2m1_pair (s = 0 reads as 0).
 METAL_FUNC float mxfp4_scale(uint s) {
   return as_type<float>(s << 23) * 16384.0f;
-}
-
-// Dot product of one packed word (8 values) with xv[0..7], unscaled.
-METAL_FUNC float dot8(uint q, thread const float* xv) {
-  float acc = 0.0f;
-  for (uint n = 0; n < 4; ++n) {
-    const half2 w = e2m1_pair(q, n);
-    acc += static_cast<float>(w.x) * xv[n] + static_cast<float>(w.y) * xv[n + 4];
-  }
-  return acc;
 }
 
 // Eight consecutive activations as floats, in one 16-byte load for 16-bit types (p is 16-byte
@@ -55,4 +46,23 @@ METAL_FUNC void load8(const device bfloat16_t* p, thread float* out) {
     out[2 * k] = as_type<float>(words[k] << 16);
     out[2 * k + 1] = as_type<float>(words[k] & 0xffff0000u);
   }
+}
+
+// Dot product of one packed word (8 values) with xv[off .. off + 7], unscaled: a chain of
+// fused multiply-adds (two per pair of values; no separate multiply and add).
+METAL_FUNC float dot8(uint q, thread const float* xv, uint off) {
+  half2 w = e2m1_pair(q, 0);
+  float acc = static_cast<float>(w.x) * xv[off];
+  acc = metal::fma(static_cast<float>(w.y), xv[off + 4], acc);
+  for (uint n = 1; n < 4; ++n) {
+    w = e2m1_pair(q, n);
+    acc = metal::fma(static_cast<float>(w.x), xv[off + n], acc);
+    acc = metal::fma(static_cast<float>(w.y), xv[off + n + 4], acc);
+  }
+  return acc;
+}
+
+// Word i (0-3, a compile-time constant after unrolling) of a block's four: q.x, q.y, q.z, q.w.
+METAL_FUNC uint word_of(uint4 q, uint i) {
+  return i == 0 ? q.x : (i == 1 ? q.y : (i == 2 ? q.z : q.w));
 }

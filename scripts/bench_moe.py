@@ -21,8 +21,8 @@ launch on the GPU machine) is far above Metal's and favours the path with fewer 
 ``--ncu`` (CUDA machines with Nsight Compute) reports instead the GPU time of the kernels each
 path launches, summed per block call and averaged over ``--iters`` calls (``ncu --clock-control
 none --metrics gpu__time_duration.sum``; kernels are serialized under the profiler, so caches are
-cold-ish for both paths alike), for each expert-kernel variant of ``--variants`` (kernels/moe.py
-``VARIANTS``: rows per simdgroup, x staged in threadgroup memory, split-K) side by side, each
+cold-ish for both paths alike; five rounds, each path in turn, the median), for each expert-kernel variant of ``--variants`` (kernels/moe.py
+``VARIANTS``: rows per simdgroup, simdgroups per threadgroup) side by side, each
 with its largest difference from the MLX path:
 
     python scripts/bench_moe.py --ncu --tokens 1,4 --iters 20 --variants all
@@ -155,29 +155,51 @@ def ncu_worker(args, block, D) -> int:
     import mlx.core as mx
 
     from gptoss_mlx.kernels import moe
-    from profile_decode import range_end, range_start
+    from profile_decode import _profiler, marker, range_end
 
     errors = {}
+    warm_up_clocks()
     for T in [int(t) for t in args.tokens.split(",")]:
         x = mx.random.normal((T, D), key=mx.random.key(T)).astype(mx.bfloat16)
         with kernel_mode("off"):
             reference = block(x, None, None)
             mx.eval(reference)
-            range_start(f"mlx_t{T}")
-            for _ in range(args.iters):
-                mx.eval(block(x, None, None))
-            range_end()
         for n, variant in enumerate(args.variants):
             moe.VARIANT = moe.VARIANTS[variant]
             with kernel_mode("check"):
-                out = block(x, None, None)  # compiles (and checks) outside the measured range
+                out = block(x, None, None)  # compiles (and checks) outside the measured ranges
                 errors[f"{variant} {T}"] = max_diff(out, reference)
-                range_start(f"v{n}_t{T}")
-                for _ in range(args.iters):
-                    mx.eval(block(x, None, None))
-                range_end()
+        # Rounds, each path in turn (rotated), so that the GPU's clocks, which drift under the
+        # profiler, favour no path: a path's time is the median over its rounds.
+        # One profiled range, cut by markers: starting and stopping the profiler costs seconds.
+        paths = [("mlx", None)] + list(enumerate(args.variants))
+        _profiler("cuProfilerStart")
+        for r in range(ROUNDS):
+            for label, variant in paths[r % len(paths):] + paths[:r % len(paths)]:
+                if variant is not None:
+                    moe.VARIANT = moe.VARIANTS[variant]
+                with kernel_mode("off" if variant is None else "on"):
+                    marker(f"mlx_t{T}_r{r}" if variant is None else f"v{label}_t{T}_r{r}")
+                    for _ in range(args.iters):
+                        mx.eval(block(x, None, None))
+        range_end()
     args.ncu_worker.write_text(json.dumps(errors))
     return 0
+
+
+ROUNDS = 5  # with --ncu: interleaved rounds per path
+
+
+def warm_up_clocks(seconds: float = 2.0) -> None:
+    """Keep the GPU busy for a moment, so that the first path timed does not run at idle clocks."""
+    import time
+
+    import mlx.core as mx
+
+    a = mx.random.normal((4096, 4096))
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        mx.eval(a @ a)
 
 
 def ncu_report(args) -> int:
@@ -199,13 +221,17 @@ def ncu_report(args) -> int:
         errors = json.loads(side.read_text())
     print(f"GPU time per MoE block call (ncu gpu__time_duration.sum, --clock-control none, {args.iters} calls "
           f"per path, {args.preset}, bf16, router included); max |diff| from the MLX path")
+    def per_call(label: str, T: int) -> tuple[float, list]:
+        """Median over the rounds of a path's GPU µs per block call, and one round's kernels."""
+        rounds = [measured[f"{label}_t{T}_r{r}"] for r in range(ROUNDS)]
+        return statistics.median(sum(k.us for k in ks) / args.iters for ks in rounds), rounds[0]
+
     print(f"{'tokens':>6} {'path':<16} {'µs':>8} {'vs MLX':>7} {'launches':>8} {'max |diff|':>10}   µs per kernel")
     for T in [int(t) for t in args.tokens.split(",")]:
-        mlx_us = sum(r.us for r in measured[f"mlx_t{T}"]) / args.iters
-        print(f"{T:>6} {'MLX (gather_qmm)':<16} {mlx_us:>8.1f} {'':>7} {len(measured[f'mlx_t{T}']) / args.iters:>8.0f}")
+        mlx_us, kernels = per_call("mlx", T)
+        print(f"{T:>6} {'MLX (gather_qmm)':<16} {mlx_us:>8.1f} {'':>7} {len(kernels) / args.iters:>8.0f}")
         for n, variant in enumerate(args.variants):
-            kernels = measured[f"v{n}_t{T}"]
-            us = sum(r.us for r in kernels) / args.iters
+            us, kernels = per_call(f"v{n}", T)
             per_kernel = {}
             for r in kernels:
                 per_kernel[family(r)] = per_kernel.get(family(r), 0.0) + r.us / args.iters

@@ -22,47 +22,30 @@ from .dense import plain_linear
 @dataclass(frozen=True)
 class Variant:
     """How the expert kernels spread the work (metal/moe_*.metal headers). Every variant computes
-    the same sums in float32 (split-K adds its parts in a fixed order); scripts/bench_moe.py
-    --ncu --variants times them side by side on the GPU."""
+    the same sums in float32 in the same order; scripts/bench_moe.py --ncu --variants times them
+    side by side on the GPU."""
 
     rows_a: int = 1  # kernel A: output columns per simdgroup (their gate and linear rows)
-    x_a: int = 0  # kernel A's x: 0 loaded in the loop, 1 staged in threadgroup memory, 2 in registers ahead
-    rows_b: int = 1  # kernel B: outputs per simdgroup
-    split_b: int = 1  # kernel B: simdgroups sharing one row's inputs (split-K)
-    act_ahead: bool = False  # kernel B: a lane's activations loaded with its weights, before the loop
-    seq_a: int = 1  # kernel A: turns of rows_a columns per simdgroup, the next turn's weights loading during this one's sums
-    seq_b: int = 1  # kernel B: turns of rows_b outputs per simdgroup, likewise
-    simdgroups: int = 8  # per threadgroup, both kernels
+    simdgroups_a: int = 8  # kernel A: simdgroups per threadgroup
+    rows_b: int = 2  # kernel B: outputs per simdgroup
+    groups_b: int = 1  # kernel B: groups of top-k simdgroups per threadgroup
 
 
-# "base": one simdgroup per output row, lanes over packed words, 8 simdgroups per threadgroup. On
-# the GPU machine this beat two or four outputs per simdgroup (without the staging and split-K
-# below) and whole MX blocks (uint4) per lane by 10-25 % in wall time (docs/measurements.md).
+# "base": kernel A one column per simdgroup, 8 simdgroups a threadgroup; kernel B two outputs
+# per simdgroup, one group of top-k simdgroups. Lanes take whole MX blocks (16-byte loads). In
+# the 20b model on the GPU machine (Nsight Compute, GPU time per decode token) this layout took
+# kernel A from 797 to 708 µs a token; of the variants below none did better than "base" by more
+# than B's 16 µs (groups of 1 instead of 2), and more rows per simdgroup cost 270-340 µs more
+# (more registers, fewer warps: both kernels are latency-bound; docs/measurements.md).
 VARIANTS = {
     "base": Variant(),
     "a-rows2": Variant(rows_a=2),
-    "a-rows4": Variant(rows_a=4),
-    "a-xtg": Variant(x_a=1),
-    "a-rows2-xtg": Variant(rows_a=2, x_a=1),
-    "a-rows4-xtg": Variant(rows_a=4, x_a=1),
-    "a-xahead": Variant(x_a=2),
-    "a-rows2-xahead": Variant(rows_a=2, x_a=2),
-    "b-rows2": Variant(rows_b=2),
-    "b-split2": Variant(split_b=2),
-    "b-rows2-split2": Variant(rows_b=2, split_b=2),
-    "b-rows4-split2": Variant(rows_b=4, split_b=2),
-    "b-act": Variant(act_ahead=True),
-    "b-split2-act": Variant(split_b=2, act_ahead=True),
-    "b-rows2-split2-act": Variant(rows_b=2, split_b=2, act_ahead=True),
-    # Fewer, longer simdgroups whose loads overlap their sums: at 1 token the base kernels' 1440
-    # threadgroups run as about three waves, each loading everything and then computing.
-    "a-seq2": Variant(seq_a=2),
-    "a-seq3": Variant(seq_a=3),
-    "a-seq4": Variant(seq_a=4),
-    "a-seq4-xahead": Variant(seq_a=4, x_a=2),
-    "b-seq2": Variant(seq_b=2),
-    "b-seq4": Variant(seq_b=4),
-    "b-seq4-act": Variant(seq_b=4, act_ahead=True),
+    "a-sg4": Variant(simdgroups_a=4),
+    "a-rows2-sg4": Variant(rows_a=2, simdgroups_a=4),
+    "b-rows1": Variant(rows_b=1),
+    "b-rows4": Variant(rows_b=4),
+    "b-g2": Variant(groups_b=2),
+    "b-rows4-g2": Variant(rows_b=4, groups_b=2),
 }
 VARIANT = VARIANTS["base"]  # what the model runs
 
@@ -161,10 +144,9 @@ def gate_up_swiglu_plan(x, indices, w, scales, bias, limit) -> Launch:
     return Launch(
         inputs=[x, w, scales, bias, indices, float(limit)],
         output_shapes=[(T, k, I)], output_dtypes=[x.dtype],
-        grid=(32 * v.simdgroups, -(-I // (v.simdgroups * v.rows_a * v.seq_a)), T * k),
-        threadgroup=(32 * v.simdgroups, 1, 1),
-        template=[("T_", x.dtype), ("D", D), ("I", I), ("TOP_K", k), ("ROWS", v.rows_a), ("SEQ", v.seq_a),
-                  ("X_FROM", v.x_a)],
+        grid=(32 * v.simdgroups_a, -(-I // (v.simdgroups_a * v.rows_a)), T * k),
+        threadgroup=(32 * v.simdgroups_a, 1, 1),
+        template=[("T_", x.dtype), ("D", D), ("I", I), ("TOP_K", k), ("ROWS", v.rows_a)],
     )
 
 
@@ -180,16 +162,14 @@ def down_combine_plan(act, indices, weights, w, scales, bias, residual) -> Launc
     T, k, I = act.shape
     D = w.shape[1]
     v = VARIANT
-    per_group = k * v.split_b  # simdgroups per group of outputs: one per (expert, part)
-    groups = max(1, v.simdgroups // per_group)
-    outs = groups * v.rows_b * v.seq_b  # outputs per threadgroup
-    threads = 32 * per_group * groups
+    groups = max(1, min(v.groups_b, 8 // k))  # at most 8 simdgroups, or one group (k > 8)
+    outs = groups * v.rows_b  # outputs per threadgroup
+    threads = 32 * k * groups
     return Launch(
         inputs=[act, w, scales, bias, indices, weights, residual],
         output_shapes=[(T, D)], output_dtypes=[act.dtype],
         grid=(threads, -(-D // outs), T), threadgroup=(threads, 1, 1),
-        template=[("T_", act.dtype), ("D", D), ("I", I), ("TOP_K", k), ("OUTS", outs), ("ROWS", v.rows_b),
-                  ("SEQ", v.seq_b), ("SPLIT", v.split_b), ("ACT_AHEAD", int(v.act_ahead))],
+        template=[("T_", act.dtype), ("D", D), ("I", I), ("TOP_K", k), ("OUTS", outs), ("ROWS", v.rows_b)],
     )
 
 

@@ -12,10 +12,10 @@ from ..kernels import registry
 # 2.8 columns a thread), and a row just past 1024 columns (two columns for a few threads).
 ADD_RMS_NORM_SHAPES = [(3, 96), (1, 33), (2, 200), (5, 2880), (1, 1030)]
 
-# (tokens, D, I, experts, top-k). The lanes stride over the packed words of the input
-# dimension — D for kernel A, I for kernel B — so each kernel gets the model's 2880 there (360
-# words: lanes 0-7 take twelve, the rest eleven), short ones (8 and 12 words: most lanes idle),
-# 1056 (132 words: lanes 0-3 take five), and several tokens; the output dimension stays small to
+# (tokens, D, I, experts, top-k). The lanes stride over the MX blocks of the input
+# dimension — D for kernel A, I for kernel B — so each kernel gets the model's 2880 there (90
+# blocks: lanes 0-25 take three, the rest two), short ones (2 and 3 blocks: most lanes idle),
+# 1056 (33 blocks: lane 0 takes two), and several tokens; the output dimension stays small to
 # keep the emulator quick: 100 and 33 leave simdgroups of the last threadgroup without an output.
 GATE_UP_SHAPES = [(1, 64, 64, 4, 2), (1, 2880, 64, 8, 4), (3, 96, 100, 4, 4), (2, 1056, 160, 6, 4),
                   (1, 64, 33, 4, 3)]
