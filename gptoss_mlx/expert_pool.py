@@ -53,8 +53,10 @@ from functools import cached_property
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
+from . import ops
 from .config import ModelConfig
 from .files import CheckpointError
 from .kernels import fused_fits
@@ -479,9 +481,8 @@ class ExpertPool:
         and on this copy nothing differs."""
         table = mx.array(self.slot_of[layer].clip(0).astype(np.uint32))
         view = Experts(self.config)
-        for name in EXPERT_TENSORS:
-            module, param = name.split(".")
-            setattr(getattr(view, module), param, self._array(name)[table])
+        view.gate_up_proj = _CopiedOnCall(self, table, EXPERT_TENSORS[:3])
+        view.down_proj = _CopiedOnCall(self, table, EXPERT_TENSORS[3:], after_input=True)
         return view
 
     def _release(self, slots: np.ndarray) -> None:
@@ -557,6 +558,23 @@ class ExpertPool:
             mx.eval(written)
             self.stats.read_s += t1 - t0
             self.stats.migrate_s += time.perf_counter() - t1
+
+
+class _CopiedOnCall(nn.Module):
+    """A projection of :meth:`ExpertPool.view`: its tensors ``names`` copied out of the pool when
+    it is called, so that only the graph holds the copy. ``after_input``: the input (the gate/up
+    projection's output) is evaluated first, which frees the gate/up copy before this one is
+    made: a prefill chunk holds one of the two at a time, not both (``memory.view_bytes``)."""
+
+    def __init__(self, pool: "ExpertPool", table: mx.array, names: tuple, after_input: bool = False):
+        super().__init__()
+        self._pool, self._table, self._names, self._after_input = pool, table, names, after_input
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        if self._after_input:
+            mx.eval(x)
+        weight, scales, bias = (self._pool._array(name)[self._table] for name in self._names)
+        return ops.gather_linear(x, weight, scales, bias, indices, sorted_indices=sorted_indices)
 
 
 class StreamedExperts:

@@ -90,6 +90,14 @@ def expert_bytes(config: ModelConfig) -> float:
     return (2 * I * D + D * I) * mxfp4 + (2 * I + D) * 2
 
 
+def view_bytes(config: ModelConfig) -> float:
+    """What a streamed prefill chunk copies out of the pool at once (ExpertPool.view): one layer's
+    experts' gate/up projections (the larger of the two, copied before the down projections and
+    freed before those are copied)."""
+    D, I = config.hidden_size, config.intermediate_size
+    return config.num_local_experts * (2 * I * D * (4 + 8 / MXFP4_BLOCK) / 8 + 2 * I * 2)
+
+
 def dense_bytes(config: ModelConfig, dense_bits: int = 16) -> float:
     """Everything but the experts: attention, router, norms, sinks, embedding and unembedding."""
     D, E = config.hidden_size, config.num_local_experts
@@ -176,8 +184,8 @@ def _arrange(config, context, bits, slots, limit, source) -> MemoryPlan:
     n = total_experts(config)
     slots = min(slots, n)
     # Streamed, a prefill chunk's gather reads a layer's experts from a copy in expert order
-    # (ExpertPool.view): one layer's worth more working memory.
-    working = WORKING_BYTES + (config.num_local_experts * expert_bytes(config) if slots < n else 0)
+    # (ExpertPool.view), one projection at a time: that much more working memory.
+    working = WORKING_BYTES + (view_bytes(config) if slots < n else 0)
     return MemoryPlan(bits, slots, n, dense_bytes(config, bits), slots * expert_bytes(config),
                       kv_cache_bytes(config, context), working, limit, source)
 
