@@ -85,7 +85,7 @@ if (d0 < D) {
     }
   }
   for (uint r = 0; r < ROWS; ++r) {
-    acc[r] = simd_sum(acc[r]);
+    acc[r] = e2m1_unit(simd_sum(acc[r]));
   }
   if (lane == 0) {
     for (uint r = 0; r < ROWS; ++r) {

@@ -80,13 +80,17 @@ if (first < I) {  // uniform per simdgroup; no barrier follows
     }
   }
   for (uint k = 0; k < 2 * ROWS; ++k) {
-    acc[k] = simd_sum(acc[k]);
+    acc[k] = e2m1_unit(simd_sum(acc[k]));
   }
   if (lane == 0) {
     for (uint r = 0; r < ROWS && first + r < I; ++r) {
       const size_t gate_row = size_t(e) * (2 * I) + 2 * (first + r);
-      const float gate = metal::min(acc[2 * r] + static_cast<float>(bias[gate_row]), limit);
-      const float lin = metal::clamp(acc[2 * r + 1] + static_cast<float>(bias[gate_row + 1]), -limit, limit);
+      // Clamped by comparisons, so that NaN stays NaN as in mx.minimum and mx.clip (metal::min
+      // and clamp, fminf on CUDA, return the other operand: a NaN input gave finite outputs).
+      const float g = acc[2 * r] + static_cast<float>(bias[gate_row]);
+      const float l = acc[2 * r + 1] + static_cast<float>(bias[gate_row + 1]);
+      const float gate = g > limit ? limit : g;
+      const float lin = l > limit ? limit : (l < -limit ? -limit : l);
       const float glu = gate / (1.0f + metal::exp(-1.702f * gate));
       act[size_t(slot) * I + first + r] = static_cast<T_>(glu * (lin + 1.0f));
     }

@@ -10,15 +10,22 @@
 // E2M1 -> half, two at a time: nibbles n and n+4 of a word sit at the same offset in its two
 // 16-bit halves, so one shift-and-mask places both magnitudes (3 bits) into a half's exponent
 // and mantissa (bits 9-11) and both signs into bit 15 (MLX's fp4.h trick, paired as in
-// gpt-oss's Metal kernel). The halves hold value * 2^-14; mxfp4_scale() folds 2^14 back.
+// gpt-oss's Metal kernel). The halves hold value * 2^-14; e2m1_unit() folds 2^14 back.
 METAL_FUNC half2 e2m1_pair(uint q, uint n) {
   const uint t = q >> (4 * n);
   return as_type<half2>(((t << 9) & 0x0E000E00u) | ((t << 12) & 0x80008000u));
 }
 
-// The block scale 2^(s - 127), times 2^14 for e2m1_pair (s = 0 reads as 0).
+// The block scale 2^(s - 127) (s = 0 reads as 0). Not times 2^14 for e2m1_pair: that overflowed
+// float from s = 241 (2^128), so blocks of large scale gave inf and NaN where the values are finite.
 METAL_FUNC float mxfp4_scale(uint s) {
-  return as_type<float>(s << 23) * 16384.0f;
+  return as_type<float>(s << 23);
+}
+
+// A finished dot product of e2m1_pair values (all its blocks scaled, summed over the simdgroup)
+// in the values' own units: times 2^14, exact, and inf only where the value is.
+METAL_FUNC float e2m1_unit(float sum) {
+  return sum * 16384.0f;
 }
 
 // Eight consecutive activations as floats, in one 16-byte load for 16-bit types (p is 16-byte

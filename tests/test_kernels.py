@@ -115,6 +115,33 @@ def test_every_expert_kernel_variant_type_checks_and_matches_the_reference(case,
         assert err <= registry.tolerance(dtype), f"{variant} {name} {dtype} sample {i} {order}: error {err}"
 
 
+@pytest.mark.parametrize("scale", [241, 254])
+@pytest.mark.parametrize("name", ["moe_gate_up_swiglu", "moe_down_combine"])
+def test_expert_kernels_take_the_largest_block_scales(name, scale, cxx):
+    """E8M0 scale bytes up to 254 (2^127) with activations small enough that every output is
+    finite: the kernels match MLX's dequantization (2^14 folded into the scale overflowed float
+    from byte 241: NaN and inf)."""
+    spec = registry.REGISTRY[name]
+    sample = moe.gate_up_sample if name == "moe_gate_up_swiglu" else moe.down_sample
+    args = list(sample((1, 64, 64, 4, 2), mx.random.key(0), mx.float32))
+    first, scales = (0, 3) if name == "moe_gate_up_swiglu" else (0, 4)
+    args[first] = args[first] * 2.0 ** -110  # x or act: the true outputs are of order 1 to 2^17
+    args[scales] = mx.full(args[scales].shape, scale, mx.uint8)
+    got = toolchain.emulate(spec.kernel, spec.plan(*args))
+    assert registry.max_error(got, spec.expected(*args)) <= registry.tolerance(mx.float32)
+
+
+def test_the_gate_up_kernel_keeps_a_nan_activation_nan(cxx):
+    """A NaN in a token's x makes its SwiGLU outputs NaN, as MLX's path does (min and clamp
+    returned the limit for NaN, so the token's outputs came out finite)."""
+    spec = registry.REGISTRY["moe_gate_up_swiglu"]
+    x, *rest = moe.gate_up_sample((2, 64, 64, 4, 2), mx.random.key(0), mx.float32)
+    x = mx.concatenate([mx.full((1, 64), float("nan")), x[1:]])
+    (act,) = toolchain.emulate(spec.kernel, spec.plan(x, *rest))
+    assert mx.isnan(act[0]).all().item() and not mx.isnan(act[1]).any().item()
+    assert registry.max_error([act], spec.expected(x, *rest)) <= registry.tolerance(mx.float32)
+
+
 # The model-sized launches (gpt-oss-20b and 120b at one and four tokens) of every kernel whose
 # threadgroup is large or whose registers hold rows: MLX compiles CUDA kernels without launch
 # bounds, so more than 65536 registers per threadgroup would fail to launch on the GPU machine.
