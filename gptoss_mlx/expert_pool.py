@@ -599,6 +599,6 @@ class StreamedExperts:
             E = logits.shape[-1]
             guess = mx.argpartition(logits, E - m, axis=-1)[..., E - m:]
         slots = self.pool.fetch(self.layer, indices, guess)
-        if indices.size < SORTED_GATHER_ROWS or fused_fits(x, self.pool.experts):
+        if indices.size < SORTED_GATHER_ROWS or fused_fits(x, self.pool.experts, indices.shape[-1]):
             return slots, self.pool.experts
         return indices, self.pool.view(self.layer)

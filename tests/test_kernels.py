@@ -887,3 +887,23 @@ def test_profile_decode_says_what_is_missing_without_ncu(tmp_path, capsys):
     prof = _script("profile_decode")
     assert prof.main(["--dir", str(tmp_path), "--ncu", str(tmp_path / "no-ncu")]) == 1
     assert "no-ncu not found: Nsight Compute is needed" in capsys.readouterr().err
+
+
+def test_more_experts_a_token_than_a_threadgroup_holds_take_mlx_s_path(monkeypatch):
+    """Kernel B runs a simdgroup per expert slot of a token: past 32 slots (1024 threads) the
+    MoE runs MLX's path, even where the kernels are active."""
+    from gptoss_mlx.model import Experts
+    from gptoss_mlx.testing.checkpoints import TINY
+
+    config = TINY.replace(num_local_experts=40, num_experts_per_tok=33)
+    layer = Experts(config)
+    x = mx.random.normal((1, config.hidden_size)).astype(layer.gate_up_proj.bias.dtype)
+    indices = mx.arange(33).astype(mx.uint32).reshape(1, 33)
+    weights = mx.full((1, 33), 1 / 33, dtype=x.dtype)
+    layer.update({"gate_up_proj": {"bias": mx.random.normal((40, 2 * config.intermediate_size))},
+                  "down_proj": {"bias": mx.random.normal((40, config.hidden_size))}})
+    expected = moe.experts(x, indices, weights, layer, x)  # the kernels inactive on the CPU
+    monkeypatch.setattr(registry, "active", lambda name, dtype: True)
+    assert moe.fused_fits(x, layer, 32) and not moe.fused_fits(x, layer, 33)
+    got = moe.experts(x, indices, weights, layer, x)  # the kernels would need 33 x 32 threads
+    assert mx.array_equal(got, expected).item()

@@ -263,11 +263,16 @@ def add_rms_norm_route(x, residual, gain, eps: float, router, k: int):
     return (*add_rms_norm(x, residual, gain, eps), None)
 
 
-def fused_fits(x: mx.array, layer) -> bool:
-    """Whether :func:`experts` runs the fused kernels for ``x`` (T, D) through ``layer``."""
+MAX_TOP_K = 32  # kernel B runs a simdgroup per (token, expert slot): at most 1024 threads
+
+
+def fused_fits(x: mx.array, layer, top_k: int) -> bool:
+    """Whether :func:`experts` runs the fused kernels for ``x`` (T, D) and ``top_k`` experts a
+    token through ``layer``."""
     gu = layer.gate_up_proj
     return (
         x.shape[0] <= MAX_TOKENS
+        and top_k <= MAX_TOP_K
         and getattr(gu, "mode", None) == "mxfp4"  # not an adapted layer (lora.LoRASwitchLinear)
         and x.dtype == gu.bias.dtype
         and registry.active(GATE_UP_SPEC.name, x.dtype)
@@ -279,7 +284,7 @@ def experts(x, indices, weights, layer, residual) -> mx.array:
     """residual + sum_j weights[:, j] * expert_{indices[:, j]}(x): (T, D) -> (T, D), through
     ``layer`` (the model's Experts): :func:`fused_experts` for decode-sized batches of MXFP4
     experts, else ``layer`` and ``ops.combine_experts``."""
-    if fused_fits(x, layer):
+    if fused_fits(x, layer, indices.shape[-1]):
         return fused_experts(x, indices, weights, layer, residual)
     return ops.combine_experts(layer(x, mx.stop_gradient(indices)), weights, residual)
 
