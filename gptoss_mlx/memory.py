@@ -83,19 +83,22 @@ def _dense_bytes(n_params: int, dense_bits: int) -> float:
     return n_params * (dense_bits + 32 / AFFINE_GROUP) / 8  # + fp16 scale and bias per group
 
 
+def _projection_bytes(rows: int, cols: int) -> float:
+    """One expert's MXFP4 projection (4 bits + a uint8 scale per 32 values) and its bf16 bias."""
+    return rows * cols * (4 + 8 / MXFP4_BLOCK) / 8 + rows * 2
+
+
 def expert_bytes(config: ModelConfig) -> float:
-    """One expert of one layer: MXFP4 gate/up and down (4 bits + a uint8 scale per 32) + bf16 biases."""
+    """One expert of one layer: MXFP4 gate/up and down + bf16 biases."""
     D, I = config.hidden_size, config.intermediate_size
-    mxfp4 = (4 + 8 / MXFP4_BLOCK) / 8
-    return (2 * I * D + D * I) * mxfp4 + (2 * I + D) * 2
+    return _projection_bytes(2 * I, D) + _projection_bytes(D, I)
 
 
 def view_bytes(config: ModelConfig) -> float:
     """What a streamed prefill chunk copies out of the pool at once (ExpertPool.view): one layer's
     experts' gate/up projections (the larger of the two, copied before the down projections and
     freed before those are copied)."""
-    D, I = config.hidden_size, config.intermediate_size
-    return config.num_local_experts * (2 * I * D * (4 + 8 / MXFP4_BLOCK) / 8 + 2 * I * 2)
+    return config.num_local_experts * _projection_bytes(2 * config.intermediate_size, config.hidden_size)
 
 
 def dense_bytes(config: ModelConfig, dense_bits: int = 16) -> float:

@@ -75,7 +75,7 @@ if (d0 < D) {
         float av[8];
         load8(a + 32 * b + 8 * i, av);
         for (uint r = 0; r < ROWS; ++r) {
-          const float d = dot8(word_of(q[r * STEPS + step], i), av, 0);
+          const float d = dot8(word_of(q[r * STEPS + step], i), av);
           part[r] = i == 0 ? d : part[r] + d;
         }
       }

@@ -70,7 +70,7 @@ if (first < I) {  // uniform per simdgroup; no barrier follows
         float xv[8];
         load8(x_t + 32 * b + 8 * i, xv);
         for (uint k = 0; k < 2 * ROWS; ++k) {
-          const float d = dot8(word_of(q[k * STEPS + step], i), xv, 0);
+          const float d = dot8(word_of(q[k * STEPS + step], i), xv);
           part[k] = i == 0 ? d : part[k] + d;
         }
       }

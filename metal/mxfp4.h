@@ -55,16 +55,16 @@ METAL_FUNC void load8(const device bfloat16_t* p, thread float* out) {
   }
 }
 
-// Dot product of one packed word (8 values) with xv[off .. off + 7], unscaled: a chain of
-// fused multiply-adds (two per pair of values; no separate multiply and add).
-METAL_FUNC float dot8(uint q, thread const float* xv, uint off) {
+// Dot product of one packed word (8 values) with xv[0 .. 7], unscaled: a chain of fused
+// multiply-adds (two per pair of values; no separate multiply and add).
+METAL_FUNC float dot8(uint q, thread const float* xv) {
   half2 w = e2m1_pair(q, 0);
-  float acc = static_cast<float>(w.x) * xv[off];
-  acc = metal::fma(static_cast<float>(w.y), xv[off + 4], acc);
+  float acc = static_cast<float>(w.x) * xv[0];
+  acc = metal::fma(static_cast<float>(w.y), xv[4], acc);
   for (uint n = 1; n < 4; ++n) {
     w = e2m1_pair(q, n);
-    acc = metal::fma(static_cast<float>(w.x), xv[off + n], acc);
-    acc = metal::fma(static_cast<float>(w.y), xv[off + n + 4], acc);
+    acc = metal::fma(static_cast<float>(w.x), xv[n], acc);
+    acc = metal::fma(static_cast<float>(w.y), xv[n + 4], acc);
   }
   return acc;
 }
