@@ -223,6 +223,21 @@ def bytes_per_token(model, context: int) -> float:
     return total
 
 
+def decode_between_markers(model, sample, prompt: list[int], label: str, steps: int) -> None:
+    """Prefill ``prompt``, decode WARMUP tokens, then ``steps`` tokens between the markers of
+    range ``label`` (each token queued as Engine.generate does, then evaluated)."""
+    import mlx.core as mx
+
+    cache = model.make_cache()
+    y = sample(model(mx.array([prompt]), cache=cache)[:, -1, :])
+    for n in range(WARMUP + steps):
+        if n == WARMUP:
+            range_start(label)
+        y = sample(model(y.reshape(1, 1), cache=cache)[:, -1, :])
+        mx.eval(y)
+    range_end()
+
+
 def worker(directory: Path, steps: int, out: Path) -> int:
     """Under ncu (or anywhere, for a dry run): each engine decodes ``steps`` tokens between markers."""
     import mlx.core as mx
@@ -241,14 +256,7 @@ def worker(directory: Path, steps: int, out: Path) -> int:
     def decode_ours(label: str, kernels: str) -> None:
         os.environ[registry.ENV_VAR] = kernels
         registry.reset()
-        cache = ours.make_cache()
-        y = sample(ours(mx.array([prompt]), cache=cache)[:, -1, :])
-        for n in range(WARMUP + steps):
-            if n == WARMUP:
-                range_start(label)
-            y = sample(ours(y.reshape(1, 1), cache=cache)[:, -1, :])  # what Engine.generate queues
-            mx.eval(y)
-        range_end()
+        decode_between_markers(ours, sample, prompt, label, steps)
 
     decode_ours("warmup", "check")  # every kernel checked once, outside the measured ranges
     decode_ours("ours", "on")

@@ -19,17 +19,12 @@ import os
 import sys
 from pathlib import Path
 
-PROMPT, WARMUP = 128, 2
-
-
 def worker(directory: Path, variants: list[str], steps: int) -> int:
-    import mlx.core as mx
-
     from bench import random_prompt
     from gptoss_mlx.generate import SamplingParams, make_sampler
     from gptoss_mlx.kernels import moe, registry
     from gptoss_mlx.loading import load_model
-    from profile_decode import range_end, range_start
+    from profile_decode import PROMPT, decode_between_markers
 
     prompt = random_prompt(PROMPT, 1)
     model = load_model(directory)
@@ -38,14 +33,7 @@ def worker(directory: Path, variants: list[str], steps: int) -> int:
     for n, variant in enumerate(variants):
         moe.VARIANT = moe.VARIANTS[variant]
         registry.reset()  # each variant's kernels pass the run-time check before they are timed
-        cache = model.make_cache()
-        y = sample(model(mx.array([prompt]), cache=cache)[:, -1, :])
-        for step in range(WARMUP + steps):
-            if step == WARMUP:
-                range_start(f"v{n}")
-            y = sample(model(y.reshape(1, 1), cache=cache)[:, -1, :])
-            mx.eval(y)
-        range_end()
+        decode_between_markers(model, sample, prompt, f"v{n}", steps)
     return 0
 
 
@@ -68,7 +56,7 @@ def main() -> int:
     if args.worker:
         return worker(args.dir, variants, args.steps)
 
-    from profile_decode import families, profile, ranges
+    from profile_decode import PROMPT, families, profile, ranges
 
     run, rows = profile(args.ncu, [sys.executable, __file__, "--worker", "--dir", str(args.dir),
                                    "--variants", ",".join(names), "--steps", str(args.steps)])
