@@ -19,7 +19,7 @@
 // with two barriers per block) leaves two barriers and about two memory round trips.
 // Data: x, residual [tokens, D] of T_; gain [D] of T_; eps float; weight [E, D] of T_, bias [E]
 // of T_ (the router, nn.Linear's layout). h, y [tokens, D] of T_; indices [tokens, TOP_K] uint32;
-// weights [tokens, TOP_K] of T_.
+// weights [tokens, TOP_K] float32 (values of T_).
 // Template: T_, D (a multiple of 8, at most 32 * 8 * SG), E, TOP_K (<= E), SG (<= 12: registers).
 // Fuses: the add, the norm and the router (two launches -> one, and one round trip to memory for
 // the row instead of two).

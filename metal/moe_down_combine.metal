@@ -8,14 +8,16 @@
 // takes expert slot j = s % TOP_K and the ROWS consecutive outputs of group s / TOP_K, so a
 // token's experts are read by TOP_K simdgroups side by side; one threadgroup row per token.
 // Data: act [T, TOP_K, I] of T_; w [E, D, I/8] uint32; scales [E, D, I/32] uint8;
-// bias [E, D] of T_; indices [T, TOP_K] uint32; weights [T, TOP_K] of T_; residual [T, D] of T_.
+// bias [E, D] of T_; indices [T, TOP_K] uint32; weights [T, TOP_K] (float32 from the router
+// kernels, or T_); residual [T, D] of T_.
 // y [T, D] of T_. Template: T_ (activation dtype), D, I (a multiple of 32), TOP_K, OUTS, ROWS.
 // Lanes stride over the I/32 MX blocks of a row (mxfp4.h): each lane loads all its blocks of
 // the ROWS rows first (16 bytes and a scale byte each), then per block the 32 activations the
 // ROWS rows share (8 at a time), and per row a chain of fused multiply-adds per word (dot8);
-// fp32 accumulation, simd_sum. The sums meet in threadgroup memory, where one thread per output adds, in slot
-// order, weights[j] * (sum + bias) to the residual. Every weight row is read once. A ragged
-// last group reads row D - 1 for outputs past the end and writes none of them.
+// fp32 accumulation, simd_sum. Lane 0 leaves weights[j] * (sum + bias) in threadgroup memory,
+// where thread o (< OUTS <= threads) adds output o's in slot order to the residual; the routing
+// weight, biases and residual are loaded with the weights. Every weight row is read once. A
+// ragged last group reads row D - 1 for outputs past the end and writes none of them.
 // Fuses: the gather_qmm, the bias gather and add, the routing weights, the sum over experts and
 // the block's residual add.
 #include "mxfp4.h"
@@ -30,7 +32,10 @@ const uint slot = t * TOP_K + j;
 constexpr uint BLOCKS = I / 32;
 constexpr uint STEPS = (BLOCKS + 31) / 32;  // a lane's blocks of a row
 
-threadgroup float partial[OUTS * TOP_K];  // [output][slot]
+threadgroup float partial[OUTS * TOP_K];  // [output][slot]: weights[slot] * (the row's sum + bias)
+const uint tid = thread_index_in_threadgroup;
+const uint d_out = threadgroup_position_in_grid.y * OUTS + tid;  // thread tid < OUTS writes output tid
+float res = 0.0f;  // residual[t, d_out]
 
 // No early return: every thread must reach the barrier. Past the last output (d0 >= D) a
 // simdgroup computes nothing and its results are never read.
@@ -58,6 +63,17 @@ if (d0 < D) {
         sc[k] = 0u;
       }
     }
+  }
+  // The epilogue's operands, loaded with the weights: this slot's routing weight and its rows'
+  // biases, and thread o's residual for output o. After the barrier they would hold the whole
+  // threadgroup (its registers, its place on the core) for two more trips to memory.
+  const float w_slot = static_cast<float>(weights[slot]);
+  float b_row[ROWS];
+  for (uint r = 0; r < ROWS; ++r) {
+    b_row[r] = static_cast<float>(bias[first_row + metal::min(d0 + r, uint(D - 1))]);
+  }
+  if (tid < OUTS && d_out < D) {
+    res = static_cast<float>(residual[size_t(t) * D + d_out]);
   }
   // Keeps the loads above issued together: without it the CUDA compiler (ptxas) moves each load
   // next to its first use, leaving a simdgroup a few loads in flight (kernel SASS).
@@ -89,20 +105,15 @@ if (d0 < D) {
   }
   if (lane == 0) {
     for (uint r = 0; r < ROWS; ++r) {
-      partial[(group * ROWS + r) * TOP_K + j] = acc[r];
+      partial[(group * ROWS + r) * TOP_K + j] = w_slot * (acc[r] + b_row[r]);
     }
   }
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
-for (uint o = thread_index_in_threadgroup; o < OUTS; o += threads_per_threadgroup.x) {  // an output per thread
-  const uint d_out = threadgroup_position_in_grid.y * OUTS + o;
-  if (d_out >= D) {
-    break;
-  }
-  float sum = static_cast<float>(residual[size_t(t) * D + d_out]);
+if (tid < OUTS && d_out < D) {  // thread o adds output o's experts, in slot order
+  float sum = res;
   for (uint k = 0; k < TOP_K; ++k) {
-    const float expert = static_cast<float>(bias[size_t(indices[t * TOP_K + k]) * D + d_out]) + partial[o * TOP_K + k];
-    sum += static_cast<float>(weights[t * TOP_K + k]) * expert;
+    sum += partial[tid * TOP_K + k];
   }
   y[size_t(t) * D + d_out] = static_cast<T_>(sum);
 }

@@ -15,8 +15,8 @@
 // blocks of the 2 * ROWS rows first (6 loads of 16 bytes per row at D = 2880, in flight
 // together), then per block the 32 activations it multiplies (x is read from cache) and per
 // row a chain of fused multiply-adds per word (dot8), 8 activations at a time; fp32
-// accumulation, simd_sum. A ragged last simdgroup reads column I - 1 for the columns past the
-// end and writes none of them. The expert id is read on the GPU: no host sync.
+// accumulation, simd_sum. The biases are loaded with the weights. A ragged last simdgroup
+// reads column I - 1 for the columns past the end and writes none of them. The expert id is read on the GPU: no host sync.
 // Fuses: 2 gather_qmm-equivalents over the same x (gate and up as one pass), 2 bias gathers and
 // adds, the de-interleaving slices and the SwiGLU.
 #include "mxfp4.h"
@@ -34,8 +34,14 @@ if (first < I) {  // uniform per simdgroup; no barrier follows
   // linear (g = 1) row; sc[...] its scale byte. All loaded before the first is used.
   uint4 q[2 * ROWS * STEPS];
   uint sc[2 * ROWS * STEPS];
+  // The epilogue's biases, loaded with the weights (after the sums they would cost the warp one
+  // more trip to memory while it holds its registers).
+  float b_gate[ROWS];
+  float b_lin[ROWS];
   for (uint r = 0; r < ROWS; ++r) {
     const size_t gate_row = size_t(e) * (2 * I) + 2 * metal::min(first + r, uint(I - 1));
+    b_gate[r] = static_cast<float>(bias[gate_row]);
+    b_lin[r] = static_cast<float>(bias[gate_row + 1]);
     const device uint4* w_gate = (const device uint4*)(w + gate_row * (D / 8));
     const device uint8_t* s_gate = scales + gate_row * BLOCKS;
     for (uint step = 0; step < STEPS; ++step) {
@@ -84,11 +90,10 @@ if (first < I) {  // uniform per simdgroup; no barrier follows
   }
   if (lane == 0) {
     for (uint r = 0; r < ROWS && first + r < I; ++r) {
-      const size_t gate_row = size_t(e) * (2 * I) + 2 * (first + r);
       // Clamped by comparisons, so that NaN stays NaN as in mx.minimum and mx.clip (metal::min
       // and clamp, fminf on CUDA, return the other operand: a NaN input gave finite outputs).
-      const float g = acc[2 * r] + static_cast<float>(bias[gate_row]);
-      const float l = acc[2 * r + 1] + static_cast<float>(bias[gate_row + 1]);
+      const float g = acc[2 * r] + b_gate[r];
+      const float l = acc[2 * r + 1] + b_lin[r];
       const float gate = g > limit ? limit : g;
       const float lin = l > limit ? limit : (l < -limit ? -limit : l);
       const float glu = gate / (1.0f + metal::exp(-1.702f * gate));

@@ -4,7 +4,7 @@
 //   logit_e = T_(x . W_e + b_e)          rounded to T_ as nn.Linear's output is (the reference
 //                                         model computes its router in bf16 too)
 //   indices = the TOP_K largest logits, highest first (the lower expert on a tie)
-//   weights = T_(softmax(logit_indices))  computed in float
+//   weights = T_(softmax(logit_indices))  computed in float, stored as float
 //
 // Grid (32 * SG, tokens, 1) threads, threadgroup (32 * SG, 1, 1): one threadgroup per token,
 // SG = ceil(D / 256) simdgroups, so that thread c holds chunk c (8 values) of x. For each block
@@ -13,7 +13,7 @@
 // the SG partials of expert e (in simdgroup order) and the bias. After the last block
 // simdgroup 0 holds the logits as E/32 slots per lane and picks the top k (router.h).
 // Data: x [tokens, D] of T_; weight [E, D] of T_ (nn.Linear's layout); bias [E] of T_.
-// indices [tokens, TOP_K] uint32; weights [tokens, TOP_K] of T_.
+// indices [tokens, TOP_K] uint32; weights [tokens, TOP_K] float32 (values of T_).
 // Template: T_, D (a multiple of 8, at most 8192; the config makes hidden_size one of 32), E,
 // TOP_K (<= E), SG.
 // Fuses: four MLX dispatches into one (at decode each costs more than the work it does).

@@ -29,9 +29,11 @@ METAL_FUNC void router_block(const device T* weight, uint e0, uint c, thread con
 
 // The TOP_K largest of E logits, highest first (the lower expert on a tie), and the softmax
 // over them, by one simdgroup with all lanes active: slot[i] holds expert lane + 32 i's logit
-// (SLOTS = ceil(E / 32) of them); lane 0 writes indices[0 .. TOP_K) and weights[0 .. TOP_K).
+// (SLOTS = ceil(E / 32) of them); lane 0 writes indices[0 .. TOP_K) and weights[0 .. TOP_K), each
+// rounded to T and stored as float (MLX-CUDA keeps arrays of 8 bytes or less, as 4 weights of a
+// 16-bit type, in managed memory the host writes: the expert kernel reading them waited on a page).
 template <typename T, int E, int TOP_K>
-METAL_FUNC void select_top_k(thread float* slot, uint lane, device uint32_t* indices, device T* weights) {
+METAL_FUNC void select_top_k(thread float* slot, uint lane, device uint32_t* indices, device float* weights) {
   constexpr uint SLOTS = (E + 31) / 32;
   float chosen[TOP_K];
   for (uint j = 0; j < TOP_K; ++j) {
@@ -62,7 +64,7 @@ METAL_FUNC void select_top_k(thread float* slot, uint lane, device uint32_t* ind
       total += metal::exp(chosen[j] - chosen[0]);  // chosen[0] is the largest
     }
     for (uint j = 0; j < TOP_K; ++j) {
-      weights[j] = static_cast<T>(metal::exp(chosen[j] - chosen[0]) / total);
+      weights[j] = static_cast<float>(static_cast<T>(metal::exp(chosen[j] - chosen[0]) / total));
     }
   }
 }

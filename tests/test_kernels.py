@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import sys
 import warnings
 
@@ -172,6 +173,41 @@ def test_cuda_mirror_fits_a_threadgroups_registers(launch, variant, monkeypatch)
     assert spilled == 0
 
 
+def test_constant_scalars_reach_cuda_compiled_in_and_the_others_in_memory(monkeypatch):
+    """On CUDA a kernel's constants (the SwiGLU limit, the norms' eps, the attention scale) are
+    template arguments, not arrays: MLX-CUDA keeps arrays of up to 8 bytes in managed memory the
+    host writes, and a kernel reading one waited on a page migration. A scalar that changes per
+    call (the attention's key count) stays an input; every value reads back exactly."""
+    import importlib
+
+    from gptoss_mlx.kernels import launch as kl
+
+    attention = importlib.import_module("gptoss_mlx.kernels.attention")
+
+    built, called = [], []
+
+    def cuda_kernel(**spec):
+        built.append(spec)
+        return lambda **kw: called.append(kw) or [mx.zeros(s, d) for s, d in zip(kw["output_shapes"], kw["output_dtypes"])]
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_kernel)
+    args = moe.gate_up_sample((1, 64, 64, 4, 2), mx.random.key(0), mx.float32)
+    fresh = Kernel(moe.GATE_UP.name, moe.GATE_UP.input_names, moe.GATE_UP.output_names, constants=("limit",))
+    fresh(moe.GATE_UP_SPEC.plan(*args[:-1], 7.25), backend="cuda")
+    assert "limit" not in built[-1]["input_names"] and len(called[-1]["inputs"]) == 5
+    bits = dict(called[-1]["template"])["limit__bits"]
+    assert struct.unpack("<f", struct.pack("<i", bits))[0] == 7.25
+    assert "const float limit = __int_as_float(limit__bits);" in built[-1]["source"]
+
+    q = mx.zeros((1, 64, 1, 64)); kv = mx.zeros((1, 8, 4096, 64))
+    partial = Kernel(attention.PARTIAL.name, attention.PARTIAL.input_names, attention.PARTIAL.output_names,
+                     constants=attention.PARTIAL.constants)
+    partial(kl.Launch([q, kv, kv, 0.125, 2049], [(1,)], [mx.float32], (32, 1, 1), (32, 1, 1)), backend="cuda")
+    assert built[-1]["input_names"] == ["q", "k", "v", "n_keys__ptr"]
+    assert called[-1]["inputs"][-1].item() == 2049 and dict(called[-1]["template"])["scale__bits"] == \
+        struct.unpack("<i", struct.pack("<f", 0.125))[0]
+
+
 def test_every_variant_changes_one_expert_kernel():
     assert all(len(_variant_kernels(v)) == 1 for v in moe.VARIANTS if v != "base")
 
@@ -198,7 +234,7 @@ BARRIER = "threadgroup_barrier(mem_flags::mem_threadgroup);"
 def _mutant(body: str, name: str = "add_rms_norm") -> Kernel:
     header, _ = kernel_source(name)
     spec = registry.REGISTRY[name]
-    return Kernel(name, spec.kernel.input_names, spec.kernel.output_names, (header, body))
+    return Kernel(name, spec.kernel.input_names, spec.kernel.output_names, (header, body), spec.kernel.constants)
 
 
 def _planted(name: str, old: str, new: str) -> Kernel:

@@ -8,7 +8,7 @@ from .. import ops
 from . import registry
 from .launch import Kernel, Launch
 
-KERNEL = Kernel("add_rms_norm", ["x", "residual", "weight", "eps"], ["h", "y"])
+KERNEL = Kernel("add_rms_norm", ["x", "residual", "weight", "eps"], ["h", "y"], constants=("eps",))
 
 # The fusion saves a dispatch, which counts at decode; long prefills keep MLX's tuned rms_norm
 # (measured on the GPU machine: no gain there, and a loss at 16k tokens).

@@ -27,7 +27,7 @@ CHUNK = 256  # keys per partition (threadgroup) in pass 1
 # scripts/bench_attention.py); so sliding layers (128 keys) keep MLX's path.
 MIN_KEYS = 2048
 
-PARTIAL = Kernel("sdpa_decode_partial", ["q", "k", "v", "scale", "n_keys"], ["partial"])
+PARTIAL = Kernel("sdpa_decode_partial", ["q", "k", "v", "scale", "n_keys"], ["partial"], constants=("scale",))
 COMBINE = Kernel("sdpa_decode_combine", ["partial", "sinks", "n_parts"], ["out"])
 
 
@@ -154,7 +154,7 @@ def sdpa_decode(q, keys, values, n_keys: int, sinks, scale: float) -> mx.array:
 
 # ---- prefill ------------------------------------------------------------------------------------
 
-PREFILL = Kernel("sdpa_prefill", ["q", "k", "v", "sinks", "scale"], ["out"])
+PREFILL = Kernel("sdpa_prefill", ["q", "k", "v", "sinks", "scale"], ["out"], constants=("scale",))
 
 
 def _queries_per_group(gqa: int) -> int:

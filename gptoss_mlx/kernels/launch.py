@@ -11,6 +11,7 @@ thread attributes the body uses (metal/README.md lists the supported subset).
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -124,12 +125,21 @@ class Kernel:
     """The kernel in metal/<name>.metal, built once per backend and launched with a Launch."""
 
     def __init__(self, name: str, input_names: list[str], output_names: list[str],
-                 source: tuple[str, str] | None = None):
-        """``source`` (header, body) replaces metal/<name>.metal (tests plant mutants this way)."""
+                 source: tuple[str, str] | None = None, constants: tuple[str, ...] = ()):
+        """``source`` (header, body) replaces metal/<name>.metal (tests plant mutants this way).
+        ``constants``: scalar inputs whose value is fixed for a model (an eps, a limit). On CUDA
+        they are compiled into the kernel (a template argument per value) instead of passed in
+        memory: MLX-CUDA keeps every array of 8 bytes or less in one pool of managed memory that
+        the host writes each time it makes a scalar, so a kernel reading one waits on a page
+        migration (about 10 µs a launch on the H200; docs/measurements.md)."""
         self.name = name
         self.source = source
         self.input_names = list(input_names)
         self.output_names = list(output_names)
+        self.constants = tuple(constants)
+        unknown = set(self.constants) - set(self.input_names)
+        if unknown:
+            raise KernelSourceError(f"kernel {name!r}: constants {sorted(unknown)} are not inputs")
         self._metal = None
         self._cuda = {}
 
@@ -151,6 +161,8 @@ class Kernel:
             for name, dtype in zip(self.input_names, scalar_dtypes):
                 if dtype is None:
                     names.append(name)
+                elif name in self.constants:
+                    preamble.append(cuda_constant(name, dtype))
                 else:
                     names.append(f"{name}__ptr")
                     preamble.append(f"const {_CUDA_TYPES[dtype]} {name} = *{name}__ptr;")
@@ -176,9 +188,37 @@ class Kernel:
             scalar_dtypes = tuple(map(_scalar_dtype, launch.inputs))
             inputs = launch.inputs
             if any(d is not None for d in scalar_dtypes):
-                inputs = [mx.array(x, dtype=d) if d is not None else x for x, d in zip(inputs, scalar_dtypes)]
+                inputs, template = [], list(launch.template)
+                for name, x, d in zip(self.input_names, launch.inputs, scalar_dtypes):
+                    if d is None:
+                        inputs.append(x)
+                    elif name in self.constants:
+                        template.append((f"{name}__bits", constant_bits(x, d)))
+                    else:
+                        inputs.append(mx.array(x, dtype=d))
+                kwargs["template"] = template
             return self.cuda(scalar_dtypes)(inputs=inputs, **kwargs)
         raise KernelSourceError(f"no GPU backend to run kernel {self.name!r} on")
+
+
+def constant_bits(x, dtype) -> int | bool:
+    """A constant scalar input as a template argument: a float32 by its bits (as an int32)."""
+    if isinstance(x, mx.array):
+        x = x.item()
+    if dtype == mx.float32:
+        return struct.unpack("<i", struct.pack("<f", float(x)))[0]
+    if dtype == mx.bool_:
+        return bool(x)
+    if dtype == mx.int32:
+        return int(x)
+    raise KernelSourceError(f"a constant of dtype {dtype} cannot be a template argument")
+
+
+def cuda_constant(name: str, dtype) -> str:
+    """The CUDA preamble line that defines constant ``name`` from its template argument."""
+    if dtype == mx.float32:
+        return f"const float {name} = __int_as_float({name}__bits);"
+    return f"const {_CUDA_TYPES[dtype]} {name} = {name}__bits;"
 
 
 def _scalar_dtype(x):

@@ -62,8 +62,9 @@ NORM_ROUTER_MAX_D = 32 * 8 * NORM_ROUTER_SIMDGROUPS
 
 ROUTER = Kernel("moe_router", ["x", "weight", "bias"], ["indices", "weights"])
 NORM_ROUTER = Kernel("add_rms_norm_route", ["x", "residual", "gain", "eps", "weight", "bias"],
-                     ["h", "y", "indices", "weights"])
-GATE_UP = Kernel("moe_gate_up_swiglu", ["x", "w", "scales", "bias", "indices", "limit"], ["act"])
+                     ["h", "y", "indices", "weights"], constants=("eps",))
+GATE_UP = Kernel("moe_gate_up_swiglu", ["x", "w", "scales", "bias", "indices", "limit"], ["act"],
+                 constants=("limit",))
 DOWN = Kernel("moe_down_combine", ["act", "w", "scales", "bias", "indices", "weights", "residual"], ["y"])
 
 
@@ -80,7 +81,7 @@ def router_plan(x, weight, bias, k) -> Launch:
     simdgroups = -(-D // 256)  # a chunk of 8 values of x per thread
     return Launch(
         inputs=[x, weight, bias],
-        output_shapes=[(T, k), (T, k)], output_dtypes=[mx.uint32, x.dtype],
+        output_shapes=[(T, k), (T, k)], output_dtypes=[mx.uint32, mx.float32],  # weights: T_ values (router.h)
         grid=(32 * simdgroups, T, 1), threadgroup=(32 * simdgroups, 1, 1),
         template=[("T_", x.dtype), ("D", D), ("E", E), ("TOP_K", k), ("SG", simdgroups)],
     )
@@ -112,7 +113,7 @@ def norm_router_plan(x, residual, gain, eps, weight, bias, k) -> Launch:
     simdgroups = max(-(-D // 256), min(E, NORM_ROUTER_SIMDGROUPS))
     return Launch(
         inputs=[x, residual, gain, float(eps), weight, bias],
-        output_shapes=[x.shape, x.shape, (T, k), (T, k)], output_dtypes=[x.dtype, x.dtype, mx.uint32, x.dtype],
+        output_shapes=[x.shape, x.shape, (T, k), (T, k)], output_dtypes=[x.dtype, x.dtype, mx.uint32, mx.float32],
         grid=(32 * simdgroups, T, 1), threadgroup=(32 * simdgroups, 1, 1),
         template=[("T_", x.dtype), ("D", D), ("E", E), ("TOP_K", k), ("SG", simdgroups)],
     )
@@ -165,6 +166,8 @@ def down_combine_plan(act, indices, weights, w, scales, bias, residual) -> Launc
     groups = max(1, min(v.groups_b, 8 // k))  # at most 8 simdgroups, or one group (k > 8)
     outs = groups * v.rows_b  # outputs per threadgroup
     threads = 32 * k * groups
+    if outs > threads:  # a thread per output adds the experts (metal/moe_down_combine.metal)
+        raise ValueError(f"moe_down_combine: {outs} outputs per threadgroup need at most as many threads ({threads})")
     return Launch(
         inputs=[act, w, scales, bias, indices, weights, residual],
         output_shapes=[(T, D)], output_dtypes=[act.dtype],
@@ -212,7 +215,8 @@ def down_sample(shape, key, dtype):
     k3, k4 = mx.random.split(k3)
     act = mx.random.normal((T, k, I), key=k3).astype(dtype)
     residual = mx.random.normal((T, D), key=k4).astype(dtype)
-    return act, indices, weights.astype(dtype), w, scales, bias, residual
+    # as the router kernels give them: values of dtype, stored as float32 (metal/router.h)
+    return act, indices, weights.astype(dtype).astype(mx.float32), w, scales, bias, residual
 
 
 ROUTER_SPEC = registry.register(registry.KernelSpec(
@@ -286,7 +290,8 @@ def experts(x, indices, weights, layer, residual) -> mx.array:
     experts, else ``layer`` and ``ops.combine_experts``."""
     if fused_fits(x, layer, indices.shape[-1]):
         return fused_experts(x, indices, weights, layer, residual)
-    return ops.combine_experts(layer(x, mx.stop_gradient(indices)), weights, residual)
+    # The router kernels return float32 weights that are values of x's dtype: exact in it.
+    return ops.combine_experts(layer(x, mx.stop_gradient(indices)), weights.astype(x.dtype), residual)
 
 
 def fused_experts(x, indices, weights, layer, residual) -> mx.array:
@@ -298,7 +303,5 @@ def fused_experts(x, indices, weights, layer, residual) -> mx.array:
     which moves that token's logits visibly (docs/measurements.md)."""
     gu, down = layer.gate_up_proj, layer.down_proj
     (act,) = GATE_UP_SPEC.launch(x, indices, gu.weight, gu.scales, gu.bias, layer.swiglu_limit)
-    if weights.dtype != x.dtype:
-        weights = weights.astype(x.dtype)
     (y,) = DOWN_SPEC.launch(act, indices, weights, down.weight, down.scales, down.bias, residual)
     return y

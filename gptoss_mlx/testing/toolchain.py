@@ -354,6 +354,10 @@ def cuda_mirror_source(kernel: Kernel, launch: Launch) -> str:
         scalar = kl._scalar_dtype(x)
         if scalar is None:
             params.append(f"const {kl._CUDA_TYPES[x.dtype]}* {name}")
+        elif name in kernel.constants:
+            preamble.append(f"constexpr {'bool' if scalar == mx.bool_ else 'int'} {name}__bits = "
+                            f"{int(kl.constant_bits(x, scalar))};")
+            preamble.append(kl.cuda_constant(name, scalar))
         else:
             params.append(f"const {kl._CUDA_TYPES[scalar]}* {name}__ptr")
             preamble.append(f"const {kl._CUDA_TYPES[scalar]} {name} = *{name}__ptr;")
