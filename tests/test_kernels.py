@@ -14,6 +14,8 @@ import warnings
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gptoss_mlx import kernels
 from gptoss_mlx.kernels import dense, moe, registry
@@ -206,6 +208,19 @@ def test_constant_scalars_reach_cuda_compiled_in_and_the_others_in_memory(monkey
     assert built[-1]["input_names"] == ["q", "k", "v", "n_keys__ptr"]
     assert called[-1]["inputs"][-1].item() == 2049 and dict(called[-1]["template"])["scale__bits"] == \
         struct.unpack("<i", struct.pack("<f", 0.125))[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(width=32, allow_nan=True, allow_infinity=True))
+def test_a_float_constant_survives_its_trip_through_a_template_argument(value):
+    """Any float32 (signed zeros, subnormals, infinities, NaN payloads) compiles in bit for bit:
+    the bits as an int32 are what __int_as_float reads back on the device."""
+    from gptoss_mlx.kernels import launch as kl
+
+    bits = kl.constant_bits(value, mx.float32)
+    assert -2**31 <= bits < 2**31
+    assert struct.pack("<i", bits) == struct.pack("<f", value)
+    assert kl.constant_bits(mx.array(value, mx.float32), mx.float32) == bits
 
 
 def test_every_variant_changes_one_expert_kernel():
