@@ -246,7 +246,9 @@ DOWN_SPEC = registry.register(registry.KernelSpec(
 
 def route(x: mx.array, router, k: int) -> tuple[mx.array, mx.array]:
     """The top-k experts of each token of x (T, D), highest first, and their softmaxed weights,
-    through ``router`` (an nn.Linear, or a quantized one): one kernel for small batches."""
+    through ``router`` (an nn.Linear, or a quantized one): one kernel for small batches. The
+    kernel's weights are float32 holding values of x's dtype (metal/router.h); the plain path's
+    are x's dtype: the same numbers."""
     if x.shape[0] <= MAX_TOKENS and x.shape[1] <= 8192 and plain_linear(router, x.dtype) \
             and registry.active(ROUTER_SPEC.name, x.dtype):
         return tuple(ROUTER_SPEC.launch(x, router.weight, router.bias, k))
