@@ -86,7 +86,7 @@ def main() -> int:
         return moe.fused_experts(x, indices, weights, ex, x)
 
     def mlx_path(x, indices, weights):
-        return ops.combine_experts(ex(x, indices), weights, x)
+        return ops.combine_experts(ex(x, indices), weights.astype(x.dtype), x)
 
     def block(x, indices, weights):  # the model's MoE block; the registry picks kernels or not
         return mlp(x, residual=x)
@@ -127,7 +127,8 @@ def main() -> int:
         kx, ki, kw = mx.random.split(mx.random.key(T), 3)
         x0 = mx.random.normal((T, D), key=kx).astype(mx.bfloat16)
         indices = mx.argsort(mx.random.uniform(shape=(T, E), key=ki), axis=-1)[:, :k].astype(mx.uint32)
-        weights = mx.softmax(mx.random.normal((T, k), key=kw), axis=-1).astype(mx.bfloat16)
+        # as the router kernels give them: bf16 values stored as float32 (metal/router.h)
+        weights = mx.softmax(mx.random.normal((T, k), key=kw), axis=-1).astype(mx.bfloat16).astype(mx.float32)
         diff = max_diff(kernels(x0, indices, weights), mlx_path(x0, indices, weights))
         with kernel_mode("on"):
             ours_block = block(x0, indices, weights)

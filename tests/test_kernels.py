@@ -5,6 +5,7 @@ check must disable a kernel that is wrong."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import struct
@@ -197,30 +198,51 @@ def test_constant_scalars_reach_cuda_compiled_in_and_the_others_in_memory(monkey
     fresh = Kernel(moe.GATE_UP.name, moe.GATE_UP.input_names, moe.GATE_UP.output_names, constants=("limit",))
     fresh(moe.GATE_UP_SPEC.plan(*args[:-1], 7.25), backend="cuda")
     assert "limit" not in built[-1]["input_names"] and len(called[-1]["inputs"]) == 5
-    bits = dict(called[-1]["template"])["limit__bits"]
-    assert struct.unpack("<f", struct.pack("<i", bits))[0] == 7.25
-    assert "const float limit = __int_as_float(limit__bits);" in built[-1]["source"]
+    assert _constant_value(called[-1]["template"], "limit") == 7.25
+    assert "const float limit = __uint_as_float(" in built[-1]["source"]
 
     q = mx.zeros((1, 64, 1, 64)); kv = mx.zeros((1, 8, 4096, 64))
     partial = Kernel(attention.PARTIAL.name, attention.PARTIAL.input_names, attention.PARTIAL.output_names,
                      constants=attention.PARTIAL.constants)
     partial(kl.Launch([q, kv, kv, 0.125, 2049], [(1,)], [mx.float32], (32, 1, 1), (32, 1, 1)), backend="cuda")
     assert built[-1]["input_names"] == ["q", "k", "v", "n_keys__ptr"]
-    assert called[-1]["inputs"][-1].item() == 2049 and dict(called[-1]["template"])["scale__bits"] == \
-        struct.unpack("<i", struct.pack("<f", 0.125))[0]
+    assert called[-1]["inputs"][-1].item() == 2049
+    assert _constant_value(called[-1]["template"], "scale") == 0.125
+
+
+def _constant_value(template, name: str) -> float:
+    """What the CUDA preamble reads back from constant ``name``'s template arguments."""
+    args = dict(template)
+    return struct.unpack("<f", struct.pack("<I", (args[f"{name}__hi"] << 16) | args[f"{name}__lo"]))[0]
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.floats(width=32, allow_nan=True, allow_infinity=True))
-def test_a_float_constant_survives_its_trip_through_a_template_argument(value):
-    """Any float32 (signed zeros, subnormals, infinities, NaN payloads) compiles in bit for bit:
-    the bits as an int32 are what __int_as_float reads back on the device."""
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_a_float_constant_survives_its_trip_through_template_arguments(value):
+    """Any float (signed zeros, subnormals, infinities, NaN, beyond float32's range) compiles in
+    as the float32 mx.array makes of it, in template arguments that are all non-negative: MLX-CUDA
+    names the kernel after them, and a negative float's bits as one int put a minus sign in the
+    name, which NVRTC refused."""
     from gptoss_mlx.kernels import launch as kl
 
-    bits = kl.constant_bits(value, mx.float32)
-    assert -2**31 <= bits < 2**31
-    assert struct.pack("<i", bits) == struct.pack("<f", value)
-    assert kl.constant_bits(mx.array(value, mx.float32), mx.float32) == bits
+    template = kl.constant_template("limit", value, mx.float32)
+    assert all(0 <= v < 2**16 for _, v in template)
+    expected = mx.array(value, mx.float32).item()
+    got = _constant_value(template, "limit")
+    assert (got == expected and math.copysign(1, got) == math.copysign(1, expected)) or (got != got and expected != expected)
+
+
+def test_a_negative_constant_compiles_in_the_cuda_mirror():
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found (the CUDA toolkit)")
+    args = moe.gate_up_sample((1, 64, 64, 4, 2), mx.random.key(0), mx.bfloat16)
+    launch = moe.GATE_UP_SPEC.plan(*args[:-1], -7.0)
+    from gptoss_mlx.kernels import launch as kl
+
+    assert "-" not in "".join(str(v) for _, v in kl.constant_template("limit", -7.0, mx.float32))
+    registers, spilled = toolchain.cuda_registers(moe.GATE_UP, launch, nvcc)
+    assert registers > 0 and spilled == 0
 
 
 def test_every_variant_changes_one_expert_kernel():

@@ -10,6 +10,7 @@ thread attributes the body uses (metal/README.md lists the supported subset).
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -193,7 +194,7 @@ class Kernel:
                     if d is None:
                         inputs.append(x)
                     elif name in self.constants:
-                        template.append((f"{name}__bits", constant_bits(x, d)))
+                        template += constant_template(name, x, d)
                     else:
                         inputs.append(mx.array(x, dtype=d))
                 kwargs["template"] = template
@@ -202,23 +203,41 @@ class Kernel:
 
 
 def constant_bits(x, dtype) -> int | bool:
-    """A constant scalar input as a template argument: a float32 by its bits (as an int32)."""
+    """A constant scalar's value as the device reads it: a float32 by its bits (an unsigned
+    32-bit int; a finite float beyond float32's range rounds to an infinity, as mx.array does)."""
     if isinstance(x, mx.array):
         x = x.item()
     if dtype == mx.float32:
-        return struct.unpack("<i", struct.pack("<f", float(x)))[0]
+        try:
+            packed = struct.pack("<f", float(x))
+        except OverflowError:
+            packed = struct.pack("<f", math.copysign(math.inf, x))
+        return struct.unpack("<I", packed)[0]
     if dtype == mx.bool_:
         return bool(x)
     if dtype == mx.int32:
-        return int(x)
+        return int(x) & 0xFFFFFFFF
     raise KernelSourceError(f"a constant of dtype {dtype} cannot be a template argument")
 
 
+def constant_template(name: str, x, dtype) -> list[tuple[str, int | bool]]:
+    """The template arguments that carry constant ``name``: a bool as itself, 32 bits as two
+    16-bit halves. Every one is non-negative: MLX-CUDA names the kernel after its template
+    arguments, and a minus sign (a negative float's bits) made a name NVRTC refused."""
+    bits = constant_bits(x, dtype)
+    if dtype == mx.bool_:
+        return [(f"{name}__bits", bits)]
+    return [(f"{name}__hi", bits >> 16), (f"{name}__lo", bits & 0xFFFF)]
+
+
 def cuda_constant(name: str, dtype) -> str:
-    """The CUDA preamble line that defines constant ``name`` from its template argument."""
+    """The CUDA preamble line that defines constant ``name`` from its template arguments."""
+    if dtype == mx.bool_:
+        return f"const bool {name} = {name}__bits;"
+    bits = f"((unsigned({name}__hi) << 16) | unsigned({name}__lo))"
     if dtype == mx.float32:
-        return f"const float {name} = __int_as_float({name}__bits);"
-    return f"const {_CUDA_TYPES[dtype]} {name} = {name}__bits;"
+        return f"const float {name} = __uint_as_float{bits};"
+    return f"const {_CUDA_TYPES[dtype]} {name} = int{bits};"
 
 
 def _scalar_dtype(x):

@@ -355,8 +355,8 @@ def cuda_mirror_source(kernel: Kernel, launch: Launch) -> str:
         if scalar is None:
             params.append(f"const {kl._CUDA_TYPES[x.dtype]}* {name}")
         elif name in kernel.constants:
-            preamble.append(f"constexpr {'bool' if scalar == mx.bool_ else 'int'} {name}__bits = "
-                            f"{int(kl.constant_bits(x, scalar))};")
+            preamble += [f"constexpr {'bool' if scalar == mx.bool_ else 'int'} {arg} = {int(value)};"
+                         for arg, value in kl.constant_template(name, x, scalar)]
             preamble.append(kl.cuda_constant(name, scalar))
         else:
             params.append(f"const {kl._CUDA_TYPES[scalar]}* {name}__ptr")
