@@ -40,7 +40,9 @@ def gather_linear(x, weight, scales, bias, indices, *, biases=None, mode="mxfp4"
 
 
 def combine_experts(y: mx.array, weights: mx.array, residual: mx.array) -> mx.array:
-    """residual + sum_j weights_j * y_j: (T, k, D), (T, k), (T, D) -> (T, D)."""
+    """residual + sum_j weights_j * y_j: (T, k, D), (T, k), (T, D) -> (T, D), in y's dtype (the
+    router kernels give float32 weights holding values of it: metal/router.h)."""
+    weights = weights.astype(y.dtype)  # a no-op where they match
     if y.shape[-2] == 1:  # one expert per token: MLX 0.32's shapeless compile crashes on a sum over one
         return residual + y.squeeze(-2) * weights
     return _combine_experts(y, weights, residual)

@@ -16,7 +16,8 @@
 // together), then per block the 32 activations it multiplies (x is read from cache) and per
 // row a chain of fused multiply-adds per word (dot8), 8 activations at a time; fp32
 // accumulation, simd_sum. The biases are loaded with the weights. A ragged last simdgroup
-// reads column I - 1 for the columns past the end and writes none of them. The expert id is read on the GPU: no host sync.
+// reads column I - 1 for the columns past the end and writes none of them. The expert id is
+// read on the GPU: no host sync.
 // Fuses: 2 gather_qmm-equivalents over the same x (gate and up as one pass), 2 bias gathers and
 // adds, the de-interleaving slices and the SwiGLU.
 #include "mxfp4.h"

@@ -292,8 +292,7 @@ def experts(x, indices, weights, layer, residual) -> mx.array:
     experts, else ``layer`` and ``ops.combine_experts``."""
     if fused_fits(x, layer, indices.shape[-1]):
         return fused_experts(x, indices, weights, layer, residual)
-    # The router kernels return float32 weights that are values of x's dtype: exact in it.
-    return ops.combine_experts(layer(x, mx.stop_gradient(indices)), weights.astype(x.dtype), residual)
+    return ops.combine_experts(layer(x, mx.stop_gradient(indices)), weights, residual)
 
 
 def fused_experts(x, indices, weights, layer, residual) -> mx.array:
