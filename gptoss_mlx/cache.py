@@ -17,6 +17,31 @@ from functools import lru_cache
 import mlx.core as mx
 
 
+_POSITIONS: list[mx.array] = []  # one evaluated int32 arange, grown by doubling
+
+
+def device_positions(start: int, count: int = 1) -> mx.array:
+    """Positions ``start .. start + count`` as an int32 (count,) view of one arange made by the
+    device: where a per-call position must be an array (RoPE's offset, the compiled step's
+    position), use this instead of ``mx.array(start)``. On MLX-CUDA every array of 8 bytes or less
+    lives in one pool of managed memory that the host writes whenever it makes a scalar, and a
+    kernel reading that pool then waits for the page to come back (docs/measurements.md); a slice
+    of a larger array made on the device stays in device memory. (Evaluated when made, the table
+    carries no thread's stream; a slice is a view, no kernel. The views are memoized per thread,
+    since every layer of a step asks for the same one.)"""
+    return _thread_positions(start, count, threading.get_ident())
+
+
+@lru_cache(maxsize=8)
+def _thread_positions(start: int, count: int, thread: int) -> mx.array:
+    end = start + count
+    if not _POSITIONS or _POSITIONS[0].size < end:
+        table = mx.arange(max(4096, 2 * end), dtype=mx.int32)
+        mx.eval(table)
+        _POSITIONS[:] = [table]
+    return _POSITIONS[0][start:end]
+
+
 class KVCache:
     """Full attention: keeps every position. Storage grows in steps to avoid a copy per token."""
 

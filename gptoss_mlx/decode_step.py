@@ -7,8 +7,9 @@ once and replayed from MLX's compile cache, and its elementwise operations are f
 A trace must not bake in what changes per token. Inside the compiled function every layer's cache
 is a :class:`StepCache`: the layer's storage as it is (a full layer's KVCache buffer, a sliding
 layer's 128-slot ring), the position as an array, the new key and value written at an array
-index, and a mask over the filled slots. So MLX traces again only when a full layer's storage
-grows (every ``KVCache.step`` tokens). The logits equal the uncompiled step's bit for bit on the
+index, and a mask over the filled slots (none on the rings once they are full: a second traced
+step). So MLX traces again only when a full layer's storage grows (every ``KVCache.step``
+tokens) and once when the rings fill. The logits equal the uncompiled step's bit for bit on the
 CPU (tests/test_decode_step.py).
 
 ``GPTOSS_MLX_COMPILE=off`` (or ``Engine(compile_decode=False)``) keeps the uncompiled step; on a
@@ -19,10 +20,11 @@ from __future__ import annotations
 
 import os
 import warnings
+from functools import partial
 
 import mlx.core as mx
 
-from .cache import KVCache, RotatingKVCache
+from .cache import KVCache, RotatingKVCache, device_positions
 from .kernels import registry
 from .kernels.attention import decode_kernels_may_run
 
@@ -56,15 +58,22 @@ class StepCache:
     and the position (a () int32 array) the new key is written at: slot ``position`` of a full
     layer's buffer, ``position % K`` of a sliding layer's ring. Attention reads ``offset`` for
     RoPE and attends over the whole storage through ``mask`` (1, 1, 1, K), the slots filled so
-    far: ``arange(K) <= position``, which in a ring that has wrapped are all of them."""
+    far: ``arange(K) <= position``; None for a ring whose slots are all filled (every one is
+    inside the window, so none needs masking)."""
 
-    def __init__(self, keys: mx.array, values: mx.array, position: mx.array, ring: bool, mask: mx.array):
-        self.keys, self.values, self.offset, self.mask = keys, values, position, mask
-        self.slot = (position % keys.shape[2] if ring else position).reshape(1)
+    def __init__(self, keys: mx.array, values: mx.array, ahead: mx.array, ring: bool, mask: mx.array | None):
+        # ahead: (4,) the position and the three after it, so that the slot computed from them is
+        # 16 bytes, not a scalar in MLX-CUDA's pool of small arrays (cache.device_positions)
+        self.keys, self.values, self.offset, self.mask = keys, values, ahead[:1].reshape(()), mask
+        self.slot = (ahead % keys.shape[2])[:1] if ring else ahead[:1]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        self.keys = mx.slice_update(self.keys, keys, self.slot, axes=(2,))
-        self.values = mx.slice_update(self.values, values, self.slot, axes=(2,))
+        # A scatter at the slot, not mx.slice_update: MLX-CUDA's slice update at an array index
+        # launches a thread per element of the whole storage, not of the update (10-17 µs a layer
+        # at 256 slots on the H200, growing with the context; docs/measurements.md).
+        index = self.slot.reshape(1, 1, 1, 1)
+        self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
+        self.values = mx.put_along_axis(self.values, index, values, axis=2)
         return self.keys, self.values
 
 
@@ -80,15 +89,20 @@ class CompiledDecode:
         self.traces = 0
         self.failed = False
         self._kernels_decided = False
-        self._step = mx.compile(self._trace) if compiled else self._trace
+        # One step while the rings still have empty slots, one after (their attention then needs
+        # no mask: MLX-CUDA runs a masked sdpa as several kernels instead of its one-pass kernel).
+        self._steps = {full: (mx.compile(step) if compiled else step)
+                       for full in (False, True) for step in [partial(self._trace, full)]}
 
-    def _trace(self, token: mx.array, position: mx.array, storage: list) -> tuple[mx.array, list]:
-        """token (1, 1), position (), storage [(keys, values)] per layer -> logits (1, V) and the
-        updated storage. Python runs this only while MLX traces it."""
+    def _trace(self, rings_full: bool, token: mx.array, ahead: mx.array, storage: list) -> tuple[mx.array, list]:
+        """token (1, 1), ahead (4,) the position and the three after it, storage [(keys, values)]
+        per layer -> logits (1, V) and the updated storage; ``rings_full``: every ring's slots are
+        filled once this step's key is written. Python runs this only while MLX traces it."""
         self.traces += 1
         sizes = {keys.shape[2] for keys, _ in storage}  # the rings' and the full layers' slots
-        masks = {K: (mx.arange(K) <= position).reshape(1, 1, 1, K) for K in sizes}
-        caches = [StepCache(keys, values, position, layer.self_attn.window is not None, masks[keys.shape[2]])
+        masks = {K: (mx.arange(K) <= ahead[:1]).reshape(1, 1, 1, K) for K in sizes}
+        caches = [StepCache(keys, values, ahead, ring := layer.self_attn.window is not None,
+                            None if ring and rings_full else masks[keys.shape[2]])
                   for (keys, values), layer in zip(storage, self.model.layers)]
         logits = self.model(token, cache=caches)
         return logits[:, -1, :], [(c.keys, c.values) for c in caches]
@@ -115,10 +129,18 @@ class CompiledDecode:
         for c in cache:
             if isinstance(c, KVCache):
                 c.reserve(position + 1)  # a new capacity: MLX traces once more
+        rings_full = all(position + 1 >= c.keys.shape[2] for c in cache if isinstance(c, RotatingKVCache))
+        storage = [(c.keys, c.values) for c in cache]
+        for c in cache:
+            # Nothing but the step may hold the buffers: a slice update writes in place only into a
+            # buffer nobody else holds, and copied each layer's whole storage otherwise (on the
+            # H200: 27 µs of GPU time a layer, a third of the step's; docs/measurements.md).
+            c.keys = c.values = None
         try:
-            logits, storage = self._step(token.reshape(1, 1), mx.array(position, mx.int32),
-                                         [(c.keys, c.values) for c in cache])
+            logits, storage = self._steps[rings_full](token.reshape(1, 1), device_positions(position, 4), storage)
         except Exception as e:  # any failure to trace: the uncompiled step computes the same
+            for c, (keys, values) in zip(cache, storage):
+                c.keys, c.values = keys, values
             self.failed = True
             warnings.warn(f"gptoss-mlx: compiling the decode step failed ({type(e).__name__}: "
                           f"{str(e).strip()[:200]}); decoding uncompiled (set {ENV_VAR}=off to skip it).",

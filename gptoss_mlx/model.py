@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import kernels, ops
-from .cache import KVCache, RotatingKVCache
+from .cache import KVCache, RotatingKVCache, device_positions
 from .config import ModelConfig, yarn_correction_range
 
 
@@ -77,7 +77,14 @@ class YarnRoPE(nn.Module):
         self.dims = config.head_dim
         self._periods = mx.array([1.0 / f for f in inv_freq], dtype=mx.float32)
 
-    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+    @property
+    def periods(self) -> mx.array:
+        """(head_dim / 2,) float32: theta = position / period (mx.fast.rope's ``freqs``)."""
+        return self._periods
+
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        if isinstance(offset, int):  # not a scalar the host makes per call (cache.device_positions)
+            offset = device_positions(offset)
         return mx.fast.rope(
             x, self.dims, traditional=False, base=None, scale=1.0, offset=offset,
             freqs=self._periods,
@@ -104,12 +111,10 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0
         H, KV = self.num_heads, self.num_kv_heads
-        # (B, H + 2 KV, L, head_dim); query head h reads KV head h // (H / KV).
-        # qkv stays MLX's GEMV: on the H200 it reads at 2.6 TB/s, linear_decode at 2.3 (o_proj below:
-        # there linear_decode replaces a split-K GEMV and its reduce; docs/measurements.md).
-        qkv = self.qkv_proj(x).reshape(B, L, H + 2 * KV, -1).transpose(0, 2, 1, 3)
-        qk = self.rope(qkv[:, : H + KV], offset)  # queries and keys share their positions
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
+        # qkv_proj(x) as (B, H + 2 KV, L, head_dim), RoPE on the queries and keys (they share their
+        # positions): one kernel at decode. Query head h reads KV head h // (H / KV).
+        qk, v = kernels.qkv_rope(x, self.qkv_proj, self.rope, offset, H + KV)
+        q, k = qk[:, :H], qk[:, H:]
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         # Sinks: an extra softmax column per head that takes weight but adds no value.

@@ -64,6 +64,7 @@ namespace metal {
 #define MSL_UNARY(name) template <typename T> T name(T);
 MSL_UNARY(exp) MSL_UNARY(exp2) MSL_UNARY(log) MSL_UNARY(log2) MSL_UNARY(sqrt) MSL_UNARY(rsqrt)
 MSL_UNARY(tanh) MSL_UNARY(floor) MSL_UNARY(ceil) MSL_UNARY(fabs) MSL_UNARY(abs)
+MSL_UNARY(cos) MSL_UNARY(sin)
 #undef MSL_UNARY
 template <typename T> bool isnan(T);
 template <typename T> bool isinf(T);
@@ -75,12 +76,12 @@ template <typename T> T clamp(T, T, T);
 namespace fast {
 using metal::exp; using metal::exp2; using metal::log; using metal::log2; using metal::sqrt;
 using metal::rsqrt; using metal::tanh; using metal::pow; using metal::max; using metal::min;
-using metal::fabs; using metal::abs; using metal::clamp;
+using metal::fabs; using metal::abs; using metal::clamp; using metal::cos; using metal::sin;
 }
 namespace precise {
 using metal::exp; using metal::exp2; using metal::log; using metal::log2; using metal::sqrt;
 using metal::rsqrt; using metal::tanh; using metal::pow; using metal::max; using metal::min;
-using metal::fabs; using metal::abs; using metal::clamp;
+using metal::fabs; using metal::abs; using metal::clamp; using metal::cos; using metal::sin;
 }
 
 enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };

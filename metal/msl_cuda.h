@@ -48,6 +48,7 @@ namespace metal {
   MSL_MATH(exp, exp_impl) MSL_MATH(exp2, ::exp2f) MSL_MATH(log, ::logf)                   \
   MSL_MATH(log2, ::log2f) MSL_MATH(sqrt, ::sqrtf) MSL_MATH(rsqrt, ::rsqrtf)               \
   MSL_MATH(tanh, ::tanhf) MSL_MATH(floor, ::floorf) MSL_MATH(ceil, ::ceilf)               \
+  MSL_MATH(cos, ::cosf) MSL_MATH(sin, ::sinf)                                             \
   MSL_MATH(fabs, ::fabsf) MSL_MATH(abs, ::fabsf)                                          \
   __device__ __forceinline__ float fma(float a, float b, float c) { return ::fmaf(a, b, c); } \
   __device__ __forceinline__ float pow(float a, float b) { return ::powf(a, b); }         \

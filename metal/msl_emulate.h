@@ -113,6 +113,8 @@ MSL_MATH1(log, __builtin_logf)
 MSL_MATH1(log2, __builtin_log2f)
 MSL_MATH1(sqrt, __builtin_sqrtf)
 MSL_MATH1(tanh, __builtin_tanhf)
+MSL_MATH1(cos, __builtin_cosf)
+MSL_MATH1(sin, __builtin_sinf)
 MSL_MATH1(floor, __builtin_floorf)
 MSL_MATH1(ceil, __builtin_ceilf)
 MSL_MATH1(fabs, __builtin_fabsf)
@@ -133,7 +135,8 @@ namespace metal {
 #define MSL_MATH_NAMESPACE                                                                  \
   using ::exp; using ::exp2; using ::log; using ::log2; using ::sqrt; using ::rsqrt;        \
   using ::tanh; using ::floor; using ::ceil; using ::fabs; using ::abs; using ::fma;          \
-  using ::pow; using ::max; using ::min; using ::clamp; using ::isnan; using ::isinf;
+  using ::pow; using ::max; using ::min; using ::clamp; using ::isnan; using ::isinf;      \
+  using ::cos; using ::sin;
 MSL_MATH_NAMESPACE
 namespace fast {
 MSL_MATH_NAMESPACE

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""GPU time of a decode token, kernel by kernel, from Nsight Compute: ours (every kernel), ours
-with GPTOSS_MLX_KERNELS=off, and mlx-lm, on the same checkpoint in one profiled process.
+"""GPU time of a decode token, kernel by kernel, from Nsight Compute: ours (every kernel; its step
+built per token, and compiled), ours with GPTOSS_MLX_KERNELS=off, and mlx-lm, on the same
+checkpoint in one profiled process.
 
     python scripts/profile_decode.py --dir /tmp/g20 [--make --preset 20b] [--steps 4] [--top 18]
     python scripts/profile_decode.py --from-csv ncu.csv --steps 4   # the table from a saved ncu run
@@ -48,7 +49,7 @@ METRIC = "gpu__time_duration.sum"
 NCU_ARGS = ["--csv", "--clock-control", "none", "--metrics", METRIC]
 _UNITS = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3,
           "s": 1e6, "second": 1e6}
-ENGINES = ("ours", "ours_kernels_off", "mlx_lm")
+ENGINES = ("ours", "ours_compiled", "ours_kernels_off", "mlx_lm")
 WARMUP = 2  # decode steps before the measured ones
 PROMPT = 128
 
@@ -223,17 +224,25 @@ def bytes_per_token(model, context: int) -> float:
     return total
 
 
-def decode_between_markers(model, sample, prompt: list[int], label: str, steps: int) -> None:
+def decode_between_markers(model, sample, prompt: list[int], label: str, steps: int,
+                           compiled: bool = False) -> None:
     """Prefill ``prompt``, decode WARMUP tokens, then ``steps`` tokens between the markers of
-    range ``label`` (each token queued as Engine.generate does, then evaluated)."""
+    range ``label`` (each token queued as Engine.generate does, then evaluated); ``compiled``:
+    each step through decode_step.CompiledDecode (traced in the warm-up)."""
     import mlx.core as mx
 
+    from gptoss_mlx.decode_step import CompiledDecode
+
+    step = CompiledDecode(model) if compiled else None
     cache = model.make_cache()
     y = sample(model(mx.array([prompt]), cache=cache)[:, -1, :])
     for n in range(WARMUP + steps):
         if n == WARMUP:
             range_start(label)
-        y = sample(model(y.reshape(1, 1), cache=cache)[:, -1, :])
+        logits = step(y, cache) if step is not None else None
+        if logits is None:  # uncompiled, or a step the compiled one does not take
+            logits = model(y.reshape(1, 1), cache=cache)[:, -1, :]
+        y = sample(logits)
         mx.eval(y)
     range_end()
 
@@ -253,13 +262,14 @@ def worker(directory: Path, steps: int, out: Path) -> int:
     ours = load_model(directory)
     sample = make_sampler(SamplingParams(temperature=0), ours.config.vocab_size)
 
-    def decode_ours(label: str, kernels: str) -> None:
+    def decode_ours(label: str, kernels: str, compiled: bool = False) -> None:
         os.environ[registry.ENV_VAR] = kernels
         registry.reset()
-        decode_between_markers(ours, sample, prompt, label, steps)
+        decode_between_markers(ours, sample, prompt, label, steps, compiled)
 
     decode_ours("warmup", "check")  # every kernel checked once, outside the measured ranges
     decode_ours("ours", "on")
+    decode_ours("ours_compiled", "on", compiled=True)
     decode_ours("ours_kernels_off", "off")
 
     theirs, _ = load_mlx_lm(directory)

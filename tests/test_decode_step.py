@@ -48,10 +48,11 @@ def decode_both(model, prompt: list[int], steps: int, rewinds: dict[int, int] = 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_compiled_logits_equal_uncompiled_through_wraps_growth_and_rewinds(window_128, dtype):
     """From a 3-token prompt: a rewind (trim) before the 128-slot rings wrap, then they fill and
-    wrap, and the full layers' 256 slots grow to 512. Two traces: one per capacity."""
+    wrap, and the full layers' 256 slots grow to 512. Three traces: the rings filling (masked)
+    and full (unmasked) at 256 slots, full at 512."""
     model = load_model(window_128, dtype)
     step = decode_both(model, [5, 9, 2], 330, rewinds={100: 60})
-    assert step.traces == 2
+    assert step.traces == 3
 
 
 def test_rewinding_a_wrapped_ring_to_a_snapshot(checkpoints):
@@ -88,7 +89,7 @@ def test_a_failing_compile_warns_once_and_decodes_uncompiled(checkpoints, monkey
     def broken(*args):
         raise ValueError("no such primitive")
 
-    monkeypatch.setattr(engine.compiled_decode, "_step", broken)
+    monkeypatch.setattr(engine.compiled_decode, "_steps", {False: broken, True: broken})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         reply = list(engine.generate([1, 2, 3], SamplingParams(temperature=0, max_tokens=20)))
@@ -139,12 +140,12 @@ def test_the_kernels_are_launched_inside_the_compiled_step(checkpoints, monkeypa
         y = mx.argmax(forward(model, pc, list(range(1, 12))), axis=-1)
         launched.clear()
         step = CompiledDecode(model)
-        step(y, pc.cache)  # traced: 4 launches per layer (o_proj, add+norm+router, the two MoE halves)
+        step(y, pc.cache)  # traced: 5 launches per layer (qkv + RoPE, o_proj, add+norm+router, the two MoE halves)
         assert sorted(set(launched)) == ["add_rms_norm_route", "linear_decode", "moe_down_combine",
-                                         "moe_gate_up_swiglu"]
-        assert len(launched) == 4 * len(model.layers)
+                                         "moe_gate_up_swiglu", "qkv_rope_decode"]
+        assert len(launched) == 5 * len(model.layers)
         step(y, pc.cache)  # replayed: no Python in between
-        assert len(launched) == 4 * len(model.layers) and step.traces == 1
+        assert len(launched) == 5 * len(model.layers) and step.traces == 1
     finally:
         registry.reset()
 

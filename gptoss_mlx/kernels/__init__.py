@@ -1,6 +1,7 @@
 """Custom kernels for the hot paths: Metal sources in metal/, verified before they are trusted.
 
-The model calls ``linear`` (the attention's projections), ``attention``, ``add_rms_norm_route`` and ``experts`` (``add_rms_norm`` and
+The model calls ``qkv_rope`` (the qkv projection and RoPE), ``linear`` (the attention's
+output projection), ``attention``, ``add_rms_norm_route`` and ``experts`` (``add_rms_norm`` and
 ``route`` are the second's two halves, for when its kernel does not apply and for a block called
 alone); each runs its kernels where they apply (and ``registry`` has them active, see its
 docstring for ``GPTOSS_MLX_KERNELS``) and the plain-MLX form in ``ops`` otherwise. Each kernel module holds the launch plan, the reference the kernel must equal and a
@@ -12,5 +13,6 @@ from .add_rms_norm import add_rms_norm
 from .moe import add_rms_norm_route, experts, fused_fits, route  # registered before attention: doctor's order
 from .attention import attention
 from .dense import linear
+from .qkv import qkv_rope
 
-__all__ = ["add_rms_norm", "add_rms_norm_route", "attention", "experts", "fused_fits", "linear", "registry", "route"]
+__all__ = ["add_rms_norm", "add_rms_norm_route", "attention", "experts", "fused_fits", "linear", "qkv_rope", "registry", "route"]

@@ -30,6 +30,12 @@ ROUTER_SHAPES = [(2, 64, 8, 4), (1, 2880, 32, 4), (3, 160, 128, 4), (2, 96, 40, 
 # ragged last threadgroup (33 outputs, 8 a threadgroup), short rows (most lanes idle), 4 tokens.
 LINEAR_SHAPES = [(1, 64, 24), (1, 4096, 40), (2, 2880, 33), (4, 200, 16), (3, 96, 8)]
 
+# (tokens, K, heads, rope heads, head_dim): the model's K = 2880 (lanes 0-7 take twelve
+# chunks); a last threadgroup with pairs past the end (30 pairs, 4 a threadgroup); four tokens at
+# their own positions; no rotated head; one head of each kind.
+QKV_ROPE_SHAPES = [(1, 64, 4, 3, 16), (1, 2880, 3, 2, 64), (2, 96, 5, 3, 12), (4, 200, 3, 2, 16),
+                   (3, 64, 2, 0, 8), (1, 64, 2, 1, 32)]
+
 # (heads, kv heads, D, capacity, n_keys): the window's edges 127/128/129, a ring buffer
 # (capacity 128) full, several partitions with a ragged last one.
 SDPA_DECODE_SHAPES = [(8, 1, 32, 40, 33), (16, 2, 64, 256, 127), (16, 2, 64, 256, 128),
@@ -62,6 +68,7 @@ CASES = {
     "moe_router": lambda: _seeded(ROUTER_SHAPES, 500),
     "add_rms_norm_route": lambda: _seeded(ROUTER_SHAPES, 600),
     "linear_decode": lambda: _seeded(LINEAR_SHAPES, 700),
+    "qkv_rope_decode": lambda: _seeded(QKV_ROPE_SHAPES, 800),
     "moe_gate_up_swiglu": lambda: _seeded(GATE_UP_SHAPES, 100),
     "moe_down_combine": lambda: _seeded(DOWN_SHAPES, 200),
     "sdpa_decode_partial": lambda: _seeded(SDPA_DECODE_SHAPES, 300),
