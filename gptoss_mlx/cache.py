@@ -18,6 +18,7 @@ import mlx.core as mx
 
 
 _POSITIONS: list[mx.array] = []  # one evaluated int32 arange, grown by doubling
+_GROWING = threading.Lock()
 
 
 def device_positions(start: int, count: int = 1) -> mx.array:
@@ -28,18 +29,21 @@ def device_positions(start: int, count: int = 1) -> mx.array:
     kernel reading that pool then waits for the page to come back (docs/measurements.md); a slice
     of a larger array made on the device stays in device memory. (Evaluated when made, the table
     carries no thread's stream; a slice is a view, no kernel. The views are memoized per thread,
-    since every layer of a step asks for the same one.)"""
-    return _thread_positions(start, count, threading.get_ident())
+    since every layer of a step asks for the same one; keyed by the thread object, whose id a
+    later thread may reuse while a view made here was never evaluated.)"""
+    return _thread_positions(start, count, threading.current_thread())
 
 
 @lru_cache(maxsize=8)
-def _thread_positions(start: int, count: int, thread: int) -> mx.array:
+def _thread_positions(start: int, count: int, thread: threading.Thread) -> mx.array:
     end = start + count
-    if not _POSITIONS or _POSITIONS[0].size < end:
-        table = mx.arange(max(4096, 2 * end), dtype=mx.int32)
-        mx.eval(table)
-        _POSITIONS[:] = [table]
-    return _POSITIONS[0][start:end]
+    with _GROWING:
+        if not _POSITIONS or _POSITIONS[0].size < end:
+            table = mx.arange(max(4096, 2 * end), dtype=mx.int32)
+            mx.eval(table)
+            _POSITIONS[:] = [table]
+        table = _POSITIONS[0]
+    return table[start:end]
 
 
 class KVCache:
@@ -210,11 +214,11 @@ def _padding_mask(filled: tuple[int, ...]) -> mx.array | None:
     if min(filled) == K:
         return None
     # A lazy array must not reach another thread: one memo per thread.
-    return _thread_padding_mask(filled, threading.get_ident())
+    return _thread_padding_mask(filled, threading.current_thread())
 
 
 @lru_cache(maxsize=16)
-def _thread_padding_mask(filled: tuple[int, ...], thread: int) -> mx.array:
+def _thread_padding_mask(filled: tuple[int, ...], thread: threading.Thread) -> mx.array:
     return (mx.arange(max(filled)) < _positions(filled)[:, None]).reshape(len(filled), 1, 1, -1)
 
 

@@ -138,9 +138,12 @@ class CompiledDecode:
             c.keys = c.values = None
         try:
             logits, storage = self._steps[rings_full](token.reshape(1, 1), device_positions(position, 4), storage)
-        except Exception as e:  # any failure to trace: the uncompiled step computes the same
-            for c, (keys, values) in zip(cache, storage):
+        except BaseException as e:
+            for c, (keys, values) in zip(cache, storage):  # the caches as they were
                 c.keys, c.values = keys, values
+            if not isinstance(e, Exception):  # an interrupt: the step is not at fault
+                raise
+            # any failure to trace: the uncompiled step computes the same
             self.failed = True
             warnings.warn(f"gptoss-mlx: compiling the decode step failed ({type(e).__name__}: "
                           f"{str(e).strip()[:200]}); decoding uncompiled (set {ENV_VAR}=off to skip it).",

@@ -98,6 +98,32 @@ def test_a_failing_compile_warns_once_and_decodes_uncompiled(checkpoints, monkey
     assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
 
 
+def test_an_interrupt_during_the_step_leaves_the_cache_as_it_was(checkpoints, monkeypatch):
+    """Ctrl-C in the compiled step (library use on the main thread): the caches keep their
+    storage and the next steps decode as if nothing happened; the step is not given up."""
+    model = load_model(checkpoints["hf"], mx.float32)
+    prompt = list(range(1, 12))
+    plain, compiled = PromptCache(model.make_cache()), PromptCache(model.make_cache())
+    a, b = forward(model, plain, prompt), forward(model, compiled, prompt)
+    step = CompiledDecode(model)
+    real = step._steps
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    y = mx.argmax(a, axis=-1)
+    monkeypatch.setattr(step, "_steps", {False: interrupted, True: interrupted})
+    with pytest.raises(KeyboardInterrupt):
+        step(y, compiled.cache)
+    assert all(c.keys is not None and c.values is not None for c in compiled.cache)
+    monkeypatch.setattr(step, "_steps", real)
+    for _ in range(5):
+        a, b = forward(model, plain, [y.item()]), step(y, compiled.cache)
+        assert b is not None and mx.array_equal(a, b).item()
+        y = mx.argmax(a, axis=-1)
+    assert not step.failed
+
+
 def test_which_engines_compile(checkpoints, monkeypatch):
     """Off by GPTOSS_MLX_COMPILE=off; never for streamed experts, sharded or adapted models."""
     from gptoss_mlx.lora import LoRAConfig, apply_lora

@@ -411,12 +411,13 @@ def _worst_planted_error(name: str, old: str, new: str) -> float:
 @pytest.mark.parametrize("old,new", [
     ("y[row] = static_cast<T_>(y1 * c - y2 * s);", "y[row] = static_cast<T_>(y1 * c + y2 * s);"),  # turned backwards
     ("position = positions[e_token];", "position = positions[0];"),  # every token at the first's position
+    ("position = positions[e_token];", "position = positions[e_token] & 0xffff;"),  # positions cut to 16 bits
     ("period = periods[e_pair % HALF];", "period = periods[0];"),  # one frequency for the whole head
     ("e_pair / HALF < ROPE_HEADS;", "e_pair / HALF <= ROPE_HEADS;"),  # the first value head rotated
     ("const float y2 = ys[e_token * SG + PAIRS + tid % PAIRS];", "const float y2 = ys[e_token * SG + tid % PAIRS];"),
     ("+ (sg < PAIRS ? 0 : HALF);", "+ (sg < PAIRS ? 0 : 1);"),  # the pair's rows confused
     ("threadgroup_barrier(mem_flags::mem_threadgroup);\nif (tid < PAIRS", "if (tid < PAIRS"),  # the rows read too early
-], ids=["rope-backwards", "one-position", "one-frequency", "value-head-rotated", "pair-partner-wrong",
+], ids=["rope-backwards", "one-position", "16-bit-positions", "one-frequency", "value-head-rotated", "pair-partner-wrong",
         "pair-rows-confused", "barrier-dropped"])
 def test_emulator_catches_a_bug_in_the_qkv_rope_kernel(old, new, cxx):
     assert _worst_planted_error("qkv_rope_decode", old, new) > 1e-2
@@ -1040,3 +1041,13 @@ def test_device_positions_are_views_of_one_table_that_grows():
     thread.start()
     thread.join()
     assert seen == [[130000, 130001]]
+    # A view made on a thread that ends before evaluating it carries that thread's stream; a later
+    # thread (which may get the same id) must not be handed it.
+    for _ in range(3):
+        first = threading.Thread(target=lambda: device_positions(777, 2))
+        first.start()
+        first.join()
+        second = threading.Thread(target=lambda: seen.append(device_positions(777, 2).tolist()))
+        second.start()
+        second.join()
+    assert seen[1:] == [[777, 778]] * 3

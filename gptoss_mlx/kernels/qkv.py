@@ -60,7 +60,8 @@ def sample(shape, key, dtype):
     x = mx.random.normal((T, K), key=k1).astype(dtype)
     weight = (mx.random.normal((N, K), key=k2) * K ** -0.5).astype(dtype)
     bias = (0.1 * mx.random.normal((N,), key=k3)).astype(dtype)
-    positions = mx.random.randint(0, 70000, (T,), key=k4).astype(mx.int32)
+    positions = mx.random.randint(0, 131072, (T,), key=k4).astype(mx.int32)
+    positions[0] = 131071  # gpt-oss's last position: past 16 bits, cos and sin of ~1e5 radians
     periods = mx.array([10000.0 ** (2 * i / D) for i in range(D // 2)], dtype=mx.float32)
     return x, weight, bias, positions, periods, rope_heads
 
