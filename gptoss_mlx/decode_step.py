@@ -130,20 +130,11 @@ class CompiledDecode:
             if isinstance(c, KVCache):
                 c.reserve(position + 1)  # a new capacity: MLX traces once more
         rings_full = all(position + 1 >= c.keys.shape[2] for c in cache if isinstance(c, RotatingKVCache))
-        storage = [(c.keys, c.values) for c in cache]
-        for c in cache:
-            # Nothing but the step may hold the buffers: a slice update writes in place only into a
-            # buffer nobody else holds, and copied each layer's whole storage otherwise (on the
-            # H200: 27 µs of GPU time a layer, a third of the step's; docs/measurements.md).
-            c.keys = c.values = None
         try:
-            logits, storage = self._steps[rings_full](token.reshape(1, 1), device_positions(position, 4), storage)
-        except BaseException as e:
-            for c, (keys, values) in zip(cache, storage):  # the caches as they were
-                c.keys, c.values = keys, values
-            if not isinstance(e, Exception):  # an interrupt: the step is not at fault
-                raise
-            # any failure to trace: the uncompiled step computes the same
+            logits, storage = self._steps[rings_full](token.reshape(1, 1), device_positions(position, 4),
+                                                      [(c.keys, c.values) for c in cache])
+        except Exception as e:
+            # any failure to trace (the caches are untouched): the uncompiled step computes the same
             self.failed = True
             warnings.warn(f"gptoss-mlx: compiling the decode step failed ({type(e).__name__}: "
                           f"{str(e).strip()[:200]}); decoding uncompiled (set {ENV_VAR}=off to skip it).",
