@@ -7,10 +7,12 @@ once and replayed from MLX's compile cache, and its elementwise operations are f
 A trace must not bake in what changes per token. Inside the compiled function every layer's cache
 is a :class:`StepCache`: the layer's storage as it is (a full layer's KVCache buffer, a sliding
 layer's 128-slot ring), the position as an array, the new key and value written at an array
-index, and a mask over the filled slots (none on the rings once they are full: a second traced
-step). So MLX traces again only when a full layer's storage grows (every ``KVCache.step``
-tokens) and once when the rings fill. The logits equal the uncompiled step's bit for bit on the
-CPU (tests/test_decode_step.py).
+index. Attention covers the filled slots in one of two ways: where the decode attention kernels
+run (a GPU), they read the number of keys from the device and skip the rest; elsewhere a mask
+over the storage does. A ring once full needs neither (every slot is inside the window: a second
+traced step, on MLX's one-pass attention). So MLX traces again only when a full layer's storage
+grows (every ``KVCache.step`` tokens) and once when the rings fill. The logits equal the
+uncompiled step's bit for bit on the CPU (tests/test_decode_step.py).
 
 ``GPTOSS_MLX_COMPILE=off`` (or ``Engine(compile_decode=False)``) keeps the uncompiled step; on a
 GPU it is off unless ``GPTOSS_MLX_COMPILE=on`` (see :func:`enabled`).
@@ -26,7 +28,7 @@ import mlx.core as mx
 
 from .cache import KVCache, RotatingKVCache, device_positions
 from .kernels import registry
-from .kernels.attention import decode_kernels_may_run
+from .kernels.attention import decode_kernels_fit
 
 ENV_VAR = "GPTOSS_MLX_COMPILE"
 
@@ -57,15 +59,23 @@ class StepCache:
     """A layer's cache inside the compiled step: ``storage`` (keys, values), each (1, KV, K, D),
     and the position (a () int32 array) the new key is written at: slot ``position`` of a full
     layer's buffer, ``position % K`` of a sliding layer's ring. Attention reads ``offset`` for
-    RoPE and attends over the whole storage through ``mask`` (1, 1, 1, K), the slots filled so
-    far: ``arange(K) <= position``; None for a ring whose slots are all filled (every one is
-    inside the window, so none needs masking)."""
+    RoPE and attends over the filled slots, the first ``position + 1`` (a ring's only until it is
+    full): the decode kernels over the first ``n_keys`` (a () array), or MLX's attention over the
+    whole storage through ``mask`` (1, 1, 1, K), ``arange(K) <= position``. A ring whose slots are
+    all filled has neither (every slot is inside the window)."""
 
-    def __init__(self, keys: mx.array, values: mx.array, ahead: mx.array, ring: bool, mask: mx.array | None):
+    def __init__(self, keys: mx.array, values: mx.array, ahead: mx.array, ring: bool, filled: bool,
+                 mask: mx.array | None, kernels: bool):
         # ahead: (4,) the position and the three after it, so that the slot computed from them is
         # 16 bytes, not a scalar in MLX-CUDA's pool of small arrays (cache.device_positions)
-        self.keys, self.values, self.offset, self.mask = keys, values, ahead[:1].reshape(()), mask
+        self.keys, self.values, self.offset = keys, values, ahead[:1].reshape(())
         self.slot = (ahead % keys.shape[2])[:1] if ring else ahead[:1]
+        self.mask = self.n_keys = None
+        if not filled:
+            if kernels:
+                self.n_keys = ahead[1:2].reshape(())  # position + 1, a view of device memory
+            else:
+                self.mask = mask
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         # A scatter at the slot, not mx.slice_update: MLX-CUDA's slice update at an array index
@@ -101,21 +111,21 @@ class CompiledDecode:
         self.traces += 1
         sizes = {keys.shape[2] for keys, _ in storage}  # the rings' and the full layers' slots
         masks = {K: (mx.arange(K) <= ahead[:1]).reshape(1, 1, 1, K) for K in sizes}
+        attn = self.model.layers[0].self_attn
+        kernels = decode_kernels_fit(attn.num_heads, attn.num_kv_heads, attn.head_dim, self.model.norm_dtype())
         caches = [StepCache(keys, values, ahead, ring := layer.self_attn.window is not None,
-                            None if ring and rings_full else masks[keys.shape[2]])
+                            ring and rings_full, masks[keys.shape[2]], kernels)
                   for (keys, values), layer in zip(storage, self.model.layers)]
         logits = self.model(token, cache=caches)
         return logits[:, -1, :], [(c.keys, c.values) for c in caches]
 
     def applies(self, cache: list) -> bool:
         """Whether this step can run compiled: a filled KVCache / RotatingKVCache per layer, all
-        at one position, short of where the decode attention kernels take over (they read a
-        number of keys the trace would bake in, so that step runs uncompiled)."""
+        at one position."""
         if self.failed or not all(type(c) in (KVCache, RotatingKVCache) and c.keys is not None for c in cache):
             return False
         position = cache[0].offset
-        return (all(c.offset == position for c in cache)
-                and not decode_kernels_may_run(position + 1, self.model.norm_dtype()))
+        return all(c.offset == position for c in cache)
 
     def __call__(self, token: mx.array, cache: list) -> mx.array | None:
         """Queue the step for ``token`` (any shape of one id) on ``cache`` (updated in place)."""

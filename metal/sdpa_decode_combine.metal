@@ -6,13 +6,16 @@
 //
 // Grid (32, HEADS, 1) threads, threadgroup (32, 1, 1): one simdgroup per query head; each lane
 // owns D/32 output dimensions.
-// Data: partial [HEADS, P, D + 2] float32 (m, l, acc[D]); sinks [HEADS] of S_T; n_parts int.
+// Data: partial [HEADS, P, D + 2] float32 (m, l, acc[D]), P read from its shape (no scalar
+// input: on CUDA one would live in MLX's pool of small arrays); sinks [HEADS] of S_T. A
+// partition with no keys is (-inf, 0, 0) and adds nothing.
 // out [HEADS, D] of T. Template: T, S_T (the sinks' dtype), D (a multiple of 32).
 // Fuses: the sink column of the softmax and the final normalisation.
 // ---- body ----
 constexpr uint DL = D / 32;
 const uint lane = thread_index_in_simdgroup;
 const uint head = threadgroup_position_in_grid.y;
+const int n_parts = partial_shape[1];
 const device float* base = partial + size_t(head) * n_parts * (D + 2);
 const float sink = static_cast<float>(sinks[head]);
 float M = sink;

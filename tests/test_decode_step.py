@@ -176,6 +176,50 @@ def test_the_kernels_are_launched_inside_the_compiled_step(checkpoints, monkeypa
         registry.reset()
 
 
+def test_the_decode_attention_kernels_read_the_number_of_keys_on_the_device(tmp_path, monkeypatch):
+    """Where the decode attention kernels fit (head_dim 32; as on a GPU, each launch standing in
+    as its reference), the compiled step runs them on every full layer and on the rings until
+    they fill, with the number of keys as a device array (no mask, nothing baked into the trace):
+    the same logits as the uncompiled step running the same kernels, bit for bit, before and after
+    the rings (window 8) fill and wrap; two traces (rings filling, then full)."""
+    import importlib
+
+    from gptoss_mlx.kernels import registry
+
+    attention = importlib.import_module("gptoss_mlx.kernels.attention")  # the module, not its function
+    launched, tracing = [], []
+
+    def launch(spec, *args):
+        if tracing:
+            launched.append((spec.name, args))
+        return list(spec.reference(*args))
+
+    def trace(self, *args):
+        tracing.append(True)
+        try:
+            return trace.__wrapped__(self, *args)
+        finally:
+            tracing.pop()
+
+    monkeypatch.setenv(registry.ENV_VAR, "on")
+    monkeypatch.setattr(registry, "gpu_backend", lambda: "metal")
+    monkeypatch.setattr(registry.KernelSpec, "launch", launch)
+    monkeypatch.setattr(attention, "MIN_KEYS", 1)  # the uncompiled step: the kernels at every length
+    trace.__wrapped__ = CompiledDecode._trace
+    monkeypatch.setattr(CompiledDecode, "_trace", trace)
+    registry.reset()
+    try:
+        mtc.write_hf(tmp_path / "ckpt", TINY.replace(head_dim=32), seed=5)
+        model = load_model(tmp_path / "ckpt", mx.float32)
+        step = decode_both(model, [5, 9, 2], 30)
+        assert step.traces == 2
+        partial = [args for name, args in launched if name == "sdpa_decode_partial"]
+        # traced twice, all 4 layers each time (the full rings too, with MIN_KEYS at 1 here)
+        assert len(partial) == 4 + 4 and all(args[4].ndim == 0 for args in partial)
+    finally:
+        registry.reset()
+
+
 def test_a_gpu_compiles_only_when_asked(monkeypatch):
     """auto (the default): compiled on the CPU; on a GPU only with GPTOSS_MLX_COMPILE=on, until
     the kernels inside mx.compile have been checked there."""

@@ -394,8 +394,10 @@ def test_emulator_catches_a_bug_in_the_fused_norm_and_router(old, new, cxx):
 
 
 def _worst_planted_error(name: str, old: str, new: str) -> float:
-    """The largest error of kernel ``name`` with ``old`` replaced by ``new``, over all its float32
-    samples in both orders (inf where the emulator reports a bad access)."""
+    """The largest error of kernel ``name`` with ``old`` replaced by ``new`` over its float32
+    samples in both orders (inf where the emulator reports a bad access), up to the first sample
+    that shows an error over 1e-2: each sample is an emulator build, and one that catches the
+    bug is enough."""
     spec, kernel = registry.REGISTRY[name], _planted(name, old, new)
     worst = 0.0
     for args in samples(name, mx.float32):
@@ -405,6 +407,8 @@ def _worst_planted_error(name: str, old: str, new: str) -> float:
                                                       spec.expected(*args)))
             except toolchain.ToolchainError:
                 worst = float("inf")
+        if worst > 1e-2:
+            break
     return worst
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .. import ops
+from ..cache import device_positions
 from . import registry
 from .launch import Kernel, Launch
 
@@ -28,23 +29,27 @@ CHUNK = 256  # keys per partition (threadgroup) in pass 1
 MIN_KEYS = 2048
 
 PARTIAL = Kernel("sdpa_decode_partial", ["q", "k", "v", "scale", "n_keys"], ["partial"], constants=("scale",))
-COMBINE = Kernel("sdpa_decode_combine", ["partial", "sinks", "n_parts"], ["out"])
+COMBINE = Kernel("sdpa_decode_combine", ["partial", "sinks"], ["out"])
 
 
-def _parts(n_keys: int) -> int:
-    return max(1, -(-n_keys // CHUNK))
+def _parts(n_keys: int | mx.array, capacity: int) -> int:
+    """Partitions of CHUNK keys: enough for ``n_keys``, or for the whole buffer where the number
+    of keys is a device array (the compiled step's: its partitions past the keys stay empty)."""
+    n = capacity if isinstance(n_keys, mx.array) else n_keys
+    return max(1, -(-n // CHUNK))
 
 
 # ---- decode, pass 1 ----------------------------------------------------------------------------
 
 def partial_plan(q, k, v, scale, n_keys) -> Launch:
-    """q (HEADS, D); k, v (1, KV_HEADS, CAPACITY, D) cache buffers, the first n_keys valid."""
+    """q (HEADS, D); k, v (1, KV_HEADS, CAPACITY, D) cache buffers, the first n_keys valid:
+    a Python int, or a () int32 array on the device (read by the kernel, nothing baked in)."""
     heads, D = q.shape
     kv_heads = k.shape[1]
     gqa = heads // kv_heads
-    P = _parts(n_keys)
+    P = _parts(n_keys, k.shape[2])
     return Launch(
-        inputs=[q, k, v, float(scale), int(n_keys)],
+        inputs=[q, k, v, float(scale), n_keys if isinstance(n_keys, mx.array) else int(n_keys)],
         output_shapes=[(heads, P, D + 2)], output_dtypes=[mx.float32],
         grid=(32 * gqa, kv_heads, P), threadgroup=(32 * gqa, 1, 1),
         template=[("T", q.dtype), ("D", D), ("GQA", gqa), ("CHUNK", CHUNK)],
@@ -52,19 +57,23 @@ def partial_plan(q, k, v, scale, n_keys) -> Launch:
 
 
 def partial_reference(q, k, v, scale, n_keys):
-    """(m, l, acc) of every (query head, partition), as pass 1 defines them."""
+    """(m, l, acc) of every (query head, partition), as pass 1 defines them: an empty partition
+    (past the keys) is (-inf, 0, 0)."""
     heads, D = q.shape
     kv_heads = k.shape[1]
     gqa = heads // kv_heads
-    P = _parts(n_keys)
-    keys = mx.repeat(k[0, :, :n_keys].astype(mx.float32), gqa, axis=0)  # (HEADS, n, D)
-    values = mx.repeat(v[0, :, :n_keys].astype(mx.float32), gqa, axis=0)
-    scores = (keys @ (q.astype(mx.float32) * scale)[:, :, None])[..., 0]  # (HEADS, n)
+    P = _parts(n_keys, k.shape[2])
+    n = min(P * CHUNK, k.shape[2])  # the positions the partitions cover
+    keys = mx.repeat(k[0, :, :n].astype(mx.float32), gqa, axis=0)  # (HEADS, n, D)
+    values = mx.repeat(v[0, :, :n].astype(mx.float32), gqa, axis=0)
+    valid = mx.arange(n) < n_keys  # (n,): traceable where n_keys is an array
+    values = mx.where(valid[:, None], values, 0.0)  # unwritten slots may hold anything
+    scores = mx.where(valid, (keys @ (q.astype(mx.float32) * scale)[:, :, None])[..., 0], -mx.inf)
     out = []
     for p in range(P):
         s = scores[:, p * CHUNK:(p + 1) * CHUNK]
         m = s.max(axis=-1, keepdims=True)
-        e = mx.exp(s - m)
+        e = mx.where(valid[p * CHUNK:(p + 1) * CHUNK], mx.exp(s - m), 0.0)  # exp(-inf + inf) is NaN
         acc = (e[:, None, :] @ values[:, p * CHUNK:(p + 1) * CHUNK])[:, 0]
         out.append(mx.concatenate([m, e.sum(axis=-1, keepdims=True), acc], axis=-1))
     return (mx.stack(out, axis=1),)
@@ -76,7 +85,7 @@ def combine_plan(partial, sinks, dtype) -> Launch:
     """partial (HEADS, P, D + 2) float32, sinks (HEADS,); the output in ``dtype``."""
     heads, P, D2 = partial.shape
     return Launch(
-        inputs=[partial, sinks, int(P)],
+        inputs=[partial, sinks],  # the kernel reads P from partial's shape: no scalar per call
         output_shapes=[(heads, D2 - 2)], output_dtypes=[dtype],
         grid=(32, heads, 1), threadgroup=(32, 1, 1),
         template=[("T", dtype), ("S_T", sinks.dtype), ("D", D2 - 2)],
@@ -95,8 +104,12 @@ def combine_reference(partial, sinks, dtype):
 # ---- decode: inputs, the run-time check, the launch --------------------------------------------
 
 def _qkv(shape, key, dtype):
-    """Random q, cache buffers k and v, and sinks for ``shape`` (heads, kv heads, D, capacity, n_keys)."""
-    heads, kv_heads, D, capacity, n_keys = shape
+    """Random q, cache buffers k and v, and sinks for ``shape`` (heads, kv heads, D, capacity,
+    n_keys[, "device"]): with "device", n_keys is a () int32 array (the compiled step's), and
+    the partitions cover the whole buffer."""
+    heads, kv_heads, D, capacity, n_keys = shape[:5]
+    if shape[5:] == ("device",):
+        n_keys = mx.array(n_keys, dtype=mx.int32)
     k1, k2, k3, k4 = mx.random.split(key, 4)
     q = mx.random.normal((heads, D), key=k1).astype(dtype)
     k = mx.random.normal((1, kv_heads, capacity, D), key=k2).astype(dtype)
@@ -135,17 +148,24 @@ def decode_kernels_may_run(n_keys: int, dtype: mx.Dtype) -> bool:
             and registry.active(COMBINE_SPEC.name, dtype))
 
 
+def decode_kernels_fit(heads: int, kv_heads: int, head_dim: int, dtype: mx.Dtype) -> bool:
+    """Whether the decode kernels take this attention's shape (head_dim a multiple of 32, whole
+    GQA groups of at most 32 query heads) and are active for ``dtype``, whatever the key count:
+    the compiled step's question (it passes the number of keys as a device array)."""
+    return (head_dim % 32 == 0 and heads % kv_heads == 0 and 32 * (heads // kv_heads) <= 1024
+            and registry.active(PARTIAL.name, dtype) and registry.active(COMBINE.name, dtype))
+
+
 def _decode_fits(q: mx.array, keys: mx.array, n_keys: int) -> bool:
-    """One query token, batch 1, enough keys, head_dim a multiple of 32, both kernels active."""
+    """One query token, batch 1, enough keys, the kernels fit and are active."""
     B, heads, L, D = q.shape
-    return (L == 1 and B == 1 and D % 32 == 0 and heads % keys.shape[1] == 0
-            and 32 * (heads // keys.shape[1]) <= 1024 and decode_kernels_may_run(n_keys, q.dtype))
+    return (L == 1 and B == 1 and n_keys >= MIN_KEYS and decode_kernels_fit(heads, keys.shape[1], D, q.dtype))
 
 
-def sdpa_decode(q, keys, values, n_keys: int, sinks, scale: float) -> mx.array:
-    """softmax([q.k_t * scale, sink]) . v over the first n_keys cache positions:
-    q (1, HEADS, 1, D), keys/values the cache buffers (1, KV_HEADS, CAPACITY, D) -> (1, 1, HEADS, D),
-    token-major like ``ops.sdpa``'s output."""
+def sdpa_decode(q, keys, values, n_keys: int | mx.array, sinks, scale: float) -> mx.array:
+    """softmax([q.k_t * scale, sink]) . v over the first n_keys cache positions (an int, or a ()
+    int32 array on the device): q (1, HEADS, 1, D), keys/values the cache buffers
+    (1, KV_HEADS, CAPACITY, D) -> (1, 1, HEADS, D), token-major like ``ops.sdpa``'s output."""
     heads, D = q.shape[1], q.shape[3]
     (partial,) = PARTIAL_SPEC.launch(q.reshape(heads, D), keys, values, scale, n_keys)
     (out,) = COMBINE_SPEC.launch(partial, sinks, q.dtype)
@@ -234,10 +254,19 @@ def sdpa_prefill(q, keys, values, sinks, scale: float, window: int | None) -> mx
 def attention(q, k, v, sinks, scale: float, window: int | None, offset: int, cache=None) -> mx.array:
     """``ops.sdpa(q, k, v, sinks, scale, window, offset)``: q (B, H, L, D) at positions offset ..,
     k/v (B, KV, K, D) as ``cache.update_and_fetch`` returned them -> (B, L, H, D)."""
+    n_keys = getattr(cache, "n_keys", None)
+    if n_keys is not None:
+        # The compiled step (decode_step.StepCache, which checked decode_kernels_fit): the
+        # whole storage, the number of keys read on the device.
+        return sdpa_decode(q, cache.keys, cache.values, n_keys, sinks, scale)
     if cache is not None and _decode_fits(q, cache.keys, k.shape[2]):
         # One token over a long cache: read the cache buffer directly, each KV head's keys
         # once for all of its query heads, split across threadgroups.
-        return sdpa_decode(q, cache.keys, cache.values, k.shape[2], sinks, scale)
+        # The number of keys as a view of a device array, not a Python int: on MLX-CUDA that
+        # would become a scalar in the pool of small arrays (cache.device_positions). The
+        # partitions are the same: a full layer's capacity is a multiple of CHUNK, a ring's 128.
+        n_keys = device_positions(k.shape[2]).reshape(())
+        return sdpa_decode(q, cache.keys, cache.values, n_keys, sinks, scale)
     if _prefill_fits(q, k, window):
         # Many queries on a sliding layer: only the key tiles inside each window, no mask array.
         return sdpa_prefill(q, k, v, sinks, scale, window)

@@ -195,6 +195,8 @@ class Kernel:
                         inputs.append(x)
                     elif name in self.constants:
                         template += constant_template(name, x, d)
+                    elif isinstance(x, mx.array):  # a () array: as it is (a view of a
+                        inputs.append(x)  # device array stays out of the pool of small arrays)
                     else:
                         inputs.append(mx.array(x, dtype=d))
                 kwargs["template"] = template
