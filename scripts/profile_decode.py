@@ -247,7 +247,7 @@ def decode_between_markers(model, sample, prompt: list[int], label: str, steps: 
     range_end()
 
 
-def worker(directory: Path, steps: int, out: Path) -> int:
+def worker(directory: Path, steps: int, out: Path, engines: list[str]) -> int:
     """Under ncu (or anywhere, for a dry run): each engine decodes ``steps`` tokens between markers."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
@@ -268,19 +268,21 @@ def worker(directory: Path, steps: int, out: Path) -> int:
         decode_between_markers(ours, sample, prompt, label, steps, compiled)
 
     decode_ours("warmup", "check")  # every kernel checked once, outside the measured ranges
-    decode_ours("ours", "on")
-    decode_ours("ours_compiled", "on", compiled=True)
-    decode_ours("ours_kernels_off", "off")
+    for label, kernels, compiled in (("ours", "on", False), ("ours_compiled", "on", True),
+                                     ("ours_kernels_off", "off", False)):
+        if label in engines:
+            decode_ours(label, kernels, compiled)
 
-    theirs, _ = load_mlx_lm(directory)
-    # mlx-lm's own loop: it queues token n + 1 before yielding token n, so the kernels launched
-    # between the yields of tokens WARMUP and WARMUP + steps are those of `steps` tokens.
-    for n, _ in enumerate(generate_step(mx.array(prompt), theirs, max_tokens=WARMUP + steps + 2,
-                                        sampler=lambda logits: mx.argmax(logits, axis=-1)), start=1):
-        if n == WARMUP:
-            range_start("mlx_lm")
-        if n == WARMUP + steps:
-            range_end()
+    if "mlx_lm" in engines:
+        theirs, _ = load_mlx_lm(directory)
+        # mlx-lm's own loop: it queues token n + 1 before yielding token n, so the kernels launched
+        # between the yields of tokens WARMUP and WARMUP + steps are those of `steps` tokens.
+        for n, _ in enumerate(generate_step(mx.array(prompt), theirs, max_tokens=WARMUP + steps + 2,
+                                            sampler=lambda logits: mx.argmax(logits, axis=-1)), start=1):
+            if n == WARMUP:
+                range_start("mlx_lm")
+            if n == WARMUP + steps:
+                range_end()
     out.write_text(json.dumps({"bytes_per_token": bytes_per_token(ours, PROMPT + WARMUP + steps // 2)}))
     return 0
 
@@ -412,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--make", action="store_true", help="write a random checkpoint to --dir first")
     ap.add_argument("--preset", default="20b", choices=["tiny", "20b", "120b"])
     ap.add_argument("--steps", type=int, default=4, help="decode tokens measured per engine")
+    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
     ap.add_argument("--top", type=int, default=18, help="kernel families listed per engine")
     ap.add_argument("--ncu", default="ncu", help="the Nsight Compute command line tool")
     ap.add_argument("--from-csv", type=Path, help="print the table from a saved `ncu --csv` output instead")
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         ap.error("--steps must be at least 1")
     if args.worker:
-        return worker(args.dir, args.steps, args.worker)
+        return worker(args.dir, args.steps, args.worker, args.engines.split(","))
     if args.host:
         print(host_report(args.steps))
         return 0
@@ -432,13 +435,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.dir is None:
         ap.error("--dir is required (or --from-csv)")
+    unknown = set(args.engines.split(",")) - set(ENGINES)
+    if unknown:
+        ap.error(f"unknown engine {sorted(unknown)[0]!r}; known: {', '.join(ENGINES)}")
     if args.make:
         from gptoss_mlx.testing import checkpoints as mtc
 
         mtc.write_hf(args.dir, mtc.PRESETS[args.preset])
     with tempfile.TemporaryDirectory() as tmp:
         side = Path(tmp) / "worker.json"
-        child = [sys.executable, __file__, "--dir", str(args.dir), "--steps", str(args.steps), "--worker", str(side)]
+        child = [sys.executable, __file__, "--dir", str(args.dir), "--steps", str(args.steps),
+                 "--engines", args.engines, "--worker", str(side)]
         try:
             run, rows = profile(args.ncu, child)
         except FileNotFoundError:

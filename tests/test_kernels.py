@@ -210,6 +210,11 @@ def test_constant_scalars_reach_cuda_compiled_in_and_the_others_in_memory(monkey
     assert built[-1]["input_names"] == ["q", "k", "v", "n_keys__ptr"]
     assert called[-1]["inputs"][-1].item() == 2049
     assert _constant_value(called[-1]["template"], "scale") == 0.125
+    # A () array (a view of the device's positions) goes in as it is: a copy would be a new
+    # array of 4 bytes, in MLX-CUDA's pool of small arrays.
+    n_keys = mx.arange(4096, dtype=mx.int32)[2049:2050].reshape(())
+    partial(kl.Launch([q, kv, kv, 0.125, n_keys], [(1,)], [mx.float32], (32, 1, 1), (32, 1, 1)), backend="cuda")
+    assert called[-1]["inputs"][-1] is n_keys
 
 
 def _constant_value(template, name: str) -> float:

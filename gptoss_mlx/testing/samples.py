@@ -37,12 +37,13 @@ QKV_ROPE_SHAPES = [(1, 64, 4, 3, 16), (1, 2880, 3, 2, 64), (2, 96, 5, 3, 12), (4
                    (3, 64, 2, 0, 8), (1, 64, 2, 1, 32)]
 
 # (heads, kv heads, D, capacity, n_keys[, "device"]): the window's edges 127/128/129, a ring
-# buffer (capacity 128) full, several partitions with a ragged last one; the number of keys as a
-# device array (the compiled step's), so the partitions cover the buffer: one key in the second
-# partition and a third one empty, and a ring not yet full.
+# buffer (capacity 128) full, several partitions with a ragged last one (partitions of 32-256
+# keys, by capacity: attention._chunk), a long buffer in partitions of 256; the number of keys as
+# a device array (the compiled step's), so the partitions cover the buffer: one key in the third
+# partition of 128 and the last two empty, and a ring not yet full.
 SDPA_DECODE_SHAPES = [(8, 1, 32, 40, 33), (16, 2, 64, 256, 127), (16, 2, 64, 256, 128),
                       (64, 8, 64, 256, 129), (16, 2, 64, 128, 128), (16, 2, 64, 384, 300),
-                      (8, 1, 32, 600, 257, "device"), (16, 2, 64, 128, 5, "device")]
+                      (8, 1, 32, 2048, 300), (8, 1, 32, 600, 257, "device"), (16, 2, 64, 128, 5, "device")]
 
 # (heads, kv heads, D, L, K, window): a first chunk over several tiles; query positions
 # 127/128/129 around a 128-key window; a chunk after history (K > L) whose L is not a multiple of
