@@ -104,7 +104,20 @@ class RotatingKVCache:
         self.window = window
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
-        self.offset = 0
+        self._offset = 0
+        # The highest offset the slots were written up to: after a rewind the slots of positions
+        # offset .. high - 1 still hold the dropped tokens' keys, over the older positions that
+        # shared their slots.
+        self.high = 0
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    @offset.setter
+    def offset(self, value: int) -> None:
+        self._offset = value
+        self.high = max(self.high, value)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         if keys.shape[2] == 1:
@@ -145,6 +158,7 @@ class RotatingKVCache:
         self.offset += L
         self.keys = self._to_ring(keys)
         self.values = self._to_ring(values)
+        self.high = self.offset  # the ring rebuilt: no slot holds a later position
         return keys, values
 
     def _to_ring(self, ordered: mx.array) -> mx.array:
@@ -161,25 +175,28 @@ class RotatingKVCache:
         return mx.concatenate([last[..., W - shift :, :], last[..., : W - shift, :]], axis=2)
 
     def can_trim(self, n: int) -> bool:
-        """Rewinding past one token would need keys the ring has already overwritten (the
-        classic prompt-cache bug), unless nothing has wrapped yet."""
-        return n <= self.offset and (n <= 1 or self.offset <= self.window)
+        """Whether the ring still holds the window before offset - n: the next token at that
+        position needs positions offset - n - window + 1 .. offset - n - 1. Once the slots have
+        wrapped (written past ``window`` positions), only one token before the highest written
+        position qualifies: every slot of an earlier position holds a later one's key (rewinding
+        further is the classic prompt-cache bug, also after several one-token rewinds)."""
+        return 0 <= n <= self.offset and (self.high <= self.window or self.offset - n >= self.high - 1)
 
     def trim(self, n: int) -> None:
         if not self.can_trim(n):
             raise ValueError(
                 f"cannot rewind a {self.window}-slot ring buffer by {n} tokens at offset "
                 f"{self.offset}: those keys were overwritten; restore a snapshot instead")
-        self.offset -= n
+        self._offset -= n
 
     def snapshot(self):
         """A copy of the ring (small: window slots) to rewind to this position later."""
         if self.keys is None:
-            return (0, None, None)
-        return (self.offset, mx.array(self.keys), mx.array(self.values))
+            return (0, None, None, 0)
+        return (self.offset, mx.array(self.keys), mx.array(self.values), self.high)
 
     def restore(self, snapshot) -> None:
-        self.offset, keys, values = snapshot
+        self._offset, keys, values, self.high = snapshot
         # copies again, so a restored snapshot can be restored a second time
         self.keys = None if keys is None else mx.array(keys)
         self.values = None if values is None else mx.array(values)
@@ -316,14 +333,26 @@ class BatchRotatingKVCache(_BatchRows):
     p in slot p % window). At decode every filled slot is inside the window and order does not
     matter, so only a row that has not filled its ring yet needs the mask."""
 
-    def __init__(self, keys: mx.array, values: mx.array, lengths: list[int], window: int):
+    def __init__(self, keys: mx.array, values: mx.array, lengths: list[int], window: int,
+                 highs: list[int] | None = None):
         super().__init__(keys, values, lengths)
         self.window = window
+        # each row's RotatingKVCache.high when it joined: a row extracted again must not allow
+        # the rewinds its ring can no longer serve
+        self.highs = list(lengths) if highs is None else list(highs)
 
     @classmethod
     def merge(cls, caches: list[RotatingKVCache]) -> "BatchRotatingKVCache":
         return cls(mx.concatenate([c.keys for c in caches]), mx.concatenate([c.values for c in caches]),
-                   [c.offset for c in caches], caches[0].window)
+                   [c.offset for c in caches], caches[0].window, [c.high for c in caches])
+
+    def filter(self, keep: list[int]) -> None:
+        super().filter(keep)
+        self.highs = [self.highs[i] for i in keep]
+
+    def extend(self, other: "BatchRotatingKVCache") -> None:
+        super().extend(other)
+        self.highs = self.highs + other.highs
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         self._write([n % self.window for n in self.lengths], keys, values)
@@ -333,6 +362,7 @@ class BatchRotatingKVCache(_BatchRows):
     def extract(self, i: int) -> RotatingKVCache:
         cache = RotatingKVCache(self.window)
         cache.keys, cache.values, cache.offset = *self._row(i, self.window), self.lengths[i]
+        cache.high = max(self.highs[i], self.lengths[i])
         return cache
 
 

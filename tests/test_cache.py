@@ -77,3 +77,47 @@ def test_full_cache_grows_past_its_step():
     keys, _ = cache.update_and_fetch(k, k)
     keys, _ = cache.update_and_fetch(k[:, :, :1], k[:, :, :1])
     assert keys.shape == (1, 2, 301, 4) and cache.offset == 301
+
+
+def test_a_wrapped_ring_refuses_every_rewind_it_cannot_serve(model, full_logits):
+    """Window 8, 10 tokens one at a time: the ring holds positions 2..9. One token back (to 9)
+    is servable; a second one-token rewind (to 8) is not, since position 8's query needs position
+    1, whose slot holds 9 now. Each refused rewind falls back to a snapshot, and decoding on
+    gives the logits of one full pass."""
+    from gptoss_mlx.generate import PromptCache, forward
+
+    pc = PromptCache(model.make_cache())
+    for t in TOKENS[:10]:
+        forward(model, pc, [t])
+    assert pc.rewind_to(9) == 9
+    assert not any(c.can_trim(1) for c in pc.cache if isinstance(c, RotatingKVCache))
+    kept = pc.rewind_to(8)
+    assert kept == 0  # the only snapshot: an empty cache
+    logits = np.array(forward(model, pc, TOKENS[kept:12]))
+    np.testing.assert_allclose(logits[-1], full_logits[11], atol=FP32_ATOL)
+
+    ring = RotatingKVCache(window=4)  # several rewinds of a ring that never wrapped: all servable
+    k = mx.zeros((1, 1, 3, 1))
+    ring.update_and_fetch(k, k)
+    assert ring.can_trim(3) and ring.can_trim(1)
+    ring.trim(1)
+    assert ring.can_trim(2) and not ring.can_trim(3)
+
+
+def test_a_ring_keeps_what_it_can_serve_through_a_decode_batch():
+    """A ring rewound by one token after wrapping, through a decode batch and out again (no step
+    in between): still only that one token back is servable; a snapshot brings back its state."""
+    from gptoss_mlx.cache import BatchRotatingKVCache
+
+    ring = RotatingKVCache(window=4)
+    for pos in range(6):
+        k = mx.full((1, 1, 1, 1), float(pos))
+        ring.update_and_fetch(k, k)
+    snap = ring.snapshot()
+    ring.trim(1)
+    batch = BatchRotatingKVCache.merge([ring, ring])
+    batch.filter([1])
+    back = batch.extract(0)
+    assert back.offset == 5 and back.can_trim(0) and not back.can_trim(1)
+    back.restore(snap)
+    assert back.offset == 6 and back.can_trim(1) and not back.can_trim(2)
