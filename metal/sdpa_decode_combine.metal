@@ -5,7 +5,9 @@
 //   out_h = sum_p acc_p exp(m_p - M) / L          (the sink takes weight, adds no value)
 //
 // Grid (32, HEADS, 1) threads, threadgroup (32, 1, 1): one simdgroup per query head; each lane
-// owns D/32 output dimensions.
+// owns D/32 output dimensions. The partitions go 32 at a time: lane p loads partition p's m
+// and l (all loads of a turn in flight together, not one after another), the maximum and the
+// sum are simd reductions, and each partition's weight reaches the lanes by a shuffle.
 // Data: partial [HEADS, P, D + 2] float32 (m, l, acc[D]), P read from its shape (no scalar
 // input: on CUDA one would live in MLX's pool of small arrays); sinks [HEADS] of S_T. A
 // partition with no keys is (-inf, 0, 0) and adds nothing.
@@ -19,20 +21,27 @@ const int n_parts = partial_shape[1];
 const device float* base = partial + size_t(head) * n_parts * (D + 2);
 const float sink = static_cast<float>(sinks[head]);
 float M = sink;
-for (int p = 0; p < n_parts; ++p) {
-  M = metal::max(M, base[p * (D + 2)]);
+for (int p0 = 0; p0 < n_parts; p0 += 32) {
+  const int p = p0 + int(lane);
+  M = metal::max(M, simd_max(p < n_parts ? base[p * (D + 2)] : -INFINITY));
 }
 float L = metal::exp(sink - M);
 float acc[DL];
 for (uint i = 0; i < DL; ++i) {
   acc[i] = 0.0f;
 }
-for (int p = 0; p < n_parts; ++p) {
-  const device float* part = base + p * (D + 2);
-  const float w = metal::exp(part[0] - M);
-  L += part[1] * w;
-  for (uint i = 0; i < DL; ++i) {
-    acc[i] += part[2 + lane + 32 * i] * w;
+for (int p0 = 0; p0 < n_parts; p0 += 32) {
+  const int p = p0 + int(lane);
+  // exp(-inf - M) = 0: an empty partition (m = -inf, l = 0) weighs nothing
+  const float w = p < n_parts ? metal::exp(base[p * (D + 2)] - M) : 0.0f;
+  L += simd_sum(p < n_parts ? base[p * (D + 2) + 1] * w : 0.0f);
+  const int turn = metal::min(32, n_parts - p0);
+  for (int q = 0; q < turn; ++q) {
+    const float wq = simd_shuffle(w, ushort(q));
+    const device float* part = base + (p0 + q) * (D + 2);
+    for (uint i = 0; i < DL; ++i) {
+      acc[i] += part[2 + lane + 32 * i] * wq;
+    }
   }
 }
 for (uint i = 0; i < DL; ++i) {

@@ -418,6 +418,15 @@ def _worst_planted_error(name: str, old: str, new: str) -> float:
 
 
 @pytest.mark.parametrize("old,new", [
+    ("const float wq = simd_shuffle(w, ushort(q));", "const float wq = w;"),  # each lane its own weight
+    ("const int turn = metal::min(32, n_parts - p0);", "const int turn = metal::min(31, n_parts - p0);"),
+    ("L += simd_sum(p < n_parts", "L += (p < n_parts"),  # each lane sums only its own partition
+], ids=["weight-not-shuffled", "a-partition-per-turn-dropped", "denominator-not-summed"])
+def test_emulator_catches_a_bug_in_the_decode_combine_kernel(old, new, cxx):
+    assert _worst_planted_error("sdpa_decode_combine", old, new) > 1e-2
+
+
+@pytest.mark.parametrize("old,new", [
     ("y[row] = static_cast<T_>(y1 * c - y2 * s);", "y[row] = static_cast<T_>(y1 * c + y2 * s);"),  # turned backwards
     ("position = positions[e_token];", "position = positions[0];"),  # every token at the first's position
     ("position = positions[e_token];", "position = positions[e_token] & 0xffff;"),  # positions cut to 16 bits

@@ -45,6 +45,10 @@ SDPA_DECODE_SHAPES = [(8, 1, 32, 40, 33), (16, 2, 64, 256, 127), (16, 2, 64, 256
                       (64, 8, 64, 256, 129), (16, 2, 64, 128, 128), (16, 2, 64, 384, 300),
                       (8, 1, 32, 2048, 300), (8, 1, 32, 600, 257, "device"), (16, 2, 64, 128, 5, "device")]
 
+# The combine kernel alone (its partials come from the reference): also more than 32 partitions,
+# which it takes 32 at a time.
+SDPA_COMBINE_SHAPES = SDPA_DECODE_SHAPES + [(8, 1, 32, 9000, 8500)]
+
 # (heads, kv heads, D, L, K, window): a first chunk over several tiles; query positions
 # 127/128/129 around a 128-key window; a chunk after history (K > L) whose L is not a multiple of
 # the query block; a full (causal) layer over several tiles; GQA 8 as in gpt-oss. Kept small:
@@ -76,7 +80,7 @@ CASES = {
     "moe_gate_up_swiglu": lambda: _seeded(GATE_UP_SHAPES, 100),
     "moe_down_combine": lambda: _seeded(DOWN_SHAPES, 200),
     "sdpa_decode_partial": lambda: _seeded(SDPA_DECODE_SHAPES, 300),
-    "sdpa_decode_combine": lambda: _seeded(SDPA_DECODE_SHAPES, 300),
+    "sdpa_decode_combine": lambda: _seeded(SDPA_COMBINE_SHAPES, 300),
     "sdpa_prefill": lambda: _seeded(SDPA_PREFILL_SHAPES, 400),
 }
 
