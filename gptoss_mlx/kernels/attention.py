@@ -155,12 +155,6 @@ COMBINE_SPEC = registry.register(registry.KernelSpec(
 ))
 
 
-def decode_kernels_may_run(n_keys: int, dtype: mx.Dtype) -> bool:
-    """Whether the decode kernels are active for ``dtype`` and ``n_keys`` keys are enough for them."""
-    return (n_keys >= MIN_KEYS and registry.active(PARTIAL_SPEC.name, dtype)
-            and registry.active(COMBINE_SPEC.name, dtype))
-
-
 def decode_kernels_fit(heads: int, kv_heads: int, head_dim: int, dtype: mx.Dtype) -> bool:
     """Whether the decode kernels take this attention's shape (head_dim a multiple of 32, whole
     GQA groups of at most 32 query heads) and are active for ``dtype``, whatever the key count:
