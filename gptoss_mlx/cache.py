@@ -333,13 +333,12 @@ class BatchRotatingKVCache(_BatchRows):
     p in slot p % window). At decode every filled slot is inside the window and order does not
     matter, so only a row that has not filled its ring yet needs the mask."""
 
-    def __init__(self, keys: mx.array, values: mx.array, lengths: list[int], window: int,
-                 highs: list[int] | None = None):
+    def __init__(self, keys: mx.array, values: mx.array, lengths: list[int], window: int, highs: list[int]):
         super().__init__(keys, values, lengths)
         self.window = window
         # each row's RotatingKVCache.high when it joined: a row extracted again must not allow
         # the rewinds its ring can no longer serve
-        self.highs = list(lengths) if highs is None else list(highs)
+        self.highs = highs
 
     @classmethod
     def merge(cls, caches: list[RotatingKVCache]) -> "BatchRotatingKVCache":

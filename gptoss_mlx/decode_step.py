@@ -109,12 +109,12 @@ class CompiledDecode:
         per layer -> logits (1, V) and the updated storage; ``rings_full``: every ring's slots are
         filled once this step's key is written. Python runs this only while MLX traces it."""
         self.traces += 1
-        sizes = {keys.shape[2] for keys, _ in storage}  # the rings' and the full layers' slots
-        masks = {K: (mx.arange(K) <= ahead[:1]).reshape(1, 1, 1, K) for K in sizes}
         attn = self.model.layers[0].self_attn
         kernels = decode_kernels_fit(attn.num_heads, attn.num_kv_heads, attn.head_dim, self.model.norm_dtype())
+        sizes = set() if kernels else {keys.shape[2] for keys, _ in storage}  # rings' and full layers' slots
+        masks = {K: (mx.arange(K) <= ahead[:1]).reshape(1, 1, 1, K) for K in sizes}
         caches = [StepCache(keys, values, ahead, ring := layer.self_attn.window is not None,
-                            ring and rings_full, masks[keys.shape[2]], kernels)
+                            ring and rings_full, masks.get(keys.shape[2]), kernels)
                   for (keys, values), layer in zip(storage, self.model.layers)]
         logits = self.model(token, cache=caches)
         return logits[:, -1, :], [(c.keys, c.values) for c in caches]
