@@ -107,13 +107,14 @@ class Attention(nn.Module):
         self.scale = self.rope.concentration**2 / math.sqrt(d)
         self.group = None  # tensor parallel: this rank's heads; the ranks' outputs are summed
 
-    def __call__(self, x: mx.array, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, cache=None, norm: RMSNorm | None = None) -> mx.array:
+        """Attention over ``norm(x)`` (the block's input norm; None: over x as it is)."""
         B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0
         H, KV = self.num_heads, self.num_kv_heads
-        # qkv_proj(x) as (B, H + 2 KV, L, head_dim), RoPE on the queries and keys (they share their
-        # positions): one kernel at decode. Query head h reads KV head h // (H / KV).
-        qk, v = kernels.qkv_rope(x, self.qkv_proj, self.rope, offset, H + KV)
+        # qkv_proj(norm(x)) as (B, H + 2 KV, L, head_dim), RoPE on the queries and keys (they share
+        # their positions): one kernel at decode. Query head h reads KV head h // (H / KV).
+        qk, v = kernels.qkv_rope(x, norm, self.qkv_proj, self.rope, offset, H + KV)
         q, k = qk[:, :H], qk[:, H:]
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
@@ -244,10 +245,12 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(config, **expert_quantization)
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
-        # h = x + attention(...), its norm and the MoE's routing, in one kernel where it is active.
+        # attention(rmsnorm(x)) (the norm inside the attention's first kernel at decode), then
+        # h = x + attention, its norm and the MoE's routing, in one kernel where it is active.
+        attended = self.self_attn(x, cache, norm=self.input_layernorm)
         norm = self.post_attention_layernorm
-        h, normed, routing = kernels.add_rms_norm_route(x, self.self_attn(self.input_layernorm(x), cache),
-                                                        norm.weight, norm.eps, self.mlp.router, self.mlp.top_k)
+        h, normed, routing = kernels.add_rms_norm_route(x, attended, norm.weight, norm.eps, self.mlp.router,
+                                                        self.mlp.top_k)
         return self.mlp(normed, residual=h, routing=routing)  # h + moe(normed)
 
 

@@ -1,7 +1,9 @@
-// qkv_rope_decode — the attention's first steps for a few tokens at decode: the qkv projection
-// with its bias, and RoPE (half-split) on the query and key heads.
+// qkv_rope_decode — the attention's first steps for a few tokens at decode: the input RMSNorm,
+// the qkv projection with its bias, and RoPE (half-split) on the query and key heads.
 //
-//   y[t, n] = T_(x[t] . W[n] + b[n])                                 float32 sums, one rounding
+//   y[t, n] = T_(rsqrt(mean(x[t]^2) + eps) * sum_k W[n, k] gain[k] x[t, k] + b[n])   float32, one rounding
+//   (the RMSNorm's output is not rounded to T_ before the projection, as mx.fast.rms_norm's is:
+//   the torch reference rounds it once, MLX twice; here it stays float32)
 //   head h < ROPE_HEADS, rows i and i + HALF of the head (i < HALF), theta = positions[t] / periods[i]:
 //     out[t, i] = T_(y_i cos(theta) - y_(i+HALF) sin(theta)),  out[t, i + HALF] = T_(y_i sin + y_(i+HALF) cos)
 //   head h >= ROPE_HEADS (the values): out[t] = y[t]
@@ -13,14 +15,20 @@
 // loaded before the first is used), and lane 0 leaves y in threadgroup memory. After one barrier
 // thread j + SG / 2 * t rotates pair j of token t (its position and period were loaded with the
 // weights; cos and sin after the barrier, where they hold no registers the sums need).
-// Data: x [TOKENS, K], weight [N, K], bias [N] of T_ (nn.Linear's layout; rows: the query heads,
-// the key heads, the value heads, 2 * HALF rows each); positions [TOKENS] int32 (token t's
-// position); periods [HALF] float32 (theta = position / period, as mx.fast.rope's freqs).
-// y [TOKENS, N] of T_.
+// The norm: a simdgroup's lanes read all of x's row for the dot product anyway, so each
+// simdgroup sums its squares in the same pass (one more simd_sum per token; every simdgroup of
+// the grid adds the same values in the same order, so all get the same factor), the dot product
+// takes x times the gain, and the factor multiplies the finished sum. No barrier, no threadgroup
+// memory, no pass before the sums, no launch of its own.
+// Data: x [TOKENS, K], gain [K] of T_ (the RMSNorm's), eps float; weight [N, K], bias [N] of T_
+// (nn.Linear's layout; rows: the query heads, the key heads, the value heads, 2 * HALF rows each);
+// positions [TOKENS] int32 (token t's position); periods [HALF] float32 (theta = position /
+// period, as mx.fast.rope's freqs). y [TOKENS, N] of T_.
 // Template: T_, K (a multiple of 8), N (a multiple of 2 * HALF), HALF, ROPE_HEADS, TOKENS, SG (even).
-// Fuses: the GEMV, its bias and RoPE (two launches -> one). The positions are read from device
-// memory (a view of an arange made on the device): on MLX-CUDA a scalar the host makes lives in a
-// pool of managed memory, and a kernel reading it waits for the page (docs/measurements.md).
+// Fuses: the RMSNorm, the GEMV, its bias and RoPE (three launches -> one). The positions are read
+// from device memory (a view of an arange made on the device): on MLX-CUDA a scalar the host
+// makes lives in a pool of managed memory, and a kernel reading it waits for the page
+// (docs/measurements.md).
 #include "mxfp4.h"
 // ---- body ----
 constexpr uint CH = K / 8;  // chunks of 8 values in a row
@@ -67,22 +75,32 @@ for (uint step = 0; step < STEPS; ++step) {
 }
 // Keeps the loads above issued together (linear_decode.metal says why).
 simdgroup_barrier(mem_flags::mem_none);
+// The norm's factor is the same for every term of a row's sum: the sums take x times the gain,
+// and the factor (from the sums of squares, gathered in the same pass) multiplies the total.
+float sumsq[TOKENS];
 float acc[TOKENS];
 for (uint t = 0; t < TOKENS; ++t) {
+  sumsq[t] = 0.0f;
   acc[t] = 0.0f;
 }
 for (uint step = 0; step < STEPS; ++step) {
   const uint chunk = lane + 32 * step;
+  float gv[8];
+  if (chunk < CH) {
+    load8(gain + 8 * chunk, gv);
+  }
   for (uint t = 0; chunk < CH && t < TOKENS; ++t) {
     float xv[8];
     load8(x + size_t(t) * K + 8 * chunk, xv);
     for (uint i = 0; i < 8; ++i) {
-      acc[t] += wv[8 * step + i] * xv[i];
+      sumsq[t] = metal::fma(xv[i], xv[i], sumsq[t]);
+      acc[t] = metal::fma(wv[8 * step + i], xv[i] * gv[i], acc[t]);
     }
   }
 }
 for (uint t = 0; t < TOKENS; ++t) {
-  acc[t] = simd_sum(acc[t]);
+  const float inv = metal::precise::rsqrt(simd_sum(sumsq[t]) / float(K) + eps);
+  acc[t] = simd_sum(acc[t]) * inv;
 }
 if (active && lane == 0) {
   for (uint t = 0; t < TOKENS; ++t) {

@@ -48,7 +48,7 @@ def main() -> int:
     for _ in range(args.tokens):
         x, guesses = model.embed_tokens(token), None
         for i, layer in enumerate(model.layers):
-            h = x + layer.self_attn(layer.input_layernorm(x), cache[i])
+            h = x + layer.self_attn(x, cache[i], norm=layer.input_layernorm)
             norm = layer.post_attention_layernorm
             normed = mx.fast.rms_norm(h, norm.weight, norm.eps)
             chosen = set(ranked(layer, h)[:k])

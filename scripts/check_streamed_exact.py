@@ -53,7 +53,7 @@ def first_difference(resident, streamed, ids: mx.array) -> str:
     for i, (a, b) in enumerate(zip(resident.layers, streamed.layers)):
         parts = {}
         for name, layer in (("resident", a), ("streamed", b)):
-            attn = layer.self_attn(layer.input_layernorm(x), None)
+            attn = layer.self_attn(x, None, norm=layer.input_layernorm)
             norm = layer.post_attention_layernorm
             h, normed, routing = kernels.add_rms_norm_route(x, attn, norm.weight, norm.eps, layer.mlp.router,
                                                             layer.mlp.top_k)

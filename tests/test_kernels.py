@@ -435,8 +435,14 @@ def test_emulator_catches_a_bug_in_the_decode_combine_kernel(old, new, cxx):
     ("const float y2 = ys[e_token * SG + PAIRS + tid % PAIRS];", "const float y2 = ys[e_token * SG + tid % PAIRS];"),
     ("+ (sg < PAIRS ? 0 : HALF);", "+ (sg < PAIRS ? 0 : 1);"),  # the pair's rows confused
     ("threadgroup_barrier(mem_flags::mem_threadgroup);\nif (tid < PAIRS", "if (tid < PAIRS"),  # the rows read too early
+    ("rsqrt(simd_sum(sumsq[t])", "rsqrt((sumsq[t])"),  # a lane's squares only
+    ("rsqrt(simd_sum(sumsq[t])", "rsqrt(simd_sum(sumsq[0])"),  # every token normed as the first
+    ("acc[t] = simd_sum(acc[t]) * inv;", "acc[t] = simd_sum(acc[t]);"),  # the norm's factor left out
+    ("xv[i] * gv[i]", "xv[i]"),  # the norm's gain left out
+    ("simd_sum(sumsq[t]) / float(K) + eps", "simd_sum(sumsq[t]) / float(CH) + eps"),  # the mean over chunks
 ], ids=["rope-backwards", "one-position", "16-bit-positions", "one-frequency", "value-head-rotated", "pair-partner-wrong",
-        "pair-rows-confused", "barrier-dropped"])
+        "pair-rows-confused", "barrier-dropped", "norm-sum-not-shared", "norm-of-the-first-token", "norm-dropped",
+        "gain-dropped", "mean-over-chunks"])
 def test_emulator_catches_a_bug_in_the_qkv_rope_kernel(old, new, cxx):
     assert _worst_planted_error("qkv_rope_decode", old, new) > 1e-2
 

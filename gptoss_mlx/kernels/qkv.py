@@ -1,6 +1,7 @@
-"""The attention's first steps at decode in one launch (metal/qkv_rope_decode.metal): the qkv
-projection with its bias, and RoPE on the query and key heads. Reference: nn.Linear's ``addmm``
-and ``mx.fast.rope`` with the model's frequencies. The model calls :func:`qkv_rope`."""
+"""The attention's first steps at decode in one launch (metal/qkv_rope_decode.metal): the input
+RMSNorm, the qkv projection with its bias, and RoPE on the query and key heads. Reference:
+``mx.fast.rms_norm``, nn.Linear's ``addmm`` and ``mx.fast.rope`` with the model's frequencies.
+The model calls :func:`qkv_rope`."""
 
 from __future__ import annotations
 
@@ -11,19 +12,22 @@ from . import registry
 from .dense import plain_linear
 from .launch import Kernel, Launch
 
-KERNEL = Kernel("qkv_rope_decode", ["x", "weight", "bias", "positions", "periods"], ["y"])
+KERNEL = Kernel("qkv_rope_decode", ["x", "gain", "eps", "weight", "bias", "positions", "periods"], ["y"],
+                constants=("eps",))
 
 MAX_TOKENS = 4  # rows of x up to which the kernel runs (each simdgroup re-reads x's rows: linear_decode)
 SIMDGROUPS = 8  # per threadgroup: 4 row pairs
 
 
-def reference(x, weight, bias, positions, periods, rope_heads):
-    """x (T, K); weight (N, K), bias (N,); positions (T,) int32; periods (D/2,) -> (T, N): rows
-    of N / D heads, the first ``rope_heads`` rotated at their token's position.
+def reference(x, gain, eps, weight, bias, positions, periods, rope_heads):
+    """x (T, K) normed by the RMSNorm ``gain`` (K,), ``eps``; weight (N, K), bias (N,);
+    positions (T,) int32; periods (D/2,) -> (T, N): rows of N / D heads, the first
+    ``rope_heads`` rotated at their token's position.
 
-    Rounded to x's dtype where the unfused path on a GPU rounds: the projection's output
-    (float32 sums, as a GEMV) and the rotated rows (RoPE computes in float32)."""
+    Rounded to x's dtype where the unfused path on a GPU rounds: the norm's output, the
+    projection's (float32 sums, as a GEMV) and the rotated rows (RoPE computes in float32)."""
     dtype = x.dtype
+    x = mx.fast.rms_norm(x, gain, eps)
     y = mx.addmm(bias.astype(mx.float32), x.astype(mx.float32), weight.astype(mx.float32).T).astype(dtype)
     T, N = y.shape
     D = 2 * periods.size
@@ -35,16 +39,17 @@ def reference(x, weight, bias, positions, periods, rope_heads):
     return (mx.concatenate([qk, heads[:, rope_heads:]], axis=1).reshape(T, N),)
 
 
-def plan(x, weight, bias, positions, periods, rope_heads) -> Launch:
+def plan(x, gain, eps, weight, bias, positions, periods, rope_heads) -> Launch:
     T, K = x.shape
     N = weight.shape[0]
     half = periods.size
-    if K % 8 or N % (2 * half) or positions.size != T:
-        raise ValueError(f"qkv_rope_decode: x {x.shape}, weight {weight.shape}, {half} periods, "
-                         f"positions {positions.shape}: needs K % 8 == 0, whole heads, a position per row")
+    if K % 8 or N % (2 * half) or positions.size != T or gain.shape != (K,):
+        raise ValueError(f"qkv_rope_decode: x {x.shape}, gain {gain.shape}, weight {weight.shape}, {half} "
+                         f"periods, positions {positions.shape}: needs K % 8 == 0, a gain per input, whole "
+                         f"heads, a position per row")
     pairs = SIMDGROUPS // 2
     return Launch(
-        inputs=[x, weight, bias, positions, periods],
+        inputs=[x, gain, float(eps), weight, bias, positions, periods],
         output_shapes=[(T, N)], output_dtypes=[x.dtype],
         grid=(32 * SIMDGROUPS, -(-(N // 2) // pairs), 1), threadgroup=(32 * SIMDGROUPS, 1, 1),
         template=[("T_", x.dtype), ("K", K), ("N", N), ("HALF", half), ("ROPE_HEADS", rope_heads),
@@ -55,20 +60,22 @@ def plan(x, weight, bias, positions, periods, rope_heads) -> Launch:
 def sample(shape, key, dtype):
     """Random arguments for ``shape`` (tokens, K, heads, rope heads, head_dim)."""
     T, K, heads, rope_heads, D = shape
-    k1, k2, k3, k4 = mx.random.split(key, 4)
+    k1, k2, k3, k4, k5 = mx.random.split(key, 5)
     N = heads * D
-    x = mx.random.normal((T, K), key=k1).astype(dtype)
+    x = (3 * mx.random.normal((T, K), key=k1)).astype(dtype)  # the residual stream, not unit-sized
+    gain = (1 + 0.2 * mx.random.normal((K,), key=k5)).astype(dtype)
     weight = (mx.random.normal((N, K), key=k2) * K ** -0.5).astype(dtype)
     bias = (0.1 * mx.random.normal((N,), key=k3)).astype(dtype)
     positions = mx.random.randint(0, 131072, (T,), key=k4).astype(mx.int32)
     positions[0] = 131071  # gpt-oss's last position: past 16 bits, cos and sin of ~1e5 radians
     periods = mx.array([10000.0 ** (2 * i / D) for i in range(D // 2)], dtype=mx.float32)
-    return x, weight, bias, positions, periods, rope_heads
+    return x, gain, 1e-5, weight, bias, positions, periods, rope_heads
 
 
 SPEC = registry.register(registry.KernelSpec(
     "qkv_rope_decode", KERNEL, plan, reference, sample, check=((1, 64, 4, 3, 16), 800),
-    description="qkv + bias + RoPE on a few rows: the attention's first steps at decode",
+    description="RMSNorm + qkv + bias + RoPE on a few rows: the attention's first steps at decode",
+    reference_in_float32=True,  # the normed x stays float32 in the kernel (the unfused norm rounds it)
 ))
 
 
@@ -82,17 +89,21 @@ def _positions(offset, B: int, L: int) -> mx.array | None:
     return None
 
 
-def qkv_rope(x: mx.array, layer, rope, offset, rope_heads: int) -> tuple[mx.array, mx.array]:
-    """x (B, L, K); ``layer`` the qkv projection (heads of ``rope.dims`` rows); positions
-    ``offset`` + 0 .. L - 1 (an int, or a (B,) array at L = 1) -> (queries and keys rotated
-    (B, rope_heads, L, D), values (B, heads - rope_heads, L, D))."""
+def qkv_rope(x: mx.array, norm, layer, rope, offset, rope_heads: int) -> tuple[mx.array, mx.array]:
+    """x (B, L, K), normed first by ``norm`` (the block's RMSNorm, or None for x as it is);
+    ``layer`` the qkv projection (heads of ``rope.dims`` rows); positions ``offset`` + 0 .. L - 1
+    (an int, or a (B,) array at L = 1) -> (queries and keys rotated (B, rope_heads, L, D),
+    values (B, heads - rope_heads, L, D))."""
     B, L, K = x.shape
     D = rope.dims
     positions = _positions(offset, B, L) if B * L <= MAX_TOKENS else None
-    if (positions is not None and K % 8 == 0 and plain_linear(layer, x.dtype)
-            and registry.active(SPEC.name, x.dtype)):
-        (y,) = SPEC.launch(x.reshape(B * L, K), layer.weight, layer.bias, positions, rope.periods, rope_heads)
+    if (positions is not None and norm is not None and K % 8 == 0 and plain_linear(layer, x.dtype)
+            and norm.weight.dtype == x.dtype and registry.active(SPEC.name, x.dtype)):
+        (y,) = SPEC.launch(x.reshape(B * L, K), norm.weight, norm.eps, layer.weight, layer.bias, positions,
+                           rope.periods, rope_heads)
         y = y.reshape(B, L, -1, D).transpose(0, 2, 1, 3)  # (B, heads, L, D)
         return y[:, :rope_heads], y[:, rope_heads:]
+    if norm is not None:
+        x = norm(x)
     qkv = layer(x).reshape(B, L, -1, D).transpose(0, 2, 1, 3)
     return rope(qkv[:, :rope_heads], offset), qkv[:, rope_heads:]
