@@ -12,8 +12,9 @@ How the bytes reach a slot (``transfer``, the first that works, checked once per
 writing a pattern and reading it back through MLX): ``host`` reads each missing expert from the
 file (``pread``) straight into the slot's memory, found through a numpy view of the pool (unified
 memory on a Mac, the CPU: that read is the whole transfer); ``cuda`` copies by DMA with the CUDA
-driver's ``cuMemcpyAsync`` from the checkpoint's files, mapped and page-locked (MLX-CUDA's memory is managed:
-a host write would reach the GPU by page faults; see :class:`CudaDriver`); ``mlx``, where
+driver's ``cuMemcpyAsync`` from the checkpoint's files, mapped and page-locked, into the pool's
+device memory, whose address a kernel reads (the host never touches the pool: see
+:class:`CudaDriver`); ``mlx``, where
 the pool's memory cannot be written from the host, stages each expert in an MLX array and copies
 it into the pool on the device. Writing the pool in place is safe because nothing that reads it
 is still to run: a layer's slots are written right after its routing is read back, which waited
@@ -32,11 +33,11 @@ little from one layer to the next, so the next layer's router applied to this la
 20b's random weights, 81% on the tiny test model. They are read back with this layer's routing,
 and the missing ones are copied while the device computes this layer (the ``host`` transfer on
 a worker thread, the ``cuda`` transfer on the driver's own stream); the next layer waits for
-them. By default only the ``host`` transfer guesses (a Mac's unified memory: a CPU thread copies
-while the GPU computes). On the H200 machine the ``cuda`` transfer's DMA into MLX's managed
-memory held up the kernels for as long as it ran: reads ahead raised the hit rate from 68% to
-93% and saved no time (docs/measurements.md), so there it is off; the ``mlx`` transfer copies in
-the device's own queue, where nothing overlaps.
+them. The ``host`` and ``cuda`` transfers guess by default (a CPU thread, or the GPU's copy
+engine, copies while the GPU computes); the ``mlx`` transfer copies in the device's own queue,
+where nothing overlaps, and does not. (The ``cuda`` transfer once copied into MLX's managed
+memory, where the DMA held up the kernels for as long as it ran and reads ahead saved no time;
+into device memory they run side by side: docs/measurements.md.)
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ POLICIES = ("lru", "lfu", "decay")
 TRANSFERS = ("cuda", "host", "mlx")  # tried in this order
 PIN_SHARE = 0.5  # of the machine's RAM: the most checkpoint bytes the cuda transfer page-locks
 LOAD_BATCH = 16  # experts staged per copy into the pool: bounds the staging memory (~210 MB)
+_ADDRESS_KERNEL = None  # CudaDriver.address's kernel, built on first use
 PREFETCH_TOKENS = 4  # guesses are made for steps of up to this many tokens (decode)
 
 
@@ -184,12 +186,14 @@ class CudaDriver:
     """The CUDA driver this process has loaded (MLX's CUDA backend links its runtime statically
     and loads ``libcuda``), for the ``cuda`` transfer; ``find()`` gives None on a Mac or the CPU.
 
-    Why: MLX-CUDA allocates with ``cudaMallocManaged``. Bytes written through a host view reach
-    the GPU by page faults at its first touch (about 2 GB/s on an H200 machine, after the write
-    has faulted the slot's GPU-resident pages back to the host). ``cuMemcpyAsync`` from the mapped
-    checkpoint into the slot's managed pointer moves them by DMA instead: 6.9 GB/s from pageable
-    memory, 45 GB/s from page-locked memory, so the checkpoint's files are page-locked first
-    (:meth:`pin`, read-only) within a share of the machine's RAM (docs/measurements.md)."""
+    Why: bytes written through a host view of an MLX-CUDA array reach the GPU by page faults
+    at its first touch (about 2 GB/s on an H200 machine): any host access moves an array's
+    buffer into managed memory for good. ``cuMemcpyAsync`` from the mapped checkpoint moves them
+    by DMA instead: 6.9 GB/s from pageable memory, 45-54 GB/s from page-locked memory, so the
+    checkpoint's files are page-locked first (:meth:`pin`, read-only) within a share of the
+    machine's RAM. The pool is never touched by the host: :meth:`address` has a kernel read
+    where its device memory lies, and a DMA there runs beside MLX's kernels, where a DMA into
+    managed memory held them up for as long as it ran (docs/measurements.md)."""
 
     READ_ONLY = 0x08  # CU_MEMHOSTREGISTER_READ_ONLY
     NON_BLOCKING = 0x01  # CU_STREAM_NON_BLOCKING
@@ -230,8 +234,21 @@ class CudaDriver:
         self._create_stream = function("cuStreamCreate", ctypes.POINTER(pointer), ctypes.c_uint)
         self._stream = None
 
+    @staticmethod
+    def address(array: mx.array) -> int:
+        """Where ``array``'s memory lies on the device, as a kernel there sees it (so that the
+        host never touches the array, which would move it into managed memory)."""
+        global _ADDRESS_KERNEL
+        if _ADDRESS_KERNEL is None:
+            _ADDRESS_KERNEL = mx.fast.cuda_kernel(
+                name="gptoss_address_of", input_names=["a"], output_names=["out"],
+                source="if (threadIdx.x == 0 && blockIdx.x == 0) out[0] = (unsigned long long)(a);")
+        (out,) = _ADDRESS_KERNEL(inputs=[array], output_shapes=[(1,)], output_dtypes=[mx.uint64],
+                                 grid=(32, 1, 1), threadgroup=(32, 1, 1))
+        return int(out.item())
+
     def copy(self, dst: int, src: int, n: int) -> None:
-        """Queue ``n`` bytes from address ``src`` to ``dst`` (a slot's managed memory);
+        """Queue ``n`` bytes from address ``src`` to ``dst`` (a slot's device memory);
         :meth:`finish` waits."""
         if self._stream is None:
             stream = ctypes.c_void_p()
@@ -326,8 +343,8 @@ class ExpertPool:
         self._worker = None  # the host transfer's thread for reads ahead, made when first needed
         self._guessed = (-1, frozenset())  # (layer, experts read ahead for it)
         self.set_transfer(transfer)
-        if guess is None:  # the host transfer's by default: the only one where it can pay
-            guess = config.num_experts_per_tok if self.transfer == "host" else 0
+        if guess is None:  # where copies run beside the device's work (module docstring)
+            guess = config.num_experts_per_tok if self.transfer in ("host", "cuda") else 0
         self.guess = guess  # experts guessed and read ahead per layer and token (module docstring)
 
     def set_policy(self, policy: str, half_life: float = 32.0) -> None:
@@ -368,25 +385,30 @@ class ExpertPool:
         copy_in = ((lambda dst, *expert: driver.copy(dst, *source.span(*expert))) if driver
                    else source.read_into)
         try:
-            views = {name: host_view(self._array(name)) for name in EXPERT_TENSORS}
+            if driver:  # the device memory itself, which the host never touches
+                views = {}
+                rows = {name: (driver.address(a), a.nbytes // len(a))
+                        for name in EXPERT_TENSORS for a in [self._array(name)]}
+            else:
+                views = {name: host_view(self._array(name)) for name in EXPERT_TENSORS}
+                rows = {name: (int(view.ctypes.data), view.strides[0]) for name, view in views.items()}
             for (_, name), stored in self.source.tensors.items():  # every layer's: dtypes may differ
                 if (stored.dtype not in (mx.uint8, self._array(name).dtype)
-                        or views[name].shape[1] != stored.expert_bytes):
+                        or rows[name][1] != stored.expert_bytes):
                     return False  # the pool holds a cast of the checkpoint's bytes
-            for name, view in views.items():
-                pattern = (np.arange(view.shape[1]) * 7 + 1).astype(np.uint8)
-                copy(view.ctypes.data, pattern.ctypes.data, pattern.nbytes)
+            for name, (address, row_bytes) in rows.items():
+                pattern = (np.arange(row_bytes) * 7 + 1).astype(np.uint8)
+                copy(address, pattern.ctypes.data, pattern.nbytes)
                 finish()
                 device = self._array(name)[0].view(mx.uint8).flatten()
                 if not mx.array_equal(device, mx.array(pattern)).item():
                     return False  # the view was a copy: the pool never saw the write
-        except (ValueError, TypeError, BufferError, OSError):  # no view of MLX's memory, or no copy
+        except (ValueError, TypeError, BufferError, OSError, RuntimeError):  # no view or address, or no copy
             return False
         if driver and not self.pinned_bytes:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             self.pinned_bytes = self.source.pin(driver, int(PIN_SHARE * ram))
-        self._copy, self._finish, self._views = copy_in, finish, views
-        self._rows = {name: (int(view.ctypes.data), view.strides[0]) for name, view in views.items()}
+        self._copy, self._finish, self._views, self._rows = copy_in, finish, views, rows
         return True
 
     def _array(self, name: str) -> mx.array:

@@ -92,10 +92,17 @@ def test_the_pool_is_written_through_host_memory_where_the_bytes_are_the_checkpo
 
 class QueuedCopies:
     """A stand-in for the CUDA driver on the CPU: copies land only when ``finish`` is called
-    (as DMA on a stream does), and page-locking is recorded (or refused)."""
+    (as DMA on a stream does), and page-locking is recorded (or refused). An array's address is
+    its host view's (the CPU's memory is the host's)."""
 
     def __init__(self, pins: bool):
         self.pins, self.queued, self.pinned, self.unpinned = pins, [], [], []
+
+    @staticmethod
+    def address(array):
+        from gptoss_mlx.expert_pool import host_view
+
+        return int(host_view(array).ctypes.data)
 
     def copy(self, dst, src, n):
         self.queued.append((dst, ctypes.string_at(src, n)))
@@ -147,8 +154,14 @@ def test_reads_ahead_land_before_the_next_layer_computes(checkpoints, monkeypatc
     assert not driver.queued and not pool._pending
 
 
-def test_the_host_transfer_guesses_by_default_and_the_others_do_not(checkpoints):
+def test_the_host_and_cuda_transfers_guess_by_default_and_mlx_s_does_not(checkpoints, monkeypatch):
+    from gptoss_mlx import expert_pool
+
     assert streamed(checkpoints["hf"], 8).expert_pool.guess == 4
+    with monkeypatch.context() as m:
+        m.setattr(expert_pool.CudaDriver, "find", classmethod(lambda cls: QueuedCopies(pins=True)))
+        pool = streamed(checkpoints["hf"], 8).expert_pool
+        assert pool.transfer == "cuda" and pool.guess == 4
     assert streamed(checkpoints["hf"], 8, transfer="mlx").expert_pool.guess == 4  # chosen at load: host
     config = read_config(checkpoints["hf"])
     from gptoss_mlx.expert_pool import ExpertPool
