@@ -70,7 +70,7 @@ POLICIES = ("lru", "lfu", "decay")
 TRANSFERS = ("cuda", "host", "mlx")  # tried in this order
 PIN_SHARE = 0.5  # of the machine's RAM: the most checkpoint bytes the cuda transfer page-locks
 LOAD_BATCH = 16  # experts staged per copy into the pool: bounds the staging memory (~210 MB)
-_ADDRESS_KERNEL = None  # CudaDriver.address's kernel, built on first use
+_ADDRESS_KERNELS: dict = {}  # CudaDriver.addresses's kernels by number of arrays, built on first use
 PREFETCH_TOKENS = 4  # guesses are made for steps of up to this many tokens (decode)
 
 
@@ -235,17 +235,20 @@ class CudaDriver:
         self._stream = None
 
     @staticmethod
-    def address(array: mx.array) -> int:
-        """Where ``array``'s memory lies on the device, as a kernel there sees it (so that the
-        host never touches the array, which would move it into managed memory)."""
-        global _ADDRESS_KERNEL
-        if _ADDRESS_KERNEL is None:
-            _ADDRESS_KERNEL = mx.fast.cuda_kernel(
-                name="gptoss_address_of", input_names=["a"], output_names=["out"],
-                source="if (threadIdx.x == 0 && blockIdx.x == 0) out[0] = (unsigned long long)(a);")
-        (out,) = _ADDRESS_KERNEL(inputs=[array], output_shapes=[(1,)], output_dtypes=[mx.uint64],
-                                 grid=(32, 1, 1), threadgroup=(32, 1, 1))
-        return int(out.item())
+    def addresses(arrays: list[mx.array]) -> mx.array:
+        """Where each array's memory lies on the device, (n,) uint64, as a kernel there sees it
+        (so that the host never touches the arrays, which would move them into managed memory);
+        not evaluated."""
+        n = len(arrays)
+        if n not in _ADDRESS_KERNELS:
+            names = [f"a{i}" for i in range(n)]
+            _ADDRESS_KERNELS[n] = mx.fast.cuda_kernel(
+                name=f"gptoss_addresses_{n}", input_names=names, output_names=["out"],
+                source="if (threadIdx.x == 0 && blockIdx.x == 0) {\n"
+                       + "".join(f"  out[{i}] = (unsigned long long)({a});\n" for i, a in enumerate(names)) + "}")
+        (out,) = _ADDRESS_KERNELS[n](inputs=arrays, output_shapes=[(n,)], output_dtypes=[mx.uint64],
+                                     grid=(32, 1, 1), threadgroup=(32, 1, 1))
+        return out
 
     def copy(self, dst: int, src: int, n: int) -> None:
         """Queue ``n`` bytes from address ``src`` to ``dst`` (a slot's device memory);
@@ -340,6 +343,7 @@ class ExpertPool:
         self.pinned_bytes = 0  # of the checkpoint, page-locked for the cuda transfer
         self._pending: list = []  # copies still under way: the host transfer's worker's (future, slots)
         self._queued = False  # ... or the cuda transfer's stream holds some
+        self._driver = None  # the cuda transfer's CudaDriver
         self._worker = None  # the host transfer's thread for reads ahead, made when first needed
         self._guessed = (-1, frozenset())  # (layer, experts read ahead for it)
         self.set_transfer(transfer)
@@ -387,8 +391,9 @@ class ExpertPool:
         try:
             if driver:  # the device memory itself, which the host never touches
                 views = {}
-                rows = {name: (driver.address(a), a.nbytes // len(a))
-                        for name in EXPERT_TENSORS for a in [self._array(name)]}
+                where = np.array(driver.addresses([self._array(name) for name in EXPERT_TENSORS]))
+                rows = {name: (int(address), a.nbytes // len(a))
+                        for name, address in zip(EXPERT_TENSORS, where.tolist()) for a in [self._array(name)]}
             else:
                 views = {name: host_view(self._array(name)) for name in EXPERT_TENSORS}
                 rows = {name: (int(view.ctypes.data), view.strides[0]) for name, view in views.items()}
@@ -409,7 +414,25 @@ class ExpertPool:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             self.pinned_bytes = self.source.pin(driver, int(PIN_SHARE * ram))
         self._copy, self._finish, self._views, self._rows = copy_in, finish, views, rows
+        self._driver = driver
         return True
+
+    def _pool_addresses(self) -> mx.array | None:
+        """The cuda transfer's pool addresses as the device sees them now (queued, read back with
+        a layer's routing: :meth:`_check_addresses`); None for the other transfers."""
+        if self.transfer != "cuda" or self._driver is None:
+            return None
+        return self._driver.addresses([self._array(name) for name in EXPERT_TENSORS])
+
+    def _check_addresses(self, where: np.ndarray) -> None:
+        """Copy into where the pool is now. Any host access to an MLX-CUDA array (a numpy view,
+        ``.item()``) moves its buffer into managed memory and frees the old one: a DMA to the old
+        address would write freed memory. Checked before each layer's copies (nothing in the
+        pool's own code touches the arrays from the host; this keeps a future caller that does
+        from corrupting memory: it only makes the copies slower)."""
+        for name, address in zip(EXPERT_TENSORS, where.tolist()):
+            if self._rows[name][0] != address:
+                self._rows[name] = (int(address), self._rows[name][1])
 
     def _array(self, name: str) -> mx.array:
         """The pool's (slots, ...) array for one of EXPERT_TENSORS."""
@@ -437,7 +460,12 @@ class ExpertPool:
         k = indices.shape[-1]
         if guess is not None:  # read back together: one wait, one copy to the host
             indices = mx.concatenate([indices, guess.astype(indices.dtype)], axis=-1)
+        where = self._pool_addresses()
+        if where is not None:
+            mx.eval(indices, where)  # one wait for both
         ids = np.array(indices)  # the layer's one read-back: waits for the GPU up to here
+        if where is not None:
+            self._check_addresses(np.array(where))
         ids, guessed = ids[:, :k], ids[:, k:]
         self.stats.readback_s += time.perf_counter() - t0
         self._wait_for_copies()  # the reads ahead for this layer

@@ -99,10 +99,10 @@ class QueuedCopies:
         self.pins, self.queued, self.pinned, self.unpinned = pins, [], [], []
 
     @staticmethod
-    def address(array):
+    def addresses(arrays):
         from gptoss_mlx.expert_pool import host_view
 
-        return int(host_view(array).ctypes.data)
+        return mx.array([host_view(a).ctypes.data for a in arrays], dtype=mx.uint64)
 
     def copy(self, dst, src, n):
         self.queued.append((dst, ctypes.string_at(src, n)))
@@ -193,6 +193,29 @@ def test_the_cuda_transfer_waits_for_its_copies_and_page_locks_the_checkpoint(ch
     del pooled, pool
     gc.collect()
     assert driver.unpinned == driver.pinned  # a collected pool unlocks what it locked
+
+
+def test_the_cuda_transfer_copies_to_where_the_pool_is_now(checkpoints, monkeypatch):
+    """On CUDA a host access moves an array's buffer (into managed memory): the pool reads its
+    arrays' addresses with each layer's routing, so copies follow a buffer that moved instead of
+    writing the old one. Here a pool array is replaced by a copy (the old buffer kept alive):
+    every logit still equals the resident model's."""
+    from gptoss_mlx import expert_pool
+
+    driver = QueuedCopies(pins=True)
+    monkeypatch.setattr(expert_pool.CudaDriver, "find", classmethod(lambda cls: driver))
+    resident, pooled = load_model(checkpoints["hf"]), streamed(checkpoints["hf"], 8)
+    pool = pooled.expert_pool
+    caches = resident.make_cache(), pooled.make_cache()
+    old = []
+    for step, chunk in enumerate([PROMPT[:20], [5], [77], [301], [12]]):
+        if step == 2:
+            for proj in (pool.experts.gate_up_proj, pool.experts.down_proj):
+                old.append(proj.weight)
+                proj.weight = mx.array(np.array(proj.weight))  # the same bytes, another buffer
+        a, b = (m(mx.array([chunk]), cache=c) for m, c in zip((resident, pooled), caches))
+        np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
+    assert pool._rows["down_proj.weight"][0] == int(np.array(driver.addresses([pool.experts.down_proj.weight]))[0])
 
 
 def test_the_cuda_transfer_page_locks_only_within_its_share_of_memory(checkpoints, monkeypatch):
