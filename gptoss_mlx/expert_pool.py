@@ -191,7 +191,7 @@ class CudaDriver:
     buffer into managed memory for good. ``cuMemcpyAsync`` from the mapped checkpoint moves them
     by DMA instead: 6.9 GB/s from pageable memory, 45-54 GB/s from page-locked memory, so the
     checkpoint's files are page-locked first (:meth:`pin`, read-only) within a share of the
-    machine's RAM. The pool is never touched by the host: :meth:`address` has a kernel read
+    machine's RAM. The pool is never touched by the host: :meth:`addresses` has a kernel read
     where its device memory lies, and a DMA there runs beside MLX's kernels, where a DMA into
     managed memory held them up for as long as it ran (docs/measurements.md)."""
 
