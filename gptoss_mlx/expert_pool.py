@@ -458,14 +458,17 @@ class ExpertPool:
 
     def _fetch(self, layer: int, indices: mx.array, guess: mx.array | None, t0: float) -> mx.array:
         k = indices.shape[-1]
+        parts = [indices.astype(mx.uint32)]
         if guess is not None:  # read back together: one wait, one copy to the host
-            indices = mx.concatenate([indices, guess.astype(indices.dtype)], axis=-1)
+            parts.append(guess.astype(mx.uint32))
+        chosen = mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]  # (T, k [+ m])
         where = self._pool_addresses()
-        if where is not None:
-            mx.eval(indices, where)  # one wait for both
-        ids = np.array(indices)  # the layer's one read-back: waits for the GPU up to here
-        if where is not None:
-            self._check_addresses(np.array(where))
+        if where is not None:  # and the pool's addresses, as uint32 pairs
+            back = np.array(mx.concatenate([chosen.reshape(-1), where.view(mx.uint32)]))
+            self._check_addresses(back[chosen.size:].view(np.uint64))
+            ids = back[:chosen.size].reshape(chosen.shape)
+        else:
+            ids = np.array(chosen)  # the layer's one read-back: waits for the GPU up to here
         ids, guessed = ids[:, :k], ids[:, k:]
         self.stats.readback_s += time.perf_counter() - t0
         self._wait_for_copies()  # the reads ahead for this layer
