@@ -429,10 +429,19 @@ class ExpertPool:
         ``.item()``) moves its buffer into managed memory and frees the old one: a DMA to the old
         address would write freed memory. Checked before each layer's copies (nothing in the
         pool's own code touches the arrays from the host; this keeps a future caller that does
-        from corrupting memory: it only makes the copies slower)."""
+        from corrupting memory: it only makes the copies slower). Reads ahead queued before the
+        move went to the old buffer: their slots are released, to be read again when chosen."""
+        moved = False
         for name, address in zip(EXPERT_TENSORS, where.tolist()):
             if self._rows[name][0] != address:
                 self._rows[name] = (int(address), self._rows[name][1])
+                moved = True
+        if moved and self._guessed[1]:
+            self._wait_for_copies()
+            layer, experts = self._guessed
+            slots = self.slot_of[layer, sorted(experts)]
+            self._release(slots[slots >= 0])
+            self._guessed = (-1, frozenset())
 
     def _array(self, name: str) -> mx.array:
         """The pool's (slots, ...) array for one of EXPERT_TENSORS."""

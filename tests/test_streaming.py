@@ -218,6 +218,38 @@ def test_the_cuda_transfer_copies_to_where_the_pool_is_now(checkpoints, monkeypa
     assert pool._rows["down_proj.weight"][0] == int(np.array(driver.addresses([pool.experts.down_proj.weight]))[0])
 
 
+def test_reads_ahead_under_way_when_the_pool_moves_are_read_again(checkpoints, monkeypatch):
+    """The reads ahead for layer 1 are queued during layer 0's fetch, at the addresses of then;
+    a pool array that moves before layer 1's fetch (found by a helper's attack) leaves them in
+    the old buffer: their slots are released and read again, and every logit still equals the
+    resident model's."""
+    from gptoss_mlx import expert_pool
+
+    driver = QueuedCopies(pins=True)
+    monkeypatch.setattr(expert_pool.CudaDriver, "find", classmethod(lambda cls: driver))
+    resident, pooled = load_model(checkpoints["hf"]), streamed(checkpoints["hf"], 8)
+    pool = pooled.expert_pool
+    assert pool.guess > 0
+    old, state = [], {"move": False, "moved_with_copies_queued": 0}
+    fetch = expert_pool.StreamedExperts.resident
+
+    def resident_then_move(self, indices, x, residual):
+        if self.layer == 1 and state["move"] and driver.queued:
+            for proj in (pool.experts.gate_up_proj, pool.experts.down_proj):
+                old.append(proj.weight)
+                proj.weight = mx.array(np.array(proj.weight))  # the same bytes, another buffer
+            state["move"], state["moved_with_copies_queued"] = False, len(driver.queued)
+        return fetch(self, indices, x, residual)
+
+    monkeypatch.setattr(expert_pool.StreamedExperts, "resident", resident_then_move)
+    caches = resident.make_cache(), pooled.make_cache()
+    for step, chunk in enumerate([PROMPT[:20], [5], [77], [301], [12], [499], [5], [8]]):
+        state["move"] = state["move"] or (step == 2 and not old)
+        a, b = (m(mx.array([chunk]), cache=c) for m, c in zip((resident, pooled), caches))
+        np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
+    assert state["moved_with_copies_queued"] > 0
+
+
 def test_the_cuda_transfer_page_locks_only_within_its_share_of_memory(checkpoints, monkeypatch):
     from gptoss_mlx import expert_pool
 

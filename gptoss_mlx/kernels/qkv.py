@@ -24,11 +24,13 @@ def reference(x, gain, eps, weight, bias, positions, periods, rope_heads):
     positions (T,) int32; periods (D/2,) -> (T, N): rows of N / D heads, the first
     ``rope_heads`` rotated at their token's position.
 
-    Rounded to x's dtype where the unfused path on a GPU rounds: the norm's output, the
-    projection's (float32 sums, as a GEMV) and the rotated rows (RoPE computes in float32)."""
+    The norm's output stays float32 (the unfused ``mx.fast.rms_norm`` rounds it to x's dtype;
+    the torch reference rounds it once, after the gain); rounded to x's dtype where the unfused
+    path on a GPU rounds next: the projection's output (float32 sums, as a GEMV) and the rotated
+    rows (RoPE computes in float32)."""
     dtype = x.dtype
-    x = mx.fast.rms_norm(x, gain, eps)
-    y = mx.addmm(bias.astype(mx.float32), x.astype(mx.float32), weight.astype(mx.float32).T).astype(dtype)
+    normed = mx.fast.rms_norm(x.astype(mx.float32), gain.astype(mx.float32), eps)
+    y = mx.addmm(bias.astype(mx.float32), normed, weight.astype(mx.float32).T).astype(dtype)
     T, N = y.shape
     D = 2 * periods.size
     if rope_heads == 0:  # (MLX-CUDA's rope fails to launch on an empty array)
@@ -75,7 +77,6 @@ def sample(shape, key, dtype):
 SPEC = registry.register(registry.KernelSpec(
     "qkv_rope_decode", KERNEL, plan, reference, sample, check=((1, 64, 4, 3, 16), 800),
     description="RMSNorm + qkv + bias + RoPE on a few rows: the attention's first steps at decode",
-    reference_in_float32=True,  # the normed x stays float32 in the kernel (the unfused norm rounds it)
 ))
 
 
