@@ -41,7 +41,9 @@ def main() -> int:
     model = load_model(args.dir)
     k = model.config.num_experts_per_tok
     cache = model.make_cache()
-    prompt = mx.array(np.random.default_rng(0).integers(1000, 190000, (1, 128)))
+    # random ids inside the vocabulary, a small test one too (an id past its end crashed the gather)
+    vocab = model.config.vocab_size
+    prompt = mx.array(np.random.default_rng(0).integers(min(1000, vocab // 2), min(190000, vocab), (1, 128)))
     token = mx.argmax(model(prompt, cache=cache)[:, -1], axis=-1, keepdims=True)
     found = {(src, m): 0 for src in SOURCES for m in SIZES}
     total = 0
