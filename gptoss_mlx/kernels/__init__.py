@@ -1,6 +1,6 @@
 """Custom kernels for the hot paths: Metal sources in metal/, verified before they are trusted.
 
-The model calls ``qkv_rope`` (the qkv projection and RoPE), ``linear`` (the attention's
+The model calls ``qkv_rope`` (the input norm, the qkv projection and RoPE), ``linear`` (the attention's
 output projection), ``attention``, ``add_rms_norm_route`` and ``experts`` (``add_rms_norm`` and
 ``route`` are the second's two halves, for when its kernel does not apply and for a block called
 alone); each runs its kernels where they apply (and ``registry`` has them active, see its
