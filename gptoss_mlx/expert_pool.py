@@ -50,14 +50,14 @@ import sys
 import time
 import weakref
 from dataclasses import astuple, dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import ops
+from . import kernels, ops
 from .config import ModelConfig
 from .files import CheckpointError
 from .kernels import fused_fits
@@ -135,14 +135,20 @@ class ExpertSource:
                 aligned = start - start % mmap.PAGESIZE
                 self._maps[t.file].madvise(mmap.MADV_WILLNEED, aligned, start + t.expert_bytes - aligned)
 
-    def span(self, layer: int, name: str, expert: int) -> tuple[int, int]:
-        """(address, bytes) of one expert's tensor in the mapped file."""
-        t = self.tensors[layer, name]
-        start, mapped = t.offset + expert * t.expert_bytes, self._maps[t.file]
+    def spans(self, layer: int, experts: list[int]) -> list[tuple[int, int]]:
+        """For each of EXPERT_TENSORS, (address of expert 0's bytes in the mapped file, bytes per
+        expert), once every one of ``experts`` is checked to lie inside its file: one ``fstat``
+        per file, not one per copy."""
         # A file cut short after loading: reading past its end would kill the process (SIGBUS).
-        if mapped.size() < start + t.expert_bytes:  # the file's size now (fstat)
-            raise self._cut(layer, name, expert)
-        return self._address[t.file] + start, t.expert_bytes
+        last, sizes, out = max(experts), {}, []
+        for name in EXPERT_TENSORS:
+            t = self.tensors[layer, name]
+            if t.file not in sizes:
+                sizes[t.file] = self._maps[t.file].size()  # the file's size now (fstat)
+            if sizes[t.file] < t.offset + (last + 1) * t.expert_bytes:
+                raise self._cut(layer, name, last)
+            out.append((self._address[t.file] + t.offset, t.expert_bytes))
+        return out
 
     def read_into(self, address: int, layer: int, name: str, expert: int) -> None:
         """One expert's tensor as stored into the memory at ``address`` (its bytes), by ``pread``
@@ -375,19 +381,16 @@ class ExpertPool:
         raise ValueError(f"the {transfer} transfer does not reach the expert pool on {mx.default_device()}")
 
     def _host_copy(self, transfer: str) -> bool:
-        """Set up the ``host`` or ``cuda`` transfer (``self._copy(dst address, layer, name, expert)`` and
-        ``self._finish()``, the views in ``self._views``) and say whether it works here: if the
-        pool holds every layer's stored bytes (no cast), and a pattern it writes into slot 0 of each
-        of the pool's arrays is what the device then reads there."""
+        """Set up the ``host`` or ``cuda`` transfer (the host's reads ``self._copy(dst address,
+        layer, name, expert)`` or the driver's DMA, then ``self._finish()``; the views in
+        ``self._views``) and say whether it works here: if the pool holds every layer's stored
+        bytes (no cast), and a pattern it writes into slot 0 of each of the pool's arrays is what
+        the device then reads there."""
         driver = CudaDriver.find() if transfer == "cuda" else None
         if transfer == "cuda" and driver is None:
             return False
         # (dst, src, bytes) by address; ctypes' memmove lets go of the GIL while it copies
         copy, finish = (driver.copy, driver.finish) if driver else (ctypes.memmove, lambda: None)
-        source = self.source
-        # (dst address, layer, tensor name, expert): DMA out of the mapped file, or pread
-        copy_in = ((lambda dst, *expert: driver.copy(dst, *source.span(*expert))) if driver
-                   else source.read_into)
         try:
             if driver:  # the device memory itself, which the host never touches
                 views = {}
@@ -413,7 +416,8 @@ class ExpertPool:
         if driver and not self.pinned_bytes:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             self.pinned_bytes = self.source.pin(driver, int(PIN_SHARE * ram))
-        self._copy, self._finish, self._views, self._rows = copy_in, finish, views, rows
+        # the host transfer's read of one tensor: (dst address, layer, tensor name, expert)
+        self._copy, self._finish, self._views, self._rows = self.source.read_into, finish, views, rows
         self._driver = driver
         return True
 
@@ -466,26 +470,27 @@ class ExpertPool:
             self.stats.fetch_s += time.perf_counter() - t0
 
     def _fetch(self, layer: int, indices: mx.array, guess: mx.array | None, t0: float) -> mx.array:
-        k = indices.shape[-1]
-        parts = [indices.astype(mx.uint32)]
-        if guess is not None:  # read back together: one wait, one copy to the host
-            parts.append(guess.astype(mx.uint32))
-        chosen = mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]  # (T, k [+ m])
+        # Read back together, as uint32: the routing, the guesses and (cuda transfer) the pool's
+        # addresses as uint32 pairs; one wait for the GPU, one copy to the host.
+        parts = [indices.reshape(-1)]
+        if guess is not None:
+            parts.append(guess.reshape(-1))
         where = self._pool_addresses()
-        if where is not None:  # and the pool's addresses, as uint32 pairs
-            back = np.array(mx.concatenate([chosen.reshape(-1), where.view(mx.uint32)]))
-            self._check_addresses(back[chosen.size:].view(np.uint64))
-            ids = back[:chosen.size].reshape(chosen.shape)
-        else:
-            ids = np.array(chosen)  # the layer's one read-back: waits for the GPU up to here
-        ids, guessed = ids[:, :k], ids[:, k:]
+        if where is not None:
+            parts.append(where.view(mx.uint32))
+        parts = [p if p.dtype == mx.uint32 else p.astype(mx.uint32) for p in parts]
+        back = np.array(mx.concatenate(parts) if len(parts) > 1 else parts[0])  # waits for the GPU up to here
+        n, m = indices.size, 0 if guess is None else guess.size
+        ids, guessed = back[:n].reshape(indices.shape), back[n:n + m]
+        if where is not None:
+            self._check_addresses(back[n + m:].copy().view(np.uint64))
         self.stats.readback_s += time.perf_counter() - t0
         self._wait_for_copies()  # the reads ahead for this layer
         if layer == 0:
             self.stats.tokens += ids.shape[0]
             self.clock += 1
             self.score *= self.decay
-        needed = np.unique(ids)
+        needed = _distinct(ids)
         if self._guessed[0] == layer:
             self.stats.guessed_used += len(self._guessed[1].intersection(needed.tolist()))
             self._guessed = (-1, frozenset())
@@ -503,14 +508,14 @@ class ExpertPool:
             self.score[slots] += 1
         where = mx.array(self.slot_of[layer][ids].astype(np.uint32))  # every one is in the pool now
         if guess is not None and layer + 1 < self.config.num_hidden_layers:
-            self._read_ahead(layer + 1, np.unique(guessed), protect=slots)
+            self._read_ahead(layer + 1, _distinct(guessed), protect=slots)
         return where
 
     def _read_ahead(self, layer: int, guessed: np.ndarray, protect: np.ndarray) -> None:
         """Start reading the guessed experts of ``layer`` that the pool lacks, without waiting
         (the next :meth:`fetch` does). ``protect``: the slots this step computes with."""
         present = self.slot_of[layer, guessed]
-        protect = np.union1d(protect, present[present >= 0])
+        protect = _distinct(np.concatenate([protect, present[present >= 0]]))
         missing = guessed[present < 0][: self.slots - len(protect)]  # never evicting what is protected
         if len(missing):
             self._load(layer, missing, protect, wait=False)
@@ -560,10 +565,18 @@ class ExpertPool:
         read or copy per tensor. Nothing still to run reads these slots (see the module's docstring):
         this runs after the layer's routing read-back. Unless ``wait``, the copies run while the
         caller goes on (the host transfer's on a worker thread), until :meth:`_wait_for_copies`."""
+        experts, slots = missing.tolist(), victims.tolist()
+        rows = [self._rows[name] for name in EXPERT_TENSORS]  # (slot 0's address, bytes per slot)
+
         def copies():
-            for expert, slot in zip(missing.tolist(), victims.tolist()):
-                for name in EXPERT_TENSORS:
-                    base, stride = self._rows[name]
+            if self._driver is not None:  # DMA out of the mapped file
+                copy, spans = self._driver.copy, self.source.spans(layer, experts)
+                for expert, slot in zip(experts, slots):
+                    for (base, stride), (first, size) in zip(rows, spans):
+                        copy(base + slot * stride, first + expert * size, size)
+                return
+            for expert, slot in zip(experts, slots):  # pread into the slot's memory
+                for (base, stride), name in zip(rows, EXPERT_TENSORS):
                     self._copy(base + slot * stride, layer, name, expert)
 
         if not wait:
@@ -622,6 +635,14 @@ class ExpertPool:
             self.stats.migrate_s += time.perf_counter() - t1
 
 
+def _distinct(ids: np.ndarray) -> np.ndarray:
+    """The distinct values of ``ids``, sorted (np.unique; for a decode step's few ids a set is
+    several times faster, and this runs once or twice per layer and token)."""
+    if ids.size > 64:
+        return np.unique(ids)
+    return np.array(sorted(set(ids.ravel().tolist())), dtype=ids.dtype)
+
+
 class _CopiedOnCall(nn.Module):
     """A projection of :meth:`ExpertPool.view`: its tensors ``names`` copied out of the pool when
     it is called, so that only the graph holds the copy. ``after_input``: the input (the gate/up
@@ -655,12 +676,31 @@ class StreamedExperts:
         guess = None
         m = min(self.pool.guess, self.pool.config.num_local_experts)
         if m and self.following is not None and len(indices) <= PREFETCH_TOKENS:
-            # the next layer's router on this residual, normed with the next layer's gain
-            norm, router = self.following.post_attention_layernorm, self.following.mlp.router
-            logits = router(mx.fast.rms_norm(residual, norm.weight, norm.eps))
-            E = logits.shape[-1]
-            guess = mx.argpartition(logits, E - m, axis=-1)[..., E - m:]
+            guess = self._guess(residual, m)
         slots = self.pool.fetch(self.layer, indices, guess)
         if indices.size < SORTED_GATHER_ROWS or fused_fits(x, self.pool.experts, indices.shape[-1]):
             return slots, self.pool.experts
         return indices, self.pool.view(self.layer)
+
+    def _guess(self, residual: mx.array, m: int) -> mx.array:
+        """The next layer's router on this residual, normed with the next layer's gain: its top
+        ``m`` experts (T, m), in any order. One kernel where the fused add + norm + router one
+        applies (the residual plus zeros: exactly the residual; m no more than the model's own
+        top-k), else MLX's norm, router and argpartition (four launches)."""
+        norm, router = self.following.post_attention_layernorm, self.following.mlp.router
+        if m <= self.following.mlp.top_k:  # the kernel's instantiations the model itself runs
+            _, _, routing = kernels.add_rms_norm_route(residual, _zeros(residual.shape, residual.dtype),
+                                                       norm.weight, norm.eps, router, m)
+            if routing is not None:
+                return routing[0]
+        logits = router(mx.fast.rms_norm(residual, norm.weight, norm.eps))
+        E = logits.shape[-1]
+        return mx.argpartition(logits, E - m, axis=-1)[..., E - m:]
+
+
+@lru_cache(maxsize=8)
+def _zeros(shape: tuple, dtype: mx.Dtype) -> mx.array:
+    """Zeros made once per shape (evaluated: no thread's lazy graph), not a fill per layer."""
+    zeros = mx.zeros(shape, dtype)
+    mx.eval(zeros)
+    return zeros

@@ -2,7 +2,7 @@
 
 Estimated before loading from the config alone. The plan takes the first arrangement that fits
 (:data:`DENSE_BITS`, then streaming): everything resident with bf16 dense layers, then dense layers (attention,
-router, embedding and unembedding) affine-quantized to 8 and to 4 bits at load time, then experts
+embedding and unembedding; the router stays bf16) affine-quantized to 8 and to 4 bits at load time, then experts
 streamed: the dense layers resident and a fixed GPU pool of expert slots, the other experts read
 on demand from the checkpoint (``expert_pool.py``). ``--dense-bits`` fixes the dense precision
 and ``--memory-limit`` the budget; by default the budget is the device's (on a Mac, Metal's
@@ -107,7 +107,8 @@ def dense_bytes(config: ModelConfig, dense_bits: int = 16) -> float:
     H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     attn_weights = D * H * hd * 2 + D * KV * hd * 2
     attn_other = (H * hd + 2 * KV * hd + D + H) * 2 + 2 * D * 4  # biases, sinks, fp32 norms
-    per_layer = _dense_bytes(attn_weights + E * D, dense_bits) + attn_other + E * 2  # + router bias
+    router = (E * D + E) * 2  # bf16 at any dense_bits (loading.quantize_dense)
+    per_layer = _dense_bytes(attn_weights, dense_bits) + attn_other + router
     embed = _dense_bytes(2 * config.vocab_size * D, dense_bits)
     return config.num_hidden_layers * per_layer + embed + D * 4
 

@@ -3,7 +3,7 @@
 
     python scripts/bench_streaming.py --dir /tmp/g20 --make --preset 20b --limits 14,10,8,6 --dense-bits 4
     python scripts/bench_streaming.py --dir /tmp/g120 --make --preset 120b --layers 28 --limits 66,48,32 --dense-bits 4 --scale-to 120b
-    python scripts/bench_streaming.py --dir /tmp/tiny --make --preset tiny --limits 1.03,1.02306 --dense-bits 4 --cache warm   # any machine
+    python scripts/bench_streaming.py --dir /tmp/tiny --make --preset tiny --limits 1.03,1.02307 --dense-bits 4 --cache warm   # any machine
 
 Each row runs in its own process (its peak memory is its own): the memory plan for the limit
 (``memory.choose_plan`` at 32768 tokens of context, as the front ends plan), the model loaded

@@ -141,14 +141,14 @@ def test_fine_tuning_a_model_whose_experts_stream_is_refused_in_one_message(shar
     from gptoss_mlx.memory import DEVICE_MEMORY_ENV
 
     data = write_jsonl(tmp_path / "capitals.jsonl", [capitals_line(*c) for c in CAPITALS[:2]])
-    model, _ = load(sharp, memory_limit="1.02306GB", dense_bits=4)
+    model, _ = load(sharp, memory_limit="1.02307GB", dense_bits=4)
     assert model.expert_pool is not None
     examples, _ = ft.load_data(data, tok, 512)
     with pytest.raises(AdapterError, match="fine-tuning needs every expert on the GPU"):
         next(ft.train(model, str(sharp), examples, SETTINGS, tmp_path / "out"))
     with pytest.raises(AdapterError, match="fine-tuning needs every expert on the GPU"):
         ft.make_step(model, optim.Adam(learning_rate=1e-3))
-    monkeypatch.setenv(DEVICE_MEMORY_ENV, "1.02306GB")
+    monkeypatch.setenv(DEVICE_MEMORY_ENV, "1.02307GB")
     assert main(["finetune", "--model", str(sharp), "--data", str(data), "--dense-bits", "4",
                  "--targets", "attention", "--adapter-path", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err

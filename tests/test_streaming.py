@@ -325,14 +325,20 @@ def test_the_pool_counts_hits_misses_and_bytes(checkpoints):
     assert recent.hit_rate == 0.0 and recent.read_s > 0
 
 
-def test_a_checkpoint_cut_short_while_streaming_is_an_error_naming_it(checkpoints, tmp_path):
+@pytest.mark.parametrize("transfer", ["host", "cuda"])
+def test_a_checkpoint_cut_short_while_streaming_is_an_error_naming_it(checkpoints, tmp_path, monkeypatch, transfer):
     """Reading an expert past the end of a file truncated after loading would kill the process
-    (SIGBUS from the mapping): it is a CheckpointError naming the file instead."""
+    (SIGBUS from the mapping; the cuda stand-in reads the source when a copy is queued): it is a
+    CheckpointError naming the file instead."""
     import shutil
 
+    from gptoss_mlx import expert_pool
+
+    monkeypatch.setattr(expert_pool.CudaDriver, "find", classmethod(lambda cls: QueuedCopies(pins=False)))
     directory = tmp_path / "cut"
     shutil.copytree(checkpoints["hf"], directory)
-    model = streamed(directory, 8)
+    model = streamed(directory, 8, transfer=transfer)
+    assert model.expert_pool.transfer == transfer
     engine = Engine(model)
     list(engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=2), stop_tokens=frozenset()))
     for shard in directory.glob("*.safetensors"):
@@ -500,7 +506,7 @@ def test_a_bad_simulated_device_is_one_clear_line(monkeypatch):
     (16e9, "everything resident, dense layers bf16"),
     (14e9, "everything resident, dense layers 8-bit"),
     (13.5e9, "everything resident, dense layers 4-bit"),
-    (10e9, "experts streamed (521 of 768 on the GPU, 68%), dense layers 4-bit"),
+    (10e9, "experts streamed (520 of 768 on the GPU, 68%), dense layers 4-bit"),
     (6e9, "experts streamed (218 of 768 on the GPU, 28%), dense layers 4-bit"),
 ])
 def test_the_plan_takes_the_first_arrangement_that_fits(limit, arrangement):
@@ -595,6 +601,9 @@ def test_load_plans_by_memory_limit(tiny_checkpoint):
     model, _ = load(tiny_checkpoint, memory_limit=limit, max_context=4096)
     assert model.expert_pool.slots == 12
     assert type(model.layers[0].self_attn.qkv_proj).__name__ == "QuantizedLinear"  # dense 4-bit
+    # ... but the router stays the checkpoint's bf16: it picks the experts (and the plan counts it so)
+    router = model.layers[0].mlp.router
+    assert type(router).__name__ == "Linear" and router.weight.dtype == mx.bfloat16
     model, _ = load(tiny_checkpoint, memory_limit="100GB")
     assert model.expert_pool is None and model.layers[0].self_attn.qkv_proj.weight.dtype == mx.bfloat16
     with pytest.raises(MemoryPlanError, match="smallest limit that works is 1.1 GB"):

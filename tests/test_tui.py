@@ -419,7 +419,7 @@ async def test_a_streamed_model_shows_its_expert_pool_in_the_status(tiny_checkpo
     says how often a chosen expert was in the pool."""
     from gptoss_mlx.loading import load
 
-    model, tokenizer = load(tiny_checkpoint, memory_limit="1.02306GB", dense_bits=4)
+    model, tokenizer = load(tiny_checkpoint, memory_limit="1.02307GB", dense_bits=4)
     assert model.expert_pool is not None
     chat = Chat(model, tokenizer, sampling=SamplingParams(temperature=0, max_tokens=8), date="2025-08-05")
     app = make_app(chat, store)
