@@ -19,10 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gptoss_mlx import kernels
-from gptoss_mlx.kernels import dense, moe, qkv, registry
+from gptoss_mlx.kernels import moe, registry
 from gptoss_mlx.kernels.launch import Kernel, Launch, kernel_source
 from gptoss_mlx.testing import toolchain
-from gptoss_mlx.testing.samples import emulated_dtypes, samples
+from gptoss_mlx.testing.samples import MODEL_SHAPES, emulated_dtypes, samples
 
 REQUIRE = os.environ.get("GPTOSS_MLX_REQUIRE_TOOLCHAIN") == "1"  # set by .ci/run
 
@@ -149,29 +149,21 @@ def test_the_gate_up_kernel_keeps_a_nan_activation_nan(cxx):
 # The model-sized launches (gpt-oss-20b and 120b at one and four tokens) of every kernel whose
 # threadgroup is large or whose registers hold rows: MLX compiles CUDA kernels without launch
 # bounds, so more than 65536 registers per threadgroup would fail to launch on the GPU machine.
-MODEL_LAUNCHES = [("add_rms_norm_route", moe.norm_router_sample, (T, 2880, E, 4)) for T in (1, 4) for E in (32, 128)] + [
-    ("linear_decode", dense.sample, (T, K, N)) for T in (1, 4) for K, N in ((2880, 5120), (4096, 2880))
-] + [
-    ("qkv_rope_decode", qkv.sample, (T, 2880, 80, 72, 64)) for T in (1, 4)
-] + [
-    (name, sample, (T, 2880, 2880, 32, 4))
-    for name, sample in (("moe_gate_up_swiglu", moe.gate_up_sample), ("moe_down_combine", moe.down_sample))
-    for T in (1, 4)
-]
+MODEL_LAUNCHES = [(name, shape) for name, shapes in MODEL_SHAPES.items() for shape in shapes]
 
 
 @pytest.mark.parametrize("launch,variant", [
     (launch, variant) for launch in MODEL_LAUNCHES for variant in moe.VARIANTS
     if variant == "base" or launch[0] in _variant_kernels(variant)
-], ids=lambda c: f"{c[0]}-{c[2]}" if isinstance(c, tuple) else c)
+], ids=lambda c: f"{c[0]}-{c[1]}" if isinstance(c, tuple) else c)
 def test_cuda_mirror_fits_a_threadgroups_registers(launch, variant, monkeypatch):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not found (the CUDA toolkit)")
-    name, sample, shape = launch
+    name, shape = launch
     monkeypatch.setattr(moe, "VARIANT", moe.VARIANTS[variant])
     spec = registry.REGISTRY[name]
-    plan = spec.plan(*sample(shape, mx.random.key(0), mx.bfloat16))
+    plan = spec.plan(*spec.sample(shape, mx.random.key(0), mx.bfloat16))
     registers, spilled = toolchain.cuda_registers(spec.kernel, plan, nvcc)
     threads = plan.threadgroup[0] * plan.threadgroup[1] * plan.threadgroup[2]
     assert registers * threads <= 65536, f"{registers} registers x {threads} threads"

@@ -57,6 +57,18 @@ SDPA_PREFILL_SHAPES = [(8, 2, 32, 12, 20, 8), (4, 2, 32, 24, 24, 16), (8, 2, 64,
                        (4, 2, 32, 7, 135, 128), (4, 2, 32, 10, 70, None), (16, 2, 64, 5, 40, 16)]
 
 
+# The model-sized launches of the kernels whose threadgroup is large or whose registers hold rows
+# (tests/test_kernels.py: their CUDA mirrors must fit a threadgroup's registers; scripts/
+# kernel_sass.py: their instruction mix): gpt-oss-20b and 120b (E 32 and 128) at one and four tokens.
+MODEL_SHAPES = {
+    "add_rms_norm_route": [(T, 2880, E, 4) for T in (1, 4) for E in (32, 128)],
+    "linear_decode": [(T, K, N) for T in (1, 4) for K, N in ((2880, 5120), (4096, 2880))],
+    "qkv_rope_decode": [(T, 2880, 80, 72, 64) for T in (1, 4)],
+    "moe_gate_up_swiglu": [(T, 2880, 2880, 32, 4) for T in (1, 4)],
+    "moe_down_combine": [(T, 2880, 2880, 32, 4) for T in (1, 4)],
+}
+
+
 def _seeded(shapes, seed):
     """Sample n gets the key ``seed + n``."""
     return [(shape, mx.random.key(seed + n)) for n, shape in enumerate(shapes)]

@@ -378,13 +378,21 @@ def cuda_mirror_source(kernel: Kernel, launch: Launch) -> str:
 def cuda_registers(kernel: Kernel, launch: Launch, nvcc: str, arch: str = "sm_90a") -> tuple[int, int]:
     """(registers per thread, bytes spilled) of the CUDA mirror, from ptxas. MLX declares no launch
     bounds, so a threadgroup whose threads need more than 65536 registers in all fails to launch."""
+    registers, spilled, _ = cuda_cubin(kernel, launch, nvcc, arch)
+    return registers, spilled
+
+
+def cuda_cubin(kernel: Kernel, launch: Launch, nvcc: str, arch: str = "sm_90a") -> tuple[int, int, bytes]:
+    """The CUDA mirror compiled by nvcc for ``arch``: (registers per thread, bytes spilled, the
+    cubin; nvdisasm shows its SASS)."""
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "kernel.cu"
+        src, cubin = Path(tmp) / "kernel.cu", Path(tmp) / "k.cubin"
         src.write_text(cuda_mirror_source(kernel, launch))
-        out = subprocess.run([nvcc, f"-arch={arch}", "-O3", "-cubin", "-Xptxas", "-v", "-o", str(Path(tmp) / "k.cubin"),
+        out = subprocess.run([nvcc, f"-arch={arch}", "-O3", "-cubin", "-Xptxas", "-v", "-o", str(cubin),
                               str(src)], capture_output=True, text=True, timeout=300)
-    if out.returncode:
-        raise ToolchainError(f"nvcc failed on kernel {kernel.name!r}:\n{out.stderr[-3000:]}")
+        if out.returncode:
+            raise ToolchainError(f"nvcc failed on kernel {kernel.name!r}:\n{out.stderr[-3000:]}")
+        binary = cubin.read_bytes()
     registers = re.search(r"Used (\d+) registers", out.stderr)
     spilled = re.search(r"(\d+) bytes spill stores", out.stderr)
-    return int(registers.group(1)), int(spilled.group(1)) if spilled else 0
+    return int(registers.group(1)), int(spilled.group(1)) if spilled else 0, binary
