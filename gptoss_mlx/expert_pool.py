@@ -321,7 +321,9 @@ class PoolStats:
 
     def summary(self) -> str:
         ahead = f", {self.guessed} read ahead ({self.guess_rate:.0%} chosen)" if self.guessed else ""
-        return (f"experts: hit rate {self.hit_rate:.1%}, {self.bytes_per_token / 1e6:.0f} MB read "
+        per_token = self.bytes_per_token  # a tiny model's experts are a few KB
+        read = f"{per_token / 1e6:.0f} MB" if per_token >= 1e6 else f"{per_token / 1e3:.0f} KB"
+        return (f"experts: hit rate {self.hit_rate:.1%}, {read} read "
                 f"per token, {self.read_s + self.migrate_s:.2f}s in reads "
                 f"({self.transfer_gbps:.1f} GB/s){ahead}")
 

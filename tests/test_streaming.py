@@ -320,6 +320,8 @@ def test_the_pool_counts_hits_misses_and_bytes(checkpoints):
     assert (pool.stats.hits, pool.stats.misses, pool.stats.bytes_read) == (4, 12, 12 * per_expert)
     assert (pool.slot_of >= 0).sum() == 8 and (pool.slot_of[2, :4] >= 0).all()
     assert "hit rate 25.0%" in pool.stats.summary()
+    # a tiny model's experts are a few KB: the bytes per token in KB, not "0 MB"
+    assert f"{pool.stats.bytes_per_token / 1e3:.0f} KB read per token" in pool.stats.summary()
     recent = pool.stats.since(earlier)  # what one request did
     assert (recent.tokens, recent.hits, recent.misses, recent.bytes_read) == (0, 0, 8, 8 * per_expert)
     assert recent.hit_rate == 0.0 and recent.read_s > 0

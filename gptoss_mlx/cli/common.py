@@ -95,8 +95,8 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
                         "on a Mac Metal's recommended working set); the plan keeps everything "
                         "resident, quantizes the dense layers, or streams experts to stay inside")
     p.add_argument("--dense-bits", type=int, choices=DENSE_BITS, default=None,
-                   help="dense layers (attention, router, embeddings) in bf16 (16) or quantized "
-                        "to 8 or 4 bits at load (default: the memory plan's choice)")
+                   help="dense layers (attention, embeddings) in bf16 (16) or quantized to 8 or 4 "
+                        "bits at load; the router stays bf16 (default: the memory plan's choice)")
     p.add_argument("--no-memory-check", action="store_true",
                    help="load everything resident, whatever the memory estimate says")
 

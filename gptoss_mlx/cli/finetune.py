@@ -60,7 +60,7 @@ def register(sub) -> None:
     train.add_argument("--grad-checkpoint", action="store_const", const=True,
                        help="recompute each layer in the backward pass: less memory, ~30%% slower")
     train.add_argument("--dense-bits", type=int, choices=[8, 4],
-                       help="quantize attention, router and embeddings at load (less memory)")
+                       help="quantize attention and embeddings at load (less memory; the router stays bf16)")
     report = p.add_argument_group("reporting and saving")
     report.add_argument("--steps-per-report", type=positive_int, help=f"default {DEFAULTS.steps_per_report}")
     report.add_argument("--steps-per-eval", type=positive_int,

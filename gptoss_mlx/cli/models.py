@@ -44,8 +44,8 @@ def register(sub) -> None:
     q.set_defaults(func=cmd_rm)
 
     q = models.add_parser("convert", help="save a checkpoint with quantized dense layers",
-                          description="Quantize attention, router and embeddings once and save "
-                                      "the result (experts stay MXFP4), so loading it needs "
+                          description="Quantize attention and embeddings once and save the result "
+                                      "(experts stay MXFP4, the router bf16), so loading it needs "
                                       "no --dense-bits and less memory while loading.")
     q.add_argument("src", help="checkpoint directory or Hugging Face repo id")
     q.add_argument("out", type=Path, help="new directory for the converted checkpoint")
