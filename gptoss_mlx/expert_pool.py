@@ -108,6 +108,27 @@ class ExpertSource:
         self._address = {file: int(b.ctypes.data) for file, b in self._bytes.items()}
         weakref.finalize(self, lambda fds: [os.close(fd) for fd in fds], list(self._fds.values()))
 
+    def first_not_finite(self, experts: int, samples: int) -> tuple[int, str] | None:
+        """The first (layer, name) whose strided sample of ``samples`` values over all ``experts``
+        holds NaN or Inf (the biases) or E8M0 scale 255, NaN (the scales); None if every sample
+        is clean. The packed E2M1 weights need none: each of their codes is a number. The same
+        check as the resident load's (loading._check_finite_sample), read from the mapped files."""
+        for (layer, name), t in self.tensors.items():
+            if name.endswith(".weight"):
+                continue
+            raw = self._bytes[t.file][t.offset: t.offset + experts * t.expert_bytes]
+            if t.dtype == mx.uint8:
+                values = raw[:: max(1, raw.size // samples)]
+                bad = values == 255
+            else:  # 16-bit floats by their exponent bits; float32 as it is
+                bits = raw.view(np.uint16 if t.dtype.size == 2 else np.float32)
+                values = bits[:: max(1, bits.size // samples)]
+                exponent = {mx.bfloat16: 0x7F80, mx.float16: 0x7C00}.get(t.dtype)
+                bad = (values & exponent) == exponent if exponent else ~np.isfinite(values)
+            if bad.any():
+                return layer, name
+        return None
+
     def pin(self, driver: CudaDriver, budget: int) -> int:
         """Page-lock whole files for ``driver``'s DMA, in order, while their sizes stay within
         ``budget`` bytes (reading them in now if the page cache lacks them); the bytes locked.
@@ -493,6 +514,10 @@ class ExpertPool:
             self.clock += 1
             self.score *= self.decay
         needed = _distinct(ids)
+        if len(needed) and needed[-1] >= self.slot_of.shape[1]:  # (sorted) never from MLX's top-k
+            raise ValueError(f"layer {layer} routed a token to expert {needed[-1]} of "
+                             f"{self.slot_of.shape[1]}: its activations are not finite (corrupt "
+                             "weights, or float16 overflow)")
         if self._guessed[0] == layer:
             self.stats.guessed_used += len(self._guessed[1].intersection(needed.tolist()))
             self._guessed = (-1, frozenset())
@@ -516,6 +541,7 @@ class ExpertPool:
     def _read_ahead(self, layer: int, guessed: np.ndarray, protect: np.ndarray) -> None:
         """Start reading the guessed experts of ``layer`` that the pool lacks, without waiting
         (the next :meth:`fetch` does). ``protect``: the slots this step computes with."""
+        guessed = guessed[guessed < self.slot_of.shape[1]]  # a guess is only a hint
         present = self.slot_of[layer, guessed]
         protect = _distinct(np.concatenate([protect, present[present >= 0]]))
         missing = guessed[present < 0][: self.slots - len(protect)]  # never evicting what is protected

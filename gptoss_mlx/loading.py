@@ -553,7 +553,13 @@ def _stream_experts(model: Model, plan, infos: dict[str, TensorInfo], slots: int
             info = infos[source]
             tensors[i, name] = ExpertTensor(info.file, info.offset, _SAFETENSORS_DTYPES[info.dtype],
                                              info.shape[1:])
-    model.expert_pool = ExpertPool(model.config, ExpertSource(tensors), slots, dtype)
+    source = ExpertSource(tensors)
+    bad = source.first_not_finite(model.config.num_local_experts, FINITE_SAMPLE)
+    if bad is not None:  # as the resident load refuses it (_check_finite_sample)
+        src = plan[f"layers.{bad[0]}.mlp.experts.{bad[1]}"][0]
+        raise CheckpointError(f"{infos[src].file}: tensor {src} holds NaN or infinite values; the "
+                              "checkpoint is corrupt")
+    model.expert_pool = ExpertPool(model.config, source, slots, dtype)
     for i, layer in enumerate(model.layers):  # its parameters leave the model: never loaded
         following = model.layers[i + 1] if i + 1 < len(model.layers) else None
         layer.mlp.experts = model.expert_pool.layer(i, following)

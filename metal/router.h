@@ -55,7 +55,10 @@ METAL_FUNC void select_top_k(thread float* slot, uint lane, device uint32_t* ind
       }
     }
     if (lane == 0) {
-      indices[j] = winner;
+      // No logit above -inf left (a NaN row: NaN > x is false) leaves winner = E, one past the
+      // last expert, which the expert kernels and the pool would index with: expert j instead
+      // (the weights come out NaN, so the outputs do, as on MLX's path).
+      indices[j] = winner < E ? winner : j;
     }
   }
   if (lane == 0) {

@@ -146,6 +146,23 @@ def test_the_gate_up_kernel_keeps_a_nan_activation_nan(cxx):
     assert registry.max_error([act], spec.expected(x, *rest)) <= registry.tolerance(mx.float32)
 
 
+@pytest.mark.parametrize("name", ["moe_router", "add_rms_norm_route"])
+def test_a_nan_row_routes_to_experts_that_exist(cxx, name):
+    """A token whose activations are NaN (float16 overflow, corrupt weights) has no logit above
+    -inf: the top-k once returned expert E, one past the last, which the expert kernels read
+    out of bounds and the streamed pool indexed with (IndexError). Now ids stay below E, the
+    weights NaN (so the outputs are, as on MLX's path), and the other tokens route as before."""
+    spec = registry.REGISTRY[name]
+    args = list(spec.sample((2, 64, 8, 4), mx.random.key(3), mx.float32))
+    args[0] = mx.concatenate([mx.full((1, 64), float("nan")), args[0][1:]])
+    *_, indices, weights = toolchain.emulate(spec.kernel, spec.plan(*args))
+    *_, ref_indices, ref_weights = spec.expected(*args)
+    assert (np.array(indices) < 8).all(), np.array(indices)
+    assert mx.isnan(weights[0]).all().item()
+    assert sorted(np.array(indices[1]).tolist()) == sorted(np.array(ref_indices[1]).tolist())
+    assert mx.allclose(mx.sort(weights[1]), mx.sort(ref_weights[1].astype(mx.float32)), atol=1e-6).item()
+
+
 # The model-sized launches (gpt-oss-20b and 120b at one and four tokens) of every kernel whose
 # threadgroup is large or whose registers hold rows: MLX compiles CUDA kernels without launch
 # bounds, so more than 65536 registers per threadgroup would fail to launch on the GPU machine.

@@ -2,6 +2,7 @@
 resident model computes, counts what it reads, and the memory plan chooses it only when needed."""
 
 import ctypes
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -726,3 +727,38 @@ def test_a_prefill_chunk_copies_one_projection_of_the_layer_at_a_time(tmp_path):
     got, view_peak = peak(lambda: pool.view(0)(x, indices))
     assert mx.array_equal(got, expected).item()
     assert view_peak - resident_peak <= 1.05 * view_bytes(config)
+
+
+def test_an_expert_id_past_the_last_is_one_clear_error_and_a_guess_past_it_is_dropped(checkpoints):
+    """Ids of E or more (a top-k over NaN logits once gave E) named in one error, not an
+    IndexError from the pool's tables; the same in a guess is only a hint, dropped."""
+    model = streamed(checkpoints["hf"], 8)  # 4 layers x 8 experts, 8 slots
+    pool = model.expert_pool
+    with pytest.raises(ValueError, match="routed a token to expert 8 of 8: its activations are not finite"):
+        pool.fetch(0, mx.array([[0, 1, 2, 8]]))
+    slots = pool.fetch(0, mx.array([[0, 1, 2, 3]]), guess=mx.array([[8, 9, 4, 5]]))
+    assert np.array_equal(np.array(slots), pool.slot_of[0][[[0, 1, 2, 3]]])
+    pool._wait_for_copies()
+    assert (pool.slot_of[1, [4, 5]] >= 0).all()  # the guesses that exist were read ahead
+
+
+@pytest.mark.parametrize("tensor,value", [("model.layers.1.mlp.experts.down_proj_bias", float("nan")),
+                                          ("model.layers.2.mlp.experts.gate_up_proj_scales", 255)])
+def test_a_corrupt_expert_is_refused_at_load_when_streamed_as_when_resident(checkpoints, tmp_path, tensor, value):
+    """NaN biases and E8M0 scale 255 in experts that stream: one error naming file and tensor at
+    load, as the resident load gives (its check samples only what is resident), not NaN logits
+    later that name nothing."""
+    directory = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["hf"], directory, ignore=shutil.ignore_patterns("original"))
+    file = next(f for f in sorted(directory.glob("*.safetensors")) if tensor in mx.load(str(f)))
+    tensors = mx.load(str(file))
+    flat = tensors[tensor].reshape(-1)
+    flat = mx.concatenate([flat[:5], mx.full((1,), value, flat.dtype), flat[6:]])  # expert 0, one value
+    tensors[tensor] = flat.reshape(tensors[tensor].shape)
+    mx.save_safetensors(str(file), tensors, metadata={"format": "pt"})
+    message = f"{file}: tensor {tensor} holds NaN or infinite values; the checkpoint is corrupt"
+    with pytest.raises(CheckpointError) as resident:
+        load_model(directory)
+    with pytest.raises(CheckpointError) as streaming:
+        streamed(directory, 8)
+    assert str(resident.value) == str(streaming.value) == message
