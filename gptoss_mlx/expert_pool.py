@@ -166,8 +166,9 @@ class ExpertSource:
             t = self.tensors[layer, name]
             if t.file not in sizes:
                 sizes[t.file] = self._maps[t.file].size()  # the file's size now (fstat)
-            if sizes[t.file] < t.offset + (last + 1) * t.expert_bytes:
-                raise self._cut(layer, name, last)
+            if sizes[t.file] < t.offset + (last + 1) * t.expert_bytes:  # name the first one cut off
+                raise self._cut(layer, name, min(e for e in experts
+                                                 if sizes[t.file] < t.offset + (e + 1) * t.expert_bytes))
             out.append((self._address[t.file] + t.offset, t.expert_bytes))
         return out
 
