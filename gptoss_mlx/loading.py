@@ -719,7 +719,8 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
     context = min(max_context or DEFAULT_CONTEXT, config.max_position_embeddings)
     distributed = group is not None and group.size() > 1
     share = share_config(config, group.size(), sharding) if distributed else config
-    memory_plan = choose_plan(share, context, checkpoint_dense_bits(config, dense_bits), memory_limit)
+    memory_plan = choose_plan(share, context, checkpoint_dense_bits(config, dense_bits), memory_limit,
+                              value_bytes=dtype.size)
     if (directory / FUSED_EXPERT_ADAPTER).is_dir():
         if adapter is not None:
             raise CheckpointError(f"{directory} is a fused checkpoint with its own expert adapter; "

@@ -15,6 +15,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 
@@ -77,10 +78,12 @@ def device_limit() -> tuple[float, str]:
 
 # ---- sizes -------------------------------------------------------------------------------------
 
-def _dense_bytes(n_params: int, dense_bits: int) -> float:
+def _dense_bytes(n_params: int, dense_bits: int, value_bytes: int = 2) -> float:
+    """``n_params`` weights unquantized (``value_bytes`` each: bf16, or float32 for a float32
+    model) or affine-quantized to ``dense_bits`` with a scale and a bias of that width per group."""
     if dense_bits == 16:
-        return 2.0 * n_params  # bf16
-    return n_params * (dense_bits + 32 / AFFINE_GROUP) / 8  # + fp16 scale and bias per group
+        return float(value_bytes) * n_params
+    return n_params * (dense_bits + 2 * 8 * value_bytes / AFFINE_GROUP) / 8
 
 
 def _projection_bytes(rows: int, cols: int) -> float:
@@ -101,15 +104,16 @@ def view_bytes(config: ModelConfig) -> float:
     return config.num_local_experts * _projection_bytes(2 * config.intermediate_size, config.hidden_size)
 
 
-def dense_bytes(config: ModelConfig, dense_bits: int = 16) -> float:
-    """Everything but the experts: attention, router, norms, sinks, embedding and unembedding."""
+def dense_bytes(config: ModelConfig, dense_bits: int = 16, value_bytes: int = 2) -> float:
+    """Everything but the experts: attention, router, norms, sinks, embedding and unembedding.
+    ``value_bytes``: the model's float width (2: bfloat16 or float16, 4: float32)."""
     D, E = config.hidden_size, config.num_local_experts
     H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     attn_weights = D * H * hd * 2 + D * KV * hd * 2
-    attn_other = (H * hd + 2 * KV * hd + D + H) * 2 + 2 * D * 4  # biases, sinks, fp32 norms
-    router = (E * D + E) * 2  # bf16 at any dense_bits (loading.quantize_dense)
-    per_layer = _dense_bytes(attn_weights, dense_bits) + attn_other + router
-    embed = _dense_bytes(2 * config.vocab_size * D, dense_bits)
+    attn_other = (H * hd + 2 * KV * hd + D + H) * value_bytes + 2 * D * 4  # biases, sinks, fp32 norms
+    router = (E * D + E) * value_bytes  # unquantized at any dense_bits (loading.quantize_dense)
+    per_layer = _dense_bytes(attn_weights, dense_bits, value_bytes) + attn_other + router
+    embed = _dense_bytes(2 * config.vocab_size * D, dense_bits, value_bytes)
     return config.num_hidden_layers * per_layer + embed + D * 4
 
 
@@ -184,27 +188,28 @@ def resolve_limit(limit: float | str | None = None) -> tuple[float, str]:
     return limit, "--memory-limit" if math.isfinite(limit) else "memory not checked"
 
 
-def _arrange(config, context, bits, slots, limit, source) -> MemoryPlan:
+def _arrange(config, context, bits, slots, limit, source, value_bytes=2) -> MemoryPlan:
     n = total_experts(config)
     slots = min(slots, n)
     # Streamed, a prefill chunk's gather reads a layer's experts from a copy in expert order
     # (ExpertPool.view), one projection at a time: that much more working memory.
     working = WORKING_BYTES + (view_bytes(config) if slots < n else 0)
-    return MemoryPlan(bits, slots, n, dense_bytes(config, bits), slots * expert_bytes(config),
-                      kv_cache_bytes(config, context), working, limit, source)
+    return MemoryPlan(bits, slots, n, dense_bytes(config, bits, value_bytes), slots * expert_bytes(config),
+                      kv_cache_bytes(config, context, value_bytes), working, limit, source)
 
 
 def plan(config: ModelConfig, context: int, dense_bits: int | None = None,
-         limit: float | str | None = None, expert_slots: int | None = None) -> MemoryPlan:
-    """One arrangement: dense layers at ``dense_bits`` (None: bf16), ``expert_slots`` experts on
-    the GPU (None: all of them)."""
+         limit: float | str | None = None, expert_slots: int | None = None,
+         value_bytes: int = 2) -> MemoryPlan:
+    """One arrangement: dense layers at ``dense_bits`` (None: unquantized), ``expert_slots``
+    experts on the GPU (None: all of them); ``value_bytes`` the model's float width (4: float32)."""
     limit, source = resolve_limit(limit)
     slots = total_experts(config) if expert_slots is None else expert_slots
-    return _arrange(config, context, dense_bits or 16, slots, limit, source)
+    return _arrange(config, context, dense_bits or 16, slots, limit, source, value_bytes)
 
 
 def choose_plan(config: ModelConfig, context: int, dense_bits: int | None = None,
-                limit: float | str | None = None) -> MemoryPlan:
+                limit: float | str | None = None, value_bytes: int = 2) -> MemoryPlan:
     """The first arrangement that fits: everything resident with bf16, 8-bit, then 4-bit dense
     layers, then experts streamed (4-bit dense layers, the largest pool that fits).
     ``dense_bits`` fixes the dense precision. The pool holds at least one layer's experts (a
@@ -213,19 +218,20 @@ def choose_plan(config: ModelConfig, context: int, dense_bits: int | None = None
     limit, source = resolve_limit(limit)
     ladder = DENSE_BITS if dense_bits is None else (dense_bits,)
     n = total_experts(config)
+    arrange = partial(_arrange, value_bytes=value_bytes)  # float32 models: twice the dense bytes
     for bits in ladder:
-        p = _arrange(config, context, bits, n, limit, source)
+        p = arrange(config, context, bits, n, limit, source)
         if p.fits:
             return p
     bits = ladder[-1]
-    without_experts = _arrange(config, context, bits, 0, limit, source)
+    without_experts = arrange(config, context, bits, 0, limit, source)
     slots = math.floor((limit - without_experts.total) / expert_bytes(config))
     if slots >= config.num_local_experts:
-        return _arrange(config, context, bits, slots, limit, source)
-    smallest = _arrange(config, context, bits, config.num_local_experts, limit, source)
+        return arrange(config, context, bits, slots, limit, source)
+    smallest = arrange(config, context, bits, config.num_local_experts, limit, source)
     need = math.ceil(smallest.total / GB * 10) / 10
     fix = f"pass --memory-limit {need}GB or more" if source == "--memory-limit" else "use a Mac with more memory"
-    shorter = _arrange(config, 4096, bits, config.num_local_experts, limit, source)
+    shorter = arrange(config, 4096, bits, config.num_local_experts, limit, source)
     if context > 4096 and shorter.fits:
         fix += ", or a shorter --max-context (4096 fits)"
     raise MemoryPlanError(

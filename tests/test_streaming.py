@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,8 +18,8 @@ from gptoss_mlx.config import GPT_OSS_20B, GPT_OSS_120B
 from gptoss_mlx.generate import Engine, SamplingParams
 from gptoss_mlx.loading import CheckpointError, load_model, read_config
 from gptoss_mlx.memory import (
-    DEVICE_MEMORY_ENV, GB, MemoryPlanError, choose_plan, device_limit, expert_bytes, parse_size, plan,
-    view_bytes,
+    DEVICE_MEMORY_ENV, GB, MemoryPlanError, choose_plan, dense_bytes, device_limit, expert_bytes, parse_size,
+    plan, view_bytes,
 )
 
 PROMPT = [(37 * t + 11) % 500 for t in range(45)]
@@ -762,3 +763,15 @@ def test_a_corrupt_expert_is_refused_at_load_when_streamed_as_when_resident(chec
     with pytest.raises(CheckpointError) as streaming:
         streamed(directory, 8)
     assert str(resident.value) == str(streaming.value) == message
+
+
+@pytest.mark.parametrize("dtype,bits", [(mx.bfloat16, 16), (mx.float32, 16), (mx.float32, 4), (mx.bfloat16, 4)])
+def test_the_plan_counts_the_dense_layers_at_the_models_own_width(checkpoints, dtype, bits):
+    """A float32 model's dense layers (and their quantization's scales and biases) take twice a
+    bfloat16 one's bytes: the plan counted bf16 for both, so a float32 load could pass a limit
+    it then overran. Planned against what the loaded model holds (the norms are float32 in the
+    model, counted so; the plan is within 2%)."""
+    model = load_model(checkpoints["hf"], dtype, dense_bits=None if bits == 16 else bits)
+    held = sum(v.nbytes for k, v in nn.utils.tree_flatten(model.parameters()) if ".experts." not in k)
+    planned = dense_bytes(model.config, bits, dtype.size)
+    assert abs(planned - held) <= 0.02 * held, (planned, held)
