@@ -108,26 +108,22 @@ class ExpertSource:
         self._address = {file: int(b.ctypes.data) for file, b in self._bytes.items()}
         weakref.finalize(self, lambda fds: [os.close(fd) for fd in fds], list(self._fds.values()))
 
-    def first_not_finite(self, experts: int, samples: int) -> tuple[int, str] | None:
-        """The first (layer, name) whose strided sample of ``samples`` values over all ``experts``
-        holds NaN or Inf (the biases) or E8M0 scale 255, NaN (the scales); None if every sample
-        is clean. The packed E2M1 weights need none: each of their codes is a number. The same
-        check as the resident load's (loading._check_finite_sample), read from the mapped files."""
+    def samples(self, experts: int, count: int, runs: int = 16) -> dict[str, mx.array]:
+        """About ``count`` values of each layer's expert biases and scales as stored, in ``runs``
+        contiguous runs spread over all ``experts`` (a few pages of each file read, not every
+        page), by the model's parameter name: for the finite check every load makes
+        (loading._check_finite_sample). The packed E2M1 weights need none: every code is a number."""
+        out = {}
         for (layer, name), t in self.tensors.items():
             if name.endswith(".weight"):
                 continue
-            raw = self._bytes[t.file][t.offset: t.offset + experts * t.expert_bytes]
-            if t.dtype == mx.uint8:
-                values = raw[:: max(1, raw.size // samples)]
-                bad = values == 255
-            else:  # 16-bit floats by their exponent bits; float32 as it is
-                bits = raw.view(np.uint16 if t.dtype.size == 2 else np.float32)
-                values = bits[:: max(1, bits.size // samples)]
-                exponent = {mx.bfloat16: 0x7F80, mx.float16: 0x7C00}.get(t.dtype)
-                bad = (values & exponent) == exponent if exponent else ~np.isfinite(values)
-            if bad.any():
-                return layer, name
-        return None
+            n = experts * t.expert_bytes // t.dtype.size
+            raw = self._bytes[t.file][t.offset: t.offset + n * t.dtype.size]
+            values = raw.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[t.dtype.size])
+            run = max(1, count // runs)
+            picked = np.concatenate([values[i: i + run] for i in np.linspace(0, max(0, n - run), runs, dtype=int)])
+            out[f"layers.{layer}.mlp.experts.{name}"] = mx.array(picked).view(t.dtype)
+        return out
 
     def pin(self, driver: CudaDriver, budget: int) -> int:
         """Page-lock whole files for ``driver``'s DMA, in order, while their sizes stay within

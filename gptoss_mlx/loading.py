@@ -553,13 +553,7 @@ def _stream_experts(model: Model, plan, infos: dict[str, TensorInfo], slots: int
             info = infos[source]
             tensors[i, name] = ExpertTensor(info.file, info.offset, _SAFETENSORS_DTYPES[info.dtype],
                                              info.shape[1:])
-    source = ExpertSource(tensors)
-    bad = source.first_not_finite(model.config.num_local_experts, FINITE_SAMPLE)
-    if bad is not None:  # as the resident load refuses it (_check_finite_sample)
-        src = plan[f"layers.{bad[0]}.mlp.experts.{bad[1]}"][0]
-        raise CheckpointError(f"{infos[src].file}: tensor {src} holds NaN or infinite values; the "
-                              "checkpoint is corrupt")
-    model.expert_pool = ExpertPool(model.config, source, slots, dtype)
+    model.expert_pool = ExpertPool(model.config, ExpertSource(tensors), slots, dtype)
     for i, layer in enumerate(model.layers):  # its parameters leave the model: never loaded
         following = model.layers[i + 1] if i + 1 < len(model.layers) else None
         layer.mlp.experts = model.expert_pool.layer(i, following)
@@ -619,7 +613,9 @@ def load_model(directory: str | Path, dtype: mx.Dtype = mx.bfloat16, dense_bits:
                 model.lm_head.parameters() if model.lm_head is not None else [])
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{weights_dir}: reading the weights failed ({e})") from None
-    _check_finite_sample(model, origin, infos)
+    streamed = {} if model.expert_pool is None else model.expert_pool.source.samples(
+        config.num_local_experts, FINITE_SAMPLE)  # the experts' biases and scales, from the files
+    _check_finite_sample(model, origin, infos, streamed)
     model.eval()
     return model
 
@@ -639,12 +635,14 @@ def _check_weight_map(weight_map: dict[str, Path] | None, infos: dict[str, Tenso
                                   f"lists {name}, which {file.name} does not hold")
 
 
-def _check_finite_sample(model: Model, origin: dict, infos: dict[str, TensorInfo]) -> None:
+def _check_finite_sample(model: Model, origin: dict, infos: dict[str, TensorInfo],
+                         streamed: dict[str, mx.array]) -> None:
     """NaN/Inf in a strided sample of every weight (FINITE_SAMPLE values each), and E8M0 scale
-    255 (NaN) in MXFP4 scales. One small evaluation over all samples together; only when it
-    fails are the tensors looked at one by one, to name the culprit."""
+    255 (NaN) in MXFP4 scales; ``streamed``: samples of tensors the model does not hold (the
+    streamed experts', ExpertSource.samples) by parameter name. One small evaluation over all
+    samples together; only when it fails are the tensors looked at one by one, to name the culprit."""
     samples = {}
-    for name, param in nn.utils.tree_flatten(model.parameters()):
+    for name, param in [*nn.utils.tree_flatten(model.parameters()), *streamed.items()]:
         flat = param.reshape(-1)
         sample = flat[:: max(1, flat.size // FINITE_SAMPLE)]
         if mx.issubdtype(param.dtype, mx.floating):
