@@ -91,7 +91,7 @@ class ExpertSource:
     """Reads single experts from the checkpoint's files: by ``pread`` into the caller's memory
     (:meth:`read_into`: a file cut short meanwhile gives a short read, where a copy out of a
     mapping would die of SIGBUS), or, for the CUDA driver's DMA, from the files memory-mapped
-    once each (:meth:`span`)."""
+    once each (:meth:`spans`)."""
 
     def __init__(self, tensors: dict[tuple[int, str], ExpertTensor]):
         self.tensors = tensors  # (layer, one of EXPERT_TENSORS) -> where
@@ -107,6 +107,11 @@ class ExpertSource:
                 self._fds[t.file] = os.open(t.file, os.O_RDONLY)
         self._address = {file: int(b.ctypes.data) for file, b in self._bytes.items()}
         weakref.finalize(self, lambda fds: [os.close(fd) for fd in fds], list(self._fds.values()))
+
+    @property
+    def directory(self) -> Path:
+        """Where the files lie (the checkpoint's directory, or its ``original/``)."""
+        return next(iter(self._maps)).parent
 
     def samples(self, experts: int, count: int, runs: int = 16) -> dict[str, mx.array]:
         """About ``count`` values of each layer's expert biases and scales as stored, in ``runs``

@@ -39,6 +39,18 @@ class NonFiniteLogitsError(ValueError):
     """The model computed NaN or infinite logits (corrupt weights, or float16 overflow)."""
 
 
+def non_finite_message(model) -> str:
+    """What NonFiniteLogitsError says: a streamed model also names where its experts are read
+    from as it runs (files changed after loading are read as they are now)."""
+    message = ("the model computed NaN or infinite logits: its weights are corrupt, or float16 "
+               "overflowed (use bfloat16 or float32)")
+    pool = getattr(model, "expert_pool", None)
+    if pool is not None:
+        message += (f"; its experts are read from {pool.source.directory} while it runs: if those "
+                    "files changed after it was loaded, load it again")
+    return message
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0  # OpenAI's recommendation for gpt-oss: temperature 1, top_p 1
@@ -423,7 +435,6 @@ class Prefill:
                 return None
         logits = forward(model, pc, self.prompt[-1:])
         if not mx.isfinite(logits).all().item():
-            raise NonFiniteLogitsError("the model computed NaN or infinite logits: its weights are "
-                                       "corrupt, or float16 overflowed (use bfloat16 or float32)")
+            raise NonFiniteLogitsError(non_finite_message(model))
         pc.take_snapshot()
         return logits

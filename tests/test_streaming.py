@@ -765,6 +765,29 @@ def test_a_corrupt_expert_is_refused_at_load_when_streamed_as_when_resident(chec
     assert str(resident.value) == str(streaming.value) == message
 
 
+def test_experts_damaged_after_a_streamed_load_are_an_error_naming_where_they_are_read(checkpoints, tmp_path):
+    """Files rewritten in place after loading (same size: no cut to notice) are read as they are
+    now: NaN biases give NaN logits, and the error says the experts are read from that
+    directory as the model runs, where a resident model's could only blame its weights."""
+    from gptoss_mlx.generate import NonFiniteLogitsError
+
+    directory = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["hf"], directory, ignore=shutil.ignore_patterns("original"))
+    model = streamed(directory, 8)
+    engine = Engine(model)
+    list(engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=2), stop_tokens=frozenset()))
+    for (layer, name), t in model.expert_pool.source.tensors.items():
+        if name.endswith(".bias"):  # every expert's, in place: bf16 NaN
+            n = model.config.num_local_experts * t.expert_bytes
+            with open(t.file, "r+b") as f:
+                f.seek(t.offset)
+                f.write(b"\xc0\x7f" * (n // 2))
+    with pytest.raises(NonFiniteLogitsError) as error:
+        list(engine.generate(PROMPT[::-1], SamplingParams(temperature=0, max_tokens=2), stop_tokens=frozenset()))
+    assert str(error.value).endswith(f"its experts are read from {directory} while it runs: if those files "
+                                     "changed after it was loaded, load it again")
+
+
 @pytest.mark.parametrize("dtype,bits", [(mx.bfloat16, 16), (mx.float32, 16), (mx.float32, 4), (mx.bfloat16, 4)])
 def test_the_plan_counts_the_dense_layers_at_the_models_own_width(checkpoints, dtype, bits):
     """A float32 model's dense layers (and their quantization's scales and biases) take twice a
