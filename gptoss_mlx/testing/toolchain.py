@@ -5,7 +5,7 @@
   without Metal.
 - :func:`check_metal_syntax` — type-checks that source with clang against metal/msl_check.h.
 - :func:`emulate` — compiles the same source as C++ against metal/msl_emulate.h and runs it on
-  the CPU (real threads, real barriers, 32-lane simdgroups) on NumPy inputs.
+  the CPU (one fiber per kernel thread, real barriers, 32-lane simdgroups) on NumPy inputs.
 
 Development and CI tooling (tests/test_kernels.py): the library never imports it, and never
 needs a C++ compiler.
