@@ -43,6 +43,7 @@ into device memory they run side by side: docs/measurements.md.)
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import math
 import mmap
 import os
@@ -60,6 +61,7 @@ import numpy as np
 from . import kernels, ops
 from .config import ModelConfig
 from .files import CheckpointError
+from .generate import NonFiniteLogitsError
 from .kernels import fused_fits
 from .model import SORTED_GATHER_ROWS, Experts
 
@@ -106,6 +108,10 @@ class ExpertSource:
                 self._bytes[t.file] = np.frombuffer(self._maps[t.file], dtype=np.uint8)
                 self._fds[t.file] = os.open(t.file, os.O_RDONLY)
         self._address = {file: int(b.ctypes.data) for file, b in self._bytes.items()}
+        # (modification time, size) as loaded: a file rewritten in place later (same inode, as
+        # `cp` over it does) would feed new experts to the layers loaded from the old one
+        self._stamps = {file: _stamp(fd) for file, fd in self._fds.items()}
+        self._sampled = None  # (experts, count, runs, digest) of the load's finite-check sample
         weakref.finalize(self, lambda fds: [os.close(fd) for fd in fds], list(self._fds.values()))
 
     @property
@@ -117,7 +123,15 @@ class ExpertSource:
         """About ``count`` values of each layer's expert biases and scales as stored, in ``runs``
         contiguous runs spread over all ``experts`` (a few pages of each file read, not every
         page), by the model's parameter name: for the finite check every load makes
-        (loading._check_finite_sample). The packed E2M1 weights need none: every code is a number."""
+        (loading._check_finite_sample). The packed E2M1 weights need none: every code is a number.
+        The first call's values are also what :meth:`check_unchanged` compares against."""
+        picks = self._picks(experts, count, runs)
+        if self._sampled is None:
+            self._sampled = (experts, count, runs, _digest(picks))
+        return {f"layers.{layer}.mlp.experts.{name}": mx.array(picked).view(self.tensors[layer, name].dtype)
+                for (layer, name), picked in picks.items()}
+
+    def _picks(self, experts: int, count: int, runs: int) -> dict[tuple[int, str], np.ndarray]:
         out = {}
         for (layer, name), t in self.tensors.items():
             if name.endswith(".weight"):
@@ -126,8 +140,8 @@ class ExpertSource:
             raw = self._bytes[t.file][t.offset: t.offset + n * t.dtype.size]
             values = raw.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[t.dtype.size])
             run = max(1, count // runs)
-            picked = np.concatenate([values[i: i + run] for i in np.linspace(0, max(0, n - run), runs, dtype=int)])
-            out[f"layers.{layer}.mlp.experts.{name}"] = mx.array(picked).view(t.dtype)
+            out[layer, name] = np.concatenate([values[i: i + run]
+                                               for i in np.linspace(0, max(0, n - run), runs, dtype=int)])
         return out
 
     def pin(self, driver: CudaDriver, budget: int) -> int:
@@ -156,6 +170,28 @@ class ExpertSource:
                 start = t.offset + int(e) * t.expert_bytes
                 aligned = start - start % mmap.PAGESIZE
                 self._maps[t.file].madvise(mmap.MADV_WILLNEED, aligned, start + t.expert_bytes - aligned)
+
+    def check_unchanged(self, layer: int) -> None:
+        """Raise CheckpointError if a file ``layer``'s experts are read from was rewritten since
+        loading (one ``fstat`` per file, once per batch of copies): its modification time moved,
+        and the load's sample of the experts' biases and scales (:meth:`samples`) now reads
+        differently. The same bytes written back (a restored file) go on. A file replaced by a
+        new one (``mv``, a new download) is not rewritten: the open descriptors and mappings keep
+        the old bytes."""
+        for file in {self.tensors[layer, name].file for name in EXPERT_TENSORS}:
+            stamp = _stamp(self._fds[file])
+            if stamp == self._stamps[file]:
+                continue
+            if stamp[1] < self._stamps[file][1]:
+                change = f"was cut to {stamp[1]} bytes"
+            elif self._sampled is not None and _digest(self._picks(*self._sampled[:3])) == self._sampled[3]:
+                self._stamps[file] = stamp  # the same bytes as at loading, where the sample reads
+                continue
+            else:
+                change = "was rewritten in place"
+            raise CheckpointError(f"{file}: the file {change} after the model was loaded, and the "
+                                  "model reads its experts from it as it runs: restore the checkpoint "
+                                  "and load it again")
 
     def spans(self, layer: int, experts: list[int]) -> list[tuple[int, int]]:
         """For each of EXPERT_TENSORS, (address of expert 0's bytes in the mapped file, bytes per
@@ -200,6 +236,19 @@ class ExpertSource:
         return CheckpointError(f"{file}: the file was cut to {os.fstat(self._fds[file]).st_size} bytes "
                                f"while the model was using it (expert {expert} of layer {layer} lies past "
                                "its end): restore the checkpoint and load it again")
+
+
+def _digest(picks: dict[tuple[int, str], np.ndarray]) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(picks):
+        digest.update(picks[key].tobytes())
+    return digest.digest()
+
+
+def _stamp(fd: int) -> tuple[int, int]:
+    """(modification time in ns, size) of an open file."""
+    st = os.fstat(fd)
+    return st.st_mtime_ns, st.st_size
 
 
 def host_view(array: mx.array) -> np.ndarray:
@@ -517,7 +566,7 @@ class ExpertPool:
             self.score *= self.decay
         needed = _distinct(ids)
         if len(needed) and needed[-1] >= self.slot_of.shape[1]:  # (sorted) never from MLX's top-k
-            raise ValueError(f"layer {layer} routed a token to expert {needed[-1]} of "
+            raise NonFiniteLogitsError(f"layer {layer} routed a token to expert {needed[-1]} of "
                              f"{self.slot_of.shape[1]}: its activations are not finite (corrupt "
                              "weights, or float16 overflow)")
         if self._guessed[0] == layer:
@@ -557,6 +606,7 @@ class ExpertPool:
         score = self.score.copy()
         score[protect] = np.inf  # needed by this step: never evicted
         victims = np.argpartition(score, len(missing) - 1)[: len(missing)]
+        self.source.check_unchanged(layer)
         self._release(victims)
         self.source.will_need(layer, missing)
         if self.transfer == "mlx":

@@ -2,6 +2,7 @@
 resident model computes, counts what it reads, and the memory plan chooses it only when needed."""
 
 import ctypes
+import os
 import shutil
 import subprocess
 import sys
@@ -766,24 +767,36 @@ def test_a_corrupt_expert_is_refused_at_load_when_streamed_as_when_resident(chec
 
 
 def test_experts_damaged_after_a_streamed_load_are_an_error_naming_where_they_are_read(checkpoints, tmp_path):
-    """Files rewritten in place after loading (same size: no cut to notice) are read as they are
-    now: NaN biases give NaN logits, and the error says the experts are read from that
-    directory as the model runs, where a resident model's could only blame its weights."""
+    """Files rewritten in place after loading (same size and inode, as `cp` over them does)
+    would feed new experts to the layers loaded from the old ones: the next read names the file
+    instead. Where the rewrite kept its modification time, the bytes are read as they are now:
+    NaN biases give NaN logits, and that error says the experts are read from that directory as
+    the model runs, where a resident model's could only blame its weights."""
     from gptoss_mlx.generate import NonFiniteLogitsError
 
     directory = tmp_path / "ckpt"
     shutil.copytree(checkpoints["hf"], directory, ignore=shutil.ignore_patterns("original"))
     model = streamed(directory, 8)
     engine = Engine(model)
-    list(engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=2), stop_tokens=frozenset()))
+    greedy = SamplingParams(temperature=0, max_tokens=2)
+    list(engine.generate(PROMPT, greedy, stop_tokens=frozenset()))
+    stamps = {}
     for (layer, name), t in model.expert_pool.source.tensors.items():
         if name.endswith(".bias"):  # every expert's, in place: bf16 NaN
+            stamps.setdefault(t.file, os.stat(t.file))
             n = model.config.num_local_experts * t.expert_bytes
             with open(t.file, "r+b") as f:
                 f.seek(t.offset)
                 f.write(b"\xc0\x7f" * (n // 2))
+    for file, stat in stamps.items():
+        os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: the file was rewritten in place after the "
+                                              r"model was loaded, .* restore the checkpoint and load it again"):
+        list(engine.generate(PROMPT[::-1], greedy, stop_tokens=frozenset()))
+    for file, stat in stamps.items():  # a rewrite that kept the time: the bytes as they are now
+        os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(NonFiniteLogitsError) as error:
-        list(engine.generate(PROMPT[::-1], SamplingParams(temperature=0, max_tokens=2), stop_tokens=frozenset()))
+        list(engine.generate(PROMPT[::-1], greedy, stop_tokens=frozenset()))
     assert str(error.value).endswith(f"its experts are read from {directory} while it runs: if those files "
                                      "changed after it was loaded, load it again")
 
