@@ -780,3 +780,39 @@ def test_hostile_chat_bodies_get_4xx_not_5xx(scripted_url, body, shaped, message
        items=st.lists(ITEM, max_size=3) | st.text(max_size=5))
 def test_hostile_responses_bodies_get_4xx_not_5xx(scripted_url, body, shaped, items):
     check_answer(scripted_url, "/responses", {"input": items, **body, **shaped, "max_output_tokens": 3})
+
+
+def test_a_checkpoint_damaged_under_streamed_experts_fails_the_request_not_the_connection(
+        tiny_checkpoint, tok, tmp_path, caplog):
+    """The checkpoint is cut while experts stream from it: a plain (not streamed) request gets a
+    500 in OpenAI's shape naming the file, the log has one line for it (no traceback), and the
+    client's next request on the same connection is answered once the file is restored."""
+    import logging
+    import shutil
+
+    from gptoss_mlx.loading import load_model, read_config
+    from gptoss_mlx.memory import plan
+
+    directory = tmp_path / "cut"
+    shutil.copytree(tiny_checkpoint, directory)
+    (shard,) = directory.glob("*.safetensors")
+    original = shard.read_bytes()
+    model = load_model(directory, memory_plan=plan(read_config(directory), 64, 16, 1e12, expert_slots=8))
+    ask = {"model": "gpt-oss-tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+           **GREEDY}
+    with serving(model, tok) as url, caplog.at_level(logging.INFO, logger="gptoss_mlx.server"):
+        api = client(url)
+        first = api.chat.completions.create(**ask).choices[0].message.content
+        with open(shard, "r+b") as f:
+            f.truncate(len(original) // 2)
+        with pytest.raises(openai.InternalServerError) as chat_error:
+            api.chat.completions.create(**ask)
+        with pytest.raises(openai.InternalServerError) as responses_error:
+            api.responses.create(model="gpt-oss-tiny", input="Hello", max_output_tokens=4, **GREEDY)
+        for error in (chat_error.value, responses_error.value):
+            assert error.body["type"] == "server_error", error.body
+            assert f"{shard}: the file was cut to {len(original) // 2} bytes" in error.body["message"]
+        shard.write_bytes(original)
+        assert api.chat.completions.create(**ask).choices[0].message.content == first
+    failures = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failures) == 2 and not any(r.exc_info for r in failures), caplog.text

@@ -22,7 +22,7 @@ from ..files import JSONProblem, lone_surrogate_problem, parse_json
 from ..store import ConversationStore
 from . import playground
 from .chat_completions import chat_completions
-from .errors import APIError, bad_request, refuse_other_origins
+from .errors import APIError, bad_request, generation_failed, refuse_other_origins
 from .responses import ResponseStore, responses
 from .service import Service
 
@@ -81,6 +81,12 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
         slot = service.scheduler.admit()
         try:
             response = await handler(*args, body, request)
+        except (APIError, HTTPException):
+            slot.release()
+            raise
+        except Exception as e:  # noqa: BLE001 - a 500 in OpenAI's shape; the connection stays open
+            slot.release()
+            raise generation_failed(e, f"{request.method} {request.url.path}") from None
         except BaseException:
             slot.release()
             raise

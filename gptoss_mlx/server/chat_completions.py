@@ -10,7 +10,7 @@ import json
 from starlette.responses import JSONResponse, StreamingResponse
 
 from . import params
-from .errors import APIError, bad_request
+from .errors import APIError, bad_request, generation_failed
 from .output import CALL, REASONING, TEXT, Closed, Delta, Opened
 from .service import REQUIRED, Reply, Service, new_id
 
@@ -168,7 +168,7 @@ async def stream_chunks(service: Service, reply: Reply, request, include_usage: 
                 elif isinstance(event, Closed) and item.kind == CALL:
                     calls += 1
     except Exception as e:  # noqa: BLE001 - the stream has begun: report it in the stream
-        error = e if isinstance(e, APIError) else APIError(500, str(e), type="server_error")
+        error = generation_failed(e, reply.id)
         yield f"data: {json.dumps(error.body())}\n\n"
         return
     yield chunk({}, reply.finish_reason)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+from ..files import CheckpointError
+from ..generate import NonFiniteLogitsError
+
+log = logging.getLogger("gptoss_mlx.server")
 
 
 class APIError(Exception):
@@ -25,6 +31,20 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def generation_failed(error: Exception, what: str) -> APIError:
+    """A request that failed after it was accepted, as a 500 in OpenAI's shape with the failure's
+    own message (the same for a streamed request's last event and a plain response). A model
+    that cannot go on — its checkpoint damaged or changed on disk while experts stream from it,
+    NaN logits — is logged in one line; anything else is a bug, logged with its traceback."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, (CheckpointError, NonFiniteLogitsError)):
+        log.error("%s failed: %s", what, error)
+    else:
+        log.error("%s failed", what, exc_info=error)
+    return APIError(500, str(error) or type(error).__name__, type="server_error", code="server_error")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from . import params
 from .chat_completions import check_response_format, tool_choice
-from .errors import APIError, bad_request
+from .errors import APIError, bad_request, generation_failed
 from .output import CALL, REASONING, SERVER_CALL, Delta, Item, Opened
 from .service import Reply, Service, new_id
 
@@ -303,8 +303,7 @@ class ResponseRun:
             log.info("%s failed: %s", self.reply.id, e.message)
             self.error = e
         except Exception as e:  # noqa: BLE001 - the stream has begun: it fails in the stream
-            log.exception("%s failed", self.reply.id)
-            self.error = APIError(500, str(e), type="server_error", code="server_error")
+            self.error = generation_failed(e, self.reply.id)
         for pair in self._server_call_results(final=True):
             yield pair
         response = self.finish()
