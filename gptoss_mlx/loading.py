@@ -710,8 +710,10 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
     adapter (``gptoss-mlx fuse``) is applied with it always.
     """
     dtype = _parse_dtype(dtype)
-    if dense_bits not in (None, *DENSE_BITS):
+    if dense_bits is not None and (type(dense_bits) is not int or dense_bits not in DENSE_BITS):
         raise ValueError(f"dense_bits must be 16, 8 or 4, got {dense_bits!r}")
+    if max_context is not None and (type(max_context) is not int or max_context < 1):
+        raise ValueError(f"max_context must be a whole number of tokens, at least 1, got {max_context!r}")
     directory = resolve_checkpoint(path_or_repo)
     config = read_config(directory)
     context = min(max_context or DEFAULT_CONTEXT, config.max_position_embeddings)

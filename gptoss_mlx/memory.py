@@ -25,6 +25,7 @@ GB = 1e9
 WORKING_BYTES = 1.0 * GB  # activations of a 512-token prefill chunk, logits, MLX's own buffers
 AFFINE_GROUP = 64
 DEFAULT_CONTEXT = 32768  # tokens the front ends plan memory for and allow without --max-context
+PROMPT_CACHE_GB = 4.0  # GiB of a server's saved prompt caches, where the experts need not stream
 DENSE_BITS = (16, 8, 4)  # 16: the checkpoint's own bf16 dense layers
 # Sets the device's limit (e.g. 10.7GB, a 16 GB Mac's working set), to see a smaller Mac's plans.
 DEVICE_MEMORY_ENV = "GPTOSS_MLX_DEVICE_MEMORY"
@@ -42,19 +43,26 @@ class MemoryPlanError(RuntimeError):
 
 
 def size(n: float) -> str:
-    """Bytes for a person: "3.3 GB", "420 MB", "12 KB"."""
+    """Bytes for a person: "3.3 GB", "420 MB", "12 KB", "512 bytes"."""
+    if not math.isfinite(n):
+        return "no limit"
+    if n >= 1e12:
+        return f"{n / 1e12:.3g} TB"
     if n >= 0.1 * GB:
         return f"{n / GB:.1f} GB" if n >= GB else f"{n / GB:.2f} GB"
-    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
+    if n >= 1e6:
+        return f"{n / 1e6:.0f} MB"
+    return f"{n / 1e3:.0f} KB" if n >= 1e3 else f"{n:.0f} bytes"
 
 
 def parse_size(text: str) -> float:
-    """Bytes of a size such as ``10GB``, ``8.5G``, ``800MB`` or ``12GiB`` (a bare number is GB)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kKmMgGtT])(i?))?[bB]?\s*", str(text))
+    """Bytes of a size such as ``10GB``, ``8.5G``, ``800MB`` or ``12GiB`` (a bare number is GB,
+    a number with only ``B`` bytes)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kKmMgGtT])(i?))?([bB]?)\s*", str(text))
     if not match:
         raise ValueError(f"expected a size such as 10GB, 8.5G or 800MB, got {text!r:.40}")
-    number, unit, binary = match.groups()
-    size = float(number) * _UNITS[(unit + binary).upper() if unit else ""]
+    number, unit, binary, b = match.groups()
+    size = float(number) * (_UNITS[(unit + binary).upper()] if unit else 1.0 if b else GB)
     if size <= 0:
         raise ValueError(f"a memory size must be more than 0, got {text!r:.40}")
     return size
@@ -129,6 +137,12 @@ def kv_cache_bytes(config: ModelConfig, context: int, bytes_per_value: int = 2) 
     return total
 
 
+def server_bytes(config: ModelConfig, context: int, sequences: int, prompt_cache: float) -> float:
+    """What a server holds beside one sequence's KV cache (which every plan counts): its other
+    ``sequences - 1`` at the full context, and ``prompt_cache`` bytes of saved caches."""
+    return (sequences - 1) * kv_cache_bytes(config, context) + prompt_cache
+
+
 def checkpoint_dense_bits(config: ModelConfig, dense_bits: int | None = None) -> int | None:
     """--dense-bits if given, else the bits a converted checkpoint stores its dense layers in."""
     return dense_bits or (config.quantization or {}).get("bits")
@@ -147,6 +161,7 @@ class MemoryPlan:
     working: float
     limit: float
     limit_source: str
+    server: float = 0.0  # a server's other sequences' KV caches and its saved prompt caches
 
     @property
     def streamed(self) -> bool:
@@ -158,7 +173,7 @@ class MemoryPlan:
 
     @property
     def total(self) -> float:
-        return self.weights + self.kv_cache + self.working
+        return self.weights + self.kv_cache + self.working + self.server
 
     @property
     def fits(self) -> bool:
@@ -175,8 +190,9 @@ class MemoryPlan:
 
     def describe(self) -> str:
         of = f" of {self.limit / GB:.1f} GB" if math.isfinite(self.limit) else ""
+        server = f" + server caches {self.server / GB:.1f} GB" if self.server else ""
         return (f"{self.arrangement}: weights {self.weights / GB:.1f} GB + KV cache "
-                f"{self.kv_cache / GB:.2f} GB + working {self.working / GB:.1f} GB = "
+                f"{self.kv_cache / GB:.2f} GB + working {self.working / GB:.1f} GB{server} = "
                 f"{self.total / GB:.1f} GB{of} ({self.limit_source})")
 
 
@@ -184,18 +200,23 @@ def resolve_limit(limit: float | str | None = None) -> tuple[float, str]:
     """(bytes, where they come from): ``limit`` (bytes, or a size such as "10GB"), else the device's."""
     if limit is None:
         return device_limit()
-    limit = parse_size(limit) if isinstance(limit, str) else float(limit)
+    if isinstance(limit, str):
+        limit = parse_size(limit)
+    elif isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+        raise ValueError(f"memory_limit must be a number of bytes above 0 (inf: not checked) or a size "
+                         f"such as '10GB', got {limit!r:.40}")
+    limit = float(limit)
     return limit, "--memory-limit" if math.isfinite(limit) else "memory not checked"
 
 
-def _arrange(config, context, bits, slots, limit, source, value_bytes=2) -> MemoryPlan:
+def _arrange(config, context, bits, slots, limit, source, value_bytes=2, server=0.0) -> MemoryPlan:
     n = total_experts(config)
     slots = min(slots, n)
     # Streamed, a prefill chunk's gather reads a layer's experts from a copy in expert order
     # (ExpertPool.view), one projection at a time: that much more working memory.
     working = WORKING_BYTES + (view_bytes(config) if slots < n else 0)
     return MemoryPlan(bits, slots, n, dense_bytes(config, bits, value_bytes), slots * expert_bytes(config),
-                      kv_cache_bytes(config, context, value_bytes), working, limit, source)
+                      kv_cache_bytes(config, context, value_bytes), working, limit, source, server)
 
 
 def plan(config: ModelConfig, context: int, dense_bits: int | None = None,
@@ -209,16 +230,17 @@ def plan(config: ModelConfig, context: int, dense_bits: int | None = None,
 
 
 def choose_plan(config: ModelConfig, context: int, dense_bits: int | None = None,
-                limit: float | str | None = None, value_bytes: int = 2) -> MemoryPlan:
+                limit: float | str | None = None, value_bytes: int = 2, server: float = 0.0) -> MemoryPlan:
     """The first arrangement that fits: everything resident with bf16, 8-bit, then 4-bit dense
     layers, then experts streamed (4-bit dense layers, the largest pool that fits).
     ``dense_bits`` fixes the dense precision. The pool holds at least one layer's experts (a
     prefill chunk may route to all of them); below that, a MemoryPlanError names the smallest
-    limit that works."""
+    limit that works. ``server``: bytes a server keeps beside the model (its other sequences' KV
+    caches, its saved prompt caches: :func:`server_bytes`)."""
     limit, source = resolve_limit(limit)
     ladder = DENSE_BITS if dense_bits is None else (dense_bits,)
     n = total_experts(config)
-    arrange = partial(_arrange, value_bytes=value_bytes)  # float32 models: twice the dense bytes
+    arrange = partial(_arrange, value_bytes=value_bytes, server=server)  # float32: twice the dense bytes
     for bits in ladder:
         p = arrange(config, context, bits, n, limit, source)
         if p.fits:
@@ -229,8 +251,13 @@ def choose_plan(config: ModelConfig, context: int, dense_bits: int | None = None
     if slots >= config.num_local_experts:
         return arrange(config, context, bits, slots, limit, source)
     smallest = arrange(config, context, bits, config.num_local_experts, limit, source)
-    need = math.ceil(smallest.total / GB * 10) / 10
-    fix = f"pass --memory-limit {need}GB or more" if source == "--memory-limit" else "use a Mac with more memory"
+    need = math.ceil(smallest.total / GB * 100) / 100  # rounded up: a limit that works, just
+    if source == "--memory-limit":
+        fix = f"pass --memory-limit {need}GB or more"
+    elif source.startswith("simulated by"):
+        fix = f"set {DEVICE_MEMORY_ENV} to {need}GB or more, or unset it"
+    else:
+        fix = "use a Mac with more memory"
     shorter = arrange(config, 4096, bits, config.num_local_experts, limit, source)
     if context > 4096 and shorter.fits:
         fix += ", or a shorter --max-context (4096 fits)"
@@ -238,5 +265,6 @@ def choose_plan(config: ModelConfig, context: int, dense_bits: int | None = None
         f"the model will not fit in {size(limit)} ({source}), not even with its experts "
         f"streamed: dense layers ({bits}-bit) {size(smallest.dense)} + one layer's "
         f"{config.num_local_experts} experts {size(smallest.experts)} + KV cache "
-        f"{size(smallest.kv_cache)} ({context} tokens) + working {size(smallest.working)}. "
-        f"The smallest limit that works is {need:.1f} GB: {fix}", need * GB)
+        f"{size(smallest.kv_cache)} ({context} tokens) + working {size(smallest.working)}"
+        f"{f' + server caches {size(server)}' if server else ''}. "
+        f"The smallest limit that works is {need:.2f} GB: {fix}", need * GB)

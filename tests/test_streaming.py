@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from gptoss_mlx.config import GPT_OSS_20B, GPT_OSS_120B
 from gptoss_mlx.generate import Engine, SamplingParams
-from gptoss_mlx.loading import CheckpointError, load_model, read_config
+from gptoss_mlx.loading import CheckpointError, load, load_model, read_config
 from gptoss_mlx.memory import (
     DEVICE_MEMORY_ENV, GB, MemoryPlanError, choose_plan, dense_bytes, device_limit, expert_bytes, parse_size,
-    plan, view_bytes,
+    kv_cache_bytes, plan, view_bytes,
 )
 
 PROMPT = [(37 * t + 11) % 500 for t in range(45)]
@@ -537,11 +537,36 @@ def test_too_small_a_limit_names_the_smallest_that_works():
         choose_plan(GPT_OSS_20B, 32768, limit="3GB")
     message = str(e.value)
     assert "will not fit in 3.0 GB (--memory-limit)" in message
-    assert "The smallest limit that works is 3.6 GB: pass --memory-limit 3.6GB or more" in message
+    assert "The smallest limit that works is 3.53 GB: pass --memory-limit 3.53GB or more" in message
     smallest = choose_plan(GPT_OSS_20B, 32768, limit=e.value.smallest_limit)
     assert smallest.streamed and smallest.expert_slots >= GPT_OSS_20B.num_local_experts
-    with pytest.raises(MemoryPlanError):
-        choose_plan(GPT_OSS_20B, 32768, limit=e.value.smallest_limit - 0.1 * GB)
+    with pytest.raises(MemoryPlanError):  # rounded up to 10 MB, no more
+        choose_plan(GPT_OSS_20B, 32768, limit=e.value.smallest_limit - 0.01 * GB)
+
+
+def test_a_too_small_device_limit_names_the_variable_that_set_it(monkeypatch):
+    monkeypatch.setenv(DEVICE_MEMORY_ENV, "2GB")
+    with pytest.raises(MemoryPlanError, match=f"will not fit in 2.0 GB \\(simulated by {DEVICE_MEMORY_ENV}\\).* "
+                                              f"set {DEVICE_MEMORY_ENV} to 3.53GB or more, or unset it"):
+        choose_plan(GPT_OSS_20B, 32768)
+
+
+@pytest.mark.parametrize("limit", [float("nan"), float("-inf"), 0, -1, True, "0GB", [10]])
+def test_a_library_memory_limit_that_is_no_size_is_refused_by_name(tiny_checkpoint, limit):
+    with pytest.raises(ValueError, match="memory_limit must be|a memory size must be more than 0"):
+        load(tiny_checkpoint, memory_limit=limit)
+
+
+@pytest.mark.parametrize("kw", [{"dense_bits": 8.0}, {"dense_bits": 5}, {"max_context": -5}, {"max_context": 0},
+                                {"max_context": 2.5}])
+def test_load_refuses_bad_arguments_by_name(tiny_checkpoint, kw):
+    with pytest.raises(ValueError, match=f"{next(iter(kw))} must be"):
+        load(tiny_checkpoint, **kw)
+
+
+def test_sizes_read_as_a_person_means_them():
+    assert parse_size("12000000000B") == 12e9 and parse_size("800 b") == 800  # B alone: bytes
+    assert parse_size("10") == 10e9 and parse_size("10gb") == 10e9 and parse_size("2GiB") == 2**31
 
 
 def test_the_device_limit_can_be_simulated(monkeypatch):
@@ -568,7 +593,7 @@ def test_cli_memory_limit_streams_or_refuses_in_one_line(tiny_checkpoint):
                "--max-tokens", "3", "--temperature", "0")
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()[-1:]
-    assert "will not fit in 1.0 GB (--memory-limit)" in line and "--memory-limit 1.1GB or more" in line
+    assert "will not fit in 1.0 GB (--memory-limit)" in line and "--memory-limit 1.03GB or more" in line
     proc = run("generate", "--model", str(tiny_checkpoint), "--memory-limit", "lots", "-p", "hi")
     assert proc.returncode == 2 and "expected a size such as 10GB" in proc.stderr
 
@@ -611,7 +636,7 @@ def test_load_plans_by_memory_limit(tiny_checkpoint):
     assert type(router).__name__ == "Linear" and router.weight.dtype == mx.bfloat16
     model, _ = load(tiny_checkpoint, memory_limit="100GB")
     assert model.expert_pool is None and model.layers[0].self_attn.qkv_proj.weight.dtype == mx.bfloat16
-    with pytest.raises(MemoryPlanError, match="smallest limit that works is 1.1 GB"):
+    with pytest.raises(MemoryPlanError, match="smallest limit that works is 1.03 GB"):
         load(tiny_checkpoint, memory_limit="0.5GB")
     with pytest.raises(MemoryPlanError, match="will not fit in 50 MB .* one layer's 8 experts 82 KB"):
         load(tiny_checkpoint, memory_limit="50MB")  # small sizes in the units a person reads
@@ -811,3 +836,28 @@ def test_the_plan_counts_the_dense_layers_at_the_models_own_width(checkpoints, d
     held = sum(v.nbytes for k, v in nn.utils.tree_flatten(model.parameters()) if ".experts." not in k)
     planned = dense_bytes(model.config, bits, dtype.size)
     assert abs(planned - held) <= 0.02 * held, (planned, held)
+
+
+def test_serve_plans_its_sequences_and_prompt_caches_inside_the_limit(tiny_checkpoint):
+    """serve holds --max-concurrency KV caches and saved prompt caches beside the model: its plan
+    counts them. Without --prompt-cache-gb the saved caches get 4 GiB where everything stays
+    resident, else one conversation's worth (the expert pool keeps the rest)."""
+    from gptoss_mlx.cli import build_parser
+    from gptoss_mlx.cli.common import CLIError, prepare
+
+    config = read_config(tiny_checkpoint)
+    kv = kv_cache_bytes(config, 32768)
+
+    def serve_plan(*flags):
+        args = build_parser().parse_args(["serve", "--model", str(tiny_checkpoint), *flags])
+        return prepare(args)[2], args.prompt_cache_bytes
+
+    roomy, cache = serve_plan("--memory-limit", "100GB", "--max-concurrency", "4")
+    assert not roomy.streamed and cache == 4 << 30 and roomy.server == 3 * kv + cache
+    assert f"+ server caches {roomy.server / GB:.1f} GB" in roomy.describe()
+    limit = 1.02307 * GB + 4 * kv  # the limit that streams 8 of 32 experts alone, plus 3 + 1 caches
+    tight, cache = serve_plan("--memory-limit", f"{limit:.0f}B", "--max-concurrency", "4", "--dense-bits", "4")
+    assert tight.streamed and cache == int(kv) and tight.total <= limit and tight.expert_slots == 8
+    with pytest.raises(CLIError, match="will not fit .* server caches 4.3 GB"):
+        serve_plan("--memory-limit", f"{limit:.0f}B", "--max-concurrency", "4", "--dense-bits", "4",
+                   "--prompt-cache-gb", "4")

@@ -416,7 +416,7 @@ async def test_with_a_tiny_real_model(tiny_checkpoint, store):
 
 async def test_a_streamed_model_shows_its_expert_pool_in_the_status(tiny_checkpoint, store):
     """With experts streamed (a memory limit that holds 8 of the tiny model's 32), the status line
-    says how often a chosen expert was in the pool."""
+    says how many experts the pool holds and how often a chosen one was in it."""
     from gptoss_mlx.loading import load
 
     model, tokenizer = load(tiny_checkpoint, memory_limit="1.02307GB", dense_bits=4)
@@ -426,7 +426,7 @@ async def test_a_streamed_model_shows_its_expert_pool_in_the_status(tiny_checkpo
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, app, "Hi there")
         status = app.query_one("#status").render().plain
-        assert re.search(r"experts \d+% in the pool", status), status
+        assert re.search(r"experts 8/32 on the GPU, \d+% hits", status), status
 
 
 @pytest.mark.parametrize("turns", [2, 5])

@@ -467,8 +467,9 @@ class ChatApp(App):
             s = self.last_done.stats
             parts += [f"TTFT {s.ttft_s:.2f}s", f"{s.decode_tps:.1f} tok/s", f"peak {s.peak_memory_gb:.1f} GB"]
             pool = getattr(self.chat.engine.model, "expert_pool", None)
-            if pool is not None:  # streamed experts: how often a chosen expert was in the pool
-                parts.append(f"experts {pool.stats.hit_rate:.0%} in the pool")
+            if pool is not None:  # streamed experts: the pool's size, how often a chosen one was in it
+                total = pool.config.num_hidden_layers * pool.config.num_local_experts
+                parts.append(f"experts {pool.slots}/{total} on the GPU, {pool.stats.hit_rate:.0%} hits")
         if message:
             parts.append(message)
         elif self.generating:

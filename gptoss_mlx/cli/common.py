@@ -22,8 +22,8 @@ from ..loading import (
     resolve_checkpoint,
 )
 from ..memory import (
-    DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, MemoryPlanError, checkpoint_dense_bits, choose_plan,
-    parse_size,
+    DEFAULT_CONTEXT, DENSE_BITS, PROMPT_CACHE_GB, MemoryPlan, MemoryPlanError, checkpoint_dense_bits,
+    choose_plan, kv_cache_bytes, parse_size, server_bytes,
 )
 from ..structured import SchemaError
 from ..tokenizer import TokenizerError
@@ -240,7 +240,11 @@ def prepare(args, group=None) -> tuple[Path, int, MemoryPlan]:
             distributed.check_shardable(config, group.size(), sharding(args))
         share = config if group is None else distributed.share_config(config, group.size(), sharding(args))
         limit = math.inf if args.no_memory_check else args.memory_limit
-        memory_plan = choose_plan(share, context, checkpoint_dense_bits(config, args.dense_bits), limit)
+        bits = checkpoint_dense_bits(config, args.dense_bits)
+        if getattr(args, "max_concurrency", None):  # serve: its sequences and saved prompt caches too
+            memory_plan = plan_server(args, share, context, bits, limit)
+        else:
+            memory_plan = choose_plan(share, context, bits, limit)
         if group is not None and memory_plan.streamed:
             raise MemoryPlanError(f"this rank's share of the model needs more than {memory_plan.limit / 1e9:.1f} GB "
                                   f"({memory_plan.limit_source}), and experts are not streamed across machines: "
@@ -252,6 +256,31 @@ def prepare(args, group=None) -> tuple[Path, int, MemoryPlan]:
         return directory, context, memory_plan
     except (CheckpointError, ConfigError, MemoryPlanError, ValueError) as e:
         raise CLIError(str(e)) from None
+
+
+def plan_server(args, config, context: int, bits: int | None, limit) -> MemoryPlan:
+    """serve's plan: --max-concurrency sequences' KV caches and the saved prompt caches inside the
+    limit. Without --prompt-cache-gb the prompt caches get PROMPT_CACHE_GB, or, where that would
+    leave the experts streamed (or not fit), one conversation's worth (the expert pool is what
+    decode speed needs most); sets ``args.prompt_cache_bytes`` for the scheduler."""
+    def planned(cache: float) -> MemoryPlan:
+        return choose_plan(config, context, bits, limit,
+                           server=server_bytes(config, context, args.max_concurrency, cache))
+
+    if args.prompt_cache_gb is not None:
+        cache = args.prompt_cache_gb * (1 << 30)
+        memory_plan = planned(cache)
+    else:
+        cache = PROMPT_CACHE_GB * (1 << 30)
+        try:
+            memory_plan = planned(cache)
+        except MemoryPlanError:
+            memory_plan = None
+        if memory_plan is None or memory_plan.streamed:
+            cache = kv_cache_bytes(config, context)
+            memory_plan = planned(cache)
+    args.prompt_cache_bytes = int(cache)
+    return memory_plan
 
 
 def group_of(args):

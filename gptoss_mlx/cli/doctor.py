@@ -8,7 +8,7 @@ import mlx.core as mx
 
 from ..config import PRESETS
 from ..kernels import registry
-from ..memory import DEFAULT_CONTEXT, DENSE_BITS, GB, MemoryPlanError, choose_plan, device_limit, plan
+from ..memory import DEFAULT_CONTEXT, DENSE_BITS, GB, MemoryPlanError, choose_plan, device_limit, plan, size
 from ..tools.sandbox import sandbox_status
 from .common import CLIError
 
@@ -32,7 +32,7 @@ def cmd_doctor(args) -> int:
         if key in info:
             value = info[key]
             print(f"  {key}: {value / GB:.1f} GB" if key.endswith("size") else f"  {key}: {value}")
-    print(f"Memory the model may use: {limit / GB:.1f} GB ({source})")
+    print(f"Memory the model may use: {size(limit)} ({source})")
     print("\nWhat fits with everything resident (weights + KV cache + 1 GB working memory):")
     header = f"  {'model':<14}{'context':>9}  " + "  ".join(f"{b:>14}" for b in ("bf16 dense", "--dense-bits 8", "--dense-bits 4"))
     print(header)
@@ -44,7 +44,7 @@ def cmd_doctor(args) -> int:
             p = plan(config, ctx, bits, limit)
             cells.append(f"{('yes ' if p.fits else 'no  ') + f'{p.total / GB:5.1f} GB':>14}")
         print(f"  {name:<14}{ctx:>9}  " + "  ".join(cells))
-    print(f"\nMemory plan (the first arrangement that fits in {limit / GB:.1f} GB; "
+    print(f"\nMemory plan (the first arrangement that fits in {size(limit)}; "
           "--memory-limit and --dense-bits change it):")
     for name, config, ctx in rows:
         try:

@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import sys
 
+from ..memory import PROMPT_CACHE_GB
 from . import common
 from .common import CLIError, add_model_options, make_toolbox
 
@@ -27,8 +28,10 @@ def register(sub) -> None:
                    help="bind a non-loopback --host without --api-key (anyone who can reach it can use it)")
     p.add_argument("--max-concurrency", type=int, default=4,
                    help="requests in flight (queued or generating) before answering 429 (default 4)")
-    p.add_argument("--prompt-cache-gb", type=float, default=4.0,
-                   help="memory for the prompt caches of recent conversations (default 4)")
+    p.add_argument("--prompt-cache-gb", type=float, default=None,
+                   help=f"memory for the prompt caches of recent conversations (default {PROMPT_CACHE_GB:g}, or "
+                        "one conversation's where that would leave the experts streamed); the memory plan "
+                        "counts it and --max-concurrency conversations' KV caches")
     p.set_defaults(func=cmd_serve)
 
 
@@ -60,6 +63,8 @@ def cmd_serve(args) -> int:
     check_binding(args)
     if args.max_concurrency < 1:
         raise CLIError(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
+    if args.prompt_cache_gb is not None and not 0 <= args.prompt_cache_gb < float("inf"):
+        raise CLIError(f"--prompt-cache-gb must be 0 or more, got {args.prompt_cache_gb}")
     toolbox = make_toolbox(args)  # checks the flags, the files and the sandbox
     tools = ServerTools.from_toolbox(toolbox) if toolbox else None
     if toolbox:
@@ -67,7 +72,7 @@ def cmd_serve(args) -> int:
     chat = common.load_chat(args)
     engine = chat.engine
     service = Service(args.model or common.DEFAULT_MODEL, chat.tokenizer, engine,
-                      Scheduler(engine, args.max_concurrency, int(args.prompt_cache_gb * (1 << 30))),
+                      Scheduler(engine, args.max_concurrency, args.prompt_cache_bytes),
                       sampling=chat.sampling, reasoning_effort=chat.reasoning_effort,
                       reasoning_budget=chat.reasoning_budget,
                       instructions=chat.instructions, tools=tools)
