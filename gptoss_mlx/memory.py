@@ -190,7 +190,7 @@ class MemoryPlan:
 
     def describe(self) -> str:
         of = f" of {self.limit / GB:.1f} GB" if math.isfinite(self.limit) else ""
-        server = f" + server caches {self.server / GB:.1f} GB" if self.server else ""
+        server = f" + server caches {size(self.server)}" if self.server else ""
         return (f"{self.arrangement}: weights {self.weights / GB:.1f} GB + KV cache "
                 f"{self.kv_cache / GB:.2f} GB + working {self.working / GB:.1f} GB{server} = "
                 f"{self.total / GB:.1f} GB{of} ({self.limit_source})")

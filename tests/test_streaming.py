@@ -854,10 +854,11 @@ def test_serve_plans_its_sequences_and_prompt_caches_inside_the_limit(tiny_check
 
     roomy, cache = serve_plan("--memory-limit", "100GB", "--max-concurrency", "4")
     assert not roomy.streamed and cache == 4 << 30 and roomy.server == 3 * kv + cache
-    assert f"+ server caches {roomy.server / GB:.1f} GB" in roomy.describe()
+    assert f"+ server caches {roomy.server / GB:.1f} GB = " in roomy.describe()
     limit = 1.02307 * GB + 4 * kv  # the limit that streams 8 of 32 experts alone, plus 3 + 1 caches
     tight, cache = serve_plan("--memory-limit", f"{limit:.0f}B", "--max-concurrency", "4", "--dense-bits", "4")
     assert tight.streamed and cache == int(kv) and tight.total <= limit and tight.expert_slots == 8
+    assert f"+ server caches {4 * kv / 1e6:.0f} MB = " in tight.describe()
     with pytest.raises(CLIError, match="will not fit .* server caches 4.3 GB"):
         serve_plan("--memory-limit", f"{limit:.0f}B", "--max-concurrency", "4", "--dense-bits", "4",
                    "--prompt-cache-gb", "4")
