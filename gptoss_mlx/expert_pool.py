@@ -112,6 +112,10 @@ class ExpertSource:
         # `cp` over it does) would feed new experts to the layers loaded from the old one
         self._stamps = {file: _stamp(fd) for file, fd in self._fds.items()}
         self._sampled = None  # (experts, count, runs, digest) of the load's finite-check sample
+        self._layer_files: dict[int, tuple[Path, ...]] = {}
+        for (layer, _), t in tensors.items():
+            if t.file not in self._layer_files.get(layer, ()):
+                self._layer_files[layer] = (*self._layer_files.get(layer, ()), t.file)
         weakref.finalize(self, lambda fds: [os.close(fd) for fd in fds], list(self._fds.values()))
 
     @property
@@ -178,7 +182,7 @@ class ExpertSource:
         differently. The same bytes written back (a restored file) go on. A file replaced by a
         new one (``mv``, a new download) is not rewritten: the open descriptors and mappings keep
         the old bytes."""
-        for file in {self.tensors[layer, name].file for name in EXPERT_TENSORS}:
+        for file in self._layer_files[layer]:
             stamp = _stamp(self._fds[file])
             if stamp == self._stamps[file]:
                 continue
