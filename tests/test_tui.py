@@ -364,8 +364,12 @@ async def test_a_message_that_does_not_fit_is_reported_and_the_history_stays(sto
         await send(pilot, app, "far too long")
         assert any("context limit is 4096" in n.message for n in app._notifications)
         assert [m.text for m in chat.messages] == ["short", "first answer"]  # taken back, no more
+        # ... and so does the transcript: the text is back in the input, to be sent again
+        assert [str(w.render()) for w in app.query(UserMessage)] == ["short"]
+        assert len(app.query(AssistantTurn)) == 1 and app.query_one(PromptInput).text == "far too long"
         await send(pilot, app, "shorter")
         assert chat.messages[-1].text == "fine"
+        assert [str(w.render()) for w in app.query(UserMessage)] == ["short", "shorter"]
 
 
 async def test_model_loading_shows_progress_and_errors_do_not_crash(store):
@@ -427,6 +431,38 @@ async def test_a_streamed_model_shows_its_expert_pool_in_the_status(tiny_checkpo
         await send(pilot, app, "Hi there")
         status = app.query_one("#status").render().plain
         assert re.search(r"experts 8/32 on the GPU, \d+% hits", status), status
+
+
+async def test_a_turn_whose_streamed_checkpoint_was_cut_is_taken_back_and_can_be_sent_again(
+        tiny_checkpoint, store, tmp_path):
+    """The checkpoint is cut between turns of a streamed model: the error is shown, the turn
+    leaves neither the history nor the transcript, its text is back in the input, and once the
+    file is restored the same text is answered."""
+    import shutil
+
+    from gptoss_mlx.loading import load
+
+    directory = tmp_path / "cut"
+    shutil.copytree(tiny_checkpoint, directory)
+    (shard,) = directory.glob("*.safetensors")
+    original = shard.read_bytes()
+    model, tokenizer = load(directory, memory_limit="1.02307GB", dense_bits=4)
+    chat = Chat(model, tokenizer, sampling=SamplingParams(temperature=0, max_tokens=8), date="2025-08-05")
+    app = make_app(chat, store)
+    question = "Tell me about the weather in Lima and in Tokyo"
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "Hi there")
+        history = list(chat.messages)
+        with open(shard, "r+b") as f:
+            f.truncate(len(original) // 2)
+        await send(pilot, app, question)
+        assert any("the file was cut" in n.message for n in app._notifications)
+        assert chat.messages == history and app.query_one(PromptInput).text == question
+        assert [str(w.render()) for w in app.query(UserMessage)] == ["Hi there"]
+        shard.write_bytes(original)
+        await send(pilot, app, question)
+        assert [str(w.render()) for w in app.query(UserMessage)] == ["Hi there", question]
+        assert chat.messages[len(history)].text == question and len(chat.messages) > len(history) + 1
 
 
 @pytest.mark.parametrize("turns", [2, 5])

@@ -493,12 +493,13 @@ class ChatApp(App):
             self.chat_title = title_for(event.text)
         transcript = self.query_one("#transcript", VerticalScroll)
         turn = AssistantTurn(self.collapse_on_answer, self.show_reasoning)
-        transcript.mount(UserMessage(event.text))
+        asked = UserMessage(event.text)
+        transcript.mount(asked)
         transcript.mount(turn)
         transcript.anchor()
         self.generating = True
         self.update_status()
-        self.reply(event.text, turn)
+        self.reply(event.text, turn, asked)
 
     def approve_code(self, code: str) -> bool:
         """Called from the reply worker: ask in a dialog and wait for the answer."""
@@ -518,7 +519,8 @@ class ChatApp(App):
         return result[0]
 
     @work(thread=True, exclusive=True, group="reply")
-    def reply(self, text: str, turn: AssistantTurn) -> None:
+    def reply(self, text: str, turn: AssistantTurn, asked: UserMessage) -> None:
+        before = len(self.chat.messages)
         events = run_with_tools(self.chat, text, self.toolbox) if self.toolbox else self.chat.send(text)
         try:
             for event in events:
@@ -530,14 +532,29 @@ class ChatApp(App):
                     self.last_done = event
         except ContextLengthError as e:  # the chat took its message back: nothing else changed
             self.call_from_thread(self.notify, str(e), title="Too long", severity="error", timeout=15)
+            if len(self.chat.messages) == before:
+                self.call_from_thread(self._take_back, text, turn, asked)
         except Exception as e:  # noqa: BLE001  — a failed reply is reported; the chat stays
             self.call_from_thread(self.notify, f"{type(e).__name__}: {e}", title="The reply failed",
                                   severity="error", timeout=15)
+            if len(self.chat.messages) == before:  # taken back (a checkpoint that failed, NaNs)
+                self.call_from_thread(self._take_back, text, turn, asked)
         finally:
             self.call_from_thread(self._reply_finished, turn)
 
+    async def _take_back(self, text: str, turn: AssistantTurn, asked: UserMessage) -> None:
+        """The chat took the message back (nothing of the turn is in its history): so does the
+        transcript, and the text returns to the input to be sent again (unless something new
+        was typed meanwhile)."""
+        await asked.remove()
+        await turn.remove()
+        prompt = self.query_one(PromptInput)
+        if not prompt.text:
+            prompt.text = text
+
     async def _reply_finished(self, turn: AssistantTurn) -> None:
-        await turn.finish()
+        if turn.is_attached:
+            await turn.finish()
         self.generating = False
         self.autosave()
         self.update_status()
