@@ -533,7 +533,7 @@ def read_config(directory: Path) -> ModelConfig:
     return _merge_generation_config(config, directory)
 
 
-def _stream_experts(model: Model, plan, infos: dict[str, TensorInfo], slots: int, dtype) -> None:
+def _stream_experts(model: Model, plan, infos: dict[str, TensorInfo], memory_plan: MemoryPlan, dtype) -> None:
     """Give every layer's MLP its experts in a shared pool of ``slots`` (``model.expert_pool``),
     read on demand from where the checkpoint holds them; a CheckpointError for checkpoints whose
     experts are not stored one MXFP4 tensor per projection (mlx-lm's split gate/up)."""
@@ -549,14 +549,23 @@ def _stream_experts(model: Model, plan, infos: dict[str, TensorInfo], slots: int
                 raise CheckpointError(
                     f"{infos[_sources(source, fn)[0]].file}: experts can be streamed only from "
                     "MXFP4 experts stored with gate and up together (the published layouts); "
-                    "this checkpoint needs more memory (--memory-limit) or the original checkpoint")
+                    f"this checkpoint needs --memory-limit {_resident_limit(memory_plan)} or more "
+                    "(every expert on the GPU), or the original checkpoint")
             info = infos[source]
             tensors[i, name] = ExpertTensor(info.file, info.offset, _SAFETENSORS_DTYPES[info.dtype],
                                              info.shape[1:])
-    model.expert_pool = ExpertPool(model.config, ExpertSource(tensors), slots, dtype)
+    model.expert_pool = ExpertPool(model.config, ExpertSource(tensors), memory_plan.expert_slots, dtype)
     for i, layer in enumerate(model.layers):  # its parameters leave the model: never loaded
         following = model.layers[i + 1] if i + 1 < len(model.layers) else None
         layer.mlp.experts = model.expert_pool.layer(i, following)
+
+
+def _resident_limit(memory_plan: MemoryPlan) -> str:
+    """The --memory-limit ``memory_plan`` would need with every expert on the GPU (rounded up to
+    10 MB, as MemoryPlanError's smallest limit)."""
+    missing = memory_plan.total_experts - memory_plan.expert_slots
+    total = memory_plan.total + missing * memory_plan.experts / max(memory_plan.expert_slots, 1)
+    return f"{math.ceil(total / 1e7) / 100:.2f}GB"
 
 
 def load_model(directory: str | Path, dtype: mx.Dtype = mx.bfloat16, dense_bits: int | None = None,
@@ -586,7 +595,7 @@ def load_model(directory: str | Path, dtype: mx.Dtype = mx.bfloat16, dense_bits:
     model = build_model(config, infos, layout)
     _check_against_model(model, plan, infos, origin)
     if memory_plan is not None and memory_plan.streamed:
-        _stream_experts(model, plan, infos, memory_plan.expert_slots, dtype)
+        _stream_experts(model, plan, infos, memory_plan, dtype)
         plan = {k: v for k, v in plan.items() if ".mlp.experts." not in k}
     parts = None
     if distributed:
