@@ -586,7 +586,10 @@ def test_doctor_shows_the_plans_of_a_simulated_16gb_mac():
     proc = run("doctor", env={DEVICE_MEMORY_ENV: "10.7GB"})
     assert proc.returncode == 0, proc.stderr
     assert f"10.7 GB (simulated by {DEVICE_MEMORY_ENV})" in proc.stdout
-    assert "gpt-oss-20b       32768  experts streamed (573 of 768 on the GPU, 75%), dense layers 4-bit" in proc.stdout
+    assert "gpt-oss-20b       32768  experts streamed (573 of 768 on the GPU, 75%), dense layers 4-bit, 10.7 GB\n" in proc.stdout
+    # 120b's experts off the GPU (~55 GB) are more than a 16 GB Mac's page cache keeps: said so
+    assert "gpt-oss-120b      32768  experts streamed (463 of 4608 on the GPU, 10%), dense layers 4-bit, 10.7 GB *" in proc.stdout
+    assert "most tokens wait on the disk" in proc.stdout
 
 
 def test_cli_memory_limit_streams_or_refuses_in_one_line(tiny_checkpoint):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import mlx.core as mx
 
 from ..config import PRESETS
 from ..kernels import registry
-from ..memory import DEFAULT_CONTEXT, DENSE_BITS, GB, MemoryPlanError, choose_plan, device_limit, plan, size
+from ..memory import (
+    DEFAULT_CONTEXT, DENSE_BITS, GB, MemoryPlanError, choose_plan, device_limit, expert_bytes, plan, size,
+)
 from ..tools.sandbox import sandbox_status
 from .common import CLIError
 
@@ -18,6 +21,14 @@ def register(sub) -> None:
                        description="Print the MLX version and device, the memory the model may "
                                    "use, which model sizes fit, and the custom kernels' status.")
     p.set_defaults(func=cmd_doctor)
+
+
+def page_cache_room(limit: float, source: str) -> float:
+    """RAM the OS page cache may hold streamed experts in: the machine's RAM less the GPU's share
+    (a simulated device: a Mac whose recommended working set, about two thirds of its RAM, is
+    ``limit``)."""
+    ram = 1.5 * limit if source.startswith("simulated") else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(ram - limit, 0.0)
 
 
 def cmd_doctor(args) -> int:
@@ -46,12 +57,21 @@ def cmd_doctor(args) -> int:
         print(f"  {name:<14}{ctx:>9}  " + "  ".join(cells))
     print(f"\nMemory plan (the first arrangement that fits in {size(limit)}; "
           "--memory-limit and --dense-bits change it):")
+    room = page_cache_room(limit, source)
+    from_disk = False
     for name, config, ctx in rows:
         try:
             p = choose_plan(config, ctx, limit=limit)
-            print(f"  {name:<14}{ctx:>9}  {p.arrangement}, {p.total / GB:.1f} GB")
         except MemoryPlanError as e:
-            print(f"  {name:<14}{ctx:>9}  does not fit (needs at least {e.smallest_limit / GB:.1f} GB)")
+            print(f"  {name:<14}{ctx:>9}  does not fit (needs at least {e.smallest_limit / GB:.2f} GB)")
+            continue
+        off_gpu = (p.total_experts - p.expert_slots) * expert_bytes(config)
+        mark = " *" if off_gpu > room else ""
+        from_disk = from_disk or bool(mark)
+        print(f"  {name:<14}{ctx:>9}  {p.arrangement}, {p.total / GB:.1f} GB{mark}")
+    if from_disk:
+        print(f"  * more experts off the GPU than the OS page cache can keep beside it (about {size(room)}\n"
+              "    of RAM): most tokens wait on the disk")
     print(f"\nPython tool sandbox: {sandbox_status()}")
     print(f"\nCustom kernels ({registry.ENV_VAR}={registry.mode()}; checked on a small input before use):")
     kernels = registry.status(mx.bfloat16)
