@@ -112,10 +112,9 @@ class ExpertSource:
         # `cp` over it does) would feed new experts to the layers loaded from the old one
         self._stamps = {file: _stamp(fd) for file, fd in self._fds.items()}
         self._sampled = None  # (experts, count, runs, digest) of the load's finite-check sample
-        self._layer_files: dict[int, tuple[Path, ...]] = {}
+        self._layer_files: dict[int, dict[Path, None]] = {}  # each layer's files, in order
         for (layer, _), t in tensors.items():
-            if t.file not in self._layer_files.get(layer, ()):
-                self._layer_files[layer] = (*self._layer_files.get(layer, ()), t.file)
+            self._layer_files.setdefault(layer, {})[t.file] = None
         weakref.finalize(self, lambda fds: [os.close(fd) for fd in fds], list(self._fds.values()))
 
     @property

@@ -27,7 +27,7 @@ from .config import ConfigError, ModelConfig, token_ids
 from .distributed import shard_part, share_config
 from .files import CheckpointError, read_json_file, regular_file_problem
 from .lora import FUSED_EXPERT_ADAPTER, load_adapter
-from .memory import DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan
+from .memory import DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan, round_up_gb
 from .model import Model
 from .tokenizer import HarmonyEncoding, load_tokenizer
 
@@ -561,11 +561,10 @@ def _stream_experts(model: Model, plan, infos: dict[str, TensorInfo], memory_pla
 
 
 def _resident_limit(memory_plan: MemoryPlan) -> str:
-    """The --memory-limit ``memory_plan`` would need with every expert on the GPU (rounded up to
-    10 MB, as MemoryPlanError's smallest limit)."""
+    """The --memory-limit ``memory_plan`` would need with every expert on the GPU."""
     missing = memory_plan.total_experts - memory_plan.expert_slots
     total = memory_plan.total + missing * memory_plan.experts / max(memory_plan.expert_slots, 1)
-    return f"{math.ceil(total / 1e7) / 100:.2f}GB"
+    return f"{round_up_gb(total):.2f}GB"
 
 
 def load_model(directory: str | Path, dtype: mx.Dtype = mx.bfloat16, dense_bits: int | None = None,

@@ -55,6 +55,11 @@ def size(n: float) -> str:
     return f"{n / 1e3:.0f} KB" if n >= 1e3 else f"{n:.0f} bytes"
 
 
+def round_up_gb(n: float) -> float:
+    """``n`` bytes in GB, rounded up to 10 MB: a limit that holds them, and no more than that."""
+    return math.ceil(n / GB * 100) / 100
+
+
 def parse_size(text: str) -> float:
     """Bytes of a size such as ``10GB``, ``8.5G``, ``800MB`` or ``12GiB`` (a bare number is GB,
     a number with only ``B`` bytes)."""
@@ -251,7 +256,7 @@ def choose_plan(config: ModelConfig, context: int, dense_bits: int | None = None
     if slots >= config.num_local_experts:
         return arrange(config, context, bits, slots, limit, source)
     smallest = arrange(config, context, bits, config.num_local_experts, limit, source)
-    need = math.ceil(smallest.total / GB * 100) / 100  # rounded up: a limit that works, just
+    need = round_up_gb(smallest.total)
     if source == "--memory-limit":
         fix = f"pass --memory-limit {need}GB or more"
     elif source.startswith("simulated by"):

@@ -34,6 +34,7 @@ from gptoss_mlx.chat import (
 from gptoss_mlx.engine_thread import engine_thread
 from gptoss_mlx.generate import ContextLengthError
 from gptoss_mlx.harmony import EFFORTS
+from gptoss_mlx.memory import total_experts
 from gptoss_mlx.store import ConversationStore, title_for
 from gptoss_mlx.tools import Toolbox, ToolResult, run_with_tools
 from gptoss_mlx.tools.approval import render_code_text
@@ -468,8 +469,8 @@ class ChatApp(App):
             parts += [f"TTFT {s.ttft_s:.2f}s", f"{s.decode_tps:.1f} tok/s", f"peak {s.peak_memory_gb:.1f} GB"]
             pool = getattr(self.chat.engine.model, "expert_pool", None)
             if pool is not None:  # streamed experts: the pool's size, how often a chosen one was in it
-                total = pool.config.num_hidden_layers * pool.config.num_local_experts
-                parts.append(f"experts {pool.slots}/{total} on the GPU, {pool.stats.hit_rate:.0%} hits")
+                parts.append(f"experts {pool.slots}/{total_experts(pool.config)} on the GPU, "
+                             f"{pool.stats.hit_rate:.0%} hits")
         if message:
             parts.append(message)
         elif self.generating:
@@ -520,7 +521,7 @@ class ChatApp(App):
 
     @work(thread=True, exclusive=True, group="reply")
     def reply(self, text: str, turn: AssistantTurn, asked: UserMessage) -> None:
-        before = len(self.chat.messages)
+        before, failed = len(self.chat.messages), False
         events = run_with_tools(self.chat, text, self.toolbox) if self.toolbox else self.chat.send(text)
         try:
             for event in events:
@@ -532,14 +533,14 @@ class ChatApp(App):
                     self.last_done = event
         except ContextLengthError as e:  # the chat took its message back: nothing else changed
             self.call_from_thread(self.notify, str(e), title="Too long", severity="error", timeout=15)
-            if len(self.chat.messages) == before:
-                self.call_from_thread(self._take_back, text, turn, asked)
+            failed = True
         except Exception as e:  # noqa: BLE001  — a failed reply is reported; the chat stays
             self.call_from_thread(self.notify, f"{type(e).__name__}: {e}", title="The reply failed",
                                   severity="error", timeout=15)
-            if len(self.chat.messages) == before:  # taken back (a checkpoint that failed, NaNs)
-                self.call_from_thread(self._take_back, text, turn, asked)
+            failed = True
         finally:
+            if failed and len(self.chat.messages) == before:  # the chat took the message back
+                self.call_from_thread(self._take_back, text, turn, asked)
             self.call_from_thread(self._reply_finished, turn)
 
     async def _take_back(self, text: str, turn: AssistantTurn, asked: UserMessage) -> None:

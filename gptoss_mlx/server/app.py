@@ -81,14 +81,11 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
         slot = service.scheduler.admit()
         try:
             response = await handler(*args, body, request)
-        except (APIError, HTTPException):
+        except BaseException as e:
             slot.release()
-            raise
-        except Exception as e:  # noqa: BLE001 - a 500 in OpenAI's shape; the connection stays open
-            slot.release()
-            raise generation_failed(e, f"{request.method} {request.url.path}") from None
-        except BaseException:
-            slot.release()
+            if isinstance(e, Exception) and not isinstance(e, (APIError, HTTPException)):
+                # a failure in the model: a 500 in OpenAI's shape, the connection stays open
+                raise generation_failed(e, f"{request.method} {request.url.path}") from None
             raise
         if not isinstance(response, StreamingResponse):
             slot.release()
