@@ -216,14 +216,15 @@ class Chat:
         ResponseFormat) shapes this turn's answer, over :attr:`response_format`; a schema that
         cannot be enforced raises SchemaError before anything is sent."""
         turn_format = self._checked_format(response_format) if response_format is not None else self._format
-        return engine_thread().stream(self._send(text, turn_format))
+        ledger = _Ledger(self.messages)
+        return ledger.watch(engine_thread().stream(self._send(text, turn_format, ledger)))
 
-    def _send(self, text: str, turn_format) -> Iterator[ChatEvent]:
+    def _send(self, text: str, turn_format, ledger: "_Ledger") -> Iterator[ChatEvent]:
         self._turn_format = turn_format  # also for the replies after tool results
         message = Message("user", text)
         self.messages.append(message)
         try:
-            yield from self.reply()
+            yield from self._reply(ledger)
         except (ContextLengthError, NonFiniteLogitsError, SchemaError, CheckpointError):
             if self.messages and self.messages[-1] is message:  # nothing came after it
                 self.messages.pop()
@@ -236,34 +237,39 @@ class Chat:
     def reply(self) -> Iterator[ChatEvent]:
         """Generate the assistant's next messages; stops at a final answer or a tool call.
         If interrupted (``stop()``, Ctrl-C, or the consumer closing the stream), the partial
-        answer is kept and the session goes on."""
-        return engine_thread().stream(self._reply())
+        answer is kept and the session goes on: closing the stream keeps what the consumer took,
+        not what the engine made after it."""
+        ledger = _Ledger(self.messages)
+        return ledger.watch(engine_thread().stream(self._reply(ledger)))
 
-    def _reply(self) -> Iterator[ChatEvent]:
+    def _reply(self, ledger: "_Ledger") -> Iterator[ChatEvent]:
         """The reply, on the engine thread: ``stop()`` is honoured at the next token."""
         self._stop = False
         self._channel = self._recipient = None
+        self._ended = 0  # the parser's messages ended so far: which one an event belongs to
         parser = harmony.StreamParser(self.tokenizer, role="assistant")
         prompt, trimmed = self.fitted_prompt()
         if trimmed:
-            yield trimmed
+            yield ledger.note(trimmed)
         stream = self.engine.generate(prompt, self.sampling, logits_processors=self._constraints(prompt))
         finish = None
         try:
             for token in stream:
-                yield from self._chat_events(parser.feed(token))
+                for event, message in self._chat_events(parser.feed(token)):
+                    yield ledger.note(event, message)
                 if self._stop:
                     finish = "interrupted"
                     break
         except GeneratorExit:  # the consumer closed the stream (Ctrl-C, quit)
             stream.close()
-            self._keep(parser, interrupted=True)
+            self._keep(parser, interrupted=True, ledger=ledger)
             raise
         stream.close()
-        yield from self._chat_events(parser.finish())
-        new = self._keep(parser, interrupted=finish == "interrupted")
+        for event, message in self._chat_events(parser.finish()):
+            yield ledger.note(event, message)
+        new = self._keep(parser, interrupted=finish == "interrupted", ledger=ledger)
         stats = self.engine.stats
-        yield Done(stats, finish or stats.finish_reason, new)
+        yield ledger.note(Done(stats, finish or stats.finish_reason, new))
 
     def _constraints(self, prompt: list[int]) -> list:
         """The reply's logits processor: the answer's shape, valid function calls, the
@@ -271,28 +277,31 @@ class Chat:
         return constraints_for(self.tokenizer, self._prefix(), reasoning_budget=self.reasoning_budget,
                                max_tokens=self.engine.token_budget(len(prompt), self.sampling))
 
-    def _chat_events(self, events) -> Iterator[ChatEvent]:
-        """Parser events -> chat events: reasoning, answer text, tool calls."""
+    def _chat_events(self, events) -> Iterator[tuple[ChatEvent, int]]:
+        """Parser events -> chat events (reasoning, answer text, tool calls), each with the
+        index of the parser's message it comes from."""
         for event in events:
             if isinstance(event, MessageStart):
                 self._channel, self._recipient = event.channel, event.recipient
             elif isinstance(event, ContentDelta) and self._recipient is None:
-                yield (AnswerDelta if self._is_answer(self._channel) else ReasoningDelta)(event.text)
-            elif isinstance(event, MessageEnd) and event.message.is_tool_call:
+                yield (AnswerDelta if self._is_answer(self._channel) else ReasoningDelta)(event.text), self._ended
+            elif isinstance(event, MessageEnd):
                 m = event.message
-                yield ToolCall(m.recipient, m.text, m.channel)
+                if m.is_tool_call:
+                    yield ToolCall(m.recipient, m.text, m.channel), self._ended
+                self._ended += 1
 
     def _is_answer(self, channel: str | None) -> bool:
         """Text on ``channel`` is the answer: any but analysis; with a response format only the
         final channel's (constrained) text, so the answer is exactly the JSON."""
         return channel == "final" if self._turn_format else channel != "analysis"
 
-    def _keep(self, parser: harmony.StreamParser, interrupted: bool) -> list[Message]:
+    def _keep(self, parser: harmony.StreamParser, interrupted: bool, ledger: "_Ledger") -> list[Message]:
         """Add the reply's messages to the history. An interrupted reply keeps its answer text
         but not a half-written chain of thought."""
         parser.finish()
         new = []
-        for m in parser.messages:
+        for index, m in enumerate(parser.messages):
             if m.role != "assistant":
                 continue
             if interrupted and m.channel == "analysis" and not m.is_tool_call:
@@ -300,6 +309,7 @@ class Chat:
             if m.channel is None:  # recovered text without a channel: the answer, if it may be
                 m.channel = "final" if self._is_answer(None) else "analysis"
             new.append(m)
+            ledger.kept[index] = m
         self.messages.extend(new)
         return new
 
@@ -333,6 +343,51 @@ class Chat:
         else:
             self.instructions, self.functions = None, []
         self.messages = rest
+
+
+class _Ledger:
+    """One reply stream's events as the engine thread made them, and the history's messages
+    they belong to, so that a consumer closing the stream early (Ctrl-C) leaves in the history
+    only what it took: the engine runs ahead of the consumer by an event or two, and may even
+    have finished the reply."""
+
+    def __init__(self, messages: list[Message]):
+        self.messages = messages  # the chat's history
+        self.made: list[tuple[ChatEvent, int | None]] = []  # (event, parser message index)
+        self.kept: dict[int, Message] = {}  # parser message index -> the message in the history
+
+    def note(self, event: ChatEvent, message: int | None = None) -> ChatEvent:
+        """On the engine thread: ``event``, from the parser's ``message``, is being yielded."""
+        self.made.append((event, message))
+        return event
+
+    def watch(self, events: Iterator[ChatEvent]) -> Iterator[ChatEvent]:
+        """On the consumer's side: ``events``, counted as taken."""
+        taken, complete = 0, False
+        try:
+            for event in events:
+                taken += 1
+                yield event
+            complete = True
+        finally:
+            if not complete:
+                events.close()  # waits until the engine thread has kept the reply's messages
+                self._forget(taken)
+
+    def _forget(self, taken: int) -> None:
+        """Cut the kept messages back to the first ``taken`` events: a message's text to the
+        deltas taken (none: the message goes), as an interrupted reply keeps it (Chat._keep): a
+        chain of thought or a tool call not wholly taken goes."""
+        for index in sorted({i for _, i in self.made[taken:] if i is not None}):
+            m = self.kept.get(index)
+            if m is None:
+                continue
+            text = "".join(e.text for e, i in self.made[:taken]
+                           if i == index and isinstance(e, (AnswerDelta, ReasoningDelta)))
+            if m.is_tool_call or m.channel == "analysis" or not text:
+                self.messages[:] = [x for x in self.messages if x is not m]
+            else:
+                m.content = text
 
 
 def trimmed_histories(messages: list[Message]) -> list[list[Message]]:

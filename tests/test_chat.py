@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +18,7 @@ from gptoss_mlx.chat import (
     AnswerDelta, Chat, ChatFileError, ContextTrimmed, Done, ReasoningDelta, ToolCall, trimmed_histories,
 )
 from gptoss_mlx.generate import ContextLengthError, SamplingParams
-from gptoss_mlx.harmony import Message
+from gptoss_mlx.harmony import Message, ToolSpec
 from gptoss_mlx.tokenizer import load_tokenizer
 from scripted import ScriptedModel
 
@@ -178,7 +179,10 @@ def test_send_from_two_threads_taking_turns(tmp_path, tiny_checkpoint):
     assert all(reused > 0 for _, reused, _ in result["got"][1:])  # the cache carried over
 
 
-def test_closing_the_stream_keeps_the_partial_answer_and_the_chat_goes_on(tok):
+@pytest.mark.parametrize("lag", [0.0, 0.5])
+def test_closing_the_stream_keeps_the_answer_taken_and_the_chat_goes_on(tok, lag):
+    """Ctrl-C while printing: the history keeps the answer text the consumer took, not the
+    tokens the engine made meanwhile (with a slow consumer, the whole reply)."""
     model = ScriptedModel([reply_script(tok, "Think.", "one two three four five six"),
                            reply_script(tok, "Again.", "fine")])
     chat = Chat(model, tok, date="2025-08-05")
@@ -187,12 +191,29 @@ def test_closing_the_stream_keeps_the_partial_answer_and_the_chat_goes_on(tok):
     for event in events:
         if isinstance(event, AnswerDelta):
             answer += event.text
-            break
+            if "two" in answer:
+                time.sleep(lag)  # the engine runs on to the end of the reply
+                break
     events.close()  # as Ctrl-C or quitting does: the reply stops there
     assert chat.messages[0].text == "count"
-    assert chat.messages[-1].channel == "final" and chat.messages[-1].text.startswith(answer)
-    assert "six" not in chat.messages[-1].text
+    # the whole chain of thought was taken: kept where the engine finished it, not when cut
+    assert [(m.channel, m.text) for m in chat.messages[1:-1]] in ([], [("analysis", "Think.")])
+    assert chat.messages[-1].channel == "final"
+    assert chat.messages[-1].text == answer
     assert collect(chat.send("go on"))[1] == "fine"
+    assert chat.messages[-1].text == "fine"
+
+
+def test_a_tool_call_not_taken_before_closing_is_not_kept(tok):
+    call = script(tok, "<|channel|>analysis<|message|>Look it up.<|end|><|start|>assistant"
+                       "<|channel|>commentary to=functions.lookup <|constrain|>json<|message|>{}<|call|>")
+    chat = Chat(ScriptedModel([call]), tok, date="2025-08-05",
+                functions=[ToolSpec("lookup", "Look something up.", {"type": "object"})])
+    events = chat.send("find it")
+    next(e for e in events if isinstance(e, ReasoningDelta))
+    time.sleep(0.5)  # the engine makes the call meanwhile
+    events.close()
+    assert [m.role for m in chat.messages] == ["user"]  # no call the consumer never saw
 
 
 def test_stop_from_another_thread(tok):

@@ -306,11 +306,11 @@ def test_a_model_computing_nans_is_an_error_and_the_chat_goes_on(tok, store, mon
     chat = scripted_chat(tok, "Fine again.")
     real_reply, calls = chat._reply, []
 
-    def reply():
+    def reply(ledger):
         calls.append(1)
         if len(calls) == 1:
             raise NonFiniteLogitsError("the model computed NaN or infinite logits")
-        return real_reply()
+        return real_reply(ledger)
 
     monkeypatch.setattr(chat, "_reply", reply)
     status, out = run_chat(monkeypatch, chat, ["first?", "second?"])

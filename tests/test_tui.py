@@ -40,7 +40,7 @@ class ScriptedChat(Chat):
         self.replies = list(replies)
         self.efforts: list[str] = []
 
-    def reply(self):
+    def _reply(self, ledger):
         self._stop = False
         self.efforts.append(self.reasoning_effort)
         script = self.replies.pop(0) if self.replies else [("final", "ok")]
@@ -526,9 +526,9 @@ def test_ctrl_q_during_a_reply_exits_cleanly(tiny_checkpoint, tmp_path):
 
 async def test_context_trimmed_shows_a_notice(store):
     class TrimmingChat(ScriptedChat):
-        def reply(self):
+        def _reply(self, ledger):
             yield ContextTrimmed(dropped_messages=4, dropped_tokens=1234)
-            yield from super().reply()
+            yield from super()._reply(ledger)
 
     app = make_app(TrimmingChat([("final", "fine")]), store)
     async with app.run_test(size=SIZE) as pilot:
