@@ -27,6 +27,14 @@ rest, including ``read-back``: waiting for each layer's routing, which on CUDA a
 pages that migrate by faults, and the pool's own bookkeeping in Python); transfer GB/s is the
 bytes read over read + migrate.
 
+``--rounds R`` adds, after the table, the rates measured side by side: every limit's arrangement
+loaded into one process (its memory limit not set: peak memory is the table's), then R rounds
+that each decode ``--tokens`` greedy tokens with each of them in turn, after a fresh 128-token
+prompt per round (a repeated one would find its experts in the pool). The table's "% of
+resident" divides rates measured in separate processes, minutes apart, on a host whose speed
+moves between calls (a resident 120b-8-layer row at 323 and 590 tok/s in one session); the median
+of the per-round ratios does not depend on it.
+
 Random weights route almost uniformly, so every expert is equally likely: the hit rates here are
 a floor (real checkpoints reuse experts strongly from token to token).
 ``--scale-to 120b`` with a checkpoint of fewer layers (``--layers N``, for a small disk) gives
@@ -178,6 +186,37 @@ def run_row(args) -> dict:
             **prefill, "peak_gb": mx.get_peak_memory() / 1e9, "tokens": made}
 
 
+def run_rounds(args) -> list[dict]:
+    """Each limit's arrangement loaded side by side, decoding in alternating rounds (on the
+    engine thread): per limit, its rates and their per-round ratios to the first limit's."""
+    import statistics
+
+    from gptoss_mlx.generate import Engine, SamplingParams
+    from gptoss_mlx.loading import load_model, read_config
+
+    config = read_config(args.dir)
+    runs = []
+    for limit in [float(x) for x in args.limits.split(",")]:
+        memory_plan, _ = row_plan(config, limit, args.scale_to, None, args.dense_bits)
+        model = load_model(args.dir, memory_plan=memory_plan)
+        engine = Engine(model, max_context=CONTEXT)
+        list(engine.generate(random_prompt(128, PROMPT_SEED + 2), SamplingParams(temperature=0, max_tokens=3),
+                             stop_tokens=frozenset()))  # warm-up: kernels compiled and loaded
+        runs.append({"limit": limit, "arrangement": memory_plan.arrangement, "engine": engine, "rates": []})
+        progress(f"loaded {memory_plan.arrangement}")
+    greedy = SamplingParams(temperature=0, max_tokens=args.tokens)
+    for r in range(args.rounds):
+        prompt = random_prompt(128, PROMPT_SEED + 10 + r)
+        for run in runs:
+            run["engine"].prefill(prompt)
+            list(run["engine"].generate(prompt, greedy, stop_tokens=frozenset()))
+            run["rates"].append(run["engine"].stats.decode_tps)
+        progress(f"round {r + 1}: " + ", ".join(f"{run['rates'][-1]:.1f}" for run in runs) + " tok/s")
+    first = runs[0]["rates"]
+    return [{"limit": run["limit"], "arrangement": run["arrangement"], "rates": run["rates"],
+             "ratio": statistics.median(x / y for x, y in zip(run["rates"], first))} for run in runs]
+
+
 def child(args) -> int:
     import faulthandler
     import signal
@@ -186,7 +225,8 @@ def child(args) -> int:
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # where a row that ran too long was
 
-    print("ROW " + json.dumps(engine_thread().call(run_row, args)), flush=True)
+    print("ROW " + json.dumps(engine_thread().call(run_rounds if args.rounds_child else run_row, args)),
+          flush=True)
     return 0
 
 
@@ -197,7 +237,8 @@ def main() -> int:
     ap.add_argument("--preset", default="20b", choices=["tiny", "20b", "120b"])
     ap.add_argument("--layers", type=int, default=None, help="write only this many layers (--make)")
     ap.add_argument("--limits", default="14,10,8,6", help="memory limits in GB, comma-separated")
-    ap.add_argument("--cache", default="warm,dropped", help="page cache states: warm,dropped")
+    ap.add_argument("--cache", default="warm,dropped",
+                    help="page cache states: warm,dropped ('': no table, --rounds alone)")
     ap.add_argument("--scale-to", choices=["20b", "120b"], default=None,
                     help="give each row the expert share the full model gets at that limit")
     ap.add_argument("--dense-bits", type=int, choices=[16, 8, 4], default=None)
@@ -209,17 +250,18 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=1024, help="prefill prompt tokens")
     ap.add_argument("--tokens", type=int, default=48, help="decode tokens")
     ap.add_argument("--row-timeout", type=float, default=None, help="seconds a row may take")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="also decode with every limit's arrangement side by side in this many rounds")
     # one row, in a child process
     ap.add_argument("--limit", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--slots", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--policy", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--transfer", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--guess", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rounds-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.limit is not None or args.slots:
+    if args.limit is not None or args.slots or args.rounds_child:
         return child(args)
-
-    import mlx.core as mx
 
     from gptoss_mlx.testing import checkpoints as mtc
 
@@ -271,6 +313,16 @@ def main() -> int:
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "tokens"}), flush=True)
 
+    if results:
+        print_table(args, results)
+    if args.rounds:
+        side_by_side(args)
+    return 0
+
+
+def print_table(args, results: list[dict]) -> None:
+    import mlx.core as mx
+
     resident_row = next((r for r in results if "everything resident" in r["arrangement"]
                          and r.get("slots") is None), None)
     resident = resident_row and resident_row["decode_tps"]
@@ -296,7 +348,28 @@ def main() -> int:
               f"| {r['compute_ms_per_token']:.1f} | {r['readback_ms_per_token']:.1f} | {r['pool_ms_per_token']:.1f} "
               f"| {r['prefill_tps']:.0f} | {r['prefill_mb_per_token']:.1f} | {r['peak_gb']:.2f} "
               f"| {same_tokens(r, resident_row)} |")
-    return 0
+
+
+def side_by_side(args) -> None:
+    """The --rounds measurement, in a process of its own."""
+    cmd = [sys.executable, __file__, "--dir", str(args.dir), "--limits", args.limits, "--rounds",
+           str(args.rounds), "--tokens", str(args.tokens), "--rounds-child"]
+    for flag, value in (("--scale-to", args.scale_to), ("--dense-bits", args.dense_bits)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    print(f"\nside by side: {args.rounds} rounds of {args.tokens} greedy tokens after a fresh 128-token "
+          "prompt, each arrangement in turn, one process", flush=True)
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.row_timeout).stdout
+    line = next((x for x in out.splitlines() if x.startswith("ROW ")), None)
+    if line is None:
+        print("side by side: failed", flush=True)
+        return
+    print("| limit (GB) | arrangement | decode tok/s by round | median ratio to the first |")
+    print("|---|---|---|---|")
+    for r in json.loads(line[4:]):
+        limit = f"{r['limit']:g}" + (f" for {args.scale_to}" if args.scale_to else "")
+        print(f"| {limit} | {r['arrangement']} | {' / '.join(f'{x:.1f}' for x in r['rates'])} "
+              f"| {r['ratio']:.0%} |")
 
 
 def same_tokens(row: dict, resident: dict | None) -> str:
