@@ -217,10 +217,19 @@ class PromptCache:
         return keep
 
     def clear(self, cache: list) -> None:
-        """Start over from ``cache`` (empty): after a pass that failed part-way, whose first
-        layers took its tokens and the others not."""
+        """Start over from ``cache`` (empty)."""
         self.cache, self.tokens, self.snapshots = cache, [], {}
         self.take_snapshot()
+
+    def recover(self) -> None:
+        """After a pass that failed part-way, whose first layers took its tokens and the others
+        not: back to the latest snapshot at or before the tokens held (the end of the last
+        prefill, usually), where every layer agrees, so the next turn reuses what came before."""
+        keep = max(p for p in self.snapshots if p <= len(self.tokens))
+        for c, state in zip(self.cache, self.snapshots[keep]):
+            c.restore(state)
+        del self.tokens[keep:]
+        self.snapshots = {p: s for p, s in self.snapshots.items() if p <= keep}
 
     def take_snapshot(self) -> None:
         self.snapshots[len(self.tokens)] = [c.snapshot() for c in self.cache]
@@ -363,7 +372,7 @@ class Engine:
             if logits is None:
                 logits = self.model(y.reshape(1, 1), cache=cache)[:, -1, :]
         except Exception:  # a streamed expert's file failed, say: no layer may keep the token
-            self.prompt_cache.clear(self.model.make_cache())
+            self.prompt_cache.recover()
             raise
         self.prompt_cache.tokens.append(-1)  # the caller writes the id once it has it
         return logits
@@ -385,11 +394,12 @@ EVALUATE_ALL_LAYERS_UP_TO = 128
 
 def forward(model, pc: PromptCache, tokens: list[int], evaluate_layers: bool = False) -> mx.array:
     """Feed tokens through the model (updating the cache); logits of the last one, (1, V). If
-    the pass fails part-way (a streamed expert's file, say), the cache starts over, empty."""
+    the pass fails part-way (a streamed expert's file, say), the cache goes back to its last
+    snapshot (PromptCache.recover)."""
     try:
         logits = model(mx.array([tokens]), cache=pc.cache, evaluate_layers=evaluate_layers)
     except Exception:
-        pc.clear(model.make_cache())
+        pc.recover()
         raise
     pc.tokens.extend(tokens)
     return logits[:, -1, :]

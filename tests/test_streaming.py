@@ -408,7 +408,8 @@ def test_expert_biases_stored_in_another_dtype_in_one_layer_are_cast_not_copied(
 def test_after_a_pass_that_failed_part_way_the_engine_goes_on_exactly(checkpoints, when):
     """A streamed expert's read fails in the middle of a pass (prefill: a demand read; decode:
     a read ahead on the worker thread): the first layers have taken the tokens, the others not.
-    The engine starts its cache over, so the next turn makes the resident model's tokens."""
+    The engine's cache goes back to its last snapshot (the end of the prompt's prefill), so the
+    next turn reuses what came before it and makes the resident model's tokens."""
     import threading
 
     resident, pooled = load_model(checkpoints["hf"]), streamed(checkpoints["hf"], 8)
@@ -436,6 +437,8 @@ def test_after_a_pass_that_failed_part_way_the_engine_goes_on_exactly(checkpoint
     history = list(PROMPT) + [7, 400, 3]
     assert [list(e.generate(history, greedy, stop_tokens=())) for e in engines][1] == \
         list(engines[0].generate(history, greedy, stop_tokens=()))
+    # decode: the prompt stayed cached; prefill: the pass failed in its first prompt
+    assert engines[1].stats.reused_tokens == (len(PROMPT) if when == "decode" else 0)
 
 
 def test_the_pool_holds_the_checkpoint_bytes_of_each_expert(checkpoints):

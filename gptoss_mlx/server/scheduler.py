@@ -254,7 +254,7 @@ class Scheduler:
             except ValueError as e:  # a prompt the model cannot take, or NaN logits: this one fails
                 self._prefilling.remove(seq)
                 if seq.pc is not None and not isinstance(e, NonFiniteLogitsError):
-                    self.pool.put(seq.pc)  # as it was, or emptied by a pass that failed (forward)
+                    self.pool.put(seq.pc)  # as it was, or back at a snapshot (forward)
                 seq.put(("error", e))
                 continue
             if logits is not None:
