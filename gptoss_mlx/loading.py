@@ -27,7 +27,9 @@ from .config import ConfigError, ModelConfig, token_ids
 from .distributed import shard_part, share_config
 from .files import CheckpointError, read_json_file, regular_file_problem
 from .lora import FUSED_EXPERT_ADAPTER, load_adapter
-from .memory import DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan, round_up_gb
+from .memory import (
+    DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan, round_up_gb, size,
+)
 from .model import Model
 from .tokenizer import HarmonyEncoding, load_tokenizer
 
@@ -733,6 +735,13 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
         if adapter is not None:
             raise CheckpointError(f"{directory} is a fused checkpoint with its own expert adapter; "
                                   "apply another adapter to the base model instead")
+        if memory_plan.streamed:  # the adapter's updates would miss the experts read from the files
+            raise CheckpointError(
+                f"{directory} is a fused checkpoint whose experts keep their adapter beside them "
+                f"({FUSED_EXPERT_ADAPTER}/), and in {size(memory_plan.limit)} its experts would be "
+                "streamed, which adapters do not reach: it needs --memory-limit "
+                f"{_resident_limit(memory_plan)} or more, or fuse again with --requantize-experts "
+                "(the adapter merged into the experts, which then stream)")
         adapter = directory / FUSED_EXPERT_ADAPTER
     if adapter is not None and distributed:
         raise CheckpointError("adapters are not applied across machines yet: fuse the adapter "

@@ -25,11 +25,13 @@ GB = 1e9
 WORKING_BYTES = 1.0 * GB  # activations of a 512-token prefill chunk, logits, MLX's own buffers
 AFFINE_GROUP = 64
 DEFAULT_CONTEXT = 32768  # tokens the front ends plan memory for and allow without --max-context
-PROMPT_CACHE_GB = 4.0  # GiB of a server's saved prompt caches, where the experts need not stream
+PROMPT_CACHE_GB = 4.0  # GB (1e9 bytes) of a server's saved prompt caches, where the experts need not stream
 DENSE_BITS = (16, 8, 4)  # 16: the checkpoint's own bf16 dense layers
 # Sets the device's limit (e.g. 10.7GB, a 16 GB Mac's working set), to see a smaller Mac's plans.
 DEVICE_MEMORY_ENV = "GPTOSS_MLX_DEVICE_MEMORY"
 
+MIN_NUMERIC_LIMIT = 1e6  # a memory_limit number (bytes) below 1 MB is a size in GB without its unit
+BARE_GB_MAX = 1024  # a size without a unit is GB; from this many it is bytes or MB without their unit
 _UNITS = {"": GB, "K": 1e3, "M": 1e6, "G": GB, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
           "TI": 2**40}
 
@@ -62,11 +64,15 @@ def round_up_gb(n: float) -> float:
 
 def parse_size(text: str) -> float:
     """Bytes of a size such as ``10GB``, ``8.5G``, ``800MB`` or ``12GiB`` (a bare number is GB,
-    a number with only ``B`` bytes)."""
+    a number with only ``B`` bytes). A bare number of BARE_GB_MAX or more is an error: it is a
+    count of bytes or MB without its unit, not that many GB."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kKmMgGtT])(i?))?([bB]?)\s*", str(text))
     if not match:
         raise ValueError(f"expected a size such as 10GB, 8.5G or 800MB, got {text!r:.40}")
     number, unit, binary, b = match.groups()
+    if not (unit or b) and float(number) >= BARE_GB_MAX:
+        raise ValueError(f"a size without a unit is in GB, and {number:.30} GB is more memory than "
+                         f"a Mac has: give the unit (e.g. {number:.30}B for bytes, {number:.30}MB)")
     size = float(number) * (_UNITS[(unit + binary).upper()] if unit else 1.0 if b else GB)
     if size <= 0:
         raise ValueError(f"a memory size must be more than 0, got {text!r:.40}")
@@ -210,6 +216,9 @@ def resolve_limit(limit: float | str | None = None) -> tuple[float, str]:
     elif isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
         raise ValueError(f"memory_limit must be a number of bytes above 0 (inf: not checked) or a size "
                          f"such as '10GB', got {limit!r:.40}")
+    elif limit < MIN_NUMERIC_LIMIT:
+        raise ValueError(f"memory_limit={limit!r:.40} is in bytes, less than any model needs: give a "
+                         f"size with its unit, such as '{limit:g}GB'")
     limit = float(limit)
     return limit, "--memory-limit" if math.isfinite(limit) else "memory not checked"
 

@@ -18,7 +18,7 @@ from gptoss_mlx.chat import AnswerDelta, Chat
 from gptoss_mlx.cli import build_parser, common, main
 from gptoss_mlx.generate import SamplingParams
 from gptoss_mlx.tokenizer import SPECIAL_TOKENS as ID
-from gptoss_mlx.loading import load
+from gptoss_mlx.loading import CheckpointError, load
 from gptoss_mlx.lora import (
     ADAPTER_WEIGHTS, FUSED_EXPERT_ADAPTER, AdapterError, LoRAConfig, LoRALinear, LoRASwitchLinear, apply_lora,
     save_adapter,
@@ -267,6 +267,12 @@ def test_a_fused_checkpoint_gives_the_logits_of_base_plus_adapter(sharp, tok, tm
         assert "error RMS" in capsys.readouterr().out
         assert not (tmp_path / "requantized" / FUSED_EXPERT_ADAPTER).exists()
         load(tmp_path / "requantized")  # a plain checkpoint in the published layout
+        # streamed, the experts would miss their adapter: refused, naming both ways out
+        with pytest.raises(CheckpointError, match=r"fused checkpoint whose experts keep their adapter .* "
+                                                  r"needs --memory-limit 1\.\d\dGB or more, or fuse again "
+                                                  r"with --requantize-experts"):
+            load(fused_dir, memory_limit="1.02307GB", dense_bits=4)
+        assert load(tmp_path / "requantized", memory_limit="1.02307GB", dense_bits=4)[0].expert_pool
 
 
 def test_mlx_lm_loads_a_fused_checkpoint(sharp, tmp_path):

@@ -496,6 +496,27 @@ def test_bad_sizes_are_one_clear_error(text):
         parse_size(text)
 
 
+@pytest.mark.parametrize("text", ["1073741824", "16384", "1024", " 2048.5 "])
+def test_a_count_of_bytes_or_mb_without_its_unit_is_not_read_as_gb(text):
+    """A bare number is GB (10 = 10GB); bytes or MB written without their unit would be read
+    as thousands of GB, a plan with no limit at all: an error asking for the unit."""
+    with pytest.raises(ValueError, match=rf"a size without a unit is in GB, and {text.strip()} GB is more "
+                                         rf"memory than a Mac has: give the unit \(e.g. {text.strip()}B"):
+        parse_size(text)
+    assert parse_size(text.strip() + "B") == float(text)
+    assert parse_size("1023") == 1023e9
+
+
+@pytest.mark.parametrize("limit", [0.5, 10, 999_999])
+def test_a_numeric_limit_is_bytes_and_a_tiny_one_asks_for_the_unit(limit):
+    from gptoss_mlx.memory import resolve_limit
+
+    with pytest.raises(ValueError, match=rf"memory_limit={limit} is in bytes, less than any model needs: "
+                                         rf"give a size with its unit, such as '{limit:g}GB'"):
+        resolve_limit(limit)
+    assert resolve_limit(12_000_000_000) == (12e9, "--memory-limit")
+
+
 @given(st.text(max_size=12))
 def test_any_text_is_a_size_or_one_clear_error(text):
     try:
@@ -860,12 +881,31 @@ def test_serve_plans_its_sequences_and_prompt_caches_inside_the_limit(tiny_check
         return prepare(args)[2], args.prompt_cache_bytes
 
     roomy, cache = serve_plan("--memory-limit", "100GB", "--max-concurrency", "4")
-    assert not roomy.streamed and cache == 4 << 30 and roomy.server == 3 * kv + cache
+    assert not roomy.streamed and cache == 4e9 and roomy.server == 3 * kv + cache  # GB as --memory-limit's
     assert f"+ server caches {roomy.server / GB:.1f} GB = " in roomy.describe()
     limit = 1.02307 * GB + 4 * kv  # the limit that streams 8 of 32 experts alone, plus 3 + 1 caches
     tight, cache = serve_plan("--memory-limit", f"{limit:.0f}B", "--max-concurrency", "4", "--dense-bits", "4")
     assert tight.streamed and cache == int(kv) and tight.total <= limit and tight.expert_slots == 8
     assert f"+ server caches {4 * kv / 1e6:.0f} MB = " in tight.describe()
-    with pytest.raises(CLIError, match="will not fit .* server caches 4.3 GB"):
+    with pytest.raises(CLIError, match=rf"will not fit .* server caches {(3 * kv + 4e9) / GB:.1f} GB.* or fewer "
+                                      r"caches: with --max-concurrency 1 --prompt-cache-gb 0 serve fits "
+                                      r"\(everything resident, dense layers 4-bit\)$"):
         serve_plan("--memory-limit", f"{limit:.0f}B", "--max-concurrency", "4", "--dense-bits", "4",
                    "--prompt-cache-gb", "4")
+    alone = 1.02307 * GB  # one sequence, no saved caches: nothing else to give up
+    with pytest.raises(CLIError, match=r"will not fit .* The smallest limit that works is [\d.]+ GB: pass "
+                                       r"--memory-limit [\d.]+GB or more$"):
+        serve_plan("--memory-limit", f"{alone / 2:.0f}B", "--max-concurrency", "1", "--prompt-cache-gb", "0",
+                   "--dense-bits", "4")
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "1e400", "1e30", "lots", "1024"])
+def test_a_bad_prompt_cache_size_is_one_line_naming_the_flag(value, capsys):
+    from gptoss_mlx.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["serve", "--model", "/nonexistent", "--prompt-cache-gb", value])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("gptoss-mlx serve: error: argument --prompt-cache-gb: ")
+    assert ("from 0 (no saved prompt caches) to under 1024 GB" in err) or ("expected a number of GB" in err)

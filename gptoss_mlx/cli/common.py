@@ -22,7 +22,7 @@ from ..loading import (
     resolve_checkpoint,
 )
 from ..memory import (
-    DEFAULT_CONTEXT, DENSE_BITS, PROMPT_CACHE_GB, MemoryPlan, MemoryPlanError, checkpoint_dense_bits,
+    BARE_GB_MAX, DEFAULT_CONTEXT, DENSE_BITS, GB, PROMPT_CACHE_GB, MemoryPlan, MemoryPlanError, checkpoint_dense_bits,
     choose_plan, kv_cache_bytes, parse_size, server_bytes,
 )
 from ..structured import SchemaError
@@ -85,15 +85,27 @@ def memory_size(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def cache_gb(text: str) -> float:
+    """argparse type: GB of saved prompt caches (serve's --prompt-cache-gb), 0 for none."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB, such as 4 or 0.5, got {text!r:.40}") from None
+    if not 0 <= value < BARE_GB_MAX:
+        raise argparse.ArgumentTypeError(f"must be from 0 (no saved prompt caches) to under {BARE_GB_MAX} GB, "
+                                         f"got {text:.40}")
+    return value
+
+
 def add_plan_options(p: argparse.ArgumentParser) -> None:
     """What the memory plan depends on: context length, memory limit and dense-layer bits."""
     p.add_argument("--max-context", type=positive_int, default=None, metavar="TOKENS",
                    help="context length to plan memory for and to allow (default: "
                         f"{DEFAULT_CONTEXT}; at most the model's max_position_embeddings)")
     p.add_argument("--memory-limit", type=memory_size, default=None, metavar="SIZE",
-                   help="memory the model may use, e.g. 10GB or 800MB (default: the device's, "
-                        "on a Mac Metal's recommended working set); the plan keeps everything "
-                        "resident, quantizes the dense layers, or streams experts to stay inside")
+                   help="memory the model may use, e.g. 10GB or 800MB; a bare number is GB (default: "
+                        "the device's, on a Mac Metal's recommended working set); the plan keeps "
+                        "everything resident, quantizes the dense layers, or streams experts to stay inside")
     p.add_argument("--dense-bits", type=int, choices=DENSE_BITS, default=None,
                    help="dense layers (attention, embeddings) in bf16 (16) or quantized to 8 or 4 "
                         "bits at load; the router stays bf16 (default: the memory plan's choice)")
@@ -263,22 +275,33 @@ def plan_server(args, config, context: int, bits: int | None, limit) -> MemoryPl
     limit. Without --prompt-cache-gb the prompt caches get PROMPT_CACHE_GB, or, where that would
     leave the experts streamed (or not fit), one conversation's worth (the expert pool is what
     decode speed needs most); sets ``args.prompt_cache_bytes`` for the scheduler."""
-    def planned(cache: float) -> MemoryPlan:
-        return choose_plan(config, context, bits, limit,
-                           server=server_bytes(config, context, args.max_concurrency, cache))
+    def planned(cache: float, sequences: int = args.max_concurrency) -> MemoryPlan:
+        return choose_plan(config, context, bits, limit, server=server_bytes(config, context, sequences, cache))
+
+    def planned_or_why(cache: float) -> MemoryPlan:
+        """planned(cache); where serve's caches are what does not fit, the error says so."""
+        try:
+            return planned(cache)
+        except MemoryPlanError as e:
+            try:
+                alone = planned(0.0, sequences=1)
+            except MemoryPlanError:
+                raise e from None
+            raise MemoryPlanError(f"{e}; or fewer caches: with --max-concurrency 1 --prompt-cache-gb 0 "
+                                  f"serve fits ({alone.arrangement})", e.smallest_limit) from None
 
     if args.prompt_cache_gb is not None:
-        cache = args.prompt_cache_gb * (1 << 30)
-        memory_plan = planned(cache)
+        cache = args.prompt_cache_gb * GB
+        memory_plan = planned_or_why(cache)
     else:
-        cache = PROMPT_CACHE_GB * (1 << 30)
+        cache = PROMPT_CACHE_GB * GB
         try:
             memory_plan = planned(cache)
         except MemoryPlanError:
             memory_plan = None
         if memory_plan is None or memory_plan.streamed:
             cache = kv_cache_bytes(config, context)
-            memory_plan = planned(cache)
+            memory_plan = planned_or_why(cache)
     args.prompt_cache_bytes = int(cache)
     return memory_plan
 

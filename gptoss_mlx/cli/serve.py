@@ -28,7 +28,7 @@ def register(sub) -> None:
                    help="bind a non-loopback --host without --api-key (anyone who can reach it can use it)")
     p.add_argument("--max-concurrency", type=int, default=4,
                    help="requests in flight (queued or generating) before answering 429 (default 4)")
-    p.add_argument("--prompt-cache-gb", type=float, default=None,
+    p.add_argument("--prompt-cache-gb", type=common.cache_gb, default=None,
                    help=f"memory for the prompt caches of recent conversations (default {PROMPT_CACHE_GB:g}, or "
                         "one conversation's where that would leave the experts streamed); the memory plan "
                         "counts it and --max-concurrency conversations' KV caches")
@@ -63,8 +63,6 @@ def cmd_serve(args) -> int:
     check_binding(args)
     if args.max_concurrency < 1:
         raise CLIError(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
-    if args.prompt_cache_gb is not None and not 0 <= args.prompt_cache_gb < float("inf"):
-        raise CLIError(f"--prompt-cache-gb must be 0 or more, got {args.prompt_cache_gb}")
     toolbox = make_toolbox(args)  # checks the flags, the files and the sandbox
     tools = ServerTools.from_toolbox(toolbox) if toolbox else None
     if toolbox:
