@@ -200,11 +200,10 @@ class MemoryPlan:
                 f"{share:.0%}), dense layers {dense}")
 
     def describe(self) -> str:
-        of = f" of {self.limit / GB:.1f} GB" if math.isfinite(self.limit) else ""
+        of = f" of {self.limit / GB:.2f} GB" if math.isfinite(self.limit) else ""
         server = f" + server caches {size(self.server)}" if self.server else ""
-        return (f"{self.arrangement}: weights {self.weights / GB:.1f} GB + KV cache "
-                f"{self.kv_cache / GB:.2f} GB + working {self.working / GB:.1f} GB{server} = "
-                f"{self.total / GB:.1f} GB{of} ({self.limit_source})")
+        return (f"{self.arrangement}: weights {size(self.weights)} + KV cache {size(self.kv_cache)} + "
+                f"working {size(self.working)}{server} = {self.total / GB:.2f} GB{of} ({self.limit_source})")
 
 
 def resolve_limit(limit: float | str | None = None) -> tuple[float, str]:
