@@ -289,11 +289,8 @@ def main() -> int:
     for row in rows:
         cmd = [sys.executable, __file__, "--dir", str(args.dir), "--limit", str(row["limit"]),
                "--cache", row["cache"], "--prompt", str(args.prompt), "--tokens", str(args.tokens)]
-        for flag, value in (("--slots", row.get("slots")), ("--policy", row.get("policy")),
-                            ("--transfer", row.get("transfer")), ("--scale-to", args.scale_to),
-                            ("--dense-bits", args.dense_bits), ("--guess", row.get("guess"))):
-            if value is not None:
-                cmd += [flag, str(value)]
+        cmd += given_flags(args, ("--slots", row.get("slots")), ("--policy", row.get("policy")),
+                           ("--transfer", row.get("transfer")), ("--guess", row.get("guess")))
         print(f"row {row}", flush=True)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)  # its progress: our stderr
         try:
@@ -350,13 +347,18 @@ def print_table(args, results: list[dict]) -> None:
               f"| {same_tokens(r, resident_row)} |")
 
 
+def given_flags(args, *pairs: tuple[str, object]) -> list[str]:
+    """A child process's flags: --scale-to and --dense-bits as given, and ``pairs`` (flag, value)
+    whose value is not None."""
+    pairs = (("--scale-to", args.scale_to), ("--dense-bits", args.dense_bits), *pairs)
+    return [x for flag, value in pairs if value is not None for x in (flag, str(value))]
+
+
 def side_by_side(args) -> None:
     """The --rounds measurement, in a process of its own."""
     cmd = [sys.executable, __file__, "--dir", str(args.dir), "--limits", args.limits, "--rounds",
            str(args.rounds), "--tokens", str(args.tokens), "--rounds-child"]
-    for flag, value in (("--scale-to", args.scale_to), ("--dense-bits", args.dense_bits)):
-        if value is not None:
-            cmd += [flag, str(value)]
+    cmd += given_flags(args)
     print(f"\nside by side: {args.rounds} rounds of {args.tokens} greedy tokens after a fresh 128-token "
           "prompt, each arrangement in turn, one process", flush=True)
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.row_timeout).stdout
