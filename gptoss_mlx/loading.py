@@ -28,7 +28,8 @@ from .distributed import shard_part, share_config
 from .files import CheckpointError, read_json_file, regular_file_problem
 from .lora import FUSED_EXPERT_ADAPTER, load_adapter
 from .memory import (
-    DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan, round_up_gb, size,
+    DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan, limit_or_more, round_up_gb,
+    size,
 )
 from .model import Model
 from .tokenizer import HarmonyEncoding, load_tokenizer
@@ -551,8 +552,8 @@ def _stream_experts(model: Model, plan, infos: dict[str, TensorInfo], memory_pla
                 raise CheckpointError(
                     f"{infos[_sources(source, fn)[0]].file}: experts can be streamed only from "
                     "MXFP4 experts stored with gate and up together (the published layouts); "
-                    f"this checkpoint needs --memory-limit {_resident_limit(memory_plan)} or more "
-                    "(every expert on the GPU), or the original checkpoint")
+                    f"this checkpoint needs every expert on the GPU, {_resident_limit(memory_plan)}, "
+                    "or the original checkpoint")
             info = infos[source]
             tensors[i, name] = ExpertTensor(info.file, info.offset, _SAFETENSORS_DTYPES[info.dtype],
                                              info.shape[1:])
@@ -563,10 +564,11 @@ def _stream_experts(model: Model, plan, infos: dict[str, TensorInfo], memory_pla
 
 
 def _resident_limit(memory_plan: MemoryPlan) -> str:
-    """The --memory-limit ``memory_plan`` would need with every expert on the GPU."""
+    """The memory limit ``memory_plan`` would need with every expert on the GPU, as a person
+    gives it (memory.limit_or_more)."""
     missing = memory_plan.total_experts - memory_plan.expert_slots
     total = memory_plan.total + missing * memory_plan.experts / max(memory_plan.expert_slots, 1)
-    return f"{round_up_gb(total):.2f}GB"
+    return limit_or_more(round_up_gb(total))
 
 
 def load_model(directory: str | Path, dtype: mx.Dtype = mx.bfloat16, dense_bits: int | None = None,
@@ -739,8 +741,8 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
             raise CheckpointError(
                 f"{directory} is a fused checkpoint whose experts keep their adapter beside them "
                 f"({FUSED_EXPERT_ADAPTER}/), and in {size(memory_plan.limit)} its experts would be "
-                "streamed, which adapters do not reach: it needs --memory-limit "
-                f"{_resident_limit(memory_plan)} or more, or fuse again with --requantize-experts "
+                f"streamed, which adapters do not reach: it needs {_resident_limit(memory_plan)}, "
+                "or fuse again with --requantize-experts "
                 "(the adapter merged into the experts, which then stream)")
         adapter = directory / FUSED_EXPERT_ADAPTER
     if adapter is not None and distributed:

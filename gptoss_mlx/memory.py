@@ -62,6 +62,20 @@ def round_up_gb(n: float) -> float:
     return math.ceil(n / GB * 100) / 100
 
 
+def limit_or_more(gb: float) -> str:
+    """The limit to ask for, as the CLI and the library each take it (the CLI's messages drop
+    the library's part: :func:`cli_wording`)."""
+    return f'--memory-limit {gb:.2f}GB or more{_FROM_PYTHON.format(gb=gb)}'
+
+
+_FROM_PYTHON = ' (from Python: memory_limit="{gb:.2f}GB")'
+
+
+def cli_wording(message: str) -> str:
+    """``message`` without the library's spelling of a limit (:func:`limit_or_more`)."""
+    return re.sub(r' \(from Python: memory_limit="[\d.]+GB"\)', "", message)
+
+
 def parse_size(text: str) -> float:
     """Bytes of a size such as ``10GB``, ``8.5G``, ``800MB`` or ``12GiB`` (a bare number is GB,
     a number with only ``B`` bytes). A bare number of BARE_GB_MAX or more is an error: it is a
@@ -266,7 +280,7 @@ def choose_plan(config: ModelConfig, context: int, dense_bits: int | None = None
     smallest = arrange(config, context, bits, config.num_local_experts, limit, source)
     need = round_up_gb(smallest.total)
     if source == "--memory-limit":
-        fix = f"pass --memory-limit {need}GB or more"
+        fix = f"pass {limit_or_more(need)}"
     elif source.startswith("simulated by"):
         fix = f"set {DEVICE_MEMORY_ENV} to {need}GB or more, or unset it"
     else:

@@ -269,7 +269,8 @@ def test_a_fused_checkpoint_gives_the_logits_of_base_plus_adapter(sharp, tok, tm
         load(tmp_path / "requantized")  # a plain checkpoint in the published layout
         # streamed, the experts would miss their adapter: refused, naming both ways out
         with pytest.raises(CheckpointError, match=r"fused checkpoint whose experts keep their adapter .* "
-                                                  r"needs --memory-limit 1\.\d\dGB or more, or fuse again "
+                                                  r"needs --memory-limit 1\.\d\dGB or more \(from Python: "
+                                                  r"memory_limit=\"1\.\d\dGB\"\), or fuse again "
                                                   r"with --requantize-experts"):
             load(fused_dir, memory_limit="1.02307GB", dense_bits=4)
         assert load(tmp_path / "requantized", memory_limit="1.02307GB", dense_bits=4)[0].expert_pool

@@ -478,7 +478,8 @@ def test_a_pool_smaller_than_one_layer_is_refused(models):
 
 def test_split_expert_checkpoints_cannot_stream_and_say_so(checkpoints):
     with pytest.raises(CheckpointError, match=r"experts can be streamed only from MXFP4 experts .* "
-                                              r"needs --memory-limit 1.0\dGB or more \(every expert on the GPU\)"):
+                                              r"needs every expert on the GPU, --memory-limit 1.0\dGB or more "
+                                              r"\(from Python: memory_limit=\"1.0\dGB\"\)"):
         streamed(checkpoints["mlx"], 8)
 
 
@@ -562,7 +563,7 @@ def test_too_small_a_limit_names_the_smallest_that_works():
         choose_plan(GPT_OSS_20B, 32768, limit="3GB")
     message = str(e.value)
     assert "will not fit in 3.0 GB (--memory-limit)" in message
-    assert "The smallest limit that works is 3.53 GB: pass --memory-limit 3.53GB or more" in message
+    assert "The smallest limit that works is 3.53 GB: pass --memory-limit 3.53GB or more (from Python: memory_limit=\"3.53GB\")" in message
     smallest = choose_plan(GPT_OSS_20B, 32768, limit=e.value.smallest_limit)
     assert smallest.streamed and smallest.expert_slots >= GPT_OSS_20B.num_local_experts
     with pytest.raises(MemoryPlanError):  # rounded up to 10 MB, no more

@@ -23,7 +23,7 @@ from ..loading import (
 )
 from ..memory import (
     BARE_GB_MAX, DEFAULT_CONTEXT, DENSE_BITS, GB, PROMPT_CACHE_GB, MemoryPlan, MemoryPlanError, checkpoint_dense_bits,
-    choose_plan, kv_cache_bytes, parse_size, server_bytes,
+    choose_plan, cli_wording, kv_cache_bytes, parse_size, server_bytes,
 )
 from ..structured import SchemaError
 from ..tokenizer import TokenizerError
@@ -34,7 +34,11 @@ DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
 class CLIError(Exception):
-    """A user-facing failure: printed as ``gptoss-mlx: error: ...`` with exit status 2."""
+    """A user-facing failure: printed as ``gptoss-mlx: error: ...`` with exit status 2. A
+    library message's advice for Python callers is left out (memory.cli_wording)."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(cli_wording(str(message)))
 
 
 def terminal_safe(text: str) -> str:
