@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -106,6 +108,7 @@ class Chat:
         self.reasoning_budget = reasoning_budget  # tokens before the answer, at most
         grammars(tokenizer, DeveloperContent(functions=self.functions))  # SchemaError here, not later
         self._stop = False
+        self._open_stream = lambda: None  # the last reply stream handed out, weakly
 
     # -- settings
     @property
@@ -216,8 +219,7 @@ class Chat:
         ResponseFormat) shapes this turn's answer, over :attr:`response_format`; a schema that
         cannot be enforced raises SchemaError before anything is sent."""
         turn_format = self._checked_format(response_format) if response_format is not None else self._format
-        ledger = _Ledger(self.messages)
-        return ledger.watch(engine_thread().stream(self._send(text, turn_format, ledger)))
+        return self._stream(lambda ledger: self._send(text, turn_format, ledger))
 
     def _send(self, text: str, turn_format, ledger: "_Ledger") -> Iterator[ChatEvent]:
         self._turn_format = turn_format  # also for the replies after tool results
@@ -239,8 +241,23 @@ class Chat:
         If interrupted (``stop()``, Ctrl-C, or the consumer closing the stream), the partial
         answer is kept and the session goes on: closing the stream keeps what the consumer took,
         not what the engine made after it."""
+        return self._stream(self._reply)
+
+    def _stream(self, reply: Callable[["_Ledger"], Iterator[ChatEvent]]) -> Iterator[ChatEvent]:
+        """``reply(ledger)`` run on the engine thread, its events watched by a ledger. A reply
+        stream of this chat still open (its consumer stopped taking events but kept it) is
+        closed first: the history keeps what was taken from it, and the new turn follows that."""
+        previous = self._open_stream()
+        if previous is not None:
+            try:
+                previous.close()
+            except ValueError:  # running: another thread is taking its events now
+                raise RuntimeError("a reply of this chat is still streaming on another thread: "
+                                   "stop() it, or wait for its end, before sending again") from None
         ledger = _Ledger(self.messages)
-        return ledger.watch(engine_thread().stream(self._reply(ledger)))
+        events = ledger.watch(engine_thread().stream(reply(ledger)))
+        self._open_stream = weakref.ref(events)
+        return events
 
     def _reply(self, ledger: "_Ledger") -> Iterator[ChatEvent]:
         """The reply, on the engine thread: ``stop()`` is honoured at the next token."""
@@ -262,12 +279,13 @@ class Chat:
                     break
         except GeneratorExit:  # the consumer closed the stream (Ctrl-C, quit)
             stream.close()
-            self._keep(parser, interrupted=True, ledger=ledger)
+            self._keep(parser, interrupted=True, ended=self._ended, ledger=ledger)
             raise
         stream.close()
+        ended = self._ended  # the parser's messages whole before the reply stopped
         for event, message in self._chat_events(parser.finish()):
             yield ledger.note(event, message)
-        new = self._keep(parser, interrupted=finish == "interrupted", ledger=ledger)
+        new = self._keep(parser, interrupted=finish == "interrupted", ended=ended, ledger=ledger)
         stats = self.engine.stats
         yield ledger.note(Done(stats, finish or stats.finish_reason, new))
 
@@ -296,15 +314,17 @@ class Chat:
         final channel's (constrained) text, so the answer is exactly the JSON."""
         return channel == "final" if self._turn_format else channel != "analysis"
 
-    def _keep(self, parser: harmony.StreamParser, interrupted: bool, ledger: "_Ledger") -> list[Message]:
+    def _keep(self, parser: harmony.StreamParser, interrupted: bool, ended: int,
+              ledger: "_Ledger") -> list[Message]:
         """Add the reply's messages to the history. An interrupted reply keeps its answer text
-        but not a half-written chain of thought."""
+        and its whole chains of thought (the first ``ended`` of the parser's messages are
+        whole), but not a half-written one."""
         parser.finish()
         new = []
         for index, m in enumerate(parser.messages):
             if m.role != "assistant":
                 continue
-            if interrupted and m.channel == "analysis" and not m.is_tool_call:
+            if interrupted and index >= ended and m.channel == "analysis" and not m.is_tool_call:
                 continue
             if m.channel is None:  # recovered text without a channel: the answer, if it may be
                 m.channel = "final" if self._is_answer(None) else "analysis"
@@ -371,8 +391,10 @@ class _Ledger:
             complete = True
         finally:
             if not complete:
-                events.close()  # waits until the engine thread has kept the reply's messages
-                self._forget(taken)
+                try:
+                    events.close()  # waits until the engine thread has kept the reply's messages
+                finally:  # (a second Ctrl-C is raised only once they are kept)
+                    self._forget(taken)
 
     def _forget(self, taken: int) -> None:
         """Cut the kept messages back to the first ``taken`` events: a message's text to the

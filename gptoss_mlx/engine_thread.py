@@ -112,8 +112,7 @@ class EngineThread:
         finally:
             if entry[0] == _ITEM:  # left early: close the generator and wait for its clean-up
                 cancel.set()
-                while out.get()[0] == _ITEM:
-                    pass
+                _drain(out)
         _raise_error(entry)
 
     async def astream(self, items: Iterator[T]) -> AsyncIterator[T]:
@@ -155,6 +154,22 @@ class EngineThread:
         self._jobs.put(None)
         if not self.is_current:
             self._thread.join()
+
+
+def _drain(out: queue.SimpleQueue) -> None:
+    """Wait for the end of a closed stream's items: its clean-up has then run. A Ctrl-C
+    meanwhile (a second one) is raised after it, so that the consumer never goes on while the
+    generator still changes what it shares (a chat's history)."""
+    interrupted = None
+    while True:
+        try:
+            while out.get()[0] == _ITEM:
+                pass
+            break
+        except KeyboardInterrupt as e:
+            interrupted = e
+    if interrupted is not None:
+        raise interrupted
 
 
 def _raise_error(entry: tuple) -> None:

@@ -3,6 +3,7 @@ driven through standard input and a scripted REPL session."""
 
 import io
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -179,6 +180,17 @@ def test_send_from_two_threads_taking_turns(tmp_path, tiny_checkpoint):
     assert all(reused > 0 for _, reused, _ in result["got"][1:])  # the cache carried over
 
 
+def answer_until(events, enough) -> str:
+    """The answer text taken from ``events`` until ``enough(text)``; the stream stays open."""
+    answer = ""
+    for event in events:
+        if isinstance(event, AnswerDelta):
+            answer += event.text
+            if enough(answer):
+                break
+    return answer
+
+
 @pytest.mark.parametrize("lag", [0.0, 0.5])
 def test_closing_the_stream_keeps_the_answer_taken_and_the_chat_goes_on(tok, lag):
     """Ctrl-C while printing: the history keeps the answer text the consumer took, not the
@@ -187,17 +199,12 @@ def test_closing_the_stream_keeps_the_answer_taken_and_the_chat_goes_on(tok, lag
                            reply_script(tok, "Again.", "fine")])
     chat = Chat(model, tok, date="2025-08-05")
     events = chat.send("count")
-    answer = ""
-    for event in events:
-        if isinstance(event, AnswerDelta):
-            answer += event.text
-            if "two" in answer:
-                time.sleep(lag)  # the engine runs on to the end of the reply
-                break
+    answer = answer_until(events, lambda text: "two" in text)
+    time.sleep(lag)  # the engine runs on to the end of the reply
     events.close()  # as Ctrl-C or quitting does: the reply stops there
     assert chat.messages[0].text == "count"
-    # the whole chain of thought was taken: kept where the engine finished it, not when cut
-    assert [(m.channel, m.text) for m in chat.messages[1:-1]] in ([], [("analysis", "Think.")])
+    # the whole chain of thought was taken: kept, whether the engine finished the reply or not
+    assert [(m.channel, m.text) for m in chat.messages[1:-1]] == [("analysis", "Think.")]
     assert chat.messages[-1].channel == "final"
     assert chat.messages[-1].text == answer
     assert collect(chat.send("go on"))[1] == "fine"
@@ -216,6 +223,62 @@ def test_a_tool_call_not_taken_before_closing_is_not_kept(tok):
     assert [m.role for m in chat.messages] == ["user"]  # no call the consumer never saw
 
 
+class SlowAfter(ScriptedModel):
+    """A ScriptedModel whose steps take ``delay`` seconds after its first ``fast`` steps."""
+
+    def __init__(self, replies, fast: int, delay: float = 0.3):
+        super().__init__(replies)
+        self.fast, self.delay, self.steps = fast, delay, 0
+
+    def __call__(self, *args, **kwargs):
+        self.steps += 1
+        if self.steps > self.fast:
+            time.sleep(self.delay)
+        return super().__call__(*args, **kwargs)
+
+
+def test_a_second_ctrl_c_while_the_reply_stops_keeps_only_what_was_taken(tok):
+    """Ctrl-C twice in a row: the second came while the stream was closing (waiting for the
+    engine thread), cut that wait short and left in the history, later, text never shown."""
+    # fast up to a few words of the answer, then slow: the engine is inside a step when the
+    # stream closes
+    model = SlowAfter([reply_script(tok, "Think.", " ".join(["word"] * 40)),
+                       reply_script(tok, "Again.", "fine")], fast=len(tok.encode("Think. word word word")) + 10)
+    chat = Chat(model, tok, date="2025-08-05")
+    events = chat.send("talk")
+    answer = answer_until(events, lambda text: text.count("word") == 3)
+    second = threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    second.start()
+    with pytest.raises(KeyboardInterrupt):
+        events.close()
+    second.join()
+    model.fast = 10 ** 6
+    assert [(m.channel, m.text) for m in chat.messages] == [(None, "talk"), ("analysis", "Think."),
+                                                            ("final", answer)]
+    time.sleep(0.3)  # nothing changes the history behind the consumer's back
+    assert chat.messages[-1].text == answer
+    assert collect(chat.send("go on"))[1] == "fine"
+
+
+def test_a_reply_stream_left_open_is_cut_where_the_consumer_stopped_by_the_next_turn(tok):
+    model = ScriptedModel([reply_script(tok, "Think.", "one two three four"),
+                           reply_script(tok, "Again.", "fine")])
+    chat = Chat(model, tok, date="2025-08-05")
+    events = chat.send("count")
+    taken = []
+    for event in events:  # the chain of thought and the first word; the stream stays open
+        taken.append(event)
+        if isinstance(event, AnswerDelta):
+            break
+    time.sleep(0.5)  # the engine finishes the reply meanwhile
+    assert collect(chat.send("go on"))[1] == "fine"
+    answer = "".join(e.text for e in taken if isinstance(e, AnswerDelta))
+    assert [(m.role, m.channel, m.text) for m in chat.messages] == [
+        ("user", None, "count"), ("assistant", "analysis", "Think."), ("assistant", "final", answer),
+        ("user", None, "go on"), ("assistant", "analysis", "Again."), ("assistant", "final", "fine")]
+    assert list(events) == []  # closed: nothing more comes from it
+
+
 def test_stop_from_another_thread(tok):
     model = ScriptedModel([reply_script(tok, "Think.", " ".join(["word"] * 200))])
     chat = Chat(model, tok, date="2025-08-05")
@@ -226,6 +289,7 @@ def test_stop_from_another_thread(tok):
         done = event
     assert done.finish_reason == "interrupted"
     assert 0 < chat.messages[-1].text.count("word") < 200
+    assert [(m.channel, m.text) for m in chat.messages[1:-1]] == [("analysis", "Think.")]  # whole: kept
 
 
 # ------------------------------------------------------------------ context overflow (issue 15)
