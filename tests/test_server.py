@@ -449,6 +449,45 @@ def test_api_key(tiny):
 
 # -- a scripted model: reasoning fields, function calls, stops
 
+class SlowScript(ScriptedModel):
+    """A ScriptedModel that takes 50 ms a step: a long reply is still under way when its
+    client leaves."""
+
+    def __call__(self, *args, **kwargs):
+        time.sleep(0.05)
+        return super().__call__(*args, **kwargs)
+
+
+@pytest.mark.parametrize("leave_after", ["response.created", "response.output_text.delta"])
+def test_a_responses_stream_left_early_can_be_followed_on_from_what_was_sent(tok, leave_after):
+    """A client that closes a Responses stream mid-reply gets its response stored (incomplete,
+    with the text streamed to it): previous_response_id follows on from it (it said "no stored
+    response ... only with store=true")."""
+    words = " ".join(f"w{n}" for n in range(200))
+    model = SlowScript([answer(tok, "Think.", words), answer(tok, "Again.", "fine")])
+    with serving(model, tok) as url:
+        c = client(url)
+        stream = c.responses.create(model="gpt-oss-tiny", input="count", stream=True)
+        sent = ""
+        for event in stream:
+            rid = event.response.id if event.type == "response.created" else rid
+            sent += event.delta if event.type == "response.output_text.delta" else ""
+            if event.type == leave_after:
+                break
+        stream.close()
+        time.sleep(0.5)  # the server sees the client gone
+        follow = c.responses.create(model="gpt-oss-tiny", input="go on", previous_response_id=rid)
+        assert follow.output_text == "fine"
+    # the follow-up's prompt, up to its new message: the first reply as far as it was streamed
+    before, _ = tok.decode(model.fed).split("go on")
+    assert before.count("count") == 1 and "w199" not in before
+    if sent:
+        final = before.split("<|channel|>final<|message|>")[1].split("<|end|>")[0]
+        assert final.startswith(sent) and words.startswith(final)
+    else:
+        assert "<|channel|>final" not in before
+
+
 def test_reasoning_fields_in_both_apis(tok):
     model = ScriptedModel([answer(tok, "Two plus two.", "It is 4.")])
     with serving(model, tok) as url:

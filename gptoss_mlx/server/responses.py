@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from . import params
 from .chat_completions import check_response_format, tool_choice
 from .errors import APIError, bad_request, generation_failed
-from .output import CALL, REASONING, SERVER_CALL, Delta, Item, Opened
+from .output import CALL, REASONING, SERVER_CALL, TEXT, Delta, Item, Opened
 from .service import Reply, Service, new_id
 
 log = logging.getLogger("gptoss_mlx.server")
@@ -221,6 +221,8 @@ class ResponseRun:
         self.error: APIError | None = None
         self.results: dict[int, str] = {}  # id(server tool call) -> its result
         self._history = 0  # where the server's tool results are appended
+        self.sent: dict[int, str] = {}  # id(item) -> its text in the deltas streamed so far
+        self.whole: set[int] = set()  # id(item) of the items whose done event was streamed
 
     async def prepare(self) -> None:
         """The reply (its prompt rendered and tokenized: see Service.new_reply)."""
@@ -288,26 +290,47 @@ class ResponseRun:
             self.store.put(self.reply.id, self.items + response["output"])
         return response
 
+    def keep_sent(self) -> None:
+        """The client left mid-stream: store what was streamed to it (an incomplete response), so
+        that ``previous_response_id`` can follow on from what it saw. A call not wholly streamed
+        goes, as does an item of which nothing was."""
+        if not self.stored:
+            return
+        output = []
+        for item in self.reply.stream.items:
+            if id(item) in self.whole:
+                output.append(self._output(item))
+            elif id(item) in self.ids and self.sent.get(id(item)) and item.kind in (REASONING, TEXT):
+                part = self._part(item, self.sent[id(item)])
+                output.append({**self._output(item, "incomplete"), "content": [part]})
+        self.store.put(self.reply.id, self.items + output)
+
     async def events(self):
         """The streamed events, as (type, payload) pairs, in OpenAI's order."""
-        yield "response.created", {"response": self.response("in_progress")}
-        yield "response.in_progress", {"response": self.response("in_progress")}
+        finished = False
         try:
-            async with contextlib.aclosing(self.service.generate(self.reply, self.request)) as events:
-                async for event in events:
-                    for pair in self._server_call_results():
-                        yield pair
-                    for pair in self._item_events(event):
-                        yield pair
-        except APIError as e:  # the server shutting down: the stream has begun, it fails in it
-            log.info("%s failed: %s", self.reply.id, e.message)
-            self.error = e
-        except Exception as e:  # noqa: BLE001 - the stream has begun: it fails in the stream
-            self.error = generation_failed(e, self.reply.id)
-        for pair in self._server_call_results(final=True):
-            yield pair
-        response = self.finish()
-        yield f"response.{response['status']}", {"response": response}
+            yield "response.created", {"response": self.response("in_progress")}
+            yield "response.in_progress", {"response": self.response("in_progress")}
+            try:
+                async with contextlib.aclosing(self.service.generate(self.reply, self.request)) as events:
+                    async for event in events:
+                        for pair in self._server_call_results():
+                            yield pair
+                        for pair in self._item_events(event):
+                            yield pair
+            except APIError as e:  # the server shutting down: the stream has begun, it fails in it
+                log.info("%s failed: %s", self.reply.id, e.message)
+                self.error = e
+            except Exception as e:  # noqa: BLE001 - the stream has begun: it fails in the stream
+                self.error = generation_failed(e, self.reply.id)
+            for pair in self._server_call_results(final=True):
+                yield pair
+            response = self.finish()
+            finished = True
+            yield f"response.{response['status']}", {"response": response}
+        finally:
+            if not finished and not self.error:  # the client went away (the stream was closed)
+                self.keep_sent()
 
     def _server_call_results(self, final: bool = False):
         """``output_item.done`` of each server tool call answered since the last event (and, at
@@ -320,6 +343,7 @@ class ResponseRun:
                     yield self._item_done(item)
 
     def _item_done(self, item: Item):
+        self.whole.add(id(item))
         return "response.output_item.done", {"output_index": self._where(item)["output_index"],
                                              "item": self._output(item)}
 
@@ -348,6 +372,7 @@ class ResponseRun:
             where = self._where(item)
             if item.kind == CALL:
                 del where["content_index"]
+            self.sent[id(item)] = self.sent.get(id(item), "") + event.text
             yield f"response.{kind}.delta", {**where, "delta": event.text, **extra}
             return
         where = self._where(item)
@@ -359,6 +384,7 @@ class ResponseRun:
             yield f"response.{kind}.done", {**where, "text": item.text,
                                              **({"logprobs": []} if kind == "output_text" else {})}
             yield "response.content_part.done", {**where, "part": self._part(item, item.text)}
+        self.whole.add(id(item))
         yield "response.output_item.done", {"output_index": where["output_index"],
                                             "item": output_item(item, self.ids)}
 
