@@ -28,8 +28,8 @@ from .distributed import shard_part, share_config
 from .files import CheckpointError, read_json_file, regular_file_problem
 from .lora import FUSED_EXPERT_ADAPTER, load_adapter
 from .memory import (
-    DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan, limit_or_more, round_up_gb,
-    size,
+    DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan, limit_or_more, limit_size,
+    round_up_gb, size,
 )
 from .model import Model
 from .tokenizer import HarmonyEncoding, load_tokenizer
@@ -740,7 +740,7 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
         if memory_plan.streamed:  # the adapter's updates would miss the experts read from the files
             raise CheckpointError(
                 f"{directory} is a fused checkpoint whose experts keep their adapter beside them "
-                f"({FUSED_EXPERT_ADAPTER}/), and in {size(memory_plan.limit)} its experts would be "
+                f"({FUSED_EXPERT_ADAPTER}/), and in {limit_size(memory_plan.limit)} its experts would be "
                 f"streamed, which adapters do not reach: it needs {_resident_limit(memory_plan)}, "
                 "or fuse again with --requantize-experts "
                 "(the adapter merged into the experts, which then stream)")

@@ -54,7 +54,13 @@ def size(n: float) -> str:
         return f"{n / GB:.1f} GB" if n >= GB else f"{n / GB:.2f} GB"
     if n >= 1e6:
         return f"{n / 1e6:.0f} MB"
-    return f"{n / 1e3:.0f} KB" if n >= 1e3 else f"{n:.0f} bytes"
+    return f"{n / 1e3:.0f} KB" if n >= 1e3 else f"{n:.3g} byte{'' if n == 1 else 's'}"
+
+
+def limit_size(n: float) -> str:
+    """A limit for a person, to 10 MB from 0.1 GB up (as the plan line gives it): a limit just
+    under what fits must not read as the same number."""
+    return f"{n / GB:.2f} GB" if math.isfinite(n) and n >= 0.1 * GB else size(n)
 
 
 def round_up_gb(n: float) -> float:
@@ -214,7 +220,7 @@ class MemoryPlan:
                 f"{share:.0%}), dense layers {dense}")
 
     def describe(self) -> str:
-        of = f" of {self.limit / GB:.2f} GB" if math.isfinite(self.limit) else ""
+        of = f" of {limit_size(self.limit)}" if math.isfinite(self.limit) else ""
         server = f" + server caches {size(self.server)}" if self.server else ""
         return (f"{self.arrangement}: weights {size(self.weights)} + KV cache {size(self.kv_cache)} + "
                 f"working {size(self.working)}{server} = {self.total / GB:.2f} GB{of} ({self.limit_source})")
@@ -225,7 +231,10 @@ def resolve_limit(limit: float | str | None = None) -> tuple[float, str]:
     if limit is None:
         return device_limit()
     if isinstance(limit, str):
-        limit = parse_size(limit)
+        try:
+            limit = parse_size(limit)
+        except ValueError as e:
+            raise ValueError(f"memory_limit: {e}") from None
     elif isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
         raise ValueError(f"memory_limit must be a number of bytes above 0 (inf: not checked) or a size "
                          f"such as '10GB', got {limit!r:.40}")
@@ -289,7 +298,7 @@ def choose_plan(config: ModelConfig, context: int, dense_bits: int | None = None
     if context > 4096 and shorter.fits:
         fix += ", or a shorter --max-context (4096 fits)"
     raise MemoryPlanError(
-        f"the model will not fit in {size(limit)} ({source}), not even with its experts "
+        f"the model will not fit in {limit_size(limit)} ({source}), not even with its experts "
         f"streamed: dense layers ({bits}-bit) {size(smallest.dense)} + one layer's "
         f"{config.num_local_experts} experts {size(smallest.experts)} + KV cache "
         f"{size(smallest.kv_cache)} ({context} tokens) + working {size(smallest.working)}"

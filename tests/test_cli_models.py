@@ -93,7 +93,7 @@ def test_pull_checks_memory_before_downloading(cache, monkeypatch, capsys):
                         lambda *a: pytest.fail("weights fetched before the memory plan"))
     assert main(["models", "pull", "openai/gpt-oss-120b"]) == 2
     err = capsys.readouterr().err
-    assert "the model will not fit in 3.0 GB (test limit)" in err
+    assert "the model will not fit in 3.00 GB (test limit)" in err
 
 
 def test_pull_checks_free_disk_before_downloading(cache, monkeypatch, capsys):

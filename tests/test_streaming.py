@@ -562,7 +562,7 @@ def test_too_small_a_limit_names_the_smallest_that_works():
     with pytest.raises(MemoryPlanError) as e:
         choose_plan(GPT_OSS_20B, 32768, limit="3GB")
     message = str(e.value)
-    assert "will not fit in 3.0 GB (--memory-limit)" in message
+    assert "will not fit in 3.00 GB (--memory-limit)" in message
     assert "The smallest limit that works is 3.53 GB: pass --memory-limit 3.53GB or more (from Python: memory_limit=\"3.53GB\")" in message
     smallest = choose_plan(GPT_OSS_20B, 32768, limit=e.value.smallest_limit)
     assert smallest.streamed and smallest.expert_slots >= GPT_OSS_20B.num_local_experts
@@ -572,7 +572,7 @@ def test_too_small_a_limit_names_the_smallest_that_works():
 
 def test_a_too_small_device_limit_names_the_variable_that_set_it(monkeypatch):
     monkeypatch.setenv(DEVICE_MEMORY_ENV, "2GB")
-    with pytest.raises(MemoryPlanError, match=f"will not fit in 2.0 GB \\(simulated by {DEVICE_MEMORY_ENV}\\).* "
+    with pytest.raises(MemoryPlanError, match=f"will not fit in 2.00 GB \\(simulated by {DEVICE_MEMORY_ENV}\\).* "
                                               f"set {DEVICE_MEMORY_ENV} to 3.53GB or more, or unset it"):
         choose_plan(GPT_OSS_20B, 32768)
 
@@ -622,9 +622,19 @@ def test_cli_memory_limit_streams_or_refuses_in_one_line(tiny_checkpoint):
                "--max-tokens", "3", "--temperature", "0")
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()[-1:]
-    assert "will not fit in 1.0 GB (--memory-limit)" in line and "--memory-limit 1.03GB or more" in line
+    assert "will not fit in 1.00 GB (--memory-limit)" in line and line.endswith("--memory-limit 1.03GB or more")
     proc = run("generate", "--model", str(tiny_checkpoint), "--memory-limit", "lots", "-p", "hi")
     assert proc.returncode == 2 and "expected a size such as 10GB" in proc.stderr
+    # a size with its unit, however small, is that size (not a count of bytes missing its unit)
+    proc = run("generate", "--model", str(tiny_checkpoint), "--memory-limit", "1KB", "-p", "hi")
+    assert proc.returncode == 2 and "will not fit in 1 KB (--memory-limit)" in proc.stderr
+    assert "memory_limit" not in proc.stderr and "--memory-limit 1.03GB or more" in proc.stderr
+
+
+def test_a_library_limit_that_is_no_size_names_memory_limit(tiny_checkpoint):
+    for text in ("abc", ""):
+        with pytest.raises(ValueError, match="memory_limit: expected a size such as 10GB"):
+            load(tiny_checkpoint, memory_limit=text)
 
 
 @pytest.mark.parametrize("transfer", ["host", "mlx"])

@@ -81,12 +81,14 @@ def add_effort_argument(p: argparse.ArgumentParser) -> None:
                    help="reasoning effort written into the system message (default: medium)")
 
 
-def memory_size(text: str) -> float:
-    """argparse type: a memory size such as 10GB, 8.5G or 800MB, in bytes."""
+def memory_size(text: str) -> str:
+    """argparse type: a memory size such as 10GB, 8.5G or 800MB, checked and kept as given (the
+    plan reads it as a size with its unit, not as a number of bytes)."""
     try:
-        return parse_size(text)
+        parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def cache_gb(text: str) -> float:
