@@ -49,6 +49,8 @@ def check_messages(messages) -> None:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad_request(f"{where} must be an object", "messages")
+        if m.get("role") in ("system", "developer", "user", "tool") and m.get("content") is None:
+            raise bad_request(f"{where}.content is required in a {m['role']} message", "messages")
         for key in ("name", "tool_call_id", "reasoning", "reasoning_content"):
             if m.get(key) is not None and not isinstance(m[key], str):
                 raise bad_request(f"{where}.{key} must be a string", "messages")
@@ -83,6 +85,8 @@ def check_request(body: dict) -> None:
     params.typed(body, "tools", list, "a list of tools")
     params.typed(body, "stream", bool, "true or false")
     params.typed(body, "stream_options", dict, "an object")
+    if not isinstance((body.get("stream_options") or {}).get("include_usage", False), bool):
+        raise bad_request("'stream_options.include_usage' must be true or false", "stream_options")
     if body.get("n") not in (None, 1):
         raise bad_request(f"'n' must be 1 (one choice per request), got {body['n']!r}", "n")
     check_response_format(body.get("response_format"))
@@ -101,7 +105,8 @@ async def chat_completions(service: Service, body: dict, request):
     body = {**body, "reasoning_effort": params.effort(body.get("reasoning_effort"),
                                                       service.reasoning_effort, "reasoning_effort"),
             "reasoning_budget": params.reasoning_budget(body, service.reasoning_budget)}
-    sampling = params.sampling(body, service.sampling, ("max_completion_tokens", "max_tokens"))
+    sampling = params.sampling(body, service.sampling, ("max_completion_tokens", "max_tokens"),
+                               service.max_context)
     stops = params.stop_strings(body)
     if stops and (body.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
         raise bad_request("'stop' cannot be used with a JSON response_format: a stop string would "

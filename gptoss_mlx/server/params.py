@@ -44,10 +44,11 @@ def integer(body: dict, key: str, lo: int = 1, hi: int | None = None) -> int | N
     return value
 
 
-def sampling(body: dict, default: SamplingParams, max_tokens_keys: tuple[str, ...]) -> SamplingParams:
+def sampling(body: dict, default: SamplingParams, max_tokens_keys: tuple[str, ...],
+             max_context: int | None = None) -> SamplingParams:
     """The request's sampling parameters over the server's defaults; ``max_tokens_keys`` are
-    the fields that cap the reply (the first one given wins)."""
-    max_tokens = next((integer(body, k) for k in max_tokens_keys if body.get(k) is not None),
+    the fields that cap the reply (the first one given wins), at most ``max_context``."""
+    max_tokens = next((integer(body, k, hi=max_context) for k in max_tokens_keys if body.get(k) is not None),
                       default.max_tokens)
     return SamplingParams(
         temperature=number(body, "temperature", default.temperature, 0, 2),

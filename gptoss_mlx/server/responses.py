@@ -91,6 +91,8 @@ def chat_messages(items: list) -> list[dict]:
             target = turn("content")
             target["content"] = _text(item.get("content"), where)
         elif kind == "message":
+            if item.get("content") is None:
+                raise bad_request(f"{where}.content is required in a {item.get('role')} message", "input")
             out.append({"role": item.get("role"), "content": _text(item.get("content"), where)})
             assistant = None
         elif kind == "reasoning":
@@ -215,7 +217,8 @@ class ResponseRun:
         chat, forced_name = tool_choice(chat)
         if not chat["messages"]:
             raise bad_request("'input' is empty", "input")
-        self._request = (chat, forced_name, params.sampling(body, service.sampling, ("max_output_tokens",)))
+        sampling = params.sampling(body, service.sampling, ("max_output_tokens",), service.max_context)
+        self._request = (chat, forced_name, sampling)
         self.reply: Reply | None = None  # made by prepare()
         self.ids: dict[int, tuple[str, str | None]] = {}
         self.error: APIError | None = None
