@@ -247,23 +247,29 @@ class Chat:
         """``reply(ledger)`` run on the engine thread, its events watched by a ledger. A reply
         stream of this chat still open (its consumer stopped taking events but kept it) is
         closed first: the history keeps what was taken from it, and the new turn follows that."""
+        self._close_open_stream()
+        ledger = _Ledger(self.messages)
+        events = ledger.watch(engine_thread().stream(reply(ledger)))
+        self._open_stream = weakref.ref(events)
+        return events
+
+    def _close_open_stream(self) -> None:
+        """Close the last reply stream handed out if its consumer left it open: the history then
+        holds what was taken from it, no more."""
         previous = self._open_stream()
         if previous is not None:
             try:
                 previous.close()
             except ValueError:  # running: another thread is taking its events now
                 raise RuntimeError("a reply of this chat is still streaming on another thread: "
-                                   "stop() it, or wait for its end, before sending again") from None
-        ledger = _Ledger(self.messages)
-        events = ledger.watch(engine_thread().stream(reply(ledger)))
-        self._open_stream = weakref.ref(events)
-        return events
+                                   "stop() it, or wait for its end, first") from None
 
     def _reply(self, ledger: "_Ledger") -> Iterator[ChatEvent]:
         """The reply, on the engine thread: ``stop()`` is honoured at the next token."""
         self._stop = False
         self._channel = self._recipient = None
         self._ended = 0  # the parser's messages ended so far: which one an event belongs to
+        self._started = False  # whether the message under way has its header (MessageStart)
         parser = harmony.StreamParser(self.tokenizer, role="assistant")
         prompt, trimmed = self.fitted_prompt()
         if trimmed:
@@ -279,13 +285,21 @@ class Chat:
                     break
         except GeneratorExit:  # the consumer closed the stream (Ctrl-C, quit)
             stream.close()
-            self._keep(parser, interrupted=True, ended=self._ended, ledger=ledger)
+            self._keep(parser, "interrupted", self._ended, self._started, ledger)
             raise
         stream.close()
-        ended = self._ended  # the parser's messages whole before the reply stopped
+        # the parser's messages whole before the reply stopped, and whether the next had begun
+        ended, started = self._ended, self._started
+        if finish is None and self.engine.stats.finish_reason in ("length", "context"):
+            finish = "cut"
         for event, message in self._chat_events(parser.finish()):
-            yield ledger.note(event, message)
-        new = self._keep(parser, interrupted=finish == "interrupted", ended=ended, ledger=ledger)
+            # cut short, a message's header or a tool call is never shown as if whole (text
+            # without any header, which the parser recovers as the answer, is)
+            whole_header = started or self._channel is None
+            if finish is None or message < ended or whole_header and not isinstance(event, ToolCall):
+                yield ledger.note(event, message)
+        new = self._keep(parser, finish, ended, started, ledger)
+        finish = None if finish == "cut" else finish
         stats = self.engine.stats
         yield ledger.note(Done(stats, finish or stats.finish_reason, new))
 
@@ -301,6 +315,7 @@ class Chat:
         for event in events:
             if isinstance(event, MessageStart):
                 self._channel, self._recipient = event.channel, event.recipient
+                self._started = True
             elif isinstance(event, ContentDelta) and self._recipient is None:
                 yield (AnswerDelta if self._is_answer(self._channel) else ReasoningDelta)(event.text), self._ended
             elif isinstance(event, MessageEnd):
@@ -308,23 +323,29 @@ class Chat:
                 if m.is_tool_call:
                     yield ToolCall(m.recipient, m.text, m.channel), self._ended
                 self._ended += 1
+                self._started = False
 
     def _is_answer(self, channel: str | None) -> bool:
         """Text on ``channel`` is the answer: any but analysis; with a response format only the
         final channel's (constrained) text, so the answer is exactly the JSON."""
         return channel == "final" if self._turn_format else channel != "analysis"
 
-    def _keep(self, parser: harmony.StreamParser, interrupted: bool, ended: int,
+    def _keep(self, parser: harmony.StreamParser, finish: str | None, ended: int, started: bool,
               ledger: "_Ledger") -> list[Message]:
-        """Add the reply's messages to the history. An interrupted reply keeps its answer text
-        and its whole chains of thought (the first ``ended`` of the parser's messages are
-        whole), but not a half-written one."""
+        """Add the reply's messages to the history. The first ``ended`` of the parser's messages
+        are whole. A reply cut short (``finish``: "interrupted" by stop() or the consumer,
+        "cut" at max_tokens or the context) keeps the answer text of the message it was cut in,
+        but not that message if its header was begun and not whole (``started``; text with no
+        header at all is recovered as the answer), nor a tool call cut
+        short, nor an empty message; interrupted, not a half-written chain of thought either."""
         parser.finish()
         new = []
         for index, m in enumerate(parser.messages):
             if m.role != "assistant":
                 continue
-            if interrupted and index >= ended and m.channel == "analysis" and not m.is_tool_call:
+            if finish is not None and index >= ended and (
+                    not started and m.channel is not None or m.is_tool_call or not m.text
+                    or finish == "interrupted" and m.channel == "analysis"):
                 continue
             if m.channel is None:  # recovered text without a channel: the answer, if it may be
                 m.channel = "final" if self._is_answer(None) else "analysis"
@@ -335,6 +356,7 @@ class Chat:
 
     # -- persistence
     def to_json(self) -> dict:
+        self._close_open_stream()  # what a reply stream left open made past its consumer goes
         data = harmony.to_chat_completions(self.conversation())
         data["date"] = self.date
         return data

@@ -271,12 +271,64 @@ def test_a_reply_stream_left_open_is_cut_where_the_consumer_stopped_by_the_next_
         if isinstance(event, AnswerDelta):
             break
     time.sleep(0.5)  # the engine finishes the reply meanwhile
+    saved = chat.to_json()["messages"]  # saving cuts it too
+    assert (saved[-1]["role"], saved[-1]["content"]) == ("assistant", "".join(
+        e.text for e in taken if isinstance(e, AnswerDelta)))
     assert collect(chat.send("go on"))[1] == "fine"
     answer = "".join(e.text for e in taken if isinstance(e, AnswerDelta))
     assert [(m.role, m.channel, m.text) for m in chat.messages] == [
         ("user", None, "count"), ("assistant", "analysis", "Think."), ("assistant", "final", answer),
         ("user", None, "go on"), ("assistant", "analysis", "Again."), ("assistant", "final", "fine")]
     assert list(events) == []  # closed: nothing more comes from it
+
+
+class StopAt(ScriptedModel):
+    """A ScriptedModel that calls ``chat.stop()`` in its ``at``-th step."""
+
+    def __init__(self, replies, at: int):
+        super().__init__(replies)
+        self.at, self.steps, self.chat = at, 0, None
+
+    def __call__(self, *args, **kwargs):
+        self.steps += 1
+        if self.steps == self.at:
+            self.chat.stop()
+        return super().__call__(*args, **kwargs)
+
+
+CALL = ('<|channel|>analysis<|message|>Look it up.<|end|><|start|>assistant<|channel|>commentary '
+        'to=functions.lookup <|constrain|>json<|message|>{"q": 1}<|call|>')
+ANSWER = "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>one two three<|return|>"
+
+
+@pytest.mark.parametrize("text", [CALL, ANSWER])
+def test_a_reply_stopped_anywhere_shows_and_keeps_no_header_no_half_call_no_empty_message(tok, text):
+    """stop() inside a message's header showed it as answer text ("to=functions.lookup
+    <|constrain|>json") and kept it; inside a call's arguments it gave and kept the call cut
+    short ('{"q":'); before the answer's first word it kept an empty final message."""
+    lookup = ToolSpec("lookup", "Look something up.", {"type": "object"})
+    for at in range(2, len(script(tok, text)) + 3):
+        model = StopAt([script(tok, text)], at)
+        model.chat = chat = Chat(model, tok, date="2025-08-05", functions=[lookup])
+        events = list(chat.send("find it"))
+        shown = "".join(e.text for e in events if isinstance(e, AnswerDelta))
+        calls = [(e.recipient, e.arguments) for e in events if isinstance(e, ToolCall)]
+        kept = [(m.channel, m.recipient, m.text) for m in chat.messages[1:]]
+        assert calls in ([], [("functions.lookup", '{"q": 1}')]), at
+        assert all(text for _, _, text in kept) and "<|" not in shown and "to=" not in shown, at
+        assert [t for c, _, t in kept if c == "final"] == ([shown] if shown else []), at
+        assert [(r, t) for _, r, t in kept if r] == calls, at
+
+
+def test_a_reply_cut_at_max_tokens_inside_a_call_keeps_no_call(tok):
+    lookup = ToolSpec("lookup", "Look something up.", {"type": "object"})
+    for max_tokens in (12, 16, 20, 25):
+        chat = Chat(ScriptedModel([script(tok, CALL)]), tok, date="2025-08-05", functions=[lookup],
+                    sampling=SamplingParams(max_tokens=max_tokens))
+        events = list(chat.send("find it"))
+        assert not any(isinstance(e, (ToolCall, AnswerDelta)) for e in events)
+        assert events[-1].finish_reason == "length"
+        assert [(m.channel, m.text) for m in chat.messages[1:]] == [("analysis", "Look it up.")]
 
 
 def test_stop_from_another_thread(tok):

@@ -607,6 +607,12 @@ def run(*argv, env=None):
                           text=True, timeout=120, env={**os.environ, **(env or {})})
 
 
+def test_doctor_with_a_tiny_simulated_device_says_nothing_fits():
+    proc = run("doctor", env={DEVICE_MEMORY_ENV: "1KB"})  # a traceback once (read as bytes)
+    assert proc.returncode == 0, proc.stderr
+    assert "Memory the model may use: 1 KB" in proc.stdout and "does not fit (needs at least" in proc.stdout
+
+
 def test_doctor_shows_the_plans_of_a_simulated_16gb_mac():
     proc = run("doctor", env={DEVICE_MEMORY_ENV: "10.7GB"})
     assert proc.returncode == 0, proc.stderr

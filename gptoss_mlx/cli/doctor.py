@@ -52,7 +52,7 @@ def cmd_doctor(args) -> int:
     for name, config, ctx in rows:
         cells = []
         for bits in DENSE_BITS:
-            p = plan(config, ctx, bits, limit)
+            p = plan(config, ctx, bits)  # the device's limit, as device_limit() read it
             cells.append(f"{('yes ' if p.fits else 'no  ') + f'{p.total / GB:5.1f} GB':>14}")
         print(f"  {name:<14}{ctx:>9}  " + "  ".join(cells))
     print(f"\nMemory plan (the first arrangement that fits in {size(limit)}; "
@@ -61,7 +61,7 @@ def cmd_doctor(args) -> int:
     from_disk = False
     for name, config, ctx in rows:
         try:
-            p = choose_plan(config, ctx, limit=limit)
+            p = choose_plan(config, ctx)
         except MemoryPlanError as e:
             print(f"  {name:<14}{ctx:>9}  does not fit (needs at least {e.smallest_limit / GB:.2f} GB)")
             continue
