@@ -371,13 +371,14 @@ def post(url, path, data: bytes, key=None, headers=None):
     (b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true}', 400, "logprobs"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}}', 400,
      "response_format"),
-    (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, None),
-    (b'{"messages": [{"role": "tool", "content": "72F"}]}', 400, None),
+    (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, "messages"),
+    (b'{"messages": [{"role": "tool", "content": "72F"}]}', 400, "messages"),
     # a third attack run: each was answered (200)
     (b'{"messages": [{"role": "user"}]}', 400, "messages"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "stream": true, "stream_options": {"include_usage": "x"}}',
      400, "stream_options"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000000000000}', 400, "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": 5}]}', 400, "messages"),  # (param was null)
 ])
 def test_bad_chat_requests_get_openai_shaped_errors(url, body, status, param):
     code, data = post(url, "/chat/completions", body)
@@ -419,6 +420,12 @@ def test_a_stream_that_cannot_be_encoded_never_keeps_its_slot(tiny):
 def test_bad_responses_requests_and_unknown_routes(url):
     assert post(url, "/responses", b'{"input": 5}')[0] == 400
     assert post(url, "/responses", b'{"input": [{"role": "user"}]}')[0] == 400  # no content
+    for bad in (b'{"input": [{"role": "user", "content": [{"type": "input_text"}]}]}',
+                b'{"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]}',
+                b'{"input": "hi", "stream": true, "stream_options": "x"}',
+                b'{"input": [{"type": "function_call_output", "call_id": "x", "output": "1"}]}'):
+        code, data = post(url, "/responses", bad)
+        assert code == 400 and data["error"]["param"] in ("input", "stream_options"), (bad, data)
     assert post(url, "/responses", b'{"input": "hi", "max_output_tokens": 1000000000000}')[0] == 400
     code, data = post(url, "/responses", b'{"input": "hi", "previous_response_id": "resp_nope"}')
     assert code == 404 and data["error"]["code"] == "previous_response_not_found"

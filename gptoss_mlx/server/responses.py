@@ -64,7 +64,9 @@ def _text(content, where: str) -> str:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise bad_request(f"{where}.content[{j}]: {kind!r} content is not supported (text only)",
                                   "input")
-            parts.append(str(part.get("text", "")))
+            if not isinstance(part.get("text"), str):
+                raise bad_request(f"{where}.content[{j}].text must be a string", "input")
+            parts.append(part["text"])
         return "".join(parts)
     raise bad_request(f"{where}: content must be a string or a list of text parts", "input")
 
@@ -203,6 +205,7 @@ class ResponseRun:
         params.typed(body, "instructions", str, "a string")
         params.typed(body, "stream", bool, "true or false")
         params.typed(body, "store", bool, "true or false")
+        params.typed(body, "stream_options", dict, "an object")
         self.items = input_items(body, store)
         reasoning = body.get("reasoning") or {}
         if not isinstance(reasoning, dict):
@@ -232,8 +235,8 @@ class ResponseRun:
         chat, forced_name, sampling = self._request
         try:
             self.reply = await self.service.new_reply("resp", chat, forced_name, sampling, [])
-        except APIError as e:  # the schema's field is text.format in this API
-            e.param = "text.format" if e.param == "response_format" else e.param
+        except APIError as e:  # this API's names: text.format for the schema, input for messages
+            e.param = {"response_format": "text.format", "messages": "input"}.get(e.param, e.param)
             raise
         self._history = len(self.reply.messages)
 

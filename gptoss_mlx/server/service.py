@@ -99,7 +99,7 @@ class Service:
         try:
             messages = harmony.from_chat_completions(request, date=harmony.today())
         except HarmonyError as e:
-            raise bad_request(str(e)) from None
+            raise bad_request(str(e), "messages") from None
         if self.tools:
             messages[0] = self.tools.system_message(request["reasoning_effort"], harmony.today())
         return messages
