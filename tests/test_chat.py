@@ -298,7 +298,8 @@ class StopAt(ScriptedModel):
 
 CALL = ('<|channel|>analysis<|message|>Look it up.<|end|><|start|>assistant<|channel|>commentary '
         'to=functions.lookup <|constrain|>json<|message|>{"q": 1}<|call|>')
-ANSWER = "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>one two three<|return|>"
+ANSWER = ("<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>"
+          "one two three<|return|>")
 
 
 @pytest.mark.parametrize("text", [CALL, ANSWER])

@@ -379,6 +379,10 @@ def post(url, path, data: bytes, key=None, headers=None):
      400, "stream_options"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000000000000}', 400, "max_tokens"),
     (b'{"messages": [{"role": "user", "content": 5}]}', 400, "messages"),  # (param was null)
+    (b'{"messages": [{"role": "user", "content": []}]}', 400, "messages"),
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}', 400, "messages"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": true}}', 400,
+     "stream_options"),
 ])
 def test_bad_chat_requests_get_openai_shaped_errors(url, body, status, param):
     code, data = post(url, "/chat/completions", body)
@@ -420,6 +424,8 @@ def test_a_stream_that_cannot_be_encoded_never_keeps_its_slot(tiny):
 def test_bad_responses_requests_and_unknown_routes(url):
     assert post(url, "/responses", b'{"input": 5}')[0] == 400
     assert post(url, "/responses", b'{"input": [{"role": "user"}]}')[0] == 400  # no content
+    empty_system = b'{"input": [{"role": "system", "content": []}, {"role": "user", "content": "hi"}]}'
+    assert post(url, "/responses", empty_system)[0] == 400
     for bad in (b'{"input": [{"role": "user", "content": [{"type": "input_text"}]}]}',
                 b'{"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]}',
                 b'{"input": "hi", "stream": true, "stream_options": "x"}',

@@ -51,6 +51,10 @@ def check_messages(messages) -> None:
             raise bad_request(f"{where} must be an object", "messages")
         if m.get("role") in ("system", "developer", "user", "tool") and m.get("content") is None:
             raise bad_request(f"{where}.content is required in a {m['role']} message", "messages")
+        if m.get("content") == []:
+            raise bad_request(f"{where}.content is an empty list: give at least one text part", "messages")
+        if m.get("role") == "assistant" and m.get("content") is None and not m.get("tool_calls"):
+            raise bad_request(f"{where}: an assistant message needs content or tool_calls", "messages")
         for key in ("name", "tool_call_id", "reasoning", "reasoning_content"):
             if m.get(key) is not None and not isinstance(m[key], str):
                 raise bad_request(f"{where}.{key} must be a string", "messages")
@@ -87,6 +91,8 @@ def check_request(body: dict) -> None:
     params.typed(body, "stream_options", dict, "an object")
     if not isinstance((body.get("stream_options") or {}).get("include_usage", False), bool):
         raise bad_request("'stream_options.include_usage' must be true or false", "stream_options")
+    if body.get("stream_options") is not None and not body.get("stream"):
+        raise bad_request("'stream_options' is only allowed with 'stream': true", "stream_options")
     if body.get("n") not in (None, 1):
         raise bad_request(f"'n' must be 1 (one choice per request), got {body['n']!r}", "n")
     check_response_format(body.get("response_format"))

@@ -93,8 +93,9 @@ def chat_messages(items: list) -> list[dict]:
             target = turn("content")
             target["content"] = _text(item.get("content"), where)
         elif kind == "message":
-            if item.get("content") is None:
-                raise bad_request(f"{where}.content is required in a {item.get('role')} message", "input")
+            if item.get("content") in (None, []):
+                raise bad_request(f"{where}.content is required in a {item.get('role')} message (text, "
+                                  "or a list of at least one text part)", "input")
             out.append({"role": item.get("role"), "content": _text(item.get("content"), where)})
             assistant = None
         elif kind == "reasoning":
