@@ -3,7 +3,7 @@ driven through standard input and a scripted REPL session."""
 
 import io
 import json
-import signal
+import queue
 import subprocess
 import sys
 import threading
@@ -237,9 +237,23 @@ class SlowAfter(ScriptedModel):
         return super().__call__(*args, **kwargs)
 
 
-def test_a_second_ctrl_c_while_the_reply_stops_keeps_only_what_was_taken(tok):
+class InterruptedOnce(queue.SimpleQueue):
+    """A queue whose next get() raises KeyboardInterrupt once ``armed``: a Ctrl-C that lands
+    while the consumer waits on the engine thread (no real signal: one landing outside the
+    test's ``pytest.raises`` would stop the test run)."""
+    armed = False
+
+    def get(self, *args, **kwargs):
+        if InterruptedOnce.armed:
+            InterruptedOnce.armed = False
+            raise KeyboardInterrupt
+        return super().get(*args, **kwargs)
+
+
+def test_a_second_ctrl_c_while_the_reply_stops_keeps_only_what_was_taken(tok, monkeypatch):
     """Ctrl-C twice in a row: the second came while the stream was closing (waiting for the
     engine thread), cut that wait short and left in the history, later, text never shown."""
+    monkeypatch.setattr(queue, "SimpleQueue", InterruptedOnce)  # the reply stream's queue
     # fast up to a few words of the answer, then slow: the engine is inside a step when the
     # stream closes
     model = SlowAfter([reply_script(tok, "Think.", " ".join(["word"] * 40)),
@@ -247,11 +261,10 @@ def test_a_second_ctrl_c_while_the_reply_stops_keeps_only_what_was_taken(tok):
     chat = Chat(model, tok, date="2025-08-05")
     events = chat.send("talk")
     answer = answer_until(events, lambda text: text.count("word") == 3)
-    second = threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
-    second.start()
+    InterruptedOnce.armed = True  # the second Ctrl-C, in the close's wait for the engine
     with pytest.raises(KeyboardInterrupt):
         events.close()
-    second.join()
+    assert not InterruptedOnce.armed  # (it landed there)
     model.fast = 10 ** 6
     assert [(m.channel, m.text) for m in chat.messages] == [(None, "talk"), ("analysis", "Think."),
                                                             ("final", answer)]
