@@ -79,7 +79,7 @@ _FROM_PYTHON = ' (from Python: memory_limit="{gb:.2f}GB")'
 
 def cli_wording(message: str) -> str:
     """``message`` without the library's spelling of a limit (:func:`limit_or_more`)."""
-    return re.sub(r' \(from Python: memory_limit="[\d.]+GB"\)', "", message)
+    return re.sub(re.escape(_FROM_PYTHON).replace(re.escape("{gb:.2f}"), r"[\d.]+"), "", message)
 
 
 def parse_size(text: str) -> float:
