@@ -188,14 +188,15 @@ class PromptCache:
     """The model's KV cache, the tokens it holds, and snapshots to rewind sliding layers to.
 
     A ring buffer cannot be rewound by more than one token (its older keys are overwritten), so
-    a snapshot is taken at the end of every prefill: the next turn usually diverges right after
-    it (earlier reasoning is dropped from the history), and resumes from there.
+    snapshots are taken at the end of every prefill (the next turn usually diverges right after
+    it: earlier reasoning is dropped from the history) and one token before it (the same prompt
+    again, a retry or a regenerated reply, feeds its last token again for the logits).
     """
 
     cache: list
     tokens: list[int] = field(default_factory=list)
     snapshots: dict[int, list] = field(default_factory=dict)
-    max_snapshots: int = 8
+    max_snapshots: int = 16  # two a turn
 
     def __post_init__(self):
         self.take_snapshot()  # position 0: rewinding can always fall back to an empty cache
@@ -443,6 +444,8 @@ class Prefill:
             mx.eval([c.state for c in pc.cache])
             if self.rest:
                 return None
+        if len(pc.tokens) not in pc.snapshots:  # a retry of this prompt resumes here, feeding one token
+            pc.take_snapshot()
         logits = forward(model, pc, self.prompt[-1:])
         if not mx.isfinite(logits).all().item():
             raise NonFiniteLogitsError(non_finite_message(model))

@@ -142,6 +142,21 @@ def test_identical_prompt_feeds_one_token(model):
     np.testing.assert_allclose(logits[0], fresh_logits(model, prompt), atol=FP32_ATOL)
 
 
+def test_the_same_prompt_after_a_reply_feeds_one_token(model):
+    """A retry or a regenerated reply: the ring wrapped during the first reply, and the snapshot
+    one token before the prompt's end brings it back, instead of the previous turn's."""
+    engine = Engine(model)
+    first = [(i * 13) % 500 for i in range(40)]
+    list(engine.generate(first, SamplingParams(temperature=0, max_tokens=10)))
+    prompt = first + [(i * 17) % 500 for i in range(30)]
+    reply = list(engine.generate(prompt, SamplingParams(temperature=0, max_tokens=20)))
+    again = list(engine.generate(prompt, SamplingParams(temperature=0, max_tokens=20)))
+    assert engine.stats.reused_tokens == len(prompt) - 1
+    assert again == reply
+    logits = np.array(engine.prefill(prompt))
+    np.testing.assert_allclose(logits[0], fresh_logits(model, prompt), atol=FP32_ATOL)
+
+
 def test_chunked_prefill_matches(model):
     engine = Engine(model, prefill_step=16)
     prompt = [(i * 13) % 500 for i in range(100)]

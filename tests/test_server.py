@@ -164,6 +164,17 @@ def test_follow_up_reuses_the_prompt_cache(url):
     assert r2.usage.input_tokens_details.cached_tokens >= r1.usage.input_tokens
 
 
+def test_the_same_request_again_computes_one_token(url):
+    """A client's retry: the whole prompt comes from the cache but its last token, whose logits
+    the new reply starts from (the first reply wrapped the sliding layers' rings)."""
+    c = client(url)
+    messages = [{"role": "user", "content": "Tell me about the mountains " * 12}]
+    first = c.chat.completions.create(model="gpt-oss-tiny", messages=messages, max_tokens=12, **GREEDY)
+    again = c.chat.completions.create(model="gpt-oss-tiny", messages=messages, max_tokens=12, **GREEDY)
+    assert again.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens - 1
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+
 def test_interleaved_conversations_keep_their_caches_within_the_budget(tiny):
     def turns(url):
         c, cached = client(url), []
