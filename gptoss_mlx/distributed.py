@@ -192,9 +192,13 @@ def share_config(config, size: int, mode: str):
                           num_experts_per_tok=min(config.num_experts_per_tok, experts))
 
 
-def check_shardable(config, size: int, mode: str) -> None:
+def check_shardable(config, size: int, mode: str, backend: str | None = None) -> None:
     if mode not in SHARDINGS:
         raise ValueError(f"sharding must be tensor or pipeline, got {mode!r}")
+    if mode == "pipeline" and backend == "nccl":  # MLX 0.32: "[nccl] Recv not supported"
+        raise ValueError("pipeline parallel passes the hidden state from rank to rank, and MLX's "
+                         "NCCL backend has no send or receive; use --sharding tensor (the default "
+                         "over NCCL) or the ring backend")
     if mode == "tensor":
         kv, experts = config.num_key_value_heads, config.num_local_experts
         if kv % size or experts % size:
@@ -252,7 +256,7 @@ def shard_part(config, name: str, rank: int, size: int, mode: str) -> Part | Non
 def shard_model(model, group, mode: str) -> None:
     """Model.shard: keep this rank's modules and parameters (see the module docstring)."""
     config, size, rank = model.config, group.size(), group.rank()
-    check_shardable(config, size, mode)
+    check_shardable(config, size, mode, launched_backend())
     model.sharding = mode
     params = nn.utils.tree_flatten(model.parameters())
     kept = [(part.name, part.take(value)) for name, value in params
@@ -317,9 +321,11 @@ def fingerprint(engine: Engine) -> dict[str, int]:
 def from_rank0(x: mx.array, group) -> mx.array:
     """Rank 0's ``x`` on every rank (the others pass an array of the same shape, ignored). On
     the CPU stream: a follower may wait here for minutes (rank 0 waits for its user), and Metal
-    ends a command buffer that waits longer than a few seconds."""
+    ends a command buffer that waits longer than a few seconds. NCCL reduces on the GPU only
+    (given the CPU stream, MLX 0.32 looks for a GPU stream of another thread), and CUDA lets a
+    stream wait."""
     x = x if group.rank() == 0 else mx.zeros_like(x)
-    return mx.distributed.all_sum(x, group=group, stream=mx.cpu)
+    return mx.distributed.all_sum(x, group=group, stream=None if launched_backend() == "nccl" else mx.cpu)
 
 
 class Leader(Engine):

@@ -21,6 +21,7 @@ from hypothesis import given, strategies as st
 
 from gptoss_mlx import distributed
 from gptoss_mlx.loading import load_model
+from gptoss_mlx.model import Model
 from gptoss_mlx.testing import checkpoints as mtc
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -170,6 +171,24 @@ def test_a_split_that_does_not_divide_is_refused_naming_the_numbers():
         distributed.check_shardable(config, 5, "pipeline")
     distributed.check_shardable(config, 2, "tensor")
     distributed.check_shardable(config, 4, "pipeline")
+
+
+def test_pipeline_over_nccl_is_refused_before_loading(monkeypatch):
+    """MLX's NCCL backend has no send or receive ("[nccl] Recv not supported", measured on two
+    H200s): the split is refused up front, with the way out, by the CLI and by Model.shard."""
+    with pytest.raises(ValueError, match=r"NCCL backend has no send or receive; use --sharding tensor"):
+        distributed.check_shardable(mtc.TINY, 2, "pipeline", "nccl")
+    distributed.check_shardable(mtc.TINY, 2, "tensor", "nccl")
+    distributed.check_shardable(mtc.TINY, 2, "pipeline", "ring")
+    monkeypatch.setenv("MLX_RANK", "0")
+    monkeypatch.setenv("NCCL_HOST_IP", "127.0.0.1")
+
+    class Pair:  # a group of two, as mx.distributed.init returns over NCCL
+        size, rank = staticmethod(lambda: 2), staticmethod(lambda: 0)
+
+    model = Model(mtc.TINY)
+    with pytest.raises(ValueError, match="NCCL backend has no send or receive"):
+        model.shard(Pair(), "pipeline")
 
 
 @given(layers=st.integers(1, 120), size=st.integers(1, 16))

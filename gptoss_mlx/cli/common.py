@@ -255,7 +255,7 @@ def prepare(args, group=None) -> tuple[Path, int, MemoryPlan]:
         config = ModelConfig.from_file(config_file)
         context = planned_context(args.max_context, config, config_file)
         if group is not None:
-            distributed.check_shardable(config, group.size(), sharding(args))
+            distributed.check_shardable(config, group.size(), sharding(args), backend(args))
         share = config if group is None else distributed.share_config(config, group.size(), sharding(args))
         limit = math.inf if args.no_memory_check else args.memory_limit
         bits = checkpoint_dense_bits(config, args.dense_bits)
@@ -314,18 +314,20 @@ def plan_server(args, config, context: int, bits: int | None, limit) -> MemoryPl
 
 def group_of(args):
     """The mx.distributed group when mlx.launch started this process (joined once), else None."""
-    backend = distributed.launched_backend()
-    if backend is None:
+    if distributed.launched_backend() is None:
         return None
     try:
-        return distributed.join(backend if args.backend == "auto" else args.backend)
+        return distributed.join(backend(args))
     except distributed.DistributedError as e:
         raise CLIError(str(e)) from None
 
 
+def backend(args) -> str | None:
+    return distributed.launched_backend() if args.backend == "auto" else args.backend
+
+
 def sharding(args) -> str:
-    return distributed.choose_sharding(args.sharding, distributed.launched_backend()
-                                       if args.backend == "auto" else args.backend)
+    return distributed.choose_sharding(args.sharding, backend(args))
 
 
 def follow_rank0(args) -> bool:
