@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import FP32_ATOL
 from gptoss_mlx.engine_thread import SWITCH_INTERVAL_S, EngineThread
@@ -155,6 +156,32 @@ def test_the_same_prompt_after_a_reply_feeds_one_token(model):
     assert again == reply
     logits = np.array(engine.prefill(prompt))
     np.testing.assert_allclose(logits[0], fresh_logits(model, prompt), atol=FP32_ATOL)
+
+
+# One turn of a conversation against the cache: which earlier prompt it continues, how much of
+# that prompt and of the reply it keeps (a retry keeps all of the prompt and none of the reply;
+# a follow-up the prompt, maybe part of the reply, then new tokens), how many new tokens, and how
+# long a reply it gets (the window is 8: most replies wrap the rings).
+TURNS = st.lists(st.tuples(st.integers(0, 5), st.floats(0, 1), st.integers(0, 20), st.integers(0, 12),
+                           st.integers(1, 12)), min_size=2, max_size=5)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(turns=TURNS)
+def test_any_series_of_turns_gives_the_logits_of_a_fresh_run(model, turns):
+    """Retries, follow-ups, edits of an earlier turn, in any order: the cache rewinds (by
+    trimming or to a snapshot) and every prompt's logits are those of the model without a cache."""
+    engine = Engine(model)
+    history = [([(i * 31) % 500 for i in range(20)], [])]  # (prompt, reply)
+    for which, keep, reply_kept, new, reply_len in turns:
+        prompt, reply = history[which % len(history)]
+        prompt = prompt[:max(1, round(keep * len(prompt)))] + reply[:reply_kept] + [
+            (7 * len(history) + 3 * i) % 500 for i in range(new)]
+        logits = np.array(engine.prefill(prompt))
+        np.testing.assert_allclose(logits[0], fresh_logits(model, prompt), atol=FP32_ATOL)
+        reply = list(engine.generate(prompt, SamplingParams(temperature=0, max_tokens=reply_len)))
+        assert engine.stats.reused_tokens == len(prompt) - 1  # the prefill just before left it there
+        history.append((prompt, reply))
 
 
 def test_chunked_prefill_matches(model):
