@@ -451,6 +451,19 @@ def test_bad_responses_requests_and_unknown_routes(url):
     assert post(url, "/nowhere", b"{}")[0] == 404
 
 
+def test_a_refused_responses_item_is_named_by_its_place_in_the_input(url):
+    """Not by its place among the Chat Completions messages it becomes (the instructions come
+    first there, and a previous response's items before this request's)."""
+    code, data = post(url, "/responses", b'{"instructions": "Be brief.", "input": [{"role": "user", "content": "hi"},'
+                                         b' {"type": "message", "role": "wizard", "content": "hi"}]}')
+    assert code == 400 and data["error"]["message"] == "input[1]: unknown role 'wizard'", data
+    first = client(url).responses.create(model="gpt-oss-tiny", input="hi", max_output_tokens=2, **GREEDY)
+    code, data = post(url, "/responses", json.dumps({
+        "previous_response_id": first.id,
+        "input": [{"type": "function_call_output", "call_id": "nope", "output": "1"}]}).encode())
+    assert code == 400 and data["error"]["message"].startswith("input[0]: tool result"), data
+
+
 def test_a_page_of_another_site_cannot_make_the_server_generate(url):
     # A plain-text POST needs no CORS preflight: any web page the user has open could send one.
     body = b'{"input": "hi", "max_output_tokens": 2}'

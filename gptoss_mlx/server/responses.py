@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections import OrderedDict
 
 from starlette.responses import JSONResponse, StreamingResponse
@@ -71,10 +72,13 @@ def _text(content, where: str) -> str:
     raise bad_request(f"{where}: content must be a string or a list of text parts", "input")
 
 
-def chat_messages(items: list) -> list[dict]:
+def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], list[str]]:
     """Responses items -> Chat Completions messages: an assistant turn's reasoning, calls and
-    text are gathered into one assistant message, in order."""
+    text are gathered into one assistant message, in order. Also where each message came from
+    (``input[i]``, counted from ``first_input``; earlier items are the previous response's), for
+    the errors that the messages' conversion raises later."""
     out: list[dict] = []
+    origins: list[str] = []
     assistant: dict | None = None
 
     def turn(*clash: str) -> dict:
@@ -84,8 +88,13 @@ def chat_messages(items: list) -> list[dict]:
             out.append(assistant)
         return assistant
 
+    def made(where: str) -> None:  # the messages added since the last call came from ``where``
+        origins.extend([where] * (len(out) - len(origins)))
+
     for i, item in enumerate(items):
-        where = f"input[{i}]"
+        if i:
+            made(where)
+        where = f"input[{i - first_input}]" if i >= first_input else f"previous_response_id's item {i}"
         if not isinstance(item, dict):
             raise bad_request(f"{where} must be an object", "input")
         kind = item.get("type") or ("message" if "role" in item else None)
@@ -133,7 +142,9 @@ def chat_messages(items: list) -> list[dict]:
         else:
             raise bad_request(f"{where}: items of type {kind!r} are not supported (messages, reasoning, "
                               "function_call, function_call_output and mcp_call are)", "input")
-    return out
+    if items:
+        made(where)
+    return out, origins
 
 
 def function_tools(tools) -> list[dict]:
@@ -160,8 +171,9 @@ def response_format(body: dict) -> dict | None:
     return fmt
 
 
-def input_items(body: dict, store: ResponseStore) -> list[dict]:
-    """The whole conversation's items: the previous response's, then this request's input."""
+def input_items(body: dict, store: ResponseStore) -> tuple[list[dict], int]:
+    """The whole conversation's items: the previous response's, then this request's input (and
+    where that starts)."""
     given = body.get("input")
     if isinstance(given, str):
         given = [{"type": "message", "role": "user", "content": given}]
@@ -169,7 +181,7 @@ def input_items(body: dict, store: ResponseStore) -> list[dict]:
         raise bad_request("'input' must be a string or a list of items", "input")
     previous_id = params.typed(body, "previous_response_id", str, "a response id")
     previous = store.get(previous_id) if previous_id else []
-    return previous + given
+    return previous + given, len(previous)
 
 
 SERVER_LABEL = "gptoss-mlx"  # the "MCP server" of the tools a server runs itself
@@ -207,13 +219,16 @@ class ResponseRun:
         params.typed(body, "stream", bool, "true or false")
         params.typed(body, "store", bool, "true or false")
         params.typed(body, "stream_options", dict, "an object")
-        self.items = input_items(body, store)
+        self.items, first_input = input_items(body, store)
+        messages, origins = chat_messages(self.items, first_input)
+        if body.get("instructions"):
+            messages, origins = [{"role": "system", "content": body["instructions"]}, *messages], ["instructions", *origins]
+        self.origins = origins
         reasoning = body.get("reasoning") or {}
         if not isinstance(reasoning, dict):
             raise bad_request("'reasoning' must be an object like {\"effort\": \"low\"}", "reasoning")
         self.effort = params.effort(reasoning.get("effort"), service.reasoning_effort, "reasoning.effort")
-        chat = {"messages": ([{"role": "system", "content": body["instructions"]}]
-                             if body.get("instructions") else []) + chat_messages(self.items),
+        chat = {"messages": messages,
                 "tools": function_tools(body.get("tools")), "tool_choice": body.get("tool_choice"),
                 "reasoning_effort": self.effort,
                 "reasoning_budget": params.reasoning_budget(body, service.reasoning_budget)}
@@ -238,8 +253,13 @@ class ResponseRun:
             self.reply = await self.service.new_reply("resp", chat, forced_name, sampling, [])
         except APIError as e:  # this API's names: text.format for the schema, input for messages
             e.param = {"response_format": "text.format", "messages": "input"}.get(e.param, e.param)
+            e.message = re.sub(r"messages\[(\d+)\]", self._origin, e.message)
             raise
         self._history = len(self.reply.messages)
+
+    def _origin(self, found: re.Match) -> str:
+        k = int(found.group(1))
+        return self.origins[k] if k < len(self.origins) else found.group(0)
 
     def open(self, item: Item) -> int:
         prefix = {REASONING: "rs", CALL: "fc", SERVER_CALL: "mcp"}.get(item.kind, "msg")
