@@ -77,9 +77,14 @@ def limit_or_more(gb: float) -> str:
 _FROM_PYTHON = ' (from Python: memory_limit="{gb:.2f}GB")'
 
 
+GIVEN = "memory_limit"  # a plan's limit_source when the caller gave the limit (the CLI: --memory-limit)
+
+
 def cli_wording(message: str) -> str:
-    """``message`` without the library's spelling of a limit (:func:`limit_or_more`)."""
-    return re.sub(re.escape(_FROM_PYTHON).replace(re.escape("{gb:.2f}"), r"[\d.]+"), "", message)
+    """``message`` as the CLI says it: without the library's spelling of a limit
+    (:func:`limit_or_more`), and a given limit named by its flag."""
+    message = re.sub(re.escape(_FROM_PYTHON).replace(re.escape("{gb:.2f}"), r"[\d.]+"), "", message)
+    return message.replace(f"({GIVEN})", "(--memory-limit)")
 
 
 def parse_size(text: str) -> float:
@@ -242,7 +247,7 @@ def resolve_limit(limit: float | str | None = None) -> tuple[float, str]:
         raise ValueError(f"memory_limit={limit!r:.40} is in bytes, less than any model needs: give a "
                          f"size with its unit, such as '{limit:g}GB'")
     limit = float(limit)
-    return limit, "--memory-limit" if math.isfinite(limit) else "memory not checked"
+    return limit, GIVEN if math.isfinite(limit) else "memory not checked"
 
 
 def _arrange(config, context, bits, slots, limit, source, value_bytes=2, server=0.0) -> MemoryPlan:
@@ -288,7 +293,7 @@ def choose_plan(config: ModelConfig, context: int, dense_bits: int | None = None
         return arrange(config, context, bits, slots, limit, source)
     smallest = arrange(config, context, bits, config.num_local_experts, limit, source)
     need = round_up_gb(smallest.total)
-    if source == "--memory-limit":
+    if source == GIVEN:
         fix = f"pass {limit_or_more(need)}"
     elif source.startswith("simulated by"):
         fix = f"set {DEVICE_MEMORY_ENV} to {need}GB or more, or unset it"

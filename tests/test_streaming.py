@@ -515,7 +515,7 @@ def test_a_numeric_limit_is_bytes_and_a_tiny_one_asks_for_the_unit(limit):
     with pytest.raises(ValueError, match=rf"memory_limit={limit} is in bytes, less than any model needs: "
                                          rf"give a size with its unit, such as '{limit:g}GB'"):
         resolve_limit(limit)
-    assert resolve_limit(12_000_000_000) == (12e9, "--memory-limit")
+    assert resolve_limit(12_000_000_000) == (12e9, "memory_limit")
 
 
 @given(st.text(max_size=12))
@@ -562,7 +562,7 @@ def test_too_small_a_limit_names_the_smallest_that_works():
     with pytest.raises(MemoryPlanError) as e:
         choose_plan(GPT_OSS_20B, 32768, limit="3GB")
     message = str(e.value)
-    assert "will not fit in 3.00 GB (--memory-limit)" in message
+    assert "will not fit in 3.00 GB (memory_limit)" in message
     assert "The smallest limit that works is 3.53 GB: pass --memory-limit 3.53GB or more (from Python: memory_limit=\"3.53GB\")" in message
     smallest = choose_plan(GPT_OSS_20B, 32768, limit=e.value.smallest_limit)
     assert smallest.streamed and smallest.expert_slots >= GPT_OSS_20B.num_local_experts

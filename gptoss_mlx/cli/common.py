@@ -372,7 +372,7 @@ def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
         directory, context, memory_plan = prepare(args, group)
         t0 = time.perf_counter()
         where = f" (rank 0 of {group.size()}, {sharding(args)} parallel)" if group else ""
-        print(f"Loading {directory}{where} ...\nMemory plan: {memory_plan.describe()}", file=out, flush=True)
+        print(f"Loading {directory}{where} ...\nMemory plan: {cli_wording(memory_plan.describe())}", file=out, flush=True)
         model, tokenizer = load(directory, dense_bits=memory_plan.dense_bits,
                                 memory_limit=memory_plan.limit, max_context=context, group=group,
                                 sharding=sharding(args) if group else "tensor", adapter=args.adapter)
