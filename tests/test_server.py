@@ -750,6 +750,18 @@ def test_serve_ends_promptly_with_streams_in_flight(tiny_checkpoint, sig):
     assert "shutting down" in ended[0].value.message
 
 
+def test_serve_offers_no_context_overflow_it_would_ignore(url):
+    """A client keeps its own conversation: one over --max-context is its 400, never truncated
+    behind its back, so serve has no --context-overflow to promise otherwise."""
+    assert "--context-overflow" not in cli_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    assert "--context-overflow" in cli_parser()._subparsers._group_actions[0].choices["chat"].format_help()
+    with pytest.raises(openai.BadRequestError) as e:
+        client(url).chat.completions.create(model="gpt-oss-tiny", messages=[
+            {"role": "user", "content": "word " * 5000}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "and?"}])
+    assert e.value.code == "context_length_exceeded"
+
+
 def test_serve_refuses_a_public_address_without_a_key(capsys):
     assert cli_main(["serve", "--host", "0.0.0.0", "--model", "/nonexistent"]) == 2
     assert "--api-key" in capsys.readouterr().err

@@ -121,15 +121,17 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
 
 def add_model_options(p: argparse.ArgumentParser, interactive: bool = True) -> None:
     """The options of every subcommand that runs the model: chat, generate, tui, and serve
-    (``interactive=False``: no one to approve code, no chat to keep a python session for)."""
+    (``interactive=False``: no one to approve code, no chat to keep a python session for or to
+    truncate: a client over the context gets context_length_exceeded)."""
     add_model_argument(p)
     p.add_argument("--adapter", metavar="DIR", default=None,
                    help="a LoRA adapter to apply (gptoss-mlx finetune's --adapter-path)")
     add_effort_argument(p)
     p.add_argument("--system", help="instructions for the model (the developer message)")
-    p.add_argument("--context-overflow", choices=CONTEXT_OVERFLOW, default=CONTEXT_OVERFLOW[0],
-                   help="when the conversation outgrows the context: drop the oldest turns with "
-                        "a notice (truncate, the default) or stop with an error")
+    if interactive:  # a server's client keeps its own conversation: over the context is its 400
+        p.add_argument("--context-overflow", choices=CONTEXT_OVERFLOW, default=CONTEXT_OVERFLOW[0],
+                       help="when the conversation outgrows the context: drop the oldest turns with "
+                            "a notice (truncate, the default) or stop with an error")
     add_plan_options(p)
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature; 0 always takes the likeliest token (default 1.0)")
@@ -384,7 +386,7 @@ def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
         options = toolbox.chat_options() if toolbox else {}
         return Chat(model, tokenizer, instructions=getattr(args, "system", None),
                     reasoning_effort=args.reasoning_effort or "medium", sampling=sampling,
-                    max_context=context, context_overflow=args.context_overflow, engine=engine,
+                    max_context=context, context_overflow=getattr(args, "context_overflow", "error"), engine=engine,
                     response_format=answer_format,
                     reasoning_budget=args.reasoning_budget, **options)
     except SchemaError as e:  # the answer's schema (--json-schema) or a function's (--functions)
