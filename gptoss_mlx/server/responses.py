@@ -88,12 +88,7 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], list[s
             out.append(assistant)
         return assistant
 
-    def made(where: str) -> None:  # the messages added since the last call came from ``where``
-        origins.extend([where] * (len(out) - len(origins)))
-
     for i, item in enumerate(items):
-        if i:
-            made(where)
         where = f"input[{i - first_input}]" if i >= first_input else f"previous_response_id's item {i}"
         if not isinstance(item, dict):
             raise bad_request(f"{where} must be an object", "input")
@@ -142,8 +137,7 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], list[s
         else:
             raise bad_request(f"{where}: items of type {kind!r} are not supported (messages, reasoning, "
                               "function_call, function_call_output and mcp_call are)", "input")
-    if items:
-        made(where)
+        origins += [where] * (len(out) - len(origins))  # the messages this item began
     return out, origins
 
 
