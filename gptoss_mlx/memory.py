@@ -77,6 +77,14 @@ def limit_or_more(gb: float) -> str:
 _FROM_PYTHON = ' (from Python: memory_limit="{gb:.2f}GB")'
 
 
+def shorter_context(n: int) -> str:
+    """A context that fits, as the CLI and the library each take it (see :func:`limit_or_more`)."""
+    return f"a shorter --max-context ({n} fits){_CONTEXT_FROM_PYTHON.format(n=n)}"
+
+
+_CONTEXT_FROM_PYTHON = " (from Python: max_context={n})"
+
+
 GIVEN = "memory_limit"  # a plan's limit_source when the caller gave the limit (the CLI: --memory-limit)
 
 
@@ -84,6 +92,7 @@ def cli_wording(message: str) -> str:
     """``message`` as the CLI says it: without the library's spelling of a limit
     (:func:`limit_or_more`), and a given limit named by its flag."""
     message = re.sub(re.escape(_FROM_PYTHON).replace(re.escape("{gb:.2f}"), r"[\d.]+"), "", message)
+    message = re.sub(re.escape(_CONTEXT_FROM_PYTHON).replace(re.escape("{n}"), r"\d+"), "", message)
     return message.replace(f"({GIVEN})", "(--memory-limit)")
 
 
@@ -301,7 +310,7 @@ def choose_plan(config: ModelConfig, context: int, dense_bits: int | None = None
         fix = "use a Mac with more memory"
     shorter = arrange(config, 4096, bits, config.num_local_experts, limit, source)
     if context > 4096 and shorter.fits:
-        fix += ", or a shorter --max-context (4096 fits)"
+        fix += f", or {shorter_context(4096)}"
     raise MemoryPlanError(
         f"the model will not fit in {limit_size(limit)} ({source}), not even with its experts "
         f"streamed: dense layers ({bits}-bit) {size(smallest.dense)} + one layer's "

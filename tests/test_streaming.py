@@ -19,7 +19,7 @@ from gptoss_mlx.config import GPT_OSS_20B, GPT_OSS_120B
 from gptoss_mlx.generate import Engine, SamplingParams
 from gptoss_mlx.loading import CheckpointError, load, load_model, read_config
 from gptoss_mlx.memory import (
-    DEVICE_MEMORY_ENV, GB, MemoryPlanError, choose_plan, dense_bytes, device_limit, expert_bytes, parse_size,
+    DEVICE_MEMORY_ENV, GB, MemoryPlanError, choose_plan, cli_wording, dense_bytes, device_limit, expert_bytes, parse_size,
     kv_cache_bytes, plan, view_bytes,
 )
 
@@ -563,7 +563,9 @@ def test_too_small_a_limit_names_the_smallest_that_works():
         choose_plan(GPT_OSS_20B, 32768, limit="3GB")
     message = str(e.value)
     assert "will not fit in 3.00 GB (memory_limit)" in message
-    assert "The smallest limit that works is 3.53 GB: pass --memory-limit 3.53GB or more (from Python: memory_limit=\"3.53GB\")" in message
+    assert ("The smallest limit that works is 3.53 GB: pass --memory-limit 3.53GB or more (from Python: "
+            "memory_limit=\"3.53GB\"), or a shorter --max-context (4096 fits) (from Python: max_context=4096)") in message
+    assert cli_wording(message).endswith("pass --memory-limit 3.53GB or more, or a shorter --max-context (4096 fits)")
     smallest = choose_plan(GPT_OSS_20B, 32768, limit=e.value.smallest_limit)
     assert smallest.streamed and smallest.expert_slots >= GPT_OSS_20B.num_local_experts
     with pytest.raises(MemoryPlanError):  # rounded up to 10 MB, no more
