@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -249,7 +250,7 @@ class Chat:
         closed first: the history keeps what was taken from it, and the new turn follows that."""
         self._close_open_stream()
         ledger = _Ledger(self.messages)
-        events = ledger.watch(engine_thread().stream(reply(ledger)))
+        events = _ReplyStream(ledger.watch(engine_thread().stream(reply(ledger))))
         self._open_stream = weakref.ref(events)
         return events
 
@@ -258,11 +259,7 @@ class Chat:
         holds what was taken from it, no more."""
         previous = self._open_stream()
         if previous is not None:
-            try:
-                previous.close()
-            except ValueError:  # running: another thread is taking its events now
-                raise RuntimeError("a reply of this chat is still streaming on another thread: "
-                                   "stop() it, or wait for its end, first") from None
+            previous.close()
 
     def _reply(self, ledger: "_Ledger") -> Iterator[ChatEvent]:
         """The reply, on the engine thread: ``stop()`` is honoured at the next token."""
@@ -385,6 +382,33 @@ class Chat:
         else:
             self.instructions, self.functions = None, []
         self.messages = rest
+
+
+class _ReplyStream:
+    """A reply's events, which one thread at a time takes (a generator taken by two threads
+    raises a bare "generator already executing" in one of them). Closing it while another
+    thread is taking an event is refused; an event asked for while it closes waits, then ends
+    the iteration."""
+
+    def __init__(self, events: Iterator[ChatEvent]):
+        self._events = events
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> "_ReplyStream":
+        return self
+
+    def __next__(self) -> ChatEvent:
+        with self._lock:
+            return next(self._events)
+
+    def close(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("a reply of this chat is still streaming on another thread: "
+                               "stop() it, or wait for its end, first")
+        try:
+            self._events.close()
+        finally:
+            self._lock.release()
 
 
 class _Ledger:

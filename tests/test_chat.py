@@ -295,6 +295,41 @@ def test_a_reply_stream_left_open_is_cut_where_the_consumer_stopped_by_the_next_
     assert list(events) == []  # closed: nothing more comes from it
 
 
+def test_a_second_thread_sending_while_a_reply_streams_gets_one_clear_error(tok):
+    """One Chat shared by two threads: while one takes a reply's events, a send() from the other
+    is refused by name, or (between two events) closes that stream, which then just ends; the
+    consumer asking for an event while that close waits for the engine's step saw Python's bare
+    "generator already executing"."""
+    words = " ".join(["word"] * 30)
+    model = SlowAfter([reply_script(tok, "Think.", words)] * 40, fast=0, delay=0.005)
+    chat = Chat(model, tok, date="2025-08-05")
+    seen: list[BaseException] = []
+
+    def consume(events):
+        try:
+            for _ in events:
+                time.sleep(0.003)  # about the engine's step: the close waits while it asks
+        except BaseException as e:  # noqa: BLE001 - what the test looks for
+            seen.append(e)
+
+    refused = 0
+    for _ in range(6):
+        consumer = threading.Thread(target=consume, args=(chat.send("go"),))
+        consumer.start()
+        time.sleep(0.08)  # into the reply
+        while True:
+            try:
+                consume(chat.send("and again"))
+                break
+            except RuntimeError as e:
+                assert "still streaming on another thread" in str(e)
+                refused += 1
+                time.sleep(0.0003)
+        consumer.join()
+    assert seen == [] and refused > 0
+    assert collect(chat.send("last"))[1] == words  # the chat goes on
+
+
 class StopAt(ScriptedModel):
     """A ScriptedModel that calls ``chat.stop()`` in its ``at``-th step."""
 
