@@ -91,6 +91,15 @@ class KVCache:
     def restore(self, snapshot) -> None:
         self.trim(self.offset - snapshot)
 
+    def fork(self, snapshot) -> "KVCache":
+        """A new cache holding this one's positions up to ``snapshot``: views of its storage,
+        which writes to either cache then copy (MLX arrays are values), so neither sees the other's."""
+        other = KVCache()
+        if self.keys is not None:
+            other.keys, other.values = self.keys[..., :snapshot, :], self.values[..., :snapshot, :]
+        other.offset = snapshot
+        return other
+
     @property
     def state(self) -> list[mx.array]:
         return [] if self.keys is None else [self.keys, self.values]
@@ -200,6 +209,12 @@ class RotatingKVCache:
         # copies again, so a restored snapshot can be restored a second time
         self.keys = None if keys is None else mx.array(keys)
         self.values = None if values is None else mx.array(values)
+
+    def fork(self, snapshot) -> "RotatingKVCache":
+        """A new ring buffer restored to ``snapshot`` (one of this cache's)."""
+        other = RotatingKVCache(self.window)
+        other.restore(snapshot)
+        return other
 
     @property
     def state(self) -> list[mx.array]:

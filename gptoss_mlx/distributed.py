@@ -334,6 +334,7 @@ class Leader(Engine):
     Engine."""
 
     batches = False  # the followers replay one sequence's operations, not a decode batch
+    forks = False  # the followers hold their own copy of each cache, which a fork here would not copy
 
     def __init__(self, model, group, max_context: int | None = None, prefill_step: int = 2048):
         self.group = group

@@ -190,13 +190,17 @@ class PromptCache:
     A ring buffer cannot be rewound by more than one token (its older keys are overwritten), so
     snapshots are taken at the end of every prefill (the next turn usually diverges right after
     it: earlier reasoning is dropped from the history) and one token before it (the same prompt
-    again, a retry or a regenerated reply, feeds its last token again for the logits).
+    again, a retry or a regenerated reply, feeds its last token again for the logits), and at
+    the end of a prompt's instructions when the caller names it (``Prefill``'s
+    ``instructions``): that one is kept while later ones come and go, so that a new
+    conversation with the same instructions can start from a :meth:`fork` there.
     """
 
     cache: list
     tokens: list[int] = field(default_factory=list)
     snapshots: dict[int, list] = field(default_factory=dict)
     max_snapshots: int = 16  # two a turn
+    instructions: int = 0  # the snapshot at the end of the instructions, kept (0: none)
 
     def __post_init__(self):
         self.take_snapshot()  # position 0: rewinding can always fall back to an empty cache
@@ -235,7 +239,15 @@ class PromptCache:
     def take_snapshot(self) -> None:
         self.snapshots[len(self.tokens)] = [c.snapshot() for c in self.cache]
         while len(self.snapshots) > self.max_snapshots:
-            del self.snapshots[min(p for p in self.snapshots if p > 0)]
+            del self.snapshots[min(p for p in self.snapshots if p not in (0, self.instructions))]
+
+    def fork(self, keep: int) -> "PromptCache":
+        """A new prompt cache holding this one's first ``keep`` tokens, ``keep`` one of its
+        snapshots; this one is left as it is (the two share no state either writes)."""
+        snapshots = {p: s for p, s in self.snapshots.items() if p <= keep}
+        cache = [c.fork(state) for c, state in zip(self.cache, snapshots[keep])]
+        return PromptCache(cache, self.tokens[:keep], snapshots, self.max_snapshots,
+                           self.instructions if self.instructions <= keep else 0)
 
 
 def check_max_context(max_context: int | None, limit: int) -> int:
@@ -264,6 +276,7 @@ class Engine:
     process's engine thread (gptoss_mlx/engine_thread.py), where all MLX work happens."""
 
     batches = True  # whether the server may run it in a decode batch (distributed.Leader: no)
+    forks = True  # whether the server may fork its prompt caches (distributed.Leader: no)
 
     def __init__(self, model, max_context: int | None = None, prefill_step: int = 2048,
                  compile_decode: bool | None = None):
@@ -413,7 +426,9 @@ class Prefill:
     only the cache (the unembedding, 201088 x 2880, never runs for them); the last token alone
     gives the logits."""
 
-    def __init__(self, engine: Engine, pc: PromptCache, prompt: list[int]):
+    def __init__(self, engine: Engine, pc: PromptCache, prompt: list[int], instructions: int = 0):
+        """``instructions``: the length of the prompt's instructions (its leading system and
+        developer messages): the cache takes a snapshot there (see :class:`PromptCache`)."""
         if not prompt:
             raise ValueError("the prompt is empty")
         vocab = engine.model.config.vocab_size
@@ -428,13 +443,17 @@ class Prefill:
         self.engine, self.pc, self.prompt = engine, pc, prompt
         self.reused = pc.rewind_to(min(common_prefix(pc.tokens, prompt), len(prompt) - 1))  # feed >= 1
         self.rest = prompt[self.reused:-1]
+        self.instructions = instructions if self.reused <= instructions < len(prompt) else 0
 
     def step(self, max_tokens: int | None = None) -> mx.array | None:
         """Prefill the next chunk (at most ``max_tokens``), and the last token once the rest is
         in: then returns the logits for the token after the prompt (1, V), before that None."""
         pc, model = self.pc, self.engine.model
+        self._snapshot_instructions()
         if self.rest:
             size = min(self.engine._chunk_size(len(pc.tokens)), max_tokens or self.engine.prefill_step)
+            if self.instructions > len(pc.tokens):  # the chunk ends there, for its snapshot
+                size = min(size, self.instructions - len(pc.tokens))
             chunk, self.rest = self.rest[:size], self.rest[size:]
             # A long chunk is evaluated layer by layer, which bounds its temporaries to one
             # layer's; a short one (a newcomer's message) in one go: 24 waits for the device
@@ -442,6 +461,7 @@ class Prefill:
             # memory plan's working allowance (memory.WORKING_BYTES).
             forward(model, pc, chunk, evaluate_layers=len(chunk) > EVALUATE_ALL_LAYERS_UP_TO)
             mx.eval([c.state for c in pc.cache])
+            self._snapshot_instructions()
             if self.rest:
                 return None
         if len(pc.tokens) not in pc.snapshots:  # a retry of this prompt resumes here, feeding one token
@@ -451,3 +471,11 @@ class Prefill:
             raise NonFiniteLogitsError(non_finite_message(model))
         pc.take_snapshot()
         return logits
+
+    def _snapshot_instructions(self) -> None:
+        """At the end of the instructions: a snapshot there, which the cache keeps."""
+        pc = self.pc
+        if self.instructions and len(pc.tokens) == self.instructions:
+            pc.instructions = self.instructions
+            if self.instructions not in pc.snapshots:
+                pc.take_snapshot()

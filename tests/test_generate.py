@@ -11,11 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import FP32_ATOL
-from gptoss_mlx.engine_thread import SWITCH_INTERVAL_S, EngineThread
+from gptoss_mlx.engine_thread import SWITCH_INTERVAL_S, EngineThread, engine_thread
 from gptoss_mlx.generate import (
-    ContextLengthError, Engine, SamplingParams, banned_token_mask, make_sampler,
+    ContextLengthError, Engine, Prefill, SamplingParams, banned_token_mask, make_sampler,
 )
 from gptoss_mlx.loading import load_model
+from gptoss_mlx.server.scheduler import PromptCachePool
 from gptoss_mlx.tokenizer import SPECIAL_TOKENS
 from scripted import ScriptedModel
 
@@ -182,6 +183,96 @@ def test_any_series_of_turns_gives_the_logits_of_a_fresh_run(model, turns):
         reply = list(engine.generate(prompt, SamplingParams(temperature=0, max_tokens=reply_len)))
         assert engine.stats.reused_tokens == len(prompt) - 1  # the prefill just before left it there
         history.append((prompt, reply))
+
+
+def serve_turn(engine, pool, prompt, instructions=0, reply_len=6):
+    """One request as the server's scheduler runs it, on the engine thread: a cache from the
+    pool, the prompt prefilled (its logits and the tokens reused returned), a greedy reply, the
+    cache back in the pool."""
+    return engine_thread().call(_serve_turn, engine, pool, prompt, instructions, reply_len)
+
+
+def _serve_turn(engine, pool, prompt, instructions, reply_len):
+    pc = pool.take(prompt)
+    prefill = Prefill(engine, pc, prompt, instructions)
+    while (logits := prefill.step(5)) is None:  # small chunks, as between other sequences' steps
+        pass
+    engine.prompt_cache = pc
+    list(engine.generate(prompt, SamplingParams(temperature=0, max_tokens=reply_len)))
+    pool.put(engine.prompt_cache)
+    return np.array(logits), prefill.reused
+
+
+def test_a_new_conversation_with_the_same_instructions_starts_from_a_fork(model):
+    """Two conversations with the same 30-token instructions (longer than the window of 8): the
+    second starts from the first's snapshot at their end; the first goes on from its own cache."""
+    engine, pool = Engine(model), PromptCachePool(model, 1 << 30)
+    instructions = [(i * 11) % 500 for i in range(30)]
+    first = instructions + [(i * 3 + 1) % 500 for i in range(20)]
+    logits, reused = serve_turn(engine, pool, first, len(instructions))
+    assert reused == 0
+    second = instructions + [(i * 5 + 2) % 500 for i in range(25)]
+    logits, reused = serve_turn(engine, pool, second, len(instructions))
+    assert reused == len(instructions)
+    np.testing.assert_allclose(logits[0], fresh_logits(model, second), atol=FP32_ATOL)
+    follow_up = first + [7, 8, 9]  # the first conversation's cache is still its own
+    logits, reused = serve_turn(engine, pool, follow_up)
+    assert reused == len(first)
+    np.testing.assert_allclose(logits[0], fresh_logits(model, follow_up), atol=FP32_ATOL)
+
+
+def test_a_retry_of_an_earlier_turn_starts_from_a_fork_at_that_turn(model):
+    engine, pool = Engine(model), PromptCachePool(model, 1 << 30)
+    turn1 = [(i * 7) % 500 for i in range(40)]
+    serve_turn(engine, pool, turn1, reply_len=12)
+    turn2 = engine.prompt_cache.tokens + [(i * 9) % 500 for i in range(20)]
+    serve_turn(engine, pool, turn2, reply_len=12)
+    edited = turn1 + [(i * 13) % 500 for i in range(15)]  # turn 2 edited: a new reply to turn 1
+    logits, reused = serve_turn(engine, pool, edited)
+    assert reused == len(turn1)
+    np.testing.assert_allclose(logits[0], fresh_logits(model, edited), atol=FP32_ATOL)
+
+
+def test_a_server_across_machines_never_forks_its_caches(model):
+    """Rank 0 alone would fork: the followers would prefill a fresh cache for it."""
+    pool = PromptCachePool(model, 1 << 30, forks=False)
+    engine = Engine(model)
+    instructions = [(i * 11) % 500 for i in range(30)]
+    serve_turn(engine, pool, instructions + [1, 2, 3], len(instructions))
+    assert serve_turn(engine, pool, instructions + [4, 5, 6], len(instructions))[1] == 0
+
+
+# A request to the server: which instructions it has (of two), whether it continues an earlier
+# conversation (which one, keeping how much of its last prompt and reply) or starts a new one,
+# how many new tokens, how long a reply.
+REQUESTS = st.lists(st.tuples(st.integers(0, 1), st.integers(-2, 6), st.floats(0, 1), st.integers(0, 8),
+                              st.integers(1, 15), st.integers(1, 10)), min_size=2, max_size=6)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=REQUESTS, entries=st.integers(1, 4))
+def test_any_series_of_requests_gives_the_logits_of_a_fresh_run(model, requests, entries):
+    """New conversations, follow-ups, edits and retries of earlier turns, in any order, through
+    a pool of at most ``entries`` caches that forks them: every prompt's logits are those of
+    the model without a cache, and a new conversation reuses its instructions whenever a cache
+    with them is in the pool."""
+    engine, pool = Engine(model), PromptCachePool(model, 1 << 30, max_entries=entries)
+    instructions = [[(i * 11) % 500 for i in range(20)], [(i * 11) % 500 for i in range(12)] + [3] * 9]
+    history = []  # (instructions, prompt, reply)
+    for which, earlier, keep, reply_kept, new, reply_len in requests:
+        text = [(17 * len(history) + 5 * i) % 500 for i in range(new)]
+        if earlier < 0 or not history:  # a new conversation
+            mine = instructions[which]
+            prompt = mine + text
+        else:
+            mine, last, reply = history[earlier % len(history)]
+            prompt = last[:max(len(mine) + 1, round(keep * len(last)))] + reply[:reply_kept] + text
+        held = [pc.tokens[:len(mine)] == mine and len(mine) in pc.snapshots for pc in pool._caches.values()]
+        logits, reused = serve_turn(engine, pool, prompt, len(mine), reply_len)
+        np.testing.assert_allclose(logits[0], fresh_logits(model, prompt), atol=FP32_ATOL)
+        if any(held):
+            assert reused >= len(mine)
+        history.append((mine, prompt, engine.prompt_cache.tokens[len(prompt):]))
 
 
 def test_chunked_prefill_matches(model):

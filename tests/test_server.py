@@ -21,6 +21,7 @@ import uvicorn
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from gptoss_mlx import harmony
 from gptoss_mlx.cli import build_parser as cli_parser
 from gptoss_mlx.cli import main as cli_main
 from gptoss_mlx.cli.serve import check_binding
@@ -175,6 +176,41 @@ def test_the_same_request_again_computes_one_token(url):
     assert again.choices[0].message.content == first.choices[0].message.content
 
 
+def system_tokens(tokenizer, *messages: dict) -> int:
+    """The tokens of a Chat Completions request's system message and ``messages`` (its
+    instructions), as the server renders them today."""
+    rendered = harmony.from_chat_completions({"messages": [*messages, {"role": "user", "content": "x"}]},
+                                             date=harmony.today())
+    return harmony.instructions_length(rendered, harmony.segments_to_tokens(
+        harmony.render_conversation(rendered), tokenizer))
+
+
+def test_new_conversations_with_the_same_instructions_start_from_them(tiny):
+    """An agent's or an editor's new conversations share long instructions: each after the
+    first computes only its own messages, and replies as a server that cached nothing."""
+    instructions = {"role": "developer", "content": "Answer as a cartographer would. " * 40}
+    questions = ["Where is the lake?", "And the hills?", "Where is the lake?"]
+
+    def ask(url):
+        c, out = client(url), []
+        for q in questions:
+            r = c.chat.completions.create(model="gpt-oss-tiny", messages=[instructions, {"role": "user", "content": q}],
+                                          max_tokens=8, **GREEDY)
+            out.append((r.choices[0].message.content, r.usage.prompt_tokens_details.cached_tokens,
+                        r.usage.prompt_tokens))
+        return out
+
+    with serving(*tiny) as url:
+        shared = ask(url)
+    with serving(*tiny, cache_bytes=1) as url:  # nothing cached
+        alone = ask(url)
+    length = system_tokens(tiny[1], instructions)
+    assert length > 300
+    assert [cached for _, cached, _ in shared] == [0, length, shared[0][2] - 1]  # the last: a retry
+    assert [text for text, _, _ in shared] == [text for text, _, _ in alone]
+    assert [cached for _, cached, _ in alone] == [0, 0, 0]
+
+
 def test_interleaved_conversations_keep_their_caches_within_the_budget(tiny):
     def turns(url):
         c, cached = client(url), []
@@ -188,7 +224,9 @@ def test_interleaved_conversations_keep_their_caches_within_the_budget(tiny):
 
     with serving(*tiny) as url:
         first_lakes, first_hills, again_lakes, again_hills = turns(url)
-        assert first_lakes == first_hills == 0 and again_lakes > 100 and again_hills > 100
+        # the second conversation starts from the first's system message
+        assert first_lakes == 0 and first_hills == system_tokens(tiny[1])
+        assert again_lakes > 100 and again_hills > 100
     with serving(*tiny, cache_bytes=1) as url:  # a budget no cache fits: nothing is kept
         assert turns(url) == [0, 0, 0, 0]
 

@@ -29,6 +29,14 @@ def segments_to_text(segments: Iterable[Segment]) -> str:
     return "".join(segments)
 
 
+def instructions_length(messages: list[Message], tokens: list[int]) -> int:
+    """The tokens of the leading system and developer messages in ``tokens``, the rendering of
+    ``messages``: where the first other message starts (0: no such messages, or none after them)."""
+    k = next((i for i, m in enumerate(messages) if m.role not in ("system", "developer")), len(messages))
+    starts = [i for i, t in enumerate(tokens) if t == ID[START]]
+    return starts[k] if 0 < k < len(starts) else 0
+
+
 def segments_to_tokens(segments: Iterable[Segment], tokenizer) -> list[int]:
     out: list[int] = []
     for seg in segments:

@@ -50,6 +50,7 @@ class Run:
     prompt: list[int]
     params: SamplingParams
     logits_processors: list = field(default_factory=list)  # see generate.SequenceSampler
+    instructions: int = 0  # the prompt's instructions' length (generate.Prefill), 0: not given
     stats: Stats | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -69,20 +70,32 @@ class PromptCachePool:
     A cache continues a conversation when the new prompt extends the last prompt it was filled
     with (its newest snapshot): the engine then rewinds it to there at most (the turn's dropped
     reasoning) and prefills only the new messages, sliding-window layers included. A prompt that
-    continues none of them gets a fresh cache, so one client never destroys another's."""
+    shares less with a cache (a new conversation with the same instructions, an edit or a retry
+    of an earlier turn) starts from a fork of it at its last snapshot inside what they share,
+    when ``forks``; the cache stays for its own conversation. Otherwise it gets a fresh cache, so
+    one client never destroys another's."""
 
-    def __init__(self, model, max_bytes: int, max_entries: int = 8):
-        self.model, self.max_bytes, self.max_entries = model, max_bytes, max_entries
+    def __init__(self, model, max_bytes: int, max_entries: int = 8, forks: bool = True):
+        self.model, self.max_bytes, self.max_entries, self.forks = model, max_bytes, max_entries, forks
         self._caches: OrderedDict[int, PromptCache] = OrderedDict()
 
     def take(self, prompt: list[int]) -> PromptCache:
-        best, best_len = None, 0
+        """The cache to prefill ``prompt`` into: the one it continues that holds most of it, or
+        a fork of the one with the longest snapshot inside what it shares with ``prompt`` if
+        that holds more, or a new one."""
+        best, best_len, fork_len = None, 0, 0
         for key, pc in self._caches.items():
             n = common_prefix(pc.tokens, prompt)
-            if n >= max(pc.snapshots) and n > best_len:
-                best, best_len = key, n
+            if n >= max(pc.snapshots):
+                if n > best_len or n == best_len and fork_len:
+                    best, best_len, fork_len = key, n, 0
+            elif self.forks and (p := max(q for q in pc.snapshots if q <= n)) > best_len:
+                best, best_len, fork_len = key, p, p
         if best is None:
             return PromptCache(self.model.make_cache())
+        if fork_len:
+            self._caches.move_to_end(best)  # used: kept longer
+            return self._caches[best].fork(fork_len)
         return self._caches.pop(best)
 
     def put(self, pc: PromptCache) -> None:
@@ -102,7 +115,7 @@ class Scheduler:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.engine = engine
-        self.pool = PromptCachePool(engine.model, cache_bytes)
+        self.pool = PromptCachePool(engine.model, cache_bytes, forks=engine.forks)
         self.max_concurrency = max_concurrency
         self.interleaved_chunk = interleaved_chunk
         self.in_flight = 0
@@ -383,7 +396,7 @@ class Sequence:
         """On the engine thread: its prefill into ``pc``, its sampler, its token budget."""
         run = self.run
         self.pc = pc
-        self.prefill = Prefill(engine, pc, run.prompt)
+        self.prefill = Prefill(engine, pc, run.prompt, run.instructions)
         self.stats.reused_tokens = self.prefill.reused
         self.sampler = SequenceSampler(run.params, engine.model.config.vocab_size, run.prompt,
                                        run.logits_processors)

@@ -141,7 +141,8 @@ class Service:
         if self.tools:
             stream.server_tool = self.tools.handles
         budget = request.get("reasoning_budget", self.reasoning_budget)
-        run = Run(prompt, params, self.constraints(messages, prompt, params, budget, forced, must_call))
+        run = Run(prompt, params, self.constraints(messages, prompt, params, budget, forced, must_call),
+                  instructions=harmony.instructions_length(messages, prompt))
         return Reply(new_id(prefix), messages, [run], stream, forced, budget)
 
     def constraints(self, messages: list[Message], prompt: list[int], params: SamplingParams,
