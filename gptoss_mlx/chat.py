@@ -271,7 +271,8 @@ class Chat:
         prompt, trimmed = self.fitted_prompt()
         if trimmed:
             yield ledger.note(trimmed)
-        stream = self.engine.generate(prompt, self.sampling, logits_processors=self._constraints(prompt))
+        stream = self.engine.generate(prompt, self.sampling, logits_processors=self._constraints(prompt),
+                                      instructions=harmony.instructions_length(self._prefix(), prompt))
         finish = None
         try:
             for token in stream:

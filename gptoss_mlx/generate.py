@@ -298,13 +298,15 @@ class Engine:
     def _reset(self) -> None:
         self.prompt_cache = PromptCache(self.model.make_cache())
 
-    def prefill(self, prompt: list[int]) -> mx.array:
+    def prefill(self, prompt: list[int], instructions: int = 0) -> mx.array:
         """Bring the cache to ``prompt``, reusing the longest common prefix; returns the logits
-        for the token after it (evaluated when called from another thread than the engine's)."""
-        return engine_thread().call(self._prefill, prompt)
+        for the token after it (evaluated when called from another thread than the engine's).
+        ``instructions``: the length of the prompt's system and developer messages, where the
+        cache keeps a snapshot for the next conversation that has them (see :class:`Prefill`)."""
+        return engine_thread().call(self._prefill, prompt, instructions)
 
-    def _prefill(self, prompt: list[int]) -> mx.array:
-        prefill = Prefill(self, self.prompt_cache, prompt)
+    def _prefill(self, prompt: list[int], instructions: int = 0) -> mx.array:
+        prefill = Prefill(self, self.prompt_cache, prompt, instructions)
         self.stats = Stats(prompt_tokens=len(prompt), reused_tokens=prefill.reused)
         try:
             while (logits := prefill.step()) is None:
@@ -325,21 +327,22 @@ class Engine:
         return max(128, min(self.prefill_step, fit))
 
     def generate(self, prompt: list[int], params: SamplingParams | None = None,
-                 stop_tokens=STOP_TOKENS_FOR_SAMPLING, logits_processors=None) -> Iterator[int]:
+                 stop_tokens=STOP_TOKENS_FOR_SAMPLING, logits_processors=None,
+                 instructions: int = 0) -> Iterator[int]:
         """Yield sampled tokens until a stop token (yielded too), max_tokens or the context end.
         They are made on the engine thread; closing the iterator stops at the next token.
-        ``logits_processors``: see :class:`SequenceSampler`."""
-        return engine_thread().stream(self._generate(prompt, params, stop_tokens, logits_processors))
+        ``logits_processors``: see :class:`SequenceSampler`; ``instructions``: see :meth:`prefill`."""
+        return engine_thread().stream(self._generate(prompt, params, stop_tokens, logits_processors, instructions))
 
     def _generate(self, prompt: list[int], params: SamplingParams | None,
-                  stop_tokens, logits_processors=None) -> Iterator[int]:
+                  stop_tokens, logits_processors=None, instructions: int = 0) -> Iterator[int]:
         """The decoding loop, on the engine thread. The next step's graph is built and queued before the host waits for the current
         token, so the GPU never idles on Python (asynchronous evaluation)."""
         params = params or SamplingParams()
         sampler = SequenceSampler(params, self.model.config.vocab_size, prompt, logits_processors)
         mx.reset_peak_memory()
         start = time.perf_counter()
-        logits = self._prefill(prompt)
+        logits = self._prefill(prompt, instructions)
         y = sampler(logits)
         mx.async_eval(y)
         stats = self.stats

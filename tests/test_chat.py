@@ -180,6 +180,35 @@ def test_send_from_two_threads_taking_turns(tmp_path, tiny_checkpoint):
     assert all(reused > 0 for _, reused, _ in result["got"][1:])  # the cache carried over
 
 
+def test_a_new_conversation_starts_from_the_instructions_of_the_last(tiny_checkpoint):
+    """/reset (the TUI's new chat): the next prompt's system and developer messages, longer
+    than the sliding window, come from the cache (its snapshot at their end), not prefilled
+    again; and the reply is the one a fresh chat gives."""
+    from gptoss_mlx.loading import load
+
+    model, tok = load(tiny_checkpoint)
+    rules = "Answer in the voice of a lighthouse keeper. " * 30
+    chat = Chat(model, tok, instructions=rules, date="2025-08-05",
+                sampling=SamplingParams(temperature=0, max_tokens=6))
+    collect(chat.send("Where is the harbour?"))
+    assert chat.engine.stats.reused_tokens == 0
+    chat.reset()
+    _, answer, done = collect(chat.send("When does the ferry leave?"))
+    instructions = len(tok.encode(harmony_text(chat, 2), allowed_special="all"))
+    assert instructions > 256 and done.stats.reused_tokens == instructions
+    fresh = Chat(model, tok, instructions=rules, date="2025-08-05",
+                 sampling=SamplingParams(temperature=0, max_tokens=6))
+    assert collect(fresh.send("When does the ferry leave?"))[1] == answer
+
+
+def harmony_text(chat, messages: int) -> str:
+    """The first ``messages`` messages of the chat's next prompt, as harmony text."""
+    from gptoss_mlx import harmony
+
+    return harmony.segments_to_text(harmony.render_conversation(chat.conversation()[:messages],
+                                                                for_completion=False))
+
+
 def answer_until(events, enough) -> str:
     """The answer text taken from ``events`` until ``enough(text)``; the stream stays open."""
     answer = ""
