@@ -20,7 +20,9 @@ stop token, so each reply runs to max_tokens). For each number of concurrent str
   time to first token under that load: its queueing, its prefill, one step).
 
 Then the follow-up TTFT after ``--history`` tokens: a one-token request on a long conversation
-(cold), then on the same conversation plus a reply and a question (what a prompt cache serves).
+(cold), then on the same conversation plus a reply and a question (what a prompt cache serves);
+and a new conversation with instructions (a system message) of about that many tokens, then
+another new conversation with the same instructions (an agent's next task).
 
 ``--scheduler`` measures the scheduler alone, in this process (no HTTP, no output parsing):
 for each number of streams, concurrent greedy runs of ``--tokens`` tokens through
@@ -412,6 +414,9 @@ def bench(args) -> tuple[dict, dict]:
                 r["cold"] = server.client.latency(history)
                 r["follow"] = server.client.latency(history + [{"role": "assistant", "content": "It is very old."},
                                                               {"role": "user", "content": "And rivers?"}])
+                rules = [{"role": "system", "content": "Answer as a harbour pilot would. " * (args.history // 7)}]
+                r["new_cold"] = server.client.latency(rules + user("Where is the channel?"))
+                r["new_same"] = server.client.latency(rules + user("When is high tide?"))
         each("exactness and follow-up", rest)
     finally:
         for server in servers.values():
@@ -593,6 +598,9 @@ def print_engine(engine: str, r: dict, history: int) -> None:
         return
     print(f"{engine}: cold TTFT with a {history}-token history {r['cold']:.3f} s, follow-up "
           f"{r['follow']:.3f} s ({100 * r['follow'] / r['cold']:.1f}% of cold)", flush=True)
+    print(f"{engine}: TTFT of a new conversation with {history}-token instructions {r['new_cold']:.3f} s, "
+          f"of another with the same instructions {r['new_same']:.3f} s "
+          f"({100 * r['new_same'] / r['new_cold']:.1f}%)", flush=True)
 
 
 if __name__ == "__main__":
