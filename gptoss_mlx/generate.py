@@ -262,8 +262,11 @@ def check_max_context(max_context: int | None, limit: int) -> int:
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
+    """How many tokens ``a`` and ``b`` share from the start (slices compared first: a pool of
+    long conversations is scanned for every request)."""
+    n, i, step = min(len(a), len(b)), 0, 2048
+    while i + step <= n and a[i:i + step] == b[i:i + step]:
+        i += step
     while i < n and a[i] == b[i]:
         i += 1
     return i

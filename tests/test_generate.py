@@ -233,6 +233,25 @@ def test_a_retry_of_an_earlier_turn_starts_from_a_fork_at_that_turn(model):
     np.testing.assert_allclose(logits[0], fresh_logits(model, edited), atol=FP32_ATOL)
 
 
+def test_forks_leave_the_pool_room_for_every_conversation(model):
+    """A plain request (its instructions end with the system message every prompt starts with),
+    then ten conversations with their own instructions, each forked from the system message,
+    then each one's follow-up: each continues its own cache. (Every fork kept its donor fresh,
+    and eight entries held about four conversations: the follow-ups reused the system message.)"""
+    engine, pool = Engine(model), PromptCachePool(model, 1 << 30)
+    system = [(i * 11) % 500 for i in range(12)]
+    serve_turn(engine, pool, system + [1, 2, 3], len(system), reply_len=2)
+    conversations = []
+    for k in range(10):
+        instructions = system + [(k * 37 + i * 7) % 500 for i in range(10)]
+        prompt = instructions + [4, 5, k]
+        assert serve_turn(engine, pool, prompt, len(instructions), reply_len=2)[1] == len(system)
+        conversations.append(list(engine.prompt_cache.tokens))
+    for tokens in conversations:
+        follow_up = tokens + [9, 9]
+        assert serve_turn(engine, pool, follow_up, reply_len=2)[1] == len(tokens)
+
+
 def test_a_server_across_machines_never_forks_its_caches(model):
     """Rank 0 alone would fork: the followers would prefill a fresh cache for it."""
     pool = PromptCachePool(model, 1 << 30, forks=False)

@@ -75,28 +75,27 @@ class PromptCachePool:
     when ``forks``; the cache stays for its own conversation. Otherwise it gets a fresh cache, so
     one client never destroys another's."""
 
-    def __init__(self, model, max_bytes: int, max_entries: int = 8, forks: bool = True):
+    def __init__(self, model, max_bytes: int, max_entries: int = 32, forks: bool = True):
         self.model, self.max_bytes, self.max_entries, self.forks = model, max_bytes, max_entries, forks
         self._caches: OrderedDict[int, PromptCache] = OrderedDict()
 
     def take(self, prompt: list[int]) -> PromptCache:
         """The cache to prefill ``prompt`` into: the one it continues that holds most of it, or
         a fork of the one with the longest snapshot inside what it shares with ``prompt`` if
-        that holds more, or a new one."""
-        best, best_len, fork_len = None, 0, 0
-        for key, pc in self._caches.items():
+        that holds more (the most recent of equals), or a new one. A fork keeps its donor's
+        snapshots up to there, the instructions' among them: it serves the next conversation
+        with those instructions as well, so the donor is not kept longer for it."""
+        best = (0, False, -1, None)  # (tokens reused, whether it continues, recency, key)
+        for recency, (key, pc) in enumerate(self._caches.items()):  # least recently used first
             n = common_prefix(pc.tokens, prompt)
             if n >= max(pc.snapshots):
-                if n > best_len or n == best_len and fork_len:
-                    best, best_len, fork_len = key, n, 0
-            elif self.forks and (p := max(q for q in pc.snapshots if q <= n)) > best_len:
-                best, best_len, fork_len = key, p, p
-        if best is None:
+                best = max(best, (n, True, recency, key))
+            elif self.forks:
+                best = max(best, (max(q for q in pc.snapshots if q <= n), False, recency, key))
+        reused, continues, _, key = best
+        if not reused:
             return PromptCache(self.model.make_cache())
-        if fork_len:
-            self._caches.move_to_end(best)  # used: kept longer
-            return self._caches[best].fork(fork_len)
-        return self._caches.pop(best)
+        return self._caches.pop(key) if continues else self._caches[key].fork(reused)
 
     def put(self, pc: PromptCache) -> None:
         self._caches[id(pc)] = pc
