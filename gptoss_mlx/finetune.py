@@ -34,13 +34,14 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+from safetensors import SafetensorError, safe_open
 
 from . import harmony
 from .files import JSONProblem, parse_json, read_json_file
 from .harmony import BUILTIN_TOOLS, END, RETURN, START, Message, Special
 from .kernels import registry
-from .lora import (ADAPTER_WEIGHTS, AdapterError, LoRAConfig, apply_lora, read_adapter_config, save_adapter,
-                   write_json)
+from .lora import (ADAPTER_WEIGHTS, AdapterError, LoRAConfig, adapter_weights, apply_lora, read_adapter_config,
+                   save_adapter, write_json)
 from .model import Model
 from .store import chat_file_problem
 
@@ -49,6 +50,7 @@ SCHEDULES = ("cosine", "constant")  # the learning rate over the run: decayed to
 LOGIT_CHUNK = 512  # trained positions unembedded at once: (512, vocab) float32 logits, 0.4 GB  # what to do with a conversation longer than --max-seq-len
 STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+STEP_KEY = "step"  # in the checkpoint files' safetensors metadata
 # Settings a resumed run must share with the run it continues.
 RESUMED = ("rank", "alpha", "targets", "batch_size", "learning_rate", "schedule", "max_seq_len",
            "long", "seed", "grad_checkpoint")
@@ -367,11 +369,28 @@ def read_state(directory: str | os.PathLike) -> dict:
     if not path.is_file() or not (directory / OPTIMIZER_FILE).is_file():
         raise DataError(f"{directory}: nothing to resume (no {STATE_FILE} and {OPTIMIZER_FILE})")
     state = read_json_file(path, DataError)
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int) \
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0 \
             or not isinstance(state.get("settings"), dict):
         raise DataError(f"{path}: damaged (step and settings expected)")
     read_adapter_config(directory)
+    for name in (ADAPTER_WEIGHTS, OPTIMIZER_FILE):
+        saved = saved_step(directory / name)
+        if saved is not None and saved != state["step"]:
+            raise DataError(f"{directory}: the save at step {max(saved, state['step'])} was cut short "
+                            f"({name} is from step {saved}, {STATE_FILE} from step {state['step']}): "
+                            "this run cannot be resumed exactly; start a new one")
     return state
+
+
+def saved_step(path: Path) -> int | None:
+    """The step a checkpoint file was saved at (None: saved before files were stamped); a
+    DataError naming the file if it is missing, cut short or not safetensors."""
+    try:
+        with safe_open(str(path), "numpy") as f:
+            stamp = (f.metadata() or {}).get(STEP_KEY)
+    except (OSError, SafetensorError) as e:
+        raise DataError(f"{path}: damaged or missing ({e}): this run cannot be resumed; start a new one") from None
+    return int(stamp) if stamp is not None and stamp.isdigit() else None
 
 
 def check_trainable(model: Model) -> None:
@@ -412,10 +431,24 @@ def train(model: Model, base_model: str, train_set: list[Example], settings: Set
     step_fn = make_step(model, optimizer, settings.grad_checkpoint)
 
     def save(final: bool) -> Saved:
-        save_adapter(model, out, settings.lora, base_model=base_model)
-        mx.save_safetensors(str(out / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
-        write_json(out / STATE_FILE, {"step": step, "settings": _json_settings(settings),
-                                      "data": data_digest})
+        """The adapter, the optimizer, then the state, each through a temporary file and a
+        rename, the first two stamped with the step (a save cut between them is told on
+        --resume, by read_state)."""
+        stamp = {STEP_KEY: str(step)}
+        if not all(mx.isfinite(w).all().item() for w in adapter_weights(model).values()):
+            raise DataError(f"the adapter's weights became NaN or infinite by step {step}: training "
+                            "diverged (a lower --learning-rate?); nothing saved from it" + (
+                                f", the last checkpoint in {out} is kept" if (out / STATE_FILE).exists() else ""))
+        tmp = out / f".{OPTIMIZER_FILE}.tmp.safetensors"
+        try:
+            save_adapter(model, out, settings.lora, base_model=base_model, weights_metadata=stamp)
+            mx.save_safetensors(str(tmp), dict(tree_flatten(optimizer.state)), metadata=stamp)
+            os.replace(tmp, out / OPTIMIZER_FILE)
+            write_json(out / STATE_FILE, {"step": step, "settings": _json_settings(settings),
+                                          "data": data_digest})
+        except (OSError, RuntimeError) as e:  # MLX's writer raises RuntimeError (a full disk)
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"saving step {step} in {out} failed ({e}): is the disk full?") from None
         return Saved(step, out, final)
 
     def validate() -> Validation:
@@ -435,6 +468,11 @@ def train(model: Model, base_model: str, train_set: list[Example], settings: Set
             step += 1
             dt = time.perf_counter() - t0
             losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                raise DataError(
+                    f"the loss became {losses[-1]} at step {step}: training diverged (a lower "
+                    "--learning-rate?); nothing saved from it" + (
+                        f", the last checkpoint in {out} is kept" if (out / STATE_FILE).exists() else ""))
             tokens, timed, elapsed = tokens + count, timed + dt, elapsed + dt
             if step % settings.steps_per_report == 0 or step == settings.iters:
                 rate = (step - first) / elapsed

@@ -165,14 +165,14 @@ def adapter_weights(model: Model) -> dict[str, mx.array]:
 
 
 def save_adapter(model: Model, directory: str | os.PathLike, config: LoRAConfig,
-                 **metadata) -> Path:
-    """Write ``adapters.safetensors`` and ``adapter_config.json`` (with ``metadata``, e.g. the
-    base model), each through a temporary file and a rename."""
+                 weights_metadata: dict[str, str] | None = None, **metadata) -> Path:
+    """Write ``adapters.safetensors`` (with ``weights_metadata``) and ``adapter_config.json``
+    (with ``metadata``, e.g. the base model), each through a temporary file and a rename."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = adapter_weights(model)
     tmp = directory / f".{ADAPTER_WEIGHTS}.tmp.safetensors"
-    mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
+    mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx", **(weights_metadata or {})})
     os.replace(tmp, directory / ADAPTER_WEIGHTS)
     write_json(directory / ADAPTER_CONFIG, {**config.to_json(), **metadata})
     return directory

@@ -233,6 +233,73 @@ def test_resuming_equals_an_uninterrupted_run(sharp, tok, tmp_path):
         ft.resumed_settings(state, {"rank": 8})
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--alpha", "nan"], "argument --alpha: must be a finite number above 0"),
+    (["--learning-rate", "inf"], "argument --learning-rate: must be a finite number above 0"),
+    (["--seed", "-1"], "argument --seed: must be at least 0"),
+    (["--seed", str(2**64)], "argument --seed: must be below 2**64"),
+    (["--adapter-path", ""], "argument --adapter-path: expected a directory"),
+])
+def test_bad_numbers_and_paths_are_refused_before_anything_loads(tmp_path, capsys, flags, message):
+    args = ["finetune", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "d.jsonl"),
+            "--adapter-path", str(tmp_path / "out"), *flags]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where, message", [
+    ("file", "is a file, not a directory"),
+    ("file/sub", "cannot be written"),
+    ("model", "holds a model checkpoint"),
+])
+def test_an_adapter_path_that_cannot_take_the_adapter_is_refused_before_training(tmp_path, capsys, where, message):
+    """It was found at the first save, after the whole run, as a traceback."""
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    out = tmp_path / where
+    assert main(["finetune", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "d.jsonl"),
+                 "--adapter-path", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--adapter-path {out} {message}" in err and "Traceback" not in err
+    assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "model" / ADAPTER_WEIGHTS).exists()
+
+
+def test_a_save_cut_short_or_a_damaged_checkpoint_is_named_on_resume(sharp, tok, tmp_path):
+    """A kill between the checkpoint's files left an adapter a step ahead of its state, which
+    --resume continued from (not exactly); a cut optimizer file gave a traceback."""
+    data = write_jsonl(tmp_path / "train.jsonl", [capitals_line(*c) for c in CAPITALS[:2]])
+    examples, _ = ft.load_data(data, tok, 512)
+    settings = ft.Settings(rank=4, iters=3, learning_rate=1e-3, save_every=1)
+    out = tmp_path / "out"
+    list(ft.train(load(sharp)[0], str(sharp), examples, settings, out))
+    assert ft.read_state(out)["step"] == 3
+    state = json.loads((out / ft.STATE_FILE).read_text())
+    (out / ft.STATE_FILE).write_text(json.dumps({**state, "step": 2}))  # the kill came before it
+    with pytest.raises(ft.DataError, match=r"the save at step 3 was cut short \(adapters.safetensors is "
+                                           r"from step 3, training_state.json from step 2\)"):
+        ft.read_state(out)
+    (out / ft.STATE_FILE).write_text(json.dumps(state))
+    optimizer = (out / ft.OPTIMIZER_FILE).read_bytes()
+    (out / ft.OPTIMIZER_FILE).write_bytes(optimizer[: len(optimizer) // 2])
+    with pytest.raises(ft.DataError, match="optimizer.safetensors: damaged or missing"):
+        ft.read_state(out)
+
+
+def test_a_diverging_run_stops_by_name_and_keeps_its_last_checkpoint(sharp, tok, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", [capitals_line(*c) for c in CAPITALS[:2]])
+    examples, _ = ft.load_data(data, tok, 512)
+    settings = ft.Settings(rank=4, iters=6, learning_rate=1e30, save_every=1)
+    out = tmp_path / "out"
+    with pytest.raises(ft.DataError, match="training diverged .*the last checkpoint in .* is kept"):
+        list(ft.train(load(sharp)[0], str(sharp), examples, settings, out))
+    step = ft.read_state(out)["step"]
+    weights = mx.load(str(out / ADAPTER_WEIGHTS))
+    assert step >= 1 and all(mx.isfinite(w).all().item() for w in weights.values())
+
+
 # ------------------------------------------------------------------------------------ fusing
 def random_adapter(sharp, out, targets, seed=1):
     """An adapter with nonzero B everywhere, saved in ``out``; returns the adapted model."""

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -37,20 +39,20 @@ def register(sub) -> None:
     add_model_argument(p)
     p.add_argument("--data", required=True, type=Path, metavar="TRAIN.jsonl", help="training conversations")
     p.add_argument("--valid", type=Path, metavar="VALID.jsonl", help="validation conversations")
-    p.add_argument("--adapter-path", required=True, type=Path, metavar="OUT",
+    p.add_argument("--adapter-path", required=True, type=directory_path, metavar="OUT",
                    help="directory for the adapter (and the state --resume needs)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --adapter-path")
     group = p.add_argument_group("adapter (fixed once a run starts)")
     group.add_argument("--rank", type=positive_int, help=f"LoRA rank (default {DEFAULTS.rank})")
-    group.add_argument("--alpha", type=float, help=f"LoRA alpha; the update is scaled by alpha/rank "
+    group.add_argument("--alpha", type=positive_float, help=f"LoRA alpha; the update is scaled by alpha/rank "
                                                    f"(default {DEFAULTS.alpha:g})")
     group.add_argument("--targets", type=targets_list, metavar=",".join(TARGETS),
                        help=f"what gets adapters (default {','.join(DEFAULTS.targets)})")
-    group.add_argument("--seed", type=int, help=f"initialization and data order (default {DEFAULTS.seed})")
+    group.add_argument("--seed", type=seed_number, help=f"initialization and data order (default {DEFAULTS.seed})")
     train = p.add_argument_group("training")
     train.add_argument("--iters", type=positive_int, help=f"optimizer steps (default {DEFAULTS.iters})")
     train.add_argument("--batch-size", type=positive_int, help=f"conversations per step (default {DEFAULTS.batch_size})")
-    train.add_argument("--learning-rate", type=float, help=f"Adam's learning rate (default {DEFAULTS.learning_rate:g})")
+    train.add_argument("--learning-rate", type=positive_float, help=f"Adam's learning rate (default {DEFAULTS.learning_rate:g})")
     train.add_argument("--schedule", choices=ft.SCHEDULES,
                        help="learning rate: cosine decay to 0 at --iters (default), or constant")
     train.add_argument("--max-seq-len", type=positive_int,
@@ -84,6 +86,47 @@ def register(sub) -> None:
     f.set_defaults(func=cmd_fuse)
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def seed_number(text: str) -> int:
+    """argparse type: a seed MLX takes (0 to 2**64 - 1)."""
+    value = positive_int(text, least=0)
+    if value >= 2**64:
+        raise argparse.ArgumentTypeError(f"must be below 2**64, got {text}")
+    return value
+
+
+def directory_path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a directory, got an empty path")
+    return Path(text).expanduser()
+
+
+def check_adapter_path(out: Path) -> None:
+    """Before the model loads: ``out`` can take an adapter (a directory, or one that can be made;
+    not a model checkpoint), so that a run is not lost at its first save."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--adapter-path {out} is a file, not a directory")
+    if (out / "config.json").exists():
+        raise CLIError(f"--adapter-path {out} holds a model checkpoint (config.json): the adapter "
+                       "goes in a directory of its own")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-")
+        probe.close()
+    except OSError as e:
+        raise CLIError(f"--adapter-path {out} cannot be written: {e.strerror or e}") from None
+
+
 def targets_list(text: str) -> tuple[str, ...]:
     names = tuple(t.strip() for t in text.split(",") if t.strip())
     unknown = [t for t in names if t not in TARGETS]
@@ -101,6 +144,7 @@ def settings_for(args) -> tuple[ft.Settings, dict | None]:
     """(settings, the saved state when resuming): flags over defaults, or over the saved run."""
     given = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name) is not None}
     out = args.adapter_path
+    check_adapter_path(out)
     try:
         if args.resume:
             state = ft.read_state(out)
@@ -146,12 +190,17 @@ def cmd_finetune(args) -> int:
     events = ft.train(model, str(directory), train_set, settings, args.adapter_path, valid_set,
                       ft.file_digest(args.data), state, stop)
     show = ProgressLine(sys.stdout)
-    previous = signal.signal(signal.SIGINT, lambda *_: request_stop(stop, show))
+    # Ctrl-C, and a kill or a closed terminal: save after the step under way, then stop
+    stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, lambda *_: request_stop(stop, show)) for sig in stopping}
     try:
         for event in engine_thread().stream(events):
             show.event(event)
+    except (ft.DataError, AdapterError, OSError) as e:
+        raise CLIError(str(e)) from None
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         show.end()
     if stop.is_set():
         print("Stopped early; the same command with --resume continues the run.")
