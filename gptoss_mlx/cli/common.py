@@ -65,15 +65,20 @@ def positive_int(text: str, least: int = 1) -> int:
     return value
 
 
-def positive_seconds(text: str) -> float:
-    """argparse type: a finite number of seconds above 0."""
+def positive_float(text: str, what: str = "a finite number") -> float:
+    """argparse type: a finite number above 0 (``what``, in its messages)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
     if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be {what} above 0, got {text}")
     return value
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds above 0."""
+    return positive_float(text, "a number of seconds")
 
 
 def add_effort_argument(p: argparse.ArgumentParser) -> None:

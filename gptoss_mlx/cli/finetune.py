@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import signal
 import sys
@@ -24,7 +23,7 @@ from ..lora import (
     save_adapter,
 )
 from ..tokenizer import TokenizerError
-from .common import CLIError, add_model_argument, positive_int, terminal_safe
+from .common import CLIError, add_model_argument, positive_float, positive_int, terminal_safe
 
 BAR = 24  # characters of the progress bar
 DEFAULTS = ft.Settings()
@@ -84,17 +83,6 @@ def register(sub) -> None:
     f.add_argument("--requantize-experts", action="store_true",
                    help="merge the expert adapters into the MXFP4 weights (lossy; the error is reported)")
     f.set_defaults(func=cmd_fuse)
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-    return value
 
 
 def seed_number(text: str) -> int:
