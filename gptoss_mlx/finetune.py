@@ -430,15 +430,17 @@ def train(model: Model, base_model: str, train_set: list[Example], settings: Set
     groups = batch_groups(train_set, settings.batch_size)
     step_fn = make_step(model, optimizer, settings.grad_checkpoint)
 
+    def diverged(what: str) -> DataError:
+        kept = f", the last checkpoint in {out} is kept" if (out / STATE_FILE).exists() else ""
+        return DataError(f"{what}: training diverged (a lower --learning-rate?); nothing saved from it{kept}")
+
     def save(final: bool) -> Saved:
         """The adapter, the optimizer, then the state, each through a temporary file and a
         rename, the first two stamped with the step (a save cut between them is told on
         --resume, by read_state)."""
         stamp = {STEP_KEY: str(step)}
         if not all(mx.isfinite(w).all().item() for w in adapter_weights(model).values()):
-            raise DataError(f"the adapter's weights became NaN or infinite by step {step}: training "
-                            "diverged (a lower --learning-rate?); nothing saved from it" + (
-                                f", the last checkpoint in {out} is kept" if (out / STATE_FILE).exists() else ""))
+            raise diverged(f"the adapter's weights became NaN or infinite by step {step}")
         tmp = out / f".{OPTIMIZER_FILE}.tmp.safetensors"
         try:
             save_adapter(model, out, settings.lora, base_model=base_model, weights_metadata=stamp)
@@ -469,10 +471,7 @@ def train(model: Model, base_model: str, train_set: list[Example], settings: Set
             dt = time.perf_counter() - t0
             losses.append(loss.item())
             if not math.isfinite(losses[-1]):
-                raise DataError(
-                    f"the loss became {losses[-1]} at step {step}: training diverged (a lower "
-                    "--learning-rate?); nothing saved from it" + (
-                        f", the last checkpoint in {out} is kept" if (out / STATE_FILE).exists() else ""))
+                raise diverged(f"the loss became {losses[-1]} at step {step}")
             tokens, timed, elapsed = tokens + count, timed + dt, elapsed + dt
             if step % settings.steps_per_report == 0 or step == settings.iters:
                 rate = (step - first) / elapsed

@@ -71,18 +71,12 @@ def round_up_gb(n: float) -> float:
 def limit_or_more(gb: float) -> str:
     """The limit to ask for, as the CLI and the library each take it (the CLI's messages drop
     the library's part: :func:`cli_wording`)."""
-    return f'--memory-limit {gb:.2f}GB or more{_FROM_PYTHON.format(gb=gb)}'
-
-
-_FROM_PYTHON = ' (from Python: memory_limit="{gb:.2f}GB")'
+    return f'--memory-limit {gb:.2f}GB or more (from Python: memory_limit="{gb:.2f}GB")'
 
 
 def shorter_context(n: int) -> str:
     """A context that fits, as the CLI and the library each take it (see :func:`limit_or_more`)."""
-    return f"a shorter --max-context ({n} fits){_CONTEXT_FROM_PYTHON.format(n=n)}"
-
-
-_CONTEXT_FROM_PYTHON = " (from Python: max_context={n})"
+    return f"a shorter --max-context ({n} fits) (from Python: max_context={n})"
 
 
 GIVEN = "memory_limit"  # a plan's limit_source when the caller gave the limit (the CLI: --memory-limit)
@@ -91,8 +85,7 @@ GIVEN = "memory_limit"  # a plan's limit_source when the caller gave the limit (
 def cli_wording(message: str) -> str:
     """``message`` as the CLI says it: without the library's spelling of a limit
     (:func:`limit_or_more`), and a given limit named by its flag."""
-    message = re.sub(re.escape(_FROM_PYTHON).replace(re.escape("{gb:.2f}"), r"[\d.]+"), "", message)
-    message = re.sub(re.escape(_CONTEXT_FROM_PYTHON).replace(re.escape("{n}"), r"\d+"), "", message)
+    message = re.sub(r" \(from Python: [^()]*\)", "", message)
     return message.replace(f"({GIVEN})", "(--memory-limit)")
 
 

@@ -21,6 +21,6 @@ from .namespaces import (
 )
 from .parser import ContentDelta, Event, MessageEnd, MessageStart, StreamParser, parse_completion
 from .render import (
-    Segment, Special, drop_earlier_analysis, instructions_length, render_conversation, render_message, segments_to_text,
-    segments_to_tokens, system_message, today,
+    Segment, Special, drop_earlier_analysis, instructions_length, render_conversation, render_message,
+    segments_to_text, segments_to_tokens, system_message, today,
 )
