@@ -70,9 +70,10 @@ class JSONProblem(Exception):
 
 
 def parse_json(raw: bytes):
-    """The JSON value in UTF-8 ``raw``; JSONProblem saying what is wrong if it holds none."""
+    """The JSON value in UTF-8 ``raw`` (a byte order mark before it, as some Windows editors
+    write, is skipped); JSONProblem saying what is wrong if it holds none."""
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise JSONProblem(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:

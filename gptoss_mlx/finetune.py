@@ -177,7 +177,7 @@ def load_data(path: str | os.PathLike, tokenizer, max_seq_len: int,
         try:
             data = parse_json(line)
         except JSONProblem as e:
-            raise DataError(f"{where}: not JSON ({e})") from None
+            raise DataError(f"{where}: {e}") from None
         try:
             tokens, mask = render_for_training(conversation_messages(data, where), tokenizer)
         except harmony.HarmonyError as e:
@@ -192,7 +192,10 @@ def load_data(path: str | os.PathLike, tokenizer, max_seq_len: int,
             tokens, mask = tokens[:max_seq_len], mask[:max_seq_len]
         examples.append(Example(tokens, mask, n))
     if not examples:
-        raise DataError(f"{path}: no conversations to train on")
+        dropped = len(report.skipped)
+        raise DataError(f"{path}: no conversations to train on" + (
+            f": all {dropped} are longer than --max-seq-len {max_seq_len} tokens and were skipped"
+            if dropped else " (the file has none)"))
     report.examples = len(examples)
     return examples, report
 

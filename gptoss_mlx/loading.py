@@ -751,14 +751,14 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
     model = load_model(directory, dtype, memory_plan=memory_plan, group=group, sharding=sharding)
     if adapter is not None:
         load_adapter(model, adapter)
-    tokenizer = _checkpoint_tokenizer(directory)
+    tokenizer = checkpoint_tokenizer(directory)
     if model.config.vocab_size < tokenizer.n_vocab:  # ids past the embedding give NaN logits
         raise CheckpointError(f"{directory}: vocab_size is {model.config.vocab_size} but the "
                               f"tokenizer has {tokenizer.n_vocab} ids; they must match")
     return model, tokenizer
 
 
-def _checkpoint_tokenizer(directory: Path) -> HarmonyEncoding:
+def checkpoint_tokenizer(directory: Path) -> HarmonyEncoding:
     """The checkpoint's own tokenizer files (an ``original/`` directory's are one level up),
     else o200k_base.tiktoken from the environment or tiktoken's cache."""
     names = ("tokenizer.json", "tokenizer.json.gz", "o200k_base.tiktoken")

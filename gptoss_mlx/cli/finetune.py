@@ -16,7 +16,9 @@ from pathlib import Path
 from .. import finetune as ft
 from ..config import ConfigError
 from ..engine_thread import engine_thread
-from ..loading import COPIED, CheckpointError, find_layout, load, resolve_checkpoint, save_weights
+from ..loading import (
+    COPIED, CheckpointError, checkpoint_tokenizer, find_layout, load, resolve_checkpoint, save_weights,
+)
 from ..lora import (
     ADAPTER_CONFIG, FUSED_EXPERT_ADAPTER, TARGETS, AdapterError, adapter_weights,
     expert_adapter_config, fuse_dense, hf_tensors, read_adapter_config, requantize_experts,
@@ -155,19 +157,21 @@ def cmd_finetune(args) -> int:
                        "raise --iters to train on")
     try:
         directory = resolve_checkpoint(args.model)
-        print(f"Loading {directory} ...", flush=True)
-        model, tokenizer = engine_thread().call(load, directory, dense_bits=args.dense_bits)
-        ft.check_trainable(model)
+        # the data first (with the checkpoint's tokenizer): a bad line costs no model load
+        tokenizer = checkpoint_tokenizer(directory)
         train_set, report = ft.load_data(args.data, tokenizer, settings.max_seq_len, settings.long)
         valid_set = None
         notes = report.lines(settings.max_seq_len)
         if args.valid:
             valid_set, valid_report = ft.load_data(args.valid, tokenizer, settings.max_seq_len, settings.long)
             notes += valid_report.lines(settings.max_seq_len)
+        for note in notes:
+            print(terminal_safe(note))
+        print(f"Loading {directory} ...", flush=True)
+        model, _ = engine_thread().call(load, directory, dense_bits=args.dense_bits)
+        ft.check_trainable(model)
     except (CheckpointError, ConfigError, TokenizerError, ft.DataError, ValueError) as e:
         raise CLIError(str(e)) from None
-    for note in notes:
-        print(terminal_safe(note))
     trained = sum(sum(e.mask) for e in train_set)
     print(f"{len(train_set)} conversations, {sum(len(e.tokens) for e in train_set):,} tokens "
           f"({trained:,} trained)" + (f"; {len(valid_set)} for validation" if valid_set else ""))
