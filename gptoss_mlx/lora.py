@@ -90,9 +90,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, linear: nn.Module, rank: int, scale: float):
         super().__init__()
-        out_dims, in_dims = linear.weight.shape
-        if isinstance(linear, nn.QuantizedLinear):  # a --dense-bits model: packed columns
-            in_dims = in_dims * 32 // linear.bits
+        in_dims, out_dims = in_out(linear)
         self.linear = linear
         self.scale = scale
         bound = 1 / math.sqrt(in_dims)
@@ -114,8 +112,8 @@ class LoRASwitchLinear(nn.Module):
 
     def __init__(self, switch: SwitchLinear, rank: int, scale: float):
         super().__init__()
-        num_experts, out_dims = switch.bias.shape
-        in_dims = switch.weight.shape[-1] * 32 // switch.bits
+        num_experts = switch.bias.shape[0]
+        in_dims, out_dims = in_out(switch)
         self.linear = switch
         self.scale = scale
         bound = 1 / math.sqrt(in_dims)
@@ -135,6 +133,16 @@ class LoRASwitchLinear(nn.Module):
         return self.scale * (self.lora_b @ self.lora_a)
 
 
+def in_out(module: nn.Module) -> tuple[int, int]:
+    """A linear layer's (input, output) sizes; quantized weights pack 32 // bits values a word."""
+    if isinstance(module, SwitchLinear):  # packed MXFP4 experts
+        return module.weight.shape[-1] * 32 // module.bits, module.bias.shape[1]
+    out_dims, in_dims = module.weight.shape
+    if isinstance(module, nn.QuantizedLinear):  # a --dense-bits model
+        in_dims = in_dims * 32 // module.bits
+    return in_dims, out_dims
+
+
 def _wrap(module: nn.Module, rank: int, scale: float) -> nn.Module:
     if isinstance(module, SwitchLinear):
         return LoRASwitchLinear(module, rank, scale)
@@ -149,8 +157,13 @@ def apply_lora(model: Model, config: LoRAConfig) -> Model:
         raise AdapterError("this adapter trains the experts, and at this memory limit the experts are "
                            "streamed, which adapters do not reach: give more memory (--memory-limit, or "
                            "memory_limit= from Python) or use an adapter without experts (--targets attention)")
-    model.freeze()
     paths = {p for t in config.targets for p in TARGETS[t]}
+    smallest = min(min(in_out(m)) for layer in model.layers
+                   for path, m in layer.named_modules() if path in paths)
+    if config.rank > smallest:  # the update's rank cannot exceed a layer's smaller side
+        raise AdapterError(f"LoRA rank {config.rank} is above the smallest size of an adapted layer "
+                           f"({smallest}), where it adds memory and nothing else: use at most {smallest}")
+    model.freeze()
     for layer in model.layers:
         wrapped = [(path, _wrap(m, config.rank, config.scale))
                    for path, m in layer.named_modules() if path in paths]
@@ -211,6 +224,12 @@ def load_adapter(model: Model, directory: str | os.PathLike) -> LoRAConfig:
         if array.shape != expected[name].shape:
             raise AdapterError(f"{file}: {name} has shape {list(array.shape)}, this model needs "
                                f"{list(expected[name].shape)} (trained on another model?)")
+        if not mx.issubdtype(array.dtype, mx.floating):
+            kind = str(array.dtype).rsplit(".", 1)[-1]  # mlx.core.int32 -> int32
+            raise AdapterError(f"{file}: {name} holds {kind} values; an adapter's are floating point")
+        if not mx.all(mx.isfinite(array)).item():
+            raise AdapterError(f"{file}: {name} holds NaN or infinite values "
+                               "(saved from a run that diverged?)")
     missing = sorted(expected.keys() - weights.keys())
     if missing:
         raise AdapterError(f"{file}: no tensor {missing[0]} ({len(missing)} missing)")

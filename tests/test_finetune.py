@@ -97,7 +97,7 @@ def test_mask_covers_exactly_what_the_model_samples_at_inference(tok):
 def test_bad_lines_name_the_line_and_the_field(tok, tmp_path):
     good = capitals_line("France", "Paris")
     cases = [
-        ("{not json", "not JSON"),
+        ("{not json", "not valid JSON"),
         (json.dumps({"messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
         (json.dumps({"messages": [{"role": "assistant", "thinking": 3, "content": "x"}]}),
          "messages[0].thinking must be a string"),
@@ -122,6 +122,20 @@ def test_long_conversations_are_truncated_or_skipped_and_reported(tok, tmp_path)
     assert report.truncated == [2] and "1 conversation(s) longer than" in report.lines(short + 20)[0]
     examples, report = ft.load_data(path, tok, short + 20, long="skip")
     assert len(examples) == 1 and report.skipped == [2]
+    with pytest.raises(ft.DataError, match="all 2 are longer than --max-seq-len 20 tokens and were skipped"):
+        ft.load_data(path, tok, 20, long="skip")
+
+
+def test_a_byte_order_mark_before_the_first_line_is_skipped(tok, tmp_path):
+    path = tmp_path / "train.jsonl"  # as Notepad saves "UTF-8 with BOM"
+    line = b"\xef\xbb\xbf" + json.dumps(capitals_line("Peru", "Lima")).encode() + b"\n"
+    path.write_bytes(line)
+    assert len(ft.load_data(path, tok, 512)[0]) == 1
+    path.write_bytes(line * 2)  # two such files put together (cat a.jsonl b.jsonl)
+    assert len(ft.load_data(path, tok, 512)[0]) == 2
+    path.write_text("\n\n")
+    with pytest.raises(ft.DataError, match="no conversations to train on [(]the file has none[)]"):
+        ft.load_data(path, tok, 512)
 
 
 def test_cli_reports_a_bad_line_in_one_message(sharp, tmp_path, capsys):
@@ -129,8 +143,9 @@ def test_cli_reports_a_bad_line_in_one_message(sharp, tmp_path, capsys):
     path.write_text(json.dumps({"messages": [{"role": "user", "content": 5}]}) + "\n")
     assert main(["finetune", "--model", str(sharp), "--data", str(path),
                  "--adapter-path", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert f"{path}:1: messages[0].content must be" in err and "Traceback" not in err
+    assert "Loading" not in out  # the data is read before the model: a typo costs no load
 
 
 def test_fine_tuning_a_model_whose_experts_stream_is_refused_in_one_message(sharp, tok, tmp_path, monkeypatch,
@@ -204,6 +219,32 @@ def test_an_adapter_loads_in_chat_generate_and_serve(trained, sharp, tok, monkey
     assert capsys.readouterr().out.strip() != ""  # a reply; exactness: test above
     assert main(["generate", "--model", str(sharp), "--adapter", str(out / "missing"), "-p", "x"]) == 2
     assert "no such adapter directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda a: a.at[0].add(float("nan")), "holds NaN or infinite values"),
+    (lambda a: a.at[0].add(float("inf")), "holds NaN or infinite values"),
+    (lambda a: a.astype(mx.int32), "holds int32 values; an adapter's are floating point"),
+])
+def test_an_adapter_with_bad_values_is_refused_by_its_tensor(trained, sharp, tmp_path, damage, message):
+    _, out, _ = trained
+    weights = mx.load(str(out / ADAPTER_WEIGHTS))
+    name = sorted(weights)[3]
+    weights[name] = damage(weights[name])
+    copy = tmp_path / "adapter"
+    copy.mkdir()
+    (copy / "adapter_config.json").write_text((out / "adapter_config.json").read_text())
+    mx.save_safetensors(str(copy / ADAPTER_WEIGHTS), weights)
+    with pytest.raises(AdapterError, match=f"{name} {message}"):
+        load(sharp, adapter=copy)
+
+
+def test_a_rank_above_the_layers_sizes_is_refused(sharp):
+    model, _ = load(sharp)
+    smallest = mtc.TINY.hidden_size  # every adapted layer reads or writes the residual stream
+    with pytest.raises(AdapterError, match=f"rank {smallest + 1} is above .* use at most {smallest}"):
+        apply_lora(model, LoRAConfig(rank=smallest + 1, targets=("attention", "experts")))
+    apply_lora(model, LoRAConfig(rank=smallest, targets=("attention", "experts")))  # the largest that helps
 
 
 def test_resuming_equals_an_uninterrupted_run(sharp, tok, tmp_path):
