@@ -4,6 +4,7 @@ end; a scripted model stands in where random weights cannot reach a path (reason
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -27,6 +28,8 @@ from gptoss_mlx.cli import main as cli_main
 from gptoss_mlx.cli.serve import check_binding
 from gptoss_mlx.generate import Engine, SamplingParams
 from gptoss_mlx.server import Scheduler, Service, create_app
+from gptoss_mlx.server import scheduler as scheduler_module
+from gptoss_mlx.server.errors import APIError
 from gptoss_mlx.server.output import Closed, Delta, ReplyStream
 from gptoss_mlx.server.tools import ServerTools
 from gptoss_mlx.tools import FunctionTool, SandboxLimits
@@ -274,12 +277,37 @@ def test_a_disconnect_frees_its_slot_and_a_full_server_answers_429(tiny):
             c.chat.completions.create(model="gpt-oss-tiny", max_tokens=2,
                                       messages=[{"role": "user", "content": "Me too"}])
         assert busy.value.response.headers["retry-after"] == "1"
-        stream.close()  # the client goes away mid-reply
-        assert eventually_served(c).usage.completion_tokens == 2
+        stream.close()  # the client goes away mid-reply, and asks again at once: served, no 429
+        assert c.chat.completions.create(model="gpt-oss-tiny", max_tokens=2, messages=[
+            {"role": "user", "content": "Now"}]).usage.completion_tokens == 2
         with pytest.raises(openai.APITimeoutError):  # a client that gives up on a plain request
             client(url, timeout=0.5).chat.completions.create(
                 model="gpt-oss-tiny", max_tokens=3000, messages=[{"role": "user", "content": "Go on"}])
         assert eventually_served(c).usage.completion_tokens == 2
+
+
+def test_a_freed_slot_goes_to_the_oldest_waiting_request_and_none_is_lost(tiny, monkeypatch):
+    monkeypatch.setattr(scheduler_module, "ADMIT_WAIT_S", 0.5)
+    scheduler = Scheduler(Engine(tiny[0], max_context=4096), max_concurrency=1, cache_bytes=1 << 20)
+
+    async def run():
+        first = await scheduler.admit()
+        second = asyncio.create_task(scheduler.admit())
+        gone = asyncio.create_task(scheduler.admit())  # its client leaves while it waits
+        third = asyncio.create_task(scheduler.admit())
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        first.release()  # to the oldest waiter, not the one that left
+        slot = await second
+        assert not third.done() and scheduler.in_flight == 1
+        with pytest.raises(APIError) as busy:  # nothing freed within ADMIT_WAIT_S
+            await third
+        assert busy.value.status == 429
+        slot.release()
+        assert scheduler.in_flight == 0  # every slot came back
+        (await scheduler.admit()).release()
+
+    asyncio.run(run())
 
 
 class SlowPrefill:

@@ -27,7 +27,8 @@ def register(sub) -> None:
     p.add_argument("--allow-remote-without-key", action="store_true",
                    help="bind a non-loopback --host without --api-key (anyone who can reach it can use it)")
     p.add_argument("--max-concurrency", type=int, default=4,
-                   help="requests in flight (queued or generating) before answering 429 (default 4)")
+                   help="requests in flight (queued or generating); one more waits a moment for a "
+                        "slot to be freed, then gets 429 (default 4)")
     p.add_argument("--prompt-cache-gb", type=common.cache_gb, default=None,
                    help=f"memory for the prompt caches of recent conversations (default {PROMPT_CACHE_GB:g}, or "
                         "one conversation's where that would leave the experts streamed); the memory plan "

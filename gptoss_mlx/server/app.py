@@ -78,7 +78,7 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
         authorize(request)
         refuse_other_origins(request, "this server")
         body = await json_body(request)
-        slot = service.scheduler.admit()
+        slot = await service.scheduler.admit()
         try:
             response = await handler(*args, body, request)
         except BaseException as e:

@@ -39,6 +39,10 @@ from .errors import APIError
 log = logging.getLogger("gptoss_mlx.server")
 
 RETRY_AFTER_S = 1
+# A request that finds every slot taken waits this long for one before its 429: a client that
+# drops a stream and asks again at once (an agent's interrupted turn) would otherwise race the
+# server's noticing of the disconnect. Slots freed meanwhile go to the waiters, oldest first.
+ADMIT_WAIT_S = 2.0
 # Prompt tokens prefilled per step while other sequences are decoding: each step's decode waits
 # for this chunk. Alone, a prompt goes in the engine's full prefill_step chunks.
 INTERLEAVED_CHUNK = 512
@@ -128,16 +132,42 @@ class Scheduler:
         self._tokens: mx.array | None = None  # (B,): each row's token in flight
         self._turn = asyncio.Lock()  # an engine that cannot batch: one generation at a time
         self._runs: list[Run] = []  # the runs under way (see close)
+        self._admitting: deque[asyncio.Future] = deque()  # requests waiting for a slot, oldest first
         self.closing = False
 
-    def admit(self) -> "Slot":
-        """Admit a request for its whole life (queued, generating, streaming), or raise 429."""
-        if self.in_flight >= self.max_concurrency:
+    async def admit(self) -> "Slot":
+        """Admit a request for its whole life (queued, generating, streaming): at once, or when
+        a slot is freed within ADMIT_WAIT_S; else raise 429. (On the event loop's thread, as is
+        Slot.release.)"""
+        if self.in_flight < self.max_concurrency and not self._admitting:
+            self.in_flight += 1
+            return Slot(self)
+        handed = asyncio.get_running_loop().create_future()  # set by _free: the slot is ours
+        self._admitting.append(handed)
+        try:
+            await asyncio.wait_for(asyncio.shield(handed), ADMIT_WAIT_S)
+        except asyncio.TimeoutError:  # (not the builtin TimeoutError before Python 3.11)
+            pass
+        except asyncio.CancelledError:  # the client went away while it waited
+            if handed.done():
+                Slot(self).release()  # to the next waiter
+            raise
+        finally:
+            if not handed.done():
+                self._admitting.remove(handed)
+                handed.cancel()
+        if handed.cancelled():
             raise APIError(429, f"the server is busy: {self.max_concurrency} requests are in flight "
                            "(--max-concurrency); retry shortly", type="rate_limit_error",
                            code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
-        self.in_flight += 1
         return Slot(self)
+
+    def _free(self) -> None:
+        """A slot is given back: to the oldest request waiting for one, else to the pool."""
+        if self._admitting:
+            self._admitting.popleft().set_result(None)  # in_flight stays: the slot changes hands
+        else:
+            self.in_flight -= 1
 
     def close(self) -> None:
         """The server is shutting down: every run under way stops at its next step (its client
@@ -452,5 +482,5 @@ class Slot:
 
     def release(self) -> None:
         if self._scheduler is not None:
-            self._scheduler.in_flight -= 1
+            self._scheduler._free()
             self._scheduler = None
