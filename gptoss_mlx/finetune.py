@@ -79,6 +79,10 @@ def render_for_training(messages: list[Message], tokenizer) -> tuple[list[int], 
     last = max((i for i, m in enumerate(turn) if m.role == "assistant"), default=None)
     if last is None:
         raise DataError("no assistant message after the last user message: nothing to train on")
+    if not turn[last].is_tool_call and (turn[last].channel != "final" or not turn[last].text.strip()):
+        raise DataError("the last assistant message has no answer (its content is empty), and training "
+                        "on it would teach the model to answer with nothing (give it content or leave "
+                        "the line out)")
     for i, m in enumerate(turn):
         segments = harmony.render_message(m, where=f"messages[{start + i}]")
         if i == last and segments[-1] == END and m.channel == "final":

@@ -102,6 +102,11 @@ def test_bad_lines_name_the_line_and_the_field(tok, tmp_path):
         (json.dumps({"messages": [{"role": "assistant", "thinking": 3, "content": "x"}]}),
          "messages[0].thinking must be a string"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "nothing to train on"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}),
+         "the last assistant message has no answer"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                  {"role": "assistant", "reasoning": "hm", "content": None}]}),
+         "the last assistant message has no answer"),
         (json.dumps({"messages": [{"role": "wizard"}]}), "messages[0].role"),
         (json.dumps([1, 2]), "expected a JSON object"),
     ]
