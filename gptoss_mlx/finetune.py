@@ -40,8 +40,8 @@ from . import harmony
 from .files import JSONProblem, parse_json, read_json_file
 from .harmony import BUILTIN_TOOLS, END, RETURN, START, Message, Special
 from .kernels import registry
-from .lora import (ADAPTER_WEIGHTS, AdapterError, LoRAConfig, adapter_weights, apply_lora, read_adapter_config,
-                   save_adapter, write_json)
+from .lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, LoRAConfig, adapter_weights, apply_lora,
+                   load_adapter_weights, read_adapter_config, save_adapter, write_json)
 from .model import Model
 from .store import chat_file_problem
 
@@ -379,7 +379,11 @@ def read_state(directory: str | os.PathLike) -> dict:
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0 \
             or not isinstance(state.get("settings"), dict):
         raise DataError(f"{path}: damaged (step and settings expected)")
-    read_adapter_config(directory)
+    config, settings = read_adapter_config(directory), state["settings"]
+    if (config.rank, config.alpha, list(config.targets)) != \
+            (settings.get("rank"), settings.get("alpha"), settings.get("targets")):
+        raise DataError(f"{directory}: {STATE_FILE} and {ADAPTER_CONFIG} disagree on the rank, alpha "
+                        "or targets (edited by hand?): this run cannot be resumed; start a new one")
     for name in (ADAPTER_WEIGHTS, OPTIMIZER_FILE):
         saved = saved_step(directory / name)
         if saved is not None and saved != state["step"]:
@@ -430,7 +434,7 @@ def train(model: Model, base_model: str, train_set: list[Example], settings: Set
     optimizer = optim.Adam(learning_rate=rate)
     step = 0
     if resume is not None:
-        model.load_weights(str(out / ADAPTER_WEIGHTS), strict=False)
+        load_adapter_weights(model, out / ADAPTER_WEIGHTS)
         optimizer.state = tree_unflatten(list(mx.load(str(out / OPTIMIZER_FILE)).items()))
         step = resume["step"]
     mx.eval(model.parameters())

@@ -211,12 +211,17 @@ def load_adapter(model: Model, directory: str | os.PathLike) -> LoRAConfig:
     be there with its shape: a wrong or partial file is an AdapterError naming the tensor."""
     directory = Path(directory).expanduser()
     config = read_adapter_config(directory)
-    file = directory / ADAPTER_WEIGHTS
+    apply_lora(model, config)
+    load_adapter_weights(model, directory / ADAPTER_WEIGHTS)
+    return config
+
+
+def load_adapter_weights(model: Model, file: Path) -> None:
+    """Load an adapter's tensors into ``model``, already wrapped for it (apply_lora)."""
     try:
         weights = mx.load(str(file))
     except Exception as e:  # noqa: BLE001 - MLX raises plain exceptions for bad files
         raise AdapterError(f"{file}: cannot read the adapter ({e})") from None
-    apply_lora(model, config)
     expected = adapter_weights(model)
     for name, array in weights.items():
         if name not in expected:
@@ -235,7 +240,6 @@ def load_adapter(model: Model, directory: str | os.PathLike) -> LoRAConfig:
         raise AdapterError(f"{file}: no tensor {missing[0]} ({len(missing)} missing)")
     model.load_weights([(k, v.astype(mx.float32)) for k, v in weights.items()], strict=False)
     mx.eval(model.parameters())
-    return config
 
 
 # ----------------------------------------------------------------------------------- fusing

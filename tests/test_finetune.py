@@ -332,6 +332,18 @@ def test_a_save_cut_short_or_a_damaged_checkpoint_is_named_on_resume(sharp, tok,
     (out / ft.OPTIMIZER_FILE).write_bytes(optimizer[: len(optimizer) // 2])
     with pytest.raises(ft.DataError, match="optimizer.safetensors: damaged or missing"):
         ft.read_state(out)
+    (out / ft.OPTIMIZER_FILE).write_bytes(optimizer)
+    # A rank edited in the state was believed: the run went on at rank 4 saved as rank 8.
+    edited = {**state, "settings": {**state["settings"], "rank": 8}}
+    (out / ft.STATE_FILE).write_text(json.dumps(edited))
+    with pytest.raises(ft.DataError, match="training_state.json and adapter_config.json disagree"):
+        ft.read_state(out)
+    # Edited in both: the tensors (rank 4) are refused by name.
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "rank": 8}))
+    resumed = ft.resumed_settings(ft.read_state(out), {"iters": 4})
+    with pytest.raises(AdapterError, match=r"lora_[ab] has shape .*, this model needs"):
+        list(ft.train(load(sharp)[0], str(sharp), examples, resumed, out, resume=ft.read_state(out)))
 
 
 def test_a_diverging_run_stops_by_name_and_keeps_its_last_checkpoint(sharp, tok, tmp_path):
