@@ -108,6 +108,17 @@ def _host_threads() -> int:
         return 0
 
 
+def _paused_for(out: str, seconds: float) -> bool:
+    """Whether ``out`` says 'longest pause X' with X at least ``seconds``."""
+    found = re.search(r"longest pause ([0-9.]+)", out)
+    return found is not None and float(found.group(1)) >= seconds
+
+
+def _count_below(out: str, what: str, bound: int) -> bool:
+    found = re.search(rf"{what} (\d+)", out)
+    return found is not None and int(found.group(1)) < bound
+
+
 def _failed(out: str) -> bool:
     return "Error" in out or "denied" in out or "not permitted" in out
 
@@ -232,10 +243,18 @@ CASES = [
          "        print(kind, 'raised')\n    except (ValueError, OSError):\n        print(kind, 'held')",
          lambda out, ctx: "raised" not in out and out.count("held") == 4),
     Case("background thread burning CPU after the cell returns",
-         "import threading\ndef burn():\n    while True:\n        pass\n"
+         "import threading, time\nbeat = {{'last': time.monotonic(), 'longest': 0.0}}\ndef burn():\n"
+         "    while True:\n        now = time.monotonic()\n"
+         "        beat['longest'], beat['last'] = max(beat['longest'], now - beat['last']), now\n"
          "threading.Thread(target=burn, daemon=True).start()",
-         lambda out, ctx: "kept using the CPU" in out,
-         after="import time\ntime.sleep(0)\nprint('next cell')"),
+         lambda out, ctx: _paused_for(out, 1.5),  # stopped between the cells, not caught after
+         after="import time\ntime.sleep(0.05)\nprint('longest pause', beat['longest'])"),
+    Case("background thread making files after the cell returns",
+         "import threading\ndef make():\n    i = 0\n    while True:\n"
+         "        open(f'f{{i}}', 'w').close()\n        i += 1\n"
+         "threading.Thread(target=make, daemon=True).start()",
+         lambda out, ctx: "lost" not in out and _count_below(out, "files", 20000),
+         after="import os\nprint('files', len(os.listdir('.')))"),
     Case("fill the disk",
          "n = 0\nwith open('fill', 'wb') as f:\n    while n < 2**30:\n        f.write(b'x' * 2**20)\n"
          "        n += 2**20\n        f.flush()",
@@ -247,6 +266,10 @@ CASES = [
          _OK + FIND_REPLY_FD +
          "for fd in fds:\n    os.write(fd, b'{{\"id\": \"x\", \"output\": \"FORGED\", \"ok\": true}}\\n')",
          lambda out, ctx: "FORGED" not in out and "reply" in out),
+    Case("a reply nested too deep for the JSON parser, then a busy worker",
+         _OK + FIND_REPLY_FD + "for fd in fds:\n    os.write(fd, b'[' * 50000 + b']' * 50000 + b'\\n')\n"
+         "import time\nt = time.time()\nwhile time.time() - t < 25:\n    pass",
+         lambda out, ctx: out.strip() == "next", gap=0, after="print('next')"),
     Case("forged reply with the right id, then a large cell", forge("'FORGED'"),
          lambda out, ctx: "FORGED" not in out and out.rstrip().endswith("large done"),
          after="x = '" + "y" * 3_000_000 + "'\nprint('large done')"),

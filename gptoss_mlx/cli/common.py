@@ -165,7 +165,9 @@ def add_model_options(p: argparse.ArgumentParser, interactive: bool = True) -> N
         p.set_defaults(auto_approve=True, python_stateless=True)
     tools.add_argument("--python-timeout", type=positive_seconds, default=30.0,
                        help="seconds per code run (default 30)")
-    tools.add_argument("--python-network", action="store_true", help="allow the Python code network access")
+    tools.add_argument("--python-network", action="store_true",
+                       help="allow the Python code network access (this machine's, services on "
+                            "localhost included)")
     tools.add_argument("--browser-allow-private", action="store_true",
                        help="let the browser open loopback, private and link-local addresses "
                             "(refused by default: a page could steer the model at your network)")

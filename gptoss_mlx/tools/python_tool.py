@@ -23,6 +23,7 @@ import os
 import secrets
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -125,6 +126,8 @@ class PythonSandbox:
         """Run ``code``; returns what it printed (and its last expression's value), a traceback,
         or a note saying why there is no result. Never raises for anything the code does."""
         note = self._check_idle() or self._check_quiet()
+        if self._proc is not None and not self._signal_all(signal.SIGCONT):
+            self._kill()
         for _ in range(2):
             try:
                 if self._proc is None or self._proc.poll() is not None:
@@ -165,6 +168,10 @@ class PythonSandbox:
             return note + f"[{why}{lost}]"
         if self.stateful:
             self._idle_cpu = self._sandbox_cpu()
+            # Stopped until the next cell: a thread the code left running makes no files, uses
+            # no CPU and reaches no network meanwhile, where no cell's limits are watched.
+            if not self._signal_all(signal.SIGSTOP):
+                self._kill()
         else:
             self._kill()
         return note + (_clean(reply["output"], self.limits.max_output) or "[no output]")
@@ -252,28 +259,52 @@ class PythonSandbox:
         line, self._pending = chunks.split(b"\n", 1)
         try:
             return json.loads(line)
-        except (ValueError, OSError):
+        except (ValueError, OSError, RecursionError):  # RecursionError: nested too deeply
             return None
 
-    def _sandbox_cpu(self) -> float | None:
-        """CPU seconds used so far by every process of the sandbox (None if unknown)."""
+    def _sandbox_pids(self) -> list[int] | None:
+        """Every process of the sandbox, as the host numbers them (None if unknown)."""
         if self._proc is None:
             return None
         if not os.path.isdir("/proc"):  # macOS: the worker is the sandbox (no process-fork)
-            return _ps_cpu(self._proc.pid)
-        total, todo, tick = 0.0, [self._proc.pid], os.sysconf("SC_CLK_TCK")
+            return [self._proc.pid]
+        pids, todo = [], [self._proc.pid]
         try:
             while todo:
-                pid = todo.pop()
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+                pids.append(pid := todo.pop())
                 for task in os.listdir(f"/proc/{pid}/task"):
                     with open(f"/proc/{pid}/task/{task}/children") as f:
                         todo += [int(p) for p in f.read().split()]
+        except (OSError, ValueError):
+            return None
+        return pids
+
+    def _sandbox_cpu(self) -> float | None:
+        """CPU seconds used so far by every process of the sandbox (None if unknown)."""
+        pids = self._sandbox_pids()
+        if pids is None:
+            return None
+        if not os.path.isdir("/proc"):
+            return _ps_cpu(pids[0])
+        total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+        try:
+            for pid in pids:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
         except (OSError, ValueError, IndexError):
             return None
         return total
+
+    def _signal_all(self, sig: int) -> bool:
+        """Send ``sig`` to every process of the sandbox; False if they could not all be found."""
+        pids = self._sandbox_pids()
+        try:
+            for pid in pids or ():
+                os.kill(pid, sig)
+        except OSError:
+            return False
+        return pids is not None
 
     def _kill(self) -> None:
         """Kill the sandbox: bwrap's death ends its PID namespace and every process in it."""
