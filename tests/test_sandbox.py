@@ -117,6 +117,19 @@ def test_reads_never_block_past_the_deadline(os_sandbox):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0, reason="root on Linux")
 def test_as_root_threads_are_capped_by_a_cgroup_that_goes_away(os_sandbox):
+    base = sb.pids_cgroup_base()
+    orphan = f"{base}/{sb.PidsCgroup.PREFIX}{2**22 + 7}-left"  # its owner was killed (no such pid)
+    alive = f"{base}/{sb.PidsCgroup.PREFIX}{os.getpid()}-other"  # another sandbox of a live process
+    os.mkdir(orphan)
+    os.mkdir(alive)
+    try:
+        with PythonSandbox(limits=SandboxLimits(timeout_s=10)) as box:
+            box.run("1")
+        assert not os.path.exists(orphan) and os.path.exists(alive)
+    finally:
+        for path in (orphan, alive):
+            if os.path.exists(path):
+                os.rmdir(path)
     with PythonSandbox(limits=SandboxLimits(timeout_s=10, max_processes=32)) as box:
         code = "import threading\nfor i in range(100):\n    threading.Thread(target=input, daemon=True).start()"
         assert "can't start new thread" in box.run(code)

@@ -25,6 +25,7 @@ code cannot raise them) and the wall-clock kill are in python_tool.py / _sandbox
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -230,11 +231,14 @@ class PidsCgroup:
     """One sandbox's pids cgroup: caps its processes and threads together where RLIMIT_NPROC
     cannot (the host's root is exempt from it). ``wrap`` makes a command join it before exec."""
 
+    PREFIX = "gptoss-python-"  # then the owner's process id
+
     def __init__(self, limit: int):
         base = pids_cgroup_base()
         if base is None:
             raise SandboxUnavailable("no writable pids cgroup")
-        self.path = tempfile.mkdtemp(prefix="gptoss-python-", dir=base)
+        _remove_orphaned_cgroups(base, self.PREFIX)
+        self.path = tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-", dir=base)
         with open(f"{self.path}/pids.max", "w") as f:
             f.write(str(limit))
 
@@ -254,6 +258,22 @@ class PidsCgroup:
                 return
             except OSError:
                 time.sleep(0.02)
+
+
+def _remove_orphaned_cgroups(base: str, prefix: str) -> None:
+    """Remove the cgroups that sandboxes of ended processes left (killed before they could):
+    rmdir refuses one that still holds a process."""
+    for name in os.listdir(base):
+        owner = name[len(prefix):].split("-")[0]
+        if not name.startswith(prefix) or not owner.isdigit():
+            continue
+        try:
+            os.kill(int(owner), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(base, name))
+        except OSError:
+            pass
 
 
 # ---------------------------------------------------------------------------------- macOS
