@@ -21,6 +21,7 @@ import pytest
 
 from gptoss_mlx.chat import ToolCall
 from gptoss_mlx.tools import Browser, FunctionTool, ToolError, Toolbox
+from gptoss_mlx.tools import browser as browser_module
 from gptoss_mlx.tools.browser import ExaBackend, WebClient, fetch_page, is_public_address
 
 PUBLIC = "93.184.215.14"  # a pretend public address: never contacted, connect() redirects it
@@ -80,6 +81,9 @@ def route(path: str, host: str):
         "/bad-link": _response("200 OK", b"<a href='http://[broken'>x</a><a href='/ok'>ok</a>"),
         "/long-word": _response("200 OK", b"x" * 1_000_000, {"Content-Type": "text/plain"}),
         "/big": _response("200 OK", BIG),
+        # Python's HTML parser takes quadratic time on unclosed comments: ~1 h for 2 MB of them
+        "/comments": _response("200 OK", b"<html><body><p>before</p>" + b"<!--" * 300_000),
+        "/marked": _response("200 OK", b"<html><body><p>before</p>" + b"<![" * 40_000),  # AssertionError
         "/bomb": _response("200 OK", BOMB, {"Content-Encoding": "gzip"}),
         "/deflate": _response("200 OK", zlib.compress(html), {"Content-Encoding": "deflate"}),
         "/bad-gzip": _response("200 OK", b"\x1f\x8b\x08\x00garbage-garbage", {"Content-Encoding": "gzip"}),
@@ -315,6 +319,16 @@ def test_binary_content_types_are_refused(path):
 def test_content_types_and_charsets(path, line):
     page, _ = fetch("http://public.test" + path)
     assert page.lines == [line]
+
+
+def test_html_that_is_slow_or_impossible_to_parse_shows_what_was_read(monkeypatch):
+    monkeypatch.setattr(browser_module, "PARSE_S", 1.0)
+    started = time.monotonic()
+    page, _ = fetch("http://public.test/comments")
+    assert time.monotonic() - started < 4
+    assert page.lines[0] == "before" and "took more than 1 s to read" in page.lines[-1]
+    page, _ = fetch("http://public.test/marked")
+    assert page.lines[0] == "before" and "its HTML is malformed (AssertionError)" in page.lines[-1]
 
 
 def test_odd_utf16_and_long_words_do_not_break_anything():

@@ -27,6 +27,7 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import json
+import math
 import os
 import socket
 import textwrap
@@ -45,6 +46,7 @@ VIEW_LINES = 60  # lines shown per view (the reference shows about 1024 tokens)
 MAX_VIEW_LINES = 400  # however many the model asks for
 MAX_BYTES = 2_000_000  # of a page, after decompression
 PAGE_TIMEOUT = 20.0  # seconds for a whole page: connecting, redirects, headers and body
+PARSE_S = 5.0  # seconds to turn a page's HTML into text; what is left after is not shown
 MAX_REDIRECTS = 5
 MAX_TITLE = 200
 READ_CHUNK = 1 << 16
@@ -278,15 +280,21 @@ class Page:
     links: dict[int, str] = field(default_factory=dict)  # link number -> URL
 
 
+class _OutOfTime(Exception):
+    """The page's HTML took longer than PARSE_S to parse."""
+
+
 class _TextExtractor(HTMLParser):
-    """HTML -> text lines with numbered links; script/style skipped."""
+    """HTML -> text lines with numbered links; script/style skipped. Every piece the parser
+    hands over checks the clock: Python's parser is quadratic on some inputs (thousands of
+    unclosed ``<!--``), so a hostile page could otherwise hold the tool for an hour."""
 
     BLOCK = {"p", "div", "br", "li", "ul", "ol", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "table",
              "section", "article", "header", "footer", "pre", "blockquote", "hr", "dt", "dd"}
 
-    def __init__(self, base_url: str):
+    def __init__(self, base_url: str, deadline: float = math.inf):
         super().__init__(convert_charrefs=True)
-        self.base_url = base_url
+        self.base_url, self.deadline = base_url, deadline
         self.parts: list[str] = []
         self.title = ""
         self.links: dict[int, str] = {}
@@ -295,7 +303,12 @@ class _TextExtractor(HTMLParser):
         self._href: str | None = None
         self._link_text: list[str] = []
 
+    def _in_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise _OutOfTime
+
     def handle_starttag(self, tag, attrs):
+        self._in_time()
         if tag in ("script", "style", "noscript", "svg"):
             self._skip += 1
         elif tag == "title":
@@ -311,6 +324,7 @@ class _TextExtractor(HTMLParser):
             self.parts.append("\n")
 
     def handle_endtag(self, tag):
+        self._in_time()
         if tag in ("script", "style", "noscript", "svg"):
             self._skip = max(0, self._skip - 1)
         elif tag == "title":
@@ -324,7 +338,11 @@ class _TextExtractor(HTMLParser):
         if tag in self.BLOCK:
             self.parts.append("\n")
 
+    def handle_comment(self, data):
+        self._in_time()
+
     def handle_data(self, data):
+        self._in_time()
         if self._skip:
             return
         if self._in_title:
@@ -353,9 +371,16 @@ def fetch_page(url: str, client: WebClient | None = None) -> Page:
         text += f"\n\n[truncated: the page is longer than {len(response.body)} bytes]"
     sniffed_html = text.lstrip()[:15].lower().startswith(("<!doctype html", "<html"))
     if kind in ("text/html", "application/xhtml+xml") or sniffed_html:
-        parser = _TextExtractor(response.url)
-        parser.feed(text)
-        parser.close()
+        parser = _TextExtractor(response.url, time.monotonic() + PARSE_S)
+        try:
+            parser.feed(text)
+            parser.close()
+        except _OutOfTime:
+            parser.parts.append(f"\n[the rest of the page is not shown: its HTML took more than "
+                                f"{PARSE_S:g} s to read]")
+        except Exception as e:  # noqa: BLE001 - the parser's own failures (AssertionError)
+            parser.parts.append(f"\n[the rest of the page is not shown: its HTML is malformed "
+                                f"({type(e).__name__})]")
         title = " ".join(parser.title.split())[:MAX_TITLE] or response.url
         return Page(response.url, title, _wrap("".join(parser.parts)), parser.links)
     if not (kind.startswith("text/") or kind in ("application/json", "application/xml")
