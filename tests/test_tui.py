@@ -40,6 +40,9 @@ class ScriptedChat(Chat):
         self.replies = list(replies)
         self.efforts: list[str] = []
 
+    def prompt_tokens(self, messages=None):  # no tokenizer: ten tokens a message
+        return [0] * 10 * len(self.messages if messages is None else messages)
+
     def _reply(self, ledger):
         self._stop = False
         self.efforts.append(self.reasoning_effort)
@@ -127,7 +130,7 @@ async def test_reply_streams_reasoning_then_answer_and_folds_the_reasoning(store
         stats = turn.query_one(".stats").render().plain
         assert "21 tokens" in stats and "40.0 tok/s" in stats and "TTFT 0.25s" in stats
         status = app.query_one("#status").render().plain
-        assert "effort medium" in status and "context 40/4096" in status and "peak 1.5 GB" in status
+        assert "effort medium" in status and "context 30/4096" in status and "peak 1.5 GB" in status  # 3 messages
         await pilot.click(turn.reasoning.query_one("CollapsibleTitle"))  # re-opens on click
         assert not turn.reasoning.collapsed
     saved = list((store.root).glob("*.json"))
@@ -272,6 +275,49 @@ async def test_quitting_with_the_approval_dialog_open_does_not_hang(store):
     assert answers == [False] and worker.is_finished
 
 
+async def test_escape_sequences_in_a_saved_chat_are_shown_not_run(store):
+    """A saved chat (or a model, or a tool) with escape sequences cleared the screen, set the
+    window title and wrote the clipboard: Textual passes ESC through to the terminal."""
+    bad = "\x1b[2J\x1b]0;PWN\x07\x1b]52;c;cHduZWQ=\x1b\\"
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": bad}}
+    store.root.mkdir(parents=True, exist_ok=True)
+    (store.root / "20261201-000000-escape.json").write_text(json.dumps({
+        "format": 1, "title": "title" + bad, "messages": [
+            {"role": "user", "content": "user" + bad},
+            {"role": "assistant", "content": None, "reasoning": "thought" + bad, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "tool" + bad},
+            {"role": "assistant", "content": "answer" + bad}]}))
+    app = make_app(ScriptedChat(), store)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
+        listed = str(app.screen.query_one(OptionList).get_option_at_index(0).prompt)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.query(AssistantTurn))
+        await pilot.pause()
+        turn = app.query_one(AssistantTurn)
+        shown = [listed, app.query_one(UserMessage).render().plain,
+                 turn.query_one(".answer", Markdown).source, turn.query_one(".reasoning-md", Markdown).source,
+                 *(w.render().plain for w in turn.query(".tool-args"))]
+        assert len(shown) == 6
+        for text in shown:
+            assert "\x1b" not in text and "\x07" not in text and "<ESC>]0;PWN<U+0007>" in text, repr(text)
+
+
+async def test_new_chat_and_chats_during_a_reply_say_why_not(store):
+    app = make_app(ScriptedChat([("final", "Partial"), ("wait",), ("final", "never")]), store)
+    async with app.run_test(size=SIZE) as pilot:
+        app.query_one(PromptInput).text = "hi"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.generating)
+        await pilot.press("ctrl+n", "ctrl+o")
+        await pilot.pause()
+        said = [n.message for n in app._notifications]
+        assert said.count("A reply is still being written (Esc stops it)") == 2, said
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not app.generating)
+
+
 async def test_conversations_resume_rename_delete_and_export(store):
     first = ScriptedChat(THOUGHT)
     app = make_app(first, store)
@@ -300,6 +346,13 @@ async def test_conversations_resume_rename_delete_and_export(store):
         assert turn.reasoning.collapsed and turn.reasoning_text.startswith("The user greets.")
         await pilot.press("ctrl+o")
         await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
+        await pilot.press("d")  # one key does not delete a conversation: it asks
+        await pilot.pause()
+        assert [e.title for e in store.list()] == ["second chat", "Greetings"]
+        assert any("Press D again" in n.message for n in app._notifications)
+        await pilot.press("down", "up", "d")  # moved away and back: asks again
+        await pilot.pause()
+        assert len(store.list()) == 2
         await pilot.press("d")
         await pilot.pause()
         assert [e.title for e in store.list()] == ["Greetings"]
@@ -414,7 +467,12 @@ async def test_with_a_tiny_real_model(tiny_checkpoint, store):
             stats = t.query_one(".stats").render().plain
             assert "tokens ·" in stats and "TTFT" in stats, stats
         assert chat.reasoning_effort == "high"
-        assert "context" in app.query_one("#status").render().plain
+        status = app.query_one("#status").render().plain
+        assert f"context {len(chat.prompt_tokens())}/" in status, status
+        await pilot.press("ctrl+n")  # the new chat's context: its instructions, not the old chat's
+        await pilot.pause()
+        status = app.query_one("#status").render().plain
+        assert f"context {len(chat.prompt_tokens())}/" in status and not chat.messages, status
     assert len(store.list()) == 1
 
 

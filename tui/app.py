@@ -27,6 +27,7 @@ from textual.widgets import (
     TextArea,
 )
 from textual.widgets.option_list import Option
+from rich.text import Text
 
 from gptoss_mlx.chat import (
     AnswerDelta, Chat, ChatFileError, ContextTrimmed, Done, ReasoningDelta, ToolCall,
@@ -37,7 +38,7 @@ from gptoss_mlx.harmony import EFFORTS
 from gptoss_mlx.memory import total_experts
 from gptoss_mlx.store import ConversationStore, title_for
 from gptoss_mlx.tools import Toolbox, ToolResult, run_with_tools
-from gptoss_mlx.tools.approval import render_code_text
+from gptoss_mlx.tools.approval import controls_shown, render_code_text
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -117,7 +118,7 @@ class EffortSwitch(Horizontal):
 
 class UserMessage(Static):
     def __init__(self, text: str):
-        super().__init__(text, markup=False, classes="user")
+        super().__init__(controls_shown(text), markup=False, classes="user")
 
 
 class AssistantTurn(Vertical):
@@ -166,22 +167,29 @@ class AssistantTurn(Vertical):
         await self._streams[selector].write(text)
 
     async def handle(self, event) -> None:
+        """Show ``event``. What the model, a tool or a saved file wrote is shown with its control
+        characters as markers (controls_shown): an escape sequence would drive the terminal."""
         if isinstance(event, ReasoningDelta):
             self.reasoning_text += event.text
-            await self._write(".reasoning-md", event.text)
+            self.reasoning.remove_class("-empty")
+            await self._write(".reasoning-md", controls_shown(event.text))
         elif isinstance(event, AnswerDelta):
-            if not self.answer_text and self.collapse_on_answer:
+            if not self.answer_text and not self.reasoning_text:
+                self.reasoning.add_class("-empty")  # no thinking before the answer: no empty section
+            elif not self.answer_text and self.collapse_on_answer:
                 self.reasoning.collapsed = True  # the answer starts: fold the thinking away
             self.answer_text += event.text
-            await self._write(".answer", event.text)
+            await self._write(".answer", controls_shown(event.text))
         elif isinstance(event, ToolCall):
-            row = Collapsible(Static(event.arguments, markup=False, classes="tool-args"),
-                              title=f"tool call · {event.recipient}", collapsed=True, classes="tool-call")
+            row = Collapsible(Static(controls_shown(event.arguments), markup=False, classes="tool-args"),
+                              title=controls_shown(f"tool call · {event.recipient}"), collapsed=True,
+                              classes="tool-call")
             await self.mount(row, before=self.query_one(".answer"))
         elif isinstance(event, ToolResult):
             mark = "result" if event.ok else "error"
-            row = Collapsible(Static(event.content, markup=False, classes="tool-args"),
-                              title=f"{mark} · {event.name}", collapsed=True, classes="tool-call")
+            row = Collapsible(Static(controls_shown(event.content), markup=False, classes="tool-args"),
+                              title=controls_shown(f"{mark} · {event.name}"), collapsed=True,
+                              classes="tool-call")
             await self.mount(row, before=self.query_one(".answer"))
         elif isinstance(event, ContextTrimmed):
             await self.mount(Static(context_notice(event), markup=False, classes="notice"), before=0)
@@ -194,8 +202,8 @@ class AssistantTurn(Vertical):
         for stream in self._streams.values():
             await stream.stop()
         self._streams.clear()
-        await self.query_one(".reasoning-md", Markdown).update(self.reasoning_text)
-        await self.query_one(".answer", Markdown).update(self.answer_text)
+        await self.query_one(".reasoning-md", Markdown).update(controls_shown(self.reasoning_text))
+        await self.query_one(".answer", Markdown).update(controls_shown(self.answer_text))
         words = len(self.reasoning_text.split())
         self.reasoning.title = f"Reasoning · {words} words"
         if not words:
@@ -291,6 +299,7 @@ class ConversationList(ModalScreen[str | None]):
     def __init__(self, store: ConversationStore):
         super().__init__()
         self.store = store
+        self._deleting: str | None = None  # the conversation a first D asked to delete
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
@@ -307,7 +316,7 @@ class ConversationList(ModalScreen[str | None]):
         entries = self.store.list()
         for e in entries:
             n = "?" if e.messages < 0 else str(e.messages)
-            chats.add_option(Option(f"{e.title}  ({n} messages)", id=e.id))
+            chats.add_option(Option(Text(controls_shown(f"{e.title}  ({n} messages)")), id=e.id))
         if not entries:
             chats.add_option(Option("No saved conversations yet", id="", disabled=True))
         else:
@@ -330,23 +339,36 @@ class ConversationList(ModalScreen[str | None]):
         self.dismiss(None)
 
     def action_delete(self) -> None:
+        """The first D asks; a second D on the same conversation deletes it."""
         chat_id = self._selected()
-        if chat_id:
-            self.store.delete(chat_id)
-            self.app.notify("Conversation deleted")
-            self.refresh_list()
+        if not chat_id:
+            return
+        if self._deleting != chat_id:
+            self._deleting = chat_id
+            self.app.notify("Press D again to delete this conversation (its file is removed)",
+                            severity="warning", timeout=4)
+            return
+        self._deleting = None
+        self.store.delete(chat_id)
+        self.app.notify("Conversation deleted")
+        self.refresh_list()
+
+    @on(OptionList.OptionHighlighted)
+    def _moved(self) -> None:
+        self._deleting = None  # a D pressed on another conversation does not count
 
     @work
     async def action_rename(self) -> None:
         chat_id = self._selected()
         if not chat_id:
             return
-        title = await self.app.push_screen_wait(TextPrompt("Rename conversation", "", multiline=False))
+        now = next((e.title for e in self.store.list() if e.id == chat_id), "")
+        title = await self.app.push_screen_wait(TextPrompt("Rename conversation", now, multiline=False))
         if title and title.strip():
             try:
                 self.store.rename(chat_id, title.strip())
             except (OSError, ValueError) as e:
-                self.app.notify(f"Could not rename: {e}", severity="error")
+                self.app.notify(controls_shown(f"Could not rename: {e}"), severity="error", markup=False)
             self.refresh_list(keep=chat_id)
 
 
@@ -391,6 +413,7 @@ class ChatApp(App):
         self.chat_id = self.store.new_id()
         self.chat_title = "New chat"
         self.last_prompt = ""
+        self._context_tokens = 0  # the next reply's prompt, as the status bar shows it
         self.last_done: Done | None = None
         self.replies_finished = 0  # completed (or stopped, or failed) replies
         self.quitting = False  # Ctrl+Q came during a reply: exit once it is stopped and saved
@@ -441,8 +464,10 @@ class ChatApp(App):
         self.notify("Model loaded", timeout=3)
 
     def _load_failed(self, message: str) -> None:
-        self.notify(message, title="Could not load the model", severity="error", timeout=30)
-        self.query_one("#transcript").mount(Static(f"Could not load the model:\n{message}", markup=False, classes="error"))
+        self.notify(controls_shown(message), title="Could not load the model", severity="error", timeout=30,
+                    markup=False)
+        self.query_one("#transcript").mount(Static(controls_shown(f"Could not load the model:\n{message}"), markup=False,
+                                                           classes="error"))
 
     # -- state
     def watch_effort(self, effort: str) -> None:
@@ -462,8 +487,9 @@ class ChatApp(App):
     def update_status(self, message: str | None = None) -> None:
         parts = [self.model_name or "gpt-oss", f"effort {self.effort}"]
         if self.chat is not None:
-            engine = self.chat.engine
-            parts.append(f"context {len(engine.prompt_cache.tokens)}/{engine.max_context}")
+            if not self.generating:  # the worker changes the messages meanwhile
+                self._context_tokens = len(self.chat.prompt_tokens())
+            parts.append(f"context {self._context_tokens}/{self.chat.engine.max_context}")
         if self.last_done is not None:
             s = self.last_done.stats
             parts += [f"TTFT {s.ttft_s:.2f}s", f"{s.decode_tps:.1f} tok/s", f"peak {s.peak_memory_gb:.1f} GB"]
@@ -480,11 +506,7 @@ class ChatApp(App):
     # -- sending
     @on(PromptInput.Submitted)
     def _submit(self, event: PromptInput.Submitted) -> None:
-        if self.chat is None:
-            self.notify("No model loaded yet", severity="warning")
-            return
-        if self.generating:
-            self.notify("A reply is still being written (Esc stops it)", severity="warning")
+        if self._busy():
             return
         prompt = self.query_one(PromptInput)
         prompt.remember(event.text)
@@ -532,10 +554,11 @@ class ChatApp(App):
                 elif isinstance(event, Done):
                     self.last_done = event
         except ContextLengthError as e:  # the chat took its message back: nothing else changed
-            self.call_from_thread(self.notify, str(e), title="Too long", severity="error", timeout=15)
+            self.call_from_thread(self.notify, controls_shown(str(e)), title="Too long", severity="error",
+                                  timeout=15, markup=False)
             failed = True
         except Exception as e:  # noqa: BLE001  — a failed reply is reported; the chat stays
-            self.call_from_thread(self.notify, f"{type(e).__name__}: {e}", title="The reply failed",
+            self.call_from_thread(self.notify, controls_shown(f"{type(e).__name__}: {e}"), title="The reply failed", markup=False,
                                   severity="error", timeout=15)
             failed = True
         finally:
@@ -569,7 +592,7 @@ class ChatApp(App):
         try:
             self.store.save(self.chat, self.chat_id, self.chat_title)
         except OSError as e:
-            self.notify(f"Could not save the conversation: {e}", severity="error")
+            self.notify(controls_shown(f"Could not save the conversation: {e}"), severity="error", markup=False)
 
     # -- actions
     def on_unmount(self) -> None:
@@ -609,8 +632,16 @@ class ChatApp(App):
         state = "on" if self.collapse_on_answer else "off"
         self.notify(f"Collapse reasoning when the answer starts: {state}", timeout=3)
 
+    def _busy(self) -> bool:
+        """Whether there is no chat to change now (saying why)."""
+        if self.chat is None:
+            self.notify("No model loaded yet", severity="warning")
+        elif self.generating:
+            self.notify("A reply is still being written (Esc stops it)", severity="warning")
+        return self.chat is None or self.generating
+
     def action_new_chat(self) -> None:
-        if self.generating or self.chat is None:
+        if self._busy():
             return
         self.chat.reset()
         self.chat_id, self.chat_title = self.store.new_id(), "New chat"
@@ -620,7 +651,7 @@ class ChatApp(App):
 
     @work
     async def action_conversations(self) -> None:
-        if self.generating or self.chat is None:
+        if self._busy():
             return
         chat_id = await self.push_screen_wait(ConversationList(self.store))
         if chat_id:
@@ -630,7 +661,8 @@ class ChatApp(App):
         try:
             title = self.store.load(self.chat, chat_id)
         except (ChatFileError, ValueError) as e:
-            self.notify(str(e), title="Could not open the conversation", severity="error", timeout=10)
+            self.notify(controls_shown(str(e)), title="Could not open the conversation", severity="error",
+                        timeout=10, markup=False)
             return
         self.chat_id, self.chat_title = chat_id, title
         self.effort = self.chat.reasoning_effort

@@ -9,6 +9,7 @@ marker, so what the person reads is what will run. Newlines and tabs stay as the
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 from rich.text import Text
@@ -31,6 +32,19 @@ def hidden_char_marker(ch: str) -> str | None:
     if category in ("Cc", "Cf", "Zl", "Zp", "Co", "Cn", "Cs") or (category == "Zs" and ch != " "):
         return f"<U+{ord(ch):04X}>"
     return None
+
+
+# What could drive a terminal or break its output: C0 controls but newline and tab, DEL, C1
+# controls (U+009B is CSI on some terminals), lone surrogates.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def controls_shown(text: str) -> str:
+    """``text`` for display as prose (a reply, a tool's output in the TUI): escape sequences and
+    other control characters become markers; everything else stays as it is, the joiners of
+    emoji and the direction marks of right-to-left scripts included (code for approval gets
+    those marked too: render_code_text)."""
+    return _CONTROLS.sub(lambda m: hidden_char_marker(m.group()), text)
 
 
 def _pieces(code: str) -> list[tuple[str, bool]]:
