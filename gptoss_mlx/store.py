@@ -246,7 +246,7 @@ class ConversationStore:
                 problem = str(e).removeprefix(f"{path}: ")
                 entries.append(Entry(path.stem, f"{path.stem} (unreadable)", mtime, -1, problem))
                 continue
-            n = sum(1 for m in data["messages"] if m["role"] in ("user", "assistant"))
+            n = message_count(data["messages"])
             entries.append(Entry(path.stem, data.get("title") or path.stem,
                                  data.get("updated") or mtime, n))
         return sorted(entries, key=lambda e: e.updated, reverse=True)
@@ -266,6 +266,13 @@ class ConversationStore:
 
     def export_markdown(self, chat: Chat, title: str, chat_id: str) -> Path:
         return write_text_atomic(self.exports / f"{chat_id}.md", to_markdown(chat, title))
+
+
+def message_count(messages: list[dict]) -> int:
+    """A conversation's length as it is shown everywhere: its user and assistant messages in
+    the Chat Completions shape (a message that calls tools included; tool results and
+    instructions not)."""
+    return sum(1 for m in messages if m["role"] in ("user", "assistant"))
 
 
 def to_markdown(chat: Chat, title: str) -> str:

@@ -115,7 +115,7 @@ def test_repl_commands(chat, tmp_path):
     text = out.getvalue()
     assert "reasoning effort: high" in text and "Add them." not in text
     assert "\n4\n" in text and "prompt tokens" in text
-    assert "loaded 3 messages" in text  # user, reasoning, answer and "unknown command /bogus" in text
+    assert "loaded 2 messages" in text  # the user's and the assistant's and "unknown command /bogus" in text
     assert chat.messages[-3].content == "multi\nline"
 
 

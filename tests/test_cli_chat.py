@@ -62,8 +62,11 @@ def test_arrow_keys_multiline_history_across_sessions_and_ctrl_r(tmp_path):
         assert read(">>> ") == "a\nb"
         keys.send_text('"""x\ry"""\r')  # an open triple quote continues
         assert read(">>> ") == '"""x\ny"""'
+    assert history.stat().st_mode & 0o777 == 0o600  # what was typed is private, as the chats are
+    history.chmod(0o644)  # as an older version left it
     with create_pipe_input() as keys:  # a new session reads the same history file
         read = line_reader(history, keys, DummyOutput())
+        assert history.stat().st_mode & 0o777 == 0o600
         keys.send_text(f"{UP}{UP}{UP}{UP}{UP}\r")  # two lines of two multi-line messages
         assert read(">>> ") == "first line\nsecond line"
         keys.send_text(f"{CTRL_R}hel\r world\r")
@@ -204,6 +207,24 @@ def test_save_never_replaces_a_fifo_or_link_and_keeps_a_files_mode(tok, store, t
     assert mine.stat().st_mode & 0o777 == 0o644
 
 
+def test_a_chat_with_tool_calls_has_one_length_in_every_list_and_load(tok, store, tmp_path, monkeypatch):
+    """The chat list said 3 messages, /load ID 2 and /load PATH 5 for the same file."""
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    data = {"format": 1, "title": "weather", "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "reasoning": "use the tool", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny."}]}
+    path = tmp_path / "elsewhere.json"
+    path.write_text(json.dumps(data))
+    store.root.mkdir(parents=True, exist_ok=True)
+    (store.root / "20261201-000000-tool00.json").write_text(json.dumps(data))
+    assert [e.messages for e in store.list()] == [3]
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "x"), [f"/load {path}", "/load 20261201-000000-tool00", "/chats"])
+    assert f"loaded 3 messages from {path}" in out and 'Resumed "weather" (3 messages)' in out
+    assert "20261201-000000-tool00  weather  (3 messages)" in out  # /chats
+
+
 def test_load_by_path_continues_in_the_store(tok, store, tmp_path, monkeypatch):
     first = scripted_chat(tok, "Four.")
     list(first.send("2+2?"))
@@ -211,7 +232,7 @@ def test_load_by_path_continues_in_the_store(tok, store, tmp_path, monkeypatch):
     before = path.read_text()
     chat = scripted_chat(tok, "Eight.")
     status, out = run_chat(monkeypatch, chat, [f"/load {path}", "times 2?"])
-    assert f"loaded 3 messages from {path}" in out
+    assert f"loaded 2 messages from {path}" in out
     assert path.read_text() == before  # replies go to the store, not over the loaded file
     (data,) = saved(store).values()
     assert data["title"] == "Elsewhere" and data["messages"][-1]["content"] == "Eight."

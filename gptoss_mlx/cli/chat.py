@@ -12,7 +12,7 @@ from ..generate import ContextLengthError, NonFiniteLogitsError
 from ..loading import CheckpointError
 from ..harmony import EFFORTS
 from ..structured import SchemaError
-from ..store import ConversationStore, check_chat_file, save_target_problem, title_for
+from ..store import ConversationStore, check_chat_file, message_count, save_target_problem, title_for
 from . import common
 from .common import (
     RESET, CLIError, add_model_options, add_structured_options, ask_on_terminal,
@@ -210,7 +210,8 @@ class Repl:
         self.title = self.store.load(self.chat, chat_id)
         self.chat_id = chat_id
         shown = [m for m in self.chat.messages if m.role == "user" or m.channel == "final"]
-        self.say(terminal_safe(f"Resumed \"{self.title}\" ({len(shown)} messages)."))
+        count = message_count(self.chat.to_json()["messages"])
+        self.say(terminal_safe(f"Resumed \"{self.title}\" ({count} messages)."))
         for m in shown[-2:]:
             self.say(("you: " if m.role == "user" else "gpt-oss: ") + terminal_safe(m.text))
 
@@ -273,7 +274,8 @@ class Repl:
                 return
             self.title = self.store.load_path(self.chat, Path(arg).expanduser())
             self.chat_id = self.store.new_id()  # replies are saved in the store, not over PATH
-            self.say(f"loaded {len(self.chat.messages)} messages from {arg}")
+            count = message_count(self.chat.to_json()["messages"])
+            self.say(terminal_safe(f"loaded {count} messages from {arg}"))
         except ChatFileError as e:
             self.say(terminal_safe(f"error: {e}\n(the current conversation stays)"))
 

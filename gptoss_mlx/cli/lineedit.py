@@ -58,7 +58,9 @@ def line_reader(history_file: Path, input: Input | None = None,
     Ctrl-C, like ``input``. Messages are added to ``history_file`` as they are sent."""
     try:
         history_file.parent.mkdir(parents=True, exist_ok=True)
-        history_file.touch()
+        history_file.touch(mode=0o600)  # every message typed: private, as the saved chats are
+        if history_file.stat().st_mode & 0o077:  # made readable to others by an older version
+            history_file.chmod(0o600)
         history = FileHistory(str(history_file))
     except OSError:  # an unwritable data directory: the chat still works, without old history
         history = InMemoryHistory()
