@@ -395,6 +395,22 @@ def test_piped_chat_with_resume_continues_and_saves_the_chat(tok, store, monkeyp
     monkeypatch.setattr("sys.stdin", io.StringIO("again?\n"))
     assert main(["chat", "--resume", "nonexist"]) == 2
     assert "nonexist.json: does not exist" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no question either: the chat is named first
+    assert main(["chat", "--resume", "nonexist"]) == 2
+    assert "nonexist.json: does not exist" in capsys.readouterr().err
+
+
+def test_commands_say_the_effort_take_any_case_and_refuse_stray_words(tok, store, monkeypatch):
+    first = scripted_chat(tok, "Four.")
+    list(first.send("2+2?"))
+    store.save(first, "mine", "Sums")
+    chat = scripted_chat(tok, "x")
+    status, out = run_chat(monkeypatch, chat, ["/effort", "/effort HIGH", "/Reasoning HIDE", "/chats",
+                                               "/stats now"])
+    assert "reasoning effort: low (/effort low|medium|high changes it)" in out
+    assert "reasoning effort: high (from the next reply)" in out and chat.reasoning_effort == "high"
+    assert "reasoning: hide" in out
+    assert "Sums  (2 messages)\n/stats takes nothing after it" in out  # no blank line after /chats
 
 
 def test_serve_offers_no_interactive_tool_flags_and_timeouts_must_be_positive(capsys):

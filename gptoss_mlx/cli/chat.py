@@ -55,11 +55,12 @@ def cmd_chat(args) -> int:
     if common.follow_rank0(args):  # another machine's share of the model; rank 0 does the I/O
         return 0
     if not sys.stdin.isatty():  # piped: answer once
+        chat_id = resumed_id(ConversationStore(), args.resume) if args.resume is not None else None
         question = sys.stdin.read().strip()
         if not question:
             raise CLIError("no question on standard input")
-        if args.resume is not None:
-            finish = answer_resumed(args, question)
+        if chat_id is not None:
+            finish = answer_resumed(args, question, chat_id)
         else:
             finish = answer_once(args, question, decline_when_piped, not args.hide_reasoning,
                                  dim=False).finish_reason
@@ -83,12 +84,11 @@ def cmd_chat(args) -> int:
             toolbox.close()
 
 
-def answer_resumed(args, question: str) -> str | None:
-    """Piped ``chat --resume``: answer ``question`` in the saved chat (the answer on standard
-    output, the rest on standard error) and save it there, as the terminal chat would; returns
-    the reply's finish reason."""
+def answer_resumed(args, question: str, chat_id: str) -> str | None:
+    """Piped ``chat --resume``: answer ``question`` in the saved chat ``chat_id`` (the answer on
+    standard output, the rest on standard error) and save it there, as the terminal chat would;
+    returns the reply's finish reason."""
     store = ConversationStore()
-    chat_id = resumed_id(store, args.resume)
     toolbox = make_toolbox(args, decline_when_piped)
     chat = common.load_chat(args, toolbox=toolbox)
     try:
@@ -217,18 +217,24 @@ class Repl:
 
     def command(self, line: str) -> str | None:
         name, _, arg = line.partition(" ")
-        arg = arg.strip()
+        name, arg = name.lower(), arg.strip()
         if name in ("/exit", "/quit"):
             return "exit"
-        if name == "/help":
+        if arg and name in ("/help", "/reset", "/chats", "/stats"):
+            self.say(f"{name} takes nothing after it; /help lists the commands")
+        elif name == "/help":
             self.say(HELP)
         elif name == "/effort":
-            if arg not in EFFORTS:
+            if not arg:
+                self.say(f"reasoning effort: {self.chat.reasoning_effort} "
+                         f"(/effort {'|'.join(EFFORTS)} changes it)")
+            elif arg.lower() not in EFFORTS:
                 self.say(f"usage: /effort {'|'.join(EFFORTS)}")
             else:
-                self.chat.reasoning_effort = arg
-                self.say(f"reasoning effort: {arg} (from the next reply)")
+                self.chat.reasoning_effort = arg.lower()
+                self.say(f"reasoning effort: {arg.lower()} (from the next reply)")
         elif name == "/reasoning":
+            arg = arg.lower()
             if arg not in ("show", "hide"):
                 self.say("usage: /reasoning show|hide")
             else:
@@ -261,7 +267,8 @@ class Repl:
         for e in entries:
             what = f"{e.messages} messages" if e.messages >= 0 else e.problem
             self.say(terminal_safe(f"  {e.id}  {e.title}  ({what})"))
-        self.say("" if entries else f"no saved conversations in {self.store.root}")
+        if not entries:
+            self.say(f"no saved conversations in {self.store.root}")
 
     def load(self, arg: str) -> None:
         """/load ID continues a saved chat; /load PATH continues a copy of a chat file."""
