@@ -301,7 +301,7 @@ async def test_escape_sequences_in_a_saved_chat_are_shown_not_run(store):
                  *(w.render().plain for w in turn.query(".tool-args"))]
         assert len(shown) == 6
         for text in shown:
-            assert "\x1b" not in text and "\x07" not in text and "<ESC>]0;PWN<U+0007>" in text, repr(text)
+            assert "\x1b" not in text and "\x07" not in text and "\u241b]0;PWN\u2407" in text, repr(text)
 
 
 async def test_new_chat_and_chats_during_a_reply_say_why_not(store):

@@ -41,10 +41,19 @@ _CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
 def controls_shown(text: str) -> str:
     """``text`` for display as prose (a reply, a tool's output in the TUI): escape sequences and
-    other control characters become markers; everything else stays as it is, the joiners of
-    emoji and the direction marks of right-to-left scripts included (code for approval gets
-    those marked too: render_code_text)."""
-    return _CONTROLS.sub(lambda m: hidden_char_marker(m.group()), text)
+    other control characters become visible stand-ins (C0 and DEL their Unicode control
+    pictures, ␛ for ESC, which Markdown shows as they are, where it would take ``<ESC>`` for a
+    tag; the rest ``<U+009B>``); everything else stays as it is, the joiners of emoji and the
+    direction marks of right-to-left scripts included (code for approval gets those marked
+    too: render_code_text)."""
+    return _CONTROLS.sub(_control_picture, text)
+
+
+def _control_picture(found: re.Match) -> str:
+    code = ord(found.group())
+    if code < 0x20:
+        return chr(0x2400 + code)
+    return "\u2421" if code == 0x7F else f"<U+{code:04X}>"
 
 
 def _pieces(code: str) -> list[tuple[str, bool]]:
