@@ -498,6 +498,28 @@ def test_a_stream_that_cannot_be_encoded_never_keeps_its_slot(tiny):
         assert eventually_served(client(url), within_s=2).usage.completion_tokens == 2
 
 
+def test_what_clients_send_cannot_drive_the_servers_terminal(url):
+    """The log quotes clients' text (here a tool type it ignores): escape sequences in it are
+    shown as markers."""
+    import io
+    import logging
+
+    from gptoss_mlx.cli.serve import request_log_handler
+
+    handler = request_log_handler()
+    handler.setStream(written := io.StringIO())
+    log = logging.getLogger("gptoss_mlx.server")
+    log.addHandler(handler)
+    level, _ = log.level, log.setLevel(logging.INFO)
+    try:
+        body = {"input": "hi", "max_output_tokens": 2, "tools": [{"type": "x\x1b]0;PWN\x07\x1b[2J"}]}
+        assert post(url, "/responses", json.dumps(body).encode())[0] == 200
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert "x<ESC>]0;PWN<U+0007><ESC>[2J" in written.getvalue() and "\x1b" not in written.getvalue()
+
+
 def test_bad_responses_requests_and_unknown_routes(url):
     assert post(url, "/responses", b'{"input": 5}')[0] == 400
     assert post(url, "/responses", b'{"input": [{"role": "user"}]}')[0] == 400  # no content

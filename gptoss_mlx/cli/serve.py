@@ -75,12 +75,23 @@ def cmd_serve(args) -> int:
                       sampling=chat.sampling, reasoning_effort=chat.reasoning_effort,
                       reasoning_budget=chat.reasoning_budget,
                       instructions=chat.instructions, tools=tools)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log = logging.getLogger("gptoss_mlx.server")  # one line per request; uvicorn's own: warnings
-    log.addHandler(handler)
+    log.addHandler(request_log_handler())
     log.setLevel(logging.INFO)
     print(f"Serving {service.model_name} on http://{args.host}:{args.port}/v1 "
           f"(playground: http://{args.host}:{args.port}/)", file=sys.stderr)
     serve(service, args.host, args.port, api_key=args.api_key)
     return 0
+
+
+class _TerminalSafeFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return common.terminal_safe(super().format(record))
+
+
+def request_log_handler() -> logging.Handler:
+    """The server's log on standard error. Its lines quote what clients sent (a model's name, a
+    parameter), so escape sequences in them are shown as markers, not run by the terminal."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_TerminalSafeFormatter("%(asctime)s %(message)s"))
+    return handler
