@@ -272,7 +272,8 @@ class Chat:
         if trimmed:
             yield ledger.note(trimmed)
         stream = self.engine.generate(prompt, self.sampling, logits_processors=self._constraints(prompt),
-                                      instructions=harmony.instructions_length(self._prefix(), prompt))
+                                      instructions=harmony.instructions_length(self._prefix(), prompt),
+                                      stop=lambda: self._stop)
         finish = None
         try:
             for token in stream:

@@ -366,9 +366,9 @@ class Leader(Engine):
         self._prompt_cache = pc
         engine_thread().call(self._send, USE, [pc.key, *self._keys.keys()])
 
-    def _prefill(self, prompt: list[int], instructions: int = 0) -> mx.array:
+    def _prefill(self, prompt: list[int], instructions: int = 0, stop=None) -> mx.array:
         """Without the instructions' snapshot: it splits a chunk there, and every rank must run
-        the same chunks (their all-reduces pair up)."""
+        the same chunks (their all-reduces pair up); so also to its end, whatever ``stop`` says."""
         self._send(PREFILL, prompt)
         return super()._prefill(prompt)
 

@@ -50,6 +50,7 @@ class EngineThread:
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._closing = threading.Event()
+        self._cancel: threading.Event | None = None  # the cancel of the stream being made
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -135,8 +136,15 @@ class EngineThread:
                 await done
         _raise_error(entry)
 
+    def cancelled(self) -> bool:
+        """On this thread, inside a stream's generator: whether its consumer has left (or the
+        thread is shutting down), so that long work within one item (a prefill) can end early."""
+        cancel = self._cancel if self.is_current else None
+        return cancel is not None and (cancel.is_set() or self._closing.is_set())
+
     def _drive(self, items: Iterator[T], put: Callable, cancel: threading.Event) -> None:
         """Run ``items`` to its end, or until ``cancel`` or shutdown; ``put`` every outcome."""
+        self._cancel = cancel
         try:
             for item in items:
                 put((_ITEM, item))
@@ -147,6 +155,8 @@ class EngineThread:
             put((_ERROR, e))
         else:
             put((_END, None))
+        finally:
+            self._cancel = None
 
     def shutdown(self) -> None:
         """Stop running streams at their next item, finish queued work, end the thread."""

@@ -13,7 +13,7 @@ import math
 import time
 from functools import lru_cache
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import mlx.core as mx
 
@@ -308,12 +308,16 @@ class Engine:
         cache keeps a snapshot for the next conversation that has them (see :class:`Prefill`)."""
         return engine_thread().call(self._prefill, prompt, instructions)
 
-    def _prefill(self, prompt: list[int], instructions: int = 0) -> mx.array:
+    def _prefill(self, prompt: list[int], instructions: int = 0,
+                 stop: Callable[[], bool] | None = None) -> mx.array | None:
+        """``stop()`` true between two chunks: None, the cache holding the chunks so far (a later
+        prompt with the same beginning reuses them)."""
         prefill = Prefill(self, self.prompt_cache, prompt, instructions)
         self.stats = Stats(prompt_tokens=len(prompt), reused_tokens=prefill.reused)
         try:
             while (logits := prefill.step()) is None:
-                pass
+                if stop is not None and stop():
+                    return None
         except NonFiniteLogitsError:
             self.reset()  # the cache holds the same NaNs
             raise
@@ -331,21 +335,30 @@ class Engine:
 
     def generate(self, prompt: list[int], params: SamplingParams | None = None,
                  stop_tokens=STOP_TOKENS_FOR_SAMPLING, logits_processors=None,
-                 instructions: int = 0) -> Iterator[int]:
+                 instructions: int = 0, stop: Callable[[], bool] | None = None) -> Iterator[int]:
         """Yield sampled tokens until a stop token (yielded too), max_tokens or the context end.
-        They are made on the engine thread; closing the iterator stops at the next token.
+        They are made on the engine thread; closing the iterator stops at the next token, or
+        during the prompt's prefill at the next chunk, as ``stop()`` becoming true does (then
+        nothing is yielded: a long prompt never holds a Ctrl-C for its whole prefill).
         ``logits_processors``: see :class:`SequenceSampler`; ``instructions``: see :meth:`prefill`."""
-        return engine_thread().stream(self._generate(prompt, params, stop_tokens, logits_processors, instructions))
+        return engine_thread().stream(
+            self._generate(prompt, params, stop_tokens, logits_processors, instructions, stop))
 
-    def _generate(self, prompt: list[int], params: SamplingParams | None,
-                  stop_tokens, logits_processors=None, instructions: int = 0) -> Iterator[int]:
+    def _generate(self, prompt: list[int], params: SamplingParams | None, stop_tokens,
+                  logits_processors=None, instructions: int = 0,
+                  stop: Callable[[], bool] | None = None) -> Iterator[int]:
         """The decoding loop, on the engine thread. The next step's graph is built and queued before the host waits for the current
         token, so the GPU never idles on Python (asynchronous evaluation)."""
         params = params or SamplingParams()
         sampler = SequenceSampler(params, self.model.config.vocab_size, prompt, logits_processors)
         mx.reset_peak_memory()
         start = time.perf_counter()
-        logits = self._prefill(prompt, instructions)
+        thread = engine_thread()
+        logits = self._prefill(prompt, instructions,
+                               stop=lambda: thread.cancelled() or (stop is not None and stop()))
+        if logits is None:  # stopped during the prefill: the consumer left, or stop() said so
+            self.stats.finish_reason = "interrupted"
+            return
         y = sampler(logits)
         mx.async_eval(y)
         stats = self.stats

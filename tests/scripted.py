@@ -3,6 +3,7 @@ the CLI without depending on what a random model happens to sample."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -61,3 +62,18 @@ class ScriptedModel:
             if self.fed[-k:] == script[:k]:
                 return k
         return 0
+
+
+class SlowChunks:
+    """``model``, each prefill chunk (a pass over more than one token) taking ``pause`` s more."""
+
+    def __init__(self, model, pause: float):
+        self.model, self.pause = model, pause
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, inputs, cache=None, **kw):
+        if inputs.shape[1] > 1:
+            time.sleep(self.pause)
+        return self.model(inputs, cache=cache, **kw)

@@ -18,10 +18,10 @@ from gptoss_mlx.store import ConversationStore
 from gptoss_mlx.chat import (
     AnswerDelta, Chat, ChatFileError, ContextTrimmed, Done, ReasoningDelta, ToolCall, trimmed_histories,
 )
-from gptoss_mlx.generate import ContextLengthError, SamplingParams
+from gptoss_mlx.generate import ContextLengthError, Engine, SamplingParams
 from gptoss_mlx.harmony import Message, ToolSpec
 from gptoss_mlx.tokenizer import load_tokenizer
-from scripted import ScriptedModel
+from scripted import ScriptedModel, SlowChunks
 
 
 @pytest.fixture(scope="module")
@@ -627,3 +627,21 @@ def test_third_turn_drops_stale_reasoning_and_reuses_the_cache(tok):
     assert reused == common_prefix(cached, prompt3)
     # reused right up to the dropped reasoning of turn 2: only the rest is computed again
     assert tok.decode(prompt3[reused:]).startswith("final<|message|>Answer 1.<|end|>")
+
+
+def test_stop_during_a_long_prompt_ends_the_reply_at_the_next_chunk(tok):
+    """The TUI's Esc (Chat.stop) was honoured at the first token, after the whole prefill."""
+    model = SlowChunks(ScriptedModel([reply_script(tok, "Add them.", "4")]), 0.1)
+    chat = Chat(model, tok, engine=Engine(model, max_context=4096, prefill_step=16), date="2025-08-05")
+    events: list = []
+    reading = threading.Thread(target=lambda: events.extend(chat.send("word " * 400)))
+    started = time.monotonic()
+    reading.start()
+    time.sleep(0.3)
+    chat.stop()
+    reading.join(timeout=10)
+    assert time.monotonic() - started < 1.5  # the prefill alone takes 25 chunks: 2.5 s
+    assert isinstance(events[-1], Done) and events[-1].finish_reason == "interrupted"
+    assert [m.role for m in chat.messages] == ["user"]  # kept, as an interrupted reply keeps it
+    answer = "".join(e.text for e in chat.send("and now?") if isinstance(e, AnswerDelta))
+    assert answer == "4"

@@ -3,6 +3,7 @@
 import asyncio
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
@@ -18,7 +19,7 @@ from gptoss_mlx.generate import (
 from gptoss_mlx.loading import load_model
 from gptoss_mlx.server.scheduler import PromptCachePool
 from gptoss_mlx.tokenizer import SPECIAL_TOKENS
-from scripted import ScriptedModel
+from scripted import ScriptedModel, SlowChunks
 
 RETURN, CALL, END = SPECIAL_TOKENS["<|return|>"], SPECIAL_TOKENS["<|call|>"], SPECIAL_TOKENS["<|end|>"]
 
@@ -403,3 +404,38 @@ def test_generate_from_two_threads_matches_one_thread(model):
         assert a.submit(lambda: list(engine.generate(prompt, params))).result() == first
         assert b.submit(lambda: list(engine.generate(follow, params))).result() == second
     assert engine.stats.reused_tokens >= len(prompt)
+
+
+def test_ctrl_c_during_a_long_prefill_stops_at_the_next_chunk(model):
+    """The consumer's Ctrl-C waited for the whole prefill (minutes for a long prompt on a slow
+    machine): the prefill now stops between chunks, and the cache keeps what it had read."""
+    import os
+    import signal
+
+    engine = Engine(SlowChunks(model, 0.2), max_context=4096, prefill_step=16)
+    prompt = list(range(1, 16 * 20 + 2))  # 20 chunks: 4 s
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # as Ctrl-C does
+    started = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        for _ in engine.generate(prompt, SamplingParams(temperature=0, max_tokens=4)):
+            pass
+    assert time.monotonic() - started < 1.5
+    assert engine.stats.finish_reason == "interrupted"
+    kept = len(engine.prompt_cache.tokens)
+    assert 0 < kept < len(prompt) and engine.prompt_cache.tokens == prompt[:kept]
+    # The same prompt again continues from there, and gives what an uninterrupted run gives.
+    again = list(engine.generate(prompt, SamplingParams(temperature=0, max_tokens=4)))
+    assert engine.stats.reused_tokens == kept
+    assert again == list(Engine(model, max_context=4096).generate(prompt, SamplingParams(temperature=0, max_tokens=4)))
+
+
+def test_stop_asked_during_the_prefill_ends_the_reply_without_tokens(model):
+    engine = Engine(SlowChunks(model, 0.2), max_context=4096, prefill_step=16)
+    asked = threading.Timer(0.5, lambda: stop.set())
+    stop = threading.Event()
+    asked.start()
+    started = time.monotonic()
+    tokens = list(engine.generate(list(range(1, 16 * 20 + 2)), SamplingParams(max_tokens=4), stop=stop.is_set))
+    assert tokens == [] and engine.stats.finish_reason == "interrupted"
+    assert time.monotonic() - started < 1.5
