@@ -4,6 +4,7 @@ pipe), autosave after every reply, --resume, /load and /save, --max-context and
 
 import io
 import json
+import re
 
 import pytest
 from prompt_toolkit.input import create_pipe_input
@@ -13,10 +14,10 @@ from gptoss_mlx.chat import AnswerDelta, Chat, ContextTrimmed, Done
 from gptoss_mlx.cli import chat as cli_chat
 from gptoss_mlx.cli import build_parser, common, main
 from gptoss_mlx.cli.lineedit import line_reader
-from gptoss_mlx.generate import Stats
+from gptoss_mlx.generate import Engine, Stats
 from gptoss_mlx.store import ConversationStore
 from gptoss_mlx.tokenizer import load_tokenizer
-from scripted import ScriptedModel
+from scripted import ScriptedModel, SlowChunks
 
 LEFT, UP, ALT_ENTER, CTRL_R = "\x1b[D", "\x1b[A", "\x1b\r", "\x12"
 
@@ -427,3 +428,26 @@ def test_serve_offers_no_interactive_tool_flags_and_timeouts_must_be_positive(ca
             parser.parse_args(["chat", "--python-timeout", value])
         assert "must be a number of seconds above 0" in capsys.readouterr().err
     assert parser.parse_args(["chat", "--python-timeout", "2.5"]).python_timeout == 2.5
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_long_prompt_shows_how_far_it_has_been_read_then_the_reply(tok, store, monkeypatch):
+    """A long message sat silent on the terminal for its whole prefill (minutes on a slow
+    machine): a progress line now says how far the prompt has been read, erased before the reply."""
+    from gptoss_mlx.cli import stream
+
+    monkeypatch.setattr(stream.PromptProgress, "DELAY_S", 0.1)
+    model = SlowChunks(ScriptedModel(answers(tok, "Four.")), 0.05)
+    chat = Chat(model, tok, engine=Engine(model, max_context=4096, prefill_step=16),
+                reasoning_effort="low", date="2025-08-05")
+    out = Terminal()
+    cli_chat.Repl(chat, store, reading(["word " * 300]), out=out).run()
+    text = out.getvalue()
+    shown = re.findall(r"reading the prompt: ([\d,]+) of ([\d,]+) tokens", text)
+    assert shown and len({total for _, total in shown}) == 1, text[:300]
+    assert int(shown[-1][0].replace(",", "")) > int(shown[0][0].replace(",", ""))  # it moved on
+    assert text.index("\r\x1b[K", text.rindex("reading the prompt")) < text.index("Four.")  # erased first

@@ -19,7 +19,7 @@ from .common import (
     decline_when_piped, make_toolbox, terminal_safe,
 )
 from .lineedit import is_unfinished, line_reader
-from .stream import answer_once, print_events, replies
+from .stream import answer_once, print_events, replies, with_prompt_progress
 
 HELP = f"""Commands:
   /effort {'|'.join(EFFORTS)}   reasoning effort from the next reply
@@ -181,8 +181,10 @@ class Repl:
 
     def turn(self, text: str) -> None:
         events = replies(self.chat, text, self.toolbox)
+        tty = self.out.isatty()
+        shown = with_prompt_progress(events, self.chat.engine, self.out) if tty else events
         try:
-            done = print_events(events, self.show_reasoning, self.out, self.out, self.out.isatty())
+            done = print_events(shown, self.show_reasoning, self.out, self.out, tty)
             self.last_stats = done.stats if done else None
             if done and done.finish_reason in ("length", "context"):
                 truncated = " (the JSON answer is truncated: it is not valid)" if self.chat.response_format else ""

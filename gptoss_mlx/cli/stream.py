@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from dataclasses import dataclass, field
 
 from ..chat import AnswerDelta, ContextTrimmed, Done, ReasoningDelta, ToolCall
@@ -18,6 +19,59 @@ def replies(chat, text, toolbox):
     if toolbox is None:
         return chat.send(text)
     return run_with_tools(chat, text, toolbox)
+
+
+class PromptProgress:
+    """On a terminal, while the engine reads a long prompt (no event yet): one dim line saying
+    how far it has got, redrawn in place and erased before the reply starts. The engine's
+    statistics and cache are read from this thread: a new Stats object when the prefill starts,
+    the cache's token list growing a chunk at a time."""
+
+    DELAY_S = 1.0  # a prompt read faster shows nothing
+    EVERY_S = 0.25
+
+    def __init__(self, engine, out):
+        self.engine, self.out = engine, out
+        self.before = engine.stats  # the last reply's
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.shown = False
+        self.thread = threading.Thread(target=self._show, name="prompt-progress", daemon=True)
+
+    def _show(self) -> None:
+        self.done.wait(self.DELAY_S)
+        while not self.done.is_set():
+            stats = self.engine.stats
+            if stats is not self.before and stats.prompt_tokens:
+                read = min(len(self.engine.prompt_cache.tokens), stats.prompt_tokens)
+                with self.lock:
+                    if self.done.is_set():
+                        return
+                    self.out.write(f"\r{DIM}[reading the prompt: {read:,} of {stats.prompt_tokens:,} "
+                                   f"tokens · Ctrl-C stops]{RESET}\x1b[K")
+                    self.out.flush()
+                    self.shown = True
+            self.done.wait(self.EVERY_S)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.done.set()
+            if self.shown:
+                self.out.write("\r\x1b[K")
+                self.out.flush()
+                self.shown = False
+
+
+def with_prompt_progress(events, engine, out):
+    """``events``, with a PromptProgress line on ``out`` until the first one."""
+    progress = PromptProgress(engine, out)
+    progress.thread.start()
+    try:
+        for event in events:
+            progress.stop()
+            yield event
+    finally:
+        progress.stop()
 
 
 def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: bool) -> Done | None:
