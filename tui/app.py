@@ -466,8 +466,8 @@ class ChatApp(App):
     def _load_failed(self, message: str) -> None:
         self.notify(controls_shown(message), title="Could not load the model", severity="error", timeout=30,
                     markup=False)
-        self.query_one("#transcript").mount(Static(controls_shown(f"Could not load the model:\n{message}"), markup=False,
-                                                           classes="error"))
+        shown = controls_shown(f"Could not load the model:\n{message}")
+        self.query_one("#transcript").mount(Static(shown, markup=False, classes="error"))
 
     # -- state
     def watch_effort(self, effort: str) -> None:
@@ -558,8 +558,8 @@ class ChatApp(App):
                                   timeout=15, markup=False)
             failed = True
         except Exception as e:  # noqa: BLE001  — a failed reply is reported; the chat stays
-            self.call_from_thread(self.notify, controls_shown(f"{type(e).__name__}: {e}"), title="The reply failed", markup=False,
-                                  severity="error", timeout=15)
+            self.call_from_thread(self.notify, controls_shown(f"{type(e).__name__}: {e}"),
+                                  title="The reply failed", severity="error", timeout=15, markup=False)
             failed = True
         finally:
             if failed and len(self.chat.messages) == before:  # the chat took the message back
