@@ -302,6 +302,23 @@ async def test_escape_sequences_in_a_saved_chat_are_shown_not_run(store):
         assert len(shown) == 6
         for text in shown:
             assert "\x1b" not in text and "\x07" not in text and "\u241b]0;PWN\u2407" in text, repr(text)
+        # The dialogs show the instructions and the title the same way; saved unchanged, they
+        # stay as they were.
+        app.chat.instructions = "dev" + bad
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: app.screen.query("TextArea#value"))
+        assert app.screen.query_one("TextArea#value").text == "dev\u241b[2J\u241b]0;PWN\u2407\u241b]52;c;cHduZWQ=\u241b\\"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert app.chat.instructions == "dev" + bad
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
+        await pilot.press("r")
+        await wait_until(pilot, lambda: app.screen.query("Input#value"))
+        assert "\x1b" not in app.screen.query_one("Input#value").value
+        await pilot.press("enter")
+        await pilot.pause()
+        assert store.list()[0].title == "title" + bad
 
 
 async def test_new_chat_and_chats_during_a_reply_say_why_not(store):

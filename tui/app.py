@@ -231,23 +231,27 @@ class TextPrompt(ModalScreen[str | None]):
     BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save")]
 
     def __init__(self, title: str, value: str, multiline: bool):
+        """``value`` is shown with its control characters as markers (controls_shown); saved
+        unchanged, it comes back as it was given."""
         super().__init__()
         self.title_text, self.value, self.multiline = title, value, multiline
+        self.shown = controls_shown(value)
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label(self.title_text, classes="dialog-title")
             if self.multiline:
-                yield TextArea(self.value, id="value", soft_wrap=True)
+                yield TextArea(self.shown, id="value", soft_wrap=True)
             else:
-                yield Input(self.value, id="value")
+                yield Input(self.shown, id="value")
             with Horizontal(classes="buttons"):
                 yield Button("Save (Ctrl+S)", id="save", variant="primary")
                 yield Button("Cancel (Esc)", id="cancel")
 
     def _value(self) -> str:
         w = self.query_one("#value")
-        return w.text if isinstance(w, TextArea) else w.value
+        text = w.text if isinstance(w, TextArea) else w.value
+        return self.value if text == self.shown else text
 
     def action_save(self) -> None:
         self.dismiss(self._value())
