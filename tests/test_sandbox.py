@@ -9,6 +9,7 @@ import importlib.util
 import os
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,26 @@ def test_forged_reply_does_not_shift_later_results(os_sandbox):
                          "for fd in fds:\n    os.write(fd, b'{\"id\": \"x\", \"output\": \"1\"}\\n{\"id\": \"y\", \"output\": \"2\"}\\n')")
         assert "malformed or out of order" in forged and "restarted" in forged
         assert [box.run(f"{i} * 10").strip() for i in range(3)] == ["0", "10", "20"]
+
+
+def test_a_session_that_ends_between_cells_says_so_and_cells_from_two_threads_take_turns(os_sandbox):
+    import threading
+
+    with PythonSandbox(limits=SandboxLimits(timeout_s=10)) as box:
+        # dies as it is continued for the next cell (stopped in between)
+        box.run("keep = 4\nimport os, signal\nsignal.signal(signal.SIGCONT, lambda *a: os._exit(3))")
+        out = box.run("print(keep)")
+        assert "the previous session ended between cells" in out and "NameError" in out, out
+        box.run("k = 5")
+        outs = {}
+        threads = [threading.Thread(target=lambda n=n, c=c: outs.__setitem__(n, box.run(c)))
+                   for n, c in (("A", "import time\ntime.sleep(1)\nprint('A', k)"), ("B", "print('B', k)"))]
+        for t in threads:
+            t.start()
+            time.sleep(0.2)
+        for t in threads:
+            t.join()
+        assert outs == {"A": "A 5\n", "B": "B 5\n"}, outs
 
 
 def test_cpu_time_of_a_process_from_ps():  # how macOS (no /proc) sees a session burning CPU

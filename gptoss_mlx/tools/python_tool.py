@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import termios
+import threading
 import time
 
 from ..harmony import PYTHON_DESCRIPTION, python_description
@@ -97,6 +98,7 @@ class PythonSandbox:
         self._idle_cpu: float | None = None  # CPU time of the sandbox when the last cell ended
         self._cgroup: PidsCgroup | None = None  # as root on Linux: the cap on its threads
         self._too_many_files = False
+        self._running = threading.Lock()
 
     @property
     def description(self) -> str:
@@ -125,12 +127,21 @@ class PythonSandbox:
     def run(self, code: str) -> str:
         """Run ``code``; returns what it printed (and its last expression's value), a traceback,
         or a note saying why there is no result. Never raises for anything the code does."""
+        with self._running:  # one cell at a time, whichever threads ask
+            return self._run(code)
+
+    def _run(self, code: str) -> str:
         note = self._check_idle() or self._check_quiet()
+        had_session = self.stateful and self._proc is not None
         if self._proc is not None and not self._signal_all(signal.SIGCONT):
             self._kill()
         for _ in range(2):
             try:
                 if self._proc is None or self._proc.poll() is not None:
+                    if had_session:  # it ended between cells, or as it was continued
+                        note += ("[the previous session ended between cells; it was restarted and "
+                                 "its variables are lost]\n")
+                        had_session = False
                     self._start()
             except (OSError, RuntimeError) as e:
                 self._kill()
