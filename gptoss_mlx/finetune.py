@@ -41,7 +41,7 @@ from .files import JSONProblem, parse_json, read_json_file
 from .harmony import BUILTIN_TOOLS, END, RETURN, START, Message, Special
 from .kernels import registry
 from .lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, LoRAConfig, adapter_weights, apply_lora,
-                   load_adapter_weights, read_adapter_config, save_adapter, write_json)
+                   load_adapter_weights, non_finite, read_adapter_config, save_adapter, write_json)
 from .model import Model
 from .store import chat_file_problem
 
@@ -450,7 +450,7 @@ def train(model: Model, base_model: str, train_set: list[Example], settings: Set
         rename, the first two stamped with the step (a save cut between them is told on
         --resume, by read_state)."""
         stamp = {STEP_KEY: str(step)}
-        if not all(mx.isfinite(w).all().item() for w in adapter_weights(model).values()):
+        if non_finite(adapter_weights(model)):
             raise diverged(f"the adapter's weights became NaN or infinite by step {step}")
         tmp = out / f".{OPTIMIZER_FILE}.tmp.safetensors"
         try:

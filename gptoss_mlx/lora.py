@@ -216,6 +216,11 @@ def load_adapter(model: Model, directory: str | os.PathLike) -> LoRAConfig:
     return config
 
 
+def non_finite(weights: dict[str, mx.array]) -> str | None:
+    """The name of the first tensor holding NaN or infinity, or None."""
+    return next((name for name, a in weights.items() if not mx.all(mx.isfinite(a)).item()), None)
+
+
 def load_adapter_weights(model: Model, file: Path) -> None:
     """Load an adapter's tensors into ``model``, already wrapped for it (apply_lora)."""
     try:
@@ -232,9 +237,9 @@ def load_adapter_weights(model: Model, file: Path) -> None:
         if not mx.issubdtype(array.dtype, mx.floating):
             kind = str(array.dtype).rsplit(".", 1)[-1]  # mlx.core.int32 -> int32
             raise AdapterError(f"{file}: {name} holds {kind} values; an adapter's are floating point")
-        if not mx.all(mx.isfinite(array)).item():
-            raise AdapterError(f"{file}: {name} holds NaN or infinite values "
-                               "(saved from a run that diverged?)")
+    bad = non_finite(weights)
+    if bad:
+        raise AdapterError(f"{file}: {bad} holds NaN or infinite values (saved from a run that diverged?)")
     missing = sorted(expected.keys() - weights.keys())
     if missing:
         raise AdapterError(f"{file}: no tensor {missing[0]} ({len(missing)} missing)")

@@ -304,10 +304,11 @@ class ConversationList(ModalScreen[str | None]):
         super().__init__()
         self.store = store
         self._deleting: str | None = None  # the conversation a first D asked to delete
+        self._titles: dict[str, str] = {}  # id -> title, as the list shows them
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label("Conversations — Enter: open · R: rename · D: delete · Esc: close", classes="dialog-title")
+            yield Label("Conversations — Enter: open · R: rename · D twice: delete · Esc: close", classes="dialog-title")
             yield OptionList(id="chats")
 
     def on_mount(self) -> None:
@@ -318,6 +319,7 @@ class ConversationList(ModalScreen[str | None]):
         chats = self.query_one(OptionList)
         chats.clear_options()
         entries = self.store.list()
+        self._titles = {e.id: e.title for e in entries}
         for e in entries:
             n = "?" if e.messages < 0 else str(e.messages)
             chats.add_option(Option(Text(controls_shown(f"{e.title}  ({n} messages)")), id=e.id))
@@ -366,13 +368,13 @@ class ConversationList(ModalScreen[str | None]):
         chat_id = self._selected()
         if not chat_id:
             return
-        now = next((e.title for e in self.store.list() if e.id == chat_id), "")
-        title = await self.app.push_screen_wait(TextPrompt("Rename conversation", now, multiline=False))
+        title = await self.app.push_screen_wait(
+            TextPrompt("Rename conversation", self._titles.get(chat_id, ""), multiline=False))
         if title and title.strip():
             try:
                 self.store.rename(chat_id, title.strip())
             except (OSError, ValueError) as e:
-                self.app.notify(controls_shown(f"Could not rename: {e}"), severity="error", markup=False)
+                self.app.notify(f"Could not rename: {e}", severity="error")
             self.refresh_list(keep=chat_id)
 
 
@@ -468,8 +470,7 @@ class ChatApp(App):
         self.notify("Model loaded", timeout=3)
 
     def _load_failed(self, message: str) -> None:
-        self.notify(controls_shown(message), title="Could not load the model", severity="error", timeout=30,
-                    markup=False)
+        self.notify(message, title="Could not load the model", severity="error", timeout=30)
         shown = controls_shown(f"Could not load the model:\n{message}")
         self.query_one("#transcript").mount(Static(shown, markup=False, classes="error"))
 
@@ -558,12 +559,11 @@ class ChatApp(App):
                 elif isinstance(event, Done):
                     self.last_done = event
         except ContextLengthError as e:  # the chat took its message back: nothing else changed
-            self.call_from_thread(self.notify, controls_shown(str(e)), title="Too long", severity="error",
-                                  timeout=15, markup=False)
+            self.call_from_thread(self.notify, str(e), title="Too long", severity="error", timeout=15)
             failed = True
         except Exception as e:  # noqa: BLE001  — a failed reply is reported; the chat stays
-            self.call_from_thread(self.notify, controls_shown(f"{type(e).__name__}: {e}"),
-                                  title="The reply failed", severity="error", timeout=15, markup=False)
+            self.call_from_thread(self.notify, f"{type(e).__name__}: {e}", title="The reply failed",
+                                  severity="error", timeout=15)
             failed = True
         finally:
             if failed and len(self.chat.messages) == before:  # the chat took the message back
@@ -596,7 +596,7 @@ class ChatApp(App):
         try:
             self.store.save(self.chat, self.chat_id, self.chat_title)
         except OSError as e:
-            self.notify(controls_shown(f"Could not save the conversation: {e}"), severity="error", markup=False)
+            self.notify(f"Could not save the conversation: {e}", severity="error")
 
     # -- actions
     def on_unmount(self) -> None:
@@ -636,6 +636,11 @@ class ChatApp(App):
         state = "on" if self.collapse_on_answer else "off"
         self.notify(f"Collapse reasoning when the answer starts: {state}", timeout=3)
 
+    def notify(self, message: str, *, markup: bool = False, **kwargs) -> None:
+        """Every notification: its text (errors quote files, paths and the model) with control
+        characters as markers (controls_shown), and not read as markup unless asked."""
+        super().notify(controls_shown(message), markup=markup, **kwargs)
+
     def _busy(self) -> bool:
         """Whether there is no chat to change now (saying why)."""
         if self.chat is None:
@@ -665,8 +670,7 @@ class ChatApp(App):
         try:
             title = self.store.load(self.chat, chat_id)
         except (ChatFileError, ValueError) as e:
-            self.notify(controls_shown(str(e)), title="Could not open the conversation", severity="error",
-                        timeout=10, markup=False)
+            self.notify(str(e), title="Could not open the conversation", severity="error", timeout=10)
             return
         self.chat_id, self.chat_title = chat_id, title
         self.effort = self.chat.reasoning_effort

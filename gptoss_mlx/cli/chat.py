@@ -212,8 +212,7 @@ class Repl:
         self.title = self.store.load(self.chat, chat_id)
         self.chat_id = chat_id
         shown = [m for m in self.chat.messages if m.role == "user" or m.channel == "final"]
-        count = message_count(self.chat.to_json()["messages"])
-        self.say(terminal_safe(f"Resumed \"{self.title}\" ({count} messages)."))
+        self.say(terminal_safe(f"Resumed \"{self.title}\" ({self.message_count()} messages)."))
         for m in shown[-2:]:
             self.say(("you: " if m.role == "user" else "gpt-oss: ") + terminal_safe(m.text))
 
@@ -227,21 +226,22 @@ class Repl:
         elif name == "/help":
             self.say(HELP)
         elif name == "/effort":
-            if not arg:
+            choice = arg.lower()
+            if not choice:
                 self.say(f"reasoning effort: {self.chat.reasoning_effort} "
                          f"(/effort {'|'.join(EFFORTS)} changes it)")
-            elif arg.lower() not in EFFORTS:
+            elif choice not in EFFORTS:
                 self.say(f"usage: /effort {'|'.join(EFFORTS)}")
             else:
-                self.chat.reasoning_effort = arg.lower()
-                self.say(f"reasoning effort: {arg.lower()} (from the next reply)")
+                self.chat.reasoning_effort = choice
+                self.say(f"reasoning effort: {choice} (from the next reply)")
         elif name == "/reasoning":
-            arg = arg.lower()
-            if arg not in ("show", "hide"):
+            choice = arg.lower()
+            if choice not in ("show", "hide"):
                 self.say("usage: /reasoning show|hide")
             else:
-                self.show_reasoning = arg == "show"
-                self.say(f"reasoning: {arg}")
+                self.show_reasoning = choice == "show"
+                self.say(f"reasoning: {choice}")
         elif name == "/system":
             self.chat.instructions = arg or None
             self.say("instructions set" if arg else "instructions removed")
@@ -283,10 +283,13 @@ class Repl:
                 return
             self.title = self.store.load_path(self.chat, Path(arg).expanduser())
             self.chat_id = self.store.new_id()  # replies are saved in the store, not over PATH
-            count = message_count(self.chat.to_json()["messages"])
-            self.say(terminal_safe(f"loaded {count} messages from {arg}"))
+            self.say(terminal_safe(f"loaded {self.message_count()} messages from {arg}"))
         except ChatFileError as e:
             self.say(terminal_safe(f"error: {e}\n(the current conversation stays)"))
+
+    def message_count(self) -> int:
+        """The conversation's length as the chat lists count it (store.message_count)."""
+        return message_count(self.chat.to_json()["messages"])
 
     def _is_saved_id(self, arg: str) -> bool:
         try:
