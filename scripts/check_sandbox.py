@@ -335,6 +335,10 @@ CASES = [
     Case("forged reply with the right id, then exit: the next cell must run",
          forge("'x'") + "os._exit(0)", lambda out, ctx: "next ran" in out, after="print('next ran')",
          gap=0.0),
+    Case("forged reply with the right id, the real one late: the next cell must run",
+         forge("'x'") + "import time\ntime.sleep(0.5)",
+         lambda out, ctx: out.rstrip().endswith("next ran") and "malformed" not in out,
+         after="print('next ran')", gap=0.0),
     Case("a lone surrogate in the output", "print('\\ud800')",
          lambda out, ctx: _valid(out)),
 ]

@@ -37,6 +37,8 @@ from .sandbox import (LINUX_WORKDIR, WORKER, PidsCgroup, SandboxLimits, make_pol
 
 __all__ = ["PythonSandbox", "SandboxLimits", "description"]
 
+EXTRA_REPLY_NOTE = ("[the previous cell wrote extra data to the tool's reply channel; the "
+                    "session was restarted and its variables are lost]\n")
 STARTUP_S = 20.0  # for the sandbox and the interpreter to come up
 IDLE_CPU_S = 0.2  # CPU seconds a session may use between cells before it is restarted
 POLL_S = 0.1  # how often a running cell's file count is checked (Linux), and at its end
@@ -98,6 +100,7 @@ class PythonSandbox:
         self._idle_cpu: float | None = None  # CPU time of the sandbox when the last cell ended
         self._cgroup: PidsCgroup | None = None  # as root on Linux: the cap on its threads
         self._too_many_files = False
+        self._last_id: str | None = None  # the last cell's request id, while its session lives
         self._running = threading.Lock()
 
     @property
@@ -151,6 +154,13 @@ class PythonSandbox:
             deadline = time.monotonic() + self.limits.timeout_s
             sent = self._send(request, deadline)
             reply = self._read_reply(deadline) if sent else None
+            if self._last_id is not None and isinstance(reply, dict) \
+                    and reply.get("id") == self._last_id:
+                # The previous cell forged its reply and was stopped before it wrote the real
+                # one, which came now: the session is not to be trusted; run the code afresh.
+                self._kill()
+                note, had_session = note + EXTRA_REPLY_NOTE, False
+                continue
             timed_out = time.monotonic() >= deadline
             if reply is not None or timed_out or not self._never_taken(request, sent):
                 break
@@ -178,7 +188,7 @@ class PythonSandbox:
                        "wrote to the tool's reply channel?)")
             return note + f"[{why}{lost}]"
         if self.stateful:
-            self._idle_cpu = self._sandbox_cpu()
+            self._idle_cpu, self._last_id = self._sandbox_cpu(), request_id
             # Stopped until the next cell: a thread the code left running makes no files, uses
             # no CPU and reaches no network meanwhile, where no cell's limits are watched.
             if not self._signal_all(signal.SIGSTOP):
@@ -207,8 +217,7 @@ class PythonSandbox:
         if not self._pending and not select.select([self._proc.stdout.fileno()], [], [], 0)[0]:
             return ""
         self._kill()
-        return ("[the previous cell wrote extra data to the tool's reply channel; the session "
-                "was restarted and its variables are lost]\n")
+        return EXTRA_REPLY_NOTE
 
     def _send(self, data: bytes, deadline: float) -> bool:
         """Write all of ``data`` to the worker before ``deadline``; False if it did not take it."""
@@ -319,7 +328,7 @@ class PythonSandbox:
 
     def _kill(self) -> None:
         """Kill the sandbox: bwrap's death ends its PID namespace and every process in it."""
-        proc, self._proc, self._idle_cpu = self._proc, None, None
+        proc, self._proc, self._idle_cpu, self._last_id = self._proc, None, None, None
         cgroup, self._cgroup, self._too_many_files = self._cgroup, None, False
         if proc is not None:
             try:
