@@ -29,9 +29,15 @@ from __future__ import annotations
 import array
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+try:  # Python's regex parser (pattern_hints)
+    from re import _constants as re_constants, _parser as re_parser
+except ImportError:  # Python 3.10
+    import sre_constants as re_constants
+    import sre_parse as re_parser
 
 import llguidance
 import mlx.core as mx
@@ -76,6 +82,7 @@ class Grammar:
     tokenizer: object
     grammar: str
     min_tokens: int  # tokens of the schema's smallest instance, as the closing writes it
+    hints: tuple[bytes, ...] = ()  # strings its patterns match (see pattern_hints)
 
     def matcher(self) -> llguidance.LLMatcher:
         return llguidance.LLMatcher(ll_tokenizer(self.tokenizer), self.grammar, log_level=0)
@@ -96,7 +103,95 @@ def compile_schema(tokenizer, schema, where: str = "response_format") -> Grammar
     except harmony.HarmonyError as e:
         raise SchemaError(str(e)) from None
     # key order matters: properties come in it
-    return _compile(tokenizer, json.dumps(inclusive_bounds(schema)), where)
+    return _compile(tokenizer, json.dumps(inclusive_bounds(schema)), where, pattern_hints(schema))
+
+
+def pattern_hints(schema) -> tuple[bytes, ...]:
+    """For the closing: a short string each of the schema's regular expressions (``pattern``,
+    ``patternProperties``' names) matches, as JSON string content. The closing writes strings a
+    byte at a time and cannot guess a literal such as ``foo`` in ``foo.*`` or the ``@`` and
+    the dot of an email pattern; with these it tries the whole string first."""
+    found: list[str] = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("pattern"), str):
+                found.append(node["pattern"])
+            if isinstance(node.get("patternProperties"), dict):
+                found.extend(k for k in node["patternProperties"] if isinstance(k, str))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    examples = (regex_example(p) for p in dict.fromkeys(found))
+    return tuple(json.dumps(e, ensure_ascii=False)[1:-1].encode() for e in examples if e is not None)
+
+
+# Characters an example prefers, where a class or "." lets it choose.
+EXAMPLE_CHARS = "a0A _-.@" + "".join(chr(c) for c in range(0x21, 0x7F))
+
+
+def regex_example(pattern: str) -> str | None:
+    """A short string in which ``pattern`` is found (a JSON Schema pattern is a search, so
+    anchors are met at the string's ends), or None for a construct this does not follow."""
+    try:
+        return _example(re_parser.parse(pattern))
+    except (re.error, ValueError, TypeError, RecursionError, OverflowError):
+        return None
+
+
+def _example(items) -> str:
+    out = []
+    for op, av in items:
+        if op is re_constants.LITERAL:
+            out.append(chr(av))
+        elif op is re_constants.ANY:
+            out.append("a")
+        elif op in (re_constants.IN, re_constants.NOT_LITERAL):
+            members = [(re_constants.NEGATE, None), (re_constants.LITERAL, av)] if op is re_constants.NOT_LITERAL else av
+            out.append(next(c for c in EXAMPLE_CHARS if _in_class(c, members)))
+        elif op in (re_constants.MAX_REPEAT, re_constants.MIN_REPEAT):
+            low, _, sub = av
+            if low > 64:
+                raise ValueError("a long repeat")
+            out.append(_example(sub) * low)
+        elif op is re_constants.SUBPATTERN:
+            out.append(_example(av[-1]))
+        elif op is re_constants.BRANCH:
+            out.append(min((_example(b) for b in av[1]), key=len))
+        elif op is re_constants.AT and av in (re_constants.AT_BEGINNING, re_constants.AT_END,
+                                              re_constants.AT_BEGINNING_STRING, re_constants.AT_END_STRING):
+            continue
+        else:  # look-arounds, backreferences, word boundaries...
+            raise ValueError(f"no example for {op}")
+    return "".join(out)
+
+
+def _in_class(c: str, members) -> bool:
+    """Whether ``c`` is in a character class (sre's IN items)."""
+    negate, found = False, False
+    for op, av in members:
+        if op is re_constants.NEGATE:
+            negate = True
+        elif op is re_constants.LITERAL:
+            found |= ord(c) == av
+        elif op is re_constants.RANGE:
+            found |= av[0] <= ord(c) <= av[1]
+        elif op is re_constants.CATEGORY:
+            found |= CATEGORY_TEST[av](c)
+        else:
+            raise ValueError(f"no example for {op} in a class")
+    return found != negate
+
+
+CATEGORY_TEST = {
+    re_constants.CATEGORY_DIGIT: str.isdigit, re_constants.CATEGORY_NOT_DIGIT: lambda c: not c.isdigit(),
+    re_constants.CATEGORY_SPACE: str.isspace, re_constants.CATEGORY_NOT_SPACE: lambda c: not c.isspace(),
+    re_constants.CATEGORY_WORD: lambda c: c.isalnum() or c == "_",
+    re_constants.CATEGORY_NOT_WORD: lambda c: not (c.isalnum() or c == "_")}
 
 
 # Where a schema holds schemas: maps of them, lists of them, one.
@@ -145,7 +240,7 @@ def _is_number(value) -> bool:
 
 
 @lru_cache(maxsize=256)
-def _compile(tokenizer, schema: str, where: str) -> Grammar:
+def _compile(tokenizer, schema: str, where: str, hints: tuple[bytes, ...] = ()) -> Grammar:
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
     except ValueError as e:
@@ -153,12 +248,16 @@ def _compile(tokenizer, schema: str, where: str) -> Grammar:
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
         grammar, ll_tokenizer(tokenizer))
     if is_error:
-        raise SchemaError(f"{where}: the schema cannot be enforced: {messages[0]}")
-    closing = closing_tokens(tokenizer, llguidance.LLMatcher(ll_tokenizer(tokenizer), grammar, log_level=0))
+        # llguidance's advice names its own option, which no client can set
+        reason = messages[0].replace("Enable 'coerce_one_of' option to approximate oneOf with anyOf",
+                                     "use anyOf (a value that matches several of them is accepted)")
+        raise SchemaError(f"{where}: the schema cannot be enforced: {reason}")
+    closing = closing_tokens(tokenizer, llguidance.LLMatcher(ll_tokenizer(tokenizer), grammar, log_level=0),
+                             hints=hints)
     if closing is None:
         raise SchemaError(f"{where}: the schema cannot be enforced: no instance of it was found "
                           f"within {MAX_CLOSING_BYTES} bytes")
-    return Grammar(tokenizer, grammar, len(closing))
+    return Grammar(tokenizer, grammar, len(closing), hints)
 
 
 def grammars(tokenizer, dev: DeveloperContent | None) -> tuple[Grammar | None, dict[str, Grammar]]:
@@ -249,10 +348,12 @@ class JSONScan:
 QUOTE, BACKSLASH = ord('"'), ord("\\")
 
 
-def closing_tokens(tokenizer, matcher: llguidance.LLMatcher, scan: JSONScan = JSONScan()) -> list[int] | None:
+def closing_tokens(tokenizer, matcher: llguidance.LLMatcher, scan: JSONScan = JSONScan(),
+                   hints: tuple[bytes, ...] = ()) -> list[int] | None:
     """The tokens of a short text that completes the JSON from ``matcher``'s state (``scan``:
     whether the text so far ends inside a string), found greedily on a copy, byte by byte (see
-    :func:`_next_byte`); None when none was found within MAX_CLOSING_BYTES."""
+    :func:`_next_byte`; ``hints``: whole strings to try first); None when none was found within
+    MAX_CLOSING_BYTES."""
     m = matcher.deep_copy()
     scan = JSONScan(scan.in_string, scan.escaped)
     byte_token = _byte_tokens(tokenizer)
@@ -261,7 +362,7 @@ def closing_tokens(tokenizer, matcher: llguidance.LLMatcher, scan: JSONScan = JS
     while not m.is_accepting():
         if m.is_error() or len(text) > MAX_CLOSING_BYTES:
             return None
-        forced = m.compute_ff_bytes() or _next_byte(m, byte_token, scan, used)
+        forced = m.compute_ff_bytes() or _hint(m, byte_token, scan, hints) or _next_byte(m, byte_token, scan, used)
         if forced is None or not m.consume_tokens([byte_token[b] for b in forced]):
             return None
         text += forced
@@ -279,6 +380,19 @@ def closing_tokens(tokenizer, matcher: llguidance.LLMatcher, scan: JSONScan = JS
         return [byte_token[b] for b in text]
 
 
+def _hint(m: llguidance.LLMatcher, byte_token, scan: JSONScan, hints: tuple[bytes, ...]) -> bytes | None:
+    """Inside a string that may not end yet: the shortest end of a hint after which it may (a
+    whole hint at the string's start, its end where the text so far began it)."""
+    if not scan.in_string or scan.escaped or m.validate_tokens([byte_token[QUOTE]]) == 1:
+        return None
+    for hint in hints:
+        for start in range(len(hint) - 1, -1, -1):
+            tokens = [byte_token[b] for b in hint[start:] + b'"']
+            if m.validate_tokens(tokens) == len(tokens):
+                return hint[start:]
+    return None
+
+
 def _next_byte(m: llguidance.LLMatcher, byte_token, scan: JSONScan, used: dict[int, int]) -> bytes | None:
     """The closing's next byte among those the grammar allows, in CLOSING_BYTES's order. Outside
     strings, the first (end what is open, else the shortest value). Inside one, the first after
@@ -288,7 +402,11 @@ def _next_byte(m: llguidance.LLMatcher, byte_token, scan: JSONScan, used: dict[i
     for b in CLOSING_BYTES:
         if m.try_consume_tokens([byte_token[b]]) != 1:
             continue
-        ends = not scan.in_string or b == QUOTE or m.validate_tokens([byte_token[QUOTE]]) == 1
+        after = JSONScan(scan.in_string, scan.escaped)
+        after.feed(bytes([b]))
+        # b closes the string, or a quote after it would (not after a backslash: an escape)
+        ends = (not scan.in_string or not after.in_string
+                or not after.escaped and m.validate_tokens([byte_token[QUOTE]]) == 1)
         m.rollback(1)
         if ends:
             return bytes([b])
@@ -466,7 +584,7 @@ class HarmonyConstraint:
         remaining, extra = self.remaining, margin(self.grammar)
         if remaining is None or self.generated < self._closing_due:
             return []
-        closing = closing_tokens(self.tokenizer, self.matcher, self._scan)
+        closing = closing_tokens(self.tokenizer, self.matcher, self._scan, self.grammar.hints)
         if closing is None:
             return []
         if len(closing) + 1 + extra >= remaining:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -150,10 +151,26 @@ def test_an_unenforceable_schema_is_named(tok, tiny):
     with pytest.raises(SchemaError, match="(?s)text.format: .*look-around"):
         compile_schema(tok, {"type": "string", "pattern": "a(?=b)"}, "text.format")
     assert compile_schema(tok, {"type": "string", "pattern": "^a+b$"}).min_tokens <= 3
+    with pytest.raises(SchemaError, match="oneOf.*use anyOf") as e:  # not llguidance's own option
+        compile_schema(tok, {"oneOf": [{"type": "string"}, {"type": "string", "minLength": 2}]})
+    assert "coerce_one_of" not in str(e.value)
     chat = Chat(*tiny, sampling=SamplingParams(max_tokens=8))
     with pytest.raises(SchemaError, match="response format 'response'.*not"):
         chat.send("hi", response_format={"not": {"type": "string"}})
     assert chat.messages == []  # nothing was sent
+
+
+@pytest.mark.parametrize("pattern", ["x", "abc", "abc$", "a|b", "foo.*", "\\d{3}", "[aeiou]{3}", "ook",
+                                     "hello world", "^[^@]+@[^@]+\\.[a-z]{2,}$", '"', "\\\\"])
+def test_patterns_are_searches_and_their_answers_match(tok, pattern):
+    """A JSON Schema pattern is found anywhere in the string (unanchored unless it says ^ or $):
+    such schemas were refused as having no instance (the closing wrote escaped quotes forever,
+    or never came on a literal), and the smallest answer the closing writes matches."""
+    schema = {"type": "object", "properties": {"p": {"type": "string", "pattern": pattern}}, "required": ["p"]}
+    grammar = compile_schema(tok, schema)
+    closing = closing_tokens(tok, grammar.matcher(), hints=grammar.hints)
+    answer = json.loads(tok.decode(closing))
+    assert re.search(pattern, answer["p"]) and len(closing) <= 12, answer
 
 
 def test_a_schema_the_prompt_cannot_carry_is_a_schema_error(tok, tiny):
@@ -280,7 +297,11 @@ def schema_and_instance(draw, depth=0):
             ({"type": "string", "format": "date-time"}, "2024-01-02T03:04:05Z"),
             ({"type": "string", "format": "uuid"}, "123e4567-e89b-12d3-a456-426614174000"),
             ({"type": "string", "format": "ipv4"}, "10.0.0.1"),
-            ({"type": "string", "pattern": "^[A-Z]{2}-[0-9]{2,4}$"}, "AB-123")]))
+            ({"type": "string", "pattern": "^[A-Z]{2}-[0-9]{2,4}$"}, "AB-123"),
+            ({"type": "string", "pattern": "foo.*"}, "a foo b"),  # a search, not anchored
+            ({"type": "string", "pattern": "^[^@]+@[^@]+\\.[a-z]{2,}$"}, "ann@b.cd"),
+            ({"type": "string", "pattern": "\\$\\d+\\.\\d\\d"}, "it is $12.50"),
+            ({"type": "string", "pattern": 'say "hi"'}, 'we say "hi"')]))
     if kind == "bool":
         return {"type": "boolean"}, draw(st.booleans())
     if kind == "array":
@@ -309,7 +330,7 @@ def test_closing_completes_any_prefix(tok, data, cut):
     assert matcher.consume_tokens(prefix), matcher.get_error()
     scan = JSONScan()
     scan.feed(tok.decode_bytes(prefix))
-    closing = closing_tokens(tok, matcher, scan)
+    closing = closing_tokens(tok, matcher, scan, grammar.hints)
     assert closing is not None
     assert matcher.consume_tokens(closing) and matcher.is_accepting()  # the grammar takes it
     jsonschema.validate(json.loads(tok.decode(prefix + closing)), schema,
