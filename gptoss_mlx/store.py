@@ -178,6 +178,9 @@ def title_for(text: str) -> str:
     return line[:60] + ("…" if len(line) > 60 else "") or "New chat"
 
 
+MAX_ID_BYTES = 200  # a chat's id (its file name less '.json') in UTF-8
+
+
 class ConversationStore:
     """``root`` is the data directory; chats live in ``root/chats``, Markdown exports in
     ``root/exports``, the terminal chat's input history in ``root/input-history``."""
@@ -203,8 +206,12 @@ class ConversationStore:
         return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
     def path(self, chat_id: str) -> Path:
-        if not re.fullmatch(r"[\w.-]+", chat_id) or chat_id.strip(".") == "":
-            raise ChatFileError(f"not a conversation id: {chat_id!r}")
+        # letters, digits, - _ . (not first: no hidden files); its file's temporary name must fit
+        # in a file name (255 bytes)
+        if not re.fullmatch(r"[\w-][\w.-]*", chat_id) or len(chat_id.encode()) > MAX_ID_BYTES:
+            shown = chat_id if len(chat_id) <= 40 else chat_id[:40] + "…"
+            raise ChatFileError(f"not a conversation id: {shown!r} (letters, digits, '-', '_' and '.', "
+                                f"not starting with '.', at most {MAX_ID_BYTES} bytes)")
         return self.root / f"{chat_id}.json"
 
     def save(self, chat: Chat, chat_id: str, title: str) -> Path:

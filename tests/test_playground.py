@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -513,6 +514,11 @@ def test_chat_endpoints_validate_ids_bodies_and_keys(tok, tmp_path):
         untitled = {"messages": [{"role": "user", "content": "Why is the sea salty?"}]}
         assert call_api(root, "POST", "/v1/playground/chats", untitled)[1]["title"] == "Why is the sea salty?"
         assert call_api(root, "PATCH", "/v1/playground/chats/nope", {"title": "x"})[0] == 404
+        for bad in ("a" * 300, ".hidden", "é" * 101):  # too long for a file name; a dotfile
+            for method, body in (("GET", None), ("PUT", good), ("PATCH", {"title": "x"}), ("DELETE", None)):
+                code, data = call_api(root, method, f"/v1/playground/chats/{urllib.parse.quote(bad)}", body)
+                assert code == 400 and data["error"]["code"] == "invalid_chat_id", (method, bad, data)
+                assert str(tmp_path) not in data["error"]["message"]
         assert call_api(root, "PATCH", f"/v1/playground/chats/{made['id']}", {"title": ""})[0] == 400
         for entry in chats.list():
             assert call_api(root, "DELETE", f"/v1/playground/chats/{entry.id}")[0] == 200
