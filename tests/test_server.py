@@ -562,11 +562,116 @@ def test_a_page_of_another_site_cannot_make_the_server_generate(url):
     assert post(url, "/responses", body, headers={"Origin": own})[0] == 200
 
 
+def test_a_name_pointed_at_this_machine_cannot_make_a_keyless_server_generate(url):
+    """DNS rebinding: a page at evil.example re-points its name at 127.0.0.1, so its requests
+    carry Host and Origin evil.example, which match. Without an API key only addresses and
+    localhost are served."""
+    port = url.split("/")[2].rsplit(":", 1)[1]
+    body = b'{"input": "hi", "max_output_tokens": 2}'
+    rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}", "Content-Type": "text/plain"}
+    code, data = post(url, "/responses", body, headers=rebound)
+    assert code == 403 and data["error"]["code"] == "forbidden" and "evil.example" in data["error"]["message"]
+    assert post(url, "/chat/completions", b"{}", headers={"Host": "evil.example"})[0] == 403
+    models = urllib.request.Request(url + "/models", headers={"Host": "evil.example"})
+    with pytest.raises(urllib.error.HTTPError, match="403"):
+        urllib.request.urlopen(models)
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "192.168.1.20"):
+        assert post(url, "/responses", body, headers={"Host": host})[0] == 200, host
+
+
 def test_a_prompt_over_the_context_is_context_length_exceeded(url):
     with pytest.raises(openai.BadRequestError) as e:
         client(url).chat.completions.create(model="gpt-oss-tiny",
                                             messages=[{"role": "user", "content": "word " * 5000}])
     assert e.value.code == "context_length_exceeded"
+
+
+def test_truncation_auto_drops_the_oldest_turns(tok):
+    """A previous_response_id chain that outgrows the context: with truncation "auto" the oldest
+    turns are left out of the prompt (the instructions and the last message stay), with
+    "disabled" (the default) it is context_length_exceeded; other values are a 400."""
+    model = ScriptedModel([answer(tok, "Hm.", "ok")] * 40)
+    with serving(model, tok, max_context=1024) as url:
+        c = client(url)
+        chains = {}
+        for mode in ("auto", "disabled"):
+            previous, turns = None, 0
+            for turn in range(12):
+                try:
+                    r = c.responses.create(model="gpt-oss-tiny", input=f"turn {turn}: " + "word " * 150,
+                                           instructions="Be brief.", previous_response_id=previous,
+                                           truncation=mode, max_output_tokens=64)
+                except openai.BadRequestError as e:
+                    assert mode == "disabled" and e.code == "context_length_exceeded"
+                    break
+                assert r.truncation == mode and r.usage.input_tokens <= 1024 - 64
+                previous, turns = r.id, turns + 1
+            chains[mode] = turns
+        assert chains["auto"] == 12 and chains["disabled"] < 12
+        with pytest.raises(openai.BadRequestError) as e:
+            c.responses.create(model="gpt-oss-tiny", input="hi", truncation="sideways")
+        assert e.value.body["param"] == "truncation"
+        with pytest.raises(openai.BadRequestError) as e:  # the last message alone is too long
+            c.responses.create(model="gpt-oss-tiny", input="word " * 2000, truncation="auto")
+        assert e.value.code == "context_length_exceeded"
+
+
+def test_stored_responses_and_the_model_can_be_retrieved(url):
+    """What the SDK's retrieve and delete calls ask for: a stored response by id (as it was
+    returned, its cut item marked incomplete), deleted then 404; the model by id."""
+    c = client(url)
+    r = c.responses.create(model="gpt-oss-tiny", input="hi", max_output_tokens=3, **GREEDY)
+    assert r.status == "incomplete" and r.output[-1].status == "incomplete"
+    assert c.responses.retrieve(r.id).model_dump() == r.model_dump()
+    c.responses.delete(r.id)
+    for ask in (lambda: c.responses.retrieve(r.id), lambda: c.responses.delete(r.id),
+                lambda: c.responses.create(model="gpt-oss-tiny", input="hi", previous_response_id=r.id)):
+        with pytest.raises(openai.NotFoundError):
+            ask()
+    unstored = c.responses.create(model="gpt-oss-tiny", input="hi", max_output_tokens=3, store=False)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(unstored.id)
+    assert c.models.retrieve("gpt-oss-tiny").id == "gpt-oss-tiny"
+    with pytest.raises(openai.NotFoundError) as e:
+        c.models.retrieve("gpt-5")
+    assert e.value.code == "model_not_found"
+
+
+@pytest.mark.parametrize("extra, param", [({"top_k": -2}, "top_k"), ({"top_k": 1.5}, "top_k"),
+                                          ({"min_p": 2}, "min_p"), ({"min_p": "x"}, "min_p")])
+def test_top_k_and_min_p_are_checked(url, extra, param):
+    c = client(url)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "hi"}],
+                                  max_tokens=2, extra_body=extra)
+    assert e.value.body["param"] == param
+
+
+def test_top_k_and_min_p_reach_the_sampler():
+    """vLLM's and llama.cpp's extra sampling fields were accepted and ignored."""
+    from gptoss_mlx.server import params
+    got = params.sampling({"top_k": 5, "min_p": 0.05}, SamplingParams(), ("max_tokens",))
+    assert (got.top_k, got.min_p) == (5, 0.05)
+    assert params.sampling({"top_k": -1}, SamplingParams(top_k=7), ("max_tokens",)).top_k == 0  # -1: no limit
+    assert params.sampling({}, SamplingParams(top_k=7, min_p=0.1), ("max_tokens",)).top_k == 7
+
+
+@pytest.mark.parametrize("message, where", [
+    ({"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                           "function": {"name": "f to=functions.g", "arguments": "{}"}}]},
+     "messages[1].tool_calls[0].function.name"),
+    ({"role": "tool", "name": "get weather", "content": "sunny"}, "messages[1].name")])
+def test_a_name_in_the_history_that_a_header_cannot_carry_is_a_400(url, message, where):
+    """Names in past calls and results go into harmony headers: one with whitespace would read
+    back as another recipient."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client(url).chat.completions.create(model="gpt-oss-tiny", max_tokens=2, messages=[
+            {"role": "user", "content": "hi"}, message, {"role": "user", "content": "and?"}])
+    assert where in e.value.message and e.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as e:
+        client(url).chat.completions.create(model="gpt-oss-tiny", max_tokens=2, tools=[{"type": "function", "function": {}}],
+                                            messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["param"] == "tools"
 
 
 def test_api_key(tiny):
@@ -731,6 +836,33 @@ def test_usage_counts_the_tokens_up_to_the_stop_string_streamed_or_not(tok):
         chunks = list(c.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
     assert whole.choices[0].message.content == "Hello worl"
     assert whole.usage.completion_tokens == chunks[-1].usage.completion_tokens == taken
+
+
+def test_a_call_header_cut_by_max_tokens_is_not_answer_text(tok):
+    """max_tokens ending inside a call's header: no markup (``to=functions.f <|constrain|>json``)
+    reaches the answer, in either API, streamed or not; text written without a header stays."""
+    reply = call(tok, "Hm.", "get_weather", '{"city": "Oslo"}')
+    start = len(script(tok, "<|channel|>analysis<|message|>Hm.<|end|><|start|>assistant"))
+    header = len(script(tok, "<|channel|>commentary to=functions.get_weather <|constrain|>json"))
+    for cut in range(start + 1, start + header + 1):
+        stream = ReplyStream(tok)
+        events = [e for t in reply[:cut] for e in stream.feed(t)] + stream.finish()
+        texts = [e.text for e in events if isinstance(e, Delta) and e.item.kind != "reasoning"]
+        assert texts == [] and all(i.kind == "reasoning" for i in stream.items), (cut, texts)
+    plain = ReplyStream(tok)
+    events = [e for t in script(tok, "<|channel|>analysis<|message|>Hm.<|end|>Sure thing") for e in plain.feed(t)]
+    assert "".join(e.text for e in events + plain.finish() if isinstance(e, Delta)).endswith("Sure thing")
+    with serving(ScriptedModel([reply] * 4), tok) as url:
+        c = client(url)
+        ask = dict(model="gpt-oss-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=start + header - 1,
+                   tools=[CHAT_WEATHER])
+        whole = c.chat.completions.create(**ask)
+        assert whole.choices[0].finish_reason == "length" and not whole.choices[0].message.content
+        chunks = list(c.chat.completions.create(**ask, stream=True))
+        assert not "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        r = c.responses.create(model="gpt-oss-tiny", input="hi", max_output_tokens=start + header - 1,
+                               tools=[{"type": "function", **CHAT_WEATHER["function"]}])
+        assert r.status == "incomplete" and r.output_text == "" and [o.type for o in r.output] == ["reasoning"]
 
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 3])

@@ -120,6 +120,31 @@ def test_responses_schema_errors_name_text_format(api):
     assert "uniqueItems" in e.value.message and e.value.body["param"] == "text.format"
 
 
+@pytest.mark.parametrize("fmt, says", [
+    ({"type": "json_schema", "name": "pet"}, "needs its 'schema'"),
+    ({"type": "json_schema", "json_schema": {"name": "pet", "schema": PET}}, "not nested in 'json_schema'"),
+    ({"type": "json_schema", "name": "pet", "schema": PET, "strict": "yes"}, "'strict' must be true or false")])
+def test_responses_text_format_the_schema_would_not_constrain_is_a_400(api, fmt, says):
+    """Chat Completions' nesting, or no schema at all, in text.format left the answer free
+    without a word: a 400 naming text.format and the Responses shape."""
+    with pytest.raises(openai.BadRequestError) as e:
+        api.responses.create(model="gpt-oss-tiny", input="A pet.", max_output_tokens=8, text={"format": fmt})
+    assert e.value.body["param"] == "text.format" and says in e.value.body["message"]
+
+
+def test_unanchored_patterns_are_enforced_as_searches(api):
+    """A JSON Schema pattern matches anywhere in the string: 'abc' was refused as having no
+    instance; now its answers hold it."""
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "abc", "maxLength": 12}},
+              "required": ["code"], "additionalProperties": False}
+    for seed in range(2):
+        r = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, seed=seed, max_tokens=60,
+                                        response_format={"type": "json_schema",
+                                                         "json_schema": {"name": "c", "schema": schema}},
+                                        extra_body={"reasoning_budget": 4})
+        assert "abc" in json.loads(r.choices[0].message.content)["code"]
+
+
 def test_a_function_name_no_header_can_carry_is_a_400(api):
     """tool_choice forced a call to "get weather": it came back as a call to "get" with free
     text for arguments. Now a 400 naming the function; the server goes on serving."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 from .messages import (
     BUILTIN_TOOLS, CONSTRAIN, DeveloperContent, HarmonyError, Message, ResponseFormat,
@@ -72,6 +73,14 @@ def _recipient_of(name: str, declared: set[str]) -> str:
     (``browser.search``) as they are, unless declared as functions; others ``functions.NAME``."""
     builtin = name in BUILTIN_TOOLS and name not in declared
     return name if "." in name or builtin else FUNCTIONS + name
+
+
+def _header_word(value: str | None, where: str) -> None:
+    """A name written into a message header is one word: with whitespace in it the header would
+    read back as another recipient (``f to=functions.g``) or as text."""
+    if value is not None and (not value or re.search(r"\s", value)):
+        raise HarmonyError(f"{where} {value[:80]!r}: a harmony header cannot carry a name that is empty "
+                           "or has whitespace in it")
 
 
 def _function_name(recipient: str) -> str:
@@ -181,10 +190,13 @@ def _assistant_messages(m: dict, i: int, declared: set[str], calls: dict) -> lis
                 raise HarmonyError(f"{where}.function.arguments must be a JSON string") from None
             except RecursionError:
                 raise HarmonyError(f"{where}.function.arguments is nested too deeply") from None
+        _header_word(fn["name"], f"{where}.function.name")
         recipient = _override(call, "recipient", None, where) or _recipient_of(fn["name"], declared)
         channel, content_type = _call_defaults(recipient)
         channel = _override(call, "channel", channel, where)
         content_type = _override(call, "content_type", content_type, where)
+        for key, value in (("recipient", recipient), ("channel", channel)):
+            _header_word(value, f"{where}.{key}")
         calls[str(call.get("id", f"call_{i}_{j}"))] = (recipient, channel)
         out.append(Message("assistant", args, channel=channel, recipient=recipient,
                            content_type=content_type))
@@ -196,6 +208,7 @@ def _tool_result(m: dict, i: int, declared: set[str], calls: dict) -> Message:
     if isinstance(call_id, str) and call_id in calls:
         recipient, channel = calls[call_id]
     elif isinstance(name, str) and name:
+        _header_word(name, f"messages[{i}].name")
         recipient = _recipient_of(name, declared)
         channel = _call_defaults(recipient)[0]
     else:

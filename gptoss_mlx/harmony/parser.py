@@ -125,6 +125,11 @@ class StreamParser:
     def state(self) -> str:
         return self._state
 
+    @property
+    def pending_header(self) -> str:
+        """The text of a header begun and not yet ended by ``<|message|>`` ('' when none)."""
+        return self._header_text(self._header) if self._state == "header" else ""
+
     def feed(self, token: int) -> list[Event]:
         self.tokens.append(token)
         return getattr(self, f"_in_{self._state}")(token)

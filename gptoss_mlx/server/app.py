@@ -22,7 +22,7 @@ from ..files import JSONProblem, lone_surrogate_problem, parse_json
 from ..store import ConversationStore
 from . import playground
 from .chat_completions import chat_completions
-from .errors import APIError, bad_request, generation_failed, refuse_other_origins
+from .errors import APIError, bad_request, generation_failed, refuse_named_hosts, refuse_other_origins
 from .responses import ResponseStore, responses
 from .service import Service
 
@@ -75,7 +75,7 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
 
     async def admitted(request: Request, handler, *args):
         """Run ``handler`` in a scheduler slot, held until its response (or stream) has ended."""
-        authorize(request)
+        checked(request)
         refuse_other_origins(request, "this server")
         body = await json_body(request)
         slot = await service.scheduler.admit()
@@ -99,10 +99,30 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
     async def post_responses(request: Request):
         return await admitted(request, responses, service, store)
 
-    async def models(request: Request):
+    def model_object() -> dict:
+        return {"id": service.model_name, "object": "model", "created": started, "owned_by": "openai"}
+
+    def checked(request: Request) -> None:
+        """What every route of the API checks before its own work (the key, the Host)."""
         authorize(request)
-        return JSONResponse({"object": "list", "data": [
-            {"id": service.model_name, "object": "model", "created": started, "owned_by": "openai"}]})
+        refuse_named_hosts(request, api_key)
+
+    async def models(request: Request):
+        checked(request)
+        return JSONResponse({"object": "list", "data": [model_object()]})
+
+    async def model(request: Request):
+        checked(request)
+        service.check_model({"model": request.path_params["model"]})
+        return JSONResponse(model_object())
+
+    async def stored_response(request: Request):
+        checked(request)
+        response_id = request.path_params["response_id"]
+        if request.method == "DELETE":
+            store.delete(response_id)
+            return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+        return JSONResponse(store.response(response_id))
 
     async def health(request: Request):
         return JSONResponse({"status": "ok", "model": service.model_name,
@@ -124,7 +144,9 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
     return Starlette(
         routes=[Route("/v1/chat/completions", post_chat, methods=["POST"]),
                 Route("/v1/responses", post_responses, methods=["POST"]),
-                Route("/v1/models", models), Route("/health", health),
+                Route("/v1/responses/{response_id}", stored_response, methods=["GET", "DELETE"]),
+                Route("/v1/models", models), Route("/v1/models/{model:path}", model),
+                Route("/health", health),
                 *playground.routes(service, chats or ConversationStore(), api_key, authorize, json_body)],
         exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from urllib.parse import urlsplit
 
@@ -59,3 +60,19 @@ def refuse_other_origins(request: Request, what: str) -> None:
     origin = request.headers.get("origin")
     if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
         raise APIError(403, f"requests from {origin} may not use {what}", code="forbidden")
+
+
+def refuse_named_hosts(request: Request, api_key: str | None) -> None:
+    """Without an API key, 403 for a request addressed to a host name other than localhost. A
+    web page can point its own name at 127.0.0.1 (DNS rebinding): its requests then carry that
+    name in Host, and an Origin that matches it. Addresses (127.0.0.1, a LAN address with
+    --allow-remote-without-key) and localhost are what people type; a name needs the key."""
+    host = urlsplit(f"//{request.headers.get('host', '')}").hostname or ""
+    if api_key is not None or not host or host == "localhost":
+        return
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise APIError(403, f"requests addressed to {host!r} need an API key: address this server as "
+                       "127.0.0.1 or localhost, or start it with --api-key (without one, a web page "
+                       "that points its own name at this machine could use it)", code="forbidden") from None

@@ -15,6 +15,8 @@ from .. import harmony
 from ..harmony import ContentDelta, MessageEnd, MessageStart
 from ..tokenizer import NUM_BPE_TOKENS
 
+# What only a message header holds.
+HEADER_MARKS = (harmony.CHANNEL, harmony.CONSTRAIN, harmony.START)
 # SERVER_CALL: a call to a tool the server runs itself (gptoss_mlx/server/tools.py).
 REASONING, TEXT, CALL, SERVER_CALL = "reasoning", "text", "call", "server_call"
 
@@ -88,6 +90,12 @@ class ReplyStream:
         return self._convert(events)
 
     def finish(self) -> list[OutputEvent]:
+        """The generation ended (max tokens, the context, a stop): close what is open. A header
+        it ended inside is markup, not text (``<|channel|>commentary to=functions.f``): dropped;
+        text the model wrote without any header is kept."""
+        header = self._parser.pending_header
+        if any(mark in header for mark in HEADER_MARKS) or any(w.startswith("to=") for w in header.split()):
+            return []
         return self._convert(self._parser.finish())
 
     @property

@@ -53,7 +53,9 @@ def sampling(body: dict, default: SamplingParams, max_tokens_keys: tuple[str, ..
     return SamplingParams(
         temperature=number(body, "temperature", default.temperature, 0, 2),
         top_p=number(body, "top_p", default.top_p, 0, 1, lo_open=True),
-        top_k=default.top_k, min_p=default.min_p,
+        # top_k and min_p: not OpenAI's, but what vLLM and llama.cpp servers take (-1: no limit)
+        top_k=max(0, integer(body, "top_k", lo=-1)) if body.get("top_k") is not None else default.top_k,
+        min_p=number(body, "min_p", default.min_p, 0, 1),
         seed=integer(body, "seed", lo=0, hi=2**64 - 1) if body.get("seed") is not None else default.seed,
         max_tokens=max_tokens)
 

@@ -32,27 +32,40 @@ from .service import Reply, Service, new_id
 log = logging.getLogger("gptoss_mlx.server")
 
 STORED_RESPONSES = 256
+RESPONSES_SCHEMA_SHAPE = '{"type": "json_schema", "name": str, "schema": {...}}'
 
 
 class ResponseStore:
-    """The conversations of the last ``size`` stored responses (their input and output items)."""
+    """The last ``size`` stored responses: each one's conversation (its input and output items,
+    for ``previous_response_id``) and the response object (for ``GET /v1/responses/{id}``)."""
 
     def __init__(self, size: int = STORED_RESPONSES):
         self.size = size
-        self._items: OrderedDict[str, list[dict]] = OrderedDict()
+        self._kept: OrderedDict[str, tuple[list[dict], dict]] = OrderedDict()
 
-    def get(self, response_id) -> list[dict]:
-        if response_id not in self._items:
+    def get(self, response_id, param: str = "previous_response_id") -> list[dict]:
+        return self._find(response_id, param)[0]
+
+    def response(self, response_id: str) -> dict:
+        return self._find(response_id, "response_id")[1]
+
+    def delete(self, response_id: str) -> None:
+        self._find(response_id, "response_id")
+        del self._kept[response_id]
+
+    def _find(self, response_id, param: str) -> tuple[list[dict], dict]:
+        if not isinstance(response_id, str) or response_id not in self._kept:
             raise APIError(404, f"no stored response {response_id!r} (responses are kept in memory, "
                            f"the last {self.size}, and only with store=true)",
-                           param="previous_response_id", code="previous_response_not_found")
-        self._items.move_to_end(response_id)
-        return self._items[response_id]
+                           param=param, code="previous_response_not_found" if param == "previous_response_id"
+                           else "response_not_found")
+        self._kept.move_to_end(response_id)
+        return self._kept[response_id]
 
-    def put(self, response_id: str, items: list[dict]) -> None:
-        self._items[response_id] = items
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
+    def put(self, response_id: str, items: list[dict], response: dict) -> None:
+        self._kept[response_id] = (items, response)
+        while len(self._kept) > self.size:
+            self._kept.popitem(last=False)
 
 
 def _text(content, where: str) -> str:
@@ -160,8 +173,12 @@ def response_format(body: dict) -> dict | None:
     text = body.get("text") or {}
     fmt = text.get("format") if isinstance(text, dict) else text
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        if "json_schema" in fmt or not isinstance(fmt.get("schema"), dict):
+            # Chat Completions' nesting, or no schema: either would leave the answer unconstrained
+            raise bad_request("text.format of type json_schema needs its 'schema' (an object) beside "
+                              "'name', not nested in 'json_schema': " + RESPONSES_SCHEMA_SHAPE, "text.format")
         fmt = {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
-    check_response_format(fmt, "text.format")
+    check_response_format(fmt, "text.format", RESPONSES_SCHEMA_SHAPE)
     return fmt
 
 
@@ -227,6 +244,10 @@ class ResponseRun:
                 "reasoning_effort": self.effort,
                 "reasoning_budget": params.reasoning_budget(body, service.reasoning_budget)}
         chat["response_format"] = response_format(body)
+        if body.get("truncation") not in (None, "auto", "disabled"):
+            raise bad_request(f"'truncation' must be \"auto\" or \"disabled\", got {body['truncation']!r}",
+                              "truncation")
+        chat["truncation"] = body.get("truncation") or "disabled"
         chat, forced_name = tool_choice(chat)
         if not chat["messages"]:
             raise bad_request("'input' is empty", "input")
@@ -263,8 +284,11 @@ class ResponseRun:
     def response(self, status: str) -> dict:
         reply, body = self.reply, self.body
         done = [i for i in reply.stream.items if id(i) in self.ids]
+        output = [self._output(i) for i in done]
+        if status == "incomplete" and output:  # the item the reply was cut in
+            output[-1]["status"] = "incomplete"
         out = {"id": reply.id, "object": "response", "created_at": reply.created, "status": status,
-               "model": self.service.model_name, "output": [self._output(i) for i in done],
+               "model": self.service.model_name, "output": output,
                "error": self.error.body()["error"] if self.error else None,
                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
@@ -273,6 +297,7 @@ class ResponseRun:
                "store": self.stored, "temperature": reply.run.params.temperature,
                "top_p": reply.run.params.top_p, "tool_choice": body.get("tool_choice") or "auto",
                "tools": body.get("tools") or [], "parallel_tool_calls": False,
+               "truncation": body.get("truncation") or "disabled",
                "text": body.get("text") or {"format": {"type": "text"}}, "metadata": body.get("metadata") or {},
                "usage": None}
         if status != "in_progress":
@@ -308,7 +333,7 @@ class ResponseRun:
     def finish(self) -> dict:
         response = self.response(self.status)
         if self.stored and not self.error:
-            self.store.put(self.reply.id, self.items + response["output"])
+            self.store.put(self.reply.id, self.items + response["output"], response)
         return response
 
     def keep_sent(self) -> None:
@@ -324,7 +349,7 @@ class ResponseRun:
             elif id(item) in self.ids and self.sent.get(id(item)) and item.kind in (REASONING, TEXT):
                 part = self._part(item, self.sent[id(item)])
                 output.append({**self._output(item, "incomplete"), "content": [part]})
-        self.store.put(self.reply.id, self.items + output)
+        self.store.put(self.reply.id, self.items + output, {**self.response("incomplete"), "output": output})
 
     async def events(self):
         """The streamed events, as (type, payload) pairs, in OpenAI's order."""
