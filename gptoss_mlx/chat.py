@@ -31,8 +31,8 @@ from typing import Iterator
 
 from . import harmony
 from .engine_thread import engine_thread
-from .files import CheckpointError
-from .generate import ContextLengthError, Engine, NonFiniteLogitsError, SamplingParams, Stats
+from .files import valid_text
+from .generate import ContextLengthError, Engine, SamplingParams, Stats
 from .harmony import ContentDelta, DeveloperContent, Message, MessageEnd, MessageStart, ResponseFormat
 from .structured import SchemaError, compile_schema, constraints_for, grammars
 
@@ -213,13 +213,16 @@ class Chat:
 
     # -- turns
     def send(self, text: str, response_format: ResponseFormat | dict | None = None) -> Iterator[ChatEvent]:
-        """Add a user message and stream the reply. If it does not fit the context
-        (ContextLengthError), the model computes NaNs (NonFiniteLogitsError) or a checkpoint file
-        fails while experts stream from it (CheckpointError) before any reply, the message is
-        taken back out: the chat goes on as before. ``response_format`` (a JSON Schema, or a
+        """Add a user message and stream the reply. If anything fails before any reply (it does
+        not fit the context: ContextLengthError; NaN logits; a checkpoint file that fails while
+        experts stream from it; a bad sampling setting), the message is taken back out: the chat
+        goes on as before. Lone surrogates in ``text`` (bytes that were not UTF-8) become U+FFFD. ``response_format`` (a JSON Schema, or a
         ResponseFormat) shapes this turn's answer, over :attr:`response_format`; a schema that
         cannot be enforced raises SchemaError before anything is sent."""
+        if not isinstance(text, str):
+            raise TypeError(f"send() takes the user's message as a string, got {type(text).__name__}")
         turn_format = self._checked_format(response_format) if response_format is not None else self._format
+        text = valid_text(text)  # what the chat keeps is what its file can hold
         return self._stream(lambda ledger: self._send(text, turn_format, ledger))
 
     def _send(self, text: str, turn_format, ledger: "_Ledger") -> Iterator[ChatEvent]:
@@ -228,10 +231,21 @@ class Chat:
         self.messages.append(message)
         try:
             yield from self._reply(ledger)
-        except (ContextLengthError, NonFiniteLogitsError, SchemaError, CheckpointError):
+        except Exception:  # the context, NaN logits, a checkpoint file, a bad setting...
             if self.messages and self.messages[-1] is message:  # nothing came after it
                 self.messages.pop()
             raise
+
+    @property
+    def instructions(self) -> str | None:
+        """The developer message's instructions (the system prompt), or None."""
+        return self._instructions
+
+    @instructions.setter
+    def instructions(self, text: str | None) -> None:
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"instructions must be a string or None, got {type(text).__name__}")
+        self._instructions = None if text is None else valid_text(text)
 
     def add_tool_result(self, name: str, content: str, channel: str = "commentary") -> None:
         self.messages.append(Message("tool", content, channel=channel, recipient="assistant",

@@ -86,6 +86,16 @@ def parse_json(raw: bytes):
 
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what strict UTF-8 cannot encode
+REPLACEMENT = "\ufffd"  # what valid_text puts in its place
+
+
+def valid_text(text: str) -> str:
+    """``text`` as text any file or terminal takes: each lone surrogate (a byte that was not
+    UTF-8, as Python reads it from a terminal; half of a pair) becomes U+FFFD, and a pair
+    written as its two halves the character it stands for."""
+    if not LONE_SURROGATE.search(text):
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def lone_surrogate_problem(data) -> str | None:

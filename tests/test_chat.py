@@ -128,6 +128,34 @@ def test_cli_chat_from_stdin(tiny_checkpoint):
     assert "Loaded" in proc.stderr and proc.stdout.strip()  # a (random) answer on stdout
 
 
+def test_a_bad_message_leaves_the_chat_as_it_was(chat, tmp_path):
+    """send(None) (or a number) is a TypeError before anything is kept; a failure inside the
+    reply takes the message back out (a second send rendered two user messages in a row)."""
+    for bad in (None, 123, b"hi", ["hi"]):
+        with pytest.raises(TypeError, match="string"):
+            chat.send(bad)
+    assert chat.messages == []
+    chat.engine.generate = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("the device went away"))
+    with pytest.raises(RuntimeError):
+        collect(chat.send("first"))
+    assert chat.messages == []
+    del chat.engine.generate
+    assert collect(chat.send("2+2?"))[1] == "4"
+    assert [m.role for m in chat.messages] == ["user", "assistant", "assistant"]
+
+
+def test_bytes_that_are_not_utf8_become_replacement_characters(chat, tmp_path):
+    """A terminal that is not UTF-8 gives Python lone surrogates (caf\\udce9): the chat kept them
+    and could then never be saved (the terminal chat crashed and lost the conversation)."""
+    chat.instructions = "be \udcff brief"
+    collect(chat.send("caf\udce9 \ud83d\ude00"))  # a pair written as two halves is the character
+    assert chat.messages[0].content == "caf\ufffd \U0001F600" and chat.instructions == "be \ufffd brief"
+    chat.save(tmp_path / "c.json")
+    again = Chat(ScriptedModel([]), chat.tokenizer)
+    again.load(tmp_path / "c.json")
+    assert again.messages == chat.messages and again.instructions == chat.instructions
+
+
 def test_cli_errors_are_clear(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gptoss_mlx", "chat", "--model", str(tmp_path / "nope")],
                           input="hi", capture_output=True, text=True, timeout=60)

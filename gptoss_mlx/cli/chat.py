@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..chat import Chat, ChatFileError
+from ..files import REPLACEMENT, valid_text
 from ..generate import ContextLengthError, NonFiniteLogitsError
 from ..loading import CheckpointError
 from ..harmony import EFFORTS
@@ -180,6 +181,8 @@ class Repl:
         return text
 
     def turn(self, text: str) -> None:
+        if valid_text(text) != text:
+            self.say(f"[the message holds bytes that are not UTF-8: each is sent as {REPLACEMENT}]")
         events = replies(self.chat, text, self.toolbox)
         tty = self.out.isatty()
         shown = with_prompt_progress(events, self.chat.engine, self.out) if tty else events
@@ -244,7 +247,8 @@ class Repl:
                 self.say(f"reasoning: {choice}")
         elif name == "/system":
             self.chat.instructions = arg or None
-            self.say("instructions set" if arg else "instructions removed")
+            self.say(("instructions set" if arg else "instructions removed")
+                     + (f" (bytes that are not UTF-8 became {REPLACEMENT})" if valid_text(arg) != arg else ""))
         elif name == "/reset":
             self.chat.reset()
             self.chat_id, self.title = self.store.new_id(), None

@@ -31,6 +31,7 @@ import termios
 import threading
 import time
 
+from ..files import valid_text
 from ..harmony import PYTHON_DESCRIPTION, python_description
 from .sandbox import (LINUX_WORKDIR, WORKER, PidsCgroup, SandboxLimits, make_policy,
                       require_sandbox, sandbox_env, sandboxed_command)
@@ -80,7 +81,7 @@ def _ps_cpu(pid: int) -> float | None:
 def _clean(output: str, max_output: int) -> str:
     """What the worker sent, as valid text (a lone surrogate becomes U+FFFD) no longer than the
     worker itself would make it (a forged reply can be longer)."""
-    output = output.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    output = valid_text(output)
     if len(output) > max_output + NOTE_ROOM:
         output = output[:max_output] + "\n[output truncated]"
     return output
