@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import time
-from functools import lru_cache
 from dataclasses import dataclass, field
+from functools import lru_cache
+from numbers import Integral, Real
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -61,6 +62,13 @@ class SamplingParams:
     max_tokens: int | None = None  # None: until a stop token or the context is full
 
     def __post_init__(self):
+        for name, kinds, what in (("temperature", Real, "a number"), ("top_p", Real, "a number"),
+                                  ("min_p", Real, "a number"), ("top_k", Integral, "a whole number"),
+                                  ("seed", (Integral, type(None)), "a whole number or None"),
+                                  ("max_tokens", (Integral, type(None)), "a whole number or None")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise TypeError(f"{name} must be {what}, got {value!r}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

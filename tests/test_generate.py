@@ -34,6 +34,14 @@ def test_greedy_and_top_k_1_pick_the_argmax():
     assert make_sampler(SamplingParams(min_p=0.999), 1000)(logits).item() == best
 
 
+@pytest.mark.parametrize("bad", [{"top_k": 2.5}, {"max_tokens": 2.5}, {"max_tokens": "10"}, {"temperature": "hot"},
+                                 {"seed": "abc"}, {"max_tokens": True}, {"temperature": True}])
+def test_sampling_settings_of_the_wrong_type_are_named(bad):
+    """They failed later, inside MLX or a comparison, or (True) were taken as 1."""
+    with pytest.raises(TypeError, match=next(iter(bad))):
+        SamplingParams(**bad)
+
+
 def test_seeded_sampling_repeats_and_follows_the_distribution():
     logits = mx.log(mx.array([[0.7, 0.2, 0.1]]))
     sampler = make_sampler(SamplingParams(), 3)

@@ -638,7 +638,7 @@ def test_stored_responses_and_the_model_can_be_retrieved(url):
 
 
 @pytest.mark.parametrize("extra, param", [({"top_k": -2}, "top_k"), ({"top_k": 1.5}, "top_k"),
-                                          ({"min_p": 2}, "min_p"), ({"min_p": "x"}, "min_p")])
+                                          ({"min_p": 1}, "min_p"), ({"min_p": "x"}, "min_p")])
 def test_top_k_and_min_p_are_checked(url, extra, param):
     c = client(url)
     with pytest.raises(openai.BadRequestError) as e:

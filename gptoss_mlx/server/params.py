@@ -11,15 +11,16 @@ EFFORT_ALIASES = {"minimal": "low", "none": "low", "xhigh": "high"}
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 
 
-def number(body: dict, key: str, default, lo: float, hi: float, *, lo_open: bool = False):
+def number(body: dict, key: str, default, lo: float, hi: float, *, lo_open: bool = False,
+           hi_open: bool = False):
     value = body.get(key)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad_request(f"'{key}' must be a number, got {value!r}", key)
-    if not (lo < value if lo_open else lo <= value) or value > hi:
-        low = f"> {lo}" if lo_open else f">= {lo}"
-        raise bad_request(f"'{key}' must be {low} and <= {hi}, got {value!r}", key)
+    if not (lo < value if lo_open else lo <= value) or not (value < hi if hi_open else value <= hi):
+        low, high = f"> {lo}" if lo_open else f">= {lo}", f"< {hi}" if hi_open else f"<= {hi}"
+        raise bad_request(f"'{key}' must be {low} and {high}, got {value!r}", key)
     return value
 
 
@@ -55,7 +56,7 @@ def sampling(body: dict, default: SamplingParams, max_tokens_keys: tuple[str, ..
         top_p=number(body, "top_p", default.top_p, 0, 1, lo_open=True),
         # top_k and min_p: not OpenAI's, but what vLLM and llama.cpp servers take (-1: no limit)
         top_k=max(0, integer(body, "top_k", lo=-1)) if body.get("top_k") is not None else default.top_k,
-        min_p=number(body, "min_p", default.min_p, 0, 1),
+        min_p=number(body, "min_p", default.min_p, 0, 1, hi_open=True),
         seed=integer(body, "seed", lo=0, hi=2**64 - 1) if body.get("seed") is not None else default.seed,
         max_tokens=max_tokens)
 
