@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ConfigError, ModelConfig, token_ids
-from .distributed import shard_part, share_config
+from .distributed import SHARDINGS, shard_part, share_config
 from .files import CheckpointError, read_json_file, regular_file_problem
 from .lora import FUSED_EXPERT_ADAPTER, load_adapter
 from .memory import (
@@ -709,8 +709,8 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
     """Load a gpt-oss checkpoint and its tokenizer, arranged by the memory plan.
 
     ``path_or_repo``: a local directory (Hugging Face, ``original/`` or mlx-lm layout) or a
-    Hugging Face repo id (default ``openai/gpt-oss-20b``). ``dtype``: bfloat16 (default) or
-    float32 for the non-expert weights and activations; experts stay MXFP4. ``memory_limit``
+    Hugging Face repo id (default ``openai/gpt-oss-20b``). ``dtype``: bfloat16 (default), float16
+    or float32 for the non-expert weights and activations; experts stay MXFP4. ``memory_limit``
     (bytes, or a size such as "10GB"; default: the device's) and ``max_context`` (tokens of KV
     cache to plan for; default 32768) decide the arrangement (``memory.choose_plan``): everything
     resident, dense layers quantized to 8 or 4 bits, or experts streamed (``model.expert_pool``).
@@ -726,8 +726,15 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
         raise ValueError(f"dense_bits must be 16, 8 or 4, got {dense_bits!r}")
     if max_context is not None and (type(max_context) is not int or max_context < 1):
         raise ValueError(f"max_context must be a whole number of tokens, at least 1, got {max_context!r}")
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be {' or '.join(SHARDINGS)}, got {sharding!r}")
     directory = resolve_checkpoint(path_or_repo)
     config = read_config(directory)
+    stored = (config.quantization or {}).get("bits")
+    if stored and dense_bits is not None and dense_bits != stored:  # the plan would count bits it has not
+        raise CheckpointError(f"{directory}: its dense layers are stored {stored}-bit (a converted "
+                              f"checkpoint), so they cannot be loaded at {dense_bits} bits: leave the "
+                              "dense precision out, or load the original checkpoint")
     context = min(max_context or DEFAULT_CONTEXT, config.max_position_embeddings)
     distributed = group is not None and group.size() > 1
     share = share_config(config, group.size(), sharding) if distributed else config

@@ -56,6 +56,16 @@ def test_empty_stdin_prompt_is_an_error(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("  \n"))
     assert main(["generate", "-p", "-"]) == 2
     assert "no prompt on standard input" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", None)  # started with standard input closed (<&-)
+    assert main(["generate", "-p", "-"]) == 2
+    assert "standard input is closed" in capsys.readouterr().err
+
+
+def test_render_refuses_unknown_tools(tmp_path, capsys):
+    chat = tmp_path / "c.json"
+    chat.write_text('{"messages": [{"role": "user", "content": "hi"}]}')
+    assert main(["render", str(chat), "--tools", "python,bogus"]) == 2
+    assert "unknown tool(s) bogus" in capsys.readouterr().err
 
 
 def test_cut_by_max_tokens_says_so_and_fails_only_when_strict(tok, monkeypatch, capsys):

@@ -41,6 +41,14 @@ class CLIError(Exception):
         super().__init__(cli_wording(str(message)))
 
 
+def check_new_directory(path: Path) -> None:
+    """An output directory (convert, fuse) must be new or empty."""
+    if path.is_dir() and not any(path.iterdir()) or not path.exists() and not path.is_symlink():
+        return
+    kind = "is not empty" if path.is_dir() else "is a file" if path.is_file() else "is not a directory"
+    raise CLIError(f"{path}: exists and {kind}; choose a new directory")
+
+
 def terminal_safe(text: str) -> str:
     """``text`` from the model, a tool or a file, made safe to print: newlines and tabs stay;
     escape sequences, other controls, bidi overrides and lone surrogates become visible markers
@@ -199,13 +207,19 @@ def response_format(args) -> dict | None:
     return None if path is None else read_json_file(Path(path).expanduser(), CLIError)
 
 
-def make_toolbox(args, approve=None) -> Toolbox | None:
-    """The Toolbox the flags ask for (None if none); bad flags or files become CLIErrors.
-    ``approve(code) -> bool`` is asked before code runs unless --auto-approve."""
-    names = {t.strip() for t in (args.tools or "").split(",") if t.strip()}
+def tool_names(flag: str | None) -> set[str]:
+    """The built-in tools --tools names (python, browser); another name is a CLIError."""
+    names = {t.strip() for t in (flag or "").split(",") if t.strip()}
     unknown = names - {"python", "browser"}
     if unknown:
         raise CLIError(f"unknown tool(s) {', '.join(sorted(unknown))}: --tools takes python,browser")
+    return names
+
+
+def make_toolbox(args, approve=None) -> Toolbox | None:
+    """The Toolbox the flags ask for (None if none); bad flags or files become CLIErrors.
+    ``approve(code) -> bool`` is asked before code runs unless --auto-approve."""
+    names = tool_names(args.tools)
     try:
         functions = [f for path in args.functions for f in load_functions(path)]
     except ToolError as e:

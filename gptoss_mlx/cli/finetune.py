@@ -25,6 +25,7 @@ from ..lora import (
     save_adapter,
 )
 from ..tokenizer import TokenizerError
+from . import common
 from .common import CLIError, add_model_argument, positive_float, positive_int, terminal_safe
 
 BAR = 24  # characters of the progress bar
@@ -246,8 +247,7 @@ class ProgressLine:
 
 
 def cmd_fuse(args) -> int:
-    if args.out.exists() and any(args.out.iterdir()):
-        raise CLIError(f"{args.out}: exists and is not empty; choose a new directory")
+    common.check_new_directory(args.out)
     try:
         config = read_adapter_config(args.adapter)
         directory = resolve_checkpoint(args.model)

@@ -35,6 +35,8 @@ def cmd_generate(args) -> int:
         return 0
     prompt = args.prompt
     if prompt == "-":
+        if sys.stdin is None:
+            raise CLIError("-p -: standard input is closed")
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise CLIError("-p -: no prompt on standard input")

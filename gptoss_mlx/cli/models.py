@@ -117,8 +117,7 @@ def cmd_rm(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    if args.out.exists() and any(args.out.iterdir()):
-        raise CLIError(f"{args.out}: exists and is not empty; choose a new directory")
+    common.check_new_directory(args.out)
     try:
         directory = resolve_checkpoint(args.src)
         weights_dir = find_layout(directory)[1]

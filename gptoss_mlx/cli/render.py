@@ -12,6 +12,7 @@ from ..harmony import (
 )
 from ..loading import CheckpointError, resolve_checkpoint
 from ..tokenizer import TokenizerError, load_tokenizer
+from . import common
 from .common import CLIError, add_effort_argument, add_model_argument
 
 
@@ -33,7 +34,7 @@ def cmd_render(args) -> int:
     request = _request(args.file)
     if args.reasoning_effort:
         request = {**request, "reasoning_effort": args.reasoning_effort}
-    tools = set(args.tools.split(",")) if args.tools else set()
+    tools = common.tool_names(args.tools)
     try:
         messages = from_chat_completions(request, date=args.date or today(),
                                          browser="browser" in tools, python="python" in tools)
