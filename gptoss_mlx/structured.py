@@ -131,7 +131,7 @@ def pattern_hints(schema) -> tuple[bytes, ...]:
 
 
 # Characters an example prefers, where a class or "." lets it choose.
-EXAMPLE_CHARS = "a0A _-.@" + "".join(chr(c) for c in range(0x21, 0x7F))
+EXAMPLE_CHARS = "a0A _-.@" + "".join(chr(c) for c in range(0x21, 0x7F)) + "\n\t" + "".join(map(chr, range(32)))
 
 
 def regex_example(pattern: str) -> str | None:
@@ -139,7 +139,7 @@ def regex_example(pattern: str) -> str | None:
     anchors are met at the string's ends), or None for a construct this does not follow."""
     try:
         return _example(re_parser.parse(pattern))
-    except (re.error, ValueError, TypeError, RecursionError, OverflowError):
+    except Exception:  # noqa: BLE001 - a hint is a help to the closing, never a failure
         return None
 
 
@@ -152,12 +152,13 @@ def _example(items) -> str:
             out.append("a")
         elif op in (re_constants.IN, re_constants.NOT_LITERAL):
             members = [(re_constants.NEGATE, None), (re_constants.LITERAL, av)] if op is re_constants.NOT_LITERAL else av
-            out.append(next(c for c in EXAMPLE_CHARS if _in_class(c, members)))
+            out.append(next(c for c in EXAMPLE_CHARS if _in_class(c, members)))  # StopIteration: none
         elif op in (re_constants.MAX_REPEAT, re_constants.MIN_REPEAT):
             low, _, sub = av
-            if low > 64:
+            part = _example(sub)
+            if low * len(part) > MAX_CLOSING_BYTES:  # longer than any closing
                 raise ValueError("a long repeat")
-            out.append(_example(sub) * low)
+            out.append(part * low)
         elif op is re_constants.SUBPATTERN:
             out.append(_example(av[-1]))
         elif op is re_constants.BRANCH:
