@@ -206,12 +206,12 @@ class ConversationStore:
         return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
     def path(self, chat_id: str) -> Path:
-        # letters, digits, - _ . (not first: no hidden files); its file's temporary name must fit
-        # in a file name (255 bytes)
-        if not re.fullmatch(r"[\w-][\w.-]*", chat_id) or len(chat_id.encode()) > MAX_ID_BYTES:
+        # letters, digits, - _ . (not first: no hidden files, no id read as an option); its file's
+        # temporary name must fit in a file name (255 bytes)
+        if not re.fullmatch(r"\w[\w.-]*", chat_id) or len(chat_id.encode()) > MAX_ID_BYTES:
             shown = chat_id if len(chat_id) <= 40 else chat_id[:40] + "…"
             raise ChatFileError(f"not a conversation id: {shown!r} (letters, digits, '-', '_' and '.', "
-                                f"not starting with '.', at most {MAX_ID_BYTES} bytes)")
+                                f"starting with a letter or digit, at most {MAX_ID_BYTES} bytes)")
         return self.root / f"{chat_id}.json"
 
     def save(self, chat: Chat, chat_id: str, title: str) -> Path:

@@ -514,7 +514,7 @@ def test_chat_endpoints_validate_ids_bodies_and_keys(tok, tmp_path):
         untitled = {"messages": [{"role": "user", "content": "Why is the sea salty?"}]}
         assert call_api(root, "POST", "/v1/playground/chats", untitled)[1]["title"] == "Why is the sea salty?"
         assert call_api(root, "PATCH", "/v1/playground/chats/nope", {"title": "x"})[0] == 404
-        for bad in ("a" * 300, ".hidden", "é" * 101):  # too long for a file name; a dotfile
+        for bad in ("a" * 300, ".hidden", "é" * 101, "-rf"):  # too long for a file name; a dotfile; an option
             for method, body in (("GET", None), ("PUT", good), ("PATCH", {"title": "x"}), ("DELETE", None)):
                 code, data = call_api(root, method, f"/v1/playground/chats/{urllib.parse.quote(bad)}", body)
                 assert code == 400 and data["error"]["code"] == "invalid_chat_id", (method, bad, data)

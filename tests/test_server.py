@@ -572,6 +572,8 @@ def test_a_name_pointed_at_this_machine_cannot_make_a_keyless_server_generate(ur
     code, data = post(url, "/responses", body, headers=rebound)
     assert code == 403 and data["error"]["code"] == "forbidden" and "evil.example" in data["error"]["message"]
     assert post(url, "/chat/completions", b"{}", headers={"Host": "evil.example"})[0] == 403
+    for host in ("[evil.com]", "[", "[gg::1]"):  # not hosts at all: were a 500
+        assert post(url, "/chat/completions", b"{}", headers={"Host": host})[0] == 403, host
     models = urllib.request.Request(url + "/models", headers={"Host": "evil.example"})
     with pytest.raises(urllib.error.HTTPError, match="403"):
         urllib.request.urlopen(models)

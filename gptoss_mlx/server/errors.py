@@ -52,14 +52,30 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def _netloc(url: str) -> str | None:
+    try:
+        return urlsplit(url).netloc
+    except ValueError:  # "http://[x" is no origin
+        return None
+
+
 def refuse_other_origins(request: Request, what: str) -> None:
     """403 for a browser request sent by a page of another site (its ``Origin`` is not this
     server). Without this, any web page open on the user's machine could make the local server
     generate (a plain-text POST needs no CORS preflight) or change the saved chats. Clients
     other than browsers send no Origin and are not affected."""
     origin = request.headers.get("origin")
-    if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+    if origin is not None and _netloc(origin) != request.headers.get("host"):
         raise APIError(403, f"requests from {origin} may not use {what}", code="forbidden")
+
+
+def host_name(request: Request) -> str | None:
+    """The host the request was addressed to (its Host header less the port), lowercase; None
+    when the header is not a host (``[evil.com]``)."""
+    try:
+        return urlsplit(f"//{request.headers.get('host', '')}").hostname
+    except ValueError:
+        return None
 
 
 def refuse_named_hosts(request: Request, api_key: str | None) -> None:
@@ -67,11 +83,13 @@ def refuse_named_hosts(request: Request, api_key: str | None) -> None:
     web page can point its own name at 127.0.0.1 (DNS rebinding): its requests then carry that
     name in Host, and an Origin that matches it. Addresses (127.0.0.1, a LAN address with
     --allow-remote-without-key) and localhost are what people type; a name needs the key."""
-    host = urlsplit(f"//{request.headers.get('host', '')}").hostname or ""
-    if api_key is not None or not host or host == "localhost":
+    if api_key is not None or not request.headers.get("host"):
+        return
+    host = host_name(request)
+    if host == "localhost":
         return
     try:
-        ipaddress.ip_address(host)
+        ipaddress.ip_address(host or "")
     except ValueError:
         raise APIError(403, f"requests addressed to {host!r} need an API key: address this server as "
                        "127.0.0.1 or localhost, or start it with --api-key (without one, a web page "

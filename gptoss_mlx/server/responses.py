@@ -55,7 +55,8 @@ class ResponseStore:
 
     def _find(self, response_id, param: str) -> tuple[list[dict], dict]:
         if not isinstance(response_id, str) or response_id not in self._kept:
-            raise APIError(404, f"no stored response {response_id!r} (responses are kept in memory, "
+            shown = response_id if not isinstance(response_id, str) or len(response_id) <= 80 else response_id[:80] + "…"
+            raise APIError(404, f"no stored response {shown!r} (responses are kept in memory, "
                            f"the last {self.size}, and only with store=true)",
                            param=param, code="previous_response_not_found" if param == "previous_response_id"
                            else "response_not_found")

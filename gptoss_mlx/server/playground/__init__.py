@@ -24,7 +24,6 @@ import dataclasses
 import time
 from importlib import resources
 from typing import Awaitable, Callable
-from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -35,7 +34,7 @@ from ...harmony import EFFORTS
 from ...store import (
     FORMAT_VERSION, ConversationStore, chat_file_problem, check_chat_file, save_target_problem, title_for,
 )
-from ..errors import APIError, bad_request, refuse_other_origins
+from ..errors import APIError, bad_request, host_name, refuse_other_origins
 from ..service import Service
 
 ASSETS = {"app.js": "text/javascript", "markdown.js": "text/javascript", "style.css": "text/css",
@@ -60,7 +59,7 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
 
     def guard(request: Request) -> None:
         authorize(request)
-        host = urlsplit(f"//{request.headers.get('host', '')}").hostname or ""
+        host = host_name(request) or ""
         if api_key is None and host not in LOOPBACK_HOSTS:
             raise APIError(403, f"saved chats are served to {host or 'an unnamed host'} only when the server "
                            "has an API key (gptoss-mlx serve --api-key)", code="forbidden")
