@@ -730,11 +730,6 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
         raise ValueError(f"sharding must be {' or '.join(SHARDINGS)}, got {sharding!r}")
     directory = resolve_checkpoint(path_or_repo)
     config = read_config(directory)
-    stored = (config.quantization or {}).get("bits")
-    if stored and dense_bits is not None and dense_bits != stored:  # the plan would count bits it has not
-        raise CheckpointError(f"{directory}: its dense layers are stored {stored}-bit (a converted "
-                              f"checkpoint), so they cannot be loaded at {dense_bits} bits: leave the "
-                              "dense precision out, or load the original checkpoint")
     context = min(max_context or DEFAULT_CONTEXT, config.max_position_embeddings)
     distributed = group is not None and group.size() > 1
     share = share_config(config, group.size(), sharding) if distributed else config

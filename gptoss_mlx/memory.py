@@ -182,8 +182,15 @@ def server_bytes(config: ModelConfig, context: int, sequences: int, prompt_cache
 
 
 def checkpoint_dense_bits(config: ModelConfig, dense_bits: int | None = None) -> int | None:
-    """--dense-bits if given, else the bits a converted checkpoint stores its dense layers in."""
-    return dense_bits or (config.quantization or {}).get("bits")
+    """--dense-bits if given, else the bits a converted checkpoint stores its dense layers in.
+    Those bits cannot be changed at load: asking for others is a ValueError (a plan of them would
+    count bytes the model does not have)."""
+    stored = (config.quantization or {}).get("bits")
+    if stored and dense_bits is not None and dense_bits != stored:
+        raise ValueError(f"the checkpoint's dense layers are stored {stored}-bit (a converted checkpoint), "
+                         f"so they cannot be loaded at {dense_bits} bits: leave the dense precision out, "
+                         "or load the original checkpoint")
+    return dense_bits or stored
 
 
 # ---- plans -------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from gptoss_mlx import hub, memory
 from gptoss_mlx.cli import main
 from gptoss_mlx.config import GPT_OSS_120B
-from gptoss_mlx.loading import CheckpointError, find_layout, load, load_model
+from gptoss_mlx.loading import find_layout, load, load_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -149,8 +149,11 @@ def test_convert_saves_quantized_dense_layers_loadable_as_any_checkpoint(checkpo
     assert main(["models", "convert", str(out), str(tmp_path / "again"), "--dense-bits", "8"]) == 2
     assert "already quantized" in capsys.readouterr().err
     other = 4 if bits == 8 else 8  # its dense layers cannot be loaded at other bits: the plan would count those
-    with pytest.raises(CheckpointError, match=f"stored {bits}-bit"):
+    with pytest.raises(ValueError, match=f"stored {bits}-bit"):
         load(out, dense_bits=other)
+    assert main(["generate", "-m", str(out), "-p", "hi", "--dense-bits", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"stored {bits}-bit" in err and "Memory plan" not in err  # no plan of bits it has not
     (tmp_path / "a-file").write_text("")
     assert main(["models", "convert", str(checkpoints["hf"]), str(tmp_path / "a-file"), "--dense-bits", "8"]) == 2
     assert "a-file: exists and is a file" in capsys.readouterr().err  # was a NotADirectoryError traceback
