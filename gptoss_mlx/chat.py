@@ -192,19 +192,13 @@ class Chat:
                 f"the conversation is {len(prompt)} tokens and {limit}: start a new chat, "
                 "or raise --max-context")
         candidates = trimmed_histories(self.messages)  # dropping more and more
-        tokens = {}
-        lo, hi = 0, len(candidates)
-        while lo < hi:  # the first candidate that fits
-            mid = (lo + hi) // 2
-            tokens[mid] = self.prompt_tokens(candidates[mid])
-            lo, hi = (lo, mid) if len(tokens[mid]) <= room else (mid + 1, hi)
-        if lo == len(candidates):
+        index, kept = first_fitting(candidates, self.prompt_tokens, room)
+        if index == len(candidates):
             raise ContextLengthError(
                 f"the instructions and the last user message alone are "
-                f"{len(tokens.get(lo - 1, prompt))} tokens and {limit}: shorten the message, "
+                f"{len(kept or prompt)} tokens and {limit}: shorten the message, "
                 "or raise --max-context")
-        kept = tokens[lo]
-        return kept, ContextTrimmed(len(self.messages) - len(candidates[lo]), len(prompt) - len(kept))
+        return kept, ContextTrimmed(len(self.messages) - len(candidates[index]), len(prompt) - len(kept))
 
     @property
     def history(self) -> list[Message]:
@@ -472,6 +466,19 @@ class _Ledger:
                 self.messages[:] = [x for x in self.messages if x is not m]
             else:
                 m.content = text
+
+
+def first_fitting(candidates: list, tokens_of: Callable[[list], list[int]], room: int) -> tuple[int, list[int] | None]:
+    """(index, tokens) of the first of ``candidates`` (longer to shorter) whose ``tokens_of``
+    are at most ``room`` long, found by bisection. When none fits: (len(candidates), the last
+    one's tokens, or None when there are no candidates)."""
+    tokens: dict[int, list[int]] = {}
+    lo, hi = 0, len(candidates)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        tokens[mid] = tokens_of(candidates[mid])
+        lo, hi = (lo, mid) if len(tokens[mid]) <= room else (mid + 1, hi)
+    return lo, tokens.get(min(lo, len(candidates) - 1))
 
 
 def trimmed_histories(messages: list[Message]) -> list[list[Message]]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import array
 import json
 import math
-import re
 import time
 from dataclasses import dataclass
 from functools import lru_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ class CLIError(Exception):
 
 def check_new_directory(path: Path) -> None:
     """An output directory (convert, fuse) must be new or empty."""
-    if path.is_dir() and not any(path.iterdir()) or not path.exists() and not path.is_symlink():
+    if not os.path.lexists(path) or path.is_dir() and not any(path.iterdir()):
         return
     kind = "is not empty" if path.is_dir() else "is a file" if path.is_file() else "is not a directory"
     raise CLIError(f"{path}: exists and {kind}; choose a new directory")

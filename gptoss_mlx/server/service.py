@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from .. import harmony
-from ..chat import REPLY_RESERVE, ToolCall, trimmed_histories
+from ..chat import REPLY_RESERVE, ToolCall, first_fitting, trimmed_histories
 from ..generate import Engine, SamplingParams
 from ..harmony import DeveloperContent, HarmonyError, Message
 from ..structured import SchemaError, call_header, constraints_for
@@ -104,40 +104,35 @@ class Service:
             messages[0] = self.tools.system_message(request["reasoning_effort"], harmony.today())
         return messages
 
-    def tokens(self, messages: list[Message], forced: list[int] = ()) -> list[int]:
-        """The prompt for ``messages`` (then the ``forced`` header); context_length_exceeded
-        when it leaves no room for a reply."""
+    def rendered(self, messages: list[Message]) -> list[int]:
+        """The prompt's tokens for ``messages``; a 400 when they cannot be rendered."""
         try:
-            tokens = harmony.segments_to_tokens(harmony.render_conversation(messages), self.tokenizer)
+            return harmony.segments_to_tokens(harmony.render_conversation(messages), self.tokenizer)
         except HarmonyError as e:
             raise bad_request(str(e)) from None
+
+    def tokens(self, messages: list[Message], forced: list[int] = (), rendered: list[int] | None = None) -> list[int]:
+        """The prompt for ``messages`` (``rendered``: their tokens, when already made), then the
+        ``forced`` header; context_length_exceeded when it leaves no room for a reply."""
+        tokens = self.rendered(messages) if rendered is None else rendered
         if len(tokens) + len(forced) >= self.max_context:
             raise APIError(400, f"the prompt is {len(tokens)} tokens and this server's context limit "
                            f"is {self.max_context} tokens (--max-context): shorten the conversation",
                            param="messages", code="context_length_exceeded")
         return tokens + list(forced)
 
-    def fitted(self, messages: list[Message], params: SamplingParams, forced: list[int] = ()) -> list[Message]:
+    def fitted(self, messages: list[Message], params: SamplingParams,
+               forced: list[int] = ()) -> tuple[list[Message], list[int]]:
         """``messages`` with as few of the oldest turns left out as leaves room for the reply
         (as the terminal chat keeps: REPLY_RESERVE, or max_tokens when smaller, at most a quarter
-        of the context): the Responses API's ``truncation: "auto"``. The instructions and the last
-        user message always stay (when they alone do not fit: context_length_exceeded)."""
+        of the context), and their tokens: the Responses API's ``truncation: "auto"``. The
+        instructions and the last user message always stay (when they alone do not fit:
+        context_length_exceeded, from tokens())."""
         room = self.max_context - min(REPLY_RESERVE, params.max_tokens or REPLY_RESERVE, self.max_context // 4)
-
-        def fits(candidate: list[Message]) -> bool:
-            try:
-                tokens = harmony.segments_to_tokens(harmony.render_conversation(candidate), self.tokenizer)
-            except HarmonyError as e:
-                raise bad_request(str(e)) from None
-            return len(tokens) + len(forced) <= room
-
         head = next((i for i, m in enumerate(messages) if m.role not in ("system", "developer")), len(messages))
         candidates = [messages] + [messages[:head] + rest for rest in trimmed_histories(messages[head:])]
-        lo, hi = 0, len(candidates) - 1  # the longest that fits: the last is tried by tokens()
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if fits(candidates[mid]) else (mid + 1, hi)
-        return candidates[lo]
+        index, tokens = first_fitting(candidates, self.rendered, room - len(forced))
+        return candidates[min(index, len(candidates) - 1)], tokens
 
     async def new_reply(self, prefix: str, request: dict, forced_function: str | None,
                         params: SamplingParams, stops: list[str]) -> Reply:
@@ -156,9 +151,10 @@ class Service:
             must_call = tuple(sorted(function_names(request.get("tools"))))  # the client's, not the server's
         elif forced_function:
             forced = call_header(self.tokenizer, forced_function)
+        rendered = None
         if request.get("truncation") == "auto":
-            messages = self.fitted(messages, params, forced)
-        prompt = self.tokens(messages, forced)
+            messages, rendered = self.fitted(messages, params, forced)
+        prompt = self.tokens(messages, forced, rendered)
         stream = ReplyStream(self.tokenizer, stops)
         stream.final_only = any(isinstance(m.content, DeveloperContent) and m.content.response_formats
                                 for m in messages)
