@@ -74,9 +74,14 @@ def resolve_checkpoint(path_or_repo: str | os.PathLike | None) -> Path:
             what = regular_file_problem(local) or "is a file"
             raise CheckpointError(f"{local}: expected a checkpoint directory, but it {what}")
         return local
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or source.startswith((".", "/", "~")):
+    if not looks_like_repo_id(source):
         raise CheckpointError(f"{source}: no such directory (and not a Hugging Face repo id)")
     return _download(source)
+
+
+def looks_like_repo_id(source: str) -> bool:
+    """``owner/name`` as the Hugging Face Hub spells repo ids (not a relative or home path)."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", source)) and not source.startswith((".", "/", "~"))
 
 
 def _download(repo_id: str) -> Path:

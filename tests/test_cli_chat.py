@@ -271,6 +271,28 @@ def test_context_overflow_is_passed_to_chat(checkpoints, monkeypatch):
         assert made[-1].get("context_overflow") == expected
 
 
+def test_the_model_may_be_named_first(checkpoints, monkeypatch, capsys):
+    """`chat DIR`, `tui DIR`, `serve DIR` as `vllm serve MODEL` takes it; `generate DIR` and a
+    prompt without --prompt get a usage error that says what to write."""
+    seen = []
+    for command in ("chat", "tui", "serve"):
+        monkeypatch.setattr(f"gptoss_mlx.cli.{command}.cmd_{command}", lambda a: seen.append(a.model) or 0)
+    model = str(checkpoints["hf"])
+    for command in ("chat", "tui", "serve"):
+        assert main([command, model]) == 0
+        assert main([command, "--model", model, model]) == 0
+    assert seen == [model] * 6
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--model", "openai/gpt-oss-120b", model])
+    assert e.value.code == 2 and "two models named" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", model, "--prompt", "hi"])
+    assert f"unrecognized arguments: {model} (to run that model: --model {model})" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "hi", "why is the sky blue"])
+    assert "(the prompt goes after --prompt, in quotes)" in capsys.readouterr().err
+
+
 def test_trimmed_context_is_announced(tok, store, monkeypatch):
     chat = scripted_chat(tok, "unused")
     stats = Stats(finish_reason="stop")

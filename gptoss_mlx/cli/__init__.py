@@ -10,7 +10,7 @@ import sys
 
 from .. import __version__
 from . import chat, doctor, finetune, generate, models, render, serve, tui
-from .common import CLIError, terminal_safe
+from .common import CLIError, take_positional_model, terminal_safe, unrecognized_arguments
 
 SUBCOMMANDS = (render, chat, generate, tui, serve, models, finetune, doctor)
 # what writing to standard output raises when it cannot go on: a closed pipe, a full disk
@@ -24,15 +24,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in SUBCOMMANDS:
         module.register(sub)
+    parser.commands = sub.choices  # name -> its parser, for usage errors in its own words
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     if args.command is None:
+        if extra:
+            parser.error("unrecognized arguments: " + " ".join(extra))
         parser.print_help()
         return 0
+    command = parser.commands[args.command]
+    if extra:
+        unrecognized_arguments(extra, args, command)
+    take_positional_model(args, command)
     if sys.stdout is None:  # started with standard output closed (`>&-`)
         print("gptoss-mlx: error: standard output is closed", file=sys.stderr)
         return 1

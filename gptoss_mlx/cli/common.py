@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from .. import distributed
 from ..chat import CONTEXT_OVERFLOW, Chat
@@ -19,8 +20,8 @@ from ..generate import Engine, SamplingParams
 from ..harmony import EFFORTS
 from ..hub import check_free_disk, fetch_config
 from ..loading import (
-    DEFAULT_MODEL, CheckpointError, find_layout, load, load_model, not_downloaded, offline,
-    resolve_checkpoint,
+    DEFAULT_MODEL, CheckpointError, find_layout, load, load_model, looks_like_repo_id,
+    not_downloaded, offline, resolve_checkpoint,
 )
 from ..memory import (
     BARE_GB_MAX, DEFAULT_CONTEXT, DENSE_BITS, GB, PROMPT_CACHE_GB, MemoryPlan, MemoryPlanError, checkpoint_dense_bits,
@@ -57,10 +58,40 @@ def terminal_safe(text: str) -> str:
     return "".join(hidden_char_marker(ch) or ch for ch in text)
 
 
-def add_model_argument(p: argparse.ArgumentParser, required_for: str = "") -> None:
+def add_model_argument(p: argparse.ArgumentParser, required_for: str = "",
+                       positional: bool = False) -> None:
+    """``--model``; with ``positional`` the model may also be named first (``chat DIR``), as
+    ``vllm serve MODEL`` and ``python -m gpt_oss.chat MODEL`` take it."""
     p.add_argument("--model", "-m", default=None,
                    help="local checkpoint directory or Hugging Face repo id "
                         f"(default: {DEFAULT_MODEL})" + required_for)
+    if positional:
+        p.add_argument("model_positional", nargs="?", default=None, metavar="MODEL",
+                       help="the same as --model")
+
+
+def take_positional_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """A model named without --model becomes ``args.model``; named twice differently, an error."""
+    named = getattr(args, "model_positional", None)
+    if named is None:
+        return
+    if args.model is not None and args.model != named:
+        parser.error(f"two models named: {named} and --model {args.model}; name one")
+    args.model = named
+
+
+def unrecognized_arguments(extra: list[str], args: argparse.Namespace,
+                           parser: argparse.ArgumentParser) -> NoReturn:
+    """The usage error for words no option takes, with a hint where a word looks like a model
+    (a directory, a repo id) or a prompt given without its option."""
+    message = "unrecognized arguments: " + " ".join(extra)
+    first = extra[0]
+    if not first.startswith("-") and hasattr(args, "model"):
+        if os.path.isdir(first) or looks_like_repo_id(first):
+            message += f" (to run that model: --model {first})"
+        elif hasattr(args, "prompt"):
+            message += " (the prompt goes after --prompt, in quotes)"
+    parser.error(message)
 
 
 def positive_int(text: str, least: int = 1) -> int:
@@ -133,11 +164,13 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="load everything resident, whatever the memory estimate says")
 
 
-def add_model_options(p: argparse.ArgumentParser, interactive: bool = True) -> None:
+def add_model_options(p: argparse.ArgumentParser, interactive: bool = True,
+                      positional_model: bool = True) -> None:
     """The options of every subcommand that runs the model: chat, generate, tui, and serve
     (``interactive=False``: no one to approve code, no chat to keep a python session for or to
-    truncate: a client over the context gets context_length_exceeded)."""
-    add_model_argument(p)
+    truncate: a client over the context gets context_length_exceeded; ``positional_model``: the
+    model may be named first, without --model)."""
+    add_model_argument(p, positional=positional_model)
     p.add_argument("--adapter", metavar="DIR", default=None,
                    help="a LoRA adapter to apply (gptoss-mlx finetune's --adapter-path)")
     add_effort_argument(p)

@@ -19,7 +19,7 @@ def register(sub) -> None:
                        description="Answer one prompt: the answer on standard output; the "
                                    "reasoning and, at the end, generation statistics on "
                                    "standard error.")
-    add_model_options(p)
+    add_model_options(p, positional_model=False)  # a word alone reads as the prompt
     add_structured_options(p)
     p.add_argument("--prompt", "-p", required=True, help="the user message; - reads standard input")
     p.add_argument("--json", action="store_true",
