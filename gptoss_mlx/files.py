@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import gzip
 import json
+import math
 import os
 import re
 import stat
@@ -69,11 +70,14 @@ class JSONProblem(Exception):
     """Why some bytes hold no JSON value (the caller adds the file's name)."""
 
 
-def parse_json(raw: bytes):
+def parse_json(raw: bytes, finite: bool = False):
     """The JSON value in UTF-8 ``raw`` (a byte order mark before it, as some Windows editors
-    write, is skipped); JSONProblem saying what is wrong if it holds none."""
+    write, is skipped); JSONProblem saying what is wrong if it holds none. ``finite``: NaN,
+    Infinity and numbers too large for a float (``1e999``) are refused, as strict JSON does
+    (Python's reader takes them, and its writer could not send them back as JSON)."""
+    hooks = {"parse_constant": _not_finite, "parse_float": _finite_float} if finite else {}
     try:
-        return json.loads(raw.decode("utf-8-sig"))
+        return json.loads(raw.decode("utf-8-sig"), **hooks)
     except UnicodeDecodeError as e:
         raise JSONProblem(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
@@ -83,6 +87,17 @@ def parse_json(raw: bytes):
     except ValueError:  # int(): a number of more than sys.get_int_max_str_digits() digits
         digits = sys.get_int_max_str_digits()
         raise JSONProblem(f"not valid JSON (a number of more than {digits} digits)") from None
+
+
+def _not_finite(text: str):
+    raise JSONProblem(f"not valid JSON ({text} is not a JSON number)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise JSONProblem(f"not valid JSON ({text[:40]} is too large for a number)")
+    return value
 
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what strict UTF-8 cannot encode

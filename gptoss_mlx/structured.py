@@ -323,6 +323,12 @@ def call_header(tokenizer, name: str) -> list[int]:
                                        Special(CONSTRAIN), "json", Special(MESSAGE)], tokenizer)
 
 
+def final_header(tokenizer) -> list[int]:
+    """The header of the answer, as the model writes it after ``<|start|>assistant``:
+    ``<|channel|>final<|message|>``."""
+    return [ID[CHANNEL], *tokenizer.encode_ordinary("final"), ID[MESSAGE]]
+
+
 @lru_cache(maxsize=2)
 def _byte_tokens(tokenizer) -> tuple[int, ...]:
     """The token of each single byte (o200k has one for every byte)."""
@@ -438,7 +444,7 @@ class HarmonyConstraint:
         self.reasoning_budget, self.max_tokens = reasoning_budget, max_tokens
         self.parser = harmony.StreamParser(tokenizer, role="assistant")
         self._role = tokenizer.encode_ordinary("assistant")
-        self._final_header = [ID[CHANNEL], *tokenizer.encode_ordinary("final"), ID[MESSAGE]]
+        self._final_header = final_header(tokenizer)
         self._analysis_header = [ID[CHANNEL], *tokenizer.encode_ordinary("analysis"), ID[MESSAGE]]
         # must_call: each function's call header, and the tokens its smallest call takes
         self._calls = {name: call_header(tokenizer, name) for name in must_call}

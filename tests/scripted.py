@@ -12,6 +12,7 @@ from gptoss_mlx.cache import KVCache
 
 VOCAB = 201088
 START_ASSISTANT = [200006, 173781]  # <|start|>assistant, how every prompt ends
+FINAL_HEADER = [200005, 17196, 200008]  # <|channel|>final<|message|>, a header the server may force
 
 
 @dataclass
@@ -22,7 +23,8 @@ class ScriptConfig:
 
 
 class ScriptedModel:
-    """The k-th reply (a new one starts after each prompt's ``<|start|>assistant``) is
+    """The k-th reply (a new one starts after each prompt's ``<|start|>assistant``, or after its
+    forced ``<|start|>assistant<|channel|>final<|message|>``) is
     ``replies[k]`` (the last one repeats). The next token continues whatever prefix of the
     current script the fed tokens end with, so prefill chunking does not matter."""
 
@@ -45,7 +47,8 @@ class ScriptedModel:
         del self.fed[offset - L:]  # the engine may have rewound the cache
         self.fed += inputs[0].tolist()
         progress = self._progress()
-        if self.fed[-2:] == START_ASSISTANT and progress == 0:  # a prompt ended: next reply
+        if progress == 0 and (self.fed[-2:] == START_ASSISTANT  # a prompt ended: next reply
+                              or self.fed[-5:] == START_ASSISTANT + FINAL_HEADER):  # its answer forced
             self.turn += 1
         token = self._script[progress]
         logits = mx.full((1, L, self.config.vocab_size), -1e9)

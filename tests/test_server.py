@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -31,7 +32,7 @@ from gptoss_mlx.server import Scheduler, Service, create_app
 from gptoss_mlx.server import scheduler as scheduler_module
 from gptoss_mlx.server.errors import APIError
 from gptoss_mlx.server.output import Closed, Delta, ReplyStream
-from gptoss_mlx.server.tools import ServerTools
+from gptoss_mlx.server.tools import MAX_ROUNDS, ServerTools
 from gptoss_mlx.tools import FunctionTool, SandboxLimits
 from gptoss_mlx.tokenizer import load_tokenizer
 from scripted import ScriptedModel
@@ -532,6 +533,17 @@ def test_bad_responses_requests_and_unknown_routes(url):
         code, data = post(url, "/responses", bad)
         assert code == 400 and data["error"]["param"] in ("input", "stream_options"), (bad, data)
     assert post(url, "/responses", b'{"input": "hi", "max_output_tokens": 1000000000000}')[0] == 400
+    for bad, param in ((b'{"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},'
+                        b' {"type": "function_call_output", "call_id": "c"}]}', "input"),  # no output
+                       (b'{"input": "hi", "include": ["reasoning.everything"]}', "include"),
+                       (b'{"input": "hi", "include": "reasoning.encrypted_content"}', "include"),
+                       (b'{"input": "hi", "text": {"x": Infinity}}', None),  # echoed back: not JSON
+                       (b'{"input": "hi", "metadata": {"x": 1e999}}', None)):
+        code, data = post(url, "/responses", bad)
+        assert code == 400 and data["error"]["param"] == param, (bad, data)
+    # Codex asks for encrypted reasoning on every request: accepted (the reasoning comes as text)
+    ok = b'{"input": "hi", "max_output_tokens": 2, "include": ["reasoning.encrypted_content"]}'
+    assert post(url, "/responses", ok)[0] == 200
     code, data = post(url, "/responses", b'{"input": "hi", "previous_response_id": "resp_nope"}')
     assert code == 404 and data["error"]["code"] == "previous_response_not_found"
     code, data = post(url, "/responses", b'{"input": [{"type": "function_call_output", "call_id": "x", "output": "1"}]}')
@@ -1040,6 +1052,107 @@ def test_server_python_tool_in_the_responses_stream(tok, os_sandbox):
         follow_up = client(url).responses.create(model="gpt-oss-tiny", input="And 7*7?",
                                                  previous_response_id=response.id)
         assert follow_up.status == "completed"  # the stored mcp_call item is read back
+
+
+@pytest.mark.parametrize("tools,choice,said", [
+    ([WEATHER], "none", "there is no tool 'functions.slow': no tools are available here; answer without them"),
+    ([WEATHER], "auto", "there is no tool 'functions.slow' (available: functions.get_weather)"),
+    ([], None, "there is no tool 'functions.slow': no tools are available here; answer without them"),
+])
+def test_a_call_the_request_does_not_allow_never_reaches_the_client(tok, tools, choice, said):
+    """Under tool_choice "none", or to a function the request did not give: the call gets an
+    error the model answers on from, and the client gets the answer, never the call (an agent
+    that asks for a final summary with "none" would otherwise get a call it cannot run)."""
+    slow, fine = call(tok, "Use slow.", "slow", '{"seconds":4}'), answer(tok, "No slow then.", "Fine.")
+    model = ScriptedModel([slow, fine, slow, fine])
+    extra = {"tool_choice": choice} if choice else {}
+    with serving(model, tok) as url:
+        c = client(url)
+        r = c.responses.create(model="gpt-oss-tiny", input="hi", tools=tools, **extra)
+        assert [o.type for o in r.output] == ["reasoning", "mcp_call", "reasoning", "message"]
+        refused = r.output[1]
+        assert (refused.name, refused.status, refused.error) == ("slow", "failed", f"Error: {said}")
+        assert r.output_text == "Fine." and r.status == "completed"
+        m = c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "hi"}],
+                                      tools=[{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}}
+                                             for t in tools], **extra)
+        assert (m.choices[0].message.content, m.choices[0].message.tool_calls) == ("Fine.", None)
+        assert m.choices[0].finish_reason == "stop"
+    prompt = tok.decode(model.fed)  # the chat's
+    assert f"<|start|>functions.slow to=assistant<|channel|>commentary<|message|>Error: {said}" in prompt
+    assert ("type get_weather" in prompt) == (choice == "auto")  # "none" shows the model no tools
+
+
+def twice(n: int) -> int:
+    """Double a number."""
+    return 2 * n
+
+
+def test_the_server_answers_max_rounds_calls_then_the_model_must_answer(tok):
+    """A model that calls on and on: MAX_ROUNDS calls run, the next is told the limit is
+    reached, and the reply after it is the answer (its header forced): never a reply that
+    ends "completed" with no answer."""
+    again = call(tok, "Again.", "twice", '{"n": 2}')
+    model = ScriptedModel([again] * (MAX_ROUNDS + 1) + [script(tok, "Four.<|return|>")] + [again] * 20)
+    with serving(model, tok, tools=ServerTools(functions=[FunctionTool.from_callable(twice)])) as url:
+        c = client(url)
+        r = c.responses.create(model="gpt-oss-tiny", input="2*2?")
+        calls = [o for o in r.output if o.type == "mcp_call"]
+        assert [o.status for o in calls] == ["completed"] * MAX_ROUNDS + ["failed"]
+        assert [o.output for o in calls[:-1]] == ["4"] * MAX_ROUNDS
+        assert calls[-1].error.startswith("Error: tool-call limit reached")
+        assert (r.output[-1].type, r.output_text, r.status) == ("message", "Four.", "completed")
+        m = c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "2*2?"}])
+        assert m.choices[0].message.content and m.choices[0].finish_reason == "stop"
+
+
+def everything() -> str:
+    """Return a very long text."""
+    return "lorem ipsum " * 20_000
+
+
+def test_a_tool_result_longer_than_the_context_is_cut_to_fit(tok):
+    model = ScriptedModel([call(tok, "Read it.", "everything", "{}"), answer(tok, "Long.", "It was long.")])
+    tools = ServerTools(functions=[FunctionTool.from_callable(everything)])
+    with serving(model, tok, tools=tools, max_context=1024) as url:
+        r = client(url).responses.create(model="gpt-oss-tiny", input="read", max_output_tokens=100)
+    ran = r.output[1]
+    assert ran.type == "mcp_call" and ran.status == "completed"
+    assert re.search(r"\n\[cut: the result was \d+ characters; the first \d+ fit the context\]$", ran.output)
+    assert ran.output.startswith("lorem ipsum lorem")
+    assert (r.output_text, r.status) == ("It was long.", "completed")
+    assert len(model.fed) <= 1024
+
+
+def test_a_client_gone_stops_the_server_tool_that_ran_for_it(tok, os_sandbox, caplog):
+    """Its python run is killed at once: the slot it held is free for the next client, not
+    after the tool's timeout."""
+    sleepy = script(tok, "<|channel|>analysis to=python<|message|>import time; time.sleep(60)<|call|>")
+    model = ScriptedModel([sleepy, answer(tok, "Slept.", "Done.")])
+    tools = ServerTools(python=SandboxLimits(timeout_s=90))
+    with serving(model, tok, tools=tools) as url, caplog.at_level("INFO", logger="gptoss_mlx.server"):
+        started = time.monotonic()
+        with pytest.raises(openai.APITimeoutError):
+            client(url, timeout=4).responses.create(model="gpt-oss-tiny", input="sleep")
+        while not any("client disconnected" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() - started < 20, [r.getMessage() for r in caplog.records]
+            time.sleep(0.1)
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/health") as resp:
+            assert json.loads(resp.read())["requests_in_flight"] == 0
+
+
+def test_a_streamed_item_cut_by_max_tokens_is_incomplete_when_it_is_done(tok):
+    """output_item.done of a call cut short says incomplete, as the final response does:
+    Codex runs a call when its item is done."""
+    model = ScriptedModel([call(tok, "Hm.", "get_weather", '{"city": "Oslo, the capital of Norway"}')])
+    with serving(model, tok) as url:
+        with client(url).responses.stream(model="gpt-oss-tiny", input="weather?", tools=[WEATHER],
+                                          max_output_tokens=20) as stream:
+            events = list(stream)
+    final = events[-1].response
+    assert final.status == "incomplete" and final.output[-1].type == "function_call"
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [i.status for i in done] == [o.status for o in final.output] == ["completed", "incomplete"]
 
 
 # -- hostile bodies: never a 5xx, always OpenAI's error shape

@@ -203,8 +203,9 @@ def test_bad_arguments_are_errors_for_the_model(args, expect):
 
 
 @pytest.mark.parametrize("recipient,args,expect", [
-    ("functions.get_wether", '{"city": "Oslo"}', "Error: there is no function 'functions.get_wether' (available: functions.get_weather)"),
-    ("database.query", '{"q": 1}', "Error: there is no tool 'database.query'"),
+    ("functions.get_wether", '{"city": "Oslo"}', "Error: there is no tool 'functions.get_wether' (available: functions.get_weather)"),
+    ("database.query", '{"q": 1}', "Error: there is no tool 'database.query' (available: functions.get_weather)"),
+    ("python", 'print(1)', "Error: there is no tool 'python' (available: functions.get_weather)"),
 ])
 def test_bad_calls_go_back_to_the_model(tok, recipient, args, expect):
     toolbox = Toolbox(functions=[FunctionTool.from_callable(get_weather)])

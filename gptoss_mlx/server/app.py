@@ -63,7 +63,7 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
             if len(raw) > MAX_BODY_BYTES:
                 raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
         try:
-            body = parse_json(bytes(raw))
+            body = parse_json(bytes(raw), finite=True)
         except JSONProblem as e:
             raise bad_request(f"the request body holds no JSON value: {e}") from None
         if not isinstance(body, dict):

@@ -17,7 +17,8 @@ from ..tokenizer import NUM_BPE_TOKENS
 
 # What only a message header holds.
 HEADER_MARKS = (harmony.CHANNEL, harmony.CONSTRAIN, harmony.START)
-# SERVER_CALL: a call to a tool the server runs itself (gptoss_mlx/server/tools.py).
+# SERVER_CALL: a call the server answers itself: to one of its own tools (gptoss_mlx/server/tools.py)
+# or to a tool the request does not give the model (an error result).
 REASONING, TEXT, CALL, SERVER_CALL = "reasoning", "text", "call", "server_call"
 
 
@@ -29,6 +30,9 @@ class Item:
     tokens: int = 0
     recipient: str | None = None  # a call's recipient ("functions.get_weather")
     channel: str | None = None
+    cut: bool = False  # the generation ended inside it (max tokens, the context, the client gone)
+    result: str | None = None  # SERVER_CALL: the result the model was given, once it was
+    failed: bool = False  # SERVER_CALL: that result is an error
 
 
 @dataclass
@@ -62,7 +66,7 @@ def item_kind(start: MessageStart) -> tuple[str, str | None]:
 class ReplyStream:
     tokenizer: object
     stops: list[str] = field(default_factory=list)
-    server_tool: Callable[[str], bool] = lambda recipient: False  # a tool the server runs?
+    server_answers: Callable[[str], bool] = lambda recipient: False  # a call the client does not get?
     final_only: bool = False  # only the final channel's text is the answer (a response format)
     items: list[Item] = field(default_factory=list)
     stopped: bool = False  # a stop string ended the answer
@@ -96,7 +100,11 @@ class ReplyStream:
         header = self._parser.pending_header
         if any(mark in header for mark in HEADER_MARKS) or any(w.startswith("to=") for w in header.split()):
             return []
-        return self._convert(self._parser.finish())
+        events = self._convert(self._parser.finish())
+        for event in events:  # what only the end of the generation closes was cut short
+            if isinstance(event, Closed):
+                event.item.cut = True
+        return events
 
     @property
     def reasoning_tokens(self) -> int:
@@ -109,7 +117,7 @@ class ReplyStream:
                 break
             if isinstance(event, MessageStart):
                 kind, name = item_kind(event)
-                if kind == CALL and self.server_tool(event.recipient):
+                if kind == CALL and self.server_answers(event.recipient):
                     kind = SERVER_CALL
                 elif kind == TEXT and self.final_only and event.channel != "final":
                     kind = REASONING  # a preamble beside JSON would break it for the client

@@ -145,6 +145,9 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], list[s
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str):
                 raise bad_request(f"{where}: a function_call_output needs the 'call_id' of its call", "input")
+            if item.get("output") is None:
+                raise bad_request(f"{where}: a function_call_output needs its 'output' (a string, or a "
+                                  "list of text parts)", "input")
             out.append({"role": "tool", "tool_call_id": item.get("call_id"),
                         "content": _text(item.get("output"), where)})
             assistant = None
@@ -153,6 +156,25 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], list[s
                               "function_call, function_call_output and mcp_call are)", "input")
         origins += [where] * (len(out) - len(origins))  # the messages this item began
     return out, origins
+
+
+# What the Responses API's ``include`` may ask for. None of it is made here (no hosted tools,
+# images or logprobs; the reasoning comes back as text, not encrypted), so each is accepted and
+# left out: Codex asks for reasoning.encrypted_content on every request.
+INCLUDABLE = ("code_interpreter_call.outputs", "computer_call_output.output.image_url",
+              "file_search_call.results", "message.input_image.image_url", "message.output_text.logprobs",
+              "reasoning.encrypted_content", "web_search_call.action.sources", "web_search_call.results")
+
+
+def check_include(include) -> None:
+    if include is None:
+        return
+    if not isinstance(include, list) or not all(isinstance(v, str) for v in include):
+        raise bad_request("'include' must be a list of strings", "include")
+    unknown = [v for v in include if v not in INCLUDABLE]
+    if unknown:
+        raise bad_request(f"'include' has {unknown[0]!r}, which is not one of: {', '.join(INCLUDABLE)}",
+                          "include")
 
 
 def function_tools(tools) -> list[dict]:
@@ -199,13 +221,17 @@ def input_items(body: dict, store: ResponseStore) -> tuple[list[dict], int]:
 SERVER_LABEL = "gptoss-mlx"  # the "MCP server" of the tools a server runs itself
 
 
-def output_item(item: Item, ids: dict, status: str = "completed", result: str | None = None) -> dict:
-    """``result``: a server tool call's output (None while it runs, or when it never ran)."""
+def output_item(item: Item, ids: dict, status: str = "completed") -> dict:
+    """A server call's output is its result (None while it runs, or when it never ran); an
+    error result is its ``error`` too, and the call ``failed``."""
     item_id, call_id = ids[id(item)]
+    if item.cut and status == "completed":
+        status = "incomplete"
     if item.kind == SERVER_CALL:
-        done = "completed" if result is not None else "incomplete"
+        done = "incomplete" if item.result is None else "failed" if item.failed else "completed"
         return {"id": item_id, "type": "mcp_call", "server_label": SERVER_LABEL, "name": item.name,
-                "arguments": item.text, "output": result, "error": None,
+                "arguments": item.text, "output": item.result,
+                "error": item.result if item.failed else None,
                 "status": "in_progress" if status == "in_progress" else done}
     if item.kind == REASONING:
         return {"id": item_id, "type": "reasoning", "summary": [], "status": status,
@@ -231,6 +257,7 @@ class ResponseRun:
         params.typed(body, "stream", bool, "true or false")
         params.typed(body, "store", bool, "true or false")
         params.typed(body, "stream_options", dict, "an object")
+        check_include(body.get("include"))
         self.items, first_input = input_items(body, store)
         messages, origins = chat_messages(self.items, first_input)
         if body.get("instructions"):
@@ -257,8 +284,7 @@ class ResponseRun:
         self.reply: Reply | None = None  # made by prepare()
         self.ids: dict[int, tuple[str, str | None]] = {}
         self.error: APIError | None = None
-        self.results: dict[int, str] = {}  # id(server tool call) -> its result
-        self._history = 0  # where the server's tool results are appended
+        self.answered: set[int] = set()  # id(server tool call) whose result was reported
         self.sent: dict[int, str] = {}  # id(item) -> its text in the deltas streamed so far
         self.whole: set[int] = set()  # id(item) of the items whose done event was streamed
 
@@ -271,7 +297,6 @@ class ResponseRun:
             e.param = {"response_format": "text.format", "messages": "input"}.get(e.param, e.param)
             e.message = re.sub(r"messages\[(\d+)\]", self._origin, e.message)
             raise
-        self._history = len(self.reply.messages)
 
     def _origin(self, found: re.Match) -> str:
         k = int(found.group(1))
@@ -286,8 +311,6 @@ class ResponseRun:
         reply, body = self.reply, self.body
         done = [i for i in reply.stream.items if id(i) in self.ids]
         output = [self._output(i) for i in done]
-        if status == "incomplete" and output:  # the item the reply was cut in
-            output[-1]["status"] = "incomplete"
         out = {"id": reply.id, "object": "response", "created_at": reply.created, "status": status,
                "model": self.service.model_name, "output": output,
                "error": self.error.body()["error"] if self.error else None,
@@ -310,15 +333,13 @@ class ResponseRun:
         return out
 
     def _output(self, item: Item, status: str = "completed") -> dict:
-        return output_item(item, self.ids, status, self.results.get(id(item)))
+        return output_item(item, self.ids, status)
 
     def answered_calls(self) -> list[Item]:
-        """The server's tool calls whose results have come back since last asked. The service
-        appends the k-th call's result to the reply's messages before it generates on."""
-        results = [m.text for m in self.reply.messages[self._history:] if m.role == "tool"]
-        calls = [i for i in self.reply.stream.items if i.kind == SERVER_CALL]
-        new = [c for c, _ in zip(calls, results) if id(c) not in self.results]
-        self.results.update((id(c), r) for c, r in zip(calls, results))
+        """The server's tool calls whose results have come back since last asked."""
+        new = [i for i in self.reply.stream.items
+               if i.kind == SERVER_CALL and i.result is not None and id(i) not in self.answered]
+        self.answered.update(id(i) for i in new)
         return new
 
     @property
@@ -386,7 +407,7 @@ class ResponseRun:
             yield self._item_done(item)
         if final:
             for item in self.reply.stream.items:
-                if item.kind == SERVER_CALL and id(item) in self.ids and id(item) not in self.results:
+                if item.kind == SERVER_CALL and id(item) in self.ids and id(item) not in self.answered:
                     yield self._item_done(item)
 
     def _item_done(self, item: Item):

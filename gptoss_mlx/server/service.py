@@ -15,7 +15,10 @@ from .. import harmony
 from ..chat import REPLY_RESERVE, ToolCall, first_fitting, trimmed_histories
 from ..generate import Engine, SamplingParams
 from ..harmony import DeveloperContent, HarmonyError, Message
-from ..structured import SchemaError, call_header, constraints_for
+from ..harmony.chat_completions import FUNCTIONS
+from ..structured import SchemaError, call_header, constraints_for, final_header
+from ..tools import Toolbox, ToolResult
+from ..tools.toolbox import limit_reached, no_such_tool
 from .errors import APIError, bad_request
 from .output import CALL, SERVER_CALL, OutputEvent, ReplyStream
 from .params import function_names
@@ -46,6 +49,10 @@ class Reply:
     created: int = field(default_factory=lambda: int(time.time()))
     output_tokens: int = 0  # sampled tokens the reply took, up to a stop string (not the forced header)
     gone: bool = False  # the client went away before the reply was done
+    out_of_context: bool = False  # a tool's result left no room for a reply
+    recipients: list[str] = field(default_factory=list)  # the tools it may call, client's and server's
+    server_tools: ServerTools | None = None  # those the server runs for it
+    toolbox: Toolbox | None = None  # their instances, while the reply is made
 
     @property
     def run(self) -> Run:
@@ -82,6 +89,10 @@ class Service:
             raise APIError(404, f"the model {model!r} does not exist: this server serves "
                            f"{self.model_name!r}", param="model", code="model_not_found")
 
+    def server_tools(self, request: dict) -> ServerTools | None:
+        """The server's own tools for ``request``: none under tool_choice "none"."""
+        return self.tools if self.tools and request.get("tool_choice") != "none" else None
+
     def conversation(self, request: dict) -> list[Message]:
         """Harmony messages for a Chat Completions-shaped ``request`` (its tools, effort and
         messages), with the server's instructions and tools where it has them."""
@@ -90,18 +101,19 @@ class Service:
                                                   first.get("role") in ("system", "developer")):
             request = {**request, "messages": [{"role": "system", "content": self.instructions},
                                                *request["messages"]]}
-        if self.tools:
-            clash = function_names(request.get("tools")) & {f.name for f in self.tools.functions}
+        tools = self.server_tools(request)
+        if tools:
+            clash = function_names(request.get("tools")) & {f.name for f in tools.functions}
             if clash:
                 raise bad_request(f"the server runs its own function(s) named {', '.join(sorted(clash))}: "
                                   "rename the request's tool", "tools")
-            request = {**request, "tools": [*(request.get("tools") or []), *self.tools.chat_tools()]}
+            request = {**request, "tools": [*(request.get("tools") or []), *tools.chat_tools()]}
         try:
             messages = harmony.from_chat_completions(request, date=harmony.today())
         except HarmonyError as e:
             raise bad_request(str(e), "tools" if str(e).startswith("tools[") else "messages") from None
-        if self.tools:
-            messages[0] = self.tools.system_message(request["reasoning_effort"], harmony.today())
+        if tools:
+            messages[0] = tools.system_message(request["reasoning_effort"], harmony.today())
         return messages
 
     def rendered(self, messages: list[Message]) -> list[int]:
@@ -121,14 +133,18 @@ class Service:
                            param="messages", code="context_length_exceeded")
         return tokens + list(forced)
 
+    def room(self, params: SamplingParams) -> int:
+        """The prompt tokens that leave room for a reply, as the terminal chat keeps it:
+        REPLY_RESERVE, or max_tokens when smaller, at most a quarter of the context."""
+        return self.max_context - min(REPLY_RESERVE, params.max_tokens or REPLY_RESERVE, self.max_context // 4)
+
     def fitted(self, messages: list[Message], params: SamplingParams,
                forced: list[int] = ()) -> tuple[list[Message], list[int]]:
         """``messages`` with as few of the oldest turns left out as leaves room for the reply
-        (as the terminal chat keeps: REPLY_RESERVE, or max_tokens when smaller, at most a quarter
-        of the context), and their tokens: the Responses API's ``truncation: "auto"``. The
+        (:meth:`room`), and their tokens: the Responses API's ``truncation: "auto"``. The
         instructions and the last user message always stay (when they alone do not fit:
         context_length_exceeded, from tokens())."""
-        room = self.max_context - min(REPLY_RESERVE, params.max_tokens or REPLY_RESERVE, self.max_context // 4)
+        room = self.room(params)
         head = next((i for i, m in enumerate(messages) if m.role not in ("system", "developer")), len(messages))
         candidates = [messages] + [messages[:head] + rest for rest in trimmed_histories(messages[head:])]
         index, tokens = first_fitting(candidates, self.rendered, room - len(forced))
@@ -158,12 +174,17 @@ class Service:
         stream = ReplyStream(self.tokenizer, stops)
         stream.final_only = any(isinstance(m.content, DeveloperContent) and m.content.response_formats
                                 for m in messages)
-        if self.tools:
-            stream.server_tool = self.tools.handles
+        # The client gets the calls to its own functions; the server answers every other call:
+        # its own tools run, anything else (an undeclared function, any call under tool_choice
+        # "none") gets an error the model can answer on from.
+        client = [FUNCTIONS + name for name in sorted(function_names(request.get("tools")))]
+        stream.server_answers = lambda recipient: recipient not in client
+        tools = self.server_tools(request)
         budget = request.get("reasoning_budget", self.reasoning_budget)
         run = Run(prompt, params, self.constraints(messages, prompt, params, budget, forced, must_call),
                   instructions=harmony.instructions_length(messages, prompt))
-        return Reply(new_id(prefix), messages, [run], stream, forced, budget)
+        return Reply(new_id(prefix), messages, [run], stream, forced, budget,
+                     recipients=client + (tools.recipients() if tools else []), server_tools=tools)
 
     def constraints(self, messages: list[Message], prompt: list[int], params: SamplingParams,
                     budget: int | None, forced: list[int] = (), must_call: tuple[str, ...] = ()) -> list:
@@ -197,20 +218,26 @@ class Service:
     async def _watch(self, reply: Reply, request) -> None:
         """When the client goes away, the run in progress stops at the engine's next step, also
         before the reply's first token (while it waits, or its prompt is prefilled) and when no
-        token is sent to it (a non-streaming client waits for the whole reply)."""
+        token is sent to it (a non-streaming client waits for the whole reply); a tool of the
+        server's that runs for it is stopped."""
         while not await request.is_disconnected():
             await asyncio.sleep(DISCONNECT_POLL_S)
         reply.gone = True
         reply.run.cancelled.set()
+        if reply.toolbox is not None:
+            reply.toolbox.cancel()
 
     async def _generate(self, reply: Reply, request) -> AsyncIterator[OutputEvent]:
-        stream = reply.stream
-        for token in reply.forced:
-            for event in stream.feed(token):
-                yield event
-        toolbox = self.tools.toolbox() if self.tools else None
+        """Rounds of generation: after a call the server answers, its result goes into the
+        conversation and the model goes on. After MAX_ROUNDS answered calls one more call is
+        told the limit is reached, and the last round is the answer (its header is forced)."""
+        stream, forced = reply.stream, reply.forced
+        reply.toolbox = reply.server_tools.toolbox() if reply.server_tools else None
         try:
-            for round_ in range(MAX_ROUNDS + 1):
+            for round_ in range(MAX_ROUNDS + 2):
+                for token in forced:
+                    for event in stream.feed(token):
+                        yield event
                 async with contextlib.aclosing(self.scheduler.generate(reply.run)) as tokens:
                     async for token in tokens:
                         reply.output_tokens += 1  # not those the engine made past a stop string
@@ -221,34 +248,73 @@ class Service:
                 for event in stream.finish():
                     yield event
                 call = stream.items[-1] if stream.items else None
-                if (reply.gone or round_ == MAX_ROUNDS or call is None or call.kind != SERVER_CALL
+                if (reply.gone or call is None or call.kind != SERVER_CALL or round_ > MAX_ROUNDS
                         or reply.run.stats is None or reply.run.stats.finish_reason != "stop"):
                     break
-                result = await asyncio.to_thread(
-                    toolbox.execute, ToolCall(call.recipient, call.text, call.channel))
-                reply.messages += stream.messages + [Message(
-                    "tool", result.content, channel=call.channel or "commentary", recipient="assistant",
-                    name=result.name)]
-                try:
-                    prompt = self.tokens(reply.messages)
-                except APIError:  # the tool's result filled the context
+                result = await self.answer(reply, call, limit=round_ == MAX_ROUNDS)
+                messages = reply.messages + stream.messages
+                forced = final_header(self.tokenizer) if round_ == MAX_ROUNDS else []
+                fitted = await asyncio.to_thread(self.with_result, messages, result, call.channel,
+                                                 reply.run.params, forced)
+                if fitted is None:  # not even a note of the result leaves room for a reply
+                    reply.out_of_context = True
                     break
+                reply.messages, prompt = fitted
+                call.result, call.failed = reply.messages[-1].text, not result.ok
                 params = reply.run.params
                 reply.runs.append(Run(prompt, params, self.constraints(
-                    reply.messages, prompt, params, reply.reasoning_budget)))
+                    reply.messages, prompt, params, reply.reasoning_budget, forced)))
                 stream.next_round()
         finally:
+            toolbox, reply.toolbox = reply.toolbox, None
             if toolbox is not None:
-                await asyncio.to_thread(toolbox.close)
+                toolbox.cancel()  # at once, also when this generator is being closed
+                try:
+                    await asyncio.to_thread(toolbox.close)
+                except RuntimeError:  # the server is shutting down: no worker threads left
+                    toolbox.close()
         stats = reply.run.stats
         if stream.stopped:
             reply.finish_reason = "stop"
-        elif stats is not None and stats.finish_reason in ("length", "context"):
+        elif reply.out_of_context or stats is not None and stats.finish_reason in ("length", "context"):
             reply.finish_reason = "length"
         elif stream.items and stream.items[-1].kind == CALL:
             reply.finish_reason = "tool_calls"
         else:
             reply.finish_reason = "stop"
+
+    async def answer(self, reply: Reply, call, limit: bool) -> ToolResult:
+        """The result of a call the server answers: its tool's (run in a worker thread), the
+        limit's error, or the error of a call to a tool the reply does not have."""
+        if limit:
+            return ToolResult(call.recipient, limit_reached(MAX_ROUNDS), ok=False)
+        if reply.toolbox is not None and reply.server_tools.handles(call.recipient):
+            return await asyncio.to_thread(reply.toolbox.execute, ToolCall(call.recipient, call.text, call.channel))
+        return ToolResult(call.recipient, f"Error: {no_such_tool(call.recipient, reply.recipients)}", ok=False)
+
+    def with_result(self, messages: list[Message], result: ToolResult, channel: str | None,
+                    params: SamplingParams, forced: list[int]) -> tuple[list[Message], list[int]] | None:
+        """The conversation with a tool's result, and its prompt (then ``forced``), leaving room
+        for a reply (:meth:`room`): a result too long for that is cut, with a note saying so.
+        None when not even the note fits."""
+        def conversation(text: str) -> list[Message]:
+            return messages + [Message("tool", text, channel=channel or "commentary",
+                                       recipient="assistant", name=result.name)]
+        room = self.room(params) - len(forced)
+        tokens = self.rendered(conversation(result.content))
+        if len(tokens) <= room:
+            return conversation(result.content), tokens + list(forced)
+        body = self.tokenizer.encode_ordinary(result.content)
+        keep = len(body) - (len(tokens) - room)
+        for _ in range(4):  # a cut can tokenize a little longer than it counted
+            keep -= 32
+            text = self.tokenizer.decode(body[:max(keep, 0)])
+            text += f"\n[cut: the result was {len(result.content)} characters; the first {len(text)} fit the context]"
+            tokens = self.rendered(conversation(text))
+            if len(tokens) <= room:
+                return conversation(text), tokens + list(forced)
+            keep -= len(tokens) - room
+        return None
 
     def log(self, reply: Reply, request) -> None:
         """One line per request: id, prompt / cached / generated tokens, TTFT, tok/s, batch, end."""

@@ -38,6 +38,11 @@ class ServerTools:
             return self.browser
         return namespace == "functions" and any(f.name == name for f in self.functions)
 
+    def recipients(self) -> list[str]:
+        """What the model may address these tools as: ``functions.add``, ``python``, ``browser.search``..."""
+        return ([f"functions.{f.name}" for f in self.functions] + (["python"] if self.python else [])
+                + ([f"browser.{t.name}" for t in harmony.BROWSER_TOOLS] if self.browser else []))
+
     def toolbox(self) -> Toolbox:
         """A request's own tools."""
         return Toolbox(functions=self.functions,

@@ -17,6 +17,7 @@ unmatched, extra bytes, silence) kills the worker and tells the model what happe
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -38,6 +39,7 @@ from .sandbox import (LINUX_WORKDIR, WORKER, PidsCgroup, SandboxLimits, make_pol
 
 __all__ = ["PythonSandbox", "SandboxLimits", "description"]
 
+CANCELLED_NOTE = "[the python sandbox was stopped: whoever asked for this run has gone]"
 EXTRA_REPLY_NOTE = ("[the previous cell wrote extra data to the tool's reply channel; the "
                     "session was restarted and its variables are lost]\n")
 STARTUP_S = 20.0  # for the sandbox and the interpreter to come up
@@ -103,6 +105,7 @@ class PythonSandbox:
         self._too_many_files = False
         self._last_id: str | None = None  # the last cell's request id, while its session lives
         self._running = threading.Lock()
+        self._cancelled = False  # cancel(): nothing runs any more
 
     @property
     def description(self) -> str:
@@ -134,12 +137,26 @@ class PythonSandbox:
         with self._running:  # one cell at a time, whichever threads ask
             return self._run(code)
 
+    def cancel(self) -> None:
+        """From any thread: kill the cell under way (run() then returns at once, saying the
+        process ended) and run nothing after it. For a caller whose client has gone."""
+        self._cancelled = True
+        proc = self._proc
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
     def _run(self, code: str) -> str:
+        if self._cancelled:
+            return CANCELLED_NOTE
         note = self._check_idle() or self._check_quiet()
         had_session = self.stateful and self._proc is not None
         if self._proc is not None and not self._signal_all(signal.SIGCONT):
             self._kill()
         for _ in range(2):
+            if self._cancelled:  # the worker was killed on purpose: not one to start again
+                self._kill()
+                return note + CANCELLED_NOTE
             try:
                 if self._proc is None or self._proc.poll() is not None:
                     if had_session:  # it ended between cells, or as it was continued
@@ -176,6 +193,8 @@ class PythonSandbox:
             too_many_files = self._too_many_files
             self._kill()
             lost = "; the session was restarted and its variables are lost" if self.stateful else ""
+            if self._cancelled:
+                return note + CANCELLED_NOTE
             if too_many_files:
                 why = (f"the code created more than {self.limits.max_files} files in its "
                        "directory")

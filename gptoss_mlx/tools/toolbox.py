@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ..chat import Chat, Done, ToolCall
+from ..harmony import BROWSER_TOOLS
 from .browser import Browser
 from .functions import FunctionTool, ToolError, parse_arguments
 from .python_tool import PythonSandbox
@@ -64,26 +65,48 @@ class Toolbox:
             content, ok = f"Error: the tool failed ({type(e).__name__}: {_text(e)})", False
         return ToolResult(recipient, _bounded(content), ok)
 
+    @property
+    def recipients(self) -> list[str]:
+        """What the model may address: ``functions.NAME``, ``python``, ``browser.search``..."""
+        return ([f"functions.{f.name}" for f in self.functions] + (["python"] if self.python else [])
+                + ([f"browser.{t.name}" for t in BROWSER_TOOLS] if self.browser else []))
+
     def _dispatch(self, recipient: str, arguments: str) -> str:
         namespace, _, name = recipient.partition(".")
         if namespace == "functions":
             for f in self.functions:
                 if f.name == name:
                     return f.call(arguments)
-            known = ", ".join(f"functions.{f.name}" for f in self.functions) or "none"
-            raise ToolError(f"there is no function {recipient!r} (available: {known})")
-        if recipient == "python" and self.python is not None:
+        elif recipient == "python" and self.python is not None:
             code = _python_code(arguments)
             if self.approve_code is not None and not self.approve_code(code):
                 raise ToolError("the user declined to run this code")
             return self.python.run(code)
-        if namespace == "browser" and self.browser is not None:
+        elif namespace == "browser" and self.browser is not None:
             return self.browser.call(name, parse_arguments(arguments))
-        raise ToolError(f"there is no tool {recipient!r}")
+        raise ToolError(no_such_tool(recipient, self.recipients))
+
+    def cancel(self) -> None:
+        """Stop whatever runs now, from another thread (the one asking has gone); the toolbox
+        runs nothing after this."""
+        if self.python is not None:
+            self.python.cancel()
 
     def close(self) -> None:
         if self.python is not None:
             self.python.close()
+
+
+def no_such_tool(recipient: str, available: list[str]) -> str:
+    """What a call to a tool that is not there gets back (the model can call another)."""
+    if not available:
+        return f"there is no tool {recipient!r}: no tools are available here; answer without them"
+    return f"there is no tool {recipient!r} (available: {', '.join(available)})"
+
+
+def limit_reached(max_rounds: int) -> str:
+    """What a call past the tool-call limit gets back instead of running."""
+    return f"Error: tool-call limit reached ({max_rounds} rounds); answer with what you have"
 
 
 def _text(error: BaseException) -> str:
@@ -131,8 +154,7 @@ def run_with_tools(chat: Chat, text: str | None, toolbox: Toolbox, max_rounds: i
             return
         for call in calls:
             if round_ == max_rounds:
-                result = ToolResult(call.recipient, f"Error: tool-call limit reached ({max_rounds} "
-                                    "rounds); answer with what you have", ok=False)
+                result = ToolResult(call.recipient, limit_reached(max_rounds), ok=False)
             else:
                 result = toolbox.execute(call)
             chat.add_tool_result(result.name, result.content, channel=call.channel or "commentary")
