@@ -86,16 +86,43 @@ def init(backend: str = "any", timeout_s: float = CONNECT_TIMEOUT_S):
     rank = os.environ.get("MLX_RANK", "?")
     message = (f"gptoss-mlx: error: rank {rank} could not connect to the other ranks within "
                f"{timeout_s:.0f}s ({_where()}); did every host start, and can they reach each other?")
-    # MLX holds the GIL while it connects, so no Python thread could act: a shell does.
-    timer = subprocess.Popen(["sh", "-c", 'sleep "$1"; printf "%s\\n" "$2" >&2; kill -KILL "$3"',
-                              "sh", str(timeout_s), message, str(os.getpid())], start_new_session=True)
+    check_hostfile()
+    # MLX holds the GIL while it connects, so no Python thread could act: a shell does. It
+    # reads a pipe this process holds open: at its end (this process is gone, however it
+    # ended) it stops waiting and kills nothing.
+    # (An asynchronous list's standard input is /dev/null: the reader is given the pipe as fd 3.)
+    timer = subprocess.Popen(["sh", "-c", 'exec 3<&0; (cat <&3 >/dev/null; kill $$ 2>/dev/null) & '
+                              'sleep "$1"; printf "%s\\n" "$2" >&2; kill -KILL "$3"',
+                              "sh", str(timeout_s), message, str(os.getpid())],
+                             stdin=subprocess.PIPE, start_new_session=True)
+    # Nor can a Python handler run meanwhile: Ctrl-C and SIGTERM end the process as they come.
+    handlers = ({sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
+                if threading.current_thread() is threading.main_thread() else {})
     try:
         return engine_thread().call(mx.distributed.init, strict=True, backend=backend)
     except RuntimeError as e:
         raise DistributedError(f"rank {rank} could not join the group ({_where()}): {e}") from None
     finally:
-        os.killpg(timer.pid, signal.SIGKILL)  # the shell and its sleep
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        os.killpg(timer.pid, signal.SIGKILL)  # the shell, its sleep and its reader
+        timer.stdin.close()
         timer.wait()
+
+
+def check_hostfile() -> None:
+    """What MLX does not check before it uses the ring backend's hostfile: that it lists a host
+    (an empty list crashes it with a floating-point exception)."""
+    path = os.environ.get("MLX_HOSTFILE")
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            hosts = json.load(f)
+    except (OSError, ValueError):
+        return  # MLX's own message names the problem
+    if isinstance(hosts, list) and not hosts:
+        raise DistributedError(f"{path} (MLX_HOSTFILE) lists no hosts")
 
 
 _joined = None
@@ -306,16 +333,26 @@ class PipelineStage:
 
 # --------------------------------------------------------------------------- following rank 0
 STEP, PREFILL, USE, EXIT, HELLO = 1, 2, 3, 4, 5  # the operations rank 0 broadcasts
-PROTOCOL = 1  # the version of these operations
+PROTOCOL = 2  # the version of these operations
 
 
 def fingerprint(engine: Engine) -> dict[str, int]:
-    """What every rank must agree on to run the same operations on the same model."""
+    """What every rank must agree on to run the same operations on the same model: its shape,
+    its weights (a checksum of a sample of the checkpoint's files: another model of the same
+    shape would run and answer nonsense) and the precision they are held in."""
     config, model = engine.model.config, engine.model
     return {"protocol": PROTOCOL, "sharding (1 tensor, 2 pipeline)": SHARDINGS.index(model.sharding) + 1,
             "layers": config.num_hidden_layers, "hidden size": config.hidden_size,
             "vocabulary": config.vocab_size, "experts": config.num_local_experts,
-            "max context": engine.max_context, "prefill step": engine.prefill_step}
+            "max context": engine.max_context, "prefill step": engine.prefill_step,
+            "weights (a checksum of the checkpoint's files)": getattr(model, "weights_digest", 0),
+            "dense bits": dense_bits(model)}
+
+
+def dense_bits(model: nn.Module) -> int:
+    """The bits the dense layers are held in: 16 (bf16), or those they were quantized to."""
+    quantized = (m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)))
+    return next((m.bits for m in quantized), 16)
 
 
 def from_rank0(x: mx.array, group) -> mx.array:

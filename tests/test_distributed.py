@@ -236,17 +236,69 @@ def test_a_rank_that_cannot_connect_gives_up_saying_so(tmp_path):
     assert "gptoss-mlx: error: rank 0 could not connect to the other ranks within 3s" in stderr
 
 
-@pytest.mark.parametrize("problem", ["no checkpoint", "other options"])
-def test_a_rank_that_cannot_follow_stops_rank_0(problem, checkpoint, tmp_path):
-    """Rank 1 cannot find its checkpoint, or was started with other options than rank 0: it
-    says so and exits, and rank 0 does not wait for it in a collective forever."""
+def test_a_rank_gone_while_it_connects_leaves_nothing_behind(tmp_path):
+    """Killed (kill -9, or Ctrl-C, which ends it at once: no Python handler can run while MLX
+    connects), its connect timer neither says it could not connect nor kills anything later."""
+    code = "from gptoss_mlx import distributed; distributed.init(timeout_s=3)"
+    for sig in (signal.SIGKILL, signal.SIGINT):
+        log = tmp_path / f"stderr{sig}"
+        with open(log, "w") as err:
+            rank0 = subprocess.Popen([sys.executable, "-c", code], env=ring_environments(2, tmp_path)[0],
+                                     stderr=err, start_new_session=True)
+            time.sleep(1.5)  # importing, then connecting
+            rank0.send_signal(sig)
+            assert rank0.wait(timeout=2) == -sig
+            time.sleep(3)  # past the timeout
+        assert "could not connect" not in log.read_text()
+
+
+def test_piped_input_under_mlx_launch_ends_without_its_end(monkeypatch):
+    """mlx.launch passes its input on to rank 0 but never closes it: `echo hi | mlx.launch ...
+    gptoss-mlx chat` waited forever for the end of its input. Under it, a quiet second ends it."""
+    from gptoss_mlx.cli import common
+
+    read, write = os.pipe()
+    os.write(write, "Why is the sky blue?\nAnd the sea?\n".encode())  # left open, as mlx.launch does
+    monkeypatch.setenv("MLX_RANK", "0")
+    monkeypatch.setenv("MLX_HOSTFILE", "hosts.json")
+    with open(read, encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        started = time.monotonic()
+        assert common.read_standard_input() == "Why is the sky blue?\nAnd the sea?\n"
+        assert time.monotonic() - started < common.PIPE_QUIET_S + 2
+    os.close(write)
+
+
+def test_an_empty_hostfile_is_refused(tmp_path):
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text("[]")
+    code = "from gptoss_mlx import distributed; distributed.init(timeout_s=3)"
+    env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert f"{hostfile} (MLX_HOSTFILE) lists no hosts" in done.stderr  # MLX itself dies of SIGFPE
+
+
+@pytest.mark.parametrize("problem", ["no checkpoint", "other options", "other weights", "other dense bits"])
+def test_a_rank_that_cannot_follow_stops_rank_0(problem, checkpoint, tokenizer_json, tmp_path):
+    """Rank 1 cannot find its checkpoint, or was started with other options than rank 0, or
+    with another model of the same shape (which would run, and answer nonsense): it says so
+    and exits, and rank 0 does not wait for it in a collective forever."""
     generate = [sys.executable, "-m", "gptoss_mlx", "generate", "--prompt", "hi", "--model"]
     rank0 = generate + [str(checkpoint), "--sharding", "pipeline"]
     if problem == "no checkpoint":
         rank1, said = generate + [str(tmp_path / "missing")], f"{tmp_path / 'missing'}: no such directory"
-    else:
+    elif problem == "other options":
         rank1 = generate + [str(checkpoint), "--sharding", "tensor"]
         said = "rank 1 does not run what rank 0 runs (sharding (1 tensor, 2 pipeline) 1 here, 2 on rank 0)"
+    elif problem == "other weights":
+        other = tmp_path / "other"
+        mtc.write_hf(other, CONFIG, seed=4)
+        mtc.copy_tokenizer(other, tokenizer_json)
+        rank1 = generate + [str(other), "--sharding", "pipeline"]
+        said = "rank 1 does not run what rank 0 runs (weights (a checksum of the checkpoint's files) "
+    else:
+        rank1 = generate + [str(checkpoint), "--sharding", "pipeline", "--dense-bits", "8"]
+        said = "rank 1 does not run what rank 0 runs (dense bits 8 here, 16 on rank 0)"
     ranks = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
              for command, env in zip((rank0, rank1), ring_environments(2, tmp_path))]
     try:

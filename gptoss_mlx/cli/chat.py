@@ -57,7 +57,7 @@ def cmd_chat(args) -> int:
         return 0
     if not sys.stdin.isatty():  # piped: answer once
         chat_id = resumed_id(ConversationStore(), args.resume) if args.resume is not None else None
-        question = sys.stdin.read().strip()
+        question = common.read_standard_input().strip()
         if not question:
             raise CLIError("no question on standard input")
         if chat_id is not None:

@@ -6,6 +6,7 @@ import argparse
 import atexit
 import math
 import os
+import select
 import sys
 import time
 from pathlib import Path
@@ -367,6 +368,24 @@ def plan_server(args, config, context: int, bits: int | None, limit) -> MemoryPl
             memory_plan = planned_or_why(cache)
     args.prompt_cache_bytes = int(cache)
     return memory_plan
+
+
+PIPE_QUIET_S = 1.0  # under mlx.launch: how long standard input stays quiet before it has ended
+
+
+def read_standard_input() -> str:
+    """All of standard input. mlx.launch passes its input on to the ranks but never its end
+    (their standard input stays open), so under it the input ends once something came and
+    nothing more comes for PIPE_QUIET_S."""
+    if distributed.launched_backend() is None:
+        return sys.stdin.read()
+    fd, chunks = sys.stdin.fileno(), []
+    while select.select([fd], [], [], PIPE_QUIET_S if chunks else None)[0]:
+        data = os.read(fd, 1 << 16)
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks).decode(sys.stdin.encoding or "utf-8", "surrogateescape")
 
 
 def group_of(args):

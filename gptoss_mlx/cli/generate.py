@@ -37,7 +37,7 @@ def cmd_generate(args) -> int:
     if prompt == "-":
         if sys.stdin is None:
             raise CLIError("-p -: standard input is closed")
-        prompt = sys.stdin.read().strip()
+        prompt = common.read_standard_input().strip()
         if not prompt:
             raise CLIError("-p -: no prompt on standard input")
     approve = ask_on_terminal if sys.stdin.isatty() else decline_when_piped
