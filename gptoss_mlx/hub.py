@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,10 @@ from huggingface_hub.errors import (
 )
 
 from .config import ConfigError, ModelConfig
-from .loading import HUB_IGNORE, HUB_PATTERNS, CheckpointError, find_layout, not_downloaded, offline as _offline
+from .loading import (
+    HUB_IGNORE, HUB_PATTERNS, CheckpointError, find_layout, looks_like_repo_id, not_downloaded,
+    offline as _offline,
+)
 
 
 def cache_dir() -> Path:
@@ -90,12 +94,23 @@ class CachedModel:
     config: ModelConfig | None
 
 
-def cached_models() -> tuple[list[CachedModel], int]:
-    """gpt-oss snapshots in the cache, and how many other model repos the cache holds."""
+def _scan():
+    """huggingface-hub's scan of the cache (None if there is no cache yet)."""
+    root = cache_dir()
+    if os.path.lexists(root) and not root.is_dir():
+        raise CheckpointError(f"{root} (the Hugging Face cache, HF_HUB_CACHE) is not a directory")
     try:
-        info = scan_cache_dir(cache_dir())
+        return scan_cache_dir(root)
     except CacheNotFound:
-        return [], 0
+        return None
+
+
+def cached_models() -> tuple[list[CachedModel], int, list[tuple[str, str]]]:
+    """gpt-oss snapshots in the cache, how many other model repos it holds, and the model repos
+    too damaged to scan (repo id, why: a blob missing, say), which ``remove`` still deletes."""
+    info = _scan()
+    if info is None:
+        return [], 0, []
     found, others = [], 0
     for repo in sorted(info.repos, key=lambda r: r.repo_id):
         if repo.repo_type != "model":
@@ -114,19 +129,30 @@ def cached_models() -> tuple[list[CachedModel], int]:
                                          rev.size_on_disk, rev.snapshot_path, layout, config))
         found += revisions
         others += not revisions
-    return found, others
+    damaged = {}
+    for warning in info.warnings:
+        folder = re.search(r"models--([\w.-]+?)--([\w.-]+?)(?:/|$)", str(warning))
+        if folder:  # HF repo names hold no "--": the folder names its repo unambiguously
+            damaged.setdefault(f"{folder[1]}/{folder[2]}", str(warning).replace(f"{cache_dir()}{os.sep}", ""))
+    return found, others, sorted(damaged.items())
+
+
+def repo_folder(repo_id: str) -> Path:
+    """The cache's folder of a model repo (huggingface-hub's naming)."""
+    return cache_dir() / f"models--{repo_id.replace('/', '--')}"
 
 
 def remove(repo_id: str) -> int:
-    """Delete every cached revision of ``repo_id``; returns the bytes freed."""
-    try:
-        info = scan_cache_dir(cache_dir())
-    except CacheNotFound:
-        info = None
-    repos = [r for r in (info.repos if info else []) if r.repo_id == repo_id and r.repo_type == "model"]
-    if not repos:
+    """Delete every cached revision of ``repo_id`` (its whole folder: snapshots, blobs, parts
+    of interrupted downloads; a damaged download too); returns the bytes freed. A folder that
+    is a link (moved to another disk) loses the link, and its files stay where they are."""
+    _scan()  # the cache is a directory, or not there
+    folder = repo_folder(repo_id)
+    if not looks_like_repo_id(repo_id) or not os.path.lexists(folder):
         raise CheckpointError(f"{repo_id} is not in the Hugging Face cache ({cache_dir()})")
-    freed = sum(r.size_on_disk for r in repos)
-    for r in repos:  # the whole folder: snapshots, blobs, and parts of interrupted downloads
-        shutil.rmtree(r.repo_path)
+    if folder.is_symlink() or not folder.is_dir():
+        folder.unlink()
+        return 0
+    freed = sum(f.lstat().st_size for f in folder.rglob("*") if not f.is_symlink() and f.is_file())
+    shutil.rmtree(folder)
     return freed

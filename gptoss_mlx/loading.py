@@ -202,13 +202,17 @@ def _weight_map(directory: Path) -> dict[str, Path] | None:
     return out
 
 
+class WeightsMissing(CheckpointError):
+    """A checkpoint without (some of) its weight files: a download refused or not finished."""
+
+
 def _weight_files(directory: Path) -> list[Path]:
     weight_map = _weight_map(directory)
     files = sorted(set(weight_map.values())) if weight_map else sorted(directory.glob("*.safetensors"))
     for f in files:
         if not os.path.lexists(f):
-            raise CheckpointError(f"{f}: missing checkpoint file (listed in "
-                                  "model.safetensors.index.json)")
+            raise WeightsMissing(f"{f}: missing checkpoint file (listed in "
+                                 "model.safetensors.index.json)")
         _check_file(f)
     return files
 
@@ -247,7 +251,7 @@ def find_layout(directory: Path) -> tuple[str, Path]:
         if isinstance(config, dict) and "quantization" in config or ".experts.gate_proj." in all_names:
             return "mlx", candidate
         return "hf", candidate
-    raise CheckpointError(f"{directory}: no *.safetensors weights found")
+    raise WeightsMissing(f"{directory}: no *.safetensors weights found")
 
 
 # --------------------------------------------------------------------------- name mapping

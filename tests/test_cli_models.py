@@ -132,6 +132,47 @@ def test_rm_deletes_the_repo(cache):
     assert proc.returncode == 2 and "not in the Hugging Face cache" in proc.stderr
 
 
+def test_offline_a_damaged_download_is_said_as_it_is_not_as_missing(cache):
+    blob = os.path.realpath(cache / "models--test--gpt-oss-tiny" / "snapshots" / COMMIT / "model.safetensors")
+    with open(blob, "r+b") as f:
+        f.truncate(os.path.getsize(blob) // 2)
+    proc = run("generate", "--model", "test/gpt-oss-tiny", "--prompt", "hi")
+    assert proc.returncode == 2 and "not downloaded" not in proc.stderr
+    assert "truncated" in proc.stderr and "`gptoss-mlx models rm test/gpt-oss-tiny`" in proc.stderr
+
+
+def test_a_damaged_download_is_listed_and_can_be_deleted(cache):
+    """A blob gone from under its snapshot link: huggingface-hub's scan leaves the repo out, so
+    `list` did not show it and `rm` said it was not in the cache while its files stayed."""
+    snapshot = cache / "models--test--gpt-oss-tiny" / "snapshots" / COMMIT
+    os.remove(os.path.realpath(snapshot / "model.safetensors"))
+    listed = run("models", "list")
+    assert listed.returncode == 0 and "Damaged downloads" in listed.stdout
+    assert "  test/gpt-oss-tiny: Blob missing (broken symlink): models--test--gpt-oss-tiny/blobs/" in listed.stdout
+    proc = run("models", "rm", "test/gpt-oss-tiny", "--yes")
+    assert proc.returncode == 0 and "Deleted test/gpt-oss-tiny" in proc.stdout, proc.stderr
+    assert not (cache / "models--test--gpt-oss-tiny").exists()
+    assert "Damaged" not in run("models", "list").stdout
+
+
+def test_a_repo_folder_moved_elsewhere_loses_its_link_and_keeps_its_files(cache, tmp_path):
+    moved = tmp_path / "external" / "models--openai--gpt-oss-120b"
+    moved.parent.mkdir()
+    shutil.move(cache / "models--openai--gpt-oss-120b", moved)
+    (cache / "models--openai--gpt-oss-120b").symlink_to(moved)
+    proc = run("models", "rm", "openai/gpt-oss-120b", "--yes")
+    assert proc.returncode == 0 and f"it was a link to {moved}, whose files stay" in proc.stdout, proc.stderr
+    assert not os.path.lexists(cache / "models--openai--gpt-oss-120b") and (moved / "refs" / "main").is_file()
+
+
+def test_a_cache_that_is_a_file_is_one_clear_line(tmp_path):
+    (tmp_path / "hubfile").write_text("")
+    for argv in (("models", "list"), ("models", "rm", "a/b", "--yes")):
+        proc = run(*argv, env={"HF_HUB_CACHE": str(tmp_path / "hubfile")})
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "(the Hugging Face cache, HF_HUB_CACHE) is not a directory" in proc.stderr
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_convert_saves_quantized_dense_layers_loadable_as_any_checkpoint(checkpoints, tmp_path,
                                                                         bits, capsys):
@@ -157,4 +198,26 @@ def test_convert_saves_quantized_dense_layers_loadable_as_any_checkpoint(checkpo
     (tmp_path / "a-file").write_text("")
     assert main(["models", "convert", str(checkpoints["hf"]), str(tmp_path / "a-file"), "--dense-bits", "8"]) == 2
     assert "a-file: exists and is a file" in capsys.readouterr().err  # was a NotADirectoryError traceback
+    # under a file: said before the model loads (was a traceback after it)
+    assert main(["models", "convert", str(checkpoints["hf"]), str(tmp_path / "a-file" / "sub"),
+                 "--dense-bits", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "a-file/sub: cannot create it" in err and "Loading" not in err
+
+
+def test_an_interrupted_convert_leaves_nothing_in_its_place(checkpoints, tmp_path, monkeypatch):
+    """Stopped while it writes: no half-written directory (which never loaded, and stopped the
+    same command from running again: "exists and is not empty")."""
+    from gptoss_mlx.cli import models
+
+    def interrupted(out, tensors):
+        (out / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(models, "save_weights", interrupted)
+    out = tmp_path / "q8"
+    assert main(["models", "convert", str(checkpoints["hf"]), str(out), "--dense-bits", "8"]) == 130
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert main(["models", "convert", str(checkpoints["hf"]), str(out), "--dense-bits", "8"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["q8"] and load_model(out)
     shutil.rmtree(out)

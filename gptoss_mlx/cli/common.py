@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import math
 import os
 import select
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -21,7 +24,7 @@ from ..generate import Engine, SamplingParams
 from ..harmony import EFFORTS
 from ..hub import check_free_disk, fetch_config
 from ..loading import (
-    DEFAULT_MODEL, CheckpointError, find_layout, load, load_model, looks_like_repo_id,
+    DEFAULT_MODEL, CheckpointError, WeightsMissing, find_layout, load, load_model, looks_like_repo_id,
     not_downloaded, offline, resolve_checkpoint,
 )
 from ..memory import (
@@ -50,6 +53,26 @@ def check_new_directory(path: Path) -> None:
         return
     kind = "is not empty" if path.is_dir() else "is a file" if path.is_file() else "is not a directory"
     raise CLIError(f"{path}: exists and {kind}; choose a new directory")
+
+
+@contextlib.contextmanager
+def new_directory(path: Path):
+    """Where convert and fuse write ``path``: a hidden directory beside it, renamed to it once
+    all is written. A run that fails or is interrupted leaves nothing half-written in its place,
+    nor anything that stops it running again; a place it cannot write is said before any work."""
+    check_new_directory(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    except OSError as e:
+        raise CLIError(f"{path}: cannot create it ({e.strerror or e})") from None
+    try:
+        yield work
+        if path.is_dir():  # new or empty, as checked
+            path.rmdir()
+        os.rename(work, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def terminal_safe(text: str) -> str:
@@ -427,13 +450,17 @@ def follow_rank0(args) -> bool:
 
 
 def weights_present(repo_id: str, directory: Path) -> None:
-    """Offline, the cache may hold a repo's config.json and no weights (a refused pull)."""
+    """Offline, the cache may hold a repo's config.json and no weights (a refused pull): that
+    is "not downloaded". Weights that are there and damaged are said as they are."""
     try:
         find_layout(directory)
-    except CheckpointError:
+    except WeightsMissing:
         if offline():
             raise CheckpointError(not_downloaded(repo_id)) from None
         raise
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (a damaged download: `gptoss-mlx models rm {repo_id}`, then "
+                              f"`gptoss-mlx models pull {repo_id}` fetches it again)") from None
 
 
 def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:

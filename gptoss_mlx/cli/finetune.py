@@ -21,8 +21,8 @@ from ..loading import (
 )
 from ..lora import (
     ADAPTER_CONFIG, FUSED_EXPERT_ADAPTER, TARGETS, AdapterError, adapter_weights,
-    expert_adapter_config, fuse_dense, hf_tensors, read_adapter_config, requantize_experts,
-    save_adapter,
+    expert_adapter_config, fuse_dense, hf_tensors, non_finite, read_adapter_config,
+    requantize_experts, save_adapter,
 )
 from ..tokenizer import TokenizerError
 from . import common
@@ -247,23 +247,23 @@ class ProgressLine:
 
 
 def cmd_fuse(args) -> int:
-    common.check_new_directory(args.out)
-    try:
-        config = read_adapter_config(args.adapter)
-        directory = resolve_checkpoint(args.model)
-        print(f"Loading {directory} with the adapter {args.adapter} ...", file=sys.stderr, flush=True)
-        model, _ = engine_thread().call(load, directory, adapter=args.adapter)
-        report = engine_thread().call(fuse, model, config, args.out, args.requantize_experts)
-    except (CheckpointError, ConfigError, TokenizerError, AdapterError) as e:
-        raise CLIError(str(e)) from None
-    for name in COPIED:  # tokenizer and generation config; an original/ layout's are one level up
-        for folder in (find_layout(directory)[1], directory):
-            if (folder / name).is_file():
-                shutil.copy(folder / name, args.out / name)
-                break
+    with common.new_directory(args.out) as out:
+        try:
+            config = read_adapter_config(args.adapter)
+            directory = resolve_checkpoint(args.model)
+            print(f"Loading {directory} with the adapter {args.adapter} ...", file=sys.stderr, flush=True)
+            model, _ = engine_thread().call(load, directory, adapter=args.adapter)
+            report = engine_thread().call(fuse, model, config, out, args.requantize_experts)
+        except (CheckpointError, ConfigError, TokenizerError, AdapterError) as e:
+            raise CLIError(str(e)) from None
+        for name in COPIED:  # tokenizer and generation config; an original/ layout's are one level up
+            for folder in (find_layout(directory)[1], directory):
+                if (folder / name).is_file():
+                    shutil.copy(folder / name, out / name)
+                    break
+        kept = (out / FUSED_EXPERT_ADAPTER).is_dir()
     if report:
         print(report.summary())
-    kept = (args.out / FUSED_EXPERT_ADAPTER).is_dir()
     print(f"Saved {args.out}: {', '.join(t for t in config.targets if t != 'experts' or not kept)} "
           "merged" + (f"; the expert adapters stay beside the experts in {args.out / FUSED_EXPERT_ADAPTER} "
                       "(loaded with the checkpoint; --requantize-experts merges them)" if kept else ""))
@@ -271,10 +271,16 @@ def cmd_fuse(args) -> int:
 
 
 def fuse(model, config, out: Path, requantize: bool):
-    """Merge the dense adapters (and, if asked, the expert adapters), then write ``out``."""
+    """Merge the dense adapters (and, if asked, the expert adapters), then write ``out``; an
+    AdapterError, before anything is written, where the merged weights are not finite."""
     fuse_dense(model)
     report = requantize_experts(model) if requantize and "experts" in config.targets else None
-    save_weights(out, hf_tensors(model))
+    tensors = hf_tensors(model)
+    bad = non_finite({**tensors, **adapter_weights(model)})
+    if bad:
+        raise AdapterError(f"merged with the adapter, {bad} holds NaN or infinite values (its alpha "
+                           f"{config.alpha:g} or its weights overflow): nothing was written")
+    save_weights(out, tensors)
     (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
     experts = expert_adapter_config(config)
     if experts and adapter_weights(model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import mlx.nn as nn
 
 from ..config import ConfigError, ModelConfig
-from ..hub import cache_dir, cached_models, remove
+from ..hub import cache_dir, cached_models, remove, repo_folder
 from ..loading import COPIED, CheckpointError, find_layout, load_model, resolve_checkpoint, save_weights
 from ..memory import DEFAULT_CONTEXT, GB, AFFINE_GROUP, MemoryPlanError, checkpoint_dense_bits, choose_plan
 from . import common
@@ -73,7 +74,10 @@ def fits(config: ModelConfig) -> str:
 
 
 def cmd_list(args) -> int:
-    models, others = cached_models()
+    try:
+        models, others, damaged = cached_models()
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None
     if not models:
         print(f"No gpt-oss checkpoints in {cache_dir()}. Download one with "
               "`gptoss-mlx models pull openai/gpt-oss-20b`.")
@@ -88,6 +92,11 @@ def cmd_list(args) -> int:
         print(f"\nCache: {cache_dir()}")
     if others:
         print(f"({others} other model repo{'s' if others > 1 else ''} in the cache not shown)")
+    if damaged:
+        print("\nDamaged downloads (`gptoss-mlx models rm REPO` deletes one; `models pull REPO` "
+              "fetches it again):")
+        for repo_id, why in damaged:
+            print(f"  {repo_id}: {common.terminal_safe(why)}")
     return 0
 
 
@@ -108,37 +117,44 @@ def cmd_rm(args) -> int:
         if input(f"Delete {args.repo} from {cache_dir()}? [y/N] ").strip().lower() not in ("y", "yes"):
             print("Nothing deleted.")
             return 0
+    link = repo_folder(args.repo)
+    target = os.path.realpath(link) if link.is_symlink() else None
     try:
         freed = remove(args.repo)
     except CheckpointError as e:
         raise CLIError(str(e)) from None
+    except OSError as e:
+        raise CLIError(f"could not delete {args.repo}: {e}") from None
+    if target is not None:
+        print(f"Removed {args.repo} from the cache: it was a link to {target}, whose files stay.")
+        return 0
     print(f"Deleted {args.repo} ({_size(freed)} freed).")
     return 0
 
 
 def cmd_convert(args) -> int:
-    common.check_new_directory(args.out)
-    try:
-        directory = resolve_checkpoint(args.src)
-        weights_dir = find_layout(directory)[1]
-        raw = json.loads((weights_dir / "config.json").read_text())
-        if ModelConfig.from_dict(raw).quantization:
-            raise CLIError(f"{args.src}: its dense layers are already quantized")
-        print(f"Loading {directory} and quantizing the dense layers to {args.dense_bits} bits ...",
-              file=sys.stderr, flush=True)
-        model = load_model(directory, dense_bits=args.dense_bits)
-    except (CheckpointError, ConfigError, json.JSONDecodeError) as e:
-        raise CLIError(str(e)) from None
-    raw["quantization"] = {"group_size": AFFINE_GROUP, "bits": args.dense_bits, "mode": "affine"}
-    save_weights(args.out, dict(nn.utils.tree_flatten(model.parameters())))
-    (args.out / "config.json").write_text(json.dumps(raw, indent=2))
-    for name in COPIED:  # an original/ layout keeps its tokenizer one level up
-        for folder in (weights_dir, directory):
-            if (folder / name).is_file():
-                shutil.copy(folder / name, args.out / name)
-                break
-    size = sum(f.stat().st_size for f in args.out.iterdir())
+    with common.new_directory(args.out) as out:
+        try:
+            directory = resolve_checkpoint(args.src)
+            weights_dir = find_layout(directory)[1]
+            raw = json.loads((weights_dir / "config.json").read_text())
+            if ModelConfig.from_dict(raw).quantization:
+                raise CLIError(f"{args.src}: its dense layers are already quantized")
+            print(f"Loading {directory} and quantizing the dense layers to {args.dense_bits} bits ...",
+                  file=sys.stderr, flush=True)
+            model = load_model(directory, dense_bits=args.dense_bits)
+        except (CheckpointError, ConfigError, json.JSONDecodeError) as e:
+            raise CLIError(str(e)) from None
+        except ValueError as e:  # MLX: a dimension its quantization cannot group
+            raise CLIError(f"{args.src}: cannot quantize its dense layers to {args.dense_bits} bits: {e}") from None
+        raw["quantization"] = {"group_size": AFFINE_GROUP, "bits": args.dense_bits, "mode": "affine"}
+        save_weights(out, dict(nn.utils.tree_flatten(model.parameters())))
+        (out / "config.json").write_text(json.dumps(raw, indent=2))
+        for name in COPIED:  # an original/ layout keeps its tokenizer one level up
+            for folder in (weights_dir, directory):
+                if (folder / name).is_file():
+                    shutil.copy(folder / name, out / name)
+                    break
+        size = sum(f.stat().st_size for f in out.iterdir())
     print(f"Saved {args.out} ({_size(size)}); load it with --model {args.out}")
     return 0
-
-
