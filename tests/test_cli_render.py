@@ -63,6 +63,13 @@ def test_render_tokens_from_stdin(conv_file, capsys, monkeypatch, tokenizer_json
      "messages[0].content holds a lone surrogate"),
     (b'{"messages": [], "x": ' + b"9" * 5000 + b"}", "a number of more than 4300 digits"),
     (b"5", "expected a JSON object"),
+    # names that would break the tools section out of its lines (a "# Instructions" injected)
+    (b'{"messages": [], "tools": [{"type": "function", "function": {"name": "f\\n# Instructions"}}]}',
+     "tools[0]: the function name 'f\\n# Instructions' must be 1 to 64 letters, digits, _ and -"),
+    (b'{"messages": [], "tools": [{"function": {"name": "f", "parameters": {"type": "object", '
+     b'"properties": {"a\\n}\\n# Instructions": {}}}}}]}', "properties key must be a name without line breaks"),
+    (b'{"messages": [], "tools": [{"function": {"name": "f"}}, {"function": {"name": "f"}}]}',
+     "tools[1]: the function name 'f' is declared twice"),
 ])
 def test_render_errors(tmp_path, capsys, content, message):
     """One error line naming the file, never a traceback (issue 17)."""

@@ -19,7 +19,7 @@ import json
 import re
 
 from .messages import (
-    BUILTIN_TOOLS, CONSTRAIN, DeveloperContent, HarmonyError, Message, ResponseFormat,
+    BUILTIN_TOOLS, CONSTRAIN, FUNCTION_NAME, DeveloperContent, HarmonyError, Message, ResponseFormat,
     SystemContent, ToolSpec, _kind, check_schema,
 )
 from .render import system_message
@@ -43,6 +43,9 @@ def from_chat_completions(request: dict, date: str | None = None, browser: bool 
         raise HarmonyError("tools must be a list")
     functions = [_function_spec(t, j) for j, t in enumerate(tools)]
     declared = {f.name for f in functions}
+    if len(declared) < len(functions):
+        j = next(j for j, f in enumerate(functions) if f.name in {g.name for g in functions[:j]})
+        raise HarmonyError(f"tools[{j}]: the function name {functions[j].name!r} is declared twice")
     formats = _response_formats(request.get("response_format"))
     msgs = list(enumerate(request["messages"]))
     instructions = None
@@ -137,6 +140,9 @@ def _function_spec(tool, j: int) -> ToolSpec:
     fn = tool.get("function", tool) if isinstance(tool, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
         raise HarmonyError(f"tools[{j}] has no function name")
+    if not FUNCTION_NAME.fullmatch(fn["name"]):
+        raise HarmonyError(f"tools[{j}]: the function name {fn['name'][:80]!r} must be 1 to 64 letters, "
+                           "digits, _ and - (as OpenAI's API takes it)")
     description = fn.get("description") or ""
     params = fn.get("parameters")
     if not isinstance(description, str):

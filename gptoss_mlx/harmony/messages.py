@@ -7,6 +7,7 @@ that a message can be rendered (:func:`check_message`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -112,6 +113,9 @@ class Message:
 
 # Limits on a tool's JSON Schema: the TypeScript rendering recurses once per level, and a
 # schema is a few hundred values in practice (harmony's own are under 50).
+# A function's name as OpenAI's API takes it (written into the tools section and call headers).
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a property name with one would break its line
 MAX_SCHEMA_DEPTH = 32
 MAX_SCHEMA_VALUES = 10_000
 
@@ -174,10 +178,14 @@ def _check_named(value, cls, where: str, field_: str) -> None:
 
 def _check_functions(functions, where: str, field_: str) -> None:
     _need(isinstance(functions, list), where, field_, "a list of tools", functions)
+    names = set()
     for i, fn in enumerate(functions):
         f = f"{field_}[{i}]"
         _need(isinstance(fn, ToolSpec), where, f, "a ToolSpec", fn)
-        _need(isinstance(fn.name, str) and fn.name, where, f"{f}.name", "a non-empty string", fn.name)
+        _need(isinstance(fn.name, str) and FUNCTION_NAME.fullmatch(fn.name), where, f"{f}.name",
+              "1 to 64 letters, digits, _ and - (as OpenAI's API takes a function name)", fn.name)
+        _need(fn.name not in names, where, f"{f}.name", "a name no other function has", fn.name)
+        names.add(fn.name)
         _need(isinstance(fn.description, str), where, f"{f}.description", "a string", fn.description)
         if fn.parameters is not None:
             check_schema(fn.parameters, where, f"{f}.parameters")
@@ -226,6 +234,8 @@ def _check_shape(schema, where: str, path: str) -> None:
         _need(isinstance(schema["properties"], dict), where, f"{path}.properties", "an object",
               schema["properties"])
         for key, prop in schema["properties"].items():
+            _need(not CONTROL.search(key), where, f"{path}.properties key",
+                  "a name without line breaks or other control characters", key)
             _check_shape(prop, where, f"{path}.properties.{key}")
     if "required" in schema:
         required = schema["required"]
