@@ -101,7 +101,10 @@ def init(backend: str = "any", timeout_s: float = CONNECT_TIMEOUT_S):
     try:
         return engine_thread().call(mx.distributed.init, strict=True, backend=backend)
     except RuntimeError as e:
-        raise DistributedError(f"rank {rank} could not join the group ({_where()}): {e}") from None
+        hint = ("; MLX_RANK is set but MLX_HOSTFILE is not: the ring backend needs both (mlx.launch "
+                "sets them), MPI its own launcher" if launched_backend() == "mpi"
+                and "OMPI_COMM_WORLD_RANK" not in os.environ else "")
+        raise DistributedError(f"rank {rank} could not join the group ({_where()}): {e}{hint}") from None
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

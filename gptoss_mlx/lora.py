@@ -232,8 +232,9 @@ def load_adapter_weights(model: Model, file: Path) -> None:
         if name not in expected:
             raise AdapterError(f"{file}: {name} is not an adapter tensor of this model")
         if array.shape != expected[name].shape:
-            raise AdapterError(f"{file}: {name} has shape {list(array.shape)}, this model needs "
-                               f"{list(expected[name].shape)} (trained on another model?)")
+            raise AdapterError(f"{file}: {name} has shape {list(array.shape)}, this model with this "
+                               f"adapter_config.json needs {list(expected[name].shape)} (trained on "
+                               "another model, or its adapter_config.json edited?)")
         if not mx.issubdtype(array.dtype, mx.floating):
             kind = str(array.dtype).rsplit(".", 1)[-1]  # mlx.core.int32 -> int32
             raise AdapterError(f"{file}: {name} holds {kind} values; an adapter's are floating point")
@@ -260,7 +261,8 @@ def fuse_dense(model: Model) -> None:
     """Merge each attention/router adapter into its weight: W + scale * (A B)^T, in W's dtype."""
     def merged(m: LoRALinear) -> nn.Module:
         if not isinstance(m.linear, nn.Linear) or isinstance(m.linear, nn.QuantizedLinear):
-            raise AdapterError("fusing needs the dense weights unquantized (load without --dense-bits)")
+            raise AdapterError("fusing needs the dense weights unquantized: fuse into a checkpoint whose "
+                               "dense layers are bf16 (not one `models convert` wrote), loaded without --dense-bits")
         linear = m.linear
         linear.weight = (linear.weight.astype(mx.float32) + m.delta()).astype(linear.weight.dtype)
         return linear

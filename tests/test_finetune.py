@@ -342,7 +342,7 @@ def test_a_save_cut_short_or_a_damaged_checkpoint_is_named_on_resume(sharp, tok,
     config = json.loads((out / "adapter_config.json").read_text())
     (out / "adapter_config.json").write_text(json.dumps({**config, "rank": 8}))
     resumed = ft.resumed_settings(ft.read_state(out), {"iters": 4})
-    with pytest.raises(AdapterError, match=r"lora_[ab] has shape .*, this model needs"):
+    with pytest.raises(AdapterError, match=r"lora_[ab] has shape .*, this model with this adapter_config.json needs"):
         list(ft.train(load(sharp)[0], str(sharp), examples, resumed, out, resume=ft.read_state(out)))
 
 

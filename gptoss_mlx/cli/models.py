@@ -101,6 +101,8 @@ def cmd_list(args) -> int:
 
 
 def cmd_pull(args) -> int:
+    if not args.repo.strip():
+        raise CLIError("models pull: name the repo, e.g. openai/gpt-oss-20b")
     args.model = args.repo
     directory, context, _ = common.prepare(args)
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
