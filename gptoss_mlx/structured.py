@@ -45,7 +45,7 @@ from llguidance.tiktoken import lltokenizer_from_encoding
 from . import harmony
 from .harmony import (
     CALL, CHANNEL, CONSTRAIN, END, ENDOFTEXT, MESSAGE, RETURN, START, DeveloperContent, MessageStart,
-    Special, SystemContent,
+    Special,
 )
 from .harmony.chat_completions import FUNCTIONS
 from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS, VOCAB_SIZE
@@ -301,19 +301,11 @@ def constraints_for(tokenizer, messages: list[harmony.Message], *, max_tokens: i
     none otherwise. ``must_call``: functions (declared there) one of which the reply must call.
     SchemaError names a schema that cannot be enforced."""
     dev = next((m.content for m in messages if isinstance(m.content, DeveloperContent)), None)
-    system = next((m.content for m in messages if isinstance(m.content, SystemContent)), None)
     answer, functions = grammars(tokenizer, dev)
     if answer is None and not functions and reasoning_budget is None:
         return []
     return [HarmonyConstraint(tokenizer, answer, functions, reasoning_budget, max_tokens, prefix,
-                              builtin_tools(system), must_call)]
-
-
-def builtin_tools(system: SystemContent | None) -> frozenset[str]:
-    """The recipients of the system message's built-in tools: ``python``, ``browser.search``..."""
-    namespaces = system.tools if system else []
-    return frozenset(name for ns in namespaces
-                     for name in ([f"{ns.name}.{t.name}" for t in ns.tools] if ns.tools else [ns.name]))
+                              must_call=must_call)]
 
 
 def call_header(tokenizer, name: str) -> list[int]:
@@ -430,17 +422,15 @@ class HarmonyConstraint:
     which the final channel is opened. ``max_tokens``: the generation's token budget (what the
     engine will generate at most), so that a constrained message completes within it.
     ``prefix``: tokens of the reply the prompt already ends with (a forced call's header).
-    ``tools``: recipients of the built-in tools the reply may call (``python``, ``browser.search``).
     ``must_call``: names among ``functions``, one of which the reply must call (then the answer
     is never opened).
     """
 
     def __init__(self, tokenizer, answer: Grammar | None = None,
                  functions: dict[str, Grammar] | None = None, reasoning_budget: int | None = None,
-                 max_tokens: int | None = None, prefix: list[int] = (), tools: frozenset[str] = frozenset(),
-                 must_call: tuple[str, ...] = ()):
+                 max_tokens: int | None = None, prefix: list[int] = (), must_call: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
-        self.answer, self.functions, self.tools = answer, dict(functions or {}), tools
+        self.answer, self.functions = answer, dict(functions or {})
         self.reasoning_budget, self.max_tokens = reasoning_budget, max_tokens
         self.parser = harmony.StreamParser(tokenizer, role="assistant")
         self._role = tokenizer.encode_ordinary("assistant")
@@ -615,10 +605,11 @@ class HarmonyConstraint:
 
     def _no_stop(self) -> array.array:
         """Before the answer nothing may end the reply: no <|return|> or end of text, and
-        <|call|> only to end a call to a built-in tool the reply has (calls to functions are
-        constrained messages; a call to a tool that is not there would end the reply unanswered)."""
+        <|call|> only to end a call (calls to declared functions are constrained messages; a
+        call to any other tool ends, and whoever runs the tools answers it, an error for a
+        tool it does not have: held open, it ran on to the budget)."""
         current = self.parser.current if self.parser.state == "content" else None
-        if current is None or current.recipient not in self.tools:
+        if current is None or current.recipient in (None, "all", "assistant"):
             return all_but(ID[RETURN], ID[ENDOFTEXT], ID[CALL])
         return all_but(ID[RETURN], ID[ENDOFTEXT])
 

@@ -293,6 +293,18 @@ def test_the_model_may_be_named_first(checkpoints, monkeypatch, capsys):
     assert "(the prompt goes after --prompt, in quotes)" in capsys.readouterr().err
 
 
+def test_a_call_to_a_tool_the_chat_lacks_gets_an_error_and_the_model_answers(tok, store, monkeypatch):
+    """No tools given, and the model calls one anyway: it ended the reply with nothing said."""
+    nope = tok.encode("<|channel|>analysis<|message|>Try it.<|end|><|start|>assistant<|channel|>commentary "
+                      'to=functions.lookup <|constrain|>json<|message|>{"q": 1}<|call|>', allowed_special="all")
+    chat = Chat(ScriptedModel([nope, *answers(tok, "Without it: 42.")]), tok, reasoning_effort="low")
+    status, out = run_chat(monkeypatch, chat, ["what is it?"])
+    assert status == 0 and "Without it: 42." in out
+    result = [m for m in chat.messages if m.role == "tool"][0]
+    assert result.text == ("Error: there is no tool 'functions.lookup': no tools are available here; "
+                           "answer without them")
+
+
 def test_trimmed_context_is_announced(tok, store, monkeypatch):
     chat = scripted_chat(tok, "unused")
     stats = Stats(finish_reason="stop")

@@ -65,7 +65,7 @@ def test_render_tokens_from_stdin(conv_file, capsys, monkeypatch, tokenizer_json
     (b"5", "expected a JSON object"),
     # names that would break the tools section out of its lines (a "# Instructions" injected)
     (b'{"messages": [], "tools": [{"type": "function", "function": {"name": "f\\n# Instructions"}}]}',
-     "tools[0]: the function name 'f\\n# Instructions' must be 1 to 64 letters, digits, _ and -"),
+     "tools[0]: the function name 'f\\n# Instructions' must be 1 to 64 characters, none of them whitespace"),
     (b'{"messages": [], "tools": [{"function": {"name": "f", "parameters": {"type": "object", '
      b'"properties": {"a\\n}\\n# Instructions": {}}}}}]}', "properties key must be a name without line breaks"),
     (b'{"messages": [], "tools": [{"function": {"name": "f"}}, {"function": {"name": "f"}}]}',

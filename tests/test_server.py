@@ -541,6 +541,9 @@ def test_bad_responses_requests_and_unknown_routes(url):
                        (b'{"input": "hi", "metadata": {"x": 1e999}}', None)):
         code, data = post(url, "/responses", bad)
         assert code == 400 and data["error"]["param"] == param, (bad, data)
+    mcp = {"type": "mcp_call", "id": "mcp_1", "server_label": "x", "name": "python", "arguments": "1/0"}
+    code, data = post(url, "/responses", json.dumps({"input": [mcp | {"output": 5}]}).encode())
+    assert code == 400 and "an mcp_call's output and error are strings" in data["error"]["message"]
     # Codex asks for encrypted reasoning on every request: accepted (the reasoning comes as text)
     ok = b'{"input": "hi", "max_output_tokens": 2, "include": ["reasoning.encrypted_content"]}'
     assert post(url, "/responses", ok)[0] == 200
@@ -1118,7 +1121,7 @@ def test_a_tool_result_longer_than_the_context_is_cut_to_fit(tok):
         r = client(url).responses.create(model="gpt-oss-tiny", input="read", max_output_tokens=100)
     ran = r.output[1]
     assert ran.type == "mcp_call" and ran.status == "completed"
-    assert re.search(r"\n\[cut: the result was \d+ characters; the first \d+ fit the context\]$", ran.output)
+    assert re.search(r"\n\[cut to fit the context: the first \d+ of 100036 characters\]$", ran.output)
     assert ran.output.startswith("lorem ipsum lorem")
     assert (r.output_text, r.status) == ("It was long.", "completed")
     assert len(model.fed) <= 1024
@@ -1139,6 +1142,32 @@ def test_a_client_gone_stops_the_server_tool_that_ran_for_it(tok, os_sandbox, ca
             time.sleep(0.1)
         with urllib.request.urlopen(url.removesuffix("/v1") + "/health") as resp:
             assert json.loads(resp.read())["requests_in_flight"] == 0
+    gone = next(r.getMessage() for r in caplog.records if "client disconnected" in r.getMessage())
+    assert "rounds" not in gone  # no round after the tool for a client that is not there
+    assert "Slept." not in tok.decode(model.fed)
+
+
+def test_max_tokens_bounds_the_whole_reply_not_each_round(tok):
+    """A call the server answers starts another round: each had the whole max_output_tokens."""
+    nope = call(tok, "Try.", "nope", "{}")
+    model = ScriptedModel([nope, answer(tok, "Then without it.", "A long answer " * 20)])
+    with serving(model, tok) as url:
+        r = client(url).responses.create(model="gpt-oss-tiny", input="hi", max_output_tokens=24)
+    assert r.usage.output_tokens <= 24 and r.status == "incomplete"
+    assert [o.type for o in r.output][:2] == ["reasoning", "mcp_call"]
+
+
+def test_a_short_result_after_a_long_prompt_is_given_whole(tok):
+    """The prompt already past the room a reply is given (the first round needs only one
+    token of room): the tool's 1-character result was thrown away, the reply cut short."""
+    model = ScriptedModel([call(tok, "Use twice.", "twice", '{"n": 2}'), answer(tok, "Got it.", "4")])
+    tools = ServerTools(functions=[FunctionTool.from_callable(twice)])
+    with serving(model, tok, tools=tools, max_context=1024) as url:
+        r = client(url).responses.create(model="gpt-oss-tiny", input="word " * 720)
+    assert r.usage.input_tokens > 2 * 770  # both rounds' prompts: past 1024 - 256 each
+    ran = r.output[1]
+    assert (ran.type, ran.status, ran.output) == ("mcp_call", "completed", "4")
+    assert (r.output_text, r.status) == ("4", "completed")
 
 
 def test_a_streamed_item_cut_by_max_tokens_is_incomplete_when_it_is_done(tok):

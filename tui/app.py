@@ -549,7 +549,7 @@ class ChatApp(App):
     @work(thread=True, exclusive=True, group="reply")
     def reply(self, text: str, turn: AssistantTurn, asked: UserMessage) -> None:
         before, failed = len(self.chat.messages), False
-        events = run_with_tools(self.chat, text, self.toolbox) if self.toolbox else self.chat.send(text)
+        events = run_with_tools(self.chat, text, self.toolbox or Toolbox())  # no tools: calls get an error
         try:
             for event in events:
                 self.call_from_thread(turn.handle, event)

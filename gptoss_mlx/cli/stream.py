@@ -9,16 +9,16 @@ from dataclasses import dataclass, field
 from ..chat import AnswerDelta, ContextTrimmed, Done, ReasoningDelta, ToolCall
 from ..generate import ContextLengthError, NonFiniteLogitsError, Stats
 from ..loading import CheckpointError
-from ..tools import ToolResult, run_with_tools
+from ..tools import Toolbox, ToolResult, run_with_tools
 from . import common
 from .common import DIM, RESET, CLIError, make_toolbox, terminal_safe
 
 
 def replies(chat, text, toolbox):
-    """One user turn: with tools, the loop that answers tool calls until the model is done."""
-    if toolbox is None:
-        return chat.send(text)
-    return run_with_tools(chat, text, toolbox)
+    """One user turn: the loop that answers tool calls until the model is done. Without tools
+    too: a call to a tool the chat does not have is answered with an error, and the model
+    goes on (it ended the reply with nothing said)."""
+    return run_with_tools(chat, text, toolbox or Toolbox())
 
 
 class PromptProgress:

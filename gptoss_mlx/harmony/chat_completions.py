@@ -19,8 +19,8 @@ import json
 import re
 
 from .messages import (
-    BUILTIN_TOOLS, CONSTRAIN, FUNCTION_NAME, DeveloperContent, HarmonyError, Message, ResponseFormat,
-    SystemContent, ToolSpec, _kind, check_schema,
+    BUILTIN_TOOLS, CONSTRAIN, FUNCTION_NAME, FUNCTION_NAME_RULE, DeveloperContent, HarmonyError,
+    Message, ResponseFormat, SystemContent, ToolSpec, _kind, check_schema,
 )
 from .render import system_message
 
@@ -141,8 +141,7 @@ def _function_spec(tool, j: int) -> ToolSpec:
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
         raise HarmonyError(f"tools[{j}] has no function name")
     if not FUNCTION_NAME.fullmatch(fn["name"]):
-        raise HarmonyError(f"tools[{j}]: the function name {fn['name'][:80]!r} must be 1 to 64 letters, "
-                           "digits, _ and - (as OpenAI's API takes it)")
+        raise HarmonyError(f"tools[{j}]: the function name {fn['name'][:80]!r} must be {FUNCTION_NAME_RULE}")
     description = fn.get("description") or ""
     params = fn.get("parameters")
     if not isinstance(description, str):

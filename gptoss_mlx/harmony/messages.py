@@ -113,8 +113,10 @@ class Message:
 
 # Limits on a tool's JSON Schema: the TypeScript rendering recurses once per level, and a
 # schema is a few hundred values in practice (harmony's own are under 50).
-# A function's name as OpenAI's API takes it (written into the tools section and call headers).
-FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# A function's name: one word of at most 64 characters (it is written into the tools section's
+# lines and into call headers, where whitespace or a line break would end it early).
+FUNCTION_NAME = re.compile(r"[^\s\x00-\x1f\x7f]{1,64}")
+FUNCTION_NAME_RULE = "1 to 64 characters, none of them whitespace or control characters"
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a property name with one would break its line
 MAX_SCHEMA_DEPTH = 32
 MAX_SCHEMA_VALUES = 10_000
@@ -183,7 +185,7 @@ def _check_functions(functions, where: str, field_: str) -> None:
         f = f"{field_}[{i}]"
         _need(isinstance(fn, ToolSpec), where, f, "a ToolSpec", fn)
         _need(isinstance(fn.name, str) and FUNCTION_NAME.fullmatch(fn.name), where, f"{f}.name",
-              "1 to 64 letters, digits, _ and - (as OpenAI's API takes a function name)", fn.name)
+              FUNCTION_NAME_RULE, fn.name)
         _need(fn.name not in names, where, f"{f}.name", "a name no other function has", fn.name)
         names.add(fn.name)
         _need(isinstance(fn.description, str), where, f"{f}.description", "a string", fn.description)

@@ -139,8 +139,11 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], list[s
             call_id = str(item.get("id") or f"mcp_{i}")
             turn("content").setdefault("tool_calls", []).append(
                 {"id": call_id, "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}})
-            if isinstance(item.get("output"), str):
-                out.append({"role": "tool", "tool_call_id": call_id, "content": item["output"]})
+            result = item.get("output") if item.get("output") is not None else item.get("error")
+            if result is not None and not isinstance(result, str):
+                raise bad_request(f"{where}: an mcp_call's output and error are strings", "input")
+            if result is not None:  # the result the model read (a failed call's: its error)
+                out.append({"role": "tool", "tool_call_id": call_id, "content": result})
                 assistant = None
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str):

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from .. import harmony
@@ -49,7 +49,7 @@ class Reply:
     created: int = field(default_factory=lambda: int(time.time()))
     output_tokens: int = 0  # sampled tokens the reply took, up to a stop string (not the forced header)
     gone: bool = False  # the client went away before the reply was done
-    out_of_context: bool = False  # a tool's result left no room for a reply
+    cut_short: bool = False  # a tool's result left no room for a reply, or no tokens were left
     recipients: list[str] = field(default_factory=list)  # the tools it may call, client's and server's
     server_tools: ServerTools | None = None  # those the server runs for it
     toolbox: Toolbox | None = None  # their instances, while the reply is made
@@ -252,16 +252,21 @@ class Service:
                         or reply.run.stats is None or reply.run.stats.finish_reason != "stop"):
                     break
                 result = await self.answer(reply, call, limit=round_ == MAX_ROUNDS)
-                messages = reply.messages + stream.messages
+                if reply.gone:  # it left while the tool ran (which was stopped): no next round
+                    break
+                call.result, call.failed = result.content, not result.ok
+                params = self.params_left(reply)
+                if params is None:  # max_tokens spent: the result stays unread
+                    reply.cut_short = True
+                    break
                 forced = final_header(self.tokenizer) if round_ == MAX_ROUNDS else []
-                fitted = await asyncio.to_thread(self.with_result, messages, result, call.channel,
-                                                 reply.run.params, forced)
+                fitted = await asyncio.to_thread(self.with_result, reply.messages + stream.messages,
+                                                 result, call.channel, params, forced)
                 if fitted is None:  # not even a note of the result leaves room for a reply
-                    reply.out_of_context = True
+                    reply.cut_short = True
                     break
                 reply.messages, prompt = fitted
-                call.result, call.failed = reply.messages[-1].text, not result.ok
-                params = reply.run.params
+                call.result = reply.messages[-1].text  # as the model reads it
                 reply.runs.append(Run(prompt, params, self.constraints(
                     reply.messages, prompt, params, reply.reasoning_budget, forced)))
                 stream.next_round()
@@ -276,7 +281,7 @@ class Service:
         stats = reply.run.stats
         if stream.stopped:
             reply.finish_reason = "stop"
-        elif reply.out_of_context or stats is not None and stats.finish_reason in ("length", "context"):
+        elif reply.cut_short or stats is not None and stats.finish_reason in ("length", "context"):
             reply.finish_reason = "length"
         elif stream.items and stream.items[-1].kind == CALL:
             reply.finish_reason = "tool_calls"
@@ -292,24 +297,41 @@ class Service:
             return await asyncio.to_thread(reply.toolbox.execute, ToolCall(call.recipient, call.text, call.channel))
         return ToolResult(call.recipient, f"Error: {no_such_tool(call.recipient, reply.recipients)}", ok=False)
 
+    @staticmethod
+    def params_left(reply: Reply) -> SamplingParams | None:
+        """The next round's sampling: max_tokens bounds the whole reply, not each round (None
+        when the rounds so far spent it)."""
+        params, limit = reply.run.params, reply.runs[0].params.max_tokens
+        if limit is None:
+            return params
+        left = limit - reply.output_tokens
+        return replace(params, max_tokens=left) if left > 0 else None
+
     def with_result(self, messages: list[Message], result: ToolResult, channel: str | None,
                     params: SamplingParams, forced: list[int]) -> tuple[list[Message], list[int]] | None:
-        """The conversation with a tool's result, and its prompt (then ``forced``), leaving room
-        for a reply (:meth:`room`): a result too long for that is cut, with a note saying so.
-        None when not even the note fits."""
+        """The conversation with a tool's result, and its prompt (then ``forced``). The result
+        is cut, with a note, where it would leave a reply less room than :meth:`room` (or, in a
+        conversation already past that, less than the first round has: one token); whole where
+        it fits. None when not even the note fits."""
         def conversation(text: str) -> list[Message]:
             return messages + [Message("tool", text, channel=channel or "commentary",
                                        recipient="assistant", name=result.name)]
-        room = self.room(params) - len(forced)
+
+        def note(kept: str) -> str:
+            return f"{kept}\n[cut to fit the context: the first {len(kept)} of {len(result.content)} characters]"
+        room, limit = self.room(params) - len(forced), self.max_context - 1 - len(forced)
         tokens = self.rendered(conversation(result.content))
         if len(tokens) <= room:
             return conversation(result.content), tokens + list(forced)
+        if len(self.rendered(conversation(note("")))) > room:  # already past the room
+            room = limit
+            if len(tokens) <= room:
+                return conversation(result.content), tokens + list(forced)
         body = self.tokenizer.encode_ordinary(result.content)
         keep = len(body) - (len(tokens) - room)
         for _ in range(4):  # a cut can tokenize a little longer than it counted
             keep -= 32
-            text = self.tokenizer.decode(body[:max(keep, 0)])
-            text += f"\n[cut: the result was {len(result.content)} characters; the first {len(text)} fit the context]"
+            text = note(self.tokenizer.decode(body[:max(keep, 0)]))
             tokens = self.rendered(conversation(text))
             if len(tokens) <= room:
                 return conversation(text), tokens + list(forced)
