@@ -1049,6 +1049,10 @@ def test_server_python_tool_in_the_responses_stream(tok, os_sandbox):
         assert not any("function_call" in e.type for e in events)
         done = [e.item for e in events if e.type == "response.output_item.done"]
         assert done[0].type == "mcp_call" and done[0].output.strip() == "42"  # streamed once it ran
+        kinds = [e.type for e in events]  # OpenAI's MCP call events, in their order
+        ran_at = kinds.index("response.mcp_call_arguments.done")
+        assert kinds[ran_at + 1] == "response.mcp_call.in_progress"
+        assert kinds.index("response.mcp_call.completed") == kinds.index("response.output_item.done") - 1
         prompt = tok.decode(model.fed)
         assert "## python" in prompt and "STATELESS" in prompt
         assert "<|start|>python to=assistant<|channel|>analysis<|message|>42" in prompt

@@ -404,9 +404,13 @@ class ResponseRun:
                 self.keep_sent()
 
     def _server_call_results(self, final: bool = False):
-        """``output_item.done`` of each server tool call answered since the last event (and, at
-        the end, of those that never ran)."""
+        """``mcp_call.completed`` (or ``failed``) and ``output_item.done`` of each server tool call
+        answered since the last event (and, at the end, ``output_item.done`` of those that never
+        ran)."""
         for item in self.answered_calls():
+            where = self._where(item)
+            del where["content_index"]
+            yield f"response.mcp_call.{'failed' if item.failed else 'completed'}", where
             yield self._item_done(item)
         if final:
             for item in self.reply.stream.items:
@@ -420,15 +424,20 @@ class ResponseRun:
 
     def _item_events(self, event):
         item = event.item
-        if item.kind == SERVER_CALL:  # the server's own tool: added, its arguments, done once it ran
+        if item.kind == SERVER_CALL:  # a call the server answers: added, its arguments, done once answered
             if isinstance(event, Opened):
                 index = self.open(item)
                 yield "response.output_item.added", {"output_index": index,
                                                      "item": self._output(item, "in_progress")}
-            elif isinstance(event, Delta):
-                where = self._where(item)
-                del where["content_index"]
+                return
+            where = self._where(item)
+            del where["content_index"]
+            if isinstance(event, Delta):
                 yield "response.mcp_call_arguments.delta", {**where, "delta": event.text}
+            else:
+                yield "response.mcp_call_arguments.done", {**where, "arguments": item.text}
+                if not item.cut:  # to be answered
+                    yield "response.mcp_call.in_progress", where
             return
         if isinstance(event, Opened):
             index = self.open(item)
