@@ -34,7 +34,7 @@ from .engine_thread import engine_thread
 from .files import valid_text
 from .generate import ContextLengthError, Engine, SamplingParams, Stats
 from .harmony import ContentDelta, DeveloperContent, Message, MessageEnd, MessageStart, ResponseFormat
-from .structured import SchemaError, compile_schema, constraints_for, grammars
+from .structured import SchemaError, compile_schema, constraints_for, final_header, grammars
 
 
 @dataclass
@@ -245,12 +245,13 @@ class Chat:
         self.messages.append(Message("tool", content, channel=channel, recipient="assistant",
                                      name=name))
 
-    def reply(self) -> Iterator[ChatEvent]:
+    def reply(self, answer: bool = False) -> Iterator[ChatEvent]:
         """Generate the assistant's next messages; stops at a final answer or a tool call.
         If interrupted (``stop()``, Ctrl-C, or the consumer closing the stream), the partial
         answer is kept and the session goes on: closing the stream keeps what the consumer took,
-        not what the engine made after it."""
-        return self._stream(self._reply)
+        not what the engine made after it. ``answer``: the reply is the final answer (its header
+        is written for the model: the last round of a tool loop)."""
+        return self._stream(lambda ledger: self._reply(ledger, answer))
 
     def _stream(self, reply: Callable[["_Ledger"], Iterator[ChatEvent]]) -> Iterator[ChatEvent]:
         """``reply(ledger)`` run on the engine thread, its events watched by a ledger. A reply
@@ -269,7 +270,7 @@ class Chat:
         if previous is not None:
             previous.close()
 
-    def _reply(self, ledger: "_Ledger") -> Iterator[ChatEvent]:
+    def _reply(self, ledger: "_Ledger", answer: bool = False) -> Iterator[ChatEvent]:
         """The reply, on the engine thread: ``stop()`` is honoured at the next token."""
         self._stop = False
         self._channel = self._recipient = None
@@ -279,7 +280,11 @@ class Chat:
         prompt, trimmed = self.fitted_prompt()
         if trimmed:
             yield ledger.note(trimmed)
-        stream = self.engine.generate(prompt, self.sampling, logits_processors=self._constraints(prompt),
+        forced = final_header(self.tokenizer) if answer else []
+        for token in forced:  # the header as if the model had written it
+            list(self._chat_events(parser.feed(token)))
+        prompt = prompt + forced
+        stream = self.engine.generate(prompt, self.sampling, logits_processors=self._constraints(prompt, forced),
                                       instructions=harmony.instructions_length(self._prefix(), prompt),
                                       stop=lambda: self._stop)
         finish = None
@@ -310,11 +315,13 @@ class Chat:
         stats = self.engine.stats
         yield ledger.note(Done(stats, finish or stats.finish_reason, new))
 
-    def _constraints(self, prompt: list[int]) -> list:
+    def _constraints(self, prompt: list[int], forced: list[int] = ()) -> list:
         """The reply's logits processor: the answer's shape, valid function calls, the
-        reasoning budget (none when there is nothing to enforce)."""
+        reasoning budget (none when there is nothing to enforce); ``forced``: the header the
+        prompt ends with."""
         return constraints_for(self.tokenizer, self._prefix(), reasoning_budget=self.reasoning_budget,
-                               max_tokens=self.engine.token_budget(len(prompt), self.sampling))
+                               max_tokens=self.engine.token_budget(len(prompt), self.sampling),
+                               prefix=forced)
 
     def _chat_events(self, events) -> Iterator[tuple[ChatEvent, int]]:
         """Parser events -> chat events (reasoning, answer text, tool calls), each with the

@@ -219,10 +219,14 @@ def test_bad_calls_go_back_to_the_model(tok, recipient, args, expect):
 def test_round_limit(tok):
     toolbox = Toolbox(functions=[FunctionTool.from_callable(get_weather)])
     loop = call_script(tok, "functions.get_weather", '{"city": "Oslo"}')
-    chat, events = run(tok, [loop, loop, loop, loop, answer_script(tok, "Done.")], toolbox, max_rounds=2)
+    chat, events = run(tok, [loop, loop, loop, tokens(tok, "Sunny, I think.<|return|>"), loop], toolbox,
+                       max_rounds=2)
     contents = [r.content for r in results(events)]
     assert contents[-1].startswith("Error: tool-call limit reached (2 rounds)")
     assert len(contents) == 3
+    # then the answer, its header written for the model (the turn ended on the limit's error)
+    assert (chat.messages[-1].channel, chat.messages[-1].text) == ("final", "Sunny, I think.")
+    assert events[-1].finish_reason == "stop"
 
 
 def test_python_tool_in_the_loop_with_approval(tok, os_sandbox):

@@ -140,9 +140,11 @@ def _python_code(arguments: str) -> str:
 
 def run_with_tools(chat: Chat, text: str | None, toolbox: Toolbox, max_rounds: int = 8) -> Iterator:
     """Send ``text`` (or, if None, continue the conversation) and keep answering tool calls
-    until the model stops calling tools. Yields the chat's events plus a ToolResult per call."""
+    until the model stops calling tools. Yields the chat's events plus a ToolResult per call.
+    A call past ``max_rounds`` rounds is told the limit is reached, and the reply after it is
+    the answer (Chat.reply(answer=True))."""
     events = chat.send(text) if text is not None else chat.reply()
-    for round_ in range(max_rounds + 1):
+    for round_ in range(max_rounds + 2):
         calls, done = [], None
         for event in events:
             yield event
@@ -150,7 +152,8 @@ def run_with_tools(chat: Chat, text: str | None, toolbox: Toolbox, max_rounds: i
                 calls.append(event)
             elif isinstance(event, Done):
                 done = event
-        if not calls or done is None or done.finish_reason in ("interrupted", "length", "context"):
+        if (not calls or done is None or done.finish_reason in ("interrupted", "length", "context")
+                or round_ > max_rounds):
             return
         for call in calls:
             if round_ == max_rounds:
@@ -159,4 +162,4 @@ def run_with_tools(chat: Chat, text: str | None, toolbox: Toolbox, max_rounds: i
                 result = toolbox.execute(call)
             chat.add_tool_result(result.name, result.content, channel=call.channel or "commentary")
             yield result
-        events = chat.reply()
+        events = chat.reply(answer=round_ == max_rounds)
