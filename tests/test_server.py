@@ -1151,6 +1151,28 @@ def test_a_client_gone_stops_the_server_tool_that_ran_for_it(tok, os_sandbox, ca
     assert "Slept." not in tok.decode(model.fed)
 
 
+def slowly() -> str:
+    """Take a while."""
+    time.sleep(1.2)
+    return "done"
+
+
+def test_a_stream_is_not_silent_while_a_server_tool_runs(tok, monkeypatch):
+    """Every WAITING_S: an SSE comment in Chat Completions (clients skip it), the call's
+    mcp_call.in_progress again in the Responses API. A 30 s python run sent nothing at all."""
+    monkeypatch.setattr("gptoss_mlx.server.service.WAITING_S", 0.25)
+    model = ScriptedModel([call(tok, "Wait.", "slowly", "{}"), answer(tok, "Waited.", "Done.")] * 2)
+    with serving(model, tok, tools=ServerTools(functions=[FunctionTool.from_callable(slowly)])) as url:
+        body = json.dumps({"messages": [{"role": "user", "content": "go"}], "stream": True}).encode()
+        request = urllib.request.Request(url + "/chat/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as resp:
+            raw = resp.read().decode()
+        assert raw.count(": a tool is running\n\n") >= 2 and raw.endswith("data: [DONE]\n\n")
+        with client(url).responses.stream(model="gpt-oss-tiny", input="go") as stream:
+            kinds = [e.type for e in stream]
+        assert kinds.count("response.mcp_call.in_progress") >= 3 and kinds[-1] == "response.completed"
+
+
 def test_max_tokens_bounds_the_whole_reply_not_each_round(tok):
     """A call the server answers starts another round: each had the whole max_output_tokens."""
     nope = call(tok, "Try.", "nope", "{}")

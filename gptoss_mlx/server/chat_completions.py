@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from . import params
 from .errors import APIError, bad_request, generation_failed
-from .output import CALL, REASONING, TEXT, Closed, Delta, Opened
+from .output import CALL, REASONING, TEXT, Closed, Delta, Opened, Waiting
 from .service import REQUIRED, Reply, Service, new_id
 
 
@@ -181,6 +181,8 @@ async def stream_chunks(service: Service, reply: Reply, request, include_usage: 
                     yield chunk({"content": event.text})
                 elif isinstance(event, Closed) and item.kind == CALL:
                     calls += 1
+                elif isinstance(event, Waiting):  # an SSE comment: clients skip it, proxies see traffic
+                    yield ": a tool is running\n\n"
     except Exception as e:  # noqa: BLE001 - the stream has begun: report it in the stream
         error = generation_failed(e, reply.id)
         yield f"data: {json.dumps(error.body())}\n\n"

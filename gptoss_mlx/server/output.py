@@ -51,7 +51,14 @@ class Closed:
     item: Item
 
 
-OutputEvent = Opened | Delta | Closed
+@dataclass
+class Waiting:
+    """A call the server answers is still running (sent every WAITING_S while it runs, so that
+    a stream is never silent for long)."""
+    item: Item
+
+
+OutputEvent = Opened | Delta | Closed | Waiting
 
 
 def item_kind(start: MessageStart) -> tuple[str, str | None]:

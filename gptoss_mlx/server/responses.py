@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from . import params
 from .chat_completions import check_response_format, tool_choice
 from .errors import APIError, bad_request, generation_failed
-from .output import CALL, REASONING, SERVER_CALL, TEXT, Delta, Item, Opened
+from .output import CALL, REASONING, SERVER_CALL, TEXT, Delta, Item, Opened, Waiting
 from .service import Reply, Service, new_id
 
 log = logging.getLogger("gptoss_mlx.server")
@@ -432,7 +432,9 @@ class ResponseRun:
                 return
             where = self._where(item)
             del where["content_index"]
-            if isinstance(event, Delta):
+            if isinstance(event, Waiting):  # still running: said again, so the stream is not silent
+                yield "response.mcp_call.in_progress", where
+            elif isinstance(event, Delta):
                 yield "response.mcp_call_arguments.delta", {**where, "delta": event.text}
             else:
                 yield "response.mcp_call_arguments.done", {**where, "arguments": item.text}

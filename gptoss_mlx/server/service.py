@@ -20,7 +20,7 @@ from ..structured import SchemaError, call_header, constraints_for, final_header
 from ..tools import Toolbox, ToolResult
 from ..tools.toolbox import limit_reached, no_such_tool
 from .errors import APIError, bad_request
-from .output import CALL, SERVER_CALL, OutputEvent, ReplyStream
+from .output import CALL, SERVER_CALL, OutputEvent, ReplyStream, Waiting
 from .params import function_names
 from .scheduler import Run, Scheduler
 from .tools import MAX_ROUNDS, ServerTools
@@ -28,6 +28,7 @@ from .tools import MAX_ROUNDS, ServerTools
 log = logging.getLogger("gptoss_mlx.server")
 
 DISCONNECT_POLL_S = 0.2  # how often a reply that has no token yet checks that its client is there
+WAITING_S = 10.0  # while a tool the server runs works, a stream hears of it this often
 REQUIRED = "required"  # tool_choice: the reply calls one of the request's functions, the model picks which
 
 
@@ -251,7 +252,13 @@ class Service:
                 if (reply.gone or call is None or call.kind != SERVER_CALL or round_ > MAX_ROUNDS
                         or reply.run.stats is None or reply.run.stats.finish_reason != "stop"):
                     break
-                result = await self.answer(reply, call, limit=round_ == MAX_ROUNDS)
+                answering = asyncio.ensure_future(self.answer(reply, call, limit=round_ == MAX_ROUNDS))
+                try:
+                    while not (await asyncio.wait({answering}, timeout=WAITING_S))[0]:
+                        yield Waiting(call)
+                finally:
+                    answering.cancel()  # only if this generator is closed meanwhile
+                result = answering.result()
                 if reply.gone:  # it left while the tool ran (which was stopped): no next round
                     break
                 call.result, call.failed = result.content, not result.ok
