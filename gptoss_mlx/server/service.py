@@ -252,30 +252,18 @@ class Service:
                 if (reply.gone or call is None or call.kind != SERVER_CALL or round_ > MAX_ROUNDS
                         or reply.run.stats is None or reply.run.stats.finish_reason != "stop"):
                     break
-                answering = asyncio.ensure_future(self.answer(reply, call, limit=round_ == MAX_ROUNDS))
-                try:
-                    while not (await asyncio.wait({answering}, timeout=WAITING_S))[0]:
-                        yield Waiting(call)
-                finally:
-                    answering.cancel()  # only if this generator is closed meanwhile
-                result = answering.result()
+                async with contextlib.aclosing(self.answering(reply, call, round_ == MAX_ROUNDS)) as answering:
+                    async for event in answering:
+                        if isinstance(event, Waiting):
+                            yield event
+                        result = event
                 if reply.gone:  # it left while the tool ran (which was stopped): no next round
                     break
-                call.result, call.failed = result.content, not result.ok
-                params = self.params_left(reply)
-                if params is None:  # max_tokens spent: the result stays unread
-                    reply.cut_short = True
-                    break
                 forced = final_header(self.tokenizer) if round_ == MAX_ROUNDS else []
-                fitted = await asyncio.to_thread(self.with_result, reply.messages + stream.messages,
-                                                 result, call.channel, params, forced)
-                if fitted is None:  # not even a note of the result leaves room for a reply
-                    reply.cut_short = True
+                run = await asyncio.to_thread(self.next_run, reply, call, result, forced)
+                if run is None:
                     break
-                reply.messages, prompt = fitted
-                call.result = reply.messages[-1].text  # as the model reads it
-                reply.runs.append(Run(prompt, params, self.constraints(
-                    reply.messages, prompt, params, reply.reasoning_budget, forced)))
+                reply.runs.append(run)
                 stream.next_round()
         finally:
             toolbox, reply.toolbox = reply.toolbox, None
@@ -294,6 +282,32 @@ class Service:
             reply.finish_reason = "tool_calls"
         else:
             reply.finish_reason = "stop"
+
+    async def answering(self, reply: Reply, call, limit: bool) -> AsyncIterator[Waiting | ToolResult]:
+        """The call's result (:meth:`answer`) as the last event; before it, every WAITING_S
+        while it is made, a Waiting event."""
+        answering = asyncio.ensure_future(self.answer(reply, call, limit))
+        try:
+            while not (await asyncio.wait({answering}, timeout=WAITING_S))[0]:
+                yield Waiting(call)
+        finally:
+            answering.cancel()  # only if the stream is closed meanwhile
+        yield answering.result()
+
+    def next_run(self, reply: Reply, call, result: ToolResult, forced: list[int]) -> Run | None:
+        """The round after a call's result, its prompt ending in ``forced``; None, the reply cut
+        short, when its max_tokens are spent (the result stays unread) or not even a note of
+        the result leaves room for a reply. The call keeps its result, as the model reads it."""
+        call.result, call.failed = result.content, not result.ok
+        params = self.params_left(reply)
+        fitted = params and self.with_result(reply.messages + reply.stream.messages, result,
+                                             call.channel, params, forced)
+        if not fitted:
+            reply.cut_short = True
+            return None
+        reply.messages, prompt = fitted
+        call.result = reply.messages[-1].text
+        return Run(prompt, params, self.constraints(reply.messages, prompt, params, reply.reasoning_budget, forced))
 
     async def answer(self, reply: Reply, call, limit: bool) -> ToolResult:
         """The result of a call the server answers: its tool's (run in a worker thread), the
