@@ -89,9 +89,9 @@ def init(backend: str = "any", timeout_s: float = CONNECT_TIMEOUT_S):
     check_hostfile()
     # MLX holds the GIL while it connects, so no Python thread could act: a shell does. It
     # reads a pipe this process holds open: at its end (this process is gone, however it
-    # ended) it stops waiting and kills nothing.
+    # ended) it ends its own process group (its sleep too) and kills nothing else.
     # (An asynchronous list's standard input is /dev/null: the reader is given the pipe as fd 3.)
-    timer = subprocess.Popen(["sh", "-c", 'exec 3<&0; (cat <&3 >/dev/null; kill $$ 2>/dev/null) & '
+    timer = subprocess.Popen(["sh", "-c", 'exec 3<&0; (cat <&3 >/dev/null; kill 0) & '
                               'sleep "$1"; printf "%s\\n" "$2" >&2; kill -KILL "$3"',
                               "sh", str(timeout_s), message, str(os.getpid())],
                              stdin=subprocess.PIPE, start_new_session=True)
@@ -114,8 +114,8 @@ def init(backend: str = "any", timeout_s: float = CONNECT_TIMEOUT_S):
 
 
 def check_hostfile() -> None:
-    """What MLX does not check before it uses the ring backend's hostfile: that it lists a host
-    (an empty list crashes it with a floating-point exception)."""
+    """What MLX does not check before it uses the ring backend's hostfile: that it lists each
+    rank's addresses (``[]`` or ``{}`` crash it with a floating-point exception)."""
     path = os.environ.get("MLX_HOSTFILE")
     if not path:
         return
@@ -124,8 +124,10 @@ def check_hostfile() -> None:
             hosts = json.load(f)
     except (OSError, ValueError):
         return  # MLX's own message names the problem
-    if isinstance(hosts, list) and not hosts:
-        raise DistributedError(f"{path} (MLX_HOSTFILE) lists no hosts")
+    if not isinstance(hosts, list) or not hosts or not all(
+            isinstance(h, list) and h and all(isinstance(a, str) for a in h) for h in hosts):
+        raise DistributedError(f"{path} (MLX_HOSTFILE) must list each rank's addresses: "
+                               '[["10.0.0.1:5000"], ["10.0.0.2:5000"]]')
 
 
 _joined = None
@@ -349,6 +351,7 @@ def fingerprint(engine: Engine) -> dict[str, int]:
             "vocabulary": config.vocab_size, "experts": config.num_local_experts,
             "max context": engine.max_context, "prefill step": engine.prefill_step,
             "weights (a checksum of the checkpoint's files)": getattr(model, "weights_digest", 0),
+            "config (a checksum of its values)": getattr(model, "config_digest", 0),
             "dense bits": dense_bits(model)}
 
 

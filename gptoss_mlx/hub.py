@@ -133,7 +133,7 @@ def cached_models() -> tuple[list[CachedModel], int, list[tuple[str, str]]]:
     for warning in info.warnings:
         folder = re.search(r"models--([\w.-]+?)--([\w.-]+?)(?:/|$)", str(warning))
         if folder:  # HF repo names hold no "--": the folder names its repo unambiguously
-            damaged.setdefault(f"{folder[1]}/{folder[2]}", str(warning).replace(f"{cache_dir()}{os.sep}", ""))
+            damaged.setdefault(f"{folder[1]}/{folder[2]}", str(warning))
     return found, others, sorted(damaged.items())
 
 

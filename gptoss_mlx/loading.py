@@ -628,6 +628,7 @@ def load_model(directory: str | Path, dtype: mx.Dtype = mx.bfloat16, dense_bits:
     if distributed:
         model.shard(group, sharding)  # this rank's modules, not yet loaded
         model.weights_digest = files_digest(sorted({info.file for info in infos.values()}))
+        model.config_digest = zlib.crc32(json.dumps(config.to_hf_dict(), sort_keys=True).encode()) & 0x7FFFFFFF
         parts = {name: shard_part(config, name, group.rank(), group.size(), sharding) for name in plan}
 
     arrays = {}
@@ -771,10 +772,15 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
                 f"streamed, which adapters do not reach: it needs {_resident_limit(memory_plan)}, "
                 "or fuse again with --requantize-experts "
                 "(the adapter merged into the experts, which then stream)")
+        if distributed:
+            raise CheckpointError(f"{directory} is a fused checkpoint whose experts keep their adapter "
+                                  f"beside them ({FUSED_EXPERT_ADAPTER}/), which is not applied across "
+                                  "machines yet: fuse again with --requantize-experts (the adapter merged "
+                                  "into the experts) and run that")
         adapter = directory / FUSED_EXPERT_ADAPTER
     if adapter is not None and distributed:
         raise CheckpointError("adapters are not applied across machines yet: fuse the adapter "
-                              "into a checkpoint (gptoss-mlx fuse) and run that")
+                              "into a checkpoint (gptoss-mlx fuse --requantize-experts) and run that")
     model = load_model(directory, dtype, memory_plan=memory_plan, group=group, sharding=sharding)
     if adapter is not None:
         load_adapter(model, adapter)

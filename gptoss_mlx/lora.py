@@ -295,6 +295,9 @@ def requantize_experts(model: Model) -> RequantizeReport:
         for e in range(delta.shape[0]):
             w = mx.dequantize(switch.weight[e], switch.scales[e], group_size=32, bits=4, mode="mxfp4")
             target = w.astype(mx.float32) + delta[e]
+            if not mx.all(mx.isfinite(target)).item():  # MXFP4 would round it to zeros, silently
+                raise AdapterError("merged with the adapter, an expert's weights hold NaN or infinite "
+                                   "values (its alpha or its weights overflow): nothing was written")
             q, s = mx.quantize(target, group_size=32, bits=4, mode="mxfp4")
             err = mx.dequantize(q, s, group_size=32, bits=4, mode="mxfp4") - target
             sums["delta"] += mx.sum(delta[e] ** 2).item()

@@ -148,7 +148,7 @@ def test_a_damaged_download_is_listed_and_can_be_deleted(cache):
     os.remove(os.path.realpath(snapshot / "model.safetensors"))
     listed = run("models", "list")
     assert listed.returncode == 0 and "Damaged downloads" in listed.stdout
-    assert "  test/gpt-oss-tiny: Blob missing (broken symlink): models--test--gpt-oss-tiny/blobs/" in listed.stdout
+    assert f"  test/gpt-oss-tiny: Blob missing (broken symlink): {cache}/models--test--gpt-oss-tiny/blobs/" in listed.stdout
     proc = run("models", "rm", "test/gpt-oss-tiny", "--yes")
     assert proc.returncode == 0 and "Deleted test/gpt-oss-tiny" in proc.stdout, proc.stderr
     assert not (cache / "models--test--gpt-oss-tiny").exists()
@@ -203,6 +203,42 @@ def test_convert_saves_quantized_dense_layers_loadable_as_any_checkpoint(checkpo
                  "--dense-bits", "8"]) == 2
     err = capsys.readouterr().err
     assert "a-file/sub: cannot create it" in err and "Loading" not in err
+
+
+def test_convert_output_places(checkpoints, tmp_path, monkeypatch, capsys):
+    """Readable as mkdir makes directories (mkdtemp's 0700 was kept); a link to an empty
+    directory is written through (was a traceback after the work); the current directory is
+    refused (was an OSError after the work)."""
+    convert = ["models", "convert", str(checkpoints["hf"])]
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    umask = os.umask(0o022)
+    try:
+        assert main([*convert, str(tmp_path / "link"), "--dense-bits", "8"]) == 0
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "link").is_symlink() and load_model(tmp_path / "real")
+    assert (tmp_path / "real").stat().st_mode & 0o777 == 0o755
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert main([*convert, ".", "--dense-bits", "8"]) == 2
+    assert "the current directory; choose a new directory" in capsys.readouterr().err
+    assert list((tmp_path / "here").iterdir()) == []
+
+
+def test_a_convert_stopped_by_sigterm_cleans_up(checkpoints, tmp_path):
+    """SIGTERM (timeout, systemd, docker) left the hidden directory for good: tens of GB for
+    120b, hidden from ls. Now it unwinds as Ctrl-C does; one a SIGKILL left is named next time."""
+    code = ("import os, signal, sys\nfrom gptoss_mlx.cli import main, models\n"
+            "def save(out, tensors):\n    (out / 'w').write_bytes(b'half')\n    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "models.save_weights = save\nsys.exit(main(sys.argv[1:]))")
+    out = tmp_path / "q8"
+    done = subprocess.run([sys.executable, "-c", code, "models", "convert", str(checkpoints["hf"]), str(out),
+                           "--dense-bits", "8"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143 and list(tmp_path.iterdir()) == [], done.stderr
+    (tmp_path / ".q8.partial-killed").mkdir()
+    proc = run("models", "convert", str(checkpoints["hf"]), str(out), "--dense-bits", "8")
+    assert proc.returncode == 0 and f"note: {tmp_path / '.q8.partial-killed'} was left by a run that was killed" in proc.stderr
 
 
 def test_an_interrupted_convert_leaves_nothing_in_its_place(checkpoints, tmp_path, monkeypatch):

@@ -239,7 +239,7 @@ def test_a_rank_that_cannot_connect_gives_up_saying_so(tmp_path):
 def test_a_rank_gone_while_it_connects_leaves_nothing_behind(tmp_path):
     """Killed (kill -9, or Ctrl-C, which ends it at once: no Python handler can run while MLX
     connects), its connect timer neither says it could not connect nor kills anything later."""
-    code = "from gptoss_mlx import distributed; distributed.init(timeout_s=3)"
+    code = "from gptoss_mlx import distributed; distributed.init(timeout_s=3.25)"
     for sig in (signal.SIGKILL, signal.SIGINT):
         log = tmp_path / f"stderr{sig}"
         with open(log, "w") as err:
@@ -248,6 +248,9 @@ def test_a_rank_gone_while_it_connects_leaves_nothing_behind(tmp_path):
             time.sleep(1.5)  # importing, then connecting
             rank0.send_signal(sig)
             assert rank0.wait(timeout=2) == -sig
+            time.sleep(0.5)
+            for left in ("could not connect to the other ranks", "^sleep 3.25$"):  # the timer's shell, its sleep
+                assert not subprocess.run(["pgrep", "-f", left], capture_output=True, text=True).stdout.strip()
             time.sleep(3)  # past the timeout
         assert "could not connect" not in log.read_text()
 
@@ -269,16 +272,19 @@ def test_piped_input_under_mlx_launch_ends_without_its_end(monkeypatch):
     os.close(write)
 
 
-def test_an_empty_hostfile_is_refused(tmp_path):
+@pytest.mark.parametrize("hosts", ["[]", "{}", "[[]]", '["127.0.0.1:5000"]'])
+def test_a_hostfile_without_each_ranks_addresses_is_refused(tmp_path, hosts):
+    """MLX itself dies of SIGFPE on [] and {}, and raises a bare ValueError on [[]]."""
     hostfile = tmp_path / "hosts.json"
-    hostfile.write_text("[]")
+    hostfile.write_text(hosts)
     code = "from gptoss_mlx import distributed; distributed.init(timeout_s=3)"
     env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": "0"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    assert f"{hostfile} (MLX_HOSTFILE) lists no hosts" in done.stderr  # MLX itself dies of SIGFPE
+    assert f"{hostfile} (MLX_HOSTFILE) must list each rank's addresses" in done.stderr
 
 
-@pytest.mark.parametrize("problem", ["no checkpoint", "other options", "other weights", "other dense bits"])
+@pytest.mark.parametrize("problem", ["no checkpoint", "other options", "other weights", "other config",
+                                     "other dense bits"])
 def test_a_rank_that_cannot_follow_stops_rank_0(problem, checkpoint, tokenizer_json, tmp_path):
     """Rank 1 cannot find its checkpoint, or was started with other options than rank 0, or
     with another model of the same shape (which would run, and answer nonsense): it says so
@@ -290,12 +296,16 @@ def test_a_rank_that_cannot_follow_stops_rank_0(problem, checkpoint, tokenizer_j
     elif problem == "other options":
         rank1 = generate + [str(checkpoint), "--sharding", "tensor"]
         said = "rank 1 does not run what rank 0 runs (sharding (1 tensor, 2 pipeline) 1 here, 2 on rank 0)"
-    elif problem == "other weights":
+    elif problem in ("other weights", "other config"):
         other = tmp_path / "other"
-        mtc.write_hf(other, CONFIG, seed=4)
+        if problem == "other weights":
+            mtc.write_hf(other, CONFIG, seed=4)
+            said = "rank 1 does not run what rank 0 runs (weights (a checksum of the checkpoint's files) "
+        else:  # the same weights, another rope_theta: the same shape, other answers
+            mtc.write_hf(other, CONFIG.replace(rope_theta=7 * CONFIG.rope_theta), seed=3)
+            said = "rank 1 does not run what rank 0 runs (config (a checksum of its values) "
         mtc.copy_tokenizer(other, tokenizer_json)
         rank1 = generate + [str(other), "--sharding", "pipeline"]
-        said = "rank 1 does not run what rank 0 runs (weights (a checksum of the checkpoint's files) "
     else:
         rank1 = generate + [str(checkpoint), "--sharding", "pipeline", "--dense-bits", "8"]
         said = "rank 1 does not run what rank 0 runs (dense bits 8 here, 16 on rank 0)"

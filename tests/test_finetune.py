@@ -401,16 +401,17 @@ def test_a_fused_checkpoint_gives_the_logits_of_base_plus_adapter(sharp, tok, tm
         assert load(tmp_path / "requantized", memory_limit="1.02307GB", dense_bits=4)[0].expert_pool
 
 
-def test_fusing_an_adapter_that_overflows_writes_nothing(sharp, tmp_path, capsys):
+@pytest.mark.parametrize("targets", [("attention",), ("experts",)])
+def test_fusing_an_adapter_that_overflows_writes_nothing(sharp, tmp_path, capsys, targets):
     """alpha 1e300: the merged weights are infinite. fuse said "Saved", and the checkpoint it
-    wrote failed to load as corrupt."""
-    random_adapter(sharp, tmp_path / "adapter", ("attention",))
+    wrote failed to load as corrupt; requantized into MXFP4 the experts became zeros, silently."""
+    random_adapter(sharp, tmp_path / "adapter", targets)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "alpha": 1e300}))
     assert main(["fuse", "--model", str(sharp), "--adapter", str(tmp_path / "adapter"),
-                 "--out", str(tmp_path / "fused")]) == 2
+                 "--out", str(tmp_path / "fused"), *(["--requantize-experts"] if "experts" in targets else [])]) == 2
     err = capsys.readouterr().err
-    assert "holds NaN or infinite values (its alpha 1e+300 or its weights overflow): nothing was written" in err
+    assert "NaN or infinite values" in err and "(its alpha" in err and "nothing was written" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 

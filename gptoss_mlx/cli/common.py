@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import glob
 import math
 import os
 import select
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -58,21 +61,42 @@ def check_new_directory(path: Path) -> None:
 @contextlib.contextmanager
 def new_directory(path: Path):
     """Where convert and fuse write ``path``: a hidden directory beside it, renamed to it once
-    all is written. A run that fails or is interrupted leaves nothing half-written in its place,
-    nor anything that stops it running again; a place it cannot write is said before any work."""
+    all is written. A run that fails or is stopped (Ctrl-C, SIGTERM) leaves nothing
+    half-written in its place, nor anything that stops it running again; a place it cannot
+    write is said before any work. A link to an empty directory is written through."""
+    path = Path(os.path.abspath(path))
+    if os.path.islink(path) and os.path.isdir(path):
+        path = Path(os.path.realpath(path))
+    if path == Path(os.getcwd()):
+        raise CLIError(f"{path}: the current directory; choose a new directory")
     check_new_directory(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        work.chmod(0o777 & ~umask)  # as mkdir would make it, not mkdtemp's 0700
     except OSError as e:
         raise CLIError(f"{path}: cannot create it ({e.strerror or e})") from None
+    for left in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
+        if left != work:
+            print(f"note: {left} was left by a run that was killed; delete it to free its space",
+                  file=sys.stderr)
+    stop_on_sigterm = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if stop_on_sigterm else None
     try:
         yield work
         if path.is_dir():  # new or empty, as checked
             path.rmdir()
         os.rename(work, path)
     finally:
+        if stop_on_sigterm:
+            signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _exit_on_sigterm(signum, frame) -> NoReturn:
+    raise SystemExit(128 + signum)  # unwinds, so the finally blocks clean up
 
 
 def terminal_safe(text: str) -> str:
@@ -394,6 +418,7 @@ def plan_server(args, config, context: int, bits: int | None, limit) -> MemoryPl
 
 
 PIPE_QUIET_S = 1.0  # under mlx.launch: how long standard input stays quiet before it has ended
+PIPE_WAIT_NOTE_S = 5.0  # and how long none at all comes before a note says what it waits for
 
 
 def read_standard_input() -> str:
@@ -402,8 +427,19 @@ def read_standard_input() -> str:
     nothing more comes for PIPE_QUIET_S."""
     if distributed.launched_backend() is None:
         return sys.stdin.read()
-    fd, chunks = sys.stdin.fileno(), []
-    while select.select([fd], [], [], PIPE_QUIET_S if chunks else None)[0]:
+    fd, chunks, waited = sys.stdin.fileno(), [], 0.0
+    while True:
+        wait = PIPE_QUIET_S if chunks else PIPE_WAIT_NOTE_S
+        if not select.select([fd], [], [], wait)[0]:
+            if chunks:
+                print(f"gptoss-mlx: standard input quiet for {PIPE_QUIET_S:g} s: taking what came as all "
+                      "of it (mlx.launch does not pass the end of input on)", file=sys.stderr, flush=True)
+                break
+            waited += wait
+            if waited == PIPE_WAIT_NOTE_S:
+                print("gptoss-mlx: waiting for the prompt on standard input (under mlx.launch the end "
+                      "of an empty input never comes: give it with --prompt)", file=sys.stderr, flush=True)
+            continue
         data = os.read(fd, 1 << 16)
         if not data:
             break
@@ -446,6 +482,8 @@ def follow_rank0(args) -> bool:
         engine_thread().call(distributed.follow, Engine(model, max_context=context), group)
     except distributed.DistributedError as e:
         raise CLIError(str(e)) from None
+    except RuntimeError as e:  # MLX's: rank 0 ended (a bad option of its own) before its watchdog said so
+        raise CLIError(f"rank 0 stopped, so rank {group.rank()} stops too ({e})") from None
     return True
 
 

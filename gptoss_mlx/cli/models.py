@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -158,5 +159,5 @@ def cmd_convert(args) -> int:
                     shutil.copy(folder / name, out / name)
                     break
         size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"Saved {args.out} ({_size(size)}); load it with --model {args.out}")
+    print(f"Saved {args.out} ({_size(size)}); load it with --model {shlex.quote(str(args.out))}")
     return 0
