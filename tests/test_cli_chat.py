@@ -143,6 +143,14 @@ def test_saves_after_every_reply_says_where_and_resume_continues(tok, store, mon
         "2+2?", "times 2?", "and again?"]
 
 
+def test_resume_of_a_model_says_how_to_resume_with_it(store, checkpoints, capsys):
+    """`chat --resume DIR` reads DIR as the chat id (--resume takes one)."""
+    model = str(checkpoints["hf"])
+    assert main(["chat", "--resume", model]) == 2
+    assert f"({model} is a model: `gptoss-mlx chat {model} --resume` resumes the latest chat with it)" \
+        in capsys.readouterr().err
+
+
 def test_resume_of_a_bad_file_fails_before_loading_the_model(store, monkeypatch, capsys):
     store.root.mkdir(parents=True)
     (store.root / "bad.json").write_text('{"messages": [{"role": "assistant", "tool_calls": 5}]}')

@@ -3,6 +3,7 @@ or one answer when standard input is piped."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -10,7 +11,7 @@ from typing import Callable
 from ..chat import Chat, ChatFileError
 from ..files import REPLACEMENT, valid_text
 from ..generate import ContextLengthError, NonFiniteLogitsError
-from ..loading import CheckpointError
+from ..loading import CheckpointError, looks_like_repo_id
 from ..harmony import EFFORTS
 from ..structured import SchemaError
 from ..store import ConversationStore, check_chat_file, message_count, save_target_problem, title_for
@@ -125,7 +126,9 @@ def resumed_id(store: ConversationStore, chat_id: str) -> str:
     try:
         check_chat_file(store.path(chat_id))
     except ChatFileError as e:
-        raise CLIError(str(e)) from None
+        hint = (f" ({chat_id} is a model: `gptoss-mlx chat {chat_id} --resume` resumes the latest chat "
+                "with it)" if os.path.isdir(chat_id) or looks_like_repo_id(chat_id) else "")
+        raise CLIError(f"{e}{hint}") from None
     return chat_id
 
 
