@@ -231,7 +231,10 @@ def test_a_rank_that_cannot_connect_gives_up_saying_so(tmp_path):
     code = "from gptoss_mlx import distributed; distributed.init(timeout_s=3)"
     rank0 = subprocess.Popen([sys.executable, "-c", code], env=ring_environments(2, tmp_path)[0],
                              stderr=subprocess.PIPE, text=True)
-    _, stderr = rank0.communicate(timeout=60)
+    try:
+        _, stderr = rank0.communicate(timeout=60)
+    finally:
+        rank0.kill()  # not left behind when it fails
     assert rank0.returncode != 0  # killed: MLX does not let go while it connects
     assert "gptoss-mlx: error: rank 0 could not connect to the other ranks within 3s" in stderr
 
