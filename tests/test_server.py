@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -31,7 +32,7 @@ from gptoss_mlx.generate import Engine, SamplingParams
 from gptoss_mlx.server import Scheduler, Service, create_app
 from gptoss_mlx.server import scheduler as scheduler_module
 from gptoss_mlx.server.errors import APIError
-from gptoss_mlx.server.output import Closed, Delta, ReplyStream
+from gptoss_mlx.server.output import Closed, Delta, Opened, ReplyStream
 from gptoss_mlx.server.tools import MAX_ROUNDS, ServerTools
 from gptoss_mlx.tools import FunctionTool, SandboxLimits
 from gptoss_mlx.tokenizer import load_tokenizer
@@ -1171,6 +1172,32 @@ def test_a_stream_is_not_silent_while_a_server_tool_runs(tok, monkeypatch):
         with client(url).responses.stream(model="gpt-oss-tiny", input="go") as stream:
             kinds = [e.type for e in stream]
         assert kinds.count("response.mcp_call.in_progress") >= 3 and kinds[-1] == "response.completed"
+
+
+def test_chat_completions_stays_audible_while_a_server_call_is_written(monkeypatch):
+    """A call the server answers is not streamed to a Chat Completions client: while the model
+    wrote a long one (python code, say) nothing was sent; only the tool's run had keep-alives."""
+    from gptoss_mlx.server import chat_completions
+    from gptoss_mlx.server.output import SERVER_CALL, Item
+
+    monkeypatch.setattr(chat_completions, "WAITING_S", 0.2)
+    code = Item(SERVER_CALL, "python", recipient="python")
+
+    class Writing:  # a service whose reply is one server call, written slowly
+        model_name = "gpt-oss-tiny"
+
+        async def generate(self, reply, request):
+            yield Opened(code)
+            for _ in range(8):
+                await asyncio.sleep(0.1)
+                yield Delta(code, "x = 1\n")
+
+    async def written():
+        reply = SimpleNamespace(id="chatcmpl_1", created=0, finish_reason="stop")
+        return [out async for out in chat_completions.stream_chunks(Writing(), reply, None, False)]
+    out = asyncio.run(written())
+    assert 2 <= out.count(": a tool is running\n\n") <= 5 and out[-1] == "data: [DONE]\n\n"
+    assert not any("x = 1" in o for o in out)
 
 
 def test_max_tokens_bounds_the_whole_reply_not_each_round(tok):

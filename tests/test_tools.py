@@ -229,6 +229,18 @@ def test_round_limit(tok):
     assert events[-1].finish_reason == "stop"
 
 
+def test_a_stop_while_the_tools_run_ends_the_turn(tok):
+    """Esc in the TUI while a tool ran: the next round started anyway (the stop was reset by it)."""
+    toolbox = Toolbox(functions=[FunctionTool.from_callable(get_weather)])
+    loop = call_script(tok, "functions.get_weather", '{"city": "Oslo"}')
+    chat = Chat(ScriptedModel([loop, answer_script(tok, "Sunny.")]), tok, date="2025-08-05", **toolbox.chat_options())
+    real = toolbox.execute
+    toolbox.execute = lambda call: (chat.stop(), real(call))[1]  # pressed while it runs
+    events = list(run_with_tools(chat, "Weather?", toolbox))
+    assert len(results(events)) == 1 and sum(isinstance(e, Done) for e in events) == 1
+    assert chat.messages[-1].role == "tool"  # kept: the next turn follows on from it
+
+
 def test_python_tool_in_the_loop_with_approval(tok, os_sandbox):
     asked = []
     toolbox = Toolbox(python=PythonSandbox(limits=SandboxLimits(timeout_s=10)),

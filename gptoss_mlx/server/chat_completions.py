@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 
 from starlette.responses import JSONResponse, StreamingResponse
 
 from . import params
 from .errors import APIError, bad_request, generation_failed
 from .output import CALL, REASONING, TEXT, Closed, Delta, Opened, Waiting
-from .service import REQUIRED, Reply, Service, new_id
+from .service import REQUIRED, WAITING_S, Reply, Service, new_id
 
 
 def tool_choice(body: dict, tools_key: str = "tools") -> tuple[dict, str | None]:
@@ -165,24 +166,29 @@ async def stream_chunks(service: Service, reply: Reply, request, include_usage: 
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
-    calls = 0
+    calls, sent = 0, time.monotonic()
     try:
         async with contextlib.aclosing(service.generate(reply, request)) as events:
             async for event in events:
-                item = event.item
+                item, out = event.item, None
                 if isinstance(event, Opened) and item.kind == CALL:
-                    yield chunk({"tool_calls": [{"index": calls, "id": new_id("call"), "type": "function",
+                    out = chunk({"tool_calls": [{"index": calls, "id": new_id("call"), "type": "function",
                                                  "function": {"name": item.name, "arguments": ""}}]})
                 elif isinstance(event, Delta) and item.kind == CALL:
-                    yield chunk({"tool_calls": [{"index": calls, "function": {"arguments": event.text}}]})
+                    out = chunk({"tool_calls": [{"index": calls, "function": {"arguments": event.text}}]})
                 elif isinstance(event, Delta) and item.kind == REASONING:
-                    yield chunk({"reasoning_content": event.text, "reasoning": event.text})
+                    out = chunk({"reasoning_content": event.text, "reasoning": event.text})
                 elif isinstance(event, Delta) and item.kind == TEXT:
-                    yield chunk({"content": event.text})
+                    out = chunk({"content": event.text})
                 elif isinstance(event, Closed) and item.kind == CALL:
                     calls += 1
-                elif isinstance(event, Waiting):  # an SSE comment: clients skip it, proxies see traffic
-                    yield ": a tool is running\n\n"
+                if out is None and (isinstance(event, Waiting) or time.monotonic() - sent >= WAITING_S):
+                    # A server tool runs, or its call is written (not streamed here): an SSE
+                    # comment, which clients skip, so the stream is not silent for long.
+                    out = ": a tool is running\n\n"
+                if out is not None:
+                    sent = time.monotonic()
+                    yield out
     except Exception as e:  # noqa: BLE001 - the stream has begun: report it in the stream
         error = generation_failed(e, reply.id)
         yield f"data: {json.dumps(error.body())}\n\n"

@@ -106,7 +106,8 @@ def no_such_tool(recipient: str, available: list[str]) -> str:
 
 def limit_reached(max_rounds: int) -> str:
     """What a call past the tool-call limit gets back instead of running."""
-    return f"Error: tool-call limit reached ({max_rounds} rounds); answer with what you have"
+    return (f"Error: tool-call limit reached ({max_rounds} round{'' if max_rounds == 1 else 's'}); "
+            "answer with what you have")
 
 
 def _text(error: BaseException) -> str:
@@ -162,4 +163,6 @@ def run_with_tools(chat: Chat, text: str | None, toolbox: Toolbox, max_rounds: i
                 result = toolbox.execute(call)
             chat.add_tool_result(result.name, result.content, channel=call.channel or "commentary")
             yield result
+        if chat.stop_requested:  # stopped while the tools ran (Esc in the TUI): no next round
+            return
         events = chat.reply(answer=round_ == max_rounds)
