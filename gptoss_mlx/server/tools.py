@@ -15,6 +15,7 @@ from .. import harmony
 from ..harmony import Message
 from ..tools import Browser, FunctionTool, PythonSandbox, SandboxLimits, Toolbox
 from ..tools.python_tool import description
+from ..tools.toolbox import tool_recipients
 
 MAX_ROUNDS = 8  # tool calls the server answers in one request
 
@@ -39,9 +40,7 @@ class ServerTools:
         return namespace == "functions" and any(f.name == name for f in self.functions)
 
     def recipients(self) -> list[str]:
-        """What the model may address these tools as: ``functions.add``, ``python``, ``browser.search``..."""
-        return ([f"functions.{f.name}" for f in self.functions] + (["python"] if self.python else [])
-                + ([f"browser.{t.name}" for t in harmony.BROWSER_TOOLS] if self.browser else []))
+        return tool_recipients(self.functions, self.python is not None, self.browser)
 
     def toolbox(self) -> Toolbox:
         """A request's own tools."""

@@ -67,9 +67,7 @@ class Toolbox:
 
     @property
     def recipients(self) -> list[str]:
-        """What the model may address: ``functions.NAME``, ``python``, ``browser.search``..."""
-        return ([f"functions.{f.name}" for f in self.functions] + (["python"] if self.python else [])
-                + ([f"browser.{t.name}" for t in BROWSER_TOOLS] if self.browser else []))
+        return tool_recipients(self.functions, self.python is not None, self.browser is not None)
 
     def _dispatch(self, recipient: str, arguments: str) -> str:
         namespace, _, name = recipient.partition(".")
@@ -95,6 +93,12 @@ class Toolbox:
     def close(self) -> None:
         if self.python is not None:
             self.python.close()
+
+
+def tool_recipients(functions: list[FunctionTool], python: bool, browser: bool) -> list[str]:
+    """What the model may address these tools as: ``functions.NAME``, ``python``, ``browser.search``..."""
+    return ([f"functions.{f.name}" for f in functions] + (["python"] if python else [])
+            + ([f"browser.{t.name}" for t in BROWSER_TOOLS] if browser else []))
 
 
 def no_such_tool(recipient: str, available: list[str]) -> str:
