@@ -1174,6 +1174,45 @@ def test_a_stream_is_not_silent_while_a_server_tool_runs(tok, monkeypatch):
         assert kinds.count("response.mcp_call.in_progress") >= 3 and kinds[-1] == "response.completed"
 
 
+def test_a_function_that_never_returns_does_not_hold_up_the_server(tok, monkeypatch):
+    """A --functions call that hangs held a worker thread of the server's for good, and its
+    request waited for ever: a few such calls and every request queued behind them. Now the
+    model is told it did not return within --function-timeout and answers on; once its threads
+    are all held, a call is told they are busy; the server serves the others meanwhile."""
+    monkeypatch.setattr("gptoss_mlx.server.service.FUNCTION_THREADS", 2)
+    release = threading.Event()
+
+    def hang() -> str:
+        """Wait for something."""
+        release.wait(60)
+        return "back"
+    model = ScriptedModel([call(tok, "Try it.", "hang", "{}"), answer(tok, "It failed.", "No luck.")])
+    tools = ServerTools(functions=[FunctionTool.from_callable(hang)], function_timeout_s=0.3)
+    try:
+        with serving(model, tok, tools=tools) as url:
+            c = client(url, timeout=30)
+            errors = []
+            for _ in range(3):
+                r = c.responses.create(model="gpt-oss-tiny", input="go")
+                assert (r.status, r.output_text) == ("completed", "No luck.")
+                errors.append(next(o.error for o in r.output if o.type == "mcp_call"))
+                model.turn = -1
+            assert errors[:2] == ["Error: functions.hang did not return within 0.3 s"] * 2
+            assert errors[2] == ("Error: functions.hang did not start within 0.3 s: "
+                                 "the server's 2 function threads are all busy")
+            assert "function threads are all busy<|end|>" in tok.decode(model.fed)  # what the model read
+            r = c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "hi"}],
+                                          tool_choice="none")  # no tools: the rest of the server works
+            assert r.choices[0].finish_reason == "stop"
+            release.set()
+            time.sleep(0.2)
+            model.turn = -1
+            ran = next(o for o in c.responses.create(model="gpt-oss-tiny", input="go").output if o.type == "mcp_call")
+            assert (ran.status, ran.output) == ("completed", "back")  # the threads were given back
+    finally:
+        release.set()
+
+
 def test_chat_completions_stays_audible_while_a_server_call_is_written(monkeypatch):
     """A call the server answers is not streamed to a Chat Completions client: while the model
     wrote a long one (python code, say) nothing was sent; only the tool's run had keep-alives."""

@@ -54,8 +54,25 @@ def test_schema_from_type_hints_and_docstring():
             "alerts": {"type": "boolean", "nullable": True},
         },
         "required": ["city"],
+        "additionalProperties": False,
     }
     assert json.loads(tool.call('{"city": "Oslo", "unit": "f"}')) == {"city": "Oslo", "temp": 70, "days": 1}
+
+
+def test_an_argument_a_function_does_not_take_is_named():
+    """A function without parameters was called with whatever keys the model wrote: the model
+    read 'TypeError: ping() got an unexpected keyword argument'. One that takes **kwargs gets them."""
+    def ping() -> str:
+        """Ping."""
+        return "pong"
+
+    def anything(**options) -> str:
+        """Take anything."""
+        return json.dumps(options)
+    with pytest.raises(ToolError, match=r"^arguments: unknown argument 'x' \(expected none\)$"):
+        FunctionTool.from_callable(ping).call('{"x": 1}')
+    assert FunctionTool.from_callable(ping).call("{}") == "pong"
+    assert FunctionTool.from_callable(anything).call('{"x": 1}') == '{"x": 1}'
 
 
 @pytest.mark.parametrize("arguments,message", [

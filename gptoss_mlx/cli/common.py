@@ -38,6 +38,7 @@ from ..structured import SchemaError
 from ..tokenizer import TokenizerError
 from ..tools import Browser, PythonSandbox, SandboxLimits, ToolError, Toolbox, load_functions
 from ..tools.approval import hidden_char_marker, render_code_ansi
+from ..tools.functions import FUNCTION_TIMEOUT_S
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
@@ -255,6 +256,10 @@ def add_model_options(p: argparse.ArgumentParser, interactive: bool = True,
         p.set_defaults(auto_approve=True, python_stateless=True)
     tools.add_argument("--python-timeout", type=positive_seconds, default=30.0,
                        help="seconds per code run (default 30)")
+    if not interactive:
+        tools.add_argument("--function-timeout", type=positive_seconds, default=FUNCTION_TIMEOUT_S,
+                           metavar="SECONDS", help="seconds a --functions call may take; then the "
+                           f"model is told it failed and goes on (default {FUNCTION_TIMEOUT_S:g})")
     tools.add_argument("--python-network", action="store_true",
                        help="allow the Python code network access (this machine's, services on "
                             "localhost included)")

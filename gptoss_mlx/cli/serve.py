@@ -65,7 +65,7 @@ def cmd_serve(args) -> int:
     if args.max_concurrency < 1:
         raise CLIError(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
     toolbox = make_toolbox(args)  # checks the flags, the files and the sandbox
-    tools = ServerTools.from_toolbox(toolbox) if toolbox else None
+    tools = ServerTools.from_toolbox(toolbox, args.function_timeout) if toolbox else None
     if toolbox:
         toolbox.close()
     chat = common.load_chat(args)

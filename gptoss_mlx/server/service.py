@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
@@ -23,7 +24,7 @@ from .errors import APIError, bad_request
 from .output import CALL, SERVER_CALL, OutputEvent, ReplyStream, Waiting
 from .params import function_names
 from .scheduler import Run, Scheduler
-from .tools import MAX_ROUNDS, ServerTools
+from .tools import FUNCTION_THREADS, MAX_ROUNDS, ServerTools
 
 log = logging.getLogger("gptoss_mlx.server")
 
@@ -79,6 +80,7 @@ class Service:
     instructions: str | None = None  # for requests that bring none
     reasoning_budget: int | None = None  # for requests that bring none
     tools: ServerTools | None = None  # tools the server runs itself
+    _function_slots: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
 
     @property
     def max_context(self) -> int:
@@ -315,8 +317,47 @@ class Service:
         if limit:
             return ToolResult(call.recipient, limit_reached(MAX_ROUNDS), ok=False)
         if reply.toolbox is not None and reply.server_tools.handles(call.recipient):
-            return await asyncio.to_thread(reply.toolbox.execute, ToolCall(call.recipient, call.text, call.channel))
+            tool_call = ToolCall(call.recipient, call.text, call.channel)
+            if call.recipient.startswith(FUNCTIONS):
+                return await self.run_function(reply.toolbox, tool_call, reply.server_tools.function_timeout_s)
+            return await asyncio.to_thread(reply.toolbox.execute, tool_call)  # bounded by its own limits
         return ToolResult(call.recipient, f"Error: {no_such_tool(call.recipient, reply.recipients)}", ok=False)
+
+    async def run_function(self, toolbox: Toolbox, call: ToolCall, timeout_s: float) -> ToolResult:
+        """A call to one of --functions, in a thread of its own (at most FUNCTION_THREADS at
+        once): a function that never returns holds that thread, not one the server's own work
+        needs, nor the server's exit. Not started or not returned within ``timeout_s``: an
+        error the model reads, and the reply goes on (a thread cannot be stopped: it is left)."""
+        if self._function_slots is None:
+            self._function_slots = asyncio.Semaphore(FUNCTION_THREADS)
+        slots, loop, start = self._function_slots, asyncio.get_running_loop(), time.monotonic()
+        try:
+            await asyncio.wait_for(slots.acquire(), timeout_s)
+        except asyncio.TimeoutError:
+            return ToolResult(call.recipient, f"Error: {call.recipient} did not start within {timeout_s:g} s: "
+                              f"the server's {FUNCTION_THREADS} function threads are all busy", ok=False)
+        result = loop.create_future()
+
+        def done(outcome: ToolResult) -> None:  # on the event loop
+            slots.release()
+            if not result.done():
+                result.set_result(outcome)
+
+        def work() -> None:
+            try:
+                outcome = toolbox.execute(call)
+            except KeyboardInterrupt:  # only raised by the function itself: the main thread gets Ctrl-C
+                outcome = ToolResult(call.recipient, "Error: the tool failed (KeyboardInterrupt)", ok=False)
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+                loop.call_soon_threadsafe(done, outcome)
+        threading.Thread(target=work, name=f"server-{call.recipient}", daemon=True).start()
+        try:
+            return await asyncio.wait_for(asyncio.shield(result), max(timeout_s - (time.monotonic() - start), 0))
+        except asyncio.TimeoutError:
+            log.warning("%s has not returned after %g s (--function-timeout): the model is told it "
+                        "failed; its thread is left running", call.recipient, timeout_s)
+            return ToolResult(call.recipient, f"Error: {call.recipient} did not return within {timeout_s:g} s",
+                              ok=False)
 
     @staticmethod
     def params_left(reply: Reply) -> SamplingParams | None:

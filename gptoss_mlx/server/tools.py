@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from .. import harmony
 from ..harmony import Message
 from ..tools import Browser, FunctionTool, PythonSandbox, SandboxLimits, Toolbox
+from ..tools.functions import FUNCTION_TIMEOUT_S
 from ..tools.python_tool import description
 from ..tools.toolbox import tool_recipients
 
 MAX_ROUNDS = 8  # tool calls the server answers in one request
+FUNCTION_THREADS = 16  # --functions calls running at once, over all requests (serve)
 
 
 @dataclass
@@ -25,11 +27,12 @@ class ServerTools:
     functions: list[FunctionTool] = field(default_factory=list)
     python: SandboxLimits | None = None  # the python tool, with these limits, when enabled
     browser: bool = False
+    function_timeout_s: float = FUNCTION_TIMEOUT_S
 
     @classmethod
-    def from_toolbox(cls, toolbox: Toolbox) -> "ServerTools":
+    def from_toolbox(cls, toolbox: Toolbox, function_timeout_s: float = FUNCTION_TIMEOUT_S) -> "ServerTools":
         return cls(list(toolbox.functions), toolbox.python.limits if toolbox.python else None,
-                   toolbox.browser is not None)
+                   toolbox.browser is not None, function_timeout_s)
 
     def handles(self, recipient: str) -> bool:
         namespace, _, name = recipient.partition(".")

@@ -29,6 +29,8 @@ from typing import Any, Callable
 from ..files import regular_file_problem
 from ..harmony import ToolSpec
 
+FUNCTION_TIMEOUT_S = 60.0  # serve: a call to one of --functions not returned by then gets an error
+
 
 class ToolError(Exception):
     """A call the model got wrong; its message goes back to the model."""
@@ -105,6 +107,8 @@ class FunctionTool:
         parameters = {"type": "object", "properties": properties}
         if required:
             parameters["required"] = required
+        if not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):
+            parameters["additionalProperties"] = False  # a name it does not take: refused, not a TypeError
         return cls(name or fn.__name__, description or description_doc, parameters, fn)
 
     @classmethod
