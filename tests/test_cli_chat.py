@@ -14,7 +14,7 @@ from gptoss_mlx.chat import AnswerDelta, Chat, ContextTrimmed, Done
 from gptoss_mlx.cli import chat as cli_chat
 from gptoss_mlx.cli import build_parser, common, main
 from gptoss_mlx.cli.lineedit import line_reader
-from gptoss_mlx.generate import Engine, Stats
+from gptoss_mlx.generate import Engine, SamplingParams, Stats
 from gptoss_mlx.store import ConversationStore
 from gptoss_mlx.tokenizer import load_tokenizer
 from scripted import ScriptedModel, SlowChunks
@@ -441,6 +441,18 @@ def test_piped_chat_with_resume_continues_and_saves_the_chat(tok, store, monkeyp
     monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no question either: the chat is named first
     assert main(["chat", "--resume", "nonexist"]) == 2
     assert "nonexist.json: does not exist" in capsys.readouterr().err
+
+
+def test_piped_chat_says_when_the_reply_was_cut_off(tok, monkeypatch, capsys):
+    """Cut inside a call's header (nothing to print), the piped chat printed nothing at all."""
+    cut = tok.encode("<|channel|>commentary to=functions.f <|constrain|>json<|message|>{}<|call|>",
+                     allowed_special="all")
+    chat = Chat(ScriptedModel([cut]), tok, date="2025-08-05", sampling=SamplingParams(max_tokens=3))
+    monkeypatch.setattr(common, "load_chat", lambda args, out=None, toolbox=None: chat)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "" and "cut off by --max-tokens (finish reason: length)" in err
 
 
 def test_commands_say_the_effort_take_any_case_and_refuse_stray_words(tok, store, monkeypatch):

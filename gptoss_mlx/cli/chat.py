@@ -21,7 +21,7 @@ from .common import (
     decline_when_piped, make_toolbox, terminal_safe,
 )
 from .lineedit import is_unfinished, line_reader
-from .stream import answer_once, print_events, replies, with_prompt_progress
+from .stream import answer_once, print_events, replies, say_cut, with_prompt_progress
 
 HELP = f"""Commands:
   /effort {'|'.join(EFFORTS)}   reasoning effort from the next reply
@@ -66,7 +66,7 @@ def cmd_chat(args) -> int:
         else:
             finish = answer_once(args, question, decline_when_piped, not args.hide_reasoning,
                                  dim=False).finish_reason
-        if (args.json_schema or args.json_object) and finish in ("length", "context"):
+        if say_cut(finish) and (args.json_schema or args.json_object):
             raise CLIError(f"the JSON answer is truncated ({finish} limit): it is not valid; "
                            "raise --max-tokens")
         return 0

@@ -9,10 +9,7 @@ from . import common
 from .common import (
     CLIError, add_model_options, add_structured_options, ask_on_terminal, decline_when_piped,
 )
-from .stream import Outcome, answer_once
-
-CUT = {"length": "--max-tokens", "context": "the context length (--max-context)"}
-
+from .stream import Outcome, answer_once, say_cut
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="answer one prompt and exit",
@@ -48,9 +45,7 @@ def cmd_generate(args) -> int:
                           "tool_calls": outcome.tool_calls, "usage": outcome.usage(),
                           "finish_reason": outcome.finish_reason}, ensure_ascii=False))
     print_stats(outcome)
-    if outcome.finish_reason in CUT:
-        print(f"gptoss-mlx: the reply was cut off by {CUT[outcome.finish_reason]} "
-              f"(finish reason: {outcome.finish_reason})", file=sys.stderr)
+    if say_cut(outcome.finish_reason):
         if args.json_schema or args.json_object:
             print("gptoss-mlx: the JSON answer is truncated: it is not valid; raise --max-tokens",
                   file=sys.stderr)

@@ -119,6 +119,18 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
     return done
 
 
+CUT = {"length": "--max-tokens", "context": "the context length (--max-context)"}  # finish reasons
+
+
+def say_cut(finish_reason: str | None) -> bool:
+    """On standard error, that a reply answered once was cut off, and by what; whether it was."""
+    if finish_reason not in CUT:
+        return False
+    print(f"gptoss-mlx: the reply was cut off by {CUT[finish_reason]} (finish reason: {finish_reason})",
+          file=sys.stderr)
+    return True
+
+
 @dataclass
 class Outcome:
     """What one user turn produced, over every reply of a tool loop."""
