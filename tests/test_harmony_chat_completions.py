@@ -125,6 +125,24 @@ def test_call_ids_are_distinct():
     assert [m["tool_call_id"] for m in saved if m["role"] == "tool"] == ids
 
 
+def test_results_point_at_their_own_calls():
+    """Two calls to one function, then their results: both results had the second call's id
+    (the first call none) in a saved chat. A call left unanswered in an earlier turn takes none."""
+    def call(city):
+        return Message("assistant", f'{{"city": "{city}"}}', channel="commentary", recipient="functions.w")
+
+    def result(text):
+        return Message("tool", text, channel="commentary", recipient="assistant", name="functions.w")
+    history = [Message("user", "A and B?"), call("A"), call("B"), result("sun"), result("rain"),
+               Message("user", "C?"), call("C"), Message("user", "D?"), call("D"), result("snow")]
+    saved = to_chat_completions(history)["messages"]
+    ids = {m["tool_calls"][i]["function"]["arguments"]: m["tool_calls"][i]["id"]
+           for m in saved if m.get("tool_calls") for i in range(len(m["tool_calls"]))}
+    results = {m["content"]: m["tool_call_id"] for m in saved if m["role"] == "tool"}
+    assert results == {"sun": ids['{"city": "A"}'], "rain": ids['{"city": "B"}'], "snow": ids['{"city": "D"}']}
+    assert len(set(ids.values())) == 4
+
+
 def test_bare_strings_in_content_parts_are_text():
     (_, user) = from_chat_completions({"messages": [{"role": "user", "content": ["hello", {"type": "text", "text": "!"}]}]})
     assert user.content == "hello!"

@@ -228,7 +228,8 @@ def to_chat_completions(messages: list[Message]) -> dict:
     out: list[dict] = []
     result: dict = {"messages": out, "reasoning_effort": "medium"}
     declared: set[str] = set()
-    calls: dict[str, tuple[str, str | None]] = {}  # recipient -> (id of its last call, channel)
+    calls: dict[str, list[tuple[str, str | None]]] = {}  # recipient -> (id, channel) of its unanswered calls
+    answered: dict[str, tuple[str, str | None]] = {}  # recipient -> its last answered call's
     group: list[Message] = []  # assistant messages that fit in one Chat Completions message
     ids = itertools.count(1)
 
@@ -244,13 +245,15 @@ def to_chat_completions(messages: list[Message]) -> dict:
             group.append(m)
             continue
         flush()
+        if m.role != "tool":  # a new turn: calls left unanswered stay so
+            calls.clear()
         if m.role == "system" and isinstance(m.content, SystemContent):
             result["reasoning_effort"] = m.content.reasoning_effort or "medium"
         elif m.role == "developer":
             dev = m.content if isinstance(m.content, DeveloperContent) else DeveloperContent(m.text)
             _developer_to_chat(dev, out, result, declared)
         elif m.role == "tool":
-            out.append(_tool_to_chat(m, declared, calls))
+            out.append(_tool_to_chat(m, declared, calls, answered))
         else:
             out.append({"role": m.role, "content": m.text})
     flush()
@@ -277,7 +280,7 @@ def _assistant_to_chat(group: list[Message], declared: set[str], calls: dict, id
                 msg["channel"] = m.channel
         else:
             call_id = f"call_{next(ids)}"
-            calls[m.recipient] = (call_id, m.channel)
+            calls.setdefault(m.recipient, []).append((call_id, m.channel))
             tool_calls.append(_call_to_chat(m, call_id, declared))
     if tool_calls:
         msg["tool_calls"] = tool_calls
@@ -297,9 +300,13 @@ def _call_to_chat(m: Message, call_id: str, declared: set[str]) -> dict:
     return call
 
 
-def _tool_to_chat(m: Message, declared: set[str], calls: dict) -> dict:
+def _tool_to_chat(m: Message, declared: set[str], calls: dict, answered: dict) -> dict:
+    """A tool's result, with the id of the oldest unanswered call to it (results come in the calls'
+    order), else of the last one answered."""
     name = _function_name(m.name)
-    call_id, channel = calls.get(m.name, ("", _call_defaults(_recipient_of(name, declared))[0]))
+    if calls.get(m.name):
+        answered[m.name] = calls[m.name].pop(0)
+    call_id, channel = answered.get(m.name, ("", _call_defaults(_recipient_of(name, declared))[0]))
     msg = {"role": "tool", "tool_call_id": call_id, "name": name, "content": m.text}
     if m.channel != channel:
         msg["channel"] = m.channel
