@@ -19,9 +19,7 @@ for the reply. The history itself (``chat.messages``, saved chats) keeps every m
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import threading
 import weakref
 from collections.abc import Callable
@@ -30,6 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import harmony
+from .chat_file import ChatFileError, check_chat_file, write_json_atomic  # noqa: F401 - ChatFileError: public here
 from .engine_thread import engine_thread
 from .files import valid_text
 from .generate import ContextLengthError, Engine, SamplingParams, Stats
@@ -75,10 +74,6 @@ CONTEXT_OVERFLOW = ("truncate", "error")
 # medium-effort chain of thought and its answer. Never more than max_tokens (when set) or a
 # quarter of the context window (see Chat.reply_reserve).
 REPLY_RESERVE = 2048
-
-
-class ChatFileError(ValueError):
-    """A saved chat that cannot be read."""
 
 
 class Chat:
@@ -380,16 +375,14 @@ class Chat:
         ``metadata`` (e.g. a title) is stored beside it and ignored by :meth:`load`."""
         return write_json_atomic(path, {**self.to_json(), **metadata})
 
-    def load(self, path: str | os.PathLike) -> None:
-        """Replace this chat's history, instructions, tools and effort with a saved one."""
+    def load(self, path: str | os.PathLike) -> dict:
+        """Replace this chat's history, instructions, tools and effort with a saved one; returns
+        the file's JSON (its title and other metadata too). A file that is not a saved chat (or
+        is damaged, or from a newer version) raises ChatFileError naming the file and the field,
+        and the chat stays as it was."""
         path = Path(path).expanduser()
-        try:
-            data = json.loads(path.read_text())
-            messages = harmony.from_chat_completions(data, date=data.get("date"))
-        except OSError as e:
-            raise ChatFileError(f"{path}: {e.strerror or e}") from None
-        except (json.JSONDecodeError, harmony.HarmonyError, AttributeError) as e:
-            raise ChatFileError(f"{path}: not a saved chat ({e})") from None
+        data = check_chat_file(path)
+        messages = harmony.from_chat_completions(data, date=data.get("date"))
         system, rest = messages[0], messages[1:]
         self.reasoning_effort = system.content.reasoning_effort or "medium"
         self.date = data.get("date") or self.date
@@ -399,6 +392,7 @@ class Chat:
         else:
             self.instructions, self.functions = None, []
         self.messages = rest
+        return data
 
 
 class _ReplyStream:
@@ -499,23 +493,3 @@ def trimmed_histories(messages: list[Message]) -> list[list[Message]]:
     inside = [pinned + messages[j:] for j in range(last + 2, len(messages) + 1)
               if j == len(messages) or messages[j].role != "tool"]  # never an orphaned result
     return whole_turns + inside
-
-
-def write_json_atomic(path: str | os.PathLike, data) -> Path:
-    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write through a temporary file and a rename: a crash never leaves half a file (the
-    store removes temporary files that a killed save left behind)."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -43,7 +43,7 @@ from .kernels import registry
 from .lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, LoRAConfig, adapter_weights, apply_lora,
                    load_adapter_weights, non_finite, read_adapter_config, save_adapter, write_json)
 from .model import Model
-from .store import chat_file_problem
+from .chat_file import chat_file_problem
 
 LONG = ("truncate", "skip")
 SCHEDULES = ("cosine", "constant")  # the learning rate over the run: decayed to 0 at --iters, or not

@@ -1,16 +1,14 @@
 """Saved conversations, shared by ``gptoss-mlx chat`` and the TUI: one JSON file per chat in
 the platform's data directory, written atomically after every completed reply.
 
-Each file is what ``Chat.save`` writes (Chat Completions JSON, reasoning and tool calls
-included) plus ``title``, ``updated`` and ``format``. A file is checked field by field before it
-replaces the conversation (:func:`check_chat_file`), so a damaged or hostile file is refused
-with its name and field and the conversation on screen stays.
+Each file is what ``Chat.save`` writes (gptoss_mlx/chat_file.py), checked field by field before
+it replaces the conversation, so a damaged or hostile file is refused with its name and field and
+the conversation on screen stays.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import stat
@@ -20,15 +18,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .chat import Chat, ChatFileError, write_text_atomic
-from .files import JSONProblem, lone_surrogate_problem, parse_json, regular_file_problem
-from .harmony import EFFORTS, HarmonyError, from_chat_completions, render_conversation
+from .chat import Chat
+from .chat_file import FORMAT_VERSION, ChatFileError, check_chat_file, write_text_atomic
+from .files import regular_file_problem
 
-FORMAT_VERSION = 1  # files without "format" are version 1
-MAX_FILE_BYTES = 64 * 2**20
-MAX_DEPTH = 64  # JSON nesting; a tool's parameter schema needs a handful of levels
 ORPHAN_AGE_S = 60.0  # a temporary file this old belongs to a save that was killed
-ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def data_dir() -> Path:
@@ -40,119 +34,6 @@ def data_dir() -> Path:
         return Path.home() / "Library" / "Application Support" / "gptoss-mlx"
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(base) / "gptoss-mlx"
-
-
-# ----------------------------------------------------------------------------- checking a file
-def check_chat_file(path: Path) -> dict:
-    """The file's JSON if it has the shape of a saved chat; else ChatFileError naming the file
-    and the first field that is wrong."""
-    problem = regular_file_problem(path)  # never open a FIFO (it would block) or a device
-    if problem:
-        raise ChatFileError(f"{path}: {problem}")
-    try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise ChatFileError(f"{path}: not a saved chat (larger than {MAX_FILE_BYTES >> 20} MB)")
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ChatFileError(f"{path}: {e.strerror or e}") from None
-    try:
-        data = parse_json(raw)
-    except JSONProblem as e:
-        raise ChatFileError(f"{path}: not a saved chat ({e})") from None
-    problem = chat_file_problem(data)
-    if problem:
-        raise ChatFileError(f"{path}: {problem}")
-    return data
-
-
-def chat_file_problem(data) -> str | None:
-    """What is wrong with a saved chat's JSON, naming the field; None if nothing."""
-    if _depth(data) > MAX_DEPTH:
-        return f"not a saved chat (JSON nested deeper than {MAX_DEPTH} levels)"
-    if not isinstance(data, dict):
-        return "not a saved chat (expected a JSON object)"
-    version = data.get("format", 1)
-    if not _is_int(version) or version < 1:
-        return f"format must be a positive integer, got {version!r}"
-    if version > FORMAT_VERSION:
-        return (f"format {version} was written by a newer gptoss-mlx (this one reads format "
-                f"{FORMAT_VERSION}); upgrade to open it")
-    for name, ok, expected in (
-        ("title", lambda v: isinstance(v, str), "a string"),
-        ("date", lambda v: isinstance(v, str), "a string"),
-        ("updated", lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a time in seconds"),
-        ("reasoning_effort", lambda v: v in EFFORTS, " or ".join(EFFORTS)),
-        ("tools", lambda v: isinstance(v, list) and all(isinstance(t, dict) for t in v),
-         "a list of objects"),
-    ):
-        if name in data and data[name] is not None and not ok(data[name]):
-            return f"{name} must be {expected}, got {_show(data[name])}"
-    if not isinstance(data.get("messages"), list):
-        return f"messages must be a list, got {_show(data.get('messages'))}"
-    for i, m in enumerate(data["messages"]):
-        problem = _message_problem(m)
-        if problem:
-            return f"messages[{i}]{problem}"
-    problem = lone_surrogate_problem(data)
-    if problem:
-        return problem
-    try:  # what only rendering finds (a tool's parameter schema of the wrong shape)
-        render_conversation(from_chat_completions(data, date=data.get("date")))
-    except HarmonyError as e:
-        return f"not a saved chat ({e})"
-    return None
-
-
-def _message_problem(m) -> str | None:
-    if not isinstance(m, dict):
-        return f" must be an object, got {_show(m)}"
-    if m.get("role") not in ROLES:
-        return f".role must be one of {', '.join(ROLES)}, got {_show(m.get('role'))}"
-    content = m.get("content")
-    if content is not None and not isinstance(content, str):
-        if not isinstance(content, list) or not all(
-                isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
-            return f".content must be a string or a list of text parts, got {_show(content)}"
-    for name in ("reasoning", "reasoning_content", "name", "tool_call_id"):
-        if m.get(name) is not None and not isinstance(m[name], str):
-            return f".{name} must be a string, got {_show(m[name])}"
-    calls = m.get("tool_calls")
-    if calls is None:
-        return None
-    if not isinstance(calls, list):
-        return f".tool_calls must be a list, got {_show(calls)}"
-    for j, call in enumerate(calls):
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            return f".tool_calls[{j}].function.name must be a non-empty string"
-        if not isinstance(fn.get("arguments", ""), (str, dict)):
-            return f".tool_calls[{j}].function.arguments must be a string, got {_show(fn['arguments'])}"
-    return None
-
-
-def _depth(value) -> int:
-    """Nesting depth of parsed JSON, without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, (dict, list)):
-            deepest = max(deepest, d)
-            if d <= MAX_DEPTH:
-                stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
-    return deepest
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _show(v) -> str:
-    text = json.dumps(v, ensure_ascii=False) if not isinstance(v, float) else repr(v)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def save_target_problem(path: Path) -> str | None:
@@ -235,8 +116,7 @@ class ConversationStore:
         return self.load_path(chat, self.path(chat_id), default_title=chat_id)
 
     def load_path(self, chat: Chat, path: Path, default_title: str = "") -> str:
-        data = check_chat_file(path)
-        chat.load(path)
+        data = chat.load(path)
         return data.get("title") or default_title or path.stem
 
     def list(self) -> list[Entry]:

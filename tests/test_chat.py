@@ -106,6 +106,25 @@ def test_load_errors(chat, tmp_path):
         chat.load(tmp_path / "missing.json")
 
 
+@pytest.mark.parametrize("raw, message", [
+    (b'{"format": 2, "messages": []}', "format 2 was written by a newer gptoss-mlx"),
+    (b'{"messages": [{"role": "user", "content": "\xff"}]}', "not UTF-8"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": 5}}]}]}',
+     r"messages\[0\].tool_calls\[0\].function.arguments must be a string"),
+])
+def test_the_library_refuses_what_the_terminal_chat_refuses(chat, tmp_path, raw, message):
+    """Chat.load skipped the checks `chat --resume` makes: a newer format loaded, and other
+    files raised a bare UnicodeDecodeError or RecursionError. The chat stays as it was."""
+    collect(chat.send("2+2?"))
+    before = chat.conversation()
+    path = tmp_path / "damaged.json"
+    path.write_bytes(raw)
+    with pytest.raises(ChatFileError, match=f"damaged.json: .*{message}"):
+        chat.load(path)
+    assert chat.conversation() == before
+
+
 def test_repl_commands(chat, tmp_path):
     lines = iter(["/effort high", "/reasoning hide", "2+2?", "/stats", f"/save {tmp_path}/s.json",
                   "/reset", f"/load {tmp_path}/s.json", "/bogus", '"""multi', 'line"""', "/exit"])

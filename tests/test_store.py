@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from gptoss_mlx import chat as chat_module
 from gptoss_mlx.chat import Chat, ChatFileError
 from gptoss_mlx.harmony import Message
-from gptoss_mlx.store import FORMAT_VERSION, ConversationStore
+from gptoss_mlx.chat_file import FORMAT_VERSION
+from gptoss_mlx.store import ConversationStore
 
 from scripted import ScriptedModel
 

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Callable
 
 from ..chat import Chat, ChatFileError
+from ..chat_file import check_chat_file
 from ..files import REPLACEMENT, valid_text
 from ..generate import ContextLengthError, NonFiniteLogitsError
 from ..loading import CheckpointError, looks_like_repo_id
 from ..harmony import EFFORTS
 from ..structured import SchemaError
-from ..store import ConversationStore, check_chat_file, message_count, save_target_problem, title_for
+from ..store import ConversationStore, message_count, save_target_problem, title_for
 from . import common
 from .common import (
     RESET, CLIError, add_model_options, add_structured_options, ask_on_terminal,

@@ -29,11 +29,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ...chat import ChatFileError, write_json_atomic
+from ...chat_file import FORMAT_VERSION, ChatFileError, chat_file_problem, check_chat_file, write_json_atomic
 from ...harmony import EFFORTS
-from ...store import (
-    FORMAT_VERSION, ConversationStore, chat_file_problem, check_chat_file, save_target_problem, title_for,
-)
+from ...store import ConversationStore, save_target_problem, title_for
 from ..errors import APIError, bad_request, host_name, refuse_other_origins
 from ..service import Service
 
