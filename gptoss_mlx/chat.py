@@ -349,6 +349,7 @@ class Chat:
         short, nor an empty message; interrupted, not a half-written chain of thought either."""
         parser.finish()
         new = []
+        last = len(parser.messages) - 1
         for index, m in enumerate(parser.messages):
             if m.role != "assistant":
                 continue
@@ -356,9 +357,9 @@ class Chat:
                     not started and m.channel is not None or m.is_tool_call or not m.text
                     or finish == "interrupted" and m.channel == "analysis"):
                 continue
-            if m.channel is None:  # recovered text without a channel: the answer, if it may be
-                m.channel = "final" if self._is_answer(None) else "analysis"
-            new.append(m)
+            if m.channel is None and index == last:  # the reply ends in text without a channel:
+                m.channel = "final" if self._is_answer(None) else "analysis"  # the answer, if it may be
+            new.append(m)  # a message without a channel before others (a call) stays as written
             ledger.kept[index] = m
         self.messages.extend(new)
         return new

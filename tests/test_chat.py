@@ -658,6 +658,34 @@ def test_resumed_chat_renders_token_for_token(tok, tmp_path):
     assert "to=functions.get_weather" in rendered and "21 C (69.8 F)." in rendered
 
 
+def test_a_message_without_a_channel_before_a_call_keeps_the_turns_reasoning(tok, tmp_path):
+    """`<|start|>assistant<|message|>One moment.<|end|>` before a call was kept as a final
+    message: the turn under way then lost its chain of thought in the next step's prompt, and
+    the prompt showed a header the model never wrote. A reply that ends without a channel is
+    still its answer."""
+    from gptoss_mlx.harmony import ToolSpec
+    weather = ToolSpec("get_weather", "Weather.", {"type": "object", "properties": {"city": {"type": "string"}}})
+    chat = Chat(ScriptedModel([script(tok, "<|channel|>analysis<|message|>Plan: call it.<|end|>"
+                                           "<|start|>assistant<|message|>One moment.<|end|>"
+                                           "<|start|>assistant<|channel|>commentary to=functions.get_weather "
+                                           '<|constrain|>json<|message|>{"city": "Paris"}<|call|>'),
+                               script(tok, "<|channel|>analysis<|message|>Got it.<|end|>"
+                                           "<|start|>assistant<|message|>Sunny.<|return|>")]),
+                tok, functions=[weather], date="2025-08-05")
+    events = list(chat.send("Weather in Paris?"))
+    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == "One moment."
+    chat.add_tool_result("functions.get_weather", '{"sky": "clear"}')
+    prompt = tok.decode(chat.prompt_tokens())
+    assert ("<|channel|>analysis<|message|>Plan: call it.<|end|>"
+            "<|start|>assistant<|message|>One moment.<|end|><|start|>assistant to=functions.get_weather") in prompt
+    assert collect(chat.reply())[1] == "Sunny."
+    assert chat.messages[-1].channel == "final"  # the answer: the turn's reasoning goes next turn
+    other = Chat(ScriptedModel([[0]]), tok)
+    other.load(chat.save(tmp_path / "a.json"))
+    assert other.prompt_tokens() == chat.prompt_tokens()
+    assert "Plan: call it." not in tok.decode(chat.prompt_tokens())
+
+
 def test_third_turn_drops_stale_reasoning_and_reuses_the_cache(tok):
     from gptoss_mlx.generate import common_prefix
     from gptoss_mlx.harmony import Message
