@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .files import JSONProblem, lone_surrogate_problem, parse_json, regular_file_problem
 from .harmony import EFFORTS, HarmonyError, from_chat_completions, render_conversation
+from .harmony.chat_completions import REASONING_KEYS
 
 FORMAT_VERSION = 1  # files without "format" are version 1
 MAX_FILE_BYTES = 64 * 2**20
@@ -94,7 +95,7 @@ def _message_problem(m) -> str | None:
         if not isinstance(content, list) or not all(
                 isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
             return f".content must be a string or a list of text parts, got {_show(content)}"
-    for name in ("reasoning", "reasoning_content", "name", "tool_call_id"):
+    for name in (*REASONING_KEYS, "name", "tool_call_id"):
         if m.get(name) is not None and not isinstance(m[name], str):
             return f".{name} must be a string, got {_show(m[name])}"
     calls = m.get("tool_calls")

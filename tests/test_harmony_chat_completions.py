@@ -143,6 +143,17 @@ def test_results_point_at_their_own_calls():
     assert len(set(ids.values())) == 4
 
 
+@pytest.mark.parametrize("key", ["reasoning", "reasoning_content", "thinking"])
+def test_the_reasoning_of_a_turn_under_way_is_taken_under_each_name(key):
+    """`thinking` (the HF chat template's name for it) was dropped without a word."""
+    rendered = text(from_chat_completions({"tools": [{"type": "function", "function": {"name": "f"}}], "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, key: "Need f.",
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}))
+    assert "<|start|>assistant<|channel|>analysis<|message|>Need f.<|end|>" in rendered
+
+
 def test_bare_strings_in_content_parts_are_text():
     (_, user) = from_chat_completions({"messages": [{"role": "user", "content": ["hello", {"type": "text", "text": "!"}]}]})
     assert user.content == "hello!"

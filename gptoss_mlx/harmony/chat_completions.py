@@ -27,10 +27,15 @@ from .render import system_message
 FUNCTIONS = "functions."
 
 
+# Where an assistant message may carry its chain of thought: vLLM's and OpenRouter's names, then
+# the one the official HF chat template reads. The first that is set is taken.
+REASONING_KEYS = ("reasoning", "reasoning_content", "thinking")
+
+
 def from_chat_completions(request: dict, date: str | None = None, browser: bool = False,
                           python: bool = False) -> list[Message]:
     """Harmony messages for a Chat Completions request: ``messages`` (system/developer/user/
-    assistant with ``reasoning``/``reasoning_content`` and ``tool_calls``, tool results),
+    assistant with its reasoning (REASONING_KEYS) and ``tool_calls``, tool results),
     ``tools``, ``response_format`` and ``reasoning_effort``. A leading system or developer
     message becomes the developer ``# Instructions``; the harmony system message is built from
     the options. Bad input raises one HarmonyError naming the message and field."""
@@ -169,8 +174,8 @@ def _response_formats(fmt) -> list[ResponseFormat]:
 
 def _assistant_messages(m: dict, i: int, declared: set[str], calls: dict) -> list[Message]:
     out = []
-    key = "reasoning" if m.get("reasoning") is not None else "reasoning_content"
-    if m.get(key) is not None:
+    key = next((k for k in REASONING_KEYS if m.get(k) is not None), None)
+    if key is not None:
         out.append(Message("assistant", _text_of(m, i, key), channel="analysis"))
     tool_calls = m.get("tool_calls") or []
     if not isinstance(tool_calls, list):

@@ -1,6 +1,6 @@
 """``POST /v1/chat/completions``: OpenAI's Chat Completions, streaming or not. The chain of
 thought comes back in ``reasoning_content`` and ``reasoning`` (and is accepted back in history
-under either name), function calls in ``tool_calls``; ``content`` is only the final answer."""
+under either name, or HF's ``thinking``), function calls in ``tool_calls``; ``content`` is only the final answer."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 
 from starlette.responses import JSONResponse, StreamingResponse
 
+from ..harmony.chat_completions import REASONING_KEYS
 from . import params
 from .errors import APIError, bad_request, generation_failed
 from .output import CALL, REASONING, TEXT, Closed, Delta, Opened, Waiting
@@ -56,7 +57,7 @@ def check_messages(messages) -> None:
             raise bad_request(f"{where}.content is an empty list: give at least one text part", "messages")
         if m.get("role") == "assistant" and m.get("content") is None and not m.get("tool_calls"):
             raise bad_request(f"{where}: an assistant message needs content or tool_calls", "messages")
-        for key in ("name", "tool_call_id", "reasoning", "reasoning_content"):
+        for key in ("name", "tool_call_id", *REASONING_KEYS):
             if m.get(key) is not None and not isinstance(m[key], str):
                 raise bad_request(f"{where}.{key} must be a string", "messages")
         calls = m.get("tool_calls")
