@@ -44,6 +44,14 @@ PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosni
                 "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 SAVED_KEYS = ("title", "messages", "reasoning_effort", "tools", "date")  # what the page may save
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+MAX_TITLE_CHARS = 200
+
+
+def check_title(title: str) -> None:
+    if not title.strip():
+        raise bad_request("'title' must not be empty", "title")
+    if len(title) > MAX_TITLE_CHARS:
+        raise bad_request(f"'title' is {len(title)} characters: at most {MAX_TITLE_CHARS}", "title")
 
 
 def _static(name: str) -> bytes:
@@ -73,10 +81,10 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
             raise APIError(404, f"no saved chat {chat_id!r}", param="chat_id", code="chat_not_found")
         return chat_id, path
 
-    async def saved_body(request: Request) -> dict:
+    async def saved_body(request: Request, body: dict | None = None) -> dict:
         """The chat to save, checked as the store checks a file; without a title, its first
         user message names it (as in the TUI)."""
-        body = await json_body(request)
+        body = await json_body(request) if body is None else body
         data = {k: body[k] for k in SAVED_KEYS if k in body}
         problem = await asyncio.to_thread(chat_file_problem, data)  # renders the conversation
         if problem:
@@ -84,8 +92,7 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
         if data.get("title") is None:
             first = next((m for m in data["messages"] if m["role"] == "user"), {})
             data["title"] = title_for(first.get("content") if isinstance(first.get("content"), str) else "")
-        if not data["title"].strip():
-            raise bad_request("'title' must not be empty", "title")
+        check_title(data["title"])
         return {**data, "updated": time.time(), "format": FORMAT_VERSION}
 
     async def write(path, data: dict) -> None:
@@ -124,19 +131,44 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
             raise APIError(422, str(e), param="chat_id", code="unreadable_chat") from None
         return JSONResponse({"id": chat_id, **data})
 
+    writing = asyncio.Lock()  # a check of the saved version and the write after it
+
     async def put_chat(request: Request):
+        """Save over a chat. With ``base`` (the ``updated`` of the version the page last read or
+        wrote), a chat changed or deleted since (another tab, the TUI, the terminal chat) is a
+        409 rather than overwritten: the page then saves its conversation as a new chat."""
         guard(request)
         chat_id, path = chat_path(request, must_exist=False)
-        data = await saved_body(request)
-        await write(path, data)
+        body = await json_body(request)
+        base = body.get("base")
+        if base is not None and (not isinstance(base, (int, float)) or isinstance(base, bool)):
+            raise bad_request("'base' must be the 'updated' time of the version this saves over", "base")
+        data = await saved_body(request, body)
+        async with writing:
+            if base is not None:
+                await check_base(chat_id, path, base)
+            await write(path, data)
         return JSONResponse({"id": chat_id, "title": data["title"], "updated": data["updated"]})
+
+    async def check_base(chat_id: str, path, base: float) -> None:
+        if not path.exists():
+            raise APIError(409, f"the chat {chat_id!r} was deleted elsewhere since this page opened it",
+                           param="base", code="chat_deleted")
+        try:
+            updated = (await asyncio.to_thread(check_chat_file, path)).get("updated")
+        except ChatFileError:
+            updated = None
+        if updated != base:
+            raise APIError(409, f"the chat {chat_id!r} was changed elsewhere (another tab, the TUI or the "
+                           "terminal chat) since this page opened it", param="base", code="chat_changed")
 
     async def patch_chat(request: Request):
         guard(request)
         chat_id, _ = chat_path(request)
         title = (await json_body(request)).get("title")
-        if not isinstance(title, str) or not title.strip():
+        if not isinstance(title, str):
             raise bad_request("'title' must be a non-empty string", "title")
+        check_title(title)
         try:
             await asyncio.to_thread(chats.rename, chat_id, title.strip())
         except ChatFileError as e:

@@ -17,41 +17,59 @@ const state = {
 
 // ---- the server --------------------------------------------------------------------------
 class APIError extends Error {
-  constructor(status, message) {
+  constructor(status, message, code = null) {
     super(message);
     this.status = status;
+    this.code = code;
   }
 }
+
+const UNREACHABLE = "cannot reach the server: is gptoss-mlx serve still running? (start it again and retry)";
 
 async function request(path, { method = "GET", body, signal } = {}) {
   const headers = { "Content-Type": "application/json" };
   if (state.key) headers.Authorization = `Bearer ${state.key}`;
-  const response = await fetch(path, { method, headers, signal, body: body && JSON.stringify(body) });
+  let response;
+  try {
+    response = await fetch(path, { method, headers, signal, body: body && JSON.stringify(body) });
+  } catch (e) {
+    if (e.name === "AbortError") throw e;
+    throw new APIError(0, UNREACHABLE); // the browser's own words ("Failed to fetch") say nothing
+  }
   if (response.ok) return response;
   let message = `${response.status} ${response.statusText}`;
+  let code = null;
   try {
-    message = (await response.json()).error.message;
+    ({ message, code } = (await response.json()).error);
   } catch { /* not our error shape: keep the status line */ }
-  if (response.status === 401) askForKey();
-  throw new APIError(response.status, message);
+  if (response.status === 401) askForKey(state.key ? "The server refused this key." : "");
+  throw new APIError(response.status, message, code);
 }
 
 const api = async (path, options) => (await request(path, options)).json();
 
-function askForKey() {
+function askForKey(why = "") {
   $("#key-form").hidden = false;
+  $("#key-error").textContent = why;
   $("#key").focus();
+}
+
+// A message about the page itself (a chat that cannot be opened, the server gone), apart from
+// the conversation on screen.
+function alertUser(message) {
+  $("#alert").textContent = message;
+  $("#alert").hidden = !message;
 }
 
 // ---- conversations -----------------------------------------------------------------------
 function newChat() { // untitled until saved: the server names it after its first message
-  return { id: null, title: null, messages: [], tools: [], response_format: null,
+  return { id: null, title: null, updated: null, instructions: "", messages: [], tools: [], response_format: null,
            reasoning_effort: state.info?.reasoning_effort ?? "medium" };
 }
 
-function savedForm() {
+function savedForm() { // the instructions the replies were made with, not what the box holds now
   const chat = state.chat;
-  const instructions = $("#instructions").value;
+  const instructions = chat.instructions;
   const data = { ...(chat.title && { title: chat.title }), reasoning_effort: chat.reasoning_effort,
                  messages: [...(instructions.trim() ? [{ role: "system", content: instructions }] : []), ...chat.messages] };
   if (chat.tools.length) data.tools = chat.tools.map((t) => ({ type: "function", function: t }));
@@ -59,14 +77,28 @@ function savedForm() {
   return data;
 }
 
+// Saves the chat; over its file only if nobody changed it since (another tab, the TUI, the
+// terminal chat): else the conversation becomes a new chat, and the returned note says so.
 async function save() {
   const data = savedForm();
-  const saved = state.chat.id
-    ? await api(`/v1/playground/chats/${encodeURIComponent(state.chat.id)}`, { method: "PUT", body: data })
-    : await api("/v1/playground/chats", { method: "POST", body: data });
+  let saved;
+  let note = "";
+  try {
+    saved = state.chat.id
+      ? await api(`/v1/playground/chats/${encodeURIComponent(state.chat.id)}`,
+                  { method: "PUT", body: { ...data, base: state.chat.updated } })
+      : await api("/v1/playground/chats", { method: "POST", body: data });
+  } catch (e) {
+    if (!["chat_changed", "chat_deleted"].includes(e.code)) throw e;
+    saved = await api("/v1/playground/chats", { method: "POST", body: { ...data, title: `${data.title || "Chat"} (copy)`.slice(0, 200) } });
+    note = `${e.message}: this conversation is saved as a new chat, "${saved.title}"`;
+  }
   state.chat.id = saved.id;
   state.chat.title = saved.title;
+  state.chat.updated = saved.updated;
+  location.hash = `chat=${encodeURIComponent(saved.id)}`;
   await listChats();
+  return note;
 }
 
 async function listChats() {
@@ -113,15 +145,23 @@ function renameRow(li, entry) {
     if (event.key === "Escape") {
       event.stopPropagation();
       input.replaceWith(open);
-    } else if (event.key === "Enter" && input.value.trim()) {
+    } else if (event.key === "Enter") {
       event.preventDefault();
+      if (!input.value.trim()) {
+        input.setCustomValidity("A title cannot be empty (Esc keeps the old one)");
+        input.reportValidity();
+        return;
+      }
       try {
         await api(`/v1/playground/chats/${encodeURIComponent(entry.id)}`, { method: "PATCH", body: { title: input.value } });
         if (entry.id === state.chat.id) state.chat.title = input.value.trim();
+        alertUser("");
       } catch (e) {
-        showError(e.message);
+        alertUser(e.message);
       }
       await listChats();
+    } else {
+      input.setCustomValidity("");
     }
   });
 }
@@ -134,7 +174,7 @@ async function deleteRow(button, entry) {
   try {
     await api(`/v1/playground/chats/${encodeURIComponent(entry.id)}`, { method: "DELETE" });
   } catch (e) {
-    showError(e.message);
+    alertUser(e.message);
   }
   if (entry.id === state.chat.id) startChat();
   await listChats();
@@ -146,7 +186,7 @@ async function openChat(id) {
   try {
     data = await api(`/v1/playground/chats/${encodeURIComponent(id)}`);
   } catch (e) {
-    showError(e.message);
+    alertUser(e.message);
     return;
   }
   const messages = [...data.messages];
@@ -156,8 +196,11 @@ async function openChat(id) {
   $("#tools").value = tools.length ? JSON.stringify(tools.map((t) => ({ type: "function", ...t })), null, 2) : "";
   const format = data.response_format?.json_schema;
   $("#schema").value = format?.schema ? JSON.stringify(format.schema, null, 2) : "";
-  state.chat = { id: data.id, title: data.title || data.id, messages, tools, response_format: data.response_format || null,
+  state.chat = { id: data.id, title: data.title || data.id, updated: data.updated ?? null,
+                 instructions: $("#instructions").value, messages, tools, response_format: data.response_format || null,
                  reasoning_effort: data.reasoning_effort || "medium" }; // the server checked it
+  location.hash = `chat=${encodeURIComponent(data.id)}`;
+  alertUser("");
   state.pending = [];
   showEffort();
   renderChat();
@@ -168,6 +211,7 @@ async function openChat(id) {
 function startChat() {
   if (state.controller) return;
   state.chat = newChat();
+  history.replaceState(null, "", location.pathname);
   state.pending = [];
   for (const id of ["#instructions", "#tools", "#schema"]) $(id).value = "";
   showEffort();
@@ -312,13 +356,6 @@ function prettyJSON(text) {
   }
 }
 
-function showError(message) {
-  const turn = new AssistantTurn();
-  turn.error(message);
-  $("#messages").append(turn.node);
-  scrollDown();
-}
-
 // ---- settings ----------------------------------------------------------------------------
 function showEffort() {
   for (const button of document.querySelectorAll("#effort button")) {
@@ -348,11 +385,16 @@ function readTools() {
 function readSchema() {
   const text = $("#schema").value.trim();
   if (!text) return null;
+  let schema;
   try {
-    return { type: "json_schema", json_schema: { name: "output", schema: JSON.parse(text) } };
+    schema = JSON.parse(text);
   } catch (e) {
     throw new Error(`Structured output: not JSON (${e.message})`);
   }
+  if (!schema || typeof schema !== "object" || Array.isArray(schema)) {
+    throw new Error("Structured output: a JSON Schema is a JSON object, such as {\"type\": \"object\"}");
+  }
+  return { type: "json_schema", json_schema: { name: "output", schema } };
 }
 
 function readSettings() {
@@ -414,8 +456,7 @@ function requestBody() {
   const chat = state.chat;
   const body = { input: inputItems(chat.messages), reasoning: { effort: chat.reasoning_effort },
                  stream: true, store: false };
-  const instructions = $("#instructions").value;
-  if (instructions.trim()) body.instructions = instructions;
+  if (chat.instructions.trim()) body.instructions = chat.instructions;
   if (chat.tools.length) body.tools = chat.tools.map((t) => ({ type: "function", ...t }));
   if (chat.response_format) body.text = { format: { type: "json_schema", ...chat.response_format.json_schema } };
   return body;
@@ -455,6 +496,7 @@ async function reply() {
   let usage = null;
   let status = "stopped";
   let answered = false;
+  state.chat.instructions = $("#instructions").value; // what this reply is made with, and saved with
   state.controller = new AbortController();
   setBusy(true);
   const streamed = (item, key, delta) => {
@@ -511,15 +553,20 @@ async function reply() {
       }
     }
   } catch (e) {
-    if (e.name !== "AbortError") turn.error(e.message);
+    if (e.name !== "AbortError") {
+      turn.error(e.message);
+      status = "failed";
+    }
   } finally {
     times.end = performance.now();
     state.controller = null;
     setBusy(false);
   }
   for (const item of order) if (item.type === "reasoning") item.view.fold();
-  // A stopped reply keeps what it said; a call cut off mid-arguments is dropped.
-  const kept = order.filter((i) => (i.type === "function_call" || i.type === "mcp_call" ? i.done : true));
+  for (const item of order) if (item.type === "reasoning" && !item.text) item.view.node.remove();
+  // A stopped reply keeps what it said; a call cut off mid-arguments is dropped, and empty reasoning.
+  const kept = order.filter((i) => (i.type === "function_call" || i.type === "mcp_call" ? i.done
+                                    : i.type !== "reasoning" || i.text));
   const messages = replyMessages(kept);
   turn.stats(statsLine(usage, times, status));
   if (!messages.length) return false;
@@ -527,24 +574,25 @@ async function reply() {
   state.pending = status === "completed" ? kept.filter((i) => i.type === "function_call") : [];
   if (state.pending.length) askForResults(turn);
   try {
-    await save();
+    alertUser(await save());
   } catch (e) {
     turn.error(`not saved: ${e.message}`);
   }
   return true;
 }
 
-// Tokens, tok/s and TTFT; a stopped reply has no usage, so its tokens are the streamed deltas
-// (one a token), marked ≈.
+// Tokens, tok/s and TTFT, from the server's usage (a stopped reply has none: only its TTFT).
+// The rate is timed over the streamed deltas, so only where they came about one a token (text
+// the server holds back until it knows it is no harmony header comes in one piece).
 function statsLine(usage, times, status) {
   const parts = [];
-  const tokens = usage ? usage.output_tokens : times.deltas;
+  const tokens = usage?.output_tokens ?? 0;
   if (tokens) {
     const seconds = times.first === null ? 0 : (times.end - times.first) / 1000;
-    parts.push(`${usage ? "" : "≈"}${tokens} tokens`);
-    if (seconds > 0) parts.push(`${(tokens / seconds).toFixed(1)} tok/s`);
-    if (times.first !== null) parts.push(`TTFT ${((times.first - times.start) / 1000).toFixed(2)}s`);
+    parts.push(`${tokens} tokens`);
+    if (seconds > 0 && times.deltas > 1 && 2 * times.deltas >= tokens) parts.push(`${(tokens / seconds).toFixed(1)} tok/s`);
   }
+  if (times.first !== null) parts.push(`TTFT ${((times.first - times.start) / 1000).toFixed(2)}s`);
   if (usage) parts.push(`prompt ${usage.input_tokens} (${usage.input_tokens_details?.cached_tokens ?? 0} cached)`);
   const end = { stopped: "stopped", incomplete: "cut off: token limit", failed: "failed" }[status];
   if (end) parts.push(end);
@@ -629,6 +677,9 @@ function wire() {
     const open = document.body.classList.toggle("sidebar-open");
     $("#menu").setAttribute("aria-expanded", String(open));
   });
+  window.addEventListener("beforeunload", (event) => {
+    if (state.controller) event.preventDefault(); // a reply under way is lost: the browser asks first
+  });
   $("#key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     state.key = $("#key").value;
@@ -669,12 +720,15 @@ async function start() {
   try {
     state.info = await api("/v1/playground/info");
   } catch (e) {
-    if (e.status !== 401) showError(e.message);
+    if (e.status !== 401) alertUser(e.message);
     return;
   }
+  alertUser("");
   showInfo(state.info);
   if (!state.chat.messages.length) state.chat.reasoning_effort = state.info.reasoning_effort;
   showEffort();
+  const opened = new URLSearchParams(location.hash.slice(1)).get("chat"); // the chat open before a reload
+  if (opened && !state.chat.id && !state.chat.messages.length) await openChat(opened);
   await listChats();
   document.body.dataset.ready = "true";
 }
