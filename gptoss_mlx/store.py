@@ -9,6 +9,7 @@ the conversation on screen stays.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import stat
@@ -70,6 +71,7 @@ class ConversationStore:
         self.root = (root or data_dir()) / "chats"
         self.exports = self.root.parent / "exports"
         self.history_file = self.root.parent / "input-history"
+        self._seen: dict[Path, float | None] = {}  # file -> its "updated" as this store last read or wrote it
         self.remove_orphans()
 
     def remove_orphans(self) -> None:
@@ -98,6 +100,32 @@ class ConversationStore:
     def save(self, chat: Chat, chat_id: str, title: str) -> Path:
         return self.save_as(chat, self.path(chat_id), title)
 
+    def save_keeping_others(self, chat: Chat, chat_id: str, title: str) -> tuple[str, str, str | None]:
+        """Save over ``chat_id`` unless its file was changed or deleted elsewhere (the playground,
+        another window) since this store last read or wrote it: then the conversation is saved as
+        a new chat, "TITLE (copy)", and nobody's turns are lost. Returns the chat's id and title
+        now, and a note saying what happened (None when saved in place)."""
+        changed = self._changed_elsewhere(self.path(chat_id))
+        if changed is None:
+            self.save(chat, chat_id, title)
+            return chat_id, title, None
+        chat_id, title = self.new_id(), f"{title} (copy)"
+        self.save(chat, chat_id, title)
+        return chat_id, title, f"this chat was {changed} since it was opened here: saved as a new chat, {chat_id}"
+
+    def _changed_elsewhere(self, path: Path) -> str | None:
+        """'changed elsewhere' or 'deleted elsewhere' when the file is not the version this store
+        last read or wrote; None when it is (or this store never had it)."""
+        if path not in self._seen:
+            return None
+        if not path.exists():
+            return "deleted elsewhere"
+        try:
+            updated = check_chat_file(path).get("updated")
+        except ChatFileError:
+            updated = math.nan  # unreadable now: another's to look at, not ours to overwrite
+        return None if updated == self._seen[path] else "changed elsewhere"
+
     def save_as(self, chat: Chat, path: Path, title: str) -> Path:
         """Save at ``path``; an existing file keeps its permissions. A symbolic link, FIFO or
         device there is never replaced (OSError saying what it is)."""
@@ -105,9 +133,11 @@ class ConversationStore:
         if problem:
             raise OSError(f"{path} {problem}")
         mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
-        saved = chat.save(path, title=title, updated=time.time(), format=FORMAT_VERSION)
+        updated = time.time()
+        saved = chat.save(path, title=title, updated=updated, format=FORMAT_VERSION)
         if mode is not None:
             os.chmod(saved, mode)
+        self._seen[path] = updated
         return saved
 
     def load(self, chat: Chat, chat_id: str) -> str:
@@ -117,6 +147,7 @@ class ConversationStore:
 
     def load_path(self, chat: Chat, path: Path, default_title: str = "") -> str:
         data = chat.load(path)
+        self._seen[path] = data.get("updated")
         return data.get("title") or default_title or path.stem
 
     def list(self) -> list[Entry]:
@@ -149,7 +180,9 @@ class ConversationStore:
         write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))
 
     def delete(self, chat_id: str) -> None:
-        self.path(chat_id).unlink(missing_ok=True)
+        path = self.path(chat_id)
+        path.unlink(missing_ok=True)
+        self._seen.pop(path, None)
 
     def export_markdown(self, chat: Chat, title: str, chat_id: str) -> Path:
         return write_text_atomic(self.exports / f"{chat_id}.md", to_markdown(chat, title))

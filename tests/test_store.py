@@ -210,3 +210,31 @@ def test_save_writes_the_format_version_and_round_trips(store):
     other = Chat(ScriptedModel([[0]]), None)
     assert store.load(other, "c2") == "Saved"
     assert [m.text for m in other.messages] == [m.text for m in chat.messages]
+
+
+def test_a_chat_changed_or_deleted_elsewhere_is_saved_as_a_new_one(store, tmp_path):
+    """The TUI (or the terminal chat) saved over a chat the playground had added turns to since
+    it was opened here, and brought back one deleted there: their turns were lost for good."""
+    put(store, "good", GOOD)
+    chat = current_chat()
+    title = store.load(chat, "good")
+    assert store.save_keeping_others(chat, "good", title) == ("good", "Weather", None)  # ours: in place
+    elsewhere = ConversationStore(tmp_path / "data")  # another program on the same store
+    theirs = current_chat()
+    elsewhere.load(theirs, "good")
+    theirs.messages.append(Message("user", "their turn"))
+    elsewhere.save(theirs, "good", "Weather")
+    chat.messages.append(Message("user", "our turn"))
+    chat_id, title, note = store.save_keeping_others(chat, "good", "Weather")
+    assert chat_id != "good" and title == "Weather (copy)"
+    assert note == f"this chat was changed elsewhere since it was opened here: saved as a new chat, {chat_id}"
+    texts = {e.id: [m["content"] for m in json.loads(store.path(e.id).read_text())["messages"]]
+             for e in store.list()}
+    assert "their turn" in texts["good"] and "our turn" not in texts["good"] and "our turn" in texts[chat_id]
+    assert store.save_keeping_others(chat, chat_id, title)[2] is None  # the copy is ours now
+    elsewhere.delete(chat_id)
+    again = store.save_keeping_others(chat, chat_id, title)
+    assert again[2].startswith("this chat was deleted elsewhere") and store.path(again[0]).exists()
+    assert not store.path(chat_id).exists()  # a deleted chat does not come back
+    new = current_chat()
+    assert store.save_keeping_others(new, "brand-new", "New")[2] is None  # never loaded: just saved

@@ -594,9 +594,13 @@ class ChatApp(App):
         if self.chat is None or not self.chat.messages:
             return
         try:
-            self.store.save(self.chat, self.chat_id, self.chat_title)
+            self.chat_id, self.chat_title, note = self.store.save_keeping_others(self.chat, self.chat_id,
+                                                                                 self.chat_title)
         except OSError as e:
             self.notify(f"Could not save the conversation: {e}", severity="error")
+            return
+        if note:
+            self.notify(note[0].upper() + note[1:], severity="warning", timeout=10)
 
     # -- actions
     def on_unmount(self) -> None:

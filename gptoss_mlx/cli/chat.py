@@ -105,7 +105,10 @@ def answer_resumed(args, question: str, chat_id: str) -> str | None:
         if toolbox:
             toolbox.close()
     try:
-        print(f"Saved to {store.save(chat, chat_id, title)}", file=sys.stderr)
+        chat_id, title, note = store.save_keeping_others(chat, chat_id, title)
+        if note:
+            print(f"[{note}]", file=sys.stderr)
+        print(f"Saved to {store.path(chat_id)}", file=sys.stderr)
     except OSError as e:
         raise CLIError(f"could not save the conversation: {e}") from None
     return done.finish_reason if done else None
@@ -210,9 +213,12 @@ class Repl:
             first = next((m.text for m in self.chat.messages if m.role == "user"), "")
             self.title = title_for(first)
         try:
-            self.store.save(self.chat, self.chat_id, self.title)
+            self.chat_id, self.title, note = self.store.save_keeping_others(self.chat, self.chat_id, self.title)
         except OSError as e:
             self.say(f"error: could not save the conversation: {e}")
+            return
+        if note:
+            self.say(f"[{note}]")
 
     def open(self, chat_id: str) -> None:
         """Continue a saved chat (raises ChatFileError; the current one then stays)."""
