@@ -105,7 +105,8 @@ class ConversationStore:
         another window) since this store last read or wrote it: then the conversation is saved as
         a new chat, "TITLE (copy)", and nobody's turns are lost. Returns the chat's id and title
         now, and a note saying what happened (None when saved in place)."""
-        changed = self._changed_elsewhere(self.path(chat_id))
+        path = self.path(chat_id)
+        changed = self.changed_since(path, self._seen[path]) if path in self._seen else None
         if changed is None:
             self.save(chat, chat_id, title)
             return chat_id, title, None
@@ -113,18 +114,17 @@ class ConversationStore:
         self.save(chat, chat_id, title)
         return chat_id, title, f"this chat was {changed} since it was opened here: saved as a new chat, {chat_id}"
 
-    def _changed_elsewhere(self, path: Path) -> str | None:
-        """'changed elsewhere' or 'deleted elsewhere' when the file is not the version this store
-        last read or wrote; None when it is (or this store never had it)."""
-        if path not in self._seen:
-            return None
+    @staticmethod
+    def changed_since(path: Path, updated: float | None) -> str | None:
+        """'changed elsewhere' or 'deleted elsewhere' when the file at ``path`` is no longer the
+        version whose ``updated`` this is; None when it still is."""
         if not path.exists():
             return "deleted elsewhere"
         try:
-            updated = check_chat_file(path).get("updated")
+            now = check_chat_file(path).get("updated")
         except ChatFileError:
-            updated = math.nan  # unreadable now: another's to look at, not ours to overwrite
-        return None if updated == self._seen[path] else "changed elsewhere"
+            now = math.nan  # unreadable now: another's to look at, not ours to overwrite
+        return None if now == updated else "changed elsewhere"
 
     def save_as(self, chat: Chat, path: Path, title: str) -> Path:
         """Save at ``path``; an existing file keeps its permissions. A symbolic link, FIFO or

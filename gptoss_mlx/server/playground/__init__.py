@@ -81,10 +81,9 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
             raise APIError(404, f"no saved chat {chat_id!r}", param="chat_id", code="chat_not_found")
         return chat_id, path
 
-    async def saved_body(request: Request, body: dict | None = None) -> dict:
-        """The chat to save, checked as the store checks a file; without a title, its first
-        user message names it (as in the TUI)."""
-        body = await json_body(request) if body is None else body
+    async def saved_body(body: dict) -> dict:
+        """The chat to save (a request's body), checked as the store checks a file; without a
+        title, its first user message names it (as in the TUI)."""
         data = {k: body[k] for k in SAVED_KEYS if k in body}
         problem = await asyncio.to_thread(chat_file_problem, data)  # renders the conversation
         if problem:
@@ -117,7 +116,7 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
 
     async def create_chat(request: Request):
         guard(request)
-        data = await saved_body(request)
+        data = await saved_body(await json_body(request))
         chat_id = chats.new_id()
         await write(chats.path(chat_id), data)
         return JSONResponse({"id": chat_id, "title": data["title"], "updated": data["updated"]}, status_code=201)
@@ -143,7 +142,7 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
         base = body.get("base")
         if base is not None and (not isinstance(base, (int, float)) or isinstance(base, bool)):
             raise bad_request("'base' must be the 'updated' time of the version this saves over", "base")
-        data = await saved_body(request, body)
+        data = await saved_body(body)
         async with writing:
             if base is not None:
                 await check_base(chat_id, path, base)
@@ -151,14 +150,11 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
         return JSONResponse({"id": chat_id, "title": data["title"], "updated": data["updated"]})
 
     async def check_base(chat_id: str, path, base: float) -> None:
-        if not path.exists():
+        changed = await asyncio.to_thread(chats.changed_since, path, base)
+        if changed == "deleted elsewhere":
             raise APIError(409, f"the chat {chat_id!r} was deleted elsewhere since this page opened it",
                            param="base", code="chat_deleted")
-        try:
-            updated = (await asyncio.to_thread(check_chat_file, path)).get("updated")
-        except ChatFileError:
-            updated = None
-        if updated != base:
+        if changed:
             raise APIError(409, f"the chat {chat_id!r} was changed elsewhere (another tab, the TUI or the "
                            "terminal chat) since this page opened it", param="base", code="chat_changed")
 
