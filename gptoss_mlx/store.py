@@ -4,6 +4,12 @@ the platform's data directory, written atomically after every completed reply.
 Each file is what ``Chat.save`` writes (gptoss_mlx/chat_file.py), checked field by field before
 it replaces the conversation, so a damaged or hostile file is refused with its name and field and
 the conversation on screen stays.
+
+Several programs may hold one chat open (the TUI, ``chat --resume``, the playground of one or more
+servers). Every read-compare-write (a save over a chat, a rename, a delete) holds the folder's
+lock (``chats/.lock``, ``flock``: across processes and threads). A save over a chat whose
+conversation changed or was deleted elsewhere since it was read goes to a new chat, "TITLE
+(copy)"; a rename made elsewhere is kept by the next save.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 import re
 import stat
 import sys
@@ -19,11 +26,17 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: one program at a time
+    fcntl = None
+
 from .chat import Chat
-from .chat_file import FORMAT_VERSION, ChatFileError, check_chat_file, write_text_atomic
+from .chat_file import FORMAT_VERSION, ChatFileError, check_chat_file, write_json_atomic, write_text_atomic
 from .files import regular_file_problem
 
 ORPHAN_AGE_S = 60.0  # a temporary file this old belongs to a save that was killed
+LOCK_WAIT_S = 10.0  # how long a save waits for another program's save or rename
 
 
 def data_dir() -> Path:
@@ -46,6 +59,11 @@ def save_target_problem(path: Path) -> str | None:
 
 
 # ----------------------------------------------------------------------------- the store
+class ChatConflict(Exception):
+    """A save over a chat that was changed or deleted elsewhere; str() is 'changed elsewhere' or
+    'deleted elsewhere'."""
+
+
 @dataclass
 class Entry:
     id: str
@@ -71,8 +89,35 @@ class ConversationStore:
         self.root = (root or data_dir()) / "chats"
         self.exports = self.root.parent / "exports"
         self.history_file = self.root.parent / "input-history"
-        self._seen: dict[Path, float | None] = {}  # file -> its "updated" as this store last read or wrote it
+        # file -> its "updated" and title as this store last read or wrote them
+        self._seen: dict[Path, tuple[float | None, str | None]] = {}
         self.remove_orphans()
+
+    @contextmanager
+    def locked(self):
+        """Hold the chats folder's lock while a file is read, compared and written: two saves, or
+        a save and a rename, of any programs on this machine never interleave. Raises OSError
+        when another program holds it for over LOCK_WAIT_S."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            yield
+            return
+        lock = self.root / ".lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise OSError(f"{lock} is held by another program (a save or rename that "
+                                      f"has not finished in {LOCK_WAIT_S:.0f} s)") from None
+                    time.sleep(0.01)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def remove_orphans(self) -> None:
         """Delete temporary files of saves that were killed before their rename."""
@@ -101,18 +146,47 @@ class ConversationStore:
         return self.save_as(chat, self.path(chat_id), title)
 
     def save_keeping_others(self, chat: Chat, chat_id: str, title: str) -> tuple[str, str, str | None]:
-        """Save over ``chat_id`` unless its file was changed or deleted elsewhere (the playground,
-        another window) since this store last read or wrote it: then the conversation is saved as
-        a new chat, "TITLE (copy)", and nobody's turns are lost. Returns the chat's id and title
-        now, and a note saying what happened (None when saved in place)."""
+        """Save over ``chat_id`` unless its conversation was changed or deleted elsewhere (the
+        playground, another window) since this store last read or wrote it: then it is saved as
+        a new chat, "TITLE (copy)", and nobody's turns are lost. A title changed elsewhere while
+        ``title`` is still the one read here is kept. Returns the chat's id and title now, and a
+        note saying what happened (None when saved in place)."""
         path = self.path(chat_id)
-        changed = self.changed_since(path, self._seen[path]) if path in self._seen else None
-        if changed is None:
+        with self.locked():
+            if path in self._seen:
+                seen_updated, seen_title = self._seen[path]
+                changed = self.changed_since(path, seen_updated)
+                if changed is None:
+                    now_title = self._title(path)
+                    if title == seen_title and now_title and now_title != seen_title:
+                        title = now_title  # renamed elsewhere, not here
+            else:
+                changed = None  # a new chat
+            if changed is None:
+                self.save(chat, chat_id, title)
+                return chat_id, title, None
+            chat_id, title = self.new_id(), f"{title} (copy)"
             self.save(chat, chat_id, title)
-            return chat_id, title, None
-        chat_id, title = self.new_id(), f"{title} (copy)"
-        self.save(chat, chat_id, title)
         return chat_id, title, f"this chat was {changed} since it was opened here: saved as a new chat, {chat_id}"
+
+    def put(self, path: Path, data: dict, base: float | None = None, keep_title: bool = False) -> dict:
+        """Write a checked chat file's ``data`` (the playground's save). With ``base``, the
+        ``updated`` of the version the writer read, a file changed or deleted since is not
+        overwritten (ChatConflict); with ``keep_title``, an existing file keeps its title (a
+        rename made meanwhile stays). Its ``updated`` is stamped here. Returns what was written."""
+        with self.locked():
+            if base is not None:
+                changed = self.changed_since(path, base)
+                if changed:
+                    raise ChatConflict(changed)
+            data = {**data, "updated": time.time()}  # versions in the order they are written
+            if keep_title:
+                data["title"] = self._title(path) or data["title"]
+            problem = save_target_problem(path)
+            if problem:
+                raise OSError(f"{path} {problem}")
+            write_json_atomic(path, data)
+        return data
 
     @staticmethod
     def changed_since(path: Path, updated: float | None) -> str | None:
@@ -126,6 +200,13 @@ class ConversationStore:
             now = math.nan  # unreadable now: another's to look at, not ours to overwrite
         return None if now == updated else "changed elsewhere"
 
+    @staticmethod
+    def _title(path: Path) -> str | None:
+        try:
+            return check_chat_file(path).get("title")
+        except (ChatFileError, OSError):
+            return None
+
     def save_as(self, chat: Chat, path: Path, title: str) -> Path:
         """Save at ``path``; an existing file keeps its permissions. A symbolic link, FIFO or
         device there is never replaced (OSError saying what it is)."""
@@ -137,7 +218,7 @@ class ConversationStore:
         saved = chat.save(path, title=title, updated=updated, format=FORMAT_VERSION)
         if mode is not None:
             os.chmod(saved, mode)
-        self._seen[path] = updated
+        self._seen[path] = (updated, title)
         return saved
 
     def load(self, chat: Chat, chat_id: str) -> str:
@@ -147,8 +228,9 @@ class ConversationStore:
 
     def load_path(self, chat: Chat, path: Path, default_title: str = "") -> str:
         data = chat.load(path)
-        self._seen[path] = data.get("updated")
-        return data.get("title") or default_title or path.stem
+        title = data.get("title") or default_title or path.stem
+        self._seen[path] = (data.get("updated"), title)
+        return title
 
     def list(self) -> list[Entry]:
         """Newest first. Unreadable files are listed (so they can be deleted), not skipped."""
@@ -174,14 +256,19 @@ class ConversationStore:
         return next((e.id for e in self.list() if e.messages >= 0), None)
 
     def rename(self, chat_id: str, title: str) -> None:
+        """Give a saved chat a new title; its conversation and version stay."""
         path = self.path(chat_id)
-        data = check_chat_file(path)
-        data["title"] = title
-        write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))
+        with self.locked():
+            data = check_chat_file(path)
+            data["title"] = title
+            write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))
+        if self._seen.get(path, (None,))[0] == data.get("updated"):
+            self._seen[path] = (data.get("updated"), title)
 
     def delete(self, chat_id: str) -> None:
         path = self.path(chat_id)
-        path.unlink(missing_ok=True)
+        with self.locked():
+            path.unlink(missing_ok=True)
         self._seen.pop(path, None)
 
     def export_markdown(self, chat: Chat, title: str, chat_id: str) -> Path:

@@ -574,6 +574,38 @@ def test_a_save_over_a_chat_changed_or_deleted_elsewhere_is_refused(tok, tmp_pat
         assert code == 400 and "at most 200" in data["error"]["message"]
 
 
+def test_a_rename_elsewhere_is_kept_and_renames_never_undo_a_save(tok, tmp_path):
+    """The page's next save wrote back the title it had read over a rename made in another tab
+    or the TUI; a rename racing a save wrote back the version it had read, and a reply the server
+    had confirmed (200) was gone. A save without a title keeps the chat's; every read-compare-
+    write holds the store's lock."""
+    from concurrent.futures import ThreadPoolExecutor
+    chats = ConversationStore(tmp_path)
+    with serving(ScriptedModel([answer(tok, "Hm.", "ok")]), tok, chats=chats) as url:
+        root = url.removesuffix("/v1")
+        chat = {"messages": [{"role": "user", "content": "hi"}]}
+        made = call_api(root, "POST", "/v1/playground/chats", {**chat, "title": "T"})[1]
+        path = f"/v1/playground/chats/{made['id']}"
+        ConversationStore(tmp_path).rename(made["id"], "Renamed in the TUI")
+        code, data = call_api(root, "PUT", path, {**chat, "base": made["updated"]})
+        assert (code, data["title"]) == (200, "Renamed in the TUI")
+        assert chats.list()[0].title == "Renamed in the TUI"
+
+        def save(n):
+            body = {"messages": [{"role": "user", "content": f"turn {m}"} for m in range(n + 1)]}
+            return call_api(root, "PUT", path, body)
+
+        def rename(n):
+            return call_api(root, "PATCH", path, {"title": f"title {n}"})
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda n: (save if n % 2 else rename)(n), range(40)))
+        assert all(code == 200 for code, _ in results)
+        saved = json.loads((chats.root / f"{made['id']}.json").read_text())
+        last = max((results[n][1]["updated"], n) for n in range(1, 40, 2))
+        assert (saved["updated"], len(saved["messages"])) == (last[0], last[1] + 1)  # the last save's turns
+
+
 def test_two_tabs_on_one_chat_lose_nothing(browser, tok, tmp_path, shots):
     """Tab A and tab B open one chat and each sends: B's conversation is saved as a new chat,
     and B is told so; A's turns stay in the first. A reload reopens the chat it showed."""

@@ -238,3 +238,91 @@ def test_a_chat_changed_or_deleted_elsewhere_is_saved_as_a_new_one(store, tmp_pa
     assert not store.path(chat_id).exists()  # a deleted chat does not come back
     new = current_chat()
     assert store.save_keeping_others(new, "brand-new", "New")[2] is None  # never loaded: just saved
+
+
+def test_a_rename_elsewhere_or_here_is_kept_by_the_next_save(store, tmp_path):
+    """A rename in the playground (or the TUI's list) was undone by the next save of a window that
+    had the chat open: the save wrote back the title it had read."""
+    put(store, "good", GOOD)
+    chat = current_chat()
+    title = store.load(chat, "good")
+    elsewhere = ConversationStore(tmp_path / "data")
+    elsewhere.rename("good", "Renamed elsewhere")
+    chat.messages.append(Message("user", "our turn"))
+    assert store.save_keeping_others(chat, "good", title) == ("good", "Renamed elsewhere", None)
+    store.rename("good", "Renamed here")  # the TUI's list renames the chat it has open
+    chat.messages.append(Message("user", "another turn"))
+    assert store.save_keeping_others(chat, "good", "Renamed here") == ("good", "Renamed here", None)
+    data = json.loads(store.path("good").read_text())
+    assert data["title"] == "Renamed here" and data["messages"][-1]["content"] == "another turn"
+    assert [e.title for e in store.list()] == ["Renamed here"]
+
+
+def test_a_title_given_here_wins_over_the_one_read(store):
+    put(store, "good", GOOD)
+    chat = current_chat()
+    store.load(chat, "good")
+    assert store.save_keeping_others(chat, "good", "Mine") == ("good", "Mine", None)
+
+
+def hold_lock_elsewhere(root, seconds: float):
+    """Another program holding the chats folder's lock for ``seconds``; returns its process once
+    it holds it."""
+    import subprocess
+    import sys
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(float(sys.argv[2]))")
+    root.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root / ".lock"), str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.mark.parametrize("action", ["rename", "save", "put", "delete"])
+def test_saves_renames_and_deletes_wait_for_another_programs(store, action):
+    """A rename read the file, a save of another program replaced it, and the rename wrote the
+    read version back: a reply the other program had confirmed as saved was gone. Two servers on
+    one store both accepted a save over the same version. Each read-compare-write now holds the
+    folder's lock, and waits for another program's."""
+    put(store, "good", GOOD)
+    chat = current_chat()
+    store.load(chat, "good")
+    act = {"rename": lambda: store.rename("good", "New"),
+           "save": lambda: store.save_keeping_others(chat, "good", "Weather"),
+           "put": lambda: store.put(store.path("good"), {**GOOD, "updated": 2.0}, base=GOOD["updated"]),
+           "delete": lambda: store.delete("good")}[action]
+    proc = hold_lock_elsewhere(store.root, 0.6)
+    start = time.monotonic()
+    act()
+    assert time.monotonic() - start > 0.3  # it waited for the other program
+    proc.wait()
+
+
+def test_a_lock_held_too_long_is_an_error_naming_it(store, monkeypatch):
+    import gptoss_mlx.store as store_module
+    monkeypatch.setattr(store_module, "LOCK_WAIT_S", 0.2)
+    put(store, "good", GOOD)
+    proc = hold_lock_elsewhere(store.root, 3)
+    try:
+        with pytest.raises(OSError, match=r"\.lock is held by another program"):
+            store.rename("good", "New")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert json.loads(store.path("good").read_text())["title"] == "Weather"  # nothing half done
+
+
+def test_put_with_a_stale_base_is_refused_and_keeps_a_title(store):
+    from gptoss_mlx.store import ChatConflict
+    put(store, "good", GOOD)
+    path = store.path("good")
+    store.rename("good", "Renamed")
+    written = store.put(path, {**GOOD, "title": "Stale", "updated": 2.0}, base=GOOD["updated"], keep_title=True)
+    assert written["title"] == "Renamed" and json.loads(path.read_text())["title"] == "Renamed"
+    with pytest.raises(ChatConflict, match="changed elsewhere"):
+        store.put(path, {**GOOD, "updated": 3.0}, base=GOOD["updated"])
+    path.unlink()
+    with pytest.raises(ChatConflict, match="deleted elsewhere"):
+        store.put(path, {**GOOD, "updated": 3.0}, base=2.0)
+    assert not path.exists()

@@ -380,6 +380,28 @@ async def test_conversations_resume_rename_delete_and_export(store):
     assert "```python\nprint('hi')\n```" in text
 
 
+async def test_a_rename_of_the_open_chat_here_or_elsewhere_survives_the_next_reply(store):
+    """Renaming the chat that is open (R in the list) was undone by its next reply's save, and so
+    was a rename made in the playground or another window."""
+    app = make_app(ScriptedChat(THOUGHT), store)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "first chat")
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
+        await pilot.press("r")
+        await wait_until(pilot, lambda: app.screen.query("#value"))
+        app.screen.query_one("#value").value = "Renamed here"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
+        await pilot.press("escape")
+        await send(pilot, app, "second turn")
+        assert [(e.title, e.messages) for e in store.list()] == [("Renamed here", 4)]
+        ConversationStore(store.root.parent).rename(app.chat_id, "Renamed elsewhere")
+        await send(pilot, app, "third turn")
+        assert [(e.title, e.messages) for e in store.list()] == [("Renamed elsewhere", 6)]
+        assert app.chat_title == "Renamed elsewhere"
+
+
 async def test_unreadable_saved_chat_is_listed_and_reported_not_fatal(store):
     store.root.mkdir(parents=True)
     (store.root / "broken.json").write_text("{not json")

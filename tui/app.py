@@ -373,6 +373,8 @@ class ConversationList(ModalScreen[str | None]):
         if title and title.strip():
             try:
                 self.store.rename(chat_id, title.strip())
+                if chat_id == self.app.chat_id:
+                    self.app.chat_title = title.strip()  # the open chat's next save keeps it
             except (OSError, ValueError) as e:
                 self.app.notify(f"Could not rename: {e}", severity="error")
             self.refresh_list(keep=chat_id)

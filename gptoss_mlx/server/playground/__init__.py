@@ -29,9 +29,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ...chat_file import FORMAT_VERSION, ChatFileError, chat_file_problem, check_chat_file, write_json_atomic
+from ...chat_file import FORMAT_VERSION, ChatFileError, chat_file_problem, check_chat_file
 from ...harmony import EFFORTS
-from ...store import ConversationStore, save_target_problem, title_for
+from ...store import ChatConflict, ConversationStore, save_target_problem, title_for
 from ..errors import APIError, bad_request, host_name, refuse_other_origins
 from ..service import Service
 
@@ -94,11 +94,21 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
         check_title(data["title"])
         return {**data, "updated": time.time(), "format": FORMAT_VERSION}
 
-    async def write(path, data: dict) -> None:
+    async def write(path, data: dict, base: float | None = None, keep_title: bool = False) -> dict:
+        """The store's put, off the event loop: a link, folder or device at ``path`` is a 409
+        (cannot_save), as is a chat changed or deleted since ``base`` (chat_changed, chat_deleted)."""
         problem = save_target_problem(path)
         if problem:
             raise APIError(409, f"{path} {problem}", code="cannot_save")
-        await asyncio.to_thread(write_json_atomic, path, data)
+        try:
+            return await asyncio.to_thread(chats.put, path, data, base, keep_title)
+        except ChatConflict as e:
+            chat_id = path.stem
+            if str(e) == "deleted elsewhere":
+                raise APIError(409, f"the chat {chat_id!r} was deleted elsewhere since this page opened it",
+                               param="base", code="chat_deleted") from None
+            raise APIError(409, f"the chat {chat_id!r} was changed elsewhere (another tab, the TUI or the "
+                           "terminal chat) since this page opened it", param="base", code="chat_changed") from None
 
     async def info(request: Request):
         authorize(request)  # nothing private: the page needs it wherever it is opened
@@ -118,7 +128,7 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
         guard(request)
         data = await saved_body(await json_body(request))
         chat_id = chats.new_id()
-        await write(chats.path(chat_id), data)
+        data = await write(chats.path(chat_id), data)
         return JSONResponse({"id": chat_id, "title": data["title"], "updated": data["updated"]}, status_code=201)
 
     async def get_chat(request: Request):
@@ -130,33 +140,19 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
             raise APIError(422, str(e), param="chat_id", code="unreadable_chat") from None
         return JSONResponse({"id": chat_id, **data})
 
-    writing = asyncio.Lock()  # a check of the saved version and the write after it
-
     async def put_chat(request: Request):
         """Save over a chat. With ``base`` (the ``updated`` of the version the page last read or
         wrote), a chat changed or deleted since (another tab, the TUI, the terminal chat) is a
-        409 rather than overwritten: the page then saves its conversation as a new chat."""
+        409 rather than overwritten: the page then saves its conversation as a new chat. Without
+        ``title``, the saved chat keeps its own (renames are PATCH's)."""
         guard(request)
         chat_id, path = chat_path(request, must_exist=False)
         body = await json_body(request)
         base = body.get("base")
         if base is not None and (not isinstance(base, (int, float)) or isinstance(base, bool)):
             raise bad_request("'base' must be the 'updated' time of the version this saves over", "base")
-        data = await saved_body(body)
-        async with writing:
-            if base is not None:
-                await check_base(chat_id, path, base)
-            await write(path, data)
+        data = await write(path, await saved_body(body), base, keep_title="title" not in body)
         return JSONResponse({"id": chat_id, "title": data["title"], "updated": data["updated"]})
-
-    async def check_base(chat_id: str, path, base: float) -> None:
-        changed = await asyncio.to_thread(chats.changed_since, path, base)
-        if changed == "deleted elsewhere":
-            raise APIError(409, f"the chat {chat_id!r} was deleted elsewhere since this page opened it",
-                           param="base", code="chat_deleted")
-        if changed:
-            raise APIError(409, f"the chat {chat_id!r} was changed elsewhere (another tab, the TUI or the "
-                           "terminal chat) since this page opened it", param="base", code="chat_changed")
 
     async def patch_chat(request: Request):
         guard(request)
@@ -174,7 +170,7 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
     async def delete_chat(request: Request):
         guard(request)
         chat_id, _ = chat_path(request)
-        chats.delete(chat_id)
+        await asyncio.to_thread(chats.delete, chat_id)
         return JSONResponse({"id": chat_id, "deleted": True})
 
     async def page(request: Request):

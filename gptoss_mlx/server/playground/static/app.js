@@ -86,7 +86,7 @@ async function save() {
   try {
     saved = state.chat.id
       ? await api(`/v1/playground/chats/${encodeURIComponent(state.chat.id)}`,
-                  { method: "PUT", body: { ...data, base: state.chat.updated } })
+                  { method: "PUT", body: { ...data, title: undefined, base: state.chat.updated } }) // keeps a rename made elsewhere
       : await api("/v1/playground/chats", { method: "POST", body: data });
   } catch (e) {
     if (!["chat_changed", "chat_deleted"].includes(e.code)) throw e;
