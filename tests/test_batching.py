@@ -221,6 +221,31 @@ def test_a_long_prompt_is_prefilled_between_the_others_decode_steps(tiny):
         first.close()
 
 
+def test_a_short_prompt_does_not_wait_behind_a_long_one(tiny):
+    """A tool's long result (or a pasted file) being prefilled held every newcomer behind it: a
+    client asking a one-line question waited for all of another's 30k tokens. The prompt with
+    the fewest tokens left goes first."""
+    model, tokenizer = tiny
+    scheduler = Scheduler(Engine(model, max_context=8192, prefill_step=64), max_concurrency=2,
+                          cache_bytes=1 << 30)
+    firsts = {}
+
+    async def timed(name, text):
+        run = Run(tokenizer.encode(text), SamplingParams(temperature=0, max_tokens=2))
+        async for _ in scheduler.generate(run):
+            firsts.setdefault(name, time.perf_counter())
+
+    async def main():
+        long = asyncio.create_task(timed("long", "word " * 3000))
+        while not scheduler._prefilling:  # the long prompt's prefill has begun
+            await asyncio.sleep(0.001)
+        await timed("short", "Hi")
+        await long
+
+    asyncio.run(main())
+    assert firsts["short"] < firsts["long"]
+
+
 async def collect(scheduler, run) -> list[int]:
     """A run's tokens, straight from the scheduler (no HTTP)."""
     return [t async for t in scheduler.generate(run)]

@@ -1213,6 +1213,42 @@ def test_a_function_that_never_returns_does_not_hold_up_the_server(tok, monkeypa
         release.set()
 
 
+def test_shutdown_does_not_wait_for_a_function_the_server_runs(tok):
+    """Shutting down while a --functions call hung: the reply's stream was cut after the grace
+    second without a terminal event (or a plain-text 500), and the engine loop failed on the
+    closed event loop. Now the reply fails at once with the shutdown's 503, in its stream."""
+    release = threading.Event()
+
+    def hang() -> str:
+        """Wait for something."""
+        release.wait(60)
+        return "back"
+    model = ScriptedModel([call(tok, "Try it.", "hang", "{}"), answer(tok, "It failed.", "No luck.")])
+    scheduler = Scheduler(Engine(model, max_context=4096), 4, cache_bytes=1 << 30)
+    tools = ServerTools(functions=[FunctionTool.from_callable(hang)], function_timeout_s=30)
+    service = Service("gpt-oss-tiny", tok, scheduler.engine, scheduler, tools=tools, sampling=SamplingParams())
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
+        with client(url, timeout=30).responses.stream(model="gpt-oss-tiny", input="go") as stream:
+            events = iter(stream)
+            assert any(e.type == "response.mcp_call.in_progress" for e in events)
+            start = time.monotonic()
+            server.servers[0].get_loop().call_soon_threadsafe(scheduler.close)
+            rest = list(events)
+            took = time.monotonic() - start
+        assert rest[-1].type == "response.failed" and took < 5, ([e.type for e in rest], took)
+        assert rest[-1].response.error.code == "server_shutting_down"
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def test_chat_completions_stays_audible_while_a_server_call_is_written(monkeypatch):
     """A call the server answers is not streamed to a Chat Completions client: while the model
     wrote a long one (python code, say) nothing was sent; only the tool's run had keep-alives."""

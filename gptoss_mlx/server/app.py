@@ -4,6 +4,7 @@ parses, renders and streams, so one slow or failing request never blocks or brea
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -32,6 +33,9 @@ MAX_BODY_BYTES = 64 << 20
 # On shutdown, how long a response may take to end once its generation has stopped (a client
 # that reads no more holds its stream open until then).
 SHUTDOWN_GRACE_S = 1.0
+# On shutdown, how long generations have to stop: at the engine's next step, which is a chunk of
+# prefill when a long prompt is going in (seconds). Ctrl-C again ends the wait.
+STOP_WAIT_S = 30.0
 # A streaming client that keeps its connection but reads nothing for this long loses its stream
 # (and its slot: --max-concurrency such clients would otherwise make every request a 429).
 STALLED_CLIENT_S = 60.0
@@ -199,16 +203,21 @@ def serve(service: Service, host: str, port: int, api_key: str | None = None) ->
 
 class Server(uvicorn.Server):
     """uvicorn's server, ending promptly with requests in flight: on SIGTERM or Ctrl-C their
-    generations stop at their next step (each client gets a 503 saying so, in its stream when
-    it streams), a response still unsent SHUTDOWN_GRACE_S later is cut off, and the process
-    exits normally (uvicorn would raise the signal again, killing the process by it)."""
+    generations stop at their next step and a tool the server runs for them is not waited for
+    (each client gets a 503 saying so, in its stream when it streams), a response still unsent
+    SHUTDOWN_GRACE_S after that is cut off, and the process exits normally (uvicorn would raise
+    the signal again, killing the process by it)."""
 
     def __init__(self, config: uvicorn.Config, service: Service):
         super().__init__(config)
         self.service = service
 
     async def shutdown(self, sockets=None) -> None:
-        self.service.scheduler.close()
+        scheduler = self.service.scheduler
+        scheduler.close()
+        deadline = time.monotonic() + STOP_WAIT_S
+        while scheduler.running and not self.force_exit and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # each client is sent its 503 once its generation stops
         await super().shutdown(sockets)
 
     @contextlib.contextmanager

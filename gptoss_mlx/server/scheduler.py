@@ -4,8 +4,9 @@ conversation's follow-up reuses the cache its previous turn left.
 
 Requests enter through :meth:`Scheduler.generate` (a prompt and sampling parameters in, token
 ids out). On the engine thread one loop runs every admitted sequence: each step it prefills
-newcomers, oldest first, within a budget of prompt tokens (while others decode a small one, so
-a long prompt never stops them for its whole length), then runs one decode step for all the sequences past their prefill: one forward pass over their
+newcomers, the one with the fewest prompt tokens left first (a one-line question never waits
+behind another's long tool result), within a budget of prompt tokens (while others decode a small
+one, so a long prompt never stops them for its whole length), then runs one decode step for all the sequences past their prefill: one forward pass over their
 B current tokens, each row attending to its own cache (``cache.merge_caches``), each sampled with
 its own parameters, random key, logits processors and stop conditions (the plain greedy rows in
 one argmax). As in Engine.generate, step n+1 is queued, fed with step n's tokens still on the
@@ -134,6 +135,7 @@ class Scheduler:
         self._runs: list[Run] = []  # the runs under way (see close)
         self._admitting: deque[asyncio.Future] = deque()  # requests waiting for a slot, oldest first
         self.closing = False
+        self.closed = asyncio.Event()  # set by close(), on the event loop
 
     async def admit(self) -> "Slot":
         """Admit a request for its whole life (queued, generating, streaming): at once, or when
@@ -173,8 +175,14 @@ class Scheduler:
         """The server is shutting down: every run under way stops at its next step (its client
         gets a 503 saying so), and no new one starts."""
         self.closing = True
+        self.closed.set()  # a tool the server runs for a reply is not waited for
         for run in self._runs:
             run.cancelled.set()
+
+    @property
+    def running(self) -> bool:
+        """Whether any run is under way (queued, prefilling or decoding)."""
+        return bool(self._runs)
 
     @property
     def batch_size(self) -> int:
@@ -281,18 +289,23 @@ class Scheduler:
         return True
 
     def _prefill(self) -> None:
-        """Prefill newcomers, oldest first, within one step's budget of prompt tokens: while
-        others decode a small one (they wait for it), else a full chunk. A newcomer whose prompt
-        is all in samples its first token and joins the batch."""
-        budget = self.interleaved_chunk if self._rows else self.engine.prefill_step
-        while self._prefilling and budget > 0:
-            seq = self._prefilling[0]
+        """Prefill newcomers, fewest tokens left first (oldest first among equals), within one
+        step's budget of prompt tokens: while others decode a small one (they wait for it), else
+        a full chunk. A newcomer whose prompt is all in samples its first token and joins the
+        batch."""
+        spent = 0
+        while self._prefilling:
+            # a newcomer that joined in this step decodes in it: the rest waits as others' would
+            budget = (self.interleaved_chunk if self._rows else self.engine.prefill_step) - spent
+            if budget <= 0:
+                break
+            seq = min(self._prefilling, key=Sequence.prefill_left)
             try:
                 if seq.prefill is None:
                     seq.start(self.engine, self.pool.take(seq.run.prompt))
                 before = len(seq.pc.tokens)
                 logits = seq.prefill.step(budget)
-                budget -= len(seq.pc.tokens) - before
+                spent += len(seq.pc.tokens) - before
             except ValueError as e:  # a prompt the model cannot take, or NaN logits: this one fails
                 self._prefilling.remove(seq)
                 if seq.pc is not None and not isinstance(e, NonFiniteLogitsError):
@@ -433,8 +446,13 @@ class Sequence:
         self.plain_greedy = self.sampler.greedy and not self.sampler.processors
         self.budget = token_budget(run.params, engine.max_context, len(run.prompt))
 
+    def prefill_left(self) -> int:
+        """Prompt tokens still to go in (the whole prompt before its prefill starts)."""
+        return len(self.run.prompt) if self.prefill is None else len(self.prefill.rest) + 1
+
     def put(self, entry: tuple) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, entry)
+        with contextlib.suppress(RuntimeError):  # the server has ended: nobody is waiting
+            self.loop.call_soon_threadsafe(self.out.put_nowait, entry)
 
     def deliver(self, token: int, now: float, batch_size: int | None) -> None:
         """Count the token in flight as made (the caller hands it out); ``batch_size``: that of

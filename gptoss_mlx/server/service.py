@@ -23,7 +23,7 @@ from ..tools.toolbox import limit_reached, no_such_tool
 from .errors import APIError, bad_request
 from .output import CALL, SERVER_CALL, OutputEvent, ReplyStream, Waiting
 from .params import function_names
-from .scheduler import Run, Scheduler
+from .scheduler import Run, Scheduler, shutting_down
 from .tools import FUNCTION_THREADS, MAX_ROUNDS, ServerTools
 
 log = logging.getLogger("gptoss_mlx.server")
@@ -289,11 +289,18 @@ class Service:
         """The call's result (:meth:`answer`) as the last event; before it, every WAITING_S
         while it is made, a Waiting event."""
         answering = asyncio.ensure_future(self.answer(reply, call, limit))
+        closed = asyncio.ensure_future(self.scheduler.closed.wait())
         try:
-            while not (await asyncio.wait({answering}, timeout=WAITING_S))[0]:
+            while not (await asyncio.wait({answering, closed}, timeout=WAITING_S,
+                                          return_when=asyncio.FIRST_COMPLETED))[0]:
                 yield Waiting(call)
+            if not answering.done():  # the server is shutting down: the reply fails with a 503
+                if reply.toolbox is not None:
+                    reply.toolbox.cancel()
+                raise shutting_down()
         finally:
-            answering.cancel()  # only if the stream is closed meanwhile
+            answering.cancel()  # only if the stream is closed meanwhile, or the server
+            closed.cancel()
         yield answering.result()
 
     def next_run(self, reply: Reply, call, result: ToolResult, forced: list[int]) -> Run | None:
