@@ -385,13 +385,16 @@ class Chat:
         data = check_chat_file(path)
         messages = harmony.from_chat_completions(data, date=data.get("date"))
         system, rest = messages[0], messages[1:]
+        dev = rest.pop(0).content if rest and rest[0].role == "developer" and isinstance(
+            rest[0].content, DeveloperContent) else DeveloperContent(None, [])
+        try:  # the answers' shape, as its last reply had it: the next prompt is the same
+            answer_format = self._checked_format(dev.response_formats[0] if dev.response_formats else None)
+        except SchemaError as e:
+            raise ChatFileError(f"{path}: {e}") from None
         self.reasoning_effort = system.content.reasoning_effort or "medium"
         self.date = data.get("date") or self.date
-        if rest and rest[0].role == "developer" and isinstance(rest[0].content, DeveloperContent):
-            dev = rest.pop(0).content
-            self.instructions, self.functions = dev.instructions, list(dev.functions)
-        else:
-            self.instructions, self.functions = None, []
+        self.instructions, self.functions = dev.instructions, list(dev.functions)
+        self._format = self._turn_format = answer_format
         self.messages = rest
         return data
 

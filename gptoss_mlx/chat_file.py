@@ -17,6 +17,7 @@ from .harmony.chat_completions import REASONING_KEYS
 
 FORMAT_VERSION = 1  # files without "format" are version 1
 MAX_FILE_BYTES = 64 * 2**20
+MAX_DATE_CHARS = 64  # "Current date: ..." in the system message: one line, not a section of its own
 MAX_DEPTH = 64  # JSON nesting; a tool's parameter schema needs a handful of levels
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -61,7 +62,8 @@ def chat_file_problem(data) -> str | None:
                 f"{FORMAT_VERSION}); upgrade to open it")
     for name, ok, expected in (
         ("title", lambda v: isinstance(v, str), "a string"),
-        ("date", lambda v: isinstance(v, str), "a string"),
+        ("date", lambda v: isinstance(v, str) and len(v) <= MAX_DATE_CHARS and v.isprintable(),
+         f"a date on one line (at most {MAX_DATE_CHARS} characters)"),
         ("updated", lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a time in seconds"),
         ("reasoning_effort", lambda v: v in EFFORTS, " or ".join(EFFORTS)),
         ("tools", lambda v: isinstance(v, list) and all(isinstance(t, dict) for t in v),

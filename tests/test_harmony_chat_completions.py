@@ -105,7 +105,12 @@ for _ in range(40):
      r"tools\[0\] \(f\): parameters: the JSON Schema is nested deeper than 32"),
     ({"messages": [], "tools": 5}, "tools must be a list"),
     ({"messages": [{"role": "tool", "tool_call_id": ["x"], "content": "a"}]}, "tool result without a name"),
-    ({"messages": [], "response_format": {"type": "json_schema", "json_schema": 5}}, "json_schema must be an object"),
+    ({"messages": [], "response_format": {"type": "json_schema", "json_schema": 5}},
+     r'response_format must be \{"type": "text"\}, \{"type": "json_object"\} or \{"type": "json_schema"'),
+    ({"messages": [], "response_format": {"type": "xml"}}, r"response_format must be \{"),
+    ({"messages": [], "response_format": "json_object"}, r"response_format must be \{"),
+    ({"messages": [], "response_format": 5}, r"response_format must be \{"),
+    ({"messages": [], "response_format": {"type": "json_schema"}}, r"response_format must be \{"),
     ({"messages": [{"role": "assistant", "content": "x", "channel": 5}]}, r"messages\[0\].channel"),
     ({"messages": [{"role": "assistant", "reasoning": 5}]}, r"messages\[0\].reasoning"),
 ])

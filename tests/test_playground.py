@@ -606,6 +606,21 @@ def test_a_rename_elsewhere_is_kept_and_renames_never_undo_a_save(tok, tmp_path)
         assert (saved["updated"], len(saved["messages"])) == (last[0], last[1] + 1)  # the last save's turns
 
 
+def test_a_chat_keeps_its_answer_schema(tok, tmp_path):
+    """The page saved a chat's JSON Schema with it, but the server dropped it: a reopened chat
+    had lost its schema, and its next answers were free text."""
+    chats = ConversationStore(tmp_path)
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": {"type": "object"}}}
+    with serving(ScriptedModel([answer(tok, "Hm.", "ok")]), tok, chats=chats) as url:
+        root = url.removesuffix("/v1")
+        body = {"title": "T", "messages": [{"role": "user", "content": "hi"}], "response_format": fmt}
+        made = call_api(root, "POST", "/v1/playground/chats", body)[1]
+        code, data = call_api(root, "GET", f"/v1/playground/chats/{made['id']}")
+        assert (code, data["response_format"]) == (200, fmt)
+        code, data = call_api(root, "POST", "/v1/playground/chats", {**body, "response_format": {"type": "xml"}})
+        assert code == 400 and "response_format must be" in data["error"]["message"]
+
+
 def test_two_tabs_on_one_chat_lose_nothing(browser, tok, tmp_path, shots):
     """Tab A and tab B open one chat and each sends: B's conversation is saved as a new chat,
     and B is told so; A's turns stay in the first. A reload reopens the chat it showed."""

@@ -160,14 +160,34 @@ def _function_spec(tool, j: int) -> ToolSpec:
 JSON_OBJECT = ResponseFormat("json_object", {"type": "object"}, "Any JSON object.")
 
 
+JSON_SCHEMA_SHAPE = '{"type": "json_schema", "json_schema": {"name": str, "schema": {...}}}'
+
+
+def response_format_problem(fmt, param: str = "response_format", shape: str = JSON_SCHEMA_SHAPE) -> str | None:
+    """What is wrong with a ``response_format`` (``text``, ``json_object`` or a ``json_schema``
+    whose schema is an object), naming ``param``; None when nothing is. ``shape``: the
+    json_schema form the message shows (the Responses API's differs)."""
+    if fmt is None or isinstance(fmt, dict) and fmt.get("type") in ("text", "json_object"):
+        return None
+    schema = fmt.get("json_schema") if isinstance(fmt, dict) else None
+    if (not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(schema, dict)
+            or not isinstance(schema.get("name", ""), str) or not isinstance(schema.get("schema", {}), dict)
+            or not isinstance(schema.get("description", ""), str)):
+        return f'{param} must be {{"type": "text"}}, {{"type": "json_object"}} or {shape}'
+    if schema.get("strict") is not None and not isinstance(schema["strict"], bool):
+        return f"{param}'s 'strict' must be true or false, got {schema['strict']!r}"
+    return None
+
+
 def _response_formats(fmt) -> list[ResponseFormat]:
-    if isinstance(fmt, dict) and fmt.get("type") == "json_object":
-        return [JSON_OBJECT]
-    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+    problem = response_format_problem(fmt)
+    if problem:
+        raise HarmonyError(problem)
+    if fmt is None or fmt.get("type") == "text":
         return []
-    js = fmt.get("json_schema") or {}
-    if not isinstance(js, dict):
-        raise HarmonyError("response_format.json_schema must be an object")
+    if fmt.get("type") == "json_object":
+        return [JSON_OBJECT]
+    js = fmt["json_schema"]
     check_schema(js.get("schema", {}), "response_format", "json_schema.schema")
     return [ResponseFormat(js.get("name", "response"), js.get("schema", {}), js.get("description"))]
 

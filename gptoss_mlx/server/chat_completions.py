@@ -10,7 +10,7 @@ import time
 
 from starlette.responses import JSONResponse, StreamingResponse
 
-from ..harmony.chat_completions import REASONING_KEYS
+from ..harmony.chat_completions import JSON_SCHEMA_SHAPE, REASONING_KEYS, response_format_problem
 from . import params
 from .errors import APIError, bad_request, generation_failed
 from .output import CALL, REASONING, TEXT, Closed, Delta, Opened, Waiting
@@ -72,21 +72,13 @@ def check_messages(messages) -> None:
                                   "{\"name\": str, \"arguments\": str}}", "messages")
 
 
-def check_response_format(fmt, param: str = "response_format", shape: str | None = None) -> None:
+def check_response_format(fmt, param: str = "response_format", shape: str = JSON_SCHEMA_SHAPE) -> None:
     """``text``, ``json_object`` (any JSON object) or a ``json_schema``: given to the model as
     harmony's response format, and enforced while decoding (gptoss_mlx/structured.py).
     ``shape``: the json_schema form the error message shows (the Responses API's differs)."""
-    if fmt is None or isinstance(fmt, dict) and fmt.get("type") in ("text", "json_object"):
-        return
-    schema = fmt.get("json_schema") if isinstance(fmt, dict) else None
-    if (not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(schema, dict)
-            or not isinstance(schema.get("name", ""), str) or not isinstance(schema.get("schema", {}), dict)
-            or not isinstance(schema.get("description", ""), str)):
-        shape = shape or '{"type": "json_schema", "json_schema": {"name": str, "schema": {...}}}'
-        raise bad_request(f"{param} must be {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or "
-                          f"{shape}", param)
-    if schema.get("strict") is not None and not isinstance(schema["strict"], bool):
-        raise bad_request(f"{param}'s 'strict' must be true or false, got {schema['strict']!r}", param)
+    problem = response_format_problem(fmt, param, shape)
+    if problem:
+        raise bad_request(problem, param)
 
 
 def check_request(body: dict) -> None:

@@ -42,7 +42,7 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
                 "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
-SAVED_KEYS = ("title", "messages", "reasoning_effort", "tools", "date")  # what the page may save
+SAVED_KEYS = ("title", "messages", "reasoning_effort", "tools", "response_format", "date")  # what the page may save
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_TITLE_CHARS = 200
 
