@@ -660,6 +660,29 @@ def test_two_tabs_on_one_chat_lose_nothing(browser, tok, tmp_path, shots):
         assert saved["First (copy)"]["messages"][0] == {"role": "system", "content": "Answer in French."}
 
 
+def test_back_and_an_edited_address_open_the_chat_they_name(browser, tok, tmp_path):
+    """After opening A, then B, Back changed the address to A while the page still showed B: a
+    reload then opened another chat than the one on screen, and a message sent went to B."""
+    chats = ConversationStore(tmp_path)
+    with serving(ScriptedModel([answer(tok, "Hm.", "ok")]), tok, chats=chats) as url:
+        root = url.removesuffix("/v1")
+        a, b = (call_api(root, "POST", "/v1/playground/chats",
+                         {"title": name, "messages": [{"role": "user", "content": f"{name} says hi"}]})[1]["id"]
+                for name in ("Chat A", "Chat B"))
+        page = Page(browser, url, path=f"/#chat={a}")
+        page.until(lambda: "Chat A says hi" in page.text(), "A was not opened")
+        page.find(f'#chats li[data-id="{b}"] button.open').click()
+        page.until(lambda: "Chat B says hi" in page.text(), "B was not opened")
+        browser.back()
+        page.until(lambda: "Chat A says hi" in page.text(), "Back did not open A")
+        assert page.js("return location.hash") == f"#chat={a}"
+        browser.forward()
+        page.until(lambda: "Chat B says hi" in page.text(), "Forward did not open B")
+        page.js("location.hash = 'chat=no-such-chat'")
+        page.until(lambda: "no saved chat 'no-such-chat'" in page.text("#alert"), "the missing chat was not said")
+        assert page.js("return location.hash") == f"#chat={b}" and "Chat B says hi" in page.text()
+
+
 def test_a_chat_is_saved_with_the_instructions_its_reply_was_made_with(browser, tok, tmp_path):
     """Instructions edited while a reply streamed were saved as the ones it was made with."""
     chats = ConversationStore(tmp_path)

@@ -208,6 +208,20 @@ async function openChat(id) {
   await listChats();
 }
 
+// The address names the chat shown: Back, Forward or an edited address open the chat it names.
+// While a reply is written, or when that chat cannot be opened, the address goes back to the
+// chat on screen (a reload must not open another one than the page shows).
+async function followAddress() {
+  const wanted = new URLSearchParams(location.hash.slice(1)).get("chat");
+  if (wanted === state.chat.id || (!wanted && !state.chat.id)) return;
+  if (state.controller) alertUser("A reply is being written: stop it to open another chat");
+  else if (wanted) await openChat(wanted);
+  else startChat();
+  if (wanted !== state.chat.id) {
+    history.replaceState(null, "", state.chat.id ? `#chat=${encodeURIComponent(state.chat.id)}` : location.pathname);
+  }
+}
+
 function startChat() {
   if (state.controller) return;
   state.chat = newChat();
@@ -677,6 +691,7 @@ function wire() {
     const open = document.body.classList.toggle("sidebar-open");
     $("#menu").setAttribute("aria-expanded", String(open));
   });
+  window.addEventListener("hashchange", followAddress);
   window.addEventListener("beforeunload", (event) => {
     if (state.controller) event.preventDefault(); // a reply under way is lost: the browser asks first
   });
