@@ -1213,6 +1213,33 @@ def test_a_function_that_never_returns_does_not_hold_up_the_server(tok, monkeypa
         release.set()
 
 
+def test_a_late_function_from_a_file_is_ended_with_its_worker(tok, tmp_path):
+    """serve --functions FILE: the call runs in a worker process, which is ended when the call
+    is late (a thread would spin on for good), and a function ending its process fails alone."""
+    from gptoss_mlx.tools import Toolbox, load_functions
+
+    path = tmp_path / "fns.py"
+    path.write_text("import os\ndef spin() -> str:\n    \"\"\"Spin.\"\"\"\n    while True:\n        pass\n"
+                    "def leave() -> str:\n    \"\"\"Leave.\"\"\"\n    os._exit(3)\n")
+    tools = ServerTools.from_toolbox(Toolbox(functions=load_functions(path)), function_timeout_s=0.5)
+    model = ScriptedModel([call(tok, "Try it.", "spin", "{}"), answer(tok, "It failed.", "No luck."),
+                           call(tok, "Try it.", "leave", "{}"), answer(tok, "It failed.", "Gone.")])
+    try:
+        with serving(model, tok, tools=tools) as url:
+            c = client(url, timeout=30)
+            r = c.responses.create(model="gpt-oss-tiny", input="go")
+            assert (r.status, r.output_text) == ("completed", "No luck.")
+            assert next(o.error for o in r.output if o.type == "mcp_call") == (
+                "Error: functions.spin did not return within 0.5 s: its process was ended")
+            r = c.responses.create(model="gpt-oss-tiny", input="go")
+            assert (r.status, r.output_text) == ("completed", "Gone.")
+            assert next(o.error for o in r.output if o.type == "mcp_call") == (
+                "Error: functions.leave failed: its process exited with code 3")
+            assert not tools.workers._busy  # the ended workers are not counted as busy
+    finally:
+        tools.close()
+
+
 def test_shutdown_does_not_wait_for_a_function_the_server_runs(tok):
     """Shutting down while a --functions call hung: the reply's stream was cut after the grace
     second without a terminal event (or a plain-text 500), and the engine loop failed on the

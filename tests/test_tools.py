@@ -140,6 +140,79 @@ def test_a_bad_functions_file_is_one_error_naming_it(tmp_path, source, message):
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
 
 
+WORKER_FILE = """
+import os, sys, time
+calls = []
+def remember(word: str) -> str:
+    \"\"\"Remember a word.\"\"\"
+    calls.append(word)
+    print("noise on stdout")  # must not break the answers
+    return " ".join(calls)
+def spin() -> str:
+    \"\"\"Spin.\"\"\"
+    while True:
+        pass
+def leave() -> str:
+    \"\"\"End the process.\"\"\"
+    os._exit(7)
+def huge() -> str:
+    \"\"\"A lot.\"\"\"
+    return "Z" * 5_000_000
+def pid() -> int:
+    \"\"\"The worker's process id.\"\"\"
+    return os.getpid()
+"""
+
+
+def test_functions_from_a_file_run_in_workers_that_are_ended_when_late(tmp_path):
+    """serve --functions: a call that spun past its timeout kept burning a core of the server
+    for good (a thread cannot be stopped), and one that called os._exit ended the server. Each
+    now runs in a worker process: a late one is ended with it, one that ends its process fails
+    alone, and idle workers are reused (module state stays)."""
+    import os
+    from gptoss_mlx.tools.function_worker import FunctionWorkers
+    from gptoss_mlx.tools.toolbox import MAX_RESULT_CHARS
+
+    path = tmp_path / "fns.py"
+    path.write_text(WORKER_FILE)
+    workers = FunctionWorkers([path])
+    try:
+        first = workers.call("functions.remember", '{"word": "a"}', 30)
+        assert (first.content, first.ok) == ("a", True)
+        assert workers.call("functions.remember", '{"word": "b"}', 30).content == "a b"  # the same worker
+        late = workers.call("functions.spin", "{}", 1.0)
+        assert (late.content, late.ok) == ("Error: functions.spin did not return within 1 s: its process was ended", False)
+        assert not workers._busy and all(w.proc.poll() is None for w in workers._idle)
+        left = workers.call("functions.leave", "{}", 30)
+        assert (left.content, left.ok) == ("Error: functions.leave failed: its process exited with code 7", False)
+        big = workers.call("functions.huge", "{}", 30)
+        assert len(big.content) < MAX_RESULT_CHARS + 100 and big.content.endswith("more characters]")
+        assert workers.call("functions.nope", "{}", 30).content.startswith("Error: there is no tool 'functions.nope'")
+        worker_pid = int(workers.call("functions.pid", "{}", 30).content)
+        assert worker_pid != os.getpid()
+    finally:
+        workers.close()
+    with pytest.raises(ProcessLookupError):  # close() ended it
+        for _ in range(50):
+            os.kill(worker_pid, 0)
+            time.sleep(0.1)
+    assert workers.call("functions.pid", "{}", 30).content == "Error: functions.pid could not start: the server is shutting down"
+
+
+def test_a_functions_file_that_fails_in_the_worker_is_said(tmp_path):
+    from gptoss_mlx.tools.function_worker import FunctionWorkers
+
+    path = tmp_path / "fns.py"
+    path.write_text("def f() -> str:\n    \"\"\"F.\"\"\"\n    return 'x'\n")
+    workers = FunctionWorkers([path])
+    path.write_text("raise RuntimeError('only in the worker')\n")
+    try:
+        result = workers.call("functions.f", "{}", 30)
+    finally:
+        workers.close()
+    assert not result.ok and "could not start" in result.content and "only in the worker" in result.content
+
+
 def test_a_fifo_functions_file_is_refused_unopened(tmp_path):
     import os
     os.mkfifo(tmp_path / "tools.py")

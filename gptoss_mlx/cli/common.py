@@ -258,8 +258,9 @@ def add_model_options(p: argparse.ArgumentParser, interactive: bool = True,
                        help="seconds per code run (default 30)")
     if not interactive:
         tools.add_argument("--function-timeout", type=positive_seconds, default=FUNCTION_TIMEOUT_S,
-                           metavar="SECONDS", help="seconds a --functions call may take; then the "
-                           f"model is told it failed and goes on (default {FUNCTION_TIMEOUT_S:g})")
+                           metavar="SECONDS", help="seconds a --functions call may take; then its worker "
+                           "process is ended, and the model is told it failed and goes on "
+                           f"(default {FUNCTION_TIMEOUT_S:g})")
     tools.add_argument("--python-network", action="store_true",
                        help="allow the Python code network access (this machine's, services on "
                             "localhost included)")

@@ -215,6 +215,8 @@ class Server(uvicorn.Server):
     async def shutdown(self, sockets=None) -> None:
         scheduler = self.service.scheduler
         scheduler.close()
+        if self.service.tools is not None:
+            self.service.tools.close()  # --functions' worker processes
         deadline = time.monotonic() + STOP_WAIT_S
         while scheduler.running and not self.force_exit and time.monotonic() < deadline:
             await asyncio.sleep(0.02)  # each client is sent its 503 once its generation stops

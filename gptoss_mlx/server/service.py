@@ -29,6 +29,7 @@ from .tools import FUNCTION_THREADS, MAX_ROUNDS, ServerTools
 log = logging.getLogger("gptoss_mlx.server")
 
 DISCONNECT_POLL_S = 0.2  # how often a reply that has no token yet checks that its client is there
+WORKER_END_S = 5.0  # past a function's timeout, how long its worker process may take to end
 WAITING_S = 10.0  # while a tool the server runs works, a stream hears of it this often
 REQUIRED = "required"  # tool_choice: the reply calls one of the request's functions, the model picks which
 
@@ -326,15 +327,19 @@ class Service:
         if reply.toolbox is not None and reply.server_tools.handles(call.recipient):
             tool_call = ToolCall(call.recipient, call.text, call.channel)
             if call.recipient.startswith(FUNCTIONS):
-                return await self.run_function(reply.toolbox, tool_call, reply.server_tools.function_timeout_s)
+                return await self.run_function(reply.toolbox, tool_call, reply.server_tools)
             return await asyncio.to_thread(reply.toolbox.execute, tool_call)  # bounded by its own limits
         return ToolResult(call.recipient, f"Error: {no_such_tool(call.recipient, reply.recipients)}", ok=False)
 
-    async def run_function(self, toolbox: Toolbox, call: ToolCall, timeout_s: float) -> ToolResult:
-        """A call to one of --functions, in a thread of its own (at most FUNCTION_THREADS at
+    async def run_function(self, toolbox: Toolbox, call: ToolCall, tools: ServerTools) -> ToolResult:
+        """A call to one of --functions, from a thread of its own (at most FUNCTION_THREADS at
         once): a function that never returns holds that thread, not one the server's own work
-        needs, nor the server's exit. Not started or not returned within ``timeout_s``: an
-        error the model reads, and the reply goes on (a thread cannot be stopped: it is left)."""
+        needs, nor the server's exit. A function from a file runs in a worker process
+        (tools/function_worker.py), which is ended when it has not returned within the timeout;
+        a callable runs in the thread itself, which cannot be stopped (it is left). Not started
+        or not returned in time: an error the model reads, and the reply goes on."""
+        timeout_s = tools.function_timeout_s
+        in_worker = tools.in_worker(call.recipient)
         if self._function_slots is None:
             self._function_slots = asyncio.Semaphore(FUNCTION_THREADS)
         slots, loop, start = self._function_slots, asyncio.get_running_loop(), time.monotonic()
@@ -352,14 +357,16 @@ class Service:
 
         def work() -> None:
             try:
-                outcome = toolbox.execute(call)
+                outcome = (tools.workers.call(call.recipient, call.arguments, timeout_s, since=start)
+                           if in_worker else toolbox.execute(call))
             except KeyboardInterrupt:  # only raised by the function itself: the main thread gets Ctrl-C
                 outcome = ToolResult(call.recipient, "Error: the tool failed (KeyboardInterrupt)", ok=False)
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
                 loop.call_soon_threadsafe(done, outcome)
         threading.Thread(target=work, name=f"server-{call.recipient}", daemon=True).start()
+        left = max(timeout_s - (time.monotonic() - start), 0) + (WORKER_END_S if in_worker else 0)
         try:
-            return await asyncio.wait_for(asyncio.shield(result), max(timeout_s - (time.monotonic() - start), 0))
+            return await asyncio.wait_for(asyncio.shield(result), left)
         except asyncio.TimeoutError:
             log.warning("%s has not returned after %g s (--function-timeout): the model is told it "
                         "failed; its thread is left running", call.recipient, timeout_s)

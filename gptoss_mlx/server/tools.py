@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from .. import harmony
 from ..harmony import Message
 from ..tools import Browser, FunctionTool, PythonSandbox, SandboxLimits, Toolbox
+from ..tools.function_worker import FunctionWorkers
 from ..tools.functions import FUNCTION_TIMEOUT_S
 from ..tools.python_tool import description
 from ..tools.toolbox import tool_recipients
@@ -28,11 +29,23 @@ class ServerTools:
     python: SandboxLimits | None = None  # the python tool, with these limits, when enabled
     browser: bool = False
     function_timeout_s: float = FUNCTION_TIMEOUT_S
+    # functions loaded from files (--functions) run in worker processes; callables in threads
+    workers: FunctionWorkers | None = None
 
     @classmethod
     def from_toolbox(cls, toolbox: Toolbox, function_timeout_s: float = FUNCTION_TIMEOUT_S) -> "ServerTools":
+        files = list(dict.fromkeys(f.source for f in toolbox.functions if f.source is not None))
         return cls(list(toolbox.functions), toolbox.python.limits if toolbox.python else None,
-                   toolbox.browser is not None, function_timeout_s)
+                   toolbox.browser is not None, function_timeout_s, FunctionWorkers(files) if files else None)
+
+    def in_worker(self, recipient: str) -> bool:
+        """Whether a call to ``recipient`` runs in a worker process (a function from a file)."""
+        name = recipient.removeprefix("functions.")
+        return self.workers is not None and any(f.name == name and f.source is not None for f in self.functions)
+
+    def close(self) -> None:
+        if self.workers is not None:
+            self.workers.close()
 
     def handles(self, recipient: str) -> bool:
         namespace, _, name = recipient.partition(".")

@@ -87,6 +87,7 @@ class FunctionTool:
     description: str
     parameters: dict  # JSON Schema of the arguments object
     fn: Callable[..., Any]
+    source: Path | None = None  # the file it was loaded from (load_functions), if any
 
     @classmethod
     def from_callable(cls, fn: Callable, name: str | None = None, description: str | None = None) -> "FunctionTool":
@@ -215,4 +216,6 @@ def load_functions(path: str | Path) -> list[FunctionTool]:
             raise ToolError(f"{path}: {getattr(item, '__name__', repr(item))}: {why}") from None
     if not tools:
         raise ToolError(f"{path}: defines no functions")
+    for tool in tools:
+        tool.source = path
     return tools
