@@ -437,3 +437,29 @@ def test_decoding_token_by_token_runs_the_adapted_router_and_experts(sharp, tok,
     cache = model.make_cache()
     steps = mx.concatenate([model(mx.array([[t]]), cache=cache) for t in tokens], axis=1)
     assert mx.allclose(steps, adapted(mx.array([tokens])), atol=1e-3).item()
+
+
+def test_ctrl_c_saves_even_when_the_output_has_gone(sharp, tmp_path):
+    """`finetune ... | tee log` and Ctrl-C: the same Ctrl-C ended tee, writing 'stopping...'
+    failed, and the run ended without saving anything (so did a closed terminal). Output that
+    cannot be written is dropped; the step finishes and the adapter is saved."""
+    import signal
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "train.jsonl", [capitals_line(*c) for c in CAPITALS])
+    out = tmp_path / "adapter"
+    proc = subprocess.Popen([sys.executable, "-m", "gptoss_mlx", "finetune", "--model", str(sharp),
+                             "--data", str(data), "--adapter-path", str(out), "--iters", "100000",
+                             "--steps-per-report", "1", "--save-every", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        while not proc.stdout.readline().startswith(b"step "):  # training is under way
+            assert proc.poll() is None, "finetune ended before its first step"
+        proc.stdout.close()  # the reader goes away (as tee does on the same Ctrl-C)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert code == 130
+    assert ft.read_state(out)["step"] >= 1 and (out / ADAPTER_WEIGHTS).exists()

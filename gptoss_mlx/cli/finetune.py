@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import sys
@@ -185,7 +186,7 @@ def cmd_finetune(args) -> int:
     show = ProgressLine(sys.stdout)
     # Ctrl-C, and a kill or a closed terminal: save after the step under way, then stop
     stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, lambda *_: request_stop(stop, show)) for sig in stopping}
+    previous = {sig: signal.signal(sig, lambda sig, _: request_stop(stop, show, sig)) for sig in stopping}
     try:
         for event in engine_thread().stream(events):
             show.event(event)
@@ -196,22 +197,29 @@ def cmd_finetune(args) -> int:
             signal.signal(sig, handler)
         show.end()
     if stop.is_set():
-        print("Stopped early; the same command with --resume continues the run.")
+        show.note("Stopped early; the same command with --resume continues the run.")
         return 130
     return 0
 
 
-def request_stop(stop: threading.Event, show: ProgressLine) -> None:
-    """First Ctrl-C: finish the step under way, save, stop. A second one stops at once."""
+STOP_CAUSES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "the terminal closed"}
+
+
+def request_stop(stop: threading.Event, show: ProgressLine, sig: int = signal.SIGINT) -> None:
+    """First Ctrl-C (or SIGTERM, or a closed terminal): finish the step under way, save, stop.
+    A second one stops at once."""
     if stop.is_set():
         raise KeyboardInterrupt
     stop.set()
-    show.note("Ctrl-C: stopping after this step and saving (Ctrl-C again to quit without saving)")
+    show.note(f"{STOP_CAUSES.get(sig, 'Ctrl-C')}: stopping after this step and saving "
+              "(Ctrl-C again to quit without saving)")
 
 
 class ProgressLine:
     """One progress line, redrawn in place on a terminal (a line per report otherwise); other
-    messages print above it."""
+    messages print above it. Output that can no longer be written (a closed terminal, a pipe
+    whose reader is gone: ``| tee`` ended by the same Ctrl-C) is dropped: the run goes on and
+    saves."""
 
     def __init__(self, out):
         self.out, self.tty, self.shown = out, out.isatty(), False
@@ -224,11 +232,10 @@ class ProgressLine:
                     f"{event.tokens_per_s:,.0f} tok/s · peak {event.peak_gb:.2f} GB · "
                     f"ETA {ft.format_eta(event.eta_s)}")
             if self.tty:
-                self.out.write(f"\r\x1b[K{line}")
+                self._write(f"\r\x1b[K{line}")
                 self.shown = True
             else:
-                self.out.write(line + "\n")
-            self.out.flush()
+                self._write(line + "\n")
         elif isinstance(event, ft.Validation):
             self.note(f"step {event.step}: validation loss {event.loss:.3f}")
         elif isinstance(event, ft.Saved):
@@ -237,13 +244,39 @@ class ProgressLine:
 
     def note(self, text: str) -> None:
         self.end()
-        self.out.write(text + "\n")
-        self.out.flush()
+        self._write(text + "\n")
 
     def end(self) -> None:
         if self.shown:
-            self.out.write("\n")
+            self._write("\n")
             self.shown = False
+
+    def _write(self, text: str) -> None:
+        if self.out is None:
+            return
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except OSError:  # EPIPE, EIO: nobody reads it any more
+            self.out = None
+            drop_output()
+
+
+def drop_output() -> None:
+    """Send what this process writes to its standard output from now on to /dev/null (and its
+    standard error, when that went to the same place): the reader has gone, and the
+    interpreter's own flush at exit must not fail the run (or print about it)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        same = os.path.sameopenfile(1, 2)
+    except OSError:
+        same = False
+    for fd in (1, 2) if same else (1,):
+        try:
+            os.dup2(devnull, fd)
+        except OSError:
+            pass
+    os.close(devnull)
 
 
 def cmd_fuse(args) -> int:
