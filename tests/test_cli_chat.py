@@ -505,3 +505,55 @@ def test_a_long_prompt_shows_how_far_it_has_been_read_then_the_reply(tok, store,
     assert shown and len({total for _, total in shown}) == 1, text[:300]
     assert int(shown[-1][0].replace(",", "")) > int(shown[0][0].replace(",", ""))  # it moved on
     assert text.index("\r\x1b[K", text.rindex("reading the prompt")) < text.index("Four.")  # erased first
+
+
+def test_a_chat_that_cannot_be_saved_is_not_said_saved_and_is_kept_elsewhere(tok, tmp_path, monkeypatch):
+    """The chats folder could not be written (the data directory a file, a full disk): each
+    reply said so, but the end said 'Saved to ...' and 'Continue with --resume' for a file that
+    did not exist. The conversation now goes to the current directory, and the end says where."""
+    (tmp_path / "datafile").write_text("x")
+    monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(tmp_path / "datafile"))
+    monkeypatch.chdir(tmp_path)
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "Four."), ["2+2?"])
+    assert status == 0 and "error: could not save the conversation" in out and "Saved to" not in out
+    (rescued,) = tmp_path.glob("gptoss-mlx-chat-*.json")
+    assert f"The conversation is saved to {rescued} instead" in out and f"/load {rescued}" in out
+    other = scripted_chat(tok, "unused")
+    other.load(rescued)
+    assert [m.text for m in other.messages if m.role == "user"] == ["2+2?"]
+
+
+def test_a_closed_terminal_ends_the_chat_with_its_turns_saved(tok, store, monkeypatch):
+    """Closing the terminal while a reply streamed lost the turn and its partial reply (Ctrl-C
+    kept both): SIGHUP now stops the reply as Ctrl-C does, and the chat is saved before the end;
+    so is a reply whose terminal has gone (EIO) before the signal came."""
+    import errno
+    import os
+    import signal
+
+    def hang_up(prompt=""):
+        os.kill(os.getpid(), signal.SIGHUP)
+        return "never sent"
+    lines = iter(["2+2?", None])
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr(common, "load_chat", lambda args, out=None, toolbox=None: scripted_chat(tok, "Four."))
+    monkeypatch.setattr(cli_chat, "line_reader",
+                        lambda history_file: lambda prompt="": next(lines) or hang_up())
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    assert main(["chat"]) == 0
+    (data,) = saved(store).values()
+    assert [m["content"] for m in data["messages"] if m["role"] == "user"] == ["2+2?"]
+
+    class Gone(io.StringIO):  # the terminal goes away in the middle of the reply
+        def write(self, text):
+            if "Fo" in text or "ur" in text:
+                raise OSError(errno.EIO, "Input/output error")
+            return super().write(text)
+    for path in store.root.glob("*.json"):
+        path.unlink()
+    monkeypatch.setattr(cli_chat, "line_reader", lambda history_file: reading(["2+2?", "not read"]))
+    monkeypatch.setattr("sys.stdout", Gone())
+    monkeypatch.setattr(common, "drop_output", lambda: None)  # not pytest's own descriptors
+    assert main(["chat"]) == 0
+    (data,) = saved(store).values()
+    assert [m["content"] for m in data["messages"] if m["role"] == "user"] == ["2+2?"]

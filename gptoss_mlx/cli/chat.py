@@ -3,8 +3,12 @@ or one answer when standard input is piped."""
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -146,13 +150,33 @@ class Repl:
         self.show_reasoning, self.out, self.toolbox = show_reasoning, out or sys.stdout, toolbox
         self.chat_id, self.title = store.new_id(), None
         self.last_stats = None
+        self.hung_up = False  # the terminal has closed: stop, save, end
+        self.saving = False
 
     def say(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        if self.out is None:
+            return
+        try:
+            print(text, file=self.out, flush=True)
+        except OSError:  # the terminal has gone: what is left to say is dropped, the chat is saved
+            self.out = None
+            common.drop_output()
 
     def run(self) -> int:
-        self.say(f"gpt-oss ready (reasoning effort {self.chat.reasoning_effort}). /help for commands.")
-        while True:
+        on_main = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGHUP")
+        previous = signal.signal(signal.SIGHUP, self._hang_up) if on_main else None
+        try:
+            self.say(f"gpt-oss ready (reasoning effort {self.chat.reasoning_effort}). /help for commands.")
+            self.converse()
+            if self.chat.messages:
+                self.save_on_exit()
+        finally:
+            if on_main:
+                signal.signal(signal.SIGHUP, previous)
+        return 0
+
+    def converse(self) -> None:
+        while not self.hung_up:
             try:
                 text = self.read_message()
             except EOFError:
@@ -161,6 +185,10 @@ class Repl:
             except KeyboardInterrupt:
                 self.say("")
                 continue
+            except OSError as e:  # the terminal has gone (EIO)
+                if e.errno not in (errno.EIO, errno.EBADF):
+                    raise
+                break
             if not text.strip():
                 continue
             if text.startswith("/"):
@@ -168,11 +196,32 @@ class Repl:
                     break
                 continue
             self.turn(text)
-        if self.chat.messages:
-            self.autosave()  # a loaded chat without a new reply is saved here
+
+    def _hang_up(self, signum, frame) -> None:
+        """A closed terminal (SIGHUP): the reply under way stops as on Ctrl-C, and the chat is
+        saved before the program ends."""
+        self.hung_up = True
+        if not self.saving:  # a save under way finishes; the program ends after it
+            raise KeyboardInterrupt
+
+    def save_on_exit(self) -> None:
+        """Save (a loaded chat without a new reply is saved here too) and say where; when the
+        chats folder cannot take it, a copy goes to the current directory or the temporary one,
+        and the user is told how to open it."""
+        if self.autosave():
             self.say(f"Saved to {self.store.path(self.chat_id)}\n"
                      f"Continue with: gptoss-mlx chat --resume {self.chat_id}")
-        return 0
+            return
+        for folder in (Path.cwd(), Path(tempfile.gettempdir())):
+            path = folder / f"gptoss-mlx-chat-{self.chat_id}.json"
+            try:
+                self.store.save_as(self.chat, path, self.title or "Chat")
+            except OSError:
+                continue
+            self.say(f"The conversation is saved to {path} instead: open it with gptoss-mlx chat, "
+                     f"then /load {path}")
+            return
+        self.say("error: the conversation could not be saved anywhere: it ends with this program")
 
     def read_message(self) -> str:
         """One message; a triple-quoted one loses its quotes. Reading line by line (``input``),
@@ -203,22 +252,33 @@ class Repl:
             events.close()  # keeps the partial answer in the history now, not at GC time
             self.say(RESET + "\n[stopped]")
             self.last_stats = self.chat.engine.stats
+        except OSError as e:  # the terminal has gone mid-reply: keep what was made, save, end
+            if e.errno not in (errno.EIO, errno.EPIPE):
+                raise
+            events.close()
+            self.out, self.hung_up = None, True
+            common.drop_output()
         except (ContextLengthError, NonFiniteLogitsError, SchemaError, CheckpointError) as e:  # the chat took its message back
             self.say(f"error: {e}")
             return
         self.autosave()
 
-    def autosave(self) -> None:
+    def autosave(self) -> bool:
+        """Save after a reply; False (and said) when it could not be."""
         if self.title is None:
             first = next((m.text for m in self.chat.messages if m.role == "user"), "")
             self.title = title_for(first)
+        self.saving = True
         try:
             self.chat_id, self.title, note = self.store.save_keeping_others(self.chat, self.chat_id, self.title)
         except OSError as e:
             self.say(f"error: could not save the conversation: {e}")
-            return
+            return False
+        finally:
+            self.saving = False
         if note:
             self.say(f"[{note}]")
+        return True
 
     def open(self, chat_id: str) -> None:
         """Continue a saved chat (raises ChatFileError; the current one then stays)."""

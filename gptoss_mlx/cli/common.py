@@ -539,3 +539,20 @@ def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
         raise CLIError(f"--json-schema {args.json_schema}: {e}" if from_file else str(e)) from None
     except (CheckpointError, ConfigError, TokenizerError, MemoryPlanError, ValueError) as e:
         raise CLIError(str(e)) from None
+
+
+def drop_output() -> None:
+    """Send what this process writes to its standard output from now on to /dev/null (and its
+    standard error, when that went to the same place): the reader has gone, and the
+    interpreter's own flush at exit must not fail the run (or print about it)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        same = os.path.sameopenfile(1, 2)
+    except OSError:
+        same = False
+    for fd in (1, 2) if same else (1,):
+        try:
+            os.dup2(devnull, fd)
+        except OSError:
+            pass
+    os.close(devnull)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import sys
@@ -259,24 +258,7 @@ class ProgressLine:
             self.out.flush()
         except OSError:  # EPIPE, EIO: nobody reads it any more
             self.out = None
-            drop_output()
-
-
-def drop_output() -> None:
-    """Send what this process writes to its standard output from now on to /dev/null (and its
-    standard error, when that went to the same place): the reader has gone, and the
-    interpreter's own flush at exit must not fail the run (or print about it)."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        same = os.path.sameopenfile(1, 2)
-    except OSError:
-        same = False
-    for fd in (1, 2) if same else (1,):
-        try:
-            os.dup2(devnull, fd)
-        except OSError:
-            pass
-    os.close(devnull)
+            common.drop_output()
 
 
 def cmd_fuse(args) -> int:
