@@ -140,6 +140,23 @@ def test_a_bad_functions_file_is_one_error_naming_it(tmp_path, source, message):
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
 
 
+@pytest.mark.parametrize("name", ["tools.txt", "tools", "tools.json"])
+def test_a_functions_file_of_any_name_is_read_as_python(tmp_path, name, capsys):
+    """--functions tools.txt (or a name without a suffix) ended in a traceback
+    ('NoneType' object has no attribute 'loader')."""
+    path = tmp_path / name
+    path.write_text('def shout(word: str) -> str:\n    """Shout."""\n    return word.upper()\n')
+    (tool,) = load_functions(path)
+    assert tool.name == "shout" and tool.call('{"word": "hi"}') == "HI"
+    path.write_text('print("hello from the module")\n' + path.read_text())
+    load_functions(path)
+    out, err = capsys.readouterr()
+    assert out == "" and "hello from the module" in err  # stdout is the answer's (generate --json)
+    path.write_text('{"not": "python"')
+    with pytest.raises(ToolError, match=f"{name}: SyntaxError"):
+        load_functions(path)
+
+
 WORKER_FILE = """
 import os, sys, time
 calls = []

@@ -15,11 +15,14 @@ call or an exception becomes an error text for the model, never a crash.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import importlib.machinery
 import importlib.util
 import inspect
 import json
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -193,10 +196,13 @@ def load_functions(path: str | Path) -> list[FunctionTool]:
     problem = regular_file_problem(path)
     if problem:
         raise ToolError(f"{path}: {problem}")
-    spec = importlib.util.spec_from_file_location(f"gptoss_user_tools_{path.stem}", path)
+    name = f"gptoss_user_tools_{path.stem}"
+    # Python source whatever its name ends in (spec_from_file_location knows only .py and kin)
+    spec = importlib.util.spec_from_loader(name, importlib.machinery.SourceFileLoader(name, str(path)))
     module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        with contextlib.redirect_stdout(sys.stderr):  # what it prints is no answer (generate --json)
+            spec.loader.exec_module(module)
     except SystemExit as e:
         raise ToolError(f"{path}: calls sys.exit({e.code!r}) while it is imported") from None
     except Exception as e:  # noqa: BLE001
