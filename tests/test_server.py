@@ -1441,3 +1441,27 @@ def test_a_checkpoint_damaged_under_streamed_experts_fails_the_request_not_the_c
         assert api.chat.completions.create(**ask).choices[0].message.content == first
     failures = [r for r in caplog.records if "failed" in r.getMessage()]
     assert len(failures) == 2 and not any(r.exc_info for r in failures), caplog.text
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_a_port_out_of_range_is_refused_before_anything_loads(port, capsys):
+    """--port 70000 served on 4464 (70000 - 65536) while it said 70000."""
+    with pytest.raises(SystemExit):
+        cli_main(["serve", "--model", "no-such-model", "--port", port])
+    assert f"argument --port: expected a port from 0 to 65535, got '{port}'" in capsys.readouterr().err
+
+
+def test_a_busy_port_or_a_bad_host_is_said_before_the_model_loads(tmp_path, capsys):
+    """A port in use (another server) was found after the model had loaded, with a false
+    'Serving on ...' line and uvicorn's raw error; so was a host that is not this machine's."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli_main(["serve", "--model", str(tmp_path / "no-model"), "--port", str(port)]) != 0
+        err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err
+    assert "Loading" not in err and "Serving" not in err and "Traceback" not in err
+    assert cli_main(["serve", "--model", str(tmp_path / "no-model"), "--host", "not a host", "--api-key", "k"]) != 0
+    err = capsys.readouterr().err
+    assert "--host not a host: not an address or name of this machine" in err and "Loading" not in err

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import errno
 import ipaddress
 import logging
+import socket
 import sys
 
 from ..memory import PROMPT_CACHE_GB
@@ -22,7 +25,8 @@ def register(sub) -> None:
                                    "(the flag is the approval; python is stateless per call).")
     add_model_options(p, interactive=False)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--port", type=port_number, default=8000,
+                   help="port to listen on (default 8000; 0: any free one, which is printed)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--allow-remote-without-key", action="store_true",
                    help="bind a non-loopback --host without --api-key (anyone who can reach it can use it)")
@@ -45,6 +49,37 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return port
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a port in use, or a host that is not
+    an address of this machine, is one error at once, not a failure after a long load."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise CLIError(f"--host {host}: not an address or name of this machine "
+                       f"({getattr(e, 'strerror', None) or e})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        hint = (": another program (or another gptoss-mlx serve) listens there; choose another --port"
+                if e.errno == errno.EADDRINUSE else "")
+        raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    return sock
+
+
 def check_binding(args) -> None:
     if is_loopback(args.host) or args.api_key:
         return
@@ -64,6 +99,7 @@ def cmd_serve(args) -> int:
     check_binding(args)
     if args.max_concurrency < 1:
         raise CLIError(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
+    sock = listening_socket(args.host, args.port)
     toolbox = make_toolbox(args)  # checks the flags, the files and the sandbox
     tools = ServerTools.from_toolbox(toolbox, args.function_timeout) if toolbox else None
     if toolbox:
@@ -78,9 +114,10 @@ def cmd_serve(args) -> int:
     log = logging.getLogger("gptoss_mlx.server")  # one line per request; uvicorn's own: warnings
     log.addHandler(request_log_handler())
     log.setLevel(logging.INFO)
-    print(f"Serving {service.model_name} on http://{args.host}:{args.port}/v1 "
-          f"(playground: http://{args.host}:{args.port}/)", file=sys.stderr)
-    serve(service, args.host, args.port, api_key=args.api_key)
+    where = f"[{args.host}]" if ":" in args.host else args.host
+    where = f"{where}:{sock.getsockname()[1]}"
+    print(f"Serving {service.model_name} on http://{where}/v1 (playground: http://{where}/)", file=sys.stderr)
+    serve(service, args.host, args.port, api_key=args.api_key, sock=sock)
     return 0
 
 

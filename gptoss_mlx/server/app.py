@@ -194,11 +194,12 @@ async def _released_after(chunks, slot):
         await chunks.aclose()
 
 
-def serve(service: Service, host: str, port: int, api_key: str | None = None) -> None:
-    """Serve the app on ``host:port`` until SIGTERM or Ctrl-C, then end promptly (see Server)."""
+def serve(service: Service, host: str, port: int, api_key: str | None = None, sock=None) -> None:
+    """Serve the app on ``host:port`` (or on ``sock``, a socket bound to it) until SIGTERM or
+    Ctrl-C, then end promptly (see Server)."""
     config = uvicorn.Config(create_app(service, api_key=api_key), host=host, port=port,
                             log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
-    Server(config, service).run()
+    Server(config, service).run(sockets=[sock] if sock is not None else None)
 
 
 class Server(uvicorn.Server):
