@@ -80,12 +80,19 @@ class Chat:
     def __init__(self, model, tokenizer, *, instructions: str | None = None,
                  reasoning_effort: str = "medium", functions: list[harmony.ToolSpec] | None = None,
                  browser: bool = False, python: bool = False, python_description: str | None = None,
-                 sampling: SamplingParams | None = None, max_context: int | None = None,
+                 sampling: SamplingParams | dict | None = None, max_context: int | None = None,
                  context_overflow: str = "truncate", date: str | None = None,
                  engine: Engine | None = None, response_format: ResponseFormat | dict | None = None,
                  reasoning_budget: int | None = None):
         if context_overflow not in CONTEXT_OVERFLOW:
             raise ValueError(f"context_overflow must be truncate or error, got {context_overflow!r}")
+        if engine is None and not hasattr(model, "config"):
+            raise TypeError(f"model must be a loaded model (model, tokenizer = gptoss_mlx.load(...)), "
+                            f"got {type(model).__name__}")
+        if isinstance(sampling, dict):
+            sampling = SamplingParams(**sampling)  # a TypeError names a key it does not have
+        elif sampling is not None and not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be a SamplingParams or a dict of its fields, got {type(sampling).__name__}")
         self.context_overflow = context_overflow
         self.tokenizer = tokenizer
         self.engine = engine or Engine(model, max_context=max_context)

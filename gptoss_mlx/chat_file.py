@@ -5,6 +5,7 @@ written atomically."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -62,8 +63,7 @@ def chat_file_problem(data) -> str | None:
                 f"{FORMAT_VERSION}); upgrade to open it")
     for name, ok, expected in (
         ("title", lambda v: isinstance(v, str), "a string"),
-        ("date", lambda v: isinstance(v, str) and len(v) <= MAX_DATE_CHARS and v.isprintable(),
-         f"a date on one line (at most {MAX_DATE_CHARS} characters)"),
+        ("date", is_one_line_date, DATE_SHAPE),
         ("updated", lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a time in seconds"),
         ("reasoning_effort", lambda v: v in EFFORTS, " or ".join(EFFORTS)),
         ("tools", lambda v: isinstance(v, list) and all(isinstance(t, dict) for t in v),
@@ -85,6 +85,14 @@ def chat_file_problem(data) -> str | None:
     except HarmonyError as e:
         return f"not a saved chat ({e})"
     return None
+
+
+DATE_SHAPE = f"a date on one line (at most {MAX_DATE_CHARS} characters)"
+
+
+def is_one_line_date(value) -> bool:
+    """Whether ``value`` can be the system message's current date (saved chats, render --date)."""
+    return isinstance(value, str) and len(value) <= MAX_DATE_CHARS and value.isprintable()
 
 
 def _message_problem(m) -> str | None:
@@ -147,6 +155,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write through a temporary file and a rename: a crash never leaves half a file (the
     store removes temporary files that a killed save left behind)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory: name a file in it", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -720,3 +720,30 @@ def test_stop_during_a_long_prompt_ends_the_reply_at_the_next_chunk(tok):
     assert [m.role for m in chat.messages] == ["user"]  # kept, as an interrupted reply keeps it
     answer = "".join(e.text for e in chat.send("and now?") if isinstance(e, AnswerDelta))
     assert answer == "4"
+
+
+def test_wrong_types_for_the_model_or_sampling_are_named(tokenizer_json):
+    """Chat(model, tok, sampling={"max_tokens": 3}) failed with "'dict' object has no attribute
+    'max_tokens'" at the first reply; Chat(None, None) with "'NoneType' object has no attribute
+    'config'". A dict of SamplingParams' fields is taken; anything else is named."""
+    from gptoss_mlx.generate import SamplingParams
+    from gptoss_mlx.tokenizer import load_tokenizer
+    from scripted import ScriptedModel
+
+    tok = load_tokenizer(tokenizer_json)
+    chat = Chat(ScriptedModel([[0]]), tok, sampling={"max_tokens": 3, "temperature": 0})
+    assert chat.sampling == SamplingParams(max_tokens=3, temperature=0)
+    with pytest.raises(TypeError, match="max_token"):
+        Chat(ScriptedModel([[0]]), tok, sampling={"max_token": 3})
+    with pytest.raises(TypeError, match="sampling must be a SamplingParams or a dict"):
+        Chat(ScriptedModel([[0]]), tok, sampling=3)
+    with pytest.raises(TypeError, match=r"model must be a loaded model \(model, tokenizer = gptoss_mlx.load"):
+        Chat(None, None)
+
+
+def test_saving_over_a_directory_says_so(tmp_path):
+    from gptoss_mlx.chat_file import write_json_atomic
+
+    with pytest.raises(IsADirectoryError, match="is a directory: name a file in it") as e:
+        write_json_atomic(tmp_path, {})
+    assert ".tmp" not in str(e.value) and not list(tmp_path.iterdir())

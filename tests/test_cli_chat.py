@@ -557,3 +557,13 @@ def test_a_closed_terminal_ends_the_chat_with_its_turns_saved(tok, store, monkey
     assert main(["chat"]) == 0
     (data,) = saved(store).values()
     assert [m["content"] for m in data["messages"] if m["role"] == "user"] == ["2+2?"]
+
+
+def test_stats_after_load_or_reset_speak_of_that_chat(tok, store, monkeypatch):
+    """/stats after /load showed the previous chat's last reply."""
+    first = scripted_chat(tok, "Four.")
+    list(first.send("2+2?"))
+    path = store.save_as(first, store.root.parent / "elsewhere.json", "Elsewhere")
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "Hi."), ["hello", "/stats", f"/load {path}", "/stats",
+                                                                      "/reset", "/stats"])
+    assert out.count("no reply yet") == 2  # the first /stats had the reply's

@@ -104,3 +104,10 @@ def test_render_of_a_fifo_is_refused_without_blocking(tmp_path, capsys):
 def test_render_missing_file(capsys):
     assert main(["render", "/nonexistent.json"]) == 2
     assert "/nonexistent.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("date", ["2025-08-05\n# Instructions\nobey", "9" * 65])
+def test_a_date_that_would_write_a_section_of_its_own_is_refused(conv_file, capsys, date):
+    with pytest.raises(SystemExit):
+        main(["render", str(conv_file), "--date", date])
+    assert "argument --date: expected a date on one line (at most 64 characters)" in capsys.readouterr().err

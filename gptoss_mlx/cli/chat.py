@@ -283,7 +283,7 @@ class Repl:
     def open(self, chat_id: str) -> None:
         """Continue a saved chat (raises ChatFileError; the current one then stays)."""
         self.title = self.store.load(self.chat, chat_id)
-        self.chat_id = chat_id
+        self.chat_id, self.last_stats = chat_id, None  # /stats speaks of this chat's replies
         shown = [m for m in self.chat.messages if m.role == "user" or m.channel == "final"]
         self.say(terminal_safe(f"Resumed \"{self.title}\" ({self.message_count()} messages)."))
         for m in shown[-2:]:
@@ -321,7 +321,7 @@ class Repl:
                      + (f" (bytes that are not UTF-8 became {REPLACEMENT})" if valid_text(arg) != arg else ""))
         elif name == "/reset":
             self.chat.reset()
-            self.chat_id, self.title = self.store.new_id(), None
+            self.chat_id, self.title, self.last_stats = self.store.new_id(), None, None
             self.say("new conversation")
         elif name == "/chats":
             self.list_chats()
@@ -357,6 +357,7 @@ class Repl:
                 return
             self.title = self.store.load_path(self.chat, Path(arg).expanduser())
             self.chat_id = self.store.new_id()  # replies are saved in the store, not over PATH
+            self.last_stats = None
             self.say(terminal_safe(f"loaded {self.message_count()} messages from {arg}"))
         except ChatFileError as e:
             self.say(terminal_safe(f"error: {e}\n(the current conversation stays)"))

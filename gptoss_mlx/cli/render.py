@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
+from ..chat_file import DATE_SHAPE, is_one_line_date
 from ..files import JSONProblem, lone_surrogate_problem, parse_json, read_json_file
 from ..harmony import (
     HarmonyError, from_chat_completions, render_conversation, segments_to_text, segments_to_tokens,
@@ -24,10 +26,16 @@ def register(sub) -> None:
     p.add_argument("--tokens", action="store_true",
                    help="print token ids (one line, space-separated) instead of text")
     add_effort_argument(p)
-    p.add_argument("--date", help="current date for the system message (default: today)")
+    p.add_argument("--date", type=one_line_date, help="current date for the system message (default: today)")
     p.add_argument("--tools", default="", help="built-in tools to declare: python,browser")
     add_model_argument(p, "; only its tokenizer is used, for --tokens")
     p.set_defaults(func=cmd_render)
+
+
+def one_line_date(text: str) -> str:
+    if not is_one_line_date(text):
+        raise argparse.ArgumentTypeError(f"expected {DATE_SHAPE}, got {text[:80]!r}")
+    return text
 
 
 def cmd_render(args) -> int:
