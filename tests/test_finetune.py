@@ -463,3 +463,10 @@ def test_ctrl_c_saves_even_when_the_output_has_gone(sharp, tmp_path):
         proc.kill()
     assert code == 130
     assert ft.read_state(out)["step"] >= 1 and (out / ADAPTER_WEIGHTS).exists()
+
+
+def test_a_batch_larger_than_the_data_is_said(sharp, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", [capitals_line(*c) for c in CAPITALS[:2]])
+    assert main(["finetune", "--model", str(sharp), "--data", str(data), "--adapter-path",
+                 str(tmp_path / "out"), "--iters", "1", "--batch-size", "100"]) == 0
+    assert "note: --batch-size 100 is more than the 2 conversations: each step trains on all 2" in capsys.readouterr().out

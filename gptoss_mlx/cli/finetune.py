@@ -176,6 +176,9 @@ def cmd_finetune(args) -> int:
     trained = sum(sum(e.mask) for e in train_set)
     print(f"{len(train_set)} conversations, {sum(len(e.tokens) for e in train_set):,} tokens "
           f"({trained:,} trained)" + (f"; {len(valid_set)} for validation" if valid_set else ""))
+    if settings.batch_size > len(train_set):
+        print(f"note: --batch-size {settings.batch_size} is more than the {len(train_set)} "
+              f"conversations: each step trains on all {len(train_set)}")
     where = f"resuming at step {state['step']}" if state else "from step 0"
     print(f"LoRA rank {settings.rank}, alpha {settings.alpha:g} on {', '.join(settings.targets)}; "
           f"{settings.iters} steps of {settings.batch_size}, {where}. Ctrl-C saves and stops.")
