@@ -44,6 +44,7 @@ EXTRA_REPLY_NOTE = ("[the previous cell wrote extra data to the tool's reply cha
                     "session was restarted and its variables are lost]\n")
 STARTUP_S = 20.0  # for the sandbox and the interpreter to come up
 IDLE_CPU_S = 0.2  # CPU seconds a session may use between cells before it is restarted
+CONTINUE_S = 5.0  # for a session continued between cells to answer an empty cell
 POLL_S = 0.1  # how often a running cell's file count is checked (Linux), and at its end
 NOTE_ROOM = 100  # characters the worker may add past max_output (its truncation note)
 
@@ -153,6 +154,9 @@ class PythonSandbox:
         had_session = self.stateful and self._proc is not None
         if self._proc is not None and not self._signal_all(signal.SIGCONT):
             self._kill()
+        if had_session and self._proc is not None:
+            stale = self._check_continued()
+            note, had_session = note + stale, had_session and not stale
         for _ in range(2):
             if self._cancelled:  # the worker was killed on purpose: not one to start again
                 self._kill()
@@ -238,6 +242,22 @@ class PythonSandbox:
             return ""
         self._kill()
         return EXTRA_REPLY_NOTE
+
+    def _check_continued(self) -> str:
+        """Have a session just continued answer an empty cell, so that one that ends as it is
+        continued (code left a handler for it) is known to have ended before the cell is sent,
+        not after the cell was read; kills a session that does not answer. Returns a note for
+        the model when the session is not to be trusted (the kill alone is said by the caller)."""
+        request_id = secrets.token_hex(16)
+        deadline = time.monotonic() + CONTINUE_S
+        request = json.dumps({"id": request_id, "code": ""}).encode() + b"\n"
+        reply = self._read_reply(deadline) if self._send(request, deadline) else None
+        if isinstance(reply, dict) and reply.get("id") == request_id and not self._pending:
+            return ""
+        self._kill()
+        if self._last_id is not None and isinstance(reply, dict) and reply.get("id") == self._last_id:
+            return EXTRA_REPLY_NOTE  # the previous cell's real reply, after a forged one
+        return ""
 
     def _send(self, data: bytes, deadline: float) -> bool:
         """Write all of ``data`` to the worker before ``deadline``; False if it did not take it."""
