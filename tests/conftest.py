@@ -4,6 +4,7 @@ files from ../shared/data when they are there."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import mlx.core as mx
@@ -96,3 +97,14 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"{skipped} tests skipped; the short test summary names what "
                                     f"each needs. {_tokenizer_status()}. README, Tests, says how "
                                     "to run them all.")
+
+
+@pytest.fixture(autouse=True)
+def _sigint_left_as_it_was():
+    """A test that leaves Ctrl-C's handler changed fails (a later test's Ctrl-C would be lost)."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        pytest.fail(f"the test left SIGINT's handler changed: {after!r}")

@@ -572,7 +572,6 @@ def test_stats_after_load_or_reset_speak_of_that_chat(tok, store, monkeypatch):
 def test_ctrl_c_while_a_long_prompt_is_read_says_stopped(tok, store, monkeypatch):
     """Ctrl-C while a long message was being read stopped it without a word ('[stopped]' came
     only for a reply under way)."""
-    import os
     import signal
     import threading
 
@@ -580,7 +579,7 @@ def test_ctrl_c_while_a_long_prompt_is_read_says_stopped(tok, store, monkeypatch
     chat = Chat(model, tok, engine=Engine(model, max_context=4096, prefill_step=16),
                 reasoning_effort="low", date="2025-08-05")
     out = Terminal()
-    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
     cli_chat.Repl(chat, store, reading(["word " * 600, "/stats"]), out=out).run()
     text = out.getvalue()
     assert "[stopped]" in text and "Four." not in text, text[-500:]

@@ -417,12 +417,12 @@ def test_generate_from_two_threads_matches_one_thread(model):
 def test_ctrl_c_during_a_long_prefill_stops_at_the_next_chunk(model):
     """The consumer's Ctrl-C waited for the whole prefill (minutes for a long prompt on a slow
     machine): the prefill now stops between chunks, and the cache keeps what it had read."""
-    import os
     import signal
 
     engine = Engine(SlowChunks(model, 0.2), max_context=4096, prefill_step=16)
     prompt = list(range(1, 16 * 20 + 2))  # 20 chunks: 4 s
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # as Ctrl-C does
+    # Ctrl-C, to the thread that handles it (os.kill may wake another thread first)
+    timer = threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     started = time.monotonic()
     timer.start()
     with pytest.raises(KeyboardInterrupt):
