@@ -67,8 +67,12 @@ def _check_file(path: Path) -> None:
 
 # --------------------------------------------------------------------------- finding files
 def resolve_checkpoint(path_or_repo: str | os.PathLike | None) -> Path:
-    """A local directory as is; otherwise a Hugging Face repo id, downloaded or from the cache."""
-    source = str(path_or_repo or DEFAULT_MODEL)
+    """A local directory as is; otherwise a Hugging Face repo id, downloaded or from the cache.
+    None is the default model (an empty name is an error, not the default)."""
+    source = DEFAULT_MODEL if path_or_repo is None else str(path_or_repo)
+    if not source.strip():
+        raise CheckpointError("the model name is empty: name a local checkpoint directory or a "
+                              f"Hugging Face repo id (or pass None for {DEFAULT_MODEL})")
     local = Path(source).expanduser()
     if os.path.lexists(local):
         if not local.is_dir():

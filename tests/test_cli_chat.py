@@ -194,6 +194,9 @@ def test_save_asks_before_overwriting(tok, store, tmp_path, monkeypatch):
     assert f"saved to {target}" in out and json.loads(target.read_text())["messages"]
     status, out = run_chat(monkeypatch, chat, [f"/save {tmp_path}"])
     assert f"not saved: {tmp_path} is a directory" in out
+    status, out = run_chat(monkeypatch, chat, ["/save /proc/no-such-dir/c.json"])
+    assert "not saved: /proc/no-such-dir/c.json cannot be written (No such file or directory)" in out
+    assert "Errno" not in out
 
 
 def test_save_never_replaces_a_fifo_or_link_and_keeps_a_files_mode(tok, store, tmp_path, monkeypatch):
@@ -277,6 +280,16 @@ def test_context_overflow_is_passed_to_chat(checkpoints, monkeypatch):
         ns = parser.parse_args(["chat", "--model", str(checkpoints["hf"]), *flags])
         common.load_chat(ns, out=io.StringIO())
         assert made[-1].get("context_overflow") == expected
+
+
+def test_an_empty_model_name_is_refused_not_taken_for_the_default(monkeypatch, capsys):
+    """`-m ""` (an unset shell variable) quietly loaded the default model."""
+    monkeypatch.setattr("gptoss_mlx.cli.chat.cmd_chat", lambda a: pytest.fail("ran"))
+    for argv in (["chat", "-m", ""], ["chat", "--model", "  "], ["serve", ""], ["generate", "-m", "", "hi"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "empty: name a local checkpoint directory" in err, argv
 
 
 def test_the_model_may_be_named_first(checkpoints, monkeypatch, capsys):

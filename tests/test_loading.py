@@ -104,6 +104,12 @@ def test_missing_directory():
         gptoss_mlx.load("/nonexistent/gpt-oss")
 
 
+def test_an_empty_name_is_not_the_default_model():
+    for name in ("", "   "):
+        with pytest.raises(CheckpointError, match="the model name is empty"):
+            gptoss_mlx.load(name)
+
+
 def test_no_weights(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="no \\*.safetensors"):

@@ -111,12 +111,20 @@ def add_model_argument(p: argparse.ArgumentParser, required_for: str = "",
                        positional: bool = False) -> None:
     """``--model``; with ``positional`` the model may also be named first (``chat DIR``), as
     ``vllm serve MODEL`` and ``python -m gpt_oss.chat MODEL`` take it."""
-    p.add_argument("--model", "-m", default=None,
+    p.add_argument("--model", "-m", default=None, type=model_name,
                    help="local checkpoint directory or Hugging Face repo id "
                         f"(default: {DEFAULT_MODEL})" + required_for)
     if positional:
-        p.add_argument("model_positional", nargs="?", default=None, metavar="MODEL",
+        p.add_argument("model_positional", nargs="?", default=None, metavar="MODEL", type=model_name,
                        help="the same as --model")
+
+
+def model_name(text: str) -> str:
+    """argparse type: a model named (an empty one is not taken for the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: name a local checkpoint directory or a Hugging Face "
+                                         "repo id, or leave the option out for the default")
+    return text
 
 
 def take_positional_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
