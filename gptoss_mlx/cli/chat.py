@@ -389,7 +389,8 @@ class Repl:
                     return
             path = self.store.save_as(self.chat, path, self.title or "Chat")
         except (OSError, EOFError, KeyboardInterrupt) as e:
-            self.say(f"not saved: {e}" if isinstance(e, OSError) else "not saved")
+            self.say(f"not saved: {path} cannot be written ({e.strerror or e})"
+                     if isinstance(e, OSError) else "not saved")
             return
         self.say(f"saved to {path}")
 
