@@ -984,8 +984,11 @@ def test_serve_ends_promptly_with_streams_in_flight(tiny_checkpoint, sig):
         abandoned.close()
     took = time.monotonic() - start
     reader.join(timeout=10)
-    assert code == 0 and took < 3, (code, took, proc.communicate()[1][-2000:])
+    err = proc.communicate()[1]
+    assert code == 0 and took < 3, (code, took, err[-2000:])
     assert "shutting down" in ended[0].value.message
+    # the log says it stopped, and why the clients' replies ended (a quiet exit looked like a crash)
+    assert "stopping: the replies under way end now" in err and err.rstrip().endswith("stopped"), err[-500:]
 
 
 def test_serve_offers_no_context_overflow_it_would_ignore(url):

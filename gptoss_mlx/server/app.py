@@ -215,6 +215,8 @@ class Server(uvicorn.Server):
 
     async def shutdown(self, sockets=None) -> None:
         scheduler = self.service.scheduler
+        log.info("stopping%s", ": the replies under way end now, each client is told"
+                 if scheduler.running else "")
         scheduler.close()
         if self.service.tools is not None:
             self.service.tools.close()  # --functions' worker processes
@@ -222,6 +224,7 @@ class Server(uvicorn.Server):
         while scheduler.running and not self.force_exit and time.monotonic() < deadline:
             await asyncio.sleep(0.02)  # each client is sent its 503 once its generation stops
         await super().shutdown(sockets)
+        log.info("stopped")
 
     @contextlib.contextmanager
     def capture_signals(self):
