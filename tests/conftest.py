@@ -108,3 +108,12 @@ def _sigint_left_as_it_was():
     if after is not before:
         signal.signal(signal.SIGINT, before)
         pytest.fail(f"the test left SIGINT's handler changed: {after!r}")
+
+
+@pytest.fixture
+def ctrl_c():
+    """Ctrl-C raises KeyboardInterrupt here, as in a terminal, even where the tests were started
+    with SIGINT ignored (an asynchronous command of a non-interactive shell: `pytest &`)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)

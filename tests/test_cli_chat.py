@@ -582,7 +582,7 @@ def test_stats_after_load_or_reset_speak_of_that_chat(tok, store, monkeypatch):
     assert out.count("no reply yet") == 2  # the first /stats had the reply's
 
 
-def test_ctrl_c_while_a_long_prompt_is_read_says_stopped(tok, store, monkeypatch):
+def test_ctrl_c_while_a_long_prompt_is_read_says_stopped(tok, store, ctrl_c):
     """Ctrl-C while a long message was being read stopped it without a word ('[stopped]' came
     only for a reply under way)."""
     import signal

@@ -449,10 +449,12 @@ def test_ctrl_c_saves_even_when_the_output_has_gone(sharp, tmp_path):
 
     data = write_jsonl(tmp_path / "train.jsonl", [capitals_line(*c) for c in CAPITALS])
     out = tmp_path / "adapter"
-    proc = subprocess.Popen([sys.executable, "-m", "gptoss_mlx", "finetune", "--model", str(sharp),
-                             "--data", str(data), "--adapter-path", str(out), "--iters", "100000",
-                             "--steps-per-report", "1", "--save-every", "100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # (standard error stays readable, as on a terminal beside `| tee`)
+    with (tmp_path / "stderr").open("wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "gptoss_mlx", "finetune", "--model", str(sharp),
+                                 "--data", str(data), "--adapter-path", str(out), "--iters", "100000",
+                                 "--steps-per-report", "1", "--save-every", "100000"],
+                                stdout=subprocess.PIPE, stderr=stderr)
     try:
         while not proc.stdout.readline().startswith(b"step "):  # training is under way
             assert proc.poll() is None, "finetune ended before its first step"
@@ -461,7 +463,7 @@ def test_ctrl_c_saves_even_when_the_output_has_gone(sharp, tmp_path):
         code = proc.wait(timeout=120)
     finally:
         proc.kill()
-    assert code == 130
+    assert code == 130, (tmp_path / "stderr").read_text()[-2000:]
     assert ft.read_state(out)["step"] >= 1 and (out / ADAPTER_WEIGHTS).exists()
 
 

@@ -414,7 +414,7 @@ def test_generate_from_two_threads_matches_one_thread(model):
     assert engine.stats.reused_tokens >= len(prompt)
 
 
-def test_ctrl_c_during_a_long_prefill_stops_at_the_next_chunk(model):
+def test_ctrl_c_during_a_long_prefill_stops_at_the_next_chunk(model, ctrl_c):
     """The consumer's Ctrl-C waited for the whole prefill (minutes for a long prompt on a slow
     machine): the prefill now stops between chunks, and the cache keeps what it had read."""
     import signal
