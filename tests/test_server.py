@@ -555,6 +555,22 @@ def test_bad_responses_requests_and_unknown_routes(url):
     assert post(url, "/nowhere", b"{}")[0] == 404
 
 
+def test_responses_parameters_the_answer_would_silently_lack_are_refused(url):
+    """A conversation id, background mode, a stored prompt or top_logprobs were accepted and
+    ignored: the answer then lacked the conversation's history (or the client polled for
+    nothing). Each is a 400 naming the parameter and what to do instead."""
+    for extra, says in (({"conversation": "conv_123"}, "send the earlier turns in 'input'"),
+                        ({"background": True}, "leave 'background' out"),
+                        ({"prompt": {"id": "pmpt_1"}}, "send the instructions and input themselves"),
+                        ({"top_logprobs": 3}, "'top_logprobs' is not supported")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client(url).responses.create(model="gpt-oss-tiny", input="hi", max_output_tokens=2, **extra)
+        assert e.value.body["param"] == next(iter(extra)) and says in e.value.body["message"], extra
+    for harmless in ({"background": False}, {"top_logprobs": 0}, {"conversation": None}):
+        body = {"input": "hi", "max_output_tokens": 2, **harmless}
+        assert post(url, "/responses", json.dumps(body).encode())[0] == 200, harmless
+
+
 def test_a_refused_responses_item_is_named_by_its_place_in_the_input(url):
     """Not by its place among the Chat Completions messages it becomes (the instructions come
     first there, and a previous response's items before this request's)."""

@@ -180,6 +180,24 @@ def check_include(include) -> None:
                           "include")
 
 
+# Parameters whose effect the answer would silently lack: refused, saying what to do instead.
+UNSUPPORTED = {
+    "conversation": "conversations are not kept by this server: send the earlier turns in 'input', or "
+                    "continue a stored response with 'previous_response_id'",
+    "background": "background responses are not supported by this server: leave 'background' out "
+                  "(the response comes when done, or as it is made with 'stream': true)",
+    "prompt": "stored prompt templates are not supported by this server: send the instructions and "
+              "input themselves",
+    "top_logprobs": "'top_logprobs' is not supported by this server",
+}
+
+
+def check_unsupported(body: dict) -> None:
+    for key, message in UNSUPPORTED.items():
+        if body.get(key) not in (None, False, 0):
+            raise bad_request(message, key)
+
+
 def function_tools(tools) -> list[dict]:
     if tools is None:
         return []
@@ -261,6 +279,7 @@ class ResponseRun:
         params.typed(body, "store", bool, "true or false")
         params.typed(body, "stream_options", dict, "an object")
         check_include(body.get("include"))
+        check_unsupported(body)
         self.items, first_input = input_items(body, store)
         messages, origins = chat_messages(self.items, first_input)
         if body.get("instructions"):
