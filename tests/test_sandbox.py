@@ -119,6 +119,91 @@ def test_a_session_that_ends_between_cells_says_so_and_cells_from_two_threads_ta
         assert outs == {"A": "A 5\n", "B": "B 5\n"}, outs
 
 
+# A tester's attacks on the session (each failed before): one deadline for a cell, a session
+# that outlives the thread that started it, cancel() at the start, losses always said, emoji.
+def test_a_cell_gets_one_deadline_even_when_a_forged_late_reply_restarts_it(os_sandbox):
+    """A thread of an earlier cell wrote that cell's reply id just before the next cell's
+    deadline: the cell was run again in a fresh session with a whole new timeout (2x)."""
+    arm = """
+import sys, threading, time, json
+f = sys._current_frames()[threading.main_thread().ident]
+while f.f_code.co_name != "main": f = f.f_back
+old_id, reply = f.f_locals["request"]["id"], f.f_locals["reply"]
+def t():
+    while True:
+        time.sleep(0.005)
+        req = f.f_locals.get("request") or {}
+        if req.get("id") not in (None, old_id) and req.get("code"):
+            time.sleep(2.7)
+            reply.write(json.dumps({"id": old_id, "output": "", "ok": True}) + "\\n"); reply.flush()
+            return
+threading.Thread(target=t, daemon=True).start()
+"""
+    with PythonSandbox(limits=SandboxLimits(timeout_s=3)) as box:
+        box.run(arm)
+        start = time.monotonic()
+        out = box.run("import time\ntime.sleep(60)")
+        assert time.monotonic() - start < 4.5 and "timed out after 3.0 seconds" in out, out
+
+
+def test_a_session_outlives_the_thread_that_started_it(os_sandbox):
+    import threading
+
+    with PythonSandbox(limits=SandboxLimits(timeout_s=10)) as box:
+        starter = threading.Thread(target=box.run, args=("x = 41",))
+        starter.start()
+        starter.join()  # bwrap --die-with-parent: fired when the thread that started it ended
+        assert box.run("print(x + 1)") == "42\n"
+
+
+def test_cancel_as_the_sandbox_starts_stops_the_cell(os_sandbox, monkeypatch):
+    started = []
+    real_start = PythonSandbox._start
+
+    def start_then_cancelled(self):
+        self.cancel()  # as it comes during Popen: no process yet to kill
+        real_start(self)
+        started.append(self._proc.pid)
+
+    monkeypatch.setattr(PythonSandbox, "_start", start_then_cancelled)
+    with PythonSandbox(limits=SandboxLimits(timeout_s=10)) as box:
+        t0 = time.monotonic()
+        assert box.run("import time; time.sleep(3); print('ran')") == python_tool.CANCELLED_NOTE
+        assert time.monotonic() - t0 < 2.5 and started
+
+
+def test_a_session_ended_after_its_cell_returned_is_said_in_the_next_cell(os_sandbox, monkeypatch):
+    """Pausing the session after a cell could fail (a thread ending as its processes were
+    listed): it was restarted, and the next cell ran without its variables and without a word."""
+    with PythonSandbox(limits=SandboxLimits(timeout_s=10)) as box:
+        real = box._signal_all
+        monkeypatch.setattr(box, "_signal_all", lambda sig: False if sig == python_tool.signal.SIGSTOP else real(sig))
+        assert box.run("secret = 42") == "[no output]"
+        monkeypatch.setattr(box, "_signal_all", real)
+        out = box.run("print(secret)")
+        assert "could not be paused after its cell" in out and "variables are lost" in out and "NameError" in out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_session_keeps_its_variables_while_its_threads_come_and_go(os_sandbox, monkeypatch):
+    """A thread that ended while the session's processes were listed (to pause it) made the
+    listing fail, and the session was restarted (a tester's churning threads: half the time)."""
+    real = os.listdir
+    ended = "4000000"  # a thread listed, gone before its file is opened
+    monkeypatch.setattr(os, "listdir", lambda p: real(p) + [ended] if str(p).endswith("/task") else real(p))
+    with PythonSandbox(limits=SandboxLimits(timeout_s=10)) as box:
+        box.run("secret = 42")
+        assert box._sandbox_pids() is not None
+        assert box.run("print(secret)") == "42\n"
+
+
+def test_a_long_emoji_output_with_a_raised_limit_comes_back(os_sandbox):
+    with PythonSandbox(limits=SandboxLimits(timeout_s=10, max_output=40_000)) as box:
+        out = box.run("x = 1\nprint('\\U0001F600' * 100_000)")
+        assert out.startswith("\U0001F600" * 100) and "truncated" in out
+        assert box.run("print(x)") == "1\n"
+
+
 def test_cpu_time_of_a_process_from_ps():  # how macOS (no /proc) sees a session burning CPU
     import time
     start = time.process_time()
@@ -259,6 +344,13 @@ def test_seccomp_filter_decisions(machine):
         assert _bpf_run(opened, nrs[name], arch) == eperm, name
     assert _bpf_run(opened, 447, arch) == eperm  # memfd_secret
     assert _bpf_run(closed, read, 0x40000003) == kill  # another architecture (i386)
+    # without the network, no IPv4/IPv6 sockets (loopback buffers are host memory); Unix ones stay
+    offline, eafnosupport = seccomp_filter(processes=False, machine=machine, network=False), 0x50061
+    for family, verdict in ((2, eafnosupport), (10, eafnosupport), (1, allow)):
+        assert _bpf_run(offline, nrs["socket"], arch, arg0=family) == verdict, family
+        assert _bpf_run(closed, nrs["socket"], arch, arg0=family) == allow, family
+    assert _bpf_run(offline, nrs["clone"], arch, arg0=0x01200011) == eperm  # the checks after it hold
+    assert _bpf_run(offline, read, arch) == allow
     if machine == "x86_64":
         assert _bpf_run(closed, nrs["fork"], arch) == eperm and _bpf_run(opened, nrs["fork"], arch) == allow
         assert _bpf_run(closed, 0x40000000 | 57, arch) == enosys  # x32

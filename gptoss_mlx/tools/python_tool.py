@@ -90,6 +90,47 @@ def _clean(output: str, max_output: int) -> str:
     return output
 
 
+class _Spawner:
+    """A thread that lives as long as the process and starts every sandbox. bwrap's
+    --die-with-parent (PR_SET_PDEATHSIG) fires when the *thread* that started it ends: a
+    session started from a short-lived thread (a request's, a pool's) died with that thread."""
+
+    def __init__(self):
+        import queue
+        self._jobs = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="gptoss-mlx-sandbox-spawner", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            fn, args, kwargs, done, outcome = self._jobs.get()
+            try:
+                outcome.append((True, fn(*args, **kwargs)))
+            except BaseException as e:  # noqa: BLE001 - raised in the caller
+                outcome.append((False, e))
+            done.set()
+
+    def call(self, fn, *args, **kwargs):
+        done, outcome = threading.Event(), []
+        self._jobs.put((fn, args, kwargs, done, outcome))
+        done.wait()
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+
+
+_spawner_lock = threading.Lock()
+_the_spawner: _Spawner | None = None
+
+
+def _spawner() -> _Spawner:
+    global _the_spawner
+    with _spawner_lock:
+        if _the_spawner is None:
+            _the_spawner = _Spawner()
+        return _the_spawner
+
+
 class PythonSandbox:
     def __init__(self, stateful: bool = True, limits: SandboxLimits | None = None):
         require_sandbox()  # raises SandboxUnavailable: never a run without the OS sandbox
@@ -107,6 +148,7 @@ class PythonSandbox:
         self._last_id: str | None = None  # the last cell's request id, while its session lives
         self._running = threading.Lock()
         self._cancelled = False  # cancel(): nothing runs any more
+        self._lost_note = ""  # for the next cell: the session was ended after the last one
 
     @property
     def description(self) -> str:
@@ -119,8 +161,8 @@ class PythonSandbox:
         launch = sandboxed_command(self.policy, [sys.executable, "-I", WORKER, json.dumps(config)])
         self._cgroup = launch.cgroup
         try:
-            proc = subprocess.Popen(
-                launch.argv, pass_fds=launch.pass_fds, env=sandbox_env(self.workdir),
+            proc = _spawner().call(
+                subprocess.Popen, launch.argv, pass_fds=launch.pass_fds, env=sandbox_env(self.workdir),
                 cwd=self._own_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL, start_new_session=True)
         finally:
@@ -150,13 +192,15 @@ class PythonSandbox:
     def _run(self, code: str) -> str:
         if self._cancelled:
             return CANCELLED_NOTE
-        note = self._check_idle() or self._check_quiet()
+        note, self._lost_note = self._lost_note, ""
+        note += self._check_idle() or self._check_quiet()
         had_session = self.stateful and self._proc is not None
         if self._proc is not None and not self._signal_all(signal.SIGCONT):
             self._kill()
         if had_session and self._proc is not None:
             stale = self._check_continued()
             note, had_session = note + stale, had_session and not stale
+        deadline = None
         for _ in range(2):
             if self._cancelled:  # the worker was killed on purpose: not one to start again
                 self._kill()
@@ -170,10 +214,16 @@ class PythonSandbox:
                     self._start()
             except (OSError, RuntimeError) as e:
                 self._kill()
+                if self._cancelled:  # killed as it started
+                    return note + CANCELLED_NOTE
                 return f"[the Python sandbox could not start: {e}]"
+            if self._cancelled:  # cancel() came while the sandbox was being started
+                self._kill()
+                return note + CANCELLED_NOTE
             request_id = secrets.token_hex(16)
             request = json.dumps({"id": request_id, "code": code}).encode() + b"\n"
-            deadline = time.monotonic() + self.limits.timeout_s
+            # one deadline for the cell, a second try (in a fresh session) included
+            deadline = deadline or time.monotonic() + self.limits.timeout_s
             sent = self._send(request, deadline)
             reply = self._read_reply(deadline) if sent else None
             if self._last_id is not None and isinstance(reply, dict) \
@@ -217,6 +267,8 @@ class PythonSandbox:
             # no CPU and reaches no network meanwhile, where no cell's limits are watched.
             if not self._signal_all(signal.SIGSTOP):
                 self._kill()
+                self._lost_note = ("[the previous session could not be paused after its cell; it "
+                                   "was restarted and its variables are lost]\n")
         else:
             self._kill()
         return note + (_clean(reply["output"], self.limits.max_output) or "[no output]")
@@ -302,7 +354,7 @@ class PythonSandbox:
         """One JSON line from the worker, read before ``deadline`` (None on silence, death, an
         oversized or malformed line). Bytes after the line stay in self._pending."""
         fd = self._proc.stdout.fileno()
-        limit = 8 * self.limits.max_output + 65536  # JSON escapes at most ~6 bytes a character
+        limit = 12 * self.limits.max_output + 65536  # JSON: up to 12 bytes a character (an emoji: two \uXXXX escapes)
         chunks = self._pending
         while b"\n" not in chunks:
             left = deadline - time.monotonic()
@@ -328,13 +380,25 @@ class PythonSandbox:
             return None
         if not os.path.isdir("/proc"):  # macOS: the worker is the sandbox (no process-fork)
             return [self._proc.pid]
-        pids, todo = [], [self._proc.pid]
+        root = self._proc.pid
+        pids, todo = [], [root]
+        gone = (FileNotFoundError, ProcessLookupError)  # a process or thread that just ended
         try:
             while todo:
-                pids.append(pid := todo.pop())
-                for task in os.listdir(f"/proc/{pid}/task"):
-                    with open(f"/proc/{pid}/task/{task}/children") as f:
-                        todo += [int(p) for p in f.read().split()]
+                pid = todo.pop()
+                try:
+                    tasks = os.listdir(f"/proc/{pid}/task")
+                except gone:
+                    if pid == root:
+                        return None
+                    continue
+                pids.append(pid)
+                for task in tasks:
+                    try:
+                        with open(f"/proc/{pid}/task/{task}/children") as f:
+                            todo += [int(p) for p in f.read().split()]
+                    except gone:
+                        continue
         except (OSError, ValueError):
             return None
         return pids
@@ -361,7 +425,8 @@ class PythonSandbox:
         pids = self._sandbox_pids()
         try:
             for pid in pids or ():
-                os.kill(pid, sig)
+                with contextlib.suppress(ProcessLookupError):  # ended since it was found
+                    os.kill(pid, sig)
         except OSError:
             return False
         return pids is not None

@@ -10,7 +10,10 @@ off, new processes on or off) is turned into the confinement of the platform:
   /proc, a cleared environment, ``--die-with-parent`` (killing bwrap ends the PID
   namespace and every process in it), plus a seccomp filter (``seccomp_filter``) that refuses
   new processes, ptrace, namespaces, mounts, pidfds, keyrings, BPF, io_uring, SysV shared
-  memory and memfds (memory no limit counts). As root, RLIMIT_NPROC does not hold (uid 0 is
+  memory and memfds (memory no limit counts), and with the network off IPv4/IPv6 sockets
+  (unread loopback connections pin host socket buffers). bwrap is started from one thread that
+  lives as long as the process (python_tool's spawner): ``--die-with-parent`` watches the
+  thread that started it. As root, RLIMIT_NPROC does not hold (uid 0 is
   exempt), so the sandbox's processes and threads go into a pids cgroup of their own instead
   (``PidsCgroup``).
 - macOS: a Seatbelt profile (``seatbelt_profile``) for ``sandbox-exec``, deny by default, after
@@ -146,7 +149,7 @@ _SYSCALLS = {
         "delete_module": 176, "reboot": 169, "swapon": 167, "swapoff": 168, "acct": 163,
         "shmget": 29, "shmat": 30, "shmctl": 31, "shmdt": 67, "semget": 64, "semop": 65,
         "semctl": 66, "semtimedop": 220, "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71,
-        "memfd_create": 319}),
+        "memfd_create": 319, "socket": 41}),
     "aarch64": (0xC00000B7, {
         "clone": 220, "clone3": 435, "ptrace": 117, "process_vm_readv": 270,
         "process_vm_writev": 271, "unshare": 97, "setns": 268, "mount": 40, "umount2": 39,
@@ -155,7 +158,8 @@ _SYSCALLS = {
         "init_module": 105, "finit_module": 273, "delete_module": 106, "reboot": 142,
         "swapon": 224, "swapoff": 225, "acct": 89, "msgget": 186, "msgctl": 187, "msgrcv": 188,
         "msgsnd": 189, "semget": 190, "semctl": 191, "semtimedop": 192, "semop": 193,
-        "shmget": 194, "shmctl": 195, "shmat": 196, "shmdt": 197, "memfd_create": 279}),
+        "shmget": 194, "shmctl": 195, "shmat": 196, "shmdt": 197, "memfd_create": 279,
+        "socket": 198}),
 }
 # Numbered alike on both: io_uring, pidfds, the new mount API.
 _COMMON = {"pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 426,
@@ -171,7 +175,8 @@ _ALWAYS_DENIED = ("ptrace", "process_vm_readv", "process_vm_writev", "unshare", 
                   "delete_module", "reboot", "swapon", "swapoff", "acct", *_UNCOUNTED_MEMORY,
                   *_COMMON)
 _CLONE_THREAD = 0x00010000
-_EPERM, _ENOSYS = 1, 38
+_EPERM, _ENOSYS, _EAFNOSUPPORT = 1, 38, 97
+_AF_INET, _AF_INET6 = 2, 10
 _RET_ALLOW, _RET_KILL = 0x7FFF0000, 0x80000000
 
 
@@ -179,14 +184,17 @@ def _ret_errno(errno: int) -> int:
     return 0x00050000 | errno
 
 
-def seccomp_filter(processes: bool, machine: str | None = None) -> bytes:
+def seccomp_filter(processes: bool, machine: str | None = None, network: bool = True) -> bytes:
     """A classic-BPF seccomp program (struct sock_filter[]) for bwrap --seccomp.
 
     Refuses with EPERM: everything in _ALWAYS_DENIED (SysV IPC and memfds included), and unless
     ``processes``, fork, vfork and clone without CLONE_THREAD (threads stay allowed). clone3
     answers ENOSYS, so the C library falls back to clone, whose flags a filter can see. Another
     architecture is killed. execve stays allowed: bwrap execs the worker after loading the
-    filter, and without fork an exec can only replace the worker inside the same sandbox."""
+    filter, and without fork an exec can only replace the worker inside the same sandbox.
+    Without ``network``, IPv4 and IPv6 sockets are refused (EAFNOSUPPORT): the sandbox's own
+    loopback would let unread connections pin socket buffers, host kernel memory that no limit
+    of the sandbox counts (Unix sockets stay: a socketpair is local to the process)."""
     machine = machine or platform.machine()
     if machine not in _SYSCALLS:
         raise SandboxUnavailable(f"no seccomp syscall table for {machine}")
@@ -205,6 +213,9 @@ def seccomp_filter(processes: bool, machine: str | None = None) -> bytes:
         if name in numbers:
             prog += [op(jeq, numbers[name], 0, 1), op(ret, _ret_errno(_EPERM))]
     prog += [op(jeq, numbers["clone3"], 0, 1), op(ret, _ret_errno(_ENOSYS))]
+    if not network:  # socket(domain, ...): the domain is the low word of args[0]
+        prog += [op(jeq, numbers["socket"], 0, 4), op(ld, 16), op(jeq, _AF_INET, 1, 0),
+                 op(jeq, _AF_INET6, 0, 1), op(ret, _ret_errno(_EAFNOSUPPORT)), op(ld, 0)]
     if not processes:  # clone: allowed only for a thread (flags are the low word of args[0])
         prog += [op(jeq, numbers["clone"], 0, 3), op(ld, 16), op(jset, _CLONE_THREAD, 1, 0),
                  op(ret, _ret_errno(_EPERM))]
@@ -330,7 +341,7 @@ def sandboxed_command(policy: Policy, command: list[str]) -> Launch:
         return Launch(["/usr/bin/sandbox-exec", "-p", seatbelt_profile(policy, command[0]),
                        *command], ())
     bpf = tempfile.TemporaryFile()
-    bpf.write(seccomp_filter(policy.processes))
+    bpf.write(seccomp_filter(policy.processes, network=policy.network))
     bpf.flush()
     bpf.seek(0)
     argv = bwrap_argv(policy, bpf.fileno()) + command
