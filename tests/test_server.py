@@ -168,6 +168,10 @@ def test_follow_up_reuses_the_prompt_cache(url):
     r2 = c.responses.create(model="gpt-oss-tiny", input="More?", previous_response_id=r1.id,
                             max_output_tokens=6, **GREEDY)
     assert r2.usage.input_tokens_details.cached_tokens >= r1.usage.input_tokens
+    # what each read in is kept for the next turn (the SDK's ResponseUsage requires the field)
+    for r in (r1, r2):
+        details = r.usage.input_tokens_details
+        assert details.cache_write_tokens == r.usage.input_tokens - details.cached_tokens > 0
 
 
 def test_the_same_request_again_computes_one_token(url):
@@ -539,12 +543,20 @@ def test_bad_responses_requests_and_unknown_routes(url):
                        (b'{"input": "hi", "include": ["reasoning.everything"]}', "include"),
                        (b'{"input": "hi", "include": "reasoning.encrypted_content"}', "include"),
                        (b'{"input": "hi", "text": {"x": Infinity}}', None),  # echoed back: not JSON
-                       (b'{"input": "hi", "metadata": {"x": 1e999}}', None)):
+                       (b'{"input": "hi", "metadata": {"x": 1e999}}', None),  # refused as JSON
+                       (b'{"input": "hi", "metadata": "x"}', "metadata"),
+                       (b'{"input": "hi", "metadata": {"a": {"b": "c"}}}', "metadata")):
         code, data = post(url, "/responses", bad)
         assert code == 400 and data["error"]["param"] == param, (bad, data)
     mcp = {"type": "mcp_call", "id": "mcp_1", "server_label": "x", "name": "python", "arguments": "1/0"}
     code, data = post(url, "/responses", json.dumps({"input": [mcp | {"output": 5}]}).encode())
-    assert code == 400 and "an mcp_call's output and error are strings" in data["error"]["message"]
+    assert code == 400 and "an mcp_call's output is a string, and its error a string or an error object" \
+        in data["error"]["message"]
+    # an error as OpenAI's object (what this server now returns) or as a plain string is taken back
+    for error in ({"type": "mcp_tool_execution_error", "content": "boom"}, "boom"):
+        code, data = post(url, "/responses", json.dumps({"input": [mcp | {"error": error}, {
+            "role": "user", "content": "and?"}], "max_output_tokens": 2}).encode())
+        assert code == 200, data
     # Codex asks for encrypted reasoning on every request: accepted (the reasoning comes as text)
     ok = b'{"input": "hi", "max_output_tokens": 2, "include": ["reasoning.encrypted_content"]}'
     assert post(url, "/responses", ok)[0] == 200
@@ -1098,7 +1110,7 @@ def test_a_call_the_request_does_not_allow_never_reaches_the_client(tok, tools, 
         r = c.responses.create(model="gpt-oss-tiny", input="hi", tools=tools, **extra)
         assert [o.type for o in r.output] == ["reasoning", "mcp_call", "reasoning", "message"]
         refused = r.output[1]
-        assert (refused.name, refused.status, refused.error) == ("slow", "failed", f"Error: {said}")
+        assert (refused.name, refused.status, refused.error.content) == ("slow", "failed", f"Error: {said}")
         assert r.output_text == "Fine." and r.status == "completed"
         m = c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "hi"}],
                                       tools=[{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}}
@@ -1127,7 +1139,7 @@ def test_the_server_answers_max_rounds_calls_then_the_model_must_answer(tok):
         calls = [o for o in r.output if o.type == "mcp_call"]
         assert [o.status for o in calls] == ["completed"] * MAX_ROUNDS + ["failed"]
         assert [o.output for o in calls[:-1]] == ["4"] * MAX_ROUNDS
-        assert calls[-1].error.startswith("Error: tool-call limit reached")
+        assert calls[-1].error.content.startswith("Error: tool-call limit reached")
         assert (r.output[-1].type, r.output_text, r.status) == ("message", "Four.", "completed")
         m = c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "2*2?"}])
         assert m.choices[0].message.content and m.choices[0].finish_reason == "stop"
@@ -1214,7 +1226,7 @@ def test_a_function_that_never_returns_does_not_hold_up_the_server(tok, monkeypa
             for _ in range(3):
                 r = c.responses.create(model="gpt-oss-tiny", input="go")
                 assert (r.status, r.output_text) == ("completed", "No luck.")
-                errors.append(next(o.error for o in r.output if o.type == "mcp_call"))
+                errors.append(next(o.error.content for o in r.output if o.type == "mcp_call"))
                 model.turn = -1
             assert errors[:2] == ["Error: functions.hang did not return within 0.3 s"] * 2
             assert errors[2] == ("Error: functions.hang did not start within 0.3 s: "
@@ -1248,11 +1260,11 @@ def test_a_late_function_from_a_file_is_ended_with_its_worker(tok, tmp_path):
             c = client(url, timeout=30)
             r = c.responses.create(model="gpt-oss-tiny", input="go")
             assert (r.status, r.output_text) == ("completed", "No luck.")
-            assert next(o.error for o in r.output if o.type == "mcp_call") == (
+            assert next(o.error.content for o in r.output if o.type == "mcp_call") == (
                 "Error: functions.spin did not return within 0.5 s: its process was ended")
             r = c.responses.create(model="gpt-oss-tiny", input="go")
             assert (r.status, r.output_text) == ("completed", "Gone.")
-            assert next(o.error for o in r.output if o.type == "mcp_call") == (
+            assert next(o.error.content for o in r.output if o.type == "mcp_call") == (
                 "Error: functions.leave failed: its process exited with code 3")
             assert not tools.workers._busy  # the ended workers are not counted as busy
     finally:

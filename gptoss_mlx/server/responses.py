@@ -139,9 +139,10 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], list[s
             call_id = str(item.get("id") or f"mcp_{i}")
             turn("content").setdefault("tool_calls", []).append(
                 {"id": call_id, "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}})
-            result = item.get("output") if item.get("output") is not None else item.get("error")
+            result = item.get("output") if item.get("output") is not None else mcp_error_text(item.get("error"))
             if result is not None and not isinstance(result, str):
-                raise bad_request(f"{where}: an mcp_call's output and error are strings", "input")
+                raise bad_request(f"{where}: an mcp_call's output is a string, and its error a string or "
+                                  "an error object with 'content' or 'message' (a string)", "input")
             if result is not None:  # the result the model read (a failed call's: its error)
                 out.append({"role": "tool", "tool_call_id": call_id, "content": result})
                 assistant = None
@@ -167,6 +168,26 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], list[s
 INCLUDABLE = ("code_interpreter_call.outputs", "computer_call_output.output.image_url",
               "file_search_call.results", "message.input_image.image_url", "message.output_text.logprobs",
               "reasoning.encrypted_content", "web_search_call.action.sources", "web_search_call.results")
+
+
+def mcp_error_text(error):
+    """An mcp_call's error as the text the model read: OpenAI's error object (its ``content``, or
+    its ``message``) or a plain string. Anything else is returned as is (and refused)."""
+    if isinstance(error, dict):
+        text = error.get("content") if error.get("content") is not None else error.get("message")
+        return text if isinstance(text, str) else error
+    return error
+
+
+def check_metadata(metadata) -> None:
+    """OpenAI's limits: up to 16 pairs, keys up to 64 characters, string values up to 512."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict) or len(metadata) > 16 or not all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+            for k, v in metadata.items()):
+        raise bad_request("'metadata' must be an object of up to 16 string values (keys up to 64 "
+                          "characters, values up to 512)", "metadata")
 
 
 def check_include(include) -> None:
@@ -252,7 +273,7 @@ def output_item(item: Item, ids: dict, status: str = "completed") -> dict:
         done = "incomplete" if item.result is None else "failed" if item.failed else "completed"
         return {"id": item_id, "type": "mcp_call", "server_label": SERVER_LABEL, "name": item.name,
                 "arguments": item.text, "output": item.result,
-                "error": item.result if item.failed else None,
+                "error": {"type": "mcp_tool_execution_error", "content": item.result} if item.failed else None,
                 "status": "in_progress" if status == "in_progress" else done}
     if item.kind == REASONING:
         return {"id": item_id, "type": "reasoning", "summary": [], "status": status,
@@ -279,6 +300,7 @@ class ResponseRun:
         params.typed(body, "store", bool, "true or false")
         params.typed(body, "stream_options", dict, "an object")
         check_include(body.get("include"))
+        check_metadata(body.get("metadata"))
         check_unsupported(body)
         self.items, first_input = input_items(body, store)
         messages, origins = chat_messages(self.items, first_input)
@@ -348,11 +370,17 @@ class ResponseRun:
                "usage": None}
         if status != "in_progress":
             out["usage"] = {"input_tokens": reply.prompt_tokens,
-                            "input_tokens_details": {"cached_tokens": reply.cached_tokens},
+                            "input_tokens_details": {"cached_tokens": reply.cached_tokens,
+                                                     "cache_write_tokens": self._cache_written(reply)},
                             "output_tokens": reply.output_tokens,
                             "output_tokens_details": {"reasoning_tokens": reply.stream.reasoning_tokens},
                             "total_tokens": reply.prompt_tokens + reply.output_tokens}
         return out
+
+    def _cache_written(self, reply: Reply) -> int:
+        """The prompt tokens this request read in and the server keeps for the conversation's
+        next turn (none with --prompt-cache-gb 0)."""
+        return reply.prompt_tokens - reply.cached_tokens if self.service.scheduler.pool.max_bytes > 0 else 0
 
     def _output(self, item: Item, status: str = "completed") -> dict:
         return output_item(item, self.ids, status)
