@@ -31,6 +31,7 @@ import tempfile
 import termios
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from ..files import valid_text
 from ..harmony import PYTHON_DESCRIPTION, python_description
@@ -90,45 +91,10 @@ def _clean(output: str, max_output: int) -> str:
     return output
 
 
-class _Spawner:
-    """A thread that lives as long as the process and starts every sandbox. bwrap's
-    --die-with-parent (PR_SET_PDEATHSIG) fires when the *thread* that started it ends: a
-    session started from a short-lived thread (a request's, a pool's) died with that thread."""
-
-    def __init__(self):
-        import queue
-        self._jobs = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="gptoss-mlx-sandbox-spawner", daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            fn, args, kwargs, done, outcome = self._jobs.get()
-            try:
-                outcome.append((True, fn(*args, **kwargs)))
-            except BaseException as e:  # noqa: BLE001 - raised in the caller
-                outcome.append((False, e))
-            done.set()
-
-    def call(self, fn, *args, **kwargs):
-        done, outcome = threading.Event(), []
-        self._jobs.put((fn, args, kwargs, done, outcome))
-        done.wait()
-        ok, value = outcome[0]
-        if not ok:
-            raise value
-        return value
-
-
-_spawner_lock = threading.Lock()
-_the_spawner: _Spawner | None = None
-
-
-def _spawner() -> _Spawner:
-    global _the_spawner
-    with _spawner_lock:
-        if _the_spawner is None:
-            _the_spawner = _Spawner()
-        return _the_spawner
+# Starts every sandbox, from one thread that lives as long as the process: bwrap's
+# --die-with-parent (PR_SET_PDEATHSIG) fires when the *thread* that started it ends, so a
+# session started from a short-lived thread (a request's, a pool's) died with that thread.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptoss-mlx-sandbox-spawner")
 
 
 class PythonSandbox:
@@ -161,10 +127,10 @@ class PythonSandbox:
         launch = sandboxed_command(self.policy, [sys.executable, "-I", WORKER, json.dumps(config)])
         self._cgroup = launch.cgroup
         try:
-            proc = _spawner().call(
+            proc = _SPAWNER.submit(
                 subprocess.Popen, launch.argv, pass_fds=launch.pass_fds, env=sandbox_env(self.workdir),
                 cwd=self._own_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, start_new_session=True)
+                stderr=subprocess.DEVNULL, start_new_session=True).result()
         finally:
             if launch.keep is not None:
                 launch.keep.close()
@@ -220,12 +186,9 @@ class PythonSandbox:
             if self._cancelled:  # cancel() came while the sandbox was being started
                 self._kill()
                 return note + CANCELLED_NOTE
-            request_id = secrets.token_hex(16)
-            request = json.dumps({"id": request_id, "code": code}).encode() + b"\n"
             # one deadline for the cell, a second try (in a fresh session) included
             deadline = deadline or time.monotonic() + self.limits.timeout_s
-            sent = self._send(request, deadline)
-            reply = self._read_reply(deadline) if sent else None
+            request_id, request, sent, reply = self._exchange(code, deadline)
             if self._last_id is not None and isinstance(reply, dict) \
                     and reply.get("id") == self._last_id:
                 # The previous cell forged its reply and was stopped before it wrote the real
@@ -300,16 +263,21 @@ class PythonSandbox:
         continued (code left a handler for it) is known to have ended before the cell is sent,
         not after the cell was read; kills a session that does not answer. Returns a note for
         the model when the session is not to be trusted (the kill alone is said by the caller)."""
-        request_id = secrets.token_hex(16)
-        deadline = time.monotonic() + CONTINUE_S
-        request = json.dumps({"id": request_id, "code": ""}).encode() + b"\n"
-        reply = self._read_reply(deadline) if self._send(request, deadline) else None
+        request_id, _, _, reply = self._exchange("", time.monotonic() + CONTINUE_S)
         if isinstance(reply, dict) and reply.get("id") == request_id and not self._pending:
             return ""
         self._kill()
         if self._last_id is not None and isinstance(reply, dict) and reply.get("id") == self._last_id:
             return EXTRA_REPLY_NOTE  # the previous cell's real reply, after a forged one
         return ""
+
+    def _exchange(self, code: str, deadline: float) -> tuple[str, bytes, bool, object]:
+        """Send ``code`` under a new request id and read the reply before ``deadline``:
+        (the id, the request's bytes, whether all of it was sent, the reply or None)."""
+        request_id = secrets.token_hex(16)
+        request = json.dumps({"id": request_id, "code": code}).encode() + b"\n"
+        sent = self._send(request, deadline)
+        return request_id, request, sent, self._read_reply(deadline) if sent else None
 
     def _send(self, data: bytes, deadline: float) -> bool:
         """Write all of ``data`` to the worker before ``deadline``; False if it did not take it."""
