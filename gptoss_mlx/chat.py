@@ -211,8 +211,10 @@ class Chat:
     def send(self, text: str, response_format: ResponseFormat | dict | None = None) -> Iterator[ChatEvent]:
         """Add a user message and stream the reply. If anything fails before any reply (it does
         not fit the context: ContextLengthError; NaN logits; a checkpoint file that fails while
-        experts stream from it; a bad sampling setting), the message is taken back out: the chat
-        goes on as before. Lone surrogates in ``text`` (bytes that were not UTF-8) become U+FFFD. ``response_format`` (a JSON Schema, or a
+        experts stream from it; a bad sampling setting), or the reply is stopped before any of it
+        is kept (during the prompt's prefill, or in its chain of thought, which an interrupted
+        reply drops), the message is taken back out: the chat goes on as before, and the caller
+        may offer the text again to be edited or resent. Lone surrogates in ``text`` (bytes that were not UTF-8) become U+FFFD. ``response_format`` (a JSON Schema, or a
         ResponseFormat) shapes this turn's answer, over :attr:`response_format`; a schema that
         cannot be enforced raises SchemaError before anything is sent."""
         if not isinstance(text, str):
@@ -225,6 +227,7 @@ class Chat:
         self._turn_format = turn_format  # also for the replies after tool results
         message = Message("user", text)
         self.messages.append(message)
+        ledger.asked = message
         try:
             yield from self._reply(ledger)
         except Exception:  # the context, NaN logits, a checkpoint file, a bad setting...
@@ -304,7 +307,9 @@ class Chat:
         stream.close()
         # the parser's messages whole before the reply stopped, and whether the next had begun
         ended, started = self._ended, self._started
-        if finish is None and self.engine.stats.finish_reason in ("length", "context"):
+        if finish is None and self.engine.stats.finish_reason == "interrupted":  # the engine saw stop()
+            finish = "interrupted"  # first: in the prefill, or between two tokens
+        elif finish is None and self.engine.stats.finish_reason in ("length", "context"):
             finish = "cut"
         for event, message in self._chat_events(parser.finish()):
             # cut short, a message's header or a tool call is never shown as if whole (text
@@ -313,6 +318,8 @@ class Chat:
             if finish is None or message < ended or whole_header and not isinstance(event, ToolCall):
                 yield ledger.note(event, message)
         new = self._keep(parser, finish, ended, started, ledger)
+        if finish == "interrupted":
+            ledger.take_back_unanswered()
         finish = None if finish == "cut" else finish
         stats = self.engine.stats
         yield ledger.note(Done(stats, finish or stats.finish_reason, new))
@@ -443,6 +450,12 @@ class _Ledger:
         self.messages = messages  # the chat's history
         self.made: list[tuple[ChatEvent, int | None]] = []  # (event, parser message index)
         self.kept: dict[int, Message] = {}  # parser message index -> the message in the history
+        self.asked: Message | None = None  # the user message a send() added
+
+    def take_back_unanswered(self) -> None:
+        """A stopped send() with nothing of its reply kept: its message leaves the history."""
+        if self.asked is not None and self.messages and self.messages[-1] is self.asked:
+            self.messages.pop()
 
     def note(self, event: ChatEvent, message: int | None = None) -> ChatEvent:
         """On the engine thread: ``event``, from the parser's ``message``, is being yielded."""
@@ -478,6 +491,8 @@ class _Ledger:
                 self.messages[:] = [x for x in self.messages if x is not m]
             else:
                 m.content = text
+        if not any(isinstance(e, Done) for e, _ in self.made[:taken]):  # stopped before its end
+            self.take_back_unanswered()
 
 
 def first_fitting(candidates: list, tokens_of: Callable[[list], list[int]], room: int) -> tuple[int, list[int] | None]:

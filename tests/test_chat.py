@@ -296,7 +296,9 @@ def test_a_tool_call_not_taken_before_closing_is_not_kept(tok):
     next(e for e in events if isinstance(e, ReasoningDelta))
     time.sleep(0.5)  # the engine makes the call meanwhile
     events.close()
-    assert [m.role for m in chat.messages] == ["user"]  # no call the consumer never saw
+    # no call the consumer never saw, nor the half-taken chain of thought: nothing of the reply
+    # is kept, so the message is taken back too
+    assert chat.messages == []
 
 
 class SlowAfter(ScriptedModel):
@@ -717,9 +719,36 @@ def test_stop_during_a_long_prompt_ends_the_reply_at_the_next_chunk(tok):
     reading.join(timeout=10)
     assert time.monotonic() - started < 1.5  # the prefill alone takes 25 chunks: 2.5 s
     assert isinstance(events[-1], Done) and events[-1].finish_reason == "interrupted"
-    assert [m.role for m in chat.messages] == ["user"]  # kept, as an interrupted reply keeps it
+    assert chat.messages == []  # nothing of the reply: the message is taken back, to be resent
     answer = "".join(e.text for e in chat.send("and now?") if isinstance(e, AnswerDelta))
     assert answer == "4"
+    assert [m.text for m in chat.messages if m.role == "user"] == ["and now?"]
+
+
+def test_a_stopped_turn_with_nothing_kept_takes_its_message_back_and_one_with_an_answer_keeps_it(tok):
+    """Two user messages in a row after a stop: the stopped one stayed, without an answer, and a
+    front end offering it again to be edited (the TUI's Esc) sent it twice. Stopped in its chain
+    of thought (which an interrupted reply drops) the turn leaves nothing; stopped in its answer,
+    the message and the partial answer stay."""
+    thinking = script(tok, "<|channel|>analysis<|message|>" + "Hmm. " * 60 + "<|end|>"
+                           "<|start|>assistant<|channel|>final<|message|>Done.<|return|>")
+    answering = script(tok, "<|channel|>analysis<|message|>Ok.<|end|><|start|>assistant"
+                            "<|channel|>final<|message|>" + "One two. " * 60 + "<|return|>")
+    chat = Chat(SlowAfter([thinking, answering], fast=5, delay=0.05), tok, date="2025-08-05")
+    events = chat.send("first")
+    for event in events:
+        if isinstance(event, ReasoningDelta):
+            chat.stop()
+    assert isinstance(event, Done) and event.finish_reason == "interrupted" and event.messages == []
+    assert chat.messages == []
+    events = chat.send("second")
+    for event in events:
+        if isinstance(event, AnswerDelta):
+            chat.stop()
+    assert event.finish_reason == "interrupted"
+    assert [(m.role, m.channel) for m in chat.messages] == [("user", None), ("assistant", "analysis"),
+                                                             ("assistant", "final")]
+    assert chat.messages[0].text == "second" and chat.messages[2].text.startswith("One")
 
 
 def test_wrong_types_for_the_model_or_sampling_are_named(tokenizer_json):

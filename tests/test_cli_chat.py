@@ -595,4 +595,36 @@ def test_ctrl_c_while_a_long_prompt_is_read_says_stopped(tok, store, ctrl_c):
     threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
     cli_chat.Repl(chat, store, reading(["word " * 600, "/stats"]), out=out).run()
     text = out.getvalue()
-    assert "[stopped]" in text and "Four." not in text, text[-500:]
+    assert "[stopped before the reply: the message is not in the chat]" in text, text[-500:]
+    assert "Four." not in text
+
+
+def test_ctrl_c_before_the_reply_offers_the_message_again_and_the_chat_has_it_once(tok, store, ctrl_c):
+    """After Ctrl-C in the prefill the message stayed in the chat without an answer, and the
+    next message followed it: two user messages in a row. Nothing of that reply is kept, so the
+    chat takes the message back, and the next prompt starts with it, to edit or send again."""
+    import signal
+    import threading
+
+    model = SlowChunks(ScriptedModel(answers(tok, "Four.")), 0.05)
+    chat = Chat(model, tok, engine=Engine(model, max_context=4096, prefill_step=16),
+                reasoning_effort="low", date="2025-08-05")
+    long = "word " * 600
+    offered = []
+
+    def read(prompt, default=""):
+        offered.append(default)
+        if len(offered) == 1:
+            return long
+        if len(offered) == 2:
+            return default + "count them"  # edited at the prompt, then sent
+        raise EOFError
+
+    out = Terminal()
+    threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+    cli_chat.Repl(chat, store, read, out=out).run()
+    text = out.getvalue()
+    assert "[stopped before the reply: the message is not in the chat: it is back at the prompt" in text
+    assert offered[:2] == ["", long]
+    assert [m.text for m in chat.messages if m.role == "user"] == [long + "count them"]
+    assert "Four." in text

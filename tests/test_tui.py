@@ -80,6 +80,8 @@ class ScriptedChat(Chat):
         if answer:
             new.append(Message("assistant", answer, channel="final"))
         self.messages.extend(new)
+        if finish == "interrupted":  # as Chat._reply: a send stopped with nothing kept is taken back
+            ledger.take_back_unanswered()
         self.engine.prompt_cache.tokens += [0] * 40
         stats = Stats(prompt_tokens=30, reused_tokens=10, ttft_s=0.25, generated_tokens=21,
                       decode_s=0.5, peak_memory_gb=1.5, finish_reason=finish)
@@ -193,21 +195,57 @@ async def test_escape_stops_the_reply_and_keeps_the_session_and_the_prompt(store
         assert chat.messages[-1].text == "next"
 
 
-async def test_quitting_during_the_first_reply_saves_the_question_and_the_partial_answer(store):
-    chat = ScriptedChat([("analysis", "thinking"), ("final", "Partial ans"), ("wait", 0.5), ("final", "never")])
+@pytest.mark.parametrize("answered", [True, False])
+async def test_quitting_during_the_first_reply_saves_the_question_and_the_partial_answer(store, answered):
+    """Quit (Ctrl+Q) while the first reply is written: the chat is saved with the question and
+    the answer as far as it went; with no answer yet (stopped in its chain of thought, which
+    the chat would take back), the question alone."""
+    partial = [("final", "Partial ans")] if answered else []
+    chat = ScriptedChat([("analysis", "thinking"), *partial, ("wait", 0.5), ("final", "never")])
     app = make_app(chat, store)
     async with app.run_test(size=SIZE) as pilot:
         app.query_one(PromptInput).text = "hello there"
         await pilot.press("enter")
         turn = app.query_one(AssistantTurn)
-        await wait_until(pilot, lambda: "Partial ans" in turn.answer_text)
+        await wait_until(pilot, lambda: turn.reasoning_text == "thinking" and
+                         ("Partial ans" in turn.answer_text or not answered))
         await pilot.press("ctrl+q")
         deadline = time.monotonic() + 10
         while app.is_running and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
     (saved,) = store.root.glob("*.json")
     messages = json.loads(saved.read_text())["messages"]
-    assert [(m["role"], m["content"]) for m in messages] == [("user", "hello there"), ("assistant", "Partial ans")]
+    assert [(m["role"], m["content"]) for m in messages] == [("user", "hello there")] + (
+        [("assistant", "Partial ans")] if answered else [])
+
+
+async def test_escape_before_any_answer_takes_the_message_back_to_the_input_and_sends_it_once(store):
+    """Esc in the chain of thought put the question back in the input and also kept it in the
+    chat: sent again, the model saw it twice in a row. Nothing of that reply is kept, so the
+    turn leaves the transcript and the chat, and only the input holds the question."""
+    chat = ScriptedChat([("final", "hi")], [("analysis", "thinking"), ("wait",), ("final", "never")],
+                        [("final", "42")])
+    app = make_app(chat, store)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "first")
+        app.query_one(PromptInput).text = "long question"
+        await pilot.press("enter")
+        turn = app.query(AssistantTurn).first()
+        await wait_until(pilot, lambda: app.query(AssistantTurn).last().reasoning_text == "thinking")
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.replies_finished == 2)
+        await pilot.pause(0.1)
+        assert app.query_one(PromptInput).text == "long question"
+        assert [m.render().plain for m in app.query(UserMessage)] == ["first"]
+        assert len(app.query(AssistantTurn)) == 1 and turn.is_attached
+        assert [m.text for m in chat.messages if m.role == "user"] == ["first"]
+        await pilot.press("enter")  # sent again as it is
+        await wait_until(pilot, lambda: app.replies_finished == 3)
+        assert [m.text for m in chat.messages if m.role == "user"] == ["first", "long question"]
+        assert chat.messages[-1].text == "42"
+    (saved,) = store.root.glob("*.json")
+    users = [m["content"] for m in json.loads(saved.read_text())["messages"] if m["role"] == "user"]
+    assert users == ["first", "long question"]
 
 
 async def test_multiline_input_and_prompt_history(store):

@@ -34,7 +34,7 @@ from gptoss_mlx.chat import (
 )
 from gptoss_mlx.engine_thread import engine_thread
 from gptoss_mlx.generate import ContextLengthError
-from gptoss_mlx.harmony import EFFORTS
+from gptoss_mlx.harmony import EFFORTS, Message
 from gptoss_mlx.memory import total_experts
 from gptoss_mlx.store import ConversationStore, title_for
 from gptoss_mlx.tools import Toolbox, ToolResult, run_with_tools
@@ -420,7 +420,6 @@ class ChatApp(App):
         self.collapse_on_answer = collapse_on_answer
         self.chat_id = self.store.new_id()
         self.chat_title = "New chat"
-        self.last_prompt = ""
         self._context_tokens = 0  # the next reply's prompt, as the status bar shows it
         self.last_done: Done | None = None
         self.replies_finished = 0  # completed (or stopped, or failed) replies
@@ -518,7 +517,6 @@ class ChatApp(App):
         prompt = self.query_one(PromptInput)
         prompt.remember(event.text)
         prompt.text = ""
-        self.last_prompt = event.text
         if self.chat_title == "New chat":
             self.chat_title = title_for(event.text)
         transcript = self.query_one("#transcript", VerticalScroll)
@@ -568,11 +566,16 @@ class ChatApp(App):
                                   severity="error", timeout=15)
             failed = True
         finally:
-            if failed and len(self.chat.messages) == before:  # the chat took the message back
-                self.call_from_thread(self._take_back, text, turn, asked)
+            if len(self.chat.messages) == before:  # the chat took the message back (failed, or
+                if self.quitting and not failed:   # stopped before any reply): the transcript too,
+                    self.chat.messages.append(Message("user", text))  # but quitting saves it
+                else:
+                    self.call_from_thread(self._take_back, text, turn, asked, not failed)
+            elif not failed and self.chat.stop_requested and not self.quitting:
+                self.call_from_thread(self._stopped, text)
             self.call_from_thread(self._reply_finished, turn)
 
-    async def _take_back(self, text: str, turn: AssistantTurn, asked: UserMessage) -> None:
+    async def _take_back(self, text: str, turn: AssistantTurn, asked: UserMessage, stopped: bool) -> None:
         """The chat took the message back (nothing of the turn is in its history): so does the
         transcript, and the text returns to the input to be sent again (unless something new
         was typed meanwhile)."""
@@ -581,6 +584,18 @@ class ChatApp(App):
         prompt = self.query_one(PromptInput)
         if not prompt.text:
             prompt.text = text
+            prompt.move_cursor(prompt.document.end)
+        if stopped:
+            self.notify("Stopped before the reply: the message is back in the input, to edit or "
+                        "send again", timeout=5)
+
+    def _stopped(self, text: str) -> None:
+        """Esc stopped a reply that kept something: the prompt comes back too, to edit or resend."""
+        prompt = self.query_one(PromptInput)
+        if not prompt.text:
+            prompt.text = text
+            prompt.move_cursor(prompt.document.end)
+        self.notify("Stopped; the partial answer is kept", timeout=3)
 
     async def _reply_finished(self, turn: AssistantTurn) -> None:
         if turn.is_attached:
@@ -623,12 +638,7 @@ class ChatApp(App):
 
     def action_stop(self) -> None:
         if self.generating and self.chat is not None:
-            self.chat.stop()
-            prompt = self.query_one(PromptInput)
-            if not prompt.text:
-                prompt.text = self.last_prompt  # the prompt comes back, ready to edit or resend
-                prompt.move_cursor(prompt.document.end)
-            self.notify("Stopped; the partial answer is kept", timeout=3)
+            self.chat.stop()  # the reply says what was kept when it ends (reply)
 
     def action_cycle_effort(self) -> None:
         self.set_effort(EFFORTS[(EFFORTS.index(self.effort) + 1) % len(EFFORTS)])

@@ -4,6 +4,7 @@ or one answer when standard input is piped."""
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 import signal
 import sys
@@ -142,7 +143,9 @@ def resumed_id(store: ConversationStore, chat_id: str) -> str:
 
 class Repl:
     """The terminal chat. ``read(prompt) -> str`` reads one message (``input`` works; the
-    terminal uses :func:`line_reader`); the conversation is saved in ``store`` after each reply."""
+    terminal uses :func:`line_reader`, whose ``read(prompt, default)`` also offers a message the
+    chat took back, to be edited or sent again); the conversation is saved in ``store`` after
+    each reply."""
 
     def __init__(self, chat: Chat, store: ConversationStore, read: Callable[[str], str],
                  show_reasoning: bool = True, out=None, toolbox=None):
@@ -152,6 +155,8 @@ class Repl:
         self.last_stats = None
         self.hung_up = False  # the terminal has closed: stop, save, end
         self.saving = False
+        self.draft = ""  # a message the chat took back: the next prompt starts with it
+        self.offers_drafts = "default" in inspect.signature(read).parameters
 
     def say(self, text: str) -> None:
         if self.out is None:
@@ -226,7 +231,8 @@ class Repl:
     def read_message(self) -> str:
         """One message; a triple-quoted one loses its quotes. Reading line by line (``input``),
         a trailing backslash or an open triple quote asks for the next line."""
-        lines = [self.read(">>> ")]
+        draft, self.draft = self.draft, ""
+        lines = [self.read(">>> ", default=draft) if draft and self.offers_drafts else self.read(">>> ")]
         while is_unfinished("\n".join(lines)):
             if lines[-1].endswith("\\"):
                 lines[-1] = lines[-1][:-1]
@@ -239,6 +245,7 @@ class Repl:
     def turn(self, text: str) -> None:
         if valid_text(text) != text:
             self.say(f"[the message holds bytes that are not UTF-8: each is sent as {REPLACEMENT}]")
+        before = len(self.chat.messages)
         events = replies(self.chat, text, self.toolbox)
         tty = self.out.isatty()
         shown = with_prompt_progress(events, self.chat.engine, self.out) if tty else events
@@ -250,8 +257,11 @@ class Repl:
                 self.say(f"[reply cut off: {done.finish_reason} limit]{truncated}")
         except KeyboardInterrupt:
             events.close()  # keeps the partial answer in the history now, not at GC time
-            self.say(RESET + "\n[stopped]")
             self.last_stats = self.chat.engine.stats
+            if len(self.chat.messages) == before:  # nothing of the reply: the chat took the message back
+                self.say(RESET + "\n[stopped before the reply: the message is not in the chat" + self._offer(text) + "]")
+                return
+            self.say(RESET + "\n[stopped]")
         except OSError as e:  # the terminal has gone mid-reply: keep what was made, save, end
             if e.errno not in (errno.EIO, errno.EPIPE):
                 raise
@@ -260,8 +270,17 @@ class Repl:
             common.drop_output()
         except (ContextLengthError, NonFiniteLogitsError, SchemaError, CheckpointError) as e:  # the chat took its message back
             self.say(f"error: {e}")
+            if self.offers_drafts:
+                self.say("[the message is not in the chat" + self._offer(text) + "]")
             return
         self.autosave()
+
+    def _offer(self, text: str) -> str:
+        """The next prompt starts with ``text`` (a message the chat took back), where it can."""
+        if not self.offers_drafts:
+            return ""
+        self.draft = text
+        return ": it is back at the prompt, to edit or send again"
 
     def autosave(self) -> bool:
         """Save after a reply; False (and said) when it could not be."""

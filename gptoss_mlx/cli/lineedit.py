@@ -54,8 +54,9 @@ def _keys() -> KeyBindings:
 
 def line_reader(history_file: Path, input: Input | None = None,
                 output: Output | None = None) -> Callable[[str], str]:
-    """``read(prompt) -> message``: EOFError on Ctrl-D at an empty prompt, KeyboardInterrupt on
-    Ctrl-C, like ``input``. Messages are added to ``history_file`` as they are sent."""
+    """``read(prompt, default="") -> message``: EOFError on Ctrl-D at an empty prompt,
+    KeyboardInterrupt on Ctrl-C, like ``input``; ``default`` is the text the line starts with.
+    Messages are added to ``history_file`` as they are sent."""
     try:
         history_file.parent.mkdir(parents=True, exist_ok=True)
         history_file.touch(mode=0o600)  # every message typed: private, as the saved chats are
@@ -66,4 +67,7 @@ def line_reader(history_file: Path, input: Input | None = None,
         history = InMemoryHistory()
     session = PromptSession(history=history, key_bindings=_keys(),
                             prompt_continuation="... ", input=input, output=output)
-    return lambda prompt: session.prompt(prompt)
+    def read(prompt: str, default: str = "") -> str:
+        return session.prompt(prompt, default=default)
+
+    return read
