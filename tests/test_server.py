@@ -722,8 +722,9 @@ def test_a_name_in_the_history_that_a_header_cannot_carry_is_a_400(url, message,
 
 def test_api_key(tiny):
     with serving(*tiny, api_key="sesame") as url:
-        with pytest.raises(openai.AuthenticationError):
+        with pytest.raises(openai.AuthenticationError) as e:
             client(url, key="wrong").models.list()
+        assert e.value.response.headers["www-authenticate"] == "Bearer"  # as RFC 9110 asks of a 401
         assert post(url, "/chat/completions", b"{}")[0] == 401
         assert [m.id for m in client(url, key="sesame").models.list()] == ["gpt-oss-tiny"]
         with urllib.request.urlopen(url.removesuffix("/v1") + "/health") as resp:  # no key needed

@@ -118,6 +118,8 @@ def test_responses_schema_errors_name_text_format(api):
         api.responses.create(model="gpt-oss-tiny", input="A pet.", max_output_tokens=10, text={"format": {
             "type": "json_schema", "name": "pet", "schema": {"type": "array", "uniqueItems": True}}})
     assert "uniqueItems" in e.value.message and e.value.body["param"] == "text.format"
+    # and its message names it too, not Chat Completions' response_format
+    assert e.value.body["message"].startswith("text.format 'pet': "), e.value.body["message"]
 
 
 @pytest.mark.parametrize("fmt, says", [

@@ -55,7 +55,7 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY' "
                            "(the key given to gptoss-mlx serve --api-key)",
-                           code="invalid_api_key")
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     async def json_body(request: Request) -> dict:
         declared = request.headers.get("content-length", "0")

@@ -340,6 +340,7 @@ class ResponseRun:
         except APIError as e:  # this API's names: text.format for the schema, input for messages
             e.param = {"response_format": "text.format", "messages": "input"}.get(e.param, e.param)
             e.message = re.sub(r"messages\[(\d+)\]", self._origin, e.message)
+            e.message = re.sub(r"^response format\b", "text.format", e.message)
             raise
 
     def _origin(self, found: re.Match) -> str:
