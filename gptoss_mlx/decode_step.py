@@ -116,7 +116,7 @@ class CompiledDecode:
         caches = [StepCache(keys, values, ahead, ring := layer.self_attn.window is not None,
                             ring and rings_full, masks.get(keys.shape[2]), kernels)
                   for (keys, values), layer in zip(storage, self.model.layers)]
-        logits = self.model(token, cache=caches)
+        logits = self.model(token, cache=caches, sampled=True)
         return logits[:, -1, :], [(c.keys, c.values) for c in caches]
 
     def applies(self, cache: list) -> bool:

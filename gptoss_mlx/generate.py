@@ -411,7 +411,7 @@ class Engine:
         try:
             logits = self.compiled_decode(y, cache) if self.compiled_decode else None
             if logits is None:
-                logits = self.model(y.reshape(1, 1), cache=cache)[:, -1, :]
+                logits = self.model(y.reshape(1, 1), cache=cache, sampled=True)[:, -1, :]
         except Exception:  # a streamed expert's file failed, say: no layer may keep the token
             self.prompt_cache.recover()
             raise

@@ -21,6 +21,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from . import kernels, ops
 from .cache import KVCache, RotatingKVCache, device_positions
@@ -254,6 +255,32 @@ class TransformerBlock(nn.Module):
         return self.mlp(normed, residual=h, routing=routing)  # h + moe(normed)
 
 
+def token_ids(inputs, vocab: int | None) -> mx.array:
+    """``inputs`` as the (B, L) integer ids the embedding takes, or the error naming what is
+    wrong with them (see Model.__call__); their range is not checked when ``vocab`` is None."""
+    given = inputs
+    if not isinstance(inputs, mx.array):
+        try:
+            given = np.asarray(inputs)
+        except (ValueError, TypeError):  # ragged lists
+            raise ValueError("token ids must be a (batch, length) array of integers") from None
+        if given.dtype == object or given.size and not np.issubdtype(given.dtype, np.integer):
+            raise TypeError(f"token ids must be integers, got {given.dtype}")
+        inputs = mx.array(given.astype(np.int64) if given.size else given.astype(np.int32))
+    if not mx.issubdtype(inputs.dtype, mx.integer):
+        raise TypeError(f"token ids must be integers, got {inputs.dtype}")
+    if inputs.ndim != 2 or inputs.size == 0:
+        raise ValueError(f"token ids must be a (batch, length) array with at least one id, got shape "
+                         f"{tuple(inputs.shape)} (one sequence: mx.array([tokens]))")
+    if vocab is not None:
+        low, high = (int(given.min()), int(given.max())) if given is not inputs else (
+            mx.min(inputs).item(), mx.max(inputs).item())
+        if low < 0 or high >= vocab:
+            raise ValueError(f"token id {low if low < 0 else high} is outside the model's vocabulary "
+                             f"of {vocab} ids (0 to {vocab - 1})")
+    return inputs
+
+
 class Model(nn.Module):
     def __init__(self, config: ModelConfig, **expert_quantization):
         super().__init__()
@@ -272,7 +299,7 @@ class Model(nn.Module):
         self.stage = None
 
     def __call__(self, inputs: mx.array, cache: list | None = None, *,
-                 evaluate_layers: bool = False) -> mx.array:
+                 evaluate_layers: bool = False, sampled: bool = False) -> mx.array:
         """inputs (B, L) token ids -> logits (B, L, vocab). With a cache, positions continue
         from ``cache[0].offset`` and the cache is updated in place. A decode batch (L = 1) passes
         batch caches (``cache.merge_caches``): each row continues from its own position.
@@ -280,10 +307,19 @@ class Model(nn.Module):
         ``evaluate_layers`` evaluates each layer's output as soon as it is built (long prefill
         chunks, not inside mx.compile): evaluated as one graph, every layer's temporaries stay
         allocated until the last layer finishes — at 2048 tokens that doubled the 20b model's
-        peak memory (28.4 GB vs 15.5 GB, docs/measurements.md)."""
+        peak memory (28.4 GB vs 15.5 GB, docs/measurements.md).
+
+        Wrong inputs are a ValueError or TypeError naming them: ids that are not (B, L) integers,
+        a cache that is not one per layer, ids outside the vocabulary (the embedding would read
+        past its end). ``sampled``: the ids were sampled from this model's logits (the engine's
+        decode steps), so in range: not checked, which would wait for them to be computed."""
         if cache is None:
             cache = [None] * len(self.layers)
+        elif len(cache) != len(self.layers):
+            raise ValueError(f"the cache has {len(cache)} entries and the model {len(self.layers)} "
+                             "layers: make it with model.make_cache()")
         if self.embed_tokens is not None:
+            inputs = token_ids(inputs, None if sampled else self.config.vocab_size)
             x = self.embed_tokens(inputs)
         else:  # a later pipeline stage: the previous stage's output
             x = self.stage.receive(inputs, self.norm_dtype())

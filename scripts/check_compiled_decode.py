@@ -60,7 +60,7 @@ def main() -> int:
             out = None if name == "plain" else steps[name](token, caches[name].cache)
             if out is None:  # plain, or where the decode attention kernels take over (2048 keys)
                 fallbacks += name != "plain"
-                out = model(token.reshape(1, 1), cache=caches[name].cache)[:, -1, :]
+                out = model(token.reshape(1, 1), cache=caches[name].cache, sampled=True)[:, -1, :]
             mx.async_eval(out)
             t1 = time.perf_counter()
             mx.eval(out)

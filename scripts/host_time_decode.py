@@ -47,7 +47,7 @@ def main() -> None:
     model, cache = load(args.engine, args.dir)
 
     def step(y):
-        return mx.argmax(model(y.reshape(1, 1), cache=cache)[:, -1, :], axis=-1)
+        return mx.argmax(model(y.reshape(1, 1), cache=cache, sampled=True)[:, -1, :], axis=-1)
 
     vocab = model.args.vocab_size if hasattr(model, "args") else model.config.vocab_size
     prompt = mx.array([[(i * 7919) % (vocab - 1000) + 100 for i in range(128)]])

@@ -241,7 +241,7 @@ def decode_between_markers(model, sample, prompt: list[int], label: str, steps: 
             range_start(label)
         logits = step(y, cache) if step is not None else None
         if logits is None:  # uncompiled, or a step the compiled one does not take
-            logits = model(y.reshape(1, 1), cache=cache)[:, -1, :]
+            logits = model(y.reshape(1, 1), cache=cache, sampled=True)[:, -1, :]
         y = sample(logits)
         mx.eval(y)
     range_end()

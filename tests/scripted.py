@@ -38,7 +38,7 @@ class ScriptedModel:
         self.fed = []
         return [KVCache()]
 
-    def __call__(self, inputs: mx.array, cache=None, evaluate_layers: bool = False):
+    def __call__(self, inputs: mx.array, cache=None, evaluate_layers: bool = False, sampled: bool = False):
         L = inputs.shape[1]
         cache[0].update_and_fetch(*(2 * [mx.zeros((1, 1, L, 1))]))
         offset = cache[0].offset

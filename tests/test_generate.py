@@ -324,6 +324,32 @@ def test_token_ids_outside_the_vocabulary_are_refused(model, tiny_config):
         Engine(model).prefill([1, 2, 200006])
 
 
+@pytest.mark.parametrize("ids, says", [
+    (mx.array([[1000000000]]), "token id 1000000000 is outside"),  # one token: the embedding segfaulted
+    (mx.array([[5, 512]]), "token id 512 is outside"),
+    ([[3, -1]], "token id -1 is outside"),
+    (np.array([[7, 600]]), "token id 600 is outside"),
+    (mx.array([1, 2, 3]), r"must be a \(batch, length\) array .* got shape \(3,\)"),
+    (mx.zeros((1, 0), dtype=mx.int32), r"got shape \(1, 0\)"),
+    (mx.array([[1.0, 2.0]]), "token ids must be integers, got mlx.core.float32"),
+    ([[1, 2], [3]], r"must be a \(batch, length\) array of integers")])
+def test_the_model_names_wrong_token_ids_instead_of_reading_past_its_embedding(model, ids, says):
+    """model(ids, cache=...) with an id outside the vocabulary gave NaN or meaningless logits, or
+    (10**9) ended the process with a segfault; a 1-D array or numpy ids, a raw error."""
+    with pytest.raises((ValueError, TypeError), match=says):
+        model(ids, cache=model.make_cache())
+    good = model(np.array([[1, 2, 3]]), cache=model.make_cache())  # numpy ids are taken as they are
+    np.testing.assert_array_equal(np.array(good), np.array(model(mx.array([[1, 2, 3]]))))
+
+
+def test_a_cache_that_is_not_one_per_layer_is_refused(model):
+    """A cache list cut short ran the model on that many layers without a word."""
+    for cache in (model.make_cache()[:2], [], model.make_cache() + model.make_cache()):
+        with pytest.raises(ValueError, match=f"the cache has {len(cache)} entries and the model "
+                                             f"{len(model.layers)} layers: make it with model.make_cache"):
+            model(mx.array([[1, 2]]), cache=cache)
+
+
 # ------------------------------------------------------------------ the engine thread
 def test_engine_thread_calls_and_streams_with_errors_raised_here():
     thread = EngineThread()

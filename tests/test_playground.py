@@ -220,9 +220,9 @@ def test_tiny_model_streams_a_reply_with_stats_and_stops_mid_reply(browser, tiny
 class SlowScriptedModel(ScriptedModel):
     """A scripted model at a few tokens a second, so the page can be seen mid-reply."""
 
-    def __call__(self, inputs, cache=None, evaluate_layers=False):
+    def __call__(self, inputs, cache=None, **kw):
         time.sleep(0.08)
-        return super().__call__(inputs, cache, evaluate_layers)
+        return super().__call__(inputs, cache, **kw)
 
 
 def test_reasoning_streams_then_folds_and_markdown_renders(browser, tok, tmp_path, shots):

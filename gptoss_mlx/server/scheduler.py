@@ -341,7 +341,7 @@ class Scheduler:
         self._leave(leaving)
         if self._rows:
             fed = tokens if not any(leaving) else tokens[mx.array(self._kept(leaving))]
-            logits = self.engine.model(fed[:, None], cache=self._batch)[:, -1, :]  # (B', V)
+            logits = self.engine.model(fed[:, None], cache=self._batch, sampled=True)[:, -1, :]  # (B', V)
             self._tokens = self._sample(logits)
             mx.async_eval(self._tokens)
             for seq in self._rows:
