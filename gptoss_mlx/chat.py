@@ -98,6 +98,10 @@ class Chat:
         self.engine = engine or Engine(model, max_context=max_context)
         self.instructions = instructions
         self.functions = list(functions or [])
+        for f in self.functions:
+            if not isinstance(f, harmony.ToolSpec):
+                raise TypeError(f"functions must be ToolSpec(name, description, parameters) objects, got "
+                                f"{type(f).__name__}" + (" (a dict: ToolSpec(**it))" if isinstance(f, dict) else ""))
         self.browser, self.python = browser, python
         self.python_description = python_description  # what this python tool really does
         self.sampling = sampling or SamplingParams()
@@ -106,8 +110,9 @@ class Chat:
         self.reasoning_effort = reasoning_effort
         self.response_format = response_format
         self._turn_format = self._format  # the turn under way's
-        if reasoning_budget is not None and reasoning_budget < 0:
-            raise ValueError(f"reasoning_budget must be a whole number >= 0, got {reasoning_budget}")
+        if reasoning_budget is not None and (not isinstance(reasoning_budget, int) or isinstance(reasoning_budget, bool)
+                                             or reasoning_budget < 0):
+            raise ValueError(f"reasoning_budget must be a whole number >= 0 or None, got {reasoning_budget!r}")
         self.reasoning_budget = reasoning_budget  # tokens before the answer, at most
         grammars(tokenizer, DeveloperContent(functions=self.functions))  # SchemaError here, not later
         self._stop = False
@@ -143,6 +148,10 @@ class Chat:
         return fmt
 
     def reset(self) -> None:
+        """Start over: no messages (the settings stay). A reply stream still open is closed
+        first, so that nothing of it reaches the new conversation; one being taken on another
+        thread makes this a RuntimeError (stop() it, or wait for its end, first)."""
+        self._close_open_stream()
         self.messages = []
 
     def stop(self) -> None:
@@ -247,6 +256,9 @@ class Chat:
         self._instructions = None if text is None else valid_text(text)
 
     def add_tool_result(self, name: str, content: str, channel: str = "commentary") -> None:
+        if not isinstance(content, str) or not isinstance(name, str):
+            raise TypeError(f"add_tool_result takes the tool's name and its result as strings, got "
+                            f"{type(name).__name__} and {type(content).__name__} (json.dumps a value first)")
         self.messages.append(Message("tool", content, channel=channel, recipient="assistant",
                                      name=name))
 
@@ -397,12 +409,14 @@ class Chat:
         and the chat stays as it was."""
         path = Path(path).expanduser()
         data = check_chat_file(path)
+        self._close_open_stream()  # as reset(): nothing of a reply under way joins the loaded chat
         messages = harmony.from_chat_completions(data, date=data.get("date"))
         system, rest = messages[0], messages[1:]
         dev = rest.pop(0).content if rest and rest[0].role == "developer" and isinstance(
             rest[0].content, DeveloperContent) else DeveloperContent(None, [])
         try:  # the answers' shape, as its last reply had it: the next prompt is the same
             answer_format = self._checked_format(dev.response_formats[0] if dev.response_formats else None)
+            grammars(self.tokenizer, DeveloperContent(functions=list(dev.functions)))  # its tools' too
         except SchemaError as e:
             raise ChatFileError(f"{path}: {e}") from None
         self.reasoning_effort = system.content.reasoning_effort or "medium"

@@ -97,12 +97,48 @@ def compile_schema(tokenizer, schema, where: str = "response_format") -> Grammar
         raise SchemaError(f"{where}: {{\"type\": \"{schema['type']}\"}} is an OpenAI response_format, "
                           "not a JSON Schema: give its json_schema.schema (for any JSON object: "
                           "{\"type\": \"object\"})")
+    if isinstance(schema.get("schema"), dict) and ("name" in schema or "strict" in schema):
+        raise SchemaError(f"{where}: {{\"name\", \"schema\", ...}} is an OpenAI json_schema object, not a "
+                          "JSON Schema: give its 'schema'")
     try:  # what the developer message can carry (size, depth), checked before the prompt is written
         harmony.messages.check_schema(schema, where, "schema")
     except harmony.HarmonyError as e:
         raise SchemaError(str(e)) from None
+    problem = unenforced_problem(schema)
+    if problem:
+        raise SchemaError(f"{where}: the schema cannot be enforced: {problem}")
     # key order matters: properties come in it
     return _compile(tokenizer, json.dumps(inclusive_bounds(schema)), where, pattern_hints(schema))
+
+
+INTEGER_RANGE = 2**63  # llguidance's integers are 64-bit: a bound beyond is moved to the edge
+
+
+def unenforced_problem(schema) -> str | None:
+    """What in ``schema`` the constraint would change without a word: a regular expression
+    ending in a lone backslash (invalid; llguidance drops the backslash), or an integer bound
+    that only integers beyond 64 bits meet (llguidance clamps it, letting through values the
+    schema refuses)."""
+    def walk(node) -> str | None:
+        if isinstance(node, dict):
+            patterns = [node.get("pattern")] + list(node.get("patternProperties") or {})
+            for pattern in patterns:
+                if isinstance(pattern, str) and (len(pattern) - len(pattern.rstrip("\\"))) % 2:
+                    return f"the pattern {pattern!r} ends in a lone backslash"
+            types = node.get("type") if isinstance(node.get("type"), list) else [node.get("type")]
+            if "integer" in types:  # (a maximum beyond, or a minimum below, is only made stricter)
+                for key, sign in (("minimum", 1), ("exclusiveMinimum", 1), ("maximum", -1), ("exclusiveMaximum", -1)):
+                    bound = node.get(key)
+                    if _is_number(bound) and math.isfinite(bound) and sign * bound >= INTEGER_RANGE - 1:
+                        return f"the integer bound {key}: {bound!r} leaves only integers beyond 64 bits (±2**63)"
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            return None
+        return next((p for p in map(walk, children) if p), None)
+
+    return walk(schema)
 
 
 def pattern_hints(schema) -> tuple[bytes, ...]:

@@ -770,6 +770,47 @@ def test_wrong_types_for_the_model_or_sampling_are_named(tokenizer_json):
         Chat(None, None)
 
 
+def test_wrong_arguments_are_named_and_leave_the_chat_as_it_was(tok, tmp_path):
+    """A tester's list: Chat(reasoning_budget="5") raised "'<' not supported", 1.5 was taken;
+    functions as dicts raised "'dict' object has no attribute 'name'"; add_tool_result(name, 5)
+    was taken and every later reply failed; a saved chat whose tool schema cannot be enforced
+    loaded, then every send failed."""
+    model = ScriptedModel([reply_script(tok, "Hm.", "Ok.")])
+    for budget in ("5", 1.5, True, -1):
+        with pytest.raises(ValueError, match=f"reasoning_budget must be a whole number >= 0 or None, got {budget!r}"):
+            Chat(model, tok, reasoning_budget=budget)
+    with pytest.raises(TypeError, match=r"functions must be ToolSpec\(name, description, parameters\) objects, got dict"):
+        Chat(model, tok, functions=[{"name": "x"}])
+    chat = Chat(model, tok, date="2025-08-05", functions=[ToolSpec("f", "F.", {"type": "object", "properties": {
+        "s": {"type": "string", "pattern": "^a"}}})])
+    with pytest.raises(TypeError, match="as strings, got str and int"):
+        chat.add_tool_result("functions.f", 5)
+    assert chat.messages == []
+    path = chat.save(tmp_path / "c.json")
+    data = json.loads(path.read_text())
+    data["tools"][0]["function"]["parameters"]["properties"]["s"]["pattern"] = "(?=x)"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ChatFileError, match="(?s)function 'f' parameters.*look-around"):
+        chat.load(path)
+    assert collect(chat.send("hi"))[1] == "Ok."  # the chat as it was
+
+
+def test_reset_or_load_during_a_reply_leaves_none_of_it_in_the_new_chat(tok, tmp_path):
+    """reset() or load() while a reply stream was still open put the old reply into the new
+    conversation. (From another thread, while it takes an event, they are refused as a second
+    send() is.)"""
+    chat = Chat(ScriptedModel([reply_script(tok, "Think " * 20, "Answer " * 20)] * 3), tok, date="2025-08-05")
+    saved = chat.save(tmp_path / "empty.json")
+    events = chat.send("one")
+    next(events), next(events)
+    chat.reset()
+    assert list(events) == [] and chat.messages == []
+    events = chat.send("two")
+    next(events)
+    chat.load(saved)
+    assert list(events) == [] and chat.messages == []
+
+
 def test_saving_over_a_directory_says_so(tmp_path):
     from gptoss_mlx.chat_file import write_json_atomic
 

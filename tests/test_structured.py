@@ -160,6 +160,26 @@ def test_an_unenforceable_schema_is_named(tok, tiny):
     assert chat.messages == []  # nothing was sent
 
 
+@pytest.mark.parametrize("schema, says", [
+    ({"type": "integer", "minimum": 10**20, "maximum": 10**20 + 5}, "minimum: 100000000000000000000 leaves only"),
+    ({"type": ["integer", "null"], "exclusiveMaximum": -2.0**70}, "exclusiveMaximum: .* leaves only integers"),
+    ({"type": "string", "pattern": "^xyz\\"}, "the pattern '\\^xyz\\\\\\\\' ends in a lone backslash"),
+    ({"type": "object", "patternProperties": {"a\\\\\\": {}}}, "ends in a lone backslash"),
+    ({"name": "n", "schema": {"type": "integer"}, "strict": True}, "is an OpenAI json_schema object")])
+def test_a_schema_the_constraint_would_change_without_a_word_is_refused(tok, schema, says):
+    """An integer range beyond 64 bits was clamped (the answer 9223372036854775807 for a minimum
+    of 1e20), a pattern's trailing backslash dropped, and OpenAI's json_schema object taken as a
+    schema with no keywords: answers the schema refuses, each without an error."""
+    with pytest.raises(SchemaError, match=says):
+        compile_schema(tok, schema)
+
+
+def test_integer_bounds_beyond_64_bits_that_only_widen_the_range_are_kept(tok):
+    assert compile_schema(tok, {"type": "integer", "maximum": 1e30})
+    assert compile_schema(tok, {"type": "object", "properties": {"pattern": {"type": "string"}, "name": {},
+                                                               "schema": {"type": "object"}}})
+
+
 @pytest.mark.parametrize("pattern", ["x", "abc", "abc$", "a|b", "foo.*", "\\d{3}", "[aeiou]{3}", "ook",
                                      "hello world", "^[^@]+@[^@]+\\.[a-z]{2,}$", '"', "\\\\", "[\\n\\t]",
                                      "[\\x00-\\x1f]", "a{80}", "[ab]{100}"])
