@@ -582,6 +582,17 @@ def test_stats_after_load_or_reset_speak_of_that_chat(tok, store, monkeypatch):
     assert out.count("no reply yet") == 2  # the first /stats had the reply's
 
 
+def test_resuming_a_chat_recalls_the_start_of_a_long_last_message_only(tok, store, monkeypatch):
+    """--resume printed the last user message whole: an 88 KB paste filled ~580 screen lines."""
+    paste = "\n".join(f"line {i}: " + "stone seven river " * 2 for i in range(100))
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "Noted."), [paste])
+    monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(store.root.parent))
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "Again."), [], ["--resume"])
+    assert status == 0 and "you: line 0: stone" in out and "gpt-oss: Noted." in out
+    assert "line 9:" not in out and "more characters, 94 more lines]" in out
+    assert len(out) < 2000
+
+
 def test_ctrl_c_while_a_long_prompt_is_read_says_stopped(tok, store, ctrl_c):
     """Ctrl-C while a long message was being read stopped it without a word ('[stopped]' came
     only for a reply under way)."""

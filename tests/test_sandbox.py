@@ -172,6 +172,21 @@ def test_cancel_as_the_sandbox_starts_stops_the_cell(os_sandbox, monkeypatch):
         assert time.monotonic() - t0 < 2.5 and started
 
 
+def test_interrupt_stops_the_cell_under_way_and_the_tool_goes_on(os_sandbox):
+    """Esc in the TUI waited for a spinning cell's timeout; cancel() would end the tool for good."""
+    import threading
+
+    with PythonSandbox(limits=SandboxLimits(timeout_s=30)) as box:
+        box.interrupt()  # no cell under way: nothing to stop, nothing remembered
+        assert box.run("x = 41") == "[no output]"
+        threading.Timer(1.0, box.interrupt).start()
+        t0 = time.monotonic()
+        assert box.run("while True: pass") == ("[stopped by the user before it finished; the session "
+                                               "was restarted and its variables are lost]")
+        assert time.monotonic() - t0 < 5
+        assert box.run("print('next')") == "next\n"
+
+
 def test_a_session_ended_after_its_cell_returned_is_said_in_the_next_cell(os_sandbox, monkeypatch):
     """Pausing the session after a cell could fail (a thread ending as its processes were
     listed): it was restarted, and the next cell ran without its variables and without a word."""

@@ -15,6 +15,7 @@ from textual.widgets import Markdown, OptionList
 from gptoss_mlx.chat import AnswerDelta, Chat, ContextTrimmed, Done, ReasoningDelta, ToolCall
 from gptoss_mlx.generate import ContextLengthError, SamplingParams, Stats
 from gptoss_mlx.harmony import Message
+from gptoss_mlx.tools import Toolbox
 from gptoss_mlx.tui import ChatApp, ConversationStore
 from gptoss_mlx.tui.app import AssistantTurn, PromptInput, UserMessage
 
@@ -310,7 +311,83 @@ async def test_quitting_with_the_approval_dialog_open_does_not_hang(store):
     worker_done = time.monotonic() + 5
     while not answers and time.monotonic() < worker_done:
         time.sleep(0.05)
-    assert answers == [False] and worker.is_finished
+    assert answers == [None] and worker.is_finished  # not answered: not "declined"
+
+
+class FakePython:
+    """The python tool's interface, without a sandbox: records what ran and what was stopped."""
+    description = "Run Python."
+
+    def __init__(self, seconds: float = 0.0):
+        self.ran, self.interrupted, self.seconds = [], threading.Event(), seconds
+
+    def run(self, code):
+        self.ran.append(code)
+        self.interrupted.wait(self.seconds)
+        return "[stopped by the user before it finished]" if self.interrupted.is_set() else "42\n"
+
+    def interrupt(self):
+        self.interrupted.set()
+
+    def close(self):
+        pass
+
+
+async def test_escape_in_the_approval_dialog_stops_the_reply_not_just_the_code(store):
+    """Esc in the "Run it?" dialog counted as "Don't run": the reply went on, the next call
+    asked again, and only the 8-round limit ended it; Ctrl+Q did nothing while it was open. Esc
+    now stops the reply there (the call's result says so, not that the user declined)."""
+    from gptoss_mlx.tui.app import ApproveCode
+
+    call = [("call", "python", "print(6*7)")]
+    chat = ScriptedChat(call, call, call)
+    python = FakePython()
+    app = make_app(chat, store, toolbox=Toolbox(python=python))
+    async with app.run_test(size=SIZE) as pilot:
+        app.query_one(PromptInput).text = "compute"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, ApproveCode))
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.replies_finished == 1)
+        assert python.ran == [] and len(chat.replies) == 2  # no second round
+        assert chat.messages[-1].role == "tool"
+        assert chat.messages[-1].text == "Error: not run: the user stopped the reply before answering"
+        app.query_one(PromptInput).text = "again"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, ApproveCode))
+        await pilot.press("ctrl+q")  # quits from the dialog, the chat saved
+        deadline = time.monotonic() + 10
+        while app.is_running and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+    assert not app.is_running and python.ran == []
+
+
+async def test_escape_stops_python_code_under_way_at_once(store):
+    """Esc while the python tool ran waited for its timeout (60 s by default)."""
+    chat = ScriptedChat([("call", "python", "while 1: pass")], [("final", "never")])
+    python = FakePython(seconds=30)
+    app = make_app(chat, store, toolbox=Toolbox(python=python), ask_before_running_code=False)
+    async with app.run_test(size=SIZE) as pilot:
+        app.query_one(PromptInput).text = "spin"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: python.ran)
+        started = time.monotonic()
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.replies_finished == 1)
+        assert time.monotonic() - started < 3
+        assert chat.messages[-1].text == "[stopped by the user before it finished]"
+        assert len(chat.replies) == 1  # no reply after the tool's result
+
+
+def test_bytes_from_the_terminal_that_are_not_utf8_do_not_end_the_app():
+    """One byte that is not UTF-8 (tmux send-keys -H ff, a Latin-1 paste) raised in Textual's
+    input thread and ended the TUI, with the reply under way."""
+    from textual.drivers import linux_driver
+
+    import gptoss_mlx.tui.app  # noqa: F401 - makes the driver's decoding lenient
+
+    decode = linux_driver.getincrementaldecoder("utf-8")().decode
+    assert decode(b"ab\xffc\xe2\x82", final=False) + decode(b"\xac") == "ab\ufffdc\u20ac"
 
 
 async def test_escape_sequences_in_a_saved_chat_are_shown_not_run(store):

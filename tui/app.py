@@ -10,6 +10,8 @@ which streams it into the current turn. Conversations are saved after each reply
 
 from __future__ import annotations
 
+import codecs
+import functools
 import re
 import threading
 from typing import Callable, Iterable
@@ -41,6 +43,23 @@ from gptoss_mlx.tools import Toolbox, ToolResult, run_with_tools
 from gptoss_mlx.tools.approval import controls_shown, render_code_text
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
+
+
+def _read_terminal_input_leniently() -> None:
+    """Textual's Linux driver decodes the terminal's input as strict UTF-8: one byte that is
+    not (a paste from a Latin-1 file) raised in its input thread and ended the app, with the
+    reply under way and the text being typed lost. Such bytes are read as U+FFFD instead, as
+    the terminal chat sends them."""
+    try:
+        from textual.drivers import linux_driver
+    except ImportError:  # Windows
+        return
+    if getattr(linux_driver, "getincrementaldecoder", None) is codecs.getincrementaldecoder:
+        linux_driver.getincrementaldecoder = lambda encoding: functools.partial(
+            codecs.getincrementaldecoder(encoding), errors="replace")
+
+
+_read_terminal_input_leniently()
 
 
 # ---- widgets ----------------------------------------------------------------------------------
@@ -268,10 +287,12 @@ class TextPrompt(ModalScreen[str | None]):
         self.action_save() if event.button.id == "save" else self.action_cancel()
 
 
-class ApproveCode(ModalScreen[bool]):
-    """The model wants to run Python code: show it, run only on Y."""
+class ApproveCode(ModalScreen[bool | None]):
+    """The model wants to run Python code: show it, run only on Y; N declines (the model is
+    told and goes on), Esc stops the reply (None), as it does outside the dialog."""
 
-    BINDINGS = [Binding("y", "answer(True)", "Run it"), Binding("n,escape", "answer(False)", "Don't run")]
+    BINDINGS = [Binding("y", "answer(True)", "Run it"), Binding("n", "answer(False)", "Don't run"),
+                Binding("escape", "answer(None)", "Stop reply"), Binding("ctrl+q", "app.quit", "Quit")]
 
     def __init__(self, code: str):
         super().__init__()
@@ -285,13 +306,14 @@ class ApproveCode(ModalScreen[bool]):
             with Horizontal(classes="buttons"):
                 yield Button("Run (Y)", id="yes", variant="warning")
                 yield Button("Don't run (N)", id="no")
+                yield Button("Stop reply (Esc)", id="stop")
 
-    def action_answer(self, run: bool) -> None:
+    def action_answer(self, run: bool | None) -> None:
         self.dismiss(run)
 
     @on(Button.Pressed)
     def _pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "yes")
+        self.dismiss({"yes": True, "no": False}.get(event.button.id))
 
 
 class ConversationList(ModalScreen[str | None]):
@@ -529,21 +551,24 @@ class ChatApp(App):
         self.update_status()
         self.reply(event.text, turn, asked)
 
-    def approve_code(self, code: str) -> bool:
-        """Called from the reply worker: ask in a dialog and wait for the answer."""
+    def approve_code(self, code: str) -> bool | None:
+        """Called from the reply worker: ask in a dialog and wait for the answer (None: the
+        reply is stopping, by Esc in the dialog or out of it, or quitting)."""
         answered, result = threading.Event(), []
 
         def ask():
-            self.push_screen(ApproveCode(code), lambda ok: (result.append(bool(ok)), answered.set()))
+            self.push_screen(ApproveCode(code), lambda ok: (result.append(ok), answered.set()))
 
         worker = get_current_worker()
         self.call_from_thread(ask)
         while not answered.wait(0.2):
             if worker.is_cancelled:  # the app is quitting with the dialog open
-                return False
-            if self.chat is not None and self.chat.stop_requested:  # Esc while the dialog is open
+                return None
+            if self.chat is not None and self.chat.stop_requested:  # Ctrl+Q while the dialog is open
                 self.call_from_thread(self.pop_screen)
-                return False
+                return None
+        if result[0] is None and self.chat is not None:  # Esc in the dialog: the reply stops
+            self.chat.stop()
         return result[0]
 
     @work(thread=True, exclusive=True, group="reply")
@@ -631,6 +656,8 @@ class ChatApp(App):
         if self.generating and self.chat is not None and not self.quitting:
             self.quitting = True
             self.chat.stop()
+            if self.toolbox is not None:
+                self.toolbox.interrupt()
             self.update_status("stopping the reply and saving…")
             return
         self.autosave()
@@ -639,6 +666,8 @@ class ChatApp(App):
     def action_stop(self) -> None:
         if self.generating and self.chat is not None:
             self.chat.stop()  # the reply says what was kept when it ends (reply)
+            if self.toolbox is not None:
+                self.toolbox.interrupt()  # a python cell under way too, not at its timeout
 
     def action_cycle_effort(self) -> None:
         self.set_effort(EFFORTS[(EFFORTS.index(self.effort) + 1) % len(EFFORTS)])

@@ -141,6 +141,16 @@ def resumed_id(store: ConversationStore, chat_id: str) -> str:
     return chat_id
 
 
+def glimpse(text: str, lines: int = 6, chars: int = 600) -> str:
+    """The start of a long message, for the lines that recall a resumed chat (an 88 KB paste
+    filled the screen), saying how much more there is."""
+    head = "\n".join(text.splitlines()[:lines])[:chars]
+    if len(head) >= len(text.rstrip()):
+        return text
+    more = len(text.splitlines()) - len(head.splitlines())
+    return head + f" … [{len(text) - len(head):,} more characters" + (f", {more:,} more lines]" if more else "]")
+
+
 class Repl:
     """The terminal chat. ``read(prompt) -> str`` reads one message (``input`` works; the
     terminal uses :func:`line_reader`, whose ``read(prompt, default)`` also offers a message the
@@ -306,7 +316,7 @@ class Repl:
         shown = [m for m in self.chat.messages if m.role == "user" or m.channel == "final"]
         self.say(terminal_safe(f"Resumed \"{self.title}\" ({self.message_count()} messages)."))
         for m in shown[-2:]:
-            self.say(("you: " if m.role == "user" else "gpt-oss: ") + terminal_safe(m.text))
+            self.say(("you: " if m.role == "user" else "gpt-oss: ") + terminal_safe(glimpse(m.text)))
 
     def command(self, line: str) -> str | None:
         name, _, arg = line.partition(" ")

@@ -41,6 +41,7 @@ from .sandbox import (LINUX_WORKDIR, WORKER, PidsCgroup, SandboxLimits, make_pol
 __all__ = ["PythonSandbox", "SandboxLimits", "description"]
 
 CANCELLED_NOTE = "[the python sandbox was stopped: whoever asked for this run has gone]"
+INTERRUPTED_NOTE = "[stopped by the user before it finished]"
 EXTRA_REPLY_NOTE = ("[the previous cell wrote extra data to the tool's reply channel; the "
                     "session was restarted and its variables are lost]\n")
 STARTUP_S = 20.0  # for the sandbox and the interpreter to come up
@@ -114,6 +115,7 @@ class PythonSandbox:
         self._last_id: str | None = None  # the last cell's request id, while its session lives
         self._running = threading.Lock()
         self._cancelled = False  # cancel(): nothing runs any more
+        self._interrupted = False  # interrupt(): the cell under way is stopped
         self._lost_note = ""  # for the next cell: the session was ended after the last one
 
     @property
@@ -155,7 +157,18 @@ class PythonSandbox:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
 
+    def interrupt(self) -> None:
+        """From any thread: kill the cell under way, which returns saying the user stopped it
+        (its session is lost); later cells run as usual. Nothing when no cell runs."""
+        if self._running.locked():
+            self._interrupted = True
+            proc = self._proc
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+
     def _run(self, code: str) -> str:
+        self._interrupted = False
         if self._cancelled:
             return CANCELLED_NOTE
         note, self._lost_note = self._lost_note, ""
@@ -212,6 +225,8 @@ class PythonSandbox:
             lost = "; the session was restarted and its variables are lost" if self.stateful else ""
             if self._cancelled:
                 return note + CANCELLED_NOTE
+            if self._interrupted:
+                return note + INTERRUPTED_NOTE[:-1] + lost + "]"
             if too_many_files:
                 why = (f"the code created more than {self.limits.max_files} files in its "
                        "directory")

@@ -38,8 +38,9 @@ class Toolbox:
     functions: list[FunctionTool] = field(default_factory=list)
     python: PythonSandbox | None = None
     browser: Browser | None = None
-    # Asked before the python tool runs code: (code) -> True to run it. None runs it at once.
-    approve_code: Callable[[str], bool] | None = None
+    # Asked before the python tool runs code: (code) -> True to run it, False (declined) or None
+    # (not answered: the user stopped the reply) not to. None runs it at once.
+    approve_code: Callable[[str], bool | None] | None = None
 
     def chat_options(self) -> dict:
         """Keyword arguments for Chat: which tools the system and developer messages declare."""
@@ -77,12 +78,21 @@ class Toolbox:
                     return f.call(arguments)
         elif recipient == "python" and self.python is not None:
             code = _python_code(arguments)
-            if self.approve_code is not None and not self.approve_code(code):
-                raise ToolError("the user declined to run this code")
+            if self.approve_code is not None:
+                answer = self.approve_code(code)  # None: not answered, the reply was stopped
+                if not answer:
+                    raise ToolError("the user declined to run this code" if answer is not None
+                                    else "not run: the user stopped the reply before answering")
             return self.python.run(code)
         elif namespace == "browser" and self.browser is not None:
             return self.browser.call(name, parse_arguments(arguments))
         raise ToolError(no_such_tool(recipient, self.recipients))
+
+    def interrupt(self) -> None:
+        """From another thread: stop the python cell under way (Esc in the TUI); the toolbox
+        goes on working."""
+        if self.python is not None:
+            self.python.interrupt()
 
     def cancel(self) -> None:
         """Stop whatever runs now, from another thread (the one asking has gone); the toolbox
@@ -163,6 +173,8 @@ def run_with_tools(chat: Chat, text: str | None, toolbox: Toolbox, max_rounds: i
         for call in calls:
             if round_ == max_rounds:
                 result = ToolResult(call.recipient, limit_reached(max_rounds), ok=False)
+            elif chat.stop_requested:  # stopped after the call was made (Esc in the TUI)
+                result = ToolResult(call.recipient, "Error: not run: the user stopped the reply", ok=False)
             else:
                 result = toolbox.execute(call)
             chat.add_tool_result(result.name, result.content, channel=call.channel or "commentary")
