@@ -249,6 +249,28 @@ async def test_escape_before_any_answer_takes_the_message_back_to_the_input_and_
     assert users == ["first", "long question"]
 
 
+async def test_a_closed_terminal_saves_the_reply_under_way(store):
+    """Closing the terminal (SIGHUP) mid-reply ended the TUI unsaved; the terminal chat saved."""
+    import os
+    import signal
+
+    chat = ScriptedChat([("analysis", "thinking"), ("final", "Partial ans"), ("wait", 0.3), ("final", "never")])
+    app = make_app(chat, store)
+    async with app.run_test(size=SIZE) as pilot:
+        app.query_one(PromptInput).text = "hup"
+        await pilot.press("enter")
+        turn = app.query_one(AssistantTurn)
+        await wait_until(pilot, lambda: "Partial ans" in turn.answer_text)
+        assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, None)  # else this would end pytest
+        os.kill(os.getpid(), signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while app.is_running and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+    (saved,) = store.root.glob("*.json")
+    messages = json.loads(saved.read_text())["messages"]
+    assert [(m["role"], m["content"]) for m in messages] == [("user", "hup"), ("assistant", "Partial ans")]
+
+
 async def test_multiline_input_and_prompt_history(store):
     app = make_app(ScriptedChat(), store)
     async with app.run_test(size=SIZE) as pilot:

@@ -10,9 +10,12 @@ which streams it into the current turn. Conversations are saved after each reply
 
 from __future__ import annotations
 
+import asyncio
 import codecs
+import contextlib
 import functools
 import re
+import signal
 import threading
 from typing import Callable, Iterable
 
@@ -465,6 +468,9 @@ class ChatApp(App):
     def on_mount(self) -> None:
         self.query_one(EffortSwitch).show(self.effort)
         self.query_one("#loading").display = False
+        if threading.current_thread() is threading.main_thread():  # (not under some test runners)
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows: no SIGHUP
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._hang_up)
         if self.chat is None and self.loader is not None:
             self.load_model()
         self.update_status()
@@ -648,6 +654,11 @@ class ChatApp(App):
     def on_unmount(self) -> None:
         if self.toolbox is not None:
             self.toolbox.close()
+
+    def _hang_up(self) -> None:
+        """The terminal closed (SIGHUP): as Ctrl+Q, the reply under way stops and the chat is
+        saved with it before the app ends (the default action ended it at once, unsaved)."""
+        asyncio.ensure_future(self.action_quit())
 
     async def action_quit(self) -> None:
         """Quit. A reply being written stops at its next token first, and the app exits once
