@@ -10,6 +10,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from textual.screen import ModalScreen
 from textual.widgets import Markdown, OptionList
 
 from gptoss_mlx.chat import AnswerDelta, Chat, ContextTrimmed, Done, ReasoningDelta, ToolCall
@@ -515,6 +516,24 @@ async def test_conversations_resume_rename_delete_and_export(store):
     text = exported[0].read_text()
     assert "## User\n\nfirst chat" in text and "<details><summary>Reasoning</summary>" in text
     assert "```python\nprint('hi')\n```" in text
+
+
+async def test_deleting_the_open_chat_in_the_list_closes_it(store):
+    """The open chat deleted in the list (D twice) came back, whole, with its next message."""
+    app = make_app(ScriptedChat(THOUGHT, THOUGHT), store)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "doomed chat")
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
+        await pilot.press("d", "d", "escape")
+        await wait_until(pilot, lambda: not isinstance(app.screen, ModalScreen))
+        assert store.list() == [] and not app.query(UserMessage) and app.chat.messages == []
+        assert any("open conversation was deleted" in n.message for n in app._notifications)
+        await send(pilot, app, "after delete")
+        assert [e.title for e in store.list()] == ["after delete"]
+        (saved,) = store.root.glob("*.json")
+        assert [m["content"] for m in json.loads(saved.read_text())["messages"] if m["role"] == "user"] == [
+            "after delete"]
 
 
 async def test_a_rename_of_the_open_chat_here_or_elsewhere_survives_the_next_reply(store):

@@ -329,6 +329,7 @@ class ConversationList(ModalScreen[str | None]):
         super().__init__()
         self.store = store
         self._deleting: str | None = None  # the conversation a first D asked to delete
+        self.deleted: set[str] = set()  # the conversations deleted here
         self._titles: dict[str, str] = {}  # id -> title, as the list shows them
 
     def compose(self) -> ComposeResult:
@@ -381,6 +382,7 @@ class ConversationList(ModalScreen[str | None]):
             return
         self._deleting = None
         self.store.delete(chat_id)
+        self.deleted.add(chat_id)
         self.app.notify("Conversation deleted")
         self.refresh_list()
 
@@ -718,7 +720,12 @@ class ChatApp(App):
     async def action_conversations(self) -> None:
         if self._busy():
             return
-        chat_id = await self.push_screen_wait(ConversationList(self.store))
+        listed = ConversationList(self.store)
+        chat_id = await self.push_screen_wait(listed)
+        if self.chat_id in listed.deleted:  # the open one: it is closed, not saved again later
+            self.action_new_chat()
+            if not chat_id:
+                self.notify("The open conversation was deleted: this is a new chat", timeout=5)
         if chat_id:
             self.open_conversation(chat_id)
 
