@@ -353,6 +353,17 @@ def test_approval_prompt_shows_hidden_characters(monkeypatch, capsys):
     assert "shutil.rmtree('/Users/me')" in err and "<\\r>" in err
 
 
+def test_no_answer_at_the_approval_prompt_stops_the_reply_rather_than_declining(monkeypatch):
+    """A terminal closed at "Run it? [y/N]" (or Ctrl-D there) was saved as "the user declined to
+    run this code", which a resumed model then read."""
+    def closed(prompt=""):
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", closed)
+    with pytest.raises(KeyboardInterrupt):
+        common.ask_on_terminal("print(1)")
+
+
 def test_python_tool_without_an_os_sandbox_is_refused_in_one_line(monkeypatch, capsys):
     import gptoss_mlx.tools.sandbox as sandbox
 

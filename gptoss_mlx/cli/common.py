@@ -335,13 +335,15 @@ def make_toolbox(args, approve=None) -> Toolbox | None:
 
 
 def ask_on_terminal(code: str) -> bool:
-    """Show the model's code and ask before running it (standard input is the terminal)."""
+    """Show the model's code and ask before running it (standard input is the terminal). No
+    answer (Ctrl-D, or the terminal closing) stops the reply as Ctrl-C does: the call is left
+    without a result, not recorded as declined."""
     print(f"{DIM}The model wants to run this Python code:{RESET}\n{render_code_ansi(code)}",
           file=sys.stderr)
     try:
         return input("Run it? [y/N] ").strip().lower() in ("y", "yes")
     except EOFError:
-        return False
+        raise KeyboardInterrupt from None
 
 
 def decline_when_piped(code: str) -> bool:
