@@ -21,7 +21,6 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from . import kernels, ops
 from .cache import KVCache, RotatingKVCache, device_positions
@@ -256,25 +255,21 @@ class TransformerBlock(nn.Module):
 
 
 def token_ids(inputs, vocab: int | None) -> mx.array:
-    """``inputs`` as the (B, L) integer ids the embedding takes, or the error naming what is
-    wrong with them (see Model.__call__); their range is not checked when ``vocab`` is None."""
-    given = inputs
+    """``inputs`` (an mx.array, or a list or numpy array) as the (B, L) integer ids the embedding
+    takes, or the error naming what is wrong with them (see Model.__call__); their range is not
+    checked when ``vocab`` is None."""
     if not isinstance(inputs, mx.array):
         try:
-            given = np.asarray(inputs)
-        except (ValueError, TypeError):  # ragged lists
+            inputs = mx.array(inputs)
+        except (ValueError, TypeError):  # ragged lists, objects
             raise ValueError("token ids must be a (batch, length) array of integers") from None
-        if given.dtype == object or given.size and not np.issubdtype(given.dtype, np.integer):
-            raise TypeError(f"token ids must be integers, got {given.dtype}")
-        inputs = mx.array(given.astype(np.int64) if given.size else given.astype(np.int32))
     if not mx.issubdtype(inputs.dtype, mx.integer):
         raise TypeError(f"token ids must be integers, got {inputs.dtype}")
     if inputs.ndim != 2 or inputs.size == 0:
         raise ValueError(f"token ids must be a (batch, length) array with at least one id, got shape "
                          f"{tuple(inputs.shape)} (one sequence: mx.array([tokens]))")
     if vocab is not None:
-        low, high = (int(given.min()), int(given.max())) if given is not inputs else (
-            mx.min(inputs).item(), mx.max(inputs).item())
+        low, high = mx.min(inputs).item(), mx.max(inputs).item()
         if low < 0 or high >= vocab:
             raise ValueError(f"token id {low if low < 0 else high} is outside the model's vocabulary "
                              f"of {vocab} ids (0 to {vocab - 1})")
