@@ -648,6 +648,33 @@ def tiny_chat(ckpt, **sampling) -> Chat:
     return Chat(model, tokenizer, sampling=SamplingParams(temperature=0, **sampling), date="2025-08-05")
 
 
+async def test_a_long_prompt_shows_how_far_it_has_been_read_and_no_empty_reasoning(tokenizer_json, store):
+    """While a long message was read, the TUI showed "Reasoning · thinking…" and nothing more
+    (the terminal chat says how far it has got); a reply with no reasoning kept that header."""
+    from gptoss_mlx.generate import Engine
+    from gptoss_mlx.tokenizer import load_tokenizer
+    from scripted import ScriptedModel, SlowChunks
+
+    tok = load_tokenizer(tokenizer_json)
+    answer = tok.encode("<|channel|>final<|message|>Read it.<|return|>", allowed_special="all")
+    model = SlowChunks(ScriptedModel([answer]), 0.05)
+    chat = Chat(model, tok, engine=Engine(model, max_context=4096, prefill_step=16), date="2025-08-05")
+    app = make_app(chat, store)
+    shown = []
+    async with app.run_test(size=SIZE) as pilot:
+        app.query_one(PromptInput).text = "word " * 600
+        await pilot.press("enter")
+        turn = app.query_one(AssistantTurn)
+        while not app.replies_finished:
+            status = app.query_one("#status").render().plain
+            shown += re.findall(r"reading the prompt: ([\d,]+) of ([\d,]+) tokens", status)
+            assert not turn.reasoning.display or turn.reasoning.has_class("-empty")  # no empty "thinking…"
+            await pilot.pause(0.1)
+        assert turn.answer_text == "Read it." and turn.reasoning.has_class("-empty")
+    assert len(shown) >= 2 and len({total for _, total in shown}) == 1
+    assert int(shown[-1][0].replace(",", "")) > int(shown[0][0].replace(",", ""))  # it moved on
+
+
 async def test_with_a_tiny_real_model(tiny_checkpoint, store):
     """The real stack: tiny random checkpoint, real tokenizer, real Chat and Engine."""
     chat = tiny_chat(tiny_checkpoint, max_tokens=12)

@@ -158,7 +158,8 @@ class AssistantTurn(Vertical):
         self.set_class(not show_reasoning, "-hide-reasoning")
 
     def compose(self) -> ComposeResult:
-        with Collapsible(title="Reasoning · thinking…", collapsed=False, classes="reasoning"):
+        # hidden until the first reasoning arrives (a reply may open with an answer or a call)
+        with Collapsible(title="Reasoning · thinking…", collapsed=False, classes="reasoning -empty"):
             yield Markdown(classes="reasoning-md")
         yield Markdown(classes="answer")
         yield Static("", classes="stats")
@@ -175,6 +176,7 @@ class AssistantTurn(Vertical):
                 self.reasoning_text += m.text
             else:
                 self.answer_text += m.text
+        self.reasoning.set_class(not self.reasoning_text, "-empty")
         await self.finish()
         self.reasoning.collapsed = bool(self.answer_text)
 
@@ -470,6 +472,8 @@ class ChatApp(App):
     def on_mount(self) -> None:
         self.query_one(EffortSwitch).show(self.effort)
         self.query_one("#loading").display = False
+        self._stats_before = None
+        self.set_interval(0.5, self._tick)  # how far a long prompt has been read
         if threading.current_thread() is threading.main_thread():  # (not under some test runners)
             with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows: no SIGHUP
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._hang_up)
@@ -536,8 +540,24 @@ class ChatApp(App):
         if message:
             parts.append(message)
         elif self.generating:
-            parts.append("replying… (Esc stops)")
+            read = self._prompt_read()
+            parts.append(f"reading the prompt: {read[0]:,} of {read[1]:,} tokens (Esc stops)" if read
+                         else "replying… (Esc stops)")
         self.query_one("#status", Static).update(" · ".join(parts))
+
+    def _prompt_read(self) -> tuple[int, int] | None:
+        """While this reply's prompt is read (prefill): (tokens read, tokens in all). The
+        engine's statistics and cache are read from this thread, as the terminal chat does."""
+        engine = self.chat.engine if self.chat is not None else None
+        stats = getattr(engine, "stats", None)
+        if stats is None or stats is self._stats_before or not stats.prompt_tokens:
+            return None
+        read = min(len(engine.prompt_cache.tokens), stats.prompt_tokens)
+        return (read, stats.prompt_tokens) if read < stats.prompt_tokens else None
+
+    def _tick(self) -> None:
+        if self.generating and not self.quitting:
+            self.update_status()
 
     # -- sending
     @on(PromptInput.Submitted)
@@ -556,6 +576,7 @@ class ChatApp(App):
         transcript.mount(turn)
         transcript.anchor()
         self.generating = True
+        self._stats_before = self.chat.engine.stats  # the last reply's: _prompt_read tells them apart
         self.update_status()
         self.reply(event.text, turn, asked)
 
