@@ -190,7 +190,7 @@ async def test_escape_stops_the_reply_and_keeps_the_session_and_the_prompt(store
         await wait_until(pilot, lambda: turn.answer_text == "Partial ans")
         await pilot.press("escape")
         await wait_until(pilot, lambda: app.replies_finished == 1)
-        assert app.query_one(PromptInput).text == "long question"  # back, ready to edit
+        assert app.query_one(PromptInput).text == ""  # kept in the chat: not offered to send twice
         assert "stopped" in turn.query_one(".stats").render().plain
         assert [m.text for m in chat.messages] == ["long question", "Partial ans"]
         await send(pilot, app, "go on")  # the session continues
@@ -250,10 +250,13 @@ async def test_escape_before_any_answer_takes_the_message_back_to_the_input_and_
     assert users == ["first", "long question"]
 
 
-async def test_a_closed_terminal_saves_the_reply_under_way(store):
+async def test_a_closed_terminal_saves_the_reply_under_way(store, monkeypatch):
     """Closing the terminal (SIGHUP) mid-reply ended the TUI unsaved; the terminal chat saved."""
     import os
     import signal
+
+    ended = []  # the process is ended after the save (os._exit): not this one, pytest's
+    monkeypatch.setattr(ChatApp, "_end_after_hang_up", lambda self: ended.append(True))
 
     chat = ScriptedChat([("analysis", "thinking"), ("final", "Partial ans"), ("wait", 0.3), ("final", "never")])
     app = make_app(chat, store)
@@ -270,6 +273,7 @@ async def test_a_closed_terminal_saves_the_reply_under_way(store):
     (saved,) = store.root.glob("*.json")
     messages = json.loads(saved.read_text())["messages"]
     assert [(m["role"], m["content"]) for m in messages] == [("user", "hup"), ("assistant", "Partial ans")]
+    assert ended == [True]
 
 
 async def test_multiline_input_and_prompt_history(store):

@@ -14,9 +14,11 @@ import asyncio
 import codecs
 import contextlib
 import functools
+import os
 import re
 import signal
 import threading
+import time
 from typing import Callable, Iterable
 
 from textual import on, work
@@ -45,6 +47,7 @@ from gptoss_mlx.store import ConversationStore, title_for
 from gptoss_mlx.tools import Toolbox, ToolResult, run_with_tools
 from gptoss_mlx.tools.approval import controls_shown, render_code_text
 
+HANG_UP_S = 30.0  # after a closed terminal: the most the reply under way gets to stop
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 
 
@@ -644,12 +647,9 @@ class ChatApp(App):
                         "send again", timeout=5)
 
     def _stopped(self, text: str) -> None:
-        """Esc stopped a reply that kept something: the prompt comes back too, to edit or resend."""
-        prompt = self.query_one(PromptInput)
-        if not prompt.text:
-            prompt.text = text
-            prompt.move_cursor(prompt.document.end)
-        self.notify("Stopped; the partial answer is kept", timeout=3)
+        """Esc stopped a reply that kept something: the message stays in the chat (and so not
+        in the input, where Enter would send it twice)."""
+        self.notify("Stopped; the partial reply is kept", timeout=3)
 
     async def _reply_finished(self, turn: AssistantTurn) -> None:
         if turn.is_attached:
@@ -680,8 +680,17 @@ class ChatApp(App):
 
     def _hang_up(self) -> None:
         """The terminal closed (SIGHUP): as Ctrl+Q, the reply under way stops and the chat is
-        saved with it before the app ends (the default action ended it at once, unsaved)."""
+        saved with it before the app ends (the default action ended it at once, unsaved). The
+        process then ends even where Textual's exit blocks on the terminal that has gone."""
         asyncio.ensure_future(self.action_quit())
+        threading.Thread(target=self._end_after_hang_up, daemon=True).start()
+
+    def _end_after_hang_up(self) -> None:
+        deadline = time.monotonic() + HANG_UP_S
+        while self.generating and time.monotonic() < deadline:  # the reply stops, then is saved
+            time.sleep(0.1)
+        time.sleep(2.0)  # the save after it, and Textual's own exit
+        os._exit(129)  # 128 + SIGHUP, as a shell reports a hung-up job
 
     async def action_quit(self) -> None:
         """Quit. A reply being written stops at its next token first, and the app exits once
