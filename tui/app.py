@@ -629,7 +629,7 @@ class ChatApp(App):
                 else:
                     self.call_from_thread(self._take_back, text, turn, asked, not failed)
             elif not failed and self.chat.stop_requested and not self.quitting:
-                self.call_from_thread(self._stopped, text)
+                self.call_from_thread(self._stopped)
             self.call_from_thread(self._reply_finished, turn)
 
     async def _take_back(self, text: str, turn: AssistantTurn, asked: UserMessage, stopped: bool) -> None:
@@ -646,7 +646,7 @@ class ChatApp(App):
             self.notify("Stopped before the reply: the message is back in the input, to edit or "
                         "send again", timeout=5)
 
-    def _stopped(self, text: str) -> None:
+    def _stopped(self) -> None:
         """Esc stopped a reply that kept something: the message stays in the chat (and so not
         in the input, where Enter would send it twice)."""
         self.notify("Stopped; the partial reply is kept", timeout=3)
