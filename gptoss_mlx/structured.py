@@ -108,30 +108,39 @@ def compile_schema(tokenizer, schema, where: str = "response_format") -> Grammar
     if problem:
         raise SchemaError(f"{where}: the schema cannot be enforced: {problem}")
     # key order matters: properties come in it
-    return _compile(tokenizer, json.dumps(inclusive_bounds(schema)), where, pattern_hints(schema))
+    return _compile(tokenizer, json.dumps(grammar_schema(schema)), where, pattern_hints(schema))
 
 
-INTEGER_RANGE = 2**63  # llguidance's integers are 64-bit: a bound beyond is moved to the edge
+# llguidance 1.9 reads a range's bounds as float64 and counts them in 64 bits: a bound beyond
+# about ±9.2e18 makes it fail ("Failed to generate regex") or, for a range of integers near
+# -2**63, crash the process; a range bounded on one side only fails from 1e18 on; and an integer
+# bound beyond 2**53 is rounded to a float64 (either way: `exclusiveMaximum: 1e18` let 1e18
+# through). So llguidance gets each range as :func:`grammar_bounds` makes it: integers' bounds
+# inclusive (found with exact integer arithmetic), every bound a float64 rounded inwards, a bound
+# beyond BOUND_LIMIT that only widens the range moved to it, and a one-sided range from ONE_SIDED
+# on given its other side there. Answers stay inside the schema's range; a range that lies
+# beyond is refused.
+BOUND_LIMIT = 2**63 - 1024  # a float64 exactly
+ONE_SIDED = 10**17
+LOWS, HIGHS = ("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")
+DATA = ("const", "enum", "default", "examples")  # values, not schemas: never read as keywords
 
 
 def unenforced_problem(schema) -> str | None:
     """What in ``schema`` the constraint would change without a word: a regular expression
-    ending in a lone backslash (invalid; llguidance drops the backslash), or an integer bound
-    that only integers beyond 64 bits meet (llguidance clamps it, letting through values the
-    schema refuses)."""
+    ending in a lone backslash (invalid; llguidance drops the backslash), or a number range it
+    cannot bound (see :func:`grammar_bounds`)."""
     def walk(node) -> str | None:
         if isinstance(node, dict):
             patterns = [node.get("pattern")] + list(node.get("patternProperties") or {})
             for pattern in patterns:
                 if isinstance(pattern, str) and (len(pattern) - len(pattern.rstrip("\\"))) % 2:
                     return f"the pattern {pattern!r} ends in a lone backslash"
-            types = node.get("type") if isinstance(node.get("type"), list) else [node.get("type")]
-            if "integer" in types:  # (a maximum beyond, or a minimum below, is only made stricter)
-                for key, sign in (("minimum", 1), ("exclusiveMinimum", 1), ("maximum", -1), ("exclusiveMaximum", -1)):
-                    bound = node.get(key)
-                    if _is_number(bound) and math.isfinite(bound) and sign * bound >= INTEGER_RANGE - 1:
-                        return f"the integer bound {key}: {bound!r} leaves only integers beyond 64 bits (±2**63)"
-            children = node.values()
+            try:
+                grammar_bounds(node)
+            except ValueError as e:
+                return str(e)
+            children = [value for key, value in node.items() if key not in DATA]
         elif isinstance(node, list):
             children = node
         else:
@@ -139,6 +148,54 @@ def unenforced_problem(schema) -> str | None:
         return next((p for p in map(walk, children) if p), None)
 
     return walk(schema)
+
+
+def grammar_bounds(node: dict) -> dict:
+    """The bounds (``minimum``, ``maximum``, ``exclusive...``) that llguidance gets for a schema
+    node's, none beyond ±BOUND_LIMIT (see BOUND_LIMIT), or a ValueError naming what is out of its
+    reach. An integer node's come inclusive. No bounds: {}."""
+    given = {k: node[k] for k in LOWS + HIGHS if _is_bound(node.get(k))}
+    if not given:
+        return {}
+    types = node["type"] if isinstance(node.get("type"), list) else [node.get("type")]
+    if "integer" in types and "number" not in types:  # integers: exact arithmetic, inclusive
+        inclusive = {"minimum": math.ceil, "exclusiveMinimum": lambda v: math.floor(v) + 1,
+                     "maximum": math.floor, "exclusiveMaximum": lambda v: math.ceil(v) - 1}
+        bounds = [(k, "minimum" if k in LOWS else "maximum", inclusive[k](v)) for k, v in given.items()]
+    else:
+        bounds = [(k, k, v) for k, v in given.items()]
+    out: dict = {}
+    exact: dict = {}  # the same before rounding to float64
+    for key, kind, value in bounds:
+        low = kind in LOWS
+        if (value > BOUND_LIMIT or (value == BOUND_LIMIT and kind == "exclusiveMinimum")) if low else \
+                (value < -BOUND_LIMIT or (value == -BOUND_LIMIT and kind == "exclusiveMaximum")):
+            raise ValueError(f"the bound {key}: {given[key]!r} leaves only numbers beyond ±{BOUND_LIMIT}, "
+                             "the largest the constraint can bound")
+        if abs(value) > BOUND_LIMIT:  # beyond, widening the range: moved to the limit, inclusive
+            kind, value = ("minimum", -BOUND_LIMIT) if low else ("maximum", BOUND_LIMIT)
+        tighter = max if low else min  # of two bounds of a kind
+        exact[kind] = tighter(exact[kind], value) if kind in exact else value
+        value = _float64_inside(value, low)
+        out[kind] = tighter(out[kind], value) if kind in out else value
+    lows, highs = [out[k] for k in LOWS if k in out], [out[k] for k in HIGHS if k in out]
+    if lows and not highs and max(lows) >= ONE_SIDED:
+        out["maximum"] = exact["maximum"] = BOUND_LIMIT
+    elif highs and not lows and min(highs) <= -ONE_SIDED:
+        out["minimum"] = exact["minimum"] = -BOUND_LIMIT
+    if ("minimum" in out and "maximum" in out and out["minimum"] > out["maximum"]
+            and exact["minimum"] <= exact["maximum"]):  # (an empty range is llguidance's to name)
+        raise ValueError(f"the range from {exact['minimum']} to {exact['maximum']} holds no number the "
+                         "constraint can bound exactly (beyond 2**53 its bounds step as float64 numbers do)")
+    return out
+
+
+def _float64_inside(value, low: bool):
+    """``value`` as the nearest float64 inside the range (an exact int where whole)."""
+    f = float(value)
+    if (f < value) if low else (f > value):
+        f = math.nextafter(f, math.inf if low else -math.inf)
+    return int(f) if f == int(f) and abs(f) >= 2**53 else (value if f == value else f)
 
 
 def pattern_hints(schema) -> tuple[bytes, ...]:
@@ -241,21 +298,26 @@ BOUNDS = (("exclusiveMinimum", "minimum", ("maximum", "exclusiveMaximum"), 1),
           ("exclusiveMaximum", "maximum", ("minimum", "exclusiveMinimum"), -1))
 
 
-def inclusive_bounds(schema):
-    """``schema`` with each number's exclusive whole-number bound within 1 of its other bound
-    (``exclusiveMinimum: 0, maximum: 0.5``) made inclusive, EXCLUSIVE_MARGIN inside: llguidance
-    1.9.1 lets such a bound itself through ("0" above). Data (``const``, ``enum``) is left alone."""
+def grammar_schema(schema):
+    """``schema`` as llguidance gets it: each number range's bounds as :func:`grammar_bounds`
+    makes them (after :func:`unenforced_problem`), and each exclusive whole-number bound within 1 of its other
+    bound (``exclusiveMinimum: 0, maximum: 0.5``) made inclusive, EXCLUSIVE_MARGIN inside:
+    llguidance 1.9.1 lets such a bound itself through ("0" above). Data (``const``, ``enum``) is
+    left alone. The answers stay inside the schema's range; the prompt shows the schema as given."""
     if not isinstance(schema, dict):
         return schema
     out = {}
     for key, value in schema.items():
         if key in SCHEMA_MAPS and isinstance(value, dict):
-            value = {name: inclusive_bounds(s) for name, s in value.items()}
+            value = {name: grammar_schema(s) for name, s in value.items()}
         elif key in SCHEMA_LISTS + SCHEMAS and isinstance(value, list):  # items may be a list
-            value = [inclusive_bounds(s) for s in value]
+            value = [grammar_schema(s) for s in value]
         elif key in SCHEMAS:
-            value = inclusive_bounds(value)
+            value = grammar_schema(value)
         out[key] = value
+    bounds = grammar_bounds(out)
+    if bounds:
+        out = {key: value for key, value in out.items() if key not in LOWS + HIGHS} | bounds
     if out.get("type") == "integer":
         return out
     for exclusive, inclusive, others, sign in BOUNDS:
@@ -269,6 +331,10 @@ def inclusive_bounds(schema):
             inside = bound + sign * EXCLUSIVE_MARGIN
             out[inclusive] = max(inside, given) if sign > 0 else min(inside, given)
     return out
+
+
+def _is_bound(value) -> bool:
+    return _is_number(value) and math.isfinite(value)
 
 
 def _is_number(value) -> bool:
@@ -420,11 +486,20 @@ def _hint(m: llguidance.LLMatcher, byte_token, scan: JSONScan, hints: tuple[byte
     if not scan.in_string or scan.escaped or m.validate_tokens([byte_token[QUOTE]]) == 1:
         return None
     for hint in hints:
-        for start in range(len(hint) - 1, -1, -1):
+        for start in sorted(_characters(hint), reverse=True):  # never inside an escape (`\\"` is one)
             tokens = [byte_token[b] for b in hint[start:] + b'"']
             if m.validate_tokens(tokens) == len(tokens):
                 return hint[start:]
     return None
+
+
+def _characters(escaped: bytes) -> list[int]:
+    """Where each character of a JSON string's escaped bytes begins (an escape is one)."""
+    starts, i = [], 0
+    while i < len(escaped):
+        starts.append(i)
+        i += (6 if escaped[i + 1: i + 2] == b"u" else 2) if escaped[i] == BACKSLASH else 1
+    return starts
 
 
 def _next_byte(m: llguidance.LLMatcher, byte_token, scan: JSONScan, used: dict[int, int]) -> bytes | None:

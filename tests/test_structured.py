@@ -162,7 +162,15 @@ def test_an_unenforceable_schema_is_named(tok, tiny):
 
 @pytest.mark.parametrize("schema, says", [
     ({"type": "integer", "minimum": 10**20, "maximum": 10**20 + 5}, "minimum: 100000000000000000000 leaves only"),
-    ({"type": ["integer", "null"], "exclusiveMaximum": -2.0**70}, "exclusiveMaximum: .* leaves only integers"),
+    ({"type": ["integer", "null"], "exclusiveMaximum": -2.0**70}, "exclusiveMaximum: .* leaves only numbers"),
+    # llguidance crashed the process (a segfault) on these two
+    ({"type": ["integer", "null"], "minimum": -2**63, "maximum": -2**63}, "maximum: -9223372036854775808 leaves only"),
+    ({"type": "integer", "minimum": -2**63 + 512, "maximum": -2**63 + 512}, "leaves only numbers beyond ±9223372036854774784"),
+    ({"anyOf": [{"type": "integer"}, {"type": "string"}], "minimum": -1e300, "maximum": -1e300}, "maximum: -1e"),
+    ({"type": "number", "minimum": 1e19}, "minimum: 1e\\+19 leaves only numbers beyond"),  # llguidance's raw error
+    # no float64 between the bounds: llguidance would round them outwards
+    ({"type": "integer", "exclusiveMinimum": 999999999999999935, "exclusiveMaximum": 10**18},
+     "the range from 999999999999999936 to 999999999999999999 holds no number the constraint can bound exactly"),
     ({"type": "string", "pattern": "^xyz\\"}, "the pattern '\\^xyz\\\\\\\\' ends in a lone backslash"),
     ({"type": "object", "patternProperties": {"a\\\\\\": {}}}, "ends in a lone backslash"),
     ({"name": "n", "schema": {"type": "integer"}, "strict": True}, "is an OpenAI json_schema object")])
@@ -179,10 +187,36 @@ def test_integer_bounds_beyond_64_bits_that_only_widen_the_range_are_kept(tok):
     assert compile_schema(tok, {"type": "object", "properties": {"pattern": {"type": "string"}, "name": {},
                                                                "schema": {"type": "object"}}})
 
+@pytest.mark.parametrize("schema, good, bad", [
+    ({"type": "integer", "minimum": -2**63, "maximum": 2**63 - 1}, ["0", "-42", "9000000000000000000"], ["1.5"]),
+    ({"type": "integer", "minimum": 2**63 - 1024}, ["9223372036854774784"], ["0", "9223372036854774783"]),
+    ({"type": "integer", "minimum": 1_600_000_000_000_000_000}, ["1700000000000000000"], ["5", "-1700000000000000000"]),
+    ({"type": "integer", "maximum": -10**18}, ["-1000000000000000000", "-5000000000000000000"], ["0", "-999"]),
+    ({"type": "number", "minimum": 0, "maximum": 1e300}, ["0", "2.5", "1000000"], ["-1"]),
+    ({"type": "number", "exclusiveMinimum": -1e19, "exclusiveMaximum": 1e19}, ["0", "-3.25"], ["20000000000000000000"]),
+    ({"type": "number", "minimum": 10**18}, ["1000000000000000000", "2000000000000000000.5"], ["5"]),
+    # bounds beyond 2**53 were rounded to float64 either way: these let the bound through
+    ({"type": "integer", "minimum": 10**17, "exclusiveMaximum": 10**18},
+     ["999999999999999872", "100000000000000000"], ["1000000000000000000"]),
+    ({"type": "integer", "minimum": 2**53 + 1, "maximum": 2**60}, ["9007199254740994"], ["9007199254740992"])])
+def test_number_ranges_at_the_edges_of_64_bits_are_enforced(tok, schema, good, bad):
+    """llguidance counts bounds in 64 bits: beyond about ±9.2e18, or one-sided from 1e18 on,
+    it refused with its raw "Failed to generate regex" (the int64 range [-2**63, 2**63-1] that
+    OpenAPI gives every int64 among them). Each now compiles, and holds the answers to the range."""
+    grammar = compile_schema(tok, schema)
+    for text in good:
+        matcher = grammar.matcher()
+        assert matcher.consume_tokens(tok.encode_ordinary(text)) and matcher.is_accepting(), text
+    for text in bad:
+        matcher = grammar.matcher()
+        assert not (matcher.consume_tokens(tok.encode_ordinary(text)) and matcher.is_accepting()), text
+
+
 
 @pytest.mark.parametrize("pattern", ["x", "abc", "abc$", "a|b", "foo.*", "\\d{3}", "[aeiou]{3}", "ook",
                                      "hello world", "^[^@]+@[^@]+\\.[a-z]{2,}$", '"', "\\\\", "[\\n\\t]",
-                                     "[\\x00-\\x1f]", "a{80}", "[ab]{100}"])
+                                     "[\\x00-\\x1f]", "a{80}", "[ab]{100}",
+                                     "a\\\\", "x\\\\\\\\"])  # these two: the closing wrote `\\"` (an escape) as the end
 def test_patterns_are_searches_and_their_answers_match(tok, pattern):
     """A JSON Schema pattern is found anywhere in the string (unanchored unless it says ^ or $):
     such schemas were refused as having no instance (the closing wrote escaped quotes forever,
