@@ -263,17 +263,25 @@ def token_ids(inputs, vocab: int | None) -> mx.array:
             inputs = mx.array(inputs)
         except (ValueError, TypeError):  # ragged lists, objects
             raise ValueError("token ids must be a (batch, length) array of integers") from None
-    if not mx.issubdtype(inputs.dtype, mx.integer):
-        raise TypeError(f"token ids must be integers, got {inputs.dtype}")
+        except RuntimeError:  # MLX's std::bad_cast: an int beyond 64 bits
+            raise ValueError("token ids must be integers within the model's vocabulary, got one "
+                             "beyond 64 bits") from None
     if inputs.ndim != 2 or inputs.size == 0:
         raise ValueError(f"token ids must be a (batch, length) array with at least one id, got shape "
                          f"{tuple(inputs.shape)} (one sequence: mx.array([tokens]))")
+    if not mx.issubdtype(inputs.dtype, mx.integer):
+        raise TypeError(f"token ids must be integers, got {inputs.dtype}")
     if vocab is not None:
         low, high = mx.min(inputs).item(), mx.max(inputs).item()
         if low < 0 or high >= vocab:
             raise ValueError(f"token id {low if low < 0 else high} is outside the model's vocabulary "
                              f"of {vocab} ids (0 to {vocab - 1})")
     return inputs
+
+
+def _described(cache) -> str:
+    kinds = sorted({type(c).__name__ for c in cache})
+    return f"{len(cache)} entries of type {', '.join(kinds) or '-'}"
 
 
 class Model(nn.Module):
@@ -310,9 +318,9 @@ class Model(nn.Module):
         decode steps), so in range: not checked, which would wait for them to be computed."""
         if cache is None:
             cache = [None] * len(self.layers)
-        elif len(cache) != len(self.layers):
-            raise ValueError(f"the cache has {len(cache)} entries and the model {len(self.layers)} "
-                             "layers: make it with model.make_cache()")
+        elif len(cache) != len(self.layers) or not all(hasattr(c, "update_and_fetch") for c in cache):
+            raise ValueError(f"the cache must be the model's own, one per layer ({len(self.layers)}), "
+                             f"got {_described(cache)}: make it with model.make_cache()")
         if self.embed_tokens is not None:
             inputs = token_ids(inputs, None if sampled else self.config.vocab_size)
             x = self.embed_tokens(inputs)

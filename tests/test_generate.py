@@ -332,7 +332,9 @@ def test_token_ids_outside_the_vocabulary_are_refused(model, tiny_config):
     (mx.array([1, 2, 3]), r"must be a \(batch, length\) array .* got shape \(3,\)"),
     (mx.zeros((1, 0), dtype=mx.int32), r"got shape \(1, 0\)"),
     (mx.array([[1.0, 2.0]]), "token ids must be integers, got mlx.core.float32"),
-    ([[1, 2], [3]], r"must be a \(batch, length\) array of integers")])
+    ([[1, 2], [3]], r"must be a \(batch, length\) array of integers"),
+    ([[2**70]], "got one beyond 64 bits"),  # MLX's std::bad_cast
+    ([[]], r"got shape \(1, 0\)")])  # was named float32
 def test_the_model_names_wrong_token_ids_instead_of_reading_past_its_embedding(model, ids, says):
     """model(ids, cache=...) with an id outside the vocabulary gave NaN or meaningless logits, or
     (10**9) ended the process with a segfault; a 1-D array or numpy ids, a raw error."""
@@ -343,10 +345,11 @@ def test_the_model_names_wrong_token_ids_instead_of_reading_past_its_embedding(m
 
 
 def test_a_cache_that_is_not_one_per_layer_is_refused(model):
-    """A cache list cut short ran the model on that many layers without a word."""
-    for cache in (model.make_cache()[:2], [], model.make_cache() + model.make_cache()):
-        with pytest.raises(ValueError, match=f"the cache has {len(cache)} entries and the model "
-                                             f"{len(model.layers)} layers: make it with model.make_cache"):
+    """A cache list cut short ran the model on that many layers without a word; a list of
+    other things gave an AttributeError."""
+    for cache in (model.make_cache()[:2], [], model.make_cache() + model.make_cache(), [0] * len(model.layers)):
+        with pytest.raises(ValueError, match=rf"one per layer \({len(model.layers)}\), got {len(cache)} entries"
+                                             ".*make it with model.make_cache"):
             model(mx.array([[1, 2]]), cache=cache)
 
 
