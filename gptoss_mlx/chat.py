@@ -97,6 +97,9 @@ class Chat:
         self.tokenizer = tokenizer
         self.engine = engine or Engine(model, max_context=max_context)
         self.instructions = instructions
+        if isinstance(functions, (harmony.ToolSpec, dict, str)):  # one, not a list of them
+            raise TypeError(f"functions must be a list of ToolSpec objects, got one {type(functions).__name__}"
+                            + (": [ToolSpec(**it)]" if isinstance(functions, dict) else ""))
         self.functions = list(functions or [])
         for f in self.functions:
             if not isinstance(f, harmony.ToolSpec):

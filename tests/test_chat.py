@@ -781,6 +781,9 @@ def test_wrong_arguments_are_named_and_leave_the_chat_as_it_was(tok, tmp_path):
             Chat(model, tok, reasoning_budget=budget)
     with pytest.raises(TypeError, match=r"functions must be ToolSpec\(name, description, parameters\) objects, got dict"):
         Chat(model, tok, functions=[{"name": "x"}])
+    for one in ({"name": "x"}, ToolSpec("f", "F.", {"type": "object"})):  # one, not a list: was "got str"
+        with pytest.raises(TypeError, match=f"functions must be a list of ToolSpec objects, got one {type(one).__name__}"):
+            Chat(model, tok, functions=one)
     chat = Chat(model, tok, date="2025-08-05", functions=[ToolSpec("f", "F.", {"type": "object", "properties": {
         "s": {"type": "string", "pattern": "^a"}}})])
     with pytest.raises(TypeError, match="as strings, got str and int"):
