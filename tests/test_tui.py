@@ -250,6 +250,32 @@ async def test_escape_before_any_answer_takes_the_message_back_to_the_input_and_
     assert users == ["first", "long question"]
 
 
+async def test_escape_with_a_draft_typed_keeps_both_and_says_where_the_message_is(store):
+    """Esc before any answer, with something typed meanwhile: the draft stays and the notice
+    said the message was back in the input, where it was not (it is in the history); and Up
+    then Down in the input lost a draft."""
+    chat = ScriptedChat([("analysis", "thinking"), ("wait",), ("final", "never")], [("final", "42")])
+    app = make_app(chat, store)
+    async with app.run_test(size=SIZE) as pilot:
+        prompt = app.query_one(PromptInput)
+        prompt.text = "the question"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.query(AssistantTurn).last().reasoning_text == "thinking")
+        prompt.text = "a draft"
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.replies_finished == 1)
+        await pilot.pause(0.1)
+        assert prompt.text == "a draft"
+        said = [n.message for n in app._notifications]
+        assert any("in the input's history" in m for m in said) and not any("back in the input" in m for m in said)
+        prompt.move_cursor((0, 0))
+        await pilot.press("up")
+        assert prompt.text == "the question"
+        await pilot.press("down")
+        assert prompt.text == "a draft"
+        assert chat.messages == []
+
+
 async def test_a_closed_terminal_saves_the_reply_under_way(store, monkeypatch):
     """Closing the terminal (SIGHUP) mid-reply ended the TUI unsaved; the terminal chat saved."""
     import os
@@ -677,6 +703,30 @@ async def test_a_long_prompt_shows_how_far_it_has_been_read_and_no_empty_reasoni
         assert turn.answer_text == "Read it." and turn.reasoning.has_class("-empty")
     assert len(shown) >= 2 and len({total for _, total in shown}) == 1
     assert int(shown[-1][0].replace(",", "")) > int(shown[0][0].replace(",", ""))  # it moved on
+
+
+async def test_escape_while_a_long_prompt_is_read_says_it_is_stopping(tokenizer_json, store):
+    """Esc while a long message was read showed nothing until the chunk under way ended (about
+    15 s for a 13,769-token prompt on a 2-core CPU): the status still said "reading the prompt"."""
+    from gptoss_mlx.generate import Engine
+    from gptoss_mlx.tokenizer import load_tokenizer
+    from scripted import ScriptedModel, SlowChunks
+
+    tok = load_tokenizer(tokenizer_json)
+    answer = tok.encode("<|channel|>final<|message|>Read it.<|return|>", allowed_special="all")
+    model = SlowChunks(ScriptedModel([answer]), 0.4)
+    chat = Chat(model, tok, engine=Engine(model, max_context=4096, prefill_step=16), date="2025-08-05")
+    app = make_app(chat, store)
+    async with app.run_test(size=SIZE) as pilot:
+        app.query_one(PromptInput).text = "word " * 300
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: "reading the prompt" in app.query_one("#status").render().plain)
+        await pilot.press("escape")
+        assert "stopping…" in app.query_one("#status").render().plain  # at once, not after the chunk
+        await wait_until(pilot, lambda: app.replies_finished == 1)
+        await pilot.pause(0.1)
+        assert "stopping" not in app.query_one("#status").render().plain
+        assert app.query_one(PromptInput).text.strip() == ("word " * 300).strip()
 
 
 async def test_with_a_tiny_real_model(tiny_checkpoint, store):

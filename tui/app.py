@@ -83,6 +83,7 @@ class PromptInput(TextArea):
         super().__init__(soft_wrap=True, show_line_numbers=False, compact=True, **kwargs)
         self.sent: list[str] = []  # earlier prompts, oldest first
         self._recall = 0  # 0 = not recalling; k = the k-th most recent prompt
+        self._draft = ""  # what the input held when recalling began: Down past the newest returns it
 
     async def _on_key(self, event) -> None:
         if event.key == "enter":
@@ -100,6 +101,8 @@ class PromptInput(TextArea):
         if event.key == "up" and self.cursor_location[0] == 0 and self._recall < len(self.sent):
             event.prevent_default()
             event.stop()
+            if self._recall == 0:
+                self._draft = self.text
             self._recall += 1
             self._show_recalled()
             return
@@ -112,7 +115,7 @@ class PromptInput(TextArea):
         await super()._on_key(event)
 
     def _show_recalled(self) -> None:
-        self.text = self.sent[-self._recall] if self._recall else ""
+        self.text = self.sent[-self._recall] if self._recall else self._draft
         self.move_cursor(self.document.end)
 
     def remember(self, text: str) -> None:
@@ -542,6 +545,8 @@ class ChatApp(App):
                              f"{pool.stats.hit_rate:.0%} hits")
         if message:
             parts.append(message)
+        elif self.generating and self.chat.stop_requested:  # a prompt's chunk under way ends first
+            parts.append("stopping…")
         elif self.generating:
             read = self._prompt_read()
             parts.append(f"reading the prompt: {read[0]:,} of {read[1]:,} tokens (Esc stops)" if read
@@ -639,12 +644,14 @@ class ChatApp(App):
         await asked.remove()
         await turn.remove()
         prompt = self.query_one(PromptInput)
-        if not prompt.text:
+        restored = not prompt.text
+        if restored:
             prompt.text = text
             prompt.move_cursor(prompt.document.end)
         if stopped:
-            self.notify("Stopped before the reply: the message is back in the input, to edit or "
-                        "send again", timeout=5)
+            where = ("back in the input, to edit or send again" if restored else
+                     "in the input's history (↑), beside what you typed meanwhile")
+            self.notify(f"Stopped before the reply: the message is {where}", timeout=5)
 
     def _stopped(self) -> None:
         """Esc stopped a reply that kept something: the message stays in the chat (and so not
@@ -711,6 +718,7 @@ class ChatApp(App):
             self.chat.stop()  # the reply says what was kept when it ends (reply)
             if self.toolbox is not None:
                 self.toolbox.interrupt()  # a python cell under way too, not at its timeout
+            self.update_status()
 
     def action_cycle_effort(self) -> None:
         self.set_effort(EFFORTS[(EFFORTS.index(self.effort) + 1) % len(EFFORTS)])
