@@ -773,6 +773,8 @@ def test_a_responses_stream_left_early_can_be_followed_on_from_what_was_sent(tok
             except openai.NotFoundError:
                 time.sleep(0.1)
         assert follow.status == "incomplete"  # (its text: whichever script the model is at)
+        left = c.responses.retrieve(rid)  # stored as what it is: it said the token limit cut it
+        assert left.status == "cancelled" and left.incomplete_details is None
     # the follow-up's prompt, up to its new message: the first reply as far as it was streamed
     before, _ = tok.decode(model.fed).split("go on")
     assert before.count("count") == 1 and "w199" not in before
@@ -781,6 +783,77 @@ def test_a_responses_stream_left_early_can_be_followed_on_from_what_was_sent(tok
         assert final.startswith(sent) and words.startswith(final)
     else:
         assert "<|channel|>final" not in before
+
+
+def test_a_response_under_way_is_in_progress_and_deleting_it_means_it_is_not_stored(tok):
+    """GET and DELETE of a stored response under way said 404 ("only with store=true"), and a
+    response deleted then was stored when it ended."""
+    words = " ".join(f"w{n}" for n in range(60))
+    model = SlowScript([answer(tok, "Think.", words), answer(tok, "Think.", words)])
+    with serving(model, tok) as url:
+        c = client(url)
+        for delete in (False, True):
+            stream = c.responses.create(model="gpt-oss-tiny", input="count", stream=True)
+            for event in stream:
+                if event.type == "response.created":
+                    rid = event.response.id
+                if event.type == "response.output_text.delta":
+                    break
+            shown = c.responses.retrieve(rid)
+            assert shown.status == "in_progress" and shown.id == rid
+            with pytest.raises(openai.BadRequestError, match="still in progress"):
+                c.responses.create(model="gpt-oss-tiny", input="go on", previous_response_id=rid)
+            if delete:
+                c.responses.delete(rid)
+            rest = [event.type for event in stream]
+            assert rest[-1] == "response.completed"
+            if delete:
+                with pytest.raises(openai.NotFoundError):
+                    c.responses.retrieve(rid)
+            else:
+                assert c.responses.retrieve(rid).status == "completed"
+
+
+def test_the_response_store_is_bounded_by_bytes_too():
+    """Responses were kept by count only (256): 20 requests that each brought 50 MB of input
+    items (an earlier turn's reasoning, which the prompt leaves out) held 1.2 GB for good."""
+    from gptoss_mlx.server.responses import ResponseStore
+
+    store = ResponseStore(size=10, max_bytes=10_000)
+    for n in range(5):
+        store.put(f"r{n}", [{"type": "reasoning", "content": [{"type": "reasoning_text", "text": "x" * 3000}]}],
+                  {"id": f"r{n}"})
+    assert store.get("r4") and store.get("r2")  # the newest that fit
+    for gone in ("r0", "r1"):
+        with pytest.raises(APIError, match="within 0 MB"):
+            store.get(gone)
+    store.put("huge", [{"type": "message", "content": "y" * 20_000}], {"id": "huge"})  # alone over the bound
+    with pytest.raises(APIError):
+        store.response("huge")
+    assert store.get("r4")  # and nothing was evicted for it
+    store.delete("r4")
+    store.put("r5", [{"content": "z" * 3000}], {"id": "r5"})
+    assert store.get("r3") and store.get("r5")
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_one_line_in_the_log(url, caplog):
+    """A body cut short by the client (Content-Length 100, 12 bytes, then gone) was logged as a
+    failure of the server with two tracebacks."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    with caplog.at_level("INFO"):
+        with socket.create_connection((where.hostname, where.port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: " + where.netloc.encode()
+                         + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\": \"g")
+            time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while not any("left before its request body" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
+    assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info]
+    assert client(url).models.list().data  # and it goes on serving
 
 
 def test_reasoning_fields_in_both_apis(tok):

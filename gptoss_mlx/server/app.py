@@ -15,7 +15,7 @@ import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
@@ -30,6 +30,7 @@ from .service import Service
 log = logging.getLogger("gptoss_mlx.server")
 
 MAX_BODY_BYTES = 64 << 20
+LARGE_BODY_BYTES = 1 << 20  # parsed on a worker thread
 # On shutdown, how long a response may take to end once its generation has stopped (a client
 # that reads no more holds its stream open until then).
 SHUTDOWN_GRACE_S = 1.0
@@ -39,6 +40,20 @@ STOP_WAIT_S = 30.0
 # A streaming client that keeps its connection but reads nothing for this long loses its stream
 # (and its slot: --max-concurrency such clients would otherwise make every request a 429).
 STALLED_CLIENT_S = 60.0
+
+
+def _body_of(raw: bytes) -> dict:
+    """A request's JSON object, or the 400 saying what is wrong with it."""
+    try:
+        body = parse_json(raw, finite=True)
+    except JSONProblem as e:
+        raise bad_request(f"the request body holds no JSON value: {e}") from None
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    problem = lone_surrogate_problem(body)  # it could not be echoed back as UTF-8
+    if problem:
+        raise bad_request(f"the request body's {problem}")
+    return body
 
 
 def create_app(service: Service, api_key: str | None = None, chats: ConversationStore | None = None) -> Starlette:
@@ -62,20 +77,17 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
         if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
             raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
         raw = bytearray()
-        async for chunk in request.stream():  # sent in chunks, without a length: capped as it comes
-            raw += chunk
-            if len(raw) > MAX_BODY_BYTES:
-                raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
         try:
-            body = parse_json(bytes(raw), finite=True)
-        except JSONProblem as e:
-            raise bad_request(f"the request body holds no JSON value: {e}") from None
-        if not isinstance(body, dict):
-            raise bad_request("the request body must be a JSON object")
-        problem = lone_surrogate_problem(body)  # it could not be echoed back as UTF-8
-        if problem:
-            raise bad_request(f"the request body's {problem}")
-        return body
+            async for chunk in request.stream():  # sent in chunks, without a length: capped as it comes
+                raw += chunk
+                if len(raw) > MAX_BODY_BYTES:
+                    raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
+        except ClientDisconnect:  # (its answer goes nowhere: the line in the log is what remains)
+            raise APIError(400, "the client left before its request body had come whole") from None
+        # a large body is read off the event loop: the other clients' streams go on meanwhile
+        if len(raw) < LARGE_BODY_BYTES:
+            return _body_of(bytes(raw))
+        return await anyio.to_thread.run_sync(_body_of, bytes(raw))
 
     async def admitted(request: Request, handler, *args):
         """Run ``handler`` in a scheduler slot, held until its response (or stream) has ended."""

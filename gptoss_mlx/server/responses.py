@@ -32,41 +32,84 @@ from .service import Reply, Service, new_id
 log = logging.getLogger("gptoss_mlx.server")
 
 STORED_RESPONSES = 256
+# The store's text at most (a request may bring up to 64 MB of input items, kept with it).
+STORED_BYTES = 256 << 20
 RESPONSES_SCHEMA_SHAPE = '{"type": "json_schema", "name": str, "schema": {...}}'
 
 
 class ResponseStore:
-    """The last ``size`` stored responses: each one's conversation (its input and output items,
-    for ``previous_response_id``) and the response object (for ``GET /v1/responses/{id}``)."""
+    """The last ``size`` stored responses, within ``max_bytes`` of text: each one's conversation
+    (its input and output items, for ``previous_response_id``) and the response object (for
+    ``GET /v1/responses/{id}``). A response under way is shown in progress, cannot be followed
+    on from yet, and deleted then is never stored."""
 
-    def __init__(self, size: int = STORED_RESPONSES):
-        self.size = size
-        self._kept: OrderedDict[str, tuple[list[dict], dict]] = OrderedDict()
+    def __init__(self, size: int = STORED_RESPONSES, max_bytes: int = STORED_BYTES):
+        self.size, self.max_bytes = size, max_bytes
+        self._kept: OrderedDict[str, tuple[list[dict], dict, int]] = OrderedDict()
+        self._bytes = 0
+        self._running: dict[str, "ResponseRun"] = {}
+        self._deleted: set[str] = set()  # running ones deleted: not stored when they end
 
     def get(self, response_id, param: str = "previous_response_id") -> list[dict]:
+        if response_id in self._running:
+            raise APIError(400, f"response {response_id!r} is still in progress: follow on from it once "
+                           "it has ended", param=param)
         return self._find(response_id, param)[0]
 
     def response(self, response_id: str) -> dict:
+        if response_id in self._running:
+            return self._running[response_id].response("in_progress")
         return self._find(response_id, "response_id")[1]
 
     def delete(self, response_id: str) -> None:
+        if response_id in self._running:
+            self._deleted.add(response_id)
+            del self._running[response_id]
+            return
         self._find(response_id, "response_id")
-        del self._kept[response_id]
+        self._bytes -= self._kept.pop(response_id)[2]
 
-    def _find(self, response_id, param: str) -> tuple[list[dict], dict]:
+    def _find(self, response_id, param: str) -> tuple[list[dict], dict, int]:
         if not isinstance(response_id, str) or response_id not in self._kept:
             shown = response_id if not isinstance(response_id, str) or len(response_id) <= 80 else response_id[:80] + "…"
-            raise APIError(404, f"no stored response {shown!r} (responses are kept in memory, "
-                           f"the last {self.size}, and only with store=true)",
+            raise APIError(404, f"no stored response {shown!r} (responses are kept in memory, the "
+                           f"last {self.size} within {self.max_bytes >> 20} MB, and only with store=true)",
                            param=param, code="previous_response_not_found" if param == "previous_response_id"
                            else "response_not_found")
         self._kept.move_to_end(response_id)
         return self._kept[response_id]
 
+    def begin(self, run: "ResponseRun") -> None:
+        """``run``'s response is under way (until :meth:`end`)."""
+        self._running[run.reply.id] = run
+
+    def end(self, response_id: str) -> None:
+        self._running.pop(response_id, None)
+        self._deleted.discard(response_id)
+
     def put(self, response_id: str, items: list[dict], response: dict) -> None:
-        self._kept[response_id] = (items, response)
-        while len(self._kept) > self.size:
-            self._kept.popitem(last=False)
+        if response_id in self._deleted:
+            return
+        size = _text_bytes(items) + _text_bytes(response)
+        if size > self.max_bytes:
+            log.info("%s is not stored: its items hold %d MB, more than the store's %d MB",
+                     response_id, size >> 20, self.max_bytes >> 20)
+            return
+        self._kept[response_id] = (items, response, size)
+        self._bytes += size
+        while len(self._kept) > self.size or self._bytes > self.max_bytes:
+            self._bytes -= self._kept.popitem(last=False)[1][2]
+
+
+def _text_bytes(value) -> int:
+    """About the memory ``value`` (JSON-like) holds: its strings' lengths, and a little per item."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return 16 + sum(len(k) + _text_bytes(v) for k, v in value.items())
+    if isinstance(value, list):
+        return 16 + sum(map(_text_bytes, value))
+    return 8
 
 
 def _text(content, where: str) -> str:
@@ -410,7 +453,7 @@ class ResponseRun:
         return response
 
     def keep_sent(self) -> None:
-        """The client left mid-stream: store what was streamed to it (an incomplete response), so
+        """The client left mid-stream: store what was streamed to it (a cancelled response), so
         that ``previous_response_id`` can follow on from what it saw. A call not wholly streamed
         goes, as does an item of which nothing was."""
         if not self.stored:
@@ -422,11 +465,13 @@ class ResponseRun:
             elif id(item) in self.ids and self.sent.get(id(item)) and item.kind in (REASONING, TEXT):
                 part = self._part(item, self.sent[id(item)])
                 output.append({**self._output(item, "incomplete"), "content": [part]})
-        self.store.put(self.reply.id, self.items + output, {**self.response("incomplete"), "output": output})
+        self.store.put(self.reply.id, self.items + output, {**self.response("cancelled"), "output": output})
 
     async def events(self):
         """The streamed events, as (type, payload) pairs, in OpenAI's order."""
         finished = False
+        if self.stored:
+            self.store.begin(self)
         try:
             yield "response.created", {"response": self.response("in_progress")}
             yield "response.in_progress", {"response": self.response("in_progress")}
@@ -450,6 +495,7 @@ class ResponseRun:
         finally:
             if not finished and not self.error:  # the client went away (the stream was closed)
                 self.keep_sent()
+            self.store.end(self.reply.id)
 
     def _server_call_results(self, final: bool = False):
         """``mcp_call.completed`` (or ``failed``) and ``output_item.done`` of each server tool call
@@ -534,12 +580,17 @@ async def responses(service: Service, store: ResponseStore, body: dict, request)
     await run.prepare()
     if body.get("stream"):
         return StreamingResponse(sse(run), media_type="text/event-stream")
-    async with contextlib.aclosing(service.generate(run.reply, request)) as events:
-        async for event in events:
-            if isinstance(event, Opened):
-                run.open(event.item)
-    run.answered_calls()
-    return JSONResponse(run.finish())
+    if run.stored:
+        store.begin(run)
+    try:
+        async with contextlib.aclosing(service.generate(run.reply, request)) as events:
+            async for event in events:
+                if isinstance(event, Opened):
+                    run.open(event.item)
+        run.answered_calls()
+        return JSONResponse(run.finish())
+    finally:
+        store.end(run.reply.id)
 
 
 async def sse(run: ResponseRun):

@@ -4,8 +4,8 @@ conversation's follow-up reuses the cache its previous turn left.
 
 Requests enter through :meth:`Scheduler.generate` (a prompt and sampling parameters in, token
 ids out). On the engine thread one loop runs every admitted sequence: each step it prefills
-newcomers, the one with the fewest prompt tokens left first (a one-line question never waits
-behind another's long tool result), within a budget of prompt tokens (while others decode a small
+newcomers, the one with the fewest prompt tokens left first (a one-line question waits for no
+more of another's long tool result than the chunk under way), within a budget of prompt tokens (while others decode a small
 one, so a long prompt never stops them for its whole length), then runs one decode step for all the sequences past their prefill: one forward pass over their
 B current tokens, each row attending to its own cache (``cache.merge_caches``), each sampled with
 its own parameters, random key, logits processors and stop conditions (the plain greedy rows in
