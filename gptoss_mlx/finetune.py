@@ -20,6 +20,7 @@ and the step, and the optimizer's state is saved beside the adapter.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import threading
@@ -40,12 +41,17 @@ from . import harmony
 from .files import JSONProblem, parse_json, read_json_file
 from .harmony import BUILTIN_TOOLS, END, RETURN, START, Message, Special
 from .kernels import registry
-from .lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, LoRAConfig, adapter_weights, apply_lora,
-                   load_adapter_weights, non_finite, read_adapter_config, save_adapter, write_json)
+from .lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, AdapterError, LoRAConfig, adapter_files, adapter_weights,
+                   apply_lora, load_adapter_weights, non_finite, read_adapter_config)
 from .model import Model
 from .chat_file import chat_file_problem
 
 LONG = ("truncate", "skip")
+# Bounds on the settings: beyond them a run cannot work (MLX's schedule counts steps in 64 bits;
+# the adapter's float32 update overflows; Adam's steps beyond 1 are never useful).
+MAX_STEPS = 2**53
+MAX_ALPHA = 65536.0
+MAX_LEARNING_RATE = 1.0
 SCHEDULES = ("cosine", "constant")  # the learning rate over the run: decayed to 0 at --iters, or not
 LOGIT_CHUNK = 512  # trained positions unembedded at once: (512, vocab) float32 logits, 0.4 GB  # what to do with a conversation longer than --max-seq-len
 STATE_FILE = "training_state.json"
@@ -368,6 +374,26 @@ class Settings:
     def lora(self) -> LoRAConfig:
         return LoRAConfig(self.rank, self.alpha, tuple(self.targets))
 
+    def problem(self) -> str | None:
+        """What is wrong with these settings (read back from a file), or None."""
+        def whole(v, least=1):
+            return isinstance(v, int) and not isinstance(v, bool) and least <= v < MAX_STEPS
+        def number(v, most):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= most
+        checks = {"rank": whole(self.rank), "alpha": number(self.alpha, MAX_ALPHA),
+                  "targets": isinstance(self.targets, tuple) and bool(self.targets)
+                  and all(isinstance(t, str) and t in TARGETS for t in self.targets),
+                  "iters": whole(self.iters), "batch_size": whole(self.batch_size),
+                  "learning_rate": number(self.learning_rate, MAX_LEARNING_RATE),
+                  "schedule": self.schedule in SCHEDULES, "max_seq_len": whole(self.max_seq_len),
+                  "long": self.long in LONG, "grad_checkpoint": isinstance(self.grad_checkpoint, bool),
+                  "seed": isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**64,
+                  "steps_per_report": whole(self.steps_per_report), "steps_per_eval": whole(self.steps_per_eval),
+                  "val_batches": self.val_batches is None or whole(self.val_batches),
+                  "save_every": whole(self.save_every)}
+        bad = next((name for name, ok in checks.items() if not ok), None)
+        return f"{bad}: {getattr(self, bad)!r}" if bad else None
+
 
 def read_state(directory: str | os.PathLike) -> dict:
     """What an interrupted or finished run left in its adapter directory (for --resume)."""
@@ -376,8 +402,8 @@ def read_state(directory: str | os.PathLike) -> dict:
     if not path.is_file() or not (directory / OPTIMIZER_FILE).is_file():
         raise DataError(f"{directory}: nothing to resume (no {STATE_FILE} and {OPTIMIZER_FILE})")
     state = read_json_file(path, DataError)
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0 \
-            or not isinstance(state.get("settings"), dict):
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state["step"], bool) \
+            or state["step"] < 0 or not isinstance(state.get("settings"), dict):
         raise DataError(f"{path}: damaged (step and settings expected)")
     config, settings = read_adapter_config(directory), state["settings"]
     if (config.rank, config.alpha, list(config.targets)) != \
@@ -419,11 +445,13 @@ def check_trainable(model: Model) -> None:
 
 def train(model: Model, base_model: str, train_set: list[Example], settings: Settings,
           out: str | os.PathLike, valid_set: list[Example] | None = None, data_digest: str = "",
-          resume: dict | None = None, stop: threading.Event | None = None) -> Iterator[TrainEvent]:
+          resume: dict | None = None, stop: threading.Event | None = None,
+          dense_bits: int | None = None) -> Iterator[TrainEvent]:
     """Train an adapter on ``model`` (a base model; wrapped in place) and save it in ``out``,
     yielding progress. ``resume``: :func:`read_state`'s dict, continued where it stopped.
-    ``stop`` set: the run saves after the step under way and ends. Runs on the calling thread
-    (give it to the engine thread)."""
+    ``stop`` set: the run saves after the step under way and ends. ``dense_bits``: how the
+    model's dense layers were loaded (recorded: a resumed run must load them the same). Runs on
+    the calling thread (give it to the engine thread)."""
     out = Path(out)
     check_trainable(model)
     mx.random.seed(settings.seed)
@@ -446,22 +474,29 @@ def train(model: Model, base_model: str, train_set: list[Example], settings: Set
         return DataError(f"{what}: training diverged (a lower --learning-rate?); nothing saved from it{kept}")
 
     def save(final: bool) -> Saved:
-        """The adapter, the optimizer, then the state, each through a temporary file and a
-        rename, the first two stamped with the step (a save cut between them is told on
+        """The adapter, the optimizer and the state, each written under a temporary name first,
+        then renamed in that order: a save that fails (a full disk) leaves the last one whole.
+        The first two are stamped with the step (a kill between the renames is told on
         --resume, by read_state)."""
         stamp = {STEP_KEY: str(step)}
         if non_finite(adapter_weights(model)):
             raise diverged(f"the adapter's weights became NaN or infinite by step {step}")
-        tmp = out / f".{OPTIMIZER_FILE}.tmp.safetensors"
+        tag = f"{os.getpid()}.tmp"
+        written = [(out / f".{OPTIMIZER_FILE}.{tag}.safetensors", out / OPTIMIZER_FILE),
+                   (out / f".{STATE_FILE}.{tag}", out / STATE_FILE)]
         try:
-            save_adapter(model, out, settings.lora, base_model=base_model, weights_metadata=stamp)
-            mx.save_safetensors(str(tmp), dict(tree_flatten(optimizer.state)), metadata=stamp)
-            os.replace(tmp, out / OPTIMIZER_FILE)
-            write_json(out / STATE_FILE, {"step": step, "settings": _json_settings(settings),
-                                          "data": data_digest})
+            pairs = adapter_files(model, out, settings.lora, base_model=base_model, weights_metadata=stamp)
+            written = pairs + written
+            mx.save_safetensors(str(written[2][0]), dict(tree_flatten(optimizer.state)), metadata=stamp)
+            written[3][0].write_text(json.dumps({"step": step, "settings": _json_settings(settings),
+                                                 "data": data_digest, "dense_bits": dense_bits}, indent=2))
+            for tmp, path in written:
+                os.replace(tmp, path)
         except (OSError, RuntimeError) as e:  # MLX's writer raises RuntimeError (a full disk)
-            tmp.unlink(missing_ok=True)
-            raise DataError(f"saving step {step} in {out} failed ({e}): is the disk full?") from None
+            for tmp, _ in written:
+                tmp.unlink(missing_ok=True)
+            kept = f"; the save before it is kept" if (out / STATE_FILE).exists() else ""
+            raise DataError(f"saving step {step} in {out} failed ({e}): is the disk full?{kept}") from None
         return Saved(step, out, final)
 
     def validate() -> Validation:
@@ -514,9 +549,13 @@ def resumed_settings(state: dict, given: dict) -> Settings:
                             f"not {value!r}; leave {flag} out to keep it")
         saved[name] = value
     try:
-        return Settings(**saved)
+        settings = Settings(**saved)
     except TypeError as e:
         raise DataError(f"--resume: damaged {STATE_FILE} ({e})") from None
+    problem = settings.problem()
+    if problem:
+        raise DataError(f"--resume: damaged {STATE_FILE} ({problem})")
+    return settings
 
 
 def format_eta(seconds: float) -> str:

@@ -181,20 +181,29 @@ def save_adapter(model: Model, directory: str | os.PathLike, config: LoRAConfig,
                  weights_metadata: dict[str, str] | None = None, **metadata) -> Path:
     """Write ``adapters.safetensors`` (with ``weights_metadata``) and ``adapter_config.json``
     (with ``metadata``, e.g. the base model), each through a temporary file and a rename."""
+    for tmp, path in adapter_files(model, directory, config, weights_metadata, **metadata):
+        os.replace(tmp, path)
+    return Path(directory)
+
+
+def adapter_files(model: Model, directory: str | os.PathLike, config: LoRAConfig,
+                  weights_metadata: dict[str, str] | None = None, **metadata) -> list[tuple[Path, Path]]:
+    """The adapter's two files written under temporary names beside their places (the
+    process's own): (temporary, final) pairs, to be renamed once whatever is saved with them is
+    written too. A failure leaves no temporary file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights = adapter_weights(model)
-    tmp = directory / f".{ADAPTER_WEIGHTS}.tmp.safetensors"
-    mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx", **(weights_metadata or {})})
-    os.replace(tmp, directory / ADAPTER_WEIGHTS)
-    write_json(directory / ADAPTER_CONFIG, {**config.to_json(), **metadata})
-    return directory
-
-
-def write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    pairs = [(directory / f".{ADAPTER_WEIGHTS}.{os.getpid()}.tmp.safetensors", directory / ADAPTER_WEIGHTS),
+             (directory / f".{ADAPTER_CONFIG}.{os.getpid()}.tmp", directory / ADAPTER_CONFIG)]
+    try:
+        mx.save_safetensors(str(pairs[0][0]), adapter_weights(model),
+                            metadata={"format": "mlx", **(weights_metadata or {})})
+        pairs[1][0].write_text(json.dumps({**config.to_json(), **metadata}, indent=2))
+    except BaseException:
+        for tmp, _ in pairs:
+            tmp.unlink(missing_ok=True)
+        raise
+    return pairs
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:

@@ -285,6 +285,9 @@ def test_resuming_equals_an_uninterrupted_run(sharp, tok, tmp_path):
     (["--seed", "-1"], "argument --seed: must be at least 0"),
     (["--seed", str(2**64)], "argument --seed: must be below 2**64"),
     (["--adapter-path", ""], "argument --adapter-path: expected a directory"),
+    (["--iters", str(2**63)], "argument --iters: must be below 2**53"),  # was MLX's std::bad_cast
+    (["--alpha", "1e38"], "argument --alpha: must be at most 65536"),  # trained an adapter of zeros
+    (["--learning-rate", "1e300"], "argument --learning-rate: must be at most 1"),  # inf in float32
 ])
 def test_bad_numbers_and_paths_are_refused_before_anything_loads(tmp_path, capsys, flags, message):
     args = ["finetune", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "d.jsonl"),
@@ -344,6 +347,80 @@ def test_a_save_cut_short_or_a_damaged_checkpoint_is_named_on_resume(sharp, tok,
     resumed = ft.resumed_settings(ft.read_state(out), {"iters": 4})
     with pytest.raises(AdapterError, match=r"lora_[ab] has shape .*, this model with this adapter_config.json needs"):
         list(ft.train(load(sharp)[0], str(sharp), examples, resumed, out, resume=ft.read_state(out)))
+
+
+@pytest.mark.parametrize("field, value", [("steps_per_report", 0), ("batch_size", "two"),
+                                          ("learning_rate", None), ("iters", "9"), ("schedule", "linear"),
+                                          ("targets", ["attention", "mlp"]), ("step", True)])
+def test_a_damaged_training_state_is_named_on_resume(sharp, tok, tmp_path, field, value):
+    """A state file edited or damaged gave ZeroDivisionError, TypeErrors from deep inside MLX,
+    "the save at step True was cut short", or (an unknown schedule) a constant rate."""
+    data = write_jsonl(tmp_path / "train.jsonl", [capitals_line(*c) for c in CAPITALS[:2]])
+    examples, _ = ft.load_data(data, tok, 512)
+    out = tmp_path / "out"
+    list(ft.train(load(sharp)[0], str(sharp), examples, ft.Settings(rank=4, iters=1), out))
+    state = json.loads((out / ft.STATE_FILE).read_text())
+    if field == "step":
+        state["step"] = value
+    else:
+        state["settings"][field] = value
+    (out / ft.STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(ft.DataError, match="damaged") as e:
+        ft.resumed_settings(ft.read_state(out), {})
+    assert field in str(e.value)
+
+
+def test_a_save_that_fails_keeps_the_one_before(sharp, tok, tmp_path, monkeypatch):
+    """A full disk during a save replaced the adapter, then failed on the optimizer: --resume
+    then refused the directory ("cut short"), and the good save before it was gone."""
+    data = write_jsonl(tmp_path / "train.jsonl", [capitals_line(*c) for c in CAPITALS[:2]])
+    examples, _ = ft.load_data(data, tok, 512)
+    out = tmp_path / "out"
+    real = mx.save_safetensors
+
+    def full_disk_at_step_4(path, arrays, metadata=None):
+        if "optimizer" in path and (metadata or {}).get(ft.STEP_KEY) == "4":
+            with open(path, "wb") as f:
+                f.write(b"\0" * 100)  # a part of it, then no space
+            raise RuntimeError("[save_safetensors] Failed to write: No space left on device")
+        return real(path, arrays, metadata=metadata)
+
+    monkeypatch.setattr(mx, "save_safetensors", full_disk_at_step_4)
+    settings = ft.Settings(rank=4, iters=6, learning_rate=1e-3, save_every=2)
+    with pytest.raises(ft.DataError, match="saving step 4 .* failed .*the save before it is kept"):
+        list(ft.train(load(sharp)[0], str(sharp), examples, settings, out))
+    assert ft.read_state(out)["step"] == 2  # whole, and resumable
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [ADAPTER_WEIGHTS, "adapter_config.json", ft.OPTIMIZER_FILE, ft.STATE_FILE])  # no temporary file left
+
+
+def test_two_runs_on_one_adapter_directory_and_a_resume_on_another_base_are_refused(sharp, tmp_path, capsys):
+    """Two runs on one --adapter-path both said "Saved" and one's work was overwritten (or one
+    died on the other's temporary file); --resume with another --model or --dense-bits went on
+    training the adapter on a second model."""
+    from gptoss_mlx.cli.finetune import run_lock
+
+    data = write_jsonl(tmp_path / "train.jsonl", [capitals_line(*c) for c in CAPITALS[:2]])
+    out = tmp_path / "out"
+    run = ["finetune", "--model", str(sharp), "--data", str(data), "--adapter-path", str(out), "--rank", "2"]
+    out.mkdir()
+    with run_lock(out, made=False):  # another run holds it
+        assert main([*run, "--iters", "1"]) == 2
+    assert "is in use by another finetune run" in capsys.readouterr().err
+    assert main([*run, "--iters", "1"]) == 0
+    assert ft.read_state(out)["step"] == 1
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(sharp, other)
+    for flags, says in ((["--model", str(other)], f"this run started on {sharp.resolve()}"),
+                        (["--dense-bits", "8"], "this run started with no --dense-bits")):
+        assert main([*run, "--iters", "2", "--resume", *flags]) == 2
+        assert says in capsys.readouterr().err
+    assert main([*run, "--iters", "2", "--resume"]) == 0
+    assert ft.read_state(out)["step"] == 2
+    empty = tmp_path / "never"  # a start that fails leaves no directory behind
+    assert main([*run[:-4], "--adapter-path", str(empty), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert not empty.exists()
 
 
 def test_a_diverging_run_stops_by_name_and_keeps_its_last_checkpoint(sharp, tok, tmp_path):
@@ -459,6 +536,11 @@ def test_ctrl_c_saves_even_when_the_output_has_gone(sharp, tmp_path):
         while not proc.stdout.readline().startswith(b"step "):  # training is under way
             assert proc.poll() is None, "finetune ended before its first step"
         proc.stdout.close()  # the reader goes away (as tee does on the same Ctrl-C)
+        proc.send_signal(signal.SIGINT)
+        # the same stop again at once (`timeout` signals the process and its group; a closed
+        # terminal sends SIGHUP twice): it ended the run without saving
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGHUP)
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=120)
     finally:

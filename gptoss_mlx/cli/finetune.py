@@ -5,12 +5,16 @@ gptoss_mlx/lora.py."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import os
 import shutil
 import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from .. import finetune as ft
@@ -45,19 +49,19 @@ def register(sub) -> None:
                    help="directory for the adapter (and the state --resume needs)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --adapter-path")
     group = p.add_argument_group("adapter (fixed once a run starts)")
-    group.add_argument("--rank", type=positive_int, help=f"LoRA rank (default {DEFAULTS.rank})")
-    group.add_argument("--alpha", type=positive_float, help=f"LoRA alpha; the update is scaled by alpha/rank "
+    group.add_argument("--rank", type=count, help=f"LoRA rank (default {DEFAULTS.rank})")
+    group.add_argument("--alpha", type=bounded(ft.MAX_ALPHA), help=f"LoRA alpha; the update is scaled by alpha/rank "
                                                    f"(default {DEFAULTS.alpha:g})")
     group.add_argument("--targets", type=targets_list, metavar=",".join(TARGETS),
                        help=f"what gets adapters (default {','.join(DEFAULTS.targets)})")
     group.add_argument("--seed", type=seed_number, help=f"initialization and data order (default {DEFAULTS.seed})")
     train = p.add_argument_group("training")
-    train.add_argument("--iters", type=positive_int, help=f"optimizer steps (default {DEFAULTS.iters})")
-    train.add_argument("--batch-size", type=positive_int, help=f"conversations per step (default {DEFAULTS.batch_size})")
-    train.add_argument("--learning-rate", type=positive_float, help=f"Adam's learning rate (default {DEFAULTS.learning_rate:g})")
+    train.add_argument("--iters", type=count, help=f"optimizer steps (default {DEFAULTS.iters})")
+    train.add_argument("--batch-size", type=count, help=f"conversations per step (default {DEFAULTS.batch_size})")
+    train.add_argument("--learning-rate", type=bounded(ft.MAX_LEARNING_RATE), help=f"Adam's learning rate (default {DEFAULTS.learning_rate:g})")
     train.add_argument("--schedule", choices=ft.SCHEDULES,
                        help="learning rate: cosine decay to 0 at --iters (default), or constant")
-    train.add_argument("--max-seq-len", type=positive_int,
+    train.add_argument("--max-seq-len", type=count,
                        help=f"tokens per conversation at most (default {DEFAULTS.max_seq_len})")
     train.add_argument("--long", choices=ft.LONG, help="a longer conversation is truncated "
                                                       "(default) or skipped; either is reported")
@@ -66,11 +70,11 @@ def register(sub) -> None:
     train.add_argument("--dense-bits", type=int, choices=[8, 4],
                        help="quantize attention and embeddings at load (less memory; the router stays bf16)")
     report = p.add_argument_group("reporting and saving")
-    report.add_argument("--steps-per-report", type=positive_int, help=f"default {DEFAULTS.steps_per_report}")
-    report.add_argument("--steps-per-eval", type=positive_int,
+    report.add_argument("--steps-per-report", type=count, help=f"default {DEFAULTS.steps_per_report}")
+    report.add_argument("--steps-per-eval", type=count,
                         help=f"validation loss every N steps (default {DEFAULTS.steps_per_eval})")
-    report.add_argument("--val-batches", type=positive_int, help="validation batches (default: all)")
-    report.add_argument("--save-every", type=positive_int, help=f"save every N steps (default {DEFAULTS.save_every})")
+    report.add_argument("--val-batches", type=count, help="validation batches (default: all)")
+    report.add_argument("--save-every", type=count, help=f"save every N steps (default {DEFAULTS.save_every})")
     p.set_defaults(func=cmd_finetune)
 
     f = sub.add_parser("fuse", help="merge a LoRA adapter into a checkpoint",
@@ -86,6 +90,24 @@ def register(sub) -> None:
     f.add_argument("--requantize-experts", action="store_true",
                    help="merge the expert adapters into the MXFP4 weights (lossy; the error is reported)")
     f.set_defaults(func=cmd_fuse)
+
+
+def count(text: str) -> int:
+    """argparse type: a whole number from 1 to below ft.MAX_STEPS."""
+    value = positive_int(text)
+    if value >= ft.MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"must be below 2**53, got {text}")
+    return value
+
+
+def bounded(most: float):
+    """argparse type: a finite number above 0 and at most ``most``."""
+    def number(text: str) -> float:
+        value = positive_float(text)
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:g}, got {text}")
+        return value
+    return number
 
 
 def seed_number(text: str) -> int:
@@ -152,6 +174,40 @@ def settings_for(args) -> tuple[ft.Settings, dict | None]:
 
 
 def cmd_finetune(args) -> int:
+    made = not args.adapter_path.exists()
+    check_adapter_path(args.adapter_path)
+    with run_lock(args.adapter_path, made):
+        return finetune(args)
+
+
+LOCK_FILE = ".finetune.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, made: bool):
+    """Hold ``out`` for this run: a second run on the same directory would overwrite this one's
+    saves (both saying "Saved"). ``made`` (by this run): removed again if nothing was saved."""
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise CLIError(f"--adapter-path {out} is in use by another finetune run (process {holder or '?'}): "
+                       "wait for it to end, or choose another directory") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    try:
+        yield
+    finally:
+        if made and {p.name for p in out.iterdir()} <= {LOCK_FILE}:  # nothing was saved
+            (out / LOCK_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        os.close(fd)
+
+
+def finetune(args) -> int:
     settings, state = settings_for(args)
     if state and state["step"] >= settings.iters:
         raise CLIError(f"{args.adapter_path} is at step {state['step']} of {settings.iters}: "
@@ -168,6 +224,8 @@ def cmd_finetune(args) -> int:
             notes += valid_report.lines(settings.max_seq_len)
         for note in notes:
             print(terminal_safe(note))
+        if state:
+            check_same_base(args, directory, state)
         print(f"Loading {directory} ...", flush=True)
         model, _ = engine_thread().call(load, directory, dense_bits=args.dense_bits)
         ft.check_trainable(model)
@@ -183,12 +241,13 @@ def cmd_finetune(args) -> int:
     print(f"LoRA rank {settings.rank}, alpha {settings.alpha:g} on {', '.join(settings.targets)}; "
           f"{settings.iters} steps of {settings.batch_size}, {where}. Ctrl-C saves and stops.")
     stop = threading.Event()
-    events = ft.train(model, str(directory), train_set, settings, args.adapter_path, valid_set,
-                      ft.file_digest(args.data), state, stop)
+    events = ft.train(model, str(Path(directory).resolve()), train_set, settings, args.adapter_path, valid_set,
+                      ft.file_digest(args.data), state, stop, dense_bits=args.dense_bits)
     show = ProgressLine(sys.stdout)
     # Ctrl-C, and a kill or a closed terminal: save after the step under way, then stop
     stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, lambda sig, _: request_stop(stop, show, sig)) for sig in stopping}
+    requested = StopRequest(stop, show)
+    previous = {sig: signal.signal(sig, lambda sig, _: requested(sig)) for sig in stopping}
     try:
         for event in engine_thread().stream(events):
             show.event(event)
@@ -207,14 +266,41 @@ def cmd_finetune(args) -> int:
 STOP_CAUSES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "the terminal closed"}
 
 
-def request_stop(stop: threading.Event, show: ProgressLine, sig: int = signal.SIGINT) -> None:
+# A second stop this soon after the first is the same request: `timeout` signals the process and
+# its group, a closing terminal sends SIGHUP through the shell and the kernel.
+STOP_REPEAT_S = 1.5
+
+
+class StopRequest:
     """First Ctrl-C (or SIGTERM, or a closed terminal): finish the step under way, save, stop.
-    A second one stops at once."""
-    if stop.is_set():
-        raise KeyboardInterrupt
-    stop.set()
-    show.note(f"{STOP_CAUSES.get(sig, 'Ctrl-C')}: stopping after this step and saving "
-              "(Ctrl-C again to quit without saving)")
+    Ctrl-C again, from STOP_REPEAT_S after the first, quits without saving; any other repeat
+    changes nothing (the save goes on)."""
+
+    def __init__(self, stop: threading.Event, show: "ProgressLine"):
+        self.stop, self.show, self.first = stop, show, None
+
+    def __call__(self, sig: int = signal.SIGINT) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+            self.stop.set()
+            self.show.note(f"{STOP_CAUSES.get(sig, 'Ctrl-C')}: stopping after this step and saving "
+                           "(Ctrl-C again to quit without saving)")
+        elif sig == signal.SIGINT and now - self.first >= STOP_REPEAT_S:
+            raise KeyboardInterrupt
+
+
+def check_same_base(args, directory, state: dict) -> None:
+    """--resume: the run goes on with the model and dense precision it started with (else its
+    adapter would be trained on two models, and its ``base_model`` rewritten)."""
+    config = json.loads((args.adapter_path / ADAPTER_CONFIG).read_text())
+    base = config.get("base_model")
+    if isinstance(base, str) and Path(base).is_absolute() and Path(base) != Path(directory).resolve():
+        raise CLIError(f"--resume: this run started on {base}, not {Path(directory).resolve()}: "
+                       "give that --model, or start a new run")
+    if "dense_bits" in state and state["dense_bits"] != args.dense_bits:
+        was = f"--dense-bits {state['dense_bits']}" if state["dense_bits"] else "no --dense-bits"
+        raise CLIError(f"--resume: this run started with {was}: give the same")
 
 
 class ProgressLine:
