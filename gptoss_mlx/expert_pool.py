@@ -63,6 +63,7 @@ from .config import ModelConfig
 from .files import CheckpointError
 from .generate import NonFiniteLogitsError
 from .kernels import fused_fits
+from .memory import system_ram
 from .model import SORTED_GATHER_ROWS, Experts
 
 # One expert's six tensors, as the model names them under ``layers.N.mlp.experts``.
@@ -491,8 +492,7 @@ class ExpertPool:
         except (ValueError, TypeError, BufferError, OSError, RuntimeError):  # no view or address, or no copy
             return False
         if driver and not self.pinned_bytes:
-            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            self.pinned_bytes = self.source.pin(driver, int(PIN_SHARE * ram))
+            self.pinned_bytes = self.source.pin(driver, int(PIN_SHARE * system_ram()))
         # the host transfer's read of one tensor: (dst address, layer, tensor name, expert)
         self._copy, self._finish, self._views, self._rows = self.source.read_into, finish, views, rows
         self._driver = driver

@@ -168,10 +168,11 @@ class DataReport:
 
 
 def load_data(path: str | os.PathLike, tokenizer, max_seq_len: int,
-              long: str = "truncate") -> tuple[list[Example], DataReport]:
+              long: str = "truncate", purpose: str = "train on") -> tuple[list[Example], DataReport]:
     """Every conversation of a JSONL file, rendered and masked. A conversation longer than
     ``max_seq_len`` tokens is cut there (``truncate``; skipped if nothing trained is left) or
-    skipped (``skip``); the report lists them."""
+    skipped (``skip``); the report lists them. ``purpose``: what the file is for, in the error
+    when it holds none."""
     path = Path(path).expanduser()
     if long not in LONG:
         raise ValueError(f"long must be one of {', '.join(LONG)}, got {long!r}")
@@ -203,8 +204,10 @@ def load_data(path: str | os.PathLike, tokenizer, max_seq_len: int,
         examples.append(Example(tokens, mask, n))
     if not examples:
         dropped = len(report.skipped)
-        raise DataError(f"{path}: no conversations to train on" + (
-            f": all {dropped} are longer than --max-seq-len {max_seq_len} tokens and were skipped"
+        why = (" and were skipped" if long == "skip" else
+               ", and cut to that length none keeps any of the answer it trains on: raise --max-seq-len")
+        raise DataError(f"{path}: no conversations to {purpose}" + (
+            f": all {dropped} are longer than --max-seq-len {max_seq_len} tokens{why}"
             if dropped else " (the file has none)"))
     report.examples = len(examples)
     return examples, report
@@ -284,9 +287,13 @@ def mean_loss(model, inputs, targets, positions, checkpoint=False):
 
 def evaluate(model: Model, examples: list[Example], batch_size: int,
              max_batches: int | None = None) -> float:
-    """Mean loss per trained token over ``examples``."""
+    """Mean loss per trained token over ``examples`` (``max_batches`` of its batches, spread over
+    them from the shortest to the longest)."""
     total, count = 0.0, 0
-    for group in batch_groups(examples, batch_size)[:max_batches]:
+    groups = batch_groups(examples, batch_size)
+    if max_batches is not None and max_batches < len(groups):
+        groups = [groups[i] for i in sorted(set(np.linspace(0, len(groups) - 1, max_batches).round().astype(int)))]
+    for group in groups:
         inputs, targets, positions, _ = make_batch([examples[i] for i in group])
         total += loss_sum(model, inputs, targets, positions).item()
         count += targets.size
@@ -399,8 +406,9 @@ def read_state(directory: str | os.PathLike) -> dict:
     """What an interrupted or finished run left in its adapter directory (for --resume)."""
     directory = Path(directory)
     path = directory / STATE_FILE
-    if not path.is_file() or not (directory / OPTIMIZER_FILE).is_file():
-        raise DataError(f"{directory}: nothing to resume (no {STATE_FILE} and {OPTIMIZER_FILE})")
+    missing = [name for name in (STATE_FILE, OPTIMIZER_FILE) if not (directory / name).is_file()]
+    if missing:
+        raise DataError(f"{directory}: nothing to resume (no {' and no '.join(missing)})")
     state = read_json_file(path, DataError)
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state["step"], bool) \
             or state["step"] < 0 or not isinstance(state.get("settings"), dict):

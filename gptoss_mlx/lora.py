@@ -208,6 +208,8 @@ def adapter_files(model: Model, directory: str | os.PathLike, config: LoRAConfig
 
 def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:
     path = Path(directory).expanduser() / ADAPTER_CONFIG
+    if path.parent.exists() and not path.parent.is_dir():
+        raise AdapterError(f"{path.parent} is a file, not an adapter directory")
     if not path.parent.is_dir():
         raise AdapterError(f"{path.parent}: no such adapter directory")
     if not os.path.lexists(path):

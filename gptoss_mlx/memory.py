@@ -118,8 +118,12 @@ def device_limit() -> tuple[float, str]:
         return float(info["max_recommended_working_set_size"]), "Metal recommended working set"
     if mx.default_device() == mx.gpu and info.get("memory_size"):
         return float(info["memory_size"]), "GPU memory"
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return float(ram), "system RAM"
+    return system_ram(), "system RAM"
+
+
+def system_ram() -> float:
+    """The machine's memory, in bytes."""
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 # ---- sizes -------------------------------------------------------------------------------------

@@ -129,6 +129,34 @@ def test_long_conversations_are_truncated_or_skipped_and_reported(tok, tmp_path)
     assert len(examples) == 1 and report.skipped == [2]
     with pytest.raises(ft.DataError, match="all 2 are longer than --max-seq-len 20 tokens and were skipped"):
         ft.load_data(path, tok, 20, long="skip")
+    # truncated to nothing of their answers (it said "were skipped", not why), and a --valid file
+    with pytest.raises(ft.DataError, match="no conversations to validate on: all 2 .* cut to that length "
+                                           "none keeps any of the answer it trains on: raise --max-seq-len"):
+        ft.load_data(path, tok, 20, purpose="validate on")
+
+
+def test_small_things_from_a_testers_list(sharp, tok, tmp_path):
+    """--val-batches N evaluated the N batches of the shortest conversations (the loss was
+    biased); --targets router,router was stored twice; --adapter FILE said "no such adapter
+    directory"; --resume with only the optimizer missing said both were."""
+    from gptoss_mlx.cli.finetune import targets_list
+    from gptoss_mlx.lora import read_adapter_config
+
+    model, _ = load(sharp)
+    rows = [capitals_line(country, city * n) for n, (country, city) in enumerate(CAPITALS[:5], 1)]
+    examples, _ = ft.load_data(write_jsonl(tmp_path / "v.jsonl", rows), tok, 512)
+    ends = sorted(examples, key=lambda e: len(e.tokens))
+    assert ft.evaluate(model, examples, 1, max_batches=2) == pytest.approx(
+        ft.evaluate(model, [ends[0], ends[-1]], 1), rel=1e-6)  # the shortest and the longest
+    assert targets_list("router,attention,router") == ("router", "attention")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(AdapterError, match="is a file, not an adapter directory"):
+        read_adapter_config(tmp_path / "file")
+    out = tmp_path / "out"
+    list(ft.train(model, str(sharp), examples[:1], ft.Settings(rank=2, iters=1), out))
+    (out / ft.OPTIMIZER_FILE).unlink()
+    with pytest.raises(ft.DataError, match=r"nothing to resume \(no optimizer.safetensors\)"):
+        ft.read_state(out)
 
 
 def test_a_byte_order_mark_before_the_first_line_is_skipped(tok, tmp_path):
@@ -476,6 +504,29 @@ def test_a_fused_checkpoint_gives_the_logits_of_base_plus_adapter(sharp, tok, tm
                                                   r"with --requantize-experts"):
             load(fused_dir, memory_limit="1.02307GB", dense_bits=4)
         assert load(tmp_path / "requantized", memory_limit="1.02307GB", dense_bits=4)[0].expert_pool
+
+
+def test_fuse_runs_where_the_gpu_plan_would_quantize_and_a_fused_checkpoint_is_not_fine_tuned(
+        sharp, tmp_path, monkeypatch, capsys):
+    """On a small machine fuse loaded through the GPU's memory plan (8-bit dense layers) and
+    failed, blaming --dense-bits, which it has not; finetune on a fused checkpoint that keeps
+    its expert adapter said "the model already has an adapter" after loading it."""
+    random_adapter(sharp, tmp_path / "adapter", ("attention", "experts"))
+    fuse = ["fuse", "--model", str(sharp), "--adapter", str(tmp_path / "adapter")]
+    assert main([*fuse, "--out", str(tmp_path / "roomy")]) == 0
+    monkeypatch.setenv("GPTOSS_MLX_DEVICE_MEMORY", "1.05GB")  # the plan: dense layers 8-bit
+    import mlx.nn as nn
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in load(sharp)[0].named_modules())
+    assert main([*fuse, "--out", str(tmp_path / "small")]) == 0
+    for name in ("model-00001-of-00001.safetensors", f"{FUSED_EXPERT_ADAPTER}/{ADAPTER_WEIGHTS}"):
+        assert (tmp_path / "roomy" / name).read_bytes() == (tmp_path / "small" / name).read_bytes()
+    capsys.readouterr()
+    data = write_jsonl(tmp_path / "train.jsonl", [capitals_line(*c) for c in CAPITALS[:2]])
+    assert main(["finetune", "--model", str(tmp_path / "small"), "--data", str(data),
+                 "--adapter-path", str(tmp_path / "again"), "--targets", "attention"]) == 2
+    err = capsys.readouterr().err
+    assert "is a fused checkpoint whose expert adapter stays beside its experts" in err
+    assert "--requantize-experts" in err and "Loading" not in err
 
 
 @pytest.mark.parametrize("targets", [("attention",), ("experts",)])

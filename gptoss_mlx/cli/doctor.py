@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 
 import mlx.core as mx
@@ -11,6 +10,7 @@ from ..config import PRESETS
 from ..kernels import registry
 from ..memory import (
     DEFAULT_CONTEXT, DENSE_BITS, GB, MemoryPlanError, choose_plan, device_limit, expert_bytes, plan, size,
+    system_ram,
 )
 from ..tools.sandbox import sandbox_status
 from .common import CLIError
@@ -27,7 +27,7 @@ def page_cache_room(limit: float, source: str) -> float:
     """RAM the OS page cache may hold streamed experts in: the machine's RAM less the GPU's share
     (a simulated device: a Mac whose recommended working set, about two thirds of its RAM, is
     ``limit``)."""
-    ram = 1.5 * limit if source.startswith("simulated") else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ram = 1.5 * limit if source.startswith("simulated") else system_ram()
     return max(ram - limit, 0.0)
 
 

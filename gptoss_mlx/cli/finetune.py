@@ -21,13 +21,14 @@ from .. import finetune as ft
 from ..config import ConfigError
 from ..engine_thread import engine_thread
 from ..loading import (
-    COPIED, CheckpointError, checkpoint_tokenizer, find_layout, load, resolve_checkpoint, save_weights,
+    COPIED, CheckpointError, checkpoint_tokenizer, find_layout, load, read_config, resolve_checkpoint, save_weights,
 )
 from ..lora import (
     ADAPTER_CONFIG, FUSED_EXPERT_ADAPTER, TARGETS, AdapterError, adapter_weights,
     expert_adapter_config, fuse_dense, hf_tensors, non_finite, read_adapter_config,
     requantize_experts, save_adapter,
 )
+from ..memory import MemoryPlanError, system_ram
 from ..tokenizer import TokenizerError
 from . import common
 from .common import CLIError, add_model_argument, positive_float, positive_int, terminal_safe
@@ -141,7 +142,7 @@ def check_adapter_path(out: Path) -> None:
 
 
 def targets_list(text: str) -> tuple[str, ...]:
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))  # each once
     unknown = [t for t in names if t not in TARGETS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"expected some of {','.join(TARGETS)}, got {text!r}")
@@ -220,10 +221,15 @@ def finetune(args) -> int:
         valid_set = None
         notes = report.lines(settings.max_seq_len)
         if args.valid:
-            valid_set, valid_report = ft.load_data(args.valid, tokenizer, settings.max_seq_len, settings.long)
+            valid_set, valid_report = ft.load_data(args.valid, tokenizer, settings.max_seq_len, settings.long,
+                                                   purpose="validate on")
             notes += valid_report.lines(settings.max_seq_len)
         for note in notes:
             print(terminal_safe(note))
+        if (directory / FUSED_EXPERT_ADAPTER).is_dir():  # (found after the load, as "already has an adapter")
+            raise CLIError(f"{directory} is a fused checkpoint whose expert adapter stays beside its experts "
+                           f"({FUSED_EXPERT_ADAPTER}/): fine-tuning needs plain experts. Fuse it again with "
+                           "--requantize-experts (the adapter merged into them), or train on the base model")
         if state:
             check_same_base(args, directory, state)
         print(f"Loading {directory} ...", flush=True)
@@ -355,15 +361,23 @@ def cmd_fuse(args) -> int:
         try:
             config = read_adapter_config(args.adapter)
             directory = resolve_checkpoint(args.model)
+            stored = (read_config(directory).quantization or {}).get("bits")
+            if stored:
+                raise CLIError(f"{directory}: its dense layers are stored {stored}-bit (a checkpoint "
+                               "`models convert` wrote), and fusing needs them bf16: fuse into the "
+                               "original checkpoint")
             print(f"Loading {directory} with the adapter {args.adapter} ...", file=sys.stderr, flush=True)
-            model, _ = engine_thread().call(load, directory, adapter=args.adapter)
+            # bf16 and every expert in memory, whatever this machine's GPU plan would choose to
+            # run it: fusing reads each weight once and writes it out, within the RAM
+            model, _ = engine_thread().call(load, directory, adapter=args.adapter, dense_bits=16,
+                                            memory_limit=system_ram(), max_context=1)
             report = engine_thread().call(fuse, model, config, out, args.requantize_experts)
-        except (CheckpointError, ConfigError, TokenizerError, AdapterError) as e:
+        except (CheckpointError, ConfigError, TokenizerError, AdapterError, MemoryPlanError) as e:
             raise CLIError(str(e)) from None
         for name in COPIED:  # tokenizer and generation config; an original/ layout's are one level up
             for folder in (find_layout(directory)[1], directory):
-                if (folder / name).is_file():
-                    shutil.copy(folder / name, out / name)
+                if (folder / name).is_file():  # the bytes, not a read-only mode
+                    shutil.copyfile(folder / name, out / name)
                     break
         kept = (out / FUSED_EXPERT_ADAPTER).is_dir()
     if report:
