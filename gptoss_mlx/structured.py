@@ -29,6 +29,7 @@ from __future__ import annotations
 import array
 import json
 import math
+from decimal import Decimal
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -158,7 +159,8 @@ def grammar_bounds(node: dict) -> dict:
     if not given:
         return {}
     types = node["type"] if isinstance(node.get("type"), list) else [node.get("type")]
-    if "integer" in types and "number" not in types:  # integers: exact arithmetic, inclusive
+    integers = "integer" in types and "number" not in types
+    if integers:  # exact arithmetic, inclusive
         inclusive = {"minimum": math.ceil, "exclusiveMinimum": lambda v: math.floor(v) + 1,
                      "maximum": math.floor, "exclusiveMaximum": lambda v: math.ceil(v) - 1}
         bounds = [(k, "minimum" if k in LOWS else "maximum", inclusive[k](v)) for k, v in given.items()]
@@ -176,7 +178,7 @@ def grammar_bounds(node: dict) -> dict:
             kind, value = ("minimum", -BOUND_LIMIT) if low else ("maximum", BOUND_LIMIT)
         tighter = max if low else min  # of two bounds of a kind
         exact[kind] = tighter(exact[kind], value) if kind in exact else value
-        value = _float64_inside(value, low)
+        value = _float64_inside(value, low, shortest=not integers)
         out[kind] = tighter(out[kind], value) if kind in out else value
     lows, highs = [out[k] for k in LOWS if k in out], [out[k] for k in HIGHS if k in out]
     if lows and not highs and max(lows) >= ONE_SIDED:
@@ -190,11 +192,17 @@ def grammar_bounds(node: dict) -> dict:
     return out
 
 
-def _float64_inside(value, low: bool):
-    """``value`` as the nearest float64 inside the range (an exact int where whole)."""
+def _float64_inside(value, low: bool, shortest: bool = False):
+    """``value`` as the nearest float64 inside the range (an exact int where whole). ``shortest``
+    (a number's bound, which llguidance writes out as its shortest decimal, 4611686018427388000
+    for 2**62): that decimal inside the range too, from 2**53 on (where whole numbers have more
+    digits than a float64 holds, and a validator compares them exactly)."""
     f = float(value)
+    inward = math.inf if low else -math.inf
     if (f < value) if low else (f > value):
-        f = math.nextafter(f, math.inf if low else -math.inf)
+        f = math.nextafter(f, inward)
+    while shortest and abs(f) >= 2**53 and ((Decimal(repr(f)) < value) if low else (Decimal(repr(f)) > value)):
+        f = math.nextafter(f, inward)
     return int(f) if f == int(f) and abs(f) >= 2**53 else (value if f == value else f)
 
 

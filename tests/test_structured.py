@@ -198,7 +198,11 @@ def test_integer_bounds_beyond_64_bits_that_only_widen_the_range_are_kept(tok):
     # bounds beyond 2**53 were rounded to float64 either way: these let the bound through
     ({"type": "integer", "minimum": 10**17, "exclusiveMaximum": 10**18},
      ["999999999999999872", "100000000000000000"], ["1000000000000000000"]),
-    ({"type": "integer", "minimum": 2**53 + 1, "maximum": 2**60}, ["9007199254740994"], ["9007199254740992"])])
+    ({"type": "integer", "minimum": 2**53 + 1, "maximum": 2**60}, ["9007199254740994"], ["9007199254740992"]),
+    # a number's bound is written as its shortest decimal: 4611686018427388000 for 2**62
+    ({"type": "number", "minimum": 0, "maximum": 2**62}, ["4611686018427387000", "5"],
+     ["4611686018427387905", "4611686018427388000"]),
+    ({"type": "number", "minimum": -4.611686018427388e18}, ["-4611686018427387000", "7"], ["-4611686018427387905"])])
 def test_number_ranges_at_the_edges_of_64_bits_are_enforced(tok, schema, good, bad):
     """llguidance counts bounds in 64 bits: beyond about ±9.2e18, or one-sided from 1e18 on,
     it refused with its raw "Failed to generate regex" (the int64 range [-2**63, 2**63-1] that
