@@ -124,31 +124,73 @@ def compile_schema(tokenizer, schema, where: str = "response_format") -> Grammar
 BOUND_LIMIT = 2**63 - 1024  # a float64 exactly
 ONE_SIDED = 10**17
 LOWS, HIGHS = ("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")
-DATA = ("const", "enum", "default", "examples")  # values, not schemas: never read as keywords
 
 
 def unenforced_problem(schema) -> str | None:
     """What in ``schema`` the constraint would change without a word: a regular expression
-    ending in a lone backslash (invalid; llguidance drops the backslash), or a number range it
-    cannot bound (see :func:`grammar_bounds`)."""
+    ending in a lone backslash (invalid; llguidance drops the backslash), a number range it
+    cannot bound (see :func:`grammar_bounds`), a number beyond float64 (read as infinity), or a
+    whole number in ``const`` or ``enum`` that llguidance, which writes numbers as float64s,
+    would write as another (9007199254740993 as 9007199254740992). Keywords are read where a
+    schema is, not in data or among property names."""
     def walk(node) -> str | None:
-        if isinstance(node, dict):
-            patterns = [node.get("pattern")] + list(node.get("patternProperties") or {})
-            for pattern in patterns:
-                if isinstance(pattern, str) and (len(pattern) - len(pattern.rstrip("\\"))) % 2:
-                    return f"the pattern {pattern!r} ends in a lone backslash"
-            try:
-                grammar_bounds(node)
-            except ValueError as e:
-                return str(e)
-            children = [value for key, value in node.items() if key not in DATA]
-        elif isinstance(node, list):
-            children = node
-        else:
+        if not isinstance(node, dict):
             return None
-        return next((p for p in map(walk, children) if p), None)
+        patterns = [node.get("pattern")]
+        if isinstance(node.get("patternProperties"), dict):
+            patterns += list(node["patternProperties"])
+        for pattern in patterns:
+            if isinstance(pattern, str) and (len(pattern) - len(pattern.rstrip("\\"))) % 2:
+                return f"the pattern {pattern!r} ends in a lone backslash"
+        for key in LOWS + HIGHS + ("multipleOf",):
+            if isinstance(node.get(key), float) and not math.isfinite(node[key]):
+                return f"{key}: {node[key]} is beyond float64 (a number written too large reads as infinity)"
+        for key in ("const", "enum"):
+            number = _inexact_number(node.get(key)) if key in node else None
+            if number is not None:
+                return (f"the {key} value {number} is a number llguidance cannot write exactly (it "
+                        f"writes float64s: {_shortest(number).normalize():f}): give it as a string")
+        try:
+            grammar_bounds(node)
+        except ValueError as e:
+            return str(e)
+        return next((p for p in map(walk, _subschemas(node)) if p), None)
 
     return walk(schema)
+
+
+def _subschemas(node: dict) -> list:
+    """The schemas directly inside a schema node."""
+    out = []
+    for key, value in node.items():
+        if key in SCHEMA_MAPS and isinstance(value, dict):
+            out += value.values()
+        elif key in SCHEMA_LISTS + SCHEMAS and isinstance(value, list):
+            out += value
+        elif key in SCHEMAS:
+            out.append(value)
+    return out
+
+
+def _inexact_number(value):
+    """The first number in ``value`` (JSON data) that llguidance would not write as itself:
+    a float beyond float64 (infinity), or a whole number its float64's shortest decimal misses."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return None
+    if isinstance(value, float):
+        return value if not math.isfinite(value) else None
+    if isinstance(value, int):
+        return value if abs(value) > 2**53 and _shortest(value) != value else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((n for n in map(_inexact_number, items) if n is not None), None)
+
+
+def _shortest(value):
+    """How llguidance writes a number: its float64's shortest decimal (exact, as a Decimal)."""
+    try:
+        return Decimal(repr(float(value)))
+    except OverflowError:
+        return Decimal("Infinity")
 
 
 def grammar_bounds(node: dict) -> dict:
@@ -167,7 +209,6 @@ def grammar_bounds(node: dict) -> dict:
     else:
         bounds = [(k, k, v) for k, v in given.items()]
     out: dict = {}
-    exact: dict = {}  # the same before rounding to float64
     for key, kind, value in bounds:
         low = kind in LOWS
         if (value > BOUND_LIMIT or (value == BOUND_LIMIT and kind == "exclusiveMinimum")) if low else \
@@ -176,20 +217,37 @@ def grammar_bounds(node: dict) -> dict:
                              "the largest the constraint can bound")
         if abs(value) > BOUND_LIMIT:  # beyond, widening the range: moved to the limit, inclusive
             kind, value = ("minimum", -BOUND_LIMIT) if low else ("maximum", BOUND_LIMIT)
-        tighter = max if low else min  # of two bounds of a kind
-        exact[kind] = tighter(exact[kind], value) if kind in exact else value
+        elif kind in ("exclusiveMinimum", "exclusiveMaximum") and abs(value) >= 2**53:
+            # llguidance lets such a bound itself through (1e18 for exclusiveMaximum 1e18): the
+            # float64 next inside it instead, inclusive
+            f = float(value)
+            kind = "minimum" if low else "maximum"
+            value = f if ((f > value) if low else (f < value)) else math.nextafter(f, math.inf if low else -math.inf)
         value = _float64_inside(value, low, shortest=not integers)
+        tighter = max if low else min  # of two bounds of a kind
         out[kind] = tighter(out[kind], value) if kind in out else value
     lows, highs = [out[k] for k in LOWS if k in out], [out[k] for k in HIGHS if k in out]
     if lows and not highs and max(lows) >= ONE_SIDED:
-        out["maximum"] = exact["maximum"] = BOUND_LIMIT
+        out["maximum"] = BOUND_LIMIT
     elif highs and not lows and min(highs) <= -ONE_SIDED:
-        out["minimum"] = exact["minimum"] = -BOUND_LIMIT
-    if ("minimum" in out and "maximum" in out and out["minimum"] > out["maximum"]
-            and exact["minimum"] <= exact["maximum"]):  # (an empty range is llguidance's to name)
-        raise ValueError(f"the range from {exact['minimum']} to {exact['maximum']} holds no number the "
-                         "constraint can bound exactly (beyond 2**53 its bounds step as float64 numbers do)")
+        out["minimum"] = -BOUND_LIMIT
+    if _empty(out) and not _empty({k: v for k, _, v in bounds} if integers else given):
+        low = next(f"{k} {v}" for k, v in given.items() if k in LOWS)
+        high = next(f"{k} {v}" for k, v in given.items() if k in HIGHS)
+        raise ValueError(f"the range of {low} and {high} holds no number the constraint can bound "
+                         "exactly (beyond 2**53 its bounds step as float64 numbers do)")
     return out
+
+
+def _empty(bounds: dict) -> bool:
+    """Whether no number meets ``bounds`` (keywords to values)."""
+    lows = [(v, k == "exclusiveMinimum") for k, v in bounds.items() if k in LOWS]
+    highs = [(v, k == "exclusiveMaximum") for k, v in bounds.items() if k in HIGHS]
+    if not lows or not highs:
+        return False
+    low = max(lows, key=lambda b: (b[0], b[1]))
+    high = min(highs, key=lambda b: (b[0], not b[1]))
+    return low[0] > high[0] or (low[0] == high[0] and (low[1] or high[1]))
 
 
 def _float64_inside(value, low: bool, shortest: bool = False):
@@ -337,6 +395,8 @@ def grammar_schema(schema):
         if near and _is_number(given):
             del out[exclusive]
             inside = bound + sign * EXCLUSIVE_MARGIN
+            if inside == bound:  # the margin is below a float64's step here (from about 1.6e7)
+                inside = math.nextafter(bound, sign * math.inf)
             out[inclusive] = max(inside, given) if sign > 0 else min(inside, given)
     return out
 

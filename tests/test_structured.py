@@ -168,9 +168,19 @@ def test_an_unenforceable_schema_is_named(tok, tiny):
     ({"type": "integer", "minimum": -2**63 + 512, "maximum": -2**63 + 512}, "leaves only numbers beyond ±9223372036854774784"),
     ({"anyOf": [{"type": "integer"}, {"type": "string"}], "minimum": -1e300, "maximum": -1e300}, "maximum: -1e"),
     ({"type": "number", "minimum": 1e19}, "minimum: 1e\\+19 leaves only numbers beyond"),  # llguidance's raw error
+    # whole numbers llguidance would write as others (it writes float64s)
+    ({"type": "object", "properties": {"id": {"enum": [9007199254740993]}}},
+     "the enum value 9007199254740993 is a number llguidance cannot write exactly .*9007199254740992\\): give it as a string"),
+    ({"const": {"a": [1, 2**60 + 1]}}, "the const value 1152921504606846977"),
+    ({"type": "number", "minimum": float("inf")}, "minimum: inf is beyond float64"),  # 1e400 in a request
+    # a property named like a keyword hid what was inside it from these checks (a raw ValueError, a 500)
+    ({"type": "object", "properties": {"const": {"type": "integer", "minimum": -2**63, "maximum": -2**63 + 5}}},
+     "leaves only numbers beyond"),
+    ({"properties": {"default": {"type": "string", "pattern": "a\\"}}}, "ends in a lone backslash"),
     # no float64 between the bounds: llguidance would round them outwards
     ({"type": "integer", "exclusiveMinimum": 999999999999999935, "exclusiveMaximum": 10**18},
-     "the range from 999999999999999936 to 999999999999999999 holds no number the constraint can bound exactly"),
+     "the range of exclusiveMinimum 999999999999999935 and exclusiveMaximum 1000000000000000000 holds no "
+     "number the constraint can bound exactly"),
     ({"type": "string", "pattern": "^xyz\\"}, "the pattern '\\^xyz\\\\\\\\' ends in a lone backslash"),
     ({"type": "object", "patternProperties": {"a\\\\\\": {}}}, "ends in a lone backslash"),
     ({"name": "n", "schema": {"type": "integer"}, "strict": True}, "is an OpenAI json_schema object")])
@@ -184,6 +194,8 @@ def test_a_schema_the_constraint_would_change_without_a_word_is_refused(tok, sch
 
 def test_integer_bounds_beyond_64_bits_that_only_widen_the_range_are_kept(tok):
     assert compile_schema(tok, {"type": "integer", "maximum": 1e30})
+    # a property named like a keyword is a property (it was read as the keyword: a TypeError)
+    assert compile_schema(tok, {"type": "object", "properties": {"patternProperties": True, "enum": {"type": "string"}}})
     assert compile_schema(tok, {"type": "object", "properties": {"pattern": {"type": "string"}, "name": {},
                                                                "schema": {"type": "object"}}})
 
@@ -202,7 +214,12 @@ def test_integer_bounds_beyond_64_bits_that_only_widen_the_range_are_kept(tok):
     # a number's bound is written as its shortest decimal: 4611686018427388000 for 2**62
     ({"type": "number", "minimum": 0, "maximum": 2**62}, ["4611686018427387000", "5"],
      ["4611686018427387905", "4611686018427388000"]),
-    ({"type": "number", "minimum": -4.611686018427388e18}, ["-4611686018427387000", "7"], ["-4611686018427387905"])])
+    ({"type": "number", "minimum": -4.611686018427388e18}, ["-4611686018427387000", "7"], ["-4611686018427387905"]),
+    # an exclusive bound made inclusive 1e-9 inside: from about 1.6e7 that is the bound itself
+    ({"type": "number", "exclusiveMinimum": 20000000, "maximum": 20000000.5}, ["20000000.25"], ["20000000"]),
+    ({"type": "number", "minimum": -20000000.5, "exclusiveMaximum": -20000000}, ["-20000000.25"], ["-20000000"]),
+    # an exclusive bound this large was let through by llguidance itself
+    ({"type": "number", "minimum": 0, "exclusiveMaximum": 10**18}, ["999999999999999000"], ["1000000000000000000"])])
 def test_number_ranges_at_the_edges_of_64_bits_are_enforced(tok, schema, good, bad):
     """llguidance counts bounds in 64 bits: beyond about ±9.2e18, or one-sided from 1e18 on,
     it refused with its raw "Failed to generate regex" (the int64 range [-2**63, 2**63-1] that
