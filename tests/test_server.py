@@ -834,6 +834,9 @@ def test_the_response_store_is_bounded_by_bytes_too():
     store.delete("r4")
     store.put("r5", [{"content": "z" * 3000}], {"id": "r5"})
     assert store.get("r3") and store.get("r5")
+    store.put("wide", [{"content": "😀" * 2000}], {"id": "wide"})  # 8 KB in memory, not 2,000 characters
+    with pytest.raises(APIError):
+        store.get("r3")
 
 
 def test_a_client_that_leaves_while_sending_its_body_is_one_line_in_the_log(url, caplog):

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import re
+import sys
 from collections import OrderedDict
 
 from starlette.responses import JSONResponse, StreamingResponse
@@ -102,9 +103,10 @@ class ResponseStore:
 
 
 def _text_bytes(value) -> int:
-    """About the memory ``value`` (JSON-like) holds: its strings' lengths, and a little per item."""
+    """About the memory ``value`` (JSON-like) holds: its strings' (1, 2 or 4 bytes a character,
+    as Python stores them), and a little per item."""
     if isinstance(value, str):
-        return len(value)
+        return sys.getsizeof(value)
     if isinstance(value, dict):
         return 16 + sum(len(k) + _text_bytes(v) for k, v in value.items())
     if isinstance(value, list):
