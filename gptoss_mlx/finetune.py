@@ -454,12 +454,12 @@ def check_trainable(model: Model) -> None:
 def train(model: Model, base_model: str, train_set: list[Example], settings: Settings,
           out: str | os.PathLike, valid_set: list[Example] | None = None, data_digest: str = "",
           resume: dict | None = None, stop: threading.Event | None = None,
-          dense_bits: int | None = None) -> Iterator[TrainEvent]:
+          recorded: dict | None = None) -> Iterator[TrainEvent]:
     """Train an adapter on ``model`` (a base model; wrapped in place) and save it in ``out``,
     yielding progress. ``resume``: :func:`read_state`'s dict, continued where it stopped.
-    ``stop`` set: the run saves after the step under way and ends. ``dense_bits``: how the
-    model's dense layers were loaded (recorded: a resumed run must load them the same). Runs on
-    the calling thread (give it to the engine thread)."""
+    ``stop`` set: the run saves after the step under way and ends. ``recorded``: what else the
+    run depends on (the CLI's: the dense precision and the base's weights), kept in its state
+    for --resume to check. Runs on the calling thread (give it to the engine thread)."""
     out = Path(out)
     check_trainable(model)
     mx.random.seed(settings.seed)
@@ -497,7 +497,7 @@ def train(model: Model, base_model: str, train_set: list[Example], settings: Set
             written = pairs + written
             mx.save_safetensors(str(written[2][0]), dict(tree_flatten(optimizer.state)), metadata=stamp)
             written[3][0].write_text(json.dumps({"step": step, "settings": _json_settings(settings),
-                                                 "data": data_digest, "dense_bits": dense_bits}, indent=2))
+                                                 "data": data_digest, **(recorded or {})}, indent=2))
             for tmp, path in written:
                 os.replace(tmp, path)
         except (OSError, RuntimeError) as e:  # MLX's writer raises RuntimeError (a full disk)

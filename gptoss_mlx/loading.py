@@ -235,6 +235,11 @@ def files_digest(files: list[Path], samples: int = 8, size: int = 4096) -> int:
     return crc & 0x7FFFFFFF
 
 
+def checkpoint_digest(directory: Path) -> int:
+    """:func:`files_digest` of a checkpoint's weight files: the same checkpoint wherever it lies."""
+    return files_digest(_weight_files(find_layout(directory)[1]))
+
+
 def find_layout(directory: Path) -> tuple[str, Path]:
     """(layout, directory holding its config.json and weights)."""
     for candidate in (directory, directory / "original"):

@@ -438,13 +438,16 @@ def test_two_runs_on_one_adapter_directory_and_a_resume_on_another_base_are_refu
     assert main([*run, "--iters", "1"]) == 0
     assert ft.read_state(out)["step"] == 1
     import shutil
-    other = tmp_path / "other"
-    shutil.copytree(sharp, other)
-    for flags, says in ((["--model", str(other)], f"this run started on {sharp.resolve()}"),
+    other = tmp_path / "other"  # other weights
+    mtc.write_hf(other, mtc.TINY, seed=4)
+    mtc.copy_tokenizer(other, sharp / "tokenizer.json")
+    for flags, says in ((["--model", str(other)], f"this run started on other weights ({sharp.resolve()})"),
                         (["--dense-bits", "8"], "this run started with no --dense-bits")):
         assert main([*run, "--iters", "2", "--resume", *flags]) == 2
         assert says in capsys.readouterr().err
-    assert main([*run, "--iters", "2", "--resume"]) == 0
+    moved = tmp_path / "moved"  # the same weights elsewhere (moved, or copied): it goes on
+    shutil.copytree(sharp, moved)
+    assert main([*run[:2], str(moved), *run[3:], "--iters", "2", "--resume"]) == 0
     assert ft.read_state(out)["step"] == 2
     empty = tmp_path / "never"  # a start that fails leaves no directory behind
     assert main([*run[:-4], "--adapter-path", str(empty), "--data", str(tmp_path / "missing.jsonl")]) == 2

@@ -21,7 +21,8 @@ from .. import finetune as ft
 from ..config import ConfigError
 from ..engine_thread import engine_thread
 from ..loading import (
-    COPIED, CheckpointError, checkpoint_tokenizer, find_layout, load, read_config, resolve_checkpoint, save_weights,
+    COPIED, CheckpointError, checkpoint_digest, checkpoint_tokenizer, find_layout, load, read_config,
+    resolve_checkpoint, save_weights,
 )
 from ..lora import (
     ADAPTER_CONFIG, FUSED_EXPERT_ADAPTER, TARGETS, AdapterError, adapter_weights,
@@ -248,7 +249,8 @@ def finetune(args) -> int:
           f"{settings.iters} steps of {settings.batch_size}, {where}. Ctrl-C saves and stops.")
     stop = threading.Event()
     events = ft.train(model, str(Path(directory).resolve()), train_set, settings, args.adapter_path, valid_set,
-                      ft.file_digest(args.data), state, stop, dense_bits=args.dense_bits)
+                      ft.file_digest(args.data), state, stop,
+                      recorded={"dense_bits": args.dense_bits, "base_digest": checkpoint_digest(directory)})
     show = ProgressLine(sys.stdout)
     # Ctrl-C, and a kill or a closed terminal: save after the step under way, then stop
     stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -300,10 +302,14 @@ def check_same_base(args, directory, state: dict) -> None:
     """--resume: the run goes on with the model and dense precision it started with (else its
     adapter would be trained on two models, and its ``base_model`` rewritten)."""
     config = json.loads((args.adapter_path / ADAPTER_CONFIG).read_text())
-    base = config.get("base_model")
-    if isinstance(base, str) and Path(base).is_absolute() and Path(base) != Path(directory).resolve():
-        raise CLIError(f"--resume: this run started on {base}, not {Path(directory).resolve()}: "
-                       "give that --model, or start a new run")
+    base, here = config.get("base_model"), Path(directory).resolve()
+    moved = isinstance(base, str) and Path(base).is_absolute() and Path(base) != here
+    if "base_digest" in state:  # the same weights wherever they lie now (moved, copied)
+        if state["base_digest"] != checkpoint_digest(directory):
+            raise CLIError(f"--resume: this run started on other weights ({base}), not those in {here}: "
+                           "give that --model, or start a new run")
+    elif moved:
+        raise CLIError(f"--resume: this run started on {base}, not {here}: give that --model, or start a new run")
     if "dense_bits" in state and state["dense_bits"] != args.dense_bits:
         was = f"--dense-bits {state['dense_bits']}" if state["dense_bits"] else "no --dense-bits"
         raise CLIError(f"--resume: this run started with {was}: give the same")
