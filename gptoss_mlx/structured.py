@@ -231,7 +231,7 @@ def grammar_bounds(node: dict) -> dict:
         out["maximum"] = BOUND_LIMIT
     elif highs and not lows and min(highs) <= -ONE_SIDED:
         out["minimum"] = -BOUND_LIMIT
-    if _empty(out) and not _empty({k: v for k, _, v in bounds} if integers else given):
+    if _empty(out.items()) and not _empty([(kind, value) for _, kind, value in bounds]):
         low = next(f"{k} {v}" for k, v in given.items() if k in LOWS)
         high = next(f"{k} {v}" for k, v in given.items() if k in HIGHS)
         raise ValueError(f"the range of {low} and {high} holds no number the constraint can bound "
@@ -239,10 +239,11 @@ def grammar_bounds(node: dict) -> dict:
     return out
 
 
-def _empty(bounds: dict) -> bool:
-    """Whether no number meets ``bounds`` (keywords to values)."""
-    lows = [(v, k == "exclusiveMinimum") for k, v in bounds.items() if k in LOWS]
-    highs = [(v, k == "exclusiveMaximum") for k, v in bounds.items() if k in HIGHS]
+def _empty(bounds) -> bool:
+    """Whether no number meets ``bounds`` ((keyword, value) pairs)."""
+    bounds = list(bounds)
+    lows = [(v, k == "exclusiveMinimum") for k, v in bounds if k in LOWS]
+    highs = [(v, k == "exclusiveMaximum") for k, v in bounds if k in HIGHS]
     if not lows or not highs:
         return False
     low = max(lows, key=lambda b: (b[0], b[1]))
