@@ -44,7 +44,8 @@ def test_text_with_tool_calls_is_a_preamble_before_them_and_keeps_the_reasoning(
 
 # What a chat's history is made of: the model's messages as the parser gives them (any channel,
 # content type, recipient), tool results on the caller's channel, user turns.
-RECIPIENTS = ["functions.get_weather", "functions.python", "python", "browser.search", "get_weather"]
+RECIPIENTS = ["functions.get_weather", "functions.python", "python", "browser.search", "get_weather",
+              "functions."]  # (a model's slip: no name; it was saved as "" and the file refused)
 words = st.text(st.sampled_from("ab \n{}"), max_size=5)
 assistant_text = st.builds(lambda c, t: Message("assistant", t, channel=c),
                            st.sampled_from(["analysis", "commentary", "final"]), words)

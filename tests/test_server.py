@@ -31,6 +31,7 @@ from gptoss_mlx.cli.serve import check_binding
 from gptoss_mlx.generate import Engine, SamplingParams
 from gptoss_mlx.server import Scheduler, Service, create_app
 from gptoss_mlx.server import scheduler as scheduler_module
+from gptoss_mlx.server.chat_completions import check_messages
 from gptoss_mlx.server.errors import APIError
 from gptoss_mlx.server.output import Closed, Delta, Opened, ReplyStream
 from gptoss_mlx.server.tools import MAX_ROUNDS, ServerTools
@@ -857,6 +858,37 @@ def test_a_client_that_leaves_while_sending_its_body_is_one_line_in_the_log(url,
             time.sleep(0.05)
     assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info]
     assert client(url).models.list().data  # and it goes on serving
+
+
+def test_broken_harmony_from_the_model_comes_back_as_the_cli_shows_it_and_can_be_sent_back(tok):
+    """A tester's hostile model output: a final header written without <|message|> ("<|channel|>
+    final I cannot help<|return|>") came back as an empty answer (the CLI showed the text); a
+    reply with no answer (<|return|> in the reasoning) came back as content null without
+    tool_calls, which the server then refused as history; a call to "functions." (no name)
+    came back with name '' and every later turn was refused."""
+    model = ScriptedModel([script(tok, "<|channel|>final I cannot help<|return|>"),
+                           script(tok, "<|channel|>analysis<|message|>thinking hard<|return|>"),
+                           script(tok, "<|channel|>final<|message|>fine<|return|>"),
+                           script(tok, '<|channel|>commentary to=functions.<|message|>{"city":"Rome"}<|call|>'),
+                           script(tok, "<|channel|>final<|message|>after<|return|>"),
+                           script(tok, "<|channel|>final<|message|>again<|return|>")])
+    with serving(model, tok) as url:
+        c = client(url)
+        ask = [{"role": "user", "content": "hi"}]
+        first = c.chat.completions.create(model="gpt-oss-tiny", messages=ask).choices[0].message
+        assert first.content == "I cannot help"
+        second = c.chat.completions.create(model="gpt-oss-tiny", messages=ask).choices[0].message
+        assert second.content == "" and second.reasoning_content == "thinking hard"
+        history = ask + [second.model_dump(exclude_none=True), {"role": "user", "content": "and?"}]
+        assert c.chat.completions.create(model="gpt-oss-tiny", messages=history).choices[0].message.content == "fine"
+        reasoning_only = [*ask, {"role": "assistant", "content": None, "reasoning_content": "hm"}, *ask]
+        check_messages(reasoning_only)  # a saved chat's reasoning-only turn, sent as history
+        r = c.responses.create(model="gpt-oss-tiny", input="weather?", max_output_tokens=40)
+        assert [o.type for o in r.output] == ["mcp_call", "message"] and r.output_text == "after"
+        assert r.output[0].name == "functions."  # (the server answered it: no such function)
+        follow = c.responses.create(model="gpt-oss-tiny", input=[{"role": "user", "content": "weather?"},
+                                                                *[o.model_dump() for o in r.output]])
+        assert follow.output_text == "again"
 
 
 def test_reasoning_fields_in_both_apis(tok):

@@ -91,9 +91,12 @@ def _header_word(value: str | None, where: str) -> None:
                            "or has whitespace in it")
 
 
-def _function_name(recipient: str) -> str:
+def function_name(recipient: str) -> str:
+    """The Chat Completions name of a call's recipient: ``functions.NAME`` as ``NAME``; a dotted
+    one, and ``functions.`` with no name (a model's slip), as the recipient itself, which
+    :func:`_recipient_of` reads back unchanged."""
     name = recipient.removeprefix(FUNCTIONS)
-    return name if "." not in name else recipient
+    return name if name and "." not in name else recipient
 
 
 def _call_defaults(recipient: str) -> tuple[str, str | None]:
@@ -313,7 +316,7 @@ def _assistant_to_chat(group: list[Message], declared: set[str], calls: dict, id
 
 
 def _call_to_chat(m: Message, call_id: str, declared: set[str]) -> dict:
-    name = _function_name(m.recipient)
+    name = function_name(m.recipient)
     call: dict = {"id": call_id, "type": "function", "function": {"name": name, "arguments": m.text}}
     if _recipient_of(name, declared) != m.recipient:
         call["recipient"] = m.recipient
@@ -328,7 +331,7 @@ def _call_to_chat(m: Message, call_id: str, declared: set[str]) -> dict:
 def _tool_to_chat(m: Message, declared: set[str], calls: dict, answered: dict) -> dict:
     """A tool's result, with the id of the oldest unanswered call to it (results come in the calls'
     order), else of the last one answered."""
-    name = _function_name(m.name)
+    name = function_name(m.name)
     if calls.get(m.name):
         answered[m.name] = calls[m.name].pop(0)
     call_id, channel = answered.get(m.name, ("", _call_defaults(_recipient_of(name, declared))[0]))

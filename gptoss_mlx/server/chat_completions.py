@@ -55,8 +55,9 @@ def check_messages(messages) -> None:
             raise bad_request(f"{where}.content is required in a {m['role']} message", "messages")
         if m.get("content") == []:
             raise bad_request(f"{where}.content is an empty list: give at least one text part", "messages")
-        if m.get("role") == "assistant" and m.get("content") is None and not m.get("tool_calls"):
-            raise bad_request(f"{where}: an assistant message needs content or tool_calls", "messages")
+        if m.get("role") == "assistant" and m.get("content") is None and not m.get("tool_calls") \
+                and not any(isinstance(m.get(k), str) for k in REASONING_KEYS):  # (a reasoning-only turn is one)
+            raise bad_request(f"{where}: an assistant message needs content, reasoning or tool_calls", "messages")
         for key in ("name", "tool_call_id", *REASONING_KEYS):
             if m.get(key) is not None and not isinstance(m[key], str):
                 raise bad_request(f"{where}.{key} must be a string", "messages")
@@ -136,11 +137,13 @@ def completion(service: Service, reply: Reply) -> dict:
     items = reply.stream.items
     reasoning = "".join(i.text for i in items if i.kind == REASONING)
     content = "".join(i.text for i in items if i.kind == TEXT)
-    message = {"role": "assistant", "content": content or None}
-    if reasoning:
-        message["reasoning_content"] = message["reasoning"] = reasoning
     calls = [{"id": new_id("call"), "type": "function",
               "function": {"name": i.name, "arguments": i.text}} for i in items if i.kind == CALL]
+    # null only beside calls, as OpenAI's: a reply with no answer (max_tokens in the reasoning)
+    # is "", which a client can send back as history
+    message = {"role": "assistant", "content": None if calls and not content else content}
+    if reasoning:
+        message["reasoning_content"] = message["reasoning"] = reasoning
     if calls:
         message["tool_calls"] = calls
     return {"id": reply.id, "object": "chat.completion", "created": reply.created,

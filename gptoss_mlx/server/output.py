@@ -13,7 +13,11 @@ from typing import Callable
 
 from .. import harmony
 from ..harmony import ContentDelta, MessageEnd, MessageStart
-from ..tokenizer import NUM_BPE_TOKENS
+from ..harmony.chat_completions import function_name
+from ..tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS
+
+# The control tokens that end a message's content (the parser flushes it as text on them).
+ENDS_CONTENT = harmony.MESSAGE_END_TOKENS | {SPECIAL_TOKENS[harmony.START], SPECIAL_TOKENS[harmony.ENDOFTEXT]}
 
 # What only a message header holds.
 HEADER_MARKS = (harmony.CHANNEL, harmony.CONSTRAIN, harmony.START)
@@ -65,7 +69,7 @@ def item_kind(start: MessageStart) -> tuple[str, str | None]:
     """An assistant message's kind: a tool call when it has a recipient (on any channel), the
     chain of thought on the analysis channel, else text the user sees (final, preambles)."""
     if start.recipient not in (None, "all", "assistant"):
-        return CALL, start.recipient.removeprefix("functions.")
+        return CALL, function_name(start.recipient)
     return (REASONING if start.channel == "analysis" else TEXT), None
 
 
@@ -95,8 +99,13 @@ class ReplyStream:
     def feed(self, token: int) -> list[OutputEvent]:
         if self._current is not None:
             self._current.tokens += 1
+        # A control token inside a message (<|channel|> in the text) is not text; what one that
+        # ends a message or a header flushes is (the end of a character cut short, the words of
+        # a final header written without <|message|>: a model's "<|channel|>final Sorry<|return|>").
+        literal = (token >= NUM_BPE_TOKENS and self._parser.state == "content"
+                   and token not in ENDS_CONTENT)
         events = self._parser.feed(token)
-        if token >= NUM_BPE_TOKENS:  # a control token inside a message is not text
+        if literal:
             events = [e for e in events if not isinstance(e, ContentDelta)]
         return self._convert(events)
 
