@@ -428,6 +428,17 @@ def test_model_and_tool_text_cannot_drive_the_terminal():
     text.encode("utf-8")  # no lone surrogate left to crash the print
 
 
+def test_ordinary_unicode_in_a_reply_prints_as_it_is():
+    """Emoji joiners, Persian's zero-width non-joiner, French no-break spaces, soft hyphens and
+    direction marks were printed as markers (<U+200D>): the reply was no longer the text."""
+    from gptoss_mlx.cli.stream import print_events
+
+    prose = "👩\u200d💻 می\u200cخواهم Bonjour\u202f! 10\u00a0km co\u00adop \u200fשלום 🏴\U000e0067\U000e0062\U000e007f"
+    out = io.StringIO()
+    print_events([AnswerDelta(prose + "\x1b[2J")], True, out, out, dim=False)
+    assert out.getvalue().rstrip("\n") == prose + "<ESC>[2J"
+
+
 def test_hostile_titles_show_escaped_in_chats_and_resume(tok, store, monkeypatch, capsys):
     escapes = HOSTILE.replace("\ud800", "")
     store.root.mkdir(parents=True)

@@ -37,7 +37,7 @@ from ..memory import (
 from ..structured import SchemaError
 from ..tokenizer import TokenizerError
 from ..tools import Browser, PythonSandbox, SandboxLimits, ToolError, Toolbox, load_functions
-from ..tools.approval import hidden_char_marker, render_code_ansi
+from ..tools.approval import prose_marker, render_code_ansi
 from ..tools.functions import FUNCTION_TIMEOUT_S
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -103,8 +103,9 @@ def _exit_on_sigterm(signum, frame) -> NoReturn:
 def terminal_safe(text: str) -> str:
     """``text`` from the model, a tool or a file, made safe to print: newlines and tabs stay;
     escape sequences, other controls, bidi overrides and lone surrogates become visible markers
-    (``<ESC>``, ``<U+202E>``), so nothing printed can drive the terminal."""
-    return "".join(hidden_char_marker(ch) or ch for ch in text)
+    (``<ESC>``, ``<U+202E>``), so nothing printed can drive the terminal; the rest of Unicode
+    (emoji joiners, no-break spaces, ...) prints as it is (``prose_marker``)."""
+    return "".join(prose_marker(ch) or ch for ch in text)
 
 
 def add_model_argument(p: argparse.ArgumentParser, required_for: str = "",

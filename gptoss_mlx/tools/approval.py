@@ -37,6 +37,16 @@ def hidden_char_marker(ch: str) -> str | None:
 # What could drive a terminal or break its output: C0 controls but newline and tab, DEL, C1
 # controls (U+009B is CSI on some terminals), lone surrogates.
 _CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+# ... and, in text a terminal prints, what reorders it: bidi embeddings, overrides and isolates.
+_REORDERING = re.compile("[\u202a-\u202e\u2066-\u2069]")
+
+
+def prose_marker(ch: str) -> str | None:
+    """The visible stand-in for ``ch`` in prose printed to a terminal (a reply, a file name):
+    for what could drive the terminal or reorder the text (as :func:`hidden_char_marker` gives
+    them); None for everything else, the joiners of emoji and of Persian (U+200D, U+200C), the
+    no-break spaces of French (U+00A0, U+202F), soft hyphens and direction marks included."""
+    return hidden_char_marker(ch) if _CONTROLS.match(ch) or _REORDERING.match(ch) else None
 
 
 def controls_shown(text: str) -> str:
