@@ -702,9 +702,17 @@ class HarmonyConstraint:
             return self._grammar_bits()
         if self._calls:
             return self._call_bits()
+        if self.answer is not None and not self.in_final and self._final_header_under_way():
+            return only(ID[MESSAGE])
         if self.answer is not None and not self.in_final:
             return self._no_stop()
         return None
+
+    def _final_header_under_way(self) -> bool:
+        """A header under way names the final channel: its ``<|message|>`` comes next. (A final
+        header that ends without one, ``<|channel|>final Sorry<|return|>``, is read as a final
+        message whose text the grammar never held.)"""
+        return self.parser.state == "header" and self.parser.pending_header.rstrip().endswith(CHANNEL + "final")
 
     def _to_force(self) -> list[int]:
         """Tokens the budgets require from here: a closing of the constrained message, or the

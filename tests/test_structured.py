@@ -311,6 +311,23 @@ def test_reasoning_budget_without_a_schema(tok, tiny):
     assert len(before) <= 12
 
 
+def test_a_final_header_written_without_its_message_token_is_held_to_the_schema(tok):
+    """A model's "<|channel|>final I cannot help<|return|>" (no <|message|>) was read as a final
+    message the grammar never held: with --reasoning-budget, generate --json-schema printed
+    "I cannot help" and then the JSON. Once a header names the final channel, <|message|> is
+    the only token allowed, and the answer is the schema's."""
+    from scripted import ScriptedModel
+
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"],
+              "additionalProperties": False}
+    for budget in (None, 2, 10):
+        model = ScriptedModel([tok.encode("<|channel|>final I cannot help<|return|>", allowed_special="all")])
+        chat = Chat(model, tok, sampling=SamplingParams(max_tokens=60), response_format=schema,
+                    reasoning_budget=budget, date="2025-08-05")
+        answer = "".join(e.text for e in chat.send("hi") if isinstance(e, AnswerDelta))
+        jsonschema.validate(json.loads(answer), schema)
+
+
 def test_engine_passes_the_sequence_to_processors(tiny):
     """mlx-lm's convention: processor(tokens so far, logits (1, V)) before each sample."""
     model, _ = tiny
