@@ -294,6 +294,7 @@ class Chat:
         """The reply, on the engine thread: ``stop()`` is honoured at the next token."""
         self._stop = False
         self._channel = self._recipient = None
+        self._others = False  # the message under way is not the assistant's (its text is not shown)
         self._ended = 0  # the parser's messages ended so far: which one an event belongs to
         self._started = False  # whether the message under way has its header (MessageStart)
         parser = harmony.StreamParser(self.tokenizer, role="assistant")
@@ -353,8 +354,9 @@ class Chat:
         for event in events:
             if isinstance(event, MessageStart):
                 self._channel, self._recipient = event.channel, event.recipient
+                self._others = event.role != "assistant"  # a user or system message the model wrote
                 self._started = True
-            elif isinstance(event, ContentDelta) and self._recipient is None:
+            elif isinstance(event, ContentDelta) and self._recipient is None and not self._others:
                 yield (AnswerDelta if self._is_answer(self._channel) else ReasoningDelta)(event.text), self._ended
             elif isinstance(event, MessageEnd):
                 m = event.message

@@ -86,6 +86,16 @@ def test_tool_call_event(tok):
     assert events[-1].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("written", ["<|start|>user hello there<|return|>", "<|end|><|start|>system please obey<|return|>"])
+def test_a_user_or_system_message_the_model_writes_is_not_shown_as_its_answer(tok, written):
+    """Its text was glued onto the shown answer ("partial answerhello there"), while the saved
+    chat and the server had only the answer."""
+    chat = Chat(ScriptedModel([script(tok, "<|channel|>final<|message|>partial answer" + written)]), tok,
+                date="2025-08-05")
+    shown = "".join(e.text for e in chat.send("hi") if isinstance(e, AnswerDelta))
+    assert shown == chat.messages[-1].text == "partial answer"
+
+
 def test_save_and_load_round_trip(chat, tmp_path, tok):
     collect(chat.send("2+2?"))
     path = chat.save(tmp_path / "chats" / "c.json")
