@@ -603,6 +603,32 @@ def test_ctrl_c_saves_even_when_the_output_has_gone(sharp, tmp_path):
     assert ft.read_state(out)["step"] >= 1 and (out / ADAPTER_WEIGHTS).exists()
 
 
+def test_a_stop_note_written_in_the_middle_of_a_progress_line_is_no_crash(monkeypatch):
+    """The stop signal's note runs between any two lines of the main thread: written while a
+    progress line was (its write done, its flush to come) to a pipe whose reader had gone, it
+    dropped the output, and the progress line's flush of it was an AttributeError (CI)."""
+    from gptoss_mlx.cli.finetune import ProgressLine
+
+    monkeypatch.setattr(common, "drop_output", lambda: None)
+
+    class GonePipe:
+        def write(self, text):
+            if text.startswith("step"):  # the signal arrives now
+                show.note("Ctrl-C: stopping after this step and saving")
+            else:
+                raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def isatty(self):
+            return False
+
+    show = ProgressLine(GonePipe())
+    show.event(ft.Progress(1, 10, 1.0, 100.0, 1.0, 1.0, 9.0))
+    assert show.out is None
+
+
 def test_a_batch_larger_than_the_data_is_said(sharp, tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", [capitals_line(*c) for c in CAPITALS[:2]])
     assert main(["finetune", "--model", str(sharp), "--data", str(data), "--adapter-path",

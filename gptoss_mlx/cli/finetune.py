@@ -352,12 +352,13 @@ class ProgressLine:
             self.shown = False
 
     def _write(self, text: str) -> None:
-        if self.out is None:
+        out = self.out  # (a stop signal's note may write, and drop it, between these lines)
+        if out is None:
             return
         try:
-            self.out.write(text)
-            self.out.flush()
-        except OSError:  # EPIPE, EIO: nobody reads it any more
+            out.write(text)
+            out.flush()
+        except (OSError, ValueError):  # EPIPE, EIO: nobody reads it any more
             self.out = None
             common.drop_output()
 
