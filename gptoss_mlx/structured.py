@@ -29,7 +29,7 @@ from __future__ import annotations
 import array
 import json
 import math
-from decimal import Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -253,16 +253,24 @@ def _empty(bounds) -> bool:
 
 def _float64_inside(value, low: bool, shortest: bool = False):
     """``value`` as the nearest float64 inside the range (an exact int where whole). ``shortest``
-    (a number's bound, which llguidance writes out as its shortest decimal, 4611686018427388000
-    for 2**62): that decimal inside the range too, from 2**53 on (where whole numbers have more
-    digits than a float64 holds, and a validator compares them exactly)."""
+    (a number's bound, which llguidance writes with 15 significant digits: 2**62 as
+    4611686018427380000, -9007199254740169 as -9007199254740170, letting -9007199254740169.5
+    through): rounded inwards to 15 significant digits, which a float64 holds exactly."""
+    if shortest:
+        exact = Decimal(value)
+        inside = _significant(exact, 15, up=low)
+        return value if inside == exact else float(inside)
     f = float(value)
-    inward = math.inf if low else -math.inf
     if (f < value) if low else (f > value):
-        f = math.nextafter(f, inward)
-    while shortest and abs(f) >= 2**53 and ((Decimal(repr(f)) < value) if low else (Decimal(repr(f)) > value)):
-        f = math.nextafter(f, inward)
+        f = math.nextafter(f, math.inf if low else -math.inf)
     return int(f) if f == int(f) and abs(f) >= 2**53 else (value if f == value else f)
+
+
+def _significant(d: Decimal, digits: int, up: bool) -> Decimal:
+    """``d`` rounded up (or down) to ``digits`` significant digits."""
+    if not d:
+        return d
+    return d.quantize(Decimal(1).scaleb(d.adjusted() - digits + 1), rounding=ROUND_CEILING if up else ROUND_FLOOR)
 
 
 def pattern_hints(schema) -> tuple[bytes, ...]:

@@ -213,10 +213,13 @@ def test_integer_bounds_beyond_64_bits_that_only_widen_the_range_are_kept(tok):
     ({"type": "integer", "minimum": 10**17, "exclusiveMaximum": 10**18},
      ["999999999999999872", "100000000000000000"], ["1000000000000000000"]),
     ({"type": "integer", "minimum": 2**53 + 1, "maximum": 2**60}, ["9007199254740994"], ["9007199254740992"]),
-    # a number's bound is written as its shortest decimal: 4611686018427388000 for 2**62
-    ({"type": "number", "minimum": 0, "maximum": 2**62}, ["4611686018427387000", "5"],
+    # llguidance writes a number's bound with 15 significant digits (4611686018427390000 for 2**62): rounded inwards
+    ({"type": "number", "minimum": 0, "maximum": 2**62}, ["4611686018427380000", "5"],
      ["4611686018427387905", "4611686018427388000"]),
-    ({"type": "number", "minimum": -4.611686018427388e18}, ["-4611686018427387000", "7"], ["-4611686018427387905"]),
+    ({"type": "number", "minimum": -4.611686018427388e18}, ["-4611686018427380000", "7"], ["-4611686018427387905"]),
+    # ... with 15 significant digits: -9007199254740169 as -9007199254740170 (a sweep of random bounds)
+    ({"type": "number", "minimum": -9007199254740169.0}, ["-9007199254740160", "0.5"],
+     ["-9007199254740169.5", "-9007199254740170"]),
     # an exclusive bound made inclusive 1e-9 inside: from about 1.6e7 that is the bound itself
     ({"type": "number", "exclusiveMinimum": 20000000, "maximum": 20000000.5}, ["20000000.25"], ["20000000"]),
     ({"type": "number", "minimum": -20000000.5, "exclusiveMaximum": -20000000}, ["-20000000.25"], ["-20000000"]),
