@@ -232,9 +232,8 @@ def grammar_bounds(node: dict) -> dict:
     elif highs and not lows and min(highs) <= -ONE_SIDED:
         out["minimum"] = -BOUND_LIMIT
     if _empty(out.items()) and not _empty([(kind, value) for _, kind, value in bounds]):
-        low = next(f"{k} {v}" for k, v in given.items() if k in LOWS)
-        high = next(f"{k} {v}" for k, v in given.items() if k in HIGHS)
-        raise ValueError(f"the range of {low} and {high} holds no number the constraint can bound "
+        described = " and ".join(f"{k} {v}" for k, v in given.items())
+        raise ValueError(f"the range of {described} holds no number the constraint can bound "
                          "exactly (beyond 2**53 its bounds step as float64 numbers do)")
     return out
 

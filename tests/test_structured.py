@@ -168,6 +168,7 @@ def test_an_unenforceable_schema_is_named(tok, tiny):
     ({"type": "integer", "minimum": -2**63 + 512, "maximum": -2**63 + 512}, "leaves only numbers beyond ±9223372036854774784"),
     ({"anyOf": [{"type": "integer"}, {"type": "string"}], "minimum": -1e300, "maximum": -1e300}, "maximum: -1e"),
     ({"type": "number", "minimum": 1e19}, "minimum: 1e\\+19 leaves only numbers beyond"),  # llguidance's raw error
+    ({"type": "number", "maximum": -9.223372036854774e18}, "the range of maximum -9.223372036854774e"),  # was StopIteration
     ({"type": "integer", "exclusiveMinimum": 2**53, "maximum": 2**53 + 1}, "the range of exclusiveMinimum "
      "9007199254740992 and maximum 9007199254740993 holds no number the constraint can bound exactly"),
     # whole numbers llguidance would write as others (it writes float64s)
