@@ -315,10 +315,12 @@ class Model(nn.Module):
         Wrong inputs are a ValueError or TypeError naming them: ids that are not (B, L) integers,
         a cache that is not one per layer, ids outside the vocabulary (the embedding would read
         past its end). ``sampled``: the ids were sampled from this model's logits (the engine's
-        decode steps), so in range: not checked, which would wait for them to be computed."""
+        decode steps), so in range: not checked, which would wait for them to be computed (nor
+        are the cache's entries, the engine's own, on that per-token path)."""
         if cache is None:
             cache = [None] * len(self.layers)
-        elif len(cache) != len(self.layers) or not all(hasattr(c, "update_and_fetch") for c in cache):
+        elif len(cache) != len(self.layers) or (  # (the engine's own decode steps: its caches)
+                not sampled and not all(hasattr(c, "update_and_fetch") for c in cache)):
             raise ValueError(f"the cache must be the model's own, one per layer ({len(self.layers)}), "
                              f"got {_described(cache)}: make it with model.make_cache()")
         if self.embed_tokens is not None:

@@ -29,7 +29,7 @@ from ..lora import (
     expert_adapter_config, fuse_dense, hf_tensors, non_finite, read_adapter_config,
     requantize_experts, save_adapter,
 )
-from ..memory import MemoryPlanError, system_ram
+from ..memory import MemoryPlanError, checkpoint_dense_bits, system_ram
 from ..tokenizer import TokenizerError
 from . import common
 from .common import CLIError, add_model_argument, positive_float, positive_int, terminal_safe
@@ -231,8 +231,9 @@ def finetune(args) -> int:
             raise CLIError(f"{directory} is a fused checkpoint whose expert adapter stays beside its experts "
                            f"({FUSED_EXPERT_ADAPTER}/): fine-tuning needs plain experts. Fuse it again with "
                            "--requantize-experts (the adapter merged into them), or train on the base model")
+        base_digest = checkpoint_digest(directory)
         if state:
-            check_same_base(args, directory, state)
+            check_same_base(args, directory, state, base_digest)
         print(f"Loading {directory} ...", flush=True)
         model, _ = engine_thread().call(load, directory, dense_bits=args.dense_bits)
         ft.check_trainable(model)
@@ -250,7 +251,7 @@ def finetune(args) -> int:
     stop = threading.Event()
     events = ft.train(model, str(Path(directory).resolve()), train_set, settings, args.adapter_path, valid_set,
                       ft.file_digest(args.data), state, stop,
-                      recorded={"dense_bits": args.dense_bits, "base_digest": checkpoint_digest(directory)})
+                      recorded={"dense_bits": args.dense_bits, "base_digest": base_digest})
     show = ProgressLine(sys.stdout)
     # Ctrl-C, and a kill or a closed terminal: save after the step under way, then stop
     stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -298,14 +299,15 @@ class StopRequest:
             raise KeyboardInterrupt
 
 
-def check_same_base(args, directory, state: dict) -> None:
-    """--resume: the run goes on with the model and dense precision it started with (else its
-    adapter would be trained on two models, and its ``base_model`` rewritten)."""
+def check_same_base(args, directory, state: dict, base_digest: int) -> None:
+    """--resume: the run goes on with the model (``base_digest``: its weights' checksum) and
+    dense precision it started with (else its adapter would be trained on two models, and its
+    ``base_model`` rewritten)."""
     config = json.loads((args.adapter_path / ADAPTER_CONFIG).read_text())
     base, here = config.get("base_model"), Path(directory).resolve()
     moved = isinstance(base, str) and Path(base).is_absolute() and Path(base) != here
     if "base_digest" in state:  # the same weights wherever they lie now (moved, copied)
-        if state["base_digest"] != checkpoint_digest(directory):
+        if state["base_digest"] != base_digest:
             raise CLIError(f"--resume: this run started on other weights ({base}), not those in {here}: "
                            "give that --model, or start a new run")
     elif moved:
@@ -368,7 +370,7 @@ def cmd_fuse(args) -> int:
         try:
             config = read_adapter_config(args.adapter)
             directory = resolve_checkpoint(args.model)
-            stored = (read_config(directory).quantization or {}).get("bits")
+            stored = checkpoint_dense_bits(read_config(directory))
             if stored:
                 raise CLIError(f"{directory}: its dense layers are stored {stored}-bit (a checkpoint "
                                "`models convert` wrote), and fusing needs them bf16: fuse into the "
