@@ -29,6 +29,7 @@ from __future__ import annotations
 import array
 import json
 import math
+import re
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 import time
 from dataclasses import dataclass
@@ -409,6 +410,16 @@ def grammar_schema(schema):
     return out
 
 
+def _reworded(reason: str) -> str:
+    """llguidance's reason for refusing a schema, in a client's terms: its advice names its own
+    option, which no client can set, and its number keywords' messages name Rust's types."""
+    reason = reason.replace("Enable 'coerce_one_of' option to approximate oneOf with anyOf",
+                            "use anyOf (a value that matches several of them is accepted)")
+    reason = re.sub(r"^Expected f64 for '(\w+)', got (.*)$", r"'\1' must be a number, got \2", reason, flags=re.S)
+    return re.sub(r"^Value for 'multipleOf' has too many digits: \d+$",
+                  "'multipleOf' has more significant digits than the constraint can enforce", reason, flags=re.S)
+
+
 def _is_bound(value) -> bool:
     return _is_number(value) and math.isfinite(value)
 
@@ -422,14 +433,11 @@ def _compile(tokenizer, schema: str, where: str, hints: tuple[bytes, ...] = ()) 
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
     except ValueError as e:
-        raise SchemaError(f"{where}: not a JSON Schema the constraint can read ({e})") from None
+        raise SchemaError(f"{where}: not a JSON Schema the constraint can read ({_reworded(str(e))})") from None
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
         grammar, ll_tokenizer(tokenizer))
     if is_error:
-        # llguidance's advice names its own option, which no client can set
-        reason = messages[0].replace("Enable 'coerce_one_of' option to approximate oneOf with anyOf",
-                                     "use anyOf (a value that matches several of them is accepted)")
-        raise SchemaError(f"{where}: the schema cannot be enforced: {reason}")
+        raise SchemaError(f"{where}: the schema cannot be enforced: {_reworded(messages[0])}")
     closing = closing_tokens(tokenizer, llguidance.LLMatcher(ll_tokenizer(tokenizer), grammar, log_level=0),
                              hints=hints)
     if closing is None:
@@ -583,20 +591,31 @@ def _next_byte(m: llguidance.LLMatcher, byte_token, scan: JSONScan, used: dict[i
     strings, the first (end what is open, else the shortest value). Inside one, the first after
     which the string may end; failing that, the one written least so far in it, so that a
     pattern needing some later character (an email's @) gets it instead of one byte forever."""
-    best = None
+    best = first = None
     for b in CLOSING_BYTES:
         if m.try_consume_tokens([byte_token[b]]) != 1:
             continue
         after = JSONScan(scan.in_string, scan.escaped)
         after.feed(bytes([b]))
+        if not scan.in_string:
+            # a byte after which the value may end (a number's digits: "1" then "0" for a
+            # multipleOf 2.5, rather than "1" for ever), else the first allowed
+            ends = b in CLOSERS or m.is_accepting() or any(
+                m.validate_tokens([byte_token[c]]) == 1 for c in CLOSERS if c != QUOTE)
+            m.rollback(1)
+            if ends:
+                return bytes([b])
+            first = b if first is None else first
+            continue
         # b closes the string, or a quote after it would (not after a backslash: an escape)
-        ends = (not scan.in_string or not after.in_string
-                or not after.escaped and m.validate_tokens([byte_token[QUOTE]]) == 1)
+        ends = not after.in_string or not after.escaped and m.validate_tokens([byte_token[QUOTE]]) == 1
         m.rollback(1)
         if ends:
             return bytes([b])
         if best is None or used.get(b, 0) < used.get(best, 0):
             best = b
+    if first is not None:
+        return bytes([first])
     return None if best is None else bytes([best])
 
 
@@ -709,11 +728,22 @@ class HarmonyConstraint:
             return self._grammar_bits()
         if self._calls:
             return self._call_bits()
+        if self._function_header_under_way():
+            return all_but(ID[END], ID[CALL], ID[RETURN], ID[ENDOFTEXT])
         if self.answer is not None and not self.in_final and self._final_header_under_way():
             return only(ID[MESSAGE])
         if self.answer is not None and not self.in_final:
             return self._no_stop()
         return None
+
+    def _function_header_under_way(self) -> bool:
+        """A header under way calls one of ``functions``: nothing ends it before its
+        ``<|message|>`` and arguments (``to=functions.f<|call|>`` would be a call without them)."""
+        if self.parser.state != "header" or not self.functions:
+            return False
+        header = self.parser.pending_header.replace(CONSTRAIN, " ").replace(CHANNEL, " ")
+        found = re.search(r"to=" + re.escape(FUNCTIONS) + r"(\S+)", header)
+        return found is not None and found.group(1) in self.functions
 
     def _final_header_under_way(self) -> bool:
         """A header under way names the final channel: its ``<|message|>`` comes next. (A final

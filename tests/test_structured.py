@@ -136,6 +136,26 @@ def test_tool_call_arguments_validate(tok, tiny, seed):
     jsonschema.validate(json.loads(tok.decode(out[:-1])), WEATHER.parameters)
 
 
+@pytest.mark.parametrize("header", ["<|channel|>commentary to=functions.get_weather",
+                                    "<|channel|>commentary to=functions.get_weather <|constrain|>json",
+                                    " to=functions.get_weather<|channel|>commentary"])
+def test_a_call_header_cannot_end_before_its_arguments(tok, header):
+    """``to=functions.get_weather<|call|>`` would be a call without arguments: once a header
+    names a declared function, no stop token may end it before its <|message|>."""
+    functions = {WEATHER.name: compile_schema(tok, WEATHER.parameters)}
+    written = tok.encode(header, allowed_special="all")
+    constraint = HarmonyConstraint(tok, functions=functions, max_tokens=60, prefix=written)
+    masked = constraint(mx.array(prompt_for(tok, functions=[WEATHER]) + written), mx.zeros((1, VOCAB_SIZE)))
+    allowed = mx.isfinite(masked[0])
+    for name in (CALL, "<|end|>", RETURN):
+        assert not allowed[SPECIAL_TOKENS[name]].item(), name
+    assert allowed[SPECIAL_TOKENS[MESSAGE]].item() and allowed[SPECIAL_TOKENS[CONSTRAIN]].item()
+    other = HarmonyConstraint(tok, functions=functions, max_tokens=60,
+                              prefix=tok.encode("<|channel|>commentary to=functions.other", allowed_special="all"))
+    masked = other(mx.array(prompt_for(tok, functions=[WEATHER])), mx.zeros((1, VOCAB_SIZE)))
+    assert mx.isfinite(masked[0, SPECIAL_TOKENS[CALL]]).item()  # not a declared function: not held
+
+
 def test_answers_in_the_declared_key_order_are_accepted(tok, pet):
     """Properties come in the schema's order (as the prompt shows it), whatever its sorting."""
     answer = {"name": "Rex", "kind": "dog", "age": 3, "weight": 9.5, "tags": ["good"],
@@ -253,6 +273,38 @@ def test_patterns_are_searches_and_their_answers_match(tok, pattern):
     closing = closing_tokens(tok, grammar.matcher(), hints=grammar.hints)
     answer = json.loads(tok.decode(closing))
     assert re.search(pattern, answer["p"]) and len(closing) <= 12 + len(answer["p"]) // 6, answer
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "number", "multipleOf": 2.5}, {"type": "integer", "multipleOf": 2.5},
+    {"type": "number", "multipleOf": 0.37}, {"type": "number", "multipleOf": 1.25, "minimum": 3},
+    {"type": "object", "properties": {"price": {"type": "number", "multipleOf": 0.05}}, "required": ["price"]},
+    {"type": "array", "items": {"type": "number", "multipleOf": 0.7}, "minItems": 2},
+])
+def test_a_multiple_of_a_fraction_is_enforced(tok, schema):
+    """A number in steps of 2.5 (prices in 0.05) was refused as having no instance: the closing
+    wrote "1" for ever, each a prefix of some multiple. It now prefers a digit after which the
+    value may end, and answers are held to the multiple."""
+    grammar = compile_schema(tok, schema)
+    closing = closing_tokens(tok, grammar.matcher(), hints=grammar.hints)
+    jsonschema.validate(json.loads(tok.decode(closing)), schema)
+    if schema.get("multipleOf") == 2.5:
+        for text, ok in (("5", True), ("10", True), ("12", False), ("7", False)):
+            matcher = grammar.matcher()
+            assert (matcher.consume_tokens(tok.encode_ordinary(text)) and matcher.is_accepting()) == ok, text
+
+
+@pytest.mark.parametrize("schema, says", [
+    ({"type": "integer", "minimum": True}, "'minimum' must be a number, got true"),
+    ({"type": "number", "maximum": "5"}, "'maximum' must be a number, got \"5\""),
+    ({"type": "number", "multipleOf": 1e-30}, "'multipleOf' has more significant digits than"),
+])
+def test_a_number_keyword_llguidance_refuses_is_named_in_a_clients_terms(tok, schema, says):
+    """llguidance's messages named Rust's types ("Expected f64 for 'minimum', got true") and its
+    digits ("too many digits: 10000000000000008")."""
+    with pytest.raises(SchemaError) as refused:
+        compile_schema(tok, schema)
+    assert says in str(refused.value) and "f64" not in str(refused.value)
 
 
 def test_a_schema_the_prompt_cannot_carry_is_a_schema_error(tok, tiny):
