@@ -572,3 +572,21 @@ async def test_tui_runs_tools_after_approval(tok, tmp_path, os_sandbox):
         assert rows == ["tool call · python", "result · python"]
     saved = json.loads(next(tmp_path.glob("chats/*.json")).read_text())
     assert any(m.get("role") == "tool" and m.get("content", "").strip() == "42" for m in saved["messages"])
+
+
+@pytest.mark.parametrize("header", ["<|channel|>commentary to=functions.get_wether",
+                                    "<|channel|>commentary to=functions.get_wether <|constrain|>json"])
+def test_a_call_header_cut_by_the_call_token_is_a_call(tok, header):
+    """A call whose header the model ended with <|call|> (no <|message|>, no arguments) was
+    shown and saved as the answer "to=functions.get_wether". It is that call, with no
+    arguments: the tool's answer (here: no such tool) goes back, and the model can call again.
+    (A declared function's header cannot end so: tests/test_structured.py.)"""
+    toolbox = Toolbox(functions=[FunctionTool.from_callable(get_weather)])
+    cut = tokens(tok, f"<|channel|>analysis<|message|>Need a tool.<|end|><|start|>assistant{header}<|call|>")
+    chat, events = run(tok, [cut, call_script(tok, "functions.get_weather", '{"city": "Oslo"}'),
+                             answer_script(tok, "It is 21°C in Oslo.")], toolbox)
+    assert [e.recipient for e in events if isinstance(e, ToolCall)] == ["functions.get_wether", "functions.get_weather"]
+    first, second = results(events)
+    assert not first.ok and "there is no tool 'functions.get_wether'" in first.content and second.ok
+    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == "It is 21°C in Oslo."
+    assert not any("to=functions" in m.text for m in chat.messages if m.role == "assistant")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Iterable, Union
 
 from .messages import (
-    BUILTIN_TOOLS, CHANNEL, CHANNELS, CONSTRAIN, ENDOFTEXT, ID, MESSAGE, MESSAGE_END_TOKENS, NAME,
+    BUILTIN_TOOLS, CALL, CHANNEL, CHANNELS, CONSTRAIN, ENDOFTEXT, ID, MESSAGE, MESSAGE_END_TOKENS, NAME,
     ROLES, START, Message,
 )
 
@@ -232,8 +232,15 @@ class StreamParser:
         return events + [MessageEnd(message, stop)]
 
     def _salvage_header(self, stop: str | None) -> list[Event]:
-        """A header that ended without <|message|>: keep its metadata, the rest becomes text."""
-        start, leftover = parse_header(self._header_text(self._header), self._role, complete=False)
+        """A header that ended without <|message|>: keep its metadata, the rest becomes text. A
+        call's header cut by ``<|call|>`` (``to=functions.f<|call|>``) is that call, with no
+        arguments (its tool answers that, and the model can call again)."""
+        text = self._header_text(self._header)
+        if stop == CALL:
+            start, leftover = parse_header(text, self._role)
+            if start.recipient and not leftover:
+                return self._open((start, "")) + self._end(stop)
+        start, leftover = parse_header(text, self._role, complete=False)
         events = self._open((start, ""))
         events += self._emit(leftover)
         return events + self._end(stop)
