@@ -254,6 +254,26 @@ def test_an_adapter_loads_in_chat_generate_and_serve(trained, sharp, tok, monkey
     assert "no such adapter directory" in capsys.readouterr().err
 
 
+def test_serve_with_an_adapter_names_it(trained, sharp, monkeypatch, capsys):
+    """serve --adapter listed the base model's id (in /v1/models, /health and every response),
+    as if the adapter were not there. The id is now BASE+ADAPTER; requests naming the base
+    still go through."""
+    import gptoss_mlx.server as server
+    from gptoss_mlx.server.errors import APIError
+
+    _, out, _ = trained
+    served = []
+    monkeypatch.setattr(server, "serve", lambda service, *a, **k: served.append(service))
+    assert main(["serve", "--model", str(sharp), "--adapter", str(out), "--port", "0"]) == 0
+    (service,) = served
+    assert service.model_name == f"{sharp}+{out.name}", service.model_name
+    assert f"Serving {sharp}+{out.name} on" in capsys.readouterr().err
+    for name in (service.model_name, str(sharp), f"{sharp.name}+{out.name}", sharp.name, None):
+        service.check_model({"model": name})
+    with pytest.raises(APIError, match="does not exist"):
+        service.check_model({"model": "gpt-oss-120b"})
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda a: a.at[0].add(float("nan")), "holds NaN or infinite values"),
     (lambda a: a.at[0].add(float("inf")), "holds NaN or infinite values"),

@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import socket
 import sys
+from pathlib import Path
 
 from ..memory import PROMPT_CACHE_GB
 from . import common
@@ -106,11 +107,14 @@ def cmd_serve(args) -> int:
         toolbox.close()
     chat = common.load_chat(args)
     engine = chat.engine
-    service = Service(args.model or common.DEFAULT_MODEL, chat.tokenizer, engine,
+    base = args.model or common.DEFAULT_MODEL
+    # under an adapter the model is another: "BASE+ADAPTER" (the base's name is accepted too)
+    name = f"{base}+{Path(args.adapter).resolve().name}" if args.adapter else base
+    service = Service(name, chat.tokenizer, engine,
                       Scheduler(engine, args.max_concurrency, args.prompt_cache_bytes),
                       sampling=chat.sampling, reasoning_effort=chat.reasoning_effort,
                       reasoning_budget=chat.reasoning_budget,
-                      instructions=chat.instructions, tools=tools)
+                      instructions=chat.instructions, tools=tools, base_model=base if args.adapter else None)
     log = logging.getLogger("gptoss_mlx.server")  # one line per request; uvicorn's own: warnings
     log.addHandler(request_log_handler())
     log.setLevel(logging.INFO)

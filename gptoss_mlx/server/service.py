@@ -81,6 +81,7 @@ class Service:
     instructions: str | None = None  # for requests that bring none
     reasoning_budget: int | None = None  # for requests that bring none
     tools: ServerTools | None = None  # tools the server runs itself
+    base_model: str | None = None  # under an adapter (model_name "BASE+ADAPTER"): the base's name, also accepted
     _function_slots: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
 
     @property
@@ -89,7 +90,8 @@ class Service:
 
     def check_model(self, body: dict) -> None:
         model = body.get("model")
-        if model is not None and model not in (self.model_name, self.model_name.rsplit("/", 1)[-1]):
+        names = [name for name in (self.model_name, self.base_model) if name]
+        if model is not None and model not in names + [name.rsplit("/", 1)[-1] for name in names]:
             raise APIError(404, f"the model {model!r} does not exist: this server serves "
                            f"{self.model_name!r}", param="model", code="model_not_found")
 
