@@ -161,6 +161,12 @@ class SequenceSampler:
             mx.async_eval(self.tokens)  # with y, before anything else is queued
         return y
 
+    def stop_reason(self) -> str:
+        """Why a sequence that sampled a stop token ended: "stop", or "length" when a processor
+        shortened it to fit the token budget (its ``cut_short``: a structured answer closed
+        early, valid but not what the model would have written)."""
+        return "length" if any(getattr(p, "cut_short", False) for p in self.processors) else "stop"
+
 
 @dataclass
 class Stats:
@@ -388,7 +394,7 @@ class Engine:
                 stats.generated_tokens = n
                 yield token
                 if token in stop_tokens:
-                    stats.finish_reason = "stop"
+                    stats.finish_reason = sampler.stop_reason()
                     break
                 y = next_y
             else:

@@ -13,10 +13,12 @@ the step), and when the grammar is complete only ``<|return|>`` is left. A messa
 Budgets: with ``reasoning_budget`` the engine closes the analysis itself after that many tokens
 and opens the final channel (``<|end|><|start|>assistant<|channel|>final<|message|>``, forced
 one token at a time through the mask); with a constrained answer it does so as well when what
-is left of ``max_tokens`` is just enough for the answer. Inside a constrained message, when the
-tokens left are just enough to close the JSON, a short closing (found greedily) is forced, so
-a constrained message always completes within ``max_tokens`` (given room for the answer's
-smallest instance at all; else the reply ends with finish reason "length").
+is left of ``max_tokens`` is just enough for the answer. Inside the answer, when the tokens
+left are just enough to close the JSON, a short closing (found greedily) is forced, so the
+answer is always valid JSON within ``max_tokens`` (given room for its smallest instance at
+all); the reply then ends with finish reason "length" (``cut_short``), as one cut anywhere
+does: the answer is not what the model would have written. A call's arguments are never
+closed early: a call cut by ``max_tokens`` is cut (and not made), never a shorter valid call.
 
 A reply that must call a function (``must_call``, tool_choice "required") reasons freely, then
 its next header is one of those functions' call headers (:func:`call_header`): the model picks
@@ -655,6 +657,7 @@ class HarmonyConstraint:
         self.grammar: Grammar | None = None
         self.end_token: int | None = None  # what ends the constrained message
         self.in_final = False
+        self.cut_short = False  # the answer was closed early to fit max_tokens (finish "length")
         self._closing_due = 0  # when (self.generated) to compute the closing next
         self._scan = JSONScan()  # the constrained message's text: inside a string?
         self.mask_s = 0.0  # CPU time spent computing masks
@@ -803,12 +806,13 @@ class HarmonyConstraint:
         """The closing and the end token once the tokens left are just enough for them, with
         a margin for what the next token could commit the JSON to."""
         remaining, extra = self.remaining, margin(self.grammar)
-        if remaining is None or self.generated < self._closing_due:
-            return []
+        if remaining is None or self.generated < self._closing_due or self.end_token != ID[RETURN]:
+            return []  # (a call's arguments are never closed early: a call cut short is not made)
         closing = closing_tokens(self.tokenizer, self.matcher, self._scan, self.grammar.hints)
         if closing is None:
             return []
         if len(closing) + 1 + extra >= remaining:
+            self.cut_short = self.cut_short or bool(closing)
             return closing + [self.end_token]
         # Each token lengthens the closing by at most `extra`: no need to look again before
         self._closing_due = self.generated + (remaining - len(closing) - 2 - extra) // (extra + 1)

@@ -12,7 +12,7 @@ import pytest
 
 from gptoss_mlx.loading import load
 from scripted import ScriptedModel
-from test_server import answer, call, client, serving, tok  # noqa: F401 - tok: a fixture
+from test_server import answer, call, client, script, serving, tok  # noqa: F401 - tok: a fixture
 from test_structured import PET, WEATHER
 
 USER = [{"role": "user", "content": "Describe a pet as JSON."}]
@@ -35,7 +35,7 @@ def test_chat_completions_json_schema(api, seed):
     r = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, response_format=pet_format(),
                                     max_tokens=100, seed=seed, extra_body={"reasoning_budget": 6 * seed})
     choice = r.choices[0]
-    assert choice.finish_reason == "stop"
+    assert choice.finish_reason in ("stop", "length")  # length: closed early to fit, still valid
     jsonschema.validate(json.loads(choice.message.content), PET)
     assert r.usage.completion_tokens <= 100
 
@@ -57,9 +57,10 @@ def test_responses_text_format(api):
     r = api.responses.create(model="gpt-oss-tiny", input="A pet, as JSON.", max_output_tokens=90,
                              text={"format": {"type": "json_schema", "name": "pet", "schema": PET}},
                              extra_body={"reasoning_budget": 10, "seed": 1})
-    assert r.status == "completed"
+    # closed early to fit max_output_tokens (a random model's strings run on): valid, and said
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     jsonschema.validate(json.loads(r.output_text), PET)
-    assert [item.type for item in r.output][-1] == "message"
+    assert [(item.type, item.status) for item in r.output][-1] == ("message", "incomplete")
 
 
 @pytest.mark.parametrize("seed", range(2))
@@ -187,14 +188,22 @@ def required_chat(api, seed: int, stream: bool, **extra) -> tuple[str, list[tupl
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_required_tool_choice_always_calls_a_function_with_valid_arguments(api, stream):
-    names = set()
+    """A call, always; its arguments valid, or cut by max_tokens (finish "length", arguments
+    that do not parse): never closed early into a shorter call that would."""
+    names, finishes = set(), []
     for seed in range(4):
         finish, calls, used = required_chat(api, seed, stream)
-        assert finish == "tool_calls" and len(calls) == 1 and used <= 120, (seed, finish, calls)
+        assert finish in ("tool_calls", "length") and len(calls) == 1 and used <= 120, (seed, finish, calls)
         name, arguments = calls[0]
-        jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+        if finish == "tool_calls":
+            jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+        else:
+            with pytest.raises(json.JSONDecodeError):
+                json.loads(arguments)
         names.add(name)
+        finishes.append(finish)
     assert names == set(SCHEMAS)  # the model chose which (both, over these seeds)
+    assert "tool_calls" in finishes
 
 
 def test_required_tool_choice_within_a_reasoning_budget(api):
@@ -213,13 +222,19 @@ def test_required_tool_choice_in_the_responses_api(api, stream):
     for seed in range(2):
         ask = dict(model="gpt-oss-tiny", input="Describe a pet.", tools=tools, tool_choice="required",
                    max_output_tokens=120, extra_body={"seed": seed})
-        if stream:
-            with api.responses.stream(**ask) as events:
-                r = events.get_final_response()
+        if stream:  # (the SDK's get_final_response() wants response.completed, not .incomplete)
+            ends = [e.response for e in api.responses.create(**ask, stream=True)
+                    if e.type in ("response.completed", "response.incomplete")]
+            r = ends[-1]
         else:
             r = api.responses.create(**ask)
-        assert r.status == "completed" and r.output[-1].type == "function_call", (seed, r.output)
-        jsonschema.validate(json.loads(r.output[-1].arguments), SCHEMAS[r.output[-1].name])
+        assert r.output[-1].type == "function_call", (seed, r.output)
+        if r.status == "completed":
+            jsonschema.validate(json.loads(r.output[-1].arguments), SCHEMAS[r.output[-1].name])
+        else:  # cut by max_output_tokens: said, and not a call that parses
+            assert r.incomplete_details.reason == "max_output_tokens" and r.output[-1].status == "incomplete"
+            with pytest.raises(json.JSONDecodeError):
+                json.loads(r.output[-1].arguments)
         assert all(item.type == "reasoning" for item in r.output[:-1])
 
 
@@ -240,6 +255,35 @@ def test_required_tool_choice_keeps_the_models_own_call_and_turns_an_answer_into
     assert message.reasoning_content == "Easy."
     [made] = message.tool_calls
     jsonschema.validate(json.loads(made.function.arguments), SCHEMAS[made.function.name])
+
+
+SHELL_TOOL = {"type": "function", "function": {"name": "run_shell", "parameters": {
+    "type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}}}
+COMMAND = '{"command": "rm -rf /var/cache/build ; mkdir output && cp important.txt backup/"}'
+
+
+@pytest.mark.parametrize("max_tokens", [14, 20, 26, 32])
+def test_a_call_cut_by_max_tokens_is_never_a_shorter_call(tok, max_tokens):
+    """Near max_tokens the arguments were closed early into a shorter, valid call reported as
+    complete: `{"command":"rm -rf /"}` (finish "tool_calls", status "completed"), which agent
+    frameworks ran. A call cut by max_tokens is now cut: finish "length", the response and
+    the item incomplete, and arguments that do not parse."""
+    replies = [script(tok, f"<|channel|>commentary to=functions.run_shell <|constrain|>json<|message|>{COMMAND}<|call|>")]
+    with serving(ScriptedModel(replies), tok) as url:
+        api = client(url)
+        chat = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, tools=[SHELL_TOOL],
+                                           max_tokens=max_tokens, temperature=0)
+        response = api.responses.create(model="gpt-oss-tiny", input="Clean up.", max_output_tokens=max_tokens,
+                                        tools=[{"type": "function", **SHELL_TOOL["function"]}], temperature=0)
+    choice = chat.choices[0]
+    assert choice.finish_reason == "length"
+    for arguments in [c.function.arguments for c in choice.message.tool_calls or []]:
+        assert COMMAND.startswith(arguments)
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(arguments)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    for item in response.output:
+        assert item.status == "incomplete" and COMMAND.startswith(item.arguments)
 
 
 def test_required_tool_choice_needs_tools(api):

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from ..chat import Chat, ChatFileError
+from ..chat import Chat, ChatFileError, Done
 from ..chat_file import check_chat_file
 from ..files import REPLACEMENT, valid_text
 from ..generate import ContextLengthError, NonFiniteLogitsError
@@ -27,7 +27,7 @@ from .common import (
     decline_when_piped, make_toolbox, terminal_safe,
 )
 from .lineedit import is_unfinished, line_reader
-from .stream import answer_once, print_events, replies, say_cut, with_prompt_progress
+from .stream import answer_once, cut_json, print_events, replies, say_cut, with_prompt_progress
 
 HELP = f"""Commands:
   /effort {'|'.join(EFFORTS)}   reasoning effort from the next reply
@@ -68,13 +68,12 @@ def cmd_chat(args) -> int:
         if not question:
             raise CLIError("no question on standard input")
         if chat_id is not None:
-            finish = answer_resumed(args, question, chat_id)
+            done = answer_resumed(args, question, chat_id)
         else:
-            finish = answer_once(args, question, decline_when_piped, not args.hide_reasoning,
-                                 dim=False).finish_reason
+            done = answer_once(args, question, decline_when_piped, not args.hide_reasoning, dim=False).done
+        finish = done.finish_reason if done else None
         if say_cut(finish) and (args.json_schema or args.json_object):
-            raise CLIError(f"the JSON answer is truncated ({finish} limit): it is not valid; "
-                           "raise --max-tokens")
+            raise CLIError(f"{cut_json(done)} ({finish} limit); raise --max-tokens")
         return 0
     store = ConversationStore()
     chat_id = resumed_id(store, args.resume) if args.resume is not None else None
@@ -92,10 +91,10 @@ def cmd_chat(args) -> int:
             toolbox.close()
 
 
-def answer_resumed(args, question: str, chat_id: str) -> str | None:
+def answer_resumed(args, question: str, chat_id: str) -> Done | None:
     """Piped ``chat --resume``: answer ``question`` in the saved chat ``chat_id`` (the answer on
     standard output, the rest on standard error) and save it there, as the terminal chat would;
-    returns the reply's finish reason."""
+    returns the reply's Done."""
     store = ConversationStore()
     toolbox = make_toolbox(args, decline_when_piped)
     chat = common.load_chat(args, toolbox=toolbox)
@@ -116,7 +115,7 @@ def answer_resumed(args, question: str, chat_id: str) -> str | None:
         print(f"Saved to {store.path(chat_id)}", file=sys.stderr)
     except OSError as e:
         raise CLIError(f"could not save the conversation: {e}") from None
-    return done.finish_reason if done else None
+    return done
 
 
 def flags_over_saved(chat: Chat, args) -> None:
@@ -263,7 +262,7 @@ class Repl:
             done = print_events(shown, self.show_reasoning, self.out, self.out, tty)
             self.last_stats = done.stats if done else None
             if done and done.finish_reason in ("length", "context"):
-                truncated = " (the JSON answer is truncated: it is not valid)" if self.chat.response_format else ""
+                truncated = f" ({cut_json(done)})" if self.chat.response_format else ""
                 self.say(f"[reply cut off: {done.finish_reason} limit]{truncated}")
         except KeyboardInterrupt:
             events.close()  # keeps the partial answer in the history now, not at GC time

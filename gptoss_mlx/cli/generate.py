@@ -9,7 +9,7 @@ from . import common
 from .common import (
     CLIError, add_model_options, add_structured_options, ask_on_terminal, decline_when_piped,
 )
-from .stream import Outcome, answer_once, say_cut
+from .stream import Outcome, answer_once, cut_json, say_cut
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="answer one prompt and exit",
@@ -47,8 +47,7 @@ def cmd_generate(args) -> int:
     print_stats(outcome)
     if say_cut(outcome.finish_reason):
         if args.json_schema or args.json_object:
-            print("gptoss-mlx: the JSON answer is truncated: it is not valid; raise --max-tokens",
-                  file=sys.stderr)
+            print(f"gptoss-mlx: {cut_json(outcome.done)}; raise --max-tokens", file=sys.stderr)
             return 1
         return 1 if args.strict else 0
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -131,6 +132,17 @@ def say_cut(finish_reason: str | None) -> bool:
     return True
 
 
+def cut_json(done: Done | None) -> str:
+    """What a cut reply's JSON answer is: closed early to fit (valid, but shorter than the
+    model's own), or cut (not valid)."""
+    answers = [m.text for m in (done.messages if done else []) if m.role == "assistant" and m.channel == "final"]
+    try:
+        json.loads(answers[-1] if answers else "")
+    except ValueError:
+        return "the JSON answer is truncated: it is not valid"
+    return "the JSON answer was closed early to fit: it is valid, but shorter than the model's own"
+
+
 @dataclass
 class Outcome:
     """What one user turn produced, over every reply of a tool loop."""
@@ -139,6 +151,7 @@ class Outcome:
     tool_calls: list[dict] = field(default_factory=list)
     stats: list[Stats] = field(default_factory=list)  # one per reply
     finish_reason: str | None = None
+    done: Done | None = None  # the last reply's
 
     def record(self, events):
         """Pass ``events`` through, keeping what they say."""
@@ -153,7 +166,7 @@ class Outcome:
                 self.tool_calls[-1]["result"] = event.content
             elif isinstance(event, Done):
                 self.stats.append(event.stats)
-                self.finish_reason = event.finish_reason
+                self.finish_reason, self.done = event.finish_reason, event
             yield event
 
     def usage(self) -> dict:

@@ -358,7 +358,7 @@ class Scheduler:
             seq.deliver(token, now, None if unfed else batch_size)
             out.append((seq, ("token", token)))
             if token in STOP_TOKENS_FOR_SAMPLING:
-                ended[seq] = "stop"
+                ended[seq] = seq.sampler.stop_reason()
             elif seq.generated == seq.budget:
                 ended[seq] = end_reason(seq.run.params, seq.budget)
         stopped = [seq in ended for seq in self._rows]
