@@ -23,7 +23,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -62,9 +62,19 @@ class Done:
 
 @dataclass
 class ContextTrimmed:
-    """The conversation did not fit: this reply's prompt leaves out its oldest messages."""
+    """The conversation did not fit: this reply's prompt leaves out its oldest messages, and
+    (``cut_result``: characters kept, of how many) shows the last tool result cut short."""
     dropped_messages: int
     dropped_tokens: int
+    cut_result: tuple[int, int] | None = None
+
+    def __str__(self) -> str:
+        parts = []
+        if self.dropped_messages:
+            parts.append(f"dropped the {self.dropped_messages} oldest messages")
+        if self.cut_result:
+            parts.append("cut the tool's result to its first {} of {} characters".format(*self.cut_result))
+        return f"context full: {' and '.join(parts)} ({self.dropped_tokens} tokens) to make room"
 
 
 ChatEvent = ReasoningDelta | AnswerDelta | ToolCall | ContextTrimmed | Done
@@ -205,14 +215,24 @@ class Chat:
             raise ContextLengthError(
                 f"the conversation is {len(prompt)} tokens and {limit}: start a new chat, "
                 "or raise --max-context")
-        candidates = trimmed_histories(self.messages)  # dropping more and more
+        # dropping more and more, whole turns where a quarter of the room's tokens is passed
+        candidates = trimmed_histories(self.messages, lambda m: message_tokens(m, self.tokenizer), room // 4)
         index, kept = first_fitting(candidates, self.prompt_tokens, room)
-        if index == len(candidates):
-            raise ContextLengthError(
-                f"the instructions and the last user message alone are "
-                f"{len(kept or prompt)} tokens and {limit}: shorten the message, "
-                "or raise --max-context")
-        return kept, ContextTrimmed(len(self.messages) - len(candidates[index]), len(prompt) - len(kept))
+        if index < len(candidates):
+            return kept, ContextTrimmed(len(self.messages) - len(candidates[index]), len(prompt) - len(kept))
+        shortest = candidates[-1] if candidates else self.messages
+        if shortest and shortest[-1].role == "tool":  # the result the reply answers: cut to fit
+            last = shortest[-1]
+            cut = cut_result(last.text, self.tokenizer,
+                             lambda text: self.prompt_tokens(shortest[:-1] + [replace(last, content=text)]), room)
+            if cut is not None:
+                text, kept = cut
+                return kept, ContextTrimmed(len(self.messages) - len(shortest), len(prompt) - len(kept),
+                                            (len(text.rsplit("\n[cut to fit", 1)[0]), len(last.text)))
+        raise ContextLengthError(
+            f"the instructions and the last user message alone are "
+            f"{len(kept or prompt)} tokens and {limit}: shorten the message, "
+            "or raise --max-context")
 
     @property
     def history(self) -> list[Message]:
@@ -527,14 +547,66 @@ def first_fitting(candidates: list, tokens_of: Callable[[list], list[int]], room
     return lo, tokens.get(min(lo, len(candidates) - 1))
 
 
-def trimmed_histories(messages: list[Message]) -> list[list[Message]]:
+def trimmed_histories(messages: list[Message], size: Callable[[Message], int] | None = None,
+                      quantum: int = 0) -> list[list[Message]]:
     """Shorter and shorter histories, the oldest messages dropped first: whole turns (a user
-    message and what followed it), then, inside the last turn, the assistant's and tools'
-    messages after its user message. A tool call and its results are dropped together."""
+    message and what followed it; system and developer messages among them stay), then, inside
+    the last turn, the assistant's and tools' messages after its user message, but for the last
+    call and its results when the history ends with them (the reply answers them: a result too
+    long is cut instead, :func:`cut_result`). A tool call and its results are dropped together.
+
+    With ``size`` (a message's tokens) and ``quantum``, whole turns are dropped at first only
+    where the tokens dropped pass a multiple of ``quantum``: the history's start then stays put
+    while it grows by about that much, and each prompt shares the prompt cache's up to its end
+    (dropping just enough each turn moved the start every turn: every turn read the whole
+    context again)."""
     users = [i for i, m in enumerate(messages) if m.role == "user"]
     last = users[-1] if users else -1
-    whole_turns = [messages[i:] for i in users if i > 0]
+    starts = [i for i in users if i > 0]
+    if size is not None and quantum > 0:
+        stable, dropped, k, done = [], 0, 1, 0
+        for start in starts:
+            dropped += sum(map(size, messages[done:start]))
+            done = start
+            if dropped >= k * quantum:
+                stable.append(start)
+                k = dropped // quantum + 1
+        starts = stable + [i for i in starts if stable and i > stable[-1]] if stable else starts
+    whole_turns = [[m for m in messages[:i] if m.role in ("system", "developer")] + messages[i:] for i in starts]
     pinned = messages[last:last + 1] if users else []
-    inside = [pinned + messages[j:] for j in range(last + 2, len(messages) + 1)
+    end = len(messages)
+    while end > last + 1 and messages[end - 1].role == "tool":
+        end -= 1
+    end = end - 1 if end < len(messages) else end  # the call those results answer stays too
+    inside = [pinned + messages[j:] for j in range(last + 2, end + 1)
               if j == len(messages) or messages[j].role != "tool"]  # never an orphaned result
     return whole_turns + inside
+
+
+def message_tokens(message: Message, tokenizer) -> int:
+    """About the tokens ``message`` takes in a prompt (reasoning: none; earlier turns' is left
+    out): what :func:`trimmed_histories` counts to keep its cuts in place."""
+    if message.channel == "analysis":
+        return 0
+    return len(harmony.segments_to_tokens(harmony.render_message(message), tokenizer))
+
+
+def cut_result(content: str, tokenizer, prompt_for: Callable[[str], list[int]],
+               room: int) -> tuple[str, list[int]] | None:
+    """A tool result ``content`` cut, with a note saying so, so that ``prompt_for`` it is at most
+    ``room`` tokens: (the text, the prompt's tokens); None when not even the note fits."""
+    def note(kept: str) -> str:
+        return f"{kept}\n[cut to fit the context: the first {len(kept)} of {len(content)} characters]"
+    tokens = prompt_for(note(""))
+    if len(tokens) > room:
+        return None
+    body = tokenizer.encode_ordinary(content)
+    keep = len(body) - (len(prompt_for(content)) - room)
+    for _ in range(4):  # a cut can tokenize a little longer than it counted
+        keep -= 32
+        text = note(tokenizer.decode(body[:max(keep, 0)]))
+        tokens = prompt_for(text)
+        if len(tokens) <= room:
+            return text, tokens
+        keep -= len(tokens) - room
+    return None

@@ -3,6 +3,7 @@ driven through standard input and a scripted REPL session."""
 
 import io
 import json
+import re
 import queue
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from hypothesis import strategies as st
 from gptoss_mlx.cli.chat import Repl
 from gptoss_mlx.store import ConversationStore
 from gptoss_mlx.chat import (
-    AnswerDelta, Chat, ChatFileError, ContextTrimmed, Done, ReasoningDelta, ToolCall, trimmed_histories,
+    AnswerDelta, Chat, ChatFileError, ContextTrimmed, Done, ReasoningDelta, ToolCall, message_tokens,
+    trimmed_histories,
 )
 from gptoss_mlx.generate import ContextLengthError, Engine, SamplingParams
 from gptoss_mlx.harmony import Message, ToolSpec
@@ -535,7 +537,11 @@ def test_a_message_too_long_on_its_own_is_an_error_and_nothing_changes(tok):
     assert chat.messages == before
 
 
-def test_a_tool_call_and_its_overflowing_result_go_together(tok):
+def test_an_overflowing_tool_result_is_cut_not_dropped_with_its_call(tok):
+    """The reply answers the last call's result: it was dropped with its call (the newest
+    messages, said to be "the oldest"), the model asked again as if it had never called, and
+    the tool loop ran the call round after round. Older turns go first; then the result is
+    cut to fit, with a note, and the call stays. The history keeps it whole."""
     call = Message("assistant", '{"city": "Oslo"}', channel="commentary", recipient="functions.get_weather")
     result = Message("tool", "sunny " * 300, channel="commentary", recipient="assistant",
                      name="functions.get_weather")
@@ -543,9 +549,13 @@ def test_a_tool_call_and_its_overflowing_result_go_together(tok):
     chat = overflowing_chat(tok, history[:-3], drop_at_least=-40)  # room for the question, not the result
     chat.messages = history
     events = list(chat.reply())
-    assert events[0] == ContextTrimmed(dropped_messages=4, dropped_tokens=events[0].dropped_tokens)
+    trimmed = events[0]
+    assert (trimmed.dropped_messages, trimmed.cut_result[1]) == (2, 1800) and 0 < trimmed.cut_result[0] < 1800
+    assert str(trimmed).startswith("context full: dropped the 2 oldest messages and cut the tool's result to its first")
     prompt = tok.decode(chat.engine.prompt_cache.tokens)
-    assert "last question" in prompt and "Oslo" not in prompt and "sunny" not in prompt
+    assert "last question" in prompt and "Oslo" in prompt and "sunny" in prompt
+    assert f"[cut to fit the context: the first {trimmed.cut_result[0]} of 1800 characters]" in prompt
+    assert chat.messages[4] is result and result.text == "sunny " * 300  # the history keeps it whole
 
 
 def test_bad_context_settings():
@@ -583,19 +593,25 @@ def histories():
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(history=histories(), limit=st.integers(100, 1200))
 def test_fitting_keeps_the_newest_messages_whole_and_as_many_as_fit(tok, history, limit):
-    candidates = trimmed_histories(history)
-    last_user = [m for m in history if m.role == "user"][-1]
-    for shorter, longer in zip(candidates[1:], [history] + candidates):
-        assert len(shorter) < len(longer)
-    for kept in candidates:
-        assert kept[0] is last_user or kept[0].role == "user"
-        assert last_user in kept
-        for i, m in enumerate(kept):  # a result always follows its call
-            if m.role == "tool":
-                assert i > 0 and (kept[i - 1].role == "tool" or kept[i - 1].is_tool_call)
     chat = Chat(ScriptedModel([[0]], max_context=limit), tok, date="2025-08-05")
     chat.messages = history
     room = limit - chat.reply_reserve
+    size = lambda m: message_tokens(m, tok)  # noqa: E731
+    last_user = [m for m in history if m.role == "user"][-1]
+    every = trimmed_histories(history)
+    candidates = trimmed_histories(history, size, room // 4)
+    for options in (every, candidates):
+        for shorter, longer in zip(options[1:], [history] + options):
+            assert len(shorter) < len(longer)
+        for kept in options:
+            assert kept[0] is last_user or kept[0].role == "user"
+            assert last_user in kept
+            for i, m in enumerate(kept):  # a result always follows its call
+                if m.role == "tool":
+                    assert i > 0 and (kept[i - 1].role == "tool" or kept[i - 1].is_tool_call)
+            if history[-1].role == "tool":  # the results the reply answers, and their call, stay
+                assert kept[-1] is history[-1]
+    assert candidates[-1:] == every[-1:] and all(c in every for c in candidates)
     options = [history] + candidates
     fits = [len(chat.prompt_tokens(h)) <= room for h in options]
     try:
@@ -604,9 +620,46 @@ def test_fitting_keeps_the_newest_messages_whole_and_as_many_as_fit(tok, history
         assert not fits[-1]
         return
     assert len(prompt) <= room
+    if True not in fits:  # only the last result cut to fit
+        assert history[-1].role == "tool" and trimmed.cut_result
+        return
     first_fit = fits.index(True)
-    assert prompt == chat.prompt_tokens(options[first_fit])  # the fewest messages dropped
+    assert prompt == chat.prompt_tokens(options[first_fit])
     assert (trimmed is None) == (first_fit == 0)
+    # dropped at a quarter of the room's steps: at most that, and a turn, beyond the fewest
+    fewest = next(h for h in [history] + every if len(chat.prompt_tokens(h)) <= room)
+    dropped = lambda kept: sum(size(m) for m in history if m not in kept)  # noqa: E731
+    turn = max(sum(map(size, t)) for t in split_turns(history))
+    assert dropped(options[first_fit]) <= dropped(fewest) + room // 4 + turn
+
+
+def split_turns(history: list[Message]) -> list[list[Message]]:
+    turns_, current = [], []
+    for m in history:
+        if m.role == "user" and current:
+            turns_.append(current)
+            current = []
+        current.append(m)
+    return turns_ + [current]
+
+
+def test_a_full_context_keeps_its_start_while_the_chat_goes_on(tok):
+    """Once full, each turn dropped just enough of the oldest turns: the prompt's start moved
+    every turn, and every turn read the whole context again (9-11 s a turn on the CPU at 2,500
+    tokens). Whole turns now go a quarter of the room at a time, and the next turns reuse the
+    prompt cache up to their new message."""
+    model = ScriptedModel([reply_script(tok, "Hm.", "ok")])
+    chat = Chat(model, tok, date="2025-08-05", max_context=1200, sampling=SamplingParams(temperature=0, max_tokens=16))
+    starts, reused = [], []
+    for k in range(40):
+        list(chat.send(f"question {k}: " + "tell me more " * 12))
+        prompt = chat.engine.prompt_cache.tokens
+        starts.append(re.search(r"question (\d+):", tok.decode(prompt)).group(1))  # the first turn kept
+        reused.append(chat.engine.stats.reused_tokens)
+    trimmed = [k for k in range(1, 40) if starts[k] != starts[k - 1]]
+    assert 2 <= len(trimmed) <= 12, starts  # the start moves now and then, not every turn
+    kept = [k for k in range(trimmed[0] + 1, 40) if k not in trimmed]
+    assert all(reused[k] > 500 for k in kept), (reused, trimmed)  # the cache is reused between moves
 
 
 def test_a_reply_streams_to_asyncio(chat):

@@ -663,6 +663,30 @@ def test_truncation_auto_drops_the_oldest_turns(tok):
         assert e.value.code == "context_length_exceeded"
 
 
+def test_truncation_auto_keeps_instructions_and_cuts_the_result_it_answers(tok):
+    """With truncation "auto", a function_call_output too long for the context was dropped with
+    its call (the prompt held the question alone: the model asked again, and nothing said so),
+    and a developer message among the turns was dropped with them. The call stays and its
+    output is cut to fit, with a note; developer messages stay wherever they are."""
+    model = ScriptedModel([answer(tok, "Hm.", "ok")])
+    items = [{"role": "user", "content": "first " + "word " * 120},
+             {"role": "assistant", "content": "ok"},
+             {"role": "developer", "content": "SECRET-RULE: answer in French."},
+             {"role": "user", "content": "second " + "word " * 120},
+             {"role": "assistant", "content": "ok"},
+             {"role": "user", "content": "What is the weather in Oslo?"},
+             {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
+             {"type": "function_call_output", "call_id": "c1", "output": "sunny " * 1500}]
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+    with serving(model, tok, max_context=1024) as url:
+        r = client(url).responses.create(model="gpt-oss-tiny", input=items, tools=[tool], truncation="auto",
+                                         max_output_tokens=64)
+    prompt = tok.decode(model.fed)
+    assert r.usage.input_tokens <= 1024 - 64
+    assert "SECRET-RULE" in prompt and "Oslo" in prompt and "first word" not in prompt
+    assert re.search(r"sunny s?u?n?n?y?\n\[cut to fit the context: the first \d+ of 9000 characters\]", prompt)
+
+
 def test_stored_responses_and_the_model_can_be_retrieved(url):
     """What the SDK's retrieve and delete calls ask for: a stored response by id (as it was
     returned, its cut item marked incomplete), deleted then 404; the model by id."""

@@ -241,8 +241,11 @@ class AssistantTurn(Vertical):
 
 
 def context_notice(event: ContextTrimmed) -> str:
-    return (f"Context full: the oldest {event.dropped_messages} messages ({event.dropped_tokens} "
-            "tokens) are left out of this reply's prompt")
+    parts = [f"the oldest {event.dropped_messages} messages ({event.dropped_tokens} tokens) are left out "
+             "of this reply's prompt"] if event.dropped_messages else []
+    if event.cut_result:
+        parts.append("the tool's result is cut to its first {} of {} characters".format(*event.cut_result))
+    return f"Context full: {'; '.join(parts)}"
 
 
 def _stats_line(done: Done) -> str:

@@ -109,8 +109,7 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
             reasoning_out.flush()
         elif isinstance(event, ContextTrimmed):
             end_reasoning("\n")
-            reasoning_out.write(f"[context full: dropped the {event.dropped_messages} oldest "
-                                f"messages ({event.dropped_tokens} tokens) to make room]\n")
+            reasoning_out.write(f"[{event}]\n")
             reasoning_out.flush()
         elif isinstance(event, Done):
             done = event

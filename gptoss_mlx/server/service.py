@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from .. import harmony
-from ..chat import REPLY_RESERVE, ToolCall, first_fitting, trimmed_histories
+from ..chat import REPLY_RESERVE, ToolCall, cut_result, first_fitting, message_tokens, trimmed_histories
 from ..generate import Engine, SamplingParams
 from ..harmony import DeveloperContent, HarmonyError, Message
 from ..harmony.chat_completions import FUNCTIONS
@@ -148,12 +148,22 @@ class Service:
                forced: list[int] = ()) -> tuple[list[Message], list[int]]:
         """``messages`` with as few of the oldest turns left out as leaves room for the reply
         (:meth:`room`), and their tokens: the Responses API's ``truncation: "auto"``. The
-        instructions and the last user message always stay (when they alone do not fit:
-        context_length_exceeded, from tokens())."""
-        room = self.room(params)
+        instructions (wherever they are) and the last user message always stay; so do the last
+        call and its results when the input ends with them, the last result cut to fit if need be
+        (when they alone do not fit: context_length_exceeded, from tokens()). Turns are left out
+        as the terminal chat leaves them out (:func:`trimmed_histories`), so that a conversation
+        that goes on keeps its start, and its prompt cache, for a while."""
+        room = self.room(params) - len(forced)
         head = next((i for i, m in enumerate(messages) if m.role not in ("system", "developer")), len(messages))
-        candidates = [messages] + [messages[:head] + rest for rest in trimmed_histories(messages[head:])]
-        index, tokens = first_fitting(candidates, self.rendered, room - len(forced))
+        rests = trimmed_histories(messages[head:], lambda m: message_tokens(m, self.tokenizer), room // 4)
+        candidates = [messages] + [messages[:head] + rest for rest in rests]
+        index, tokens = first_fitting(candidates, self.rendered, room)
+        if index == len(candidates) and candidates[-1][-1].role == "tool":
+            shortest, last = candidates[-1][:-1], candidates[-1][-1]
+            cut = cut_result(last.text, self.tokenizer,
+                             lambda text: self.rendered(shortest + [replace(last, content=text)]), room)
+            if cut is not None:
+                return shortest + [replace(last, content=cut[0])], cut[1]
         return candidates[min(index, len(candidates) - 1)], tokens
 
     async def new_reply(self, prefix: str, request: dict, forced_function: str | None,
@@ -397,26 +407,19 @@ class Service:
             return messages + [Message("tool", text, channel=channel or "commentary",
                                        recipient="assistant", name=result.name)]
 
-        def note(kept: str) -> str:
-            return f"{kept}\n[cut to fit the context: the first {len(kept)} of {len(result.content)} characters]"
+        def prompt(text: str) -> list[int]:
+            return self.rendered(conversation(text))
         room, limit = self.room(params) - len(forced), self.max_context - 1 - len(forced)
-        tokens = self.rendered(conversation(result.content))
-        if len(tokens) <= room:
-            return conversation(result.content), tokens + list(forced)
-        if len(self.rendered(conversation(note("")))) > room:  # already past the room
-            room = limit
-            if len(tokens) <= room:
-                return conversation(result.content), tokens + list(forced)
-        body = self.tokenizer.encode_ordinary(result.content)
-        keep = len(body) - (len(tokens) - room)
-        for _ in range(4):  # a cut can tokenize a little longer than it counted
-            keep -= 32
-            text = note(self.tokenizer.decode(body[:max(keep, 0)]))
-            tokens = self.rendered(conversation(text))
-            if len(tokens) <= room:
-                return conversation(text), tokens + list(forced)
-            keep -= len(tokens) - room
-        return None
+        tokens = prompt(result.content)
+        if len(tokens) > room:
+            cut = cut_result(result.content, self.tokenizer, prompt, room)
+            if cut is None and len(tokens) > limit:  # already past the room: one token for the reply
+                cut = cut_result(result.content, self.tokenizer, prompt, limit)
+            if cut is None and len(tokens) > limit:
+                return None
+            if cut is not None:
+                return conversation(cut[0]), cut[1] + list(forced)
+        return conversation(result.content), tokens + list(forced)
 
     def log(self, reply: Reply, request) -> None:
         """One line per request: id, prompt / cached / generated tokens, TTFT, tok/s, batch, end."""
