@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import array
 import json
+import logging
 import math
 import re
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -53,6 +54,8 @@ from .harmony import (
 )
 from .harmony.chat_completions import FUNCTIONS
 from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS, VOCAB_SIZE
+
+log = logging.getLogger("gptoss_mlx")
 
 ID = SPECIAL_TOKENS
 # Whitespace between JSON tokens as models write it: none, one space (`{"a": 1}`), or a newline
@@ -457,15 +460,38 @@ def grammars(tokenizer, dev: DeveloperContent | None) -> tuple[Grammar | None, d
     if dev.response_formats:
         fmt = dev.response_formats[0]
         answer = compile_schema(tokenizer, fmt.schema, f"response format {fmt.name!r}")
-    functions = {}
+    functions, names = {}, set()
     for f in dev.functions:
-        if f.name in functions:
+        if f.name in names:
             raise SchemaError(f"function {f.name!r} is declared twice: which parameters its calls "
                               "are held to would be a guess")
+        names.add(f.name)
         check_callable(tokenizer, f.name)
-        functions[f.name] = compile_schema(tokenizer, f.parameters or {"type": "object"},
-                                           f"function {f.name!r} parameters")
+        where = f"function {f.name!r} parameters"
+        try:
+            functions[f.name] = compile_schema(tokenizer, object_schema(f.parameters, where), where)
+        except SchemaError as e:
+            if f.strict or str(e).endswith(OBJECT_ROOT):
+                raise
+            log.info("%s: its calls are not held to its parameters (strict is false)", e)
     return answer, functions
+
+
+OBJECT_ROOT = "(a call's arguments are an object)"
+
+
+def object_schema(parameters: dict | None, where: str) -> dict:
+    """A function's parameters as its calls' grammar: a JSON object (OpenAI's rule); a schema
+    that names no type (MCP tools' ``{"properties": ...}``) is one. Another type is an error:
+    calls answered '"474000160058331941038896"' for one without a type."""
+    if parameters is None:
+        return {"type": "object"}
+    if not isinstance(parameters, dict) or "type" not in parameters:
+        return {"type": "object", **(parameters if isinstance(parameters, dict) else {})}
+    if parameters["type"] != "object":
+        raise SchemaError(f"{where}: the schema's type must be \"object\", got {json.dumps(parameters['type'])} "
+                          + OBJECT_ROOT)
+    return parameters
 
 
 def check_callable(tokenizer, name: str) -> None:
@@ -646,7 +672,7 @@ class HarmonyConstraint:
         self._analysis_header = [ID[CHANNEL], *tokenizer.encode_ordinary("analysis"), ID[MESSAGE]]
         # must_call: each function's call header, and the tokens its smallest call takes
         self._calls = {name: call_header(tokenizer, name) for name in must_call}
-        self._call_room = max((len(header) + margin(self.functions[name]) + self.functions[name].min_tokens
+        self._call_room = max((len(header) + (margin(g) + g.min_tokens if (g := self.functions.get(name)) else 16)
                                for name, header in self._calls.items()), default=0)
         self.headers: list[list[int]] = []  # must_call: the headers the reply may go on with
         self._last: int | None = None  # the last token of the reply so far

@@ -628,7 +628,7 @@ def test_fitting_keeps_the_newest_messages_whole_and_as_many_as_fit(tok, history
     assert (trimmed is None) == (first_fit == 0)
     # dropped at a quarter of the room's steps: at most that, and a turn, beyond the fewest
     fewest = next(h for h in [history] + every if len(chat.prompt_tokens(h)) <= room)
-    dropped = lambda kept: sum(size(m) for m in history if m not in kept)  # noqa: E731
+    dropped = lambda kept: sum(size(m) for m in history if not any(m is k for k in kept))  # noqa: E731
     turn = max(sum(map(size, t)) for t in split_turns(history))
     assert dropped(options[first_fit]) <= dropped(fewest) + room // 4 + turn
 

@@ -80,14 +80,57 @@ def test_unenforceable_schemas_are_400s_naming_them(api):
                                     response_format={"type": "json_schema",
                                                      "json_schema": {"name": "x", "schema": unique}})
     assert "uniqueItems" in e.value.message and e.value.body["param"] == "response_format"
-    tool = {"type": "function", "function": {"name": "f", "parameters": unique}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": unique, "strict": True}}
     with pytest.raises(openai.BadRequestError) as e:
         api.chat.completions.create(model="gpt-oss-tiny", messages=USER, max_tokens=5, tools=[tool])
+    assert "function 'f'" in e.value.message and e.value.body["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as e:  # the Responses API's default: strict
+        api.responses.create(model="gpt-oss-tiny", input="hi", max_output_tokens=5,
+                             tools=[{"type": "function", "name": "f", "parameters": unique}])
     assert "function 'f'" in e.value.message and e.value.body["param"] == "tools"
     with pytest.raises(openai.BadRequestError) as e:
         api.chat.completions.create(model="gpt-oss-tiny", messages=USER, max_tokens=5,
                                     extra_body={"reasoning_budget": -1})
     assert e.value.body["param"] == "reasoning_budget"
+
+
+def test_a_tool_that_is_not_strict_is_called_unconstrained_where_its_schema_cannot_be_held(api, caplog):
+    """One tool whose schema uses `not` (zod's z.never()), a look-around pattern or uniqueItems
+    failed the whole request with a 400, though the model might never call it and the client
+    said strict: false (Chat Completions' default). Such a tool is now given to the model and
+    its calls are left free, as OpenAI leaves non-strict calls; the log says so."""
+    odd = {"type": "object", "properties": {"path": {"type": "string", "pattern": "^(?!/etc).*$"},
+                                            "never": {"not": {}}}}
+    tools = [WEATHER_TOOL, {"type": "function", "function": {"name": "read_file", "parameters": odd}}]
+    with caplog.at_level("INFO", logger="gptoss_mlx"):
+        r = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, max_tokens=5, tools=tools)
+        s = api.responses.create(model="gpt-oss-tiny", input="hi", max_output_tokens=5, tools=[
+            {"type": "function", "name": "read_file", "parameters": odd, "strict": False}])
+    assert r.choices[0].finish_reason == "length" and s.status == "incomplete"
+    assert "its calls are not held to its parameters (strict is false)" in caplog.text
+
+
+@pytest.mark.parametrize("parameters, ok", [
+    ({"properties": {"query": {"type": "string"}}, "required": ["query"]}, True),
+    ({"type": "string"}, False), ({"type": ["object", "null"]}, False)])
+def test_a_functions_calls_are_json_objects(api, parameters, ok):
+    """A tool schema without "type" (MCP tools') let a forced call's arguments be any JSON:
+    '474000160058331941038896', which LangChain refused. Such a schema is an object's; one
+    of another type is a 400 (OpenAI's rule), strict or not."""
+    tool = {"type": "function", "function": {"name": "search", "parameters": parameters}}
+    ask = dict(model="gpt-oss-tiny", messages=USER, tools=[tool], max_tokens=200, seed=0,
+               tool_choice={"type": "function", "function": {"name": "search"}})
+    if not ok:
+        with pytest.raises(openai.BadRequestError) as e:
+            api.chat.completions.create(**ask)
+        assert 'the schema\'s type must be "object"' in e.value.message and e.value.body["param"] == "tools"
+        return
+    r = api.chat.completions.create(**ask)
+    [made] = r.choices[0].message.tool_calls
+    if r.choices[0].finish_reason == "tool_calls":
+        assert isinstance(json.loads(made.function.arguments), dict)
+    else:
+        assert made.function.arguments.lstrip().startswith("{")
 
 
 def test_a_cut_answer_is_reported_as_cut(api):

@@ -156,7 +156,10 @@ def _function_spec(tool, j: int) -> ToolSpec:
         raise HarmonyError(f"tools[{j}] ({fn['name']}): description must be a string")
     if params is not None:
         check_schema(params, f"tools[{j}] ({fn['name']})", "parameters")
-    return ToolSpec(fn["name"], description, params)
+    strict = fn.get("strict")  # Chat Completions' default: false
+    if strict is not None and not isinstance(strict, bool):
+        raise HarmonyError(f"tools[{j}] ({fn['name']}): strict must be true or false, got {strict!r}")
+    return ToolSpec(fn["name"], description, params, bool(strict))
 
 
 # ``{"type": "json_object"}``: any JSON object, written into the prompt as this format.
@@ -348,6 +351,8 @@ def _developer_to_chat(dev: DeveloperContent, out: list, result: dict, declared:
         spec = {"name": fn.name, "description": fn.description}
         if fn.parameters is not None:
             spec["parameters"] = fn.parameters
+        if fn.strict:  # (Chat Completions' default is not)
+            spec["strict"] = True
         result.setdefault("tools", []).append({"type": "function", "function": spec})
         declared.add(fn.name)
     if dev.response_formats:  # Chat Completions has room for one

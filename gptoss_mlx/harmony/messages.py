@@ -38,11 +38,15 @@ class HarmonyError(ValueError):
 
 @dataclass
 class ToolSpec:
-    """One function of a tool namespace; ``parameters`` is a JSON Schema object or None."""
+    """One function of a tool namespace; ``parameters`` is a JSON Schema object or None.
+    ``strict``: its calls must be held to ``parameters`` (a schema the constraint cannot enforce
+    is then an error); a function that is not strict (OpenAI's ``strict: false``) is called
+    unconstrained where its schema cannot be enforced."""
 
     name: str
     description: str = ""
     parameters: dict | None = None
+    strict: bool = True
 
 
 @dataclass

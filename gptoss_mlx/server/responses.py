@@ -274,7 +274,8 @@ def function_tools(tools) -> list[dict]:
     if others:
         log.info("ignoring tools of types %s: only function tools are given to the model",
                  ", ".join(sorted(set(map(str, others)))))
-    return functions
+    # the Responses API's default is strict (Chat Completions': not)
+    return [t if t.get("strict") is not None else {**t, "strict": True} for t in functions]
 
 
 def response_format(body: dict) -> dict | None:
