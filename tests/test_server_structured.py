@@ -133,6 +133,24 @@ def test_a_functions_calls_are_json_objects(api, parameters, ok):
         assert made.function.arguments.lstrip().startswith("{")
 
 
+def test_reasoning_closed_by_the_budget_is_counted(api):
+    """The tiny model writes its reasoning without a header; closed by the reasoning budget it
+    came back as reasoning, counted as 0 reasoning tokens (its tokens were a header's)."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+              "additionalProperties": False}
+    for budget in (4, 8, 16):
+        r = api.responses.create(model="gpt-oss-tiny", input="hello there", max_output_tokens=60,
+                                 text={"format": {"type": "json_schema", "name": "a", "schema": schema}},
+                                 extra_body={"reasoning_budget": budget, "seed": 0})
+        assert [i.type for i in r.output] == ["reasoning", "message"]
+        assert budget <= r.usage.output_tokens_details.reasoning_tokens <= budget + 1 < r.usage.output_tokens
+        c = api.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "hello there"}],
+                                        max_tokens=60, response_format={"type": "json_object"}, seed=0,
+                                        extra_body={"reasoning_budget": budget})
+        assert c.choices[0].message.reasoning_content
+        assert budget <= c.usage.completion_tokens_details.reasoning_tokens <= budget + 1
+
+
 def test_a_cut_answer_is_reported_as_cut(api):
     """max_tokens below the smallest answer: finish_reason length, status incomplete."""
     r = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, response_format=pet_format(),

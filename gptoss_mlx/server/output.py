@@ -91,6 +91,7 @@ class ReplyStream:
         """Parse a new generation (after a tool result), continuing the same items."""
         self._parser = harmony.StreamParser(self.tokenizer, role="assistant")
         self._current: Item | None = None
+        self._unowned = 0  # tokens fed since a message ended, none open
         self._held = ""  # answer text that may be the start of a stop string
 
     @property
@@ -101,6 +102,8 @@ class ReplyStream:
     def feed(self, token: int) -> list[OutputEvent]:
         if self._current is not None:
             self._current.tokens += 1
+        else:  # a header's, or (without <|message|>) a message's own text
+            self._unowned += 1
         # A control token inside a message (<|channel|> in the text) is not text; what one that
         # ends a message or a header flushes is (the end of a character cut short, the words of
         # a final header written without <|message|>: a model's "<|channel|>final Sorry<|return|>").
@@ -109,7 +112,7 @@ class ReplyStream:
         events = self._parser.feed(token)
         if literal:
             events = [e for e in events if not isinstance(e, ContentDelta)]
-        return self._convert(events)
+        return self._convert(events, salvaged=token != SPECIAL_TOKENS[harmony.MESSAGE])
 
     def finish(self) -> list[OutputEvent]:
         """The generation ended (max tokens, the context, a stop): close what is open. A header
@@ -118,7 +121,7 @@ class ReplyStream:
         header = self._parser.pending_header
         if any(mark in header for mark in HEADER_MARKS) or any(w.startswith("to=") for w in header.split()):
             return []
-        events = self._convert(self._parser.finish())
+        events = self._convert(self._parser.finish(), salvaged=True)
         for event in events:  # what only the end of the generation closes was cut short
             if isinstance(event, Closed):
                 event.item.cut = True
@@ -128,7 +131,10 @@ class ReplyStream:
     def reasoning_tokens(self) -> int:
         return sum(i.tokens for i in self.items if i.kind == REASONING)
 
-    def _convert(self, events) -> list[OutputEvent]:
+    def _convert(self, events, salvaged: bool = False) -> list[OutputEvent]:
+        """``salvaged``: a message opened here by anything but ``<|message|>`` is text the model
+        wrote without a header (reasoning closed by a budget, say): the tokens since the last
+        message are its own, and count (reasoning_tokens)."""
         out: list[OutputEvent] = []
         for event in events:
             if self.stopped:
@@ -139,7 +145,9 @@ class ReplyStream:
                     kind = SERVER_CALL
                 elif kind == TEXT and self.final_only and event.channel != "final":
                     kind = REASONING  # a preamble beside JSON would break it for the client
-                self._current = Item(kind, name, recipient=event.recipient, channel=event.channel)
+                self._current = Item(kind, name, recipient=event.recipient, channel=event.channel,
+                                     tokens=self._unowned if salvaged else 0)
+                self._unowned = 0
                 self.items.append(self._current)
                 out.append(Opened(self._current))
             elif isinstance(event, ContentDelta):
