@@ -1547,6 +1547,22 @@ def scripted_url(tok):
         yield url
 
 
+@pytest.mark.parametrize("extra, messages, param", [
+    ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, [], "functions"),
+    ({"function_call": "auto"}, [], "function_call"),
+    ({}, [{"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+          {"role": "function", "name": "f", "content": "1"}], "messages"),
+])
+def test_legacy_function_calling_is_named(scripted_url, extra, messages, param):
+    """The deprecated ``functions`` / ``function_call`` were ignored without a word (no function
+    was ever offered to the model), and a history in that form was "an assistant message needs
+    content". Each is a 400 naming its replacement."""
+    code, data = post(scripted_url, "/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, *messages], "max_tokens": 3, **extra}).encode())
+    assert code == 400 and data["error"]["param"] == param
+    assert "deprecated" in data["error"]["message"] and "tool" in data["error"]["message"]
+
+
 def check_answer(url, path, body):
     code, data = post(url, path, json.dumps(body).encode())
     assert code < 500, data

@@ -51,6 +51,10 @@ def check_messages(messages) -> None:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad_request(f"{where} must be an object", "messages")
+        if m.get("function_call") is not None or m.get("role") == "function":
+            raise bad_request(f"{where}: {'function_call' if m.get('role') != 'function' else 'role function'} "
+                              "is the deprecated form of function calling: give calls as 'tool_calls' and "
+                              "their results as 'tool' messages", "messages")
         if m.get("role") in ("system", "developer", "user", "tool") and m.get("content") is None:
             raise bad_request(f"{where}.content is required in a {m['role']} message", "messages")
         if m.get("content") == []:
@@ -100,6 +104,9 @@ def check_request(body: dict) -> None:
     for key in ("logit_bias", "logprobs", "top_logprobs", "audio", "prediction"):
         if body.get(key):
             raise bad_request(f"'{key}' is not supported by this server", key)
+    for key, instead in (("functions", "tools"), ("function_call", "tool_choice")):
+        if body.get(key) is not None:  # ignored, the model would never see the functions
+            raise bad_request(f"'{key}' is the deprecated form of '{instead}': give '{instead}'", key)
 
 
 async def chat_completions(service: Service, body: dict, request):
