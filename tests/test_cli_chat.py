@@ -15,6 +15,7 @@ from gptoss_mlx.cli import chat as cli_chat
 from gptoss_mlx.cli import build_parser, common, main
 from gptoss_mlx.cli.lineedit import line_reader
 from gptoss_mlx.generate import Engine, SamplingParams, Stats
+from gptoss_mlx.harmony import Message
 from gptoss_mlx.store import ConversationStore
 from gptoss_mlx.tokenizer import load_tokenizer
 from scripted import ScriptedModel, SlowChunks
@@ -324,6 +325,22 @@ def test_a_call_to_a_tool_the_chat_lacks_gets_an_error_and_the_model_answers(tok
     result = [m for m in chat.messages if m.role == "tool"][0]
     assert result.text == ("Error: there is no tool 'functions.lookup': no tools are available here; "
                            "answer without them")
+
+
+def test_a_round_after_a_tool_that_does_not_fit_keeps_the_message_and_says_so(tok, store, monkeypatch):
+    """--context-overflow error: the tool ran, then the next round did not fit. The chat said
+    "the message is not in the chat: it is back at the prompt" while it held the message, the
+    call and its result (sending the draft again failed at once, and so did every message)."""
+    nope = tok.encode("<|channel|>analysis<|message|>Try it.<|end|><|start|>assistant<|channel|>commentary "
+                      'to=functions.lookup <|constrain|>json<|message|>{"q": 1}<|call|>', allowed_special="all")
+    probe = Chat(ScriptedModel([nope]), tok, reasoning_effort="low", date="2025-08-05")
+    first = len(probe.prompt_tokens([Message("user", "what is it?")]))
+    chat = Chat(ScriptedModel([nope, *answers(tok, "Never.")]), tok, reasoning_effort="low", date="2025-08-05",
+                context_overflow="error", max_context=first + 40 + 10, sampling=SamplingParams(max_tokens=40))
+    status, out = run_chat(monkeypatch, chat, ["what is it?"])
+    assert "error: the conversation is" in out and "the message is not in the chat" not in out
+    assert "[the message and the tool calls answered so far stay in the chat; the reply could not go on]" in out
+    assert [m.role for m in chat.messages][:1] == ["user"] and any(m.role == "tool" for m in chat.messages)
 
 
 def test_trimmed_context_is_announced(tok, store, monkeypatch):

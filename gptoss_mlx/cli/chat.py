@@ -277,9 +277,13 @@ class Repl:
             events.close()
             self.out, self.hung_up = None, True
             common.drop_output()
-        except (ContextLengthError, NonFiniteLogitsError, SchemaError, CheckpointError) as e:  # the chat took its message back
+        except (ContextLengthError, NonFiniteLogitsError, SchemaError, CheckpointError) as e:
             self.say(f"error: {e}")
-            if self.offers_drafts:
+            if len(self.chat.messages) > before:  # a later round failed: tools had run for it
+                self.say("[the message and the tool calls answered so far stay in the chat; the reply "
+                         "could not go on]")
+                self.autosave()
+            elif self.offers_drafts:  # the chat took its message back
                 self.say("[the message is not in the chat" + self._offer(text) + "]")
             return
         self.autosave()
