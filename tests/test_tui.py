@@ -858,6 +858,20 @@ def test_ctrl_q_during_a_reply_exits_cleanly(tiny_checkpoint, tmp_path):
     assert generated < 200000  # stopped, not run to the end
 
 
+async def test_the_status_counts_the_prompt_the_model_gets_once_the_chat_is_past_the_context(store, monkeypatch):
+    """Past the context the status bar counted the whole history: "context 394/300"."""
+    monkeypatch.setattr("gptoss_mlx.chat.message_tokens", lambda message, tokenizer: 10)
+    chat = ScriptedChat(*[[("final", "fine")]] * 8)
+    chat.engine.max_context = 100  # room for 7 messages of ten tokens, with the reply's quarter
+    app = make_app(chat, store)
+    async with app.run_test(size=SIZE) as pilot:
+        for k in range(8):
+            await send(pilot, app, f"message {k}")
+        status = app.query_one("#status").render().plain
+        used = int(re.search(r"context (\d+)/100", status).group(1))
+        assert len(chat.prompt_tokens()) > 100 and used <= 75, status
+
+
 async def test_context_trimmed_shows_a_notice(store):
     class TrimmingChat(ScriptedChat):
         def _reply(self, ledger):

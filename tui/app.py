@@ -533,11 +533,19 @@ class ChatApp(App):
         self.effort = effort
         self.notify(f"Reasoning effort: {effort} (from the next reply)", timeout=2)
 
+    def _next_prompt_tokens(self) -> int:
+        """The next reply's prompt as the model will get it: once the chat is past the context,
+        its oldest turns left out (the whole history counted gave "context 394/300")."""
+        try:
+            return len(self.chat.fitted_prompt()[0])
+        except ContextLengthError:  # it cannot fit: what it is
+            return len(self.chat.prompt_tokens())
+
     def update_status(self, message: str | None = None) -> None:
         parts = [self.model_name or "gpt-oss", f"effort {self.effort}"]
         if self.chat is not None:
             if not self.generating:  # the worker changes the messages meanwhile
-                self._context_tokens = len(self.chat.prompt_tokens())
+                self._context_tokens = self._next_prompt_tokens()
             parts.append(f"context {self._context_tokens}/{self.chat.engine.max_context}")
         if self.last_done is not None:
             s = self.last_done.stats
