@@ -112,7 +112,8 @@ class ExpertSource:
         # (modification time, size) as loaded: a file rewritten in place later (same inode, as
         # `cp` over it does) would feed new experts to the layers loaded from the old one
         self._stamps = {file: _stamp(fd) for file, fd in self._fds.items()}
-        self._sampled = None  # (experts, count, runs, digest) of the load's finite-check sample
+        self._sampled = None  # (experts, count, runs) of the load's finite-check sample
+        self._digests: dict[Path, bytes] = {}  # each file's sample as loaded (check_unchanged)
         self._layer_files: dict[int, dict[Path, None]] = {}  # each layer's files, in order
         for (layer, _), t in tensors.items():
             self._layer_files.setdefault(layer, {})[t.file] = None
@@ -125,28 +126,43 @@ class ExpertSource:
 
     def samples(self, experts: int, count: int, runs: int = 16) -> dict[str, mx.array]:
         """About ``count`` values of each layer's expert biases and scales as stored, in ``runs``
-        contiguous runs spread over all ``experts`` (a few pages of each file read, not every
-        page), by the model's parameter name: for the finite check every load makes
+        contiguous runs spread over all ``experts`` (a few reads of each file, not every page),
+        by the model's parameter name: for the finite check every load makes
         (loading._check_finite_sample). The packed E2M1 weights need none: every code is a number.
-        The first call's values are also what :meth:`check_unchanged` compares against."""
+        The first call's sample, with as many bytes of the packed weights (a rewrite may touch
+        only those), is also what :meth:`check_unchanged` compares each file against."""
         picks = self._picks(experts, count, runs)
         if self._sampled is None:
-            self._sampled = (experts, count, runs, _digest(picks))
+            self._sampled = (experts, count, runs)
+            self._digests = {file: _digest({k: v for k, v in picks.items() if self.tensors[k].file == file})
+                             for file in self._fds}
         return {f"layers.{layer}.mlp.experts.{name}": mx.array(picked).view(self.tensors[layer, name].dtype)
-                for (layer, name), picked in picks.items()}
+                for (layer, name), picked in picks.items() if not name.endswith(".weight")}
 
-    def _picks(self, experts: int, count: int, runs: int) -> dict[tuple[int, str], np.ndarray]:
+    def _picks(self, experts: int, count: int, runs: int, file: Path | None = None
+               ) -> dict[tuple[int, str], np.ndarray]:
+        """Each expert tensor's sample (only ``file``'s, if given): ``runs`` runs of ``count //
+        runs`` values spread over its ``experts``, read by ``pread``: a file cut short meanwhile
+        gives a short read (a CheckpointError), where a read from its mapping would die of SIGBUS."""
         out = {}
         for (layer, name), t in self.tensors.items():
-            if name.endswith(".weight"):
+            if file is not None and t.file != file:
                 continue
             n = experts * t.expert_bytes // t.dtype.size
-            raw = self._bytes[t.file][t.offset: t.offset + n * t.dtype.size]
-            values = raw.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[t.dtype.size])
             run = max(1, count // runs)
-            out[layer, name] = np.concatenate([values[i: i + run]
-                                               for i in np.linspace(0, max(0, n - run), runs, dtype=int)])
+            starts = np.linspace(0, max(0, n - run), runs, dtype=int).tolist()
+            raw = b"".join(self._read_values(layer, name, i, min(run, n - i)) for i in starts)
+            out[layer, name] = np.frombuffer(raw, {1: np.uint8, 2: np.uint16, 4: np.uint32}[t.dtype.size])
         return out
+
+    def _read_values(self, layer: int, name: str, start: int, count: int) -> bytes:
+        """``count`` values of one layer's tensor as stored, from its ``start``-th, by ``pread``."""
+        t = self.tensors[layer, name]
+        first, size = t.offset + start * t.dtype.size, count * t.dtype.size
+        data = os.pread(self._fds[t.file], size, first)
+        if len(data) != size:
+            raise self._cut(layer, name, (first - t.offset + len(data)) // t.expert_bytes)
+        return data
 
     def pin(self, driver: CudaDriver, budget: int) -> int:
         """Page-lock whole files for ``driver``'s DMA, in order, while their sizes stay within
@@ -178,17 +194,19 @@ class ExpertSource:
     def check_unchanged(self, layer: int) -> None:
         """Raise CheckpointError if a file ``layer``'s experts are read from was rewritten since
         loading (one ``fstat`` per file, once per batch of copies): its modification time moved,
-        and the load's sample of the experts' biases and scales (:meth:`samples`) now reads
-        differently. The same bytes written back (a restored file) go on. A file replaced by a
-        new one (``mv``, a new download) is not rewritten: the open descriptors and mappings keep
-        the old bytes."""
+        and the load's sample of that file (:meth:`samples`: the experts' biases, scales and
+        some of their packed weights) now reads differently. The same bytes written back (a
+        restored file) go on. Only that file is read again, by ``pread``: another file may be
+        cut short as this one is checked (``cp`` over a sharded checkpoint, part-way), and is
+        said so when a layer it holds is read. A file replaced by a new one (``mv``, a new
+        download) is not rewritten: the open descriptors and mappings keep the old bytes."""
         for file in self._layer_files[layer]:
             stamp = _stamp(self._fds[file])
             if stamp == self._stamps[file]:
                 continue
             if stamp[1] < self._stamps[file][1]:
                 change = f"was cut to {stamp[1]} bytes"
-            elif self._sampled is not None and _digest(self._picks(*self._sampled[:3])) == self._sampled[3]:
+            elif self._digests and _digest(self._picks(*self._sampled, file)) == self._digests[file]:
                 self._stamps[file] = stamp  # the same bytes as at loading, where the sample reads
                 continue
             else:

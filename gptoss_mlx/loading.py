@@ -27,10 +27,10 @@ import mlx.nn as nn
 from .config import ConfigError, ModelConfig, token_ids
 from .distributed import SHARDINGS, shard_part, share_config
 from .files import CheckpointError, read_json_file, regular_file_problem
-from .lora import FUSED_EXPERT_ADAPTER, load_adapter
+from .lora import FUSED_EXPERT_ADAPTER, load_adapter, read_adapter_config
 from .memory import (
-    DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan, limit_or_more, limit_size,
-    round_up_gb, size,
+    DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan, dense_bytes, limit_or_more,
+    limit_size, round_up_gb, size, total_experts,
 )
 from .model import Model
 from .tokenizer import HarmonyEncoding, load_tokenizer
@@ -576,24 +576,50 @@ def _stream_experts(model: Model, plan, infos: dict[str, TensorInfo], memory_pla
     # Imported here: it needs numpy, which `import gptoss_mlx` does not load.
     from .expert_pool import EXPERT_TENSORS, ExpertPool, ExpertSource, ExpertTensor
 
-    experts = model.layers[0].mlp.experts
+    unstreamable = _unstreamable_file(plan, infos, model.layers[0].mlp.experts.gate_up_proj.mode)
+    if unstreamable is not None:  # a plan made without loading.stream_problem
+        raise CheckpointError(f"{unstreamable}: experts can be streamed only from MXFP4 experts stored "
+                              "with gate and up together (the published layouts); this checkpoint needs "
+                              f"every expert on the GPU, {_resident_limit(memory_plan)}, or the original "
+                              "checkpoint")
     tensors = {}
     for i in range(len(model.layers)):
         for name in EXPERT_TENSORS:
-            source, fn = plan[f"layers.{i}.mlp.experts.{name}"]
-            if experts.gate_up_proj.mode != "mxfp4" or fn in ("concat", "interleave"):
-                raise CheckpointError(
-                    f"{infos[_sources(source, fn)[0]].file}: experts can be streamed only from "
-                    "MXFP4 experts stored with gate and up together (the published layouts); "
-                    f"this checkpoint needs every expert on the GPU, {_resident_limit(memory_plan)}, "
-                    "or the original checkpoint")
-            info = infos[source]
+            info = infos[plan[f"layers.{i}.mlp.experts.{name}"][0]]
             tensors[i, name] = ExpertTensor(info.file, info.offset, _SAFETENSORS_DTYPES[info.dtype],
                                              info.shape[1:])
     model.expert_pool = ExpertPool(model.config, ExpertSource(tensors), memory_plan.expert_slots, dtype)
     for i, layer in enumerate(model.layers):  # its parameters leave the model: never loaded
         following = model.layers[i + 1] if i + 1 < len(model.layers) else None
         layer.mlp.experts = model.expert_pool.layer(i, following)
+
+
+def _unstreamable_file(plan, infos: dict[str, TensorInfo], mode: str) -> Path | None:
+    """The file of the first expert tensor that cannot be read into the pool as it is stored
+    (mlx-lm's gate and up stored apart, or experts quantized other than MXFP4); None if every
+    one can."""
+    for name, (source, fn) in plan.items():
+        if ".mlp.experts." in name and (mode != "mxfp4" or fn in ("concat", "interleave")):
+            return infos[_sources(source, fn)[0]].file
+    return None
+
+
+def stream_problem(directory: Path, adapter: str | os.PathLike | None = None) -> str | None:
+    """Why this checkpoint's experts (or, with ``adapter``, the adapted model's) cannot be
+    streamed, as the memory plan says it (memory.choose_plan's ``unstreamable``), or None if they
+    can: from the headers and the adapter's config alone, so that the plan names a limit that
+    loads instead of a streamed one the loader then refuses."""
+    if adapter is not None and "experts" in read_adapter_config(adapter).targets:
+        return f"the adapter {adapter} trains the experts, which streamed experts do not reach"
+    layout, weights_dir = find_layout(directory)
+    if layout != "mlx":  # the published layouts: MXFP4 experts, gate and up together
+        return None
+    infos = _read_headers(weights_dir)
+    mode = _expert_quantization(infos, layout, read_config(directory)).get("mode", "mxfp4")
+    file = _unstreamable_file(map_tensors(layout, infos)[0], infos, mode)
+    return None if file is None else (
+        f"its experts cannot be streamed from {file} (only MXFP4 experts stored with gate and up "
+        "together can be, as the original checkpoint stores them)")
 
 
 def _resident_limit(memory_plan: MemoryPlan) -> str:
@@ -620,13 +646,7 @@ def load_model(directory: str | Path, dtype: mx.Dtype = mx.bfloat16, dense_bits:
         dense_bits = None if memory_plan.dense_bits == 16 else memory_plan.dense_bits
     layout, weights_dir = find_layout(directory)
     config = read_config(directory)
-    infos: dict[str, TensorInfo] = {}
-    for f in _weight_files(weights_dir):
-        for name, info in read_safetensors_header(f).items():
-            if name in infos:
-                raise CheckpointError(f"{f}: tensor {name} also appears in {infos[name].file}")
-            infos[name] = info
-    _check_weight_map(_weight_map(weights_dir), infos)
+    infos = _read_headers(weights_dir)
     plan, origin = map_tensors(layout, infos)
     model = build_model(config, infos, layout)
     _check_against_model(model, plan, infos, origin)
@@ -665,6 +685,18 @@ def load_model(directory: str | Path, dtype: mx.Dtype = mx.bfloat16, dense_bits:
     _check_finite_sample(model, origin, infos, streamed)
     model.eval()
     return model
+
+
+def _read_headers(weights_dir: Path) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint's files, each in one file only, where the index says."""
+    infos: dict[str, TensorInfo] = {}
+    for f in _weight_files(weights_dir):
+        for name, info in read_safetensors_header(f).items():
+            if name in infos:
+                raise CheckpointError(f"{f}: tensor {name} also appears in {infos[name].file}")
+            infos[name] = info
+    _check_weight_map(_weight_map(weights_dir), infos)
+    return infos
 
 
 def _check_weight_map(weight_map: dict[str, Path] | None, infos: dict[str, TensorInfo]) -> None:
@@ -740,7 +772,7 @@ def _parse_dtype(dtype) -> mx.Dtype:
 def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: int | None = None,
          memory_limit: float | str | None = None, max_context: int | None = None,
          group=None, sharding: str = "tensor", adapter: str | os.PathLike | None = None,
-         ) -> tuple[Model, HarmonyEncoding]:
+         memory_plan: MemoryPlan | None = None) -> tuple[Model, HarmonyEncoding]:
     """Load a gpt-oss checkpoint and its tokenizer, arranged by the memory plan.
 
     ``path_or_repo``: a local directory (Hugging Face, ``original/`` or mlx-lm layout) or a
@@ -754,7 +786,10 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
     one rank): this rank's part only, split by ``sharding`` (tensor or pipeline;
     gptoss_mlx/distributed.py), planned as this rank's share. ``adapter``: a LoRA adapter
     directory (``gptoss-mlx finetune``) applied to the model. A fused checkpoint's own expert
-    adapter (``gptoss-mlx fuse``) is applied with it always.
+    adapter (``gptoss-mlx fuse``) is applied with it always. ``memory_plan``: a plan made
+    already (``memory.choose_plan``), applied as it is instead of one made from
+    ``memory_limit`` and ``dense_bits``: what a caller printed, or counted more in (a server's
+    caches: its ``server``), is what loads.
     """
     dtype = _parse_dtype(dtype)
     if dense_bits is not None and (type(dense_bits) is not int or dense_bits not in DENSE_BITS):
@@ -768,8 +803,11 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
     context = min(max_context or DEFAULT_CONTEXT, config.max_position_embeddings)
     distributed = group is not None and group.size() > 1
     share = share_config(config, group.size(), sharding) if distributed else config
-    memory_plan = choose_plan(share, context, checkpoint_dense_bits(config, dense_bits), memory_limit,
-                              value_bytes=dtype.size)
+    if memory_plan is None:
+        memory_plan = choose_plan(share, context, checkpoint_dense_bits(config, dense_bits), memory_limit,
+                                  value_bytes=dtype.size, unstreamable=stream_problem(directory, adapter))
+    else:
+        _check_given_plan(memory_plan, share, config, dtype, dense_bits, memory_limit)
     if (directory / FUSED_EXPERT_ADAPTER).is_dir():
         if adapter is not None:
             raise CheckpointError(f"{directory} is a fused checkpoint with its own expert adapter; "
@@ -798,6 +836,21 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
         raise CheckpointError(f"{directory}: vocab_size is {model.config.vocab_size} but the "
                               f"tokenizer has {tokenizer.n_vocab} ids; they must match")
     return model, tokenizer
+
+
+def _check_given_plan(memory_plan: MemoryPlan, share: ModelConfig, config: ModelConfig, dtype: mx.Dtype,
+                      dense_bits: int | None, memory_limit) -> None:
+    """A ValueError unless ``memory_plan`` (load's) is a plan of this model (this rank's share of
+    it) at this dtype, with dense bits its checkpoint can be loaded at, given alone."""
+    if dense_bits is not None or memory_limit is not None:
+        raise ValueError("memory_plan already says the dense bits and the limit: give it alone, or "
+                         "dense_bits and memory_limit without it")
+    bits = memory_plan.dense_bits
+    checkpoint_dense_bits(config, bits)  # a converted checkpoint's are its own
+    if (memory_plan.total_experts != total_experts(share)
+            or memory_plan.dense != dense_bytes(share, bits, dtype.size)):
+        raise ValueError(f"memory_plan was made for another model or dtype ({memory_plan.total_experts} "
+                         f"experts, dense layers {size(memory_plan.dense)}), not this one at {dtype}")
 
 
 def checkpoint_tokenizer(directory: Path) -> HarmonyEncoding:

@@ -284,13 +284,16 @@ def plan(config: ModelConfig, context: int, dense_bits: int | None = None,
 
 
 def choose_plan(config: ModelConfig, context: int, dense_bits: int | None = None,
-                limit: float | str | None = None, value_bytes: int = 2, server: float = 0.0) -> MemoryPlan:
+                limit: float | str | None = None, value_bytes: int = 2, server: float = 0.0,
+                unstreamable: str | None = None) -> MemoryPlan:
     """The first arrangement that fits: everything resident with bf16, 8-bit, then 4-bit dense
     layers, then experts streamed (4-bit dense layers, the largest pool that fits).
     ``dense_bits`` fixes the dense precision. The pool holds at least one layer's experts (a
     prefill chunk may route to all of them); below that, a MemoryPlanError names the smallest
     limit that works. ``server``: bytes a server keeps beside the model (its other sequences' KV
-    caches, its saved prompt caches: :func:`server_bytes`)."""
+    caches, its saved prompt caches: :func:`server_bytes`). ``unstreamable``: why this
+    checkpoint's experts cannot be streamed (loading.stream_problem), None where they can; then
+    the plan never streams, and the limit an error names is the one with every expert resident."""
     limit, source = resolve_limit(limit)
     ladder = DENSE_BITS if dense_bits is None else (dense_bits,)
     n = total_experts(config)
@@ -300,11 +303,13 @@ def choose_plan(config: ModelConfig, context: int, dense_bits: int | None = None
         if p.fits:
             return p
     bits = ladder[-1]
-    without_experts = arrange(config, context, bits, 0, limit, source)
-    slots = math.floor((limit - without_experts.total) / expert_bytes(config))
-    if slots >= config.num_local_experts:
-        return arrange(config, context, bits, slots, limit, source)
-    smallest = arrange(config, context, bits, config.num_local_experts, limit, source)
+    if unstreamable is None:
+        without_experts = arrange(config, context, bits, 0, limit, source)
+        slots = math.floor((limit - without_experts.total) / expert_bytes(config))
+        if slots >= config.num_local_experts:
+            return arrange(config, context, bits, slots, limit, source)
+    least = config.num_local_experts if unstreamable is None else n  # experts the GPU must hold
+    smallest = arrange(config, context, bits, least, limit, source)
     need = round_up_gb(smallest.total)
     if source == GIVEN:
         fix = f"pass {limit_or_more(need)}"
@@ -312,13 +317,16 @@ def choose_plan(config: ModelConfig, context: int, dense_bits: int | None = None
         fix = f"set {DEVICE_MEMORY_ENV} to {need}GB or more, or unset it"
     else:
         fix = "use a Mac with more memory"
-    shorter = arrange(config, 4096, bits, config.num_local_experts, limit, source)
+    shorter = arrange(config, 4096, bits, least, limit, source)
     if context > 4096 and shorter.fits:
         fix += f", or {shorter_context(4096)}"
+    if unstreamable is None:
+        why, experts = "not even with its experts streamed", f"one layer's {config.num_local_experts} experts"
+    else:
+        why, experts = f"and {unstreamable}, so every expert must be on the GPU", f"all {n} experts"
     raise MemoryPlanError(
-        f"the model will not fit in {limit_size(limit)} ({source}), not even with its experts "
-        f"streamed: dense layers ({bits}-bit) {size(smallest.dense)} + one layer's "
-        f"{config.num_local_experts} experts {size(smallest.experts)} + KV cache "
+        f"the model will not fit in {limit_size(limit)} ({source}), {why}: dense layers ({bits}-bit) "
+        f"{size(smallest.dense)} + {experts} {size(smallest.experts)} + KV cache "
         f"{size(smallest.kv_cache)} ({context} tokens) + working {size(smallest.working)}"
         f"{f' + server caches {size(server)}' if server else ''}. "
         f"The smallest limit that works is {need:.2f} GB: {fix}", need * GB)

@@ -618,7 +618,7 @@ def test_doctor_with_a_tiny_simulated_device_says_nothing_fits():
 def test_doctor_shows_the_plans_of_a_simulated_16gb_mac():
     proc = run("doctor", env={DEVICE_MEMORY_ENV: "10.7GB"})
     assert proc.returncode == 0, proc.stderr
-    assert f"10.7 GB (simulated by {DEVICE_MEMORY_ENV})" in proc.stdout
+    assert f"Memory the model may use: 10.70 GB (simulated by {DEVICE_MEMORY_ENV})" in proc.stdout  # as plans say it
     assert "gpt-oss-20b       32768  experts streamed (573 of 768 on the GPU, 75%), dense layers 4-bit, 10.7 GB\n" in proc.stdout
     # 120b's experts off the GPU (~55 GB) are more than a 16 GB Mac's page cache keeps: said so
     assert "gpt-oss-120b      32768  experts streamed (463 of 4608 on the GPU, 10%), dense layers 4-bit, 10.7 GB *" in proc.stdout
@@ -873,6 +873,76 @@ def test_experts_damaged_after_a_streamed_load_are_an_error_naming_where_they_ar
                                      "changed after it was loaded, load it again")
 
 
+SHARD_CHANGED_MID_COPY = """
+import os, sys
+from pathlib import Path
+from gptoss_mlx.generate import Engine, SamplingParams
+from gptoss_mlx.loading import CheckpointError, load_model, read_config
+from gptoss_mlx.memory import plan
+
+directory, prompt = Path(sys.argv[1]), list(range(1, 40))
+model = load_model(directory, memory_plan=plan(read_config(directory), 64, 16, 1e12, expert_slots=8))
+engine, greedy = Engine(model), SamplingParams(temperature=0, max_tokens=2)
+list(engine.generate(prompt, greedy, stop_tokens=frozenset()))
+source = model.expert_pool.source
+first, second = (source.tensors[layer, "gate_up_proj.weight"].file for layer in (0, 1))
+assert first != second
+os.utime(first, ns=(0, 10**9))  # copied over again: the same bytes, a new time
+os.truncate(second, 1000)  # the next file, part-way through its copy
+try:
+    list(engine.generate(prompt[::-1], greedy, stop_tokens=frozenset()))
+except CheckpointError as e:
+    print(e)
+"""
+
+
+def test_a_sharded_checkpoint_changed_part_way_through_a_copy_is_an_error_not_sigbus(tmp_path):
+    """`cp fresh/* ck/` part-way: one shard copied again (same bytes, new time) and the next cut
+    short. Checking the first for a rewrite read the sample of every file through its mapping,
+    the cut one too, and the process died of SIGBUS (a server: exit 135, no word in its log).
+    Only the changed file is read again, by pread; the cut one is said so. (In a process of its
+    own: SIGBUS would end the test run.)"""
+    from gptoss_mlx.testing import checkpoints as mtc
+
+    directory = tmp_path / "sharded"
+    mtc.write_hf(directory, mtc.TINY.replace(vocab_size=512), seed=1, shard_bytes=1)  # a shard per layer
+    proc = subprocess.run([sys.executable, "-c", SHARD_CHANGED_MID_COPY, str(directory)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "safetensors: the file was cut to 1000 bytes after the model was loaded" in proc.stdout
+
+
+def test_packed_expert_weights_rewritten_in_place_are_an_error_and_restored_ones_go_on(checkpoints, tmp_path):
+    """The rewrite check sampled only biases and scales: the packed weights (*_blocks) rewritten
+    in place, same size, went on silently with other tokens than the resident model's. Some of
+    their bytes are sampled too; the same bytes written back (a new time) go on, exactly."""
+    directory = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["hf"], directory, ignore=shutil.ignore_patterns("original"))
+    resident, model = load_model(directory), streamed(directory, 8)
+    greedy = SamplingParams(temperature=0, max_tokens=6)
+    want = list(Engine(resident).generate(PROMPT, greedy, stop_tokens=frozenset()))
+    engine = Engine(model)
+    assert list(engine.generate(PROMPT, greedy, stop_tokens=frozenset())) == want
+    saved = {}
+    for (layer, name), t in model.expert_pool.source.tensors.items():
+        if name.endswith(".weight"):  # every expert's packed weights, in place
+            n = model.config.num_local_experts * t.expert_bytes
+            with open(t.file, "r+b") as f:
+                f.seek(t.offset)
+                saved[t.file, t.offset] = f.read(n)
+                f.seek(t.offset)
+                f.write(np.random.default_rng(layer).integers(0, 256, n, dtype=np.uint8).tobytes())
+    with pytest.raises(CheckpointError, match=r"model.safetensors: the file was rewritten in place after the "
+                                              r"model was loaded"):
+        list(engine.generate(PROMPT[::-1], greedy, stop_tokens=frozenset()))
+    for (file, offset), data in saved.items():
+        with open(file, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+    engine = Engine(model)  # a fresh cache: the failed pass left one part-way
+    assert list(engine.generate(PROMPT, greedy, stop_tokens=frozenset())) == want
+
+
 @pytest.mark.parametrize("dtype,bits", [(mx.bfloat16, 16), (mx.float32, 16), (mx.float32, 4), (mx.bfloat16, 4)])
 def test_the_plan_counts_the_dense_layers_at_the_models_own_width(checkpoints, dtype, bits):
     """A float32 model's dense layers (and their quantization's scales and biases) take twice a
@@ -916,6 +986,99 @@ def test_serve_plans_its_sequences_and_prompt_caches_inside_the_limit(tiny_check
                                        r"--memory-limit [\d.]+GB or more$"):
         serve_plan("--memory-limit", f"{alone / 2:.0f}B", "--max-concurrency", "1", "--prompt-cache-gb", "0",
                    "--dense-bits", "4")
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_the_front_ends_load_the_plan_they_print(tiny_checkpoint, command):
+    """serve's plan counts its caches; the loader then planned again from the limit alone and
+    kept more experts on the GPU than printed (here all of them), over the limit with the
+    caches. The plan printed is the one loaded."""
+    import io
+
+    from gptoss_mlx.cli import build_parser
+    from gptoss_mlx.cli.common import load_chat
+
+    kv = kv_cache_bytes(read_config(tiny_checkpoint), 32768)
+    limit = 1.02307 * GB + (4 * kv if command == "serve" else 0)  # 8 of 32 experts, with serve's 4 caches
+    flags = ["--memory-limit", f"{limit:.0f}B", "--dense-bits", "4"]
+    args = build_parser().parse_args([command, "--model", str(tiny_checkpoint), *flags,
+                                      *(["--max-concurrency", "4"] if command == "serve" else ["-p", "hi"])])
+    out = io.StringIO()
+    model = load_chat(args, out=out).engine.model
+    assert "Memory plan: experts streamed (8 of 32 on the GPU" in out.getvalue()
+    assert model.expert_pool is not None and model.expert_pool.slots == 8
+
+
+def test_a_plan_given_to_load_is_applied_as_it_is_and_must_be_this_models(tiny_checkpoint, checkpoints):
+    config = read_config(tiny_checkpoint)
+    model, _ = load(tiny_checkpoint, memory_plan=plan(config, 4096, 4, 1e12, expert_slots=12))
+    assert model.expert_pool.slots == 12
+    with pytest.raises(ValueError, match="give it alone"):
+        load(tiny_checkpoint, memory_plan=plan(config, 4096, 4, 1e12, expert_slots=12), memory_limit="10GB")
+    with pytest.raises(ValueError, match="made for another model or dtype"):
+        load(tiny_checkpoint, dtype="float32", memory_plan=plan(config, 4096, 4, 1e12, expert_slots=12))
+    with pytest.raises(ValueError, match="made for another model or dtype"):
+        load(tiny_checkpoint, memory_plan=plan(GPT_OSS_20B, 4096, 4, 1e12))
+
+
+@pytest.fixture(scope="module")
+def mlx_lm_checkpoint(tokenizer_json, tmp_path_factory):
+    """An mlx-lm style conversion (gate and up stored apart: its experts cannot stream) of a tiny
+    model with the real tokenizer, and experts enough (24 x 64, 16 MB) that the smallest limit
+    with all of them resident is not the streamed one rounded up."""
+    from gptoss_mlx.testing import checkpoints as mtc
+
+    root, config = tmp_path_factory.mktemp("mlxlm"), mtc.TINY.replace(num_hidden_layers=24, layer_types=(),
+                                                                      num_local_experts=64)
+    mtc.write_mlx(root / "mlx", config, mtc.write_hf(root / "hf", config, keep=True))
+    mtc.copy_tokenizer(root / "mlx", tokenizer_json)
+    return root / "mlx"
+
+
+def test_a_checkpoint_whose_experts_cannot_stream_names_the_limit_that_loads(mlx_lm_checkpoint):
+    """An mlx-lm conversion: "too small" named the smallest *streamed* limit, and that limit
+    then failed naming another (every expert resident); its "shorter --max-context" led into
+    the same error. One error, naming the limit (and context) with every expert on the GPU;
+    those load."""
+    config = read_config(mlx_lm_checkpoint)
+    with pytest.raises(MemoryPlanError, match=r"will not fit in 1.00 GB \(memory_limit\), and its experts cannot "
+                                              r"be streamed from .*model.safetensors .* so every expert must be on "
+                                              r"the GPU: .* all 1536 experts") as e:
+        load(mlx_lm_checkpoint, memory_limit="1GB")
+    model, _ = load(mlx_lm_checkpoint, memory_limit=e.value.smallest_limit)
+    assert model.expert_pool is None
+    at_4096 = plan(config, 4096, 4, 1e12).total  # resident, 4-bit dense: fits at 4096 tokens, not at 32768
+    with pytest.raises(MemoryPlanError, match=r"or a shorter --max-context \(4096 fits\)") as e:
+        load(mlx_lm_checkpoint, memory_limit=at_4096)
+    assert e.value.smallest_limit > at_4096
+    model, _ = load(mlx_lm_checkpoint, memory_limit=at_4096, max_context=4096)
+    assert model.expert_pool is None
+
+
+def test_the_cli_plans_a_checkpoint_that_cannot_stream_with_its_experts_resident(mlx_lm_checkpoint):
+    proc = run("generate", "--model", str(mlx_lm_checkpoint), "--memory-limit", "1GB", "-p", "hi")
+    assert proc.returncode == 2
+    need = proc.stderr.strip().rsplit("--memory-limit ", 1)[1].split("GB")[0]
+    proc = run("generate", "--model", str(mlx_lm_checkpoint), "--memory-limit", f"{need}GB", "-p", "hi",
+               "--max-tokens", "2", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "Memory plan: everything resident" in proc.stderr
+
+
+def test_an_adapter_that_trains_the_experts_names_the_limit_that_keeps_them_resident(tiny_checkpoint, tmp_path):
+    """Its experts' updates would miss streamed experts: the error said so with no number."""
+    from gptoss_mlx.lora import LoRAConfig, apply_lora, save_adapter
+
+    base = load_model(tiny_checkpoint)
+    adapter = LoRAConfig(rank=2, targets=("experts",))
+    apply_lora(base, adapter)
+    save_adapter(base, tmp_path / "adapter", adapter)
+    with pytest.raises(MemoryPlanError, match=r"the adapter .*adapter trains the experts, which streamed experts do "
+                                              r"not reach, so every expert must be on the GPU.* The smallest limit "
+                                              r"that works is [\d.]+ GB") as e:
+        load(tiny_checkpoint, memory_limit="1GB", adapter=tmp_path / "adapter")
+    model, _ = load(tiny_checkpoint, memory_limit=e.value.smallest_limit, adapter=tmp_path / "adapter")
+    assert model.expert_pool is None
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "1e400", "1e30", "lots", "1024"])

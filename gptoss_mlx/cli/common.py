@@ -28,7 +28,7 @@ from ..harmony import EFFORTS
 from ..hub import check_free_disk, fetch_config
 from ..loading import (
     DEFAULT_MODEL, CheckpointError, WeightsMissing, find_layout, load, load_model, looks_like_repo_id,
-    not_downloaded, offline, resolve_checkpoint,
+    not_downloaded, offline, resolve_checkpoint, stream_problem,
 )
 from ..memory import (
     BARE_GB_MAX, DEFAULT_CONTEXT, DENSE_BITS, GB, PROMPT_CACHE_GB, MemoryPlan, MemoryPlanError, checkpoint_dense_bits,
@@ -381,10 +381,16 @@ def prepare(args, group=None) -> tuple[Path, int, MemoryPlan]:
         share = config if group is None else distributed.share_config(config, group.size(), sharding(args))
         limit = math.inf if args.no_memory_check else args.memory_limit
         bits = checkpoint_dense_bits(config, args.dense_bits)
-        if getattr(args, "max_concurrency", None):  # serve: its sequences and saved prompt caches too
-            memory_plan = plan_server(args, share, context, bits, limit)
-        else:
-            memory_plan = choose_plan(share, context, bits, limit)
+
+        adapter = getattr(args, "adapter", None)
+
+        def make_plan(unstreamable: str | None) -> MemoryPlan:
+            if getattr(args, "max_concurrency", None):  # serve: its sequences and saved prompt caches too
+                return plan_server(args, share, context, bits, limit, unstreamable)
+            return choose_plan(share, context, bits, limit, unstreamable=unstreamable)
+
+        # a repo not downloaded yet: its experts taken to stream until its files say otherwise
+        memory_plan = make_plan(None if directory is None else stream_problem(directory, adapter))
         if group is not None and memory_plan.streamed:
             raise MemoryPlanError(f"this rank's share of the model needs more than {memory_plan.limit / 1e9:.1f} GB "
                                   f"({memory_plan.limit_source}), and experts are not streamed across machines: "
@@ -393,18 +399,23 @@ def prepare(args, group=None) -> tuple[Path, int, MemoryPlan]:
             check_free_disk(source)
             directory = resolve_checkpoint(source)  # the weights: progress bars, resumable
             weights_present(source, directory)
+            problem = stream_problem(directory, adapter) if memory_plan.streamed else None
+            if problem:  # an mlx-lm conversion: its experts stay on the GPU
+                memory_plan = make_plan(problem)
         return directory, context, memory_plan
     except (CheckpointError, ConfigError, MemoryPlanError, ValueError) as e:
         raise CLIError(str(e)) from None
 
 
-def plan_server(args, config, context: int, bits: int | None, limit) -> MemoryPlan:
+def plan_server(args, config, context: int, bits: int | None, limit, unstreamable: str | None = None) -> MemoryPlan:
     """serve's plan: --max-concurrency sequences' KV caches and the saved prompt caches inside the
     limit. Without --prompt-cache-gb the prompt caches get PROMPT_CACHE_GB, or, where that would
     leave the experts streamed (or not fit), one conversation's worth (the expert pool is what
-    decode speed needs most); sets ``args.prompt_cache_bytes`` for the scheduler."""
+    decode speed needs most); sets ``args.prompt_cache_bytes`` for the scheduler.
+    ``unstreamable``: as choose_plan takes it."""
     def planned(cache: float, sequences: int = args.max_concurrency) -> MemoryPlan:
-        return choose_plan(config, context, bits, limit, server=server_bytes(config, context, sequences, cache))
+        return choose_plan(config, context, bits, limit, server=server_bytes(config, context, sequences, cache),
+                           unstreamable=unstreamable)
 
     def planned_or_why(cache: float) -> MemoryPlan:
         """planned(cache); where serve's caches are what does not fit, the error says so."""
@@ -531,8 +542,7 @@ def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
         t0 = time.perf_counter()
         where = f" (rank 0 of {group.size()}, {sharding(args)} parallel)" if group else ""
         print(f"Loading {directory}{where} ...\nMemory plan: {cli_wording(memory_plan.describe())}", file=out, flush=True)
-        model, tokenizer = load(directory, dense_bits=memory_plan.dense_bits,
-                                memory_limit=memory_plan.limit, max_context=context, group=group,
+        model, tokenizer = load(directory, memory_plan=memory_plan, max_context=context, group=group,
                                 sharding=sharding(args) if group else "tensor", adapter=args.adapter)
         print(f"Loaded in {time.perf_counter() - t0:.1f}s.", file=out, flush=True)
         engine = None

@@ -9,8 +9,8 @@ import mlx.core as mx
 from ..config import PRESETS
 from ..kernels import registry
 from ..memory import (
-    DEFAULT_CONTEXT, DENSE_BITS, GB, MemoryPlanError, choose_plan, device_limit, expert_bytes, plan, size,
-    system_ram,
+    DEFAULT_CONTEXT, DENSE_BITS, GB, MemoryPlanError, choose_plan, device_limit, expert_bytes, limit_size, plan,
+    size, system_ram,
 )
 from ..tools.sandbox import sandbox_status
 from .common import CLIError
@@ -43,7 +43,7 @@ def cmd_doctor(args) -> int:
         if key in info:
             value = info[key]
             print(f"  {key}: {value / GB:.1f} GB" if key.endswith("size") else f"  {key}: {value}")
-    print(f"Memory the model may use: {size(limit)} ({source})")
+    print(f"Memory the model may use: {limit_size(limit)} ({source})")  # as the plan lines give it
     print("\nWhat fits with everything resident (weights + KV cache + 1 GB working memory):")
     header = f"  {'model':<14}{'context':>9}  " + "  ".join(f"{b:>14}" for b in ("bf16 dense", "--dense-bits 8", "--dense-bits 4"))
     print(header)
@@ -55,7 +55,7 @@ def cmd_doctor(args) -> int:
             p = plan(config, ctx, bits)  # the device's limit, as device_limit() read it
             cells.append(f"{('yes ' if p.fits else 'no  ') + f'{p.total / GB:5.1f} GB':>14}")
         print(f"  {name:<14}{ctx:>9}  " + "  ".join(cells))
-    print(f"\nMemory plan (the first arrangement that fits in {size(limit)}; "
+    print(f"\nMemory plan (the first arrangement that fits in {limit_size(limit)}; "
           "--memory-limit and --dense-bits change it):")
     room = page_cache_room(limit, source)
     from_disk = False
