@@ -128,7 +128,7 @@ def test_saves_after_every_reply_says_where_and_resume_continues(tok, store, mon
     monkeypatch.setattr(ConversationStore, "save", lambda self, *a: counting_save(*a))
     status, out = run_chat(monkeypatch, chat, ["2+2?", "times 2?"])
     monkeypatch.undo()
-    assert status == 0 and counts == [1, 2, 2]  # after each reply, and at the exit
+    assert status == 0 and counts == [1, 2]  # after each reply (at the exit: saved already)
     ((chat_id, data),) = saved(store).items()
     assert data["title"] == "2+2?" and data["messages"][-1]["content"] == "Eight."
     assert f"Saved to {store.root / chat_id}.json" in out
@@ -142,6 +142,21 @@ def test_saves_after_every_reply_says_where_and_resume_continues(tok, store, mon
     assert same_id == chat_id
     assert [m["content"] for m in data["messages"] if m["role"] == "user"] == [
         "2+2?", "times 2?", "and again?"]
+
+
+def test_a_chat_resumed_and_left_as_it_was_is_not_written_again(tok, store, monkeypatch):
+    """`chat --resume`, then Ctrl-D: the file was written again, so a window that had the chat
+    open saved its next reply as "(copy)", a new chat. It is left as it was, and still said."""
+    chat = scripted_chat(tok, "Four.")
+    run_chat(monkeypatch, chat, ["2+2?"])
+    ((chat_id, before),) = saved(store).items()
+    stamp = (store.root / f"{chat_id}.json").stat().st_mtime_ns
+    monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(store.root.parent))
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "unused"), [], ["--resume"])
+    assert status == 0 and f"Saved to {store.root / chat_id}.json" in out
+    assert (store.root / f"{chat_id}.json").stat().st_mtime_ns == stamp and saved(store) == {chat_id: before}
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "unused"), ["/effort high"], ["--resume"])
+    assert (store.root / f"{chat_id}.json").stat().st_mtime_ns != stamp  # a change is saved
 
 
 def test_resume_of_a_model_says_how_to_resume_with_it(store, checkpoints, capsys):
