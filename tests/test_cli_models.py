@@ -257,3 +257,15 @@ def test_an_interrupted_convert_leaves_nothing_in_its_place(checkpoints, tmp_pat
     assert main(["models", "convert", str(checkpoints["hf"]), str(out), "--dense-bits", "8"]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["q8"] and load_model(out)
     shutil.rmtree(out)
+
+
+def test_list_plans_an_mlx_conversion_with_its_experts_resident(checkpoints, monkeypatch):
+    """An mlx-lm conversion's experts cannot stream: `models list` (and pull) said such a
+    checkpoint fit with its experts streamed, where loading it names a larger limit. (The
+    20b's shapes on a simulated 16 GB Mac, the tiny checkpoints' layouts.)"""
+    from gptoss_mlx.cli.models import fits
+    from gptoss_mlx.config import GPT_OSS_20B
+
+    monkeypatch.setenv("GPTOSS_MLX_DEVICE_MEMORY", "10.7GB")
+    assert fits(GPT_OSS_20B, checkpoints["hf"]).startswith("yes, experts streamed")
+    assert fits(GPT_OSS_20B, checkpoints["mlx"]).startswith("no (needs ")

@@ -13,7 +13,7 @@ import mlx.nn as nn
 
 from ..config import ConfigError, ModelConfig
 from ..hub import cache_dir, cached_models, remove, repo_folder
-from ..loading import COPIED, CheckpointError, find_layout, load_model, resolve_checkpoint, save_weights
+from ..loading import COPIED, CheckpointError, find_layout, load_model, resolve_checkpoint, save_weights, stream_problem
 from ..memory import DEFAULT_CONTEXT, GB, AFFINE_GROUP, MemoryPlanError, checkpoint_dense_bits, choose_plan
 from . import common
 from .common import CLIError, add_plan_options
@@ -63,10 +63,17 @@ def _size(n: float) -> str:
     return f"{n / 1e3:.1f} kB"
 
 
-def fits(config: ModelConfig) -> str:
+def fits(config: ModelConfig, directory: Path) -> str:
+    """Whether the checkpoint in ``directory`` fits this machine, as loading it would plan (an
+    mlx-lm conversion's experts cannot stream: loading.stream_problem). One not downloaded
+    whole (its layout says so) is planned as the published layouts are."""
     context = min(DEFAULT_CONTEXT, config.max_position_embeddings)
     try:
-        p = choose_plan(config, context, checkpoint_dense_bits(config))
+        unstreamable = stream_problem(directory)
+    except CheckpointError:
+        unstreamable = None
+    try:
+        p = choose_plan(config, context, checkpoint_dense_bits(config), unstreamable=unstreamable)
     except MemoryPlanError as e:
         return f"no (needs {e.smallest_limit / GB:.1f} GB)"
     if p.streamed:
@@ -86,7 +93,7 @@ def cmd_list(args) -> int:
         rows = [("REPO", "REVISION", "SIZE", "LAYOUT", f"FITS AT {DEFAULT_CONTEXT} TOKENS")]
         for m in models:
             refs = f" ({', '.join(m.refs)})" if m.refs else ""
-            rows.append((m.repo_id, m.revision[:8] + refs, _size(m.size), m.layout, fits(m.config)))
+            rows.append((m.repo_id, m.revision[:8] + refs, _size(m.size), m.layout, fits(m.config, m.path)))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
@@ -109,7 +116,7 @@ def cmd_pull(args) -> int:
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     config = ModelConfig.from_file(find_layout(directory)[1] / "config.json")
     print(f"{args.repo} is ready: {directory} ({_size(size)}); fits at {DEFAULT_CONTEXT} tokens: "
-          f"{fits(config)}")
+          f"{fits(config, directory)}")
     return 0
 
 
