@@ -58,9 +58,14 @@ def size(n: float) -> str:
 
 
 def limit_size(n: float) -> str:
-    """A limit for a person, to 10 MB from 0.1 GB up (as the plan line gives it): a limit just
-    under what fits must not read as the same number."""
-    return f"{n / GB:.2f} GB" if math.isfinite(n) and n >= 0.1 * GB else size(n)
+    """A limit for a person, to 10 MB from 0.1 GB up, rounded down (as the plan line gives it):
+    a limit just under what fits must not read as the number an error asks for (rounded up)."""
+    return f"{floor_gb(n):.2f} GB" if math.isfinite(n) and n >= 0.1 * GB else size(n)
+
+
+def floor_gb(n: float) -> float:
+    """``n`` bytes in GB, rounded down to 10 MB (10.7 GB stays 10.70, float error aside)."""
+    return math.floor(n / GB * 100 + 1e-6) / 100
 
 
 def round_up_gb(n: float) -> float:
@@ -241,7 +246,7 @@ class MemoryPlan:
         of = f" of {limit_size(self.limit)}" if math.isfinite(self.limit) else ""
         server = f" + server caches {size(self.server)}" if self.server else ""
         return (f"{self.arrangement}: weights {size(self.weights)} + KV cache {size(self.kv_cache)} + "
-                f"working {size(self.working)}{server} = {self.total / GB:.2f} GB{of} ({self.limit_source})")
+                f"working {size(self.working)}{server} = {floor_gb(self.total):.2f} GB{of} ({self.limit_source})")
 
 
 def resolve_limit(limit: float | str | None = None) -> tuple[float, str]:

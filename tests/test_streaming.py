@@ -570,6 +570,10 @@ def test_too_small_a_limit_names_the_smallest_that_works():
     assert smallest.streamed and smallest.expert_slots >= GPT_OSS_20B.num_local_experts
     with pytest.raises(MemoryPlanError):  # rounded up to 10 MB, no more
         choose_plan(GPT_OSS_20B, 32768, limit=e.value.smallest_limit - 0.01 * GB)
+    just_under = e.value.smallest_limit - 0.004 * GB
+    with pytest.raises(MemoryPlanError) as e:  # it read "will not fit in 3.53 GB ... works is 3.53 GB"
+        choose_plan(GPT_OSS_20B, 32768, limit=just_under)
+    assert "will not fit in 3.52 GB (memory_limit)" in str(e.value) and "works is 3.53 GB" in str(e.value)
 
 
 def test_a_too_small_device_limit_names_the_variable_that_set_it(monkeypatch):
