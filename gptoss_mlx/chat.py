@@ -63,7 +63,7 @@ class Done:
 @dataclass
 class ContextTrimmed:
     """The conversation did not fit: this reply's prompt leaves out its oldest messages, and
-    (``cut_result``: characters kept, of how many) shows the last tool result cut short."""
+    (``cut_result``: characters kept, of how many) shows the tool results it answers cut short."""
     dropped_messages: int
     dropped_tokens: int
     cut_result: tuple[int, int] | None = None
@@ -73,7 +73,7 @@ class ContextTrimmed:
         if self.dropped_messages:
             parts.append(f"dropped the {self.dropped_messages} oldest messages")
         if self.cut_result:
-            parts.append("cut the tool's result to its first {} of {} characters".format(*self.cut_result))
+            parts.append("cut the tool results to {} of their {} characters".format(*self.cut_result))
         return f"context full: {' and '.join(parts)} ({self.dropped_tokens} tokens) to make room"
 
 
@@ -220,15 +220,15 @@ class Chat:
         index, kept = first_fitting(candidates, self.prompt_tokens, room)
         if index < len(candidates):
             return kept, ContextTrimmed(len(self.messages) - len(candidates[index]), len(prompt) - len(kept))
-        shortest = candidates[-1] if candidates else self.messages
-        if shortest and shortest[-1].role == "tool":  # the result the reply answers: cut to fit
-            last = shortest[-1]
-            cut = cut_result(last.text, self.tokenizer,
-                             lambda text: self.prompt_tokens(shortest[:-1] + [replace(last, content=text)]), room)
+        if self.messages[-1].role == "tool":  # the results the reply answers: cut to fit
+            cut = fit_by_cutting([self.messages] + candidates, self.tokenizer, self.prompt_tokens, room)
             if cut is not None:
-                text, kept = cut
-                return kept, ContextTrimmed(len(self.messages) - len(shortest), len(prompt) - len(kept),
-                                            (len(text.rsplit("\n[cut to fit", 1)[0]), len(last.text)))
+                kept_messages, kept, chars = cut
+                return kept, ContextTrimmed(len(self.messages) - len(kept_messages), len(prompt) - len(kept), chars)
+            raise ContextLengthError(
+                f"the instructions, the last user message and the tool calls it is answering are "
+                f"more than {room} tokens even with their results cut to nothing, and {limit}: "
+                "start a new chat, or raise --max-context")
         raise ContextLengthError(
             f"the instructions and the last user message alone are "
             f"{len(kept or prompt)} tokens and {limit}: shorten the message, "
@@ -550,10 +550,11 @@ def first_fitting(candidates: list, tokens_of: Callable[[list], list[int]], room
 def trimmed_histories(messages: list[Message], size: Callable[[Message], int] | None = None,
                       quantum: int = 0) -> list[list[Message]]:
     """Shorter and shorter histories, the oldest messages dropped first: whole turns (a user
-    message and what followed it; system and developer messages among them stay), then, inside
-    the last turn, the assistant's and tools' messages after its user message, but for the last
-    call and its results when the history ends with them (the reply answers them: a result too
-    long is cut instead, :func:`cut_result`). A tool call and its results are dropped together.
+    message and what followed it; the latest system or developer message among them stays,
+    until only the last turn is left: then it goes too), then, inside the last turn, the
+    assistant's and tools' messages after its user message, but for the last calls and their
+    results when the history ends with them (the reply answers them: results too long are cut
+    instead, :func:`cut_results`). Calls and their results are dropped together.
 
     With ``size`` (a message's tokens) and ``quantum``, whole turns are dropped at first only
     where the tokens dropped pass a multiple of ``quantum``: the history's start then stays put
@@ -572,15 +573,30 @@ def trimmed_histories(messages: list[Message], size: Callable[[Message], int] | 
                 stable.append(start)
                 k = dropped // quantum + 1
         starts = stable + [i for i in starts if stable and i > stable[-1]] if stable else starts
-    whole_turns = [[m for m in messages[:i] if m.role in ("system", "developer")] + messages[i:] for i in starts]
+
+    def instructions(i: int) -> list[Message]:  # the latest given among the turns left out
+        return [m for m in messages[:i] if m.role in ("system", "developer")][-1:]
+    whole_turns = [instructions(i) + messages[i:] for i in starts]
+    fewer = [messages[last:]] if starts and instructions(last) else []
     pinned = messages[last:last + 1] if users else []
-    end = len(messages)
-    while end > last + 1 and messages[end - 1].role == "tool":
-        end -= 1
-    end = end - 1 if end < len(messages) else end  # the call those results answer stays too
+    end = answered_calls(messages, last + 1)
     inside = [pinned + messages[j:] for j in range(last + 2, end + 1)
               if j == len(messages) or messages[j].role != "tool"]  # never an orphaned result
-    return whole_turns + inside
+    return whole_turns + fewer + inside
+
+
+def answered_calls(messages: list[Message], first: int = 0) -> int:
+    """Where the calls the history ends answering begin (their results end it; parallel calls
+    come one after another, then their results), not before ``first``; len(messages) when the
+    history does not end with results."""
+    end = len(messages)
+    while end > first and messages[end - 1].role == "tool":
+        end -= 1
+    if end == len(messages):
+        return end
+    while end > first and messages[end - 1].is_tool_call:
+        end -= 1
+    return end
 
 
 def message_tokens(message: Message, tokenizer) -> int:
@@ -591,20 +607,63 @@ def message_tokens(message: Message, tokenizer) -> int:
     return len(harmony.segments_to_tokens(harmony.render_message(message), tokenizer))
 
 
+def fit_by_cutting(candidates: list[list[Message]], tokenizer, prompt_for: Callable[[list[Message]], list[int]],
+                   room: int) -> tuple[list[Message], list[int], tuple[int, int]] | None:
+    """The first of ``candidates`` (:func:`trimmed_histories`' order) that keeps only the last
+    turn and fits once the results it ends with are cut (:func:`cut_results`): the older turns
+    go first, then the results are cut before the last turn's instructions or earlier rounds go."""
+    for candidate in candidates:
+        users = [m for m in candidate if m.role == "user"]
+        if len(users) == 1 and candidate[-1].role == "tool":
+            cut = cut_results(candidate, tokenizer, prompt_for, room)
+            if cut is not None:
+                return cut
+    return None
+
+
+def cut_results(messages: list[Message], tokenizer, prompt_for: Callable[[list[Message]], list[int]],
+                room: int) -> tuple[list[Message], list[int], tuple[int, int]] | None:
+    """``messages`` with the results they end with (see :func:`answered_calls`) cut, each with a
+    note saying so, the longest first, until ``prompt_for`` them is at most ``room`` tokens:
+    (the messages, their prompt, (characters kept, of how many) in the results cut); None when
+    not even their notes fit."""
+    messages = list(messages)
+    results = [i for i in range(answered_calls(messages), len(messages)) if messages[i].role == "tool"]
+    kept = total = 0
+    for i in sorted(results, key=lambda i: -len(messages[i].text)):
+        original = messages[i]
+
+        def prompt(text: str, i=i, original=original) -> list[int]:
+            return prompt_for(messages[:i] + [replace(original, content=text)] + messages[i + 1:])
+        cut = cut_result(original.text, tokenizer, prompt, room)
+        total += len(original.text)
+        if cut is not None:
+            messages[i] = replace(original, content=cut[0])
+            return messages, cut[1], (kept + len(cut[0].rsplit(CUT_NOTE, 1)[0]), total)
+        messages[i] = replace(original, content=_cut_note("", original.text))  # nothing of it fits
+    return None
+
+
+CUT_NOTE = "\n[cut to fit the context: "
+
+
+def _cut_note(kept: str, content: str) -> str:
+    return f"{kept}{CUT_NOTE}the first {len(kept)} of {len(content)} characters]"
+
+
 def cut_result(content: str, tokenizer, prompt_for: Callable[[str], list[int]],
                room: int) -> tuple[str, list[int]] | None:
     """A tool result ``content`` cut, with a note saying so, so that ``prompt_for`` it is at most
-    ``room`` tokens: (the text, the prompt's tokens); None when not even the note fits."""
-    def note(kept: str) -> str:
-        return f"{kept}\n[cut to fit the context: the first {len(kept)} of {len(content)} characters]"
-    tokens = prompt_for(note(""))
+    ``room`` tokens: (the text, the prompt's tokens); None when not even the note fits. The
+    cut ends at a whole character (never inside one, as a token can)."""
+    tokens = prompt_for(_cut_note("", content))
     if len(tokens) > room:
         return None
     body = tokenizer.encode_ordinary(content)
     keep = len(body) - (len(prompt_for(content)) - room)
     for _ in range(4):  # a cut can tokenize a little longer than it counted
         keep -= 32
-        text = note(tokenizer.decode(body[:max(keep, 0)]))
+        text = _cut_note(tokenizer.decode_bytes(body[:max(keep, 0)]).decode("utf-8", errors="ignore"), content)
         tokens = prompt_for(text)
         if len(tokens) <= room:
             return text, tokens

@@ -551,7 +551,7 @@ def test_an_overflowing_tool_result_is_cut_not_dropped_with_its_call(tok):
     events = list(chat.reply())
     trimmed = events[0]
     assert (trimmed.dropped_messages, trimmed.cut_result[1]) == (2, 1800) and 0 < trimmed.cut_result[0] < 1800
-    assert str(trimmed).startswith("context full: dropped the 2 oldest messages and cut the tool's result to its first")
+    assert str(trimmed).startswith("context full: dropped the 2 oldest messages and cut the tool results to ")
     prompt = tok.decode(chat.engine.prompt_cache.tokens)
     assert "last question" in prompt and "Oslo" in prompt and "sunny" in prompt
     assert f"[cut to fit the context: the first {trimmed.cut_result[0]} of 1800 characters]" in prompt
@@ -883,3 +883,50 @@ def test_saving_over_a_directory_says_so(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a directory: name a file in it") as e:
         write_json_atomic(tmp_path, {})
     assert ".tmp" not in str(e.value) and not list(tmp_path.iterdir())
+
+
+def test_parallel_calls_keep_their_results_and_the_longest_is_cut(tok):
+    """Two parallel calls, then their results: trimming dropped the first call and kept its
+    result (an orphan), and only the last result could be cut, so a long first one was a
+    ContextLengthError. Calls stay with their results, and the longest result is cut."""
+    calls = [Message("assistant", f'{{"q": "{q}"}}', channel="commentary", recipient=f"functions.lookup_{q}")
+             for q in "ab"]
+    results = [Message("tool", text, channel="commentary", recipient="assistant", name=f"functions.lookup_{q}")
+               for q, text in (("a", "alpha " * 400), ("b", "beta result"))]
+    history = turns(2) + [Message("user", "last question"), *calls, *results]
+    chat = overflowing_chat(tok, history[:-5], drop_at_least=-60)
+    chat.messages = list(history)
+    trimmed = next(e for e in list(chat.reply()) if isinstance(e, ContextTrimmed))
+    prompt = tok.decode(chat.engine.prompt_cache.tokens)
+    assert all(f"lookup_{q}" in prompt for q in "ab") and "beta result" in prompt
+    assert "[cut to fit the context: the first" in prompt and trimmed.cut_result[1] == 2400
+    for kept in trimmed_histories(history):  # no result without its call, in any candidate
+        for i, m in enumerate(kept):
+            if m.role == "tool":
+                assert any(c.recipient == m.name for c in kept[:i] if c.is_tool_call), kept
+
+
+def test_a_cut_result_ends_at_a_whole_character(tok):
+    """The cut fell inside an emoji (a token can end mid-character): the model got a U+FFFD the
+    result does not hold, counted in the note's characters."""
+    for drop in range(-70, -40, 3):
+        result = Message("tool", "😀🎉👍🏽 " * 300, channel="commentary", recipient="assistant", name="functions.f")
+        call = Message("assistant", "{}", channel="commentary", recipient="functions.f")
+        history = [Message("user", "last question"), call, result]
+        chat = overflowing_chat(tok, [], drop_at_least=drop)
+        chat.messages = list(history)
+        prompt, trimmed = chat.fitted_prompt()
+        text = tok.decode(prompt)
+        assert "\ufffd" not in text and trimmed.cut_result
+        kept = text.split("<|message|>")[-1].split("\n[cut to fit")[0]
+        assert result.text.startswith(kept) and len(kept) == trimmed.cut_result[0]
+
+
+def test_results_that_cannot_be_cut_enough_are_named(tok):
+    call = Message("assistant", '{"q": "' + "long " * 400 + '"}', channel="commentary", recipient="functions.f")
+    result = Message("tool", "x" * 50, channel="commentary", recipient="assistant", name="functions.f")
+    chat = overflowing_chat(tok, [], drop_at_least=-30)
+    chat.messages = [Message("user", "last question"), call, result]
+    with pytest.raises(ContextLengthError, match="the tool calls it is answering are more than .* even with "
+                                                 "their results cut to nothing"):
+        chat.fitted_prompt()

@@ -157,6 +157,17 @@ def test_a_chat_resumed_and_left_as_it_was_is_not_written_again(tok, store, monk
     assert (store.root / f"{chat_id}.json").stat().st_mtime_ns == stamp and saved(store) == {chat_id: before}
     status, out = run_chat(monkeypatch, scripted_chat(tok, "unused"), ["/effort high"], ["--resume"])
     assert (store.root / f"{chat_id}.json").stat().st_mtime_ns != stamp  # a change is saved
+    chat = scripted_chat(tok, "unused")  # deleted meanwhile (another window): saved again, not "Saved"
+    real_read = cli_chat.Repl.open
+
+    def open_then_delete(self, chat_id):
+        real_read(self, chat_id)
+        (store.root / f"{chat_id}.json").unlink()
+    monkeypatch.setattr(cli_chat.Repl, "open", open_then_delete)
+    status, out = run_chat(monkeypatch, chat, [], ["--resume"])
+    assert status == 0 and len(saved(store)) == 1 and "Saved to" in out
+    ((again, data),) = saved(store).items()
+    assert f"Saved to {store.root / again}.json" in out and data["messages"] == before["messages"]
 
 
 def test_resume_of_a_model_says_how_to_resume_with_it(store, checkpoints, capsys):

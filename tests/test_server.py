@@ -687,6 +687,24 @@ def test_truncation_auto_keeps_instructions_and_cuts_the_result_it_answers(tok):
     assert re.search(r"sunny s?u?n?n?y?\n\[cut to fit the context: the first \d+ of 9000 characters\]", prompt)
 
 
+def test_truncation_auto_goes_on_when_every_turn_brings_a_developer_message(tok):
+    """Keeping every developer message of the turns left out filled the context: a chain that
+    sent one with each turn failed at its 24th turn (context_length_exceeded). The latest one
+    among them stays; the chain goes on."""
+    model = ScriptedModel([answer(tok, "Hm.", "ok")] * 40)
+    with serving(model, tok, max_context=700) as url:
+        c, previous = client(url), None
+        for turn in range(30):
+            r = c.responses.create(model="gpt-oss-tiny", previous_response_id=previous, truncation="auto",
+                                   max_output_tokens=32, input=[
+                                       {"role": "developer", "content": f"RULE-{turn}: " + "be brief " * 6},
+                                       {"role": "user", "content": f"turn {turn}: " + "word " * 20}])
+            previous = r.id
+            assert r.usage.input_tokens <= 700 - 32
+        prompt = tok.decode(model.fed)
+        assert "RULE-29" in prompt and prompt.count("RULE-") < 15  # RULE-0 leads: instructions
+
+
 def test_stored_responses_and_the_model_can_be_retrieved(url):
     """What the SDK's retrieve and delete calls ask for: a stored response by id (as it was
     returned, its cut item marked incomplete), deleted then 404; the model by id."""

@@ -588,6 +588,24 @@ async def test_a_rename_of_the_open_chat_here_or_elsewhere_survives_the_next_rep
         assert app.chat_title == "Renamed elsewhere"
 
 
+async def test_a_chat_only_opened_is_not_written_again_on_quit(store):
+    """Opening a chat (Ctrl+O) and quitting rewrote its file, so a terminal chat that had it
+    open saved its next reply as a "(copy)". A chat left as it was is not written again."""
+    app = make_app(ScriptedChat(THOUGHT), store)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "first chat")
+    (entry,) = store.list()
+    path = store.path(entry.id)
+    stamp = path.stat().st_mtime_ns
+    app = make_app(ScriptedChat(THOUGHT), store)
+    async with app.run_test(size=SIZE) as pilot:
+        app.open_conversation(entry.id)
+        await pilot.pause()
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+    assert path.stat().st_mtime_ns == stamp and len(store.list()) == 1
+
+
 async def test_unreadable_saved_chat_is_listed_and_reported_not_fatal(store):
     store.root.mkdir(parents=True)
     (store.root / "broken.json").write_text("{not json")

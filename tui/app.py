@@ -14,6 +14,7 @@ import asyncio
 import codecs
 import contextlib
 import functools
+import json
 import os
 import re
 import signal
@@ -244,7 +245,7 @@ def context_notice(event: ContextTrimmed) -> str:
     parts = [f"the oldest {event.dropped_messages} messages ({event.dropped_tokens} tokens) are left out "
              "of this reply's prompt"] if event.dropped_messages else []
     if event.cut_result:
-        parts.append("the tool's result is cut to its first {} of {} characters".format(*event.cut_result))
+        parts.append("the tool results are cut to {} of their {} characters".format(*event.cut_result))
     return f"Context full: {'; '.join(parts)}"
 
 
@@ -458,6 +459,7 @@ class ChatApp(App):
         self.collapse_on_answer = collapse_on_answer
         self.chat_id = self.store.new_id()
         self.chat_title = "New chat"
+        self._stored: tuple | None = None  # (id, title, conversation) as last read or written
         self._context_tokens = 0  # the next reply's prompt, as the status bar shows it
         self.last_done: Done | None = None
         self.replies_finished = 0  # completed (or stopped, or failed) replies
@@ -680,7 +682,12 @@ class ChatApp(App):
             self.exit()
 
     def autosave(self) -> None:
+        """Save the chat, unless it is as it was read or last written and its file is there: a
+        chat only opened (then Ctrl+Q) is left alone, or a window with it open would save its
+        next reply as a "(copy)"."""
         if self.chat is None or not self.chat.messages:
+            return
+        if self._stored == self._state() and self.store.path(self.chat_id).is_file():
             return
         try:
             self.chat_id, self.chat_title, note = self.store.save_keeping_others(self.chat, self.chat_id,
@@ -688,6 +695,7 @@ class ChatApp(App):
         except OSError as e:
             self.notify(f"Could not save the conversation: {e}", severity="error")
             return
+        self._stored = self._state()
         if note:
             self.notify(note[0].upper() + note[1:], severity="warning", timeout=10)
 
@@ -778,6 +786,9 @@ class ChatApp(App):
         if chat_id:
             self.open_conversation(chat_id)
 
+    def _state(self) -> tuple:
+        return self.chat_id, self.chat_title, json.dumps(self.chat.to_json(), sort_keys=True)
+
     def open_conversation(self, chat_id: str) -> None:
         try:
             title = self.store.load(self.chat, chat_id)
@@ -786,6 +797,7 @@ class ChatApp(App):
             return
         self.chat_id, self.chat_title = chat_id, title
         self.effort = self.chat.reasoning_effort
+        self._stored = self._state()
         self.last_done = None
         self.render_history()
         self.update_status()

@@ -320,8 +320,10 @@ class Repl:
         return self.chat_id, self.title, json.dumps(self.chat.to_json(), sort_keys=True)
 
     def _unchanged(self) -> bool:
-        """Whether the chat is as it was last read from or written to the store."""
-        return self._stored is not None and self._stored == self._state()
+        """Whether the chat is as it was last read from or written to the store, and its file
+        still there (deleted meanwhile, it is saved again)."""
+        return (self._stored is not None and self._stored == self._state()
+                and self.store.path(self.chat_id).is_file())
 
     def open(self, chat_id: str) -> None:
         """Continue a saved chat (raises ChatFileError; the current one then stays)."""

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from .. import harmony
-from ..chat import REPLY_RESERVE, ToolCall, cut_result, first_fitting, message_tokens, trimmed_histories
+from ..chat import (
+    REPLY_RESERVE, ToolCall, cut_result, first_fitting, fit_by_cutting, message_tokens, trimmed_histories,
+)
 from ..generate import Engine, SamplingParams
 from ..harmony import DeveloperContent, HarmonyError, Message
 from ..harmony.chat_completions import FUNCTIONS
@@ -148,9 +150,10 @@ class Service:
                forced: list[int] = ()) -> tuple[list[Message], list[int]]:
         """``messages`` with as few of the oldest turns left out as leaves room for the reply
         (:meth:`room`), and their tokens: the Responses API's ``truncation: "auto"``. The
-        instructions (wherever they are) and the last user message always stay; so do the last
-        call and its results when the input ends with them, the last result cut to fit if need be
-        (when they alone do not fit: context_length_exceeded, from tokens()). Turns are left out
+        instructions at the start and the last user message always stay, the latest developer
+        message among the turns left out while it can; so do the last calls and their results when the input
+        ends with them, the results cut to fit if need be (when they alone do not fit:
+        context_length_exceeded, from tokens()). Turns are left out
         as the terminal chat leaves them out (:func:`trimmed_histories`), so that a conversation
         that goes on keeps its start, and its prompt cache, for a while."""
         room = self.room(params) - len(forced)
@@ -158,12 +161,10 @@ class Service:
         rests = trimmed_histories(messages[head:], lambda m: message_tokens(m, self.tokenizer), room // 4)
         candidates = [messages] + [messages[:head] + rest for rest in rests]
         index, tokens = first_fitting(candidates, self.rendered, room)
-        if index == len(candidates) and candidates[-1][-1].role == "tool":
-            shortest, last = candidates[-1][:-1], candidates[-1][-1]
-            cut = cut_result(last.text, self.tokenizer,
-                             lambda text: self.rendered(shortest + [replace(last, content=text)]), room)
+        if index == len(candidates) and messages[-1].role == "tool":
+            cut = fit_by_cutting(candidates, self.tokenizer, self.rendered, room)
             if cut is not None:
-                return shortest + [replace(last, content=cut[0])], cut[1]
+                return cut[0], cut[1]
         return candidates[min(index, len(candidates) - 1)], tokens
 
     async def new_reply(self, prefix: str, request: dict, forced_function: str | None,

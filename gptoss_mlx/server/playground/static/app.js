@@ -469,7 +469,7 @@ function replyMessages(items) {
 function requestBody() {
   const chat = state.chat;
   const body = { input: inputItems(chat.messages), reasoning: { effort: chat.reasoning_effort },
-                 stream: true, store: false };
+                 stream: true, store: false, truncation: "auto" };  // a long chat goes on, as in the TUI
   if (chat.instructions.trim()) body.instructions = chat.instructions;
   if (chat.tools.length) body.tools = chat.tools.map((t) => ({ type: "function", ...t }));
   if (chat.response_format) body.text = { format: { type: "json_schema", ...chat.response_format.json_schema } };
