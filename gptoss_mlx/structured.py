@@ -17,7 +17,9 @@ is left of ``max_tokens`` is just enough for the answer. Inside the answer, when
 left are just enough to close the JSON, a short closing (found greedily) is forced, so the
 answer is always valid JSON within ``max_tokens`` (given room for its smallest instance at
 all); the reply then ends with finish reason "length" (``cut_short``), as one cut anywhere
-does: the answer is not what the model would have written. A call's arguments are never
+does: the answer is not what the model would have written. The server does not close answers
+early (``close_early``): its clients' SDKs parse a valid JSON answer as whole whatever the
+finish reason, so a cut answer stays cut, as OpenAI's does. A call's arguments are never
 closed early: a call cut by ``max_tokens`` is cut (and not made), never a shorter valid call.
 
 A reply that must call a function (``must_call``, tool_choice "required") reasons freely, then
@@ -89,6 +91,7 @@ class Grammar:
     grammar: str
     min_tokens: int  # tokens of the schema's smallest instance, as the closing writes it
     hints: tuple[bytes, ...] = ()  # strings its patterns match (see pattern_hints)
+    numbers: tuple[bytes, ...] = ()  # numbers its multipleOf ranges take (see number_hints)
 
     def matcher(self) -> llguidance.LLMatcher:
         return llguidance.LLMatcher(ll_tokenizer(self.tokenizer), self.grammar, log_level=0)
@@ -115,7 +118,8 @@ def compile_schema(tokenizer, schema, where: str = "response_format") -> Grammar
     if problem:
         raise SchemaError(f"{where}: the schema cannot be enforced: {problem}")
     # key order matters: properties come in it
-    return _compile(tokenizer, json.dumps(grammar_schema(schema)), where, pattern_hints(schema))
+    return _compile(tokenizer, json.dumps(grammar_schema(schema)), where, pattern_hints(schema),
+                    number_hints(schema))
 
 
 # llguidance 1.9 reads a range's bounds as float64 and counts them in 64 bits: a bound beyond
@@ -302,6 +306,38 @@ def pattern_hints(schema) -> tuple[bytes, ...]:
     return tuple(json.dumps(e, ensure_ascii=False)[1:-1].encode() for e in examples if e is not None)
 
 
+def number_hints(schema) -> tuple[bytes, ...]:
+    """For the closing: numbers that a ``multipleOf`` with bounds allows (0, and the first
+    multiple from the lower bound), which the closing's digit by digit search can miss
+    (``{"multipleOf": 25, "minimum": 1}``: "1", "11", "111"... never 25)."""
+    found: list[bytes] = []
+    for node in _schema_nodes(schema):
+        step = node.get("multipleOf")
+        if not _is_bound(step) or step <= 0:
+            continue
+        step = Decimal(repr(step)) if isinstance(step, float) else Decimal(step)
+        for key, exclusive in (("minimum", False), ("exclusiveMinimum", True)):
+            low = node.get(key)
+            if _is_bound(low):
+                low = Decimal(repr(low)) if isinstance(low, float) else Decimal(low)
+                k = (low / step).to_integral_value(ROUND_CEILING)
+                k += 1 if exclusive and k * step == low else 0
+                found.append(f"{(k * step).normalize():f}".encode())
+        found.append(b"0")
+    return tuple(dict.fromkeys(found))
+
+
+def _schema_nodes(schema) -> list[dict]:
+    """``schema`` and the schemas inside it."""
+    out, todo = [], [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            out.append(node)
+            todo += _subschemas(node)
+    return out
+
+
 # Characters an example prefers, where a class or "." lets it choose.
 EXAMPLE_CHARS = "a0A _-.@" + "".join(chr(c) for c in range(0x21, 0x7F)) + "\n\t" + "".join(map(chr, range(32)))
 
@@ -434,7 +470,8 @@ def _is_number(value) -> bool:
 
 
 @lru_cache(maxsize=256)
-def _compile(tokenizer, schema: str, where: str, hints: tuple[bytes, ...] = ()) -> Grammar:
+def _compile(tokenizer, schema: str, where: str, hints: tuple[bytes, ...] = (),
+             numbers: tuple[bytes, ...] = ()) -> Grammar:
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
     except ValueError as e:
@@ -444,11 +481,11 @@ def _compile(tokenizer, schema: str, where: str, hints: tuple[bytes, ...] = ()) 
     if is_error:
         raise SchemaError(f"{where}: the schema cannot be enforced: {_reworded(messages[0])}")
     closing = closing_tokens(tokenizer, llguidance.LLMatcher(ll_tokenizer(tokenizer), grammar, log_level=0),
-                             hints=hints)
+                             hints=hints, numbers=numbers)
     if closing is None:
         raise SchemaError(f"{where}: the schema cannot be enforced: no instance of it was found "
                           f"within {MAX_CLOSING_BYTES} bytes")
-    return Grammar(tokenizer, grammar, len(closing), hints)
+    return Grammar(tokenizer, grammar, len(closing), hints, numbers)
 
 
 def grammars(tokenizer, dev: DeveloperContent | None) -> tuple[Grammar | None, dict[str, Grammar]]:
@@ -488,7 +525,7 @@ def object_schema(parameters: dict | None, where: str) -> dict:
         return {"type": "object"}
     if not isinstance(parameters, dict) or "type" not in parameters:
         return {"type": "object", **(parameters if isinstance(parameters, dict) else {})}
-    if parameters["type"] != "object":
+    if parameters["type"] not in ("object", ["object"]):
         raise SchemaError(f"{where}: the schema's type must be \"object\", got {json.dumps(parameters['type'])} "
                           + OBJECT_ROOT)
     return parameters
@@ -509,17 +546,18 @@ def check_callable(tokenizer, name: str) -> None:
 
 def constraints_for(tokenizer, messages: list[harmony.Message], *, max_tokens: int | None,
                     reasoning_budget: int | None = None, prefix: list[int] = (),
-                    must_call: tuple[str, ...] = ()) -> list:
+                    must_call: tuple[str, ...] = (), close_early: bool = True) -> list:
     """The logits processors for a reply to ``messages``: a HarmonyConstraint when their
     developer message has a response format or functions, or there is a reasoning budget;
     none otherwise. ``must_call``: functions (declared there) one of which the reply must call.
-    SchemaError names a schema that cannot be enforced."""
+    ``close_early``: see HarmonyConstraint. SchemaError names a schema that cannot be enforced."""
     dev = next((m.content for m in messages if isinstance(m.content, DeveloperContent)), None)
     answer, functions = grammars(tokenizer, dev)
-    if answer is None and not functions and reasoning_budget is None:
+    declared = {f.name for f in dev.functions} if dev is not None else set()
+    if answer is None and not declared and reasoning_budget is None:
         return []
     return [HarmonyConstraint(tokenizer, answer, functions, reasoning_budget, max_tokens, prefix,
-                              must_call=must_call)]
+                              must_call=must_call, declared=declared, close_early=close_early)]
 
 
 def call_header(tokenizer, name: str) -> list[int]:
@@ -561,10 +599,11 @@ QUOTE, BACKSLASH = ord('"'), ord("\\")
 
 
 def closing_tokens(tokenizer, matcher: llguidance.LLMatcher, scan: JSONScan = JSONScan(),
-                   hints: tuple[bytes, ...] = ()) -> list[int] | None:
+                   hints: tuple[bytes, ...] = (), numbers: tuple[bytes, ...] = ()) -> list[int] | None:
     """The tokens of a short text that completes the JSON from ``matcher``'s state (``scan``:
     whether the text so far ends inside a string), found greedily on a copy, byte by byte (see
-    :func:`_next_byte`; ``hints``: whole strings to try first); None when none was found within
+    :func:`_next_byte`; ``hints``: whole strings to try first, ``numbers``: whole numbers);
+    None when none was found within
     MAX_CLOSING_BYTES."""
     m = matcher.deep_copy()
     scan = JSONScan(scan.in_string, scan.escaped)
@@ -574,7 +613,9 @@ def closing_tokens(tokenizer, matcher: llguidance.LLMatcher, scan: JSONScan = JS
     while not m.is_accepting():
         if m.is_error() or len(text) > MAX_CLOSING_BYTES:
             return None
-        forced = m.compute_ff_bytes() or _hint(m, byte_token, scan, hints) or _next_byte(m, byte_token, scan, used)
+        forced = (m.compute_ff_bytes() or _hint(m, byte_token, scan, hints)
+                  or (_number_hint(m, byte_token, scan, numbers) if not text or text[-1] not in NUMBER_BYTES else None)
+                  or _next_byte(m, byte_token, scan, used))
         if forced is None or not m.consume_tokens([byte_token[b] for b in forced]):
             return None
         text += forced
@@ -602,6 +643,27 @@ def _hint(m: llguidance.LLMatcher, byte_token, scan: JSONScan, hints: tuple[byte
             tokens = [byte_token[b] for b in hint[start:] + b'"']
             if m.validate_tokens(tokens) == len(tokens):
                 return hint[start:]
+    return None
+
+
+NUMBER_BYTES = b"0123456789.eE+-"  # after one of these, the closing is writing a number
+
+
+def _number_hint(m: llguidance.LLMatcher, byte_token, scan: JSONScan, hints: tuple[bytes, ...]) -> bytes | None:
+    """Outside strings: the first hint (:func:`number_hints`) the grammar takes here, after
+    which the value may end."""
+    if scan.in_string:
+        return None
+    for hint in hints:
+        tokens = [byte_token[b] for b in hint]
+        taken = m.try_consume_tokens(tokens) if hint else 0
+        if taken != len(tokens) or not hint:
+            m.rollback(taken)
+            continue
+        ends = m.is_accepting() or any(m.validate_tokens([byte_token[c]]) == 1 for c in CLOSERS if c != QUOTE)
+        m.rollback(len(tokens))
+        if ends:
+            return hint
     return None
 
 
@@ -657,14 +719,19 @@ class HarmonyConstraint:
     engine will generate at most), so that a constrained message completes within it.
     ``prefix``: tokens of the reply the prompt already ends with (a forced call's header).
     ``must_call``: names among ``functions``, one of which the reply must call (then the answer
-    is never opened).
+    is never opened). ``declared``: every function the reply may call (those not strict have
+    no grammar; their headers, too, cannot end before their arguments). ``close_early``: close
+    the answer's JSON when the tokens left are just enough for it (else it may be cut).
     """
 
     def __init__(self, tokenizer, answer: Grammar | None = None,
                  functions: dict[str, Grammar] | None = None, reasoning_budget: int | None = None,
-                 max_tokens: int | None = None, prefix: list[int] = (), must_call: tuple[str, ...] = ()):
+                 max_tokens: int | None = None, prefix: list[int] = (), must_call: tuple[str, ...] = (),
+                 declared: set[str] = frozenset(), close_early: bool = True):
         self.tokenizer = tokenizer
         self.answer, self.functions = answer, dict(functions or {})
+        self.declared = set(declared) | set(self.functions)  # (those not strict have no grammar)
+        self.close_early = close_early
         self.reasoning_budget, self.max_tokens = reasoning_budget, max_tokens
         self.parser = harmony.StreamParser(tokenizer, role="assistant")
         self._role = tokenizer.encode_ordinary("assistant")
@@ -768,11 +835,11 @@ class HarmonyConstraint:
     def _function_header_under_way(self) -> bool:
         """A header under way calls one of ``functions``: nothing ends it before its
         ``<|message|>`` and arguments (``to=functions.f<|call|>`` would be a call without them)."""
-        if self.parser.state != "header" or not self.functions:
+        if self.parser.state != "header" or not self.declared:
             return False
         header = self.parser.pending_header.replace(CONSTRAIN, " ").replace(CHANNEL, " ")
         found = re.search(r"to=" + re.escape(FUNCTIONS) + r"(\S+)", header)
-        return found is not None and found.group(1) in self.functions
+        return found is not None and found.group(1) in self.declared
 
     def _final_header_under_way(self) -> bool:
         """A header under way names the final channel: its ``<|message|>`` comes next. (A final
@@ -832,13 +899,16 @@ class HarmonyConstraint:
         """The closing and the end token once the tokens left are just enough for them, with
         a margin for what the next token could commit the JSON to."""
         remaining, extra = self.remaining, margin(self.grammar)
-        if remaining is None or self.generated < self._closing_due or self.end_token != ID[RETURN]:
+        if (remaining is None or self.generated < self._closing_due or self.end_token != ID[RETURN]
+                or not self.close_early):
             return []  # (a call's arguments are never closed early: a call cut short is not made)
-        closing = closing_tokens(self.tokenizer, self.matcher, self._scan, self.grammar.hints)
+        closing = closing_tokens(self.tokenizer, self.matcher, self._scan, self.grammar.hints,
+                                 self.grammar.numbers)
         if closing is None:
             return []
         if len(closing) + 1 + extra >= remaining:
-            self.cut_short = self.cut_short or bool(closing)
+            # (the answer may still be what the model would write: nothing but its end allowed)
+            self.cut_short = self.cut_short or bool(closing) or not self.matcher.is_stopped()
             return closing + [self.end_token]
         # Each token lengthens the closing by at most `extra`: no need to look again before
         self._closing_due = self.generated + (remaining - len(closing) - 2 - extra) // (extra + 1)

@@ -35,9 +35,25 @@ def test_chat_completions_json_schema(api, seed):
     r = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, response_format=pet_format(),
                                     max_tokens=100, seed=seed, extra_body={"reasoning_budget": 6 * seed})
     choice = r.choices[0]
-    assert choice.finish_reason in ("stop", "length")  # length: closed early to fit, still valid
-    jsonschema.validate(json.loads(choice.message.content), PET)
+    if choice.finish_reason == "stop":
+        jsonschema.validate(json.loads(choice.message.content), PET)
+    else:  # cut by max_tokens (a random model's strings run on): cut, as OpenAI's, not closed early
+        assert choice.finish_reason == "length"
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(choice.message.content)
     assert r.usage.completion_tokens <= 100
+
+
+def test_chat_completions_answers_a_small_schema_whole(api):
+    """A schema whose instances are short: the answer ends by itself, valid."""
+    flag = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+            "required": ["ok", "n"], "additionalProperties": False}
+    for seed in range(3):
+        r = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, max_tokens=100, seed=seed,
+                                        response_format={"type": "json_schema", "json_schema": {"name": "f", "schema": flag}},
+                                        extra_body={"reasoning_budget": 8})
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), flag)
 
 
 def test_chat_completions_json_object_streamed(api):
@@ -50,17 +66,22 @@ def test_chat_completions_json_object_streamed(api):
             delta = chunk.choices[0].delta
             content += delta.content or ""
             reasoning += getattr(delta, "reasoning_content", None) or ""
-    assert isinstance(json.loads(content), dict) and reasoning
+    assert content.lstrip().startswith("{") and reasoning  # the answer was opened in time
 
 
 def test_responses_text_format(api):
     r = api.responses.create(model="gpt-oss-tiny", input="A pet, as JSON.", max_output_tokens=90,
                              text={"format": {"type": "json_schema", "name": "pet", "schema": PET}},
                              extra_body={"reasoning_budget": 10, "seed": 1})
-    # closed early to fit max_output_tokens (a random model's strings run on): valid, and said
-    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
-    jsonschema.validate(json.loads(r.output_text), PET)
-    assert [(item.type, item.status) for item in r.output][-1] == ("message", "incomplete")
+    assert [item.type for item in r.output][-1] == "message"
+    if r.status == "completed":
+        jsonschema.validate(json.loads(r.output_text), PET)
+    else:  # cut by max_output_tokens: said, and not valid JSON that the SDK's responses.parse
+        # would take as a whole answer
+        assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+        assert r.output[-1].status == "incomplete"
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(r.output_text)
 
 
 @pytest.mark.parametrize("seed", range(2))
@@ -112,7 +133,7 @@ def test_a_tool_that_is_not_strict_is_called_unconstrained_where_its_schema_cann
 
 @pytest.mark.parametrize("parameters, ok", [
     ({"properties": {"query": {"type": "string"}}, "required": ["query"]}, True),
-    ({"type": "string"}, False), ({"type": ["object", "null"]}, False)])
+    ({"type": "string"}, False), ({"type": ["object", "null"]}, False), ({"type": ["object"]}, True)])
 def test_a_functions_calls_are_json_objects(api, parameters, ok):
     """A tool schema without "type" (MCP tools') let a forced call's arguments be any JSON:
     '474000160058331941038896', which LangChain refused. Such a schema is an object's; one
@@ -345,6 +366,35 @@ def test_a_call_cut_by_max_tokens_is_never_a_shorter_call(tok, max_tokens):
     assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
     for item in response.output:
         assert item.status == "incomplete" and COMMAND.startswith(item.arguments)
+
+
+VERDICT = {"type": "object", "properties": {"verdict": {"type": "string"}}, "required": ["verdict"],
+           "additionalProperties": False}
+
+
+@pytest.mark.parametrize("max_tokens", [8, 12, 16])
+def test_an_answer_cut_by_max_tokens_is_cut_not_a_shorter_valid_one(tok, max_tokens):
+    """An answer closed early to fit max_tokens was valid JSON with another meaning ("...planted
+    by"), which the openai SDK's responses.parse and LangChain took as the whole answer (only
+    the status said incomplete). The server's answers are cut as OpenAI's are: not valid JSON."""
+    text = '{"verdict": "not guilty because evidence was planted by an officer"}'
+    replies = [script(tok, f"<|channel|>final<|message|>{text}<|return|>")]
+    fmt = {"type": "json_schema", "json_schema": {"name": "v", "schema": VERDICT}}
+    with serving(ScriptedModel(replies), tok) as url:
+        api = client(url)
+        chat = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, response_format=fmt,
+                                           max_tokens=max_tokens, temperature=0)
+        response = api.responses.create(model="gpt-oss-tiny", input="Verdict?", max_output_tokens=max_tokens,
+                                        temperature=0, text={"format": {"type": "json_schema", "name": "v",
+                                                                        "schema": VERDICT}})
+        whole = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, response_format=fmt,
+                                            max_tokens=60, temperature=0)
+    assert chat.choices[0].finish_reason == "length" and text.startswith(chat.choices[0].message.content)
+    assert response.status == "incomplete" and text.startswith(response.output_text)
+    for cut in (chat.choices[0].message.content, response.output_text):
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(cut)
+    assert whole.choices[0].finish_reason == "stop" and whole.choices[0].message.content == text
 
 
 def test_required_tool_choice_needs_tools(api):

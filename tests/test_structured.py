@@ -22,7 +22,7 @@ from gptoss_mlx.generate import Engine, SamplingParams
 from gptoss_mlx.harmony import CALL, CHANNEL, CONSTRAIN, MESSAGE, RETURN, Special, ToolSpec
 from gptoss_mlx.store import ConversationStore
 from gptoss_mlx.structured import (
-    HarmonyConstraint, JSONScan, SchemaError, closing_tokens, compile_schema,
+    HarmonyConstraint, JSONScan, SchemaError, closing_tokens, compile_schema, constraints_for,
 )
 from gptoss_mlx.tokenizer import SPECIAL_TOKENS, VOCAB_SIZE
 
@@ -156,6 +156,42 @@ def test_a_call_header_cannot_end_before_its_arguments(tok, header):
                               prefix=tok.encode("<|channel|>commentary to=functions.other", allowed_special="all"))
     masked = other(mx.array(prompt_for(tok, functions=[WEATHER])), mx.zeros((1, VOCAB_SIZE)))
     assert mx.isfinite(masked[0, SPECIAL_TOKENS[CALL]]).item()  # not a declared function: not held
+
+
+def test_a_call_header_of_a_function_without_a_grammar_cannot_end_before_its_arguments(tok):
+    """A function that is not strict and whose schema cannot be enforced has no grammar: its
+    header could end with <|call|>, a call with arguments "" the server sent as complete."""
+    written = tok.encode("<|channel|>commentary to=functions.run_shell", allowed_special="all")
+    constraint = HarmonyConstraint(tok, max_tokens=60, prefix=written, declared={"run_shell"})
+    masked = constraint(mx.array(prompt_for(tok) + written), mx.zeros((1, VOCAB_SIZE)))
+    assert not mx.isfinite(masked[0, SPECIAL_TOKENS[CALL]]).item()
+    assert mx.isfinite(masked[0, SPECIAL_TOKENS[MESSAGE]]).item()
+    odd = harmony.ToolSpec("run_shell", "Run.", {"type": "object", "properties": {"x": {"not": {}}}}, strict=False)
+    messages = [harmony.Message("developer", harmony.DeveloperContent("Be brief.", [odd], []))]
+    (built,) = constraints_for(tok, messages, max_tokens=60)  # a constraint, though no grammar
+    assert built.declared == {"run_shell"} and not built.functions
+
+
+def test_a_number_answer_closed_early_is_reported_cut(tok, tiny):
+    """A number is valid JSON at every digit: forcing its end to fit max_tokens shortened it
+    with nothing to close, and the reply said "stop"."""
+    grammar = compile_schema(tok, {"type": "integer"})
+    for seed in range(3):
+        constraint = HarmonyConstraint(tok, answer=grammar, reasoning_budget=2, max_tokens=16)
+        out, finish = generate(tiny, prompt_for(tok), constraint, seed, 16)
+        assert out[-1] == SPECIAL_TOKENS[RETURN] and constraint.cut_short and finish == "length"
+
+
+@pytest.mark.parametrize("schema", [{"type": "integer", "multipleOf": 25, "minimum": 1},
+                                    {"type": "number", "multipleOf": 12.5, "minimum": 7},
+                                    {"type": "object", "properties": {"n": {"type": "number", "multipleOf": 3.7,
+                                                                            "exclusiveMinimum": 5}}, "required": ["n"]}])
+def test_a_multiple_with_a_lower_bound_is_found(tok, schema):
+    """`{"multipleOf": 25, "minimum": 1}` was refused as having no instance: the closing wrote
+    "1", "11", "111"... digit by digit. It tries the first multiple from the bound."""
+    grammar = compile_schema(tok, schema)
+    closing = closing_tokens(tok, grammar.matcher(), hints=grammar.hints, numbers=grammar.numbers)
+    jsonschema.validate(json.loads(tok.decode(closing)), schema)
 
 
 def test_answers_in_the_declared_key_order_are_accepted(tok, pet):

@@ -211,9 +211,11 @@ class Service:
         format, valid function calls, a call to one of ``must_call``, the reasoning budget; a 400
         naming a schema it cannot enforce."""
         try:
+            # a client's answer is never closed early: cut, it is cut (invalid JSON, incomplete),
+            # as OpenAI's is; a shorter valid one parsed as whole (responses.parse, LangChain)
             return constraints_for(self.tokenizer, messages, reasoning_budget=budget, prefix=forced,
                                    max_tokens=self.engine.token_budget(len(prompt), params),
-                                   must_call=must_call)
+                                   must_call=must_call, close_early=False)
         except SchemaError as e:
             raise bad_request(str(e), "response_format" if str(e).startswith("response format")
                               else "tools") from None
