@@ -79,8 +79,6 @@ class ReplyStream:
     stops: list[str] = field(default_factory=list)
     server_answers: Callable[[str], bool] = lambda recipient: False  # a call the client does not get?
     final_only: bool = False  # only the final channel's text is the answer (a response format)
-    # whether the answer was closed early to fit the token budget (valid JSON, but cut short)
-    closed_early: Callable[[], bool] = lambda: False
     items: list[Item] = field(default_factory=list)
     stopped: bool = False  # a stop string ended the answer
 
@@ -186,7 +184,6 @@ class ReplyStream:
 
     def _close(self) -> list[OutputEvent]:
         item, self._current = self._current, None
-        item.cut = item.cut or item.kind == TEXT and self.closed_early()
         held, self._held = self._held, ""
         cut = self._earliest_stop(held)  # the text ended: what is held is all there is
         if cut >= 0:

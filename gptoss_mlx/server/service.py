@@ -200,10 +200,8 @@ class Service:
         budget = request.get("reasoning_budget", self.reasoning_budget)
         run = Run(prompt, params, self.constraints(messages, prompt, params, budget, forced, must_call),
                   instructions=harmony.instructions_length(messages, prompt))
-        reply = Reply(new_id(prefix), messages, [run], stream, forced, budget,
-                      recipients=client + (tools.recipients() if tools else []), server_tools=tools)
-        stream.closed_early = lambda: any(getattr(p, "cut_short", False) for p in reply.run.logits_processors)
-        return reply
+        return Reply(new_id(prefix), messages, [run], stream, forced, budget,
+                     recipients=client + (tools.recipients() if tools else []), server_tools=tools)
 
     def constraints(self, messages: list[Message], prompt: list[int], params: SamplingParams,
                     budget: int | None, forced: list[int] = (), must_call: tuple[str, ...] = ()) -> list:
