@@ -29,8 +29,8 @@ from .distributed import SHARDINGS, shard_part, share_config
 from .files import CheckpointError, read_json_file, regular_file_problem
 from .lora import FUSED_EXPERT_ADAPTER, load_adapter, read_adapter_config
 from .memory import (
-    DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan, dense_bytes, limit_or_more,
-    limit_size, round_up_gb, size, total_experts,
+    DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan, dense_bytes, kv_cache_bytes,
+    limit_or_more, limit_size, round_up_gb, size, total_experts,
 )
 from .model import Model
 from .tokenizer import HarmonyEncoding, load_tokenizer
@@ -611,6 +611,10 @@ def stream_problem(directory: Path, adapter: str | os.PathLike | None = None) ->
     loads instead of a streamed one the loader then refuses."""
     if adapter is not None and "experts" in read_adapter_config(adapter).targets:
         return f"the adapter {adapter} trains the experts, which streamed experts do not reach"
+    if (Path(directory) / FUSED_EXPERT_ADAPTER).is_dir():
+        return (f"{directory} is a fused checkpoint whose experts keep their adapter "
+                f"({FUSED_EXPERT_ADAPTER}/), which streamed experts do not reach (fuse again with "
+                "--requantize-experts: the adapter merged into the experts, which then stream)")
     layout, weights_dir = find_layout(directory)
     if layout != "mlx":  # the published layouts: MXFP4 experts, gate and up together
         return None
@@ -807,7 +811,7 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
         memory_plan = choose_plan(share, context, checkpoint_dense_bits(config, dense_bits), memory_limit,
                                   value_bytes=dtype.size, unstreamable=stream_problem(directory, adapter))
     else:
-        _check_given_plan(memory_plan, share, config, dtype, dense_bits, memory_limit)
+        _check_given_plan(memory_plan, share, config, dtype, dense_bits, memory_limit, context)
     if (directory / FUSED_EXPERT_ADAPTER).is_dir():
         if adapter is not None:
             raise CheckpointError(f"{directory} is a fused checkpoint with its own expert adapter; "
@@ -839,18 +843,26 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
 
 
 def _check_given_plan(memory_plan: MemoryPlan, share: ModelConfig, config: ModelConfig, dtype: mx.Dtype,
-                      dense_bits: int | None, memory_limit) -> None:
+                      dense_bits: int | None, memory_limit, context: int) -> None:
     """A ValueError unless ``memory_plan`` (load's) is a plan of this model (this rank's share of
-    it) at this dtype, with dense bits its checkpoint can be loaded at, given alone."""
+    it) at this dtype and context, that fits its limit, with dense bits its checkpoint can be
+    loaded at, given alone."""
+    if not isinstance(memory_plan, MemoryPlan):
+        raise TypeError(f"memory_plan must be a MemoryPlan (memory.choose_plan), got {type(memory_plan).__name__}")
     if dense_bits is not None or memory_limit is not None:
         raise ValueError("memory_plan already says the dense bits and the limit: give it alone, or "
                          "dense_bits and memory_limit without it")
+    if not memory_plan.fits or not 0 < memory_plan.expert_slots <= memory_plan.total_experts:
+        raise ValueError(f"memory_plan does not hold: {memory_plan.describe()} (make it with memory.choose_plan)")
     bits = memory_plan.dense_bits
     checkpoint_dense_bits(config, bits)  # a converted checkpoint's are its own
     if (memory_plan.total_experts != total_experts(share)
             or memory_plan.dense != dense_bytes(share, bits, dtype.size)):
         raise ValueError(f"memory_plan was made for another model or dtype ({memory_plan.total_experts} "
                          f"experts, dense layers {size(memory_plan.dense)}), not this one at {dtype}")
+    if memory_plan.kv_cache != kv_cache_bytes(share, context, dtype.size):
+        raise ValueError(f"memory_plan was made for another context than max_context={context} (its KV cache "
+                         f"is {size(memory_plan.kv_cache)}): give the max_context it was made for")
 
 
 def checkpoint_tokenizer(directory: Path) -> HarmonyEncoding:

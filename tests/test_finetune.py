@@ -19,6 +19,7 @@ from gptoss_mlx.cli import build_parser, common, main
 from gptoss_mlx.generate import SamplingParams
 from gptoss_mlx.tokenizer import SPECIAL_TOKENS as ID
 from gptoss_mlx.loading import CheckpointError, load
+from gptoss_mlx.memory import MemoryPlanError
 from gptoss_mlx.lora import (
     ADAPTER_WEIGHTS, FUSED_EXPERT_ADAPTER, AdapterError, LoRAConfig, LoRALinear, LoRASwitchLinear, apply_lora,
     save_adapter,
@@ -520,11 +521,10 @@ def test_a_fused_checkpoint_gives_the_logits_of_base_plus_adapter(sharp, tok, tm
         assert "error RMS" in capsys.readouterr().out
         assert not (tmp_path / "requantized" / FUSED_EXPERT_ADAPTER).exists()
         load(tmp_path / "requantized")  # a plain checkpoint in the published layout
-        # streamed, the experts would miss their adapter: refused, naming both ways out
-        with pytest.raises(CheckpointError, match=r"fused checkpoint whose experts keep their adapter .* "
-                                                  r"needs --memory-limit 1\.\d\dGB or more \(from Python: "
-                                                  r"memory_limit=\"1\.\d\dGB\"\), or fuse again "
-                                                  r"with --requantize-experts"):
+        # streamed, the experts would miss their adapter: planned resident, naming both ways out
+        with pytest.raises(MemoryPlanError, match=r"fused checkpoint whose experts keep their adapter .*fuse "
+                                                  r"again with --requantize-experts.* The smallest limit that "
+                                                  r"works is 1\.\d\d GB: pass --memory-limit 1\.\d\dGB"):
             load(fused_dir, memory_limit="1.02307GB", dense_bits=4)
         assert load(tmp_path / "requantized", memory_limit="1.02307GB", dense_bits=4)[0].expert_pool
 

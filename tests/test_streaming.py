@@ -1015,14 +1015,37 @@ def test_the_front_ends_load_the_plan_they_print(tiny_checkpoint, command):
 
 def test_a_plan_given_to_load_is_applied_as_it_is_and_must_be_this_models(tiny_checkpoint, checkpoints):
     config = read_config(tiny_checkpoint)
-    model, _ = load(tiny_checkpoint, memory_plan=plan(config, 4096, 4, 1e12, expert_slots=12))
+    model, _ = load(tiny_checkpoint, memory_plan=plan(config, 4096, 4, 1e12, expert_slots=12), max_context=4096)
     assert model.expert_pool.slots == 12
     with pytest.raises(ValueError, match="give it alone"):
         load(tiny_checkpoint, memory_plan=plan(config, 4096, 4, 1e12, expert_slots=12), memory_limit="10GB")
     with pytest.raises(ValueError, match="made for another model or dtype"):
-        load(tiny_checkpoint, dtype="float32", memory_plan=plan(config, 4096, 4, 1e12, expert_slots=12))
+        load(tiny_checkpoint, dtype="float32", memory_plan=plan(config, 4096, 4, 1e12, expert_slots=12),
+             max_context=4096)
     with pytest.raises(ValueError, match="made for another model or dtype"):
-        load(tiny_checkpoint, memory_plan=plan(GPT_OSS_20B, 4096, 4, 1e12))
+        load(tiny_checkpoint, memory_plan=plan(GPT_OSS_20B, 4096, 4, 1e12), max_context=4096)
+    # from the re-attack: each of these loaded without a word
+    with pytest.raises(ValueError, match="made for another context than max_context=131072"):
+        load(tiny_checkpoint, memory_plan=plan(config, 512, 4, 1e12, expert_slots=12), max_context=131072)
+    with pytest.raises(ValueError, match="memory_plan does not hold"):
+        load(tiny_checkpoint, memory_plan=plan(config, 4096, 4, 1e8, expert_slots=12), max_context=4096)
+    with pytest.raises(ValueError, match="memory_plan does not hold"):
+        load(tiny_checkpoint, memory_plan=replace(plan(config, 4096, 4, 1e12), expert_slots=1000), max_context=4096)
+    with pytest.raises(TypeError, match="memory_plan must be a MemoryPlan"):
+        load(tiny_checkpoint, memory_plan={"dense_bits": 4})
+
+
+def test_a_fused_checkpoint_with_its_expert_adapter_is_planned_resident(tiny_checkpoint, tmp_path):
+    """A fused checkpoint that keeps its expert adapter cannot stream: the plan streamed it,
+    and the loader then refused the limit the plan had named."""
+    import shutil
+
+    fused = tmp_path / "fused"
+    shutil.copytree(tiny_checkpoint, fused)
+    (fused / "expert_adapter").mkdir()
+    with pytest.raises(MemoryPlanError, match=r"is a fused checkpoint whose experts keep their adapter "
+                                              r"\(expert_adapter/\).* so every expert must be on the GPU"):
+        load(fused, memory_limit="1GB")
 
 
 @pytest.fixture(scope="module")
