@@ -56,7 +56,8 @@ def cmd_doctor(args) -> int:
             cells.append(f"{('yes ' if p.fits else 'no  ') + f'{p.total / GB:5.1f} GB':>14}")
         print(f"  {name:<14}{ctx:>9}  " + "  ".join(cells))
     print(f"\nMemory plan (the first arrangement that fits in {limit_size(limit)}; "
-          "--memory-limit and --dense-bits change it):")
+          "--memory-limit and --dense-bits change it;\n serve also counts its other conversations' and "
+          "saved prompt caches, and prints the plan it loads):")
     room = page_cache_room(limit, source)
     from_disk = False
     for name, config, ctx in rows:
