@@ -580,9 +580,17 @@ def trimmed_histories(messages: list[Message], size: Callable[[Message], int] | 
     fewer = [messages[last:]] if starts and instructions(last) else []
     pinned = messages[last:last + 1] if users else []
     end = answered_calls(messages, last + 1)
-    inside = [pinned + messages[j:] for j in range(last + 2, end + 1)
-              if j == len(messages) or messages[j].role != "tool"]  # never an orphaned result
+    inside = [pinned + [m for m in messages[last + 1:j] if m.role in ("system", "developer")] + messages[j:]
+              for j in range(last + 2, end + 1) if j == len(messages) or _round_starts(messages, j)]
     return whole_turns + fewer + inside
+
+
+def _round_starts(messages: list[Message], j: int) -> bool:
+    """Whether ``messages[j:]`` starts a round of its own: not a result, nor the second of
+    parallel calls (their results would be left without their calls), nor instructions."""
+    m = messages[j]
+    return (m.role not in ("tool", "system", "developer")
+            and not (m.is_tool_call and j > 0 and messages[j - 1].is_tool_call))
 
 
 def answered_calls(messages: list[Message], first: int = 0) -> int:
@@ -614,7 +622,7 @@ def fit_by_cutting(candidates: list[list[Message]], tokenizer, prompt_for: Calla
     go first, then the results are cut before the last turn's instructions or earlier rounds go."""
     for candidate in candidates:
         users = [m for m in candidate if m.role == "user"]
-        if len(users) == 1 and candidate[-1].role == "tool":
+        if len(users) <= 1 and candidate[-1].role == "tool":
             cut = cut_results(candidate, tokenizer, prompt_for, room)
             if cut is not None:
                 return cut

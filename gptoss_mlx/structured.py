@@ -750,6 +750,7 @@ class HarmonyConstraint:
         self.grammar: Grammar | None = None
         self.end_token: int | None = None  # what ends the constrained message
         self.in_final = False
+        self._free_tokens = 0
         self.cut_short = False  # the answer was closed early to fit max_tokens (finish "length")
         self._closing_due = 0  # when (self.generated) to compute the closing next
         self._scan = JSONScan()  # the constrained message's text: inside a string?
@@ -785,6 +786,8 @@ class HarmonyConstraint:
             else:
                 self.matcher.consume_token(token)
                 self._scan.feed(self.tokenizer.decode_single_token_bytes(token))
+        elif self._free_call() is not None:
+            self._free_tokens += 1
         elif not self.in_final:
             self.reasoning_tokens += 1
         self._observe(token)
@@ -806,6 +809,7 @@ class HarmonyConstraint:
         else:
             self.grammar = self.end_token = None
         self.matcher = self.grammar.matcher() if self.grammar else None
+        self._free_tokens = 0  # of a free call's arguments (_free_call)
         self._scan = JSONScan()
         self._closing_due = 0
 
@@ -822,6 +826,9 @@ class HarmonyConstraint:
             return only(self.forced[0])
         if self.matcher is not None:
             return self._grammar_bits()
+        if self._free_call() is not None:  # only <|call|> ends it, and not before its arguments
+            ends = (ID[RETURN], ID[ENDOFTEXT], ID[END]) + (() if self._free_tokens else (ID[CALL],))
+            return all_but(*ends)
         if self._calls:
             return self._call_bits()
         if self._function_header_under_way():
@@ -831,6 +838,15 @@ class HarmonyConstraint:
         if self.answer is not None and not self.in_final:
             return self._no_stop()
         return None
+
+    def _free_call(self) -> str | None:
+        """The declared function without a grammar (not strict) whose call's arguments are under
+        way: they are not reasoning, and no budget cuts them (a cut call is never made)."""
+        current = self.parser.current if self.parser.state == "content" else None
+        name = (current.recipient or "").removeprefix(FUNCTIONS) if current is not None else ""
+        if current is None or current.recipient == name or name not in self.declared or name in self.functions:
+            return None
+        return name
 
     def _function_header_under_way(self) -> bool:
         """A header under way calls one of ``functions``: nothing ends it before its
@@ -852,7 +868,7 @@ class HarmonyConstraint:
         final channel's opening."""
         if self.matcher is not None:
             return self._closing_if_due()
-        if self.in_final or self._calls:
+        if self.in_final or self._calls or self._free_call() is not None:
             return []
         opening = self._opening()
         if self.reasoning_budget is not None and self.reasoning_tokens >= self.reasoning_budget:
@@ -965,7 +981,7 @@ def only(*tokens: int) -> array.array:
     return bits
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=16)
 def all_but(*tokens: int) -> array.array:
     """The bitmask of every token but ``tokens`` (kept: never changed in place)."""
     bits = array.array("I", [0xFFFFFFFF]) * MASK_WORDS

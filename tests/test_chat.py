@@ -580,11 +580,11 @@ def histories():
                     out.append(Message("assistant", "thinking " * words, channel="analysis"))
                 elif p == "final":
                     out.append(Message("assistant", f"a{k}", channel="final"))
-                else:
-                    out.append(Message("assistant", "{}", channel="commentary", recipient="functions.f"))
-                    for _ in range(1 + (p == "call2")):
-                        out.append(Message("tool", "result " * words, channel="commentary",
-                                           recipient="assistant", name="functions.f"))
+                else:  # call2: two parallel calls, then their results
+                    names = ["functions.f", "functions.g"][:1 + (p == "call2")]
+                    out += [Message("assistant", "{}", channel="commentary", recipient=n) for n in names]
+                    out += [Message("tool", "result " * words, channel="commentary", recipient="assistant", name=n)
+                            for n in names]
         return out
 
     return st.lists(turn, min_size=1, max_size=6).map(build)
@@ -606,9 +606,12 @@ def test_fitting_keeps_the_newest_messages_whole_and_as_many_as_fit(tok, history
         for kept in options:
             assert kept[0] is last_user or kept[0].role == "user"
             assert last_user in kept
-            for i, m in enumerate(kept):  # a result always follows its call
+            for i, m in enumerate(kept):  # a result always follows its own call
                 if m.role == "tool":
                     assert i > 0 and (kept[i - 1].role == "tool" or kept[i - 1].is_tool_call)
+                    calls = [c.recipient for c in reversed(kept[:i]) if c.role != "tool"]
+                    block = calls[:next((k for k, c in enumerate(calls) if c is None), len(calls))]
+                    assert m.name in block, (m.name, kept)
             if history[-1].role == "tool":  # the results the reply answers, and their call, stay
                 assert kept[-1] is history[-1]
     assert candidates[-1:] == every[-1:] and all(c in every for c in candidates)
@@ -930,3 +933,27 @@ def test_results_that_cannot_be_cut_enough_are_named(tok):
     with pytest.raises(ContextLengthError, match="the tool calls it is answering are more than .* even with "
                                                  "their results cut to nothing"):
         chat.fitted_prompt()
+
+
+def test_a_turn_without_a_user_message_still_cuts_its_result(tok):
+    """Only a call and its long result: the chat said they were "more than N tokens even with
+    their results cut to nothing" (the call is ten)."""
+    call = Message("assistant", "{}", channel="commentary", recipient="functions.f")
+    result = Message("tool", "data " * 400, channel="commentary", recipient="assistant", name="functions.f")
+    chat = overflowing_chat(tok, [], drop_at_least=-40)
+    chat.messages = [call, result]
+    prompt, trimmed = chat.fitted_prompt()
+    assert trimmed.cut_result and "[cut to fit the context" in tok.decode(prompt)
+
+
+def test_instructions_given_inside_the_last_turn_stay(tok):
+    """A developer message after the last user message was left out with the turn's earlier
+    rounds (the notice said "the oldest"); instructions stay."""
+    history = [Message("user", "last question"),
+               Message("assistant", "{}", channel="commentary", recipient="functions.f"),
+               Message("tool", "early " * 200, channel="commentary", recipient="assistant", name="functions.f"),
+               Message("developer", "RULE: answer in French."),
+               Message("assistant", "{}", channel="commentary", recipient="functions.g"),
+               Message("tool", "late", channel="commentary", recipient="assistant", name="functions.g")]
+    for kept in trimmed_histories(history):
+        assert history[3] in kept

@@ -172,6 +172,26 @@ def test_a_call_header_of_a_function_without_a_grammar_cannot_end_before_its_arg
     assert built.declared == {"run_shell"} and not built.functions
 
 
+def test_a_free_calls_arguments_are_neither_reasoning_nor_cut_by_its_budget(tok):
+    """A function without a grammar (not strict, its schema unenforceable): its arguments were
+    counted as reasoning, so the reasoning budget forced the answer's opening into them and a
+    cut call came back finished (`{"command": "rm -rf /`, finish stop); right after its
+    <|message|>, <|call|> made a call with arguments ""."""
+    header = tok.encode("<|channel|>commentary to=functions.run_shell <|constrain|>json<|message|>",
+                        allowed_special="all")
+    constraint = HarmonyConstraint(tok, max_tokens=200, reasoning_budget=2, prefix=header, declared={"run_shell"})
+    prompt = prompt_for(tok) + header
+    masked = constraint(mx.array(prompt), mx.zeros((1, VOCAB_SIZE)))
+    allowed = mx.isfinite(masked[0])
+    assert not allowed[SPECIAL_TOKENS[CALL]].item() and not allowed[SPECIAL_TOKENS["<|end|>"]].item()
+    for token in tok.encode('{"command": "rm -rf /tmp/x'):  # past the budget, inside the call
+        prompt.append(token)
+        masked = constraint(mx.array(prompt), mx.zeros((1, VOCAB_SIZE)))
+        allowed = mx.isfinite(masked[0])
+        assert allowed[SPECIAL_TOKENS[CALL]].item() and not allowed[SPECIAL_TOKENS["<|end|>"]].item()
+        assert allowed[token].item() and not constraint.forced and constraint.reasoning_tokens == 0
+
+
 def test_a_number_answer_closed_early_is_reported_cut(tok, tiny):
     """A number is valid JSON at every digit: forcing its end to fit max_tokens shortened it
     with nothing to close, and the reply said "stop"."""
