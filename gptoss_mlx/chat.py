@@ -572,12 +572,14 @@ def trimmed_histories(messages: list[Message], size: Callable[[Message], int] | 
             if dropped >= k * quantum:
                 stable.append(start)
                 k = dropped // quantum + 1
-        starts = stable + [i for i in starts if stable and i > stable[-1]] if stable else starts
-
-    def instructions(i: int) -> list[Message]:  # the latest given among the turns left out
-        return [m for m in messages[:i] if m.role in ("system", "developer")][-1:]
-    whole_turns = [instructions(i) + messages[i:] for i in starts]
-    fewer = [messages[last:]] if starts and instructions(last) else []
+        if stable:
+            starts = stable + [i for i in starts if i > stable[-1]]
+    latest, instructions = None, {}  # each start's: the latest given among the turns left out
+    for i, m in enumerate(messages):
+        instructions[i] = [latest] if latest is not None else []
+        latest = m if m.role in ("system", "developer") else latest
+    whole_turns = [instructions[i] + messages[i:] for i in starts]
+    fewer = [messages[last:]] if starts and instructions[last] else []
     pinned = messages[last:last + 1] if users else []
     end = answered_calls(messages, last + 1)
     inside = [pinned + [m for m in messages[last + 1:j] if m.role in ("system", "developer")] + messages[j:]
@@ -637,7 +639,7 @@ def cut_results(messages: list[Message], tokenizer, prompt_for: Callable[[list[M
     not even their notes fit."""
     messages = list(messages)
     results = [i for i in range(answered_calls(messages), len(messages)) if messages[i].role == "tool"]
-    kept = total = 0
+    total = 0
     for i in sorted(results, key=lambda i: -len(messages[i].text)):
         original = messages[i]
 
@@ -647,7 +649,7 @@ def cut_results(messages: list[Message], tokenizer, prompt_for: Callable[[list[M
         total += len(original.text)
         if cut is not None:
             messages[i] = replace(original, content=cut[0])
-            return messages, cut[1], (kept + len(cut[0].rsplit(CUT_NOTE, 1)[0]), total)
+            return messages, cut[1], (len(cut[0].rsplit(CUT_NOTE, 1)[0]), total)  # (the others: none kept)
         messages[i] = replace(original, content=_cut_note("", original.text))  # nothing of it fits
     return None
 

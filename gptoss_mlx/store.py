@@ -91,6 +91,7 @@ class ConversationStore:
         self.history_file = self.root.parent / "input-history"
         # file -> its "updated" and title as this store last read or wrote them
         self._seen: dict[Path, tuple[float | None, str | None]] = {}
+        self._conversations: dict[Path, str] = {}  # each file's conversation as last read or written here
         self.remove_orphans()
 
     @contextmanager
@@ -219,7 +220,16 @@ class ConversationStore:
         if mode is not None:
             os.chmod(saved, mode)
         self._seen[path] = (updated, title)
+        self._conversations[path] = _conversation(chat)
         return saved
+
+    def unchanged(self, chat: Chat, chat_id: str, title: str) -> bool:
+        """Whether ``chat``, titled ``title``, is what this store last read from or wrote to
+        ``chat_id``, whose file is still there: saving it again would change nothing but the
+        file's time, which tells a window that has it open that it changed elsewhere."""
+        path = self.path(chat_id)
+        return (self._seen.get(path, (None, None))[1] == title and path.is_file()
+                and self._conversations.get(path) == _conversation(chat))
 
     def load(self, chat: Chat, chat_id: str) -> str:
         """Load into ``chat``; returns the title. A bad file raises ChatFileError and leaves
@@ -230,6 +240,7 @@ class ConversationStore:
         data = chat.load(path)
         title = data.get("title") or default_title or path.stem
         self._seen[path] = (data.get("updated"), title)
+        self._conversations[path] = _conversation(chat)
         return title
 
     def list(self) -> list[Entry]:
@@ -299,3 +310,8 @@ def to_markdown(chat: Chat, title: str) -> str:
         else:
             out += ["## Assistant", "", m.text, ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _conversation(chat: Chat) -> str:
+    """What a chat file holds of ``chat`` (not its title or time), to compare."""
+    return json.dumps(chat.to_json(), sort_keys=True)

@@ -119,13 +119,13 @@ def saved(store):
 def test_saves_after_every_reply_says_where_and_resume_continues(tok, store, monkeypatch, capsys):
     chat = scripted_chat(tok, "Four.", "Eight.")
     counts = []
-    save = store.save
+    save = ConversationStore.save
 
-    def counting_save(chat, chat_id, title):
+    def counting_save(self, chat, chat_id, title):  # on the chat's own store
         counts.append(sum(m.role == "user" for m in chat.messages))
-        return save(chat, chat_id, title)
+        return save(self, chat, chat_id, title)
 
-    monkeypatch.setattr(ConversationStore, "save", lambda self, *a: counting_save(*a))
+    monkeypatch.setattr(ConversationStore, "save", counting_save)
     status, out = run_chat(monkeypatch, chat, ["2+2?", "times 2?"])
     monkeypatch.undo()
     assert status == 0 and counts == [1, 2]  # after each reply (at the exit: saved already)

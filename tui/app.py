@@ -14,7 +14,6 @@ import asyncio
 import codecs
 import contextlib
 import functools
-import json
 import os
 import re
 import signal
@@ -459,7 +458,6 @@ class ChatApp(App):
         self.collapse_on_answer = collapse_on_answer
         self.chat_id = self.store.new_id()
         self.chat_title = "New chat"
-        self._stored: tuple | None = None  # (id, title, conversation) as last read or written
         self._context_tokens = 0  # the next reply's prompt, as the status bar shows it
         self.last_done: Done | None = None
         self.replies_finished = 0  # completed (or stopped, or failed) replies
@@ -687,7 +685,7 @@ class ChatApp(App):
         next reply as a "(copy)"."""
         if self.chat is None or not self.chat.messages:
             return
-        if self._stored == self._state() and self.store.path(self.chat_id).is_file():
+        if self.store.unchanged(self.chat, self.chat_id, self.chat_title):
             return
         try:
             self.chat_id, self.chat_title, note = self.store.save_keeping_others(self.chat, self.chat_id,
@@ -695,7 +693,6 @@ class ChatApp(App):
         except OSError as e:
             self.notify(f"Could not save the conversation: {e}", severity="error")
             return
-        self._stored = self._state()
         if note:
             self.notify(note[0].upper() + note[1:], severity="warning", timeout=10)
 
@@ -786,9 +783,6 @@ class ChatApp(App):
         if chat_id:
             self.open_conversation(chat_id)
 
-    def _state(self) -> tuple:
-        return self.chat_id, self.chat_title, json.dumps(self.chat.to_json(), sort_keys=True)
-
     def open_conversation(self, chat_id: str) -> None:
         try:
             title = self.store.load(self.chat, chat_id)
@@ -797,7 +791,6 @@ class ChatApp(App):
             return
         self.chat_id, self.chat_title = chat_id, title
         self.effort = self.chat.reasoning_effort
-        self._stored = self._state()
         self.last_done = None
         self.render_history()
         self.update_status()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import inspect
-import json
 import os
 import signal
 import sys
@@ -162,7 +161,6 @@ class Repl:
         self.chat, self.store, self.read = chat, store, read
         self.show_reasoning, self.out, self.toolbox = show_reasoning, out or sys.stdout, toolbox
         self.chat_id, self.title = store.new_id(), None
-        self._stored: tuple | None = None  # (id, title, conversation) as last read from or written to the store
         self.last_stats = None
         self.hung_up = False  # the terminal has closed: stop, save, end
         self.saving = False
@@ -225,7 +223,7 @@ class Repl:
         chats folder cannot take it, a copy goes to the current directory or the temporary one,
         and the user is told how to open it. A chat resumed and left as it was is not written
         again: its file, open elsewhere too, stays the version read there."""
-        if self._unchanged() or self.autosave():
+        if self.store.unchanged(self.chat, self.chat_id, self.title) or self.autosave():
             self.say(f"Saved to {self.store.path(self.chat_id)}\n"
                      f"Continue with: gptoss-mlx chat --resume {self.chat_id}")
             return
@@ -313,23 +311,12 @@ class Repl:
             self.saving = False
         if note:
             self.say(f"[{note}]")
-        self._stored = self._state()
         return True
-
-    def _state(self) -> tuple:
-        return self.chat_id, self.title, json.dumps(self.chat.to_json(), sort_keys=True)
-
-    def _unchanged(self) -> bool:
-        """Whether the chat is as it was last read from or written to the store, and its file
-        still there (deleted meanwhile, it is saved again)."""
-        return (self._stored is not None and self._stored == self._state()
-                and self.store.path(self.chat_id).is_file())
 
     def open(self, chat_id: str) -> None:
         """Continue a saved chat (raises ChatFileError; the current one then stays)."""
         self.title = self.store.load(self.chat, chat_id)
         self.chat_id, self.last_stats = chat_id, None  # /stats speaks of this chat's replies
-        self._stored = self._state()
         shown = [m for m in self.chat.messages if m.role == "user" or m.channel == "final"]
         self.say(terminal_safe(f"Resumed \"{self.title}\" ({self.message_count()} messages)."))
         for m in shown[-2:]:
