@@ -82,3 +82,25 @@ def test_builtin_tool_messages_parse():
 def test_ids_outside_the_vocabulary_do_not_raise():
     messages = parse_completion(encode("<|channel|>final<|message|>a") + [-1, 201088, 2**40], TOK)
     assert messages[0].content.startswith("a")
+
+
+@pytest.mark.parametrize("reply, expected", [
+    # (channel, recipient, content_type, content) of the one message
+    ('<|channel|>commentary to=functions.w <|constrain|>json{"city":"SF"}<|call|>',
+     ("commentary", "functions.w", "<|constrain|>json", '{"city":"SF"}')),
+    ('<|channel|>commentary to=functions.w <|constrain|>json {"city": "S  F"}<|call|>',
+     ("commentary", "functions.w", "<|constrain|>json", '{"city": "S  F"}')),
+    ('<|channel|>commentary to=functions.w {"city": "SF"}<|call|>', ("commentary", "functions.w", None, '{"city": "SF"}')),
+    ('<|channel|>commentary to=functions.w <|constrain|>json{"a":1}<|end|>',
+     ("commentary", "functions.w", "<|constrain|>json", '{"a":1}')),
+    ("<|channel|>analysis to=python print(1 + 2)<|call|>", ("analysis", "python", None, "print(1 + 2)")),
+    ("<|channel|>analysis to=python code print(1)<|call|>", ("analysis", "python", "code", "print(1)")),
+    ('<|channel|>final <|constrain|>json{"a": 1}<|return|>', ("final", None, "<|constrain|>json", '{"a": 1}')),
+    ("<|channel|>final I can't <|constrain|>json<|return|>", ("final", None, None, "I can't  json")),
+])
+def test_a_header_without_its_message_token_keeps_what_follows_as_the_message(reply, expected):
+    """The model sometimes forgets <|message|> (harmony#80): the arguments of
+    ``to=functions.w <|constrain|>json{...}<|call|>`` went into the content type and the call
+    ran with none, and ``final <|constrain|>json{...}`` showed the token's name in the answer."""
+    (msg,) = parse(reply)
+    assert (msg.channel, msg.recipient, msg.content_type, msg.content) == expected

@@ -232,18 +232,39 @@ class StreamParser:
         return events + [MessageEnd(message, stop)]
 
     def _salvage_header(self, stop: str | None) -> list[Event]:
-        """A header that ended without <|message|>: keep its metadata, the rest becomes text. A
-        call's header cut by ``<|call|>`` (``to=functions.f<|call|>``) is that call, with no
-        arguments (its tool answers that, and the model can call again)."""
+        """A header that ended without <|message|>: keep its metadata, the rest becomes text.
+        Ended by a stop token, a header naming a recipient or a content type is that message,
+        with what follows them as its text: ``to=functions.f<|call|>`` is a call with no
+        arguments (its tool answers that, and the model can call again),
+        ``to=functions.f <|constrain|>json{"a": 1}<|call|>`` one with these arguments, and
+        ``final <|constrain|>json{"a": 1}<|return|>`` that answer (as after ``<|message|>``)."""
         text = self._header_text(self._header)
-        if stop == CALL:
-            start, leftover = parse_header(text, self._role)
-            if start.recipient and not leftover:
-                return self._open((start, "")) + self._end(stop)
+        if stop is not None:
+            header, body = _split_body(text)
+            start, leftover = parse_header(header, self._role)
+            if not leftover and (start.recipient or start.content_type):
+                return self._open((start, "")) + self._emit(body) + self._end(stop)
         start, leftover = parse_header(text, self._role, complete=False)
         events = self._open((start, ""))
-        events += self._emit(leftover)
+        events += self._emit(leftover.replace(CONSTRAIN, ""))  # the model's words, not markup
         return events + self._end(stop)
+
+
+def _split_body(text: str) -> tuple[str, str]:
+    """A header's text that never got its ``<|message|>`` -> (the header, the message's text
+    written after it): after a ``<|constrain|>`` content type (``<|constrain|>json{"a": 1}``),
+    or from a JSON value after ``to=`` (``to=functions.f {"a": 1}``), or after ``to=python``
+    (and a ``code`` content type). Else the whole text is the header."""
+    constrain = re.search(re.escape(CONSTRAIN) + r"[A-Za-z]*", text)
+    if constrain:
+        return text[:constrain.end()], text[constrain.end():].lstrip()
+    python = re.search(r"(?:^|\s)to=python(?:\s+code)?(?=\s|$)", text)
+    if python:
+        return text[:python.end()], text[python.end():].lstrip()
+    value = re.search(r"[{\[]", text)
+    if value and "to=" in text[:value.start()]:
+        return text[:value.start()], text[value.start():]
+    return text, ""
 
 
 def parse_completion(tokens: Iterable[int], tokenizer, role: str | None = "assistant") -> list[Message]:
