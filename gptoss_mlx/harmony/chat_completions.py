@@ -58,7 +58,7 @@ def from_chat_completions(request: dict, date: str | None = None, browser: bool 
         instructions = _text_of(msgs.pop(0)[1], 0)
     if instructions is not None or functions or formats:
         out.append(Message("developer", DeveloperContent(instructions, functions, formats)))
-    calls: dict[str, tuple[str, str | None]] = {}  # tool_call_id -> (recipient, channel)
+    calls: dict[str, list[tuple[str, str | None]]] = {}  # tool_call_id -> its calls' (recipient, channel)
     for i, m in msgs:
         if not isinstance(m, dict):
             raise HarmonyError(f"messages[{i}] is not an object")
@@ -207,12 +207,21 @@ def _assistant_messages(m: dict, i: int, declared: set[str], calls: dict) -> lis
     if not isinstance(tool_calls, list):
         raise HarmonyError(f"messages[{i}].tool_calls must be a list")
     content = _text_of(m, i)
+    if m.get("content") is None and isinstance(m.get("refusal"), str):  # OpenAI's refusal field
+        content = m["refusal"]
     # Empty text beside tool calls is no preamble (clients send "" or null alike) unless its
     # channel is given.
     present = content or m.get("content") is not None and (not tool_calls or "channel" in m)
     if present or not (out or tool_calls):
+        where = f"messages[{i}]"
         channel = "commentary" if tool_calls else "final"  # a preamble comes before its calls
-        out.append(Message("assistant", content, channel=_override(m, "channel", channel, f"messages[{i}]")))
+        channel, recipient, content_type = (_override(m, key, default, where) for key, default in
+                                            (("channel", channel), ("recipient", None), ("content_type", None)))
+        for key, value in (("channel", channel), ("recipient", recipient), ("content_type", content_type)):
+            _header_word(value, f"{where}.{key}")
+        if recipient not in (None, "all", "assistant"):
+            raise HarmonyError(f"{where}.recipient {recipient[:80]!r}: a call goes in tool_calls")
+        out.append(Message("assistant", content, channel=channel, recipient=recipient, content_type=content_type))
     for j, call in enumerate(tool_calls):
         where = f"messages[{i}].tool_calls[{j}]"
         fn = call.get("function") if isinstance(call, dict) else None
@@ -231,9 +240,9 @@ def _assistant_messages(m: dict, i: int, declared: set[str], calls: dict) -> lis
         channel, content_type = _call_defaults(recipient)
         channel = _override(call, "channel", channel, where)
         content_type = _override(call, "content_type", content_type, where)
-        for key, value in (("recipient", recipient), ("channel", channel)):
+        for key, value in (("recipient", recipient), ("channel", channel), ("content_type", content_type)):
             _header_word(value, f"{where}.{key}")
-        calls[str(call.get("id", f"call_{i}_{j}"))] = (recipient, channel)
+        calls.setdefault(str(call.get("id", f"call_{i}_{j}")), []).append((recipient, channel))
         out.append(Message("assistant", args, channel=channel, recipient=recipient,
                            content_type=content_type))
     return out
@@ -242,7 +251,9 @@ def _assistant_messages(m: dict, i: int, declared: set[str], calls: dict) -> lis
 def _tool_result(m: dict, i: int, declared: set[str], calls: dict) -> Message:
     call_id, name = m.get("tool_call_id"), m.get("name")
     if isinstance(call_id, str) and call_id in calls:
-        recipient, channel = calls[call_id]
+        # one id given to several calls (a client's slip): results come in the calls' order
+        same = calls[call_id]
+        recipient, channel = same.pop(0) if len(same) > 1 else same[0]
     elif isinstance(name, str) and name:
         _header_word(name, f"messages[{i}].name")
         recipient = _recipient_of(name, declared)
@@ -250,6 +261,7 @@ def _tool_result(m: dict, i: int, declared: set[str], calls: dict) -> Message:
     else:
         raise HarmonyError(f"messages[{i}]: tool result without a name or a known tool_call_id")
     channel = _override(m, "channel", channel, f"messages[{i}]")
+    _header_word(channel, f"messages[{i}].channel")
     return Message("tool", _text_of(m, i), channel=channel, recipient="assistant", name=recipient)
 
 
@@ -309,6 +321,9 @@ def _assistant_to_chat(group: list[Message], declared: set[str], calls: dict, id
             # the channel is kept where it does not follow from the calls (or empty text would hide it)
             if m.channel != ("commentary" if group[-1].is_tool_call else "final") or not m.text:
                 msg["channel"] = m.channel
+            for key in ("recipient", "content_type"):  # (``to=assistant``, ``<|constrain|>json``)
+                if getattr(m, key) is not None:
+                    msg[key] = getattr(m, key)
         else:
             call_id = f"call_{next(ids)}"
             calls.setdefault(m.recipient, []).append((call_id, m.channel))
