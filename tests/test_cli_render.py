@@ -111,3 +111,17 @@ def test_a_date_that_would_write_a_section_of_its_own_is_refused(conv_file, caps
     with pytest.raises(SystemExit):
         main(["render", str(conv_file), "--date", date])
     assert "argument --date: expected a date on one line (at most 64 characters)" in capsys.readouterr().err
+
+
+def test_a_saved_chat_renders_with_its_own_date(tmp_path, capsys):
+    """render printed today's date for a saved chat, whose resumed chat renders the date saved
+    with it: not the prompt that chat sees."""
+    path = tmp_path / "saved.json"
+    path.write_text(json.dumps({**CONVERSATION, "date": "2025-06-28"}))
+    assert main(["render", str(path)]) == 0
+    assert "\nCurrent date: 2025-06-28\n" in capsys.readouterr().out
+    assert main(["render", str(path), "--date", "2025-08-05"]) == 0
+    assert "\nCurrent date: 2025-08-05\n" in capsys.readouterr().out
+    path.write_text(json.dumps({**CONVERSATION, "date": ["x"]}))
+    assert main(["render", str(path)]) == 2
+    assert "'date' must be a date on one line" in capsys.readouterr().err

@@ -116,6 +116,15 @@ def test_enum_default_inside_one_of_is_quoted():
         '// F.\ntype f = (_: {\nu?: \n     | "a" // default: "a"\n     | number[],\n}) => any;')
 
 
+def test_enum_default_of_a_one_of_outside_a_property_is_json():
+    """harmony writes a enum variant's string default there as JSON (escaped), unlike every
+    other string default; ours wrote it as it is ("a"b")."""
+    schema = {"type": "object", "properties": {"u": {"type": "array", "items": {"oneOf": [
+        {"type": "string", "enum": ['a"b', "c"], "default": 'a"b'}, {"type": "string", "default": 'x"y'}]}}}}
+    assert function_text("F.", schema) == (
+        '// F.\ntype f = (_: {\nu?: \n     | "a"b" | "c" // default: "a\\"b"\n     | string // default: "x"y"[],\n}) => any;')
+
+
 def test_description_lines_split_on_newline_only():
     assert function_text("a\nb\r\nc\rd\u2028e\n", None) == "// a\n// b\n// c\rd\u2028e\ntype f = () => any;"
 

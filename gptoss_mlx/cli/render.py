@@ -26,7 +26,8 @@ def register(sub) -> None:
     p.add_argument("--tokens", action="store_true",
                    help="print token ids (one line, space-separated) instead of text")
     add_effort_argument(p)
-    p.add_argument("--date", type=one_line_date, help="current date for the system message (default: today)")
+    p.add_argument("--date", type=one_line_date,
+                   help="current date for the system message (default: a saved chat's own, else today)")
     p.add_argument("--tools", default="", help="built-in tools to declare: python,browser")
     add_model_argument(p, "; only its tokenizer is used, for --tokens")
     p.set_defaults(func=cmd_render)
@@ -43,8 +44,11 @@ def cmd_render(args) -> int:
     if args.reasoning_effort:
         request = {**request, "reasoning_effort": args.reasoning_effort}
     tools = common.tool_names(args.tools)
+    saved_date = request.get("date")  # a saved chat's, which its resumed chat renders
+    if saved_date is not None and not is_one_line_date(saved_date):
+        raise CLIError(f"{args.file}: 'date' must be {DATE_SHAPE}, got {str(saved_date)[:80]!r}")
     try:
-        messages = from_chat_completions(request, date=args.date or today(),
+        messages = from_chat_completions(request, date=args.date or saved_date or today(),
                                          browser="browser" in tools, python="python" in tools)
         segments = render_conversation(messages)
     except HarmonyError as e:

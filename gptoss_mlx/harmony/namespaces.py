@@ -48,12 +48,14 @@ def _rust_float(x: float) -> str:
     return ("-" if sign else "") + text
 
 
-def _default_comment(schema: dict, enum_aware: bool = True) -> str:
-    """``default: X``; a string is quoted unless the schema is an enum (and ``enum_aware``:
-    harmony quotes every string default of a oneOf variant outside an object property)."""
+def _default_comment(schema: dict, enum_as_json: bool = False) -> str:
+    """``default: X``; a string in quotes, as it is (no escapes), unless the schema is an enum:
+    then bare, or (``enum_as_json``: a oneOf variant outside an object property) as JSON."""
     default = schema["default"]
-    if isinstance(default, str):
-        return f"default: {default}" if enum_aware and _is_enum(schema) else f'default: "{default}"'
+    if isinstance(default, str) and not _is_enum(schema):
+        return f'default: "{default}"'
+    if isinstance(default, str) and not enum_as_json:
+        return f"default: {default}"
     return f"default: {json_compact(default)}"
 
 
@@ -86,7 +88,7 @@ def schema_to_typescript(schema: Any, indent: str = "") -> str:
             if isinstance(variant, dict) and isinstance(variant.get("description"), str):
                 trailing.append(variant["description"])
             if isinstance(variant, dict) and "default" in variant:
-                trailing.append(_default_comment(variant, enum_aware=False))
+                trailing.append(_default_comment(variant, enum_as_json=True))
             if trailing:
                 out += " // " + " ".join(trailing)
         return out
