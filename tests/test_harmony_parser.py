@@ -95,6 +95,8 @@ def test_ids_outside_the_vocabulary_do_not_raise():
      ("commentary", "functions.w", "<|constrain|>json", '{"a":1}')),
     ("<|channel|>analysis to=python print(1 + 2)<|call|>", ("analysis", "python", None, "print(1 + 2)")),
     ("<|channel|>analysis to=python code print(1)<|call|>", ("analysis", "python", "code", "print(1)")),
+    (" to=python<|channel|>analysis code print(1)<|call|>", ("analysis", "python", "code", "print(1)")),
+    (' to=functions.w<|channel|>commentary {"a": 1}<|call|>', ("commentary", "functions.w", None, '{"a": 1}')),
     ('<|channel|>final <|constrain|>json{"a": 1}<|return|>', ("final", None, "<|constrain|>json", '{"a": 1}')),
     ("<|channel|>final I can't <|constrain|>json<|return|>", ("final", None, None, "I can't  json")),
 ])

@@ -258,7 +258,7 @@ def _split_body(text: str) -> tuple[str, str]:
     constrain = re.search(re.escape(CONSTRAIN) + r"[A-Za-z]*", text)
     if constrain:
         return text[:constrain.end()], text[constrain.end():].lstrip()
-    python = re.search(r"(?:^|\s)to=python(?:\s+code)?(?=\s|$)", text)
+    python = re.search(r"(?:^|\s)to=python(?:<\|channel\|>[^\s<]*)?(?:\s+code)?(?=\s|$)", text)
     if python:
         return text[:python.end()], text[python.end():].lstrip()
     value = re.search(r"[{\[]", text)
