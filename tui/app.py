@@ -766,6 +766,8 @@ class ChatApp(App):
             return
         self.chat.reset()
         self.chat_id, self.chat_title = self.store.new_id(), "New chat"
+        if self.toolbox is not None:  # nothing of the last conversation's python session or pages
+            self.toolbox.new_conversation()
         self.query_one("#transcript").remove_children()
         self.last_done = None
         self.update_status()
@@ -790,6 +792,8 @@ class ChatApp(App):
             self.notify(str(e), title="Could not open the conversation", severity="error", timeout=10)
             return
         self.chat_id, self.chat_title = chat_id, title
+        if self.toolbox is not None:
+            self.toolbox.new_conversation()
         self.effort = self.chat.reasoning_effort
         self.last_done = None
         self.render_history()

@@ -317,6 +317,7 @@ class Repl:
         """Continue a saved chat (raises ChatFileError; the current one then stays)."""
         self.title = self.store.load(self.chat, chat_id)
         self.chat_id, self.last_stats = chat_id, None  # /stats speaks of this chat's replies
+        self.new_conversation()
         shown = [m for m in self.chat.messages if m.role == "user" or m.channel == "final"]
         self.say(terminal_safe(f"Resumed \"{self.title}\" ({self.message_count()} messages)."))
         for m in shown[-2:]:
@@ -355,6 +356,7 @@ class Repl:
         elif name == "/reset":
             self.chat.reset()
             self.chat_id, self.title, self.last_stats = self.store.new_id(), None, None
+            self.new_conversation()
             self.say("new conversation")
         elif name == "/chats":
             self.list_chats()
@@ -391,9 +393,15 @@ class Repl:
             self.title = self.store.load_path(self.chat, Path(arg).expanduser())
             self.chat_id = self.store.new_id()  # replies are saved in the store, not over PATH
             self.last_stats = None
+            self.new_conversation()
             self.say(terminal_safe(f"loaded {self.message_count()} messages from {arg}"))
         except ChatFileError as e:
             self.say(terminal_safe(f"error: {e}\n(the current conversation stays)"))
+
+    def new_conversation(self) -> None:
+        """Tools keep nothing from the conversation before (its python session, browser pages)."""
+        if self.toolbox is not None:
+            self.toolbox.new_conversation()
 
     def message_count(self) -> int:
         """The conversation's length as the chat lists count it (store.message_count)."""

@@ -421,6 +421,10 @@ class Browser:
         self.view_lines = view_lines
         self.pages: list[Page] = []
 
+    def new_session(self) -> None:
+        """A new conversation's: no pages open (a cursor of the last one's means nothing here)."""
+        self.pages = []
+
     def call(self, function: str, arguments: dict) -> str:
         """``browser.<function>`` with parsed arguments; ToolError for a bad call."""
         method = {"search": self.search, "open": self.open, "find": self.find}.get(function)

@@ -432,6 +432,22 @@ class PythonSandbox:
         if cgroup is not None:
             cgroup.remove()
 
+    def new_session(self) -> None:
+        """A new conversation's: the interpreter ended (the next cell starts a fresh one) and its
+        files gone, so nothing one conversation left (variables, modules, files, threads) meets
+        the next one's code. A cell under way is stopped first."""
+        self.interrupt()
+        with self._running:
+            self._kill()
+            self._lost_note = ""
+            if self._own_dir:  # macOS: the directory outlives the interpreter
+                for entry in os.scandir(self._own_dir):
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(OSError):
+                            os.unlink(entry.path)
+
     def close(self) -> None:
         self._kill()
         if self._own_dir:

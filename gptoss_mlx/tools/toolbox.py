@@ -13,9 +13,10 @@ call become error texts the model can react to — until it answers, or ``max_ro
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TextIO
 
 from ..chat import Chat, Done, ToolCall
 from ..harmony import BROWSER_TOOLS
@@ -41,6 +42,9 @@ class Toolbox:
     # Asked before the python tool runs code: (code) -> True to run it, False (declined) or None
     # (not answered: the user stopped the reply) not to. None runs it at once.
     approve_code: Callable[[str], bool | None] | None = None
+    # Where what a function prints goes while it runs (the CLI: standard error, so that the
+    # answer on standard output stays whole); None leaves sys.stdout as it is.
+    function_output: TextIO | None = None
 
     def chat_options(self) -> dict:
         """Keyword arguments for Chat: which tools the system and developer messages declare."""
@@ -75,7 +79,9 @@ class Toolbox:
         if namespace == "functions":
             for f in self.functions:
                 if f.name == name:
-                    return f.call(arguments)
+                    with (contextlib.redirect_stdout(self.function_output) if self.function_output
+                          else contextlib.nullcontext()):
+                        return f.call(arguments)
         elif recipient == "python" and self.python is not None:
             code = _python_code(arguments)
             if self.approve_code is not None:
@@ -99,6 +105,14 @@ class Toolbox:
         runs nothing after this."""
         if self.python is not None:
             self.python.cancel()
+
+    def new_conversation(self) -> None:
+        """Another conversation goes on from here (a new chat, a saved one opened): a fresh
+        python session and no browser pages, as each conversation has its own."""
+        if self.python is not None:
+            self.python.new_session()
+        if self.browser is not None:
+            self.browser.new_session()
 
     def close(self) -> None:
         if self.python is not None:
