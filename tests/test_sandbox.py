@@ -16,7 +16,7 @@ import pytest
 
 from gptoss_mlx.tools import python_tool
 from gptoss_mlx.tools import sandbox as sb
-from gptoss_mlx.tools.approval import hidden_char_count, render_code_ansi, render_code_text
+from gptoss_mlx.tools.approval import controls_shown, hidden_char_count, render_code_ansi, render_code_text
 from gptoss_mlx.tools.python_tool import PythonSandbox, description
 from gptoss_mlx.tools.sandbox import (Policy, SandboxLimits, SandboxUnavailable, bwrap_argv,
                                       make_policy, seatbelt_profile, seccomp_filter)
@@ -231,9 +231,10 @@ def test_reads_never_block_past_the_deadline(os_sandbox):
     import time
     with PythonSandbox(limits=SandboxLimits(timeout_s=1.5)) as box:
         t0 = time.monotonic()
-        out = box.run("import sys; sys.stdin.read()")  # the worker would wait forever
+        out = box.run("import os; r, w = os.pipe(); os.read(r, 1)")  # would wait forever
         assert time.monotonic() - t0 < 4 and "timed out after 1.5 seconds" in out
         assert box.run("2 + 2").strip() == "4"
+        assert box.run("import sys; sys.stdin.read()").strip() == "''"  # nothing to read, at once
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0, reason="root on Linux")
@@ -252,7 +253,8 @@ def test_as_root_threads_are_capped_by_a_cgroup_that_goes_away(os_sandbox):
             if os.path.exists(path):
                 os.rmdir(path)
     with PythonSandbox(limits=SandboxLimits(timeout_s=10, max_processes=32)) as box:
-        code = "import threading\nfor i in range(100):\n    threading.Thread(target=input, daemon=True).start()"
+        code = ("import threading, time\nfor i in range(100):\n"
+                "    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()")
         assert "can't start new thread" in box.run(code)
         path = box._cgroup.path
         assert open(f"{path}/pids.max").read().strip() == "32"
@@ -410,3 +412,18 @@ def test_approval_makes_hidden_characters_visible():
     text = render_code_text(HIDING)
     assert "\r" not in text.plain and "<\\r>" in text.plain
     assert any("reverse" in str(span.style) for span in text.spans)
+
+
+@pytest.mark.parametrize("invisible", ["\u034f", "\ufe0f", "\u3164", "\u115f"])
+def test_approval_marks_invisible_letters_of_python_names(invisible):
+    """Characters that show as nothing but are valid in a Python name went unmarked: the
+    prompt showed ``target = evil`` then ``target = "https://example.com/"``, two variables."""
+    code = f'target{invisible} = evil\ntarget = "https://example.com/"\nprint(target{invisible})'
+    compile(code, "<approval>", "exec")  # a valid name indeed
+    assert hidden_char_count(code) == 2
+    assert f"<U+{ord(invisible):04X}>" in render_code_text(code).plain
+
+
+def test_tool_output_in_the_tui_marks_what_reorders_text():
+    assert controls_shown("a\u202eb\u2067c\x1bd") == "a<U+202E>b<U+2067>c\u241bd"
+    assert controls_shown("سلام\u200c\u200f ok 👩\u200d💻") == "سلام\u200c\u200f ok 👩\u200d💻"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import threading
 import time
 from enum import Enum
@@ -590,3 +591,68 @@ def test_a_call_header_cut_by_the_call_token_is_a_call(tok, header):
     assert not first.ok and "there is no tool 'functions.get_wether'" in first.content and second.ok
     assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == "It is 21°C in Oslo."
     assert not any("to=functions" in m.text for m in chat.messages if m.role == "assistant")
+
+
+def test_a_new_or_loaded_conversation_gets_a_fresh_python_session(tok, tmp_path, monkeypatch, capsys, os_sandbox):
+    """The terminal chat kept one interpreter across /reset and /load: what one conversation
+    left (variables, modules, files) met the next one's code."""
+    from gptoss_mlx.cli import chat as cli_chat
+    from gptoss_mlx.cli import main
+
+    monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(tmp_path))
+    probe = ("<|channel|>analysis to=python<|message|>"
+             "print('seen' if 'kept' in globals() else 'fresh'); kept = 1<|call|>")
+    _scripted_cli(monkeypatch, tok, [tokens(tok, probe), answer_script(tok, "Done.")] * 4)
+    saved = tmp_path / "a.json"
+    saved.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
+    lines = iter(["one", "two", "/reset", "three", f"/load {saved}", "four"])
+
+    def read(prompt="", default=None):
+        for line in lines:
+            return line
+        raise EOFError  # Ctrl-D
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr(cli_chat, "line_reader", lambda history_file: read)
+    out = __import__("io").StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    assert main(["chat", "--tools", "python", "--auto-approve"]) == 0
+    shown = out.getvalue() + capsys.readouterr().err
+    assert re.findall(r"\[result ← python\] (\w+)", shown) == ["fresh", "seen", "fresh", "fresh"]
+
+
+def test_browser_pages_and_python_files_are_the_conversation_s(os_sandbox):
+    from gptoss_mlx.tools.browser import Page
+
+    toolbox = Toolbox(python=PythonSandbox(limits=SandboxLimits(timeout_s=10)),
+                      browser=Browser(fetch=lambda url: Page(url, "T", ["a line"])))
+    toolbox.browser.call("open", {"id": "https://example.com/"})
+    assert "saved" in toolbox.python.run("open('f.txt', 'w').write('x'); print('saved')")
+    toolbox.new_conversation()
+    assert "FileNotFoundError" in toolbox.python.run("open('f.txt').read()")
+    with pytest.raises(ToolError, match="no page is open yet"):
+        toolbox.browser.call("find", {"pattern": "line"})
+
+
+def test_what_a_function_prints_does_not_reach_the_answer(tok, tmp_path, monkeypatch, capsys):
+    """A --functions function's print() went to standard output, inside the answer (and before
+    generate --json's object)."""
+    from gptoss_mlx.cli import main
+
+    functions = tmp_path / "noisy.py"
+    functions.write_text('def get_weather(city: str) -> str:\n    """Weather."""\n'
+                         '    print("PRINTED-BY-FUNCTION")\n    return "sunny"\n')
+    _scripted_cli(monkeypatch, tok, [call_script(tok, "functions.get_weather", '{"city": "Oslo"}'),
+                                     answer_script(tok, "Sunny.")])
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Weather?\n"))
+    assert main(["chat", "--functions", str(functions)]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "Sunny." and "PRINTED-BY-FUNCTION" in err
+
+
+def test_input_in_the_sandbox_ends_at_once(sandbox):
+    """input() waited for the whole timeout (the worker's request pipe was its stdin), and the
+    session was lost with it."""
+    start = time.monotonic()
+    assert "EOFError" in sandbox.run("x = 3\ninput('name? ')")
+    assert time.monotonic() - start < 5
+    assert sandbox.run("x").strip() == "3"

@@ -332,7 +332,7 @@ def make_toolbox(args, approve=None) -> Toolbox | None:
             raise CLIError(str(e)) from None
     browser = Browser(allow_private=args.browser_allow_private) if "browser" in names else None
     return Toolbox(functions=functions, python=python, browser=browser,
-                   approve_code=None if args.auto_approve else approve)
+                   approve_code=None if args.auto_approve else approve, function_output=sys.stderr)
 
 
 def ask_on_terminal(code: str) -> bool:

@@ -4,8 +4,8 @@ sandbox.py; not imported).
     python -I _sandbox_worker.py '{"memory_mb": ..., "cpu_s": ..., "max_output": ..., ...}'
 
 It sets its resource limits with hard = soft, so the code cannot raise them again, moves the
-reply channel off descriptor 1 (which then goes to /dev/null like descriptor 2), says it is
-ready, then reads one JSON request per line ({"id": ..., "code": ...}), runs the code like a
+reply channel off descriptor 1 and the request channel off descriptor 0 (both then /dev/null,
+like descriptor 2; ``input()`` meets the end of its input at once), says it is ready, then reads one JSON request per line ({"id": ..., "code": ...}), runs the code like a
 notebook cell (the value of a final expression is printed) in one persistent namespace, and
 answers one JSON line ({"id": ..., "output": ..., "ok": ...}). The code runs in this process and
 could find the reply descriptor; the parent therefore trusts nothing it reads here: a reply
@@ -91,12 +91,15 @@ def _run(code: str, namespace: dict) -> tuple[str, bool]:
 
 def main():
     reply = os.fdopen(os.dup(1), "w", encoding="utf-8")  # not inherited, not descriptor 1
+    requests = os.fdopen(os.dup(0), "r", encoding="utf-8")  # likewise, not descriptor 0
     os.dup2(2, 1)  # native code writing to descriptor 1 cannot reach the reply channel
+    os.dup2(2, 0)  # ... nor reading descriptor 0 take the next request (it reads nothing)
     sys.__stdout__ = sys.stdout = open(1, "w", closefd=False)
+    sys.__stdin__ = sys.stdin = io.StringIO()  # input() raises EOFError at once: no one types here
     reply.write(json.dumps({"ready": True}) + "\n")
     reply.flush()
     namespace = {"__name__": "__main__"}
-    for line in sys.stdin:
+    for line in requests:
         request = json.loads(line)
         output, ok = _run(request["code"], namespace)
         reply.write(json.dumps({"id": request["id"], "output": output, "ok": ok}) + "\n")

@@ -17,6 +17,11 @@ from rich.text import Text
 _NAMES = {"\r": "\\r", "\x1b": "ESC", "\x00": "NUL", "\x08": "BS", "\x7f": "DEL", "\x0b": "\\v",
           "\x0c": "\\f"}
 _KEPT = {"\n", "\t"}
+# Unicode's default-ignorable code points (shown as nothing) that are not format characters,
+# and the blank letters: some are valid inside Python names (U+034F, U+FE0F, U+3164, U+115F),
+# so ``target`` and ``target\u034f`` would read as one variable.
+_INVISIBLE = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u2800\u3164\ufe00-\ufe0f\uffa0"
+                        "\U000e0100-\U000e01ef]")
 
 
 def hidden_char_marker(ch: str) -> str | None:
@@ -29,7 +34,8 @@ def hidden_char_marker(ch: str) -> str | None:
     # Cc: controls (C0, C1); Cf: format (bidi, zero-width, soft hyphen...); Zl/Zp: line and
     # paragraph separators; Co/Cn: private and unassigned; Zs other than the plain space.
     category = unicodedata.category(ch)
-    if category in ("Cc", "Cf", "Zl", "Zp", "Co", "Cn", "Cs") or (category == "Zs" and ch != " "):
+    if (category in ("Cc", "Cf", "Zl", "Zp", "Co", "Cn", "Cs") or (category == "Zs" and ch != " ")
+            or _INVISIBLE.match(ch)):
         return f"<U+{ord(ch):04X}>"
     return None
 
@@ -55,8 +61,12 @@ def controls_shown(text: str) -> str:
     pictures, ␛ for ESC, which Markdown shows as they are, where it would take ``<ESC>`` for a
     tag; the rest ``<U+009B>``); everything else stays as it is, the joiners of emoji and the
     direction marks of right-to-left scripts included (code for approval gets those marked
-    too: render_code_text)."""
-    return _CONTROLS.sub(_control_picture, text)
+    too: render_code_text); bidi embeddings, overrides and isolates, which reorder what
+    follows them, become ``<U+202E>``, as :func:`prose_marker` makes them."""
+    return _SHOWN.sub(_control_picture, text)
+
+
+_SHOWN = re.compile(f"{_CONTROLS.pattern}|{_REORDERING.pattern}")
 
 
 def _control_picture(found: re.Match) -> str:
