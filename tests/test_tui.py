@@ -548,6 +548,32 @@ async def test_conversations_resume_rename_delete_and_export(store):
     assert "```python\nprint('hi')\n```" in text
 
 
+async def test_only_two_d_presses_in_a_row_delete(store, monkeypatch):
+    """Typing a sentence into the list ("I added and edited the draft") deleted three
+    conversations: any keys could come between the two D presses."""
+    from gptoss_mlx.tui import app as tui_app
+
+    app = make_app(ScriptedChat(THOUGHT, THOUGHT), store)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "keep me")
+        await pilot.press("ctrl+n")
+        await send(pilot, app, "and me")
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
+        await pilot.press("d", "x", "d", "a", "d", "e", "d")
+        await pilot.pause()
+        assert len(store.list()) == 2
+        monkeypatch.setattr(tui_app, "DELETE_CONFIRM_S", 0.3)
+        await pilot.press("x", "d")
+        await pilot.pause(0.5)  # the notice has gone: a D now asks again
+        await pilot.press("d")
+        await pilot.pause()
+        assert len(store.list()) == 2
+        await pilot.press("d")
+        await pilot.pause()
+        assert len(store.list()) == 1
+
+
 async def test_deleting_the_open_chat_in_the_list_closes_it(store):
     """The open chat deleted in the list (D twice) came back, whole, with its next message."""
     app = make_app(ScriptedChat(THOUGHT, THOUGHT), store)

@@ -14,6 +14,7 @@ import asyncio
 import codecs
 import contextlib
 import functools
+import math
 import os
 import re
 import signal
@@ -48,6 +49,7 @@ from gptoss_mlx.tools import Toolbox, ToolResult, run_with_tools
 from gptoss_mlx.tools.approval import controls_shown, render_code_text
 
 HANG_UP_S = 30.0  # after a closed terminal: the most the reply under way gets to stop
+DELETE_CONFIRM_S = 4.0  # the second D of a delete comes within this (as long as the notice shows)
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 
 
@@ -340,6 +342,7 @@ class ConversationList(ModalScreen[str | None]):
         super().__init__()
         self.store = store
         self._deleting: str | None = None  # the conversation a first D asked to delete
+        self._armed_at = -math.inf  # when the last D was pressed
         self.deleted: set[str] = set()  # the conversations deleted here
         self._titles: dict[str, str] = {}  # id -> title, as the list shows them
 
@@ -381,15 +384,23 @@ class ConversationList(ModalScreen[str | None]):
     def action_close(self) -> None:
         self.dismiss(None)
 
+    def on_key(self, event) -> None:
+        """Only two D presses in a row delete: any other key between them disarms the first
+        (typing "added" into the list deleted a conversation)."""
+        if event.key not in ("d", "delete"):
+            self._deleting = None
+
     def action_delete(self) -> None:
-        """The first D asks; a second D on the same conversation deletes it."""
+        """The first D asks; a second D on the same conversation, next and within
+        DELETE_CONFIRM_S, deletes it."""
         chat_id = self._selected()
         if not chat_id:
             return
-        if self._deleting != chat_id:
+        armed, self._armed_at = self._armed_at, time.monotonic()
+        if self._deleting != chat_id or self._armed_at - armed > DELETE_CONFIRM_S:
             self._deleting = chat_id
             self.app.notify("Press D again to delete this conversation (its file is removed)",
-                            severity="warning", timeout=4)
+                            severity="warning", timeout=DELETE_CONFIRM_S)
             return
         self._deleting = None
         self.store.delete(chat_id)
