@@ -91,14 +91,22 @@ def test_ids_outside_the_vocabulary_do_not_raise():
     ('<|channel|>commentary to=functions.w <|constrain|>json {"city": "S  F"}<|call|>',
      ("commentary", "functions.w", "<|constrain|>json", '{"city": "S  F"}')),
     ('<|channel|>commentary to=functions.w {"city": "SF"}<|call|>', ("commentary", "functions.w", None, '{"city": "SF"}')),
-    ('<|channel|>commentary to=functions.w <|constrain|>json{"a":1}<|end|>',
-     ("commentary", "functions.w", "<|constrain|>json", '{"a":1}')),
     ("<|channel|>analysis to=python print(1 + 2)<|call|>", ("analysis", "python", None, "print(1 + 2)")),
     ("<|channel|>analysis to=python code print(1)<|call|>", ("analysis", "python", "code", "print(1)")),
     (" to=python<|channel|>analysis code print(1)<|call|>", ("analysis", "python", "code", "print(1)")),
     (' to=functions.w<|channel|>commentary {"a": 1}<|call|>', ("commentary", "functions.w", None, '{"a": 1}')),
     ('<|channel|>final <|constrain|>json{"a": 1}<|return|>', ("final", None, "<|constrain|>json", '{"a": 1}')),
     ("<|channel|>final I can't <|constrain|>json<|return|>", ("final", None, None, "I can't  json")),
+    # only <|call|> makes a call, and only of a header that starts with its recipient
+    ('<|channel|>commentary to=functions.w <|constrain|>json{"a":1}<|end|>',
+     ("commentary", None, None, 'to=functions.w  json{"a":1}')),
+    ("<|channel|>final Sure to=python print(6*7)<|return|>", ("final", None, None, "Sure to=python print(6*7)")),
+    ("<|channel|>final Sure to=python print(6*7)<|call|>", ("final", None, None, "Sure to=python print(6*7)")),
+    ("Run to=python print(1)<|end|>", (None, None, None, "Run to=python print(1)")),
+    ("<|channel|>analysis Hmm to=python<|end|>", ("analysis", None, None, "Hmm to=python")),
+    ('<|channel|>final Answer: to=functions.w {"city":1}<|return|>',
+     ("final", None, None, 'Answer: to=functions.w {"city":1}')),
+    ("<|channel|>final <|constrain|>The answer is 4<|return|>", ("final", None, None, "The answer is 4")),
 ])
 def test_a_header_without_its_message_token_keeps_what_follows_as_the_message(reply, expected):
     """The model sometimes forgets <|message|> (harmony#80): the arguments of

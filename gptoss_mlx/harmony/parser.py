@@ -233,16 +233,21 @@ class StreamParser:
 
     def _salvage_header(self, stop: str | None) -> list[Event]:
         """A header that ended without <|message|>: keep its metadata, the rest becomes text.
-        Ended by a stop token, a header naming a recipient or a content type is that message,
-        with what follows them as its text: ``to=functions.f<|call|>`` is a call with no
-        arguments (its tool answers that, and the model can call again),
-        ``to=functions.f <|constrain|>json{"a": 1}<|call|>`` one with these arguments, and
-        ``final <|constrain|>json{"a": 1}<|return|>`` that answer (as after ``<|message|>``)."""
+        Two slips are read as the message meant (harmony#80): a call's header ended by
+        ``<|call|>``, with ``to=`` first after the role and channel, is that call, with what
+        follows its content type as arguments (``to=functions.f<|call|>``: none; ``to=functions.f
+        <|constrain|>json{"a": 1}<|call|>``, ``to=python print(1)<|call|>``); and a header of
+        only a channel and ``<|constrain|>json``, ended by any stop token, is that message, with
+        the rest as its text. Nothing else becomes a call: text ended by ``<|return|>`` or
+        ``<|end|>`` stays text, whatever ``to=`` it holds."""
         text = self._header_text(self._header)
         if stop is not None:
             header, body = _split_body(text)
             start, leftover = parse_header(header, self._role)
-            if not leftover and (start.recipient or start.content_type):
+            words = _take_role(_take_channel(header.replace(CONSTRAIN, " " + CONSTRAIN))[1], self._role)[2]
+            call = stop == CALL and start.recipient and words.startswith("to=")
+            constrained = not start.recipient and (start.content_type or "").startswith(CONSTRAIN)
+            if not leftover and (call or constrained):
                 return self._open((start, "")) + self._emit(body) + self._end(stop)
         start, leftover = parse_header(text, self._role, complete=False)
         events = self._open((start, ""))
@@ -252,10 +257,10 @@ class StreamParser:
 
 def _split_body(text: str) -> tuple[str, str]:
     """A header's text that never got its ``<|message|>`` -> (the header, the message's text
-    written after it): after a ``<|constrain|>`` content type (``<|constrain|>json{"a": 1}``),
+    written after it): after a ``<|constrain|>json`` content type (``<|constrain|>json{"a": 1}``),
     or from a JSON value after ``to=`` (``to=functions.f {"a": 1}``), or after ``to=python``
     (and a ``code`` content type). Else the whole text is the header."""
-    constrain = re.search(re.escape(CONSTRAIN) + r"[A-Za-z]*", text)
+    constrain = re.search(re.escape(CONSTRAIN) + r"json", text)
     if constrain:
         return text[:constrain.end()], text[constrain.end():].lstrip()
     python = re.search(r"(?:^|\s)to=python(?:<\|channel\|>[^\s<]*)?(?:\s+code)?(?=\s|$)", text)
