@@ -91,6 +91,16 @@ def _header_word(value: str | None, where: str) -> None:
                            "or has whitespace in it")
 
 
+def _header_field(value: str | None, where: str) -> None:
+    """A channel or content type: one word (:func:`_header_word`) that is no recipient either
+    (``to=python`` would read back as a call) and holds no special token's text (but a content
+    type's leading ``<|constrain|>``)."""
+    _header_word(value, where)
+    if value is not None and (value.startswith("to=") or "<|" in value.removeprefix(CONSTRAIN)):
+        raise HarmonyError(f"{where} {value[:80]!r}: a channel or content type cannot be a recipient "
+                           "(to=...) or hold a special token")
+
+
 def function_name(recipient: str) -> str:
     """The Chat Completions name of a call's recipient: ``functions.NAME`` as ``NAME``; a dotted
     one, and ``functions.`` with no name (a model's slip), as the recipient itself, which
@@ -217,8 +227,9 @@ def _assistant_messages(m: dict, i: int, declared: set[str], calls: dict) -> lis
         channel = "commentary" if tool_calls else "final"  # a preamble comes before its calls
         channel, recipient, content_type = (_override(m, key, default, where) for key, default in
                                             (("channel", channel), ("recipient", None), ("content_type", None)))
-        for key, value in (("channel", channel), ("recipient", recipient), ("content_type", content_type)):
-            _header_word(value, f"{where}.{key}")
+        _header_word(recipient, f"{where}.recipient")
+        for key, value in (("channel", channel), ("content_type", content_type)):
+            _header_field(value, f"{where}.{key}")
         if recipient not in (None, "all", "assistant"):
             raise HarmonyError(f"{where}.recipient {recipient[:80]!r}: a call goes in tool_calls")
         out.append(Message("assistant", content, channel=channel, recipient=recipient, content_type=content_type))
@@ -240,8 +251,9 @@ def _assistant_messages(m: dict, i: int, declared: set[str], calls: dict) -> lis
         channel, content_type = _call_defaults(recipient)
         channel = _override(call, "channel", channel, where)
         content_type = _override(call, "content_type", content_type, where)
-        for key, value in (("recipient", recipient), ("channel", channel), ("content_type", content_type)):
-            _header_word(value, f"{where}.{key}")
+        _header_word(recipient, f"{where}.recipient")
+        for key, value in (("channel", channel), ("content_type", content_type)):
+            _header_field(value, f"{where}.{key}")
         calls.setdefault(str(call.get("id", f"call_{i}_{j}")), []).append((recipient, channel))
         out.append(Message("assistant", args, channel=channel, recipient=recipient,
                            content_type=content_type))
@@ -261,7 +273,7 @@ def _tool_result(m: dict, i: int, declared: set[str], calls: dict) -> Message:
     else:
         raise HarmonyError(f"messages[{i}]: tool result without a name or a known tool_call_id")
     channel = _override(m, "channel", channel, f"messages[{i}]")
-    _header_word(channel, f"messages[{i}].channel")
+    _header_field(channel, f"messages[{i}].channel")
     return Message("tool", _text_of(m, i), channel=channel, recipient="assistant", name=recipient)
 
 
