@@ -26,7 +26,8 @@ def cmd_tui(args) -> int:
     name = args.model or DEFAULT_MODEL
     # The plan and a download happen here, in the terminal, where the progress bars show.
     args.model = str(common.prepare(args)[0])
-    toolbox = make_toolbox(args)  # the app asks before code runs (unless --auto-approve)
+    # the app asks before code runs (unless --auto-approve); Textual takes what functions print
+    toolbox = make_toolbox(args, function_output=None)
     app = ChatApp(loader=lambda: common.load_chat(args, out=io.StringIO(), toolbox=toolbox),
                   model_name=name.rstrip("/").split("/")[-1], effort=args.reasoning_effort,
                   toolbox=toolbox, ask_before_running_code=not args.auto_approve)

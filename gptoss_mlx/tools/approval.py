@@ -21,7 +21,7 @@ _KEPT = {"\n", "\t"}
 # and the blank letters: some are valid inside Python names (U+034F, U+FE0F, U+3164, U+115F),
 # so ``target`` and ``target\u034f`` would read as one variable.
 _INVISIBLE = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u2800\u3164\ufe00-\ufe0f\uffa0"
-                        "\U000e0100-\U000e01ef]")
+                        "\U00016fe4\U000e0100-\U000e01ef]")
 
 
 def hidden_char_marker(ch: str) -> str | None:
