@@ -313,10 +313,10 @@ def tool_names(flag: str | None) -> set[str]:
     return names
 
 
-def make_toolbox(args, approve=None, function_output=sys.stderr) -> Toolbox | None:
+def make_toolbox(args, approve=None, prints_to_stderr: bool = True) -> Toolbox | None:
     """The Toolbox the flags ask for (None if none); bad flags or files become CLIErrors.
     ``approve(code) -> bool`` is asked before code runs unless --auto-approve.
-    ``function_output``: where a function's prints go (Toolbox.function_output)."""
+    ``prints_to_stderr``: what a function prints goes to standard error (Toolbox.function_output)."""
     names = tool_names(args.tools)
     try:
         functions = [f for path in args.functions for f in load_functions(path)]
@@ -333,7 +333,8 @@ def make_toolbox(args, approve=None, function_output=sys.stderr) -> Toolbox | No
             raise CLIError(str(e)) from None
     browser = Browser(allow_private=args.browser_allow_private) if "browser" in names else None
     return Toolbox(functions=functions, python=python, browser=browser,
-                   approve_code=None if args.auto_approve else approve, function_output=function_output)
+                   approve_code=None if args.auto_approve else approve,
+                   function_output=sys.stderr if prints_to_stderr else None)
 
 
 def ask_on_terminal(code: str) -> bool:

@@ -101,7 +101,7 @@ def cmd_serve(args) -> int:
     if args.max_concurrency < 1:
         raise CLIError(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
     sock = listening_socket(args.host, args.port)
-    toolbox = make_toolbox(args, function_output=None)  # checks the flags, the files and the sandbox
+    toolbox = make_toolbox(args, prints_to_stderr=False)  # checks the flags, the files and the sandbox
     tools = ServerTools.from_toolbox(toolbox, args.function_timeout) if toolbox else None
     if toolbox:
         toolbox.close()
