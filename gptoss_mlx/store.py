@@ -231,6 +231,23 @@ class ConversationStore:
         return (self._seen.get(path, (None, None))[1] == title and path.is_file()
                 and self._conversations.get(path) == _conversation(chat))
 
+    def save_elsewhere(self, chat: Chat, chat_id: str, title: str) -> Path | None:
+        """When the chats folder cannot take a chat: a copy in the current directory, else the
+        temporary one, under a name no file has yet (an earlier copy of the same chat stays);
+        its path, or None when neither takes it."""
+        import tempfile
+
+        for folder in (Path.cwd(), Path(tempfile.gettempdir())):
+            for n in range(1, 100):
+                path = folder / f"gptoss-mlx-chat-{chat_id}{'' if n == 1 else f'-{n}'}.json"
+                if os.path.lexists(path):
+                    continue
+                try:
+                    return self.save_as(chat, path, title or "Chat")
+                except OSError:
+                    break
+        return None
+
     def load(self, chat: Chat, chat_id: str) -> str:
         """Load into ``chat``; returns the title. A bad file raises ChatFileError and leaves
         ``chat`` as it was."""

@@ -637,6 +637,29 @@ def test_a_closed_terminal_ends_the_chat_with_its_turns_saved(tok, store, monkey
     assert [m["content"] for m in data["messages"] if m["role"] == "user"] == ["2+2?"]
 
 
+def test_a_chat_that_cannot_be_saved_is_kept_before_reset_or_load_and_never_over_a_copy(tok, tmp_path, monkeypatch):
+    """On a full or read-only disk, /reset and /load dropped the unsaved conversation ("new
+    conversation"), and the copy written at the end replaced an earlier copy of the same chat."""
+    (tmp_path / "datafile").write_text("x")
+    monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(tmp_path / "datafile"))
+    monkeypatch.chdir(tmp_path)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"messages": [{"role": "user", "content": "old"}]}))
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "Four.", "Five.", "Six."),
+                           ["2+2?", "/reset", "2+3?", f"/load {other}", "more"])
+    copies = sorted(tmp_path.glob("gptoss-mlx-chat-*.json"), key=lambda p: p.stat().st_mtime)
+    assert len(copies) == 3 and status == 0
+    users = [[m["content"] for m in json.loads(p.read_text())["messages"] if m["role"] == "user"] for p in copies]
+    assert users == [["2+2?"], ["2+3?"], ["old", "more"]]
+    assert out.count("The conversation is saved to") == 3
+    first = copies[0]
+    chat_id = first.name.removeprefix("gptoss-mlx-chat-").removesuffix(".json")
+    monkeypatch.setattr(cli_chat.ConversationStore, "new_id", lambda self: chat_id)
+    run_chat(monkeypatch, scripted_chat(tok, "Seven."), ["again?"])
+    assert [m["content"] for m in json.loads(first.read_text())["messages"] if m["role"] == "user"] == ["2+2?"]
+    assert (tmp_path / f"gptoss-mlx-chat-{chat_id}-2.json").is_file()
+
+
 def test_stats_after_load_or_reset_speak_of_that_chat(tok, store, monkeypatch):
     """/stats after /load showed the previous chat's last reply."""
     first = scripted_chat(tok, "Four.")

@@ -548,6 +548,25 @@ async def test_conversations_resume_rename_delete_and_export(store):
     assert "```python\nprint('hi')\n```" in text
 
 
+async def test_a_chat_that_cannot_be_saved_is_copied_before_it_is_left(tmp_path, monkeypatch):
+    """On a full or read-only disk, Ctrl+N showed an empty chat and Ctrl+Q quit, each dropping
+    the conversation it could not save (the terminal chat copies it to the current directory)."""
+    (tmp_path / "datafile").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    app = make_app(ScriptedChat(THOUGHT, THOUGHT), ConversationStore(tmp_path / "datafile"))
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "first chat")
+        await pilot.press("ctrl+n")
+        (copy,) = tmp_path.glob("gptoss-mlx-chat-*.json")
+        assert any(f"saved to {copy} instead" in n.message for n in app._notifications)
+        await send(pilot, app, "second chat")
+        await pilot.press("ctrl+q")
+    (second,) = set(tmp_path.glob("gptoss-mlx-chat-*.json")) - {copy}
+    assert "second chat" in second.read_text() and "second chat" not in copy.read_text()
+    (rescued,) = set(tmp_path.glob("gptoss-mlx-chat-*.json")) - {copy}
+    assert app.exit_note.startswith(f"The conversation is saved to {rescued} instead")
+
+
 async def test_only_two_d_presses_in_a_row_delete(store, monkeypatch):
     """Typing a sentence into the list ("I added and edited the draft") deleted three
     conversations: any keys could come between the two D presses."""

@@ -473,6 +473,7 @@ class ChatApp(App):
         self.last_done: Done | None = None
         self.replies_finished = 0  # completed (or stopped, or failed) replies
         self.quitting = False  # Ctrl+Q came during a reply: exit once it is stopped and saved
+        self.exit_note: str | None = None  # where the chat went when it could not be saved in its place
         effort = effort or (chat.reasoning_effort if chat is not None else "medium")
         self.set_reactive(ChatApp.effort, effort)  # before mounting: no watcher yet
         if chat is not None:
@@ -684,28 +685,40 @@ class ChatApp(App):
         if turn.is_attached:
             await turn.finish()
         self.generating = False
-        self.autosave()
+        saved = self.autosave()
         self.update_status()
         self.replies_finished += 1
         if self.quitting:
-            self.exit()
+            self._exit_keeping(None if saved else self.keep_conversation())
 
-    def autosave(self) -> None:
+    def autosave(self) -> bool:
         """Save the chat, unless it is as it was read or last written and its file is there: a
         chat only opened (then Ctrl+Q) is left alone, or a window with it open would save its
-        next reply as a "(copy)"."""
+        next reply as a "(copy)". False (and said) when it could not be saved."""
         if self.chat is None or not self.chat.messages:
-            return
+            return True
         if self.store.unchanged(self.chat, self.chat_id, self.chat_title):
-            return
+            return True
         try:
             self.chat_id, self.chat_title, note = self.store.save_keeping_others(self.chat, self.chat_id,
                                                                                  self.chat_title)
         except OSError as e:
             self.notify(f"Could not save the conversation: {e}", severity="error")
-            return
+            return False
         if note:
             self.notify(note[0].upper() + note[1:], severity="warning", timeout=10)
+        return True
+
+    def keep_conversation(self) -> str | None:
+        """Before the chat is left (quit, a new chat, another one opened): saved, or, where the
+        chats folder cannot take it, copied elsewhere (store.save_elsewhere); what to tell the
+        user about the copy, or None when it was saved in its place."""
+        if self.autosave():
+            return None
+        path = self.store.save_elsewhere(self.chat, self.chat_id, self.chat_title)
+        if path is None:
+            return "The conversation could not be saved anywhere."
+        return f"The conversation is saved to {path} instead: open it with gptoss-mlx chat, then /load {path}"
 
     # -- actions
     def on_unmount(self) -> None:
@@ -737,7 +750,12 @@ class ChatApp(App):
                 self.toolbox.interrupt()
             self.update_status("stopping the reply and saving…")
             return
-        self.autosave()
+        self._exit_keeping(self.keep_conversation())
+
+    def _exit_keeping(self, moved: str | None) -> None:
+        """Exit; where the chat went, when it could not be saved in its place, is ``exit_note``
+        (``gptoss-mlx tui`` prints it after the app, on one line: a path Rich wraps is hard to copy)."""
+        self.exit_note = moved
         self.exit()
 
     def action_stop(self) -> None:
@@ -775,6 +793,16 @@ class ChatApp(App):
     def action_new_chat(self) -> None:
         if self._busy():
             return
+        self._leave_conversation()
+        self._new_chat()
+
+    def _leave_conversation(self) -> None:
+        """The chat is kept before another takes its place (keep_conversation)."""
+        moved = self.keep_conversation()
+        if moved:
+            self.notify(moved, severity="warning", timeout=15)
+
+    def _new_chat(self) -> None:
         self.chat.reset()
         self.chat_id, self.chat_title = self.store.new_id(), "New chat"
         if self.toolbox is not None:  # nothing of the last conversation's python session or pages
@@ -790,13 +818,15 @@ class ChatApp(App):
         listed = ConversationList(self.store)
         chat_id = await self.push_screen_wait(listed)
         if self.chat_id in listed.deleted:  # the open one: it is closed, not saved again later
-            self.action_new_chat()
+            self._new_chat()
             if not chat_id:
                 self.notify("The open conversation was deleted: this is a new chat", timeout=5)
         if chat_id:
             self.open_conversation(chat_id)
 
     def open_conversation(self, chat_id: str) -> None:
+        if chat_id != self.chat_id:
+            self._leave_conversation()
         try:
             title = self.store.load(self.chat, chat_id)
         except (ChatFileError, ValueError) as e:

@@ -8,7 +8,6 @@ import inspect
 import os
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Callable
@@ -227,16 +226,24 @@ class Repl:
             self.say(f"Saved to {self.store.path(self.chat_id)}\n"
                      f"Continue with: gptoss-mlx chat --resume {self.chat_id}")
             return
-        for folder in (Path.cwd(), Path(tempfile.gettempdir())):
-            path = folder / f"gptoss-mlx-chat-{self.chat_id}.json"
-            try:
-                self.store.save_as(self.chat, path, self.title or "Chat")
-            except OSError:
-                continue
+        self.save_elsewhere("it ends with this program")
+
+    def save_elsewhere(self, lost: str) -> None:
+        """A copy where the chats folder could not take the chat (store.save_elsewhere), and
+        how to open it; ``lost`` says what happens to it when none can be written."""
+        path = self.store.save_elsewhere(self.chat, self.chat_id, self.title)
+        if path is None:
+            self.say(f"error: the conversation could not be saved anywhere: {lost}")
+        else:
             self.say(f"The conversation is saved to {path} instead: open it with gptoss-mlx chat, "
                      f"then /load {path}")
-            return
-        self.say("error: the conversation could not be saved anywhere: it ends with this program")
+
+    def leave_conversation(self) -> None:
+        """Before another conversation replaces this one (/reset, /load): one that its last
+        save did not reach is saved again, else copied elsewhere, never dropped unsaved."""
+        if (self.chat.messages and not self.store.unchanged(self.chat, self.chat_id, self.title)
+                and not self.autosave()):
+            self.save_elsewhere("it is replaced all the same")
 
     def read_message(self) -> str:
         """One message; a triple-quoted one loses its quotes. Reading line by line (``input``),
@@ -354,6 +361,7 @@ class Repl:
             self.say(("instructions set" if arg else "instructions removed")
                      + (f" (bytes that are not UTF-8 became {REPLACEMENT})" if valid_text(arg) != arg else ""))
         elif name == "/reset":
+            self.leave_conversation()
             self.chat.reset()
             self.chat_id, self.title, self.last_stats = self.store.new_id(), None, None
             self.new_conversation()
@@ -386,6 +394,7 @@ class Repl:
         if not arg:
             self.say("usage: /load ID|PATH")
             return
+        self.leave_conversation()
         try:
             if self._is_saved_id(arg):
                 self.open(arg)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
+import sys
 
 from ..loading import DEFAULT_MODEL
 from . import common
-from .common import add_model_options, make_toolbox
+from .common import add_model_options, make_toolbox, terminal_safe
 
 
 def register(sub) -> None:
@@ -27,9 +28,11 @@ def cmd_tui(args) -> int:
     # The plan and a download happen here, in the terminal, where the progress bars show.
     args.model = str(common.prepare(args)[0])
     # the app asks before code runs (unless --auto-approve); Textual takes what functions print
-    toolbox = make_toolbox(args, function_output=None)
+    toolbox = make_toolbox(args, prints_to_stderr=False)
     app = ChatApp(loader=lambda: common.load_chat(args, out=io.StringIO(), toolbox=toolbox),
                   model_name=name.rstrip("/").split("/")[-1], effort=args.reasoning_effort,
                   toolbox=toolbox, ask_before_running_code=not args.auto_approve)
     app.run()
+    if app.exit_note:  # the chat could not be saved in its place: where it went instead
+        print(terminal_safe(app.exit_note), file=sys.stderr)
     return 0
