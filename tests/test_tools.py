@@ -656,3 +656,39 @@ def test_input_in_the_sandbox_ends_at_once(sandbox):
     assert "EOFError" in sandbox.run("x = 3\ninput('name? ')")
     assert time.monotonic() - start < 5
     assert sandbox.run("x").strip() == "3"
+
+
+async def test_tui_reasoning_after_a_tool_result_is_shown_below_it(tok, tmp_path):
+    """The reasoning the model wrote after reading a result was glued to the first section,
+    above the call ("I will look it up.Got it."), live and after a reload."""
+    from gptoss_mlx.tui import ChatApp, ConversationStore
+    from gptoss_mlx.tui.app import AssistantTurn, PromptInput
+
+    toolbox = Toolbox(functions=[FunctionTool.from_callable(get_weather)])
+    replies = [call_script(tok, "functions.get_weather", '{"city": "Oslo"}', think="I will look it up."),
+               answer_script(tok, "It is 21 C.")]
+
+    def order(turn):
+        return [("reasoning", c.query_one(".reasoning-md").source) if c.has_class("reasoning") else c.title
+                for c in turn.query(".reasoning, .tool-call") if c.display]
+
+    expected = [("reasoning", "I will look it up."), "tool call · functions.get_weather",
+                "result · functions.get_weather", ("reasoning", "Got it.")]
+    store = ConversationStore(tmp_path)
+    app = ChatApp(Chat(ScriptedModel(replies), tok, date="2025-08-05", **toolbox.chat_options()),
+                  store=store, toolbox=toolbox)
+    async with app.run_test(size=(100, 40)) as pilot:
+        app.query_one(PromptInput).text = "Weather in Oslo?"
+        await pilot.press("enter")
+        deadline = time.monotonic() + 20
+        while app.replies_finished < 1:
+            assert time.monotonic() < deadline, "the reply did not finish"
+            await pilot.pause(0.05)
+        assert order(app.query_one(AssistantTurn)) == expected
+        chat_id = app.chat_id
+    app = ChatApp(Chat(ScriptedModel(replies), tok, date="2025-08-05", **toolbox.chat_options()),
+                  store=store, toolbox=toolbox)
+    async with app.run_test(size=(100, 40)) as pilot:
+        app.open_conversation(chat_id)
+        await pilot.pause(0.2)
+        assert order(app.query_one(AssistantTurn)) == expected

@@ -152,23 +152,26 @@ class UserMessage(Static):
 
 
 class AssistantTurn(Vertical):
-    """One reply: a collapsible Reasoning section that streams live, tool-call rows, the
-    answer as Markdown, and a stats line."""
+    """One reply: collapsible Reasoning sections that stream live, tool-call rows, the answer
+    as Markdown, and a stats line. Reasoning written after a tool's result (the model reading
+    it) gets a section of its own below that result, so the turn reads in the order it
+    happened."""
 
     def __init__(self, collapse_on_answer: bool, show_reasoning: bool, saved: list | None = None):
         """``saved``: the messages of a reply from a resumed conversation, shown at once."""
         super().__init__(classes="assistant")
         self.collapse_on_answer = collapse_on_answer
         self.saved = saved or []
-        self.reasoning_text = ""
+        self.reasoning_text = ""  # all of the turn's reasoning
         self.answer_text = ""
+        self._texts: list[str] = [""]  # each reasoning section's text, in order
+        self._after_tool = False  # a tool row came after the last reasoning section
         self._streams = {}
         self.set_class(not show_reasoning, "-hide-reasoning")
 
     def compose(self) -> ComposeResult:
         # hidden until the first reasoning arrives (a reply may open with an answer or a call)
-        with Collapsible(title="Reasoning · thinking…", collapsed=False, classes="reasoning -empty"):
-            yield Markdown(classes="reasoning-md")
+        yield _reasoning_section()
         yield Markdown(classes="answer")
         yield Static("", classes="stats")
 
@@ -181,48 +184,61 @@ class AssistantTurn(Vertical):
             elif m.is_tool_call:
                 await self.handle(ToolCall(m.recipient, m.text, m.channel))
             elif m.channel == "analysis":
-                self.reasoning_text += m.text
+                await self._reason(m.text, stream=False)
             else:
                 self.answer_text += m.text
-        self.reasoning.set_class(not self.reasoning_text, "-empty")
         await self.finish()
-        self.reasoning.collapsed = bool(self.answer_text)
+        for section in self.sections:
+            section.collapsed = bool(self.answer_text)
 
     @property
     def reasoning(self) -> Collapsible:
+        """The first reasoning section."""
         return self.query_one(".reasoning", Collapsible)
 
-    async def _write(self, selector: str, text: str) -> None:
-        md = self.query_one(selector, Markdown)
-        if selector not in self._streams:
-            self._streams[selector] = Markdown.get_stream(md)
-        await self._streams[selector].write(text)
+    @property
+    def sections(self) -> list[Collapsible]:
+        return list(self.query(".reasoning").results(Collapsible))
+
+    async def _write(self, md: Markdown, text: str) -> None:
+        if md not in self._streams:
+            self._streams[md] = Markdown.get_stream(md)
+        await self._streams[md].write(text)
+
+    async def _reason(self, text: str, stream: bool = True) -> None:
+        if self._after_tool:  # the model reads a tool's result: a new section below it
+            await self.mount(_reasoning_section(), before=self.query_one(".answer"))
+            self._texts.append("")
+            self._after_tool = False
+        self.reasoning_text += text
+        self._texts[-1] += text
+        section = self.sections[-1]
+        section.remove_class("-empty")
+        if stream:
+            await self._write(section.query_one(".reasoning-md", Markdown), controls_shown(text))
 
     async def handle(self, event) -> None:
         """Show ``event``. What the model, a tool or a saved file wrote is shown with its control
         characters as markers (controls_shown): an escape sequence would drive the terminal."""
         if isinstance(event, ReasoningDelta):
-            self.reasoning_text += event.text
-            self.reasoning.remove_class("-empty")
-            await self._write(".reasoning-md", controls_shown(event.text))
+            await self._reason(event.text)
         elif isinstance(event, AnswerDelta):
             if not self.answer_text and not self.reasoning_text:
                 self.reasoning.add_class("-empty")  # no thinking before the answer: no empty section
             elif not self.answer_text and self.collapse_on_answer:
-                self.reasoning.collapsed = True  # the answer starts: fold the thinking away
+                for section in self.sections:
+                    section.collapsed = True  # the answer starts: fold the thinking away
             self.answer_text += event.text
-            await self._write(".answer", controls_shown(event.text))
-        elif isinstance(event, ToolCall):
-            row = Collapsible(Static(controls_shown(event.arguments), markup=False, classes="tool-args"),
-                              title=controls_shown(f"tool call · {event.recipient}"), collapsed=True,
-                              classes="tool-call")
+            await self._write(self.query_one(".answer", Markdown), controls_shown(event.text))
+        elif isinstance(event, (ToolCall, ToolResult)):
+            if isinstance(event, ToolCall):
+                text, title = event.arguments, f"tool call · {event.recipient}"
+            else:
+                text, title = event.content, f"{'result' if event.ok else 'error'} · {event.name}"
+            row = Collapsible(Static(controls_shown(text), markup=False, classes="tool-args"),
+                              title=controls_shown(title), collapsed=True, classes="tool-call")
             await self.mount(row, before=self.query_one(".answer"))
-        elif isinstance(event, ToolResult):
-            mark = "result" if event.ok else "error"
-            row = Collapsible(Static(controls_shown(event.content), markup=False, classes="tool-args"),
-                              title=controls_shown(f"{mark} · {event.name}"), collapsed=True,
-                              classes="tool-call")
-            await self.mount(row, before=self.query_one(".answer"))
+            self._after_tool = True
         elif isinstance(event, ContextTrimmed):
             await self.mount(Static(context_notice(event), markup=False, classes="notice"), before=0)
         elif isinstance(event, Done):
@@ -234,12 +250,19 @@ class AssistantTurn(Vertical):
         for stream in self._streams.values():
             await stream.stop()
         self._streams.clear()
-        await self.query_one(".reasoning-md", Markdown).update(controls_shown(self.reasoning_text))
+        for section, text in zip(self.sections, self._texts):
+            await section.query_one(".reasoning-md", Markdown).update(controls_shown(text))
+            words = len(text.split())
+            section.title = f"Reasoning · {words} words"
+            if not words:
+                section.display = False  # no empty section (showing is left to the CSS)
         await self.query_one(".answer", Markdown).update(controls_shown(self.answer_text))
-        words = len(self.reasoning_text.split())
-        self.reasoning.title = f"Reasoning · {words} words"
-        if not words:
-            self.reasoning.display = False  # no empty section (showing is left to the CSS)
+
+
+def _reasoning_section() -> Collapsible:
+    """A Reasoning section, open while it streams; hidden (-empty) until its first words."""
+    return Collapsible(Markdown(classes="reasoning-md"), title="Reasoning · thinking…", collapsed=False,
+                       classes="reasoning -empty")
 
 
 def context_notice(event: ContextTrimmed) -> str:
