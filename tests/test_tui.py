@@ -992,3 +992,19 @@ def test_snapshot_effort_switched_to_high(snap_compare, tmp_path):
 def test_snapshot_empty_chat(snap_compare, tmp_path):
     app = ChatApp(ScriptedChat(), model_name="gpt-oss-20b", store=ConversationStore(tmp_path))
     assert snap_compare(app, terminal_size=SIZE, run_before=_still_cursor)
+
+
+async def test_typing_while_a_row_has_the_focus_goes_to_the_input(store):
+    """With a Reasoning row focused (Shift+Tab, or a click to open it), typed text went nowhere
+    and Enter only unfolded the row."""
+    app = make_app(ScriptedChat(THOUGHT, THOUGHT), store)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "hello")
+        app.query_one(AssistantTurn).reasoning.query_one("CollapsibleTitle").focus()
+        await pilot.pause()
+        await pilot.press(*"again?")
+        prompt = app.query_one(PromptInput)
+        assert prompt.text == "again?" and app.focused is prompt
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.replies_finished == 2)
+        assert [w.render().plain for w in app.query(UserMessage)] == ["hello", "again?"]

@@ -805,6 +805,18 @@ class ChatApp(App):
         characters as markers (controls_shown), and not read as markup unless asked."""
         super().notify(controls_shown(message), markup=markup, **kwargs)
 
+    def on_key(self, event) -> None:
+        """Typing while a reasoning or tool row has the focus goes to the input (it went
+        nowhere, and the message was lost)."""
+        if len(self.screen_stack) > 1 or not event.is_printable or not event.character:
+            return  # a dialog's keys are its own
+        prompt = self.query_one(PromptInput)
+        if self.focused is prompt or prompt.disabled:
+            return
+        prompt.focus()
+        prompt.insert(event.character)
+        event.stop()
+
     def _busy(self) -> bool:
         """Whether there is no chat to change now (saying why)."""
         if self.chat is None:
