@@ -692,3 +692,11 @@ async def test_tui_reasoning_after_a_tool_result_is_shown_below_it(tok, tmp_path
         app.open_conversation(chat_id)
         await pilot.pause(0.2)
         assert order(app.query_one(AssistantTurn)) == expected
+
+
+def test_bytes_written_to_standard_output_are_output(sandbox):
+    """sys.stdout.buffer raised AttributeError and sys.stdout.encoding was None in the sandbox,
+    so code printing bytes (or checking the encoding) failed."""
+    out = sandbox.run("import sys\nsys.stdout.buffer.write('h\\u00e9'.encode()[:2]); "
+                      "sys.stdout.buffer.write('\\u00e9'.encode()[1:] + b'!\\n'); print(sys.stdout.encoding)")
+    assert out.startswith("hé!\nutf-8")

@@ -14,6 +14,7 @@ OS sandbox's, not this file's.
 """
 
 import ast
+import codecs
 import io
 import json
 import os
@@ -44,10 +45,14 @@ except ImportError:  # no rlimits on this platform
 
 
 class _CappedText(io.TextIOBase):
-    """Keeps the first MAX_OUTPUT characters; counts the rest."""
+    """Keeps the first MAX_OUTPUT characters; counts the rest. Bytes written to ``.buffer``
+    (``sys.stdout.buffer.write(b"...")``) are kept as UTF-8 text."""
+
+    encoding, errors = "utf-8", "replace"
 
     def __init__(self):
         self.parts, self.kept, self.dropped = [], 0, 0
+        self.buffer = _Bytes(self)
 
     def writable(self):
         return True
@@ -65,6 +70,21 @@ class _CappedText(io.TextIOBase):
         if self.dropped:
             out += f"\n[output truncated: {self.dropped} more characters]"
         return out
+
+
+class _Bytes(io.RawIOBase):
+    """A text stream's ``.buffer``: bytes decoded as they come (a character split between two
+    writes waits for its end)."""
+
+    def __init__(self, text: _CappedText):
+        self._text, self._decoder = text, codecs.getincrementaldecoder("utf-8")("replace")
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self._text.write(self._decoder.decode(bytes(b)))
+        return len(b)
 
 
 def _run(code: str, namespace: dict) -> tuple[str, bool]:
