@@ -114,3 +114,10 @@ def test_a_header_without_its_message_token_keeps_what_follows_as_the_message(re
     ran with none, and ``final <|constrain|>json{...}`` showed the token's name in the answer."""
     (msg,) = parse(reply)
     assert (msg.channel, msg.recipient, msg.content_type, msg.content) == expected
+
+
+def test_a_space_after_the_constrain_token_keeps_json_the_content_type():
+    """``<|constrain|> json`` (a space the model wrote) moved "json" into the arguments:
+    ``json {}`` did not parse and the call failed."""
+    (msg,) = parse("<|channel|>commentary to=functions.f <|constrain|> json<|message|>{}<|call|>")
+    assert (msg.recipient, msg.content_type, msg.content) == ("functions.f", "<|constrain|>json", "{}")

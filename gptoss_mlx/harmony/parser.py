@@ -54,6 +54,10 @@ def parse_header(text: str, role: str | None, complete: bool = True) -> tuple[Me
     if not complete:
         return MessageStart(role, channel, None, None, name), rest
     words = rest.split()
+    for i, w in enumerate(words[:-1]):  # "<|constrain|> json": the space is the model's slip
+        if w == CONSTRAIN and not words[i + 1].startswith(("to=", CONSTRAIN)):
+            words[i:i + 2] = [w + words[i + 1]]
+            break
     to = [w for w in words if w.startswith("to=")]
     recipient = content_type = None
     if len(to) == 1 and len(to[0]) > len("to="):
