@@ -551,7 +551,7 @@ def test_cli_tool_flag_errors(argv, message, capsys, monkeypatch):
 
 async def test_tui_runs_tools_after_approval(tok, tmp_path, os_sandbox):
     from gptoss_mlx.tui import ChatApp, ConversationStore
-    from gptoss_mlx.tui.app import ApproveCode, PromptInput
+    from gptoss_mlx.tui.app import TYPE_AHEAD_S, ApproveCode, PromptInput
 
     toolbox = Toolbox(python=PythonSandbox(limits=SandboxLimits(timeout_s=10)))
     chat = Chat(ScriptedModel([tokens(tok, "<|channel|>analysis to=python<|message|>print(6 * 7)<|call|>"),
@@ -565,6 +565,7 @@ async def test_tui_runs_tools_after_approval(tok, tmp_path, os_sandbox):
             assert time.monotonic() < deadline, "no approval dialog"
             await pilot.pause(0.05)
         assert "print(6 * 7)" in app.screen.query_one(".code Static").render().plain
+        await pilot.pause(TYPE_AHEAD_S)  # a Y typed ahead as the dialog shows is no answer
         await pilot.press("y")
         while app.replies_finished < 1:
             assert time.monotonic() < deadline, "the reply did not finish"

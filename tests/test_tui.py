@@ -18,7 +18,7 @@ from gptoss_mlx.generate import ContextLengthError, SamplingParams, Stats
 from gptoss_mlx.harmony import Message
 from gptoss_mlx.tools import Toolbox
 from gptoss_mlx.tui import ChatApp, ConversationStore
-from gptoss_mlx.tui.app import AssistantTurn, PromptInput, UserMessage
+from gptoss_mlx.tui.app import TYPE_AHEAD_S, AssistantTurn, PromptInput, UserMessage
 
 SIZE = (100, 32)
 
@@ -348,6 +348,9 @@ async def test_code_approval_shows_hidden_characters_and_all_of_the_code(store):
         assert "shutil.rmtree('/Users/me')<\\r># tidy up" in body.plain
         assert "print(59)" in body.plain
         assert "\r" not in body.plain
+        await pilot.press("n")  # typed ahead (the dialog just showed): not an answer
+        await pilot.pause(TYPE_AHEAD_S)
+        assert answers == []
         await pilot.press("n")
         assert answers == [False]
 
@@ -532,15 +535,14 @@ async def test_conversations_resume_rename_delete_and_export(store):
         await pilot.press("ctrl+o")
         await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
         await pilot.press("d")  # one key does not delete a conversation: it asks
-        await pilot.pause()
+        await pilot.pause(TYPE_AHEAD_S)
         assert [e.title for e in store.list()] == ["second chat", "Greetings"]
-        assert any("Press D again" in n.message for n in app._notifications)
-        await pilot.press("down", "up", "d")  # moved away and back: asks again
-        await pilot.pause()
-        assert len(store.list()) == 2
+        await pilot.press("escape")  # kept
+        await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
         await pilot.press("d")
-        await pilot.pause()
-        assert [e.title for e in store.list()] == ["Greetings"]
+        await pilot.pause(TYPE_AHEAD_S)
+        await pilot.press("y")
+        await wait_until(pilot, lambda: [e.title for e in store.list()] == ["Greetings"])
     exported = list((store.root.parent / "exports").glob("*.md"))
     assert len(exported) == 1
     text = exported[0].read_text()
@@ -567,10 +569,11 @@ async def test_a_chat_that_cannot_be_saved_is_copied_before_it_is_left(tmp_path,
     assert app.exit_note.startswith(f"The conversation is saved to {rescued} instead")
 
 
-async def test_only_two_d_presses_in_a_row_delete(store, monkeypatch):
-    """Typing a sentence into the list ("I added and edited the draft") deleted three
-    conversations: any keys could come between the two D presses."""
-    from gptoss_mlx.tui import app as tui_app
+async def test_typing_into_the_list_deletes_nothing(store, monkeypatch):
+    """Typing a sentence into the list ("I added the address") deleted conversations: D twice
+    deleted, and "added" has two. D now asks in a dialog whose Y counts only once it has been
+    seen; a file that cannot be removed is said, and the app goes on (it crashed)."""
+    from gptoss_mlx.tui.app import TYPE_AHEAD_S, ConfirmDelete
 
     app = make_app(ScriptedChat(THOUGHT, THOUGHT), store)
     async with app.run_test(size=SIZE) as pilot:
@@ -579,18 +582,24 @@ async def test_only_two_d_presses_in_a_row_delete(store, monkeypatch):
         await send(pilot, app, "and me")
         await pilot.press("ctrl+o")
         await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
-        await pilot.press("d", "x", "d", "a", "d", "e", "d")
+        await pilot.press(*"I added the address yes")
         await pilot.pause()
+        assert len(store.list()) == 2 and isinstance(app.screen, ConfirmDelete)
+        await pilot.pause(TYPE_AHEAD_S)
+        await pilot.press("n")  # kept
+        await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
         assert len(store.list()) == 2
-        monkeypatch.setattr(tui_app, "DELETE_CONFIRM_S", 0.3)
-        await pilot.press("x", "d")
-        await pilot.pause(0.5)  # the notice has gone: a D now asks again
+        monkeypatch.setattr(store, "delete", lambda chat_id: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
         await pilot.press("d")
-        await pilot.pause()
-        assert len(store.list()) == 2
+        await pilot.pause(TYPE_AHEAD_S)
+        await pilot.press("y")
+        await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
+        assert any("Could not delete the conversation" in n.message for n in app._notifications)
+        monkeypatch.undo()
         await pilot.press("d")
-        await pilot.pause()
-        assert len(store.list()) == 1
+        await pilot.pause(TYPE_AHEAD_S)
+        await pilot.press("y")
+        await wait_until(pilot, lambda: len(store.list()) == 1)
 
 
 async def test_deleting_the_open_chat_in_the_list_closes_it(store):
@@ -600,7 +609,11 @@ async def test_deleting_the_open_chat_in_the_list_closes_it(store):
         await send(pilot, app, "doomed chat")
         await pilot.press("ctrl+o")
         await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
-        await pilot.press("d", "d", "escape")
+        await pilot.press("d")
+        await pilot.pause(TYPE_AHEAD_S)
+        await pilot.press("y")
+        await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
+        await pilot.press("escape")
         await wait_until(pilot, lambda: not isinstance(app.screen, ModalScreen))
         assert store.list() == [] and not app.query(UserMessage) and app.chat.messages == []
         assert any("open conversation was deleted" in n.message for n in app._notifications)
@@ -1008,3 +1021,36 @@ async def test_typing_while_a_row_has_the_focus_goes_to_the_input(store):
         await pilot.press("enter")
         await wait_until(pilot, lambda: app.replies_finished == 2)
         assert [w.render().plain for w in app.query(UserMessage)] == ["hello", "again?"]
+
+
+async def test_reopening_the_open_chat_after_a_failed_save_keeps_its_turns(store, tmp_path, monkeypatch):
+    """Enter on the open chat in the list reloaded its file, which lacked the turn a failed
+    save did not write: the turn was gone. A copy is written once, when the chat is left."""
+    monkeypatch.chdir(tmp_path)
+    app = make_app(ScriptedChat(THOUGHT, THOUGHT, THOUGHT), store)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "turn one")
+        monkeypatch.setattr(store, "save_keeping_others", lambda *a: (_ for _ in ()).throw(OSError(28, "No space")))
+        await send(pilot, app, "turn two")
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: not isinstance(app.screen, ModalScreen))
+        assert [w.render().plain for w in app.query(UserMessage)] == ["turn one", "turn two"]
+        assert not list(tmp_path.glob("gptoss-mlx-chat-*.json"))
+        await pilot.press("ctrl+n")
+        await pilot.press("ctrl+n")
+        (copy,) = tmp_path.glob("gptoss-mlx-chat-*.json")
+        assert "turn two" in copy.read_text()
+
+
+async def test_a_paste_while_a_row_has_the_focus_goes_to_the_input(store):
+    from textual import events
+
+    app = make_app(ScriptedChat(THOUGHT), store)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "hello")
+        app.query_one(AssistantTurn).reasoning.query_one("CollapsibleTitle").focus()
+        await pilot.pause()
+        app.focused.post_message(events.Paste("pasted\ntext"))
+        await wait_until(pilot, lambda: app.query_one(PromptInput).text == "pasted\ntext")

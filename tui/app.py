@@ -14,7 +14,6 @@ import asyncio
 import codecs
 import contextlib
 import functools
-import math
 import os
 import re
 import signal
@@ -40,6 +39,7 @@ from rich.text import Text
 from gptoss_mlx.chat import (
     AnswerDelta, Chat, ChatFileError, ContextTrimmed, Done, ReasoningDelta, ToolCall,
 )
+from gptoss_mlx.chat_file import check_chat_file
 from gptoss_mlx.engine_thread import engine_thread
 from gptoss_mlx.generate import ContextLengthError
 from gptoss_mlx.harmony import EFFORTS, Message
@@ -49,7 +49,7 @@ from gptoss_mlx.tools import Toolbox, ToolResult, run_with_tools
 from gptoss_mlx.tools.approval import controls_shown, render_code_text
 
 HANG_UP_S = 30.0  # after a closed terminal: the most the reply under way gets to stop
-DELETE_CONFIRM_S = 4.0  # the second D of a delete comes within this (as long as the notice shows)
+TYPE_AHEAD_S = 0.5  # a dialog's Y/N keys count only this long after it shows (not typed ahead)
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 
 
@@ -200,6 +200,15 @@ class AssistantTurn(Vertical):
     def sections(self) -> list[Collapsible]:
         return list(self.query(".reasoning").results(Collapsible))
 
+    def on_paste(self, event) -> None:
+        """A paste while one of this turn's rows has the focus goes to the input, as typing does
+        (ChatApp.on_key; the screen does not pass a paste on to the app)."""
+        prompt = self.app.query_one(PromptInput)
+        if event.text and not prompt.disabled:
+            prompt.focus()
+            prompt.insert(event.text)
+            event.stop()
+
     async def _write(self, md: Markdown, text: str) -> None:
         if md not in self._streams:
             self._streams[md] = Markdown.get_stream(md)
@@ -326,7 +335,25 @@ class TextPrompt(ModalScreen[str | None]):
         self.action_save() if event.button.id == "save" else self.action_cancel()
 
 
-class ApproveCode(ModalScreen[bool | None]):
+class Deliberate(ModalScreen):
+    """A dialog whose Y and N keys count only when they come after a pause (TYPE_AHEAD_S since
+    it showed and since the key before): a "y" typed into the next message as the dialog
+    appeared ran the model's code, and a sentence typed into the list went on into its
+    dialog. Its buttons take clicks at once."""
+
+    def on_mount(self) -> None:
+        self._last_key_at = time.monotonic()  # as if a key came when it showed
+        self._paused = False  # whether the key being handled came after a pause
+
+    def on_key(self, event) -> None:  # before the key's binding runs
+        now = time.monotonic()
+        self._paused, self._last_key_at = now - self._last_key_at >= TYPE_AHEAD_S, now
+
+    def typed_ahead(self) -> bool:
+        return not self._paused
+
+
+class ApproveCode(Deliberate):
     """The model wants to run Python code: show it, run only on Y; N declines (the model is
     told and goes on), Esc stops the reply (None), as it does outside the dialog."""
 
@@ -348,7 +375,34 @@ class ApproveCode(ModalScreen[bool | None]):
                 yield Button("Stop reply (Esc)", id="stop")
 
     def action_answer(self, run: bool | None) -> None:
-        self.dismiss(run)
+        if run is None or not self.typed_ahead():
+            self.dismiss(run)
+
+
+class ConfirmDelete(Deliberate):
+    """Delete a saved conversation? Y deletes; N, Esc or Enter keep it."""
+
+    BINDINGS = [Binding("y", "answer(True)", "Delete"), Binding("n,escape", "answer(False)", "Keep")]
+
+    def __init__(self, title: str):
+        super().__init__()
+        self.title_text = title
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label(Text(controls_shown(f"Delete \"{self.title_text}\"? Its file is removed.")),
+                        classes="dialog-title")
+            with Horizontal(classes="buttons"):
+                yield Button("Keep (N)", id="no", variant="primary")
+                yield Button("Delete (Y)", id="yes", variant="error")
+
+    def action_answer(self, delete: bool) -> None:
+        if not delete or not self.typed_ahead():
+            self.dismiss(delete)
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
 
     @on(Button.Pressed)
     def _pressed(self, event: Button.Pressed) -> None:
@@ -356,7 +410,7 @@ class ApproveCode(ModalScreen[bool | None]):
 
 
 class ConversationList(ModalScreen[str | None]):
-    """Saved conversations: Enter resumes, R renames, Delete removes, Esc closes."""
+    """Saved conversations: Enter resumes, R renames, D (or Delete) asks to delete, Esc closes."""
 
     BINDINGS = [Binding("escape", "close", "Close"), Binding("r", "rename", "Rename"),
                 Binding("delete,d", "delete", "Delete")]
@@ -364,14 +418,12 @@ class ConversationList(ModalScreen[str | None]):
     def __init__(self, store: ConversationStore):
         super().__init__()
         self.store = store
-        self._deleting: str | None = None  # the conversation a first D asked to delete
-        self._armed_at = -math.inf  # when the last D was pressed
         self.deleted: set[str] = set()  # the conversations deleted here
         self._titles: dict[str, str] = {}  # id -> title, as the list shows them
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label("Conversations — Enter: open · R: rename · D twice: delete · Esc: close", classes="dialog-title")
+            yield Label("Conversations — Enter: open · R: rename · D: delete · Esc: close", classes="dialog-title")
             yield OptionList(id="chats")
 
     def on_mount(self) -> None:
@@ -407,33 +459,20 @@ class ConversationList(ModalScreen[str | None]):
     def action_close(self) -> None:
         self.dismiss(None)
 
-    def on_key(self, event) -> None:
-        """Only two D presses in a row delete: any other key between them disarms the first
-        (typing "added" into the list deleted a conversation)."""
-        if event.key not in ("d", "delete"):
-            self._deleting = None
-
-    def action_delete(self) -> None:
-        """The first D asks; a second D on the same conversation, next and within
-        DELETE_CONFIRM_S, deletes it."""
+    @work
+    async def action_delete(self) -> None:
+        """Asks first (ConfirmDelete); a file that cannot be removed is said, the list stays."""
         chat_id = self._selected()
-        if not chat_id:
+        if not chat_id or not await self.app.push_screen_wait(ConfirmDelete(self._titles.get(chat_id, ""))):
             return
-        armed, self._armed_at = self._armed_at, time.monotonic()
-        if self._deleting != chat_id or self._armed_at - armed > DELETE_CONFIRM_S:
-            self._deleting = chat_id
-            self.app.notify("Press D again to delete this conversation (its file is removed)",
-                            severity="warning", timeout=DELETE_CONFIRM_S)
+        try:
+            self.store.delete(chat_id)
+        except OSError as e:
+            self.app.notify(f"Could not delete the conversation: {e}", severity="error", timeout=10)
             return
-        self._deleting = None
-        self.store.delete(chat_id)
         self.deleted.add(chat_id)
         self.app.notify("Conversation deleted")
         self.refresh_list()
-
-    @on(OptionList.OptionHighlighted)
-    def _moved(self) -> None:
-        self._deleting = None  # a D pressed on another conversation does not count
 
     @work
     async def action_rename(self) -> None:
@@ -497,6 +536,7 @@ class ChatApp(App):
         self.replies_finished = 0  # completed (or stopped, or failed) replies
         self.quitting = False  # Ctrl+Q came during a reply: exit once it is stopped and saved
         self.exit_note: str | None = None  # where the chat went when it could not be saved in its place
+        self.save_failed = False  # the chat's last save failed, and no copy holds it
         effort = effort or (chat.reasoning_effort if chat is not None else "medium")
         self.set_reactive(ChatApp.effort, effort)  # before mounting: no watcher yet
         if chat is not None:
@@ -727,7 +767,9 @@ class ChatApp(App):
                                                                                  self.chat_title)
         except OSError as e:
             self.notify(f"Could not save the conversation: {e}", severity="error")
+            self.save_failed = True
             return False
+        self.save_failed = False
         if note:
             self.notify(note[0].upper() + note[1:], severity="warning", timeout=10)
         return True
@@ -739,6 +781,7 @@ class ChatApp(App):
         if self.autosave():
             return None
         path = self.store.save_elsewhere(self.chat, self.chat_id, self.chat_title)
+        self.save_failed = path is None  # the copy holds it now (a second one would be the same)
         if path is None:
             return "The conversation could not be saved anywhere."
         return f"The conversation is saved to {path} instead: open it with gptoss-mlx chat, then /load {path}"
@@ -832,7 +875,10 @@ class ChatApp(App):
         self._new_chat()
 
     def _leave_conversation(self) -> None:
-        """The chat is kept before another takes its place (keep_conversation)."""
+        """A chat whose last save failed is kept (keep_conversation) before another takes its
+        place; any other is saved already."""
+        if not self.save_failed:
+            return
         moved = self.keep_conversation()
         if moved:
             self.notify(moved, severity="warning", timeout=15)
@@ -860,9 +906,14 @@ class ChatApp(App):
             self.open_conversation(chat_id)
 
     def open_conversation(self, chat_id: str) -> None:
-        if chat_id != self.chat_id:
-            self._leave_conversation()
+        """Open a saved chat in place of this one. The open chat itself stays as it is (its file
+        may lack what a failed save did not write); a file that cannot be read leaves this one."""
+        if chat_id == self.chat_id and self.chat.messages:
+            self.notify("This conversation is the one open", timeout=3)
+            return
         try:
+            check_chat_file(self.store.path(chat_id))
+            self._leave_conversation()
             title = self.store.load(self.chat, chat_id)
         except (ChatFileError, ValueError) as e:
             self.notify(str(e), title="Could not open the conversation", severity="error", timeout=10)
