@@ -660,6 +660,14 @@ def test_a_chat_that_cannot_be_saved_is_kept_before_reset_or_load_and_never_over
     assert (tmp_path / f"gptoss-mlx-chat-{chat_id}-2.json").is_file()
 
 
+def test_a_loaded_file_left_unchanged_is_not_saved_into_the_chats(tok, store, tmp_path, monkeypatch):
+    """/load PATH then /reset saved the file's chat into the chats folder as a new one."""
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"messages": [{"role": "user", "content": "old"}]}))
+    run_chat(monkeypatch, scripted_chat(tok, "unused"), [f"/load {other}", "/reset"])
+    assert store.list() == []
+
+
 def test_stats_after_load_or_reset_speak_of_that_chat(tok, store, monkeypatch):
     """/stats after /load showed the previous chat's last reply."""
     first = scripted_chat(tok, "Four.")

@@ -163,6 +163,7 @@ class Repl:
         self.last_stats = None
         self.hung_up = False  # the terminal has closed: stop, save, end
         self.saving = False
+        self.unsaved = False  # the chat's last save failed, and no copy holds it
         self.draft = ""  # a message the chat took back: the next prompt starts with it
         self.offers_drafts = "default" in inspect.signature(read).parameters
 
@@ -232,6 +233,7 @@ class Repl:
         """A copy where the chats folder could not take the chat (store.save_elsewhere), and
         how to open it; ``lost`` says what happens to it when none can be written."""
         path = self.store.save_elsewhere(self.chat, self.chat_id, self.title)
+        self.unsaved = path is None  # the copy holds it now (a second one would be the same)
         if path is None:
             self.say(f"error: the conversation could not be saved anywhere: {lost}")
         else:
@@ -239,10 +241,9 @@ class Repl:
                      f"then /load {path}")
 
     def leave_conversation(self) -> None:
-        """Before another conversation replaces this one (/reset, /load): one that its last
-        save did not reach is saved again, else copied elsewhere, never dropped unsaved."""
-        if (self.chat.messages and not self.store.unchanged(self.chat, self.chat_id, self.title)
-                and not self.autosave()):
+        """Before another conversation replaces this one (/reset, /load): one whose last save
+        failed is saved again, else copied elsewhere, never dropped unsaved."""
+        if self.unsaved and self.chat.messages and not self.autosave():
             self.save_elsewhere("it is replaced all the same")
 
     def read_message(self) -> str:
@@ -313,9 +314,11 @@ class Repl:
             self.chat_id, self.title, note = self.store.save_keeping_others(self.chat, self.chat_id, self.title)
         except OSError as e:
             self.say(f"error: could not save the conversation: {e}")
+            self.unsaved = True
             return False
         finally:
             self.saving = False
+        self.unsaved = False
         if note:
             self.say(f"[{note}]")
         return True
