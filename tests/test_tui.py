@@ -589,6 +589,13 @@ async def test_typing_into_the_list_deletes_nothing(store, monkeypatch):
         await pilot.press("n")  # kept
         await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
         assert len(store.list()) == 2
+        listed = app.screen
+        listed.action_delete(), listed.action_delete()  # Ds faster than the dialog shows
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDelete))
+        await pilot.pause(0.1)
+        assert sum(isinstance(s, ConfirmDelete) for s in app.screen_stack) == 1  # stacked, one per D
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
         monkeypatch.setattr(store, "delete", lambda chat_id: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
         await pilot.press("d")
         await pilot.pause(TYPE_AHEAD_S)

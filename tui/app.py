@@ -419,6 +419,7 @@ class ConversationList(ModalScreen[str | None]):
         super().__init__()
         self.store = store
         self.deleted: set[str] = set()  # the conversations deleted here
+        self._asking = False  # a ConfirmDelete is up (or on its way)
         self._titles: dict[str, str] = {}  # id -> title, as the list shows them
 
     def compose(self) -> ComposeResult:
@@ -461,10 +462,17 @@ class ConversationList(ModalScreen[str | None]):
 
     @work
     async def action_delete(self) -> None:
-        """Asks first (ConfirmDelete); a file that cannot be removed is said, the list stays."""
+        """Asks first (ConfirmDelete: one at a time, however many Ds come before it shows); a
+        file that cannot be removed is said, the list stays."""
         chat_id = self._selected()
-        if not chat_id or not await self.app.push_screen_wait(ConfirmDelete(self._titles.get(chat_id, ""))):
+        if not chat_id or self._asking:
             return
+        self._asking = True
+        try:
+            if not await self.app.push_screen_wait(ConfirmDelete(self._titles.get(chat_id, ""))):
+                return
+        finally:
+            self._asking = False
         try:
             self.store.delete(chat_id)
         except OSError as e:
