@@ -331,9 +331,10 @@ async def test_tool_calls_show_as_expandable_rows(store):
         assert '{"city": "Oslo"}' in row.query_one(".tool-args").render().plain
 
 
-async def test_code_approval_shows_hidden_characters_and_all_of_the_code(store):
+async def test_code_approval_shows_hidden_characters_and_all_of_the_code(store, monkeypatch):
     """Issue 16: a carriage return in a comment must not hide the line before it from the person
     approving; long code scrolls instead of being cut."""
+    from gptoss_mlx.tui import app as tui_app
     from gptoss_mlx.tui.app import ApproveCode
 
     hidden = "import shutil; shutil.rmtree('/Users/me')\r# tidy up the cache (harmless)\n"
@@ -348,9 +349,10 @@ async def test_code_approval_shows_hidden_characters_and_all_of_the_code(store):
         assert "shutil.rmtree('/Users/me')<\\r># tidy up" in body.plain
         assert "print(59)" in body.plain
         assert "\r" not in body.plain
+        monkeypatch.setattr(tui_app, "TYPE_AHEAD_S", 60.0)  # however slow the machine, no pause yet
         await pilot.press("n")  # typed ahead (the dialog just showed): not an answer
-        await pilot.pause(TYPE_AHEAD_S)
         assert answers == []
+        monkeypatch.setattr(tui_app, "TYPE_AHEAD_S", 0.0)
         await pilot.press("n")
         assert answers == [False]
 
@@ -573,7 +575,8 @@ async def test_typing_into_the_list_deletes_nothing(store, monkeypatch):
     """Typing a sentence into the list ("I added the address") deleted conversations: D twice
     deleted, and "added" has two. D now asks in a dialog whose Y counts only once it has been
     seen; a file that cannot be removed is said, and the app goes on (it crashed)."""
-    from gptoss_mlx.tui.app import TYPE_AHEAD_S, ConfirmDelete
+    from gptoss_mlx.tui import app as tui_app
+    from gptoss_mlx.tui.app import ConfirmDelete
 
     app = make_app(ScriptedChat(THOUGHT, THOUGHT), store)
     async with app.run_test(size=SIZE) as pilot:
@@ -582,10 +585,11 @@ async def test_typing_into_the_list_deletes_nothing(store, monkeypatch):
         await send(pilot, app, "and me")
         await pilot.press("ctrl+o")
         await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
+        monkeypatch.setattr(tui_app, "TYPE_AHEAD_S", 60.0)  # typing: however slow the machine, no pause
         await pilot.press(*"I added the address yes")
         await pilot.pause()
         assert len(store.list()) == 2 and isinstance(app.screen, ConfirmDelete)
-        await pilot.pause(TYPE_AHEAD_S)
+        monkeypatch.setattr(tui_app, "TYPE_AHEAD_S", 0.0)  # from here every key comes after a pause
         await pilot.press("n")  # kept
         await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
         assert len(store.list()) == 2
@@ -598,13 +602,13 @@ async def test_typing_into_the_list_deletes_nothing(store, monkeypatch):
         await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
         monkeypatch.setattr(store, "delete", lambda chat_id: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
         await pilot.press("d")
-        await pilot.pause(TYPE_AHEAD_S)
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDelete))
         await pilot.press("y")
         await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
         assert any("Could not delete the conversation" in n.message for n in app._notifications)
-        monkeypatch.undo()
+        monkeypatch.setattr(store, "delete", ConversationStore.delete.__get__(store))
         await pilot.press("d")
-        await pilot.pause(TYPE_AHEAD_S)
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDelete))
         await pilot.press("y")
         await wait_until(pilot, lambda: len(store.list()) == 1)
 
