@@ -87,6 +87,26 @@ def test_unwritable_history_file_still_edits(tmp_path):
         assert read(">>> ") == "o!k"
 
 
+def test_a_history_file_that_cannot_be_written_any_more_still_edits(tmp_path, capsys, monkeypatch):
+    """A disk that filled (or a data directory made read-only) after the chat started: each
+    message raised in prompt_toolkit's event loop ("Unhandled exception ... Press ENTER")."""
+    from prompt_toolkit.history import FileHistory
+
+    def full(self, string):
+        raise OSError(28, "No space left on device")
+    history = tmp_path / "input-history"
+    with create_pipe_input() as keys:
+        read = line_reader(history, keys, DummyOutput())
+        monkeypatch.setattr(FileHistory, "store_string", full)
+        keys.send_text("first\r")
+        assert read(">>> ") == "first"
+        keys.send_text("second\r")
+        assert read(">>> ") == "second"
+        keys.send_text(f"{UP}{UP}\r")  # this session's history is kept in memory
+        assert read(">>> ") == "first"
+    assert "Unhandled exception" not in capsys.readouterr().err
+
+
 def test_read_message_line_by_line(tmp_path):
     repl = cli_chat.Repl(None, ConversationStore(tmp_path), reading(["one \\", "two", '"""three', 'four"""']))
     assert repl.read_message() == "one \ntwo"

@@ -52,6 +52,18 @@ def _keys() -> KeyBindings:
     return keys
 
 
+class _KeptHistory(FileHistory):
+    """A history file that stops being written when it cannot be (a disk that fills, a data
+    directory made read-only): prompt_toolkit reported each failed write as an unhandled
+    exception and waited for Enter, at every message."""
+
+    def store_string(self, string: str) -> None:
+        try:
+            super().store_string(string)
+        except OSError:
+            pass  # this session's history stays in memory
+
+
 def line_reader(history_file: Path, input: Input | None = None,
                 output: Output | None = None) -> Callable[[str], str]:
     """``read(prompt, default="") -> message``: EOFError on Ctrl-D at an empty prompt,
@@ -62,7 +74,7 @@ def line_reader(history_file: Path, input: Input | None = None,
         history_file.touch(mode=0o600)  # every message typed: private, as the saved chats are
         if history_file.stat().st_mode & 0o077:  # made readable to others by an older version
             history_file.chmod(0o600)
-        history = FileHistory(str(history_file))
+        history = _KeptHistory(str(history_file))
     except OSError:  # an unwritable data directory: the chat still works, without old history
         history = InMemoryHistory()
     session = PromptSession(history=history, key_bindings=_keys(),
