@@ -96,6 +96,9 @@ def test_ids_outside_the_vocabulary_do_not_raise():
     (" to=python<|channel|>analysis code print(1)<|call|>", ("analysis", "python", "code", "print(1)")),
     (' to=functions.w<|channel|>commentary {"a": 1}<|call|>', ("commentary", "functions.w", None, '{"a": 1}')),
     ('<|channel|>final <|constrain|>json{"a": 1}<|return|>', ("final", None, "<|constrain|>json", '{"a": 1}')),
+    ('<|channel|>final <|constrain|> json{"a": 1}<|return|>', ("final", None, "<|constrain|>json", '{"a": 1}')),
+    ('<|channel|>commentary to=functions.w <|constrain|> json{"a": 1}<|call|>',
+     ("commentary", "functions.w", "<|constrain|>json", '{"a": 1}')),
     ("<|channel|>final I can't <|constrain|>json<|return|>", ("final", None, None, "I can't  json")),
     # only <|call|> makes a call, and only of a header that starts with its recipient
     ('<|channel|>commentary to=functions.w <|constrain|>json{"a":1}<|end|>',

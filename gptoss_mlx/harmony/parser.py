@@ -264,7 +264,7 @@ def _split_body(text: str) -> tuple[str, str]:
     written after it): after a ``<|constrain|>json`` content type (``<|constrain|>json{"a": 1}``),
     or from a JSON value after ``to=`` (``to=functions.f {"a": 1}``), or after ``to=python``
     (and a ``code`` content type). Else the whole text is the header."""
-    constrain = re.search(re.escape(CONSTRAIN) + r"json", text)
+    constrain = re.search(re.escape(CONSTRAIN) + r"\s*json", text)
     if constrain:
         return text[:constrain.end()], text[constrain.end():].lstrip()
     python = re.search(r"(?:^|\s)to=python(?:<\|channel\|>[^\s<]*)?(?:\s+code)?(?=\s|$)", text)
