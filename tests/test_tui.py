@@ -357,6 +357,22 @@ async def test_code_approval_shows_hidden_characters_and_all_of_the_code(store, 
         assert answers == [False]
 
 
+@pytest.mark.parametrize("button, answer", [("#yes", True), ("#no", False), ("#stop", None)])
+async def test_the_approval_dialog_s_buttons_answer_it(store, button, answer):
+    """A change this session left ApproveCode without its button handler: clicking "Run (Y)"
+    did nothing."""
+    from gptoss_mlx.tui.app import ApproveCode
+
+    app = make_app(ScriptedChat(), store)
+    async with app.run_test(size=SIZE) as pilot:
+        answers = []
+        app.push_screen(ApproveCode("print(1)"), answers.append)
+        await pilot.pause()
+        await pilot.click(button)
+        await pilot.pause()
+        assert answers == [answer]
+
+
 async def test_quitting_with_the_approval_dialog_open_does_not_hang(store):
     """The reply worker waits for the dialog; quitting the app must end that wait (it hung)."""
     from gptoss_mlx.tui.app import ApproveCode

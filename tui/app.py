@@ -378,6 +378,10 @@ class ApproveCode(Deliberate):
         if run is None or not self.typed_ahead():
             self.dismiss(run)
 
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        self.dismiss({"yes": True, "no": False}.get(event.button.id))
+
 
 class ConfirmDelete(Deliberate):
     """Delete a saved conversation? Y deletes; N, Esc or Enter keep it."""
@@ -403,10 +407,6 @@ class ConfirmDelete(Deliberate):
     @on(Button.Pressed)
     def _pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")
-
-    @on(Button.Pressed)
-    def _pressed(self, event: Button.Pressed) -> None:
-        self.dismiss({"yes": True, "no": False}.get(event.button.id))
 
 
 class ConversationList(ModalScreen[str | None]):
