@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import re
 import stat
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -79,6 +80,11 @@ def title_for(text: str) -> str:
 
 
 MAX_ID_BYTES = 200  # a chat's id (its file name less '.json') in UTF-8
+
+
+def saved_elsewhere_note(path: Path) -> str:
+    """What both front ends say of a copy ConversationStore.save_elsewhere wrote."""
+    return f"The conversation is saved to {path} instead: open it with gptoss-mlx chat, then /load {path}"
 
 
 class ConversationStore:
@@ -235,8 +241,6 @@ class ConversationStore:
         """When the chats folder cannot take a chat: a copy in the current directory, else the
         temporary one, under a name no file has yet (an earlier copy of the same chat stays);
         its path, or None when neither takes it."""
-        import tempfile
-
         for folder in (Path.cwd(), Path(tempfile.gettempdir())):
             for n in range(1, 100):
                 path = folder / f"gptoss-mlx-chat-{chat_id}{'' if n == 1 else f'-{n}'}.json"

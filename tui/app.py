@@ -44,7 +44,7 @@ from gptoss_mlx.engine_thread import engine_thread
 from gptoss_mlx.generate import ContextLengthError
 from gptoss_mlx.harmony import EFFORTS, Message
 from gptoss_mlx.memory import total_experts
-from gptoss_mlx.store import ConversationStore, title_for
+from gptoss_mlx.store import ConversationStore, saved_elsewhere_note, title_for
 from gptoss_mlx.tools import Toolbox, ToolResult, run_with_tools
 from gptoss_mlx.tools.approval import controls_shown, render_code_text
 
@@ -162,7 +162,6 @@ class AssistantTurn(Vertical):
         super().__init__(classes="assistant")
         self.collapse_on_answer = collapse_on_answer
         self.saved = saved or []
-        self.reasoning_text = ""  # all of the turn's reasoning
         self.answer_text = ""
         self._texts: list[str] = [""]  # each reasoning section's text, in order
         self._after_tool = False  # a tool row came after the last reasoning section
@@ -192,6 +191,11 @@ class AssistantTurn(Vertical):
             section.collapsed = bool(self.answer_text)
 
     @property
+    def reasoning_text(self) -> str:
+        """All of the turn's reasoning."""
+        return "".join(self._texts)
+
+    @property
     def reasoning(self) -> Collapsible:
         """The first reasoning section."""
         return self.query_one(".reasoning", Collapsible)
@@ -219,7 +223,6 @@ class AssistantTurn(Vertical):
             await self.mount(_reasoning_section(), before=self.query_one(".answer"))
             self._texts.append("")
             self._after_tool = False
-        self.reasoning_text += text
         self._texts[-1] += text
         section = self.sections[-1]
         section.remove_class("-empty")
@@ -792,7 +795,7 @@ class ChatApp(App):
         self.save_failed = path is None  # the copy holds it now (a second one would be the same)
         if path is None:
             return "The conversation could not be saved anywhere."
-        return f"The conversation is saved to {path} instead: open it with gptoss-mlx chat, then /load {path}"
+        return saved_elsewhere_note(path)
 
     # -- actions
     def on_unmount(self) -> None:

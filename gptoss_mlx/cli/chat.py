@@ -19,7 +19,7 @@ from ..generate import ContextLengthError, NonFiniteLogitsError
 from ..loading import CheckpointError, looks_like_repo_id
 from ..harmony import EFFORTS
 from ..structured import SchemaError
-from ..store import ConversationStore, message_count, save_target_problem, title_for
+from ..store import ConversationStore, message_count, save_target_problem, saved_elsewhere_note, title_for
 from . import common
 from .common import (
     RESET, CLIError, add_model_options, add_structured_options, ask_on_terminal,
@@ -237,8 +237,7 @@ class Repl:
         if path is None:
             self.say(f"error: the conversation could not be saved anywhere: {lost}")
         else:
-            self.say(f"The conversation is saved to {path} instead: open it with gptoss-mlx chat, "
-                     f"then /load {path}")
+            self.say(saved_elsewhere_note(path))
 
     def leave_conversation(self) -> None:
         """Before another conversation replaces this one (/reset, /load): one whose last save
