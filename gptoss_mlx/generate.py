@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from . import decode_step
 from .engine_thread import engine_thread
-from .harmony import STOP_TOKENS_FOR_SAMPLING
+from .harmony import STOP_TOKENS_FOR_SAMPLING, ends_reply
 from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS
 
 
@@ -378,6 +378,7 @@ class Engine:
         stats = self.stats
         budget = token_budget(params, self.max_context, len(prompt))
         first_token_at = None
+        previous = None
         try:
             for n in range(1, budget + 1):
                 next_y = None
@@ -392,11 +393,14 @@ class Engine:
                     first_token_at = time.perf_counter()
                     stats.prefill_s = stats.ttft_s = first_token_at - start
                 stats.generated_tokens = n
+                if ends_reply(previous, token):  # <|start|> and another role than the assistant's
+                    stats.finish_reason = sampler.stop_reason()
+                    break
                 yield token
                 if token in stop_tokens:
                     stats.finish_reason = sampler.stop_reason()
                     break
-                y = next_y
+                y, previous = next_y, token
             else:
                 stats.finish_reason = end_reason(params, budget)
         except GeneratorExit:

@@ -9,10 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptoss_mlx.harmony import (
-    STOP_TOKENS_FOR_SAMPLING, ContentDelta, DeveloperContent, HarmonyError, Message, MessageEnd,
+    ASSISTANT_ROLE_ID, STOP_TOKENS_FOR_SAMPLING, ContentDelta, DeveloperContent, HarmonyError, Message, MessageEnd,
     MessageStart, ResponseFormat, StreamParser, SystemContent, ToolSpec, from_chat_completions,
     parse_completion, render_conversation, segments_to_text, segments_to_tokens, system_message,
-    to_chat_completions,
+    ends_reply, to_chat_completions,
 )
 from gptoss_mlx.tokenizer import SPECIAL_TOKENS, load_tokenizer
 
@@ -22,6 +22,16 @@ GOLDEN = Path(__file__).parent / "golden"
 @pytest.fixture(scope="module")
 def tok(tokenizer_json):
     return load_tokenizer(tokenizer_json)
+
+
+def test_only_an_assistant_message_continues_a_reply(tok):
+    """The one role the model may open a message with is its own; the id is the tokenizer's."""
+    assert tok.encode("assistant") == [ASSISTANT_ROLE_ID]
+    start = SPECIAL_TOKENS["<|start|>"]
+    assert not ends_reply(start, ASSISTANT_ROLE_ID) and not ends_reply(None, tok.encode("user")[0])
+    for role in ("user", "system", "developer", "functions", "python", "browser", " assistant"):
+        assert ends_reply(start, tok.encode(role)[0]), role
+    assert ends_reply(start, start)
 
 
 def text(messages, **kw):

@@ -27,6 +27,16 @@ NAME = {i: name for name, i in SPECIAL_TOKENS.items()}
 # analysis message. <|endoftext|> is the checkpoint's EOS and also ends a reply.
 STOP_TOKENS_FOR_SAMPLING = frozenset({ID[RETURN], ID[CALL], ID[ENDOFTEXT]})
 MESSAGE_END_TOKENS = frozenset({ID[END], ID[CALL], ID[RETURN]})
+ASSISTANT_ROLE_ID = 173781  # "assistant" in o200k_harmony (tests/test_harmony.py checks it)
+
+
+def ends_reply(previous: int | None, token: int) -> bool:
+    """Whether ``token``, sampled after ``previous``, ends the reply before it: the model opening
+    a message under another role than its own (``<|start|>user``, ``<|start|>system``, or
+    ``<|start|>functions.lookup`` for a tool's result). What it would write there is not the
+    assistant's to say (a user's turn, rules, a result no tool returned), so the reply ends at
+    the ``<|start|>``, as at a stop token; the token itself is not part of the reply."""
+    return previous == ID[START] and token != ASSISTANT_ROLE_ID
 
 DEFAULT_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
 DEFAULT_CUTOFF = "2024-06"

@@ -34,7 +34,7 @@ from ..cache import merge_caches
 from ..engine_thread import engine_thread
 from ..generate import (Engine, NonFiniteLogitsError, Prefill, PromptCache, SamplingParams,
                         SequenceSampler, Stats, common_prefix, end_reason, make_sampler, token_budget)
-from ..harmony import STOP_TOKENS_FOR_SAMPLING
+from ..harmony import STOP_TOKENS_FOR_SAMPLING, ends_reply
 from .errors import APIError
 
 log = logging.getLogger("gptoss_mlx.server")
@@ -356,6 +356,10 @@ class Scheduler:
                 ended[seq] = "interrupted"
                 continue
             seq.deliver(token, now, None if unfed else batch_size)
+            if ends_reply(seq.previous, token):  # <|start|> and another role than the assistant's
+                ended[seq] = seq.sampler.stop_reason()
+                continue
+            seq.previous = token
             out.append((seq, ("token", token)))
             if token in STOP_TOKENS_FOR_SAMPLING:
                 ended[seq] = seq.sampler.stop_reason()
@@ -426,6 +430,7 @@ class Sequence:
         self.pc: PromptCache | None = None
         self.prefill: Prefill | None = None
         self.generated = 0
+        self.previous: int | None = None  # the last token handed out
         self.steps = 0  # decode steps fed, and the batch sizes summed over them
         self.rows_summed = 0
         self.started = time.perf_counter()
