@@ -72,6 +72,10 @@ MAX_CLOSING_BYTES = 4096
 CLOSERS = b'"}],'
 CONTINUATION = bytes(range(0x80, 0xC0))
 CLOSING_BYTES = CLOSERS + b"10" + bytes(range(0x21, 0x7F)) + b" " + CONTINUATION
+# Outside strings a quote opens one (a key, never needed where the object may end: an optional
+# property whose value may hold the same object again would open it for ever), so the object or
+# array ends first where it may.
+OUTSIDE_STRINGS = b'}]",' + CLOSING_BYTES[len(CLOSERS):]
 
 
 class SchemaError(ValueError):
@@ -480,8 +484,15 @@ def _compile(tokenizer, schema: str, where: str, hints: tuple[bytes, ...] = (),
         grammar, ll_tokenizer(tokenizer))
     if is_error:
         raise SchemaError(f"{where}: the schema cannot be enforced: {_reworded(messages[0])}")
+    errors: list[str] = []
     closing = closing_tokens(tokenizer, llguidance.LLMatcher(ll_tokenizer(tokenizer), grammar, log_level=0),
-                             hints=hints, numbers=numbers)
+                             hints=hints, numbers=numbers, errors=errors)
+    too_complex = next((e for e in errors if "ParserTooComplex" in e or "max is" in e), None)
+    if closing is None and too_complex:
+        found = re.search(r"has (\d+) items; max is (\d+)", too_complex)
+        size = f" ({found[1]} alternatives open at once, at most {found[2]})" if found else ""
+        raise SchemaError(f"{where}: the schema is too large for the constraint{size}: give it fewer "
+                          "properties, anyOf branches or enum values")
     if closing is None:
         raise SchemaError(f"{where}: the schema cannot be enforced: no instance of it was found "
                           f"within {MAX_CLOSING_BYTES} bytes")
@@ -599,12 +610,13 @@ QUOTE, BACKSLASH = ord('"'), ord("\\")
 
 
 def closing_tokens(tokenizer, matcher: llguidance.LLMatcher, scan: JSONScan = JSONScan(),
-                   hints: tuple[bytes, ...] = (), numbers: tuple[bytes, ...] = ()) -> list[int] | None:
+                   hints: tuple[bytes, ...] = (), numbers: tuple[bytes, ...] = (),
+                   errors: list[str] | None = None) -> list[int] | None:
     """The tokens of a short text that completes the JSON from ``matcher``'s state (``scan``:
     whether the text so far ends inside a string), found greedily on a copy, byte by byte (see
     :func:`_next_byte`; ``hints``: whole strings to try first, ``numbers``: whole numbers);
-    None when none was found within
-    MAX_CLOSING_BYTES."""
+    None when none was found within MAX_CLOSING_BYTES (``errors`` gets the matcher's error, if it
+    failed)."""
     m = matcher.deep_copy()
     scan = JSONScan(scan.in_string, scan.escaped)
     byte_token = _byte_tokens(tokenizer)
@@ -612,12 +624,12 @@ def closing_tokens(tokenizer, matcher: llguidance.LLMatcher, scan: JSONScan = JS
     used: dict[int, int] = {}  # bytes written into the string under way
     while not m.is_accepting():
         if m.is_error() or len(text) > MAX_CLOSING_BYTES:
-            return None
+            return _failed(m, errors)
         forced = (m.compute_ff_bytes() or _hint(m, byte_token, scan, hints)
                   or (_number_hint(m, byte_token, scan, numbers) if not text or text[-1] not in NUMBER_BYTES else None)
                   or _next_byte(m, byte_token, scan, used))
         if forced is None or not m.consume_tokens([byte_token[b] for b in forced]):
-            return None
+            return _failed(m, errors)
         text += forced
         scan.feed(forced)
         if scan.in_string:
@@ -631,6 +643,11 @@ def closing_tokens(tokenizer, matcher: llguidance.LLMatcher, scan: JSONScan = JS
                 + tokenizer.encode_ordinary(text[ends:].decode("utf-8")))
     except UnicodeDecodeError:
         return [byte_token[b] for b in text]
+
+
+def _failed(m: llguidance.LLMatcher, errors: list[str] | None) -> None:
+    if errors is not None and m.is_error():
+        errors.append(m.get_error())
 
 
 def _hint(m: llguidance.LLMatcher, byte_token, scan: JSONScan, hints: tuple[bytes, ...]) -> bytes | None:
@@ -677,12 +694,13 @@ def _characters(escaped: bytes) -> list[int]:
 
 
 def _next_byte(m: llguidance.LLMatcher, byte_token, scan: JSONScan, used: dict[int, int]) -> bytes | None:
-    """The closing's next byte among those the grammar allows, in CLOSING_BYTES's order. Outside
-    strings, the first (end what is open, else the shortest value). Inside one, the first after
+    """The closing's next byte among those the grammar allows, in CLOSING_BYTES's order
+    (OUTSIDE_STRINGS's outside strings). Outside strings, the first (end what is open, else the
+    shortest value). Inside one, the first after
     which the string may end; failing that, the one written least so far in it, so that a
     pattern needing some later character (an email's @) gets it instead of one byte forever."""
     best = first = None
-    for b in CLOSING_BYTES:
+    for b in OUTSIDE_STRINGS if not scan.in_string else CLOSING_BYTES:
         if m.try_consume_tokens([byte_token[b]]) != 1:
             continue
         after = JSONScan(scan.in_string, scan.escaped)

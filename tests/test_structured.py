@@ -214,6 +214,31 @@ def test_a_multiple_with_a_lower_bound_is_found(tok, schema):
     jsonschema.validate(json.loads(tok.decode(closing)), schema)
 
 
+@pytest.mark.parametrize("schema", [
+    {"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}}, "additionalProperties": False}},
+     "$ref": "#/$defs/n"},  # a linked list
+    {"type": "object", "properties": {"p": {"$ref": "#"}}, "additionalProperties": False},
+    {"type": "object", "properties": {"children": {"type": "array", "items": {"$ref": "#"}}}},
+])
+def test_a_schema_that_may_recurse_through_an_optional_property_is_closed_without_it(tok, schema):
+    """A tester's linked list and self-referencing object (both with {} as an instance) were
+    refused as having no instance: the closing opened the optional key, whose value opened it
+    again, for ever. Outside strings it ends the object or array first where it may."""
+    grammar = compile_schema(tok, schema)
+    closing = tok.decode(closing_tokens(tok, grammar.matcher(), hints=grammar.hints, numbers=grammar.numbers))
+    assert json.loads(closing) == {} and grammar.min_tokens == 1
+
+
+def test_a_schema_too_large_for_the_constraint_is_named_as_such(tok):
+    """800 optional properties: llguidance stops at 2000 Earley items in a row. It was refused
+    as having no instance within 4096 bytes, which {} is."""
+    schema = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(800)},
+              "additionalProperties": False}
+    with pytest.raises(SchemaError, match=r"too large for the constraint \(\d+ alternatives open at once, "
+                                          r"at most 2000\): give it fewer properties"):
+        compile_schema(tok, schema)
+
+
 def test_answers_in_the_declared_key_order_are_accepted(tok, pet):
     """Properties come in the schema's order (as the prompt shows it), whatever its sorting."""
     answer = {"name": "Rex", "kind": "dog", "age": 3, "weight": 9.5, "tags": ["good"],
