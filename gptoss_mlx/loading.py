@@ -69,7 +69,12 @@ def _check_file(path: Path) -> None:
 def resolve_checkpoint(path_or_repo: str | os.PathLike | None) -> Path:
     """A local directory as is; otherwise a Hugging Face repo id, downloaded or from the cache.
     None is the default model (an empty name is an error, not the default)."""
-    source = DEFAULT_MODEL if path_or_repo is None else str(path_or_repo)
+    if isinstance(path_or_repo, bytes):
+        path_or_repo = os.fsdecode(path_or_repo)
+    if path_or_repo is not None and not isinstance(path_or_repo, (str, os.PathLike)):
+        raise TypeError(f"a model is a checkpoint directory or a Hugging Face repo id, got "
+                        f"{type(path_or_repo).__name__} {path_or_repo!r:.60}")
+    source = DEFAULT_MODEL if path_or_repo is None else os.fspath(path_or_repo)
     if not source.strip():
         raise CheckpointError("the model name is empty: name a local checkpoint directory or a "
                               f"Hugging Face repo id (or pass None for {DEFAULT_MODEL})")
@@ -81,7 +86,7 @@ def resolve_checkpoint(path_or_repo: str | os.PathLike | None) -> Path:
         return local
     if not looks_like_repo_id(source):
         raise CheckpointError(f"{source}: no such directory (and not a Hugging Face repo id)")
-    return _download(source)
+    return download(source)
 
 
 def looks_like_repo_id(source: str) -> bool:
@@ -89,7 +94,8 @@ def looks_like_repo_id(source: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", source)) and not source.startswith((".", "/", "~"))
 
 
-def _download(repo_id: str) -> Path:
+def download(repo_id: str) -> Path:
+    """A Hugging Face repo's checkpoint files, from the cache or downloaded."""
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
@@ -118,8 +124,8 @@ def offline() -> bool:
 def not_downloaded(repo_id: str) -> str:
     """One line for a repo that is not in the cache while the Hub cannot be used."""
     why = "HF_HUB_OFFLINE is set" if offline() else "the Hub cannot be reached"
-    return (f"{repo_id} is not downloaded and {why}: run `gptoss-mlx models pull {repo_id}` "
-            "when online, or pass --model with a local checkpoint directory")
+    return (f"{repo_id} is not downloaded and {why}: download it when online (`gptoss-mlx models "
+            f"pull {repo_id}`), or name a local checkpoint directory instead")
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:

@@ -52,9 +52,9 @@ def cache(tmp_path, checkpoints, monkeypatch):
     return cache
 
 
-def run(*argv, env=None):
+def run(*argv, env=None, cwd=None):
     return subprocess.run([sys.executable, "-m", "gptoss_mlx", *argv], capture_output=True, input="hi\n",
-                          text=True, timeout=120, env={**os.environ, **(env or {})})
+                          text=True, timeout=120, env={**os.environ, **(env or {})}, cwd=cwd)
 
 
 def test_list_shows_repo_revision_size_layout_and_fit(cache):
@@ -119,7 +119,31 @@ def test_offline_without_the_model_is_one_clear_line(cache, argv):
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert "is not downloaded and HF_HUB_OFFLINE is set" in line
-    assert "gptoss-mlx models pull" in line and "--model" in line
+    assert "gptoss-mlx models pull" in line and "local checkpoint directory" in line
+
+
+@pytest.mark.parametrize("argv", [["generate", "--model", "test/gpt-oss-talks", "-p", "hi", "--max-tokens", "2"],
+                                  ["models", "pull", "test/gpt-oss-talks"]])
+def test_a_downloaded_model_runs_when_the_hub_cannot_be_reached(cache, tiny_checkpoint, argv):
+    """A tester on a plane (no network, HF_HUB_OFFLINE not set): a model in the cache died with
+    httpx's ConnectError from the free-disk check's query of the Hub, in every front end."""
+    add_to_cache(cache, "test/gpt-oss-talks", {p.name: p for p in tiny_checkpoint.iterdir() if p.is_file()})
+    proc = run(*argv, env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"})  # nothing listens
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_folder_here_named_like_a_repo_is_not_pulled_and_is_named_where_it_is_used(cache, tmp_path):
+    """A tester's ./openai/gpt-oss-20b (a broken config.json) made `models pull openai/gpt-oss-20b`
+    and `generate --model openai/gpt-oss-20b` fail as if the downloaded repo were damaged."""
+    here = tmp_path / "work"
+    (here / "test" / "gpt-oss-tiny").mkdir(parents=True)
+    (here / "test" / "gpt-oss-tiny" / "config.json").write_text("{")
+    pulled = run("models", "pull", "test/gpt-oss-tiny", cwd=here)
+    assert pulled.returncode == 0 and "test/gpt-oss-tiny is ready: " + str(cache) in pulled.stdout, pulled.stderr
+    used = run("generate", "--model", "test/gpt-oss-tiny", "-p", "hi", cwd=here)
+    assert used.returncode == 2
+    assert f"(the folder test/gpt-oss-tiny in {here}, not the Hugging Face repo test/gpt-oss-tiny" in used.stderr
 
 
 def test_rm_deletes_the_repo(cache):

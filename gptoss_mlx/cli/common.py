@@ -27,8 +27,8 @@ from ..generate import Engine, SamplingParams
 from ..harmony import EFFORTS
 from ..hub import check_free_disk, fetch_config
 from ..loading import (
-    DEFAULT_MODEL, CheckpointError, WeightsMissing, find_layout, load, load_model, looks_like_repo_id,
-    not_downloaded, offline, resolve_checkpoint, stream_problem,
+    DEFAULT_MODEL, CheckpointError, WeightsMissing, download, find_layout, load, load_model,
+    looks_like_repo_id, not_downloaded, offline, resolve_checkpoint, stream_problem,
 )
 from ..memory import (
     BARE_GB_MAX, DEFAULT_CONTEXT, DENSE_BITS, GB, PROMPT_CACHE_GB, MemoryPlan, MemoryPlanError, checkpoint_dense_bits,
@@ -370,10 +370,17 @@ def prepare(args, group=None) -> tuple[Path, int, MemoryPlan]:
     config.json alone), so --max-context and the memory plan (of this rank's part, in a
     ``group``) are checked before any weights are downloaded."""
     source = args.model or DEFAULT_MODEL
+    hub_only = getattr(args, "hub_only", False)  # models pull: a repo id, whatever folder is here
     try:
-        if Path(source).expanduser().exists():
+        if not hub_only and Path(source).expanduser().exists():
             directory = resolve_checkpoint(source)
-            config_file = find_layout(directory)[1] / "config.json"
+            try:
+                config_file = find_layout(directory)[1] / "config.json"
+            except CheckpointError as e:
+                if looks_like_repo_id(source):  # a folder here named like a repo takes its place
+                    raise CheckpointError(f"{e} (the folder {source} in {Path.cwd()}, not the Hugging Face "
+                                          f"repo {source}: give the repo's folder in the cache or another name)") from None
+                raise
         else:
             directory, config_file = None, fetch_config(source)
         config = ModelConfig.from_file(config_file)
@@ -399,7 +406,7 @@ def prepare(args, group=None) -> tuple[Path, int, MemoryPlan]:
                                   "use more ranks or machines with more memory", memory_plan.total)
         if directory is None:
             check_free_disk(source)
-            directory = resolve_checkpoint(source)  # the weights: progress bars, resumable
+            directory = download(source)  # the weights: progress bars, resumable
             weights_present(source, directory)
             problem = stream_problem(directory, adapter) if memory_plan.streamed else None
             if problem:  # an mlx-lm conversion: its experts stay on the GPU

@@ -111,7 +111,7 @@ def cmd_list(args) -> int:
 def cmd_pull(args) -> int:
     if not args.repo.strip():
         raise CLIError("models pull: name the repo, e.g. openai/gpt-oss-20b")
-    args.model = args.repo
+    args.model, args.hub_only = args.repo, True  # (a folder of that name here is not the repo)
     directory, context, _ = common.prepare(args)
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     config = ModelConfig.from_file(find_layout(directory)[1] / "config.json")
