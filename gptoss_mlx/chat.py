@@ -31,7 +31,7 @@ from . import harmony
 from .chat_file import ChatFileError, check_chat_file, write_json_atomic  # noqa: F401 - ChatFileError: public here
 from .engine_thread import engine_thread
 from .files import valid_text
-from .generate import ContextLengthError, Engine, SamplingParams, Stats
+from .generate import RAISE_CONTEXT, ContextLengthError, Engine, SamplingParams, Stats
 from .harmony import ContentDelta, DeveloperContent, Message, MessageEnd, MessageStart, ResponseFormat
 from .structured import SchemaError, compile_schema, constraints_for, final_header, grammars
 
@@ -214,7 +214,7 @@ class Chat:
         if self.context_overflow == "error":
             raise ContextLengthError(
                 f"the conversation is {len(prompt)} tokens and {limit}: start a new chat, "
-                "or raise --max-context")
+                f"or {RAISE_CONTEXT}")
         # dropping more and more, whole turns where a quarter of the room's tokens is passed
         candidates = trimmed_histories(self.messages, lambda m: message_tokens(m, self.tokenizer), room // 4)
         index, kept = first_fitting(candidates, self.prompt_tokens, room)
@@ -228,11 +228,11 @@ class Chat:
             raise ContextLengthError(
                 f"the instructions, the last user message and the tool calls it is answering are "
                 f"more than {room} tokens even with their results cut to nothing, and {limit}: "
-                "start a new chat, or raise --max-context")
+                f"start a new chat, or {RAISE_CONTEXT}")
         raise ContextLengthError(
             f"the instructions and the last user message alone are "
             f"{len(kept or prompt)} tokens and {limit}: shorten the message, "
-            "or raise --max-context")
+            f"or {RAISE_CONTEXT}")
 
     @property
     def history(self) -> list[Message]:

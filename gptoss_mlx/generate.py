@@ -32,6 +32,10 @@ from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS
 ATTENTION_BUDGET = 1 << 30
 
 
+# The way out of a full context, in the CLI's terms and the library's.
+RAISE_CONTEXT = "raise --max-context (max_context= from Python)"
+
+
 class ContextLengthError(ValueError):
     """The prompt does not fit the context window."""
 
@@ -476,7 +480,7 @@ class Prefill:
         if len(prompt) >= engine.max_context:
             raise ContextLengthError(
                 f"the conversation is {len(prompt)} tokens but the context limit is "
-                f"{engine.max_context}: start a new chat, shorten it, or raise --max-context")
+                f"{engine.max_context}: start a new chat, shorten it, or {RAISE_CONTEXT}")
         self.engine, self.pc, self.prompt = engine, pc, prompt
         self.reused = pc.rewind_to(min(common_prefix(pc.tokens, prompt), len(prompt) - 1))  # feed >= 1
         self.rest = prompt[self.reused:-1]

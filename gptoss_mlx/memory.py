@@ -94,6 +94,9 @@ def cli_wording(message: str) -> str:
     return message.replace(f"({GIVEN})", "(--memory-limit)")
 
 
+MAX_SIZE = 1e15  # bytes: a size beyond is a typo (a Mac has at most 0.5 TB)
+
+
 def parse_size(text: str) -> float:
     """Bytes of a size such as ``10GB``, ``8.5G``, ``800MB`` or ``12GiB`` (a bare number is GB,
     a number with only ``B`` bytes). A bare number of BARE_GB_MAX or more is an error: it is a
@@ -108,6 +111,9 @@ def parse_size(text: str) -> float:
     size = float(number) * (_UNITS[(unit + binary).upper()] if unit else 1.0 if b else GB)
     if size <= 0:
         raise ValueError(f"a memory size must be more than 0, got {text!r:.40}")
+    if size > MAX_SIZE:
+        raise ValueError(f"{text.strip():.40} is more memory than any machine has (at most "
+                         f"{MAX_SIZE / 1e12:.0f} TB)")
     return size
 
 

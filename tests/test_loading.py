@@ -76,6 +76,14 @@ def test_load_returns_model_and_tokenizer(tmp_path, tokenizer_json):
     assert tokenizer2.n_vocab == 201088
 
 
+def test_a_path_given_as_bytes_loads_and_another_type_is_named(tiny_checkpoint):
+    """load(b'tiny') said that the existing directory b'tiny' did not exist."""
+    model, _ = gptoss_mlx.load(bytes(tiny_checkpoint))
+    assert isinstance(model, Model)
+    with pytest.raises(TypeError, match="a model is a checkpoint directory or a Hugging Face repo id, got int 5"):
+        gptoss_mlx.load(5)
+
+
 def test_bad_dtype(checkpoints):
     with pytest.raises(ValueError, match="dtype"):
         gptoss_mlx.load(checkpoints["hf"], dtype="int8")

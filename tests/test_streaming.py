@@ -497,6 +497,14 @@ def test_bad_sizes_are_one_clear_error(text):
         parse_size(text)
 
 
+@pytest.mark.parametrize("text", ["99999999999999999999TB", "1001TB", "2000000GiB"])
+def test_a_size_beyond_any_machine_is_refused(text):
+    """A tester's 99999999999999999999TB was taken, and the plan printed '... of
+    100000000000000008388608.00 GB' (while 1PB was refused: no such unit)."""
+    with pytest.raises(ValueError, match=r"is more memory than any machine has \(at most 1000 TB\)"):
+        parse_size(text)
+
+
 @pytest.mark.parametrize("text", ["1073741824", "16384", "1024", " 2048.5 "])
 def test_a_count_of_bytes_or_mb_without_its_unit_is_not_read_as_gb(text):
     """A bare number is GB (10 = 10GB); bytes or MB written without their unit would be read
