@@ -376,6 +376,56 @@ def test_model_and_tool_text_never_becomes_html(browser, tok, tmp_path, shots):
         assert page.js("return document.body.dataset.pwned") is None
 
 
+def test_a_call_waiting_for_its_result_asks_for_it_again_when_the_chat_is_reopened(browser, tok, tmp_path):
+    """After a reload, the row of a call of the page's function had no result box: the call
+    could never be answered, and the next message went out with it dangling."""
+    model = ScriptedModel([call(tok, "I need the weather.", "get_weather", '{"city": "Oslo"}'),
+                           answer(tok, "The tool said rain.", "Rainy.")])
+    with serving(model, tok, chats=ConversationStore(tmp_path)) as url:
+        page = Page(browser, url)
+        page.find("#settings-toggle").click()
+        page.find("#tools").send_keys(json.dumps(WEATHER_TOOL))
+        page.find("#settings-toggle").click()
+        page.send("Weather in Oslo?")
+        page.wait_reply(1).find_element("css selector", "details.tool textarea")
+        page.until(lambda: "#chat=" in page.js("return location.hash"), "the chat was not saved")
+        browser.refresh()
+        page.wait_ready()
+        page.until(lambda: page.all(".turn.assistant details.tool textarea"), "no result box after the reload")
+        page.find(".turn.assistant details.tool textarea").send_keys("rain, 12 C")
+        page.find(".send-results").click()
+        page.until(lambda: "Rainy." in page.text(), "the model did not go on")
+        assert "functions.get_weather to=assistant<|channel|>commentary<|message|>rain, 12 C" in prompts(tok, model)
+        assert page.errors() == []
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "a"},
+     {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f"}}]},
+     {"role": "tool", "tool_call_id": "c1", "content": "r"}],  # a call without arguments
+    [{"role": "user", "content": "a"},
+     {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+     {"role": "tool", "name": "f", "content": "r"}],  # a call without an id, its result by name
+    [{"role": "tool", "name": "f", "tool_call_id": "zz", "content": "r"}],  # a result first
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "thinking": "deep thought"}],
+])
+def test_a_saved_chat_the_store_takes_opens_and_goes_on_in_the_page(browser, tok, tmp_path, messages):
+    """A tester's chats, accepted by the store (as from a file written by hand): opening the one
+    without arguments threw in markdown.js, and each sent nothing but 400s from then on."""
+    model = ScriptedModel([answer(tok, "Hm.", "on we go")])
+    with serving(model, tok, chats=ConversationStore(tmp_path)) as url:
+        status, made = call_api(url.removesuffix("/v1"), "POST", "/v1/playground/chats",
+                                {"title": "by hand", "messages": messages})
+        assert status == 201, made
+        page = Page(browser, url, path=f"/#chat={made['id']}")
+        page.until(lambda: page.all(".turn"), "the chat was not shown")
+        if "thinking" in messages[-1]:
+            assert "deep thought" in page.text()
+        page.send("and now?")
+        page.until(lambda: "on we go" in page.text(), "no reply")
+        assert page.errors() == []
+
+
 def test_a_tui_chat_resumes_in_the_page_and_the_page_chat_opens_in_the_tui(browser, tok, tmp_path, shots):
     chats = ConversationStore(tmp_path)
     model = ScriptedModel([answer(tok, "They asked again.", "Still blue, because of Rayleigh scattering.")])

@@ -197,8 +197,10 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], list[s
             if item.get("output") is None:
                 raise bad_request(f"{where}: a function_call_output needs its 'output' (a string, or a "
                                   "list of text parts)", "input")
-            out.append({"role": "tool", "tool_call_id": item.get("call_id"),
-                        "content": _text(item.get("output"), where)})
+            result = {"role": "tool", "tool_call_id": item.get("call_id"), "content": _text(item.get("output"), where)}
+            if isinstance(item.get("name"), str):  # (not OpenAI's: the playground's, for a call without an id)
+                result["name"] = item["name"]
+            out.append(result)
             assistant = None
         else:
             raise bad_request(f"{where}: items of type {kind!r} are not supported (messages, reasoning, "

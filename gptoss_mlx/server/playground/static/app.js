@@ -241,30 +241,45 @@ function renderChat() {
   box.replaceChildren();
   let turn = null;
   const rows = new Map(); // tool_call_id -> its row
-  for (const m of state.chat.messages) {
+  let unanswered = []; // the last calls of the page's functions still without a result
+  state.chat.messages.forEach((m, i) => {
     if (m.role === "user") {
       turn = null;
+      unanswered = [];
       box.append(userTurn(textOf(m.content)));
-      continue;
+      return;
     }
     if (!turn) {
       turn = new AssistantTurn();
       box.append(turn.node);
     }
     if (m.role === "assistant") {
-      if (m.reasoning ?? m.reasoning_content) turn.reasoning(m.reasoning ?? m.reasoning_content, false);
+      unanswered = [];
+      if (reasoningOf(m)) turn.reasoning(reasoningOf(m), false);
       if (m.content) turn.answer(textOf(m.content));
-      for (const call of m.tool_calls || []) {
-        rows.set(call.id, turn.toolRow(call.function.name, argumentsText(call.function.arguments), serverRuns(call.function.name)));
-      }
+      (m.tool_calls || []).forEach((call, k) => {
+        const name = toolName(call), id = callId(call, i, k);
+        const row = turn.toolRow(name, argumentsText(call.function?.arguments), serverRuns(name));
+        rows.set(id, row);
+        if (!serverRuns(name)) unanswered.push({ type: "function_call", call_id: id, name, view: row });
+      });
     } else if (m.role === "tool") {
+      unanswered = unanswered.filter((call) => call.call_id !== m.tool_call_id);
       (rows.get(m.tool_call_id) || turn.toolRow(m.name || "tool", "", false)).result(textOf(m.content));
     }
-  }
+  });
+  // A reply that ended in calls of the page's functions, reopened: their results are asked for again.
+  state.pending = unanswered;
+  if (unanswered.length) askForResults(turn);
   scrollDown();
 }
 
-const argumentsText = (args) => (typeof args === "string" ? args : JSON.stringify(args));
+// A saved chat as the store keeps it may come from elsewhere (the TUI, a file written by hand):
+// a call without an id, name or arguments is shown and sent back as the server takes it.
+const argumentsText = (args) => (typeof args === "string" ? args : args == null ? "" : JSON.stringify(args));
+const toolName = (call) => (typeof call.function?.name === "string" ? call.function.name : "tool");
+const callId = (call, message, index) => (typeof call.id === "string" && call.id ? call.id : `call_${message}_${index}`);
+const reasoningOf = (m) => m.reasoning ?? m.reasoning_content ?? m.thinking;
 
 function serverRuns(name) {
   const info = state.info || {};
@@ -428,18 +443,22 @@ function readSettings() {
 // The conversation as Responses input items.
 function inputItems(messages) {
   const items = [];
-  for (const m of messages) {
+  messages.forEach((m, i) => {
     if (m.role === "user") items.push({ type: "message", role: "user", content: textOf(m.content) });
-    else if (m.role === "tool") items.push({ type: "function_call_output", call_id: m.tool_call_id, output: textOf(m.content) });
-    else if (m.role === "assistant") {
-      const reasoning = m.reasoning ?? m.reasoning_content;
+    else if (m.role === "tool") {
+      // (name: for a result whose call has no id, which the server then matches by the function's name)
+      items.push({ type: "function_call_output", call_id: typeof m.tool_call_id === "string" ? m.tool_call_id : "",
+                   ...(typeof m.name === "string" && { name: m.name }), output: textOf(m.content) });
+    } else if (m.role === "assistant") {
+      const reasoning = reasoningOf(m);
       if (reasoning) items.push({ type: "reasoning", summary: [], content: [{ type: "reasoning_text", text: reasoning }] });
       if (m.content) items.push({ type: "message", role: "assistant", content: textOf(m.content) });
-      for (const call of m.tool_calls || []) {
-        items.push({ type: "function_call", call_id: call.id, name: call.function.name, arguments: argumentsText(call.function.arguments) });
-      }
+      (m.tool_calls || []).forEach((call, k) => {
+        items.push({ type: "function_call", call_id: callId(call, i, k), name: toolName(call),
+                     arguments: argumentsText(call.function?.arguments) });
+      });
     }
-  }
+  });
   return items;
 }
 
