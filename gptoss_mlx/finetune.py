@@ -40,9 +40,10 @@ from safetensors import SafetensorError, safe_open
 from . import harmony
 from .files import JSONProblem, parse_json, read_json_file
 from .harmony import BUILTIN_TOOLS, END, RETURN, START, Message, Special
+from .harmony.chat_completions import FUNCTIONS
 from .kernels import registry
-from .lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, AdapterError, LoRAConfig, adapter_files, adapter_weights,
-                   apply_lora, load_adapter_weights, non_finite, read_adapter_config)
+from .lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, TRAINING_STATE, AdapterError, LoRAConfig, adapter_files,
+                   adapter_weights, apply_lora, load_adapter_weights, non_finite, read_adapter_config)
 from .model import Model
 from .chat_file import chat_file_problem
 
@@ -54,7 +55,6 @@ MAX_ALPHA = 65536.0
 MAX_LEARNING_RATE = 1.0
 SCHEDULES = ("cosine", "constant")  # the learning rate over the run: decayed to 0 at --iters, or not
 LOGIT_CHUNK = 512  # trained positions unembedded at once: (512, vocab) float32 logits, 0.4 GB  # what to do with a conversation longer than --max-seq-len
-STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STEP_KEY = "step"  # in the checkpoint files' safetensors metadata
 # Settings a resumed run must share with the run it continues.
@@ -130,6 +130,9 @@ def conversation_messages(data, where: str) -> list[Message]:
     if isinstance(data, dict) and isinstance(data.get("messages"), list):
         messages = []
         for i, m in enumerate(data["messages"]):
+            if isinstance(m, dict) and m.get("thinking") is not None and m.get("reasoning") is not None:
+                raise DataError(f"{where}: messages[{i}] has both 'reasoning' and 'thinking': give its "
+                                "reasoning once")
             if isinstance(m, dict) and m.get("thinking") is not None and m.get("reasoning") is None:
                 if not isinstance(m["thinking"], str):
                     raise DataError(f"{where}: messages[{i}].thinking must be a string, got "
@@ -145,9 +148,31 @@ def conversation_messages(data, where: str) -> list[Message]:
               for c in m.get("tool_calls") or []}
     tools = {t: t in called for t in BUILTIN_TOOLS}  # declared in the system message when used
     try:
-        return harmony.from_chat_completions(data, date=data.get("date"), **tools)
+        messages = harmony.from_chat_completions(data, date=data.get("date"), **tools)
     except harmony.HarmonyError as e:
         raise DataError(f"{where}: {e}") from None
+    declared = {(t.get("function") or t).get("name") for t in data.get("tools") or []}
+    for m in messages[trained_turn_start(messages):]:
+        problem = _trained_call_problem(m, declared)
+        if problem:
+            raise DataError(f"{where}: the trained reply's call to {m.recipient} {problem}, and training on "
+                            "it would teach the model such calls")
+    return messages
+
+
+def _trained_call_problem(m: Message, declared: set) -> str | None:
+    """What is wrong with a call of the trained reply to a function: one the line does not
+    declare in its tools, or arguments that are not JSON."""
+    if not m.is_tool_call or not m.recipient.startswith(FUNCTIONS):
+        return None
+    name = m.recipient.removeprefix(FUNCTIONS)
+    if name not in declared:
+        return f"names a function the line's tools do not declare ({', '.join(sorted(declared)) or 'none'})"
+    try:
+        json.loads(m.text)
+    except ValueError as e:
+        return f"has arguments that are not JSON ({e})"
+    return None
 
 
 @dataclass
@@ -405,8 +430,8 @@ class Settings:
 def read_state(directory: str | os.PathLike) -> dict:
     """What an interrupted or finished run left in its adapter directory (for --resume)."""
     directory = Path(directory)
-    path = directory / STATE_FILE
-    missing = [name for name in (STATE_FILE, OPTIMIZER_FILE) if not (directory / name).is_file()]
+    path = directory / TRAINING_STATE
+    missing = [name for name in (TRAINING_STATE, OPTIMIZER_FILE) if not (directory / name).is_file()]
     if missing:
         raise DataError(f"{directory}: nothing to resume (no {' and no '.join(missing)})")
     state = read_json_file(path, DataError)
@@ -416,13 +441,13 @@ def read_state(directory: str | os.PathLike) -> dict:
     config, settings = read_adapter_config(directory), state["settings"]
     if (config.rank, config.alpha, list(config.targets)) != \
             (settings.get("rank"), settings.get("alpha"), settings.get("targets")):
-        raise DataError(f"{directory}: {STATE_FILE} and {ADAPTER_CONFIG} disagree on the rank, alpha "
+        raise DataError(f"{directory}: {TRAINING_STATE} and {ADAPTER_CONFIG} disagree on the rank, alpha "
                         "or targets (edited by hand?): this run cannot be resumed; start a new one")
     for name in (ADAPTER_WEIGHTS, OPTIMIZER_FILE):
         saved = saved_step(directory / name)
         if saved is not None and saved != state["step"]:
             raise DataError(f"{directory}: the save at step {max(saved, state['step'])} was cut short "
-                            f"({name} is from step {saved}, {STATE_FILE} from step {state['step']}): "
+                            f"({name} is from step {saved}, {TRAINING_STATE} from step {state['step']}): "
                             "this run cannot be resumed exactly; start a new one")
     return state
 
@@ -478,7 +503,7 @@ def train(model: Model, base_model: str, train_set: list[Example], settings: Set
     step_fn = make_step(model, optimizer, settings.grad_checkpoint)
 
     def diverged(what: str) -> DataError:
-        kept = f", the last checkpoint in {out} is kept" if (out / STATE_FILE).exists() else ""
+        kept = f", the last checkpoint in {out} is kept" if (out / TRAINING_STATE).exists() else ""
         return DataError(f"{what}: training diverged (a lower --learning-rate?); nothing saved from it{kept}")
 
     def save(final: bool) -> Saved:
@@ -491,7 +516,7 @@ def train(model: Model, base_model: str, train_set: list[Example], settings: Set
             raise diverged(f"the adapter's weights became NaN or infinite by step {step}")
         tag = f"{os.getpid()}.tmp"
         written = [(out / f".{OPTIMIZER_FILE}.{tag}.safetensors", out / OPTIMIZER_FILE),
-                   (out / f".{STATE_FILE}.{tag}", out / STATE_FILE)]
+                   (out / f".{TRAINING_STATE}.{tag}", out / TRAINING_STATE)]
         try:
             pairs = adapter_files(model, out, settings.lora, base_model=base_model, weights_metadata=stamp)
             written = pairs + written
@@ -503,7 +528,7 @@ def train(model: Model, base_model: str, train_set: list[Example], settings: Set
         except (OSError, RuntimeError) as e:  # MLX's writer raises RuntimeError (a full disk)
             for tmp, _ in written:
                 tmp.unlink(missing_ok=True)
-            kept = f"; the save before it is kept" if (out / STATE_FILE).exists() else ""
+            kept = f"; the save before it is kept" if (out / TRAINING_STATE).exists() else ""
             raise DataError(f"saving step {step} in {out} failed ({e}): is the disk full?{kept}") from None
         return Saved(step, out, final)
 
@@ -559,10 +584,10 @@ def resumed_settings(state: dict, given: dict) -> Settings:
     try:
         settings = Settings(**saved)
     except TypeError as e:
-        raise DataError(f"--resume: damaged {STATE_FILE} ({e})") from None
+        raise DataError(f"--resume: damaged {TRAINING_STATE} ({e})") from None
     problem = settings.problem()
     if problem:
-        raise DataError(f"--resume: damaged {STATE_FILE} ({problem})")
+        raise DataError(f"--resume: damaged {TRAINING_STATE} ({problem})")
     return settings
 
 

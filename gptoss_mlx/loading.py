@@ -17,6 +17,7 @@ import math
 import os
 import re
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import mlx.nn as nn
 from .config import ConfigError, ModelConfig, token_ids
 from .distributed import SHARDINGS, shard_part, share_config
 from .files import CheckpointError, read_json_file, regular_file_problem
-from .lora import FUSED_EXPERT_ADAPTER, load_adapter, read_adapter_config
+from .lora import ADAPTER_CONFIG, FUSED_EXPERT_ADAPTER, TRAINING_STATE, load_adapter, read_adapter_config
 from .memory import (
     DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan, dense_bytes, kv_cache_bytes,
     limit_or_more, limit_size, round_up_gb, size, total_experts,
@@ -244,6 +245,22 @@ def files_digest(files: list[Path], samples: int = 8, size: int = 4096) -> int:
 def checkpoint_digest(directory: Path) -> int:
     """:func:`files_digest` of a checkpoint's weight files: the same checkpoint wherever it lies."""
     return files_digest(_weight_files(find_layout(directory)[1]))
+
+
+def adapter_base_note(adapter: str | os.PathLike, directory: Path) -> str | None:
+    """A note where ``adapter`` was trained on other weights than those in ``directory`` (its
+    training state records its base's checksum); None where it was not, or cannot say (an
+    adapter from elsewhere)."""
+    folder = Path(adapter).expanduser()
+    try:
+        trained_on = json.loads((folder / TRAINING_STATE).read_text())["base_digest"]
+        base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model", "another checkpoint")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if trained_on == checkpoint_digest(Path(directory)):
+        return None
+    return (f"the adapter {folder} was trained on other weights ({base}) than those in {directory}: "
+            "its changes were made for those")
 
 
 def find_layout(directory: Path) -> tuple[str, Path]:
@@ -841,6 +858,9 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
     model = load_model(directory, dtype, memory_plan=memory_plan, group=group, sharding=sharding)
     if adapter is not None:
         load_adapter(model, adapter)
+        note = adapter_base_note(adapter, directory)
+        if note:
+            warnings.warn(note, UserWarning, stacklevel=2)
     tokenizer = checkpoint_tokenizer(directory)
     if model.config.vocab_size < tokenizer.n_vocab:  # ids past the embedding give NaN logits
         raise CheckpointError(f"{directory}: vocab_size is {model.config.vocab_size} but the "

@@ -38,6 +38,7 @@ TARGETS = {
 }
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
+TRAINING_STATE = "training_state.json"  # finetune's run: its step, settings and base's checksum
 ADAPTER_FORMAT = "gptoss-mlx-lora"
 # In a fused checkpoint: the expert adapters that were not merged (see fuse in cli/finetune.py).
 FUSED_EXPERT_ADAPTER = "expert_adapter"

@@ -110,6 +110,20 @@ def test_bad_lines_name_the_line_and_the_field(tok, tmp_path):
          "the last assistant message has no answer"),
         (json.dumps({"messages": [{"role": "wizard"}]}), "messages[0].role"),
         (json.dumps([1, 2]), "expected a JSON object"),
+        # a tester's: one of the two was trained, the other dropped without a word
+        (json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                  {"role": "assistant", "reasoning": "R1", "thinking": "T2", "content": "x"}]}),
+         "messages[1] has both 'reasoning' and 'thinking'"),
+        # ... and calls the model would learn to make: to an undeclared function, with broken arguments
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+                                  "tool_calls": [{"id": "c", "type": "function",
+                                                  "function": {"name": "get", "arguments": "{}"}}]}]}),
+         "the trained reply's call to functions.get names a function the line's tools do not declare (none)"),
+        (json.dumps({"tools": [{"type": "function", "function": {"name": "get", "parameters": {"type": "object"}}}],
+                     "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+                                  "tool_calls": [{"id": "c", "type": "function",
+                                                  "function": {"name": "get", "arguments": "{not json"}}]}]}),
+         "the trained reply's call to functions.get has arguments that are not JSON"),
     ]
     for line, problem in cases:
         path = tmp_path / "train.jsonl"
@@ -255,6 +269,34 @@ def test_an_adapter_loads_in_chat_generate_and_serve(trained, sharp, tok, monkey
     assert "no such adapter directory" in capsys.readouterr().err
 
 
+def test_an_adapter_made_for_other_weights_is_noted_where_it_is_applied(trained, sharp, tokenizer_json, tmp_path,
+                                                                         capsys):
+    """A tester fused an adapter into another checkpoint of the same shape (and ran it with
+    --adapter) without a word, while `finetune --resume` on that pair refused."""
+    import shutil
+
+    from gptoss_mlx.loading import checkpoint_digest
+
+    _, out, _ = trained
+    adapter = tmp_path / "adapter"
+    shutil.copytree(out, adapter)
+    state = json.loads((adapter / ft.TRAINING_STATE).read_text())
+    (adapter / ft.TRAINING_STATE).write_text(json.dumps({**state, "base_digest": checkpoint_digest(sharp)}))  # as the CLI records it
+    other = tmp_path / "other"
+    mtc.write_hf(other, mtc.TINY, seed=5)
+    mtc.copy_tokenizer(other, tokenizer_json)
+    ask = ["--temperature", "0", "--max-tokens", "2", "-p", "France"]
+    assert main(["generate", "--model", str(sharp), "--adapter", str(adapter), *ask]) == 0
+    assert "note:" not in capsys.readouterr().err  # its own base: nothing to say
+    assert main(["generate", "--model", str(other), "--adapter", str(adapter), *ask]) == 0
+    said = f"gptoss-mlx: note: the adapter {adapter} was trained on other weights ({sharp}) than those in {other}"
+    assert said in capsys.readouterr().err
+    assert main(["fuse", "--model", str(other), "--adapter", str(adapter), "--out", str(tmp_path / "fused")]) == 0
+    assert said in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="was trained on other weights"):
+        load(other, adapter=adapter)
+
+
 def test_serve_with_an_adapter_names_it(trained, sharp, monkeypatch, capsys):
     """serve --adapter listed the base model's id (in /v1/models, /health and every response),
     as if the adapter were not there. The id is now BASE+ADAPTER; requests naming the base
@@ -374,12 +416,12 @@ def test_a_save_cut_short_or_a_damaged_checkpoint_is_named_on_resume(sharp, tok,
     out = tmp_path / "out"
     list(ft.train(load(sharp)[0], str(sharp), examples, settings, out))
     assert ft.read_state(out)["step"] == 3
-    state = json.loads((out / ft.STATE_FILE).read_text())
-    (out / ft.STATE_FILE).write_text(json.dumps({**state, "step": 2}))  # the kill came before it
+    state = json.loads((out / ft.TRAINING_STATE).read_text())
+    (out / ft.TRAINING_STATE).write_text(json.dumps({**state, "step": 2}))  # the kill came before it
     with pytest.raises(ft.DataError, match=r"the save at step 3 was cut short \(adapters.safetensors is "
                                            r"from step 3, training_state.json from step 2\)"):
         ft.read_state(out)
-    (out / ft.STATE_FILE).write_text(json.dumps(state))
+    (out / ft.TRAINING_STATE).write_text(json.dumps(state))
     optimizer = (out / ft.OPTIMIZER_FILE).read_bytes()
     (out / ft.OPTIMIZER_FILE).write_bytes(optimizer[: len(optimizer) // 2])
     with pytest.raises(ft.DataError, match="optimizer.safetensors: damaged or missing"):
@@ -387,7 +429,7 @@ def test_a_save_cut_short_or_a_damaged_checkpoint_is_named_on_resume(sharp, tok,
     (out / ft.OPTIMIZER_FILE).write_bytes(optimizer)
     # A rank edited in the state was believed: the run went on at rank 4 saved as rank 8.
     edited = {**state, "settings": {**state["settings"], "rank": 8}}
-    (out / ft.STATE_FILE).write_text(json.dumps(edited))
+    (out / ft.TRAINING_STATE).write_text(json.dumps(edited))
     with pytest.raises(ft.DataError, match="training_state.json and adapter_config.json disagree"):
         ft.read_state(out)
     # Edited in both: the tensors (rank 4) are refused by name.
@@ -408,12 +450,12 @@ def test_a_damaged_training_state_is_named_on_resume(sharp, tok, tmp_path, field
     examples, _ = ft.load_data(data, tok, 512)
     out = tmp_path / "out"
     list(ft.train(load(sharp)[0], str(sharp), examples, ft.Settings(rank=4, iters=1), out))
-    state = json.loads((out / ft.STATE_FILE).read_text())
+    state = json.loads((out / ft.TRAINING_STATE).read_text())
     if field == "step":
         state["step"] = value
     else:
         state["settings"][field] = value
-    (out / ft.STATE_FILE).write_text(json.dumps(state))
+    (out / ft.TRAINING_STATE).write_text(json.dumps(state))
     with pytest.raises(ft.DataError, match="damaged") as e:
         ft.resumed_settings(ft.read_state(out), {})
     assert field in str(e.value)
@@ -440,7 +482,7 @@ def test_a_save_that_fails_keeps_the_one_before(sharp, tok, tmp_path, monkeypatc
         list(ft.train(load(sharp)[0], str(sharp), examples, settings, out))
     assert ft.read_state(out)["step"] == 2  # whole, and resumable
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [ADAPTER_WEIGHTS, "adapter_config.json", ft.OPTIMIZER_FILE, ft.STATE_FILE])  # no temporary file left
+        [ADAPTER_WEIGHTS, "adapter_config.json", ft.OPTIMIZER_FILE, ft.TRAINING_STATE])  # no temporary file left
 
 
 def test_two_runs_on_one_adapter_directory_and_a_resume_on_another_base_are_refused(sharp, tmp_path, capsys):

@@ -7,6 +7,8 @@ import argparse
 import errno
 import os
 import sys
+import warnings
+from pathlib import Path
 
 from .. import __version__
 from . import chat, doctor, finetune, generate, models, render, serve, tui
@@ -15,6 +17,16 @@ from .common import CLIError, take_positional_model, terminal_safe, unrecognized
 SUBCOMMANDS = (render, chat, generate, tui, serve, models, finetune, doctor)
 # what writing to standard output raises when it cannot go on: a closed pipe, a full disk
 OUTPUT_ERRORS = (errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT)
+PACKAGE = Path(__file__).resolve().parent.parent
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The library's warnings (an adapter made for other weights, a decode step that could not be
+    compiled) as one line in the command's words; others' as Python writes them."""
+    if Path(filename).resolve().is_relative_to(PACKAGE):
+        print(f"gptoss-mlx: note: {terminal_safe(str(message))}", file=file or sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         print("gptoss-mlx: error: standard output is closed", file=sys.stderr)
         return 1
     try:
-        status = args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            status = args.func(args)
         sys.stdout.flush()  # a write error shows here, not as a traceback at exit
         return status
     except CLIError as e:

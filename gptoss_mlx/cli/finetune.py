@@ -167,7 +167,7 @@ def settings_for(args) -> tuple[ft.Settings, dict | None]:
             if state.get("data") != ft.file_digest(args.data):
                 raise CLIError(f"--resume: {args.data} is not the data this run started with")
             return settings, state
-        if (out / ADAPTER_CONFIG).exists() or (out / ft.STATE_FILE).exists():
+        if (out / ADAPTER_CONFIG).exists() or (out / ft.TRAINING_STATE).exists():
             raise CLIError(f"{out} already holds an adapter: --resume continues its run, or "
                            "choose a new --adapter-path")
         return ft.Settings(**given), None
