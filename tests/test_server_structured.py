@@ -203,6 +203,17 @@ def test_responses_schema_errors_name_text_format(api):
     assert "uniqueItems" in e.value.message and e.value.body["param"] == "text.format"
     # and its message names it too, not Chat Completions' response_format
     assert e.value.body["message"].startswith("text.format 'pet': "), e.value.body["message"]
+    # a schema of the wrong shape (a tester's: named response_format and 'input' here, and
+    # 'messages' in Chat Completions)
+    bad = {"type": "object", "required": "a"}
+    with pytest.raises(openai.BadRequestError) as e:
+        api.responses.create(model="gpt-oss-tiny", input="A pet.", max_output_tokens=10, text={"format": {
+            "type": "json_schema", "name": "pet", "schema": bad}})
+    assert e.value.body["param"] == "text.format" and e.value.body["message"].startswith("text.format.schema.required")
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model="gpt-oss-tiny", messages=USER, max_tokens=10, response_format={
+            "type": "json_schema", "json_schema": {"name": "pet", "schema": bad}})
+    assert e.value.body["param"] == "response_format"
 
 
 @pytest.mark.parametrize("fmt, says", [

@@ -389,6 +389,7 @@ class ResponseRun:
             e.param = {"response_format": "text.format", "messages": "input"}.get(e.param, e.param)
             e.message = re.sub(r"messages\[(\d+)\]", self._origin, e.message)
             e.message = re.sub(r"^response format\b", "text.format", e.message)
+            e.message = re.sub(r"^response_format: json_schema\.", "text.format.", e.message)
             raise
 
     def _origin(self, found: re.Match) -> str:

@@ -119,7 +119,8 @@ class Service:
         try:
             messages = harmony.from_chat_completions(request, date=harmony.today())
         except HarmonyError as e:
-            raise bad_request(str(e), "tools" if str(e).startswith("tools[") else "messages") from None
+            field = next((f for f in ("tools", "response_format") if str(e).startswith(f)), "messages")
+            raise bad_request(str(e), field) from None
         if tools:
             messages[0] = tools.system_message(request["reasoning_effort"], harmony.today())
         return messages
