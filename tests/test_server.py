@@ -597,6 +597,19 @@ def test_a_refused_responses_item_is_named_by_its_place_in_the_input(url):
     assert code == 400 and data["error"]["message"].startswith("input[0]: tool result"), data
 
 
+def test_a_refusal_part_sent_back_in_the_responses_input_is_the_assistants_answer(tok):
+    """OpenAI's output messages carry refusal parts and clients send them back: a tester's was a
+    400 ('refusal' content is not supported)."""
+    model = ScriptedModel([answer(tok, "Hm.", "ok")])
+    with serving(model, tok) as url:
+        r = client(url).responses.create(model="gpt-oss-tiny", input=[
+            {"role": "user", "content": "hi"},
+            {"type": "message", "role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help."}]},
+            {"role": "user", "content": "why?"}])
+        assert r.output_text == "ok"
+        assert "<|start|>assistant<|channel|>final<|message|>I can't help.<|end|>" in tok.decode(model.fed)
+
+
 def test_a_page_of_another_site_cannot_make_the_server_generate(url):
     # A plain-text POST needs no CORS preflight: any web page the user has open could send one.
     body = b'{"input": "hi", "max_output_tokens": 2}'

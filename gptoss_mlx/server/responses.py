@@ -120,6 +120,11 @@ def _text(content, where: str) -> str:
     if isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") == "refusal":  # an answer's, sent back
+                if not isinstance(part.get("refusal"), str):
+                    raise bad_request(f"{where}.content[{j}].refusal must be a string", "input")
+                parts.append(part["refusal"])
+                continue
             if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise bad_request(f"{where}.content[{j}]: {kind!r} content is not supported (text only)",
