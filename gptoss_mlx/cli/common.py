@@ -379,7 +379,7 @@ def prepare(args, group=None) -> tuple[Path, int, MemoryPlan]:
             except CheckpointError as e:
                 if looks_like_repo_id(source):  # a folder here named like a repo takes its place
                     raise CheckpointError(f"{e} (the folder {source} in {Path.cwd()}, not the Hugging Face "
-                                          f"repo {source}: give the repo's folder in the cache or another name)") from None
+                                          f"repo {source}: rename the folder, or run from elsewhere)") from None
                 raise
         else:
             directory, config_file = None, fetch_config(source)

@@ -278,7 +278,8 @@ function renderChat() {
 // a call without an id, name or arguments is shown and sent back as the server takes it.
 const argumentsText = (args) => (typeof args === "string" ? args : args == null ? "" : JSON.stringify(args));
 const toolName = (call) => (typeof call.function?.name === "string" ? call.function.name : "tool");
-const callId = (call, message, index) => (typeof call.id === "string" && call.id ? call.id : `call_${message}_${index}`);
+const callId = (call, message, index) =>
+  (typeof call.id === "string" && call.id ? call.id : `call_${message}_${index}`);
 const reasoningOf = (m) => m.reasoning ?? m.reasoning_content ?? m.thinking;
 
 function serverRuns(name) {
