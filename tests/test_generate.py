@@ -16,6 +16,7 @@ from gptoss_mlx.engine_thread import SWITCH_INTERVAL_S, EngineThread, engine_thr
 from gptoss_mlx.generate import (
     ContextLengthError, Engine, Prefill, SamplingParams, banned_token_mask, make_sampler,
 )
+from gptoss_mlx.harmony import ASSISTANT_ROLE_ID
 from gptoss_mlx.loading import load_model
 from gptoss_mlx.server.scheduler import PromptCachePool
 from gptoss_mlx.tokenizer import SPECIAL_TOKENS
@@ -82,9 +83,12 @@ def run(model, prompt, **kw):
 
 
 def test_stops_on_return_and_call_but_not_end():
-    model = ScriptedModel([[11, END, 12, 13, RETURN, 99]])
+    start, assistant = SPECIAL_TOKENS["<|start|>"], ASSISTANT_ROLE_ID
+    model = ScriptedModel([[11, END, start, assistant, 12, 13, RETURN, 99]])
     tokens, stats = run(model, [1, 2, 3])
-    assert tokens == [11, END, 12, 13, RETURN] and stats.finish_reason == "stop"
+    assert tokens == [11, END, start, assistant, 12, 13, RETURN] and stats.finish_reason == "stop"
+    # after <|end|>, anything but the next message's <|start|> (or its role) ends the reply there
+    assert run(ScriptedModel([[11, END, 12, 13, RETURN, 99]]), [1, 2, 3])[0] == [11, END]
     model = ScriptedModel([[11, CALL, 99]])
     assert run(model, [1, 2, 3])[0] == [11, CALL]
 

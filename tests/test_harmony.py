@@ -32,6 +32,10 @@ def test_only_an_assistant_message_continues_a_reply(tok):
     for role in ("user", "system", "developer", "functions", "python", "browser", " assistant"):
         assert ends_reply(start, tok.encode(role)[0]), role
     assert ends_reply(start, start)
+    end = SPECIAL_TOKENS["<|end|>"]  # after a message: <|start|> goes on, or the role without it
+    assert not ends_reply(end, start) and not ends_reply(end, ASSISTANT_ROLE_ID)
+    for after in ("user", "system", "functions", "Hello", "<|message|>"):
+        assert ends_reply(end, tok.encode(after, allowed_special="all")[0]), after
 
 
 def text(messages, **kw):

@@ -33,10 +33,15 @@ ASSISTANT_ROLE_ID = 173781  # "assistant" in o200k_harmony (tests/test_harmony.p
 def ends_reply(previous: int | None, token: int) -> bool:
     """Whether ``token``, sampled after ``previous``, ends the reply before it: the model opening
     a message under another role than its own (``<|start|>user``, ``<|start|>system``, or
-    ``<|start|>functions.lookup`` for a tool's result). What it would write there is not the
-    assistant's to say (a user's turn, rules, a result no tool returned), so the reply ends at
-    the ``<|start|>``, as at a stop token; the token itself is not part of the reply."""
-    return previous == ID[START] and token != ASSISTANT_ROLE_ID
+    ``<|start|>functions.lookup`` for a tool's result), with its ``<|start|>`` or without it
+    (``<|end|>user<|message|>``, which the parser reads as a header too). What it would write
+    there is not the assistant's to say (a user's turn, rules, a result no tool returned), so
+    the reply ends, as at a stop token; the token itself is not part of the reply. After a
+    message's ``<|end|>`` only ``<|start|>`` (or the assistant's role, its ``<|start|>``
+    left out) goes on."""
+    if previous == ID[START]:
+        return token != ASSISTANT_ROLE_ID
+    return previous == ID[END] and token not in (ID[START], ASSISTANT_ROLE_ID)
 
 DEFAULT_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
 DEFAULT_CUTOFF = "2024-06"
