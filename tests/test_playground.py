@@ -128,8 +128,10 @@ class Page:
         return self.js("return document.querySelector(arguments[0]).textContent", css)
 
     def errors(self):
-        """The browser console's errors (a failed request, a script error)."""
-        return [e["message"] for e in self.b.get_log("browser") if e["level"] == "SEVERE"]
+        """The browser console's errors (a failed request, a script error) of this page's server
+        (not a request the page of an earlier test, on a server gone since, still had under way)."""
+        return [e["message"] for e in self.b.get_log("browser") if e["level"] == "SEVERE"
+                and (e["message"].startswith(self.root) or not re.match(r"https?://", e["message"]))]
 
 
 # ---- servers ----------------------------------------------------------------------------------
@@ -423,6 +425,42 @@ def test_a_saved_chat_the_store_takes_opens_and_goes_on_in_the_page(browser, tok
             assert "deep thought" in page.text()
         page.send("and now?")
         page.until(lambda: "on we go" in page.text(), "no reply")
+        assert page.errors() == []
+
+
+@pytest.mark.parametrize("calls, results, asked, shown", [
+    # a call without an id answered by name: it was asked for again, and the model got two results
+    ([{"type": "function", "function": {"name": "get_weather", "arguments": "{}"}}],
+     [{"role": "tool", "name": "get_weather", "content": "sunny"}], [], {"get_weather": "sunny"}),
+    # a made-up id for the call without one was the other call's real id: "noon" went to
+    # get_weather, and get_time was never asked for
+    ([{"type": "function", "function": {"name": "get_weather", "arguments": "{}"}},
+      {"id": "call_1_0", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}],
+     [{"role": "tool", "tool_call_id": "call_1_0", "name": "get_time", "content": "noon"}], ["get_weather"],
+     {"get_time": "noon"}),
+])
+def test_results_of_a_saved_chat_answer_the_calls_they_name(browser, tok, tmp_path, calls, results, asked, shown):
+    model = ScriptedModel([answer(tok, "Hm.", "on we go")])
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": calls}, *results]
+    with serving(model, tok, chats=ConversationStore(tmp_path)) as url:
+        status, made = call_api(url.removesuffix("/v1"), "POST", "/v1/playground/chats",
+                                {"title": "by hand", "messages": messages})
+        assert status == 201, made
+        page = Page(browser, url, path=f"/#chat={made['id']}")
+        page.until(lambda: page.all("details.tool"), "the chat was not shown")
+        rows = {row.get_attribute("data-name"): row for row in page.all("details.tool")}
+        for name, result in shown.items():
+            assert page.js("return arguments[0].querySelector('.result').textContent", rows[name]) == result
+        assert [row.get_attribute("data-name") for row in page.all("details.tool") if
+                row.find_elements("css selector", "textarea")] == asked
+        for name in asked:
+            rows[name].find_element("css selector", "textarea").send_keys(f"{name} says hi")
+        page.send("and now?") if not asked else page.find(".send-results").click()
+        page.until(lambda: "on we go" in page.text(), "no reply")
+        prompt = prompts(tok, model)
+        for name, result in {**shown, **{n: f"{n} says hi" for n in asked}}.items():
+            assert prompt.count(f"functions.{name} to=assistant<|channel|>commentary<|message|>") == 1, prompt
+            assert f"functions.{name} to=assistant<|channel|>commentary<|message|>{result}<|end|>" in prompt
         assert page.errors() == []
 
 

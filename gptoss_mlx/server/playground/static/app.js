@@ -240,7 +240,8 @@ function renderChat() {
   const box = $("#messages");
   box.replaceChildren();
   let turn = null;
-  const rows = new Map(); // tool_call_id -> its row
+  const rows = new Map(); // a call's id (pairing's) -> its row
+  const pairs = pairing(state.chat.messages);
   let unanswered = []; // the last calls of the page's functions still without a result
   state.chat.messages.forEach((m, i) => {
     if (m.role === "user") {
@@ -258,14 +259,15 @@ function renderChat() {
       if (reasoningOf(m)) turn.reasoning(reasoningOf(m), false);
       if (m.content) turn.answer(textOf(m.content));
       (m.tool_calls || []).forEach((call, k) => {
-        const name = toolName(call), id = callId(call, i, k);
+        const name = toolName(call), id = pairs.callId(i, k);
         const row = turn.toolRow(name, argumentsText(call.function?.arguments), serverRuns(name));
         rows.set(id, row);
         if (!serverRuns(name)) unanswered.push({ type: "function_call", call_id: id, name, view: row });
       });
     } else if (m.role === "tool") {
-      unanswered = unanswered.filter((call) => call.call_id !== m.tool_call_id);
-      (rows.get(m.tool_call_id) || turn.toolRow(m.name || "tool", "", false)).result(textOf(m.content));
+      const answered = pairs.answers.get(i);
+      unanswered = unanswered.filter((call) => call.call_id !== answered);
+      (rows.get(answered) || turn.toolRow(m.name || "tool", "", false)).result(textOf(m.content));
     }
   });
   // A reply that ended in calls of the page's functions, reopened: their results are asked for again.
@@ -275,11 +277,38 @@ function renderChat() {
 }
 
 // A saved chat as the store keeps it may come from elsewhere (the TUI, a file written by hand):
-// a call without an id, name or arguments is shown and sent back as the server takes it.
+// calls without an id, name or arguments, one id on several calls, results without their call's
+// id. Each call gets an id of its own (its given one, unless an earlier call has it), and each
+// result answers the first call still open with its id, else with its function's name: the
+// pairs the page shows, asks results for, and sends.
+function pairing(messages) {
+  const given = new Set(messages.flatMap((m) => (m.tool_calls || []).map((call) => call.id)));
+  const ids = new Map(); // "message:index" -> the call's id
+  const taken = new Set(); // ids given out so far
+  const answers = new Map(); // index of a tool message -> the id of the call it answers
+  const open = []; // {id, name} of the calls not yet answered
+  messages.forEach((m, i) => {
+    (m.tool_calls || []).forEach((call, k) => {
+      let id = typeof call.id === "string" && call.id && !taken.has(call.id) ? call.id : null;
+      for (let n = 0; id === null; n++) {
+        const made = `call_${i}_${k}${n ? `_${n}` : ""}`;
+        if (!given.has(made) && !taken.has(made)) id = made;
+      }
+      ids.set(`${i}:${k}`, id);
+      taken.add(id);
+      open.push({ id, name: toolName(call) });
+    });
+    if (m.role === "tool") {
+      let j = open.findIndex((call) => call.id === m.tool_call_id);
+      if (j < 0) j = open.findIndex((call) => call.name === m.name);
+      if (j >= 0) answers.set(i, open.splice(j, 1)[0].id);
+    }
+  });
+  return { callId: (i, k) => ids.get(`${i}:${k}`), answers };
+}
+
 const argumentsText = (args) => (typeof args === "string" ? args : args == null ? "" : JSON.stringify(args));
 const toolName = (call) => (typeof call.function?.name === "string" ? call.function.name : "tool");
-const callId = (call, message, index) =>
-  (typeof call.id === "string" && call.id ? call.id : `call_${message}_${index}`);
 const reasoningOf = (m) => m.reasoning ?? m.reasoning_content ?? m.thinking;
 
 function serverRuns(name) {
@@ -444,18 +473,20 @@ function readSettings() {
 // The conversation as Responses input items.
 function inputItems(messages) {
   const items = [];
+  const pairs = pairing(messages);
   messages.forEach((m, i) => {
     if (m.role === "user") items.push({ type: "message", role: "user", content: textOf(m.content) });
     else if (m.role === "tool") {
-      // (name: for a result whose call has no id, which the server then matches by the function's name)
-      items.push({ type: "function_call_output", call_id: typeof m.tool_call_id === "string" ? m.tool_call_id : "",
+      // (name: for a result that answers no call, which the server then takes by the function's name)
+      const answered = pairs.answers.get(i) ?? (typeof m.tool_call_id === "string" ? m.tool_call_id : "");
+      items.push({ type: "function_call_output", call_id: answered,
                    ...(typeof m.name === "string" && { name: m.name }), output: textOf(m.content) });
     } else if (m.role === "assistant") {
       const reasoning = reasoningOf(m);
       if (reasoning) items.push({ type: "reasoning", summary: [], content: [{ type: "reasoning_text", text: reasoning }] });
       if (m.content) items.push({ type: "message", role: "assistant", content: textOf(m.content) });
       (m.tool_calls || []).forEach((call, k) => {
-        items.push({ type: "function_call", call_id: callId(call, i, k), name: toolName(call),
+        items.push({ type: "function_call", call_id: pairs.callId(i, k), name: toolName(call),
                      arguments: argumentsText(call.function?.arguments) });
       });
     }
