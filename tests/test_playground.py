@@ -401,6 +401,16 @@ def test_a_call_waiting_for_its_result_asks_for_it_again_when_the_chat_is_reopen
         assert page.errors() == []
 
 
+def open_saved(browser, url, messages) -> Page:
+    """The page showing a chat saved through the chat endpoints (as a file written by hand is)."""
+    status, made = call_api(url.removesuffix("/v1"), "POST", "/v1/playground/chats",
+                            {"title": "by hand", "messages": messages})
+    assert status == 201, made
+    page = Page(browser, url, path=f"/#chat={made['id']}")
+    page.until(lambda: page.all(".turn"), "the chat was not shown")
+    return page
+
+
 @pytest.mark.parametrize("messages", [
     [{"role": "user", "content": "a"},
      {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f"}}]},
@@ -416,11 +426,7 @@ def test_a_saved_chat_the_store_takes_opens_and_goes_on_in_the_page(browser, tok
     without arguments threw in markdown.js, and each sent nothing but 400s from then on."""
     model = ScriptedModel([answer(tok, "Hm.", "on we go")])
     with serving(model, tok, chats=ConversationStore(tmp_path)) as url:
-        status, made = call_api(url.removesuffix("/v1"), "POST", "/v1/playground/chats",
-                                {"title": "by hand", "messages": messages})
-        assert status == 201, made
-        page = Page(browser, url, path=f"/#chat={made['id']}")
-        page.until(lambda: page.all(".turn"), "the chat was not shown")
+        page = open_saved(browser, url, messages)
         if "thinking" in messages[-1]:
             assert "deep thought" in page.text()
         page.send("and now?")
@@ -443,11 +449,7 @@ def test_results_of_a_saved_chat_answer_the_calls_they_name(browser, tok, tmp_pa
     model = ScriptedModel([answer(tok, "Hm.", "on we go")])
     messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": calls}, *results]
     with serving(model, tok, chats=ConversationStore(tmp_path)) as url:
-        status, made = call_api(url.removesuffix("/v1"), "POST", "/v1/playground/chats",
-                                {"title": "by hand", "messages": messages})
-        assert status == 201, made
-        page = Page(browser, url, path=f"/#chat={made['id']}")
-        page.until(lambda: page.all("details.tool"), "the chat was not shown")
+        page = open_saved(browser, url, messages)
         rows = {row.get_attribute("data-name"): row for row in page.all("details.tool")}
         for name, result in shown.items():
             assert page.js("return arguments[0].querySelector('.result').textContent", rows[name]) == result
