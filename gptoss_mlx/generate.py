@@ -396,10 +396,10 @@ class Engine:
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                     stats.prefill_s = stats.ttft_s = first_token_at - start
-                stats.generated_tokens = n
                 if ends_reply(previous, token):  # <|start|> and another role than the assistant's
                     stats.finish_reason = sampler.stop_reason()
                     break
+                stats.generated_tokens = n
                 yield token
                 if token in stop_tokens:
                     stats.finish_reason = sampler.stop_reason()

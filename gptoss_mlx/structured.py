@@ -51,7 +51,7 @@ from llguidance.tiktoken import lltokenizer_from_encoding
 
 from . import harmony
 from .harmony import (
-    CALL, CHANNEL, CONSTRAIN, END, ENDOFTEXT, MESSAGE, RETURN, START, DeveloperContent, MessageStart,
+    ASSISTANT_ROLE_ID, CALL, CHANNEL, CONSTRAIN, END, ENDOFTEXT, MESSAGE, RETURN, START, DeveloperContent, MessageStart,
     Special,
 )
 from .harmony.chat_completions import FUNCTIONS
@@ -963,10 +963,14 @@ class HarmonyConstraint:
         return bits
 
     def _no_stop(self) -> array.array:
-        """Before the answer nothing may end the reply: no <|return|> or end of text, and
-        <|call|> only to end a call (calls to declared functions are constrained messages; a
+        """Before the answer nothing may end the reply: no <|return|> or end of text, no message
+        under another role (after <|end|>, <|start|>assistant comes), and <|call|> only to end a call (calls to declared functions are constrained messages; a
         call to any other tool ends, and whoever runs the tools answers it, an error for a
         tool it does not have: held open, it ran on to the budget)."""
+        if self._last == ID[START]:  # another role's message would end the reply (harmony.ends_reply)
+            return only(ASSISTANT_ROLE_ID)
+        if self._last == ID[END]:
+            return only(ID[START])
         current = self.parser.current if self.parser.state == "content" else None
         if current is None or current.recipient in (None, "all", "assistant"):
             return all_but(ID[RETURN], ID[ENDOFTEXT], ID[CALL])

@@ -87,8 +87,12 @@ def test_stops_on_return_and_call_but_not_end():
     model = ScriptedModel([[11, END, start, assistant, 12, 13, RETURN, 99]])
     tokens, stats = run(model, [1, 2, 3])
     assert tokens == [11, END, start, assistant, 12, 13, RETURN] and stats.finish_reason == "stop"
-    # after <|end|>, anything but the next message's <|start|> (or its role) ends the reply there
-    assert run(ScriptedModel([[11, END, 12, 13, RETURN, 99]]), [1, 2, 3])[0] == [11, END]
+    # after <|end|>, anything but the next message's <|start|> (or its role, or a header without
+    # one) ends the reply there, and the token that ended it is not counted
+    tokens, stats = run(ScriptedModel([[11, END, 12, 13, RETURN, 99]]), [1, 2, 3])
+    assert tokens == [11, END] and stats.generated_tokens == 2 and stats.finish_reason == "stop"
+    channel = SPECIAL_TOKENS["<|channel|>"]
+    assert run(ScriptedModel([[11, END, channel, 12, RETURN, 99]]), [1, 2, 3])[0] == [11, END, channel, 12, RETURN]
     model = ScriptedModel([[11, CALL, 99]])
     assert run(model, [1, 2, 3])[0] == [11, CALL]
 

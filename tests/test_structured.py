@@ -158,6 +158,19 @@ def test_a_call_header_cannot_end_before_its_arguments(tok, header):
     assert mx.isfinite(masked[0, SPECIAL_TOKENS[CALL]]).item()  # not a declared function: not held
 
 
+@pytest.mark.parametrize("written, allowed", [("<|channel|>analysis<|message|>Think.<|end|>", "<|start|>"),
+                                              ("<|channel|>analysis<|message|>Think.<|end|><|start|>", "assistant")])
+def test_before_the_answer_the_model_cannot_open_another_roles_message(tok, pet, written, allowed):
+    """A re-attack: the reply now ends where the model opens a message under another role
+    (harmony.ends_reply), and under a response format that ended it with no answer, reported as
+    a normal stop. Before the answer only the assistant's next header goes on."""
+    ids = tok.encode(written, allowed_special="all")
+    constraint = HarmonyConstraint(tok, answer=pet, max_tokens=400, prefix=ids)
+    masked = constraint(mx.array(prompt_for(tok) + ids), mx.zeros((1, VOCAB_SIZE)))
+    assert mx.isfinite(masked[0]).sum().item() == 1
+    assert mx.isfinite(masked[0, tok.encode(allowed, allowed_special="all")[0]]).item()
+
+
 def test_a_call_header_of_a_function_without_a_grammar_cannot_end_before_its_arguments(tok):
     """A function that is not strict and whose schema cannot be enforced has no grammar: its
     header could end with <|call|>, a call with arguments "" the server sent as complete."""

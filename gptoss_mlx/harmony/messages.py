@@ -37,11 +37,12 @@ def ends_reply(previous: int | None, token: int) -> bool:
     (``<|end|>user<|message|>``, which the parser reads as a header too). What it would write
     there is not the assistant's to say (a user's turn, rules, a result no tool returned), so
     the reply ends, as at a stop token; the token itself is not part of the reply. After a
-    message's ``<|end|>`` only ``<|start|>`` (or the assistant's role, its ``<|start|>``
-    left out) goes on."""
+    message's ``<|end|>`` only ``<|start|>`` goes on, or the assistant's role or a header
+    without a role (``<|channel|>final``) with the ``<|start|>`` left out, which the parser reads
+    as the assistant's."""
     if previous == ID[START]:
-        return token != ASSISTANT_ROLE_ID
-    return previous == ID[END] and token not in (ID[START], ASSISTANT_ROLE_ID)
+        return token not in (ASSISTANT_ROLE_ID, ID[CHANNEL])
+    return previous == ID[END] and token not in (ID[START], ASSISTANT_ROLE_ID, ID[CHANNEL])
 
 DEFAULT_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
 DEFAULT_CUTOFF = "2024-06"

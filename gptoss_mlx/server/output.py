@@ -91,6 +91,7 @@ class ReplyStream:
         self._current: Item | None = None
         self._unowned = 0  # tokens fed since a message ended, none open
         self._held = ""  # answer text that may be the start of a stop string
+        self._others = False  # the message under way is not the assistant's (the model wrote another role's)
 
     @property
     def messages(self) -> list[harmony.Message]:
@@ -137,7 +138,12 @@ class ReplyStream:
         for event in events:
             if self.stopped:
                 break
+            if isinstance(event, MessageStart) and event.role != "assistant":
+                self._others = True  # a user's turn or a tool's result the model wrote: not the assistant's
+                self._unowned = 0
+                continue
             if isinstance(event, MessageStart):
+                self._others = False
                 kind, name = item_kind(event)
                 if kind == CALL and self.server_answers(event.recipient):
                     kind = SERVER_CALL
@@ -148,6 +154,8 @@ class ReplyStream:
                 self._unowned = 0
                 self.items.append(self._current)
                 out.append(Opened(self._current))
+            elif self._others:
+                continue
             elif isinstance(event, ContentDelta):
                 out += self._text(event.text)
             elif isinstance(event, MessageEnd) and self._current is not None:
