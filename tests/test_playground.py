@@ -466,6 +466,25 @@ def test_results_of_a_saved_chat_answer_the_calls_they_name(browser, tok, tmp_pa
         assert page.errors() == []
 
 
+def test_a_result_answers_a_call_of_its_own_turn(browser, tok, tmp_path):
+    """A re-attack: a call left open in an earlier turn took the result of a later turn's call
+    (the page showed it there and asked for the later call again, then sent two results)."""
+    model = ScriptedModel([answer(tok, "Hm.", "on we go")])
+    weather = {"type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    messages = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": None, "tool_calls": [weather]},
+                {"role": "user", "content": "q2"}, {"role": "assistant", "content": None, "tool_calls": [weather]},
+                {"role": "tool", "name": "get_weather", "content": "rain"}]
+    with serving(model, tok, chats=ConversationStore(tmp_path)) as url:
+        page = open_saved(browser, url, messages)
+        rows = page.all("details.tool")
+        assert [page.js("return arguments[0].querySelector('.result')?.textContent ?? null", r) for r in rows] == [
+            None, "rain"]
+        assert not page.all("textarea[data-call-id]")  # the last call has its result
+        page.send("and now?")
+        page.until(lambda: "on we go" in page.text(), "no reply")
+        assert prompts(tok, model).count("<|message|>rain<|end|>") == 1
+
+
 def test_a_tui_chat_resumes_in_the_page_and_the_page_chat_opens_in_the_tui(browser, tok, tmp_path, shots):
     chats = ConversationStore(tmp_path)
     model = ScriptedModel([answer(tok, "They asked again.", "Still blue, because of Rayleigh scattering.")])

@@ -279,8 +279,8 @@ function renderChat() {
 // A saved chat as the store keeps it may come from elsewhere (the TUI, a file written by hand):
 // calls without an id, name or arguments, one id on several calls, results without their call's
 // id. Each call gets an id of its own (its given one, unless an earlier call has it), and each
-// result answers the first call still open with its id, else with its function's name: the
-// pairs the page shows, asks results for, and sends.
+// result answers the first call of its turn still open with its id, else with its function's
+// name: the pairs the page shows, asks results for, and sends.
 function pairing(messages) {
   const given = new Set(messages.flatMap((m) => (m.tool_calls || []).map((call) => call.id)));
   const ids = new Map(); // "message:index" -> the call's id
@@ -288,6 +288,7 @@ function pairing(messages) {
   const answers = new Map(); // index of a tool message -> the id of the call it answers
   const open = []; // {id, name} of the calls not yet answered
   messages.forEach((m, i) => {
+    if (m.role === "user") open.length = 0; // a call left open is not answered in a later turn (nor by the server)
     (m.tool_calls || []).forEach((call, k) => {
       let id = typeof call.id === "string" && call.id && !taken.has(call.id) ? call.id : null;
       for (let n = 0; id === null; n++) {
