@@ -15,12 +15,13 @@ import base64
 import hashlib
 import os
 import tempfile
+import threading
 from functools import lru_cache
 from pathlib import Path
 
 import tiktoken
 
-from .files import read_json_file, regular_file_problem
+from .files import MAX_JSON_BYTES, read_json_file, regular_file_problem
 
 # Harmony special tokens (gpt-oss.md 4.1).
 SPECIAL_TOKENS: dict[str, int] = {
@@ -119,13 +120,23 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
+@lru_cache(maxsize=None)
+def _byte_table() -> dict[int, int | None]:
+    """``str.translate`` table from each stand-in character to the byte it stands for (as a
+    latin-1 character); the other characters below 256 are deleted, so that a token holding one
+    comes out shorter than it went in."""
+    table: dict[int, int | None] = {c: None for c in range(256)}
+    table.update({ord(ch): b for ch, b in _byte_decoder().items()})
+    return table
+
+
 def ranks_from_tokenizer_json(path: str | Path) -> tuple[dict[bytes, int], str]:
     """BPE ranks and the split regex from a Hugging Face ``tokenizer.json`` (optionally .gz)."""
     path = Path(path)
     data = read_json_file(path, TokenizerError)
     vocab = _field(path, data, "model", dict)
     vocab = _field(path, vocab, "vocab", dict, "model.vocab")
-    decoder = _byte_decoder()
+    table = _byte_table()
     ranks: dict[bytes, int] = {}
     for token, rank in vocab.items():
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
@@ -133,9 +144,12 @@ def ranks_from_tokenizer_json(path: str | Path) -> tuple[dict[bytes, int], str]:
         if rank >= NUM_BPE_TOKENS:
             continue
         try:
-            ranks[bytes(decoder[ch] for ch in token)] = rank
-        except KeyError:
-            raise TokenizerError(f"{path}: token {token!r:.100} is not byte-level BPE") from None
+            raw = token.translate(table).encode("latin-1")
+        except UnicodeEncodeError:
+            raw = b""
+        if len(raw) != len(token):  # a character outside the 256 stand-ins: dropped or not encodable
+            raise TokenizerError(f"{path}: token {token!r:.100} is not byte-level BPE")
+        ranks[raw] = rank
     specials = harmony_special_tokens()
     for added in _field(path, data, "added_tokens", list, default=[]):
         if not isinstance(added, dict):
@@ -224,14 +238,52 @@ def load_tokenizer(path: str | Path | None = None) -> HarmonyEncoding:
             raise TokenizerError(
                 f"{path}: no tokenizer.json or o200k_base.tiktoken in this directory"
             )
-        if path.name.endswith((".json", ".json.gz")):
-            ranks, pattern = ranks_from_tokenizer_json(path)
-            return _make_encoding(ranks, pattern, path)
-        return _make_encoding(ranks_from_tiktoken_file(path), source=path)
+        return _parsed_once(path)
     for candidate in _tiktoken_cache_candidates():
         if candidate.exists():
-            return _make_encoding(ranks_from_tiktoken_file(candidate), source=candidate)
+            return _parsed_once(candidate)
     raise TokenizerError(
         "no o200k_base vocabulary found: pass a checkpoint with tokenizer.json, or set "
         f"{TIKTOKEN_FILE_ENV} to an o200k_base.tiktoken file (sha256 {O200K_SHA256[:12]}...)"
     )
+
+
+_PARSED: dict[tuple[str, str], HarmonyEncoding] = {}  # (kind, sha256 of the file) -> its encoding
+_PARSED_KEPT = 4
+_PARSED_LOCK = threading.Lock()
+
+
+def _parsed_once(path: Path) -> HarmonyEncoding:
+    """The encoding in a tokenizer.json or an o200k_base.tiktoken file, parsed once per process
+    for the same bytes (a second ``load`` of a checkpoint, or of its copy, takes no 2 s more)."""
+    is_json = path.name.endswith((".json", ".json.gz"))
+    digest = _file_sha256(path)
+    key = ("json" if is_json else "tiktoken", digest)
+    with _PARSED_LOCK:
+        if digest is not None and key in _PARSED:
+            _PARSED[key] = encoding = _PARSED.pop(key)  # the most recently used is kept longest
+            return encoding
+    if is_json:
+        encoding = _make_encoding(*ranks_from_tokenizer_json(path), path)
+    else:
+        encoding = _make_encoding(ranks_from_tiktoken_file(path), source=path)
+    if digest is not None:
+        with _PARSED_LOCK:
+            while len(_PARSED) >= _PARSED_KEPT:
+                del _PARSED[next(iter(_PARSED))]
+            _PARSED[key] = encoding
+    return encoding
+
+
+def _file_sha256(path: Path) -> str | None:
+    """sha256 of a regular file's bytes; None for anything else (its parser names the problem)."""
+    if regular_file_problem(path) or path.stat().st_size > MAX_JSON_BYTES:
+        return None
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()

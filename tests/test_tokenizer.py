@@ -116,3 +116,31 @@ def test_malformed_tiktoken_lines_name_the_line(tmp_path):
     bad.write_text("aGVsbG8= 0\nnot-base64!! 1\n")
     with pytest.raises(TokenizerError, match="line 2 is not 'base64-token rank'"):
         ranks_from_tiktoken_file(bad, check_hash=False)
+
+
+@pytest.mark.parametrize("token", ["hello world", "tab\there", "\x7f", "caf\u00e9\u4e00"])
+def test_a_vocabulary_token_that_is_not_byte_level_is_named(tmp_path, token):
+    """Byte-level BPE writes each byte as one of 256 stand-in characters: a space, a control
+    character or any other character in a token is not one of them."""
+    from gptoss_mlx.tokenizer import ranks_from_tokenizer_json
+
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text(json.dumps({"model": {"vocab": {"hi": 0, token: 1}}}))
+    with pytest.raises(TokenizerError, match="is not byte-level BPE"):
+        ranks_from_tokenizer_json(bad)
+
+
+def test_the_same_tokenizer_file_is_parsed_once(tokenizer_json, tmp_path):
+    """A second load of the same bytes (a checkpoint loaded again, or its copy) reuses the parsed
+    encoding; other bytes under the same name are parsed again."""
+    import gzip
+
+    first = load_tokenizer(tokenizer_json)
+    copy = tmp_path / "tokenizer.json"
+    raw = tokenizer_json.read_bytes()
+    copy.write_bytes(gzip.decompress(raw) if tokenizer_json.suffix == ".gz" else raw)
+    again = load_tokenizer(copy)
+    assert load_tokenizer(tmp_path) is again and load_tokenizer(tokenizer_json) is first
+    copy.write_bytes(copy.read_bytes()[:-2])  # cut short
+    with pytest.raises(TokenizerError, match="tokenizer.json: not valid JSON"):
+        load_tokenizer(copy)
