@@ -1,6 +1,6 @@
-"""One rank of tests/test_distributed.py: a three-turn greedy chat with a tiny checkpoint, split
-over the ranks that mlx.launch's environment names (or in one process without it), once per
-sharding mode.
+"""One rank of tests/test_distributed.py: a three-turn greedy chat (six tokens a reply) with a
+tiny checkpoint, split over the ranks that mlx.launch's environment names (or in one process
+without it), once per sharding mode.
 
     python tests/distributed_worker.py CHECKPOINT OUT_PREFIX tensor,pipeline
 
@@ -44,7 +44,7 @@ def run(checkpoint: Path, out: str, group, sharding: str) -> None:
     # one date for every process: the system message carries it, and a run that crossed midnight
     # compared replies to different prompts (CI failed at 00:05 UTC)
     chat = Chat(model, load_tokenizer(checkpoint), engine=engine, reasoning_effort="low", date="2026-12-01",
-                sampling=SamplingParams(temperature=0, max_tokens=12))
+                sampling=SamplingParams(temperature=0, max_tokens=6))
     results = {}
     for turn, question in enumerate(QUESTIONS):
         for _ in chat.send(question):

@@ -68,10 +68,11 @@ class ScriptedModel:
 
 
 class SlowChunks:
-    """``model``, each prefill chunk (a pass over more than one token) taking ``pause`` s more."""
+    """``model``, each prefill chunk (a pass over more than one token) taking ``pause`` s more,
+    and waiting until ``hold`` (a threading.Event) is set, if given."""
 
-    def __init__(self, model, pause: float):
-        self.model, self.pause = model, pause
+    def __init__(self, model, pause: float, hold=None):
+        self.model, self.pause, self.hold = model, pause, hold
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -79,4 +80,5 @@ class SlowChunks:
     def __call__(self, inputs, cache=None, **kw):
         if inputs.shape[1] > 1:
             time.sleep(self.pause)
+            assert self.hold is None or self.hold.wait(timeout=60), "the test never let the chunk end"
         return self.model(inputs, cache=cache, **kw)

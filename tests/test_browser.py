@@ -121,7 +121,7 @@ def _serve(conn):
         try:
             while b"\r\n\r\n" not in data:
                 chunk = conn.recv(65536)
-                if not chunk:
+                if not chunk or data + chunk[:1] == b"\x16":  # gone, or a TLS handshake: not HTTP
                     return
                 data += chunk
             head = data.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")

@@ -243,18 +243,26 @@ def test_a_rank_gone_while_it_connects_leaves_nothing_behind(tmp_path):
     """Killed (kill -9, or Ctrl-C, which ends it at once: no Python handler can run while MLX
     connects), its connect timer neither says it could not connect nor kills anything later."""
     code = "from gptoss_mlx import distributed; distributed.init(timeout_s=3.25)"
-    for sig in (signal.SIGKILL, signal.SIGINT):
-        log = tmp_path / f"stderr{sig}"
-        with open(log, "w") as err:
-            rank0 = subprocess.Popen([sys.executable, "-c", code], env=ring_environments(2, tmp_path)[0],
-                                     stderr=err, start_new_session=True)
-            time.sleep(1.5)  # importing, then connecting
-            rank0.send_signal(sig)
-            assert rank0.wait(timeout=2) == -sig
-            time.sleep(0.5)
-            for left in ("could not connect to the other ranks", "^sleep 3.25$"):  # the timer's shell, its sleep
-                assert not subprocess.run(["pgrep", "-f", left], capture_output=True, text=True).stdout.strip()
-            time.sleep(3)  # past the timeout
+    timers = ("pgrep", "-f", "^sleep 3.25$")  # each connecting rank's timer: the shell's sleep
+    signals = (signal.SIGKILL, signal.SIGINT)
+    logs = [tmp_path / f"stderr{sig}" for sig in signals]
+    for sig in signals:
+        (tmp_path / str(sig)).mkdir()
+    ranks = [subprocess.Popen([sys.executable, "-c", code], env=ring_environments(2, tmp_path / str(sig))[0],
+                              stderr=open(log, "w"), start_new_session=True)
+             for sig, log in zip(signals, logs)]
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(subprocess.run(timers, capture_output=True, text=True).stdout.split()) < len(ranks):
+        assert time.monotonic() < deadline and all(r.poll() is None for r in ranks)
+        time.sleep(0.05)
+    for rank, sig in zip(ranks, signals):  # both are connecting now
+        rank.send_signal(sig)
+        assert rank.wait(timeout=2) == -sig
+    time.sleep(0.5)
+    for left in ("could not connect to the other ranks", "^sleep 3.25$"):  # the timer's shell, its sleep
+        assert not subprocess.run(["pgrep", "-f", left], capture_output=True, text=True).stdout.strip()
+    time.sleep(3.25)  # past the timeout
+    for log in logs:
         assert "could not connect" not in log.read_text()
 
 

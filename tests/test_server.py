@@ -841,14 +841,30 @@ def test_a_responses_stream_left_early_can_be_followed_on_from_what_was_sent(tok
         assert "<|channel|>final" not in before
 
 
+class HeldScript(ScriptedModel):
+    """A ScriptedModel whose replies wait two tokens before their end until ``go`` is set: a
+    reply is under way for as long as the test needs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.go = threading.Event()
+
+    def __call__(self, *args, **kwargs):
+        logits = super().__call__(*args, **kwargs)
+        if self._progress() == len(self._script) - 2:
+            assert self.go.wait(timeout=60), "the test never let the reply end"
+        return logits
+
+
 def test_a_response_under_way_is_in_progress_and_deleting_it_means_it_is_not_stored(tok):
     """GET and DELETE of a stored response under way said 404 ("only with store=true"), and a
     response deleted then was stored when it ended."""
-    words = " ".join(f"w{n}" for n in range(60))
-    model = SlowScript([answer(tok, "Think.", words), answer(tok, "Think.", words)])
+    words = " ".join(f"w{n}" for n in range(8))
+    model = HeldScript([answer(tok, "Think.", words), answer(tok, "Think.", words)])
     with serving(model, tok) as url:
         c = client(url)
         for delete in (False, True):
+            model.go.clear()
             stream = c.responses.create(model="gpt-oss-tiny", input="count", stream=True)
             for event in stream:
                 if event.type == "response.created":
@@ -861,6 +877,7 @@ def test_a_response_under_way_is_in_progress_and_deleting_it_means_it_is_not_sto
                 c.responses.create(model="gpt-oss-tiny", input="go on", previous_response_id=rid)
             if delete:
                 c.responses.delete(rid)
+            model.go.set()
             rest = [event.type for event in stream]
             assert rest[-1] == "response.completed"
             if delete:

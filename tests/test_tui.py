@@ -817,7 +817,8 @@ async def test_escape_while_a_long_prompt_is_read_says_it_is_stopping(tokenizer_
 
     tok = load_tokenizer(tokenizer_json)
     answer = tok.encode("<|channel|>final<|message|>Read it.<|return|>", allowed_special="all")
-    model = SlowChunks(ScriptedModel([answer]), 0.4)
+    chunk_ends = threading.Event()
+    model = SlowChunks(ScriptedModel([answer]), 0.0, hold=chunk_ends)
     chat = Chat(model, tok, engine=Engine(model, max_context=4096, prefill_step=16), date="2025-08-05")
     app = make_app(chat, store)
     async with app.run_test(size=SIZE) as pilot:
@@ -826,6 +827,7 @@ async def test_escape_while_a_long_prompt_is_read_says_it_is_stopping(tokenizer_
         await wait_until(pilot, lambda: "reading the prompt" in app.query_one("#status").render().plain)
         await pilot.press("escape")
         assert "stopping…" in app.query_one("#status").render().plain  # at once, not after the chunk
+        chunk_ends.set()
         await wait_until(pilot, lambda: app.replies_finished == 1)
         await pilot.pause(0.1)
         assert "stopping" not in app.query_one("#status").render().plain
