@@ -595,6 +595,12 @@ def test_a_refused_responses_item_is_named_by_its_place_in_the_input(url):
         "previous_response_id": first.id,
         "input": [{"type": "function_call_output", "call_id": "nope", "output": "1"}]}).encode())
     assert code == 400 and data["error"]["message"].startswith("input[0]: tool result"), data
+    # a function_call's field by its own name, not the tool_calls[j].function path it becomes
+    calls = [{"type": "function_call", "call_id": f"c{n}", "name": name, "arguments": "{}"}
+             for n, name in enumerate(("lookup", "look up"))]
+    code, data = post(url, "/responses", json.dumps({"instructions": "Be brief.", "input": [
+        {"role": "user", "content": "hi"}, *calls]}).encode())
+    assert code == 400 and data["error"]["message"].startswith("input[2].name 'look up': "), data
 
 
 def test_a_refusal_part_sent_back_in_the_responses_input_is_the_assistants_answer(tok):

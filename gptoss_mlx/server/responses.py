@@ -136,13 +136,15 @@ def _text(content, where: str) -> str:
     raise bad_request(f"{where}: content must be a string or a list of text parts", "input")
 
 
-def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], list[str]]:
+def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[str, str]]:
     """Responses items -> Chat Completions messages: an assistant turn's reasoning, calls and
-    text are gathered into one assistant message, in order. Also where each message came from
-    (``input[i]``, counted from ``first_input``; earlier items are the previous response's), for
-    the errors that the messages' conversion raises later."""
+    text are gathered into one assistant message, in order. Also where each message and each
+    call came from, by its Chat Completions path (``messages[k]``, ``messages[k].tool_calls[j]``
+    -> ``input[i]``, counted from ``first_input``; earlier items are the previous response's),
+    for the errors that the messages' conversion raises later."""
     out: list[dict] = []
-    origins: list[str] = []
+    origins: dict[str, str] = {}
+    begun = 0  # messages whose origin is recorded
     assistant: dict | None = None
 
     def turn(*clash: str) -> dict:
@@ -180,15 +182,18 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], list[s
             if not all(isinstance(item.get(k), str) for k in ("name", "call_id", "arguments")):
                 raise bad_request(f"{where}: a function_call needs 'name', 'call_id' and 'arguments' "
                                   "(strings)", "input")
-            turn("content").setdefault("tool_calls", []).append(
-                {"id": item["call_id"], "type": "function",
-                 "function": {"name": item["name"], "arguments": item["arguments"]}})
+            calls = turn("content").setdefault("tool_calls", [])
+            calls.append({"id": item["call_id"], "type": "function",
+                          "function": {"name": item["name"], "arguments": item["arguments"]}})
+            origins[f"messages[{len(out) - 1}].tool_calls[{len(calls) - 1}]"] = where
         elif kind == "mcp_call":  # a tool the server ran: its call, then its result
             if not all(isinstance(item.get(k), str) for k in ("name", "arguments")):
                 raise bad_request(f"{where}: an mcp_call needs 'name' and 'arguments' (strings)", "input")
             call_id = str(item.get("id") or f"mcp_{i}")
-            turn("content").setdefault("tool_calls", []).append(
-                {"id": call_id, "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}})
+            calls = turn("content").setdefault("tool_calls", [])
+            calls.append({"id": call_id, "type": "function",
+                          "function": {"name": item["name"], "arguments": item["arguments"]}})
+            origins[f"messages[{len(out) - 1}].tool_calls[{len(calls) - 1}]"] = where
             result = item.get("output") if item.get("output") is not None else mcp_error_text(item.get("error"))
             if result is not None and not isinstance(result, str):
                 raise bad_request(f"{where}: an mcp_call's output is a string, and its error a string or "
@@ -210,7 +215,9 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], list[s
         else:
             raise bad_request(f"{where}: items of type {kind!r} are not supported (messages, reasoning, "
                               "function_call, function_call_output and mcp_call are)", "input")
-        origins += [where] * (len(out) - len(origins))  # the messages this item began
+        for k in range(begun, len(out)):  # the messages this item began
+            origins[f"messages[{k}]"] = where
+        begun = len(out)
     return out, origins
 
 
@@ -356,10 +363,10 @@ class ResponseRun:
         check_metadata(body.get("metadata"))
         check_unsupported(body)
         self.items, first_input = input_items(body, store)
-        messages, origins = chat_messages(self.items, first_input)
+        messages, self.origins = chat_messages(self.items, first_input)
+        self.shift = 0  # messages before the items' (the instructions')
         if body.get("instructions"):
-            messages, origins = [{"role": "system", "content": body["instructions"]}, *messages], ["instructions", *origins]
-        self.origins = origins
+            messages, self.shift = [{"role": "system", "content": body["instructions"]}, *messages], 1
         reasoning = body.get("reasoning") or {}
         if not isinstance(reasoning, dict):
             raise bad_request("'reasoning' must be an object like {\"effort\": \"low\"}", "reasoning")
@@ -392,14 +399,21 @@ class ResponseRun:
             self.reply = await self.service.new_reply("resp", chat, forced_name, sampling, [])
         except APIError as e:  # this API's names: text.format for the schema, input for messages
             e.param = {"response_format": "text.format", "messages": "input"}.get(e.param, e.param)
-            e.message = re.sub(r"messages\[(\d+)\]", self._origin, e.message)
+            e.message = re.sub(r"messages\[(\d+)\](\.tool_calls\[\d+\](?:\.function\b)?)?", self._origin, e.message)
             e.message = re.sub(r"^response format\b", "text.format", e.message)
             e.message = re.sub(r"^response_format: json_schema\.", "text.format.", e.message)
             raise
 
     def _origin(self, found: re.Match) -> str:
-        k = int(found.group(1))
-        return self.origins[k] if k < len(self.origins) else found.group(0)
+        """A message's or a call's path in the input items (a call's function.name: its name)."""
+        k = int(found.group(1)) - self.shift
+        if k < 0:
+            return "instructions"
+        call = re.sub(r"\.function$", "", found.group(2) or "")
+        where = self.origins.get(f"messages[{k}]{call}")
+        if where is None:  # not a call of the items' (or no call): the message's own path
+            return self.origins.get(f"messages[{k}]", found.group(0)) + (found.group(2) or "")
+        return where
 
     def open(self, item: Item) -> int:
         prefix = {REASONING: "rs", CALL: "fc", SERVER_CALL: "mcp"}.get(item.kind, "msg")
