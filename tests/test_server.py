@@ -893,6 +893,31 @@ def test_a_response_under_way_is_in_progress_and_deleting_it_means_it_is_not_sto
                 assert c.responses.retrieve(rid).status == "completed"
 
 
+def test_a_stored_responses_input_items_are_listed_page_by_page(tok):
+    """GET /v1/responses/{id}/input_items (the SDK's input_items.list) was a 404: the items a
+    response was made from, the previous responses' included, each with an id, newest first."""
+    with serving(ScriptedModel([answer(tok, "Hm.", "Hi")]), tok) as url:
+        c = client(url)
+        first = c.responses.create(model="gpt-oss-tiny", input="one", instructions="Be brief.")
+        second = c.responses.create(model="gpt-oss-tiny", previous_response_id=first.id, input=[
+            {"role": "user", "content": "two"}, {"role": "user", "content": [{"type": "input_text", "text": "three"}]}])
+        texts = [(i.type, i.content[0].text if i.type == "message" else None)
+                 for i in c.responses.input_items.list(second.id, limit=2)]  # every page
+        assert texts == [("message", "three"), ("message", "two"), ("message", "Hi"), ("reasoning", None),
+                         ("message", "one")]
+        page = c.responses.input_items.list(second.id, limit=2, order="asc")
+        assert page.has_more and page.data[1].id == first.output[0].id  # an output item keeps its id
+        again = c.responses.input_items.list(second.id, limit=2, order="asc")
+        assert [i.id for i in again.data] == [i.id for i in page.data]  # the same ids each time
+        assert [i.content[0].text for i in c.responses.input_items.list(first.id).data] == ["one"]
+        for query, says in (({"limit": 0}, "limit must be"), ({"order": "up"}, "order must be"),
+                            ({"after": "msg_x"}, "no item 'msg_x'")):
+            with pytest.raises(openai.BadRequestError, match=says):
+                c.responses.input_items.list(second.id, **query)
+        with pytest.raises(openai.NotFoundError):
+            c.responses.input_items.list("resp_none")
+
+
 def test_the_response_store_is_bounded_by_bytes_too():
     """Responses were kept by count only (256): 20 requests that each brought 50 MB of input
     items (an earlier turn's reasoning, which the prompt leaves out) held 1.2 GB for good."""

@@ -24,7 +24,7 @@ from ..store import ConversationStore
 from . import playground
 from .chat_completions import chat_completions
 from .errors import APIError, bad_request, generation_failed, refuse_named_hosts, refuse_other_origins
-from .responses import ResponseStore, responses
+from .responses import ResponseStore, list_input_items, responses
 from .service import Service
 
 log = logging.getLogger("gptoss_mlx.server")
@@ -140,6 +140,11 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
             return JSONResponse({"id": response_id, "object": "response", "deleted": True})
         return JSONResponse(store.response(response_id))
 
+    async def stored_input_items(request: Request):
+        checked(request)
+        items = store.input_items(request.path_params["response_id"])
+        return JSONResponse(list_input_items(items, request.query_params))
+
     async def health(request: Request):
         return JSONResponse({"status": "ok", "model": service.model_name,
                              "requests_in_flight": service.scheduler.in_flight})
@@ -161,6 +166,7 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
         routes=[Route("/v1/chat/completions", post_chat, methods=["POST"]),
                 Route("/v1/responses", post_responses, methods=["POST"]),
                 Route("/v1/responses/{response_id}", stored_response, methods=["GET", "DELETE"]),
+                Route("/v1/responses/{response_id}/input_items", stored_input_items, methods=["GET"]),
                 Route("/v1/models", models), Route("/v1/models/{model:path}", model),
                 Route("/health", health),
                 *playground.routes(service, chats or ConversationStore(), api_key, authorize, json_body)],

@@ -62,6 +62,13 @@ class ResponseStore:
             return self._running[response_id].response("in_progress")
         return self._find(response_id, "response_id")[1]
 
+    def input_items(self, response_id) -> list[dict]:
+        """The items a response was made from (the output it added left out)."""
+        if response_id in self._running:
+            return self._running[response_id].items
+        items, response, _ = self._find(response_id, "response_id")
+        return items[:len(items) - len(response.get("output") or [])]
+
     def delete(self, response_id: str) -> None:
         if response_id in self._running:
             self._deleted.add(response_id)
@@ -317,7 +324,54 @@ def input_items(body: dict, store: ResponseStore) -> tuple[list[dict], int]:
         raise bad_request("'input' must be a string or a list of items", "input")
     previous_id = params.typed(body, "previous_response_id", str, "a response id")
     previous = store.get(previous_id) if previous_id else []
-    return previous + given, len(previous)
+    return previous + [_with_id(item) for item in given], len(previous)
+
+
+ITEM_PREFIXES = {"message": "msg", "reasoning": "rs", "function_call": "fc", "function_call_output": "fco",
+                 "mcp_call": "mcp"}
+
+
+def _with_id(item):
+    """An input item with an id of its own (as the API gives one), for listing it later."""
+    if not isinstance(item, dict) or isinstance(item.get("id"), str):
+        return item
+    kind = item.get("type") or ("message" if "role" in item else None)
+    return {**item, "id": new_id(ITEM_PREFIXES.get(kind, "item"))}
+
+
+def list_input_items(items: list, query) -> dict:
+    """GET /v1/responses/{id}/input_items: a page of the items the response was made from (the
+    previous responses' and its own input), newest first unless ``order=asc``; ``after`` an
+    item's id, ``limit`` 1 to 100 (20)."""
+    limit = query.get("limit", "20")
+    if not limit.isdigit() or not 1 <= int(limit) <= 100:
+        raise bad_request(f"limit must be a whole number from 1 to 100, got {limit[:40]!r}", "limit")
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise bad_request(f"order must be 'asc' or 'desc', got {order[:40]!r}", "order")
+    listed = [_listed(item) for item in items if isinstance(item, dict)]
+    if order == "desc":
+        listed.reverse()
+    start = 0
+    if "after" in query:
+        ids = [item.get("id") for item in listed]
+        if query["after"] not in ids:
+            raise bad_request(f"after: no item {query['after'][:80]!r} in this response's input", "after")
+        start = ids.index(query["after"]) + 1
+    page = listed[start:start + int(limit)]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": start + int(limit) < len(listed)}
+
+
+def _listed(item: dict) -> dict:
+    """An input item as the API lists it: a message's text as a list of text parts."""
+    if (item.get("type") or ("message" if "role" in item else None)) != "message":
+        return item
+    content = item.get("content")
+    if isinstance(content, str):
+        part = "output_text" if item.get("role") == "assistant" else "input_text"
+        content = [{"type": part, "text": content}]
+    return {**item, "type": "message", "content": content}
 
 
 SERVER_LABEL = "gptoss-mlx"  # the "MCP server" of the tools a server runs itself
