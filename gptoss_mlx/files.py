@@ -46,24 +46,54 @@ def regular_file_problem(path: str | os.PathLike) -> str | None:
 def read_json_file(path: Path, error: type[Exception]):
     """The JSON value in a checkpoint file (gzipped if it ends in .gz); ``error`` naming the
     file if it holds none."""
+    return json_from_bytes(path, read_file_bytes(path, error), error)
+
+
+def read_file_bytes(path: Path, error: type[Exception], limit: int | None = None,
+                    what: str = "a JSON file") -> bytes:
+    """A regular file's bytes (at most ``limit``, MAX_JSON_BYTES by default), ``error`` naming
+    the file otherwise."""
+    limit = MAX_JSON_BYTES if limit is None else limit
     problem = regular_file_problem(path)
     if problem:
         raise error(f"{path}: {problem}")
     size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise error(f"{path}: {size} bytes is too large for a JSON file; is it the right file?")
+    if size > limit:
+        raise error(f"{path}: {size} bytes is too large for {what}; is it the right file?")
     try:
-        data = path.read_bytes()
-        if path.suffix == ".gz":
-            data = gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as e:  # gzip: BadGzipFile is an OSError
-        raise error(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+        return path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def json_from_bytes(path: Path, data: bytes, error: type[Exception]):
+    """The JSON value in ``data``, read from ``path`` (gunzipped if it ends in .gz, to at most
+    MAX_JSON_BYTES: a small .gz can hold gigabytes)."""
+    if path.suffix == ".gz":
+        data = gunzip(path, data, error)
     if not data.strip():
         raise error(f"{path}: the file is empty")
     try:
         return parse_json(data)
     except JSONProblem as e:
         raise error(f"{path}: {e}") from None
+
+
+def gunzip(path: Path, data: bytes, error: type[Exception]) -> bytes:
+    limit, out, rest = MAX_JSON_BYTES, [], data
+    try:
+        while rest:  # each gzip member in turn, as gzip.decompress reads them
+            member = zlib.decompressobj(wbits=31)
+            out.append(member.decompress(rest, limit + 1 - sum(map(len, out))))
+            if sum(map(len, out)) > limit:
+                raise error(f"{path}: unpacks to more than {limit} bytes, too large for a JSON file; "
+                            "is it the right file?")
+            if not member.eof:
+                raise EOFError("the file ends inside its compressed data")
+            rest = member.unused_data.lstrip(b"\0")
+    except (EOFError, zlib.error) as e:
+        raise error(f"{path}: cannot be read ({e})") from None
+    return b"".join(out)
 
 
 class JSONProblem(Exception):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import tiktoken
 
-from .files import MAX_JSON_BYTES, read_json_file, regular_file_problem
+from .files import json_from_bytes, read_file_bytes, read_json_file
 
 # Harmony special tokens (gpt-oss.md 4.1).
 SPECIAL_TOKENS: dict[str, int] = {
@@ -130,10 +130,11 @@ def _byte_table() -> dict[int, int | None]:
     return table
 
 
-def ranks_from_tokenizer_json(path: str | Path) -> tuple[dict[bytes, int], str]:
-    """BPE ranks and the split regex from a Hugging Face ``tokenizer.json`` (optionally .gz)."""
+def ranks_from_tokenizer_json(path: str | Path, raw: bytes | None = None) -> tuple[dict[bytes, int], str]:
+    """BPE ranks and the split regex from a Hugging Face ``tokenizer.json`` (optionally .gz; its
+    bytes ``raw`` if they were read already)."""
     path = Path(path)
-    data = read_json_file(path, TokenizerError)
+    data = read_json_file(path, TokenizerError) if raw is None else json_from_bytes(path, raw, TokenizerError)
     vocab = _field(path, data, "model", dict)
     vocab = _field(path, vocab, "vocab", dict, "model.vocab")
     table = _byte_table()
@@ -154,6 +155,9 @@ def ranks_from_tokenizer_json(path: str | Path) -> tuple[dict[bytes, int], str]:
     for added in _field(path, data, "added_tokens", list, default=[]):
         if not isinstance(added, dict):
             raise TokenizerError(f"{path}: added_tokens holds {added!r:.100}, not an object")
+        if not isinstance(added.get("content", ""), str):
+            raise TokenizerError(f"{path}: an added token's content must be a string, got "
+                                 f"{added['content']!r:.100}")
         expected = specials.get(added.get("content"))
         if added.get("id") in SPECIAL_TOKENS.values() and expected != added.get("id"):
             raise TokenizerError(
@@ -186,12 +190,9 @@ def _field(path: Path, data, key: str, kind: type, name: str | None = None, defa
 _JSON_NAMES = {dict: "object", list: "array"}
 
 
-def ranks_from_tiktoken_file(path: str | Path, check_hash: bool = True) -> dict[bytes, int]:
+def ranks_from_tiktoken_file(path: str | Path, check_hash: bool = True, raw: bytes | None = None) -> dict[bytes, int]:
     path = Path(path)
-    problem = regular_file_problem(path)
-    if problem:
-        raise TokenizerError(f"{path}: {problem}")
-    data = path.read_bytes()
+    data = read_file_bytes(path, TokenizerError, what="a vocabulary") if raw is None else raw
     if check_hash and hashlib.sha256(data).hexdigest() != O200K_SHA256:
         raise TokenizerError(
             f"{path}: sha256 does not match o200k_base ({O200K_SHA256[:12]}...); "
@@ -257,33 +258,18 @@ def _parsed_once(path: Path) -> HarmonyEncoding:
     """The encoding in a tokenizer.json or an o200k_base.tiktoken file, parsed once per process
     for the same bytes (a second ``load`` of a checkpoint, or of its copy, takes no 2 s more)."""
     is_json = path.name.endswith((".json", ".json.gz"))
-    digest = _file_sha256(path)
-    key = ("json" if is_json else "tiktoken", digest)
+    raw = read_file_bytes(path, TokenizerError, what="a tokenizer")  # read once: the bytes hashed are the bytes parsed
+    key = ("json" if is_json else "tiktoken", hashlib.sha256(raw).hexdigest())
     with _PARSED_LOCK:
-        if digest is not None and key in _PARSED:
+        if key in _PARSED:
             _PARSED[key] = encoding = _PARSED.pop(key)  # the most recently used is kept longest
             return encoding
     if is_json:
-        encoding = _make_encoding(*ranks_from_tokenizer_json(path), path)
+        encoding = _make_encoding(*ranks_from_tokenizer_json(path, raw), path)
     else:
-        encoding = _make_encoding(ranks_from_tiktoken_file(path), source=path)
-    if digest is not None:
-        with _PARSED_LOCK:
-            while len(_PARSED) >= _PARSED_KEPT:
-                del _PARSED[next(iter(_PARSED))]
-            _PARSED[key] = encoding
+        encoding = _make_encoding(ranks_from_tiktoken_file(path, raw=raw), source=path)
+    with _PARSED_LOCK:
+        while len(_PARSED) >= _PARSED_KEPT:
+            del _PARSED[next(iter(_PARSED))]
+        _PARSED[key] = encoding
     return encoding
-
-
-def _file_sha256(path: Path) -> str | None:
-    """sha256 of a regular file's bytes; None for anything else (its parser names the problem)."""
-    if regular_file_problem(path) or path.stat().st_size > MAX_JSON_BYTES:
-        return None
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()

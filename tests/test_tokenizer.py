@@ -130,6 +130,58 @@ def test_a_vocabulary_token_that_is_not_byte_level_is_named(tmp_path, token):
         ranks_from_tokenizer_json(bad)
 
 
+def test_an_added_token_whose_content_is_not_a_string_is_named(tmp_path):
+    """It was a TypeError traceback (unhashable type: 'list') from the CLI."""
+    bad = tmp_path / "tokenizer.json"
+    for content in ([1], {"a": 1}):
+        bad.write_text(json.dumps({"model": {"vocab": {"hi": 0}}, "added_tokens": [{"id": 200006, "content": content}]}))
+        with pytest.raises(TokenizerError, match="an added token's content must be a string"):
+            load_tokenizer(tmp_path)
+
+
+def test_a_small_gzip_that_unpacks_to_gigabytes_is_refused_unpacked(tmp_path, monkeypatch):
+    """The 256 MB limit was checked on the compressed size: a 1 MB tokenizer.json.gz took 3.2 GB."""
+    import gzip
+
+    import gptoss_mlx.files as files
+
+    monkeypatch.setattr(files, "MAX_JSON_BYTES", 1 << 20)
+    bomb = tmp_path / "tokenizer.json.gz"
+    bomb.write_bytes(gzip.compress(b"{" + b" " * (4 << 20) + b"}"))
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(TokenizerError, match="unpacks to more than 1048576 bytes, too large for a JSON file"):
+        load_tokenizer(bomb)
+
+
+def test_a_tokenizer_replaced_while_it_is_read_is_never_filed_under_the_other_bytes(tokenizer_json, tmp_path,
+                                                                                      monkeypatch):
+    """The file was hashed, then read again to parse it: replaced in between (a download, a
+    copy), the other file's vocabulary was kept under these bytes for the rest of the process."""
+    import gzip
+
+    import gptoss_mlx.tokenizer as tokenizer
+
+    raw = tokenizer_json.read_bytes()
+    text = gzip.decompress(raw) if tokenizer_json.suffix == ".gz" else raw
+    data = json.loads(text)
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "."}}]}
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(text)
+    parse = tokenizer.ranks_from_tokenizer_json
+
+    def replaced_while_read(where, raw=None):  # another process writes the file meanwhile
+        path.write_text(json.dumps(data))
+        return parse(where, raw)
+
+    monkeypatch.setattr(tokenizer, "ranks_from_tokenizer_json", replaced_while_read)
+    first = load_tokenizer(path)  # the bytes it read: o200k's own split
+    monkeypatch.setattr(tokenizer, "ranks_from_tokenizer_json", parse)
+    path.write_bytes(text)
+    assert load_tokenizer(path).encode("hello world") == first.encode("hello world") == [24912, 2375]
+    path.write_text(json.dumps(data))
+    assert len(load_tokenizer(path).encode("hello world")) == 11  # one character a piece
+
+
 def test_the_same_tokenizer_file_is_parsed_once(tokenizer_json, tmp_path):
     """A second load of the same bytes (a checkpoint loaded again, or its copy) reuses the parsed
     encoding; other bytes under the same name are parsed again."""
