@@ -809,6 +809,45 @@ def test_a_chat_is_saved_with_the_instructions_its_reply_was_made_with(browser, 
         assert saved["messages"][0] == {"role": "system", "content": "Answer in French."}
 
 
+SLOW_SAVES = """
+const fetched = window.fetch;
+window.fetch = async (url, options = {}) => {  // a slow disk or link: each save takes a second
+  if (String(url).includes("/v1/playground/chats") && ["PUT", "POST"].includes(options.method)) {
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+  return fetched(url, options);
+};"""
+
+
+def test_a_save_still_under_way_ends_on_the_chat_it_was_made_for(browser, tok, tmp_path):
+    """A tester's: New chat (or another chat opened) while a reply's save was under way took
+    that chat's id, and the next message sent there was saved over it (its turns gone without a
+    word). Two replies in one chat, saved slowly, make one chat, not a copy."""
+    chats = ConversationStore(tmp_path)
+    with serving(ScriptedModel([answer(tok, "Hm.", "Noted.")]), tok, chats=chats) as url:
+        page = Page(browser, url)
+        page.js(SLOW_SAVES)
+        page.send("first question")
+        page.wait_reply(1)
+        page.send("second question")  # while the first reply's save is under way
+        page.wait_reply(2)
+        page.find("#new-chat").click()  # while the second reply's save is under way
+        page.send("another chat")
+        page.wait_reply(1)
+        def users():
+            return sorted([m["content"] for m in json.loads((chats.root / f"{e.id}.json").read_text())["messages"]
+                           if m["role"] == "user"] for e in chats.list())
+
+        page.until(lambda: len(users()) == 2 and len(sum(users(), [])) == 3, "not saved")
+        time.sleep(1.5)  # any save still under way lands
+        assert users() == [["another chat"], ["first question", "second question"]], users()
+        assert page.text().count("another chat") == 1 and "first question" not in page.text()
+        page.b.refresh()  # the address names the chat on screen
+        page.wait_ready()
+        page.until(lambda: "another chat" in page.text(), "the reload opened another chat")
+        assert page.errors() == []
+
+
 def test_the_page_asks_for_the_api_key_and_then_works(browser, tok, tmp_path):
     model = ScriptedModel([answer(tok, "Hm.", "Keyed reply.")])
     with serving(model, tok, chats=ConversationStore(tmp_path), api_key="sesame") as url:

@@ -67,8 +67,7 @@ function newChat() { // untitled until saved: the server names it after its firs
            reasoning_effort: state.info?.reasoning_effort ?? "medium" };
 }
 
-function savedForm() { // the instructions the replies were made with, not what the box holds now
-  const chat = state.chat;
+function savedForm(chat) { // the instructions the replies were made with, not what the box holds now
   const instructions = chat.instructions;
   const data = { ...(chat.title && { title: chat.title }), reasoning_effort: chat.reasoning_effort,
                  messages: [...(instructions.trim() ? [{ role: "system", content: instructions }] : []), ...chat.messages] };
@@ -78,27 +77,39 @@ function savedForm() { // the instructions the replies were made with, not what 
 }
 
 // Saves the chat; over its file only if nobody changed it since (another tab, the TUI, the
-// terminal chat): else the conversation becomes a new chat, and the returned note says so.
+// terminal chat): else the conversation becomes a new chat, and the returned note says so. The
+// chat is the one the reply was made in, whichever is open when the server answers (New chat, or
+// another chat opened meanwhile, must not take its id), and its saves go one at a time (each
+// needs the id and version the one before it got).
 async function save() {
-  const data = savedForm();
-  let saved;
-  let note = "";
+  const chat = state.chat;
+  const data = savedForm(chat);
+  const before = chat.saving;
+  let done;
+  chat.saving = new Promise((resolve) => { done = resolve; });
   try {
-    saved = state.chat.id
-      ? await api(`/v1/playground/chats/${encodeURIComponent(state.chat.id)}`,
-                  { method: "PUT", body: { ...data, title: undefined, base: state.chat.updated } }) // keeps a rename made elsewhere
-      : await api("/v1/playground/chats", { method: "POST", body: data });
-  } catch (e) {
-    if (!["chat_changed", "chat_deleted"].includes(e.code)) throw e;
-    saved = await api("/v1/playground/chats", { method: "POST", body: { ...data, title: `${data.title || "Chat"} (copy)`.slice(0, 200) } });
-    note = `${e.message}: this conversation is saved as a new chat, "${saved.title}"`;
+    await before;
+    let saved;
+    let note = "";
+    try {
+      saved = chat.id
+        ? await api(`/v1/playground/chats/${encodeURIComponent(chat.id)}`,
+                    { method: "PUT", body: { ...data, title: undefined, base: chat.updated } }) // keeps a rename made elsewhere
+        : await api("/v1/playground/chats", { method: "POST", body: data });
+    } catch (e) {
+      if (!["chat_changed", "chat_deleted"].includes(e.code)) throw e;
+      saved = await api("/v1/playground/chats", { method: "POST", body: { ...data, title: `${data.title || "Chat"} (copy)`.slice(0, 200) } });
+      note = `${e.message}: this conversation is saved as a new chat, "${saved.title}"`;
+    }
+    chat.id = saved.id;
+    chat.title = saved.title;
+    chat.updated = saved.updated;
+    if (state.chat === chat) location.hash = `chat=${encodeURIComponent(saved.id)}`;
+    await listChats();
+    return note;
+  } finally {
+    done();
   }
-  state.chat.id = saved.id;
-  state.chat.title = saved.title;
-  state.chat.updated = saved.updated;
-  location.hash = `chat=${encodeURIComponent(saved.id)}`;
-  await listChats();
-  return note;
 }
 
 async function listChats() {
