@@ -4,6 +4,7 @@ pipe), autosave after every reply, --resume, /load and /save, --max-context and
 
 import io
 import json
+import os
 import re
 
 import pytest
@@ -158,6 +159,9 @@ def test_saves_after_every_reply_says_where_and_resume_continues(tok, store, mon
     again = scripted_chat(tok, "Sixteen.")
     status, out = run_chat(monkeypatch, again, ["and again?"], ["--resume"])
     assert status == 0 and 'Resumed "2+2?" (4 messages)' in out and "gpt-oss: Eight." in out
+    # the hint names the model it ran with (without it, the default model: a 13 GB download)
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "x"), [], ["--resume", "--model", "my models/tiny"])
+    assert f"Continue with: gptoss-mlx chat --model 'my models/tiny' --resume {chat_id}" in out
     ((same_id, data),) = saved(store).items()  # continued in the same file
     assert same_id == chat_id
     assert [m["content"] for m in data["messages"] if m["role"] == "user"] == [
@@ -228,6 +232,17 @@ def test_load_of_a_bad_file_keeps_the_conversation(tok, store, tmp_path, monkeyp
     assert "(the current conversation stays)" in out
     assert [m.text for m in chat.messages if m.channel == "final"] == ["Four."]
     assert "2+2?  (2 messages)" in out  # /chats
+
+
+def test_load_of_a_saved_chat_that_is_not_a_file_names_it(tok, store, tmp_path, monkeypatch):
+    """/chats named a FIFO among the saved chats, but /load ID said "does not exist" (the id was
+    read as a path in the current folder, whose file of that name would have been loaded)."""
+    store.root.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(store.root / "20261201-000000-fifo00.json")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "20261201-000000-fifo00").write_text("{}")
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "x"), ["/load 20261201-000000-fifo00"])
+    assert "is a FIFO (named pipe), not a regular file" in out and "(the current conversation stays)" in out, out
 
 
 def test_save_asks_before_overwriting(tok, store, tmp_path, monkeypatch):

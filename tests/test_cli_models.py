@@ -143,7 +143,8 @@ def test_a_folder_here_named_like_a_repo_is_not_pulled_and_is_named_where_it_is_
     assert pulled.returncode == 0 and "test/gpt-oss-tiny is ready: " + str(cache) in pulled.stdout, pulled.stderr
     used = run("generate", "--model", "test/gpt-oss-tiny", "-p", "hi", cwd=here)
     assert used.returncode == 2
-    assert f"(the folder test/gpt-oss-tiny in {here}, not the Hugging Face repo test/gpt-oss-tiny" in used.stderr
+    assert (f"(if you meant the Hugging Face repo test/gpt-oss-tiny: the folder test/gpt-oss-tiny in {here} "
+            "is read instead" in used.stderr)
 
 
 def test_rm_deletes_the_repo(cache):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import inspect
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -81,6 +82,8 @@ def cmd_chat(args) -> int:
     try:
         repl = Repl(chat, store, line_reader(store.history_file),
                     show_reasoning=not args.hide_reasoning, toolbox=toolbox)
+        repl.options = "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in
+                               (("--model", args.model), ("--adapter", getattr(args, "adapter", None))) if value)
         if chat_id:
             repl.open(chat_id)
             flags_over_saved(chat, args)
@@ -166,6 +169,7 @@ class Repl:
         self.unsaved = False  # the chat's last save failed, and no copy holds it
         self.draft = ""  # a message the chat took back: the next prompt starts with it
         self.offers_drafts = "default" in inspect.signature(read).parameters
+        self.options = ""  # the command line's model (and adapter), for the hint that resumes the chat
 
     def say(self, text: str) -> None:
         if self.out is None:
@@ -225,7 +229,7 @@ class Repl:
         again: its file, open elsewhere too, stays the version read there."""
         if self.store.unchanged(self.chat, self.chat_id, self.title) or self.autosave():
             self.say(f"Saved to {self.store.path(self.chat_id)}\n"
-                     f"Continue with: gptoss-mlx chat --resume {self.chat_id}")
+                     f"Continue with: gptoss-mlx chat{self.options} --resume {self.chat_id}")
             return
         self.save_elsewhere("it ends with this program")
 
@@ -420,7 +424,7 @@ class Repl:
 
     def _is_saved_id(self, arg: str) -> bool:
         try:
-            return self.store.path(arg).is_file()
+            return os.path.lexists(self.store.path(arg))  # a FIFO or a link there too: its problem is named
         except ChatFileError:  # not an id: a path
             return False
 

@@ -378,8 +378,9 @@ def prepare(args, group=None) -> tuple[Path, int, MemoryPlan]:
                 config_file = find_layout(directory)[1] / "config.json"
             except CheckpointError as e:
                 if looks_like_repo_id(source):  # a folder here named like a repo takes its place
-                    raise CheckpointError(f"{e} (the folder {source} in {Path.cwd()}, not the Hugging Face "
-                                          f"repo {source}: rename the folder, or run from elsewhere)") from None
+                    raise CheckpointError(f"{e} (if you meant the Hugging Face repo {source}: the folder "
+                                          f"{source} in {Path.cwd()} is read instead; rename it, or run from "
+                                          "elsewhere)") from None
                 raise
         else:
             directory, config_file = None, fetch_config(source)
