@@ -16,6 +16,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -254,6 +255,21 @@ _PARSED_KEPT = 4
 _PARSED_LOCK = threading.Lock()
 
 
+def _check_o200k(ranks: dict[bytes, int], pattern: str, path: Path) -> None:
+    """A tokenizer.json's vocabulary must be o200k_base's, as an o200k_base.tiktoken file's is (a
+    swapped id is garbage the model reads without a word); another split regex is noted."""
+    listed = b"".join(base64.b64encode(token) + b" %d\n" % rank
+                      for token, rank in sorted(ranks.items(), key=lambda item: item[1]))
+    digest = hashlib.sha256(listed).hexdigest()
+    if digest != O200K_SHA256:
+        raise TokenizerError(f"{path}: the vocabulary is not o200k_base's (its ranks' sha256 is {digest[:12]}..., "
+                             f"o200k_base's {O200K_SHA256[:12]}...): a token's id was changed, or this is "
+                             "another tokenizer; gpt-oss reads o200k_harmony")
+    if pattern != O200K_PATTERN:
+        warnings.warn(f"{path}: its split regex is not o200k's: text may become other tokens than those "
+                      "the model was trained on", UserWarning, stacklevel=4)
+
+
 def _parsed_once(path: Path) -> HarmonyEncoding:
     """The encoding in a tokenizer.json or an o200k_base.tiktoken file, parsed once per process
     for the same bytes (a second ``load`` of a checkpoint, or of its copy, takes no 2 s more)."""
@@ -265,7 +281,9 @@ def _parsed_once(path: Path) -> HarmonyEncoding:
             _PARSED[key] = encoding = _PARSED.pop(key)  # the most recently used is kept longest
             return encoding
     if is_json:
-        encoding = _make_encoding(*ranks_from_tokenizer_json(path, raw), path)
+        ranks, pattern = ranks_from_tokenizer_json(path, raw)
+        encoding = _make_encoding(ranks, pattern, path)
+        _check_o200k(ranks, pattern, path)
     else:
         encoding = _make_encoding(ranks_from_tiktoken_file(path, raw=raw), source=path)
     with _PARSED_LOCK:

@@ -179,7 +179,23 @@ def test_a_tokenizer_replaced_while_it_is_read_is_never_filed_under_the_other_by
     path.write_bytes(text)
     assert load_tokenizer(path).encode("hello world") == first.encode("hello world") == [24912, 2375]
     path.write_text(json.dumps(data))
-    assert len(load_tokenizer(path).encode("hello world")) == 11  # one character a piece
+    with pytest.warns(UserWarning, match="its split regex is not o200k's"):
+        assert len(load_tokenizer(path).encode("hello world")) == 11  # one character a piece
+
+
+def test_a_tokenizer_json_whose_ids_are_not_o200k_base_is_refused(tokenizer_json, tmp_path):
+    """Two ids swapped loaded and generated without a word (an o200k_base.tiktoken file is
+    checked against o200k_base's sha256; a tokenizer.json was not)."""
+    import gzip
+
+    raw = tokenizer_json.read_bytes()
+    data = json.loads(gzip.decompress(raw) if tokenizer_json.suffix == ".gz" else raw)
+    vocab = data["model"]["vocab"]
+    a, b = (token for token, rank in vocab.items() if rank in (1000, 1001))
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(TokenizerError, match="the vocabulary is not o200k_base's .* a token's id was changed"):
+        load_tokenizer(tmp_path)
 
 
 def test_the_same_tokenizer_file_is_parsed_once(tokenizer_json, tmp_path):
