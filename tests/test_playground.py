@@ -848,6 +848,43 @@ def test_a_save_still_under_way_ends_on_the_chat_it_was_made_for(browser, tok, t
         assert page.errors() == []
 
 
+@pytest.mark.parametrize("then", ["reopen", "delete"])
+def test_a_chat_reopened_or_deleted_while_its_save_is_under_way_waits_for_it(browser, tok, tmp_path, then):
+    """A re-attack's: reopened from the list before its save landed, the chat showed without its
+    last turn, and the next message forked it into a copy (blaming "another tab"); deleted then,
+    it came back as a copy."""
+    chats = ConversationStore(tmp_path)
+    with serving(ScriptedModel([answer(tok, "Hm.", "Noted.")]), tok, chats=chats) as url:
+        page = Page(browser, url)
+        page.send("first")
+        page.wait_reply(1)
+        page.until(lambda: len(page.all("#chats li")) == 1, "not listed")
+        page.js(SLOW_SAVES)
+        page.send("second")
+        page.wait_reply(2)  # its save (a second long) is under way
+        page.find("#new-chat").click()
+        row = page.all("#chats li")[0]
+        if then == "reopen":
+            row.find_element("css selector", ".open").click()
+            page.until(lambda: "second" in page.text(), "reopened without its last turn")
+            page.send("third")
+            page.wait_reply(1)
+            page.until(lambda: len(json.loads((chats.root / f"{chats.list()[0].id}.json").read_text())["messages"])
+                       == 6, "the third turn was not saved")
+            time.sleep(1.5)
+            [entry] = chats.list()  # no copy
+            users = [m["content"] for m in json.loads((chats.root / f"{entry.id}.json").read_text())["messages"]
+                     if m["role"] == "user"]
+            assert users == ["first", "second", "third"], users
+        else:
+            for _ in range(2):  # the first click asks
+                row.find_element("css selector", ".delete").click()
+            page.until(lambda: not chats.list() and not page.all("#chats li"), "not deleted")
+            time.sleep(2.5)  # a save refused for the deleted chat, and its copy's (each a second)
+            assert not chats.list()  # and not back as a copy
+        assert page.find("#alert").text == ""
+
+
 def test_the_page_asks_for_the_api_key_and_then_works(browser, tok, tmp_path):
     model = ScriptedModel([answer(tok, "Hm.", "Keyed reply.")])
     with serving(model, tok, chats=ConversationStore(tmp_path), api_key="sesame") as url:

@@ -13,6 +13,7 @@ const state = {
   chat: null, // {id, title, messages (no instructions), reasoning_effort, tools, response_format}
   controller: null, // the reply being streamed
   pending: [], // the client's function calls waiting for a result typed in the page
+  saves: new Map(), // chat id -> its save under way: opened or deleted after it lands
 };
 
 // ---- the server --------------------------------------------------------------------------
@@ -86,7 +87,8 @@ async function save() {
   const data = savedForm(chat);
   const before = chat.saving;
   let done;
-  chat.saving = new Promise((resolve) => { done = resolve; });
+  const saving = chat.saving = new Promise((resolve) => { done = resolve; });
+  if (chat.id) state.saves.set(chat.id, saving);
   try {
     await before;
     let saved;
@@ -109,6 +111,7 @@ async function save() {
     return note;
   } finally {
     done();
+    for (const [id, other] of state.saves) if (other === saving) state.saves.delete(id);
   }
 }
 
@@ -183,6 +186,7 @@ async function deleteRow(button, entry) {
     return;
   }
   try {
+    await state.saves.get(entry.id); // this page's own save first: deleted after it, not copied
     await api(`/v1/playground/chats/${encodeURIComponent(entry.id)}`, { method: "DELETE" });
   } catch (e) {
     alertUser(e.message);
@@ -195,6 +199,7 @@ async function openChat(id) {
   if (state.controller) return;
   let data;
   try {
+    await state.saves.get(id); // opened as this page's save under way leaves it
     data = await api(`/v1/playground/chats/${encodeURIComponent(id)}`);
   } catch (e) {
     alertUser(e.message);
