@@ -79,13 +79,19 @@ def json_from_bytes(path: Path, data: bytes, error: type[Exception]):
         raise error(f"{path}: {e}") from None
 
 
+GZIP_MEMBERS = 64  # gzip writes one; a file of many thousands took minutes to read
+
+
 def gunzip(path: Path, data: bytes, error: type[Exception]) -> bytes:
-    limit, out, rest = MAX_JSON_BYTES, [], data
+    limit, out, size, rest = MAX_JSON_BYTES, [], 0, data
     try:
         while rest:  # each gzip member in turn, as gzip.decompress reads them
+            if len(out) == GZIP_MEMBERS:
+                raise error(f"{path}: more than {GZIP_MEMBERS} gzip members; is it the right file?")
             member = zlib.decompressobj(wbits=31)
-            out.append(member.decompress(rest, limit + 1 - sum(map(len, out))))
-            if sum(map(len, out)) > limit:
+            out.append(member.decompress(rest, limit + 1 - size))
+            size += len(out[-1])
+            if size > limit:
                 raise error(f"{path}: unpacks to more than {limit} bytes, too large for a JSON file; "
                             "is it the right file?")
             if not member.eof:

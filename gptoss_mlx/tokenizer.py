@@ -16,7 +16,6 @@ import hashlib
 import os
 import tempfile
 import threading
-import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -257,7 +256,9 @@ _PARSED_LOCK = threading.Lock()
 
 def _check_o200k(ranks: dict[bytes, int], pattern: str, path: Path) -> None:
     """A tokenizer.json's vocabulary must be o200k_base's, as an o200k_base.tiktoken file's is (a
-    swapped id is garbage the model reads without a word); another split regex is noted."""
+    swapped id is garbage the model reads without a word), and its split regex o200k's (another
+    splits text into tokens the model never saw; one that can match nothing made tiktoken panic
+    on the first prompt)."""
     listed = b"".join(base64.b64encode(token) + b" %d\n" % rank
                       for token, rank in sorted(ranks.items(), key=lambda item: item[1]))
     digest = hashlib.sha256(listed).hexdigest()
@@ -266,8 +267,8 @@ def _check_o200k(ranks: dict[bytes, int], pattern: str, path: Path) -> None:
                              f"o200k_base's {O200K_SHA256[:12]}...): a token's id was changed, or this is "
                              "another tokenizer; gpt-oss reads o200k_harmony")
     if pattern != O200K_PATTERN:
-        warnings.warn(f"{path}: its split regex is not o200k's: text may become other tokens than those "
-                      "the model was trained on", UserWarning, stacklevel=4)
+        raise TokenizerError(f"{path}: its split regex (pre_tokenizer) is not o200k's: text would become "
+                             f"other tokens than the model was trained on (got {pattern!r:.80})")
 
 
 def _parsed_once(path: Path) -> HarmonyEncoding:

@@ -910,12 +910,18 @@ def test_a_stored_responses_input_items_are_listed_page_by_page(tok):
         again = c.responses.input_items.list(second.id, limit=2, order="asc")
         assert [i.id for i in again.data] == [i.id for i in page.data]  # the same ids each time
         assert [i.content[0].text for i in c.responses.input_items.list(first.id).data] == ["one"]
-        for query, says in (({"limit": 0}, "limit must be"), ({"order": "up"}, "order must be"),
-                            ({"after": "msg_x"}, "no item 'msg_x'")):
+        for query, says in (({"limit": 0}, "limit must be"), ({"limit": "\u00b2"}, "limit must be"),
+                            ({"limit": "\u0665"}, "limit must be"), ({"limit": "1" + "0" * 5000}, "limit must be"),
+                            ({"order": "up"}, "order must be"), ({"after": "msg_x"}, "no item 'msg_x'")):
             with pytest.raises(openai.BadRequestError, match=says):
                 c.responses.input_items.list(second.id, **query)
         with pytest.raises(openai.NotFoundError):
             c.responses.input_items.list("resp_none")
+        # ids a client gave twice: the second is replaced (paging on from "dup" looped for ever)
+        twice = c.responses.create(model="gpt-oss-tiny", input=[
+            {"id": "dup", "role": "user", "content": "a"}, {"id": "dup", "role": "user", "content": "b"}])
+        ids = [i.id for i in c.responses.input_items.list(twice.id, limit=1, order="asc")]
+        assert len(ids) == 2 and ids[0] == "dup" != ids[1]
 
 
 def test_the_response_store_is_bounded_by_bytes_too():

@@ -179,8 +179,18 @@ def test_a_tokenizer_replaced_while_it_is_read_is_never_filed_under_the_other_by
     path.write_bytes(text)
     assert load_tokenizer(path).encode("hello world") == first.encode("hello world") == [24912, 2375]
     path.write_text(json.dumps(data))
-    with pytest.warns(UserWarning, match="its split regex is not o200k's"):
-        assert len(load_tokenizer(path).encode("hello world")) == 11  # one character a piece
+    with pytest.raises(TokenizerError, match=r"its split regex \(pre_tokenizer\) is not o200k's"):
+        load_tokenizer(path)  # the other file's bytes: parsed, not the first's encoding
+
+
+def test_a_gzip_of_many_members_is_refused_in_good_time(tmp_path):
+    """20,000 empty gzip members after the tokenizer took 11 s (200,000: over a minute)."""
+    import gzip
+
+    path = tmp_path / "tokenizer.json.gz"
+    path.write_bytes(gzip.compress(b'{"model": {"vocab": {}}}') + gzip.compress(b"") * 20_000)
+    with pytest.raises(TokenizerError, match="more than 64 gzip members"):
+        load_tokenizer(path)
 
 
 def test_a_tokenizer_json_whose_ids_are_not_o200k_base_is_refused(tokenizer_json, tmp_path):

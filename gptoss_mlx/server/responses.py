@@ -324,19 +324,25 @@ def input_items(body: dict, store: ResponseStore) -> tuple[list[dict], int]:
         raise bad_request("'input' must be a string or a list of items", "input")
     previous_id = params.typed(body, "previous_response_id", str, "a response id")
     previous = store.get(previous_id) if previous_id else []
-    return previous + [_with_id(item) for item in given], len(previous)
+    taken = {item.get("id") for item in previous if isinstance(item, dict)}
+    return previous + [_with_id(item, taken) for item in given], len(previous)
 
 
 ITEM_PREFIXES = {"message": "msg", "reasoning": "rs", "function_call": "fc", "function_call_output": "fco",
                  "mcp_call": "mcp"}
 
 
-def _with_id(item):
-    """An input item with an id of its own (as the API gives one), for listing it later."""
-    if not isinstance(item, dict) or isinstance(item.get("id"), str):
+def _with_id(item, taken: set):
+    """An input item with an id of its own (as the API gives one; one given twice in the
+    conversation is replaced in the second, as pages of the list go on from an id), for listing
+    it later. ``taken``: the ids before it, this one's added."""
+    if not isinstance(item, dict):
         return item
-    kind = item.get("type") or ("message" if "role" in item else None)
-    return {**item, "id": new_id(ITEM_PREFIXES.get(kind, "item"))}
+    if not isinstance(item.get("id"), str) or item["id"] in taken:
+        kind = item.get("type") or ("message" if "role" in item else None)
+        item = {**item, "id": new_id(ITEM_PREFIXES.get(kind, "item"))}
+    taken.add(item["id"])
+    return item
 
 
 def list_input_items(items: list, query) -> dict:
@@ -344,7 +350,7 @@ def list_input_items(items: list, query) -> dict:
     previous responses' and its own input), newest first unless ``order=asc``; ``after`` an
     item's id, ``limit`` 1 to 100 (20)."""
     limit = query.get("limit", "20")
-    if not limit.isdigit() or not 1 <= int(limit) <= 100:
+    if not re.fullmatch(r"[0-9]{1,3}", limit.lstrip("0") or "0") or not 1 <= int(limit.lstrip("0") or "0") <= 100:
         raise bad_request(f"limit must be a whole number from 1 to 100, got {limit[:40]!r}", "limit")
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
@@ -358,9 +364,10 @@ def list_input_items(items: list, query) -> dict:
         if query["after"] not in ids:
             raise bad_request(f"after: no item {query['after'][:80]!r} in this response's input", "after")
         start = ids.index(query["after"]) + 1
-    page = listed[start:start + int(limit)]
+    count = int(limit.lstrip("0"))
+    page = listed[start:start + count]
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": start + int(limit) < len(listed)}
+            "last_id": page[-1]["id"] if page else None, "has_more": start + count < len(listed)}
 
 
 def _listed(item: dict) -> dict:
