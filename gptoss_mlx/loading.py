@@ -16,9 +16,11 @@ import json
 import math
 import os
 import re
+import socket
 import struct
 import warnings
 import zlib
+from urllib.parse import urlsplit
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,12 +121,37 @@ def download(repo_id: str) -> Path:
 
 
 def offline() -> bool:
+    """HF_HUB_OFFLINE is set, or the Hub's host does not resolve (no network: asking it anyway,
+    huggingface-hub retries for over 20 s before it gives up)."""
+    return offline_set() or _hub_unresolved()
+
+
+def offline_set() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _hub_unresolved() -> bool:
+    """The Hub's host name has no address here (behind a proxy, the proxy resolves it: not asked)."""
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return False
+    from huggingface_hub import constants
+
+    host = urlsplit(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443, proto=socket.IPPROTO_TCP)
+    except socket.gaierror:
+        return True
+    except (OSError, UnicodeError):
+        return False
+    return False
 
 
 def not_downloaded(repo_id: str) -> str:
     """One line for a repo that is not in the cache while the Hub cannot be used."""
-    why = "HF_HUB_OFFLINE is set" if offline() else "the Hub cannot be reached"
+    why = "HF_HUB_OFFLINE is set" if offline_set() else "the Hub cannot be reached"
     return (f"{repo_id} is not downloaded and {why}: download it when online (`gptoss-mlx models "
             f"pull {repo_id}`), or name a local checkpoint directory instead")
 

@@ -199,3 +199,31 @@ def test_offline_repo_id_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(CheckpointError, match="not downloaded and HF_HUB_OFFLINE is set.*models pull"):
         gptoss_mlx.load("openai/gpt-oss-20b")
+
+
+@pytest.mark.parametrize("where", ["config", "snapshot"])
+def test_without_a_network_a_model_not_downloaded_is_said_at_once(tmp_path, monkeypatch, where):
+    """Offline without HF_HUB_OFFLINE, `models pull` (and chat) of a repo not in the cache waited
+    23 s through huggingface-hub's five retries and their warnings before its one line: the
+    Hub's host not resolving is enough to know."""
+    import socket
+
+    import huggingface_hub.utils._http as hub_http
+
+    from gptoss_mlx import hub, loading
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    for name in ("HF_HUB_OFFLINE", *loading.PROXY_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_network(host, *args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def asked(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(hub_http, "get_session", asked)
+    fetch = hub.fetch_config if where == "config" else loading.download
+    with pytest.raises(CheckpointError, match="someone/gpt-oss-x is not downloaded and the Hub cannot be reached"):
+        fetch("someone/gpt-oss-x")
