@@ -143,6 +143,11 @@ def _text(content, where: str) -> str:
     raise bad_request(f"{where}: content must be a string or a list of text parts", "input")
 
 
+def kind_of(item: dict) -> str | None:
+    """An input item's type (a bare {"role", "content"} is a message)."""
+    return item.get("type") or ("message" if "role" in item else None)
+
+
 def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[str, str]]:
     """Responses items -> Chat Completions messages: an assistant turn's reasoning, calls and
     text are gathered into one assistant message, in order. Also where each message and each
@@ -165,7 +170,7 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
         where = f"input[{i - first_input}]" if i >= first_input else f"previous_response_id's item {i}"
         if not isinstance(item, dict):
             raise bad_request(f"{where} must be an object", "input")
-        kind = item.get("type") or ("message" if "role" in item else None)
+        kind = kind_of(item)
         if kind == "message" and item.get("role") == "assistant":
             target = turn("content")
             target["content"] = _text(item.get("content"), where)
@@ -339,8 +344,7 @@ def _with_id(item, taken: set):
     if not isinstance(item, dict):
         return item
     if not isinstance(item.get("id"), str) or item["id"] in taken:
-        kind = item.get("type") or ("message" if "role" in item else None)
-        item = {**item, "id": new_id(ITEM_PREFIXES.get(kind, "item"))}
+        item = {**item, "id": new_id(ITEM_PREFIXES.get(kind_of(item), "item"))}
     taken.add(item["id"])
     return item
 
@@ -350,7 +354,9 @@ def list_input_items(items: list, query) -> dict:
     previous responses' and its own input), newest first unless ``order=asc``; ``after`` an
     item's id, ``limit`` 1 to 100 (20)."""
     limit = query.get("limit", "20")
-    if not re.fullmatch(r"[0-9]{1,3}", limit.lstrip("0") or "0") or not 1 <= int(limit.lstrip("0") or "0") <= 100:
+    digits = limit.lstrip("0")  # ASCII, 3 digits: "²" and "٥" are str.isdigit()'s, int() takes no 4,301
+    count = int(digits or "0") if limit.isascii() and limit.isdigit() and len(digits) <= 3 else 0
+    if not 1 <= count <= 100:
         raise bad_request(f"limit must be a whole number from 1 to 100, got {limit[:40]!r}", "limit")
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
@@ -364,7 +370,6 @@ def list_input_items(items: list, query) -> dict:
         if query["after"] not in ids:
             raise bad_request(f"after: no item {query['after'][:80]!r} in this response's input", "after")
         start = ids.index(query["after"]) + 1
-    count = int(limit.lstrip("0"))
     page = listed[start:start + count]
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
             "last_id": page[-1]["id"] if page else None, "has_more": start + count < len(listed)}
@@ -372,7 +377,7 @@ def list_input_items(items: list, query) -> dict:
 
 def _listed(item: dict) -> dict:
     """An input item as the API lists it: a message's text as a list of text parts."""
-    if (item.get("type") or ("message" if "role" in item else None)) != "message":
+    if kind_of(item) != "message":
         return item
     content = item.get("content")
     if isinstance(content, str):
