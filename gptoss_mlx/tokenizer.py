@@ -88,23 +88,6 @@ class HarmonyEncoding(tiktoken.Encoding):
             raise KeyError(f"no special token {key} in o200k_harmony") from None
 
 
-def _make_encoding(ranks: dict[bytes, int], pattern: str = O200K_PATTERN,
-                   source: str | Path = "o200k_base") -> HarmonyEncoding:
-    if len(ranks) != NUM_BPE_TOKENS or len(set(ranks.values())) != NUM_BPE_TOKENS:
-        raise TokenizerError(f"{source}: expected the {NUM_BPE_TOKENS} distinct BPE ranks "
-                             f"0..{NUM_BPE_TOKENS - 1}, found {len(set(ranks.values()))}")
-    try:
-        return HarmonyEncoding(
-            name="o200k_harmony",
-            pat_str=pattern,
-            mergeable_ranks=ranks,
-            special_tokens=harmony_special_tokens(),
-            explicit_n_vocab=VOCAB_SIZE,
-        )
-    except ValueError as e:  # e.g. a split regex the Rust engine rejects
-        raise TokenizerError(f"{source}: not a usable tokenizer ({e})") from None
-
-
 @lru_cache(maxsize=None)
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: the printable stand-in character of each byte."""
@@ -249,9 +232,9 @@ def load_tokenizer(path: str | Path | None = None) -> HarmonyEncoding:
     )
 
 
-_PARSED: dict[tuple[str, str], HarmonyEncoding] = {}  # (kind, sha256 of the file) -> its encoding
-_PARSED_KEPT = 4
-_PARSED_LOCK = threading.Lock()
+_VERIFIED: set[str] = set()  # sha256 of each file read here as o200k_harmony's
+_ENCODING: list[HarmonyEncoding] = []  # the one encoding they all give, built once
+_LOCK = threading.Lock()
 
 
 def _check_o200k(ranks: dict[bytes, int], pattern: str, path: Path) -> None:
@@ -259,6 +242,9 @@ def _check_o200k(ranks: dict[bytes, int], pattern: str, path: Path) -> None:
     swapped id is garbage the model reads without a word), and its split regex o200k's (another
     splits text into tokens the model never saw; one that can match nothing made tiktoken panic
     on the first prompt)."""
+    if len(ranks) != NUM_BPE_TOKENS or len(set(ranks.values())) != NUM_BPE_TOKENS:
+        raise TokenizerError(f"{path}: expected the {NUM_BPE_TOKENS} distinct BPE ranks "
+                             f"0..{NUM_BPE_TOKENS - 1}, found {len(set(ranks.values()))}")
     listed = b"".join(base64.b64encode(token) + b" %d\n" % rank
                       for token, rank in sorted(ranks.items(), key=lambda item: item[1]))
     digest = hashlib.sha256(listed).hexdigest()
@@ -272,23 +258,23 @@ def _check_o200k(ranks: dict[bytes, int], pattern: str, path: Path) -> None:
 
 
 def _parsed_once(path: Path) -> HarmonyEncoding:
-    """The encoding in a tokenizer.json or an o200k_base.tiktoken file, parsed once per process
-    for the same bytes (a second ``load`` of a checkpoint, or of its copy, takes no 2 s more)."""
-    is_json = path.name.endswith((".json", ".json.gz"))
+    """o200k_harmony from a tokenizer.json or an o200k_base.tiktoken file, each checked to hold
+    o200k_base's vocabulary. Every file that passes gives the same encoding: it is built once a
+    process, and a file read before (the same bytes: a second ``load``, a copy) is not parsed
+    again (2 s on a CPU)."""
     raw = read_file_bytes(path, TokenizerError, what="a tokenizer")  # read once: the bytes hashed are the bytes parsed
-    key = ("json" if is_json else "tiktoken", hashlib.sha256(raw).hexdigest())
-    with _PARSED_LOCK:
-        if key in _PARSED:
-            _PARSED[key] = encoding = _PARSED.pop(key)  # the most recently used is kept longest
-            return encoding
-    if is_json:
+    digest = hashlib.sha256(raw).hexdigest()
+    with _LOCK:
+        if digest in _VERIFIED:
+            return _ENCODING[0]
+    if path.name.endswith((".json", ".json.gz")):
         ranks, pattern = ranks_from_tokenizer_json(path, raw)
-        encoding = _make_encoding(ranks, pattern, path)
         _check_o200k(ranks, pattern, path)
     else:
-        encoding = _make_encoding(ranks_from_tiktoken_file(path, raw=raw), source=path)
-    with _PARSED_LOCK:
-        while len(_PARSED) >= _PARSED_KEPT:
-            del _PARSED[next(iter(_PARSED))]
-        _PARSED[key] = encoding
-    return encoding
+        ranks = ranks_from_tiktoken_file(path, raw=raw)  # checked against o200k_base's sha256
+    with _LOCK:
+        if not _ENCODING:
+            _ENCODING.append(HarmonyEncoding(name="o200k_harmony", pat_str=O200K_PATTERN, mergeable_ranks=ranks,
+                                             special_tokens=harmony_special_tokens(), explicit_n_vocab=VOCAB_SIZE))
+        _VERIFIED.add(digest)
+        return _ENCODING[0]
