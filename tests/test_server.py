@@ -30,6 +30,7 @@ from gptoss_mlx.cli import main as cli_main
 from gptoss_mlx.cli.serve import check_binding
 from gptoss_mlx.generate import Engine, SamplingParams
 from gptoss_mlx.server import Scheduler, Service, create_app
+from gptoss_mlx.server.app import server_config
 from gptoss_mlx.server import scheduler as scheduler_module
 from gptoss_mlx.server.chat_completions import check_messages
 from gptoss_mlx.server.errors import APIError
@@ -56,9 +57,7 @@ def serving(model, tokenizer, *, max_context=4096, max_concurrency=4, api_key=No
         scheduler = Scheduler(Engine(model, max_context=max_context), max_concurrency, cache_bytes=cache_bytes)
     service = Service("gpt-oss-tiny", tokenizer, scheduler.engine, scheduler, tools=tools,
                       sampling=sampling or SamplingParams())
-    config = uvicorn.Config(create_app(service, api_key=api_key, chats=chats), host="127.0.0.1", port=0,
-                            log_level="warning")
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(server_config(create_app(service, api_key=api_key, chats=chats), "127.0.0.1", 0))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -967,6 +966,57 @@ def test_a_client_that_leaves_while_sending_its_body_is_one_line_in_the_log(url,
             time.sleep(0.05)
     assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info]
     assert client(url).models.list().data  # and it goes on serving
+
+
+def test_a_client_that_sends_its_request_too_slowly_gets_a_408_and_is_let_go(tok, monkeypatch):
+    """A connection that sent nothing, or headers or a body a byte at a time, was held open for
+    ever (300 such held the server's descriptors as long as they liked). Each request now has
+    REQUEST_READ_S to arrive whole; a reply that takes longer than that, keep-alive between
+    requests and a request sent in pieces in time are not affected."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from gptoss_mlx.server import app
+
+    monkeypatch.setattr(app, "REQUEST_READ_S", 0.5)
+    body = json.dumps({"model": "gpt-oss-tiny", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    whole = head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+    def exchange(where, pieces, gap=0.0):
+        """What the server sent back, until it closed the connection (or 5 s passed)."""
+        with socket.create_connection((where.hostname, where.port), timeout=5) as sock:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # closed on the client
+                for piece in pieces:
+                    sock.sendall(piece)
+                    time.sleep(gap)
+            received = b""
+            with contextlib.suppress(TimeoutError, ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    received += chunk
+            return received
+
+    model = SlowScript([answer(tok, "Think.", " ".join(["word"] * 12))] * 3)  # 50 ms a token: 1 s
+    with serving(model, tok) as url:
+        where = urlsplit(url)
+        for pieces in ([], [head], [whole[:-5]]):  # nothing; headers cut short; a body cut short
+            t0 = time.monotonic()
+            received = exchange(where, pieces)
+            assert 0.4 < time.monotonic() - t0 < 4, (pieces, received)
+            if pieces:
+                status, _, error = received.partition(b"\r\n\r\n")
+                assert status.startswith(b"HTTP/1.1 408") and json.loads(error)["error"]["code"] == "request_timeout"
+            else:
+                assert received == b""
+        trickled = exchange(where, [whole[i:i + 20] for i in range(0, len(whole), 20)], gap=0.1)
+        assert trickled.startswith(b"HTTP/1.1 408"), trickled[:80]  # each piece in time, not the whole
+        in_time = exchange(where, [whole[:60], whole[60:]], gap=0.2)  # two pieces within the limit
+        assert in_time.startswith(b"HTTP/1.1 200") and b'"finish_reason":"stop"' in in_time
+        c = client(url)  # a reply longer than the limit, then another on the same connection
+        for _ in range(2):
+            t0 = time.monotonic()
+            reply = c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "hi"}])
+            assert reply.choices[0].message.content.count("word") == 12 and time.monotonic() - t0 > 0.5
 
 
 def test_a_turn_the_model_writes_under_another_role_is_not_returned_as_the_assistants(tok):

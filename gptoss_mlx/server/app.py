@@ -12,7 +12,9 @@ import signal
 import time
 
 import anyio
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -40,6 +42,9 @@ STOP_WAIT_S = 30.0
 # A streaming client that keeps its connection but reads nothing for this long loses its stream
 # (and its slot: --max-concurrency such clients would otherwise make every request a 429).
 STALLED_CLIENT_S = 60.0
+# A request (its headers and body) must have arrived this long after it began: the connection, or
+# its first byte after the last response (idle keep-alive connections: uvicorn's 5 s).
+REQUEST_READ_S = 60.0
 
 
 def _body_of(raw: bytes) -> dict:
@@ -215,9 +220,72 @@ async def _released_after(chunks, slot):
 def serve(service: Service, host: str, port: int, api_key: str | None = None, sock=None) -> None:
     """Serve the app on ``host:port`` (or on ``sock``, a socket bound to it) until SIGTERM or
     Ctrl-C, then end promptly (see Server)."""
-    config = uvicorn.Config(create_app(service, api_key=api_key), host=host, port=port,
-                            log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    config = server_config(create_app(service, api_key=api_key), host, port)
     Server(config, service).run(sockets=[sock] if sock is not None else None)
+
+
+def server_config(app: Starlette, host: str, port: int) -> uvicorn.Config:
+    """uvicorn's settings for the app: h11 with a time limit for reading requests (ReadLimited),
+    whatever else is installed (httptools, which uvicorn would prefer, lets one request's headers
+    grow without bound)."""
+    return uvicorn.Config(app, host=host, port=port, http=ReadLimited, log_level="warning",
+                          timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+
+
+class ReadLimited(H11Protocol):
+    """uvicorn's h11 connection, with REQUEST_READ_S to send each request whole. Without a limit
+    a client held a connection (a descriptor, and on macOS there are 256 by default) for ever by
+    sending nothing, or a byte a minute: hundreds of them could take every one. Such a client gets
+    a 408 in OpenAI's error shape (unless it sent nothing, or its response has begun) and the
+    connection is closed."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.read_timer, self.sent_some = None, False
+        self._time_the_request()
+
+    def data_received(self, data: bytes) -> None:
+        self.sent_some = True
+        super().data_received(data)
+        self._time_the_request()
+
+    def on_response_complete(self) -> None:
+        self.sent_some = bool(self.conn.trailing_data[0])
+        super().on_response_complete()
+        self._time_the_request()
+
+    def connection_lost(self, exc) -> None:
+        self._stop_timer()
+        super().connection_lost(exc)
+
+    def _time_the_request(self) -> None:
+        """The timer runs while a request is partly read: from its first byte (or the connection)
+        until its end. An idle connection between requests has uvicorn's keep-alive timer."""
+        reading = self.conn.their_state is h11.SEND_BODY or (
+            self.conn.their_state is h11.IDLE and (self.timeout_keep_alive_task is None or self.conn.trailing_data[0]))
+        if not reading or self.transport.is_closing():
+            self._stop_timer()
+        elif self.read_timer is None:
+            self.read_timer = self.loop.call_later(REQUEST_READ_S, self._too_slow)
+
+    def _stop_timer(self) -> None:
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+            self.read_timer = None
+
+    def _too_slow(self) -> None:
+        self.read_timer = None
+        if self.transport.is_closing():
+            return
+        log.info("a client sent no whole request in %.0f s: its connection is closed", REQUEST_READ_S)
+        if self.sent_some and (self.cycle is None or not self.cycle.response_started):  # (else: closed quietly)
+            error = APIError(408, f"the request did not arrive whole within {REQUEST_READ_S:.0f} s",
+                             code="request_timeout").response()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\nconnection: close\r\n\r\n" % len(error.body) + error.body)
+        if self.cycle is not None:
+            self.cycle.keep_alive = False
+        self.transport.close()
 
 
 class Server(uvicorn.Server):
