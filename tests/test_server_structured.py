@@ -115,6 +115,27 @@ def test_unenforceable_schemas_are_400s_naming_them(api):
     assert e.value.body["param"] == "reasoning_budget"
 
 
+@pytest.mark.parametrize("name, code", [(None, "missing_required_parameter"), ("", "invalid_value"),
+                                        ("my schema", "invalid_value"), ("x" * 65, "invalid_value"),
+                                        ("a\n## Instructions", "invalid_value")])
+def test_a_json_schema_needs_a_name_as_openais_api_does(api, name, code):
+    """A json_schema without a name was taken (named "response"), and a name with spaces or
+    newlines went into the developer message's heading as it was: OpenAI's API refuses both."""
+    schema = {"type": "object"}
+    named = {} if name is None else {"name": name}
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model="gpt-oss-tiny", messages=USER, max_tokens=5,
+                                    response_format={"type": "json_schema", "json_schema": {**named, "schema": schema}})
+    assert (e.value.body["param"], e.value.body["code"]) == ("response_format.json_schema.name", code)
+    with pytest.raises(openai.BadRequestError) as e:
+        api.responses.create(model="gpt-oss-tiny", input="hi", max_output_tokens=5,
+                             text={"format": {"type": "json_schema", **named, "schema": schema}})
+    assert (e.value.body["param"], e.value.body["code"]) == ("text.format.name", code)
+    assert "text.format.name" in e.value.body["message"]
+    api.responses.create(model="gpt-oss-tiny", input="hi", max_output_tokens=5,  # and the right one is taken
+                         text={"format": {"type": "json_schema", "name": "A-b_9", "schema": schema}})
+
+
 def test_a_tool_that_is_not_strict_is_called_unconstrained_where_its_schema_cannot_be_held(api, caplog):
     """One tool whose schema uses `not` (zod's z.never()), a look-around pattern or uniqueItems
     failed the whole request with a 400, though the model might never call it and the client

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 
 from starlette.responses import JSONResponse, StreamingResponse
@@ -15,6 +16,8 @@ from . import params
 from .errors import APIError, bad_request, generation_failed
 from .output import CALL, REASONING, TEXT, Closed, Delta, Opened, Waiting
 from .service import REQUIRED, WAITING_S, Reply, Service, new_id
+
+SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a json_schema's name, as OpenAI's API takes it
 
 
 def tool_choice(body: dict, tools_key: str = "tools") -> tuple[dict, str | None]:
@@ -84,6 +87,15 @@ def check_response_format(fmt, param: str = "response_format", shape: str = JSON
     problem = response_format_problem(fmt, param, shape)
     if problem:
         raise bad_request(problem, param)
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":  # as OpenAI's API: a name, and a word
+        where = f"{param}.json_schema.name" if param == "response_format" else f"{param}.name"
+        name = fmt["json_schema"].get("name")
+        if name is None:
+            raise bad_request(f"'{where}' is missing: the schema's name (letters, digits, _ and -, at most "
+                              "64)", where, code="missing_required_parameter")
+        if not SCHEMA_NAME.fullmatch(name):
+            raise bad_request(f"'{where}' must be letters, digits, _ and - (at most 64), got {name[:80]!r}",
+                              where, code="invalid_value")
 
 
 def check_request(body: dict) -> None:
