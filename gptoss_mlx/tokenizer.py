@@ -214,6 +214,8 @@ def load_tokenizer(path: str | Path | None = None) -> HarmonyEncoding:
     tiktoken's cache.
     """
     if path is not None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"load_tokenizer takes a path (a str or os.PathLike), got {type(path).__name__}")
         path = Path(path)
         if path.is_dir():
             for name in ("tokenizer.json", "tokenizer.json.gz", "o200k_base.tiktoken"):

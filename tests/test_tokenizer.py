@@ -103,6 +103,13 @@ def test_corrupt_tiktoken_file(tmp_path):
         load_tokenizer(bad)
 
 
+@pytest.mark.parametrize("path", [123, b"/tmp", ["tokenizer.json"]])
+def test_a_path_that_is_no_path_is_named(path):
+    """load_tokenizer(123) was os.fspath's TypeError from inside pathlib."""
+    with pytest.raises(TypeError, match=f"load_tokenizer takes a path .*got {type(path).__name__}"):
+        load_tokenizer(path)
+
+
 def test_broken_tokenizer_json(tmp_path):
     bad = tmp_path / "tokenizer.json"
     bad.write_text(json.dumps({"model": {}}))
