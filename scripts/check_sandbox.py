@@ -160,12 +160,13 @@ _OK = ("def _ok(fd):\n"
 
 
 def forge(output: str) -> str:
-    """Code that writes a reply with the request's real id (found in the worker's frame) and
-    ``output`` (a Python expression) to every pipe it can find."""
+    """Code that writes a reply with the request's real id (found in the worker's frame) to every
+    pipe it can find, with ``output`` (a Python expression: what replies carried before the
+    output had a pipe of its own, which a forged reply must not bring to the model)."""
     return (_OK + FIND_REPLY_FD + "import json\nf = sys._getframe()\n"
             "while 'request' not in f.f_locals:\n    f = f.f_back\n"
             "line = json.dumps({{'id': f.f_locals['request']['id'], 'output': " + output +
-            ", 'ok': True}}).encode() + b'\\n'\nfor fd in fds:\n    os.write(fd, line)\n")
+            ", 'ok': True, 'dropped': 0}}).encode() + b'\\n'\nfor fd in fds:\n    os.write(fd, line)\n")
 
 
 CASES = [
@@ -325,10 +326,18 @@ CASES = [
          "print('CREATED', i + 1)",
          lambda out, ctx: "CREATED" not in out,
          limits={"max_files": 5000}),
+    Case("inode flood while a thread prints every millisecond (the output pipe never idle)",
+         "import os, threading, time\n"
+         "threading.Thread(target=lambda: [(os.write(1, b'z'), time.sleep(0.001)) for _ in iter(int, 1)],"
+         " daemon=True).start()\nfor i in range(200_000):\n    os.close(os.open(f'f{{i}}', os.O_CREAT | os.O_WRONLY))\n"
+         "print('CREATED', i + 1)",
+         lambda out, ctx: "CREATED" not in out and "created more than 5000 files" in out,
+         limits={"max_files": 5000}),
     Case("inode flood with hard links and symlinks (quicker than one poll)",
          "import os\nopen('a', 'w').close()\nfor i in range(20_000):\n    os.link('a', f'l{{i}}')\n"
-         "    os.symlink('a', f's{{i}}')\nprint('CREATED')",
-         lambda out, ctx: "CREATED" not in out, limits={"max_files": 5000}),
+         "    os.symlink('a', f's{{i}}')\nprint('CREATED')",  # (printed before the count is seen)
+         lambda out, ctx: "created more than 5000 files" in out and "restarted" in out,
+         limits={"max_files": 5000}),
     Case("forged reply with the right id and a huge output",
          forge("'A' * 7000") + "import time\ntime.sleep(2)",
          lambda out, ctx: len(out) <= 1100, limits={"max_output": 1000}),

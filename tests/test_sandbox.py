@@ -135,7 +135,7 @@ def t():
         req = f.f_locals.get("request") or {}
         if req.get("id") not in (None, old_id) and req.get("code"):
             time.sleep(2.7)
-            reply.write(json.dumps({"id": old_id, "output": "", "ok": True}) + "\\n"); reply.flush()
+            reply.write(json.dumps({"id": old_id, "ok": True, "dropped": 0}) + "\\n"); reply.flush()
             return
 threading.Thread(target=t, daemon=True).start()
 """
@@ -217,6 +217,29 @@ def test_a_long_emoji_output_with_a_raised_limit_comes_back(os_sandbox):
         out = box.run("x = 1\nprint('\\U0001F600' * 100_000)")
         assert out.startswith("\U0001F600" * 100) and "truncated" in out
         assert box.run("print(x)") == "1\n"
+
+
+def test_what_a_cell_printed_before_it_was_stopped_comes_back_with_the_reason(os_sandbox):
+    """A cell that printed its results, then ran past its deadline (or was interrupted, or
+    died), gave the model only "[execution timed out ...]": what it printed was lost with the
+    worker. And bytes written on descriptors 1 and 2 (C code, os.write) were discarded."""
+    import threading
+
+    with PythonSandbox(limits=SandboxLimits(timeout_s=1.5, max_output=1000)) as box:
+        out = box.run("import time\nprint('result: 42', flush=False)\ntime.sleep(60)")
+        assert out == "result: 42\n[execution timed out after 1.5 seconds; the session was restarted and its variables are lost]", out
+        out = box.run("import os\nprint('a')\nos.write(1, b'native 1\\n')\nos.write(2, b'native 2\\n')\nprint('b')")
+        assert out == "a\nnative 1\nnative 2\nb\n"
+        out = box.run("import os\nprint('before')\nos.abort()")
+        assert out.startswith("before\n[the Python process ended") and "restarted" in out, out
+        out = box.run("import os\nos.write(1, b'x' * 3000)\nn = os.write(1, '\\u00e9'.encode() * 10)")
+        assert out == "x" * 1000 + "\n[output truncated: 2010 more characters]", out[-80:]
+        out = box.run("import os\nfor i in range(300):\n    os.write(1, b'y' * 65536)")  # 19 MB from C code
+        assert out == "y" * 1000 + "\n[output truncated: more output]"
+        timer = threading.Timer(0.5, box.interrupt)
+        timer.start()
+        out = box.run("import time\nprint('so far')\ntime.sleep(30)")
+        assert out.startswith("so far\n[stopped by the user"), out
 
 
 def test_cpu_time_of_a_process_from_ps():  # how macOS (no /proc) sees a session burning CPU

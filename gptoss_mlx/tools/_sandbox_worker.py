@@ -4,10 +4,14 @@ sandbox.py; not imported).
     python -I _sandbox_worker.py '{"memory_mb": ..., "cpu_s": ..., "max_output": ..., ...}'
 
 It sets its resource limits with hard = soft, so the code cannot raise them again, moves the
-reply channel off descriptor 1 and the request channel off descriptor 0 (both then /dev/null,
-like descriptor 2; ``input()`` meets the end of its input at once), says it is ready, then reads one JSON request per line ({"id": ..., "code": ...}), runs the code like a
-notebook cell (the value of a final expression is printed) in one persistent namespace, and
-answers one JSON line ({"id": ..., "output": ..., "ok": ...}). The code runs in this process and
+reply channel off descriptor 1 and the request channel off descriptor 0 (0 is then /dev/null:
+``input()`` meets the end of its input at once; 1 and 2 are the output pipe the parent gave as
+descriptor 2), says it is ready, then reads one JSON request per line ({"id": ..., "code": ...}),
+runs the code like a notebook cell (the value of a final expression is printed) in one persistent
+namespace, and answers one JSON line ({"id": ..., "ok": ..., "dropped": ...}). What the cell
+prints, from Python (``print``, ``sys.stdout.buffer``, the first MAX_OUTPUT characters; "dropped"
+counts the rest) or natively on descriptors 1 and 2, goes down the output pipe as it is written,
+so the parent has it when the cell is killed at its deadline. The code runs in this process and
 could find the reply descriptor; the parent therefore trusts nothing it reads here: a reply
 with the wrong id, a malformed one or one too many restarts the worker. The confinement is the
 OS sandbox's, not this file's.
@@ -44,14 +48,20 @@ except ImportError:  # no rlimits on this platform
     pass
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
 class _CappedText(io.TextIOBase):
-    """Keeps the first MAX_OUTPUT characters; counts the rest. Bytes written to ``.buffer``
-    (``sys.stdout.buffer.write(b"...")``) are kept as UTF-8 text."""
+    """Writes the first MAX_OUTPUT characters to descriptor 1 (the output pipe) as they come;
+    counts the rest. Bytes written to ``.buffer`` (``sys.stdout.buffer.write(b"...")``) are
+    decoded as UTF-8 text."""
 
     encoding, errors = "utf-8", "replace"
 
     def __init__(self):
-        self.parts, self.kept, self.dropped = [], 0, 0
+        self.kept, self.dropped = 0, 0
         self.buffer = _Bytes(self)
 
     def writable(self):
@@ -60,16 +70,10 @@ class _CappedText(io.TextIOBase):
     def write(self, s):
         room = MAX_OUTPUT - self.kept
         if room > 0:
-            self.parts.append(s[:room])
             self.kept += min(room, len(s))
+            _write_all(1, s[:room].encode("utf-8", "replace"))  # (a lone surrogate: "?")
         self.dropped += max(0, len(s) - max(room, 0))
         return len(s)
-
-    def text(self):
-        out = "".join(self.parts)
-        if self.dropped:
-            out += f"\n[output truncated: {self.dropped} more characters]"
-        return out
 
 
 class _Bytes(io.RawIOBase):
@@ -87,7 +91,7 @@ class _Bytes(io.RawIOBase):
         return len(b)
 
 
-def _run(code: str, namespace: dict) -> tuple[str, bool]:
+def _run(code: str, namespace: dict) -> tuple[int, bool]:
     buffer = _CappedText()
     sys.stdout = sys.stderr = buffer
     ok = True
@@ -106,14 +110,16 @@ def _run(code: str, namespace: dict) -> tuple[str, bool]:
         print("".join(traceback.format_list(frames) + traceback.format_exception_only(etype, value)).rstrip())
     finally:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-    return buffer.text(), ok
+    return buffer.dropped, ok
 
 
 def main():
     reply = os.fdopen(os.dup(1), "w", encoding="utf-8")  # not inherited, not descriptor 1
     requests = os.fdopen(os.dup(0), "r", encoding="utf-8")  # likewise, not descriptor 0
     os.dup2(2, 1)  # native code writing to descriptor 1 cannot reach the reply channel
-    os.dup2(2, 0)  # ... nor reading descriptor 0 take the next request (it reads nothing)
+    nothing = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(nothing, 0)  # ... nor reading descriptor 0 take the next request (it reads nothing)
+    os.close(nothing)
     sys.__stdout__ = sys.stdout = open(1, "w", closefd=False)
     sys.__stdin__ = sys.stdin = io.StringIO()  # input() raises EOFError at once: no one types here
     reply.write(json.dumps({"ready": True}) + "\n")
@@ -121,8 +127,8 @@ def main():
     namespace = {"__name__": "__main__"}
     for line in requests:
         request = json.loads(line)
-        output, ok = _run(request["code"], namespace)
-        reply.write(json.dumps({"id": request["id"], "output": output, "ok": ok}) + "\n")
+        dropped, ok = _run(request["code"], namespace)
+        reply.write(json.dumps({"id": request["id"], "ok": ok, "dropped": dropped}) + "\n")
         reply.flush()
     os._exit(0)  # the parent is gone: end now, whatever threads the code left running
 

@@ -12,7 +12,9 @@ OpenAI's reference tool. Without a working OS sandbox the tool refuses to start.
 Replies come back one JSON line per request, tagged with the request's random id. The code
 runs in the worker's process and could write to that channel, so the parent believes only one
 well-formed reply with the right id, read before a deadline; anything else (malformed,
-unmatched, extra bytes, silence) kills the worker and tells the model what happened.
+unmatched, extra bytes, silence) kills the worker and tells the model what happened. What the
+code prints comes on a pipe of its own (the worker's descriptors 1 and 2) while it runs, so a
+cell stopped at its deadline, or killed, still gives the model what it printed before.
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ STARTUP_S = 20.0  # for the sandbox and the interpreter to come up
 IDLE_CPU_S = 0.2  # CPU seconds a session may use between cells before it is restarted
 CONTINUE_S = 5.0  # for a session continued between cells to answer an empty cell
 POLL_S = 0.1  # how often a running cell's file count is checked (Linux), and at its end
-NOTE_ROOM = 100  # characters the worker may add past max_output (its truncation note)
 
 
 def description(stateful: bool, limits: SandboxLimits, workdir: str = LINUX_WORKDIR) -> str:
@@ -83,13 +84,28 @@ def _ps_cpu(pid: int) -> float | None:
         return None
 
 
-def _clean(output: str, max_output: int) -> str:
-    """What the worker sent, as valid text (a lone surrogate becomes U+FFFD) no longer than the
-    worker itself would make it (a forged reply can be longer)."""
-    output = valid_text(output)
-    if len(output) > max_output + NOTE_ROOM:
-        output = output[:max_output] + "\n[output truncated]"
-    return output
+class _Output:
+    """What a cell printed, read from the output pipe as it comes: the first ``max_output``
+    characters' worth of bytes kept, the rest counted."""
+
+    def __init__(self, max_output: int):
+        self.max_output, self.kept, self.dropped = max_output, bytearray(), 0
+
+    def add(self, data: bytes) -> None:
+        room = 4 * self.max_output - len(self.kept)  # UTF-8: at most 4 bytes a character
+        self.kept += data[:max(room, 0)]
+        self.dropped += max(0, len(data) - max(room, 0))
+
+    def text(self, dropped_chars: int = 0) -> str:
+        """As valid text (a broken or lone character becomes U+FFFD), max_output characters at
+        most, and a note of what was left out (``dropped_chars``: what the worker left out)."""
+        text = valid_text(self.kept.decode("utf-8", "replace"))
+        cut = max(0, len(text) - self.max_output)
+        text = text[:self.max_output]
+        if dropped_chars or cut or self.dropped:
+            more = f"{dropped_chars + cut} more characters" if not self.dropped else "more output"
+            text += f"\n[output truncated: {more}]"
+        return text
 
 
 # Starts every sandbox, from one thread that lives as long as the process: bwrap's
@@ -109,6 +125,8 @@ class PythonSandbox:
         self.policy = make_policy(self.limits, self.workdir)
         self._proc: subprocess.Popen | None = None
         self._pending: bytes = b""  # bytes read past the last reply
+        self._out: int | None = None  # the output pipe's read end (the worker's descriptors 1, 2)
+        self._output = _Output(self.limits.max_output)  # the cell's, so far
         self._idle_cpu: float | None = None  # CPU time of the sandbox when the last cell ended
         self._cgroup: PidsCgroup | None = None  # as root on Linux: the cap on its threads
         self._too_many_files = False
@@ -128,19 +146,27 @@ class PythonSandbox:
                   "open_files": self.limits.open_files, "processes": self.limits.max_processes}
         launch = sandboxed_command(self.policy, [sys.executable, "-I", WORKER, json.dumps(config)])
         self._cgroup = launch.cgroup
+        out, into = os.pipe()
         try:
             proc = _SPAWNER.submit(
                 subprocess.Popen, launch.argv, pass_fds=launch.pass_fds, env=sandbox_env(self.workdir),
                 cwd=self._own_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, start_new_session=True).result()
+                stderr=into, start_new_session=True).result()
+        except BaseException:
+            os.close(out)
+            raise
         finally:
+            os.close(into)
             if launch.keep is not None:
                 launch.keep.close()
         os.set_blocking(proc.stdin.fileno(), False)
-        self._proc, self._pending, self._idle_cpu = proc, b"", None
+        os.set_blocking(out, False)
+        self._proc, self._out, self._pending, self._idle_cpu = proc, out, b"", None
+        self._output = _Output(self.limits.max_output)
         if self._read_reply(time.monotonic() + STARTUP_S) != {"ready": True}:
+            said = self._take_output().strip().splitlines()  # bwrap's or Python's last words
             self._kill()
-            raise RuntimeError("the python sandbox did not start")
+            raise RuntimeError("the python sandbox did not start" + (f": {said[-1][:300]}" if said else ""))
 
     def run(self, code: str) -> str:
         """Run ``code``; returns what it printed (and its last expression's value), a traceback,
@@ -201,6 +227,7 @@ class PythonSandbox:
                 return note + CANCELLED_NOTE
             # one deadline for the cell, a second try (in a fresh session) included
             deadline = deadline or time.monotonic() + self.limits.timeout_s
+            self._take_output()  # (what a session printed between cells, or at its start: not this cell's)
             request_id, request, sent, reply = self._exchange(code, deadline)
             if self._last_id is not None and isinstance(reply, dict) \
                     and reply.get("id") == self._last_id:
@@ -217,16 +244,19 @@ class PythonSandbox:
             self._kill()
         if reply is not None and self._over_files():
             reply = None  # a cell quicker than one poll: its files stay, so the session goes
+        dropped = reply.get("dropped") if isinstance(reply, dict) else None
         if not isinstance(reply, dict) or reply.get("id") != request_id or self._pending \
-                or not isinstance(reply.get("output"), str):
+                or type(dropped) is not int or dropped < 0:
             alive = self._proc is not None and self._proc.poll() is None
             too_many_files = self._too_many_files
+            printed = self._take_output()  # what it printed before it was stopped
+            printed += "\n" if printed and not printed.endswith("\n") else ""
             self._kill()
             lost = "; the session was restarted and its variables are lost" if self.stateful else ""
             if self._cancelled:
                 return note + CANCELLED_NOTE
             if self._interrupted:
-                return note + INTERRUPTED_NOTE[:-1] + lost + "]"
+                return note + printed + INTERRUPTED_NOTE[:-1] + lost + "]"
             if too_many_files:
                 why = (f"the code created more than {self.limits.max_files} files in its "
                        "directory")
@@ -238,7 +268,8 @@ class PythonSandbox:
             else:
                 why = ("the Python process's reply was malformed or out of order (the code "
                        "wrote to the tool's reply channel?)")
-            return note + f"[{why}{lost}]"
+            return note + printed + f"[{why}{lost}]"
+        printed = self._take_output(dropped)
         if self.stateful:
             self._idle_cpu, self._last_id = self._sandbox_cpu(), request_id
             # Stopped until the next cell: a thread the code left running makes no files, uses
@@ -249,7 +280,7 @@ class PythonSandbox:
                                    "was restarted and its variables are lost]\n")
         else:
             self._kill()
-        return note + (_clean(reply["output"], self.limits.max_output) or "[no output]")
+        return note + (printed or "[no output]")
 
     def _check_idle(self) -> str:
         """Restart a session that kept computing after its last cell returned (a thread left
@@ -335,17 +366,25 @@ class PythonSandbox:
 
     def _read_reply(self, deadline: float):
         """One JSON line from the worker, read before ``deadline`` (None on silence, death, an
-        oversized or malformed line). Bytes after the line stay in self._pending."""
+        oversized or malformed line), and meanwhile what the code prints. Bytes after the line
+        stay in self._pending."""
         fd = self._proc.stdout.fileno()
         limit = 12 * self.limits.max_output + 65536  # JSON: up to 12 bytes a character (an emoji: two \uXXXX escapes)
         chunks = self._pending
+        files_checked = time.monotonic()
         while b"\n" not in chunks:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0 or len(chunks) > limit:
                 return None
-            if not select.select([fd], [], [], min(left, POLL_S))[0]:
+            if now - files_checked >= POLL_S:  # (also while the code prints without a pause)
                 if self._over_files():
                     return None
+                files_checked = now
+            ready = select.select([fd, self._out], [], [], min(left, POLL_S))[0]
+            if self._out in ready:
+                self._read_output()
+            if fd not in ready:
                 continue
             data = os.read(fd, 1 << 16)
             if not data:
@@ -356,6 +395,28 @@ class PythonSandbox:
             return json.loads(line)
         except (ValueError, OSError, RecursionError):  # RecursionError: nested too deeply
             return None
+
+    def _read_output(self) -> bool:
+        """What is in the output pipe now, into self._output; False once it has nothing."""
+        try:
+            data = os.read(self._out, 1 << 16)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        self._output.add(data)
+        return bool(data)
+
+    def _take_output(self, dropped_chars: int = 0) -> str:
+        """What the cell printed (all of it that is in the pipe by now), and a fresh record for
+        the next. (The worker wrote it before its reply, so once the reply is read it is all
+        there; a pipe whose writers all ended reads empty, not blocked.)"""
+        if self._out is not None:
+            for _ in range(1024):  # 64 MB at most: a cell that floods the pipe from a thread
+                if not self._read_output():
+                    break
+        output, self._output = self._output, _Output(self.limits.max_output)
+        return output.text(dropped_chars)
 
     def _sandbox_pids(self) -> list[int] | None:
         """Every process of the sandbox, as the host numbers them (None if unknown)."""
@@ -418,6 +479,9 @@ class PythonSandbox:
         """Kill the sandbox: bwrap's death ends its PID namespace and every process in it."""
         proc, self._proc, self._idle_cpu, self._last_id = self._proc, None, None, None
         cgroup, self._cgroup, self._too_many_files = self._cgroup, None, False
+        out, self._out = self._out, None
+        if out is not None:
+            os.close(out)
         if proc is not None:
             try:
                 os.killpg(proc.pid, 9)
