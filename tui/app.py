@@ -289,8 +289,14 @@ def _stats_line(done: Done) -> str:
     s = done.stats
     cut = {"length": " · cut off: token limit", "context": " · cut off: context full",
            "interrupted": " · stopped"}.get(done.finish_reason or "", "")
-    return (f"{s.generated_tokens} tokens · {s.decode_tps:.1f} tok/s · TTFT {s.ttft_s:.2f}s · "
-            f"prompt {s.prompt_tokens} ({s.reused_tokens} cached) · peak {s.peak_memory_gb:.1f} GB{cut}")
+    return " · ".join([f"{s.generated_tokens} tokens", *_rates(s),
+                       f"prompt {s.prompt_tokens} ({s.reused_tokens} cached)", f"peak {s.peak_memory_gb:.1f} GB"]) + cut
+
+
+def _rates(s) -> list[str]:
+    """The decode rate and time to first token, where there was a first token (a reply stopped
+    while its prompt was read has neither: not "TTFT 0.00s · 0.0 tok/s")."""
+    return [f"{s.decode_tps:.1f} tok/s", f"TTFT {s.ttft_s:.2f}s"] if s.generated_tokens else []
 
 
 # ---- screens ----------------------------------------------------------------------------------
@@ -635,7 +641,7 @@ class ChatApp(App):
             parts.append(f"context {self._context_tokens}/{self.chat.engine.max_context}")
         if self.last_done is not None:
             s = self.last_done.stats
-            parts += [f"TTFT {s.ttft_s:.2f}s", f"{s.decode_tps:.1f} tok/s", f"peak {s.peak_memory_gb:.1f} GB"]
+            parts += [*_rates(s)[::-1], f"peak {s.peak_memory_gb:.1f} GB"]
             pool = getattr(self.chat.engine.model, "expert_pool", None)
             if pool is not None:  # streamed experts: the pool's size, how often a chosen one was in it
                 parts.append(f"experts {pool.slots}/{total_experts(pool.config)} on the GPU, "
