@@ -412,6 +412,8 @@ class Chat:
                 m.channel = "final" if self._is_answer(None) else "analysis"  # the answer, if it may be
             new.append(m)  # a message without a channel before others (a call) stays as written
             ledger.kept[index] = m
+        if finish is not None and new:  # saved with the chat: a reloaded reply says it was cut short
+            new[-1].cut = "interrupted" if finish == "interrupted" else self.engine.stats.finish_reason
         self.messages.extend(new)
         return new
 

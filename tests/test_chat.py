@@ -754,6 +754,36 @@ def test_resumed_chat_renders_token_for_token(tok, tmp_path):
     assert "to=functions.get_weather" in rendered and "21 C (69.8 F)." in rendered
 
 
+def test_a_reply_cut_short_is_saved_as_cut_and_reloads_so(tok, tmp_path):
+    """A reply stopped by the user or cut at max_tokens reloaded as if it were whole (the TUI and
+    the terminal chat said "stopped" or "cut off" only while it was made). Its last message
+    carries the cut in the saved file; the prompt it renders is unchanged."""
+    from gptoss_mlx.chat_file import ChatFileError
+
+    long_answer = reply_script(tok, "Count.", " ".join(["one"] * 40))
+    chat = Chat(ScriptedModel([long_answer, long_answer, reply_script(tok, "Ok.", "Fine.")]), tok,
+                sampling=SamplingParams(max_tokens=20), reasoning_effort="low", date="2025-08-05")
+    *_, done = chat.send("Count to forty.")
+    assert done.finish_reason == "length"
+    chat.sampling = SamplingParams(max_tokens=200)
+    for event in chat.send("Again."):
+        if isinstance(event, AnswerDelta):
+            chat.stop()
+    list(chat.send("Short, please."))
+    saved = json.loads(chat.save(tmp_path / "c.json").read_text())
+    assistants = [m for m in saved["messages"] if m["role"] == "assistant"]
+    assert [m.get("cut") for m in assistants] == ["length", "interrupted", None]
+    other = Chat(ScriptedModel([[0]]), tok)
+    other.load(tmp_path / "c.json")
+    assert [m.cut for m in other.messages if m.role == "assistant" and m.channel == "final"] == [
+        "length", "interrupted", None]
+    assert other.prompt_tokens() == chat.prompt_tokens()  # never rendered
+    saved["messages"][-1]["cut"] = "maybe"
+    (tmp_path / "bad.json").write_text(json.dumps(saved))
+    with pytest.raises(ChatFileError, match=r"messages\[\d+\]\.cut must be one of interrupted, length, context"):
+        other.load(tmp_path / "bad.json")
+
+
 def test_a_message_without_a_channel_before_a_call_keeps_the_turns_reasoning(tok, tmp_path):
     """`<|start|>assistant<|message|>One moment.<|end|>` before a call was kept as a final
     message: the turn under way then lost its chain of thought in the next step's prompt, and

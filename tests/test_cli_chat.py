@@ -724,6 +724,18 @@ def test_resuming_a_chat_recalls_the_start_of_a_long_last_message_only(tok, stor
     assert len(out) < 2000
 
 
+def test_a_resumed_chat_whose_last_reply_was_cut_short_says_so(tok, store, monkeypatch):
+    """A reply stopped with Ctrl-C or cut at --max-tokens came back on --resume as if whole."""
+    for cut, mark in (("length", "[reply cut off: length limit]"), ("interrupted", "[stopped]")):
+        chat = scripted_chat(tok, "unused")
+        chat.messages += [Message("user", "Count to forty."), Message("assistant", "one two", channel="final", cut=cut)]
+        chat_id = store.new_id()
+        store.save(chat, chat_id, "Count")
+        monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(store.root.parent))
+        status, out = run_chat(monkeypatch, scripted_chat(tok, "unused"), [], ["--resume", chat_id])
+        assert status == 0 and f"gpt-oss: one two\n{mark}\n" in out, out
+
+
 def test_ctrl_c_while_a_long_prompt_is_read_says_stopped(tok, store, ctrl_c):
     """Ctrl-C while a long message was being read stopped it without a word ('[stopped]' came
     only for a reply under way)."""

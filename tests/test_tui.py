@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 from textual.screen import ModalScreen
-from textual.widgets import Markdown, OptionList
+from textual.widgets import Markdown, OptionList, Static
 
 from gptoss_mlx.chat import AnswerDelta, Chat, ContextTrimmed, Done, ReasoningDelta, ToolCall
 from gptoss_mlx.generate import ContextLengthError, SamplingParams, Stats
@@ -522,6 +522,26 @@ async def test_new_chat_and_chats_during_a_reply_say_why_not(store):
         assert said.count("A reply is still being written (Esc stops it)") == 2, said
         await pilot.press("escape")
         await wait_until(pilot, lambda: not app.generating)
+
+
+async def test_a_reopened_reply_that_was_cut_short_says_so(store):
+    """A reply stopped with Esc or cut at the token limit reopened as if whole: its turn now
+    says "stopped" or "cut off" as it did when it was made."""
+    from gptoss_mlx.harmony import Message
+
+    saved = ScriptedChat()
+    saved.messages += [Message("user", "count"), Message("assistant", "Counting.", channel="analysis"),
+                       Message("assistant", "one two", channel="final", cut="length"),
+                       Message("user", "again"), Message("assistant", "one", channel="final", cut="interrupted"),
+                       Message("user", "thanks"), Message("assistant", "You're welcome.", channel="final")]
+    store.save(saved, "cut", "Counting")
+    app = make_app(ScriptedChat(), store)
+    async with app.run_test(size=SIZE) as pilot:
+        app.open_conversation("cut")
+        await wait_until(pilot, lambda: len(app.query(AssistantTurn)) == 3)
+        await pilot.pause(0.1)
+        stats = [t.query_one(".stats", Static).render().plain for t in app.query(AssistantTurn)]
+        assert stats == ["cut off: token limit", "stopped", ""], stats
 
 
 async def test_conversations_resume_rename_delete_and_export(store):

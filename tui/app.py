@@ -189,6 +189,8 @@ class AssistantTurn(Vertical):
         await self.finish()
         for section in self.sections:
             section.collapsed = bool(self.answer_text)
+        if self.saved[-1].cut in CUT_NOTES:  # the reply was cut short when it was made
+            self.query_one(".stats", Static).update(CUT_NOTES[self.saved[-1].cut])
 
     @property
     def reasoning_text(self) -> str:
@@ -285,10 +287,12 @@ def context_notice(event: ContextTrimmed) -> str:
     return f"Context full: {'; '.join(parts)}"
 
 
+CUT_NOTES = {"length": "cut off: token limit", "context": "cut off: context full", "interrupted": "stopped"}
+
+
 def _stats_line(done: Done) -> str:
     s = done.stats
-    cut = {"length": " · cut off: token limit", "context": " · cut off: context full",
-           "interrupted": " · stopped"}.get(done.finish_reason or "", "")
+    cut = f" · {CUT_NOTES[done.finish_reason]}" if done.finish_reason in CUT_NOTES else ""
     return " · ".join([f"{s.generated_tokens} tokens", *_rates(s),
                        f"prompt {s.prompt_tokens} ({s.reused_tokens} cached)", f"peak {s.peak_memory_gb:.1f} GB"]) + cut
 

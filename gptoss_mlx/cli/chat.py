@@ -142,6 +142,10 @@ def resumed_id(store: ConversationStore, chat_id: str) -> str:
     return chat_id
 
 
+CUT_MARKS = {"interrupted": "[stopped]", "length": "[reply cut off: length limit]",
+             "context": "[reply cut off: context limit]"}
+
+
 def glimpse(text: str, lines: int = 6, chars: int = 600) -> str:
     """The start of a long message, for the lines that recall a resumed chat (an 88 KB paste
     filled the screen), saying how much more there is."""
@@ -275,14 +279,14 @@ class Repl:
             self.last_stats = done.stats if done else None
             if done and done.finish_reason in ("length", "context"):
                 truncated = f" ({cut_json(done)})" if self.chat.response_format else ""
-                self.say(f"[reply cut off: {done.finish_reason} limit]{truncated}")
+                self.say(CUT_MARKS[done.finish_reason] + truncated)
         except KeyboardInterrupt:
             events.close()  # keeps the partial answer in the history now, not at GC time
             self.last_stats = self.chat.engine.stats
             if len(self.chat.messages) == before:  # nothing of the reply: the chat took the message back
                 self.say(RESET + "\n[stopped before the reply: the message is not in the chat" + self._offer(text) + "]")
                 return
-            self.say(RESET + "\n[stopped]")
+            self.say(RESET + "\n" + CUT_MARKS["interrupted"])
         except OSError as e:  # the terminal has gone mid-reply: keep what was made, save, end
             if e.errno not in (errno.EIO, errno.EPIPE):
                 raise
@@ -331,10 +335,17 @@ class Repl:
         self.title = self.store.load(self.chat, chat_id)
         self.chat_id, self.last_stats = chat_id, None  # /stats speaks of this chat's replies
         self.new_conversation()
-        shown = [m for m in self.chat.messages if m.role == "user" or m.channel == "final"]
+        messages = self.chat.messages
+        shown = [i for i, m in enumerate(messages) if m.role == "user" or m.channel == "final"]
         self.say(terminal_safe(f"Resumed \"{self.title}\" ({self.message_count()} messages)."))
-        for m in shown[-2:]:
-            self.say(("you: " if m.role == "user" else "gpt-oss: ") + terminal_safe(glimpse(m.text)))
+        for i in shown[-2:]:
+            m = messages[i]
+            if m.role == "user":
+                self.say("you: " + terminal_safe(glimpse(m.text)))
+                continue
+            end = next((j for j in range(i + 1, len(messages)) if messages[j].role == "user"), len(messages))
+            cut = messages[end - 1].cut  # the reply was cut short when it was made
+            self.say("gpt-oss: " + terminal_safe(glimpse(m.text)) + (f"\n{CUT_MARKS[cut]}" if cut else ""))
 
     def command(self, line: str) -> str | None:
         name, _, arg = line.partition(" ")

@@ -19,7 +19,7 @@ import json
 import re
 
 from .messages import (
-    BUILTIN_TOOLS, CONSTRAIN, FUNCTION_NAME, FUNCTION_NAME_RULE, DeveloperContent, HarmonyError,
+    BUILTIN_TOOLS, CONSTRAIN, CUTS, FUNCTION_NAME, FUNCTION_NAME_RULE, DeveloperContent, HarmonyError,
     Message, ResponseFormat, SystemContent, ToolSpec, _kind, check_schema,
 )
 from .render import system_message
@@ -257,6 +257,10 @@ def _assistant_messages(m: dict, i: int, declared: set[str], calls: dict) -> lis
         calls.setdefault(str(call.get("id", f"call_{i}_{j}")), []).append((recipient, channel))
         out.append(Message("assistant", args, channel=channel, recipient=recipient,
                            content_type=content_type))
+    if m.get("cut") is not None:  # (our saved chats' own field: the reply was cut short here)
+        if m["cut"] not in CUTS or not out:
+            raise HarmonyError(f"messages[{i}].cut must be one of {', '.join(CUTS)}, got {str(m['cut'])[:40]!r}")
+        out[-1].cut = m["cut"]
     return out
 
 
@@ -325,6 +329,8 @@ def _assistant_to_chat(group: list[Message], declared: set[str], calls: dict, id
     """One Chat Completions assistant message from harmony messages in ``_slot`` order."""
     msg: dict = {"role": "assistant", "content": None}
     tool_calls = []
+    if group[-1].cut:
+        msg["cut"] = group[-1].cut
     for m in group:
         if _slot(m) == 0:
             msg["reasoning"] = m.text

@@ -102,6 +102,9 @@ class DeveloperContent:
     response_formats: list[ResponseFormat] = field(default_factory=list)
 
 
+CUTS = ("interrupted", "length", "context")  # stopped by the user; at max_tokens; at the context's end
+
+
 @dataclass
 class Message:
     role: str
@@ -110,6 +113,9 @@ class Message:
     recipient: str | None = None
     content_type: str | None = None
     name: str | None = None  # for role "tool": the tool's name, e.g. "functions.get_weather"
+    # On a reply's last message when the reply was cut short there: one of CUTS (saved with the
+    # chat, so a reloaded conversation shows it; never rendered into a prompt).
+    cut: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.role not in ROLES:
