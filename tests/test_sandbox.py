@@ -235,11 +235,39 @@ def test_what_a_cell_printed_before_it_was_stopped_comes_back_with_the_reason(os
         out = box.run("import os\nos.write(1, b'x' * 3000)\nn = os.write(1, '\\u00e9'.encode() * 10)")
         assert out == "x" * 1000 + "\n[output truncated: 2010 more characters]", out[-80:]
         out = box.run("import os\nfor i in range(300):\n    os.write(1, b'y' * 65536)")  # 19 MB from C code
-        assert out == "y" * 1000 + "\n[output truncated: more output]"
+        assert out == "y" * 1000 + "\n[output truncated]"
+        out = box.run("import sys, ctypes\nsys.__stdout__.write('direct ')\nn = ctypes.CDLL(None).printf(b'from C')")
+        assert out == "direct from C", out  # buffered in the worker, they came in later cells
+        out = box.run("print('z' * 5000)\nimport time\ntime.sleep(60)")  # cut, then stopped: both said
+        assert out == "z" * 1000 + "\n[output truncated]\n[execution timed out after 1.5 seconds; the session was restarted and its variables are lost]"
         timer = threading.Timer(0.5, box.interrupt)
         timer.start()
         out = box.run("import time\nprint('so far')\ntime.sleep(30)")
         assert out.startswith("so far\n[stopped by the user"), out
+
+
+def test_a_stop_while_the_session_is_checked_is_not_lost_and_close_never_pulls_a_cell_from_under_it(os_sandbox):
+    """A tester's: Stop pressed while run() checked the paused session (kept busy by a SIGCONT
+    handler) was taken for "the session ended between cells", and the whole cell ran in a fresh
+    one; close() from another thread (the server's, as a client leaves) made run() raise."""
+    import threading
+
+    with PythonSandbox(limits=SandboxLimits(timeout_s=10)) as box:
+        box.run("import signal, time\nsignal.signal(signal.SIGCONT, lambda *a: time.sleep(3))")
+        threading.Timer(1.0, box.interrupt).start()
+        start = time.monotonic()
+        out = box.run("import time\ntime.sleep(4)\nprint('RAN')")
+        assert "RAN" not in out and "stopped by the user" in out and time.monotonic() - start < 3.5, out
+        assert box.run("print('next')") == "next\n"
+    for _ in range(3):
+        box = PythonSandbox(stateful=False, limits=SandboxLimits(timeout_s=5))
+        result = []
+        cell = threading.Thread(target=lambda: result.append(box.run("import time\nprint('A', flush=True)\ntime.sleep(3)")))
+        cell.start()
+        time.sleep(0.5)
+        box.close()
+        cell.join(10)
+        assert not cell.is_alive() and "stopped" in result[0], result
 
 
 def test_cpu_time_of_a_process_from_ps():  # how macOS (no /proc) sees a session burning CPU
@@ -346,9 +374,9 @@ def test_bwrap_argv_confines():
     assert "--unshare-net" not in shared and "/etc/resolv.conf" in shared and "--seccomp" not in shared
 
 
-def _bpf_run(program: bytes, nr: int, arch: int, arg0: int = 0) -> int:
+def _bpf_run(program: bytes, nr: int, arch: int, arg0: int = 0, arg1: int = 0, arg2: int = 0) -> int:
     """A classic-BPF interpreter for the instructions seccomp_filter emits."""
-    data = struct.pack("=iIQ6Q", nr, arch, 0, arg0, 0, 0, 0, 0, 0)
+    data = struct.pack("=iIQ6Q", nr, arch, 0, arg0, arg1, arg2, 0, 0, 0)
     insns = [struct.unpack_from("=HBBI", program, i) for i in range(0, len(program), 8)]
     pc, acc = 0, 0
     while True:
@@ -391,6 +419,25 @@ def test_seccomp_filter_decisions(machine):
         assert _bpf_run(closed, nrs["socket"], arch, arg0=family) == allow, family
     assert _bpf_run(offline, nrs["clone"], arch, arg0=0x01200011) == eperm  # the checks after it hold
     assert _bpf_run(offline, read, arch) == allow
+    # a tester's attacks on the host through the kernel (each failed before): a POSIX timer or
+    # F_SETSIG sending SIGCONT woke a session stopped between cells; inotify, fanotify and message
+    # queues took the host user's quotas; a lease made the host's open() wait 45 s; grown socket
+    # buffers held GBs of kernel memory; vsock could reach the hypervisor with the network off
+    for name in ("timer_create", "inotify_init1", "fanotify_init", "mq_open"):
+        assert _bpf_run(opened, nrs[name], arch) == eperm, name
+    for family, online, offline_verdict in ((40, eafnosupport, eafnosupport), (16, allow, eafnosupport),
+                                            (1, allow, allow), (2, allow, eafnosupport), (17, eafnosupport, eafnosupport)):
+        assert _bpf_run(closed, nrs["socket"], arch, arg0=family) == online, family  # 40 vsock, 17 packet
+        assert _bpf_run(offline, nrs["socket"], arch, arg0=family) == offline_verdict, family
+    for cmd, verdict in ((10, eperm), (1024, eperm), (1, allow), (4, allow), (6, allow)):  # F_SETSIG, F_SETLEASE, F_GETFD, F_SETFL, F_SETLK
+        assert _bpf_run(closed, nrs["fcntl"], arch, arg0=3, arg1=cmd) == verdict, cmd
+    for level, name, verdict in ((1, 7, eperm), (1, 8, eperm), (1, 32, eperm), (1, 33, eperm), (1, 2, allow),
+                                 (6, 7, allow), (0, 8, allow)):  # SO_REUSEADDR; TCP's option 7; IP's 8
+        for program in (closed, offline):
+            assert _bpf_run(program, nrs["setsockopt"], arch, arg0=3, arg1=level, arg2=name) == verdict, (level, name)
+    for program in (closed, offline):  # and what comes after these checks still holds
+        assert _bpf_run(program, nrs["clone"], arch, arg0=0x01200011) == eperm
+        assert _bpf_run(program, read, arch) == allow
     if machine == "x86_64":
         assert _bpf_run(closed, nrs["fork"], arch) == eperm and _bpf_run(opened, nrs["fork"], arch) == allow
         assert _bpf_run(closed, 0x40000000 | 57, arch) == enosys  # x32

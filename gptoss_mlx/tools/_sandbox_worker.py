@@ -44,6 +44,9 @@ try:
     _limit(resource.RLIMIT_NOFILE, int(config["open_files"]))
     _limit(resource.RLIMIT_NPROC, int(config["processes"]))  # threads count too; root is exempt
     _limit(resource.RLIMIT_CORE, 0)
+    # queued signals and message queue bytes count against the host user's quota
+    _limit(resource.RLIMIT_SIGPENDING, 64)
+    _limit(resource.RLIMIT_MSGQUEUE, 0)
 except ImportError:  # no rlimits on this platform
     pass
 
@@ -54,8 +57,9 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class _CappedText(io.TextIOBase):
-    """Writes the first MAX_OUTPUT characters to descriptor 1 (the output pipe) as they come;
-    counts the rest. Bytes written to ``.buffer`` (``sys.stdout.buffer.write(b"...")``) are
+    """Writes the first MAX_OUTPUT characters, and one more (so that the parent knows there were
+    more, also of a cell killed before its reply), to descriptor 1 (the output pipe) as they
+    come; counts the rest. Bytes written to ``.buffer`` (``sys.stdout.buffer.write(b"...")``) are
     decoded as UTF-8 text."""
 
     encoding, errors = "utf-8", "replace"
@@ -68,7 +72,7 @@ class _CappedText(io.TextIOBase):
         return True
 
     def write(self, s):
-        room = MAX_OUTPUT - self.kept
+        room = MAX_OUTPUT + 1 - self.kept
         if room > 0:
             self.kept += min(room, len(s))
             _write_all(1, s[:room].encode("utf-8", "replace"))  # (a lone surrogate: "?")
@@ -110,7 +114,21 @@ def _run(code: str, namespace: dict) -> tuple[int, bool]:
         print("".join(traceback.format_list(frames) + traceback.format_exception_only(etype, value)).rstrip())
     finally:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        _flush_c_stdio()  # what C code printed through stdio: this cell's, not a later one's
     return buffer.dropped, ok
+
+
+def _flush_c_stdio():
+    try:
+        import ctypes
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+def _unbuffered(fd: int) -> io.TextIOWrapper:
+    return io.TextIOWrapper(open(fd, "wb", buffering=0, closefd=False), encoding="utf-8", errors="replace",
+                            write_through=True)
 
 
 def main():
@@ -120,7 +138,10 @@ def main():
     nothing = os.open(os.devnull, os.O_RDONLY)
     os.dup2(nothing, 0)  # ... nor reading descriptor 0 take the next request (it reads nothing)
     os.close(nothing)
-    sys.__stdout__ = sys.stdout = open(1, "w", closefd=False)
+    # outside a cell (a thread's print after it returned): unbuffered, so nothing waits in a
+    # buffer to come out in a later cell's output
+    sys.__stdout__ = sys.stdout = _unbuffered(1)
+    sys.__stderr__ = sys.stderr = _unbuffered(2)
     sys.__stdin__ = sys.stdin = io.StringIO()  # input() raises EOFError at once: no one types here
     reply.write(json.dumps({"ready": True}) + "\n")
     reply.flush()

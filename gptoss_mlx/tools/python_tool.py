@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import secrets
 import select
@@ -84,6 +85,16 @@ def _ps_cpu(pid: int) -> float | None:
         return None
 
 
+def _ready(fds: list[int], timeout: float, write: bool = False) -> list[int]:
+    """Those of ``fds`` ready to read (or to write) within ``timeout`` seconds, or ended. Through
+    poll, not select, which refuses descriptors from 1024 on (a server with as many connections
+    lost the python tool)."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLOUT if write else select.POLLIN)
+    return [fd for fd, _ in poller.poll(max(0, math.ceil(timeout * 1000)))]
+
+
 class _Output:
     """What a cell printed, read from the output pipe as it comes: the first ``max_output``
     characters' worth of bytes kept, the rest counted."""
@@ -96,15 +107,16 @@ class _Output:
         self.kept += data[:max(room, 0)]
         self.dropped += max(0, len(data) - max(room, 0))
 
-    def text(self, dropped_chars: int = 0) -> str:
+    def text(self, dropped_chars: int | None = 0) -> str:
         """As valid text (a broken or lone character becomes U+FFFD), max_output characters at
-        most, and a note of what was left out (``dropped_chars``: what the worker left out)."""
+        most, and a note of what was left out (``dropped_chars``: what the worker left out, None
+        when it could not say: the cell was stopped)."""
         text = valid_text(self.kept.decode("utf-8", "replace"))
         cut = max(0, len(text) - self.max_output)
         text = text[:self.max_output]
         if dropped_chars or cut or self.dropped:
-            more = f"{dropped_chars + cut} more characters" if not self.dropped else "more output"
-            text += f"\n[output truncated: {more}]"
+            known = dropped_chars is not None and not self.dropped
+            text += f"\n[output truncated: {dropped_chars + cut} more characters]" if known else "\n[output truncated]"
         return text
 
 
@@ -210,6 +222,10 @@ class PythonSandbox:
             if self._cancelled:  # the worker was killed on purpose: not one to start again
                 self._kill()
                 return note + CANCELLED_NOTE
+            if self._interrupted:  # stopped before the code was sent (as the session was checked)
+                self._kill()
+                return note + INTERRUPTED_NOTE[:-1] + ("; the session was restarted and its variables are lost]"
+                                                       if had_session else "]")
             try:
                 if self._proc is None or self._proc.poll() is not None:
                     if had_session:  # it ended between cells, or as it was continued
@@ -221,10 +237,15 @@ class PythonSandbox:
                 self._kill()
                 if self._cancelled:  # killed as it started
                     return note + CANCELLED_NOTE
+                if self._interrupted:
+                    return note + INTERRUPTED_NOTE
                 return f"[the Python sandbox could not start: {e}]"
             if self._cancelled:  # cancel() came while the sandbox was being started
                 self._kill()
                 return note + CANCELLED_NOTE
+            if self._interrupted:
+                self._kill()
+                return note + INTERRUPTED_NOTE
             # one deadline for the cell, a second try (in a fresh session) included
             deadline = deadline or time.monotonic() + self.limits.timeout_s
             self._take_output()  # (what a session printed between cells, or at its start: not this cell's)
@@ -246,10 +267,10 @@ class PythonSandbox:
             reply = None  # a cell quicker than one poll: its files stay, so the session goes
         dropped = reply.get("dropped") if isinstance(reply, dict) else None
         if not isinstance(reply, dict) or reply.get("id") != request_id or self._pending \
-                or type(dropped) is not int or dropped < 0:
+                or type(dropped) is not int or not 0 <= dropped < 2**53:
             alive = self._proc is not None and self._proc.poll() is None
             too_many_files = self._too_many_files
-            printed = self._take_output()  # what it printed before it was stopped
+            printed = self._take_output(None)  # what it printed before it was stopped
             printed += "\n" if printed and not printed.endswith("\n") else ""
             self._kill()
             lost = "; the session was restarted and its variables are lost" if self.stateful else ""
@@ -299,7 +320,7 @@ class PythonSandbox:
         reply came first and the real one after it); returns a note for the model, or ''."""
         if self._proc is None:
             return ""
-        if not self._pending and not select.select([self._proc.stdout.fileno()], [], [], 0)[0]:
+        if not self._pending and not _ready([self._proc.stdout.fileno()], 0):
             return ""
         self._kill()
         return EXTRA_REPLY_NOTE
@@ -330,7 +351,7 @@ class PythonSandbox:
         fd = self._proc.stdin.fileno()
         while data:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([], [fd], [], left)[1]:
+            if left <= 0 or not _ready([fd], left, write=True):
                 return False
             try:
                 data = data[os.write(fd, data):]
@@ -381,7 +402,7 @@ class PythonSandbox:
                 if self._over_files():
                     return None
                 files_checked = now
-            ready = select.select([fd, self._out], [], [], min(left, POLL_S))[0]
+            ready = _ready([fd, self._out], min(left, POLL_S))
             if self._out in ready:
                 self._read_output()
             if fd not in ready:
@@ -407,7 +428,7 @@ class PythonSandbox:
         self._output.add(data)
         return bool(data)
 
-    def _take_output(self, dropped_chars: int = 0) -> str:
+    def _take_output(self, dropped_chars: int | None = 0) -> str:
         """What the cell printed (all of it that is in the pipe by now), and a fresh record for
         the next. (The worker wrote it before its reply, so once the reply is read it is all
         there; a pipe whose writers all ended reads empty, not blocked.)"""
@@ -513,7 +534,11 @@ class PythonSandbox:
                             os.unlink(entry.path)
 
     def close(self) -> None:
-        self._kill()
+        """End the sandbox; a cell under way in another thread is stopped first (it returns the
+        cancel note), not pulled from under it."""
+        self.cancel()
+        with self._running:
+            self._kill()
         if self._own_dir:
             shutil.rmtree(self._own_dir, ignore_errors=True)
 

@@ -149,7 +149,8 @@ _SYSCALLS = {
         "delete_module": 176, "reboot": 169, "swapon": 167, "swapoff": 168, "acct": 163,
         "shmget": 29, "shmat": 30, "shmctl": 31, "shmdt": 67, "semget": 64, "semop": 65,
         "semctl": 66, "semtimedop": 220, "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71,
-        "memfd_create": 319, "socket": 41}),
+        "memfd_create": 319, "socket": 41, "timer_create": 222, "inotify_init": 253,
+        "inotify_init1": 294, "fanotify_init": 300, "mq_open": 240, "fcntl": 72, "setsockopt": 54}),
     "aarch64": (0xC00000B7, {
         "clone": 220, "clone3": 435, "ptrace": 117, "process_vm_readv": 270,
         "process_vm_writev": 271, "unshare": 97, "setns": 268, "mount": 40, "umount2": 39,
@@ -159,7 +160,8 @@ _SYSCALLS = {
         "swapon": 224, "swapoff": 225, "acct": 89, "msgget": 186, "msgctl": 187, "msgrcv": 188,
         "msgsnd": 189, "semget": 190, "semctl": 191, "semtimedop": 192, "semop": 193,
         "shmget": 194, "shmctl": 195, "shmat": 196, "shmdt": 197, "memfd_create": 279,
-        "socket": 198}),
+        "socket": 198, "timer_create": 107, "inotify_init1": 26, "fanotify_init": 262, "mq_open": 180,
+        "fcntl": 25, "setsockopt": 208}),
 }
 # Numbered alike on both: io_uring, pidfds, the new mount API.
 _COMMON = {"pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 426,
@@ -169,14 +171,23 @@ _COMMON = {"pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 42
 # SysV IPC and memfds: memory that no rlimit of the sandbox counts (it outlives shmdt/close).
 _UNCOUNTED_MEMORY = ("shmget", "shmat", "shmctl", "shmdt", "semget", "semop", "semctl",
                      "semtimedop", "msgget", "msgsnd", "msgrcv", "msgctl", "memfd_create")
+# Quotas the sandbox would share with the host's user (inotify and fanotify instances, POSIX
+# message queue bytes: the user's file watchers and queues fail while a session holds them), and
+# POSIX timers, whose signal can be SIGCONT: a session stopped between cells woke itself with one.
+_SHARED_QUOTAS = ("inotify_init", "inotify_init1", "fanotify_init", "mq_open", "timer_create")
 _ALWAYS_DENIED = ("ptrace", "process_vm_readv", "process_vm_writev", "unshare", "setns", "mount",
                   "umount2", "pivot_root", "chroot", "keyctl", "add_key", "request_key", "bpf",
                   "perf_event_open", "userfaultfd", "kexec_load", "init_module", "finit_module",
                   "delete_module", "reboot", "swapon", "swapoff", "acct", *_UNCOUNTED_MEMORY,
-                  *_COMMON)
+                  *_SHARED_QUOTAS, *_COMMON)
 _CLONE_THREAD = 0x00010000
 _EPERM, _ENOSYS, _EAFNOSUPPORT = 1, 38, 97
-_AF_INET, _AF_INET6 = 2, 10
+_AF_UNIX, _AF_INET, _AF_INET6, _AF_NETLINK = 1, 2, 10, 16
+# fcntl: a signal of one's choosing for I/O on a descriptor (SIGCONT again), and leases, which
+# make the host's open() of a file the sandbox can read wait for 45 s
+_F_SETSIG, _F_SETLEASE = 10, 1024
+# setsockopt(SOL_SOCKET, ...): larger socket buffers (kernel memory no limit of the sandbox counts)
+_SOL_SOCKET, _SOCKET_BUFFERS = 1, (7, 8, 32, 33)  # SO_SNDBUF, SO_RCVBUF and their FORCE forms
 _RET_ALLOW, _RET_KILL = 0x7FFF0000, 0x80000000
 
 
@@ -192,9 +203,13 @@ def seccomp_filter(processes: bool, machine: str | None = None, network: bool = 
     answers ENOSYS, so the C library falls back to clone, whose flags a filter can see. Another
     architecture is killed. execve stays allowed: bwrap execs the worker after loading the
     filter, and without fork an exec can only replace the worker inside the same sandbox.
-    Without ``network``, IPv4 and IPv6 sockets are refused (EAFNOSUPPORT): the sandbox's own
-    loopback would let unread connections pin socket buffers, host kernel memory that no limit
-    of the sandbox counts (Unix sockets stay: a socketpair is local to the process)."""
+    Sockets of other families than Unix (a socketpair: asyncio's) and, with ``network``, IPv4,
+    IPv6 and netlink (the C library's address lookups) are refused (EAFNOSUPPORT): vsock would
+    reach the hypervisor, and without the network the sandbox's own loopback would let unread
+    connections pin socket buffers, host kernel memory that no limit of the sandbox counts; for
+    the same reason socket buffers cannot be grown (setsockopt SO_SNDBUF, SO_RCVBUF). fcntl's
+    F_SETSIG and F_SETLEASE are refused (EPERM), as are inotify, fanotify, POSIX message queues
+    and timers (_SHARED_QUOTAS)."""
     machine = machine or platform.machine()
     if machine not in _SYSCALLS:
         raise SandboxUnavailable(f"no seccomp syscall table for {machine}")
@@ -213,9 +228,20 @@ def seccomp_filter(processes: bool, machine: str | None = None, network: bool = 
         if name in numbers:
             prog += [op(jeq, numbers[name], 0, 1), op(ret, _ret_errno(_EPERM))]
     prog += [op(jeq, numbers["clone3"], 0, 1), op(ret, _ret_errno(_ENOSYS))]
-    if not network:  # socket(domain, ...): the domain is the low word of args[0]
-        prog += [op(jeq, numbers["socket"], 0, 4), op(ld, 16), op(jeq, _AF_INET, 1, 0),
-                 op(jeq, _AF_INET6, 0, 1), op(ret, _ret_errno(_EAFNOSUPPORT)), op(ld, 0)]
+    # socket(domain, ...): the domain is the low word of args[0]; only these families
+    families = [_AF_UNIX] + ([_AF_INET, _AF_INET6, _AF_NETLINK] if network else [])
+    prog += [op(jeq, numbers["socket"], 0, len(families) + 2), op(ld, 16)]
+    prog += [op(jeq, family, len(families) - i, 0) for i, family in enumerate(families)]
+    prog += [op(ret, _ret_errno(_EAFNOSUPPORT)), op(ld, 0)]
+    # fcntl(fd, cmd, ...): cmd is the low word of args[1]
+    prog += [op(jeq, numbers["fcntl"], 0, 4), op(ld, 24), op(jeq, _F_SETSIG, 1, 0),
+             op(jeq, _F_SETLEASE, 0, 1), op(ret, _ret_errno(_EPERM)), op(ld, 0)]
+    # setsockopt(fd, level, name, ...): level and name are the low words of args[1] and args[2]
+    buffers = len(_SOCKET_BUFFERS)
+    prog += [op(jeq, numbers["setsockopt"], 0, buffers + 5), op(ld, 24), op(jeq, _SOL_SOCKET, 0, buffers + 1),
+             op(ld, 32)]
+    prog += [op(jeq, name, buffers - i, 0) for i, name in enumerate(_SOCKET_BUFFERS)]
+    prog += [op(ret, _RET_ALLOW), op(ret, _ret_errno(_EPERM))]  # (another option; a buffer's size)
     if not processes:  # clone: allowed only for a thread (flags are the low word of args[0])
         prog += [op(jeq, numbers["clone"], 0, 3), op(ld, 16), op(jset, _CLONE_THREAD, 1, 0),
                  op(ret, _ret_errno(_EPERM))]
