@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import harmony
-from .chat_file import ChatFileError, check_chat_file, write_json_atomic  # noqa: F401 - ChatFileError: public here
+from .chat_file import CHAT_FIELDS, ChatFileError, chat_file_problem, check_chat_file, write_json_atomic  # noqa: F401 - ChatFileError: public here
 from .engine_thread import engine_thread
 from .files import valid_text
 from .generate import RAISE_CONTEXT, ContextLengthError, Engine, SamplingParams, Stats
@@ -99,6 +99,9 @@ class Chat:
         if engine is None and not hasattr(model, "config"):
             raise TypeError(f"model must be a loaded model (model, tokenizer = gptoss_mlx.load(...)), "
                             f"got {type(model).__name__}")
+        if engine is None and not hasattr(tokenizer, "encode_ordinary"):
+            raise TypeError(f"tokenizer must be the loaded model's (model, tokenizer = gptoss_mlx.load(...)), "
+                            f"got {type(tokenizer).__name__}")
         if isinstance(sampling, dict):
             sampling = SamplingParams(**sampling)  # a TypeError names a key it does not have
         elif sampling is not None and not isinstance(sampling, SamplingParams):
@@ -426,7 +429,15 @@ class Chat:
 
     def save(self, path: str | os.PathLike, **metadata) -> Path:
         """Write the chat as Chat Completions JSON (reasoning included), atomically.
-        ``metadata`` (e.g. a title) is stored beside it and ignored by :meth:`load`."""
+        ``metadata`` (e.g. a title) is stored beside it and ignored by :meth:`load`; a key that
+        names one of the chat's own fields is a ValueError (the file would not load)."""
+        clash = sorted(set(metadata) & set(CHAT_FIELDS))
+        if clash:
+            raise ValueError(f"save(): {', '.join(clash)} {'is' if len(clash) == 1 else 'are'} the chat's own "
+                             f"(its file would not load); give the metadata other names")
+        problem = chat_file_problem({"messages": [], **metadata})  # (a title that is no string, a newer format)
+        if problem:
+            raise ValueError(f"save(): {problem}")
         return write_json_atomic(path, {**self.to_json(), **metadata})
 
     def load(self, path: str | os.PathLike) -> dict:

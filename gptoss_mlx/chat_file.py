@@ -21,6 +21,7 @@ MAX_FILE_BYTES = 64 * 2**20
 MAX_DATE_CHARS = 64  # "Current date: ..." in the system message: one line, not a section of its own
 MAX_DEPTH = 64  # JSON nesting; a tool's parameter schema needs a handful of levels
 ROLES = ("system", "developer", "user", "assistant", "tool")
+CHAT_FIELDS = ("messages", "reasoning_effort", "tools", "response_format", "date")  # the rest: metadata
 
 
 class ChatFileError(ValueError):

@@ -304,6 +304,8 @@ class Engine:
         """``compile_decode``: run decode steps compiled (decode_step.py) where the model allows;
         None: as ``GPTOSS_MLX_COMPILE`` says (decode_step.enabled: on the CPU, on a GPU only when asked)."""
         self.model = model
+        if max_context is None:  # load(max_context=...) planned the memory for that many tokens
+            max_context = getattr(model, "planned_context", None)
         self.max_context = check_max_context(max_context, model.config.max_position_embeddings)
         self.prefill_step = prefill_step
         if compile_decode is None:

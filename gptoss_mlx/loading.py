@@ -854,6 +854,9 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
         raise ValueError(f"sharding must be {' or '.join(SHARDINGS)}, got {sharding!r}")
     directory = resolve_checkpoint(path_or_repo)
     config = read_config(directory)
+    if max_context is not None and max_context > config.max_position_embeddings:
+        raise ValueError(f"max_context must be at most {config.max_position_embeddings} tokens (the model's "
+                         f"max_position_embeddings), got {max_context}")
     context = min(max_context or DEFAULT_CONTEXT, config.max_position_embeddings)
     distributed = group is not None and group.size() > 1
     share = share_config(config, group.size(), sharding) if distributed else config
@@ -883,6 +886,7 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
         raise CheckpointError("adapters are not applied across machines yet: fuse the adapter "
                               "into a checkpoint (gptoss-mlx fuse --requantize-experts) and run that")
     model = load_model(directory, dtype, memory_plan=memory_plan, group=group, sharding=sharding)
+    model.planned_context = context  # what its memory was planned for: an Engine's default context
     if adapter is not None:
         load_adapter(model, adapter)
         note = adapter_base_note(adapter, directory)

@@ -299,6 +299,7 @@ class Model(nn.Module):
         # Pipeline parallel (shard): this rank's stage; then embed_tokens is None on all ranks but
         # the first stage, lm_head None on all but rank 0 (the last stage), as on tensor followers.
         self.sharding = None  # after shard: tensor or pipeline
+        self.planned_context: int | None = None  # load(): the context its memory was planned for
         self.stage = None
 
     def __call__(self, inputs: mx.array, cache: list | None = None, *,

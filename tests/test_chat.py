@@ -586,11 +586,11 @@ def test_an_overflowing_tool_result_is_cut_not_dropped_with_its_call(tok):
     assert chat.messages[4] is result and result.text == "sunny " * 300  # the history keeps it whole
 
 
-def test_bad_context_settings():
+def test_bad_context_settings(tok):
     with pytest.raises(ValueError, match="context_overflow must be truncate or error, got 'drop'"):
-        Chat(ScriptedModel([[0]]), None, context_overflow="drop")
+        Chat(ScriptedModel([[0]]), tok, context_overflow="drop")
     with pytest.raises(ValueError, match="max_context must be a whole number of tokens from 1 to 4096"):
-        Chat(ScriptedModel([[0]]), None, max_context=0)
+        Chat(ScriptedModel([[0]]), tok, max_context=0)
 
 
 def histories():
@@ -892,6 +892,25 @@ def test_wrong_types_for_the_model_or_sampling_are_named(tokenizer_json):
         Chat(ScriptedModel([[0]]), tok, sampling=3)
     with pytest.raises(TypeError, match=r"model must be a loaded model \(model, tokenizer = gptoss_mlx.load"):
         Chat(None, None)
+    for bad in (None, "o200k", tokenizer_json):  # was taken; the first send() raised AttributeError
+        with pytest.raises(TypeError, match=r"tokenizer must be the loaded model's .*got (NoneType|str|PosixPath)"):
+            Chat(ScriptedModel([[0]]), bad)
+
+
+def test_save_metadata_cannot_replace_the_chats_own_fields(tok, tmp_path):
+    """save(p, messages=...), reasoning_effort="turbo" or format=2 overwrote the chat's own
+    field and wrote a file that load() then refused."""
+    chat = Chat(ScriptedModel([reply_script(tok, "Hm.", "Hi.")]), tok, date="2025-08-05")
+    list(chat.send("hello"))
+    for key, value in (("messages", []), ("reasoning_effort", "turbo"), ("tools", "x")):
+        with pytest.raises(ValueError, match=f"save\\(\\): {key} is the chat's own"):
+            chat.save(tmp_path / "c.json", **{key: value})
+    for key, value, said in (("format", 2, "written by a newer"), ("title", 5, "title must be a string")):
+        with pytest.raises(ValueError, match=f"save\\(\\): .*{said}"):
+            chat.save(tmp_path / "c.json", **{key: value})
+    assert not (tmp_path / "c.json").exists()
+    chat.save(tmp_path / "c.json", title="Greeting", format=1, tags=["a"])
+    assert Chat(ScriptedModel([[0]]), tok).load(tmp_path / "c.json")["title"] == "Greeting"
 
 
 def test_wrong_arguments_are_named_and_leave_the_chat_as_it_was(tok, tmp_path):

@@ -84,6 +84,19 @@ def test_a_path_given_as_bytes_loads_and_another_type_is_named(tiny_checkpoint):
         gptoss_mlx.load(5)
 
 
+def test_a_chat_on_a_loaded_model_keeps_to_the_context_its_memory_was_planned_for(tiny_checkpoint):
+    """load(max_context=4096) planned the KV cache for 4,096 tokens, then Chat(model, tok) allowed
+    131,072; and max_context past the model's limit was cut to it without a word."""
+    from gptoss_mlx import load
+    from gptoss_mlx.chat import Chat
+
+    model, tok = load(tiny_checkpoint, max_context=4096)
+    assert Chat(model, tok).engine.max_context == 4096 and Chat(model, tok, max_context=2048).engine.max_context == 2048
+    assert Chat(load(tiny_checkpoint)[0], tok).engine.max_context == 32768  # the default plan's
+    with pytest.raises(ValueError, match="max_context must be at most 131072 tokens"):
+        load(tiny_checkpoint, max_context=10**9)
+
+
 def test_bad_dtype(checkpoints):
     with pytest.raises(ValueError, match="dtype"):
         gptoss_mlx.load(checkpoints["hf"], dtype="int8")

@@ -2,6 +2,7 @@
 file is refused with its name and the wrong field, the conversation in memory stays, one bad
 file never breaks the list, killed saves leave nothing behind."""
 
+import functools
 import json
 import os
 import time
@@ -15,7 +16,9 @@ from gptoss_mlx.chat import Chat, ChatFileError
 from gptoss_mlx.harmony import Message
 from gptoss_mlx.chat_file import FORMAT_VERSION
 from gptoss_mlx.store import ConversationStore
+from gptoss_mlx.tokenizer import load_tokenizer
 
+from conftest import TOKENIZER_JSON
 from scripted import ScriptedModel
 
 GOOD = {
@@ -32,8 +35,16 @@ GOOD = {
 }
 
 
+@functools.cache
+def tokenizer():
+    """The real tokenizer (a Chat takes none other)."""
+    if not TOKENIZER_JSON.exists():
+        pytest.skip(f"real tokenizer not found: {TOKENIZER_JSON} (README, Tests)")
+    return load_tokenizer(TOKENIZER_JSON)
+
+
 def current_chat() -> Chat:
-    chat = Chat(ScriptedModel([[0]]), None, reasoning_effort="high", date="2026-01-01")
+    chat = Chat(ScriptedModel([[0]]), tokenizer(), reasoning_effort="high", date="2026-01-01")
     chat.messages = [Message("user", "the conversation on screen"),
                      Message("assistant", "stays", channel="final")]
     return chat
@@ -213,7 +224,7 @@ def test_save_writes_the_format_version_and_round_trips(store):
     path = store.save(chat, "c2", "Saved")
     data = json.loads(path.read_text())
     assert data["format"] == FORMAT_VERSION and data["title"] == "Saved"
-    other = Chat(ScriptedModel([[0]]), None)
+    other = Chat(ScriptedModel([[0]]), tokenizer())
     assert store.load(other, "c2") == "Saved"
     assert [m.text for m in other.messages] == [m.text for m in chat.messages]
 

@@ -544,6 +544,21 @@ async def test_a_reopened_reply_that_was_cut_short_says_so(store):
         assert stats == ["cut off: token limit", "stopped", ""], stats
 
 
+async def test_an_export_that_cannot_be_written_is_said_and_the_app_goes_on(store):
+    """A file named "exports" in the data directory (or a full disk) made Export a traceback that
+    closed the app."""
+    store.exports.parent.mkdir(parents=True, exist_ok=True)
+    store.exports.write_text("not a folder")
+    app = make_app(ScriptedChat(THOUGHT, THOUGHT), store)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "hello")
+        app.action_export()
+        await pilot.pause()
+        assert any(n.message.startswith("Not exported:") and "exports" in n.message for n in app._notifications)
+        await send(pilot, app, "still here?")
+        assert len(app.query(AssistantTurn)) == 2
+
+
 async def test_conversations_resume_rename_delete_and_export(store):
     first = ScriptedChat(THOUGHT)
     app = make_app(first, store)

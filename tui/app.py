@@ -990,7 +990,12 @@ class ChatApp(App):
         if self.chat is None or not self.chat.messages:
             self.notify("Nothing to export yet", severity="warning")
             return
-        path = self.store.export_markdown(self.chat, self.chat_title, self.chat_id)
+        try:
+            path = self.store.export_markdown(self.chat, self.chat_title, self.chat_id)
+        except OSError as e:  # (an "exports" that is a file, a full or read-only disk: the app goes on)
+            self.notify(f"Not exported: {e.strerror or e} ({e.filename or self.store.exports})",
+                        severity="error", timeout=10)
+            return
         self.notify(f"Exported to {path}", timeout=8)
 
     def get_system_commands(self, screen) -> Iterable[SystemCommand]:
