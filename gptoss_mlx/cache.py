@@ -1,7 +1,11 @@
 """Key/value caches: a growing one for full-attention layers, a ring buffer for sliding layers.
 
 Both take keys and values of shape (batch, kv_heads, tokens, head_dim) after RoPE and return the
-keys and values the new queries attend to. ``offset`` counts the tokens seen so far.
+keys and values the new queries attend to. ``offset`` counts the tokens seen so far. A layer's
+keys and values share one buffer ``kv`` (batch, 2 * kv_heads, slots, head_dim): the keys' heads,
+then the values', so that a token's key and value go in with one write (one kernel a layer at
+decode instead of two: ``update_and_fetch_kv`` takes them as the attention's first kernel makes
+them, side by side); ``keys`` and ``values`` are views of it.
 
 For a multi-token update the returned keys are in temporal order and end at the last new token,
 so the caller knows key ``j`` sits at position ``offset + L - K + j`` (see ``ops.attention_mask``).
@@ -46,35 +50,68 @@ def _thread_positions(start: int, count: int, thread: threading.Thread) -> mx.ar
     return table[start:end]
 
 
-class KVCache:
+def joined(keys: mx.array, values: mx.array) -> mx.array:
+    """Keys and values (B, KV, L, D) as one (B, 2 KV, L, D) array, as a cache holds them."""
+    if keys.shape != values.shape:
+        raise ValueError(f"keys {keys.shape} and values {values.shape} must have one shape")
+    return mx.concatenate([keys, values], axis=1)
+
+
+def split(kv: mx.array | None) -> tuple[mx.array | None, mx.array | None]:
+    """The keys' and the values' halves of ``kv`` (views)."""
+    if kv is None:
+        return None, None
+    heads = kv.shape[1] // 2
+    return kv[:, :heads], kv[:, heads:]
+
+
+class KVStorage:
+    """``keys`` and ``values``: views of ``kv``."""
+
+    kv: mx.array | None
+
+    @property
+    def keys(self) -> mx.array | None:
+        return split(self.kv)[0]
+
+    @property
+    def values(self) -> mx.array | None:
+        return split(self.kv)[1]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """keys, values (B, KV, L, D) -> the keys and values the new queries attend to."""
+        return self.update_and_fetch_kv(joined(keys, values))
+
+    def update_and_fetch_kv(self, kv: mx.array) -> tuple[mx.array, mx.array]:
+        raise NotImplementedError
+
+
+class KVCache(KVStorage):
     """Full attention: keeps every position. Storage grows in steps to avoid a copy per token."""
 
     step = 256
 
     def __init__(self):
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self.kv: mx.array | None = None
         self.offset = 0
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        B, H, L, D = keys.shape
+    def update_and_fetch_kv(self, kv: mx.array) -> tuple[mx.array, mx.array]:
+        """kv (B, 2 KV, L, D), keys then values -> the keys and values up to the last new one."""
+        B, H2, L, D = kv.shape
         start, end = self.offset, self.offset + L
-        if self.keys is None:
-            self.keys = mx.zeros((B, H, 0, D), keys.dtype)
-            self.values = mx.zeros((B, H, 0, values.shape[3]), values.dtype)
+        if self.kv is None:
+            self.kv = mx.zeros((B, H2, 0, D), kv.dtype)
         self.reserve(end)
-        self.keys[..., start:end, :] = keys
-        self.values[..., start:end, :] = values
+        self.kv[..., start:end, :] = kv
         self.offset = end
-        return self.keys[..., :end, :], self.values[..., :end, :]
+        return split(self.kv[..., :end, :])
 
     def reserve(self, end: int) -> None:
         """Room for positions up to ``end``: the storage grows to a multiple of ``step`` slots,
         keeping the first ``offset`` positions."""
-        if end > self.keys.shape[2]:
+        if end > self.kv.shape[2]:
             capacity = -(-end // self.step) * self.step
-            self.keys = _pad_slots(self.keys[..., : self.offset, :], capacity)
-            self.values = _pad_slots(self.values[..., : self.offset, :], capacity)
+            self.kv = _pad_slots(self.kv[..., : self.offset, :], capacity)
 
     def can_trim(self, n: int) -> bool:
         return n <= self.offset
@@ -95,24 +132,23 @@ class KVCache:
         """A new cache holding this one's positions up to ``snapshot``: views of its storage,
         which writes to either cache then copy (MLX arrays are values), so neither sees the other's."""
         other = KVCache()
-        if self.keys is not None:
-            other.keys, other.values = self.keys[..., :snapshot, :], self.values[..., :snapshot, :]
+        if self.kv is not None:
+            other.kv = self.kv[..., :snapshot, :]
         other.offset = snapshot
         return other
 
     @property
     def state(self) -> list[mx.array]:
-        return [] if self.keys is None else [self.keys, self.values]
+        return [] if self.kv is None else [self.kv]
 
 
-class RotatingKVCache:
+class RotatingKVCache(KVStorage):
     """Sliding-window attention: a ring buffer of ``window`` slots. Position p lives in slot
     ``p % window``, so the buffer always holds exactly the keys the next query may see."""
 
     def __init__(self, window: int):
         self.window = window
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self.kv: mx.array | None = None
         self._offset = 0
         # The highest offset the slots were written up to: after a rewind the slots of positions
         # offset .. high - 1 still hold the dropped tokens' keys, over the older positions that
@@ -128,25 +164,18 @@ class RotatingKVCache:
         self._offset = value
         self.high = max(self.high, value)
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        if keys.shape[2] == 1:
-            return self._append_one(keys, values)
-        return self._append_many(keys, values)
+    def update_and_fetch_kv(self, kv: mx.array) -> tuple[mx.array, mx.array]:
+        return self._append_one(kv) if kv.shape[2] == 1 else self._append_many(kv)
 
-    def _allocate(self, keys: mx.array, values: mx.array) -> None:
-        B, H, _, D = keys.shape
-        self.keys = mx.zeros((B, H, self.window, D), keys.dtype)
-        self.values = mx.zeros((B, H, self.window, values.shape[3]), values.dtype)
-
-    def _append_one(self, keys, values):
-        if self.keys is None:
-            self._allocate(keys, values)
+    def _append_one(self, kv):
+        if self.kv is None:
+            B, H2, _, D = kv.shape
+            self.kv = mx.zeros((B, H2, self.window, D), kv.dtype)
         slot = self.offset % self.window
-        self.keys[..., slot : slot + 1, :] = keys
-        self.values[..., slot : slot + 1, :] = values
+        self.kv[..., slot : slot + 1, :] = kv
         self.offset += 1
         filled = min(self.offset, self.window)
-        return self.keys[..., :filled, :], self.values[..., :filled, :]
+        return split(self.kv[..., :filled, :])
 
     def _in_order(self, buffer: mx.array) -> mx.array:
         """The cached positions max(0, offset - window) .. offset - 1, oldest first."""
@@ -155,20 +184,15 @@ class RotatingKVCache:
         split = self.offset % self.window  # slot of the oldest position
         return mx.concatenate([buffer[..., split:, :], buffer[..., :split, :]], axis=2)
 
-    def _append_many(self, keys, values):
+    def _append_many(self, kv):
         # The first new query needs the window - 1 positions before it.
-        L = keys.shape[2]
-        if self.keys is not None and self.offset > 0:
-            keep = self.window - 1
-            keys = mx.concatenate([self._in_order(self.keys)[..., -keep:, :], keys], axis=2)
-            values = mx.concatenate([self._in_order(self.values)[..., -keep:, :], values], axis=2)
-        else:
-            self._allocate(keys, values)
+        L = kv.shape[2]
+        if self.kv is not None and self.offset > 0:
+            kv = mx.concatenate([self._in_order(self.kv)[..., -(self.window - 1):, :], kv], axis=2)
         self.offset += L
-        self.keys = self._to_ring(keys)
-        self.values = self._to_ring(values)
+        self.kv = self._to_ring(kv)
         self.high = self.offset  # the ring rebuilt: no slot holds a later position
-        return keys, values
+        return split(kv)
 
     def _to_ring(self, ordered: mx.array) -> mx.array:
         """Ring buffer holding the last ``window`` of ``ordered`` (which ends at offset - 1)."""
@@ -199,16 +223,15 @@ class RotatingKVCache:
         self._offset -= n
 
     def snapshot(self):
-        """A copy of the ring (small: window slots) to rewind to this position later."""
-        if self.keys is None:
-            return (0, None, None, 0)
-        return (self.offset, mx.array(self.keys), mx.array(self.values), self.high)
+        """(offset, a copy of the ring (small: window slots), high) to rewind to later."""
+        if self.kv is None:
+            return (0, None, 0)
+        return (self.offset, mx.array(self.kv), self.high)
 
     def restore(self, snapshot) -> None:
-        self._offset, keys, values, self.high = snapshot
+        self._offset, kv, self.high = snapshot
         # copies again, so a restored snapshot can be restored a second time
-        self.keys = None if keys is None else mx.array(keys)
-        self.values = None if values is None else mx.array(values)
+        self.kv = None if kv is None else mx.array(kv)
 
     def fork(self, snapshot) -> "RotatingKVCache":
         """A new ring buffer restored to ``snapshot`` (one of this cache's)."""
@@ -218,7 +241,7 @@ class RotatingKVCache:
 
     @property
     def state(self) -> list[mx.array]:
-        return [] if self.keys is None else [self.keys, self.values]
+        return [] if self.kv is None else [self.kv]
 
 
 # ---- decode batches -----------------------------------------------------------------------------
@@ -254,11 +277,11 @@ def _thread_padding_mask(filled: tuple[int, ...], thread: threading.Thread) -> m
     return (mx.arange(max(filled)) < _positions(filled)[:, None]).reshape(len(filled), 1, 1, -1)
 
 
-class _BatchRows:
-    """What both batch caches share: the buffers, each row's number of positions, the mask."""
+class _BatchRows(KVStorage):
+    """What both batch caches share: the buffer, each row's number of positions, the mask."""
 
-    def __init__(self, keys: mx.array, values: mx.array, lengths: list[int]):
-        self.keys, self.values, self.lengths = keys, values, lengths
+    def __init__(self, kv: mx.array, lengths: list[int]):
+        self.kv, self.lengths = kv, lengths
         self.mask: mx.array | None = None
 
     @property
@@ -269,41 +292,35 @@ class _BatchRows:
             return self.lengths[0]
         return _positions(tuple(self.lengths))
 
-    def _write(self, slots: list[int], keys: mx.array, values: mx.array) -> None:
-        """Row b's new key and value (B, KV, 1, D) into slot ``slots[b]``: a slice update in
+    def _write(self, slots: list[int], kv: mx.array) -> None:
+        """Row b's new key and value (B, 2 KV, 1, D) into slot ``slots[b]``: a slice update in
         place when every row writes the same slot (always at B = 1), as KVCache does, else a
         scatter."""
         if min(slots) == max(slots):
-            self.keys[..., slots[0] : slots[0] + 1, :] = keys
-            self.values[..., slots[0] : slots[0] + 1, :] = values
+            self.kv[..., slots[0] : slots[0] + 1, :] = kv
             return
         index = _positions(tuple(slots)).reshape(-1, 1, 1, 1)
-        self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
-        self.values = mx.put_along_axis(self.values, index, values, axis=2)
+        self.kv = mx.put_along_axis(self.kv, index, kv, axis=2)
 
     def _fetch(self, filled: list[int]) -> tuple[mx.array, mx.array]:
         """The first max(filled) slots of every row, and the mask of each row's ``filled``."""
-        K = max(filled)
         self.mask = _padding_mask(tuple(filled))
-        return self.keys[..., :K, :], self.values[..., :K, :]
+        return split(self.kv[..., :max(filled), :])
 
-    def _row(self, i: int, slots: int) -> tuple[mx.array, mx.array]:
-        """Row i's first ``slots`` keys and values (1, KV, slots, D), copied: a slice would keep
+    def _row(self, i: int, slots: int) -> mx.array:
+        """Row i's first ``slots`` keys and values (1, 2 KV, slots, D), copied: a slice would keep
         the whole batch's buffer alive (and uncounted) in the prompt-cache pool."""
-        index = mx.array([i])
-        return self.keys[:, :, :slots][index], self.values[:, :, :slots][index]
+        return self.kv[:, :, :slots][mx.array([i])]
 
     def filter(self, keep: list[int]) -> None:
         """Keep only rows ``keep`` (in that order)."""
-        index = mx.array(keep)
-        self.keys, self.values = self.keys[index], self.values[index]
+        self.kv = self.kv[mx.array(keep)]
         self.lengths = [self.lengths[i] for i in keep]
 
     def extend(self, other: "_BatchRows") -> None:
         """Append ``other``'s rows (padding the shorter buffers with empty slots)."""
-        K = max(self.keys.shape[2], other.keys.shape[2])
-        self.keys = mx.concatenate([_pad_slots(self.keys, K), _pad_slots(other.keys, K)])
-        self.values = mx.concatenate([_pad_slots(self.values, K), _pad_slots(other.values, K)])
+        K = max(self.kv.shape[2], other.kv.shape[2])
+        self.kv = mx.concatenate([_pad_slots(self.kv, K), _pad_slots(other.kv, K)])
         self.lengths = self.lengths + other.lengths
 
 
@@ -321,17 +338,15 @@ class BatchKVCache(_BatchRows):
 
     @classmethod
     def merge(cls, caches: list[KVCache]) -> "BatchKVCache":
-        K = max(c.keys.shape[2] for c in caches)
-        return cls(mx.concatenate([_pad_slots(c.keys, K) for c in caches]),
-                   mx.concatenate([_pad_slots(c.values, K) for c in caches]), [c.offset for c in caches])
+        K = max(c.kv.shape[2] for c in caches)
+        return cls(mx.concatenate([_pad_slots(c.kv, K) for c in caches]), [c.offset for c in caches])
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """keys, values (B, KV, 1, D) at each row's next position -> every row's keys so far."""
+    def update_and_fetch_kv(self, kv: mx.array) -> tuple[mx.array, mx.array]:
+        """kv (B, 2 KV, 1, D) at each row's next position -> every row's keys and values so far."""
         end = max(self.lengths) + 1
-        if end > self.keys.shape[2]:
-            capacity = -(-end // KVCache.step) * KVCache.step
-            self.keys, self.values = _pad_slots(self.keys, capacity), _pad_slots(self.values, capacity)
-        self._write(self.lengths, keys, values)
+        if end > self.kv.shape[2]:
+            self.kv = _pad_slots(self.kv, -(-end // KVCache.step) * KVCache.step)
+        self._write(self.lengths, kv)
         self.lengths = [n + 1 for n in self.lengths]
         return self._fetch(self.lengths)
 
@@ -339,7 +354,7 @@ class BatchKVCache(_BatchRows):
         """Row ``i`` as a sequence's own cache again."""
         cache = KVCache()
         slots = -(-self.lengths[i] // KVCache.step) * KVCache.step  # its own storage, not the longest row's
-        cache.keys, cache.values, cache.offset = *self._row(i, slots), self.lengths[i]
+        cache.kv, cache.offset = self._row(i, slots), self.lengths[i]
         return cache
 
 
@@ -348,8 +363,8 @@ class BatchRotatingKVCache(_BatchRows):
     p in slot p % window). At decode every filled slot is inside the window and order does not
     matter, so only a row that has not filled its ring yet needs the mask."""
 
-    def __init__(self, keys: mx.array, values: mx.array, lengths: list[int], window: int, highs: list[int]):
-        super().__init__(keys, values, lengths)
+    def __init__(self, kv: mx.array, lengths: list[int], window: int, highs: list[int]):
+        super().__init__(kv, lengths)
         self.window = window
         # each row's RotatingKVCache.high when it joined: a row extracted again must not allow
         # the rewinds its ring can no longer serve
@@ -357,8 +372,8 @@ class BatchRotatingKVCache(_BatchRows):
 
     @classmethod
     def merge(cls, caches: list[RotatingKVCache]) -> "BatchRotatingKVCache":
-        return cls(mx.concatenate([c.keys for c in caches]), mx.concatenate([c.values for c in caches]),
-                   [c.offset for c in caches], caches[0].window, [c.high for c in caches])
+        return cls(mx.concatenate([c.kv for c in caches]), [c.offset for c in caches], caches[0].window,
+                   [c.high for c in caches])
 
     def filter(self, keep: list[int]) -> None:
         super().filter(keep)
@@ -368,14 +383,14 @@ class BatchRotatingKVCache(_BatchRows):
         super().extend(other)
         self.highs = self.highs + other.highs
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        self._write([n % self.window for n in self.lengths], keys, values)
+    def update_and_fetch_kv(self, kv: mx.array) -> tuple[mx.array, mx.array]:
+        self._write([n % self.window for n in self.lengths], kv)
         self.lengths = [n + 1 for n in self.lengths]
         return self._fetch([min(n, self.window) for n in self.lengths])
 
     def extract(self, i: int) -> RotatingKVCache:
         cache = RotatingKVCache(self.window)
-        cache.keys, cache.values, cache.offset = *self._row(i, self.window), self.lengths[i]
+        cache.kv, cache.offset = self._row(i, self.window), self.lengths[i]
         cache.high = max(self.highs[i], self.lengths[i])
         return cache
 

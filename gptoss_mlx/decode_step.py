@@ -26,7 +26,7 @@ from functools import partial
 
 import mlx.core as mx
 
-from .cache import KVCache, RotatingKVCache, device_positions
+from .cache import KVCache, KVStorage, RotatingKVCache, device_positions
 from .kernels import registry
 from .kernels.attention import decode_kernels_fit
 
@@ -55,21 +55,21 @@ def compilable(model) -> bool:
             and not any("lora_a" in m for _, m in model.named_modules()))
 
 
-class StepCache:
-    """A layer's cache inside the compiled step: ``storage`` (keys, values), each (1, KV, K, D),
-    and the position (a () int32 array) the new key is written at: slot ``position`` of a full
+class StepCache(KVStorage):
+    """A layer's cache inside the compiled step: its storage ``kv`` (1, 2 KV, K, D), keys then
+    values, and the position (a () int32 array) the new key is written at: slot ``position`` of a full
     layer's buffer, ``position % K`` of a sliding layer's ring. Attention reads ``offset`` for
     RoPE and attends over the filled slots, the first ``position + 1`` (a ring's only until it is
     full): the decode kernels over the first ``n_keys`` (a () array), or MLX's attention over the
     whole storage through ``mask`` (1, 1, 1, K), ``arange(K) <= position``. A ring whose slots are
     all filled has neither (every slot is inside the window)."""
 
-    def __init__(self, keys: mx.array, values: mx.array, ahead: mx.array, ring: bool, filled: bool,
+    def __init__(self, kv: mx.array, ahead: mx.array, ring: bool, filled: bool,
                  mask: mx.array | None, kernels: bool):
         # ahead: (4,) the position and the three after it, so that the slot computed from them is
         # 16 bytes, not a scalar in MLX-CUDA's pool of small arrays (cache.device_positions)
-        self.keys, self.values, self.offset = keys, values, ahead[:1].reshape(())
-        self.slot = (ahead % keys.shape[2])[:1] if ring else ahead[:1]
+        self.kv, self.offset = kv, ahead[:1].reshape(())
+        self.slot = (ahead % kv.shape[2])[:1] if ring else ahead[:1]
         self.mask = self.n_keys = None
         if not filled:
             if kernels:
@@ -77,13 +77,11 @@ class StepCache:
             else:
                 self.mask = mask
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    def update_and_fetch_kv(self, kv: mx.array) -> tuple[mx.array, mx.array]:
         # A scatter at the slot, not mx.slice_update: MLX-CUDA's slice update at an array index
         # launches a thread per element of the whole storage, not of the update (10-17 µs a layer
         # at 256 slots on the H200, growing with the context; docs/measurements.md).
-        index = self.slot.reshape(1, 1, 1, 1)
-        self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
-        self.values = mx.put_along_axis(self.values, index, values, axis=2)
+        self.kv = mx.put_along_axis(self.kv, self.slot.reshape(1, 1, 1, 1), kv, axis=2)
         return self.keys, self.values
 
 
@@ -105,24 +103,24 @@ class CompiledDecode:
                        for full in (False, True) for step in [partial(self._trace, full)]}
 
     def _trace(self, rings_full: bool, token: mx.array, ahead: mx.array, storage: list) -> tuple[mx.array, list]:
-        """token (1, 1), ahead (4,) the position and the three after it, storage [(keys, values)]
-        per layer -> logits (1, V) and the updated storage; ``rings_full``: every ring's slots are
-        filled once this step's key is written. Python runs this only while MLX traces it."""
+        """token (1, 1), ahead (4,) the position and the three after it, storage [kv] per layer
+        -> logits (1, V) and the updated storage; ``rings_full``: every ring's slots are filled
+        once this step's key is written. Python runs this only while MLX traces it."""
         self.traces += 1
         attn = self.model.layers[0].self_attn
         kernels = decode_kernels_fit(attn.num_heads, attn.num_kv_heads, attn.head_dim, self.model.norm_dtype())
-        sizes = set() if kernels else {keys.shape[2] for keys, _ in storage}  # rings' and full layers' slots
+        sizes = set() if kernels else {kv.shape[2] for kv in storage}  # rings' and full layers' slots
         masks = {K: (mx.arange(K) <= ahead[:1]).reshape(1, 1, 1, K) for K in sizes}
-        caches = [StepCache(keys, values, ahead, ring := layer.self_attn.window is not None,
-                            ring and rings_full, masks.get(keys.shape[2]), kernels)
-                  for (keys, values), layer in zip(storage, self.model.layers)]
+        caches = [StepCache(kv, ahead, ring := layer.self_attn.window is not None,
+                            ring and rings_full, masks.get(kv.shape[2]), kernels)
+                  for kv, layer in zip(storage, self.model.layers)]
         logits = self.model(token, cache=caches, sampled=True)
-        return logits[:, -1, :], [(c.keys, c.values) for c in caches]
+        return logits[:, -1, :], [c.kv for c in caches]
 
     def applies(self, cache: list) -> bool:
         """Whether this step can run compiled: a filled KVCache / RotatingKVCache per layer, all
         at one position."""
-        if self.failed or not all(type(c) in (KVCache, RotatingKVCache) and c.keys is not None for c in cache):
+        if self.failed or not all(type(c) in (KVCache, RotatingKVCache) and c.kv is not None for c in cache):
             return False
         position = cache[0].offset
         return all(c.offset == position for c in cache)
@@ -139,10 +137,10 @@ class CompiledDecode:
         for c in cache:
             if isinstance(c, KVCache):
                 c.reserve(position + 1)  # a new capacity: MLX traces once more
-        rings_full = all(position + 1 >= c.keys.shape[2] for c in cache if isinstance(c, RotatingKVCache))
+        rings_full = all(position + 1 >= c.kv.shape[2] for c in cache if isinstance(c, RotatingKVCache))
         try:
             logits, storage = self._steps[rings_full](token.reshape(1, 1), device_positions(position, 4),
-                                                      [(c.keys, c.values) for c in cache])
+                                                      [c.kv for c in cache])
         except Exception as e:
             # any failure to trace (the caches are untouched): the uncompiled step computes the same
             self.failed = True
@@ -150,6 +148,6 @@ class CompiledDecode:
                           f"{str(e).strip()[:200]}); decoding uncompiled (set {ENV_VAR}=off to skip it).",
                           RuntimeWarning, stacklevel=2)
             return None
-        for c, (keys, values) in zip(cache, storage):
-            c.keys, c.values, c.offset = keys, values, position + 1
+        for c, kv in zip(cache, storage):
+            c.kv, c.offset = kv, position + 1
         return logits

@@ -332,7 +332,7 @@ class PipelineStage:
         so the cache is made to depend on the send."""
         sent = mx.distributed.send(x, self.rank - 1, group=self.group, stream=mx.cpu)
         if cache[-1] is not None:
-            cache[-1].keys = mx.depends(cache[-1].keys, sent)
+            cache[-1].kv = mx.depends(cache[-1].kv, sent)
         return sent
 
 

@@ -112,12 +112,12 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0
         H, KV = self.num_heads, self.num_kv_heads
-        # qkv_proj(norm(x)) as (B, H + 2 KV, L, head_dim), RoPE on the queries and keys (they share
-        # their positions): one kernel at decode. Query head h reads KV head h // (H / KV).
-        qk, v = kernels.qkv_rope(x, norm, self.qkv_proj, self.rope, offset, H + KV)
-        q, k = qk[:, :H], qk[:, H:]
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+        # qkv_proj(norm(x)) as queries (B, H, L, head_dim) and keys then values (B, 2 KV, L,
+        # head_dim), RoPE on the queries and keys (they share their positions): one kernel at
+        # decode, and the keys and values go into the cache with one write. Query head h reads
+        # KV head h // (H / KV).
+        q, kv = kernels.qkv_rope(x, norm, self.qkv_proj, self.rope, offset, H, KV)
+        k, v = cache.update_and_fetch_kv(kv) if cache is not None else (kv[:, :KV], kv[:, KV:])
         # Sinks: an extra softmax column per head that takes weight but adds no value.
         # (Loaded models hold them in the activation dtype already: no cast per token.)
         sinks = self.sinks if self.sinks.dtype == q.dtype else self.sinks.astype(q.dtype)

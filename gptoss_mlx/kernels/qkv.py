@@ -90,21 +90,24 @@ def _positions(offset, B: int, L: int) -> mx.array | None:
     return None
 
 
-def qkv_rope(x: mx.array, norm, layer, rope, offset, rope_heads: int) -> tuple[mx.array, mx.array]:
+def qkv_rope(x: mx.array, norm, layer, rope, offset, heads: int, kv_heads: int) -> tuple[mx.array, mx.array]:
     """x (B, L, K), normed first by ``norm`` (the block's RMSNorm, or None for x as it is);
-    ``layer`` the qkv projection (heads of ``rope.dims`` rows); positions ``offset`` + 0 .. L - 1
-    (an int, or a (B,) array at L = 1) -> (queries and keys rotated (B, rope_heads, L, D),
-    values (B, heads - rope_heads, L, D))."""
+    ``layer`` the qkv projection (``heads`` query heads, then ``kv_heads`` key and ``kv_heads``
+    value heads, of ``rope.dims`` rows each); positions ``offset`` + 0 .. L - 1 (an int, or a (B,)
+    array at L = 1) -> (queries rotated (B, heads, L, D), keys rotated then values
+    (B, 2 kv_heads, L, D): side by side, as the cache holds them (cache.py))."""
     B, L, K = x.shape
     D = rope.dims
+    rope_heads = heads + kv_heads
     positions = _positions(offset, B, L) if B * L <= MAX_TOKENS else None
     if (positions is not None and norm is not None and K % 8 == 0 and plain_linear(layer, x.dtype)
             and norm.weight.dtype == x.dtype and registry.active(SPEC.name, x.dtype)):
         (y,) = SPEC.launch(x.reshape(B * L, K), norm.weight, norm.eps, layer.weight, layer.bias, positions,
                            rope.periods, rope_heads)
         y = y.reshape(B, L, -1, D).transpose(0, 2, 1, 3)  # (B, heads, L, D)
-        return y[:, :rope_heads], y[:, rope_heads:]
+        return y[:, :heads], y[:, heads:]
     if norm is not None:
         x = norm(x)
     qkv = layer(x).reshape(B, L, -1, D).transpose(0, 2, 1, 3)
-    return rope(qkv[:, :rope_heads], offset), qkv[:, rope_heads:]
+    qk = rope(qkv[:, :rope_heads], offset)
+    return qk[:, :heads], mx.concatenate([qk[:, heads:], qkv[:, rope_heads:]], axis=1)

@@ -63,8 +63,8 @@ class Run:
 def cache_bytes(pc: PromptCache) -> int:
     """Memory a prompt cache holds: its layers' keys and values, and its ring snapshots."""
     arrays = [a for c in pc.cache for a in c.state]
-    arrays += [a for snap in pc.snapshots.values() for s in snap if isinstance(s, tuple)
-               for a in s[1:3] if a is not None]  # (offset, keys, values, high)
+    arrays += [s[1] for snap in pc.snapshots.values() for s in snap
+               if isinstance(s, tuple) and s[1] is not None]  # (offset, kv, high)
     return sum(a.nbytes for a in arrays)
 
 
