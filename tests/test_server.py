@@ -1019,6 +1019,47 @@ def test_a_client_that_sends_its_request_too_slowly_gets_a_408_and_is_let_go(tok
             assert reply.choices[0].message.content.count("word") == 12 and time.monotonic() - t0 > 0.5
 
 
+def test_a_body_of_millions_of_objects_is_refused_before_it_is_parsed(url):
+    """A tester's 60 MB body of 20 million {} (under the 64 MB cap) froze every client for 55 s
+    and took the server to 7.9 GB before its 400; 15 MB froze /health for 8-10 s."""
+    body = b'{"model": "gpt-oss-tiny", "input": [' + b"{}," * 2_000_000 + b"{}]}"
+    started = time.monotonic()
+    status, error = post(url, "/responses", body)
+    assert status == 413 and "JSON objects and arrays" in error["error"]["message"]
+    assert time.monotonic() - started < 5
+    many = [{"role": "user", "content": "x"}] * 70_000  # under the cap on objects, over the count
+    status, error = post(url, "/chat/completions", json.dumps({"model": "gpt-oss-tiny", "messages": many}).encode())
+    assert status == 400 and error["error"]["param"] == "messages" and "at most 65,536" in error["error"]["message"]
+    status, error = post(url, "/responses", json.dumps({"model": "gpt-oss-tiny", "input": many}).encode())
+    assert status == 400 and error["error"]["param"] == "input" and "at most 65,536" in error["error"]["message"]
+
+
+def test_a_previous_responses_items_sent_again_and_other_slips_are_400s(url):
+    """A tester's: the output of r1 sent back in input with previous_response_id=r1 was taken,
+    the model reading its answer twice; POST .../cancel was a 404 for a response that exists;
+    tools [1], text 0, reasoning "" and n: true were taken."""
+    c = client(url)
+    r1 = c.responses.create(model="gpt-oss-tiny", input="hi", max_output_tokens=4, temperature=0)
+    resent = [item.model_dump(exclude_none=True) for item in r1.output]
+    with pytest.raises(openai.BadRequestError, match="Duplicate item found with id") as e:
+        c.responses.create(model="gpt-oss-tiny", input=resent + [{"role": "user", "content": "again"}],
+                           previous_response_id=r1.id, max_output_tokens=4)
+    assert e.value.body["param"] == "input"
+    c.responses.create(model="gpt-oss-tiny", input=resent + [{"role": "user", "content": "again"}],
+                       max_output_tokens=4)  # the same items as the history, without previous_response_id: fine
+    with pytest.raises(openai.BadRequestError, match="background=true"):
+        c.responses.cancel(r1.id)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.cancel("resp_unknown")
+    for field, value in (("tools", [1]), ("tools", [{}]), ("text", 0), ("reasoning", "")):
+        status, error = post(url, "/responses", json.dumps({"model": "gpt-oss-tiny", "input": "hi", field: value}).encode())
+        assert status == 400 and error["error"]["param"] == field, (field, value, error)
+    for field, value in (("n", True), ("n", 1.0), ("logprobs", {}), ("logit_bias", [])):
+        status, error = post(url, "/chat/completions", json.dumps(
+            {"model": "gpt-oss-tiny", "messages": [{"role": "user", "content": "hi"}], field: value}).encode())
+        assert status == 400 and error["error"]["param"] == field, (field, value, error)
+
+
 def test_a_turn_the_model_writes_under_another_role_is_not_returned_as_the_assistants(tok):
     """A tester's model wrote a user's turn and system rules after its answer: the Responses API
     returned three assistant messages and output_text ran them together ('Here is the
@@ -1546,7 +1587,7 @@ def test_a_late_function_from_a_file_is_ended_with_its_worker(tok, tmp_path):
     path.write_text("import os\ndef spin() -> str:\n    \"\"\"Spin.\"\"\"\n    while True:\n        pass\n"
                     "def leave() -> str:\n    \"\"\"Leave.\"\"\"\n    os._exit(3)\n")
     # the timeout counts from the call, a worker's start included: room for a start on a busy machine
-    tools = ServerTools.from_toolbox(Toolbox(functions=load_functions(path)), function_timeout_s=3)
+    tools = ServerTools.from_toolbox(Toolbox(functions=load_functions(path)), function_timeout_s=5)
     model = ScriptedModel([call(tok, "Try it.", "spin", "{}"), answer(tok, "It failed.", "No luck."),
                            call(tok, "Try it.", "leave", "{}"), answer(tok, "It failed.", "Gone.")])
     try:
@@ -1555,7 +1596,7 @@ def test_a_late_function_from_a_file_is_ended_with_its_worker(tok, tmp_path):
             r = c.responses.create(model="gpt-oss-tiny", input="go")
             assert (r.status, r.output_text) == ("completed", "No luck.")
             assert next(o.error.content for o in r.output if o.type == "mcp_call") == (
-                "Error: functions.spin did not return within 3 s: its process was ended")
+                "Error: functions.spin did not return within 5 s: its process was ended")
             r = c.responses.create(model="gpt-oss-tiny", input="go")
             assert (r.status, r.output_text) == ("completed", "Gone.")
             assert next(o.error.content for o in r.output if o.type == "mcp_call") == (

@@ -32,7 +32,10 @@ from .service import Service
 log = logging.getLogger("gptoss_mlx.server")
 
 MAX_BODY_BYTES = 64 << 20
-LARGE_BODY_BYTES = 1 << 20  # parsed on a worker thread
+LARGE_BODY_BYTES = 1 << 20  # parsed on a worker thread, one at a time
+# JSON objects and arrays a body may open: 64 MB of "{}," would be 21 million dicts (8 GB, and a
+# minute of the GIL, every client's stream frozen); a conversation that fits a context has far fewer
+MAX_JSON_CONTAINERS = 1 << 20
 # On shutdown, how long a response may take to end once its generation has stopped (a client
 # that reads no more holds its stream open until then).
 SHUTDOWN_GRACE_S = 1.0
@@ -66,6 +69,7 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
     store by default)."""
     store = ResponseStore()
     started = int(time.time())
+    parsing = anyio.Lock()
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -89,10 +93,15 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
                     raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
         except ClientDisconnect:  # (its answer goes nowhere: the line in the log is what remains)
             raise APIError(400, "the client left before its request body had come whole") from None
+        containers = raw.count(b"{") + raw.count(b"[")  # (C loops: milliseconds for 64 MB)
+        if containers > MAX_JSON_CONTAINERS:
+            raise APIError(413, f"the request body opens {containers:,} JSON objects and arrays (counting "
+                           f"every {{ and [): at most {MAX_JSON_CONTAINERS:,}")
         # a large body is read off the event loop: the other clients' streams go on meanwhile
         if len(raw) < LARGE_BODY_BYTES:
             return _body_of(bytes(raw))
-        return await anyio.to_thread.run_sync(_body_of, bytes(raw))
+        async with parsing:  # one at a time: each holds the GIL, and memory several times its size
+            return await anyio.to_thread.run_sync(_body_of, bytes(raw))
 
     async def admitted(request: Request, handler, *args):
         """Run ``handler`` in a scheduler slot, held until its response (or stream) has ended."""
@@ -150,6 +159,16 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
         items = store.input_items(request.path_params["response_id"])
         return JSONResponse(list_input_items(items, request.query_params))
 
+    async def cancel(request: Request):
+        """POST /v1/responses/{id}/cancel: OpenAI's is for background responses, which this
+        server does not make; a response under way ends when its client leaves or DELETEs it."""
+        checked(request)
+        refuse_other_origins(request, "this server")
+        store.input_items(request.path_params["response_id"])  # a 404 for an unknown id, as OpenAI's
+        raise bad_request("only a response created with background=true can be cancelled, and this server "
+                          "makes none: close the stream, or DELETE /v1/responses/{id} while it runs",
+                          code="invalid_request")
+
     async def health(request: Request):
         return JSONResponse({"status": "ok", "model": service.model_name,
                              "requests_in_flight": service.scheduler.in_flight})
@@ -172,6 +191,7 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
                 Route("/v1/responses", post_responses, methods=["POST"]),
                 Route("/v1/responses/{response_id}", stored_response, methods=["GET", "DELETE"]),
                 Route("/v1/responses/{response_id}/input_items", stored_input_items, methods=["GET"]),
+                Route("/v1/responses/{response_id}/cancel", cancel, methods=["POST"]),
                 Route("/v1/models", models), Route("/v1/models/{model:path}", model),
                 Route("/health", health),
                 *playground.routes(service, chats or ConversationStore(), api_key, authorize, json_body)],

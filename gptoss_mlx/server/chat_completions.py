@@ -17,6 +17,7 @@ from .errors import APIError, bad_request, generation_failed
 from .output import CALL, REASONING, TEXT, Closed, Delta, Opened, Waiting
 from .service import REQUIRED, WAITING_S, Reply, Service, new_id
 
+MAX_MESSAGES = 65536  # (each message takes a few tokens at least: 131,072 hold fewer)
 SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a json_schema's name, as OpenAI's API takes it
 
 
@@ -50,6 +51,9 @@ def check_messages(messages) -> None:
     """The shapes the harmony conversion relies on, with one message naming the field."""
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise bad_request(f"'messages' has {len(messages):,} messages: at most {MAX_MESSAGES:,} (more than "
+                          "any context holds)", "messages")
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -107,14 +111,14 @@ def check_request(body: dict) -> None:
         raise bad_request("'stream_options.include_usage' must be true or false", "stream_options")
     if body.get("stream_options") is not None and not body.get("stream"):
         raise bad_request("'stream_options' is only allowed with 'stream': true", "stream_options")
-    if body.get("n") not in (None, 1):
+    if body.get("n") is not None and (type(body["n"]) is not int or body["n"] != 1):
         raise bad_request(f"'n' must be 1 (one choice per request), got {body['n']!r}", "n")
     check_response_format(body.get("response_format"))
     for key in ("presence_penalty", "frequency_penalty"):
         if body.get(key) not in (None, 0, 0.0):
             raise bad_request(f"'{key}' is not supported", key)
     for key in ("logit_bias", "logprobs", "top_logprobs", "audio", "prediction"):
-        if body.get(key):
+        if body.get(key) not in (None, False):  # ({} or [] asks for nothing, and is not what OpenAI takes)
             raise bad_request(f"'{key}' is not supported by this server", key)
     for key, instead in (("functions", "tools"), ("function_call", "tool_choice")):
         if body.get(key) is not None:  # ignored, the model would never see the functions

@@ -295,7 +295,10 @@ def function_tools(tools) -> list[dict]:
         return []
     if not isinstance(tools, list):
         raise bad_request("'tools' must be a list", "tools")
-    functions = [t for t in tools if isinstance(t, dict) and t.get("type") == "function"]
+    for j, t in enumerate(tools):  # (another type is logged and left out; what is no tool at all, refused)
+        if not isinstance(t, dict) or not isinstance(t.get("type"), str):
+            raise bad_request(f"tools[{j}] must be an object with a 'type', got {str(t)[:80]}", "tools")
+    functions = [t for t in tools if t.get("type") == "function"]
     others = [t.get("type") if isinstance(t, dict) else repr(t) for t in tools if t not in functions]
     if others:
         log.info("ignoring tools of types %s: only function tools are given to the model",
@@ -327,11 +330,20 @@ def input_items(body: dict, store: ResponseStore) -> tuple[list[dict], int]:
         given = [{"type": "message", "role": "user", "content": given}]
     elif not isinstance(given, list):
         raise bad_request("'input' must be a string or a list of items", "input")
+    if len(given) > MAX_INPUT_ITEMS:
+        raise bad_request(f"'input' has {len(given):,} items: at most {MAX_INPUT_ITEMS:,} (more than any "
+                          "context holds)", "input")
     previous_id = params.typed(body, "previous_response_id", str, "a response id")
     previous = store.get(previous_id) if previous_id else []
     taken = {item.get("id") for item in previous if isinstance(item, dict)}
+    for item in given:  # the previous response's own items sent again: the model would read them twice
+        if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"] in taken:
+            raise bad_request(f"Duplicate item found with id {item['id'][:80]}: it is already in the "
+                              f"conversation of previous_response_id; remove it from the input", "input")
     return previous + [_with_id(item, taken) for item in given], len(previous)
 
+
+MAX_INPUT_ITEMS = 65536  # (each item takes a few tokens at least: 131,072 hold fewer)
 
 ITEM_PREFIXES = {"message": "msg", "reasoning": "rs", "function_call": "fc", "function_call_output": "fco",
                  "mcp_call": "mcp"}
@@ -425,6 +437,8 @@ class ResponseRun:
         params.typed(body, "stream", bool, "true or false")
         params.typed(body, "store", bool, "true or false")
         params.typed(body, "stream_options", dict, "an object")
+        params.typed(body, "text", dict, "an object ({\"format\": {...}})")
+        params.typed(body, "reasoning", dict, "an object ({\"effort\": ...})")
         check_include(body.get("include"))
         check_metadata(body.get("metadata"))
         check_unsupported(body)
