@@ -453,6 +453,43 @@ async def test_escape_stops_python_code_under_way_at_once(store):
         assert len(chat.replies) == 1  # no reply after the tool's result
 
 
+async def test_escape_and_quit_leave_a_function_that_hangs(store):
+    """A --functions function that hung (time.sleep(10000)): Esc said "stopping…" for good,
+    Ctrl+Q "stopping the reply and saving…", and the process never ended (Textual waits for the
+    reply's thread). The call is now left to itself: the reply stops at once."""
+    from gptoss_mlx.tools import FunctionTool
+
+    release = threading.Event()
+
+    def hang() -> str:
+        """Hang."""
+        release.wait(60)
+        return "late"
+
+    chat = ScriptedChat([("call", "functions.hang", "{}")], [("call", "functions.hang", "{}")])
+    toolbox = Toolbox(functions=[FunctionTool.from_callable(hang)])
+    calls = lambda: sum(t.name == "function-hang" for t in threading.enumerate())  # noqa: E731
+    app = make_app(chat, store, toolbox=toolbox)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            app.query_one(PromptInput).text = "call it"
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: calls() == 1)
+            started = time.monotonic()
+            await pilot.press("escape")
+            await wait_until(pilot, lambda: app.replies_finished == 1)
+            assert time.monotonic() - started < 3
+            assert "stopped by the user while it ran" in chat.messages[-1].text
+            assert len(chat.replies) == 1  # no reply after it (the next script is the next message's)
+            app.query_one(PromptInput).text = "again"
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: calls() == 2 and app.generating)
+            await pilot.press("ctrl+q")  # quits once the reply is stopped: it no longer waits for the call
+            await wait_until(pilot, lambda: not app.is_running, timeout=5)
+    finally:
+        release.set()
+
+
 def test_bytes_from_the_terminal_that_are_not_utf8_do_not_end_the_app():
     """One byte that is not UTF-8 (tmux send-keys -H ff, a Latin-1 paste) raised in Textual's
     input thread and ended the TUI, with the reply under way."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, TextIO
 
@@ -45,6 +46,8 @@ class Toolbox:
     # Where what a function prints goes while it runs (the CLI: standard error, so that the
     # answer on standard output stays whole); None leaves sys.stdout as it is.
     function_output: TextIO | None = None
+    # interrupt(): a function called off the main thread is left to itself (_call_leaving_on_stop)
+    _stop_call: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def chat_options(self) -> dict:
         """Keyword arguments for Chat: which tools the system and developer messages declare."""
@@ -81,7 +84,9 @@ class Toolbox:
                 if f.name == name:
                     with (contextlib.redirect_stdout(self.function_output) if self.function_output
                           else contextlib.nullcontext()):
-                        return f.call(arguments)
+                        if threading.current_thread() is threading.main_thread():
+                            return f.call(arguments)  # (Ctrl-C stops it: the terminal chat)
+                        return self._call_leaving_on_stop(f, arguments)
         elif recipient == "python" and self.python is not None:
             code = _python_code(arguments)
             if self.approve_code is not None:
@@ -94,9 +99,36 @@ class Toolbox:
             return self.browser.call(name, parse_arguments(arguments))
         raise ToolError(no_such_tool(recipient, self.recipients))
 
+    def _call_leaving_on_stop(self, f: FunctionTool, arguments: str) -> str:
+        """``f.call(arguments)`` in a daemon thread of its own, waited for until :meth:`interrupt`:
+        off the main thread Ctrl-C reaches no function, so one that hung held the TUI's reply
+        (Esc said "stopping…" for good) and the app's exit. Stopped, the call fails at once and
+        the function is left to end by itself (Python cannot stop a thread)."""
+        self._stop_call.clear()
+        outcome: list = []
+        done = threading.Event()
+
+        def run():
+            try:
+                outcome.append((True, f.call(arguments)))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller as it is
+                outcome.append((False, e))
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=f"function-{f.name}", daemon=True).start()
+        while not done.wait(0.02):
+            if self._stop_call.is_set():
+                raise ToolError("stopped by the user while it ran (it goes on by itself until it returns)")
+        returned, value = outcome[0]
+        if not returned:
+            raise value
+        return value
+
     def interrupt(self) -> None:
-        """From another thread: stop the python cell under way (Esc in the TUI); the toolbox
-        goes on working."""
+        """From another thread: stop the python cell or the function under way (Esc in the
+        TUI); the toolbox goes on working."""
+        self._stop_call.set()
         if self.python is not None:
             self.python.interrupt()
 
