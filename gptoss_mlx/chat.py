@@ -163,6 +163,34 @@ class Chat:
         compile_schema(self.tokenizer, fmt.schema, f"response format {fmt.name!r}")
         return fmt
 
+    def settings(self) -> dict:
+        """What a conversation starts from besides its messages: the instructions, the effort,
+        the functions and the answers' format (:meth:`apply` puts them back)."""
+        return {"instructions": self.instructions, "reasoning_effort": self.reasoning_effort,
+                "functions": list(self.functions), "response_format": self._format}
+
+    def apply(self, settings: dict) -> None:
+        for name, value in settings.items():
+            setattr(self, name, list(value) if name == "functions" else value)
+
+    def keep_functions(self, functions: list[harmony.ToolSpec]) -> str | None:
+        """After :meth:`load`: the model is told of ``functions`` (those that can run here: a
+        front end's --functions) in place of those the saved chat declared; what changed, as a
+        note, or None."""
+        saved = {f.name for f in self.functions}
+        self.functions = list(functions)
+        here = {f.name for f in functions}
+        if saved == here:
+            return None
+        parts = []
+        if saved - here:
+            parts.append(f"it was saved with {_names(saved - here)}, not loaded now (--functions FILE): "
+                         "the model is no longer told of them")
+        if here - saved:
+            parts.append(f"{_names(here - saved)} from --functions {'are' if len(here - saved) > 1 else 'is'} "
+                         "offered now")
+        return "; ".join(parts)
+
     def reset(self) -> None:
         """Start over: no messages (the settings stay). A reply stream still open is closed
         first, so that nothing of it reaches the new conversation; one being taken on another
@@ -463,6 +491,10 @@ class Chat:
         self._format = self._turn_format = answer_format
         self.messages = rest
         return data
+
+
+def _names(names: set[str]) -> str:
+    return ", ".join(sorted(names)[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
 
 
 class _ReplyStream:

@@ -137,6 +137,10 @@ def saved(store):
     return {p.stem: json.loads(p.read_text()) for p in store.root.glob("*.json")}
 
 
+def saved_chats(store):
+    return list(saved(store).values())
+
+
 def test_saves_after_every_reply_says_where_and_resume_continues(tok, store, monkeypatch, capsys):
     chat = scripted_chat(tok, "Four.", "Eight.")
     counts = []
@@ -734,6 +738,32 @@ def test_a_resumed_chat_whose_last_reply_was_cut_short_says_so(tok, store, monke
         monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(store.root.parent))
         status, out = run_chat(monkeypatch, scripted_chat(tok, "unused"), [], ["--resume", chat_id])
         assert status == 0 and f"gpt-oss: one two\n{mark}\n" in out, out
+
+
+def test_a_chat_opened_keeps_to_the_functions_that_can_run_and_a_new_one_to_the_command_line(tok, store, monkeypatch):
+    """A tester's: `chat --resume --functions good.py` of a chat saved with bad.py's functions
+    told the model of bad.py's (which failed as "no tool") and never of good.py's; and after /load
+    of such a chat, /reset kept its functions, instructions and effort for every new chat."""
+    from gptoss_mlx.harmony import ToolSpec
+
+    old = ToolSpec("boom", "Explodes.", {"type": "object", "properties": {}})
+    new = ToolSpec("weather", "The weather.", {"type": "object", "properties": {}})
+    saved = Chat(ScriptedModel([[0]]), tok, functions=[old], instructions="Be terse.", reasoning_effort="high")
+    saved.messages = [Message("user", "hi"), Message("assistant", "Hello.", channel="final")]
+    chat_id = store.new_id()
+    store.save(saved, chat_id, "Old tools")
+    chat = Chat(ScriptedModel(answers(tok, "Sunny.", "Fresh.")), tok, functions=[new], instructions="Original.",
+                reasoning_effort="low", date="2025-08-05")
+    status, out = run_chat(monkeypatch, chat, ["weather?", f"/load {chat_id}", "/reset", "new chat"])
+    assert "[functions: it was saved with boom, not loaded now" in out and "weather from --functions is offered now" in out
+    data = [d for d in saved_chats(store) if d["title"] != "Old tools"]
+    last = max(data, key=lambda d: d["updated"])  # the chat after /reset: the command line's settings
+    assert [t["function"]["name"] for t in last["tools"]] == ["weather"]
+    assert last["messages"][0] == {"role": "system", "content": "Original."} and last["reasoning_effort"] == "low"
+    resumed = Chat(ScriptedModel(answers(tok, "Ok.")), tok, functions=[new], date="2025-08-05")
+    monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(store.root.parent))
+    status, out = run_chat(monkeypatch, resumed, ["and now?"], ["--resume", chat_id])
+    assert "weather" in tok.decode(resumed.prompt_tokens()) and "boom" not in tok.decode(resumed.prompt_tokens())
 
 
 def test_ctrl_c_while_a_long_prompt_is_read_says_stopped(tok, store, ctrl_c):

@@ -596,6 +596,31 @@ async def test_an_export_that_cannot_be_written_is_said_and_the_app_goes_on(stor
         assert len(app.query(AssistantTurn)) == 2
 
 
+async def test_an_opened_chats_functions_give_way_to_those_that_can_run(store, tokenizer_json):
+    """A chat opened with Ctrl+O kept the functions it was saved with (none of which could run)
+    for itself and for every chat after Ctrl+N."""
+    from gptoss_mlx.harmony import Message, ToolSpec
+
+    old = ToolSpec("boom", "Explodes.", {"type": "object", "properties": {}})
+    new = ToolSpec("weather", "The weather.", {"type": "object", "properties": {}})
+    from gptoss_mlx.tokenizer import load_tokenizer
+
+    saved, chat = ScriptedChat(instructions="Be terse."), ScriptedChat(instructions="Original.")
+    saved.tokenizer = chat.tokenizer = load_tokenizer(tokenizer_json)  # (tools' schemas are checked with it)
+    saved.functions, chat.functions = [old], [new]
+    saved.messages += [Message("user", "hi"), Message("assistant", "Hello.", channel="final")]
+    store.save(saved, "old", "Old tools")
+    app = make_app(chat, store)
+    async with app.run_test(size=SIZE) as pilot:
+        app.open_conversation("old")
+        await pilot.pause()
+        assert [f.name for f in chat.functions] == ["weather"] and chat.instructions == "Be terse."
+        assert any("saved with boom" in n.message for n in app._notifications)
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert [f.name for f in chat.functions] == ["weather"] and chat.instructions == "Original."
+
+
 async def test_conversations_resume_rename_delete_and_export(store):
     first = ScriptedChat(THOUGHT)
     app = make_app(first, store)

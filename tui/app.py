@@ -543,6 +543,9 @@ class ChatApp(App):
         Python code waits for the user's Y in a dialog."""
         super().__init__()
         self.chat = chat
+        # what each new chat starts from: the command line's settings and those set here since (not
+        # an opened chat's own)
+        self.defaults = chat.settings() if chat is not None else {}
         self.toolbox = toolbox
         if toolbox is not None and toolbox.python is not None and ask_before_running_code:
             toolbox.approve_code = self.approve_code
@@ -607,6 +610,7 @@ class ChatApp(App):
     def _loaded(self, chat: Chat) -> None:
         chat.reasoning_effort = self.effort
         self.chat = chat
+        self.defaults = chat.settings()  # the command line's: each new chat starts from them
         self.notify("Model loaded", timeout=3)
 
     def _load_failed(self, message: str) -> None:
@@ -906,6 +910,7 @@ class ChatApp(App):
 
     def _new_chat(self) -> None:
         self.chat.reset()
+        self.chat.apply({**self.defaults, "reasoning_effort": self.effort})  # not an opened chat's tools
         self.chat_id, self.chat_title = self.store.new_id(), "New chat"
         if self.toolbox is not None:  # nothing of the last conversation's python session or pages
             self.toolbox.new_conversation()
@@ -940,6 +945,9 @@ class ChatApp(App):
             self.notify(str(e), title="Could not open the conversation", severity="error", timeout=10)
             return
         self.chat_id, self.chat_title = chat_id, title
+        tools = self.chat.keep_functions(self.defaults.get("functions", []))  # only those that can run here
+        if tools:
+            self.notify(controls_shown(tools[0].upper() + tools[1:]), title="Functions", timeout=10)
         if self.toolbox is not None:
             self.toolbox.new_conversation()
         self.effort = self.chat.reasoning_effort
@@ -969,7 +977,7 @@ class ChatApp(App):
             "System prompt (the developer message's instructions; empty: none)",
             self.chat.instructions or "", multiline=True))
         if text is not None:
-            self.chat.instructions = text.strip() or None
+            self.chat.instructions = self.defaults["instructions"] = text.strip() or None
             self.notify("System prompt set" if text.strip() else "System prompt removed", timeout=3)
 
     def action_copy_answer(self) -> None:

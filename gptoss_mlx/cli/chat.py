@@ -101,7 +101,11 @@ def answer_resumed(args, question: str, chat_id: str) -> Done | None:
     toolbox = make_toolbox(args, decline_when_piped)
     chat = common.load_chat(args, toolbox=toolbox)
     try:
+        defaults = chat.settings()
         title = store.load(chat, chat_id)
+        tools = chat.keep_functions(defaults["functions"])
+        if tools:
+            print(terminal_safe(f"[functions: {tools}]"), file=sys.stderr)
         flags_over_saved(chat, args)
         done = print_events(replies(chat, question, toolbox), not args.hide_reasoning, sys.stdout,
                             sys.stderr, dim=False)
@@ -165,6 +169,9 @@ class Repl:
     def __init__(self, chat: Chat, store: ConversationStore, read: Callable[[str], str],
                  show_reasoning: bool = True, out=None, toolbox=None):
         self.chat, self.store, self.read = chat, store, read
+        # what each new conversation starts from: the command line's settings and those set by
+        # /system and /effort since (not a loaded chat's own)
+        self.defaults = chat.settings() if chat is not None else {}
         self.show_reasoning, self.out, self.toolbox = show_reasoning, out or sys.stdout, toolbox
         self.chat_id, self.title = store.new_id(), None
         self.last_stats = None
@@ -334,6 +341,7 @@ class Repl:
         """Continue a saved chat (raises ChatFileError; the current one then stays)."""
         self.title = self.store.load(self.chat, chat_id)
         self.chat_id, self.last_stats = chat_id, None  # /stats speaks of this chat's replies
+        tools = self.chat.keep_functions(self.defaults["functions"])  # only those that can run here
         self.new_conversation()
         messages = self.chat.messages
         shown = [i for i, m in enumerate(messages) if m.role == "user" or m.channel == "final"]
@@ -346,6 +354,8 @@ class Repl:
             end = next((j for j in range(i + 1, len(messages)) if messages[j].role == "user"), len(messages))
             cut = messages[end - 1].cut  # the reply was cut short when it was made
             self.say("gpt-oss: " + terminal_safe(glimpse(m.text)) + (f"\n{CUT_MARKS[cut]}" if cut else ""))
+        if tools:
+            self.say(terminal_safe(f"[functions: {tools}]"))
 
     def command(self, line: str) -> str | None:
         name, _, arg = line.partition(" ")
@@ -364,7 +374,7 @@ class Repl:
             elif choice not in EFFORTS:
                 self.say(f"usage: /effort {'|'.join(EFFORTS)}")
             else:
-                self.chat.reasoning_effort = choice
+                self.chat.reasoning_effort = self.defaults["reasoning_effort"] = choice
                 self.say(f"reasoning effort: {choice} (from the next reply)")
         elif name == "/reasoning":
             choice = arg.lower()
@@ -374,12 +384,13 @@ class Repl:
                 self.show_reasoning = choice == "show"
                 self.say(f"reasoning: {choice}")
         elif name == "/system":
-            self.chat.instructions = arg or None
+            self.chat.instructions = self.defaults["instructions"] = arg or None
             self.say(("instructions set" if arg else "instructions removed")
                      + (f" (bytes that are not UTF-8 became {REPLACEMENT})" if valid_text(arg) != arg else ""))
         elif name == "/reset":
             self.leave_conversation()
             self.chat.reset()
+            self.chat.apply(self.defaults)  # not the settings of a chat /load opened
             self.chat_id, self.title, self.last_stats = self.store.new_id(), None, None
             self.new_conversation()
             self.say("new conversation")
