@@ -100,6 +100,24 @@ def test_json_is_one_object_with_answer_reasoning_tool_calls_usage(tok, tmp_path
     assert "Add them." not in err and STATS.search(err)
 
 
+def test_a_preamble_and_the_answer_are_apart_in_plain_and_json_output(tok, tmp_path, monkeypatch, capsys):
+    """A tester's: "I will check the weather for you." then the answer came out glued ("...for
+    you.Answer"), in the plain output and in --json's answer (and its reasoning's two rounds)."""
+    functions = tmp_path / "weather.py"
+    functions.write_text('def get_weather(city: str) -> dict:\n    """Current weather."""\n'
+                         '    return {"city": city, "temp_c": -3}\n')
+    call = ("<|channel|>analysis<|message|>Need it.<|end|><|start|>assistant<|channel|>commentary<|message|>"
+            "I will check.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather "
+            '<|constrain|>json<|message|>{"city": "Oslo"}<|call|>')
+    for flags, check in ((["--json"], lambda out: (json.loads(out)["answer"], json.loads(out)["reasoning"])),
+                         ([], lambda out: (out.strip(), None))):
+        use_chat(monkeypatch, tok, [call, REPLY])
+        assert main(["generate", "-p", "Weather in Oslo?", "--functions", str(functions), *flags]) == 0
+        answer, reasoning = check(capsys.readouterr().out)
+        assert answer == "I will check.\n\nIt is 4.", answer
+        assert reasoning in (None, "Need it.\n\nAdd them.")
+
+
 def test_real_program_json_strict_from_stdin(tiny_checkpoint):
     ckpt = tiny_checkpoint
     proc = subprocess.run(

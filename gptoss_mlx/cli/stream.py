@@ -79,6 +79,7 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
     """Print a reply's events; returns the Done event."""
     in_reasoning = False
     done = None
+    answered, in_answer = False, False  # text of an earlier message (a preamble before a call) was written
 
     def end_reasoning(gap: str) -> None:
         nonlocal in_reasoning
@@ -97,10 +98,14 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
                 reasoning_out.flush()
         elif isinstance(event, AnswerDelta):
             end_reasoning("\n\n")
+            if answered and not in_answer:  # another message's text: a preamble, then the answer
+                answer_out.write("\n\n")
+            answered = in_answer = True
             answer_out.write(terminal_safe(event.text))
             answer_out.flush()
         elif isinstance(event, ToolCall):
             end_reasoning("\n")
+            in_answer = False
             reasoning_out.write(terminal_safe(f"\n[tool call → {event.recipient}] {event.arguments.strip()}\n"))
             reasoning_out.flush()
         elif isinstance(event, ToolResult):
@@ -113,6 +118,9 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
             reasoning_out.flush()
         elif isinstance(event, Done):
             done = event
+            in_answer = False
+        if isinstance(event, ReasoningDelta):
+            in_answer = False
     end_reasoning("")
     answer_out.write("\n")
     answer_out.flush()
@@ -153,12 +161,14 @@ class Outcome:
     done: Done | None = None  # the last reply's
 
     def record(self, events):
-        """Pass ``events`` through, keeping what they say."""
+        """Pass ``events`` through, keeping what they say (the texts of separate messages, a
+        preamble and the answer, reasoning before and after a call, a blank line apart)."""
+        last = None
         for event in events:
             if isinstance(event, ReasoningDelta):
-                self.reasoning += event.text
+                self.reasoning += ("\n\n" if self.reasoning and last is not ReasoningDelta else "") + event.text
             elif isinstance(event, AnswerDelta):
-                self.answer += event.text
+                self.answer += ("\n\n" if self.answer and last is not AnswerDelta else "") + event.text
             elif isinstance(event, ToolCall):
                 self.tool_calls.append({"name": event.recipient, "arguments": event.arguments})
             elif isinstance(event, ToolResult) and self.tool_calls:
@@ -166,6 +176,7 @@ class Outcome:
             elif isinstance(event, Done):
                 self.stats.append(event.stats)
                 self.finish_reason, self.done = event.finish_reason, event
+            last = type(event)
             yield event
 
     def usage(self) -> dict:
