@@ -96,8 +96,8 @@ class ConversationStore:
         self.exports = self.root.parent / "exports"
         self.history_file = self.root.parent / "input-history"
         # file -> its "updated" and title as this store last read or wrote them
-        self._seen: dict[Path, tuple[float | None, str | None]] = {}
-        self._conversations: dict[Path, str] = {}  # each file's conversation as last read or written here
+        self._seen: dict[Path, tuple[float | None, str | None]] = _ByFile()
+        self._conversations: dict[Path, str] = _ByFile()  # each file's conversation as last read or written here
         self.remove_orphans()
 
     @contextmanager
@@ -331,6 +331,31 @@ def to_markdown(chat: Chat, title: str) -> str:
         else:
             out += ["## Assistant", "", m.text, ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+class _ByFile(dict):
+    """A dict keyed by the file a path names: a chat /save'd over its own file by another path
+    (through a link: on macOS /tmp is /private/tmp) is the same chat's save, not a change made
+    elsewhere."""
+
+    @staticmethod
+    def _file(path) -> Path:
+        return Path(os.path.realpath(path))
+
+    def __getitem__(self, path):
+        return super().__getitem__(self._file(path))
+
+    def __setitem__(self, path, value):
+        super().__setitem__(self._file(path), value)
+
+    def __contains__(self, path):
+        return super().__contains__(self._file(path))
+
+    def get(self, path, default=None):
+        return super().get(self._file(path), default)
+
+    def pop(self, path, *default):
+        return super().pop(self._file(path), *default)
 
 
 def _conversation(chat: Chat) -> str:

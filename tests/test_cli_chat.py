@@ -766,6 +766,23 @@ def test_a_chat_opened_keeps_to_the_functions_that_can_run_and_a_new_one_to_the_
     assert "weather" in tok.decode(resumed.prompt_tokens()) and "boom" not in tok.decode(resumed.prompt_tokens())
 
 
+def test_save_over_the_open_chats_own_file_is_not_a_change_made_elsewhere(tok, store, monkeypatch):
+    """/save onto the open chat's own file (answering y) made the next reply fork the chat:
+    "this chat was changed elsewhere ...: saved as a new chat" (the path, spelled another way,
+    was not known as the chat's own)."""
+    chat = scripted_chat(tok, "One.", "Two.")
+    status, out = run_chat(monkeypatch, chat, ["first", "/chats"])
+    ((chat_id, _),) = saved(store).items()
+    monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(store.root.parent))
+    link = store.root.parent.parent / "chats-link"
+    link.symlink_to(store.root)
+    own = f"{link}/{chat_id}.json"  # the same file, through a link (on macOS /tmp is /private/tmp's)
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "Two.", "Three."), ["second", "/save " + own, "y", "third"],
+                           ["--resume", chat_id])
+    assert "changed elsewhere" not in out and len(saved(store)) == 1, out
+    assert [m["content"] for m in saved(store)[chat_id]["messages"] if m["role"] == "user"] == ["first", "second", "third"]
+
+
 def test_ctrl_c_while_a_long_prompt_is_read_says_stopped(tok, store, ctrl_c):
     """Ctrl-C while a long message was being read stopped it without a word ('[stopped]' came
     only for a reply under way)."""
