@@ -119,9 +119,16 @@ def _run(code: str, namespace: dict) -> tuple[int, bool]:
 
 
 def _flush_c_stdio():
+    """C's stdout and stderr only: fflush(NULL) takes every FILE's lock, and a thread of the cell
+    blocked reading one held it (the cell, done, then waited for its deadline)."""
     try:
         import ctypes
-        ctypes.CDLL(None).fflush(None)
+        libc = ctypes.CDLL(None)
+        for name in ("stdout", "stderr", "__stdoutp", "__stderrp"):  # glibc's, macOS's
+            try:
+                libc.fflush(ctypes.c_void_p.in_dll(libc, name))
+            except ValueError:  # not this C library's name
+                continue
     except (OSError, AttributeError, TypeError):
         pass
 

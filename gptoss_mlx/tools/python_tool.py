@@ -50,6 +50,7 @@ EXTRA_REPLY_NOTE = ("[the previous cell wrote extra data to the tool's reply cha
 STARTUP_S = 20.0  # for the sandbox and the interpreter to come up
 IDLE_CPU_S = 0.2  # CPU seconds a session may use between cells before it is restarted
 CONTINUE_S = 5.0  # for a session continued between cells to answer an empty cell
+STOP_TRIES = 50  # SIGSTOPs sent (2 ms apart) until every thread of a session between cells is stopped
 POLL_S = 0.1  # how often a running cell's file count is checked (Linux), and at its end
 
 
@@ -295,7 +296,7 @@ class PythonSandbox:
             self._idle_cpu, self._last_id = self._sandbox_cpu(), request_id
             # Stopped until the next cell: a thread the code left running makes no files, uses
             # no CPU and reaches no network meanwhile, where no cell's limits are watched.
-            if not self._signal_all(signal.SIGSTOP):
+            if not self._stop_all():
                 self._kill()
                 self._lost_note = ("[the previous session could not be paused after its cell; it "
                                    "was restarted and its variables are lost]\n")
@@ -484,6 +485,37 @@ class PythonSandbox:
         except (OSError, ValueError, IndexError):
             return None
         return total
+
+    def _stop_all(self) -> bool:
+        """SIGSTOP the sandbox and check that every thread of it is stopped: a SIGCONT the code
+        sends itself in a loop cancels a stop still pending (a tester's 32 threads won 1 cell in
+        4), so the stop is sent again until all are; False if they are not (Linux; elsewhere the
+        signal is all)."""
+        for _ in range(STOP_TRIES):
+            if not self._signal_all(signal.SIGSTOP):
+                return False
+            if not os.path.isdir("/proc"):
+                return True
+            time.sleep(0.002)  # the group stop reaches every thread
+            if all(self._stopped(pid) for pid in self._sandbox_pids() or [None]):
+                return True
+        return False
+
+    @staticmethod
+    def _stopped(pid: int | None) -> bool:
+        """Whether every thread of ``pid`` is stopped (state T; False when it cannot be read)."""
+        if pid is None:
+            return False
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+                        return False
+        except FileNotFoundError:  # ended meanwhile: it runs nothing
+            return True
+        except (OSError, IndexError):
+            return False
+        return True
 
     def _signal_all(self, sig: int) -> bool:
         """Send ``sig`` to every process of the sandbox; False if they could not all be found."""

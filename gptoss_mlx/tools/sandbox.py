@@ -150,7 +150,8 @@ _SYSCALLS = {
         "shmget": 29, "shmat": 30, "shmctl": 31, "shmdt": 67, "semget": 64, "semop": 65,
         "semctl": 66, "semtimedop": 220, "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71,
         "memfd_create": 319, "socket": 41, "timer_create": 222, "inotify_init": 253,
-        "inotify_init1": 294, "fanotify_init": 300, "mq_open": 240, "fcntl": 72, "setsockopt": 54}),
+        "inotify_init1": 294, "fanotify_init": 300, "mq_open": 240, "fcntl": 72, "setsockopt": 54,
+        "io_setup": 206, "vmsplice": 278}),
     "aarch64": (0xC00000B7, {
         "clone": 220, "clone3": 435, "ptrace": 117, "process_vm_readv": 270,
         "process_vm_writev": 271, "unshare": 97, "setns": 268, "mount": 40, "umount2": 39,
@@ -161,7 +162,7 @@ _SYSCALLS = {
         "msgsnd": 189, "semget": 190, "semctl": 191, "semtimedop": 192, "semop": 193,
         "shmget": 194, "shmctl": 195, "shmat": 196, "shmdt": 197, "memfd_create": 279,
         "socket": 198, "timer_create": 107, "inotify_init1": 26, "fanotify_init": 262, "mq_open": 180,
-        "fcntl": 25, "setsockopt": 208}),
+        "fcntl": 25, "setsockopt": 208, "io_setup": 0, "vmsplice": 75}),
 }
 # Numbered alike on both: io_uring, pidfds, the new mount API.
 _COMMON = {"pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 426,
@@ -170,11 +171,13 @@ _COMMON = {"pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 42
            "mount_setattr": 442, "memfd_secret": 447}
 # SysV IPC and memfds: memory that no rlimit of the sandbox counts (it outlives shmdt/close).
 _UNCOUNTED_MEMORY = ("shmget", "shmat", "shmctl", "shmdt", "semget", "semop", "semctl",
-                     "semtimedop", "msgget", "msgsnd", "msgrcv", "msgctl", "memfd_create")
+                     "semtimedop", "msgget", "msgsnd", "msgrcv", "msgctl", "memfd_create",
+                     "vmsplice")  # (a page spliced into a pipe pins its whole huge page, unmapped)
 # Quotas the sandbox would share with the host's user (inotify and fanotify instances, POSIX
 # message queue bytes: the user's file watchers and queues fail while a session holds them), and
 # POSIX timers, whose signal can be SIGCONT: a session stopped between cells woke itself with one.
-_SHARED_QUOTAS = ("inotify_init", "inotify_init1", "fanotify_init", "mq_open", "timer_create")
+_SHARED_QUOTAS = ("inotify_init", "inotify_init1", "fanotify_init", "mq_open", "timer_create",
+                  "io_setup")  # (Linux AIO: fs.aio-max-nr is the whole machine's)
 _ALWAYS_DENIED = ("ptrace", "process_vm_readv", "process_vm_writev", "unshare", "setns", "mount",
                   "umount2", "pivot_root", "chroot", "keyctl", "add_key", "request_key", "bpf",
                   "perf_event_open", "userfaultfd", "kexec_load", "init_module", "finit_module",
@@ -207,9 +210,9 @@ def seccomp_filter(processes: bool, machine: str | None = None, network: bool = 
     IPv6 and netlink (the C library's address lookups) are refused (EAFNOSUPPORT): vsock would
     reach the hypervisor, and without the network the sandbox's own loopback would let unread
     connections pin socket buffers, host kernel memory that no limit of the sandbox counts; for
-    the same reason socket buffers cannot be grown (setsockopt SO_SNDBUF, SO_RCVBUF). fcntl's
+    the same reason socket buffers keep their size (setsockopt SO_SNDBUF, SO_RCVBUF: EPERM). fcntl's
     F_SETSIG and F_SETLEASE are refused (EPERM), as are inotify, fanotify, POSIX message queues
-    and timers (_SHARED_QUOTAS)."""
+    and timers, and Linux AIO (_SHARED_QUOTAS); and vmsplice (_UNCOUNTED_MEMORY)."""
     machine = machine or platform.machine()
     if machine not in _SYSCALLS:
         raise SandboxUnavailable(f"no seccomp syscall table for {machine}")
