@@ -794,6 +794,12 @@ async def test_unreadable_saved_chat_is_listed_and_reported_not_fatal(store):
     app = make_app(ScriptedChat(), store)
     async with app.run_test(size=SIZE) as pilot:
         assert "unreadable" in store.list()[0].title
+        await pilot.press("ctrl+o")  # the list says why, as /chats does (it said "(? messages)")
+        await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
+        shown = str(app.screen.query_one(OptionList).get_option_at_index(0).prompt)
+        assert "broken (unreadable)  (not a saved chat" in shown, shown
+        await pilot.press("escape")
+        await pilot.pause()
         app.open_conversation("broken")
         await pilot.pause()
         assert any("not a saved chat" in n.message for n in app._notifications)

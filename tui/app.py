@@ -450,8 +450,8 @@ class ConversationList(ModalScreen[str | None]):
         entries = self.store.list()
         self._titles = {e.id: e.title for e in entries}
         for e in entries:
-            n = "?" if e.messages < 0 else str(e.messages)
-            chats.add_option(Option(Text(controls_shown(f"{e.title}  ({n} messages)")), id=e.id))
+            what = f"{e.messages} messages" if e.messages >= 0 else e.problem[:120]  # (why it cannot be opened)
+            chats.add_option(Option(Text(controls_shown(f"{e.title}  ({what})")), id=e.id))
         if not entries:
             chats.add_option(Option("No saved conversations yet", id="", disabled=True))
         else:
