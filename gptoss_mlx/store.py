@@ -324,8 +324,9 @@ def to_markdown(chat: Chat, title: str) -> str:
             out += ["## User", "", m.text, ""]
         elif m.role == "tool":
             out += [f"**Tool result ({m.name})**", "", "```", m.text, "```", ""]
-        elif m.is_tool_call:
-            out += [f"**Tool call `{m.recipient}`**", "", "```json", m.text, "```", ""]
+        elif m.is_tool_call:  # (python's is code; a function's and the browser's, JSON)
+            fence = "```python" if m.recipient == "python" else "```json"
+            out += [f"**Tool call `{m.recipient}`**", "", fence, m.text, "```", ""]
         elif m.channel == "analysis":
             out += ["<details><summary>Reasoning</summary>", "", m.text, "", "</details>", ""]
         else:

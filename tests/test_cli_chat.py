@@ -249,6 +249,26 @@ def test_load_of_a_saved_chat_that_is_not_a_file_names_it(tok, store, tmp_path, 
     assert "is a FIFO (named pipe), not a regular file" in out and "(the current conversation stays)" in out, out
 
 
+def test_save_over_a_saved_chat_names_the_conversation_it_replaces(tok, store, tmp_path):
+    """/save onto another saved chat asked only "PATH exists. Overwrite it?": which conversation
+    the answer loses is now said."""
+    other = scripted_chat(tok, "Old.")
+    list(other.send("old question"))
+    store.save(other, "other", "Holiday plans")
+    asked, lines = [], iter([f"/save {store.path('other')}", "n"])
+
+    def read(prompt=""):
+        asked.append(prompt)
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    cli_chat.Repl(scripted_chat(tok, "x"), store, read, out=out).run()
+    assert any('exists, the saved chat "Holiday plans" (2 messages). Overwrite it?' in p for p in asked), asked
+
+
 def test_save_asks_before_overwriting(tok, store, tmp_path, monkeypatch):
     target = tmp_path / "mine.json"
     target.write_text("keep me")

@@ -365,3 +365,13 @@ def test_a_chat_with_a_response_format_reloads_with_it(store, tokenizer_json):
     put(store, "plain", GOOD)
     store.load(other, "plain")
     assert other.response_format is None  # a chat without one clears it
+
+
+def test_the_markdown_export_fences_python_code_as_python():
+    """A python call was fenced as ```json in the export."""
+    from gptoss_mlx.store import to_markdown
+
+    chat = current_chat()
+    chat.messages += [Message("assistant", "print(2 + 2)", channel="analysis", recipient="python"),
+                      Message("tool", "4", channel="analysis", recipient="assistant", name="python")]
+    assert "**Tool call `python`**\n\n```python\nprint(2 + 2)\n```" in to_markdown(chat, "T")

@@ -146,6 +146,15 @@ def resumed_id(store: ConversationStore, chat_id: str) -> str:
     return chat_id
 
 
+def saved_chat_named(path: Path) -> str:
+    """", the saved chat "TITLE" (N messages)" when ``path`` holds one: what an overwrite loses."""
+    try:
+        data = check_chat_file(path)
+    except ChatFileError:
+        return ""
+    return terminal_safe(f', the saved chat "{data.get("title") or path.stem}" ({message_count(data["messages"])} messages)')
+
+
 CUT_MARKS = {"interrupted": "[stopped]", "length": "[reply cut off: length limit]",
              "context": "[reply cut off: context limit]"}
 
@@ -461,7 +470,7 @@ class Repl:
             return
         try:
             if path.exists():
-                answer = self.read(f"{path} exists. Overwrite it? [y/N] ")
+                answer = self.read(f"{path} exists{saved_chat_named(path)}. Overwrite it? [y/N] ")
                 if answer.strip().lower() not in ("y", "yes"):
                     self.say("not saved")
                     return
