@@ -1012,6 +1012,17 @@ def test_a_client_that_sends_its_request_too_slowly_gets_a_408_and_is_let_go(tok
         assert trickled.startswith(b"HTTP/1.1 408"), trickled[:80]  # each piece in time, not the whole
         in_time = exchange(where, [whole[:60], whole[60:]], gap=0.2)  # two pieces within the limit
         assert in_time.startswith(b"HTTP/1.1 200") and b'"finish_reason":"stop"' in in_time
+        with socket.create_connection((where.hostname, where.port), timeout=5) as sock:  # kept alive
+            health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            sock.sendall(health)
+            first = sock.recv(65536)
+            sock.sendall(head)  # the next request's headers, never finished
+            later, t0 = b"", time.monotonic()
+            with contextlib.suppress(TimeoutError, ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    later += chunk
+            assert first.startswith(b"HTTP/1.1 200") and later.startswith(b"HTTP/1.1 408"), later[:80]
+            assert time.monotonic() - t0 < 4  # (it was closed without a word: the last cycle's response had begun)
         c = client(url)  # a reply longer than the limit, then another on the same connection
         for _ in range(2):
             t0 = time.monotonic()
@@ -1025,8 +1036,16 @@ def test_a_body_of_millions_of_objects_is_refused_before_it_is_parsed(url):
     body = b'{"model": "gpt-oss-tiny", "input": [' + b"{}," * 2_000_000 + b"{}]}"
     started = time.monotonic()
     status, error = post(url, "/responses", body)
-    assert status == 413 and "JSON objects and arrays" in error["error"]["message"]
+    assert status == 413 and "the characters {, [ and ," in error["error"]["message"]
     assert time.monotonic() - started < 5
+    numbers = b'{"model": "gpt-oss-tiny", "input": [' + b"1," * 3_000_000 + b"1]}"  # (the re-attack's: 3 containers)
+    assert post(url, "/responses", numbers)[0] == 413
+    tools = [{"type": "function", "name": f"f{i}", "parameters": {"type": "object"}} for i in range(1025)]
+    for path, body in (("/responses", {"input": "hi"}), ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        started = time.monotonic()  # (Responses compared each tool with every function: 40,000 took 32 s)
+        status, error = post(url, path, json.dumps({"model": "gpt-oss-tiny", "tools": tools, **body}).encode())
+        assert status == 400 and error["error"]["param"] == "tools" and "at most 1,024" in error["error"]["message"]
+        assert time.monotonic() - started < 5
     many = [{"role": "user", "content": "x"}] * 70_000  # under the cap on objects, over the count
     status, error = post(url, "/chat/completions", json.dumps({"model": "gpt-oss-tiny", "messages": many}).encode())
     assert status == 400 and error["error"]["param"] == "messages" and "at most 65,536" in error["error"]["message"]

@@ -33,9 +33,11 @@ log = logging.getLogger("gptoss_mlx.server")
 
 MAX_BODY_BYTES = 64 << 20
 LARGE_BODY_BYTES = 1 << 20  # parsed on a worker thread, one at a time
-# JSON objects and arrays a body may open: 64 MB of "{}," would be 21 million dicts (8 GB, and a
-# minute of the GIL, every client's stream frozen); a conversation that fits a context has far fewer
-MAX_JSON_CONTAINERS = 1 << 20
+# JSON values a body may hold, counted by its "{", "[" and "," (those in strings too): 64 MB of "{},"
+# would be 21 million dicts (8 GB, and a minute of the GIL, every client's stream frozen), of "1,"
+# 33 million ints (5 GB); a conversation that fits a context has far fewer (its prose a few commas
+# a line)
+MAX_JSON_VALUES = 1 << 21
 # On shutdown, how long a response may take to end once its generation has stopped (a client
 # that reads no more holds its stream open until then).
 SHUTDOWN_GRACE_S = 1.0
@@ -93,10 +95,10 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
                     raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
         except ClientDisconnect:  # (its answer goes nowhere: the line in the log is what remains)
             raise APIError(400, "the client left before its request body had come whole") from None
-        containers = raw.count(b"{") + raw.count(b"[")  # (C loops: milliseconds for 64 MB)
-        if containers > MAX_JSON_CONTAINERS:
-            raise APIError(413, f"the request body opens {containers:,} JSON objects and arrays (counting "
-                           f"every {{ and [): at most {MAX_JSON_CONTAINERS:,}")
+        values = raw.count(b"{") + raw.count(b"[") + raw.count(b",")  # (C loops: milliseconds for 64 MB)
+        if values > MAX_JSON_VALUES:
+            raise APIError(413, f"the request body has {values:,} of the characters {{, [ and , (those in "
+                           f"strings too): at most {MAX_JSON_VALUES:,}, as a bound on the JSON values it holds")
         # a large body is read off the event loop: the other clients' streams go on meanwhile
         if len(raw) < LARGE_BODY_BYTES:
             return _body_of(bytes(raw))
@@ -298,7 +300,9 @@ class ReadLimited(H11Protocol):
         if self.transport.is_closing():
             return
         log.info("a client sent no whole request in %.0f s: its connection is closed", REQUEST_READ_S)
-        if self.sent_some and (self.cycle is None or not self.cycle.response_started):  # (else: closed quietly)
+        # (a response under way to this request: closed quietly; a kept-alive connection's cycle
+        # is still the last request's, whose response was sent: h11's state tells)
+        if self.sent_some and self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             error = APIError(408, f"the request did not arrive whole within {REQUEST_READ_S:.0f} s",
                              code="request_timeout").response()
             self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"

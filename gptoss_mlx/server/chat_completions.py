@@ -18,6 +18,7 @@ from .output import CALL, REASONING, TEXT, Closed, Delta, Opened, Waiting
 from .service import REQUIRED, WAITING_S, Reply, Service, new_id
 
 MAX_MESSAGES = 65536  # (each message takes a few tokens at least: 131,072 hold fewer)
+MAX_TOOLS = 1024  # (each function's description takes tokens of the context too)
 SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a json_schema's name, as OpenAI's API takes it
 
 
@@ -105,6 +106,8 @@ def check_response_format(fmt, param: str = "response_format", shape: str = JSON
 def check_request(body: dict) -> None:
     check_messages(body.get("messages"))
     params.typed(body, "tools", list, "a list of tools")
+    if len(body.get("tools") or []) > MAX_TOOLS:
+        raise bad_request(f"'tools' has {len(body['tools']):,} tools: at most {MAX_TOOLS:,}", "tools")
     params.typed(body, "stream", bool, "true or false")
     params.typed(body, "stream_options", dict, "an object")
     if not isinstance((body.get("stream_options") or {}).get("include_usage", False), bool):

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from starlette.responses import JSONResponse, StreamingResponse
 
 from . import params
-from .chat_completions import check_response_format, tool_choice
+from .chat_completions import MAX_TOOLS, check_response_format, tool_choice
 from .errors import APIError, bad_request, generation_failed
 from .output import CALL, REASONING, SERVER_CALL, TEXT, Delta, Item, Opened, Waiting
 from .service import Reply, Service, new_id
@@ -295,11 +295,13 @@ def function_tools(tools) -> list[dict]:
         return []
     if not isinstance(tools, list):
         raise bad_request("'tools' must be a list", "tools")
+    if len(tools) > MAX_TOOLS:
+        raise bad_request(f"'tools' has {len(tools):,} tools: at most {MAX_TOOLS:,}", "tools")
     for j, t in enumerate(tools):  # (another type is logged and left out; what is no tool at all, refused)
         if not isinstance(t, dict) or not isinstance(t.get("type"), str):
             raise bad_request(f"tools[{j}] must be an object with a 'type', got {str(t)[:80]}", "tools")
-    functions = [t for t in tools if t.get("type") == "function"]
-    others = [t.get("type") if isinstance(t, dict) else repr(t) for t in tools if t not in functions]
+    functions = [t for t in tools if t["type"] == "function"]
+    others = [t["type"] for t in tools if t["type"] != "function"]
     if others:
         log.info("ignoring tools of types %s: only function tools are given to the model",
                  ", ".join(sorted(set(map(str, others)))))
