@@ -212,7 +212,9 @@ def test_tiny_model_streams_a_reply_with_stats_and_stops_mid_reply(browser, tiny
         assert saved["messages"][1]["content"]  # the partial answer is kept...
         page.find("#new-chat").click()
         page.until(lambda: not page.replies())
-        page.all("#chats .open")[0].click()  # ...and shows again as it was when reopened
+        # ...and shows again as it was when reopened (clicked in the page: the list is drawn again
+        # as New chat and the save end, and a row found before could be stale by its click)
+        page.js("document.querySelector('#chats .open').click();")
         page.until(lambda: page.replies() and page.text(".turn.assistant .answer") == shown)
         assert not page.errors()
 
