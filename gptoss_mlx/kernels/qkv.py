@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..cache import device_positions
+from ..cache import device_positions, joined
 from . import registry
 from .dense import plain_linear
 from .launch import Kernel, Launch
@@ -110,4 +110,4 @@ def qkv_rope(x: mx.array, norm, layer, rope, offset, heads: int, kv_heads: int) 
         x = norm(x)
     qkv = layer(x).reshape(B, L, -1, D).transpose(0, 2, 1, 3)
     qk = rope(qkv[:, :rope_heads], offset)
-    return qk[:, :heads], mx.concatenate([qk[:, heads:], qkv[:, rope_heads:]], axis=1)
+    return qk[:, :heads], joined(qk[:, heads:], qkv[:, rope_heads:])

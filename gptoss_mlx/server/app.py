@@ -166,7 +166,7 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
         server does not make; a response under way ends when its client leaves or DELETEs it."""
         checked(request)
         refuse_other_origins(request, "this server")
-        store.input_items(request.path_params["response_id"])  # a 404 for an unknown id, as OpenAI's
+        store.response(request.path_params["response_id"])  # a 404 for an unknown id, as OpenAI's
         raise bad_request("only a response created with background=true can be cancelled, and this server "
                           "makes none: close the stream, or DELETE /v1/responses/{id} while it runs",
                           code="invalid_request")

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from starlette.responses import JSONResponse, StreamingResponse
 
 from . import params
-from .chat_completions import MAX_TOOLS, check_response_format, tool_choice
+from .chat_completions import MAX_MESSAGES, MAX_TOOLS, check_response_format, tool_choice
 from .errors import APIError, bad_request, generation_failed
 from .output import CALL, REASONING, SERVER_CALL, TEXT, Delta, Item, Opened, Waiting
 from .service import Reply, Service, new_id
@@ -304,7 +304,7 @@ def function_tools(tools) -> list[dict]:
     others = [t["type"] for t in tools if t["type"] != "function"]
     if others:
         log.info("ignoring tools of types %s: only function tools are given to the model",
-                 ", ".join(sorted(set(map(str, others)))))
+                 ", ".join(sorted(set(others))))
     # the Responses API's default is strict (Chat Completions': not)
     return [t if t.get("strict") is not None else {**t, "strict": True} for t in functions]
 
@@ -332,8 +332,8 @@ def input_items(body: dict, store: ResponseStore) -> tuple[list[dict], int]:
         given = [{"type": "message", "role": "user", "content": given}]
     elif not isinstance(given, list):
         raise bad_request("'input' must be a string or a list of items", "input")
-    if len(given) > MAX_INPUT_ITEMS:
-        raise bad_request(f"'input' has {len(given):,} items: at most {MAX_INPUT_ITEMS:,} (more than any "
+    if len(given) > MAX_MESSAGES:  # (an item is a message, or part of one)
+        raise bad_request(f"'input' has {len(given):,} items: at most {MAX_MESSAGES:,} (more than any "
                           "context holds)", "input")
     previous_id = params.typed(body, "previous_response_id", str, "a response id")
     previous = store.get(previous_id) if previous_id else []
@@ -344,8 +344,6 @@ def input_items(body: dict, store: ResponseStore) -> tuple[list[dict], int]:
                               f"conversation of previous_response_id; remove it from the input", "input")
     return previous + [_with_id(item, taken) for item in given], len(previous)
 
-
-MAX_INPUT_ITEMS = 65536  # (each item takes a few tokens at least: 131,072 hold fewer)
 
 ITEM_PREFIXES = {"message": "msg", "reasoning": "rs", "function_call": "fc", "function_call_output": "fco",
                  "mcp_call": "mcp"}
