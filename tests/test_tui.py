@@ -331,6 +331,21 @@ async def test_tool_calls_show_as_expandable_rows(store):
         assert '{"city": "Oslo"}' in row.query_one(".tool-args").render().plain
 
 
+async def test_a_reasoning_section_says_its_length_once_a_call_ends_it(store):
+    """A section of reasoning that a tool call ended said "thinking…" until the whole reply had
+    ended: while the model went on (reading the result, thinking again) it looked unfinished."""
+    chat = ScriptedChat([("analysis", "need the weather"), ("call", "functions.get_weather", "{}"), ("wait",)])
+    app = make_app(chat, store)
+    async with app.run_test(size=SIZE) as pilot:
+        app.query_one(PromptInput).text = "weather?"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: bool(app.query(".tool-call")))
+        await pilot.pause()
+        assert app.query_one(AssistantTurn).reasoning.title == "Reasoning · 3 words"
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.replies_finished == 1)
+
+
 async def test_code_approval_shows_hidden_characters_and_all_of_the_code(store, monkeypatch):
     """Issue 16: a carriage return in a comment must not hide the line before it from the person
     approving; long code scrolls instead of being cut."""

@@ -239,9 +239,11 @@ class AssistantTurn(Vertical):
         elif isinstance(event, AnswerDelta):
             if not self.answer_text and not self.reasoning_text:
                 self.reasoning.add_class("-empty")  # no thinking before the answer: no empty section
-            elif not self.answer_text and self.collapse_on_answer:
+            elif not self.answer_text:
+                self._titled()  # the thinking is over
                 for section in self.sections:
-                    section.collapsed = True  # the answer starts: fold the thinking away
+                    if self.collapse_on_answer:
+                        section.collapsed = True  # the answer starts: fold the thinking away
             self.answer_text += event.text
             await self._write(self.query_one(".answer", Markdown), controls_shown(event.text))
         elif isinstance(event, (ToolCall, ToolResult)):
@@ -251,6 +253,7 @@ class AssistantTurn(Vertical):
                 text, title = event.content, f"{'result' if event.ok else 'error'} · {event.name}"
             row = Collapsible(Static(controls_shown(text), markup=False, classes="tool-args"),
                               title=controls_shown(title), collapsed=True, classes="tool-call")
+            self._titled()  # a section's thinking ends at a call
             await self.mount(row, before=self.query_one(".answer"))
             self._after_tool = True
         elif isinstance(event, ContextTrimmed):
@@ -266,11 +269,15 @@ class AssistantTurn(Vertical):
         self._streams.clear()
         for section, text in zip(self.sections, self._texts):
             await section.query_one(".reasoning-md", Markdown).update(controls_shown(text))
-            words = len(text.split())
-            section.title = f"Reasoning · {words} words"
-            if not words:
+            if not text.split():
                 section.display = False  # no empty section (showing is left to the CSS)
+        self._titled()
         await self.query_one(".answer", Markdown).update(controls_shown(self.answer_text))
+
+    def _titled(self) -> None:
+        """The sections written so far say how long they are, not "thinking…"."""
+        for section, text in zip(self.sections, self._texts):
+            section.title = f"Reasoning · {len(text.split())} words"
 
 
 def _reasoning_section() -> Collapsible:
