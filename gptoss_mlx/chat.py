@@ -118,6 +118,9 @@ class Chat:
             if not isinstance(f, harmony.ToolSpec):
                 raise TypeError(f"functions must be ToolSpec(name, description, parameters) objects, got "
                                 f"{type(f).__name__}" + (" (a dict: ToolSpec(**it))" if isinstance(f, dict) else ""))
+        for name, value in (("browser", browser), ("python", python)):
+            if not isinstance(value, bool):  # "no" would declare the tool
+                raise TypeError(f"{name} must be True or False, got {value!r}")
         self.browser, self.python = browser, python
         self.python_description = python_description  # what this python tool really does
         self.sampling = sampling or SamplingParams()

@@ -895,6 +895,9 @@ def test_wrong_types_for_the_model_or_sampling_are_named(tokenizer_json):
     for bad in (None, "o200k", tokenizer_json):  # was taken; the first send() raised AttributeError
         with pytest.raises(TypeError, match=r"tokenizer must be the loaded model's .*got (NoneType|str|PosixPath)"):
             Chat(ScriptedModel([[0]]), bad)
+    for key in ("python", "browser"):  # "no" was taken as true: the model was told of the tool
+        with pytest.raises(TypeError, match=f"{key} must be True or False, got 'no'"):
+            Chat(ScriptedModel([[0]]), tok, **{key: "no"})
 
 
 def test_save_metadata_cannot_replace_the_chats_own_fields(tok, tmp_path):
