@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 try:
@@ -98,6 +98,7 @@ class ConversationStore:
         # file -> its "updated" and title as this store last read or wrote them
         self._seen: dict[Path, tuple[float | None, str | None]] = _ByFile()
         self._conversations: dict[Path, str] = _ByFile()  # each file's conversation as last read or written here
+        self._listed: dict[Path, tuple[tuple, Entry]] = {}  # list()'s entries by the file's stat
         self.remove_orphans()
 
     @contextmanager
@@ -266,22 +267,28 @@ class ConversationStore:
 
     def list(self) -> list[Entry]:
         """Newest first. Unreadable files are listed (so they can be deleted), not skipped."""
-        entries = []
+        listed = {}
         for path in self.root.glob("*.json"):
             try:
-                mtime = path.stat().st_mtime
+                st = path.stat()
             except OSError:
                 continue  # deleted meanwhile
-            try:
-                data = check_chat_file(path)
-            except ChatFileError as e:
-                problem = str(e).removeprefix(f"{path}: ")
-                entries.append(Entry(path.stem, f"{path.stem} (unreadable)", mtime, -1, problem))
-                continue
-            n = message_count(data["messages"])
-            entries.append(Entry(path.stem, data.get("title") or path.stem,
-                                 data.get("updated") or mtime, n))
-        return sorted(entries, key=lambda e: e.updated, reverse=True)
+            # a file read before and not changed since is not read again (a long chat takes seconds)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            known = self._listed.get(path)
+            listed[path] = known if known and known[0] == stamp else (stamp, self._entry(path, st.st_mtime))
+        self._listed = listed
+        return sorted((replace(entry) for _, entry in listed.values()), key=lambda e: e.updated, reverse=True)
+
+    @staticmethod
+    def _entry(path: Path, mtime: float) -> Entry:
+        try:
+            data = check_chat_file(path)
+        except ChatFileError as e:
+            problem = str(e).removeprefix(f"{path}: ")
+            return Entry(path.stem, f"{path.stem} (unreadable)", mtime, -1, problem)
+        return Entry(path.stem, data.get("title") or path.stem, data.get("updated") or mtime,
+                     message_count(data["messages"]))
 
     def latest(self) -> str | None:
         """The id of the most recently updated readable chat."""

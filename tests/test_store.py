@@ -161,6 +161,33 @@ def test_one_bad_file_never_breaks_the_list(store):
     assert store.latest() == "good"
 
 
+
+def test_the_list_reads_a_chat_again_only_when_its_file_changed(store, monkeypatch):
+    """/chats and the TUI's Ctrl+O read every saved chat each time: a 35 MB chat cost 10 s on
+    every opening of the list, with the TUI frozen. A file read before is read again once it
+    changes (rewritten, even with its modification time put back)."""
+    from gptoss_mlx import store as store_module
+
+    put(store, "good", GOOD)
+    put(store, "other", GOOD)
+    read = []
+    real = store_module.check_chat_file
+    monkeypatch.setattr(store_module, "check_chat_file", lambda path: read.append(path.stem) or real(path))
+    assert [e.id for e in store.list()] and sorted(read) == ["good", "other"]
+    read.clear()
+    first = store.list()
+    assert read == [] and {e.id: e.messages for e in first} == {"good": 3, "other": 3}
+    first[0].title = "changed by a caller"  # the store's own entries are not handed out
+    assert "changed by a caller" not in [e.title for e in store.list()]
+    path = store.root / "other.json"
+    before = path.stat()
+    path.write_text("{not json")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    entries = {e.id: e for e in store.list()}
+    assert read == ["other"] and entries["other"].messages == -1 and entries["good"].messages == 3
+    path.unlink()
+    assert [e.id for e in store.list()] == ["good"]
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
