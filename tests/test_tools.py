@@ -9,6 +9,7 @@ import json
 import re
 import threading
 import time
+from pathlib import Path
 from enum import Enum
 from typing import Literal
 
@@ -215,6 +216,50 @@ def test_functions_from_a_file_run_in_workers_that_are_ended_when_late(tmp_path)
             os.kill(worker_pid, 0)
             time.sleep(0.1)
     assert workers.call("functions.pid", "{}", 30).content == "Error: functions.pid could not start: the server is shutting down"
+
+
+def test_a_late_function_is_ended_with_the_processes_it_started(tmp_path):
+    """A call past its timeout killed the worker alone: a subprocess or a fork the function had
+    started went on running (a spinning child for good), reparented to init."""
+    import os
+    from gptoss_mlx.tools.function_worker import FunctionWorkers
+
+    pids = tmp_path / "pids"
+    path = tmp_path / "fns.py"
+    path.write_text(f"""import os, subprocess, time
+def start_and_hang() -> str:
+    child = subprocess.Popen(["sleep", "300"])
+    forked = os.fork()
+    if forked == 0:
+        while True:
+            pass
+    open({str(pids)!r}, "w").write(f"{{child.pid}} {{forked}}")
+    while True:
+        time.sleep(0.1)
+""")
+    workers = FunctionWorkers([path])
+    try:
+        late = workers.call("functions.start_and_hang", "{}", 2.0)
+        assert late.ok is False and "did not return within 2 s" in late.content
+    finally:
+        workers.close()
+    started = [int(pid) for pid in pids.read_text().split()]
+    deadline = time.monotonic() + 5
+    alive = started
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in started if _alive(pid)]
+        time.sleep(0.05)
+    for pid in alive:  # (not to leave them behind when the test fails)
+        os.kill(pid, 9)
+    assert not alive, "processes the function started outlived its timeout"
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for init to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_a_functions_file_that_fails_in_the_worker_is_said(tmp_path):

@@ -1,7 +1,8 @@
 """``serve --functions FILE``: the functions run in worker processes of their own.
 
-A call that does not return within ``--function-timeout`` is ended with its process (its loop
-no longer spins on the server's cores, its slot is free again); a function that ends its process
+A call that does not return within ``--function-timeout`` is ended with its process and the
+processes its function started (its loop no longer spins on the server's cores, its slot is free
+again); a function that ends its process
 (``os._exit``, a crash in a C extension) fails that call alone; what a function prints goes to
 the server's log. Idle workers are kept and reused, so a module's state (a connection, a cache)
 lives as long as its worker; calls made at once run in different workers.
@@ -79,6 +80,12 @@ class Worker:
         return f"its process exited with code {code}"
 
     def end(self) -> None:
+        """Kill the worker and what its functions started (its session's process group: a
+        subprocess left running would outlive the call's timeout and the server)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # before the wait: the group's id stays its own
+        except (ProcessLookupError, PermissionError):
+            pass
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
