@@ -513,3 +513,19 @@ def test_https_goes_to_the_checked_address_too():
     with pytest.raises(ToolError, match="could not be fetched"):
         fetch("https://public.test/", net)
     assert net.connected == [PUBLIC]
+
+
+def test_serve_keeps_browser_allow_private_for_every_request():
+    """serve --browser-allow-private was dropped: each request's browser was built without it, so
+    the server refused loopback and said to pass the flag it had been given."""
+    from gptoss_mlx.server.tools import ServerTools
+
+    url = f"http://127.0.0.1:{LOCAL_PORT}/plain"
+    for allow in (True, False):
+        tools = ServerTools.from_toolbox(Toolbox(browser=Browser(allow_private=allow)))
+        browser = tools.toolbox().browser
+        if allow:
+            assert "just text" in browser.call("open", {"id": url})
+        else:
+            with pytest.raises(ToolError, match="private"):
+                browser.call("open", {"id": url})

@@ -28,6 +28,7 @@ class ServerTools:
     functions: list[FunctionTool] = field(default_factory=list)
     python: SandboxLimits | None = None  # the python tool, with these limits, when enabled
     browser: bool = False
+    browser_allow_private: bool = False  # serve --browser-allow-private
     function_timeout_s: float = FUNCTION_TIMEOUT_S
     # functions loaded from files (--functions) run in worker processes; callables in threads
     workers: FunctionWorkers | None = None
@@ -36,7 +37,8 @@ class ServerTools:
     def from_toolbox(cls, toolbox: Toolbox, function_timeout_s: float = FUNCTION_TIMEOUT_S) -> "ServerTools":
         files = list(dict.fromkeys(f.source for f in toolbox.functions if f.source is not None))
         return cls(list(toolbox.functions), toolbox.python.limits if toolbox.python else None,
-                   toolbox.browser is not None, function_timeout_s, FunctionWorkers(files) if files else None)
+                   toolbox.browser is not None, bool(toolbox.browser and toolbox.browser.allow_private),
+                   function_timeout_s, FunctionWorkers(files) if files else None)
 
     def in_worker(self, recipient: str) -> bool:
         """Whether a call to ``recipient`` runs in a worker process (a function from a file)."""
@@ -62,7 +64,7 @@ class ServerTools:
         """A request's own tools."""
         return Toolbox(functions=self.functions,
                        python=PythonSandbox(stateful=False, limits=self.python) if self.python else None,
-                       browser=Browser() if self.browser else None)
+                       browser=Browser(allow_private=self.browser_allow_private) if self.browser else None)
 
     def chat_tools(self) -> list[dict]:
         """The server's functions, in the Chat Completions shape of a request's ``tools``."""

@@ -416,6 +416,7 @@ class Browser:
     def __init__(self, backend: SearchBackend | None = None, fetch: Callable[[str], Page] | None = None,
                  view_lines: int = VIEW_LINES, allow_private: bool = False):
         client = WebClient(allow_private=allow_private)
+        self.allow_private = allow_private
         self.backend = backend if backend is not None else default_backend(client)
         self.fetch = fetch or (lambda url: fetch_page(url, client))
         self.view_lines = view_lines
