@@ -491,7 +491,7 @@ def test_browser_open_follow_links_scroll_and_find(site):
     page = b.open(id=site + "/")
     assert page.startswith("[0] Home page (127.0.0.1:")
     assert "L0: Welcome" in page and "L1: The answer is 42." in page and "var x" not in page
-    assert "【0†the docs】" in page and "【1†elsewhere】" in page
+    assert "【0†the docs】" in page and "【1†elsewhere†example.org】" in page
     doc = b.open(id=0)  # follow link 0 of the current page
     assert doc.startswith("[1] Docs") and "**viewing lines [0 - 9] of 99**" in doc
     scrolled = b.open(loc=50, num_lines=3)

@@ -298,6 +298,7 @@ class _TextExtractor(HTMLParser):
         self.parts: list[str] = []
         self.title = ""
         self.links: dict[int, str] = {}
+        self._ids: dict[str, int] = {}  # each link's id, by its URL
         self._skip = 0
         self._in_title = False
         self._href: str | None = None
@@ -330,10 +331,13 @@ class _TextExtractor(HTMLParser):
         elif tag == "title":
             self._in_title = False
         elif tag == "a" and self._href is not None:
-            n = len(self.links)
+            n = self._ids.setdefault(self._href, len(self._ids))  # a link seen before keeps its id
             self.links[n] = self._href
-            text = " ".join("".join(self._link_text).split()) or self._href
-            self.parts.append(f"【{n}†{text}】")
+            # † is the marker's separator: a page's own (in the link's text) would split it
+            text = " ".join("".join(self._link_text).split()).replace("†", "‡") or self._href
+            domain = urllib.parse.urlsplit(self._href).netloc
+            elsewhere = f"†{domain}" if domain != urllib.parse.urlsplit(self.base_url).netloc else ""
+            self.parts.append(f"【{n}†{text}{elsewhere}】")
             self._href = None
         if tag in self.BLOCK:
             self.parts.append("\n")
@@ -345,12 +349,23 @@ class _TextExtractor(HTMLParser):
         self._in_time()
         if self._skip:
             return
+        data = defused(data)
         if self._in_title:
             self.title += data
         elif self._href is not None:
             self._link_text.append(data)
         else:
             self.parts.append(data)
+
+
+# The characters of the tool's own markers (【n†link】, citations), as a page's text has them: the
+# model must not read a page's 【0†...】 as a link the tool numbered (OpenAI's page_contents.py).
+_MARKER_LOOKALIKES = str.maketrans({"【": "〖", "】": "〗", "◼": "◾", "\u200b": ""})
+
+
+def defused(text: str) -> str:
+    """A page's or a search result's own text, with no character of the tool's markers."""
+    return text.translate(_MARKER_LOOKALIKES)
 
 
 def _wrap(text: str) -> list[str]:
@@ -386,7 +401,7 @@ def fetch_page(url: str, client: WebClient | None = None) -> Page:
     if not (kind.startswith("text/") or kind in ("application/json", "application/xml")
             or kind.endswith(("+json", "+xml"))):
         raise ToolError(f"{url}: cannot show content of type {kind}")
-    return Page(response.url, response.url, _wrap(text))
+    return Page(response.url, response.url, _wrap(defused(text)))
 
 
 def _decode(body: bytes, charset: str | None) -> str:
@@ -449,8 +464,8 @@ class Browser:
         for n, r in enumerate(results):
             links[n] = r.url
             domain = urllib.parse.urlsplit(r.url).netloc
-            lines.append(f"【{n}†{r.title[:MAX_TITLE]}†{domain}】")
-            lines += _wrap(r.snippet)
+            lines.append(f"【{n}†{defused(r.title[:MAX_TITLE]).replace('†', '‡')}†{domain}】")
+            lines += _wrap(defused(r.snippet))
         title = f"Search results for {query[:MAX_TITLE]!r}"
         page = Page(f"search:{query}", title, lines or ["No results."], links)
         return self._push_and_show(page, 0, -1)
