@@ -71,8 +71,10 @@ def _chars(text: str) -> Counter:
 def account(tok, tokens: list[int], messages) -> tuple[str, str]:
     """(lost, invented): the characters of the input's text that no message holds, and those
     the messages hold that the input never said. Special-token names, whitespace and U+FFFD
-    are not counted; a message's role word may come from the input or from the grammar."""
+    are not counted; a message's role word may come from the input or from the grammar, and
+    a header of the model's role alone, followed by <|start|> again, is no message."""
     given = b"".join(_bytes(tok, t) for t in tokens).decode("utf-8", errors="replace")
+    given = re.sub(r"<\|start\|>\s*assistant\s*(?=<\|start\|>)", "<|start|>", given)
     said = "".join((m.name or "") + (f"to={m.recipient}" if m.recipient else "") + (m.channel or "")
                    + (m.content_type or "") + m.content for m in messages)
     roles = _chars("".join(m.role for m in messages))

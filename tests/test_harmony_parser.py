@@ -124,3 +124,16 @@ def test_a_space_after_the_constrain_token_keeps_json_the_content_type():
     ``json {}`` did not parse and the call failed."""
     (msg,) = parse("<|channel|>commentary to=functions.f <|constrain|> json<|message|>{}<|call|>")
     assert (msg.recipient, msg.content_type, msg.content) == ("functions.f", "<|constrain|>json", "{}")
+
+
+@pytest.mark.parametrize("reply", [
+    "<|start|>assistant<|channel|>final<|message|>hi<|return|>",
+    "<|start|><|channel|>final<|message|>hi<|return|>",
+    "<|start|>assistant<|start|>assistant<|channel|>final<|message|>hi<|return|>",
+])
+def test_a_start_written_again_before_any_header_is_no_message(reply):
+    """The prompt ends with <|start|>assistant; a model that wrote <|start|> again gave an empty
+    assistant message with no channel first, which Chat kept and rendered into every later
+    prompt as <|start|>assistant<|message|><|end|> (openai_harmony gives the one message)."""
+    (msg,) = parse(reply)
+    assert (msg.role, msg.channel, msg.content) == ("assistant", "final", "hi")

@@ -166,7 +166,9 @@ class StreamParser:
         if token in MESSAGE_END_TOKENS or token == ID[ENDOFTEXT]:
             return self._salvage_header(NAME.get(token))
         if token == ID[START]:  # a header that never got its <|message|>
-            events = self._salvage_header(None)
+            # (none at all, or the model's own role alone: <|start|> written twice in a row)
+            empty = self._header_text(self._header).strip() in ("", "assistant")
+            events = [] if empty else self._salvage_header(None)
             self._state, self._header, self._role = "header", [], None
             return events
         self._header.append(token)
