@@ -49,8 +49,10 @@ def test_text_with_tool_calls_is_a_preamble_before_them_and_keeps_the_reasoning(
 RECIPIENTS = ["functions.get_weather", "functions.python", "python", "browser.search", "get_weather",
               "functions."]  # (a model's slip: no name; it was saved as "" and the file refused)
 words = st.text(st.sampled_from("ab \n{}"), max_size=5)
-assistant_text = st.builds(lambda c, t: Message("assistant", t, channel=c),
-                           st.sampled_from(["analysis", "commentary", "final"]), words)
+# (reasoning with a content type or to=assistant lost both on save: the parser makes such messages)
+assistant_text = st.builds(lambda c, r, ct, t: Message("assistant", t, channel=c, recipient=r, content_type=ct),
+                           st.sampled_from(["analysis", "commentary", "final"]), st.sampled_from([None, None, "assistant"]),
+                           st.sampled_from([None, None, "<|constrain|>json"]), words)
 call = st.builds(lambda r, c, ct, t: Message("assistant", t, channel=c, recipient=r, content_type=ct),
                  st.sampled_from(RECIPIENTS), st.sampled_from(["analysis", "commentary"]),
                  st.sampled_from([None, "<|constrain|>json", "code", "json"]), words)

@@ -321,8 +321,11 @@ def to_chat_completions(messages: list[Message]) -> dict:
 
 def _slot(m: Message) -> int:
     """Where a message goes in a Chat Completions assistant message: 0 reasoning, 1 content,
-    2 tool calls (harmony's order)."""
-    return 2 if m.is_tool_call else 0 if m.channel == "analysis" else 1
+    2 tool calls (harmony's order). Reasoning with a recipient or a content type (``analysis
+    <|constrain|>json``, ``analysis to=assistant``) is content, which keeps both."""
+    if m.is_tool_call:
+        return 2
+    return 0 if m.channel == "analysis" and m.recipient is None and m.content_type is None else 1
 
 
 def _assistant_to_chat(group: list[Message], declared: set[str], calls: dict, ids) -> dict:
