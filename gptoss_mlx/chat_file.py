@@ -149,7 +149,15 @@ def _show(v) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> Path:
-    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))
+    """A saved chat; one larger than a saved chat may be (it could not be opened again) is an
+    OSError (EFBIG), and the file keeps what it had."""
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_FILE_BYTES:
+        raise OSError(errno.EFBIG, f"the chat would be {size / 2**20:.0f} MB, more than the "
+                      f"{MAX_FILE_BYTES >> 20} MB a saved chat may have (it could not be opened "
+                      f"again): not saved", str(path))
+    return write_text_atomic(path, text)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -916,6 +916,30 @@ def test_save_metadata_cannot_replace_the_chats_own_fields(tok, tmp_path):
     assert Chat(ScriptedModel([[0]]), tok).load(tmp_path / "c.json")["title"] == "Greeting"
 
 
+def test_a_chat_too_large_to_open_again_is_not_saved_over_the_last_good_file(tok, tmp_path, monkeypatch):
+    """Saves wrote files of any size and load() refuses those over 64 MB: a long session's
+    autosave replaced its last loadable file with one --resume, /load and the list called
+    unreadable ("not a saved chat"). Such a save fails with why; the file keeps what it had."""
+    import errno
+
+    from gptoss_mlx import chat_file
+    from gptoss_mlx.store import ConversationStore
+
+    monkeypatch.setattr(chat_file, "MAX_FILE_BYTES", 8 << 10)
+    chat = Chat(ScriptedModel([reply_script(tok, "Hm.", "Hi."), reply_script(tok, "Hm.", "Ok.")]), tok,
+                date="2025-08-05")
+    list(chat.send("hello"))
+    store = ConversationStore(tmp_path)
+    chat_id, _, _ = store.save_keeping_others(chat, "c", "Greeting")
+    good = store.path(chat_id).read_bytes()
+    list(chat.send("x" * (10 << 10)))
+    for save in (lambda: chat.save(store.path(chat_id)), lambda: store.save_keeping_others(chat, chat_id, "Greeting")):
+        with pytest.raises(OSError, match="more than the 0 MB a saved chat may have .*not saved") as raised:
+            save()
+        assert raised.value.errno == errno.EFBIG
+        assert store.path(chat_id).read_bytes() == good
+
+
 def test_wrong_arguments_are_named_and_leave_the_chat_as_it_was(tok, tmp_path):
     """A tester's list: Chat(reasoning_budget="5") raised "'<' not supported", 1.5 was taken;
     functions as dicts raised "'dict' object has no attribute 'name'"; add_tool_result(name, 5)
