@@ -32,6 +32,7 @@ from .chat_file import CHAT_FIELDS, ChatFileError, chat_file_problem, check_chat
 from .engine_thread import engine_thread
 from .files import valid_text
 from .generate import RAISE_CONTEXT, ContextLengthError, Engine, SamplingParams, Stats
+from .harmony.chat_completions import _header_field, _header_word
 from .harmony import ContentDelta, DeveloperContent, Message, MessageEnd, MessageStart, ResponseFormat
 from .structured import SchemaError, compile_schema, constraints_for, final_header, grammars
 
@@ -316,7 +317,12 @@ class Chat:
         if not isinstance(content, str) or not isinstance(name, str):
             raise TypeError(f"add_tool_result takes the tool's name and its result as strings, got "
                             f"{type(name).__name__} and {type(content).__name__} (json.dumps a value first)")
-        self.messages.append(Message("tool", content, channel=channel, recipient="assistant",
+        try:  # each is a word of the result's header (as a saved chat's are checked)
+            _header_word(name, "add_tool_result's name")
+            _header_field(channel, "add_tool_result's channel")
+        except harmony.HarmonyError as e:
+            raise ValueError(str(e)) from None
+        self.messages.append(Message("tool", valid_text(content), channel=channel, recipient="assistant",
                                      name=name))
 
     def reply(self, answer: bool = False) -> Iterator[ChatEvent]:

@@ -958,7 +958,16 @@ def test_wrong_arguments_are_named_and_leave_the_chat_as_it_was(tok, tmp_path):
         "s": {"type": "string", "pattern": "^a"}}})])
     with pytest.raises(TypeError, match="as strings, got str and int"):
         chat.add_tool_result("functions.f", 5)
+    # a name or channel that is no header word rendered, saved, and then the file did not load
+    for name, channel in (("functions.f g", "commentary"), ("", "commentary"), ("functions.f", "my channel"),
+                          ("x", "<|end|>")):
+        with pytest.raises(ValueError, match="add_tool_result's (name|channel)"):
+            chat.add_tool_result(name, "ok", channel=channel)
     assert chat.messages == []
+    chat.add_tool_result("functions.f", "caf\udce9.txt")  # a file name from os.listdir: save() raised
+    chat.save(tmp_path / "c.json")
+    assert Chat(model, tok).load(tmp_path / "c.json") and chat.messages[-1].text == "caf\ufffd.txt"
+    chat.messages.clear()
     path = chat.save(tmp_path / "c.json")
     data = json.loads(path.read_text())
     data["tools"][0]["function"]["parameters"]["properties"]["s"]["pattern"] = "(?=x)"
