@@ -137,3 +137,20 @@ def test_a_start_written_again_before_any_header_is_no_message(reply):
     prompt as <|start|>assistant<|message|><|end|> (openai_harmony gives the one message)."""
     (msg,) = parse(reply)
     assert (msg.role, msg.channel, msg.content) == ("assistant", "final", "hi")
+
+
+@pytest.mark.parametrize("reply", [
+    "<|channel|>commentary<|reserved_200017|> to=functions.f<|message|>{}<|call|>",
+    "<|channel|>commentary to=functions.f <|constrain|>json<|reserved_200017|><|message|>{}<|call|>",
+])
+def test_another_special_token_in_a_header_is_no_content_type(reply):
+    """A reserved token after a call's recipient became its content type: written into the next
+    prompt's header, and the chat saved with it did not load again (a content type holds no
+    special token). It stays in the message's text, where the model reads it as text."""
+    from gptoss_mlx.harmony import from_chat_completions, system_message, to_chat_completions
+    from gptoss_mlx.harmony import Message
+
+    (msg,) = parse(reply)
+    assert (msg.recipient, msg.content_type) == ("functions.f", None) and "<|reserved_200017|>" in msg.content
+    saved = to_chat_completions([system_message("low", "2025-01-01"), Message("user", "x"), msg])
+    assert from_chat_completions(saved, date="2025-01-01")[-1] == msg

@@ -64,14 +64,20 @@ def parse_header(text: str, role: str | None, complete: bool = True) -> tuple[Me
         recipient = to[0][len("to="):]
         words.remove(to[0])
     constrained = [w for w in words if w.startswith(CONSTRAIN)]
-    if len(constrained) == 1:
+    if len(constrained) == 1 and _plain(constrained[0].removeprefix(CONSTRAIN)):
         content_type = constrained[0]
         words.remove(content_type)
-    elif recipient and len(words) == 1 and words[0] not in CHANNELS:  # "to=x json" (harmony)
+    elif recipient and len(words) == 1 and words[0] not in CHANNELS and _plain(words[0]):  # "to=x json"
         content_type = words.pop()
     if channel is None and len(words) == 1 and words[0] in CHANNELS:  # "assistant final"
         channel = words.pop()
     return MessageStart(role, channel, recipient, content_type, name), " ".join(words)
+
+
+def _plain(word: str) -> bool:
+    """A content type holds no other special token (``to=f <|reserved_200017|>``): it would be
+    written back into the next prompt's header, and a saved chat with it would not load."""
+    return "<|" not in word
 
 
 def _take_channel(text: str) -> tuple[str | None, str]:
