@@ -600,6 +600,11 @@ def test_a_refused_responses_item_is_named_by_its_place_in_the_input(url):
     code, data = post(url, "/responses", json.dumps({"instructions": "Be brief.", "input": [
         {"role": "user", "content": "hi"}, *calls]}).encode())
     assert code == 400 and data["error"]["message"].startswith("input[2].name 'look up': "), data
+    for kind in ([None], {"a": 1}):  # an item type that is a list or an object was a 500
+        code, data = post(url, "/responses", json.dumps({"input": [{"type": kind, "role": "user", "content": "hi"}]}).encode())
+        assert code == 400 and data["error"]["message"] == (f"input[0]: items of type {kind!r} are not supported "
+                                                            "(messages, reasoning, function_call, function_call_output "
+                                                            "and mcp_call are)"), data
 
 
 def test_a_refusal_part_sent_back_in_the_responses_input_is_the_assistants_answer(tok):

@@ -356,7 +356,8 @@ def _with_id(item, taken: set):
     if not isinstance(item, dict):
         return item
     if not isinstance(item.get("id"), str) or item["id"] in taken:
-        item = {**item, "id": new_id(ITEM_PREFIXES.get(kind_of(item), "item"))}
+        kind = kind_of(item)  # (any JSON value here: a list or object is refused later, by name)
+        item = {**item, "id": new_id(ITEM_PREFIXES.get(kind, "item") if isinstance(kind, str) else "item")}
     taken.add(item["id"])
     return item
 
