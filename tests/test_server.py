@@ -600,6 +600,15 @@ def test_a_refused_responses_item_is_named_by_its_place_in_the_input(url):
     code, data = post(url, "/responses", json.dumps({"instructions": "Be brief.", "input": [
         {"role": "user", "content": "hi"}, *calls]}).encode())
     assert code == 400 and data["error"]["message"].startswith("input[2].name 'look up': "), data
+    # a dotted function name was taken, and the model's calls of it came back as functions.x.y
+    for name in ("x.y", "functions.x", "f<|call|>", "a" * 65):
+        code, data = post(url, "/responses", json.dumps({"input": "hi", "tools": [
+            {"type": "function", "name": "ok"}, {"type": "function", "name": name}]}).encode())
+        assert code == 400 and data["error"]["param"] == "tools[1].name", data
+        assert data["error"]["message"].startswith("'tools[1].name' must be letters, digits, _ and - (1 to 64)")
+        code, data = post(url, "/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                                                "tools": [{"type": "function", "function": {"name": name}}]}).encode())
+        assert code == 400 and data["error"]["param"] == "tools[0].function.name", data
     for kind in ([None], {"a": 1}):  # an item type that is a list or an object was a 500
         code, data = post(url, "/responses", json.dumps({"input": [{"type": kind, "role": "user", "content": "hi"}]}).encode())
         assert code == 400 and data["error"]["message"] == (f"input[0]: items of type {kind!r} are not supported "

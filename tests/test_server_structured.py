@@ -269,7 +269,7 @@ def test_a_function_name_no_header_can_carry_is_a_400(api):
     with pytest.raises(openai.BadRequestError) as e:
         api.chat.completions.create(model="gpt-oss-tiny", messages=USER, max_tokens=30, tools=[tool],
                                     tool_choice={"type": "function", "function": {"name": "get weather"}})
-    assert "'get weather'" in e.value.message and e.value.body["param"] == "tools"
+    assert "'get weather'" in e.value.message and e.value.body["param"] == "tools[0].function.name"
     r = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, max_tokens=5)
     assert r.choices[0].finish_reason == "length"
 

@@ -19,7 +19,15 @@ from .service import REQUIRED, WAITING_S, Reply, Service, new_id
 
 MAX_MESSAGES = 65536  # (each message takes a few tokens at least: 131,072 hold fewer)
 MAX_TOOLS = 1024  # (each function's description takes tokens of the context too)
-SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a json_schema's name, as OpenAI's API takes it
+# a json_schema's name and a function's, as OpenAI's API takes them (a dotted function name came
+# back as another: the model calls functions.x.y, read back as that whole recipient)
+SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_function_name(name, where: str) -> None:
+    if isinstance(name, str) and not SCHEMA_NAME.fullmatch(name):  # (a missing name: harmony's message)
+        raise bad_request(f"'{where}' must be letters, digits, _ and - (1 to 64), got {name[:80]!r}",
+                          where, code="invalid_value")
 
 
 def tool_choice(body: dict, tools_key: str = "tools") -> tuple[dict, str | None]:
@@ -108,6 +116,9 @@ def check_request(body: dict) -> None:
     params.typed(body, "tools", list, "a list of tools")
     if len(body.get("tools") or []) > MAX_TOOLS:
         raise bad_request(f"'tools' has {len(body['tools']):,} tools: at most {MAX_TOOLS:,}", "tools")
+    for j, t in enumerate(body.get("tools") or []):
+        if isinstance(t, dict) and isinstance(t.get("function"), dict):
+            check_function_name(t["function"].get("name"), f"tools[{j}].function.name")
     params.typed(body, "stream", bool, "true or false")
     params.typed(body, "stream_options", dict, "an object")
     if not isinstance((body.get("stream_options") or {}).get("include_usage", False), bool):

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from starlette.responses import JSONResponse, StreamingResponse
 
 from . import params
-from .chat_completions import MAX_MESSAGES, MAX_TOOLS, check_response_format, tool_choice
+from .chat_completions import MAX_MESSAGES, MAX_TOOLS, check_function_name, check_response_format, tool_choice
 from .errors import APIError, bad_request, generation_failed
 from .output import CALL, REASONING, SERVER_CALL, TEXT, Delta, Item, Opened, Waiting
 from .service import Reply, Service, new_id
@@ -300,6 +300,9 @@ def function_tools(tools) -> list[dict]:
     for j, t in enumerate(tools):  # (another type is logged and left out; what is no tool at all, refused)
         if not isinstance(t, dict) or not isinstance(t.get("type"), str):
             raise bad_request(f"tools[{j}] must be an object with a 'type', got {str(t)[:80]}", "tools")
+    for j, t in enumerate(tools):
+        if t["type"] == "function":
+            check_function_name(t.get("name"), f"tools[{j}].name")
     functions = [t for t in tools if t["type"] == "function"]
     others = [t["type"] for t in tools if t["type"] != "function"]
     if others:
