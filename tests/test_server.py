@@ -1198,6 +1198,16 @@ def test_function_call_round_trip_through_function_call_output(tok):
         prompt = tok.decode(model.fed)
         assert "functions.get_weather to=assistant" in prompt and "rain, 12 C" in prompt
         assert "Need the weather." in prompt  # the ongoing turn's reasoning is kept (harmony)
+        # as OpenAI's API: the calls a response ended with get their outputs first, one each
+        # (both were taken: the model read a call with no result, or two results of one call)
+        fed = len(model.fed)
+        output = {"type": "function_call_output", "call_id": fc.call_id, "output": "rain"}
+        for given, said in (([{"role": "user", "content": "never mind"}], "No tool output found for function call "),
+                            ([output, output], r"input\[1\]: a second function_call_output for call_id ")):
+            with pytest.raises(openai.BadRequestError, match=said) as e:
+                c.responses.create(model="gpt-oss-tiny", previous_response_id=r.id, tools=[WEATHER], input=given)
+            assert e.value.body["param"] == "input"
+        assert len(model.fed) == fed  # nothing ran
 
         with c.responses.stream(model="gpt-oss-tiny", input="Weather in Oslo?", tools=[WEATHER]) as stream:
             events = list(stream)

@@ -233,6 +233,33 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
     return out, origins
 
 
+def check_call_outputs(items: list, first_input: int = 0) -> None:
+    """As OpenAI's API: the calls a previous response ended with get their outputs in this
+    input before anything else is said (the model would read a call with no result), and a call
+    has one output. (A call left open in an earlier turn, a reply stopped at it, is history.)"""
+    pending: dict[str, str] = {}  # call_id -> where: the previous response's last turn's calls
+    answered: set[str] = set()
+    for i, item in enumerate(items):
+        where = f"input[{i - first_input}]" if i >= first_input else f"previous_response_id's item {i}"
+        kind = kind_of(item) if isinstance(item, dict) else None
+        if kind == "function_call" and isinstance(item.get("call_id"), str) and i < first_input:
+            pending[item["call_id"]] = where
+        elif kind == "function_call_output" and isinstance(item.get("call_id"), str):
+            if item["call_id"] in answered:
+                raise bad_request(f"{where}: a second function_call_output for call_id "
+                                  f"{item['call_id'][:80]!r}: a call has one output", "input")
+            answered.add(item["call_id"])
+            pending.pop(item["call_id"], None)
+        elif kind == "message" and item.get("role") != "assistant":
+            if i >= first_input and pending:
+                break
+            pending.clear()  # a turn of the stored conversation went on past its open calls
+    if pending:
+        call_id, where = next(iter(pending.items()))
+        raise bad_request(f"No tool output found for function call {call_id[:80]} ({where}): send its "
+                          "function_call_output before the conversation goes on", "input")
+
+
 # What the Responses API's ``include`` may ask for. None of it is made here (no hosted tools,
 # images or logprobs; the reasoning comes back as text, not encrypted), so each is accepted and
 # left out: Codex asks for reasoning.encrypted_content on every request.
@@ -448,6 +475,7 @@ class ResponseRun:
         check_unsupported(body)
         self.items, first_input = input_items(body, store)
         messages, self.origins = chat_messages(self.items, first_input)
+        check_call_outputs(self.items, first_input)
         self.shift = 0  # messages before the items' (the instructions')
         if body.get("instructions"):
             messages, self.shift = [{"role": "system", "content": body["instructions"]}, *messages], 1
