@@ -343,8 +343,9 @@ PROTOCOL = 2  # the version of these operations
 
 def fingerprint(engine: Engine) -> dict[str, int]:
     """What every rank must agree on to run the same operations on the same model: its shape,
-    its weights (a checksum of a sample of the checkpoint's files: another model of the same
-    shape would run and answer nonsense) and the precision they are held in."""
+    its weights (a checksum of a sample of every tensor, loading.tensors_digest: another model of
+    the same shape, or a fine-tune of this one, would run and answer nonsense) and the precision
+    they are held in."""
     config, model = engine.model.config, engine.model
     return {"protocol": PROTOCOL, "sharding (1 tensor, 2 pipeline)": SHARDINGS.index(model.sharding) + 1,
             "layers": config.num_hidden_layers, "hidden size": config.hidden_size,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -295,7 +296,7 @@ def test_a_hostfile_without_each_ranks_addresses_is_refused(tmp_path, hosts):
 
 
 @pytest.mark.parametrize("problem", ["no checkpoint", "other options", "other weights", "other config",
-                                     "other dense bits"])
+                                     "other dense bits", "other attention"])
 def test_a_rank_that_cannot_follow_stops_rank_0(problem, checkpoint, tokenizer_json, tmp_path):
     """Rank 1 cannot find its checkpoint, or was started with other options than rank 0, or
     with another model of the same shape (which would run, and answer nonsense): it says so
@@ -317,6 +318,22 @@ def test_a_rank_that_cannot_follow_stops_rank_0(problem, checkpoint, tokenizer_j
             said = "rank 1 does not run what rank 0 runs (config (a checksum of its values) "
         mtc.copy_tokenizer(other, tokenizer_json)
         rank1 = generate + [str(other), "--sharding", "pipeline"]
+    elif problem == "other attention":  # a fine-tune fused into the attention alone: the checksum's
+        # blocks spread over the whole file missed it, and the two ranks answered as neither model
+        other = tmp_path / "other"
+        shutil.copytree(checkpoint, other)
+        weights = other / "model.safetensors"
+        with open(weights, "r+b") as f:
+            start = 8 + int.from_bytes(f.read(8), "little")
+            f.seek(8)
+            info = json.loads(f.read(start - 8))["model.layers.0.self_attn.q_proj.weight"]
+            begin, end = info["data_offsets"]
+            f.seek(start + begin + (end - begin) // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0x40]))
+        rank1 = generate + [str(other), "--sharding", "pipeline"]
+        said = "rank 1 does not run what rank 0 runs (weights (a checksum of the checkpoint's files) "
     else:
         rank1 = generate + [str(checkpoint), "--sharding", "pipeline", "--dense-bits", "8"]
         said = "rank 1 does not run what rank 0 runs (dense bits 8 here, 16 on rank 0)"
