@@ -569,6 +569,10 @@ def test_a_fused_checkpoint_gives_the_logits_of_base_plus_adapter(sharp, tok, tm
                                                   r"works is 1\.\d\d GB: pass --memory-limit 1\.\d\dGB"):
             load(fused_dir, memory_limit="1.02307GB", dense_bits=4)
         assert load(tmp_path / "requantized", memory_limit="1.02307GB", dense_bits=4)[0].expert_pool
+        # models convert kept the experts and dropped their adapter: part of the fine-tune, silently
+        assert main(["models", "convert", str(fused_dir), str(tmp_path / "converted"), "--dense-bits", "8"]) == 0
+        converted = load(tmp_path / "converted")[0](prompt)
+        assert mx.array_equal(converted, load(fused_dir, dense_bits=8)[0](prompt)).item()
 
 
 def test_fuse_runs_where_the_gpu_plan_would_quantize_and_a_fused_checkpoint_is_not_fine_tuned(

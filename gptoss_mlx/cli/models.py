@@ -14,6 +14,7 @@ import mlx.nn as nn
 from ..config import ConfigError, ModelConfig
 from ..hub import cache_dir, cached_models, remove, repo_folder
 from ..loading import COPIED, CheckpointError, find_layout, load_model, resolve_checkpoint, save_weights, stream_problem
+from ..lora import FUSED_EXPERT_ADAPTER
 from ..memory import DEFAULT_CONTEXT, GB, AFFINE_GROUP, MemoryPlanError, checkpoint_dense_bits, choose_plan
 from . import common
 from .common import CLIError, add_plan_options
@@ -165,6 +166,8 @@ def cmd_convert(args) -> int:
                 if (folder / name).is_file():
                     shutil.copy(folder / name, out / name)
                     break
-        size = sum(f.stat().st_size for f in out.iterdir())
+        if (directory / FUSED_EXPERT_ADAPTER).is_dir():  # a fused fine-tune's, for the experts kept as they were
+            shutil.copytree(directory / FUSED_EXPERT_ADAPTER, out / FUSED_EXPERT_ADAPTER)
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"Saved {args.out} ({_size(size)}); load it with --model {shlex.quote(str(args.out))}")
     return 0
