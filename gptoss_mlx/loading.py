@@ -416,6 +416,8 @@ def _fuse_qkv(plan, origin):
         target = name.replace(".q_proj.", ".qkv_proj.")
         plan[target] = (tuple(plan.pop(part) for part in parts), "concat")
         origin[target] = " + ".join(origin.pop(part) for part in parts)
+    for name in [n for n in plan if re.search(r"\.self_attn\.[kv]_proj\.", n)]:  # (its q_proj is missing)
+        raise CheckpointError(f"tensor {origin[name]} has no matching q_proj tensor")
 
 
 def _interleave_split_experts(plan, origin):

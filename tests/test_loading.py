@@ -164,6 +164,12 @@ def test_missing_attention_projection(broken):
         load_model(broken)
 
 
+def test_a_missing_query_projection_is_not_called_an_unexpected_key_projection(broken):
+    _rewrite(broken / "model.safetensors", drop=["model.layers.2.self_attn.q_proj.weight"])
+    with pytest.raises(CheckpointError, match=r"layers\.2\.self_attn\.k_proj\.weight has no matching q_proj"):
+        load_model(broken)
+
+
 def test_unexpected_tensor(broken):
     _rewrite(broken / "model.safetensors", change={"model.layers.0.mystery": mx.zeros((3,))})
     with pytest.raises(CheckpointError, match="unexpected tensor model.layers.0.mystery"):
