@@ -21,6 +21,8 @@ from .tokenizer import SPECIAL_TOKENS
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 MXFP4_BLOCK = 32  # values per MX block (one E8M0 scale each)
+MAX_DIMENSION = 1 << 24  # any size, count or vocabulary of a config (gpt-oss: at most 201,088)
+MAX_POSITIONS = (1 << 31) - 1  # a context length (gpt-oss: 131,072)
 
 
 class ConfigError(ValueError):
@@ -90,6 +92,11 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r:.100}")
+            # far past any gpt-oss (its shapes would overflow the arrays' 32-bit sizes long before
+            # memory ran out: a traceback instead of a message naming the value)
+            bound = MAX_POSITIONS if name.endswith("max_position_embeddings") else MAX_DIMENSION
+            if value > bound:
+                raise ConfigError(f"{name} must be at most {bound:,}, got {value:,.0f}"[:200])
         for name in ["rms_norm_eps", "swiglu_limit", "rope_theta", "rope_scaling_factor",
                      "rope_beta_fast", "rope_beta_slow"]:
             value = getattr(self, name)

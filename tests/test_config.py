@@ -91,6 +91,8 @@ def test_eos_ids_always_include_return_and_call():
         ({"tie_word_embeddings": True}, "untied"),
         ({"vocab_size": -1}, "vocab_size must be a positive integer"),
         ({"num_hidden_layers": "36"}, "num_hidden_layers must be a positive integer"),
+        ({"hidden_size": 10**12}, "hidden_size must be at most 16,777,216, got 1,000,000,000,000"),  # a traceback
+        ({"max_position_embeddings": 2**40}, "max_position_embeddings must be at most 2,147,483,647"),
         ({"rope_parameters": {"rope_type": "yarn", "factor": 16.0}}, "disagree"),
         ({"initial_context_length": 8192}, "contradictory values"),
         ({"rope_scaling": [32.0]}, "rope_scaling must be a JSON object"),
