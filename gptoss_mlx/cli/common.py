@@ -459,10 +459,10 @@ PIPE_QUIET_S = 1.0  # under mlx.launch: how long standard input stays quiet befo
 PIPE_WAIT_NOTE_S = 5.0  # and how long none at all comes before a note says what it waits for
 
 
-def read_standard_input() -> str:
+def read_standard_input(instead: str = "give it with --prompt") -> str:
     """All of standard input. mlx.launch passes its input on to the ranks but never its end
     (their standard input stays open), so under it the input ends once something came and
-    nothing more comes for PIPE_QUIET_S."""
+    nothing more comes for PIPE_QUIET_S. ``instead``: the command's other way to give it."""
     if distributed.launched_backend() is None:
         return sys.stdin.read()
     fd, chunks, waited = sys.stdin.fileno(), [], 0.0
@@ -476,7 +476,7 @@ def read_standard_input() -> str:
             waited += wait
             if waited == PIPE_WAIT_NOTE_S:
                 print("gptoss-mlx: waiting for the prompt on standard input (under mlx.launch the end "
-                      "of an empty input never comes: give it with --prompt)", file=sys.stderr, flush=True)
+                      f"of an empty input never comes: {instead})", file=sys.stderr, flush=True)
             continue
         data = os.read(fd, 1 << 16)
         if not data:
