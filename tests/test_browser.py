@@ -488,7 +488,7 @@ def _circular():
     (lambda: (_ for _ in ()).throw(GeneratorExit()), "GeneratorExit"),
     (lambda: (_ for _ in ()).throw(Weird("odd")), "Weird: odd"),
     (lambda: (_ for _ in ()).throw(asyncio.CancelledError()), "CancelledError"),
-    (lambda: (_ for _ in ()).throw(BadStr()), "the tool failed (RuntimeError: no)"),
+    (lambda: (_ for _ in ()).throw(BadStr()), "BadStr: (its message could not be read)"),
     (lambda: (_ for _ in ()).throw(RecursionError()), "RecursionError"),
     (_circular, "Circular reference"),
     (lambda: {"x": Unprintable()}, "cannot print me"),

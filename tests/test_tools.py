@@ -10,7 +10,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from enum import Enum
+from enum import Enum, IntEnum
 from typing import Literal
 
 import pytest
@@ -111,6 +111,64 @@ def test_raw_schema_tools_and_enums():
         return unit
 
     assert FunctionTool.from_callable(convert).parameters["properties"]["unit"] == {"type": "string", "enum": ["c", "f"]}
+
+
+class Speed(IntEnum):
+    FAST = 1
+    SLOW = 2
+
+
+def test_enum_literal_positional_only_and_kwargs_parameters_are_called_as_declared():
+    """A tester's signatures: an IntEnum was declared a string whose values are numbers (no
+    argument could pass), and the function got the model's raw value where its default gave it
+    the member; Literal[1, "auto"] and Literal["a", None] took their first value's type only;
+    positional-only parameters were passed by keyword (every call a TypeError); **kwargs was
+    declared but the extra names refused; an exception whose str() failed hid its type."""
+    seen = []
+
+    def drive(speed: Speed, mode: Literal[1, "auto"], unit: Unit = Unit.C, /, label: Literal["a", None] = "a",
+              **extra) -> str:
+        """Drive."""
+        seen.append((speed, mode, unit, label, extra))
+        return "ok"
+
+    tool = FunctionTool.from_callable(drive)
+    props = tool.parameters["properties"]
+    assert props["speed"] == {"type": "integer", "enum": [1, 2]}
+    assert props["mode"] == {"type": ["integer", "string"], "enum": [1, "auto"]}
+    assert props["label"] == {"type": ["string", "null"], "enum": ["a", None], "default": "a"}
+    assert tool.parameters["additionalProperties"] is True
+    assert tool.call('{"speed": 2, "mode": "auto", "unit": "f", "label": null, "colour": "red"}') == "ok"
+    assert tool.call('{"speed": 1, "mode": 1}') == "ok"
+    assert seen == [(Speed.SLOW, "auto", Unit.F, None, {"colour": "red"}), (Speed.FAST, 1, Unit.C, "a", {})]
+    with pytest.raises(ToolError, match='must be one of \\[1, 2\\], got 3'):
+        tool.call('{"speed": 3, "mode": 1}')
+
+    class Quota(Exception):
+        def __str__(self):
+            raise RuntimeError("no str")
+
+    def fails() -> str:
+        """Fail."""
+        raise Quota()
+
+    with pytest.raises(ToolError, match="^Quota: "):
+        FunctionTool.from_callable(fails).call("{}")
+    with pytest.raises(ToolError, match="a number too long to read"):
+        tool.call('{"speed": ' + "9" * 5000 + "}")
+
+
+def test_a_functions_file_with_dataclasses_loads(tmp_path):
+    """load_functions ran the module without registering it: a dataclass under `from __future__
+    import annotations` failed ('NoneType' object has no attribute '__dict__'); two files of one
+    name are two modules."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "tools.py").write_text(
+            "from __future__ import annotations\nfrom dataclasses import dataclass\n\n@dataclass\nclass P:\n"
+            f"    x: int\n\ndef ping_{folder}() -> str:\n    \"\"\"Ping.\"\"\"\n    return str(P(1))\n")
+    tools = [t for folder in ("a", "b") for t in load_functions(tmp_path / folder / "tools.py")]
+    assert [(t.name, t.call("{}")) for t in tools] == [("ping_a", "P(x=1)"), ("ping_b", "P(x=1)")]
 
 
 def test_load_functions_from_a_file(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import importlib.machinery
 import importlib.util
 import inspect
@@ -25,6 +26,7 @@ import re
 import sys
 import types
 import typing
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -49,7 +51,7 @@ def json_schema(hint) -> dict:
         return {}
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Literal:
-        return {"type": _JSON_TYPES.get(type(args[0]), "string"), "enum": list(args)}
+        return {"type": _types_of(args), "enum": list(args)}
     if origin in (typing.Union, types.UnionType):
         options = [json_schema(a) for a in args if a is not type(None)]
         schema = options[0] if len(options) == 1 else {"oneOf": options}
@@ -59,10 +61,49 @@ def json_schema(hint) -> dict:
     if origin is dict or hint is dict:
         return {"type": "object"}
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return {"type": "string", "enum": [m.value for m in hint]}
+        values = [m.value for m in hint]
+        return {"type": _types_of(values), "enum": values}
     if hint in _JSON_TYPES:
         return {"type": _JSON_TYPES[hint]}
     raise TypeError(f"no JSON Schema for the type hint {hint!r}")
+
+
+def _types_of(values) -> str | list[str]:
+    """The JSON type of an enum's values, or the list of them (``Literal[1, "auto"]``, an
+    ``IntEnum``, ``Literal["a", None]``): the first value's alone refused the others."""
+    kinds = list(dict.fromkeys(_JSON_TYPES.get(type(v), "string") for v in values))
+    if "integer" in kinds and "number" in kinds:
+        kinds.remove("integer")
+    return kinds[0] if len(kinds) == 1 else kinds
+
+
+def _enum_of(hint) -> type[enum.Enum] | None:
+    """The Enum a parameter's hint names (``Color``, ``Color | None``), if any."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    found = [a for a in options if isinstance(a, type) and issubclass(a, enum.Enum)]
+    return found[0] if len(found) == 1 else None
+
+
+def _caller(fn: Callable, signature: inspect.Signature, hints: dict) -> Callable[..., Any]:
+    """``fn`` called with the model's arguments as keywords: positional-only parameters passed
+    by position, and an Enum parameter's value as its member (as its default is)."""
+    enums = {p.name: e for p in signature.parameters.values() if (e := _enum_of(hints.get(p.name))) is not None}
+    positional = [p.name for p in signature.parameters.values() if p.kind == p.POSITIONAL_ONLY]
+    if not enums and not positional:
+        return fn
+
+    def call(**args):
+        for name, kind in enums.items():
+            if args.get(name) is not None and not isinstance(args[name], kind):
+                args[name] = kind(args[name])
+        first = []
+        for name in positional:
+            if name not in args:
+                break  # (the rest take their defaults)
+            first.append(args.pop(name))
+        return fn(*first, **args)
+
+    return functools.wraps(fn)(call)
 
 
 def _docstring_parts(doc: str | None) -> tuple[str, dict[str, str]]:
@@ -111,9 +152,10 @@ class FunctionTool:
         parameters = {"type": "object", "properties": properties}
         if required:
             parameters["required"] = required
-        if not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):
-            parameters["additionalProperties"] = False  # a name it does not take: refused, not a TypeError
-        return cls(name or fn.__name__, description or description_doc, parameters, fn)
+        signature = inspect.signature(fn)
+        # a name it does not take: refused, not a TypeError; with **kwargs, any name is taken
+        parameters["additionalProperties"] = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
+        return cls(name or fn.__name__, description or description_doc, parameters, _caller(fn, signature, hints))
 
     @classmethod
     def from_schema(cls, name: str, description: str, parameters: dict, fn: Callable) -> "FunctionTool":
@@ -131,7 +173,11 @@ class FunctionTool:
         try:
             result = self.fn(**args)
         except Exception as e:  # noqa: BLE001  — reported to the model, which can retry
-            raise ToolError(f"{type(e).__name__}: {e}") from None
+            try:
+                said = str(e)
+            except Exception:  # noqa: BLE001 - an exception whose __str__ fails: its type still says
+                said = "(its message could not be read)"
+            raise ToolError(f"{type(e).__name__}: {said}") from None
         return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
 
 
@@ -141,6 +187,10 @@ def parse_arguments(arguments: str) -> dict:
         args = json.loads(arguments) if arguments.strip() else {}
     except json.JSONDecodeError as e:
         raise ToolError(f"the arguments are not valid JSON ({e.msg} at position {e.pos})") from None
+    except ValueError:  # an integer of more digits than Python converts (4,300)
+        raise ToolError("the arguments hold a number too long to read") from None
+    except RecursionError:
+        raise ToolError("the arguments are nested too deeply") from None
     if not isinstance(args, dict):
         raise ToolError("the arguments must be a JSON object")
     return args
@@ -196,16 +246,20 @@ def load_functions(path: str | Path) -> list[FunctionTool]:
     problem = regular_file_problem(path)
     if problem:
         raise ToolError(f"{path}: {problem}")
-    name = f"gptoss_user_tools_{path.stem}"
+    # (one name per file: two files called tools.py are two modules)
+    name = f"gptoss_user_tools_{path.stem}_{zlib.crc32(str(path.resolve()).encode()):08x}"
     # Python source whatever its name ends in (spec_from_file_location knows only .py and kin)
     spec = importlib.util.spec_from_loader(name, importlib.machinery.SourceFileLoader(name, str(path)))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import does: dataclasses and pickle look the module up there
     try:
         with contextlib.redirect_stdout(sys.stderr):  # what it prints is no answer (generate --json)
             spec.loader.exec_module(module)
     except SystemExit as e:
+        sys.modules.pop(name, None)
         raise ToolError(f"{path}: calls sys.exit({e.code!r}) while it is imported") from None
     except Exception as e:  # noqa: BLE001
+        sys.modules.pop(name, None)
         raise ToolError(f"{path}: {type(e).__name__}: {e}") from None
     items = getattr(module, "TOOLS", None)
     if items is None:
