@@ -557,6 +557,12 @@ def test_browser_open_follow_links_scroll_and_find(site):
     found = b.find("number 7", cursor=1)
     assert found.startswith("[2] Find results") and "L0: 【0†match at L7】 Line number 7 about MLX." in found
     assert "【1†match at L70】 Line number 70" in found
+    # a match opens the page as it was read, a few lines above the match (it fetched the page
+    # again and showed its top); a page of results has no text to find in
+    match = b.open(id=1)
+    assert match.startswith("[3] Docs") and "**viewing lines [66 - 75] of 99**" in match and "L70: Line number 70" in match
+    with pytest.raises(ToolError, match="page 2 is a list of results"):
+        b.find("number", cursor=2)
     assert "L0: just text" in b.open(id=site + "/plain")
 
 

@@ -278,6 +278,7 @@ class Page:
     title: str
     lines: list[str]
     links: dict[int, str] = field(default_factory=dict)  # link number -> URL
+    matches: dict[int, tuple["Page", int]] = field(default_factory=dict)  # a find result's: link -> (page, line)
 
 
 class _OutOfTime(Exception):
@@ -477,6 +478,9 @@ class Browser:
         page_index = self._page_index(cursor)
         page = self.pages[page_index]
         if isinstance(id, int) and id >= 0:
+            if id in page.matches:  # a find result: its page as it was read, from a few lines above the match
+                found, line = page.matches[id]
+                return self._push_and_show(found, max(line - 4, 0) if loc < 0 else loc, num_lines)
             if id not in page.links:
                 raise ToolError(f"page {page_index} has no link {id}")
             return self._push_and_show(self.fetch(page.links[id]), max(loc, 0), num_lines)
@@ -485,12 +489,15 @@ class Browser:
     def find(self, pattern: str, cursor: int = -1) -> str:
         page_index = self._page_index(cursor)
         page = self.pages[page_index]
+        if page.url.startswith(("search:", "find:")):  # (as OpenAI's browser: a page of results has no text to search)
+            raise ToolError(f"page {page_index} is a list of results: open one of them, then find in it")
         matches = [i for i, line in enumerate(page.lines) if pattern.lower() in line.lower()]
         hits = [f"【{k}†match at L{i}】 {page.lines[i]}" for k, i in enumerate(matches)]
         shown = repr(pattern[:MAX_TITLE])
         found = Page(f"find:{pattern[:MAX_TITLE]}:{page.url}", f"Find results for {shown} in {page.title}",
                      hits or [f"No matches for {shown}."])
         found.links = {k: page.url for k in range(len(matches))}
+        found.matches = {k: (page, i) for k, i in enumerate(matches)}
         return self._push_and_show(found, 0, -1)
 
     # -- pages
