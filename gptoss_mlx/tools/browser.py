@@ -76,8 +76,16 @@ def is_public_address(ip: str) -> bool:
         embedded = address.ipv4_mapped or address.sixtofour
         if embedded is not None and not is_public_address(str(embedded)):
             return False
+    if any(address in network for network in _SPECIAL_USE):
+        return False
     return address.is_global and not (address.is_multicast or address.is_reserved
                                       or address.is_unspecified or address.is_link_local)
+
+
+# Special-purpose ranges that Python's is_global calls global in some versions (3.11 and older:
+# IETF protocol assignments, the 6to4 relay anycast, IPv6 site-local, the documentation blocks)
+_SPECIAL_USE = [ipaddress.ip_network(n) for n in ("192.0.0.0/24", "192.88.99.0/24", "fec0::/10", "3fff::/20",
+                                                   "2001:db8::/32")]
 
 
 def system_resolve(host: str, port: int) -> list[str]:
@@ -211,13 +219,19 @@ class WebClient:
         encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
         if encoding not in ("identity", "gzip", "x-gzip", "deflate"):
             raise ToolError(f"{url}: unsupported content encoding {encoding!r}")
-        inflater = zlib.decompressobj(32 + zlib.MAX_WBITS) if encoding != "identity" else None
+        inflater = zlib.decompressobj(32 + zlib.MAX_WBITS) if encoding in ("gzip", "x-gzip") else None
         out, size = [], 0
         while size <= self.max_bytes:
             # plain: never read past the cap; compressed: the inflater is what is capped
-            chunk = response.read(READ_CHUNK if inflater else min(READ_CHUNK, self.max_bytes + 1 - size))
+            compressed = encoding != "identity"
+            chunk = response.read(READ_CHUNK if compressed else min(READ_CHUNK, self.max_bytes + 1 - size))
             if not chunk:
                 break
+            if inflater is None and compressed:  # deflate: zlib's wrapping, or (as browsers take) raw
+                while len(chunk) < 2 and (more := response.read(READ_CHUNK)):
+                    chunk += more
+                zlib_header = len(chunk) >= 2 and chunk[0] & 0x0F == 8 and (chunk[0] << 8 | chunk[1]) % 31 == 0
+                inflater = zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
             while chunk and size <= self.max_bytes:
                 if inflater is not None:
                     try:
