@@ -609,6 +609,10 @@ def test_a_refused_responses_item_is_named_by_its_place_in_the_input(url):
         code, data = post(url, "/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}],
                                                                 "tools": [{"type": "function", "function": {"name": name}}]}).encode())
         assert code == 400 and data["error"]["param"] == "tools[0].function.name", data
+    code, data = post(url, "/responses", json.dumps({"input": [  # (it named input[1].content[0], not output)
+        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c", "output": [["x"]]}]}).encode())
+    assert code == 400 and data["error"]["message"].startswith("input[1].output[0]: "), data
     for kind in ([None], {"a": 1}):  # an item type that is a list or an object was a 500
         code, data = post(url, "/responses", json.dumps({"input": [{"type": kind, "role": "user", "content": "hi"}]}).encode())
         assert code == 400 and data["error"]["message"] == (f"input[0]: items of type {kind!r} are not supported "

@@ -121,7 +121,8 @@ def _text_bytes(value) -> int:
     return 8
 
 
-def _text(content, where: str) -> str:
+def _text(content, where: str, field: str = "content") -> str:
+    """A message's ``content`` (or a call output's ``output``): a string, or a list of text parts."""
     if content is None or isinstance(content, str):
         return content or ""
     if isinstance(content, list):
@@ -129,18 +130,18 @@ def _text(content, where: str) -> str:
         for j, part in enumerate(content):
             if isinstance(part, dict) and part.get("type") == "refusal":  # an answer's, sent back
                 if not isinstance(part.get("refusal"), str):
-                    raise bad_request(f"{where}.content[{j}].refusal must be a string", "input")
+                    raise bad_request(f"{where}.{field}[{j}].refusal must be a string", "input")
                 parts.append(part["refusal"])
                 continue
             if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise bad_request(f"{where}.content[{j}]: {kind!r} content is not supported (text only)",
+                raise bad_request(f"{where}.{field}[{j}]: {kind!r} content is not supported (text only)",
                                   "input")
             if not isinstance(part.get("text"), str):
-                raise bad_request(f"{where}.content[{j}].text must be a string", "input")
+                raise bad_request(f"{where}.{field}[{j}].text must be a string", "input")
             parts.append(part["text"])
         return "".join(parts)
-    raise bad_request(f"{where}: content must be a string or a list of text parts", "input")
+    raise bad_request(f"{where}: {field} must be a string or a list of text parts", "input")
 
 
 def kind_of(item: dict) -> str | None:
@@ -219,7 +220,7 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
             if item.get("output") is None:
                 raise bad_request(f"{where}: a function_call_output needs its 'output' (a string, or a "
                                   "list of text parts)", "input")
-            result = {"role": "tool", "tool_call_id": item.get("call_id"), "content": _text(item.get("output"), where)}
+            result = {"role": "tool", "tool_call_id": item.get("call_id"), "content": _text(item.get("output"), where, "output")}
             if isinstance(item.get("name"), str):  # (not OpenAI's: the playground's, for a call without an id)
                 result["name"] = item["name"]
             out.append(result)
