@@ -475,6 +475,9 @@ class Chat:
         problem = chat_file_problem({"messages": [], **metadata})  # (a title that is no string, a newer format)
         if problem:
             raise ValueError(f"save(): {problem}")
+        path = Path(path).expanduser()
+        if path.is_symlink():  # as open(path, "w"): the file it names is written, not the link replaced
+            path = path.resolve()
         return write_json_atomic(path, {**self.to_json(), **metadata})
 
     def load(self, path: str | os.PathLike) -> dict:

@@ -914,6 +914,10 @@ def test_save_metadata_cannot_replace_the_chats_own_fields(tok, tmp_path):
     assert not (tmp_path / "c.json").exists()
     chat.save(tmp_path / "c.json", title="Greeting", format=1, tags=["a"])
     assert Chat(ScriptedModel([[0]]), tok).load(tmp_path / "c.json")["title"] == "Greeting"
+    (tmp_path / "link.json").symlink_to(tmp_path / "c.json")  # the link was replaced by a file
+    chat.save(tmp_path / "link.json", title="Through the link")
+    assert (tmp_path / "link.json").is_symlink()
+    assert json.loads((tmp_path / "c.json").read_text())["title"] == "Through the link"
 
 
 def test_a_chat_too_large_to_open_again_is_not_saved_over_the_last_good_file(tok, tmp_path, monkeypatch):
