@@ -348,11 +348,10 @@ class _TextExtractor(HTMLParser):
         elif tag == "a" and self._href is not None:
             n = self._ids.setdefault(self._href, len(self._ids))  # a link seen before keeps its id
             self.links[n] = self._href
-            # † is the marker's separator: a page's own (in the link's text) would split it
-            text = " ".join("".join(self._link_text).split()).replace("†", "‡") or self._href
+            text = " ".join("".join(self._link_text).split()) or marker_text(self._href)
             domain = urllib.parse.urlsplit(self._href).netloc
-            elsewhere = f"†{domain}" if domain != urllib.parse.urlsplit(self.base_url).netloc else ""
-            self.parts.append(f"【{n}†{text}{elsewhere}】")
+            elsewhere = domain and domain != urllib.parse.urlsplit(self.base_url).netloc
+            self.parts.append(f"【{n}†{marker_text(text)}{'†' + marker_text(domain) if elsewhere else ''}】")
             self._href = None
         if tag in self.BLOCK:
             self.parts.append("\n")
@@ -381,6 +380,12 @@ _MARKER_LOOKALIKES = str.maketrans({"【": "〖", "】": "〗", "◼": "◾", "\
 def defused(text: str) -> str:
     """A page's or a search result's own text, with no character of the tool's markers."""
     return text.translate(_MARKER_LOOKALIKES)
+
+
+def marker_text(text: str) -> str:
+    """A part of a link's marker (its text, a URL, a domain): † separates the parts, so a page's
+    own would split the marker."""
+    return defused(text).replace("†", "‡")
 
 
 def _wrap(text: str) -> list[str]:
@@ -478,8 +483,8 @@ class Browser:
         lines, links = [], {}
         for n, r in enumerate(results):
             links[n] = r.url
-            domain = urllib.parse.urlsplit(r.url).netloc
-            lines.append(f"【{n}†{defused(r.title[:MAX_TITLE]).replace('†', '‡')}†{domain}】")
+            domain = urllib.parse.urlsplit(r.url).netloc or r.url
+            lines.append(f"【{n}†{marker_text(r.title[:MAX_TITLE])}†{marker_text(domain)}】")
             lines += _wrap(defused(r.snippet))
         title = f"Search results for {query[:MAX_TITLE]!r}"
         page = Page(f"search:{query}", title, lines or ["No results."], links)
