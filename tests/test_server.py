@@ -1088,7 +1088,8 @@ def test_a_previous_responses_items_sent_again_and_other_slips_are_400s(url):
         c.responses.cancel(r1.id)
     with pytest.raises(openai.NotFoundError):
         c.responses.cancel("resp_unknown")
-    for field, value in (("tools", [1]), ("tools", [{}]), ("text", 0), ("reasoning", "")):
+    for field, value in (("tools", [1]), ("tools", [{}]), ("text", 0), ("reasoning", ""),
+                         ("previous_response_id", ""), ("stream_options", {"include_usage": True})):
         status, error = post(url, "/responses", json.dumps({"model": "gpt-oss-tiny", "input": "hi", field: value}).encode())
         assert status == 400 and error["error"]["param"] == field, (field, value, error)
     for field, value in (("n", True), ("n", 1.0), ("logprobs", {}), ("logit_bias", [])):
@@ -1212,6 +1213,12 @@ def test_function_call_round_trip_through_function_call_output(tok):
                 c.responses.create(model="gpt-oss-tiny", previous_response_id=r.id, tools=[WEATHER], input=given)
             assert e.value.body["param"] == "input"
         assert len(model.fed) == fed  # nothing ran
+        # a re-attack: each turn's one call and its one output, with ids numbered per turn
+        turn = [{"type": "function_call", "call_id": "call_0", "name": "get_weather", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_0", "output": "rain"}]
+        again = c.responses.create(model="gpt-oss-tiny", tools=[WEATHER], input=[
+            {"role": "user", "content": "Oslo?"}, *turn, {"role": "user", "content": "Bergen?"}, *turn])
+        assert again.status == "completed"
 
         with c.responses.stream(model="gpt-oss-tiny", input="Weather in Oslo?", tools=[WEATHER]) as stream:
             events = list(stream)

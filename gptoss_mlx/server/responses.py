@@ -243,8 +243,10 @@ def check_call_outputs(items: list, first_input: int = 0) -> None:
     for i, item in enumerate(items):
         where = f"input[{i - first_input}]" if i >= first_input else f"previous_response_id's item {i}"
         kind = kind_of(item) if isinstance(item, dict) else None
-        if kind == "function_call" and isinstance(item.get("call_id"), str) and i < first_input:
-            pending[item["call_id"]] = where
+        if kind == "function_call" and isinstance(item.get("call_id"), str):
+            answered.discard(item["call_id"])  # (a later turn's call may reuse an id: its own output)
+            if i < first_input:
+                pending[item["call_id"]] = where
         elif kind == "function_call_output" and isinstance(item.get("call_id"), str):
             if item["call_id"] in answered:
                 raise bad_request(f"{where}: a second function_call_output for call_id "
@@ -367,6 +369,9 @@ def input_items(body: dict, store: ResponseStore) -> tuple[list[dict], int]:
         raise bad_request(f"'input' has {len(given):,} items: at most {MAX_MESSAGES:,} (more than any "
                           "context holds)", "input")
     previous_id = params.typed(body, "previous_response_id", str, "a response id")
+    if previous_id == "":  # (taken as absent, the earlier turns were silently left out)
+        raise bad_request("'previous_response_id' is empty: give a response's id, or leave it out",
+                          "previous_response_id")
     previous = store.get(previous_id) if previous_id else []
     taken = {item.get("id") for item in previous if isinstance(item, dict)}
     for item in given:  # the previous response's own items sent again: the model would read them twice
@@ -469,6 +474,8 @@ class ResponseRun:
         params.typed(body, "stream", bool, "true or false")
         params.typed(body, "store", bool, "true or false")
         params.typed(body, "stream_options", dict, "an object")
+        if body.get("stream_options") is not None and not body.get("stream"):  # (as Chat Completions)
+            raise bad_request("'stream_options' is only allowed with 'stream': true", "stream_options")
         params.typed(body, "text", dict, "an object ({\"format\": {...}})")
         params.typed(body, "reasoning", dict, "an object ({\"effort\": ...})")
         check_include(body.get("include"))
