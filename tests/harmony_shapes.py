@@ -72,13 +72,14 @@ def account(tok, tokens: list[int], messages) -> tuple[str, str]:
     """(lost, invented): the characters of the input's text that no message holds, and those
     the messages hold that the input never said. Special-token names, whitespace and U+FFFD
     are not counted; a message's role word may come from the input or from the grammar, and
-    a header of the model's role alone, followed by <|start|> again, is no message."""
+    a header of a role alone (followed by <|start|> again, a stop token or the end) is no message."""
     given = b"".join(_bytes(tok, t) for t in tokens).decode("utf-8", errors="replace")
-    given = re.sub(r"<\|start\|>\s*assistant\s*(?=<\|start\|>)", "<|start|>", given)
+    headers_of_a_role = re.sub(r"(<\|[a-z_]+\|>|^)[ \t]*(?:assistant|user|system|developer)[ \t]*"
+                               r"(?=(?:<\|channel\|>)?(?:<\|(?:start|end|return|call|endoftext)\|>|$))", r"\1", given)
     said = "".join((m.name or "") + (f"to={m.recipient}" if m.recipient else "") + (m.channel or "")
                    + (m.content_type or "") + m.content for m in messages)
     roles = _chars("".join(m.role for m in messages))
-    lost = _chars(given) - _chars(said) - roles
+    lost = _chars(headers_of_a_role) - _chars(said) - roles
     invented = _chars(said) - _chars(given)
     for m in messages:  # metadata must be what the input said, not a guess
         if m.recipient and f"to={m.recipient}" not in given:

@@ -130,6 +130,11 @@ def test_a_space_after_the_constrain_token_keeps_json_the_content_type():
     "<|start|>assistant<|channel|>final<|message|>hi<|return|>",
     "<|start|><|channel|>final<|message|>hi<|return|>",
     "<|start|>assistant<|start|>assistant<|channel|>final<|message|>hi<|return|>",
+    # the re-attack's: a header of a role alone ended by a stop token, or an empty channel
+    "<|start|><|end|><|start|>assistant<|channel|>final<|message|>hi<|return|>",
+    "<|start|>assistant<|end|><|start|>assistant<|channel|>final<|message|>hi<|return|>",
+    "<|end|><|start|>assistant<|channel|>final<|message|>hi<|return|>",
+    "<|start|>assistant<|channel|><|start|>assistant<|channel|>final<|message|>hi<|return|>",
 ])
 def test_a_start_written_again_before_any_header_is_no_message(reply):
     """The prompt ends with <|start|>assistant; a model that wrote <|start|> again gave an empty

@@ -172,9 +172,7 @@ class StreamParser:
         if token in MESSAGE_END_TOKENS or token == ID[ENDOFTEXT]:
             return self._salvage_header(NAME.get(token))
         if token == ID[START]:  # a header that never got its <|message|>
-            # (none at all, or the model's own role alone: <|start|> written twice in a row)
-            empty = self._header_text(self._header).strip() in ("", "assistant")
-            events = [] if empty else self._salvage_header(None)
+            events = self._salvage_header(None)
             self._state, self._header, self._role = "header", [], None
             return events
         self._header.append(token)
@@ -253,6 +251,13 @@ class StreamParser:
         the rest as its text. Nothing else becomes a call: text ended by ``<|return|>`` or
         ``<|end|>`` stays text, whatever ``to=`` it holds."""
         text = self._header_text(self._header)
+        start, leftover = parse_header(text, self._role, complete=False)
+        if not (start.channel or leftover.strip() or start.role == "tool" and start.name):
+            # a header of nothing but a role (<|start|> written twice, <|start|>assistant<|end|>,
+            # a reply's first token <|end|>): no message, or an empty one without a channel would
+            # be kept and written into every later prompt
+            self._state, self._header, self._role, self._implied_start = "expect_start", [], None, False
+            return []
         if stop is not None:
             header, body = _split_body(text)
             start, leftover = parse_header(header, self._role)
