@@ -613,6 +613,25 @@ def test_the_page_ships_its_own_files_under_a_strict_csp(tok, tmp_path):
             assert sink not in source, f"{path.name} uses {sink}"
 
 
+def test_a_chat_too_large_to_save_is_a_413_and_the_file_keeps_what_it_had(tok, tmp_path, monkeypatch):
+    """A re-attack: a 1.8 MB body, indented on save, would be a 70 MB file: the save's EFBIG
+    came back as a 500 with a traceback in the log."""
+    from gptoss_mlx import chat_file
+
+    chats = ConversationStore(tmp_path)
+    with serving(ScriptedModel([answer(tok, "Hm.", "ok")]), tok, chats=chats) as url:
+        root = url.removesuffix("/v1")
+        good = {"title": "T", "messages": [{"role": "user", "content": "hi"}]}
+        status, made = call_api(root, "POST", "/v1/playground/chats", good)
+        before = chats.path(made["id"]).read_bytes()
+        monkeypatch.setattr(chat_file, "MAX_FILE_BYTES", 4096)
+        code, data = call_api(root, "PUT", f"/v1/playground/chats/{made['id']}",
+                              {**good, "messages": [{"role": "user", "content": "x" * 8192}]})
+        assert code == 413 and data["error"]["code"] == "chat_too_large", data
+        assert "more than the 0 MB a saved chat may have" in data["error"]["message"]
+        assert chats.path(made["id"]).read_bytes() == before
+
+
 def test_chat_endpoints_validate_ids_bodies_and_keys(tok, tmp_path):
     chats = ConversationStore(tmp_path)
     (tmp_path / "secret.json").write_text('{"messages": []}')  # beside the chats folder

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import time
 from importlib import resources
 from typing import Awaitable, Callable
@@ -109,6 +110,9 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
                                param="base", code="chat_deleted") from None
             raise APIError(409, f"the chat {chat_id!r} was changed elsewhere (another tab, the TUI or the "
                            "terminal chat) since this page opened it", param="base", code="chat_changed") from None
+        except OSError as e:  # larger than a saved chat may be (EFBIG), a full or read-only disk: the file is kept
+            status, code = (413, "chat_too_large") if e.errno == errno.EFBIG else (409, "cannot_save")
+            raise APIError(status, f"the chat was not saved: {e.strerror or e}", code=code) from None
 
     async def info(request: Request):
         authorize(request)  # nothing private: the page needs it wherever it is opened
