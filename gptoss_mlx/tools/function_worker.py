@@ -82,6 +82,8 @@ class Worker:
     def end(self) -> None:
         """Kill the worker and what its functions started (its session's process group: a
         subprocess left running would outlive the call's timeout and the server)."""
+        if self.proc.returncode is not None:  # ended and reaped: its id may be another group's now
+            return
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)  # before the wait: the group's id stays its own
         except (ProcessLookupError, PermissionError):
