@@ -32,7 +32,7 @@ from .chat_file import CHAT_FIELDS, ChatFileError, chat_file_problem, check_chat
 from .engine_thread import engine_thread
 from .files import valid_text
 from .generate import RAISE_CONTEXT, ContextLengthError, Engine, SamplingParams, Stats
-from .harmony.chat_completions import _header_field, _header_word
+from .harmony.chat_completions import _header_field
 from .harmony import ContentDelta, DeveloperContent, Message, MessageEnd, MessageStart, ResponseFormat
 from .structured import SchemaError, compile_schema, constraints_for, final_header, grammars
 
@@ -120,9 +120,9 @@ class Chat:
                 raise TypeError(f"functions must be ToolSpec(name, description, parameters) objects, got "
                                 f"{type(f).__name__}" + (" (a dict: ToolSpec(**it))" if isinstance(f, dict) else ""))
         for name, value in (("browser", browser), ("python", python)):
-            if not isinstance(value, bool):  # "no" would declare the tool
+            if value not in (True, False, None):  # "no" would declare the tool
                 raise TypeError(f"{name} must be True or False, got {value!r}")
-        self.browser, self.python = browser, python
+        self.browser, self.python = bool(browser), bool(python)
         self.python_description = python_description  # what this python tool really does
         self.sampling = sampling or SamplingParams()
         self.date = date or harmony.today()
@@ -318,10 +318,12 @@ class Chat:
             raise TypeError(f"add_tool_result takes the tool's name and its result as strings, got "
                             f"{type(name).__name__} and {type(content).__name__} (json.dumps a value first)")
         try:  # each is a word of the result's header (as a saved chat's are checked)
-            _header_word(name, "add_tool_result's name")
+            _header_field(name, "add_tool_result's name")
             _header_field(channel, "add_tool_result's channel")
         except harmony.HarmonyError as e:
             raise ValueError(str(e)) from None
+        if "<|" in name:  # (a content type may start with <|constrain|>; a name may not)
+            raise ValueError(f"add_tool_result's name {name[:80]!r}: a tool's name cannot hold a special token")
         self.messages.append(Message("tool", valid_text(content), channel=channel, recipient="assistant",
                                      name=name))
 

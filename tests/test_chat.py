@@ -898,6 +898,7 @@ def test_wrong_types_for_the_model_or_sampling_are_named(tokenizer_json):
     for key in ("python", "browser"):  # "no" was taken as true: the model was told of the tool
         with pytest.raises(TypeError, match=f"{key} must be True or False, got 'no'"):
             Chat(ScriptedModel([[0]]), tok, **{key: "no"})
+        assert getattr(Chat(ScriptedModel([[0]]), tok, **{key: None}), key) is False  # None: off, as before
 
 
 def test_save_metadata_cannot_replace_the_chats_own_fields(tok, tmp_path):
@@ -964,7 +965,7 @@ def test_wrong_arguments_are_named_and_leave_the_chat_as_it_was(tok, tmp_path):
         chat.add_tool_result("functions.f", 5)
     # a name or channel that is no header word rendered, saved, and then the file did not load
     for name, channel in (("functions.f g", "commentary"), ("", "commentary"), ("functions.f", "my channel"),
-                          ("x", "<|end|>")):
+                          ("x", "<|end|>"), ("to=python", "analysis"), ("<|constrain|>json", "commentary")):
         with pytest.raises(ValueError, match="add_tool_result's (name|channel)"):
             chat.add_tool_result(name, "ok", channel=channel)
     assert chat.messages == []

@@ -144,6 +144,12 @@ def test_a_start_written_again_before_any_header_is_no_message(reply):
     assert (msg.role, msg.channel, msg.content) == ("assistant", "final", "hi")
 
 
+def test_a_recipient_holding_another_special_token_is_no_call():
+    """(A re-attack: such a call's result could not be added under its name.)"""
+    (msg,) = parse("<|channel|>commentary to=functions.f<|reserved_200017|><|message|>{}<|call|>")
+    assert msg.recipient is None and msg.content.startswith("to=functions.f<|reserved_200017|>")
+
+
 @pytest.mark.parametrize("reply", [
     "<|channel|>commentary<|reserved_200017|> to=functions.f<|message|>{}<|call|>",
     "<|channel|>commentary to=functions.f <|constrain|>json<|reserved_200017|><|message|>{}<|call|>",

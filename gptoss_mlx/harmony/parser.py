@@ -58,9 +58,9 @@ def parse_header(text: str, role: str | None, complete: bool = True) -> tuple[Me
         if w == CONSTRAIN and not words[i + 1].startswith(("to=", CONSTRAIN)):
             words[i:i + 2] = [w + words[i + 1]]
             break
-    to = [w for w in words if w.startswith("to=")]
+    to = [w for w in words if w.startswith("to=")]  # (one holding another special token: text)
     recipient = content_type = None
-    if len(to) == 1 and len(to[0]) > len("to="):
+    if len(to) == 1 and len(to[0]) > len("to=") and _plain(to[0]):
         recipient = to[0][len("to="):]
         words.remove(to[0])
     constrained = [w for w in words if w.startswith(CONSTRAIN)]
@@ -75,8 +75,9 @@ def parse_header(text: str, role: str | None, complete: bool = True) -> tuple[Me
 
 
 def _plain(word: str) -> bool:
-    """A content type holds no other special token (``to=f <|reserved_200017|>``): it would be
-    written back into the next prompt's header, and a saved chat with it would not load."""
+    """A recipient or content type holds no other special token (``to=f <|reserved_200017|>``):
+    it would be written back into the next prompt's header, and a saved chat with it would not
+    load (nor could a tool's result name it)."""
     return "<|" not in word
 
 
