@@ -351,7 +351,7 @@ def fingerprint(engine: Engine) -> dict[str, int]:
             "layers": config.num_hidden_layers, "hidden size": config.hidden_size,
             "vocabulary": config.vocab_size, "experts": config.num_local_experts,
             "max context": engine.max_context, "prefill step": engine.prefill_step,
-            "weights (a checksum of the checkpoint's files)": getattr(model, "weights_digest", 0),
+            "weights (a checksum of its tensors)": getattr(model, "weights_digest", 0),
             "config (a checksum of its values)": getattr(model, "config_digest", 0),
             "dense bits": dense_bits(model)}
 

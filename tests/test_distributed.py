@@ -312,7 +312,7 @@ def test_a_rank_that_cannot_follow_stops_rank_0(problem, checkpoint, tokenizer_j
         other = tmp_path / "other"
         if problem == "other weights":
             mtc.write_hf(other, CONFIG, seed=4)
-            said = "rank 1 does not run what rank 0 runs (weights (a checksum of the checkpoint's files) "
+            said = "rank 1 does not run what rank 0 runs (weights (a checksum of its tensors) "
         else:  # the same weights, another rope_theta: the same shape, other answers
             mtc.write_hf(other, CONFIG.replace(rope_theta=7 * CONFIG.rope_theta), seed=3)
             said = "rank 1 does not run what rank 0 runs (config (a checksum of its values) "
@@ -333,7 +333,7 @@ def test_a_rank_that_cannot_follow_stops_rank_0(problem, checkpoint, tokenizer_j
             f.seek(-1, 1)
             f.write(bytes([byte[0] ^ 0x40]))
         rank1 = generate + [str(other), "--sharding", "pipeline"]
-        said = "rank 1 does not run what rank 0 runs (weights (a checksum of the checkpoint's files) "
+        said = "rank 1 does not run what rank 0 runs (weights (a checksum of its tensors) "
     else:
         rank1 = generate + [str(checkpoint), "--sharding", "pipeline", "--dense-bits", "8"]
         said = "rank 1 does not run what rank 0 runs (dense bits 8 here, 16 on rank 0)"
