@@ -260,7 +260,9 @@ def test_a_rank_gone_while_it_connects_leaves_nothing_behind(tmp_path):
         rank.send_signal(sig)
         assert rank.wait(timeout=2) == -sig
     time.sleep(0.5)
-    for left in ("could not connect to the other ranks", "^sleep 3.25$"):  # the timer's shell, its sleep
+    # the timers' shells (each names its rank's pid last: other tests' ranks may be connecting
+    # meanwhile), and their sleeps (this test's alone sleep 3.25)
+    for left in [f"could not connect to the other ranks.* {rank.pid}$" for rank in ranks] + ["^sleep 3.25$"]:
         assert not subprocess.run(["pgrep", "-f", left], capture_output=True, text=True).stdout.strip()
     time.sleep(3.25)  # past the timeout
     for log in logs:
