@@ -330,7 +330,6 @@ def function_tools(tools) -> list[dict]:
     for j, t in enumerate(tools):  # (another type is logged and left out; what is no tool at all, refused)
         if not isinstance(t, dict) or not isinstance(t.get("type"), str):
             raise bad_request(f"tools[{j}] must be an object with a 'type', got {str(t)[:80]}", "tools")
-    for j, t in enumerate(tools):
         if t["type"] == "function":
             check_function_name(t.get("name"), f"tools[{j}].name")
     functions = [t for t in tools if t["type"] == "function"]
