@@ -151,16 +151,15 @@ def _show(v) -> str:
 def write_json_atomic(path: str | os.PathLike, data) -> Path:
     """A saved chat; one larger than a saved chat may be (it could not be opened again) is an
     OSError (EFBIG), and the file keeps what it had."""
-    text = json.dumps(data, indent=2, ensure_ascii=False)
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size > MAX_FILE_BYTES:
-        raise OSError(errno.EFBIG, f"the chat would be {size / 2**20:.0f} MB, more than the "
+    encoded = json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8")
+    if len(encoded) > MAX_FILE_BYTES:
+        raise OSError(errno.EFBIG, f"the chat would be {len(encoded) / 2**20:.0f} MB, more than the "
                       f"{MAX_FILE_BYTES >> 20} MB a saved chat may have (it could not be opened "
                       f"again): not saved", str(path))
-    return write_text_atomic(path, text)
+    return write_text_atomic(path, encoded)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+def write_text_atomic(path: str | os.PathLike, text: str | bytes) -> Path:
     """Write through a temporary file and a rename: a crash never leaves half a file (the
     store removes temporary files that a killed save left behind)."""
     path = Path(path).expanduser()
@@ -169,8 +168,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text if isinstance(text, bytes) else text.encode("utf-8"))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -252,7 +252,8 @@ class StreamParser:
         the rest as its text. Nothing else becomes a call: text ended by ``<|return|>`` or
         ``<|end|>`` stays text, whatever ``to=`` it holds."""
         text = self._header_text(self._header)
-        start, leftover = parse_header(text, self._role, complete=False)
+        loose = parse_header(text, self._role, complete=False)  # (role and channel; the rest as text)
+        start, leftover = loose
         if not (start.channel or leftover.strip() or start.role == "tool" and start.name):
             # a header of nothing but a role (<|start|> written twice, <|start|>assistant<|end|>,
             # a reply's first token <|end|>): no message, or an empty one without a channel would
@@ -267,7 +268,7 @@ class StreamParser:
             constrained = not start.recipient and (start.content_type or "").startswith(CONSTRAIN)
             if not leftover and (call or constrained):
                 return self._open((start, "")) + self._emit(body) + self._end(stop)
-        start, leftover = parse_header(text, self._role, complete=False)
+        start, leftover = loose
         events = self._open((start, ""))
         events += self._emit(leftover.replace(CONSTRAIN, ""))  # the model's words, not markup
         return events + self._end(stop)

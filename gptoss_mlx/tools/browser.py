@@ -310,6 +310,7 @@ class _TextExtractor(HTMLParser):
     def __init__(self, base_url: str, deadline: float = math.inf):
         super().__init__(convert_charrefs=True)
         self.base_url, self.deadline = base_url, deadline
+        self.domain = urllib.parse.urlsplit(base_url).netloc  # a link elsewhere names its own
         self.parts: list[str] = []
         self.title = ""
         self.links: dict[int, str] = {}
@@ -350,7 +351,7 @@ class _TextExtractor(HTMLParser):
             self.links[n] = self._href
             text = " ".join("".join(self._link_text).split()) or marker_text(self._href)
             domain = urllib.parse.urlsplit(self._href).netloc
-            elsewhere = domain and domain != urllib.parse.urlsplit(self.base_url).netloc
+            elsewhere = domain and domain != self.domain
             self.parts.append(f"【{n}†{marker_text(text)}{'†' + marker_text(domain) if elsewhere else ''}】")
             self._href = None
         if tag in self.BLOCK:
