@@ -1533,6 +1533,26 @@ def test_the_server_answers_max_rounds_calls_then_the_model_must_answer(tok):
         assert m.choices[0].message.content and m.choices[0].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("max_tool_calls", [0, 2])
+def test_max_tool_calls_caps_the_calls_the_server_answers(tok, max_tool_calls):
+    """The Responses API's max_tool_calls: that many of the server's tool calls run, the next
+    is told the limit is reached and the reply after it is the answer; echoed in the response.
+    Not a whole number from 0: a 400 naming it."""
+    again = call(tok, "Again.", "twice", '{"n": 2}')
+    model = ScriptedModel([again] * (max_tool_calls + 1) + [script(tok, "Four.<|return|>")] + [again] * 20)
+    with serving(model, tok, tools=ServerTools(functions=[FunctionTool.from_callable(twice)])) as url:
+        c = client(url)
+        r = c.responses.create(model="gpt-oss-tiny", input="2*2?", max_tool_calls=max_tool_calls)
+        calls = [o for o in r.output if o.type == "mcp_call"]
+        assert [o.status for o in calls] == ["completed"] * max_tool_calls + ["failed"]
+        assert calls[-1].error.content.startswith(f"Error: tool-call limit reached ({max_tool_calls} round")
+        assert (r.output_text, r.status, r.max_tool_calls) == ("Four.", "completed", max_tool_calls)
+        for bad in (-1, 1.5, "2", True):
+            with pytest.raises(openai.BadRequestError, match="max_tool_calls") as e:
+                c.responses.create(model="gpt-oss-tiny", input="2*2?", max_tool_calls=bad)
+            assert e.value.body["param"] == "max_tool_calls"
+
+
 def everything() -> str:
     """Return a very long text."""
     return "lorem ipsum " * 20_000

@@ -495,6 +495,8 @@ class ResponseRun:
                 "reasoning_effort": self.effort,
                 "reasoning_budget": params.reasoning_budget(body, service.reasoning_budget)}
         chat["response_format"] = response_format(body)
+        # calls the server answers itself (its tools: --browser, --python, --functions), at most
+        chat["max_tool_calls"] = params.integer(body, "max_tool_calls", lo=0)
         if body.get("truncation") not in (None, "auto", "disabled"):
             raise bad_request(f"'truncation' must be \"auto\" or \"disabled\", got {body['truncation']!r}",
                               "truncation")
@@ -553,6 +555,7 @@ class ResponseRun:
                "store": self.stored, "temperature": reply.run.params.temperature,
                "top_p": reply.run.params.top_p, "tool_choice": body.get("tool_choice") or "auto",
                "tools": body.get("tools") or [], "parallel_tool_calls": False,
+               "max_tool_calls": body.get("max_tool_calls"),
                "truncation": body.get("truncation") or "disabled",
                "text": body.get("text") or {"format": {"type": "text"}}, "metadata": body.get("metadata") or {},
                "usage": None}

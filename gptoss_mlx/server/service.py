@@ -58,6 +58,7 @@ class Reply:
     recipients: list[str] = field(default_factory=list)  # the tools it may call, client's and server's
     server_tools: ServerTools | None = None  # those the server runs for it
     toolbox: Toolbox | None = None  # their instances, while the reply is made
+    max_rounds: int = MAX_ROUNDS  # calls the server answers before the limit's (max_tool_calls)
 
     @property
     def run(self) -> Run:
@@ -201,8 +202,10 @@ class Service:
         budget = request.get("reasoning_budget", self.reasoning_budget)
         run = Run(prompt, params, self.constraints(messages, prompt, params, budget, forced, must_call),
                   instructions=harmony.instructions_length(messages, prompt))
+        max_tool_calls = request.get("max_tool_calls")
         return Reply(new_id(prefix), messages, [run], stream, forced, budget,
-                     recipients=client + (tools.recipients() if tools else []), server_tools=tools)
+                     recipients=client + (tools.recipients() if tools else []), server_tools=tools,
+                     max_rounds=MAX_ROUNDS if max_tool_calls is None else min(MAX_ROUNDS, max_tool_calls))
 
     def constraints(self, messages: list[Message], prompt: list[int], params: SamplingParams,
                     budget: int | None, forced: list[int] = (), must_call: tuple[str, ...] = ()) -> list:
@@ -249,12 +252,14 @@ class Service:
 
     async def _generate(self, reply: Reply, request) -> AsyncIterator[OutputEvent]:
         """Rounds of generation: after a call the server answers, its result goes into the
-        conversation and the model goes on. After MAX_ROUNDS answered calls one more call is
-        told the limit is reached, and the last round is the answer (its header is forced)."""
+        conversation and the model goes on. After ``reply.max_rounds`` answered calls (MAX_ROUNDS,
+        or the request's max_tool_calls) one more call is told the limit is reached, and the last
+        round is the answer (its header is forced)."""
         stream, forced = reply.stream, reply.forced
         reply.toolbox = reply.server_tools.toolbox() if reply.server_tools else None
         try:
-            for round_ in range(MAX_ROUNDS + 2):
+            limit = reply.max_rounds
+            for round_ in range(limit + 2):
                 for token in forced:
                     for event in stream.feed(token):
                         yield event
@@ -268,17 +273,17 @@ class Service:
                 for event in stream.finish():
                     yield event
                 call = stream.items[-1] if stream.items else None
-                if (reply.gone or call is None or call.kind != SERVER_CALL or round_ > MAX_ROUNDS
+                if (reply.gone or call is None or call.kind != SERVER_CALL or round_ > limit
                         or reply.run.stats is None or reply.run.stats.finish_reason != "stop"):
                     break
-                async with contextlib.aclosing(self.answering(reply, call, round_ == MAX_ROUNDS)) as answering:
+                async with contextlib.aclosing(self.answering(reply, call, round_ == limit)) as answering:
                     async for event in answering:
                         if isinstance(event, Waiting):
                             yield event
                         result = event
                 if reply.gone:  # it left while the tool ran (which was stopped): no next round
                     break
-                forced = final_header(self.tokenizer) if round_ == MAX_ROUNDS else []
+                forced = final_header(self.tokenizer) if round_ == limit else []
                 run = await asyncio.to_thread(self.next_run, reply, call, result, forced)
                 if run is None:
                     break
@@ -339,7 +344,7 @@ class Service:
         """The result of a call the server answers: its tool's (run in a worker thread), the
         limit's error, or the error of a call to a tool the reply does not have."""
         if limit:
-            return ToolResult(call.recipient, limit_reached(MAX_ROUNDS), ok=False)
+            return ToolResult(call.recipient, limit_reached(reply.max_rounds), ok=False)
         if reply.toolbox is not None and reply.server_tools.handles(call.recipient):
             tool_call = ToolCall(call.recipient, call.text, call.channel)
             if call.recipient.startswith(FUNCTIONS):
