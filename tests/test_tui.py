@@ -13,6 +13,7 @@ import pytest
 from textual.screen import ModalScreen
 from textual.widgets import Markdown, OptionList, Static
 
+from gptoss_mlx.cli.lineedit import input_history
 from gptoss_mlx.chat import AnswerDelta, Chat, ContextTrimmed, Done, ReasoningDelta, ToolCall
 from gptoss_mlx.generate import ContextLengthError, SamplingParams, Stats
 from gptoss_mlx.harmony import Message
@@ -316,6 +317,36 @@ async def test_multiline_input_and_prompt_history(store):
         assert prompt.text == "a\nb"
         await pilot.press("down")  # cursor is on the last line: back to an empty prompt
         assert prompt.text == ""
+
+
+async def test_prompts_are_kept_across_sessions_and_a_draft_on_quit(store):
+    """The TUI's ↑ reached only this session's prompts (the terminal chat keeps its own in a
+    file, which the TUI shares now), and Ctrl+Q dropped a typed, unsent message without a word:
+    it goes into that history, and the exit note says so."""
+    input_history(store.history_file).store_string("from the terminal chat")
+    app = make_app(ScriptedChat(), store)
+    async with app.run_test(size=SIZE) as pilot:
+        prompt = app.query_one(PromptInput)
+        await send(pilot, app, "first here")
+        await pilot.press("up")
+        assert prompt.text == "first here"
+        await pilot.press("up")
+        assert prompt.text == "from the terminal chat"
+        await pilot.press("down", "down")
+        assert prompt.text == ""
+        prompt.text = "half-written\nthought"
+        await pilot.press("ctrl+q")
+    assert "↑ at the prompt brings it back" in app.exit_note
+    assert list(input_history(store.history_file).load_history_strings()) == [
+        "half-written\nthought", "first here", "from the terminal chat"]
+    again = make_app(ScriptedChat(), store)
+    async with again.run_test(size=SIZE) as pilot:
+        await pilot.press("up")
+        assert again.query_one(PromptInput).text == "half-written\nthought"
+        await pilot.press("up")  # a recalled prompt left as it was is no draft
+        await pilot.press("ctrl+q")
+    assert again.exit_note is None
+    assert len(list(input_history(store.history_file).load_history_strings())) == 3
 
 
 async def test_tool_calls_show_as_expandable_rows(store):

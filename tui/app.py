@@ -25,6 +25,7 @@ from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.message import Message as TextualMessage
 from textual.reactive import reactive
 from textual.screen import ModalScreen
@@ -40,6 +41,7 @@ from gptoss_mlx.chat import (
     AnswerDelta, Chat, ChatFileError, ContextTrimmed, Done, ReasoningDelta, ToolCall,
 )
 from gptoss_mlx.chat_file import check_chat_file
+from gptoss_mlx.cli.lineedit import input_history
 from gptoss_mlx.engine_thread import engine_thread
 from gptoss_mlx.generate import ContextLengthError
 from gptoss_mlx.harmony import EFFORTS, Message
@@ -72,6 +74,9 @@ _read_terminal_input_leniently()
 
 # ---- widgets ----------------------------------------------------------------------------------
 
+MAX_RECALLED = 1000  # earlier prompts ↑ reaches in the TUI (the history file keeps them all)
+
+
 class PromptInput(TextArea):
     """Multi-line prompt: Enter sends, Shift+Enter or Ctrl+J adds a line, Up/Down on the first
     or last line recall earlier prompts."""
@@ -84,6 +89,7 @@ class PromptInput(TextArea):
     def __init__(self, **kwargs):
         super().__init__(soft_wrap=True, show_line_numbers=False, compact=True, **kwargs)
         self.sent: list[str] = []  # earlier prompts, oldest first
+        self.kept = None  # where sent prompts are kept across sessions (use_history)
         self._recall = 0  # 0 = not recalling; k = the k-th most recent prompt
         self._draft = ""  # what the input held when recalling began: Down past the newest returns it
 
@@ -120,10 +126,30 @@ class PromptInput(TextArea):
         self.text = self.sent[-self._recall] if self._recall else self._draft
         self.move_cursor(self.document.end)
 
+    def use_history(self, history) -> None:
+        """Earlier prompts from ``history`` (a prompt_toolkit history: the file the terminal chat
+        keeps too), newest last, and the prompts sent from now on go into it."""
+        try:
+            self.sent = list(reversed(list(history.load_history_strings())))[-MAX_RECALLED:]
+        except (OSError, ValueError):  # unreadable: this session's prompts only
+            self.sent = []
+        self.kept = history
+
     def remember(self, text: str) -> None:
         if not self.sent or self.sent[-1] != text:
             self.sent.append(text)
+            if self.kept is not None:
+                self.kept.store_string(text)
         self._recall = 0
+
+    def keep_draft(self) -> bool:
+        """What the input holds, unsent, goes into the history (↑ brings it back, here or in the
+        terminal chat): True when there was such a draft (not an earlier prompt recalled)."""
+        draft = self.text.strip()
+        if not draft or (self._recall and draft == self.sent[-self._recall]):
+            return False
+        self.remember(draft)
+        return self.kept is not None
 
 
 class EffortSwitch(Horizontal):
@@ -595,7 +621,9 @@ class ChatApp(App):
         if self.chat is None and self.loader is not None:
             self.load_model()
         self.update_status()
-        self.query_one(PromptInput).focus()
+        prompt = self.query_one(PromptInput)
+        prompt.use_history(input_history(self.store.history_file))
+        prompt.focus()
 
     # -- model loading
     @work(thread=True, exclusive=True, group="load")
@@ -851,9 +879,15 @@ class ChatApp(App):
         self._exit_keeping(self.keep_conversation())
 
     def _exit_keeping(self, moved: str | None) -> None:
-        """Exit; where the chat went, when it could not be saved in its place, is ``exit_note``
-        (``gptoss-mlx tui`` prints it after the app, on one line: a path Rich wraps is hard to copy)."""
-        self.exit_note = moved
+        """Exit; where the chat went, when it could not be saved in its place, and where an
+        unsent message went, is ``exit_note`` (``gptoss-mlx tui`` prints it after the app, a note a
+        line: a path Rich wraps is hard to copy)."""
+        notes = [moved] if moved else []
+        with contextlib.suppress(NoMatches):
+            if self.query_one(PromptInput).keep_draft():
+                notes.append("The message you had not sent is in the input history: "
+                             "↑ at the prompt brings it back (here or in gptoss-mlx chat).")
+        self.exit_note = "\n".join(notes) or None
         self.exit()
 
     def action_stop(self) -> None:

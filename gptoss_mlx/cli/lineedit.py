@@ -64,20 +64,25 @@ class _KeptHistory(FileHistory):
             pass  # this session's history stays in memory
 
 
-def line_reader(history_file: Path, input: Input | None = None,
-                output: Output | None = None) -> Callable[[str], str]:
-    """``read(prompt, default="") -> message``: EOFError on Ctrl-D at an empty prompt,
-    KeyboardInterrupt on Ctrl-C, like ``input``; ``default`` is the text the line starts with.
-    Messages are added to ``history_file`` as they are sent."""
+def input_history(history_file: Path) -> FileHistory | InMemoryHistory:
+    """The messages typed in the terminal chat and the TUI, oldest first in the file (both
+    front ends read and add to the one file); in memory only where it cannot be written."""
     try:
         history_file.parent.mkdir(parents=True, exist_ok=True)
         history_file.touch(mode=0o600)  # every message typed: private, as the saved chats are
         if history_file.stat().st_mode & 0o077:  # made readable to others by an older version
             history_file.chmod(0o600)
-        history = _KeptHistory(str(history_file))
+        return _KeptHistory(str(history_file))
     except OSError:  # an unwritable data directory: the chat still works, without old history
-        history = InMemoryHistory()
-    session = PromptSession(history=history, key_bindings=_keys(),
+        return InMemoryHistory()
+
+
+def line_reader(history_file: Path, input: Input | None = None,
+                output: Output | None = None) -> Callable[[str], str]:
+    """``read(prompt, default="") -> message``: EOFError on Ctrl-D at an empty prompt,
+    KeyboardInterrupt on Ctrl-C, like ``input``; ``default`` is the text the line starts with.
+    Messages are added to ``history_file`` as they are sent."""
+    session = PromptSession(history=input_history(history_file), key_bindings=_keys(),
                             prompt_continuation="... ", input=input, output=output)
     def read(prompt: str, default: str = "") -> str:
         return session.prompt(prompt, default=default)

@@ -33,6 +33,6 @@ def cmd_tui(args) -> int:
                   model_name=name.rstrip("/").split("/")[-1], effort=args.reasoning_effort,
                   toolbox=toolbox, ask_before_running_code=not args.auto_approve)
     app.run()
-    if app.exit_note:  # the chat could not be saved in its place: where it went instead
+    if app.exit_note:  # where the chat went when it could not be saved in its place, or a draft
         print(terminal_safe(app.exit_note), file=sys.stderr)
     return 0
