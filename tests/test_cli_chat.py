@@ -238,6 +238,21 @@ def test_load_of_a_bad_file_keeps_the_conversation(tok, store, tmp_path, monkeyp
     assert "2+2?  (2 messages)" in out  # /chats
 
 
+def test_chats_lists_the_newest_says_how_many_more_and_finds_older_ones_by_title(tok, store, monkeypatch):
+    """/chats showed the 20 newest and no more: an older chat could not be found (nor was it said
+    that there were more). /chats all lists every one, /chats WORDS those with them in the title."""
+    for k in range(25):
+        chat = scripted_chat(tok, "ok")
+        list(chat.send(f"q{k}"))
+        store.save(chat, f"20261201-0000{k:02d}-aaaaaa", f"Trip {k}" if k != 3 else "Old TAX return")
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "x"), ["/chats", "/chats tax", "/chats all", "/chats nothing-like-it"])
+    lines = out.splitlines()
+    assert sum("Trip" in line or "TAX" in line for line in lines) == 20 + 1 + 25
+    assert "(20 newest of 25: /chats all lists every one, /chats WORDS those with the words in their title)" in out
+    assert "20261201-000003-aaaaaa  Old TAX return  (2 messages)" in out
+    assert "no saved conversation has 'nothing-like-it' in its title" in out
+
+
 def test_load_of_a_saved_chat_that_is_not_a_file_names_it(tok, store, tmp_path, monkeypatch):
     """/chats named a FIFO among the saved chats, but /load ID said "does not exist" (the id was
     read as a path in the current folder, whose file of that name would have been loaded)."""

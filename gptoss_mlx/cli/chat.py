@@ -29,12 +29,15 @@ from .common import (
 from .lineedit import is_unfinished, line_reader
 from .stream import answer_once, cut_json, print_events, replies, say_cut, with_prompt_progress
 
+CHATS_LISTED = 20  # by /chats without words
+
 HELP = f"""Commands:
   /effort {'|'.join(EFFORTS)}   reasoning effort from the next reply
   /reasoning show|hide      show or hide the chain of thought
   /system TEXT              set the instructions (empty: remove them)
   /reset                    start a new conversation
-  /chats                    the saved conversations, newest first
+  /chats [all|WORDS]        the saved conversations, newest first (the 20 newest, all of
+                            them, or those whose title has the words)
   /load ID|PATH             continue a saved conversation
   /save PATH                save a copy (asks before overwriting)
   /stats                    statistics of the last reply
@@ -371,7 +374,7 @@ class Repl:
         name, arg = name.lower(), arg.strip()
         if name in ("/exit", "/quit"):
             return "exit"
-        if arg and name in ("/help", "/reset", "/chats", "/stats"):
+        if arg and name in ("/help", "/reset", "/stats"):
             self.say(f"{name} takes nothing after it; /help lists the commands")
         elif name == "/help":
             self.say(HELP)
@@ -404,7 +407,7 @@ class Repl:
             self.new_conversation()
             self.say("new conversation")
         elif name == "/chats":
-            self.list_chats()
+            self.list_chats(arg)
         elif name == "/load":
             self.load(arg)
         elif name == "/save":
@@ -418,13 +421,23 @@ class Repl:
             self.say(f"unknown command {name}; /help lists them")
         return None
 
-    def list_chats(self) -> None:
-        entries = self.store.list()[:20]
-        for e in entries:
+    def list_chats(self, arg: str = "") -> None:
+        """/chats: the CHATS_LISTED newest; /chats all: every one; /chats WORDS: those whose
+        title has every word (any case)."""
+        entries = self.store.list()
+        words = [] if arg.lower() == "all" else arg.lower().split()
+        found = [e for e in entries if all(w in (e.title or "").lower() for w in words)]
+        shown = found[:CHATS_LISTED] if not arg else found
+        for e in shown:
             what = f"{e.messages} messages" if e.messages >= 0 else e.problem
             self.say(terminal_safe(f"  {e.id}  {e.title}  ({what})"))
+        if len(shown) < len(found):
+            self.say(f"({len(shown)} newest of {len(found)}: /chats all lists every one, "
+                     "/chats WORDS those with the words in their title)")
         if not entries:
             self.say(f"no saved conversations in {self.store.root}")
+        elif not found:
+            self.say(terminal_safe(f"no saved conversation has {arg!r} in its title (/chats lists the newest)"))
 
     def load(self, arg: str) -> None:
         """/load ID continues a saved chat; /load PATH continues a copy of a chat file."""
