@@ -1510,6 +1510,75 @@ def test_a_call_the_request_does_not_allow_never_reaches_the_client(tok, tools, 
     assert ("type get_weather" in prompt) == (choice == "auto")  # "none" shows the model no tools
 
 
+def test_a_preamble_before_a_call_goes_on_as_commentary_with_the_turns_reasoning(tok):
+    """gpt-oss often writes a line before a call ("Checking now."). Continued in the Responses
+    API (previous_response_id, or its items sent back as a client without store does), that line
+    became a final answer and the turn's reasoning was dropped with it (a final ends a turn): the
+    model read a finished answer followed by a call. Rendered as Chat Completions renders it."""
+    tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}]
+    preamble = script(tok, "<|channel|>analysis<|message|>Need data.<|end|><|start|>assistant<|channel|>commentary"
+                           "<|message|>Checking now.<|end|><|start|>assistant<|channel|>commentary "
+                           "to=functions.get_weather <|constrain|>json<|message|>{}<|call|>")
+    expected = ("<|start|>assistant<|channel|>analysis<|message|>Need data.<|end|><|start|>assistant<|channel|>"
+                "commentary<|message|>Checking now.<|end|><|start|>assistant to=functions.get_weather<|channel|>"
+                "commentary <|constrain|>json<|message|>{}<|call|><|start|>functions.get_weather to=assistant"
+                "<|channel|>commentary<|message|>sunny<|end|><|start|>assistant<|channel|>analysis<|message|>"
+                "Sunny.<|end|><|start|>assistant<|channel|>final<|message|>Sunny.<|return|>")  # (the reply)
+    model = ScriptedModel([preamble, answer(tok, "Sunny.", "Sunny."), answer(tok, "Sunny.", "Sunny.")])
+    with serving(model, tok) as url:
+        c = client(url)
+        r = c.responses.create(model="gpt-oss-tiny", input="weather?", tools=tools)
+        assert [o.type for o in r.output] == ["reasoning", "message", "function_call"]
+        output = {"type": "function_call_output", "call_id": r.output[2].call_id, "output": "sunny"}
+        c.responses.create(model="gpt-oss-tiny", previous_response_id=r.id, input=[output], tools=tools)
+        assert tok.decode(model.fed).endswith(expected)
+        resent = [{"role": "user", "content": "weather?"}, *[o.model_dump(exclude_none=True) for o in r.output], output]
+        c.responses.create(model="gpt-oss-tiny", input=resent, tools=tools, store=False)
+        assert tok.decode(model.fed).endswith(expected)
+
+
+def test_clients_that_send_reasoning_back_without_its_text_keep_it(tok):
+    """Codex (store=false, include reasoning.encrypted_content) sends a reasoning item back with
+    its encrypted_content alone, which this server never gave: every tool round lost the turn's
+    reasoning. ai-sdk sends it back as item_reference (store=true), which was a 400, or without
+    store as its summary, which was dropped. Each now renders the prompt previous_response_id does."""
+    tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}]
+    turn = call(tok, "Need the weather.", "get_weather", "{}")
+    expected = ("<|start|>user<|message|>weather?<|end|><|start|>assistant<|channel|>analysis<|message|>Need the "
+                "weather.<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json"
+                "<|message|>{}<|call|><|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>"
+                "sunny<|end|><|start|>assistant<|channel|>analysis<|message|>Sunny.<|end|>")
+    model = ScriptedModel([turn] + [answer(tok, "Sunny.", "Sunny.")] * 8)
+    with serving(model, tok) as url:
+        c = client(url)
+        r = c.responses.create(model="gpt-oss-tiny", input="weather?", tools=tools,
+                               include=["reasoning.encrypted_content"])
+        reasoning, fc = r.output[0], r.output[1]
+        assert reasoning.encrypted_content and "Need the weather" not in reasoning.encrypted_content
+        output = {"type": "function_call_output", "call_id": fc.call_id, "output": "sunny"}
+        user = {"role": "user", "content": "weather?"}
+        call_item = fc.model_dump(exclude_none=True)
+        sent_back = {  # each client's reasoning item
+            "codex": {"type": "reasoning", "id": reasoning.id, "summary": [],
+                      "encrypted_content": reasoning.encrypted_content},
+            "summary": {"type": "reasoning", "id": reasoning.id,
+                        "summary": [{"type": "summary_text", "text": "Need the weather."}]},
+            "reference": {"type": "item_reference", "id": reasoning.id},
+        }
+        for name, item in sent_back.items():
+            store = name == "reference"
+            c.responses.create(model="gpt-oss-tiny", input=[user, item, call_item, output], tools=tools, store=store)
+            assert expected in tok.decode(model.fed), name
+        referenced = [user, *[{"type": "item_reference", "id": o.id} for o in r.output], output]
+        c.responses.create(model="gpt-oss-tiny", input=referenced, tools=tools)
+        assert expected in tok.decode(model.fed)
+        # another server's encrypted reasoning (OpenAI's) is no text here: left out, no error
+        foreign = {"type": "reasoning", "id": "rs_x", "summary": [], "encrypted_content": "gAAAAABo-opaque"}
+        c.responses.create(model="gpt-oss-tiny", input=[user, foreign, call_item, output], tools=tools, store=False)
+        with pytest.raises(openai.NotFoundError, match="no stored item 'msg_gone'"):
+            c.responses.create(model="gpt-oss-tiny", input=[user, {"type": "item_reference", "id": "msg_gone"}])
+
+
 def twice(n: int) -> int:
     """Double a number."""
     return 2 * n

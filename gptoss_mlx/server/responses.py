@@ -15,6 +15,7 @@ with its function tools.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -68,6 +69,11 @@ class ResponseStore:
             return self._running[response_id].items
         items, response, _ = self._find(response_id, "response_id")
         return items[:len(items) - len(response.get("output") or [])]
+
+    def items_by_id(self) -> dict[str, dict]:
+        """Every kept item (input and output) by its id; the newest response's where two share one."""
+        return {item["id"]: item for items, _, _ in self._kept.values() for item in items
+                if isinstance(item, dict) and isinstance(item.get("id"), str)}
 
     def delete(self, response_id: str) -> None:
         if response_id in self._running:
@@ -172,8 +178,8 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
         if not isinstance(item, dict):
             raise bad_request(f"{where} must be an object", "input")
         kind = kind_of(item)
-        if kind == "message" and item.get("role") == "assistant":
-            target = turn("content")
+        if kind == "message" and item.get("role") == "assistant":  # (after calls: the turn goes on)
+            target = turn("content", "tool_calls")
             target["content"] = _text(item.get("content"), where)
         elif kind == "message":
             if item.get("content") in (None, []):
@@ -188,6 +194,8 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
                                   "reasoning_text parts", "input")
             text = "".join(str(p.get("text", "")) for p in parts
                            if isinstance(p, dict) and p.get("type") == "reasoning_text")
+            # without its content (Codex, store=false): this server's encrypted_content, or its summary
+            text = text or unsealed_reasoning(item.get("encrypted_content")) or _summary(item.get("summary"))
             if text:
                 target = turn("tool_calls", "content")
                 target["reasoning"] = (target.get("reasoning") or "") + text
@@ -195,7 +203,8 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
             if not all(isinstance(item.get(k), str) for k in ("name", "call_id", "arguments")):
                 raise bad_request(f"{where}: a function_call needs 'name', 'call_id' and 'arguments' "
                                   "(strings)", "input")
-            calls = turn("content").setdefault("tool_calls", [])
+            # a message before a call in its turn is the call's preamble (commentary), not an answer
+            calls = turn().setdefault("tool_calls", [])
             calls.append({"id": item["call_id"], "type": "function",
                           "function": {"name": item["name"], "arguments": item["arguments"]}})
             origins[f"messages[{len(out) - 1}].tool_calls[{len(calls) - 1}]"] = where
@@ -203,7 +212,7 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
             if not all(isinstance(item.get(k), str) for k in ("name", "arguments")):
                 raise bad_request(f"{where}: an mcp_call needs 'name' and 'arguments' (strings)", "input")
             call_id = str(item.get("id") or f"mcp_{i}")
-            calls = turn("content").setdefault("tool_calls", [])
+            calls = turn().setdefault("tool_calls", [])
             calls.append({"id": call_id, "type": "function",
                           "function": {"name": item["name"], "arguments": item["arguments"]}})
             origins[f"messages[{len(out) - 1}].tool_calls[{len(calls) - 1}]"] = where
@@ -232,6 +241,14 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
             origins[f"messages[{k}]"] = where
         begun = len(out)
     return out, origins
+
+
+def _summary(parts) -> str:
+    """A reasoning item's summary text (what ai-sdk sends back of it without store)."""
+    if not isinstance(parts, list):
+        return ""
+    return "\n\n".join(str(p["text"]) for p in parts
+                       if isinstance(p, dict) and p.get("type") == "summary_text" and isinstance(p.get("text"), str))
 
 
 def check_call_outputs(items: list, first_input: int = 0) -> None:
@@ -263,9 +280,9 @@ def check_call_outputs(items: list, first_input: int = 0) -> None:
                           "function_call_output before the conversation goes on", "input")
 
 
-# What the Responses API's ``include`` may ask for. None of it is made here (no hosted tools,
-# images or logprobs; the reasoning comes back as text, not encrypted), so each is accepted and
-# left out: Codex asks for reasoning.encrypted_content on every request.
+# What the Responses API's ``include`` may ask for. Of these only reasoning.encrypted_content is
+# made here (its text, which Codex sends back without the content); the rest (hosted tools,
+# images, logprobs) is accepted and left out.
 INCLUDABLE = ("code_interpreter_call.outputs", "computer_call_output.output.image_url",
               "file_search_call.results", "message.input_image.image_url", "message.output_text.logprobs",
               "reasoning.encrypted_content", "web_search_call.action.sources", "web_search_call.results")
@@ -372,12 +389,31 @@ def input_items(body: dict, store: ResponseStore) -> tuple[list[dict], int]:
         raise bad_request("'previous_response_id' is empty: give a response's id, or leave it out",
                           "previous_response_id")
     previous = store.get(previous_id) if previous_id else []
+    if any(isinstance(item, dict) and item.get("type") == "item_reference" for item in given):
+        given = referenced(given, store)
     taken = {item.get("id") for item in previous if isinstance(item, dict)}
     for item in given:  # the previous response's own items sent again: the model would read them twice
         if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"] in taken:
             raise bad_request(f"Duplicate item found with id {item['id'][:80]}: it is already in the "
                               f"conversation of previous_response_id; remove it from the input", "input")
     return previous + [_with_id(item, taken) for item in given], len(previous)
+
+
+def referenced(given: list, store: ResponseStore) -> list:
+    """``input`` with each ``item_reference`` replaced by the stored item it names (what ai-sdk
+    sends for the earlier turns' output under store=true); a 404 naming one not kept."""
+    kept = store.items_by_id()
+    out = []
+    for j, item in enumerate(given):
+        if isinstance(item, dict) and item.get("type") == "item_reference":
+            found = kept.get(item.get("id")) if isinstance(item.get("id"), str) else None
+            if found is None:
+                shown = str(item.get("id"))[:80]
+                raise APIError(404, f"input[{j}]: no stored item {shown!r} (items are kept with their "
+                               f"responses: the last {store.size}, and only with store=true)", param="input")
+            item = found
+        out.append(item)
+    return out
 
 
 ITEM_PREFIXES = {"message": "msg", "reasoning": "rs", "function_call": "fc", "function_call_output": "fco",
@@ -437,9 +473,31 @@ def _listed(item: dict) -> dict:
 SERVER_LABEL = "gptoss-mlx"  # the "MCP server" of the tools a server runs itself
 
 
-def output_item(item: Item, ids: dict, status: str = "completed") -> dict:
+ENCRYPTED_PREFIX = "gptoss-mlx.reasoning.v1:"
+
+
+def sealed_reasoning(text: str) -> str:
+    """A reasoning item's ``encrypted_content`` (include ``reasoning.encrypted_content``): its
+    text, base64, not encrypted (the client has the text anyway). Clients that keep no state
+    (Codex with store=false) send reasoning back as this alone, without its content."""
+    return ENCRYPTED_PREFIX + base64.b64encode(text.encode("utf-8", "surrogatepass")).decode("ascii")
+
+
+def unsealed_reasoning(sealed) -> str:
+    """The text of this server's ``encrypted_content``; "" for another's (OpenAI's is
+    encrypted with their key: nothing a local model can read) or a damaged one."""
+    if not isinstance(sealed, str) or not sealed.startswith(ENCRYPTED_PREFIX):
+        return ""
+    try:
+        return base64.b64decode(sealed[len(ENCRYPTED_PREFIX):], validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return ""
+
+
+def output_item(item: Item, ids: dict, status: str = "completed", sealed: bool = False) -> dict:
     """A server call's output is its result (None while it runs, or when it never ran); an
-    error result is its ``error`` too, and the call ``failed``."""
+    error result is its ``error`` too, and the call ``failed``. ``sealed``: reasoning carries
+    its ``encrypted_content`` (once whole)."""
     item_id, call_id = ids[id(item)]
     if item.cut and status == "completed":
         status = "incomplete"
@@ -450,8 +508,11 @@ def output_item(item: Item, ids: dict, status: str = "completed") -> dict:
                 "error": {"type": "mcp_tool_execution_error", "content": item.result} if item.failed else None,
                 "status": "in_progress" if status == "in_progress" else done}
     if item.kind == REASONING:
-        return {"id": item_id, "type": "reasoning", "summary": [], "status": status,
-                "content": [{"type": "reasoning_text", "text": item.text}]}
+        out = {"id": item_id, "type": "reasoning", "summary": [], "status": status,
+               "content": [{"type": "reasoning_text", "text": item.text}]}
+        if sealed and status != "in_progress":
+            out["encrypted_content"] = sealed_reasoning(item.text)
+        return out
     if item.kind == CALL:
         return {"id": item_id, "type": "function_call", "call_id": call_id, "name": item.name,
                 "arguments": item.text, "status": status}
@@ -574,7 +635,12 @@ class ResponseRun:
         return reply.prompt_tokens - reply.cached_tokens if self.service.scheduler.pool.max_bytes > 0 else 0
 
     def _output(self, item: Item, status: str = "completed") -> dict:
-        return output_item(item, self.ids, status)
+        return output_item(item, self.ids, status, self.sealed)
+
+    @property
+    def sealed(self) -> bool:
+        """Reasoning items carry ``encrypted_content`` (asked for by ``include``)."""
+        return "reasoning.encrypted_content" in (self.body.get("include") or [])
 
     def answered_calls(self) -> list[Item]:
         """The server's tool calls whose results have come back since last asked."""
@@ -611,7 +677,10 @@ class ResponseRun:
                 output.append(self._output(item))
             elif id(item) in self.ids and self.sent.get(id(item)) and item.kind in (REASONING, TEXT):
                 part = self._part(item, self.sent[id(item)])
-                output.append({**self._output(item, "incomplete"), "content": [part]})
+                kept = {**self._output(item, "incomplete"), "content": [part]}
+                if "encrypted_content" in kept:  # what was sent of it
+                    kept["encrypted_content"] = sealed_reasoning(self.sent[id(item)])
+                output.append(kept)
         self.store.put(self.reply.id, self.items + output, {**self.response("cancelled"), "output": output})
 
     async def events(self):
@@ -685,7 +754,7 @@ class ResponseRun:
         if isinstance(event, Opened):
             index = self.open(item)
             yield "response.output_item.added", {"output_index": index,
-                                                 "item": output_item(item, self.ids, "in_progress")}
+                                                 "item": self._output(item, "in_progress")}
             if item.kind != CALL:
                 yield "response.content_part.added", {**self._where(item), "part": self._part(item, "")}
             return
@@ -709,7 +778,7 @@ class ResponseRun:
             yield "response.content_part.done", {**where, "part": self._part(item, item.text)}
         self.whole.add(id(item))
         yield "response.output_item.done", {"output_index": where["output_index"],
-                                            "item": output_item(item, self.ids)}
+                                            "item": self._output(item)}
 
     def _where(self, item: Item) -> dict:
         index = list(self.ids).index(id(item))
