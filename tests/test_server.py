@@ -1096,6 +1096,10 @@ def test_a_previous_responses_items_sent_again_and_other_slips_are_400s(url):
         status, error = post(url, "/chat/completions", json.dumps(
             {"model": "gpt-oss-tiny", "messages": [{"role": "user", "content": "hi"}], field: value}).encode())
         assert status == 400 and error["error"]["param"] == field, (field, value, error)
+    for field, value in (("logit_bias", {}), ("functions", [])):  # (they ask for nothing; OpenAI takes them)
+        status, _ = post(url, "/chat/completions", json.dumps(
+            {"model": "gpt-oss-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, field: value}).encode())
+        assert status == 200, (field, value)
 
 
 def test_a_turn_the_model_writes_under_another_role_is_not_returned_as_the_assistants(tok):

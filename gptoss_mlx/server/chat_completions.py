@@ -132,10 +132,10 @@ def check_request(body: dict) -> None:
         if body.get(key) not in (None, 0, 0.0):
             raise bad_request(f"'{key}' is not supported", key)
     for key in ("logit_bias", "logprobs", "top_logprobs", "audio", "prediction"):
-        if body.get(key) not in (None, False):  # ({} or [] asks for nothing, and is not what OpenAI takes)
+        if body.get(key) not in (None, False) and not (key == "logit_bias" and body[key] == {}):  # (asks for nothing)
             raise bad_request(f"'{key}' is not supported by this server", key)
     for key, instead in (("functions", "tools"), ("function_call", "tool_choice")):
-        if body.get(key) is not None:  # ignored, the model would never see the functions
+        if body.get(key) not in (None, []):  # ignored, the model would never see the functions
             raise bad_request(f"'{key}' is the deprecated form of '{instead}': give '{instead}'", key)
 
 
