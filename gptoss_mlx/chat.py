@@ -34,7 +34,7 @@ from .files import valid_text
 from .generate import RAISE_CONTEXT, ContextLengthError, Engine, SamplingParams, Stats
 from .harmony.chat_completions import _header_field
 from .harmony import ContentDelta, DeveloperContent, Message, MessageEnd, MessageStart, ResponseFormat
-from .structured import SchemaError, compile_schema, constraints_for, final_header, grammars
+from .structured import SchemaError, compile_schema, constrained_messages, constraints_for, final_header, grammars
 
 
 @dataclass
@@ -367,7 +367,9 @@ class Chat:
         for token in forced:  # the header as if the model had written it
             list(self._chat_events(parser.feed(token)))
         prompt = prompt + forced
-        stream = self.engine.generate(prompt, self.sampling, logits_processors=self._constraints(prompt, forced),
+        constraints = self._constraints(prompt, forced)
+        parser.drops_header_words = constrained_messages(constraints)
+        stream = self.engine.generate(prompt, self.sampling, logits_processors=constraints,
                                       instructions=harmony.instructions_length(self._prefix(), prompt),
                                       stop=lambda: self._stop)
         finish = None
@@ -418,7 +420,7 @@ class Chat:
                 self._channel, self._recipient = event.channel, event.recipient
                 self._others = event.role != "assistant"  # a user or system message the model wrote
                 self._started = True
-            elif isinstance(event, ContentDelta) and self._recipient is None and not self._others:
+            elif isinstance(event, ContentDelta) and self._recipient in harmony.NOT_A_CALL and not self._others:
                 yield (AnswerDelta if self._is_answer(self._channel) else ReasoningDelta)(event.text), self._ended
             elif isinstance(event, MessageEnd):
                 m = event.message

@@ -39,6 +39,7 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 try:  # Python's regex parser (pattern_hints)
     from re import _constants as re_constants, _parser as re_parser
 except ImportError:  # Python 3.10
@@ -51,9 +52,10 @@ from llguidance.tiktoken import lltokenizer_from_encoding
 
 from . import harmony
 from .harmony import (
-    ASSISTANT_ROLE_ID, CALL, CHANNEL, CONSTRAIN, END, ENDOFTEXT, MESSAGE, RETURN, START, DeveloperContent, MessageStart,
-    Special,
+    ASSISTANT_ROLE_ID, CALL, CHANNEL, CONSTRAIN, END, ENDOFTEXT, MESSAGE, NOT_A_CALL, RETURN, START, DeveloperContent,
+    MessageStart, Special,
 )
+from .harmony.parser import parse_header
 from .harmony.chat_completions import FUNCTIONS
 from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS, VOCAB_SIZE
 
@@ -159,6 +161,10 @@ def unenforced_problem(schema) -> str | None:
         for key in LOWS + HIGHS + ("multipleOf",):
             if isinstance(node.get(key), float) and not math.isfinite(node[key]):
                 return f"{key}: {node[key]} is beyond float64 (a number written too large reads as infinity)"
+        step = node.get("multipleOf")
+        if isinstance(step, (int, float)) and not isinstance(step, bool) and step <= 0:
+            # (JSON Schema: strictly greater than 0; llguidance took -2 as 2, and said of 0 "invalid multiple of")
+            return f"multipleOf must be greater than 0, got {step}"
         for key in ("const", "enum"):
             number = _inexact_number(node.get(key)) if key in node else None
             if number is not None:
@@ -627,7 +633,7 @@ def closing_tokens(tokenizer, matcher: llguidance.LLMatcher, scan: JSONScan = JS
             return _failed(m, errors)
         forced = (m.compute_ff_bytes() or _hint(m, byte_token, scan, hints)
                   or (_number_hint(m, byte_token, scan, numbers) if not text or text[-1] not in NUMBER_BYTES else None)
-                  or _next_byte(m, byte_token, scan, used))
+                  or _null(m, byte_token, scan) or _next_byte(m, byte_token, scan, used))
         if forced is None or not m.consume_tokens([byte_token[b] for b in forced]):
             return _failed(m, errors)
         text += forced
@@ -682,6 +688,15 @@ def _number_hint(m: llguidance.LLMatcher, byte_token, scan: JSONScan, hints: tup
         if ends:
             return hint
     return None
+
+
+def _null(m: llguidance.LLMatcher, byte_token, scan: JSONScan) -> bytes | None:
+    """A value where one must come (nothing open may end here) that may be null: null, one
+    token, where the first byte allowed would open a string (a nullable date-time: 20 tokens)."""
+    if scan.in_string or any(m.validate_tokens([byte_token[b]]) == 1 for b in b"}]"):
+        return None
+    tokens = [byte_token[b] for b in b"null"]
+    return b"null" if m.validate_tokens(tokens) == len(tokens) else None
 
 
 def _characters(escaped: bytes) -> list[int]:
@@ -818,18 +833,28 @@ class HarmonyConstraint:
 
     def _start(self, start: MessageStart) -> None:
         """A message's content begins: constrain it when it is the answer or a function call."""
-        function = (start.recipient or "").removeprefix(FUNCTIONS)
-        if start.channel == "final" and start.recipient is None:
-            self.in_final = True
-            self.grammar, self.end_token = self.answer, ID[RETURN]
-        elif start.recipient != function and function in self.functions:  # functions.NAME
-            self.grammar, self.end_token = self.functions[function], ID[CALL]
-        else:
-            self.grammar = self.end_token = None
+        self.in_final = self.in_final or _is_answer(start)
+        self.grammar, self.end_token = self._grammar_of(start)
         self.matcher = self.grammar.matcher() if self.grammar else None
         self._free_tokens = 0  # of a free call's arguments (_free_call)
         self._scan = JSONScan()
         self._closing_due = 0
+
+    def _grammar_of(self, start: MessageStart) -> tuple[Grammar | None, int | None]:
+        """The grammar a message is held to, and the token that ends it: the answer's (a final
+        message to no tool: ``to=all`` is the user's answer too) or a function call's."""
+        function = (start.recipient or "").removeprefix(FUNCTIONS)
+        if _is_answer(start):
+            return self.answer, ID[RETURN]
+        if start.recipient != function and function in self.functions:  # functions.NAME
+            return self.functions[function], ID[CALL]
+        return None, None
+
+    def constrains(self, start: MessageStart) -> bool:
+        """Whether a message's content is held to a grammar here: its header's stray words
+        (``Sure<|channel|>final``, ``<|constrain|>json args``) are then not its text, which a
+        parser of the output keeps otherwise (StreamParser.drops_header_words)."""
+        return self._grammar_of(start)[0] is not None
 
     # -- masks
     def _mask(self, logits: mx.array) -> mx.array:
@@ -876,10 +901,14 @@ class HarmonyConstraint:
         return found is not None and found.group(1) in self.declared
 
     def _final_header_under_way(self) -> bool:
-        """A header under way names the final channel: its ``<|message|>`` comes next. (A final
-        header that ends without one, ``<|channel|>final Sorry<|return|>``, is read as a final
-        message whose text the grammar never held.)"""
-        return self.parser.state == "header" and self.parser.pending_header.rstrip().endswith(CHANNEL + "final")
+        """A header under way names the final channel (however spelt: ``<|channel|> final``, a
+        bare ``final``, after ``to=all``): its ``<|message|>`` comes next. (A final header that
+        ends without one, ``<|channel|>final Sorry<|return|>``, or goes on, ``<|channel|> final
+        <|constrain|>json{...}<|end|>``, is read as a final message whose text the grammar never held.)"""
+        if self.parser.state != "header":
+            return False
+        start, _ = parse_header(self.parser.pending_header, "assistant")  # (as if it ended here)
+        return _is_answer(start)
 
     def _to_force(self) -> list[int]:
         """Tokens the budgets require from here: a closing of the constrained message, or the
@@ -972,9 +1001,20 @@ class HarmonyConstraint:
         if self._last == ID[END]:
             return only(ID[START])
         current = self.parser.current if self.parser.state == "content" else None
-        if current is None or current.recipient in (None, "all", "assistant"):
+        if current is None or current.recipient in NOT_A_CALL:
             return all_but(ID[RETURN], ID[ENDOFTEXT], ID[CALL])
         return all_but(ID[RETURN], ID[ENDOFTEXT])
+
+
+def _is_answer(start: MessageStart) -> bool:
+    """A message on the final channel to no tool: the answer."""
+    return start.channel == "final" and start.recipient in NOT_A_CALL
+
+
+def constrained_messages(processors: list) -> Callable[[MessageStart], bool] | None:
+    """Which messages ``processors`` (constraints_for's) hold to a grammar, for a parser of the
+    output (StreamParser.drops_header_words); None when none does."""
+    return next((p.constrains for p in processors if isinstance(p, HarmonyConstraint)), None)
 
 
 def margin(grammar: Grammar) -> int:

@@ -437,3 +437,33 @@ def test_required_tool_choice_needs_tools(api):
         api.responses.create(model="gpt-oss-tiny", input="hi", tool_choice="required",
                              tools=[{"type": "web_search"}])  # no function among them
     assert "'required'" in e.value.message and e.value.body["param"] == "tool_choice"
+
+
+def test_the_answers_and_a_strict_calls_header_words_never_reach_the_client(tok):
+    """Text the grammar never held reached clients as a normal answer: an answer addressed
+    ``to=all`` (not constrained, yet returned: "Sure! Here:" then the JSON), words before the
+    final channel ("Sure {...}"), a header that ended without <|message|> (its text as the
+    answer), and a strict call's stray header word as the start of its arguments."""
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"],
+              "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}
+    answers = [' to=all<|channel|>final<|message|>Sure! Here:<|end|><|start|>assistant<|channel|>final<|message|>{"a": "y"}<|return|>',
+               ' Sure<|channel|>final<|message|>{"a": "y"}<|return|>',
+               '<|channel|> final<|constrain|>json{"b": "x"}<|end|>{"a": "y"}<|return|>']
+    arguments = '{"location": "Oslo", "unit": "celsius"}'
+    calling = f"<|channel|>commentary to=functions.get_weather <|constrain|>json args<|message|>{arguments}<|call|>"
+    model = ScriptedModel([script(tok, a) for a in answers] + [script(tok, calling)] * 2)
+    with serving(model, tok) as url:
+        c = client(url)
+        for _ in answers:
+            r = c.chat.completions.create(model="gpt-oss-tiny", messages=USER, response_format=fmt, max_tokens=80)
+            content = r.choices[0].message.content
+            # (a scripted model whose token was masked writes on at random: the grammar's JSON, cut)
+            assert content.startswith("{") and (r.choices[0].finish_reason == "length"
+                                                or jsonschema.validate(json.loads(content), schema) is None)
+        weather = [{**WEATHER_TOOL, "function": {**WEATHER_TOOL["function"], "strict": True}}]
+        r = c.chat.completions.create(model="gpt-oss-tiny", messages=USER, tools=weather, max_tokens=80)
+        assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == json.loads(arguments)
+        tools = [{"type": "function", **WEATHER_TOOL["function"]}]  # (strict by default here)
+        r = c.responses.create(model="gpt-oss-tiny", input="weather?", tools=tools, max_output_tokens=80)
+        assert json.loads(r.output[-1].arguments) == json.loads(arguments)

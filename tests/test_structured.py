@@ -390,10 +390,27 @@ def test_a_multiple_of_a_fraction_is_enforced(tok, schema):
             assert (matcher.consume_tokens(tok.encode_ordinary(text)) and matcher.is_accepting()) == ok, text
 
 
+@pytest.mark.parametrize("schema, closed", [
+    ({"type": "object", "properties": {"when": {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]}},
+      "required": ["when"], "additionalProperties": False}, '{"when":null}'),
+    ({"type": ["string", "null"], "minLength": 30}, "null"),
+])
+def test_a_value_that_may_be_null_is_closed_with_null(tok, schema, closed):
+    """The closing (what the answer is completed with when its tokens run out, and what sizes
+    the budget kept for it) opened a nullable date-time's string: 17 tokens where null takes one,
+    so with --max-tokens room for '{"when":null}' the answer was still cut, invalid."""
+    grammar = compile_schema(tok, schema)
+    assert tok.decode(closing_tokens(tok, grammar.matcher())) == closed
+    assert grammar.min_tokens == len(tok.encode_ordinary(closed))
+
+
 @pytest.mark.parametrize("schema, says", [
     ({"type": "integer", "minimum": True}, "'minimum' must be a number, got true"),
     ({"type": "number", "maximum": "5"}, "'maximum' must be a number, got \"5\""),
     ({"type": "number", "multipleOf": 1e-30}, "'multipleOf' has more significant digits than"),
+    # -2 was taken as 2 (a client validating with jsonschema refuses its own schema); 0 was "invalid multiple of"
+    ({"type": "integer", "multipleOf": -2}, "multipleOf must be greater than 0, got -2"),
+    ({"type": "number", "multipleOf": 0}, "multipleOf must be greater than 0, got 0"),
 ])
 def test_a_number_keyword_llguidance_refuses_is_named_in_a_clients_terms(tok, schema, says):
     """llguidance's messages named Rust's types ("Expected f64 for 'minimum', got true") and its
@@ -478,6 +495,46 @@ def test_a_final_header_written_without_its_message_token_is_held_to_the_schema(
                     reasoning_budget=budget, date="2025-08-05")
         answer = "".join(e.text for e in chat.send("hi") if isinstance(e, AnswerDelta))
         jsonschema.validate(json.loads(answer), schema)
+
+
+@pytest.mark.parametrize("written", [
+    '<|channel|> final<|constrain|>json{"b": "x"}<|end|><|start|>assistant<|channel|>final<|message|>{"a": "y"}<|return|>',
+    ' final<|message|>{"a": "y"}<|return|>',
+    ' Sure<|channel|>final<|message|>{"a": "y"}<|return|>',
+    ' to=all<|channel|>final<|message|>Sure! Here:<|end|><|start|>assistant<|channel|>final<|message|>{"a": "y"}<|return|>',
+    '<|channel|>final json now<|message|>{"a": "y"}<|return|>',
+])
+def test_however_the_model_spells_the_answers_header_the_answer_is_the_schemas(tok, written):
+    """The grammar began only at a clean <|message|> after "<|channel|>final": a header with a
+    space (``<|channel|> final``), words before the channel (``Sure<|channel|>final``) or after
+    it, or an answer addressed ``to=all`` gave the user text the schema never held: "Sure
+    {...}", ``{"b": "x"}`` from a header that ended without <|message|>. Any final header to no
+    tool takes <|message|> next, its stray words are not the answer's text, and the answer is
+    held to the schema."""
+    from scripted import ScriptedModel
+
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"],
+              "additionalProperties": False}
+    model = ScriptedModel([tok.encode(written, allowed_special="all")])
+    chat = Chat(model, tok, sampling=SamplingParams(max_tokens=60), response_format=schema, date="2025-08-05")
+    answer = "".join(e.text for e in chat.send("hi") if isinstance(e, AnswerDelta))
+    jsonschema.validate(json.loads(answer), schema)
+    assert chat.messages[-1].channel == "final" and json.loads(chat.messages[-1].text) == json.loads(answer)
+
+
+def test_a_strict_calls_header_words_are_not_its_arguments(tok):
+    """``to=functions.get_weather <|constrain|>json args<|message|>{...}``: the stray word was
+    kept as the start of the call's arguments, which then did not parse."""
+    from scripted import ScriptedModel
+
+    arguments = '{"location": "Oslo", "unit": "celsius"}'
+    for header in ("<|channel|>commentary to=functions.get_weather <|constrain|>json args",
+                   "<|channel|>commentary to=functions.get_weather two words"):
+        model = ScriptedModel([tok.encode(f"{header}<|message|>{arguments}<|call|>", allowed_special="all")])
+        chat = Chat(model, tok, sampling=SamplingParams(max_tokens=60), functions=[WEATHER], date="2025-08-05")
+        list(chat.send("weather?"))
+        call = chat.messages[-1]
+        assert call.recipient == "functions.get_weather" and json.loads(call.text) == json.loads(arguments)
 
 
 def test_engine_passes_the_sequence_to_processors(tiny):

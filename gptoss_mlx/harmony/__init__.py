@@ -11,7 +11,7 @@
 from .chat_completions import from_chat_completions, to_chat_completions
 from .messages import (
     ASSISTANT_ROLE_ID, BUILTIN_TOOLS, CALL, CHANNEL, CHANNELS, CONSTRAIN, CUTS, DEFAULT_CUTOFF,
-    DEFAULT_IDENTITY, EFFORTS, END, ENDOFTEXT, MESSAGE, MESSAGE_END_TOKENS, RETURN, ROLES, START,
+    DEFAULT_IDENTITY, EFFORTS, END, ENDOFTEXT, MESSAGE, MESSAGE_END_TOKENS, NOT_A_CALL, RETURN, ROLES, START,
     STOP_TOKENS_FOR_SAMPLING, DeveloperContent, HarmonyError, Message, ResponseFormat,
     SystemContent, ToolNamespace, ToolSpec, check_message, ends_reply,
 )

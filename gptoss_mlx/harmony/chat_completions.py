@@ -19,7 +19,7 @@ import json
 import re
 
 from .messages import (
-    BUILTIN_TOOLS, CONSTRAIN, CUTS, FUNCTION_NAME, FUNCTION_NAME_RULE, DeveloperContent, HarmonyError,
+    BUILTIN_TOOLS, CONSTRAIN, CUTS, FUNCTION_NAME, FUNCTION_NAME_RULE, NOT_A_CALL, DeveloperContent, HarmonyError,
     Message, ResponseFormat, SystemContent, ToolSpec, _kind, check_schema,
 )
 from .render import system_message
@@ -230,7 +230,7 @@ def _assistant_messages(m: dict, i: int, declared: set[str], calls: dict) -> lis
         _header_word(recipient, f"{where}.recipient")
         for key, value in (("channel", channel), ("content_type", content_type)):
             _header_field(value, f"{where}.{key}")
-        if recipient not in (None, "all", "assistant"):
+        if recipient not in NOT_A_CALL:
             raise HarmonyError(f"{where}.recipient {recipient[:80]!r}: a call goes in tool_calls")
         out.append(Message("assistant", content, channel=channel, recipient=recipient, content_type=content_type))
     for j, call in enumerate(tool_calls):

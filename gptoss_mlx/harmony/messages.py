@@ -19,6 +19,9 @@ ENDOFTEXT = "<|endoftext|>"
 ROLES = ("system", "developer", "user", "assistant", "tool")
 EFFORTS = ("low", "medium", "high")
 CHANNELS = ("analysis", "commentary", "final")
+# Recipients of an assistant message that make it no tool call: its text is for the user (or the
+# model itself); any other recipient is a tool's.
+NOT_A_CALL = (None, "all", "assistant")
 BUILTIN_TOOLS = ("browser", "python")  # called on the analysis channel, declared in the system message
 ID = SPECIAL_TOKENS
 NAME = {i: name for name, i in SPECIAL_TOKENS.items()}
@@ -133,7 +136,7 @@ class Message:
 
     @property
     def is_tool_call(self) -> bool:
-        return self.role == "assistant" and self.recipient not in (None, "all", "assistant")
+        return self.role == "assistant" and self.recipient not in NOT_A_CALL
 
 
 

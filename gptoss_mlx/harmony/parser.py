@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 import re
 from dataclasses import dataclass
-from typing import Iterable, Union
+from typing import Callable, Iterable, Union
 
 from .messages import (
     BUILTIN_TOOLS, CALL, CHANNEL, CHANNELS, CONSTRAIN, ENDOFTEXT, ID, MESSAGE, MESSAGE_END_TOKENS, NAME,
@@ -126,6 +126,9 @@ class StreamParser:
         self._current: MessageStart | None = None
         self._text: list[str] = []
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # Messages whose content a constraint holds to a grammar (structured.constrained_messages):
+        # their header's stray words are not kept as their text, which would break the JSON.
+        self.drops_header_words: Callable[[MessageStart], bool] | None = None
 
     # -- public
     @property
@@ -221,7 +224,8 @@ class StreamParser:
         self._current, self._text = start, []
         self._decoder.reset()
         events: list[Event] = [start]
-        if leftover:  # unparseable header words are kept as text, never dropped
+        # unparseable header words are kept as text, unless the text must be the grammar's alone
+        if leftover and not (self.drops_header_words is not None and self.drops_header_words(start)):
             events += self._emit(leftover + " ")
         return events
 

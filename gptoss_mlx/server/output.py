@@ -68,7 +68,7 @@ OutputEvent = Opened | Delta | Closed | Waiting
 def item_kind(start: MessageStart) -> tuple[str, str | None]:
     """An assistant message's kind: a tool call when it has a recipient (on any channel), the
     chain of thought on the analysis channel, else text the user sees (final, preambles)."""
-    if start.recipient not in (None, "all", "assistant"):
+    if start.recipient not in harmony.NOT_A_CALL:
         return CALL, function_name(start.recipient)
     return (REASONING if start.channel == "analysis" else TEXT), None
 
@@ -79,6 +79,7 @@ class ReplyStream:
     stops: list[str] = field(default_factory=list)
     server_answers: Callable[[str], bool] = lambda recipient: False  # a call the client does not get?
     final_only: bool = False  # only the final channel's text is the answer (a response format)
+    constrained: Callable | None = None  # messages held to a grammar (structured.constrained_messages)
     items: list[Item] = field(default_factory=list)
     stopped: bool = False  # a stop string ended the answer
 
@@ -88,6 +89,7 @@ class ReplyStream:
     def next_round(self) -> None:
         """Parse a new generation (after a tool result), continuing the same items."""
         self._parser = harmony.StreamParser(self.tokenizer, role="assistant")
+        self._parser.drops_header_words = self.constrained
         self._current: Item | None = None
         self._unowned = 0  # tokens fed since a message ended, none open
         self._held = ""  # answer text that may be the start of a stop string

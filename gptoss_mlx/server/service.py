@@ -19,7 +19,7 @@ from ..chat import (
 from ..generate import Engine, SamplingParams
 from ..harmony import DeveloperContent, HarmonyError, Message
 from ..harmony.chat_completions import FUNCTIONS
-from ..structured import SchemaError, call_header, constraints_for, final_header
+from ..structured import SchemaError, call_header, constrained_messages, constraints_for, final_header
 from ..tools import Toolbox, ToolResult
 from ..tools.toolbox import limit_reached, no_such_tool
 from .errors import APIError, bad_request
@@ -190,7 +190,10 @@ class Service:
         if request.get("truncation") == "auto":
             messages, rendered = self.fitted(messages, params, forced)
         prompt = self.tokens(messages, forced, rendered)
-        stream = ReplyStream(self.tokenizer, stops)
+        budget = request.get("reasoning_budget", self.reasoning_budget)
+        run = Run(prompt, params, self.constraints(messages, prompt, params, budget, forced, must_call),
+                  instructions=harmony.instructions_length(messages, prompt))
+        stream = ReplyStream(self.tokenizer, stops, constrained=constrained_messages(run.logits_processors))
         stream.final_only = any(isinstance(m.content, DeveloperContent) and m.content.response_formats
                                 for m in messages)
         # The client gets the calls to its own functions; the server answers every other call:
@@ -199,9 +202,6 @@ class Service:
         client = [FUNCTIONS + name for name in sorted(function_names(request.get("tools")))]
         stream.server_answers = lambda recipient: recipient not in client
         tools = self.server_tools(request)
-        budget = request.get("reasoning_budget", self.reasoning_budget)
-        run = Run(prompt, params, self.constraints(messages, prompt, params, budget, forced, must_call),
-                  instructions=harmony.instructions_length(messages, prompt))
         max_tool_calls = request.get("max_tool_calls")
         return Reply(new_id(prefix), messages, [run], stream, forced, budget,
                      recipients=client + (tools.recipients() if tools else []), server_tools=tools,
