@@ -432,6 +432,11 @@ def grammar_schema(schema):
     left alone. The answers stay inside the schema's range; the prompt shows the schema as given."""
     if not isinstance(schema, dict):
         return schema
+    if isinstance(schema.get("items"), list) and "prefixItems" not in schema:
+        # the tuple form of drafts before 2020-12 (zod, MCP tools): items [A, B] and additionalItems
+        # are 2020-12's prefixItems and items, which llguidance reads (more items allowed unless said)
+        schema = {k: v for k, v in schema.items() if k not in ("items", "additionalItems")} | {
+            "prefixItems": schema["items"], **({"items": schema["additionalItems"]} if "additionalItems" in schema else {})}
     out = {}
     for key, value in schema.items():
         if key in SCHEMA_MAPS and isinstance(value, dict):

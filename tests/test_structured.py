@@ -390,6 +390,22 @@ def test_a_multiple_of_a_fraction_is_enforced(tok, schema):
             assert (matcher.consume_tokens(tok.encode_ordinary(text)) and matcher.is_accepting()) == ok, text
 
 
+def test_the_tuple_form_of_items_is_held_as_prefix_items(tok):
+    """zod and MCP tools write a tuple as draft-07's ``items: [A, B]`` (2020-12's prefixItems):
+    it was a 400 ("items must be a JSON Schema object"), and an agent with one such tool could
+    make no request at all."""
+    schema = {"type": "object", "properties": {"point": {"type": "array", "items": [{"type": "number"}, {"enum": ["m", "km"]}],
+                                                         "additionalItems": False, "minItems": 2}},
+              "required": ["point"], "additionalProperties": False}
+    grammar = compile_schema(tok, schema, "function 'f' parameters")
+    closed = json.loads(tok.decode(closing_tokens(tok, grammar.matcher())))
+    jsonschema.Draft7Validator(schema).validate(closed)
+    for text, ok in (('{"point": [1.5, "km"]}', True), ('{"point": ["km", 1]}', False), ('{"point": [1, "m", 2]}', False)):
+        matcher = grammar.matcher()
+        assert (matcher.consume_tokens(tok.encode_ordinary(text)) and matcher.is_accepting()) == ok, text
+    assert "point: any[]," in harmony.schema_to_typescript(schema)  # (the prompt: an array)
+
+
 @pytest.mark.parametrize("schema, closed", [
     ({"type": "object", "properties": {"when": {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]}},
       "required": ["when"], "additionalProperties": False}, '{"when":null}'),

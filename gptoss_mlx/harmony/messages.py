@@ -274,7 +274,10 @@ def _check_shape(schema, where: str, path: str) -> None:
               where, f"{path}.required", "a list of strings", required)
     if "enum" in schema:
         _need(isinstance(schema["enum"], list), where, f"{path}.enum", "a list", schema["enum"])
-    if "items" in schema:
+    if isinstance(schema.get("items"), list):  # the tuple form of drafts before 2020-12 (zod, MCP tools)
+        for j, item in enumerate(schema["items"]):
+            _check_shape(item, where, f"{path}.items[{j}]")
+    elif "items" in schema:
         _check_shape(schema["items"], where, f"{path}.items")
     for key in ("anyOf", "oneOf", "allOf"):
         if key in schema:
