@@ -5,6 +5,7 @@ pipe), autosave after every reply, --resume, /load and /save, --max-context and
 import io
 import json
 import os
+import time
 import re
 
 import pytest
@@ -106,6 +107,40 @@ def test_a_history_file_that_cannot_be_written_any_more_still_edits(tmp_path, ca
         keys.send_text(f"{UP}{UP}\r")  # this session's history is kept in memory
         assert read(">>> ") == "first"
     assert "Unhandled exception" not in capsys.readouterr().err
+
+
+def test_a_colour_code_typed_outside_a_paste_is_text_not_a_crash(tmp_path):
+    """ESC[31m typed or pasted while a reply streamed (no bracketed paste then) reached the
+    prompt as keys: prompt_toolkit read it as a mouse report and raised ValueError, which ended
+    the chat and lost what was typed. It is text, as a bracketed paste keeps it."""
+    with create_pipe_input() as keys:
+        read = line_reader(tmp_path / "input-history", keys, DummyOutput())
+        keys.send_text("see this log: \x1b[31mERROR\x1b[0m disk full\r")
+        assert read(">>> ") == "see this log: \x1b[31mERROR\x1b[0m disk full"
+
+
+def test_what_is_typed_during_a_reply_waits_at_the_next_prompt(monkeypatch):
+    """Lines typed or pasted during a reply were each sent as a message of its own, unseen, and
+    one could answer the reply's "Run it? [y/N]": the next prompt shows them, to edit or send,
+    and the question before it gets none of them."""
+    import pty
+
+    from gptoss_mlx.cli import common, lineedit
+
+    leader, follower = pty.openpty()
+    with os.fdopen(follower, "r") as terminal:
+        monkeypatch.setattr("sys.stdin", terminal)
+        os.write(leader, b"question 8\ny\nand a line not ended")
+        time.sleep(0.2)
+        monkeypatch.setattr("builtins.input", lambda prompt="": "n")
+        assert common.ask_on_terminal("print(1)") is False  # its own answer, not the typed "y"
+        assert lineedit._held == ["question 8\ny\nand a line not ended"]
+        assert lineedit.take_typeahead() == ""  # (taken once)
+        lineedit._held.clear()
+        os.write(leader, b"more\r\n")
+        time.sleep(0.2)
+        assert lineedit.take_typeahead() == "more"
+    os.close(leader)
 
 
 def test_read_message_line_by_line(tmp_path):

@@ -12,8 +12,15 @@ Ctrl-R reverse search, and one buffer for a multi-line message:
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Callable
+
+try:
+    import termios
+except ImportError:  # Windows
+    termios = None
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.enums import DEFAULT_BUFFER
@@ -21,6 +28,7 @@ from prompt_toolkit.filters import has_focus
 from prompt_toolkit.history import FileHistory, InMemoryHistory
 from prompt_toolkit.input import Input
 from prompt_toolkit.key_binding import KeyBindings
+from prompt_toolkit.keys import Keys
 from prompt_toolkit.output import Output
 
 
@@ -48,6 +56,13 @@ def _keys() -> KeyBindings:
     @keys.add("escape", "enter", filter=editing)
     def _(event) -> None:
         event.current_buffer.newline(copy_margin=False)
+
+    @keys.add(Keys.Vt100MouseEvent)
+    def _(event) -> None:
+        # No mouse reports are asked for: this is text, a colour code typed or pasted (ESC[31m)
+        # outside a bracketed paste, which prompt_toolkit read as a mouse report and failed on
+        # (ValueError: the chat ended, what was typed lost). Kept as text, as a paste keeps it.
+        event.current_buffer.insert_text(event.data)
 
     return keys
 
@@ -85,6 +100,50 @@ def line_reader(history_file: Path, input: Input | None = None,
     session = PromptSession(history=input_history(history_file), key_bindings=_keys(),
                             prompt_continuation="... ", input=input, output=output)
     def read(prompt: str, default: str = "") -> str:
-        return session.prompt(prompt, default=default)
+        typed = "".join(_held) + (take_typeahead() if input is None else "")
+        _held.clear()
+        return session.prompt(prompt, default="\n".join(t for t in (default, typed) if t))
 
     return read
+
+
+_held: list[str] = []  # text typed ahead of a question that is not a message (hold_typeahead)
+MAX_TYPEAHEAD = 1 << 20
+
+
+def take_typeahead() -> str:
+    """What was typed or pasted at the terminal while nothing read it (during a reply): the next
+    prompt shows it, to edit or send. Read line by line, each line was sent as a message of its
+    own, unseen, and a line could answer a question the reply then asked ("Run it? [y/N]")."""
+    if termios is None or not sys.stdin.isatty():
+        return ""
+    fd = sys.stdin.fileno()
+    try:
+        before = termios.tcgetattr(fd)
+        raw = termios.tcgetattr(fd)
+        raw[3] &= ~(termios.ICANON | termios.ECHO)  # a line not ended yet is readable too
+        raw[6][termios.VMIN], raw[6][termios.VTIME] = 0, 0  # what is there, without waiting
+        termios.tcsetattr(fd, termios.TCSANOW, raw)
+    except (termios.error, OSError):
+        return ""
+    data = b""
+    try:
+        while len(data) < MAX_TYPEAHEAD:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, before)
+    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    return text.rstrip("\n")
+
+
+def hold_typeahead() -> None:
+    """Before a question that is not a message (``Run it? [y/N]``): what was typed ahead goes
+    to the next message's prompt instead of answering it."""
+    typed = take_typeahead()
+    if typed:
+        _held.append(typed)
