@@ -349,6 +349,30 @@ async def test_prompts_are_kept_across_sessions_and_a_draft_on_quit(store):
     assert len(list(input_history(store.history_file).load_history_strings())) == 3
 
 
+def test_an_escape_inside_a_paste_stays_in_the_paste():
+    """Textual's parser read what followed an ESC inside a bracketed paste as keys: a pasted log
+    with a colour code (ESC[31m) sent its middle line as a message (the line break was Enter)
+    and lost the others. The input decoder shows such an ESC as ␛, however the terminal's reads
+    split the paste, and passes a key's ESC (Escape, arrows, Alt) on at once."""
+    import codecs
+    import random
+
+    from gptoss_mlx.tui.app import PastedEscapes
+
+    raw = (b"a\x1b[A\x1b[200~first\n\x1b[31mERR\x1b[0m x\n\xc3\xa9last\x1b[201~\x1bb\x1b"
+           b"\x1b[200~\x1b\x1b[201~")
+    shown = ("a\x1b[A\x1b[200~first\n\u241b[31mERR\u241b[0m x\n\u00e9last\x1b[201~\x1bb\x1b"
+             "\x1b[200~\u241b\x1b[201~")
+    rng = random.Random(0)
+    for _ in range(500):
+        cuts = sorted(rng.sample(range(1, len(raw)), rng.randint(1, 8)))
+        decoder = PastedEscapes(codecs.getincrementaldecoder("utf-8")(errors="replace"))
+        parts = [decoder.decode(raw[i:j]) for i, j in zip([0, *cuts], [*cuts, len(raw)])]
+        assert "".join(parts) + decoder.decode(b"", final=True) == shown, cuts
+    decoder = PastedEscapes(codecs.getincrementaldecoder("utf-8")(errors="replace"))
+    assert decoder.decode(b"\x1b") == "\x1b"  # the Escape key, not held for what may follow
+
+
 async def test_tool_calls_show_as_expandable_rows(store):
     chat = ScriptedChat([("analysis", "need weather"), ("call", "functions.get_weather", '{"city": "Oslo"}')])
     app = make_app(chat, store)

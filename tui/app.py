@@ -59,14 +59,56 @@ def _read_terminal_input_leniently() -> None:
     """Textual's Linux driver decodes the terminal's input as strict UTF-8: one byte that is
     not (a paste from a Latin-1 file) raised in its input thread and ended the app, with the
     reply under way and the text being typed lost. Such bytes are read as U+FFFD instead, as
-    the terminal chat sends them."""
+    the terminal chat sends them; and an ESC inside a paste is shown as ␛ (PastedEscapes)."""
     try:
         from textual.drivers import linux_driver
     except ImportError:  # Windows
         return
     if getattr(linux_driver, "getincrementaldecoder", None) is codecs.getincrementaldecoder:
         linux_driver.getincrementaldecoder = lambda encoding: functools.partial(
-            codecs.getincrementaldecoder(encoding), errors="replace")
+            PastedEscapes, codecs.getincrementaldecoder(encoding)(errors="replace"))
+
+
+class PastedEscapes:
+    """A decoder of the terminal's input that turns each ESC inside a bracketed paste into ␛
+    (U+241B). Textual 8's parser read the characters after an ESC in a paste as keys, outside
+    the paste: a pasted log line with a colour code (ESC[31m) sent the paste's middle line as a
+    message (its line break pressed Enter) and lost the rest. A key's ESC, outside pastes, is
+    passed on at once (the Escape key is never held back)."""
+
+    START, END = "\x1b[200~", "\x1b[201~"
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.pasting = False
+        self.held = ""  # inside a paste: the start of what may be its end marker
+        self.before = ""  # the last characters passed on outside a paste (a start marker split)
+
+    def decode(self, data: bytes, final: bool = False) -> str:
+        text, self.held = self.held + self.decoder.decode(data, final), ""
+        out = []
+        while text:
+            if not self.pasting:
+                seen = self.before + text
+                at = seen.find(self.START)
+                if at < 0:
+                    out.append(text)
+                    self.before = seen[-len(self.START):]
+                    break
+                cut = at + len(self.START) - len(self.before)  # (within text: the marker's end)
+                out.append(text[:cut])
+                text, self.pasting, self.before = text[cut:], True, ""
+                continue
+            at = text.find(self.END)
+            if at < 0:
+                keep = next((k for k in range(len(self.END) - 1, 0, -1)
+                             if not final and text.endswith(self.END[:k])), 0)
+                text, self.held = (text[:-keep], text[-keep:]) if keep else (text, "")
+                out.append(text.replace("\x1b", "\u241b"))
+                break
+            out.append(text[:at].replace("\x1b", "\u241b") + self.END)
+            text, self.pasting = text[at + len(self.END):], False
+        return "".join(out)
 
 
 _read_terminal_input_leniently()
