@@ -327,6 +327,14 @@ class Chat:
         self.messages.append(Message("tool", valid_text(content), channel=channel, recipient="assistant",
                                      name=name))
 
+    def mark_stopped(self) -> None:
+        """The reply was stopped after its last message (while a tool ran for it, or its user was
+        asked about it): that message is marked so, as a reply stopped while written is, and
+        the mark is saved and shown again when the chat is reopened."""
+        last = next((m for m in reversed(self.messages) if m.role == "assistant"), None)
+        if last is not None and last.cut is None:
+            last.cut = "interrupted"
+
     def reply(self, answer: bool = False) -> Iterator[ChatEvent]:
         """Generate the assistant's next messages; stops at a final answer or a tool call.
         If interrupted (``stop()``, Ctrl-C, or the consumer closing the stream), the partial

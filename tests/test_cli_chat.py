@@ -808,6 +808,15 @@ def test_a_resumed_chat_whose_last_reply_was_cut_short_says_so(tok, store, monke
         monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(store.root.parent))
         status, out = run_chat(monkeypatch, scripted_chat(tok, "unused"), [], ["--resume", chat_id])
         assert status == 0 and f"gpt-oss: one two\n{mark}\n" in out, out
+    # stopped at a tool call (Ctrl-C while it ran): no answer to show, the mark all the same
+    chat = scripted_chat(tok, "unused")
+    chat.messages += [Message("user", "Weather?"), Message("assistant", "{}", channel="commentary",
+                                                             recipient="functions.slow", cut="interrupted"),
+                      Message("tool", "Error: stopped by the user", channel="commentary", recipient="assistant", name="functions.slow")]
+    chat_id = store.new_id()
+    store.save(chat, chat_id, "Weather")
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "unused"), [], ["--resume", chat_id])
+    assert status == 0 and "you: Weather?\n[stopped]\n" in out, out
 
 
 def test_a_chat_opened_keeps_to_the_functions_that_can_run_and_a_new_one_to_the_command_line(tok, store, monkeypatch):

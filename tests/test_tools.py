@@ -452,6 +452,41 @@ def test_a_stop_while_the_tools_run_ends_the_turn(tok):
     assert chat.messages[-1].role == "tool"  # kept: the next turn follows on from it
 
 
+def test_ctrl_c_while_a_tool_runs_leaves_no_call_unanswered_and_the_reply_marked_stopped(tok, tmp_path):
+    """Ctrl-C in the terminal chat while a function ran (or at "Run it? [y/N]") left the call
+    without a result, which every later prompt then held, and the reply saved as if whole; Esc
+    in the TUI, too, left no stopped mark. Each call keeps a result, and the reply is marked
+    stopped, in the saved chat as well."""
+    def slow(city: str) -> str:
+        """Slow weather."""
+        raise KeyboardInterrupt  # (what Ctrl-C raises in it)
+
+    toolbox = Toolbox(functions=[FunctionTool.from_callable(slow)])
+    chat = Chat(ScriptedModel([call_script(tok, "functions.slow", '{"city": "Paris"}')]), tok,
+                date="2025-08-05", **toolbox.chat_options())
+    events = []
+    with pytest.raises(KeyboardInterrupt):
+        for event in run_with_tools(chat, "Weather?", toolbox):
+            events.append(event)
+    assert [r.content for r in results(events)] == ["Error: stopped by the user"]
+    assert [(m.role, m.cut) for m in chat.messages[-2:]] == [("assistant", "interrupted"), ("tool", None)]
+    from gptoss_mlx.store import ConversationStore
+
+    store = ConversationStore(tmp_path)
+    store.save(chat, "c1", "Weather")
+    again = Chat(ScriptedModel([]), tok, date="2025-08-05", **toolbox.chat_options())
+    store.load(again, "c1")
+    assert [(m.role, m.cut) for m in again.messages[-2:]] == [("assistant", "interrupted"), ("tool", None)]
+
+    loop = call_script(tok, "functions.get_weather", '{"city": "Oslo"}')  # Esc (the TUI) while it runs
+    toolbox = Toolbox(functions=[FunctionTool.from_callable(get_weather)])
+    chat = Chat(ScriptedModel([loop]), tok, date="2025-08-05", **toolbox.chat_options())
+    real = toolbox.execute
+    toolbox.execute = lambda call: (chat.stop(), real(call))[1]
+    list(run_with_tools(chat, "Weather?", toolbox))
+    assert [(m.role, m.cut) for m in chat.messages[-2:]] == [("assistant", "interrupted"), ("tool", None)]
+
+
 def test_python_tool_in_the_loop_with_approval(tok, os_sandbox):
     asked = []
     toolbox = Toolbox(python=PythonSandbox(limits=SandboxLimits(timeout_s=10)),

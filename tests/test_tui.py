@@ -640,15 +640,19 @@ async def test_a_reopened_reply_that_was_cut_short_says_so(store):
     saved.messages += [Message("user", "count"), Message("assistant", "Counting.", channel="analysis"),
                        Message("assistant", "one two", channel="final", cut="length"),
                        Message("user", "again"), Message("assistant", "one", channel="final", cut="interrupted"),
-                       Message("user", "thanks"), Message("assistant", "You're welcome.", channel="final")]
+                       Message("user", "thanks"), Message("assistant", "You're welcome.", channel="final"),
+                       Message("user", "weather?"),  # stopped while its tool ran (the call is marked)
+                       Message("assistant", "{}", channel="commentary", recipient="functions.slow", cut="interrupted"),
+                       Message("tool", "Error: stopped by the user", channel="commentary", recipient="assistant",
+                               name="functions.slow")]
     store.save(saved, "cut", "Counting")
     app = make_app(ScriptedChat(), store)
     async with app.run_test(size=SIZE) as pilot:
         app.open_conversation("cut")
-        await wait_until(pilot, lambda: len(app.query(AssistantTurn)) == 3)
+        await wait_until(pilot, lambda: len(app.query(AssistantTurn)) == 4)
         await pilot.pause(0.1)
         stats = [t.query_one(".stats", Static).render().plain for t in app.query(AssistantTurn)]
-        assert stats == ["cut off: token limit", "stopped", ""], stats
+        assert stats == ["cut off: token limit", "stopped", "", "stopped"], stats
 
 
 async def test_an_export_that_cannot_be_written_is_said_and_the_app_goes_on(store):

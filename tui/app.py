@@ -257,8 +257,10 @@ class AssistantTurn(Vertical):
         await self.finish()
         for section in self.sections:
             section.collapsed = bool(self.answer_text)
-        if self.saved[-1].cut in CUT_NOTES:  # the reply was cut short when it was made
-            self.query_one(".stats", Static).update(CUT_NOTES[self.saved[-1].cut])
+        # the reply was cut short when it was made (stopped while written, or at a tool call)
+        cut = next((m.cut for m in reversed(self.saved) if m.role == "assistant"), None)
+        if cut in CUT_NOTES:
+            self.query_one(".stats", Static).update(CUT_NOTES[cut])
 
     @property
     def reasoning_text(self) -> str:

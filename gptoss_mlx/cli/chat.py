@@ -360,11 +360,14 @@ class Repl:
         self.say(terminal_safe(f"Resumed \"{self.title}\" ({self.message_count()} messages)."))
         for i in shown[-2:]:
             m = messages[i]
+            end = next((j for j in range(i + 1, len(messages)) if messages[j].role == "user"), len(messages))
+            # the reply was cut short when it was made (stopped while written, or at a tool call)
+            cut = next((r.cut for r in reversed(messages[i:end]) if r.role == "assistant"), None)
             if m.role == "user":
                 self.say("you: " + terminal_safe(glimpse(m.text)))
+                if cut and not any(r.channel == "final" for r in messages[i:end]):  # no answer to show
+                    self.say(CUT_MARKS[cut])
                 continue
-            end = next((j for j in range(i + 1, len(messages)) if messages[j].role == "user"), len(messages))
-            cut = messages[end - 1].cut  # the reply was cut short when it was made
             self.say("gpt-oss: " + terminal_safe(glimpse(m.text)) + (f"\n{CUT_MARKS[cut]}" if cut else ""))
         if tools:
             self.say(terminal_safe(f"[functions: {tools}]"))

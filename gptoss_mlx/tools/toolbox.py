@@ -216,15 +216,23 @@ def run_with_tools(chat: Chat, text: str | None, toolbox: Toolbox, max_rounds: i
         if (not calls or done is None or done.finish_reason in ("interrupted", "length", "context")
                 or round_ > max_rounds):
             return
+        stopped = None  # Ctrl-C (the terminal chat) while a call ran or its user was asked
         for call in calls:
             if round_ == max_rounds:
                 result = ToolResult(call.recipient, limit_reached(max_rounds), ok=False)
-            elif chat.stop_requested:  # stopped after the call was made (Esc in the TUI)
+            elif chat.stop_requested or stopped:  # stopped after the call was made (Esc in the TUI)
                 result = ToolResult(call.recipient, "Error: not run: the user stopped the reply", ok=False)
             else:
-                result = toolbox.execute(call)
+                try:
+                    result = toolbox.execute(call)
+                except KeyboardInterrupt as e:  # every call keeps a result: none is left unanswered
+                    stopped = e
+                    result = ToolResult(call.recipient, "Error: stopped by the user", ok=False)
             chat.add_tool_result(result.name, result.content, channel=call.channel or "commentary")
             yield result
-        if chat.stop_requested:  # stopped while the tools ran (Esc in the TUI): no next round
+        if chat.stop_requested or stopped:  # no next round, and the reply is saved as stopped
+            chat.mark_stopped()
+            if stopped:
+                raise stopped
             return
         events = chat.reply(answer=round_ == max_rounds)
