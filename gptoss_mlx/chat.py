@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Iterator
 
 from . import harmony
-from .chat_file import CHAT_FIELDS, ChatFileError, chat_file_problem, check_chat_file, write_json_atomic  # noqa: F401 - ChatFileError: public here
+from .chat_file import (  # noqa: F401 - ChatFileError: public here
+    CHAT_FIELDS, DATE_SHAPE, ChatFileError, chat_file_problem, check_chat_file, is_one_line_date, write_json_atomic,
+)
 from .engine_thread import engine_thread
 from .files import valid_text
 from .generate import RAISE_CONTEXT, ContextLengthError, Engine, SamplingParams, Stats
@@ -103,10 +105,7 @@ class Chat:
         if engine is None and not hasattr(tokenizer, "encode_ordinary"):
             raise TypeError(f"tokenizer must be the loaded model's (model, tokenizer = gptoss_mlx.load(...)), "
                             f"got {type(tokenizer).__name__}")
-        if isinstance(sampling, dict):
-            sampling = SamplingParams(**sampling)  # a TypeError names a key it does not have
-        elif sampling is not None and not isinstance(sampling, SamplingParams):
-            raise TypeError(f"sampling must be a SamplingParams or a dict of its fields, got {type(sampling).__name__}")
+        self.sampling = sampling
         self.context_overflow = context_overflow
         self.tokenizer = tokenizer
         self.engine = engine or Engine(model, max_context=max_context)
@@ -124,7 +123,8 @@ class Chat:
                 raise TypeError(f"{name} must be True or False, got {value!r}")
         self.browser, self.python = bool(browser), bool(python)
         self.python_description = python_description  # what this python tool really does
-        self.sampling = sampling or SamplingParams()
+        if date is not None and not is_one_line_date(date):  # (a saved chat with it would not load)
+            raise ValueError(f"date must be {DATE_SHAPE}, like \"2025-08-05\", got {date!r:.80}")
         self.date = date or harmony.today()
         self.messages: list[Message] = []  # user, assistant and tool messages, reasoning included
         self.reasoning_effort = reasoning_effort
@@ -326,6 +326,19 @@ class Chat:
             raise ValueError(f"add_tool_result's name {name[:80]!r}: a tool's name cannot hold a special token")
         self.messages.append(Message("tool", valid_text(content), channel=channel, recipient="assistant",
                                      name=name))
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self._sampling
+
+    @sampling.setter
+    def sampling(self, value: SamplingParams | dict | None) -> None:
+        """A SamplingParams, or a dict of its fields (None: the defaults), checked when set."""
+        if isinstance(value, dict):
+            value = SamplingParams(**value)  # a TypeError names a key it does not have
+        elif value is not None and not isinstance(value, SamplingParams):
+            raise TypeError(f"sampling must be a SamplingParams or a dict of its fields, got {type(value).__name__}")
+        self._sampling = value or SamplingParams()
 
     def mark_stopped(self) -> None:
         """The reply was stopped after its last message (while a tool ran for it, or its user was

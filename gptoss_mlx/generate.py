@@ -56,6 +56,9 @@ def non_finite_message(model) -> str:
     return message
 
 
+_UNSET = object()
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0  # OpenAI's recommendation for gpt-oss: temperature 1, top_p 1
@@ -64,6 +67,22 @@ class SamplingParams:
     min_p: float = 0.0  # 0: off
     seed: int | None = None
     max_tokens: int | None = None  # None: until a stop token or the context is full
+
+    def __setattr__(self, name: str, value) -> None:
+        """A field changed later is checked as the constructor checks it (chat.sampling.
+        temperature = -1 sampled the least likely tokens; max_tokens = 0 ran to the context's
+        end); a bad value leaves the field as it was."""
+        before = self.__dict__.get(name, _UNSET)
+        object.__setattr__(self, name, value)
+        if "max_tokens" in self.__dict__:  # (the constructor sets the fields in order: all there)
+            try:
+                self.__post_init__()
+            except (TypeError, ValueError):
+                if before is _UNSET:
+                    object.__delattr__(self, name)
+                else:
+                    object.__setattr__(self, name, before)
+                raise
 
     def __post_init__(self):
         for name, kinds, what in (("temperature", Real, "a number"), ("top_p", Real, "a number"),
@@ -143,7 +162,8 @@ class SequenceSampler:
                  logits_processors=None):
         self.sample = make_sampler(params, vocab_size)
         self.greedy = params.temperature == 0
-        # a seed gives the key; otherwise one drawn from MLX's global generator (mx.random.seed)
+        # a seed gives the key; otherwise one drawn from the engine thread's generator (MLX's random
+        # state is per thread: mx.random.seed in another thread does not reach it; pass seed=)
         self.key = (mx.random.key(params.seed) if params.seed is not None
                     else mx.random.randint(0, 1 << 31, (2,)).astype(mx.uint32))
         self.processors = list(logits_processors or [])
