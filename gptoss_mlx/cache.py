@@ -116,11 +116,16 @@ class KVCache(KVStorage):
     def can_trim(self, n: int) -> bool:
         return n <= self.offset
 
-    def trim(self, n: int) -> None:
-        """Forget the last ``n`` tokens (later writes overwrite them)."""
+    def is_trimmable(self) -> bool:
+        """mlx-lm's protocol (mlx_lm.models.cache.can_trim_prompt_cache): any of its tokens can go."""
+        return True
+
+    def trim(self, n: int) -> int:
+        """Forget the last ``n`` tokens (later writes overwrite them); ``n``, as mlx-lm's trim returns."""
         if not self.can_trim(n):
             raise ValueError(f"cannot trim {n} tokens from a cache holding {self.offset}")
         self.offset -= n
+        return n
 
     def snapshot(self):
         return self.offset  # earlier positions are never overwritten
@@ -215,12 +220,17 @@ class RotatingKVCache(KVStorage):
         further is the classic prompt-cache bug, also after several one-token rewinds)."""
         return 0 <= n <= self.offset and (self.high <= self.window or self.offset - n >= self.high - 1)
 
-    def trim(self, n: int) -> None:
+    def is_trimmable(self) -> bool:
+        """mlx-lm's protocol: any of its tokens can go while the ring has not wrapped."""
+        return self.high <= self.window
+
+    def trim(self, n: int) -> int:
         if not self.can_trim(n):
             raise ValueError(
                 f"cannot rewind a {self.window}-slot ring buffer by {n} tokens at offset "
                 f"{self.offset}: those keys were overwritten; restore a snapshot instead")
         self._offset -= n
+        return n
 
     def snapshot(self):
         """(offset, a copy of the ring (small: window slots), high) to rewind to later."""

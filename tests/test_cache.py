@@ -121,3 +121,18 @@ def test_a_ring_keeps_what_it_can_serve_through_a_decode_batch():
     assert back.offset == 5 and back.can_trim(0) and not back.can_trim(1)
     back.restore(snap)
     assert back.offset == 6 and back.can_trim(1) and not back.can_trim(2)
+
+
+def test_mlx_lms_prompt_cache_trimming_works_and_refuses_what_a_ring_lost(model, full_logits):
+    """The caches bear mlx-lm's class names, but mlx_lm.models.cache.can_trim_prompt_cache raised
+    AttributeError on them (no is_trimmable). Trimmed through mlx-lm, the cache gives the logits
+    of a fresh run; a ring that has wrapped says it cannot be trimmed."""
+    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+    cache = model.make_cache()
+    model(mx.array([TOKENS[:7]]), cache=cache)
+    assert can_trim_prompt_cache(cache) and trim_prompt_cache(cache, 3) == 3
+    again = np.array(model(mx.array([TOKENS[4:7]]), cache=cache)[0])
+    np.testing.assert_allclose(again, full_logits[4:7], atol=FP32_ATOL)
+    model(mx.array([TOKENS[7:20]]), cache=cache)  # past the 8-slot window
+    assert not can_trim_prompt_cache(cache)
