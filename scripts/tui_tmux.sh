@@ -40,7 +40,7 @@ no_failure() {
   if grep -q "The reply failed" "$OUT/$1"; then echo "a reply failed (see $1)" >&2; exit 1; fi
 }
 
-wait_for "context 0/" 120
+wait_for "effort medium · context " 120  # (the status bar: the model has loaded)
 capture 1-loaded.txt
 
 n=0
