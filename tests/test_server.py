@@ -1541,6 +1541,29 @@ def test_a_preamble_before_a_call_goes_on_as_commentary_with_the_turns_reasoning
         assert tok.decode(model.fed).endswith(expected)
 
 
+def test_a_preamble_between_two_pieces_of_reasoning_stays_a_preamble():
+    """A re-attack: reasoning, a preamble, more reasoning, then the call (the model's own order)
+    sent back as items rendered the preamble as a final answer and dropped the first reasoning."""
+    from gptoss_mlx.server.responses import chat_messages
+
+    items = [{"role": "user", "content": "Weather?"},
+             {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "Need it."}]},
+             {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+             {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "Call it."}]},
+             {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]
+    messages, _ = chat_messages(items)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    text = harmony.segments_to_text(harmony.render_conversation(
+        harmony.from_chat_completions({"messages": messages, "tools": tools}, date="2025-08-05")))
+    assert text.endswith(
+        "<|start|>user<|message|>Weather?<|end|><|start|>assistant<|channel|>analysis<|message|>Need it.<|end|>"
+        "<|start|>assistant<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>analysis"
+        "<|message|>Call it.<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json"
+        "<|message|>{}<|call|><|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>sunny<|end|>"
+        "<|start|>assistant")
+
+
 def test_clients_that_send_reasoning_back_without_its_text_keep_it(tok):
     """Codex (store=false, include reasoning.encrypted_content) sends a reasoning item back with
     its encrypted_content alone, which this server never gave: every tool round lost the turn's

@@ -240,6 +240,11 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
         for k in range(begun, len(out)):  # the messages this item began
             origins[f"messages[{k}]"] = where
         begun = len(out)
+    for m, after in zip(out, out[1:]):
+        # text the turn goes on from (reasoning, then a call, after it: the model's own order) is
+        # a preamble, not the answer that would end the turn and drop its reasoning
+        if m["role"] == after["role"] == "assistant" and m.get("content") and not m.get("tool_calls"):
+            m["channel"] = "commentary"
     return out, origins
 
 
