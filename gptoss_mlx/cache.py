@@ -114,16 +114,18 @@ class KVCache(KVStorage):
             self.kv = _pad_slots(self.kv[..., : self.offset, :], capacity)
 
     def can_trim(self, n: int) -> bool:
-        return n <= self.offset
+        return 0 <= n <= self.offset
 
     def is_trimmable(self) -> bool:
         """mlx-lm's protocol (mlx_lm.models.cache.can_trim_prompt_cache): any of its tokens can go."""
         return True
 
     def trim(self, n: int) -> int:
-        """Forget the last ``n`` tokens (later writes overwrite them); ``n``, as mlx-lm's trim returns."""
-        if not self.can_trim(n):
-            raise ValueError(f"cannot trim {n} tokens from a cache holding {self.offset}")
+        """Forget the last ``n`` tokens (later writes overwrite them), at most those it holds;
+        how many, as mlx-lm's trim does."""
+        if n < 0:
+            raise ValueError(f"cannot trim {n} tokens: a count from 0")
+        n = min(n, self.offset)
         self.offset -= n
         return n
 

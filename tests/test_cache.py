@@ -136,3 +136,9 @@ def test_mlx_lms_prompt_cache_trimming_works_and_refuses_what_a_ring_lost(model,
     np.testing.assert_allclose(again, full_logits[4:7], atol=FP32_ATOL)
     model(mx.array([TOKENS[7:20]]), cache=cache)  # past the 8-slot window
     assert not can_trim_prompt_cache(cache)
+    full = KVCache()  # (a re-attack) as mlx-lm's: at most what it holds, and no negative count
+    full.update_and_fetch(mx.zeros((1, 2, 5, 4)), mx.zeros((1, 2, 5, 4)))
+    assert trim_prompt_cache([full], 100) == 5 and full.offset == 0
+    with pytest.raises(ValueError):
+        full.trim(-3)
+    assert not full.can_trim(-3) and full.offset == 0

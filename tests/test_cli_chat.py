@@ -5,6 +5,7 @@ pipe), autosave after every reply, --resume, /load and /save, --max-context and
 import io
 import json
 import os
+import threading
 import time
 import re
 
@@ -140,6 +141,15 @@ def test_what_is_typed_during_a_reply_waits_at_the_next_prompt(monkeypatch):
         os.write(leader, b"more\r\n")
         time.sleep(0.2)
         assert lineedit.take_typeahead() == "more"
+        # (a re-attack) a paste still arriving when the prompt comes: taken whole, not half as a
+        # draft and the rest as keys (its line breaks sending it, line by line)
+        writer = threading.Thread(target=lambda: [(os.write(leader, b"line %d\r" % k), time.sleep(0.01))
+                                                  for k in range(40)])
+        os.write(leader, b"start\r")
+        writer.start()
+        taken = lineedit.take_typeahead()
+        writer.join()
+        assert taken == "start\n" + "\n".join(f"line {k}" for k in range(40))
     os.close(leader)
 
 

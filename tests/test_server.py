@@ -1604,6 +1604,9 @@ def test_clients_that_send_reasoning_back_without_its_text_keep_it(tok):
         c.responses.create(model="gpt-oss-tiny", input=[user, foreign, call_item, output], tools=tools, store=False)
         with pytest.raises(openai.NotFoundError, match="no stored item 'msg_gone'"):
             c.responses.create(model="gpt-oss-tiny", input=[user, {"type": "item_reference", "id": "msg_gone"}])
+        twice = {"type": "item_reference", "id": reasoning.id}  # (a re-attack: it was read twice)
+        with pytest.raises(openai.BadRequestError, match="Duplicate item"):
+            c.responses.create(model="gpt-oss-tiny", input=[user, twice, call_item, twice, output], tools=tools)
 
 
 def twice(n: int) -> int:

@@ -13,6 +13,7 @@ Ctrl-R reverse search, and one buffer for a multi-line message:
 from __future__ import annotations
 
 import os
+import select
 import sys
 from pathlib import Path
 from typing import Callable
@@ -109,6 +110,7 @@ def line_reader(history_file: Path, input: Input | None = None,
 
 _held: list[str] = []  # text typed ahead of a question that is not a message (hold_typeahead)
 MAX_TYPEAHEAD = 1 << 20
+TYPEAHEAD_QUIET_S = 0.15  # no input for this long after some: what was typed or pasted is all there
 
 
 def take_typeahead() -> str:
@@ -127,8 +129,8 @@ def take_typeahead() -> str:
     except (termios.error, OSError):
         return ""
     data = b""
-    try:
-        while len(data) < MAX_TYPEAHEAD:
+    try:  # until the input is quiet: a paste under way (a terminal writes it in pieces) is taken whole
+        while len(data) < MAX_TYPEAHEAD and select.select([fd], [], [], TYPEAHEAD_QUIET_S if data else 0)[0]:
             chunk = os.read(fd, 65536)
             if not chunk:
                 break

@@ -408,7 +408,7 @@ def referenced(given: list, store: ResponseStore) -> list:
     """``input`` with each ``item_reference`` replaced by the stored item it names (what ai-sdk
     sends for the earlier turns' output under store=true); a 404 naming one not kept."""
     kept = store.items_by_id()
-    out = []
+    out, seen = [], set()
     for j, item in enumerate(given):
         if isinstance(item, dict) and item.get("type") == "item_reference":
             found = kept.get(item.get("id")) if isinstance(item.get("id"), str) else None
@@ -416,7 +416,11 @@ def referenced(given: list, store: ResponseStore) -> list:
                 shown = str(item.get("id"))[:80]
                 raise APIError(404, f"input[{j}]: no stored item {shown!r} (items are kept with their "
                                f"responses: the last {store.size}, and only with store=true)", param="input")
+            if item["id"] in seen:  # (the model would read it twice, out of its place)
+                raise bad_request(f"input[{j}]: Duplicate item found with id {item['id'][:80]}", "input")
             item = found
+        if isinstance(item, dict) and isinstance(item.get("id"), str):
+            seen.add(item["id"])
         out.append(item)
     return out
 
