@@ -310,6 +310,27 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+def _prompt_ids(prompt) -> list[int]:
+    """A prompt as a list of token ids (a list or tuple of ints, or a 1-D array of them: mlx-lm
+    takes an mx.array), or a TypeError naming what it is instead."""
+    if isinstance(prompt, (str, bytes)):
+        raise TypeError("prompt must be token ids, got text: tokenize it first (tokenizer.encode, or "
+                        "harmony's rendering of a conversation)")
+    ids = prompt.tolist() if hasattr(prompt, "tolist") else prompt  # (an array: a host copy)
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(t, Integral) and not isinstance(t, bool) for t in ids):
+        shape = f" of shape {tuple(prompt.shape)}" if hasattr(prompt, "shape") else ""
+        raise TypeError(f"prompt must be a list of token ids (ints), got {type(prompt).__name__}{shape}")
+    return [int(t) for t in ids]
+
+
+def _sampling(params) -> SamplingParams | None:
+    if isinstance(params, dict):
+        return SamplingParams(**params)  # a TypeError names a key it does not have
+    if params is not None and not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams or a dict of its fields, got {type(params).__name__}")
+    return params
+
+
 class Engine:
     """Runs a model over a growing token sequence with a reusable KV cache.
 
@@ -327,6 +348,9 @@ class Engine:
         if max_context is None:  # load(max_context=...) planned the memory for that many tokens
             max_context = getattr(model, "planned_context", None)
         self.max_context = check_max_context(max_context, model.config.max_position_embeddings)
+        if isinstance(prefill_step, bool) or not isinstance(prefill_step, int) or prefill_step < 1:
+            raise ValueError(f"prefill_step must be a whole number >= 1 (tokens a prefill chunk holds), "
+                             f"got {prefill_step!r}")
         self.prefill_step = prefill_step
         if compile_decode is None:
             compile_decode = decode_step.enabled()
@@ -380,7 +404,10 @@ class Engine:
         They are made on the engine thread; closing the iterator stops at the next token, or
         during the prompt's prefill at the next chunk, as ``stop()`` becoming true does (then
         nothing is yielded: a long prompt never holds a Ctrl-C for its whole prefill).
-        ``logits_processors``: see :class:`SequenceSampler`; ``instructions``: see :meth:`prefill`."""
+        ``logits_processors``: see :class:`SequenceSampler`; ``instructions``: see :meth:`prefill`.
+        ``prompt``: token ids (a list, or a 1-D ``mx.array`` as mlx-lm takes); ``params``: a
+        SamplingParams or a dict of its fields."""
+        prompt, params = _prompt_ids(prompt), _sampling(params)
         return engine_thread().stream(
             self._generate(prompt, params, stop_tokens, logits_processors, instructions, stop))
 

@@ -876,6 +876,10 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
         raise ValueError(f"max_context must be a whole number of tokens, at least 1, got {max_context!r}")
     if sharding not in SHARDINGS:
         raise ValueError(f"sharding must be {' or '.join(SHARDINGS)}, got {sharding!r}")
+    if group is not None and not callable(getattr(group, "size", None)):
+        raise TypeError(f"group must be an mx.distributed group (mx.distributed.init()), got {group!r:.60}")
+    if adapter is not None and (not isinstance(adapter, (str, os.PathLike)) or not str(adapter).strip()):
+        raise ValueError(f"adapter must be an adapter's directory or Hugging Face repo id, got {adapter!r:.60}")
     directory = resolve_checkpoint(path_or_repo)
     config = read_config(directory)
     if max_context is not None and max_context > config.max_position_embeddings:

@@ -280,8 +280,16 @@ def token_ids(inputs, vocab: int | None) -> mx.array:
 
 
 def _described(cache) -> str:
+    if not isinstance(cache, (list, tuple)):
+        return f"{type(cache).__name__} {cache!r:.60}"
     kinds = sorted({type(c).__name__ for c in cache})
     return f"{len(cache)} entries of type {', '.join(kinds) or '-'}"
+
+
+def _rows_held(cache) -> int | None:
+    """The batch rows a layer's cache holds keys for (None: empty, or no cache)."""
+    kv, offset = getattr(cache, "kv", None), getattr(cache, "offset", None)
+    return kv.shape[0] if isinstance(kv, mx.array) and isinstance(offset, int) and offset > 0 else None
 
 
 class Model(nn.Module):
@@ -320,12 +328,16 @@ class Model(nn.Module):
         are the cache's entries, the engine's own, on that per-token path)."""
         if cache is None:
             cache = [None] * len(self.layers)
-        elif len(cache) != len(self.layers) or (  # (the engine's own decode steps: its caches)
-                not sampled and not all(hasattr(c, "update_and_fetch") for c in cache)):
+        elif not isinstance(cache, (list, tuple)) or len(cache) != len(self.layers) or (
+                not sampled and not all(hasattr(c, "update_and_fetch") for c in cache)):  # (sampled: the engine's own)
             raise ValueError(f"the cache must be the model's own, one per layer ({len(self.layers)}), "
                              f"got {_described(cache)}: make it with model.make_cache()")
         if self.embed_tokens is not None:
             inputs = token_ids(inputs, None if sampled else self.config.vocab_size)
+            held = None if sampled else _rows_held(cache[0])
+            if held is not None and held != inputs.shape[0]:
+                raise ValueError(f"the cache holds {held} sequence(s) and the ids have {inputs.shape[0]} "
+                                 "rows: a batch needs a cache of its own (model.make_cache())")
             x = self.embed_tokens(inputs)
         else:  # a later pipeline stage: the previous stage's output
             x = self.stage.receive(inputs, self.norm_dtype())

@@ -109,6 +109,21 @@ def test_context_guard():
     assert len(tokens) == 5 and stats.finish_reason == "context"
 
 
+def test_a_prompt_or_settings_of_another_shape_are_named_or_taken_as_mlx_lm_takes_them():
+    """Engine.generate("text") failed inside with "'<=' not supported between int and str", an
+    mx.array prompt with "[convert] Only length-1 arrays...", a dict of settings with an
+    AttributeError, and Engine(prefill_step=0) with ZeroDivisionError: text and a bad step are
+    named; a 1-D array of ids and a dict of settings are taken (mlx-lm's generate takes both)."""
+    assert run(ScriptedModel([[11, RETURN]]), mx.array([1, 2, 3]))[0] == [11, RETURN]
+    engine = Engine(ScriptedModel([[11, RETURN]]))
+    assert list(engine.generate([1, 2, 3], {"temperature": 0, "max_tokens": 1})) == [11]
+    for prompt, says in (("hello", "got text"), (mx.array([[1, 2]]), "got array of shape \\(1, 2\\)"), ([1, "2"], "list of token ids")):
+        with pytest.raises(TypeError, match=says):
+            engine.generate(prompt, SamplingParams())
+    with pytest.raises(ValueError, match="prefill_step must be a whole number >= 1"):
+        Engine(ScriptedModel([[7]]), prefill_step=0)
+
+
 # ------------------------------------------------------------------ prompt cache
 @pytest.fixture(scope="module")
 def model(checkpoints):
@@ -117,6 +132,17 @@ def model(checkpoints):
 
 def fresh_logits(model, prompt):
     return np.array(model(mx.array([prompt]))[0, -1])
+
+
+def test_a_cache_of_another_batch_or_no_cache_at_all_is_named(model):
+    """model(ids, cache=5) said "object of type 'int' has no len()", and a batch of 2 on a cache
+    made for one failed in MLX's [concatenate]."""
+    cache = model.make_cache()
+    model(mx.array([[1, 2, 3]]), cache=cache)
+    with pytest.raises(ValueError, match="the cache holds 1 sequence\\(s\\) and the ids have 2 rows"):
+        model(mx.array([[4], [5]]), cache=cache)
+    with pytest.raises(ValueError, match="the cache must be the model's own, one per layer .* got int 5"):
+        model(mx.array([[4]]), cache=5)
 
 
 def test_follow_up_reuses_the_cache_and_matches_a_fresh_run(model, tiny_config):

@@ -97,6 +97,17 @@ def test_a_chat_on_a_loaded_model_keeps_to_the_context_its_memory_was_planned_fo
         load(tiny_checkpoint, max_context=10**9)
 
 
+def test_an_empty_adapter_or_a_group_that_is_none_are_named(tiny_checkpoint):
+    """load(adapter="") said ".: not an adapter directory" (it looked in the current folder), and
+    load(group=5) raised AttributeError: 'int' object has no attribute 'size'."""
+    import gptoss_mlx
+
+    with pytest.raises(ValueError, match="adapter must be an adapter's directory or Hugging Face repo id, got ''"):
+        gptoss_mlx.load(tiny_checkpoint, adapter="")
+    with pytest.raises(TypeError, match="group must be an mx.distributed group"):
+        gptoss_mlx.load(tiny_checkpoint, group=5)
+
+
 def test_bad_dtype(checkpoints):
     with pytest.raises(ValueError, match="dtype"):
         gptoss_mlx.load(checkpoints["hf"], dtype="int8")
