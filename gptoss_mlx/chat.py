@@ -33,7 +33,7 @@ from .chat_file import (  # noqa: F401 - ChatFileError: public here
 )
 from .engine_thread import engine_thread
 from .files import valid_text
-from .generate import RAISE_CONTEXT, ContextLengthError, Engine, SamplingParams, Stats
+from .generate import RAISE_CONTEXT, ContextLengthError, Engine, SamplingParams, Stats, sampling_params
 from .harmony.chat_completions import _header_field
 from .harmony import ContentDelta, DeveloperContent, Message, MessageEnd, MessageStart, ResponseFormat
 from .structured import SchemaError, compile_schema, constrained_messages, constraints_for, final_header, grammars
@@ -334,17 +334,13 @@ class Chat:
     @sampling.setter
     def sampling(self, value: SamplingParams | dict | None) -> None:
         """A SamplingParams, or a dict of its fields (None: the defaults), checked when set."""
-        if isinstance(value, dict):
-            value = SamplingParams(**value)  # a TypeError names a key it does not have
-        elif value is not None and not isinstance(value, SamplingParams):
-            raise TypeError(f"sampling must be a SamplingParams or a dict of its fields, got {type(value).__name__}")
-        self._sampling = value or SamplingParams()
+        self._sampling = sampling_params(value, "sampling") or SamplingParams()
 
     def mark_stopped(self) -> None:
         """The reply was stopped after its last message (while a tool ran for it, or its user was
         asked about it): that message is marked so, as a reply stopped while written is, and
-        the mark is saved and shown again when the chat is reopened."""
-        last = next((m for m in reversed(self.messages) if m.role == "assistant"), None)
+        the mark is saved and shown again when the chat is reopened (reply_cut)."""
+        last = _last_reply_message(self.messages)
         if last is not None and last.cut is None:
             last.cut = "interrupted"
 
@@ -500,9 +496,6 @@ class Chat:
         problem = chat_file_problem({"messages": [], **metadata})  # (a title that is no string, a newer format)
         if problem:
             raise ValueError(f"save(): {problem}")
-        path = Path(path).expanduser()
-        if path.is_symlink():  # as open(path, "w"): the file it names is written, not the link replaced
-            path = path.resolve()
         return write_json_atomic(path, {**self.to_json(), **metadata})
 
     def load(self, path: str | os.PathLike) -> dict:
@@ -528,6 +521,18 @@ class Chat:
         self._format = self._turn_format = answer_format
         self.messages = rest
         return data
+
+
+def _last_reply_message(messages: list[Message]) -> Message | None:
+    return next((m for m in reversed(messages) if m.role == "assistant"), None)
+
+
+def reply_cut(messages: list[Message]) -> str | None:
+    """How a reply (its messages: reasoning, calls, results, answer) was cut short when it was
+    made, None if not: the mark on its last message of the assistant's (a stop at a tool call
+    marks the call, which its result follows)."""
+    last = _last_reply_message(messages)
+    return last.cut if last is not None else None
 
 
 def _names(names: set[str]) -> str:

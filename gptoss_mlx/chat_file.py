@@ -161,8 +161,11 @@ def write_json_atomic(path: str | os.PathLike, data) -> Path:
 
 def write_text_atomic(path: str | os.PathLike, text: str | bytes) -> Path:
     """Write through a temporary file and a rename: a crash never leaves half a file (the
-    store removes temporary files that a killed save left behind)."""
+    store removes temporary files that a killed save left behind). A link is followed, as
+    ``open(path, "w")`` follows it: the file it names is written, the link stays."""
     path = Path(path).expanduser()
+    if path.is_symlink():
+        path = path.resolve()
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory: name a file in it", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)

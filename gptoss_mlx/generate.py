@@ -323,12 +323,14 @@ def _prompt_ids(prompt) -> list[int]:
     return [int(t) for t in ids]
 
 
-def _sampling(params) -> SamplingParams | None:
-    if isinstance(params, dict):
-        return SamplingParams(**params)  # a TypeError names a key it does not have
-    if params is not None and not isinstance(params, SamplingParams):
-        raise TypeError(f"params must be a SamplingParams or a dict of its fields, got {type(params).__name__}")
-    return params
+def sampling_params(value, name: str = "params") -> SamplingParams | None:
+    """``value`` (a SamplingParams, a dict of its fields, or None) as a SamplingParams or None;
+    a TypeError naming ``name`` for anything else."""
+    if isinstance(value, dict):
+        return SamplingParams(**value)  # a TypeError names a key it does not have
+    if value is not None and not isinstance(value, SamplingParams):
+        raise TypeError(f"{name} must be a SamplingParams or a dict of its fields, got {type(value).__name__}")
+    return value
 
 
 class Engine:
@@ -407,7 +409,7 @@ class Engine:
         ``logits_processors``: see :class:`SequenceSampler`; ``instructions``: see :meth:`prefill`.
         ``prompt``: token ids (a list, or a 1-D ``mx.array`` as mlx-lm takes); ``params``: a
         SamplingParams or a dict of its fields."""
-        prompt, params = _prompt_ids(prompt), _sampling(params)
+        prompt, params = _prompt_ids(prompt), sampling_params(params)
         return engine_thread().stream(
             self._generate(prompt, params, stop_tokens, logits_processors, instructions, stop))
 

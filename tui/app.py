@@ -38,7 +38,7 @@ from textual.widgets.option_list import Option
 from rich.text import Text
 
 from gptoss_mlx.chat import (
-    AnswerDelta, Chat, ChatFileError, ContextTrimmed, Done, ReasoningDelta, ToolCall,
+    AnswerDelta, Chat, ChatFileError, ContextTrimmed, Done, ReasoningDelta, ToolCall, reply_cut,
 )
 from gptoss_mlx.chat_file import check_chat_file
 from gptoss_mlx.cli.lineedit import input_history
@@ -257,8 +257,7 @@ class AssistantTurn(Vertical):
         await self.finish()
         for section in self.sections:
             section.collapsed = bool(self.answer_text)
-        # the reply was cut short when it was made (stopped while written, or at a tool call)
-        cut = next((m.cut for m in reversed(self.saved) if m.role == "assistant"), None)
+        cut = reply_cut(self.saved)  # the reply was cut short when it was made
         if cut in CUT_NOTES:
             self.query_one(".stats", Static).update(CUT_NOTES[cut])
 

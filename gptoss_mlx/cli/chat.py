@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from ..chat import Chat, ChatFileError, Done
+from ..chat import Chat, ChatFileError, Done, reply_cut
 from ..chat_file import check_chat_file
 from ..files import REPLACEMENT, valid_text
 from ..generate import ContextLengthError, NonFiniteLogitsError
@@ -361,8 +361,7 @@ class Repl:
         for i in shown[-2:]:
             m = messages[i]
             end = next((j for j in range(i + 1, len(messages)) if messages[j].role == "user"), len(messages))
-            # the reply was cut short when it was made (stopped while written, or at a tool call)
-            cut = next((r.cut for r in reversed(messages[i:end]) if r.role == "assistant"), None)
+            cut = reply_cut(messages[i:end])  # the reply was cut short when it was made
             if m.role == "user":
                 self.say("you: " + terminal_safe(glimpse(m.text)))
                 if cut and not any(r.channel == "final" for r in messages[i:end]):  # no answer to show

@@ -203,8 +203,7 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
             if not all(isinstance(item.get(k), str) for k in ("name", "call_id", "arguments")):
                 raise bad_request(f"{where}: a function_call needs 'name', 'call_id' and 'arguments' "
                                   "(strings)", "input")
-            # a message before a call in its turn is the call's preamble (commentary), not an answer
-            calls = turn().setdefault("tool_calls", [])
+            calls = turn("content").setdefault("tool_calls", [])
             calls.append({"id": item["call_id"], "type": "function",
                           "function": {"name": item["name"], "arguments": item["arguments"]}})
             origins[f"messages[{len(out) - 1}].tool_calls[{len(calls) - 1}]"] = where
@@ -212,7 +211,7 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
             if not all(isinstance(item.get(k), str) for k in ("name", "arguments")):
                 raise bad_request(f"{where}: an mcp_call needs 'name' and 'arguments' (strings)", "input")
             call_id = str(item.get("id") or f"mcp_{i}")
-            calls = turn().setdefault("tool_calls", [])
+            calls = turn("content").setdefault("tool_calls", [])
             calls.append({"id": call_id, "type": "function",
                           "function": {"name": item["name"], "arguments": item["arguments"]}})
             origins[f"messages[{len(out) - 1}].tool_calls[{len(calls) - 1}]"] = where
@@ -241,8 +240,8 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
             origins[f"messages[{k}]"] = where
         begun = len(out)
     for m, after in zip(out, out[1:]):
-        # text the turn goes on from (reasoning, then a call, after it: the model's own order) is
-        # a preamble, not the answer that would end the turn and drop its reasoning
+        # text the turn goes on from (a call, or reasoning then a call, after it: the model's own
+        # order) is a preamble, not the answer that would end the turn and drop its reasoning
         if m["role"] == after["role"] == "assistant" and m.get("content") and not m.get("tool_calls"):
             m["channel"] = "commentary"
     return out, origins

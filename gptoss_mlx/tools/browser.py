@@ -349,7 +349,7 @@ class _TextExtractor(HTMLParser):
         elif tag == "a" and self._href is not None:
             n = self._ids.setdefault(self._href, len(self._ids))  # a link seen before keeps its id
             self.links[n] = self._href
-            text = " ".join("".join(self._link_text).split()) or marker_text(self._href)
+            text = " ".join("".join(self._link_text).split()) or self._href
             domain = urllib.parse.urlsplit(self._href).netloc
             elsewhere = domain and domain != self.domain
             self.parts.append(f"【{n}†{marker_text(text)}{'†' + marker_text(domain) if elsewhere else ''}】")

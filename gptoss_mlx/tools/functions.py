@@ -173,12 +173,16 @@ class FunctionTool:
         try:
             result = self.fn(**args)
         except Exception as e:  # noqa: BLE001  — reported to the model, which can retry
-            try:
-                said = str(e)
-            except Exception:  # noqa: BLE001 - an exception whose __str__ fails: its type still says
-                said = "(its message could not be read)"
-            raise ToolError(f"{type(e).__name__}: {said}") from None
+            raise ToolError(f"{type(e).__name__}: {error_text(e)}") from None
         return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
+
+
+def error_text(error: BaseException) -> str:
+    """``str(error)``, or a note where its ``__str__`` fails (its type still says what it was)."""
+    try:
+        return str(error)
+    except Exception:  # noqa: BLE001 - an exception whose __str__ fails
+        return "(its message could not be read)"
 
 
 def parse_arguments(arguments: str) -> dict:

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, TextIO
 from ..chat import Chat, Done, ToolCall
 from ..harmony import BROWSER_TOOLS
 from .browser import Browser
-from .functions import FunctionTool, ToolError, parse_arguments
+from .functions import FunctionTool, ToolError, error_text, parse_arguments
 from .python_tool import PythonSandbox
 
 MAX_RESULT_CHARS = 100_000  # a tool result longer than this is cut (it would flood the context)
@@ -66,11 +66,11 @@ class Toolbox:
         except KeyboardInterrupt:
             raise
         except ToolError as e:
-            content, ok = f"Error: {_text(e)}", False
+            content, ok = f"Error: {error_text(e)}", False
         except RecursionError:
             content, ok = "Error: the arguments or the result are nested too deeply", False
         except BaseException as e:  # noqa: BLE001 - SystemExit, GeneratorExit... must not end the loop
-            content, ok = f"Error: the tool failed ({type(e).__name__}: {_text(e)})", False
+            content, ok = f"Error: the tool failed ({type(e).__name__}: {error_text(e)})", False
         return ToolResult(recipient, _bounded(content), ok)
 
     @property
@@ -168,13 +168,6 @@ def limit_reached(max_rounds: int) -> str:
     """What a call past the tool-call limit gets back instead of running."""
     return (f"Error: tool-call limit reached ({max_rounds} round{'' if max_rounds == 1 else 's'}); "
             "answer with what you have")
-
-
-def _text(error: BaseException) -> str:
-    try:
-        return str(error)
-    except Exception:  # noqa: BLE001 - an exception whose __str__ fails
-        return "(no message)"
 
 
 def _bounded(content: str) -> str:
