@@ -5,7 +5,9 @@ keys and values the new queries attend to. ``offset`` counts the tokens seen so 
 keys and values share one buffer ``kv`` (batch, 2 * kv_heads, slots, head_dim): the keys' heads,
 then the values', so that a token's key and value go in with one write (one kernel a layer at
 decode instead of two: ``update_and_fetch_kv`` takes them as the attention's first kernel makes
-them, side by side); ``keys`` and ``values`` are views of it.
+them, side by side); ``keys`` and ``values`` are views of it. The engine's decode steps of one
+sequence hold the layers of a kind in one buffer and write them once a token (grouped decode
+steps, below).
 
 For a multi-token update the returned keys are in temporal order and end at the last new token,
 so the caller knows key ``j`` sits at position ``offset + L - K + j`` (see ``ops.attention_mask``).
@@ -66,9 +68,28 @@ def split(kv: mx.array | None) -> tuple[mx.array | None, mx.array | None]:
 
 
 class KVStorage:
-    """``keys`` and ``values``: views of ``kv``."""
+    """``keys`` and ``values``: views of ``kv``: the layer's own buffer, or its row of a
+    :class:`KVGroup`'s while the engine's decode steps hold the layers of its kind together.
+    Assigning ``kv`` gives the layer its own buffer again."""
 
-    kv: mx.array | None
+    _kv: mx.array | None = None
+    group: "KVGroup | None" = None
+    index = 0  # the layer's row in its group
+
+    @property
+    def kv(self) -> mx.array | None:
+        return self._kv if self.group is None else self.group.row(self.index)
+
+    @kv.setter
+    def kv(self, value: mx.array | None) -> None:
+        self._kv, self.group = value, None
+
+    def _write(self, slot: int, kv: mx.array) -> None:
+        """``kv`` (B, 2 KV, L, D) into slots slot .. slot + L - 1: in place in the layer's own
+        buffer (a row of a group's is copied out first, once)."""
+        buffer = self.kv
+        buffer[..., slot : slot + kv.shape[2], :] = kv
+        self.kv = buffer
 
     @property
     def keys(self) -> mx.array | None:
@@ -102,7 +123,7 @@ class KVCache(KVStorage):
         if self.kv is None:
             self.kv = mx.zeros((B, H2, 0, D), kv.dtype)
         self.reserve(end)
-        self.kv[..., start:end, :] = kv
+        self._write(start, kv)
         self.offset = end
         return split(self.kv[..., :end, :])
 
@@ -178,8 +199,7 @@ class RotatingKVCache(KVStorage):
         if self.kv is None:
             B, H2, _, D = kv.shape
             self.kv = mx.zeros((B, H2, self.window, D), kv.dtype)
-        slot = self.offset % self.window
-        self.kv[..., slot : slot + 1, :] = kv
+        self._write(self.offset % self.window, kv)
         self.offset += 1
         filled = min(self.offset, self.window)
         return split(self.kv[..., :filled, :])
@@ -256,6 +276,109 @@ class RotatingKVCache(KVStorage):
         return [] if self.kv is None else [self.kv]
 
 
+# ---- grouped decode steps ----------------------------------------------------------------------
+#
+# A decode step of one sequence writes each layer's new key and value into its cache: 24 writes a
+# token on gpt-oss-20b, each a kernel launch. Where the one-pass step attention runs
+# (kernels.attention.attention_step), the layers of a kind keep their storage in one buffer (a
+# KVGroup), each layer's attention reads its row as it was before the token and takes the
+# token's own key and value from the qkv output, and passes them on with those of the kind's
+# earlier layers; the last layer's are written once for the kind, when the buffer is next read
+# (the next step's first operation). So 2 writes a token instead of 24. The write waits for the
+# next read because MLX writes in place only into a buffer nothing else refers to: a write after
+# the step's attention in the same graph copied the whole buffer.
+
+
+class KVGroup:
+    """The storage of ``layers`` layers of one kind in one buffer ``kv`` (layers, 1, 2 KV, slots,
+    D); row i is layer i's (KVStorage.group, .index). ``pending``: the last step's keys and
+    values of every layer (layers, 2 KV, D) and their slot, written when ``kv`` is next read.
+    ``passing``: during a step, those of the layers done so far."""
+
+    def __init__(self, kv: mx.array):
+        self._kv = kv
+        self.layers = kv.shape[0]
+        self.pending: tuple[mx.array, int] | None = None
+        self.passing: mx.array | None = None
+
+    @property
+    def kv(self) -> mx.array:
+        if self.pending is not None:
+            passed, slot = self.pending
+            self.pending = None
+            layers, kv2, D = passed.shape
+            self._kv[:, :, :, slot : slot + 1, :] = passed.reshape(layers, 1, kv2, 1, D)
+        return self._kv
+
+    def row(self, i: int, kv: mx.array | None = None) -> mx.array:
+        """Layer i's storage (1, 2 KV, slots, D): a view of ``kv`` (the group's, by default; a
+        slice, where an integer index would be a gather, a copy)."""
+        kv = self.kv if kv is None else kv
+        return kv[i : i + 1].squeeze(0)
+
+    @classmethod
+    def holding(cls, caches: list, slots: int) -> "KVGroup":
+        """The group ``caches`` (one sequence's, one kind, in layer order) are rows 0, 1, .. of,
+        with room for ``slots`` slots; else a new one holding their storage (copied once: after
+        a prefill, a fork or anything else gave a layer its own buffer)."""
+        group = caches[0].group
+        if group is None or group.layers != len(caches) or any(
+                c.group is not group or c.index != i for i, c in enumerate(caches)):
+            buffers = [c.kv for c in caches]
+            slots = max(slots, *(b.shape[2] for b in buffers))
+            group = cls(mx.stack([_pad_slots(b, slots) for b in buffers]))
+            for i, c in enumerate(caches):
+                c._kv, c.group, c.index = None, group, i
+        if group._kv.shape[3] < slots:
+            group._kv = _pad_slots(group.kv, slots)
+        return group
+
+
+class GroupedStep:
+    """One layer's cache in a grouped decode step: ``buffer`` its storage before the token (a
+    view of its group's row), the token's position ``offset`` (and as ``position``, a (1,) int32
+    view of device memory: device_positions), ``ring`` (a
+    sliding layer's ring buffer: the token's slot is position % slots), its ``index`` in
+    ``group``. kernels.attention.attention_step reads it."""
+
+    def __init__(self, group: KVGroup, index: int, buffer: mx.array, offset: int, ring: bool):
+        self.group, self.index, self.buffer, self.offset, self.ring = group, index, buffer, offset, ring
+        self.position = device_positions(offset)
+
+
+def grouped_step(caches: list, full: bool) -> tuple[list, list] | None:
+    """For one decode step of one sequence: the caches to run the layers with (a GroupedStep for
+    every ring, and for every full layer if ``full``; the others as they are) and what
+    :func:`end_grouped_step` needs; None where the caches are not one sequence's plain caches at
+    one position (a batch's rows, a cache not filled yet)."""
+    if not all(type(c) in (KVCache, RotatingKVCache) and c.kv is not None and c.kv.shape[0] == 1 for c in caches):
+        return None
+    position = caches[0].offset
+    if any(c.offset != position for c in caches):
+        return None
+    stepped, groups = list(caches), []
+    for ring in (True, False) if full else (True,):
+        rows = [i for i, c in enumerate(caches) if isinstance(c, RotatingKVCache) == ring]
+        if not rows:
+            continue
+        layers = [caches[i] for i in rows]
+        slots = layers[0].window if ring else -(-(position + 1) // KVCache.step) * KVCache.step
+        group = KVGroup.holding(layers, slots)
+        buffer = group.kv  # the last step's keys and values written first
+        for j, i in enumerate(rows):
+            stepped[i] = GroupedStep(group, j, group.row(j, buffer), position, ring)
+        groups.append((group, layers, position % slots if ring else position))
+    return stepped, groups
+
+
+def end_grouped_step(groups: list) -> None:
+    """After the layers of a grouped step: each group's keys and values pending, offsets on."""
+    for group, layers, slot in groups:
+        group.pending, group.passing = (group.passing, slot), None
+        for c in layers:
+            c.offset += 1
+
+
 # ---- decode batches -----------------------------------------------------------------------------
 #
 # A decode batch runs B sequences one token each per step through one forward pass. Each layer's
@@ -304,7 +427,7 @@ class _BatchRows(KVStorage):
             return self.lengths[0]
         return _positions(tuple(self.lengths))
 
-    def _write(self, slots: list[int], kv: mx.array) -> None:
+    def _write_rows(self, slots: list[int], kv: mx.array) -> None:
         """Row b's new key and value (B, 2 KV, 1, D) into slot ``slots[b]``: a slice update in
         place when every row writes the same slot (always at B = 1), as KVCache does, else a
         scatter."""
@@ -337,11 +460,11 @@ class _BatchRows(KVStorage):
 
 
 def _pad_slots(buffer: mx.array, slots: int) -> mx.array:
-    """``buffer`` (B, H, K, D) with empty slots appended up to ``slots``."""
-    pad = slots - buffer.shape[2]
+    """``buffer`` (..., K, D) with empty slots appended up to ``slots``."""
+    pad = slots - buffer.shape[-2]
     if pad <= 0:
         return buffer
-    return mx.concatenate([buffer, mx.zeros(buffer.shape[:2] + (pad,) + buffer.shape[3:], buffer.dtype)], axis=2)
+    return mx.concatenate([buffer, mx.zeros(buffer.shape[:-2] + (pad,) + buffer.shape[-1:], buffer.dtype)], axis=-2)
 
 
 class BatchKVCache(_BatchRows):
@@ -358,7 +481,7 @@ class BatchKVCache(_BatchRows):
         end = max(self.lengths) + 1
         if end > self.kv.shape[2]:
             self.kv = _pad_slots(self.kv, -(-end // KVCache.step) * KVCache.step)
-        self._write(self.lengths, kv)
+        self._write_rows(self.lengths, kv)
         self.lengths = [n + 1 for n in self.lengths]
         return self._fetch(self.lengths)
 
@@ -396,7 +519,7 @@ class BatchRotatingKVCache(_BatchRows):
         self.highs = self.highs + other.highs
 
     def update_and_fetch_kv(self, kv: mx.array) -> tuple[mx.array, mx.array]:
-        self._write([n % self.window for n in self.lengths], kv)
+        self._write_rows([n % self.window for n in self.lengths], kv)
         self.lengths = [n + 1 for n in self.lengths]
         return self._fetch([min(n, self.window) for n in self.lengths])
 

@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import kernels, ops
-from .cache import KVCache, RotatingKVCache, device_positions
+from .cache import GroupedStep, KVCache, RotatingKVCache, device_positions, end_grouped_step, grouped_step
 from .config import ModelConfig, yarn_correction_range
 
 
@@ -117,18 +117,23 @@ class Attention(nn.Module):
         # decode, and the keys and values go into the cache with one write. Query head h reads
         # KV head h // (H / KV).
         q, kv = kernels.qkv_rope(x, norm, self.qkv_proj, self.rope, offset, H, KV)
-        k, v = cache.update_and_fetch_kv(kv) if cache is not None else (kv[:, :KV], kv[:, KV:])
         # Sinks: an extra softmax column per head that takes weight but adds no value.
         # (Loaded models hold them in the activation dtype already: no cast per token.)
         sinks = self.sinks if self.sinks.dtype == q.dtype else self.sinks.astype(q.dtype)
         # softmax([q.k * scale over the keys inside the window, sink]) . v  -> (B, L, H, head_dim)
-        # (B, 1, 1, K): a decode batch's rows of unequal lengths, the compiled step's filled slots
-        mask = getattr(cache, "mask", None)
-        if mask is None:
-            out = kernels.attention(q, k, v, sinks, self.scale, self.window, offset, cache)
+        if isinstance(cache, GroupedStep):
+            # The engine's decode step: the cache as it was before the token, the token's key and
+            # value from kv, written later with the other layers' (cache.py, grouped decode steps).
+            out = kernels.attention_step(q, kv, sinks, self.scale, cache)
         else:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=sinks)
-            out = out.transpose(0, 2, 1, 3)
+            k, v = cache.update_and_fetch_kv(kv) if cache is not None else (kv[:, :KV], kv[:, KV:])
+            # (B, 1, 1, K): a decode batch's rows of unequal lengths, the compiled step's filled slots
+            mask = getattr(cache, "mask", None)
+            if mask is None:
+                out = kernels.attention(q, k, v, sinks, self.scale, self.window, offset, cache)
+            else:
+                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=sinks)
+                out = out.transpose(0, 2, 1, 3)
         out = kernels.linear(out.reshape(B, L, -1), self.o_proj)
         return out if self.group is None else mx.distributed.all_sum(out, group=self.group)
 
@@ -341,7 +346,8 @@ class Model(nn.Module):
             x = self.embed_tokens(inputs)
         else:  # a later pipeline stage: the previous stage's output
             x = self.stage.receive(inputs, self.norm_dtype())
-        for layer, layer_cache in zip(self.layers, cache):
+        step = self._grouped_step(cache, x)
+        for layer, layer_cache in zip(self.layers, cache if step is None else step[0]):
             x = layer(x, layer_cache)
             if evaluate_layers:
                 mx.eval(x)
@@ -350,9 +356,23 @@ class Model(nn.Module):
                 # layer is built (its routing read-back waits for them), and before a later pass
                 # rewrites their slots.
                 mx.async_eval(x)
+        if step is not None:
+            end_grouped_step(step[1])
         if self.lm_head is None:  # the next stage's input; a tensor-parallel follower's last state
             return x if self.stage is None else self.stage.send(x, cache)
         return self.lm_head(self.norm(x))
+
+    def _grouped_step(self, cache: list, x: mx.array) -> tuple[list, list] | None:
+        """For one token of one sequence (x (1, 1, D)) where the one-pass step attention runs: the
+        caches to run the layers with, the rings' keys and values (and the full layers', while
+        the one pass covers their keys: kernels.step_covers) written once a kind
+        (cache.grouped_step); else None."""
+        attn = self.layers[0].self_attn
+        cached = getattr(cache[0], "offset", None)
+        if (x.shape[:2] != (1, 1) or self.sharding is not None or not isinstance(cached, int)
+                or not kernels.step_fits(attn.num_heads, attn.num_kv_heads, attn.head_dim, x.dtype)):
+            return None
+        return grouped_step(cache, full=kernels.step_covers(cached))
 
     def norm_dtype(self) -> mx.Dtype:
         """The activations' dtype (the norms' gains are held in it)."""

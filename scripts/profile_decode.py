@@ -290,10 +290,11 @@ def worker(directory: Path, steps: int, out: Path, engines: list[str]) -> int:
 # ---- host time per token --------------------------------------------------------------------
 
 def host_config():
-    """gpt-oss-20b's structure (layers, experts, heads, window) at small widths."""
+    """gpt-oss-20b's structure (layers, experts, heads, window) at small widths (head_dim 32: the
+    decode attention kernels' multiple)."""
     from gptoss_mlx.config import GPT_OSS_20B
 
-    return GPT_OSS_20B.replace(hidden_size=64, intermediate_size=64, head_dim=16, vocab_size=1024)
+    return GPT_OSS_20B.replace(hidden_size=64, intermediate_size=64, head_dim=32, vocab_size=1024)
 
 
 def graph_ops(*outputs) -> dict[str, int]:

@@ -24,6 +24,26 @@ def window_128(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def kernels_standing_in(monkeypatch):
+    """As on a GPU backend: the kernels on, each launch standing in as its reference in plain
+    MLX; yields the names launched."""
+    from gptoss_mlx.kernels import registry
+
+    launched = []
+
+    def launch(spec, *args):
+        launched.append(spec.name)
+        return list(spec.reference(*args))
+
+    monkeypatch.setenv(registry.ENV_VAR, "on")
+    monkeypatch.setattr(registry, "gpu_backend", lambda: "metal")
+    monkeypatch.setattr(registry.KernelSpec, "launch", launch)
+    registry.reset()
+    yield launched
+    registry.reset()
+
+
 def decode_both(model, prompt: list[int], steps: int, rewinds: dict[int, int] = {}):
     """Greedy decode ``steps`` tokens after ``prompt`` twice side by side, uncompiled and compiled,
     asserting equal logits at every step; at step n in ``rewinds`` both prompt caches rewind to
@@ -143,37 +163,23 @@ def test_which_engines_compile(checkpoints, monkeypatch):
     assert Engine(model).compiled_decode is None
 
 
-def test_the_kernels_are_launched_inside_the_compiled_step(checkpoints, monkeypatch):
+def test_the_kernels_are_launched_inside_the_compiled_step(checkpoints, kernels_standing_in):
     """As on a GPU backend (kernels on, each launch standing in as its reference in plain MLX):
     the traced step reaches the kernels through the model's calls, and its logits equal the
     uncompiled step's with the same kernels."""
-    from gptoss_mlx.kernels import registry
-
-    launched = []
-
-    def launch(spec, *args):
-        launched.append(spec.name)
-        return list(spec.reference(*args))
-
-    monkeypatch.setenv(registry.ENV_VAR, "on")
-    monkeypatch.setattr(registry, "gpu_backend", lambda: "metal")
-    monkeypatch.setattr(registry.KernelSpec, "launch", launch)
-    registry.reset()
-    try:
-        model = load_model(checkpoints["hf"], mx.float32)
-        assert decode_both(model, list(range(1, 12)), 12).traces == 1
-        pc = PromptCache(model.make_cache())
-        y = mx.argmax(forward(model, pc, list(range(1, 12))), axis=-1)
-        launched.clear()
-        step = CompiledDecode(model)
-        step(y, pc.cache)  # traced: 5 launches per layer (qkv + RoPE, o_proj, add+norm+router, the two MoE halves)
-        assert sorted(set(launched)) == ["add_rms_norm_route", "linear_decode", "moe_down_combine",
-                                         "moe_gate_up_swiglu", "qkv_rope_decode"]
-        assert len(launched) == 5 * len(model.layers)
-        step(y, pc.cache)  # replayed: no Python in between
-        assert len(launched) == 5 * len(model.layers) and step.traces == 1
-    finally:
-        registry.reset()
+    launched = kernels_standing_in
+    model = load_model(checkpoints["hf"], mx.float32)
+    assert decode_both(model, list(range(1, 12)), 12).traces == 1
+    pc = PromptCache(model.make_cache())
+    y = mx.argmax(forward(model, pc, list(range(1, 12))), axis=-1)
+    launched.clear()
+    step = CompiledDecode(model)
+    step(y, pc.cache)  # traced: 5 launches per layer (qkv + RoPE, o_proj, add+norm+router, the two MoE halves)
+    assert sorted(set(launched)) == ["add_rms_norm_route", "linear_decode", "moe_down_combine",
+                                     "moe_gate_up_swiglu", "qkv_rope_decode"]
+    assert len(launched) == 5 * len(model.layers)
+    step(y, pc.cache)  # replayed: no Python in between
+    assert len(launched) == 5 * len(model.layers) and step.traces == 1
 
 
 def test_the_decode_attention_kernels_read_the_number_of_keys_on_the_device(tmp_path, monkeypatch):
@@ -208,6 +214,8 @@ def test_the_decode_attention_kernels_read_the_number_of_keys_on_the_device(tmp_
     trace.__wrapped__ = CompiledDecode._trace
     monkeypatch.setattr(CompiledDecode, "_trace", trace)
     registry.reset()
+    # the uncompiled step as the compiled one runs it: writes, then the two-pass kernels
+    registry._state[(attention.STEP.name, mx.float32)] = "off (this test)"
     try:
         mtc.write_hf(tmp_path / "ckpt", TINY.replace(head_dim=32), seed=5)
         model = load_model(tmp_path / "ckpt", mx.float32)
@@ -230,3 +238,129 @@ def test_a_gpu_compiles_only_when_asked(monkeypatch):
     for value, expected in (("on", True), ("auto", False), ("off", False)):
         monkeypatch.setenv(decode_step.ENV_VAR, value)
         assert decode_step.enabled() is expected
+
+
+# ---- grouped decode steps (cache.py): the layers of a kind written once a token ----------------
+
+@pytest.fixture(scope="module")
+def head_dim_32(tmp_path_factory):
+    """The tiny model with head_dim 32 (the step kernel's multiple): window 8, four layers."""
+    path = tmp_path_factory.mktemp("hd32") / "ckpt"
+    mtc.write_hf(path, TINY.replace(head_dim=32), seed=5)
+    return path
+
+
+def _reference_steps(model, prompt, tokens, rewinds):
+    """Logits of feeding ``tokens`` one at a time after ``prompt`` on per-layer caches (the step
+    attention off), rewinding as ``rewinds`` says."""
+    import os
+
+    from gptoss_mlx.kernels import registry
+
+    os.environ[registry.ENV_VAR] = "off"
+    registry.reset()
+    try:
+        pc = PromptCache(model.make_cache())
+        out = [forward(model, pc, prompt)]
+        pc.take_snapshot()
+        for n, t in enumerate(tokens):
+            if n in rewinds:
+                pc.rewind_to(rewinds[n])
+            out.append(forward(model, pc, [t]))
+        mx.eval(out)
+        return out, pc
+    finally:
+        os.environ[registry.ENV_VAR] = "on"
+        registry.reset()
+
+
+def test_grouped_steps_give_the_per_layer_caches_logits(head_dim_32, kernels_standing_in):
+    """Every decode step of one sequence runs the step attention (the token's key and value
+    from the qkv output) and leaves the writes to its kind's group: the logits of 40 steps
+    after a prompt equal those of per-layer writes, through the rings (window 8) wrapping and a
+    rewind (a trim of a full layer's offset, a ring restored from its snapshot), and the caches
+    read afterwards hold the same keys and values, the last step's included."""
+    from gptoss_mlx.cache import KVGroup
+
+    model = load_model(head_dim_32, mx.float32)
+    prompt, rewinds = [5, 9, 2, 7], {25: 6}
+    pc = PromptCache(model.make_cache())
+    got = [forward(model, pc, prompt)]
+    pc.take_snapshot()
+    tokens = []
+    for n in range(40):
+        if n in rewinds:
+            pc.rewind_to(rewinds[n])
+        tokens.append(mx.argmax(got[-1], axis=-1).item())
+        kernels_standing_in.clear()
+        got.append(forward(model, pc, [tokens[-1]]))
+        assert kernels_standing_in.count("sdpa_decode_step") == len(model.layers)
+    assert all(isinstance(c.group, KVGroup) for c in pc.cache)
+    expected, reference = _reference_steps(model, prompt, tokens, rewinds)
+    for n, (a, b) in enumerate(zip(got, expected)):
+        assert mx.abs(a - b).max().item() < 1e-4, f"step {n}"
+    for c, r in zip(pc.cache, reference.cache):
+        assert c.offset == r.offset
+        filled = min(c.kv.shape[2], r.kv.shape[2], c.offset)
+        assert mx.abs(c.kv[..., :filled, :] - r.kv[..., :filled, :]).max().item() < 1e-5
+
+
+def _slice_updates(model, cache, token) -> int:
+    """How many SliceUpdate operations one decode step's graph holds."""
+    import re
+    import tempfile
+    from pathlib import Path
+
+    logits = model(mx.array([[token]]), cache=cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        dot = Path(tmp) / "g.dot"
+        mx.export_to_dot(str(dot), logits)
+        labels = re.findall(r'label ="(\w+)"', dot.read_text())
+    mx.eval(logits)
+    return labels.count("SliceUpdate")
+
+
+def test_a_grouped_step_writes_each_kind_once(head_dim_32, kernels_standing_in, monkeypatch):
+    """One write for the rings and one for the full layers a token (the last token's, made
+    when the next step reads the buffer), where the layers wrote one each; past
+    STEP_MAX_KEYS cached keys the full layers write their own again (the two-pass attention
+    reads them after), and the rings stay grouped."""
+    import importlib
+
+    attention = importlib.import_module("gptoss_mlx.kernels.attention")  # the module, not its function
+    model = load_model(head_dim_32, mx.float32)
+    pc = PromptCache(model.make_cache())
+    forward(model, pc, [5, 9, 2, 7])
+    mx.eval([c.state for c in pc.cache])
+    assert _slice_updates(model, pc.cache, 3) == 0  # the first step: grouped now, nothing pending
+    assert _slice_updates(model, pc.cache, 4) == 2  # the first step's keys and values, a write a kind
+    assert _slice_updates(model, pc.cache, 5) == 2
+    monkeypatch.setattr(attention, "STEP_MAX_KEYS", 7)  # 7 keys cached now
+    assert _slice_updates(model, pc.cache, 6) == 2 + 2  # the groups' pending, then each full layer's own
+    assert [c.group is not None for c in pc.cache] == [True, False, True, False]
+    assert _slice_updates(model, pc.cache, 7) == 1 + 2
+
+
+def test_grouped_caches_fork_rewind_and_prefill_like_per_layer_ones(head_dim_32, kernels_standing_in):
+    """A fork of a grouped prompt cache (the server's, per request), a prefill after decoding
+    (every layer its own buffer again) and the compiled step on grouped caches give the logits
+    of per-layer caches."""
+    model = load_model(head_dim_32, mx.float32)
+    pc = PromptCache(model.make_cache())
+    forward(model, pc, [5, 9, 2, 7])
+    pc.take_snapshot()
+    for t in [3, 1, 4, 1, 5, 9, 2, 6]:
+        forward(model, pc, [t])
+    other = pc.fork(4)  # at the prompt's snapshot
+    a = [forward(model, other, [t]) for t in [8, 8, 8]]
+    b = forward(model, pc, [11, 12, 13])  # a prefill on grouped caches
+    c = [forward(model, pc, [t]) for t in [14, 15]]
+    step = CompiledDecode(model)
+    d = step(mx.array(16), pc.cache)
+    pc.tokens.append(16)
+    e = forward(model, pc, [17])
+    expected_a, _ = _reference_steps(model, [5, 9, 2, 7], [8, 8, 8], {})
+    expected, _ = _reference_steps(model, [5, 9, 2, 7, 3, 1, 4, 1, 5, 9, 2, 6], [11], {})
+    rest, _ = _reference_steps(model, [5, 9, 2, 7, 3, 1, 4, 1, 5, 9, 2, 6, 11, 12, 13], [14, 15, 16, 17], {})
+    for got, want in zip(a + [b] + c + [d, e], expected_a[1:] + [rest[0]] + rest[1:]):
+        assert mx.abs(got - want.reshape(got.shape)).max().item() < 1e-4

@@ -456,6 +456,19 @@ def test_emulator_catches_a_bug_in_the_qkv_rope_kernel(old, new, cxx):
     assert _worst_planted_error("qkv_rope_decode", old, new) > 1e-2
 
 
+@pytest.mark.parametrize("old,new", [
+    (" && t0 + lane != skip", ""),  # a wrapped ring's slot of position p - window attended
+    ("const float s_own = simd_sum(dot);", "const float s_own = dot;"),  # the token's score of one lane's dims
+    ("l = l * c_own + e_own;", "l = l + e_own;"),  # the running sum not rescaled
+    ("passed[row] = pending[row];", "passed[row] = static_cast<T>(0.0f);"),  # the earlier layers' keys dropped
+    ("threadgroup_barrier(mem_flags::mem_threadgroup);  // q staged", ""),
+    ("const float L = l * w + metal::exp(sink - M);", "const float L = l * w;"),  # the sink left out
+], ids=["ring-slot-not-skipped", "own-score-not-summed", "sum-not-rescaled", "pending-dropped",
+        "q-barrier-dropped", "sink-dropped"])
+def test_emulator_catches_a_bug_in_the_decode_step_kernel(old, new, cxx):
+    assert _worst_planted_error("sdpa_decode_step", old, new) > 1e-2
+
+
 def test_emulator_shows_a_thread_array_element_never_written(cxx):
     """acc[0] left uninitialised (no access out of bounds): it starts as NaN, so the output is."""
     name = "sdpa_prefill"

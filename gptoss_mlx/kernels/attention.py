@@ -179,6 +179,108 @@ def sdpa_decode(q, keys, values, n_keys: int | mx.array, sinks, scale: float) ->
     return out.reshape(1, 1, heads, D)
 
 
+# ---- decode, one pass over the cache before the token (the engine's decode steps) ---------------
+
+STEP = Kernel("sdpa_decode_step", ["q", "kv", "cache", "position", "sinks", "scale", "pending"],
+              ["out", "passed"], constants=("scale",))
+# Up to this many cached keys a full layer's step runs in one pass (one threadgroup per KV head
+# reads them all); past it, the two-pass kernels above split them, after the layer's own write.
+# A ring (128 slots) always takes the one pass.
+STEP_MAX_KEYS = 1024
+
+
+def step_plan(q, kv, cache, position, sinks, scale, pending, index, layers, ring) -> Launch:
+    """q (HEADS, D) and kv (2 KV_HEADS, D): the token's query heads and its key then value heads;
+    cache (1, 2 KV_HEADS, SLOTS, D) the layer's keys then values before the token; position (1,)
+    int32; sinks (HEADS,); pending (``layers``, 2 KV_HEADS, D) the keys and values of the kind's
+    earlier layers (rows < ``index``; any array at index 0); ``ring``: the token's slot is
+    position % SLOTS (a sliding layer), else position. Outputs: out (HEADS, D) and passed
+    (``layers``, 2 KV_HEADS, D): pending's earlier rows, this layer's, zeros after it."""
+    heads, D = q.shape
+    kv2 = kv.shape[0]
+    if (kv.shape[1] != D or cache.shape[1] != kv2 or cache.shape[3] != D or D % 32 or kv2 % 2
+            or heads % (kv2 // 2) or not 0 <= index < layers or (index and pending.shape != (layers, kv2, D))):
+        raise ValueError(f"sdpa_decode_step: q {q.shape}, kv {kv.shape}, cache {cache.shape}, pending "
+                         f"{pending.shape}, index {index} of {layers}: needs whole GQA groups, head_dim % 32 "
+                         f"== 0, a row for each layer")
+    gqa = heads // (kv2 // 2)
+    return Launch(
+        inputs=[q, kv, cache, position, sinks, float(scale), pending],
+        output_shapes=[(heads, D), (layers, kv2, D)], output_dtypes=[q.dtype, q.dtype],
+        grid=(32 * gqa, kv2 // 2, 1), threadgroup=(32 * gqa, 1, 1),
+        template=[("T", q.dtype), ("S_T", sinks.dtype), ("D", D), ("GQA", gqa), ("RING", int(ring)),
+                  ("INDEX", int(index)), ("LAYERS", int(layers))],
+    )
+
+
+def step_reference(q, kv, cache, position, sinks, scale, pending, index, layers, ring):
+    """What the layer's own write followed by the attention computes: the token's key and value
+    written into its slot of a copy of the cache, then MLX's attention over the slots up to it
+    (a ring's filled ones), as ``RotatingKVCache``/``KVCache`` and :func:`attention` do; passed:
+    pending's rows before ``index``, the token's key and value, zeros after."""
+    heads, D = q.shape
+    kv2, slots = kv.shape[0], cache.shape[2]
+    own = kv.reshape(1, kv2, 1, D)
+    p = position.reshape(())
+    slot = p % slots if ring else p
+    written = mx.where((mx.arange(slots) == slot).reshape(1, 1, slots, 1), own, cache)
+    # The position on the device, as the compiled step has it: a mask, not a slice.
+    visible = (mx.arange(slots) <= p).reshape(1, 1, 1, slots)
+    k, v = written[:, : kv2 // 2], written[:, kv2 // 2:]
+    out = mx.fast.scaled_dot_product_attention(q.reshape(1, heads, 1, D), k, v, scale=scale, mask=visible,
+                                               sinks=sinks)
+    passed = mx.concatenate([pending[:index] if index else mx.zeros((0, kv2, D), kv.dtype), kv[None],
+                             mx.zeros((layers - index - 1, kv2, D), kv.dtype)])
+    return out.reshape(heads, D), passed
+
+
+def step_sample(shape, key, dtype):
+    """Random arguments for ``shape`` (heads, kv heads, D, slots, position, ring, index, layers)."""
+    heads, kv_heads, D, slots, p, ring, index, layers = shape
+    k1, k2, k3, k4, k5 = mx.random.split(key, 5)
+    q = mx.random.normal((heads, D), key=k1).astype(dtype)
+    kv = mx.random.normal((2 * kv_heads, D), key=k5).astype(dtype)
+    cache = mx.random.normal((1, 2 * kv_heads, slots, D), key=k2).astype(dtype)
+    sinks = mx.random.normal((heads,), key=k3).astype(dtype)
+    pending = mx.random.normal((layers, 2 * kv_heads, D), key=k4).astype(dtype) if index else kv
+    return q, kv, cache, mx.array([p], dtype=mx.int32), sinks, D ** -0.5, pending, index, layers, ring
+
+
+STEP_SPEC = registry.register(registry.KernelSpec(
+    "sdpa_decode_step", STEP, step_plan, step_reference, step_sample,
+    check=((8, 2, 32, 40, 37, 0, 1, 3), 350),
+    description="decode attention in one pass over the cache before the token, its own key from the qkv "
+                "output; the token's keys and values of a kind passed on for one write",
+    reference_in_float32=True,
+))
+
+
+def step_fits(heads: int, kv_heads: int, head_dim: int, dtype: mx.Dtype) -> bool:
+    """Whether the one-pass step kernel takes this attention's shape and is active for ``dtype``."""
+    return (head_dim % 32 == 0 and heads % kv_heads == 0 and 32 * (heads // kv_heads) <= 1024
+            and registry.active(STEP.name, dtype))
+
+
+def step_covers(keys: int) -> bool:
+    """Whether a full layer with ``keys`` keys cached takes the one-pass step (else it writes the
+    token's key first and the two-pass kernels read them)."""
+    return keys < STEP_MAX_KEYS
+
+
+def attention_step(q, kv, sinks, scale: float, step) -> mx.array:
+    """The attention of one token (q (1, HEADS, 1, D), kv (1, 2 KV_HEADS, 1, D)) in a grouped
+    decode step: ``step`` (cache.GroupedStep) holds the layer's storage before the token; the
+    token's keys and values of the group's layers so far go on in ``step.group.passing`` ->
+    (1, 1, HEADS, D), token-major like ``ops.sdpa``'s output."""
+    heads, D = q.shape[1], q.shape[3]
+    kv = kv.reshape(-1, D)
+    group = step.group
+    out, group.passing = STEP_SPEC.launch(q.reshape(heads, D), kv, step.buffer, step.position, sinks, scale,
+                                          kv if group.passing is None else group.passing, step.index,
+                                          group.layers, step.ring)
+    return out.reshape(1, 1, heads, D)
+
+
 # ---- prefill ------------------------------------------------------------------------------------
 
 PREFILL = Kernel("sdpa_prefill", ["q", "k", "v", "sinks", "scale"], ["out"], constants=("scale",))

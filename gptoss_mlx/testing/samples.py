@@ -49,6 +49,15 @@ SDPA_DECODE_SHAPES = [(8, 1, 32, 40, 33), (16, 2, 64, 256, 127), (16, 2, 64, 256
 # which it takes 32 at a time.
 SDPA_COMBINE_SHAPES = SDPA_DECODE_SHAPES + [(8, 1, 32, 9000, 8500)]
 
+# (heads, kv heads, D, slots, position, ring, index, layers): the run-time check (a full layer's
+# buffer, a ragged last tile, a middle layer); a first token (nothing cached); a ring not yet
+# full, full, and wrapped (the token's slot holds a position outside the window, skipped); a
+# full layer over several tiles as the first and the last of its kind; GQA 8, head_dim 64 as
+# in gpt-oss; one layer of its kind.
+SDPA_STEP_SHAPES = [(8, 2, 32, 40, 37, 0, 1, 3), (8, 2, 32, 32, 0, 0, 0, 2), (8, 2, 32, 16, 9, 1, 2, 4),
+                    (8, 2, 32, 16, 16, 1, 1, 2), (8, 2, 32, 16, 21, 1, 3, 4), (16, 2, 64, 256, 200, 0, 0, 3),
+                    (16, 2, 64, 256, 129, 0, 2, 3), (64, 8, 64, 128, 300, 1, 1, 2), (8, 1, 32, 64, 63, 0, 0, 1)]
+
 # (heads, kv heads, D, L, K, window): a first chunk over several tiles; query positions
 # 127/128/129 around a 128-key window; a chunk after history (K > L) whose L is not a multiple of
 # the query block; a full (causal) layer over several tiles; GQA 8 as in gpt-oss. Kept small:
@@ -94,6 +103,7 @@ CASES = {
     "sdpa_decode_partial": lambda: _seeded(SDPA_DECODE_SHAPES, 300),
     "sdpa_decode_combine": lambda: _seeded(SDPA_COMBINE_SHAPES, 300),
     "sdpa_prefill": lambda: _seeded(SDPA_PREFILL_SHAPES, 400),
+    "sdpa_decode_step": lambda: _seeded(SDPA_STEP_SHAPES, 350),
 }
 
 # Dtypes the CPU emulator runs every sample in (the compile check covers all of a kernel's
@@ -101,6 +111,7 @@ CASES = {
 EMULATED_DTYPES = {
     "sdpa_decode_partial": (mx.float32, mx.bfloat16),
     "sdpa_prefill": (mx.float32, mx.bfloat16),
+    "sdpa_decode_step": (mx.float32, mx.bfloat16),
 }
 
 
