@@ -106,16 +106,16 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
 
-@lru_cache(maxsize=4)
-def banned_token_mask(vocab_size: int) -> mx.array:
+@lru_cache(maxsize=8)
+def banned_token_mask(vocab_size: int, dtype: mx.Dtype = mx.float32) -> mx.array:
     """Additive mask: 0 for tokens the model may emit, -inf for reserved ids (gpt-oss.md 7.11).
-    Built once per vocabulary size."""
+    Built once per vocabulary size and dtype."""
     mask = mx.where(mx.arange(vocab_size) < NUM_BPE_TOKENS, 0.0, float("-inf"))
     never = SPECIAL_TOKENS["<|startoftext|>"]
     allowed = [i for i in SPECIAL_TOKENS.values() if i < vocab_size and i != never]
     if allowed:
         mask[mx.array(allowed)] = 0.0
-    mask = mask.astype(mx.float32)
+    mask = mask.astype(dtype)
     mx.eval(mask)  # cached: evaluated, so that no thread's stream is baked into it
     return mask
 
@@ -126,9 +126,11 @@ def make_sampler(params: SamplingParams, vocab_size: int):
     banned = banned_token_mask(vocab_size)
 
     def sample(logits: mx.array, key: mx.array | None = None) -> mx.array:
-        logits = logits.astype(mx.float32) + banned
         if params.temperature == 0:
-            return mx.argmax(logits, axis=-1)
+            # In the logits' own dtype: adding 0 or -inf is exact there and keeps their order, so
+            # the token is the float32 one's, without a cast (a kernel a token on a GPU).
+            return mx.argmax(logits + banned_token_mask(vocab_size, logits.dtype), axis=-1)
+        logits = logits.astype(mx.float32) + banned
         logits = logits / params.temperature
         if params.top_k:
             kth = mx.sort(logits, axis=-1)[:, -min(params.top_k, logits.shape[-1])][:, None]

@@ -510,3 +510,28 @@ def test_stop_asked_during_the_prefill_ends_the_reply_without_tokens(model):
     tokens = list(engine.generate(list(range(1, 16 * 20 + 2)), SamplingParams(max_tokens=4), stop=stop.is_set))
     assert tokens == [] and engine.stats.finish_reason == "interrupted"
     assert time.monotonic() - started < 1.5
+
+
+def test_greedy_sampling_takes_the_float32_token_without_a_cast():
+    """Greedy sampling adds the banned-id mask in the logits' own dtype (bf16 here): the token
+    is the one the float32 logits give, ties (the first) and a banned id at the top included,
+    and the step's graph has no cast (a kernel a token on a GPU)."""
+    import re
+    import tempfile
+    from pathlib import Path
+
+    from gptoss_mlx.generate import banned_token_mask, make_sampler
+
+    vocab = 201088
+    sample = make_sampler(SamplingParams(temperature=0), vocab)
+    mx.random.seed(4)
+    for i in range(40):
+        logits = (mx.random.normal((1, vocab)) * 3).astype(mx.bfloat16)
+        if i % 2:
+            logits = mx.round(logits)  # many ties at the top
+        logits[0, 200010] = 1000.0  # a reserved id: never sampled
+        expected = mx.argmax(logits.astype(mx.float32) + banned_token_mask(vocab), axis=-1)
+        assert sample(logits).item() == expected.item() != 200010
+    with tempfile.TemporaryDirectory() as tmp:
+        mx.export_to_dot(str(Path(tmp) / "g.dot"), sample(logits))
+        assert "AsType" not in re.findall(r'label ="(\w+)"', (Path(tmp) / "g.dot").read_text())
