@@ -7,6 +7,8 @@ import warnings
 
 import mlx.core as mx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import TINY
 from gptoss_mlx import decode_step
@@ -250,6 +252,16 @@ def head_dim_32(tmp_path_factory):
     return path
 
 
+_MODELS = {}
+
+
+def _hd32_model(path):
+    """The head_dim 32 model, loaded once per test module (hypothesis runs a test many times)."""
+    if path not in _MODELS:
+        _MODELS[path] = load_model(path, mx.float32)
+    return _MODELS[path]
+
+
 def _reference_steps(model, prompt, tokens, rewinds):
     """Logits of feeding ``tokens`` one at a time after ``prompt`` on per-layer caches (the step
     attention off), rewinding as ``rewinds`` says."""
@@ -364,3 +376,65 @@ def test_grouped_caches_fork_rewind_and_prefill_like_per_layer_ones(head_dim_32,
     rest, _ = _reference_steps(model, [5, 9, 2, 7, 3, 1, 4, 1, 5, 9, 2, 6, 11, 12, 13], [14, 15, 16, 17], {})
     for got, want in zip(a + [b] + c + [d, e], expected_a[1:] + [rest[0]] + rest[1:]):
         assert mx.abs(got - want.reshape(got.shape)).max().item() < 1e-4
+
+
+_OPS = st.lists(st.one_of(
+    st.tuples(st.just("decode"), st.integers(1, 500)),
+    st.tuples(st.just("prefill"), st.lists(st.integers(1, 500), min_size=1, max_size=12)),
+    st.tuples(st.just("rewind"), st.integers(0, 40)),
+    st.tuples(st.just("snapshot"), st.just(0)),
+    st.tuples(st.just("fork"), st.integers(0, 40)),
+    st.tuples(st.just("batch"), st.just(0)),
+    st.tuples(st.just("compiled"), st.integers(1, 500)),
+), min_size=1, max_size=30)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_OPS)
+def test_grouped_and_per_layer_caches_agree_whatever_is_done_to_them(head_dim_32, kernels_standing_in, ops):
+    """Two prompt caches of one model, one decoding through grouped steps and one writing per
+    layer, given the same random mix of decode steps, prefills, rewinds (trims and snapshot
+    restores), snapshots, forks, a trip through a decode batch's caches (merged, then each row
+    extracted) and compiled steps: the same logits every time (1e-4), the same offsets."""
+    from gptoss_mlx.cache import merge_caches
+    from gptoss_mlx.kernels import registry
+    from gptoss_mlx.kernels.attention import STEP
+
+    model = _hd32_model(head_dim_32)
+    step = CompiledDecode(model)
+
+    def as_path(grouped: bool) -> None:
+        registry._state[(STEP.name, mx.float32)] = "active (unchecked)" if grouped else "off (this test)"
+
+    pcs = {}
+    for grouped in (True, False):
+        as_path(grouped)
+        pcs[grouped] = PromptCache(model.make_cache())
+        forward(model, pcs[grouped], [5, 9, 2, 7])
+        pcs[grouped].take_snapshot()
+    for op, arg in ops:
+        out = {}
+        for grouped, pc in pcs.items():
+            as_path(grouped)
+            if op == "decode":
+                out[grouped] = forward(model, pc, [arg])
+            elif op == "prefill":
+                out[grouped] = forward(model, pc, arg)
+            elif op == "rewind":
+                pc.rewind_to(min(arg, len(pc.tokens)))
+            elif op == "snapshot":
+                pc.take_snapshot()
+            elif op == "fork":
+                keep = max(p for p in pc.snapshots if p <= min(arg, len(pc.tokens)))
+                pcs[grouped] = pc.fork(keep)
+            elif op == "batch" and pc.tokens:  # (the server batches sequences after their prefill)
+                batch = merge_caches([pc.cache])
+                pc.cache = [layer.extract(0) for layer in batch]
+            elif op == "compiled":
+                logits = step(mx.array(arg), pc.cache)
+                if logits is not None:
+                    pc.tokens.append(arg)
+                    out[grouped] = logits
+        if out:
+            assert mx.abs(out[True] - out[False]).max().item() < 1e-4, (op, arg)
+        assert [c.offset for c in pcs[True].cache] == [c.offset for c in pcs[False].cache]

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Grouped decode steps (the one-pass step attention, the layers of a kind written once a token:
+gptoss_mlx/cache.py) against per-layer writes, on a checkpoint, in lockstep from the same prompt,
+each fed the per-layer path's greedy token:
+
+- ``off``: every kernel off (the plain-MLX reference);
+- ``per-layer``: the kernels on but the step attention (each layer writes its key and value,
+  then MLX's attention or the two-pass kernels read the cache);
+- ``grouped``: the kernels on, the step attention too (what the engine runs).
+
+    python scripts/check_step_attention.py --dir /tmp/g20 [--prompt 120] [--steps 300]
+
+Per pair it prints the steps with bit-identical logits, the largest difference relative to the
+step's largest |logit| (median and max over steps) and the steps whose argmax differs. off vs
+per-layer is the kernels' rounding, which sets the scale; per-layer vs grouped is what the step
+attention changes: it must stay at that scale. A prompt just under 128 tokens crosses the rings'
+wrap early; past 256 positions the full layers' storage grows; past STEP_MAX_KEYS (1024) the full
+layers leave their group. Also the median host ms per step (build + queue) of per-layer and
+grouped. Exits 1 when per-layer vs grouped is more than 10x off vs per-layer at its worst step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", type=Path, required=True, help="the checkpoint")
+    ap.add_argument("--prompt", type=int, default=120, help="prompt tokens")
+    ap.add_argument("--steps", type=int, default=300, help="decode steps")
+    args = ap.parse_args()
+
+    import mlx.core as mx
+
+    from gptoss_mlx.generate import PromptCache, forward
+    from gptoss_mlx.kernels import registry
+    from gptoss_mlx.kernels.attention import STEP
+    from gptoss_mlx.loading import load_model
+
+    model = load_model(args.dir)
+    dtype = model.norm_dtype()
+    prompt = [(i * 7919) % min(model.config.vocab_size, 200000) for i in range(args.prompt)]
+    registry.status(dtype)  # every kernel checked once, now
+    active = {name: state for (name, d), state in registry._state.items() if d == dtype}
+
+    def kernels(path: str) -> None:
+        """The kernels' states for ``path``."""
+        for name, state in active.items():
+            off = path == "off" or (path == "per-layer" and name == STEP.name)
+            registry._state[(name, dtype)] = "off (this check)" if off else state
+
+    names = ("off", "per-layer", "grouped")
+    caches = {name: PromptCache(model.make_cache()) for name in names}
+    logits = {}
+    for name in names:
+        kernels(name)
+        logits[name] = forward(model, caches[name], prompt)
+        mx.eval(logits[name])
+    pairs = (("off", "per-layer"), ("per-layer", "grouped"), ("off", "grouped"))
+    identical = {p: 0 for p in pairs}
+    relative = {p: [] for p in pairs}
+    argmax_differs = {p: 0 for p in pairs}
+    times = {"per-layer": [], "grouped": []}
+    token = mx.argmax(logits["per-layer"], axis=-1)
+    for _ in range(args.steps):
+        for name in names:
+            kernels(name)
+            t0 = time.perf_counter()
+            out = model(token.reshape(1, 1), cache=caches[name].cache, sampled=True)[:, -1, :]
+            mx.async_eval(out)
+            t1 = time.perf_counter()
+            mx.eval(out)
+            if name in times:
+                times[name].append(t1 - t0)
+            logits[name] = out.astype(mx.float32)
+        scale = mx.abs(logits["per-layer"]).max().item()
+        for a, b in pairs:
+            identical[(a, b)] += mx.array_equal(logits[a], logits[b]).item()
+            relative[(a, b)].append(mx.abs(logits[a] - logits[b]).max().item() / scale)
+            argmax_differs[(a, b)] += (mx.argmax(logits[a]) != mx.argmax(logits[b])).item()
+        token = mx.argmax(logits["per-layer"], axis=-1)
+    grouped = sum(c.group is not None for c in caches["grouped"].cache)
+    print(f"device {mx.default_device()}, MLX {mx.__version__}, {args.dir}: {args.prompt}-token prompt, "
+          f"{args.steps} steps, each fed per-layer's greedy token; step kernel {active.get(STEP.name)}; "
+          f"{grouped} of {len(model.layers)} layers grouped at the end")
+    print("| pair | identical steps | max |diff| / max |logit|: median | max | argmax differs |")
+    print("|---|---|---|---|---|")
+    for p in pairs:
+        print(f"| {p[0]} vs {p[1]} | {identical[p]}/{args.steps} | {statistics.median(relative[p]):.2e} | "
+              f"{max(relative[p]):.2e} | {argmax_differs[p]} |")
+    print(f"host ms per step (build + queue), median: per-layer {1e3 * statistics.median(times['per-layer']):.2f}, "
+          f"grouped {1e3 * statistics.median(times['grouped']):.2f}")
+    worst_rounding = max(relative[("off", "per-layer")])
+    return 1 if max(relative[("per-layer", "grouped")]) > 10 * max(worst_rounding, 1e-6) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
