@@ -28,6 +28,55 @@ import time
 from pathlib import Path
 
 
+def lockstep(model, prompt: list[int], steps: int, paths: dict, pairs: tuple, first: str) -> dict:
+    """Run ``paths`` ({name: (prepare(), step(token, prompt_cache) -> logits (1, V))}) in
+    lockstep: the prompt on a prompt cache of each, then ``steps`` decode steps, each fed
+    ``first``'s greedy token. Per pair (a, b): identical steps, max |diff| / max |logit| per step,
+    steps whose argmax differs; per path the host ms of each step (build + queue)."""
+    import mlx.core as mx
+
+    from gptoss_mlx.generate import PromptCache, forward
+
+    caches, logits = {}, {}
+    for name, (prepare, _) in paths.items():
+        prepare()
+        caches[name] = PromptCache(model.make_cache())
+        logits[name] = forward(model, caches[name], prompt)
+        mx.eval(logits[name])
+    result = {"identical": {p: 0 for p in pairs}, "relative": {p: [] for p in pairs},
+              "argmax_differs": {p: 0 for p in pairs}, "times": {name: [] for name in paths}, "caches": caches}
+    token = mx.argmax(logits[first], axis=-1)
+    for _ in range(steps):
+        for name, (prepare, step) in paths.items():
+            prepare()
+            t0 = time.perf_counter()
+            out = step(token, caches[name])
+            mx.async_eval(out)
+            t1 = time.perf_counter()
+            mx.eval(out)
+            result["times"][name].append(t1 - t0)
+            logits[name] = out.astype(mx.float32)
+        scale = mx.abs(logits[first]).max().item()
+        for a, b in pairs:
+            result["identical"][(a, b)] += mx.array_equal(logits[a], logits[b]).item()
+            result["relative"][(a, b)].append(mx.abs(logits[a] - logits[b]).max().item() / scale)
+            result["argmax_differs"][(a, b)] += (mx.argmax(logits[a]) != mx.argmax(logits[b])).item()
+        token = mx.argmax(logits[first], axis=-1)
+    return result
+
+
+def report(result: dict, steps: int, timed: tuple[str, ...]) -> None:
+    """The table of :func:`lockstep`'s pairs and the host times of ``timed``."""
+    print("| pair | identical steps | max |diff| / max |logit|: median | max | argmax differs |")
+    print("|---|---|---|---|---|")
+    for (a, b), r in result["relative"].items():
+        print(f"| {a} vs {b} | {result['identical'][(a, b)]}/{steps} | {statistics.median(r):.2e} | {max(r):.2e} "
+              f"| {result['argmax_differs'][(a, b)]} |")
+    for name in timed:
+        values = result["times"][name]
+        print(f"{name}: host ms per step (build + queue), median {1e3 * statistics.median(values[2:]):.2f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, required=True, help="the checkpoint")
@@ -38,54 +87,35 @@ def main() -> int:
     import mlx.core as mx
 
     from gptoss_mlx.decode_step import CompiledDecode
-    from gptoss_mlx.generate import PromptCache, forward
     from gptoss_mlx.loading import load_model
 
     model = load_model(args.dir)
     prompt = [(i * 7919) % min(model.config.vocab_size, 200000) for i in range(args.prompt)]
-    names = ("plain", "storage", "compiled")
-    caches = {name: PromptCache(model.make_cache()) for name in names}
     steps = {"storage": CompiledDecode(model, compiled=False), "compiled": CompiledDecode(model)}
-    logits = {name: forward(model, caches[name], prompt) for name in names}
+    fallbacks = []
+
+    def plain(token, pc):
+        return model(token.reshape(1, 1), cache=pc.cache, sampled=True)[:, -1, :]
+
+    def through(name):
+        def step(token, pc):
+            out = steps[name](token, pc.cache)
+            if out is None:  # where the decode attention kernels take over (2048 keys)
+                fallbacks.append(name)
+                out = plain(token, pc)
+            return out
+        return step
+
+    paths = {"plain": (lambda: None, plain), "storage": (lambda: None, through("storage")),
+             "compiled": (lambda: None, through("compiled"))}
     pairs = (("plain", "storage"), ("storage", "compiled"), ("plain", "compiled"))
-    identical = {p: 0 for p in pairs}
-    relative = {p: [] for p in pairs}
-    argmax_differs = {p: 0 for p in pairs}
-    times = {"plain": [], "compiled": []}
-    fallbacks = 0
-    token = mx.argmax(logits["plain"], axis=-1)
-    for _ in range(args.steps):
-        for name in names:
-            t0 = time.perf_counter()
-            out = None if name == "plain" else steps[name](token, caches[name].cache)
-            if out is None:  # plain, or where the decode attention kernels take over (2048 keys)
-                fallbacks += name != "plain"
-                out = model(token.reshape(1, 1), cache=caches[name].cache, sampled=True)[:, -1, :]
-            mx.async_eval(out)
-            t1 = time.perf_counter()
-            mx.eval(out)
-            if name in times:
-                times[name].append(t1 - t0)
-            logits[name] = out.astype(mx.float32)
-        scale = mx.abs(logits["plain"]).max().item()
-        for a, b in pairs:
-            identical[(a, b)] += mx.array_equal(logits[a], logits[b]).item()
-            relative[(a, b)].append(mx.abs(logits[a] - logits[b]).max().item() / scale)
-            argmax_differs[(a, b)] += (mx.argmax(logits[a]) != mx.argmax(logits[b])).item()
-        token = mx.argmax(logits["plain"], axis=-1)
+    result = lockstep(model, prompt, args.steps, paths, pairs, first="plain")
     print(f"device {mx.default_device()}, MLX {mx.__version__}, {args.dir}: {args.prompt}-token prompt, "
           f"{args.steps} steps, each fed plain's greedy token; compiled traced {steps['compiled'].traces} times, "
-          f"fell back {steps['compiled'].failed}, steps run uncompiled {fallbacks}")
-    print("| pair | identical steps | max |diff| / max |logit|: median | max | argmax differs |")
-    print("|---|---|---|---|---|")
-    for (a, b) in pairs:
-        r = relative[(a, b)]
-        print(f"| {a} vs {b} | {identical[(a, b)]}/{args.steps} | {statistics.median(r):.2e} | {max(r):.2e} "
-              f"| {argmax_differs[(a, b)]} |")
-    for name, values in times.items():
-        print(f"{name}: host ms per step (build + queue), median {1e3 * statistics.median(values[2:]):.2f}")
-    floor = max(relative[("plain", "storage")])
-    return 1 if max(relative[("storage", "compiled")]) > 10 * max(floor, 1e-6) else 0
+          f"fell back {steps['compiled'].failed}, steps run uncompiled {len(fallbacks)}")
+    report(result, args.steps, ("plain", "compiled"))
+    floor = max(result["relative"][("plain", "storage")])
+    return 1 if max(result["relative"][("storage", "compiled")]) > 10 * max(floor, 1e-6) else 0
 
 
 if __name__ == "__main__":

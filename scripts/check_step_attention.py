@@ -22,9 +22,7 @@ grouped. Exits 1 when per-layer vs grouped is more than 10x off vs per-layer at 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 
@@ -37,7 +35,7 @@ def main() -> int:
 
     import mlx.core as mx
 
-    from gptoss_mlx.generate import PromptCache, forward
+    from check_compiled_decode import lockstep, report
     from gptoss_mlx.kernels import registry
     from gptoss_mlx.kernels.attention import STEP
     from gptoss_mlx.loading import load_model
@@ -48,55 +46,26 @@ def main() -> int:
     registry.status(dtype)  # every kernel checked once, now
     active = {name: state for (name, d), state in registry._state.items() if d == dtype}
 
-    def kernels(path: str) -> None:
-        """The kernels' states for ``path``."""
-        for name, state in active.items():
-            off = path == "off" or (path == "per-layer" and name == STEP.name)
-            registry._state[(name, dtype)] = "off (this check)" if off else state
+    def kernels(path: str):
+        def prepare() -> None:  # the kernels' states for ``path``
+            for name, state in active.items():
+                off = path == "off" or (path == "per-layer" and name == STEP.name)
+                registry._state[(name, dtype)] = "off (this check)" if off else state
+        return prepare
 
-    names = ("off", "per-layer", "grouped")
-    caches = {name: PromptCache(model.make_cache()) for name in names}
-    logits = {}
-    for name in names:
-        kernels(name)
-        logits[name] = forward(model, caches[name], prompt)
-        mx.eval(logits[name])
+    def step(token, pc):
+        return model(token.reshape(1, 1), cache=pc.cache, sampled=True)[:, -1, :]
+
+    paths = {name: (kernels(name), step) for name in ("off", "per-layer", "grouped")}
     pairs = (("off", "per-layer"), ("per-layer", "grouped"), ("off", "grouped"))
-    identical = {p: 0 for p in pairs}
-    relative = {p: [] for p in pairs}
-    argmax_differs = {p: 0 for p in pairs}
-    times = {"per-layer": [], "grouped": []}
-    token = mx.argmax(logits["per-layer"], axis=-1)
-    for _ in range(args.steps):
-        for name in names:
-            kernels(name)
-            t0 = time.perf_counter()
-            out = model(token.reshape(1, 1), cache=caches[name].cache, sampled=True)[:, -1, :]
-            mx.async_eval(out)
-            t1 = time.perf_counter()
-            mx.eval(out)
-            if name in times:
-                times[name].append(t1 - t0)
-            logits[name] = out.astype(mx.float32)
-        scale = mx.abs(logits["per-layer"]).max().item()
-        for a, b in pairs:
-            identical[(a, b)] += mx.array_equal(logits[a], logits[b]).item()
-            relative[(a, b)].append(mx.abs(logits[a] - logits[b]).max().item() / scale)
-            argmax_differs[(a, b)] += (mx.argmax(logits[a]) != mx.argmax(logits[b])).item()
-        token = mx.argmax(logits["per-layer"], axis=-1)
-    grouped = sum(c.group is not None for c in caches["grouped"].cache)
+    result = lockstep(model, prompt, args.steps, paths, pairs, first="per-layer")
+    grouped = sum(c.group is not None for c in result["caches"]["grouped"].cache)
     print(f"device {mx.default_device()}, MLX {mx.__version__}, {args.dir}: {args.prompt}-token prompt, "
           f"{args.steps} steps, each fed per-layer's greedy token; step kernel {active.get(STEP.name)}; "
           f"{grouped} of {len(model.layers)} layers grouped at the end")
-    print("| pair | identical steps | max |diff| / max |logit|: median | max | argmax differs |")
-    print("|---|---|---|---|---|")
-    for p in pairs:
-        print(f"| {p[0]} vs {p[1]} | {identical[p]}/{args.steps} | {statistics.median(relative[p]):.2e} | "
-              f"{max(relative[p]):.2e} | {argmax_differs[p]} |")
-    print(f"host ms per step (build + queue), median: per-layer {1e3 * statistics.median(times['per-layer']):.2f}, "
-          f"grouped {1e3 * statistics.median(times['grouped']):.2f}")
-    worst_rounding = max(relative[("off", "per-layer")])
-    return 1 if max(relative[("per-layer", "grouped")]) > 10 * max(worst_rounding, 1e-6) else 0
+    report(result, args.steps, ("per-layer", "grouped"))
+    worst_rounding = max(result["relative"][("off", "per-layer")])
+    return 1 if max(result["relative"][("per-layer", "grouped")]) > 10 * max(worst_rounding, 1e-6) else 0
 
 
 if __name__ == "__main__":
