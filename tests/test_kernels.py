@@ -457,14 +457,16 @@ def test_emulator_catches_a_bug_in_the_qkv_rope_kernel(old, new, cxx):
 
 
 @pytest.mark.parametrize("old,new", [
-    (" && t0 + lane != skip", ""),  # a wrapped ring's slot of position p - window attended
-    ("const float s_own = simd_sum(dot);", "const float s_own = dot;"),  # the token's score of one lane's dims
-    ("l = l * c_own + e_own;", "l = l + e_own;"),  # the running sum not rescaled
-    ("passed[row] = pending[row];", "passed[row] = static_cast<T>(0.0f);"),  # the earlier layers' keys dropped
-    ("threadgroup_barrier(mem_flags::mem_threadgroup);  // q staged", ""),
-    ("const float L = l * w + metal::exp(sink - M);", "const float L = l * w;"),  # the sink left out
-], ids=["ring-slot-not-skipped", "own-score-not-summed", "sum-not-rescaled", "pending-dropped",
-        "q-barrier-dropped", "sink-dropped"])
+    ("if (t < n && t == skip) {", "if (false) {"),  # a wrapped ring's slot of position p - window attended
+    ("const float s = simd_sum(dot);", "const float s = dot;"),  # a score of one lane's dimensions
+    ("l = l * correction + weight;", "l = l + weight;"),  # the running sum not rescaled
+    ("passed[i] = pending[i];", "passed[i] = static_cast<T>(0.0f);"),  # the earlier layers' keys dropped
+    ("threadgroup_barrier(mem_flags::mem_threadgroup);\n", ""),  # merged before every simdgroup wrote
+    ("+ metal::exp(sink - M);", ";"),  # the sink left out
+    ("const float wi = simd_shuffle(w, ushort(i));", "const float wi = w;"),  # one simdgroup's weight for all
+    ("for (uint t = sg; t <= n; t += SG)", "for (uint t = sg; t < n; t += SG)"),  # the token's own key left out
+], ids=["ring-slot-not-skipped", "score-not-summed", "sum-not-rescaled", "pending-dropped",
+        "barrier-dropped", "sink-dropped", "merge-weight-not-shuffled", "own-key-left-out"])
 def test_emulator_catches_a_bug_in_the_decode_step_kernel(old, new, cxx):
     assert _worst_planted_error("sdpa_decode_step", old, new) > 1e-2
 

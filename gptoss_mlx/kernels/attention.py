@@ -187,6 +187,7 @@ STEP = Kernel("sdpa_decode_step", ["q", "kv", "cache", "position", "sinks", "sca
 # reads them all); past it, the two-pass kernels above split them, after the layer's own write.
 # A ring (128 slots) always takes the one pass.
 STEP_MAX_KEYS = 1024
+STEP_SIMDGROUPS = 32  # a threadgroup's, each taking every 32nd key (MLX's one-pass kernel's count)
 
 
 def step_plan(q, kv, cache, position, sinks, scale, pending, index, layers, ring) -> Launch:
@@ -203,12 +204,12 @@ def step_plan(q, kv, cache, position, sinks, scale, pending, index, layers, ring
         raise ValueError(f"sdpa_decode_step: q {q.shape}, kv {kv.shape}, cache {cache.shape}, pending "
                          f"{pending.shape}, index {index} of {layers}: needs whole GQA groups, head_dim % 32 "
                          f"== 0, a row for each layer")
-    gqa = heads // (kv2 // 2)
+    simdgroups = min(STEP_SIMDGROUPS, cache.shape[2] + 1)  # no more than the keys there can be
     return Launch(
         inputs=[q, kv, cache, position, sinks, float(scale), pending],
         output_shapes=[(heads, D), (layers, kv2, D)], output_dtypes=[q.dtype, q.dtype],
-        grid=(32 * gqa, kv2 // 2, 1), threadgroup=(32 * gqa, 1, 1),
-        template=[("T", q.dtype), ("S_T", sinks.dtype), ("D", D), ("GQA", gqa), ("RING", int(ring)),
+        grid=(32 * simdgroups, heads, 1), threadgroup=(32 * simdgroups, 1, 1),
+        template=[("T", q.dtype), ("S_T", sinks.dtype), ("D", D), ("SG", simdgroups), ("RING", int(ring)),
                   ("INDEX", int(index)), ("LAYERS", int(layers))],
     )
 
