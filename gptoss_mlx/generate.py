@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 
-from . import decode_step
+from . import decode_step, kernels
 from .engine_thread import engine_thread
 from .harmony import STOP_TOKENS_FOR_SAMPLING, ends_reply
 from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS
@@ -128,8 +128,8 @@ def make_sampler(params: SamplingParams, vocab_size: int):
     def sample(logits: mx.array, key: mx.array | None = None) -> mx.array:
         if params.temperature == 0:
             # In the logits' own dtype: adding 0 or -inf is exact there and keeps their order, so
-            # the token is the float32 one's, without a cast (a kernel a token on a GPU).
-            return mx.argmax(logits + banned_token_mask(vocab_size, logits.dtype), axis=-1)
+            # the token is the float32 one's, without a cast; the add and the argmax are one kernel.
+            return kernels.greedy_token(logits, banned_token_mask(vocab_size, logits.dtype), NUM_BPE_TOKENS)
         logits = logits.astype(mx.float32) + banned
         logits = logits / params.temperature
         if params.top_k:

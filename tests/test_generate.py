@@ -535,3 +535,30 @@ def test_greedy_sampling_takes_the_float32_token_without_a_cast():
     with tempfile.TemporaryDirectory() as tmp:
         mx.export_to_dot(str(Path(tmp) / "g.dot"), sample(logits))
         assert "AsType" not in re.findall(r'label ="(\w+)"', (Path(tmp) / "g.dot").read_text())
+
+
+def test_the_greedy_sampler_runs_one_kernel_where_kernels_run(monkeypatch):
+    """As on a GPU backend (the kernel standing in as its reference): greedy sampling is one
+    launch of greedy_token, with the mask in the logits' dtype, and gives the same tokens."""
+    from gptoss_mlx.generate import make_sampler
+    from gptoss_mlx.kernels import registry
+
+    launched = []
+
+    def launch(spec, *args):
+        launched.append((spec.name, args[1].dtype))
+        return list(spec.reference(*args))
+
+    vocab = 201088
+    sample = make_sampler(SamplingParams(temperature=0), vocab)
+    logits = (mx.random.normal((3, vocab), key=mx.random.key(2)) * 3).astype(mx.bfloat16)
+    expected = sample(logits)
+    monkeypatch.setenv(registry.ENV_VAR, "on")
+    monkeypatch.setattr(registry, "gpu_backend", lambda: "metal")
+    monkeypatch.setattr(registry.KernelSpec, "launch", launch)
+    registry.reset()
+    try:
+        assert mx.array_equal(sample(logits), expected).item()
+    finally:
+        registry.reset()
+    assert launched == [("greedy_token", mx.bfloat16)]

@@ -471,6 +471,16 @@ def test_emulator_catches_a_bug_in_the_decode_step_kernel(old, new, cxx):
     assert _worst_planted_error("sdpa_decode_step", old, new) > 1e-2
 
 
+@pytest.mark.parametrize("old,new", [
+    ("if (masked > best) {", "if (masked >= best) {"),  # a thread's tie to its later id
+    ("v[j] + static_cast<float>(banned[i - FIRST])", "v[j]"),  # the reserved ids not masked
+    ("best = lane < TG / 32 ? best_values[lane] : -INFINITY;", "best = best_values[0];"),  # one simdgroup's best
+    ("v[j] = base + j < V ?", "v[j] = base + j < V - 1 ?"),  # the last id never read
+], ids=["tie-to-later-id", "mask-not-added", "simdgroups-not-reduced", "last-id-skipped"])
+def test_emulator_catches_a_bug_in_the_greedy_sampler_kernel(old, new, cxx):
+    assert _worst_planted_error("greedy_token", old, new) > 1e-2
+
+
 def test_emulator_shows_a_thread_array_element_never_written(cxx):
     """acc[0] left uninitialised (no access out of bounds): it starts as NaN, so the output is."""
     name = "sdpa_prefill"

@@ -1,7 +1,7 @@
 """Custom kernels for the hot paths: Metal sources in metal/, verified before they are trusted.
 
 The model calls ``qkv_rope`` (the input norm, the qkv projection and RoPE), ``linear`` (the attention's
-output projection), ``attention`` (``attention_step`` in the engine's decode steps), ``add_rms_norm_route`` and ``experts`` (``add_rms_norm`` and
+output projection), ``attention`` (``attention_step`` in the engine's decode steps), ``add_rms_norm_route`` and ``experts``, the sampler ``greedy_token`` (``add_rms_norm`` and
 ``route`` are the second's two halves, for when its kernel does not apply and for a block called
 alone); each runs its kernels where they apply (and ``registry`` has them active, see its
 docstring for ``GPTOSS_MLX_KERNELS``) and the plain-MLX form in ``ops`` otherwise. Each kernel module holds the launch plan, the reference the kernel must equal and a
@@ -14,5 +14,6 @@ from .moe import add_rms_norm_route, experts, fused_fits, route  # registered be
 from .attention import attention, attention_step, step_covers, step_fits
 from .dense import linear
 from .qkv import qkv_rope
+from .sampling import greedy_token
 
-__all__ = ["add_rms_norm", "add_rms_norm_route", "attention", "attention_step", "experts", "fused_fits", "linear", "qkv_rope", "registry", "route", "step_covers", "step_fits"]
+__all__ = ["add_rms_norm", "add_rms_norm_route", "attention", "attention_step", "experts", "fused_fits", "greedy_token", "linear", "qkv_rope", "registry", "route", "step_covers", "step_fits"]

@@ -86,11 +86,16 @@ def tolerance(dtype: mx.Dtype) -> float:
 
 
 def max_error(outputs, expected) -> float:
-    """Largest |a - b| / max(1, |b|) over all outputs (inf on a shape mismatch or a NaN)."""
+    """Largest |a - b| / max(1, |b|) over all outputs (inf on a shape mismatch or a NaN); an
+    integer output (ids, indices) must be equal (inf otherwise)."""
     worst = 0.0
     for a, b in zip(outputs, expected, strict=True):
         if a.shape != b.shape:
             return float("inf")
+        if not mx.issubdtype(b.dtype, mx.floating):
+            if not mx.array_equal(a, b).item():
+                return float("inf")
+            continue
         a, b = a.astype(mx.float32), b.astype(mx.float32)
         err = mx.abs(a - b) / mx.maximum(mx.abs(b), 1.0)
         err = mx.where(mx.isnan(a) != mx.isnan(b), mx.inf, mx.where(mx.isnan(b), 0.0, err))

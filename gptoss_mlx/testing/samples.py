@@ -49,6 +49,12 @@ SDPA_DECODE_SHAPES = [(8, 1, 32, 40, 33), (16, 2, 64, 256, 127), (16, 2, 64, 256
 # which it takes 32 at a time.
 SDPA_COMBINE_SHAPES = SDPA_DECODE_SHAPES + [(8, 1, 32, 9000, 8500)]
 
+# (rows, V, first, ties): the run-time check; a vocabulary not a multiple of 8 or of the
+# threadgroup, ties (the lowest id wins) across threads and simdgroups, a row shorter than a
+# simdgroup's sweep, a mask over every id, and gpt-oss's (201088 ids, the mask from 199998).
+GREEDY_SHAPES = [(2, 1000, 600, False), (3, 5003, 17, True), (1, 40, 0, True), (2, 4096, 4095, False),
+                 (1, 201088, 199998, False)]
+
 # (heads, kv heads, D, slots, position, ring, index, layers): the run-time check (a full layer's
 # buffer, a ragged last tile, a middle layer); a first token (nothing cached); a ring not yet
 # full, full, and wrapped (the token's slot holds a position outside the window, skipped); a
@@ -104,6 +110,7 @@ CASES = {
     "sdpa_decode_combine": lambda: _seeded(SDPA_COMBINE_SHAPES, 300),
     "sdpa_prefill": lambda: _seeded(SDPA_PREFILL_SHAPES, 400),
     "sdpa_decode_step": lambda: _seeded(SDPA_STEP_SHAPES, 350),
+    "greedy_token": lambda: _seeded(GREEDY_SHAPES, 900),
 }
 
 # Dtypes the CPU emulator runs every sample in (the compile check covers all of a kernel's

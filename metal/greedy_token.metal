@@ -1,0 +1,71 @@
+// greedy_token — the greedy sampler in one launch: each row's argmax of its logits plus the
+// additive mask of the ids the model may not emit (0, or -inf for a reserved id), which only ids
+// from FIRST on can be.
+//
+//   token[r] = the lowest i with logits[r, i] + mask[i] = max_j (logits[r, j] + mask[j]),
+//   mask[i] = 0 below FIRST, banned[i - FIRST] from it    (as mx.argmax; a row of -inf gives 0)
+//
+// Grid (TG, ROWS, 1) threads, threadgroup (TG, 1, 1): one threadgroup per row. Thread t reads
+// the 8 ids from 8 (t + k TG) on, for k = 0, 1, ... (8 loads in flight a thread), keeping its
+// first best; the simdgroups, then simdgroup 0, reduce (value, id) pairs, the lower id winning a
+// tie.
+// Data: logits [ROWS, V] of T; banned [V - FIRST] of T; token [ROWS] uint32. Template: T, TG (a
+// multiple of 32, at most 1024), FIRST.
+// Fuses: the mask's add and the argmax (two kernels a token, and no cast to float32 first: the
+// add is exact in any float dtype and the comparison is the same in float32).
+// ---- body ----
+constexpr uint WIDTH = 8;  // consecutive ids a thread reads at a time
+const uint tid = thread_index_in_threadgroup;
+const uint lane = thread_index_in_simdgroup;
+const uint sg = simdgroup_index_in_threadgroup;
+const uint row = threadgroup_position_in_grid.y;
+const uint V = logits_shape[1];
+const device T* x = logits + size_t(row) * V;
+
+threadgroup float best_values[32];
+threadgroup uint best_ids[32];
+
+float best = -INFINITY;
+uint id = 0;
+for (uint base = WIDTH * tid; base < V; base += WIDTH * TG) {
+  float v[WIDTH];
+  for (uint j = 0; j < WIDTH; ++j) {
+    v[j] = base + j < V ? static_cast<float>(x[base + j]) : -INFINITY;
+  }
+  for (uint j = 0; j < WIDTH; ++j) {
+    const uint i = base + j;
+    const float masked = i >= FIRST && i < V ? v[j] + static_cast<float>(banned[i - FIRST]) : v[j];
+    if (masked > best) {
+      best = masked;
+      id = i;
+    }
+  }
+}
+for (ushort delta = 16; delta > 0; delta /= 2) {
+  const float other = simd_shuffle_down(best, delta);
+  const uint other_id = simd_shuffle_down(id, delta);
+  if (other > best || (other == best && other_id < id)) {
+    best = other;
+    id = other_id;
+  }
+}
+if (lane == 0) {
+  best_values[sg] = best;
+  best_ids[sg] = id;
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+if (sg == 0) {
+  best = lane < TG / 32 ? best_values[lane] : -INFINITY;
+  id = lane < TG / 32 ? best_ids[lane] : 0;
+  for (ushort delta = 16; delta > 0; delta /= 2) {
+    const float other = simd_shuffle_down(best, delta);
+    const uint other_id = simd_shuffle_down(id, delta);
+    if (other > best || (other == best && other_id < id)) {
+      best = other;
+      id = other_id;
+    }
+  }
+  if (lane == 0) {
+    token[row] = id;
+  }
+}
