@@ -438,3 +438,22 @@ def test_grouped_and_per_layer_caches_agree_whatever_is_done_to_them(head_dim_32
         if out:
             assert mx.abs(out[True] - out[False]).max().item() < 1e-4, (op, arg)
         assert [c.offset for c in pcs[True].cache] == [c.offset for c in pcs[False].cache]
+
+
+def test_a_streamed_model_takes_grouped_steps_with_the_resident_logits(head_dim_32, kernels_standing_in):
+    """Experts streamed through a pool smaller than one layer's (every step evicts) and the
+    grouped steps together: the logits of the resident model's grouped steps, exactly."""
+    from gptoss_mlx.loading import read_config
+    from gptoss_mlx.memory import plan
+
+    resident = _hd32_model(head_dim_32)
+    streamed = load_model(head_dim_32, mx.float32,
+                          memory_plan=plan(read_config(head_dim_32), 64, 16, 1e12, expert_slots=8))
+    assert streamed.expert_pool is not None
+    caches = [PromptCache(m.make_cache()) for m in (resident, streamed)]
+    outs = [forward(m, pc, [5, 9, 2, 7, 11]) for m, pc in zip((resident, streamed), caches)]
+    for t in [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]:
+        outs = [forward(m, pc, [t]) for m, pc in zip((resident, streamed), caches)]
+        assert mx.array_equal(outs[0], outs[1]).item()
+    assert all(c.group is not None for c in caches[1].cache)
+    assert kernels_standing_in.count("sdpa_decode_step") >= 11 * 2 * len(resident.layers)
