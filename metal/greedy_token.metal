@@ -11,8 +11,20 @@
 // tie.
 // Data: logits [ROWS, V] of T; banned [V - FIRST] of T; token [ROWS] uint32. Template: T, TG (a
 // multiple of 32, at most 1024), FIRST.
+// NaN counts as the highest value, as in mx.argmax (the first NaN's id; a reserved id's +inf
+// plus the mask's -inf is NaN there too).
 // Fuses: the mask's add and the argmax (two kernels a token, and no cast to float32 first: the
 // add is exact in any float dtype and the comparison is the same in float32).
+
+// Whether (a, ia) goes before (b, ib): the higher value (NaN highest), the lower id on a tie.
+METAL_FUNC bool better(float a, uint ia, float b, uint ib) {
+  const bool a_nan = metal::isnan(a);
+  const bool b_nan = metal::isnan(b);
+  if (a_nan || b_nan) {
+    return a_nan && (!b_nan || ia < ib);
+  }
+  return a > b || (a == b && ia < ib);
+}
 // ---- body ----
 constexpr uint WIDTH = 8;  // consecutive ids a thread reads at a time
 const uint tid = thread_index_in_threadgroup;
@@ -35,7 +47,7 @@ for (uint base = WIDTH * tid; base < V; base += WIDTH * TG) {
   for (uint j = 0; j < WIDTH; ++j) {
     const uint i = base + j;
     const float masked = i >= FIRST && i < V ? v[j] + static_cast<float>(banned[i - FIRST]) : v[j];
-    if (masked > best) {
+    if (better(masked, i, best, id)) {
       best = masked;
       id = i;
     }
@@ -44,7 +56,7 @@ for (uint base = WIDTH * tid; base < V; base += WIDTH * TG) {
 for (ushort delta = 16; delta > 0; delta /= 2) {
   const float other = simd_shuffle_down(best, delta);
   const uint other_id = simd_shuffle_down(id, delta);
-  if (other > best || (other == best && other_id < id)) {
+  if (better(other, other_id, best, id)) {
     best = other;
     id = other_id;
   }
@@ -60,7 +72,7 @@ if (sg == 0) {
   for (ushort delta = 16; delta > 0; delta /= 2) {
     const float other = simd_shuffle_down(best, delta);
     const uint other_id = simd_shuffle_down(id, delta);
-    if (other > best || (other == best && other_id < id)) {
+    if (better(other, other_id, best, id)) {
       best = other;
       id = other_id;
     }

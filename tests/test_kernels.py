@@ -291,8 +291,13 @@ def _mutant(body: str, name: str = "add_rms_norm") -> Kernel:
 
 
 def _planted(name: str, old: str, new: str) -> Kernel:
-    _, body = kernel_source(name)
-    assert body.count(old) == 1, f"{old!r} is not in metal/{name}.metal once"
+    """Kernel ``name`` with ``old`` (once in its body or its helpers) replaced by ``new``."""
+    header, body = kernel_source(name)
+    assert (header + body).count(old) == 1, f"{old!r} is not in metal/{name}.metal once"
+    if old in header:
+        spec = registry.REGISTRY[name]
+        return Kernel(name, spec.kernel.input_names, spec.kernel.output_names,
+                      (header.replace(old, new), body), spec.kernel.constants)
     return _mutant(body.replace(old, new), name)
 
 
@@ -472,11 +477,12 @@ def test_emulator_catches_a_bug_in_the_decode_step_kernel(old, new, cxx):
 
 
 @pytest.mark.parametrize("old,new", [
-    ("if (masked > best) {", "if (masked >= best) {"),  # a thread's tie to its later id
+    ("return a > b || (a == b && ia < ib);", "return a > b || (a == b && ia > ib);"),  # a tie to the later id
+    ("return a_nan && (!b_nan || ia < ib);", "return false;"),  # a NaN passed over (mx.argmax takes it)
     ("v[j] + static_cast<float>(banned[i - FIRST])", "v[j]"),  # the reserved ids not masked
     ("best = lane < TG / 32 ? best_values[lane] : -INFINITY;", "best = best_values[0];"),  # one simdgroup's best
     ("v[j] = base + j < V ?", "v[j] = base + j < V - 1 ?"),  # the last id never read
-], ids=["tie-to-later-id", "mask-not-added", "simdgroups-not-reduced", "last-id-skipped"])
+], ids=["tie-to-later-id", "nan-passed-over", "mask-not-added", "simdgroups-not-reduced", "last-id-skipped"])
 def test_emulator_catches_a_bug_in_the_greedy_sampler_kernel(old, new, cxx):
     assert _worst_planted_error("greedy_token", old, new) > 1e-2
 
@@ -1109,3 +1115,13 @@ def test_device_positions_are_views_of_one_table_that_grows():
         second.start()
         second.join()
     assert seen[1:] == [[777, 778]] * 3
+
+
+def test_the_step_attention_takes_only_head_dims_whose_sums_fit_a_threadgroup(monkeypatch):
+    """32 simdgroups' partial sums of head_dim floats must fit Apple's 32 KB of threadgroup memory:
+    head_dim 224 at most (256 would need 33,024 bytes), and a multiple of 32."""
+    from gptoss_mlx.kernels.attention import STEP, step_fits
+
+    monkeypatch.setitem(registry._state, (STEP.name, mx.float32), "active")
+    assert step_fits(64, 8, 64, mx.float32) and step_fits(64, 8, 224, mx.float32)
+    assert not step_fits(64, 8, 256, mx.float32) and not step_fits(64, 8, 48, mx.float32)

@@ -257,8 +257,10 @@ STEP_SPEC = registry.register(registry.KernelSpec(
 
 
 def step_fits(heads: int, kv_heads: int, head_dim: int, dtype: mx.Dtype) -> bool:
-    """Whether the one-pass step kernel takes this attention's shape and is active for ``dtype``."""
-    return (head_dim % 32 == 0 and heads % kv_heads == 0 and 32 * (heads // kv_heads) <= 1024
+    """Whether the one-pass step kernel takes this attention's shape and is active for ``dtype``:
+    head_dim a multiple of 32 whose simdgroups' sums fit a threadgroup's 32 KB (4 bytes x
+    (32 x head_dim + 64): head_dim up to 224)."""
+    return (head_dim % 32 == 0 and 4 * (32 * head_dim + 64) <= 32768 and heads % kv_heads == 0
             and registry.active(STEP.name, dtype))
 
 

@@ -35,14 +35,18 @@ def reference(logits: mx.array, banned: mx.array, first: int) -> tuple[mx.array]
 
 
 def sample(shape, key, dtype):
-    """Random (logits, banned, first) for ``shape`` (rows, V, first, ties): with ties, whole
-    numbers from -2 to 2 (many equal maxima, in every thread: the lowest id wins); without, the
-    last row's top at its last id. The mask bans every third id from ``first`` on and the first
-    row's top one where it is there."""
-    rows, V, first, ties = shape
+    """Random (logits, banned, first) for ``shape`` (rows, V, first, kind): "ties", whole numbers
+    from -2 to 2 (many equal maxima, in every thread: the lowest id wins); "nan", NaNs in the
+    first row (the first wins, as in mx.argmax) and +inf at a reserved id in the last (+inf plus
+    -inf: NaN); else the last row's top at its last id. The mask bans every third id from
+    ``first`` on and the first row's top one where it is there."""
+    rows, V, first, kind = shape
     logits = 3 * mx.random.normal((rows, V), key=key)
-    if ties:
+    if kind == "ties":
         logits = mx.clip(mx.round(logits), -2, 2)
+    elif kind == "nan":
+        logits[0, V // 2] = logits[0, V // 3] = float("nan")
+        logits[-1, first + (1 - first) % 3] = float("inf")
     else:
         logits[-1, -1] = 100.0
     ids = mx.arange(first, V)
@@ -51,14 +55,14 @@ def sample(shape, key, dtype):
 
 
 SPEC = registry.register(registry.KernelSpec(
-    "greedy_token", KERNEL, plan, reference, sample, check=((2, 1000, 600, False), 900),
+    "greedy_token", KERNEL, plan, reference, sample, check=((2, 1000, 600, ""), 900),
     description="the greedy sampler: the reserved ids' mask added and the argmax, one launch",
 ))
 
 
 def greedy_token(logits: mx.array, banned: mx.array, first: int = 0) -> mx.array:
     """logits (B, V), banned (V,) 0 or -inf, of the logits' dtype, and 0 below ``first`` -> each
-    row's token (B,) uint32, the lowest id among equal maxima (as mx.argmax)."""
+    row's token (B,) uint32, the lowest id among equal maxima, NaN the highest (as mx.argmax)."""
     V = logits.shape[-1]
     first = min(first, V - 1)
     if logits.ndim == 2 and registry.active(SPEC.name, logits.dtype):

@@ -49,11 +49,12 @@ SDPA_DECODE_SHAPES = [(8, 1, 32, 40, 33), (16, 2, 64, 256, 127), (16, 2, 64, 256
 # which it takes 32 at a time.
 SDPA_COMBINE_SHAPES = SDPA_DECODE_SHAPES + [(8, 1, 32, 9000, 8500)]
 
-# (rows, V, first, ties): the run-time check; a vocabulary not a multiple of 8 or of the
+# (rows, V, first, kind): the run-time check; a vocabulary not a multiple of 8 or of the
 # threadgroup, ties (the lowest id wins) across threads and simdgroups, a row shorter than a
-# simdgroup's sweep, a mask over every id, and gpt-oss's (201088 ids, the mask from 199998).
-GREEDY_SHAPES = [(2, 1000, 600, False), (3, 5003, 17, True), (1, 40, 0, True), (2, 4096, 4095, False),
-                 (1, 201088, 199998, False)]
+# simdgroup's sweep, a mask over every id, NaNs (the first wins) and +inf at a reserved id, and
+# gpt-oss's (201088 ids, the mask from 199998).
+GREEDY_SHAPES = [(2, 1000, 600, ""), (3, 5003, 17, "ties"), (1, 40, 0, "ties"), (2, 4096, 4095, ""),
+                 (2, 3000, 1000, "nan"), (1, 201088, 199998, "")]
 
 # (heads, kv heads, D, slots, position, ring, index, layers): the run-time check (a full layer's
 # buffer, a ragged last tile, a middle layer); a first token (nothing cached); a ring not yet
