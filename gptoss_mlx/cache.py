@@ -351,7 +351,10 @@ def grouped_step(caches: list, full: bool) -> tuple[list, list] | None:
     every ring, and for every full layer if ``full``; the others as they are) and what
     :func:`end_grouped_step` needs; None where the caches are not one sequence's plain caches at
     one position (a batch's rows, a cache not filled yet)."""
-    if not all(type(c) in (KVCache, RotatingKVCache) and c.kv is not None and c.kv.shape[0] == 1 for c in caches):
+    # (a group's layers are one sequence's; a layer's own buffer is checked without a view of it)
+    if not all(type(c) in (KVCache, RotatingKVCache) and (c.group is not None or (c._kv is not None
+                                                                                  and c._kv.shape[0] == 1))
+               for c in caches):
         return None
     position = caches[0].offset
     if any(c.offset != position for c in caches):

@@ -77,20 +77,27 @@ def report(result: dict, steps: int, timed: tuple[str, ...]) -> None:
         print(f"{name}: host ms per step (build + queue), median {1e3 * statistics.median(values[2:]):.2f}")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def setup(doc: str):
+    """The command line of a lockstep check (``--dir``, ``--prompt``, ``--steps``) -> (args, the
+    checkpoint's model, the prompt's ids)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, required=True, help="the checkpoint")
     ap.add_argument("--prompt", type=int, default=120, help="prompt tokens")
     ap.add_argument("--steps", type=int, default=300, help="decode steps")
     args = ap.parse_args()
 
-    import mlx.core as mx
-
-    from gptoss_mlx.decode_step import CompiledDecode
     from gptoss_mlx.loading import load_model
 
     model = load_model(args.dir)
-    prompt = [(i * 7919) % min(model.config.vocab_size, 200000) for i in range(args.prompt)]
+    return args, model, [(i * 7919) % min(model.config.vocab_size, 200000) for i in range(args.prompt)]
+
+
+def main() -> int:
+    args, model, prompt = setup(__doc__)
+
+    import mlx.core as mx
+
+    from gptoss_mlx.decode_step import CompiledDecode
     steps = {"storage": CompiledDecode(model, compiled=False), "compiled": CompiledDecode(model)}
     fallbacks = []
 

@@ -21,28 +21,20 @@ grouped. Exits 1 when per-layer vs grouped is more than 10x off vs per-layer at 
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dir", type=Path, required=True, help="the checkpoint")
-    ap.add_argument("--prompt", type=int, default=120, help="prompt tokens")
-    ap.add_argument("--steps", type=int, default=300, help="decode steps")
-    args = ap.parse_args()
+    from check_compiled_decode import lockstep, report, setup
+
+    args, model, prompt = setup(__doc__)
 
     import mlx.core as mx
 
-    from check_compiled_decode import lockstep, report
     from gptoss_mlx.kernels import registry
     from gptoss_mlx.kernels.attention import STEP
-    from gptoss_mlx.loading import load_model
 
-    model = load_model(args.dir)
     dtype = model.norm_dtype()
-    prompt = [(i * 7919) % min(model.config.vocab_size, 200000) for i in range(args.prompt)]
     registry.status(dtype)  # every kernel checked once, now
     active = {name: state for (name, d), state in registry._state.items() if d == dtype}
 
