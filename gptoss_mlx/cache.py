@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from functools import lru_cache
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -336,21 +337,33 @@ class KVGroup:
 
 class GroupedStep:
     """One layer's cache in a grouped decode step: ``buffer`` its storage before the token (a
-    view of its group's row), the token's position ``offset`` (and as ``position``, a (1,) int32
-    view of device memory: device_positions), ``ring`` (a
-    sliding layer's ring buffer: the token's slot is position % slots), its ``index`` in
-    ``group``. kernels.attention.attention_step reads it."""
+    view of its group's row), the token's position ``offset`` (an int, or a () int32 array inside
+    the compiled step) and ``position``, a (1,) int32 view of device memory (device_positions),
+    ``ring`` (a sliding layer's ring buffer: the token's slot is position % slots), its ``index``
+    in ``group``. kernels.attention.attention_step reads it."""
 
-    def __init__(self, group: KVGroup, index: int, buffer: mx.array, offset: int, ring: bool):
+    def __init__(self, group: KVGroup, index: int, buffer: mx.array, offset: int | mx.array, ring: bool,
+                 position: mx.array | None = None):
         self.group, self.index, self.buffer, self.offset, self.ring = group, index, buffer, offset, ring
-        self.position = device_positions(offset)
+        self.position = device_positions(offset) if position is None else position
 
 
-def grouped_step(caches: list, full: bool) -> tuple[list, list] | None:
-    """For one decode step of one sequence: the caches to run the layers with (a GroupedStep for
-    every ring, and for every full layer if ``full``; the others as they are) and what
-    :func:`end_grouped_step` needs; None where the caches are not one sequence's plain caches at
-    one position (a batch's rows, a cache not filled yet)."""
+class KindStep(NamedTuple):
+    """A grouped step's layers of one kind: their ``group``, their caches ``layers`` (the model's
+    layers ``rows``), ``ring`` (sliding layers) and the token's ``slot`` in their storage."""
+
+    group: KVGroup
+    layers: list
+    rows: list[int]
+    ring: bool
+    slot: int
+
+
+def step_kinds(caches: list, full: bool) -> list[KindStep] | None:
+    """For one decode step of one sequence: the groups to write its layers' keys and values
+    through, the rings' and, if ``full``, the full layers' (each held in one buffer now); None
+    where the caches are not one sequence's plain caches at one position (a batch's rows, a
+    cache not filled yet)."""
     # (a group's layers are one sequence's; a layer's own buffer is checked without a view of it)
     if not all(type(c) in (KVCache, RotatingKVCache) and (c.group is not None or (c._kv is not None
                                                                                   and c._kv.shape[0] == 1))
@@ -359,26 +372,35 @@ def grouped_step(caches: list, full: bool) -> tuple[list, list] | None:
     position = caches[0].offset
     if any(c.offset != position for c in caches):
         return None
-    stepped, groups = list(caches), []
+    kinds = []
     for ring in (True, False) if full else (True,):
         rows = [i for i, c in enumerate(caches) if isinstance(c, RotatingKVCache) == ring]
         if not rows:
             continue
         layers = [caches[i] for i in rows]
         slots = layers[0].window if ring else -(-(position + 1) // KVCache.step) * KVCache.step
-        group = KVGroup.holding(layers, slots)
-        buffer = group.kv  # the last step's keys and values written first
-        for j, i in enumerate(rows):
-            stepped[i] = GroupedStep(group, j, group.row(j, buffer), position, ring)
-        groups.append((group, layers, position % slots if ring else position))
-    return stepped, groups
+        kinds.append(KindStep(KVGroup.holding(layers, slots), layers, rows, ring,
+                              position % slots if ring else position))
+    return kinds
 
 
-def end_grouped_step(groups: list) -> None:
+def grouped_step(caches: list, kinds: list[KindStep]) -> list:
+    """The caches to run one decode step's layers with: a GroupedStep for each layer of
+    ``kinds`` (:func:`step_kinds`), the others as they are."""
+    stepped, position = list(caches), caches[0].offset
+    for kind in kinds:
+        buffer = kind.group.kv  # the last step's keys and values written first
+        for j, i in enumerate(kind.rows):
+            stepped[i] = GroupedStep(kind.group, j, kind.group.row(j, buffer), position, kind.ring)
+    return stepped
+
+
+def end_grouped_step(kinds: list[KindStep]) -> None:
     """After the layers of a grouped step: each group's keys and values pending, offsets on."""
-    for group, layers, slot in groups:
-        group.pending, group.passing = (group.passing, slot), None
-        for c in layers:
+    for kind in kinds:
+        group = kind.group
+        group.pending, group.passing = (group.passing, kind.slot), None
+        for c in kind.layers:
             c.offset += 1
 
 

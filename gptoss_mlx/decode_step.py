@@ -11,8 +11,10 @@ index. Attention covers the filled slots in one of two ways: where the decode at
 run (a GPU), they read the number of keys from the device and skip the rest; elsewhere a mask
 over the storage does. A ring once full needs neither (every slot is inside the window: a second
 traced step, on MLX's one-pass attention). So MLX traces again only when a full layer's storage
-grows (every ``KVCache.step`` tokens) and once when the rings fill. The logits equal the
-uncompiled step's bit for bit on the CPU (tests/test_decode_step.py).
+grows (every ``KVCache.step`` tokens) and once when the rings fill. Where the one-pass step
+attention runs (kernels.attention.attention_step), the layers of a kind go in as one buffer
+instead and are written once a kind, as in the uncompiled step (cache.py, grouped decode steps).
+The logits equal the uncompiled step's bit for bit on the CPU (tests/test_decode_step.py).
 
 ``GPTOSS_MLX_COMPILE=off`` (or ``Engine(compile_decode=False)``) keeps the uncompiled step; on a
 GPU it is off unless ``GPTOSS_MLX_COMPILE=on`` (see :func:`enabled`).
@@ -26,7 +28,7 @@ from functools import partial
 
 import mlx.core as mx
 
-from .cache import KVCache, KVStorage, RotatingKVCache, device_positions
+from .cache import GroupedStep, KVCache, KVGroup, KVStorage, RotatingKVCache, device_positions, end_grouped_step
 from .kernels import registry
 from .kernels.attention import decode_kernels_fit
 
@@ -88,39 +90,64 @@ class StepCache(KVStorage):
 class CompiledDecode:
     """``model``'s decode step for one sequence, compiled. :meth:`__call__` queues a step and
     returns its logits, or None where this step must run uncompiled (then the caller runs the
-    model as usual). ``traces`` counts how often MLX traced the step."""
+    model as usual). ``traces`` counts how often MLX traced the step.
+
+    Where the one-pass step attention runs, the step is a grouped one, as the uncompiled step
+    is (cache.py): the rings' storage (and the full layers', while the one pass covers their
+    keys) goes in as one buffer a kind, the last step's keys and values written into it first
+    (outside the trace, in place), and the token's come out for the next step to write."""
 
     def __init__(self, model, compiled: bool = True):
         # compiled=False runs the same step (StepCache, masked attention over the storage)
         # through the plain forward: what scripts/check_compiled_decode.py tells apart from mx.compile
         self.model = model
+        self.compiled = compiled
         self.traces = 0
         self.failed = False
         self._kernels_decided = False
-        # One step while the rings still have empty slots, one after (their attention then needs
-        # no mask: MLX-CUDA runs a masked sdpa as several kernels instead of its one-pass kernel).
-        self._steps = {full: (mx.compile(step) if compiled else step)
-                       for full in (False, True) for step in [partial(self._trace, full)]}
+        # One step per arrangement: (the kinds grouped, whether the rings' slots are all filled;
+        # MLX-CUDA runs a masked sdpa as several kernels instead of its one-pass kernel).
+        self._steps: dict = {}
 
-    def _trace(self, rings_full: bool, token: mx.array, ahead: mx.array, storage: list) -> tuple[mx.array, list]:
-        """token (1, 1), ahead (4,) the position and the three after it, storage [kv] per layer
-        -> logits (1, V) and the updated storage; ``rings_full``: every ring's slots are filled
-        once this step's key is written. Python runs this only while MLX traces it."""
+    def _step(self, key: tuple):
+        if key not in self._steps:
+            step = partial(self._trace, key)
+            self._steps[key] = mx.compile(step) if self.compiled else step
+        return self._steps[key]
+
+    def _trace(self, key: tuple, token: mx.array, ahead: mx.array, buffers: list, storage: list) -> tuple:
+        """token (1, 1), ahead (4,) the position and the three after it, buffers: a kind's
+        storage (layers, 1, 2 KV, slots, D) per grouped kind (``key[0]``: rings first), storage:
+        [kv] of every other layer -> logits (1, V), the token's keys and values of each grouped
+        kind (layers, 2 KV, D), and the others' updated storage; ``key[1]``: every ring's slots
+        are filled once this step's key is written. Python runs this only while MLX traces it."""
+        kinds, rings_full = key
         self.traces += 1
         attn = self.model.layers[0].self_attn
         kernels = decode_kernels_fit(attn.num_heads, attn.num_kv_heads, attn.head_dim, self.model.norm_dtype())
+        offset = ahead[:1].reshape(())
+        caches = [None] * len(self.model.layers)
+        groups = []
+        for ring, buffer in zip(kinds, buffers):
+            group = KVGroup(buffer)  # its ``passing`` collects the token's keys and values
+            rows = [i for i, layer in enumerate(self.model.layers) if (layer.self_attn.window is not None) == ring]
+            for j, i in enumerate(rows):
+                caches[i] = GroupedStep(group, j, group.row(j), offset, ring, position=ahead[:1])
+            groups.append(group)
+        own = [i for i, c in enumerate(caches) if c is None]
         sizes = set() if kernels else {kv.shape[2] for kv in storage}  # rings' and full layers' slots
         masks = {K: (mx.arange(K) <= ahead[:1]).reshape(1, 1, 1, K) for K in sizes}
-        caches = [StepCache(kv, ahead, ring := layer.self_attn.window is not None,
-                            ring and rings_full, masks.get(kv.shape[2]), kernels)
-                  for kv, layer in zip(storage, self.model.layers)]
+        for i, kv in zip(own, storage):
+            ring = self.model.layers[i].self_attn.window is not None
+            caches[i] = StepCache(kv, ahead, ring, ring and rings_full, masks.get(kv.shape[2]), kernels)
         logits = self.model(token, cache=caches, sampled=True)
-        return logits[:, -1, :], [c.kv for c in caches]
+        return logits[:, -1, :], [g.passing for g in groups], [caches[i].kv for i in own]
 
     def applies(self, cache: list) -> bool:
         """Whether this step can run compiled: a filled KVCache / RotatingKVCache per layer, all
         at one position."""
-        if self.failed or not all(type(c) in (KVCache, RotatingKVCache) and c.kv is not None for c in cache):
+        if self.failed or not all(type(c) in (KVCache, RotatingKVCache)
+                                  and (c.group is not None or c._kv is not None) for c in cache):
             return False
         position = cache[0].offset
         return all(c.offset == position for c in cache)
@@ -134,13 +161,17 @@ class CompiledDecode:
         if not self.applies(cache):
             return None
         position = cache[0].offset
-        for c in cache:
+        kinds = self.model.step_kinds(cache, self.model.norm_dtype()) or []
+        grouped = {i for kind in kinds for i in kind.rows}
+        own = [c for i, c in enumerate(cache) if i not in grouped]
+        for c in own:
             if isinstance(c, KVCache):
                 c.reserve(position + 1)  # a new capacity: MLX traces once more
-        rings_full = all(position + 1 >= c.kv.shape[2] for c in cache if isinstance(c, RotatingKVCache))
+        rings_full = all(position + 1 >= c.kv.shape[2] for c in own if isinstance(c, RotatingKVCache))
+        key = (tuple(kind.ring for kind in kinds), rings_full)
         try:
-            logits, storage = self._steps[rings_full](token.reshape(1, 1), device_positions(position, 4),
-                                                      [c.kv for c in cache])
+            logits, passed, storage = self._step(key)(token.reshape(1, 1), device_positions(position, 4),
+                                                      [kind.group.kv for kind in kinds], [c.kv for c in own])
         except Exception as e:
             # any failure to trace (the caches are untouched): the uncompiled step computes the same
             self.failed = True
@@ -148,6 +179,9 @@ class CompiledDecode:
                           f"{str(e).strip()[:200]}); decoding uncompiled (set {ENV_VAR}=off to skip it).",
                           RuntimeWarning, stacklevel=2)
             return None
-        for c, kv in zip(cache, storage):
+        for kind, keys_values in zip(kinds, passed):
+            kind.group.passing = keys_values
+        end_grouped_step(kinds)
+        for c, kv in zip(own, storage):
             c.kv, c.offset = kv, position + 1
         return logits

@@ -23,7 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import kernels, ops
-from .cache import GroupedStep, KVCache, RotatingKVCache, device_positions, end_grouped_step, grouped_step
+from .cache import (GroupedStep, KindStep, KVCache, RotatingKVCache, device_positions, end_grouped_step,
+                    grouped_step, step_kinds)
 from .config import ModelConfig, yarn_correction_range
 
 
@@ -346,8 +347,9 @@ class Model(nn.Module):
             x = self.embed_tokens(inputs)
         else:  # a later pipeline stage: the previous stage's output
             x = self.stage.receive(inputs, self.norm_dtype())
-        step = self._grouped_step(cache, x)
-        for layer, layer_cache in zip(self.layers, cache if step is None else step[0]):
+        # One token of one sequence: a grouped step where the step attention runs (cache.py).
+        kinds = self.step_kinds(cache, x.dtype) if x.shape[:2] == (1, 1) else None
+        for layer, layer_cache in zip(self.layers, cache if kinds is None else grouped_step(cache, kinds)):
             x = layer(x, layer_cache)
             if evaluate_layers:
                 mx.eval(x)
@@ -356,23 +358,23 @@ class Model(nn.Module):
                 # layer is built (its routing read-back waits for them), and before a later pass
                 # rewrites their slots.
                 mx.async_eval(x)
-        if step is not None:
-            end_grouped_step(step[1])
+        if kinds is not None:
+            end_grouped_step(kinds)
         if self.lm_head is None:  # the next stage's input; a tensor-parallel follower's last state
             return x if self.stage is None else self.stage.send(x, cache)
         return self.lm_head(self.norm(x))
 
-    def _grouped_step(self, cache: list, x: mx.array) -> tuple[list, list] | None:
-        """For one token of one sequence (x (1, 1, D)) where the one-pass step attention runs: the
-        caches to run the layers with, the rings' keys and values (and the full layers', while
-        the one pass covers their keys: kernels.step_covers) written once a kind
-        (cache.grouped_step); else None."""
+    def step_kinds(self, cache: list, dtype: mx.Dtype) -> list[KindStep] | None:
+        """Where one sequence's decode step runs the one-pass step attention (its kernel active
+        for ``dtype``, the model whole): the kinds of layers whose keys and values it writes
+        once a kind, the rings and, while the one pass covers their keys (kernels.step_covers),
+        the full layers (cache.step_kinds); else None."""
         attn = self.layers[0].self_attn
         cached = getattr(cache[0], "offset", None)
-        if (x.shape[:2] != (1, 1) or self.sharding is not None or not isinstance(cached, int)
-                or not kernels.step_fits(attn.num_heads, attn.num_kv_heads, attn.head_dim, x.dtype)):
+        if (self.sharding is not None or not isinstance(cached, int)
+                or not kernels.step_fits(attn.num_heads, attn.num_kv_heads, attn.head_dim, dtype)):
             return None
-        return grouped_step(cache, full=kernels.step_covers(cached))
+        return step_kinds(cache, full=kernels.step_covers(cached))
 
     def norm_dtype(self) -> mx.Dtype:
         """The activations' dtype (the norms' gains are held in it)."""

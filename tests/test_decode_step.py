@@ -111,7 +111,7 @@ def test_a_failing_compile_warns_once_and_decodes_uncompiled(checkpoints, monkey
     def broken(*args):
         raise ValueError("no such primitive")
 
-    monkeypatch.setattr(engine.compiled_decode, "_steps", {False: broken, True: broken})
+    monkeypatch.setattr(engine.compiled_decode, "_step", lambda key: broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         reply = list(engine.generate([1, 2, 3], SamplingParams(temperature=0, max_tokens=20)))
@@ -128,17 +128,16 @@ def test_an_interrupt_during_the_step_leaves_the_cache_as_it_was(checkpoints, mo
     plain, compiled = PromptCache(model.make_cache()), PromptCache(model.make_cache())
     a, b = forward(model, plain, prompt), forward(model, compiled, prompt)
     step = CompiledDecode(model)
-    real = step._steps
 
     def interrupted(*args):
         raise KeyboardInterrupt
 
     y = mx.argmax(a, axis=-1)
-    monkeypatch.setattr(step, "_steps", {False: interrupted, True: interrupted})
+    monkeypatch.setattr(step, "_step", lambda key: interrupted)
     with pytest.raises(KeyboardInterrupt):
         step(y, compiled.cache)
     assert all(c.keys is not None and c.values is not None for c in compiled.cache)
-    monkeypatch.setattr(step, "_steps", real)
+    monkeypatch.undo()
     for _ in range(5):
         a, b = forward(model, plain, [y.item()]), step(y, compiled.cache)
         assert b is not None and mx.array_equal(a, b).item()
@@ -376,6 +375,50 @@ def test_grouped_caches_fork_rewind_and_prefill_like_per_layer_ones(head_dim_32,
     rest, _ = _reference_steps(model, [5, 9, 2, 7, 3, 1, 4, 1, 5, 9, 2, 6, 11, 12, 13], [14, 15, 16, 17], {})
     for got, want in zip(a + [b] + c + [d, e], expected_a[1:] + [rest[0]] + rest[1:]):
         assert mx.abs(got - want.reshape(got.shape)).max().item() < 1e-4
+
+
+def _labels(logits) -> list[str]:
+    """The operations of ``logits``' graph, by name."""
+    import re
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dot = Path(tmp) / "g.dot"
+        mx.export_to_dot(str(dot), logits)
+        return re.findall(r'label ="(\w+)"', dot.read_text())
+
+
+def test_the_compiled_step_takes_grouped_steps(head_dim_32, kernels_standing_in, monkeypatch):
+    """Where the step attention runs, the compiled step is a grouped one too: every layer's
+    attention is the step kernel, the kinds' keys and values are written once a kind (2 slice
+    updates a token, no per-layer scatter) and the caches stay grouped; its logits equal the
+    uncompiled step's bit for bit through the rings wrapping, a rewind and the full layers
+    leaving their group at STEP_MAX_KEYS (one trace for each arrangement)."""
+    import importlib
+
+    attention = importlib.import_module("gptoss_mlx.kernels.attention")  # the module, not its function
+    model = _hd32_model(head_dim_32)
+    monkeypatch.setattr(attention, "STEP_MAX_KEYS", 24)
+    monkeypatch.setattr(attention, "MIN_KEYS", 1)  # past it, the two-pass kernels compiled or not
+    kernels_standing_in.clear()
+    step = decode_both(model, [5, 9, 2, 7], 16, rewinds={10: 9})
+    assert step.traces == 1 and kernels_standing_in.count("sdpa_decode_step") >= 2 * len(model.layers)
+    plain, compiled = PromptCache(model.make_cache()), PromptCache(model.make_cache())
+    y = mx.argmax(forward(model, plain, [5, 9, 2, 7]), axis=-1)
+    forward(model, compiled, [5, 9, 2, 7])
+    mx.eval([c.state for c in compiled.cache])  # (the prompt's own writes not in the step's graph)
+    for n in range(30):
+        a, b = forward(model, plain, [y.item()]), step(y, compiled.cache)
+        labels = _labels(b)  # (before b is evaluated)
+        assert mx.array_equal(a, b).item(), f"step {n}"
+        full_own = n + 4 >= 24
+        # the last step's keys and values, a write a kind (the full group's once more as it leaves)
+        assert labels.count("SliceUpdate") == (n > 0) * (1 + (n + 4 <= 24))
+        assert labels.count("ScatterAxis") == (2 if full_own else 0)  # the full layers' own writes
+        assert [c.group is not None for c in compiled.cache] == [True, not full_own] * 2
+        y = mx.argmax(a, axis=-1)
+    assert step.traces == 2  # both kinds grouped (above and here, replayed), then the rings only
 
 
 _OPS = st.lists(st.one_of(
