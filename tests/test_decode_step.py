@@ -421,6 +421,25 @@ def test_the_compiled_step_takes_grouped_steps(head_dim_32, kernels_standing_in,
     assert step.traces == 2  # both kinds grouped (above and here, replayed), then the rings only
 
 
+def test_compiled_and_uncompiled_steps_ask_for_the_step_kernel_in_one_dtype(head_dim_32, kernels_standing_in,
+                                                                         monkeypatch):
+    """An embedding of another dtype than the model's (an mlx-lm 8-bit one gives bfloat16 in a
+    float32 model): both steps group by the queries' dtype, the model's, so they take the same
+    arrangement and the same logits, whichever dtype's kernel state is off."""
+    from gptoss_mlx.kernels import registry
+    from gptoss_mlx.kernels.attention import STEP
+
+    model = load_model(head_dim_32, mx.float32)
+    model.embed_tokens.weight = model.embed_tokens.weight.astype(mx.bfloat16)
+    registry.status(mx.float32), registry.status(mx.bfloat16)
+    monkeypatch.setitem(registry._state, (STEP.name, mx.bfloat16), "off (this test)")
+    decode_both(model, [5, 9, 2, 7], 6)
+    pc = PromptCache(model.make_cache())
+    for t in [5, 9, 2, 7, 3]:
+        forward(model, pc, [t])
+    assert all(c.group is not None for c in pc.cache)  # the float32 kernel runs the bfloat16 ids' steps
+
+
 _OPS = st.lists(st.one_of(
     st.tuples(st.just("decode"), st.integers(1, 500)),
     st.tuples(st.just("prefill"), st.lists(st.integers(1, 500), min_size=1, max_size=12)),
