@@ -4,7 +4,8 @@ three steps in lockstep from the same prompt, each fed the uncompiled step's gre
 
 - ``plain``: the model's usual decode step (its caches, attention over exactly the filled keys);
 - ``storage``: decode_step's step run through the plain forward: StepCache, attention over the
-  whole storage through a mask (what the compiled step computes, without mx.compile);
+  whole storage through a mask (what the compiled step computes, without mx.compile; where the
+  one-pass step attention runs, the grouped step as the plain one takes it, until 1024 keys);
 - ``compiled``: the same under mx.compile (traced once per full-layer capacity, fused).
 
     python scripts/check_compiled_decode.py --dir /tmp/g20 [--prompt 120] [--steps 300]
