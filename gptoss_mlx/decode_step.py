@@ -98,8 +98,9 @@ class CompiledDecode:
     (outside the trace, in place), and the token's come out for the next step to write."""
 
     def __init__(self, model, compiled: bool = True):
-        # compiled=False runs the same step (StepCache, masked attention over the storage)
-        # through the plain forward: what scripts/check_compiled_decode.py tells apart from mx.compile
+        # compiled=False runs the same step (grouped kinds, StepCache with masked attention over
+        # the storage) through the plain forward: what scripts/check_compiled_decode.py tells
+        # apart from mx.compile
         self.model = model
         self.compiled = compiled
         self.traces = 0
@@ -161,7 +162,7 @@ class CompiledDecode:
         if not self.applies(cache):
             return None
         position = cache[0].offset
-        kinds = self.model.step_kinds(cache, self.model.norm_dtype()) or []
+        kinds = self.model.step_kinds(cache) or []
         grouped = {i for kind in kinds for i in kind.rows}
         own = [c for i, c in enumerate(cache) if i not in grouped]
         for c in own:

@@ -348,7 +348,7 @@ class Model(nn.Module):
         else:  # a later pipeline stage: the previous stage's output
             x = self.stage.receive(inputs, self.norm_dtype())
         # One token of one sequence: a grouped step where the step attention runs (cache.py).
-        kinds = self.step_kinds(cache, self.norm_dtype()) if x.shape[:2] == (1, 1) else None
+        kinds = self.step_kinds(cache) if x.shape[:2] == (1, 1) else None
         for layer, layer_cache in zip(self.layers, cache if kinds is None else grouped_step(cache, kinds)):
             x = layer(x, layer_cache)
             if evaluate_layers:
@@ -364,16 +364,16 @@ class Model(nn.Module):
             return x if self.stage is None else self.stage.send(x, cache)
         return self.lm_head(self.norm(x))
 
-    def step_kinds(self, cache: list, dtype: mx.Dtype) -> list[KindStep] | None:
-        """Where one sequence's decode step runs the one-pass step attention (its kernel active
-        for ``dtype``, the queries' dtype: norm_dtype(), which an embedding of another dtype
-        does not change; the model whole): the kinds of layers whose keys and values it writes
-        once a kind, the rings and, while the one pass covers their keys (kernels.step_covers),
-        the full layers (cache.step_kinds); else None."""
+    def step_kinds(self, cache: list) -> list[KindStep] | None:
+        """Where one sequence's decode step (compiled or not) runs the one-pass step attention
+        (its kernel active for the queries' dtype, norm_dtype(), whatever the embedding's; the
+        model whole): the kinds of layers whose keys and values it writes once a kind, the
+        rings and, while the one pass covers their keys (kernels.step_covers), the full layers
+        (cache.step_kinds); else None."""
         attn = self.layers[0].self_attn
         cached = getattr(cache[0], "offset", None)
         if (self.sharding is not None or not isinstance(cached, int)
-                or not kernels.step_fits(attn.num_heads, attn.num_kv_heads, attn.head_dim, dtype)):
+                or not kernels.step_fits(attn.num_heads, attn.num_kv_heads, attn.head_dim, self.norm_dtype())):
             return None
         return step_kinds(cache, full=kernels.step_covers(cached))
 
