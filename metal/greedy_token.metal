@@ -6,10 +6,9 @@
 //   mask[i] = 0 below FIRST, banned[i - FIRST] from it    (as mx.argmax; a row of -inf gives 0)
 //
 // Grid (TG, ROWS, 1) threads, threadgroup (TG, 1, 1): one threadgroup per row. Thread t reads
-// the 8 ids from 8 (t + k TG) on, for k = 0, 1, ..., four such groups of 8 at a time (32 loads
-// in flight a thread: one threadgroup's reads are bound by the loads in flight, not by
-// bandwidth), keeping its best; the simdgroups, then simdgroup 0, reduce (value, id) pairs. The
-// order of comparisons does not matter: `better` is a total order (the lower id wins a tie).
+// the 8 ids from 8 (t + k TG) on, for k = 0, 1, ... (8 loads in flight a thread), keeping its
+// first best; the simdgroups, then simdgroup 0, reduce (value, id) pairs, the lower id winning a
+// tie.
 // Data: logits [ROWS, V] of T; banned [V - FIRST] of T; token [ROWS] uint32. Template: T, TG (a
 // multiple of 32, at most 1024), FIRST.
 // NaN counts as the highest value, as in mx.argmax (the first NaN's id; a reserved id's +inf
@@ -27,8 +26,7 @@ METAL_FUNC bool better(float a, uint ia, float b, uint ib) {
   return a > b || (a == b && ia < ib);
 }
 // ---- body ----
-constexpr uint WIDTH = 8;  // consecutive ids a thread reads together
-constexpr uint GROUPS = 4;  // groups of WIDTH ids a thread loads before comparing any
+constexpr uint WIDTH = 8;  // consecutive ids a thread reads at a time
 const uint tid = thread_index_in_threadgroup;
 const uint lane = thread_index_in_simdgroup;
 const uint sg = simdgroup_index_in_threadgroup;
@@ -41,24 +39,17 @@ threadgroup uint best_ids[32];
 
 float best = -INFINITY;
 uint id = 0;
-for (uint start = WIDTH * tid; start < V; start += GROUPS * WIDTH * TG) {
-  float v[GROUPS * WIDTH];
-  for (uint g = 0; g < GROUPS; ++g) {
-    const uint base = start + g * WIDTH * TG;
-    for (uint j = 0; j < WIDTH; ++j) {
-      v[g * WIDTH + j] = base + j < V ? static_cast<float>(x[base + j]) : -INFINITY;
-    }
+for (uint base = WIDTH * tid; base < V; base += WIDTH * TG) {
+  float v[WIDTH];
+  for (uint j = 0; j < WIDTH; ++j) {
+    v[j] = base + j < V ? static_cast<float>(x[base + j]) : -INFINITY;
   }
-  for (uint g = 0; g < GROUPS; ++g) {
-    const uint base = start + g * WIDTH * TG;
-    for (uint j = 0; j < WIDTH; ++j) {
-      const uint i = base + j;
-      const float masked = i >= FIRST && i < V ? v[g * WIDTH + j] + static_cast<float>(banned[i - FIRST])
-                                               : v[g * WIDTH + j];
-      if (i < V && better(masked, i, best, id)) {
-        best = masked;
-        id = i;
-      }
+  for (uint j = 0; j < WIDTH; ++j) {
+    const uint i = base + j;
+    const float masked = i >= FIRST && i < V ? v[j] + static_cast<float>(banned[i - FIRST]) : v[j];
+    if (better(masked, i, best, id)) {
+      best = masked;
+      id = i;
     }
   }
 }

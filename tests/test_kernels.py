@@ -479,14 +479,10 @@ def test_emulator_catches_a_bug_in_the_decode_step_kernel(old, new, cxx):
 @pytest.mark.parametrize("old,new", [
     ("return a > b || (a == b && ia < ib);", "return a > b || (a == b && ia > ib);"),  # a tie to the later id
     ("return a_nan && (!b_nan || ia < ib);", "return false;"),  # a NaN passed over (mx.argmax takes it)
-    ("v[g * WIDTH + j] + static_cast<float>(banned[i - FIRST])", "v[g * WIDTH + j]"),  # the reserved ids not masked
+    ("v[j] + static_cast<float>(banned[i - FIRST])", "v[j]"),  # the reserved ids not masked
     ("best = lane < TG / 32 ? best_values[lane] : -INFINITY;", "best = best_values[0];"),  # one simdgroup's best
-    ("v[g * WIDTH + j] = base + j < V ?", "v[g * WIDTH + j] = base + j < V - 1 ?"),  # the last id never read
-    ("g < GROUPS; ++g) {\n    const uint base = start + g * WIDTH * TG;\n    for (uint j = 0; j < WIDTH; ++j) {\n      const",
-     "g < GROUPS - 1; ++g) {\n    const uint base = start + g * WIDTH * TG;\n    for (uint j = 0; j < WIDTH; ++j) {\n      const"),
-    ("start += GROUPS * WIDTH * TG", "start += 2 * GROUPS * WIDTH * TG"),  # every other round skipped
-], ids=["tie-to-later-id", "nan-passed-over", "mask-not-added", "simdgroups-not-reduced", "last-id-skipped",
-        "last-group-not-compared", "rounds-skipped"])
+    ("v[j] = base + j < V ?", "v[j] = base + j < V - 1 ?"),  # the last id never read
+], ids=["tie-to-later-id", "nan-passed-over", "mask-not-added", "simdgroups-not-reduced", "last-id-skipped"])
 def test_emulator_catches_a_bug_in_the_greedy_sampler_kernel(old, new, cxx):
     assert _worst_planted_error("greedy_token", old, new) > 1e-2
 

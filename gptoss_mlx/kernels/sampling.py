@@ -10,8 +10,7 @@ from . import registry
 from .launch import Kernel, Launch
 
 KERNEL = Kernel("greedy_token", ["logits", "banned"], ["token"])
-THREADS = 1024  # a threadgroup per row: 201088 logits are 7 rounds of 4 x 8 a thread
-IDS_PER_ROUND = 32  # a thread's ids in a round of loads (the kernel's GROUPS x WIDTH)
+THREADS = 1024  # a threadgroup per row: 201088 logits are 25 rounds of 8 a thread
 
 
 def plan(logits: mx.array, banned: mx.array, first: int) -> Launch:
@@ -22,7 +21,7 @@ def plan(logits: mx.array, banned: mx.array, first: int) -> Launch:
         raise ValueError(f"greedy_token: logits {logits.shape} {logits.dtype}, banned {banned.shape} "
                          f"{banned.dtype}, first {first}: needs a mask entry per id from first, of the "
                          f"logits' dtype")
-    threads = min(THREADS, -(-V // (IDS_PER_ROUND * 32)) * 32)  # (a small vocabulary: every group used)
+    threads = min(THREADS, -(-V // (8 * 32)) * 32)
     return Launch(
         inputs=[logits, banned], output_shapes=[(rows,)], output_dtypes=[mx.uint32],
         grid=(threads, rows, 1), threadgroup=(threads, 1, 1),
