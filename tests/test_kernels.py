@@ -279,6 +279,18 @@ def test_the_run_time_check_is_the_first_tested_sample(name):
                 assert a == b
 
 
+@pytest.mark.parametrize("name", list(registry.REGISTRY))
+def test_the_run_time_check_launches_threadgroups_as_wide_as_the_model(name):
+    """A threadgroup wider than the device runs for the kernel's registers fails at evaluation:
+    in the run-time check, which then leaves the kernel off, if the check launches threadgroups
+    as wide as any sample does (the samples hold gpt-oss's shapes); else at a decode step."""
+    from math import prod
+
+    spec = registry.REGISTRY[name]
+    check = prod(spec.plan(*spec.check_args(mx.bfloat16)).threadgroup)
+    assert check >= max(prod(spec.plan(*args).threadgroup) for args in samples(name, mx.bfloat16))
+
+
 # ---- planted bugs ----------------------------------------------------------------------------
 
 BARRIER = "threadgroup_barrier(mem_flags::mem_threadgroup);"

@@ -38,7 +38,7 @@ def sample(shape: tuple[int, int], key: mx.array, dtype: mx.Dtype) -> tuple:
 
 
 SPEC = registry.register(registry.KernelSpec(
-    "add_rms_norm", KERNEL, plan, ops.add_rms_norm, sample, check=((3, 96), 7),
+    "add_rms_norm", KERNEL, plan, ops.add_rms_norm, sample, check=((1, 2880), 7),
     description="residual add + RMSNorm, one dispatch per norm",
 ))
 

@@ -220,12 +220,12 @@ def down_sample(shape, key, dtype):
 
 
 ROUTER_SPEC = registry.register(registry.KernelSpec(
-    "moe_router", ROUTER, router_plan, router_reference, router_sample, check=((2, 64, 8, 4), 500),
+    "moe_router", ROUTER, router_plan, router_reference, router_sample, check=((1, 2880, 32, 4), 500),
     description="MoE router: logits, top-k experts and their softmax in one launch",
 ))
 NORM_ROUTER_SPEC = registry.register(registry.KernelSpec(
     "add_rms_norm_route", NORM_ROUTER, norm_router_plan, norm_router_reference, norm_router_sample,
-    check=((2, 64, 8, 4), 600),
+    check=((1, 2880, 32, 4), 600),
     description="residual add + RMSNorm + MoE router: one launch per layer before the experts",
 ))
 GATE_UP_SPEC = registry.register(registry.KernelSpec(
@@ -236,7 +236,7 @@ GATE_UP_SPEC = registry.register(registry.KernelSpec(
 ))
 DOWN_SPEC = registry.register(registry.KernelSpec(
     "moe_down_combine", DOWN, down_combine_plan, down_combine_reference, down_sample,
-    check=((1, 64, 64, 4, 2), 200),
+    check=((1, 64, 2880, 8, 4), 200),
     description="MoE decode B: MXFP4 down + bias, weighted sum over experts, residual add",
     reference_in_float32=True,
 ))

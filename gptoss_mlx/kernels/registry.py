@@ -34,7 +34,9 @@ class KernelSpec:
     plan: Callable[..., Launch]  # the public function's arguments -> one launch
     reference: Callable[..., tuple]  # same arguments -> the outputs, in plain MLX
     sample: Callable[[tuple, mx.array, mx.Dtype], tuple]  # (shape, random key, dtype) -> arguments
-    check: tuple[tuple, int]  # the run-time check's (shape, seed): small, so it runs fast
+    # the run-time check's (shape, seed): small, but launching threadgroups as wide as gpt-oss's
+    # (a launch the device cannot make, its registers say, then fails the check, not a decode step)
+    check: tuple[tuple, int]
     dtypes: tuple = (mx.float32, mx.float16, mx.bfloat16)
     description: str = ""
     # The kernel accumulates in float32 and rounds once; an MLX path in half precision rounds

@@ -8,9 +8,10 @@ import mlx.core as mx
 
 from ..kernels import registry
 
-# (rows, D): then edge shapes: D not a multiple of 32, one row, the model's D = 2880 (TG 1024,
-# 2.8 columns a thread), and a row just past 1024 columns (two columns for a few threads).
-ADD_RMS_NORM_SHAPES = [(3, 96), (1, 33), (2, 200), (5, 2880), (1, 1030)]
+# (rows, D): the model's D = 2880 (TG 1024, as wide as the model launches it: the run-time check;
+# 2.8 columns a thread), then edge shapes: D not a multiple of 32, several rows, and a row just
+# past 1024 columns (two columns for a few threads).
+ADD_RMS_NORM_SHAPES = [(1, 2880), (1, 33), (2, 200), (5, 2880), (1, 1030), (3, 96)]
 
 # (tokens, D, I, experts, top-k). The lanes stride over the MX blocks of the input
 # dimension — D for kernel A, I for kernel B — so each kernel gets the model's 2880 there (90
@@ -19,12 +20,13 @@ ADD_RMS_NORM_SHAPES = [(3, 96), (1, 33), (2, 200), (5, 2880), (1, 1030)]
 # keep the emulator quick: 100 and 33 leave simdgroups of the last threadgroup without an output.
 GATE_UP_SHAPES = [(1, 64, 64, 4, 2), (1, 2880, 64, 8, 4), (3, 96, 100, 4, 4), (2, 1056, 160, 6, 4),
                   (1, 64, 33, 4, 3)]
-DOWN_SHAPES = [(1, 64, 64, 4, 2), (1, 64, 2880, 8, 4), (3, 100, 96, 4, 4), (2, 160, 1056, 6, 4),
+DOWN_SHAPES = [(1, 64, 2880, 8, 4), (1, 64, 64, 4, 2), (3, 100, 96, 4, 4), (2, 160, 1056, 6, 4),
                (1, 33, 64, 4, 3)]
 
-# (tokens, D, experts, top-k): gpt-oss-20b's router (2880 x 32, top-4) and 120b's (128 experts:
-# four slots per lane); an expert count that leaves lanes empty.
-ROUTER_SHAPES = [(2, 64, 8, 4), (1, 2880, 32, 4), (3, 160, 128, 4), (2, 96, 40, 3)]
+# (tokens, D, experts, top-k): gpt-oss-20b's router (2880 x 32, top-4; the run-time check, as
+# wide as the model launches it) and 120b's (128 experts: four slots per lane); an expert count
+# that leaves lanes empty; a small one.
+ROUTER_SHAPES = [(1, 2880, 32, 4), (2, 64, 8, 4), (3, 160, 128, 4), (2, 96, 40, 3)]
 
 # (tokens, K, N): o_proj's K = 4096 (16 chunks a lane), qkv's 2880 (lanes 0-7 take twelve) with a
 # ragged last threadgroup (33 outputs, 8 a threadgroup), short rows (most lanes idle), 4 tokens.
@@ -49,11 +51,12 @@ SDPA_DECODE_SHAPES = [(8, 1, 32, 40, 33), (16, 2, 64, 256, 127), (16, 2, 64, 256
 # which it takes 32 at a time.
 SDPA_COMBINE_SHAPES = SDPA_DECODE_SHAPES + [(8, 1, 32, 9000, 8500)]
 
-# (rows, V, first, kind): the run-time check; a vocabulary not a multiple of 8 or of the
-# threadgroup, ties (the lowest id wins) across threads and simdgroups, a row shorter than a
-# simdgroup's sweep, a mask over every id, NaNs (the first wins) and +inf at a reserved id, and
-# gpt-oss's (201088 ids, the mask from 199998).
-GREEDY_SHAPES = [(2, 1000, 600, ""), (3, 5003, 17, "ties"), (1, 40, 0, "ties"), (2, 4096, 4095, ""),
+# (rows, V, first, kind): the run-time check (8192 ids: 1024 threads, as at gpt-oss's vocabulary);
+# a smaller row; a vocabulary not a multiple of 8 or of the threadgroup, ties (the lowest id wins)
+# across threads and simdgroups, a row shorter than a simdgroup's sweep, a mask over every id,
+# NaNs (the first wins) and +inf at a reserved id, and gpt-oss's (201088 ids, the mask from 199998).
+GREEDY_SHAPES = [(2, 8192, 7000, ""), (2, 1000, 600, ""), (3, 5003, 17, "ties"), (1, 40, 0, "ties"),
+                 (2, 4096, 4095, ""),
                  (2, 3000, 1000, "nan"), (1, 201088, 199998, "")]
 
 # (heads, kv heads, D, slots, position, ring, index, layers): the run-time check (a full layer's
