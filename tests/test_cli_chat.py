@@ -153,6 +153,41 @@ def test_what_is_typed_during_a_reply_waits_at_the_next_prompt(monkeypatch):
     os.close(leader)
 
 
+def test_typing_during_a_reply_is_not_echoed_into_it(monkeypatch):
+    """What is typed while a reply streams was echoed by the terminal into the reply's text: the
+    terminal's echo is off for the reply (Ctrl-C still interrupts), on again for the code
+    approval's question inside it and after it, and the typed text waits for the next prompt."""
+    import pty
+    import termios
+
+    from gptoss_mlx.cli import common, lineedit
+
+    leader, follower = pty.openpty()
+    with os.fdopen(follower, "r") as terminal:
+        monkeypatch.setattr("sys.stdin", terminal)
+
+        def flags() -> int:
+            return termios.tcgetattr(follower)[3]
+
+        assert flags() & termios.ECHO
+        asked = []
+        monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(flags()) or "y")
+        with lineedit.typing_hidden():
+            assert not flags() & termios.ECHO and flags() & termios.ISIG
+            os.write(leader, b"typed during the reply")
+            time.sleep(0.1)
+            assert common.ask_on_terminal("print(1)") is True
+            assert asked[0] & termios.ECHO and not flags() & termios.ECHO
+        assert flags() & termios.ECHO
+        assert lineedit._held == ["typed during the reply"]
+        lineedit._held.clear()
+        import select
+
+        echoed = os.read(leader, 65536) if select.select([leader], [], [], 0.2)[0] else b""
+        assert b"typed during the reply" not in echoed  # (before: the terminal wrote it back)
+    os.close(leader)
+
+
 def test_read_message_line_by_line(tmp_path):
     repl = cli_chat.Repl(None, ConversationStore(tmp_path), reading(["one \\", "two", '"""three', 'four"""']))
     assert repl.read_message() == "one \ntwo"

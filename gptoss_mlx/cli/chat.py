@@ -26,7 +26,7 @@ from .common import (
     RESET, CLIError, add_model_options, add_structured_options, ask_on_terminal,
     decline_when_piped, make_toolbox, terminal_safe,
 )
-from .lineedit import is_unfinished, line_reader
+from .lineedit import is_unfinished, line_reader, typing_hidden
 from .stream import answer_once, cut_json, print_events, replies, say_cut, with_prompt_progress
 
 CHATS_LISTED = 20  # by /chats without words
@@ -294,7 +294,8 @@ class Repl:
         tty = self.out.isatty()
         shown = with_prompt_progress(events, self.chat.engine, self.out) if tty else events
         try:
-            done = print_events(shown, self.show_reasoning, self.out, self.out, tty)
+            with typing_hidden():  # (typed text is not echoed into the reply; it waits for the next prompt)
+                done = print_events(shown, self.show_reasoning, self.out, self.out, tty)
             self.last_stats = done.stats if done else None
             if done and done.finish_reason in ("length", "context"):
                 truncated = f" ({cut_json(done)})" if self.chat.response_format else ""

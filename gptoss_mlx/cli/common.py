@@ -343,11 +343,12 @@ def ask_on_terminal(code: str) -> bool:
     without a result, not recorded as declined."""
     print(f"{DIM}The model wants to run this Python code:{RESET}\n{render_code_ansi(code)}",
           file=sys.stderr)
-    from .lineedit import hold_typeahead  # (prompt_toolkit: loaded by the commands that read lines)
+    from .lineedit import hold_typeahead, typing_hidden  # (prompt_toolkit: loaded by the commands that read lines)
 
     hold_typeahead()  # what was typed during the reply is no answer: it waits at the next prompt
     try:
-        return input("Run it? [y/N] ").strip().lower() in ("y", "yes")
+        with typing_hidden(echo=True):  # (the reply around it hides typing)
+            return input("Run it? [y/N] ").strip().lower() in ("y", "yes")
     except EOFError:
         raise KeyboardInterrupt from None
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import select
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -149,3 +150,29 @@ def hold_typeahead() -> None:
     typed = take_typeahead()
     if typed:
         _held.append(typed)
+
+
+@contextmanager
+def typing_hidden(echo: bool = False):
+    """While a reply streams (``echo`` False): what is typed is not echoed by the terminal into
+    the reply's text (it waits, unseen, for the next prompt: take_typeahead); Ctrl-C still
+    interrupts. ``echo`` True shows typing again for a question asked inside (the code approval).
+    Nothing changes where standard input is not a terminal."""
+    before = None
+    if termios is not None and sys.stdin.isatty():
+        try:
+            fd = sys.stdin.fileno()
+            changed = termios.tcgetattr(fd)
+            before = termios.tcgetattr(fd)
+            changed[3] = changed[3] | termios.ECHO if echo else changed[3] & ~termios.ECHO
+            termios.tcsetattr(fd, termios.TCSANOW, changed)
+        except (termios.error, OSError, ValueError):  # (a stand-in for standard input has no descriptor)
+            before = None
+    try:
+        yield
+    finally:
+        if before is not None:
+            try:
+                termios.tcsetattr(fd, termios.TCSANOW, before)
+            except (termios.error, OSError):  # the terminal has gone
+                pass
