@@ -5,6 +5,8 @@ pipe), autosave after every reply, --resume, /load and /save, --max-context and
 import io
 import json
 import os
+import signal
+import sys
 import threading
 import time
 import re
@@ -185,7 +187,38 @@ def test_typing_during_a_reply_is_not_echoed_into_it(monkeypatch):
 
         echoed = os.read(leader, 65536) if select.select([leader], [], [], 0.2)[0] else b""
         assert b"typed during the reply" not in echoed  # (before: the terminal wrote it back)
+        with lineedit.typing_hidden():
+            assert flags() & termios.NOFLSH  # Ctrl-C keeps what was typed for the prompt
+            resumed = termios.tcgetattr(follower)
+            resumed[3] |= termios.ECHO  # as a shell resumes a job after Ctrl-Z and fg
+            termios.tcsetattr(follower, termios.TCSANOW, resumed)
+            os.kill(os.getpid(), signal.SIGCONT)
+            time.sleep(0.05)
+            assert not flags() & termios.ECHO
+        assert flags() & termios.ECHO and not flags() & termios.NOFLSH
     os.close(leader)
+
+
+def test_a_chat_terminated_during_a_reply_leaves_the_terminal_echoing():
+    """SIGTERM during a reply (under a wrapper that does not reset the terminal, as an
+    interactive shell does): the terminal's echo comes back before the process ends by it."""
+    import pty
+    import subprocess
+    import termios
+
+    leader, follower = pty.openpty()
+    code = ("import sys, time\nfrom gptoss_mlx.cli import lineedit\nwith lineedit.typing_hidden():\n"
+            "    print('hidden', flush=True)\n    time.sleep(30)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=follower, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"hidden\n"
+        assert not termios.tcgetattr(follower)[3] & termios.ECHO
+        child.terminate()
+        assert child.wait(timeout=10) == -signal.SIGTERM
+        assert termios.tcgetattr(follower)[3] & termios.ECHO
+    finally:
+        child.kill()
+        os.close(leader), os.close(follower)
 
 
 def test_read_message_line_by_line(tmp_path):

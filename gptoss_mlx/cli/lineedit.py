@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -155,24 +157,48 @@ def hold_typeahead() -> None:
 @contextmanager
 def typing_hidden(echo: bool = False):
     """While a reply streams (``echo`` False): what is typed is not echoed by the terminal into
-    the reply's text (it waits, unseen, for the next prompt: take_typeahead); Ctrl-C still
-    interrupts. ``echo`` True shows typing again for a question asked inside (the code approval).
-    Nothing changes where standard input is not a terminal."""
-    before = None
-    if termios is not None and sys.stdin.isatty():
-        try:
-            fd = sys.stdin.fileno()
-            changed = termios.tcgetattr(fd)
-            before = termios.tcgetattr(fd)
-            changed[3] = changed[3] | termios.ECHO if echo else changed[3] & ~termios.ECHO
-            termios.tcsetattr(fd, termios.TCSANOW, changed)
-        except (termios.error, OSError, ValueError):  # (a stand-in for standard input has no descriptor)
-            before = None
+    the reply's text, and Ctrl-C (which still interrupts) does not discard it: it waits, unseen,
+    for the next prompt (take_typeahead). ``echo`` True shows typing again for a question asked
+    inside (the code approval). The terminal's settings come back after it, also on SIGTERM (the
+    signal's own action follows), and after Ctrl-Z and ``fg`` (the shell resumes the job with its
+    own) they are made again. Nothing changes where standard input is not a terminal."""
     try:
+        fd = sys.stdin.fileno() if termios is not None and sys.stdin.isatty() else None
+        before = None if fd is None else termios.tcgetattr(fd)
+    except (termios.error, OSError, ValueError):  # (a stand-in for standard input has no descriptor)
+        before = None
+    if before is None:
+        yield
+        return
+    changed = termios.tcgetattr(fd)
+    changed[3] = changed[3] | termios.ECHO if echo else (changed[3] & ~termios.ECHO) | termios.NOFLSH
+
+    def apply(attributes) -> None:
+        try:
+            termios.tcsetattr(fd, termios.TCSANOW, attributes)
+        except (termios.error, OSError):  # the terminal has gone
+            pass
+
+    def resumed(signum, frame) -> None:
+        apply(changed)
+
+    def terminated(signum, frame) -> None:
+        apply(before)
+        previous = handlers[signal.SIGTERM]
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handlers = {}
+    try:
+        if threading.current_thread() is threading.main_thread():
+            handlers[signal.SIGCONT] = signal.signal(signal.SIGCONT, resumed)
+            handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, terminated)
+        apply(changed)
         yield
     finally:
-        if before is not None:
-            try:
-                termios.tcsetattr(fd, termios.TCSANOW, before)
-            except (termios.error, OSError):  # the terminal has gone
-                pass
+        apply(before)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
