@@ -195,7 +195,8 @@ def typing_hidden(echo: bool = False):
     try:
         if threading.current_thread() is threading.main_thread():
             handlers[signal.SIGCONT] = signal.signal(signal.SIGCONT, resumed)
-            handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, terminated)
+            if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # (ignored: it stays so)
+                handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, terminated)
         apply(changed)
         yield
     finally:
