@@ -128,12 +128,16 @@ class KVCache(KVStorage):
         self.offset = end
         return split(self.kv[..., :end, :])
 
+    @classmethod
+    def capacity(cls, end: int) -> int:
+        """The slots storage for positions up to ``end`` has: a multiple of ``step``."""
+        return -(-end // cls.step) * cls.step
+
     def reserve(self, end: int) -> None:
-        """Room for positions up to ``end``: the storage grows to a multiple of ``step`` slots,
-        keeping the first ``offset`` positions."""
+        """Room for positions up to ``end``: the storage grows to capacity(end) slots, keeping
+        the first ``offset`` positions."""
         if end > self.kv.shape[2]:
-            capacity = -(-end // self.step) * self.step
-            self.kv = _pad_slots(self.kv[..., : self.offset, :], capacity)
+            self.kv = _pad_slots(self.kv[..., : self.offset, :], self.capacity(end))
 
     def can_trim(self, n: int) -> bool:
         return 0 <= n <= self.offset
@@ -378,7 +382,7 @@ def step_kinds(caches: list, full: bool) -> list[KindStep] | None:
         if not rows:
             continue
         layers = [caches[i] for i in rows]
-        slots = layers[0].window if ring else -(-(position + 1) // KVCache.step) * KVCache.step
+        slots = layers[0].window if ring else KVCache.capacity(position + 1)
         kinds.append(KindStep(KVGroup.holding(layers, slots), layers, rows, ring,
                               position % slots if ring else position))
     return kinds
@@ -505,7 +509,7 @@ class BatchKVCache(_BatchRows):
         """kv (B, 2 KV, 1, D) at each row's next position -> every row's keys and values so far."""
         end = max(self.lengths) + 1
         if end > self.kv.shape[2]:
-            self.kv = _pad_slots(self.kv, -(-end // KVCache.step) * KVCache.step)
+            self.kv = _pad_slots(self.kv, KVCache.capacity(end))
         self._write_rows(self.lengths, kv)
         self.lengths = [n + 1 for n in self.lengths]
         return self._fetch(self.lengths)
@@ -513,7 +517,7 @@ class BatchKVCache(_BatchRows):
     def extract(self, i: int) -> KVCache:
         """Row ``i`` as a sequence's own cache again."""
         cache = KVCache()
-        slots = -(-self.lengths[i] // KVCache.step) * KVCache.step  # its own storage, not the longest row's
+        slots = KVCache.capacity(self.lengths[i])  # its own storage, not the longest row's
         cache.kv, cache.offset = self._row(i, slots), self.lengths[i]
         return cache
 

@@ -118,10 +118,11 @@ class CompiledDecode:
 
     def _trace(self, key: tuple, token: mx.array, ahead: mx.array, buffers: list, storage: list) -> tuple:
         """token (1, 1), ahead (4,) the position and the three after it, buffers: a kind's
-        storage (layers, 1, 2 KV, slots, D) per grouped kind (``key[0]``: rings first), storage:
-        [kv] of every other layer -> logits (1, V), the token's keys and values of each grouped
-        kind (layers, 2 KV, D), and the others' updated storage; ``key[1]``: every ring's slots
-        are filled once this step's key is written. Python runs this only while MLX traces it."""
+        storage (layers, 1, 2 KV, slots, D) per grouped kind (``key[0]``: (ring, the model's
+        layers of the kind) each), storage: [kv] of every other layer -> logits (1, V), the
+        token's keys and values of each grouped kind (layers, 2 KV, D), and the others' updated
+        storage; ``key[1]``: every ring's slots are filled once this step's key is written.
+        Python runs this only while MLX traces it."""
         kinds, rings_full = key
         self.traces += 1
         attn = self.model.layers[0].self_attn
@@ -129,9 +130,8 @@ class CompiledDecode:
         offset = ahead[:1].reshape(())
         caches = [None] * len(self.model.layers)
         groups = []
-        for ring, buffer in zip(kinds, buffers):
+        for (ring, rows), buffer in zip(kinds, buffers):
             group = KVGroup(buffer)  # its ``passing`` collects the token's keys and values
-            rows = [i for i, layer in enumerate(self.model.layers) if (layer.self_attn.window is not None) == ring]
             for j, i in enumerate(rows):
                 caches[i] = GroupedStep(group, j, group.row(j), offset, ring, position=ahead[:1])
             groups.append(group)
@@ -169,7 +169,7 @@ class CompiledDecode:
             if isinstance(c, KVCache):
                 c.reserve(position + 1)  # a new capacity: MLX traces once more
         rings_full = all(position + 1 >= c.kv.shape[2] for c in own if isinstance(c, RotatingKVCache))
-        key = (tuple(kind.ring for kind in kinds), rings_full)
+        key = (tuple((kind.ring, tuple(kind.rows)) for kind in kinds), rings_full)
         try:
             logits, passed, storage = self._step(key)(token.reshape(1, 1), device_positions(position, 4),
                                                       [kind.group.kv for kind in kinds], [c.kv for c in own])

@@ -78,6 +78,22 @@ def report(result: dict, steps: int, timed: tuple[str, ...]) -> None:
         print(f"{name}: host ms per step (build + queue), median {1e3 * statistics.median(values[2:]):.2f}")
 
 
+def compare(model, prompt: list[int], args, paths: dict, first: str, timed: tuple[str, ...], summary) -> int:
+    """Three ``paths`` a, b, c (in that order) in :func:`lockstep`, fed ``first``'s tokens: a
+    line of what ran (``summary(result)`` at its end), the table of pairs (a, b), (b, c),
+    (a, c) and the host times of ``timed``. Returns 1 when b vs c is more than 10x a vs b (the
+    rounding scale, at least 1e-6) at its worst step, else 0."""
+    import mlx.core as mx
+
+    a, b, c = paths
+    result = lockstep(model, prompt, args.steps, paths, ((a, b), (b, c), (a, c)), first)
+    print(f"device {mx.default_device()}, MLX {mx.__version__}, {args.dir}: {args.prompt}-token prompt, "
+          f"{args.steps} steps, each fed {first}'s greedy token; {summary(result)}")
+    report(result, args.steps, timed)
+    floor = max(result["relative"][(a, b)])
+    return 1 if max(result["relative"][(b, c)]) > 10 * max(floor, 1e-6) else 0
+
+
 def setup(doc: str):
     """The command line of a lockstep check (``--dir``, ``--prompt``, ``--steps``) -> (args, the
     checkpoint's model, the prompt's ids)."""
@@ -95,8 +111,6 @@ def setup(doc: str):
 
 def main() -> int:
     args, model, prompt = setup(__doc__)
-
-    import mlx.core as mx
 
     from gptoss_mlx.decode_step import CompiledDecode
     steps = {"storage": CompiledDecode(model, compiled=False), "compiled": CompiledDecode(model)}
@@ -116,14 +130,9 @@ def main() -> int:
 
     paths = {"plain": (lambda: None, plain), "storage": (lambda: None, through("storage")),
              "compiled": (lambda: None, through("compiled"))}
-    pairs = (("plain", "storage"), ("storage", "compiled"), ("plain", "compiled"))
-    result = lockstep(model, prompt, args.steps, paths, pairs, first="plain")
-    print(f"device {mx.default_device()}, MLX {mx.__version__}, {args.dir}: {args.prompt}-token prompt, "
-          f"{args.steps} steps, each fed plain's greedy token; compiled traced {steps['compiled'].traces} times, "
-          f"fell back {steps['compiled'].failed}, steps run uncompiled {len(fallbacks)}")
-    report(result, args.steps, ("plain", "compiled"))
-    floor = max(result["relative"][("plain", "storage")])
-    return 1 if max(result["relative"][("storage", "compiled")]) > 10 * max(floor, 1e-6) else 0
+    return compare(model, prompt, args, paths, "plain", ("plain", "compiled"),
+                   lambda result: f"compiled traced {steps['compiled'].traces} times, fell back "
+                                  f"{steps['compiled'].failed}, steps run uncompiled {len(fallbacks)}")
 
 
 if __name__ == "__main__":

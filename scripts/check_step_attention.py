@@ -25,11 +25,9 @@ import sys
 
 
 def main() -> int:
-    from check_compiled_decode import lockstep, report, setup
+    from check_compiled_decode import compare, setup
 
     args, model, prompt = setup(__doc__)
-
-    import mlx.core as mx
 
     from gptoss_mlx.kernels import registry
     from gptoss_mlx.kernels.attention import STEP
@@ -49,15 +47,12 @@ def main() -> int:
         return model(token.reshape(1, 1), cache=pc.cache, sampled=True)[:, -1, :]
 
     paths = {name: (kernels(name), step) for name in ("off", "per-layer", "grouped")}
-    pairs = (("off", "per-layer"), ("per-layer", "grouped"), ("off", "grouped"))
-    result = lockstep(model, prompt, args.steps, paths, pairs, first="per-layer")
-    grouped = sum(c.group is not None for c in result["caches"]["grouped"].cache)
-    print(f"device {mx.default_device()}, MLX {mx.__version__}, {args.dir}: {args.prompt}-token prompt, "
-          f"{args.steps} steps, each fed per-layer's greedy token; step kernel {active.get(STEP.name)}; "
-          f"{grouped} of {len(model.layers)} layers grouped at the end")
-    report(result, args.steps, ("per-layer", "grouped"))
-    worst_rounding = max(result["relative"][("off", "per-layer")])
-    return 1 if max(result["relative"][("per-layer", "grouped")]) > 10 * max(worst_rounding, 1e-6) else 0
+
+    def summary(result) -> str:
+        grouped = sum(c.group is not None for c in result["caches"]["grouped"].cache)
+        return f"step kernel {active.get(STEP.name)}; {grouped} of {len(model.layers)} layers grouped at the end"
+
+    return compare(model, prompt, args, paths, "per-layer", ("per-layer", "grouped"), summary)
 
 
 if __name__ == "__main__":
