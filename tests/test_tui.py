@@ -73,6 +73,9 @@ class ScriptedChat(Chat):
             elif kind == "final":
                 answer += step[1]
                 yield AnswerDelta(step[1])
+            elif kind == "preamble":  # text to the user before a call, as a message of its own
+                new.append(Message("assistant", step[1], channel="commentary"))
+                yield AnswerDelta(step[1])
             elif kind == "call":
                 new.append(Message("assistant", step[2], channel="commentary", recipient=step[1]))
                 yield ToolCall(step[1], step[2], "commentary")
@@ -384,6 +387,68 @@ async def test_tool_calls_show_as_expandable_rows(store):
         await pilot.click(row.query_one("CollapsibleTitle"))
         assert not row.collapsed
         assert '{"city": "Oslo"}' in row.query_one(".tool-args").render().plain
+
+
+def turn_layout(turn) -> list[str]:
+    """The turn's rows from the top: reasoning sections, preambles, tool rows and the answer
+    (with their text), as a reader sees them."""
+    rows = []
+    for child in turn.children:
+        if child.has_class("reasoning") and child.display and not child.has_class("-empty"):
+            rows.append("reasoning: " + child.query_one(".reasoning-md", Markdown).source.strip())
+        elif child.has_class("preamble") or child.has_class("answer"):
+            if child.source.strip():
+                rows.append(f"{'preamble' if child.has_class('preamble') else 'answer'}: {child.source.strip()}")
+        elif child.has_class("tool-call"):
+            rows.append(str(child.title))
+    return rows
+
+
+PREAMBLE_TURN = ["reasoning: need weather", "preamble: Let me check.", "tool call · functions.get_weather",
+                 "result · functions.get_weather", "reasoning: it is sunny", "answer: Sunny in Oslo."]
+
+
+async def test_a_preamble_stays_above_its_call_live_and_reopened(store, monkeypatch):
+    """Text the model wrote to the user before a call ("Let me check.") was shown below the call
+    and run into the answer ("Let me check.Sunny in Oslo."), live and when the chat was reopened;
+    copying the answer copied both."""
+    from gptoss_mlx.harmony import Message
+
+    chat = ScriptedChat([("analysis", "need weather"), ("preamble", "Let me check."),
+                         ("analysis", " then call"), ("call", "functions.get_weather", '{"city": "Oslo"}'),
+                         ("final", "Sunny in Oslo.")])
+    copied = []
+    app = make_app(chat, store)
+    monkeypatch.setattr(app, "copy_to_clipboard", copied.append)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "weather?")
+        turn = app.query_one(AssistantTurn)
+        assert turn_layout(turn) == ["reasoning: need weather", "preamble: Let me check.", "reasoning: then call",
+                                     "tool call · functions.get_weather", "error · functions.get_weather",
+                                     "answer: Sunny in Oslo."]
+        assert turn.answer_text == "Sunny in Oslo." and turn.preambles == ["Let me check."]
+        await pilot.press("alt+c")
+        await pilot.pause()
+        assert copied == ["Sunny in Oslo."]
+
+    saved = ScriptedChat()
+    saved.messages += [
+        Message("user", "weather?"), Message("assistant", "need weather", channel="analysis"),
+        Message("assistant", "Let me check.", channel="commentary"),
+        Message("assistant", '{"city": "Oslo"}', channel="commentary", recipient="functions.get_weather"),
+        Message("tool", '{"sky": "sunny"}', channel="commentary", recipient="assistant",
+                name="functions.get_weather"),
+        Message("assistant", "it is sunny", channel="analysis"),
+        Message("assistant", "Sunny in Oslo.", channel="final")]
+    store.save(saved, "pre", "Weather")
+    app = make_app(ScriptedChat(), store)
+    async with app.run_test(size=SIZE) as pilot:
+        app.open_conversation("pre")
+        await wait_until(pilot, lambda: app.query(AssistantTurn))
+        await pilot.pause(0.1)
+        turn = app.query_one(AssistantTurn)
+        assert turn_layout(turn) == PREAMBLE_TURN
+        assert turn.answer_text == "Sunny in Oslo."
 
 
 async def test_a_reasoning_section_says_its_length_once_a_call_ends_it(store):

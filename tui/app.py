@@ -223,14 +223,17 @@ class AssistantTurn(Vertical):
     """One reply: collapsible Reasoning sections that stream live, tool-call rows, the answer
     as Markdown, and a stats line. Reasoning written after a tool's result (the model reading
     it) gets a section of its own below that result, so the turn reads in the order it
-    happened."""
+    happened; so does text the model writes to the user before a call or before thinking on (a
+    preamble: "Let me check the weather."), which stays above what follows it, apart from the
+    answer."""
 
     def __init__(self, collapse_on_answer: bool, show_reasoning: bool, saved: list | None = None):
         """``saved``: the messages of a reply from a resumed conversation, shown at once."""
         super().__init__(classes="assistant")
         self.collapse_on_answer = collapse_on_answer
         self.saved = saved or []
-        self.answer_text = ""
+        self.answer_text = ""  # the text under way: the answer, unless a call or more reasoning follows
+        self.preambles: list[str] = []  # the text written before each call or more reasoning, in order
         self._texts: list[str] = [""]  # each reasoning section's text, in order
         self._after_tool = False  # a tool row came after the last reasoning section
         self._streams = {}
@@ -253,7 +256,7 @@ class AssistantTurn(Vertical):
             elif m.channel == "analysis":
                 await self._reason(m.text, stream=False)
             else:
-                self.answer_text += m.text
+                self.answer_text += m.text  # shown by finish(), or as a preamble by what follows it
         await self.finish()
         for section in self.sections:
             section.collapsed = bool(self.answer_text)
@@ -289,7 +292,23 @@ class AssistantTurn(Vertical):
             self._streams[md] = Markdown.get_stream(md)
         await self._streams[md].write(text)
 
+    async def _end_preamble(self) -> None:
+        """The text written so far was not the answer (a call or more reasoning follows): it
+        stays where it is, as a preamble, and the answer starts again below what comes next."""
+        if not self.answer_text:
+            return
+        md = self.query_one(".answer", Markdown)
+        if md in self._streams:
+            await self._streams.pop(md).stop()
+        md.set_classes("preamble")
+        await md.update(controls_shown(self.answer_text))  # the whole text, re-parsed (finish())
+        self.preambles.append(self.answer_text)
+        self.answer_text = ""
+        await self.mount(Markdown(classes="answer"), after=md)
+        self._after_tool = True  # reasoning after it gets a section of its own below it
+
     async def _reason(self, text: str, stream: bool = True) -> None:
+        await self._end_preamble()
         if self._after_tool:  # the model reads a tool's result: a new section below it
             await self.mount(_reasoning_section(), before=self.query_one(".answer"))
             self._texts.append("")
@@ -323,6 +342,8 @@ class AssistantTurn(Vertical):
             row = Collapsible(Static(controls_shown(text), markup=False, classes="tool-args"),
                               title=controls_shown(title), collapsed=True, classes="tool-call")
             self._titled()  # a section's thinking ends at a call
+            if isinstance(event, ToolCall):
+                await self._end_preamble()
             await self.mount(row, before=self.query_one(".answer"))
             self._after_tool = True
         elif isinstance(event, ContextTrimmed):
