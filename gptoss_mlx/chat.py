@@ -47,6 +47,7 @@ class ReasoningDelta:
 @dataclass
 class AnswerDelta:
     text: str
+    channel: str | None = None  # "commentary": a preamble, text to the user before a call; else the answer
 
 
 @dataclass
@@ -438,7 +439,10 @@ class Chat:
                 self._others = event.role != "assistant"  # a user or system message the model wrote
                 self._started = True
             elif isinstance(event, ContentDelta) and self._recipient in harmony.NOT_A_CALL and not self._others:
-                yield (AnswerDelta if self._is_answer(self._channel) else ReasoningDelta)(event.text), self._ended
+                if self._is_answer(self._channel):
+                    yield AnswerDelta(event.text, self._channel), self._ended
+                else:
+                    yield ReasoningDelta(event.text), self._ended
             elif isinstance(event, MessageEnd):
                 m = event.message
                 if m.is_tool_call:

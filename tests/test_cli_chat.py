@@ -658,6 +658,18 @@ def test_model_and_tool_text_cannot_drive_the_terminal():
     text.encode("utf-8")  # no lone surrogate left to crash the print
 
 
+def test_a_preamble_and_the_answer_print_as_two_paragraphs():
+    """Text the model wrote to the user just before its answer (a commentary message, then the
+    final one) ran into the answer: "Let me check.Sunny." A preamble before a call already
+    stood apart."""
+    from gptoss_mlx.cli.stream import print_events
+
+    out = io.StringIO()
+    print_events([AnswerDelta("Let me ", "commentary"), AnswerDelta("check.", "commentary"),
+                  AnswerDelta("Sunny", "final"), AnswerDelta(".", "final")], False, out, out, dim=False)
+    assert out.getvalue() == "Let me check.\n\nSunny.\n"
+
+
 def test_ordinary_unicode_in_a_reply_prints_as_it_is():
     """Emoji joiners, Persian's zero-width non-joiner, French no-break spaces, soft hyphens and
     direction marks were printed as markers (<U+200D>): the reply was no longer the text."""

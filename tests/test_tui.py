@@ -451,6 +451,77 @@ async def test_a_preamble_stays_above_its_call_live_and_reopened(store, monkeypa
         assert turn.answer_text == "Sunny in Oslo."
 
 
+def scripted_replies(tok, segments: list[str]) -> tuple[list[list[int]], list[str]]:
+    """The model's replies for a turn of ``segments`` ("analysis", "preamble", "call") and a
+    final answer (a reply ends at each call), and the turn as turn_layout should show it."""
+    replies, text, layout = [], "", []
+    for i, kind in enumerate(segments + ["final"]):
+        start = "<|start|>assistant" if text else ""
+        if kind == "analysis":
+            text += f"{start}<|channel|>analysis<|message|>think {i}.<|end|>"
+            if layout and layout[-1].startswith("reasoning: "):
+                layout[-1] += f"think {i}."  # one section until something else is shown
+            else:
+                layout.append(f"reasoning: think {i}.")
+        elif kind == "preamble":
+            text += f"{start}<|channel|>commentary<|message|>Say {i}.<|end|>"
+            if layout and layout[-1].startswith("preamble: "):
+                layout[-1] += f"Say {i}."  # (messages of one channel in a row read as one text)
+            else:
+                layout.append(f"preamble: Say {i}.")
+        elif kind == "call":
+            text += f"{start} to=functions.f{i}<|channel|>commentary json<|message|>{{}}<|call|>"
+            replies.append(tok.encode(text, allowed_special="all"))
+            text = ""
+            layout += [f"tool call · functions.f{i}", f"error · functions.f{i}"]
+        else:
+            text += f"{start}<|channel|>final<|message|>Done {i}.<|return|>"
+            replies.append(tok.encode(text, allowed_special="all"))
+            layout.append(f"answer: Done {i}.")
+    return replies, layout
+
+
+def test_a_turn_reads_in_the_order_it_was_written_live_and_reopened(tokenizer_json, tmp_path):
+    """Any order of reasoning, preambles and calls before the answer is shown in that order,
+    live and when the chat is reopened; the answer is only the final text."""
+    from hypothesis import given, settings, strategies as st
+
+    from gptoss_mlx.generate import Engine
+    from gptoss_mlx.tokenizer import load_tokenizer
+    from scripted import ScriptedModel
+
+    tok = load_tokenizer(tokenizer_json)
+
+    async def shown(segments, root):
+        store = ConversationStore(root)
+        replies, layout = scripted_replies(tok, segments)
+        model = ScriptedModel(replies)
+        chat = Chat(model, tok, engine=Engine(model, max_context=4096), date="2025-08-05")
+        app = make_app(chat, store)
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, app, "go")
+            turn = app.query_one(AssistantTurn)
+            live = turn_layout(turn), turn.answer_text
+            await pilot.press("ctrl+n")
+            await wait_until(pilot, lambda: not app.query(AssistantTurn))
+            app.open_conversation(store.list()[0].id)
+            await wait_until(pilot, lambda: app.query(AssistantTurn))
+            await pilot.pause(0.05)
+            turn = app.query_one(AssistantTurn)
+            reopened = turn_layout(turn), turn.answer_text
+        answer = layout[-1].removeprefix("answer: ")
+        assert live == reopened == (layout, answer), (segments, live, reopened)
+
+    runs = iter(range(10 ** 6))
+
+    @settings(max_examples=15, deadline=None, database=None)
+    @given(st.lists(st.sampled_from(["analysis", "preamble", "call"]), max_size=5))
+    def check(segments):
+        asyncio.run(shown(segments, tmp_path / str(next(runs))))
+
+    check()
+
+
 async def test_a_reasoning_section_says_its_length_once_a_call_ends_it(store):
     """A section of reasoning that a tool call ended said "thinking…" until the whole reply had
     ended: while the model went on (reading the result, thinking again) it looked unfinished."""

@@ -233,6 +233,7 @@ class AssistantTurn(Vertical):
         self.collapse_on_answer = collapse_on_answer
         self.saved = saved or []
         self.answer_text = ""  # the text under way: the answer, unless a call or more reasoning follows
+        self._answer_channel: str | None = None  # the channel of answer_text's message
         self.preambles: list[str] = []  # the text written before each call or more reasoning, in order
         self._texts: list[str] = [""]  # each reasoning section's text, in order
         self._after_tool = False  # a tool row came after the last reasoning section
@@ -256,7 +257,7 @@ class AssistantTurn(Vertical):
             elif m.channel == "analysis":
                 await self._reason(m.text, stream=False)
             else:
-                self.answer_text += m.text  # shown by finish(), or as a preamble by what follows it
+                await self._answer(m.text, m.channel, stream=False)
         await self.finish()
         for section in self.sections:
             section.collapsed = bool(self.answer_text)
@@ -307,6 +308,21 @@ class AssistantTurn(Vertical):
         await self.mount(Markdown(classes="answer"), after=md)
         self._after_tool = True  # reasoning after it gets a section of its own below it
 
+    async def _answer(self, text: str, channel: str | None, stream: bool = True) -> None:
+        if self.answer_text and channel != self._answer_channel:
+            await self._end_preamble()  # a preamble, then the answer: two messages, two blocks
+        if not self.answer_text and not self.reasoning_text:
+            self.reasoning.add_class("-empty")  # no thinking before the answer: no empty section
+        elif not self.answer_text:
+            self._titled()  # the thinking is over
+            for section in self.sections:
+                if self.collapse_on_answer:
+                    section.collapsed = True  # the answer starts: fold the thinking away
+        self.answer_text += text
+        self._answer_channel = channel
+        if stream:
+            await self._write(self.query_one(".answer", Markdown), controls_shown(text))
+
     async def _reason(self, text: str, stream: bool = True) -> None:
         await self._end_preamble()
         if self._after_tool:  # the model reads a tool's result: a new section below it
@@ -325,15 +341,7 @@ class AssistantTurn(Vertical):
         if isinstance(event, ReasoningDelta):
             await self._reason(event.text)
         elif isinstance(event, AnswerDelta):
-            if not self.answer_text and not self.reasoning_text:
-                self.reasoning.add_class("-empty")  # no thinking before the answer: no empty section
-            elif not self.answer_text:
-                self._titled()  # the thinking is over
-                for section in self.sections:
-                    if self.collapse_on_answer:
-                        section.collapsed = True  # the answer starts: fold the thinking away
-            self.answer_text += event.text
-            await self._write(self.query_one(".answer", Markdown), controls_shown(event.text))
+            await self._answer(event.text, event.channel)
         elif isinstance(event, (ToolCall, ToolResult)):
             if isinstance(event, ToolCall):
                 text, title = event.arguments, f"tool call · {event.recipient}"

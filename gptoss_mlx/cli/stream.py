@@ -80,6 +80,7 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
     in_reasoning = False
     done = None
     answered, in_answer = False, False  # text of an earlier message (a preamble before a call) was written
+    channel = None  # the channel of the text last written
 
     def end_reasoning(gap: str) -> None:
         nonlocal in_reasoning
@@ -98,9 +99,10 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
                 reasoning_out.flush()
         elif isinstance(event, AnswerDelta):
             end_reasoning("\n\n")
-            if answered and not in_answer:  # another message's text: a preamble, then the answer
+            if answered and (not in_answer or event.channel != channel):  # a preamble, then the answer
                 answer_out.write("\n\n")
             answered = in_answer = True
+            channel = event.channel
             answer_out.write(terminal_safe(event.text))
             answer_out.flush()
         elif isinstance(event, ToolCall):
@@ -166,9 +168,10 @@ class Outcome:
         last = None
         for event in events:
             if isinstance(event, ReasoningDelta):
-                self.reasoning += ("\n\n" if self.reasoning and last is not ReasoningDelta else "") + event.text
+                self.reasoning += ("\n\n" if self.reasoning and not isinstance(last, ReasoningDelta) else "") + event.text
             elif isinstance(event, AnswerDelta):
-                self.answer += ("\n\n" if self.answer and last is not AnswerDelta else "") + event.text
+                same = isinstance(last, AnswerDelta) and last.channel == event.channel  # one message's text
+                self.answer += ("\n\n" if self.answer and not same else "") + event.text
             elif isinstance(event, ToolCall):
                 self.tool_calls.append({"name": event.recipient, "arguments": event.arguments})
             elif isinstance(event, ToolResult) and self.tool_calls:
@@ -176,7 +179,7 @@ class Outcome:
             elif isinstance(event, Done):
                 self.stats.append(event.stats)
                 self.finish_reason, self.done = event.finish_reason, event
-            last = type(event)
+            last = event
             yield event
 
     def usage(self) -> dict:
