@@ -670,6 +670,29 @@ def test_a_preamble_and_the_answer_print_as_two_paragraphs():
     assert out.getvalue() == "Let me check.\n\nSunny.\n"
 
 
+def test_a_reply_s_parts_are_one_blank_line_apart():
+    """After a tool's result the answer came three blank lines down (two with the reasoning
+    hidden), and a call right after a preamble had none before it."""
+    from gptoss_mlx.chat import ContextTrimmed, ReasoningDelta, ToolCall
+    from gptoss_mlx.cli.stream import DIM, RESET, print_events
+    from gptoss_mlx.tools import ToolResult
+
+    events = [ContextTrimmed(3, 100), ReasoningDelta("Need it.\n"), AnswerDelta("Looking.", "commentary"),
+              ToolCall("functions.f", "{}", "commentary"), ToolResult("f", "42"),
+              ToolCall("functions.g", "{}", "commentary"), ToolResult("g", "43"),
+              ReasoningDelta("Read it."), AnswerDelta("Found", "final"), AnswerDelta(".", "final")]
+    shown = {}
+    for show in (True, False):
+        out = io.StringIO()
+        print_events(events, show, out, out, dim=True)
+        shown[show] = out.getvalue().replace(DIM, "").replace(RESET, "")
+    parts = ["[context full: dropped the 3 oldest messages (100 tokens) to make room]", "Need it.", "Looking.",
+             "[tool call → functions.f] {}\n[result ← f] 42", "[tool call → functions.g] {}\n[result ← g] 43",
+             "Read it.", "Found."]
+    assert shown[True] == "\n\n".join(parts) + "\n"
+    assert shown[False] == "\n\n".join(p for p in parts if p not in ("Need it.", "Read it.")) + "\n"
+
+
 def test_ordinary_unicode_in_a_reply_prints_as_it_is():
     """Emoji joiners, Persian's zero-width non-joiner, French no-break spaces, soft hyphens and
     direction marks were printed as markers (<U+200D>): the reply was no longer the text."""

@@ -76,56 +76,77 @@ def with_prompt_progress(events, engine, out):
 
 
 def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: bool) -> Done | None:
-    """Print a reply's events; returns the Done event."""
+    """Print a reply's events; returns the Done event. Its parts (reasoning, a preamble, a tool
+    call with its result, the answer) are a blank line apart, one blank line however they follow
+    each other (both outputs are usually the one terminal)."""
     in_reasoning = False
     done = None
-    answered, in_answer = False, False  # text of an earlier message (a preamble before a call) was written
+    in_answer = False  # the last part written is answer text (a preamble's or the answer's)
     channel = None  # the channel of the text last written
+    ends: dict[int, int] = {}  # by output written to: the newlines its text ends with
+    last = None  # the output written to last
 
-    def end_reasoning(gap: str) -> None:
+    def write(out, text: str) -> None:
+        nonlocal last
+        if text:
+            out.write(text)
+            out.flush()
+            shown = text.replace(DIM, "").replace(RESET, "")  # colours take no room
+            stripped = shown.rstrip("\n")
+            if stripped or id(out) in ends:
+                ends[id(out)] = len(shown) - len(stripped) + (ends[id(out)] if not stripped else 0)
+                last = out
+
+    def apart(out, lines: int = 2) -> None:
+        """A blank line before the next part, on ``out`` (lines=1: a new line); the part before
+        it, if on the other output, ends with a blank line there."""
+        if last is not None and last is not out:
+            write(last, "\n" * max(0, 2 - ends[id(last)]))
+        if id(out) in ends:
+            write(out, "\n" * max(0, lines - ends[id(out)]))
+
+    def end_reasoning() -> None:
         nonlocal in_reasoning
         if in_reasoning:
-            reasoning_out.write((RESET if dim else "") + gap)
-            reasoning_out.flush()
+            write(reasoning_out, RESET if dim else "")
             in_reasoning = False
 
     for event in events:
         if isinstance(event, ReasoningDelta):
             if show_reasoning:
-                if not in_reasoning and dim:
-                    reasoning_out.write(DIM)
+                if not in_reasoning:
+                    apart(reasoning_out)
+                    write(reasoning_out, DIM if dim else "")
                 in_reasoning = True
-                reasoning_out.write(terminal_safe(event.text))
-                reasoning_out.flush()
+                write(reasoning_out, terminal_safe(event.text))
         elif isinstance(event, AnswerDelta):
-            end_reasoning("\n\n")
-            if answered and (not in_answer or event.channel != channel):  # a preamble, then the answer
-                answer_out.write("\n\n")
-            answered = in_answer = True
+            end_reasoning()
+            if not in_answer or event.channel != channel:  # a new part: after reasoning, a call, a preamble
+                apart(answer_out)
+            in_answer = True
             channel = event.channel
-            answer_out.write(terminal_safe(event.text))
-            answer_out.flush()
+            write(answer_out, terminal_safe(event.text))
         elif isinstance(event, ToolCall):
-            end_reasoning("\n")
+            end_reasoning()
             in_answer = False
-            reasoning_out.write(terminal_safe(f"\n[tool call → {event.recipient}] {event.arguments.strip()}\n"))
-            reasoning_out.flush()
+            apart(reasoning_out)
+            write(reasoning_out, terminal_safe(f"[tool call → {event.recipient}] {event.arguments.strip()}\n"))
         elif isinstance(event, ToolResult):
             text = event.content if len(event.content) <= 2000 else event.content[:2000] + " …"
-            reasoning_out.write(terminal_safe(f"[result ← {event.name}] {text.strip()}\n\n"))
-            reasoning_out.flush()
+            apart(reasoning_out, 1)
+            write(reasoning_out, terminal_safe(f"[result ← {event.name}] {text.strip()}\n"))
         elif isinstance(event, ContextTrimmed):
-            end_reasoning("\n")
-            reasoning_out.write(f"[{event}]\n")
-            reasoning_out.flush()
+            end_reasoning()
+            apart(reasoning_out, 1)
+            write(reasoning_out, f"[{event}]\n")
         elif isinstance(event, Done):
             done = event
             in_answer = False
         if isinstance(event, ReasoningDelta):
             in_answer = False
-    end_reasoning("")
-    answer_out.write("\n")
-    answer_out.flush()
+    end_reasoning()
+    if not ends.get(id(answer_out)):  # the reply ends its line (a blank one if nothing was written)
+        write(answer_out, "\n")
     return done
 
 
