@@ -44,10 +44,16 @@ class ReasoningDelta:
     text: str
 
 
+# Text on these channels is the answer; on commentary, without a recipient, it is a preamble
+# (text to the user before a call), shown with the answer's text.
+ANSWER_CHANNELS = ("final", None)
+
+
 @dataclass
 class AnswerDelta:
     text: str
-    channel: str | None = None  # "commentary": a preamble, text to the user before a call; else the answer
+    channel: str | None = None  # its message's channel (ANSWER_CHANNELS, or commentary: a preamble)
+    message: int | None = None  # its message's index in the reply: a new message is a new paragraph
 
 
 @dataclass
@@ -440,7 +446,7 @@ class Chat:
                 self._started = True
             elif isinstance(event, ContentDelta) and self._recipient in harmony.NOT_A_CALL and not self._others:
                 if self._is_answer(self._channel):
-                    yield AnswerDelta(event.text, self._channel), self._ended
+                    yield AnswerDelta(event.text, self._channel, self._ended), self._ended
                 else:
                     yield ReasoningDelta(event.text), self._ended
             elif isinstance(event, MessageEnd):

@@ -665,9 +665,10 @@ def test_a_preamble_and_the_answer_print_as_two_paragraphs():
     from gptoss_mlx.cli.stream import print_events
 
     out = io.StringIO()
-    print_events([AnswerDelta("Let me ", "commentary"), AnswerDelta("check.", "commentary"),
-                  AnswerDelta("Sunny", "final"), AnswerDelta(".", "final")], False, out, out, dim=False)
-    assert out.getvalue() == "Let me check.\n\nSunny.\n"
+    print_events([AnswerDelta("Let me ", "commentary", 0), AnswerDelta("check.", "commentary", 0),
+                  AnswerDelta("And this.", "commentary", 1),  # two preambles in a row
+                  AnswerDelta("Sunny", "final", 2), AnswerDelta(".", "final", 2)], False, out, out, dim=False)
+    assert out.getvalue() == "Let me check.\n\nAnd this.\n\nSunny.\n"
 
 
 def test_a_reply_s_parts_are_one_blank_line_apart():

@@ -116,13 +116,13 @@ def test_a_preamble_and_the_answer_are_apart_in_plain_and_json_output(tok, tmp_p
         answer, reasoning = check(capsys.readouterr().out)
         assert answer == "I will check.\n\nIt is 4.", answer
         assert reasoning in (None, "Need it.\n\nAdd them.")
-    # a preamble just before the answer, no call between them, came out glued as well
-    direct = ("<|channel|>commentary<|message|>Let me see.<|end|><|start|>assistant<|channel|>final"
-              "<|message|>It is 4.<|return|>")
+    # preambles just before the answer, no call between them, came out glued as well
+    direct = ("<|channel|>commentary<|message|>Let me see.<|end|><|start|>assistant<|channel|>commentary"
+              "<|message|>And think.<|end|><|start|>assistant<|channel|>final<|message|>It is 4.<|return|>")
     for flags, check in ((["--json"], lambda out: json.loads(out)["answer"]), ([], str.strip)):
         use_chat(monkeypatch, tok, [direct])
         assert main(["generate", "-p", "Weather in Oslo?", *flags]) == 0
-        assert check(capsys.readouterr().out) == "Let me see.\n\nIt is 4."
+        assert check(capsys.readouterr().out) == "Let me see.\n\nAnd think.\n\nIt is 4."
 
 
 def test_real_program_json_strict_from_stdin(tiny_checkpoint):

@@ -75,7 +75,7 @@ class ScriptedChat(Chat):
                 yield AnswerDelta(step[1])
             elif kind == "preamble":  # text to the user before a call, as a message of its own
                 new.append(Message("assistant", step[1], channel="commentary"))
-                yield AnswerDelta(step[1])
+                yield AnswerDelta(step[1], "commentary", len(new))
             elif kind == "call":
                 new.append(Message("assistant", step[2], channel="commentary", recipient=step[1]))
                 yield ToolCall(step[1], step[2], "commentary")
@@ -396,7 +396,7 @@ def turn_layout(turn) -> list[str]:
     for child in turn.children:
         if child.has_class("reasoning") and child.display and not child.has_class("-empty"):
             rows.append("reasoning: " + child.query_one(".reasoning-md", Markdown).source.strip())
-        elif child.has_class("preamble") or child.has_class("answer"):
+        elif child.has_class("preamble") or child.has_class("answer") or child.has_class("answer-part"):
             if child.source.strip():
                 rows.append(f"{'preamble' if child.has_class('preamble') else 'answer'}: {child.source.strip()}")
         elif child.has_class("tool-call"):
@@ -451,10 +451,11 @@ async def test_a_preamble_stays_above_its_call_live_and_reopened(store, monkeypa
         assert turn.answer_text == "Sunny in Oslo."
 
 
-def scripted_replies(tok, segments: list[str]) -> tuple[list[list[int]], list[str]]:
-    """The model's replies for a turn of ``segments`` ("analysis", "preamble", "call") and a
-    final answer (a reply ends at each call), and the turn as turn_layout should show it."""
-    replies, text, layout = [], "", []
+def scripted_replies(tok, segments: list[str]) -> tuple[list[list[int]], list[str], str]:
+    """The model's replies for a turn of ``segments`` ("analysis", "preamble", "call", "final":
+    an answer that more follows) and a final answer (a reply ends at each call), the turn as
+    turn_layout should show it, and its answer."""
+    replies, text, layout, answers = [], "", [], []
     for i, kind in enumerate(segments + ["final"]):
         start = "<|start|>assistant" if text else ""
         if kind == "analysis":
@@ -465,10 +466,11 @@ def scripted_replies(tok, segments: list[str]) -> tuple[list[list[int]], list[st
                 layout.append(f"reasoning: think {i}.")
         elif kind == "preamble":
             text += f"{start}<|channel|>commentary<|message|>Say {i}.<|end|>"
-            if layout and layout[-1].startswith("preamble: "):
-                layout[-1] += f"Say {i}."  # (messages of one channel in a row read as one text)
-            else:
-                layout.append(f"preamble: Say {i}.")
+            layout.append(f"preamble: Say {i}.")
+        elif kind == "final" and i < len(segments):  # an answer the model goes on from
+            text += f"{start}<|channel|>final<|message|>Early {i}.<|end|>"
+            layout.append(f"answer: Early {i}.")
+            answers.append(f"Early {i}.")
         elif kind == "call":
             text += f"{start} to=functions.f{i}<|channel|>commentary json<|message|>{{}}<|call|>"
             replies.append(tok.encode(text, allowed_special="all"))
@@ -478,12 +480,14 @@ def scripted_replies(tok, segments: list[str]) -> tuple[list[list[int]], list[st
             text += f"{start}<|channel|>final<|message|>Done {i}.<|return|>"
             replies.append(tok.encode(text, allowed_special="all"))
             layout.append(f"answer: Done {i}.")
-    return replies, layout
+            answers.append(f"Done {i}.")
+    return replies, layout, "\n\n".join(answers)
 
 
 def test_a_turn_reads_in_the_order_it_was_written_live_and_reopened(tokenizer_json, tmp_path):
-    """Any order of reasoning, preambles and calls before the answer is shown in that order,
-    live and when the chat is reopened; the answer is only the final text."""
+    """Any order of reasoning, preambles, calls and answers the model goes on from, before the
+    answer, is shown in that order, live and when the chat is reopened (two messages in a row
+    are two blocks); the answer is the final channel's text."""
     from hypothesis import given, settings, strategies as st
 
     from gptoss_mlx.generate import Engine
@@ -494,7 +498,7 @@ def test_a_turn_reads_in_the_order_it_was_written_live_and_reopened(tokenizer_js
 
     async def shown(segments, root):
         store = ConversationStore(root)
-        replies, layout = scripted_replies(tok, segments)
+        replies, layout, answer = scripted_replies(tok, segments)
         model = ScriptedModel(replies)
         chat = Chat(model, tok, engine=Engine(model, max_context=4096), date="2025-08-05")
         app = make_app(chat, store)
@@ -509,13 +513,12 @@ def test_a_turn_reads_in_the_order_it_was_written_live_and_reopened(tokenizer_js
             await pilot.pause(0.05)
             turn = app.query_one(AssistantTurn)
             reopened = turn_layout(turn), turn.answer_text
-        answer = layout[-1].removeprefix("answer: ")
         assert live == reopened == (layout, answer), (segments, live, reopened)
 
     runs = iter(range(10 ** 6))
 
     @settings(max_examples=15, deadline=None, database=None)
-    @given(st.lists(st.sampled_from(["analysis", "preamble", "call"]), max_size=5))
+    @given(st.lists(st.sampled_from(["analysis", "preamble", "call", "final"]), max_size=5))
     def check(segments):
         asyncio.run(shown(segments, tmp_path / str(next(runs))))
 

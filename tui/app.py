@@ -38,7 +38,7 @@ from textual.widgets.option_list import Option
 from rich.text import Text
 
 from gptoss_mlx.chat import (
-    AnswerDelta, Chat, ChatFileError, ContextTrimmed, Done, ReasoningDelta, ToolCall, reply_cut,
+    ANSWER_CHANNELS, AnswerDelta, Chat, ChatFileError, ContextTrimmed, Done, ReasoningDelta, ToolCall, reply_cut,
 )
 from gptoss_mlx.chat_file import check_chat_file
 from gptoss_mlx.cli.lineedit import input_history
@@ -232,9 +232,10 @@ class AssistantTurn(Vertical):
         super().__init__(classes="assistant")
         self.collapse_on_answer = collapse_on_answer
         self.saved = saved or []
-        self.answer_text = ""  # the text under way: the answer, unless a call or more reasoning follows
-        self._answer_channel: str | None = None  # the channel of answer_text's message
-        self.preambles: list[str] = []  # the text written before each call or more reasoning, in order
+        self._text = ""  # the text under way (in the .answer block): the answer, unless more follows
+        self._source: tuple = ()  # its message: (channel, index in the reply)
+        self._finals: list[str] = []  # the texts on an answer's channel that more followed, in order
+        self.preambles: list[str] = []  # the other texts that more followed (a call, reasoning), in order
         self._texts: list[str] = [""]  # each reasoning section's text, in order
         self._after_tool = False  # a tool row came after the last reasoning section
         self._streams = {}
@@ -257,13 +258,20 @@ class AssistantTurn(Vertical):
             elif m.channel == "analysis":
                 await self._reason(m.text, stream=False)
             else:
-                await self._answer(m.text, m.channel, stream=False)
+                await self._answer(m.text, (m.channel, id(m)), stream=False)
         await self.finish()
         for section in self.sections:
             section.collapsed = bool(self.answer_text)
         cut = reply_cut(self.saved)  # the reply was cut short when it was made
         if cut in CUT_NOTES:
             self.query_one(".stats", Static).update(CUT_NOTES[cut])
+
+    @property
+    def answer_text(self) -> str:
+        """The answer: the turn's text on an answer's channel (final, or none), or else the text
+        it ended with (a reply stopped in a preamble)."""
+        parts = self._finals + ([self._text] if self._text and self._source[0] in ANSWER_CHANNELS else [])
+        return "\n\n".join(parts) if parts else self._text
 
     @property
     def reasoning_text(self) -> str:
@@ -293,38 +301,41 @@ class AssistantTurn(Vertical):
             self._streams[md] = Markdown.get_stream(md)
         await self._streams[md].write(text)
 
-    async def _end_preamble(self) -> None:
-        """The text written so far was not the answer (a call or more reasoning follows): it
-        stays where it is, as a preamble, and the answer starts again below what comes next."""
-        if not self.answer_text:
+    async def _end_text(self) -> None:
+        """The text under way is followed by something else (another message, a call, more
+        reasoning): it stays where it is, a preamble unless it is on an answer's channel, and
+        the next text starts below what comes next."""
+        if not self._text:
             return
         md = self.query_one(".answer", Markdown)
         if md in self._streams:
             await self._streams.pop(md).stop()
-        md.set_classes("preamble")
-        await md.update(controls_shown(self.answer_text))  # the whole text, re-parsed (finish())
-        self.preambles.append(self.answer_text)
-        self.answer_text = ""
+        answer = self._source[0] in ANSWER_CHANNELS
+        md.set_classes("answer-part" if answer else "preamble")
+        await md.update(controls_shown(self._text))  # the whole text, re-parsed (finish())
+        (self._finals if answer else self.preambles).append(self._text)
+        self._text = ""
         await self.mount(Markdown(classes="answer"), after=md)
         self._after_tool = True  # reasoning after it gets a section of its own below it
 
-    async def _answer(self, text: str, channel: str | None, stream: bool = True) -> None:
-        if self.answer_text and channel != self._answer_channel:
-            await self._end_preamble()  # a preamble, then the answer: two messages, two blocks
-        if not self.answer_text and not self.reasoning_text:
+    async def _answer(self, text: str, source: tuple, stream: bool = True) -> None:
+        """Text for the user from ``source`` (its message's channel and index)."""
+        if self._text and source != self._source:
+            await self._end_text()  # a preamble, then the answer: two messages, two blocks
+        if not self._text and not self.reasoning_text:
             self.reasoning.add_class("-empty")  # no thinking before the answer: no empty section
-        elif not self.answer_text:
+        elif not self._text:
             self._titled()  # the thinking is over
             for section in self.sections:
                 if self.collapse_on_answer:
                     section.collapsed = True  # the answer starts: fold the thinking away
-        self.answer_text += text
-        self._answer_channel = channel
+        self._text += text
+        self._source = source
         if stream:
             await self._write(self.query_one(".answer", Markdown), controls_shown(text))
 
     async def _reason(self, text: str, stream: bool = True) -> None:
-        await self._end_preamble()
+        await self._end_text()
         if self._after_tool:  # the model reads a tool's result: a new section below it
             await self.mount(_reasoning_section(), before=self.query_one(".answer"))
             self._texts.append("")
@@ -341,7 +352,7 @@ class AssistantTurn(Vertical):
         if isinstance(event, ReasoningDelta):
             await self._reason(event.text)
         elif isinstance(event, AnswerDelta):
-            await self._answer(event.text, event.channel)
+            await self._answer(event.text, (event.channel, event.message))
         elif isinstance(event, (ToolCall, ToolResult)):
             if isinstance(event, ToolCall):
                 text, title = event.arguments, f"tool call · {event.recipient}"
@@ -351,7 +362,7 @@ class AssistantTurn(Vertical):
                               title=controls_shown(title), collapsed=True, classes="tool-call")
             self._titled()  # a section's thinking ends at a call
             if isinstance(event, ToolCall):
-                await self._end_preamble()
+                await self._end_text()
             await self.mount(row, before=self.query_one(".answer"))
             self._after_tool = True
         elif isinstance(event, ContextTrimmed):
@@ -370,7 +381,7 @@ class AssistantTurn(Vertical):
             if not text.split():
                 section.display = False  # no empty section (showing is left to the CSS)
         self._titled()
-        await self.query_one(".answer", Markdown).update(controls_shown(self.answer_text))
+        await self.query_one(".answer", Markdown).update(controls_shown(self._text))
 
     def _titled(self) -> None:
         """The sections written so far say how long they are, not "thinking…"."""

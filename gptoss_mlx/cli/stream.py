@@ -82,7 +82,7 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
     in_reasoning = False
     done = None
     in_answer = False  # the last part written is answer text (a preamble's or the answer's)
-    channel = None  # the channel of the text last written
+    source = None  # the message of the text last written: its channel and index
     ends: dict[int, int] = {}  # by output written to: the newlines its text ends with
     last = None  # the output written to last
 
@@ -121,10 +121,10 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
                 write(reasoning_out, terminal_safe(event.text))
         elif isinstance(event, AnswerDelta):
             end_reasoning()
-            if not in_answer or event.channel != channel:  # a new part: after reasoning, a call, a preamble
+            if not in_answer or (event.channel, event.message) != source:  # a new part: another message
                 apart(answer_out)
             in_answer = True
-            channel = event.channel
+            source = event.channel, event.message
             write(answer_out, terminal_safe(event.text))
         elif isinstance(event, ToolCall):
             end_reasoning()
@@ -191,7 +191,7 @@ class Outcome:
             if isinstance(event, ReasoningDelta):
                 self.reasoning += ("\n\n" if self.reasoning and not isinstance(last, ReasoningDelta) else "") + event.text
             elif isinstance(event, AnswerDelta):
-                same = isinstance(last, AnswerDelta) and last.channel == event.channel  # one message's text
+                same = isinstance(last, AnswerDelta) and (last.channel, last.message) == (event.channel, event.message)
                 self.answer += ("\n\n" if self.answer and not same else "") + event.text
             elif isinstance(event, ToolCall):
                 self.tool_calls.append({"name": event.recipient, "arguments": event.arguments})
