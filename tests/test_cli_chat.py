@@ -694,6 +694,39 @@ def test_a_reply_s_parts_are_one_blank_line_apart():
     assert shown[False] == "\n\n".join(p for p in parts if p not in ("Need it.", "Read it.")) + "\n"
 
 
+def test_any_reply_s_parts_print_one_blank_line_apart():
+    """Property: whatever order a reply's parts come in, on one terminal they are one blank line
+    apart (never two), the reply ends its line once, and the texts are all there in order."""
+    from hypothesis import given, settings, strategies as st
+
+    from gptoss_mlx.chat import ContextTrimmed, ReasoningDelta, ToolCall
+    from gptoss_mlx.cli.stream import DIM, RESET, print_events
+    from gptoss_mlx.tools import ToolResult
+
+    word = st.text("abc ", min_size=1, max_size=4).filter(str.strip)
+    event = st.one_of(
+        st.builds(ReasoningDelta, word),
+        st.builds(AnswerDelta, word, st.sampled_from(["final", "commentary", None]), st.integers(0, 2)),
+        st.builds(ToolCall, st.just("functions.f"), word), st.builds(ToolResult, st.just("f"), word),
+        st.builds(ContextTrimmed, st.integers(1, 3), st.integers(1, 9)))
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.lists(event, max_size=10), st.booleans(), st.booleans())
+    def check(events, show, dim):
+        out = io.StringIO()
+        print_events(events, show, out, out, dim=dim)
+        text = out.getvalue().replace(DIM, "").replace(RESET, "")
+        assert "\n\n\n" not in text and text.endswith("\n") and not text.endswith("\n\n") or text == "\n", repr(text)
+        assert not text.startswith("\n") or text == "\n"
+        shown = [e.text.strip() if isinstance(e, (ReasoningDelta, AnswerDelta)) else "" for e in events
+                 if show or not isinstance(e, ReasoningDelta)]
+        position = 0
+        for piece in filter(None, shown):
+            position = text.index(piece, position)  # in order
+
+    check()
+
+
 def test_ordinary_unicode_in_a_reply_prints_as_it_is():
     """Emoji joiners, Persian's zero-width non-joiner, French no-break spaces, soft hyphens and
     direction marks were printed as markers (<U+200D>): the reply was no longer the text."""
