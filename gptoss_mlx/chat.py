@@ -42,6 +42,8 @@ from .structured import SchemaError, compile_schema, constrained_messages, const
 @dataclass
 class ReasoningDelta:
     text: str
+    channel: str | None = "analysis"  # or commentary: a preamble while the answer is held to a format
+    message: int | None = None  # its message's index in the reply
 
 
 # Text on these channels is the answer; on commentary, without a recipient, it is a preamble
@@ -448,7 +450,7 @@ class Chat:
                 if self._is_answer(self._channel):
                     yield AnswerDelta(event.text, self._channel, self._ended), self._ended
                 else:
-                    yield ReasoningDelta(event.text), self._ended
+                    yield ReasoningDelta(event.text, self._channel, self._ended), self._ended
             elif isinstance(event, MessageEnd):
                 m = event.message
                 if m.is_tool_call:

@@ -451,7 +451,7 @@ async def test_a_preamble_stays_above_its_call_live_and_reopened(store, monkeypa
         assert turn.answer_text == "Sunny in Oslo."
 
 
-def scripted_replies(tok, segments: list[str]) -> tuple[list[list[int]], list[str], str]:
+def scripted_replies(tok, segments: list[str], json_answer: bool = False) -> tuple[list[list[int]], list[str], str]:
     """The model's replies for a turn of ``segments`` ("analysis", "preamble", "call", "final":
     an answer that more follows) and a final answer (a reply ends at each call), the turn as
     turn_layout should show it, and its answer."""
@@ -477,17 +477,18 @@ def scripted_replies(tok, segments: list[str]) -> tuple[list[list[int]], list[st
             text = ""
             layout += [f"tool call · functions.f{i}", f"error · functions.f{i}"]
         else:
-            text += f"{start}<|channel|>final<|message|>Done {i}.<|return|>"
+            done = f'{{"a": {i}}}' if json_answer else f"Done {i}."
+            text += f"{start}<|channel|>final<|message|>{done}<|return|>"
             replies.append(tok.encode(text, allowed_special="all"))
-            layout.append(f"answer: Done {i}.")
-            answers.append(f"Done {i}.")
+            layout.append(f"answer: {done}")
+            answers.append(done)
     return replies, layout, "\n\n".join(answers)
 
 
 def test_a_turn_reads_in_the_order_it_was_written_live_and_reopened(tokenizer_json, tmp_path):
     """Any order of reasoning, preambles, calls and answers the model goes on from, before the
     answer, is shown in that order, live and when the chat is reopened (two messages in a row
-    are two blocks); the answer is the final channel's text."""
+    are two blocks), with or without a response format; the answer is the final channel's text."""
     from hypothesis import given, settings, strategies as st
 
     from gptoss_mlx.generate import Engine
@@ -496,11 +497,12 @@ def test_a_turn_reads_in_the_order_it_was_written_live_and_reopened(tokenizer_js
 
     tok = load_tokenizer(tokenizer_json)
 
-    async def shown(segments, root):
+    async def shown(segments, root, response_format=None):
         store = ConversationStore(root)
-        replies, layout, answer = scripted_replies(tok, segments)
+        replies, layout, answer = scripted_replies(tok, segments, json_answer=response_format is not None)
         model = ScriptedModel(replies)
-        chat = Chat(model, tok, engine=Engine(model, max_context=4096), date="2025-08-05")
+        chat = Chat(model, tok, engine=Engine(model, max_context=4096), date="2025-08-05",
+                    response_format=response_format)
         app = make_app(chat, store)
         async with app.run_test(size=SIZE) as pilot:
             await send(pilot, app, "go")
@@ -522,7 +524,14 @@ def test_a_turn_reads_in_the_order_it_was_written_live_and_reopened(tokenizer_js
     def check(segments):
         asyncio.run(shown(segments, tmp_path / str(next(runs))))
 
+    # with the answer held to a format (its preambles come as reasoning events, live)
+    @settings(max_examples=8, deadline=None, database=None)
+    @given(st.lists(st.sampled_from(["analysis", "preamble"]), max_size=4))
+    def check_format(segments):
+        asyncio.run(shown(segments, tmp_path / str(next(runs)), {"type": "object"}))
+
     check()
+    check_format()
 
 
 async def test_a_reasoning_section_says_its_length_once_a_call_ends_it(store):

@@ -349,7 +349,10 @@ class AssistantTurn(Vertical):
     async def handle(self, event) -> None:
         """Show ``event``. What the model, a tool or a saved file wrote is shown with its control
         characters as markers (controls_shown): an escape sequence would drive the terminal."""
-        if isinstance(event, ReasoningDelta):
+        if isinstance(event, ReasoningDelta) and event.channel == "commentary":
+            # a preamble of a turn whose answer is held to a format: shown as it is when reopened
+            await self._answer(event.text, (event.channel, event.message))
+        elif isinstance(event, ReasoningDelta):
             await self._reason(event.text)
         elif isinstance(event, AnswerDelta):
             await self._answer(event.text, (event.channel, event.message))
