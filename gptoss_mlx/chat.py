@@ -42,7 +42,7 @@ from .structured import SchemaError, compile_schema, constrained_messages, const
 @dataclass
 class ReasoningDelta:
     text: str
-    channel: str | None = "analysis"  # or commentary: a preamble while the answer is held to a format
+    channel: str | None = "analysis"  # or, while the answer is held to a format, commentary (a preamble) or none
     message: int | None = None  # its message's index in the reply
 
 

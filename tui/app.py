@@ -258,7 +258,7 @@ class AssistantTurn(Vertical):
             elif m.channel == "analysis":
                 await self._reason(m.text, stream=False)
             else:
-                await self._answer(m.text, (m.channel, id(m)), stream=False)
+                await self._answer(m.text, (m.channel, id(m)), stream=False)  # each message a block
         await self.finish()
         for section in self.sections:
             section.collapsed = bool(self.answer_text)
