@@ -79,6 +79,7 @@ class ContextTrimmed:
     dropped_messages: int
     dropped_tokens: int
     cut_result: tuple[int, int] | None = None
+    repeated: bool = False  # the chat's last reply left out the same messages (said already)
 
     def __str__(self) -> str:
         parts = []
@@ -146,6 +147,7 @@ class Chat:
         grammars(tokenizer, DeveloperContent(functions=self.functions))  # SchemaError here, not later
         self._stop = False
         self._open_stream = lambda: None  # the last reply stream handed out, weakly
+        self._last_trim: tuple = ()  # the last trimmed prompt's conversation (its first message) and cut
 
     # -- settings
     @property
@@ -388,6 +390,10 @@ class Chat:
         parser = harmony.StreamParser(self.tokenizer, role="assistant")
         prompt, trimmed = self.fitted_prompt()
         if trimmed:
+            # the cut only moves on (more messages left out), in this conversation (its first message)
+            trim = (self.messages[0], trimmed.dropped_messages, trimmed.cut_result)
+            trimmed.repeated = bool(self._last_trim) and self._last_trim[0] is trim[0] and self._last_trim[1:] == trim[1:]
+            self._last_trim = trim
             yield ledger.note(trimmed)
         forced = final_header(self.tokenizer) if answer else []
         for token in forced:  # the header as if the model had written it

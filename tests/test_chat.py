@@ -681,9 +681,10 @@ def test_a_full_context_keeps_its_start_while_the_chat_goes_on(tok):
     prompt cache up to their new message."""
     model = ScriptedModel([reply_script(tok, "Hm.", "ok")])
     chat = Chat(model, tok, date="2025-08-05", max_context=1200, sampling=SamplingParams(temperature=0, max_tokens=16))
-    starts, reused = [], []
+    starts, reused, notices = [], [], []
     for k in range(40):
-        list(chat.send(f"question {k}: " + "tell me more " * 12))
+        events = list(chat.send(f"question {k}: " + "tell me more " * 12))
+        notices.append([e for e in events if isinstance(e, ContextTrimmed) and not e.repeated])
         prompt = chat.engine.prompt_cache.tokens
         starts.append(re.search(r"question (\d+):", tok.decode(prompt)).group(1))  # the first turn kept
         reused.append(chat.engine.stats.reused_tokens)
@@ -691,6 +692,8 @@ def test_a_full_context_keeps_its_start_while_the_chat_goes_on(tok):
     assert 2 <= len(trimmed) <= 12, starts  # the start moves now and then, not every turn
     kept = [k for k in range(trimmed[0] + 1, 40) if k not in trimmed]
     assert all(reused[k] > 500 for k in kept), (reused, trimmed)  # the cache is reused between moves
+    # the notice is new only where the start moved (the front ends said it on every turn)
+    assert [k for k in range(40) if notices[k]] == trimmed, (notices, starts)
 
 
 def test_a_reply_streams_to_asyncio(chat):

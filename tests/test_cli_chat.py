@@ -571,6 +571,17 @@ def test_trimmed_context_is_announced(tok, store, monkeypatch):
     assert out.index("context full") < out.index("Still here.")
 
 
+def test_a_full_context_is_said_once_until_more_is_left_out(tok, monkeypatch):
+    """Once the conversation passed the context, every turn repeated "context full: dropped the N
+    oldest messages", N the same until the cut moved (a quarter of the room at a time)."""
+    chat = Chat(ScriptedModel(answers(tok, "Hm.")), tok, date="2025-08-05", max_context=1200,
+                sampling=SamplingParams(temperature=0, max_tokens=16))
+    status, out = run_chat(monkeypatch, chat, [f"question {k}: " + "tell me more " * 12 for k in range(30)])
+    said = re.findall(r"\[context full: dropped the (\d+) oldest messages", out)
+    assert status == 0 and 2 <= len(said) <= 10, said
+    assert len(set(said)) == len(said) and [int(n) for n in said] == sorted(int(n) for n in said), said
+
+
 # ---- tools wired into the terminal --------------------------------------------------------------
 
 def test_approval_prompt_shows_hidden_characters(monkeypatch, capsys):

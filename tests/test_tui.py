@@ -1303,19 +1303,21 @@ async def test_the_status_counts_the_prompt_the_model_gets_once_the_chat_is_past
         assert len(chat.prompt_tokens()) > 100 and used <= 75, status
 
 
-async def test_context_trimmed_shows_a_notice(store):
+async def test_context_trimmed_shows_a_notice_once_until_the_cut_moves(store):
     class TrimmingChat(ScriptedChat):
         def _reply(self, ledger):
-            yield ContextTrimmed(dropped_messages=4, dropped_tokens=1234)
+            yield ContextTrimmed(dropped_messages=4, dropped_tokens=1234, repeated=len(self.messages) > 2)
             yield from super()._reply(ledger)
 
-    app = make_app(TrimmingChat([("final", "fine")]), store)
+    app = make_app(TrimmingChat([("final", "fine")], [("final", "again")]), store)
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, app, "long chat")
         notice = "the oldest 4 messages (1234 tokens) are left out"
         assert notice in app.query_one(".notice").render().plain
         assert any(notice in n.message for n in app._notifications)
         assert app.query_one(AssistantTurn).answer_text == "fine"
+        await send(pilot, app, "more")  # the same messages left out: said already
+        assert len(app.query(".notice")) == 1 and sum(notice in n.message for n in app._notifications) == 1
 
 
 # ---- snapshots (pytest-textual-snapshot; review with --snapshot-update) ---------------------------

@@ -368,7 +368,7 @@ class AssistantTurn(Vertical):
                 await self._end_text()
             await self.mount(row, before=self.query_one(".answer"))
             self._after_tool = True
-        elif isinstance(event, ContextTrimmed):
+        elif isinstance(event, ContextTrimmed) and not event.repeated:  # said once until the cut moves
             await self.mount(Static(context_notice(event), markup=False, classes="notice"), before=0)
         elif isinstance(event, Done):
             self.query_one(".stats", Static).update(_stats_line(event))
@@ -847,7 +847,7 @@ class ChatApp(App):
         try:
             for event in events:
                 self.call_from_thread(turn.handle, event)
-                if isinstance(event, ContextTrimmed):
+                if isinstance(event, ContextTrimmed) and not event.repeated:
                     self.call_from_thread(self.notify, context_notice(event), severity="warning",
                                           timeout=8)
                 elif isinstance(event, Done):

@@ -135,7 +135,7 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
             text = event.content if len(event.content) <= 2000 else event.content[:2000] + " …"
             apart(reasoning_out, 1)
             write(reasoning_out, terminal_safe(f"[result ← {event.name}] {text.strip()}\n"))
-        elif isinstance(event, ContextTrimmed):
+        elif isinstance(event, ContextTrimmed) and not event.repeated:  # said once until the cut moves
             end_reasoning()
             apart(reasoning_out, 1)
             write(reasoning_out, f"[{event}]\n")
