@@ -389,11 +389,11 @@ class Chat:
         self._started = False  # whether the message under way has its header (MessageStart)
         parser = harmony.StreamParser(self.tokenizer, role="assistant")
         prompt, trimmed = self.fitted_prompt()
+        # the last reply's cut, in this conversation (its first message); none if it left nothing out
+        last, self._last_trim = self._last_trim, (self.messages[0], trimmed.dropped_messages,
+                                                  trimmed.cut_result) if trimmed else ()
         if trimmed:
-            # the cut only moves on (more messages left out), in this conversation (its first message)
-            trim = (self.messages[0], trimmed.dropped_messages, trimmed.cut_result)
-            trimmed.repeated = bool(self._last_trim) and self._last_trim[0] is trim[0] and self._last_trim[1:] == trim[1:]
-            self._last_trim = trim
+            trimmed.repeated = bool(last) and last[0] is self._last_trim[0] and last[1:] == self._last_trim[1:]
             yield ledger.note(trimmed)
         forced = final_header(self.tokenizer) if answer else []
         for token in forced:  # the header as if the model had written it

@@ -696,6 +696,26 @@ def test_a_full_context_keeps_its_start_while_the_chat_goes_on(tok):
     assert [k for k in range(40) if notices[k]] == trimmed, (notices, starts)
 
 
+def test_a_cut_is_said_again_after_a_reply_that_left_nothing_out(tok):
+    """A re-attack's: a reply whose prompt fitted whole (its long instructions taken off) between
+    two with the same cut left the second one marked as said already, and nothing was said."""
+    chat = Chat(ScriptedModel([reply_script(tok, "Hm.", "ok")]), tok, date="2025-08-05", max_context=400,
+                sampling=SamplingParams(temperature=0, max_tokens=16))
+
+    def cuts(text):
+        return [e.repeated for e in chat.send(text) if isinstance(e, ContextTrimmed)]
+
+    for k in range(6):
+        cuts(f"q{k} " + "word " * 20)
+    chat.instructions = "Be brief. " * 30
+    assert cuts("qA " + "word " * 20) == [False]
+    chat.instructions = None
+    assert cuts("qB") == []
+    chat.instructions = "Be brief. " * 30
+    assert cuts("qC") == [False]
+    assert cuts("qD") == [True]  # the same cut again, right after it was said
+
+
 def test_a_reply_streams_to_asyncio(chat):
     """How a server consumes a reply: the chat's own stream, handed to the event loop."""
     import asyncio
