@@ -368,7 +368,7 @@ class Chat:
         stream of this chat still open (its consumer stopped taking events but kept it) is
         closed first: the history keeps what was taken from it, and the new turn follows that."""
         self._close_open_stream()
-        ledger = _Ledger(self.messages)
+        ledger = _Ledger(self.messages, on_take_back=self._forget_cut)
         events = _ReplyStream(ledger.watch(engine_thread().stream(reply(ledger))))
         self._open_stream = weakref.ref(events)
         return events
@@ -435,6 +435,10 @@ class Chat:
         finish = None if finish == "cut" else finish
         stats = self.engine.stats
         yield ledger.note(Done(stats, finish or stats.finish_reason, new))
+
+    def _forget_cut(self) -> None:
+        """The reply that said the last cut was taken back (its notice with it): say it again."""
+        self._last_trim = ()
 
     def _constraints(self, prompt: list[int], forced: list[int] = ()) -> list:
         """The reply's logits processor: the answer's shape, valid function calls, the
@@ -590,8 +594,9 @@ class _Ledger:
     only what it took: the engine runs ahead of the consumer by an event or two, and may even
     have finished the reply."""
 
-    def __init__(self, messages: list[Message]):
+    def __init__(self, messages: list[Message], on_take_back: Callable[[], None] = lambda: None):
         self.messages = messages  # the chat's history
+        self.on_take_back = on_take_back  # called when the user message leaves the history again
         self.made: list[tuple[ChatEvent, int | None]] = []  # (event, parser message index)
         self.kept: dict[int, Message] = {}  # parser message index -> the message in the history
         self.asked: Message | None = None  # the user message a send() added
@@ -600,6 +605,7 @@ class _Ledger:
         """A stopped send() with nothing of its reply kept: its message leaves the history."""
         if self.asked is not None and self.messages and self.messages[-1] is self.asked:
             self.messages.pop()
+            self.on_take_back()
 
     def note(self, event: ChatEvent, message: int | None = None) -> ChatEvent:
         """On the engine thread: ``event``, from the parser's ``message``, is being yielded."""

@@ -714,6 +714,12 @@ def test_a_cut_is_said_again_after_a_reply_that_left_nothing_out(tok):
     chat.instructions = "Be brief. " * 30
     assert cuts("qC") == [False]
     assert cuts("qD") == [True]  # the same cut again, right after it was said
+    # a send stopped once its notice was taken: the message (and the notice) leave, the cut is said again
+    events = chat.send("qE")
+    assert isinstance(next(events), ContextTrimmed)
+    events.close()
+    assert chat.messages[-1].text != "qE"
+    assert cuts("qE") == [False]
 
 
 def test_a_reply_streams_to_asyncio(chat):

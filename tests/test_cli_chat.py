@@ -729,6 +729,8 @@ def test_any_reply_s_parts_print_one_blank_line_apart():
         text = out.getvalue().replace(DIM, "").replace(RESET, "")
         assert "\n\n\n" not in text and text.endswith("\n") and not text.endswith("\n\n") or text == "\n", repr(text)
         assert not text.startswith("\n") or text == "\n"
+        for line in re.finditer(r"\[(tool call|context full)", text):  # a part of its own: a blank line before
+            assert line.start() == 0 or text[:line.start()].endswith("\n\n"), repr(text)
         shown = [e.text.strip() if isinstance(e, (ReasoningDelta, AnswerDelta)) else "" for e in events
                  if show or not isinstance(e, ReasoningDelta)]
         position = 0

@@ -137,7 +137,8 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
             write(reasoning_out, terminal_safe(f"[result ← {event.name}] {text.strip()}\n"))
         elif isinstance(event, ContextTrimmed) and not event.repeated:  # said once until the cut moves
             end_reasoning()
-            apart(reasoning_out, 1)
+            in_answer = False
+            apart(reasoning_out)
             write(reasoning_out, f"[{event}]\n")
         elif isinstance(event, Done):
             done = event
