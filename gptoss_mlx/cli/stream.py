@@ -81,8 +81,7 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
     each other (both outputs are usually the one terminal)."""
     in_reasoning = False
     done = None
-    in_answer = False  # the last part written is answer text (a preamble's or the answer's)
-    source = None  # the message of the text last written: its channel and index
+    source = None  # the message (channel, index) of the answer text last written; None after another part
     ends: dict[int, int] = {}  # by output written to: the newlines its text ends with
     last = None  # the output written to last
 
@@ -113,6 +112,7 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
 
     for event in events:
         if isinstance(event, ReasoningDelta):
+            source = None  # (hidden or not: the answer's next text is a new part)
             if show_reasoning:
                 if not in_reasoning:
                     apart(reasoning_out)
@@ -121,14 +121,13 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
                 write(reasoning_out, terminal_safe(event.text))
         elif isinstance(event, AnswerDelta):
             end_reasoning()
-            if not in_answer or (event.channel, event.message) != source:  # a new part: another message
+            if (event.channel, event.message) != source:  # a new part: after another, or another message
                 apart(answer_out)
-            in_answer = True
             source = event.channel, event.message
             write(answer_out, terminal_safe(event.text))
         elif isinstance(event, ToolCall):
             end_reasoning()
-            in_answer = False
+            source = None
             apart(reasoning_out)
             write(reasoning_out, terminal_safe(f"[tool call → {event.recipient}] {event.arguments.strip()}\n"))
         elif isinstance(event, ToolResult):
@@ -137,14 +136,12 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
             write(reasoning_out, terminal_safe(f"[result ← {event.name}] {text.strip()}\n"))
         elif isinstance(event, ContextTrimmed) and not event.repeated:  # said once until the cut moves
             end_reasoning()
-            in_answer = False
+            source = None
             apart(reasoning_out)
             write(reasoning_out, f"[{event}]\n")
         elif isinstance(event, Done):
             done = event
-            in_answer = False
-        if isinstance(event, ReasoningDelta):
-            in_answer = False
+            source = None
     end_reasoning()
     if not ends.get(id(answer_out)):  # the reply ends its line (a blank one if nothing was written)
         write(answer_out, "\n")

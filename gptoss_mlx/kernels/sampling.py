@@ -21,7 +21,7 @@ def plan(logits: mx.array, banned: mx.array, first: int) -> Launch:
         raise ValueError(f"greedy_token: logits {logits.shape} {logits.dtype}, banned {banned.shape} "
                          f"{banned.dtype}, first {first}: needs a mask entry per id from first, of the "
                          f"logits' dtype")
-    threads = min(THREADS, -(-V // (8 * 32)) * 32)
+    threads = min(THREADS, -(-V // (8 * 32)) * 32)  # (8: the ids a thread reads at a time, WIDTH)
     return Launch(
         inputs=[logits, banned], output_shapes=[(rows,)], output_dtypes=[mx.uint32],
         grid=(threads, rows, 1), threadgroup=(threads, 1, 1),
