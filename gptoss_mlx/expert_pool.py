@@ -448,6 +448,7 @@ class ExpertPool:
         self._driver = None  # the cuda transfer's CudaDriver
         self._worker = None  # the host transfer's thread for reads ahead, made when first needed
         self._guessed = (-1, frozenset())  # (layer, experts read ahead for it)
+        self._ahead = None  # (layer, guessed experts, slots to keep): what read_ahead() starts
         self.set_transfer(transfer)
         if guess is None:  # where copies run beside the device's work (module docstring)
             guess = config.num_experts_per_tok if self.transfer in ("host", "cuda") else 0
@@ -559,6 +560,7 @@ class ExpertPool:
         ``guess``: experts the next layer will likely choose (T, m), read ahead while the device
         computes this layer."""
         t0 = time.perf_counter()
+        self._ahead = None  # the last fetch's guesses, if the caller never started them: stale now
         try:
             return self._fetch(layer, indices, guess, t0)
         finally:
@@ -607,8 +609,22 @@ class ExpertPool:
             self.score[slots] += 1
         where = mx.array(self.slot_of[layer][ids].astype(np.uint32))  # every one is in the pool now
         if guess is not None and layer + 1 < self.config.num_hidden_layers:
-            self._read_ahead(layer + 1, _distinct(guessed), protect=slots)
+            self._ahead = (layer + 1, _distinct(guessed), slots)
+            if self.transfer == "mlx":  # now, while no queued work holds the pool (read_ahead())
+                self.read_ahead()
         return where
+
+    def read_ahead(self) -> None:
+        """Start reading the experts the last :meth:`fetch` guessed for the next layer, without
+        waiting (the next fetch does). The model calls this once the layer's experts are queued
+        on the device (``Model.__call__``): started in fetch, their bookkeeping and copy calls
+        (about 0.1 ms a layer) kept the device waiting for the experts to be queued. The ``mlx``
+        transfer's copies start in fetch all the same: queued work that reads the pool's arrays
+        would make MLX's update of a slot copy the whole array instead of writing in place."""
+        if self._ahead is not None:
+            layer, guessed, protect = self._ahead
+            self._ahead = None
+            self._read_ahead(layer, guessed, protect)
 
     def _read_ahead(self, layer: int, guessed: np.ndarray, protect: np.ndarray) -> None:
         """Start reading the guessed experts of ``layer`` that the pool lacks, without waiting

@@ -356,8 +356,9 @@ class Model(nn.Module):
             elif self.expert_pool is not None:
                 # Streamed experts: queued now, so that the device computes them while the next
                 # layer is built (its routing read-back waits for them), and before a later pass
-                # rewrites their slots.
+                # rewrites their slots; then the next layer's guessed experts start to copy.
                 mx.async_eval(x)
+                self.expert_pool.read_ahead()
         if kinds is not None:
             end_grouped_step(kinds)
         if self.lm_head is None:  # the next stage's input; a tensor-parallel follower's last state

@@ -157,6 +157,35 @@ def test_reads_ahead_land_before_the_next_layer_computes(checkpoints, monkeypatc
     assert not driver.queued and not pool._pending
 
 
+def test_reads_ahead_start_once_the_layers_experts_are_queued(checkpoints, monkeypatch):
+    """A decode step hands each layer's experts to the device before it starts copying the next
+    layer's guessed experts: the copies' bookkeeping and calls no longer keep the device waiting
+    for the experts (then read back the next layer's routing, as before)."""
+    model = streamed(checkpoints["hf"], 8)
+    pool = model.expert_pool
+    pool.guess = 4
+    events = []
+
+    def spy(name, call):
+        def logged(*args, **kwargs):
+            events.append(name if name == "queued" else f"{name} {args[0]}")
+            return call(*args, **kwargs)
+        return logged
+
+    monkeypatch.setattr(mx, "async_eval", spy("queued", mx.async_eval))
+    monkeypatch.setattr(pool, "_read_ahead", spy("ahead", pool._read_ahead))
+    monkeypatch.setattr(pool, "_fetch", spy("fetch", pool._fetch))
+    cache = model.make_cache()
+    model(mx.array([PROMPT[:20]]), cache=cache)
+    for token in (5, 77):
+        events.clear()
+        model(mx.array([[token]]), cache=cache)
+        layers = len(model.layers)
+        assert events == [e for layer in range(layers) for e in (
+            f"fetch {layer}", "queued", *([f"ahead {layer + 1}"] if layer + 1 < layers else []))]
+    assert pool.stats.guessed > 0
+
+
 def test_the_host_and_cuda_transfers_guess_by_default_and_mlx_s_does_not(checkpoints, monkeypatch):
     from gptoss_mlx import expert_pool
 
@@ -824,6 +853,7 @@ def test_an_expert_id_past_the_last_is_one_clear_error_and_a_guess_past_it_is_dr
         pool.fetch(0, mx.array([[0, 1, 2, 8]]))
     slots = pool.fetch(0, mx.array([[0, 1, 2, 3]]), guess=mx.array([[8, 9, 4, 5]]))
     assert np.array_equal(np.array(slots), pool.slot_of[0][[[0, 1, 2, 3]]])
+    pool.read_ahead()
     pool._wait_for_copies()
     assert (pool.slot_of[1, [4, 5]] >= 0).all()  # the guesses that exist were read ahead
 
