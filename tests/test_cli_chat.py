@@ -740,6 +740,57 @@ def test_any_reply_s_parts_print_one_blank_line_apart():
     check()
 
 
+def test_the_model_s_own_newlines_at_a_part_s_edges_add_no_blank_lines():
+    """Property: a reply prints as the same reply would with each part's text (reasoning in a
+    row; an answer message's deltas) stripped of the newlines it starts and ends with, which
+    the property above keeps one blank line apart: an answer starting with two newlines after a
+    notice came three blank lines down, and an answer of newlines alone left a blank line at the
+    end. Newlines inside a part are the model's text and stay as they are."""
+    from dataclasses import replace
+
+    from hypothesis import given, settings, strategies as st
+
+    from gptoss_mlx.chat import ContextTrimmed, ReasoningDelta, ToolCall
+    from gptoss_mlx.cli.stream import print_events
+    from gptoss_mlx.tools import ToolResult
+
+    text = st.text("ab \n", min_size=1, max_size=8)  # newlines anywhere, or only newlines
+    event = st.one_of(
+        st.builds(ReasoningDelta, text),
+        st.builds(AnswerDelta, text, st.sampled_from(["final", "commentary"]), st.integers(0, 1)),
+        st.builds(ToolCall, st.just("functions.f"), st.just("{}")), st.builds(ToolResult, st.just("f"), st.just("42")),
+        st.builds(ContextTrimmed, st.integers(1, 3), st.integers(1, 9)))
+
+    def parts_stripped(events):
+        parts = []
+        for e in events:
+            last = parts[-1] if parts else None
+            if (isinstance(e, ReasoningDelta) and isinstance(last, ReasoningDelta)
+                    or isinstance(e, AnswerDelta) and isinstance(last, AnswerDelta)
+                    and (last.channel, last.message) == (e.channel, e.message)):
+                parts[-1] = replace(last, text=last.text + e.text)
+            else:
+                parts.append(e)
+        return [replace(e, text=e.text.strip("\n")) if isinstance(e, (ReasoningDelta, AnswerDelta)) else e
+                for e in parts]
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.lists(event, max_size=10), st.booleans())
+    def check(events, show):
+        printed = []
+        for reply in (events, parts_stripped(events)):
+            out = io.StringIO()
+            print_events(reply, show, out, out, dim=False)
+            printed.append(out.getvalue())
+        assert printed[0] == printed[1]
+
+    check()
+    out = io.StringIO()  # PEP 8's two blank lines between functions, over two deltas
+    print_events([ContextTrimmed(2, 50), AnswerDelta("\n\ndef a(): ...\n\n", "final", 0),
+                  AnswerDelta("\ndef b(): ...\n\n", "final", 0)], True, out, out, dim=False)
+    assert out.getvalue().endswith("to make room]\n\ndef a(): ...\n\n\ndef b(): ...\n")
+
+
 def test_ordinary_unicode_in_a_reply_prints_as_it_is():
     """Emoji joiners, Persian's zero-width non-joiner, French no-break spaces, soft hyphens and
     direction marks were printed as markers (<U+200D>): the reply was no longer the text."""

@@ -78,12 +78,16 @@ def with_prompt_progress(events, engine, out):
 def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: bool) -> Done | None:
     """Print a reply's events; returns the Done event. Its parts (reasoning, a preamble, a tool
     call with its result, the answer) are a blank line apart, one blank line however they follow
-    each other (both outputs are usually the one terminal)."""
+    each other (both outputs are usually the one terminal), whatever newlines the model's text
+    starts or ends with."""
     in_reasoning = False
     done = None
     source = None  # the message (channel, index) of the answer text last written; None after another part
     ends: dict[int, int] = {}  # by output written to: the newlines its text ends with
     last = None  # the output written to last
+    held = 0  # newlines the model's text of this part ends with so far: written if more text follows
+    start = None  # how the part shows its first text (a blank line before it, its colour): None once shown
+    dimmed = False  # the reasoning's colour is on
 
     def write(out, text: str) -> None:
         nonlocal last
@@ -104,27 +108,49 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
         if id(out) in ends:
             write(out, "\n" * max(0, lines - ends[id(out)]))
 
+    def model_text(out, text: str, new_part=None) -> None:
+        """The model's text of a reasoning or answer part (``new_part``: how a new one starts),
+        shown from its first character that is not a newline: its newlines at the part's edges
+        are left to apart(); inside it, the text is shown as it is."""
+        nonlocal held, start
+        if new_part is not None:
+            held, start = 0, new_part
+        body = text.lstrip("\n")
+        held += len(text) - len(body)
+        if not body:
+            return
+        if start is not None:
+            start()
+            start, held = None, 0
+        tail = len(body) - len(body.rstrip("\n"))
+        write(out, "\n" * held + body[:len(body) - tail])
+        held = tail
+
+    def start_reasoning() -> None:
+        nonlocal dimmed
+        apart(reasoning_out)
+        if dim:
+            write(reasoning_out, DIM)
+            dimmed = True
+
     def end_reasoning() -> None:
-        nonlocal in_reasoning
-        if in_reasoning:
-            write(reasoning_out, RESET if dim else "")
-            in_reasoning = False
+        nonlocal in_reasoning, dimmed
+        if dimmed:
+            write(reasoning_out, RESET)
+            dimmed = False
+        in_reasoning = False
 
     for event in events:
         if isinstance(event, ReasoningDelta):
             source = None  # (hidden or not: the answer's next text is a new part)
             if show_reasoning:
-                if not in_reasoning:
-                    apart(reasoning_out)
-                    write(reasoning_out, DIM if dim else "")
+                model_text(reasoning_out, terminal_safe(event.text), None if in_reasoning else start_reasoning)
                 in_reasoning = True
-                write(reasoning_out, terminal_safe(event.text))
         elif isinstance(event, AnswerDelta):
             end_reasoning()
-            if (event.channel, event.message) != source:  # a new part: after another, or another message
-                apart(answer_out)
+            new_part = (event.channel, event.message) != source  # after another part, or another message
             source = event.channel, event.message
-            write(answer_out, terminal_safe(event.text))
+            model_text(answer_out, terminal_safe(event.text), (lambda: apart(answer_out)) if new_part else None)
         elif isinstance(event, ToolCall):
             end_reasoning()
             source = None
@@ -132,6 +158,8 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
             write(reasoning_out, terminal_safe(f"[tool call → {event.recipient}] {event.arguments.strip()}\n"))
         elif isinstance(event, ToolResult):
             text = event.content if len(event.content) <= 2000 else event.content[:2000] + " …"
+            end_reasoning()
+            source = None
             apart(reasoning_out, 1)
             write(reasoning_out, terminal_safe(f"[result ← {event.name}] {text.strip()}\n"))
         elif isinstance(event, ContextTrimmed) and not event.repeated:  # said once until the cut moves
