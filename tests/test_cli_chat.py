@@ -740,12 +740,12 @@ def test_any_reply_s_parts_print_one_blank_line_apart():
     check()
 
 
-def test_the_model_s_own_newlines_at_a_part_s_edges_add_no_blank_lines():
-    """Property: a reply prints as the same reply would with each part's text (reasoning in a
-    row; an answer message's deltas) stripped of the newlines it starts and ends with, which
-    the property above keeps one blank line apart: an answer starting with two newlines after a
-    notice came three blank lines down, and an answer of newlines alone left a blank line at the
-    end. Newlines inside a part are the model's text and stay as they are."""
+def test_the_model_s_own_blank_lines_at_a_part_s_edges_add_no_blank_lines():
+    """Property: a reply prints as the same reply would with each part's text (a reasoning
+    message, an answer message) stripped of the blank lines it starts and ends with, which the
+    property above keeps one blank line apart: an answer starting with two newlines after a
+    notice came three blank lines down, and one of newlines alone left a blank line at the end.
+    The first line's indentation and the lines inside a part are the model's text and stay."""
     from dataclasses import replace
 
     from hypothesis import given, settings, strategies as st
@@ -754,24 +754,29 @@ def test_the_model_s_own_newlines_at_a_part_s_edges_add_no_blank_lines():
     from gptoss_mlx.cli.stream import print_events
     from gptoss_mlx.tools import ToolResult
 
-    text = st.text("ab \n", min_size=1, max_size=8)  # newlines anywhere, or only newlines
+    text = st.text("ab \t\n", min_size=1, max_size=8)  # blank lines anywhere, or only blanks
+    message = st.integers(0, 1)
     event = st.one_of(
-        st.builds(ReasoningDelta, text),
-        st.builds(AnswerDelta, text, st.sampled_from(["final", "commentary"]), st.integers(0, 1)),
+        st.builds(ReasoningDelta, text, st.sampled_from(["analysis", "commentary"]), message),
+        st.builds(AnswerDelta, text, st.sampled_from(["final", "commentary"]), message),
         st.builds(ToolCall, st.just("functions.f"), st.just("{}")), st.builds(ToolResult, st.just("f"), st.just("42")),
         st.builds(ContextTrimmed, st.integers(1, 3), st.integers(1, 9)))
+
+    def edges_stripped(text: str) -> str:  # from the first line with something on it, to the last
+        core = text.rstrip(" \t\n")
+        lead = len(core) - len(core.lstrip(" \t\n"))
+        return core[core.rfind("\n", 0, lead) + 1:]
 
     def parts_stripped(events):
         parts = []
         for e in events:
             last = parts[-1] if parts else None
-            if (isinstance(e, ReasoningDelta) and isinstance(last, ReasoningDelta)
-                    or isinstance(e, AnswerDelta) and isinstance(last, AnswerDelta)
-                    and (last.channel, last.message) == (e.channel, e.message)):
+            if type(e) is type(last) and isinstance(e, (ReasoningDelta, AnswerDelta)) and (
+                    (last.channel, last.message) == (e.channel, e.message)):
                 parts[-1] = replace(last, text=last.text + e.text)
             else:
                 parts.append(e)
-        return [replace(e, text=e.text.strip("\n")) if isinstance(e, (ReasoningDelta, AnswerDelta)) else e
+        return [replace(e, text=edges_stripped(e.text)) if isinstance(e, (ReasoningDelta, AnswerDelta)) else e
                 for e in parts]
 
     @settings(max_examples=300, deadline=None, database=None)
@@ -786,9 +791,54 @@ def test_the_model_s_own_newlines_at_a_part_s_edges_add_no_blank_lines():
 
     check()
     out = io.StringIO()  # PEP 8's two blank lines between functions, over two deltas
-    print_events([ContextTrimmed(2, 50), AnswerDelta("\n\ndef a(): ...\n\n", "final", 0),
-                  AnswerDelta("\ndef b(): ...\n\n", "final", 0)], True, out, out, dim=False)
-    assert out.getvalue().endswith("to make room]\n\ndef a(): ...\n\n\ndef b(): ...\n")
+    print_events([ContextTrimmed(2, 50), AnswerDelta("\n \n    def a(): ...\n\n", "final", 0),
+                  AnswerDelta("\ndef b(): ...\n \n", "final", 0)], True, out, out, dim=False)
+    assert out.getvalue().endswith("to make room]\n\n    def a(): ...\n\n\ndef b(): ...\n")
+
+
+def test_each_output_ends_its_line_and_an_interrupted_reply_leaves_no_colour_on():
+    """With the answer on stdout and the rest on stderr (generate, a piped chat), a reply whose
+    reasoning came last left stderr's line open ("Now I think==========" after a tool round),
+    stdout carries only the answer's parts, and Ctrl-C in dim reasoning left the shell dim;
+    reasoning messages in a row (or a preamble in a formatted turn) ran together."""
+    from hypothesis import given, settings, strategies as st
+
+    from gptoss_mlx.chat import ContextTrimmed, ReasoningDelta, ToolCall
+    from gptoss_mlx.cli.stream import DIM, RESET, print_events
+    from gptoss_mlx.tools import ToolResult
+
+    word = st.text("ab", min_size=1, max_size=3)
+    event = st.one_of(
+        st.builds(ReasoningDelta, word, st.sampled_from(["analysis", "commentary"]), st.integers(0, 2)),
+        st.builds(AnswerDelta, word, st.sampled_from(["final", "commentary"]), st.integers(0, 2)),
+        st.builds(ToolCall, st.just("functions.f"), st.just("{}")), st.builds(ToolResult, st.just("f"), st.just("42")),
+        st.builds(ContextTrimmed, st.integers(1, 3), st.integers(1, 9)))
+
+    def interrupted(events, at):
+        yield from events[:at]
+        raise KeyboardInterrupt
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.lists(event, max_size=8), st.booleans(), st.booleans(), st.integers(0, 8))
+    def check(events, show, dim, at):
+        answer, rest = io.StringIO(), io.StringIO()
+        print_events(events, show, answer, rest, dim=dim)
+        assert answer.getvalue().endswith("\n") and (rest.getvalue() == "" or rest.getvalue().endswith("\n"))
+        assert not re.search(r"\[(tool|result|context)", answer.getvalue())
+        answers = [e.text for e in events if isinstance(e, AnswerDelta)]
+        assert answer.getvalue().replace("\n", "") == "".join(answers)
+        out = io.StringIO()
+        with pytest.raises(KeyboardInterrupt):
+            print_events(interrupted(events, at), show, out, out, dim=dim)
+        assert out.getvalue().count(DIM) == out.getvalue().count(RESET)
+        assert not out.getvalue().replace(RESET, "").endswith(DIM)
+
+    check()
+    out = io.StringIO()
+    print_events([ReasoningDelta("First.", "analysis", 0), ReasoningDelta("Second.", "analysis", 1),
+                  ReasoningDelta("Let me check.", "commentary", 2), AnswerDelta("{}", "final", 3)],
+                 True, out, out, dim=False)
+    assert out.getvalue() == "First.\n\nSecond.\n\nLet me check.\n\n{}\n"
 
 
 def test_ordinary_unicode_in_a_reply_prints_as_it_is():

@@ -23,7 +23,7 @@ from ..structured import SchemaError
 from ..store import ConversationStore, message_count, save_target_problem, saved_elsewhere_note, title_for
 from . import common
 from .common import (
-    RESET, CLIError, add_model_options, add_structured_options, ask_on_terminal,
+    CLIError, add_model_options, add_structured_options, ask_on_terminal,
     decline_when_piped, make_toolbox, terminal_safe,
 )
 from .lineedit import is_unfinished, line_reader, typing_hidden
@@ -304,9 +304,9 @@ class Repl:
             events.close()  # keeps the partial answer in the history now, not at GC time
             self.last_stats = self.chat.engine.stats
             if len(self.chat.messages) == before:  # nothing of the reply: the chat took the message back
-                self.say(RESET + "\n[stopped before the reply: the message is not in the chat" + self._offer(text) + "]")
+                self.say("\n[stopped before the reply: the message is not in the chat" + self._offer(text) + "]")
                 return
-            self.say(RESET + "\n" + CUT_MARKS["interrupted"])
+            self.say("\n" + CUT_MARKS["interrupted"])  # (print_events left no colour on)
         except OSError as e:  # the terminal has gone mid-reply: keep what was made, save, end
             if e.errno not in (errno.EIO, errno.EPIPE):
                 raise

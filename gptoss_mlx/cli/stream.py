@@ -14,6 +14,8 @@ from ..tools import Toolbox, ToolResult, run_with_tools
 from . import common
 from .common import DIM, RESET, CLIError, make_toolbox, terminal_safe
 
+BLANK = " \t\n"  # what a line with nothing on it holds
+
 
 def replies(chat, text, toolbox):
     """One user turn: the loop that answers tool calls until the model is done. Without tools
@@ -79,13 +81,14 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
     """Print a reply's events; returns the Done event. Its parts (reasoning, a preamble, a tool
     call with its result, the answer) are a blank line apart, one blank line however they follow
     each other (both outputs are usually the one terminal), whatever newlines the model's text
-    starts or ends with."""
-    in_reasoning = False
+    starts or ends with (lines with nothing on them), and each output's last line is ended.
+    Interrupted (Ctrl-C), it leaves no colour on."""
+    thinking = None  # the message (channel, index) of the reasoning being shown; None after another part
     done = None
     source = None  # the message (channel, index) of the answer text last written; None after another part
     ends: dict[int, int] = {}  # by output written to: the newlines its text ends with
     last = None  # the output written to last
-    held = 0  # newlines the model's text of this part ends with so far: written if more text follows
+    held = ""  # the blank end of the model's text of this part so far: written if more text follows
     start = None  # how the part shows its first text (a blank line before it, its colour): None once shown
     dimmed = False  # the reasoning's colour is on
 
@@ -110,21 +113,23 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
 
     def model_text(out, text: str, new_part=None) -> None:
         """The model's text of a reasoning or answer part (``new_part``: how a new one starts),
-        shown from its first character that is not a newline: its newlines at the part's edges
-        are left to apart(); inside it, the text is shown as it is."""
+        shown from its first line with something on it (its indentation kept) to its last
+        character that is not blank: the blank lines at the part's edges are apart()'s to
+        write; inside it, the text is shown as it is."""
         nonlocal held, start
         if new_part is not None:
-            held, start = 0, new_part
-        body = text.lstrip("\n")
-        held += len(text) - len(body)
-        if not body:
+            held, start = "", new_part
+        text = held + text
+        core = text.rstrip(BLANK)
+        held = text[len(core):]
+        if not core:
             return
         if start is not None:
+            lead = len(core) - len(core.lstrip(BLANK))
+            core = core[core.rfind("\n", 0, lead) + 1:]
             start()
-            start, held = None, 0
-        tail = len(body) - len(body.rstrip("\n"))
-        write(out, "\n" * held + body[:len(body) - tail])
-        held = tail
+            start = None
+        write(out, core)
 
     def start_reasoning() -> None:
         nonlocal dimmed
@@ -134,43 +139,50 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
             dimmed = True
 
     def end_reasoning() -> None:
-        nonlocal in_reasoning, dimmed
+        nonlocal thinking, dimmed
         if dimmed:
             write(reasoning_out, RESET)
             dimmed = False
-        in_reasoning = False
+        thinking = None
 
-    for event in events:
-        if isinstance(event, ReasoningDelta):
-            source = None  # (hidden or not: the answer's next text is a new part)
-            if show_reasoning:
-                model_text(reasoning_out, terminal_safe(event.text), None if in_reasoning else start_reasoning)
-                in_reasoning = True
-        elif isinstance(event, AnswerDelta):
-            end_reasoning()
-            new_part = (event.channel, event.message) != source  # after another part, or another message
-            source = event.channel, event.message
-            model_text(answer_out, terminal_safe(event.text), (lambda: apart(answer_out)) if new_part else None)
-        elif isinstance(event, ToolCall):
-            end_reasoning()
-            source = None
-            apart(reasoning_out)
-            write(reasoning_out, terminal_safe(f"[tool call → {event.recipient}] {event.arguments.strip()}\n"))
-        elif isinstance(event, ToolResult):
-            text = event.content if len(event.content) <= 2000 else event.content[:2000] + " …"
-            end_reasoning()
-            source = None
-            apart(reasoning_out, 1)
-            write(reasoning_out, terminal_safe(f"[result ← {event.name}] {text.strip()}\n"))
-        elif isinstance(event, ContextTrimmed) and not event.repeated:  # said once until the cut moves
-            end_reasoning()
-            source = None
-            apart(reasoning_out)
-            write(reasoning_out, f"[{event}]\n")
-        elif isinstance(event, Done):
-            done = event
-            source = None
-    end_reasoning()
+    try:
+        for event in events:
+            if isinstance(event, ReasoningDelta):
+                source = None  # (hidden or not: the answer's next text is a new part)
+                if show_reasoning:
+                    new_part = (event.channel, event.message) != thinking  # (a preamble, in a formatted turn)
+                    if new_part:
+                        end_reasoning()
+                    thinking = event.channel, event.message
+                    model_text(reasoning_out, terminal_safe(event.text), start_reasoning if new_part else None)
+            elif isinstance(event, AnswerDelta):
+                end_reasoning()
+                new_part = (event.channel, event.message) != source  # after another part, or another message
+                source = event.channel, event.message
+                model_text(answer_out, terminal_safe(event.text), (lambda: apart(answer_out)) if new_part else None)
+            elif isinstance(event, ToolCall):
+                end_reasoning()
+                source = None
+                apart(reasoning_out)
+                write(reasoning_out, terminal_safe(f"[tool call → {event.recipient}] {event.arguments.strip()}\n"))
+            elif isinstance(event, ToolResult):
+                text = event.content if len(event.content) <= 2000 else event.content[:2000] + " …"
+                end_reasoning()
+                source = None
+                apart(reasoning_out, 1)
+                write(reasoning_out, terminal_safe(f"[result ← {event.name}] {text.strip()}\n"))
+            elif isinstance(event, ContextTrimmed) and not event.repeated:  # said once until the cut moves
+                end_reasoning()
+                source = None
+                apart(reasoning_out)
+                write(reasoning_out, f"[{event}]\n")
+            elif isinstance(event, Done):
+                done = event
+                source = None
+    finally:
+        end_reasoning()
+    if reasoning_out is not answer_out and ends.get(id(reasoning_out)) == 0:
+        write(reasoning_out, "\n")  # (on its own output, reasoning may come last)
     if not ends.get(id(answer_out)):  # the reply ends its line (a blank one if nothing was written)
         write(answer_out, "\n")
     return done
@@ -215,7 +227,8 @@ class Outcome:
         last = None
         for event in events:
             if isinstance(event, ReasoningDelta):
-                self.reasoning += ("\n\n" if self.reasoning and not isinstance(last, ReasoningDelta) else "") + event.text
+                same = isinstance(last, ReasoningDelta) and (last.channel, last.message) == (event.channel, event.message)
+                self.reasoning += ("\n\n" if self.reasoning and not same else "") + event.text
             elif isinstance(event, AnswerDelta):
                 same = isinstance(last, AnswerDelta) and (last.channel, last.message) == (event.channel, event.message)
                 self.answer += ("\n\n" if self.answer and not same else "") + event.text
