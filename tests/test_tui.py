@@ -461,7 +461,7 @@ def scripted_replies(tok, segments: list[str], json_answer: bool = False) -> tup
         if kind == "analysis":
             text += f"{start}<|channel|>analysis<|message|>think {i}.<|end|>"
             if layout and layout[-1].startswith("reasoning: "):
-                layout[-1] += f"think {i}."  # one section until something else is shown
+                layout[-1] += f"\n\nthink {i}."  # one section until something else is shown; a paragraph a message
             else:
                 layout.append(f"reasoning: think {i}.")
         elif kind == "preamble":

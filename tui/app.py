@@ -237,6 +237,7 @@ class AssistantTurn(Vertical):
         self._finals: list[str] = []  # the texts on an answer's channel that more followed, in order
         self.preambles: list[str] = []  # the other texts that more followed (a call, reasoning), in order
         self._texts: list[str] = [""]  # each reasoning section's text, in order
+        self._thinking = None  # the message of the reasoning text last shown
         self._after_tool = False  # a tool row came after the last reasoning section
         self._streams = {}
         self.set_class(not show_reasoning, "-hide-reasoning")
@@ -256,7 +257,7 @@ class AssistantTurn(Vertical):
             elif m.is_tool_call:
                 await self.handle(ToolCall(m.recipient, m.text, m.channel))
             elif m.channel == "analysis":
-                await self._reason(m.text, stream=False)
+                await self._reason(m.text, id(m), stream=False)
             else:
                 await self._answer(m.text, (m.channel, id(m)), stream=False)  # each message a block
         await self.finish()
@@ -334,12 +335,16 @@ class AssistantTurn(Vertical):
         if stream:
             await self._write(self.query_one(".answer", Markdown), controls_shown(text))
 
-    async def _reason(self, text: str, stream: bool = True) -> None:
+    async def _reason(self, text: str, source, stream: bool = True) -> None:
+        """Reasoning from ``source`` (its message); another message is a paragraph of its own."""
         await self._end_text()
         if self._after_tool:  # the model reads a tool's result: a new section below it
             await self.mount(_reasoning_section(), before=self.query_one(".answer"))
             self._texts.append("")
             self._after_tool = False
+        elif self._texts[-1] and source != self._thinking:
+            text = "\n\n" + text
+        self._thinking = source
         self._texts[-1] += text
         section = self.sections[-1]
         section.remove_class("-empty")
@@ -353,7 +358,7 @@ class AssistantTurn(Vertical):
             # a preamble of a turn whose answer is held to a format: shown as it is when reopened
             await self._answer(event.text, (event.channel, event.message))
         elif isinstance(event, ReasoningDelta):
-            await self._reason(event.text)
+            await self._reason(event.text, (event.channel, event.message))
         elif isinstance(event, AnswerDelta):
             await self._answer(event.text, (event.channel, event.message))
         elif isinstance(event, (ToolCall, ToolResult)):

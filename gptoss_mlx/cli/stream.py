@@ -135,8 +135,8 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
         nonlocal dimmed
         apart(reasoning_out)
         if dim:
+            dimmed = True  # first: a Ctrl-C while the colour is written still resets it
             write(reasoning_out, DIM)
-            dimmed = True
 
     def end_reasoning() -> None:
         nonlocal thinking, dimmed
