@@ -799,8 +799,10 @@ def test_the_model_s_own_blank_lines_at_a_part_s_edges_add_no_blank_lines():
 def test_each_output_ends_its_line_and_an_interrupted_reply_leaves_no_colour_on():
     """With the answer on stdout and the rest on stderr (generate, a piped chat), a reply whose
     reasoning came last left stderr's line open ("Now I think==========" after a tool round),
-    stdout carries only the answer's parts, and Ctrl-C in dim reasoning left the shell dim;
-    reasoning messages in a row (or a preamble in a formatted turn) ran together."""
+    stdout carries only the answer's parts (no blank line after the last: a file of the answer
+    ended with one when a call or reasoning followed it), the two on one terminal read as one
+    output, and Ctrl-C in dim reasoning left the shell dim; reasoning messages in a row (or a
+    preamble in a formatted turn) ran together."""
     from hypothesis import given, settings, strategies as st
 
     from gptoss_mlx.chat import ContextTrimmed, ReasoningDelta, ToolCall
@@ -818,6 +820,17 @@ def test_each_output_ends_its_line_and_an_interrupted_reply_leaves_no_colour_on(
         yield from events[:at]
         raise KeyboardInterrupt
 
+    class Output:  # one of two outputs on one terminal
+        def __init__(self, terminal: list):
+            self.terminal, self.text = terminal, ""
+
+        def write(self, text):
+            self.text += text
+            self.terminal.append(text)
+
+        def flush(self):
+            pass
+
     @settings(max_examples=300, deadline=None, database=None)
     @given(st.lists(event, max_size=8), st.booleans(), st.booleans(), st.integers(0, 8))
     def check(events, show, dim, at):
@@ -827,6 +840,14 @@ def test_each_output_ends_its_line_and_an_interrupted_reply_leaves_no_colour_on(
         assert not re.search(r"\[(tool|result|context)", answer.getvalue())
         answers = [e.text for e in events if isinstance(e, AnswerDelta)]
         assert answer.getvalue().replace("\n", "") == "".join(answers)
+        terminal, one = [], io.StringIO()  # on one terminal, stdout and stderr read as one output
+        answer, rest = Output(terminal), Output(terminal)
+        print_events(events, show, answer, rest, dim=dim)
+        print_events(events, show, one, one, dim=dim)
+        no_answer = "\n" if not answers and rest.text else ""  # (an empty answer is an empty line)
+        assert "".join(terminal) == one.getvalue() + no_answer
+        # stdout alone (generate > file): the answer's parts a blank line apart, none around them
+        assert answer.text == "\n\n".join(filter(None, answer.text.split("\n\n"))).strip("\n") + "\n"
         out = io.StringIO()
         with pytest.raises(KeyboardInterrupt):
             print_events(interrupted(events, at), show, out, out, dim=dim)

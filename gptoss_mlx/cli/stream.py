@@ -104,11 +104,19 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
                 last = out
 
     def apart(out, lines: int = 2) -> None:
-        """A blank line before the next part, on ``out`` (lines=1: a new line); the part before
-        it, if on the other output, ends with a blank line there."""
+        """A blank line before the next part, on ``out`` (lines=1: a new line). Where the part
+        before it is on the other output, that output's line is ended and the blank line goes
+        on ``out``, unless ``out`` is the answer's and holds nothing yet: the answer's output
+        (stdout, ``generate > file``) holds the answer's parts one blank line apart and no blank
+        line before the first or after the last, and on one terminal the two read as one."""
         if last is not None and last is not out:
-            write(last, "\n" * max(0, 2 - ends[id(last)]))
-        if id(out) in ends:
+            if out is answer_out and id(out) not in ends:
+                write(last, "\n" * max(0, lines - ends[id(last)]))
+                return
+            shown = max(1, ends[id(last)])  # the newlines the terminal's text ends with, its line ended
+            write(last, "\n" * max(0, 1 - ends[id(last)]))
+            write(out, "\n" * max(0, lines - shown))
+        elif id(out) in ends:
             write(out, "\n" * max(0, lines - ends[id(out)]))
 
     def model_text(out, text: str, new_part=None) -> None:
