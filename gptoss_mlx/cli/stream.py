@@ -83,9 +83,8 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
     each other (both outputs are usually the one terminal), whatever newlines the model's text
     starts or ends with (lines with nothing on them), and each output's last line is ended.
     Interrupted (Ctrl-C), it leaves no colour on."""
-    thinking = None  # the message (channel, index) of the reasoning being shown; None after another part
     done = None
-    source = None  # the message (channel, index) of the answer text last written; None after another part
+    part = None  # the part being shown: ("reasoning" or "answer", its message's channel, index), or None
     ends: dict[int, int] = {}  # by output written to: the newlines its text ends with
     last = None  # the output written to last
     held = ""  # the blank end of the model's text of this part so far: written if more text follows
@@ -147,46 +146,45 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
             write(reasoning_out, DIM)
 
     def end_reasoning() -> None:
-        nonlocal thinking, dimmed
+        nonlocal dimmed
         if dimmed:
             write(reasoning_out, RESET)
             dimmed = False
-        thinking = None
+
+    def line_part(text: str, lines: int = 2) -> None:
+        """A part of our own (a call, its result, a notice): one line or more, on reasoning_out."""
+        nonlocal part
+        end_reasoning()
+        part = None
+        apart(reasoning_out, lines)
+        write(reasoning_out, text)
 
     try:
         for event in events:
             if isinstance(event, ReasoningDelta):
-                source = None  # (hidden or not: the answer's next text is a new part)
-                if show_reasoning:
-                    new_part = (event.channel, event.message) != thinking  # (a preamble, in a formatted turn)
-                    if new_part:
-                        end_reasoning()
-                    thinking = event.channel, event.message
-                    model_text(reasoning_out, terminal_safe(event.text), start_reasoning if new_part else None)
+                if not show_reasoning:
+                    part = None  # (hidden: the answer's next text is a new part all the same)
+                    continue
+                new_part = ("reasoning", event.channel, event.message) != part  # (a preamble, in a formatted turn)
+                if new_part:
+                    end_reasoning()
+                part = "reasoning", event.channel, event.message
+                model_text(reasoning_out, terminal_safe(event.text), start_reasoning if new_part else None)
             elif isinstance(event, AnswerDelta):
                 end_reasoning()
-                new_part = (event.channel, event.message) != source  # after another part, or another message
-                source = event.channel, event.message
+                new_part = ("answer", event.channel, event.message) != part  # after another part, or message
+                part = "answer", event.channel, event.message
                 model_text(answer_out, terminal_safe(event.text), (lambda: apart(answer_out)) if new_part else None)
             elif isinstance(event, ToolCall):
-                end_reasoning()
-                source = None
-                apart(reasoning_out)
-                write(reasoning_out, terminal_safe(f"[tool call → {event.recipient}] {event.arguments.strip()}\n"))
+                line_part(terminal_safe(f"[tool call → {event.recipient}] {event.arguments.strip()}\n"))
             elif isinstance(event, ToolResult):
                 text = event.content if len(event.content) <= 2000 else event.content[:2000] + " …"
-                end_reasoning()
-                source = None
-                apart(reasoning_out, 1)
-                write(reasoning_out, terminal_safe(f"[result ← {event.name}] {text.strip()}\n"))
+                line_part(terminal_safe(f"[result ← {event.name}] {text.strip()}\n"), lines=1)
             elif isinstance(event, ContextTrimmed) and not event.repeated:  # said once until the cut moves
-                end_reasoning()
-                source = None
-                apart(reasoning_out)
-                write(reasoning_out, f"[{event}]\n")
+                line_part(f"[{event}]\n")
             elif isinstance(event, Done):
                 done = event
-                source = None
+                part = None
     finally:
         end_reasoning()
     if reasoning_out is not answer_out and ends.get(id(reasoning_out)) == 0:
