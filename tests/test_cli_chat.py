@@ -1190,3 +1190,21 @@ def test_ctrl_c_before_the_reply_offers_the_message_again_and_the_chat_has_it_on
     assert offered[:2] == ["", long]
     assert [m.text for m in chat.messages if m.role == "user"] == [long + "count them"]
     assert "Four." in text
+
+
+def test_tool_lines_keep_a_result_s_indentation_and_windows_line_ends_are_newlines():
+    """A result's first line lost its indentation (stripped with the blank lines around it), an
+    empty result printed its label with a trailing space, and a tool's Windows line ends showed
+    a <\\r> at the end of every line."""
+    from gptoss_mlx.chat import ToolCall
+    from gptoss_mlx.cli.stream import print_events
+    from gptoss_mlx.tools import ToolResult
+    from gptoss_mlx.tools.approval import controls_shown
+
+    out = io.StringIO()
+    print_events([ToolCall("functions.f", "\n{}\n", "commentary"), ToolResult("f", "\n \n    x  y\r\n    1  2\r\n\n"),
+                  ToolCall("functions.g", "", "commentary"), ToolResult("g", "")], True, out, out, dim=False)
+    assert out.getvalue() == ("[tool call → functions.f] {}\n[result ← f]     x  y\n    1  2\n\n"
+                              "[tool call → functions.g]\n[result ← g]\n")
+    assert common.terminal_safe("a\r\nb\rc") == "a\nb<\\r>c"
+    assert controls_shown("a\r\nb\rc") == "a\nb\u240dc"

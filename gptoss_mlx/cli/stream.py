@@ -17,6 +17,20 @@ from .common import DIM, RESET, CLIError, make_toolbox, terminal_safe
 BLANK = " \t\n"  # what a line with nothing on it holds
 
 
+def from_first_line(text: str) -> str:
+    """``text`` from its first line with something on it, that line's indentation kept."""
+    lead = len(text) - len(text.lstrip(BLANK))
+    return text[text.rfind("\n", 0, lead) + 1:]
+
+
+def after_label(text: str) -> str:
+    """A call's arguments or a result after its label ("[result ← f]"): a space and the text
+    from its first line with something on it to its last character that is not blank; nothing
+    for an empty one."""
+    text = from_first_line(text.rstrip(BLANK))
+    return " " + text if text else ""
+
+
 def replies(chat, text, toolbox):
     """One user turn: the loop that answers tool calls until the model is done. Without tools
     too: a call to a tool the chat does not have is answered with an error, and the model
@@ -132,8 +146,7 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
         if not core:
             return
         if start is not None:
-            lead = len(core) - len(core.lstrip(BLANK))
-            core = core[core.rfind("\n", 0, lead) + 1:]
+            core = from_first_line(core)
             start()
             start = None
         write(out, core)
@@ -176,10 +189,10 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
                 part = "answer", event.channel, event.message
                 model_text(answer_out, terminal_safe(event.text), (lambda: apart(answer_out)) if new_part else None)
             elif isinstance(event, ToolCall):
-                line_part(terminal_safe(f"[tool call → {event.recipient}] {event.arguments.strip()}\n"))
+                line_part(terminal_safe(f"[tool call → {event.recipient}]{after_label(event.arguments)}\n"))
             elif isinstance(event, ToolResult):
                 text = event.content if len(event.content) <= 2000 else event.content[:2000] + " …"
-                line_part(terminal_safe(f"[result ← {event.name}] {text.strip()}\n"), lines=1)
+                line_part(terminal_safe(f"[result ← {event.name}]{after_label(text)}\n"), lines=1)
             elif isinstance(event, ContextTrimmed) and not event.repeated:  # said once until the cut moves
                 line_part(f"[{event}]\n")
             elif isinstance(event, Done):

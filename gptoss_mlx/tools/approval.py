@@ -62,8 +62,9 @@ def controls_shown(text: str) -> str:
     tag; the rest ``<U+009B>``); everything else stays as it is, the joiners of emoji and the
     direction marks of right-to-left scripts included (code for approval gets those marked
     too: render_code_text); bidi embeddings, overrides and isolates, which reorder what
-    follows them, become ``<U+202E>``, as :func:`prose_marker` makes them."""
-    return _SHOWN.sub(_control_picture, text)
+    follows them, become ``<U+202E>``, as :func:`prose_marker` makes them. Windows' line ends
+    (``\r\n``) are newlines."""
+    return _SHOWN.sub(_control_picture, text.replace("\r\n", "\n"))
 
 
 _SHOWN = re.compile(f"{_CONTROLS.pattern}|{_REORDERING.pattern}")
