@@ -1202,7 +1202,7 @@ def test_tool_lines_keep_a_result_s_indentation_and_windows_line_ends_are_newlin
     from gptoss_mlx.tools.approval import controls_shown
 
     out = io.StringIO()
-    print_events([ToolCall("functions.f", "\n{}\n", "commentary"), ToolResult("f", "\n \n    x  y\r\n    1  2\r\n\n"),
+    print_events([ToolCall("functions.f", "\n{}\n", "commentary"), ToolResult("f", "\r\n \r\n    x  y\r\n    1  2\r\n\r\n"),
                   ToolCall("functions.g", "", "commentary"), ToolResult("g", "")], True, out, out, dim=False)
     assert out.getvalue() == ("[tool call → functions.f] {}\n[result ← f]     x  y\n    1  2\n\n"
                               "[tool call → functions.g]\n[result ← g]\n")

@@ -26,8 +26,8 @@ def from_first_line(text: str) -> str:
 def after_label(text: str) -> str:
     """A call's arguments or a result after its label ("[result ← f]"): a space and the text
     from its first line with something on it to its last character that is not blank; nothing
-    for an empty one."""
-    text = from_first_line(text.rstrip(BLANK))
+    for an empty one (Windows' line ends are newlines)."""
+    text = from_first_line(text.replace("\r\n", "\n").rstrip(BLANK))
     return " " + text if text else ""
 
 
