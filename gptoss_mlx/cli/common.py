@@ -102,7 +102,7 @@ def _exit_on_sigterm(signum, frame) -> NoReturn:
 
 def terminal_safe(text: str) -> str:
     """``text`` from the model, a tool or a file, made safe to print: newlines and tabs stay
-    (Windows' line ends, ``\r\n``, are newlines); escape sequences, other controls, bidi
+    (Windows' line ends, ``\\r\\n``, are newlines); escape sequences, other controls, bidi
     overrides and lone surrogates become visible markers (``<ESC>``, ``<U+202E>``), so nothing
     printed can drive the terminal; the rest of Unicode (emoji joiners, no-break spaces, ...)
     prints as it is (``prose_marker``)."""

@@ -63,7 +63,7 @@ def controls_shown(text: str) -> str:
     direction marks of right-to-left scripts included (code for approval gets those marked
     too: render_code_text); bidi embeddings, overrides and isolates, which reorder what
     follows them, become ``<U+202E>``, as :func:`prose_marker` makes them. Windows' line ends
-    (``\r\n``) are newlines."""
+    (``\\r\\n``) are newlines."""
     return _SHOWN.sub(_control_picture, text.replace("\r\n", "\n"))
 
 
