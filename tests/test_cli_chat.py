@@ -1207,4 +1207,11 @@ def test_tool_lines_keep_a_result_s_indentation_and_windows_line_ends_are_newlin
     assert out.getvalue() == ("[tool call → functions.f] {}\n[result ← f]     x  y\n    1  2\n\n"
                               "[tool call → functions.g]\n[result ← g]\n")
     assert common.terminal_safe("a\r\nb\rc") == "a\nb<\\r>c"
+    # (found by a tester) a lone \r at the end or before a \r\n kept its marker; a long result is
+    # cut after its blank edges are dropped, and the line ends it has do not count as cut text
+    out = io.StringIO()
+    print_events([ToolResult("f", "x\r"), ToolResult("g", "a\r\r\nb"), ToolResult("h", "\n" * 2100 + "real"),
+                  ToolResult("i", "a" * 2000 + "\r\n"), ToolResult("j", "b" * 2001)], True, out, out, dim=False)
+    assert out.getvalue() == ("[result ← f] x<\\r>\n[result ← g] a<\\r>\nb\n[result ← h] real\n"
+                              f"[result ← i] {'a' * 2000}\n[result ← j] {'b' * 2000} …\n")
     assert controls_shown("a\r\nb\rc") == "a\nb\u240dc"

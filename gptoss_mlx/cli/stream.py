@@ -23,11 +23,14 @@ def from_first_line(text: str) -> str:
     return text[text.rfind("\n", 0, lead) + 1:]
 
 
-def after_label(text: str) -> str:
-    """A call's arguments or a result after its label ("[result ← f]"): a space and the text
-    from its first line with something on it to its last character that is not blank; nothing
-    for an empty one (Windows' line ends are newlines)."""
-    text = from_first_line(text.replace("\r\n", "\n").rstrip(BLANK))
+def after_label(text: str, limit: int | None = None) -> str:
+    """A call's arguments or a result after its label ("[result ← f]"), made safe to print: a
+    space and the text from its first line with something on it to its last character that is
+    not blank, cut at ``limit`` characters (" …" then); nothing for an empty one. (Made safe
+    first: a lone ``\\r`` at its end is shown, and the edges and the cut are the shown text's.)"""
+    text = from_first_line(terminal_safe(text).rstrip(BLANK))
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + " …"
     return " " + text if text else ""
 
 
@@ -189,10 +192,9 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
                 part = "answer", event.channel, event.message
                 model_text(answer_out, terminal_safe(event.text), (lambda: apart(answer_out)) if new_part else None)
             elif isinstance(event, ToolCall):
-                line_part(terminal_safe(f"[tool call → {event.recipient}]{after_label(event.arguments)}\n"))
+                line_part(terminal_safe(f"[tool call → {event.recipient}]") + after_label(event.arguments) + "\n")
             elif isinstance(event, ToolResult):
-                text = event.content if len(event.content) <= 2000 else event.content[:2000] + " …"
-                line_part(terminal_safe(f"[result ← {event.name}]{after_label(text)}\n"), lines=1)
+                line_part(terminal_safe(f"[result ← {event.name}]") + after_label(event.content, 2000) + "\n", lines=1)
             elif isinstance(event, ContextTrimmed) and not event.repeated:  # said once until the cut moves
                 line_part(f"[{event}]\n")
             elif isinstance(event, Done):
