@@ -245,14 +245,15 @@ class Outcome:
     def record(self, events):
         """Pass ``events`` through, keeping what they say (the texts of separate messages, a
         preamble and the answer, reasoning before and after a call, a blank line apart)."""
-        last = None
+        last = None  # the (kind, channel, message) of the text just before; None after another event
         for event in events:
+            delta = isinstance(event, (ReasoningDelta, AnswerDelta))
+            source = (type(event), event.channel, event.message) if delta else None
+            new = source != last  # another message: a paragraph of its own
             if isinstance(event, ReasoningDelta):
-                same = isinstance(last, ReasoningDelta) and (last.channel, last.message) == (event.channel, event.message)
-                self.reasoning += ("\n\n" if self.reasoning and not same else "") + event.text
+                self.reasoning += ("\n\n" if self.reasoning and new else "") + event.text
             elif isinstance(event, AnswerDelta):
-                same = isinstance(last, AnswerDelta) and (last.channel, last.message) == (event.channel, event.message)
-                self.answer += ("\n\n" if self.answer and not same else "") + event.text
+                self.answer += ("\n\n" if self.answer and new else "") + event.text
             elif isinstance(event, ToolCall):
                 self.tool_calls.append({"name": event.recipient, "arguments": event.arguments})
             elif isinstance(event, ToolResult) and self.tool_calls:
@@ -260,7 +261,7 @@ class Outcome:
             elif isinstance(event, Done):
                 self.stats.append(event.stats)
                 self.finish_reason, self.done = event.finish_reason, event
-            last = event
+            last = source
             yield event
 
     def usage(self) -> dict:
