@@ -15,7 +15,7 @@ import pytest
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
-from gptoss_mlx.chat import AnswerDelta, Chat, ContextTrimmed, Done
+from gptoss_mlx.chat import AnswerDelta, Chat, ContextTrimmed, Done, ReasoningDelta
 from gptoss_mlx.cli import chat as cli_chat
 from gptoss_mlx.cli import build_parser, common, main
 from gptoss_mlx.cli.lineedit import line_reader
@@ -871,6 +871,24 @@ def test_ordinary_unicode_in_a_reply_prints_as_it_is():
     out = io.StringIO()
     print_events([AnswerDelta(prose + "\x1b[2J")], True, out, out, dim=False)
     assert out.getvalue().rstrip("\n") == prose + "<ESC>[2J"
+
+
+def test_a_windows_line_end_split_between_two_pieces_of_a_reply_is_a_newline():
+    """The model's "\\r" and "\\n" often come as two pieces: each was made safe alone, so the
+    line ended with a <\\r> marker. A lone "\\r" still shows, at a part's end too."""
+    from gptoss_mlx.cli.stream import print_events
+
+    def printed(*events):
+        out = io.StringIO()
+        print_events(list(events), True, out, out, dim=False)
+        return out.getvalue()
+
+    assert printed(AnswerDelta("a\r"), AnswerDelta("\nb")) == "a\nb\n"
+    assert printed(AnswerDelta("a\r"), AnswerDelta("\r"), AnswerDelta("\nb")) == "a<\\r>\nb\n"
+    assert printed(AnswerDelta("a\r"), AnswerDelta("b")) == "a<\\r>b\n"
+    assert printed(AnswerDelta("a\r")) == "a<\\r>\n"
+    assert printed(ReasoningDelta("x\r", "analysis", 0), AnswerDelta("\ny")) == "x<\\r>\n\ny\n"
+    assert printed(AnswerDelta("p\r", "commentary", 0), AnswerDelta("\nq", "final", 1)) == "p<\\r>\n\nq\n"
 
 
 def test_hostile_titles_show_escaped_in_chats_and_resume(tok, store, monkeypatch, capsys):

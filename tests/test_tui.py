@@ -719,6 +719,23 @@ def test_bytes_from_the_terminal_that_are_not_utf8_do_not_end_the_app():
     assert decode(b"ab\xffc\xe2\x82", final=False) + decode(b"\xac") == "ab\ufffdc\u20ac"
 
 
+async def test_a_windows_line_end_split_between_two_streamed_pieces_shows_no_marker(store):
+    """The model's "\\r" and "\\n" as two pieces were each shown alone: the line ended with ␍
+    while the reply streamed. A lone "\\r" is still shown, at the end too."""
+    chat = ScriptedChat([("analysis", "x\r"), ("analysis", "\ny"), ("final", "a\r"), ("final", "\nb\r"),
+                         ("wait",), ("final", "c\r")])
+    app = make_app(chat, store)
+    async with app.run_test(size=SIZE) as pilot:
+        app.query_one(PromptInput).text = "q"
+        await pilot.press("enter")
+        turn = app.query_one(AssistantTurn)
+        answer, reasoning = turn.query_one(".answer", Markdown), turn.query_one(".reasoning-md", Markdown)
+        await wait_until(pilot, lambda: answer.source.rstrip() == "a\nb" and reasoning.source.rstrip() == "x\ny")
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.replies_finished == 1)
+        assert answer.source == "a\nb\u240d"  # the full text, re-parsed: its lone \r shown
+
+
 async def test_escape_sequences_in_a_saved_chat_are_shown_not_run(store):
     """A saved chat (or a model, or a tool) with escape sequences cleared the screen, set the
     window title and wrote the clipboard: Textual passes ESC through to the terminal."""

@@ -240,6 +240,7 @@ class AssistantTurn(Vertical):
         self._thinking = None  # the message of the reasoning text last shown
         self._after_tool = False  # a tool row came after the last reasoning section
         self._streams = {}
+        self._cr = set()  # the Markdown whose streamed text so far ends with a "\r" (held back)
         self.set_class(not show_reasoning, "-hide-reasoning")
 
     def compose(self) -> ComposeResult:
@@ -298,9 +299,18 @@ class AssistantTurn(Vertical):
             event.stop()
 
     async def _write(self, md: Markdown, text: str) -> None:
+        """Stream the model's ``text`` to ``md``, its controls shown (controls_shown). A ``\\r``
+        a piece ends with waits for the next: with its ``\\n``, a Windows line end (the full
+        text's re-parse shows a lone one at the end)."""
+        text = ("\r" if md in self._cr else "") + text
+        self._cr.discard(md)
+        if text.endswith("\r"):
+            self._cr.add(md)
+            text = text[:-1]
         if md not in self._streams:
             self._streams[md] = Markdown.get_stream(md)
-        await self._streams[md].write(text)
+        if text:
+            await self._streams[md].write(controls_shown(text))
 
     async def _end_text(self) -> None:
         """The text under way is followed by something else (another message, a call, more
@@ -311,6 +321,7 @@ class AssistantTurn(Vertical):
         md = self.query_one(".answer", Markdown)
         if md in self._streams:
             await self._streams.pop(md).stop()
+        self._cr.discard(md)
         answer = self._source[0] in ANSWER_CHANNELS
         md.set_classes("answer-part" if answer else "preamble")
         await md.update(controls_shown(self._text))  # the whole text, re-parsed (finish())
@@ -333,7 +344,7 @@ class AssistantTurn(Vertical):
         self._text += text
         self._source = source
         if stream:
-            await self._write(self.query_one(".answer", Markdown), controls_shown(text))
+            await self._write(self.query_one(".answer", Markdown), text)
 
     async def _reason(self, text: str, source, stream: bool = True) -> None:
         """Reasoning from ``source`` (its message); another message is a paragraph of its own."""
@@ -349,7 +360,7 @@ class AssistantTurn(Vertical):
         section = self.sections[-1]
         section.remove_class("-empty")
         if stream:
-            await self._write(section.query_one(".reasoning-md", Markdown), controls_shown(text))
+            await self._write(section.query_one(".reasoning-md", Markdown), text)
 
     async def handle(self, event) -> None:
         """Show ``event``. What the model, a tool or a saved file wrote is shown with its control
@@ -384,6 +395,7 @@ class AssistantTurn(Vertical):
         for stream in self._streams.values():
             await stream.stop()
         self._streams.clear()
+        self._cr.clear()
         for section, text in zip(self.sections, self._texts):
             await section.query_one(".reasoning-md", Markdown).update(controls_shown(text))
             if not text.split():

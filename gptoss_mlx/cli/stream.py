@@ -107,6 +107,7 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
     held = ""  # the blank end of the model's text of this part so far: written if more text follows
     start = None  # how the part shows its first text (a blank line before it, its colour): None once shown
     dimmed = False  # the reasoning's colour is on
+    cr_out = None  # the output whose model text so far ends with a "\r": a line end if "\n" comes next
 
     def write(out, text: str) -> None:
         nonlocal last
@@ -137,12 +138,29 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
 
     def model_text(out, text: str, new_part=None) -> None:
         """The model's text of a reasoning or answer part (``new_part``: how a new one starts),
-        shown from its first line with something on it (its indentation kept) to its last
-        character that is not blank: the blank lines at the part's edges are apart()'s to
-        write; inside it, the text is shown as it is."""
-        nonlocal held, start
+        made safe to print and shown from its first line with something on it (its indentation
+        kept) to its last character that is not blank: the blank lines at the part's edges are
+        apart()'s to write; inside it, the text is shown as it is. A ``\\r`` a piece ends with
+        waits for the next: with its ``\\n``, a Windows line end."""
+        nonlocal start, cr_out
         if new_part is not None:
-            held, start = "", new_part
+            end_text()
+            start = new_part
+        text = ("\r" if cr_out is not None else "") + text
+        cr_out = out if text.endswith("\r") else None
+        shown(out, terminal_safe(text[:-1] if cr_out is not None else text))
+
+    def end_text() -> None:
+        """The part's text is over: a ``\\r`` it ended with is shown (its marker); the next
+        part's blank edges start anew."""
+        nonlocal held, cr_out
+        if cr_out is not None:
+            out, cr_out = cr_out, None
+            shown(out, terminal_safe("\r"))
+        held = ""
+
+    def shown(out, text: str) -> None:
+        nonlocal held, start
         text = held + text
         core = text.rstrip(BLANK)
         held = text[len(core):]
@@ -170,6 +188,7 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
     def line_part(text: str, lines: int = 2) -> None:
         """A part of our own (a call, its result, a notice): one line or more, on reasoning_out."""
         nonlocal part
+        end_text()
         end_reasoning()
         part = None
         apart(reasoning_out, lines)
@@ -183,14 +202,17 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
                     continue
                 new_part = ("reasoning", event.channel, event.message) != part  # (a preamble, in a formatted turn)
                 if new_part:
+                    end_text()
                     end_reasoning()
                 part = "reasoning", event.channel, event.message
-                model_text(reasoning_out, terminal_safe(event.text), start_reasoning if new_part else None)
+                model_text(reasoning_out, event.text, start_reasoning if new_part else None)
             elif isinstance(event, AnswerDelta):
-                end_reasoning()
                 new_part = ("answer", event.channel, event.message) != part  # after another part, or message
+                if new_part:
+                    end_text()
+                end_reasoning()
                 part = "answer", event.channel, event.message
-                model_text(answer_out, terminal_safe(event.text), (lambda: apart(answer_out)) if new_part else None)
+                model_text(answer_out, event.text, (lambda: apart(answer_out)) if new_part else None)
             elif isinstance(event, ToolCall):
                 line_part(terminal_safe(f"[tool call → {event.recipient}]") + after_label(event.arguments) + "\n")
             elif isinstance(event, ToolResult):
@@ -198,8 +220,10 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
             elif isinstance(event, ContextTrimmed) and not event.repeated:  # said once until the cut moves
                 line_part(f"[{event}]\n")
             elif isinstance(event, Done):
+                end_text()
                 done = event
                 part = None
+        end_text()
     finally:
         end_reasoning()
     if reasoning_out is not answer_out and ends.get(id(reasoning_out)) == 0:
