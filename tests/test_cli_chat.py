@@ -12,6 +12,8 @@ import time
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
@@ -889,6 +891,31 @@ def test_a_windows_line_end_split_between_two_pieces_of_a_reply_is_a_newline():
     assert printed(AnswerDelta("a\r")) == "a<\\r>\n"
     assert printed(ReasoningDelta("x\r", "analysis", 0), AnswerDelta("\ny")) == "x<\\r>\n\ny\n"
     assert printed(AnswerDelta("p\r", "commentary", 0), AnswerDelta("\nq", "final", 1)) == "p<\\r>\n\nq\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["analysis", "commentary", "final"]),
+                          st.text(st.sampled_from(list("ab \t\n\r\x1b") + ["\u202e", "é"]), max_size=12)),
+                max_size=4),
+       st.data(), st.booleans(), st.booleans())
+def test_a_reply_prints_the_same_however_its_text_is_cut_into_pieces(parts, data, show, two):
+    """The model's text comes in pieces of any length: what is printed must not depend on
+    where they are cut (a "\\r\\n" cut in two printed a marker)."""
+    from gptoss_mlx.cli.stream import print_events
+
+    def printed(events):
+        answer, rest = io.StringIO(), io.StringIO()
+        print_events(events, show, answer, rest if two else answer, dim=False)
+        return answer.getvalue(), rest.getvalue()
+
+    def event(channel, text, message):
+        return (ReasoningDelta if channel == "analysis" else AnswerDelta)(text, channel, message)
+
+    pieces = []
+    for message, (channel, text) in enumerate(parts):
+        cuts = sorted({0, len(text), *data.draw(st.lists(st.integers(0, len(text)), max_size=4))})
+        pieces += [event(channel, text[a:b], message) for a, b in zip(cuts, cuts[1:])]
+    assert printed(pieces) == printed([event(c, t, m) for m, (c, t) in enumerate(parts)])
 
 
 def test_hostile_titles_show_escaped_in_chats_and_resume(tok, store, monkeypatch, capsys):
