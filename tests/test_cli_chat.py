@@ -353,6 +353,18 @@ def test_load_of_a_bad_file_keeps_the_conversation(tok, store, tmp_path, monkeyp
     assert "2+2?  (2 messages)" in out  # /chats
 
 
+def test_a_load_error_ending_in_a_carriage_return_shows_it(tok, store, tmp_path, monkeypatch):
+    """The error line was made safe with its own line end after the message: a message ending
+    in a lone carriage return (a file's name or content quoted) lost its marker."""
+    from gptoss_mlx.chat_file import ChatFileError
+
+    def refuse(chat, path):
+        raise ChatFileError(f"{path.name}: says\r")
+    monkeypatch.setattr(ConversationStore, "load_path", lambda self, chat, path: refuse(chat, path))
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "x"), [f"/load {tmp_path / 'c.json'}"])
+    assert "error: c.json: says<\\r>\n(the current conversation stays)" in out, out
+
+
 def test_chats_lists_the_newest_says_how_many_more_and_finds_older_ones_by_title(tok, store, monkeypatch):
     """/chats showed the 20 newest and no more: an older chat could not be found (nor was it said
     that there were more). /chats all lists every one, /chats WORDS those with them in the title."""
