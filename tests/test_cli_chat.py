@@ -889,8 +889,9 @@ def test_ordinary_unicode_in_a_reply_prints_as_it_is():
 
 def test_a_windows_line_end_split_between_two_pieces_of_a_reply_is_a_newline():
     """The model's "\\r" and "\\n" often come as two pieces: each was made safe alone, so the
-    line ended with a <\\r> marker. A lone "\\r" still shows, at a part's end too."""
-    from gptoss_mlx.cli.stream import print_events
+    line ended with a <\\r> marker. A lone "\\r" still shows, at a part's end too, and when
+    the reply is interrupted after it."""
+    from gptoss_mlx.cli.stream import DIM, RESET, print_events
 
     def printed(*events):
         out = io.StringIO()
@@ -903,6 +904,14 @@ def test_a_windows_line_end_split_between_two_pieces_of_a_reply_is_a_newline():
     assert printed(AnswerDelta("a\r")) == "a<\\r>\n"
     assert printed(ReasoningDelta("x\r", "analysis", 0), AnswerDelta("\ny")) == "x<\\r>\n\ny\n"
     assert printed(AnswerDelta("p\r", "commentary", 0), AnswerDelta("\nq", "final", 1)) == "p<\\r>\n\nq\n"
+
+    def interrupted():  # Ctrl-C right after a piece that ends with a lone "\r"
+        yield ReasoningDelta("think\r", "analysis", 0)
+        raise KeyboardInterrupt
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        print_events(interrupted(), True, out, out, dim=True)
+    assert out.getvalue() == DIM + "think<\\r>" + RESET
 
 
 @settings(max_examples=300, deadline=None)

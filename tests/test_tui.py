@@ -33,10 +33,10 @@ class FakeEngine:
 
 
 class ScriptedChat(Chat):
-    """A Chat whose replies are scripted event lists: ("analysis" | "final", text),
-    ("call", recipient, args), ("wait",) blocks until stop() (("wait", seconds): and then as long
-    again, a slow last token), ("fail", message) raises, and so does ("too long", message), as a
-    ContextLengthError."""
+    """A Chat whose replies are scripted event lists: ("analysis" | "final", text), ("analysis",
+    text, message index), ("call", recipient, args), ("wait",) blocks until stop() (("wait",
+    seconds): and then as long again, a slow last token), ("fail", message) raises, and so does
+    ("too long", message), as a ContextLengthError."""
 
     def __init__(self, *replies, **kwargs):
         super().__init__(None, None, engine=FakeEngine(), **kwargs)
@@ -69,7 +69,7 @@ class ScriptedChat(Chat):
                 raise ContextLengthError(step[1])
             elif kind == "analysis":
                 reasoning += step[1]
-                yield ReasoningDelta(step[1])
+                yield ReasoningDelta(step[1], "analysis", *step[2:])  # (a message's index: another message)
             elif kind == "final":
                 answer += step[1]
                 yield AnswerDelta(step[1])
@@ -734,6 +734,26 @@ async def test_a_windows_line_end_split_between_two_streamed_pieces_shows_no_mar
         await pilot.press("escape")
         await wait_until(pilot, lambda: app.replies_finished == 1)
         assert answer.source == "a\nb\u240d"  # the full text, re-parsed: its lone \r shown
+
+
+@pytest.mark.parametrize("after", ["reasoning", "answer", "call"])
+async def test_a_lone_carriage_return_ending_a_reasoning_message_shows_when_more_follows(store, after):
+    """A "\\r" held back at a reasoning message's end was shown only when the reply ended (an
+    answer or a call followed), and lost for good when the next reasoning message followed
+    (the paragraph break after it read as a Windows line end)."""
+    follows = {"reasoning": [("analysis", "y", 1)], "answer": [("final", "a")],
+               "call": [("call", "functions.f", "{}")]}[after]
+    app = make_app(ScriptedChat([("analysis", "x\r"), *follows, ("wait",)]), store)
+    async with app.run_test(size=SIZE) as pilot:
+        app.query_one(PromptInput).text = "q"
+        await pilot.press("enter")
+        turn = app.query_one(AssistantTurn)
+        first = turn.query_one(".reasoning-md", Markdown)
+        shown = "x\u240d\n\ny" if after == "reasoning" else "x\u240d"
+        await wait_until(pilot, lambda: first.source.rstrip("\n") == shown, timeout=4)  # while it streams
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.replies_finished == 1)
+        assert first.source.rstrip("\n") == shown  # and re-parsed at the end
 
 
 async def test_escape_sequences_in_a_saved_chat_are_shown_not_run(store):

@@ -312,6 +312,14 @@ class AssistantTurn(Vertical):
         if text:
             await self._streams[md].write(controls_shown(text))
 
+    async def _show_held(self, keep: Markdown | None = None) -> None:
+        """Other text or a row follows: a ``\\r`` held back (``_write``) in any Markdown but
+        ``keep`` is a lone one, shown."""
+        for md in [md for md in self._cr if md is not keep]:
+            self._cr.discard(md)
+            if md in self._streams:
+                await self._streams[md].write(controls_shown("\r"))
+
     async def _end_text(self) -> None:
         """The text under way is followed by something else (another message, a call, more
         reasoning): it stays where it is, a preamble unless it is on an answer's channel, and
@@ -343,24 +351,32 @@ class AssistantTurn(Vertical):
                     section.collapsed = True  # the answer starts: fold the thinking away
         self._text += text
         self._source = source
+        md = self.query_one(".answer", Markdown)
+        await self._show_held(keep=md)
         if stream:
-            await self._write(self.query_one(".answer", Markdown), text)
+            await self._write(md, text)
 
     async def _reason(self, text: str, source, stream: bool = True) -> None:
         """Reasoning from ``source`` (its message); another message is a paragraph of its own."""
         await self._end_text()
+        new_message = False
         if self._after_tool:  # the model reads a tool's result: a new section below it
             await self.mount(_reasoning_section(), before=self.query_one(".answer"))
             self._texts.append("")
             self._after_tool = False
         elif self._texts[-1] and source != self._thinking:
+            new_message = True
+            if self._texts[-1].endswith("\r"):  # a lone one: the paragraph break must not make it a line end
+                self._texts[-1] = self._texts[-1][:-1] + controls_shown("\r")
             text = "\n\n" + text
         self._thinking = source
         self._texts[-1] += text
         section = self.sections[-1]
         section.remove_class("-empty")
+        md = section.query_one(".reasoning-md", Markdown)
+        await self._show_held(keep=None if new_message else md)
         if stream:
-            await self._write(section.query_one(".reasoning-md", Markdown), text)
+            await self._write(md, text)
 
     async def handle(self, event) -> None:
         """Show ``event``. What the model, a tool or a saved file wrote is shown with its control
@@ -380,6 +396,7 @@ class AssistantTurn(Vertical):
             row = Collapsible(Static(controls_shown(text), markup=False, classes="tool-args"),
                               title=controls_shown(title), collapsed=True, classes="tool-call")
             self._titled()  # a section's thinking ends at a call
+            await self._show_held()
             if isinstance(event, ToolCall):
                 await self._end_text()
             await self.mount(row, before=self.query_one(".answer"))

@@ -223,9 +223,11 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
                 end_text()
                 done = event
                 part = None
-        end_text()
     finally:
-        end_reasoning()
+        try:
+            end_text()  # (interrupted too: a lone "\r" held back is shown)
+        finally:
+            end_reasoning()
     if reasoning_out is not answer_out and ends.get(id(reasoning_out)) == 0:
         write(reasoning_out, "\n")  # (on its own output, reasoning may come last)
     if not ends.get(id(answer_out)):  # the reply ends its line (a blank one if nothing was written)
