@@ -277,7 +277,8 @@ class AssistantTurn(Vertical):
 
     @property
     def reasoning_text(self) -> str:
-        """All of the turn's reasoning."""
+        """All of the turn's reasoning, as shown (a lone ``\\r`` ending one of its messages is
+        its marker, ␍: the paragraph break after it would make it a Windows line end)."""
         return "".join(self._texts)
 
     @property

@@ -458,7 +458,8 @@ class Repl:
             self.new_conversation()
             self.say(terminal_safe(f"loaded {self.message_count()} messages from {arg}"))
         except ChatFileError as e:
-            self.say(terminal_safe(f"error: {e}") + "\n(the current conversation stays)")  # (a lone \r ending the message still shows)
+            # made safe alone: a lone \r ending the message still shows
+            self.say(terminal_safe(f"error: {e}") + "\n(the current conversation stays)")
 
     def new_conversation(self) -> None:
         """Tools keep nothing from the conversation before (its python session, browser pages)."""

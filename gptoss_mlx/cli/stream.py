@@ -143,8 +143,7 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
         apart()'s to write; inside it, the text is shown as it is. A ``\\r`` a piece ends with
         waits for the next: with its ``\\n``, a Windows line end."""
         nonlocal start, cr_out
-        if new_part is not None:
-            end_text()
+        if new_part is not None:  # (the part before it ended: end_text())
             start = new_part
         text = ("\r" if cr_out is not None else "") + text
         cr_out = out if text.endswith("\r") else None
