@@ -48,7 +48,7 @@ from gptoss_mlx.harmony import EFFORTS, Message
 from gptoss_mlx.memory import total_experts
 from gptoss_mlx.store import ConversationStore, saved_elsewhere_note, title_for
 from gptoss_mlx.tools import Toolbox, ToolResult, run_with_tools
-from gptoss_mlx.tools.approval import controls_shown, render_code_text
+from gptoss_mlx.tools.approval import controls_shown, hold_carriage_return, render_code_text
 
 HANG_UP_S = 30.0  # after a closed terminal: the most the reply under way gets to stop
 TYPE_AHEAD_S = 0.5  # a dialog's Y/N keys count only this long after it shows (not typed ahead)
@@ -303,11 +303,8 @@ class AssistantTurn(Vertical):
         """Stream the model's ``text`` to ``md``, its controls shown (controls_shown). A ``\\r``
         a piece ends with waits for the next: with its ``\\n``, a Windows line end (the full
         text's re-parse shows a lone one at the end)."""
-        text = ("\r" if md in self._cr else "") + text
-        self._cr.discard(md)
-        if text.endswith("\r"):
-            self._cr.add(md)
-            text = text[:-1]
+        text, held = hold_carriage_return(text, md in self._cr)
+        (self._cr.add if held else self._cr.discard)(md)
         if md not in self._streams:
             self._streams[md] = Markdown.get_stream(md)
         if text:

@@ -12,6 +12,7 @@ from ..generate import ContextLengthError, NonFiniteLogitsError, Stats
 from ..loading import CheckpointError
 from ..tools import Toolbox, ToolResult, run_with_tools
 from . import common
+from ..tools.approval import hold_carriage_return
 from .common import DIM, RESET, CLIError, make_toolbox, terminal_safe
 
 BLANK = " \t\n"  # what a line with nothing on it holds
@@ -145,9 +146,9 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
         nonlocal start, cr_out
         if new_part is not None:  # (the part before it ended: end_text())
             start = new_part
-        text = ("\r" if cr_out is not None else "") + text
-        cr_out = out if text.endswith("\r") else None
-        shown(out, terminal_safe(text[:-1] if cr_out is not None else text))
+        text, held_cr = hold_carriage_return(text, cr_out is not None)
+        cr_out = out if held_cr else None
+        shown(out, terminal_safe(text))
 
     def end_text() -> None:
         """The part's text is over: a ``\\r`` it ended with is shown (its marker); the next

@@ -77,6 +77,14 @@ def _control_picture(found: re.Match) -> str:
     return "\u2421" if code == 0x7F else f"<U+{code:04X}>"
 
 
+def hold_carriage_return(text: str, held: bool) -> tuple[str, bool]:
+    """A streamed piece of text as far as it can be shown now, and whether its last ``\\r`` is
+    held back: with the next piece's ``\\n`` it is a Windows line end, not a lone one.
+    ``held``: the piece before ended with one, held back then."""
+    text = "\r" + text if held else text
+    return (text[:-1], True) if text.endswith("\r") else (text, False)
+
+
 def _pieces(code: str) -> list[tuple[str, bool]]:
     """``code`` as (text, is_marker) runs."""
     out: list[tuple[str, bool]] = []
