@@ -182,7 +182,7 @@ def test_interrupt_stops_the_cell_under_way_and_the_tool_goes_on(os_sandbox):
         threading.Timer(1.0, box.interrupt).start()
         t0 = time.monotonic()
         assert box.run("while True: pass") == ("[stopped by the user before it finished; the session "
-                                               "was restarted and its variables are lost]")
+                                               f"was restarted and {box.lost}]")
         assert time.monotonic() - t0 < 5
         assert box.run("print('next')") == "next\n"
 
@@ -196,7 +196,7 @@ def test_a_session_ended_after_its_cell_returned_is_said_in_the_next_cell(os_san
         assert box.run("secret = 42") == "[no output]"
         monkeypatch.setattr(box, "_signal_all", real)
         out = box.run("print(secret)")
-        assert "could not be paused after its cell" in out and "variables are lost" in out and "NameError" in out
+        assert "could not be paused after its cell" in out and box.lost in out and "NameError" in out
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -227,7 +227,7 @@ def test_what_a_cell_printed_before_it_was_stopped_comes_back_with_the_reason(os
 
     with PythonSandbox(limits=SandboxLimits(timeout_s=1.5, max_output=1000)) as box:
         out = box.run("import time\nprint('result: 42', flush=False)\ntime.sleep(60)")
-        assert out == "result: 42\n[execution timed out after 1.5 seconds; the session was restarted and its variables are lost]", out
+        assert out == f"result: 42\n[execution timed out after 1.5 seconds; the session was restarted and {box.lost}]", out
         out = box.run("import os\nprint('a')\nos.write(1, b'native 1\\n')\nos.write(2, b'native 2\\n')\nprint('b')")
         assert out == "a\nnative 1\nnative 2\nb\n"
         out = box.run("import os\nprint('before')\nos.abort()")
@@ -244,11 +244,43 @@ def test_what_a_cell_printed_before_it_was_stopped_comes_back_with_the_reason(os
                       "threading.Thread(target=libc.fgets, args=(buf, 9, f), daemon=True).start()\nprint('done')")
         assert out == "done\n", out  # (flushing every C stream waited for its lock: timed out)
         out = box.run("print('z' * 5000)\nimport time\ntime.sleep(60)")  # cut, then stopped: both said
-        assert out == "z" * 1000 + "\n[output truncated]\n[execution timed out after 1.5 seconds; the session was restarted and its variables are lost]"
+        assert out == "z" * 1000 + f"\n[output truncated]\n[execution timed out after 1.5 seconds; the session was restarted and {box.lost}]"
         timer = threading.Timer(0.5, box.interrupt)
         timer.start()
         out = box.run("import time\nprint('so far')\ntime.sleep(30)")
         assert out.startswith("so far\n[stopped by the user"), out
+
+
+def test_what_c_code_printed_comes_back_in_order_and_before_a_timeout_or_crash(os_sandbox):
+    """A tester's (helper-119): C's stdout on the worker's pipe was buffered by the C library, so
+    a line printed with puts() came after Python's later output, and was lost when the cell then
+    ran past its deadline, crashed or called _exit (the README promises what the code printed
+    before, from Python or C)."""
+    with PythonSandbox(limits=SandboxLimits(timeout_s=1.5)) as box:
+        libc = "import ctypes, os, time\nlibc = ctypes.CDLL(None)\n"
+        assert box.run(libc + "libc.puts(b'from C')\nprint('from Python')") == "from C\nfrom Python\n"
+        out = box.run(libc + "libc.puts(b'C line')\ntime.sleep(60)")
+        assert out.startswith("C line\n[execution timed out after 1.5 seconds"), out
+        out = box.run(libc + "libc.puts(b'before _exit')\nos._exit(0)")
+        assert out.startswith("before _exit\n[the Python process ended"), out
+        assert box.run("print('next')") == "next\n"
+
+
+def test_a_restart_says_the_working_directory_is_lost_where_it_is(os_sandbox):
+    """A tester's (helper-119): on Linux the working directory is a tmpfs of the sandbox, so a
+    restart (a timeout, a crash) emptied it, and the model was told only that its variables were
+    lost; macOS's directory outlives the interpreter."""
+    with PythonSandbox(limits=SandboxLimits(timeout_s=1.5)) as box:
+        assert box.run("open('keep.txt', 'w').write('x')\nkept = 1") == "[no output]"
+        out = box.run("while True: pass")
+        files = box.run("import os\nos.listdir('.')")
+        if sys.platform.startswith("linux"):
+            assert out.endswith(f"; the session was restarted and its variables and its files in {box.workdir} "
+                                "are lost]"), out
+            assert files == "[]\n"
+        else:
+            assert out.endswith("; the session was restarted and its variables are lost]"), out
+            assert files == "['keep.txt']\n"
 
 
 def test_a_stop_while_the_session_is_checked_is_not_lost_and_close_never_pulls_a_cell_from_under_it(os_sandbox):

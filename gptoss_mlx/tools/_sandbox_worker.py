@@ -118,6 +118,22 @@ def _run(code: str, namespace: dict) -> tuple[int, bool]:
     return buffer.dropped, ok
 
 
+def _unbuffer_c_stdout():
+    """C's stdout written as it is printed, as its stderr is: on a pipe the C library buffers it
+    (4 KB), so what C code printed came after Python's later output, and was lost with the
+    worker when the cell was stopped at its deadline or crashed."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        for name in ("stdout", "__stdoutp"):  # glibc's, macOS's
+            try:
+                libc.setvbuf(ctypes.c_void_p.in_dll(libc, name), None, 2, 0)  # _IONBF (2 in both)
+            except ValueError:  # not this C library's name
+                continue
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 def _flush_c_stdio():
     """C's stdout and stderr only: fflush(NULL) takes every FILE's lock, and a thread of the cell
     blocked reading one held it (the cell, done, then waited for its deadline)."""
@@ -145,6 +161,7 @@ def main():
     nothing = os.open(os.devnull, os.O_RDONLY)
     os.dup2(nothing, 0)  # ... nor reading descriptor 0 take the next request (it reads nothing)
     os.close(nothing)
+    _unbuffer_c_stdout()
     # outside a cell (a thread's print after it returned): unbuffered, so nothing waits in a
     # buffer to come out in a later cell's output
     sys.__stdout__ = sys.stdout = _unbuffered(1)

@@ -46,7 +46,7 @@ __all__ = ["PythonSandbox", "SandboxLimits", "description"]
 CANCELLED_NOTE = "[the python sandbox was stopped: whoever asked for this run has gone]"
 INTERRUPTED_NOTE = "[stopped by the user before it finished]"
 EXTRA_REPLY_NOTE = ("[the previous cell wrote extra data to the tool's reply channel; the "
-                    "session was restarted and its variables are lost]\n")
+                    "session was restarted and {lost}]\n")  # lost: PythonSandbox.lost
 STARTUP_S = 20.0  # for the sandbox and the interpreter to come up
 IDLE_CPU_S = 0.2  # CPU seconds a session may use between cells before it is restarted
 CONTINUE_S = 5.0  # for a session continued between cells to answer an empty cell
@@ -153,6 +153,12 @@ class PythonSandbox:
     def description(self) -> str:
         return description(self.stateful, self.limits, self.workdir)
 
+    @property
+    def lost(self) -> str:
+        """What a restart of the session loses, for the notes that say so: on Linux the working
+        directory (a tmpfs) ends with the sandbox too; macOS's directory outlives it."""
+        return "its variables are lost" if self._own_dir else f"its variables and its files in {self.workdir} are lost"
+
     def _start(self) -> None:
         config = {"memory_mb": self.limits.memory_mb, "cpu_s": self.limits.cpu_s,
                   "max_output": self.limits.max_output, "max_file_mb": self.limits.max_file_mb,
@@ -225,13 +231,12 @@ class PythonSandbox:
                 return note + CANCELLED_NOTE
             if self._interrupted:  # stopped before the code was sent (as the session was checked)
                 self._kill()
-                return note + INTERRUPTED_NOTE[:-1] + ("; the session was restarted and its variables are lost]"
+                return note + INTERRUPTED_NOTE[:-1] + (f"; the session was restarted and {self.lost}]"
                                                        if had_session else "]")
             try:
                 if self._proc is None or self._proc.poll() is not None:
                     if had_session:  # it ended between cells, or as it was continued
-                        note += ("[the previous session ended between cells; it was restarted and "
-                                 "its variables are lost]\n")
+                        note += f"[the previous session ended between cells; it was restarted and {self.lost}]\n"
                         had_session = False
                     self._start()
             except (OSError, RuntimeError) as e:
@@ -256,7 +261,7 @@ class PythonSandbox:
                 # The previous cell forged its reply and was stopped before it wrote the real
                 # one, which came now: the session is not to be trusted; run the code afresh.
                 self._kill()
-                note, had_session = note + EXTRA_REPLY_NOTE, False
+                note, had_session = note + EXTRA_REPLY_NOTE.format(lost=self.lost), False
                 continue
             timed_out = time.monotonic() >= deadline
             if reply is not None or timed_out or not self._never_taken(request, sent):
@@ -274,7 +279,7 @@ class PythonSandbox:
             printed = self._take_output(None)  # what it printed before it was stopped
             printed += "\n" if printed and not printed.endswith("\n") else ""
             self._kill()
-            lost = "; the session was restarted and its variables are lost" if self.stateful else ""
+            lost = f"; the session was restarted and {self.lost}" if self.stateful else ""
             if self._cancelled:
                 return note + CANCELLED_NOTE
             if self._interrupted:
@@ -299,7 +304,7 @@ class PythonSandbox:
             if not self._stop_all():
                 self._kill()
                 self._lost_note = ("[the previous session could not be paused after its cell; it "
-                                   "was restarted and its variables are lost]\n")
+                                   f"was restarted and {self.lost}]\n")
         else:
             self._kill()
         return note + (printed or "[no output]")
@@ -314,7 +319,7 @@ class PythonSandbox:
             return ""
         self._kill()
         return ("[the previous session kept using the CPU after its code returned (a background "
-                "thread?); it was stopped and its variables are lost]\n")
+                f"thread?); it was stopped and {self.lost}]\n")
 
     def _check_quiet(self) -> str:
         """Restart a session that wrote to the reply channel after its last reply (a forged
@@ -324,7 +329,7 @@ class PythonSandbox:
         if not self._pending and not _ready([self._proc.stdout.fileno()], 0):
             return ""
         self._kill()
-        return EXTRA_REPLY_NOTE
+        return EXTRA_REPLY_NOTE.format(lost=self.lost)
 
     def _check_continued(self) -> str:
         """Have a session just continued answer an empty cell, so that one that ends as it is
@@ -336,7 +341,7 @@ class PythonSandbox:
             return ""
         self._kill()
         if self._last_id is not None and isinstance(reply, dict) and reply.get("id") == self._last_id:
-            return EXTRA_REPLY_NOTE  # the previous cell's real reply, after a forged one
+            return EXTRA_REPLY_NOTE.format(lost=self.lost)  # the previous cell's real reply, after a forged one
         return ""
 
     def _exchange(self, code: str, deadline: float) -> tuple[str, bytes, bool, object]:
