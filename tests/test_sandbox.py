@@ -532,6 +532,21 @@ def test_approval_marks_invisible_letters_of_python_names(invisible):
     assert f"<U+{ord(invisible):04X}>" in render_code_text(code).plain
 
 
+def test_approval_marks_long_runs_of_blank_space_that_push_code_out_of_sight():
+    """A tester's (helper-119): code after 200 blank lines (below the TUI dialog's first screen,
+    above a terminal's) or 3,000 spaces (a screen's width to the right) was shown as it is, with
+    no warning: the person approved what they saw, and the rest ran too."""
+    code = "print('tidy up')" + " " * 3000 + "import shutil\n" + "\n" * 200 + "shutil.rmtree(home)\n"
+    text = render_code_text(code).plain
+    assert text == ("warning: 2 long runs of blank space in this code, shown highlighted\n"
+                    "print('tidy up')<3000 spaces>import shutil\n<200 blank lines>\nshutil.rmtree(home)\n")
+    assert render_code_ansi("\n \t\n\n\n\n\t\nx").endswith("\x1b[1;7;31m<6 blank lines>\x1b[0m\nx")
+    assert "x = 1<82 spaces and tabs># c" in render_code_text("x = 1" + " \t" * 40 + "  # c\n").plain
+    # what code keeps: blank lines between functions, indentation, alignment
+    kept = "def f():\n\n\n    return 1\n" + "\n" * 4 + "x = [1,\n" + " " * 79 + "2]\n"
+    assert render_code_ansi(kept) == kept and render_code_text(kept).plain == kept
+
+
 def test_tool_output_in_the_tui_marks_what_reorders_text():
     assert controls_shown("a\u202eb\u2067c\x1bd") == "a<U+202E>b<U+2067>c\u241bd"
     assert controls_shown("سلام\u200c\u200f ok 👩\u200d💻") == "سلام\u200c\u200f ok 👩\u200d💻"

@@ -1,7 +1,9 @@
 """How the model's code is shown before the user approves it: every character that could hide or
 reorder text on a terminal (carriage return, escape sequences, other control characters, bidi
 overrides and isolates, zero-width and invisible characters) is replaced by a visible, highlighted
-marker, so what the person reads is what will run. Newlines and tabs stay as they are.
+marker, so what the person reads is what will run. Newlines and tabs stay as they are, but for
+long runs of blank space, which could push code out of sight (below a screenful of empty lines,
+or a screen's width to the right): one marker each, e.g. ``<200 blank lines>``.
 
     print(render_code_ansi(code), file=sys.stderr)      # the terminal prompt
     dialog_body = render_code_text(code)                 # a rich Text for the TUI dialog
@@ -85,17 +87,46 @@ def hold_carriage_return(text: str, held: bool) -> tuple[str, bool]:
     return (text[:-1], True) if text.endswith("\r") else (text, False)
 
 
+# Blank space that could push code out of sight: a terminal's width of spaces and tabs on one
+# line, or more blank lines in a row than code keeps (PEP 8: two).
+BLANK_COLUMNS, BLANK_LINES = 80, 5
+_BLANK_RUN = re.compile(f"[ \t]{{{BLANK_COLUMNS},}}|^(?:[ \t]*\n){{{BLANK_LINES},}}|\n(?:[ \t]*\n){{{BLANK_LINES},}}")
+
+
+def _blank_run_marker(run: str, first: bool) -> tuple[str, str, str]:
+    """(text before, the marker, text after) for a long run of blank space: a run of blank
+    lines keeps the line end before it (none where it starts the code: ``first``) and its last,
+    so the marker stands on a line of its own."""
+    if "\n" in run:
+        return ("", f"<{run.count(chr(10))} blank lines>", "\n") if first else (
+            "\n", f"<{run.count(chr(10)) - 1} blank lines>", "\n")
+    kinds = " and ".join(name for ch, name in ((" ", "spaces"), ("\t", "tabs")) if ch in run)
+    return "", f"<{len(run)} {kinds}>", ""
+
+
 def _pieces(code: str) -> list[tuple[str, bool]]:
     """``code`` as (text, is_marker) runs."""
     out: list[tuple[str, bool]] = []
-    for ch in code:
+
+    def add(text: str, marker: bool) -> None:
+        if not marker and out and not out[-1][1]:
+            out[-1] = (out[-1][0] + text, False)
+        elif text:
+            out.append((text, marker))
+
+    start = 0
+    for run in _BLANK_RUN.finditer(code):
+        for ch in code[start:run.start()]:
+            marker = hidden_char_marker(ch)
+            add(marker or ch, marker is not None)
+        before, marker, after = _blank_run_marker(run.group(), run.start() == 0)
+        add(before, False)
+        add(marker, True)
+        add(after, False)
+        start = run.end()
+    for ch in code[start:]:
         marker = hidden_char_marker(ch)
-        if marker is not None:
-            out.append((marker, True))
-        elif out and not out[-1][1]:
-            out[-1] = (out[-1][0] + ch, False)
-        else:
-            out.append((ch, False))
+        add(marker or ch, marker is not None)
     return out
 
 
@@ -104,9 +135,10 @@ def hidden_char_count(code: str) -> int:
 
 
 def _warning(code: str) -> str:
-    n = hidden_char_count(code)
-    return (f"warning: {n} hidden or control character{'s' if n != 1 else ''} in this code, "
-            "shown highlighted") if n else ""
+    n, runs = hidden_char_count(code), len(_BLANK_RUN.findall(code))
+    found = ([f"{n} hidden or control character{'s' if n != 1 else ''}"] if n else []) + (
+        [f"{runs} long run{'s' if runs != 1 else ''} of blank space"] if runs else [])
+    return f"warning: {' and '.join(found)} in this code, shown highlighted" if found else ""
 
 
 def render_code_ansi(code: str) -> str:
