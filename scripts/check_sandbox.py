@@ -397,6 +397,10 @@ def context(tmp: Path) -> Context:
 def main(words: list[str]) -> int:
     """Runs the cases whose names contain one of ``words`` (all cases without any)."""
     cases = [c for c in CASES if not words or any(w in c.name for w in words)]
+    if not cases:  # "0 of 0 contained" would read as a pass
+        print(f"no case's name contains {' or '.join(map(repr, words))}; the cases: "
+              f"{', '.join(c.name for c in CASES)}", file=sys.stderr)
+        return 2
     escaped = 0
     with tempfile.TemporaryDirectory() as tmp:
         ctx = context(Path(tmp))
@@ -413,4 +417,9 @@ def main(words: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("words", nargs="*", help="run only the cases whose names contain one of these")
+    sys.exit(main(parser.parse_args().words))
