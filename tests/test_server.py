@@ -466,6 +466,8 @@ def post(url, path, data: bytes, key=None, headers=None):
     (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}', 400, "messages"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": true}}', 400,
      "stream_options"),
+    # a tester's (helper-118): stop strings of any length slowed every sequence of the batch
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["ab", "%s"]}' % (b"ab" * 5001), 400, "stop"),
 ])
 def test_bad_chat_requests_get_openai_shaped_errors(url, body, status, param):
     code, data = post(url, "/chat/completions", body)
@@ -1322,8 +1324,9 @@ def test_a_forced_call_header_is_prompt_not_completion(url, max_tokens):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @example(text=".a.", stops=["a", ".a."])  # a longer stop string that starts earlier wins
+@example(text="abababx", stops=["ababx", "babx"])  # a match that fails restarts from its longest border
 @given(text=st.text(alphabet="ab c.é\n", max_size=40),
-       stops=st.lists(st.text(alphabet="ab c.é\n", min_size=1, max_size=4), max_size=3))
+       stops=st.lists(st.text(alphabet="ab c.é\n", min_size=1, max_size=6), max_size=4))
 def test_stop_strings_cut_the_answer_at_the_earliest_one(tok, text, stops):
     stream = ReplyStream(tok, stops)
     events = []

@@ -73,6 +73,60 @@ def item_kind(start: MessageStart) -> tuple[str, str | None]:
     return (REASONING if start.channel == "analysis" else TEXT), None
 
 
+class StopMatcher:
+    """A request's stop strings matched in an answer's text as it streams: for each, the longest
+    of its prefixes the text ends with, updated a character at a time (Knuth-Morris-Pratt), so
+    a step costs its own text's length, not the stop strings' (checking every prefix of every
+    stop string against the text's end made a client's 100,000-character stop string cost
+    seconds a step, for every sequence of the batch: a tester's). Positions count the
+    characters of the item's text since :meth:`reset`."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self._fail = [_prefix_function(s) for s in stops]
+        self.reset()
+
+    def reset(self) -> None:
+        self.seen = 0  # characters fed
+        self.cut: int | None = None  # where the earliest complete stop string starts
+        self._matched = [0] * len(self.stops)  # each one's longest prefix the text ends with
+
+    def feed(self, text: str) -> int | None:
+        """Where the answer stops, once a stop string is complete and none under way could still
+        complete earlier; else None."""
+        for ch in text:
+            self.seen += 1
+            for i, (stop, fail) in enumerate(zip(self.stops, self._fail)):
+                k = self._matched[i]
+                if k == len(stop):
+                    k = fail[k - 1]
+                while k and stop[k] != ch:
+                    k = fail[k - 1]
+                k += stop[k] == ch
+                self._matched[i] = k
+                if k == len(stop) and (self.cut is None or self.seen - k < self.cut):
+                    self.cut = self.seen - k
+            if self.cut is not None and self.seen - max(self._matched) >= self.cut:
+                return self.cut
+        return None
+
+    def held_from(self) -> int:
+        """Where the text that may still be part of a stop string starts (``seen``: none)."""
+        start = self.seen - max(self._matched, default=0)
+        return start if self.cut is None else min(start, self.cut)
+
+
+def _prefix_function(s: str) -> list[int]:
+    """fail[i]: the length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    fail, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        k += s[i] == s[k]
+        fail[i] = k
+    return fail
+
+
 @dataclass
 class ReplyStream:
     tokenizer: object
@@ -93,6 +147,7 @@ class ReplyStream:
         self._current: Item | None = None
         self._unowned = 0  # tokens fed since a message ended, none open
         self._held = ""  # answer text that may be the start of a stop string
+        self._stops = StopMatcher(self.stops)
         self._others = False  # the message under way is not the assistant's (the model wrote another role's)
 
     @property
@@ -170,24 +225,21 @@ class ReplyStream:
             item.text += text
             return [Delta(item, text)]
         pending = self._held + text
-        # The longest tail that may still grow into a stop string starts at `start`; a complete
-        # stop string ends the answer only if none could still complete earlier than it.
-        keep = max((k for s in self.stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-        start = len(pending) - keep
-        cut = self._earliest_stop(pending)
-        if 0 <= cut <= start:
-            return self._stop_at(item, pending, cut)
+        at = self._stops.seen - len(self._held)  # where pending starts in the item's text
+        cut = self._stops.feed(text)
+        if cut is not None:
+            return self._stop_at(item, pending, cut - at)
+        # What may still be (or complete before) a stop string is held back.
+        start = self._stops.held_from() - at
         self._held = pending[start:]
         head = pending[:start]
         item.text += head
         return [Delta(item, head)] if head else []
 
-    def _earliest_stop(self, text: str) -> int:
-        return min((text.find(s) for s in self.stops if s in text), default=-1)
-
     def _stop_at(self, item: Item, pending: str, cut: int) -> list[OutputEvent]:
         self.stopped = True
         self._held = ""
+        self._stops.reset()
         head = pending[:cut]
         item.text += head
         return ([Delta(item, head)] if head else []) + [Closed(item)]
@@ -195,8 +247,9 @@ class ReplyStream:
     def _close(self) -> list[OutputEvent]:
         item, self._current = self._current, None
         held, self._held = self._held, ""
-        cut = self._earliest_stop(held)  # the text ended: what is held is all there is
-        if cut >= 0:
-            return self._stop_at(item, held, cut)
+        cut = self._stops.cut  # the text ended: a stop string found is where it stops
+        if cut is not None:
+            return self._stop_at(item, held, cut - (self._stops.seen - len(held)))
+        self._stops.reset()
         item.text += held
         return ([Delta(item, held)] if held else []) + [Closed(item)]

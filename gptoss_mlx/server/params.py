@@ -9,6 +9,7 @@ from .errors import bad_request
 # Efforts other clients send, mapped to gpt-oss's three (its system message knows only these).
 EFFORT_ALIASES = {"minimal": "low", "none": "low", "xhigh": "high"}
 MAX_STOP_STRINGS = 4  # as OpenAI's API
+MAX_STOP_CHARS = 10_000  # a stop string's length (its matching table is built per request)
 
 
 def number(body: dict, key: str, default, lo: float, hi: float, *, lo_open: bool = False,
@@ -87,6 +88,9 @@ def stop_strings(body: dict) -> list[str]:
             or not all(isinstance(s, str) and s for s in stops)):
         raise bad_request(f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS} "
                           f"of them, got {stop!r}", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise bad_request(f"'stop' strings may be up to {MAX_STOP_CHARS:,} characters long, got one of "
+                          f"{max(map(len, stops)):,}", "stop")
     return stops
 
 
