@@ -866,6 +866,30 @@ def test_a_responses_stream_left_early_can_be_followed_on_from_what_was_sent(tok
         assert "<|channel|>final" not in before
 
 
+def test_a_response_deleted_while_it_streams_stops_and_its_stream_says_so(tok, caplog):
+    """A tester's (helper-118): DELETE /v1/responses/{id} while the response ran (what the README
+    and the cancel endpoint's 400 tell a client to do to stop it) removed its record, and the
+    generation went on to max_output_tokens, every event still streamed."""
+    words = " ".join(f"w{n}" for n in range(200))
+    with serving(SlowScript([answer(tok, "Think.", words)]), tok) as url, \
+            caplog.at_level("INFO", logger="gptoss_mlx.server"):
+        c = client(url)
+        stream = c.responses.create(model="gpt-oss-tiny", input="count", stream=True)
+        events, deleted = [], False
+        for event in stream:
+            events.append(event)
+            if event.type == "response.output_text.delta" and not deleted:
+                c.responses.delete(events[0].response.id)  # from another connection, as it streams
+                deleted = True
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert events[-1].type == "response.failed" and events[-1].response.error.code == "response_deleted"
+        assert "w199" not in text and len(text.split()) < 20, text
+        with pytest.raises(openai.NotFoundError):
+            c.responses.retrieve(events[0].response.id)
+        assert c.responses.create(model="gpt-oss-tiny", input="again", max_output_tokens=3).status == "incomplete"
+    assert any("deleted while it ran" in r.getMessage() for r in caplog.records)
+
+
 class HeldScript(ScriptedModel):
     """A ScriptedModel whose replies wait two tokens before their end until ``go`` is set: a
     reply is under way for as long as the test needs."""
@@ -904,7 +928,7 @@ def test_a_response_under_way_is_in_progress_and_deleting_it_means_it_is_not_sto
                 c.responses.delete(rid)
             model.go.set()
             rest = [event.type for event in stream]
-            assert rest[-1] == "response.completed"
+            assert rest[-1] == ("response.failed" if delete else "response.completed")  # deleted: stopped
             if delete:
                 with pytest.raises(openai.NotFoundError):
                     c.responses.retrieve(rid)

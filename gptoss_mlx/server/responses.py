@@ -76,9 +76,10 @@ class ResponseStore:
                 if isinstance(item, dict) and isinstance(item.get("id"), str)}
 
     def delete(self, response_id: str) -> None:
+        """Forget a stored response; one under way is stopped (its client's reply ends failed)."""
         if response_id in self._running:
             self._deleted.add(response_id)
-            del self._running[response_id]
+            self._running.pop(response_id).stop_deleted()
             return
         self._find(response_id, "response_id")
         self._bytes -= self._kept.pop(response_id)[2]
@@ -666,6 +667,14 @@ class ResponseRun:
         if self.error:
             return "failed"
         return "incomplete" if self.reply.finish_reason == "length" else "completed"
+
+    def stop_deleted(self) -> None:
+        """DELETE /v1/responses/{id} came while this response ran: its generation stops at the
+        engine's next step, and the reply (the stream's last event, or the response) says so."""
+        self.error = APIError(409, f"response {self.reply.id!r} was deleted while it ran "
+                              "(DELETE /v1/responses/{id})", code="response_deleted")
+        self.reply.deleted = True
+        self.reply.stop()
 
     def finish(self) -> dict:
         response = self.response(self.status)

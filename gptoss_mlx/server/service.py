@@ -54,6 +54,7 @@ class Reply:
     created: int = field(default_factory=lambda: int(time.time()))
     output_tokens: int = 0  # sampled tokens the reply took, up to a stop string (not the forced header)
     gone: bool = False  # the client went away before the reply was done
+    deleted: bool = False  # DELETE /v1/responses/{id} came while it ran
     cut_short: bool = False  # a tool's result left no room for a reply, or no tokens were left
     recipients: list[str] = field(default_factory=list)  # the tools it may call, client's and server's
     server_tools: ServerTools | None = None  # those the server runs for it
@@ -63,6 +64,18 @@ class Reply:
     @property
     def run(self) -> Run:
         return self.runs[-1]
+
+    @property
+    def ended(self) -> bool:
+        """No more of it is wanted: its client left, or it was deleted."""
+        return self.gone or self.deleted
+
+    def stop(self) -> None:
+        """Stop the run under way at the engine's next step (also before its first token), and a
+        tool of the server's that runs for it; no next round follows (``ended``)."""
+        self.run.cancelled.set()
+        if self.toolbox is not None:
+            self.toolbox.cancel()
 
     @property
     def prompt_tokens(self) -> int:
@@ -246,9 +259,7 @@ class Service:
         while not await request.is_disconnected():
             await asyncio.sleep(DISCONNECT_POLL_S)
         reply.gone = True
-        reply.run.cancelled.set()
-        if reply.toolbox is not None:
-            reply.toolbox.cancel()
+        reply.stop()
 
     async def _generate(self, reply: Reply, request) -> AsyncIterator[OutputEvent]:
         """Rounds of generation: after a call the server answers, its result goes into the
@@ -268,12 +279,12 @@ class Service:
                         reply.output_tokens += 1  # not those the engine made past a stop string
                         for event in stream.feed(token):
                             yield event
-                        if stream.stopped or reply.gone:  # gone: seen by _watch
+                        if stream.stopped or reply.ended:  # gone: seen by _watch
                             break
                 for event in stream.finish():
                     yield event
                 call = stream.items[-1] if stream.items else None
-                if (reply.gone or call is None or call.kind != SERVER_CALL or round_ > limit
+                if (reply.ended or call is None or call.kind != SERVER_CALL or round_ > limit
                         or reply.run.stats is None or reply.run.stats.finish_reason != "stop"):
                     break
                 async with contextlib.aclosing(self.answering(reply, call, round_ == limit)) as answering:
@@ -281,7 +292,7 @@ class Service:
                         if isinstance(event, Waiting):
                             yield event
                         result = event
-                if reply.gone:  # it left while the tool ran (which was stopped): no next round
+                if reply.ended:  # it left, or was deleted, while the tool ran (which was stopped)
                     break
                 forced = final_header(self.tokenizer) if round_ == limit else []
                 run = await asyncio.to_thread(self.next_run, reply, call, result, forced)
@@ -436,8 +447,9 @@ class Service:
                      reply.prompt_tokens, reply.output_tokens,
                      "client disconnected" if reply.gone else "cancelled before generation")
             return
-        end = ("client disconnected" if reply.gone or (last.finish_reason == "interrupted"
-                                                      and not reply.stream.stopped)
+        end = ("deleted while it ran" if reply.deleted and not reply.gone
+               else "client disconnected" if reply.gone or (last.finish_reason == "interrupted"
+                                                           and not reply.stream.stopped)
                else f"finish {reply.finish_reason}")
         rounds = f", {len(reply.runs)} rounds (server tools)" if len(reply.runs) > 1 else ""
         log.info("%s %s: %d prompt tokens (%d cached), %d generated, TTFT %.3fs, %.1f tok/s, "
