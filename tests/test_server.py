@@ -417,6 +417,37 @@ def test_a_stream_whose_client_stops_reading_ends_and_frees_its_slot(monkeypatch
     assert asyncio.run(run()) < 2 and closed == [True] and len(sent) == 3
 
 
+def test_a_real_client_that_stops_reading_loses_its_stream_before_the_reply_is_done(tok, monkeypatch, caplog):
+    """A tester's (helper-118): a client that kept its connection and read nothing was dropped
+    only once the kernel's send buffer (up to 4 MB) was full, minutes of a slow stream, holding
+    its slot meanwhile; the stall's clock now starts after a few tens of KB wait for it."""
+    from gptoss_mlx.server import app
+
+    monkeypatch.setattr(app, "STALLED_CLIENT_S", 1.0)
+    words = " ".join(f"w{n}" for n in range(1500))  # about 0.6 MB of events streamed
+    with serving(ScriptedModel([answer(tok, "Hm.", words)]), tok) as url, \
+            caplog.at_level("INFO", logger="gptoss_mlx.server"):
+        port = int(url.split(":")[-1].split("/")[0])
+        body = json.dumps({"model": "gpt-oss-tiny", "stream": True, "max_tokens": 4000,
+                           "messages": [{"role": "user", "content": "count"}]}).encode()
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing: a small window
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 60
+            while not any("read nothing for" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+                time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while not (lines := [r.getMessage() for r in caplog.records if "/v1/chat/completions" in r.getMessage()
+                             and "generated" in r.getMessage()]):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        generated = int(lines[0].split(" generated")[0].split(", ")[-1].split()[0])
+        assert generated < 1500 and "client disconnected" in lines[0], lines
+
+
 def eventually_served(c, within_s: float = 10):
     """A small request, retried while the server answers 429 (a slot not freed yet)."""
     deadline = time.monotonic() + within_s

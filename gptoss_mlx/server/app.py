@@ -9,6 +9,7 @@ import contextlib
 import hmac
 import logging
 import signal
+import socket
 import time
 
 import anyio
@@ -254,6 +255,22 @@ def server_config(app: Starlette, host: str, port: int) -> uvicorn.Config:
                           timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
 
 
+UNSENT_BYTES = 16 << 10  # the kernel's share of what waits for a client (TCP_NOTSENT_LOWAT)
+
+
+def _bound_unsent_bytes(transport) -> None:
+    """A client that stops reading holds up the stream after about UNSENT_BYTES in the kernel
+    and the transport's 64 KB, where STALLED_CLIENT_S starts to count (ReadInTime), not after the
+    kernel's send buffer (up to 4 MB on Linux: a slow stream's minutes, a tester's, while the
+    client held a slot). Bytes sent and not yet acknowledged do not count: a client far away
+    is not slowed."""
+    sock = transport.get_extra_info("socket")
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    if sock is not None and option is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, option, UNSENT_BYTES)
+
+
 class ReadLimited(H11Protocol):
     """uvicorn's h11 connection, with REQUEST_READ_S to send each request whole. Without a limit
     a client held a connection (a descriptor, and on macOS there are 256 by default) for ever by
@@ -265,6 +282,7 @@ class ReadLimited(H11Protocol):
         super().connection_made(transport)
         self.read_timer, self.sent_some = None, False
         self._time_the_request()
+        _bound_unsent_bytes(transport)
 
     def data_received(self, data: bytes) -> None:
         self.sent_some = True
