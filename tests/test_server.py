@@ -499,6 +499,12 @@ def post(url, path, data: bytes, key=None, headers=None):
      "stream_options"),
     # a tester's (helper-118): stop strings of any length slowed every sequence of the batch
     (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["ab", "%s"]}' % (b"ab" * 5001), 400, "stop"),
+    # the same tester's: checked by the Responses API, taken unchecked here
+    (b'{"messages": [{"role": "user", "content": "hi"}], "metadata": "str"}', 400, "metadata"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "store": "yes"}', 400, "store"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "parallel_tool_calls": 5}', 400, "parallel_tool_calls"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "reasoning": {"effort": "ultra"}}', 400, "reasoning.effort"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "reasoning": 5}', 400, "reasoning"),
 ])
 def test_bad_chat_requests_get_openai_shaped_errors(url, body, status, param):
     code, data = post(url, "/chat/completions", body)
@@ -1305,6 +1311,19 @@ def test_function_call_round_trip_through_tool_messages(tok):
         assert r2.choices[0].message.content == "Rainy."
         assert r2.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens
         assert "Look it up." in tok.decode(model.fed)  # reasoning accepted back in history
+
+
+def test_chat_completions_take_the_responses_apis_reasoning_effort_too(tok):
+    """Clients that send {"reasoning": {"effort": ...}} to Chat Completions (OpenRouter's,
+    LiteLLM's) had it ignored unchecked; reasoning_effort, where both come, wins."""
+    model = ScriptedModel([answer(tok, "Hm.", "Hi")])
+    with serving(model, tok) as url:
+        c = client(url)
+        for extra, effort in (({"reasoning": {"effort": "low"}}, "low"),
+                              ({"reasoning": {"effort": "low"}, "reasoning_effort": "high"}, "high")):
+            c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "hi"}],
+                                      extra_body=extra)
+            assert f"Reasoning: {effort}" in tok.decode(model.fed)
 
 
 def test_stop_strings_and_control_tokens_never_reach_content(tok):

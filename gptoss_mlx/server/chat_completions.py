@@ -121,6 +121,11 @@ def check_request(body: dict) -> None:
             check_function_name(t["function"].get("name"), f"tools[{j}].function.name")
     params.typed(body, "stream", bool, "true or false")
     params.typed(body, "stream_options", dict, "an object")
+    # fields this server keeps nothing of (no stored completions) or gives one answer to, checked
+    # as OpenAI checks them (and the Responses API here)
+    params.typed(body, "store", bool, "true or false")
+    params.typed(body, "parallel_tool_calls", bool, "true or false")
+    params.check_metadata(body.get("metadata"))
     if not isinstance((body.get("stream_options") or {}).get("include_usage", False), bool):
         raise bad_request("'stream_options.include_usage' must be true or false", "stream_options")
     if body.get("stream_options") is not None and not body.get("stream"):
@@ -139,12 +144,22 @@ def check_request(body: dict) -> None:
             raise bad_request(f"'{key}' is the deprecated form of '{instead}': give '{instead}'", key)
 
 
+def _effort(body: dict, default: str) -> str:
+    """``reasoning_effort``, or where a client sends the Responses API's shape instead
+    (OpenRouter's and LiteLLM's clients do) ``reasoning.effort``: it was ignored unchecked."""
+    reasoning = body.get("reasoning")
+    if reasoning is not None and not isinstance(reasoning, dict):
+        raise bad_request("'reasoning' must be an object like {\"effort\": \"low\"}", "reasoning")
+    if body.get("reasoning_effort") is None and (reasoning or {}).get("effort") is not None:
+        return params.effort(reasoning["effort"], default, "reasoning.effort")
+    return params.effort(body.get("reasoning_effort"), default, "reasoning_effort")
+
+
 async def chat_completions(service: Service, body: dict, request):
     service.check_model(body)
     check_request(body)
     body, forced_name = tool_choice(body)
-    body = {**body, "reasoning_effort": params.effort(body.get("reasoning_effort"),
-                                                      service.reasoning_effort, "reasoning_effort"),
+    body = {**body, "reasoning_effort": _effort(body, service.reasoning_effort),
             "reasoning_budget": params.reasoning_budget(body, service.reasoning_budget)}
     sampling = params.sampling(body, service.sampling, ("max_completion_tokens", "max_tokens"),
                                service.max_context)

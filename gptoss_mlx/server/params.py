@@ -100,3 +100,14 @@ def typed(body: dict, key: str, kind: type | tuple[type, ...], what: str):
     if value is not None and not isinstance(value, kind):
         raise bad_request(f"'{key}' must be {what}, got {value!r}", key)
     return value
+
+
+def check_metadata(metadata) -> None:
+    """OpenAI's limits: up to 16 pairs, keys up to 64 characters, string values up to 512."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict) or len(metadata) > 16 or not all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+            for k, v in metadata.items()):
+        raise bad_request("'metadata' must be an object of up to 16 string values (keys up to 64 "
+                          "characters, values up to 512)", "metadata")

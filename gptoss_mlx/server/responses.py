@@ -302,17 +302,6 @@ def mcp_error_text(error):
     return error
 
 
-def check_metadata(metadata) -> None:
-    """OpenAI's limits: up to 16 pairs, keys up to 64 characters, string values up to 512."""
-    if metadata is None:
-        return
-    if not isinstance(metadata, dict) or len(metadata) > 16 or not all(
-            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
-            for k, v in metadata.items()):
-        raise bad_request("'metadata' must be an object of up to 16 string values (keys up to 64 "
-                          "characters, values up to 512)", "metadata")
-
-
 def check_include(include) -> None:
     if include is None:
         return
@@ -548,7 +537,8 @@ class ResponseRun:
         params.typed(body, "text", dict, "an object ({\"format\": {...}})")
         params.typed(body, "reasoning", dict, "an object ({\"effort\": ...})")
         check_include(body.get("include"))
-        check_metadata(body.get("metadata"))
+        params.check_metadata(body.get("metadata"))
+        params.typed(body, "parallel_tool_calls", bool, "true or false")
         check_unsupported(body)
         self.items, first_input = input_items(body, store)
         messages, self.origins = chat_messages(self.items, first_input)
