@@ -1156,6 +1156,10 @@ def test_a_resumed_chat_whose_last_reply_was_cut_short_says_so(tok, store, monke
         monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(store.root.parent))
         status, out = run_chat(monkeypatch, scripted_chat(tok, "unused"), [], ["--resume", chat_id])
         assert status == 0 and f"gpt-oss: one two\n{mark}\n" in out, out
+        # /load of a chat file said only how many messages it loaded (a tester's, helper-120)
+        path = store.save_as(chat, store.root.parent / f"{cut}.json", "Count")
+        status, out = run_chat(monkeypatch, scripted_chat(tok, "unused"), [f"/load {path}"])
+        assert status == 0 and f"from {path}\nyou: Count to forty.\ngpt-oss: one two\n{mark}\n" in out, out
     # stopped at a tool call (Ctrl-C while it ran): no answer to show, the mark all the same
     chat = scripted_chat(tok, "unused")
     chat.messages += [Message("user", "Weather?"), Message("assistant", "{}", channel="commentary",

@@ -354,11 +354,17 @@ class Repl:
         """Continue a saved chat (raises ChatFileError; the current one then stays)."""
         self.title = self.store.load(self.chat, chat_id)
         self.chat_id, self.last_stats = chat_id, None  # /stats speaks of this chat's replies
+        self.recall(f"Resumed \"{self.title}\" ({self.message_count()} messages).")
+
+    def recall(self, header: str) -> None:
+        """A chat just opened (saved, or a file's copy): keep its functions that can run here, say
+        ``header``, then its last exchange, with the mark of a reply cut short when it was made
+        (/load PATH said only how many messages: a tester's)."""
         tools = self.chat.keep_functions(self.defaults["functions"])  # only those that can run here
         self.new_conversation()
         messages = self.chat.messages
         shown = [i for i, m in enumerate(messages) if m.role == "user" or m.channel == "final"]
-        self.say(terminal_safe(f"Resumed \"{self.title}\" ({self.message_count()} messages)."))
+        self.say(terminal_safe(header))
         for i in shown[-2:]:
             m = messages[i]
             end = next((j for j in range(i + 1, len(messages)) if messages[j].role == "user"), len(messages))
@@ -455,8 +461,7 @@ class Repl:
             self.title = self.store.load_path(self.chat, Path(arg).expanduser())
             self.chat_id = self.store.new_id()  # replies are saved in the store, not over PATH
             self.last_stats = None
-            self.new_conversation()
-            self.say(terminal_safe(f"loaded {self.message_count()} messages from {arg}"))
+            self.recall(f"loaded {self.message_count()} messages from {arg}")
         except ChatFileError as e:
             # made safe alone: a lone \r ending the message still shows
             self.say(terminal_safe(f"error: {e}") + "\n(the current conversation stays)")
