@@ -1029,6 +1029,26 @@ def test_the_response_store_is_bounded_by_bytes_too():
         store.get("r3")
 
 
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS hello on the plain port
+])
+def test_a_request_that_is_not_valid_http_gets_an_openai_shaped_error(url, request_bytes):
+    """A tester's (helper-118): broken framing got uvicorn's plain-text "Invalid HTTP request received."."""
+    port = int(url.split(":")[-1].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), answer
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "not valid HTTP/1.1" in error["message"]
+
+
 def test_a_client_that_leaves_while_sending_its_body_is_one_line_in_the_log(url, caplog):
     """A body cut short by the client (Content-Length 100, 12 bytes, then gone) was logged as a
     failure of the server with two tracebacks."""

@@ -298,6 +298,17 @@ class ReadLimited(H11Protocol):
         self._stop_timer()
         super().connection_lost(exc)
 
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse (a negative or doubled Content-Length, a bad chunk, a CR in a
+        header, TLS on this plain port): OpenAI's error shape, not uvicorn's plain text."""
+        body = APIError(400, "the request is not valid HTTP/1.1: its framing or headers are malformed",
+                        code="invalid_request").response().body
+        self.transport.write(self.conn.send(h11.Response(status_code=400, reason=b"Bad Request", headers=[
+            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), (b"connection", b"close")])))
+        self.transport.write(self.conn.send(h11.Data(data=body)))
+        self.transport.write(self.conn.send(h11.EndOfMessage()))
+        self.transport.close()
+
     def _time_the_request(self) -> None:
         """The timer runs while a request is partly read: from its first byte (or the connection)
         until its end. An idle connection between requests has uvicorn's keep-alive timer."""
