@@ -80,6 +80,34 @@ def test_cut_by_max_tokens_says_so_and_fails_only_when_strict(tok, monkeypatch, 
     assert "cut off" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_ctrl_c_during_the_reply_keeps_what_was_made_and_says_so(tok, monkeypatch, capsys, as_json):
+    """A tester's (helper-120): Ctrl-C in generate exited 130 with nothing on stdout under
+    --json, and without it left the answer's line open and said nothing."""
+    from gptoss_mlx.cli import stream
+    from gptoss_mlx.chat import AnswerDelta
+
+    use_chat(monkeypatch, tok, ["<|channel|>analysis<|message|>Add them.<|end|><|start|>assistant"
+                                "<|channel|>final<|message|>It is 4, and more words to come.<|return|>"])
+    real = stream.replies
+
+    def interrupted(*args):
+        for event in real(*args):
+            yield event
+            if isinstance(event, AnswerDelta):
+                raise KeyboardInterrupt  # as a Ctrl-C lands while the reply streams
+
+    monkeypatch.setattr(stream, "replies", interrupted)
+    assert main(["generate", "-p", "2+2?"] + (["--json"] if as_json else [])) == 130
+    out, err = capsys.readouterr()
+    if as_json:
+        data = json.loads(out)
+        assert data["finish_reason"] == "interrupted" and data["answer"] and "It is 4".startswith(data["answer"][:7])
+    else:
+        assert out.endswith("\n") and out.strip() and "It is 4, and more words".startswith(out.strip())
+    assert err.rstrip().endswith("[stopped]")
+
+
 def test_json_is_one_object_with_answer_reasoning_tool_calls_usage(tok, tmp_path, monkeypatch, capsys):
     functions = tmp_path / "weather.py"
     functions.write_text('def get_weather(city: str) -> dict:\n    """Current weather."""\n'

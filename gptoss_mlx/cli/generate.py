@@ -44,6 +44,11 @@ def cmd_generate(args) -> int:
         print(json.dumps({"answer": outcome.answer, "reasoning": outcome.reasoning,
                           "tool_calls": outcome.tool_calls, "usage": outcome.usage(),
                           "finish_reason": outcome.finish_reason}, ensure_ascii=False))
+    if outcome.finish_reason == "interrupted":  # Ctrl-C: what was made, then the mark, status 130
+        if not args.json and outcome.answer and not outcome.answer.endswith("\n"):
+            print()  # the answer's line ends on standard output
+        print("[stopped]", file=sys.stderr)
+        return 130
     print_stats(outcome)
     if say_cut(outcome.finish_reason):
         if args.json_schema or args.json_object:

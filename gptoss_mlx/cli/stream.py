@@ -300,17 +300,22 @@ class Outcome:
 def answer_once(args, text: str, approve, show_reasoning: bool, dim: bool,
                 quiet: bool = False) -> Outcome:
     """Load and answer ``text`` (running tools if asked), streaming the answer to stdout and the
-    rest to stderr unless ``quiet``."""
+    rest to stderr unless ``quiet``. Ctrl-C during the reply ends it: finish reason
+    ``interrupted``."""
     toolbox = make_toolbox(args, approve)
     chat = common.load_chat(args, toolbox=toolbox)
     outcome = Outcome()
     try:
         events = outcome.record(replies(chat, text, toolbox))
-        if quiet:
-            for _ in events:
-                pass
-        else:
-            print_events(events, show_reasoning, sys.stdout, sys.stderr, dim)
+        try:
+            if quiet:
+                for _ in events:
+                    pass
+            else:
+                print_events(events, show_reasoning, sys.stdout, sys.stderr, dim)
+        except KeyboardInterrupt:  # Ctrl-C: what was made so far is the outcome
+            events.close()  # the reply stops at the engine's next step
+            outcome.finish_reason = "interrupted"
     except (ContextLengthError, NonFiniteLogitsError, CheckpointError) as e:
         raise CLIError(str(e)) from None
     finally:
