@@ -300,7 +300,11 @@ class ReadLimited(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         """A request h11 cannot parse (a negative or doubled Content-Length, a bad chunk, a CR in a
-        header, TLS on this plain port): OpenAI's error shape, not uvicorn's plain text."""
+        header, TLS on this plain port): OpenAI's error shape, not uvicorn's plain text. A response
+        under way on the connection (a request after it, pipelined, is the bad one) is cut off."""
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            self.transport.close()
+            return
         body = APIError(400, "the request is not valid HTTP/1.1: its framing or headers are malformed",
                         code="invalid_request").response().body
         self.transport.write(self.conn.send(h11.Response(status_code=400, reason=b"Bad Request", headers=[

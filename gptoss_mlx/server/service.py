@@ -279,7 +279,7 @@ class Service:
                         reply.output_tokens += 1  # not those the engine made past a stop string
                         for event in stream.feed(token):
                             yield event
-                        if stream.stopped or reply.ended:  # gone: seen by _watch
+                        if stream.stopped or reply.ended:  # gone: seen by _watch; deleted: a DELETE
                             break
                 for event in stream.finish():
                     yield event

@@ -157,7 +157,9 @@ class PythonSandbox:
     def lost(self) -> str:
         """What a restart of the session loses, for the notes that say so: on Linux the working
         directory (a tmpfs) ends with the sandbox too; macOS's directory outlives it."""
-        return "its variables are lost" if self._own_dir else f"its variables and its files in {self.workdir} are lost"
+        if self._own_dir:
+            return "its variables are lost"
+        return f"its variables and its files in {self.workdir} are lost"
 
     def _start(self) -> None:
         config = {"memory_mb": self.limits.memory_mb, "cpu_s": self.limits.cpu_s,
