@@ -995,6 +995,14 @@ def test_a_stored_responses_input_items_are_listed_page_by_page(tok):
                             ({"order": "up"}, "order must be"), ({"after": "msg_x"}, "no item 'msg_x'")):
             with pytest.raises(openai.BadRequestError, match=says):
                 c.responses.input_items.list(second.id, **query)
+        # before: the page ending just before an item (it was ignored: a tester's, helper-118)
+        asc = [i.id for i in c.responses.input_items.list(second.id, limit=100, order="asc").data]
+        back = c.responses.input_items.list(second.id, limit=2, order="asc", extra_query={"before": asc[3]})
+        assert [i.id for i in back.data] == asc[1:3] and back.has_more
+        with pytest.raises(openai.BadRequestError, match="before: no item 'msg_x'"):
+            c.responses.input_items.list(second.id, extra_query={"before": "msg_x"})
+        with pytest.raises(openai.BadRequestError, match="an item_reference needs the 'id'"):
+            c.responses.create(model="gpt-oss-tiny", input=[{"type": "item_reference"}])
         with pytest.raises(openai.NotFoundError):
             c.responses.input_items.list("resp_none")
         # ids a client gave twice: the second is replaced (paging on from "dup" looped for ever)

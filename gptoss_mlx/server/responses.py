@@ -400,7 +400,10 @@ def referenced(given: list, store: ResponseStore) -> list:
     out, seen = [], set()
     for j, item in enumerate(given):
         if isinstance(item, dict) and item.get("type") == "item_reference":
-            found = kept.get(item.get("id")) if isinstance(item.get("id"), str) else None
+            if not isinstance(item.get("id"), str):  # (a 404 said "no stored item 'None'": a tester's)
+                raise bad_request(f"input[{j}]: an item_reference needs the 'id' of a stored item, got "
+                                  f"{str(item.get('id'))[:80]!r}", "input")
+            found = kept.get(item["id"])
             if found is None:
                 shown = str(item.get("id"))[:80]
                 raise APIError(404, f"input[{j}]: no stored item {shown!r} (items are kept with their "
@@ -433,8 +436,9 @@ def _with_id(item, taken: set):
 
 def list_input_items(items: list, query) -> dict:
     """GET /v1/responses/{id}/input_items: a page of the items the response was made from (the
-    previous responses' and its own input), newest first unless ``order=asc``; ``after`` an
-    item's id, ``limit`` 1 to 100 (20)."""
+    previous responses' and its own input), newest first unless ``order=asc``; ``after`` or
+    ``before`` an item's id (the page that follows it, or ends just before it), ``limit`` 1 to
+    100 (20)."""
     limit = query.get("limit", "20")
     digits = limit.lstrip("0")  # ASCII, 3 digits: "²" and "٥" are str.isdigit()'s, int() takes no 4,301
     count = int(digits or "0") if limit.isascii() and limit.isdigit() and len(digits) <= 3 else 0
@@ -446,15 +450,20 @@ def list_input_items(items: list, query) -> dict:
     listed = [_listed(item) for item in items if isinstance(item, dict)]
     if order == "desc":
         listed.reverse()
-    start = 0
+    start, end = 0, len(listed)
+    ids = [item.get("id") for item in listed]
+    for key in ("after", "before"):  # (before was ignored: a tester's)
+        if key in query and query[key] not in ids:
+            raise bad_request(f"{key}: no item {query[key][:80]!r} in this response's input", key)
     if "after" in query:
-        ids = [item.get("id") for item in listed]
-        if query["after"] not in ids:
-            raise bad_request(f"after: no item {query['after'][:80]!r} in this response's input", "after")
         start = ids.index(query["after"]) + 1
-    page = listed[start:start + count]
+    if "before" in query:
+        end = ids.index(query["before"])
+        start = max(start, end - count) if "after" not in query else start
+    page = listed[start:min(end, start + count)]
+    more = start + count < end if "before" not in query else start > 0
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": start + count < len(listed)}
+            "last_id": page[-1]["id"] if page else None, "has_more": more}
 
 
 def _listed(item: dict) -> dict:
