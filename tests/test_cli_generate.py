@@ -59,6 +59,9 @@ def test_empty_stdin_prompt_is_an_error(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", None)  # started with standard input closed (<&-)
     assert main(["generate", "-p", "-"]) == 2
     assert "standard input is closed" in capsys.readouterr().err
+    for empty in ("", " \n"):  # the same as an empty standard input (an empty -p was answered)
+        assert main(["generate", "-p", empty]) == 2
+        assert "the prompt is empty" in capsys.readouterr().err
 
 
 def test_render_refuses_unknown_tools(tmp_path, capsys):

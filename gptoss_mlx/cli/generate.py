@@ -37,6 +37,8 @@ def cmd_generate(args) -> int:
         prompt = common.read_standard_input().strip()
         if not prompt:
             raise CLIError("-p -: no prompt on standard input")
+    elif not prompt.strip():  # as an empty standard input is (an empty -p was answered: a tester's)
+        raise CLIError("-p: the prompt is empty")
     approve = ask_on_terminal if sys.stdin.isatty() else decline_when_piped
     outcome = answer_once(args, prompt, approve, show_reasoning=True, dim=sys.stderr.isatty(),
                           quiet=args.json)
