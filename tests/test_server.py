@@ -439,6 +439,15 @@ def test_a_real_client_that_stops_reading_loses_its_stream_before_the_reply_is_d
             while not any("read nothing for" in r.getMessage() for r in caplog.records):
                 assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
                 time.sleep(0.1)
+            # the connection is dropped with the stream (it stayed open, holding what waited: a
+            # second tester's, helper-121): reading now meets its end
+            time.sleep(0.5)
+            sock.settimeout(10)
+            after = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    after += len(chunk)
+            assert after < 32 << 10  # what it had been sent, not the 80 KB that waited for it
         deadline = time.monotonic() + 10
         while not (lines := [r.getMessage() for r in caplog.records if "/v1/chat/completions" in r.getMessage()
                              and "generated" in r.getMessage()]):
@@ -446,6 +455,35 @@ def test_a_real_client_that_stops_reading_loses_its_stream_before_the_reply_is_d
             time.sleep(0.05)
         generated = int(lines[0].split(" generated")[0].split(", ")[-1].split()[0])
         assert generated < 1500 and "client disconnected" in lines[0], lines
+
+
+def test_a_client_that_reads_slowly_but_reads_keeps_its_stream(tok, monkeypatch, caplog):
+    """A tester's (helper-121): a reader slower than the stream, taking some every moment, was
+    dropped as if it read nothing once one chunk waited STALLED_CLIENT_S for room."""
+    from gptoss_mlx.server import app
+
+    monkeypatch.setattr(app, "STALLED_CLIENT_S", 1.0)
+    words = " ".join(f"w{n}" for n in range(400))
+    with serving(ScriptedModel([answer(tok, "Hm.", words)]), tok) as url, \
+            caplog.at_level("INFO", logger="gptoss_mlx.server"):
+        port = int(url.split(":")[-1].split("/")[0])
+        body = json.dumps({"model": "gpt-oss-tiny", "stream": True, "max_tokens": 4000,
+                           "messages": [{"role": "user", "content": "count"}]}).encode()
+        received = b""
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            sock.settimeout(30)
+            time.sleep(1.5)  # the stream is ahead of its reader from the start
+            while b"data: [DONE]" not in received:
+                chunk = sock.recv(1000)  # 20 KB a second: the backlog takes seconds to go
+                assert chunk, received[-300:]
+                received += chunk
+                time.sleep(0.05)
+    assert b'"finish_reason": "stop"' in received and len(received) > 100_000  # the whole reply
+    assert not any("read nothing for" in r.getMessage() for r in caplog.records)
 
 
 def eventually_served(c, within_s: float = 10):

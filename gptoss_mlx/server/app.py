@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hmac
 import logging
 import signal
 import socket
+import struct
+import sys
+import termios
 import time
 
 import anyio
@@ -205,26 +209,49 @@ class ClientStalled(Exception):
     """A streaming client took nothing for STALLED_CLIENT_S."""
 
 
+STALL_POLL_S = 0.5  # how often a send held up by its client checks that the client takes some
+
+
 class ReadInTime:
-    """A streamed response whose client must keep reading: a chunk it has not taken within
-    STALLED_CLIENT_S ends the stream, and the generation and the slot with it."""
+    """A streamed response whose client must keep reading: when a chunk waits to be sent and the
+    client takes nothing of what waits for it for STALLED_CLIENT_S, the stream ends, and the
+    generation and the slot with it, and the connection is dropped. A client that reads slowly,
+    but reads, keeps its stream (the whole send was timed: a tester's slow reader, one event a
+    second, was dropped as if it read nothing)."""
 
     def __init__(self, response: StreamingResponse):
         self.response = response
 
     async def __call__(self, scope, receive, send) -> None:
+        connection = ReadLimited.serving(scope.get("client"))
+
         async def send_in_time(message) -> None:
+            if connection is None:  # (not served by ReadLimited) the send as a whole is timed
+                try:
+                    with anyio.fail_after(STALLED_CLIENT_S):
+                        return await send(message)
+                except TimeoutError:  # an OSError, which Starlette would take for a disconnect
+                    raise ClientStalled from None
+            sending = asyncio.ensure_future(send(message))
             try:
-                with anyio.fail_after(STALLED_CLIENT_S):
-                    await send(message)
-            except TimeoutError:  # an OSError, which Starlette would take for a disconnect
-                raise ClientStalled from None
+                idle, waiting = 0.0, connection.waiting_bytes()
+                while not (await asyncio.wait({sending}, timeout=STALL_POLL_S))[0]:
+                    now = connection.waiting_bytes()
+                    idle = 0.0 if now < waiting else idle + STALL_POLL_S  # fewer: the client took some
+                    waiting = now
+                    if idle >= STALLED_CLIENT_S:
+                        raise ClientStalled
+                return sending.result()
+            finally:
+                sending.cancel()
 
         try:
             await self.response(scope, receive, send_in_time)
         except ClientStalled:
             log.info("%s: the client read nothing for %.0f s: its stream is ended", scope.get("path"),
                      STALLED_CLIENT_S)
+            if connection is not None:  # what waits for it goes, and its descriptor with it
+                connection.transport.abort()
         finally:
             await self.response.body_iterator.aclose()
 
@@ -256,6 +283,7 @@ def server_config(app: Starlette, host: str, port: int) -> uvicorn.Config:
 
 
 UNSENT_BYTES = 16 << 10  # the kernel's share of what waits for a client (TCP_NOTSENT_LOWAT)
+SO_NWRITE = 0x1024  # macOS: bytes in a socket's send buffer (sys/socket.h; not in Python's socket)
 
 
 def _bound_unsent_bytes(transport) -> None:
@@ -278,11 +306,35 @@ class ReadLimited(H11Protocol):
     a 408 in OpenAI's error shape (unless it sent nothing, or its response has begun) and the
     connection is closed."""
 
+    _open: dict[tuple, "ReadLimited"] = {}  # by the client's (host, port), as ASGI's scope names it
+
+    @classmethod
+    def serving(cls, client) -> "ReadLimited | None":
+        """The connection of the client an ASGI scope names (``scope["client"]``), if open."""
+        return cls._open.get(tuple(client)[:2]) if client else None
+
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self.read_timer, self.sent_some = None, False
         self._time_the_request()
         _bound_unsent_bytes(transport)
+        peer = transport.get_extra_info("peername")
+        self._peer = tuple(peer)[:2] if isinstance(peer, tuple) else None
+        if self._peer is not None:
+            ReadLimited._open[self._peer] = self
+
+    def waiting_bytes(self) -> int:
+        """Bytes written and not yet taken by the client: in the transport's buffer, and in the
+        kernel's (unsent, or sent and not acknowledged) where it says; they go down only as the
+        client reads."""
+        waiting = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if sys.platform.startswith("linux"):  # SIOCOUTQ
+                waiting += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            elif sys.platform == "darwin":
+                waiting += sock.getsockopt(socket.SOL_SOCKET, SO_NWRITE)
+        return waiting
 
     def data_received(self, data: bytes) -> None:
         self.sent_some = True
@@ -296,6 +348,8 @@ class ReadLimited(H11Protocol):
 
     def connection_lost(self, exc) -> None:
         self._stop_timer()
+        if getattr(self, "_peer", None) is not None and ReadLimited._open.get(self._peer) is self:
+            del ReadLimited._open[self._peer]
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
