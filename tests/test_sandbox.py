@@ -545,6 +545,16 @@ def test_approval_marks_long_runs_of_blank_space_that_push_code_out_of_sight():
     # what code keeps: blank lines between functions, indentation, alignment
     kept = "def f():\n\n\n    return 1\n" + "\n" * 4 + "x = [1,\n" + " " * 79 + "2]\n"
     assert render_code_ansi(kept) == kept and render_code_text(kept).plain == kept
+    aligned = "x = 1" + " " * 30 + "# the first\nlonger_name = 2" + " " * 20 + "# the second\n"
+    assert render_code_text(aligned).plain == aligned
+    # a second tester's (helper-121): padding in stretches each under the limits, and Windows'
+    # line ends marked on every line (noise that teaches the reader to pass over the warning)
+    padded = render_code_text("print(1)" + (" " * 79 + ";") * 10 + " evil()").plain
+    assert padded.startswith("warning: 10 long runs") and padded.endswith(";<79 spaces>; evil()")
+    hashes = render_code_text("print(1)\n" + ("\n" * 4 + "#\n") * 30 + "evil()").plain
+    assert hashes.endswith("print(1)\n<150 blank or '#' lines>\nevil()")
+    assert render_code_ansi("a = 1\r\nb = 2\r\n") == "a = 1\nb = 2\n"
+    assert "<\\r>" in render_code_ansi("a = 1\rb = 2\r\n")  # a lone one is still marked
 
 
 def test_tool_output_in_the_tui_marks_what_reorders_text():

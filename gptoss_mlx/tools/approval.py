@@ -88,24 +88,45 @@ def hold_carriage_return(text: str, held: bool) -> tuple[str, bool]:
 
 
 # Blank space that could push code out of sight: a terminal's width of spaces and tabs on one
-# line, or more blank lines in a row than code keeps (PEP 8: two).
-BLANK_COLUMNS, BLANK_LINES = 80, 5
-_BLANK_RUN = re.compile(f"[ \t]{{{BLANK_COLUMNS},}}|^(?:[ \t]*\n){{{BLANK_LINES},}}|\n(?:[ \t]*\n){{{BLANK_LINES},}}")
+# line, or more lines in a row that show nothing (blank, or an empty comment) than code keeps
+# (PEP 8: two), or a line padded out of sight in several stretches, each shorter.
+BLANK_COLUMNS, BLANK_LINES, PADDED_COLUMNS = 80, 5, 60
+_EMPTY_LINE = r"[ \t]*#?[ \t]*\n"
+_BLANK_RUN = re.compile(f"[ \t]{{{BLANK_COLUMNS},}}|^(?:{_EMPTY_LINE}){{{BLANK_LINES},}}|\n(?:{_EMPTY_LINE}){{{BLANK_LINES},}}")
+_INNER_BLANKS = re.compile(r"(?<=\S)[ \t]{8,}")  # a stretch after something on its line
 
 
 def _blank_run_marker(run: str, first: bool) -> tuple[str, str, str]:
-    """(text before, the marker, text after) for a long run of blank space: a run of blank
+    """(text before, the marker, text after) for a long run of blank space: a run of empty
     lines keeps the line end before it (none where it starts the code: ``first``) and its last,
     so the marker stands on a line of its own."""
     if "\n" in run:
-        return ("", f"<{run.count(chr(10))} blank lines>", "\n") if first else (
-            "\n", f"<{run.count(chr(10)) - 1} blank lines>", "\n")
+        lines = run.count("\n") - (0 if first else 1)
+        kind = "blank or '#' lines" if "#" in run else "blank lines"
+        return ("" if first else "\n"), f"<{lines} {kind}>", "\n"
     kinds = " and ".join(name for ch, name in ((" ", "spaces"), ("\t", "tabs")) if ch in run)
     return "", f"<{len(run)} {kinds}>", ""
 
 
+def _blank_runs(code: str) -> list[tuple[int, int, str, str, str]]:
+    """The long runs of blank space in ``code``: (start, end, and _blank_run_marker's three)."""
+    runs = [(m.start(), m.end(), *_blank_run_marker(m.group(), m.start() == 0))
+            for m in _BLANK_RUN.finditer(code)]
+    taken = [(a, b) for a, b, *_ in runs]
+    at = 0
+    for line in code.split("\n"):  # a line padded in stretches: each stretch marked
+        stretches = list(_INNER_BLANKS.finditer(line))
+        if sum(len(m.group()) for m in stretches) >= PADDED_COLUMNS:
+            runs += [(at + m.start(), at + m.end(), *_blank_run_marker(m.group(), False)) for m in stretches
+                     if not any(a <= at + m.start() < b for a, b in taken)]
+        at += len(line) + 1
+    return sorted(runs)
+
+
 def _pieces(code: str) -> list[tuple[str, bool]]:
-    """``code`` as (text, is_marker) runs."""
+    """``code`` as (text, is_marker) runs. Windows' line ends (``\\r\\n``) are newlines, as
+    Python reads them."""
+    code = code.replace("\r\n", "\n")
     out: list[tuple[str, bool]] = []
 
     def add(text: str, marker: bool) -> None:
@@ -114,19 +135,19 @@ def _pieces(code: str) -> list[tuple[str, bool]]:
         elif text:
             out.append((text, marker))
 
-    start = 0
-    for run in _BLANK_RUN.finditer(code):
-        for ch in code[start:run.start()]:
+    def add_chars(text: str) -> None:
+        for ch in text:
             marker = hidden_char_marker(ch)
             add(marker or ch, marker is not None)
-        before, marker, after = _blank_run_marker(run.group(), run.start() == 0)
+
+    start = 0
+    for a, b, before, marker, after in _blank_runs(code):
+        add_chars(code[start:a])
         add(before, False)
         add(marker, True)
         add(after, False)
-        start = run.end()
-    for ch in code[start:]:
-        marker = hidden_char_marker(ch)
-        add(marker or ch, marker is not None)
+        start = b
+    add_chars(code[start:])
     return out
 
 
@@ -135,7 +156,8 @@ def hidden_char_count(code: str) -> int:
 
 
 def _warning(code: str) -> str:
-    n, runs = hidden_char_count(code), len(_BLANK_RUN.findall(code))
+    code = code.replace("\r\n", "\n")
+    n, runs = hidden_char_count(code), len(_blank_runs(code))
     found = ([f"{n} hidden or control character{'s' if n != 1 else ''}"] if n else []) + (
         [f"{runs} long run{'s' if runs != 1 else ''} of blank space"] if runs else [])
     return f"warning: {' and '.join(found)} in this code, shown highlighted" if found else ""
