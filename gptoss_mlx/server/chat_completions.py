@@ -150,9 +150,10 @@ def _effort(body: dict, default: str) -> str:
     reasoning = body.get("reasoning")
     if reasoning is not None and not isinstance(reasoning, dict):
         raise bad_request("'reasoning' must be an object like {\"effort\": \"low\"}", "reasoning")
-    if body.get("reasoning_effort") is None and (reasoning or {}).get("effort") is not None:
-        return params.effort(reasoning["effort"], default, "reasoning.effort")
-    return params.effort(body.get("reasoning_effort"), default, "reasoning_effort")
+    effort = params.effort((reasoning or {}).get("effort"), default, "reasoning.effort")  # checked either way
+    if body.get("reasoning_effort") is None:
+        return effort
+    return params.effort(body["reasoning_effort"], default, "reasoning_effort")
 
 
 async def chat_completions(service: Service, body: dict, request):

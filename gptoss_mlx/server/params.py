@@ -86,8 +86,9 @@ def stop_strings(body: dict) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
             or not all(isinstance(s, str) and s for s in stops)):
+        shown = repr(stop) if len(repr(stop)) <= 200 else repr(stop)[:200] + "…"  # (a 1 MB list came back whole)
         raise bad_request(f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS} "
-                          f"of them, got {stop!r}", "stop")
+                          f"of them, got {shown}", "stop")
     if any(len(s) > MAX_STOP_CHARS for s in stops):
         raise bad_request(f"'stop' strings may be up to {MAX_STOP_CHARS:,} characters long, got one of "
                           f"{max(map(len, stops)):,}", "stop")
