@@ -72,6 +72,26 @@ def description(stateful: bool, limits: SandboxLimits, workdir: str = LINUX_WORK
         f"Internet access for this session is {network}.")
 
 
+def _ended_how(status: int | None) -> str:
+    """Why the worker ended, from its exit status (the sandbox's: bwrap gives a signal as 128 +
+    its number, sandbox-exec as minus it): every end was "out of memory, over its CPU-time
+    limit, or killed", an exit status of 3 and a segfault too (a tester's)."""
+    number = -status if status is not None and status < 0 else (
+        status - 128 if status is not None and 128 < status < 128 + 65 else None)
+    if number is None:
+        return f"exit status {status}" if status is not None else "killed"
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+    if number == signal.SIGKILL:
+        return "killed: out of memory or over its CPU-time limit?"
+    if number == getattr(signal, "SIGXCPU", None):
+        return "over its CPU-time limit"
+    return {"SIGSEGV": "it crashed: SIGSEGV", "SIGBUS": "it crashed: SIGBUS",
+            "SIGABRT": "it aborted: SIGABRT"}.get(name, f"signal {name}")
+
+
 def _ps_cpu(pid: int) -> float | None:
     """CPU seconds of one process from ``ps -o time=`` ("[[dd-]hh:]mm:ss[.ss]"), or None."""
     try:
@@ -276,7 +296,8 @@ class PythonSandbox:
         dropped = reply.get("dropped") if isinstance(reply, dict) else None
         if not isinstance(reply, dict) or reply.get("id") != request_id or self._pending \
                 or type(dropped) is not int or not 0 <= dropped < 2**53:
-            alive = self._proc is not None and self._proc.poll() is None
+            status = self._proc.poll() if self._proc is not None else None  # None: still running
+            alive = self._proc is not None and status is None
             too_many_files = self._too_many_files
             printed = self._take_output(None)  # what it printed before it was stopped
             printed += "\n" if printed and not printed.endswith("\n") else ""
@@ -292,8 +313,7 @@ class PythonSandbox:
             elif timed_out:
                 why = f"execution timed out after {self.limits.timeout_s:.1f} seconds"
             elif reply is None and not alive:
-                why = ("the Python process ended (out of memory, over its CPU-time limit, or "
-                       "killed)")
+                why = f"the Python process ended ({_ended_how(status)})"
             else:
                 why = ("the Python process's reply was malformed or out of order (the code "
                        "wrote to the tool's reply channel?)")
