@@ -476,9 +476,9 @@ def test_a_client_that_reads_slowly_but_reads_keeps_its_stream(tok, monkeypatch,
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                          b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             sock.settimeout(30)
-            time.sleep(1.5)  # the stream is ahead of its reader from the start
+            time.sleep(1.0)  # the stream is ahead of its reader from the start
             while b"data: [DONE]" not in received:
-                chunk = sock.recv(1000)  # 20 KB a second: the backlog takes seconds to go
+                chunk = sock.recv(2000)  # 40 KB a second: the 48 KB a held-up send waits for take 1.2 s
                 assert chunk, received[-300:]
                 received += chunk
                 time.sleep(0.05)
