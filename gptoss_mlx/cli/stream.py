@@ -11,8 +11,8 @@ from ..chat import AnswerDelta, ContextTrimmed, Done, ReasoningDelta, ToolCall
 from ..generate import ContextLengthError, NonFiniteLogitsError, Stats
 from ..loading import CheckpointError
 from ..tools import Toolbox, ToolResult, run_with_tools
-from . import common
 from ..tools.approval import hold_carriage_return
+from . import common
 from .common import DIM, RESET, CLIError, make_toolbox, terminal_safe
 
 BLANK = " \t\n"  # what a line with nothing on it holds

@@ -114,35 +114,20 @@ def _run(code: str, namespace: dict) -> tuple[int, bool]:
         print("".join(traceback.format_list(frames) + traceback.format_exception_only(etype, value)).rstrip())
     finally:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-        _flush_c_stdio()  # what C code printed through stdio: this cell's, not a later one's
     return buffer.dropped, ok
 
 
 def _unbuffer_c_stdout():
     """C's stdout written as it is printed, as its stderr is: on a pipe the C library buffers it
     (4 KB), so what C code printed came after Python's later output, and was lost with the
-    worker when the cell was stopped at its deadline or crashed."""
+    worker when the cell was stopped at its deadline or crashed (a flush at each cell's end only
+    kept it to its cell)."""
     try:
         import ctypes
         libc = ctypes.CDLL(None)
         for name in ("stdout", "__stdoutp"):  # glibc's, macOS's
             try:
                 libc.setvbuf(ctypes.c_void_p.in_dll(libc, name), None, 2, 0)  # _IONBF (2 in both)
-            except ValueError:  # not this C library's name
-                continue
-    except (OSError, AttributeError, TypeError):
-        pass
-
-
-def _flush_c_stdio():
-    """C's stdout and stderr only: fflush(NULL) takes every FILE's lock, and a thread of the cell
-    blocked reading one held it (the cell, done, then waited for its deadline)."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None)
-        for name in ("stdout", "stderr", "__stdoutp", "__stderrp"):  # glibc's, macOS's
-            try:
-                libc.fflush(ctypes.c_void_p.in_dll(libc, name))
             except ValueError:  # not this C library's name
                 continue
     except (OSError, AttributeError, TypeError):

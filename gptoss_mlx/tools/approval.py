@@ -123,11 +123,12 @@ def _blank_runs(code: str) -> list[tuple[int, int, str, str, str]]:
     return sorted(runs)
 
 
-def _pieces(code: str) -> list[tuple[str, bool]]:
-    """``code`` as (text, is_marker) runs. Windows' line ends (``\\r\\n``) are newlines, as
-    Python reads them."""
+def _pieces(code: str) -> tuple[list[tuple[str, bool]], str]:
+    """``code`` as (text, is_marker) runs, and the warning line for its markers ("" for none).
+    Windows' line ends (``\\r\\n``) are newlines, as Python reads them."""
     code = code.replace("\r\n", "\n")
     out: list[tuple[str, bool]] = []
+    hidden = 0
 
     def add(text: str, marker: bool) -> None:
         if not marker and out and not out[-1][1]:
@@ -136,47 +137,43 @@ def _pieces(code: str) -> list[tuple[str, bool]]:
             out.append((text, marker))
 
     def add_chars(text: str) -> None:
+        nonlocal hidden
         for ch in text:
             marker = hidden_char_marker(ch)
+            hidden += marker is not None
             add(marker or ch, marker is not None)
 
-    start = 0
-    for a, b, before, marker, after in _blank_runs(code):
+    start, runs = 0, _blank_runs(code)
+    for a, b, before, marker, after in runs:
         add_chars(code[start:a])
         add(before, False)
         add(marker, True)
         add(after, False)
         start = b
     add_chars(code[start:])
-    return out
+    found = ([f"{hidden} hidden or control character{'s' if hidden != 1 else ''}"] if hidden else []) + (
+        [f"{len(runs)} long run{'s' if len(runs) != 1 else ''} of blank space"] if runs else [])
+    return out, f"warning: {' and '.join(found)} in this code, shown highlighted" if found else ""
 
 
 def hidden_char_count(code: str) -> int:
     return sum(hidden_char_marker(ch) is not None for ch in code)
 
 
-def _warning(code: str) -> str:
-    code = code.replace("\r\n", "\n")
-    n, runs = hidden_char_count(code), len(_blank_runs(code))
-    found = ([f"{n} hidden or control character{'s' if n != 1 else ''}"] if n else []) + (
-        [f"{runs} long run{'s' if runs != 1 else ''} of blank space"] if runs else [])
-    return f"warning: {' and '.join(found)} in this code, shown highlighted" if found else ""
-
-
 def render_code_ansi(code: str) -> str:
     """The whole of ``code`` for a terminal, markers in reverse-video red; with a warning line
     first when there are any. Nothing in the result can move the cursor or reorder text."""
-    body = "".join(f"\x1b[1;7;31m{t}\x1b[0m" if marker else t for t, marker in _pieces(code))
-    warning = _warning(code)
+    pieces, warning = _pieces(code)
+    body = "".join(f"\x1b[1;7;31m{t}\x1b[0m" if marker else t for t, marker in pieces)
     return (f"\x1b[1;31m{warning}\x1b[0m\n" if warning else "") + body
 
 
 def render_code_text(code: str) -> Text:
     """The same for the TUI: a rich Text, markers styled "bold reverse red"."""
     text = Text()
-    warning = _warning(code)
+    pieces, warning = _pieces(code)
     if warning:
         text.append(warning + "\n", style="bold red")
-    for t, marker in _pieces(code):
+    for t, marker in pieces:
         text.append(t, style="bold reverse red" if marker else None)
     return text

@@ -72,14 +72,13 @@ def description(stateful: bool, limits: SandboxLimits, workdir: str = LINUX_WORK
         f"Internet access for this session is {network}.")
 
 
-def _ended_how(status: int | None) -> str:
+def _ended_how(status: int) -> str:
     """Why the worker ended, from its exit status (the sandbox's: bwrap gives a signal as 128 +
     its number, sandbox-exec as minus it): every end was "out of memory, over its CPU-time
     limit, or killed", an exit status of 3 and a segfault too (a tester's)."""
-    number = -status if status is not None and status < 0 else (
-        status - 128 if status is not None and 128 < status < 128 + 65 else None)
+    number = -status if status < 0 else status - 128 if 128 < status < 128 + 65 else None
     if number is None:
-        return f"exit status {status}" if status is not None else "killed"
+        return f"exit status {status}"
     try:
         name = signal.Signals(number).name
     except ValueError:
