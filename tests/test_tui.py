@@ -880,6 +880,72 @@ async def test_an_opened_chats_functions_give_way_to_those_that_can_run(store, t
         assert [f.name for f in chat.functions] == ["weather"] and chat.instructions == "Original."
 
 
+async def test_a_new_chat_takes_the_users_effort_not_an_opened_chats(store):
+    """Ctrl+N after opening a chat saved at low effort started the new chat at low too (the
+    README: a new chat starts from the command line's settings and those set since)."""
+    saved = ScriptedChat()
+    saved.reasoning_effort = "low"
+    saved.messages += [Message("user", "hi"), Message("assistant", "Hello.", channel="final")]
+    store.save(saved, "low", "Low effort")
+    chat = ScriptedChat()
+    app = make_app(chat, store, effort="high")
+    async with app.run_test(size=SIZE) as pilot:
+        app.open_conversation("low")
+        await pilot.pause()
+        assert app.effort == chat.reasoning_effort == "low"  # an opened chat keeps its own
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert app.effort == chat.reasoning_effort == "high"  # the command line's
+        assert app.query_one("#effort-high").has_class("-active")
+        app.open_conversation("low")
+        await pilot.pause()
+        await pilot.click("#effort-medium")  # set by the user since: it carries over
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        await send(pilot, app, "new")
+    assert chat.efforts == ["medium"]
+
+
+async def test_keys_as_terminals_send_them(store, monkeypatch):
+    """Alt+C from a terminal that sends Alt as ESC + the key (tmux, most Linux terminals:
+    Textual reads it as alt+c with the character "c") typed a "c" into the input and copied
+    nothing; Ctrl+C's hint showed its markup ("Press [b]ctrl+q[/b]")."""
+    from textual import events
+
+    app = make_app(ScriptedChat(THOUGHT), store)
+    copied = []
+    monkeypatch.setattr(app, "copy_to_clipboard", copied.append)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "hello")
+        prompt = app.query_one(PromptInput)
+        prompt.focus()
+        app._driver.send_message(events.Key("alt+c", "c"))
+        await wait_until(pilot, lambda: copied)
+        assert copied[0].startswith("Hello! Here is code:") and prompt.text == ""
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        hint = list(app._notifications)[-1]
+    assert "Ctrl+Q quits" in hint.message and "[" not in hint.message
+
+
+async def test_an_opened_chat_shows_its_latest_turn(store):
+    """A long chat opened with Ctrl+O showed its first turns: the last, where the next message
+    goes, was out of view."""
+    saved = ScriptedChat()
+    for i in range(12):
+        saved.messages += [Message("user", f"question {i}"), Message("assistant", f"answer {i}\n" * 4, channel="final")]
+    store.save(saved, "long", "Long")
+    app = make_app(ScriptedChat(), store)
+    async with app.run_test(size=SIZE) as pilot:
+        app.open_conversation("long")
+        transcript = app.query_one("#transcript")
+        await wait_until(pilot, lambda: transcript.max_scroll_y > 0 and transcript.scroll_y == transcript.max_scroll_y)
+        await pilot.pause(0.2)
+        assert transcript.scroll_y == transcript.max_scroll_y > 0
+        last = app.query(UserMessage).last()
+        assert last.region.y < app.size.height  # on screen
+
+
 async def test_conversations_resume_rename_delete_and_export(store):
     first = ScriptedChat(THOUGHT)
     app = make_app(first, store)

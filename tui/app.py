@@ -143,6 +143,12 @@ class PromptInput(TextArea):
             if text:
                 self.post_message(self.Submitted(text))
             return
+        if event.key.startswith("alt+"):
+            # Terminals that send Alt as ESC + the key (tmux, most Linux ones) give Alt+C as a
+            # printable "c": it was typed into the input, and the app's Alt+C never ran. Left
+            # to the bindings (not to TextArea's handler, which types the character).
+            event.prevent_default()
+            return
         if event.key in ("shift+enter", "ctrl+j"):
             event.prevent_default()
             event.stop()
@@ -715,7 +721,7 @@ class ChatApp(App):
         effort = effort or (chat.reasoning_effort if chat is not None else "medium")
         self.set_reactive(ChatApp.effort, effort)  # before mounting: no watcher yet
         if chat is not None:
-            chat.reasoning_effort = effort
+            chat.reasoning_effort = self.defaults["reasoning_effort"] = effort
 
     # -- layout
     def compose(self) -> ComposeResult:
@@ -783,7 +789,9 @@ class ChatApp(App):
             turn.set_class(not show, "-hide-reasoning")
 
     def set_effort(self, effort: str) -> None:
+        """The user's choice: this chat's effort, and each new chat's from now on."""
         self.effort = effort
+        self.defaults["reasoning_effort"] = effort
         self.notify(f"Reasoning effort: {effort} (from the next reply)", timeout=2)
 
     def _next_prompt_tokens(self) -> int:
@@ -1032,6 +1040,12 @@ class ChatApp(App):
         characters as markers (controls_shown), and not read as markup unless asked."""
         super().notify(controls_shown(message), markup=markup, **kwargs)
 
+    def action_help_quit(self) -> None:
+        """Ctrl+C, which does not quit here: what does (Textual's own hint showed its markup as
+        text, notifications being plain), and during a reply what stops it."""
+        stop = "Esc stops the reply; " if self.generating else ""
+        self.notify(f"{stop}Ctrl+Q quits the app", title="Do you want to quit?")
+
     def on_key(self, event) -> None:
         """Typing while a reasoning or tool row has the focus goes to the input (it went
         nowhere, and the message was lost)."""
@@ -1069,7 +1083,8 @@ class ChatApp(App):
 
     def _new_chat(self) -> None:
         self.chat.reset()
-        self.chat.apply({**self.defaults, "reasoning_effort": self.effort})  # not an opened chat's tools
+        self.chat.apply(self.defaults)  # not an opened chat's effort or tools
+        self.effort = self.chat.reasoning_effort
         self.chat_id, self.chat_title = self.store.new_id(), "New chat"
         if self.toolbox is not None:  # nothing of the last conversation's python session or pages
             self.toolbox.new_conversation()
@@ -1127,6 +1142,7 @@ class ChatApp(App):
                 transcript.mount(UserMessage(m.text))
             elif m is not None:
                 reply.append(m)
+        transcript.anchor()  # at its end, the latest turn in view, where the next one goes
 
     @work
     async def action_edit_system(self) -> None:
