@@ -158,6 +158,11 @@ def unenforced_problem(schema) -> str | None:
         for pattern in patterns:
             if isinstance(pattern, str) and (len(pattern) - len(pattern.rstrip("\\"))) % 2:
                 return f"the pattern {pattern!r} ends in a lone backslash"
+        for key in ("exclusiveMinimum", "exclusiveMaximum"):
+            if isinstance(node.get(key), bool):  # (llguidance ignored it: the bound was let through)
+                bound = "minimum" if key == "exclusiveMinimum" else "maximum"
+                return (f"{key}: {str(node[key]).lower()} is JSON Schema draft 4's flag on '{bound}': give "
+                        f"the bound itself ({{\"{key}\": 0}} in place of {{\"{bound}\": 0, \"{key}\": true}})")
         for key in LOWS + HIGHS + ("multipleOf",):
             if isinstance(node.get(key), float) and not math.isfinite(node[key]):
                 return f"{key}: {node[key]} is beyond float64 (a number written too large reads as infinity)"
@@ -417,6 +422,7 @@ CATEGORY_TEST = {
 SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 SCHEMAS = ("items", "additionalProperties", "not", "contains", "propertyNames", "if", "then", "else")
+MAX_REPEAT = 2**32 - 1  # the longest string length llguidance's regexes can count to
 # How far inside an exclusive bound the inclusive one replacing it lies.
 EXCLUSIVE_MARGIN = 1e-9
 # (exclusive bound, the inclusive one, the other side's bounds, the direction of inside)
@@ -446,6 +452,11 @@ def grammar_schema(schema):
         elif key in SCHEMAS:
             value = grammar_schema(value)
         out[key] = value
+    for key in ("minLength", "maxLength"):
+        # llguidance writes these as a regex repeat, which stops at 2**32 - 1 ("regex parse
+        # error: ... decimal literal invalid" beyond): no answer is that long, so the same
+        if type(out.get(key)) is int and out[key] > MAX_REPEAT:
+            out[key] = MAX_REPEAT
     bounds = grammar_bounds(out)
     if bounds:
         out = {key: value for key, value in out.items() if key not in LOWS + HIGHS} | bounds
@@ -472,6 +483,9 @@ def _reworded(reason: str) -> str:
     reason = reason.replace("Enable 'coerce_one_of' option to approximate oneOf with anyOf",
                             "use anyOf (a value that matches several of them is accepted)")
     reason = re.sub(r"^Expected f64 for '(\w+)', got (.*)$", r"'\1' must be a number, got \2", reason, flags=re.S)
+    reason = re.sub(r"^Expected string for '(\w+)', got (.*)$", r"'\1' must be a string, got \2", reason, flags=re.S)
+    reason = re.sub(r"^Expected positive integer for '(\w+)', got (.*)$", r"'\1' must be a whole number, 0 or more, got \2",
+                    reason, flags=re.S)
     return re.sub(r"^Value for 'multipleOf' has too many digits: \d+$",
                   "'multipleOf' has more significant digits than the constraint can enforce", reason, flags=re.S)
 

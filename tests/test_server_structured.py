@@ -249,6 +249,23 @@ def test_responses_text_format_the_schema_would_not_constrain_is_a_400(api, fmt,
     assert e.value.body["param"] == "text.format" and says in e.value.body["message"]
 
 
+@pytest.mark.parametrize("schema", [True, None, "abc"])
+def test_a_schema_that_is_not_an_object_is_named_as_such(api, schema):
+    """A schema of true, null or a string beside 'name' was told it was missing or nested
+    ("needs its 'schema' (an object) beside 'name', not nested in 'json_schema'"); in Chat
+    Completions, only the list of formats."""
+    with pytest.raises(openai.BadRequestError) as e:
+        api.responses.create(model="gpt-oss-tiny", input="A pet.", max_output_tokens=8, text={"format": {
+            "type": "json_schema", "name": "pet", "schema": schema}})
+    assert e.value.body["param"] == "text.format.schema"
+    assert e.value.body["message"] == f"'text.format.schema' must be a JSON Schema object, got {schema!r}"
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model="gpt-oss-tiny", messages=USER, max_tokens=8, response_format={
+            "type": "json_schema", "json_schema": {"name": "pet", "schema": schema}})
+    assert e.value.body["param"] == "response_format"
+    assert "response_format.json_schema.schema must be a JSON Schema object" in e.value.body["message"]
+
+
 def test_unanchored_patterns_are_enforced_as_searches(api):
     """A JSON Schema pattern matches anywhere in the string: 'abc' was refused as having no
     instance; now its answers hold it."""

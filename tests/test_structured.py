@@ -302,7 +302,11 @@ def test_an_unenforceable_schema_is_named(tok, tiny):
      "number the constraint can bound exactly"),
     ({"type": "string", "pattern": "^xyz\\"}, "the pattern '\\^xyz\\\\\\\\' ends in a lone backslash"),
     ({"type": "object", "patternProperties": {"a\\\\\\": {}}}, "ends in a lone backslash"),
-    ({"name": "n", "schema": {"type": "integer"}, "strict": True}, "is an OpenAI json_schema object")])
+    ({"name": "n", "schema": {"type": "integer"}, "strict": True}, "is an OpenAI json_schema object"),
+    # draft 4's flags: llguidance ignored them, and answered 0 for minimum 0, exclusiveMinimum true
+    ({"type": "integer", "minimum": 0, "maximum": 1, "exclusiveMinimum": True},
+     "exclusiveMinimum: true is JSON Schema draft 4's flag on 'minimum': give the bound itself"),
+    ({"type": "number", "maximum": 1, "exclusiveMaximum": False}, "exclusiveMaximum: false is JSON Schema draft 4's")])
 def test_a_schema_the_constraint_would_change_without_a_word_is_refused(tok, schema, says):
     """An integer range beyond 64 bits was clamped (the answer 9223372036854775807 for a minimum
     of 1e20), a pattern's trailing backslash dropped, and OpenAI's json_schema object taken as a
@@ -427,6 +431,9 @@ def test_a_value_that_may_be_null_is_closed_with_null(tok, schema, closed):
     # -2 was taken as 2 (a client validating with jsonschema refuses its own schema); 0 was "invalid multiple of"
     ({"type": "integer", "multipleOf": -2}, "multipleOf must be greater than 0, got -2"),
     ({"type": "number", "multipleOf": 0}, "multipleOf must be greater than 0, got 0"),
+    ({"type": "string", "maxLength": -1}, "'maxLength' must be a whole number, 0 or more, got -1"),
+    ({"type": "array", "minItems": 1.5}, "'minItems' must be a whole number, 0 or more, got 1.5"),
+    ({"type": "string", "pattern": True}, "'pattern' must be a string, got true"),
 ])
 def test_a_number_keyword_llguidance_refuses_is_named_in_a_clients_terms(tok, schema, says):
     """llguidance's messages named Rust's types ("Expected f64 for 'minimum', got true") and its
@@ -436,10 +443,20 @@ def test_a_number_keyword_llguidance_refuses_is_named_in_a_clients_terms(tok, sc
     assert says in str(refused.value) and "f64" not in str(refused.value)
 
 
+def test_string_lengths_beyond_what_a_regex_counts(tok):
+    """A maxLength from 2**32 on (valid JSON Schema) was a 400 quoting llguidance's internal
+    regex ("(?s:.{0,1000000000000}) ... decimal literal invalid"): no answer is that long, so it
+    is taken; a minLength as long cannot be met, and says so."""
+    assert compile_schema(tok, {"type": "string", "maxLength": 10**12})
+    with pytest.raises(SchemaError) as refused:
+        compile_schema(tok, {"type": "string", "minLength": 10**12})
+    assert "no instance of it was found" in str(refused.value) and "regex" not in str(refused.value)
+
+
 def test_a_schema_the_prompt_cannot_carry_is_a_schema_error(tok, tiny):
     """Too many values or too deep for the developer message: refused when compiled (the CLI
     and Chat report it as the schema's error), not when the prompt is written."""
-    with pytest.raises(SchemaError, match="more than 10000 values"):
+    with pytest.raises(SchemaError, match="more than 10,000 JSON values"):
         compile_schema(tok, {"enum": [f"v{i}" for i in range(20_000)]})
     deep = {"type": "string"}
     for _ in range(40):

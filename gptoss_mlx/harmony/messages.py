@@ -233,10 +233,12 @@ def check_schema(schema, where: str, field_: str) -> None:
         count += 1
         if depth > MAX_SCHEMA_DEPTH:
             raise HarmonyError(f"{where}: {field_}: the JSON Schema is nested deeper than "
-                               f"{MAX_SCHEMA_DEPTH} levels (or contains itself)")
+                               f"{MAX_SCHEMA_DEPTH} levels of JSON objects and lists (a property's "
+                               "schema is two: its 'properties' and itself), or contains itself")
         if count > MAX_SCHEMA_VALUES:
             raise HarmonyError(f"{where}: {field_}: the JSON Schema has more than "
-                               f"{MAX_SCHEMA_VALUES} values")
+                               f"{MAX_SCHEMA_VALUES:,} JSON values in all (each object, list, "
+                               "string, number and list item counts one)")
         if isinstance(value, dict):
             for key, item in value.items():
                 _need(isinstance(key, str), where, f"{field_} key", "a string", key)

@@ -358,10 +358,13 @@ def response_format(body: dict) -> dict | None:
     text = body.get("text") or {}
     fmt = text.get("format") if isinstance(text, dict) else text
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        if "json_schema" in fmt or not isinstance(fmt.get("schema"), dict):
+        if "json_schema" in fmt or "schema" not in fmt:
             # Chat Completions' nesting, or no schema: either would leave the answer unconstrained
             raise bad_request("text.format of type json_schema needs its 'schema' (an object) beside "
                               "'name', not nested in 'json_schema': " + RESPONSES_SCHEMA_SHAPE, "text.format")
+        if not isinstance(fmt["schema"], dict):
+            raise bad_request(f"'text.format.schema' must be a JSON Schema object, got {fmt['schema']!r:.80}",
+                              "text.format.schema")
         fmt = {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
     check_response_format(fmt, "text.format", RESPONSES_SCHEMA_SHAPE)
     return fmt
