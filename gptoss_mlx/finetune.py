@@ -181,14 +181,19 @@ class DataReport:
     examples: int = 0
     truncated: list[int] = field(default_factory=list)  # line numbers
     skipped: list[int] = field(default_factory=list)
+    long: str = "truncate"  # what was done with a conversation longer than max_seq_len (LONG)
 
     def lines(self, max_seq_len: int) -> list[str]:
         out = []
         for what, lines in (("truncated", self.truncated), ("skipped", self.skipped)):
             if lines:
                 shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
+                why = ""
+                if what == "skipped" and self.long == "truncate":
+                    why = (": cut to that length, none would keep any of the answer it trains on "
+                           "(raise --max-seq-len to train on them)")
                 out.append(f"{self.path}: {len(lines)} conversation(s) longer than {max_seq_len} "
-                           f"tokens {what} (line {shown})")
+                           f"tokens {what} (line {shown}){why}")
         return out
 
 
@@ -205,7 +210,7 @@ def load_data(path: str | os.PathLike, tokenizer, max_seq_len: int,
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: {e.strerror or e}") from None
-    report, examples = DataReport(path), []
+    report, examples = DataReport(path, long=long), []
     for n, line in enumerate(raw.split(b"\n"), 1):
         if not line.strip():
             continue

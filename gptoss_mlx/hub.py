@@ -5,6 +5,7 @@ a download still needs, and removing one. Downloads themselves go through
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download, scan_cache_dir
 from huggingface_hub import constants as hub_constants
+from huggingface_hub.utils import validate_repo_id
 from huggingface_hub.errors import (
     CacheNotFound, EntryNotFoundError, GatedRepoError, HFValidationError,
     LocalEntryNotFoundError, RepositoryNotFoundError,
@@ -111,15 +113,17 @@ def cached_models() -> tuple[list[CachedModel], int, list[tuple[str, str]]]:
     info = _scan()
     if info is None:
         return [], 0, []
-    found, others = [], 0
+    found, others, damaged = [], 0, {}
     for repo in sorted(info.repos, key=lambda r: r.repo_id):
-        if repo.repo_type != "model":
+        if repo.repo_type != "model" or not _is_repo_id(repo.repo_id):  # (a folder such as models--..--x)
             continue
         revisions = []
         for rev in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
             try:
                 config = ModelConfig.from_file(rev.snapshot_path / "config.json")
-            except (ConfigError, OSError, ValueError):
+            except (ConfigError, OSError, ValueError) as e:
+                if _says_gpt_oss(rev.snapshot_path / "config.json"):  # ours, damaged: not "another model"
+                    damaged.setdefault(repo.repo_id, str(e))
                 continue
             try:
                 layout, _ = find_layout(rev.snapshot_path)
@@ -128,13 +132,31 @@ def cached_models() -> tuple[list[CachedModel], int, list[tuple[str, str]]]:
             revisions.append(CachedModel(repo.repo_id, rev.commit_hash, tuple(sorted(rev.refs)),
                                          rev.size_on_disk, rev.snapshot_path, layout, config))
         found += revisions
-        others += not revisions
-    damaged = {}
+        others += not revisions and repo.repo_id not in damaged
     for warning in info.warnings:
-        folder = re.search(r"models--([\w.-]+?)--([\w.-]+?)(?:/|$)", str(warning))
-        if folder:  # HF repo names hold no "--": the folder names its repo unambiguously
-            damaged.setdefault(f"{folder[1]}/{folder[2]}", str(warning))
+        # (the folder's name ends at a "/", or at the ")" of "refer to missing commit hashes (PATH)")
+        folder = re.search(r"models--([\w.-]+?)--([\w.-]+)", str(warning))
+        repo_id = f"{folder[1]}/{folder[2].rstrip('.')}" if folder else ""
+        if _is_repo_id(repo_id):  # HF repo names hold no "--": the folder names its repo unambiguously
+            damaged.setdefault(repo_id, str(warning))  # (not a folder such as models--..--x: remove refuses it)
     return found, others, sorted(damaged.items())
+
+
+def _is_repo_id(name: str) -> bool:
+    """Whether the Hub could have a repo of this name (``remove`` takes it)."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return looks_like_repo_id(name)
+
+
+def _says_gpt_oss(config_file: Path) -> bool:
+    """Whether a config.json that does not load still names gpt-oss's model type."""
+    try:
+        return json.loads(config_file.read_bytes()).get("model_type") == "gpt_oss"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def repo_folder(repo_id: str) -> Path:

@@ -149,9 +149,13 @@ def _hub_unresolved() -> bool:
     return False
 
 
-def not_downloaded(repo_id: str) -> str:
-    """One line for a repo that is not in the cache while the Hub cannot be used."""
+def not_downloaded(repo_id: str, pulling: bool = False) -> str:
+    """One line for a repo that is not in the cache while the Hub cannot be used; ``pulling``:
+    said to `models pull`, which is what the line otherwise tells one to run."""
     why = "HF_HUB_OFFLINE is set" if offline_set() else "the Hub cannot be reached"
+    if pulling:
+        again = "unset HF_HUB_OFFLINE and run this again" if offline_set() else "run this again when online"
+        return f"{repo_id} cannot be downloaded: {why}; {again}"
     return (f"{repo_id} is not downloaded and {why}: download it when online (`gptoss-mlx models "
             f"pull {repo_id}`), or name a local checkpoint directory instead")
 

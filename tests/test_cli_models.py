@@ -118,8 +118,19 @@ def test_offline_without_the_model_is_one_clear_line(cache, argv):
     proc = run(*argv)
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
+    if argv[:2] == ["models", "pull"]:  # it told pull to run pull, or to name a directory (pull takes none)
+        assert line.endswith("cannot be downloaded: HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE and run this again")
+        return
     assert "is not downloaded and HF_HUB_OFFLINE is set" in line
     assert "gptoss-mlx models pull" in line and "local checkpoint directory" in line
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b/c", "x" * 200])
+def test_pull_of_what_is_not_a_repo_id_says_so(cache, name):
+    proc = run("models", "pull", name)
+    assert proc.returncode == 2
+    assert proc.stderr == (f"gptoss-mlx: error: models pull: {name!r} is not a Hugging Face repo id (owner/name, "
+                           "e.g. openai/gpt-oss-20b)\n")
 
 
 @pytest.mark.parametrize("argv", [["generate", "--model", "test/gpt-oss-talks", "-p", "hi", "--max-tokens", "2"],
@@ -178,6 +189,24 @@ def test_a_damaged_download_is_listed_and_can_be_deleted(cache):
     assert proc.returncode == 0 and "Deleted test/gpt-oss-tiny" in proc.stdout, proc.stderr
     assert not (cache / "models--test--gpt-oss-tiny").exists()
     assert "Damaged" not in run("models", "list").stdout
+
+
+def test_downloads_damaged_in_other_ways_are_listed_too(cache):
+    """A ref to a snapshot that is gone, and a gpt-oss config.json that does not load, were left
+    out of `list` (the second counted as another model); a folder no repo id names
+    (models--..--x) was listed as a damaged '../x' that `rm` then refused."""
+    repo = cache / "models--test--gpt-oss-tiny"
+    (repo / "refs" / "main").write_text("f" * 40)  # the snapshot it names is not there
+    config = GPT_OSS_120B.to_hf_dict()
+    add_to_cache(cache, "test/bad-config", {"config.json": json.dumps({**config, "num_hidden_layers": "x"})})
+    (cache / "models--..--canary" / "snapshots").mkdir(parents=True)
+    listed = run("models", "list")
+    assert listed.returncode == 0, listed.stderr
+    damaged = listed.stdout.split("Damaged downloads")[1]
+    assert "  test/gpt-oss-tiny: Reference(s) refer to missing commit hashes" in damaged
+    assert "  test/bad-config: " in damaged and "num_hidden_layers" in damaged
+    assert "canary" not in listed.stdout
+    assert "(1 other model repo" in listed.stdout  # someone/llama (and the canary folder is not a repo)
 
 
 def test_a_repo_folder_moved_elsewhere_loses_its_link_and_keeps_its_files(cache, tmp_path):

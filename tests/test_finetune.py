@@ -5,7 +5,9 @@ serve, and fusing."""
 from __future__ import annotations
 
 import json
+import re
 import threading
+from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -142,6 +144,15 @@ def test_long_conversations_are_truncated_or_skipped_and_reported(tok, tmp_path)
     assert report.truncated == [2] and "1 conversation(s) longer than" in report.lines(short + 20)[0]
     examples, report = ft.load_data(path, tok, short + 20, long="skip")
     assert len(examples) == 1 and report.skipped == [2]
+    assert report.lines(short + 20)[0].endswith("tokens skipped (line 2)")  # as asked: --long skip
+    # cut, a conversation keeping none of its answer is skipped too: the line said only "skipped"
+    late = capitals_line("Peru " * 200, "Lima")
+    path = write_jsonl(tmp_path / "late.jsonl", [capitals_line("Peru", "Lima"), late])
+    examples, report = ft.load_data(path, tok, short + 20)
+    assert len(examples) == 1 and report.skipped == [2]
+    assert report.lines(short + 20)[0].endswith(
+        "skipped (line 2): cut to that length, none would keep any of the answer it trains on (raise "
+        "--max-seq-len to train on them)")
     with pytest.raises(ft.DataError, match="all 2 are longer than --max-seq-len 20 tokens and were skipped"):
         ft.load_data(path, tok, 20, long="skip")
     # truncated to nothing of their answers (it said "were skipped", not why), and a --valid file
@@ -211,11 +222,23 @@ def test_fine_tuning_a_model_whose_experts_stream_is_refused_in_one_message(shar
         next(ft.train(model, str(sharp), examples, SETTINGS, tmp_path / "out"))
     with pytest.raises(AdapterError, match="fine-tuning needs every expert on the GPU"):
         ft.make_step(model, optim.Adam(learning_rate=1e-3))
+    # the CLI plans for training: every expert resident, sequences of --max-seq-len tokens (not a
+    # chat's 32768-token KV cache, which streamed the experts at this limit, then refused them)
+    def args(out):
+        return ["finetune", "--model", str(sharp), "--data", str(data), "--dense-bits", "4", "--targets",
+                "attention", "--adapter-path", str(tmp_path / out), "--iters", "1", "--max-seq-len", "256"]
     monkeypatch.setenv(DEVICE_MEMORY_ENV, "1.02307GB")
-    assert main(["finetune", "--model", str(sharp), "--data", str(data), "--dense-bits", "4",
-                 "--targets", "attention", "--adapter-path", str(tmp_path / "out")]) == 2
+    assert main(args("out")) == 0, capsys.readouterr().err
+    # where that does not fit, the error names the smallest limit that does (a traceback below the
+    # streamed plan's smallest limit)
+    monkeypatch.setenv(DEVICE_MEMORY_ENV, "0.2GB")
+    assert main(args("out2")) == 2
     err = capsys.readouterr().err
-    assert "they are streamed (8 of 32 in memory)" in err and "Traceback" not in err, err
+    assert "fine-tuning trains with every expert, so every expert must be on the GPU" in err, err
+    assert "Traceback" not in err and "Loading" not in err
+    smallest = re.search(r"set GPTOSS_MLX_DEVICE_MEMORY to ([\d.]+GB) or more", err)[1]
+    monkeypatch.setenv(DEVICE_MEMORY_ENV, smallest)  # what it names is enough
+    assert main(args("out3")) == 0, capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ learning
@@ -669,6 +692,21 @@ def test_ctrl_c_saves_even_when_the_output_has_gone(sharp, tmp_path):
     assert ft.read_state(out)["step"] >= 1 and (out / ADAPTER_WEIGHTS).exists()
 
 
+@pytest.mark.parametrize("sig, said", [
+    ("SIGINT", "Ctrl-C: stopping after this step and saving (Ctrl-C again to quit without saving)"),
+    ("SIGTERM", "SIGTERM: stopping after this step and saving"),
+    ("SIGHUP", "the terminal closed: stopping after this step and saving")])
+def test_the_stop_note_offers_a_second_ctrl_c_only_after_a_ctrl_c(sig, said):
+    """SIGTERM's note offered "Ctrl-C again" (a kill, or a closed terminal, has no one to press it)."""
+    import signal
+    from gptoss_mlx.cli.finetune import StopRequest
+
+    notes = []
+    stop = threading.Event()
+    StopRequest(stop, SimpleNamespace(note=notes.append))(getattr(signal, sig))
+    assert stop.is_set() and notes == [said]
+
+
 def test_a_stop_note_written_in_the_middle_of_a_progress_line_is_no_crash(monkeypatch):
     """The stop signal's note runs between any two lines of the main thread: written while a
     progress line was (its write done, its flush to come) to a pipe whose reader had gone, it
@@ -699,4 +737,5 @@ def test_a_batch_larger_than_the_data_is_said(sharp, tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", [capitals_line(*c) for c in CAPITALS[:2]])
     assert main(["finetune", "--model", str(sharp), "--data", str(data), "--adapter-path",
                  str(tmp_path / "out"), "--iters", "1", "--batch-size", "100"]) == 0
-    assert "note: --batch-size 100 is more than the 2 conversations: each step trains on all 2" in capsys.readouterr().out
+    err = capsys.readouterr().err  # the README's notes: on standard error, each line "gptoss-mlx: note:"
+    assert "gptoss-mlx: note: --batch-size 100 is more than the 2 conversations: each step trains on all 2" in err

@@ -664,6 +664,19 @@ def test_doctor_shows_the_plans_of_a_simulated_16gb_mac():
     # 120b's experts off the GPU (~55 GB) are more than a 16 GB Mac's page cache keeps: said so
     assert "gpt-oss-120b      32768  experts streamed (463 of 4608 on the GPU, 10%), dense layers 4-bit, 10.7 GB *" in proc.stdout
     assert "most tokens wait on the disk" in proc.stdout
+    assert "(about 5.3 GB of RAM): most tokens wait on the disk" in proc.stdout
+
+
+def test_doctor_where_the_limit_is_all_of_ram(monkeypatch, capsys):
+    """On a machine whose model memory is its RAM (a CPU), the page cache's room read "about 0
+    bytes of RAM"."""
+    from gptoss_mlx.cli import doctor, main
+
+    monkeypatch.setattr(doctor, "device_limit", lambda: (24e9, "system RAM"))
+    monkeypatch.setattr(doctor, "system_ram", lambda: 24e9)
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "(no RAM: the limit is all of it): most tokens wait on the disk" in out and "0 bytes" not in out
 
 
 def test_cli_memory_limit_streams_or_refuses_in_one_line(tiny_checkpoint):

@@ -81,8 +81,7 @@ def new_directory(path: Path):
         raise CLIError(f"{path}: cannot create it ({e.strerror or e})") from None
     for left in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
         if left != work:
-            print(f"note: {left} was left by a run that was killed; delete it to free its space",
-                  file=sys.stderr)
+            note(f"{left} was left by a run that was killed; delete it to free its space")
     stop_on_sigterm = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if stop_on_sigterm else None
     try:
@@ -107,6 +106,12 @@ def terminal_safe(text: str) -> str:
     printed can drive the terminal; the rest of Unicode (emoji joiners, no-break spaces, ...)
     prints as it is (``prose_marker``)."""
     return "".join(prose_marker(ch) or ch for ch in text.replace("\r\n", "\n"))
+
+
+def note(message: str) -> None:
+    """Something worth knowing that stops nothing, as every command says it: a line of standard
+    error beginning ``gptoss-mlx: note:`` (the README's convention)."""
+    print(f"gptoss-mlx: note: {terminal_safe(message)}", file=sys.stderr, flush=True)
 
 
 def add_model_argument(p: argparse.ArgumentParser, required_for: str = "",

@@ -71,8 +71,9 @@ def cmd_doctor(args) -> int:
         from_disk = from_disk or bool(mark)
         print(f"  {name:<14}{ctx:>9}  {p.arrangement}, {p.total / GB:.1f} GB{mark}")
     if from_disk:
-        print(f"  * more experts off the GPU than the OS page cache can keep beside it (about {size(room)}\n"
-              "    of RAM): most tokens wait on the disk")
+        room_said = f"about {size(room)} of RAM" if room >= GB else "no RAM: the limit is all of it"
+        print(f"  * more experts off the GPU than the OS page cache can keep beside it\n"
+              f"    ({room_said}): most tokens wait on the disk")
     print(f"\nPython tool sandbox: {sandbox_status()}")
     print(f"\nCustom kernels ({registry.ENV_VAR}={registry.mode()}; checked on a small input before use):")
     kernels = registry.status(mx.bfloat16)

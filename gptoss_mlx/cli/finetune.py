@@ -29,10 +29,10 @@ from ..lora import (
     expert_adapter_config, fuse_dense, hf_tensors, non_finite, read_adapter_config,
     requantize_experts, save_adapter,
 )
-from ..memory import MemoryPlanError, checkpoint_dense_bits, system_ram
+from ..memory import MemoryPlan, MemoryPlanError, checkpoint_dense_bits, choose_plan, shorter_context, system_ram
 from ..tokenizer import TokenizerError
 from . import common
-from .common import CLIError, add_model_argument, positive_float, positive_int, terminal_safe
+from .common import CLIError, add_model_argument, note, positive_float, positive_int
 
 BAR = 24  # characters of the progress bar
 DEFAULTS = ft.Settings()
@@ -225,8 +225,8 @@ def finetune(args) -> int:
             valid_set, valid_report = ft.load_data(args.valid, tokenizer, settings.max_seq_len, settings.long,
                                                    purpose="validate on")
             notes += valid_report.lines(settings.max_seq_len)
-        for note in notes:
-            print(terminal_safe(note))
+        for line in notes:
+            note(line)
         if (directory / FUSED_EXPERT_ADAPTER).is_dir():  # (found after the load, as "already has an adapter")
             raise CLIError(f"{directory} is a fused checkpoint whose expert adapter stays beside its experts "
                            f"({FUSED_EXPERT_ADAPTER}/): fine-tuning needs plain experts. Fuse it again with "
@@ -234,17 +234,18 @@ def finetune(args) -> int:
         base_digest = checkpoint_digest(directory)
         if state:
             check_same_base(args, directory, state, base_digest)
+        memory_plan, context = training_plan(directory, args.dense_bits, settings.max_seq_len)
         print(f"Loading {directory} ...", flush=True)
-        model, _ = engine_thread().call(load, directory, dense_bits=args.dense_bits)
+        model, _ = engine_thread().call(load, directory, max_context=context, memory_plan=memory_plan)
         ft.check_trainable(model)
-    except (CheckpointError, ConfigError, TokenizerError, ft.DataError, ValueError) as e:
+    except (CheckpointError, ConfigError, TokenizerError, ft.DataError, MemoryPlanError, ValueError) as e:
         raise CLIError(str(e)) from None
     trained = sum(sum(e.mask) for e in train_set)
     print(f"{len(train_set)} conversations, {sum(len(e.tokens) for e in train_set):,} tokens "
           f"({trained:,} trained)" + (f"; {len(valid_set)} for validation" if valid_set else ""))
     if settings.batch_size > len(train_set):
-        print(f"note: --batch-size {settings.batch_size} is more than the {len(train_set)} "
-              f"conversations: each step trains on all {len(train_set)}")
+        note(f"--batch-size {settings.batch_size} is more than the {len(train_set)} "
+             f"conversations: each step trains on all {len(train_set)}")
     where = f"resuming at step {state['step']}" if state else "from step 0"
     print(f"LoRA rank {settings.rank}, alpha {settings.alpha:g} on {', '.join(settings.targets)}; "
           f"{settings.iters} steps of {settings.batch_size}, {where}. Ctrl-C saves and stops.")
@@ -272,6 +273,21 @@ def finetune(args) -> int:
     return 0
 
 
+def training_plan(directory: Path, dense_bits: int | None, max_seq_len: int) -> tuple[MemoryPlan, int]:
+    """(the memory plan, its context) for training on ``directory``: every expert on the GPU (a
+    training step cannot stream them: ft.check_trainable), sequences of ``max_seq_len`` tokens
+    (not a chat's 32768-token KV cache). Where it does not fit, the MemoryPlanError names the
+    smallest limit with every expert resident."""
+    config = read_config(directory)
+    context = min(max_seq_len, config.max_position_embeddings)
+    try:
+        return choose_plan(config, context, checkpoint_dense_bits(config, dense_bits),
+                           unstreamable="fine-tuning trains with every expert"), context
+    except MemoryPlanError as e:  # its advice in this command's terms
+        raise MemoryPlanError(str(e).replace(shorter_context(4096), "a shorter --max-seq-len (4096 fits)"),
+                              e.smallest_limit) from None
+
+
 STOP_CAUSES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "the terminal closed"}
 
 
@@ -293,8 +309,8 @@ class StopRequest:
         if self.first is None:
             self.first = now
             self.stop.set()
-            self.show.note(f"{STOP_CAUSES.get(sig, 'Ctrl-C')}: stopping after this step and saving "
-                           "(Ctrl-C again to quit without saving)")
+            again = " (Ctrl-C again to quit without saving)" if sig == signal.SIGINT else ""
+            self.show.note(f"{STOP_CAUSES.get(sig, 'Ctrl-C')}: stopping after this step and saving{again}")
         elif sig == signal.SIGINT and now - self.first >= STOP_REPEAT_S:
             raise KeyboardInterrupt
 

@@ -10,10 +10,14 @@ import sys
 from pathlib import Path
 
 import mlx.nn as nn
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from ..config import ConfigError, ModelConfig
 from ..hub import cache_dir, cached_models, remove, repo_folder
-from ..loading import COPIED, CheckpointError, find_layout, load_model, resolve_checkpoint, save_weights, stream_problem
+from ..loading import (
+    COPIED, CheckpointError, find_layout, load_model, not_downloaded, resolve_checkpoint, save_weights, stream_problem,
+)
 from ..lora import FUSED_EXPERT_ADAPTER
 from ..memory import DEFAULT_CONTEXT, GB, AFFINE_GROUP, MemoryPlanError, checkpoint_dense_bits, choose_plan
 from . import common
@@ -112,8 +116,18 @@ def cmd_list(args) -> int:
 def cmd_pull(args) -> int:
     if not args.repo.strip():
         raise CLIError("models pull: name the repo, e.g. openai/gpt-oss-20b")
+    try:
+        validate_repo_id(args.repo)
+    except HFValidationError:
+        raise CLIError(f"models pull: {args.repo!r} is not a Hugging Face repo id (owner/name, e.g. "
+                       "openai/gpt-oss-20b)") from None
     args.model, args.hub_only = args.repo, True  # (a folder of that name here is not the repo)
-    directory, context, _ = common.prepare(args)
+    try:
+        directory, context, _ = common.prepare(args)
+    except CLIError as e:
+        if str(e) == not_downloaded(args.repo):  # its advice is to run this command
+            raise CLIError(not_downloaded(args.repo, pulling=True)) from None
+        raise
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     config = ModelConfig.from_file(find_layout(directory)[1] / "config.json")
     print(f"{args.repo} is ready: {directory} ({_size(size)}); fits at {DEFAULT_CONTEXT} tokens: "
