@@ -246,6 +246,49 @@ def test_a_short_prompt_does_not_wait_behind_a_long_one(tiny):
     assert firsts["short"] < firsts["long"]
 
 
+def test_beside_decoding_sequences_a_prompt_goes_in_chunks_sized_by_time(tiny, monkeypatch):
+    """Each decode step of the others waits for the chunk of a newcomer's prompt: a fixed 512
+    tokens made them wait seconds a token on a slow machine (0.2 tok/s beside an 11k-token prompt
+    on a CPU). The chunk is what takes about INTERLEAVED_S at the measured rate (here a model
+    slowed to 2 ms a prompt token: about 50 tokens), never fewer than MIN_INTERLEAVED."""
+    from gptoss_mlx.server import scheduler as sched
+
+    model, tokenizer = tiny
+    real_call = type(model).__call__
+
+    def slow(self, inputs, *args, **kwargs):
+        if inputs.shape[-1] > 1:  # prefill: 2 ms a token
+            time.sleep(0.002 * inputs.shape[-1])
+        return real_call(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "__call__", slow)
+    chunks = []  # (budget, whether others were decoding)
+    real_step = Prefill.step
+
+    def step(self, max_tokens=None):
+        chunks.append((max_tokens, bool(scheduler._rows)))
+        return real_step(self, max_tokens)
+
+    monkeypatch.setattr(Prefill, "step", step)
+    scheduler = Scheduler(Engine(model, max_context=8192, prefill_step=256), max_concurrency=2, cache_bytes=1 << 30)
+    assert scheduler.interleaved_chunk == sched.INTERLEAVED_CHUNK == 512
+
+    async def main():
+        first = Run(tokenizer.encode("Go on " * 40), SamplingParams(temperature=0, max_tokens=4000))
+        stream = scheduler.generate(first)
+        await stream.__anext__()  # decoding, its prompt's chunk measured
+        long = Run(tokenizer.encode("word " * 800), SamplingParams(temperature=0, max_tokens=1))
+        await collect(scheduler, long)
+        first.cancelled.set()
+        await stream.aclose()
+
+    asyncio.run(main())
+    beside = [budget for budget, decoding in chunks if decoding]
+    assert len(beside) > 10, chunks
+    assert all(sched.MIN_INTERLEAVED <= b <= 80 for b in beside), beside
+    assert scheduler.prefill_rate < 600
+
+
 async def collect(scheduler, run) -> list[int]:
     """A run's tokens, straight from the scheduler (no HTTP)."""
     return [t async for t in scheduler.generate(run)]

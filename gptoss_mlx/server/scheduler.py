@@ -5,8 +5,8 @@ conversation's follow-up reuses the cache its previous turn left.
 Requests enter through :meth:`Scheduler.generate` (a prompt and sampling parameters in, token
 ids out). On the engine thread one loop runs every admitted sequence: each step it prefills
 newcomers, the one with the fewest prompt tokens left first (a one-line question waits for no
-more of another's long tool result than the chunk under way), within a budget of prompt tokens (while others decode a small
-one, so a long prompt never stops them for its whole length), then runs one decode step for all the sequences past their prefill: one forward pass over their
+more of another's long tool result than the chunk under way), within a budget of prompt tokens (while others decode a chunk
+of about a tenth of a second, so a long prompt never stops them for its whole length), then runs one decode step for all the sequences past their prefill: one forward pass over their
 B current tokens, each row attending to its own cache (``cache.merge_caches``), each sampled with
 its own parameters, random key, logits processors and stop conditions (the plain greedy rows in
 one argmax). As in Engine.generate, step n+1 is queued, fed with step n's tokens still on the
@@ -44,9 +44,14 @@ RETRY_AFTER_S = 1
 # drops a stream and asks again at once (an agent's interrupted turn) would otherwise race the
 # server's noticing of the disconnect. Slots freed meanwhile go to the waiters, oldest first.
 ADMIT_WAIT_S = 2.0
-# Prompt tokens prefilled per step while other sequences are decoding: each step's decode waits
-# for this chunk. Alone, a prompt goes in the engine's full prefill_step chunks.
+# While other sequences are decoding, each of their steps waits for a chunk of a newcomer's
+# prompt: the chunk is sized to take about INTERLEAVED_S, from the prefill rate of the chunks
+# before it, between MIN_INTERLEAVED and INTERLEAVED_CHUNK tokens (a fixed 512 made every step of
+# the others wait seconds on a slow machine: 0.2 tok/s beside an 11k-token prompt on a CPU).
+# Alone, a prompt goes in the engine's full prefill_step chunks.
 INTERLEAVED_CHUNK = 512
+INTERLEAVED_S = 0.1
+MIN_INTERLEAVED = 16
 
 
 @dataclass
@@ -122,6 +127,7 @@ class Scheduler:
         self.pool = PromptCachePool(engine.model, cache_bytes, forks=engine.forks)
         self.max_concurrency = max_concurrency
         self.interleaved_chunk = interleaved_chunk
+        self.prefill_rate: float | None = None  # prompt tokens a second, of the last chunks
         self.in_flight = 0
         self.steps: Counter[int] = Counter()  # decode steps taken, by batch size
         self._lock = threading.Lock()  # guards _waiting and _looping
@@ -290,22 +296,23 @@ class Scheduler:
 
     def _prefill(self) -> None:
         """Prefill newcomers, fewest tokens left first (oldest first among equals), within one
-        step's budget of prompt tokens: while others decode a small one (they wait for it), else
-        a full chunk. A newcomer whose prompt is all in samples its first token and joins the
-        batch."""
-        spent = 0
+        step's budget of prompt tokens: while others decode a small one (they wait for it:
+        :meth:`interleaved_budget`), else a full chunk. A newcomer whose prompt is all in
+        samples its first token and joins the batch."""
+        spent, interleaved = 0, self.interleaved_budget()  # (this step's: not what its chunks measure)
         while self._prefilling:
             # a newcomer that joined in this step decodes in it: the rest waits as others' would
-            budget = (self.interleaved_chunk if self._rows else self.engine.prefill_step) - spent
+            budget = (interleaved if self._rows else self.engine.prefill_step) - spent
             if budget <= 0:
                 break
             seq = min(self._prefilling, key=Sequence.prefill_left)
             try:
                 if seq.prefill is None:
                     seq.start(self.engine, self.pool.take(seq.run.prompt))
-                before = len(seq.pc.tokens)
+                before, started = len(seq.pc.tokens), time.perf_counter()
                 logits = seq.prefill.step(budget)
                 spent += len(seq.pc.tokens) - before
+                self._measure(len(seq.pc.tokens) - before, time.perf_counter() - started)
             except ValueError as e:  # a prompt the model cannot take, or NaN logits: this one fails
                 self._prefilling.remove(seq)
                 if seq.pc is not None and not isinstance(e, NonFiniteLogitsError):
@@ -315,6 +322,20 @@ class Scheduler:
             if logits is not None:
                 self._prefilling.remove(seq)
                 self._join(seq, logits)
+
+    def interleaved_budget(self) -> int:
+        """Prompt tokens to prefill in a step while others decode: about INTERLEAVED_S's worth at
+        the measured rate, within MIN_INTERLEAVED and ``interleaved_chunk``."""
+        if self.prefill_rate is None:
+            return self.interleaved_chunk
+        return max(MIN_INTERLEAVED, min(self.interleaved_chunk, int(self.prefill_rate * INTERLEAVED_S)))
+
+    def _measure(self, tokens: int, seconds: float) -> None:
+        """The prefill rate, from a chunk of ``tokens`` that took ``seconds`` (it slows as the
+        context grows: the average leans on the latest chunks)."""
+        if tokens >= MIN_INTERLEAVED and seconds > 0:
+            rate = tokens / seconds
+            self.prefill_rate = rate if self.prefill_rate is None else (self.prefill_rate + rate) / 2
 
     def _join(self, seq: "Sequence", logits: mx.array) -> None:
         first = seq.sampler(logits)  # (1,)
