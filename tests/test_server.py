@@ -550,6 +550,16 @@ def test_bad_chat_requests_get_openai_shaped_errors(url, body, status, param):
     assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["param"] == param
 
 
+def test_an_effort_it_does_not_take_is_told_every_name_it_does(url):
+    """The 400 named low, medium and high, though minimal, none and xhigh (other APIs' efforts)
+    are taken too."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "max"}
+    code, data = post(url, "/chat/completions", json.dumps(body).encode())
+    assert code == 400 and data["error"]["message"] == (
+        "'reasoning_effort' must be one of low, medium, high (or minimal (as low), none (as low), "
+        "xhigh (as high)), got 'max'")
+
+
 @pytest.mark.parametrize("stops", [["ab", "ab" * 5001], ["ab" * 5001, "a", "b", "c", "d"]])
 def test_stop_strings_too_long_or_too_many_are_a_short_400(url, stops):
     """Testers' (helper-118, helper-121): stop strings of any length slowed every sequence of the

@@ -71,12 +71,10 @@ def reasoning_budget(body: dict, default: int | None) -> int | None:
 def effort(value, default: str, param: str) -> str:
     if value is None:
         return default
-    if not isinstance(value, str):
-        raise bad_request(f"'{param}' must be one of {', '.join(EFFORTS)}, got {value!r}", param)
-    value = EFFORT_ALIASES.get(value, value)
-    if value not in EFFORTS:
-        raise bad_request(f"'{param}' must be one of {', '.join(EFFORTS)}, got {value!r}", param)
-    return value
+    if not isinstance(value, str) or EFFORT_ALIASES.get(value, value) not in EFFORTS:
+        taken = ", ".join(f"{name} (as {effort})" for name, effort in EFFORT_ALIASES.items())
+        raise bad_request(f"'{param}' must be one of {', '.join(EFFORTS)} (or {taken}), got {value!r:.80}", param)
+    return EFFORT_ALIASES.get(value, value)
 
 
 def stop_strings(body: dict) -> list[str]:
