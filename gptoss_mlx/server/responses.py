@@ -196,7 +196,7 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
             text = "".join(str(p.get("text", "")) for p in parts
                            if isinstance(p, dict) and p.get("type") == "reasoning_text")
             # without its content (Codex, store=false): this server's encrypted_content, or its summary
-            text = text or unsealed_reasoning(item.get("encrypted_content")) or _summary(item.get("summary"))
+            text = text or unsealed_reasoning(item.get("encrypted_content"), where) or _summary(item.get("summary"))
             if text:
                 target = turn("tool_calls", "content")
                 target["reasoning"] = (target.get("reasoning") or "") + text
@@ -260,27 +260,35 @@ def check_call_outputs(items: list, first_input: int = 0) -> None:
     """As OpenAI's API: the calls a previous response ended with get their outputs in this
     input before anything else is said (the model would read a call with no result), and a call
     has one output. (A call left open in an earlier turn, a reply stopped at it, is history.)"""
-    pending: dict[str, str] = {}  # call_id -> where: the previous response's last turn's calls
+    pending: dict[str, tuple[str, int]] = {}  # call_id -> (where, index): the open calls of the last turn
     answered: set[str] = set()
     for i, item in enumerate(items):
         where = f"input[{i - first_input}]" if i >= first_input else f"previous_response_id's item {i}"
         kind = kind_of(item) if isinstance(item, dict) else None
         if kind == "function_call" and isinstance(item.get("call_id"), str):
+            if item["call_id"] in pending:  # (its output would answer which?)
+                raise bad_request(f"{where}: a second function_call with call_id {item['call_id'][:80]!r} "
+                                  f"before the first's output ({pending[item['call_id']][0]})", "input")
             answered.discard(item["call_id"])  # (a later turn's call may reuse an id: its own output)
-            if i < first_input:
-                pending[item["call_id"]] = where
+            pending[item["call_id"]] = (where, i)
         elif kind == "function_call_output" and isinstance(item.get("call_id"), str):
             if item["call_id"] in answered:
                 raise bad_request(f"{where}: a second function_call_output for call_id "
                                   f"{item['call_id'][:80]!r}: a call has one output", "input")
+            # (one with a name answers the function by its name: the playground's, for a result
+            # a saved chat holds without its call)
+            if item["call_id"] not in pending and i >= first_input and not isinstance(item.get("name"), str):
+                open_calls = ", ".join(pending) or "none"
+                raise bad_request(f"{where}: no function_call before it has call_id {item['call_id'][:80]!r} "
+                                  f"(the calls waiting for an output: {open_calls[:200]})", "input")
             answered.add(item["call_id"])
             pending.pop(item["call_id"], None)
         elif kind == "message" and item.get("role") != "assistant":
-            if i >= first_input and pending:
-                break
-            pending.clear()  # a turn of the stored conversation went on past its open calls
+            if i >= first_input and any(at < first_input for _, at in pending.values()):
+                break  # the previous response's calls, unanswered before the conversation goes on
+            pending.clear()  # a turn went on past its open calls (a reply stopped at one): history
     if pending:
-        call_id, where = next(iter(pending.items()))
+        call_id, (where, _) = next(iter(pending.items()))
         raise bad_request(f"No tool output found for function call {call_id[:80]} ({where}): send its "
                           "function_call_output before the conversation goes on", "input")
 
@@ -493,15 +501,17 @@ def sealed_reasoning(text: str) -> str:
     return ENCRYPTED_PREFIX + base64.b64encode(text.encode("utf-8", "surrogatepass")).decode("ascii")
 
 
-def unsealed_reasoning(sealed) -> str:
+def unsealed_reasoning(sealed, where: str = "input") -> str:
     """The text of this server's ``encrypted_content``; "" for another's (OpenAI's is
-    encrypted with their key: nothing a local model can read) or a damaged one."""
+    encrypted with their key: nothing a local model can read). One of this server's that does
+    not decode is a 400 (it was left out without a word: the chain of thought lost)."""
     if not isinstance(sealed, str) or not sealed.startswith(ENCRYPTED_PREFIX):
         return ""
     try:
         return base64.b64decode(sealed[len(ENCRYPTED_PREFIX):], validate=True).decode("utf-8")
     except (ValueError, UnicodeDecodeError):
-        return ""
+        raise bad_request(f"{where}.encrypted_content is this server's ({ENCRYPTED_PREFIX}...) but damaged: "
+                          "it does not decode to the reasoning's text; send it as it was given", "input") from None
 
 
 def output_item(item: Item, ids: dict, status: str = "completed", sealed: bool = False) -> dict:
@@ -626,7 +636,9 @@ class ResponseRun:
                "reasoning": {"effort": self.effort, "summary": None},
                "store": self.stored, "temperature": reply.run.params.temperature,
                "top_p": reply.run.params.top_p, "tool_choice": body.get("tool_choice") or "auto",
-               "tools": body.get("tools") or [], "parallel_tool_calls": False,
+               "tools": body.get("tools") or [],
+               # as OpenAI's: what was asked (true by default); the model makes one call a turn
+               "parallel_tool_calls": body.get("parallel_tool_calls", True) is not False,
                "max_tool_calls": body.get("max_tool_calls"),
                "truncation": body.get("truncation") or "disabled",
                "text": body.get("text") or {"format": {"type": "text"}}, "metadata": body.get("metadata") or {},
@@ -686,21 +698,27 @@ class ResponseRun:
 
     def keep_sent(self) -> None:
         """The client left mid-stream: store what was streamed to it (a cancelled response), so
-        that ``previous_response_id`` can follow on from what it saw. A call not wholly streamed
-        goes, as does an item of which nothing was."""
+        that ``previous_response_id`` can follow on from what it saw. An item of which nothing was
+        streamed goes."""
         if not self.stored:
             return
-        output = []
+        output, history = [], []
         for item in self.reply.stream.items:
             if id(item) in self.whole:
                 output.append(self._output(item))
+                history.append(output[-1])
+            elif id(item) in self.ids and item.kind == CALL:
+                # the client has its ids: it is shown as far as it went, and left out of what a
+                # previous_response_id goes on from (no output can answer half a call)
+                output.append({**self._output(item, "incomplete"), "arguments": self.sent.get(id(item), "")})
             elif id(item) in self.ids and self.sent.get(id(item)) and item.kind in (REASONING, TEXT):
                 part = self._part(item, self.sent[id(item)])
                 kept = {**self._output(item, "incomplete"), "content": [part]}
                 if "encrypted_content" in kept:  # what was sent of it
                     kept["encrypted_content"] = sealed_reasoning(self.sent[id(item)])
                 output.append(kept)
-        self.store.put(self.reply.id, self.items + output, {**self.response("cancelled"), "output": output})
+                history.append(kept)
+        self.store.put(self.reply.id, self.items + history, {**self.response("cancelled"), "output": output})
 
     async def events(self):
         """The streamed events, as (type, payload) pairs, in OpenAI's order."""
