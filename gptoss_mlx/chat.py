@@ -19,6 +19,7 @@ for the reply. The history itself (``chat.messages``, saved chats) keeps every m
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import weakref
@@ -34,7 +35,7 @@ from .chat_file import (  # noqa: F401 - ChatFileError: public here
 from .engine_thread import engine_thread
 from .files import valid_text
 from .generate import RAISE_CONTEXT, ContextLengthError, Engine, SamplingParams, Stats, sampling_params
-from .harmony.chat_completions import _header_field
+from .harmony.chat_completions import _header_field, _recipient_of
 from .harmony import ContentDelta, DeveloperContent, Message, MessageEnd, MessageStart, ResponseFormat
 from .structured import SchemaError, compile_schema, constrained_messages, constraints_for, final_header, grammars
 
@@ -49,6 +50,7 @@ class ReasoningDelta:
 # Text on these channels is the answer; on commentary, without a recipient, it is a preamble
 # (text to the user before a call), shown with the answer's text.
 ANSWER_CHANNELS = ("final", None)
+TOOL_RESULT_CHANNELS = ("commentary", "analysis")  # a tool's result comes back on its call's
 
 
 @dataclass
@@ -115,6 +117,17 @@ class Chat:
         if engine is None and not hasattr(tokenizer, "encode_ordinary"):
             raise TypeError(f"tokenizer must be the loaded model's (model, tokenizer = gptoss_mlx.load(...)), "
                             f"got {type(tokenizer).__name__}")
+        if engine is not None:  # (a model given beside it was ignored: the engine's model answered)
+            if not hasattr(engine, "max_context"):
+                raise TypeError(f"engine must be an Engine (gptoss_mlx.Engine(model)), got {type(engine).__name__}")
+            if model is not None and getattr(engine, "model", model) is not model:
+                raise ValueError("engine runs another model than the one given: give this model's engine "
+                                 "(Engine(model)), or leave engine out")
+            if max_context is not None and max_context != engine.max_context:
+                raise ValueError(f"max_context is {max_context} but the engine's is {engine.max_context}: set it "
+                                 "on the engine (Engine(model, max_context=...)), or leave engine out")
+        if python_description is not None and not isinstance(python_description, str):
+            raise TypeError(f"python_description must be a string or None, got {type(python_description).__name__}")
         self.sampling = sampling
         self.context_overflow = context_overflow
         self.tokenizer = tokenizer
@@ -185,8 +198,22 @@ class Chat:
                 "functions": list(self.functions), "response_format": self._format}
 
     def apply(self, settings: dict) -> None:
-        for name, value in settings.items():
-            setattr(self, name, list(value) if name == "functions" else value)
+        """Put back what :meth:`settings` gave (any of its keys): all of it or, where a value is
+        wrong (its error raised), none of it."""
+        if not isinstance(settings, dict):
+            raise TypeError(f"apply() takes a dict of settings (as settings() gives), got {type(settings).__name__}")
+        unknown = sorted(set(settings) - set(self.settings()))
+        if unknown:
+            raise ValueError(f"apply(): {', '.join(map(str, unknown))} {'is' if len(unknown) == 1 else 'are'} no "
+                             f"setting of a chat (those are {', '.join(self.settings())})")
+        before = self.settings()
+        try:
+            for name, value in settings.items():
+                setattr(self, name, list(value) if name == "functions" else value)
+        except Exception:
+            for name, value in before.items():  # (each valid: it was set)
+                setattr(self, name, value)
+            raise
 
     def keep_functions(self, functions: list[harmony.ToolSpec]) -> str | None:
         """After :meth:`load`: the model is told of ``functions`` (those that can run here: a
@@ -325,9 +352,16 @@ class Chat:
         self._instructions = None if text is None else valid_text(text)
 
     def add_tool_result(self, name: str, content: str, channel: str = "commentary") -> None:
+        """A tool's result for the model: ``name`` as the model called the tool
+        (``functions.get_weather``, ``python``, ``browser.search``; a bare function name is
+        ``functions.NAME``, as a saved chat reads it back), on the call's ``channel``
+        (commentary, or analysis for a built-in tool called there)."""
         if not isinstance(content, str) or not isinstance(name, str):
             raise TypeError(f"add_tool_result takes the tool's name and its result as strings, got "
                             f"{type(name).__name__} and {type(content).__name__} (json.dumps a value first)")
+        if channel not in TOOL_RESULT_CHANNELS:  # (any word went into the prompt and the saved chat)
+            raise ValueError(f"add_tool_result's channel must be {' or '.join(TOOL_RESULT_CHANNELS)} (the "
+                             f"call's), got {channel!r:.80}")
         try:  # each is a word of the result's header (as a saved chat's are checked)
             _header_field(name, "add_tool_result's name")
             _header_field(channel, "add_tool_result's channel")
@@ -335,6 +369,8 @@ class Chat:
             raise ValueError(str(e)) from None
         if "<|" in name:  # (a content type may start with <|constrain|>; a name may not)
             raise ValueError(f"add_tool_result's name {name[:80]!r}: a tool's name cannot hold a special token")
+        # as a saved chat's tool message is read back ("get_weather" came back functions.get_weather)
+        name = _recipient_of(name, {f.name for f in self.functions})
         self.messages.append(Message("tool", valid_text(content), channel=channel, recipient="assistant",
                                      name=name))
 
@@ -511,6 +547,12 @@ class Chat:
         """Write the chat as Chat Completions JSON (reasoning included), atomically.
         ``metadata`` (e.g. a title) is stored beside it and ignored by :meth:`load`; a key that
         names one of the chat's own fields is a ValueError (the file would not load)."""
+        for key, value in metadata.items():  # (json's own TypeError named no argument)
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"save(): {key} must be a JSON value (a string, number, list or dict), got "
+                                 f"{type(value).__name__}") from None
         clash = sorted(set(metadata) & set(CHAT_FIELDS))
         if clash:
             raise ValueError(f"save(): {', '.join(clash)} {'is' if len(clash) == 1 else 'are'} the chat's own "
