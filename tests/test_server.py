@@ -550,6 +550,29 @@ def test_bad_chat_requests_get_openai_shaped_errors(url, body, status, param):
     assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["param"] == param
 
 
+@pytest.mark.parametrize("tail, ok", [
+    ([], False),  # the conversation ends at the call
+    ([{"role": "tool", "tool_call_id": "c2", "content": "1"}], False),  # another call's id
+    ([{"role": "tool", "tool_call_id": "c1", "content": "sunny"}], True),
+    ([{"role": "user", "content": "never mind"}], True),  # history: a reply stopped at its call
+])
+def test_chat_completions_calls_at_the_end_need_their_results(url, tail, ok):
+    """As the Responses API now (and OpenAI's API): a conversation ending with calls that have
+    no tool message was taken, the model going on after a call with no result."""
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]}, *tail]
+    body = {"messages": messages, "max_tokens": 2, "tools": [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]}
+    code, data = post(url, "/chat/completions", json.dumps(body).encode())
+    if ok:
+        assert code == 200, data
+    else:
+        assert code == 400 and data["error"]["message"].startswith(
+            "messages[1]: an assistant message with 'tool_calls' must be followed by a tool message "
+            "answering each call (no tool message has tool_call_id 'c1')"), data
+
+
 def test_an_effort_it_does_not_take_is_told_every_name_it_does(url):
     """The 400 named low, medium and high, though minimal, none and xhigh (other APIs' efforts)
     are taken too."""

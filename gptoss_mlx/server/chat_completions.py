@@ -91,6 +91,26 @@ def check_messages(messages) -> None:
                     or not isinstance(fn.get("arguments", ""), (str, dict))):
                 raise bad_request(f"{where}.tool_calls[{j}] must be {{\"id\": str, \"function\": "
                                   "{\"name\": str, \"arguments\": str}}", "messages")
+    check_last_calls_answered(messages)
+
+
+def check_last_calls_answered(messages: list) -> None:
+    """As OpenAI's API (and the Responses API here): the calls the conversation ends with each
+    have their tool message (by tool_call_id; a call without an id, one of its own), else the
+    model would go on after a call it has no result of. (Calls a later user message follows are
+    history: a reply stopped at them.)"""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant" and m.get("tool_calls")),
+               default=None)
+    if last is None or any(m.get("role") in ("user", "system", "developer") for m in messages[last + 1:]):
+        return
+    results = [m for m in messages[last + 1:] if m.get("role") == "tool"]
+    answered = {m.get("tool_call_id") for m in results}
+    calls = messages[last]["tool_calls"]
+    missing = [c.get("id") for c in calls if c.get("id") and c["id"] not in answered]
+    if missing or len(results) < len(calls):
+        named = f" (no tool message has tool_call_id {missing[0][:80]!r})" if missing else ""
+        raise bad_request(f"messages[{last}]: an assistant message with 'tool_calls' must be followed by a tool "
+                          f"message answering each call{named}", "messages")
 
 
 def check_response_format(fmt, param: str = "response_format", shape: str = JSON_SCHEMA_SHAPE) -> None:
