@@ -367,6 +367,8 @@ class Chat:
             _header_field(channel, "add_tool_result's channel")
         except harmony.HarmonyError as e:
             raise ValueError(str(e)) from None
+        if name.startswith(".") or name.endswith(".") or ".." in name:  # ("functions." names no function)
+            raise ValueError(f"add_tool_result's name {name[:80]!r}: a part of the name is empty")
         if "<|" in name:  # (a content type may start with <|constrain|>; a name may not)
             raise ValueError(f"add_tool_result's name {name[:80]!r}: a tool's name cannot hold a special token")
         # as a saved chat's tool message is read back ("get_weather" came back functions.get_weather)
@@ -547,12 +549,6 @@ class Chat:
         """Write the chat as Chat Completions JSON (reasoning included), atomically.
         ``metadata`` (e.g. a title) is stored beside it and ignored by :meth:`load`; a key that
         names one of the chat's own fields is a ValueError (the file would not load)."""
-        for key, value in metadata.items():  # (json's own TypeError named no argument)
-            try:
-                json.dumps(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"save(): {key} must be a JSON value (a string, number, list or dict), got "
-                                 f"{type(value).__name__}") from None
         clash = sorted(set(metadata) & set(CHAT_FIELDS))
         if clash:
             raise ValueError(f"save(): {', '.join(clash)} {'is' if len(clash) == 1 else 'are'} the chat's own "
@@ -560,6 +556,12 @@ class Chat:
         problem = chat_file_problem({"messages": [], **metadata})  # (a title that is no string, a newer format)
         if problem:
             raise ValueError(f"save(): {problem}")
+        for key, value in metadata.items():  # (json's own TypeError named no argument)
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"save(): {key} must be a JSON value (a string, number, list or dict), got "
+                                 f"{type(value).__name__}") from None
         return write_json_atomic(path, {**self.to_json(), **metadata})
 
     def load(self, path: str | os.PathLike) -> dict:

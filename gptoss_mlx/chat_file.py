@@ -144,7 +144,10 @@ def _is_number(v) -> bool:
 
 
 def _show(v) -> str:
-    text = json.dumps(v, ensure_ascii=False) if not isinstance(v, float) else repr(v)
+    try:  # (a value from Python, not a file: save()'s metadata)
+        text = json.dumps(v, ensure_ascii=False) if not isinstance(v, float) else repr(v)
+    except (TypeError, ValueError):
+        text = f"a {type(v).__name__}"
     return text if len(text) <= 40 else text[:37] + "..."
 
 

@@ -122,7 +122,7 @@ def cached_models() -> tuple[list[CachedModel], int, list[tuple[str, str]]]:
             try:
                 config = ModelConfig.from_file(rev.snapshot_path / "config.json")
             except (ConfigError, OSError, ValueError) as e:
-                if _says_gpt_oss(rev.snapshot_path / "config.json"):  # ours, damaged: not "another model"
+                if _damaged_ours(rev.snapshot_path / "config.json"):  # ours, damaged: not "another model"
                     damaged.setdefault(repo.repo_id, str(e))
                 continue
             try:
@@ -151,12 +151,16 @@ def _is_repo_id(name: str) -> bool:
     return looks_like_repo_id(name)
 
 
-def _says_gpt_oss(config_file: Path) -> bool:
-    """Whether a config.json that does not load still names gpt-oss's model type."""
+def _damaged_ours(config_file: Path) -> bool:
+    """Whether a config.json that does not load still names gpt-oss's model type, or is no JSON
+    at all (cut short: damaged, whatever model it was)."""
     try:
-        return json.loads(config_file.read_bytes()).get("model_type") == "gpt_oss"
-    except (OSError, ValueError, AttributeError):
+        data = json.loads(config_file.read_bytes())
+    except ValueError:
+        return True
+    except OSError:
         return False
+    return isinstance(data, dict) and data.get("model_type") == "gpt_oss"
 
 
 def repo_folder(repo_id: str) -> Path:

@@ -158,11 +158,7 @@ def unenforced_problem(schema) -> str | None:
         for pattern in patterns:
             if isinstance(pattern, str) and (len(pattern) - len(pattern.rstrip("\\"))) % 2:
                 return f"the pattern {pattern!r} ends in a lone backslash"
-        for key in ("exclusiveMinimum", "exclusiveMaximum"):
-            if isinstance(node.get(key), bool):  # (llguidance ignored it: the bound was let through)
-                bound = "minimum" if key == "exclusiveMinimum" else "maximum"
-                return (f"{key}: {str(node[key]).lower()} is JSON Schema draft 4's flag on '{bound}': give "
-                        f"the bound itself ({{\"{key}\": 0}} in place of {{\"{bound}\": 0, \"{key}\": true}})")
+        node = draft4_bounds(node)
         for key in LOWS + HIGHS + ("multipleOf",):
             if isinstance(node.get(key), float) and not math.isfinite(node[key]):
                 return f"{key}: {node[key]} is beyond float64 (a number written too large reads as infinity)"
@@ -182,6 +178,21 @@ def unenforced_problem(schema) -> str | None:
         return next((p for p in map(walk, _subschemas(node)) if p), None)
 
     return walk(schema)
+
+
+def draft4_bounds(node: dict) -> dict:
+    """``node`` with JSON Schema draft 4's exclusive bounds as 2020-12 writes them: ``minimum: 0,
+    exclusiveMinimum: true`` is ``exclusiveMinimum: 0``, and a false flag (or one with no bound)
+    says nothing. llguidance reads only 2020-12's: it ignored the flag, and let 0 through."""
+    if not any(isinstance(node.get(key), bool) for key in ("exclusiveMinimum", "exclusiveMaximum")):
+        return node
+    out = dict(node)
+    for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(out.get(exclusive), bool):
+            flag = out.pop(exclusive)
+            if flag and _is_number(out.get(bound)):
+                out[exclusive] = out.pop(bound)
+    return out
 
 
 def _subschemas(node: dict) -> list:
@@ -326,7 +337,7 @@ def number_hints(schema) -> tuple[bytes, ...]:
     multiple from the lower bound), which the closing's digit by digit search can miss
     (``{"multipleOf": 25, "minimum": 1}``: "1", "11", "111"... never 25)."""
     found: list[bytes] = []
-    for node in _schema_nodes(schema):
+    for node in map(draft4_bounds, _schema_nodes(schema)):
         step = node.get("multipleOf")
         if not _is_bound(step) or step <= 0:
             continue
@@ -452,6 +463,7 @@ def grammar_schema(schema):
         elif key in SCHEMAS:
             value = grammar_schema(value)
         out[key] = value
+    out = draft4_bounds(out)
     for key in ("minLength", "maxLength"):
         # llguidance writes these as a regex repeat, which stops at 2**32 - 1 ("regex parse
         # error: ... decimal literal invalid" beyond): no answer is that long, so the same
@@ -520,7 +532,8 @@ def _compile(tokenizer, schema: str, where: str, hints: tuple[bytes, ...] = (),
                           "properties, anyOf branches or enum values")
     if closing is None:
         raise SchemaError(f"{where}: the schema cannot be enforced: no instance of it was found "
-                          f"within {MAX_CLOSING_BYTES} bytes")
+                          f"within {MAX_CLOSING_BYTES} bytes (an answer must be closable within that: a "
+                          "minLength, minItems or minProperties asking for more is refused)")
     return Grammar(tokenizer, grammar, len(closing), hints, numbers)
 
 

@@ -289,6 +289,37 @@ def test_beside_decoding_sequences_a_prompt_goes_in_chunks_sized_by_time(tiny, m
     assert scheduler.prefill_rate < 600
 
 
+def test_alone_a_long_prompt_goes_in_chunks_of_about_a_second(tiny, monkeypatch):
+    """A newcomer waits for the chunk under way, and a client that leaves is noticed after it:
+    2048 tokens took 15 s on a slow CPU (the re-attack, helper-127). Alone, a chunk is about
+    ALONE_S at the measured rate (here a model slowed to 2 ms a prompt token: about 500 tokens,
+    not the engine's 2048), never fewer than MIN_ALONE."""
+    from gptoss_mlx.server import scheduler as sched
+
+    model, tokenizer = tiny
+    real_call = type(model).__call__
+
+    def slow(self, inputs, *args, **kwargs):
+        if inputs.shape[-1] > 1:
+            time.sleep(0.002 * inputs.shape[-1])
+        return real_call(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "__call__", slow)
+    budgets = []
+    real_step = Prefill.step
+    monkeypatch.setattr(Prefill, "step", lambda self, n=None: budgets.append(n) or real_step(self, n))
+    scheduler = Scheduler(Engine(model, max_context=8192), max_concurrency=2, cache_bytes=1 << 30)
+    assert scheduler.engine.prefill_step == 2048
+
+    async def main():
+        await collect(scheduler, Run(tokenizer.encode("Go on " * 60), SamplingParams(temperature=0, max_tokens=1)))
+        budgets.clear()  # (that one's chunk was sized before any rate was known)
+        await collect(scheduler, Run(tokenizer.encode("word " * 900), SamplingParams(temperature=0, max_tokens=1)))
+
+    asyncio.run(main())
+    assert len(budgets) >= 3 and all(sched.MIN_ALONE <= b <= 800 for b in budgets), budgets
+
+
 async def collect(scheduler, run) -> list[int]:
     """A run's tokens, straight from the scheduler (no HTTP)."""
     return [t async for t in scheduler.generate(run)]

@@ -1144,6 +1144,9 @@ def test_a_tool_result_reads_back_from_a_saved_chat_as_it_was_added(tok, tmp_pat
     assert again.messages == chat.messages and again.prompt_tokens() == chat.prompt_tokens()
     with pytest.raises(ValueError, match="add_tool_result's channel must be commentary or analysis"):
         chat.add_tool_result("python", "4", channel="bogus")
+    for empty in ("functions.", ".x", "browser..open"):
+        with pytest.raises(ValueError, match="a part of the name is empty"):
+            chat.add_tool_result(empty, "4")
     assert len(chat.messages) == 3
 
 
@@ -1172,6 +1175,9 @@ def test_chat_arguments_that_disagree_or_are_not_what_they_say(tok, tmp_path):
         chat.apply("x")
     chat.apply({"reasoning_effort": "high"})
     assert chat.reasoning_effort == "high"
-    with pytest.raises(ValueError, match=r"save\(\): title must be a JSON value"):
-        chat.save(tmp_path / "c.json", title=object())
+    for title in (object(), 5):  # (one message for both: a title is a string)
+        with pytest.raises(ValueError, match=r"save\(\): title must be a string"):
+            chat.save(tmp_path / "c.json", title=title)
+    with pytest.raises(ValueError, match=r"save\(\): tags must be a JSON value"):
+        chat.save(tmp_path / "c.json", tags={1, 2})
     assert not (tmp_path / "c.json").exists()

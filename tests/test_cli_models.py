@@ -199,12 +199,14 @@ def test_downloads_damaged_in_other_ways_are_listed_too(cache):
     (repo / "refs" / "main").write_text("f" * 40)  # the snapshot it names is not there
     config = GPT_OSS_120B.to_hf_dict()
     add_to_cache(cache, "test/bad-config", {"config.json": json.dumps({**config, "num_hidden_layers": "x"})})
+    add_to_cache(cache, "test/cut-config", {"config.json": '{"model_type": "gpt_oss",'})  # cut short
     (cache / "models--..--canary" / "snapshots").mkdir(parents=True)
     listed = run("models", "list")
     assert listed.returncode == 0, listed.stderr
     damaged = listed.stdout.split("Damaged downloads")[1]
     assert "  test/gpt-oss-tiny: Reference(s) refer to missing commit hashes" in damaged
     assert "  test/bad-config: " in damaged and "num_hidden_layers" in damaged
+    assert "  test/cut-config: " in damaged
     assert "canary" not in listed.stdout
     assert "(1 other model repo" in listed.stdout  # someone/llama (and the canary folder is not a repo)
 

@@ -713,6 +713,22 @@ def test_responses_parameters_the_answer_would_silently_lack_are_refused(url):
       {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
       {"type": "function_call_output", "call_id": "c1", "output": "sunny"}],
      "input[2]: a second function_call with call_id 'c1' before the first's output (input[1])"),
+    # an output after the conversation went on past its call (a tester's: "no function_call before it")
+    ([{"role": "user", "content": "w"},
+      {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+      {"role": "user", "content": "x"}, {"type": "function_call_output", "call_id": "c1", "output": "sunny"}],
+     "input[3]: call_id 'c1': its call (input[1]) was left unanswered when the conversation went on (input[2])"),
+    # a call cut short is not made: no output answers it
+    ([{"role": "user", "content": "w"},
+      {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{\"ci", "status": "incomplete"},
+      {"type": "function_call_output", "call_id": "c1", "output": "sunny"}],
+     "input[2]: call_id 'c1': its call (input[1]) was cut short (incomplete): it is not made"),
+    ([{"role": "user", "content": "w"},
+      {"type": "function_call", "call_id": "", "name": "get_weather", "arguments": "{}"}],
+     "input[1]: a function_call's call_id must be a non-empty string, got ''"),
+    ([{"role": "user", "content": "w"}, {"type": "reasoning", "summary": [], "encrypted_content": 5},
+      {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "and?"}],
+     "input[1].encrypted_content must be a string, got 5"),
     # an output before its call (it read "tool result without a name or a known tool_call_id")
     ([{"role": "user", "content": "w"}, {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
       {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"}],
@@ -725,11 +741,30 @@ def test_calls_and_their_outputs_sent_whole_are_checked_as_through_previous_resp
 
 def test_a_call_left_open_by_a_stopped_reply_is_history(url):
     """A call followed by the user's next message (a reply stopped at its call) is history, as
-    before; a wrong call_id after a previous response names the calls that wait."""
+    before, and so is a call cut short (incomplete), which is not made."""
     items = [{"role": "user", "content": "w"},
              {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
              {"role": "user", "content": "never mind"}]
     assert post(url, "/responses", json.dumps({"input": items, "max_output_tokens": 2}).encode())[0] == 200
+    items[1] |= {"arguments": '{"ci', "status": "incomplete"}
+    del items[2]
+    assert post(url, "/responses", json.dumps({"input": items, "max_output_tokens": 2}).encode())[0] == 200
+
+
+def test_a_call_cut_by_max_output_tokens_is_followed_on_from_without_an_output(tok):
+    """The re-attack's (helper-127): a call that max_output_tokens cut (incomplete, "not made")
+    made the next turn a 400 "No tool output found" unless an output was sent for it."""
+    args = json.dumps({"city": "Paris " * 60})
+    model = ScriptedModel([call(tok, "Think.", "get_weather", args), answer(tok, "Ok.", "Fine.")])
+    tools = [{"type": "function", "name": "get_weather", "strict": False,
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    with serving(model, tok) as url:
+        c = client(url)
+        cut = c.responses.create(model="gpt-oss-tiny", input="weather?", tools=tools, max_output_tokens=30)
+        assert cut.status == "incomplete" and [o.status for o in cut.output if o.type == "function_call"] == ["incomplete"]
+        follow = c.responses.create(model="gpt-oss-tiny", input="never mind", previous_response_id=cut.id,
+                                    tools=tools, max_output_tokens=40)
+        assert follow.output_text == "Fine."
 
 
 def test_damaged_encrypted_reasoning_of_this_server_is_a_400(url):
@@ -1070,9 +1105,14 @@ def test_a_call_under_way_when_its_stream_is_left_is_kept_as_far_as_it_went(tok,
         (kept,) = [o for o in left.output if o.type == "function_call"]
         assert (kept.id, kept.call_id, kept.status) == (added.id, added.call_id, "incomplete")
         assert args.startswith(kept.arguments) and kept.arguments.startswith(sent)
+        # what it was made from is whole (the re-attack, helper-127: the cut call in the output
+        # and not in the history took the user's message out of input_items)
+        assert [(i.type, i.role) for i in c.responses.input_items.list(rid).data] == [("message", "user")]
         follow = c.responses.create(model="gpt-oss-tiny", input="never mind", previous_response_id=rid,
                                     max_output_tokens=4)
         assert follow.status in ("completed", "incomplete")
+    fed = tok.decode(model.fed)  # the follow-on's prompt: the first turn, then its own
+    assert fed.index("weather?") < fed.index("never mind") and "to=functions.get_weather" not in fed
 
 
 def test_a_response_deleted_while_it_streams_stops_and_its_stream_says_so(tok, caplog):

@@ -258,7 +258,7 @@ def test_a_schema_that_is_not_an_object_is_named_as_such(api, schema):
         api.responses.create(model="gpt-oss-tiny", input="A pet.", max_output_tokens=8, text={"format": {
             "type": "json_schema", "name": "pet", "schema": schema}})
     assert e.value.body["param"] == "text.format.schema"
-    assert e.value.body["message"] == f"'text.format.schema' must be a JSON Schema object, got {schema!r}"
+    assert e.value.body["message"] == f"'text.format.schema' must be a JSON Schema object, got {json.dumps(schema)}"
     with pytest.raises(openai.BadRequestError) as e:
         api.chat.completions.create(model="gpt-oss-tiny", messages=USER, max_tokens=8, response_format={
             "type": "json_schema", "json_schema": {"name": "pet", "schema": schema}})

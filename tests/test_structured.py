@@ -302,11 +302,7 @@ def test_an_unenforceable_schema_is_named(tok, tiny):
      "number the constraint can bound exactly"),
     ({"type": "string", "pattern": "^xyz\\"}, "the pattern '\\^xyz\\\\\\\\' ends in a lone backslash"),
     ({"type": "object", "patternProperties": {"a\\\\\\": {}}}, "ends in a lone backslash"),
-    ({"name": "n", "schema": {"type": "integer"}, "strict": True}, "is an OpenAI json_schema object"),
-    # draft 4's flags: llguidance ignored them, and answered 0 for minimum 0, exclusiveMinimum true
-    ({"type": "integer", "minimum": 0, "maximum": 1, "exclusiveMinimum": True},
-     "exclusiveMinimum: true is JSON Schema draft 4's flag on 'minimum': give the bound itself"),
-    ({"type": "number", "maximum": 1, "exclusiveMaximum": False}, "exclusiveMaximum: false is JSON Schema draft 4's")])
+    ({"name": "n", "schema": {"type": "integer"}, "strict": True}, "is an OpenAI json_schema object")])
 def test_a_schema_the_constraint_would_change_without_a_word_is_refused(tok, schema, says):
     """An integer range beyond 64 bits was clamped (the answer 9223372036854775807 for a minimum
     of 1e20), a pattern's trailing backslash dropped, and OpenAI's json_schema object taken as a
@@ -463,6 +459,14 @@ def test_a_schema_the_prompt_cannot_carry_is_a_schema_error(tok, tiny):
         deep = {"type": "object", "properties": {"a": deep}}
     with pytest.raises(SchemaError, match="nested deeper"):
         compile_schema(tok, deep)
+    # the limit as the README and the message give it: 32 levels of objects and lists (a tester's,
+    # helper-127: 32 nested arrays were refused, the strings inside them counted as a level)
+    nested = {"type": "string"}
+    for _ in range(31):
+        nested = {"type": "array", "items": nested}
+    assert compile_schema(tok, nested)
+    with pytest.raises(SchemaError, match="nested deeper than 32 levels of JSON objects and lists"):
+        compile_schema(tok, {"type": "array", "items": nested})
     chat = Chat(*tiny, sampling=SamplingParams(max_tokens=8))
     with pytest.raises(SchemaError, match="response format 'response'"):
         chat.send("hi", response_format={"enum": list(range(20_000))})
@@ -807,6 +811,25 @@ def test_an_exclusive_bound_is_kept_out(tok, schema, outside, inside):
         return matcher.consume_tokens(tok.encode_ordinary(text)) and matcher.is_accepting()
     assert not accepts(outside) and accepts(inside)
     jsonschema.validate(json.loads(inside), schema)
+
+
+@pytest.mark.parametrize("schema, outside, inside", [
+    ({"type": "integer", "minimum": 0, "maximum": 1, "exclusiveMinimum": True}, "0", "1"),
+    ({"type": "number", "maximum": 5, "exclusiveMaximum": True}, "5", "4.5"),
+    ({"type": "number", "minimum": 2, "exclusiveMinimum": False}, "1.5", "2"),  # (inclusive, as 2020-12's)
+    ({"type": "object", "properties": {"p": {"type": "integer", "minimum": 3, "exclusiveMinimum": True}},
+      "required": ["p"]}, '{"p":3}', '{"p":4}'),
+])
+def test_draft_4_exclusive_flags_are_enforced_as_draft_4_means_them(tok, schema, outside, inside):
+    """A tester's (helper-123): llguidance reads only 2020-12's exclusive bounds, so draft 4's
+    ``exclusiveMinimum: true`` beside ``minimum: 0`` was ignored and 0 answered; then (helper-127)
+    refused with advice that mis-said ``false``. The flags are read as draft 4 means them."""
+    def accepts(text):
+        matcher = compile_schema(tok, schema).matcher()
+        return matcher.consume_tokens(tok.encode_ordinary(text)) and matcher.is_accepting()
+    assert not accepts(outside) and accepts(inside)
+    jsonschema.Draft4Validator(schema).validate(json.loads(inside))
+    assert not jsonschema.Draft4Validator(schema).is_valid(json.loads(outside))
 
 
 # -- whole replies, fuzzed: the answer validates or the reply says it was cut

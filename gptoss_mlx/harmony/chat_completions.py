@@ -187,7 +187,7 @@ def response_format_problem(fmt, param: str = "response_format", shape: str = JS
         return None
     schema = fmt.get("json_schema") if isinstance(fmt, dict) else None
     if isinstance(schema, dict) and "schema" in schema and not isinstance(schema["schema"], dict):
-        return f"{param}.json_schema.schema must be a JSON Schema object, got {schema['schema']!r:.80}"
+        return f"{param}.json_schema.schema must be a JSON Schema object, got {json.dumps(schema['schema'])[:80]}"
     if (not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(schema, dict)
             or not isinstance(schema.get("name", ""), str) or not isinstance(schema.get("schema", {}), dict)
             or not isinstance(schema.get("description", ""), str)):

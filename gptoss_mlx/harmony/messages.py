@@ -231,7 +231,7 @@ def check_schema(schema, where: str, field_: str) -> None:
     while stack:
         value, depth = stack.pop()
         count += 1
-        if depth > MAX_SCHEMA_DEPTH:
+        if depth > MAX_SCHEMA_DEPTH and isinstance(value, (dict, list)):  # (levels of objects and lists)
             raise HarmonyError(f"{where}: {field_}: the JSON Schema is nested deeper than "
                                f"{MAX_SCHEMA_DEPTH} levels of JSON objects and lists (a property's "
                                "schema is two: its 'properties' and itself), or contains itself")

@@ -47,7 +47,8 @@ class ResponseStore:
 
     def __init__(self, size: int = STORED_RESPONSES, max_bytes: int = STORED_BYTES):
         self.size, self.max_bytes = size, max_bytes
-        self._kept: OrderedDict[str, tuple[list[dict], dict, int]] = OrderedDict()
+        # id -> (its conversation's items, the response object, its bytes, how many items are its input)
+        self._kept: OrderedDict[str, tuple[list[dict], dict, int, int]] = OrderedDict()
         self._bytes = 0
         self._running: dict[str, "ResponseRun"] = {}
         self._deleted: set[str] = set()  # running ones deleted: not stored when they end
@@ -67,12 +68,12 @@ class ResponseStore:
         """The items a response was made from (the output it added left out)."""
         if response_id in self._running:
             return self._running[response_id].items
-        items, response, _ = self._find(response_id, "response_id")
-        return items[:len(items) - len(response.get("output") or [])]
+        items, _, _, inputs = self._find(response_id, "response_id")
+        return items[:inputs]
 
     def items_by_id(self) -> dict[str, dict]:
         """Every kept item (input and output) by its id; the newest response's where two share one."""
-        return {item["id"]: item for items, _, _ in self._kept.values() for item in items
+        return {item["id"]: item for items, *_ in self._kept.values() for item in items
                 if isinstance(item, dict) and isinstance(item.get("id"), str)}
 
     def delete(self, response_id: str) -> None:
@@ -84,7 +85,7 @@ class ResponseStore:
         self._find(response_id, "response_id")
         self._bytes -= self._kept.pop(response_id)[2]
 
-    def _find(self, response_id, param: str) -> tuple[list[dict], dict, int]:
+    def _find(self, response_id, param: str) -> tuple[list[dict], dict, int, int]:
         if not isinstance(response_id, str) or response_id not in self._kept:
             shown = response_id if not isinstance(response_id, str) or len(response_id) <= 80 else response_id[:80] + "…"
             raise APIError(404, f"no stored response {shown!r} (responses are kept in memory, the "
@@ -102,7 +103,11 @@ class ResponseStore:
         self._running.pop(response_id, None)
         self._deleted.discard(response_id)
 
-    def put(self, response_id: str, items: list[dict], response: dict) -> None:
+    def put(self, response_id: str, items: list[dict], response: dict, inputs: int | None = None) -> None:
+        """Keep ``items`` (the conversation: the first ``inputs`` its input, by default all but the
+        response's output) and ``response``."""
+        if inputs is None:
+            inputs = len(items) - len(response.get("output") or [])
         if response_id in self._deleted:
             return
         size = _text_bytes(items) + _text_bytes(response)
@@ -110,7 +115,7 @@ class ResponseStore:
             log.info("%s is not stored: its items hold %d MB, more than the store's %d MB",
                      response_id, size >> 20, self.max_bytes >> 20)
             return
-        self._kept[response_id] = (items, response, size)
+        self._kept[response_id] = (items, response, size, inputs)
         self._bytes += size
         while len(self._kept) > self.size or self._bytes > self.max_bytes:
             self._bytes -= self._kept.popitem(last=False)[1][2]
@@ -204,6 +209,8 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
             if not all(isinstance(item.get(k), str) for k in ("name", "call_id", "arguments")):
                 raise bad_request(f"{where}: a function_call needs 'name', 'call_id' and 'arguments' "
                                   "(strings)", "input")
+            if item.get("status") == "incomplete":  # cut short (max_output_tokens): never made
+                continue
             calls = turn("content").setdefault("tool_calls", [])
             calls.append({"id": item["call_id"], "type": "function",
                           "function": {"name": item["name"], "arguments": item["arguments"]}})
@@ -257,36 +264,52 @@ def _summary(parts) -> str:
 
 
 def check_call_outputs(items: list, first_input: int = 0) -> None:
-    """As OpenAI's API: the calls a previous response ended with get their outputs in this
-    input before anything else is said (the model would read a call with no result), and a call
-    has one output. (A call left open in an earlier turn, a reply stopped at it, is history.)"""
+    """As OpenAI's API: the calls of the conversation's last turn (a previous response's, or
+    sent whole) get their outputs before anything else is said (the model would read a call with
+    no result), and a call has one output, after it. A call left open in an earlier turn (a reply
+    stopped at it) is history, and a call cut short (``incomplete``: by max_output_tokens, or a
+    stream closed in it) is not made: neither takes an output."""
     pending: dict[str, tuple[str, int]] = {}  # call_id -> (where, index): the open calls of the last turn
+    closed: dict[str, str] = {}  # call_id -> why no output can answer it now
     answered: set[str] = set()
     for i, item in enumerate(items):
         where = f"input[{i - first_input}]" if i >= first_input else f"previous_response_id's item {i}"
         kind = kind_of(item) if isinstance(item, dict) else None
-        if kind == "function_call" and isinstance(item.get("call_id"), str):
-            if item["call_id"] in pending:  # (its output would answer which?)
-                raise bad_request(f"{where}: a second function_call with call_id {item['call_id'][:80]!r} "
-                                  f"before the first's output ({pending[item['call_id']][0]})", "input")
-            answered.discard(item["call_id"])  # (a later turn's call may reuse an id: its own output)
-            pending[item["call_id"]] = (where, i)
-        elif kind == "function_call_output" and isinstance(item.get("call_id"), str):
-            if item["call_id"] in answered:
+        call_id = item.get("call_id") if isinstance(item, dict) else None
+        if kind in ("function_call", "function_call_output") and call_id is not None and (
+                not isinstance(call_id, str) or not call_id):
+            raise bad_request(f"{where}: a {kind}'s call_id must be a non-empty string, got {call_id!r:.80}", "input")
+        if kind == "function_call" and call_id:
+            if call_id in pending:  # (its output would answer which?)
+                raise bad_request(f"{where}: a second function_call with call_id {call_id[:80]!r} "
+                                  f"before the first's output ({pending[call_id][0]})", "input")
+            answered.discard(call_id)  # (a later turn's call may reuse an id: its own output)
+            closed.pop(call_id, None)
+            if item.get("status") == "incomplete":
+                closed[call_id] = f"its call ({where}) was cut short (incomplete): it is not made and takes no output"
+            else:
+                pending[call_id] = (where, i)
+        elif kind == "function_call_output" and call_id:
+            if call_id in answered:
                 raise bad_request(f"{where}: a second function_call_output for call_id "
-                                  f"{item['call_id'][:80]!r}: a call has one output", "input")
+                                  f"{call_id[:80]!r}: a call has one output", "input")
             # (one with a name answers the function by its name: the playground's, for a result
             # a saved chat holds without its call)
-            if item["call_id"] not in pending and i >= first_input and not isinstance(item.get("name"), str):
+            if call_id not in pending and i >= first_input and not isinstance(item.get("name"), str):
+                if call_id in closed:
+                    raise bad_request(f"{where}: call_id {call_id[:80]!r}: {closed[call_id]}", "input")
                 open_calls = ", ".join(pending) or "none"
-                raise bad_request(f"{where}: no function_call before it has call_id {item['call_id'][:80]!r} "
+                raise bad_request(f"{where}: no function_call before it has call_id {call_id[:80]!r} "
                                   f"(the calls waiting for an output: {open_calls[:200]})", "input")
-            answered.add(item["call_id"])
-            pending.pop(item["call_id"], None)
+            answered.add(call_id)
+            pending.pop(call_id, None)
         elif kind == "message" and item.get("role") != "assistant":
             if i >= first_input and any(at < first_input for _, at in pending.values()):
                 break  # the previous response's calls, unanswered before the conversation goes on
-            pending.clear()  # a turn went on past its open calls (a reply stopped at one): history
+            for left, (call_where, _) in pending.items():  # a turn went on past its open calls: history
+                closed[left] = (f"its call ({call_where}) was left unanswered when the conversation went "
+                                f"on ({where}): an output comes before the next message")
+            pending.clear()
     if pending:
         call_id, (where, _) = next(iter(pending.items()))
         raise bad_request(f"No tool output found for function call {call_id[:80]} ({where}): send its "
@@ -371,8 +394,8 @@ def response_format(body: dict) -> dict | None:
             raise bad_request("text.format of type json_schema needs its 'schema' (an object) beside "
                               "'name', not nested in 'json_schema': " + RESPONSES_SCHEMA_SHAPE, "text.format")
         if not isinstance(fmt["schema"], dict):
-            raise bad_request(f"'text.format.schema' must be a JSON Schema object, got {fmt['schema']!r:.80}",
-                              "text.format.schema")
+            raise bad_request(f"'text.format.schema' must be a JSON Schema object, got "
+                              f"{json.dumps(fmt['schema'])[:80]}", "text.format.schema")
         fmt = {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
     check_response_format(fmt, "text.format", RESPONSES_SCHEMA_SHAPE)
     return fmt
@@ -505,7 +528,9 @@ def unsealed_reasoning(sealed, where: str = "input") -> str:
     """The text of this server's ``encrypted_content``; "" for another's (OpenAI's is
     encrypted with their key: nothing a local model can read). One of this server's that does
     not decode is a 400 (it was left out without a word: the chain of thought lost)."""
-    if not isinstance(sealed, str) or not sealed.startswith(ENCRYPTED_PREFIX):
+    if sealed is not None and not isinstance(sealed, str):
+        raise bad_request(f"{where}.encrypted_content must be a string, got {json.dumps(sealed)[:80]}", "input")
+    if sealed is None or not sealed.startswith(ENCRYPTED_PREFIX):
         return ""
     try:
         return base64.b64decode(sealed[len(ENCRYPTED_PREFIX):], validate=True).decode("utf-8")
@@ -718,7 +743,9 @@ class ResponseRun:
                     kept["encrypted_content"] = sealed_reasoning(self.sent[id(item)])
                 output.append(kept)
                 history.append(kept)
-        self.store.put(self.reply.id, self.items + history, {**self.response("cancelled"), "output": output})
+        # (the output shows more than the history goes on from: a call cut mid-stream)
+        self.store.put(self.reply.id, self.items + history, {**self.response("cancelled"), "output": output},
+                       inputs=len(self.items))
 
     async def events(self):
         """The streamed events, as (type, payload) pairs, in OpenAI's order."""

@@ -5,7 +5,7 @@ conversation's follow-up reuses the cache its previous turn left.
 Requests enter through :meth:`Scheduler.generate` (a prompt and sampling parameters in, token
 ids out). On the engine thread one loop runs every admitted sequence: each step it prefills
 newcomers, the one with the fewest prompt tokens left first (a one-line question waits for no
-more of another's long tool result than the chunk under way), within a budget of prompt tokens (while others decode a chunk
+more of another's long tool result than the chunk under way, about a second), within a budget of prompt tokens (while others decode a chunk
 of about a tenth of a second, so a long prompt never stops them for its whole length), then runs one decode step for all the sequences past their prefill: one forward pass over their
 B current tokens, each row attending to its own cache (``cache.merge_caches``), each sampled with
 its own parameters, random key, logits processors and stop conditions (the plain greedy rows in
@@ -48,10 +48,14 @@ ADMIT_WAIT_S = 2.0
 # prompt: the chunk is sized to take about INTERLEAVED_S, from the prefill rate of the chunks
 # before it, between MIN_INTERLEAVED and INTERLEAVED_CHUNK tokens (a fixed 512 made every step of
 # the others wait seconds on a slow machine: 0.2 tok/s beside an 11k-token prompt on a CPU).
-# Alone, a prompt goes in the engine's full prefill_step chunks.
+# Alone, a prompt goes in chunks of about ALONE_S (at least MIN_ALONE tokens, at most the
+# engine's prefill_step): a newcomer waits for the chunk under way, and so does a client's
+# going away (2048 tokens took 15 s on a slow CPU).
 INTERLEAVED_CHUNK = 512
 INTERLEAVED_S = 0.1
 MIN_INTERLEAVED = 16
+ALONE_S = 1.0
+MIN_ALONE = 256
 
 
 @dataclass
@@ -299,10 +303,11 @@ class Scheduler:
         step's budget of prompt tokens: while others decode a small one (they wait for it:
         :meth:`interleaved_budget`), else a full chunk. A newcomer whose prompt is all in
         samples its first token and joins the batch."""
-        spent, interleaved = 0, self.interleaved_budget()  # (this step's: not what its chunks measure)
+        # (this step's budgets: not what its chunks measure)
+        spent, interleaved, alone = 0, self.interleaved_budget(), self.alone_budget()
         while self._prefilling:
             # a newcomer that joined in this step decodes in it: the rest waits as others' would
-            budget = (interleaved if self._rows else self.engine.prefill_step) - spent
+            budget = (interleaved if self._rows else alone) - spent
             if budget <= 0:
                 break
             seq = min(self._prefilling, key=Sequence.prefill_left)
@@ -329,6 +334,14 @@ class Scheduler:
         if self.prefill_rate is None:
             return self.interleaved_chunk
         return max(MIN_INTERLEAVED, min(self.interleaved_chunk, int(self.prefill_rate * INTERLEAVED_S)))
+
+    def alone_budget(self) -> int:
+        """Prompt tokens to prefill in a step with nothing decoding: about ALONE_S's worth at the
+        measured rate, within MIN_ALONE and the engine's prefill_step."""
+        step = self.engine.prefill_step
+        if self.prefill_rate is None:
+            return step
+        return max(min(MIN_ALONE, step), min(step, int(self.prefill_rate * ALONE_S)))
 
     def _measure(self, tokens: int, seconds: float) -> None:
         """The prefill rate, from a chunk of ``tokens`` that took ``seconds`` (it slows as the
