@@ -5,15 +5,16 @@ conversation's follow-up reuses the cache its previous turn left.
 Requests enter through :meth:`Scheduler.generate` (a prompt and sampling parameters in, token
 ids out). On the engine thread one loop runs every admitted sequence: each step it prefills
 newcomers, the one with the fewest prompt tokens left first (a one-line question waits for no
-more of another's long tool result than the chunk under way, about a second), within a budget of prompt tokens (while others decode a chunk
-of about a tenth of a second, so a long prompt never stops them for its whole length), then runs one decode step for all the sequences past their prefill: one forward pass over their
-B current tokens, each row attending to its own cache (``cache.merge_caches``), each sampled with
-its own parameters, random key, logits processors and stop conditions (the plain greedy rows in
-one argmax). As in Engine.generate, step n+1 is queued, fed with step n's tokens still on the
-device, before the host reads step n's tokens and hands them to the clients (one call into each
-event loop per step). A sequence joins the batch when its prefill ends and leaves it at a stop
-token, its max_tokens, or the step after its client went away; it then returns its cache to the
-pool.
+more of another's long tool result than the chunk under way, about a second), within a budget
+of prompt tokens (while others decode, a chunk of about a tenth of a second, so a long prompt
+never stops them for its whole length), then runs one decode step for all the sequences past
+their prefill: one forward pass over their B current tokens, each row attending to its own
+cache (``cache.merge_caches``), each sampled with its own parameters, random key, logits
+processors and stop conditions (the plain greedy rows in one argmax). As in Engine.generate,
+step n+1 is queued, fed with step n's tokens still on the device, before the host reads step
+n's tokens and hands them to the clients (one call into each event loop per step). A sequence
+joins the batch when its prefill ends and leaves it at a stop token, its max_tokens, or the
+step after its client went away; it then returns its cache to the pool.
 """
 
 from __future__ import annotations
@@ -301,8 +302,8 @@ class Scheduler:
     def _prefill(self) -> None:
         """Prefill newcomers, fewest tokens left first (oldest first among equals), within one
         step's budget of prompt tokens: while others decode a small one (they wait for it:
-        :meth:`interleaved_budget`), else a full chunk. A newcomer whose prompt is all in
-        samples its first token and joins the batch."""
+        :meth:`interleaved_budget`), else about a second's (:meth:`alone_budget`). A newcomer
+        whose prompt is all in samples its first token and joins the batch."""
         # (this step's budgets: not what its chunks measure)
         spent, interleaved, alone = 0, self.interleaved_budget(), self.alone_budget()
         while self._prefilling:
