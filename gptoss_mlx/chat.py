@@ -556,12 +556,14 @@ class Chat:
         problem = chat_file_problem({"messages": [], **metadata})  # (a title that is no string, a newer format)
         if problem:
             raise ValueError(f"save(): {problem}")
-        for key, value in metadata.items():  # (json's own TypeError named no argument)
+        for key, value in metadata.items():  # (json's own TypeError named no argument; inf was written)
             try:
-                json.dumps(value)
+                same = json.loads(json.dumps(value, allow_nan=False)) == value
             except (TypeError, ValueError):
-                raise ValueError(f"save(): {key} must be a JSON value (a string, number, list or dict), got "
-                                 f"{type(value).__name__}") from None
+                same = False
+            if not same:
+                raise ValueError(f"save(): {key} must be JSON data (strings, finite numbers, true, false, None, "
+                                 "and lists and dicts with string keys of them)")
         return write_json_atomic(path, {**self.to_json(), **metadata})
 
     def load(self, path: str | os.PathLike) -> dict:

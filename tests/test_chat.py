@@ -1178,6 +1178,7 @@ def test_chat_arguments_that_disagree_or_are_not_what_they_say(tok, tmp_path):
     for title in (object(), 5):  # (one message for both: a title is a string)
         with pytest.raises(ValueError, match=r"save\(\): title must be a string"):
             chat.save(tmp_path / "c.json", title=title)
-    with pytest.raises(ValueError, match=r"save\(\): tags must be a JSON value"):
-        chat.save(tmp_path / "c.json", tags={1, 2})
+    for tags in ({1, 2}, {"a": float("inf")}, {1: "a"}, [float("nan")]):  # (inf was written as Infinity)
+        with pytest.raises(ValueError, match=r"save\(\): tags must be JSON data"):
+            chat.save(tmp_path / "c.json", tags=tags)
     assert not (tmp_path / "c.json").exists()

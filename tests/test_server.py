@@ -573,6 +573,25 @@ def test_chat_completions_calls_at_the_end_need_their_results(url, tail, ok):
             "answering each call (no tool message has tool_call_id 'c1')"), data
 
 
+@pytest.mark.parametrize("messages, says", [
+    ([{"role": "user", "content": "w"},
+      {"role": "assistant", "content": None, "tool_calls": [{"id": "a", "type": "function", "function": {
+          "name": "get_weather", "arguments": "{}"}}]},
+      {"role": "user", "content": "never mind"}, {"role": "tool", "tool_call_id": "a", "content": "1"}],
+     "messages[3]: the call 'a' it answers was left unanswered when the conversation went on"),
+    ([{"role": "user", "content": "w"},
+      {"role": "assistant", "content": None, "tool_calls": [{"id": "", "type": "function", "function": {
+          "name": "get_weather", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "", "content": "1"}],
+     "messages[1].tool_calls[0].id must be a non-empty string"),
+])
+def test_chat_completions_call_ids_are_checked_as_the_responses_apis(url, messages, says):
+    """The re-attack's (helper-128): the Responses API refused these, Chat Completions took them."""
+    body = {"messages": messages, "max_tokens": 2, "tools": [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]}
+    code, data = post(url, "/chat/completions", json.dumps(body).encode())
+    assert code == 400 and data["error"]["message"].startswith(says), data
+
+
 def test_an_effort_it_does_not_take_is_told_every_name_it_does(url):
     """The 400 named low, medium and high, though minimal, none and xhigh (other APIs' efforts)
     are taken too."""
@@ -726,6 +745,13 @@ def test_responses_parameters_the_answer_would_silently_lack_are_refused(url):
     ([{"role": "user", "content": "w"},
       {"type": "function_call", "call_id": "", "name": "get_weather", "arguments": "{}"}],
      "input[1]: a function_call's call_id must be a non-empty string, got ''"),
+    ([{"role": "user", "content": "w"},
+      {"type": "function_call", "call_id": "  ", "name": "get_weather", "arguments": "{}"}],
+     "input[1]: a function_call's call_id must be a non-empty string, got '  '"),
+    ([{"role": "user", "content": "w"},
+      {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}", "status": "bogus"},
+      {"type": "function_call_output", "call_id": "c1", "output": "sunny"}],
+     'input[1]: a function_call\'s status must be one of completed, incomplete, in_progress, got "bogus"'),
     ([{"role": "user", "content": "w"}, {"type": "reasoning", "summary": [], "encrypted_content": 5},
       {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "and?"}],
      "input[1].encrypted_content must be a string, got 5"),
@@ -1108,6 +1134,10 @@ def test_a_call_under_way_when_its_stream_is_left_is_kept_as_far_as_it_went(tok,
         # what it was made from is whole (the re-attack, helper-127: the cut call in the output
         # and not in the history took the user's message out of input_items)
         assert [(i.type, i.role) for i in c.responses.input_items.list(rid).data] == [("message", "user")]
+        # an output for it is refused as for any call cut short (it read "no function_call before it")
+        code, data = post(url, "/responses", json.dumps({"previous_response_id": rid, "input": [
+            {"type": "function_call_output", "call_id": kept.call_id, "output": "x"}]}).encode())
+        assert code == 400 and "was cut short (incomplete): it is not made and takes no output" in data["error"]["message"]
         follow = c.responses.create(model="gpt-oss-tiny", input="never mind", previous_response_id=rid,
                                     max_output_tokens=4)
         assert follow.status in ("completed", "incomplete")

@@ -430,6 +430,7 @@ def test_a_value_that_may_be_null_is_closed_with_null(tok, schema, closed):
     ({"type": "string", "maxLength": -1}, "'maxLength' must be a whole number, 0 or more, got -1"),
     ({"type": "array", "minItems": 1.5}, "'minItems' must be a whole number, 0 or more, got 1.5"),
     ({"type": "string", "pattern": True}, "'pattern' must be a string, got true"),
+    ({"type": "integer", "exclusiveMinimum": "yes"}, "'exclusiveMinimum' must be a number, got \"yes\""),  # (ignored)
 ])
 def test_a_number_keyword_llguidance_refuses_is_named_in_a_clients_terms(tok, schema, says):
     """llguidance's messages named Rust's types ("Expected f64 for 'minimum', got true") and its

@@ -91,7 +91,32 @@ def check_messages(messages) -> None:
                     or not isinstance(fn.get("arguments", ""), (str, dict))):
                 raise bad_request(f"{where}.tool_calls[{j}] must be {{\"id\": str, \"function\": "
                                   "{\"name\": str, \"arguments\": str}}", "messages")
+    check_call_ids(messages)
     check_last_calls_answered(messages)
+
+
+def check_call_ids(messages: list) -> None:
+    """Call ids are non-empty, and a tool message answers a call of its own turn: after a user
+    (or system, or developer) message the calls before it are history, unanswerable (as the
+    Responses API here)."""
+    open_ids: set[str] = set()
+    closed: set[str] = set()
+    for i, m in enumerate(messages):
+        for j, call in enumerate(m.get("tool_calls") or []):
+            if "id" in call and not (isinstance(call["id"], str) and call["id"].strip()):
+                raise bad_request(f"messages[{i}].tool_calls[{j}].id must be a non-empty string", "messages")
+            if call.get("id"):
+                open_ids.add(call["id"])
+        if m.get("role") == "tool" and "tool_call_id" in m:
+            answered = m["tool_call_id"]
+            if not (isinstance(answered, str) and answered.strip()):
+                raise bad_request(f"messages[{i}].tool_call_id must be a non-empty string", "messages")
+            if answered in closed and answered not in open_ids:
+                raise bad_request(f"messages[{i}]: the call {answered[:80]!r} it answers was left unanswered when "
+                                  "the conversation went on: a tool message comes before the next message", "messages")
+        if m.get("role") in ("user", "system", "developer"):
+            closed |= open_ids
+            open_ids = set()
 
 
 def check_last_calls_answered(messages: list) -> None:

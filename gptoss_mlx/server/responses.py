@@ -263,6 +263,9 @@ def _summary(parts) -> str:
                        if isinstance(p, dict) and p.get("type") == "summary_text" and isinstance(p.get("text"), str))
 
 
+CALL_STATUSES = (None, "completed", "incomplete", "in_progress")  # a function_call item's, as OpenAI's
+
+
 def check_call_outputs(items: list, first_input: int = 0) -> None:
     """As OpenAI's API: the calls of the conversation's last turn (a previous response's, or
     sent whole) get their outputs before anything else is said (the model would read a call with
@@ -277,8 +280,11 @@ def check_call_outputs(items: list, first_input: int = 0) -> None:
         kind = kind_of(item) if isinstance(item, dict) else None
         call_id = item.get("call_id") if isinstance(item, dict) else None
         if kind in ("function_call", "function_call_output") and call_id is not None and (
-                not isinstance(call_id, str) or not call_id):
+                not isinstance(call_id, str) or not call_id.strip()):
             raise bad_request(f"{where}: a {kind}'s call_id must be a non-empty string, got {call_id!r:.80}", "input")
+        if kind == "function_call" and item.get("status") not in CALL_STATUSES:
+            raise bad_request(f"{where}: a function_call's status must be one of {', '.join(map(str, CALL_STATUSES[1:]))}, "
+                              f"got {json.dumps(item.get('status'))[:80]}", "input")
         if kind == "function_call" and call_id:
             if call_id in pending:  # (its output would answer which?)
                 raise bad_request(f"{where}: a second function_call with call_id {call_id[:80]!r} "
@@ -733,9 +739,10 @@ class ResponseRun:
                 output.append(self._output(item))
                 history.append(output[-1])
             elif id(item) in self.ids and item.kind == CALL:
-                # the client has its ids: it is shown as far as it went, and left out of what a
-                # previous_response_id goes on from (no output can answer half a call)
+                # the client has its ids: it is kept as far as it went, incomplete, which a
+                # previous_response_id goes on from without (no output can answer half a call)
                 output.append({**self._output(item, "incomplete"), "arguments": self.sent.get(id(item), "")})
+                history.append(output[-1])
             elif id(item) in self.ids and self.sent.get(id(item)) and item.kind in (REASONING, TEXT):
                 part = self._part(item, self.sent[id(item)])
                 kept = {**self._output(item, "incomplete"), "content": [part]}
@@ -743,7 +750,6 @@ class ResponseRun:
                     kept["encrypted_content"] = sealed_reasoning(self.sent[id(item)])
                 output.append(kept)
                 history.append(kept)
-        # (the output shows more than the history goes on from: a call cut mid-stream)
         self.store.put(self.reply.id, self.items + history, {**self.response("cancelled"), "output": output},
                        inputs=len(self.items))
 
