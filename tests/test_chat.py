@@ -177,6 +177,15 @@ def test_repl_commands(chat, tmp_path):
     assert chat.messages[-3].content == "multi\nline"
 
 
+def test_repl_system_says_whether_there_was_something_to_remove(chat, tmp_path):
+    """A tester's (helper-129): "/system" with no instructions set said "instructions removed"."""
+    lines = iter(["/system", "/system Be brief.", "/system", "/exit"])
+    out = io.StringIO()
+    assert Repl(chat, ConversationStore(tmp_path / "data"), lambda prompt="": next(lines), out=out).run() == 0
+    said = [line for line in out.getvalue().splitlines() if "instructions" in line]
+    assert said == ["no instructions to remove", "instructions set", "instructions removed"], said
+
+
 def test_cli_chat_from_stdin(tiny_checkpoint):
     ckpt = tiny_checkpoint
     proc = subprocess.run(

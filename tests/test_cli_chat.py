@@ -157,6 +157,26 @@ def test_what_is_typed_during_a_reply_waits_at_the_next_prompt(monkeypatch):
     os.close(leader)
 
 
+def test_keys_that_edit_typed_during_a_reply_do_not_become_text(monkeypatch):
+    """A tester's (helper-129): arrow keys, Ctrl-A and Ctrl-D typed while a reply streamed (the
+    terminal in line mode, nothing reading) reached the next prompt as text ("ax^[[DY^AS") and
+    were sent to the model; Ctrl-D as a NUL. They are left out; a colour code pasted stays."""
+    import pty
+
+    from gptoss_mlx.cli import lineedit
+
+    leader, follower = pty.openpty()
+    with os.fdopen(follower, "r") as terminal:
+        monkeypatch.setattr("sys.stdin", terminal)
+        os.write(leader, b"ax\x1b[DY\x01S\x1b[A\x1bOP tab\tend\x04")  # \x04: Ctrl-D, in line mode
+        time.sleep(0.2)
+        assert lineedit.take_typeahead() == "axYS tab\tend"
+        os.write(leader, b"log \x1b[31mERROR\x1b[0m\r\n")
+        time.sleep(0.2)
+        assert lineedit.take_typeahead() == "log \x1b[31mERROR\x1b[0m"
+    os.close(leader)
+
+
 def test_typing_during_a_reply_is_not_echoed_into_it(monkeypatch):
     """What is typed while a reply streams was echoed by the terminal into the reply's text: the
     terminal's echo is off for the reply (Ctrl-C still interrupts), on again for the code
@@ -319,6 +339,14 @@ def test_resume_of_a_model_says_how_to_resume_with_it(store, checkpoints, capsys
     assert main(["chat", "--resume", model]) == 2
     assert f"({model} is a model: `gptoss-mlx chat {model} --resume` resumes the latest chat with it)" \
         in capsys.readouterr().err
+
+
+def test_resume_of_a_file_says_to_load_it(store, tmp_path, capsys):
+    """A tester's (helper-129): `--resume PATH` said only "not a conversation id"."""
+    path = tmp_path / "my chat.json"
+    path.write_text('{"messages": []}')
+    assert main(["chat", "--resume", str(path)]) == 2
+    assert f"(a chat's file: start the chat, then `/load {path}`)" in capsys.readouterr().err
 
 
 def test_resume_of_a_bad_file_fails_before_loading_the_model(store, monkeypatch, capsys):

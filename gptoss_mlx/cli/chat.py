@@ -143,8 +143,13 @@ def resumed_id(store: ConversationStore, chat_id: str) -> str:
     try:
         check_chat_file(store.path(chat_id))
     except ChatFileError as e:
-        hint = (f" ({chat_id} is a model: `gptoss-mlx chat {chat_id} --resume` resumes the latest chat "
-                "with it)" if os.path.isdir(chat_id) or looks_like_repo_id(chat_id) else "")
+        if os.path.isdir(chat_id) or looks_like_repo_id(chat_id):
+            hint = (f" ({chat_id} is a model: `gptoss-mlx chat {chat_id} --resume` resumes the latest chat "
+                    "with it)")
+        elif os.path.isfile(chat_id):  # (a saved chat's file: /load takes a path, --resume an id)
+            hint = f" (a chat's file: start the chat, then `/load {chat_id}`)"
+        else:
+            hint = ""
         raise CLIError(f"{e}{hint}") from None
     return chat_id
 
@@ -405,8 +410,9 @@ class Repl:
                 self.show_reasoning = choice == "show"
                 self.say(f"reasoning: {choice}")
         elif name == "/system":
+            had = self.chat.instructions is not None
             self.chat.instructions = self.defaults["instructions"] = arg or None
-            self.say(("instructions set" if arg else "instructions removed")
+            self.say(("instructions set" if arg else "instructions removed" if had else "no instructions to remove")
                      + (f" (bytes that are not UTF-8 became {REPLACEMENT})" if valid_text(arg) != arg else ""))
         elif name == "/reset":
             self.leave_conversation()

@@ -13,6 +13,7 @@ Ctrl-R reverse search, and one buffer for a multi-line message:
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import sys
@@ -142,8 +143,23 @@ def take_typeahead() -> str:
         pass
     finally:
         termios.tcsetattr(fd, termios.TCSANOW, before)
+    return typed_text(data)
+
+
+# Keys that edit or move, as a terminal sends them: cursor keys, Home/End, Insert/Delete, Page
+# Up/Down and function keys (CSI ... A-D, H, F, ~; SS3 + a letter), an ESC alone (Esc, or Alt + a
+# key's prefix), and the other control characters but tab and the line break: Ctrl-A, Ctrl-R,
+# and the NUL that Ctrl-D leaves in a terminal's line buffer. Typed during a reply (the terminal
+# in line mode, nothing reading), they reached the next prompt as text ("ax^[[DY^AS"), and Ctrl-D
+# was sent as a NUL. A colour code (CSI ... m) pasted stays text, as at the prompt.
+EDIT_KEYS = re.compile(r"\x1b\[[0-?]*[ -/]*[A-DHF~]|\x1bO[A-Za-z]|\x1b(?!\[[0-?]*[ -/]*m)|[\x00-\x08\x0b-\x1a\x1c-\x1f\x7f]")
+
+
+def typed_text(data: bytes) -> str:
+    """What was typed ahead, as the next prompt's text: line ends as newlines, the keys that
+    edit or move (EDIT_KEYS) left out."""
     text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
-    return text.rstrip("\n")
+    return EDIT_KEYS.sub("", text).rstrip("\n")
 
 
 def hold_typeahead() -> None:
