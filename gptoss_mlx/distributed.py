@@ -122,8 +122,10 @@ def check_hostfile() -> None:
     try:
         with open(path) as f:
             hosts = json.load(f)
-    except (OSError, ValueError):
-        return  # MLX's own message names the problem
+    except OSError as e:  # (MLX's own message was a JSON parser's, of an empty input)
+        raise DistributedError(f"{path} (MLX_HOSTFILE): {e.strerror or e}") from None
+    except ValueError as e:
+        raise DistributedError(f"{path} (MLX_HOSTFILE) is not JSON ({e})") from None
     if not isinstance(hosts, list) or not hosts or not all(
             isinstance(h, list) and h and all(isinstance(a, str) for a in h) for h in hosts):
         raise DistributedError(f"{path} (MLX_HOSTFILE) must list each rank's addresses: "

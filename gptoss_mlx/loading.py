@@ -851,6 +851,10 @@ def _parse_dtype(dtype) -> mx.Dtype:
     return dtype
 
 
+NO_ADAPTER_ACROSS_MACHINES = ("adapters are not applied across machines yet: fuse the adapter into a "
+                              "checkpoint (gptoss-mlx fuse --requantize-experts) and run that")
+
+
 def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: int | None = None,
          memory_limit: float | str | None = None, max_context: int | None = None,
          group=None, sharding: str = "tensor", adapter: str | os.PathLike | None = None,
@@ -915,8 +919,7 @@ def load(path_or_repo: str | os.PathLike | None = None, dtype=None, dense_bits: 
                                   "into the experts) and run that")
         adapter = directory / FUSED_EXPERT_ADAPTER
     if adapter is not None and distributed:
-        raise CheckpointError("adapters are not applied across machines yet: fuse the adapter "
-                              "into a checkpoint (gptoss-mlx fuse --requantize-experts) and run that")
+        raise CheckpointError(NO_ADAPTER_ACROSS_MACHINES)
     model = load_model(directory, dtype, memory_plan=memory_plan, group=group, sharding=sharding)
     model.planned_context = context  # what its memory was planned for: an Engine's default context
     if adapter is not None:

@@ -297,6 +297,31 @@ def test_a_hostfile_without_each_ranks_addresses_is_refused(tmp_path, hosts):
     assert f"{hostfile} (MLX_HOSTFILE) must list each rank's addresses" in done.stderr
 
 
+@pytest.mark.parametrize("content, says", [(None, "No such file or directory"), ("[[", "is not JSON")])
+def test_a_hostfile_that_is_missing_or_no_json_is_said_so(tmp_path, content, says):
+    """A tester's (helper-130): MLX's own message was its JSON parser's, of an empty input."""
+    hostfile = tmp_path / "hosts.json"
+    if content is not None:
+        hostfile.write_text(content)
+    code = "from gptoss_mlx import distributed; distributed.init(timeout_s=3)"
+    env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert f"{hostfile} (MLX_HOSTFILE)" in done.stderr and says in done.stderr, done.stderr
+
+
+def test_an_adapter_on_a_follower_is_refused_as_on_rank_0(monkeypatch):
+    """A tester's (helper-130): --adapter on rank 1 alone was ignored (followers load with
+    load_model), the run exiting 0 with the base model's output; on rank 0 it is refused."""
+    from types import SimpleNamespace
+
+    from gptoss_mlx.cli import common
+
+    monkeypatch.setattr(common, "group_of", lambda args: SimpleNamespace(rank=lambda: 1, size=lambda: 2))
+    monkeypatch.setattr(common, "prepare", lambda *a: pytest.fail("loaded"))
+    with pytest.raises(common.CLIError, match="adapters are not applied across machines yet"):
+        common.follow_rank0(SimpleNamespace(adapter="my-adapter"))
+
+
 @pytest.mark.parametrize("problem", ["no checkpoint", "other options", "other weights", "other config",
                                      "other dense bits", "other attention"])
 def test_a_rank_that_cannot_follow_stops_rank_0(problem, checkpoint, tokenizer_json, tmp_path):

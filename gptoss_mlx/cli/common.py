@@ -28,7 +28,7 @@ from ..harmony import EFFORTS
 from ..hub import check_free_disk, fetch_config
 from ..loading import (
     DEFAULT_MODEL, CheckpointError, WeightsMissing, download, find_layout, load, load_model,
-    looks_like_repo_id, not_downloaded, offline, resolve_checkpoint, stream_problem,
+    NO_ADAPTER_ACROSS_MACHINES, looks_like_repo_id, not_downloaded, offline, resolve_checkpoint, stream_problem,
 )
 from ..memory import (
     BARE_GB_MAX, DEFAULT_CONTEXT, DENSE_BITS, GB, PROMPT_CACHE_GB, MemoryPlan, MemoryPlanError, checkpoint_dense_bits,
@@ -520,6 +520,8 @@ def follow_rank0(args) -> bool:
     group = group_of(args)
     if group is None or group.rank() == 0:
         return False
+    if getattr(args, "adapter", None):  # (rank 0 refuses it in load(); here it was ignored)
+        raise CLIError(NO_ADAPTER_ACROSS_MACHINES)
     directory, context, memory_plan = prepare(args, group)
     try:  # the plan rank 0 makes too (the same share of the same config): the same dense bits
         model = engine_thread().call(load_model, directory, memory_plan=memory_plan, group=group,
