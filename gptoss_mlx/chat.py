@@ -562,7 +562,7 @@ class Chat:
             except (TypeError, ValueError):
                 same = False
             if not same:
-                raise ValueError(f"save(): {key} must be JSON data (strings, finite numbers, true, false, None, "
+                raise ValueError(f"save(): {key} must be JSON data (strings, finite numbers, booleans, None, "
                                  "and lists and dicts with string keys of them)")
         return write_json_atomic(path, {**self.to_json(), **metadata})
 

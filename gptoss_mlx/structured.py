@@ -159,7 +159,7 @@ def unenforced_problem(schema) -> str | None:
             if isinstance(pattern, str) and (len(pattern) - len(pattern.rstrip("\\"))) % 2:
                 return f"the pattern {pattern!r} ends in a lone backslash"
         node = draft4_bounds(node)
-        for key in LOWS + HIGHS + ("multipleOf",):  # (llguidance ignored "exclusiveMinimum": "yes")
+        for key in LOWS + HIGHS + ("multipleOf",):  # (said here in JSON's words, before llguidance reads it)
             if key in node and not _is_number(node[key]):
                 return f"'{key}' must be a number, got {json.dumps(node[key])[:80]}"
         for key in LOWS + HIGHS + ("multipleOf",):
