@@ -107,7 +107,7 @@ BAD = {
     "response_format_text": (with_field(("response_format",), "json_object"), "response_format must be"),
     "response_format_xml": (with_field(("response_format",), {"type": "xml"}), "response_format must be"),
     "response_format_schema_list": (with_field(("response_format",), {"type": "json_schema", "json_schema": {
-        "name": "r", "schema": [1]}}), "response_format must be"),
+        "name": "r", "schema": [1]}}), "response_format.json_schema.schema must be a JSON Schema object, got [1]"),
 }
 
 
