@@ -159,10 +159,9 @@ def unenforced_problem(schema) -> str | None:
             if isinstance(pattern, str) and (len(pattern) - len(pattern.rstrip("\\"))) % 2:
                 return f"the pattern {pattern!r} ends in a lone backslash"
         node = draft4_bounds(node)
-        for key in LOWS + HIGHS + ("multipleOf",):  # (said here in JSON's words, before llguidance reads it)
-            if key in node and not _is_number(node[key]):
-                return f"'{key}' must be a number, got {json.dumps(node[key])[:80]}"
         for key in LOWS + HIGHS + ("multipleOf",):
+            if key in node and not _is_number(node[key]):  # (said in JSON's words, before llguidance reads it)
+                return f"'{key}' must be a number, got {json.dumps(node[key])[:80]}"
             if isinstance(node.get(key), float) and not math.isfinite(node[key]):
                 return f"{key}: {node[key]} is beyond float64 (a number written too large reads as infinity)"
         step = node.get("multipleOf")

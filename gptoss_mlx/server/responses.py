@@ -47,8 +47,7 @@ class ResponseStore:
 
     def __init__(self, size: int = STORED_RESPONSES, max_bytes: int = STORED_BYTES):
         self.size, self.max_bytes = size, max_bytes
-        # id -> (its conversation's items, the response object, its bytes, how many items are its input)
-        self._kept: OrderedDict[str, tuple[list[dict], dict, int, int]] = OrderedDict()
+        self._kept: OrderedDict[str, tuple[list[dict], dict, int]] = OrderedDict()
         self._bytes = 0
         self._running: dict[str, "ResponseRun"] = {}
         self._deleted: set[str] = set()  # running ones deleted: not stored when they end
@@ -68,12 +67,12 @@ class ResponseStore:
         """The items a response was made from (the output it added left out)."""
         if response_id in self._running:
             return self._running[response_id].items
-        items, _, _, inputs = self._find(response_id, "response_id")
-        return items[:inputs]
+        items, response, _ = self._find(response_id, "response_id")
+        return items[:len(items) - len(response.get("output") or [])]
 
     def items_by_id(self) -> dict[str, dict]:
         """Every kept item (input and output) by its id; the newest response's where two share one."""
-        return {item["id"]: item for items, *_ in self._kept.values() for item in items
+        return {item["id"]: item for items, _, _ in self._kept.values() for item in items
                 if isinstance(item, dict) and isinstance(item.get("id"), str)}
 
     def delete(self, response_id: str) -> None:
@@ -85,7 +84,7 @@ class ResponseStore:
         self._find(response_id, "response_id")
         self._bytes -= self._kept.pop(response_id)[2]
 
-    def _find(self, response_id, param: str) -> tuple[list[dict], dict, int, int]:
+    def _find(self, response_id, param: str) -> tuple[list[dict], dict, int]:
         if not isinstance(response_id, str) or response_id not in self._kept:
             shown = response_id if not isinstance(response_id, str) or len(response_id) <= 80 else response_id[:80] + "…"
             raise APIError(404, f"no stored response {shown!r} (responses are kept in memory, the "
@@ -103,11 +102,8 @@ class ResponseStore:
         self._running.pop(response_id, None)
         self._deleted.discard(response_id)
 
-    def put(self, response_id: str, items: list[dict], response: dict, inputs: int | None = None) -> None:
-        """Keep ``items`` (the conversation: the first ``inputs`` its input, by default all but the
-        response's output) and ``response``."""
-        if inputs is None:
-            inputs = len(items) - len(response.get("output") or [])
+    def put(self, response_id: str, items: list[dict], response: dict) -> None:
+        """Keep ``items`` (the conversation: its input, then ``response``'s output) and ``response``."""
         if response_id in self._deleted:
             return
         size = _text_bytes(items) + _text_bytes(response)
@@ -115,7 +111,7 @@ class ResponseStore:
             log.info("%s is not stored: its items hold %d MB, more than the store's %d MB",
                      response_id, size >> 20, self.max_bytes >> 20)
             return
-        self._kept[response_id] = (items, response, size, inputs)
+        self._kept[response_id] = (items, response, size)
         self._bytes += size
         while len(self._kept) > self.size or self._bytes > self.max_bytes:
             self._bytes -= self._kept.popitem(last=False)[1][2]
@@ -733,25 +729,21 @@ class ResponseRun:
         streamed goes."""
         if not self.stored:
             return
-        output, history = [], []
+        output = []
         for item in self.reply.stream.items:
             if id(item) in self.whole:
                 output.append(self._output(item))
-                history.append(output[-1])
             elif id(item) in self.ids and item.kind == CALL:
                 # the client has its ids: it is kept as far as it went, incomplete, which a
                 # previous_response_id goes on from without (no output can answer half a call)
                 output.append({**self._output(item, "incomplete"), "arguments": self.sent.get(id(item), "")})
-                history.append(output[-1])
             elif id(item) in self.ids and self.sent.get(id(item)) and item.kind in (REASONING, TEXT):
                 part = self._part(item, self.sent[id(item)])
                 kept = {**self._output(item, "incomplete"), "content": [part]}
                 if "encrypted_content" in kept:  # what was sent of it
                     kept["encrypted_content"] = sealed_reasoning(self.sent[id(item)])
                 output.append(kept)
-                history.append(kept)
-        self.store.put(self.reply.id, self.items + history, {**self.response("cancelled"), "output": output},
-                       inputs=len(self.items))
+        self.store.put(self.reply.id, self.items + output, {**self.response("cancelled"), "output": output})
 
     async def events(self):
         """The streamed events, as (type, payload) pairs, in OpenAI's order."""

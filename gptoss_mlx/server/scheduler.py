@@ -332,17 +332,19 @@ class Scheduler:
     def interleaved_budget(self) -> int:
         """Prompt tokens to prefill in a step while others decode: about INTERLEAVED_S's worth at
         the measured rate, within MIN_INTERLEAVED and ``interleaved_chunk``."""
-        if self.prefill_rate is None:
-            return self.interleaved_chunk
-        return max(MIN_INTERLEAVED, min(self.interleaved_chunk, int(self.prefill_rate * INTERLEAVED_S)))
+        return self._timed_budget(INTERLEAVED_S, MIN_INTERLEAVED, self.interleaved_chunk)
 
     def alone_budget(self) -> int:
         """Prompt tokens to prefill in a step with nothing decoding: about ALONE_S's worth at the
         measured rate, within MIN_ALONE and the engine's prefill_step."""
-        step = self.engine.prefill_step
+        return self._timed_budget(ALONE_S, MIN_ALONE, self.engine.prefill_step)
+
+    def _timed_budget(self, seconds: float, least: int, most: int) -> int:
+        """About ``seconds`` of prompt tokens at the measured rate, within ``least`` and ``most``
+        (``most`` before any rate is known)."""
         if self.prefill_rate is None:
-            return step
-        return max(min(MIN_ALONE, step), min(step, int(self.prefill_rate * ALONE_S)))
+            return most
+        return max(min(least, most), min(most, int(self.prefill_rate * seconds)))
 
     def _measure(self, tokens: int, seconds: float) -> None:
         """The prefill rate, from a chunk of ``tokens`` that took ``seconds`` (it slows as the
