@@ -35,7 +35,7 @@ from .chat_file import (  # noqa: F401 - ChatFileError: public here
 from .engine_thread import engine_thread
 from .files import valid_text
 from .generate import RAISE_CONTEXT, ContextLengthError, Engine, SamplingParams, Stats, sampling_params
-from .harmony.chat_completions import _header_field, _recipient_of
+from .harmony.chat_completions import _header_field, _recipient_of, response_format_json, response_formats
 from .harmony import ContentDelta, DeveloperContent, Message, MessageEnd, MessageStart, ResponseFormat
 from .structured import SchemaError, compile_schema, constrained_messages, constraints_for, final_header, grammars
 
@@ -367,12 +367,16 @@ class Chat:
             _header_field(channel, "add_tool_result's channel")
         except harmony.HarmonyError as e:
             raise ValueError(str(e)) from None
-        if name.startswith(".") or name.endswith(".") or ".." in name:  # ("functions." names no function)
-            raise ValueError(f"add_tool_result's name {name[:80]!r}: a part of the name is empty")
-        if "<|" in name:  # (a content type may start with <|constrain|>; a name may not)
-            raise ValueError(f"add_tool_result's name {name[:80]!r}: a tool's name cannot hold a special token")
-        # as a saved chat's tool message is read back ("get_weather" came back functions.get_weather)
-        name = _recipient_of(name, {f.name for f in self.functions})
+        last = self.messages[-1] if self.messages else None
+        if not (last is not None and last.is_tool_call and last.recipient == name):
+            # (the call just made is answered under its own recipient, whatever the model wrote:
+            # "functions." or "python" beside a function named python)
+            if name.startswith(".") or name.endswith(".") or ".." in name:  # ("functions." names no function)
+                raise ValueError(f"add_tool_result's name {name[:80]!r}: a part of the name is empty")
+            if "<|" in name:  # (a content type may start with <|constrain|>; a name may not)
+                raise ValueError(f"add_tool_result's name {name[:80]!r}: a tool's name cannot hold a special token")
+            # as a saved chat's tool message is read back ("get_weather" came back functions.get_weather)
+            name = _recipient_of(name, {f.name for f in self.functions})
         self.messages.append(Message("tool", valid_text(content), channel=channel, recipient="assistant",
                                      name=name))
 
@@ -543,6 +547,8 @@ class Chat:
         self._close_open_stream()  # what a reply stream left open made past its consumer goes
         data = harmony.to_chat_completions(self.conversation())
         data["date"] = self.date
+        if self._format != self._turn_format:  # the last turn's format was that turn's alone
+            data["chat_response_format"] = self._format and response_format_json(self._format)
         return data
 
     def save(self, path: str | os.PathLike, **metadata) -> Path:
@@ -580,13 +586,16 @@ class Chat:
             rest[0].content, DeveloperContent) else DeveloperContent(None, [])
         try:  # the answers' shape, as its last reply had it: the next prompt is the same
             answer_format = self._checked_format(dev.response_formats[0] if dev.response_formats else None)
+            chat_format = answer_format  # and the chat's own, where that was the last turn's alone
+            if "chat_response_format" in data:
+                chat_format = self._checked_format(next(iter(response_formats(data["chat_response_format"])), None))
             grammars(self.tokenizer, DeveloperContent(functions=list(dev.functions)))  # its tools' too
         except SchemaError as e:
             raise ChatFileError(f"{path}: {e}") from None
         self.reasoning_effort = system.content.reasoning_effort or "medium"
         self.date = data.get("date") or self.date
         self.instructions, self.functions = dev.instructions, list(dev.functions)
-        self._format = self._turn_format = answer_format
+        self._format, self._turn_format = chat_format, answer_format
         self.messages = rest
         return data
 

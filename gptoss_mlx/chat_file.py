@@ -14,14 +14,16 @@ from pathlib import Path
 
 from .files import JSONProblem, lone_surrogate_problem, parse_json, regular_file_problem
 from .harmony import EFFORTS, HarmonyError, from_chat_completions, render_conversation
-from .harmony.chat_completions import REASONING_KEYS
+from .harmony.chat_completions import REASONING_KEYS, response_format_problem, response_formats
 
 FORMAT_VERSION = 1  # files without "format" are version 1
 MAX_FILE_BYTES = 64 * 2**20
 MAX_DATE_CHARS = 64  # "Current date: ..." in the system message: one line, not a section of its own
 MAX_DEPTH = 64  # JSON nesting; a tool's parameter schema needs a handful of levels
 ROLES = ("system", "developer", "user", "assistant", "tool")
-CHAT_FIELDS = ("messages", "reasoning_effort", "tools", "response_format", "date")  # the rest: metadata
+# the rest: metadata. chat_response_format: the chat's own format where the last turn's
+# (response_format, in the prompt) was given for that turn alone (Chat.send's response_format).
+CHAT_FIELDS = ("messages", "reasoning_effort", "tools", "response_format", "date", "chat_response_format")
 
 
 class ChatFileError(ValueError):
@@ -83,6 +85,11 @@ def chat_file_problem(data) -> str | None:
         return problem
     try:  # what only rendering finds (a tool's parameter schema of the wrong shape)
         render_conversation(from_chat_completions(data, date=data.get("date")))
+        if "chat_response_format" in data:
+            problem = response_format_problem(data["chat_response_format"], "chat_response_format")
+            if problem:
+                return problem
+            response_formats(data["chat_response_format"])
     except HarmonyError as e:
         return f"not a saved chat ({e})"
     return None

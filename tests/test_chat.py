@@ -1191,3 +1191,46 @@ def test_chat_arguments_that_disagree_or_are_not_what_they_say(tok, tmp_path):
         with pytest.raises(ValueError, match=r"save\(\): tags must be JSON data"):
             chat.save(tmp_path / "c.json", tags=tags)
     assert not (tmp_path / "c.json").exists()
+
+
+def test_what_the_model_writes_saves_and_loads_and_its_calls_are_answered(tok, tmp_path):
+    """A tester's (helper-133): "<|channel|>to=x" was taken as a channel named "to=x", which the
+    chat saved and then refused to load (the latest chat gone from --resume); a call to
+    "functions." (no name) or to the built-in python beside a function named python could not be
+    answered under its own name (the terminal chat's tool loop died with a traceback)."""
+    enc = lambda s: tok.encode(s, allowed_special="all")  # noqa: E731
+    chat = Chat(ScriptedModel([enc("<|channel|>to=functions.f <|constrain|>json<|message|>{}<|call|>"),
+                               enc("<|channel|>commentary to=functions. <|constrain|>json<|message|>{}<|call|>"),
+                               enc("<|channel|>analysis to=python<|message|>1+1<|call|>"),
+                               enc("<|channel|>final<|message|>Done.<|return|>")]),
+                tok, date="2025-08-05", python=True, functions=[ToolSpec("python", "Not the built-in.")])
+    calls = [e for e in chat.send("Go.") if isinstance(e, ToolCall)]
+    assert [(c.recipient, c.arguments) for c in calls] == [("functions.f", "{}")]  # to= in the channel's place
+    chat.add_tool_result("functions.f", "no such function")
+    for recipient, channel in (("functions.", "commentary"), ("python", "analysis")):
+        assert [e.recipient for e in chat.reply() if isinstance(e, ToolCall)] == [recipient]
+        chat.add_tool_result(recipient, "an error", channel=channel)
+        assert chat.messages[-1].name == recipient  # answered under the call's own name
+    assert "".join(e.text for e in chat.reply() if isinstance(e, AnswerDelta)) == "Done."
+    again = Chat(ScriptedModel([]), tok, date="2025-08-05", python=True, functions=[ToolSpec("python", "Not the built-in.")])
+    again.load(chat.save(tmp_path / "c.json"))
+    assert again.messages == chat.messages and again.prompt_tokens() == chat.prompt_tokens()
+    with pytest.raises(ValueError, match="a part of the name is empty"):
+        chat.add_tool_result("functions.", "not a call just made")
+
+
+def test_a_turns_own_response_format_stays_that_turns_after_a_reload(tok, tmp_path):
+    """A tester's (helper-133): a format given to one send() came back from the saved chat as the
+    chat's, and shaped every later answer."""
+    one = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    for own in (None, {"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]}):
+        chat = Chat(ScriptedModel([reply_script(tok, "Hm.", '{"n": 1}')]), tok, date="2025-08-05", response_format=own)
+        list(chat.send("Json.", response_format=one))
+        again = Chat(ScriptedModel([]), tok, date="2025-08-05")
+        again.load(chat.save(tmp_path / "c.json"))
+        assert (again.response_format and again.response_format.schema) == own
+        assert again.prompt_tokens() == chat.prompt_tokens()  # the prompt continued is the same
+    (tmp_path / "bad.json").write_text(json.dumps({**json.loads((tmp_path / "c.json").read_text()),
+                                                   "chat_response_format": {"type": "nope"}}))
+    with pytest.raises(ChatFileError, match="chat_response_format must be"):
+        again.load(tmp_path / "bad.json")

@@ -225,3 +225,18 @@ def test_a_refusal_is_the_answer():
     *_, answer = from_chat_completions({"messages": [
         {"role": "user", "content": "q"}, {"role": "assistant", "content": None, "refusal": "I can't help with that."}]})
     assert (answer.channel, answer.content) == ("final", "I can't help with that.")
+
+
+def test_a_tool_result_without_id_or_name_answers_the_last_call_as_the_hf_template_reads_it():
+    """A tester's (helper-133): the Hugging Face chat template's own form (calls without ids, a
+    tool message with neither tool_call_id nor name) was refused; the template names the result
+    after the last call. Without any call before it, it still names what is missing."""
+    data = {"messages": [{"role": "user", "content": "Weather?"},
+                         {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+                             "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+                         {"role": "tool", "content": "sunny"}]}
+    result = from_chat_completions(data)[-1]
+    assert (result.role, result.name, result.channel, result.content) == (
+        "tool", "functions.get_weather", "commentary", "sunny")
+    with pytest.raises(HarmonyError, match=r"messages\[1\]: tool result without a name or a known tool_call_id"):
+        from_chat_completions({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]})

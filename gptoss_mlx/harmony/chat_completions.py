@@ -51,7 +51,7 @@ def from_chat_completions(request: dict, date: str | None = None, browser: bool 
     if len(declared) < len(functions):
         j = next(j for j, f in enumerate(functions) if f.name in {g.name for g in functions[:j]})
         raise HarmonyError(f"tools[{j}]: the function name {functions[j].name!r} is declared twice")
-    formats = _response_formats(request.get("response_format"))
+    formats = response_formats(request.get("response_format"))
     msgs = list(enumerate(request["messages"]))
     instructions = None
     if msgs and isinstance(msgs[0][1], dict) and msgs[0][1].get("role") in ("system", "developer"):
@@ -197,7 +197,18 @@ def response_format_problem(fmt, param: str = "response_format", shape: str = JS
     return None
 
 
-def _response_formats(fmt) -> list[ResponseFormat]:
+def response_format_json(fmt: ResponseFormat) -> dict:
+    """A ResponseFormat as Chat Completions' ``response_format`` (what :func:`response_formats`
+    reads back)."""
+    schema = {"name": fmt.name, "schema": fmt.schema}
+    if fmt.description is not None:
+        schema["description"] = fmt.description
+    return {"type": "json_schema", "json_schema": schema}
+
+
+def response_formats(fmt) -> list[ResponseFormat]:
+    """Chat Completions' ``response_format`` (None, text, json_object or json_schema) as the
+    developer message's formats: none or one. HarmonyError names what is wrong."""
     problem = response_format_problem(fmt)
     if problem:
         raise HarmonyError(problem)
@@ -276,6 +287,8 @@ def _tool_result(m: dict, i: int, declared: set[str], calls: dict) -> Message:
         _header_word(name, f"messages[{i}].name")
         recipient = _recipient_of(name, declared)
         channel = _call_defaults(recipient)[0]
+    elif call_id is None and name is None and calls:  # the last call's, as the HF chat template reads it
+        recipient, channel = list(calls.values())[-1][-1]
     else:
         raise HarmonyError(f"messages[{i}]: tool result without a name or a known tool_call_id")
     channel = _override(m, "channel", channel, f"messages[{i}]")
@@ -394,8 +407,4 @@ def _developer_to_chat(dev: DeveloperContent, out: list, result: dict, declared:
         result.setdefault("tools", []).append({"type": "function", "function": spec})
         declared.add(fn.name)
     if dev.response_formats:  # Chat Completions has room for one
-        fmt = dev.response_formats[0]
-        schema = {"name": fmt.name, "schema": fmt.schema}
-        if fmt.description is not None:
-            schema["description"] = fmt.description
-        result["response_format"] = {"type": "json_schema", "json_schema": schema}
+        result["response_format"] = response_format_json(dev.response_formats[0])

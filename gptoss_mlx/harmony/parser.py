@@ -60,7 +60,7 @@ def parse_header(text: str, role: str | None, complete: bool = True) -> tuple[Me
             break
     to = [w for w in words if w.startswith("to=")]  # (one holding another special token: text)
     recipient = content_type = None
-    if len(to) == 1 and len(to[0]) > len("to=") and _plain(to[0]):
+    if len(to) == 1 and len(to[0]) > len("to=") and _plain(to[0]) and not to[0].startswith("to=to="):
         recipient = to[0][len("to="):]
         words.remove(to[0])
     constrained = [w for w in words if w.startswith(CONSTRAIN)]
@@ -82,11 +82,14 @@ def _plain(word: str) -> bool:
 
 
 def _take_channel(text: str) -> tuple[str | None, str]:
-    """The word after the first ``<|channel|>`` (up to whitespace or ``<``), and the rest."""
+    """The word after the first ``<|channel|>`` (up to whitespace or ``<``), and the rest. A
+    ``to=`` word there is a recipient, not a channel (``<|channel|>to=x``): left in the rest."""
     before, marker, after = text.partition(CHANNEL)
     if not marker:
         return None, text
     word = re.match(r"[^\s<]*", after).group(0)
+    if word.startswith("to="):
+        return None, f"{before} {after}"
     return word or None, f"{before} {after[len(word):]}"
 
 
