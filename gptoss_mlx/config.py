@@ -23,6 +23,7 @@ FULL = "full_attention"
 MXFP4_BLOCK = 32  # values per MX block (one E8M0 scale each)
 MAX_DIMENSION = 1 << 24  # any size, count or vocabulary of a config (gpt-oss: at most 201,088)
 MAX_POSITIONS = (1 << 31) - 1  # a context length (gpt-oss: 131,072)
+QUANTIZATION_BITS = (2, 3, 4, 5, 6, 8)  # a converted checkpoint's dense layers (MLX's affine quantization)
 
 
 class ConfigError(ValueError):
@@ -121,6 +122,11 @@ class ModelConfig:
                     f"{name} ({getattr(self, name)}) must be a multiple of {MXFP4_BLOCK} "
                     "for MXFP4 experts"
                 )
+        if SLIDING in self.layer_types and self.sliding_window > self.max_position_embeddings:
+            # (a window past the context is full attention; its ring of that many slots each was
+            # allocated whole, which the memory plan, counting the context's, did not see)
+            raise ConfigError(f"sliding_window ({self.sliding_window:,}) is longer than max_position_embeddings "
+                              f"({self.max_position_embeddings:,})")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
                 f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
@@ -274,6 +280,12 @@ class ModelConfig:
         if quant is not None:
             if not isinstance(quant, dict) or not {"group_size", "bits"} <= quant.keys():
                 raise ConfigError(f"quantization must hold group_size and bits, got {quant!r:.100}")
+            bits = _integer(quant["bits"], "quantization.bits")  # (a string made the memory plan raise)
+            if bits not in QUANTIZATION_BITS:
+                raise ConfigError(f"quantization.bits must be one of {', '.join(map(str, QUANTIZATION_BITS))} "
+                                  f"(MLX's), got {bits}")
+            if _integer(quant["group_size"], "quantization.group_size") < 1:
+                raise ConfigError(f"quantization.group_size must be positive, got {quant['group_size']}")
             kw["quantization"] = quant
         if any(t == SLIDING for t in kw.get("layer_types", ())) and "sliding_window" not in kw:
             raise ConfigError("layer_types names sliding_attention layers but sliding_window is missing")

@@ -33,7 +33,7 @@ ATTENTION_BUDGET = 1 << 30
 
 
 # The way out of a full context, in the CLI's terms and the library's.
-RAISE_CONTEXT = "raise --max-context (max_context= from Python)"
+RAISE_CONTEXT = "raise --max-context (from Python: max_context=)"  # (memory.cli_wording)
 
 
 class ContextLengthError(ValueError):

@@ -21,6 +21,7 @@ from huggingface_hub.errors import (
 )
 
 from .config import ConfigError, ModelConfig
+from .files import MAX_JSON_BYTES, regular_file_problem
 from .loading import (
     HUB_IGNORE, HUB_PATTERNS, CheckpointError, find_layout, looks_like_repo_id, not_downloaded,
     offline as _offline,
@@ -155,6 +156,8 @@ def _damaged_ours(config_file: Path) -> bool:
     """Whether a config.json that does not load still names gpt-oss's model type, or is no JSON
     at all (cut short: damaged, whatever model it was)."""
     try:
+        if regular_file_problem(config_file) or config_file.stat().st_size > MAX_JSON_BYTES:
+            return config_file.exists()  # a FIFO (reading it blocked `models list`), a device, a huge file
         data = json.loads(config_file.read_bytes())
     except ValueError:
         return True

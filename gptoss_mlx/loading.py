@@ -252,9 +252,13 @@ def _weight_files(directory: Path) -> list[Path]:
     weight_map = _weight_map(directory)
     files = sorted(set(weight_map.values())) if weight_map else sorted(directory.glob("*.safetensors"))
     for f in files:
-        if not os.path.lexists(f):
+        try:
+            os.lstat(f)
+        except FileNotFoundError:
             raise WeightsMissing(f"{f}: missing checkpoint file (listed in "
-                                 "model.safetensors.index.json)")
+                                 "model.safetensors.index.json)") from None
+        except OSError as e:  # (a folder that can be listed but not entered: "missing" misled)
+            raise CheckpointError(f"{f}: cannot be read ({e.strerror or e})") from None
         _check_file(f)
     return files
 
@@ -319,7 +323,11 @@ def adapter_base_note(adapter: str | os.PathLike, directory: Path) -> str | None
 def find_layout(directory: Path) -> tuple[str, Path]:
     """(layout, directory holding its config.json and weights)."""
     for candidate in (directory, directory / "original"):
-        files = _weight_files(candidate) if candidate.is_dir() else []
+        try:
+            is_dir = candidate.is_dir()
+        except OSError as e:  # (a folder that cannot be read: PermissionError's traceback)
+            raise CheckpointError(f"{candidate.parent}: cannot be read ({e.strerror or e})") from None
+        files = _weight_files(candidate) if is_dir else []
         if not files:
             continue
         if not os.path.lexists(candidate / "config.json"):
@@ -729,6 +737,11 @@ def load_model(directory: str | Path, dtype: mx.Dtype = mx.bfloat16, dense_bits:
     layout, weights_dir = find_layout(directory)
     config = read_config(directory)
     infos = _read_headers(weights_dir)
+    if config.quantization and not any(n.endswith(".scales") and ".experts." not in n for n in infos):
+        # (the memory plan counted quantized dense layers, and --dense-bits was refused for them)
+        raise CheckpointError(f"{weights_dir / 'config.json'}: its quantization says the dense layers are "
+                              f"stored {config.quantization['bits']}-bit, but the weights hold them unquantized "
+                              "(no .scales tensors): remove \"quantization\" from config.json")
     plan, origin = map_tensors(layout, infos)
     model = build_model(config, infos, layout)
     _check_against_model(model, plan, infos, origin)

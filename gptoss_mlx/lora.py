@@ -156,8 +156,8 @@ def apply_lora(model: Model, config: LoRAConfig) -> Model:
         raise AdapterError("the model already has an adapter; load adapters into a base model")
     if "experts" in config.targets and getattr(model, "expert_pool", None) is not None:
         raise AdapterError("this adapter trains the experts, and at this memory limit the experts are "
-                           "streamed, which adapters do not reach: give more memory (--memory-limit, or "
-                           "memory_limit= from Python) or use an adapter without experts (--targets attention)")
+                           "streamed, which adapters do not reach: give more memory (--memory-limit) (from Python: "
+                           "memory_limit=) or use an adapter without experts (--targets attention)")
     paths = {p for t in config.targets for p in TARGETS[t]}
     smallest = min(min(in_out(m)) for layer in model.layers
                    for path, m in layer.named_modules() if path in paths)

@@ -101,7 +101,8 @@ def parse_size(text: str) -> float:
     """Bytes of a size such as ``10GB``, ``8.5G``, ``800MB`` or ``12GiB`` (a bare number is GB,
     a number with only ``B`` bytes). A bare number of BARE_GB_MAX or more is an error: it is a
     count of bytes or MB without its unit, not that many GB."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kKmMgGtT])(i?))?([bB]?)\s*", str(text))
+    # ASCII digits only (\d took fullwidth ones); any case of the unit (1.5GIB as 1.5GiB)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?:([kKmMgGtT])([iI]?))?([bB]?)\s*", str(text))
     if not match:
         raise ValueError(f"expected a size such as 10GB, 8.5G or 800MB, got {text!r:.40}")
     number, unit, binary, b = match.groups()
@@ -186,7 +187,7 @@ def kv_cache_bytes(config: ModelConfig, context: int, bytes_per_value: int = 2) 
     per_token = 2 * config.num_key_value_heads * config.head_dim * bytes_per_value  # K and V
     total = 0
     for sliding in config.sliding_layers:
-        total += per_token * (min(context, config.sliding_window) if sliding else context)
+        total += per_token * (config.sliding_window if sliding else context)  # (a ring holds window slots)
     return total
 
 

@@ -560,7 +560,7 @@ def test_error_mode_names_the_limit_and_leaves_the_chat_as_it_was(tok):
     with pytest.raises(ContextLengthError, match=f"the context limit is {chat.engine.max_context} tokens, "
                                                  "16 of them kept free for the reply") as raised:
         list(chat.send("last question"))
-    assert str(raised.value).endswith("raise --max-context (max_context= from Python)")  # (a library's caller has no flags)
+    assert str(raised.value).endswith("raise --max-context (from Python: max_context=)")  # (a library's caller has no flags)
     assert chat.messages == before
     chat.context_overflow = "truncate"
     assert collect(chat.send("last question"))[1] == "ok"

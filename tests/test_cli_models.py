@@ -211,6 +211,18 @@ def test_downloads_damaged_in_other_ways_are_listed_too(cache):
     assert "(1 other model repo" in listed.stdout  # someone/llama (and the canary folder is not a repo)
 
 
+def test_a_config_that_is_a_fifo_or_a_device_is_a_damaged_download_not_a_hang(cache):
+    """A tester's (helper-131): `models list` read such a config.json whole to tell whose model
+    it was: a FIFO blocked it for good, /dev/zero took all memory."""
+    for name, make in (("fifo", os.mkfifo), ("zero", lambda p: p.symlink_to("/dev/zero"))):
+        make(add_to_cache(cache, f"test/{name}", {"tokenizer.json": "{}"}) / "config.json")
+    listed = run("models", "list")
+    assert listed.returncode == 0, listed.stderr
+    damaged = listed.stdout.split("Damaged downloads")[1]
+    assert "test/fifo: " in damaged and "is a FIFO" in damaged
+    assert "test/zero: " in damaged and "is a character device" in damaged
+
+
 def test_a_repo_folder_moved_elsewhere_loses_its_link_and_keeps_its_files(cache, tmp_path):
     moved = tmp_path / "external" / "models--openai--gpt-oss-120b"
     moved.parent.mkdir()

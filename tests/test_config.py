@@ -102,6 +102,11 @@ def test_eos_ids_always_include_return_and_call():
         ({"rope_theta": float("inf")}, "rope_theta must be a positive finite number"),
         ({"rope_scaling": {**HF_120B["rope_scaling"], "factor": "32"}}, "rope_scaling.factor must be a number"),
         ({"quantization_config": {"quant_method": "gptq"}}, "quant_method is 'gptq'"),
+        # (a traceback from the memory plan, then a negative plan: helper-131)
+        ({"quantization": {"group_size": 64, "bits": "abc"}}, "quantization.bits must be an integer, got 'abc'"),
+        ({"quantization": {"group_size": 64, "bits": -40}}, r"quantization.bits must be one of 2, 3, 4, 5, 6, 8"),
+        ({"quantization": {"group_size": 0, "bits": 4}}, "quantization.group_size must be positive"),
+        ({"sliding_window": 2**24}, r"sliding_window \(16,777,216\) is longer than max_position_embeddings"),
         ({"rope_scaling": {**HF_120B["rope_scaling"], "beta_slow": 1e-9}}, r"YaRN correction range \[8.093, 73.038\].*head_dim/2 - 1 = 31"),
         ({"rope_scaling": {**HF_120B["rope_scaling"], "beta_fast": 1e9}}, r"YaRN correction range \[-"),
     ],

@@ -2,6 +2,7 @@
 resident model computes, counts what it reads, and the memory plan chooses it only when needed."""
 
 import ctypes
+import json
 import os
 import shutil
 import subprocess
@@ -515,12 +516,14 @@ def test_split_expert_checkpoints_cannot_stream_and_say_so(checkpoints):
 # ---- the plan ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, size", [("10GB", 10e9), ("8.5G", 8.5e9), ("800MB", 8e8), ("800mb", 8e8),
-                                        ("12GiB", 12 * 2**30), ("2", 2e9), (" 1.5 gb ", 1.5e9)])
+                                        ("12GiB", 12 * 2**30), ("2", 2e9), (" 1.5 gb ", 1.5e9),
+                                        ("1.5GIB", 1.5 * 2**30), ("1.5gib", 1.5 * 2**30)])
 def test_sizes(text, size):
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "ten", "10 GBs", "-1GB", "0GB", "1e9", "GB", "10PB", "10iB", "10i"])
+@pytest.mark.parametrize("text", ["", "ten", "10 GBs", "-1GB", "0GB", "1e9", "GB", "10PB", "10iB", "10i",
+                                  "\uff11\uff10GB"])  # (fullwidth digits were taken)
 def test_bad_sizes_are_one_clear_error(text):
     with pytest.raises(ValueError, match="expected a size such as 10GB|more than 0"):
         parse_size(text)
@@ -691,6 +694,25 @@ def test_cli_memory_limit_streams_or_refuses_in_one_line(tiny_checkpoint):
     proc = run("generate", "--model", str(tiny_checkpoint), "--memory-limit", "1KB", "-p", "hi")
     assert proc.returncode == 2 and "will not fit in 1 KB (--memory-limit)" in proc.stderr
     assert "memory_limit" not in proc.stderr and "--memory-limit 1.03GB or more" in proc.stderr
+
+
+def test_what_the_plan_counts_is_what_loads_and_a_dropped_limit_is_refused(tiny_checkpoint, tmp_path):
+    """A tester's (helper-131): a "quantization" in the config.json of an unquantized checkpoint
+    made the plan count 8-bit dense layers the model then held in bf16 (and refused --dense-bits
+    for them); --no-memory-check dropped a --memory-limit without a word; a link loop given as
+    --model was "no such directory"."""
+    copy = tmp_path / "q"
+    shutil.copytree(tiny_checkpoint, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "quantization": {"group_size": 64, "bits": 8}}))
+    with pytest.raises(CheckpointError, match="its quantization says the dense layers are stored 8-bit, but "
+                                              r"the weights hold them unquantized \(no .scales tensors\)"):
+        load(copy)
+    proc = run("generate", "--model", str(tiny_checkpoint), "--no-memory-check", "--memory-limit", "1GB", "-p", "hi")
+    assert proc.returncode == 2 and "not allowed with argument --no-memory-check" in proc.stderr
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    proc = run("generate", "--model", str(tmp_path / "loop"), "-p", "hi")
+    assert proc.returncode == 2 and "is a symbolic link loop" in proc.stderr
 
 
 def test_a_library_limit_that_is_no_size_names_memory_limit(tiny_checkpoint):

@@ -20,6 +20,7 @@ from ..generate import ContextLengthError, NonFiniteLogitsError
 from ..loading import CheckpointError, looks_like_repo_id
 from ..harmony import EFFORTS
 from ..structured import SchemaError
+from ..memory import cli_wording
 from ..store import ConversationStore, message_count, save_target_problem, saved_elsewhere_note, title_for
 from . import common
 from .common import (
@@ -319,7 +320,7 @@ class Repl:
             self.out, self.hung_up = None, True
             common.drop_output()
         except (ContextLengthError, NonFiniteLogitsError, SchemaError, CheckpointError) as e:
-            self.say(f"error: {e}")
+            self.say(f"error: {cli_wording(str(e))}")
             if len(self.chat.messages) > before:  # a later round failed: tools had run for it
                 self.say("[the message and the tool calls answered so far stay in the chat; the reply "
                          "could not go on]")

@@ -217,15 +217,16 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=positive_int, default=None, metavar="TOKENS",
                    help="context length to plan memory for and to allow (default: "
                         f"{DEFAULT_CONTEXT}; at most the model's max_position_embeddings)")
-    p.add_argument("--memory-limit", type=memory_size, default=None, metavar="SIZE",
-                   help="memory the model may use, e.g. 10GB or 800MB; a bare number is GB (default: "
-                        "the device's, on a Mac Metal's recommended working set); the plan keeps "
-                        "everything resident, quantizes the dense layers, or streams experts to stay inside")
+    limits = p.add_mutually_exclusive_group()  # (--no-memory-check dropped a --memory-limit without a word)
+    limits.add_argument("--memory-limit", type=memory_size, default=None, metavar="SIZE",
+                        help="memory the model may use, e.g. 10GB or 800MB; a bare number is GB (default: "
+                             "the device's, on a Mac Metal's recommended working set); the plan keeps "
+                             "everything resident, quantizes the dense layers, or streams experts to stay inside")
     p.add_argument("--dense-bits", type=int, choices=DENSE_BITS, default=None,
                    help="dense layers (attention, embeddings) in bf16 (16) or quantized to 8 or 4 "
                         "bits at load; the router stays bf16 (default: the memory plan's choice)")
-    p.add_argument("--no-memory-check", action="store_true",
-                   help="load everything resident, whatever the memory estimate says")
+    limits.add_argument("--no-memory-check", action="store_true",
+                        help="load everything resident, whatever the memory estimate says")
 
 
 def add_model_options(p: argparse.ArgumentParser, interactive: bool = True,
@@ -382,7 +383,7 @@ def prepare(args, group=None) -> tuple[Path, int, MemoryPlan]:
     source = args.model or DEFAULT_MODEL
     hub_only = getattr(args, "hub_only", False)  # models pull: a repo id, whatever folder is here
     try:
-        if not hub_only and Path(source).expanduser().exists():
+        if not hub_only and os.path.lexists(Path(source).expanduser()):  # (a link loop: "no such directory")
             directory = resolve_checkpoint(source)
             try:
                 config_file = find_layout(directory)[1] / "config.json"
