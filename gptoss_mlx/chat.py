@@ -53,6 +53,15 @@ ANSWER_CHANNELS = ("final", None)
 TOOL_RESULT_CHANNELS = ("commentary", "analysis")  # a tool's result comes back on its call's
 
 
+def result_channel(call: "ToolCall") -> str:
+    """The channel a call's result goes on: its call's, or where harmony puts the call when the
+    model wrote it on another (final, an unknown word, none): analysis for the built-in tools,
+    commentary for functions."""
+    if call.channel in TOOL_RESULT_CHANNELS:
+        return call.channel
+    return "analysis" if call.recipient.split(".")[0] in harmony.BUILTIN_TOOLS else "commentary"
+
+
 @dataclass
 class AnswerDelta:
     text: str
@@ -368,7 +377,8 @@ class Chat:
         except harmony.HarmonyError as e:
             raise ValueError(str(e)) from None
         last = self.messages[-1] if self.messages else None
-        if not (last is not None and last.is_tool_call and last.recipient == name):
+        if not (last is not None and last.is_tool_call and last.recipient == name
+                and name not in harmony.ROLES + harmony.NOT_A_CALL):  # ("user" would head a user turn)
             # (the call just made is answered under its own recipient, whatever the model wrote:
             # "functions." or "python" beside a function named python)
             if name.startswith(".") or name.endswith(".") or ".." in name:  # ("functions." names no function)
@@ -588,7 +598,8 @@ class Chat:
             answer_format = self._checked_format(dev.response_formats[0] if dev.response_formats else None)
             chat_format = answer_format  # and the chat's own, where that was the last turn's alone
             if "chat_response_format" in data:
-                chat_format = self._checked_format(next(iter(response_formats(data["chat_response_format"])), None))
+                chat_format = self._checked_format(next(iter(response_formats(data["chat_response_format"],
+                                                                              "chat_response_format")), None))
             grammars(self.tokenizer, DeveloperContent(functions=list(dev.functions)))  # its tools' too
         except SchemaError as e:
             raise ChatFileError(f"{path}: {e}") from None

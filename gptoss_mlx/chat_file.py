@@ -89,7 +89,7 @@ def chat_file_problem(data) -> str | None:
             problem = response_format_problem(data["chat_response_format"], "chat_response_format")
             if problem:
                 return problem
-            response_formats(data["chat_response_format"])
+            response_formats(data["chat_response_format"], "chat_response_format")
     except HarmonyError as e:
         return f"not a saved chat ({e})"
     return None

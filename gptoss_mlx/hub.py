@@ -42,13 +42,23 @@ def fetch_config(repo_id: str) -> Path:
         raise CheckpointError(f"{repo_id}: no such model on the Hugging Face Hub") from None
     except GatedRepoError:
         raise CheckpointError(f"{repo_id}: gated; log in with `hf auth login` first") from None
-    except (LocalEntryNotFoundError, OSError):  # before EntryNotFoundError, its base; OSError: no connection
+    except (LocalEntryNotFoundError, OSError) as e:  # before EntryNotFoundError, its base; OSError: no connection
+        if isinstance(e, LocalEntryNotFoundError) and repo_folder(repo_id).is_dir():
+            raise CheckpointError(damaged(repo_id, "no config.json where its ref points")) from None
         raise CheckpointError(not_downloaded(repo_id)) from None
     except EntryNotFoundError:
         raise CheckpointError(f"{repo_id}: the repo has no config.json; not a gpt-oss model") from None
     except HFValidationError:
         raise CheckpointError(f"{repo_id}: no such directory (and not a Hugging Face repo id)") from None
+    except ValueError as e:  # huggingface-hub's own, e.g. a ref naming a path outside the snapshot
+        raise CheckpointError(damaged(repo_id, str(e)[:200])) from None
     return Path(path)
+
+
+def damaged(repo_id: str, why: str) -> str:
+    """A cached download that cannot be read (as `models list` names it)."""
+    return (f"{repo_id}: its download in {cache_dir()} is damaged ({why}): delete it with `gptoss-mlx "
+            f"models rm {repo_id}` and fetch it again with `gptoss-mlx models pull {repo_id}`")
 
 
 def wanted(filename: str) -> bool:
@@ -106,6 +116,9 @@ def _scan():
         return scan_cache_dir(root)
     except CacheNotFound:
         return None
+    except OSError as e:  # a folder in it that cannot be read (huggingface-hub's scan stops there)
+        raise CheckpointError(f"{e.filename or root}: cannot be read ({e.strerror or e}), in the Hugging Face "
+                              "cache (HF_HUB_CACHE)") from None
 
 
 def cached_models() -> tuple[list[CachedModel], int, list[tuple[str, str]]]:

@@ -325,8 +325,10 @@ def find_layout(directory: Path) -> tuple[str, Path]:
     for candidate in (directory, directory / "original"):
         try:
             is_dir = candidate.is_dir()
+            if is_dir:
+                os.listdir(candidate)  # (glob found nothing in a folder it could not read: "no weights")
         except OSError as e:  # (a folder that cannot be read: PermissionError's traceback)
-            raise CheckpointError(f"{candidate.parent}: cannot be read ({e.strerror or e})") from None
+            raise CheckpointError(f"{e.filename or candidate}: cannot be read ({e.strerror or e})") from None
         files = _weight_files(candidate) if is_dir else []
         if not files:
             continue

@@ -218,6 +218,8 @@ def load_tokenizer(path: str | Path | None = None) -> HarmonyEncoding:
             raise TypeError(f"load_tokenizer takes a path (a str or os.PathLike), got {type(path).__name__}")
         path = Path(path)
         if path.is_dir():
+            if path.name in ("tokenizer.json", "tokenizer.json.gz", "o200k_base.tiktoken"):  # (one named so)
+                raise TokenizerError(f"{path}: is a directory, not a tokenizer file")
             for name in ("tokenizer.json", "tokenizer.json.gz", "o200k_base.tiktoken"):
                 if os.path.lexists(path / name):
                     return load_tokenizer(path / name)

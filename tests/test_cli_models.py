@@ -177,6 +177,17 @@ def test_offline_a_damaged_download_is_said_as_it_is_not_as_missing(cache):
     assert "truncated" in proc.stderr and "`gptoss-mlx models rm test/gpt-oss-tiny`" in proc.stderr
 
 
+def test_offline_a_download_whose_ref_is_damaged_is_said_so_not_as_missing(cache):
+    """A tester's (helper-131): a ref naming a snapshot that is gone, or a path outside the
+    cache, read "is not downloaded ... `models pull`" or huggingface-hub's "Invalid pointer path"."""
+    ref = cache / "models--test--gpt-oss-tiny" / "refs" / "main"
+    for target, why in (("f" * 40, "no config.json where its ref points"), ("../../../../etc", "Invalid pointer path")):
+        ref.write_text(target)
+        proc = run("generate", "--model", "test/gpt-oss-tiny", "--prompt", "hi", env={"HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 2 and "not downloaded" not in proc.stderr and why in proc.stderr
+        assert "is damaged" in proc.stderr and "`gptoss-mlx models rm test/gpt-oss-tiny`" in proc.stderr
+
+
 def test_a_damaged_download_is_listed_and_can_be_deleted(cache):
     """A blob gone from under its snapshot link: huggingface-hub's scan leaves the repo out, so
     `list` did not show it and `rm` said it was not in the cache while its files stayed."""

@@ -117,6 +117,13 @@ def test_broken_tokenizer_json(tmp_path):
         load_tokenizer(tmp_path)
 
 
+def test_a_directory_named_like_the_tokenizer_file_is_said_to_be_one(tmp_path):
+    """A tester's (helper-131): it read "no tokenizer.json or o200k_base.tiktoken in this directory"."""
+    (tmp_path / "tokenizer.json").mkdir()
+    with pytest.raises(TokenizerError, match=r"tokenizer.json: is a directory, not a tokenizer file"):
+        load_tokenizer(tmp_path)
+
+
 def test_malformed_tiktoken_lines_name_the_line(tmp_path):
     from gptoss_mlx.tokenizer import ranks_from_tiktoken_file
     bad = tmp_path / "o200k_base.tiktoken"

@@ -845,3 +845,16 @@ def test_bytes_written_to_standard_output_are_output(sandbox):
     out = sandbox.run("import sys\nsys.stdout.buffer.write('h\\u00e9'.encode()[:2]); "
                       "sys.stdout.buffer.write('\\u00e9'.encode()[1:] + b'!\\n'); print(sys.stdout.encoding)")
     assert out.startswith("hé!\nutf-8")
+
+
+def test_a_call_written_on_another_channel_is_answered_where_harmony_puts_such_calls(tok):
+    """The re-attack (helper-134): a call the model wrote on the final channel (or a word that is
+    no channel) stopped the tool loop with add_tool_result's ValueError (a traceback in the
+    terminal chat); its result goes on commentary (analysis for a built-in tool)."""
+    toolbox = Toolbox(functions=[FunctionTool.from_callable(get_weather)])
+    for channel in ("final", "bogus"):
+        chat, events = run(tok, [call_script(tok, "functions.get_weather", '{"city": "Oslo"}', channel=channel),
+                                 answer_script(tok, "Sunny.")], toolbox)
+        assert [r.content for r in results(events)] and events[-1].finish_reason == "stop"
+        result = next(m for m in chat.messages if m.role == "tool")
+        assert (result.name, result.channel) == ("functions.get_weather", "commentary")

@@ -206,10 +206,10 @@ def response_format_json(fmt: ResponseFormat) -> dict:
     return {"type": "json_schema", "json_schema": schema}
 
 
-def response_formats(fmt) -> list[ResponseFormat]:
+def response_formats(fmt, param: str = "response_format") -> list[ResponseFormat]:
     """Chat Completions' ``response_format`` (None, text, json_object or json_schema) as the
-    developer message's formats: none or one. HarmonyError names what is wrong."""
-    problem = response_format_problem(fmt)
+    developer message's formats: none or one. HarmonyError names what is wrong (as ``param``)."""
+    problem = response_format_problem(fmt, param)
     if problem:
         raise HarmonyError(problem)
     if fmt is None or fmt.get("type") == "text":
@@ -217,7 +217,7 @@ def response_formats(fmt) -> list[ResponseFormat]:
     if fmt.get("type") == "json_object":
         return [JSON_OBJECT]
     js = fmt["json_schema"]
-    check_schema(js.get("schema", {}), "response_format", "json_schema.schema")
+    check_schema(js.get("schema", {}), param, "json_schema.schema")
     return [ResponseFormat(js.get("name", "response"), js.get("schema", {}), js.get("description"))]
 
 

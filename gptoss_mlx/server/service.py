@@ -14,7 +14,8 @@ from typing import AsyncIterator
 
 from .. import harmony
 from ..chat import (
-    REPLY_RESERVE, ToolCall, cut_result, first_fitting, fit_by_cutting, message_tokens, trimmed_histories,
+    REPLY_RESERVE, ToolCall, cut_result, first_fitting, fit_by_cutting, message_tokens, result_channel,
+    trimmed_histories,
 )
 from ..generate import Engine, SamplingParams
 from ..harmony import DeveloperContent, HarmonyError, Message
@@ -343,7 +344,7 @@ class Service:
         call.result, call.failed = result.content, not result.ok
         params = self.params_left(reply)
         fitted = params and self.with_result(reply.messages + reply.stream.messages, result,
-                                             call.channel, params, forced)
+                                             result_channel(call), params, forced)
         if not fitted:
             reply.cut_short = True
             return None

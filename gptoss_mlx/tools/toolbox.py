@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, TextIO
 
-from ..chat import Chat, Done, ToolCall
+from ..chat import Chat, Done, ToolCall, result_channel
 from ..harmony import BROWSER_TOOLS
 from .browser import Browser
 from .functions import FunctionTool, ToolError, error_text, parse_arguments
@@ -221,7 +221,7 @@ def run_with_tools(chat: Chat, text: str | None, toolbox: Toolbox, max_rounds: i
                 except KeyboardInterrupt as e:  # every call keeps a result: none is left unanswered
                     stopped = e
                     result = ToolResult(call.recipient, "Error: stopped by the user", ok=False)
-            chat.add_tool_result(result.name, result.content, channel=call.channel or "commentary")
+            chat.add_tool_result(result.name, result.content, channel=result_channel(call))
             yield result
         if chat.stop_requested or stopped:  # no next round, and the reply is saved as stopped
             chat.mark_stopped()
