@@ -59,6 +59,9 @@ def non_finite_message(model) -> str:
 _UNSET = object()
 
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-30, 1e38  # within float32, where the logits are divided
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0  # OpenAI's recommendation for gpt-oss: temperature 1, top_p 1
@@ -94,6 +97,11 @@ class SamplingParams:
                 raise TypeError(f"{name} must be {what}, got {value!r}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.temperature and not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
+            # (the logits are divided in float32: past its range a temperature became inf, and
+            # -inf / inf made the reserved ids NaN, then sampled; a tiny one overflowed them)
+            raise ValueError(f"temperature must be 0 (greedy) or from {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}, "
+                             f"got {self.temperature:g}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

@@ -1006,6 +1006,29 @@ def test_piped_chat_with_resume_continues_and_saves_the_chat(tok, store, monkeyp
     assert "nonexist.json: does not exist" in capsys.readouterr().err
 
 
+def test_piped_chat_with_resume_keeps_the_turn_where_the_chats_folder_cannot_take_it(tok, store, monkeypatch,
+                                                                                    capsys, tmp_path):
+    """A tester's (helper-132): a full or read-only chats folder made piped `--resume` print the
+    answer and exit 2 with the question and answer gone; the terminal chat writes a copy in the
+    current directory (else the temporary one) and says where."""
+    first = scripted_chat(tok, "Four.")
+    list(first.send("2+2?"))
+    store.save(first, "mine", "Sums")
+    monkeypatch.setattr("sys.stdin", io.StringIO("times 2?\n"))
+    monkeypatch.setattr(common, "load_chat", lambda args, out=None, toolbox=None: scripted_chat(tok, "Eight."))
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(type(store), "save_keeping_others", full)
+    monkeypatch.chdir(tmp_path)
+    assert main(["chat", "--resume", "mine"]) == 0
+    out, err = capsys.readouterr()
+    copy = tmp_path / "gptoss-mlx-chat-mine.json"
+    assert out.strip() == "Eight." and f"The conversation is saved to {copy} instead" in err
+    assert "No space left on device" in err
+    assert [m["content"] for m in json.loads(copy.read_text())["messages"] if m["role"] == "user"] == ["2+2?", "times 2?"]
+
+
 def test_piped_chat_says_when_the_reply_was_cut_off(tok, monkeypatch, capsys):
     """Cut inside a call's header (nothing to print), the piped chat printed nothing at all."""
     cut = tok.encode("<|channel|>commentary to=functions.f <|constrain|>json<|message|>{}<|call|>",

@@ -4,6 +4,7 @@ mlx_lm.generate prints them, --json; and help texts for every subcommand and fla
 import argparse
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -106,6 +107,8 @@ def test_ctrl_c_during_the_reply_keeps_what_was_made_and_says_so(tok, monkeypatc
     if as_json:
         data = json.loads(out)
         assert data["finish_reason"] == "interrupted" and data["answer"] and "It is 4".startswith(data["answer"][:7])
+        # (usage was all zeros: the stopped reply has no Done to count from; helper-132)
+        assert data["usage"]["prompt_tokens"] > 0 and data["usage"]["completion_tokens"] > 0
     else:
         assert out.endswith("\n") and out.strip() and "It is 4, and more words".startswith(out.strip())
     assert err.rstrip().endswith("[stopped]")
@@ -168,6 +171,21 @@ def test_real_program_json_strict_from_stdin(tiny_checkpoint):
     assert "cut off by --max-tokens" in proc.stderr and STATS.search(proc.stderr)
 
 
+def test_a_full_or_closed_stderr_loses_the_notes_not_the_answer(tiny_checkpoint):
+    """A tester's (helper-132): with standard error full (2>/dev/full) or closed (2>&-) the
+    "Loading" note failed as if the output had, and generate exited 1 with nothing on stdout."""
+    argv = [sys.executable, "-m", "gptoss_mlx", "generate", "--model", str(tiny_checkpoint), "-p", "hi",
+            "--max-tokens", "4", "--seed", "0"]
+    plain = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    assert plain.returncode == 0 and plain.stdout.strip(), plain.stderr
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=full, text=True, timeout=180)
+    assert (proc.returncode, proc.stdout) == (0, plain.stdout)
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=180,
+                          preexec_fn=lambda: os.close(2))
+    assert (proc.returncode, proc.stdout) == (0, plain.stdout)
+
+
 def subcommands(parser=None, prefix=""):
     """Every subcommand's parser by its full name ("models pull"), nested ones included."""
     parser = parser or build_parser()
@@ -200,6 +218,9 @@ def test_effort_spellings(flag):
     ("--seed=99999999999999999999999", "seed must be a whole number from 0 to 2**64 - 1"),
     ("--temperature=nan", "temperature must be a finite number >= 0, got nan"),
     ("--temperature=inf", "temperature must be a finite number >= 0, got inf"),
+    # (float32's range, where the logits are divided: 1e39 sampled reserved ids, helper-132)
+    ("--temperature=1e39", "temperature must be 0 (greedy) or from 1e-30 to 1e+38, got 1e+39"),
+    ("--temperature=1e-40", "temperature must be 0 (greedy) or from 1e-30 to 1e+38, got 1e-40"),
     ("--top-p=nan", "top_p must be in (0, 1], got nan"),
     ("--min-p=nan", "min_p must be in [0, 1), got nan"),
 ])

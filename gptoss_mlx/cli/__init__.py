@@ -55,6 +55,40 @@ def main(argv: list[str] | None = None) -> int:
     if sys.stdout is None:  # started with standard output closed (`>&-`)
         print("gptoss-mlx: error: standard output is closed", file=sys.stderr)
         return 1
+    stderr = sys.stderr
+    # (a full or closed stderr threw the answer away)
+    sys.stderr = BestEffort(stderr if stderr is not None else open(os.devnull, "w"))
+    try:
+        return run(args)
+    finally:
+        sys.stderr = stderr
+
+
+class BestEffort:
+    """Standard error as far as it takes writes: notes and progress go there, and where it is
+    full or closed (`2>/dev/full`, `2>&-`) they are lost, not the answer on standard output."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            self.stream.write(text)
+        except (OSError, ValueError):  # (ValueError: a closed file)
+            pass
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def run(args) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show_warning

@@ -123,8 +123,12 @@ def answer_resumed(args, question: str, chat_id: str) -> Done | None:
         if note:
             print(f"[{note}]", file=sys.stderr)
         print(f"Saved to {store.path(chat_id)}", file=sys.stderr)
-    except OSError as e:
-        raise CLIError(f"could not save the conversation: {e}") from None
+    except OSError as e:  # (the turn was lost: the copy the terminal chat makes, here too)
+        copy = store.save_elsewhere(chat, chat_id, title)
+        if copy is None:
+            raise CLIError(f"could not save the conversation: {e}") from None
+        print(f"[could not save to {store.path(chat_id)}: {e.strerror or e}]", file=sys.stderr)
+        print(terminal_safe(saved_elsewhere_note(copy)), file=sys.stderr)
     return done
 
 

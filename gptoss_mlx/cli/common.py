@@ -552,8 +552,10 @@ def weights_present(repo_id: str, directory: Path) -> None:
                               f"`gptoss-mlx models pull {repo_id}` fetches it again)") from None
 
 
-def load_chat(args, out=sys.stderr, toolbox=None) -> Chat:
-    """Plan, load the model, and make a Chat, turning failures into CLIErrors."""
+def load_chat(args, out=None, toolbox=None) -> Chat:
+    """Plan, load the model, and make a Chat, turning failures into CLIErrors. Progress goes to
+    ``out``, standard error by default (the one at the call: cli.main's best-effort one)."""
+    out = sys.stderr if out is None else out
     answer_format = response_format(args)  # a bad file stops us before the model loads
     try:
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p,

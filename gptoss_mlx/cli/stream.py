@@ -316,6 +316,9 @@ def answer_once(args, text: str, approve, show_reasoning: bool, dim: bool,
         except KeyboardInterrupt:  # Ctrl-C: what was made so far is the outcome
             events.close()  # the reply stops at the engine's next step
             outcome.finish_reason = "interrupted"
+            stats = getattr(chat.engine, "stats", None)  # the stopped reply's (it has no Done)
+            if stats is not None and not any(s is stats for s in outcome.stats):
+                outcome.stats.append(stats)  # (--json's usage counted none of it)
     except (ContextLengthError, NonFiniteLogitsError, CheckpointError) as e:
         raise CLIError(str(e)) from None
     finally:
