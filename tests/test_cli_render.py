@@ -98,7 +98,15 @@ def test_render_of_a_fifo_is_refused_without_blocking(tmp_path, capsys):
     import os
     os.mkfifo(tmp_path / "pipe.json")
     assert main(["render", str(tmp_path / "pipe.json")]) == 2
-    assert "pipe.json: is a FIFO" in capsys.readouterr().err
+    # (a tester's, helper-132: <(jq ...) is a pipe; what to do instead is named)
+    assert "pipe.json: is a pipe; give the conversation on standard input with `-`" in capsys.readouterr().err
+
+
+def test_a_message_without_a_role_is_said_to_have_none(tmp_path, capsys):
+    path = tmp_path / "conv.json"
+    path.write_text('{"messages": [{"content": "hi"}]}')
+    assert main(["render", str(path)]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("messages[0] has no role")  # ("unknown role None")
 
 
 def test_render_missing_file(capsys):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -65,6 +67,13 @@ def _request(file: str) -> dict:
     """The Chat Completions request in ``file`` (- for standard input), or one CLIError naming
     the file and what is wrong."""
     if file != "-":  # checked before it is opened: a FIFO would block, a device stream forever
+        try:
+            pipe = stat.S_ISFIFO(os.stat(file).st_mode)  # <(jq ...), /dev/stdin from a pipe
+        except OSError:
+            pipe = False  # (read_json_file names what is wrong)
+        if pipe:
+            raise CLIError(f"{file}: is a pipe; give the conversation on standard input with `-` "
+                           f"(gptoss-mlx render - < FILE)")
         request = read_json_file(Path(file), CLIError)
     else:
         try:

@@ -71,6 +71,8 @@ def from_chat_completions(request: dict, date: str | None = None, browser: bool 
             out += _assistant_messages(m, i, declared, calls)
         elif role == "tool":
             out.append(_tool_result(m, i, declared, calls))
+        elif role is None:
+            raise HarmonyError(f"messages[{i}] has no role")
         else:
             raise HarmonyError(f"messages[{i}]: unknown role {role!r}")
     return out
