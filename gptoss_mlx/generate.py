@@ -59,7 +59,9 @@ def non_finite_message(model) -> str:
 _UNSET = object()
 
 
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-30, 1e38  # within float32, where the logits are divided
+# Within float32, where the logits are divided: below MIN_TEMPERATURE the division overflowed
+# them (and the distribution is one token's anyway): that is greedy decoding.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-30, 1e38
 
 
 @dataclass
@@ -97,11 +99,9 @@ class SamplingParams:
                 raise TypeError(f"{name} must be {what}, got {value!r}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.temperature and not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
-            # (the logits are divided in float32: past its range a temperature became inf, and
-            # -inf / inf made the reserved ids NaN, then sampled; a tiny one overflowed them)
-            raise ValueError(f"temperature must be 0 (greedy) or from {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}, "
-                             f"got {self.temperature:g}")
+        if self.temperature > MAX_TEMPERATURE:  # (the logits are divided in float32: past its range a
+            # temperature became inf, and -inf / inf made the reserved ids NaN, then sampled)
+            raise ValueError(f"temperature must be at most {MAX_TEMPERATURE:g}, got {self.temperature:g}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -134,7 +134,7 @@ def make_sampler(params: SamplingParams, vocab_size: int):
     banned = banned_token_mask(vocab_size)
 
     def sample(logits: mx.array, key: mx.array | None = None) -> mx.array:
-        if params.temperature == 0:
+        if params.temperature < MIN_TEMPERATURE:  # 0, or as good as
             # In the logits' own dtype: adding 0 or -inf is exact there and keeps their order, so
             # the token is the float32 one's, without a cast; the add and the argmax are one kernel.
             return kernels.greedy_token(logits, banned_token_mask(vocab_size, logits.dtype), NUM_BPE_TOKENS)
@@ -150,7 +150,9 @@ def make_sampler(params: SamplingParams, vocab_size: int):
             order = mx.argsort(-logits, axis=-1)
             sorted_probs = mx.softmax(mx.take_along_axis(logits, order, axis=-1), axis=-1)
             before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass ranked above each
-            drop_sorted = before >= params.top_p  # keep the smallest set reaching top_p
+            # keep the smallest set reaching top_p, and the likeliest token always (a top_p below
+            # float32's smallest value was 0 there: every token dropped, then drawn uniformly)
+            drop_sorted = (before >= params.top_p) & (mx.arange(before.shape[-1]) > 0)
             drop = mx.put_along_axis(mx.zeros_like(drop_sorted), order, drop_sorted, axis=-1)
             logits = mx.where(drop, float("-inf"), logits)
         return mx.random.categorical(logits, axis=-1, key=key)
@@ -171,7 +173,7 @@ class SequenceSampler:
     def __init__(self, params: SamplingParams, vocab_size: int, prompt: list[int],
                  logits_processors=None):
         self.sample = make_sampler(params, vocab_size)
-        self.greedy = params.temperature == 0
+        self.greedy = params.temperature < MIN_TEMPERATURE
         # a seed gives the key; otherwise one drawn from the engine thread's generator (MLX's random
         # state is per thread: mx.random.seed in another thread does not reach it; pass seed=)
         self.key = (mx.random.key(params.seed) if params.seed is not None

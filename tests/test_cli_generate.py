@@ -219,8 +219,7 @@ def test_effort_spellings(flag):
     ("--temperature=nan", "temperature must be a finite number >= 0, got nan"),
     ("--temperature=inf", "temperature must be a finite number >= 0, got inf"),
     # (float32's range, where the logits are divided: 1e39 sampled reserved ids, helper-132)
-    ("--temperature=1e39", "temperature must be 0 (greedy) or from 1e-30 to 1e+38, got 1e+39"),
-    ("--temperature=1e-40", "temperature must be 0 (greedy) or from 1e-30 to 1e+38, got 1e-40"),
+    ("--temperature=1e39", "temperature must be at most 1e+38, got 1e+39"),
     ("--top-p=nan", "top_p must be in (0, 1], got nan"),
     ("--min-p=nan", "min_p must be in [0, 1), got nan"),
 ])

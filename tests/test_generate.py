@@ -562,3 +562,15 @@ def test_the_greedy_sampler_runs_one_kernel_where_kernels_run(monkeypatch):
     finally:
         registry.reset()
     assert launched == [("greedy_token", mx.bfloat16)]
+
+
+def test_a_temperature_or_top_p_past_float32s_small_end_samples_the_likeliest_token():
+    """A tester's (helper-135): temperature 1e-40 (inside OpenAI's 0-2) was refused below the
+    request checks, a 500; a top_p under float32's smallest value was 0 there, so every token was
+    dropped and one was drawn uniformly. Both are the greedy token, as 1e-30 already was."""
+    logits = mx.random.normal((1, 300), key=mx.random.key(3)) * 4
+    greedy = make_sampler(SamplingParams(temperature=0), 300)(logits).item()
+    for params in (SamplingParams(temperature=1e-40), SamplingParams(temperature=5e-324),
+                   SamplingParams(temperature=1.0, top_p=1e-46), SamplingParams(temperature=1.0, top_p=5e-324)):
+        drawn = {make_sampler(params, 300)(logits, mx.random.key(seed)).item() for seed in range(8)}
+        assert drawn == {greedy}, params

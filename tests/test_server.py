@@ -712,11 +712,18 @@ def test_responses_parameters_the_answer_would_silently_lack_are_refused(url):
     for extra, says in (({"conversation": "conv_123"}, "send the earlier turns in 'input'"),
                         ({"background": True}, "leave 'background' out"),
                         ({"prompt": {"id": "pmpt_1"}}, "send the instructions and input themselves"),
-                        ({"top_logprobs": 3}, "'top_logprobs' is not supported")):
+                        ({"top_logprobs": 3}, "'top_logprobs' is not supported"),
+                        # Chat Completions' own (a tester's, helper-135: an answer ran past its stop string)
+                        ({"stop": ["x"]}, "'stop' is a Chat Completions parameter"),
+                        ({"max_tokens": 2}, "the Responses API's is 'max_output_tokens'"),
+                        ({"n": 3}, "makes one response a request"),
+                        ({"presence_penalty": 1.5}, "'presence_penalty' is not supported"),
+                        ({"logit_bias": {"1": -100}}, "'logit_bias' is not supported")):
         with pytest.raises(openai.BadRequestError) as e:
-            client(url).responses.create(model="gpt-oss-tiny", input="hi", max_output_tokens=2, **extra)
+            client(url).responses.create(model="gpt-oss-tiny", input="hi", max_output_tokens=2, extra_body=extra)
         assert e.value.body["param"] == next(iter(extra)) and says in e.value.body["message"], extra
-    for harmless in ({"background": False}, {"top_logprobs": 0}, {"conversation": None}):
+    for harmless in ({"background": False}, {"top_logprobs": 0}, {"conversation": None}, {"stop": None},
+                     {"logit_bias": {}}):
         body = {"input": "hi", "max_output_tokens": 2, **harmless}
         assert post(url, "/responses", json.dumps(body).encode())[0] == 200, harmless
 

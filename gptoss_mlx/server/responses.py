@@ -355,12 +355,20 @@ UNSUPPORTED = {
     "prompt": "stored prompt templates are not supported by this server: send the instructions and "
               "input themselves",
     "top_logprobs": "'top_logprobs' is not supported by this server",
+    # Chat Completions' own, which the Responses API does not have (OpenAI's: "Unknown parameter");
+    # taken and ignored, an answer ran past its stop string
+    "stop": "'stop' is a Chat Completions parameter; the Responses API has none (this server would not stop at it)",
+    "max_tokens": "'max_tokens' is a Chat Completions parameter; the Responses API's is 'max_output_tokens'",
+    "n": "'n' is a Chat Completions parameter; the Responses API makes one response a request",
+    "frequency_penalty": "'frequency_penalty' is not supported by this server",
+    "presence_penalty": "'presence_penalty' is not supported by this server",
+    "logit_bias": "'logit_bias' is not supported by this server",
 }
 
 
 def check_unsupported(body: dict) -> None:
     for key, message in UNSUPPORTED.items():
-        if body.get(key) not in (None, False, 0):
+        if body.get(key) not in (None, False, 0, [], {}):  # (those ask for nothing)
             raise bad_request(message, key)
 
 
