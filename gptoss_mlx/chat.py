@@ -35,7 +35,9 @@ from .chat_file import (  # noqa: F401 - ChatFileError: public here
 from .engine_thread import engine_thread
 from .files import valid_text
 from .generate import RAISE_CONTEXT, ContextLengthError, Engine, SamplingParams, Stats, sampling_params
-from .harmony.chat_completions import _header_field, _recipient_of, response_format_json, response_formats
+from .harmony.chat_completions import (
+    _call_defaults, _header_field, _recipient_of, response_format_json, response_formats,
+)
 from .harmony import ContentDelta, DeveloperContent, Message, MessageEnd, MessageStart, ResponseFormat
 from .structured import SchemaError, compile_schema, constrained_messages, constraints_for, final_header, grammars
 
@@ -57,9 +59,7 @@ def result_channel(call: "ToolCall") -> str:
     """The channel a call's result goes on: its call's, or where harmony puts the call when the
     model wrote it on another (final, an unknown word, none): analysis for the built-in tools,
     commentary for functions."""
-    if call.channel in TOOL_RESULT_CHANNELS:
-        return call.channel
-    return "analysis" if call.recipient.split(".")[0] in harmony.BUILTIN_TOOLS else "commentary"
+    return call.channel if call.channel in TOOL_RESULT_CHANNELS else _call_defaults(call.recipient)[0]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .files import JSONProblem, lone_surrogate_problem, parse_json, regular_file_problem
 from .harmony import EFFORTS, HarmonyError, from_chat_completions, render_conversation
-from .harmony.chat_completions import REASONING_KEYS, response_format_problem, response_formats
+from .harmony.chat_completions import REASONING_KEYS, response_formats
 
 FORMAT_VERSION = 1  # files without "format" are version 1
 MAX_FILE_BYTES = 64 * 2**20
@@ -86,9 +86,6 @@ def chat_file_problem(data) -> str | None:
     try:  # what only rendering finds (a tool's parameter schema of the wrong shape)
         render_conversation(from_chat_completions(data, date=data.get("date")))
         if "chat_response_format" in data:
-            problem = response_format_problem(data["chat_response_format"], "chat_response_format")
-            if problem:
-                return problem
             response_formats(data["chat_response_format"], "chat_response_format")
     except HarmonyError as e:
         return f"not a saved chat ({e})"

@@ -130,7 +130,7 @@ def banned_token_mask(vocab_size: int, dtype: mx.Dtype = mx.float32) -> mx.array
 
 def make_sampler(params: SamplingParams, vocab_size: int):
     """(logits (B, V), random key or None for MLX's global one) -> token ids (B,). Greedy at
-    temperature 0."""
+    temperature 0 (and under MIN_TEMPERATURE)."""
     banned = banned_token_mask(vocab_size)
 
     def sample(logits: mx.array, key: mx.array | None = None) -> mx.array:
