@@ -42,8 +42,8 @@ from .files import JSONProblem, parse_json, read_json_file
 from .harmony import BUILTIN_TOOLS, END, RETURN, START, Message, Special
 from .harmony.chat_completions import FUNCTIONS
 from .kernels import registry
-from .lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, TRAINING_STATE, AdapterError, LoRAConfig, adapter_files,
-                   adapter_weights, apply_lora, load_adapter_weights, non_finite, read_adapter_config)
+from .lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_ALPHA, TARGETS, TRAINING_STATE, AdapterError, LoRAConfig,
+                   adapter_files, adapter_weights, apply_lora, load_adapter_weights, non_finite, read_adapter_config)
 from .model import Model
 from .chat_file import chat_file_problem
 
@@ -51,7 +51,6 @@ LONG = ("truncate", "skip")
 # Bounds on the settings: beyond them a run cannot work (MLX's schedule counts steps in 64 bits;
 # the adapter's float32 update overflows; Adam's steps beyond 1 are never useful).
 MAX_STEPS = 2**53
-MAX_ALPHA = 65536.0
 MAX_LEARNING_RATE = 1.0
 SCHEDULES = ("cosine", "constant")  # the learning rate over the run: decayed to 0 at --iters, or not
 LOGIT_CHUNK = 512  # trained positions unembedded at once: (512, vocab) float32 logits, 0.4 GB  # what to do with a conversation longer than --max-seq-len

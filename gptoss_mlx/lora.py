@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .files import read_json_file
+from .files import read_json_file, regular_file_problem
 from .model import Model, SwitchLinear
 
 TARGETS = {
@@ -48,6 +48,9 @@ class AdapterError(ValueError):
     """An adapter that is missing, damaged, or does not fit the model."""
 
 
+MAX_ALPHA = 65536.0  # far past any use (mlx-lm's default scale is 20): a typo, or a damaged config
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
     rank: int = 8
@@ -58,8 +61,9 @@ class LoRAConfig:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise AdapterError(f"rank must be a whole number of at least 1, got {self.rank!r}")
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) \
-                or not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise AdapterError(f"alpha must be a number above 0, got {self.alpha!r}")
+                or not math.isfinite(self.alpha) or not 0 < self.alpha <= MAX_ALPHA:
+            # (an adapter_config.json's 1e38 loaded, then every logit was NaN, "corrupt weights")
+            raise AdapterError(f"alpha must be a number above 0 and at most {MAX_ALPHA:g}, got {self.alpha!r}")
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
             raise AdapterError(f"targets must be some of {', '.join(TARGETS)}, got "
@@ -235,6 +239,9 @@ def non_finite(weights: dict[str, mx.array]) -> str | None:
 
 def load_adapter_weights(model: Model, file: Path) -> None:
     """Load an adapter's tensors into ``model``, already wrapped for it (apply_lora)."""
+    problem = regular_file_problem(file)  # (a directory or a FIFO read as MLX's "Unable to read 8 bytes")
+    if problem:
+        raise AdapterError(f"{file}: {problem}")
     try:
         weights = mx.load(str(file))
     except Exception as e:  # noqa: BLE001 - MLX raises plain exceptions for bad files

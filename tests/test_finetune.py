@@ -5,6 +5,7 @@ serve, and fusing."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from types import SimpleNamespace
@@ -624,15 +625,41 @@ def test_fuse_runs_where_the_gpu_plan_would_quantize_and_a_fused_checkpoint_is_n
 @pytest.mark.parametrize("targets", [("attention",), ("experts",)])
 def test_fusing_an_adapter_that_overflows_writes_nothing(sharp, tmp_path, capsys, targets):
     """alpha 1e300: the merged weights are infinite. fuse said "Saved", and the checkpoint it
-    wrote failed to load as corrupt; requantized into MXFP4 the experts became zeros, silently."""
+    wrote failed to load as corrupt; requantized into MXFP4 the experts became zeros, silently.
+    Such an alpha is refused where the adapter is read (a tester's, helper-136: 1e38 loaded into
+    chat and generate, whose every logit was then NaN, "its weights are corrupt")."""
     random_adapter(sharp, tmp_path / "adapter", targets)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "alpha": 1e300}))
     assert main(["fuse", "--model", str(sharp), "--adapter", str(tmp_path / "adapter"),
                  "--out", str(tmp_path / "fused"), *(["--requantize-experts"] if "experts" in targets else [])]) == 2
     err = capsys.readouterr().err
-    assert "NaN or infinite values" in err and "(its alpha" in err and "nothing was written" in err
+    assert "adapter_config.json: alpha must be a number above 0 and at most 65536, got 1e+300" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    with pytest.raises(AdapterError, match="adapter_config.json: alpha must be a number above 0 and at most 65536"):
+        load(sharp, adapter=tmp_path / "adapter")
+
+
+def test_an_adapter_file_that_is_a_directory_is_said_so(sharp, tmp_path):
+    """A tester's (helper-136): it read "cannot read the adapter ([read] Unable to read 8 bytes from file.)"."""
+    random_adapter(sharp, tmp_path / "adapter", ("attention",))
+    (tmp_path / "adapter" / ADAPTER_WEIGHTS).unlink()
+    (tmp_path / "adapter" / ADAPTER_WEIGHTS).mkdir()
+    with pytest.raises(AdapterError, match="adapters.safetensors: is a directory, not a regular file"):
+        load(sharp, adapter=tmp_path / "adapter")
+
+
+def test_data_from_a_pipe_is_refused_before_anything(sharp, tmp_path, capsys):
+    """A tester's (helper-136): --data <(cat data.jsonl) trained, but the digest --resume checks
+    read the pipe again, empty, so the run said "--resume continues the run" and never could."""
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    line = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    # (a writer, so that a finetune that reads the pipe goes on and fails the test, not hangs it)
+    threading.Thread(target=lambda: (tmp_path / "pipe.jsonl").write_text(line), daemon=True).start()
+    assert main(["finetune", "--model", str(sharp), "--data", str(tmp_path / "pipe.jsonl"),
+                 "--adapter-path", str(tmp_path / "out"), "--iters", "1"]) == 2
+    assert "--data " in (err := capsys.readouterr().err) and "is a FIFO" in err and "give a file" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_mlx_lm_loads_a_fused_checkpoint(sharp, tmp_path):

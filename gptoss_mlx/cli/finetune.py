@@ -20,6 +20,7 @@ from pathlib import Path
 from .. import finetune as ft
 from ..config import ConfigError
 from ..engine_thread import engine_thread
+from ..files import regular_file_problem
 from ..loading import (
     COPIED, CheckpointError, checkpoint_digest, checkpoint_tokenizer, find_layout, load, read_config,
     resolve_checkpoint, save_weights,
@@ -176,6 +177,9 @@ def settings_for(args) -> tuple[ft.Settings, dict | None]:
 
 
 def cmd_finetune(args) -> int:
+    problem = regular_file_problem(args.data) if os.path.exists(args.data) else None
+    if problem:  # (a pipe read once to train and once more, empty, for the digest --resume checks)
+        raise CLIError(f"--data {args.data}: {problem}; give a file (a run is resumed from the same one)")
     made = not args.adapter_path.exists()
     check_adapter_path(args.adapter_path)
     with run_lock(args.adapter_path, made):
