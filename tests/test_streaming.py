@@ -715,6 +715,16 @@ def test_what_the_plan_counts_is_what_loads_and_a_dropped_limit_is_refused(tiny_
     assert proc.returncode == 2 and "is a symbolic link loop" in proc.stderr
 
 
+def test_the_plan_counts_a_sliding_layers_ring_as_it_is_allocated(tiny_checkpoint):
+    """A tester's (helper-131): a sliding window longer than the context was counted at the
+    context's length, while each sliding layer's ring holds its whole window."""
+    config = read_config(tiny_checkpoint).replace(sliding_window=4096)
+    per_token = 2 * config.num_key_value_heads * config.head_dim * 2
+    sliding = sum(config.sliding_layers)
+    full = len(config.sliding_layers) - sliding
+    assert kv_cache_bytes(config, 1000) == per_token * (4096 * sliding + 1000 * full)
+
+
 def test_a_library_limit_that_is_no_size_names_memory_limit(tiny_checkpoint):
     for text in ("abc", ""):
         with pytest.raises(ValueError, match="memory_limit: expected a size such as 10GB"):
