@@ -52,14 +52,6 @@ def sampling(body: dict, default: SamplingParams, max_tokens_keys: tuple[str, ..
     the fields that cap the reply (the first one given wins), at most ``max_context``."""
     max_tokens = next((integer(body, k, hi=max_context) for k in max_tokens_keys if body.get(k) is not None),
                       default.max_tokens)
-    try:  # (what the checks above let through and SamplingParams refuses is the request's, a 400)
-        return _sampling(body, default, max_tokens)
-    except ValueError as e:
-        raise bad_request(str(e), next((k for k in ("temperature", "top_p", "min_p", "top_k", "seed")
-                                        if str(e).startswith(k)), None)) from None
-
-
-def _sampling(body: dict, default: SamplingParams, max_tokens: int | None) -> SamplingParams:
     return SamplingParams(
         temperature=number(body, "temperature", default.temperature, 0, 2),
         top_p=number(body, "top_p", default.top_p, 0, 1, lo_open=True),
