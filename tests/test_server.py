@@ -728,6 +728,34 @@ def test_responses_parameters_the_answer_would_silently_lack_are_refused(url):
         assert post(url, "/responses", json.dumps(body).encode())[0] == 200, harmless
 
 
+def test_fields_openai_checks_but_this_server_does_not_act_on_are_checked_and_echoed(url):
+    """A tester's (helper-135): reasoning.summary and text.verbosity took any value, Chat
+    Completions took `user: 5` and `modalities: ["audio"]` (the answer then text), the Responses API
+    did not echo `user`. OpenAI's values are taken (Codex sends summary "auto"), others are 400s."""
+    c = client(url)
+    r = c.responses.create(model="gpt-oss-tiny", input="hi", max_output_tokens=2, user="u-1", safety_identifier="s",
+                           reasoning={"effort": "low", "summary": "auto"}, text={"verbosity": "low"})
+    assert (r.user, r.safety_identifier, r.reasoning.summary, r.text.verbosity) == ("u-1", "s", "auto", "low")
+    messages = [{"role": "user", "content": "hi"}]
+    c.chat.completions.create(model="gpt-oss-tiny", messages=messages, max_tokens=2, user="u-1",
+                              modalities=["text"], verbosity="high")
+    for path, extra, param in (("/responses", {"reasoning": {"summary": "always"}}, "reasoning.summary"),
+                               ("/responses", {"reasoning": {"generate_summary": 1}}, "reasoning.generate_summary"),
+                               ("/responses", {"text": {"verbosity": "loud"}}, "text.verbosity"),
+                               ("/responses", {"user": 5}, "user"),
+                               ("/responses", {"prompt_cache_key": ["k"]}, "prompt_cache_key"),
+                               ("/chat/completions", {"user": 5}, "user"),
+                               ("/chat/completions", {"safety_identifier": {}}, "safety_identifier"),
+                               ("/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
+                               ("/chat/completions", {"modalities": "text"}, "modalities"),
+                               ("/chat/completions", {"verbosity": "max"}, "verbosity")):
+        body = {"model": "gpt-oss-tiny", "max_tokens" if "chat" in path else "max_output_tokens": 2, **extra,
+                **({"messages": messages} if "chat" in path else {"input": "hi"})}
+        status, error = post(url, path, json.dumps(body).encode())
+        assert (status, error["error"]["param"]) == (400, param), (path, extra, error)
+        assert error["error"]["type"] == "invalid_request_error"
+
+
 @pytest.mark.parametrize("items, says", [
     # a call with no output at the end of the input: the model would go on after a call it has no
     # result of (refused only through previous_response_id; sent whole it was taken)

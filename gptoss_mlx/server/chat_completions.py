@@ -171,6 +171,12 @@ def check_request(body: dict) -> None:
     params.typed(body, "store", bool, "true or false")
     params.typed(body, "parallel_tool_calls", bool, "true or false")
     params.check_metadata(body.get("metadata"))
+    params.check_identifiers(body)
+    params.one_of(body.get("verbosity"), params.VERBOSITIES, "verbosity")
+    modalities = body.get("modalities")
+    if modalities is not None and (not isinstance(modalities, list) or any(m != "text" for m in modalities)):
+        raise bad_request(f"'modalities' must be [\"text\"]: this server answers in text only, got "
+                          f"{modalities!r:.80}", "modalities")
     if not isinstance((body.get("stream_options") or {}).get("include_usage", False), bool):
         raise bad_request("'stream_options.include_usage' must be true or false", "stream_options")
     if body.get("stream_options") is not None and not body.get("stream"):

@@ -101,6 +101,23 @@ def typed(body: dict, key: str, kind: type | tuple[type, ...], what: str):
     return value
 
 
+def one_of(value, allowed: tuple[str, ...], param: str) -> None:
+    """A field OpenAI takes from a fixed list (and this server takes, whether or not it acts on it:
+    ``text.verbosity``, ``reasoning.summary``), checked as OpenAI checks it."""
+    if value is not None and value not in allowed:
+        raise bad_request(f"'{param}' must be one of {', '.join(allowed)}, got {value!r:.80}", param)
+
+
+# What a request may say about who sends it (OpenAI's end-user fields): strings, taken and echoed.
+IDENTIFIERS = ("user", "safety_identifier", "prompt_cache_key")
+VERBOSITIES = ("low", "medium", "high")
+
+
+def check_identifiers(body: dict) -> None:
+    for key in IDENTIFIERS:
+        typed(body, key, str, "a string")
+
+
 def check_metadata(metadata) -> None:
     """OpenAI's limits: up to 16 pairs, keys up to 64 characters, string values up to 512."""
     if metadata is None:

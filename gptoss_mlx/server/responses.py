@@ -346,6 +346,7 @@ def check_include(include) -> None:
                           "include")
 
 
+SUMMARIES = ("auto", "concise", "detailed")  # reasoning.summary's values (OpenAI's)
 # Parameters whose effect the answer would silently lack: refused, saying what to do instead.
 UNSUPPORTED = {
     "conversation": "conversations are not kept by this server: send the earlier turns in 'input', or "
@@ -595,6 +596,7 @@ class ResponseRun:
         params.typed(body, "reasoning", dict, "an object ({\"effort\": ...})")
         check_include(body.get("include"))
         params.check_metadata(body.get("metadata"))
+        params.check_identifiers(body)
         params.typed(body, "parallel_tool_calls", bool, "true or false")
         check_unsupported(body)
         self.items, first_input = input_items(body, store)
@@ -607,6 +609,10 @@ class ResponseRun:
         if not isinstance(reasoning, dict):
             raise bad_request("'reasoning' must be an object like {\"effort\": \"low\"}", "reasoning")
         self.effort = params.effort(reasoning.get("effort"), service.reasoning_effort, "reasoning.effort")
+        # taken (Codex sends summary "auto") and checked; no summary is made, so none comes back
+        for key in ("summary", "generate_summary"):
+            params.one_of(reasoning.get(key), SUMMARIES, f"reasoning.{key}")
+        params.one_of((body.get("text") or {}).get("verbosity"), params.VERBOSITIES, "text.verbosity")
         chat = {"messages": messages,
                 "tools": function_tools(body.get("tools")), "tool_choice": body.get("tool_choice"),
                 "reasoning_effort": self.effort,
@@ -668,7 +674,7 @@ class ResponseRun:
                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
                "previous_response_id": body.get("previous_response_id"),
-               "reasoning": {"effort": self.effort, "summary": None},
+               "reasoning": {"effort": self.effort, "summary": (body.get("reasoning") or {}).get("summary")},
                "store": self.stored, "temperature": reply.run.params.temperature,
                "top_p": reply.run.params.top_p, "tool_choice": body.get("tool_choice") or "auto",
                "tools": body.get("tools") or [],
@@ -677,7 +683,7 @@ class ResponseRun:
                "max_tool_calls": body.get("max_tool_calls"),
                "truncation": body.get("truncation") or "disabled",
                "text": body.get("text") or {"format": {"type": "text"}}, "metadata": body.get("metadata") or {},
-               "usage": None}
+               "usage": None, **{key: body.get(key) for key in params.IDENTIFIERS}}
         if status != "in_progress":
             out["usage"] = {"input_tokens": reply.prompt_tokens,
                             "input_tokens_details": {"cached_tokens": reply.cached_tokens,
