@@ -110,6 +110,19 @@ CONTEXT_OVERFLOW = ("truncate", "error")
 REPLY_RESERVE = 2048
 
 
+
+def check_schemas(tokenizer, functions: list[harmony.ToolSpec] = (),
+                  response_format: ResponseFormat | dict | None = None) -> ResponseFormat | None:
+    """The functions' parameters and the answer's format (a ResponseFormat, or a JSON Schema for
+    one named "response") compiled, as a Chat compiles them when it is made: a SchemaError names
+    what cannot be enforced. A front end calls this before the model loads. Returns the format."""
+    grammars(tokenizer, DeveloperContent(functions=list(functions)))
+    if response_format is None:
+        return None
+    fmt = response_format if isinstance(response_format, ResponseFormat) else ResponseFormat("response", response_format)
+    compile_schema(tokenizer, fmt.schema, f"response format {fmt.name!r}")
+    return fmt
+
 class Chat:
     def __init__(self, model, tokenizer, *, instructions: str | None = None,
                  reasoning_effort: str = "medium", functions: list[harmony.ToolSpec] | None = None,
@@ -166,7 +179,7 @@ class Chat:
                                              or reasoning_budget < 0):
             raise ValueError(f"reasoning_budget must be a whole number >= 0 or None, got {reasoning_budget!r}")
         self.reasoning_budget = reasoning_budget  # tokens before the answer, at most
-        grammars(tokenizer, DeveloperContent(functions=self.functions))  # SchemaError here, not later
+        check_schemas(tokenizer, self.functions)  # SchemaError here, not later
         self._stop = False
         self._open_stream = lambda: None  # the last reply stream handed out, weakly
         self._last_trim: tuple = ()  # the last trimmed prompt's conversation (its first message) and cut
@@ -194,11 +207,7 @@ class Chat:
     def _checked_format(self, value) -> ResponseFormat | None:
         """``value`` (a ResponseFormat, or a JSON Schema for one named "response"), compiled
         once here so that SchemaError names what cannot be enforced before anything is sent."""
-        if value is None:
-            return None
-        fmt = value if isinstance(value, ResponseFormat) else ResponseFormat("response", value)
-        compile_schema(self.tokenizer, fmt.schema, f"response format {fmt.name!r}")
-        return fmt
+        return check_schemas(self.tokenizer, response_format=value)
 
     def settings(self) -> dict:
         """What a conversation starts from besides its messages: the instructions, the effort,

@@ -500,6 +500,11 @@ def _reworded(reason: str) -> str:
     reason = re.sub(r"^Expected string for '(\w+)', got (.*)$", r"'\1' must be a string, got \2", reason, flags=re.S)
     reason = re.sub(r"^Expected positive integer for '(\w+)', got (.*)$", r"'\1' must be a whole number, 0 or more, got \2",
                     reason, flags=re.S)
+    # the regex crate's error, a pattern and a line of carets under the part it refuses: one line
+    found = re.match(r"regex parse error:\n {4}(.*)\n( *)(\^+)\nerror: (.*)$", reason, flags=re.S)
+    if found and "\n" not in found[1]:
+        pattern, at, part, why = found[1], len(found[2]) - 4, found[3], found[4].strip()
+        reason = f"its pattern {pattern!r:.200}: {why} (at {pattern[at:at + len(part)]!r:.80}, character {at + 1})"
     return re.sub(r"^Value for 'multipleOf' has too many digits: \d+$",
                   "'multipleOf' has more significant digits than the constraint can enforce", reason, flags=re.S)
 

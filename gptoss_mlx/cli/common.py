@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .. import distributed
-from ..chat import CONTEXT_OVERFLOW, Chat
+from ..chat import CONTEXT_OVERFLOW, Chat, check_schemas
 from ..config import ConfigError, ModelConfig
 from ..engine_thread import engine_thread
 from ..files import read_json_file
@@ -27,7 +27,7 @@ from ..generate import Engine, SamplingParams
 from ..harmony import EFFORTS
 from ..hub import check_free_disk, fetch_config
 from ..loading import (
-    DEFAULT_MODEL, CheckpointError, WeightsMissing, download, find_layout, load, load_model,
+    DEFAULT_MODEL, CheckpointError, WeightsMissing, checkpoint_tokenizer, download, find_layout, load, load_model,
     NO_ADAPTER_ACROSS_MACHINES, looks_like_repo_id, not_downloaded, offline, resolve_checkpoint, stream_problem,
 )
 from ..memory import (
@@ -564,6 +564,9 @@ def load_chat(args, out=None, toolbox=None) -> Chat:
         if group is not None and group.rank() != 0:  # its command did not call follow_rank0 first
             raise CLIError("this command does not run across machines; chat, generate and serve do")
         directory, context, memory_plan = prepare(args, group)
+        options = toolbox.chat_options() if toolbox else {}
+        if answer_format is not None or options.get("functions"):  # a schema's error costs no load
+            check_schemas(checkpoint_tokenizer(directory), options.get("functions", ()), answer_format)
         t0 = time.perf_counter()
         where = f" (rank 0 of {group.size()}, {sharding(args)} parallel)" if group else ""
         print(f"Loading {directory}{where} ...\nMemory plan: {cli_wording(memory_plan.describe())}", file=out, flush=True)
@@ -574,7 +577,6 @@ def load_chat(args, out=None, toolbox=None) -> Chat:
         if group is not None:
             engine = distributed.Leader(model, group, max_context=context)
             atexit.register(engine.close)  # the other ranks exit with rank 0
-        options = toolbox.chat_options() if toolbox else {}
         return Chat(model, tokenizer, instructions=getattr(args, "system", None),
                     reasoning_effort=args.reasoning_effort or "medium", sampling=sampling,
                     max_context=context, context_overflow=getattr(args, "context_overflow", "error"), engine=engine,
