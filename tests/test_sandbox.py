@@ -187,6 +187,44 @@ def test_interrupt_stops_the_cell_under_way_and_the_tool_goes_on(os_sandbox):
         assert box.run("print('next')") == "next\n"
 
 
+def test_ctrl_c_in_the_callers_thread_stops_the_cell_too(os_sandbox):
+    """A tester's (helper-137): Ctrl-C in the terminal chat left the run() but not the cell, which
+    ran on in its own session past its deadline (a core busy until the next call), and the next
+    cell blamed the code for it ("kept using the CPU ... a background thread?")."""
+    import signal
+    import threading
+
+    with PythonSandbox(limits=SandboxLimits(timeout_s=5)) as box:
+        box.run("x = 41")
+        threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            box.run("while True: pass")
+        pid = box._proc.pid if box._proc is not None else None
+        assert pid is None or box._proc.poll() is not None  # killed, not left running
+        assert box.run("'x' in globals()") == (f"[the previous cell was stopped by the user; the session was "
+                                               f"restarted and {box.lost}]\nFalse\n")
+
+
+def test_a_cell_runs_as_in_a_notebook_whatever_it_does_to_its_output(os_sandbox):
+    """A tester's (helper-137): a cell that replaced sys.stdout, or pointed descriptor 1 elsewhere,
+    raised with '[no output]' (its traceback printed where it had pointed); one that set
+    sys.stdout to a number ended the session with the worker's own traceback; nothing a cell
+    defined could be pickled (__main__ was the worker's module); after exit(), input() raised
+    ValueError instead of EOFError."""
+    with PythonSandbox(limits=SandboxLimits(timeout_s=10)) as box:
+        box.run("x = 41")
+        assert box.run("import sys; sys.stdout = None; raise ValueError('boom')").endswith("ValueError: boom\n")
+        assert box.run("import io; sys.stdout = io.StringIO(); 1/0").endswith("ZeroDivisionError: division by zero\n")
+        assert box.run("sys.stdout = 5; x") == "41\n"  # the session and its variables kept
+        box.run("import os; _ = os.dup2(os.open('/dev/null', os.O_WRONLY), 1)")
+        assert box.run("print('after'); x") == "after\n41\n"
+        assert box.run("class Foo: pass\nimport pickle\ntype(pickle.loads(pickle.dumps(Foo()))).__name__") == "'Foo'\n"
+        assert box.run("exit()").endswith("SystemExit: None\n")
+        assert box.run("input()").endswith("EOFError: EOF when reading a line\n")
+        assert box.run("class E(Exception):\n    def __str__(self): raise RuntimeError\nraise E()").endswith("\n")
+        assert box.run("x") == "41\n"
+
+
 def test_a_session_ended_after_its_cell_returned_is_said_in_the_next_cell(os_sandbox, monkeypatch):
     """Pausing the session after a cell could fail (a thread ending as its processes were
     listed): it was restarted, and the next cell ran without its variables and without a word."""
@@ -471,7 +509,10 @@ def test_seccomp_filter_decisions(machine):
                                             (1, allow, allow), (2, allow, eafnosupport), (17, eafnosupport, eafnosupport)):
         assert _bpf_run(closed, nrs["socket"], arch, arg0=family) == online, family  # 40 vsock, 17 packet
         assert _bpf_run(offline, nrs["socket"], arch, arg0=family) == offline_verdict, family
-    for cmd, verdict in ((10, eperm), (1024, eperm), (1, allow), (4, allow), (6, allow)):  # F_SETSIG, F_SETLEASE, F_GETFD, F_SETFL, F_SETLK
+    # (helper-137's: F_SETPIPE_SZ grew a session's pipes into the host user's pipe quota, after
+    # which every new pipe of the user's had 2 pages)
+    for cmd, verdict in ((10, eperm), (1024, eperm), (1031, eperm), (1032, allow), (1, allow), (4, allow),
+                         (6, allow)):  # F_SETSIG, F_SETLEASE, F_SETPIPE_SZ, F_GETPIPE_SZ, F_GETFD, F_SETFL, F_SETLK
         assert _bpf_run(closed, nrs["fcntl"], arch, arg0=3, arg1=cmd) == verdict, cmd
     for level, name, verdict in ((1, 7, eperm), (1, 8, eperm), (1, 32, eperm), (1, 33, eperm), (1, 2, allow),
                                  (6, 7, allow), (0, 8, allow)):  # SO_REUSEADDR; TCP's option 7; IP's 8

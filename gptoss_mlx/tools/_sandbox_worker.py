@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import traceback
+import types
 
 sys.dont_write_bytecode = True
 config = json.loads(sys.argv[1])
@@ -56,6 +57,9 @@ def _write_all(fd: int, data: bytes) -> None:
         data = data[os.write(fd, data):]
 
 
+OUTPUT = 1  # the output pipe; main() gives Python's output a descriptor of its own
+
+
 class _CappedText(io.TextIOBase):
     """Writes the first MAX_OUTPUT characters, and one more (so that the parent knows there were
     more, also of a cell killed before its reply), to descriptor 1 (the output pipe) as they
@@ -75,7 +79,7 @@ class _CappedText(io.TextIOBase):
         room = MAX_OUTPUT + 1 - self.kept
         if room > 0:
             self.kept += min(room, len(s))
-            _write_all(1, s[:room].encode("utf-8", "replace"))  # (a lone surrogate: "?")
+            _write_all(OUTPUT, s[:room].encode("utf-8", "replace"))  # (a lone surrogate: "?")
         self.dropped += max(0, len(s) - max(room, 0))
         return len(s)
 
@@ -98,6 +102,7 @@ class _Bytes(io.RawIOBase):
 def _run(code: str, namespace: dict) -> tuple[int, bool]:
     buffer = _CappedText()
     sys.stdout = sys.stderr = buffer
+    sys.stdin = io.StringIO()  # (exit() closes it: input() then raised ValueError, not EOFError)
     ok = True
     try:
         tree = ast.parse(code, "<python>", "exec")
@@ -106,12 +111,16 @@ def _run(code: str, namespace: dict) -> tuple[int, bool]:
         if last is not None:
             value = eval(compile(ast.Expression(last.value), "<python>", "eval"), namespace)
             if value is not None:
-                print(repr(value))
+                buffer.write(repr(value) + "\n")  # (not print: the code may have replaced sys.stdout)
     except BaseException:  # noqa: BLE001  — SystemExit and MemoryError included: report them
         ok = False
         etype, value, tb = sys.exc_info()
         frames = [f for f in traceback.extract_tb(tb) if f.filename == "<python>"]
-        print("".join(traceback.format_list(frames) + traceback.format_exception_only(etype, value)).rstrip())
+        try:
+            text = "".join(traceback.format_list(frames) + traceback.format_exception_only(etype, value)).rstrip()
+        except BaseException:  # noqa: BLE001  — an exception whose str() raises
+            text = f"{etype.__name__} (its message could not be shown)"
+        buffer.write(text + "\n")
     finally:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     return buffer.dropped, ok
@@ -143,6 +152,8 @@ def main():
     reply = os.fdopen(os.dup(1), "w", encoding="utf-8")  # not inherited, not descriptor 1
     requests = os.fdopen(os.dup(0), "r", encoding="utf-8")  # likewise, not descriptor 0
     os.dup2(2, 1)  # native code writing to descriptor 1 cannot reach the reply channel
+    global OUTPUT
+    OUTPUT = os.dup(2)  # Python's output, whatever the code does to descriptors 1 and 2 (a notebook's)
     nothing = os.open(os.devnull, os.O_RDONLY)
     os.dup2(nothing, 0)  # ... nor reading descriptor 0 take the next request (it reads nothing)
     os.close(nothing)
@@ -154,7 +165,11 @@ def main():
     sys.__stdin__ = sys.stdin = io.StringIO()  # input() raises EOFError at once: no one types here
     reply.write(json.dumps({"ready": True}) + "\n")
     reply.flush()
-    namespace = {"__name__": "__main__"}
+    # the cells' namespace is __main__, as a notebook's: what a cell defines can be pickled and
+    # its annotations resolved (this file's own names stay in its functions' globals)
+    cells = types.ModuleType("__main__")
+    sys.modules["__main__"] = cells
+    namespace = cells.__dict__
     for line in requests:
         request = json.loads(line)
         dropped, ok = _run(request["code"], namespace)

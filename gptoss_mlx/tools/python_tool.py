@@ -212,7 +212,13 @@ class PythonSandbox:
         """Run ``code``; returns what it printed (and its last expression's value), a traceback,
         or a note saying why there is no result. Never raises for anything the code does."""
         with self._running:  # one cell at a time, whichever threads ask
-            return self._run(code)
+            try:
+                return self._run(code)
+            except BaseException:  # Ctrl-C in the caller's thread: the cell is stopped with it
+                self._kill()  # (it ran on in its own session, past its deadline, unwatched)
+                if self.stateful:
+                    self._lost_note = f"[the previous cell was stopped by the user; the session was restarted and {self.lost}]\n"
+                raise
 
     def cancel(self) -> None:
         """From any thread: kill the cell under way (run() then returns at once, saying the

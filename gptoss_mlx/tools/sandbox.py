@@ -186,9 +186,11 @@ _ALWAYS_DENIED = ("ptrace", "process_vm_readv", "process_vm_writev", "unshare", 
 _CLONE_THREAD = 0x00010000
 _EPERM, _ENOSYS, _EAFNOSUPPORT = 1, 38, 97
 _AF_UNIX, _AF_INET, _AF_INET6, _AF_NETLINK = 1, 2, 10, 16
-# fcntl: a signal of one's choosing for I/O on a descriptor (SIGCONT again), and leases, which
-# make the host's open() of a file the sandbox can read wait for 45 s
-_F_SETSIG, _F_SETLEASE = 10, 1024
+# fcntl: a signal of one's choosing for I/O on a descriptor (SIGCONT again), leases, which make
+# the host's open() of a file the sandbox can read wait for 45 s, and larger pipes (their pages
+# count against the host user's pipe quota: past it, every new pipe of the user's has 2 pages)
+_F_SETSIG, _F_SETLEASE, _F_SETPIPE_SZ = 10, 1024, 1031
+_FCNTL_DENIED = (_F_SETSIG, _F_SETLEASE, _F_SETPIPE_SZ)
 # setsockopt(SOL_SOCKET, ...): larger socket buffers (kernel memory no limit of the sandbox counts)
 _SOL_SOCKET, _SOCKET_BUFFERS = 1, (7, 8, 32, 33)  # SO_SNDBUF, SO_RCVBUF and their FORCE forms
 _RET_ALLOW, _RET_KILL = 0x7FFF0000, 0x80000000
@@ -211,7 +213,7 @@ def seccomp_filter(processes: bool, machine: str | None = None, network: bool = 
     reach the hypervisor, and without the network the sandbox's own loopback would let unread
     connections pin socket buffers, host kernel memory that no limit of the sandbox counts; for
     the same reason socket buffers keep their size (setsockopt SO_SNDBUF, SO_RCVBUF: EPERM). fcntl's
-    F_SETSIG and F_SETLEASE are refused (EPERM), as are inotify, fanotify, POSIX message queues
+    F_SETSIG, F_SETLEASE and F_SETPIPE_SZ are refused (EPERM), as are inotify, fanotify, POSIX message queues
     and timers, and Linux AIO (_SHARED_QUOTAS); and vmsplice (_UNCOUNTED_MEMORY)."""
     machine = machine or platform.machine()
     if machine not in _SYSCALLS:
@@ -237,8 +239,10 @@ def seccomp_filter(processes: bool, machine: str | None = None, network: bool = 
     prog += [op(jeq, family, len(families) - i, 0) for i, family in enumerate(families)]
     prog += [op(ret, _ret_errno(_EAFNOSUPPORT)), op(ld, 0)]
     # fcntl(fd, cmd, ...): cmd is the low word of args[1]
-    prog += [op(jeq, numbers["fcntl"], 0, 4), op(ld, 24), op(jeq, _F_SETSIG, 1, 0),
-             op(jeq, _F_SETLEASE, 0, 1), op(ret, _ret_errno(_EPERM)), op(ld, 0)]
+    n = len(_FCNTL_DENIED)
+    prog += [op(jeq, numbers["fcntl"], 0, n + 2), op(ld, 24)]
+    prog += [op(jeq, cmd, n - 1 - i, 0 if i < n - 1 else 1) for i, cmd in enumerate(_FCNTL_DENIED)]
+    prog += [op(ret, _ret_errno(_EPERM)), op(ld, 0)]
     # setsockopt(fd, level, name, ...): level and name are the low words of args[1] and args[2]
     buffers = len(_SOCKET_BUFFERS)
     prog += [op(jeq, numbers["setsockopt"], 0, buffers + 5), op(ld, 24), op(jeq, _SOL_SOCKET, 0, buffers + 1),
