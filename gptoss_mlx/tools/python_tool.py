@@ -313,8 +313,9 @@ class PythonSandbox:
             if self._interrupted:
                 return note + printed + INTERRUPTED_NOTE[:-1] + lost + "]"
             if too_many_files:
-                why = (f"the code created more than {self.limits.max_files} files in its "
-                       "directory")
+                # (the tmpfs counts each extended attribute's memory in inodes too: helper-137)
+                why = (f"the code created more than {self.limits.max_files} files (or extended "
+                       "attributes) in its directory")
             elif timed_out:
                 why = f"execution timed out after {self.limits.timeout_s:.1f} seconds"
             elif reply is None and not alive:
