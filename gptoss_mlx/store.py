@@ -265,6 +265,21 @@ class ConversationStore:
         self._conversations[path] = _conversation(chat)
         return title
 
+    def folder_problem(self) -> str | None:
+        """Why the chats folder cannot hold chats (a file in its place, no permission), or None
+        (one that does not exist yet is made by the first save)."""
+        try:
+            st = self.root.stat()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            return f"the chats folder {self.root} cannot be read: {e.strerror}"
+        if not stat.S_ISDIR(st.st_mode):
+            return f"the chats folder {self.root} is not a folder (something else has its name): no chat can be saved"
+        if not os.access(self.root, os.R_OK | os.X_OK):
+            return f"the chats folder {self.root} cannot be read: permission denied"
+        return None
+
     def list(self) -> list[Entry]:
         """Newest first. Unreadable files are listed (so they can be deleted), not skipped."""
         listed = {}
@@ -321,14 +336,27 @@ def message_count(messages: list[dict]) -> int:
     return sum(1 for m in messages if m["role"] in ("user", "assistant"))
 
 
+# What a reply's last message says of how it ended (Message.cut), shown where a chat is read
+# (the TUI's turns, the Markdown export).
+CUT_NOTES = {"length": "cut off: token limit", "context": "cut off: context full", "interrupted": "stopped"}
+# below a message that has no reply: the app was left before one began (the model reads the
+# message with the next one, as two turns)
+UNANSWERED = "not answered: stopped before the reply began"
+
+
 def to_markdown(chat: Chat, title: str) -> str:
-    """The conversation as Markdown: instructions, each turn, reasoning in <details>."""
+    """The conversation as Markdown: instructions, each turn, reasoning in <details>, and how
+    a reply cut short ended."""
     out = [f"# {title}", "", f"*gpt-oss · reasoning effort {chat.reasoning_effort}*", ""]
     if chat.instructions:
         out += ["## Instructions", "", chat.instructions, ""]
-    for m in chat.messages:
+    messages = chat.messages
+    for i, m in enumerate(messages):
         if m.role == "user":
             out += ["## User", "", m.text, ""]
+            if i + 1 == len(messages) or messages[i + 1].role == "user":
+                out += [f"*({UNANSWERED})*", ""]
+            continue
         elif m.role == "tool":
             out += [f"**Tool result ({m.name})**", "", "```", m.text, "```", ""]
         elif m.is_tool_call:  # (python's is code; a function's and the browser's, JSON)
@@ -338,6 +366,8 @@ def to_markdown(chat: Chat, title: str) -> str:
             out += ["<details><summary>Reasoning</summary>", "", m.text, "", "</details>", ""]
         else:
             out += ["## Assistant", "", m.text, ""]
+        if m.cut in CUT_NOTES:
+            out += [f"*({CUT_NOTES[m.cut]})*", ""]
     return "\n".join(out).rstrip() + "\n"
 
 

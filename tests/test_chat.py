@@ -232,6 +232,17 @@ def test_cli_errors_are_clear(tmp_path):
     assert proc.returncode == 2 and "top_p" in proc.stderr
 
 
+def test_a_chats_folder_that_is_a_file_is_said_not_taken_for_no_chats(tmp_path, monkeypatch, capsys):
+    """A tester's (helper-138, in the TUI): a file named chats stood for "no saved conversations"."""
+    from gptoss_mlx.cli import main
+
+    (tmp_path / "chats").write_text("x")
+    monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(tmp_path))
+    assert main(["chat", "--model", str(tmp_path / "unused"), "--resume"]) == 2
+    assert capsys.readouterr().err == (f"gptoss-mlx: error: the chats folder {tmp_path / 'chats'} is not a folder "
+                                       "(something else has its name): no chat can be saved\n")
+
+
 # ------------------------------------------------------------------ threads (issue 15)
 TWO_THREADS = """
 import json, sys

@@ -322,6 +322,22 @@ async def test_multiline_input_and_prompt_history(store):
         assert prompt.text == ""
 
 
+async def test_pasted_code_keeps_its_first_lines_indent(store):
+    """A tester's (helper-138): the input sent text.strip(), so pasted code reached the model and
+    the saved chat with its first line moved to column 0 and the others not. Blank lines around
+    the message still go."""
+    chat = ScriptedChat()
+    app = make_app(chat, store)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, app, "\n  \n    if x:\n        return 1\n\n")
+        assert [m.text for m in chat.messages if m.role == "user"] == ["    if x:\n        return 1"]
+        assert app.query_one(UserMessage).render().plain == "    if x:\n        return 1"
+        app.query_one(PromptInput).text = " \n\t\n"
+        await pilot.press("enter")  # blank: nothing sent
+        await pilot.pause(0.1)
+        assert app.replies_finished == 1 and len(app.query(UserMessage)) == 1
+
+
 async def test_prompts_are_kept_across_sessions_and_a_draft_on_quit(store):
     """The TUI's ↑ reached only this session's prompts (the terminal chat keeps its own in a
     file, which the TUI shares now), and Ctrl+Q dropped a typed, unsent message without a word:
@@ -838,6 +854,42 @@ async def test_a_reopened_reply_that_was_cut_short_says_so(store):
         await pilot.pause(0.1)
         stats = [t.query_one(".stats", Static).render().plain for t in app.query(AssistantTurn)]
         assert stats == ["cut off: token limit", "stopped", "", "stopped"], stats
+
+
+async def test_a_reopened_message_left_unanswered_and_cut_replies_say_so_here_and_in_the_export(store):
+    """A tester's (helper-138): a chat quit while its prompt was read reopened ending in the
+    question with no mark (the next message then made two user turns, the first never answered,
+    nothing said), and the Markdown export left out that a reply was cut off or stopped."""
+    from gptoss_mlx.harmony import Message
+
+    saved = ScriptedChat()
+    saved.messages += [Message("user", "count"), Message("assistant", "one two", channel="final", cut="length"),
+                       Message("user", "a long paste")]
+    store.save(saved, "left", "Left")
+    app = make_app(ScriptedChat(), store)
+    async with app.run_test(size=SIZE) as pilot:
+        app.open_conversation("left")
+        await wait_until(pilot, lambda: len(app.query(UserMessage)) == 2)
+        await pilot.pause(0.1)
+        assert [w.render().plain for w in app.query(".unanswered")] == ["not answered: stopped before the reply began"]
+        app.action_export()
+    text = (store.root.parent / "exports" / "left.md").read_text()
+    assert "one two\n\n*(cut off: token limit)*" in text
+    assert text.endswith("a long paste\n\n*(not answered: stopped before the reply began)*\n")
+
+
+async def test_a_chats_folder_that_is_a_file_is_said_in_the_list(tmp_path):
+    """A tester's (helper-138): a file named chats in the data folder listed as "No saved
+    conversations yet", while every save failed."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "chats").write_text("x")
+    store = ConversationStore(tmp_path / "data")
+    app = make_app(ScriptedChat(), store)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: isinstance(app.screen.focused, OptionList))
+        shown = str(app.screen.query_one(OptionList).get_option_at_index(0).prompt)
+        assert shown == f"The chats folder {store.root} is not a folder (something else has its name): no chat can be saved"
 
 
 async def test_an_export_that_cannot_be_written_is_said_and_the_app_goes_on(store):

@@ -46,7 +46,7 @@ from gptoss_mlx.engine_thread import engine_thread
 from gptoss_mlx.generate import ContextLengthError
 from gptoss_mlx.harmony import EFFORTS, Message
 from gptoss_mlx.memory import total_experts
-from gptoss_mlx.store import ConversationStore, saved_elsewhere_note, title_for
+from gptoss_mlx.store import CUT_NOTES, UNANSWERED, ConversationStore, saved_elsewhere_note, title_for
 from gptoss_mlx.tools import Toolbox, ToolResult, run_with_tools
 from gptoss_mlx.tools.approval import controls_shown, hold_carriage_return, render_code_text
 
@@ -119,6 +119,13 @@ _read_terminal_input_leniently()
 MAX_RECALLED = 1000  # earlier prompts ↑ reaches in the TUI (the history file keeps them all)
 
 
+def sent_text(typed: str) -> str:
+    """What the input sends: the text as typed, less the blank lines before it and the blank
+    space after it (a strip() took the first line's indent: pasted code reached the model and
+    the saved chat with its first line moved to column 0)."""
+    return re.sub(r"\A(?:[ \t]*\n)+", "", typed).rstrip()
+
+
 class PromptInput(TextArea):
     """Multi-line prompt: Enter sends, Shift+Enter or Ctrl+J adds a line, Up/Down on the first
     or last line recall earlier prompts."""
@@ -139,9 +146,8 @@ class PromptInput(TextArea):
         if event.key == "enter":
             event.prevent_default()
             event.stop()
-            text = self.text.strip()
-            if text:
-                self.post_message(self.Submitted(text))
+            if self.text.strip():  # as typed, less blank lines around it (pasted code kept its
+                self.post_message(self.Submitted(sent_text(self.text)))  # first line's indent)
             return
         if event.key.startswith("alt+"):
             # Terminals that send Alt as ESC + the key (tmux, most Linux ones) give Alt+C as a
@@ -193,8 +199,8 @@ class PromptInput(TextArea):
     def keep_draft(self) -> bool:
         """What the input holds, unsent, goes into the history (↑ brings it back, here or in the
         terminal chat): True when there was such a draft (not an earlier prompt recalled)."""
-        draft = self.text.strip()
-        if not draft or (self._recall and draft == self.sent[-self._recall]):
+        draft = sent_text(self.text)
+        if not draft.strip() or (self._recall and draft == self.sent[-self._recall]):
             return False
         self.remember(draft)
         return self.kept is not None
@@ -444,7 +450,6 @@ def context_notice(event: ContextTrimmed) -> str:
     return f"Context full: {'; '.join(parts)}"
 
 
-CUT_NOTES = {"length": "cut off: token limit", "context": "cut off: context full", "interrupted": "stopped"}
 
 
 def _stats_line(done: Done) -> str:
@@ -609,7 +614,10 @@ class ConversationList(ModalScreen[str | None]):
         for e in entries:
             what = f"{e.messages} messages" if e.messages >= 0 else e.problem[:120]  # (why it cannot be opened)
             chats.add_option(Option(Text(controls_shown(f"{e.title}  ({what})")), id=e.id))
-        if not entries:
+        problem = self.store.folder_problem()  # (a file in its place listed as no chats at all)
+        if problem:
+            chats.add_option(Option(Text(controls_shown(problem[0].upper() + problem[1:])), id="", disabled=True))
+        elif not entries:
             chats.add_option(Option("No saved conversations yet", id="", disabled=True))
         else:
             ids = [e.id for e in entries]
@@ -1134,12 +1142,15 @@ class ChatApp(App):
         transcript = self.query_one("#transcript", VerticalScroll)
         transcript.remove_children()
         reply: list = []
-        for m in self.chat.messages + [None]:
+        messages = self.chat.messages
+        for i, m in enumerate(messages + [None]):
             if (m is None or m.role == "user") and reply:
                 transcript.mount(AssistantTurn(True, self.show_reasoning, saved=reply))
                 reply = []
             if m is not None and m.role == "user":
                 transcript.mount(UserMessage(m.text))
+                if i + 1 == len(messages) or messages[i + 1].role == "user":  # (quit before its reply began)
+                    transcript.mount(Static(UNANSWERED, classes="stats unanswered"))
             elif m is not None:
                 reply.append(m)
         transcript.anchor()  # at its end, the latest turn in view, where the next one goes

@@ -144,7 +144,7 @@ def resumed_id(store: ConversationStore, chat_id: str) -> str:
     """The chat --resume names (the latest if none), checked before the model loads."""
     chat_id = chat_id or store.latest()
     if not chat_id:
-        raise CLIError(f"no saved conversations to resume in {store.root}")
+        raise CLIError(store.folder_problem() or f"no saved conversations to resume in {store.root}")
     try:
         check_chat_file(store.path(chat_id))
     except ChatFileError as e:
@@ -454,7 +454,10 @@ class Repl:
         if len(shown) < len(found):
             self.say(f"({len(shown)} newest of {len(found)}: /chats all lists every one, "
                      "/chats WORDS those with the words in their title)")
-        if not entries:
+        problem = self.store.folder_problem()
+        if problem:
+            self.say(f"error: {problem}")
+        elif not entries:
             self.say(f"no saved conversations in {self.store.root}")
         elif not found:
             self.say(terminal_safe(f"no saved conversation has {arg!r} in its title (/chats lists the newest)"))
