@@ -2200,6 +2200,41 @@ def test_shutdown_does_not_wait_for_a_function_the_server_runs(tok):
         thread.join(timeout=10)
 
 
+def test_a_stream_failed_by_shutdown_ends_every_item_it_began(tok):
+    """A tester's (helper-139): shutting down mid-stream ended it with response.failed, but the
+    item being streamed never got its output_item.done, while the failed response listed it."""
+    class SlowSteps(ScriptedModel):
+        def __call__(self, inputs, cache=None, **kw):
+            if inputs.shape[1] == 1:
+                time.sleep(0.02)
+            return super().__call__(inputs, cache=cache, **kw)
+
+    scheduler = Scheduler(Engine(SlowSteps([answer(tok, "thinking " * 300, "done")]), max_context=4096), 4,
+                          cache_bytes=1 << 30)
+    service = Service("gpt-oss-tiny", tok, scheduler.engine, scheduler, sampling=SamplingParams())
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
+        with client(url, timeout=30).responses.stream(model="gpt-oss-tiny", input="go") as stream:
+            events = iter(stream)
+            seen = [next(e for e in events if e.type == "response.reasoning_text.delta")]
+            server.servers[0].get_loop().call_soon_threadsafe(scheduler.close)
+            seen += list(events)
+        assert seen[-1].type == "response.failed" and seen[-1].response.error.code == "server_shutting_down"
+        done = [e for e in seen if e.type == "response.output_item.done"]
+        assert [e.item.id for e in done] == [o.id for o in seen[-1].response.output] != []
+        assert [(o.type, o.status) for o in seen[-1].response.output] == [("reasoning", "incomplete")]
+        text = "".join(e.delta for e in seen if e.type == "response.reasoning_text.delta")
+        assert done[0].item.content[0].text == text and len(text) < len("thinking " * 300)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def test_chat_completions_stays_audible_while_a_server_call_is_written(monkeypatch):
     """A call the server answers is not streamed to a Chat Completions client: while the model
     wrote a long one (python code, say) nothing was sent; only the tool's run had keep-alives."""
@@ -2405,3 +2440,54 @@ def test_a_busy_port_or_a_bad_host_is_said_before_the_model_loads(tmp_path, caps
     assert cli_main(["serve", "--model", str(tmp_path / "no-model"), "--host", "not a host", "--api-key", "k"]) != 0
     err = capsys.readouterr().err
     assert "--host not a host: not an address or name of this machine" in err and "Loading" not in err
+
+
+def test_retrieve_takes_include_and_refuses_to_stream(scripted_url):
+    """A tester's (helper-139): retrieve(include=["reasoning.encrypted_content"]) gave the reasoning
+    without it (what came back depended on the create call), and retrieve(stream=True) or
+    responses.stream(response_id=...) got the JSON, which the SDK read as a stream with no events
+    (then get_final_response() failed): a 400 saying why."""
+    c = client(scripted_url)
+    r = c.responses.create(model="gpt-oss-tiny", input="hi", include=["reasoning.encrypted_content"])
+    plain = c.responses.retrieve(r.id)
+    assert plain.output[0].type == "reasoning" and plain.output[0].encrypted_content is None
+    assert c.responses.retrieve(r.id, include=["reasoning.encrypted_content"]).model_dump() == r.model_dump()
+    for ask in (lambda: list(c.responses.retrieve(r.id, stream=True)),
+                lambda: c.responses.stream(response_id=r.id, starting_after=2).__enter__()):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask()
+        assert e.value.body["param"] == "stream" and "resumes a background response" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.retrieve(r.id, include=["nothing.else"])
+    assert e.value.body["param"] == "include"
+
+
+def test_a_history_with_openais_other_tools_calls_goes_on(scripted_url):
+    """A tester's (helper-139): a Codex or Agents SDK history made with OpenAI (custom tools such as
+    apply_patch, the local shell, web search) was a 400 here, so the session could not switch to
+    this server. Custom and shell calls are the function calls they are to the model; the
+    built-in tools' (run on OpenAI's side; what they found is in the answer) are left out."""
+    from gptoss_mlx.server.responses import chat_messages
+
+    items = [{"role": "user", "content": "fix it"},
+             {"type": "web_search_call", "id": "ws_1", "status": "completed", "action": {"type": "search", "query": "x"}},
+             {"type": "custom_tool_call", "call_id": "c1", "name": "apply_patch", "input": "*** Begin Patch\n*** End Patch"},
+             {"type": "custom_tool_call_output", "call_id": "c1", "output": "Done!"},
+             {"type": "local_shell_call", "id": "ls_1", "call_id": "c2", "status": "completed",
+              "action": {"type": "exec", "command": ["ls"], "env": {}}},
+             {"type": "local_shell_call_output", "id": "c2", "output": "a.txt"},
+             {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Fixed."}]},
+             {"role": "user", "content": "thanks"}]
+    messages, _ = chat_messages(items)
+    assert messages == [
+        {"role": "user", "content": "fix it"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "apply_patch", "arguments": '{"input": "*** Begin Patch\\n*** End Patch"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "Done!"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c2", "type": "function", "function": {
+            "name": "local_shell", "arguments": '{"command": ["ls"], "env": {}}'}}]},
+        {"role": "tool", "tool_call_id": "c2", "content": "a.txt"},
+        {"role": "assistant", "content": "Fixed."},
+        {"role": "user", "content": "thanks"}]
+    r = client(scripted_url).responses.create(model="gpt-oss-tiny", input=items)
+    assert r.status == "completed" and r.output_text == "ok"

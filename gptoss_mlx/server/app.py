@@ -31,7 +31,7 @@ from ..store import ConversationStore
 from . import playground
 from .chat_completions import chat_completions
 from .errors import APIError, bad_request, generation_failed, refuse_named_hosts, refuse_other_origins
-from .responses import ResponseStore, list_input_items, responses
+from .responses import ResponseStore, list_input_items, responses, retrieved
 from .service import Service
 
 log = logging.getLogger("gptoss_mlx.server")
@@ -159,7 +159,7 @@ def create_app(service: Service, api_key: str | None = None, chats: Conversation
         if request.method == "DELETE":
             store.delete(response_id)
             return JSONResponse({"id": response_id, "object": "response", "deleted": True})
-        return JSONResponse(store.response(response_id))
+        return JSONResponse(retrieved(store, response_id, request.query_params))
 
     async def stored_input_items(request: Request):
         checked(request)

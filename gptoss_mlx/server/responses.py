@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from . import params
 from .chat_completions import MAX_MESSAGES, MAX_TOOLS, check_function_name, check_response_format, tool_choice
 from .errors import APIError, bad_request, generation_failed
-from .output import CALL, REASONING, SERVER_CALL, TEXT, Delta, Item, Opened, Waiting
+from .output import CALL, REASONING, SERVER_CALL, TEXT, Closed, Delta, Item, Opened, Waiting
 from .service import Reply, Service, new_id
 
 log = logging.getLogger("gptoss_mlx.server")
@@ -157,6 +157,36 @@ def kind_of(item: dict) -> str | None:
     return item.get("type") or ("message" if "role" in item else None)
 
 
+# Calls of other tools' kinds (OpenAI's custom tools, as Codex's apply_patch; its local shell)
+# in a history made elsewhere: read as the function calls they are to the model (a custom tool's
+# text as {"input": ...}, the form of Codex's apply_patch function); their outputs as outputs.
+FOREIGN_CALLS = {"custom_tool_call": lambda item: (item.get("name"), json.dumps({"input": item.get("input")})),
+                 "local_shell_call": lambda item: ("local_shell", json.dumps(
+                     {k: v for k, v in (item.get("action") or {}).items() if k != "type"}))}
+FOREIGN_OUTPUTS = ("custom_tool_call_output", "local_shell_call_output")
+# OpenAI's built-in tools run on its side: what they found is in the answer after them; left out.
+BUILT_IN_CALLS = ("web_search_call", "file_search_call", "code_interpreter_call", "image_generation_call",
+                  "computer_call", "computer_call_output", "mcp_list_tools", "mcp_approval_request",
+                  "mcp_approval_response")
+
+
+def foreign_item(item: dict, kind: str) -> dict | None:
+    """A history item of another tool's kind as this server's function call or output, None for
+    one that is left out, the item itself for one of this server's kinds (or no kind)."""
+    if not isinstance(kind, str):
+        return item
+    if kind in FOREIGN_CALLS:
+        name, arguments = FOREIGN_CALLS[kind](item)
+        return {"type": "function_call", "name": name, "call_id": item.get("call_id"), "arguments": arguments,
+                **({"status": item["status"]} if "status" in item else {})}
+    if kind in FOREIGN_OUTPUTS:  # (a local shell's output names its call by its id)
+        call_id = item.get("call_id") if kind == "custom_tool_call_output" else item.get("call_id", item.get("id"))
+        return {"type": "function_call_output", "call_id": call_id, "output": item.get("output")}
+    if kind in BUILT_IN_CALLS:
+        return None
+    return item
+
+
 def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[str, str]]:
     """Responses items -> Chat Completions messages: an assistant turn's reasoning, calls and
     text are gathered into one assistant message, in order. Also where each message and each
@@ -179,6 +209,11 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
         where = f"input[{i - first_input}]" if i >= first_input else f"previous_response_id's item {i}"
         if not isinstance(item, dict):
             raise bad_request(f"{where} must be an object", "input")
+        kind = kind_of(item)
+        item = foreign_item(item, kind)
+        if item is None:
+            log.info("%s: leaving out a %s item (OpenAI's built-in tools are not this server's)", where, kind)
+            continue
         kind = kind_of(item)
         if kind == "message" and item.get("role") == "assistant":  # (after calls: the turn goes on)
             target = turn("content", "tool_calls")
@@ -476,6 +511,31 @@ def _with_id(item, taken: set):
         kind = kind_of(item)  # (any JSON value here: a list or object is refused later, by name)
         item = {**item, "id": new_id(ITEM_PREFIXES.get(kind, "item") if isinstance(kind, str) else "item")}
     taken.add(item["id"])
+    return item
+
+
+def retrieved(store: ResponseStore, response_id: str, query) -> dict:
+    """GET /v1/responses/{id}: the stored response, its reasoning sealed where this request's
+    ``include`` asks (OpenAI's: what the create call asked for does not decide it). ``stream=true`` (the SDK's way back into a stream) is OpenAI's for
+    background responses only: answered with the JSON, the SDK read an empty stream and said
+    nothing until get_final_response() failed."""
+    if query.get("stream", "false").lower() not in ("false", "0"):
+        raise bad_request("stream=true on GET /v1/responses/{id} resumes a background response, and this server "
+                          "makes none: GET it without stream (a response under way shows in_progress), or "
+                          "stream a response as it is made (POST /v1/responses with stream: true)", "stream")
+    include = query.getlist("include") + query.getlist("include[]")
+    check_include(include)
+    response = store.response(response_id)
+    sealed = "reasoning.encrypted_content" in include
+    output = [_sealed(item, sealed) if item.get("type") == "reasoning" else item for item in response.get("output") or []]
+    return {**response, "output": output}
+
+
+def _sealed(item: dict, sealed: bool) -> dict:
+    """A reasoning item as ``include`` asks: with its ``encrypted_content`` (once whole), or without."""
+    item = {k: v for k, v in item.items() if k != "encrypted_content"}
+    if sealed and item.get("status") != "in_progress":
+        item["encrypted_content"] = sealed_reasoning("".join(p.get("text", "") for p in item.get("content") or []))
     return item
 
 
@@ -779,6 +839,9 @@ class ResponseRun:
                 self.error = e
             except Exception as e:  # noqa: BLE001 - the stream has begun: it fails in the stream
                 self.error = generation_failed(e, self.reply.id)
+            if self.error:
+                for pair in self._unfinished():
+                    yield pair
             for pair in self._server_call_results(final=True):
                 yield pair
             response = self.finish()
@@ -788,6 +851,15 @@ class ResponseRun:
             if not finished and not self.error:  # the client went away (the stream was closed)
                 self.keep_sent()
             self.store.end(self.reply.id)
+
+    def _unfinished(self):
+        """After a failure mid-stream (the server shutting down): the done events of the items
+        opened and not ended, each incomplete as far as it went (a client that follows items by
+        their added and done events had one that never ended, which the response listed)."""
+        for item in self.reply.stream.items:
+            if id(item) in self.ids and id(item) not in self.whole and item.kind != SERVER_CALL:
+                item.cut = True
+                yield from self._item_events(Closed(item))
 
     def _server_call_results(self, final: bool = False):
         """``mcp_call.completed`` (or ``failed``) and ``output_item.done`` of each server tool call
