@@ -2164,6 +2164,23 @@ def test_a_late_function_from_a_file_is_ended_with_its_worker(tok, tmp_path):
         tools.close()
 
 
+@contextlib.contextmanager
+def uvicorn_running(service):
+    """``service`` served on a free port from a thread: (its /v1 URL, a call that shuts its
+    scheduler down from the server's loop, as a SIGTERM would)."""
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
+        yield url, lambda: server.servers[0].get_loop().call_soon_threadsafe(service.scheduler.close)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def test_shutdown_does_not_wait_for_a_function_the_server_runs(tok):
     """Shutting down while a --functions call hung: the reply's stream was cut after the grace
     second without a terminal event (or a plain-text 500), and the engine loop failed on the
@@ -2178,26 +2195,19 @@ def test_shutdown_does_not_wait_for_a_function_the_server_runs(tok):
     scheduler = Scheduler(Engine(model, max_context=4096), 4, cache_bytes=1 << 30)
     tools = ServerTools(functions=[FunctionTool.from_callable(hang)], function_timeout_s=30)
     service = Service("gpt-oss-tiny", tok, scheduler.engine, scheduler, tools=tools, sampling=SamplingParams())
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.01)
-        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
-        with client(url, timeout=30).responses.stream(model="gpt-oss-tiny", input="go") as stream:
-            events = iter(stream)
-            assert any(e.type == "response.mcp_call.in_progress" for e in events)
-            start = time.monotonic()
-            server.servers[0].get_loop().call_soon_threadsafe(scheduler.close)
-            rest = list(events)
-            took = time.monotonic() - start
-        assert rest[-1].type == "response.failed" and took < 5, ([e.type for e in rest], took)
-        assert rest[-1].response.error.code == "server_shutting_down"
-    finally:
-        release.set()
-        server.should_exit = True
-        thread.join(timeout=10)
+    with uvicorn_running(service) as (url, shut_down):
+        try:
+            with client(url, timeout=30).responses.stream(model="gpt-oss-tiny", input="go") as stream:
+                events = iter(stream)
+                assert any(e.type == "response.mcp_call.in_progress" for e in events)
+                start = time.monotonic()
+                shut_down()
+                rest = list(events)
+                took = time.monotonic() - start
+            assert rest[-1].type == "response.failed" and took < 5, ([e.type for e in rest], took)
+            assert rest[-1].response.error.code == "server_shutting_down"
+        finally:
+            release.set()
 
 
 def test_a_stream_failed_by_shutdown_ends_every_item_it_began(tok):
@@ -2212,27 +2222,18 @@ def test_a_stream_failed_by_shutdown_ends_every_item_it_began(tok):
     scheduler = Scheduler(Engine(SlowSteps([answer(tok, "thinking " * 300, "done")]), max_context=4096), 4,
                           cache_bytes=1 << 30)
     service = Service("gpt-oss-tiny", tok, scheduler.engine, scheduler, sampling=SamplingParams())
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.01)
-        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
-        with client(url, timeout=30).responses.stream(model="gpt-oss-tiny", input="go") as stream:
-            events = iter(stream)
-            seen = [next(e for e in events if e.type == "response.reasoning_text.delta")]
-            server.servers[0].get_loop().call_soon_threadsafe(scheduler.close)
-            seen += list(events)
-        assert seen[-1].type == "response.failed" and seen[-1].response.error.code == "server_shutting_down"
-        done = [e for e in seen if e.type == "response.output_item.done"]
-        assert [e.item.id for e in done] == [o.id for o in seen[-1].response.output] != []
-        assert [(o.type, o.status) for o in seen[-1].response.output] == [("reasoning", "incomplete")]
-        text = "".join(e.delta for e in seen if e.type == "response.reasoning_text.delta")
-        assert done[0].item.content[0].text == text and len(text) < len("thinking " * 300)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with uvicorn_running(service) as (url, shut_down), \
+            client(url, timeout=30).responses.stream(model="gpt-oss-tiny", input="go") as stream:
+        events = iter(stream)
+        seen = [next(e for e in events if e.type == "response.reasoning_text.delta")]
+        shut_down()
+        seen += list(events)
+    assert seen[-1].type == "response.failed" and seen[-1].response.error.code == "server_shutting_down"
+    done = [e for e in seen if e.type == "response.output_item.done"]
+    assert [e.item.id for e in done] == [o.id for o in seen[-1].response.output] != []
+    assert [(o.type, o.status) for o in seen[-1].response.output] == [("reasoning", "incomplete")]
+    text = "".join(e.delta for e in seen if e.type == "response.reasoning_text.delta")
+    assert done[0].item.content[0].text == text and len(text) < len("thinking " * 300)
 
 
 def test_chat_completions_stays_audible_while_a_server_call_is_written(monkeypatch):
