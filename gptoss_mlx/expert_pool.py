@@ -43,11 +43,11 @@ into device memory they run side by side: docs/measurements.md.)
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 import mmap
 import os
 import sys
+import threading
 import time
 import weakref
 from dataclasses import astuple, dataclass
@@ -112,8 +112,6 @@ class ExpertSource:
         # (modification time, size) as loaded: a file rewritten in place later (same inode, as
         # `cp` over it does) would feed new experts to the layers loaded from the old one
         self._stamps = {file: _stamp(fd) for file, fd in self._fds.items()}
-        self._sampled = None  # (experts, count, runs) of the load's finite-check sample
-        self._digests: dict[Path, bytes] = {}  # each file's sample as loaded (check_unchanged)
         self._layer_files: dict[int, dict[Path, None]] = {}  # each layer's files, in order
         for (layer, _), t in tensors.items():
             self._layer_files.setdefault(layer, {})[t.file] = None
@@ -129,30 +127,18 @@ class ExpertSource:
         contiguous runs spread over all ``experts`` (a few reads of each file, not every page),
         by the model's parameter name: for the finite check every load makes
         (loading._check_finite_sample). The packed E2M1 weights need none: every code is a number.
-        The first call's sample, with as many bytes of the packed weights (a rewrite may touch
-        only those), is also what :meth:`check_unchanged` compares each file against."""
-        picks = self._picks(experts, count, runs)
-        if self._sampled is None:
-            self._sampled = (experts, count, runs)
-            self._digests = {file: _digest({k: v for k, v in picks.items() if self.tensors[k].file == file})
-                             for file in self._fds}
-        return {f"layers.{layer}.mlp.experts.{name}": mx.array(picked).view(self.tensors[layer, name].dtype)
-                for (layer, name), picked in picks.items() if not name.endswith(".weight")}
-
-    def _picks(self, experts: int, count: int, runs: int, file: Path | None = None
-               ) -> dict[tuple[int, str], np.ndarray]:
-        """Each expert tensor's sample (only ``file``'s, if given): ``runs`` runs of ``count //
-        runs`` values spread over its ``experts``, read by ``pread``: a file cut short meanwhile
-        gives a short read (a CheckpointError), where a read from its mapping would die of SIGBUS."""
+        Read by ``pread``: a file cut short meanwhile gives a short read (a CheckpointError),
+        where a read from its mapping would die of SIGBUS."""
         out = {}
         for (layer, name), t in self.tensors.items():
-            if file is not None and t.file != file:
+            if name.endswith(".weight"):
                 continue
             n = experts * t.expert_bytes // t.dtype.size
             run = max(1, count // runs)
             starts = np.linspace(0, max(0, n - run), runs, dtype=int).tolist()
             raw = b"".join(self._read_values(layer, name, i, min(run, n - i)) for i in starts)
-            out[layer, name] = np.frombuffer(raw, {1: np.uint8, 2: np.uint16, 4: np.uint32}[t.dtype.size])
+            picked = np.frombuffer(raw, {1: np.uint8, 2: np.uint16, 4: np.uint32}[t.dtype.size])
+            out[f"layers.{layer}.mlp.experts.{name}"] = mx.array(picked).view(t.dtype)
         return out
 
     def _read_values(self, layer: int, name: str, start: int, count: int) -> bytes:
@@ -192,25 +178,20 @@ class ExpertSource:
                 self._maps[t.file].madvise(mmap.MADV_WILLNEED, aligned, start + t.expert_bytes - aligned)
 
     def check_unchanged(self, layer: int) -> None:
-        """Raise CheckpointError if a file ``layer``'s experts are read from was rewritten since
-        loading (one ``fstat`` per file, once per batch of copies): its modification time moved,
-        and the load's sample of that file (:meth:`samples`: the experts' biases, scales and
-        some of their packed weights) now reads differently. The same bytes written back (a
-        restored file) go on. Only that file is read again, by ``pread``: another file may be
-        cut short as this one is checked (``cp`` over a sharded checkpoint, part-way), and is
-        said so when a layer it holds is read. A file replaced by a new one (``mv``, a new
-        download) is not rewritten: the open descriptors and mappings keep the old bytes."""
+        """Raise CheckpointError if a file ``layer``'s experts are read from was written since
+        loading (one ``fstat`` per file, once per batch of copies): its size or modification
+        time moved. Whatever was written, the bytes it holds may no longer be the ones loaded,
+        and no part of the file is known to be unchanged without them all (a sample of it
+        compared equal, and a change between its runs went on with other logits than the
+        resident model's): the model must be loaded again. A file replaced by a new one
+        (``mv``, a new download, ``models rm``) is not written: the open descriptors and
+        mappings keep the old bytes, and the model goes on. (A time set back after a write,
+        ``touch -r``, goes unseen: nothing else tells it from a rename.)"""
         for file in self._layer_files[layer]:
             stamp = _stamp(self._fds[file])
             if stamp == self._stamps[file]:
                 continue
-            if stamp[1] < self._stamps[file][1]:
-                change = f"was cut to {stamp[1]} bytes"
-            elif self._digests and _digest(self._picks(*self._sampled, file)) == self._digests[file]:
-                self._stamps[file] = stamp  # the same bytes as at loading, where the sample reads
-                continue
-            else:
-                change = "was rewritten in place"
+            change = f"was cut to {stamp[1]} bytes" if stamp[1] < self._stamps[file][1] else "was written to"
             raise CheckpointError(f"{file}: the file {change} after the model was loaded, and the "
                                   "model reads its experts from it as it runs: restore the checkpoint "
                                   "and load it again")
@@ -258,13 +239,6 @@ class ExpertSource:
         return CheckpointError(f"{file}: the file was cut to {os.fstat(self._fds[file]).st_size} bytes "
                                f"while the model was using it (expert {expert} of layer {layer} lies past "
                                "its end): restore the checkpoint and load it again")
-
-
-def _digest(picks: dict[tuple[int, str], np.ndarray]) -> bytes:
-    digest = hashlib.blake2b(digest_size=16)
-    for key in sorted(picks):
-        digest.update(picks[key].tobytes())
-    return digest.digest()
 
 
 def _stamp(fd: int) -> tuple[int, int]:
@@ -449,6 +423,7 @@ class ExpertPool:
         self._worker = None  # the host transfer's thread for reads ahead, made when first needed
         self._guessed = (-1, frozenset())  # (layer, experts read ahead for it)
         self._ahead = None  # (layer, guessed experts, slots to keep): what read_ahead() starts
+        self.one_pass = threading.RLock()  # held by a model pass from its first layer to its logits
         self.set_transfer(transfer)
         if guess is None:  # where copies run beside the device's work (module docstring)
             guess = config.num_experts_per_tok if self.transfer in ("host", "cuda") else 0

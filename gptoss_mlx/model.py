@@ -332,6 +332,17 @@ class Model(nn.Module):
         past its end). ``sampled``: the ids were sampled from this model's logits (the engine's
         decode steps), so in range: not checked, which would wait for them to be computed (nor
         are the cache's entries, the engine's own, on that per-token path)."""
+        if self.expert_pool is not None:
+            # Streamed experts live in slots every pass shares, whichever thread runs it: one
+            # pass at a time, finished on the device before the next may rewrite them (passes
+            # from several threads interleaved and gave other logits, silently).
+            with self.expert_pool.one_pass:
+                logits = self._forward(inputs, cache, evaluate_layers, sampled)
+                mx.eval(logits)
+                return logits
+        return self._forward(inputs, cache, evaluate_layers, sampled)
+
+    def _forward(self, inputs: mx.array, cache: list | None, evaluate_layers: bool, sampled: bool) -> mx.array:
         if cache is None:
             cache = [None] * len(self.layers)
         elif not isinstance(cache, (list, tuple)) or len(cache) != len(self.layers) or (
