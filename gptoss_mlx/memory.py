@@ -268,9 +268,10 @@ def resolve_limit(limit: float | str | None = None) -> tuple[float, str]:
     elif isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
         raise ValueError(f"memory_limit must be a number of bytes above 0 (inf: not checked) or a size "
                          f"such as '10GB', got {limit!r:.40}")
-    elif limit < MIN_NUMERIC_LIMIT:
+    elif limit < MIN_NUMERIC_LIMIT:  # (GB meant, most likely, where it is a plausible count of them)
+        example = f"'{limit:g}GB'" if limit < BARE_GB_MAX else "'10GB' or '800MB'"
         raise ValueError(f"memory_limit={limit!r:.40} is in bytes, less than any model needs: give a "
-                         f"size with its unit, such as '{limit:g}GB'")
+                         f"size with its unit, such as {example}")
     limit = float(limit)
     return limit, GIVEN if math.isfinite(limit) else "memory not checked"
 
