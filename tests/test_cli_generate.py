@@ -85,9 +85,15 @@ def test_cut_by_max_tokens_says_so_and_fails_only_when_strict(tok, monkeypatch, 
 
 
 @pytest.mark.parametrize("as_json", [False, True])
-def test_ctrl_c_during_the_reply_keeps_what_was_made_and_says_so(tok, monkeypatch, capsys, as_json):
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_ctrl_c_during_the_reply_keeps_what_was_made_and_says_so(tok, monkeypatch, capsys, as_json, stop):
     """A tester's (helper-120): Ctrl-C in generate exited 130 with nothing on stdout under
-    --json, and without it left the answer's line open and said nothing."""
+    --json, and without it left the answer's line open and said nothing. SIGTERM (`timeout 60
+    gptoss-mlx generate --json`) ended it with 143 and nothing at all (helper-132): as Ctrl-C."""
+    import os
+    import signal
+    import time
+
     from gptoss_mlx.cli import stream
     from gptoss_mlx.chat import AnswerDelta
 
@@ -99,10 +105,15 @@ def test_ctrl_c_during_the_reply_keeps_what_was_made_and_says_so(tok, monkeypatc
         for event in real(*args):
             yield event
             if isinstance(event, AnswerDelta):
+                if stop == "sigterm":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)  # (the handler's exception lands here)
                 raise KeyboardInterrupt  # as a Ctrl-C lands while the reply streams
 
     monkeypatch.setattr(stream, "replies", interrupted)
-    assert main(["generate", "-p", "2+2?"] + (["--json"] if as_json else [])) == 130
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main(["generate", "-p", "2+2?"] + (["--json"] if as_json else [])) == (130 if stop == "ctrl-c" else 143)
+    assert signal.getsignal(signal.SIGTERM) is handler  # put back
     out, err = capsys.readouterr()
     if as_json:
         data = json.loads(out)

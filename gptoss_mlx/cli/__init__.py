@@ -98,9 +98,9 @@ def run(args) -> int:
     except CLIError as e:
         print(f"gptoss-mlx: error: {terminal_safe(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(file=sys.stderr)
-        return 130
+        return getattr(e, "status", 130)  # (common.Terminated: SIGTERM's)
     except OSError as e:
         if e.filename is not None or e.errno not in OUTPUT_ERRORS:
             raise  # not the output's fault

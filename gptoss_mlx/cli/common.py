@@ -95,6 +95,30 @@ def new_directory(path: Path):
         shutil.rmtree(work, ignore_errors=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM where :func:`sigterm_as_ctrl_c` is in force, raised where Ctrl-C's
+    KeyboardInterrupt would be: the command stops as on Ctrl-C, with SIGTERM's status."""
+
+    status = 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """While inside: SIGTERM stops the command as Ctrl-C does (`timeout 60 gptoss-mlx generate
+    --json` printed nothing; now what was made, and status 143). The main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame) -> NoReturn:
+        raise Terminated
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _exit_on_sigterm(signum, frame) -> NoReturn:
     raise SystemExit(128 + signum)  # unwinds, so the finally blocks clean up
 

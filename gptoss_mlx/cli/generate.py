@@ -40,17 +40,18 @@ def cmd_generate(args) -> int:
     elif not prompt.strip():  # as an empty standard input is (an empty -p was answered: a tester's)
         raise CLIError("-p: the prompt is empty")
     approve = ask_on_terminal if sys.stdin.isatty() else decline_when_piped
-    outcome = answer_once(args, prompt, approve, show_reasoning=True, dim=sys.stderr.isatty(),
-                          quiet=args.json)
+    with common.sigterm_as_ctrl_c():  # (`timeout 60 gptoss-mlx generate --json` printed nothing)
+        outcome = answer_once(args, prompt, approve, show_reasoning=True, dim=sys.stderr.isatty(),
+                              quiet=args.json)
     if args.json:
         print(json.dumps({"answer": outcome.answer, "reasoning": outcome.reasoning,
                           "tool_calls": outcome.tool_calls, "usage": outcome.usage(),
                           "finish_reason": outcome.finish_reason}, ensure_ascii=False))
-    if outcome.finish_reason == "interrupted":  # Ctrl-C: what was made, then the mark, status 130
+    if outcome.finish_reason == "interrupted":  # Ctrl-C or SIGTERM: what was made, the mark, 130 or 143
         if not args.json and outcome.answer and not outcome.answer.endswith("\n"):
             print()  # the answer's line ends on standard output
         print("[stopped]", file=sys.stderr)
-        return 130
+        return outcome.stop_status
     print_stats(outcome)
     if say_cut(outcome.finish_reason):
         if args.json_schema or args.json_object:

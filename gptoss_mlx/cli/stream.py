@@ -267,6 +267,7 @@ class Outcome:
     stats: list[Stats] = field(default_factory=list)  # one per reply
     finish_reason: str | None = None
     done: Done | None = None  # the last reply's
+    stop_status: int = 130  # a stopped reply's exit status: Ctrl-C's, or SIGTERM's (common.Terminated)
 
     def record(self, events):
         """Pass ``events`` through, keeping what they say (the texts of separate messages, a
@@ -313,9 +314,9 @@ def answer_once(args, text: str, approve, show_reasoning: bool, dim: bool,
                     pass
             else:
                 print_events(events, show_reasoning, sys.stdout, sys.stderr, dim)
-        except KeyboardInterrupt:  # Ctrl-C: what was made so far is the outcome
+        except KeyboardInterrupt as e:  # Ctrl-C: what was made so far is the outcome
             events.close()  # the reply stops at the engine's next step
-            outcome.finish_reason = "interrupted"
+            outcome.finish_reason, outcome.stop_status = "interrupted", getattr(e, "status", 130)
             stats = getattr(chat.engine, "stats", None)  # the stopped reply's (it has no Done)
             if stats is not None and not any(s is stats for s in outcome.stats):
                 outcome.stats.append(stats)  # (--json's usage counted none of it)
