@@ -258,3 +258,14 @@ def test_output_that_cannot_be_written_is_one_line_never_a_traceback(conversatio
         ["bash", "-c", f'"$0" -m gptoss_mlx render "$1" {redirect}; exit ${{PIPESTATUS[0]}}',
          sys.executable, str(conversation)], capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stderr) == (status, error)
+
+
+@pytest.mark.parametrize("args", ["--help", "--version", "", "chat --help"])
+def test_help_and_version_into_a_full_disk_fail_saying_so(args):
+    """A tester's (helper-132): argparse swallowed the write error, so `--help > /dev/full` exited 0
+    with nothing written (as `ls --help` does not)."""
+    proc = subprocess.run(["bash", "-c", f'"$0" -m gptoss_mlx {args} >/dev/full', sys.executable],
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (1, "gptoss-mlx: error: cannot write the output: No space left on device\n")
+    ok = subprocess.run([sys.executable, "-m", "gptoss_mlx", *args.split()], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout and not ok.stderr

@@ -29,8 +29,22 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose help and version reach a full disk's error (argparse swallows
+    it: the help was lost and the exit status 0; `ls --help > /dev/full` says so and fails)."""
+
+    def _print_message(self, message, file=None):
+        file = file or sys.stderr
+        try:
+            if message:
+                file.write(message)
+        except (AttributeError, OSError):  # (standard error closed or full: as argparse)
+            if file is sys.stdout:
+                raise
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gptoss-mlx", description="Run OpenAI's gpt-oss models locally with MLX.")
     parser.add_argument("--version", action="version", version=f"gptoss-mlx {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -42,12 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.command is None:
-        if extra:
-            parser.error("unrecognized arguments: " + " ".join(extra))
-        parser.print_help()
-        return 0
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if args.command is None:
+            if extra:
+                parser.error("unrecognized arguments: " + " ".join(extra))
+            parser.print_help()
+            return flushed(0)
+    except SystemExit as e:  # --help, --version, a usage error
+        return flushed(e.code if isinstance(e.code, int) else 2)
+    except OSError as e:  # writing the help or the version
+        return output_failed(e)
     command = parser.commands[args.command]
     if extra:
         unrecognized_arguments(extra, args, command)
@@ -62,6 +81,27 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     finally:
         sys.stderr = stderr
+
+
+def flushed(status: int) -> int:
+    """``status``, once what was printed (help, the version) is written: into a full disk or a
+    closed pipe, an error as `ls --help` says it (it was lost, and the exit status 0)."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except OSError as e:
+        return output_failed(e)
+    return status
+
+
+def output_failed(e: OSError) -> int:
+    """Standard output could not be written: quietly where the reader went away (`| head`),
+    else saying so; the status to exit with."""
+    discard_stdout()
+    if e.errno == errno.EPIPE:
+        return 141  # 128 + SIGPIPE, as a shell tool killed by it reports
+    print(f"gptoss-mlx: error: cannot write the output: {e.strerror}", file=sys.stderr)
+    return 1
 
 
 class BestEffort:
@@ -104,11 +144,7 @@ def run(args) -> int:
     except OSError as e:
         if e.filename is not None or e.errno not in OUTPUT_ERRORS:
             raise  # not the output's fault
-        discard_stdout()
-        if e.errno == errno.EPIPE:  # the reader went away (`| head`): stop quietly
-            return 141  # 128 + SIGPIPE, as a shell tool killed by it reports
-        print(f"gptoss-mlx: error: cannot write the output: {e.strerror}", file=sys.stderr)
-        return 1
+        return output_failed(e)
 
 
 def discard_stdout() -> None:
