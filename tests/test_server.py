@@ -736,6 +736,7 @@ def test_fields_openai_checks_but_this_server_does_not_act_on_are_checked_and_ec
     r = c.responses.create(model="gpt-oss-tiny", input="hi", max_output_tokens=2, user="u-1", safety_identifier="s",
                            reasoning={"effort": "low", "summary": "auto"}, text={"verbosity": "low"})
     assert (r.user, r.safety_identifier, r.reasoning.summary, r.text.verbosity) == ("u-1", "s", "auto", "low")
+    assert r.text.format.type == "text"  # (the default, beside the verbosity given)
     messages = [{"role": "user", "content": "hi"}]
     c.chat.completions.create(model="gpt-oss-tiny", messages=messages, max_tokens=2, user="u-1",
                               modalities=["text"], verbosity="high")
@@ -2458,6 +2459,11 @@ def test_retrieve_takes_include_and_refuses_to_stream(scripted_url):
         with pytest.raises(openai.BadRequestError) as e:
             ask()
         assert e.value.body["param"] == "stream" and "resumes a background response" in e.value.body["message"]
+    with pytest.raises(openai.NotFoundError):  # the id first (the re-attack's)
+        c.responses.retrieve("resp_nope", stream=True)
+    assert c.responses.retrieve(r.id, stream=False).id == r.id
+    with pytest.raises(openai.BadRequestError, match="'stream' must be true or false, got 'no'"):
+        c.responses.retrieve(r.id, extra_query={"stream": "no"})
     with pytest.raises(openai.BadRequestError) as e:
         c.responses.retrieve(r.id, include=["nothing.else"])
     assert e.value.body["param"] == "include"
@@ -2492,3 +2498,12 @@ def test_a_history_with_openais_other_tools_calls_goes_on(scripted_url):
         {"role": "user", "content": "thanks"}]
     r = client(scripted_url).responses.create(model="gpt-oss-tiny", input=items)
     assert r.status == "completed" and r.output_text == "ok"
+    # a local shell's call named by its id alone; malformed ones (the re-attack's: a 500)
+    shell = [{"role": "user", "content": "hi"}, {"type": "local_shell_call", "id": "lsh_1", "action": {"command": ["ls"]}},
+             {"type": "local_shell_call_output", "id": "lsh_1", "output": "x"}]
+    assert chat_messages(shell)[0][1]["tool_calls"][0]["id"] == "lsh_1"
+    for bad, says in ((dict(shell[1], action="ls"), "a local_shell_call needs its 'call_id' and its 'action' (an object)"),
+                      (dict(items[2], name=5), "a custom_tool_call needs its name, its 'call_id' and its 'input' (a string)"),
+                      (dict(items[2], input={"x": 1}), "a custom_tool_call needs its name")):
+        code, data = post(scripted_url, "/responses", json.dumps({"input": [shell[0], bad]}).encode())
+        assert code == 400 and data["error"]["message"].startswith(f"input[1]: {says}"), data

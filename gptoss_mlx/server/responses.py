@@ -160,9 +160,10 @@ def kind_of(item: dict) -> str | None:
 # Calls of other tools' kinds (OpenAI's custom tools, as Codex's apply_patch; its local shell)
 # in a history made elsewhere: read as the function calls they are to the model (a custom tool's
 # text as {"input": ...}, the form of Codex's apply_patch function); their outputs as outputs.
-FOREIGN_CALLS = {"custom_tool_call": lambda item: (item.get("name"), json.dumps({"input": item.get("input")})),
-                 "local_shell_call": lambda item: ("local_shell", json.dumps(
-                     {k: v for k, v in (item.get("action") or {}).items() if k != "type"}))}
+FOREIGN_CALLS = {  # kind: (its field, that field's type, (the function's name, its arguments))
+    "custom_tool_call": ("input", str, lambda item: (item.get("name"), {"input": item["input"]})),
+    "local_shell_call": ("action", dict, lambda item: ("local_shell", {
+        k: v for k, v in item["action"].items() if k != "type"}))}
 FOREIGN_OUTPUTS = ("custom_tool_call_output", "local_shell_call_output")
 # OpenAI's built-in tools run on its side: what they found is in the answer after them; left out.
 BUILT_IN_CALLS = ("web_search_call", "file_search_call", "code_interpreter_call", "image_generation_call",
@@ -170,17 +171,22 @@ BUILT_IN_CALLS = ("web_search_call", "file_search_call", "code_interpreter_call"
                   "mcp_approval_response")
 
 
-def foreign_item(item: dict, kind: str) -> dict | None:
+def foreign_item(item: dict, kind: str, where: str) -> dict | None:
     """A history item of another tool's kind as this server's function call or output, None for
     one that is left out, the item itself for one of this server's kinds (or no kind)."""
     if not isinstance(kind, str):
         return item
+    # (a local shell's call and output may name the call by the item's id alone)
+    call_id = item.get("call_id") if kind.startswith("custom") else item.get("call_id", item.get("id"))
     if kind in FOREIGN_CALLS:
-        name, arguments = FOREIGN_CALLS[kind](item)
-        return {"type": "function_call", "name": name, "call_id": item.get("call_id"), "arguments": arguments,
+        field, kind_of_field, made = FOREIGN_CALLS[kind]
+        name, arguments = made(item) if isinstance(item.get(field), kind_of_field) else (None, None)
+        if not isinstance(name, str) or not isinstance(call_id, str):
+            raise bad_request(f"{where}: a {kind} needs {'its name, ' if field == 'input' else ''}its 'call_id' and "
+                              f"its {field!r} ({'a string' if kind_of_field is str else 'an object'})", "input")
+        return {"type": "function_call", "name": name, "call_id": call_id, "arguments": json.dumps(arguments),
                 **({"status": item["status"]} if "status" in item else {})}
-    if kind in FOREIGN_OUTPUTS:  # (a local shell's output names its call by its id)
-        call_id = item.get("call_id") if kind == "custom_tool_call_output" else item.get("call_id", item.get("id"))
+    if kind in FOREIGN_OUTPUTS:
         return {"type": "function_call_output", "call_id": call_id, "output": item.get("output")}
     if kind in BUILT_IN_CALLS:
         return None
@@ -210,7 +216,7 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
         if not isinstance(item, dict):
             raise bad_request(f"{where} must be an object", "input")
         kind = kind_of(item)
-        item = foreign_item(item, kind)
+        item = foreign_item(item, kind, where)
         if item is None:
             log.info("%s: leaving out a %s item (OpenAI's built-in tools are not this server's)", where, kind)
             continue
@@ -519,13 +525,16 @@ def retrieved(store: ResponseStore, response_id: str, query) -> dict:
     ``include`` asks (OpenAI's: what the create call asked for does not decide it). ``stream=true`` (the SDK's way back into a stream) is OpenAI's for
     background responses only: answered with the JSON, the SDK read an empty stream and said
     nothing until get_final_response() failed."""
-    if query.get("stream", "false").lower() not in ("false", "0"):
+    response = store.response(response_id)  # (an unknown id: a 404 first)
+    stream = query.get("stream", "false").lower()
+    if stream not in ("true", "false"):
+        raise bad_request(f"'stream' must be true or false, got {query.get('stream')!r:.40}", "stream")
+    if stream == "true":
         raise bad_request("stream=true on GET /v1/responses/{id} resumes a background response, and this server "
                           "makes none: GET it without stream (a response under way shows in_progress), or "
                           "stream a response as it is made (POST /v1/responses with stream: true)", "stream")
     include = query.getlist("include") + query.getlist("include[]")
     check_include(include)
-    response = store.response(response_id)
     sealed = "reasoning.encrypted_content" in include
     output = [_sealed(item, sealed) if item.get("type") == "reasoning" else item for item in response.get("output") or []]
     return {**response, "output": output}
@@ -742,7 +751,7 @@ class ResponseRun:
                "parallel_tool_calls": body.get("parallel_tool_calls", True) is not False,
                "max_tool_calls": body.get("max_tool_calls"),
                "truncation": body.get("truncation") or "disabled",
-               "text": body.get("text") or {"format": {"type": "text"}}, "metadata": body.get("metadata") or {},
+               "text": {"format": {"type": "text"}, **(body.get("text") or {})}, "metadata": body.get("metadata") or {},
                "usage": None, **{key: body.get(key) for key in params.IDENTIFIERS}}
         if status != "in_progress":
             out["usage"] = {"input_tokens": reply.prompt_tokens,
