@@ -63,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("unrecognized arguments: " + " ".join(extra))
             parser.print_help()
             return flushed(0)
-    except SystemExit as e:  # --help, --version, a usage error
-        return flushed(e.code if isinstance(e.code, int) else 2)
+    except SystemExit:  # --help, --version, a usage error: argparse's exit, once written
+        status = flushed(0)
+        if status:
+            return status
+        raise
     except OSError as e:  # writing the help or the version
         return output_failed(e)
     command = parser.commands[args.command]
