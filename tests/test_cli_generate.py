@@ -53,6 +53,15 @@ def test_prompt_from_stdin_and_stats_on_stderr(tok, monkeypatch, capsys):
     assert "Add them." in err and STATS.search(err), err
 
 
+def test_piped_code_keeps_its_first_lines_indent(tok, monkeypatch, capsys):
+    """The re-attack's (helper-141, after the TUI's fix): standard input was strip()ped, so code
+    piped in reached the model with its first line at column 0 and the others indented."""
+    chat = use_chat(monkeypatch, tok, [REPLY])
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n  \n        return self._cache[key]\n    except KeyError:\n\n"))
+    assert main(["generate", "-p", "-"]) == 0
+    assert chat.messages[0].text == "        return self._cache[key]\n    except KeyError:"
+
+
 def test_empty_stdin_prompt_is_an_error(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("  \n"))
     assert main(["generate", "-p", "-"]) == 2

@@ -15,7 +15,7 @@ from textual.widgets import Markdown, OptionList, Static
 
 from gptoss_mlx.cli.lineedit import input_history
 from gptoss_mlx.chat import AnswerDelta, Chat, ContextTrimmed, Done, ReasoningDelta, ToolCall
-from gptoss_mlx.generate import ContextLengthError, SamplingParams, Stats
+from gptoss_mlx.generate import ContextLengthError, Engine, SamplingParams, Stats
 from gptoss_mlx.harmony import Message
 from gptoss_mlx.tools import Toolbox
 from gptoss_mlx.tui import ChatApp, ConversationStore
@@ -1356,8 +1356,9 @@ async def test_a_streamed_model_shows_its_expert_pool_in_the_status(tiny_checkpo
 async def test_a_turn_whose_streamed_checkpoint_was_cut_is_taken_back_and_can_be_sent_again(
         tiny_checkpoint, store, tmp_path):
     """The checkpoint is cut between turns of a streamed model: the error is shown, the turn
-    leaves neither the history nor the transcript, its text is back in the input, and once the
-    file is restored the same text is answered."""
+    leaves neither the history nor the transcript, and its text is back in the input; once the
+    file is restored, the same again (its bytes are not known to be the ones loaded until the
+    model is loaded again), and with the model loaded again the same text is answered."""
     import shutil
 
     from gptoss_mlx.loading import load
@@ -1380,6 +1381,11 @@ async def test_a_turn_whose_streamed_checkpoint_was_cut_is_taken_back_and_can_be
         assert chat.messages == history and app.query_one(PromptInput).text == question
         assert [str(w.render()) for w in app.query(UserMessage)] == ["Hi there"]
         shard.write_bytes(original)
+        await send(pilot, app, question)
+        assert any("the file changed (written to, or its modification time set)" in n.message
+                   for n in app._notifications)
+        assert chat.messages == history and app.query_one(PromptInput).text == question
+        chat.engine = Engine(load(directory, memory_limit="1.02307GB", dense_bits=4)[0])
         await send(pilot, app, question)
         assert [str(w.render()) for w in app.query(UserMessage)] == ["Hi there", question]
         assert chat.messages[len(history)].text == question and len(chat.messages) > len(history) + 1

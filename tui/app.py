@@ -41,6 +41,7 @@ from gptoss_mlx.chat import (
     ANSWER_CHANNELS, AnswerDelta, Chat, ChatFileError, ContextTrimmed, Done, ReasoningDelta, ToolCall, reply_cut,
 )
 from gptoss_mlx.chat_file import check_chat_file
+from gptoss_mlx.cli.common import message_text
 from gptoss_mlx.cli.lineedit import input_history
 from gptoss_mlx.engine_thread import engine_thread
 from gptoss_mlx.generate import ContextLengthError
@@ -119,13 +120,6 @@ _read_terminal_input_leniently()
 MAX_RECALLED = 1000  # earlier prompts ↑ reaches in the TUI (the history file keeps them all)
 
 
-def sent_text(typed: str) -> str:
-    """What the input sends: the text as typed, less the blank lines before it and the blank
-    space after it (a strip() took the first line's indent: pasted code reached the model and
-    the saved chat with its first line moved to column 0)."""
-    return re.sub(r"\A(?:[ \t]*\n)+", "", typed).rstrip()
-
-
 class PromptInput(TextArea):
     """Multi-line prompt: Enter sends, Shift+Enter or Ctrl+J adds a line, Up/Down on the first
     or last line recall earlier prompts."""
@@ -147,7 +141,7 @@ class PromptInput(TextArea):
             event.prevent_default()
             event.stop()
             if self.text.strip():  # as typed, less blank lines around it (pasted code kept its
-                self.post_message(self.Submitted(sent_text(self.text)))  # first line's indent)
+                self.post_message(self.Submitted(message_text(self.text)))  # first line's indent)
             return
         if event.key.startswith("alt+"):
             # Terminals that send Alt as ESC + the key (tmux, most Linux ones) give Alt+C as a
@@ -199,7 +193,7 @@ class PromptInput(TextArea):
     def keep_draft(self) -> bool:
         """What the input holds, unsent, goes into the history (↑ brings it back, here or in the
         terminal chat): True when there was such a draft (not an earlier prompt recalled)."""
-        draft = sent_text(self.text)
+        draft = message_text(self.text)
         if not draft.strip() or (self._recall and draft == self.sent[-self._recall]):
             return False
         self.remember(draft)

@@ -8,6 +8,7 @@ import contextlib
 import glob
 import math
 import os
+import re
 import select
 import shutil
 import signal
@@ -93,6 +94,13 @@ def new_directory(path: Path):
         if stop_on_sigterm:
             signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def message_text(typed: str) -> str:
+    """A user message as typed or piped in, less the blank lines before it and the blank space
+    after it: a strip() took its first line's indent (pasted code reached the model and the
+    saved chat with its first line moved to column 0, the others not)."""
+    return re.sub(r"\A(?:[ \t\r]*\n)+", "", typed).rstrip()
 
 
 class Terminated(KeyboardInterrupt):

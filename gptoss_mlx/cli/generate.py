@@ -34,7 +34,7 @@ def cmd_generate(args) -> int:
     if prompt == "-":
         if sys.stdin is None:
             raise CLIError("-p -: standard input is closed")
-        prompt = common.read_standard_input().strip()
+        prompt = common.message_text(common.read_standard_input())
         if not prompt:
             raise CLIError("-p -: no prompt on standard input")
     elif not prompt.strip():  # as an empty standard input is (an empty -p was answered: a tester's)
