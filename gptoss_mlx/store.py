@@ -23,6 +23,7 @@ import stat
 import sys
 import tempfile
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -75,7 +76,8 @@ class Entry:
 
 
 def title_for(text: str) -> str:
-    line = " ".join(text.split())
+    """A chat's title from its first message: one line, without control characters, 60 at most."""
+    line = "".join(c for c in " ".join(text.split()) if unicodedata.category(c) != "Cc")
     return line[:60] + ("…" if len(line) > 60 else "") or "New chat"
 
 

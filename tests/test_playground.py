@@ -229,6 +229,44 @@ class SlowScriptedModel(ScriptedModel):
         return super().__call__(inputs, cache, **kw)
 
 
+class SlowStart(ScriptedModel):
+    """A scripted model whose prompts take a second and a half to read, its tokens a tenth."""
+
+    def __call__(self, inputs, cache=None, **kw):
+        time.sleep(1.5 if inputs.shape[1] > 1 else 0.1)
+        return super().__call__(inputs, cache, **kw)
+
+
+def test_a_stop_before_the_first_token_leaves_no_turn_and_the_open_chat_is_kept_while_it_replies(
+        browser, tok, tmp_path):
+    """Testers' (helper-143): a stop before the first token took the user's turn back but left an
+    assistant turn reading "stopped" (two stops: two such turns, none in the saved chat); and
+    the open chat deleted while its reply streamed came back as "(copy)" once the reply ended,
+    said to be "deleted elsewhere"."""
+    chats = ConversationStore(tmp_path)
+    with serving(SlowStart([answer(tok, "Hm.", "ok " * 20)]), tok, chats=chats) as url:
+        page = Page(browser, url)
+        page.send("first")
+        page.wait_reply(1)
+        page.until(lambda: len(chats.list()) == 1, "not saved")
+        for _ in range(2):
+            page.send("second")
+            page.until(lambda: page.find("#stop").is_displayed(), "no reply began")
+            page.find("#stop").click()
+            page.until(lambda: page.find("#send").is_displayed(), "the reply never stopped")
+            page.until(lambda: page.find("#prompt").get_attribute("value") == "second", "the prompt did not come back")
+            assert len(page.replies()) == 1 and len(page.all(".turn.user")) == 1
+            page.find("#prompt").clear()
+        page.send("third")
+        page.until(lambda: page.find("#stop").is_displayed(), "no reply began")
+        for _ in range(2):
+            page.js("document.querySelector('#chats li.current .delete').click();")
+        assert page.find("#alert").text == "A reply is being written: stop it to delete this chat"
+        page.wait_reply(2)
+        page.until(lambda: chats.list()[0].messages == 4, "the reply was not saved")
+        assert [e.title for e in chats.list()] == ["first"]
+
+
 def test_reasoning_streams_then_folds_and_markdown_renders(browser, tok, tmp_path, shots):
     model = SlowScriptedModel([answer(tok, "The user asks about **sorting**. Use sorted().",
                                   "## Sorting\n\nUse `sorted()`:\n\n```python\nnums = [3, 1, 2]\n"
@@ -564,8 +602,11 @@ def test_errors_are_shown_and_the_prompt_comes_back(browser, tok, tmp_path, shot
         shots(browser, "9-error-prompt-comes-back")
     page.find("#prompt").clear()
     page.send("Anyone there?")  # the server has stopped: the browser's "Failed to fetch" said nothing
-    page.until(lambda: len(page.all(".turn.assistant .error")) == 2, "no error shown")
-    assert page.all(".turn.assistant .error")[-1].text.startswith("cannot reach the server: is gptoss-mlx serve")
+    # (the earlier send's error goes with this send: errors of sends that left no turn piled up as
+    # assistant turns without a user turn above them; a tester's, helper-143)
+    page.until(lambda: page.all(".turn.assistant .error") and page.all(".turn.assistant .error")[-1].text
+               .startswith("cannot reach the server: is gptoss-mlx serve"), "no error shown")
+    assert len(page.all(".turn.assistant")) == 1
 
 
 def test_phone_width_keeps_the_effort_prompt_and_stop_in_reach(browser, tok, tmp_path, shots):
@@ -653,8 +694,19 @@ def test_chat_endpoints_validate_ids_bodies_and_keys(tok, tmp_path):
                               ({**good, "messages": "hi"}, 'messages must be a list, got "hi"')):
             code, data = call_api(root, "PUT", f"/v1/playground/chats/{made['id']}", body)
             assert code == 400 and message in data["error"]["message"], data
+        # one line, no control characters, counted once its blank space is gone (helper-143)
+        for title, says in (("a\nb", "'title' must be one line without control characters, got '\\n'"),
+                            ("a\x00b", "got '\\x00'"), ("x" * 201, "'title' is 201 characters")):
+            for method, path, body in (("PUT", f"/v1/playground/chats/{made['id']}", {**good, "title": title}),
+                                       ("PATCH", f"/v1/playground/chats/{made['id']}", {"title": title}),
+                                       ("POST", "/v1/playground/chats", {**good, "title": title})):
+                code, data = call_api(root, method, path, body)
+                assert code == 400 and says in data["error"]["message"], (method, title, data)
+        assert call_api(root, "PATCH", f"/v1/playground/chats/{made['id']}", {"title": " " + "x" * 200})[1]["title"] == "x" * 200
         untitled = {"messages": [{"role": "user", "content": "Why is the sea salty?"}]}
         assert call_api(root, "POST", "/v1/playground/chats", untitled)[1]["title"] == "Why is the sea salty?"
+        escaped = {"messages": [{"role": "user", "content": "\x1b[31mred\x07 text"}]}  # its title made without them
+        assert call_api(root, "POST", "/v1/playground/chats", escaped)[1]["title"] == "[31mred text"
         assert call_api(root, "PATCH", "/v1/playground/chats/nope", {"title": "x"})[0] == 404
         for bad in ("a" * 300, ".hidden", "é" * 101, "-rf"):  # too long for a file name; a dotfile; an option
             for method, body in (("GET", None), ("PUT", good), ("PATCH", {"title": "x"}), ("DELETE", None)):
@@ -986,6 +1038,17 @@ def test_markdown_of_any_text_builds_only_safe_elements(markdown_page, texts):
         assert set(out["tags"]) <= SAFE_TAGS, (text, out)
         assert set(out["attributes"]) <= {"class", "href", "rel", "target", "start", "data-lang"}, (text, out)
         assert all(h.startswith(("http://", "https://")) for h in out["hrefs"]), (text, out)
+
+
+def test_quotes_nested_thousands_deep_render_without_breaking_the_page(markdown_page):
+    """A tester's (helper-143): a reply (or a saved chat) with '> ' nested 3,000-5,000 deep
+    overflowed renderMarkdown's stack or crashed the tab, at each reload of that chat. Quotes
+    nest 16 deep; the rest of the '>'s stay text."""
+    deep = "> " * 5000 + "deep"
+    (out,) = markdown_page.b.execute_async_script(RENDER_ALL, [deep])
+    assert "error" not in out and out["tags"].count("BLOCKQUOTE") == 16, out.get("error")
+    (out,) = markdown_page.b.execute_async_script(RENDER_ALL, ["> a\n> > b\n\nc"])
+    assert out["tags"].count("BLOCKQUOTE") == 2
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

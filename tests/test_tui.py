@@ -111,11 +111,11 @@ def make_app(chat, store, **kwargs):
     return ChatApp(chat, model_name="gpt-oss-test", store=store, **kwargs)
 
 
-async def send(pilot, app, text: str):
+async def send(pilot, app, text: str, timeout: float = 10.0):
     done = app.replies_finished
     app.query_one(PromptInput).text = text
     await pilot.press("enter")
-    await wait_until(pilot, lambda: app.replies_finished == done + 1)
+    await wait_until(pilot, lambda: app.replies_finished == done + 1, timeout)
     await pilot.pause()
 
 
@@ -1372,21 +1372,21 @@ async def test_a_turn_whose_streamed_checkpoint_was_cut_is_taken_back_and_can_be
     app = make_app(chat, store)
     question = "Tell me about the weather in Lima and in Tokyo"
     async with app.run_test(size=SIZE) as pilot:
-        await send(pilot, app, "Hi there")
+        await send(pilot, app, "Hi there", 60)
         history = list(chat.messages)
         with open(shard, "r+b") as f:
             f.truncate(len(original) // 2)
-        await send(pilot, app, question)
+        await send(pilot, app, question, 60)
         assert any("the file was cut" in n.message for n in app._notifications)
         assert chat.messages == history and app.query_one(PromptInput).text == question
         assert [str(w.render()) for w in app.query(UserMessage)] == ["Hi there"]
         shard.write_bytes(original)
-        await send(pilot, app, question)
+        await send(pilot, app, question, 60)
         assert any("the file changed (written to, or its modification time set)" in n.message
                    for n in app._notifications)
         assert chat.messages == history and app.query_one(PromptInput).text == question
         chat.engine = Engine(load(directory, memory_limit="1.02307GB", dense_bits=4)[0])
-        await send(pilot, app, question)
+        await send(pilot, app, question, 60)
         assert [str(w.render()) for w in app.query(UserMessage)] == ["Hi there", question]
         assert chat.messages[len(history)].text == question and len(chat.messages) > len(history) + 1
 

@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import errno
 import time
+import unicodedata
 from importlib import resources
 from typing import Awaitable, Callable
 
@@ -48,11 +49,19 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_TITLE_CHARS = 200
 
 
-def check_title(title: str) -> None:
-    if not title.strip():
+def checked_title(title: str) -> str:
+    """``title`` as saved (its blank space around it gone), or a 400: empty, longer than
+    MAX_TITLE_CHARS, or holding a line break or another control character (a list shows titles
+    on one line: they took newlines and NULs)."""
+    title = title.strip()
+    if not title:
         raise bad_request("'title' must not be empty", "title")
     if len(title) > MAX_TITLE_CHARS:
         raise bad_request(f"'title' is {len(title)} characters: at most {MAX_TITLE_CHARS}", "title")
+    control = next((c for c in title if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        raise bad_request(f"'title' must be one line without control characters, got {control!r} in it", "title")
+    return title
 
 
 def _static(name: str) -> bytes:
@@ -92,7 +101,7 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
         if data.get("title") is None:
             first = next((m for m in data["messages"] if m["role"] == "user"), {})
             data["title"] = title_for(first.get("content") if isinstance(first.get("content"), str) else "")
-        check_title(data["title"])
+        data["title"] = checked_title(data["title"])
         return {**data, "updated": time.time(), "format": FORMAT_VERSION}
 
     async def write(path, data: dict, base: float | None = None, keep_title: bool = False) -> dict:
@@ -164,12 +173,12 @@ def routes(service: Service, chats: ConversationStore, api_key: str | None,
         title = (await json_body(request)).get("title")
         if not isinstance(title, str):
             raise bad_request("'title' must be a non-empty string", "title")
-        check_title(title)
+        title = checked_title(title)
         try:
-            await asyncio.to_thread(chats.rename, chat_id, title.strip())
+            await asyncio.to_thread(chats.rename, chat_id, title)
         except ChatFileError as e:
             raise APIError(422, str(e), param="chat_id", code="unreadable_chat") from None
-        return JSONResponse({"id": chat_id, "title": title.strip()})
+        return JSONResponse({"id": chat_id, "title": title})
 
     async def delete_chat(request: Request):
         guard(request)

@@ -26,6 +26,8 @@ class APIError extends Error {
 }
 
 const UNREACHABLE = "cannot reach the server: is gptoss-mlx serve still running? (start it again and retry)";
+// the stream ended mid-reply without the server's last event (the browser says "network error")
+const CUT_OFF = "the server stopped answering mid-reply: is gptoss-mlx serve still running? (start it again and retry)";
 
 async function request(path, { method = "GET", body, signal } = {}) {
   const headers = { "Content-Type": "application/json" };
@@ -181,6 +183,10 @@ function renameRow(li, entry) {
 }
 
 async function deleteRow(button, entry) {
+  if (entry.id === state.chat.id && state.controller) { // (its reply's save brought it back as a copy)
+    alertUser("A reply is being written: stop it to delete this chat");
+    return;
+  }
   if (button.textContent !== "Delete?") { // the first click asks, the second deletes
     button.textContent = "Delete?";
     return;
@@ -232,7 +238,10 @@ async function followAddress() {
   if (wanted === state.chat.id || (!wanted && !state.chat.id)) return;
   if (state.controller) alertUser("A reply is being written: stop it to open another chat");
   else if (wanted) await openChat(wanted);
-  else startChat();
+  else {
+    startChat();
+    alertUser(""); // (an earlier address's error stayed)
+  }
   if (wanted !== state.chat.id) {
     history.replaceState(null, "", state.chat.id ? `#chat=${encodeURIComponent(state.chat.id)}` : location.pathname);
   }
@@ -636,7 +645,7 @@ async function reply() {
     }
   } catch (e) {
     if (e.name !== "AbortError") {
-      turn.error(e.message);
+      turn.error(e instanceof TypeError ? CUT_OFF : e.message); // (a read of the stream that failed)
       status = "failed";
     }
   } finally {
@@ -651,7 +660,11 @@ async function reply() {
                                     : i.type !== "reasoning" || i.text));
   const messages = replyMessages(kept);
   turn.stats(statsLine(usage, times, status));
-  if (!messages.length) return false;
+  if (!messages.length) { // no turn to show: stopped before anything came, or the error (until the next send)
+    if (status === "failed") turn.node.classList.add("unsent");
+    else turn.node.remove();
+    return false;
+  }
   state.chat.messages.push(...messages);
   state.pending = status === "completed" ? kept.filter((i) => i.type === "function_call") : [];
   if (state.pending.length) askForResults(turn);
@@ -716,6 +729,7 @@ async function send() {
   const prompt = $("#prompt");
   const text = prompt.value.trim();
   if (!text || state.controller || !readSettings()) return;
+  document.querySelectorAll(".turn.unsent").forEach((node) => node.remove()); // an earlier failed send's error
   prompt.value = "";
   state.pending = [];
   state.chat.messages.push({ role: "user", content: text });

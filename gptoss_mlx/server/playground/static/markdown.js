@@ -19,7 +19,11 @@ const QUOTE = /^\s{0,3}>\s?(.*)$/;
 const RULE = /^\s{0,3}([-*_])(\s*\1){2,}\s*$/;
 const TABLE_SEP = /^\s*\|?\s*:?-{2,}:?\s*(\|\s*:?-{2,}:?\s*)*\|?\s*$/;
 
-export function renderMarkdown(text) {
+// Quotes nest this deep at most; deeper ">"s stay text (a reply nested 3,000 deep overflowed the
+// stack or crashed the tab, and a saved chat with it broke the page at each reload).
+const MAX_QUOTE_DEPTH = 16;
+
+export function renderMarkdown(text, depth = 0) {
   const out = document.createDocumentFragment();
   const lines = text.split("\n");
   let i = 0;
@@ -38,11 +42,11 @@ export function renderMarkdown(text) {
     } else if (RULE.test(line)) {
       out.append(el("hr"));
       i++;
-    } else if (QUOTE.test(line)) {
+    } else if (QUOTE.test(line) && depth < MAX_QUOTE_DEPTH) {
       const body = [];
       for (; i < lines.length && (m = QUOTE.exec(lines[i])); i++) body.push(m[1]);
       const quote = el("blockquote");
-      quote.append(renderMarkdown(body.join("\n")));
+      quote.append(renderMarkdown(body.join("\n"), depth + 1));
       out.append(quote);
     } else if (BULLET.test(line) || NUMBERED.test(line)) {
       const numbered = !BULLET.test(line);
@@ -62,7 +66,7 @@ export function renderMarkdown(text) {
     } else {
       const para = el("p");
       const body = [];
-      for (; i < lines.length && lines[i].trim() !== "" && !startsBlock(lines, i); i++) body.push(lines[i]);
+      for (; i < lines.length && lines[i].trim() !== "" && !startsBlock(lines, i, depth); i++) body.push(lines[i]);
       body.forEach((part, k) => {
         if (k) para.append(el("br"));
         inline(para, part);
@@ -73,9 +77,9 @@ export function renderMarkdown(text) {
   return out;
 }
 
-function startsBlock(lines, i) {
+function startsBlock(lines, i, depth) {
   const line = lines[i];
-  return FENCE.test(line) || HEADING.test(line) || RULE.test(line) || QUOTE.test(line) ||
+  return FENCE.test(line) || HEADING.test(line) || RULE.test(line) || (QUOTE.test(line) && depth < MAX_QUOTE_DEPTH) ||
     BULLET.test(line) || NUMBERED.test(line) ||
     (line.includes("|") && i + 1 < lines.length && TABLE_SEP.test(lines[i + 1]));
 }
