@@ -85,6 +85,39 @@ def test_arrow_keys_multiline_history_across_sessions_and_ctrl_r(tmp_path):
             read(">>> ")
 
 
+def test_a_questions_answer_is_no_message_for_the_history(tmp_path):
+    """A tester's (helper-142): the y of /save's "Overwrite it? [y/N]" went into the input history,
+    so Up and Ctrl-R brought back "y" and "yes" beside real messages, in later sessions too."""
+    history = tmp_path / "input-history"
+    with create_pipe_input() as keys:
+        read = line_reader(history, keys, DummyOutput())
+        keys.send_text("a message\r")
+        assert read(">>> ") == "a message"
+        keys.send_text("yes\r")
+        assert read("Overwrite it? [y/N] ", remember=False) == "yes"
+    assert "+a message" in history.read_text() and "yes" not in history.read_text()
+
+
+def test_a_quoted_message_is_never_a_command_and_exit_takes_nothing_after_it(tok, store, monkeypatch):
+    """Testers' (helper-142): a triple-quoted '/etc/hosts: what is it?' was run as the command
+    /etc/hosts:, and a quoted /exit quit; '/exit now' quit where '/help me' refuses its words."""
+    chat = scripted_chat(tok, "A hosts file.", "Bye.")
+    status, out = run_chat(monkeypatch, chat, ['"""/etc/hosts: what is it?"""', "/exit now", '"""/exit"""'])
+    assert status == 0 and "/exit takes nothing after it" in out and "unknown command" not in out
+    assert [m.text for m in chat.messages if m.role == "user"] == ["/etc/hosts: what is it?", "/exit"]
+
+
+def test_the_resume_hint_carries_the_options_the_chat_ran_with(tok, store, monkeypatch):
+    """A tester's (helper-142): 'Continue with:' named only --model, so the chat reopened without
+    its tools, and on a machine that needed --no-memory-check it could not load."""
+    chat = scripted_chat(tok, "Four.")
+    status, out = run_chat(monkeypatch, chat, ["2+2?"], ["--model", "my model", "--no-memory-check", "--tools",
+                                                         "python", "--max-context", "4096", "--dense-bits", "8"])
+    hint = next(line for line in out.splitlines() if line.startswith("Continue with:"))
+    assert hint.startswith("Continue with: gptoss-mlx chat --model 'my model' --dense-bits 8 --max-context 4096 "
+                           "--tools python --no-memory-check --resume "), hint
+
+
 def test_unwritable_history_file_still_edits(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

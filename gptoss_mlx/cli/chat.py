@@ -45,7 +45,8 @@ HELP = f"""Commands:
   /help, /exit
 Editing: arrow keys, Ctrl-R searches earlier messages (also from earlier sessions).
 Multi-line input: Alt-Enter (Esc Enter) starts a new line; so does Enter after a line ending
-in \\ or inside triple quotes. Every reply is saved; `gptoss-mlx chat --resume` continues.
+in \\ or inside triple quotes (a message between them is never a command, even one starting
+with /). Every reply is saved; `gptoss-mlx chat --resume` continues.
 Ctrl-C stops the reply (the conversation stays); Ctrl-D or /exit quits."""
 
 
@@ -86,8 +87,7 @@ def cmd_chat(args) -> int:
     try:
         repl = Repl(chat, store, line_reader(store.history_file),
                     show_reasoning=not args.hide_reasoning, toolbox=toolbox)
-        repl.options = "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in
-                               (("--model", args.model), ("--adapter", getattr(args, "adapter", None))) if value)
+        repl.options = resume_options(args)
         if chat_id:
             repl.open(chat_id)
             flags_over_saved(chat, args)
@@ -95,6 +95,20 @@ def cmd_chat(args) -> int:
     finally:
         if toolbox:
             toolbox.close()
+
+
+def resume_options(args) -> str:
+    """The command line's options a resumed chat needs to run as this one did (the model, its
+    adapter, the memory options that let it load, its tools), for the hint that resumes it: the
+    hint left out --no-memory-check and --tools python, and reopened the chat without them."""
+    limit = args.memory_limit
+    pairs = [("--model", args.model), ("--adapter", getattr(args, "adapter", None)),
+             ("--memory-limit", f"{limit / 1e9:g}GB" if limit else None), ("--dense-bits", args.dense_bits),
+             ("--max-context", args.max_context), ("--tools", args.tools),
+             *(("--functions", path) for path in args.functions)]
+    flags = ["--no-memory-check"] if args.no_memory_check else []
+    return "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in pairs if value) + \
+        "".join(f" {flag}" for flag in flags)
 
 
 def answer_resumed(args, question: str, chat_id: str) -> Done | None:
@@ -182,6 +196,11 @@ def glimpse(text: str, lines: int = 6, chars: int = 600) -> str:
     return head + f" … [{len(text) - len(head):,} more characters" + (f", {more:,} more lines]" if more else "]")
 
 
+class Quoted(str):
+    """A message typed between triple quotes: its text as it is, never a command (a quoted
+    '/etc/hosts: what is it?' was run as the command /etc/hosts:, and a quoted /exit quit)."""
+
+
 class Repl:
     """The terminal chat. ``read(prompt) -> str`` reads one message (``input`` works; the
     terminal uses :func:`line_reader`, whose ``read(prompt, default)`` also offers a message the
@@ -202,6 +221,7 @@ class Repl:
         self.unsaved = False  # the chat's last save failed, and no copy holds it
         self.draft = ""  # a message the chat took back: the next prompt starts with it
         self.offers_drafts = "default" in inspect.signature(read).parameters
+        self.asks_apart = "remember" in inspect.signature(read).parameters  # questions kept out of the history
         self.options = ""  # the command line's model (and adapter), for the hint that resumes the chat
 
     def say(self, text: str) -> None:
@@ -242,7 +262,7 @@ class Repl:
                 break
             if not text.strip():
                 continue
-            if text.startswith("/"):
+            if text.startswith("/") and not isinstance(text, Quoted):
                 if self.command(text.strip()) == "exit":
                     break
                 continue
@@ -293,7 +313,7 @@ class Repl:
             lines.append(self.read("... "))
         text = "\n".join(lines)
         if text.strip().startswith('"""'):
-            return text.strip()[3:-3].strip("\n")
+            return Quoted(text.strip()[3:-3].strip("\n"))
         return text
 
     def turn(self, text: str) -> None:
@@ -391,9 +411,9 @@ class Repl:
     def command(self, line: str) -> str | None:
         name, _, arg = line.partition(" ")
         name, arg = name.lower(), arg.strip()
-        if name in ("/exit", "/quit"):
+        if name in ("/exit", "/quit") and not arg:
             return "exit"
-        if arg and name in ("/help", "/reset", "/stats"):
+        if arg and name in ("/help", "/reset", "/stats", "/exit", "/quit"):
             self.say(f"{name} takes nothing after it; /help lists the commands")
         elif name == "/help":
             self.say(HELP)
@@ -506,7 +526,9 @@ class Repl:
             return
         try:
             if path.exists():
-                answer = self.read(f"{path} exists{saved_chat_named(path)}. Overwrite it? [y/N] ")
+                question = f"{path} exists{saved_chat_named(path)}. Overwrite it? [y/N] "
+                # (the answer is no message: it went into the input history, recalled by Up)
+                answer = self.read(question, remember=False) if self.asks_apart else self.read(question)
                 if answer.strip().lower() not in ("y", "yes"):
                     self.say("not saved")
                     return

@@ -99,15 +99,18 @@ def input_history(history_file: Path) -> FileHistory | InMemoryHistory:
 
 def line_reader(history_file: Path, input: Input | None = None,
                 output: Output | None = None) -> Callable[[str], str]:
-    """``read(prompt, default="") -> message``: EOFError on Ctrl-D at an empty prompt,
+    """``read(prompt, default="", remember=True) -> message``: EOFError on Ctrl-D at an empty prompt,
     KeyboardInterrupt on Ctrl-C, like ``input``; ``default`` is the text the line starts with.
     Messages are added to ``history_file`` as they are sent."""
     session = PromptSession(history=input_history(history_file), key_bindings=_keys(),
                             prompt_continuation="... ", input=input, output=output)
-    def read(prompt: str, default: str = "") -> str:
+    questions = PromptSession(key_bindings=_keys(), input=input, output=output)  # answers kept out of the file
+
+    def read(prompt: str, default: str = "", remember: bool = True) -> str:
+        """``remember`` False: an answer to a question (y/N), not a message for the history."""
         typed = "".join(_held) + (take_typeahead() if input is None else "")
         _held.clear()
-        return session.prompt(prompt, default="\n".join(t for t in (default, typed) if t))
+        return (session if remember else questions).prompt(prompt, default="\n".join(t for t in (default, typed) if t))
 
     return read
 
