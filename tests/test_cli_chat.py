@@ -615,6 +615,29 @@ def test_a_call_to_a_tool_the_chat_lacks_gets_an_error_and_the_model_answers(tok
                            "answer without them")
 
 
+def test_a_message_too_long_for_the_screen_is_left_in_the_history_not_at_the_prompt(tok, store, monkeypatch):
+    """A tester's (helper-142): a 277 KB paste too long for the context came back as the prompt's
+    text, 2,000 rows that pushed the error out of sight; Enter sent it again, unseen, and it
+    looked like a dead key. One that leaves too few of the terminal's rows stays in the history."""
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("LINES", "40")
+    chat = Chat(ScriptedModel(answers(tok, "Hm.")), tok, date="2025-08-05", max_context=300, context_overflow="error")
+    offered = []
+
+    def read(prompt, default=""):
+        offered.append(default)
+        if len(offered) <= 2:
+            return ["word " * 2000, "short " * 300][len(offered) - 1]
+        raise EOFError
+
+    out = Terminal()
+    cli_chat.Repl(chat, store, read, out=out).run()
+    text = out.getvalue()
+    assert "[the message is not in the chat: it is in the input history (Up brings it back" in text
+    assert offered[1] == ""  # not at the prompt
+    assert "[the message is not in the chat: it is back at the prompt" in text and offered[2] == "short " * 300
+
+
 def test_a_round_after_a_tool_that_does_not_fit_keeps_the_message_and_says_so(tok, store, monkeypatch):
     """--context-overflow error: the tool ran, then the next round did not fit. The chat said
     "the message is not in the chat: it is back at the prompt" while it held the message, the
@@ -1315,7 +1338,7 @@ def test_ctrl_c_while_a_long_prompt_is_read_says_stopped(tok, store, ctrl_c):
     assert "Four." not in text
 
 
-def test_ctrl_c_before_the_reply_offers_the_message_again_and_the_chat_has_it_once(tok, store, ctrl_c):
+def test_ctrl_c_before_the_reply_offers_the_message_again_and_the_chat_has_it_once(tok, store, ctrl_c, monkeypatch):
     """After Ctrl-C in the prefill the message stayed in the chat without an answer, and the
     next message followed it: two user messages in a row. Nothing of that reply is kept, so the
     chat takes the message back, and the next prompt starts with it, to edit or send again."""
@@ -1327,6 +1350,8 @@ def test_ctrl_c_before_the_reply_offers_the_message_again_and_the_chat_has_it_on
                 reasoning_effort="low", date="2025-08-05")
     long = "word " * 600
     offered = []
+    monkeypatch.setenv("COLUMNS", "120")  # a terminal where it fits, with room left (25 of 60 rows)
+    monkeypatch.setenv("LINES", "60")
 
     def read(prompt, default=""):
         offered.append(default)

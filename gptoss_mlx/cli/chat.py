@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import errno
 import inspect
+import math
 import os
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -196,6 +198,11 @@ def glimpse(text: str, lines: int = 6, chars: int = 600) -> str:
     return head + f" … [{len(text) - len(head):,} more characters" + (f", {more:,} more lines]" if more else "]")
 
 
+# A message the chat took back is offered at the next prompt where it leaves this many of the
+# terminal's rows for what was said above it
+DRAFT_MARGIN_ROWS = 6
+
+
 class Quoted(str):
     """A message typed between triple quotes: its text as it is, never a command (a quoted
     '/etc/hosts: what is it?' was run as the command /etc/hosts:, and a quoted /exit quit)."""
@@ -355,9 +362,15 @@ class Repl:
         self.autosave()
 
     def _offer(self, text: str) -> str:
-        """The next prompt starts with ``text`` (a message the chat took back), where it can."""
+        """The next prompt starts with ``text`` (a message the chat took back), where it can and
+        where it fits on a screen: a longer one (a paste too long for the context) filled the
+        screen as the prompt's text and pushed the error out of sight, and Enter sent it again,
+        unseen; that one is in the input history."""
         if not self.offers_drafts:
             return ""
+        columns, rows = shutil.get_terminal_size()
+        if sum(max(1, math.ceil(len(line) / columns)) for line in text.split("\n")) > rows - DRAFT_MARGIN_ROWS:
+            return ": it is in the input history (Up brings it back, to edit or send again)"
         self.draft = text
         return ": it is back at the prompt, to edit or send again"
 
