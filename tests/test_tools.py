@@ -191,6 +191,11 @@ def test_load_functions_from_a_file(tmp_path):
     ('def f(a: "Undefined"):\n    pass\n', "f: NameError"),
     ("import sys\nsys.exit(3)\n", "calls sys.exit(3) while it is imported"),
     ("TOOLS = [5]\n", "5: "),
+    # a tester's (helper-144): each was a traceback
+    ("class E(Exception):\n    def __str__(self):\n        raise RuntimeError('nope')\nraise E()\n",
+     "E: (its message could not be read)"),
+    ("class E(BaseException):\n    pass\nraise E('boom')\n", "E: boom"),
+    ("def f(x: tuple[int, str]):\n    pass\n", "f: no JSON Schema for the type hint tuple[int, str] (items of different types)"),
 ])
 def test_a_bad_functions_file_is_one_error_naming_it(tmp_path, source, message):
     path = tmp_path / "tools.py"
@@ -198,6 +203,46 @@ def test_a_bad_functions_file_is_one_error_naming_it(tmp_path, source, message):
     with pytest.raises(ToolError) as e:
         load_functions(path)
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+class Color(Enum):  # (at module level: the functions' hints are strings, resolved in their globals)
+    RED = "red"
+
+
+def test_arguments_become_the_hinted_types_and_their_bounds_are_checked():
+    """A tester's (helper-144): `Color | int` took a valid 3 as Color(3) and the model was told the
+    function failed; tuple and set hints received lists (tuple[int, str]'s schema said integers);
+    list[Color] received strings; an inf default made the schema unreadable; and a raw schema's
+    minimum, maxLength, pattern, const or maxItems were not checked where a call came without the
+    decoding grammar (true passed an enum of [1])."""
+    def ce(x: Color | int) -> str:
+        return repr(x)
+
+    def kinds(pair: tuple[int, int], many: tuple[str, ...], unique: set[str], colors: list[Color] | None = None,
+              limit: float = float("inf")) -> str:
+        return repr((pair, many, sorted(unique), type(unique).__name__, colors, limit))
+
+    tools = Toolbox(functions=[FunctionTool.from_callable(f) for f in (ce, kinds)])
+    run = lambda name, args: tools.execute(ToolCall(f"functions.{name}", json.dumps(args))).content
+    assert run("ce", {"x": 3}) == "3" and run("ce", {"x": "red"}) == "<Color.RED: 'red'>"
+    assert run("kinds", {"pair": [1, 2], "many": ["a"], "unique": ["b", "b"], "colors": ["red"]}) == (
+        "((1, 2), ('a',), ['b'], 'set', [<Color.RED: 'red'>], inf)")
+    assert run("kinds", {"pair": [1], "many": [], "unique": []}) == (
+        "Error: arguments.pair must have exactly 2 items, got 1")
+    assert "default" not in FunctionTool.from_callable(kinds).parameters["properties"]["limit"]
+    schema = {"type": "object", "properties": {
+        "n": {"type": "integer", "minimum": 5}, "s": {"type": "string", "maxLength": 2, "pattern": "^a"},
+        "c": {"const": "a"}, "l": {"type": "array", "maxItems": 1}, "e": {"enum": [1]}}}
+    raw = Toolbox(functions=[FunctionTool.from_schema("raw", "", schema, lambda **kw: "ran")])
+    call = lambda args: raw.execute(ToolCall("functions.raw", json.dumps(args))).content
+    assert call({"n": 5, "s": "ab", "c": "a", "l": [1], "e": 1}) == "ran"
+    for args, says in (({"n": 1}, "arguments.n must be >= 5, got 1"),
+                       ({"s": "abc"}, "arguments.s must have at most 2 characters, got 3"),
+                       ({"s": "ba"}, "arguments.s must match the pattern '^a'"),
+                       ({"c": "b"}, 'arguments.c must be "a", got "b"'),
+                       ({"l": [1, 2]}, "arguments.l must have at most 1 items, got 2"),
+                       ({"e": True}, "arguments.e must be one of [1], got true")):
+        assert call(args) == f"Error: {says}" or call(args).startswith(f"Error: {says}"), (args, call(args))
 
 
 @pytest.mark.parametrize("name", ["tools.txt", "tools", "tools.json"])

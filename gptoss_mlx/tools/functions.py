@@ -22,6 +22,7 @@ import importlib.machinery
 import importlib.util
 import inspect
 import json
+import math
 import re
 import sys
 import types
@@ -56,7 +57,12 @@ def json_schema(hint) -> dict:
         options = [json_schema(a) for a in args if a is not type(None)]
         schema = options[0] if len(options) == 1 else {"oneOf": options}
         return {**schema, "nullable": True} if type(None) in args else schema
-    if origin in (list, tuple, set):
+    if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[int, int]: so many of one type
+        if len(set(args)) > 1:
+            raise TypeError(f"no JSON Schema for the type hint {hint!r} (items of different types): "
+                            "give list[...] or tuple[X, ...]")
+        return {"type": "array", "items": json_schema(args[0]), "minItems": len(args), "maxItems": len(args)}
+    if origin in (list, tuple, set, frozenset):
         return {"type": "array", **({"items": json_schema(args[0])} if args else {})}
     if origin is dict or hint is dict:
         return {"type": "object"}
@@ -77,25 +83,46 @@ def _types_of(values) -> str | list[str]:
     return kinds[0] if len(kinds) == 1 else kinds
 
 
-def _enum_of(hint) -> type[enum.Enum] | None:
-    """The Enum a parameter's hint names (``Color``, ``Color | None``), if any."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    found = [a for a in options if isinstance(a, type) and issubclass(a, enum.Enum)]
-    return found[0] if len(found) == 1 else None
+def _converter(hint) -> Callable[[Any], Any] | None:
+    """What makes a JSON value the hint's type, where JSON has none of it: an Enum's value its
+    member (in a union, only a value that is one: `Color | int` took 3 as Color(3) and failed),
+    an array a tuple or a set, and their items likewise (``list[Color]``); None where the value
+    is already it."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        def member(v):
+            if isinstance(v, (hint, bool)):  # (True == 1: an IntEnum's 1 is no answer to a bool)
+                return v
+            try:
+                return hint(v)
+            except (ValueError, TypeError):  # another option of a union's
+                return v
+        return member
+    if origin in (typing.Union, types.UnionType):
+        inner = [c for a in args if (c := _converter(a)) is not None]
+        return inner[0] if len(inner) == 1 else None
+    if origin in (list, tuple, set, frozenset):
+        item = _converter(args[0]) if args and args[0] is not Ellipsis else None
+        make = list if origin is list else origin
+        if item is None and origin is list:
+            return None
+        return lambda v: make(item(x) if item else x for x in v) if isinstance(v, list) else v
+    return None
 
 
 def _caller(fn: Callable, signature: inspect.Signature, hints: dict) -> Callable[..., Any]:
     """``fn`` called with the model's arguments as keywords: positional-only parameters passed
-    by position, and an Enum parameter's value as its member (as its default is)."""
-    enums = {p.name: e for p in signature.parameters.values() if (e := _enum_of(hints.get(p.name))) is not None}
+    by position, and each value as its hint's type where JSON has none of it (_converter: an
+    Enum's member, as its default is; a tuple; a set)."""
+    converters = {p.name: c for p in signature.parameters.values() if (c := _converter(hints.get(p.name))) is not None}
     positional = [p.name for p in signature.parameters.values() if p.kind == p.POSITIONAL_ONLY]
-    if not enums and not positional:
+    if not converters and not positional:
         return fn
 
     def call(**args):
-        for name, kind in enums.items():
-            if args.get(name) is not None and not isinstance(args[name], kind):
-                args[name] = kind(args[name])
+        for name, convert in converters.items():
+            if args.get(name) is not None:
+                args[name] = convert(args[name])
         first = []
         for name in positional:
             if name not in args:
@@ -146,7 +173,8 @@ class FunctionTool:
                 schema["description"] = param_docs[p.name]
             if p.default is inspect.Parameter.empty:
                 required.append(p.name)
-            elif p.default is not None and isinstance(p.default, (str, int, float, bool)):
+            elif p.default is not None and isinstance(p.default, (str, int, float, bool)) and (
+                    not isinstance(p.default, float) or math.isfinite(p.default)):  # (inf: no JSON)
                 schema["default"] = p.default.value if isinstance(p.default, enum.Enum) else p.default
             properties[p.name] = schema
         parameters = {"type": "object", "properties": properties}
@@ -208,8 +236,14 @@ _CHECKS = {"string": lambda v: isinstance(v, str), "boolean": lambda v: isinstan
 
 
 def validate(value, schema: dict, path: str = "arguments") -> None:
-    """The JSON Schema subset tools use: type (or a list of types), enum, properties, required,
-    additionalProperties: false, items, oneOf/anyOf, nullable. Raises ToolError."""
+    """The JSON Schema subset tools use: type (or a list of types), enum, const, properties,
+    required, additionalProperties: false, items, oneOf/anyOf, nullable, and the bounds (minimum,
+    maximum and their exclusive forms, multipleOf, minLength, maxLength, pattern, minItems,
+    maxItems). Raises ToolError. (The bounds were taken unchecked: a call made without the
+    decoding grammar, by a library caller or in a saved chat, reached the function with 1 for a
+    minimum of 5.)"""
+    if not isinstance(schema, dict):
+        raise ToolError(f"{path}: the tool's schema for it is not a JSON Schema object: {json.dumps(schema)[:80]}")
     if value is None and schema.get("nullable"):
         return
     for key in ("oneOf", "anyOf"):
@@ -226,8 +260,11 @@ def validate(value, schema: dict, path: str = "arguments") -> None:
     kinds = kind if isinstance(kind, list) else [kind] if kind else []
     if kinds and not any(_CHECKS.get(k, lambda v: True)(value) for k in kinds):
         raise ToolError(f"{path} must be of type {' or '.join(kinds)}, got {json.dumps(value)}")
-    if "enum" in schema and value not in schema["enum"]:
+    if "enum" in schema and not any(_same(value, option) for option in schema["enum"]):
         raise ToolError(f"{path} must be one of {json.dumps(schema['enum'])}, got {json.dumps(value)}")
+    if "const" in schema and not _same(value, schema["const"]):
+        raise ToolError(f"{path} must be {json.dumps(schema['const'])}, got {json.dumps(value)}")
+    _check_bounds(value, schema, path)
     if isinstance(value, dict):
         props = schema.get("properties", {})
         missing = [k for k in schema.get("required", []) if k not in value]
@@ -241,6 +278,52 @@ def validate(value, schema: dict, path: str = "arguments") -> None:
     if isinstance(value, list) and "items" in schema:
         for i, v in enumerate(value):
             validate(v, schema["items"], f"{path}[{i}]")
+
+
+def _same(a, b) -> bool:
+    """JSON's equality: true is not 1 (Python's True == 1 let it through an enum of [1])."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _check_bounds(value, schema: dict, path: str) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    bounds = (("minimum", lambda v, b: v >= b, ">="), ("maximum", lambda v, b: v <= b, "<="),
+              ("exclusiveMinimum", lambda v, b: v > b, ">"), ("exclusiveMaximum", lambda v, b: v < b, "<"))
+    for key, holds, said in bounds if number else ():
+        bound = schema.get(key)
+        if isinstance(bound, (int, float)) and not isinstance(bound, bool) and not holds(value, bound):
+            raise ToolError(f"{path} must be {said} {bound}, got {json.dumps(value)}")
+    step = schema.get("multipleOf")
+    if number and isinstance(step, (int, float)) and step > 0 and math.isfinite(value):
+        if abs(value / step - round(value / step)) > 1e-9:  # (0.3 of 0.1 is 2.9999999999999996 of them)
+            raise ToolError(f"{path} must be a multiple of {step}, got {json.dumps(value)}")
+    sizes = (("minLength", "maxLength", "characters") if isinstance(value, str) else
+             ("minItems", "maxItems", "items") if isinstance(value, list) else None)
+    if sizes:
+        low, high = schema.get(sizes[0]), schema.get(sizes[1])
+        if isinstance(low, int) and len(value) < low or isinstance(high, int) and len(value) > high:
+            raise ToolError(f"{path} must have {_range(low, high)} {sizes[2]}, got {len(value)}")
+    if isinstance(value, str) and isinstance(schema.get("pattern"), str):
+        try:
+            matches = re.search(schema["pattern"], value) is not None
+        except re.error:  # (a pattern Python reads otherwise than JSON Schema's: left to the grammar)
+            matches = True
+        if not matches:
+            raise ToolError(f"{path} must match the pattern {schema['pattern']!r}, got {json.dumps(value)[:200]}")
+
+
+def _range(low, high) -> str:
+    if isinstance(low, int) and low == high:
+        return f"exactly {low}"
+    if isinstance(low, int) and isinstance(high, int):
+        return f"from {low} to {high}"
+    return f"at least {low}" if isinstance(low, int) else f"at most {high}"
 
 
 def load_functions(path: str | Path) -> list[FunctionTool]:
@@ -262,9 +345,12 @@ def load_functions(path: str | Path) -> list[FunctionTool]:
     except SystemExit as e:
         sys.modules.pop(name, None)
         raise ToolError(f"{path}: calls sys.exit({e.code!r}) while it is imported") from None
-    except Exception as e:  # noqa: BLE001
+    except KeyboardInterrupt:  # Ctrl-C while it is imported: the user's
         sys.modules.pop(name, None)
-        raise ToolError(f"{path}: {type(e).__name__}: {e}") from None
+        raise
+    except BaseException as e:  # noqa: BLE001 - its own exception classes too, and one whose str() fails
+        sys.modules.pop(name, None)
+        raise ToolError(f"{path}: {type(e).__name__}: {error_text(e)}") from None
     items = getattr(module, "TOOLS", None)
     if items is None:
         items = [f for name, f in vars(module).items()
@@ -276,7 +362,7 @@ def load_functions(path: str | Path) -> list[FunctionTool]:
         try:
             tools.append(item if isinstance(item, FunctionTool) else FunctionTool.from_callable(item))
         except Exception as e:  # noqa: BLE001  — type hints are the file's code, evaluated here
-            why = str(e) if isinstance(e, TypeError) else f"{type(e).__name__}: {e}"
+            why = error_text(e) if isinstance(e, TypeError) else f"{type(e).__name__}: {error_text(e)}"
             raise ToolError(f"{path}: {getattr(item, '__name__', repr(item))}: {why}") from None
     if not tools:
         raise ToolError(f"{path}: defines no functions")
