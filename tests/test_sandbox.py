@@ -223,6 +223,17 @@ def test_a_cell_runs_as_in_a_notebook_whatever_it_does_to_its_output(os_sandbox)
         assert box.run("input()").endswith("EOFError: EOF when reading a line\n")
         assert box.run("class E(Exception):\n    def __str__(self): raise RuntimeError\nraise E()").endswith("\n")
         assert box.run("x") == "41\n"
+        # the worker's own descriptor, found and closed or replaced (the re-attack's, helper-141):
+        # a host traceback, or every later cell '[no output]'
+        hijack = "import os\nfor fd in range(3, 20):\n    try:\n        {}\n    except OSError:\n        pass"
+        said = box.run(hijack.format("os.dup2(os.open('/dev/null', os.O_WRONLY), fd) if fd != 3 else None"))
+        assert "Traceback" not in said and said.endswith(f"[the code closed or replaced the descriptor its output goes "
+                                                         f"through: what it printed after that is lost; the session was "
+                                                         f"restarted and {box.lost}]") or "descriptors the tool talks" in said, said
+        assert box.run("print('next'); 1/0").endswith("ZeroDivisionError: division by zero\n")
+        said = box.run(hijack.format("os.close(fd)"))
+        assert "Traceback" not in said and "the code closed the descriptors the tool talks to it through" in said, said
+        assert box.run("print('again')") == "again\n"
 
 
 def test_a_session_ended_after_its_cell_returned_is_said_in_the_next_cell(os_sandbox, monkeypatch):

@@ -57,7 +57,17 @@ def _write_all(fd: int, data: bytes) -> None:
         data = data[os.write(fd, data):]
 
 
+CHANNELS_CLOSED = 86  # the exit status where the code closed the request or reply channel (python_tool.py)
 OUTPUT = 1  # the output pipe; main() gives Python's output a descriptor of its own
+OUTPUT_ID = None  # (device, inode) of that pipe: a cell may close or replace the descriptor
+
+
+def _output_intact() -> bool:
+    try:
+        st = os.fstat(OUTPUT)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == OUTPUT_ID
 
 
 class _CappedText(io.TextIOBase):
@@ -70,6 +80,7 @@ class _CappedText(io.TextIOBase):
 
     def __init__(self):
         self.kept, self.dropped = 0, 0
+        self.lost = False  # a write failed: the code closed the descriptor (what follows is lost too)
         self.buffer = _Bytes(self)
 
     def writable(self):
@@ -77,9 +88,12 @@ class _CappedText(io.TextIOBase):
 
     def write(self, s):
         room = MAX_OUTPUT + 1 - self.kept
-        if room > 0:
+        if room > 0 and not self.lost:
             self.kept += min(room, len(s))
-            _write_all(OUTPUT, s[:room].encode("utf-8", "replace"))  # (a lone surrogate: "?")
+            try:
+                _write_all(OUTPUT, s[:room].encode("utf-8", "replace"))  # (a lone surrogate: "?")
+            except OSError:
+                self.lost = True
         self.dropped += max(0, len(s) - max(room, 0))
         return len(s)
 
@@ -99,7 +113,7 @@ class _Bytes(io.RawIOBase):
         return len(b)
 
 
-def _run(code: str, namespace: dict) -> tuple[int, bool]:
+def _run(code: str, namespace: dict) -> tuple[int, bool, bool]:
     buffer = _CappedText()
     sys.stdout = sys.stderr = buffer
     sys.stdin = io.StringIO()  # (exit() closes it: input() then raised ValueError, not EOFError)
@@ -123,7 +137,7 @@ def _run(code: str, namespace: dict) -> tuple[int, bool]:
         buffer.write(text + "\n")
     finally:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-    return buffer.dropped, ok
+    return buffer.dropped, ok, buffer.lost or not _output_intact()
 
 
 def _unbuffer_c_stdout():
@@ -152,8 +166,10 @@ def main():
     reply = os.fdopen(os.dup(1), "w", encoding="utf-8")  # not inherited, not descriptor 1
     requests = os.fdopen(os.dup(0), "r", encoding="utf-8")  # likewise, not descriptor 0
     os.dup2(2, 1)  # native code writing to descriptor 1 cannot reach the reply channel
-    global OUTPUT
+    global OUTPUT, OUTPUT_ID
     OUTPUT = os.dup(2)  # Python's output, whatever the code does to descriptors 1 and 2 (a notebook's)
+    st = os.fstat(OUTPUT)
+    OUTPUT_ID = (st.st_dev, st.st_ino)
     nothing = os.open(os.devnull, os.O_RDONLY)
     os.dup2(nothing, 0)  # ... nor reading descriptor 0 take the next request (it reads nothing)
     os.close(nothing)
@@ -170,11 +186,14 @@ def main():
     cells = types.ModuleType("__main__")
     sys.modules["__main__"] = cells
     namespace = cells.__dict__
-    for line in requests:
-        request = json.loads(line)
-        dropped, ok = _run(request["code"], namespace)
-        reply.write(json.dumps({"id": request["id"], "ok": ok, "dropped": dropped}) + "\n")
-        reply.flush()
+    try:
+        for line in requests:
+            request = json.loads(line)
+            dropped, ok, lost = _run(request["code"], namespace)
+            reply.write(json.dumps({"id": request["id"], "ok": ok, "dropped": dropped, "lost": lost}) + "\n")
+            reply.flush()
+    except (OSError, ValueError):  # the code closed the request or reply channel: no traceback of ours
+        os._exit(CHANNELS_CLOSED)
     os._exit(0)  # the parent is gone: end now, whatever threads the code left running
 
 

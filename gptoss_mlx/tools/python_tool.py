@@ -48,6 +48,7 @@ INTERRUPTED_NOTE = "[stopped by the user before it finished]"
 EXTRA_REPLY_NOTE = ("[the previous cell wrote extra data to the tool's reply channel; the "
                     "session was restarted and {lost}]\n")  # lost: PythonSandbox.lost
 STARTUP_S = 20.0  # for the sandbox and the interpreter to come up
+CHANNELS_CLOSED = 86  # the worker's exit status where the code closed its request or reply channel
 IDLE_CPU_S = 0.2  # CPU seconds a session may use between cells before it is restarted
 CONTINUE_S = 5.0  # for a session continued between cells to answer an empty cell
 STOP_TRIES = 50  # SIGSTOPs sent (2 ms apart) until every thread of a session between cells is stopped
@@ -77,6 +78,8 @@ def _ended_how(status: int) -> str:
     its number, sandbox-exec as minus it): every end was "out of memory, over its CPU-time
     limit, or killed", an exit status of 3 and a segfault too (a tester's)."""
     number = -status if status < 0 else status - 128 if 128 < status < 128 + 65 else None
+    if status == CHANNELS_CLOSED:
+        return "the code closed the descriptors the tool talks to it through"
     if number is None:
         return f"exit status {status}"
     try:
@@ -325,6 +328,12 @@ class PythonSandbox:
                        "wrote to the tool's reply channel?)")
             return note + printed + f"[{why}{lost}]"
         printed = self._take_output(dropped)
+        if reply.get("lost") is True:  # the code closed or replaced the worker's own output descriptor
+            self._kill()
+            lost = f"; the session was restarted and {self.lost}" if self.stateful else ""
+            return note + printed + ("\n" if printed and not printed.endswith("\n") else "") + (
+                f"[the code closed or replaced the descriptor its output goes through: what it printed after that "
+                f"is lost{lost}]")
         if self.stateful:
             self._idle_cpu, self._last_id = self._sandbox_cpu(), request_id
             # Stopped until the next cell: a thread the code left running makes no files, uses
