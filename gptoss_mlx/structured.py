@@ -503,8 +503,9 @@ def _reworded(reason: str) -> str:
     # the regex crate's error, a pattern and a line of carets under the part it refuses: one line
     found = re.match(r"regex parse error:\n {4}(.*)\n( *)(\^+)\nerror: (.*)$", reason, flags=re.S)
     if found and "\n" not in found[1]:
+        # (the crate shows a tab or a line break in the pattern otherwise than it is: no position)
         pattern, at, part, why = found[1], len(found[2]) - 4, found[3], found[4].strip()
-        reason = f"its pattern {pattern!r:.200}: {why} (at {pattern[at:at + len(part)]!r:.80}, character {at + 1})"
+        reason = f"its pattern {pattern!r:.200}: {why} (at {pattern[at:at + len(part)]!r:.80})"
     return re.sub(r"^Value for 'multipleOf' has too many digits: \d+$",
                   "'multipleOf' has more significant digits than the constraint can enforce", reason, flags=re.S)
 
