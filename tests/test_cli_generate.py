@@ -278,3 +278,23 @@ def test_help_and_version_into_a_full_disk_fail_saying_so(args):
     assert (proc.returncode, proc.stderr) == (1, "gptoss-mlx: error: cannot write the output: No space left on device\n")
     ok = subprocess.run([sys.executable, "-m", "gptoss_mlx", *args.split()], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and ok.stdout and not ok.stderr
+
+
+def test_ctrl_c_while_the_command_loads_ends_it_without_a_traceback(monkeypatch, capsys):
+    """Testers' (helper-132, helper-142): Ctrl-C in the first second (MLX, the model and Textual
+    being imported) printed a traceback of the imports. The package loads none of them itself;
+    the entry point imports the commands and ends on Ctrl-C with 130, as later."""
+    import types
+
+    from gptoss_mlx import launch
+
+    proc = subprocess.run([sys.executable, "-c", "import sys, gptoss_mlx; assert 'mlx' not in sys.modules; "
+                           "from gptoss_mlx import load; assert 'mlx' in sys.modules"], capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+    class Loading(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt  # as a Ctrl-C lands while the commands are imported
+    monkeypatch.setitem(sys.modules, "gptoss_mlx.cli", Loading("gptoss_mlx.cli"))
+    assert launch.main() == 130
+    assert capsys.readouterr().err == "\n"
