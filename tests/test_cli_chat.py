@@ -116,6 +116,29 @@ def test_the_resume_hint_carries_the_options_the_chat_ran_with(tok, store, monke
     hint = next(line for line in out.splitlines() if line.startswith("Continue with:"))
     assert hint.startswith("Continue with: gptoss-mlx chat --model 'my model' --dense-bits 8 --max-context 4096 "
                            "--tools python --no-memory-check --resume "), hint
+    # (the re-attack's: --memory-limit, kept as typed, was divided as a number: a TypeError at start)
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "Four."), ["2+2?"], ["--memory-limit", "10.5GB"])
+    assert status == 0 and "gptoss-mlx chat --memory-limit 10.5GB --resume " in out, out
+
+
+def test_a_quoted_message_taken_back_is_still_no_command_when_sent_again(tok, store, monkeypatch):
+    """The re-attack's (helper-145): a quoted '/exit' the chat took back (too long for the context)
+    came back at the prompt unquoted, and Enter on it quit the chat."""
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("LINES", "60")
+    chat = Chat(ScriptedModel(answers(tok, "Hm.")), tok, date="2025-08-05", max_context=300, context_overflow="error")
+    offered = []
+
+    def read(prompt, default=""):
+        offered.append(default)
+        if len(offered) == 1:
+            return '"""/exit ' + "word " * 300 + '"""'
+        if len(offered) == 2:
+            return default  # Enter on the message offered again
+        raise EOFError
+
+    cli_chat.Repl(chat, store, read, out=Terminal()).run()
+    assert len(offered) == 3 and offered[1] == '"""/exit ' + "word " * 300 + '"""'
 
 
 def test_unwritable_history_file_still_edits(tmp_path):

@@ -114,7 +114,7 @@ def test_ctrl_c_during_the_reply_keeps_what_was_made_and_says_so(tok, monkeypatc
         for event in real(*args):
             yield event
             if isinstance(event, AnswerDelta):
-                if stop == "sigterm":
+                if stop.startswith("sigterm"):
                     os.kill(os.getpid(), signal.SIGTERM)
                     time.sleep(5)  # (the handler's exception lands here)
                 raise KeyboardInterrupt  # as a Ctrl-C lands while the reply streams
@@ -298,3 +298,21 @@ def test_ctrl_c_while_the_command_loads_ends_it_without_a_traceback(monkeypatch,
     monkeypatch.setitem(sys.modules, "gptoss_mlx.cli", Loading("gptoss_mlx.cli"))
     assert launch.main() == 130
     assert capsys.readouterr().err == "\n"
+
+
+def test_a_second_sigterm_while_the_first_stops_the_reply_does_not_lose_it():
+    """The re-attack's (helper-145): two SIGTERMs a millisecond apart: the second landed while the
+    first's stop was handled, and what was made was never printed. The first stops the reply; the
+    rest wait for it to end."""
+    import os
+    import signal
+    import time
+
+    from gptoss_mlx.cli import common
+
+    with common.sigterm_as_ctrl_c():
+        with pytest.raises(common.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        os.kill(os.getpid(), signal.SIGTERM)  # while the first is handled: no second exception
+        time.sleep(0.05)

@@ -696,7 +696,8 @@ def test_chat_endpoints_validate_ids_bodies_and_keys(tok, tmp_path):
             assert code == 400 and message in data["error"]["message"], data
         # one line, no control characters, counted once its blank space is gone (helper-143)
         for title, says in (("a\nb", "'title' must be one line without control characters, got '\\n'"),
-                            ("a\x00b", "got '\\x00'"), ("x" * 201, "'title' is 201 characters")):
+                            ("a\x00b", "got '\\x00'"), ("x" * 201, "'title' is 201 characters"),
+                            ("a\u2028b", "got '\\u2028'")):
             for method, path, body in (("PUT", f"/v1/playground/chats/{made['id']}", {**good, "title": title}),
                                        ("PATCH", f"/v1/playground/chats/{made['id']}", {"title": title}),
                                        ("POST", "/v1/playground/chats", {**good, "title": title})):

@@ -234,6 +234,9 @@ def test_a_cell_runs_as_in_a_notebook_whatever_it_does_to_its_output(os_sandbox)
         said = box.run(hijack.format("os.close(fd)"))
         assert "Traceback" not in said and "the code closed the descriptors the tool talks to it through" in said, said
         assert box.run("print('again')") == "again\n"
+        box.run("import os; os.close(4)")  # the request channel alone (descriptor 4): the worker ends after the cell
+        assert box.run("print('next')").startswith("[the previous cell closed the descriptors the tool talks to "
+                                                   "the session through; it was restarted")
 
 
 def test_a_session_ended_after_its_cell_returned_is_said_in_the_next_cell(os_sandbox, monkeypatch):

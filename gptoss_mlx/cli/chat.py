@@ -103,9 +103,8 @@ def resume_options(args) -> str:
     """The command line's options a resumed chat needs to run as this one did (the model, its
     adapter, the memory options that let it load, its tools), for the hint that resumes it: the
     hint left out --no-memory-check and --tools python, and reopened the chat without them."""
-    limit = args.memory_limit
     pairs = [("--model", args.model), ("--adapter", getattr(args, "adapter", None)),
-             ("--memory-limit", f"{limit / 1e9:g}GB" if limit else None), ("--dense-bits", args.dense_bits),
+             ("--memory-limit", args.memory_limit), ("--dense-bits", args.dense_bits),  # (as typed)
              ("--max-context", args.max_context), ("--tools", args.tools),
              *(("--functions", path) for path in args.functions)]
     flags = ["--no-memory-check"] if args.no_memory_check else []
@@ -371,7 +370,7 @@ class Repl:
         columns, rows = shutil.get_terminal_size()
         if sum(max(1, math.ceil(len(line) / columns)) for line in text.split("\n")) > rows - DRAFT_MARGIN_ROWS:
             return ": it is in the input history (Up brings it back, to edit or send again)"
-        self.draft = text
+        self.draft = f'"""{text}"""' if isinstance(text, Quoted) else text  # (still no command when sent again)
         return ": it is back at the prompt, to edit or send again"
 
     def autosave(self) -> bool:

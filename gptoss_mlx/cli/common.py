@@ -118,8 +118,12 @@ def sigterm_as_ctrl_c():
         yield
         return
 
-    def terminated(signum, frame) -> NoReturn:
-        raise Terminated
+    seen = []
+
+    def terminated(signum, frame) -> None:
+        if not seen:  # (a second one, while the first stops the reply, lost what was made)
+            seen.append(signum)
+            raise Terminated
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
         yield

@@ -98,15 +98,24 @@ def _converter(hint) -> Callable[[Any], Any] | None:
             except (ValueError, TypeError):  # another option of a union's
                 return v
         return member
-    if origin in (typing.Union, types.UnionType):
+    if origin in (typing.Union, types.UnionType):  # each option's in turn, the first that takes it
         inner = [c for a in args if (c := _converter(a)) is not None]
-        return inner[0] if len(inner) == 1 else None
+        if not inner:
+            return None
+
+        def first_that_takes(v):
+            for convert in inner:
+                made = convert(v)
+                if made is not v:
+                    return made
+            return v
+        return first_that_takes
     if origin in (list, tuple, set, frozenset):
         item = _converter(args[0]) if args and args[0] is not Ellipsis else None
         make = list if origin is list else origin
         if item is None and origin is list:
             return None
-        return lambda v: make(item(x) if item else x for x in v) if isinstance(v, list) else v
+        return lambda v: make(item(x) if item else x for x in v) if isinstance(v, list) else v  # (v: not taken)
     return None
 
 
@@ -300,9 +309,8 @@ def _check_bounds(value, schema: dict, path: str) -> None:
         if isinstance(bound, (int, float)) and not isinstance(bound, bool) and not holds(value, bound):
             raise ToolError(f"{path} must be {said} {bound}, got {json.dumps(value)}")
     step = schema.get("multipleOf")
-    if number and isinstance(step, (int, float)) and step > 0 and math.isfinite(value):
-        if abs(value / step - round(value / step)) > 1e-9:  # (0.3 of 0.1 is 2.9999999999999996 of them)
-            raise ToolError(f"{path} must be a multiple of {step}, got {json.dumps(value)}")
+    if number and isinstance(step, (int, float)) and not isinstance(step, bool) and step > 0 and not _multiple(value, step):
+        raise ToolError(f"{path} must be a multiple of {step}, got {json.dumps(value)[:100]}")
     sizes = (("minLength", "maxLength", "characters") if isinstance(value, str) else
              ("minItems", "maxItems", "items") if isinstance(value, list) else None)
     if sizes:
@@ -316,6 +324,18 @@ def _check_bounds(value, schema: dict, path: str) -> None:
             matches = True
         if not matches:
             raise ToolError(f"{path} must match the pattern {schema['pattern']!r}, got {json.dumps(value)[:200]}")
+
+
+def _multiple(value, step) -> bool:
+    """Whether ``value`` is a multiple of ``step``: exactly for integers (10**400 overflowed a
+    float), within float64's rounding otherwise (0.3 of 0.1 is 2.9999999999999996 of them)."""
+    if isinstance(value, int) and isinstance(step, int):
+        return value % step == 0
+    try:
+        quotient = value / step
+        return math.isfinite(quotient) and abs(quotient - round(quotient)) <= 1e-9 * max(1.0, abs(quotient))
+    except OverflowError:
+        return False
 
 
 def _range(low, high) -> str:

@@ -49,6 +49,7 @@ EXTRA_REPLY_NOTE = ("[the previous cell wrote extra data to the tool's reply cha
                     "session was restarted and {lost}]\n")  # lost: PythonSandbox.lost
 STARTUP_S = 20.0  # for the sandbox and the interpreter to come up
 CHANNELS_CLOSED = 86  # the worker's exit status where the code closed its request or reply channel
+CLOSED_NOTE = "the previous cell closed the descriptors the tool talks to the session through"
 IDLE_CPU_S = 0.2  # CPU seconds a session may use between cells before it is restarted
 CONTINUE_S = 5.0  # for a session continued between cells to answer an empty cell
 STOP_TRIES = 50  # SIGSTOPs sent (2 ms apart) until every thread of a session between cells is stopped
@@ -170,6 +171,7 @@ class PythonSandbox:
         self._cancelled = False  # cancel(): nothing runs any more
         self._interrupted = False  # interrupt(): the cell under way is stopped
         self._lost_note = ""  # for the next cell: the session was ended after the last one
+        self._ended: int | None = None  # the last session's exit status, where it ended by itself
 
     @property
     def description(self) -> str:
@@ -266,7 +268,8 @@ class PythonSandbox:
             try:
                 if self._proc is None or self._proc.poll() is not None:
                     if had_session:  # it ended between cells, or as it was continued
-                        note += f"[the previous session ended between cells; it was restarted and {self.lost}]\n"
+                        why = CLOSED_NOTE if self._ended == CHANNELS_CLOSED else "the previous session ended between cells"
+                        note += f"[{why}; it was restarted and {self.lost}]\n"
                         had_session = False
                     self._start()
             except (OSError, RuntimeError) as e:
@@ -340,8 +343,9 @@ class PythonSandbox:
             # no CPU and reaches no network meanwhile, where no cell's limits are watched.
             if not self._stop_all():
                 self._kill()
-                self._lost_note = ("[the previous session could not be paused after its cell; it "
-                                   f"was restarted and {self.lost}]\n")
+                why = (CLOSED_NOTE if self._ended == CHANNELS_CLOSED
+                       else "the previous session could not be paused after its cell")
+                self._lost_note = f"[{why}; it was restarted and {self.lost}]\n"
         else:
             self._kill()
         return note + (printed or "[no output]")
@@ -577,7 +581,9 @@ class PythonSandbox:
         out, self._out = self._out, None
         if out is not None:
             os.close(out)
+        self._ended = None
         if proc is not None:
+            self._ended = proc.poll()  # how it ended by itself, if it had (None: killed here)
             try:
                 os.killpg(proc.pid, 9)
             except (ProcessLookupError, PermissionError):

@@ -58,7 +58,7 @@ def checked_title(title: str) -> str:
         raise bad_request("'title' must not be empty", "title")
     if len(title) > MAX_TITLE_CHARS:
         raise bad_request(f"'title' is {len(title)} characters: at most {MAX_TITLE_CHARS}", "title")
-    control = next((c for c in title if unicodedata.category(c) == "Cc"), None)
+    control = next((c for c in title if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
     if control is not None:
         raise bad_request(f"'title' must be one line without control characters, got {control!r} in it", "title")
     return title

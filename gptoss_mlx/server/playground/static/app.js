@@ -59,6 +59,13 @@ function askForKey(why = "") {
 
 // A message about the page itself (a chat that cannot be opened, the server gone), apart from
 // the conversation on screen.
+// A copy's title: the chat's, as the server takes titles (one line, no control characters,
+// 200 characters at most, counted as characters: a cut through an emoji's pair was refused).
+function copyTitle(title) {
+  const clean = [...(title || "Chat")].filter((c) => !/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/.test(c)).join("").trim();
+  return `${[...(clean || "Chat")].slice(0, 193).join("")} (copy)`;
+}
+
 function alertUser(message) {
   $("#alert").textContent = message;
   $("#alert").hidden = !message;
@@ -102,7 +109,7 @@ async function save() {
         : await api("/v1/playground/chats", { method: "POST", body: data });
     } catch (e) {
       if (!["chat_changed", "chat_deleted"].includes(e.code)) throw e;
-      saved = await api("/v1/playground/chats", { method: "POST", body: { ...data, title: `${data.title || "Chat"} (copy)`.slice(0, 200) } });
+      saved = await api("/v1/playground/chats", { method: "POST", body: { ...data, title: copyTitle(data.title) } });
       note = `${e.message}: this conversation is saved as a new chat, "${saved.title}"`;
     }
     chat.id = saved.id;
