@@ -121,22 +121,29 @@ def test_the_resume_hint_carries_the_options_the_chat_ran_with(tok, store, monke
     assert status == 0 and "gptoss-mlx chat --memory-limit 10.5GB --resume " in out, out
 
 
-def test_a_quoted_message_taken_back_is_still_no_command_when_sent_again(tok, store, monkeypatch):
-    """The re-attack's (helper-145): a quoted '/exit' the chat took back (too long for the context)
-    came back at the prompt unquoted, and Enter on it quit the chat."""
-    monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.setenv("LINES", "60")
+def too_long_for_its_context(tok, monkeypatch, terminal, typed):
+    """A chat of 300 tokens' context on a terminal of ``terminal`` (columns, rows), and a reader
+    that types ``typed`` (a string, or what to make of the message offered) then Ctrl-D: (chat,
+    read, the messages offered at each prompt)."""
+    monkeypatch.setenv("COLUMNS", str(terminal[0]))
+    monkeypatch.setenv("LINES", str(terminal[1]))
     chat = Chat(ScriptedModel(answers(tok, "Hm.")), tok, date="2025-08-05", max_context=300, context_overflow="error")
     offered = []
 
     def read(prompt, default=""):
         offered.append(default)
-        if len(offered) == 1:
-            return '"""/exit ' + "word " * 300 + '"""'
-        if len(offered) == 2:
-            return default  # Enter on the message offered again
-        raise EOFError
+        if len(offered) > len(typed):
+            raise EOFError
+        line = typed[len(offered) - 1]
+        return line(default) if callable(line) else line
+    return chat, read, offered
 
+
+def test_a_quoted_message_taken_back_is_still_no_command_when_sent_again(tok, store, monkeypatch):
+    """The re-attack's (helper-145): a quoted '/exit' the chat took back (too long for the context)
+    came back at the prompt unquoted, and Enter on it quit the chat."""
+    chat, read, offered = too_long_for_its_context(tok, monkeypatch, (200, 60), [
+        '"""/exit ' + "word " * 300 + '"""', lambda offered: offered])  # Enter on the message offered again
     cli_chat.Repl(chat, store, read, out=Terminal()).run()
     assert len(offered) == 3 and offered[1] == '"""/exit ' + "word " * 300 + '"""'
 
@@ -642,17 +649,7 @@ def test_a_message_too_long_for_the_screen_is_left_in_the_history_not_at_the_pro
     """A tester's (helper-142): a 277 KB paste too long for the context came back as the prompt's
     text, 2,000 rows that pushed the error out of sight; Enter sent it again, unseen, and it
     looked like a dead key. One that leaves too few of the terminal's rows stays in the history."""
-    monkeypatch.setenv("COLUMNS", "80")
-    monkeypatch.setenv("LINES", "40")
-    chat = Chat(ScriptedModel(answers(tok, "Hm.")), tok, date="2025-08-05", max_context=300, context_overflow="error")
-    offered = []
-
-    def read(prompt, default=""):
-        offered.append(default)
-        if len(offered) <= 2:
-            return ["word " * 2000, "short " * 300][len(offered) - 1]
-        raise EOFError
-
+    chat, read, offered = too_long_for_its_context(tok, monkeypatch, (80, 40), ["word " * 2000, "short " * 300])
     out = Terminal()
     cli_chat.Repl(chat, store, read, out=out).run()
     text = out.getvalue()
