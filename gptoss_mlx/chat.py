@@ -155,14 +155,7 @@ class Chat:
         self.tokenizer = tokenizer
         self.engine = engine or Engine(model, max_context=max_context)
         self.instructions = instructions
-        if isinstance(functions, (harmony.ToolSpec, dict, str)):  # one, not a list of them
-            raise TypeError(f"functions must be a list of ToolSpec objects, got one {type(functions).__name__}"
-                            + (": [ToolSpec(**it)]" if isinstance(functions, dict) else ""))
-        self.functions = list(functions or [])
-        for f in self.functions:
-            if not isinstance(f, harmony.ToolSpec):
-                raise TypeError(f"functions must be ToolSpec(name, description, parameters) objects, got "
-                                f"{type(f).__name__}" + (" (a dict: ToolSpec(**it))" if isinstance(f, dict) else ""))
+        self.functions = functions or []
         for name, value in (("browser", browser), ("python", python)):
             if value not in (True, False, None):  # "no" would declare the tool
                 raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -179,12 +172,36 @@ class Chat:
                                              or reasoning_budget < 0):
             raise ValueError(f"reasoning_budget must be a whole number >= 0 or None, got {reasoning_budget!r}")
         self.reasoning_budget = reasoning_budget  # tokens before the answer, at most
-        check_schemas(tokenizer, self.functions)  # SchemaError here, not later
         self._stop = False
         self._open_stream = lambda: None  # the last reply stream handed out, weakly
         self._last_trim: tuple = ()  # the last trimmed prompt's conversation (its first message) and cut
 
     # -- settings
+    @property
+    def functions(self) -> list[harmony.ToolSpec]:
+        """The functions the model is told of (ToolSpec objects)."""
+        return self._functions
+
+    @functions.setter
+    def functions(self, functions) -> None:
+        """Checked here, a TypeError, HarmonyError or SchemaError naming what is wrong, not when
+        the next prompt is written (apply() and this setter took any list, and the chat could
+        then neither send nor be saved)."""
+        if not isinstance(functions, (list, tuple)):  # one, not a list of them
+            one = isinstance(functions, (harmony.ToolSpec, dict, str))
+            raise TypeError(f"functions must be a list of ToolSpec objects, got {'one ' if one else ''}"
+                            f"{type(functions).__name__}" + (": [ToolSpec(**it)]" if isinstance(functions, dict) else ""))
+        functions = list(functions)
+        for f in functions:
+            if not isinstance(f, harmony.ToolSpec):
+                raise TypeError(f"functions must be ToolSpec(name, description, parameters) objects, got "
+                                f"{type(f).__name__}" + (" (a dict: ToolSpec(**it))" if isinstance(f, dict) else ""))
+            if not isinstance(f.name, str):
+                raise TypeError(f"a function's name must be a string, got {f.name!r:.80}")
+        check_schemas(self.tokenizer, functions)  # (its errors for a name or a schema first: SchemaError)
+        harmony.messages.check_functions(functions, "functions", "functions")
+        self._functions = functions
+
     @property
     def reasoning_effort(self) -> str:
         return self._effort
@@ -227,7 +244,7 @@ class Chat:
         before = self.settings()
         try:
             for name, value in settings.items():
-                setattr(self, name, list(value) if name == "functions" else value)
+                setattr(self, name, value)
         except Exception:
             for name, value in before.items():  # (each valid: it was set)
                 setattr(self, name, value)

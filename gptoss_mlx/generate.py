@@ -422,6 +422,9 @@ class Engine:
         ``prompt``: token ids (a list, or a 1-D ``mx.array`` as mlx-lm takes); ``params``: a
         SamplingParams or a dict of its fields."""
         prompt, params = _prompt_ids(prompt), sampling_params(params)
+        if stop is not None and not callable(stop):  # (stop=True was taken and never looked at)
+            raise TypeError(f"stop must be a function returning True to stop (such as an Event's is_set), "
+                            f"got {type(stop).__name__}")
         return engine_thread().stream(
             self._generate(prompt, params, stop_tokens, logits_processors, instructions, stop))
 
@@ -466,6 +469,9 @@ class Engine:
                 yield token
                 if token in stop_tokens:
                     stats.finish_reason = sampler.stop_reason()
+                    break
+                if stop is not None and stop():  # (it was asked only in the prefill: 300 tokens after it said stop)
+                    stats.finish_reason = "interrupted"
                     break
                 y, previous = next_y, token
             else:

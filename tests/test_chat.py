@@ -1195,6 +1195,18 @@ def test_chat_arguments_that_disagree_or_are_not_what_they_say(tok, tmp_path):
         chat.apply("x")
     chat.apply({"reasoning_effort": "high"})
     assert chat.reasoning_effort == "high"
+    # functions checked where they are set (a tester's, helper-146: apply() took dicts and "abc",
+    # then the chat could neither send nor be saved; a bad ToolSpec failed at send())
+    for functions, error in (([{"name": "f", "description": "d", "parameters": {}}], "a dict: ToolSpec"),
+                             ("abc", "got one str"), (None, "got NoneType"),
+                             ([ToolSpec("f", "d", "notaschema")], "functions.0..parameters must be a JSON Schema"),
+                             ([ToolSpec("f", None, {})], "functions.0..description must be a string"),
+                             ([ToolSpec(5, "d", {})], "a function's name must be a string, got 5")):
+        with pytest.raises((TypeError, ValueError), match=error):
+            chat.apply({"functions": functions, "reasoning_effort": "low"})
+        assert chat.functions == [] and chat.reasoning_effort == "high"  # none of it
+    with pytest.raises(ValueError, match=r"functions.0..parameters must be a JSON Schema object"):
+        Chat(model, tok, functions=[ToolSpec("f", "d", [1, 2])])
     for title in (object(), 5):  # (one message for both: a title is a string)
         with pytest.raises(ValueError, match=r"save\(\): title must be a string"):
             chat.save(tmp_path / "c.json", title=title)

@@ -512,6 +512,23 @@ def test_stop_asked_during_the_prefill_ends_the_reply_without_tokens(model):
     assert time.monotonic() - started < 1.5
 
 
+def test_stop_asked_during_the_decode_ends_the_reply_at_the_next_token(model):
+    """A tester's (helper-146): stop() was asked only during the prefill: set after 3 tokens, the
+    reply went on to its 300. And stop=True (no function) was taken and never looked at."""
+    stop = threading.Event()
+    tokens = []
+    engine = Engine(model, max_context=4096)
+    for token in engine.generate([1, 2, 3], SamplingParams(max_tokens=300, seed=1), stop_tokens=frozenset(),
+                                 stop=stop.is_set):
+        tokens.append(token)
+        if len(tokens) == 3:
+            stop.set()
+    # (the engine's thread makes tokens ahead of the reader: those made before it saw stop() come too)
+    assert 3 <= len(tokens) < 300 and engine.stats.finish_reason == "interrupted", len(tokens)
+    with pytest.raises(TypeError, match="stop must be a function returning True to stop"):
+        Engine(model).generate([1, 2, 3], SamplingParams(max_tokens=3), stop=True)
+
+
 def test_greedy_sampling_takes_the_float32_token_without_a_cast():
     """Greedy sampling adds the banned-id mask in the logits' own dtype (bf16 here): the token
     is the one the float32 logits give, ties (the first) and a banned id at the top included,

@@ -39,6 +39,16 @@ def test_parser_never_raises_loses_or_invents_text(case):
     assert parser.state == "expect_start"
 
 
+def test_a_token_that_is_no_int_is_refused_and_the_parser_goes_on():
+    """A tester's (helper-146): feed("x") raised, and kept the "x": every later feed raised again."""
+    parser = StreamParser(TOK, "assistant")
+    for bad in ("x", 1.5, None):
+        with pytest.raises(TypeError, match="feed\\(\\) takes one token id"):
+            parser.feed(bad)
+    events = [e for t in encode("<|channel|>final<|message|>hi") for e in parser.feed(t)] + parser.finish()
+    assert "".join(e.text for e in events if isinstance(e, ContentDelta)) == "hi"
+
+
 def test_tool_role_without_a_name_is_text():
     (msg,) = parse("<|start|>tool<|end|>", role=None)
     assert (msg.role, msg.content) == ("assistant", "tool")

@@ -1348,7 +1348,7 @@ async def test_a_streamed_model_shows_its_expert_pool_in_the_status(tiny_checkpo
     chat = Chat(model, tokenizer, sampling=SamplingParams(temperature=0, max_tokens=8), date="2025-08-05")
     app = make_app(chat, store)
     async with app.run_test(size=SIZE) as pilot:
-        await send(pilot, app, "Hi there")
+        await send(pilot, app, "Hi there", 60)  # (a streamed reply on a loaded CPU took more than 10 s)
         status = app.query_one("#status").render().plain
         assert re.search(r"experts 8/32 on the GPU, \d+% hits", status), status
 

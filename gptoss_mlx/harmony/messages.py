@@ -185,13 +185,13 @@ def _check_system(sys: SystemContent, where: str) -> None:
     _need(isinstance(sys.tools, list), where, "tools", "a list of tool namespaces", sys.tools)
     for i, ns in enumerate(sys.tools):
         _check_named(ns, ToolNamespace, where, f"tools[{i}]")
-        _check_functions(ns.tools, where, f"tools[{i}].tools")
+        check_functions(ns.tools, where, f"tools[{i}].tools")
 
 
 def _check_developer(dev: DeveloperContent, where: str) -> None:
     _need(isinstance(dev.instructions, (str, type(None))), where, "instructions", "a string or None",
           dev.instructions)
-    _check_functions(dev.functions, where, "functions")
+    check_functions(dev.functions, where, "functions")
     _need(isinstance(dev.response_formats, list), where, "response_formats", "a list",
           dev.response_formats)
     for i, fmt in enumerate(dev.response_formats):
@@ -207,7 +207,8 @@ def _check_named(value, cls, where: str, field_: str) -> None:
           "a string or None", value.description)
 
 
-def _check_functions(functions, where: str, field_: str) -> None:
+def check_functions(functions, where: str, field_: str) -> None:
+    """A list of ToolSpecs a developer message can declare: names, descriptions, schemas."""
     _need(isinstance(functions, list), where, field_, "a list of tools", functions)
     names = set()
     for i, fn in enumerate(functions):

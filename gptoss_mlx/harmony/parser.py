@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import operator
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Union
@@ -148,6 +149,10 @@ class StreamParser:
         return self._header_text(self._header) if self._state == "header" else ""
 
     def feed(self, token: int) -> list[Event]:
+        try:  # (a str or float was kept, and broke every later feed)
+            token = operator.index(token)
+        except TypeError:
+            raise TypeError(f"feed() takes one token id (an int), got {type(token).__name__}") from None
         self.tokens.append(token)
         return getattr(self, f"_in_{self._state}")(token)
 
