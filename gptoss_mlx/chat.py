@@ -110,7 +110,6 @@ CONTEXT_OVERFLOW = ("truncate", "error")
 REPLY_RESERVE = 2048
 
 
-
 def check_schemas(tokenizer, functions: list[harmony.ToolSpec] = (),
                   response_format: ResponseFormat | dict | None = None) -> ResponseFormat | None:
     """The functions' parameters and the answer's format (a ResponseFormat, or a JSON Schema for
@@ -122,6 +121,7 @@ def check_schemas(tokenizer, functions: list[harmony.ToolSpec] = (),
     fmt = response_format if isinstance(response_format, ResponseFormat) else ResponseFormat("response", response_format)
     compile_schema(tokenizer, fmt.schema, f"response format {fmt.name!r}")
     return fmt
+
 
 class Chat:
     def __init__(self, model, tokenizer, *, instructions: str | None = None,

@@ -191,7 +191,8 @@ class ExpertSource:
             stamp = _stamp(self._fds[file])
             if stamp == self._stamps[file]:
                 continue
-            change = f"was cut to {stamp[1]} bytes" if stamp[1] < self._stamps[file][1] else "changed (written to, or its modification time set)"
+            cut = stamp[1] < self._stamps[file][1]
+            change = f"was cut to {stamp[1]} bytes" if cut else "changed (written to, or its modification time set)"
             raise CheckpointError(f"{file}: the file {change} after the model was loaded, and the "
                                   "model reads its experts from it as it runs: restore the checkpoint "
                                   "and load it again")

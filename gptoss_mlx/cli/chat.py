@@ -71,7 +71,8 @@ def cmd_chat(args) -> int:
         return 0
     if not sys.stdin.isatty():  # piped: answer once
         chat_id = resumed_id(ConversationStore(), args.resume) if args.resume is not None else None
-        question = common.message_text(common.read_standard_input("pipe the message in: echo 'Hi' | mlx.launch ... chat"))
+        question = common.message_text(
+            common.read_standard_input("pipe the message in: echo 'Hi' | mlx.launch ... chat"))
         if not question:
             raise CLIError("no question on standard input")
         if chat_id is not None:

@@ -522,9 +522,10 @@ def _with_id(item, taken: set):
 
 def retrieved(store: ResponseStore, response_id: str, query) -> dict:
     """GET /v1/responses/{id}: the stored response, its reasoning sealed where this request's
-    ``include`` asks (OpenAI's: what the create call asked for does not decide it). ``stream=true`` (the SDK's way back into a stream) is OpenAI's for
-    background responses only: answered with the JSON, the SDK read an empty stream and said
-    nothing until get_final_response() failed."""
+    ``include`` asks (OpenAI's: what the create call asked for does not decide it).
+    ``stream=true`` (the SDK's way back into a stream) is OpenAI's for background responses
+    only: answered with the JSON, the SDK read an empty stream and said nothing until
+    get_final_response() failed."""
     response = store.response(response_id)  # (an unknown id: a 404 first)
     stream = query.get("stream", "false").lower()
     if stream not in ("true", "false"):
