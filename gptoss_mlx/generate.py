@@ -178,6 +178,9 @@ class SequenceSampler:
         # state is per thread: mx.random.seed in another thread does not reach it; pass seed=)
         self.key = (mx.random.key(params.seed) if params.seed is not None
                     else mx.random.randint(0, 1 << 31, (2,)).astype(mx.uint32))
+        if callable(logits_processors) or not isinstance(logits_processors, (list, tuple, type(None))):
+            raise TypeError(f"logits_processors must be a list of functions (processor(tokens, logits) -> logits), "
+                            f"got {type(logits_processors).__name__}")
         self.processors = list(logits_processors or [])
         self.tokens = mx.array(prompt) if self.processors else None
 
@@ -187,7 +190,11 @@ class SequenceSampler:
             # the CPU) then run while the device computes it.
             mx.async_eval(logits)
         for processor in self.processors:
+            shape = logits.shape
             logits = processor(self.tokens, logits)
+            if not isinstance(logits, mx.array) or logits.shape != shape:  # (None: an AttributeError from the sampler)
+                raise TypeError(f"a logits processor must return the logits, an mx.array of shape {shape}, got "
+                                + (f"one of shape {logits.shape}" if isinstance(logits, mx.array) else type(logits).__name__))
         key = None
         if not self.greedy:
             self.key, key = mx.random.split(self.key)

@@ -2,6 +2,7 @@
 
 import asyncio
 import sys
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -527,6 +528,18 @@ def test_stop_asked_during_the_decode_ends_the_reply_at_the_next_token(model):
     assert 3 <= len(tokens) < 300 and engine.stats.finish_reason == "interrupted", len(tokens)
     with pytest.raises(TypeError, match="stop must be a function returning True to stop"):
         Engine(model).generate([1, 2, 3], SamplingParams(max_tokens=3), stop=True)
+
+
+def test_a_logits_processor_that_returns_no_logits_is_named(model):
+    """A tester's (helper-146): a processor returning None was an AttributeError from the sampler,
+    a narrower shape MLX's broadcast error, and one function instead of a list 'not iterable'."""
+    engine = Engine(model, max_context=4096)
+    for processors, says in (([lambda tokens, logits: None], "got NoneType"),
+                             ([lambda tokens, logits: logits[:, :10]], "got one of shape (1, 10)"),
+                             (lambda tokens, logits: logits, "logits_processors must be a list of functions")):
+        with pytest.raises(TypeError, match=re.escape(says)):
+            list(engine.generate([1, 2, 3], SamplingParams(max_tokens=3), logits_processors=processors))
+    assert len(list(engine.generate([1, 2, 3], SamplingParams(max_tokens=3), stop_tokens=frozenset()))) == 3
 
 
 def test_greedy_sampling_takes_the_float32_token_without_a_cast():
