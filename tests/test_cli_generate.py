@@ -316,3 +316,9 @@ def test_a_second_sigterm_while_the_first_stops_the_reply_does_not_lose_it():
             time.sleep(5)
         os.kill(os.getpid(), signal.SIGTERM)  # while the first is handled: no second exception
         time.sleep(0.05)
+        # a later one stops it again (the third re-attack's: a first one caught by a function's own
+        # `except:` left every later SIGTERM ignored, and `timeout` could no longer stop generate)
+        time.sleep(common.SIGTERM_REPEAT_S)
+        with pytest.raises(common.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)

@@ -221,15 +221,19 @@ def test_arguments_become_the_hinted_types_and_their_bounds_are_checked():
     def one_or_many(c: Color | list[Color]) -> str:  # (the re-attack's: two options to convert, none converted)
         return repr(c)
 
+    def colors_or_pair(x: list[Color] | tuple[int, int]) -> str:  # ([1, 2] is the pair's, not the list's)
+        return repr(x)
+
     def kinds(pair: tuple[int, int], many: tuple[str, ...], unique: set[str], colors: list[Color] | None = None,
               limit: float = float("inf")) -> str:
         return repr((pair, many, sorted(unique), type(unique).__name__, colors, limit))
 
-    tools = Toolbox(functions=[FunctionTool.from_callable(f) for f in (ce, kinds, one_or_many)])
+    tools = Toolbox(functions=[FunctionTool.from_callable(f) for f in (ce, kinds, one_or_many, colors_or_pair)])
     run = lambda name, args: tools.execute(ToolCall(f"functions.{name}", json.dumps(args))).content
     assert run("ce", {"x": 3}) == "3" and run("ce", {"x": "red"}) == "<Color.RED: 'red'>"
     assert run("one_or_many", {"c": "red"}) == "<Color.RED: 'red'>"
     assert run("one_or_many", {"c": ["red"]}) == "[<Color.RED: 'red'>]"
+    assert run("colors_or_pair", {"x": [1, 2]}) == "(1, 2)" and run("colors_or_pair", {"x": ["red"]}) == "[<Color.RED: 'red'>]"
     assert run("kinds", {"pair": [1, 2], "many": ["a"], "unique": ["b", "b"], "colors": ["red"]}) == (
         "((1, 2), ('a',), ['b'], 'set', [<Color.RED: 'red'>], inf)")
     assert run("kinds", {"pair": [1], "many": [], "unique": []}) == (
@@ -241,7 +245,8 @@ def test_arguments_become_the_hinted_types_and_their_bounds_are_checked():
         "m": {"type": "integer", "multipleOf": 3}, "f": {"type": "number", "multipleOf": 0.01}}}
     raw = Toolbox(functions=[FunctionTool.from_schema("raw", "", schema, lambda **kw: "ran")])
     call = lambda args: raw.execute(ToolCall("functions.raw", json.dumps(args))).content
-    assert call({"n": 5, "s": "ab", "c": "a", "l": [1], "e": 1}) == "ran"
+    assert call({"n": 5, "s": "ab", "c": "a", "l": [1], "e": 1, "f": 0.3, "m": 10**400 - 1}) == "ran"
+    assert call({"f": 1e308}) == "ran"  # (in decimal, as JSON reads it: a float's quotient overflowed)
     for args, says in (({"n": 1}, "arguments.n must be >= 5, got 1"),
                        ({"s": "abc"}, "arguments.s must have at most 2 characters, got 3"),
                        ({"s": "ba"}, "arguments.s must match the pattern '^a'"),
@@ -249,7 +254,8 @@ def test_arguments_become_the_hinted_types_and_their_bounds_are_checked():
                        ({"l": [1, 2]}, "arguments.l must have at most 1 items, got 2"),
                        ({"e": True}, "arguments.e must be one of [1], got true"),
                        # (the re-attack's: an OverflowError, not a result for the model)
-                       ({"m": 10**400}, "arguments.m must be a multiple of 3"), ({"f": 1e308}, "arguments.f must be a multiple of 0.01")):
+                       ({"m": 10**400}, "arguments.m must be a multiple of 3"), ({"f": 1.005}, "arguments.f must be a multiple of 0.01"),
+                       ({"f": 1e-7}, "arguments.f must be a multiple of 0.01")):  # (within 1e-9 of 0 times it: taken)
         assert call(args) == f"Error: {says}" or call(args).startswith(f"Error: {says}"), (args, call(args))
 
 

@@ -103,6 +103,9 @@ def message_text(typed: str) -> str:
     return re.sub(r"\A(?:[ \t\r]*\n)+", "", typed).rstrip()
 
 
+SIGTERM_REPEAT_S = 1.0  # a SIGTERM this soon after the last is taken as the same one (sigterm_as_ctrl_c)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM where :func:`sigterm_as_ctrl_c` is in force, raised where Ctrl-C's
     KeyboardInterrupt would be: the command stops as on Ctrl-C, with SIGTERM's status."""
@@ -118,11 +121,14 @@ def sigterm_as_ctrl_c():
         yield
         return
 
-    seen = []
+    last = []  # when the last one was raised
 
     def terminated(signum, frame) -> None:
-        if not seen:  # (a second one, while the first stops the reply, lost what was made)
-            seen.append(signum)
+        # one within a second of the last is that one's (it landed while the reply was being
+        # stopped, and what was made was lost); a later one stops the command again (a first
+        # one caught by a function's own `except:` left every later one ignored)
+        if not last or time.monotonic() - last[-1] > SIGTERM_REPEAT_S:
+            last.append(time.monotonic())
             raise Terminated
     previous = signal.signal(signal.SIGTERM, terminated)
     try:

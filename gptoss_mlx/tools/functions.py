@@ -16,6 +16,7 @@ call or an exception becomes an error text for the model, never a crash.
 from __future__ import annotations
 
 import contextlib
+import decimal
 import enum
 import functools
 import importlib.machinery
@@ -115,7 +116,14 @@ def _converter(hint) -> Callable[[Any], Any] | None:
         make = list if origin is list else origin
         if item is None and origin is list:
             return None
-        return lambda v: make(item(x) if item else x for x in v) if isinstance(v, list) else v  # (v: not taken)
+        def sequence(v):
+            if not isinstance(v, list):
+                return v  # (not taken: a union's next option may take it)
+            items = [item(x) for x in v] if item else v
+            if origin is list and all(a is b for a, b in zip(items, v)):
+                return v  # none of its items taken: a union's next option may take them
+            return make(items)
+        return sequence
     return None
 
 
@@ -327,15 +335,16 @@ def _check_bounds(value, schema: dict, path: str) -> None:
 
 
 def _multiple(value, step) -> bool:
-    """Whether ``value`` is a multiple of ``step``: exactly for integers (10**400 overflowed a
-    float), within float64's rounding otherwise (0.3 of 0.1 is 2.9999999999999996 of them)."""
+    """Whether ``value`` is a multiple of ``step`` as JSON's decimal numbers read: exactly for
+    integers (10**400 overflowed a float), else in decimal as the numbers are written (0.3 of 0.1
+    is 2.9999999999999996 in float64; 5.0 passed a multipleOf of 1e10 within a tolerance)."""
     if isinstance(value, int) and isinstance(step, int):
         return value % step == 0
-    try:
-        quotient = value / step
-        return math.isfinite(quotient) and abs(quotient - round(quotient)) <= 1e-9 * max(1.0, abs(quotient))
-    except OverflowError:
+    if isinstance(value, float) and not math.isfinite(value):
         return False
+    with decimal.localcontext(prec=60):
+        quotient = decimal.Decimal(repr(value)) / decimal.Decimal(repr(step))
+        return quotient == quotient.to_integral_value()
 
 
 def _range(low, high) -> str:
