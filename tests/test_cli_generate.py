@@ -2,6 +2,7 @@
 mlx_lm.generate prints them, --json; and help texts for every subcommand and flag."""
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -269,15 +270,21 @@ def test_output_that_cannot_be_written_is_one_line_never_a_traceback(conversatio
     assert (proc.returncode, proc.stderr) == (status, error)
 
 
-@pytest.mark.parametrize("args", ["--help", "--version", "", "chat --help"])
-def test_help_and_version_into_a_full_disk_fail_saying_so(args):
+def test_help_and_version_into_a_full_disk_fail_saying_so(monkeypatch, capsys):
     """A tester's (helper-132): argparse swallowed the write error, so `--help > /dev/full` exited 0
-    with nothing written (as `ls --help` does not)."""
-    proc = subprocess.run(["bash", "-c", f'"$0" -m gptoss_mlx {args} >/dev/full', sys.executable],
+    with nothing written (as `ls --help` does not). The real program once, the rest in-process."""
+    full_disk = "gptoss-mlx: error: cannot write the output: No space left on device\n"
+    proc = subprocess.run(["bash", "-c", '"$0" -m gptoss_mlx --help >/dev/full', sys.executable],
                           capture_output=True, text=True, timeout=60)
-    assert (proc.returncode, proc.stderr) == (1, "gptoss-mlx: error: cannot write the output: No space left on device\n")
-    ok = subprocess.run([sys.executable, "-m", "gptoss_mlx", *args.split()], capture_output=True, text=True, timeout=60)
-    assert ok.returncode == 0 and ok.stdout and not ok.stderr
+    assert (proc.returncode, proc.stderr) == (1, full_disk)
+    for args in (["--help"], ["--version"], [], ["chat", "--help"]):
+        with open("/dev/full", "w") as full, monkeypatch.context() as m:
+            m.setattr(sys, "stdout", full)
+            assert main(args) == 1, args
+        assert capsys.readouterr().err == full_disk, args
+        with pytest.raises(SystemExit) if args else contextlib.nullcontext():  # (argparse's own exit, written)
+            assert main(args) in (0, None)
+        assert capsys.readouterr().out
 
 
 def test_ctrl_c_while_the_command_loads_ends_it_without_a_traceback(monkeypatch, capsys):

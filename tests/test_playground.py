@@ -230,10 +230,10 @@ class SlowScriptedModel(ScriptedModel):
 
 
 class SlowStart(ScriptedModel):
-    """A scripted model whose prompts take a second and a half to read, its tokens a tenth."""
+    """A scripted model whose prompts take a second to read, its tokens a twentieth."""
 
     def __call__(self, inputs, cache=None, **kw):
-        time.sleep(1.5 if inputs.shape[1] > 1 else 0.1)
+        time.sleep(1.0 if inputs.shape[1] > 1 else 0.05)
         return super().__call__(inputs, cache, **kw)
 
 

@@ -860,7 +860,7 @@ def answer_schema(draw):
     return {"type": "object", "properties": {"x": inner}, "required": ["x"], "additionalProperties": False}
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=18, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(schema=answer_schema(), seed=st.integers(0, 2**16), max_tokens=st.integers(8, 90),
        budget=st.sampled_from([None, 0, 1, 5, 10**9]))
 def test_random_model_replies_over_schemas(tok, tiny, schema, seed, max_tokens, budget):
