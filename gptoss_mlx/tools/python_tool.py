@@ -50,6 +50,7 @@ EXTRA_REPLY_NOTE = ("[the previous cell wrote extra data to the tool's reply cha
 STARTUP_S = 20.0  # for the sandbox and the interpreter to come up
 CHANNELS_CLOSED = 86  # the worker's exit status where the code closed its request or reply channel
 CLOSED_NOTE = "the previous cell closed the descriptors the tool talks to the session through"
+ENDING_S = 1.0  # for a session that could not be paused (it is ending by itself) to end
 IDLE_CPU_S = 0.2  # CPU seconds a session may use between cells before it is restarted
 CONTINUE_S = 5.0  # for a session continued between cells to answer an empty cell
 STOP_TRIES = 50  # SIGSTOPs sent (2 ms apart) until every thread of a session between cells is stopped
@@ -341,7 +342,10 @@ class PythonSandbox:
             self._idle_cpu, self._last_id = self._sandbox_cpu(), request_id
             # Stopped until the next cell: a thread the code left running makes no files, uses
             # no CPU and reaches no network meanwhile, where no cell's limits are watched.
-            if not self._stop_all():
+            if not self._stop_all():  # (a session ending by itself, stopped part-way: let it end, to say how)
+                self._signal_all(signal.SIGCONT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(timeout=ENDING_S)
                 self._kill()
                 why = (CLOSED_NOTE if self._ended == CHANNELS_CLOSED
                        else "the previous session could not be paused after its cell")
