@@ -60,14 +60,14 @@ def chat_file_problem(data) -> str | None:
         return "not a saved chat (expected a JSON object)"
     version = data.get("format", 1)
     if not _is_int(version) or version < 1:
-        return f"format must be a positive integer, got {version!r}"
+        return f"format must be a positive integer, got {_show(version)}"
     if version > FORMAT_VERSION:
-        return (f"format {version} was written by a newer gptoss-mlx (this one reads format "
+        return (f"format {_show(version)} was written by a newer gptoss-mlx (this one reads format "
                 f"{FORMAT_VERSION}); upgrade to open it")
     for name, ok, expected in (
         ("title", lambda v: isinstance(v, str), "a string"),
         ("date", is_one_line_date, DATE_SHAPE),
-        ("updated", lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a time in seconds"),
+        ("updated", lambda v: _is_float64(v) and v >= 0, "a time in seconds"),
         ("reasoning_effort", lambda v: v in EFFORTS, " or ".join(EFFORTS)),
         ("tools", lambda v: isinstance(v, list) and all(isinstance(t, dict) for t in v),
          "a list of objects"),
@@ -145,6 +145,14 @@ def _is_int(v) -> bool:
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_float64(v) -> bool:
+    """A number a float64 holds (a whole number of 400 digits is valid JSON, and no time)."""
+    try:
+        return _is_number(v) and math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _show(v) -> str:

@@ -97,13 +97,13 @@ class ModelConfig:
             # memory ran out: a traceback instead of a message naming the value)
             bound = MAX_POSITIONS if name.endswith("max_position_embeddings") else MAX_DIMENSION
             if value > bound:
-                raise ConfigError(f"{name} must be at most {bound:,}, got {value:,.0f}"[:200])
+                raise ConfigError(f"{name} must be at most {bound:,}, got {_shown(value)}")
         for name in ["rms_norm_eps", "swiglu_limit", "rope_theta", "rope_scaling_factor",
                      "rope_beta_fast", "rope_beta_slow"]:
             value = getattr(self, name)
             if (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
-                    or not math.isfinite(value)):
-                raise ConfigError(f"{name} must be a positive finite number, got {value!r:.100}")
+                    or not math.isfinite(float(value) if value < 2**1023 else math.inf)):
+                raise ConfigError(f"{name} must be a positive finite number, got {_shown(value)}")
         if self.num_experts_per_tok > self.num_local_experts:
             raise ConfigError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
@@ -341,10 +341,19 @@ def _check_quantization_config(quant) -> None:
                           "(as published) and MLX conversions can be loaded")
 
 
+def _shown(value) -> str:
+    """A config value in a message: a number of 400 digits (valid JSON) by its length."""
+    text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else repr(value)
+    return text if len(text) <= 40 else f"a number of {len(str(value))} digits" if isinstance(value, int) else text[:40] + "..."
+
+
 def _number(value, name: str) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ConfigError(f"{name} must be a number, got {value!r:.100}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # (a whole number of 400 digits is valid JSON)
+        raise ConfigError(f"{name} must be a finite number, got {_shown(value)}") from None
 
 
 def _integer(value, name: str) -> int:

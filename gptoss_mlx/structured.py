@@ -478,7 +478,7 @@ def grammar_schema(schema):
         return out
     for exclusive, inclusive, others, sign in BOUNDS:
         bound = out.get(exclusive)
-        if not (_is_number(bound) and math.isfinite(bound) and bound == int(bound)):
+        if not (_is_bound(bound) and bound == int(bound)):
             continue
         near = any(_is_number(out.get(k)) and abs(out[k] - bound) <= 1 for k in others)
         given = out.get(inclusive, bound)
@@ -511,7 +511,9 @@ def _reworded(reason: str) -> str:
 
 
 def _is_bound(value) -> bool:
-    return _is_number(value) and math.isfinite(value)
+    """A number that bounds: not infinity (a whole number is exact however long: 10**400 is a
+    bound beyond the limit, which widens the range and moves to it)."""
+    return _is_number(value) and (isinstance(value, int) or math.isfinite(value))
 
 
 def _is_number(value) -> bool:

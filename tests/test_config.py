@@ -100,6 +100,10 @@ def test_eos_ids_always_include_return_and_call():
         ({"eos_token_id": 200002.0}, "eos_token_id must be a token id"),
         ({"eos_token_id": True}, "eos_token_id must be a token id"),
         ({"rope_theta": float("inf")}, "rope_theta must be a positive finite number"),
+        # a whole number of 400 digits is valid JSON: an OverflowError's traceback (helper-148)
+        ({"rope_theta": 10**400}, "rope_theta must be a finite number, got a number of 401 digits"),
+        ({"rms_norm_eps": 10**400}, "rms_norm_eps must be a positive finite number, got a number of 401 digits"),
+        ({"hidden_size": 10**400}, "hidden_size must be at most 16,777,216, got a number of 401 digits"),
         ({"rope_scaling": {**HF_120B["rope_scaling"], "factor": "32"}}, "rope_scaling.factor must be a number"),
         ({"quantization_config": {"quant_method": "gptq"}}, "quant_method is 'gptq'"),
         # (a traceback from the memory plan, then a negative plan: helper-131)

@@ -85,6 +85,9 @@ BAD = {
     "not_utf8": (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "UTF-8"),
     "updated_text": (with_field(("updated",), "yesterday"), "updated"),
     "updated_nan": (json.dumps(GOOD).replace("1764590000.0", "NaN").encode(), "updated"),
+    # a whole number no float64 holds: an OverflowError broke the list, --resume and the TUI's (helper-148)
+    "updated_huge": (with_field(("updated",), 10**400), "updated must be a time in seconds"),
+    "newer_format_huge": (with_field(("format",), 10**400), "format 1000000000000000000000000000000000000..."),
     "newer_format": (with_field(("format",), FORMAT_VERSION + 1), "newer gptoss-mlx"),
     "effort": (with_field(("reasoning_effort",), "max"), "reasoning_effort"),
     "messages_dict": (with_field(("messages",), {"a": 1}), "messages must be a list"),

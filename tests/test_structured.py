@@ -324,6 +324,9 @@ def test_integer_bounds_beyond_64_bits_that_only_widen_the_range_are_kept(tok):
     ({"type": "integer", "minimum": 1_600_000_000_000_000_000}, ["1700000000000000000"], ["5", "-1700000000000000000"]),
     ({"type": "integer", "maximum": -10**18}, ["-1000000000000000000", "-5000000000000000000"], ["0", "-999"]),
     ({"type": "number", "minimum": 0, "maximum": 1e300}, ["0", "2.5", "1000000"], ["-1"]),
+    # a whole number too large for a float64 (valid JSON) was an OverflowError's traceback (helper-148)
+    ({"type": "integer", "maximum": 10**400, "exclusiveMinimum": -10**400}, ["0", "-42", "9000000000000000000"], ["1.5"]),
+    ({"type": "number", "exclusiveMaximum": 10**400}, ["0", "-2.5"], ["a"]),
     ({"type": "number", "exclusiveMinimum": -1e19, "exclusiveMaximum": 1e19}, ["0", "-3.25"], ["20000000000000000000"]),
     ({"type": "number", "minimum": 10**18}, ["1000000000000000000", "2000000000000000000.5"], ["5"]),
     # bounds beyond 2**53 were rounded to float64 either way: these let the bound through
