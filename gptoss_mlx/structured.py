@@ -69,11 +69,12 @@ JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"( ?|\n[ \t]
 # Bytes a closing may take before it is given up (a pattern the greedy closing cannot satisfy).
 MAX_CLOSING_BYTES = 4096
 # Preference among single bytes when closing: end what is open, then the shortest values, the
-# other printable characters, a space (JSON never needs whitespace; a pattern may), and UTF-8
+# other printable characters, a space (JSON never needs whitespace; a pattern may), the bytes
+# that begin a character beyond ASCII (a pattern's [а-я] or [\u4e00-\u9fff]), and UTF-8
 # continuation bytes last (only ever allowed to end a character the text so far began).
 CLOSERS = b'"}],'
 CONTINUATION = bytes(range(0x80, 0xC0))
-CLOSING_BYTES = CLOSERS + b"10" + bytes(range(0x21, 0x7F)) + b" " + CONTINUATION
+CLOSING_BYTES = CLOSERS + b"10" + bytes(range(0x21, 0x7F)) + b" " + bytes(range(0xC2, 0xF5)) + CONTINUATION
 # Outside strings a quote opens one (a key, never needed where the object may end: an optional
 # property whose value may hold the same object again would open it for ever), so the object or
 # array ends first where it may.
@@ -541,9 +542,10 @@ def _compile(tokenizer, schema: str, where: str, hints: tuple[bytes, ...] = (),
         raise SchemaError(f"{where}: the schema is too large for the constraint{size}: give it fewer "
                           "properties, anyOf branches or enum values")
     if closing is None:
+        loop = ", or $refs that lead only to one another" if '"$ref"' in schema else ""
         raise SchemaError(f"{where}: the schema cannot be enforced: no instance of it was found "
                           f"within {MAX_CLOSING_BYTES} bytes (an answer must be closable within that: a "
-                          "minLength, minItems or minProperties asking for more is refused)")
+                          f"minLength, minItems or minProperties asking for more{loop} is refused)")
     return Grammar(tokenizer, grammar, len(closing), hints, numbers)
 
 

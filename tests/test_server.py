@@ -934,6 +934,14 @@ def test_a_prompt_over_the_context_is_context_length_exceeded(url):
         client(url).chat.completions.create(model="gpt-oss-tiny",
                                             messages=[{"role": "user", "content": "word " * 5000}])
     assert e.value.code == "context_length_exceeded"
+    assert "shorten the conversation" in e.value.message
+    # a schema too long for the context, in a one-line request, was "shorten the conversation" (helper-149)
+    with pytest.raises(openai.BadRequestError) as e:
+        client(url).responses.create(model="gpt-oss-tiny", input="hi", text={"format": {
+            "type": "json_schema", "name": "big", "schema": {"type": "object", "description": "word " * 5000}}})
+    assert e.value.code == "context_length_exceeded"
+    assert re.search(r"the prompt is \d+ tokens \(\d+ of them the instructions, tools and response format\) .*"
+                     r": shorten them", e.value.message), e.value.message
 
 
 def test_truncation_auto_drops_the_oldest_turns(tok):

@@ -278,6 +278,9 @@ def test_an_unenforceable_schema_is_named(tok, tiny):
 
 @pytest.mark.parametrize("schema, says", [
     ({"type": "integer", "minimum": 10**20, "maximum": 10**20 + 5}, "minimum: 100000000000000000000 leaves only"),
+    # refs that go round in a circle were sent to look for a minLength (helper-149)
+    ({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+     r"no instance .* or \$refs that lead only to one another is refused"),
     ({"type": ["integer", "null"], "exclusiveMaximum": -2.0**70}, "exclusiveMaximum: .* leaves only numbers"),
     # llguidance crashed the process (a segfault) on these two
     ({"type": ["integer", "null"], "minimum": -2**63, "maximum": -2**63}, "maximum: -9223372036854775808 leaves only"),
@@ -362,7 +365,10 @@ def test_number_ranges_at_the_edges_of_64_bits_are_enforced(tok, schema, good, b
 @pytest.mark.parametrize("pattern", ["x", "abc", "abc$", "a|b", "foo.*", "\\d{3}", "[aeiou]{3}", "ook",
                                      "hello world", "^[^@]+@[^@]+\\.[a-z]{2,}$", '"', "\\\\", "[\\n\\t]",
                                      "[\\x00-\\x1f]", "a{80}", "[ab]{100}",
-                                     "a\\\\", "x\\\\\\\\"])  # these two: the closing wrote `\\"` (an escape) as the end
+                                     "a\\\\", "x\\\\\\\\",  # these two: the closing wrote `\\"` (an escape) as the end
+                                     # ranges whose characters begin with several bytes (α is CE B1, ω CF 89):
+                                     # refused as having no instance (the closing tried no byte beyond ASCII; helper-149)
+                                     "^[α-ω]$", "^[а-я]+$", "^[\u4e00-\u9fff]+$", "^[😀-🙏]{2}$"])
 def test_patterns_are_searches_and_their_answers_match(tok, pattern):
     """A JSON Schema pattern is found anywhere in the string (unanchored unless it says ^ or $):
     such schemas were refused as having no instance (the closing wrote escaped quotes forever,

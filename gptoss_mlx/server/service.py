@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 import threading
@@ -152,8 +153,13 @@ class Service:
         ``forced`` header; context_length_exceeded when it leaves no room for a reply."""
         tokens = self.rendered(messages) if rendered is None else rendered
         if len(tokens) + len(forced) >= self.max_context:
-            raise APIError(400, f"the prompt is {len(tokens)} tokens and this server's context limit "
-                           f"is {self.max_context} tokens (--max-context): shorten the conversation",
+            # (a 1 MB schema's description in a one-line request was "shorten the conversation")
+            head = [m for m in itertools.takewhile(lambda m: m.role in ("system", "developer"), messages)]
+            setup = len(self.rendered(head)) if head else 0
+            what, shorten = (f" ({setup} of them the instructions, tools and response format)",
+                             "shorten them") if setup > len(tokens) // 2 else ("", "shorten the conversation")
+            raise APIError(400, f"the prompt is {len(tokens)} tokens{what} and this server's context limit "
+                           f"is {self.max_context} tokens (--max-context): {shorten}",
                            param="messages", code="context_length_exceeded")
         return tokens + list(forced)
 
