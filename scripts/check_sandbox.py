@@ -290,6 +290,12 @@ CASES = [
          "        print('READ', open(p).read()[:20])\n    except OSError as e:\n        print(e)\n"
          "tty = open('/dev/tty', 'w')\nfcntl.ioctl(tty, termios.TIOCSTI, b'x')\nprint('TYPED')",
          lambda out, ctx: "READ" not in out and "TYPED" not in out),
+    # (helper-151's: bwrap's own devpts hands out ptys from the host's pool, kernel.pty.nr, which
+    # every container shares; a session held 240 between cells, 13 emptied the pool)
+    Case("ptys from the host's pool (kernel.pty.nr)",
+         "import os\nptys = []\ntry:\n    for _ in range(20):\n        ptys.append(os.openpty())\n"
+         "except OSError as e:\n    print(e)\nprint('PTYS', len(ptys))",
+         lambda out, ctx: "PTYS 0" in out),
     Case("environment variables (tokens, keys)", "import os\ndict(os.environ)",
          lambda out, ctx: SECRET not in out and "HOME" in out),
     Case("unshare a new user namespace",

@@ -25,6 +25,7 @@ from gptoss_mlx.generate import Engine, SamplingParams, Stats
 from gptoss_mlx.harmony import Message
 from gptoss_mlx.store import ConversationStore
 from gptoss_mlx.tokenizer import load_tokenizer
+from gptoss_mlx.tools.sandbox import SandboxLimits
 from scripted import ScriptedModel, SlowChunks
 
 LEFT, UP, ALT_ENTER, CTRL_R = "\x1b[D", "\x1b[A", "\x1b\r", "\x12"
@@ -1144,6 +1145,13 @@ def test_serve_offers_no_interactive_tool_flags_and_timeouts_must_be_positive(ca
             parser.parse_args(["chat", "--python-timeout", value])
         assert "must be a number of seconds above 0" in capsys.readouterr().err
     assert parser.parse_args(["chat", "--python-timeout", "2.5"]).python_timeout == 2.5
+    # past poll()'s 24.8 days, every call failed with an OverflowError (a tester's, helper-151)
+    for flag, command in (("--python-timeout", "chat"), ("--function-timeout", "serve")):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, flag, "3000000"])
+        assert "must be at most 604800 seconds (a week), got 3000000" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="timeout_s must be a number of seconds above 0 and at most 604800"):
+        SandboxLimits(timeout_s=1e7)
 
 
 class Terminal(io.StringIO):

@@ -52,7 +52,7 @@ UNCONFINED = ["subprocess (_posixsubprocess.fork_exec)", "child in its own sessi
               "signal the parent: kill and pidfd_send_signal", "read /etc/shadow, type into the terminal (/dev/tty)", "os.open with dir_fd", "sqlite3 database outside",
               "hard link and rename of a file outside", "read /proc/<parent>/environ and every environ in /proc",
               "network: TCP to the host's 127.0.0.1", "read the home directory and ~/.ssh",
-              "memfd outside the memory and disk limits"]
+              "memfd outside the memory and disk limits", "ptys from the host's pool (kernel.pty.nr)"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -37,6 +37,9 @@ from ..files import regular_file_problem
 from ..harmony import ToolSpec
 
 FUNCTION_TIMEOUT_S = 60.0  # serve: a call to one of --functions not returned by then gets an error
+# The longest a code run or a function call may be given: poll() waits at most 2**31 - 1 ms
+# (24.8 days), and a --python-timeout beyond it failed every call with an OverflowError.
+MAX_TIMEOUT_S = 7 * 86400.0
 
 
 class ToolError(Exception):

@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .functions import ToolError
+from .functions import MAX_TIMEOUT_S, ToolError
 
 WORKER = str(Path(__file__).with_name("_sandbox_worker.py"))
 LINUX_WORKDIR = "/mnt/data"  # where the tmpfs working directory appears inside the sandbox
@@ -62,6 +62,12 @@ class SandboxLimits:
     max_files: int = 100_000  # files and directories in the working directory (Linux: polled)
     network: bool = False
     processes: bool = False  # may the code start new processes (subprocess, os.fork)?
+
+    def __post_init__(self):
+        t = self.timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= MAX_TIMEOUT_S:
+            raise ValueError(f"timeout_s must be a number of seconds above 0 and at most "
+                             f"{MAX_TIMEOUT_S:g} (a week), got {t!r:.40}")
 
 
 class SandboxUnavailable(ToolError):
@@ -122,7 +128,9 @@ def bwrap_argv(policy: Policy, seccomp_fd: int | None) -> list[str]:
         argv += ["--ro-bind-try", path, path]
     # No /proc at all: it would show bwrap's init, and as root its /proc/sys is writable.
     # The root and /dev tmpfs that bwrap builds are made read-only once everything is mounted.
-    argv += ["--dev", "/dev", "--size", str(policy.disk_mb * 2**20), "--tmpfs", policy.workdir,
+    # Its /dev/pts, hidden: every pty opened there counts against the host's pool (kernel.pty.nr,
+    # shared with every container), and a session held them between cells (a tester's, helper-151).
+    argv += ["--dev", "/dev", "--tmpfs", "/dev/pts", "--size", str(policy.disk_mb * 2**20), "--tmpfs", policy.workdir,
              "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", policy.workdir]
     for name, value in sandbox_env(policy.workdir).items():
         argv += ["--setenv", name, value]
