@@ -516,7 +516,7 @@ def test_seccomp_filter_decisions(machine):
     # F_SETSIG sending SIGCONT woke a session stopped between cells; inotify, fanotify and message
     # queues took the host user's quotas; a lease made the host's open() wait 45 s; grown socket
     # buffers held GBs of kernel memory; vsock could reach the hypervisor with the network off
-    for name in ("timer_create", "inotify_init1", "fanotify_init", "mq_open", "io_setup", "vmsplice"):
+    for name in ("timer_create", "inotify_init1", "fanotify_init", "mq_open", "io_setup", "vmsplice", "syslog"):
         assert _bpf_run(opened, nrs[name], arch) == eperm, name  # (the re-attack's: AIO's machine-wide
         # quota; a page spliced into a pipe pinned its whole unmapped huge page, past memory_mb)
     for family, online, offline_verdict in ((40, eafnosupport, eafnosupport), (16, allow, eafnosupport),

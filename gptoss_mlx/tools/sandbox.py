@@ -159,7 +159,7 @@ _SYSCALLS = {
         "semctl": 66, "semtimedop": 220, "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71,
         "memfd_create": 319, "socket": 41, "timer_create": 222, "inotify_init": 253,
         "inotify_init1": 294, "fanotify_init": 300, "mq_open": 240, "fcntl": 72, "setsockopt": 54,
-        "io_setup": 206, "vmsplice": 278}),
+        "io_setup": 206, "vmsplice": 278, "syslog": 103}),
     "aarch64": (0xC00000B7, {
         "clone": 220, "clone3": 435, "ptrace": 117, "process_vm_readv": 270,
         "process_vm_writev": 271, "unshare": 97, "setns": 268, "mount": 40, "umount2": 39,
@@ -170,7 +170,7 @@ _SYSCALLS = {
         "msgsnd": 189, "semget": 190, "semctl": 191, "semtimedop": 192, "semop": 193,
         "shmget": 194, "shmctl": 195, "shmat": 196, "shmdt": 197, "memfd_create": 279,
         "socket": 198, "timer_create": 107, "inotify_init1": 26, "fanotify_init": 262, "mq_open": 180,
-        "fcntl": 25, "setsockopt": 208, "io_setup": 0, "vmsplice": 75}),
+        "fcntl": 25, "setsockopt": 208, "io_setup": 0, "vmsplice": 75, "syslog": 116}),
 }
 # Numbered alike on both: io_uring, pidfds, the new mount API.
 _COMMON = {"pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 426,
@@ -189,7 +189,9 @@ _SHARED_QUOTAS = ("inotify_init", "inotify_init1", "fanotify_init", "mq_open", "
 _ALWAYS_DENIED = ("ptrace", "process_vm_readv", "process_vm_writev", "unshare", "setns", "mount",
                   "umount2", "pivot_root", "chroot", "keyctl", "add_key", "request_key", "bpf",
                   "perf_event_open", "userfaultfd", "kexec_load", "init_module", "finit_module",
-                  "delete_module", "reboot", "swapon", "swapoff", "acct", *_UNCOUNTED_MEMORY,
+                  "delete_module", "reboot", "swapon", "swapoff", "acct",
+                  "syslog",  # the host's kernel log, where kernel.dmesg_restrict is 0 (helper-151)
+                  *_UNCOUNTED_MEMORY,
                   *_SHARED_QUOTAS, *_COMMON)
 _CLONE_THREAD = 0x00010000
 _EPERM, _ENOSYS, _EAFNOSUPPORT = 1, 38, 97
