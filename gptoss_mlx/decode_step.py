@@ -45,6 +45,8 @@ def enabled() -> bool:
         return False
     if value in ("1", "on", "true", "yes"):
         return True
+    if value not in ("auto", ""):  # (a typo was taken as auto without a word: a tester's, helper-152)
+        warnings.warn(f"{ENV_VAR}={value!r} is not one of auto, on, off; using 'auto'", stacklevel=2)
     return mx.default_device() == mx.cpu
 
 

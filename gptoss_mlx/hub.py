@@ -184,14 +184,21 @@ def repo_folder(repo_id: str) -> Path:
     return cache_dir() / f"models--{repo_id.replace('/', '--')}"
 
 
-def remove(repo_id: str) -> int:
-    """Delete every cached revision of ``repo_id`` (its whole folder: snapshots, blobs, parts
-    of interrupted downloads; a damaged download too); returns the bytes freed. A folder that
-    is a link (moved to another disk) loses the link, and its files stay where they are."""
+def cached_folder(repo_id: str) -> Path:
+    """The cache's folder of ``repo_id`` (maybe a link, or damaged); a CheckpointError when the
+    cache has none."""
     _scan()  # the cache is a directory, or not there
     folder = repo_folder(repo_id)
     if not looks_like_repo_id(repo_id) or not os.path.lexists(folder):
         raise CheckpointError(f"{repo_id} is not in the Hugging Face cache ({cache_dir()})")
+    return folder
+
+
+def remove(repo_id: str) -> int:
+    """Delete every cached revision of ``repo_id`` (its whole folder: snapshots, blobs, parts
+    of interrupted downloads; a damaged download too); returns the bytes freed. A folder that
+    is a link (moved to another disk) loses the link, and its files stay where they are."""
+    folder = cached_folder(repo_id)
     if folder.is_symlink() or not folder.is_dir():
         folder.unlink()
         return 0

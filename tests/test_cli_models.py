@@ -159,7 +159,11 @@ def test_a_folder_here_named_like_a_repo_is_not_pulled_and_is_named_where_it_is_
 
 
 def test_rm_deletes_the_repo(cache):
-    assert run("models", "rm", "someone/llama").returncode == 2  # no terminal to ask on, no --yes
+    unasked = run("models", "rm", "test/gpt-oss-tiny")  # no terminal to ask on, no --yes
+    assert unasked.returncode == 2 and "pass --yes to delete test/gpt-oss-tiny" in unasked.stderr
+    # one it does not have is said so first (it asked for --yes to delete it: a tester's, helper-152)
+    proc = run("models", "rm", "someone/missing")
+    assert proc.returncode == 2 and "someone/missing is not in the Hugging Face cache" in proc.stderr
     proc = run("models", "rm", "openai/gpt-oss-120b", "--yes")
     assert proc.returncode == 0 and "Deleted openai/gpt-oss-120b" in proc.stdout
     assert not (cache / "models--openai--gpt-oss-120b").exists()

@@ -239,6 +239,9 @@ def test_a_gpu_compiles_only_when_asked(monkeypatch):
     for value, expected in (("on", True), ("auto", False), ("off", False)):
         monkeypatch.setenv(decode_step.ENV_VAR, value)
         assert decode_step.enabled() is expected
+    monkeypatch.setenv(decode_step.ENV_VAR, "bogus")  # (a typo was auto without a word: helper-152)
+    with pytest.warns(UserWarning, match="GPTOSS_MLX_COMPILE='bogus' is not one of auto, on, off; using 'auto'"):
+        assert not decode_step.enabled()
 
 
 # ---- grouped decode steps (cache.py): the layers of a kind written once a token ----------------

@@ -81,7 +81,9 @@ def cmd_chat(args) -> int:
             done = answer_once(args, question, decline_when_piped, not args.hide_reasoning, dim=False).done
         finish = done.finish_reason if done else None
         if say_cut(finish) and (args.json_schema or args.json_object):
-            raise CLIError(f"{cut_json(done)} ({finish} limit); raise --max-tokens")
+            # as generate's (the README's exit status 1; 2 and "error:" said the command failed)
+            print(f"gptoss-mlx: {cut_json(done)}; raise --max-tokens", file=sys.stderr)
+            return 1
         return 0
     store = ConversationStore()
     chat_id = resumed_id(store, args.resume) if args.resume is not None else None

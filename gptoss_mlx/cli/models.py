@@ -14,7 +14,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from ..config import ConfigError, ModelConfig
-from ..hub import cache_dir, cached_models, remove, repo_folder
+from ..hub import cache_dir, cached_folder, cached_models, remove, repo_folder
 from ..loading import (
     COPIED, CheckpointError, find_layout, load_model, not_downloaded, resolve_checkpoint, save_weights, stream_problem,
 )
@@ -136,6 +136,10 @@ def cmd_pull(args) -> int:
 
 
 def cmd_rm(args) -> int:
+    try:  # before asking (it asked for --yes to delete a repo it did not have: a tester's, helper-152)
+        cached_folder(args.repo)
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None
     if not args.yes:
         if not sys.stdin.isatty():
             raise CLIError(f"pass --yes to delete {args.repo} without a terminal to ask on")
