@@ -1003,7 +1003,10 @@ def save_weights(out: Path, weights: dict[str, mx.array]) -> None:
     weight_map = {}
     for k, shard in enumerate(shards, 1):
         file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(out / file), shard, metadata={"format": "mlx"})
+        try:
+            mx.save_safetensors(str(out / file), shard, metadata={"format": "mlx"})
+        except RuntimeError as e:  # MLX's "[write] Unable to write N bytes to file."
+            raise OSError(f"{out / file}: {e} (is the disk full?)") from None
         weight_map.update(dict.fromkeys(shard, file))
     index = {"metadata": {"total_size": sum(a.nbytes for a in weights.values())},
              "weight_map": weight_map}

@@ -404,6 +404,9 @@ def test_resuming_equals_an_uninterrupted_run(sharp, tok, tmp_path):
     (["--iters", str(2**63)], "argument --iters: must be below 2**53"),  # was MLX's std::bad_cast
     (["--alpha", "1e38"], "argument --alpha: must be at most 65536"),  # trained an adapter of zeros
     (["--learning-rate", "1e300"], "argument --learning-rate: must be at most 1"),  # inf in float32
+    # 0 in float32: an adapter that learned (applied) nothing, silently (a tester's, helper-150)
+    (["--learning-rate", "1e-320"], "argument --learning-rate: must be at least 1e-30 (less is 0 in float32)"),
+    (["--alpha", "1e-300"], "argument --alpha: must be at least 1e-30"),
 ])
 def test_bad_numbers_and_paths_are_refused_before_anything_loads(tmp_path, capsys, flags, message):
     args = ["finetune", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "d.jsonl"),
@@ -767,3 +770,34 @@ def test_a_batch_larger_than_the_data_is_said(sharp, tmp_path, capsys):
                  str(tmp_path / "out"), "--iters", "1", "--batch-size", "100"]) == 0
     err = capsys.readouterr().err  # the README's notes: on standard error, each line "gptoss-mlx: note:"
     assert "gptoss-mlx: note: --batch-size 100 is more than the 2 conversations: each step trains on all 2" in err
+
+
+def test_fuse_and_convert_onto_a_full_disk_say_so_and_keep_nothing(sharp, tmp_path, capsys, monkeypatch):
+    """MLX's writer raising "[write] Unable to write ..." (a full disk) was a traceback from fuse and
+    `models convert` (a tester's, helper-150); a path through a file read "File exists"."""
+    random_adapter(sharp, tmp_path / "adapter", ("attention",))
+
+    def full(path, *args, **kwargs):
+        raise RuntimeError("[write] Unable to write 25448812 bytes to file.")
+
+    monkeypatch.setattr(mx, "save_safetensors", full)
+    for argv, out in ((["fuse", "--model", str(sharp), "--adapter", str(tmp_path / "adapter"), "--out"], "fused"),
+                      (["models", "convert", str(sharp), "--dense-bits", "8"], "converted")):
+        assert main([*argv, str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {tmp_path / out}: writing it failed (" in err and "(is the disk full?)); nothing was kept" in err
+        assert "Traceback" not in err and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    (tmp_path / "file").write_text("")
+    assert main(["models", "convert", str(sharp), "--dense-bits", "8", str(tmp_path / "file" / "x")]) == 2
+    assert f"{tmp_path / 'file' / 'x'}: cannot create it ({tmp_path / 'file'} is not a directory)" in capsys.readouterr().err
+
+
+def test_a_max_seq_len_past_the_models_context_is_refused(sharp, tmp_path, capsys):
+    """It trained on sequences the model then refused to read (a tester's, helper-150)."""
+    data = write_jsonl(tmp_path / "capitals.jsonl", [capitals_line(*c) for c in CAPITALS[:2]])
+    positions = json.loads((sharp / "config.json").read_text())["max_position_embeddings"]
+    assert main(["finetune", "--model", str(sharp), "--data", str(data), "--adapter-path", str(tmp_path / "out"),
+                 "--max-seq-len", str(positions + 1)]) == 2
+    err = capsys.readouterr().err
+    assert f"--max-seq-len {positions + 1} is longer than {sharp}'s context of {positions} tokens" in err
+    assert not (tmp_path / "out").exists()

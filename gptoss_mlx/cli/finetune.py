@@ -103,12 +103,19 @@ def count(text: str) -> int:
     return value
 
 
+# The least alpha or learning rate taken: 1e-300 passed "above 0", and was 0 in float32 (alpha
+# over the rank, or the rate): an adapter that learned or applied nothing, silently (helper-150).
+LEAST_SETTING = 1e-30
+
+
 def bounded(most: float):
-    """argparse type: a finite number above 0 and at most ``most``."""
+    """argparse type: a finite number from LEAST_SETTING to ``most``."""
     def number(text: str) -> float:
         value = positive_float(text)
         if value > most:
             raise argparse.ArgumentTypeError(f"must be at most {most:g}, got {text}")
+        if value < LEAST_SETTING:
+            raise argparse.ArgumentTypeError(f"must be at least {LEAST_SETTING:g} (less is 0 in float32), got {text}")
         return value
     return number
 
@@ -283,7 +290,10 @@ def training_plan(directory: Path, dense_bits: int | None, max_seq_len: int) -> 
     (not a chat's 32768-token KV cache). Where it does not fit, the MemoryPlanError names the
     smallest limit with every expert resident."""
     config = read_config(directory)
-    context = min(max_seq_len, config.max_position_embeddings)
+    if max_seq_len > config.max_position_embeddings:  # (trained past what the model can then read)
+        raise ValueError(f"--max-seq-len {max_seq_len} is longer than {directory}'s context of "
+                         f"{config.max_position_embeddings} tokens (max_position_embeddings)")
+    context = max_seq_len
     try:
         return choose_plan(config, context, checkpoint_dense_bits(config, dense_bits),
                            unstreamable="fine-tuning trains with every expert"), context
@@ -401,13 +411,15 @@ def cmd_fuse(args) -> int:
             model, _ = engine_thread().call(load, directory, adapter=args.adapter, dense_bits=16,
                                             memory_limit=system_ram(), max_context=1)
             report = engine_thread().call(fuse, model, config, out, args.requantize_experts)
+            for name in COPIED:  # tokenizer and generation config; an original/ layout's are one level up
+                for folder in (find_layout(directory)[1], directory):
+                    if (folder / name).is_file():  # the bytes, not a read-only mode
+                        shutil.copyfile(folder / name, out / name)
+                        break
         except (CheckpointError, ConfigError, TokenizerError, AdapterError, MemoryPlanError) as e:
             raise CLIError(str(e)) from None
-        for name in COPIED:  # tokenizer and generation config; an original/ layout's are one level up
-            for folder in (find_layout(directory)[1], directory):
-                if (folder / name).is_file():  # the bytes, not a read-only mode
-                    shutil.copyfile(folder / name, out / name)
-                    break
+        except OSError as e:  # a full disk (a traceback: a tester's, helper-150)
+            raise CLIError(f"{args.out}: writing it failed ({e}); nothing was kept") from None
         kept = (out / FUSED_EXPERT_ADAPTER).is_dir()
     if report:
         print(report.summary())

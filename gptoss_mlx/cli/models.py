@@ -177,15 +177,18 @@ def cmd_convert(args) -> int:
         except ValueError as e:  # MLX: a dimension its quantization cannot group
             raise CLIError(f"{args.src}: cannot quantize its dense layers to {args.dense_bits} bits: {e}") from None
         raw["quantization"] = {"group_size": AFFINE_GROUP, "bits": args.dense_bits, "mode": "affine"}
-        save_weights(out, dict(nn.utils.tree_flatten(model.parameters())))
-        (out / "config.json").write_text(json.dumps(raw, indent=2))
-        for name in COPIED:  # an original/ layout keeps its tokenizer one level up
-            for folder in (weights_dir, directory):
-                if (folder / name).is_file():
-                    shutil.copy(folder / name, out / name)
-                    break
-        if (directory / FUSED_EXPERT_ADAPTER).is_dir():  # a fused fine-tune's, for the experts kept as they were
-            shutil.copytree(directory / FUSED_EXPERT_ADAPTER, out / FUSED_EXPERT_ADAPTER)
+        try:
+            save_weights(out, dict(nn.utils.tree_flatten(model.parameters())))
+            (out / "config.json").write_text(json.dumps(raw, indent=2))
+            for name in COPIED:  # an original/ layout keeps its tokenizer one level up
+                for folder in (weights_dir, directory):
+                    if (folder / name).is_file():
+                        shutil.copy(folder / name, out / name)
+                        break
+            if (directory / FUSED_EXPERT_ADAPTER).is_dir():  # a fused fine-tune's, for the experts kept as they were
+                shutil.copytree(directory / FUSED_EXPERT_ADAPTER, out / FUSED_EXPERT_ADAPTER)
+        except OSError as e:  # a full disk (a traceback: a tester's, helper-150)
+            raise CLIError(f"{args.out}: writing it failed ({e}); nothing was kept") from None
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"Saved {args.out} ({_size(size)}); load it with --model {shlex.quote(str(args.out))}")
     return 0
