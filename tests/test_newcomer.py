@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_skips_are_named_with_what_they_need(tmp_path):
     env = {**os.environ, "GPTOSS_MLX_SHARED": str(tmp_path / "nothing")}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/test_cli_render.py"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
+                           "tests/test_cli_render.py"], cwd=ROOT, env=env,  # (one process: 3 workers' start-up)
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout
     out = proc.stdout

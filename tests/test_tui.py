@@ -535,13 +535,13 @@ def test_a_turn_reads_in_the_order_it_was_written_live_and_reopened(tokenizer_js
 
     runs = iter(range(10 ** 6))
 
-    @settings(max_examples=15, deadline=None, database=None)
+    @settings(max_examples=10, deadline=None, database=None)  # (about 1.4 s an example)
     @given(st.lists(st.sampled_from(["analysis", "preamble", "call", "final"]), max_size=5))
     def check(segments):
         asyncio.run(shown(segments, tmp_path / str(next(runs))))
 
     # with the answer held to a format (its preambles come as reasoning events, live)
-    @settings(max_examples=8, deadline=None, database=None)
+    @settings(max_examples=6, deadline=None, database=None)
     @given(st.lists(st.sampled_from(["analysis", "preamble"]), max_size=4))
     def check_format(segments):
         asyncio.run(shown(segments, tmp_path / str(next(runs)), {"type": "object"}))
