@@ -67,7 +67,11 @@ def test_generated_metal_source_type_checks(case, clang):
     toolchain.check_metal_syntax(source, clang)
 
 
-EMULATED = [(name, dtype, i) for name, dtype, i in CASES if dtype in emulated_dtypes(name)]
+# float16 on the first sample only (the run-time check's; every sample is still type-checked): the
+# same source as bfloat16's for another 16-bit type, and each sample is an emulator build of its
+# own (a fresh clone's suite built 277, 1-2 s each).
+EMULATED = [(name, dtype, i) for name, dtype, i in CASES
+            if dtype in emulated_dtypes(name) and (dtype != mx.float16 or i == 0)]
 
 
 @pytest.mark.parametrize("order", ["forward", "reverse"])
