@@ -1345,7 +1345,7 @@ async def test_a_streamed_model_shows_its_expert_pool_in_the_status(tiny_checkpo
 
     model, tokenizer = load(tiny_checkpoint, memory_limit="1.02307GB", dense_bits=4)
     assert model.expert_pool is not None
-    chat = Chat(model, tokenizer, sampling=SamplingParams(temperature=0, max_tokens=8), date="2025-08-05")
+    chat = Chat(model, tokenizer, sampling=SamplingParams(temperature=0, max_tokens=3), date="2025-08-05")
     app = make_app(chat, store)
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, app, "Hi there", 60)  # (a streamed reply on a loaded CPU took more than 10 s)
@@ -1368,7 +1368,7 @@ async def test_a_turn_whose_streamed_checkpoint_was_cut_is_taken_back_and_can_be
     (shard,) = directory.glob("*.safetensors")
     original = shard.read_bytes()
     model, tokenizer = load(directory, memory_limit="1.02307GB", dense_bits=4)
-    chat = Chat(model, tokenizer, sampling=SamplingParams(temperature=0, max_tokens=8), date="2025-08-05")
+    chat = Chat(model, tokenizer, sampling=SamplingParams(temperature=0, max_tokens=3), date="2025-08-05")
     app = make_app(chat, store)
     question = "Tell me about the weather in Lima and in Tokyo"
     async with app.run_test(size=SIZE) as pilot:
