@@ -101,8 +101,7 @@ class ModelConfig:
         for name in ["rms_norm_eps", "swiglu_limit", "rope_theta", "rope_scaling_factor",
                      "rope_beta_fast", "rope_beta_slow"]:
             value = getattr(self, name)
-            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
-                    or not math.isfinite(float(value) if value < 2**1023 else math.inf)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not _finite(value):
                 raise ConfigError(f"{name} must be a positive finite number, got {_shown(value)}")
         if self.num_experts_per_tok > self.num_local_experts:
             raise ConfigError(
@@ -341,19 +340,29 @@ def _check_quantization_config(quant) -> None:
                           "(as published) and MLX conversions can be loaded")
 
 
+def _finite(value: int | float) -> bool:
+    """Whether a float64 holds ``value`` (a whole number of 400 digits is valid JSON)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _shown(value) -> str:
-    """A config value in a message: a number of 400 digits (valid JSON) by its length."""
-    text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else repr(value)
-    return text if len(text) <= 40 else f"a number of {len(str(value))} digits" if isinstance(value, int) else text[:40] + "..."
+    """A config value in a message: a whole number of 400 digits by its length."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = f"{value:,}"
+        return text if len(text) <= 40 else f"a number of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 def _number(value, name: str) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ConfigError(f"{name} must be a number, got {value!r:.100}")
-    try:
-        return float(value)
-    except OverflowError:  # (a whole number of 400 digits is valid JSON)
-        raise ConfigError(f"{name} must be a finite number, got {_shown(value)}") from None
+    if isinstance(value, int) and not _finite(value):  # (infinity itself: the range checks')
+        raise ConfigError(f"{name} must be a finite number, got {_shown(value)}")
+    return float(value)
 
 
 def _integer(value, name: str) -> int:

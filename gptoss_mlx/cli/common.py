@@ -301,7 +301,8 @@ def add_model_options(p: argparse.ArgumentParser, interactive: bool = True,
                    help="sample from the k likeliest tokens (default 0: no limit)")
     p.add_argument("--min-p", type=float, default=0.0,
                    help="drop tokens less likely than this fraction of the likeliest (default 0)")
-    p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable replies (default: a new one each run)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed, for repeatable replies (default: a new one each run)")
     p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="cap on tokens per reply (reasoning included; default: none, the context's room)")
     p.add_argument("--reasoning-budget", type=lambda text: positive_int(text, 0), default=None,

@@ -154,7 +154,7 @@ class Service:
         tokens = self.rendered(messages) if rendered is None else rendered
         if len(tokens) + len(forced) >= self.max_context:
             # (a 1 MB schema's description in a one-line request was "shorten the conversation")
-            head = [m for m in itertools.takewhile(lambda m: m.role in ("system", "developer"), messages)]
+            head = list(itertools.takewhile(lambda m: m.role in ("system", "developer"), messages))
             setup = len(self.rendered(head)) if head else 0
             what, shorten = (f" ({setup} of them the instructions, tools and response format)",
                              "shorten them") if setup > len(tokens) // 2 else ("", "shorten the conversation")

@@ -299,7 +299,7 @@ def build_emulator(source: str, cxx: str | None = None) -> ctypes.CDLL:
     key = hashlib.sha256((unit + header + cxx).encode()).hexdigest()[:24]
     lib = _cache_dir() / f"k_{key}.so"
     if not lib.exists():
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(dir=_cache_dir()) as tmp:  # (renamed into place whole)
             src = Path(tmp) / "kernel.cpp"
             src.write_text(unit)
             tmp_lib = Path(tmp) / "kernel.so"
@@ -422,7 +422,7 @@ def cuda_cubin(kernel: Kernel, launch: Launch, nvcc: str, arch: str = "sm_90a") 
                                      str(os.stat(tool).st_mtime_ns))).encode()).hexdigest()[:24]
     cached, log = _cache_dir() / f"cu_{key}.cubin", _cache_dir() / f"cu_{key}.log"
     if not (cached.exists() and log.exists()):
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(dir=_cache_dir()) as tmp:  # (renamed into place whole)
             src, cubin = Path(tmp) / "kernel.cu", Path(tmp) / "k.cubin"
             src.write_text(source)
             out = subprocess.run([nvcc, f"-arch={arch}", "-O3", "-cubin", "-Xptxas", "-v", "-o", str(cubin),
