@@ -49,6 +49,9 @@ class AdapterError(ValueError):
 
 
 MAX_ALPHA = 65536.0  # far past any use (mlx-lm's default scale is 20): a typo, or a damaged config
+# The least alpha (and learning rate) taken: 1e-300 passed "above 0", and alpha over the rank (or
+# the rate) was 0 in float32: an adapter that learned or applied nothing, silently (helper-150).
+LEAST_SETTING = 1e-30
 
 
 @dataclass(frozen=True)
@@ -61,9 +64,9 @@ class LoRAConfig:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise AdapterError(f"rank must be a whole number of at least 1, got {self.rank!r}")
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) \
-                or not 0 < self.alpha <= MAX_ALPHA or not math.isfinite(self.alpha):
+                or not LEAST_SETTING <= self.alpha <= MAX_ALPHA or not math.isfinite(self.alpha):
             # (an adapter_config.json's 1e38 loaded, then every logit was NaN, "corrupt weights")
-            raise AdapterError(f"alpha must be a number above 0 and at most {MAX_ALPHA:g}, got {self.alpha!r:.40}")
+            raise AdapterError(f"alpha must be a number from {LEAST_SETTING:g} to {MAX_ALPHA:g}, got {self.alpha!r:.40}")
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
             raise AdapterError(f"targets must be some of {', '.join(TARGETS)}, got "

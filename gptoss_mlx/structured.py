@@ -165,6 +165,8 @@ def unenforced_problem(schema) -> str | None:
                 return f"'{key}' must be a number, got {json.dumps(node[key])[:80]}"
             if isinstance(node.get(key), float) and not math.isfinite(node[key]):
                 return f"{key}: {node[key]} is beyond float64 (a number written too large reads as infinity)"
+            if key == "multipleOf" and isinstance(node[key] if key in node else None, int) and node[key] >= 2**1024:
+                return f"multipleOf: {_brief(node[key])} is beyond float64"
         step = node.get("multipleOf")
         if isinstance(step, (int, float)) and not isinstance(step, bool) and step <= 0:
             # (JSON Schema: strictly greater than 0; llguidance took -2 as 2, and said of 0 "invalid multiple of")
@@ -172,7 +174,7 @@ def unenforced_problem(schema) -> str | None:
         for key in ("const", "enum"):
             number = _inexact_number(node.get(key)) if key in node else None
             if number is not None:
-                return (f"the {key} value {number} is a number llguidance cannot write exactly (it "
+                return (f"the {key} value {_brief(number)} is a number llguidance cannot write exactly (it "
                         f"writes float64s: {_shortest(number).normalize():f}): give it as a string")
         try:
             grammar_bounds(node)
@@ -252,7 +254,7 @@ def grammar_bounds(node: dict) -> dict:
         low = kind in LOWS
         if (value > BOUND_LIMIT or (value == BOUND_LIMIT and kind == "exclusiveMinimum")) if low else \
                 (value < -BOUND_LIMIT or (value == -BOUND_LIMIT and kind == "exclusiveMaximum")):
-            raise ValueError(f"the bound {key}: {given[key]!r} leaves only numbers beyond ±{BOUND_LIMIT}, "
+            raise ValueError(f"the bound {key}: {_brief(given[key])} leaves only numbers beyond ±{BOUND_LIMIT}, "
                              "the largest the constraint can bound")
         if abs(value) > BOUND_LIMIT:  # beyond, widening the range: moved to the limit, inclusive
             kind, value = ("minimum", -BOUND_LIMIT) if low else ("maximum", BOUND_LIMIT)
@@ -467,9 +469,10 @@ def grammar_schema(schema):
             value = grammar_schema(value)
         out[key] = value
     out = draft4_bounds(out)
-    for key in ("minLength", "maxLength"):
+    for key in ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"):
         # llguidance writes these as a regex repeat, which stops at 2**32 - 1 ("regex parse
-        # error: ... decimal literal invalid" beyond): no answer is that long, so the same
+        # error: ... decimal literal invalid" beyond; the counts of items and properties, "number
+        # out of range" past 64 bits): no answer is that long, so the same
         if type(out.get(key)) is int and out[key] > MAX_REPEAT:
             out[key] = MAX_REPEAT
     bounds = grammar_bounds(out)
@@ -509,6 +512,12 @@ def _reworded(reason: str) -> str:
         reason = f"its pattern {pattern!r:.200}: {why} (at {pattern[at:at + len(part)]!r:.80})"
     return re.sub(r"^Value for 'multipleOf' has too many digits: \d+$",
                   "'multipleOf' has more significant digits than the constraint can enforce", reason, flags=re.S)
+
+
+def _brief(number) -> str:
+    """A number in a message: a whole number of 400 digits (valid JSON) by its length."""
+    text = repr(number)
+    return text if len(text) <= 40 else f"a number of {len(str(abs(number)))} digits"
 
 
 def _is_bound(value) -> bool:

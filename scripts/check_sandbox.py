@@ -294,8 +294,9 @@ CASES = [
     # every container shares; a session held 240 between cells, 13 emptied the pool)
     Case("ptys from the host's pool (kernel.pty.nr)",
          "import os\nptys = []\ntry:\n    for _ in range(20):\n        ptys.append(os.openpty())\n"
-         "except OSError as e:\n    print(e)\nprint('PTYS', len(ptys))",
-         lambda out, ctx: "PTYS 0" in out),
+         "except OSError as e:\n    print(e)\nprint('PTYS', len(ptys))\n"
+         "try:\n    open('/dev/pts/x', 'wb').write(b'x' * 2**20)\n    print('WROTE')\nexcept OSError as e:\n    print(e)",
+         lambda out, ctx: "PTYS 0" in out and "WROTE" not in out),  # (the re-attack: its tmpfs took 720 MB)
     Case("environment variables (tokens, keys)", "import os\ndict(os.environ)",
          lambda out, ctx: SECRET not in out and "HOME" in out),
     Case("unshare a new user namespace",

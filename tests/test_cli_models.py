@@ -352,3 +352,14 @@ def test_list_plans_an_mlx_conversion_with_its_experts_resident(checkpoints, mon
     monkeypatch.setenv("GPTOSS_MLX_DEVICE_MEMORY", "10.7GB")
     assert fits(GPT_OSS_20B, checkpoints["hf"]).startswith("yes, experts streamed")
     assert fits(GPT_OSS_20B, checkpoints["mlx"]).startswith("no (needs ")
+
+
+def test_ctrl_d_at_rms_question_deletes_nothing(cache, monkeypatch, capsys):
+    """Ctrl-D at "Delete ...? [y/N]" was an EOFError's traceback (the re-attack, helper-153)."""
+    from gptoss_mlx.cli import main
+
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda prompt: (_ for _ in ()).throw(EOFError))
+    assert main(["models", "rm", "test/gpt-oss-tiny"]) == 0
+    assert "Nothing deleted." in capsys.readouterr().out
+    assert (cache / "models--test--gpt-oss-tiny").is_dir()

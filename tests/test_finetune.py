@@ -638,9 +638,13 @@ def test_fusing_an_adapter_that_overflows_writes_nothing(sharp, tmp_path, capsys
     assert main(["fuse", "--model", str(sharp), "--adapter", str(tmp_path / "adapter"),
                  "--out", str(tmp_path / "fused"), *(["--requantize-experts"] if "experts" in targets else [])]) == 2
     err = capsys.readouterr().err
-    assert "adapter_config.json: alpha must be a number above 0 and at most 65536, got 1e+300" in err
+    assert "adapter_config.json: alpha must be a number from 1e-30 to 65536, got 1e+300" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
-    with pytest.raises(AdapterError, match="adapter_config.json: alpha must be a number above 0 and at most 65536"):
+    with pytest.raises(AdapterError, match="adapter_config.json: alpha must be a number from 1e-30 to 65536"):
+        load(sharp, adapter=tmp_path / "adapter")
+    # and one that is 0 in float32 applied nothing, silently (the re-attack, helper-153)
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "alpha": 1e-300}))
+    with pytest.raises(AdapterError, match="alpha must be a number from 1e-30 to 65536, got 1e-300"):
         load(sharp, adapter=tmp_path / "adapter")
 
 
@@ -790,6 +794,9 @@ def test_fuse_and_convert_onto_a_full_disk_say_so_and_keep_nothing(sharp, tmp_pa
     (tmp_path / "file").write_text("")
     assert main(["models", "convert", str(sharp), "--dense-bits", "8", str(tmp_path / "file" / "x")]) == 2
     assert f"{tmp_path / 'file' / 'x'}: cannot create it ({tmp_path / 'file'} is not a directory)" in capsys.readouterr().err
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")  # (it named the folder above: the re-attack)
+    assert main(["models", "convert", str(sharp), "--dense-bits", "8", str(tmp_path / "dangling" / "x")]) == 2
+    assert f"({tmp_path / 'dangling'} is a link to {tmp_path / 'nowhere'}, which is not there)" in capsys.readouterr().err
 
 
 def test_a_max_seq_len_past_the_models_context_is_refused(sharp, tmp_path, capsys):

@@ -278,6 +278,9 @@ def test_an_unenforceable_schema_is_named(tok, tiny):
 
 @pytest.mark.parametrize("schema, says", [
     ({"type": "integer", "minimum": 10**20, "maximum": 10**20 + 5}, "minimum: 100000000000000000000 leaves only"),
+    # a number of 400 digits shown by its length, not in full (the re-attack, helper-153)
+    ({"type": "number", "multipleOf": 10**400}, "multipleOf: a number of 401 digits is beyond float64"),
+    ({"const": 10**400}, "the const value a number of 401 digits is a number llguidance cannot write"),
     # refs that go round in a circle were sent to look for a minLength (helper-149)
     ({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
      r"no instance .* or \$refs that lead only to one another is refused"),
@@ -330,6 +333,9 @@ def test_integer_bounds_beyond_64_bits_that_only_widen_the_range_are_kept(tok):
     # a whole number too large for a float64 (valid JSON) was an OverflowError's traceback (helper-148)
     ({"type": "integer", "maximum": 10**400, "exclusiveMinimum": -10**400}, ["0", "-42", "9000000000000000000"], ["1.5"]),
     ({"type": "number", "exclusiveMaximum": 10**400}, ["0", "-2.5"], ["a"]),
+    # counts of 400 digits were llguidance's "number out of range at line 1 column 431" (the re-attack)
+    ({"type": "array", "items": {"type": "integer"}, "maxItems": 10**400}, ["[]", "[1, 2]"], ["{}"]),
+    ({"type": "object", "maxProperties": 10**400, "additionalProperties": {"type": "integer"}}, ['{"a": 1}'], ["[]"]),
     ({"type": "number", "exclusiveMinimum": -1e19, "exclusiveMaximum": 1e19}, ["0", "-3.25"], ["20000000000000000000"]),
     ({"type": "number", "minimum": 10**18}, ["1000000000000000000", "2000000000000000000.5"], ["5"]),
     # bounds beyond 2**53 were rounded to float64 either way: these let the bound through

@@ -79,8 +79,10 @@ def new_directory(path: Path):
         os.umask(umask)
         work.chmod(0o777 & ~umask)  # as mkdir would make it, not mkdtemp's 0700
     except FileExistsError:  # a part of the path is a file (/dev/full/x said "File exists")
-        raise CLIError(f"{path}: cannot create it ({next(p for p in path.parents if p.exists())} "
-                       "is not a directory)") from None
+        part = next(p for p in path.parents if os.path.lexists(p))
+        why = (f"{part} is a link to {os.readlink(part)}, which is not there" if not part.exists()
+               else f"{part} is not a directory")
+        raise CLIError(f"{path}: cannot create it ({why})") from None
     except OSError as e:
         raise CLIError(f"{path}: cannot create it ({e.strerror or e})") from None
     for left in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):

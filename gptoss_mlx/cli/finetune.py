@@ -26,7 +26,7 @@ from ..loading import (
     resolve_checkpoint, save_weights,
 )
 from ..lora import (
-    ADAPTER_CONFIG, FUSED_EXPERT_ADAPTER, TARGETS, AdapterError, adapter_weights,
+    ADAPTER_CONFIG, FUSED_EXPERT_ADAPTER, LEAST_SETTING, TARGETS, AdapterError, adapter_weights,
     expert_adapter_config, fuse_dense, hf_tensors, non_finite, read_adapter_config,
     requantize_experts, save_adapter,
 )
@@ -101,11 +101,6 @@ def count(text: str) -> int:
     if value >= ft.MAX_STEPS:
         raise argparse.ArgumentTypeError(f"must be below 2**53, got {text}")
     return value
-
-
-# The least alpha or learning rate taken: 1e-300 passed "above 0", and was 0 in float32 (alpha
-# over the rank, or the rate): an adapter that learned or applied nothing, silently (helper-150).
-LEAST_SETTING = 1e-30
 
 
 def bounded(most: float):

@@ -143,7 +143,12 @@ def cmd_rm(args) -> int:
     if not args.yes:
         if not sys.stdin.isatty():
             raise CLIError(f"pass --yes to delete {args.repo} without a terminal to ask on")
-        if input(f"Delete {args.repo} from {cache_dir()}? [y/N] ").strip().lower() not in ("y", "yes"):
+        try:
+            answer = input(f"Delete {args.repo} from {cache_dir()}? [y/N] ")
+        except EOFError:  # Ctrl-D (a traceback: the re-attack, helper-153)
+            answer = ""
+            print()
+        if answer.strip().lower() not in ("y", "yes"):
             print("Nothing deleted.")
             return 0
     link = repo_folder(args.repo)

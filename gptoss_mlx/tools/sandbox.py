@@ -67,7 +67,7 @@ class SandboxLimits:
         t = self.timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= MAX_TIMEOUT_S:
             raise ValueError(f"timeout_s must be a number of seconds above 0 and at most "
-                             f"{MAX_TIMEOUT_S:g} (a week), got {t!r:.40}")
+                             f"{MAX_TIMEOUT_S:g} (a week), got {t!r:.40}{'...' if len(repr(t)) > 40 else ''}")
 
 
 class SandboxUnavailable(ToolError):
@@ -130,8 +130,10 @@ def bwrap_argv(policy: Policy, seccomp_fd: int | None) -> list[str]:
     # The root and /dev tmpfs that bwrap builds are made read-only once everything is mounted.
     # Its /dev/pts, hidden: every pty opened there counts against the host's pool (kernel.pty.nr,
     # shared with every container), and a session held them between cells (a tester's, helper-151).
-    argv += ["--dev", "/dev", "--tmpfs", "/dev/pts", "--size", str(policy.disk_mb * 2**20), "--tmpfs", policy.workdir,
-             "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", policy.workdir]
+    # (one page, read-only: a tmpfs's default size is half the host's memory, beyond disk_mb)
+    argv += ["--dev", "/dev", "--size", "4096", "--tmpfs", "/dev/pts", "--size", str(policy.disk_mb * 2**20),
+             "--tmpfs", policy.workdir, "--remount-ro", "/dev/pts", "--remount-ro", "/dev", "--remount-ro", "/",
+             "--chdir", policy.workdir]
     for name, value in sandbox_env(policy.workdir).items():
         argv += ["--setenv", name, value]
     if seccomp_fd is not None:
