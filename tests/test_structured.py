@@ -721,6 +721,18 @@ def test_cli_generate_json_schema(tiny_checkpoint, tmp_path):
     jsonschema.validate(json.loads(proc.stdout), flag)
 
 
+def test_cli_json_answer_with_controls_is_the_json_the_model_wrote(tiny_checkpoint, tmp_path):
+    """A JSON string may hold C1 controls and bidi characters: they were printed as the markers
+    terminal text gets (``"<U+0080>À"``), a value that no longer matched its pattern; now as JSON's
+    own escapes (the re-attack, helper-153)."""
+    schema = tmp_path / "p.json"
+    schema.write_text(json.dumps({"type": "string", "pattern": "^[\u0080-\u009f\u202e][^\u0000-\u007f]$"}))
+    proc = run_cli("generate", "-m", str(tiny_checkpoint), "-p", "hi", "--json-schema", str(schema),
+                   "--max-tokens", "60", "--seed", "1")
+    assert proc.returncode in (0, 1), proc.stderr
+    assert "<U+" not in proc.stdout and re.search("^[\u0080-\u009f\u202e][^\u0000-\u007f]$", json.loads(proc.stdout))
+
+
 def test_cli_chat_piped_json_object_and_truncation(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", str(tmp_path))
     proc = run_cli("chat", "-m", str(tiny_checkpoint), "--json-object", "--max-tokens", "40", "--seed", "1",

@@ -130,7 +130,7 @@ def answer_resumed(args, question: str, chat_id: str) -> Done | None:
             print(terminal_safe(f"[functions: {tools}]"), file=sys.stderr)
         flags_over_saved(chat, args)
         done = print_events(replies(chat, question, toolbox), not args.hide_reasoning, sys.stdout,
-                            sys.stderr, dim=False)
+                            sys.stderr, dim=False, json_answer=bool(args.json_schema or args.json_object))
     except (ChatFileError, ContextLengthError, NonFiniteLogitsError, SchemaError, CheckpointError) as e:
         raise CLIError(str(e)) from None
     finally:

@@ -155,6 +155,13 @@ def terminal_safe(text: str) -> str:
     return "".join(prose_marker(ch) or ch for ch in text.replace("\r\n", "\n"))
 
 
+def json_safe(text: str) -> str:
+    """A JSON answer made safe to print as :func:`terminal_safe` makes text, but with JSON's own
+    escapes (``\\u0080``, ``\\u202e``): the same JSON, still matching its schema (a marker such as
+    ``<U+0080>`` changed the value). Such characters are only ever inside its strings."""
+    return "".join(f"\\u{ord(ch):04x}" if prose_marker(ch) else ch for ch in text)
+
+
 def note(message: str) -> None:
     """Something worth knowing that stops nothing, as every command says it: a line of standard
     error beginning ``gptoss-mlx: note:`` (the README's convention)."""

@@ -13,7 +13,7 @@ from ..loading import CheckpointError
 from ..tools import Toolbox, ToolResult, run_with_tools
 from ..tools.approval import hold_carriage_return
 from . import common
-from .common import DIM, RESET, CLIError, make_toolbox, terminal_safe
+from .common import DIM, RESET, CLIError, json_safe, make_toolbox, terminal_safe
 
 BLANK = " \t\n"  # what a line with nothing on it holds
 
@@ -95,12 +95,14 @@ def with_prompt_progress(events, engine, out):
         progress.stop()
 
 
-def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: bool) -> Done | None:
+def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: bool,
+                 json_answer: bool = False) -> Done | None:
     """Print a reply's events; returns the Done event. Its parts (reasoning, a preamble, a tool
     call with its result, the answer) are a blank line apart, one blank line however they follow
     each other (both outputs are usually the one terminal), whatever newlines the model's text
     starts or ends with (lines with nothing on them), and each output's last line is ended.
-    Interrupted (Ctrl-C), it leaves no colour on."""
+    Interrupted (Ctrl-C), it leaves no colour on. ``json_answer``: the answer is JSON, printed
+    with JSON's escapes where other text gets markers (common.json_safe)."""
     done = None
     part = None  # the part being shown: ("reasoning" or "answer", its message's channel, index), or None
     ends: dict[int, int] = {}  # by output written to: the newlines its text ends with
@@ -146,6 +148,9 @@ def print_events(events, show_reasoning: bool, answer_out, reasoning_out, dim: b
         nonlocal start, cr_out
         if new_part is not None:  # (the part before it ended: end_text())
             start = new_part
+        if json_answer and out is answer_out and part and part[0] == "answer":
+            shown(out, json_safe(text))  # (its \r can only be JSON's blank space)
+            return
         text, held_cr = hold_carriage_return(text, cr_out is not None)
         cr_out = out if held_cr else None
         shown(out, terminal_safe(text))
@@ -313,7 +318,8 @@ def answer_once(args, text: str, approve, show_reasoning: bool, dim: bool,
                 for _ in events:
                     pass
             else:
-                print_events(events, show_reasoning, sys.stdout, sys.stderr, dim)
+                print_events(events, show_reasoning, sys.stdout, sys.stderr, dim,
+                             json_answer=bool(args.json_schema or args.json_object))
         except KeyboardInterrupt as e:  # Ctrl-C: what was made so far is the outcome
             events.close()  # the reply stops at the engine's next step
             outcome.finish_reason, outcome.stop_status = "interrupted", getattr(e, "status", 130)
