@@ -452,10 +452,12 @@ def test_bwrap_argv_confines():
     assert argv[argv.index("--cap-drop") + 1] == "ALL" and "--proc" not in argv
     mounts = [i for i, a in enumerate(argv) if a in ("--ro-bind-try", "--tmpfs", "--dev")]
     remounts = [i for i, a in enumerate(argv) if a == "--remount-ro"]
-    assert [argv[i + 1] for i in remounts] == ["/dev", "/"] and min(remounts) > max(mounts)
+    assert [argv[i + 1] for i in remounts] == ["/dev/pts", "/dev", "/"] and min(remounts) > max(mounts)
     assert argv[argv.index("--seccomp") + 1] == "7"
-    size = argv.index("--size")
-    assert argv[size:size + 4] == ["--size", str(32 * 2**20), "--tmpfs", "/mnt/data"]
+    # every tmpfs sized: /dev/pts (hiding bwrap's devpts: the host's pty pool) one page, the
+    # working directory disk_mb (a tmpfs's default is half the host's memory)
+    tmpfs = [argv[i - 2:i + 2] for i, a in enumerate(argv) if a == "--tmpfs"]
+    assert tmpfs == [["--size", "4096", "--tmpfs", "/dev/pts"], ["--size", str(32 * 2**20), "--tmpfs", "/mnt/data"]]
     writable = [argv[i + 2] for i, a in enumerate(argv) if a in ("--bind", "--dev-bind", "--bind-try")]
     assert writable == []  # the tmpfs is the only writable place
     binds = [argv[i + 1] for i, a in enumerate(argv) if a == "--ro-bind-try"]
