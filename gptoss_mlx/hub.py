@@ -194,6 +194,23 @@ def cached_folder(repo_id: str) -> Path:
     return folder
 
 
+def other_model_type(folder: Path) -> str | None:
+    """The model type a cached repo's snapshots name when it is another model's (its
+    config.json readable, and none of them gpt-oss's); None for ours, a damaged download, or one
+    whose config cannot be read (those stay removable)."""
+    types = set()
+    for config_file in folder.glob("snapshots/*/config.json"):
+        try:
+            if regular_file_problem(config_file) or config_file.stat().st_size > MAX_JSON_BYTES:
+                continue
+            data = json.loads(config_file.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("model_type"), str):
+            types.add(data["model_type"])
+    return None if not types or "gpt_oss" in types else sorted(types)[0]
+
+
 def remove(repo_id: str) -> int:
     """Delete every cached revision of ``repo_id`` (its whole folder: snapshots, blobs, parts
     of interrupted downloads; a damaged download too); returns the bytes freed. A folder that

@@ -164,6 +164,11 @@ def test_rm_deletes_the_repo(cache):
     # one it does not have is said so first (it asked for --yes to delete it: a tester's, helper-152)
     proc = run("models", "rm", "someone/missing")
     assert proc.returncode == 2 and "someone/missing is not in the Hugging Face cache" in proc.stderr
+    # another model's repo, which `list` does not show, is not ours to delete (a typo deleted it: helper-150)
+    proc = run("models", "rm", "someone/llama", "--yes")
+    assert proc.returncode == 2 and ("someone/llama is not a gpt-oss checkpoint (its config.json says model_type "
+                                     "'llama'): `models rm` deletes gpt-oss checkpoints only") in proc.stderr
+    assert (cache / "models--someone--llama").is_dir()
     proc = run("models", "rm", "openai/gpt-oss-120b", "--yes")
     assert proc.returncode == 0 and "Deleted openai/gpt-oss-120b" in proc.stdout
     assert not (cache / "models--openai--gpt-oss-120b").exists()

@@ -14,7 +14,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from ..config import ConfigError, ModelConfig
-from ..hub import cache_dir, cached_folder, cached_models, remove, repo_folder
+from ..hub import cache_dir, cached_folder, cached_models, other_model_type, remove, repo_folder
 from ..loading import (
     COPIED, CheckpointError, find_layout, load_model, not_downloaded, resolve_checkpoint, save_weights, stream_problem,
 )
@@ -45,7 +45,8 @@ def register(sub) -> None:
     q.set_defaults(func=cmd_pull)
 
     q = models.add_parser("rm", help="delete a checkpoint from the cache",
-                          description="Delete every cached revision of a repo.")
+                          description="Delete every cached revision of a gpt-oss repo (another model's "
+                                      "repo in the shared cache is refused).")
     q.add_argument("repo", help="Hugging Face repo id")
     q.add_argument("--yes", "-y", action="store_true", help="do not ask before deleting")
     q.set_defaults(func=cmd_rm)
@@ -137,9 +138,13 @@ def cmd_pull(args) -> int:
 
 def cmd_rm(args) -> int:
     try:  # before asking (it asked for --yes to delete a repo it did not have: a tester's, helper-152)
-        cached_folder(args.repo)
+        folder = cached_folder(args.repo)
     except CheckpointError as e:
         raise CLIError(str(e)) from None
+    other = other_model_type(folder)
+    if other:  # (a typo deleted another model from the shared cache, which `list` does not show: helper-150)
+        raise CLIError(f"{args.repo} is not a gpt-oss checkpoint (its config.json says model_type "
+                       f"{other!r:.40}): `models rm` deletes gpt-oss checkpoints only; nothing deleted")
     if not args.yes:
         if not sys.stdin.isatty():
             raise CLIError(f"pass --yes to delete {args.repo} without a terminal to ask on")
