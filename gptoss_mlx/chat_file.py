@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
 
-from .files import JSONProblem, lone_surrogate_problem, parse_json, regular_file_problem
+from .files import JSONProblem, float64_holds, lone_surrogate_problem, parse_json, regular_file_problem
 from .harmony import EFFORTS, HarmonyError, from_chat_completions, render_conversation
 from .harmony.chat_completions import REASONING_KEYS, response_formats
 
@@ -67,7 +66,7 @@ def chat_file_problem(data) -> str | None:
     for name, ok, expected in (
         ("title", lambda v: isinstance(v, str), "a string"),
         ("date", is_one_line_date, DATE_SHAPE),
-        ("updated", lambda v: _is_float64(v) and v >= 0, "a time in seconds"),
+        ("updated", lambda v: _is_number(v) and float64_holds(v) and v >= 0, "a time in seconds"),
         ("reasoning_effort", lambda v: v in EFFORTS, " or ".join(EFFORTS)),
         ("tools", lambda v: isinstance(v, list) and all(isinstance(t, dict) for t in v),
          "a list of objects"),
@@ -145,14 +144,6 @@ def _is_int(v) -> bool:
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_float64(v) -> bool:
-    """A number a float64 holds (a whole number of 400 digits is valid JSON, and no time)."""
-    try:
-        return _is_number(v) and math.isfinite(v)
-    except OverflowError:
-        return False
 
 
 def _show(v) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .files import read_json_file
+from .files import brief_number, float64_holds, read_json_file
 from .tokenizer import SPECIAL_TOKENS
 
 SLIDING = "sliding_attention"
@@ -101,7 +101,7 @@ class ModelConfig:
         for name in ["rms_norm_eps", "swiglu_limit", "rope_theta", "rope_scaling_factor",
                      "rope_beta_fast", "rope_beta_slow"]:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not _finite(value):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not float64_holds(value):
                 raise ConfigError(f"{name} must be a positive finite number, got {_shown(value)}")
         if self.num_experts_per_tok > self.num_local_experts:
             raise ConfigError(
@@ -340,27 +340,17 @@ def _check_quantization_config(quant) -> None:
                           "(as published) and MLX conversions can be loaded")
 
 
-def _finite(value: int | float) -> bool:
-    """Whether a float64 holds ``value`` (a whole number of 400 digits is valid JSON)."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
 def _shown(value) -> str:
-    """A config value in a message: a whole number of 400 digits by its length."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        text = f"{value:,}"
-        return text if len(text) <= 40 else f"a number of {len(str(abs(value)))} digits"
-    text = repr(value)
-    return text if len(text) <= 40 else text[:40] + "..."
+    """A config value in a message (a whole number with thousands separators)."""
+    if isinstance(value, int) and not isinstance(value, bool) and len(str(value)) <= 30:
+        return f"{value:,}"
+    return brief_number(value) if isinstance(value, (int, float)) else f"{value!r:.40}"
 
 
 def _number(value, name: str) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ConfigError(f"{name} must be a number, got {value!r:.100}")
-    if isinstance(value, int) and not _finite(value):  # (infinity itself: the range checks')
+    if isinstance(value, int) and not float64_holds(value):  # (infinity itself: the range checks')
         raise ConfigError(f"{name} must be a finite number, got {_shown(value)}")
     return float(value)
 

@@ -136,6 +136,21 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def float64_holds(value) -> bool:
+    """Whether a JSON number is finite as a float64 (a whole number of 400 digits is valid JSON,
+    and ``math.isfinite`` raises OverflowError on it)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def brief_number(value) -> str:
+    """A JSON number in a message: one of 400 digits by its length, not in full."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"a number of {len(str(abs(value)))} digits"
+
+
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what strict UTF-8 cannot encode
 REPLACEMENT = "\ufffd"  # what valid_text puts in its place
 

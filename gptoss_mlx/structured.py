@@ -57,6 +57,7 @@ from .harmony import (
 )
 from .harmony.parser import parse_header
 from .harmony.chat_completions import FUNCTIONS
+from .files import brief_number, float64_holds
 from .tokenizer import NUM_BPE_TOKENS, SPECIAL_TOKENS, VOCAB_SIZE
 
 log = logging.getLogger("gptoss_mlx")
@@ -165,8 +166,8 @@ def unenforced_problem(schema) -> str | None:
                 return f"'{key}' must be a number, got {json.dumps(node[key])[:80]}"
             if isinstance(node.get(key), float) and not math.isfinite(node[key]):
                 return f"{key}: {node[key]} is beyond float64 (a number written too large reads as infinity)"
-            if key == "multipleOf" and isinstance(node[key] if key in node else None, int) and node[key] >= 2**1024:
-                return f"multipleOf: {_brief(node[key])} is beyond float64"
+            if key == "multipleOf" and not float64_holds(node.get(key, 0)):
+                return f"multipleOf: {brief_number(node[key])} is beyond float64"
         step = node.get("multipleOf")
         if isinstance(step, (int, float)) and not isinstance(step, bool) and step <= 0:
             # (JSON Schema: strictly greater than 0; llguidance took -2 as 2, and said of 0 "invalid multiple of")
@@ -174,7 +175,7 @@ def unenforced_problem(schema) -> str | None:
         for key in ("const", "enum"):
             number = _inexact_number(node.get(key)) if key in node else None
             if number is not None:
-                return (f"the {key} value {_brief(number)} is a number llguidance cannot write exactly (it "
+                return (f"the {key} value {brief_number(number)} is a number llguidance cannot write exactly (it "
                         f"writes float64s: {_shortest(number).normalize():f}): give it as a string")
         try:
             grammar_bounds(node)
@@ -254,7 +255,7 @@ def grammar_bounds(node: dict) -> dict:
         low = kind in LOWS
         if (value > BOUND_LIMIT or (value == BOUND_LIMIT and kind == "exclusiveMinimum")) if low else \
                 (value < -BOUND_LIMIT or (value == -BOUND_LIMIT and kind == "exclusiveMaximum")):
-            raise ValueError(f"the bound {key}: {_brief(given[key])} leaves only numbers beyond ±{BOUND_LIMIT}, "
+            raise ValueError(f"the bound {key}: {brief_number(given[key])} leaves only numbers beyond ±{BOUND_LIMIT}, "
                              "the largest the constraint can bound")
         if abs(value) > BOUND_LIMIT:  # beyond, widening the range: moved to the limit, inclusive
             kind, value = ("minimum", -BOUND_LIMIT) if low else ("maximum", BOUND_LIMIT)
@@ -512,12 +513,6 @@ def _reworded(reason: str) -> str:
         reason = f"its pattern {pattern!r:.200}: {why} (at {pattern[at:at + len(part)]!r:.80})"
     return re.sub(r"^Value for 'multipleOf' has too many digits: \d+$",
                   "'multipleOf' has more significant digits than the constraint can enforce", reason, flags=re.S)
-
-
-def _brief(number) -> str:
-    """A number in a message: a whole number of 400 digits (valid JSON) by its length."""
-    text = repr(number)
-    return text if len(text) <= 40 else f"a number of {len(str(abs(number)))} digits"
 
 
 def _is_bound(value) -> bool:
