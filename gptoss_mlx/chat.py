@@ -33,7 +33,7 @@ from .chat_file import (  # noqa: F401 - ChatFileError: public here
     CHAT_FIELDS, DATE_SHAPE, ChatFileError, chat_file_problem, check_chat_file, is_one_line_date, write_json_atomic,
 )
 from .engine_thread import engine_thread
-from .files import valid_text
+from .files import expand_user, valid_text
 from .generate import RAISE_CONTEXT, ContextLengthError, Engine, SamplingParams, Stats, sampling_params
 from .harmony.chat_completions import (
     _call_defaults, _header_field, _recipient_of, response_format_json, response_formats,
@@ -613,7 +613,7 @@ class Chat:
         the file's JSON (its title and other metadata too). A file that is not a saved chat (or
         is damaged, or from a newer version) raises ChatFileError naming the file and the field,
         and the chat stays as it was."""
-        path = Path(path).expanduser()
+        path = expand_user(path, ChatFileError)
         data = check_chat_file(path)
         self._close_open_stream()  # as reset(): nothing of a reply under way joins the loaded chat
         messages = harmony.from_chat_completions(data, date=data.get("date"))

@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .files import JSONProblem, float64_holds, lone_surrogate_problem, parse_json, regular_file_problem
+from .files import JSONProblem, expand_user, float64_holds, lone_surrogate_problem, parse_json, regular_file_problem
 from .harmony import EFFORTS, HarmonyError, from_chat_completions, render_conversation
 from .harmony.chat_completions import REASONING_KEYS, response_formats
 
@@ -169,7 +169,7 @@ def write_text_atomic(path: str | os.PathLike, text: str | bytes) -> Path:
     """Write through a temporary file and a rename: a crash never leaves half a file (the
     store removes temporary files that a killed save left behind). A link is followed, as
     ``open(path, "w")`` follows it: the file it names is written, the link stays."""
-    path = Path(path).expanduser()
+    path = expand_user(path)
     if path.is_symlink():
         path = path.resolve()
     if path.is_dir():

@@ -22,6 +22,19 @@ class CheckpointError(ValueError):
     so that the expert pool, which loading builds, can raise it too)."""
 
 
+def expand_user(path: str | os.PathLike, error: type[Exception] = FileNotFoundError) -> Path:
+    """``path`` with a leading ``~`` or ``~name`` made the home folder, as a shell does; where
+    there is none (no user ``name`` here, or no HOME), ``error`` saying so, not pathlib's bare
+    RuntimeError (a traceback: a tester's ``/save ~nosuchuser/x.json``, helper-155)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        first = os.fspath(path).split(os.sep, 1)[0]
+        why = (f"there is no user {first[1:]!r} on this machine" if first != "~"
+               else "the home folder is unknown (HOME is not set)")
+        raise error(f"{os.fspath(path)}: {why}") from None
+
+
 def regular_file_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot be read as a checkpoint file, or None if it is a regular file.
 

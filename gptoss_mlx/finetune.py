@@ -38,7 +38,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from safetensors import SafetensorError, safe_open
 
 from . import harmony
-from .files import JSONProblem, parse_json, read_json_file
+from .files import JSONProblem, expand_user, parse_json, read_json_file
 from .harmony import BUILTIN_TOOLS, END, RETURN, START, Message, Special
 from .harmony.chat_completions import FUNCTIONS
 from .kernels import registry
@@ -202,7 +202,7 @@ def load_data(path: str | os.PathLike, tokenizer, max_seq_len: int,
     ``max_seq_len`` tokens is cut there (``truncate``; skipped if nothing trained is left) or
     skipped (``skip``); the report lists them. ``purpose``: what the file is for, in the error
     when it holds none."""
-    path = Path(path).expanduser()
+    path = expand_user(path, DataError)
     if long not in LONG:
         raise ValueError(f"long must be one of {', '.join(LONG)}, got {long!r}")
     try:
@@ -243,7 +243,7 @@ def load_data(path: str | os.PathLike, tokenizer, max_seq_len: int,
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
+    return hashlib.sha256(expand_user(path).read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------- batches

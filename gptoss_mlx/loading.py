@@ -29,7 +29,7 @@ import mlx.nn as nn
 
 from .config import ConfigError, ModelConfig, token_ids
 from .distributed import SHARDINGS, shard_part, share_config
-from .files import CheckpointError, read_json_file, regular_file_problem
+from .files import CheckpointError, expand_user, read_json_file, regular_file_problem
 from .lora import ADAPTER_CONFIG, FUSED_EXPERT_ADAPTER, TRAINING_STATE, load_adapter, read_adapter_config
 from .memory import (
     DEFAULT_CONTEXT, DENSE_BITS, MemoryPlan, checkpoint_dense_bits, choose_plan, dense_bytes, kv_cache_bytes,
@@ -81,7 +81,7 @@ def resolve_checkpoint(path_or_repo: str | os.PathLike | None) -> Path:
     if not source.strip():
         raise CheckpointError("the model name is empty: name a local checkpoint directory or a "
                               f"Hugging Face repo id (or pass None for {DEFAULT_MODEL})")
-    local = Path(source).expanduser()
+    local = expand_user(source, CheckpointError)
     if os.path.lexists(local):
         if not local.is_dir():
             what = regular_file_problem(local) or "is a file"
@@ -308,8 +308,8 @@ def adapter_base_note(adapter: str | os.PathLike, directory: Path) -> str | None
     """A note where ``adapter`` was trained on other weights than those in ``directory`` (its
     training state records its base's checksum); None where it was not, or cannot say (an
     adapter from elsewhere)."""
-    folder = Path(adapter).expanduser()
     try:
+        folder = expand_user(adapter)
         trained_on = json.loads((folder / TRAINING_STATE).read_text())["base_digest"]
         base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model", "another checkpoint")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

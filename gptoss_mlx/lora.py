@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .files import read_json_file, regular_file_problem
+from .files import expand_user, read_json_file, regular_file_problem
 from .model import Model, SwitchLinear
 
 TARGETS = {
@@ -215,7 +215,7 @@ def adapter_files(model: Model, directory: str | os.PathLike, config: LoRAConfig
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:
-    path = Path(directory).expanduser() / ADAPTER_CONFIG
+    path = expand_user(directory, AdapterError) / ADAPTER_CONFIG
     if path.parent.exists() and not path.parent.is_dir():
         raise AdapterError(f"{path.parent} is a file, not an adapter directory")
     if not path.parent.is_dir():
@@ -228,7 +228,7 @@ def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:
 def load_adapter(model: Model, directory: str | os.PathLike) -> LoRAConfig:
     """Wrap ``model``'s target modules and load the saved adapter into them. Every tensor must
     be there with its shape: a wrong or partial file is an AdapterError naming the tensor."""
-    directory = Path(directory).expanduser()
+    directory = expand_user(directory, AdapterError)
     config = read_adapter_config(directory)
     apply_lora(model, config)
     load_adapter_weights(model, directory / ADAPTER_WEIGHTS)

@@ -35,7 +35,7 @@ except ImportError:  # not POSIX: one program at a time
 
 from .chat import Chat
 from .chat_file import FORMAT_VERSION, ChatFileError, check_chat_file, write_json_atomic, write_text_atomic
-from .files import regular_file_problem
+from .files import expand_user, regular_file_problem
 
 ORPHAN_AGE_S = 60.0  # a temporary file this old belongs to a save that was killed
 LOCK_WAIT_S = 10.0  # how long a save waits for another program's save or rename
@@ -45,7 +45,7 @@ def data_dir() -> Path:
     """$GPTOSS_MLX_DATA_DIR, else ~/Library/Application Support/gptoss-mlx on macOS and
     $XDG_DATA_HOME/gptoss-mlx (~/.local/share/gptoss-mlx) elsewhere."""
     if os.environ.get("GPTOSS_MLX_DATA_DIR"):
-        return Path(os.environ["GPTOSS_MLX_DATA_DIR"]).expanduser()
+        return expand_user(os.environ["GPTOSS_MLX_DATA_DIR"])
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Application Support" / "gptoss-mlx"
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
@@ -54,10 +54,18 @@ def data_dir() -> Path:
 
 def save_target_problem(path: Path) -> str | None:
     """Why a chat must not be saved over ``path`` (it is a symbolic link, directory, FIFO or
-    device); None for a new path or a regular file."""
-    if path.is_symlink():
-        return "is a symbolic link; save to the file it points to"
-    return regular_file_problem(path) if path.exists() else None
+    device, or a path through a file); None for a new path or a regular file."""
+    try:
+        if path.is_symlink():
+            return "is a symbolic link; save to the file it points to"
+        if path.exists():
+            return regular_file_problem(path)
+        for folder in path.parents:  # the nearest that exists must be a folder to make the rest in
+            if os.path.lexists(folder):
+                return None if folder.is_dir() else f"cannot be written ({folder} is a file, not a folder)"
+    except OSError as e:  # a name past the system's limit (a tester's /save of 300 letters, helper-155)
+        return f"cannot be written ({e.strerror or e})"
+    return None
 
 
 # ----------------------------------------------------------------------------- the store

@@ -519,6 +519,38 @@ def test_save_asks_before_overwriting(tok, store, tmp_path, monkeypatch):
     assert "Errno" not in out
 
 
+def test_save_and_load_of_paths_that_cannot_be_say_why_and_the_chat_goes_on(tok, store, tmp_path, monkeypatch):
+    """A tester's (helper-155): /save ~nosuchuser/x.json (pathlib's RuntimeError) and a name of
+    300 letters (an OSError from the link test) ended the chat with a traceback; a path through
+    a file said "File exists"; /save "" wrote a file named "" (the quotes a shell takes away)."""
+    (tmp_path / "big.txt").write_text("a file")
+    long = tmp_path / ("a" * 300 + ".json")
+    chat = scripted_chat(tok, "Four.")
+    monkeypatch.chdir(tmp_path)
+    status, out = run_chat(monkeypatch, chat, [
+        "2+2?", "/save ~nosuchuser-36/x.json", f"/save {long}", f"/save {tmp_path}/big.txt/x.json",
+        "/load ~nosuchuser-36/x.json", '/save ""', f'/save "{tmp_path}/my chat.json"', "/reasoning"])
+    assert status == 0 and "Traceback" not in out
+    assert "not saved: ~nosuchuser-36/x.json: there is no user 'nosuchuser-36' on this machine" in out
+    assert "cannot be written (File name too long)" in out
+    assert f"not saved: {tmp_path}/big.txt/x.json cannot be written ({tmp_path}/big.txt is a file, not a folder)" in out
+    assert "error: ~nosuchuser-36/x.json: there is no user 'nosuchuser-36' on this machine" in out
+    assert "usage: /save PATH" in out and not (tmp_path / '""').exists()
+    assert json.loads((tmp_path / "my chat.json").read_text())["messages"]
+    assert "reasoning: show (/reasoning show|hide changes it)" in out
+
+
+def test_resume_of_a_file_named_like_a_repo_says_to_load_it(store, tmp_path, monkeypatch, capsys):
+    """`--resume bad/array.json` (a relative path, named like a Hugging Face repo id) was called
+    a model, with a command that would load the chat file as one (helper-155)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "array.json").write_text("[]")
+    assert main(["chat", "--resume", "bad/array.json"]) == 2
+    err = capsys.readouterr().err
+    assert "(a chat's file: start the chat, then `/load bad/array.json`)" in err and "is a model" not in err
+
+
 def test_save_never_replaces_a_fifo_or_link_and_keeps_a_files_mode(tok, store, tmp_path, monkeypatch):
     import os
     os.mkfifo(tmp_path / "pipe.json")

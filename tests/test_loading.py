@@ -257,3 +257,20 @@ def test_without_a_network_a_model_not_downloaded_is_said_at_once(tmp_path, monk
     fetch = hub.fetch_config if where == "config" else loading.download
     with pytest.raises(CheckpointError, match="someone/gpt-oss-x is not downloaded and the Hub cannot be reached"):
         fetch("someone/gpt-oss-x")
+
+
+def test_a_path_in_the_home_of_no_user_is_the_callers_error_naming_it():
+    """``~nosuchuser/...`` made pathlib raise a bare RuntimeError: tracebacks from `/save`,
+    `--json-schema`, `--functions`, `--adapter` and the library's loaders (helper-155)."""
+    from gptoss_mlx.chat_file import write_text_atomic
+    from gptoss_mlx.finetune import DataError, load_data
+    from gptoss_mlx.lora import AdapterError, read_adapter_config
+    from gptoss_mlx.tools.functions import ToolError, load_functions
+
+    where = "~nosuchuser-36/x"
+    said = f"{where}: there is no user 'nosuchuser-36' on this machine"
+    for call, error in [(lambda: load_functions(where), ToolError), (lambda: read_adapter_config(where), AdapterError),
+                        (lambda: load_data(where, None, 16), DataError), (lambda: write_text_atomic(where, "x"), OSError),
+                        (lambda: gptoss_mlx.load(where), CheckpointError)]:
+        with pytest.raises(error, match=said):
+            call()

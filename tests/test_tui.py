@@ -254,6 +254,25 @@ async def test_escape_before_any_answer_takes_the_message_back_to_the_input_and_
     assert users == ["first", "long question"]
 
 
+async def test_a_first_message_stopped_before_the_reply_does_not_name_the_chat(store):
+    """The chat was titled by a first message that Esc took back before any reply: saved and
+    listed under words it does not hold (a tester's, helper-155). The message kept names it."""
+    chat = ScriptedChat([("analysis", "thinking"), ("wait",), ("final", "never")], [("final", "42")])
+    app = make_app(chat, store)
+    async with app.run_test(size=SIZE) as pilot:
+        prompt = app.query_one(PromptInput)
+        prompt.text = "dropped words"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.query(AssistantTurn).last().reasoning_text == "thinking")
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.replies_finished == 1)
+        prompt.text = "kept words"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.replies_finished == 2)
+    (saved,) = store.root.glob("*.json")
+    assert json.loads(saved.read_text())["title"] == "kept words"
+
+
 async def test_escape_with_a_draft_typed_keeps_both_and_says_where_the_message_is(store):
     """Esc before any answer, with something typed meanwhile: the draft stays and the notice
     said the message was back in the input, where it was not (it is in the history); and Up

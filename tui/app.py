@@ -714,6 +714,7 @@ class ChatApp(App):
         self.collapse_on_answer = collapse_on_answer
         self.chat_id = self.store.new_id()
         self.chat_title = "New chat"
+        self._titled_by = None  # the message the title was made from (_submit)
         self._context_tokens = 0  # the next reply's prompt, as the status bar shows it
         self.last_done: Done | None = None
         self.replies_finished = 0  # completed (or stopped, or failed) replies
@@ -849,11 +850,12 @@ class ChatApp(App):
         prompt = self.query_one(PromptInput)
         prompt.remember(event.text)
         prompt.text = ""
-        if self.chat_title == "New chat":
-            self.chat_title = title_for(event.text)
         transcript = self.query_one("#transcript", VerticalScroll)
         turn = AssistantTurn(self.collapse_on_answer, self.show_reasoning)
         asked = UserMessage(event.text)
+        if self.chat_title == "New chat":
+            self.chat_title = title_for(event.text)
+            self._titled_by = asked  # taken back, it takes the title with it (_take_back)
         transcript.mount(asked)
         transcript.mount(turn)
         transcript.anchor()
@@ -917,6 +919,8 @@ class ChatApp(App):
         was typed meanwhile)."""
         await asked.remove()
         await turn.remove()
+        if self._titled_by is asked:  # the chat's first message: the next one names it (a
+            self.chat_title = "New chat"  # stopped message was the title of a chat without it, helper-155)
         prompt = self.query_one(PromptInput)
         restored = not prompt.text
         if restored:

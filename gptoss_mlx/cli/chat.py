@@ -17,7 +17,7 @@ from typing import Callable
 
 from ..chat import Chat, ChatFileError, Done, reply_cut
 from ..chat_file import check_chat_file
-from ..files import REPLACEMENT, valid_text
+from ..files import REPLACEMENT, expand_user, valid_text
 from ..generate import ContextLengthError, NonFiniteLogitsError
 from ..loading import CheckpointError, looks_like_repo_id
 from ..harmony import EFFORTS
@@ -166,15 +166,25 @@ def resumed_id(store: ConversationStore, chat_id: str) -> str:
     try:
         check_chat_file(store.path(chat_id))
     except ChatFileError as e:
-        if os.path.isdir(chat_id) or looks_like_repo_id(chat_id):
+        if os.path.isfile(chat_id):  # (a saved chat's file: /load takes a path, --resume an id;
+            # before the repo test: bad/chat.json is named like a repo too, a tester's, helper-155)
+            hint = f" (a chat's file: start the chat, then `/load {chat_id}`)"
+        elif os.path.isdir(chat_id) or looks_like_repo_id(chat_id):
             hint = (f" ({chat_id} is a model: `gptoss-mlx chat {chat_id} --resume` resumes the latest chat "
                     "with it)")
-        elif os.path.isfile(chat_id):  # (a saved chat's file: /load takes a path, --resume an id)
-            hint = f" (a chat's file: start the chat, then `/load {chat_id}`)"
         else:
             hint = ""
         raise CLIError(f"{e}{hint}") from None
     return chat_id
+
+
+def unquoted(arg: str) -> str:
+    """A path as typed after /save or /load, without the quotes a shell would take away (a
+    tester's /save "" wrote a file named "", helper-155)."""
+    arg = arg.strip()
+    if len(arg) >= 2 and arg[0] == arg[-1] and arg[0] in "'\"":
+        return arg[1:-1].strip()
+    return arg
 
 
 def saved_chat_named(path: Path) -> str:
@@ -444,7 +454,9 @@ class Repl:
                 self.say(f"reasoning effort: {choice} (from the next reply)")
         elif name == "/reasoning":
             choice = arg.lower()
-            if choice not in ("show", "hide"):
+            if not choice:  # as /effort alone says the effort
+                self.say(f"reasoning: {'show' if self.show_reasoning else 'hide'} (/reasoning show|hide changes it)")
+            elif choice not in ("show", "hide"):
                 self.say("usage: /reasoning show|hide")
             else:
                 self.show_reasoning = choice == "show"
@@ -499,6 +511,7 @@ class Repl:
 
     def load(self, arg: str) -> None:
         """/load ID continues a saved chat; /load PATH continues a copy of a chat file."""
+        arg = unquoted(arg)
         if not arg:
             self.say("usage: /load ID|PATH")
             return
@@ -507,7 +520,7 @@ class Repl:
             if self._is_saved_id(arg):
                 self.open(arg)
                 return
-            self.title = self.store.load_path(self.chat, Path(arg).expanduser())
+            self.title = self.store.load_path(self.chat, expand_user(arg, ChatFileError))
             self.chat_id = self.store.new_id()  # replies are saved in the store, not over PATH
             self.last_stats = None
             self.recall(f"loaded {self.message_count()} messages from {arg}")
@@ -531,10 +544,15 @@ class Repl:
             return False
 
     def save(self, arg: str) -> None:
+        arg = unquoted(arg)
         if not arg:
             self.say("usage: /save PATH")
             return
-        path = Path(arg).expanduser()
+        try:
+            path = expand_user(arg)
+        except OSError as e:
+            self.say(terminal_safe(f"not saved: {e}"))
+            return
         problem = save_target_problem(path)
         if problem:
             self.say(f"not saved: {path} {problem}")

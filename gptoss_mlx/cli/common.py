@@ -23,7 +23,7 @@ from .. import distributed
 from ..chat import CONTEXT_OVERFLOW, Chat, check_schemas
 from ..config import ConfigError, ModelConfig
 from ..engine_thread import engine_thread
-from ..files import read_json_file
+from ..files import expand_user, read_json_file
 from ..generate import Engine, SamplingParams
 from ..harmony import EFFORTS
 from ..hub import check_free_disk, fetch_config
@@ -366,7 +366,7 @@ def response_format(args) -> dict | None:
     if getattr(args, "json_object", False):
         return {"type": "object"}
     path = getattr(args, "json_schema", None)
-    return None if path is None else read_json_file(Path(path).expanduser(), CLIError)
+    return None if path is None else read_json_file(expand_user(path, CLIError), CLIError)
 
 
 def tool_names(flag: str | None) -> set[str]:
@@ -441,7 +441,7 @@ def prepare(args, group=None) -> tuple[Path, int, MemoryPlan]:
     source = args.model or DEFAULT_MODEL
     hub_only = getattr(args, "hub_only", False)  # models pull: a repo id, whatever folder is here
     try:
-        if not hub_only and os.path.lexists(Path(source).expanduser()):  # (a link loop: "no such directory")
+        if not hub_only and os.path.lexists(os.path.expanduser(source)):  # (a link loop: "no such directory")
             directory = resolve_checkpoint(source)
             try:
                 config_file = find_layout(directory)[1] / "config.json"

@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import finetune as ft
 from ..config import ConfigError
 from ..engine_thread import engine_thread
-from ..files import regular_file_problem
+from ..files import expand_user, regular_file_problem
 from ..loading import (
     COPIED, CheckpointError, checkpoint_digest, checkpoint_tokenizer, find_layout, load, read_config,
     resolve_checkpoint, save_weights,
@@ -126,7 +126,7 @@ def seed_number(text: str) -> int:
 def directory_path(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a directory, got an empty path")
-    return Path(text).expanduser()
+    return expand_user(text, argparse.ArgumentTypeError)
 
 
 def check_adapter_path(out: Path) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..files import regular_file_problem
+from ..files import expand_user, regular_file_problem
 from ..harmony import ToolSpec
 
 FUNCTION_TIMEOUT_S = 60.0  # serve: a call to one of --functions not returned by then gets an error
@@ -361,7 +361,7 @@ def _range(low, high) -> str:
 def load_functions(path: str | Path) -> list[FunctionTool]:
     """The tools a Python file defines: its ``TOOLS`` list if it has one, else every public
     function defined in it. Errors name the file."""
-    path = Path(path).expanduser()
+    path = expand_user(path, ToolError)
     problem = regular_file_problem(path)
     if problem:
         raise ToolError(f"{path}: {problem}")
