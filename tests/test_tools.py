@@ -4,6 +4,7 @@ sessions, timeouts and output caps, and the browser against a local HTTP server.
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import re
@@ -185,12 +186,36 @@ def test_load_functions_from_a_file(tmp_path):
         load_functions(tmp_path / "missing.py")
 
 
+def test_async_functions_are_awaited_and_generators_lambdas_and_non_functions_named(tmp_path):
+    """A tester's (helper-157): an async def's result was "<coroutine object ...>", a generator's
+    "<generator object ...>", each said to the model as the answer; a module's lambda was a
+    tool named "<lambda>" that no call could reach; TOOLS = [1] said "1 is not a module, class,
+    method, or function"."""
+    path = tmp_path / "mine.py"
+    path.write_text("import asyncio\n\nasync def later(x: int) -> int:\n    await asyncio.sleep(0)\n"
+                    "    return x + 1\n\nshout = lambda text: text.upper()\n")
+    later, shout = load_functions(path)
+    assert (later.name, later.call('{"x": 41}')) == ("later", "42")
+    assert (shout.name, shout.call('{"text": "hi"}')) == ("shout", "HI")
+
+    async def inside_a_loop():  # a library caller's running loop
+        return later.call('{"x": 1}')
+
+    assert asyncio.run(inside_a_loop()) == "2"
+    for source, message in [("def gen(n: int):\n    yield n\n", "gen: is a generator function"),
+                            ("TOOLS = [lambda x: x]\n", "<lambda>: a lambda has no name to call it by"),
+                            ("TOOLS = [len, None]\n", "TOOLS\\[1\\] must be a function, got NoneType")]:
+        path.write_text(source)
+        with pytest.raises(ToolError, match=message):
+            load_functions(path)
+
+
 @pytest.mark.parametrize("source, message", [
     ("TOOLS = 5\n", "TOOLS must be a list of functions, got int"),
     ('def f(a: "not a type"):\n    pass\n', "f: SyntaxError"),
     ('def f(a: "Undefined"):\n    pass\n', "f: NameError"),
     ("import sys\nsys.exit(3)\n", "calls sys.exit(3) while it is imported"),
-    ("TOOLS = [5]\n", "5: "),
+    ("TOOLS = [5]\n", "TOOLS[0] must be a function, got int"),
     # a tester's (helper-144): each was a traceback
     ("class E(Exception):\n    def __str__(self):\n        raise RuntimeError('nope')\nraise E()\n",
      "E: (its message could not be read)"),
@@ -735,8 +760,9 @@ def test_cli_piped_code_needs_auto_approve(tok, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Run something\n"))
     assert main(["chat", "--tools", "python"]) == 0
     out, err = capsys.readouterr()
-    assert "pass --auto-approve" in err
-    assert "[result ← python] Error: the user declined to run this code" in err
+    assert "pass --auto-approve" in err  # and the model is not told the user declined: none was asked
+    assert ("[result ← python] Error: not run: there is no terminal to ask the user on (they can allow "
+            "code with --auto-approve)") in err
     assert out.strip() == "I could not run code."
 
 

@@ -419,8 +419,11 @@ def ask_on_terminal(code: str) -> bool:
 
 
 def decline_when_piped(code: str) -> bool:
+    """No terminal to ask on: the code is not run, and the model is told why, not that the
+    user declined (no one was asked: a tester's, helper-157)."""
     print("[python code not run: pass --auto-approve to allow it without a terminal]", file=sys.stderr)
-    return False
+    raise ToolError("not run: there is no terminal to ask the user on (they can allow code "
+                    "with --auto-approve)")
 
 
 def planned_context(max_context: int | None, config: ModelConfig, config_file) -> int:

@@ -15,6 +15,7 @@ call or an exception becomes an error text for the model, never a crash.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import decimal
 import enum
@@ -182,6 +183,11 @@ class FunctionTool:
 
     @classmethod
     def from_callable(cls, fn: Callable, name: str | None = None, description: str | None = None) -> "FunctionTool":
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            # (its result was "<generator object ...>", said to the model as the answer, helper-157)
+            raise TypeError("is a generator function: return the values (a list) instead of yielding them")
+        if (name or fn.__name__) == "<lambda>":
+            raise TypeError("a lambda has no name to call it by: use def, or FunctionTool.from_callable(f, name=...)")
         description_doc, param_docs = _docstring_parts(fn.__doc__)
         hints = typing.get_type_hints(fn)
         properties, required = {}, []
@@ -220,9 +226,27 @@ class FunctionTool:
         validate(args, self.parameters)
         try:
             result = self.fn(**args)
+            if inspect.isawaitable(result):  # an async def's (its coroutine was the answer, helper-157)
+                result = _awaited(result)
         except Exception as e:  # noqa: BLE001  — reported to the model, which can retry
             raise ToolError(f"{type(e).__name__}: {error_text(e)}") from None
         return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
+
+
+def _awaited(awaitable) -> Any:
+    """An async function's result: run in an event loop of its own (one running in this thread,
+    a library caller's, cannot wait for it: then in a thread of its own)."""
+    async def wait():
+        return await awaitable
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(wait())
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, wait()).result()
 
 
 def error_text(error: BaseException) -> str:
@@ -384,15 +408,19 @@ def load_functions(path: str | Path) -> list[FunctionTool]:
         sys.modules.pop(name, None)
         raise ToolError(f"{path}: {type(e).__name__}: {error_text(e)}") from None
     items = getattr(module, "TOOLS", None)
+    named = {}  # a module's lambdas by the names they are bound to (else each is "<lambda>")
     if items is None:
         items = [f for name, f in vars(module).items()
                  if inspect.isfunction(f) and f.__module__ == module.__name__ and not name.startswith("_")]
+        named = {id(f): name for name, f in vars(module).items() if getattr(f, "__name__", "") == "<lambda>"}
     if not isinstance(items, (list, tuple)):
         raise ToolError(f"{path}: TOOLS must be a list of functions, got {type(items).__name__}")
     tools = []
-    for item in items:
+    for n, item in enumerate(items):
+        if not (isinstance(item, FunctionTool) or callable(item)):
+            raise ToolError(f"{path}: TOOLS[{n}] must be a function, got {type(item).__name__}")
         try:
-            tools.append(item if isinstance(item, FunctionTool) else FunctionTool.from_callable(item))
+            tools.append(item if isinstance(item, FunctionTool) else FunctionTool.from_callable(item, named.get(id(item))))
         except Exception as e:  # noqa: BLE001  — type hints are the file's code, evaluated here
             why = error_text(e) if isinstance(e, TypeError) else f"{type(e).__name__}: {error_text(e)}"
             raise ToolError(f"{path}: {getattr(item, '__name__', repr(item))}: {why}") from None
