@@ -575,7 +575,11 @@ def grammars(tokenizer, dev: DeveloperContent | None) -> tuple[Grammar | None, d
         except SchemaError as e:
             if f.strict or str(e).endswith(OBJECT_ROOT):
                 raise
-            log.info("%s: its calls are not held to its parameters (strict is false)", e)
+            # Its calls are JSON objects still: left wholly free, a forced call's arguments were
+            # any text ("ҳороъд&M ...", a tester's tool_choice "required", helper-157), which no
+            # client can parse.
+            functions[f.name] = compile_schema(tokenizer, {"type": "object"}, where)
+            log.info("%s: its calls are held to a JSON object only, not to its parameters (strict is false)", e)
     return answer, functions
 
 

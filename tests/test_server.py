@@ -1935,6 +1935,27 @@ def test_a_preamble_before_a_call_goes_on_as_commentary_with_the_turns_reasoning
         assert tok.decode(model.fed).endswith(expected)
 
 
+def test_a_preamble_and_the_answer_are_told_apart(tok):
+    """A reply with a preamble and then its answer: the Responses API gave two messages a
+    client could not tell apart, and Chat Completions' content ran their words together
+    ("Checking now.Sunny."), streamed or not (a tester's, helper-154)."""
+    both = ("<|channel|>commentary<|message|>Checking now.<|end|><|start|>assistant<|channel|>final"
+            "<|message|>Sunny.<|return|>")
+    model = ScriptedModel([script(tok, both) for _ in range(4)])
+    with serving(model, tok) as url:
+        c = client(url)
+        r = c.responses.create(model="gpt-oss-tiny", input="weather?")
+        assert [(o.phase, o.content[0].text) for o in r.output] == [("commentary", "Checking now."),
+                                                                    ("final_answer", "Sunny.")]
+        with c.responses.stream(model="gpt-oss-tiny", input="weather?") as stream:
+            assert [o.phase for o in stream.get_final_response().output] == ["commentary", "final_answer"]
+        m = c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "weather?"}])
+        assert m.choices[0].message.content == "Checking now.\n\nSunny."
+        chunks = c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "weather?"}],
+                                           stream=True)
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "Checking now.\n\nSunny."
+
+
 def test_a_preamble_between_two_pieces_of_reasoning_stays_a_preamble():
     """A re-attack: reasoning, a preamble, more reasoning, then the call (the model's own order)
     sent back as items rendered the preamble as a final answer and dropped the first reasoning."""

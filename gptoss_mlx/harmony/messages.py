@@ -60,7 +60,7 @@ class ToolSpec:
     """One function of a tool namespace; ``parameters`` is a JSON Schema object or None.
     ``strict``: its calls must be held to ``parameters`` (a schema the constraint cannot enforce
     is then an error); a function that is not strict (OpenAI's ``strict: false``) is called
-    unconstrained where its schema cannot be enforced."""
+    with any JSON object where its schema cannot be enforced."""
 
     name: str
     description: str = ""

@@ -237,10 +237,15 @@ def usage(reply: Reply) -> dict:
             "completion_tokens_details": {"reasoning_tokens": reply.stream.reasoning_tokens}}
 
 
+# Between the texts of two messages the user sees in one reply (a preamble, then the answer):
+# joined as they were, their words ran together ("scholarsторов", a tester's, helper-154).
+PARAGRAPH = "\n\n"
+
+
 def completion(service: Service, reply: Reply) -> dict:
     items = reply.stream.items
     reasoning = "".join(i.text for i in items if i.kind == REASONING)
-    content = "".join(i.text for i in items if i.kind == TEXT)
+    content = PARAGRAPH.join(i.text for i in items if i.kind == TEXT and i.text)
     calls = [{"id": new_id("call"), "type": "function",
               "function": {"name": i.name, "arguments": i.text}} for i in items if i.kind == CALL]
     # null only beside calls, as OpenAI's: a reply with no answer (max_tokens in the reasoning)
@@ -266,7 +271,7 @@ async def stream_chunks(service: Service, reply: Reply, request, include_usage: 
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
-    calls, sent = 0, time.monotonic()
+    calls, sent, texts = 0, time.monotonic(), set()  # texts: the TEXT items that have sent text
     try:
         async with contextlib.aclosing(service.generate(reply, request)) as events:
             async for event in events:
@@ -278,8 +283,10 @@ async def stream_chunks(service: Service, reply: Reply, request, include_usage: 
                     out = chunk({"tool_calls": [{"index": calls, "function": {"arguments": event.text}}]})
                 elif isinstance(event, Delta) and item.kind == REASONING:
                     out = chunk({"reasoning_content": event.text, "reasoning": event.text})
-                elif isinstance(event, Delta) and item.kind == TEXT:
-                    out = chunk({"content": event.text})
+                elif isinstance(event, Delta) and item.kind == TEXT and event.text:
+                    # (a second message's text, a preamble's then the answer's: apart, as in completion())
+                    out = chunk({"content": (PARAGRAPH if texts and id(item) not in texts else "") + event.text})
+                    texts.add(id(item))
                 elif isinstance(event, Closed) and item.kind == CALL:
                     calls += 1
                 if out is None and (isinstance(event, Waiting) or time.monotonic() - sent >= WAITING_S):

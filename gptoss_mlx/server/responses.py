@@ -642,7 +642,10 @@ def output_item(item: Item, ids: dict, status: str = "completed", sealed: bool =
     if item.kind == CALL:
         return {"id": item_id, "type": "function_call", "call_id": call_id, "name": item.name,
                 "arguments": item.text, "status": status}
+    # phase: a preamble (commentary, before tool calls) told from the final answer, as OpenAI's
+    # own messages are (a tester saw two messages a client could not tell apart, helper-154)
     return {"id": item_id, "type": "message", "role": "assistant", "status": status,
+            "phase": "final_answer" if item.channel == "final" else "commentary",
             "content": [] if status == "in_progress" else [_text_part(item.text)]}
 
 
