@@ -34,7 +34,7 @@ from .chat_file import (  # noqa: F401 - ChatFileError: public here
 )
 from .engine_thread import engine_thread
 from .files import expand_user, valid_text
-from .generate import RAISE_CONTEXT, ContextLengthError, Engine, SamplingParams, Stats, sampling_params
+from .generate import RAISE_CONTEXT, ContextLengthError, Engine, SamplingParams, Stats, check_model, sampling_params
 from .harmony.chat_completions import (
     _call_defaults, _header_field, _recipient_of, response_format_json, response_formats,
 )
@@ -124,6 +124,11 @@ def check_schemas(tokenizer, functions: list[harmony.ToolSpec] = (),
 
 
 class Chat:
+    """A conversation with the model: ``send(text)`` streams the reply's events (the chain of
+    thought, the answer, tool calls) and keeps the turn; tools, effort, instructions and the
+    answer's format hold for every reply until ``apply()`` changes them; ``save()``/``load()``
+    keep it in a file (the README's "Library")."""
+
     def __init__(self, model, tokenizer, *, instructions: str | None = None,
                  reasoning_effort: str = "medium", functions: list[harmony.ToolSpec] | None = None,
                  browser: bool = False, python: bool = False, python_description: str | None = None,
@@ -133,9 +138,8 @@ class Chat:
                  reasoning_budget: int | None = None):
         if context_overflow not in CONTEXT_OVERFLOW:
             raise ValueError(f"context_overflow must be truncate or error, got {context_overflow!r}")
-        if engine is None and not hasattr(model, "config"):
-            raise TypeError(f"model must be a loaded model (model, tokenizer = gptoss_mlx.load(...)), "
-                            f"got {type(model).__name__}")
+        if engine is None:
+            check_model(model)
         if engine is None and not hasattr(tokenizer, "encode_ordinary"):
             raise TypeError(f"tokenizer must be the loaded model's (model, tokenizer = gptoss_mlx.load(...)), "
                             f"got {type(tokenizer).__name__}")

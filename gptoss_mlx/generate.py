@@ -365,6 +365,7 @@ class Engine:
                  compile_decode: bool | None = None):
         """``compile_decode``: run decode steps compiled (decode_step.py) where the model allows;
         None: as ``GPTOSS_MLX_COMPILE`` says (decode_step.enabled: on the CPU, on a GPU only when asked)."""
+        check_model(model)
         self.model = model
         if max_context is None:  # load(max_context=...) planned the memory for that many tokens
             max_context = getattr(model, "planned_context", None)
@@ -391,6 +392,7 @@ class Engine:
         for the token after it (evaluated when called from another thread than the engine's).
         ``instructions``: the length of the prompt's system and developer messages, where the
         cache keeps a snapshot for the next conversation that has them (see :class:`Prefill`)."""
+        check_instructions(instructions, _prompt_ids(prompt))
         return engine_thread().call(self._prefill, prompt, instructions)
 
     def _prefill(self, prompt: list[int], instructions: int = 0,
@@ -429,6 +431,7 @@ class Engine:
         ``prompt``: token ids (a list, or a 1-D ``mx.array`` as mlx-lm takes); ``params``: a
         SamplingParams or a dict of its fields."""
         prompt, params = _prompt_ids(prompt), sampling_params(params)
+        check_instructions(instructions, prompt)
         if stop is not None and not callable(stop):  # (stop=True was taken and never looked at)
             raise TypeError(f"stop must be a function returning True to stop (such as an Event's is_set), "
                             f"got {type(stop).__name__}")
@@ -510,8 +513,24 @@ class Engine:
 
 
 def token_budget(params: SamplingParams, max_context: int, prompt_tokens: int) -> int:
-    """How many tokens a reply may have: max_tokens, or what is left of the context."""
-    return min(params.max_tokens or max_context, max_context - prompt_tokens)
+    """How many tokens a reply may have: max_tokens, or what is left of the context (none, not
+    a negative count, after a prompt past it: a tester's, helper-156)."""
+    return max(0, min(params.max_tokens or max_context, max_context - prompt_tokens))
+
+
+def check_model(model) -> None:
+    """A TypeError naming what was passed where a loaded model belongs (Engine(None) was an
+    AttributeError about 'config', helper-156)."""
+    if not hasattr(model, "config") or not callable(model):
+        raise TypeError(f"model must be a loaded model (model, tokenizer = gptoss_mlx.load(...)), "
+                        f"got {type(model).__name__}")
+
+
+def check_instructions(instructions, prompt: list[int]) -> None:
+    """``instructions`` (the length of a prompt's system and developer messages) within it."""
+    if isinstance(instructions, bool) or not isinstance(instructions, int) or not 0 <= instructions <= len(prompt):
+        raise ValueError(f"instructions must be a whole number of tokens from 0 to the prompt's "
+                         f"{len(prompt)}, got {instructions!r:.40}")
 
 
 def end_reason(params: SamplingParams, budget: int) -> str:

@@ -125,6 +125,22 @@ def test_a_prompt_or_settings_of_another_shape_are_named_or_taken_as_mlx_lm_take
         Engine(ScriptedModel([[7]]), prefill_step=0)
 
 
+def test_no_model_instructions_outside_the_prompt_and_a_prompt_past_the_context_are_named():
+    """A tester's (helper-156): Engine(None) was "'NoneType' object has no attribute 'config'";
+    instructions=999 for a 3-token prompt (or -1) was taken; token_budget after a prompt past
+    the context was -999967232."""
+    with pytest.raises(TypeError, match="model must be a loaded model .* got NoneType"):
+        Engine(None)
+    engine = Engine(ScriptedModel([[11, RETURN]] * 3))
+    for bad in (999, -1, 1.5, True):
+        with pytest.raises(ValueError, match="instructions must be a whole number of tokens from 0 to the prompt's 3"):
+            engine.generate([1, 2, 3], {"max_tokens": 1}, instructions=bad)
+        with pytest.raises(ValueError, match="instructions must be"):
+            engine.prefill([1, 2, 3], instructions=bad)
+    assert list(engine.generate([1, 2, 3], {"temperature": 0, "max_tokens": 1}, instructions=3)) == [11]
+    assert engine.token_budget(10**9, SamplingParams(max_tokens=5)) == 0
+
+
 # ------------------------------------------------------------------ prompt cache
 @pytest.fixture(scope="module")
 def model(checkpoints):
