@@ -275,9 +275,11 @@ def test_connects_to_the_address_it_checked_no_second_lookup():
 @pytest.mark.parametrize("path", ["/to-loopback", "/to-localhost", "/to-metadata", "/to-metadata-name"])
 def test_redirects_to_private_addresses_are_refused(path):
     net = Net()
-    with pytest.raises(ToolError, match="private or local address"):
+    with pytest.raises(ToolError, match="private or local address") as e:
         fetch("http://public.test" + path, net)
     assert net.connected == [PUBLIC]  # the first hop only
+    # the page that led there is named (the refusal named only an address never asked for, helper-157)
+    assert str(e.value).startswith(f"http://public.test{path} redirected to ")
 
 
 def test_redirect_to_another_scheme_is_refused():

@@ -125,8 +125,14 @@ class WebClient:
         """Follow up to MAX_REDIRECTS redirects; ToolError for anything but a 2xx answer."""
         deadline = time.monotonic() + self.timeout
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "gzip, deflate", **(headers or {})}
+        first = url
         for _ in range(MAX_REDIRECTS + 1):
-            response = self._send(url, method, headers, body, deadline)
+            try:
+                response = self._send(url, method, headers, body, deadline)
+            except ToolError as e:  # a hop's refusal names the page that led there (helper-157)
+                if url == first:
+                    raise
+                raise ToolError(f"{first} redirected to {e}") from None
             location = response.headers.get("Location")
             if response.status not in REDIRECTS or not location:
                 if response.status >= 300:
