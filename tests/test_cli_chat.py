@@ -1454,3 +1454,31 @@ def test_tool_lines_keep_a_result_s_indentation_and_windows_line_ends_are_newlin
     assert out.getvalue() == ("[result ← f] x<\\r>\n[result ← g] a<\\r>\nb\n[result ← h] real\n"
                               f"[result ← i] {'a' * 2000}\n[result ← j] {'b' * 2000} …\n")
     assert controls_shown("a\r\nb\rc") == "a\nb\u240dc"
+
+
+def test_the_turn_is_saved_before_a_function_runs(tok, store, tmp_path, monkeypatch):
+    """A function runs in the chat's own process: one that ended it (os._exit, a crash in C)
+    took the turn with it, without a word (a tester's, helper-157). The turn is saved as it
+    stands before each call runs: here the function reads the saved chat, its call in it."""
+    functions = tmp_path / "look.py"
+    functions.write_text(
+        "import json, os, pathlib\n\n"
+        "def saved_calls() -> str:\n"
+        "    chats = pathlib.Path(os.environ['GPTOSS_MLX_DATA_DIR']) / 'chats'\n"
+        "    data = [json.loads(p.read_text()) for p in chats.glob('*.json')]\n"
+        "    return json.dumps([[m.get('content') for m in d['messages']] + [len(m.get('tool_calls') or []) for m in d['messages']] for d in data])\n")
+    call = ("<|channel|>analysis<|message|>Look.<|end|><|start|>assistant<|channel|>commentary "
+            "to=functions.saved_calls <|constrain|>json<|message|>{}<|call|>")
+    scripts = [tok.encode(call, allowed_special="all"), *answers(tok, "Done.")]
+    monkeypatch.setattr(common, "load_chat", lambda args, out=None, toolbox=None: Chat(
+        ScriptedModel(scripts), tok, reasoning_effort="low", date="2025-08-05", **toolbox.chat_options()))
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr(cli_chat, "line_reader", lambda history_file: reading(["look it up"]))
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    assert main(["chat", "--functions", str(functions)]) == 0
+    text = out.getvalue()
+    # the function's result: the chat saved before it ran, holding the message and the call
+    assert '[result ← functions.saved_calls] [["look it up", null, 0, 1]]' in text, text[-800:]
+    (chat,) = saved_chats(store)
+    assert [m["role"] for m in chat["messages"]] == ["user", "assistant", "tool", "assistant"]

@@ -339,7 +339,7 @@ class Repl:
         if valid_text(text) != text:
             self.say(f"[the message holds bytes that are not UTF-8: each is sent as {REPLACEMENT}]")
         before = len(self.chat.messages)
-        events = replies(self.chat, text, self.toolbox)
+        events = self._saved_before_calls(replies(self.chat, text, self.toolbox))
         tty = self.out.isatty()
         shown = with_prompt_progress(events, self.chat.engine, self.out) if tty else events
         try:
@@ -372,6 +372,18 @@ class Repl:
                 self.say("[the message is not in the chat" + self._offer(text) + "]")
             return
         self.autosave()
+
+    def _saved_before_calls(self, events):
+        """``events``, the turn saved as it stands each time the model calls a tool, before the
+        call runs: a function runs in this process, and one that ended it (``os._exit``, a crash
+        in C) took the turn with it, without a word (a tester's, helper-157)."""
+        try:
+            for event in events:
+                yield event
+                if isinstance(event, Done) and self.chat.messages and self.chat.messages[-1].is_tool_call:
+                    self.autosave()
+        finally:
+            events.close()  # (closed: the partial answer joins the history now, not at GC time)
 
     def _offer(self, text: str) -> str:
         """The next prompt starts with ``text`` (a message the chat took back), where it can and
