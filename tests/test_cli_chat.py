@@ -1209,6 +1209,39 @@ def test_a_long_prompt_shows_how_far_it_has_been_read_then_the_reply(tok, store,
     assert text.index("\r\x1b[K", text.rindex("reading the prompt")) < text.index("Four.")  # erased first
 
 
+def test_ctrl_c_while_a_long_prompt_is_read_says_it_is_stopping_at_once():
+    """Ctrl-C during a long prompt's reading changed nothing on the screen until the chunk being
+    read ended (10-25 s on a slow machine, a tester's, helper-155): the line says it is stopping."""
+    from gptoss_mlx.cli import stream
+
+    class Engine_:
+        stats = None
+        prompt_cache = type("C", (), {"tokens": [0] * 2654})()
+
+    engine = Engine_()
+
+    def events():
+        engine.stats = type("S", (), {"prompt_tokens": 9000})()  # the prefill's, as the engine makes it
+        time.sleep(0.4)
+        raise KeyboardInterrupt
+        yield  # (a generator, as a reply's events are)
+
+    out = Terminal()
+    progress = stream.PromptProgress
+    old, interrupted = progress.DELAY_S, False
+    try:
+        progress.DELAY_S = 0.05
+        list(stream.with_prompt_progress(events(), engine, out))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        progress.DELAY_S = old
+    assert interrupted
+    text = out.getvalue()
+    assert "reading the prompt: 2,654 of 9,000 tokens" in text
+    assert text.endswith("[stopping: the chunk of the prompt being read ends first…]\x1b[0m\x1b[K"), repr(text[-120:])
+
+
 def test_a_chat_that_cannot_be_saved_is_not_said_saved_and_is_kept_elsewhere(tok, tmp_path, monkeypatch):
     """The chats folder could not be written (the data directory a file, a full disk): each
     reply said so, but the end said 'Saved to ...' and 'Continue with --resume' for a file that

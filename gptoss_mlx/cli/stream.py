@@ -74,6 +74,17 @@ class PromptProgress:
                     self.shown = True
             self.done.wait(self.EVERY_S)
 
+    def stopping(self) -> None:
+        """Ctrl-C while the line shows: the prompt stops at the end of the chunk being read,
+        seconds away on a slow machine, which looked like a hang (a tester's, helper-155): the
+        line says it is stopping, and stays."""
+        with self.lock:
+            self.done.set()
+            if self.shown:
+                self.out.write(f"\r{DIM}[stopping: the chunk of the prompt being read ends first…]{RESET}\x1b[K")
+                self.out.flush()
+                self.shown = False
+
     def stop(self) -> None:
         with self.lock:
             self.done.set()
@@ -91,6 +102,9 @@ def with_prompt_progress(events, engine, out):
         for event in events:
             progress.stop()
             yield event
+    except KeyboardInterrupt:
+        progress.stopping()
+        raise
     finally:
         progress.stop()
 
