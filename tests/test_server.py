@@ -583,6 +583,11 @@ def test_chat_completions_calls_at_the_end_need_their_results(url, tail, ok):
       {"role": "assistant", "content": None, "tool_calls": [{"id": "", "type": "function", "function": {
           "name": "get_weather", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "", "content": "1"}],
      "messages[1].tool_calls[0].id must be a non-empty string"),
+    ([{"role": "user", "content": "w"},  # (the Responses API refused a second output; helper-154)
+      {"role": "assistant", "content": None, "tool_calls": [{"id": "a", "type": "function", "function": {
+          "name": "get_weather", "arguments": "{}"}}]},
+      {"role": "tool", "tool_call_id": "a", "content": "1"}, {"role": "tool", "tool_call_id": "a", "content": "1"}],
+     "messages[3]: a second tool message for tool_call_id 'a': a call has one result"),
 ])
 def test_chat_completions_call_ids_are_checked_as_the_responses_apis(url, messages, says):
     """The re-attack's (helper-128): the Responses API refused these, Chat Completions took them."""
@@ -837,8 +842,28 @@ def test_damaged_encrypted_reasoning_of_this_server_is_a_400(url):
                       {"role": "user", "content": "and?"}], "max_output_tokens": 2}
     code, data = post(url, "/responses", json.dumps(body).encode())
     assert code == 400 and data["error"]["message"].startswith("input[1].encrypted_content is this server's"), data
+    # beside its content too: it was taken without a look (a tester's, helper-154)
+    reasoning["content"] = [{"type": "reasoning_text", "text": "thinking"}]
+    code, data = post(url, "/responses", json.dumps(body).encode())
+    assert code == 400 and data["error"]["message"].startswith("input[1].encrypted_content is this server's"), data
     reasoning["encrypted_content"] = "gAAAAABfake"  # OpenAI's: sealed with their key
     assert post(url, "/responses", json.dumps(body).encode())[0] == 200
+    reasoning["summary"] = "a string"
+    del reasoning["encrypted_content"]
+    code, data = post(url, "/responses", json.dumps(body).encode())
+    assert code == 400 and data["error"]["message"] == "input[1].summary must be a list of summary_text parts", data
+    reasoning["summary"], reasoning["id"] = [], "rs_1"
+    body["input"][2] = {"type": "message", "role": "assistant", "id": "rs_1", "content": "Hello."}
+    code, data = post(url, "/responses", json.dumps(body).encode())
+    assert code == 400 and data["error"]["message"].startswith("Duplicate item found with id rs_1: input[1] and input[2]"), data
+    # the same call numbered alike in two rounds of a turn (call_0 again) stays a client's right
+    rounds = [{"role": "user", "content": "w"}]
+    for n in range(2):
+        rounds += [{"role": "assistant", "content": None, "tool_calls": [{"id": "call_0", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{}"}}]},
+                   {"role": "tool", "tool_call_id": "call_0", "content": str(n)}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    assert post(url, "/chat/completions", json.dumps({"messages": rounds, "tools": tools, "max_tokens": 2}).encode())[0] == 200
 
 
 def test_parallel_tool_calls_is_echoed_as_asked(url):
@@ -1291,11 +1316,11 @@ def test_a_stored_responses_input_items_are_listed_page_by_page(tok):
             c.responses.create(model="gpt-oss-tiny", input=[{"type": "item_reference"}])
         with pytest.raises(openai.NotFoundError):
             c.responses.input_items.list("resp_none")
-        # ids a client gave twice: the second is replaced (paging on from "dup" looped for ever)
-        twice = c.responses.create(model="gpt-oss-tiny", input=[
-            {"id": "dup", "role": "user", "content": "a"}, {"id": "dup", "role": "user", "content": "b"}])
-        ids = [i.id for i in c.responses.input_items.list(twice.id, limit=1, order="asc")]
-        assert len(ids) == 2 and ids[0] == "dup" != ids[1]
+        # ids a client gave twice (paging on from "dup" looped for ever; then the second was
+        # renamed): a 400, as OpenAI's (both items had been taken, helper-154)
+        with pytest.raises(openai.BadRequestError, match="Duplicate item found with id dup: input.0. and input.1."):
+            c.responses.create(model="gpt-oss-tiny", input=[
+                {"id": "dup", "role": "user", "content": "a"}, {"id": "dup", "role": "user", "content": "b"}])
 
 
 def test_the_response_store_is_bounded_by_bytes_too():
@@ -1941,7 +1966,7 @@ def test_a_preamble_and_the_answer_are_told_apart(tok):
     ("Checking now.Sunny."), streamed or not (a tester's, helper-154)."""
     both = ("<|channel|>commentary<|message|>Checking now.<|end|><|start|>assistant<|channel|>final"
             "<|message|>Sunny.<|return|>")
-    model = ScriptedModel([script(tok, both) for _ in range(4)])
+    model = ScriptedModel([script(tok, both) for _ in range(4)] + [script(tok, "Hi.<|return|>")])
     with serving(model, tok) as url:
         c = client(url)
         r = c.responses.create(model="gpt-oss-tiny", input="weather?")
@@ -1954,6 +1979,8 @@ def test_a_preamble_and_the_answer_are_told_apart(tok):
         chunks = c.chat.completions.create(model="gpt-oss-tiny", messages=[{"role": "user", "content": "weather?"}],
                                            stream=True)
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "Checking now.\n\nSunny."
+        # a message without a channel (the random model's) is an answer, not a preamble (helper-158)
+        assert [o.phase for o in c.responses.create(model="gpt-oss-tiny", input="hi").output] == ["final_answer"]
 
 
 def test_a_preamble_between_two_pieces_of_reasoning_stays_a_preamble():

@@ -101,7 +101,10 @@ def check_call_ids(messages: list) -> None:
     Responses API here)."""
     open_ids: set[str] = set()
     closed: set[str] = set()
+    answered_ids: set[str] = set()  # of the last calls' results (a second result was taken, helper-154)
     for i, m in enumerate(messages):
+        if m.get("tool_calls"):  # (a client may number each round's calls alike: call_0 again)
+            answered_ids = set()
         for j, call in enumerate(m.get("tool_calls") or []):
             if "id" in call and not (isinstance(call["id"], str) and call["id"].strip()):
                 raise bad_request(f"messages[{i}].tool_calls[{j}].id must be a non-empty string", "messages")
@@ -114,9 +117,13 @@ def check_call_ids(messages: list) -> None:
             if answered in closed and answered not in open_ids:
                 raise bad_request(f"messages[{i}]: the call {answered[:80]!r} it answers was left unanswered when "
                                   "the conversation went on: a tool message comes before the next message", "messages")
+            if answered in answered_ids:
+                raise bad_request(f"messages[{i}]: a second tool message for tool_call_id {answered[:80]!r}: a call "
+                                  "has one result", "messages")
+            answered_ids.add(answered)
         if m.get("role") in ("user", "system", "developer"):
             closed |= open_ids
-            open_ids = set()
+            open_ids, answered_ids = set(), set()
 
 
 def check_last_calls_answered(messages: list) -> None:

@@ -237,8 +237,12 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
                                   "reasoning_text parts", "input")
             text = "".join(str(p.get("text", "")) for p in parts
                            if isinstance(p, dict) and p.get("type") == "reasoning_text")
-            # without its content (Codex, store=false): this server's encrypted_content, or its summary
-            text = text or unsealed_reasoning(item.get("encrypted_content"), where) or _summary(item.get("summary"))
+            if item.get("summary") is not None and not isinstance(item["summary"], list):
+                raise bad_request(f"{where}.summary must be a list of summary_text parts", "input")
+            # without its content (Codex, store=false): this server's encrypted_content, or its
+            # summary; a damaged one of this server's is an error beside its content too (helper-154)
+            sealed = unsealed_reasoning(item.get("encrypted_content"), where)
+            text = text or sealed or _summary(item.get("summary"))
             if text:
                 target = turn("tool_calls", "content")
                 target["reasoning"] = (target.get("reasoning") or "") + text
@@ -472,10 +476,16 @@ def input_items(body: dict, store: ResponseStore) -> tuple[list[dict], int]:
     if any(isinstance(item, dict) and item.get("type") == "item_reference" for item in given):
         given = referenced(given, store)
     taken = {item.get("id") for item in previous if isinstance(item, dict)}
-    for item in given:  # the previous response's own items sent again: the model would read them twice
+    seen: dict[str, int] = {}
+    for j, item in enumerate(given):  # the previous response's own items sent again: the model would read them twice
         if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"] in taken:
             raise bad_request(f"Duplicate item found with id {item['id'][:80]}: it is already in the "
                               f"conversation of previous_response_id; remove it from the input", "input")
+        if isinstance(item, dict) and isinstance(item.get("id"), str) and item.get("type") != "item_reference":
+            if item["id"] in seen:  # (two items of one id were both taken: a tester's, helper-154)
+                raise bad_request(f"Duplicate item found with id {item['id'][:80]}: input[{seen[item['id']]}] and "
+                                  f"input[{j}] (an item's id is its own)", "input")
+            seen[item["id"]] = j
     return previous + [_with_id(item, taken) for item in given], len(previous)
 
 
@@ -645,7 +655,7 @@ def output_item(item: Item, ids: dict, status: str = "completed", sealed: bool =
     # phase: a preamble (commentary, before tool calls) told from the final answer, as OpenAI's
     # own messages are (a tester saw two messages a client could not tell apart, helper-154)
     return {"id": item_id, "type": "message", "role": "assistant", "status": status,
-            "phase": "final_answer" if item.channel == "final" else "commentary",
+            "phase": "commentary" if item.channel == "commentary" else "final_answer",
             "content": [] if status == "in_progress" else [_text_part(item.text)]}
 
 
