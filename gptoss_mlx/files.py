@@ -26,13 +26,16 @@ def expand_user(path: str | os.PathLike, error: type[Exception] = FileNotFoundEr
     """``path`` with a leading ``~`` or ``~name`` made the home folder, as a shell does; where
     there is none (no user ``name`` here, or no HOME), ``error`` saying so, not pathlib's bare
     RuntimeError (a traceback: a tester's ``/save ~nosuchuser/x.json``, helper-155)."""
-    try:
-        return Path(path).expanduser()
-    except RuntimeError:
-        first = os.fspath(path).split(os.sep, 1)[0]
+    text = os.fspath(path)
+    if not text.startswith("~"):  # (pathlib reads ./~x as ~x, a user's home: the string's own start only)
+        return Path(text)
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):  # not expanded
+        first = text.split(os.sep, 1)[0]
         why = (f"there is no user {first[1:]!r} on this machine" if first != "~"
                else "the home folder is unknown (HOME is not set)")
-        raise error(f"{os.fspath(path)}: {why}") from None
+        raise error(f"{text}: {why}")
+    return Path(expanded)
 
 
 def regular_file_problem(path: str | os.PathLike) -> str | None:

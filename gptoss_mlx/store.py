@@ -45,7 +45,10 @@ def data_dir() -> Path:
     """$GPTOSS_MLX_DATA_DIR, else ~/Library/Application Support/gptoss-mlx on macOS and
     $XDG_DATA_HOME/gptoss-mlx (~/.local/share/gptoss-mlx) elsewhere."""
     if os.environ.get("GPTOSS_MLX_DATA_DIR"):
-        return expand_user(os.environ["GPTOSS_MLX_DATA_DIR"])
+        try:
+            return expand_user(os.environ["GPTOSS_MLX_DATA_DIR"])
+        except FileNotFoundError as e:  # (no such user's ~: said, not a traceback, helper-158)
+            raise FileNotFoundError(f"GPTOSS_MLX_DATA_DIR={e}") from None
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Application Support" / "gptoss-mlx"
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"

@@ -529,7 +529,8 @@ def test_save_and_load_of_paths_that_cannot_be_say_why_and_the_chat_goes_on(tok,
     monkeypatch.chdir(tmp_path)
     status, out = run_chat(monkeypatch, chat, [
         "2+2?", "/save ~nosuchuser-36/x.json", f"/save {long}", f"/save {tmp_path}/big.txt/x.json",
-        "/load ~nosuchuser-36/x.json", '/save ""', f'/save "{tmp_path}/my chat.json"', "/reasoning"])
+        "/load ~nosuchuser-36/x.json", '/save ""', f'/save "{tmp_path}/my chat.json"', "/reasoning",
+        '/save "unclosed.json', "/load 'unclosed"])
     assert status == 0 and "Traceback" not in out
     assert "not saved: ~nosuchuser-36/x.json: there is no user 'nosuchuser-36' on this machine" in out
     assert "cannot be written (File name too long)" in out
@@ -538,6 +539,8 @@ def test_save_and_load_of_paths_that_cannot_be_say_why_and_the_chat_goes_on(tok,
     assert "usage: /save PATH" in out and not (tmp_path / '""').exists()
     assert json.loads((tmp_path / "my chat.json").read_text())["messages"]
     assert "reasoning: show (/reasoning show|hide changes it)" in out
+    assert 'not saved: the quote that opens "unclosed.json is not closed' in out
+    assert "error: the quote that opens 'unclosed is not closed" in out and not (tmp_path / '"unclosed.json').exists()
 
 
 def test_resume_of_a_file_named_like_a_repo_says_to_load_it(store, tmp_path, monkeypatch, capsys):
@@ -549,6 +552,12 @@ def test_resume_of_a_file_named_like_a_repo_says_to_load_it(store, tmp_path, mon
     assert main(["chat", "--resume", "bad/array.json"]) == 2
     err = capsys.readouterr().err
     assert "(a chat's file: start the chat, then `/load bad/array.json`)" in err and "is a model" not in err
+    # a saved chat's file name, as the chats folder shows it, is its id (".json.json" was looked for)
+    store.root.mkdir(parents=True)
+    (store.root / "20261207-190213-7bacd3.json").write_text("[]")
+    assert main(["chat", "--resume", "20261207-190213-7bacd3.json"]) == 2
+    err = capsys.readouterr().err
+    assert "20261207-190213-7bacd3.json:" in err and ".json.json" not in err
 
 
 def test_save_never_replaces_a_fifo_or_link_and_keeps_a_files_mode(tok, store, tmp_path, monkeypatch):

@@ -267,6 +267,16 @@ def test_a_path_in_the_home_of_no_user_is_the_callers_error_naming_it():
     from gptoss_mlx.lora import AdapterError, read_adapter_config
     from gptoss_mlx.tools.functions import ToolError, load_functions
 
+    from pathlib import Path
+
+    from gptoss_mlx.cli import build_parser
+    from gptoss_mlx.files import expand_user
+
+    # only the path's own start is a home: ./~x is a folder here (pathlib read it as user x's, helper-158)
+    assert expand_user("./~x/a.json") == Path("./~x/a.json") and expand_user("~/a") == Path.home() / "a"
+    # and an output folder is expanded as every other path ('~/out' made a folder named ~ here)
+    args = build_parser().parse_args(["models", "convert", "src", "~/out36", "--dense-bits", "8"])
+    assert args.out == Path.home() / "out36"
     where = "~nosuchuser-36/x"
     said = f"{where}: there is no user 'nosuchuser-36' on this machine"
     for call, error in [(lambda: load_functions(where), ToolError), (lambda: read_adapter_config(where), AdapterError),
@@ -274,3 +284,18 @@ def test_a_path_in_the_home_of_no_user_is_the_callers_error_naming_it():
                         (lambda: gptoss_mlx.load(where), CheckpointError)]:
         with pytest.raises(error, match=said):
             call()
+
+
+def test_a_folder_variable_in_the_home_of_no_user_is_one_line(monkeypatch, capsys):
+    """GPTOSS_MLX_DATA_DIR or HF_HUB_CACHE of ~nosuchuser/...: a traceback (a re-attack's, helper-158)."""
+    from gptoss_mlx.cli import main
+
+    monkeypatch.setenv("HF_HUB_CACHE", "~nosuchuser-36/hf")
+    assert main(["models", "list"]) == 1
+    assert capsys.readouterr().err == ("gptoss-mlx: error: HF_HUB_CACHE=~nosuchuser-36/hf: there is no user "
+                                       "'nosuchuser-36' on this machine\n")
+    monkeypatch.setenv("GPTOSS_MLX_DATA_DIR", "~nosuchuser-36/data")
+    from gptoss_mlx.store import data_dir
+
+    with pytest.raises(FileNotFoundError, match="GPTOSS_MLX_DATA_DIR=~nosuchuser-36/data: there is no user"):
+        data_dir()

@@ -193,10 +193,15 @@ def test_async_functions_are_awaited_and_generators_lambdas_and_non_functions_na
     method, or function"."""
     path = tmp_path / "mine.py"
     path.write_text("import asyncio\n\nasync def later(x: int) -> int:\n    await asyncio.sleep(0)\n"
-                    "    return x + 1\n\nshout = lambda text: text.upper()\n")
-    later, shout = load_functions(path)
+                    "    return x + 1\n\nshout = lambda text: text.upper()\n\n"
+                    "import functools\n\ndef _add(x: int, y: int) -> int:\n    return x + y\n\nadd5 = functools.partial(_add, y=5)\n\n"
+                    "class Twice:\n    async def __call__(self, x: int) -> int:\n        return 2 * x\n\ntwice = Twice()\n"
+                    "TOOLS = [later, shout, add5, twice]\n")
+    later, shout = load_functions(path)[:2]
     assert (later.name, later.call('{"x": 41}')) == ("later", "42")
     assert (shout.name, shout.call('{"text": "hi"}')) == ("shout", "HI")
+    add5, twice = load_functions(path)[2:]  # (a partial, a callable object: by their names, helper-158)
+    assert (add5.name, add5.call('{"x": 2}'), twice.name, twice.call('{"x": 4}')) == ("add5", "7", "twice", "8")
 
     async def inside_a_loop():  # a library caller's running loop
         return later.call('{"x": 1}')
@@ -204,7 +209,8 @@ def test_async_functions_are_awaited_and_generators_lambdas_and_non_functions_na
     assert asyncio.run(inside_a_loop()) == "2"
     for source, message in [("def gen(n: int):\n    yield n\n", "gen: is a generator function"),
                             ("TOOLS = [lambda x: x]\n", "<lambda>: a lambda has no name to call it by"),
-                            ("TOOLS = [len, None]\n", "TOOLS\\[1\\] must be a function, got NoneType")]:
+                            ("TOOLS = [len, None]\n", "TOOLS\\[1\\] must be a function, got NoneType"),
+                            ("import functools\nTOOLS = [functools.partial(max, 1)]\n", "partial has no name")]:
         path.write_text(source)
         with pytest.raises(ToolError, match=message):
             load_functions(path)

@@ -145,6 +145,9 @@ def run(args) -> int:
         print(file=sys.stderr)
         return getattr(e, "status", 130)  # (common.Terminated: SIGTERM's)
     except OSError as e:
+        if e.errno is None and e.filename is None and e.args:  # ours, its message whole (files.expand_user)
+            print(f"gptoss-mlx: error: {terminal_safe(str(e))}", file=sys.stderr)
+            return 1
         if e.filename is not None or e.errno not in OUTPUT_ERRORS:
             raise  # not the output's fault
         return output_failed(e)

@@ -161,6 +161,8 @@ def flags_over_saved(chat: Chat, args) -> None:
 def resumed_id(store: ConversationStore, chat_id: str) -> str:
     """The chat --resume names (the latest if none), checked before the model loads."""
     chat_id = chat_id or store.latest()
+    if chat_id and chat_id.endswith(".json") and not os.path.lexists(chat_id):
+        chat_id = chat_id[:-len(".json")]  # the file's name, as the chats folder lists it (helper-158)
     if not chat_id:
         raise CLIError(store.folder_problem() or f"no saved conversations to resume in {store.root}")
     try:
@@ -184,6 +186,8 @@ def unquoted(arg: str) -> str:
     arg = arg.strip()
     if len(arg) >= 2 and arg[0] == arg[-1] and arg[0] in "'\"":
         return arg[1:-1].strip()
+    if arg[:1] in ("'", '"'):  # unbalanced: no path the user meant (a re-attack's, helper-158)
+        raise ValueError(f"the quote that opens {arg[:80]} is not closed")
     return arg
 
 
@@ -523,7 +527,11 @@ class Repl:
 
     def load(self, arg: str) -> None:
         """/load ID continues a saved chat; /load PATH continues a copy of a chat file."""
-        arg = unquoted(arg)
+        try:
+            arg = unquoted(arg)
+        except ValueError as e:
+            self.say(f"error: {e}")
+            return
         if not arg:
             self.say("usage: /load ID|PATH")
             return
@@ -556,7 +564,11 @@ class Repl:
             return False
 
     def save(self, arg: str) -> None:
-        arg = unquoted(arg)
+        try:
+            arg = unquoted(arg)
+        except ValueError as e:
+            self.say(f"not saved: {e}")
+            return
         if not arg:
             self.say("usage: /save PATH")
             return

@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import finetune as ft
 from ..config import ConfigError
 from ..engine_thread import engine_thread
-from ..files import expand_user, regular_file_problem
+from ..files import regular_file_problem
 from ..loading import (
     COPIED, CheckpointError, checkpoint_digest, checkpoint_tokenizer, find_layout, load, read_config,
     resolve_checkpoint, save_weights,
@@ -33,7 +33,7 @@ from ..lora import (
 from ..memory import MemoryPlan, MemoryPlanError, checkpoint_dense_bits, choose_plan, shorter_context, system_ram
 from ..tokenizer import TokenizerError
 from . import common
-from .common import CLIError, add_model_argument, note, positive_float, positive_int
+from .common import CLIError, add_model_argument, directory_path, note, positive_float, positive_int
 
 BAR = 24  # characters of the progress bar
 DEFAULTS = ft.Settings()
@@ -89,7 +89,7 @@ def register(sub) -> None:
                                    "and reports the error.")
     add_model_argument(f)
     f.add_argument("--adapter", required=True, type=Path, help="the adapter directory")
-    f.add_argument("--out", required=True, type=Path, help="new directory for the fused checkpoint")
+    f.add_argument("--out", required=True, type=directory_path, help="new directory for the fused checkpoint")
     f.add_argument("--requantize-experts", action="store_true",
                    help="merge the expert adapters into the MXFP4 weights (lossy; the error is reported)")
     f.set_defaults(func=cmd_fuse)
@@ -121,12 +121,6 @@ def seed_number(text: str) -> int:
     if value >= 2**64:
         raise argparse.ArgumentTypeError(f"must be below 2**64, got {text}")
     return value
-
-
-def directory_path(text: str) -> Path:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a directory, got an empty path")
-    return expand_user(text, argparse.ArgumentTypeError)
 
 
 def check_adapter_path(out: Path) -> None:

@@ -56,7 +56,7 @@ def register(sub) -> None:
                                       "(experts stay MXFP4, the router bf16), so loading it needs "
                                       "no --dense-bits and less memory while loading.")
     q.add_argument("src", help="checkpoint directory or Hugging Face repo id")
-    q.add_argument("out", type=Path, help="new directory for the converted checkpoint")
+    q.add_argument("out", type=common.directory_path, help="new directory for the converted checkpoint")
     q.add_argument("--dense-bits", type=int, choices=[8, 4], required=True,
                    help="bits of the quantized dense layers")
     q.set_defaults(func=cmd_convert)

@@ -186,10 +186,15 @@ class FunctionTool:
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
             # (its result was "<generator object ...>", said to the model as the answer, helper-157)
             raise TypeError("is a generator function: return the values (a list) instead of yielding them")
-        if (name or fn.__name__) == "<lambda>":
-            raise TypeError("a lambda has no name to call it by: use def, or FunctionTool.from_callable(f, name=...)")
-        description_doc, param_docs = _docstring_parts(fn.__doc__)
-        hints = typing.get_type_hints(fn)
+        name = name or getattr(fn, "__name__", None)
+        if name in (None, "<lambda>"):  # a lambda, a functools.partial, an object with __call__
+            what = "a lambda" if name else type(fn).__name__
+            raise TypeError(f"{what} has no name to call it by: use def, or FunctionTool.from_callable(f, name=...)")
+        # where its hints and docstring are: a partial's function's, a callable object's __call__'s
+        inner = fn.func if isinstance(fn, functools.partial) else (
+            fn if inspect.isfunction(fn) or inspect.ismethod(fn) else getattr(fn, "__call__", fn))
+        description_doc, param_docs = _docstring_parts(inner.__doc__ if inner.__doc__ else fn.__doc__)
+        hints = typing.get_type_hints(inner)
         properties, required = {}, []
         for p in inspect.signature(fn).parameters.values():
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -209,7 +214,7 @@ class FunctionTool:
         signature = inspect.signature(fn)
         # a name it does not take: refused, not a TypeError; with **kwargs, any name is taken
         parameters["additionalProperties"] = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
-        return cls(name or fn.__name__, description or description_doc, parameters, _caller(fn, signature, hints))
+        return cls(name, description or description_doc, parameters, _caller(fn, signature, hints))
 
     @classmethod
     def from_schema(cls, name: str, description: str, parameters: dict, fn: Callable) -> "FunctionTool":
@@ -408,11 +413,13 @@ def load_functions(path: str | Path) -> list[FunctionTool]:
         sys.modules.pop(name, None)
         raise ToolError(f"{path}: {type(e).__name__}: {error_text(e)}") from None
     items = getattr(module, "TOOLS", None)
-    named = {}  # a module's lambdas by the names they are bound to (else each is "<lambda>")
     if items is None:
         items = [f for name, f in vars(module).items()
                  if inspect.isfunction(f) and f.__module__ == module.__name__ and not name.startswith("_")]
-        named = {id(f): name for name, f in vars(module).items() if getattr(f, "__name__", "") == "<lambda>"}
+    # lambdas, partials and callable objects by the names they are bound to (for TOOLS too; the
+    # file's own: an imported partial is no tool of its own)
+    named = {id(f): name for name, f in vars(module).items() if not name.startswith("_") and callable(f)
+             and getattr(f, "__name__", "<lambda>") == "<lambda>" and not isinstance(f, type)}
     if not isinstance(items, (list, tuple)):
         raise ToolError(f"{path}: TOOLS must be a list of functions, got {type(items).__name__}")
     tools = []
