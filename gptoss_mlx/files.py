@@ -27,8 +27,12 @@ def expand_user(path: str | os.PathLike, error: type[Exception] = FileNotFoundEr
     there is none (no user ``name`` here, or no HOME), ``error`` saying so, not pathlib's bare
     RuntimeError (a traceback: a tester's ``/save ~nosuchuser/x.json``, helper-155)."""
     text = os.fspath(path)
-    if not text.startswith("~"):  # (pathlib reads ./~x as ~x, a user's home: the string's own start only)
-        return Path(text)
+    if not text.startswith("~"):
+        # pathlib makes ./~x the path ~x, which a later expansion reads as user x's home (a
+        # /save there wrote into that user's home, a re-attack's, helper-159): such a path is
+        # made absolute, where no ~ starts it
+        return Path(text) if not Path(text).parts[:1] or not Path(text).parts[0].startswith("~") \
+            else Path.cwd() / text
     expanded = os.path.expanduser(text)
     if expanded.startswith("~"):  # not expanded
         first = text.split(os.sep, 1)[0]

@@ -530,7 +530,7 @@ def test_save_and_load_of_paths_that_cannot_be_say_why_and_the_chat_goes_on(tok,
     status, out = run_chat(monkeypatch, chat, [
         "2+2?", "/save ~nosuchuser-36/x.json", f"/save {long}", f"/save {tmp_path}/big.txt/x.json",
         "/load ~nosuchuser-36/x.json", '/save ""', f'/save "{tmp_path}/my chat.json"', "/reasoning",
-        '/save "unclosed.json', "/load 'unclosed"])
+        '/save "unclosed.json', "/load 'unclosed", "/save ./~x36/here.json"])
     assert status == 0 and "Traceback" not in out
     assert "not saved: ~nosuchuser-36/x.json: there is no user 'nosuchuser-36' on this machine" in out
     assert "cannot be written (File name too long)" in out
@@ -540,6 +540,7 @@ def test_save_and_load_of_paths_that_cannot_be_say_why_and_the_chat_goes_on(tok,
     assert json.loads((tmp_path / "my chat.json").read_text())["messages"]
     assert "reasoning: show (/reasoning show|hide changes it)" in out
     assert 'not saved: the quote that opens "unclosed.json is not closed' in out
+    assert json.loads((tmp_path / "~x36" / "here.json").read_text())["messages"]  # ./~x36 is a folder here
     assert "error: the quote that opens 'unclosed is not closed" in out and not (tmp_path / '"unclosed.json').exists()
 
 

@@ -273,7 +273,10 @@ def test_a_path_in_the_home_of_no_user_is_the_callers_error_naming_it():
     from gptoss_mlx.files import expand_user
 
     # only the path's own start is a home: ./~x is a folder here (pathlib read it as user x's, helper-158)
-    assert expand_user("./~x/a.json") == Path("./~x/a.json") and expand_user("~/a") == Path.home() / "a"
+    assert expand_user("./~x/a.json") == Path.cwd() / "~x" / "a.json" and expand_user("~/a") == Path.home() / "a"
+    # made absolute: a later expansion (a Path of ./~root is ~root) wrote into root's home (helper-159)
+    assert expand_user(expand_user("./~root/a.json")) == Path.cwd() / "~root" / "a.json"
+    assert expand_user("sub/~x") == Path("sub/~x")
     # and an output folder is expanded as every other path ('~/out' made a folder named ~ here)
     args = build_parser().parse_args(["models", "convert", "src", "~/out36", "--dense-bits", "8"])
     assert args.out == Path.home() / "out36"

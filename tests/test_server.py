@@ -588,6 +588,18 @@ def test_chat_completions_calls_at_the_end_need_their_results(url, tail, ok):
           "name": "get_weather", "arguments": "{}"}}]},
       {"role": "tool", "tool_call_id": "a", "content": "1"}, {"role": "tool", "tool_call_id": "a", "content": "1"}],
      "messages[3]: a second tool message for tool_call_id 'a': a call has one result"),
+    ([{"role": "user", "content": "w"},  # ... after a later round's call (helper-159)
+      {"role": "assistant", "content": None, "tool_calls": [{"id": "a", "type": "function", "function": {
+          "name": "get_weather", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "a", "content": "1"},
+      {"role": "assistant", "content": None, "tool_calls": [{"id": "b", "type": "function", "function": {
+          "name": "get_weather", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "b", "content": "1"},
+      {"role": "tool", "tool_call_id": "a", "content": "1"}],
+     "messages[5]: a second tool message for tool_call_id 'a': a call has one result"),
+    ([{"role": "user", "content": "w"},
+      {"role": "assistant", "content": None, "tool_calls": [{"id": "a", "type": "function", "function": {
+          "name": "get_weather", "arguments": "{}"}}, {"id": "a", "type": "function", "function": {
+          "name": "get_weather", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "a", "content": "1"}],
+     "messages[1].tool_calls[1].id 'a' is also an earlier call's of this message"),
 ])
 def test_chat_completions_call_ids_are_checked_as_the_responses_apis(url, messages, says):
     """The re-attack's (helper-128): the Responses API refused these, Chat Completions took them."""
@@ -851,7 +863,10 @@ def test_damaged_encrypted_reasoning_of_this_server_is_a_400(url):
     reasoning["summary"] = "a string"
     del reasoning["encrypted_content"]
     code, data = post(url, "/responses", json.dumps(body).encode())
-    assert code == 400 and data["error"]["message"] == "input[1].summary must be a list of summary_text parts", data
+    assert code == 400 and data["error"]["message"].startswith("input[1].summary must be a list of summary_text parts"), data
+    for summary in ([5], [{"type": "summary_text", "text": 5}], [{"text": "a"}]):  # (helper-159)
+        reasoning["summary"] = summary
+        assert post(url, "/responses", json.dumps(body).encode())[0] == 400, summary
     reasoning["summary"], reasoning["id"] = [], "rs_1"
     body["input"][2] = {"type": "message", "role": "assistant", "id": "rs_1", "content": "Hello."}
     code, data = post(url, "/responses", json.dumps(body).encode())

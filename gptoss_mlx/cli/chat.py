@@ -161,7 +161,7 @@ def flags_over_saved(chat: Chat, args) -> None:
 def resumed_id(store: ConversationStore, chat_id: str) -> str:
     """The chat --resume names (the latest if none), checked before the model loads."""
     chat_id = chat_id or store.latest()
-    if chat_id and chat_id.endswith(".json") and not os.path.lexists(chat_id):
+    if chat_id and chat_id.endswith(".json") and os.sep not in chat_id and not os.path.lexists(chat_id):
         chat_id = chat_id[:-len(".json")]  # the file's name, as the chats folder lists it (helper-158)
     if not chat_id:
         raise CLIError(store.folder_problem() or f"no saved conversations to resume in {store.root}")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..chat_file import DATE_SHAPE, is_one_line_date
-from ..files import JSONProblem, lone_surrogate_problem, parse_json, read_json_file
+from ..files import JSONProblem, expand_user, lone_surrogate_problem, parse_json, read_json_file
 from ..harmony import (
     HarmonyError, from_chat_completions, render_conversation, segments_to_text, segments_to_tokens,
     today,
@@ -74,7 +74,7 @@ def _request(file: str) -> dict:
         if pipe:
             raise CLIError(f"{file}: is a pipe; give the conversation on standard input with `-` "
                            f"(gptoss-mlx render - < FILE)")
-        request = read_json_file(Path(file), CLIError)
+        request = read_json_file(expand_user(file, CLIError), CLIError)
     else:
         try:
             request = parse_json(sys.stdin.buffer.read())

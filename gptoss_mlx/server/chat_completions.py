@@ -101,15 +101,19 @@ def check_call_ids(messages: list) -> None:
     Responses API here)."""
     open_ids: set[str] = set()
     closed: set[str] = set()
-    answered_ids: set[str] = set()  # of the last calls' results (a second result was taken, helper-154)
+    has_result: dict[str, bool] = {}  # by call id: its latest call has its result (a second was taken, helper-154)
     for i, m in enumerate(messages):
-        if m.get("tool_calls"):  # (a client may number each round's calls alike: call_0 again)
-            answered_ids = set()
+        declared: set[str] = set()
         for j, call in enumerate(m.get("tool_calls") or []):
             if "id" in call and not (isinstance(call["id"], str) and call["id"].strip()):
                 raise bad_request(f"messages[{i}].tool_calls[{j}].id must be a non-empty string", "messages")
             if call.get("id"):
+                if call["id"] in declared:
+                    raise bad_request(f"messages[{i}].tool_calls[{j}].id {call['id'][:80]!r} is also an earlier "
+                                      "call's of this message: a call's id is its own", "messages")
+                declared.add(call["id"])
                 open_ids.add(call["id"])
+                has_result[call["id"]] = False  # (a client may number each round's calls alike: call_0 again)
         if m.get("role") == "tool" and "tool_call_id" in m:
             answered = m["tool_call_id"]
             if not (isinstance(answered, str) and answered.strip()):
@@ -117,13 +121,13 @@ def check_call_ids(messages: list) -> None:
             if answered in closed and answered not in open_ids:
                 raise bad_request(f"messages[{i}]: the call {answered[:80]!r} it answers was left unanswered when "
                                   "the conversation went on: a tool message comes before the next message", "messages")
-            if answered in answered_ids:
-                raise bad_request(f"messages[{i}]: a second tool message for tool_call_id {answered[:80]!r}: a call "
-                                  "has one result", "messages")
-            answered_ids.add(answered)
+            if has_result.get(answered):
+                raise bad_request(f"messages[{i}]: a second tool message for tool_call_id {answered[:80]!r}: a "
+                                  "call has one result", "messages")
+            has_result[answered] = True
         if m.get("role") in ("user", "system", "developer"):
             closed |= open_ids
-            open_ids, answered_ids = set(), set()
+            open_ids = set()
 
 
 def check_last_calls_answered(messages: list) -> None:

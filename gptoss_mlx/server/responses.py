@@ -237,8 +237,15 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
                                   "reasoning_text parts", "input")
             text = "".join(str(p.get("text", "")) for p in parts
                            if isinstance(p, dict) and p.get("type") == "reasoning_text")
-            if item.get("summary") is not None and not isinstance(item["summary"], list):
-                raise bad_request(f"{where}.summary must be a list of summary_text parts", "input")
+            summary = item.get("summary")
+            if summary is not None and not (isinstance(summary, list) and all(
+                    isinstance(p, dict) and p.get("type") == "summary_text" and isinstance(p.get("text"), str)
+                    for p in summary)):  # (kept and listed back as sent: summary=[5], helper-159)
+                raise bad_request(f"{where}.summary must be a list of summary_text parts "
+                                  "({\"type\": \"summary_text\", \"text\": ...})", "input")
+            if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in parts):
+                raise bad_request(f"{where}: a reasoning item's content must be a list of reasoning_text "
+                                  "parts with text", "input")
             # without its content (Codex, store=false): this server's encrypted_content, or its
             # summary; a damaged one of this server's is an error beside its content too (helper-154)
             sealed = unsealed_reasoning(item.get("encrypted_content"), where)

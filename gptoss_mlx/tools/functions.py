@@ -192,7 +192,7 @@ class FunctionTool:
             raise TypeError(f"{what} has no name to call it by: use def, or FunctionTool.from_callable(f, name=...)")
         # where its hints and docstring are: a partial's function's, a callable object's __call__'s
         inner = fn.func if isinstance(fn, functools.partial) else (
-            fn if inspect.isfunction(fn) or inspect.ismethod(fn) else getattr(fn, "__call__", fn))
+            fn if inspect.isroutine(fn) or isinstance(fn, type) else getattr(fn, "__call__", fn))
         description_doc, param_docs = _docstring_parts(inner.__doc__ if inner.__doc__ else fn.__doc__)
         hints = typing.get_type_hints(inner)
         properties, required = {}, []
@@ -418,8 +418,11 @@ def load_functions(path: str | Path) -> list[FunctionTool]:
                  if inspect.isfunction(f) and f.__module__ == module.__name__ and not name.startswith("_")]
     # lambdas, partials and callable objects by the names they are bound to (for TOOLS too; the
     # file's own: an imported partial is no tool of its own)
-    named = {id(f): name for name, f in vars(module).items() if not name.startswith("_") and callable(f)
-             and getattr(f, "__name__", "<lambda>") == "<lambda>" and not isinstance(f, type)}
+    named: dict[int, str] = {}
+    for name, f in vars(module).items():  # (the first name it is bound to: an alias after it is not it)
+        if not name.startswith("_") and callable(f) and getattr(f, "__name__", "<lambda>") == "<lambda>" \
+                and not isinstance(f, type):
+            named.setdefault(id(f), name)
     if not isinstance(items, (list, tuple)):
         raise ToolError(f"{path}: TOOLS must be a list of functions, got {type(items).__name__}")
     tools = []
@@ -432,7 +435,8 @@ def load_functions(path: str | Path) -> list[FunctionTool]:
             why = error_text(e) if isinstance(e, TypeError) else f"{type(e).__name__}: {error_text(e)}"
             raise ToolError(f"{path}: {getattr(item, '__name__', repr(item))}: {why}") from None
     if not tools:
-        raise ToolError(f"{path}: defines no functions")
+        raise ToolError(f"{path}: defines no functions (a functools.partial or an object with __call__ is a "
+                        "tool when listed in TOOLS)")
     for tool in tools:
         tool.source = path
     return tools
