@@ -31,8 +31,8 @@ def expand_user(path: str | os.PathLike, error: type[Exception] = FileNotFoundEr
         # pathlib makes ./~x the path ~x, which a later expansion reads as user x's home (a
         # /save there wrote into that user's home, a re-attack's, helper-159): such a path is
         # made absolute, where no ~ starts it
-        return Path(text) if not Path(text).parts[:1] or not Path(text).parts[0].startswith("~") \
-            else Path.cwd() / text
+        given = Path(text)
+        return Path.cwd() / given if given.parts[:1] and given.parts[0].startswith("~") else given
     expanded = os.path.expanduser(text)
     if expanded.startswith("~"):  # not expanded
         first = text.split(os.sep, 1)[0]
