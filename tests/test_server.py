@@ -1075,6 +1075,10 @@ def test_stored_responses_and_the_model_can_be_retrieved(url):
     with pytest.raises(openai.NotFoundError) as e:
         c.models.retrieve("gpt-5")
     assert e.value.code == "model_not_found"
+    for path in ("/chat/completions", "/responses"):  # a model that is no name is the request's fault (helper-154)
+        code, data = post(url, path, json.dumps({"model": 4, "input": "hi", "messages": []}).encode())
+        assert (code, data["error"]["param"]) == (400, "model"), data
+        assert data["error"]["message"].startswith("'model' must be a string"), data
 
 
 @pytest.mark.parametrize("extra, param", [({"top_k": -2}, "top_k"), ({"top_k": 1.5}, "top_k"),

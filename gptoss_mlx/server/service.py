@@ -26,6 +26,7 @@ from ..tools import Toolbox, ToolResult
 from ..tools.toolbox import limit_reached, no_such_tool
 from .errors import APIError, bad_request
 from .output import CALL, SERVER_CALL, OutputEvent, ReplyStream, Waiting
+from . import params
 from .params import function_names
 from .scheduler import Run, Scheduler, shutting_down
 from .tools import FUNCTION_THREADS, MAX_ROUNDS, ServerTools
@@ -107,7 +108,7 @@ class Service:
         return self.engine.max_context
 
     def check_model(self, body: dict) -> None:
-        model = body.get("model")
+        model = params.typed(body, "model", str, "a string (the model's name)")  # (4 was a 404, helper-154)
         names = [name for name in (self.model_name, self.base_model) if name]
         if model is not None and model not in names + [name.rsplit("/", 1)[-1] for name in names]:
             raise APIError(404, f"the model {model!r} does not exist: this server serves "
