@@ -1157,7 +1157,9 @@ def test_a_responses_stream_left_early_can_be_followed_on_from_what_was_sent(tok
             if event.type == leave_after:
                 break
         stream.close()
-        deadline = time.monotonic() + 20  # the server sees the client gone (slower under load)
+        # the server sees the client gone (slower under load: 20 s ran out once in a fresh
+        # clone's CI, nothing logged, at cfb31ad)
+        deadline = time.monotonic() + 60
         while not any(rid in r.getMessage() and ("client disconnected" in r.getMessage()
                                                   or "cancelled before generation" in r.getMessage())
                       for r in caplog.records):
