@@ -581,6 +581,26 @@ def test_save_never_replaces_a_fifo_or_link_and_keeps_a_files_mode(tok, store, t
     assert mine.stat().st_mode & 0o777 == 0o644
 
 
+def test_a_chat_that_ends_at_a_call_never_run_says_so_and_tells_the_model(tok, store, tmp_path, monkeypatch):
+    """A saved chat ending in a call with no result (saved before the call ran, then the process
+    ended): /load showed only the question, and the model was never told the call did not run
+    (a tester's, helper-157)."""
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    data = {"format": 1, "title": "weather", "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "reasoning": "use the tool", "tool_calls": [call]}]}
+    path = tmp_path / "ended.json"
+    path.write_text(json.dumps(data))
+    chat = scripted_chat(tok, "Sorry.")
+    status, out = run_chat(monkeypatch, chat, [f"/load {path}", "and now?"])
+    assert '[tool call → functions.get_weather] {"city": "Oslo"}' in out, out
+    assert "[result ← functions.get_weather] Error: not run: the conversation ended before this call ran" in out
+    roles = [(m.role, m.recipient) for m in chat.messages]
+    call_at = roles.index(("assistant", "functions.get_weather"))
+    assert roles[call_at + 1] == ("tool", "assistant") and roles[call_at + 2] == ("user", None), roles
+    assert chat.messages[call_at + 1].text == "Error: not run: the conversation ended before this call ran"
+
+
 def test_a_chat_with_tool_calls_has_one_length_in_every_list_and_load(tok, store, tmp_path, monkeypatch):
     """The chat list said 3 messages, /load ID 2 and /load PATH 5 for the same file."""
     call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
