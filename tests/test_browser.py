@@ -558,3 +558,16 @@ def test_serve_keeps_browser_allow_private_for_every_request():
         else:
             with pytest.raises(ToolError, match="private"):
                 browser.call("open", {"id": url})
+
+
+def test_view_source_shows_the_pages_html():
+    """open(view_source=True) showed the rendered text, as without it (a tester's, helper-157)."""
+    net = Net()
+    client = net.client()
+    browser = Browser(backend=None)
+    browser.fetch = lambda url: fetch_page(url, client)
+    browser.fetch_source = lambda url: fetch_page(url, client, source=True)
+    rendered = browser.open(id="http://public.test/")
+    source = browser.open(view_source=True)  # the page open now, as its source
+    assert "<p>" not in rendered and "<p>Hello café</p>" in source and "Source of http://public.test/" in source
+    assert "<title>T</title>" in browser.open(id="http://public.test/", view_source=True)

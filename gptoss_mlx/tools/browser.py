@@ -404,14 +404,17 @@ def _wrap(text: str) -> list[str]:
     return lines
 
 
-def fetch_page(url: str, client: WebClient | None = None) -> Page:
-    """GET a URL and turn it into a Page (HTML to text; other text types as they are)."""
+def fetch_page(url: str, client: WebClient | None = None, source: bool = False) -> Page:
+    """GET a URL and turn it into a Page (HTML to text; other text types as they are; with
+    ``source``, HTML as it is too: ``open``'s ``view_source``)."""
     response = (client or WebClient()).request(url)
     kind = response.headers.get_content_type()
     text = _decode(response.body, response.headers.get_content_charset())
     if response.truncated:
         text += f"\n\n[truncated: the page is longer than {len(response.body)} bytes]"
     sniffed_html = text.lstrip()[:15].lower().startswith(("<!doctype html", "<html"))
+    if (kind in ("text/html", "application/xhtml+xml") or sniffed_html) and source:
+        return Page(response.url, f"Source of {response.url}"[:MAX_TITLE], _wrap(defused(text)))
     if kind in ("text/html", "application/xhtml+xml") or sniffed_html:
         parser = _TextExtractor(response.url, time.monotonic() + PARSE_S)
         try:
@@ -461,6 +464,8 @@ class Browser:
         self.allow_private = allow_private
         self.backend = backend if backend is not None else default_backend(client)
         self.fetch = fetch or (lambda url: fetch_page(url, client))
+        # open(view_source=True): the page's HTML as it is (it showed the rendered text, helper-157)
+        self.fetch_source = fetch or (lambda url: fetch_page(url, client, source=True))
         self.view_lines = view_lines
         self.pages: list[Page] = []
 
@@ -499,17 +504,22 @@ class Browser:
 
     def open(self, id: int | str = -1, cursor: int = -1, loc: int = -1, num_lines: int = -1,
              view_source: bool = False, source: str | None = None) -> str:
+        fetch = self.fetch_source if view_source else self.fetch
         if isinstance(id, str) and id not in ("", "-1"):
-            return self._push_and_show(self.fetch(id), max(loc, 0), num_lines)
+            return self._push_and_show(fetch(id), max(loc, 0), num_lines)
         page_index = self._page_index(cursor)
         page = self.pages[page_index]
+        if view_source and not (isinstance(id, int) and id >= 0):  # the page itself, as its source
+            if not page.url.startswith(("http://", "https://")):
+                raise ToolError(f"page {page_index} is a list of results: it has no source to view")
+            return self._push_and_show(fetch(page.url), max(loc, 0), num_lines)
         if isinstance(id, int) and id >= 0:
             if id in page.matches:  # a find result: its page as it was read, from a few lines above the match
                 found, line = page.matches[id]
                 return self._push_and_show(found, max(line - 4, 0) if loc < 0 else loc, num_lines)
             if id not in page.links:
                 raise ToolError(f"page {page_index} has no link {id}")
-            return self._push_and_show(self.fetch(page.links[id]), max(loc, 0), num_lines)
+            return self._push_and_show(fetch(page.links[id]), max(loc, 0), num_lines)
         return self._show(page_index, max(loc, 0), num_lines)  # scroll the page
 
     def find(self, pattern: str, cursor: int = -1) -> str:
