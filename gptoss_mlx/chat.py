@@ -55,6 +55,9 @@ ANSWER_CHANNELS = ("final", None)
 TOOL_RESULT_CHANNELS = ("commentary", "analysis")  # a tool's result comes back on its call's
 
 
+UNRUN_CALL = "Error: not run: the conversation ended before this call ran"
+
+
 def result_channel(call: "ToolCall") -> str:
     """The channel a call's result goes on: its call's, or where harmony puts the call when the
     model wrote it on another (final, an unknown word, none): analysis for the built-in tools,
@@ -389,6 +392,17 @@ class Chat:
         if text is not None and not isinstance(text, str):
             raise TypeError(f"instructions must be a string or None, got {type(text).__name__}")
         self._instructions = None if text is None else valid_text(text)
+
+    def answer_unrun_call(self) -> Message | None:
+        """Where the history ends at a call with no result (a front end saved the turn before
+        the call ran, and the process ended then), answer it for the model with UNRUN_CALL;
+        the call, or None. (Neither shown nor answered, the model never learnt it had not run:
+        a tester's, helper-157.)"""
+        last = self.messages[-1] if self.messages else None
+        if last is None or not last.is_tool_call:
+            return None
+        self.add_tool_result(last.recipient, UNRUN_CALL, channel=result_channel(last))
+        return last
 
     def add_tool_result(self, name: str, content: str, channel: str = "commentary") -> None:
         """A tool's result for the model: ``name`` as the model called the tool

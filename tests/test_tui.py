@@ -875,6 +875,25 @@ async def test_a_reopened_reply_that_was_cut_short_says_so(store):
         assert stats == ["cut off: token limit", "stopped", "", "stopped"], stats
 
 
+async def test_a_reopened_chat_ending_at_a_call_never_run_answers_it_for_the_model(store):
+    """A chat saved before its call ran (the process ended then) reopened with the call neither
+    shown answered nor answered: the model never learnt it had not run (a tester's, helper-157)."""
+    from gptoss_mlx.chat import UNRUN_CALL
+    from gptoss_mlx.harmony import Message
+
+    saved = ScriptedChat()
+    saved.messages += [Message("user", "weather?"),
+                       Message("assistant", '{"city": "Oslo"}', channel="commentary", recipient="functions.get_weather")]
+    store.save(saved, "ended", "Weather")
+    app = make_app(ScriptedChat(), store)
+    async with app.run_test(size=SIZE) as pilot:
+        app.open_conversation("ended")
+        await wait_until(pilot, lambda: len(app.query(AssistantTurn)) == 1)
+        await pilot.pause(0.1)
+        last = app.chat.messages[-1]
+        assert (last.role, last.name, last.text) == ("tool", "functions.get_weather", UNRUN_CALL)
+
+
 async def test_a_reopened_message_left_unanswered_and_cut_replies_say_so_here_and_in_the_export(store):
     """A tester's (helper-138): a chat quit while its prompt was read reopened ending in the
     question with no mark (the next message then made two user turns, the first never answered,

@@ -1132,6 +1132,7 @@ class ChatApp(App):
             self.toolbox.new_conversation()
         self.effort = self.chat.reasoning_effort
         self.last_done = None
+        self.chat.answer_unrun_call()  # a call saved before it ran: shown, and the model told (helper-157)
         self.render_history()
         self.update_status()
 

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from ..chat import Chat, ChatFileError, Done, reply_cut, result_channel
+from ..chat import UNRUN_CALL, Chat, ChatFileError, Done, reply_cut
 from ..chat_file import check_chat_file
 from ..files import REPLACEMENT, expand_user, valid_text
 from ..generate import ContextLengthError, NonFiniteLogitsError
@@ -178,9 +178,6 @@ def resumed_id(store: ConversationStore, chat_id: str) -> str:
             hint = ""
         raise CLIError(f"{e}{hint}") from None
     return chat_id
-
-
-UNRUN_CALL = "Error: not run: the conversation ended before this call ran"
 
 
 def unquoted(arg: str) -> str:
@@ -449,14 +446,10 @@ class Repl:
                     self.say(CUT_MARKS[cut])
                 continue
             self.say("gpt-oss: " + terminal_safe(glimpse(m.text)) + (f"\n{CUT_MARKS[cut]}" if cut else ""))
-        last = messages[-1] if messages else None
-        if last is not None and last.is_tool_call:
-            # A chat saved just before its call ran (the process ended then, fe43a04), or a file
-            # written so: shown, and answered, so that the model is told it never ran (it was
-            # neither shown nor answered: a tester's, helper-157).
-            self.chat.add_tool_result(last.recipient, UNRUN_CALL, channel=result_channel(last))
-            self.say(terminal_safe(f"[tool call → {last.recipient}] {glimpse(last.text)}\n"
-                                   f"[result ← {last.recipient}] {UNRUN_CALL}"))
+        unrun = self.chat.answer_unrun_call()  # (saved before it ran, then the process ended: fe43a04)
+        if unrun is not None:
+            self.say(terminal_safe(f"[tool call → {unrun.recipient}] {glimpse(unrun.text)}\n"
+                                   f"[result ← {unrun.recipient}] {UNRUN_CALL}"))
         if tools:
             self.say(terminal_safe(f"[functions: {tools}]"))
 
