@@ -1212,7 +1212,13 @@ def test_serve_offers_no_interactive_tool_flags_and_timeouts_must_be_positive(ca
         with pytest.raises(SystemExit):
             parser.parse_args([command, flag, "3000000"])
         assert "must be at most 604800 seconds (a week), got 3000000" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="timeout_s must be a number of seconds above 0 and at most 604800"):
+    for value in ("1e-300", "0.001"):  # (every run "timed out after 0.0 seconds", helper-153)
+        with pytest.raises(SystemExit):
+            parser.parse_args(["chat", "--python-timeout", value])
+        assert "must be at least 0.01 seconds" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="timeout_s must be a number of seconds from 0.01 to 604800"):
+        SandboxLimits(timeout_s=1e-300)
+    with pytest.raises(ValueError, match="timeout_s must be a number of seconds from 0.01 to 604800"):
         SandboxLimits(timeout_s=1e7)
 
 

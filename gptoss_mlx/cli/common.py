@@ -39,7 +39,7 @@ from ..structured import SchemaError
 from ..tokenizer import TokenizerError
 from ..tools import Browser, PythonSandbox, SandboxLimits, ToolError, Toolbox, load_functions
 from ..tools.approval import prose_marker, render_code_ansi
-from ..tools.functions import FUNCTION_TIMEOUT_S, MAX_TIMEOUT_S
+from ..tools.functions import FUNCTION_TIMEOUT_S, MAX_TIMEOUT_S, MIN_TIMEOUT_S
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
@@ -243,8 +243,10 @@ def positive_float(text: str, what: str = "a finite number") -> float:
 
 
 def positive_seconds(text: str) -> float:
-    """argparse type: a number of seconds above 0, at most a week (MAX_TIMEOUT_S)."""
+    """argparse type: a number of seconds from MIN_TIMEOUT_S to a week (MAX_TIMEOUT_S)."""
     value = positive_float(text, "a number of seconds")
+    if value < MIN_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_TIMEOUT_S:g} seconds, got {text}")
     if value > MAX_TIMEOUT_S:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_TIMEOUT_S:g} seconds (a week), got {text}")
     return value

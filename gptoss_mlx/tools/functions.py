@@ -41,6 +41,8 @@ FUNCTION_TIMEOUT_S = 60.0  # serve: a call to one of --functions not returned by
 # The longest a code run or a function call may be given: poll() waits at most 2**31 - 1 ms
 # (24.8 days), and a --python-timeout beyond it failed every call with an OverflowError.
 MAX_TIMEOUT_S = 7 * 86400.0
+# The shortest: 1e-300 was taken and every run "timed out after 0.0 seconds" (helper-153).
+MIN_TIMEOUT_S = 0.01
 
 
 class ToolError(Exception):

@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .functions import MAX_TIMEOUT_S, ToolError
+from .functions import MAX_TIMEOUT_S, MIN_TIMEOUT_S, ToolError
 
 WORKER = str(Path(__file__).with_name("_sandbox_worker.py"))
 LINUX_WORKDIR = "/mnt/data"  # where the tmpfs working directory appears inside the sandbox
@@ -65,8 +65,8 @@ class SandboxLimits:
 
     def __post_init__(self):
         t = self.timeout_s
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= MAX_TIMEOUT_S:
-            raise ValueError(f"timeout_s must be a number of seconds above 0 and at most "
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not MIN_TIMEOUT_S <= t <= MAX_TIMEOUT_S:
+            raise ValueError(f"timeout_s must be a number of seconds from {MIN_TIMEOUT_S:g} to "
                              f"{MAX_TIMEOUT_S:g} (a week), got {t!r:.40}{'...' if len(repr(t)) > 40 else ''}")
 
 
