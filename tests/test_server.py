@@ -871,6 +871,10 @@ def test_damaged_encrypted_reasoning_of_this_server_is_a_400(url):
     body["input"][2] = {"type": "message", "role": "assistant", "id": "rs_1", "content": "Hello."}
     code, data = post(url, "/responses", json.dumps(body).encode())
     assert code == 400 and data["error"]["message"].startswith("Duplicate item found with id rs_1: input[1] and input[2]"), data
+    for bad in (5, "", " "):  # (helper-159)
+        body["input"][2]["id"] = bad
+        code, data = post(url, "/responses", json.dumps(body).encode())
+        assert code == 400 and data["error"]["message"].startswith("input[2].id must be a non-empty string"), data
     # the same call numbered alike in two rounds of a turn (call_0 again) stays a client's right
     rounds = [{"role": "user", "content": "w"}]
     for n in range(2):

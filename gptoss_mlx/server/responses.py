@@ -488,7 +488,9 @@ def input_items(body: dict, store: ResponseStore) -> tuple[list[dict], int]:
         if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"] in taken:
             raise bad_request(f"Duplicate item found with id {item['id'][:80]}: it is already in the "
                               f"conversation of previous_response_id; remove it from the input", "input")
-        if isinstance(item, dict) and isinstance(item.get("id"), str) and item.get("type") != "item_reference":
+        if isinstance(item, dict) and item.get("id") is not None and item.get("type") != "item_reference":
+            if not (isinstance(item["id"], str) and item["id"].strip()):  # (5 was taken, "" twice a duplicate)
+                raise bad_request(f"input[{j}].id must be a non-empty string, got {json.dumps(item['id'])[:80]}", "input")
             if item["id"] in seen:  # (two items of one id were both taken: a tester's, helper-154)
                 raise bad_request(f"Duplicate item found with id {item['id'][:80]}: input[{seen[item['id']]}] and "
                                   f"input[{j}] (an item's id is its own)", "input")
