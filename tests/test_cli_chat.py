@@ -5,6 +5,7 @@ pipe), autosave after every reply, --resume, /load and /save, --max-context and
 import io
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -115,7 +116,9 @@ def test_the_resume_hint_carries_the_options_the_chat_ran_with(tok, store, monke
     status, out = run_chat(monkeypatch, chat, ["2+2?"], ["--model", "my model", "--no-memory-check", "--tools",
                                                          "python", "--max-context", "4096", "--dense-bits", "8"])
     hint = next(line for line in out.splitlines() if line.startswith("Continue with:"))
-    assert hint.startswith("Continue with: gptoss-mlx chat --model 'my model' --dense-bits 8 --max-context 4096 "
+    # (and the chats folder this run used: without it the hint found no such chat, helper-159)
+    folder = f"GPTOSS_MLX_DATA_DIR={shlex.quote(os.environ['GPTOSS_MLX_DATA_DIR'])} "
+    assert hint.startswith(f"Continue with: {folder}gptoss-mlx chat --model 'my model' --dense-bits 8 --max-context 4096 "
                            "--tools python --no-memory-check --resume "), hint
     # (the re-attack's: --memory-limit, kept as typed, was divided as a number: a TypeError at start)
     status, out = run_chat(monkeypatch, scripted_chat(tok, "Four."), ["2+2?"], ["--memory-limit", "10.5GB"])
@@ -364,7 +367,7 @@ def test_saves_after_every_reply_says_where_and_resume_continues(tok, store, mon
     assert status == 0 and 'Resumed "2+2?" (4 messages)' in out and "gpt-oss: Eight." in out
     # the hint names the model it ran with (without it, the default model: a 13 GB download)
     status, out = run_chat(monkeypatch, scripted_chat(tok, "x"), [], ["--resume", "--model", "my models/tiny"])
-    assert f"Continue with: gptoss-mlx chat --model 'my models/tiny' --resume {chat_id}" in out
+    assert f"gptoss-mlx chat --model 'my models/tiny' --resume {chat_id}" in out
     ((same_id, data),) = saved(store).items()  # continued in the same file
     assert same_id == chat_id
     assert [m["content"] for m in data["messages"] if m["role"] == "user"] == [

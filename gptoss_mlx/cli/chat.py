@@ -304,8 +304,11 @@ class Repl:
         and the user is told how to open it. A chat resumed and left as it was is not written
         again: its file, open elsewhere too, stays the version read there."""
         if self.store.unchanged(self.chat, self.chat_id, self.title) or self.autosave():
+            # the chats folder named as this run had it (the hint without it found no such chat, helper-159)
+            where = os.environ.get("GPTOSS_MLX_DATA_DIR")
+            folder = f"GPTOSS_MLX_DATA_DIR={shlex.quote(where)} " if where else ""
             self.say(f"Saved to {self.store.path(self.chat_id)}\n"
-                     f"Continue with: gptoss-mlx chat{self.options} --resume {self.chat_id}")
+                     f"Continue with: {folder}gptoss-mlx chat{self.options} --resume {self.chat_id}")
             return
         self.save_elsewhere("it ends with this program")
 
