@@ -42,6 +42,18 @@ def expand_user(path: str | os.PathLike, error: type[Exception] = FileNotFoundEr
     return Path(expanded)
 
 
+def env_folder(variable: str) -> Path | None:
+    """The folder an environment variable names, ``~`` expanded (None where it is unset or
+    empty); a ``~name`` of no user is a FileNotFoundError naming the variable."""
+    given = os.environ.get(variable)
+    if not given:
+        return None
+    try:
+        return expand_user(given)
+    except FileNotFoundError as e:  # (a traceback once, helper-158)
+        raise FileNotFoundError(f"{variable}={e}") from None
+
+
 def regular_file_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot be read as a checkpoint file, or None if it is a regular file.
 

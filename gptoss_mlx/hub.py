@@ -21,7 +21,7 @@ from huggingface_hub.errors import (
 )
 
 from .config import ConfigError, ModelConfig
-from .files import MAX_JSON_BYTES, expand_user, regular_file_problem
+from .files import MAX_JSON_BYTES, env_folder, regular_file_problem
 from .loading import (
     HUB_IGNORE, HUB_PATTERNS, CheckpointError, find_layout, looks_like_repo_id, not_downloaded,
     offline as _offline,
@@ -31,13 +31,7 @@ from .loading import (
 def cache_dir() -> Path:
     """The Hugging Face cache: HF_HUB_CACHE (its ~ expanded: huggingface_hub's own expansion of
     a ~name of no user was a traceback, helper-158), else the library's default."""
-    given = os.environ.get("HF_HUB_CACHE")
-    if not given:
-        return Path(hub_constants.HF_HUB_CACHE)
-    try:
-        return expand_user(given)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"HF_HUB_CACHE={e}") from None
+    return env_folder("HF_HUB_CACHE") or Path(hub_constants.HF_HUB_CACHE)
 
 
 def fetch_config(repo_id: str) -> Path:

@@ -35,7 +35,7 @@ except ImportError:  # not POSIX: one program at a time
 
 from .chat import Chat
 from .chat_file import FORMAT_VERSION, ChatFileError, check_chat_file, write_json_atomic, write_text_atomic
-from .files import expand_user, regular_file_problem
+from .files import env_folder, regular_file_problem
 
 ORPHAN_AGE_S = 60.0  # a temporary file this old belongs to a save that was killed
 LOCK_WAIT_S = 10.0  # how long a save waits for another program's save or rename
@@ -44,11 +44,9 @@ LOCK_WAIT_S = 10.0  # how long a save waits for another program's save or rename
 def data_dir() -> Path:
     """$GPTOSS_MLX_DATA_DIR, else ~/Library/Application Support/gptoss-mlx on macOS and
     $XDG_DATA_HOME/gptoss-mlx (~/.local/share/gptoss-mlx) elsewhere."""
-    if os.environ.get("GPTOSS_MLX_DATA_DIR"):
-        try:
-            return expand_user(os.environ["GPTOSS_MLX_DATA_DIR"])
-        except FileNotFoundError as e:  # (no such user's ~: said, not a traceback, helper-158)
-            raise FileNotFoundError(f"GPTOSS_MLX_DATA_DIR={e}") from None
+    given = env_folder("GPTOSS_MLX_DATA_DIR")
+    if given is not None:
+        return given
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Application Support" / "gptoss-mlx"
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"

@@ -249,7 +249,7 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
             # without its content (Codex, store=false): this server's encrypted_content, or its
             # summary; a damaged one of this server's is an error beside its content too (helper-154)
             sealed = unsealed_reasoning(item.get("encrypted_content"), where)
-            text = text or sealed or _summary(item.get("summary"))
+            text = text or sealed or "\n\n".join(p["text"] for p in summary or [])  # (ai-sdk's, without store)
             if text:
                 target = turn("tool_calls", "content")
                 target["reasoning"] = (target.get("reasoning") or "") + text
@@ -301,14 +301,6 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
         if m["role"] == after["role"] == "assistant" and m.get("content") and not m.get("tool_calls"):
             m["channel"] = "commentary"
     return out, origins
-
-
-def _summary(parts) -> str:
-    """A reasoning item's summary text (what ai-sdk sends back of it without store)."""
-    if not isinstance(parts, list):
-        return ""
-    return "\n\n".join(str(p["text"]) for p in parts
-                       if isinstance(p, dict) and p.get("type") == "summary_text" and isinstance(p.get("text"), str))
 
 
 CALL_STATUSES = (None, "completed", "incomplete", "in_progress")  # a function_call item's, as OpenAI's
