@@ -1161,15 +1161,14 @@ def test_a_responses_stream_left_early_can_be_followed_on_from_what_was_sent(tok
             if event.type == leave_after:
                 break
         stream.close()
-        # the server sees the client gone (slower under load: 20 s ran out once in a fresh
-        # clone's CI, nothing logged, at cfb31ad)
+        # the server sees the client gone: the stored response stops being in progress (read
+        # from the store, not the log: in two fresh clones' full runs the log capture held no
+        # record at all for 60 s, while alone, and under CPU load, the test passes in seconds)
         deadline = time.monotonic() + 60
-        while not any(rid in r.getMessage() and ("client disconnected" in r.getMessage()
-                                                  or "cancelled before generation" in r.getMessage())
-                      for r in caplog.records):
+        while c.responses.retrieve(rid).status == "in_progress":
             assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
             time.sleep(0.05)
-        for attempt in range(20):  # stored as the stream closes, just after that log line
+        for attempt in range(20):  # stored as the stream closes
             try:
                 follow = c.responses.create(model="gpt-oss-tiny", input="go on", previous_response_id=rid,
                                             max_output_tokens=4)
