@@ -22,6 +22,14 @@ for everything the device was given before it (every earlier layer's experts), a
 queues each pass's last layer before it returns (``Model.__call__``), so a later pass never
 rewrites a slot under an earlier pass's unevaluated output.
 
+On CUDA (the ``cuda`` transfer) a decode pass reads nothing back: it is queued whole, each
+layer's routing written by a kernel into host memory the device maps, and a kernel waiting there
+for the slots, which a thread of the pool's answers as each layer's routing arrives
+(:class:`HostWaits`; ``GPTOSS_MLX_STREAM_WAITS=off`` reads back instead). The same invariant
+holds: a layer's routing comes after every earlier layer's experts in the pass's data chain, and
+the pass ends evaluated. A Mac's Metal offers no safe wait on host writes: there each layer's
+routing is read back.
+
 Eviction (``policy``): ``lru`` (least recently used), ``lfu`` (least often used), or ``decay``
 (use counts halved every ``half_life`` steps, the default); a step is a decode token or a
 prefill chunk. The slots a step needs are never
@@ -308,6 +316,17 @@ class CudaDriver:
         # MLX made current); non-blocking: it neither waits for MLX's work nor holds it up.
         self._create_stream = function("cuStreamCreate", ctypes.POINTER(pointer), ctypes.c_uint)
         self._stream = None
+        # MLX's context, made current on the thread that found the driver (the engine's), so
+        # that the thread answering a pass's waits (HostWaits) copies in it too
+        self._set_context = function("cuCtxSetCurrent", pointer)
+        get_context = function("cuCtxGetCurrent", ctypes.POINTER(pointer))
+        self._context = ctypes.c_void_p()
+        if get_context(ctypes.byref(self._context)) or not self._context.value:
+            raise AttributeError("no CUDA context is current on this thread")
+        self._host_alloc = function("cuMemHostAlloc", ctypes.POINTER(pointer), size, ctypes.c_uint)
+        self._device_pointer = function("cuMemHostGetDevicePointer_v2", ctypes.POINTER(ctypes.c_uint64),
+                                        pointer, ctypes.c_uint)
+        self._free_host = function("cuMemFreeHost", pointer)
 
     @staticmethod
     def addresses(arrays: list[mx.array]) -> mx.array:
@@ -341,6 +360,26 @@ class CudaDriver:
         if self._stream is not None and (error := self._synchronize(self._stream)):
             raise OSError(f"waiting for the expert pool's copies failed: CUresult {error}")
 
+    def use_here(self) -> None:
+        """Make MLX's context current on this thread (another than the one that found the
+        driver), for copies and waits from it."""
+        if error := self._set_context(self._context):
+            raise OSError(f"cuCtxSetCurrent for the expert pool's copies failed: CUresult {error}")
+
+    def mapped(self, nbytes: int) -> tuple[np.ndarray, int] | None:
+        """``nbytes`` of page-locked host memory that the device reads and writes in place
+        (zeroed, as uint8), and its address on the device; None if refused. Freed with the view."""
+        host, device = ctypes.c_void_p(), ctypes.c_uint64()
+        if self._host_alloc(ctypes.byref(host), nbytes, 0x01 | 0x02):  # CU_MEMHOSTALLOC_PORTABLE | DEVICEMAP
+            return None
+        if self._device_pointer(ctypes.byref(device), host, 0):
+            self._free_host(host)
+            return None
+        view = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(host.value))
+        view[:] = 0
+        weakref.finalize(view, self._free_host, ctypes.c_void_p(host.value))
+        return view, device.value
+
     def pin(self, buffer: np.ndarray) -> bool:
         """Page-lock ``buffer`` (a mapped file, from its first page) for DMA; False if refused."""
         length = -(-buffer.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE  # the mapping's whole last page
@@ -349,6 +388,132 @@ class CudaDriver:
     def unpin(self, buffers: list[np.ndarray]) -> None:
         for buffer in buffers:
             self._unregister(buffer.ctypes.data)
+
+
+WAITS_ENV = "GPTOSS_MLX_STREAM_WAITS"  # "off": a CUDA pool's decode passes read back, not wait (HostWaits)
+WAIT_LIMIT_S = 60  # the longest a layer's kernel waits for the host's slots (the pass then fails)
+
+# A layer's routing written into the exchange (HostWaits): its words, then the sequence number.
+_EXPORT = """
+    unsigned int* h = (unsigned int*)(row[0]);
+    for (unsigned int i = threadIdx.x; i < N; i += blockDim.x) h[IDS + i] = words[i];
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      ((volatile unsigned int*)h)[ROUTED] = seq[0];
+      __threadfence_system();
+      done[0] = seq[0];
+    }
+"""
+# ... and its slots, once the host has written them and the sequence number after them; a wait
+# past LIMIT_NS gives up (slots 0, and the GAVE_UP word set: the host fails the pass).
+_WAIT = """
+    volatile unsigned int* h = (volatile unsigned int*)(row[0]);
+    __shared__ unsigned int answered;
+    if (threadIdx.x == 0) {
+      unsigned int want = seq[0] + done[0] * 0u;  // (done: after the export, in the graph)
+      unsigned long long start, now;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+      answered = 1;
+      while (h[ANSWERED] != want) {
+        __nanosleep(256);
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+        if (now - start > LIMIT_NS) { h[GAVE_UP] = want; answered = 0; break; }
+      }
+    }
+    __syncthreads();
+    __threadfence_system();
+    for (unsigned int i = threadIdx.x; i < N; i += blockDim.x) slots[i] = answered ? h[SLOTS + i] : 0u;
+"""
+
+
+class HostWaits:
+    """Where a streamed pass's kernels wait for the host, instead of the host for them (CUDA).
+
+    Read back per layer (:meth:`ExpertPool.fetch`), the host waits for each layer's routing, so
+    a token's layers reach the device one at a time, and the device idles while the host reads
+    the routing, decides and queues the next layer. Here a whole decode pass is queued at once:
+    each layer's routing is written by a kernel into page-locked host memory that the device
+    maps (one row of WORDS words a layer), and a one-block kernel spins until the host has
+    written that layer's slots there; a thread of the pool's (numpy and the CUDA driver, no
+    MLX) answers each layer as its routing arrives (:meth:`ExpertPool.evaluate`). Measured on
+    synthetic 20b-shaped layers (scripts/probe_gpu_waits.py, H100): 13.6-14.0 ms a token against
+    23.7-33.0 read back, 5.2-5.8 resident.
+
+    A row: ROUTED and ANSWERED (the pass's sequence number for the layer, written last by each
+    side), GAVE_UP (set by a kernel that stopped waiting), the exported words from IDS (the
+    routing, the guesses, on the first layer the pool's addresses), the slots from SLOTS. A
+    Mac's Metal has no safe way for a kernel to wait on host writes: there the pool reads back.
+    """
+
+    WORDS, ROUTED, ANSWERED, GAVE_UP, IDS, SLOTS = 128, 0, 1, 2, 4, 64
+
+    def __init__(self, host: np.ndarray, rows: mx.array | None):
+        self.host = host  # (layers, WORDS) uint32
+        self.rows = rows  # each row's address on the device, (layers,) uint64; None: no device (tests)
+        self.sequence = 1  # the pass's first layer's number; a layer's is this + its index
+        self._numbers = None  # this pass's numbers on the device, (layers,) uint32
+        self._kernels = {}
+
+    @classmethod
+    def mapped(cls, driver: CudaDriver, layers: int) -> "HostWaits | None":
+        """An exchange the device maps, or None where the driver gives no such memory."""
+        got = driver.mapped(layers * cls.WORDS * 4)
+        if got is None:
+            return None
+        view, address = got
+        rows = mx.array([address + layer * cls.WORDS * 4 for layer in range(layers)], dtype=mx.uint64)
+        return cls(view.view(np.uint32).reshape(layers, cls.WORDS), rows)
+
+    def fits(self, exported: int, slots: int) -> bool:
+        return exported <= self.SLOTS - self.IDS and slots <= self.WORDS - self.SLOTS
+
+    def begin(self) -> None:
+        """A new pass: numbers no row holds yet."""
+        layers = len(self.host)
+        self.sequence = (self.sequence + layers + 1) % 2**31 or 1
+        self._numbers = mx.array(self.sequence + np.arange(layers), dtype=mx.uint32)
+
+    def number(self, layer: int) -> int:
+        return self.sequence + layer
+
+    def queue(self, layer: int, words: mx.array, slots: int) -> mx.array:
+        """The kernels that export ``words`` (n,) uint32 for ``layer`` and wait for its ``slots``
+        (slots,) uint32 from the host; not evaluated."""
+        key = (words.size, slots)
+        if key not in self._kernels:
+            defines = "".join(f"#define {name} {getattr(self, name)}\n"
+                              for name in ("ROUTED", "ANSWERED", "GAVE_UP", "IDS", "SLOTS"))
+            defines += f"#define LIMIT_NS {int(WAIT_LIMIT_S * 1e9)}ULL\n"
+            self._kernels[key] = (
+                mx.fast.cuda_kernel(name="gptoss_export_routing", input_names=["words", "row", "seq"],
+                                    output_names=["done"], source=_EXPORT, header=defines),
+                mx.fast.cuda_kernel(name="gptoss_wait_for_slots", input_names=["done", "row", "seq"],
+                                    output_names=["slots"], source=_WAIT, header=defines))
+        export, wait = self._kernels[key]
+        row, number = self.rows[layer:layer + 1], self._numbers[layer:layer + 1]
+        launch = dict(grid=(32, 1, 1), threadgroup=(32, 1, 1), output_dtypes=[mx.uint32])
+        (done,) = export(inputs=[words, row, number], output_shapes=[(1,)], template=[("N", words.size)], **launch)
+        (out,) = wait(inputs=[done, row, number], output_shapes=[(slots,)], template=[("N", slots)], **launch)
+        return out
+
+    def routed(self, layer: int, count: int, stop: threading.Event) -> np.ndarray | None:
+        """The ``count`` words ``layer`` exported this pass, once they are there; None once
+        ``stop`` is set."""
+        row, number = self.host[layer], self.number(layer)
+        while row[self.ROUTED] != number:
+            if stop.is_set():
+                return None
+            time.sleep(0)  # lets the GIL go, to the engine's thread (its own work)
+        return row[self.IDS:self.IDS + count].copy()
+
+    def answer(self, layer: int, slots: np.ndarray) -> None:
+        row = self.host[layer]
+        row[self.SLOTS:self.SLOTS + slots.size] = slots.ravel()
+        row[self.ANSWERED] = self.number(layer)  # last: the kernel reads the slots after it
+
+    def gave_up(self, layers: list[int]) -> list[int]:
+        return [layer for layer in layers if self.host[layer, self.GAVE_UP] == self.number(layer)]
 
 
 @dataclass
@@ -425,10 +590,17 @@ class ExpertPool:
         self._guessed = (-1, frozenset())  # (layer, experts read ahead for it)
         self._ahead = None  # (layer, guessed experts, slots to keep): what read_ahead() starts
         self.one_pass = threading.RLock()  # held by a model pass from its first layer to its logits
+        self.waits = None  # a HostWaits: decode passes queued whole, the device waiting for the host
+        self._waiting = None  # this pass's layers queued with waits: [(layer, ids shape, guesses, words)], or None
         self.set_transfer(transfer)
         if guess is None:  # where copies run beside the device's work (module docstring)
             guess = config.num_experts_per_tok if self.transfer in ("host", "cuda") else 0
         self.guess = guess  # experts guessed and read ahead per layer and token (module docstring)
+        if self.transfer == "cuda" and os.environ.get(WAITS_ENV, "on") != "off":
+            try:
+                self.set_waits(True)
+            except ValueError:  # no memory for the exchange: each layer read back, as on a Mac
+                pass
 
     def set_policy(self, policy: str, half_life: float = 32.0) -> None:
         """How slots are chosen for eviction from now on (see the module's docstring)."""
@@ -444,6 +616,7 @@ class ExpertPool:
         if transfer not in (None, *TRANSFERS):
             raise ValueError(f"transfer must be one of {', '.join(TRANSFERS)}, got {transfer!r}")
         self._wait_for_copies()
+        self.waits = None  # the cuda transfer's alone (set_waits)
         mx.synchronize()  # the check below writes slot 0: nothing queued may still read it
         self._release(np.array([0]))
         self._views = {}  # released first: MLX donates (writes in place) only unshared buffers
@@ -452,6 +625,19 @@ class ExpertPool:
                 self.transfer = name
                 return
         raise ValueError(f"the {transfer} transfer does not reach the expert pool on {mx.default_device()}")
+
+    def set_waits(self, on: bool) -> None:
+        """Whether decode passes from now on queue every layer at once, each layer's kernels
+        waiting on the device for the host's slots (:class:`HostWaits`), instead of reading each
+        layer's routing back; a ValueError where the transfer is not ``cuda``."""
+        if not on:
+            self.waits = None
+            return
+        if self.transfer != "cuda" or not isinstance(self._driver, CudaDriver):  # (its kernels are CUDA's)
+            raise ValueError(f"the device can wait for the host only with the cuda transfer, not {self.transfer}")
+        self.waits = HostWaits.mapped(self._driver, self.config.num_hidden_layers)
+        if self.waits is None:
+            raise ValueError("the CUDA driver gave no page-locked memory for the device to wait on")
 
     def _host_copy(self, transfer: str) -> bool:
         """Set up the ``host`` or ``cuda`` transfer (the host's reads ``self._copy(dst address,
@@ -536,28 +722,37 @@ class ExpertPool:
         ``guess``: experts the next layer will likely choose (T, m), read ahead while the device
         computes this layer."""
         t0 = time.perf_counter()
-        self._ahead = None  # the last fetch's guesses, if the caller never started them: stale now
         try:
-            return self._fetch(layer, indices, guess, t0)
+            # Read back together, as uint32: the routing, the guesses and (cuda transfer) the
+            # pool's addresses as uint32 pairs; one wait for the GPU, one copy to the host.
+            back = np.array(self._exported(indices, guess, self._pool_addresses()))  # waits for the GPU up to here
+            self.stats.readback_s += time.perf_counter() - t0
+            slots = self._decide(layer, back, indices.shape, 0 if guess is None else guess.size)
+            where = mx.array(slots)
+            if self._ahead is not None and self.transfer == "mlx":  # now, while no queued work holds the pool (read_ahead())
+                self.read_ahead()
+            return where
         finally:
             self.stats.fetch_s += time.perf_counter() - t0
 
-    def _fetch(self, layer: int, indices: mx.array, guess: mx.array | None, t0: float) -> mx.array:
-        # Read back together, as uint32: the routing, the guesses and (cuda transfer) the pool's
-        # addresses as uint32 pairs; one wait for the GPU, one copy to the host.
-        parts = [indices.reshape(-1)]
-        if guess is not None:
-            parts.append(guess.reshape(-1))
-        where = self._pool_addresses()
-        if where is not None:
-            parts.append(where.view(mx.uint32))
+    @staticmethod
+    def _exported(indices: mx.array, guess: mx.array | None, where: mx.array | None) -> mx.array:
+        """What the host needs of a layer, in one uint32 array: its routing, the guesses for the
+        next layer, the pool's addresses as uint32 pairs (where given)."""
+        parts = [indices.reshape(-1)] + ([guess.reshape(-1)] if guess is not None else [])
+        parts += [where.view(mx.uint32)] if where is not None else []
         parts = [p if p.dtype == mx.uint32 else p.astype(mx.uint32) for p in parts]
-        back = np.array(mx.concatenate(parts) if len(parts) > 1 else parts[0])  # waits for the GPU up to here
-        n, m = indices.size, 0 if guess is None else guess.size
-        ids, guessed = back[:n].reshape(indices.shape), back[n:n + m]
-        if where is not None:
+        return mx.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _decide(self, layer: int, back: np.ndarray, shape: tuple, m: int) -> np.ndarray:
+        """The slots (uint32, ``shape``) of the experts a layer chose, from what it exported
+        (:meth:`_exported`): the missing ones copied in, the guessed ones of the next layer
+        left for :meth:`read_ahead`. No MLX here: the thread answering a pass's waits runs it."""
+        self._ahead = None  # the last layer's guesses, if the caller never started them: stale now
+        n = math.prod(shape)
+        ids, guessed = back[:n].reshape(shape), back[n:n + m]
+        if back.size > n + m:  # the cuda transfer's pool addresses
             self._check_addresses(back[n + m:].copy().view(np.uint64))
-        self.stats.readback_s += time.perf_counter() - t0
         self._wait_for_copies()  # the reads ahead for this layer
         if layer == 0:
             self.stats.tokens += ids.shape[0]
@@ -583,12 +778,82 @@ class ExpertPool:
             self.score[slots] = self.clock
         else:  # one use per step (a prefill chunk's thousands of tokens count once)
             self.score[slots] += 1
-        where = mx.array(self.slot_of[layer][ids].astype(np.uint32))  # every one is in the pool now
-        if guess is not None and layer + 1 < self.config.num_hidden_layers:
+        if m and layer + 1 < self.config.num_hidden_layers:
             self._ahead = (layer + 1, _distinct(guessed), slots)
-            if self.transfer == "mlx":  # now, while no queued work holds the pool (read_ahead())
+        return self.slot_of[layer][ids].astype(np.uint32)  # every one is in the pool now
+
+    def begin_pass(self, may_wait: bool) -> None:
+        """A model pass begins: its layers may be queued with waits (:class:`HostWaits`) unless
+        ``may_wait`` is False (each layer evaluated as it is built)."""
+        self._waiting = [] if may_wait and self.waits is not None else None
+
+    @property
+    def waiting(self) -> bool:
+        """Whether this pass's layers are queued with waits (none evaluated before its logits)."""
+        return bool(self._waiting)
+
+    def queue(self, layer: int, indices: mx.array, guess: mx.array | None) -> mx.array | None:
+        """The slots of the experts ``indices`` (T, k) of ``layer``, as kernels that wait for the
+        host to answer once the pass runs (:meth:`evaluate`), (T, k); None where this pass reads
+        back instead: no waits, or a pass too wide for the exchange (decided at its first layer,
+        for all of them)."""
+        if self._waiting is None:
+            return None
+        first = not self._waiting
+        m = 0 if guess is None else guess.size
+        if first:
+            if not (indices.size < SORTED_GATHER_ROWS
+                    and self.waits.fits(indices.size + m + 2 * len(EXPERT_TENSORS), indices.size)):
+                self._waiting = None  # (the fused kernels and MLX's gather of few rows take slots)
+                return None
+            self.waits.begin()
+        words = self._exported(indices, guess, self._pool_addresses() if first else None)
+        self._waiting.append((layer, indices.shape, m, words.size))
+        return self.waits.queue(layer, words, indices.size).reshape(indices.shape)
+
+    def evaluate(self, logits: mx.array) -> None:
+        """Evaluate a pass's ``logits``; where its layers wait for the host, a thread of the pool's
+        answers each as its routing arrives (no MLX on it), and its error, if any, is raised here."""
+        waiting, self._waiting = self._waiting, None
+        if not waiting:
+            mx.eval(logits)
+            return
+        stop, errors = threading.Event(), []
+        helper = threading.Thread(target=self._answer, args=(waiting, stop, errors),
+                                  name="expert-waits", daemon=True)
+        helper.start()
+        try:
+            mx.eval(logits)  # (lets the GIL go while it waits for the device)
+        finally:
+            stop.set()  # (the device stopped early: an error above)
+            helper.join()
+        if errors:
+            raise errors[0]
+        if late := self.waits.gave_up([layer for layer, *_ in waiting]):
+            raise RuntimeError(f"layer {late[0]}'s kernels stopped waiting for the host's expert slots "
+                               f"after {WAIT_LIMIT_S} s: this pass's output is wrong, discarded")
+
+    def _answer(self, waiting: list, stop: threading.Event, errors: list) -> None:
+        """The host's side of a pass's waits: each layer's slots once its routing arrives, then
+        the next layer's guesses started; on an error, every layer let go (slots 0) and the
+        error kept for :meth:`evaluate`."""
+        try:
+            if self._driver is not None:
+                self._driver.use_here()
+            for layer, shape, m, count in waiting:
+                t0 = time.perf_counter()
+                back = self.waits.routed(layer, count, stop)
+                if back is None:
+                    return
+                t1 = time.perf_counter()
+                self.stats.readback_s += t1 - t0
+                self.waits.answer(layer, self._decide(layer, back, shape, m))
                 self.read_ahead()
-        return where
+                self.stats.fetch_s += time.perf_counter() - t1
+        except BaseException as error:  # noqa: BLE001 (raised on the engine's thread)
+            errors.append(error)
+            for layer, shape, *_ in waiting:
+                self.waits.answer(layer, np.zeros(shape, dtype=np.uint32))
 
     def read_ahead(self) -> None:
         """Start reading the experts the last :meth:`fetch` guessed for the next layer, without
@@ -770,7 +1035,9 @@ class StreamedExperts:
         m = min(self.pool.guess, self.pool.config.num_local_experts)
         if m and self.following is not None and len(indices) <= PREFETCH_TOKENS:
             guess = self._guess(residual, m)
-        slots = self.pool.fetch(self.layer, indices, guess)
+        slots = self.pool.queue(self.layer, indices, guess)  # a decode pass whose device waits for the host
+        if slots is None:
+            slots = self.pool.fetch(self.layer, indices, guess)
         if indices.size < SORTED_GATHER_ROWS or fused_fits(x, self.pool.experts, indices.shape[-1]):
             return slots, self.pool.experts
         return indices, self.pool.view(self.layer)

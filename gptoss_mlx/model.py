@@ -337,8 +337,9 @@ class Model(nn.Module):
             # pass at a time, finished on the device before the next may rewrite them (passes
             # from several threads interleaved and gave other logits, silently).
             with self.expert_pool.one_pass:
+                self.expert_pool.begin_pass(may_wait=not evaluate_layers)
                 logits = self._forward(inputs, cache, evaluate_layers, sampled)
-                mx.eval(logits)
+                self.expert_pool.evaluate(logits)
                 return logits
         return self._forward(inputs, cache, evaluate_layers, sampled)
 
@@ -364,10 +365,11 @@ class Model(nn.Module):
             x = layer(x, layer_cache)
             if evaluate_layers:
                 mx.eval(x)
-            elif self.expert_pool is not None:
-                # Streamed experts: queued now, so that the device computes them while the next
-                # layer is built (its routing read-back waits for them), and before a later pass
-                # rewrites their slots; then the next layer's guessed experts start to copy.
+            elif self.expert_pool is not None and not self.expert_pool.waiting:
+                # Streamed experts read back: queued now, so that the device computes them while
+                # the next layer is built (its routing read-back waits for them), and before a later
+                # pass rewrites their slots; then the next layer's guessed experts start to copy.
+                # (A pass whose device waits for the host is queued whole: ExpertPool.evaluate.)
                 mx.async_eval(x)
                 self.expert_pool.read_ahead()
         if kinds is not None:

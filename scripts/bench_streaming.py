@@ -188,33 +188,72 @@ def run_row(args) -> dict:
 
 def run_rounds(args) -> list[dict]:
     """Each limit's arrangement loaded side by side, decoding in alternating rounds (on the
-    engine thread): per limit, its rates and their per-round ratios to the first limit's."""
+    engine thread): per limit, its rates and their per-round ratios to the first limit's, and
+    in how many rounds its greedy tokens were the first limit's. With ``--waits``, a streamed
+    arrangement runs once per mode in each round (``ExpertPool.set_waits``, one model)."""
     import statistics
 
+    from dataclasses import astuple
+
+    from gptoss_mlx.expert_pool import PoolStats
     from gptoss_mlx.generate import Engine, SamplingParams
     from gptoss_mlx.loading import load_model, read_config
 
     config = read_config(args.dir)
+    # (waits, experts guessed per layer): "on", "off", or either with ":G" for G guesses
+    modes = [(m.split(":")[0] == "on", int(m.split(":")[1]) if ":" in m else None)
+             for m in args.waits.split(",")] if args.waits else [(None, None)]
     runs = []
     for limit in [float(x) for x in args.limits.split(",")]:
         memory_plan, _ = row_plan(config, limit, args.scale_to, None, args.dense_bits)
         model = load_model(args.dir, memory_plan=memory_plan)
         engine = Engine(model, max_context=CONTEXT)
-        list(engine.generate(random_prompt(128, PROMPT_SEED + 2), SamplingParams(temperature=0, max_tokens=3),
-                             stop_tokens=frozenset()))  # warm-up: kernels compiled and loaded
-        runs.append({"limit": limit, "arrangement": memory_plan.arrangement, "engine": engine, "rates": []})
-        progress(f"loaded {memory_plan.arrangement}")
+        for waits, guess in modes if model.expert_pool is not None else [(None, None)]:
+            if waits is not None:
+                model.expert_pool.set_waits(waits)
+                guess = model.expert_pool.guess if guess is None else guess
+                model.expert_pool.guess = guess
+            list(engine.generate(random_prompt(128, PROMPT_SEED + 2), SamplingParams(temperature=0, max_tokens=3),
+                                 stop_tokens=frozenset()))  # warm-up: kernels compiled and loaded
+            arrangement = memory_plan.arrangement + {None: "", False: ", read back", True: ", device waits"}[waits]
+            arrangement += f", {guess} guessed" if waits is not None else ""
+            runs.append({"limit": limit, "arrangement": arrangement, "engine": engine, "waits": waits,
+                         "guess": guess, "rates": [], "same": 0, "stats": None})
+            progress(f"loaded {arrangement}")
     greedy = SamplingParams(temperature=0, max_tokens=args.tokens)
     for r in range(args.rounds):
         prompt = random_prompt(128, PROMPT_SEED + 10 + r)
+        first_tokens = None
         for run in runs:
+            pool = run["engine"].model.expert_pool
+            if run["waits"] is not None:
+                pool.set_waits(run["waits"])
+                pool.guess = run["guess"]
             run["engine"].prefill(prompt)
-            list(run["engine"].generate(prompt, greedy, stop_tokens=frozenset()))
+            before = replace(pool.stats) if pool is not None else None
+            tokens = list(run["engine"].generate(prompt, greedy, stop_tokens=frozenset()))
+            if pool is not None:
+                spent = pool.stats.since(before)
+                run["stats"] = spent if run["stats"] is None else PoolStats(
+                    *(x + y for x, y in zip(astuple(run["stats"]), astuple(spent))))
+            first_tokens = tokens if first_tokens is None else first_tokens
+            run["same"] += tokens == first_tokens
             run["rates"].append(run["engine"].stats.decode_tps)
         progress(f"round {r + 1}: " + ", ".join(f"{run['rates'][-1]:.1f}" for run in runs) + " tok/s")
     first = runs[0]["rates"]
     return [{"limit": run["limit"], "arrangement": run["arrangement"], "rates": run["rates"],
-             "ratio": statistics.median(x / y for x, y in zip(run["rates"], first))} for run in runs]
+             "ratio": statistics.median(x / y for x, y in zip(run["rates"], first)),
+             "same": run["same"], "pool": pool_line(run["stats"])} for run in runs]
+
+
+def pool_line(stats) -> str:
+    """Per decode token: the host's time on the pool's experts, and where it went."""
+    if stats is None or not stats.tokens:
+        return "-"
+    per = 1e3 / stats.tokens
+    return (f"hit {stats.hit_rate:.0%}, {stats.bytes_per_token / 1e6:.0f} MB read, guesses {stats.guess_rate:.0%} "
+            f"chosen; ms/token: routing waited {stats.readback_s * per:.2f}, pool {stats.fetch_s * per:.2f} "
+            f"(copies waited {(stats.read_s + stats.migrate_s) * per:.2f})")
 
 
 def child(args) -> int:
@@ -252,6 +291,8 @@ def main() -> int:
     ap.add_argument("--row-timeout", type=float, default=None, help="seconds a row may take")
     ap.add_argument("--rounds", type=int, default=0,
                     help="also decode with every limit's arrangement side by side in this many rounds")
+    ap.add_argument("--waits", default="", help="with --rounds: streamed rows in these modes, e.g. off,on "
+                    "(the device waiting for the host: expert_pool.HostWaits)")
     # one row, in a child process
     ap.add_argument("--limit", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--slots", default=None, help=argparse.SUPPRESS)
@@ -357,7 +398,7 @@ def given_flags(args, *pairs: tuple[str, object]) -> list[str]:
 def side_by_side(args) -> None:
     """The --rounds measurement, in a process of its own."""
     cmd = [sys.executable, __file__, "--dir", str(args.dir), "--limits", args.limits, "--rounds",
-           str(args.rounds), "--tokens", str(args.tokens), "--rounds-child"]
+           str(args.rounds), "--tokens", str(args.tokens), "--rounds-child", "--waits", args.waits]
     cmd += given_flags(args)
     print(f"\nside by side: {args.rounds} rounds of {args.tokens} greedy tokens after a fresh 128-token "
           "prompt, each arrangement in turn, one process", flush=True)
@@ -366,12 +407,13 @@ def side_by_side(args) -> None:
     if line is None:
         print("side by side: failed", flush=True)
         return
-    print("| limit (GB) | arrangement | decode tok/s by round | median ratio to the first |")
-    print("|---|---|---|---|")
+    print("| limit (GB) | arrangement | decode tok/s by round | median ratio to the first "
+          "| rounds with the first's greedy tokens | the pool in those rounds |")
+    print("|---|---|---|---|---|---|")
     for r in json.loads(line[4:]):
         limit = f"{r['limit']:g}" + (f" for {args.scale_to}" if args.scale_to else "")
         print(f"| {limit} | {r['arrangement']} | {' / '.join(f'{x:.1f}' for x in r['rates'])} "
-              f"| {r['ratio']:.0%} |")
+              f"| {r['ratio']:.0%} | {r['same']} of {len(r['rates'])} | {r['pool']} |")
 
 
 def same_tokens(row: dict, resident: dict | None) -> str:

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import mlx.core as mx
@@ -178,7 +179,7 @@ def test_reads_ahead_start_once_the_layers_experts_are_queued(checkpoints, monke
 
     monkeypatch.setattr(mx, "async_eval", spy("queued", mx.async_eval))
     monkeypatch.setattr(pool, "_read_ahead", spy("ahead", pool._read_ahead))
-    monkeypatch.setattr(pool, "_fetch", spy("fetch", pool._fetch))
+    monkeypatch.setattr(pool, "fetch", spy("fetch", pool.fetch))
     cache = model.make_cache()
     model(mx.array([PROMPT[:20]]), cache=cache)
     for token in (5, 77):
@@ -1253,3 +1254,99 @@ def test_a_streamed_model_called_from_several_threads_computes_what_the_resident
     for w, g in zip(want, got):
         for a, b in zip(w, g):
             np.testing.assert_array_equal(a, b)
+
+
+def _device_side(waits, layers_words: list, answered: list) -> None:
+    """What a pass's kernels do with the exchange (HostWaits), layer by layer: export the
+    layer's words, then wait for its slots (a layer's routing needs the layer before it)."""
+    for layer, words, n in layers_words:
+        row, number = waits.host[layer], waits.number(layer)
+        row[waits.IDS:waits.IDS + len(words)] = words
+        row[waits.ROUTED] = number
+        while row[waits.ANSWERED] != number:
+            time.sleep(0)
+        answered.append(row[waits.SLOTS:waits.SLOTS + n].copy())
+
+
+def test_a_pass_whose_device_waits_is_answered_as_a_read_back_would_be(checkpoints):
+    """The host's side of a pass queued whole (CUDA's HostWaits; no such device here, so a
+    thread plays the kernels on the same exchange): fed what each layer of a read-back model
+    exported, pass after pass (a prefill, then decode steps that evict and read ahead), it
+    answers every layer with that model's slots, and the pool ends holding the same bytes."""
+    import threading
+
+    from gptoss_mlx import expert_pool
+    from gptoss_mlx.expert_pool import HostWaits
+
+    reading, answering = streamed(checkpoints["hf"], 8), streamed(checkpoints["hf"], 8)
+    pool = answering.expert_pool
+    layers = len(answering.layers)
+    passes = []
+    decide = reading.expert_pool._decide
+
+    def recorded(layer, back, shape, m):
+        slots = decide(layer, back, shape, m)
+        if layer == 0:
+            passes.append([])
+        passes[-1].append((layer, back.copy(), shape, m, slots.copy()))
+        return slots
+
+    reading.expert_pool._decide = recorded
+    cache = reading.make_cache()
+    for chunk in [PROMPT[:20], [5], [77], [301], [12], [499]]:
+        reading(mx.array([chunk]), cache=cache)
+    assert len(passes) == 6 and all(len(p) == layers for p in passes)
+    assert any(m for p in passes[1:] for _, _, _, m, _ in p)  # decode steps guessed
+
+    for layer, back, shape, m, _ in passes[0]:  # the prefill: too wide to wait, read back
+        pool._decide(layer, back, shape, m)
+    pool.waits = HostWaits(np.zeros((layers, HostWaits.WORDS), dtype=np.uint32), None)
+    for recorded_pass in passes[1:]:
+        pool.waits.begin()
+        answered, stop, errors = [], threading.Event(), []
+        device = threading.Thread(target=_device_side, args=(
+            pool.waits, [(layer, back, int(np.prod(shape))) for layer, back, shape, _, _ in recorded_pass], answered))
+        device.start()
+        pool._answer([(layer, shape, m, len(back)) for layer, back, shape, m, _ in recorded_pass], stop, errors)
+        device.join(10)
+        assert not errors and not device.is_alive()
+        for got, (_, _, _, _, slots) in zip(answered, recorded_pass, strict=True):
+            np.testing.assert_array_equal(got, slots.ravel())
+    pool._wait_for_copies()
+    reading.expert_pool._wait_for_copies()
+    np.testing.assert_array_equal(pool.slot_of, reading.expert_pool.slot_of)
+    for name in expert_pool.EXPERT_TENSORS:
+        np.testing.assert_array_equal(np.array(pool._array(name).view(mx.uint8)),
+                                      np.array(reading.expert_pool._array(name).view(mx.uint8)))
+    assert pool.stats.hits == reading.expert_pool.stats.hits and pool.stats.guessed > 0
+
+
+def test_an_error_answering_a_pass_lets_every_waiting_layer_go(checkpoints):
+    """A layer routed to an expert that does not exist (activations not finite): the error is
+    kept for the engine's thread and every layer of the pass is answered (slot 0), so that no
+    kernel is left waiting; a pass whose routing never comes ends when told to stop."""
+    import threading
+
+    from gptoss_mlx import expert_pool
+    from gptoss_mlx.expert_pool import HostWaits
+
+    model = streamed(checkpoints["hf"], 8)
+    pool, layers = model.expert_pool, len(model.layers)
+    pool.waits = HostWaits(np.zeros((layers, HostWaits.WORDS), dtype=np.uint32), None)
+    pool.waits.begin()
+    words = [(0, np.array([1, 2], dtype=np.uint32), 2), (1, np.array([3, 999], dtype=np.uint32), 2)]
+    answered, stop, errors = [], threading.Event(), []
+    device = threading.Thread(target=_device_side, args=(pool.waits, words, answered))
+    device.start()
+    pool._answer([(layer, (1, 2), 0, 2) for layer in range(layers)], stop, errors)
+    device.join(10)
+    assert len(errors) == 1 and "routed a token to expert 999" in str(errors[0])
+    assert all(pool.waits.host[layer, HostWaits.ANSWERED] == pool.waits.number(layer) for layer in range(layers))
+    assert answered[1].tolist() == [0, 0]
+
+    pool.waits.begin()
+    stop, errors = threading.Event(), []
+    threading.Timer(0.2, stop.set).start()
+    t0 = time.perf_counter()
+    pool._answer([(layer, (1, 2), 0, 2) for layer in range(layers)], stop, errors)
+    assert time.perf_counter() - t0 < 5 and not errors
