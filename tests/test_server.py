@@ -2593,3 +2593,23 @@ def test_a_history_with_openais_other_tools_calls_goes_on(scripted_url):
                       (dict(items[2], input={"x": 1}), "a custom_tool_call needs its name")):
         code, data = post(scripted_url, "/responses", json.dumps({"input": [shell[0], bad]}).encode())
         assert code == 400 and data["error"]["message"].startswith(f"input[1]: {says}"), data
+
+
+def test_allowed_tools_hide_the_servers_own_tools(tok):
+    """tool_choice ``allowed_tools`` names functions of the request's: the server's own tools
+    (here a function it runs) are left out of what the model reads, as under "none"."""
+    def clock() -> str:
+        """The time on the server."""
+        return "noon"
+    model = ScriptedModel([answer(tok, "Fine.", "Hi."), answer(tok, "Fine.", "Hi.")])
+    tools = ServerTools(functions=[FunctionTool.from_callable(clock)])
+    lookup = {"type": "function", "name": "lookup", "description": "Look a word up",
+              "parameters": {"type": "object", "properties": {}}}
+    with serving(model, tok, tools=tools) as url:
+        c = client(url, timeout=30)
+        c.responses.create(model="gpt-oss-tiny", input="hi", tools=[lookup])
+        assert "clock" in tok.decode(model.fed) and "lookup" in tok.decode(model.fed)
+        model.turn = -1
+        c.responses.create(model="gpt-oss-tiny", input="hi", tools=[lookup], tool_choice={
+            "type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "lookup"}]})
+        assert "clock" not in tok.decode(model.fed) and "lookup" in tok.decode(model.fed)

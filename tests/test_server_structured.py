@@ -456,6 +456,48 @@ def test_an_answer_cut_by_max_tokens_is_cut_not_a_shorter_valid_one(tok, max_tok
     assert whole.choices[0].finish_reason == "stop" and whole.choices[0].message.content == text
 
 
+def test_allowed_tools_show_and_let_the_model_call_only_those_listed(api):
+    """tool_choice ``allowed_tools`` (agent frameworks send it to narrow a long tool list for one
+    turn): the prompt holds only the listed functions (as many tokens as a request that declares
+    those alone), and under mode ``required`` every call is to one of them; both APIs' shapes."""
+    both = [WEATHER_TOOL, PET_TOOL]
+    alone = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, tools=[PET_TOOL], max_tokens=1)
+    listed = api.chat.completions.create(
+        model="gpt-oss-tiny", messages=USER, tools=both, max_tokens=1,
+        tool_choice={"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
+            {"type": "function", "function": {"name": "describe_pet"}}]}})
+    assert listed.usage.prompt_tokens == alone.usage.prompt_tokens
+    for seed in range(4):
+        r = api.chat.completions.create(
+            model="gpt-oss-tiny", messages=USER, tools=both, max_tokens=120, seed=seed,
+            tool_choice={"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+                {"type": "function", "function": {"name": WEATHER.name}}]}})
+        calls = r.choices[0].message.tool_calls
+        assert calls and {c.function.name for c in calls} == {WEATHER.name}, (seed, r.choices[0])
+    tools = [{"type": "function", **t["function"]} for t in both]
+    r = api.responses.create(model="gpt-oss-tiny", input="Describe a pet.", tools=tools, max_output_tokens=120,
+                             tool_choice={"type": "allowed_tools", "mode": "required",
+                                          "tools": [{"type": "function", "name": "describe_pet"}]})
+    assert r.output[-1].type == "function_call" and r.output[-1].name == "describe_pet"
+    assert r.tool_choice.type == "allowed_tools"  # echoed as sent
+
+
+@pytest.mark.parametrize("choice, param, says", [
+    ({"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "nope"}]},
+     "tool_choice.tools", "'nope', which is not in 'tools'"),
+    ({"type": "allowed_tools", "mode": "sometimes", "tools": [{"type": "function", "name": "describe_pet"}]},
+     "tool_choice.mode", "'sometimes'"),
+    ({"type": "allowed_tools", "mode": "auto", "tools": []}, "tool_choice.tools", "non-empty list"),
+    ({"type": "allowed_tools", "mode": "auto", "tools": [{"type": "web_search"}]}, "tool_choice.tools",
+     "must name a function"),
+])
+def test_allowed_tools_that_cannot_be_followed_are_a_400_naming_the_field(api, choice, param, says):
+    tools = [{"type": "function", **t["function"]} for t in (WEATHER_TOOL, PET_TOOL)]
+    with pytest.raises(openai.BadRequestError) as e:
+        api.responses.create(model="gpt-oss-tiny", input="hi", tools=tools, tool_choice=choice)
+    assert says in e.value.message and e.value.body["param"] == param
+
+
 def test_required_tool_choice_needs_tools(api):
     with pytest.raises(openai.BadRequestError) as e:
         api.chat.completions.create(model="gpt-oss-tiny", messages=USER, tool_choice="required")

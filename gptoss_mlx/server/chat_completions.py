@@ -43,6 +43,8 @@ def tool_choice(body: dict, tools_key: str = "tools") -> tuple[dict, str | None]
         if not params.function_names(body.get(tools_key)):
             raise bad_request("tool_choice 'required' needs at least one function in 'tools'", "tool_choice")
         return body, REQUIRED
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        return allowed_tools(body, choice, tools_key)
     if isinstance(choice, dict) and choice.get("type") == "function":
         fn = choice.get("function")
         name = choice.get("name") or (fn.get("name") if isinstance(fn, dict) else None)
@@ -52,8 +54,41 @@ def tool_choice(body: dict, tools_key: str = "tools") -> tuple[dict, str | None]
             return body, name
         raise bad_request(f"tool_choice names the function {name!r}, which is not in 'tools'",
                           "tool_choice")
-    raise bad_request(f"tool_choice {choice!r} is not supported: use auto, none, required, or name "
-                      "a function ({\"type\": \"function\", ...})", "tool_choice")
+    raise bad_request(f"tool_choice {str(choice)[:120]} is not supported: use auto, none, required, "
+                      "name a function ({\"type\": \"function\", ...}) or list the allowed ones "
+                      "({\"type\": \"allowed_tools\", ...})", "tool_choice")
+
+
+def allowed_tools(body: dict, choice: dict, tools_key: str) -> tuple[dict, str | None]:
+    """tool_choice ``allowed_tools``: the model sees and may call only the functions listed
+    (the server's own tools are not among them), freely (mode ``auto``) or at least one
+    (``required``). The Responses API nests ``mode`` and ``tools`` in the choice, Chat
+    Completions under its ``allowed_tools``; a listed tool names a function of the request's."""
+    spec = choice.get("allowed_tools", choice)
+    where = "tool_choice.allowed_tools" if "allowed_tools" in choice else "tool_choice"
+    if not isinstance(spec, dict):
+        raise bad_request(f"'{where}' must be an object with 'mode' and 'tools'", where)
+    mode = spec.get("mode", "auto")
+    if mode not in ("auto", REQUIRED):
+        raise bad_request(f"'{where}.mode' must be \"auto\" or \"required\", got {str(mode)[:80]!r}", f"{where}.mode")
+    listed = spec.get("tools")
+    if not isinstance(listed, list) or not listed:
+        raise bad_request(f"'{where}.tools' must be a non-empty list of tools like "
+                          "{\"type\": \"function\", \"name\": ...}", f"{where}.tools")
+    names = set()
+    for j, tool in enumerate(listed):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        name = (fn.get("name") if isinstance(fn, dict) else None) or (tool.get("name") if isinstance(tool, dict) else None)
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(name, str):
+            raise bad_request(f"'{where}.tools[{j}]' must name a function of 'tools' "
+                              f"({{\"type\": \"function\", \"name\": ...}}), got {str(tool)[:80]}", f"{where}.tools")
+        if name not in params.function_names(body.get(tools_key)):
+            raise bad_request(f"'{where}.tools[{j}]' names the function {name!r}, which is not in 'tools'",
+                              f"{where}.tools")
+        names.add(name)
+    kept = [t for t in body.get(tools_key) or [] if params.function_names([t]) & names]
+    body = {**body, tools_key: kept, "tool_choice": mode, "server_tools": False}
+    return body, REQUIRED if mode == REQUIRED else None
 
 
 def check_messages(messages) -> None:

@@ -115,8 +115,10 @@ class Service:
                            f"{self.model_name!r}", param="model", code="model_not_found")
 
     def server_tools(self, request: dict) -> ServerTools | None:
-        """The server's own tools for ``request``: none under tool_choice "none"."""
-        return self.tools if self.tools and request.get("tool_choice") != "none" else None
+        """The server's own tools for ``request``: none under tool_choice "none" or a list of
+        allowed tools (which names functions of the request's)."""
+        hidden = request.get("tool_choice") == "none" or request.get("server_tools") is False
+        return self.tools if self.tools and not hidden else None
 
     def conversation(self, request: dict) -> list[Message]:
         """Harmony messages for a Chat Completions-shaped ``request`` (its tools, effort and
