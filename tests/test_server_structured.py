@@ -484,18 +484,52 @@ def test_allowed_tools_show_and_let_the_model_call_only_those_listed(api):
 
 @pytest.mark.parametrize("choice, param, says", [
     ({"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "nope"}]},
-     "tool_choice.tools", "'nope', which is not in 'tools'"),
+     "tool_choice.tools[0]", '"nope", which is not in \'tools\''),
     ({"type": "allowed_tools", "mode": "sometimes", "tools": [{"type": "function", "name": "describe_pet"}]},
-     "tool_choice.mode", "'sometimes'"),
-    ({"type": "allowed_tools", "mode": "auto", "tools": []}, "tool_choice.tools", "non-empty list"),
-    ({"type": "allowed_tools", "mode": "auto", "tools": [{"type": "web_search"}]}, "tool_choice.tools",
-     "must name a function"),
+     "tool_choice.mode", '"sometimes"'),
+    ({"type": "allowed_tools", "tools": [{"type": "function", "name": "describe_pet"}]},  # OpenAI's needs it
+     "tool_choice.mode", "got null"),
+    ({"type": "allowed_tools", "mode": "auto", "tools": []}, "tool_choice.tools", "1 to 1,024 tools"),
+    ({"type": "allowed_tools", "mode": "auto", "tools": [{"type": "web_search"}]}, "tool_choice.tools[0]",
+     "must be {\"type\": \"function\", \"name\": ...}"),
+    ({"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "describe_pet",
+                                                           "function": {"name": "nope"}}]},
+     "tool_choice.tools[0]", "must be"),  # two names: which one?
+    ({"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
+        {"type": "function", "function": {"name": "describe_pet"}}]}},  # Chat Completions' shape
+     "tool_choice", "takes no field 'allowed_tools'"),
+    ({"type": "allowed_tools", "mode": "auto", "junk": 1, "tools": [{"type": "function", "name": "describe_pet"}]},
+     "tool_choice", "takes no field 'junk'"),
 ])
 def test_allowed_tools_that_cannot_be_followed_are_a_400_naming_the_field(api, choice, param, says):
     tools = [{"type": "function", **t["function"]} for t in (WEATHER_TOOL, PET_TOOL)]
     with pytest.raises(openai.BadRequestError) as e:
         api.responses.create(model="gpt-oss-tiny", input="hi", tools=tools, tool_choice=choice)
     assert says in e.value.message and e.value.body["param"] == param
+
+
+def test_allowed_tools_in_chat_completions_shape_errors_name_its_fields(api):
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model="gpt-oss-tiny", messages=USER, tools=[WEATHER_TOOL, PET_TOOL],
+                                    tool_choice={"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
+                                        {"type": "function", "name": "describe_pet"}]}})  # the Responses API's entry
+    assert e.value.body["param"] == "tool_choice.allowed_tools.tools[0]"
+    assert '{"type": "function", "function": {"name": ...}}' in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model="gpt-oss-tiny", messages=USER, tools=[WEATHER_TOOL, PET_TOOL],
+                                    tool_choice={"type": "allowed_tools"})
+    assert e.value.body["param"] == "tool_choice.allowed_tools"
+
+
+def test_a_field_nested_900_deep_is_echoed_and_stored_not_a_500(api):
+    """The JSON parser takes up to 1,000 levels; sizing the stored response recursed past
+    Python's limit and a 500 (a cut stream when streamed) came after the reply was made."""
+    deep = 1
+    for _ in range(900):
+        deep = {"a": deep}
+    r = api.responses.create(model="gpt-oss-tiny", input=[{"role": "user", "content": "hi", "x": deep}],
+                             max_output_tokens=4)
+    assert r.status == "incomplete" and api.responses.retrieve(r.id).id == r.id
 
 
 def test_required_tool_choice_needs_tools(api):

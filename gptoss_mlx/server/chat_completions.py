@@ -30,10 +30,11 @@ def check_function_name(name, where: str) -> None:
                           where, code="invalid_value")
 
 
-def tool_choice(body: dict, tools_key: str = "tools") -> tuple[dict, str | None]:
+def tool_choice(body: dict, tools_key: str = "tools", nested: bool = True) -> tuple[dict, str | None]:
     """(the request with the tools the model may see, the function it must call: named, or
     REQUIRED for any of them). ``none`` hides the tools; a named function is forced by writing
-    its call header, ``required`` by the constraint (gptoss_mlx/structured.py)."""
+    its call header, ``required`` by the constraint (gptoss_mlx/structured.py). ``nested``:
+    Chat Completions' shape of ``allowed_tools`` (else the Responses API's)."""
     choice = body.get("tool_choice")
     if choice in (None, "auto"):
         return body, None
@@ -44,7 +45,7 @@ def tool_choice(body: dict, tools_key: str = "tools") -> tuple[dict, str | None]
             raise bad_request("tool_choice 'required' needs at least one function in 'tools'", "tool_choice")
         return body, REQUIRED
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        return allowed_tools(body, choice, tools_key)
+        return allowed_tools(body, choice, tools_key, nested)
     if isinstance(choice, dict) and choice.get("type") == "function":
         fn = choice.get("function")
         name = choice.get("name") or (fn.get("name") if isinstance(fn, dict) else None)
@@ -59,32 +60,49 @@ def tool_choice(body: dict, tools_key: str = "tools") -> tuple[dict, str | None]
                       "({\"type\": \"allowed_tools\", ...})", "tool_choice")
 
 
-def allowed_tools(body: dict, choice: dict, tools_key: str) -> tuple[dict, str | None]:
+def allowed_tools(body: dict, choice: dict, tools_key: str, nested: bool) -> tuple[dict, str | None]:
     """tool_choice ``allowed_tools``: the model sees and may call only the functions listed
     (the server's own tools are not among them), freely (mode ``auto``) or at least one
-    (``required``). The Responses API nests ``mode`` and ``tools`` in the choice, Chat
-    Completions under its ``allowed_tools``; a listed tool names a function of the request's."""
-    spec = choice.get("allowed_tools", choice)
-    where = "tool_choice.allowed_tools" if "allowed_tools" in choice else "tool_choice"
+    (``required``). In Chat Completions (``nested``) ``mode`` and ``tools`` sit under the
+    choice's ``allowed_tools`` and a tool is ``{"type": "function", "function": {"name": ...}}``;
+    in the Responses API they sit in the choice and a tool is ``{"type": "function", "name": ...}``.
+    Each listed tool names a function of the request's; other fields are refused (one shape, one
+    meaning: the echo is what was asked)."""
+    shown = lambda value: json.dumps(value, default=str)[:80]  # noqa: E731
+    if nested:
+        spec, where, entry = choice.get("allowed_tools"), "tool_choice.allowed_tools", \
+            '{"type": "function", "function": {"name": ...}}'
+        extra = set(choice) - {"type", "allowed_tools"}
+    else:
+        spec, where, entry = choice, "tool_choice", '{"type": "function", "name": ...}'
+        extra = set()
+    shape = f'{{"mode": "auto" or "required", "tools": [{entry}, ...]}}'
     if not isinstance(spec, dict):
-        raise bad_request(f"'{where}' must be an object with 'mode' and 'tools'", where)
-    mode = spec.get("mode", "auto")
+        raise bad_request(f"'{where}' must be an object like {shape}, got {shown(spec)}", where)
+    extra |= set(spec) - {"mode", "tools"} - ({"type"} if not nested else set())
+    if extra:
+        raise bad_request(f"'tool_choice' of type allowed_tools takes no field {sorted(extra)[0]!r}: "
+                          f"{'its allowed_tools is ' if nested else 'it is '}{shape}", "tool_choice")
+    mode = spec.get("mode")
     if mode not in ("auto", REQUIRED):
-        raise bad_request(f"'{where}.mode' must be \"auto\" or \"required\", got {str(mode)[:80]!r}", f"{where}.mode")
+        raise bad_request(f"'{where}.mode' must be \"auto\" or \"required\", got {shown(mode)}", f"{where}.mode")
     listed = spec.get("tools")
-    if not isinstance(listed, list) or not listed:
-        raise bad_request(f"'{where}.tools' must be a non-empty list of tools like "
-                          "{\"type\": \"function\", \"name\": ...}", f"{where}.tools")
-    names = set()
+    if not isinstance(listed, list) or not 1 <= len(listed) <= MAX_TOOLS:
+        raise bad_request(f"'{where}.tools' must be a list of 1 to {MAX_TOOLS:,} tools like {entry}, got "
+                          + (f"{len(listed):,}" if isinstance(listed, list) else shown(listed)), f"{where}.tools")
+    declared, names = params.function_names(body.get(tools_key)), set()
     for j, tool in enumerate(listed):
         fn = tool.get("function") if isinstance(tool, dict) else None
-        name = (fn.get("name") if isinstance(fn, dict) else None) or (tool.get("name") if isinstance(tool, dict) else None)
-        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(name, str):
-            raise bad_request(f"'{where}.tools[{j}]' must name a function of 'tools' "
-                              f"({{\"type\": \"function\", \"name\": ...}}), got {str(tool)[:80]}", f"{where}.tools")
-        if name not in params.function_names(body.get(tools_key)):
-            raise bad_request(f"'{where}.tools[{j}]' names the function {name!r}, which is not in 'tools'",
-                              f"{where}.tools")
+        name = (fn.get("name") if isinstance(fn, dict) else None) if nested else \
+            (tool.get("name") if isinstance(tool, dict) else None)
+        keys = {"type", "function"} if nested else {"type", "name"}
+        if (not isinstance(tool, dict) or tool.get("type") != "function" or set(tool) != keys
+                or not isinstance(name, str) or (nested and set(fn) != {"name"})):
+            raise bad_request(f"'{where}.tools[{j}]' must be {entry} naming a function of 'tools', "
+                              f"got {shown(tool)}", f"{where}.tools[{j}]")
+        if name not in declared:
+            raise bad_request(f"'{where}.tools[{j}]' names the function {shown(name)}, which is not in 'tools'",
+                              f"{where}.tools[{j}]")
         names.add(name)
     kept = [t for t in body.get(tools_key) or [] if params.function_names([t]) & names]
     body = {**body, tools_key: kept, "tool_choice": mode, "server_tools": False}

@@ -119,14 +119,22 @@ class ResponseStore:
 
 def _text_bytes(value) -> int:
     """About the memory ``value`` (JSON-like) holds: its strings' (1, 2 or 4 bytes a character,
-    as Python stores them), and a little per item."""
-    if isinstance(value, str):
-        return sys.getsizeof(value)
-    if isinstance(value, dict):
-        return 16 + sum(len(k) + _text_bytes(v) for k, v in value.items())
-    if isinstance(value, list):
-        return 16 + sum(map(_text_bytes, value))
-    return 8
+    as Python stores them), and a little per item. Walked without recursion: a client's field
+    nested 900 deep is echoed back and stored (the JSON parser takes up to 1,000)."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += sys.getsizeof(item)
+        elif isinstance(item, dict):
+            total += 16 + sum(len(k) for k in item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            total += 16
+            stack.extend(item)
+        else:
+            total += 8
+    return total
 
 
 def _text(content, where: str, field: str = "content") -> str:
@@ -708,7 +716,7 @@ class ResponseRun:
             raise bad_request(f"'truncation' must be \"auto\" or \"disabled\", got {body['truncation']!r}",
                               "truncation")
         chat["truncation"] = body.get("truncation") or "disabled"
-        chat, forced_name = tool_choice(chat)
+        chat, forced_name = tool_choice(chat, nested=False)
         if not chat["messages"]:
             raise bad_request("'input' is empty", "input")
         sampling = params.sampling(body, service.sampling, ("max_output_tokens",), service.max_context)
