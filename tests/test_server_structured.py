@@ -570,3 +570,33 @@ def test_the_answers_and_a_strict_calls_header_words_never_reach_the_client(tok)
         tools = [{"type": "function", **WEATHER_TOOL["function"]}]  # (strict by default here)
         r = c.responses.create(model="gpt-oss-tiny", input="weather?", tools=tools, max_output_tokens=80)
         assert json.loads(r.output[-1].arguments) == json.loads(arguments)
+
+
+@pytest.mark.parametrize("phase", ["preamble", 3, ""])
+def test_an_input_messages_phase_is_one_of_openais(api, phase):
+    """``phase`` tells a preamble (commentary) from the answer (final_answer); another value was
+    taken without a word (helper-158)."""
+    history = [{"role": "user", "content": "hi"},
+               {"type": "message", "role": "assistant", "phase": phase,
+                "content": [{"type": "output_text", "text": "Hello."}]},
+               {"role": "user", "content": "again"}]
+    with pytest.raises(openai.BadRequestError) as e:
+        api.responses.create(model="gpt-oss-tiny", input=history, max_output_tokens=4)
+    assert "input[1].phase must be one of 'commentary', 'final_answer'" in e.value.message
+    for ok in ("commentary", "final_answer", None):
+        history[1]["phase"] = ok
+        assert api.responses.create(model="gpt-oss-tiny", input=history, max_output_tokens=4).status == "incomplete"
+
+
+def test_top_p_0_is_taken_as_openai_takes_it_the_likeliest_token_alone(api):
+    """OpenAI takes top_p from 0 to 1; 0 was a 400 here (helper-154). It keeps the likeliest token
+    alone: the reply is the greedy one, and the response echoes 0."""
+    greedy = api.responses.create(model="gpt-oss-tiny", input="hi", max_output_tokens=12, temperature=0)
+    for seed in (1, 2):
+        r = api.responses.create(model="gpt-oss-tiny", input="hi", max_output_tokens=12, top_p=0,
+                                 extra_body={"seed": seed})
+        assert r.top_p == 0 and r.output_text == greedy.output_text and r.output_text
+    c = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, max_tokens=12, top_p=0)
+    g = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, max_tokens=12, temperature=0)
+    assert (c.choices[0].message.content, c.choices[0].message.model_extra.get("reasoning_content")) == \
+        (g.choices[0].message.content, g.choices[0].message.model_extra.get("reasoning_content"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..generate import SamplingParams
 from ..harmony import EFFORTS
 from .errors import bad_request
@@ -54,7 +56,8 @@ def sampling(body: dict, default: SamplingParams, max_tokens_keys: tuple[str, ..
                       default.max_tokens)
     return SamplingParams(
         temperature=number(body, "temperature", default.temperature, 0, 2),
-        top_p=number(body, "top_p", default.top_p, 0, 1, lo_open=True),
+        # 0 (OpenAI takes 0 to 1): the likeliest token alone, as the smallest nucleus that holds one
+        top_p=number(body, "top_p", default.top_p, 0, 1) or math.ulp(0.0),
         # top_k and min_p: not OpenAI's, but what vLLM and llama.cpp servers take (-1: no limit)
         top_k=max(0, integer(body, "top_k", lo=-1)) if body.get("top_k") is not None else default.top_k,
         min_p=number(body, "min_p", default.min_p, 0, 1, hi_open=True),

@@ -229,6 +229,9 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
             log.info("%s: leaving out a %s item (OpenAI's built-in tools are not this server's)", where, kind)
             continue
         kind = kind_of(item)
+        if kind == "message" and item.get("phase") not in (None, *PHASES):
+            raise bad_request(f"{where}.phase must be one of {', '.join(map(repr, PHASES))}, got "
+                              f"{json.dumps(item['phase'], default=str)[:80]}", "input")
         if kind == "message" and item.get("role") == "assistant":  # (after calls: the turn goes on)
             target = turn("content", "tool_calls")
             target["content"] = _text(item.get("content"), where)
@@ -399,6 +402,7 @@ def check_include(include) -> None:
 
 
 SUMMARIES = ("auto", "concise", "detailed")  # reasoning.summary's values (OpenAI's)
+PHASES = ("commentary", "final_answer")  # an assistant message's phase: a preamble, or the answer (OpenAI's)
 # Parameters whose effect the answer would silently lack: refused, saying what to do instead.
 UNSUPPORTED = {
     "conversation": "conversations are not kept by this server: send the earlier turns in 'input', or "
@@ -664,7 +668,7 @@ def output_item(item: Item, ids: dict, status: str = "completed", sealed: bool =
     # phase: a preamble (commentary, before tool calls) told from the final answer, as OpenAI's
     # own messages are (a tester saw two messages a client could not tell apart, helper-154)
     return {"id": item_id, "type": "message", "role": "assistant", "status": status,
-            "phase": "commentary" if item.channel == "commentary" else "final_answer",
+            "phase": PHASES[0] if item.channel == "commentary" else PHASES[1],
             "content": [] if status == "in_progress" else [_text_part(item.text)]}
 
 
@@ -768,7 +772,8 @@ class ResponseRun:
                "previous_response_id": body.get("previous_response_id"),
                "reasoning": {"effort": self.effort, "summary": (body.get("reasoning") or {}).get("summary")},
                "store": self.stored, "temperature": reply.run.params.temperature,
-               "top_p": reply.run.params.top_p, "tool_choice": body.get("tool_choice") or "auto",
+               "top_p": body["top_p"] if body.get("top_p") is not None else reply.run.params.top_p,
+               "tool_choice": body.get("tool_choice") or "auto",
                "tools": body.get("tools") or [],
                # as OpenAI's: what was asked (true by default); the model makes one call a turn
                "parallel_tool_calls": body.get("parallel_tool_calls", True) is not False,
