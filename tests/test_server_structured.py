@@ -600,3 +600,9 @@ def test_top_p_0_is_taken_as_openai_takes_it_the_likeliest_token_alone(api):
     g = api.chat.completions.create(model="gpt-oss-tiny", messages=USER, max_tokens=12, temperature=0)
     assert (c.choices[0].message.content, c.choices[0].message.model_extra.get("reasoning_content")) == \
         (g.choices[0].message.content, g.choices[0].message.model_extra.get("reasoning_content"))
+
+
+def test_an_input_item_with_neither_type_nor_role_says_so(api):
+    with pytest.raises(openai.BadRequestError) as e:
+        api.responses.create(model="gpt-oss-tiny", input=[{"content": "hi"}], max_output_tokens=4)
+    assert "input[0] has neither a 'type' nor a 'role'" in e.value.message and "None" not in e.value.message

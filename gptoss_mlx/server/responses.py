@@ -300,6 +300,9 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
                 result["name"] = item["name"]
             out.append(result)
             assistant = None
+        elif kind is None:
+            raise bad_request(f"{where} has neither a 'type' nor a 'role': a message is "
+                              "{\"role\": ..., \"content\": ...}, another item names its type", "input")
         else:
             raise bad_request(f"{where}: items of type {kind!r} are not supported (messages, reasoning, "
                               "function_call, function_call_output and mcp_call are)", "input")
