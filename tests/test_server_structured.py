@@ -497,9 +497,13 @@ def test_allowed_tools_show_and_let_the_model_call_only_those_listed(api):
      "tool_choice.tools[0]", "must be"),  # two names: which one?
     ({"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
         {"type": "function", "function": {"name": "describe_pet"}}]}},  # Chat Completions' shape
-     "tool_choice", "takes no field 'allowed_tools'"),
+     "tool_choice.allowed_tools", "'tool_choice.allowed_tools' is not a field"),
     ({"type": "allowed_tools", "mode": "auto", "junk": 1, "tools": [{"type": "function", "name": "describe_pet"}]},
-     "tool_choice", "takes no field 'junk'"),
+     "tool_choice.junk", "'tool_choice.junk' is not a field"),
+    ({"type": "function", "function": {"name": "describe_pet"}},  # Chat Completions' named function
+     "tool_choice", 'must be {"type": "function", "name": ...}'),
+    ({"type": "function", "name": "describe_pet", "x": 1}, "tool_choice", "must be"),
+    ({"type": "web_search_preview"}, "tool_choice", 'tool_choice {"type": "web_search_preview"} is not supported'),
 ])
 def test_allowed_tools_that_cannot_be_followed_are_a_400_naming_the_field(api, choice, param, says):
     tools = [{"type": "function", **t["function"]} for t in (WEATHER_TOOL, PET_TOOL)]
@@ -519,6 +523,21 @@ def test_allowed_tools_in_chat_completions_shape_errors_name_its_fields(api):
         api.chat.completions.create(model="gpt-oss-tiny", messages=USER, tools=[WEATHER_TOOL, PET_TOOL],
                                     tool_choice={"type": "allowed_tools"})
     assert e.value.body["param"] == "tool_choice.allowed_tools"
+    for choice, param, says in [
+        ({"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "function": {"name": "describe_pet"}}]},
+         "tool_choice.allowed_tools", "under 'allowed_tools'"),  # the Responses API's shape
+        ({"type": "allowed_tools", "z": 1, "allowed_tools": {"mode": "auto", "tools": [
+            {"type": "function", "function": {"name": "describe_pet"}}]}}, "tool_choice.z", "'tool_choice.z'"),
+        ({"type": "allowed_tools", "allowed_tools": {"mode": "auto", "z": 1, "tools": [
+            {"type": "function", "function": {"name": "describe_pet"}}]}},
+         "tool_choice.allowed_tools.z", "'tool_choice.allowed_tools.z'"),
+        ({"type": "function", "name": "describe_pet"}, "tool_choice",  # the Responses API's named function
+         'must be {"type": "function", "function": {"name": ...}}'),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            api.chat.completions.create(model="gpt-oss-tiny", messages=USER, tools=[WEATHER_TOOL, PET_TOOL],
+                                        tool_choice=choice)
+        assert says in e.value.message and e.value.body["param"] == param, (choice, e.value.body)
 
 
 def test_a_field_nested_900_deep_is_echoed_and_stored_not_a_500(api):

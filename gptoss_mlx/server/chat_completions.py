@@ -47,17 +47,28 @@ def tool_choice(body: dict, tools_key: str = "tools", nested: bool = True) -> tu
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
         return allowed_tools(body, choice, tools_key, nested)
     if isinstance(choice, dict) and choice.get("type") == "function":
-        fn = choice.get("function")
-        name = choice.get("name") or (fn.get("name") if isinstance(fn, dict) else None)
-        if not isinstance(name, str):
-            raise bad_request(f"tool_choice {choice!r} names no function", "tool_choice")
-        if name in params.function_names(body.get(tools_key)):
-            return body, name
-        raise bad_request(f"tool_choice names the function {name!r}, which is not in 'tools'",
-                          "tool_choice")
-    raise bad_request(f"tool_choice {str(choice)[:120]} is not supported: use auto, none, required, "
-                      "name a function ({\"type\": \"function\", ...}) or list the allowed ones "
+        return body, named_function(body, choice, tools_key, nested)
+    raise bad_request(f"tool_choice {json.dumps(choice, default=str)[:120]} is not supported: use auto, none, "
+                      "required, name a function ({\"type\": \"function\", ...}) or list the allowed ones "
                       "({\"type\": \"allowed_tools\", ...})", "tool_choice")
+
+
+def named_function(body: dict, choice: dict, tools_key: str, nested: bool) -> str:
+    """The function a ``{"type": "function", ...}`` tool_choice names: in Chat Completions
+    (``nested``) ``{"type": "function", "function": {"name": ...}}``, in the Responses API
+    ``{"type": "function", "name": ...}``, and nothing else (the echo is what was asked)."""
+    fn = choice.get("function")
+    shape = '{"type": "function", "function": {"name": ...}}' if nested else '{"type": "function", "name": ...}'
+    name = (fn.get("name") if isinstance(fn, dict) else None) if nested else choice.get("name")
+    well_formed = set(choice) == ({"type", "function"} if nested else {"type", "name"}) and (
+        not nested or (isinstance(fn, dict) and set(fn) == {"name"}))
+    if not well_formed or not isinstance(name, str):
+        raise bad_request(f"tool_choice naming a function must be {shape}, got "
+                          f"{json.dumps(choice, default=str)[:120]}", "tool_choice")
+    if name not in params.function_names(body.get(tools_key)):
+        raise bad_request(f"tool_choice names the function {json.dumps(name)[:80]}, which is not in 'tools'",
+                          "tool_choice")
+    return name
 
 
 def allowed_tools(body: dict, choice: dict, tools_key: str, nested: bool) -> tuple[dict, str | None]:
@@ -72,17 +83,20 @@ def allowed_tools(body: dict, choice: dict, tools_key: str, nested: bool) -> tup
     if nested:
         spec, where, entry = choice.get("allowed_tools"), "tool_choice.allowed_tools", \
             '{"type": "function", "function": {"name": ...}}'
-        extra = set(choice) - {"type", "allowed_tools"}
     else:
         spec, where, entry = choice, "tool_choice", '{"type": "function", "name": ...}'
-        extra = set()
     shape = f'{{"mode": "auto" or "required", "tools": [{entry}, ...]}}'
+    if nested and spec is None and {"mode", "tools"} & set(choice):
+        raise bad_request(f"in Chat Completions, tool_choice of type allowed_tools holds 'mode' and 'tools' "
+                          f"under 'allowed_tools': {{\"type\": \"allowed_tools\", \"allowed_tools\": {shape}}}",
+                          where)
     if not isinstance(spec, dict):
         raise bad_request(f"'{where}' must be an object like {shape}, got {shown(spec)}", where)
-    extra |= set(spec) - {"mode", "tools"} - ({"type"} if not nested else set())
+    extra = [f"tool_choice.{key}" for key in sorted(set(choice) - {"type", "allowed_tools"})] if nested else []
+    extra += [f"{where}.{key}" for key in sorted(set(spec) - {"mode", "tools"} - (set() if nested else {"type"}))]
     if extra:
-        raise bad_request(f"'tool_choice' of type allowed_tools takes no field {sorted(extra)[0]!r}: "
-                          f"{'its allowed_tools is ' if nested else 'it is '}{shape}", "tool_choice")
+        raise bad_request(f"'{extra[0]}' is not a field of tool_choice of type allowed_tools: "
+                          f"{'its allowed_tools is ' if nested else 'it is '}{shape}", extra[0])
     mode = spec.get("mode")
     if mode not in ("auto", REQUIRED):
         raise bad_request(f"'{where}.mode' must be \"auto\" or \"required\", got {shown(mode)}", f"{where}.mode")
