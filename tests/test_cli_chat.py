@@ -520,6 +520,10 @@ def test_save_asks_before_overwriting(tok, store, tmp_path, monkeypatch):
     status, out = run_chat(monkeypatch, chat, ["/save /proc/no-such-dir/c.json"])
     assert "not saved: /proc/no-such-dir/c.json cannot be written (No such file or directory)" in out
     assert "Errno" not in out
+    status, out = run_chat(monkeypatch, chat, [f"/save {tmp_path}/new/deeper/c.json"])  # (helper-155)
+    assert f"saved to {tmp_path}/new/deeper/c.json (made the folder {tmp_path}/new)" in out
+    status, out = run_chat(monkeypatch, chat, [f"/save {tmp_path}/new/deeper/d.json"])
+    assert f"saved to {tmp_path}/new/deeper/d.json\n" in out + "\n" and "made the folder" not in out
 
 
 def test_save_and_load_of_paths_that_cannot_be_say_why_and_the_chat_goes_on(tok, store, tmp_path, monkeypatch):

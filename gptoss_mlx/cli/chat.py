@@ -596,10 +596,11 @@ class Repl:
                 if answer.strip().lower() not in ("y", "yes"):
                     self.say("not saved")
                     return
+            made = next((p for p in reversed(path.parents) if not p.exists()), None)  # the first folder made
             path = self.store.save_as(self.chat, path, self.title or "Chat")
         except (OSError, EOFError, KeyboardInterrupt) as e:
             self.say(f"not saved: {path} cannot be written ({e.strerror or e})"
                      if isinstance(e, OSError) else "not saved")
             return
-        self.say(f"saved to {path}")
+        self.say(terminal_safe(f"saved to {path}" + (f" (made the folder {made})" if made else "")))
 
