@@ -109,7 +109,7 @@ def test_a_quoted_message_is_never_a_command_and_exit_takes_nothing_after_it(tok
     assert [m.text for m in chat.messages if m.role == "user"] == ["/etc/hosts: what is it?", "/exit"]
 
 
-def test_the_resume_hint_carries_the_options_the_chat_ran_with(tok, store, monkeypatch):
+def test_the_resume_hint_carries_the_options_the_chat_ran_with(tok, store, monkeypatch, tmp_path):
     """A tester's (helper-142): 'Continue with:' named only --model, so the chat reopened without
     its tools, and on a machine that needed --no-memory-check it could not load."""
     chat = scripted_chat(tok, "Four.")
@@ -120,6 +120,11 @@ def test_the_resume_hint_carries_the_options_the_chat_ran_with(tok, store, monke
     folder = f"GPTOSS_MLX_DATA_DIR={shlex.quote(os.environ['GPTOSS_MLX_DATA_DIR'])} "
     assert hint.startswith(f"Continue with: {folder}gptoss-mlx chat --model 'my model' --dense-bits 8 --max-context 4096 "
                            "--tools python --no-memory-check --resume "), hint
+    # (helper-142's: a relative --functions path, pasted in another folder, was not found)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fns.py").write_text('def hello() -> str:\n    \"\"\"Say hello.\"\"\"\n    return "hi"\n')
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "Four."), ["2+2?"], ["--functions", "fns.py"])
+    assert status == 0 and f"--functions {tmp_path}/fns.py --resume " in out, out
     # (the re-attack's: --memory-limit, kept as typed, was divided as a number: a TypeError at start)
     status, out = run_chat(monkeypatch, scripted_chat(tok, "Four."), ["2+2?"], ["--memory-limit", "10.5GB"])
     assert status == 0 and "gptoss-mlx chat --memory-limit 10.5GB --resume " in out, out

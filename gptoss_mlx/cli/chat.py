@@ -106,13 +106,25 @@ def resume_options(args) -> str:
     """The command line's options a resumed chat needs to run as this one did (the model, its
     adapter, the memory options that let it load, its tools), for the hint that resumes it: the
     hint left out --no-memory-check and --tools python, and reopened the chat without them."""
-    pairs = [("--model", args.model), ("--adapter", getattr(args, "adapter", None)),
+    pairs = [("--model", _absolute(args.model)), ("--adapter", _absolute(getattr(args, "adapter", None))),
              ("--memory-limit", args.memory_limit), ("--dense-bits", args.dense_bits),  # (as typed)
              ("--max-context", args.max_context), ("--tools", args.tools),
-             *(("--functions", path) for path in args.functions)]
+             *(("--functions", _absolute(path)) for path in args.functions)]
     flags = ["--no-memory-check"] if args.no_memory_check else []
     return "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in pairs if value) + \
         "".join(f" {flag}" for flag in flags)
+
+
+def _absolute(value: str | None) -> str | None:
+    """A local file or folder as an absolute path, for a hint pasted in another folder (a
+    tester's: relative --functions paths, helper-142); a repo id, or what is not here, as typed."""
+    if not value or looks_like_repo_id(value):
+        return value
+    try:
+        path = expand_user(value)
+    except FileNotFoundError:
+        return value
+    return str(path.absolute()) if path.exists() else value
 
 
 def answer_resumed(args, question: str, chat_id: str) -> Done | None:
