@@ -125,6 +125,9 @@ def test_the_resume_hint_carries_the_options_the_chat_ran_with(tok, store, monke
     (tmp_path / "fns.py").write_text('def hello() -> str:\n    \"\"\"Say hello.\"\"\"\n    return "hi"\n')
     status, out = run_chat(monkeypatch, scripted_chat(tok, "Four."), ["2+2?"], ["--functions", "fns.py"])
     assert status == 0 and f"--functions {tmp_path}/fns.py --resume " in out, out
+    status, out = run_chat(monkeypatch, scripted_chat(tok, "Four."), ["2+2?"], [
+        "--auto-approve", "--python-timeout", "5", "--python-network", "--browser-allow-private"])
+    assert "--python-timeout 5 --auto-approve --python-network --browser-allow-private --resume " in out, out
     # (the re-attack's: --memory-limit, kept as typed, was divided as a number: a TypeError at start)
     status, out = run_chat(monkeypatch, scripted_chat(tok, "Four."), ["2+2?"], ["--memory-limit", "10.5GB"])
     assert status == 0 and "gptoss-mlx chat --memory-limit 10.5GB --resume " in out, out

@@ -110,7 +110,15 @@ def resume_options(args) -> str:
              ("--memory-limit", args.memory_limit), ("--dense-bits", args.dense_bits),  # (as typed)
              ("--max-context", args.max_context), ("--tools", args.tools),
              *(("--functions", _absolute(path)) for path in args.functions)]
-    flags = ["--no-memory-check"] if args.no_memory_check else []
+    if getattr(args, "python_timeout", common.PYTHON_TIMEOUT_S) != common.PYTHON_TIMEOUT_S:
+        pairs.append(("--python-timeout", f"{args.python_timeout:g}"))
+    # (and the tools' permissions it ran with: helper-142's, the hint reopened without them)
+    flags = [flag for flag, on in (("--no-memory-check", args.no_memory_check),
+                                   ("--auto-approve", getattr(args, "auto_approve", False)),
+                                   ("--python-stateless", getattr(args, "python_stateless", False)),
+                                   ("--python-network", getattr(args, "python_network", False)),
+                                   ("--browser-allow-private", getattr(args, "browser_allow_private", False)))
+             if on]
     return "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in pairs if value) + \
         "".join(f" {flag}" for flag in flags)
 

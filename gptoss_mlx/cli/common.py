@@ -43,6 +43,8 @@ from ..tools.functions import FUNCTION_TIMEOUT_S, MAX_TIMEOUT_S, MIN_TIMEOUT_S
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
+PYTHON_TIMEOUT_S = SandboxLimits.timeout_s  # --python-timeout's default
+
 
 class CLIError(Exception):
     """A user-facing failure: printed as ``gptoss-mlx: error: ...`` with exit status 2. A
@@ -338,8 +340,8 @@ def add_model_options(p: argparse.ArgumentParser, interactive: bool = True,
                            help="a fresh interpreter per code run (default: one session per chat)")
     else:  # the server: enabling a tool is the approval, and every python run starts fresh
         p.set_defaults(auto_approve=True, python_stateless=True)
-    tools.add_argument("--python-timeout", type=positive_seconds, default=30.0,
-                       help="seconds per code run (default 30)")
+    tools.add_argument("--python-timeout", type=positive_seconds, default=PYTHON_TIMEOUT_S,
+                       help=f"seconds per code run (default {PYTHON_TIMEOUT_S:g})")
     if not interactive:
         tools.add_argument("--function-timeout", type=positive_seconds, default=FUNCTION_TIMEOUT_S,
                            metavar="SECONDS", help="seconds a --functions call may take; then its worker "
