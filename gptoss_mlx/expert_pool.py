@@ -82,6 +82,7 @@ TRANSFERS = ("cuda", "host", "mlx")  # tried in this order
 PIN_SHARE = 0.5  # of the machine's RAM: the most checkpoint bytes the cuda transfer page-locks
 LOAD_BATCH = 16  # experts staged per copy into the pool: bounds the staging memory (~210 MB)
 _ADDRESS_KERNELS: dict = {}  # CudaDriver.addresses's kernels by number of arrays, built on first use
+_WAIT_KERNELS: dict = {}  # HostWaits.queue's (export, wait) kernels by (words, slots), built on first use
 PREFETCH_TOKENS = 4  # guesses are made for steps of up to this many tokens (decode)
 
 
@@ -453,7 +454,6 @@ class HostWaits:
         self.rows = rows  # each row's address on the device, (layers,) uint64; None: no device (tests)
         self.sequence = 1  # the pass's first layer's number; a layer's is this + its index
         self._numbers = None  # this pass's numbers on the device, (layers,) uint32
-        self._kernels = {}
 
     @classmethod
     def mapped(cls, driver: CudaDriver, layers: int) -> "HostWaits | None":
@@ -481,16 +481,16 @@ class HostWaits:
         """The kernels that export ``words`` (n,) uint32 for ``layer`` and wait for its ``slots``
         (slots,) uint32 from the host; not evaluated."""
         key = (words.size, slots)
-        if key not in self._kernels:
+        if key not in _WAIT_KERNELS:
             defines = "".join(f"#define {name} {getattr(self, name)}\n"
                               for name in ("ROUTED", "ANSWERED", "GAVE_UP", "IDS", "SLOTS"))
             defines += f"#define LIMIT_NS {int(WAIT_LIMIT_S * 1e9)}ULL\n"
-            self._kernels[key] = (
+            _WAIT_KERNELS[key] = (
                 mx.fast.cuda_kernel(name="gptoss_export_routing", input_names=["words", "row", "seq"],
                                     output_names=["done"], source=_EXPORT, header=defines),
                 mx.fast.cuda_kernel(name="gptoss_wait_for_slots", input_names=["done", "row", "seq"],
                                     output_names=["slots"], source=_WAIT, header=defines))
-        export, wait = self._kernels[key]
+        export, wait = _WAIT_KERNELS[key]
         row, number = self.rows[layer:layer + 1], self._numbers[layer:layer + 1]
         launch = dict(grid=(32, 1, 1), threadgroup=(32, 1, 1), output_dtypes=[mx.uint32])
         (done,) = export(inputs=[words, row, number], output_shapes=[(1,)], template=[("N", words.size)], **launch)

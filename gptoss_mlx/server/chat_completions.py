@@ -48,7 +48,7 @@ def tool_choice(body: dict, tools_key: str = "tools", nested: bool = True) -> tu
         return allowed_tools(body, choice, tools_key, nested)
     if isinstance(choice, dict) and choice.get("type") == "function":
         return body, named_function(body, choice, tools_key, nested)
-    raise bad_request(f"tool_choice {json.dumps(choice, default=str)[:120]} is not supported: use auto, none, "
+    raise bad_request(f"tool_choice {params.shown(choice, 120)} is not supported: use auto, none, "
                       "required, name a function ({\"type\": \"function\", ...}) or list the allowed ones "
                       "({\"type\": \"allowed_tools\", ...})", "tool_choice")
 
@@ -64,9 +64,9 @@ def named_function(body: dict, choice: dict, tools_key: str, nested: bool) -> st
         not nested or (isinstance(fn, dict) and set(fn) == {"name"}))
     if not well_formed or not isinstance(name, str):
         raise bad_request(f"tool_choice naming a function must be {shape}, got "
-                          f"{json.dumps(choice, default=str)[:120]}", "tool_choice")
+                          f"{params.shown(choice, 120)}", "tool_choice")
     if name not in params.function_names(body.get(tools_key)):
-        raise bad_request(f"tool_choice names the function {json.dumps(name)[:80]}, which is not in 'tools'",
+        raise bad_request(f"tool_choice names the function {params.shown(name)}, which is not in 'tools'",
                           "tool_choice")
     return name
 
@@ -79,7 +79,6 @@ def allowed_tools(body: dict, choice: dict, tools_key: str, nested: bool) -> tup
     in the Responses API they sit in the choice and a tool is ``{"type": "function", "name": ...}``.
     Each listed tool names a function of the request's; other fields are refused (one shape, one
     meaning: the echo is what was asked)."""
-    shown = lambda value: json.dumps(value, default=str)[:80]  # noqa: E731
     if nested:
         spec, where, entry = choice.get("allowed_tools"), "tool_choice.allowed_tools", \
             '{"type": "function", "function": {"name": ...}}'
@@ -91,7 +90,7 @@ def allowed_tools(body: dict, choice: dict, tools_key: str, nested: bool) -> tup
                           f"under 'allowed_tools': {{\"type\": \"allowed_tools\", \"allowed_tools\": {shape}}}",
                           where)
     if not isinstance(spec, dict):
-        raise bad_request(f"'{where}' must be an object like {shape}, got {shown(spec)}", where)
+        raise bad_request(f"'{where}' must be an object like {shape}, got {params.shown(spec)}", where)
     extra = [f"tool_choice.{key}" for key in sorted(set(choice) - {"type", "allowed_tools"})] if nested else []
     extra += [f"{where}.{key}" for key in sorted(set(spec) - {"mode", "tools"} - (set() if nested else {"type"}))]
     if extra:
@@ -99,11 +98,11 @@ def allowed_tools(body: dict, choice: dict, tools_key: str, nested: bool) -> tup
                           f"{'its allowed_tools is ' if nested else 'it is '}{shape}", extra[0])
     mode = spec.get("mode")
     if mode not in ("auto", REQUIRED):
-        raise bad_request(f"'{where}.mode' must be \"auto\" or \"required\", got {shown(mode)}", f"{where}.mode")
+        raise bad_request(f"'{where}.mode' must be \"auto\" or \"required\", got {params.shown(mode)}", f"{where}.mode")
     listed = spec.get("tools")
     if not isinstance(listed, list) or not 1 <= len(listed) <= MAX_TOOLS:
         raise bad_request(f"'{where}.tools' must be a list of 1 to {MAX_TOOLS:,} tools like {entry}, got "
-                          + (f"{len(listed):,}" if isinstance(listed, list) else shown(listed)), f"{where}.tools")
+                          + (f"{len(listed):,}" if isinstance(listed, list) else params.shown(listed)), f"{where}.tools")
     declared, names = params.function_names(body.get(tools_key)), set()
     for j, tool in enumerate(listed):
         fn = tool.get("function") if isinstance(tool, dict) else None
@@ -113,9 +112,9 @@ def allowed_tools(body: dict, choice: dict, tools_key: str, nested: bool) -> tup
         if (not isinstance(tool, dict) or tool.get("type") != "function" or set(tool) != keys
                 or not isinstance(name, str) or (nested and set(fn) != {"name"})):
             raise bad_request(f"'{where}.tools[{j}]' must be {entry} naming a function of 'tools', "
-                              f"got {shown(tool)}", f"{where}.tools[{j}]")
+                              f"got {params.shown(tool)}", f"{where}.tools[{j}]")
         if name not in declared:
-            raise bad_request(f"'{where}.tools[{j}]' names the function {shown(name)}, which is not in 'tools'",
+            raise bad_request(f"'{where}.tools[{j}]' names the function {params.shown(name)}, which is not in 'tools'",
                               f"{where}.tools[{j}]")
         names.add(name)
     kept = [t for t in body.get(tools_key) or [] if params.function_names([t]) & names]

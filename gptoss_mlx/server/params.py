@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 from ..generate import SamplingParams
@@ -25,6 +26,11 @@ def number(body: dict, key: str, default, lo: float, hi: float, *, lo_open: bool
         low, high = f"> {lo}" if lo_open else f">= {lo}", f"< {hi}" if hi_open else f"<= {hi}"
         raise bad_request(f"'{key}' must be {low} and {high}, got {value!r}", key)
     return value
+
+
+def shown(value, limit: int = 80) -> str:
+    """A client's value in an error message: as JSON (not Python's repr), cut to ``limit``."""
+    return json.dumps(value, default=str)[:limit]
 
 
 def function_names(tools) -> set[str]:

@@ -231,7 +231,7 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
         kind = kind_of(item)
         if kind == "message" and item.get("phase") not in (None, *PHASES):
             raise bad_request(f"{where}.phase must be one of {', '.join(map(repr, PHASES))}, got "
-                              f"{json.dumps(item['phase'], default=str)[:80]}", "input")
+                              f"{params.shown(item['phase'])}", "input")
         if kind == "message" and item.get("role") == "assistant":  # (after calls: the turn goes on)
             target = turn("content", "tool_calls")
             target["content"] = _text(item.get("content"), where)
