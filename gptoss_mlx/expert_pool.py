@@ -317,6 +317,7 @@ class CudaDriver:
         # MLX made current); non-blocking: it neither waits for MLX's work nor holds it up.
         self._create_stream = function("cuStreamCreate", ctypes.POINTER(pointer), ctypes.c_uint)
         self._stream = None
+        self._memset = function("cuMemsetD32Async", ctypes.c_uint64, ctypes.c_uint, size, pointer)
         # MLX's context, made current on the thread that found the driver (the engine's), so
         # that the thread answering a pass's waits (HostWaits) copies in it too
         self._set_context = function("cuCtxSetCurrent", pointer)
@@ -348,13 +349,23 @@ class CudaDriver:
     def copy(self, dst: int, src: int, n: int) -> None:
         """Queue ``n`` bytes from address ``src`` to ``dst`` (a slot's device memory);
         :meth:`finish` waits."""
+        if error := self._memcpy(dst, src, n, self._queue()):
+            raise OSError(f"cuMemcpyAsync into the expert pool failed: CUresult {error}")
+
+    def write(self, address: int, value: int) -> None:
+        """Queue a write of the uint32 ``value`` at ``address`` (as the device sees it: mapped
+        host memory too), done once the copies queued before it are."""
+        if error := self._memset(address, value, 1, self._queue()):
+            raise OSError(f"cuMemsetD32Async after the expert pool's copies failed: CUresult {error}")
+
+    def _queue(self) -> ctypes.c_void_p:
+        """The copies' stream, made by the first call."""
         if self._stream is None:
             stream = ctypes.c_void_p()
             if error := self._create_stream(ctypes.byref(stream), self.NON_BLOCKING):
                 raise OSError(f"cuStreamCreate for the expert pool's copies failed: CUresult {error}")
             self._stream = stream
-        if error := self._memcpy(dst, src, n, self._stream):
-            raise OSError(f"cuMemcpyAsync into the expert pool failed: CUresult {error}")
+        return self._stream
 
     def finish(self) -> None:
         """Wait for the copies queued: MLX then reads the new bytes."""
@@ -445,25 +456,40 @@ class HostWaits:
     side), GAVE_UP (set by a kernel that stopped waiting), the exported words from IDS (the
     routing, the guesses, on the first layer the pool's addresses), the slots from SLOTS. A
     Mac's Metal has no safe way for a kernel to wait on host writes: there the pool reads back.
+
+    ANSWERED is written by the pool's copy stream after the layer's copies (:meth:`answer` with
+    a driver, ``stream``): the host queues the missing experts' copies and goes on, and the
+    layer's kernels start as the last copy lands, where the host would wait for the copies,
+    then write it (a round trip through the host's thread, and the pool's Python after the
+    reads ahead instead of beside them).
     """
 
-    WORDS, ROUTED, ANSWERED, GAVE_UP, IDS, SLOTS = 128, 0, 1, 2, 4, 64
+    WORDS, ROUTED, ANSWERED, GAVE_UP, SPARE, IDS, SLOTS = 128, 0, 1, 2, 3, 4, 64
 
-    def __init__(self, host: np.ndarray, rows: mx.array | None):
+    def __init__(self, host: np.ndarray, rows: mx.array | None, stream: tuple | None = None):
         self.host = host  # (layers, WORDS) uint32
         self.rows = rows  # each row's address on the device, (layers,) uint64; None: no device (tests)
+        self.stream = stream  # (a driver with copy/write/finish, the exchange's device address), or None
         self.sequence = 1  # the pass's first layer's number; a layer's is this + its index
         self._numbers = None  # this pass's numbers on the device, (layers,) uint32
 
     @classmethod
     def mapped(cls, driver: CudaDriver, layers: int) -> "HostWaits | None":
-        """An exchange the device maps, or None where the driver gives no such memory."""
+        """An exchange the device maps, or None where the driver gives no such memory; its
+        answers written by the driver's copy stream where a write there is seen here."""
         got = driver.mapped(layers * cls.WORDS * 4)
         if got is None:
             return None
         view, address = got
+        host = view.view(np.uint32).reshape(layers, cls.WORDS)
         rows = mx.array([address + layer * cls.WORDS * 4 for layer in range(layers)], dtype=mx.uint64)
-        return cls(view.view(np.uint32).reshape(layers, cls.WORDS), rows)
+        try:
+            driver.write(address + cls.SPARE * 4, 0x5A17)
+            driver.finish()
+            stream = (driver, address) if host[0, cls.SPARE] == 0x5A17 else None
+        except (OSError, AttributeError):  # a driver without cuMemsetD32Async: the host answers
+            stream = None
+        return cls(host, rows, stream)
 
     def fits(self, exported: int, slots: int) -> bool:
         return exported <= self.SLOTS - self.IDS and slots <= self.WORDS - self.SLOTS
@@ -507,10 +533,16 @@ class HostWaits:
             time.sleep(0)  # lets the GIL go, to the engine's thread (its own work)
         return row[self.IDS:self.IDS + count].copy()
 
-    def answer(self, layer: int, slots: np.ndarray) -> None:
+    def answer(self, layer: int, slots: np.ndarray, now: bool = False) -> None:
+        """``layer``'s slots, written here; its kernels let go once the copies queued so far have
+        landed (by the copy stream: ``stream``), or ``now`` (the caller has waited for them)."""
         row = self.host[layer]
         row[self.SLOTS:self.SLOTS + slots.size] = slots.ravel()
-        row[self.ANSWERED] = self.number(layer)  # last: the kernel reads the slots after it
+        if self.stream is None or now:
+            row[self.ANSWERED] = self.number(layer)  # last: the kernel reads the slots after it
+        else:
+            driver, address = self.stream
+            driver.write(address + (layer * self.WORDS + self.ANSWERED) * 4, self.number(layer))
 
     def gave_up(self, layers: list[int]) -> list[int]:
         return [layer for layer in layers if self.host[layer, self.GAVE_UP] == self.number(layer)]
@@ -626,10 +658,12 @@ class ExpertPool:
                 return
         raise ValueError(f"the {transfer} transfer does not reach the expert pool on {mx.default_device()}")
 
-    def set_waits(self, on: bool) -> None:
+    def set_waits(self, on: bool, host_answers: bool = False) -> None:
         """Whether decode passes from now on queue every layer at once, each layer's kernels
         waiting on the device for the host's slots (:class:`HostWaits`), instead of reading each
-        layer's routing back; a ValueError where the transfer is not ``cuda``."""
+        layer's routing back; a ValueError where the transfer is not ``cuda``. ``host_answers``:
+        the host waits for a layer's copies and lets its kernels go itself, not the copy stream
+        (as before that was measured; for comparison)."""
         if not on:
             self.waits = None
             return
@@ -638,6 +672,8 @@ class ExpertPool:
         self.waits = HostWaits.mapped(self._driver, self.config.num_hidden_layers)
         if self.waits is None:
             raise ValueError("the CUDA driver gave no page-locked memory for the device to wait on")
+        if host_answers:
+            self.waits.stream = None
 
     def _host_copy(self, transfer: str) -> bool:
         """Set up the ``host`` or ``cuda`` transfer (the host's reads ``self._copy(dst address,
@@ -744,16 +780,19 @@ class ExpertPool:
         parts = [p if p.dtype == mx.uint32 else p.astype(mx.uint32) for p in parts]
         return mx.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    def _decide(self, layer: int, back: np.ndarray, shape: tuple, m: int) -> np.ndarray:
+    def _decide(self, layer: int, back: np.ndarray, shape: tuple, m: int, wait: bool = True) -> np.ndarray:
         """The slots (uint32, ``shape``) of the experts a layer chose, from what it exported
         (:meth:`_exported`): the missing ones copied in, the guessed ones of the next layer
-        left for :meth:`read_ahead`. No MLX here: the thread answering a pass's waits runs it."""
+        left for :meth:`read_ahead`. No MLX here: the thread answering a pass's waits runs it.
+        Unless ``wait``, the copies (the reads ahead for this layer, the missing experts) are
+        only queued: the caller's device work must wait for them on the device (HostWaits)."""
         self._ahead = None  # the last layer's guesses, if the caller never started them: stale now
         n = math.prod(shape)
         ids, guessed = back[:n].reshape(shape), back[n:n + m]
         if back.size > n + m:  # the cuda transfer's pool addresses
             self._check_addresses(back[n + m:].copy().view(np.uint64))
-        self._wait_for_copies()  # the reads ahead for this layer
+        if wait:
+            self._wait_for_copies()  # the reads ahead for this layer
         if layer == 0:
             self.stats.tokens += ids.shape[0]
             self.clock += 1
@@ -771,7 +810,7 @@ class ExpertPool:
         self.stats.hits += int(present.sum())
         missing = needed[~present]
         if len(missing):
-            self._load(layer, missing, protect=slots[present])
+            self._load(layer, missing, protect=slots[present], wait=wait)
             self.stats.misses += len(missing)
         slots = self.slot_of[layer, needed]
         if self.policy == "lru":
@@ -840,6 +879,7 @@ class ExpertPool:
         try:
             if self._driver is not None:
                 self._driver.use_here()
+            streamed = self.waits.stream is not None  # the copy stream lets each layer go
             for layer, shape, m, count in waiting:
                 t0 = time.perf_counter()
                 back = self.waits.routed(layer, count, stop)
@@ -847,13 +887,17 @@ class ExpertPool:
                     return
                 t1 = time.perf_counter()
                 self.stats.readback_s += t1 - t0
-                self.waits.answer(layer, self._decide(layer, back, shape, m))
+                self.waits.answer(layer, self._decide(layer, back, shape, m, wait=not streamed))
                 self.read_ahead()
                 self.stats.fetch_s += time.perf_counter() - t1
         except BaseException as error:  # noqa: BLE001 (raised on the engine's thread)
             errors.append(error)
             for layer, shape, *_ in waiting:
-                self.waits.answer(layer, np.zeros(shape, dtype=np.uint32))
+                self.waits.answer(layer, np.zeros(shape, dtype=np.uint32), now=True)
+            try:  # nothing of this pass left on the copy stream to write an answer in the next
+                self._wait_for_copies()
+            except Exception:  # noqa: BLE001 (the first error is the one raised)
+                pass
 
     def read_ahead(self) -> None:
         """Start reading the experts the last :meth:`fetch` guessed for the next layer, without

@@ -200,9 +200,11 @@ def run_rounds(args) -> list[dict]:
     from gptoss_mlx.loading import load_model, read_config
 
     config = read_config(args.dir)
-    # (waits, experts guessed per layer): "on", "off", or either with ":G" for G guesses
-    modes = [(m.split(":")[0] == "on", int(m.split(":")[1]) if ":" in m else None)
+    # (waits, experts guessed per layer): "on", "off", "host" (the device waits, the host lets
+    # each layer go after its copies, not the copy stream), any with ":G" for G guesses
+    modes = [(m.split(":")[0], int(m.split(":")[1]) if ":" in m else None)
              for m in args.waits.split(",")] if args.waits else [(None, None)]
+    labels = {None: "", "off": ", read back", "on": ", device waits", "host": ", device waits, host answers"}
     runs = []
     for limit in [float(x) for x in args.limits.split(",")]:
         memory_plan, _ = row_plan(config, limit, args.scale_to, None, args.dense_bits)
@@ -210,12 +212,12 @@ def run_rounds(args) -> list[dict]:
         engine = Engine(model, max_context=CONTEXT)
         for waits, guess in modes if model.expert_pool is not None else [(None, None)]:
             if waits is not None:
-                model.expert_pool.set_waits(waits)
+                model.expert_pool.set_waits(waits != "off", host_answers=waits == "host")
                 guess = model.expert_pool.guess if guess is None else guess
                 model.expert_pool.guess = guess
             list(engine.generate(random_prompt(128, PROMPT_SEED + 2), SamplingParams(temperature=0, max_tokens=3),
                                  stop_tokens=frozenset()))  # warm-up: kernels compiled and loaded
-            arrangement = memory_plan.arrangement + {None: "", False: ", read back", True: ", device waits"}[waits]
+            arrangement = memory_plan.arrangement + labels[waits]
             arrangement += f", {guess} guessed" if waits is not None else ""
             runs.append({"limit": limit, "arrangement": arrangement, "engine": engine, "waits": waits,
                          "guess": guess, "rates": [], "same": 0, "stats": None})
@@ -227,7 +229,7 @@ def run_rounds(args) -> list[dict]:
         for run in runs:
             pool = run["engine"].model.expert_pool
             if run["waits"] is not None:
-                pool.set_waits(run["waits"])
+                pool.set_waits(run["waits"] != "off", host_answers=run["waits"] == "host")
                 pool.guess = run["guess"]
             run["engine"].prefill(prompt)
             before = replace(pool.stats) if pool is not None else None
@@ -291,8 +293,9 @@ def main() -> int:
     ap.add_argument("--row-timeout", type=float, default=None, help="seconds a row may take")
     ap.add_argument("--rounds", type=int, default=0,
                     help="also decode with every limit's arrangement side by side in this many rounds")
-    ap.add_argument("--waits", default="", help="with --rounds: streamed rows in these modes, e.g. off,on "
-                    "(the device waiting for the host: expert_pool.HostWaits)")
+    ap.add_argument("--waits", default="", help="with --rounds: streamed rows in these modes, e.g. off,on,host,on:2 "
+                    "(on: the device waiting for the host, expert_pool.HostWaits; host: its layers let go "
+                    "by the host after their copies, not by the copy stream; :G guesses a layer)")
     # one row, in a child process
     ap.add_argument("--limit", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--slots", default=None, help=argparse.SUPPRESS)

@@ -3,7 +3,8 @@
 only) must compute what the resident model does: logits bit for bit against it and against the
 same pool reading each layer's routing back, turn after turn with evictions on every pass; an
 error on the host's side ends its pass at once (no kernel left waiting) and the next pass runs;
-then decode time with and without the waits, interleaved.
+then decode time read back, waiting with the host letting each layer go, and waiting with the
+copy stream letting it go (the default), interleaved.
 
     python3 -m gptoss_mlx.testing.checkpoints /tmp/w20 --preset 20b --layers 4
     python3 scripts/check_stream_waits.py /tmp/w20 [--extra-slots 8] [--tokens 24]
@@ -48,7 +49,8 @@ def main() -> int:
     answer = pool._answer
     pool._answer = lambda waiting, *rest: (passes.append(len(waiting)), answer(waiting, *rest))[1]
     print(f"{config.num_hidden_layers} layers, pool of {pool.slots} slots for {config.num_local_experts} "
-          f"experts a layer, transfer {pool.transfer}", flush=True)
+          f"experts a layer, transfer {pool.transfer}, each layer let go by the "
+          f"{'host' if pool.waits.stream is None else 'copy stream'}", flush=True)
 
     failures = 0
     rng = np.random.default_rng(0)
@@ -93,10 +95,10 @@ def main() -> int:
 
     # Decode time, each mode in turn on one model.
     model = pooled[0]
-    rates = {True: [], False: []}
+    rates = {"read back": [], "host answers": [], "stream answers": []}
     for r in range(a.rounds):
-        for waits in (False, True):
-            model.expert_pool.set_waits(waits)
+        for waits in rates:
+            model.expert_pool.set_waits(waits != "read back", host_answers=waits == "host answers")
             cache = model.make_cache()
             model(mx.array([rng.integers(0, config.vocab_size, 32).tolist()]), cache=cache)
             token = mx.array([[1]])
@@ -105,10 +107,9 @@ def main() -> int:
                 token = mx.argmax(model(token, cache=cache)[:, -1:], axis=-1)
             mx.eval(token)
             rates[waits].append((time.perf_counter() - t0) / a.tokens * 1e3)
-        print(f"round {r + 1}: read back {rates[False][-1]:.2f} ms/token, device waits {rates[True][-1]:.2f}",
-              flush=True)
-    print(f"median: read back {statistics.median(rates[False]):.2f}, device waits "
-          f"{statistics.median(rates[True]):.2f} ms/token ({config.num_hidden_layers} layers)")
+        print(f"round {r + 1} (ms/token): " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rates.items()), flush=True)
+    print("median (ms/token): " + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in rates.items())
+          + f" ({config.num_hidden_layers} layers)")
     print("FAILED" if failures else "OK", flush=True)
     return 1 if failures else 0
 

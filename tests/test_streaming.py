@@ -1256,9 +1256,10 @@ def test_a_streamed_model_called_from_several_threads_computes_what_the_resident
             np.testing.assert_array_equal(a, b)
 
 
-def _device_side(waits, layers_words: list, answered: list) -> None:
+def _device_side(waits, layers_words: list, answered: list, computes=None) -> None:
     """What a pass's kernels do with the exchange (HostWaits), layer by layer: export the
-    layer's words, then wait for its slots (a layer's routing needs the layer before it)."""
+    layer's words, then wait for its slots (a layer's routing needs the layer before it), then
+    ``computes(layer, ids, slots)`` with them."""
     for layer, words, n in layers_words:
         row, number = waits.host[layer], waits.number(layer)
         row[waits.IDS:waits.IDS + len(words)] = words
@@ -1266,19 +1267,73 @@ def _device_side(waits, layers_words: list, answered: list) -> None:
         while row[waits.ANSWERED] != number:
             time.sleep(0)
         answered.append(row[waits.SLOTS:waits.SLOTS + n].copy())
+        if computes is not None:
+            computes(layer, words[:n], answered[-1])
 
 
-def test_a_pass_whose_device_waits_is_answered_as_a_read_back_would_be(checkpoints):
+class StreamOfCopies:
+    """A stand-in for the CUDA driver whose copies and writes land one by one, in order, on a
+    thread of its own (as a stream's DMA does while the host goes on), each a little late;
+    ``finish`` waits for all of them and is counted."""
+
+    def __init__(self):
+        import queue
+        import threading
+
+        self.ops, self.finishes = queue.Queue(), 0
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            dst, data = self.ops.get()
+            time.sleep(0.002)
+            ctypes.memmove(dst, data, len(data))
+            self.ops.task_done()
+
+    addresses = staticmethod(QueuedCopies.addresses)
+
+    def copy(self, dst, src, n):
+        self.ops.put((dst, ctypes.string_at(src, n)))
+
+    def write(self, address, value):
+        self.ops.put((address, np.uint32(value).tobytes()))
+
+    def finish(self):
+        self.finishes += 1
+        self.ops.join()
+
+    def use_here(self):
+        pass
+
+    def mapped(self, nbytes):
+        view = np.zeros(nbytes, dtype=np.uint8)
+        return view, view.ctypes.data
+
+    def pin(self, buffer):
+        return False
+
+    def unpin(self, buffers):
+        pass
+
+
+@pytest.mark.parametrize("answers", ["host", "stream"])
+def test_a_pass_whose_device_waits_is_answered_as_a_read_back_would_be(checkpoints, monkeypatch, answers):
     """The host's side of a pass queued whole (CUDA's HostWaits; no such device here, so a
     thread plays the kernels on the same exchange): fed what each layer of a read-back model
     exported, pass after pass (a prefill, then decode steps that evict and read ahead), it
-    answers every layer with that model's slots, and the pool ends holding the same bytes."""
+    answers every layer with that model's slots, and the pool ends holding the same bytes.
+    With the copy stream answering (copies that land late, in order), the host never waits for
+    a copy in a pass, and each layer's kernels find every expert they were given whole."""
     import threading
 
     from gptoss_mlx import expert_pool
     from gptoss_mlx.expert_pool import HostWaits
 
-    reading, answering = streamed(checkpoints["hf"], 8), streamed(checkpoints["hf"], 8)
+    reading = streamed(checkpoints["hf"], 8)
+    driver = StreamOfCopies()
+    if answers == "stream":
+        monkeypatch.setattr(expert_pool.CudaDriver, "find", classmethod(lambda cls: driver))
+    answering = streamed(checkpoints["hf"], 8)
     pool = answering.expert_pool
     layers = len(answering.layers)
     passes = []
@@ -1300,18 +1355,38 @@ def test_a_pass_whose_device_waits_is_answered_as_a_read_back_would_be(checkpoin
 
     for layer, back, shape, m, _ in passes[0]:  # the prefill: too wide to wait, read back
         pool._decide(layer, back, shape, m)
-    pool.waits = HostWaits(np.zeros((layers, HostWaits.WORDS), dtype=np.uint32), None)
+    if answers == "stream":
+        assert pool.transfer == "cuda"
+        pool.waits = HostWaits.mapped(driver, layers)
+        assert pool.waits.stream is not None  # the driver's write was seen: the stream answers
+    else:
+        pool.waits = HostWaits(np.zeros((layers, HostWaits.WORDS), dtype=np.uint32), None)
+    views = {name: expert_pool.host_view(pool._array(name)) for name in expert_pool.EXPERT_TENSORS}
+    source, torn = pool.source, []
+
+    def computes(layer, ids, slots):  # the bytes a layer's kernels read in its slots
+        for expert, slot in zip(ids.tolist(), slots.tolist()):
+            for name, view in views.items():
+                t = source.tensors[layer, name]
+                n = t.expert_bytes // t.dtype.size
+                if view[slot].tobytes() != source._read_values(layer, name, expert * n, n):
+                    torn.append((layer, expert, name))
+
+    finishes = driver.finishes
     for recorded_pass in passes[1:]:
         pool.waits.begin()
         answered, stop, errors = [], threading.Event(), []
         device = threading.Thread(target=_device_side, args=(
-            pool.waits, [(layer, back, int(np.prod(shape))) for layer, back, shape, _, _ in recorded_pass], answered))
+            pool.waits, [(layer, back, int(np.prod(shape))) for layer, back, shape, _, _ in recorded_pass],
+            answered, computes))
         device.start()
         pool._answer([(layer, shape, m, len(back)) for layer, back, shape, m, _ in recorded_pass], stop, errors)
         device.join(10)
         assert not errors and not device.is_alive()
         for got, (_, _, _, _, slots) in zip(answered, recorded_pass, strict=True):
             np.testing.assert_array_equal(got, slots.ravel())
+    assert not torn
+    assert driver.finishes == finishes  # (the host transfer: never a driver's)
     pool._wait_for_copies()
     reading.expert_pool._wait_for_copies()
     np.testing.assert_array_equal(pool.slot_of, reading.expert_pool.slot_of)
