@@ -660,7 +660,7 @@ def test_a_stream_that_cannot_be_encoded_never_keeps_its_slot(tiny):
 
 
 def test_what_clients_send_cannot_drive_the_servers_terminal(url):
-    """The log quotes clients' text (here a tool type it ignores): escape sequences in it are
+    """The log quotes clients' text (here a tool type it leaves out): escape sequences in it are
     shown as markers."""
     import io
     import logging
@@ -1517,9 +1517,10 @@ def test_a_previous_responses_items_sent_again_and_other_slips_are_400s(url):
         c.responses.cancel(r1.id)
     with pytest.raises(openai.NotFoundError):
         c.responses.cancel("resp_unknown")
-    for field, value in (("tools", [1]), ("tools", [{}]), ("text", 0), ("reasoning", ""),
+    for field, value in (("tools[0]", [1]), ("tools[0]", [{}]), ("text", 0), ("reasoning", ""),
                          ("previous_response_id", ""), ("stream_options", {"include_usage": True})):
-        status, error = post(url, "/responses", json.dumps({"model": "gpt-oss-tiny", "input": "hi", field: value}).encode())
+        status, error = post(url, "/responses", json.dumps({"model": "gpt-oss-tiny", "input": "hi",
+                                                            field.split("[")[0]: value}).encode())
         assert status == 400 and error["error"]["param"] == field, (field, value, error)
     for field, value in (("n", True), ("n", 1.0), ("logprobs", {}), ("logit_bias", [])):
         status, error = post(url, "/chat/completions", json.dumps(
@@ -1626,7 +1627,7 @@ def test_function_call_round_trip_through_function_call_output(tok):
     with serving(model, tok) as url:
         c = client(url)
         r = c.responses.create(model="gpt-oss-tiny", input="Weather in Oslo?", tools=[
-            WEATHER, {"type": "web_search"}, {"type": "local_shell"}])  # Codex-style extras are ignored
+            WEATHER, {"type": "web_search"}])  # a hosted tool beside it: left out
         fc = r.output[-1]
         assert (fc.type, fc.name, json.loads(fc.arguments)) == ("function_call", "get_weather", {"city": "Oslo"})
         r2 = c.responses.create(model="gpt-oss-tiny", previous_response_id=r.id, tools=[WEATHER], input=[
@@ -2593,6 +2594,79 @@ def test_a_history_with_openais_other_tools_calls_goes_on(scripted_url):
                       (dict(items[2], input={"x": 1}), "a custom_tool_call needs its name")):
         code, data = post(scripted_url, "/responses", json.dumps({"input": [shell[0], bad]}).encode())
         assert code == 400 and data["error"]["message"].startswith(f"input[1]: {says}"), data
+
+
+PATCH = "*** Begin Patch\n*** Add File: a.txt\n+hi\n*** End Patch"
+APPLY_PATCH = {"type": "custom", "name": "apply_patch", "description": "Edits files with a patch.",
+               "format": {"type": "grammar", "syntax": "lark", "definition": 'start: "*** Begin Patch" /(.|\\n)*/'}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_custom_and_local_shell_tools_reach_the_model_and_come_back_as_their_calls(tok, stream):
+    """A tester's (helper-162): Codex's custom tools (apply_patch, free text in) and local_shell
+    were taken, echoed, and never given to the model. They are functions to the model now (a
+    custom tool of one string, its grammar in its description), and its calls of them come back
+    as custom_tool_call and local_shell_call items, streamed with their own events; the next
+    turn takes them back as they came."""
+    patch = call(tok, "Patch it.", "apply_patch", json.dumps({"input": PATCH}))
+    shell = call(tok, "List.", "local_shell", '{"command": ["bash", "-lc", "ls"], "timeout_ms": 1000}')
+    model = ScriptedModel([patch, shell, answer(tok, "Done.", "Added a.txt.")])
+    tools = [APPLY_PATCH, {"type": "local_shell"}, WEATHER]
+    with serving(model, tok) as url:
+        c = client(url)
+
+        def create(**kw):
+            if not stream:
+                return c.responses.create(model="gpt-oss-tiny", tools=tools, **kw), None
+            with c.responses.stream(model="gpt-oss-tiny", tools=tools, **kw) as events:
+                kinds = [(e.type, getattr(e, "delta", None) or getattr(e, "input", None)) for e in events]
+                return events.get_final_response(), kinds
+
+        r, events = create(input="Add a.txt, then list the files.")
+        prompt = tok.decode(model.fed)
+        assert "type apply_patch = (_: {\n// The tool's input, as text\ninput: string,\n}) => any;" in prompt
+        assert "// Edits files with a patch.\n// \n// The input follows this lark grammar:\n// start:" in prompt
+        assert "type local_shell = (_: {" in prompt and "command: string[]" in prompt
+        item = r.output[-1]
+        assert (item.type, item.name, item.input, item.status) == ("custom_tool_call", "apply_patch", PATCH, "completed")
+        assert item.id.startswith("ctc_") and item.call_id.startswith("call_")
+        if stream:
+            assert ("response.custom_tool_call_input.delta", PATCH) in events
+            assert ("response.custom_tool_call_input.done", PATCH) in events
+            assert not any(kind.startswith("response.function_call_arguments") for kind, _ in events)
+        r2, _ = create(previous_response_id=r.id, input=[
+            {"type": "custom_tool_call_output", "call_id": item.call_id, "output": "Done!"}])
+        shell_call = r2.output[-1]
+        assert shell_call.type == "local_shell_call" and shell_call.status == "completed"
+        assert shell_call.action.command == ["bash", "-lc", "ls"] and shell_call.action.timeout_ms == 1000
+        assert "Done!" in tok.decode(model.fed)
+        # store: false, the history resent as the client got it
+        r3, _ = create(store=False, input=[{"role": "user", "content": "Add a.txt, then list the files."}, *[o.model_dump() for o in r.output],
+                                           {"type": "custom_tool_call_output", "call_id": item.call_id, "output": "Done!"},
+                                           *[o.model_dump() for o in r2.output],
+                                           {"type": "local_shell_call_output", "id": shell_call.call_id, "output": "a.txt"}])
+        assert r3.output_text == "Added a.txt."
+        prompt = tok.decode(model.fed)
+        assert "to=functions.apply_patch" in prompt and "to=functions.local_shell" in prompt and "a.txt<|end|>" in prompt
+
+
+def test_a_malformed_custom_tool_is_refused_and_other_tools_left_out(scripted_url):
+    """A custom tool is checked as a function is (its name, its format); tools of types the model
+    is not given (OpenAI's hosted ones, which Codex sends in every request) are left out: the
+    prompt is the one without them."""
+    for tool, says, param in (({"type": "custom", "name": "a", "format": {"type": "grammar"}}, "tools[1].format must be",
+                               "tools[1].format"),
+                              ({"type": "custom", "name": "a b"}, "'tools[1].name' must be letters", "tools[1].name"),
+                              ({"type": "custom"}, "tools[1]: a custom tool needs its 'name'", "tools[1].name"),
+                              ({"type": "custom", "name": "a", "strict": True}, "tools[1]: a custom tool has no field 'strict'",
+                               "tools[1].strict"),
+                              (1, "tools[1] must be an object with a 'type', got 1", "tools[1]")):
+        code, data = post(scripted_url, "/responses", json.dumps({"input": "hi", "tools": [WEATHER, tool]}).encode())
+        assert code == 400 and data["error"]["message"].startswith(says) and data["error"]["param"] == param, data
+    alone = post(scripted_url, "/responses", json.dumps({"input": "hi", "tools": [WEATHER]}).encode())[1]
+    code, data = post(scripted_url, "/responses", json.dumps({"input": "hi", "tools": [
+        WEATHER, {"type": "web_search"}, {"type": "namespace", "name": "x", "tools": []}]}).encode())
+    assert code == 200 and data["usage"]["input_tokens"] == alone["usage"]["input_tokens"]
 
 
 def test_allowed_tools_hide_the_servers_own_tools(tok):

@@ -8,9 +8,12 @@ itself, ``serve --tools/--functions``: its name, arguments or code, and output).
 ``store`` (the default) a response is kept, in memory and bounded, so a later request can
 continue it with ``previous_response_id``.
 
-Tools other than functions (Codex sends ``web_search``, ``local_shell``, ``custom`` ones...)
-are not declared to the model and are listed in the log: a request that brings them still works
-with its function tools.
+Tools the client runs of other kinds than functions, ``custom`` (free text in, as Codex's
+``apply_patch``) and ``local_shell``, are given to the model as functions (:func:`client_tools`)
+and its calls of them come back as ``custom_tool_call`` and ``local_shell_call`` items. Tools of
+other types (OpenAI's hosted ``web_search``..., Codex's ``namespace`` groups) are not given to
+the model and are listed in the log: Codex sends some in every request, which still works with
+the rest.
 """
 
 from __future__ import annotations
@@ -432,25 +435,88 @@ def check_unsupported(body: dict) -> None:
             raise bad_request(message, key)
 
 
-def function_tools(tools) -> list[dict]:
+# A local_shell tool as the function the model calls (its arguments: the call's ``action``, as
+# FOREIGN_CALLS takes a local_shell_call back).
+LOCAL_SHELL = {
+    "type": "function", "name": "local_shell", "strict": False,
+    "description": "Runs a command on the user's machine and returns its output.",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["command"], "properties": {
+        "command": {"type": "array", "items": {"type": "string"},
+                    "description": "The program and its arguments, e.g. [\"bash\", \"-lc\", \"ls\"]"},
+        "working_directory": {"type": "string"}, "timeout_ms": {"type": "integer"},
+        "env": {"type": "object", "additionalProperties": {"type": "string"}}}}}
+
+
+def client_tools(tools) -> tuple[list[dict], dict[str, str]]:
+    """(the function tools the model is given, ``{name: "custom" or "local_shell"}`` for those
+    that stand for a tool of another kind). A custom tool takes one string, ``{"input": ...}``
+    (its grammar, if any, is told in its description: not held to). Tools of other types are
+    left out (the module's docstring)."""
     if tools is None:
-        return []
+        return [], {}
     if not isinstance(tools, list):
         raise bad_request("'tools' must be a list", "tools")
     if len(tools) > MAX_TOOLS:
         raise bad_request(f"'tools' has {len(tools):,} tools: at most {MAX_TOOLS:,}", "tools")
-    for j, t in enumerate(tools):  # (another type is logged and left out; what is no tool at all, refused)
+    functions, kinds, others = [], {}, []
+    for j, t in enumerate(tools):
         if not isinstance(t, dict) or not isinstance(t.get("type"), str):
-            raise bad_request(f"tools[{j}] must be an object with a 'type', got {str(t)[:80]}", "tools")
-        if t["type"] == "function":
+            raise bad_request(f"tools[{j}] must be an object with a 'type', got {params.shown(t, 80)}", f"tools[{j}]")
+        kind = t["type"]
+        if kind == "function":
             check_function_name(t.get("name"), f"tools[{j}].name")
-    functions = [t for t in tools if t["type"] == "function"]
-    others = [t["type"] for t in tools if t["type"] != "function"]
+            functions.append(t if t.get("strict") is not None else {**t, "strict": True})  # (the API's default)
+        elif kind == "custom":
+            functions.append(custom_function(t, j))
+            kinds[t["name"]] = kind
+        elif kind == "local_shell":
+            functions.append(LOCAL_SHELL)
+            kinds["local_shell"] = kind
+        else:
+            others.append(kind)
     if others:
-        log.info("ignoring tools of types %s: only function tools are given to the model",
+        log.info("left out tools of types %s: the model is given function, custom and local_shell tools",
                  ", ".join(sorted(set(others))))
-    # the Responses API's default is strict (Chat Completions': not)
-    return [t if t.get("strict") is not None else {**t, "strict": True} for t in functions]
+    return functions, kinds
+
+
+def custom_function(tool: dict, j: int) -> dict:
+    """A custom tool (``{"type": "custom", "name", "description"?, "format"?}``) as a function
+    of one string."""
+    unknown = set(tool) - {"type", "name", "description", "format"}
+    if unknown:
+        raise bad_request(f"tools[{j}]: a custom tool has no field {sorted(unknown)[0]!r}",
+                          f"tools[{j}].{sorted(unknown)[0]}")
+    if not isinstance(tool.get("name"), str):
+        raise bad_request(f"tools[{j}]: a custom tool needs its 'name' (a string)", f"tools[{j}].name")
+    check_function_name(tool["name"], f"tools[{j}].name")
+    if not isinstance(tool.get("description", ""), str):
+        raise bad_request(f"tools[{j}].description must be a string, got {params.shown(tool['description'], 80)}",
+                          f"tools[{j}].description")
+    fmt = tool.get("format") or {"type": "text"}
+    grammar = isinstance(fmt, dict) and fmt.get("type") == "grammar"
+    if not (isinstance(fmt, dict) and (fmt == {"type": "text"} or grammar and isinstance(fmt.get("definition"), str)
+                                       and fmt.get("syntax") in ("lark", "regex"))):
+        raise bad_request(f"tools[{j}].format must be {{\"type\": \"text\"}} or {{\"type\": \"grammar\", "
+                          f"\"syntax\": \"lark\" or \"regex\", \"definition\": str}}, got {params.shown(fmt, 120)}",
+                          f"tools[{j}].format")
+    description = tool.get("description") or ""
+    if grammar:
+        description += f"\n\nThe input follows this {fmt['syntax']} grammar:\n{fmt['definition']}"
+    return {"type": "function", "name": tool["name"], "description": description.strip(), "strict": True,
+            "parameters": {"type": "object", "additionalProperties": False, "required": ["input"],
+                           "properties": {"input": {"type": "string", "description": "The tool's input, as text"}}}}
+
+
+def as_function_choice(choice):
+    """A tool_choice naming a custom tool (``{"type": "custom", "name": ...}``, alone or among
+    allowed_tools), as the function that stands for it (tool_choice checks the rest)."""
+    def named(entry):
+        return {**entry, "type": "function"} if isinstance(entry, dict) and entry.get("type") == "custom" else entry
+
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools" and isinstance(choice.get("tools"), list):
+        return {**choice, "tools": [named(t) for t in choice["tools"]]}
+    return named(choice)
 
 
 def response_format(body: dict) -> dict | None:
@@ -646,10 +712,12 @@ def unsealed_reasoning(sealed, where: str = "input") -> str:
                           "it does not decode to the reasoning's text; send it as it was given", "input") from None
 
 
-def output_item(item: Item, ids: dict, status: str = "completed", sealed: bool = False) -> dict:
+def output_item(item: Item, ids: dict, status: str = "completed", sealed: bool = False,
+                kinds: dict | None = None) -> dict:
     """A server call's output is its result (None while it runs, or when it never ran); an
     error result is its ``error`` too, and the call ``failed``. ``sealed``: reasoning carries
-    its ``encrypted_content`` (once whole)."""
+    its ``encrypted_content`` (once whole). ``kinds``: the functions that stand for a custom
+    tool or local_shell (:func:`client_tools`), whose calls come back as those tools' calls."""
     item_id, call_id = ids[id(item)]
     if item.cut and status == "completed":
         status = "incomplete"
@@ -665,6 +733,8 @@ def output_item(item: Item, ids: dict, status: str = "completed", sealed: bool =
         if sealed and status != "in_progress":
             out["encrypted_content"] = sealed_reasoning(item.text)
         return out
+    if item.kind == CALL and (kinds or {}).get(item.name):
+        return foreign_call(item, kinds[item.name], item_id, call_id, status)
     if item.kind == CALL:
         return {"id": item_id, "type": "function_call", "call_id": call_id, "name": item.name,
                 "arguments": item.text, "status": status}
@@ -673,6 +743,30 @@ def output_item(item: Item, ids: dict, status: str = "completed", sealed: bool =
     return {"id": item_id, "type": "message", "role": "assistant", "status": status,
             "phase": PHASES[0] if item.channel == "commentary" else PHASES[1],
             "content": [] if status == "in_progress" else [_text_part(item.text)]}
+
+
+def foreign_call(item: Item, kind: str, item_id: str, call_id: str, status: str) -> dict:
+    """The model's call of a function standing for a custom tool or local_shell, as that tool's
+    call item (its arguments, cut short, give an empty input or command: incomplete)."""
+    try:
+        arguments = json.loads(item.text) if status != "in_progress" else {}
+    except ValueError:
+        arguments = {}
+    if not isinstance(arguments, dict):
+        arguments = {}
+    if kind == "custom":
+        text = arguments.get("input")
+        if not isinstance(text, str) and status == "completed":
+            status = "incomplete"
+        return {"id": item_id, "type": "custom_tool_call", "call_id": call_id, "name": item.name,
+                "input": text if isinstance(text, str) else "", "status": status}
+    command = arguments.get("command")
+    if not (isinstance(command, list) and command) and status == "completed":
+        status = "incomplete"
+    action = {"type": "exec", "command": command if isinstance(command, list) else [],
+              "env": arguments.get("env") if isinstance(arguments.get("env"), dict) else {},
+              **{key: arguments.get(key) for key in ("timeout_ms", "working_directory", "user")}}
+    return {"id": item_id, "type": "local_shell_call", "call_id": call_id, "action": action, "status": status}
 
 
 def _text_part(text: str) -> dict:
@@ -712,8 +806,8 @@ class ResponseRun:
         for key in ("summary", "generate_summary"):
             params.one_of(reasoning.get(key), SUMMARIES, f"reasoning.{key}")
         params.one_of((body.get("text") or {}).get("verbosity"), params.VERBOSITIES, "text.verbosity")
-        chat = {"messages": messages,
-                "tools": function_tools(body.get("tools")), "tool_choice": body.get("tool_choice"),
+        functions, self.kinds = client_tools(body.get("tools"))
+        chat = {"messages": messages, "tools": functions, "tool_choice": as_function_choice(body.get("tool_choice")),
                 "reasoning_effort": self.effort,
                 "reasoning_budget": params.reasoning_budget(body, service.reasoning_budget)}
         chat["response_format"] = response_format(body)
@@ -760,6 +854,7 @@ class ResponseRun:
 
     def open(self, item: Item) -> int:
         prefix = {REASONING: "rs", CALL: "fc", SERVER_CALL: "mcp"}.get(item.kind, "msg")
+        prefix = {"custom": "ctc", "local_shell": "lsh"}.get(self._foreign(item), prefix)
         self.ids[id(item)] = (new_id(prefix), new_id("call") if item.kind == CALL else None)
         return len(self.ids) - 1
 
@@ -799,7 +894,11 @@ class ResponseRun:
         return reply.prompt_tokens - reply.cached_tokens if self.service.scheduler.pool.max_bytes > 0 else 0
 
     def _output(self, item: Item, status: str = "completed") -> dict:
-        return output_item(item, self.ids, status, self.sealed)
+        return output_item(item, self.ids, status, self.sealed, self.kinds)
+
+    def _foreign(self, item: Item) -> str | None:
+        """"custom" or "local_shell" for a call of the function standing for one, else None."""
+        return self.kinds.get(item.name) if item.kind == CALL else None
 
     @property
     def sealed(self) -> bool:
@@ -847,7 +946,7 @@ class ResponseRun:
         for item in self.reply.stream.items:
             if id(item) in self.whole:
                 output.append(self._output(item))
-            elif id(item) in self.ids and item.kind == CALL:
+            elif id(item) in self.ids and item.kind == CALL and not self._foreign(item):
                 # the client has its ids: it is kept as far as it went, incomplete, which a
                 # previous_response_id goes on from without (no output can answer half a call)
                 output.append({**self._output(item, "incomplete"), "arguments": self.sent.get(id(item), "")})
@@ -946,6 +1045,8 @@ class ResponseRun:
             if item.kind != CALL:
                 yield "response.content_part.added", {**self._where(item), "part": self._part(item, "")}
             return
+        if isinstance(event, Delta) and self._foreign(item):
+            return  # (its input is known once its arguments are whole: said at the end)
         if isinstance(event, Delta):
             kind = {REASONING: "reasoning_text", CALL: "function_call_arguments"}.get(item.kind, "output_text")
             extra = {"logprobs": []} if kind == "output_text" else {}
@@ -956,7 +1057,15 @@ class ResponseRun:
             yield f"response.{kind}.delta", {**where, "delta": event.text, **extra}
             return
         where = self._where(item)
-        if item.kind == CALL:
+        if self._foreign(item) == "custom":
+            del where["content_index"]
+            text = self._output(item)["input"]
+            if text:
+                yield "response.custom_tool_call_input.delta", {**where, "delta": text}
+            yield "response.custom_tool_call_input.done", {**where, "input": text}
+        elif self._foreign(item):  # local_shell: its action in the item alone
+            del where["content_index"]
+        elif item.kind == CALL:
             del where["content_index"]
             yield "response.function_call_arguments.done", {**where, "name": item.name, "arguments": item.text}
         else:
