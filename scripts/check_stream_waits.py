@@ -71,10 +71,10 @@ def main() -> int:
     # An error on the host's side: the pass fails at once, the next one runs.
     decide = pool._decide
 
-    def broken(layer, *rest):
+    def broken(layer, *rest, **kw):
         if layer == 1:
             raise OSError("a read failed (on purpose)")
-        return decide(layer, *rest)
+        return decide(layer, *rest, **kw)
 
     cache = pooled[0].make_cache()
     pooled[0](mx.array([[1, 2, 3]]), cache=cache)
