@@ -195,6 +195,9 @@ def run_rounds(args) -> list[dict]:
 
     from dataclasses import astuple
 
+    import mlx.core as mx
+    import numpy as np
+
     from gptoss_mlx.expert_pool import PoolStats
     from gptoss_mlx.generate import Engine, SamplingParams
     from gptoss_mlx.loading import load_model, read_config
@@ -231,6 +234,12 @@ def run_rounds(args) -> list[dict]:
             if run["waits"] is not None:
                 pool.set_waits(run["waits"] != "off", host_answers=run["waits"] == "host")
                 pool.guess = run["guess"]
+            if pool is not None:  # every row from an empty pool and a fresh prefill: modes share a
+                # pool, and the one before would have left this round's experts in it
+                pool._wait_for_copies()
+                mx.synchronize()
+                pool._release(np.arange(pool.slots))
+                run["engine"].reset()
             run["engine"].prefill(prompt)
             before = replace(pool.stats) if pool is not None else None
             tokens = list(run["engine"].generate(prompt, greedy, stop_tokens=frozenset()))
