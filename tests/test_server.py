@@ -2630,8 +2630,9 @@ def test_custom_and_local_shell_tools_reach_the_model_and_come_back_as_their_cal
         item = r.output[-1]
         assert (item.type, item.name, item.input, item.status) == ("custom_tool_call", "apply_patch", PATCH, "completed")
         assert item.id.startswith("ctc_") and item.call_id.startswith("call_")
-        if stream:
-            assert ("response.custom_tool_call_input.delta", PATCH) in events
+        if stream:  # its text as the model writes it, as a function's arguments are (helper-163)
+            deltas = [text for kind, text in events if kind == "response.custom_tool_call_input.delta"]
+            assert len(deltas) > 5 and "".join(deltas) == PATCH
             assert ("response.custom_tool_call_input.done", PATCH) in events
             assert not any(kind.startswith("response.function_call_arguments") for kind, _ in events)
         r2, _ = create(previous_response_id=r.id, input=[
@@ -2650,6 +2651,44 @@ def test_custom_and_local_shell_tools_reach_the_model_and_come_back_as_their_cal
         assert "to=functions.apply_patch" in prompt and "to=functions.local_shell" in prompt and "a.txt<|end|>" in prompt
 
 
+def test_a_custom_call_cut_short_keeps_its_text_and_takes_no_output(tok):
+    """A custom tool's call cut by max_output_tokens came back with an empty input, and its
+    output was refused as "a tool result without a name or a known tool_call_id" (helper-163):
+    it keeps what it wrote (incomplete), and its output is refused as a cut function call's is."""
+    patch = call(tok, "Patch.", "apply_patch", json.dumps({"input": PATCH}))
+    with serving(ScriptedModel([patch]), tok) as url:
+        c = client(url)
+        r = c.responses.create(model="gpt-oss-tiny", input="go", tools=[APPLY_PATCH], max_output_tokens=30)
+        cut = r.output[-1]
+        assert (r.status, cut.type, cut.status) == ("incomplete", "custom_tool_call", "incomplete")
+        assert 0 < len(cut.input) < len(PATCH) and PATCH.startswith(cut.input)
+        with pytest.raises(openai.BadRequestError, match=r"was cut short \(incomplete\): it is not made"):
+            c.responses.create(model="gpt-oss-tiny", previous_response_id=r.id, tools=[APPLY_PATCH], input=[
+                {"type": "custom_tool_call_output", "call_id": cut.call_id, "output": "Done!"}])
+
+
+def test_tool_choice_names_custom_tools_by_their_type(scripted_url):
+    """tool_choice names a custom tool as {"type": "custom", "name"} and allowed_tools may list
+    local_shell; a custom tool named as a function, or a function as a custom tool, is a 400, as
+    is a custom choice without its name (which was echoed as {"type": "function"}: helper-163)."""
+    tools = [WEATHER, APPLY_PATCH, {"type": "local_shell"}]
+    for choice, param, says in (
+            ({"type": "custom"}, "tool_choice", 'tool_choice naming a custom tool must be {"type": "custom", "name": ...}, '
+             'got {"type": "custom"}'),
+            ({"type": "custom", "name": "get_weather"}, "tool_choice", 'names the custom tool "get_weather", which is not'),
+            ({"type": "function", "name": "apply_patch"}, "tool_choice",
+             'tool_choice names "apply_patch" as a function: it is a custom tool'),
+            ({"type": "allowed_tools", "mode": "required", "tools": [{"type": "custom", "name": "nope"}]},
+             "tool_choice.tools[0]", 'tool_choice.tools[0] names the custom tool "nope"')):
+        code, data = post(scripted_url, "/responses", json.dumps({"input": "hi", "tools": tools, "tool_choice": choice}).encode())
+        assert code == 400 and data["error"]["param"] == param and says in data["error"]["message"], data
+    for choice in ({"type": "allowed_tools", "mode": "auto", "tools": [{"type": "local_shell"}, {"type": "custom", "name": "apply_patch"}]},
+                   {"type": "custom", "name": "apply_patch"}):
+        code, data = post(scripted_url, "/responses", json.dumps({"input": "hi", "tools": tools, "tool_choice": choice,
+                                                                  "max_output_tokens": 8}).encode())
+        assert code == 200 and data["tool_choice"] == choice, data
+
+
 def test_a_malformed_custom_tool_is_refused_and_other_tools_left_out(scripted_url):
     """A custom tool is checked as a function is (its name, its format); tools of types the model
     is not given (OpenAI's hosted ones, which Codex sends in every request) are left out: the
@@ -2660,9 +2699,19 @@ def test_a_malformed_custom_tool_is_refused_and_other_tools_left_out(scripted_ur
                               ({"type": "custom"}, "tools[1]: a custom tool needs its 'name'", "tools[1].name"),
                               ({"type": "custom", "name": "a", "strict": True}, "tools[1]: a custom tool has no field 'strict'",
                                "tools[1].strict"),
+                              ({"type": "local_shell", "name": "x"}, "tools[1]: a local_shell tool has no field 'name'",
+                               "tools[1].name"),
+                              ({"type": "custom", "name": "get_weather"}, "tools[1]: the name 'get_weather' is already a tool's",
+                               "tools[1].name"),
                               (1, "tools[1] must be an object with a 'type', got 1", "tools[1]")):
         code, data = post(scripted_url, "/responses", json.dumps({"input": "hi", "tools": [WEATHER, tool]}).encode())
         assert code == 400 and data["error"]["message"].startswith(says) and data["error"]["param"] == param, data
+    for tools in ([{"type": "local_shell"}, {"type": "local_shell"}], [{"type": "custom", "name": "local_shell"}, {"type": "local_shell"}]):
+        code, data = post(scripted_url, "/responses", json.dumps({"input": "hi", "tools": tools}).encode())
+        assert code == 400 and "tools[1]: the name 'local_shell' is already a tool's" in data["error"]["message"], data
+    code, _ = post(scripted_url, "/responses", json.dumps({"input": "hi", "max_output_tokens": 4, "tools": [
+        {"type": "custom", "name": "a", "description": None, "format": None}]}).encode())
+    assert code == 200  # (both optional)
     alone = post(scripted_url, "/responses", json.dumps({"input": "hi", "tools": [WEATHER]}).encode())[1]
     code, data = post(scripted_url, "/responses", json.dumps({"input": "hi", "tools": [
         WEATHER, {"type": "web_search"}, {"type": "namespace", "name": "x", "tools": []}]}).encode())

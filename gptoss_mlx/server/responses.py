@@ -335,6 +335,9 @@ def check_call_outputs(items: list, first_input: int = 0) -> None:
     for i, item in enumerate(items):
         where = f"input[{i - first_input}]" if i >= first_input else f"previous_response_id's item {i}"
         kind = kind_of(item) if isinstance(item, dict) else None
+        if kind in FOREIGN_CALLS or kind in FOREIGN_OUTPUTS:  # a custom tool's or local shell's: as a function's
+            item = foreign_item(item, kind, where)
+            kind = item["type"]
         call_id = item.get("call_id") if isinstance(item, dict) else None
         if kind in ("function_call", "function_call_output") and call_id is not None and (
                 not isinstance(call_id, str) or not call_id.strip()):
@@ -466,12 +469,16 @@ def client_tools(tools) -> tuple[list[dict], dict[str, str]]:
         if kind == "function":
             check_function_name(t.get("name"), f"tools[{j}].name")
             functions.append(t if t.get("strict") is not None else {**t, "strict": True})  # (the API's default)
-        elif kind == "custom":
-            functions.append(custom_function(t, j))
-            kinds[t["name"]] = kind
-        elif kind == "local_shell":
-            functions.append(LOCAL_SHELL)
-            kinds["local_shell"] = kind
+        elif kind in ("custom", "local_shell"):
+            if kind == "local_shell" and set(t) != {"type"}:
+                field = sorted(set(t) - {"type"})[0]
+                raise bad_request(f"tools[{j}]: a local_shell tool has no field {field!r}", f"tools[{j}].{field}")
+            function = custom_function(t, j) if kind == "custom" else LOCAL_SHELL
+            if function["name"] in kinds or any(f["name"] == function["name"] for f in functions):
+                raise bad_request(f"tools[{j}]: the name {function['name']!r} is already a tool's in 'tools' "
+                                  f"(a {kind} tool's name is the model's for it, as a function's)", f"tools[{j}].name")
+            functions.append(function)
+            kinds[function["name"]] = kind
         else:
             others.append(kind)
     if others:
@@ -490,7 +497,7 @@ def custom_function(tool: dict, j: int) -> dict:
     if not isinstance(tool.get("name"), str):
         raise bad_request(f"tools[{j}]: a custom tool needs its 'name' (a string)", f"tools[{j}].name")
     check_function_name(tool["name"], f"tools[{j}].name")
-    if not isinstance(tool.get("description", ""), str):
+    if not isinstance(tool.get("description") or "", str):
         raise bad_request(f"tools[{j}].description must be a string, got {params.shown(tool['description'], 80)}",
                           f"tools[{j}].description")
     fmt = tool.get("format") or {"type": "text"}
@@ -508,15 +515,33 @@ def custom_function(tool: dict, j: int) -> dict:
                            "properties": {"input": {"type": "string", "description": "The tool's input, as text"}}}}
 
 
-def as_function_choice(choice):
+def as_function_choice(choice, kinds: dict[str, str]):
     """A tool_choice naming a custom tool (``{"type": "custom", "name": ...}``, alone or among
-    allowed_tools), as the function that stands for it (tool_choice checks the rest)."""
-    def named(entry):
-        return {**entry, "type": "function"} if isinstance(entry, dict) and entry.get("type") == "custom" else entry
+    allowed_tools, where ``{"type": "local_shell"}`` may be listed too), as the function that
+    stands for it; a tool named with the other kind's type is a 400 (tool_choice checks the rest).
+    ``kinds``: :func:`client_tools`'."""
+    def named(entry, where: str, listed: bool):
+        if not isinstance(entry, dict):
+            return entry
+        if listed and entry == {"type": "local_shell"} and "local_shell" in kinds.values():
+            return {"type": "function", "name": "local_shell"}
+        name = entry.get("name") if isinstance(entry.get("name"), str) else None
+        if entry.get("type") == "custom":
+            if set(entry) != {"type", "name"} or not isinstance(name, str):
+                raise bad_request(f"{where} naming a custom tool must be {{\"type\": \"custom\", \"name\": ...}}, "
+                                  f"got {params.shown(entry, 120)}", where)
+            if kinds.get(name) != "custom":
+                raise bad_request(f"{where} names the custom tool {params.shown(name)}, which is not a custom tool "
+                                  "in 'tools'", where)
+            return {**entry, "type": "function"}
+        if entry.get("type") == "function" and kinds.get(name) == "custom":
+            raise bad_request(f"{where} names {params.shown(name)} as a function: it is a custom tool "
+                              f"({{\"type\": \"custom\", \"name\": {params.shown(name)}}})", where)
+        return entry
 
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools" and isinstance(choice.get("tools"), list):
-        return {**choice, "tools": [named(t) for t in choice["tools"]]}
-    return named(choice)
+        return {**choice, "tools": [named(t, f"tool_choice.tools[{k}]", True) for k, t in enumerate(choice["tools"])]}
+    return named(choice, "tool_choice", False)
 
 
 def response_format(body: dict) -> dict | None:
@@ -759,7 +784,7 @@ def foreign_call(item: Item, kind: str, item_id: str, call_id: str, status: str)
         if not isinstance(text, str) and status == "completed":
             status = "incomplete"
         return {"id": item_id, "type": "custom_tool_call", "call_id": call_id, "name": item.name,
-                "input": text if isinstance(text, str) else "", "status": status}
+                "input": paired(text) if isinstance(text, str) else partial_input(item.text), "status": status}
     command = arguments.get("command")
     if not (isinstance(command, list) and command) and status == "completed":
         status = "incomplete"
@@ -767,6 +792,29 @@ def foreign_call(item: Item, kind: str, item_id: str, call_id: str, status: str)
               "env": arguments.get("env") if isinstance(arguments.get("env"), dict) else {},
               **{key: arguments.get(key) for key in ("timeout_ms", "working_directory", "user")}}
     return {"id": item_id, "type": "local_shell_call", "call_id": call_id, "action": action, "status": status}
+
+
+def partial_input(arguments: str) -> str:
+    """A custom tool's text so far, from the arguments of the function standing for it as the
+    model writes them (``{"input": "...``): the string's whole characters, to its closing quote
+    (an escape still being written waits for its end)."""
+    start = re.match(r'\s*\{\s*"input"\s*:\s*"', arguments)
+    if not start:
+        return ""
+    body = arguments[start.end():]
+    for end in range(len(body), max(-1, len(body) - 13), -1):  # (an unfinished escape: 12 characters at most)
+        try:
+            text = json.loads(f'"{body[:end]}"')
+        except ValueError:
+            continue
+        return paired(text[:-1] if text and "\ud800" <= text[-1] <= "\udbff" else text)  # (its pair's half to come)
+    return ""
+
+
+def paired(text: str) -> str:
+    """``text`` with a surrogate escape that has no pair (``"\\ud83d x"``: JSON takes it, UTF-8
+    cannot hold it) as U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _text_part(text: str) -> dict:
@@ -807,7 +855,7 @@ class ResponseRun:
             params.one_of(reasoning.get(key), SUMMARIES, f"reasoning.{key}")
         params.one_of((body.get("text") or {}).get("verbosity"), params.VERBOSITIES, "text.verbosity")
         functions, self.kinds = client_tools(body.get("tools"))
-        chat = {"messages": messages, "tools": functions, "tool_choice": as_function_choice(body.get("tool_choice")),
+        chat = {"messages": messages, "tools": functions, "tool_choice": as_function_choice(body.get("tool_choice"), self.kinds),
                 "reasoning_effort": self.effort,
                 "reasoning_budget": params.reasoning_budget(body, service.reasoning_budget)}
         chat["response_format"] = response_format(body)
@@ -946,6 +994,8 @@ class ResponseRun:
         for item in self.reply.stream.items:
             if id(item) in self.whole:
                 output.append(self._output(item))
+            elif id(item) in self.ids and self._foreign(item) == "custom":
+                output.append({**self._output(item, "incomplete"), "input": self.sent.get(id(item), "")})
             elif id(item) in self.ids and item.kind == CALL and not self._foreign(item):
                 # the client has its ids: it is kept as far as it went, incomplete, which a
                 # previous_response_id goes on from without (no output can answer half a call)
@@ -1045,8 +1095,11 @@ class ResponseRun:
             if item.kind != CALL:
                 yield "response.content_part.added", {**self._where(item), "part": self._part(item, "")}
             return
+        if isinstance(event, Delta) and self._foreign(item) == "custom":  # its text as it comes
+            yield from self._custom_input(item, partial_input(item.text))
+            return
         if isinstance(event, Delta) and self._foreign(item):
-            return  # (its input is known once its arguments are whole: said at the end)
+            return  # (a local shell's action is said whole, in its item)
         if isinstance(event, Delta):
             kind = {REASONING: "reasoning_text", CALL: "function_call_arguments"}.get(item.kind, "output_text")
             extra = {"logprobs": []} if kind == "output_text" else {}
@@ -1060,8 +1113,7 @@ class ResponseRun:
         if self._foreign(item) == "custom":
             del where["content_index"]
             text = self._output(item)["input"]
-            if text:
-                yield "response.custom_tool_call_input.delta", {**where, "delta": text}
+            yield from self._custom_input(item, text)
             yield "response.custom_tool_call_input.done", {**where, "input": text}
         elif self._foreign(item):  # local_shell: its action in the item alone
             del where["content_index"]
@@ -1076,6 +1128,16 @@ class ResponseRun:
         self.whole.add(id(item))
         yield "response.output_item.done", {"output_index": where["output_index"],
                                             "item": self._output(item)}
+
+    def _custom_input(self, item: Item, text: str):
+        """The delta event of a custom tool's text beyond what was sent (none where it is not
+        what was sent, continued: what went stays the input)."""
+        sent = self.sent.get(id(item), "")
+        if len(text) > len(sent) and text.startswith(sent):
+            self.sent[id(item)] = text
+            where = self._where(item)
+            del where["content_index"]
+            yield "response.custom_tool_call_input.delta", {**where, "delta": text[len(sent):]}
 
     def _where(self, item: Item) -> dict:
         index = list(self.ids).index(id(item))
