@@ -3,8 +3,11 @@
 only) must compute what the resident model does: logits bit for bit against it and against the
 same pool reading each layer's routing back, turn after turn with evictions on every pass; an
 error on the host's side ends its pass at once (no kernel left waiting) and the next pass runs;
-then decode time read back, waiting with the host letting each layer go, and waiting with the
-copy stream letting it go (the default), interleaved.
+then the engine's own sequence (a 128-token prompt prefilled, then decode) after a reset, and
+after the pool was emptied, each way of answering (``bench_streaming.py --rounds`` found a pass
+there whose first layer waited until its limit: stacks are dumped if one takes over 8 s); then
+decode time read back, waiting with the host letting each layer go, and waiting with the copy
+stream letting it go (the default), interleaved.
 
     python3 -m gptoss_mlx.testing.checkpoints /tmp/w20 --preset 20b --layers 4
     python3 scripts/check_stream_waits.py /tmp/w20 [--extra-slots 8] [--tokens 24]
@@ -13,6 +16,7 @@ copy stream letting it go (the default), interleaved.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import statistics
 import time
 from pathlib import Path
@@ -35,7 +39,11 @@ def main() -> int:
     ap.add_argument("--extra-slots", type=int, default=8, help="pool slots beyond one layer's experts")
     ap.add_argument("--tokens", type=int, default=24, help="decode tokens per turn and per timed round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--wait-limit", type=float, default=10.0, help="seconds a layer waits for the host")
     a = ap.parse_args()
+    from gptoss_mlx import expert_pool
+
+    expert_pool.WAIT_LIMIT_S = a.wait_limit  # (read when the wait kernel is first built)
     config = read_config(a.dir)
     resident = load_model(a.dir)
     pooled = [load_model(a.dir, memory_plan=plan(config, 64, 16, 1e12,
@@ -93,6 +101,29 @@ def main() -> int:
     print(f"the pass after it: {differing(*outs)}", flush=True)
     failures += differing(*outs) != "equal"
 
+    # The engine's sequence, as bench_streaming.py --rounds runs it before each row.
+    from gptoss_mlx.generate import Engine, SamplingParams
+
+    engine, prompt = Engine(pooled[0], max_context=4096), rng.integers(0, config.vocab_size, 128).tolist()
+    for label, empty, host in (("reset", False, False), ("reset, pool emptied", True, False),
+                               ("reset, pool emptied, host answers", True, True), ("reset", False, False)):
+        pool.set_waits(True, host_answers=host)
+        if empty:
+            pool._wait_for_copies()
+            mx.synchronize()
+            pool._release(np.arange(pool.slots))
+        engine.reset()
+        faulthandler.dump_traceback_later(8)
+        t0 = time.perf_counter()
+        try:
+            engine.prefill(prompt)
+            made = list(engine.generate(prompt, SamplingParams(temperature=0, max_tokens=8), stop_tokens=frozenset()))
+            print(f"engine after {label}: {len(made)} tokens in {time.perf_counter() - t0:.2f}s", flush=True)
+        except RuntimeError as e:
+            failures += 1
+            print(f"engine after {label}: FAILED in {time.perf_counter() - t0:.1f}s: {e}", flush=True)
+        faulthandler.cancel_dump_traceback_later()
+
     # Decode time, each mode in turn on one model.
     model = pooled[0]
     rates = {"read back": [], "host answers": [], "stream answers": []}
@@ -115,4 +146,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from gptoss_mlx.engine_thread import engine_thread
+
+    raise SystemExit(engine_thread().call(main))  # (all MLX work on the engine's thread, as the engine's own)
