@@ -2667,6 +2667,51 @@ def test_a_custom_call_cut_short_keeps_its_text_and_takes_no_output(tok):
                 {"type": "custom_tool_call_output", "call_id": cut.call_id, "output": "Done!"}])
 
 
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(st.sampled_from(['a', '-', ' ', '\n', '"', '\\', 'é', '😀', '\u2028', '\x00', '/'])),
+       gap=st.sampled_from(['', ' ', '\n' * 20, ' \t ' * 6]), ascii_only=st.booleans())
+def test_a_custom_calls_text_streams_as_a_prefix_of_what_it_ends_as(text, gap, ascii_only):
+    """A custom tool's input is decoded from the arguments as the model writes them: at every
+    point the text so far begins the whole, never shrinks, and a call cut anywhere keeps what it
+    wrote (a re-attack's, helper-164: a call cut in the spaces after its closing quote came back
+    empty after "-" had been streamed)."""
+    from gptoss_mlx.server.responses import partial_input
+
+    arguments = '{"input":' + gap + json.dumps(text, ensure_ascii=ascii_only) + gap + "}"
+    so_far = ""
+    for k in range(len(arguments) + 1):
+        now = partial_input(arguments[:k])
+        assert now.startswith(so_far) and text.startswith(now), (arguments[:k], now)
+        so_far = now
+    assert so_far == text
+
+
+def test_custom_and_local_shell_history_is_checked_in_its_own_words(scripted_url):
+    """Errors about a custom tool's or local shell's history items named function calls, an id
+    the server had made up, or took a local shell call whose command was not a list of strings
+    (helper-164)."""
+    user = {"role": "user", "content": "hi"}
+    shell = {"type": "local_shell_call", "call_id": "s1", "id": "lsh_1", "status": "completed",
+             "action": {"type": "exec", "command": ["ls"]}}
+    for items, says in (
+            ([user, {"type": "custom_tool_call_output", "call_id": "zz", "output": "x"}],
+             "input[1]: no custom_tool_call before it has call_id 'zz'"),
+            ([user, shell, {"type": "local_shell_call_output", "output": "x"}],
+             "input[2]: a local_shell_call_output needs its id (the call_id of the call it answers)"),
+            ([user, shell], "No tool output found for local_shell_call s1 (input[1]): send its local_shell_call_output"),
+            ([user, {**shell, "action": {"type": "exec", "command": "ls"}}],
+             "input[1]: a local_shell_call's action needs its 'command', a list of strings")):
+        code, data = post(scripted_url, "/responses", json.dumps({"input": items}).encode())
+        assert code == 400 and data["error"]["message"].startswith(says), data
+    for tools, choice, param, says in (
+            ([{"type": "custom", "name": "x"}, WEATHER | {"name": "x"}], None, "tools[1].name",
+             "tools[1]: the name 'x' is already a tool's in 'tools' (a custom tool's)"),
+            ([WEATHER], {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "local_shell"}]},
+             "tool_choice.tools[0]", "tool_choice.tools[0] lists local_shell, which is not in 'tools'")):
+        code, data = post(scripted_url, "/responses", json.dumps({"input": "hi", "tools": tools, "tool_choice": choice}).encode())
+        assert code == 400 and data["error"]["param"] == param and data["error"]["message"].startswith(says), data
+
+
 def test_tool_choice_names_custom_tools_by_their_type(scripted_url):
     """tool_choice names a custom tool as {"type": "custom", "name"} and allowed_tools may list
     local_shell; a custom tool named as a function, or a function as a custom tool, is a 400, as

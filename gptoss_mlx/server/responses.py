@@ -195,9 +195,17 @@ def foreign_item(item: dict, kind: str, where: str) -> dict | None:
         if not isinstance(name, str) or not isinstance(call_id, str):
             raise bad_request(f"{where}: a {kind} needs {'its name, ' if field == 'input' else ''}its 'call_id' and "
                               f"its {field!r} ({'a string' if kind_of_field is str else 'an object'})", "input")
+        command = arguments.get("command")
+        if kind == "local_shell_call" and not (isinstance(command, list) and command
+                                               and all(isinstance(c, str) for c in command)):
+            raise bad_request(f"{where}: a local_shell_call's action needs its 'command', a list of strings "
+                              f"(the program and its arguments), got {params.shown(command, 80)}", "input")
         return {"type": "function_call", "name": name, "call_id": call_id, "arguments": json.dumps(arguments),
                 **({"status": item["status"]} if "status" in item else {})}
     if kind in FOREIGN_OUTPUTS:
+        if not isinstance(call_id, str):
+            raise bad_request(f"{where}: a {kind} needs its {'call_id' if kind.startswith('custom') else 'id'} "
+                              "(the call_id of the call it answers)", "input")
         return {"type": "function_call_output", "call_id": call_id, "output": item.get("output")}
     if kind in BUILT_IN_CALLS:
         return None
@@ -335,6 +343,7 @@ def check_call_outputs(items: list, first_input: int = 0) -> None:
     for i, item in enumerate(items):
         where = f"input[{i - first_input}]" if i >= first_input else f"previous_response_id's item {i}"
         kind = kind_of(item) if isinstance(item, dict) else None
+        said = kind  # (the kind named in messages: the client's)
         if kind in FOREIGN_CALLS or kind in FOREIGN_OUTPUTS:  # a custom tool's or local shell's: as a function's
             item = foreign_item(item, kind, where)
             kind = item["type"]
@@ -343,21 +352,21 @@ def check_call_outputs(items: list, first_input: int = 0) -> None:
                 not isinstance(call_id, str) or not call_id.strip()):
             raise bad_request(f"{where}: a {kind}'s call_id must be a non-empty string, got {call_id!r:.80}", "input")
         if kind == "function_call" and item.get("status") not in CALL_STATUSES:
-            raise bad_request(f"{where}: a function_call's status must be one of {', '.join(map(str, CALL_STATUSES[1:]))}, "
+            raise bad_request(f"{where}: a {said}'s status must be one of {', '.join(map(str, CALL_STATUSES[1:]))}, "
                               f"got {json.dumps(item.get('status'))[:80]}", "input")
         if kind == "function_call" and call_id:
             if call_id in pending:  # (its output would answer which?)
-                raise bad_request(f"{where}: a second function_call with call_id {call_id[:80]!r} "
+                raise bad_request(f"{where}: a second {said} with call_id {call_id[:80]!r} "
                                   f"before the first's output ({pending[call_id][0]})", "input")
             answered.discard(call_id)  # (a later turn's call may reuse an id: its own output)
             closed.pop(call_id, None)
             if item.get("status") == "incomplete":
                 closed[call_id] = f"its call ({where}) was cut short (incomplete): it is not made and takes no output"
             else:
-                pending[call_id] = (where, i)
+                pending[call_id] = (where, i, said)
         elif kind == "function_call_output" and call_id:
             if call_id in answered:
-                raise bad_request(f"{where}: a second function_call_output for call_id "
+                raise bad_request(f"{where}: a second {said} for call_id "
                                   f"{call_id[:80]!r}: a call has one output", "input")
             # (one with a name answers the function by its name: the playground's, for a result
             # a saved chat holds without its call)
@@ -365,21 +374,21 @@ def check_call_outputs(items: list, first_input: int = 0) -> None:
                 if call_id in closed:
                     raise bad_request(f"{where}: call_id {call_id[:80]!r}: {closed[call_id]}", "input")
                 open_calls = ", ".join(pending) or "none"
-                raise bad_request(f"{where}: no function_call before it has call_id {call_id[:80]!r} "
+                raise bad_request(f"{where}: no {said.removesuffix('_output')} before it has call_id {call_id[:80]!r} "
                                   f"(the calls waiting for an output: {open_calls[:200]})", "input")
             answered.add(call_id)
             pending.pop(call_id, None)
         elif kind == "message" and item.get("role") != "assistant":
-            if i >= first_input and any(at < first_input for _, at in pending.values()):
+            if i >= first_input and any(at < first_input for _, at, _ in pending.values()):
                 break  # the previous response's calls, unanswered before the conversation goes on
-            for left, (call_where, _) in pending.items():  # a turn went on past its open calls: history
+            for left, (call_where, *_) in pending.items():  # a turn went on past its open calls: history
                 closed[left] = (f"its call ({call_where}) was left unanswered when the conversation went "
                                 f"on ({where}): an output comes before the next message")
             pending.clear()
     if pending:
-        call_id, (where, _) = next(iter(pending.items()))
-        raise bad_request(f"No tool output found for function call {call_id[:80]} ({where}): send its "
-                          "function_call_output before the conversation goes on", "input")
+        call_id, (where, _, said) = next(iter(pending.items()))
+        raise bad_request(f"No tool output found for {'function call' if said == 'function_call' else said} "
+                          f"{call_id[:80]} ({where}): send its {said}_output before the conversation goes on", "input")
 
 
 # What the Responses API's ``include`` may ask for. Of these only reasoning.encrypted_content is
@@ -468,6 +477,9 @@ def client_tools(tools) -> tuple[list[dict], dict[str, str]]:
         kind = t["type"]
         if kind == "function":
             check_function_name(t.get("name"), f"tools[{j}].name")
+            if t.get("name") in kinds:
+                raise bad_request(f"tools[{j}]: the name {t['name']!r} is already a tool's in 'tools' (a "
+                                  f"{kinds[t['name']]} tool's)", f"tools[{j}].name")
             functions.append(t if t.get("strict") is not None else {**t, "strict": True})  # (the API's default)
         elif kind in ("custom", "local_shell"):
             if kind == "local_shell" and set(t) != {"type"}:
@@ -523,7 +535,9 @@ def as_function_choice(choice, kinds: dict[str, str]):
     def named(entry, where: str, listed: bool):
         if not isinstance(entry, dict):
             return entry
-        if listed and entry == {"type": "local_shell"} and "local_shell" in kinds.values():
+        if listed and entry == {"type": "local_shell"}:
+            if "local_shell" not in kinds.values():
+                raise bad_request(f"{where} lists local_shell, which is not in 'tools'", where)
             return {"type": "function", "name": "local_shell"}
         name = entry.get("name") if isinstance(entry.get("name"), str) else None
         if entry.get("type") == "custom":
@@ -630,6 +644,8 @@ def _with_id(item, taken: set):
     it later. ``taken``: the ids before it, this one's added."""
     if not isinstance(item, dict):
         return item
+    if kind_of(item) == "local_shell_call_output" and "call_id" not in item and not isinstance(item.get("id"), str):
+        return item  # (its id names its call: none given is refused by name, foreign_item)
     if not isinstance(item.get("id"), str) or item["id"] in taken:
         kind = kind_of(item)  # (any JSON value here: a list or object is refused later, by name)
         item = {**item, "id": new_id(ITEM_PREFIXES.get(kind, "item") if isinstance(kind, str) else "item")}
@@ -801,7 +817,11 @@ def partial_input(arguments: str) -> str:
     start = re.match(r'\s*\{\s*"input"\s*:\s*"', arguments)
     if not start:
         return ""
-    body = arguments[start.end():]
+    body, i = arguments[start.end():], 0
+    while i < len(body) and body[i] != '"':  # its closing quote, if written (what follows it: not text)
+        i += 2 if body[i] == "\\" else 1
+    if i < len(body):
+        body = body[:i]
     for end in range(len(body), max(-1, len(body) - 13), -1):  # (an unfinished escape: 12 characters at most)
         try:
             text = json.loads(f'"{body[:end]}"')
