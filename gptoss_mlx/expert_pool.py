@@ -317,7 +317,10 @@ class CudaDriver:
         # MLX made current); non-blocking: it neither waits for MLX's work nor holds it up.
         self._create_stream = function("cuStreamCreate", ctypes.POINTER(pointer), ctypes.c_uint)
         self._stream = None
-        self._memset = function("cuMemsetD32Async", ctypes.c_uint64, ctypes.c_uint, size, pointer)
+        try:  # (HostWaits' answers on the copy stream; without it, the host answers)
+            self._memset = function("cuMemsetD32Async", ctypes.c_uint64, ctypes.c_uint, size, pointer)
+        except AttributeError:
+            self._memset = None
         # MLX's context, made current on the thread that found the driver (the engine's), so
         # that the thread answering a pass's waits (HostWaits) copies in it too
         self._set_context = function("cuCtxSetCurrent", pointer)
@@ -355,6 +358,8 @@ class CudaDriver:
     def write(self, address: int, value: int) -> None:
         """Queue a write of the uint32 ``value`` at ``address`` (as the device sees it: mapped
         host memory too), done once the copies queued before it are."""
+        if self._memset is None:
+            raise OSError("this CUDA driver has no cuMemsetD32Async")
         if error := self._memset(address, value, 1, self._queue()):
             raise OSError(f"cuMemsetD32Async after the expert pool's copies failed: CUresult {error}")
 

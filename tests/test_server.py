@@ -2706,6 +2706,8 @@ def test_custom_and_local_shell_history_is_checked_in_its_own_words(scripted_url
     for tools, choice, param, says in (
             ([{"type": "custom", "name": "x"}, WEATHER | {"name": "x"}], None, "tools[1].name",
              "tools[1]: the name 'x' is already a tool's in 'tools' (a custom tool's)"),
+            ([{"type": "custom", "name": "x"}, WEATHER | {"name": ["x"]}], None, "tools", "tools[1]"),
+            ([{"type": "function"}, {"type": "custom", "name": "x"}], None, "tools", "tools[0]"),
             ([WEATHER], {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "local_shell"}]},
              "tool_choice.tools[0]", "tool_choice.tools[0] lists local_shell, which is not in 'tools'")):
         code, data = post(scripted_url, "/responses", json.dumps({"input": "hi", "tools": tools, "tool_choice": choice}).encode())

@@ -477,7 +477,7 @@ def client_tools(tools) -> tuple[list[dict], dict[str, str]]:
         kind = t["type"]
         if kind == "function":
             check_function_name(t.get("name"), f"tools[{j}].name")
-            if t.get("name") in kinds:
+            if isinstance(t.get("name"), str) and t["name"] in kinds:
                 raise bad_request(f"tools[{j}]: the name {t['name']!r} is already a tool's in 'tools' (a "
                                   f"{kinds[t['name']]} tool's)", f"tools[{j}].name")
             functions.append(t if t.get("strict") is not None else {**t, "strict": True})  # (the API's default)
@@ -486,7 +486,7 @@ def client_tools(tools) -> tuple[list[dict], dict[str, str]]:
                 field = sorted(set(t) - {"type"})[0]
                 raise bad_request(f"tools[{j}]: a local_shell tool has no field {field!r}", f"tools[{j}].{field}")
             function = custom_function(t, j) if kind == "custom" else LOCAL_SHELL
-            if function["name"] in kinds or any(f["name"] == function["name"] for f in functions):
+            if function["name"] in kinds or any(f.get("name") == function["name"] for f in functions):
                 raise bad_request(f"tools[{j}]: the name {function['name']!r} is already a tool's in 'tools' "
                                   f"(a {kind} tool's name is the model's for it, as a function's)", f"tools[{j}].name")
             functions.append(function)
