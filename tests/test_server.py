@@ -2736,6 +2736,45 @@ def test_tool_choice_names_custom_tools_by_their_type(scripted_url):
         assert code == 200 and data["tool_choice"] == choice, data
 
 
+COLLABORATION = {"type": "namespace", "name": "collaboration", "description": "Agents working with you.", "tools": [
+    {"type": "function", "name": "spawn_agent", "description": "Spawns an agent.",
+     "parameters": {"type": "object", "properties": {"message": {"type": "string"}}, "required": ["message"],
+                    "additionalProperties": False}},
+    {"type": "custom", "name": "exec"}]}
+
+
+def test_a_namespace_groups_functions_reach_the_model_and_their_calls_name_it(tok):
+    """Codex sends its collaboration tools (and an MCP server's) as a namespace group; they were
+    left out (helper-162). Its functions are the model's as {namespace}__{name}, and a call of one
+    comes back with its name and namespace, as OpenAI's do; the history takes it back."""
+    spawn = call(tok, "Ask a helper.", "collaboration__spawn_agent", '{"message": "look"}')
+    model = ScriptedModel([spawn, spawn, answer(tok, "Done.", "It looked.")])
+    with serving(model, tok) as url:
+        c = client(url)
+        r = c.responses.create(model="gpt-oss-tiny", input="go", tools=[COLLABORATION, WEATHER])
+        assert "type collaboration__spawn_agent = (_: {" in tok.decode(model.fed)
+        fc = r.output[-1]
+        assert (fc.type, fc.name, fc.namespace, json.loads(fc.arguments)) == (
+            "function_call", "spawn_agent", "collaboration", {"message": "look"})
+        with c.responses.stream(model="gpt-oss-tiny", input="go", tools=[COLLABORATION], store=False) as events:
+            done = [e for e in events if e.type == "response.function_call_arguments.done"]
+        assert done[0].name == "spawn_agent"
+        history = [{"role": "user", "content": "go"}, *[o.model_dump() for o in r.output],
+                   {"type": "function_call_output", "call_id": fc.call_id, "output": "it looked"}]
+        r2 = c.responses.create(model="gpt-oss-tiny", input=history, tools=[COLLABORATION], store=False)
+        assert r2.output_text == "It looked."
+        assert "to=functions.collaboration__spawn_agent" in tok.decode(model.fed)
+    # malformed groups: 400s at their fields
+    with serving(ScriptedModel([answer(tok, "Hm.", "ok")]), tok) as url:
+        for group, param in (({"type": "namespace", "tools": []}, "tools[0].name"),
+                             ({"type": "namespace", "name": "a b", "tools": []}, "tools[0].name"),
+                             ({"type": "namespace", "name": "x"}, "tools[0].tools"),
+                             ({"type": "namespace", "name": "x", "tools": [{"type": "function"}]}, "tools[0].tools[0].name"),
+                             ({"type": "namespace", "name": "x" * 40, "tools": [{"name": "y" * 40}]}, "tools[0].tools[0].name")):
+            code, data = post(url, "/responses", json.dumps({"input": "hi", "tools": [group]}).encode())
+            assert code == 400 and data["error"]["param"] == param, data
+
+
 def test_a_malformed_custom_tool_is_refused_and_other_tools_left_out(scripted_url):
     """A custom tool is checked as a function is (its name, its format); tools of types the model
     is not given (OpenAI's hosted ones, which Codex sends in every request) are left out: the

@@ -10,10 +10,12 @@ continue it with ``previous_response_id``.
 
 Tools the client runs of other kinds than functions, ``custom`` (free text in, as Codex's
 ``apply_patch``) and ``local_shell``, are given to the model as functions (:func:`client_tools`)
-and its calls of them come back as ``custom_tool_call`` and ``local_shell_call`` items. Tools of
-other types (OpenAI's hosted ``web_search``..., Codex's ``namespace`` groups) are not given to
-the model and are listed in the log: Codex sends some in every request, which still works with
-the rest.
+and its calls of them come back as ``custom_tool_call`` and ``local_shell_call`` items. The
+functions of a ``namespace`` group (Codex's collaboration tools, an MCP server's) are functions
+named ``{namespace}__{name}`` to the model, and calls of them carry their ``namespace`` and name,
+as OpenAI's do. Tools of other types (OpenAI's hosted ``web_search``...) are not given to the
+model and are listed in the log: Codex sends some in every request, which still works with the
+rest.
 """
 
 from __future__ import annotations
@@ -279,6 +281,11 @@ def chat_messages(items: list, first_input: int = 0) -> tuple[list[dict], dict[s
             if not all(isinstance(item.get(k), str) for k in ("name", "call_id", "arguments")):
                 raise bad_request(f"{where}: a function_call needs 'name', 'call_id' and 'arguments' "
                                   "(strings)", "input")
+            if item.get("namespace") is not None:  # a function of a namespace group: its name to the model
+                if not isinstance(item["namespace"], str):
+                    raise bad_request(f"{where}: a function_call's namespace must be a string, got "
+                                      f"{params.shown(item['namespace'], 80)}", "input")
+                item = {**item, "name": namespaced(item["namespace"], item["name"])}
             if item.get("status") == "incomplete":  # cut short (max_output_tokens): never made
                 continue
             calls = turn("content").setdefault("tool_calls", [])
@@ -459,18 +466,24 @@ LOCAL_SHELL = {
         "env": {"type": "object", "additionalProperties": {"type": "string"}}}}}
 
 
-def client_tools(tools) -> tuple[list[dict], dict[str, str]]:
+def namespaced(namespace: str, name: str) -> str:
+    """The name the model knows a namespace group's function by."""
+    return f"{namespace}__{name}"
+
+
+def client_tools(tools) -> tuple[list[dict], dict[str, str], dict[str, tuple[str, str]]]:
     """(the function tools the model is given, ``{name: "custom" or "local_shell"}`` for those
-    that stand for a tool of another kind). A custom tool takes one string, ``{"input": ...}``
-    (its grammar, if any, is told in its description: not held to). Tools of other types are
-    left out (the module's docstring)."""
+    that stand for a tool of another kind, ``{name: (namespace, its name there)}`` for a
+    namespace group's functions). A custom tool takes one string, ``{"input": ...}`` (its
+    grammar, if any, is told in its description: not held to). Tools of other types are left
+    out (the module's docstring)."""
     if tools is None:
-        return [], {}
+        return [], {}, {}
     if not isinstance(tools, list):
         raise bad_request("'tools' must be a list", "tools")
     if len(tools) > MAX_TOOLS:
         raise bad_request(f"'tools' has {len(tools):,} tools: at most {MAX_TOOLS:,}", "tools")
-    functions, kinds, others = [], {}, []
+    functions, kinds, spaces, others = [], {}, {}, []
     for j, t in enumerate(tools):
         if not isinstance(t, dict) or not isinstance(t.get("type"), str):
             raise bad_request(f"tools[{j}] must be an object with a 'type', got {params.shown(t, 80)}", f"tools[{j}]")
@@ -491,12 +504,43 @@ def client_tools(tools) -> tuple[list[dict], dict[str, str]]:
                                   f"(a {kind} tool's name is the model's for it, as a function's)", f"tools[{j}].name")
             functions.append(function)
             kinds[function["name"]] = kind
+        elif kind == "namespace":
+            for k, function in namespace_functions(t, j, others):
+                if any(f.get("name") == function["name"] for f in functions):
+                    raise bad_request(f"tools[{j}].tools[{k}]: the name {function['name']!r} is already a "
+                                      "tool's in 'tools'", f"tools[{j}].tools[{k}].name")
+                functions.append(function)
+                spaces[function["name"]] = (t["name"], t["tools"][k]["name"])
         else:
             others.append(kind)
     if others:
         log.info("left out tools of types %s: the model is given function, custom and local_shell tools",
                  ", ".join(sorted(set(others))))
-    return functions, kinds
+    return functions, kinds, spaces
+
+
+def namespace_functions(group: dict, j: int, others: list) -> list[tuple[int, dict]]:
+    """A namespace group's function tools (``{"type": "namespace", "name", "description"?,
+    "tools": [...]}``), each as the function the model calls (``namespaced``), by index; tools
+    of other types in it are added to ``others`` (left out)."""
+    name = group.get("name")
+    if not isinstance(name, str):
+        raise bad_request(f"tools[{j}]: a namespace needs its 'name' (a string)", f"tools[{j}].name")
+    check_function_name(name, f"tools[{j}].name")
+    if not isinstance(group.get("tools"), list):
+        raise bad_request(f"tools[{j}]: a namespace needs its 'tools' (a list)", f"tools[{j}].tools")
+    out = []
+    for k, t in enumerate(group["tools"]):
+        where = f"tools[{j}].tools[{k}]"
+        if not isinstance(t, dict) or t.get("type", "function") != "function":
+            others.append(f"{t.get('type') if isinstance(t, dict) else type(t).__name__} (in namespace {name})")
+            continue
+        if not isinstance(t.get("name"), str):
+            raise bad_request(f"{where}: a namespace's function needs its 'name' (a string)", f"{where}.name")
+        check_function_name(namespaced(name, t["name"]), f"{where}.name")
+        function = {**t, "type": "function", "name": namespaced(name, t["name"])}
+        out.append((k, function if t.get("strict") is not None else {**function, "strict": True}))
+    return out
 
 
 def custom_function(tool: dict, j: int) -> dict:
@@ -754,11 +798,12 @@ def unsealed_reasoning(sealed, where: str = "input") -> str:
 
 
 def output_item(item: Item, ids: dict, status: str = "completed", sealed: bool = False,
-                kinds: dict | None = None) -> dict:
+                kinds: dict | None = None, spaces: dict | None = None) -> dict:
     """A server call's output is its result (None while it runs, or when it never ran); an
     error result is its ``error`` too, and the call ``failed``. ``sealed``: reasoning carries
     its ``encrypted_content`` (once whole). ``kinds``: the functions that stand for a custom
-    tool or local_shell (:func:`client_tools`), whose calls come back as those tools' calls."""
+    tool or local_shell (:func:`client_tools`), whose calls come back as those tools' calls;
+    ``spaces``: the functions of namespace groups, whose calls carry their namespace."""
     item_id, call_id = ids[id(item)]
     if item.cut and status == "completed":
         status = "incomplete"
@@ -776,6 +821,10 @@ def output_item(item: Item, ids: dict, status: str = "completed", sealed: bool =
         return out
     if item.kind == CALL and (kinds or {}).get(item.name):
         return foreign_call(item, kinds[item.name], item_id, call_id, status)
+    if item.kind == CALL and (spaces or {}).get(item.name):
+        namespace, name = spaces[item.name]
+        return {"id": item_id, "type": "function_call", "call_id": call_id, "name": name, "namespace": namespace,
+                "arguments": item.text, "status": status}
     if item.kind == CALL:
         return {"id": item_id, "type": "function_call", "call_id": call_id, "name": item.name,
                 "arguments": item.text, "status": status}
@@ -874,7 +923,7 @@ class ResponseRun:
         for key in ("summary", "generate_summary"):
             params.one_of(reasoning.get(key), SUMMARIES, f"reasoning.{key}")
         params.one_of((body.get("text") or {}).get("verbosity"), params.VERBOSITIES, "text.verbosity")
-        functions, self.kinds = client_tools(body.get("tools"))
+        functions, self.kinds, self.spaces = client_tools(body.get("tools"))
         chat = {"messages": messages, "tools": functions, "tool_choice": as_function_choice(body.get("tool_choice"), self.kinds),
                 "reasoning_effort": self.effort,
                 "reasoning_budget": params.reasoning_budget(body, service.reasoning_budget)}
@@ -962,7 +1011,7 @@ class ResponseRun:
         return reply.prompt_tokens - reply.cached_tokens if self.service.scheduler.pool.max_bytes > 0 else 0
 
     def _output(self, item: Item, status: str = "completed") -> dict:
-        return output_item(item, self.ids, status, self.sealed, self.kinds)
+        return output_item(item, self.ids, status, self.sealed, self.kinds, self.spaces)
 
     def _foreign(self, item: Item) -> str | None:
         """"custom" or "local_shell" for a call of the function standing for one, else None."""
@@ -1139,7 +1188,8 @@ class ResponseRun:
             del where["content_index"]
         elif item.kind == CALL:
             del where["content_index"]
-            yield "response.function_call_arguments.done", {**where, "name": item.name, "arguments": item.text}
+            yield "response.function_call_arguments.done", {**where, "name": self.spaces.get(item.name, (None, item.name))[1],
+                                                             "arguments": item.text}
         else:
             kind = "reasoning_text" if item.kind == REASONING else "output_text"
             yield f"response.{kind}.done", {**where, "text": item.text,
