@@ -176,7 +176,12 @@ def prompts(tok, model) -> str:
 
 # ---- the real tiny model, end to end ------------------------------------------------------------
 
-def test_tiny_model_streams_a_reply_with_stats_and_stops_mid_reply(browser, tiny, tmp_path, shots):
+def test_tiny_model_streams_a_reply_with_stats_and_stops_mid_reply(browser, tiny, tmp_path, shots, monkeypatch):
+    # The random model's reply, and so how it streams, follows the prompt, whose system message
+    # holds today's date: a date whose reply streams a delta a token (others hold text back).
+    from gptoss_mlx import harmony
+
+    monkeypatch.setattr(harmony, "today", lambda: "2026-12-07")
     chats = ConversationStore(tmp_path)
     with serving(*tiny, chats=chats, sampling=SamplingParams(max_tokens=24, temperature=0)) as url:
         page = Page(browser, url)
