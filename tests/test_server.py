@@ -2763,14 +2763,29 @@ def test_a_namespace_groups_functions_reach_the_model_and_their_calls_name_it(to
                    {"type": "function_call_output", "call_id": fc.call_id, "output": "it looked"}]
         r2 = c.responses.create(model="gpt-oss-tiny", input=history, tools=[COLLABORATION], store=False)
         assert r2.output_text == "It looked."
-        assert "to=functions.collaboration__spawn_agent" in tok.decode(model.fed)
+        prompt = tok.decode(model.fed)
+        assert "to=functions.collaboration__spawn_agent" in prompt
+        assert "// collaboration: Agents working with you.\n// \n// Spawns an agent." in prompt  # (helper-165)
+        assert "type collaboration__exec = (_: {" in prompt  # a custom tool of the group
+    # a custom tool of a group: its call carries its name and namespace; a tool_choice names a
+    # group's tool with its namespace (helper-165)
+    run = call(tok, "Run.", "collaboration__exec", '{"input": "ls"}')
+    with serving(ScriptedModel([run]), tok) as url:
+        r = client(url).responses.create(model="gpt-oss-tiny", input="go", tools=[COLLABORATION], tool_choice={
+            "type": "allowed_tools", "mode": "required", "tools": [{"type": "custom", "name": "exec", "namespace": "collaboration"}]})
+        item = r.output[-1]
+        assert (item.type, item.name, item.input, item.namespace) == ("custom_tool_call", "exec", "ls", "collaboration")
     # malformed groups: 400s at their fields
     with serving(ScriptedModel([answer(tok, "Hm.", "ok")]), tok) as url:
         for group, param in (({"type": "namespace", "tools": []}, "tools[0].name"),
                              ({"type": "namespace", "name": "a b", "tools": []}, "tools[0].name"),
                              ({"type": "namespace", "name": "x"}, "tools[0].tools"),
                              ({"type": "namespace", "name": "x", "tools": [{"type": "function"}]}, "tools[0].tools[0].name"),
-                             ({"type": "namespace", "name": "x" * 40, "tools": [{"name": "y" * 40}]}, "tools[0].tools[0].name")):
+                             ({"type": "namespace", "name": "x" * 40, "tools": [{"name": "y" * 40}]}, "tools[0].tools[0].name"),
+                             ({"type": "namespace", "name": "x", "tools": [{"type": "namespace", "name": "y", "tools": []}]},
+                              "tools[0].tools[0].type"),
+                             ({"type": "namespace", "name": "x", "tools": ["f"]}, "tools[0].tools[0].type"),
+                             ({"type": "namespace", "name": "x", "description": 5, "tools": []}, "tools[0].description")):
             code, data = post(url, "/responses", json.dumps({"input": "hi", "tools": [group]}).encode())
             assert code == 400 and data["error"]["param"] == param, data
 

@@ -505,12 +505,14 @@ def client_tools(tools) -> tuple[list[dict], dict[str, str], dict[str, tuple[str
             functions.append(function)
             kinds[function["name"]] = kind
         elif kind == "namespace":
-            for k, function in namespace_functions(t, j, others):
+            for k, inner, function in namespace_functions(t, j):
                 if any(f.get("name") == function["name"] for f in functions):
-                    raise bad_request(f"tools[{j}].tools[{k}]: the name {function['name']!r} is already a "
-                                      "tool's in 'tools'", f"tools[{j}].tools[{k}].name")
+                    raise bad_request(f"tools[{j}].tools[{k}]: the name the model calls it by, {function['name']!r}, "
+                                      "is already a tool's in 'tools'", f"tools[{j}].tools[{k}].name")
                 functions.append(function)
                 spaces[function["name"]] = (t["name"], t["tools"][k]["name"])
+                if inner == "custom":
+                    kinds[function["name"]] = inner
         else:
             others.append(kind)
     if others:
@@ -519,27 +521,39 @@ def client_tools(tools) -> tuple[list[dict], dict[str, str], dict[str, tuple[str
     return functions, kinds, spaces
 
 
-def namespace_functions(group: dict, j: int, others: list) -> list[tuple[int, dict]]:
-    """A namespace group's function tools (``{"type": "namespace", "name", "description"?,
-    "tools": [...]}``), each as the function the model calls (``namespaced``), by index; tools
-    of other types in it are added to ``others`` (left out)."""
+def namespace_functions(group: dict, j: int) -> list[tuple[int, str, dict]]:
+    """A namespace group's tools (``{"type": "namespace", "name", "description", "tools": [function
+    and custom tools]}``), each as (its index, its type, the function the model calls by its
+    ``namespaced`` name); the group's description leads its first tool's."""
     name = group.get("name")
     if not isinstance(name, str):
         raise bad_request(f"tools[{j}]: a namespace needs its 'name' (a string)", f"tools[{j}].name")
     check_function_name(name, f"tools[{j}].name")
+    if not isinstance(group.get("description") or "", str):
+        raise bad_request(f"tools[{j}].description must be a string, got {params.shown(group['description'], 80)}",
+                          f"tools[{j}].description")
     if not isinstance(group.get("tools"), list):
         raise bad_request(f"tools[{j}]: a namespace needs its 'tools' (a list)", f"tools[{j}].tools")
     out = []
     for k, t in enumerate(group["tools"]):
         where = f"tools[{j}].tools[{k}]"
-        if not isinstance(t, dict) or t.get("type", "function") != "function":
-            others.append(f"{t.get('type') if isinstance(t, dict) else type(t).__name__} (in namespace {name})")
-            continue
+        kind = t.get("type", "function") if isinstance(t, dict) else None
+        if kind not in ("function", "custom"):
+            raise bad_request(f"{where}: a namespace holds function and custom tools, got "
+                              f"{params.shown(t, 80)}", f"{where}.type")
         if not isinstance(t.get("name"), str):
-            raise bad_request(f"{where}: a namespace's function needs its 'name' (a string)", f"{where}.name")
-        check_function_name(namespaced(name, t["name"]), f"{where}.name")
-        function = {**t, "type": "function", "name": namespaced(name, t["name"])}
-        out.append((k, function if t.get("strict") is not None else {**function, "strict": True}))
+            raise bad_request(f"{where}: a namespace's {kind} tool needs its 'name' (a string)", f"{where}.name")
+        check_function_name(t["name"], f"{where}.name")
+        flat = namespaced(name, t["name"])
+        if len(flat) > 64:
+            raise bad_request(f"{where}: the namespace and the name together are the name the model calls, "
+                              f"{flat[:80]!r}: at most 64 characters, got {len(flat)}", f"{where}.name")
+        function = custom_function({**t, "name": flat}, j) if kind == "custom" else {
+            **t, "type": "function", "name": flat, **({} if t.get("strict") is not None else {"strict": True})}
+        if not out and group.get("description"):
+            function["description"] = (f"{name}: {group['description']}\n\n"
+                                       + (function.get("description") or "")).strip()
+        out.append((k, kind, function))
     return out
 
 
@@ -573,9 +587,9 @@ def custom_function(tool: dict, j: int) -> dict:
 
 def as_function_choice(choice, kinds: dict[str, str]):
     """A tool_choice naming a custom tool (``{"type": "custom", "name": ...}``, alone or among
-    allowed_tools, where ``{"type": "local_shell"}`` may be listed too), as the function that
-    stands for it; a tool named with the other kind's type is a 400 (tool_choice checks the rest).
-    ``kinds``: :func:`client_tools`'."""
+    allowed_tools, where ``{"type": "local_shell"}`` may be listed too) or a namespace group's
+    tool (with its ``namespace``), as the function that stands for it; a tool named with the other
+    kind's type is a 400 (tool_choice checks the rest). ``kinds``: :func:`client_tools`'."""
     def named(entry, where: str, listed: bool):
         if not isinstance(entry, dict):
             return entry
@@ -583,6 +597,9 @@ def as_function_choice(choice, kinds: dict[str, str]):
             if "local_shell" not in kinds.values():
                 raise bad_request(f"{where} lists local_shell, which is not in 'tools'", where)
             return {"type": "function", "name": "local_shell"}
+        if isinstance(entry.get("namespace"), str) and isinstance(entry.get("name"), str):  # a group's tool
+            entry = {k: v for k, v in entry.items() if k != "namespace"} | {
+                "name": namespaced(entry["namespace"], entry["name"])}
         name = entry.get("name") if isinstance(entry.get("name"), str) else None
         if entry.get("type") == "custom":
             if set(entry) != {"type", "name"} or not isinstance(name, str):
@@ -820,7 +837,10 @@ def output_item(item: Item, ids: dict, status: str = "completed", sealed: bool =
             out["encrypted_content"] = sealed_reasoning(item.text)
         return out
     if item.kind == CALL and (kinds or {}).get(item.name):
-        return foreign_call(item, kinds[item.name], item_id, call_id, status)
+        out = foreign_call(item, kinds[item.name], item_id, call_id, status)
+        if (spaces or {}).get(item.name):  # a custom tool of a namespace group
+            out["namespace"], out["name"] = spaces[item.name]
+        return out
     if item.kind == CALL and (spaces or {}).get(item.name):
         namespace, name = spaces[item.name]
         return {"id": item_id, "type": "function_call", "call_id": call_id, "name": name, "namespace": namespace,
