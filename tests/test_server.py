@@ -2785,7 +2785,9 @@ def test_a_namespace_groups_functions_reach_the_model_and_their_calls_name_it(to
                              ({"type": "namespace", "name": "x", "tools": [{"type": "namespace", "name": "y", "tools": []}]},
                               "tools[0].tools[0].type"),
                              ({"type": "namespace", "name": "x", "tools": ["f"]}, "tools[0].tools[0].type"),
-                             ({"type": "namespace", "name": "x", "description": 5, "tools": []}, "tools[0].description")):
+                             ({"type": "namespace", "name": "x", "description": 5, "tools": []}, "tools[0].description"),
+                             ({"type": "namespace", "name": "x", "description": "d", "tools": [
+                                 {"name": "f", "description": 5, "parameters": {"type": "object"}}]}, "tools")):
             code, data = post(url, "/responses", json.dumps({"input": "hi", "tools": [group]}).encode())
             assert code == 400 and data["error"]["param"] == param, data
 

@@ -550,7 +550,7 @@ def namespace_functions(group: dict, j: int) -> list[tuple[int, str, dict]]:
                               f"{flat[:80]!r}: at most 64 characters, got {len(flat)}", f"{where}.name")
         function = custom_function({**t, "name": flat}, j) if kind == "custom" else {
             **t, "type": "function", "name": flat, **({} if t.get("strict") is not None else {"strict": True})}
-        if not out and group.get("description"):
+        if not out and group.get("description") and isinstance(function.get("description") or "", str):
             function["description"] = (f"{name}: {group['description']}\n\n"
                                        + (function.get("description") or "")).strip()
         out.append((k, kind, function))
