@@ -266,7 +266,6 @@ def greedy_answer(model, tok, question):
     return "".join(e.text for e in chat.send(question) if isinstance(e, AnswerDelta))
 
 
-@pytest.mark.xdist_group("trained")  # one worker trains once (loadgroup: pyproject)
 def test_the_tiny_model_learns_eight_conversations(trained, sharp, tok):
     model, out, events = trained
     validation = [e.loss for e in events if isinstance(e, ft.Validation)]
@@ -281,7 +280,6 @@ def test_the_tiny_model_learns_eight_conversations(trained, sharp, tok):
     assert mx.allclose(again(prompt), model(prompt)).item()
 
 
-@pytest.mark.xdist_group("trained")  # one worker trains once (loadgroup: pyproject)
 def test_an_adapter_loads_in_chat_generate_and_serve(trained, sharp, tok, monkeypatch, capsys):
     model, out, _ = trained
     for command in ("chat", "serve", "generate -p x", "tui"):
@@ -296,7 +294,6 @@ def test_an_adapter_loads_in_chat_generate_and_serve(trained, sharp, tok, monkey
     assert "no such adapter directory" in capsys.readouterr().err
 
 
-@pytest.mark.xdist_group("trained")  # one worker trains once (loadgroup: pyproject)
 def test_an_adapter_made_for_other_weights_is_noted_where_it_is_applied(trained, sharp, tokenizer_json, tmp_path,
                                                                          capsys):
     """A tester fused an adapter into another checkpoint of the same shape (and ran it with
@@ -325,7 +322,6 @@ def test_an_adapter_made_for_other_weights_is_noted_where_it_is_applied(trained,
         load(other, adapter=adapter)
 
 
-@pytest.mark.xdist_group("trained")  # one worker trains once (loadgroup: pyproject)
 def test_serve_with_an_adapter_names_it(trained, sharp, monkeypatch, capsys):
     """serve --adapter listed the base model's id (in /v1/models, /health and every response),
     as if the adapter were not there. The id is now BASE+ADAPTER; requests naming the base
@@ -351,7 +347,6 @@ def test_serve_with_an_adapter_names_it(trained, sharp, monkeypatch, capsys):
     (lambda a: a.at[0].add(float("inf")), "holds NaN or infinite values"),
     (lambda a: a.astype(mx.int32), "holds int32 values; an adapter's are floating point"),
 ])
-@pytest.mark.xdist_group("trained")  # one worker trains once (loadgroup: pyproject)
 def test_an_adapter_with_bad_values_is_refused_by_its_tensor(trained, sharp, tmp_path, damage, message):
     _, out, _ = trained
     weights = mx.load(str(out / ADAPTER_WEIGHTS))
